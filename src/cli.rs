@@ -1,0 +1,213 @@
+//! The command line: `pinproxy run` and `pinproxy ca`. Flags overlay the
+//! TOML file given by `--config` (flags win; a repeatable flag given at all
+//! replaces the file's list).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, ExitConfig};
+use crate::exits::{ExitSpec, ExitUrlError};
+
+/// pinproxy: a MITM forward proxy that pins every anti-bot session cookie to
+/// the exit that earned it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pinproxy",
+    version,
+    after_help = "Quick start:\n  pinproxy run --exit http://user:pass@proxy1:8080 --exit http://proxy2:8080\n  \
+                  curl -x http://127.0.0.1:8080 --cacert \"$(pinproxy ca)\" https://example.com/"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Print the path of the CA certificate clients must trust (created if missing).
+    Ca(CaArgs),
+}
+
+/// Options shared by every subcommand that reads the configuration.
+#[derive(Debug, Args, Default)]
+pub struct CommonArgs {
+    /// TOML configuration file (see config/pinproxy.example.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the CA, the pin-hashing key and pins [default: ~/.local/share/pinproxy].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `pinproxy run`.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Configuration file and data directory.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Allow a non-loopback listen address (pinproxy has no client authentication yet).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Upstream exit, repeatable: http://[user:pass@]host:port, direct:// or direct://SOURCE_IP,
+    /// optionally named ID=URL [default id: host:port]. None: one built-in `direct` exit.
+    #[arg(long = "exit", value_name = "[ID=]URL")]
+    pub exits: Vec<String>,
+    /// Extra PEM file of CA certificates to trust for origins, repeatable.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// Extra cookie name or glob to pin (added to the built-in anti-bot set), repeatable.
+    #[arg(long = "track-cookie", value_name = "PATTERN")]
+    pub track_cookies: Vec<String>,
+}
+
+/// `pinproxy ca`.
+#[derive(Debug, Args, Default)]
+pub struct CaArgs {
+    /// Configuration file and data directory.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Print the PEM itself instead of its path.
+    #[arg(long)]
+    pub pem: bool,
+}
+
+/// A command line that cannot be turned into a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The configuration file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An `--exit` value is malformed.
+    #[error("--exit {value:?}: {source}")]
+    Exit {
+        /// The flag's value (credentials redacted).
+        value: String,
+        /// Why.
+        source: ExitUrlError,
+    },
+}
+
+impl CommonArgs {
+    /// The file configuration (or defaults), with `--data-dir` applied.
+    pub fn load(&self) -> Result<Config, CliError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = Some(dir.clone());
+        }
+        Ok(config)
+    }
+}
+
+impl RunArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> Result<Config, CliError> {
+        let mut config = self.common.load()?;
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if self.allow_remote {
+            config.allow_remote = true;
+        }
+        if !self.exits.is_empty() {
+            config.exits = self
+                .exits
+                .iter()
+                .map(|value| parse_exit_flag(value))
+                .collect::<Result<_, _>>()?;
+        }
+        if !self.upstream_ca.is_empty() {
+            config.upstream_ca = self.upstream_ca.clone();
+        }
+        if !self.track_cookies.is_empty() {
+            config.track_cookies = self.track_cookies.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Parses `URL` or `ID=URL`.
+fn parse_exit_flag(value: &str) -> Result<ExitConfig, CliError> {
+    let (id, url) = match value.split_once('=') {
+        // An '=' inside the URL (in a password, say) is not an id separator.
+        Some((id, url)) if !id.contains("://") => (Some(id.to_owned()), url),
+        _ => (None, value),
+    };
+    let error = |source| CliError::Exit {
+        value: redact_userinfo(value),
+        source,
+    };
+    let id = match id {
+        Some(id) => id,
+        None => ExitSpec::default_id(url).map_err(error)?,
+    };
+    Ok(ExitConfig {
+        id,
+        url: url.to_owned(),
+    })
+}
+
+fn redact_userinfo(value: &str) -> String {
+    match (value.find("://"), value.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            format!("{}://***{}", &value[..start], &value[at..])
+        }
+        _ => value.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_flags_with_and_without_ids() {
+        let e = parse_exit_flag("tiny=http://u:p=q@127.0.0.2:8888").unwrap();
+        assert_eq!(
+            (e.id.as_str(), e.url.as_str()),
+            ("tiny", "http://u:p=q@127.0.0.2:8888")
+        );
+        let e = parse_exit_flag("http://u:p=q@127.0.0.2:8888").unwrap();
+        assert_eq!(e.id, "127.0.0.2:8888");
+        let err = parse_exit_flag("http://user:secret@host")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\ntrack_cookies = [\"a\"]\n[[exits]]\nid = \"x\"\nurl = \"http://127.0.0.9:1\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            common: CommonArgs {
+                config: Some(path),
+                data_dir: None,
+            },
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            exits: vec!["http://127.0.0.2:3".into()],
+            ..RunArgs::default()
+        };
+        let config = args.config().unwrap();
+        assert_eq!(config.listen.port(), 9001);
+        assert_eq!(config.exits.len(), 1);
+        assert_eq!(config.exits[0].id, "127.0.0.2:3");
+        assert_eq!(config.track_cookies, ["a"]);
+    }
+}

@@ -1,0 +1,377 @@
+//! Configuration: one typed, documented struct, read from TOML, overlaid by
+//! command-line flags (flags win) and validated once into [`Settings`], the
+//! runtime form every other module consumes.
+//!
+//! The `///` comments on [`Config`] and its parts are the reference for the
+//! TOML file; `config/pinproxy.example.toml` mirrors them and a test checks
+//! that the example parses and validates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cookies::{CookiePolicy, PatternError};
+use crate::exits::{ExitSpec, ExitUrlError};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the proxy listens on. Loopback by default; a non-loopback
+    /// address is refused unless `allow_remote` is set.
+    pub listen: SocketAddr,
+    /// Allow listening on a non-loopback address. pinproxy has no client
+    /// authentication yet, so anyone who can reach the port can use its exits.
+    pub allow_remote: bool,
+    /// Directory for the CA, the pin-hashing key and (later) the pin store.
+    /// Default: `pinproxy` under the user's data directory
+    /// (`~/.local/share/pinproxy` on Linux). Created when missing.
+    pub data_dir: Option<PathBuf>,
+    /// Extra PEM files of CA certificates to trust for origin servers, on top
+    /// of the public web roots compiled into pinproxy.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Extra cookie names or globs (`incap_ses_*`) to track, added to the
+    /// built-in anti-bot set (see `cookies::DEFAULT_TRACKED`).
+    pub track_cookies: Vec<String>,
+    /// Upstream exits. Empty means one built-in `direct` exit (egress from
+    /// this machine).
+    pub exits: Vec<ExitConfig>,
+    /// Size and count limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// TLS interception settings.
+    pub mitm: MitmConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allow_remote: false,
+            data_dir: None,
+            upstream_ca: Vec::new(),
+            track_cookies: Vec::new(),
+            exits: Vec::new(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            mitm: MitmConfig::default(),
+        }
+    }
+}
+
+/// One upstream exit, as written in the TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitConfig {
+    /// Stable name of the exit. Pins refer to exits by this id, so keep it
+    /// stable across restarts and config edits.
+    pub id: String,
+    /// `http://[user:pass@]host:port` (an HTTP proxy reached with CONNECT) or
+    /// `direct://` (egress from this machine).
+    pub url: String,
+}
+
+/// Size and count limits that protect the daemon from its clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request header section accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Most client connections served at once; further connections wait in
+    /// the kernel's accept queue.
+    pub max_connections: usize,
+    /// Most idle upstream connections kept per (exit, origin).
+    pub max_idle_per_origin: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 256,
+            max_connections: 16_384,
+            max_idle_per_origin: 32,
+        }
+    }
+}
+
+/// Timeouts, written as durations (`"10s"`, `"2m"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time a client has to send a complete request header section; also
+    /// how long an idle client connection is kept between requests.
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
+    /// Time to reach the origin through an exit: TCP to the exit, its
+    /// CONNECT answer and the TLS handshake with the origin.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Time the origin has to start its response once the request is sent.
+    #[serde(with = "humantime_serde")]
+    pub response_head: Duration,
+    /// How long an idle upstream connection stays in its pool.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle: Duration,
+    /// Time a client has to finish its TLS handshake inside a CONNECT tunnel.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read: Duration::from_secs(30),
+            connect: Duration::from_secs(10),
+            response_head: Duration::from_secs(120),
+            pool_idle: Duration::from_secs(90),
+            tls_handshake: Duration::from_secs(10),
+        }
+    }
+}
+
+/// TLS interception (MITM) settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MitmConfig {
+    /// Most leaf certificates kept in memory; the least recently used host's
+    /// certificate is minted again when needed.
+    pub cert_cache_capacity: u64,
+}
+
+impl Default for MitmConfig {
+    fn default() -> Self {
+        MitmConfig {
+            cert_cache_capacity: 10_000,
+        }
+    }
+}
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`].
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// An exit URL is malformed.
+    #[error("exit {id:?}: {source}")]
+    Exit {
+        /// The exit's id.
+        id: String,
+        /// Why.
+        source: ExitUrlError,
+    },
+    /// Two exits share an id.
+    #[error("two exits have the id {0:?}; ids must be unique because pins refer to them")]
+    DuplicateExit(String),
+    /// An exit id is empty or has characters that would make logs and headers ambiguous.
+    #[error(
+        "exit id {0:?} must be 1-64 characters of [A-Za-z0-9._:-] (brackets allowed for IPv6)"
+    )]
+    BadExitId(String),
+    /// A tracked-cookie pattern is malformed.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// Listening beyond loopback without `allow_remote`.
+    #[error(
+        "refusing to listen on {0}: it is not a loopback address and pinproxy has no client \
+         authentication; pass --allow-remote (or allow_remote = true) if that is intended"
+    )]
+    RemoteListen(SocketAddr),
+    /// No data directory could be determined.
+    #[error("no data directory: set --data-dir (the user's data directory could not be found)")]
+    NoDataDir,
+    /// A limit is out of range.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// The validated, runtime form of [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory (absolute or relative as given; not yet created).
+    pub data_dir: PathBuf,
+    /// Extra upstream CA files.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Which cookies are tracked.
+    pub cookies: CookiePolicy,
+    /// The exits, in configuration order; never empty.
+    pub exits: Vec<ExitSpec>,
+    /// Limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// MITM settings.
+    pub mitm: MitmConfig,
+}
+
+impl Config {
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The data directory this configuration resolves to.
+    pub fn resolved_data_dir(&self) -> Result<PathBuf, ConfigError> {
+        match &self.data_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => dirs::data_dir()
+                .map(|d| d.join("pinproxy"))
+                .ok_or(ConfigError::NoDataDir),
+        }
+    }
+
+    /// Checks everything once and converts to runtime types.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.allow_remote {
+            return Err(ConfigError::RemoteListen(self.listen));
+        }
+        let limits = self.limits.clone();
+        if limits.max_header_bytes < 1024 {
+            return Err(ConfigError::Limit(
+                "limits.max_header_bytes must be at least 1024".into(),
+            ));
+        }
+        if limits.max_headers == 0 || limits.max_connections == 0 {
+            return Err(ConfigError::Limit(
+                "limits.max_headers and limits.max_connections must be positive".into(),
+            ));
+        }
+        let cookies = CookiePolicy::with_extra(&self.track_cookies)?;
+        let exits = self.validated_exits()?;
+        Ok(Settings {
+            listen: self.listen,
+            data_dir: self.resolved_data_dir()?,
+            upstream_ca: self.upstream_ca.clone(),
+            cookies,
+            exits,
+            limits,
+            timeouts: self.timeouts.clone(),
+            mitm: self.mitm.clone(),
+        })
+    }
+
+    fn validated_exits(&self) -> Result<Vec<ExitSpec>, ConfigError> {
+        if self.exits.is_empty() {
+            return Ok(vec![ExitSpec::builtin_direct()]);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut specs = Vec::with_capacity(self.exits.len());
+        for exit in &self.exits {
+            if !valid_exit_id(&exit.id) {
+                return Err(ConfigError::BadExitId(exit.id.clone()));
+            }
+            if !seen.insert(exit.id.as_str()) {
+                return Err(ConfigError::DuplicateExit(exit.id.clone()));
+            }
+            let spec =
+                ExitSpec::parse(&exit.id, &exit.url).map_err(|source| ConfigError::Exit {
+                    id: exit.id.clone(),
+                    source,
+                })?;
+            specs.push(spec);
+        }
+        Ok(specs)
+    }
+}
+
+fn valid_exit_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'[' | b']')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../config/pinproxy.example.toml");
+        let config = Config::from_toml(text).expect("example parses");
+        let settings = config.validate().expect("example validates");
+        assert_eq!(settings.exits.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::from_toml("listne = \"127.0.0.1:1\"").is_err());
+        assert!(Config::from_toml("[timeouts]\nconect = \"1s\"").is_err());
+    }
+
+    #[test]
+    fn no_exit_means_builtin_direct() {
+        let settings = Config::default().validate().unwrap();
+        assert_eq!(settings.exits.len(), 1);
+        assert_eq!(settings.exits[0].id.as_str(), "direct");
+    }
+
+    #[test]
+    fn remote_listen_needs_opt_in() {
+        let mut config = Config {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::RemoteListen(_))
+        ));
+        config.allow_remote = true;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn duplicate_and_malformed_exit_ids_are_rejected() {
+        let exit = |id: &str| ExitConfig {
+            id: id.into(),
+            url: "http://127.0.0.1:1".into(),
+        };
+        let config = Config {
+            exits: vec![exit("a"), exit("a")],
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DuplicateExit(_))
+        ));
+        let config = Config {
+            exits: vec![exit("has space")],
+            ..Config::default()
+        };
+        assert!(matches!(config.validate(), Err(ConfigError::BadExitId(_))));
+    }
+}

@@ -1,0 +1,506 @@
+//! Pipeline stage 1: find the tracked session cookies on a request or a
+//! response and turn each into a [`PinKey`].
+//!
+//! Input: request headers (`Cookie`, `X-DataDome-ClientID`) or response
+//! headers (`Set-Cookie`, `X-Set-Cookie`). Output: the tracked cookies, each
+//! as its name plus the keyed hash of `name=value`.
+//!
+//! Invariants: a raw cookie value never leaves this module; everything
+//! downstream (pins, logs, errors, metrics) sees only the [`PinKey`]. A
+//! `Cookie` header that cannot be read is an error, never skipped, because it
+//! might hide a tracked cookie.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::Write as _;
+use std::path::Path;
+
+use cookie::Cookie;
+use http::{HeaderMap, HeaderName};
+
+/// The cookies every deployment tracks: the trust cookies of the big anti-bot
+/// vendors (DataDome, Cloudflare, Akamai, PerimeterX/HUMAN, Imperva/Incapsula,
+/// Kasada). Patterns may end in `*`.
+pub const DEFAULT_TRACKED: &[&str] = &[
+    "datadome",
+    "cf_clearance",
+    "__cf_bm",
+    "_abck",
+    "bm_sz",
+    "ak_bmsc",
+    "_px*",
+    "reese84",
+    "incap_ses_*",
+    "KP_UIDz",
+];
+
+/// DataDome's cookie name. The `X-DataDome-ClientID` request header and the
+/// `X-Set-Cookie` response header carry the same token for clients without a
+/// cookie jar, so they hash as this cookie.
+pub const DATADOME: &str = "datadome";
+
+/// Request header in which DataDome's mobile SDKs send the `datadome` token.
+pub static X_DATADOME_CLIENTID: HeaderName = HeaderName::from_static("x-datadome-clientid");
+/// Response header in which DataDome returns a refreshed token to such clients.
+pub static X_SET_COOKIE: HeaderName = HeaderName::from_static("x-set-cookie");
+
+/// A tracked-cookie pattern that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("tracked-cookie pattern {pattern:?}: {reason}")]
+pub struct PatternError {
+    pattern: String,
+    reason: String,
+}
+
+/// Which cookie names are tracked. Matching ignores ASCII case: tracking a
+/// cookie too many costs some rotation, tracking one too few leaks it.
+#[derive(Debug, Clone)]
+pub struct CookiePolicy {
+    exact: HashSet<String>,
+    globs: Vec<glob::Pattern>,
+}
+
+impl CookiePolicy {
+    /// The default set plus `extra` patterns (names or globs).
+    pub fn with_extra(extra: &[String]) -> Result<CookiePolicy, PatternError> {
+        let mut policy = CookiePolicy {
+            exact: HashSet::new(),
+            globs: Vec::new(),
+        };
+        for pattern in DEFAULT_TRACKED
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+        {
+            policy.add(pattern)?;
+        }
+        Ok(policy)
+    }
+
+    fn add(&mut self, pattern: &str) -> Result<(), PatternError> {
+        let error = |reason: &str| PatternError {
+            pattern: pattern.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if pattern.is_empty()
+            || pattern
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b == b'=' || b == b';')
+        {
+            return Err(error(
+                "must be a non-empty cookie name without spaces, '=' or ';'",
+            ));
+        }
+        if pattern.contains(['*', '?', '[']) {
+            let glob = glob::Pattern::new(pattern).map_err(|e| error(&e.to_string()))?;
+            self.globs.push(glob);
+        } else {
+            self.exact.insert(pattern.to_ascii_lowercase());
+        }
+        Ok(())
+    }
+
+    /// Whether cookies with this name are pinned.
+    pub fn is_tracked(&self, name: &str) -> bool {
+        const CASE_INSENSITIVE: glob::MatchOptions = glob::MatchOptions {
+            case_sensitive: false,
+            require_literal_separator: false,
+            require_literal_leading_dot: false,
+        };
+        // Exact names are stored lowercased; avoid allocating for the common
+        // case of a name that is already lowercase.
+        let exact = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.exact.contains(&name.to_ascii_lowercase())
+        } else {
+            self.exact.contains(name)
+        };
+        exact
+            || self
+                .globs
+                .iter()
+                .any(|g| g.matches_with(name, CASE_INSENSITIVE))
+    }
+}
+
+/// The pin key of one cookie value: a 128-bit keyed BLAKE3 hash of
+/// `name=value`. Stable across processes that share the hashing key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PinKey([u8; 16]);
+
+impl PinKey {
+    /// The raw hash bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// Rebuilds a key from its bytes (stores, exports).
+    pub fn from_bytes(bytes: [u8; 16]) -> PinKey {
+        PinKey(bytes)
+    }
+
+    /// The full hash as 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        let mut out = String::with_capacity(32);
+        for b in self.0 {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+}
+
+/// Shows the short form (first 8 hex digits), which is what logs and error
+/// messages use.
+impl fmt::Display for PinKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PinKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PinKey({self})")
+    }
+}
+
+/// Turns cookie values into [`PinKey`]s with a per-deployment secret key, so
+/// hashes in logs cannot be matched against guessed values.
+#[derive(Clone)]
+pub struct PinHasher {
+    key: [u8; 32],
+}
+
+impl fmt::Debug for PinHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PinHasher(..)")
+    }
+}
+
+/// File in the data directory holding the hashing key.
+pub const PIN_KEY_FILE: &str = "pin-key";
+
+impl PinHasher {
+    /// A hasher with the given key.
+    pub fn new(key: [u8; 32]) -> PinHasher {
+        PinHasher { key }
+    }
+
+    /// Loads the key from `DATA_DIR/pin-key`, creating it (mode 0600) on
+    /// first start.
+    pub fn load_or_create(data_dir: &Path) -> std::io::Result<PinHasher> {
+        let path = data_dir.join(PIN_KEY_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} must hold exactly 32 bytes; it has {} (restore it from backup: \
+                             a new key would orphan every stored pin)",
+                            path.display(),
+                            bytes.len()
+                        ),
+                    )
+                })?;
+                Ok(PinHasher::new(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                let mut file = crate::fsutil::create_private(&path)?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+                Ok(PinHasher::new(key))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The pin key of cookie `name` with `value`.
+    pub fn cookie(&self, name: &str, value: &str) -> PinKey {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(name.as_bytes());
+        hasher.update(b"=");
+        hasher.update(value.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        PinKey(out)
+    }
+}
+
+/// A tracked cookie found on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedCookie {
+    /// Cookie name as sent.
+    pub name: String,
+    /// Hash of `name=value`.
+    pub key: PinKey,
+}
+
+impl fmt::Display for TrackedCookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.name, self.key)
+    }
+}
+
+/// A tracked cookie set by a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetTrackedCookie {
+    /// The cookie.
+    pub cookie: TrackedCookie,
+    /// The response deletes the cookie (`Max-Age` ≤ 0 or `Expires` in the
+    /// past) instead of setting it.
+    pub deletes: bool,
+}
+
+/// A request whose cookies cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CookieError {
+    /// A `Cookie` header with bytes that are not UTF-8.
+    #[error("a Cookie header is not valid UTF-8, so pinproxy cannot tell whether it carries a tracked cookie")]
+    NotUtf8,
+    /// An `X-DataDome-ClientID` header that is not visible ASCII.
+    #[error("the X-DataDome-ClientID header is not visible ASCII")]
+    BadClientId,
+}
+
+/// Collects every tracked cookie of a request, from all `Cookie` headers and
+/// `X-DataDome-ClientID`, each key once, in the order first seen.
+pub fn tracked_in_request(
+    headers: &HeaderMap,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+) -> Result<Vec<TrackedCookie>, CookieError> {
+    let mut found: Vec<TrackedCookie> = Vec::new();
+    let mut push = |name: &str, value: &str| {
+        let key = hasher.cookie(name, value);
+        if !found.iter().any(|c| c.key == key) {
+            found.push(TrackedCookie {
+                name: name.to_owned(),
+                key,
+            });
+        }
+    };
+    for header in headers.get_all(http::header::COOKIE) {
+        let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
+        // Pairs without '=' or with an empty name are not cookies anyone can
+        // track; the crate reports them as errors and we step over them.
+        for pair in Cookie::split_parse(text).flatten() {
+            if policy.is_tracked(pair.name()) {
+                push(pair.name(), pair.value());
+            }
+        }
+    }
+    for header in headers.get_all(&X_DATADOME_CLIENTID) {
+        let value = header
+            .to_str()
+            .map_err(|_| CookieError::BadClientId)?
+            .trim();
+        if !value.is_empty() {
+            push(DATADOME, value);
+        }
+    }
+    Ok(found)
+}
+
+/// Collects the tracked cookies a response sets, from `Set-Cookie` and
+/// DataDome's `X-Set-Cookie`. Unparseable lines are skipped: the client will
+/// not store them either.
+pub fn tracked_in_response(
+    headers: &HeaderMap,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+) -> Vec<SetTrackedCookie> {
+    let mut found = Vec::new();
+    let now = time::OffsetDateTime::now_utc();
+    for (header, is_datadome_carrier) in headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .map(|h| (h, false))
+        .chain(headers.get_all(&X_SET_COOKIE).iter().map(|h| (h, true)))
+    {
+        let Ok(text) = std::str::from_utf8(header.as_bytes()) else {
+            continue;
+        };
+        let parsed = match Cookie::parse(text) {
+            Ok(c) => c,
+            // DataDome's carrier may hold the bare token rather than a
+            // `datadome=...` line.
+            Err(_) if is_datadome_carrier && !text.trim().is_empty() => Cookie::new(
+                DATADOME,
+                text.split(';').next().unwrap_or("").trim().to_owned(),
+            ),
+            Err(_) => continue,
+        };
+        if !policy.is_tracked(parsed.name()) {
+            continue;
+        }
+        let deletes = parsed
+            .max_age()
+            .is_some_and(|age| age <= time::Duration::ZERO)
+            || parsed
+                .expires_datetime()
+                .is_some_and(|expires| expires <= now)
+            || parsed.value().is_empty();
+        found.push(SetTrackedCookie {
+            cookie: TrackedCookie {
+                name: parsed.name().to_owned(),
+                key: hasher.cookie(parsed.name(), parsed.value()),
+            },
+            deletes,
+        });
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn policy() -> CookiePolicy {
+        CookiePolicy::with_extra(&["session_*".into()]).unwrap()
+    }
+
+    fn hasher() -> PinHasher {
+        PinHasher::new([7; 32])
+    }
+
+    #[test]
+    fn default_set_and_globs_match() {
+        let p = policy();
+        for name in [
+            "datadome",
+            "DataDome",
+            "cf_clearance",
+            "__cf_bm",
+            "_abck",
+            "_px3",
+            "_pxvid",
+            "incap_ses_123_456",
+            "KP_UIDz",
+            "session_x",
+        ] {
+            assert!(p.is_tracked(name), "{name} should be tracked");
+        }
+        for name in ["sid", "_ga", "incap_visid", "px3", "session"] {
+            assert!(!p.is_tracked(name), "{name} should not be tracked");
+        }
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected() {
+        assert!(CookiePolicy::with_extra(&["".into()]).is_err());
+        assert!(CookiePolicy::with_extra(&["a b".into()]).is_err());
+        assert!(CookiePolicy::with_extra(&["a[".into()]).is_err());
+    }
+
+    #[test]
+    fn several_cookie_headers_and_odd_spacing() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "cookie",
+            HeaderValue::from_static("a=1;datadome=tok1 ;  _ga=x"),
+        );
+        headers.append(
+            "cookie",
+            HeaderValue::from_static("  cf_clearance=cf ;;junk; _px3=p"),
+        );
+        headers.append("cookie", HeaderValue::from_static("datadome=tok1"));
+        let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
+        let names: Vec<_> = found.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["datadome", "cf_clearance", "_px3"]);
+        assert_eq!(found[0].key, hasher().cookie("datadome", "tok1"));
+    }
+
+    #[test]
+    fn clientid_header_counts_as_datadome_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_static("tok1"));
+        let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, hasher().cookie("datadome", "tok1"));
+        // Same token as cookie and as header: one key.
+        headers.insert("cookie", HeaderValue::from_static("datadome=tok1"));
+        assert_eq!(
+            tracked_in_request(&headers, &policy(), &hasher())
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn non_utf8_cookie_header_fails_closed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "cookie",
+            HeaderValue::from_bytes(b"datadome=\xff\xfe").unwrap(),
+        );
+        assert!(matches!(
+            tracked_in_request(&headers, &policy(), &hasher()),
+            Err(CookieError::NotUtf8)
+        ));
+    }
+
+    #[test]
+    fn set_cookie_and_x_set_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_static("datadome=new; Max-Age=31536000; Path=/; Secure"),
+        );
+        headers.append("set-cookie", HeaderValue::from_static("_ga=1"));
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_static("_abck=gone; Max-Age=0"),
+        );
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_static("bm_sz=old; Expires=Thu, 01 Jan 1970 00:00:00 GMT"),
+        );
+        headers.append(
+            "x-set-cookie",
+            HeaderValue::from_static("datadome=carried; Max-Age=60"),
+        );
+        let found = tracked_in_response(&headers, &policy(), &hasher());
+        let summary: Vec<_> = found
+            .iter()
+            .map(|s| (s.cookie.name.as_str(), s.deletes))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("datadome", false),
+                ("_abck", true),
+                ("bm_sz", true),
+                ("datadome", false)
+            ]
+        );
+        assert_eq!(found[3].cookie.key, hasher().cookie("datadome", "carried"));
+    }
+
+    #[test]
+    fn keys_depend_on_name_value_and_secret() {
+        let h = hasher();
+        assert_ne!(h.cookie("a", "bc"), h.cookie("ab", "c"));
+        assert_ne!(h.cookie("a", "b"), PinHasher::new([8; 32]).cookie("a", "b"));
+        assert_eq!(h.cookie("a", "b").to_string().len(), 8);
+        assert_eq!(h.cookie("a", "b").to_hex().len(), 32);
+    }
+
+    #[test]
+    fn hashing_key_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = PinHasher::load_or_create(dir.path()).unwrap();
+        let b = PinHasher::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.cookie("x", "y"), b.cookie("x", "y"));
+        let mode = std::fs::metadata(dir.path().join(PIN_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

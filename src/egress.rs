@@ -1,0 +1,140 @@
+//! Pipeline stage 3: the header policy, deciding what may leave.
+//!
+//! Before a request leaves, every header that could reveal the scraper's own
+//! address or the proxy chain is removed, and so are the hop-by-hop headers
+//! of the client connection. pinproxy adds none of them back: the origin
+//! never learns the client's address from pinproxy.
+//!
+//! On the way back, only the hop-by-hop headers of the origin connection are
+//! removed; `Set-Cookie` and everything else pass untouched.
+
+use http::header::{self, HeaderName};
+use http::HeaderMap;
+
+/// Headers that carry a client address or describe the proxy chain. Removed
+/// from every request, whoever set them.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-real-ip",
+    "true-client-ip",
+    "client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "via",
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes the forwarding and hop-by-hop headers from a request about to
+/// leave through an exit. The remaining headers keep their order.
+pub fn sanitize_request(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    retain(headers, |name| {
+        !(HOP_BY_HOP.contains(&name.as_str())
+            || FORWARDING_HEADERS.contains(&name.as_str())
+            || listed.contains(name))
+    });
+}
+
+/// Removes the hop-by-hop headers of the origin connection from a response.
+/// The remaining headers keep their order.
+pub fn sanitize_response(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    retain(headers, |name| {
+        !(HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name))
+    });
+}
+
+/// Headers named in `Connection` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Keeps the headers `keep` accepts, in their original order.
+/// (`HeaderMap::remove` would move the last header into the removed slot,
+/// and origins compare header order with the browser's.)
+fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
+    if headers.keys().all(&keep) {
+        return;
+    }
+    let old = std::mem::take(headers);
+    headers.reserve(old.len());
+    let mut name: Option<HeaderName> = None;
+    for (next, value) in old {
+        // Extra values of a name come with `None`: they belong to the last one.
+        if next.is_some() {
+            name = next;
+        }
+        if let Some(name) = name.as_ref().filter(|n| keep(n)) {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn request_leaves_without_forwarding_or_hop_headers() {
+        let mut h = HeaderMap::new();
+        for name in FORWARDING_HEADERS {
+            h.insert(*name, HeaderValue::from_static("10.1.2.3"));
+        }
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("cookie", HeaderValue::from_static("a=b"));
+        h.insert("user-agent", HeaderValue::from_static("ua"));
+        sanitize_request(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["cookie", "user-agent"], "order is kept");
+    }
+
+    #[test]
+    fn response_keeps_set_cookie() {
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        sanitize_response(&mut h);
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(h.len(), 2);
+    }
+}

@@ -1,0 +1,261 @@
+//! What pinproxy answers when it cannot forward a request.
+//!
+//! Every failure is a [`ProxyError`], classified by who is at fault
+//! ([`Fault`]), which chooses the status code. The answer carries an
+//! `X-Pinproxy-Error: <code>: <message>` header and a plain-text body with the
+//! same message and what to do about it. Messages name the exit and, for
+//! cookies, only their name and short hash.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::affinity::{AffinityError, StoreError};
+use crate::body::{self, Body};
+use crate::cookies::CookieError;
+use crate::exits::ExitId;
+use crate::upstream::connect::ConnectError;
+use crate::upstream::UpstreamError;
+
+/// The response header that names pinproxy's reason for an error answer.
+pub const X_PINPROXY_ERROR: &str = "x-pinproxy-error";
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something pinproxy cannot or will not forward.
+    Client,
+    /// The exit failed.
+    Exit,
+    /// The origin failed.
+    Origin,
+    /// The pin store failed.
+    Store,
+}
+
+/// A request pinproxy could not forward.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed or not a proxy request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The header section is over the limit.
+    #[error("the request header section is {size} bytes; the limit is {limit}")]
+    HeadersTooLarge {
+        /// Size of the section.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The cookies cannot be read.
+    #[error(transparent)]
+    Cookies(#[from] CookieError),
+    /// Routing failed.
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
+    /// The exit or origin failed.
+    #[error("exit {exit}: {error}")]
+    Upstream {
+        /// The exit used.
+        exit: ExitId,
+        /// What failed.
+        error: UpstreamError,
+    },
+    /// The store failed after the origin answered.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ProxyError {
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::Cookies(_) => Fault::Client,
+            ProxyError::Affinity(AffinityError::Conflict(_)) => Fault::Client,
+            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => Fault::Exit,
+            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => Fault::Store,
+            ProxyError::Upstream { error, .. } => match error {
+                UpstreamError::Connect(c) if c.is_exit_fault() => Fault::Exit,
+                UpstreamError::Connect(ConnectError::ExitRefused { .. }) => Fault::Exit,
+                _ => Fault::Origin,
+            },
+        }
+    }
+
+    /// The short, stable error code sent in `X-Pinproxy-Error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::HeadersTooLarge { .. } => "headers-too-large",
+            ProxyError::Cookies(_) => "unreadable-cookies",
+            ProxyError::Affinity(AffinityError::Conflict(_)) => "pin-conflict",
+            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => "pinned-exit-missing",
+            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
+                "store-unavailable"
+            }
+            ProxyError::Upstream { error, .. } => match error {
+                UpstreamError::Connect(c) => match c {
+                    ConnectError::ExitUnreachable { .. } => "exit-unreachable",
+                    ConnectError::ExitRefused { .. } => "exit-refused",
+                    ConnectError::ExitProtocol(_) => "exit-protocol",
+                    ConnectError::Timeout { .. } if c.is_exit_fault() => "exit-timeout",
+                    ConnectError::Timeout { .. } => "origin-timeout",
+                    ConnectError::Resolve { .. } => "origin-dns",
+                    ConnectError::OriginUnreachable { .. } => "origin-unreachable",
+                    ConnectError::Tls { .. } => "upstream-tls",
+                    ConnectError::BadTarget(_) => "bad-request",
+                },
+                UpstreamError::ResponseTimeout(_) => "origin-timeout",
+                UpstreamError::Exchange(_) => "origin-failed",
+            },
+        }
+    }
+
+    /// The status code of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Affinity(AffinityError::Conflict(_)) => StatusCode::CONFLICT,
+            ProxyError::Upstream {
+                error: UpstreamError::ResponseTimeout(_),
+                ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            _ => match self.fault() {
+                Fault::Client => StatusCode::BAD_REQUEST,
+                Fault::Exit | Fault::Origin => StatusCode::BAD_GATEWAY,
+                Fault::Store => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    /// What the user can do about it.
+    fn advice(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => {
+                "Send absolute-form requests (GET http://host/path) or CONNECT host:port to pinproxy."
+            }
+            ProxyError::HeadersTooLarge { .. } => {
+                "Send fewer or smaller headers, or raise limits.max_header_bytes."
+            }
+            ProxyError::Cookies(_) => "Send cookies as UTF-8 text.",
+            ProxyError::Affinity(AffinityError::Conflict(_)) => {
+                "These cookies were earned through different exits and cannot leave together. \
+                 Drop the cookies of one identity from the client's jar (or use one jar per identity)."
+            }
+            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => {
+                "Restore the exit in the configuration, or drop the cookie from the client's jar."
+            }
+            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
+                "The pin store is unreachable; pinproxy will not route tracked cookies blindly. Retry later."
+            }
+            ProxyError::Upstream { .. } => match self.fault() {
+                Fault::Exit => "Check the exit (is the proxy up, are its credentials right?); retry later.",
+                _ => "The origin could not be reached through this exit; retry later.",
+            },
+        }
+    }
+
+    /// The answer sent to the client.
+    pub fn to_response(&self) -> Response<Body> {
+        let message = self.to_string();
+        let header = header_value(&format!("{}: {}", self.code(), message));
+        let text = format!("pinproxy: {message}\n{}\n", self.advice());
+        let mut response = Response::new(body::full(text));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(X_PINPROXY_ERROR, header);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        response
+    }
+}
+
+/// A header value from arbitrary text: non-printable and non-ASCII characters
+/// become `?`, and long text is cut.
+fn header_value(text: &str) -> HeaderValue {
+    const MAX: usize = 1024;
+    let cleaned: String = text
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("internal"))
+}
+
+/// The causes of an error, outermost first, joined by `": "`.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether an error is only a peer going away (EOF, reset, close_notify
+/// missing): worth a debug line, not a warning.
+pub fn is_benign_disconnect(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+            ) {
+                return true;
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_sanitised() {
+        let v = header_value("bad\r\ninjected: ä");
+        assert_eq!(v.to_str().unwrap(), "bad??injected: ?");
+    }
+
+    #[test]
+    fn statuses_follow_fault() {
+        let e = ProxyError::HeadersTooLarge { size: 2, limit: 1 };
+        assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let e = ProxyError::BadRequest("x".into());
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let r = e.to_response();
+        assert!(r
+            .headers()
+            .get(X_PINPROXY_ERROR)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("bad-request: "));
+    }
+}

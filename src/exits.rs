@@ -1,0 +1,408 @@
+//! Exits: the upstream routes a request can leave through.
+//!
+//! An exit is named by a stable [`ExitId`] (pins refer to it) and reached
+//! according to its [`ExitKind`]. This module parses exit URLs; the
+//! [`select`] submodule picks an exit for traffic that no pin decides.
+//!
+//! Invariant: credentials in an exit URL never appear in `Debug` or
+//! `Display` output; use [`ExitSpec::redacted_url`] when showing an exit.
+
+pub mod select;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::HeaderValue;
+use percent_encoding::percent_decode_str;
+
+use crate::upstream::ExitClient;
+
+/// The stable name of an exit.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExitId(Arc<str>);
+
+impl ExitId {
+    /// Wraps a validated id.
+    pub fn new(id: &str) -> ExitId {
+        ExitId(Arc::from(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ExitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ExitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// Basic credentials for an upstream proxy.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name, percent-decoded.
+    pub user: String,
+    /// Password, percent-decoded.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({:?}, <redacted>)", self.user)
+    }
+}
+
+impl Credentials {
+    /// The `Proxy-Authorization` value for these credentials.
+    pub fn basic_header(&self) -> HeaderValue {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.user, self.password));
+        let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+        value.set_sensitive(true);
+        value
+    }
+}
+
+/// A host and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// The host as written in a URI authority: IPv6 literals in brackets.
+    pub fn bracketed_host(host: &str) -> String {
+        if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How an exit is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Egress straight from this machine, optionally from a given local
+    /// source address (`direct://` or `direct://SOURCE_IP`).
+    Direct {
+        /// Local address to bind outgoing connections to.
+        source: Option<IpAddr>,
+    },
+    /// An HTTP proxy reached with CONNECT (`http://[user:pass@]host:port`).
+    HttpConnect {
+        /// The proxy's address.
+        proxy: HostPort,
+        /// Basic credentials sent as `Proxy-Authorization`.
+        auth: Option<Credentials>,
+    },
+}
+
+/// A configured exit: its id and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitSpec {
+    /// Stable id.
+    pub id: ExitId,
+    /// Route.
+    pub kind: ExitKind,
+}
+
+/// A malformed exit URL.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExitUrlError {
+    /// No `scheme://`.
+    #[error("expected scheme://..., e.g. http://user:pass@proxy.example:8080")]
+    NoScheme,
+    /// A scheme pinproxy cannot use.
+    #[error("unsupported scheme {0:?}: use http:// or direct://")]
+    Scheme(String),
+    /// Host or port missing or invalid.
+    #[error("{0}")]
+    Address(String),
+}
+
+impl ExitSpec {
+    /// The exit used when none is configured: direct egress, id `direct`.
+    pub fn builtin_direct() -> ExitSpec {
+        ExitSpec {
+            id: ExitId::new("direct"),
+            kind: ExitKind::Direct { source: None },
+        }
+    }
+
+    /// Parses an exit URL for the exit named `id`.
+    pub fn parse(id: &str, url: &str) -> Result<ExitSpec, ExitUrlError> {
+        let (scheme, rest) = url.split_once("://").ok_or(ExitUrlError::NoScheme)?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#']) {
+            return Err(ExitUrlError::Address(
+                "an exit URL has no path, query or fragment".into(),
+            ));
+        }
+        // The password may itself contain '@', so the host starts after the last one.
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let kind = match scheme.to_ascii_lowercase().as_str() {
+            "http" => ExitKind::HttpConnect {
+                proxy: parse_host_port(hostport)?,
+                auth: userinfo.map(parse_userinfo).transpose()?,
+            },
+            "direct" => {
+                if userinfo.is_some() {
+                    return Err(ExitUrlError::Address(
+                        "a direct:// exit takes no credentials".into(),
+                    ));
+                }
+                let source = if hostport.is_empty() {
+                    None
+                } else {
+                    let ip = hostport.trim_start_matches('[').trim_end_matches(']');
+                    Some(ip.parse::<IpAddr>().map_err(|_| {
+                        ExitUrlError::Address(format!(
+                            "direct://SOURCE_IP needs a local IP address, not {hostport:?}"
+                        ))
+                    })?)
+                };
+                ExitKind::Direct { source }
+            }
+            other => return Err(ExitUrlError::Scheme(other.to_owned())),
+        };
+        Ok(ExitSpec {
+            id: ExitId::new(id),
+            kind,
+        })
+    }
+
+    /// The id a URL gets when none is given: its `host:port` (or
+    /// `direct`/`direct-IP`), which stays the same when exits are reordered.
+    pub fn default_id(url: &str) -> Result<String, ExitUrlError> {
+        let spec = ExitSpec::parse("unnamed", url)?;
+        Ok(match spec.kind {
+            ExitKind::Direct { source: None } => "direct".to_owned(),
+            ExitKind::Direct { source: Some(ip) } => format!("direct-{ip}"),
+            ExitKind::HttpConnect { proxy, .. } => proxy.to_string(),
+        })
+    }
+
+    /// The URL without credentials, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        match &self.kind {
+            ExitKind::Direct { source: None } => "direct://".to_owned(),
+            ExitKind::Direct { source: Some(ip) } => format!("direct://{ip}"),
+            ExitKind::HttpConnect { proxy, auth } => match auth {
+                Some(c) => format!("http://{}:***@{proxy}", c.user),
+                None => format!("http://{proxy}"),
+            },
+        }
+    }
+}
+
+/// A configured exit ready for traffic: its spec and its connection pool.
+#[derive(Debug)]
+pub struct Exit {
+    /// What was configured.
+    pub spec: ExitSpec,
+    /// The exit's own connection pool.
+    pub client: ExitClient,
+}
+
+impl Exit {
+    /// The exit's id.
+    pub fn id(&self) -> &ExitId {
+        &self.spec.id
+    }
+}
+
+/// All configured exits, by id and in rotation.
+#[derive(Debug)]
+pub struct ExitSet {
+    exits: Vec<Arc<Exit>>,
+    by_id: HashMap<ExitId, usize>,
+    rotation: select::RoundRobin,
+}
+
+impl ExitSet {
+    /// A set of exits (at least one; configuration validation ensures it).
+    pub fn new(exits: Vec<Exit>) -> ExitSet {
+        let exits: Vec<Arc<Exit>> = exits.into_iter().map(Arc::new).collect();
+        let by_id = exits
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id().clone(), i))
+            .collect();
+        ExitSet {
+            exits,
+            by_id,
+            rotation: select::RoundRobin::default(),
+        }
+    }
+
+    /// The exit with this id, if configured.
+    pub fn get(&self, id: &ExitId) -> Option<&Arc<Exit>> {
+        self.by_id.get(id).map(|&i| &self.exits[i])
+    }
+
+    /// The next exit in rotation.
+    pub fn next_in_rotation(&self) -> &Arc<Exit> {
+        &self.exits[self.rotation.next(self.exits.len())]
+    }
+
+    /// All exits, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Exit>> {
+        self.exits.iter()
+    }
+}
+
+fn parse_userinfo(userinfo: &str) -> Result<Credentials, ExitUrlError> {
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let decode = |s: &str| {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| {
+                ExitUrlError::Address("credentials are not valid UTF-8 once percent-decoded".into())
+            })
+    };
+    Ok(Credentials {
+        user: decode(user)?,
+        password: decode(password)?,
+    })
+}
+
+fn parse_host_port(text: &str) -> Result<HostPort, ExitUrlError> {
+    let bad = |why: &str| ExitUrlError::Address(format!("{why} in {text:?}"));
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty() || host.contains(['[', ']', ' ']) {
+        return Err(bad("missing or invalid host"));
+    }
+    let port = port
+        .ok_or_else(|| bad("missing port"))?
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("invalid port"))?;
+    Ok(HostPort {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_http_exit_with_credentials() {
+        let spec = ExitSpec::parse("e1", "http://us%40er:p@ss:w@proxy.example:3128").unwrap();
+        let ExitKind::HttpConnect { proxy, auth } = &spec.kind else {
+            panic!("expected http exit");
+        };
+        assert_eq!(proxy.to_string(), "proxy.example:3128");
+        let auth = auth.as_ref().unwrap();
+        assert_eq!(auth.user, "us@er");
+        assert_eq!(auth.password, "p@ss:w");
+        assert_eq!(spec.redacted_url(), "http://us@er:***@proxy.example:3128");
+        assert!(!format!("{spec:?}").contains("p@ss"));
+    }
+
+    #[test]
+    fn parses_ipv6_and_direct() {
+        let spec = ExitSpec::parse("e", "http://[::1]:8080/").unwrap();
+        assert_eq!(
+            spec.kind,
+            ExitKind::HttpConnect {
+                proxy: HostPort {
+                    host: "::1".into(),
+                    port: 8080
+                },
+                auth: None
+            }
+        );
+        assert_eq!(
+            ExitSpec::parse("d", "direct://127.0.0.2").unwrap().kind,
+            ExitKind::Direct {
+                source: Some("127.0.0.2".parse().unwrap())
+            }
+        );
+        assert_eq!(
+            ExitSpec::parse("d", "direct://").unwrap().kind,
+            ExitKind::Direct { source: None }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        for url in [
+            "proxy:8080",
+            "ftp://proxy:21",
+            "http://proxy",
+            "http://proxy:0",
+            "http://proxy:99999",
+            "http://:8080",
+            "http://proxy:8080/path",
+            "direct://not-an-ip",
+            "direct://u:p@127.0.0.1",
+        ] {
+            assert!(ExitSpec::parse("x", url).is_err(), "{url} should fail");
+        }
+    }
+
+    #[test]
+    fn default_ids_ignore_credentials() {
+        assert_eq!(
+            ExitSpec::default_id("http://u:p@10.0.0.1:3128").unwrap(),
+            "10.0.0.1:3128"
+        );
+        assert_eq!(ExitSpec::default_id("direct://").unwrap(), "direct");
+        assert_eq!(
+            ExitSpec::default_id("direct://127.0.0.3").unwrap(),
+            "direct-127.0.0.3"
+        );
+    }
+
+    #[test]
+    fn basic_header_is_sensitive() {
+        let c = Credentials {
+            user: "a".into(),
+            password: "b".into(),
+        };
+        let h = c.basic_header();
+        assert_eq!(h.to_str().unwrap(), "Basic YTpi");
+        assert!(h.is_sensitive());
+    }
+}

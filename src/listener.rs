@@ -1,0 +1,199 @@
+//! The front door: accepts client connections and serves proxy requests.
+//!
+//! Each client connection speaks HTTP/1.1 to pinproxy. A plain proxy request
+//! (`GET http://host/path`) goes straight to the [`Pipeline`]. A `CONNECT`
+//! is answered `200` and the tunnel is handed to [`mitm::serve_tunnel`],
+//! which terminates TLS and feeds every request inside to the same
+//! pipeline. Nothing is dialled upstream while a tunnel opens: the exit is
+//! chosen per request, once the request is known.
+//!
+//! Limits: at most `limits.max_connections` client connections are served
+//! at once (more wait in the kernel's queue); header sections get
+//! `timeouts.header_read`; oversized ones are refused with 431.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::body::{self, Body};
+use crate::config::{Limits, Timeouts};
+use crate::error::{self, ProxyError};
+use crate::mitm::{self, Mitm};
+use crate::pipeline::{self, Pipeline};
+use crate::target;
+
+/// What every client connection shares.
+#[derive(Debug)]
+pub struct Frontend {
+    /// The request spine.
+    pub pipeline: Pipeline,
+    /// TLS interception.
+    pub mitm: Mitm,
+    /// Limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Cancelled when the daemon stops.
+    pub shutdown: CancellationToken,
+    /// Every connection and tunnel task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Frontend {
+    /// The HTTP/1 server settings used for client connections and for the
+    /// connections inside tunnels.
+    pub fn http1(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        // pinproxy answers oversized header sections itself (431 with an
+        // explanation) up to four times the limit; beyond that hyper's own
+        // 431 keeps memory bounded.
+        let hard_limit = self.limits.max_header_bytes.saturating_mul(4);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeouts.header_read)
+            .max_header_size(hard_limit)
+            .max_buf_size(hard_limit.max(8192) + 8192)
+            .max_headers(self.limits.max_headers)
+            .preserve_header_case(true)
+            .keep_alive(true);
+        builder
+    }
+}
+
+/// Accepts connections until `frontend.shutdown` is cancelled.
+pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
+    let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            () = frontend.shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = frontend.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let frontend_for_task = frontend.clone();
+        frontend.tasks.spawn(
+            async move {
+                serve_client(frontend_for_task, stream, peer).await;
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("client", %peer)),
+        );
+    }
+    tracing::debug!("stopped accepting");
+}
+
+async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAddr) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let service_frontend = frontend.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let frontend = service_frontend.clone();
+        async move { Ok::<_, Infallible>(outer_request(frontend, request, peer).await) }
+    });
+    let conn = frontend
+        .http1()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
+    log_connection_end(result);
+}
+
+/// Handles a request on a client connection: CONNECT opens a tunnel,
+/// anything else is a plain proxy request for the pipeline.
+async fn outer_request(
+    frontend: Arc<Frontend>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    if request.method() != Method::CONNECT {
+        return frontend.pipeline.handle(None, request).await;
+    }
+    let size = pipeline::header_section_size(&request);
+    if size > frontend.limits.max_header_bytes {
+        return ProxyError::HeadersTooLarge {
+            size,
+            limit: frontend.limits.max_header_bytes,
+        }
+        .to_response();
+    }
+    let authority = match target::connect_authority(request.uri()) {
+        Ok(authority) => authority,
+        Err(error) => return error.to_response(),
+    };
+    let span = tracing::debug_span!("tunnel", %peer, target = %authority);
+    let tunnel_frontend = frontend.clone();
+    frontend.tasks.spawn(
+        async move {
+            match hyper::upgrade::on(request).await {
+                Ok(upgraded) => mitm::serve_tunnel(tunnel_frontend, upgraded, authority).await,
+                Err(e) => tracing::debug!(error = %e, "client left before the tunnel opened"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Drives a server connection to its end; when shutdown is requested it
+/// stops taking new requests and lets in-flight ones finish.
+pub(crate) async fn drive<C>(
+    conn: C,
+    shutdown: &CancellationToken,
+    drain: impl FnOnce(Pin<&mut C>),
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            drain(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+/// Logs why a client connection ended. Clients come and go, and a client's
+/// malformed request is the client's problem: debug level.
+pub(crate) fn log_connection_end(result: hyper::Result<()>) {
+    if let Err(e) = result {
+        if error::is_benign_disconnect(&e) {
+            tracing::debug!(error = %error::causes(&e), "client disconnected");
+        } else if e.is_parse() || e.is_timeout() {
+            tracing::debug!(error = %error::causes(&e), "client sent a bad or slow request");
+        } else {
+            tracing::debug!(error = %error::causes(&e), "client connection failed");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Serving one CONNECT tunnel: tell TLS from plain HTTP by the first byte,
+//! terminate TLS with the host's leaf, then serve HTTP/1.1 on the decrypted
+//! stream, every request through the pipeline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::leaf::LeafName;
+use crate::exits::HostPort;
+use crate::listener::{drive, log_connection_end, Frontend};
+use crate::rewind::Rewind;
+use crate::target::Tunnel;
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serves the tunnel to `authority` opened on `upgraded` until either side
+/// closes it.
+pub async fn serve_tunnel(frontend: Arc<Frontend>, upgraded: Upgraded, authority: HostPort) {
+    let mut io = TokioIo::new(upgraded);
+    let mut first = BytesMut::with_capacity(2048);
+    let read = tokio::time::timeout(frontend.timeouts.tls_handshake, io.read_buf(&mut first)).await;
+    match read {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(_)) => return tracing::debug!("client closed the tunnel without sending anything"),
+        Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel read failed"),
+        Err(_) => return tracing::debug!("client sent nothing in the tunnel in time"),
+    }
+    let is_tls = first.first() == Some(&TLS_HANDSHAKE);
+    let io = Rewind::new(first.freeze(), io);
+    if is_tls {
+        serve_tls(frontend, io, authority).await;
+    } else {
+        let tunnel = Tunnel {
+            authority,
+            tls: false,
+        };
+        serve_http(frontend, io, tunnel).await;
+    }
+}
+
+async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, authority: HostPort)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + frontend.timeouts.tls_handshake;
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => return tracing::debug!(error = %e, "no valid TLS ClientHello in the tunnel"),
+        Err(_) => return tracing::debug!("TLS ClientHello timed out"),
+    };
+    // The leaf names what the client will verify: its SNI, or the CONNECT
+    // host when it sent none (IP literals).
+    let name = match start.client_hello().server_name() {
+        Some(sni) => LeafName::from_host(sni),
+        None => LeafName::from_host(&authority.host),
+    };
+    let config = match frontend.mitm.certs.server_config(name.clone()).await {
+        Ok(config) => config,
+        Err(e) => return tracing::error!(error = %e, "cannot serve TLS for this host"),
+    };
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return log_handshake_failure(&name, &e),
+        Err(_) => return tracing::debug!(host = %name, "TLS handshake timed out"),
+    };
+    let tunnel = Tunnel {
+        authority,
+        tls: true,
+    };
+    serve_http(frontend, tls, tunnel).await;
+}
+
+async fn serve_http<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tunnel = Arc::new(tunnel);
+    let service_frontend = frontend.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let frontend = service_frontend.clone();
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, Infallible>(frontend.pipeline.handle(Some(&tunnel), request).await) }
+    });
+    let conn = frontend
+        .http1()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
+    log_connection_end(result);
+}
+
+/// A client that rejects pinproxy's certificate has not trusted the CA: say
+/// so plainly, since that is the one thing the user must fix.
+fn log_handshake_failure(host: &LeafName, error: &std::io::Error) {
+    use rustls::AlertDescription as Alert;
+    let rejected_cert = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(
+                    Alert::UnknownCA | Alert::BadCertificate | Alert::CertificateUnknown
+                )
+            )
+        });
+    if rejected_cert {
+        tracing::warn!(
+            %host,
+            "the client rejected pinproxy's certificate: install the CA from `pinproxy ca` in the client"
+        );
+    } else {
+        tracing::debug!(%host, error = %error, "TLS handshake with the client failed");
+    }
+}

@@ -1,0 +1,189 @@
+//! Where a request goes: the origin a request names, from its absolute-form
+//! target (plain proxy requests) or from the CONNECT tunnel it arrived in.
+//!
+//! Inside a tunnel the destination is always the tunnel's CONNECT target,
+//! whatever the request line says: the client chose it when it opened the
+//! tunnel, and the leaf certificate was minted for it.
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Uri};
+
+use crate::error::ProxyError;
+use crate::exits::HostPort;
+
+/// The CONNECT tunnel a request arrived in.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    /// The CONNECT target.
+    pub authority: HostPort,
+    /// Whether pinproxy terminated TLS in the tunnel (otherwise plain HTTP
+    /// runs inside it).
+    pub tls: bool,
+}
+
+/// The origin a request is for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Origin host and port.
+    pub origin: HostPort,
+    /// Path and query to request.
+    pub path_and_query: PathAndQuery,
+}
+
+impl Target {
+    /// Works out the origin of `request`, arriving in `tunnel` (if any).
+    pub fn of<B>(request: &Request<B>, tunnel: Option<&Tunnel>) -> Result<Target, ProxyError> {
+        let uri = request.uri();
+        let path_and_query = uri
+            .path_and_query()
+            .filter(|p| p.as_str().starts_with('/'))
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(tunnel) = tunnel {
+            return Ok(Target {
+                scheme: if tunnel.tls {
+                    Scheme::HTTPS
+                } else {
+                    Scheme::HTTP
+                },
+                origin: tunnel.authority.clone(),
+                path_and_query,
+            });
+        }
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            Some(s) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "unsupported scheme {s:?} in the request target"
+                )))
+            }
+            None => {
+                return Err(ProxyError::BadRequest(format!(
+                    "{uri} is not a proxy request: pinproxy is a forward proxy and needs \
+                     absolute-form targets (GET http://host/path) or CONNECT"
+                )))
+            }
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| ProxyError::BadRequest("the request target has no host".into()))?;
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        Ok(Target {
+            scheme,
+            origin: HostPort {
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+                port: uri.port_u16().unwrap_or(default_port),
+            },
+            path_and_query,
+        })
+    }
+
+    /// The absolute URI the upstream pool is asked for (always with a port,
+    /// so pooling is exact).
+    pub fn upstream_uri(&self) -> Result<Uri, ProxyError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.origin.to_string())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
+    }
+
+    /// The `Host` header for this origin (port omitted when default).
+    pub fn host_header(&self) -> Result<HeaderValue, ProxyError> {
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let text = if self.origin.port == default_port {
+            HostPort::bracketed_host(&self.origin.host)
+        } else {
+            self.origin.to_string()
+        };
+        HeaderValue::from_str(&text)
+            .map_err(|_| ProxyError::BadRequest(format!("invalid host {text:?}")))
+    }
+}
+
+/// Parses a CONNECT request's authority-form target (`host:port`).
+pub fn connect_authority(uri: &Uri) -> Result<HostPort, ProxyError> {
+    let bad = || ProxyError::BadRequest(format!("CONNECT needs a host:port target, not {uri:?}"));
+    let authority = uri.authority().ok_or_else(bad)?;
+    if uri.scheme().is_some() || authority.as_str().contains('@') {
+        return Err(bad());
+    }
+    let host = authority.host();
+    let port = authority.port_u16().filter(|p| *p != 0).ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(HostPort {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn absolute_form_targets() {
+        let t = Target::of(&req("http://Example.com/a?b=1"), None).unwrap();
+        assert_eq!(t.origin.to_string(), "Example.com:80");
+        assert_eq!(
+            t.upstream_uri().unwrap().to_string(),
+            "http://Example.com:80/a?b=1"
+        );
+        assert_eq!(t.host_header().unwrap(), "Example.com");
+        let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
+        assert_eq!(t.origin.host, "::1");
+        assert_eq!(t.host_header().unwrap(), "[::1]:8443");
+    }
+
+    #[test]
+    fn origin_form_outside_a_tunnel_is_refused() {
+        assert!(Target::of(&req("/path"), None).is_err());
+        assert!(Target::of(&req("ftp://x/"), None).is_err());
+    }
+
+    #[test]
+    fn tunnel_decides_the_origin() {
+        let tunnel = Tunnel {
+            authority: HostPort {
+                host: "a.test".into(),
+                port: 443,
+            },
+            tls: true,
+        };
+        let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
+        assert_eq!(
+            t.upstream_uri().unwrap().to_string(),
+            "https://a.test:443/x"
+        );
+    }
+
+    #[test]
+    fn connect_targets() {
+        let ok = |s: &str| connect_authority(&s.parse().unwrap());
+        assert_eq!(ok("a.test:443").unwrap().to_string(), "a.test:443");
+        assert_eq!(ok("[::1]:443").unwrap().host, "::1");
+        assert!(ok("a.test").is_err());
+        assert!(ok("a.test:0").is_err());
+        assert!(ok("u@a.test:443").is_err());
+    }
+}

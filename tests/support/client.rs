@@ -1,0 +1,236 @@
+//! A scraper-like client that goes through pinproxy: CONNECT tunnels with
+//! TLS trusting pinproxy's CA, or plain absolute-form requests; keep-alive
+//! connections; and a minimal cookie jar.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Reply {
+    /// The `X-Pinproxy-Error` header, if any.
+    pub fn pinproxy_error(&self) -> Option<String> {
+        self.headers
+            .get("x-pinproxy-error")
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+/// Opens connections through pinproxy.
+#[derive(Clone)]
+pub struct ProxyClient {
+    /// pinproxy's address.
+    pub proxy: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// One keep-alive connection: inside a tunnel, or a plain proxy connection.
+pub struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    /// `Some("http://host:port")` for plain proxy connections (absolute-form).
+    absolute_base: Option<String>,
+    host: String,
+}
+
+impl ProxyClient {
+    /// A client for the pinproxy at `proxy` whose CA is `ca_pem`.
+    pub fn new(proxy: SocketAddr, ca_pem: &str) -> ProxyClient {
+        let mut roots = rustls::RootCertStore::empty();
+        let der: CertificateDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).unwrap();
+        roots.add(der).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        ProxyClient {
+            proxy,
+            tls: Arc::new(config),
+        }
+    }
+
+    /// Sends CONNECT `target` and returns the raw tunnel and the status line.
+    pub async fn raw_connect(&self, target: &str) -> (TcpStream, String) {
+        let mut tcp = TcpStream::connect(self.proxy).await.unwrap();
+        tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut tcp).await;
+        (tcp, head)
+    }
+
+    /// Opens a TLS tunnel to `host:port` through pinproxy.
+    pub async fn tunnel(&self, host: &str, port: u16) -> Conn {
+        let target = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let (tcp, head) = self.raw_connect(&target).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "CONNECT answered {head:?}"
+        );
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("TLS through pinproxy");
+        Conn::handshake(TokioIo::new(tls), None, target).await
+    }
+
+    /// A plain proxy connection for absolute-form `http://host:port` requests.
+    pub async fn plain(&self, host: &str, port: u16) -> Conn {
+        let tcp = TcpStream::connect(self.proxy).await.unwrap();
+        let authority = format!("{host}:{port}");
+        Conn::handshake(
+            TokioIo::new(tcp),
+            Some(format!("http://{authority}")),
+            authority,
+        )
+        .await
+    }
+}
+
+/// Reads an HTTP head (up to the blank line) byte by byte.
+pub async fn read_head(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tcp.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+impl Conn {
+    async fn handshake<T>(io: TokioIo<T>, absolute_base: Option<String>, host: String) -> Conn
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        Conn {
+            sender,
+            absolute_base,
+            host,
+        }
+    }
+
+    /// A request builder for `path` on this connection's origin.
+    pub fn request(&self, method: &str, path: &str) -> http::request::Builder {
+        let uri = match &self.absolute_base {
+            Some(base) => format!("{base}{path}"),
+            None => path.to_owned(),
+        };
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", &self.host)
+    }
+
+    /// Sends a request and reads the whole reply.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// GET `path` with extra headers.
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut builder = self.request("GET", path);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        self.send(builder.body(Full::default()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// GET `path` with the jar's cookies, storing what the reply sets.
+    pub async fn get_with_jar(&mut self, path: &str, jar: &mut Jar) -> Reply {
+        let cookie = jar.header();
+        let mut headers = Vec::new();
+        if let Some(cookie) = &cookie {
+            headers.push(("cookie", cookie.as_str()));
+        }
+        let reply = self.get(path, &headers).await;
+        jar.store(&reply.headers);
+        reply
+    }
+}
+
+/// A minimal cookie jar: one value per name, all sent together.
+#[derive(Default, Debug, Clone)]
+pub struct Jar {
+    cookies: Vec<(String, String)>,
+}
+
+impl Jar {
+    /// Stores the cookies a response sets.
+    pub fn store(&mut self, headers: &HeaderMap) {
+        for value in headers.get_all("set-cookie") {
+            let text = value.to_str().unwrap();
+            let pair = text.split(';').next().unwrap();
+            let (name, value) = pair.split_once('=').unwrap();
+            self.set(name.trim(), value.trim());
+        }
+    }
+
+    /// Sets one cookie.
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.cookies.retain(|(n, _)| n != name);
+        self.cookies.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// The value of cookie `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `Cookie` header for all cookies.
+    pub fn header(&self) -> Option<String> {
+        if self.cookies.is_empty() {
+            return None;
+        }
+        Some(
+            self.cookies
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+}

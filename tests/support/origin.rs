@@ -1,0 +1,400 @@
+//! A test origin that behaves like an anti-bot edge.
+//!
+//! It issues signed tokens bound to the TCP peer address that earned them
+//! (`/login`, `/rotate`), answers 403 when a token comes back from another
+//! address (and counts that as a leak), and records every request it sees:
+//! peer address, path and headers, so tests can assert on what really
+//! arrived. It serves HTTPS with its own test CA, and plain HTTP.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+
+/// Cookie names the origin signs (and checks) by default.
+pub const SIGNED_COOKIES: &[&str] = &[
+    "datadome",
+    "cf_clearance",
+    "_abck",
+    "bm_sz",
+    "__cf_bm",
+    "incap_ses_1_2",
+    "_px3",
+];
+
+/// A test CA with a certificate for the origin.
+pub struct TestPki {
+    /// PEM of the test CA (give it to pinproxy as --upstream-ca).
+    pub ca_pem: String,
+    /// File holding `ca_pem`.
+    pub ca_file: PathBuf,
+    chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// A fresh CA and a leaf for localhost, origin.test, 127.0.0.1 and ::1.
+    pub fn new() -> TestPki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "pinproxy test origin CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_params = CertificateParams::new(vec![
+            "localhost".to_string(),
+            "origin.test".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])
+        .unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("origin-ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            ca_file,
+            chain: vec![leaf.der().clone(), ca_cert.der().clone()],
+            key_der: leaf_key.serialize_der(),
+            _dir: dir,
+        }
+    }
+
+    fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            self.chain.clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+        )
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+/// One request as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// TCP peer address (the exit's egress address).
+    pub peer: IpAddr,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Every header, in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// Signed cookies presented, as (name, address they are bound to).
+    pub tokens: Vec<(String, IpAddr)>,
+}
+
+impl Seen {
+    /// Values of header `name`.
+    pub fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// What a test can observe of the origin.
+#[derive(Default)]
+pub struct OriginLog {
+    /// Every request, in arrival order.
+    pub seen: Vec<Seen>,
+    /// Tokens presented from an address other than the one they are bound to.
+    pub leaks: Vec<(String, IpAddr, IpAddr)>,
+}
+
+/// Headers that reveal a client address or a proxy chain.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "true-client-ip",
+    "client-ip",
+    "via",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
+/// A running test origin.
+pub struct Origin {
+    /// HTTPS address.
+    pub https: SocketAddr,
+    /// Plain HTTP address.
+    pub http: SocketAddr,
+    /// The PKI (CA file for pinproxy's --upstream-ca).
+    pub pki: Arc<TestPki>,
+    log: Arc<Mutex<OriginLog>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+struct State {
+    secret: [u8; 32],
+    log: Arc<Mutex<OriginLog>>,
+}
+
+impl Origin {
+    /// Starts an HTTPS (HTTP/1.1) and a plain HTTP origin on 127.0.0.1.
+    pub async fn start() -> Origin {
+        let pki = Arc::new(TestPki::new());
+        let log = Arc::new(Mutex::new(OriginLog::default()));
+        let state = Arc::new(State {
+            secret: rand::random(),
+            log: log.clone(),
+        });
+        let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"http/1.1"]));
+
+        let https_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let https = https_listener.local_addr().unwrap();
+        let http = http_listener.local_addr().unwrap();
+
+        let https_state = state.clone();
+        let https_task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = https_listener.accept().await else {
+                    return;
+                };
+                let tls = tls.clone();
+                let state = https_state.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = tls.accept(tcp).await else {
+                        return;
+                    };
+                    serve(TokioIo::new(stream), peer, state).await;
+                });
+            }
+        });
+        let http_state = state.clone();
+        let http_task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = http_listener.accept().await else {
+                    return;
+                };
+                let state = http_state.clone();
+                tokio::spawn(async move { serve(TokioIo::new(tcp), peer, state).await });
+            }
+        });
+        Origin {
+            https,
+            http,
+            pki,
+            log,
+            tasks: vec![https_task, http_task],
+        }
+    }
+
+    /// A snapshot of everything seen.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.log.lock().unwrap().seen.clone()
+    }
+
+    /// Tokens presented from the wrong address: (cookie, bound to, seen from).
+    pub fn leaks(&self) -> Vec<(String, IpAddr, IpAddr)> {
+        self.log.lock().unwrap().leaks.clone()
+    }
+
+    /// Requests that arrived carrying a forwarding or proxy header.
+    pub fn forwarded_header_hits(&self) -> Vec<(String, String)> {
+        self.seen()
+            .iter()
+            .flat_map(|s| {
+                s.headers
+                    .iter()
+                    .filter(|(n, _)| FORWARDING_HEADERS.contains(&n.as_str()))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+async fn serve<T>(io: TokioIo<T>, peer: SocketAddr, state: Arc<State>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(request, peer.ip(), &state).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(io, service)
+        .await;
+}
+
+fn sign(secret: &[u8; 32], ip: IpAddr, nonce: u64) -> String {
+    let mac = blake3::keyed_hash(secret, format!("{ip}|{nonce}").as_bytes());
+    format!("{ip}~{nonce:x}~{}", &mac.to_hex()[..16])
+}
+
+/// The address a token is bound to, if the token is genuine.
+fn verify(secret: &[u8; 32], token: &str) -> Option<IpAddr> {
+    let mut parts = token.split('~');
+    let ip: IpAddr = parts.next()?.parse().ok()?;
+    let nonce = u64::from_str_radix(parts.next()?, 16).ok()?;
+    (sign(secret, ip, nonce) == token).then_some(ip)
+}
+
+fn query(path: &str) -> HashMap<String, String> {
+    path.split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+async fn handle(request: Request<Incoming>, peer: IpAddr, state: &State) -> Response<Full<Bytes>> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+
+    // Every signed token presented, from cookies and DataDome's header.
+    let mut presented: Vec<(String, String)> = Vec::new();
+    for value in request.headers().get_all("cookie") {
+        for pair in value.to_str().unwrap_or("").split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if SIGNED_COOKIES.contains(&name) || name.starts_with("session_") {
+                    presented.push((name.to_owned(), value.to_owned()));
+                }
+            }
+        }
+    }
+    if let Some(v) = request.headers().get("x-datadome-clientid") {
+        presented.push(("datadome".into(), v.to_str().unwrap_or("").to_owned()));
+    }
+    let mut tokens = Vec::new();
+    let mut leaked = false;
+    {
+        let mut log = state.log.lock().unwrap();
+        for (name, token) in &presented {
+            if let Some(bound) = verify(&state.secret, token) {
+                tokens.push((name.clone(), bound));
+                if bound != peer {
+                    log.leaks.push((name.clone(), bound, peer));
+                    leaked = true;
+                }
+            }
+        }
+        log.seen.push(Seen {
+            peer,
+            method: request.method().to_string(),
+            path: path.clone(),
+            headers,
+            tokens,
+        });
+    }
+    if leaked {
+        return text(
+            StatusCode::FORBIDDEN,
+            "blocked: token presented from another address\n".into(),
+        );
+    }
+
+    let params = query(&path);
+    let route = path.split('?').next().unwrap_or("/").to_owned();
+    match route.as_str() {
+        "/login" | "/rotate" => {
+            let name = params
+                .get("name")
+                .cloned()
+                .unwrap_or_else(|| "datadome".into());
+            let token = sign(&state.secret, peer, rand::random());
+            let mut response = text(StatusCode::OK, format!("ok {peer}\n"));
+            response.headers_mut().append(
+                "set-cookie",
+                format!("{name}={token}; Max-Age=3600; Path=/; Secure; SameSite=Lax")
+                    .parse()
+                    .unwrap(),
+            );
+            response
+                .headers_mut()
+                .append("set-cookie", "_ga=untracked; Path=/".parse().unwrap());
+            response
+        }
+        "/x-set-cookie" => {
+            let token = sign(&state.secret, peer, rand::random());
+            let mut response = text(StatusCode::OK, format!("ok {peer}\n"));
+            response.headers_mut().insert(
+                "x-set-cookie",
+                format!("datadome={token}; Max-Age=3600").parse().unwrap(),
+            );
+            response
+        }
+        "/sink" => {
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len());
+            text(StatusCode::OK, format!("{}\n", body.unwrap_or(0)))
+        }
+        _ => text(StatusCode::OK, format!("ok {peer}\n")),
+    }
+}
+
+/// Parses the peer address an origin reply reports (`ok 127.0.0.2`).
+pub fn reported_peer(body: &str) -> Option<IpAddr> {
+    body.trim().strip_prefix("ok ")?.parse().ok()
+}
