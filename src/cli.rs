@@ -38,10 +38,10 @@ pub enum Command {
 #[derive(Debug, Args, Default)]
 pub struct CommonArgs {
     /// TOML configuration file (see config/pinproxy.example.toml).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PINPROXY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory for the CA, the pin-hashing key and pins [default: ~/.local/share/pinproxy].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PINPROXY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 }
 

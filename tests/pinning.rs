@@ -1,49 +1,42 @@
 //! The heart of pinproxy: every tracked cookie leaves only through the exit
 //! that first saw it, while cookie-less traffic rotates.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
+use pinproxy::affinity::PinStore as _;
 use support::origin::reported_peer;
-use support::{exits, Jar, Origin, Proxy};
+use support::{Jar, Setup};
 
 #[tokio::test]
 async fn login_then_requests_stay_on_the_earning_exit() {
-    let origin = Origin::start().await;
-    let (_exits, config) = exits(3).await;
-    let proxy = Proxy::start(&config, &origin, |_| {}).await;
-
-    let mut jar = Jar::default();
-    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
-    let login = conn.get_with_jar("/login", &mut jar).await;
-    assert_eq!(login.status, 200);
-    let earned_from = reported_peer(&login.body).unwrap();
+    let s = Setup::start(3).await;
+    let (mut jar, earned_from) = s.login("/login").await;
     assert!(jar.get("datadome").is_some());
-
     for _ in 0..20 {
-        // Fresh tunnel each time, so nothing but the pin keeps the exit.
-        let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
-        let reply = conn.get_with_jar("/page", &mut jar).await;
+        // A fresh tunnel each time: nothing but the pin keeps the exit.
+        let reply = s.get("/page", &mut jar).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(reported_peer(&reply.body), Some(earned_from));
+        assert_eq!(Setup::peer(&reply), Some(earned_from));
     }
-    assert!(origin.leaks().is_empty());
-    proxy.stop().await;
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
 }
 
 #[tokio::test]
 async fn cookieless_requests_rotate_over_all_exits_even_on_one_connection() {
-    let origin = Origin::start().await;
-    let (_exits, config) = exits(3).await;
-    let proxy = Proxy::start(&config, &origin, |_| {}).await;
-
-    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let s = Setup::start(3).await;
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
     let mut peers = HashSet::new();
     for _ in 0..9 {
-        let reply = conn.get("/", &[]).await;
-        peers.insert(reported_peer(&reply.body).unwrap());
+        peers.insert(Setup::peer(&conn.get("/", &[]).await).unwrap());
     }
     let expected: HashSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
         .iter()
@@ -53,5 +46,316 @@ async fn cookieless_requests_rotate_over_all_exits_even_on_one_connection() {
         peers, expected,
         "one client connection, requests through every exit"
     );
-    proxy.stop().await;
+    s.stop().await;
+}
+
+/// Many clients, each with its own jar, some on fresh tunnels, some on
+/// keep-alive tunnels, some plain HTTP, through three exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_never_present_a_cookie_from_the_wrong_ip() {
+    let s = Setup::start(3).await;
+    let mut tasks = Vec::new();
+    for client_no in 0..24usize {
+        let client = s.proxy.client.clone();
+        let https_port = s.origin.https.port();
+        let http_port = s.origin.http.port();
+        tasks.push(tokio::spawn(async move {
+            let mut jar = Jar::default();
+            let mut keepalive = match client_no % 3 {
+                0 => None,
+                1 => Some(client.tunnel("localhost", https_port).await),
+                _ => Some(client.plain("localhost", http_port).await),
+            };
+            let mut peers = HashSet::new();
+            for step in 0..12 {
+                let path = match step {
+                    0 => "/login",
+                    6 => "/rotate",
+                    _ => "/page",
+                };
+                let reply = match keepalive.as_mut() {
+                    Some(conn) => conn.get_with_jar(path, &mut jar).await,
+                    None => {
+                        let mut conn = client.tunnel("localhost", https_port).await;
+                        conn.get_with_jar(path, &mut jar).await
+                    }
+                };
+                assert_eq!(
+                    reply.status, 200,
+                    "client {client_no} step {step}: {}",
+                    reply.body
+                );
+                peers.insert(reported_peer(&reply.body).unwrap());
+            }
+            assert_eq!(peers.len(), 1, "client {client_no} changed exit: {peers:?}");
+        }));
+    }
+    let mut cookieless = Vec::new();
+    for _ in 0..30 {
+        let client = s.proxy.client.clone();
+        let port = s.origin.https.port();
+        cookieless.push(tokio::spawn(async move {
+            let mut conn = client.tunnel("localhost", port).await;
+            reported_peer(&conn.get("/", &[]).await.body).unwrap()
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut spread: HashMap<IpAddr, usize> = HashMap::new();
+    for task in cookieless {
+        *spread.entry(task.await.unwrap()).or_default() += 1;
+    }
+
+    assert_eq!(
+        s.origin.leaks(),
+        vec![],
+        "cookies presented from a wrong IP"
+    );
+    assert_eq!(
+        s.origin.forwarded_header_hits(),
+        vec![],
+        "forwarding headers reached the origin"
+    );
+    assert_eq!(
+        spread.len(),
+        3,
+        "cookie-less requests use every exit: {spread:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_racing_with_one_unseen_cookie_all_take_one_exit() {
+    let s = Setup::start(3).await;
+    for round in 0..5 {
+        let cookie = format!("datadome=never-seen-{round}-{}", rand::random::<u64>());
+        let mut racers = Vec::new();
+        for _ in 0..24 {
+            let client = s.proxy.client.clone();
+            let port = s.origin.https.port();
+            let cookie = cookie.clone();
+            racers.push(tokio::spawn(async move {
+                let mut conn = client.tunnel("localhost", port).await;
+                let reply = conn.get("/", &[("cookie", cookie.as_str())]).await;
+                reported_peer(&reply.body).unwrap()
+            }));
+        }
+        let mut peers = HashSet::new();
+        for racer in racers {
+            peers.insert(racer.await.unwrap());
+        }
+        assert_eq!(
+            peers.len(),
+            1,
+            "round {round}: one cookie went out through {peers:?}"
+        );
+    }
+    s.stop().await;
+}
+
+/// Logs in with fresh jars until a `datadome` and a `cf_clearance` cookie
+/// are pinned to two different exits.
+async fn jars_on_two_exits(s: &Setup) -> (Jar, Jar) {
+    let (first, first_peer) = s.login("/login?name=datadome").await;
+    for _ in 0..10 {
+        let (second, peer) = s.login("/login?name=cf_clearance").await;
+        if peer != first_peer {
+            return (first, second);
+        }
+    }
+    panic!("rotation never reached a second exit");
+}
+
+#[tokio::test]
+async fn cookies_pinned_to_different_exits_get_409_naming_them() {
+    let s = Setup::start(3).await;
+    let (a, b) = jars_on_two_exits(&s).await;
+    let seen_before = s.origin.seen().len();
+
+    let cookie = format!(
+        "datadome={}; cf_clearance={}",
+        a.get("datadome").unwrap(),
+        b.get("cf_clearance").unwrap()
+    );
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
+    let reply = conn.get("/page", &[("cookie", cookie.as_str())]).await;
+
+    assert_eq!(reply.status, 409);
+    let error = reply.pinproxy_error().expect("X-Pinproxy-Error");
+    assert!(error.starts_with("pin-conflict:"), "{error}");
+    assert!(
+        error.contains("datadome#") && error.contains("cf_clearance#"),
+        "{error}"
+    );
+    let named = ["exit1", "exit2", "exit3"]
+        .into_iter()
+        .filter(|id| error.contains(&format!("exit {id}")))
+        .count();
+    assert_eq!(named, 2, "both exits named: {error}");
+    assert!(
+        !error.contains(a.get("datadome").unwrap()),
+        "raw value leaked into the error"
+    );
+    assert!(reply.body.contains("pinproxy:"));
+    assert_eq!(
+        s.origin.seen().len(),
+        seen_before,
+        "a conflicting request must not leave"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_cookie_inherits_its_exit() {
+    let s = Setup::start(3).await;
+    let mut jar = Jar::default();
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
+    let peer = Setup::peer(&conn.get_with_jar("/login", &mut jar).await).unwrap();
+    let first = jar.get("datadome").unwrap().to_owned();
+    conn.get_with_jar("/rotate", &mut jar).await;
+    let rotated = jar.get("datadome").unwrap().to_owned();
+    assert_ne!(first, rotated);
+
+    // The pin was learnt from Set-Cookie, on the exit that carried it.
+    let pipeline = s.proxy.daemon.pipeline();
+    let key = pipeline.hasher.cookie("datadome", &rotated);
+    let pins = pipeline.affinity.store().lookup(&[key]).await.unwrap();
+    let exit = s.exits.iter().position(|e| e.source == peer).unwrap();
+    assert_eq!(
+        pins[0].as_ref().map(|p| p.exit.to_string()),
+        Some(format!("exit{}", exit + 1))
+    );
+
+    // A client holding only the rotated value goes to the same exit.
+    for _ in 0..6 {
+        let mut only_rotated = Jar::default();
+        only_rotated.set("datadome", &rotated);
+        assert_eq!(
+            Setup::peer(&s.get("/page", &mut only_rotated).await),
+            Some(peer)
+        );
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cookies_in_several_headers_with_odd_spacing_are_all_read() {
+    let s = Setup::start(3).await;
+    let (jar, peer) = s.login("/login").await;
+    let second = format!(
+        "  _ga=1 ;datadome={} ;; theme=dark",
+        jar.get("datadome").unwrap()
+    );
+    for _ in 0..6 {
+        let mut conn = s
+            .proxy
+            .client
+            .tunnel("localhost", s.origin.https.port())
+            .await;
+        let request = conn
+            .request("GET", "/page")
+            .header("cookie", "lang=en")
+            .header("cookie", second.as_str())
+            .body(Default::default())
+            .unwrap();
+        let reply = conn.send(request).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(Setup::peer(&reply), Some(peer));
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn datadome_header_carriers_count_as_the_cookie() {
+    let s = Setup::start(3).await;
+    // X-Set-Cookie pins like Set-Cookie; X-DataDome-ClientID routes like the cookie.
+    let reply = s.get("/x-set-cookie", &mut Jar::default()).await;
+    let peer = Setup::peer(&reply).unwrap();
+    let carried = reply.headers["x-set-cookie"].to_str().unwrap();
+    let token = carried
+        .split(';')
+        .next()
+        .unwrap()
+        .strip_prefix("datadome=")
+        .unwrap();
+
+    let as_cookie = format!("datadome={token}");
+    for round in 0..6 {
+        let header = if round % 2 == 0 {
+            ("x-datadome-clientid", token)
+        } else {
+            ("cookie", as_cookie.as_str())
+        };
+        let mut conn = s
+            .proxy
+            .client
+            .tunnel("localhost", s.origin.https.port())
+            .await;
+        let reply = conn.get("/page", &[header]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(Setup::peer(&reply), Some(peer));
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_requests_are_pinned_like_tunnelled_ones() {
+    let s = Setup::start(3).await;
+    let mut jar = Jar::default();
+    let port = s.origin.http.port();
+    let mut conn = s.proxy.client.plain("localhost", port).await;
+    let peer = Setup::peer(&conn.get_with_jar("/login", &mut jar).await).unwrap();
+    for _ in 0..6 {
+        let mut conn = s.proxy.client.plain("localhost", port).await;
+        assert_eq!(
+            Setup::peer(&conn.get_with_jar("/page", &mut jar).await),
+            Some(peer)
+        );
+    }
+    // The same cookie over HTTPS follows the same pin.
+    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn extra_tracked_cookie_patterns_are_pinned_and_others_rotate() {
+    let s = Setup::start_with(3, |c| c.track_cookies = vec!["session_*".into()]).await;
+    let (mut jar, peer) = s.login("/login?name=session_abc").await;
+    for _ in 0..6 {
+        assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+
+    // Without the pattern the same cookie is ordinary traffic: it rotates,
+    // and this origin catches it coming from other addresses.
+    let s = Setup::start(3).await;
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
+    let mut jar = Jar::default();
+    conn.get_with_jar("/login?name=session_abc", &mut jar).await;
+    for _ in 0..3 {
+        conn.get_with_jar("/page", &mut jar).await;
+    }
+    assert!(
+        !s.origin.leaks().is_empty(),
+        "an untracked cookie should rotate"
+    );
+    s.stop().await;
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod exit;
 pub mod origin;
+pub mod procs;
 
 use std::time::Duration;
 
@@ -74,4 +75,65 @@ pub async fn exits(n: usize) -> (Vec<TestExit>, Vec<(String, String)>) {
         running.push(exit);
     }
     (running, config)
+}
+
+/// A test origin, `n` test exits and a pinproxy over them.
+pub struct Setup {
+    /// The origin.
+    pub origin: Origin,
+    /// The exits, egressing from 127.0.0.2, 127.0.0.3, ...
+    pub exits: Vec<TestExit>,
+    /// pinproxy.
+    pub proxy: Proxy,
+}
+
+impl Setup {
+    /// Starts everything with default settings.
+    pub async fn start(n: usize) -> Setup {
+        Setup::start_with(n, |_| {}).await
+    }
+
+    /// Starts everything, `tweak` adjusting pinproxy's configuration.
+    pub async fn start_with(n: usize, tweak: impl FnOnce(&mut Config)) -> Setup {
+        let origin = Origin::start().await;
+        let (exits, config) = exits(n).await;
+        let proxy = Proxy::start(&config, &origin, tweak).await;
+        Setup {
+            origin,
+            exits,
+            proxy,
+        }
+    }
+
+    /// GETs `path` on the HTTPS origin in a fresh tunnel with `jar`.
+    pub async fn get(&self, path: &str, jar: &mut Jar) -> Reply {
+        let mut conn = self
+            .proxy
+            .client
+            .tunnel("localhost", self.origin.https.port())
+            .await;
+        conn.get_with_jar(path, jar).await
+    }
+
+    /// Logs in (`/login` or a variant) in a fresh tunnel: the new jar and
+    /// the exit address the cookie is bound to.
+    pub async fn login(&self, path: &str) -> (Jar, std::net::IpAddr) {
+        let mut jar = Jar::default();
+        let reply = self.get(path, &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        (
+            jar,
+            origin::reported_peer(&reply.body).expect("origin reports the peer"),
+        )
+    }
+
+    /// The address the origin saw for a reply.
+    pub fn peer(reply: &Reply) -> Option<std::net::IpAddr> {
+        origin::reported_peer(&reply.body)
+    }
+
+    /// Stops pinproxy.
+    pub async fn stop(self) {
+        self.proxy.stop().await;
+    }
 }

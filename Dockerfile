@@ -1,0 +1,23 @@
+# pinproxy container image. Build: docker build -t pinproxy .
+# As a sidecar sharing the scraper's network namespace (a Kubernetes pod, or
+# docker compose `network_mode: service:scraper`), the default loopback
+# listener is all that is needed; see docker/compose.sidecar.yaml.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY config ./config
+RUN cargo build --release --locked && strip target/release/pinproxy
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/pinproxy --create-home pinproxy
+COPY --from=build /src/target/release/pinproxy /usr/local/bin/pinproxy
+COPY config/pinproxy.example.toml /etc/pinproxy/pinproxy.example.toml
+USER pinproxy
+# The CA, the pin-hashing key and the pins live here: mount a volume so they
+# survive the container (clients trust the CA once; pins must not be lost).
+VOLUME /var/lib/pinproxy
+ENV PINPROXY_DATA_DIR=/var/lib/pinproxy
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/pinproxy"]
+CMD ["run", "--data-dir", "/var/lib/pinproxy", "--listen", "127.0.0.1:8080"]

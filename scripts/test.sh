@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs pinproxy's whole test suite on a fresh Debian machine: installs the
+# real third-party peers the tests use when they are missing (tinyproxy,
+# redis-server, microsocks, Chromium, NSS tools, curl, Python requests),
+# then checks formatting and lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need tinyproxy tinyproxy
+need redis-server redis-server
+need microsocks microsocks
+need certutil libnss3-tools
+need chromium chromium
+need curl curl
+need python3 python3
+
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing test dependencies: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! python3 -c 'import requests' 2>/dev/null; then
+    python3 -m pip install --quiet requests 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages requests
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,185 @@
+//! Exits that are down, slow, refusing or behind an untrusted origin: each
+//! gets a 502 naming the exit and the cause, and a cookie pinned to a dead
+//! exit is never sent through another one.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::origin::reported_peer;
+use support::{Jar, Origin, Proxy, Setup, TestExit};
+use tokio::net::TcpListener;
+
+/// A loopback port with nothing listening.
+async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn an_exit_that_is_down_gets_502_naming_it() {
+    let origin = Origin::start().await;
+    let port = closed_port().await;
+    let config = [("deadexit".to_string(), format!("http://127.0.0.1:{port}"))];
+    let proxy = Proxy::start(&config, &origin, |_| {}).await;
+
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(error.starts_with("exit-unreachable:"), "{error}");
+    assert!(error.contains("exit deadexit"), "{error}");
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    // The client connection survives the failure.
+    let again = conn.get("/", &[]).await;
+    assert_eq!(again.status, 502);
+}
+
+#[tokio::test]
+async fn an_exit_that_never_answers_times_out_with_502() {
+    let origin = Origin::start().await;
+    // Accepts connections and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = [("mute".to_string(), format!("http://{addr}"))];
+    let proxy = Proxy::start(&config, &origin, |c| {
+        c.timeouts.connect = Duration::from_millis(300);
+    })
+    .await;
+
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.starts_with("exit-timeout:") && error.contains("exit mute"),
+        "{error}"
+    );
+    hold.abort();
+}
+
+#[tokio::test]
+async fn an_exit_refusing_connect_is_reported_with_its_status() {
+    let origin = Origin::start().await;
+    let guarded = TestExit::start_with_auth("127.0.0.2", Some("scraper:s3cret")).await;
+    let config = [
+        ("noauth".to_string(), guarded.url()),
+        (
+            "withauth".to_string(),
+            format!("http://scraper:s3cret@{}", guarded.addr),
+        ),
+    ];
+    let proxy = Proxy::start(&config, &origin, |_| {}).await;
+
+    let mut statuses = Vec::new();
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    for _ in 0..2 {
+        let reply = conn.get("/", &[]).await;
+        statuses.push((reply.status.as_u16(), reply.pinproxy_error()));
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses[0].0, 200,
+        "credentials from the URL reach the exit"
+    );
+    assert_eq!(statuses[1].0, 502);
+    let error = statuses[1].1.clone().unwrap();
+    assert!(
+        error.starts_with("exit-refused:")
+            && error.contains("exit noauth")
+            && error.contains("407"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret"));
+    let auths: Vec<_> = guarded
+        .connects()
+        .into_iter()
+        .filter_map(|c| c.proxy_authorization)
+        .collect();
+    assert_eq!(auths, ["Basic c2NyYXBlcjpzM2NyZXQ="]);
+}
+
+#[tokio::test]
+async fn an_untrusted_origin_certificate_is_an_upstream_tls_502() {
+    let s = Setup::start_with(1, |c| c.upstream_ca.clear()).await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
+
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.starts_with("upstream-tls:") && error.contains("exit exit1"),
+        "{error}"
+    );
+    assert!(error.contains("localhost"), "{error}");
+}
+
+#[tokio::test]
+async fn a_cookie_pinned_to_a_dead_exit_never_leaves_through_another() {
+    let s = Setup::start(3).await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
+    let running = &s.exits;
+
+    let mut jar = Jar::default();
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let peer = reported_peer(&conn.get_with_jar("/login", &mut jar).await.body).unwrap();
+    let dead = running.iter().position(|e| e.source == peer).unwrap();
+    running[dead].kill();
+    let seen_before = origin.seen().len();
+
+    for _ in 0..6 {
+        let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+        let reply = conn.get_with_jar("/page", &mut jar).await;
+        assert_eq!(reply.status, 502);
+        let error = reply.pinproxy_error().unwrap();
+        assert!(error.contains(&format!("exit exit{}", dead + 1)), "{error}");
+    }
+    assert_eq!(
+        origin.seen().len(),
+        seen_before,
+        "the pinned cookie went out elsewhere"
+    );
+    // Cookie-less traffic carries on through the live exits.
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let mut ok = 0;
+    for _ in 0..3 {
+        if conn.get("/", &[]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 2);
+    assert!(origin.leaks().is_empty());
+}
+
+#[tokio::test]
+async fn a_direct_exit_reports_an_unreachable_origin() {
+    let origin = Origin::start().await;
+    let port = closed_port().await;
+    let config = [("local".to_string(), "direct://127.0.0.5".to_string())];
+    let proxy = Proxy::start(&config, &origin, |_| {}).await;
+
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 200, "direct exits work: {}", reply.body);
+    assert_eq!(
+        reported_peer(&reply.body),
+        Some("127.0.0.5".parse().unwrap())
+    );
+
+    let mut conn = proxy.client.tunnel("127.0.0.1", port).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.starts_with("origin-unreachable:") && error.contains("exit local"),
+        "{error}"
+    );
+}

@@ -1,0 +1,106 @@
+//! Third-party programs used as real peers: tinyproxy exits, and the path
+//! checks that tell a developer what `scripts/test.sh` would have installed.
+//! Every process is started by the test, waited for by a readiness signal
+//! (a line it prints), and killed by its own handle when dropped.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The path of `program`, or a panic saying how to get it.
+pub fn require(program: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{program} is not installed: run scripts/test.sh, which installs every test dependency"
+        )
+    })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `command` and waits (bounded) until a line of its output contains
+/// `ready`; the rest of its output is drained in the background.
+pub async fn spawn_until(mut command: Command, ready: &str, stderr: bool) -> Child {
+    command.kill_on_drop(true).stdin(Stdio::null());
+    if stderr {
+        command.stderr(Stdio::piped()).stdout(Stdio::null());
+    } else {
+        command.stdout(Stdio::piped()).stderr(Stdio::null());
+    }
+    let mut child = command.spawn().expect("spawn");
+    let output: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if stderr {
+        Box::new(child.stderr.take().unwrap())
+    } else {
+        Box::new(child.stdout.take().unwrap())
+    };
+    let mut lines = BufReader::new(output).lines();
+    let wait = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(ready) {
+                return true;
+            }
+        }
+        false
+    };
+    let ok = tokio::time::timeout(Duration::from_secs(20), wait).await;
+    assert!(
+        matches!(ok, Ok(true)),
+        "{command:?} never printed {ready:?}"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// A tinyproxy exit whose outgoing connections come from `bind`.
+pub struct Tinyproxy {
+    /// Its listening port on 127.0.0.1.
+    pub port: u16,
+    _child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    /// Starts tinyproxy with `Bind bind`.
+    pub async fn start(bind: &str) -> Tinyproxy {
+        let program = require("tinyproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nBind {bind}\nTimeout 60\nAllow 127.0.0.1\n\
+                 MaxClients 200\nLogLevel Info\nDisableViaHeader Yes\n"
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(program);
+        command.arg("-d").arg("-c").arg(&config);
+        let child = spawn_until(command, "Accepting connections", false).await;
+        Tinyproxy {
+            port,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// The exit URL for pinproxy.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
