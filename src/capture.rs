@@ -1,43 +1,40 @@
-//! Pipeline stage 5: learn pins from what the origin sets.
+//! Pipeline stage 7: learn from what the origin answers, before the answer
+//! is released to the client.
 //!
-//! Every tracked cookie in a response's `Set-Cookie` (or DataDome's
-//! `X-Set-Cookie`) is pinned to the exit that carried the response, before
-//! the response is released to the client, so a rotated value inherits its
-//! exit and the client can never hold a tracked cookie pinproxy has not
-//! pinned. Cookies being deleted are not pinned. The response itself passes
-//! through untouched.
+//! - Every tracked cookie in `Set-Cookie` (or DataDome's `X-Set-Cookie`) is
+//!   pinned to the request's identity, or founds one on the exit and
+//!   upstream session that carried the response; a rotated value thus
+//!   inherits its exit, and the client never holds a tracked cookie that is
+//!   not pinned. A pin never outlives the cookie's own `Max-Age`/`Expires`.
+//! - An answer matching an [`invalidation`] rule retires the identity.
+//!
+//! The response itself passes through untouched.
+
+pub mod invalidation;
+
+use std::net::IpAddr;
 
 use http::HeaderMap;
 
-use crate::affinity::{Affinity, StoreError};
+use crate::affinity::{Affinity, Route, StoreError};
 use crate::cookies::{self, CookiePolicy, PinHasher};
-use crate::exits::ExitId;
+use crate::fingerprint::Fingerprint;
+use crate::identity::Identity;
 
-/// Pins the tracked cookies set by a response carried by `exit`; returns
-/// how many tracked cookies it set.
-pub async fn learn_from_response(
+/// Pins the tracked cookies a response sets; returns the identity the
+/// response belongs to (possibly founded by it).
+pub async fn pins_from_response(
     affinity: &Affinity,
     policy: &CookiePolicy,
     hasher: &PinHasher,
-    exit: &ExitId,
+    route: &Route,
+    fingerprint: &Fingerprint,
     headers: &HeaderMap,
-) -> Result<usize, StoreError> {
-    let set = cookies::tracked_in_response(headers, policy, hasher);
+    egress_ip: Option<IpAddr>,
+) -> Result<Option<Identity>, StoreError> {
+    let set = cookies::tracked_in_response(headers, policy, hasher, affinity.clock().now_ms());
     if set.is_empty() {
-        return Ok(0);
+        return Ok(route.identity.clone());
     }
-    let kept_elsewhere = affinity.learn(exit, &set).await?;
-    for (cookie, pinned_to) in &kept_elsewhere {
-        // An origin handing out a value already pinned elsewhere (a shared
-        // or replayed token): the first pin stands, the client will be routed
-        // to it next time.
-        tracing::warn!(
-            %cookie, carried_by = %exit, %pinned_to,
-            "origin set a cookie value already pinned to another exit; keeping the first pin"
-        );
-    }
-    for cookie in set.iter().filter(|c| !c.deletes) {
-        tracing::debug!(cookie = %cookie.cookie, %exit, "pinned from Set-Cookie");
-    }
-    Ok(set.len())
+    affinity.learn(route, &set, fingerprint, egress_ip).await
 }

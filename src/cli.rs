@@ -32,6 +32,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the path of the CA certificate clients must trust (created if missing).
     Ca(CaArgs),
+    /// List identities (exit, age, last use, requests, credentials) from a running daemon.
+    Pins(PinsArgs),
 }
 
 /// Options shared by every subcommand that reads the configuration.
@@ -67,6 +69,23 @@ pub struct RunArgs {
     /// Extra cookie name or glob to pin (added to the built-in anti-bot set), repeatable.
     #[arg(long = "track-cookie", value_name = "PATTERN")]
     pub track_cookies: Vec<String>,
+    /// Admin endpoint address (metrics, identities) [default: 127.0.0.1:8081]; `off` disables it.
+    #[arg(long, value_name = "ADDR|off")]
+    pub admin: Option<String>,
+}
+
+/// `pinproxy pins`.
+#[derive(Debug, Args)]
+pub struct PinsArgs {
+    /// The daemon's admin endpoint.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub admin: SocketAddr,
+    /// Print JSON (one object per identity) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Include retired identities.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// `pinproxy ca`.
@@ -86,6 +105,9 @@ pub enum CliError {
     /// The configuration file is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An `--admin` value is malformed.
+    #[error("--admin {0:?}: expected ADDR (e.g. 127.0.0.1:8081) or off")]
+    Admin(String),
     /// An `--exit` value is malformed.
     #[error("--exit {value:?}: {source}")]
     Exit {
@@ -133,6 +155,14 @@ impl RunArgs {
         if !self.track_cookies.is_empty() {
             config.track_cookies = self.track_cookies.clone();
         }
+        match self.admin.as_deref() {
+            None => {}
+            Some("off") => config.admin.listen = None,
+            Some(addr) => {
+                config.admin.listen =
+                    Some(addr.parse().map_err(|_| CliError::Admin(addr.to_owned()))?)
+            }
+        }
         Ok(config)
     }
 }
@@ -152,10 +182,7 @@ fn parse_exit_flag(value: &str) -> Result<ExitConfig, CliError> {
         Some(id) => id,
         None => ExitSpec::default_id(url).map_err(error)?,
     };
-    Ok(ExitConfig {
-        id,
-        url: url.to_owned(),
-    })
+    Ok(ExitConfig::new(&id, url))
 }
 
 fn redact_userinfo(value: &str) -> String {

@@ -10,10 +10,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::HeaderName;
 use serde::Deserialize;
 
+use crate::affinity::{ConflictPolicy, RetirePolicy};
+use crate::capture::invalidation::{default_rules, InvalidationRule};
 use crate::cookies::{CookiePolicy, PatternError};
-use crate::exits::{ExitSpec, ExitUrlError};
+use crate::exits::select::MAX_WEIGHT;
+use crate::exits::{EchoTarget, ExitOptions, ExitSpec, ExitUrlError, HostPort};
+use crate::fingerprint::FingerprintPolicy;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +49,12 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// TLS interception settings.
     pub mitm: MitmConfig,
+    /// Identity lifetimes and policies.
+    pub identities: IdentityConfig,
+    /// Exit health checks.
+    pub health: HealthConfig,
+    /// The admin endpoint (metrics, identity listing).
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -58,20 +69,178 @@ impl Default for Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             mitm: MitmConfig::default(),
+            identities: IdentityConfig::default(),
+            health: HealthConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
 
 /// One upstream exit, as written in the TOML file.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ExitConfig {
     /// Stable name of the exit. Pins refer to exits by this id, so keep it
     /// stable across restarts and config edits.
     pub id: String,
-    /// `http://[user:pass@]host:port` (an HTTP proxy reached with CONNECT) or
-    /// `direct://` (egress from this machine).
+    /// `http://[user:pass@]host:port` (an HTTP proxy reached with CONNECT),
+    /// `direct://` (egress from this machine) or `direct://SOURCE_IP`. The
+    /// credentials may carry `{session}`, filled with a stable id per
+    /// identity so the provider keeps one IP for it.
     pub url: String,
+    /// Share of new identities and rotated traffic, 1-1000.
+    pub weight: u32,
+    /// The provider's sticky-session window (e.g. `"10m"`): an identity is
+    /// retired once its upstream session is this old.
+    #[serde(with = "humantime_serde")]
+    pub sticky_ttl: Option<Duration>,
+    /// CONNECT answer header in which the exit states each tunnel's egress
+    /// address (e.g. `"X-Exit-IP"`): every new tunnel of an identity must
+    /// come from the identity's address.
+    pub exit_ip_header: Option<String>,
+    /// IP-echo URL (`http://host/path` answering with the caller's address)
+    /// fetched through the exit for each new identity tunnel when the exit
+    /// states no address. A probe on another connection cannot prove the
+    /// address of this one; it catches sessions that moved.
+    pub ip_echo: Option<String>,
+    /// Idle timeout of identities on this exit (overrides identities.idle_timeout).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Lifetime of identities on this exit (overrides identities.max_lifetime).
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    /// Upstream sessions cookie-less traffic rotates over, on exits with `{session}`.
+    pub anonymous_sessions: usize,
+}
+
+impl Default for ExitConfig {
+    fn default() -> Self {
+        let options = ExitOptions::default();
+        ExitConfig {
+            id: String::new(),
+            url: String::new(),
+            weight: options.weight,
+            sticky_ttl: None,
+            exit_ip_header: None,
+            ip_echo: None,
+            idle_timeout: None,
+            max_lifetime: None,
+            anonymous_sessions: options.anonymous_sessions,
+        }
+    }
+}
+
+impl ExitConfig {
+    /// An exit with default options.
+    pub fn new(id: &str, url: &str) -> ExitConfig {
+        ExitConfig {
+            id: id.to_owned(),
+            url: url.to_owned(),
+            ..ExitConfig::default()
+        }
+    }
+}
+
+/// Identity lifetimes and policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Requests carrying a retired identity's credentials: `fail` (502
+    /// `identity-retired`) or `strip` (remove them, send as a new client).
+    pub retire_policy: RetirePolicy,
+    /// Requests carrying credentials of two identities: `reject` (409) or
+    /// `oldest` (keep the identity made first, strip the others).
+    pub conflict_policy: ConflictPolicy,
+    /// Requests whose fingerprint differs from their identity's: `warn`,
+    /// `reject` (409) or `restore` (rewrite the headers back).
+    pub fingerprint_policy: FingerprintPolicy,
+    /// An identity unused this long is retired.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// An identity this old is retired.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// How long retired credentials are remembered (so they are never pinned
+    /// elsewhere); keep it longer than clients keep cookies.
+    #[serde(with = "humantime_serde")]
+    pub remember_retired: Duration,
+    /// How often expired identities are retired and old ones forgotten.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Origin answers that end an identity. Default: DataDome's challenge
+    /// and hard block, Cloudflare's challenge, 401 after success. An empty
+    /// list disables detection.
+    pub invalidation: Vec<InvalidationRule>,
+    /// Bytes of (decoded) response body scanned for invalidation markers.
+    pub scan_limit: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            retire_policy: RetirePolicy::default(),
+            conflict_policy: ConflictPolicy::default(),
+            fingerprint_policy: FingerprintPolicy::default(),
+            idle_timeout: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            remember_retired: Duration::from_secs(30 * 24 * 3600),
+            sweep_interval: Duration::from_secs(60),
+            invalidation: default_rules(),
+            scan_limit: 64 * 1024,
+        }
+    }
+}
+
+/// Exit health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `host:port` each exit is asked to CONNECT to every `interval`. Unset:
+    /// no probes; health then comes from real traffic alone, and an
+    /// unhealthy exit gets one trial request every `retry_interval`.
+    pub probe_target: Option<String>,
+    /// Time between probes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Consecutive failures that make a healthy exit unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive failures that make an exit dead (its identities retire).
+    pub dead_after: u32,
+    /// Consecutive successes that make an exit healthy again.
+    pub healthy_after: u32,
+    /// Without probes: how often an unhealthy exit gets a trial request.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_target: None,
+            interval: Duration::from_secs(15),
+            unhealthy_after: 3,
+            dead_after: 10,
+            healthy_after: 2,
+            retry_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The admin endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where `/metrics`, `/identities` and `/exits` are served (loopback
+    /// unless `allow_remote`); unset to disable.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+        }
+    }
 }
 
 /// Size and count limits that protect the daemon from its clients.
@@ -223,6 +392,14 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// MITM settings.
     pub mitm: MitmConfig,
+    /// Identity settings.
+    pub identities: IdentityConfig,
+    /// Health settings (probe target parsed).
+    pub health: HealthConfig,
+    /// The probe target.
+    pub probe_target: Option<HostPort>,
+    /// Admin endpoint address.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Config {
@@ -255,9 +432,24 @@ impl Config {
 
     /// Checks everything once and converts to runtime types.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        if !self.listen.ip().is_loopback() && !self.allow_remote {
-            return Err(ConfigError::RemoteListen(self.listen));
+        for addr in std::iter::once(self.listen).chain(self.admin.listen) {
+            if !addr.ip().is_loopback() && !self.allow_remote {
+                return Err(ConfigError::RemoteListen(addr));
+            }
         }
+        let health = &self.health;
+        if health.unhealthy_after == 0
+            || health.healthy_after == 0
+            || health.dead_after < health.unhealthy_after
+        {
+            return Err(ConfigError::Limit(
+                "health: unhealthy_after and healthy_after must be positive and dead_after at least unhealthy_after".into(),
+            ));
+        }
+        let probe_target = match &health.probe_target {
+            None => None,
+            Some(text) => Some(parse_probe_target(text)?),
+        };
         let limits = self.limits.clone();
         if limits.max_header_bytes < 1024 {
             return Err(ConfigError::Limit(
@@ -280,6 +472,10 @@ impl Config {
             limits,
             timeouts: self.timeouts.clone(),
             mitm: self.mitm.clone(),
+            identities: self.identities.clone(),
+            health: self.health.clone(),
+            probe_target,
+            admin: self.admin.listen,
         })
     }
 
@@ -296,14 +492,59 @@ impl Config {
             if !seen.insert(exit.id.as_str()) {
                 return Err(ConfigError::DuplicateExit(exit.id.clone()));
             }
-            let spec =
-                ExitSpec::parse(&exit.id, &exit.url).map_err(|source| ConfigError::Exit {
-                    id: exit.id.clone(),
-                    source,
-                })?;
+            let error = |source| ConfigError::Exit {
+                id: exit.id.clone(),
+                source,
+            };
+            let mut spec = ExitSpec::parse(&exit.id, &exit.url).map_err(error)?;
+            spec.options = exit_options(exit).map_err(error)?;
             specs.push(spec);
         }
         Ok(specs)
+    }
+}
+
+fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
+    if exit.weight == 0 || exit.weight > MAX_WEIGHT {
+        return Err(ExitUrlError::Address(format!(
+            "weight must be 1-{MAX_WEIGHT}"
+        )));
+    }
+    let exit_ip_header = exit
+        .exit_ip_header
+        .as_deref()
+        .map(|h| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                ExitUrlError::Address(format!("exit_ip_header {h:?} is not a header name"))
+            })
+        })
+        .transpose()?;
+    Ok(ExitOptions {
+        weight: exit.weight,
+        sticky_ttl: exit.sticky_ttl,
+        exit_ip_header,
+        ip_echo: exit.ip_echo.as_deref().map(EchoTarget::parse).transpose()?,
+        idle_timeout: exit.idle_timeout,
+        max_lifetime: exit.max_lifetime,
+        anonymous_sessions: exit.anonymous_sessions.max(1),
+    })
+}
+
+fn parse_probe_target(text: &str) -> Result<HostPort, ConfigError> {
+    let uri: http::Uri = text.parse().map_err(|_| {
+        ConfigError::Limit(format!("health.probe_target {text:?} must be host:port"))
+    })?;
+    match (uri.host(), uri.port_u16()) {
+        (Some(host), Some(port)) if uri.scheme().is_none() => Ok(HostPort {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+        }),
+        _ => Err(ConfigError::Limit(format!(
+            "health.probe_target {text:?} must be host:port"
+        ))),
     }
 }
 
@@ -341,6 +582,28 @@ mod tests {
     }
 
     #[test]
+    fn exit_options_and_probe_targets_are_validated() {
+        let text = "[[exits]]\nid = \"g\"\nurl = \"http://u-{session}:p@127.0.0.1:7000\"\nweight = 3\nsticky_ttl = \"10m\"\nexit_ip_header = \"X-Exit-IP\"\n[health]\nprobe_target = \"origin.test:443\"\n";
+        let settings = Config::from_toml(text).unwrap().validate().unwrap();
+        let options = &settings.exits[0].options;
+        assert_eq!(options.weight, 3);
+        assert_eq!(options.sticky_ttl, Some(Duration::from_secs(600)));
+        assert_eq!(
+            options.exit_ip_header.as_ref().map(|h| h.as_str()),
+            Some("x-exit-ip")
+        );
+        assert_eq!(
+            settings.probe_target.unwrap().to_string(),
+            "origin.test:443"
+        );
+        let bad = Config::from_toml("[health]\nprobe_target = \"http://x/\"").unwrap();
+        assert!(bad.validate().is_err());
+        let bad =
+            Config::from_toml("[[exits]]\nid = \"a\"\nurl = \"direct://\"\nweight = 0").unwrap();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn remote_listen_needs_opt_in() {
         let mut config = Config {
             listen: "0.0.0.0:8080".parse().unwrap(),
@@ -356,10 +619,7 @@ mod tests {
 
     #[test]
     fn duplicate_and_malformed_exit_ids_are_rejected() {
-        let exit = |id: &str| ExitConfig {
-            id: id.into(),
-            url: "http://127.0.0.1:1".into(),
-        };
+        let exit = |id: &str| ExitConfig::new(id, "http://127.0.0.1:1");
         let config = Config {
             exits: vec![exit("a"), exit("a")],
             ..Config::default()

@@ -18,6 +18,8 @@ use std::path::Path;
 use cookie::Cookie;
 use http::{HeaderMap, HeaderName};
 
+use crate::identity::PinKind;
+
 /// The cookies every deployment tracks: the trust cookies of the big anti-bot
 /// vendors (DataDome, Cloudflare, Akamai, PerimeterX/HUMAN, Imperva/Incapsula,
 /// Kasada). Patterns may end in `*`.
@@ -217,6 +219,17 @@ impl PinHasher {
         }
     }
 
+    /// The pin key of a client session key. The domain tag cannot occur in
+    /// a cookie name, so it never equals a cookie's key.
+    pub fn session_key(&self, key: &str) -> PinKey {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(b"\0session-key\0");
+        hasher.update(key.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        PinKey(out)
+    }
+
     /// The pin key of cookie `name` with `value`.
     pub fn cookie(&self, name: &str, value: &str) -> PinKey {
         let mut hasher = blake3::Hasher::new_keyed(&self.key);
@@ -229,16 +242,28 @@ impl PinHasher {
     }
 }
 
-/// A tracked cookie found on a request.
+/// A credential found on a request: a tracked cookie or a session key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrackedCookie {
-    /// Cookie name as sent.
+pub struct Credential {
+    /// Cookie or session key.
+    pub kind: PinKind,
+    /// Cookie name as sent (`session-key` for session keys).
     pub name: String,
-    /// Hash of `name=value`.
+    /// Keyed hash of `name=value` (or of the session key).
     pub key: PinKey,
 }
 
-impl fmt::Display for TrackedCookie {
+impl Credential {
+    fn cookie(name: &str, key: PinKey) -> Credential {
+        Credential {
+            kind: PinKind::Cookie,
+            name: name.to_owned(),
+            key,
+        }
+    }
+}
+
+impl fmt::Display for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.name, self.key)
     }
@@ -248,10 +273,13 @@ impl fmt::Display for TrackedCookie {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetTrackedCookie {
     /// The cookie.
-    pub cookie: TrackedCookie,
+    pub cookie: Credential,
     /// The response deletes the cookie (`Max-Age` ≤ 0 or `Expires` in the
     /// past) instead of setting it.
     pub deletes: bool,
+    /// When the cookie expires, in Unix milliseconds (`Max-Age` wins over
+    /// `Expires`, as in RFC 6265); `None` for session cookies.
+    pub expires_ms: Option<u64>,
 }
 
 /// A request whose cookies cannot be read.
@@ -271,15 +299,12 @@ pub fn tracked_in_request(
     headers: &HeaderMap,
     policy: &CookiePolicy,
     hasher: &PinHasher,
-) -> Result<Vec<TrackedCookie>, CookieError> {
-    let mut found: Vec<TrackedCookie> = Vec::new();
+) -> Result<Vec<Credential>, CookieError> {
+    let mut found: Vec<Credential> = Vec::new();
     let mut push = |name: &str, value: &str| {
         let key = hasher.cookie(name, value);
         if !found.iter().any(|c| c.key == key) {
-            found.push(TrackedCookie {
-                name: name.to_owned(),
-                key,
-            });
+            found.push(Credential::cookie(name, key));
         }
     };
     for header in headers.get_all(http::header::COOKIE) {
@@ -311,9 +336,9 @@ pub fn tracked_in_response(
     headers: &HeaderMap,
     policy: &CookiePolicy,
     hasher: &PinHasher,
+    now_ms: u64,
 ) -> Vec<SetTrackedCookie> {
     let mut found = Vec::new();
-    let now = time::OffsetDateTime::now_utc();
     for (header, is_datadome_carrier) in headers
         .get_all(http::header::SET_COOKIE)
         .iter()
@@ -336,22 +361,74 @@ pub fn tracked_in_response(
         if !policy.is_tracked(parsed.name()) {
             continue;
         }
-        let deletes = parsed
-            .max_age()
-            .is_some_and(|age| age <= time::Duration::ZERO)
-            || parsed
-                .expires_datetime()
-                .is_some_and(|expires| expires <= now)
-            || parsed.value().is_empty();
+        let expires_ms = cookie_expiry_ms(&parsed, now_ms);
+        let deletes = expires_ms.is_some_and(|at| at <= now_ms) || parsed.value().is_empty();
         found.push(SetTrackedCookie {
-            cookie: TrackedCookie {
-                name: parsed.name().to_owned(),
-                key: hasher.cookie(parsed.name(), parsed.value()),
-            },
+            cookie: Credential::cookie(parsed.name(), hasher.cookie(parsed.name(), parsed.value())),
             deletes,
+            expires_ms,
         });
     }
     found
+}
+
+/// Removes from a request the tracked cookies whose keys are in `strip`
+/// (from every `Cookie` header, and `X-DataDome-ClientID`); every other
+/// cookie stays as sent.
+pub fn strip_from_request(
+    headers: &mut HeaderMap,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+    strip: &[PinKey],
+) {
+    if strip.is_empty() {
+        return;
+    }
+    let stripped = |name: &str, value: &str| {
+        policy.is_tracked(name) && strip.contains(&hasher.cookie(name, value))
+    };
+    let mut kept_headers = Vec::new();
+    for header in headers.get_all(http::header::COOKIE) {
+        let Ok(text) = std::str::from_utf8(header.as_bytes()) else {
+            continue;
+        };
+        let kept: Vec<&str> = text
+            .split(';')
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+            .filter(|pair| match pair.split_once('=') {
+                Some((name, value)) => !stripped(name.trim(), value.trim()),
+                None => true,
+            })
+            .collect();
+        if !kept.is_empty() {
+            if let Ok(value) = http::HeaderValue::from_str(&kept.join("; ")) {
+                kept_headers.push(value);
+            }
+        }
+    }
+    headers.remove(http::header::COOKIE);
+    for value in kept_headers {
+        headers.append(http::header::COOKIE, value);
+    }
+    let client_id_stripped = headers
+        .get(&X_DATADOME_CLIENTID)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| strip.contains(&hasher.cookie(DATADOME, v.trim())));
+    if client_id_stripped {
+        headers.remove(&X_DATADOME_CLIENTID);
+    }
+}
+
+/// When a set cookie expires, in Unix milliseconds: `Max-Age` wins over
+/// `Expires` (RFC 6265 §5.3); `None` for a session cookie.
+fn cookie_expiry_ms(cookie: &Cookie<'_>, now_ms: u64) -> Option<u64> {
+    if let Some(age) = cookie.max_age() {
+        let age_ms = i64::try_from(age.whole_milliseconds()).unwrap_or(i64::MAX);
+        return Some(now_ms.saturating_add_signed(age_ms));
+    }
+    let at = cookie.expires_datetime()?;
+    Some(u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -415,6 +492,22 @@ mod tests {
     }
 
     #[test]
+    fn stripping_removes_only_the_named_credentials() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "cookie",
+            HeaderValue::from_static("a=1; datadome=old; _abck=x"),
+        );
+        headers.append("cookie", HeaderValue::from_static("datadome=old"));
+        headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_static("old"));
+        let h = hasher();
+        strip_from_request(&mut headers, &policy(), &h, &[h.cookie("datadome", "old")]);
+        let cookies: Vec<_> = headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; _abck=x"]);
+        assert!(headers.get(&X_DATADOME_CLIENTID).is_none());
+    }
+
+    #[test]
     fn clientid_header_counts_as_datadome_cookie() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_static("tok1"));
@@ -464,7 +557,10 @@ mod tests {
             "x-set-cookie",
             HeaderValue::from_static("datadome=carried; Max-Age=60"),
         );
-        let found = tracked_in_response(&headers, &policy(), &hasher());
+        let now = 1_800_000_000_000;
+        let found = tracked_in_response(&headers, &policy(), &hasher(), now);
+        assert_eq!(found[0].expires_ms, Some(now + 31_536_000_000));
+        assert_eq!(found[3].expires_ms, Some(now + 60_000));
         let summary: Vec<_> = found
             .iter()
             .map(|s| (s.cookie.name.as_str(), s.deletes))

@@ -13,11 +13,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{memory::MemoryStore, Affinity, Store};
+use crate::admin::{self, Admin};
+use crate::affinity::{memory::MemoryStore, Affinity, Policies, Store};
+use crate::capture::invalidation;
+use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings};
 use crate::cookies::PinHasher;
-use crate::exits::{Exit, ExitSet};
+use crate::exits::health::{Health, Thresholds};
+use crate::exits::sessions::AnonymousSessions;
+use crate::exits::{Exit, ExitSet, HostPort};
 use crate::listener::{self, Frontend};
+use crate::metrics::Metrics;
 use crate::mitm::ca::{CaError, CertificateAuthority};
 use crate::mitm::cert_cache::{CertCache, CertCacheError};
 use crate::mitm::{Mitm, CLIENT_ALPN};
@@ -65,11 +71,13 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Daemon {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     data_dir: PathBuf,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     accept: JoinHandle<()>,
     frontend: Arc<Frontend>,
+    admin: Arc<Admin>,
 }
 
 /// The crypto provider used for both sides of every TLS connection.
@@ -90,6 +98,11 @@ pub fn prepare_data_dir(data_dir: &Path) -> Result<CertificateAuthority, StartEr
 impl Daemon {
     /// Validates `config`, builds every stage and starts serving.
     pub async fn start(config: &Config) -> Result<Daemon, StartError> {
+        Daemon::start_with_clock(config, Clock::system()).await
+    }
+
+    /// [`Daemon::start`] with a given clock (tests advance a manual one).
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Daemon, StartError> {
         let settings = config.validate()?;
         let provider = crypto_provider();
 
@@ -116,13 +129,34 @@ impl Daemon {
             settings.mitm.cert_cache_capacity,
             CLIENT_ALPN.iter().map(|p| p.to_vec()).collect(),
         )?;
-        let exits = build_exits(&settings, upstream_tls);
+        let metrics = Arc::new(Metrics::new());
+        let exits = Arc::new(build_exits(&settings, upstream_tls, clock.now_ms()));
+        let identities = &settings.identities;
+        let policies = Policies {
+            retire: identities.retire_policy,
+            conflict: identities.conflict_policy,
+            idle_timeout_ms: duration_ms(identities.idle_timeout),
+            max_lifetime_ms: duration_ms(identities.max_lifetime),
+            keep_retired_ms: duration_ms(identities.remember_retired),
+        };
+        let affinity = Arc::new(Affinity::new(
+            Store::Memory(MemoryStore::new()),
+            clock.clone(),
+            policies,
+            metrics.clone(),
+        ));
         let pipeline = Pipeline {
             cookies: settings.cookies.clone(),
             hasher,
-            affinity: Affinity::new(Store::Memory(MemoryStore::new())),
-            exits,
+            affinity: affinity.clone(),
+            exits: exits.clone(),
             max_header_bytes: settings.limits.max_header_bytes,
+            fingerprint_policy: identities.fingerprint_policy,
+            invalidation: invalidation::Rules::new(
+                identities.invalidation.clone(),
+                identities.scan_limit,
+            ),
+            metrics: metrics.clone(),
         };
 
         let listener =
@@ -147,6 +181,46 @@ impl Daemon {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         });
+        let admin = Arc::new(Admin {
+            affinity: affinity.clone(),
+            exits: exits.clone(),
+            metrics,
+        });
+        let admin_addr = match settings.admin {
+            Some(addr) => {
+                let bound = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound_addr = bound
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                tasks.spawn(admin::serve(
+                    bound,
+                    admin.clone(),
+                    shutdown.clone(),
+                    tasks.clone(),
+                ));
+                Some(bound_addr)
+            }
+            None => None,
+        };
+        tasks.spawn(sweep_loop(
+            affinity.clone(),
+            exits.clone(),
+            settings.identities.sweep_interval,
+            shutdown.clone(),
+        ));
+        if let Some(target) = &settings.probe_target {
+            for exit in exits.iter() {
+                tasks.spawn(probe_loop(
+                    exit.clone(),
+                    target.clone(),
+                    settings.health.interval,
+                    clock.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
         let accept = tokio::spawn(listener::accept_loop(listener, frontend.clone()));
         tracing::info!(
             listen = %local_addr,
@@ -156,12 +230,24 @@ impl Daemon {
         );
         Ok(Daemon {
             local_addr,
+            admin_addr,
             data_dir: settings.data_dir,
             shutdown,
             tasks,
             accept,
             frontend,
+            admin,
         })
+    }
+
+    /// The admin endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The admin view (identity listing, exits).
+    pub fn admin(&self) -> &Admin {
+        &self.admin
     }
 
     /// The address the proxy listens on.
@@ -207,26 +293,98 @@ impl Daemon {
     }
 }
 
-fn build_exits(settings: &Settings, upstream_tls: Arc<rustls::ClientConfig>) -> ExitSet {
+fn build_exits(
+    settings: &Settings,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    now_ms: u64,
+) -> ExitSet {
     let pool = PoolSettings {
         connect_timeout: settings.timeouts.connect,
         response_head_timeout: settings.timeouts.response_head,
         idle_timeout: settings.timeouts.pool_idle,
         max_idle_per_origin: settings.limits.max_idle_per_origin,
     };
+    let health = &settings.health;
+    let thresholds = Thresholds {
+        unhealthy_after: health.unhealthy_after,
+        dead_after: health.dead_after,
+        healthy_after: health.healthy_after,
+    };
+    // Without probes, trial requests are how an unhealthy exit recovers.
+    let trials = match settings.probe_target {
+        Some(_) => None,
+        None => Some(duration_ms(health.retry_interval)),
+    };
     ExitSet::new(
         settings
             .exits
             .iter()
-            .map(|spec| Exit {
-                client: ExitClient::new(
-                    spec.id.clone(),
-                    spec.kind.clone(),
-                    upstream_tls.clone(),
-                    &pool,
-                ),
-                spec: spec.clone(),
+            .map(|spec| {
+                let anonymous = if spec.has_session_placeholder() {
+                    spec.options.anonymous_sessions
+                } else {
+                    1
+                };
+                Exit {
+                    client: ExitClient::new(spec, upstream_tls.clone(), &pool),
+                    health: Health::new(thresholds),
+                    sessions: AnonymousSessions::new(
+                        anonymous,
+                        spec.options.sticky_ttl.map(duration_ms),
+                        now_ms,
+                    ),
+                    spec: spec.clone(),
+                }
             })
             .collect(),
+        trials,
     )
+}
+
+/// Retires expired identities and forgets old ones, every `interval`.
+async fn sweep_loop(
+    affinity: Arc<Affinity>,
+    exits: Arc<ExitSet>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = affinity.sweep(&exits).await {
+            tracing::warn!(error = %e, "sweeping the pin store failed");
+        }
+    }
+}
+
+/// Probes one exit every `interval` (the first time at once).
+async fn probe_loop(
+    exit: Arc<Exit>,
+    target: HostPort,
+    interval: Duration,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = exit.client.probe(&target) => outcome,
+        };
+        let change = match &outcome {
+            Ok(()) => exit.health.success(),
+            Err(error) => {
+                tracing::debug!(exit = %exit.id(), %error, "health probe failed");
+                exit.health.failure(clock.now_ms())
+            }
+        };
+        if let Some(state) = change {
+            tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }

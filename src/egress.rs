@@ -46,13 +46,18 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Removes the forwarding and hop-by-hop headers from a request about to
-/// leave through an exit. The remaining headers keep their order.
+/// Headers addressed to pinproxy itself (`X-Pinproxy-Session`, ...) start
+/// with this and never leave.
+pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
+
+/// Removes the forwarding, hop-by-hop and pinproxy headers from a request
+/// about to leave through an exit. The remaining headers keep their order.
 pub fn sanitize_request(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
     retain(headers, |name| {
         !(HOP_BY_HOP.contains(&name.as_str())
             || FORWARDING_HEADERS.contains(&name.as_str())
+            || name.as_str().starts_with(PINPROXY_PREFIX)
             || listed.contains(name))
     });
 }
@@ -119,6 +124,7 @@ mod tests {
             HeaderValue::from_static("Basic eDp5"),
         );
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-pinproxy-session", HeaderValue::from_static("k"));
         h.insert("cookie", HeaderValue::from_static("a=b"));
         h.insert("user-agent", HeaderValue::from_static("ua"));
         sanitize_request(&mut h);

@@ -12,6 +12,8 @@ use crate::affinity::{AffinityError, StoreError};
 use crate::body::{self, Body};
 use crate::cookies::CookieError;
 use crate::exits::ExitId;
+use crate::identity::{IdentityId, RetireReason};
+use crate::session_key::SessionKeyError;
 use crate::upstream::connect::ConnectError;
 use crate::upstream::UpstreamError;
 
@@ -48,6 +50,32 @@ pub enum ProxyError {
     /// The cookies cannot be read.
     #[error(transparent)]
     Cookies(#[from] CookieError),
+    /// The session key cannot be used.
+    #[error(transparent)]
+    SessionKey(#[from] SessionKeyError),
+    /// The request's fingerprint differs from its identity's (reject policy).
+    #[error(
+        "identity {identity} on exit {exit} was created with other values of {}",
+        .headers.join(", ")
+    )]
+    FingerprintDrift {
+        /// The identity.
+        identity: IdentityId,
+        /// Its exit.
+        exit: ExitId,
+        /// The headers that differ.
+        headers: Vec<&'static str>,
+    },
+    /// The identity was retired while handling this request.
+    #[error("identity {identity} on exit {exit} was retired: {reason}")]
+    IdentityRetired {
+        /// The identity.
+        identity: IdentityId,
+        /// Its exit.
+        exit: ExitId,
+        /// Why.
+        reason: RetireReason,
+    },
     /// Routing failed.
     #[error(transparent)]
     Affinity(#[from] AffinityError),
@@ -70,9 +98,16 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::HeadersTooLarge { .. }
-            | ProxyError::Cookies(_) => Fault::Client,
+            | ProxyError::Cookies(_)
+            | ProxyError::SessionKey(_)
+            | ProxyError::FingerprintDrift { .. } => Fault::Client,
             ProxyError::Affinity(AffinityError::Conflict(_)) => Fault::Client,
-            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => Fault::Exit,
+            ProxyError::Affinity(
+                AffinityError::Retired(_)
+                | AffinityError::NoExit
+                | AffinityError::ExitMissing { .. },
+            )
+            | ProxyError::IdentityRetired { .. } => Fault::Exit,
             ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => Fault::Store,
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::Connect(c) if c.is_exit_fault() => Fault::Exit,
@@ -88,8 +123,13 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::HeadersTooLarge { .. } => "headers-too-large",
             ProxyError::Cookies(_) => "unreadable-cookies",
+            ProxyError::SessionKey(_) => "bad-session-key",
+            ProxyError::FingerprintDrift { .. } => "fingerprint-drift",
             ProxyError::Affinity(AffinityError::Conflict(_)) => "pin-conflict",
-            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => "pinned-exit-missing",
+            ProxyError::Affinity(AffinityError::Retired(_))
+            | ProxyError::IdentityRetired { .. } => "identity-retired",
+            ProxyError::Affinity(AffinityError::NoExit) => "no-exit-available",
+            ProxyError::Affinity(AffinityError::ExitMissing { .. }) => "exit-missing",
             ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
                 "store-unavailable"
             }
@@ -104,6 +144,8 @@ impl ProxyError {
                     ConnectError::OriginUnreachable { .. } => "origin-unreachable",
                     ConnectError::Tls { .. } => "upstream-tls",
                     ConnectError::BadTarget(_) => "bad-request",
+                    ConnectError::ExitIpDrift { .. } => "exit-ip-drift",
+                    ConnectError::ExitIpUnknown(_) => "exit-ip-unknown",
                 },
                 UpstreamError::ResponseTimeout(_) => "origin-timeout",
                 UpstreamError::Exchange(_) => "origin-failed",
@@ -115,7 +157,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::Affinity(AffinityError::Conflict(_)) => StatusCode::CONFLICT,
+            ProxyError::Affinity(AffinityError::Conflict(_))
+            | ProxyError::FingerprintDrift { .. } => StatusCode::CONFLICT,
+            ProxyError::Affinity(AffinityError::NoExit) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 error: UpstreamError::ResponseTimeout(_),
                 ..
@@ -138,12 +182,24 @@ impl ProxyError {
                 "Send fewer or smaller headers, or raise limits.max_header_bytes."
             }
             ProxyError::Cookies(_) => "Send cookies as UTF-8 text.",
+            ProxyError::SessionKey(_) => {
+                "Name the session in X-Pinproxy-Session or as user name session-KEY, 1-256 visible ASCII characters."
+            }
+            ProxyError::FingerprintDrift { .. } => {
+                "This identity was created by a client with another User-Agent / client hints / language. \
+                 Use one identity per browser profile, or set identities.fingerprint_policy."
+            }
             ProxyError::Affinity(AffinityError::Conflict(_)) => {
-                "These cookies were earned through different exits and cannot leave together. \
+                "These credentials were earned by different identities (exits) and cannot leave together. \
                  Drop the cookies of one identity from the client's jar (or use one jar per identity)."
             }
-            ProxyError::Affinity(AffinityError::PinnedExitMissing { .. }) => {
-                "Restore the exit in the configuration, or drop the cookie from the client's jar."
+            ProxyError::Affinity(AffinityError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
+                "This identity cannot continue on its exit and pinproxy will not move it to another. \
+                 Drop its cookies and session key and start a new session."
+            }
+            ProxyError::Affinity(AffinityError::NoExit) => "Every exit is dead; check the exits and retry later.",
+            ProxyError::Affinity(AffinityError::ExitMissing { .. }) => {
+                "Configure the same exits on every replica, or drop the cookie from the client's jar."
             }
             ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
                 "The pin store is unreachable; pinproxy will not route tracked cookies blindly. Retry later."

@@ -1,24 +1,36 @@
 //! Exits: the upstream routes a request can leave through.
 //!
-//! An exit is named by a stable [`ExitId`] (pins refer to it) and reached
-//! according to its [`ExitKind`]. This module parses exit URLs; the
-//! [`select`] submodule picks an exit for traffic that no pin decides.
+//! An exit is named by a stable [`ExitId`] (pins refer to it), reached
+//! according to its [`ExitKind`] and tuned by its [`ExitOptions`]. At run
+//! time an [`Exit`] adds its connection pools, its [`health`] and its
+//! anonymous upstream [`sessions`]; the [`ExitSet`] picks exits for traffic
+//! that no pin decides ([`select`]).
 //!
 //! Invariant: credentials in an exit URL never appear in `Debug` or
 //! `Display` output; use [`ExitSpec::redacted_url`] when showing an exit.
 
+pub mod health;
 pub mod select;
+pub mod sessions;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::upstream::ExitClient;
+use health::{Health, HealthState};
+use sessions::AnonymousSessions;
+
+/// The placeholder in an exit's credentials that is replaced by an
+/// identity's upstream session id.
+pub const SESSION_PLACEHOLDER: &str = "{session}";
 
 /// The stable name of an exit.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +60,19 @@ impl fmt::Debug for ExitId {
     }
 }
 
+impl Serialize for ExitId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExitId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ExitId, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(ExitId::new(&text))
+    }
+}
+
 /// Basic credentials for an upstream proxy.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -64,6 +89,19 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Whether the credentials carry a `{session}` placeholder.
+    pub fn has_session_placeholder(&self) -> bool {
+        self.user.contains(SESSION_PLACEHOLDER) || self.password.contains(SESSION_PLACEHOLDER)
+    }
+
+    /// The credentials with `{session}` replaced by `session`.
+    pub fn with_session(&self, session: &str) -> Credentials {
+        Credentials {
+            user: self.user.replace(SESSION_PLACEHOLDER, session),
+            password: self.password.replace(SESSION_PLACEHOLDER, session),
+        }
+    }
+
     /// The `Proxy-Authorization` value for these credentials.
     pub fn basic_header(&self) -> HeaderValue {
         let token = base64::engine::general_purpose::STANDARD
@@ -123,13 +161,91 @@ pub enum ExitKind {
     },
 }
 
-/// A configured exit: its id and how to reach it.
+/// Per-exit settings beyond its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitOptions {
+    /// Share of new identities and rotated traffic (1-1000).
+    pub weight: u32,
+    /// The provider's sticky-session window: an identity older than this
+    /// (counted from its upstream session's start) is retired.
+    pub sticky_ttl: Option<Duration>,
+    /// CONNECT answer header in which the exit states the tunnel's egress
+    /// address (e.g. `X-Exit-IP`).
+    pub exit_ip_header: Option<HeaderName>,
+    /// An IP-echo URL fetched through the exit to learn its egress address
+    /// when it states none.
+    pub ip_echo: Option<EchoTarget>,
+    /// Idle timeout for identities on this exit (overrides the global one).
+    pub idle_timeout: Option<Duration>,
+    /// Maximum lifetime of identities on this exit (overrides the global one).
+    pub max_lifetime: Option<Duration>,
+    /// How many upstream sessions cookie-less traffic rotates over on an
+    /// exit with a `{session}` placeholder.
+    pub anonymous_sessions: usize,
+}
+
+impl Default for ExitOptions {
+    fn default() -> Self {
+        ExitOptions {
+            weight: 1,
+            sticky_ttl: None,
+            exit_ip_header: None,
+            ip_echo: None,
+            idle_timeout: None,
+            max_lifetime: None,
+            anonymous_sessions: 8,
+        }
+    }
+}
+
+/// Where an IP-echo probe goes: a URL answering with the caller's address
+/// as its whole body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EchoTarget {
+    /// Whether to use TLS.
+    pub https: bool,
+    /// Host and port.
+    pub authority: HostPort,
+    /// Path and query.
+    pub path: String,
+}
+
+impl EchoTarget {
+    /// Parses `http://host[:port]/path` or `https://...`.
+    pub fn parse(url: &str) -> Result<EchoTarget, ExitUrlError> {
+        let bad = || ExitUrlError::Address(format!("ip_echo must be an http(s) URL, not {url:?}"));
+        let uri: http::Uri = url.parse().map_err(|_| bad())?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad()),
+        };
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?;
+        Ok(EchoTarget {
+            https,
+            authority: HostPort {
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+                port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            },
+            path: uri
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.to_string()),
+        })
+    }
+}
+
+/// A configured exit: its id, how to reach it and its options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExitSpec {
     /// Stable id.
     pub id: ExitId,
     /// Route.
     pub kind: ExitKind,
+    /// Options.
+    pub options: ExitOptions,
 }
 
 /// A malformed exit URL.
@@ -152,6 +268,7 @@ impl ExitSpec {
         ExitSpec {
             id: ExitId::new("direct"),
             kind: ExitKind::Direct { source: None },
+            options: ExitOptions::default(),
         }
     }
 
@@ -197,6 +314,7 @@ impl ExitSpec {
         Ok(ExitSpec {
             id: ExitId::new(id),
             kind,
+            options: ExitOptions::default(),
         })
     }
 
@@ -209,6 +327,11 @@ impl ExitSpec {
             ExitKind::Direct { source: Some(ip) } => format!("direct-{ip}"),
             ExitKind::HttpConnect { proxy, .. } => proxy.to_string(),
         })
+    }
+
+    /// Whether the exit's credentials carry a `{session}` placeholder.
+    pub fn has_session_placeholder(&self) -> bool {
+        matches!(&self.kind, ExitKind::HttpConnect { auth: Some(c), .. } if c.has_session_placeholder())
     }
 
     /// The URL without credentials, for logs and messages.
@@ -224,13 +347,17 @@ impl ExitSpec {
     }
 }
 
-/// A configured exit ready for traffic: its spec and its connection pool.
+/// A configured exit ready for traffic.
 #[derive(Debug)]
 pub struct Exit {
     /// What was configured.
     pub spec: ExitSpec,
-    /// The exit's own connection pool.
+    /// The exit's connection pools.
     pub client: ExitClient,
+    /// Its health.
+    pub health: Health,
+    /// The upstream sessions cookie-less traffic uses.
+    pub sessions: AnonymousSessions,
 }
 
 impl Exit {
@@ -240,17 +367,30 @@ impl Exit {
     }
 }
 
-/// All configured exits, by id and in rotation.
+/// Why an exit is wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Cookie-less traffic: may be a trial for an exit that is not healthy.
+    Rotation,
+    /// A new identity: only where it can live.
+    NewIdentity,
+}
+
+/// All configured exits, by id and in weighted rotation.
 #[derive(Debug)]
 pub struct ExitSet {
     exits: Vec<Arc<Exit>>,
     by_id: HashMap<ExitId, usize>,
-    rotation: select::RoundRobin,
+    rotation: select::Rotation,
+    /// Without probes, unhealthy exits get one trial request this often.
+    trial_interval_ms: Option<u64>,
 }
 
 impl ExitSet {
     /// A set of exits (at least one; configuration validation ensures it).
-    pub fn new(exits: Vec<Exit>) -> ExitSet {
+    /// `trial_interval_ms` enables trial requests to unhealthy exits.
+    pub fn new(exits: Vec<Exit>, trial_interval_ms: Option<u64>) -> ExitSet {
+        let weights: Vec<u32> = exits.iter().map(|e| e.spec.options.weight).collect();
         let exits: Vec<Arc<Exit>> = exits.into_iter().map(Arc::new).collect();
         let by_id = exits
             .iter()
@@ -260,7 +400,8 @@ impl ExitSet {
         ExitSet {
             exits,
             by_id,
-            rotation: select::RoundRobin::default(),
+            rotation: select::Rotation::new(&weights),
+            trial_interval_ms,
         }
     }
 
@@ -269,9 +410,28 @@ impl ExitSet {
         self.by_id.get(id).map(|&i| &self.exits[i])
     }
 
-    /// The next exit in rotation.
-    pub fn next_in_rotation(&self) -> &Arc<Exit> {
-        &self.exits[self.rotation.next(self.exits.len())]
+    /// The next exit in weighted rotation that is healthy; if none is, an
+    /// unhealthy one; never a dead one (except as a rationed trial for
+    /// rotated traffic). `None` when every exit is dead.
+    pub fn pick(&self, purpose: Purpose, now_ms: u64) -> Option<&Arc<Exit>> {
+        if let (Purpose::Rotation, Some(interval)) = (purpose, self.trial_interval_ms) {
+            let due = self.exits.iter().find(|e| {
+                e.health.state() != HealthState::Healthy && e.health.claim_trial(now_ms, interval)
+            });
+            if due.is_some() {
+                return due;
+            }
+        }
+        let mut fallback = None;
+        for index in self.rotation.cycle() {
+            let exit = &self.exits[index];
+            match exit.health.state() {
+                HealthState::Healthy => return Some(exit),
+                HealthState::Unhealthy if fallback.is_none() => fallback = Some(exit),
+                _ => {}
+            }
+        }
+        fallback
     }
 
     /// All exits, in configuration order.
@@ -329,6 +489,7 @@ mod tests {
     #[test]
     fn parses_http_exit_with_credentials() {
         let spec = ExitSpec::parse("e1", "http://us%40er:p@ss:w@proxy.example:3128").unwrap();
+        assert!(!spec.has_session_placeholder());
         let ExitKind::HttpConnect { proxy, auth } = &spec.kind else {
             panic!("expected http exit");
         };
@@ -393,6 +554,44 @@ mod tests {
             ExitSpec::default_id("direct://127.0.0.3").unwrap(),
             "direct-127.0.0.3"
         );
+    }
+
+    #[test]
+    fn session_placeholders_are_filled() {
+        let spec = ExitSpec::parse(
+            "g",
+            "http://customer-acme-session-{session}:pw@gate.example:7000",
+        )
+        .unwrap();
+        assert!(spec.has_session_placeholder());
+        let ExitKind::HttpConnect {
+            auth: Some(creds), ..
+        } = &spec.kind
+        else {
+            panic!("expected credentials");
+        };
+        assert_eq!(creds.with_session("abc").user, "customer-acme-session-abc");
+        assert_eq!(
+            spec.redacted_url(),
+            "http://customer-acme-session-{session}:***@gate.example:7000"
+        );
+    }
+
+    #[test]
+    fn echo_targets() {
+        let e = EchoTarget::parse("http://127.0.0.1:9000/ip?x=1").unwrap();
+        assert_eq!(
+            (e.https, e.authority.port, e.path.as_str()),
+            (false, 9000, "/ip?x=1")
+        );
+        assert_eq!(
+            EchoTarget::parse("https://echo.example")
+                .unwrap()
+                .authority
+                .port,
+            443
+        );
+        assert!(EchoTarget::parse("ftp://x/").is_err());
     }
 
     #[test]

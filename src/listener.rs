@@ -33,6 +33,7 @@ use crate::config::{Limits, Timeouts};
 use crate::error::{self, ProxyError};
 use crate::mitm::{self, Mitm};
 use crate::pipeline::{self, Pipeline};
+use crate::session_key;
 use crate::target;
 
 /// What every client connection shares.
@@ -148,12 +149,24 @@ async fn outer_request(
         Ok(authority) => authority,
         Err(error) => return error.to_response(),
     };
+    // A session key named on the CONNECT holds for every request inside.
+    let session_key = match request
+        .headers()
+        .get(http::header::PROXY_AUTHORIZATION)
+        .map(session_key::from_proxy_authorization)
+        .transpose()
+    {
+        Ok(key) => key.flatten(),
+        Err(error) => return ProxyError::from(error).to_response(),
+    };
     let span = tracing::debug_span!("tunnel", %peer, target = %authority);
     let tunnel_frontend = frontend.clone();
     frontend.tasks.spawn(
         async move {
             match hyper::upgrade::on(request).await {
-                Ok(upgraded) => mitm::serve_tunnel(tunnel_frontend, upgraded, authority).await,
+                Ok(upgraded) => {
+                    mitm::serve_tunnel(tunnel_frontend, upgraded, authority, session_key).await
+                }
                 Err(e) => tracing::debug!(error = %e, "client left before the tunnel opened"),
             }
         }

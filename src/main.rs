@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use pinproxy::cli::{CaArgs, Cli, Command, RunArgs};
+use pinproxy::cli::{CaArgs, Cli, Command, PinsArgs, RunArgs};
 use pinproxy::daemon::{self, Daemon};
 
 /// How long in-flight requests get to finish on SIGINT/SIGTERM.
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Ca(args) => ca(args),
+        Command::Pins(args) => pins(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,6 +58,23 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
         _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn pins(args: PinsArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let views = runtime.block_on(pinproxy::admin::fetch_identities(args.admin, args.all))?;
+    if args.json {
+        for view in &views {
+            println!("{}", serde_json::to_string(view)?);
+        }
+    } else {
+        let now = pinproxy::clock::Clock::system().now_ms();
+        print!("{}", pinproxy::admin::render_table(&views, now));
     }
     Ok(())
 }

@@ -3,44 +3,62 @@
 //!
 //! 1. [`Target::of`]: which origin the request is for;
 //! 2. limits: the header section must fit `limits.max_header_bytes`;
-//! 3. [`cookies::tracked_in_request`]: the tracked cookies, as pin keys;
-//! 4. [`Affinity::route`]: the exit (pinned, newly pinned, or rotated);
-//! 5. [`egress::sanitize_request`]: what may leave;
-//! 6. [`ExitClient::send`](crate::upstream::ExitClient::send): through the exit;
-//! 7. [`capture::learn_from_response`]: Set-Cookie → pins, before the
-//!    response is released;
-//! 8. [`egress::sanitize_response`]: hop-by-hop headers off, then respond.
+//! 3. credentials: the tracked cookies ([`cookies::tracked_in_request`]) and
+//!    the session key ([`session_key::of_request`]), as pin keys;
+//! 4. [`Affinity::route`]: the identity, exit and lane (existing, new, or
+//!    rotation for cookie-less traffic), with the credentials to strip;
+//! 5. fingerprint: compared with the identity's, by policy;
+//! 6. [`egress::sanitize_request`]: what may leave;
+//! 7. [`ExitClient::send`](crate::upstream::ExitClient::send): through the
+//!    exit, on the lane (a new tunnel's egress address is checked first);
+//! 8. [`capture`]: Set-Cookie → pins, use recorded, invalidations judged,
+//!    all before the response is released;
+//! 9. [`egress::sanitize_response`]: hop-by-hop headers off, then respond.
 //!
 //! A stage that fails ends the request with its [`ProxyError`] answer; no
-//! stage after it runs, so nothing is sent through an exit unless stages 1-5
-//! all agreed.
+//! stage after it runs, so nothing is sent through an exit unless stages
+//! 1-6 all agreed.
+
+use std::sync::Arc;
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tracing::Instrument as _;
 
-use crate::affinity::{Affinity, Reason};
+use crate::affinity::{Affinity, Reason, Route};
 use crate::body::{self, Body};
-use crate::capture;
-use crate::cookies::{self, CookiePolicy, PinHasher};
+use crate::capture::{self, invalidation};
+use crate::cookies::{self, CookiePolicy, Credential, PinHasher};
 use crate::egress;
-use crate::error::ProxyError;
+use crate::error::{Fault, ProxyError};
 use crate::exits::ExitSet;
+use crate::fingerprint::{Fingerprint, FingerprintPolicy};
+use crate::identity::{Identity, RetireReason};
+use crate::metrics::{Metrics, Policy, Rule};
+use crate::session_key;
 use crate::target::{Target, Tunnel};
+use crate::upstream::connect::{ConnectError, TunnelInfo};
+use crate::upstream::UpstreamError;
 
 /// Everything the stages need, shared by all connections.
 #[derive(Debug)]
 pub struct Pipeline {
     /// Which cookies are tracked.
     pub cookies: CookiePolicy,
-    /// How cookie values become pin keys.
+    /// How credentials become pin keys.
     pub hasher: PinHasher,
-    /// Pins and routing.
-    pub affinity: Affinity,
+    /// Identities and routing.
+    pub affinity: Arc<Affinity>,
     /// The exits.
-    pub exits: ExitSet,
+    pub exits: Arc<ExitSet>,
     /// Largest header section accepted.
     pub max_header_bytes: usize,
+    /// What to do when a request's fingerprint differs from its identity's.
+    pub fingerprint_policy: FingerprintPolicy,
+    /// Origin answers that end an identity.
+    pub invalidation: invalidation::Rules,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
@@ -56,15 +74,18 @@ impl Pipeline {
             method = %request.method(),
             origin = tracing::field::Empty,
             exit = tracing::field::Empty,
+            identity = tracing::field::Empty,
         );
         async {
             match self.forward(tunnel, request).await {
-                Ok(response) => response,
+                Ok(response) => {
+                    self.metrics.request("forwarded");
+                    response
+                }
                 Err(error) => {
+                    self.metrics.request(error.code());
                     match error.fault() {
-                        crate::error::Fault::Client => {
-                            tracing::debug!(code = error.code(), %error, "refused")
-                        }
+                        Fault::Client => tracing::debug!(code = error.code(), %error, "refused"),
                         _ => tracing::warn!(code = error.code(), %error, "failed"),
                     }
                     error.to_response()
@@ -73,6 +94,27 @@ impl Pipeline {
         }
         .instrument(span)
         .await
+    }
+
+    /// The credentials of a request: its session key first, then its
+    /// tracked cookies.
+    fn credentials<B>(
+        &self,
+        request: &Request<B>,
+        tunnel: Option<&Tunnel>,
+    ) -> Result<Vec<Credential>, ProxyError> {
+        let tunnel_key = tunnel.and_then(|t| t.session_key.as_deref());
+        let key = session_key::of_request(request.headers(), tunnel_key)?;
+        let mut credentials: Vec<Credential> = key
+            .map(|k| session_key::credential(&self.hasher, &k))
+            .into_iter()
+            .collect();
+        credentials.extend(cookies::tracked_in_request(
+            request.headers(),
+            &self.cookies,
+            &self.hasher,
+        )?);
+        Ok(credentials)
     }
 
     async fn forward(
@@ -92,17 +134,23 @@ impl Pipeline {
             });
         }
 
-        let tracked = cookies::tracked_in_request(request.headers(), &self.cookies, &self.hasher)?;
-        let route = self.affinity.route(&self.exits, &tracked).await?;
-        let exit = route.exit.id();
-        span.record("exit", tracing::field::display(exit));
-        if route.reason == Reason::NewPin {
-            for cookie in &tracked {
-                tracing::info!(%cookie, %exit, "pinned on first sight");
-            }
+        let credentials = self.credentials(&request, tunnel)?;
+        let fingerprint = Fingerprint::of(request.headers());
+        let route = self
+            .affinity
+            .route(&self.exits, &credentials, &fingerprint)
+            .await?;
+        span.record("exit", tracing::field::display(route.exit.id()));
+        if let Some(identity) = &route.identity {
+            span.record("identity", tracing::field::display(identity.id));
         }
 
         let (mut parts, incoming) = request.into_parts();
+        if let Some(identity) = &route.identity {
+            self.check_fingerprint(identity, &mut parts.headers)?;
+        }
+        let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
+        cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
         egress::sanitize_request(&mut parts.headers);
         // A proxy must replace Host with the absolute-form target's authority
         // (RFC 9112 §3.2.2); inside a tunnel the client's own Host stands.
@@ -115,29 +163,198 @@ impl Pipeline {
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body::streaming(incoming));
 
-        let response = route
-            .exit
-            .client
-            .send(upstream_request)
-            .await
-            .map_err(|error| ProxyError::Upstream {
-                exit: exit.clone(),
-                error,
-            })?;
+        let response = self.send(&route, upstream_request).await?;
+        let egress_ip = response
+            .extensions()
+            .get::<TunnelInfo>()
+            .and_then(|t| t.egress_ip);
 
-        capture::learn_from_response(
+        let identity = capture::pins_from_response(
             &self.affinity,
             &self.cookies,
             &self.hasher,
-            exit,
+            &route,
+            &fingerprint,
             response.headers(),
+            egress_ip,
         )
         .await?;
 
         let (mut parts, incoming) = response.into_parts();
+        let mut body = body::streaming(incoming);
+        if let Some(identity) = &identity {
+            if let Err(e) = self
+                .affinity
+                .record_use(identity, parts.status.is_success(), egress_ip)
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the identity's use");
+            }
+            body = self.judge_invalidation(identity, &parts, body).await;
+        }
         egress::sanitize_response(&mut parts.headers);
         tracing::debug!(status = parts.status.as_u16(), "forwarded");
-        Ok(Response::from_parts(parts, body::streaming(incoming)))
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Applies the fingerprint policy to a request of `identity`.
+    fn check_fingerprint(
+        &self,
+        identity: &Identity,
+        headers: &mut http::HeaderMap,
+    ) -> Result<(), ProxyError> {
+        let drifted = identity.fingerprint.drifted(headers);
+        if drifted.is_empty() {
+            return Ok(());
+        }
+        let policy = self.fingerprint_policy;
+        let label = match policy {
+            FingerprintPolicy::Warn => "warn",
+            FingerprintPolicy::Reject => "reject",
+            FingerprintPolicy::Restore => "restore",
+        };
+        self.metrics
+            .fingerprint_drift
+            .get_or_create(&Policy { policy: label })
+            .inc();
+        match policy {
+            FingerprintPolicy::Warn => {
+                tracing::info!(identity = %identity.id, headers = ?drifted, "fingerprint drift");
+                Ok(())
+            }
+            FingerprintPolicy::Restore => {
+                identity.fingerprint.restore(headers);
+                Ok(())
+            }
+            FingerprintPolicy::Reject => Err(ProxyError::FingerprintDrift {
+                identity: identity.id,
+                exit: identity.exit.clone(),
+                headers: drifted,
+            }),
+        }
+    }
+
+    /// Sends through the route's exit, keeping the exit's health and the
+    /// identity's standing up to date with what happened.
+    async fn send(
+        &self,
+        route: &Route,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let exit = &route.exit;
+        match exit.client.send(&route.lane, request).await {
+            Ok(response) => {
+                exit.health.success();
+                if route.reason == Reason::NewIdentity {
+                    tracing::debug!("first request of a new identity forwarded");
+                }
+                Ok(response)
+            }
+            Err(error) => {
+                if counts_against_exit(&error) {
+                    self.metrics
+                        .exit_failures
+                        .get_or_create(&crate::metrics::ExitLabel {
+                            exit: exit.id().to_string(),
+                        })
+                        .inc();
+                    if let Some(state) = exit.health.failure(self.affinity.clock().now_ms()) {
+                        tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+                    }
+                }
+                if let (
+                    UpstreamError::Connect(ConnectError::ExitIpDrift { expected, observed }),
+                    Some(identity),
+                ) = (&error, &route.identity)
+                {
+                    let reason = RetireReason::ExitIpDrift {
+                        expected: *expected,
+                        observed: *observed,
+                    };
+                    self.affinity
+                        .retire(&self.exits, identity, reason.clone())
+                        .await?;
+                    return Err(ProxyError::IdentityRetired {
+                        identity: identity.id,
+                        exit: identity.exit.clone(),
+                        reason,
+                    });
+                }
+                Err(ProxyError::Upstream {
+                    exit: exit.id().clone(),
+                    error,
+                })
+            }
+        }
+    }
+
+    /// Retires the identity if the answer is an invalidation: now for
+    /// status and header rules, as the body streams for body markers.
+    async fn judge_invalidation(
+        &self,
+        identity: &Identity,
+        parts: &http::response::Parts,
+        body: Body,
+    ) -> Body {
+        match self
+            .invalidation
+            .judge(parts.status, &parts.headers, identity.worked)
+        {
+            invalidation::Verdict::Clean => body,
+            invalidation::Verdict::Invalidated(rule) => {
+                retire_invalidated(&self.affinity, &self.exits, &self.metrics, identity, rule)
+                    .await;
+                body
+            }
+            invalidation::Verdict::ScanBody(rules) => {
+                let (affinity, exits, metrics) = (
+                    self.affinity.clone(),
+                    self.exits.clone(),
+                    self.metrics.clone(),
+                );
+                let identity = identity.clone();
+                invalidation::scanning(
+                    body,
+                    &parts.headers,
+                    rules,
+                    self.invalidation.scan_limit,
+                    move |rule| {
+                        tokio::spawn(async move {
+                            retire_invalidated(&affinity, &exits, &metrics, &identity, rule).await;
+                        });
+                    },
+                )
+            }
+        }
+    }
+}
+
+async fn retire_invalidated(
+    affinity: &Affinity,
+    exits: &ExitSet,
+    metrics: &Metrics,
+    identity: &Identity,
+    rule: String,
+) {
+    metrics
+        .invalidations
+        .get_or_create(&Rule { rule: rule.clone() })
+        .inc();
+    if let Err(e) = affinity
+        .retire(exits, identity, RetireReason::Invalidated { rule })
+        .await
+    {
+        tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
+    }
+}
+
+/// Whether a failure is evidence against the exit itself (not the origin).
+fn counts_against_exit(error: &UpstreamError) -> bool {
+    match error {
+        UpstreamError::Connect(c) => {
+            c.is_exit_fault() || matches!(c, ConnectError::ExitRefused { status: 407, .. })
+        }
+        _ => false,
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Tunnel {
     /// Whether pinproxy terminated TLS in the tunnel (otherwise plain HTTP
     /// runs inside it).
     pub tls: bool,
+    /// The session key named by the CONNECT's `Proxy-Authorization`.
+    pub session_key: Option<String>,
 }
 
 /// The origin a request is for.
@@ -169,6 +171,7 @@ mod tests {
                 port: 443,
             },
             tls: true,
+            session_key: None,
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         assert_eq!(

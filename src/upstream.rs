@@ -1,8 +1,12 @@
-//! Pipeline stage 4: send a request to its origin through the chosen exit.
+//! Pipeline stage 6: send a request to its origin through the chosen exit.
 //!
-//! Each exit owns one [`ExitClient`]: a keep-alive connection pool whose
-//! connector only ever dials through that exit, so a connection (and the IP
-//! it leaves from) is never shared across exits. Bodies stream both ways.
+//! Each exit owns an [`ExitClient`]: keep-alive connection pools whose
+//! connectors only ever dial through that exit, so a connection (and the IP
+//! it leaves from) is never shared across exits. Within an exit, pools are
+//! split by [`Lane`]: every identity has its own (its connections, its
+//! upstream session, its egress-address check), and cookie-less traffic
+//! shares the pools of the exit's anonymous sessions. Bodies stream both
+//! ways.
 //!
 //! Errors name the exit and the stage that failed (see [`UpstreamError`]).
 
@@ -10,7 +14,8 @@ pub mod connect;
 pub mod tls;
 
 use std::error::Error as _;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,8 +25,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
 use crate::body::Body;
-use crate::exits::{ExitId, ExitKind};
-use connect::{ConnectError, ExitConnector};
+use crate::exits::sessions::AnonymousSession;
+use crate::exits::{ExitKind, ExitSpec, HostPort};
+use crate::identity::{Identity, IdentityId, SessionId};
+use connect::{ConnectError, Dialer, ExitConnector, IpCheck};
+
+/// Most pools (lanes) an exit keeps; the least recently used go first.
+const MAX_LANES_PER_EXIT: u64 = 65_536;
 
 /// Pool and timeout settings shared by every exit's client.
 #[derive(Debug, Clone)]
@@ -50,50 +60,163 @@ pub enum UpstreamError {
     Exchange(String),
 }
 
-/// The connection pool of one exit.
+/// Which pool of an exit a request uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PoolKey {
+    /// Cookie-less traffic on one anonymous upstream session.
+    Anonymous(SessionId),
+    /// One identity's own connections.
+    Identity(IdentityId),
+}
+
+/// A pool partition: which connections, which upstream session and which
+/// egress address a request may use.
+#[derive(Clone, Debug)]
+pub struct Lane {
+    /// The pool.
+    pub key: PoolKey,
+    /// The upstream session filled into `{session}`.
+    pub session: SessionId,
+    /// For identities: the address every tunnel must leave from (`None`
+    /// until the first tunnel records it).
+    pub expected_ip: Option<IpAddr>,
+}
+
+impl Lane {
+    /// The lane of cookie-less traffic on an anonymous session.
+    pub fn anonymous(session: AnonymousSession) -> Lane {
+        Lane {
+            key: PoolKey::Anonymous(session.session),
+            session: session.session,
+            expected_ip: None,
+        }
+    }
+
+    /// An identity's lane.
+    pub fn identity(identity: &Identity) -> Lane {
+        Lane {
+            key: PoolKey::Identity(identity.id),
+            session: identity.session,
+            expected_ip: identity.egress_ip,
+        }
+    }
+}
+
+/// The connection pools of one exit.
 #[derive(Clone)]
 pub struct ExitClient {
-    client: Client<ExitConnector, Body>,
-    response_head_timeout: Duration,
+    spec: Arc<ExitSpec>,
+    tls: Arc<ClientConfig>,
+    settings: PoolSettings,
+    pools: moka::sync::Cache<PoolKey, Client<ExitConnector, Body>>,
 }
 
 impl std::fmt::Debug for ExitClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExitClient").finish_non_exhaustive()
+        f.debug_struct("ExitClient")
+            .field("exit", &self.spec.id)
+            .field("lanes", &self.pools.entry_count())
+            .finish_non_exhaustive()
     }
 }
 
 impl ExitClient {
-    /// A pool for exit `exit` reached as `kind`.
-    pub fn new(
-        exit: ExitId,
-        kind: ExitKind,
-        tls: Arc<ClientConfig>,
-        settings: &PoolSettings,
-    ) -> Self {
-        let connector = ExitConnector::new(exit, kind, tls, settings.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_origin)
-            .http1_preserve_header_case(true)
-            // The pipeline forwards the client's own Host header.
-            .set_host(false)
-            .build(connector);
+    /// The pools of the exit `spec`.
+    pub fn new(spec: &ExitSpec, tls: Arc<ClientConfig>, settings: &PoolSettings) -> Self {
         ExitClient {
-            client,
-            response_head_timeout: settings.response_head_timeout,
+            spec: Arc::new(spec.clone()),
+            tls,
+            settings: settings.clone(),
+            // A lane idle for twice the connection idle time has no
+            // connection left worth keeping.
+            pools: moka::sync::Cache::builder()
+                .max_capacity(MAX_LANES_PER_EXIT)
+                .time_to_idle(settings.idle_timeout.saturating_mul(2))
+                .build(),
         }
     }
 
-    /// Sends `request` (absolute URI) and waits for the response head; the
-    /// body streams afterwards.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        let response =
-            tokio::time::timeout(self.response_head_timeout, self.client.request(request))
-                .await
-                .map_err(|_| UpstreamError::ResponseTimeout(self.response_head_timeout))?;
+    fn dialer(&self, session: SessionId, pinned: Option<Arc<OnceLock<IpAddr>>>) -> Dialer {
+        let proxy_auth = match &self.spec.kind {
+            ExitKind::HttpConnect {
+                auth: Some(creds), ..
+            } if creds.has_session_placeholder() => {
+                Some(creds.with_session(&session.to_string()).basic_header())
+            }
+            ExitKind::HttpConnect {
+                auth: Some(creds), ..
+            } => Some(creds.basic_header()),
+            _ => None,
+        };
+        Dialer {
+            exit: self.spec.id.clone(),
+            kind: self.spec.kind.clone(),
+            proxy_auth,
+            tls: self.tls.clone(),
+            timeout: self.settings.connect_timeout,
+            ip_check: IpCheck {
+                header: self.spec.options.exit_ip_header.clone(),
+                echo: self.spec.options.ip_echo.clone(),
+                pinned,
+            },
+        }
+    }
+
+    fn pool(&self, lane: &Lane) -> Client<ExitConnector, Body> {
+        self.pools.get_with(lane.key, || {
+            let pinned = match lane.key {
+                PoolKey::Identity(_) => {
+                    let cell = OnceLock::new();
+                    if let Some(ip) = lane.expected_ip {
+                        let _ = cell.set(ip);
+                    }
+                    Some(Arc::new(cell))
+                }
+                PoolKey::Anonymous(_) => None,
+            };
+            let connector = ExitConnector::new(self.dialer(lane.session, pinned));
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.settings.idle_timeout)
+                .pool_max_idle_per_host(self.settings.max_idle_per_origin)
+                .http1_preserve_header_case(true)
+                // The pipeline forwards the client's own Host header.
+                .set_host(false)
+                .build(connector)
+        })
+    }
+
+    /// Sends `request` (absolute URI) on `lane` and waits for the response
+    /// head; the body streams afterwards.
+    pub async fn send(
+        &self,
+        lane: &Lane,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = self.pool(lane);
+        let timeout = self.settings.response_head_timeout;
+        let response = tokio::time::timeout(timeout, pool.request(request))
+            .await
+            .map_err(|_| UpstreamError::ResponseTimeout(timeout))?;
         response.map_err(classify)
+    }
+
+    /// Drops a lane's pool and its connections (a retired identity's).
+    pub fn forget(&self, key: PoolKey) {
+        self.pools.invalidate(&key);
+    }
+
+    /// Number of live lanes.
+    pub fn lanes(&self) -> u64 {
+        self.pools.run_pending_tasks();
+        self.pools.entry_count()
+    }
+
+    /// Opens and drops a tunnel to `target` on a fresh session: the health probe.
+    pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
+        self.dialer(SessionId(rand::random()), None)
+            .probe(target)
+            .await
     }
 }
 

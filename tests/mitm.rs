@@ -151,6 +151,7 @@ async fn the_ca_survives_restarts_and_the_cli_prints_it() {
     let again = pinproxy::Daemon::start(&pinproxy::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: Some(dir.clone()),
+        admin: pinproxy::config::AdminConfig { listen: None },
         ..Default::default()
     })
     .await

@@ -231,7 +231,10 @@ async fn a_rotated_cookie_inherits_its_exit() {
     let pins = pipeline.affinity.store().lookup(&[key]).await.unwrap();
     let exit = s.exits.iter().position(|e| e.source == peer).unwrap();
     assert_eq!(
-        pins[0].as_ref().map(|p| p.exit.to_string()),
+        pins[0]
+            .as_ref()
+            .and_then(|b| b.identity.as_ref())
+            .map(|i| i.exit.to_string()),
         Some(format!("exit{}", exit + 1))
     );
 

@@ -24,8 +24,13 @@ use crate::target::Tunnel;
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serves the tunnel to `authority` opened on `upgraded` until either side
-/// closes it.
-pub async fn serve_tunnel(frontend: Arc<Frontend>, upgraded: Upgraded, authority: HostPort) {
+/// closes it; `session_key` is the key the CONNECT named, if any.
+pub async fn serve_tunnel(
+    frontend: Arc<Frontend>,
+    upgraded: Upgraded,
+    authority: HostPort,
+    session_key: Option<String>,
+) {
     let mut io = TokioIo::new(upgraded);
     let mut first = BytesMut::with_capacity(2048);
     let read = tokio::time::timeout(frontend.timeouts.tls_handshake, io.read_buf(&mut first)).await;
@@ -37,18 +42,19 @@ pub async fn serve_tunnel(frontend: Arc<Frontend>, upgraded: Upgraded, authority
     }
     let is_tls = first.first() == Some(&TLS_HANDSHAKE);
     let io = Rewind::new(first.freeze(), io);
+    let tunnel = Tunnel {
+        authority,
+        tls: is_tls,
+        session_key,
+    };
     if is_tls {
-        serve_tls(frontend, io, authority).await;
+        serve_tls(frontend, io, tunnel).await;
     } else {
-        let tunnel = Tunnel {
-            authority,
-            tls: false,
-        };
         serve_http(frontend, io, tunnel).await;
     }
 }
 
-async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, authority: HostPort)
+async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -63,7 +69,7 @@ where
     // host when it sent none (IP literals).
     let name = match start.client_hello().server_name() {
         Some(sni) => LeafName::from_host(sni),
-        None => LeafName::from_host(&authority.host),
+        None => LeafName::from_host(&tunnel.authority.host),
     };
     let config = match frontend.mitm.certs.server_config(name.clone()).await {
         Ok(config) => config,
@@ -73,10 +79,6 @@ where
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return log_handshake_failure(&name, &e),
         Err(_) => return tracing::debug!(host = %name, "TLS handshake timed out"),
-    };
-    let tunnel = Tunnel {
-        authority,
-        tls: true,
     };
     serve_http(frontend, tls, tunnel).await;
 }

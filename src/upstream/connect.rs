@@ -9,16 +9,24 @@
 //!
 //! Plain-HTTP origins are reached with CONNECT too (to port 80): inside a
 //! tunnel the exit cannot add `Via` or `X-Forwarded-For` headers of its own.
+//!
+//! Every new tunnel learns its egress address where it can: the local
+//! address for direct exits, the exit's `exit_ip_header` in its CONNECT
+//! answer, or an IP-echo probe through the exit. On an identity's lane the
+//! first address is recorded and every later tunnel must match it before
+//! any request is written to it (see [`IpCheck`]).
 
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Uri};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -27,7 +35,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use super::tls;
-use crate::exits::{ExitId, ExitKind, HostPort};
+use crate::exits::{EchoTarget, ExitId, ExitKind, HostPort};
 
 /// Largest CONNECT answer header section read from an exit.
 const MAX_CONNECT_REPLY: usize = 16 * 1024;
@@ -91,6 +99,19 @@ pub enum ConnectError {
     /// The pool asked for a URI pinproxy cannot dial.
     #[error("cannot dial {0}")]
     BadTarget(String),
+    /// A new tunnel of an identity left from another address than the
+    /// identity's first one.
+    #[error("the new tunnel leaves from {observed}, but the identity was created on {expected}")]
+    ExitIpDrift {
+        /// The identity's address.
+        expected: IpAddr,
+        /// The new tunnel's address.
+        observed: IpAddr,
+    },
+    /// The exit is set up to report its egress address but this tunnel's
+    /// could not be learnt, so it cannot be trusted with an identity.
+    #[error("cannot learn the tunnel's egress address: {0}")]
+    ExitIpUnknown(String),
 }
 
 /// The connect stage a timeout hit.
@@ -135,40 +156,58 @@ impl ConnectError {
 pub struct TunnelInfo {
     /// The exit the connection goes through.
     pub exit: ExitId,
+    /// The address the tunnel leaves from, where known.
+    pub egress_ip: Option<IpAddr>,
 }
 
-/// Opens connections to origins through one exit.
-#[derive(Clone)]
+/// How a lane learns and checks the egress address of its tunnels.
+#[derive(Clone, Debug, Default)]
+pub struct IpCheck {
+    /// CONNECT answer header stating the egress address.
+    pub header: Option<HeaderName>,
+    /// IP-echo URL fetched through the exit when no header says it.
+    pub echo: Option<EchoTarget>,
+    /// For an identity's lane: the address every tunnel must leave from,
+    /// set by the first tunnel when the identity has none recorded yet.
+    pub pinned: Option<Arc<OnceLock<IpAddr>>>,
+}
+
+/// Everything needed to open tunnels through one exit for one lane.
+#[derive(Debug)]
+pub struct Dialer {
+    /// The exit.
+    pub exit: ExitId,
+    /// How it is reached.
+    pub kind: ExitKind,
+    /// `Proxy-Authorization` for the exit (with the lane's session filled in).
+    pub proxy_auth: Option<HeaderValue>,
+    /// TLS settings for origins.
+    pub tls: Arc<ClientConfig>,
+    /// Deadline for a whole connect.
+    pub timeout: Duration,
+    /// Egress address checks.
+    pub ip_check: IpCheck,
+}
+
+/// Opens connections to origins through one exit, for one lane.
+#[derive(Clone, Debug)]
 pub struct ExitConnector {
-    inner: Arc<ConnectorInner>,
-}
-
-struct ConnectorInner {
-    exit: ExitId,
-    kind: ExitKind,
-    proxy_auth: Option<HeaderValue>,
-    tls: Arc<ClientConfig>,
-    timeout: Duration,
+    inner: Arc<Dialer>,
 }
 
 impl ExitConnector {
-    /// A connector for the exit `exit` of kind `kind`.
-    pub fn new(exit: ExitId, kind: ExitKind, tls: Arc<ClientConfig>, timeout: Duration) -> Self {
-        let proxy_auth = match &kind {
-            ExitKind::HttpConnect {
-                auth: Some(creds), ..
-            } => Some(creds.basic_header()),
-            _ => None,
-        };
+    /// A connector dialling as `dialer` says.
+    pub fn new(dialer: Dialer) -> Self {
         ExitConnector {
-            inner: Arc::new(ConnectorInner {
-                exit,
-                kind,
-                proxy_auth,
-                tls,
-                timeout,
-            }),
+            inner: Arc::new(dialer),
         }
+    }
+}
+
+impl ExitConnector {
+    /// The dialler behind this connector.
+    pub fn dialer(&self) -> &Dialer {
+        &self.inner
     }
 }
 
@@ -187,7 +226,7 @@ impl tower_service::Service<Uri> for ExitConnector {
     }
 }
 
-impl ConnectorInner {
+impl Dialer {
     async fn connect(&self, uri: Uri) -> Result<UpstreamConn, ConnectError> {
         let deadline = Instant::now() + self.timeout;
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
@@ -198,16 +237,11 @@ impl ConnectorInner {
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let target = HostPort { host, port };
 
-        let tcp = match &self.kind {
-            ExitKind::Direct { source } => self.dial(&target, *source, deadline).await?,
-            ExitKind::HttpConnect { proxy, .. } => {
-                let mut tcp = self.dial_proxy(proxy, deadline).await?;
-                self.http_connect(&mut tcp, &target, deadline).await?;
-                tcp
-            }
-        };
+        let (tcp, reported) = self.open_transport(&target, deadline).await?;
+        let egress_ip = self.check_egress(reported, deadline).await?;
         let info = TunnelInfo {
             exit: self.exit.clone(),
+            egress_ip,
         };
         if !https {
             return Ok(UpstreamConn {
@@ -227,6 +261,122 @@ impl ConnectorInner {
             io: UpstreamIo::Tls(Box::new(TokioIo::new(tls))),
             info,
         })
+    }
+
+    /// Opens a raw tunnel to `target` through the exit; also returns the
+    /// egress address the transport itself reveals, if any.
+    async fn open_transport(
+        &self,
+        target: &HostPort,
+        deadline: Instant,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        match &self.kind {
+            ExitKind::Direct { source } => {
+                let tcp = self.dial(target, *source, deadline).await?;
+                let local = tcp.local_addr().ok().map(|a| a.ip());
+                Ok((tcp, local))
+            }
+            ExitKind::HttpConnect { proxy, .. } => {
+                let mut tcp = self.dial_proxy(proxy, deadline).await?;
+                let reported = self.http_connect(&mut tcp, target, deadline).await?;
+                Ok((tcp, reported))
+            }
+        }
+    }
+
+    /// Learns the tunnel's egress address and, on an identity's lane,
+    /// refuses a tunnel that leaves from another address than the first.
+    async fn check_egress(
+        &self,
+        reported: Option<IpAddr>,
+        deadline: Instant,
+    ) -> Result<Option<IpAddr>, ConnectError> {
+        let check = &self.ip_check;
+        let observed = match (reported, &check.echo) {
+            (Some(ip), _) => Some(ip),
+            (None, Some(echo)) => Some(self.echo_probe(echo, deadline).await?),
+            (None, None) => None,
+        };
+        let Some(pinned) = &check.pinned else {
+            return Ok(observed);
+        };
+        match observed {
+            Some(observed) => {
+                let expected = *pinned.get_or_init(|| observed);
+                if expected != observed {
+                    return Err(ConnectError::ExitIpDrift { expected, observed });
+                }
+            }
+            // The exit promised to state its address and did not: this
+            // tunnel cannot be trusted with an identity.
+            None if check.header.is_some() => {
+                return Err(ConnectError::ExitIpUnknown(format!(
+                    "the CONNECT answer has no {} header",
+                    check.header.as_ref().map_or("", |h| h.as_str())
+                )))
+            }
+            None => {}
+        }
+        Ok(observed)
+    }
+
+    /// Fetches the IP-echo URL through the exit (same credentials, so the
+    /// same upstream session) and parses the body as an address. A probe on
+    /// another connection cannot prove the address of this one; it only
+    /// catches a session that moved.
+    async fn echo_probe(
+        &self,
+        echo: &EchoTarget,
+        deadline: Instant,
+    ) -> Result<IpAddr, ConnectError> {
+        let unknown = |why: String| ConnectError::ExitIpUnknown(format!("IP-echo probe: {why}"));
+        let (tcp, _) = self.open_transport(&echo.authority, deadline).await?;
+        let fetch = async {
+            let io: Box<dyn IoStream> = if echo.https {
+                Box::new(
+                    tls::handshake(self.tls.clone(), &echo.authority.host, tcp)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                Box::new(tcp)
+            };
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let request = http::Request::get(echo.path.as_str())
+                .header(http::header::HOST, echo.authority.to_string())
+                .header(http::header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("answered {}", response.status()));
+            }
+            let body = Limited::new(response.into_body(), 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            text.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("the body {:?} is not an IP address", text.trim()))
+        };
+        tokio::time::timeout_at(deadline, fetch)
+            .await
+            .map_err(|_| self.timed_out(Stage::ExitReply))?
+            .map_err(unknown)
+    }
+
+    /// Opens and drops a tunnel to `target`: the health probe.
+    pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
+        let deadline = Instant::now() + self.timeout;
+        self.open_transport(target, deadline).await.map(|_| ())
     }
 
     fn timed_out(&self, stage: Stage) -> ConnectError {
@@ -291,13 +441,14 @@ impl ConnectorInner {
         Err(unreachable(last))
     }
 
-    /// Sends CONNECT for `target` and reads the exit's answer.
+    /// Sends CONNECT for `target` and reads the exit's answer; returns the
+    /// egress address the answer states, if the exit is set up to state one.
     async fn http_connect(
         &self,
         tcp: &mut TcpStream,
         target: &HostPort,
         deadline: Instant,
-    ) -> Result<(), ConnectError> {
+    ) -> Result<Option<IpAddr>, ConnectError> {
         let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
         if let Some(auth) = &self.proxy_auth {
             request.extend_from_slice(b"Proxy-Authorization: ");
@@ -307,9 +458,9 @@ impl ConnectorInner {
         request.extend_from_slice(b"\r\n");
         let exchange = async {
             tcp.write_all(&request).await?;
-            read_connect_reply(tcp).await
+            read_connect_reply(tcp, self.ip_check.header.as_ref()).await
         };
-        let (status, reason) = tokio::time::timeout_at(deadline, exchange)
+        let (status, reason, stated_ip) = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| self.timed_out(Stage::ExitReply))?
             .map_err(|e| match e.kind() {
@@ -317,7 +468,7 @@ impl ConnectorInner {
                 _ => ConnectError::ExitProtocol(format!("connection failed: {e}")),
             })?;
         if (200..300).contains(&status) {
-            Ok(())
+            Ok(stated_ip)
         } else {
             Err(ConnectError::ExitRefused {
                 target: target.clone(),
@@ -328,9 +479,13 @@ impl ConnectorInner {
     }
 }
 
-/// Reads a CONNECT answer head. Nothing may follow it: in a fresh tunnel the
-/// client speaks first (TLS or HTTP), so extra bytes mean a broken exit.
-async fn read_connect_reply(tcp: &mut TcpStream) -> io::Result<(u16, String)> {
+/// Reads a CONNECT answer head: its status, reason and the address stated
+/// in `ip_header`. Nothing may follow the head: in a fresh tunnel the client
+/// speaks first (TLS or HTTP), so extra bytes mean a broken exit.
+async fn read_connect_reply(
+    tcp: &mut TcpStream,
+    ip_header: Option<&HeaderName>,
+) -> io::Result<(u16, String, Option<IpAddr>)> {
     let mut buf = Vec::with_capacity(512);
     loop {
         let mut chunk = [0u8; 1024];
@@ -354,7 +509,15 @@ async fn read_connect_reply(tcp: &mut TcpStream) -> io::Result<(u16, String)> {
                 }
                 let status = reply.code.unwrap_or(0);
                 let reason = reply.reason.unwrap_or("").to_owned();
-                return Ok((status, reason));
+                let stated_ip = ip_header.and_then(|name| {
+                    reply
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+                });
+                return Ok((status, reason, stated_ip));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_CONNECT_REPLY => continue,
             Ok(httparse::Status::Partial) => {
@@ -388,6 +551,10 @@ async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<Tc
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// A byte stream the IP-echo probe can speak HTTP over.
+trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
 
 /// The byte stream of an upstream connection.
 enum UpstreamIo {

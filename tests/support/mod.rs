@@ -39,12 +39,12 @@ impl Proxy {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: Some(data_dir.path().to_owned()),
             upstream_ca: vec![origin.pki.ca_file.clone()],
+            admin: pinproxy::config::AdminConfig {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+            },
             exits: exits
                 .iter()
-                .map(|(id, url)| ExitConfig {
-                    id: id.clone(),
-                    url: url.clone(),
-                })
+                .map(|(id, url)| ExitConfig::new(id, url))
                 .collect(),
             ..Config::default()
         };

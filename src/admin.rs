@@ -1,0 +1,362 @@
+//! The admin endpoint, on its own listener (loopback unless `allow_remote`):
+//!
+//! - `GET /metrics`: Prometheus text;
+//! - `GET /identities` (`?all=1` to include retired ones): JSON list of
+//!   identities with exit, age, last use, request count and credentials
+//!   (name and hash only), as `pinproxy pins` shows them;
+//! - `GET /exits`: JSON list of exits and their health;
+//! - `GET /healthz`: `ok`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::affinity::{ends, Affinity, Listing, PinStore as _};
+use crate::body::{self, Body};
+use crate::exits::ExitSet;
+use crate::metrics::{ExitLabel, Metrics};
+
+/// One identity, as listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentityView {
+    /// Identity id.
+    pub identity: String,
+    /// Its exit.
+    pub exit: String,
+    /// Its upstream session id.
+    pub session: String,
+    /// `active`, `ending` (will be retired on its next use) or `retired`.
+    pub state: String,
+    /// Why it is ending or retired.
+    pub reason: Option<String>,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Last request, Unix ms.
+    pub last_used_ms: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Egress address, where known.
+    pub egress_ip: Option<String>,
+    /// Its credentials.
+    pub credentials: Vec<CredentialView>,
+}
+
+/// One credential of an identity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CredentialView {
+    /// `cookie` or `session-key`.
+    pub kind: String,
+    /// Cookie name.
+    pub name: String,
+    /// Short hash of the value.
+    pub hash: String,
+    /// Cookie expiry, Unix ms.
+    pub expires_ms: Option<u64>,
+}
+
+/// One exit, as listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExitView {
+    /// Exit id.
+    pub id: String,
+    /// URL without credentials.
+    pub url: String,
+    /// `healthy`, `unhealthy` or `dead`.
+    pub state: String,
+    /// When it last died, Unix ms.
+    pub died_at_ms: Option<u64>,
+    /// Live connection pools (identities and anonymous sessions).
+    pub lanes: u64,
+}
+
+/// What the admin endpoint reads.
+#[derive(Debug)]
+pub struct Admin {
+    /// Identities.
+    pub affinity: Arc<Affinity>,
+    /// Exits.
+    pub exits: Arc<ExitSet>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves the admin endpoint until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let admin = admin.clone();
+        tasks.spawn(async move {
+            let service = service_fn(move |request| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Admin {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        let all = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "all=1"));
+        match request.uri().path() {
+            "/metrics" => text(StatusCode::OK, self.metrics_text()),
+            "/identities" => match self.identities(all).await {
+                Ok(views) => json(&views),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            "/exits" => json(&self.exit_views()),
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "try /metrics, /identities, /exits or /healthz\n".into(),
+            ),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        for exit in self.exits.iter() {
+            self.metrics
+                .exit_state
+                .get_or_create(&ExitLabel {
+                    exit: exit.id().to_string(),
+                })
+                .set(i64::from(exit.health.state().as_u8()));
+        }
+        self.metrics.encode()
+    }
+
+    /// The identity listing (retired ones only with `all`).
+    pub async fn identities(
+        &self,
+        all: bool,
+    ) -> Result<Vec<IdentityView>, crate::affinity::StoreError> {
+        let now = self.affinity.clock().now_ms();
+        let listings = self.affinity.store().list().await?;
+        let mut views: Vec<IdentityView> = listings
+            .into_iter()
+            .filter_map(|listing| self.view(listing, now, all))
+            .collect();
+        views.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms));
+        Ok(views)
+    }
+
+    fn view(&self, listing: Listing, now: u64, all: bool) -> Option<IdentityView> {
+        let Listing { identity, pins } = listing;
+        let (state, reason) = match &identity.retired {
+            Some(r) => ("retired", Some(r.reason.to_string())),
+            None => match ends(&identity, &self.exits, self.affinity.policies(), now) {
+                Some(reason) => ("ending", Some(reason.to_string())),
+                None => ("active", None),
+            },
+        };
+        if state == "retired" && !all {
+            return None;
+        }
+        Some(IdentityView {
+            identity: identity.id.to_string(),
+            exit: identity.exit.to_string(),
+            session: identity.session.to_string(),
+            state: state.to_owned(),
+            reason,
+            created_ms: identity.created_ms,
+            last_used_ms: identity.last_used_ms,
+            requests: identity.requests,
+            egress_ip: identity.egress_ip.map(|ip| ip.to_string()),
+            credentials: pins
+                .into_iter()
+                .map(|(key, pin)| CredentialView {
+                    kind: match pin.kind {
+                        crate::identity::PinKind::Cookie => "cookie".into(),
+                        crate::identity::PinKind::SessionKey => "session-key".into(),
+                    },
+                    name: pin.name.to_string(),
+                    hash: key.to_string(),
+                    expires_ms: pin.expires_ms,
+                })
+                .collect(),
+        })
+    }
+
+    fn exit_views(&self) -> Vec<ExitView> {
+        self.exits
+            .iter()
+            .map(|exit| ExitView {
+                id: exit.id().to_string(),
+                url: exit.spec.redacted_url(),
+                state: format!("{:?}", exit.health.state()).to_ascii_lowercase(),
+                died_at_ms: exit.health.died_at_ms(),
+                lanes: exit.client.lanes(),
+            })
+            .collect()
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Body> {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            let mut response = Response::new(body::full(text));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => self::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// The admin endpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    /// No connection.
+    #[error("cannot reach the admin endpoint at {addr} (is pinproxy running with --admin {addr}?): {source}")]
+    Connect {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("admin endpoint: {0}")]
+    Http(#[from] hyper::Error),
+    /// A non-200 answer.
+    #[error("admin endpoint answered {0}")]
+    Status(StatusCode),
+    /// The answer is not the expected JSON.
+    #[error("admin endpoint sent unreadable JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Fetches the identity listing from a running daemon's admin endpoint.
+pub async fn fetch_identities(
+    addr: std::net::SocketAddr,
+    all: bool,
+) -> Result<Vec<IdentityView>, AdminClientError> {
+    use http_body_util::BodyExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let path = if all {
+        "/identities?all=1"
+    } else {
+        "/identities"
+    };
+    let request = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|_| AdminClientError::Status(StatusCode::BAD_REQUEST))?;
+    let response = sender.send_request(request).await?;
+    if response.status() != StatusCode::OK {
+        return Err(AdminClientError::Status(response.status()));
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Renders identities as a table for humans.
+pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
+    let mut out = format!(
+        "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
+        "IDENTITY", "EXIT", "STATE", "AGE", "IDLE", "REQS", "EGRESS", "CREDENTIALS"
+    );
+    for v in views {
+        let credentials: Vec<String> = v
+            .credentials
+            .iter()
+            .map(|c| format!("{}#{}", c.name, c.hash))
+            .collect();
+        let state = match &v.reason {
+            Some(reason) => format!("{} ({reason})", v.state),
+            None => v.state.clone(),
+        };
+        out.push_str(&format!(
+            "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
+            v.identity,
+            v.exit,
+            state,
+            human(now_ms.saturating_sub(v.created_ms)),
+            human(now_ms.saturating_sub(v.last_used_ms)),
+            v.requests,
+            v.egress_ip.as_deref().unwrap_or("-"),
+            credentials.join(" "),
+        ));
+    }
+    out
+}
+
+fn human(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_show_names_and_hashes_only() {
+        let view = IdentityView {
+            identity: "00000000000000aa".into(),
+            exit: "res1".into(),
+            session: "s".into(),
+            state: "active".into(),
+            reason: None,
+            created_ms: 0,
+            last_used_ms: 90_000,
+            requests: 7,
+            egress_ip: Some("127.0.0.2".into()),
+            credentials: vec![CredentialView {
+                kind: "cookie".into(),
+                name: "datadome".into(),
+                hash: "1a2b3c4d".into(),
+                expires_ms: None,
+            }],
+        };
+        let table = render_table(&[view], 3_700_000);
+        assert!(table.contains("datadome#1a2b3c4d"), "{table}");
+        assert!(table.contains("1h01m"), "{table}");
+        assert!(table.contains("1h00m"), "{table}");
+    }
+}

@@ -1,0 +1,484 @@
+//! Recognising an origin's "this session is over" answers: challenge pages,
+//! hard blocks, a 401 after the session worked.
+//!
+//! A rule matches a response status, optionally a header, optionally one of
+//! several body markers, and optionally only once the identity has had a
+//! 2xx answer. Status and header are judged on the response head; body
+//! markers are looked for in the first `scan_limit` bytes of the decoded
+//! body (gzip, deflate and br are decoded for the scan only) as it streams
+//! to the client, which is never delayed: the identity is retired as soon
+//! as a marker shows up, and its next request sees the retirement.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::{Frame, SizeHint};
+use serde::Deserialize;
+
+use crate::body::{Body, BoxError};
+
+/// One invalidation rule, as configured.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidationRule {
+    /// Name, used as the retirement reason and metric label.
+    pub name: String,
+    /// Statuses the rule applies to.
+    pub status: Vec<u16>,
+    /// A header that must be present: `name` or `name: substring`
+    /// (case-insensitive).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Body markers: any one of them must appear in the scanned window.
+    #[serde(default)]
+    pub body: Vec<String>,
+    /// Only once the identity has had a 2xx answer.
+    #[serde(default)]
+    pub after_success: bool,
+}
+
+/// The default rules: DataDome's hard block and challenge page, Cloudflare's
+/// challenge, and a 401 after the session worked.
+pub fn default_rules() -> Vec<InvalidationRule> {
+    let rule = |name: &str, status: &[u16], header: Option<&str>, body: &[&str], after_success| {
+        InvalidationRule {
+            name: name.to_owned(),
+            status: status.to_vec(),
+            header: header.map(str::to_owned),
+            body: body.iter().map(|s| (*s).to_owned()).collect(),
+            after_success,
+        }
+    };
+    vec![
+        // The dd object of a hard block carries t:'bv'; its iframe URL t=bv.
+        rule(
+            "datadome-hard-block",
+            &[403],
+            None,
+            &["'t':'bv'", "\"t\":\"bv\"", "t=bv"],
+            false,
+        ),
+        rule(
+            "datadome-challenge",
+            &[403],
+            None,
+            &["captcha-delivery.com"],
+            false,
+        ),
+        rule(
+            "cloudflare-challenge",
+            &[403, 429, 503],
+            Some("cf-mitigated: challenge"),
+            &[],
+            false,
+        ),
+        rule(
+            "cloudflare-challenge-page",
+            &[403, 429, 503],
+            None,
+            &["/cdn-cgi/challenge-platform/"],
+            false,
+        ),
+        rule("unauthorized-after-success", &[401], None, &[], true),
+    ]
+}
+
+/// What the head of a response says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not an invalidation.
+    Clean,
+    /// An invalidation, by this rule.
+    Invalidated(String),
+    /// An invalidation if the body shows one of these (rule, markers).
+    ScanBody(Vec<(String, Vec<String>)>),
+}
+
+/// The configured rules.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    rules: Vec<InvalidationRule>,
+    /// Bytes of decoded body scanned for markers.
+    pub scan_limit: usize,
+}
+
+impl Rules {
+    /// Rules scanning at most `scan_limit` body bytes.
+    pub fn new(rules: Vec<InvalidationRule>, scan_limit: usize) -> Rules {
+        Rules { rules, scan_limit }
+    }
+
+    /// Judges a response head for an identity that has (or has not) `worked`.
+    pub fn judge(&self, status: StatusCode, headers: &HeaderMap, worked: bool) -> Verdict {
+        let mut scan = Vec::new();
+        for rule in &self.rules {
+            if !rule.status.contains(&status.as_u16())
+                || (rule.after_success && !worked)
+                || !rule
+                    .header
+                    .as_deref()
+                    .is_none_or(|h| header_matches(headers, h))
+            {
+                continue;
+            }
+            if rule.body.is_empty() {
+                return Verdict::Invalidated(rule.name.clone());
+            }
+            scan.push((rule.name.clone(), rule.body.clone()));
+        }
+        if scan.is_empty() {
+            Verdict::Clean
+        } else {
+            Verdict::ScanBody(scan)
+        }
+    }
+}
+
+fn header_matches(headers: &HeaderMap, spec: &str) -> bool {
+    let (name, needle) = match spec.split_once(':') {
+        Some((n, v)) => (n.trim(), Some(v.trim().to_ascii_lowercase())),
+        None => (spec.trim(), None),
+    };
+    headers.get_all(name).iter().any(|value| match &needle {
+        None => true,
+        Some(needle) => String::from_utf8_lossy(value.as_bytes())
+            .to_ascii_lowercase()
+            .contains(needle.as_str()),
+    })
+}
+
+/// Decodes a content coding for the scan window.
+enum Decoder {
+    Identity,
+    Gzip(Box<flate2::write::GzDecoder<Vec<u8>>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Vec<u8>>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
+}
+
+impl Decoder {
+    fn for_encoding(headers: &HeaderMap) -> Option<Decoder> {
+        let coding = headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        match coding.as_deref() {
+            None | Some("") | Some("identity") => Some(Decoder::Identity),
+            Some("gzip") | Some("x-gzip") => Some(Decoder::Gzip(Box::new(
+                flate2::write::GzDecoder::new(Vec::new()),
+            ))),
+            Some("deflate") => Some(Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(
+                Vec::new(),
+            )))),
+            Some("br") => Some(Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Vec::new(), 4096),
+            ))),
+            // Unknown or stacked codings cannot be scanned.
+            Some(_) => None,
+        }
+    }
+
+    /// Feeds compressed bytes; returns the newly decoded ones.
+    fn feed(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        fn take<W: std::io::Write>(
+            writer: &mut W,
+            chunk: &[u8],
+            out: impl FnOnce(&mut W) -> &mut Vec<u8>,
+        ) -> Option<Vec<u8>> {
+            writer.write_all(chunk).ok()?;
+            let _ = writer.flush();
+            Some(std::mem::take(out(writer)))
+        }
+        match self {
+            Decoder::Identity => Some(chunk.to_vec()),
+            Decoder::Gzip(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
+            Decoder::Deflate(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
+            Decoder::Brotli(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
+        }
+    }
+}
+
+/// Looks for markers in the first bytes of a body as it passes.
+struct Scanner {
+    rules: Vec<(String, Vec<String>)>,
+    decoder: Decoder,
+    window: Vec<u8>,
+    limit: usize,
+    on_match: Option<Box<dyn FnOnce(String) + Send + Sync>>,
+}
+
+impl Scanner {
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.on_match.is_none() || self.window.len() >= self.limit {
+            return;
+        }
+        let Some(decoded) = self.decoder.feed(chunk) else {
+            self.on_match = None;
+            return;
+        };
+        let room = self.limit - self.window.len();
+        self.window
+            .extend_from_slice(&decoded[..decoded.len().min(room)]);
+        let found = self.rules.iter().find(|(_, markers)| {
+            markers
+                .iter()
+                .any(|m| memchr_contains(&self.window, m.as_bytes()))
+        });
+        if let Some((rule, _)) = found {
+            let rule = rule.clone();
+            if let Some(on_match) = self.on_match.take() {
+                on_match(rule);
+            }
+        }
+    }
+}
+
+fn memchr_contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A response body that scans its first bytes for invalidation markers and
+/// calls `on_match` (once) with the matching rule's name. Bodies in codings
+/// pinproxy cannot decode pass unscanned.
+pub fn scanning(
+    body: Body,
+    headers: &HeaderMap,
+    rules: Vec<(String, Vec<String>)>,
+    limit: usize,
+    on_match: impl FnOnce(String) + Send + Sync + 'static,
+) -> Body {
+    let Some(decoder) = Decoder::for_encoding(headers) else {
+        tracing::debug!("response coding cannot be scanned for invalidation markers");
+        return body;
+    };
+    let scanner = Scanner {
+        rules,
+        decoder,
+        window: Vec::new(),
+        limit,
+        on_match: Some(Box::new(on_match)),
+    };
+    http_body_util::BodyExt::boxed(ScanningBody {
+        inner: body,
+        scanner,
+    })
+}
+
+struct ScanningBody {
+    inner: Body,
+    scanner: Scanner,
+}
+
+impl http_body::Body for ScanningBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.scanner.feed(data);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http_body_util::BodyExt;
+    use std::io::Write as _;
+    use std::sync::{Arc, Mutex};
+
+    fn rules() -> Rules {
+        Rules::new(default_rules(), 64 * 1024)
+    }
+
+    #[test]
+    fn heads_are_judged() {
+        let mut h = HeaderMap::new();
+        assert_eq!(rules().judge(StatusCode::OK, &h, true), Verdict::Clean);
+        assert_eq!(
+            rules().judge(StatusCode::UNAUTHORIZED, &h, false),
+            Verdict::Clean
+        );
+        assert_eq!(
+            rules().judge(StatusCode::UNAUTHORIZED, &h, true),
+            Verdict::Invalidated("unauthorized-after-success".into())
+        );
+        h.insert("cf-mitigated", HeaderValue::from_static("Challenge"));
+        assert_eq!(
+            rules().judge(StatusCode::FORBIDDEN, &HeaderMap::new(), false),
+            Verdict::ScanBody(vec![
+                (
+                    "datadome-hard-block".into(),
+                    vec!["'t':'bv'".into(), "\"t\":\"bv\"".into(), "t=bv".into()]
+                ),
+                (
+                    "datadome-challenge".into(),
+                    vec!["captcha-delivery.com".into()]
+                ),
+                (
+                    "cloudflare-challenge-page".into(),
+                    vec!["/cdn-cgi/challenge-platform/".into()]
+                ),
+            ])
+        );
+        assert_eq!(
+            rules().judge(StatusCode::FORBIDDEN, &h, false),
+            Verdict::Invalidated("cloudflare-challenge".into())
+        );
+    }
+
+    async fn scan(body: Vec<u8>, encoding: Option<&'static str>) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        if let Some(e) = encoding {
+            headers.insert("content-encoding", HeaderValue::from_static(e));
+        }
+        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("expected a scan");
+        };
+        let found = Arc::new(Mutex::new(None));
+        let sink = found.clone();
+        // Split the body so markers may straddle frames.
+        let (a, b) = body.split_at(body.len() / 2);
+        let stream = futures_like_body(vec![a.to_vec(), b.to_vec()]);
+        let scanned = scanning(stream, &headers, rules, 64 * 1024, move |rule| {
+            *sink.lock().unwrap() = Some(rule);
+        });
+        let collected = scanned.collect().await.unwrap().to_bytes();
+        assert_eq!(collected.len(), body.len(), "the body passes unchanged");
+        let result = found.lock().unwrap().clone();
+        result
+    }
+
+    fn futures_like_body(chunks: Vec<Vec<u8>>) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .into_iter()
+            .map(|c| Ok(Frame::data(Bytes::from(c))))
+            .collect();
+        http_body_util::StreamBody::new(tokio_stream_iter(frames)).boxed()
+    }
+
+    fn tokio_stream_iter<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
+        struct Iter<T>(std::vec::IntoIter<T>);
+        impl<T: Unpin> futures_core::Stream for Iter<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<T>> {
+                Poll::Ready(self.0.next())
+            }
+        }
+        Iter(items.into_iter())
+    }
+
+    const DATADOME_BLOCK: &str = "<html><script>var dd={'rt':'c','cid':'x','t':'bv','host':'geo.captcha-delivery.com'}</script></html>";
+
+    #[tokio::test]
+    async fn markers_are_found_in_plain_and_compressed_bodies() {
+        assert_eq!(
+            scan(DATADOME_BLOCK.into(), None).await.as_deref(),
+            Some("datadome-hard-block")
+        );
+        let fe = DATADOME_BLOCK.replace("'bv'", "'fe'");
+        assert_eq!(
+            scan(fe.clone().into(), None).await.as_deref(),
+            Some("datadome-challenge")
+        );
+        assert_eq!(scan(b"<html>forbidden</html>".to_vec(), None).await, None);
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(fe.as_bytes()).unwrap();
+        assert_eq!(
+            scan(gz.finish().unwrap(), Some("gzip")).await.as_deref(),
+            Some("datadome-challenge")
+        );
+
+        let mut br = Vec::new();
+        {
+            let mut w = brotli_compress(&mut br);
+            w.write_all(DATADOME_BLOCK.as_bytes()).unwrap();
+        }
+        assert_eq!(
+            scan(br, Some("br")).await.as_deref(),
+            Some("datadome-hard-block")
+        );
+    }
+
+    /// A brotli stream with uncompressed meta-blocks: enough to exercise the
+    /// decoder without a compressor dependency.
+    fn brotli_compress(out: &mut Vec<u8>) -> impl std::io::Write + '_ {
+        struct Raw<'a>(&'a mut Vec<u8>, Vec<u8>);
+        impl std::io::Write for Raw<'_> {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.1.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl Drop for Raw<'_> {
+            fn drop(&mut self) {
+                *self.0 = brotli_uncompressed(&self.1);
+            }
+        }
+        Raw(out, Vec::new())
+    }
+
+    /// Encodes `data` as one uncompressed brotli meta-block (RFC 7932 §9.2):
+    /// WBITS=16, MLEN, ISUNCOMPRESSED, the bytes, then an empty last block.
+    fn brotli_uncompressed(data: &[u8]) -> Vec<u8> {
+        assert!(!data.is_empty() && data.len() <= 1 << 16);
+        let mut bits = BitWriter::default();
+        bits.put(0, 1); // WBITS = 16
+        bits.put(0, 1); // ISLAST = 0
+        bits.put(0, 2); // MNIBBLES = 4
+        bits.put((data.len() - 1) as u64, 16); // MLEN - 1
+        bits.put(1, 1); // ISUNCOMPRESSED
+        let mut out = bits.finish();
+        out.extend_from_slice(data);
+        let mut last = BitWriter::default();
+        last.put(1, 1); // ISLAST
+        last.put(1, 1); // ISLASTEMPTY
+        out.extend_from_slice(&last.finish());
+        out
+    }
+
+    #[derive(Default)]
+    struct BitWriter {
+        bytes: Vec<u8>,
+        used: u32,
+    }
+
+    impl BitWriter {
+        fn put(&mut self, value: u64, count: u32) {
+            for i in 0..count {
+                if self.used % 8 == 0 {
+                    self.bytes.push(0);
+                }
+                let bit = ((value >> i) & 1) as u8;
+                let last = self.bytes.len() - 1;
+                self.bytes[last] |= bit << (self.used % 8);
+                self.used += 1;
+            }
+        }
+        fn finish(self) -> Vec<u8> {
+            self.bytes
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Exit health: healthy, unhealthy or dead, with hysteresis.
+//!
+//! Evidence comes from periodic probes (a CONNECT through the exit to the
+//! configured probe target) and from real traffic (only failures that are
+//! the exit's own fault count). `unhealthy_after` consecutive failures make
+//! a healthy exit unhealthy; `dead_after` make it dead; `healthy_after`
+//! consecutive successes bring it back. An exit that died remembers when:
+//! identities created before that moment are retired, because after an
+//! outage the exit's address can no longer be trusted to be the same.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// An exit's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthState {
+    /// Takes new identities and rotated traffic.
+    Healthy,
+    /// Skipped for new identities and rotation while a healthy exit exists;
+    /// its identities carry on.
+    Unhealthy,
+    /// Its identities are retired; it only gets probes and trial requests.
+    Dead,
+}
+
+impl HealthState {
+    fn from_u8(v: u8) -> HealthState {
+        match v {
+            0 => HealthState::Healthy,
+            1 => HealthState::Unhealthy,
+            _ => HealthState::Dead,
+        }
+    }
+
+    /// Gauge value: 0 healthy, 1 unhealthy, 2 dead.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Thresholds for state changes.
+#[derive(Clone, Copy, Debug)]
+pub struct Thresholds {
+    /// Consecutive failures that make a healthy exit unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive failures that make an exit dead.
+    pub dead_after: u32,
+    /// Consecutive successes that make an exit healthy again.
+    pub healthy_after: u32,
+}
+
+/// One exit's health.
+#[derive(Debug)]
+pub struct Health {
+    state: AtomicU8,
+    failures: AtomicU32,
+    /// When the exit last died (Unix ms), 0 if never.
+    died_at_ms: AtomicU64,
+    /// When a trial request was last let through while not healthy.
+    last_trial_ms: AtomicU64,
+    /// Serialises state changes (per exit, never held across an await).
+    transition: Mutex<Counters>,
+    thresholds: Thresholds,
+    changes: watch::Sender<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    failures: u32,
+    successes: u32,
+}
+
+impl Health {
+    /// A healthy exit.
+    pub fn new(thresholds: Thresholds) -> Health {
+        Health {
+            state: AtomicU8::new(HealthState::Healthy as u8),
+            failures: AtomicU32::new(0),
+            died_at_ms: AtomicU64::new(0),
+            last_trial_ms: AtomicU64::new(0),
+            transition: Mutex::new(Counters::default()),
+            thresholds,
+            changes: watch::channel(HealthState::Healthy).0,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> HealthState {
+        HealthState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// When the exit last died, if ever.
+    pub fn died_at_ms(&self) -> Option<u64> {
+        match self.died_at_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Restores a death time remembered from before a restart.
+    pub fn restore_died_at(&self, at_ms: u64) {
+        self.died_at_ms.fetch_max(at_ms, Ordering::AcqRel);
+    }
+
+    /// State changes, for waiting on them.
+    pub fn subscribe(&self) -> watch::Receiver<HealthState> {
+        self.changes.subscribe()
+    }
+
+    /// Records a success (probe or request). Returns the new state if it changed.
+    pub fn success(&self) -> Option<HealthState> {
+        // Fast path for the common case: healthy and nothing to reset.
+        if self.state() == HealthState::Healthy && self.failures.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        counters.failures = 0;
+        self.failures.store(0, Ordering::Relaxed);
+        counters.successes = counters.successes.saturating_add(1);
+        if self.state() != HealthState::Healthy
+            && counters.successes >= self.thresholds.healthy_after
+        {
+            return Some(self.set(HealthState::Healthy, 0));
+        }
+        None
+    }
+
+    /// Records a failure that is the exit's fault. Returns the new state if
+    /// it changed.
+    pub fn failure(&self, now_ms: u64) -> Option<HealthState> {
+        let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        counters.successes = 0;
+        counters.failures = counters.failures.saturating_add(1);
+        self.failures.store(counters.failures, Ordering::Relaxed);
+        let state = self.state();
+        if state != HealthState::Dead && counters.failures >= self.thresholds.dead_after {
+            return Some(self.set(HealthState::Dead, now_ms));
+        }
+        if state == HealthState::Healthy && counters.failures >= self.thresholds.unhealthy_after {
+            return Some(self.set(HealthState::Unhealthy, now_ms));
+        }
+        None
+    }
+
+    fn set(&self, state: HealthState, now_ms: u64) -> HealthState {
+        if state == HealthState::Dead {
+            self.died_at_ms.fetch_max(now_ms.max(1), Ordering::AcqRel);
+        }
+        self.state.store(state as u8, Ordering::Release);
+        self.changes.send_replace(state);
+        state
+    }
+
+    /// Claims a trial request for an exit that is not healthy, at most one
+    /// per `interval_ms`: without probes, trials are how it can recover.
+    pub fn claim_trial(&self, now_ms: u64, interval_ms: u64) -> bool {
+        let last = self.last_trial_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= interval_ms
+            && self
+                .last_trial_ms
+                .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        Health::new(Thresholds {
+            unhealthy_after: 2,
+            dead_after: 4,
+            healthy_after: 2,
+        })
+    }
+
+    #[test]
+    fn hysteresis_both_ways() {
+        let h = health();
+        assert_eq!(h.failure(10), None);
+        assert_eq!(h.failure(11), Some(HealthState::Unhealthy));
+        // One success is not enough to come back, and resets the failures.
+        assert_eq!(h.success(), None);
+        assert_eq!(h.failure(12), None);
+        assert_eq!(h.failure(13), None);
+        assert_eq!(h.failure(14), None);
+        assert_eq!(h.failure(15), Some(HealthState::Dead));
+        assert_eq!(h.died_at_ms(), Some(15));
+        assert_eq!(h.success(), None);
+        assert_eq!(h.success(), Some(HealthState::Healthy));
+        assert_eq!(h.died_at_ms(), Some(15), "the death is remembered");
+    }
+
+    #[test]
+    fn trials_are_rationed() {
+        let h = health();
+        assert!(h.claim_trial(10_000, 1_000));
+        assert!(!h.claim_trial(10_500, 1_000));
+        assert!(h.claim_trial(11_000, 1_000));
+    }
+}

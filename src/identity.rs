@@ -1,0 +1,221 @@
+//! Identities: one cookie jar, one exit (and sticky upstream session), one
+//! egress address and one client fingerprint, bound together from the first
+//! request to the end and retired together.
+//!
+//! Pins map credentials (tracked cookies, client session keys) to an
+//! identity; the identity says where its traffic goes. An identity never
+//! moves: when it cannot continue on its exit it is retired, and its
+//! credentials are remembered as retired so they are never pinned elsewhere.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::exits::ExitId;
+use crate::fingerprint::Fingerprint;
+
+/// The id of an identity: random, never reused.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IdentityId(pub u64);
+
+impl IdentityId {
+    /// A fresh random id.
+    pub fn random() -> IdentityId {
+        // Zero is kept out so a zeroed record is never a valid id.
+        IdentityId(rand::random::<u64>().max(1))
+    }
+}
+
+impl fmt::Display for IdentityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for IdentityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdentityId({self})")
+    }
+}
+
+/// The upstream session id an identity fills into an exit's `{session}`
+/// placeholder, so the provider keeps one IP for it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Lowercase hex: accepted by every provider's session-name charset.
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+/// Why an identity was retired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+pub enum RetireReason {
+    /// Its exit was declared dead by health checks.
+    ExitDown,
+    /// Its exit is no longer configured.
+    ExitRemoved,
+    /// The exit's sticky-session window has passed: the provider may have
+    /// moved the session to another IP.
+    StickyExpired,
+    /// Unused for longer than the idle timeout.
+    IdleExpired,
+    /// Older than the maximum lifetime.
+    LifetimeExpired,
+    /// The origin answered with an invalidation (challenge, block, ...).
+    Invalidated {
+        /// The rule that matched.
+        rule: String,
+    },
+    /// A new tunnel of the identity left from another address.
+    ExitIpDrift {
+        /// The address the identity was created on.
+        expected: IpAddr,
+        /// The address the new tunnel reported.
+        observed: IpAddr,
+    },
+    /// Retired by an operator.
+    Manual,
+    /// The identity's record is gone (its pins outlived it).
+    Forgotten,
+    /// Not the identity: this cookie's own `Max-Age`/`Expires` has passed.
+    CookieExpired,
+}
+
+impl RetireReason {
+    /// A short, stable label (metrics, headers).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RetireReason::ExitDown => "exit-down",
+            RetireReason::ExitRemoved => "exit-removed",
+            RetireReason::StickyExpired => "sticky-expired",
+            RetireReason::IdleExpired => "idle-expired",
+            RetireReason::LifetimeExpired => "lifetime-expired",
+            RetireReason::Invalidated { .. } => "invalidated",
+            RetireReason::ExitIpDrift { .. } => "exit-ip-drift",
+            RetireReason::Manual => "manual",
+            RetireReason::Forgotten => "forgotten",
+            RetireReason::CookieExpired => "cookie-expired",
+        }
+    }
+}
+
+impl fmt::Display for RetireReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetireReason::Invalidated { rule } => write!(f, "invalidated by the origin ({rule})"),
+            RetireReason::ExitIpDrift { expected, observed } => {
+                write!(
+                    f,
+                    "exit-ip-drift (created on {expected}, new tunnel from {observed})"
+                )
+            }
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// When and why an identity was retired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retirement {
+    /// Why.
+    #[serde(flatten)]
+    pub reason: RetireReason,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// An identity as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Its id.
+    pub id: IdentityId,
+    /// The exit it is bound to.
+    pub exit: ExitId,
+    /// Its upstream session (used where the exit has `{session}`).
+    pub session: SessionId,
+    /// When the upstream session started (the sticky window counts from here).
+    pub session_started_ms: u64,
+    /// When the identity was created.
+    pub created_ms: u64,
+    /// The address its first tunnel left from, once known.
+    pub egress_ip: Option<IpAddr>,
+    /// The client fingerprint recorded at creation.
+    pub fingerprint: Arc<Fingerprint>,
+    /// Last request, in Unix milliseconds.
+    pub last_used_ms: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Whether it ever got a 2xx answer (a later 401 then means invalidation).
+    pub worked: bool,
+    /// Set once retired.
+    pub retired: Option<Retirement>,
+}
+
+impl Identity {
+    /// A new identity on `exit`, created now.
+    pub fn new(
+        exit: ExitId,
+        session: SessionId,
+        session_started_ms: u64,
+        fingerprint: Arc<Fingerprint>,
+        now_ms: u64,
+    ) -> Identity {
+        Identity {
+            id: IdentityId::random(),
+            exit,
+            session,
+            session_started_ms,
+            created_ms: now_ms,
+            egress_ip: None,
+            fingerprint,
+            last_used_ms: now_ms,
+            requests: 0,
+            worked: false,
+            retired: None,
+        }
+    }
+}
+
+/// What kind of credential a pin is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinKind {
+    /// A tracked cookie (or DataDome's header carrier of one).
+    Cookie,
+    /// A session key the client named.
+    SessionKey,
+}
+
+/// A credential's binding to an identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The identity.
+    pub identity: IdentityId,
+    /// Cookie or session key.
+    pub kind: PinKind,
+    /// The cookie's name (`session` for session keys); never the value.
+    pub name: Arc<str>,
+    /// When pinned.
+    pub created_ms: u64,
+    /// When the cookie itself expires (from `Max-Age`/`Expires`), if known.
+    pub expires_ms: Option<u64>,
+}
+
+impl Pin {
+    /// Whether the credential has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
+}
