@@ -161,7 +161,7 @@ impl Admin {
             .into_iter()
             .filter_map(|listing| self.view(listing, now, all))
             .collect();
-        views.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms));
+        views.sort_by_key(|v| std::cmp::Reverse(v.last_used_ms));
         Ok(views)
     }
 

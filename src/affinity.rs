@@ -36,7 +36,7 @@ use crate::clock::Clock;
 use crate::cookies::{Credential, PinKey, SetTrackedCookie};
 use crate::exits::health::HealthState;
 use crate::exits::sessions::AnonymousSession;
-use crate::exits::{Exit, ExitId, ExitSet, Purpose};
+use crate::exits::{Exit, ExitId, ExitSet};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{Identity, IdentityId, Pin, PinKind, RetireReason, Retirement, SessionId};
 use crate::metrics::{Metrics, Policy};
@@ -356,6 +356,9 @@ pub struct Affinity {
     clock: Clock,
     policies: Policies,
     metrics: Arc<Metrics>,
+    /// Retirements decided where no await is possible (a body scan), not yet
+    /// in the store: routing honours them at once.
+    pending: dashmap::DashMap<IdentityId, RetireReason>,
 }
 
 impl Affinity {
@@ -366,6 +369,7 @@ impl Affinity {
             clock,
             policies,
             metrics,
+            pending: dashmap::DashMap::new(),
         }
     }
 
@@ -455,6 +459,9 @@ impl Affinity {
         };
         if let Some(retired) = &identity.retired {
             return Ok(dead(Some(identity), retired.reason.clone()));
+        }
+        if let Some(reason) = self.pending.get(&identity.id) {
+            return Ok(dead(Some(identity), reason.clone()));
         }
         if binding.pin.expired(now) {
             return Ok(dead(Some(identity), RetireReason::CookieExpired));
@@ -546,9 +553,7 @@ impl Affinity {
         now: u64,
         strip: Vec<Credential>,
     ) -> Result<Route, AffinityError> {
-        let exit = exits
-            .pick(Purpose::NewIdentity, now)
-            .ok_or(AffinityError::NoExit)?;
+        let exit = exits.pick(now).ok_or(AffinityError::NoExit)?;
         let candidate = Identity::new(
             exit.id().clone(),
             SessionId(rand::random()),
@@ -619,9 +624,7 @@ impl Affinity {
         now: u64,
         strip: Vec<Credential>,
     ) -> Result<Route, AffinityError> {
-        let exit = exits
-            .pick(Purpose::Rotation, now)
-            .ok_or(AffinityError::NoExit)?;
+        let exit = exits.pick(now).ok_or(AffinityError::NoExit)?;
         let session = exit.sessions.next(now);
         Ok(Route {
             exit: exit.clone(),
@@ -652,6 +655,29 @@ impl Affinity {
         self.metrics.retired(reason.label());
         tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
         Ok(())
+    }
+
+    /// Retires an identity from code that cannot wait: routing sees the
+    /// retirement at once, the store gets it in the background.
+    pub fn retire_soon(
+        self: &Arc<Self>,
+        exits: Arc<ExitSet>,
+        identity: Identity,
+        reason: RetireReason,
+    ) {
+        self.pending.insert(identity.id, reason.clone());
+        let affinity = self.clone();
+        tokio::spawn(async move {
+            match affinity.retire(&exits, &identity, reason).await {
+                Ok(()) => {
+                    affinity.pending.remove(&identity.id);
+                }
+                // Left pending: routing keeps honouring it in this process.
+                Err(e) => {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement")
+                }
+            }
+        });
     }
 
     /// Pins the tracked cookies a response sets to the request's identity;

@@ -49,7 +49,7 @@ pub fn duration_ms(d: Duration) -> u64 {
 fn system_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| duration_ms(d))
+        .map(duration_ms)
         .unwrap_or(0)
 }
 

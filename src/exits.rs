@@ -367,28 +367,19 @@ impl Exit {
     }
 }
 
-/// Why an exit is wanted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Purpose {
-    /// Cookie-less traffic: may be a trial for an exit that is not healthy.
-    Rotation,
-    /// A new identity: only where it can live.
-    NewIdentity,
-}
-
 /// All configured exits, by id and in weighted rotation.
 #[derive(Debug)]
 pub struct ExitSet {
     exits: Vec<Arc<Exit>>,
     by_id: HashMap<ExitId, usize>,
     rotation: select::Rotation,
-    /// Without probes, unhealthy exits get one trial request this often.
+    /// Without probes, unhealthy exits get one trial probe this often.
     trial_interval_ms: Option<u64>,
 }
 
 impl ExitSet {
     /// A set of exits (at least one; configuration validation ensures it).
-    /// `trial_interval_ms` enables trial requests to unhealthy exits.
+    /// `trial_interval_ms` enables trial probes of unhealthy exits.
     pub fn new(exits: Vec<Exit>, trial_interval_ms: Option<u64>) -> ExitSet {
         let weights: Vec<u32> = exits.iter().map(|e| e.spec.options.weight).collect();
         let exits: Vec<Arc<Exit>> = exits.into_iter().map(Arc::new).collect();
@@ -411,17 +402,9 @@ impl ExitSet {
     }
 
     /// The next exit in weighted rotation that is healthy; if none is, an
-    /// unhealthy one; never a dead one (except as a rationed trial for
-    /// rotated traffic). `None` when every exit is dead.
-    pub fn pick(&self, purpose: Purpose, now_ms: u64) -> Option<&Arc<Exit>> {
-        if let (Purpose::Rotation, Some(interval)) = (purpose, self.trial_interval_ms) {
-            let due = self.exits.iter().find(|e| {
-                e.health.state() != HealthState::Healthy && e.health.claim_trial(now_ms, interval)
-            });
-            if due.is_some() {
-                return due;
-            }
-        }
+    /// unhealthy one; never a dead one. `None` when every exit is dead.
+    pub fn pick(&self, now_ms: u64) -> Option<&Arc<Exit>> {
+        let _ = now_ms;
         let mut fallback = None;
         for index in self.rotation.cycle() {
             let exit = &self.exits[index];
@@ -432,6 +415,17 @@ impl ExitSet {
             }
         }
         fallback
+    }
+
+    /// An exit that is not healthy and is due for a trial (at most one per
+    /// exit every trial interval; only when no probes are configured). The
+    /// caller probes it in the background, towards the origin of the request
+    /// at hand, so the trial never costs a client request.
+    pub fn due_for_trial(&self, now_ms: u64) -> Option<&Arc<Exit>> {
+        let interval = self.trial_interval_ms?;
+        self.exits.iter().find(|e| {
+            e.health.state() != HealthState::Healthy && e.health.claim_trial(now_ms, interval)
+        })
     }
 
     /// All exits, in configuration order.

@@ -140,6 +140,7 @@ impl Pipeline {
             .affinity
             .route(&self.exits, &credentials, &fingerprint)
             .await?;
+        self.trial_unhealthy_exit(&target);
         span.record("exit", tracing::field::display(route.exit.id()));
         if let Some(identity) = &route.identity {
             span.record("identity", tracing::field::display(identity.id));
@@ -195,6 +196,27 @@ impl Pipeline {
         egress::sanitize_response(&mut parts.headers);
         tracing::debug!(status = parts.status.as_u16(), "forwarded");
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// Without health probes, an exit that is not healthy is tried now and
+    /// then in the background, towards the origin of the request at hand.
+    fn trial_unhealthy_exit(&self, target: &Target) {
+        let now = self.affinity.clock().now_ms();
+        let Some(exit) = self.exits.due_for_trial(now) else {
+            return;
+        };
+        let exit = exit.clone();
+        let origin = target.origin.clone();
+        let clock = self.affinity.clock().clone();
+        tokio::spawn(async move {
+            let change = match exit.client.probe(&origin).await {
+                Ok(()) => exit.health.success(),
+                Err(_) => exit.health.failure(clock.now_ms()),
+            };
+            if let Some(state) = change {
+                tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+            }
+        });
     }
 
     /// Applies the fingerprint policy to a request of `identity`.
@@ -296,55 +318,45 @@ impl Pipeline {
         parts: &http::response::Parts,
         body: Body,
     ) -> Body {
-        match self
+        let verdict = self
             .invalidation
-            .judge(parts.status, &parts.headers, identity.worked)
-        {
+            .judge(parts.status, &parts.headers, identity.worked);
+        match verdict {
             invalidation::Verdict::Clean => body,
             invalidation::Verdict::Invalidated(rule) => {
-                retire_invalidated(&self.affinity, &self.exits, &self.metrics, identity, rule)
-                    .await;
+                self.metrics
+                    .invalidations
+                    .get_or_create(&Rule { rule: rule.clone() })
+                    .inc();
+                let reason = RetireReason::Invalidated { rule };
+                if let Err(e) = self.affinity.retire(&self.exits, identity, reason).await {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
+                }
                 body
             }
             invalidation::Verdict::ScanBody(rules) => {
-                let (affinity, exits, metrics) = (
-                    self.affinity.clone(),
-                    self.exits.clone(),
-                    self.metrics.clone(),
-                );
+                let affinity = self.affinity.clone();
+                let exits = self.exits.clone();
+                let metrics = self.metrics.clone();
                 let identity = identity.clone();
+                // The marker's frame is scanned before the client can read
+                // it, so the client's next request already sees the retirement.
+                let on_match = move |rule: String| {
+                    metrics
+                        .invalidations
+                        .get_or_create(&Rule { rule: rule.clone() })
+                        .inc();
+                    affinity.retire_soon(exits, identity, RetireReason::Invalidated { rule });
+                };
                 invalidation::scanning(
                     body,
                     &parts.headers,
                     rules,
                     self.invalidation.scan_limit,
-                    move |rule| {
-                        tokio::spawn(async move {
-                            retire_invalidated(&affinity, &exits, &metrics, &identity, rule).await;
-                        });
-                    },
+                    on_match,
                 )
             }
         }
-    }
-}
-
-async fn retire_invalidated(
-    affinity: &Affinity,
-    exits: &ExitSet,
-    metrics: &Metrics,
-    identity: &Identity,
-    rule: String,
-) {
-    metrics
-        .invalidations
-        .get_or_create(&Rule { rule: rule.clone() })
-        .inc();
-    if let Err(e) = affinity
-        .retire(exits, identity, RetireReason::Invalidated { rule })
-        .await
-    {
-        tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
     }
 }
 

@@ -292,10 +292,11 @@ impl Dialer {
         deadline: Instant,
     ) -> Result<Option<IpAddr>, ConnectError> {
         let check = &self.ip_check;
-        let observed = match (reported, &check.echo) {
-            (Some(ip), _) => Some(ip),
-            (None, Some(echo)) => Some(self.echo_probe(echo, deadline).await?),
-            (None, None) => None,
+        let observed = match (reported, &check.echo, &check.pinned) {
+            (Some(ip), _, _) => Some(ip),
+            // The probe costs a second tunnel: only identities need it.
+            (None, Some(echo), Some(_)) => Some(self.echo_probe(echo, deadline).await?),
+            _ => None,
         };
         let Some(pinned) = &check.pinned else {
             return Ok(observed);

@@ -80,6 +80,36 @@ impl ProxyClient {
         (tcp, head)
     }
 
+    /// Opens a TLS tunnel to `host:port` through pinproxy, naming `user`
+    /// (e.g. `session-KEY`) in the CONNECT's `Proxy-Authorization`.
+    pub async fn tunnel_as(&self, user: &str, host: &str, port: u16) -> Conn {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:x"));
+        let target = format!("{host}:{port}");
+        let mut tcp = TcpStream::connect(self.proxy).await.unwrap();
+        tcp.write_all(
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut tcp).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "CONNECT answered {head:?}"
+        );
+        self.tls_over(tcp, host, target).await
+    }
+
+    async fn tls_over(&self, tcp: TcpStream, host: &str, target: String) -> Conn {
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("TLS through pinproxy");
+        Conn::handshake(TokioIo::new(tls), None, target).await
+    }
+
     /// Opens a TLS tunnel to `host:port` through pinproxy.
     pub async fn tunnel(&self, host: &str, port: u16) -> Conn {
         let target = if host.contains(':') {
@@ -92,12 +122,7 @@ impl ProxyClient {
             head.starts_with("HTTP/1.1 200"),
             "CONNECT answered {head:?}"
         );
-        let name = ServerName::try_from(host.to_owned()).unwrap();
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .expect("TLS through pinproxy");
-        Conn::handshake(TokioIo::new(tls), None, target).await
+        self.tls_over(tcp, host, target).await
     }
 
     /// A plain proxy connection for absolute-form `http://host:port` requests.

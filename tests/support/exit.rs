@@ -3,9 +3,16 @@
 //! different IP per exit. Each records the CONNECT requests it received.
 //! Names that are not IP literals resolve to 127.0.0.1, where test origins
 //! listen.
+//!
+//! A [`Gateway`] exit behaves like a commercial sticky-session provider: the
+//! user name's `-session-NAME` picks an egress address that sticks to the
+//! name, until the session sits idle too long or, at random, moves; every
+//! CONNECT answer states the address in `X-Exit-IP`.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -18,14 +25,100 @@ pub struct ConnectSeen {
     pub target: String,
     /// The Proxy-Authorization header, if any.
     pub proxy_authorization: Option<String>,
+    /// The user name in it, decoded.
+    pub user: Option<String>,
+    /// The egress address used.
+    pub egress: IpAddr,
+}
+
+/// Sticky-session provider behaviour.
+pub struct Gateway {
+    /// Addresses sessions are given, in turn.
+    pub addresses: Vec<IpAddr>,
+    /// A session idle this long moves to the next address.
+    pub idle_move: Option<Duration>,
+    /// Chance that a new tunnel of a session moves it anyway.
+    pub random_move: f64,
+    state: Mutex<GatewayState>,
+}
+
+#[derive(Default)]
+struct GatewayState {
+    sessions: HashMap<String, (IpAddr, Instant)>,
+    forced: std::collections::HashSet<String>,
+    next: usize,
+    rng: u64,
+}
+
+impl Gateway {
+    /// A gateway over `addresses`; `seed` makes random moves repeatable.
+    pub fn new(
+        addresses: &[&str],
+        idle_move: Option<Duration>,
+        random_move: f64,
+        seed: u64,
+    ) -> Gateway {
+        Gateway {
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            idle_move,
+            random_move,
+            state: Mutex::new(GatewayState {
+                rng: seed.max(1),
+                ..GatewayState::default()
+            }),
+        }
+    }
+
+    /// The address for a new tunnel of `session` (a fresh one per tunnel
+    /// without a session: rotation).
+    fn egress(&self, session: Option<&str>) -> IpAddr {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        let addresses = &self.addresses;
+        let next_address = |next: &mut usize| {
+            let ip = addresses[*next % addresses.len()];
+            *next += 1;
+            ip
+        };
+        let Some(session) = session else {
+            return next_address(&mut state.next);
+        };
+        // xorshift: repeatable "random" moves for a given seed.
+        state.rng ^= state.rng << 13;
+        state.rng ^= state.rng >> 7;
+        state.rng ^= state.rng << 17;
+        let roll = (state.rng % 10_000) as f64 / 10_000.0;
+        let now = Instant::now();
+        let current = state.sessions.get(session).copied();
+        let forced = state.forced.remove(session);
+        let idle = |last: Instant| {
+            self.idle_move
+                .is_some_and(|idle| now.duration_since(last) >= idle)
+        };
+        let ip = match current {
+            Some((ip, last)) if !forced && !idle(last) && roll >= self.random_move => ip,
+            _ => next_address(&mut state.next),
+        };
+        state.sessions.insert(session.to_owned(), (ip, now));
+        ip
+    }
+
+    /// Makes every known session move to a new address on its next tunnel.
+    pub fn move_all(&self) {
+        let mut state = self.state.lock().unwrap();
+        let known: Vec<String> = state.sessions.keys().cloned().collect();
+        state.forced.extend(known);
+    }
 }
 
 /// A running test exit.
 pub struct TestExit {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Source address of its outgoing connections.
+    /// Source address of its outgoing connections (the first address for a gateway).
     pub source: IpAddr,
+    /// Sticky-session behaviour, for gateway exits.
+    pub gateway: Option<Arc<Gateway>>,
     connects: Arc<Mutex<Vec<ConnectSeen>>>,
     tunnels: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
@@ -34,11 +127,25 @@ pub struct TestExit {
 impl TestExit {
     /// Starts an exit egressing from `source` (e.g. "127.0.0.2").
     pub async fn start(source: &str) -> TestExit {
-        Self::start_with_auth(source, None).await
+        Self::start_full(source, None, None).await
     }
 
     /// Starts an exit that demands `user:pass` Basic credentials.
     pub async fn start_with_auth(source: &str, credentials: Option<&str>) -> TestExit {
+        Self::start_full(source, credentials, None).await
+    }
+
+    /// Starts a sticky-session gateway exit.
+    pub async fn start_gateway(gateway: Gateway) -> TestExit {
+        let first = gateway.addresses[0].to_string();
+        Self::start_full(&first, None, Some(Arc::new(gateway))).await
+    }
+
+    async fn start_full(
+        source: &str,
+        credentials: Option<&str>,
+        gateway: Option<Arc<Gateway>>,
+    ) -> TestExit {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let source: IpAddr = source.parse().unwrap();
@@ -54,6 +161,7 @@ impl TestExit {
         let accept = {
             let connects = connects.clone();
             let tunnels = tunnels.clone();
+            let gateway = gateway.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -61,8 +169,9 @@ impl TestExit {
                     };
                     let connects = connects.clone();
                     let expected_auth = expected_auth.clone();
+                    let gateway = gateway.clone();
                     let task = tokio::spawn(async move {
-                        let _ = tunnel(client, source, connects, expected_auth).await;
+                        let _ = tunnel(client, source, connects, expected_auth, gateway).await;
                     });
                     let mut tunnels = tunnels.lock().unwrap();
                     tunnels.retain(|t| !t.is_finished());
@@ -73,6 +182,7 @@ impl TestExit {
         TestExit {
             addr,
             source,
+            gateway,
             connects,
             tunnels,
             accept,
@@ -89,12 +199,18 @@ impl TestExit {
         self.connects.lock().unwrap().clone()
     }
 
-    /// Stops the exit: the port closes and open tunnels are cut.
-    pub fn kill(&self) {
-        self.accept.abort();
+    /// Cuts every open tunnel (as providers do with idle ones); the exit
+    /// keeps accepting new ones.
+    pub fn close_tunnels(&self) {
         for task in self.tunnels.lock().unwrap().drain(..) {
             task.abort();
         }
+    }
+
+    /// Stops the exit: the port closes and open tunnels are cut.
+    pub fn kill(&self) {
+        self.accept.abort();
+        self.close_tunnels();
     }
 }
 
@@ -104,11 +220,23 @@ impl Drop for TestExit {
     }
 }
 
+/// The user name of a Basic `Proxy-Authorization` value.
+pub fn basic_user(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let token = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split(':').next().unwrap_or("").to_owned())
+}
+
 async fn tunnel(
     mut client: TcpStream,
     source: IpAddr,
     connects: Arc<Mutex<Vec<ConnectSeen>>>,
     expected_auth: Option<String>,
+    gateway: Option<Arc<Gateway>>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let head_len = loop {
@@ -137,9 +265,22 @@ async fn tunnel(
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
         .map(|h| String::from_utf8_lossy(h.value).into_owned());
+    let user = auth.as_deref().and_then(basic_user);
+    let source = match &gateway {
+        Some(g) => {
+            let session = user
+                .as_deref()
+                .and_then(|u| u.split_once("-session-"))
+                .map(|(_, s)| s);
+            g.egress(session)
+        }
+        None => source,
+    };
     connects.lock().unwrap().push(ConnectSeen {
         target: target.clone(),
         proxy_authorization: auth.clone(),
+        user,
+        egress: source,
     });
     if request.method != Some("CONNECT") {
         client
@@ -173,9 +314,11 @@ async fn tunnel(
             return Ok(());
         }
     };
-    client
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await?;
+    let answer = match &gateway {
+        Some(_) => format!("HTTP/1.1 200 Connection established\r\nX-Exit-IP: {source}\r\n\r\n"),
+        None => "HTTP/1.1 200 Connection established\r\n\r\n".to_owned(),
+    };
+    client.write_all(answer.as_bytes()).await?;
     if buf.len() > head_len {
         upstream.write_all(&buf[head_len..]).await?;
     }

@@ -9,6 +9,7 @@ pub mod procs;
 
 use std::time::Duration;
 
+use pinproxy::clock::Clock;
 use pinproxy::config::{Config, ExitConfig};
 use pinproxy::Daemon;
 
@@ -34,6 +35,16 @@ impl Proxy {
         origin: &Origin,
         tweak: impl FnOnce(&mut Config),
     ) -> Proxy {
+        Proxy::start_clocked(exits, origin, Clock::system(), tweak).await
+    }
+
+    /// [`Proxy::start`] with a given clock.
+    pub async fn start_clocked(
+        exits: &[(String, String)],
+        origin: &Origin,
+        clock: Clock,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Proxy {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -49,7 +60,9 @@ impl Proxy {
             ..Config::default()
         };
         tweak(&mut config);
-        let daemon = Daemon::start(&config).await.expect("pinproxy starts");
+        let daemon = Daemon::start_with_clock(&config, clock)
+            .await
+            .expect("pinproxy starts");
         let client = ProxyClient::new(daemon.local_addr(), daemon.ca_cert_pem());
         Proxy {
             daemon,
@@ -95,14 +108,37 @@ impl Setup {
 
     /// Starts everything, `tweak` adjusting pinproxy's configuration.
     pub async fn start_with(n: usize, tweak: impl FnOnce(&mut Config)) -> Setup {
+        Setup::start_clocked(n, Clock::system(), tweak).await
+    }
+
+    /// Starts everything with a given clock.
+    pub async fn start_clocked(n: usize, clock: Clock, tweak: impl FnOnce(&mut Config)) -> Setup {
         let origin = Origin::start().await;
         let (exits, config) = exits(n).await;
-        let proxy = Proxy::start(&config, &origin, tweak).await;
+        let proxy = Proxy::start_clocked(&config, &origin, clock, tweak).await;
         Setup {
             origin,
             exits,
             proxy,
         }
+    }
+
+    /// GETs `path` on a fresh tunnel with extra headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut conn = self
+            .proxy
+            .client
+            .tunnel("localhost", self.origin.https.port())
+            .await;
+        conn.get(path, headers).await
+    }
+
+    /// The index (0-based) of the test exit whose address is `ip`.
+    pub fn exit_of(&self, ip: std::net::IpAddr) -> usize {
+        self.exits
+            .iter()
+            .position(|e| e.source == ip)
+            .expect("a test exit's address")
     }
 
     /// GETs `path` on the HTTPS origin in a fresh tunnel with `jar`.

@@ -382,6 +382,27 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, state: &State) -> Resp
             );
             response
         }
+        // Anti-bot verdicts, as the edges send them.
+        "/challenge" => text(
+            StatusCode::FORBIDDEN,
+            "<html><script>var dd={'rt':'c','cid':'AHrl','hsh':'2211','t':'fe','host':'geo.captcha-delivery.com'}</script>\
+             <script src=\"https://ct.captcha-delivery.com/c.js\"></script></html>\n"
+                .into(),
+        ),
+        "/blocked" => text(
+            StatusCode::FORBIDDEN,
+            "<html><script>var dd={'rt':'c','cid':'AHrl','hsh':'2211','t':'bv','host':'geo.captcha-delivery.com'}</script></html>\n".into(),
+        ),
+        "/cf-challenge" => {
+            let mut response = text(StatusCode::FORBIDDEN, "<title>Just a moment...</title>\n".into());
+            response
+                .headers_mut()
+                .insert("cf-mitigated", "challenge".parse().unwrap());
+            response
+        }
+        "/unauthorized" => text(StatusCode::UNAUTHORIZED, "log in again\n".into()),
+        "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
+        "/ip" => text(StatusCode::OK, format!("{peer}\n")),
         "/sink" => {
             let body = request
                 .into_body()
