@@ -566,6 +566,8 @@ mod tests {
         let config = Config::from_toml(text).expect("example parses");
         let settings = config.validate().expect("example validates");
         assert_eq!(settings.exits.len(), 2);
+        // The example shows the built-in rules as they are.
+        assert_eq!(settings.identities.invalidation, default_rules());
     }
 
     #[test]

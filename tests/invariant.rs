@@ -1,0 +1,308 @@
+//! The invariant, as a property: over random interleavings of requests,
+//! responses that set cookies, exit failures and recoveries, time passing,
+//! sweeps and retirements, under every retire and conflict policy, a
+//! credential is never sent (nor earned) through two different
+//! (exit, upstream session) pairs.
+//!
+//! This drives the real router (`Affinity`) and exits in process, without
+//! sockets: routing decisions are what the invariant is about.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pinproxy::affinity::memory::MemoryStore;
+use pinproxy::affinity::{Affinity, ConflictPolicy, Policies, RetirePolicy, Route, Store};
+use pinproxy::clock::Clock;
+use pinproxy::cookies::{Credential, PinHasher, PinKey, SetTrackedCookie};
+use pinproxy::exits::health::{Health, Thresholds};
+use pinproxy::exits::sessions::AnonymousSessions;
+use pinproxy::exits::{Exit, ExitId, ExitSet, ExitSpec};
+use pinproxy::fingerprint::Fingerprint;
+use pinproxy::identity::{PinKind, RetireReason, SessionId};
+use pinproxy::metrics::Metrics;
+use pinproxy::upstream::{ExitClient, PoolSettings};
+use proptest::prelude::*;
+
+const EXITS: usize = 3;
+const COOKIES: u8 = 10;
+const KEYS: u8 = 3;
+const THRESHOLDS: Thresholds = Thresholds {
+    unhealthy_after: 1,
+    dead_after: 2,
+    healthy_after: 1,
+};
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A request with these cookies, session key and user agent.
+    Request {
+        cookies: Vec<u8>,
+        key: Option<u8>,
+        agent: u8,
+    },
+    /// The last routed request's response sets this cookie.
+    Respond { cookie: u8, max_age_min: Option<u8> },
+    /// An exit dies (health checks declare it dead).
+    ExitDies(usize),
+    /// An exit comes back.
+    ExitRecovers(usize),
+    /// Time passes.
+    Advance(u16),
+    /// The background sweep runs.
+    Sweep,
+    /// The origin invalidates the last routed request's identity.
+    Invalidate,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (prop::collection::vec(0..COOKIES, 0..4), prop::option::of(0..KEYS), 0..2u8)
+            .prop_map(|(cookies, key, agent)| Op::Request { cookies, key, agent }),
+        3 => (0..COOKIES, prop::option::of(1..90u8)).prop_map(|(cookie, max_age_min)| Op::Respond { cookie, max_age_min }),
+        1 => (0..EXITS).prop_map(Op::ExitDies),
+        1 => (0..EXITS).prop_map(Op::ExitRecovers),
+        2 => (0..40u16).prop_map(Op::Advance),
+        1 => Just(Op::Sweep),
+        1 => Just(Op::Invalidate),
+    ]
+}
+
+fn exit_set(now_ms: u64) -> ExitSet {
+    let tls =
+        pinproxy::upstream::tls::client_config(pinproxy::daemon::crypto_provider(), &[]).unwrap();
+    let pool = PoolSettings {
+        connect_timeout: Duration::from_secs(1),
+        response_head_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        max_idle_per_origin: 1,
+    };
+    // One exit with a sticky upstream session per identity, two plain ones.
+    let urls = [
+        "http://cust-session-{session}:pw@127.0.0.1:9",
+        "http://127.0.0.1:9",
+        "direct://127.0.0.4",
+    ];
+    let exits = urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let mut spec = ExitSpec::parse(&format!("e{i}"), url).unwrap();
+            if i == 0 {
+                spec.options.sticky_ttl = Some(Duration::from_secs(20 * 60));
+            }
+            let anonymous = if spec.has_session_placeholder() { 4 } else { 1 };
+            Exit {
+                client: ExitClient::new(&spec, tls.clone(), &pool),
+                health: Health::new(THRESHOLDS),
+                sessions: AnonymousSessions::new(
+                    anonymous,
+                    spec.options.sticky_ttl.map(|d| d.as_millis() as u64),
+                    now_ms,
+                ),
+                spec,
+            }
+        })
+        .collect();
+    ExitSet::new(exits, None)
+}
+
+const NAMES: [&str; 3] = ["datadome", "cf_clearance", "_abck"];
+
+fn cookie(hasher: &PinHasher, n: u8) -> (Credential, String) {
+    let name = NAMES[usize::from(n) % NAMES.len()];
+    let value = format!("value-{n}");
+    (
+        Credential {
+            kind: PinKind::Cookie,
+            name: name.to_owned(),
+            key: hasher.cookie(name, &value),
+        },
+        value,
+    )
+}
+
+/// Where each credential has been sent or earned.
+#[derive(Default)]
+struct Ledger {
+    seen: HashMap<PinKey, (ExitId, SessionId)>,
+}
+
+impl Ledger {
+    fn record(
+        &mut self,
+        credential: &Credential,
+        route: &Route,
+        what: &str,
+    ) -> Result<(), TestCaseError> {
+        let here = (route.exit.id().clone(), route.lane.session);
+        if let Some(before) = self.seen.get(&credential.key) {
+            prop_assert_eq!(
+                before,
+                &here,
+                "{} {} went out through {:?} after {:?}",
+                what,
+                credential,
+                here,
+                before
+            );
+        }
+        self.seen.insert(credential.key, here);
+        Ok(())
+    }
+}
+
+async fn run(
+    ops: Vec<Op>,
+    retire: RetirePolicy,
+    conflict: ConflictPolicy,
+) -> Result<(), TestCaseError> {
+    let clock = Clock::manual();
+    let exits = Arc::new(exit_set(clock.now_ms()));
+    let affinity = Affinity::new(
+        Store::Memory(MemoryStore::new()),
+        clock.clone(),
+        Policies {
+            retire,
+            conflict,
+            idle_timeout_ms: 30 * 60_000,
+            max_lifetime_ms: 120 * 60_000,
+            // Retired credentials are remembered far longer than a case runs.
+            keep_retired_ms: 10 * 365 * 24 * 3_600_000,
+        },
+        Arc::new(Metrics::new()),
+    );
+    let hasher = PinHasher::new([9; 32]);
+    let mut ledger = Ledger::default();
+    let mut last: Option<(Route, Fingerprint)> = None;
+
+    for op in ops {
+        match op {
+            Op::Request {
+                cookies,
+                key,
+                agent,
+            } => {
+                let mut credentials: Vec<Credential> = key
+                    .map(|k| pinproxy::session_key::credential(&hasher, &format!("key{k}")))
+                    .into_iter()
+                    .collect();
+                for n in cookies {
+                    let (c, _) = cookie(&hasher, n);
+                    if !credentials.iter().any(|x| x.key == c.key) {
+                        credentials.push(c);
+                    }
+                }
+                let mut headers = http::HeaderMap::new();
+                headers.insert(
+                    "user-agent",
+                    http::HeaderValue::from_static(["UA-A", "UA-B"][usize::from(agent)]),
+                );
+                let fingerprint = Fingerprint::of(&headers);
+                match affinity.route(&exits, &credentials, &fingerprint).await {
+                    Ok(route) => {
+                        for credential in credentials
+                            .iter()
+                            .filter(|c| !route.strip.iter().any(|s| s.key == c.key))
+                        {
+                            ledger.record(credential, &route, "sent")?;
+                        }
+                        last = Some((route, fingerprint));
+                    }
+                    Err(_) => last = None,
+                }
+            }
+            Op::Respond {
+                cookie: n,
+                max_age_min,
+            } => {
+                let Some((route, fingerprint)) = &last else {
+                    continue;
+                };
+                let (credential, _) = cookie(&hasher, n);
+                let set = SetTrackedCookie {
+                    cookie: credential.clone(),
+                    deletes: false,
+                    expires_ms: max_age_min.map(|m| clock.now_ms() + u64::from(m) * 60_000),
+                };
+                let identity = affinity
+                    .learn(route, &[set], fingerprint, None)
+                    .await
+                    .unwrap();
+                // If the value is pinned to this response's identity now, it
+                // was earned here.
+                if let Some(identity) = identity {
+                    let binding =
+                        pinproxy::affinity::PinStore::lookup(affinity.store(), &[credential.key])
+                            .await
+                            .unwrap();
+                    if binding[0].as_ref().map(|b| b.pin.identity) == Some(identity.id) {
+                        ledger.record(&credential, route, "earned")?;
+                    }
+                    // Later requests of this identity use its lane.
+                    let mut route = route.clone();
+                    if route.identity.is_none() {
+                        route.lane = pinproxy::upstream::Lane::identity(&identity);
+                        route.identity = Some(identity);
+                    }
+                    last = Some((route, fingerprint.clone()));
+                }
+            }
+            Op::ExitDies(i) => {
+                let exit = exits.iter().nth(i).unwrap();
+                for _ in 0..THRESHOLDS.dead_after {
+                    exit.health.failure(clock.now_ms());
+                }
+            }
+            Op::ExitRecovers(i) => {
+                let exit = exits.iter().nth(i).unwrap();
+                for _ in 0..THRESHOLDS.healthy_after {
+                    exit.health.success();
+                }
+            }
+            Op::Advance(minutes) => clock.advance(Duration::from_secs(u64::from(minutes) * 60)),
+            Op::Sweep => {
+                affinity.sweep(&exits).await.unwrap();
+            }
+            Op::Invalidate => {
+                if let Some((
+                    Route {
+                        identity: Some(identity),
+                        ..
+                    },
+                    _,
+                )) = &last
+                {
+                    affinity
+                        .retire(
+                            &exits,
+                            identity,
+                            RetireReason::Invalidated {
+                                rule: "test".into(),
+                            },
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_credential_never_leaves_through_two_exit_session_pairs(
+        ops in prop::collection::vec(op(), 1..120),
+        strip in any::<bool>(),
+        oldest in any::<bool>(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let retire = if strip { RetirePolicy::Strip } else { RetirePolicy::Fail };
+        let conflict = if oldest { ConflictPolicy::Oldest } else { ConflictPolicy::Reject };
+        runtime.block_on(run(ops, retire, conflict))?;
+    }
+}
