@@ -804,3 +804,23 @@ async fn retired_credentials_are_never_pinned_anew_under_strip() {
     let _ = &mut jar;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_exit_can_shorten_the_idle_timeout_of_its_identities() {
+    let clock = Clock::manual();
+    let s = Setup::start_clocked(1, clock.clone(), |c| {
+        c.exits[0].idle_timeout = Some(2 * MINUTE);
+    })
+    .await;
+    let (mut jar, _) = s.login("/login").await;
+    clock.advance(MINUTE);
+    assert_eq!(s.get("/page", &mut jar).await.status, 200);
+    clock.advance(3 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        error_of(&reply).contains("idle-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    s.stop().await;
+}
