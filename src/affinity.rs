@@ -24,6 +24,7 @@
 //! and upstream session never change. Nothing here moves a session; it can
 //! only be retired.
 
+pub mod durable;
 pub mod memory;
 
 use std::future::Future;
@@ -155,6 +156,16 @@ pub trait PinStore: Send + Sync {
         keep_retired_ms: u64,
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> impl Future<Output = Result<Swept, StoreError>> + Send;
+
+    /// Records that an exit died at `at_ms` (the latest death counts).
+    fn record_exit_death(
+        &self,
+        exit: &ExitId,
+        at_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The recorded exit deaths.
+    fn exit_deaths(&self) -> impl Future<Output = Result<Vec<(ExitId, u64)>, StoreError>> + Send;
 }
 
 /// The configured pin store.
@@ -162,14 +173,26 @@ pub trait PinStore: Send + Sync {
 pub enum Store {
     /// In-process only; pins die with the process.
     Memory(memory::MemoryStore),
+    /// The embedded durable store (the default).
+    Durable(durable::DurableStore),
 }
 
 macro_rules! dispatch {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
             Store::Memory($store) => $call.await,
+            Store::Durable($store) => $call.await,
         }
     };
+}
+
+impl Store {
+    /// Flushes and closes the store (durable writes finish first).
+    pub async fn close(&self) {
+        if let Store::Durable(store) = self {
+            store.close().await;
+        }
+    }
 }
 
 impl PinStore for Store {
@@ -211,6 +234,12 @@ impl PinStore for Store {
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> Result<Swept, StoreError> {
         dispatch!(self, s => s.sweep(now_ms, keep_retired_ms, expiry))
+    }
+    async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.record_exit_death(exit, at_ms))
+    }
+    async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
+        dispatch!(self, s => s.exit_deaths())
     }
 }
 
@@ -756,6 +785,27 @@ impl Affinity {
             .await?;
         if let (None, Some(ip)) = (identity.egress_ip, egress_ip) {
             self.store.record_egress(identity.id, ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Shares exit deaths both ways: deaths this process saw go to the store,
+    /// deaths the store knows (from before a restart, or from another
+    /// replica) apply here, so identities created before them retire.
+    pub async fn sync_exit_deaths(&self, exits: &ExitSet) -> Result<(), StoreError> {
+        let known = self.store.exit_deaths().await?;
+        for exit in exits.iter() {
+            let stored = known
+                .iter()
+                .find(|(id, _)| id == exit.id())
+                .map(|(_, at)| *at);
+            match (exit.health.died_at_ms(), stored) {
+                (Some(here), stored) if stored.is_none_or(|s| s < here) => {
+                    self.store.record_exit_death(exit.id(), here).await?;
+                }
+                (_, Some(stored)) => exit.health.restore_died_at(stored),
+                _ => {}
+            }
         }
         Ok(())
     }

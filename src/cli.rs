@@ -45,6 +45,9 @@ pub struct CommonArgs {
     /// Directory for the CA, the pin-hashing key and pins [default: ~/.local/share/pinproxy].
     #[arg(long, value_name = "DIR", env = "PINPROXY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Pin store: embedded (durable file in the data directory), memory, or redis://host:port/db.
+    #[arg(long, value_name = "URL", env = "PINPROXY_STORE")]
+    pub store: Option<String>,
 }
 
 /// `pinproxy run`.
@@ -127,6 +130,9 @@ impl CommonArgs {
         };
         if let Some(dir) = &self.data_dir {
             config.data_dir = Some(dir.clone());
+        }
+        if let Some(store) = &self.store {
+            config.store.url = store.clone();
         }
         Ok(config)
     }
@@ -225,7 +231,7 @@ mod tests {
         let args = RunArgs {
             common: CommonArgs {
                 config: Some(path),
-                data_dir: None,
+                ..CommonArgs::default()
             },
             listen: Some("127.0.0.1:9001".parse().unwrap()),
             exits: vec!["http://127.0.0.2:3".into()],

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 use http::HeaderName;
@@ -55,6 +56,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// The admin endpoint (metrics, identity listing).
     pub admin: AdminConfig,
+    /// Where pins and identities live.
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -72,8 +75,63 @@ impl Default for Config {
             identities: IdentityConfig::default(),
             health: HealthConfig::default(),
             admin: AdminConfig::default(),
+            store: StoreConfig::default(),
         }
     }
+}
+
+/// Where pins and identities live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `embedded` (the default: a durable redb file in the data directory),
+    /// `memory` (nothing survives a restart) or `redis://host:port/db` (shared
+    /// by a fleet of replicas).
+    pub url: String,
+    /// Prefix of every Redis key (replicas sharing pins use the same one).
+    pub namespace: String,
+    /// When the store cannot answer: `fail-closed` refuses every request with
+    /// 503 `store-unavailable`; `fail-open` still forwards requests that
+    /// carry no credential (a response setting a tracked cookie then gets
+    /// 503, since its pin cannot be stored).
+    pub on_unavailable: Unavailable,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "embedded".into(),
+            namespace: "pinproxy".into(),
+            on_unavailable: Unavailable::default(),
+        }
+    }
+}
+
+/// What to do while the store cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unavailable {
+    /// Refuse everything.
+    #[default]
+    FailClosed,
+    /// Forward requests without credentials.
+    FailOpen,
+}
+
+/// The store, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded durable store at this path.
+    Embedded(PathBuf),
+    /// In memory only.
+    Memory,
+    /// Redis.
+    Redis {
+        /// `redis://...`
+        url: String,
+        /// Key prefix.
+        namespace: String,
+    },
 }
 
 /// One upstream exit, as written in the TOML file.
@@ -400,6 +458,10 @@ pub struct Settings {
     pub probe_target: Option<HostPort>,
     /// Admin endpoint address.
     pub admin: Option<SocketAddr>,
+    /// The pin store.
+    pub store: StoreKind,
+    /// Behaviour while the store cannot answer.
+    pub on_unavailable: Unavailable,
 }
 
 impl Config {
@@ -463,9 +525,11 @@ impl Config {
         }
         let cookies = CookiePolicy::with_extra(&self.track_cookies)?;
         let exits = self.validated_exits()?;
+        let data_dir = self.resolved_data_dir()?;
+        let store = self.store.kind(&data_dir)?;
         Ok(Settings {
             listen: self.listen,
-            data_dir: self.resolved_data_dir()?,
+            data_dir,
             upstream_ca: self.upstream_ca.clone(),
             cookies,
             exits,
@@ -476,6 +540,8 @@ impl Config {
             health: self.health.clone(),
             probe_target,
             admin: self.admin.listen,
+            store,
+            on_unavailable: self.store.on_unavailable,
         })
     }
 
@@ -501,6 +567,32 @@ impl Config {
             specs.push(spec);
         }
         Ok(specs)
+    }
+}
+
+impl StoreConfig {
+    /// The store this configuration names, in `data_dir` when embedded.
+    pub fn kind(&self, data_dir: &Path) -> Result<StoreKind, ConfigError> {
+        match self.url.as_str() {
+            "embedded" => Ok(StoreKind::Embedded(
+                data_dir.join(crate::affinity::durable::STORE_FILE),
+            )),
+            "memory" => Ok(StoreKind::Memory),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                if self.namespace.is_empty() || self.namespace.contains([' ', '{', '}']) {
+                    return Err(ConfigError::Limit(
+                        "store.namespace must be non-empty, without spaces or braces".into(),
+                    ));
+                }
+                Ok(StoreKind::Redis {
+                    url: url.to_owned(),
+                    namespace: self.namespace.clone(),
+                })
+            }
+            other => Err(ConfigError::Limit(format!(
+                "store.url {other:?}: use embedded, memory or redis://host:port/db"
+            ))),
+        }
     }
 }
 

@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
+use crate::affinity::durable::DurableStore;
 use crate::affinity::{memory::MemoryStore, Affinity, Policies, Store};
 use crate::capture::invalidation;
 use crate::clock::{duration_ms, Clock};
-use crate::config::{Config, ConfigError, Settings};
+use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::cookies::PinHasher;
 use crate::exits::health::{Health, Thresholds};
 use crate::exits::sessions::AnonymousSessions;
@@ -65,6 +66,26 @@ pub enum StartError {
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The pin store could not be opened.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Opens the configured pin store (the embedded one off the runtime threads).
+async fn open_store(kind: &StoreKind) -> Result<Store, StartError> {
+    match kind {
+        StoreKind::Memory => Ok(Store::Memory(MemoryStore::new())),
+        StoreKind::Embedded(path) => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || DurableStore::open(&path))
+                .await?
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            Ok(Store::Durable(store))
+        }
+        StoreKind::Redis { .. } => Err(StartError::Store(
+            "the Redis store is not built in yet".into(),
+        )),
+    }
 }
 
 /// A running proxy.
@@ -139,12 +160,17 @@ impl Daemon {
             max_lifetime_ms: duration_ms(identities.max_lifetime),
             keep_retired_ms: duration_ms(identities.remember_retired),
         };
+        let store = open_store(&settings.store).await?;
         let affinity = Arc::new(Affinity::new(
-            Store::Memory(MemoryStore::new()),
+            store,
             clock.clone(),
             policies,
             metrics.clone(),
         ));
+        affinity
+            .sync_exit_deaths(&exits)
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?;
         let pipeline = Pipeline {
             cookies: settings.cookies.clone(),
             hasher,
@@ -290,6 +316,11 @@ impl Daemon {
                 "connections still open after the grace period; closing them"
             );
         }
+        let pipeline = &self.frontend.pipeline;
+        if let Err(e) = pipeline.affinity.sync_exit_deaths(&pipeline.exits).await {
+            tracing::warn!(error = %e, "could not store exit deaths");
+        }
+        pipeline.affinity.store().close().await;
     }
 }
 
@@ -341,7 +372,9 @@ fn build_exits(
     )
 }
 
-/// Retires expired identities and forgets old ones, every `interval`.
+/// Retires expired identities, forgets old ones and shares exit deaths with
+/// the store, every `interval`. The sweep walks every record, so it runs on
+/// a blocking thread, not a runtime worker.
 async fn sweep_loop(
     affinity: Arc<Affinity>,
     exits: Arc<ExitSet>,
@@ -353,8 +386,17 @@ async fn sweep_loop(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        if let Err(e) = affinity.sweep(&exits).await {
-            tracing::warn!(error = %e, "sweeping the pin store failed");
+        if let Err(e) = affinity.sync_exit_deaths(&exits).await {
+            tracing::warn!(error = %e, "sharing exit deaths with the store failed");
+        }
+        let (affinity, exits) = (affinity.clone(), exits.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let swept =
+            tokio::task::spawn_blocking(move || runtime.block_on(affinity.sweep(&exits))).await;
+        match swept {
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
+            Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
+            Ok(Ok(_)) => {}
         }
     }
 }

@@ -59,8 +59,10 @@ impl fmt::Debug for SessionId {
 }
 
 /// Why an identity was retired.
+// Externally tagged (serde's default): the compact binary format of the
+// durable store cannot read internally tagged enums.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub enum RetireReason {
     /// Its exit was declared dead by health checks.
     ExitDown,
@@ -130,7 +132,6 @@ impl fmt::Display for RetireReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retirement {
     /// Why.
-    #[serde(flatten)]
     pub reason: RetireReason,
     /// When, in Unix milliseconds.
     pub at_ms: u64,

@@ -1,14 +1,20 @@
-//! The in-process pin store: two sharded concurrent maps (pins and
-//! identities). Pins die with the process; the durable store keeps its
-//! working set in one of these.
+//! The in-process pin store: sharded concurrent maps of pins and identities
+//! (no global lock). On its own, pins die with the process; the durable
+//! store keeps its working set in one of these.
+//!
+//! Fingerprints are interned: a fleet has few distinct browsers, and an
+//! identity then costs a pointer instead of five header strings.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 
 use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
 use crate::cookies::PinKey;
+use crate::exits::ExitId;
+use crate::fingerprint::Fingerprint;
 use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
 
 /// Pins and identities held in memory.
@@ -16,6 +22,29 @@ use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
 pub struct MemoryStore {
     pins: DashMap<PinKey, Pin>,
     identities: DashMap<IdentityId, Identity>,
+    fingerprints: DashSet<Arc<Fingerprint>>,
+    exit_deaths: DashMap<ExitId, u64>,
+}
+
+/// What a sweep changed, for stores that mirror it elsewhere.
+#[derive(Debug, Default)]
+pub struct SweepChanges {
+    /// Pins forgotten.
+    pub removed_pins: Vec<PinKey>,
+    /// Identities forgotten.
+    pub removed_identities: Vec<IdentityId>,
+    /// Identities retired because they expired.
+    pub retired: Vec<IdentityId>,
+}
+
+impl SweepChanges {
+    fn counts(&self) -> Swept {
+        Swept {
+            pins: self.removed_pins.len() as u64,
+            identities: self.removed_identities.len() as u64,
+            retired: self.retired.len() as u64,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -29,8 +58,17 @@ impl MemoryStore {
         Binding { pin, identity }
     }
 
+    fn intern(&self, fingerprint: &Arc<Fingerprint>) -> Arc<Fingerprint> {
+        if let Some(known) = self.fingerprints.get(fingerprint) {
+            return known.clone();
+        }
+        self.fingerprints.insert(fingerprint.clone());
+        fingerprint.clone()
+    }
+
     /// Inserts an identity as it is (loading a durable store).
-    pub fn insert_identity(&self, identity: Identity) {
+    pub fn insert_identity(&self, mut identity: Identity) {
+        identity.fingerprint = self.intern(&identity.fingerprint);
         self.identities.insert(identity.id, identity);
     }
 
@@ -42,6 +80,61 @@ impl MemoryStore {
     /// The identity with this id.
     pub fn identity(&self, id: IdentityId) -> Option<Identity> {
         self.identities.get(&id).map(|i| i.clone())
+    }
+
+    /// The pin of `key`.
+    pub fn pin(&self, key: &PinKey) -> Option<Pin> {
+        self.pins.get(key).map(|p| p.clone())
+    }
+
+    /// Pins and identities held.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.pins.len(), self.identities.len())
+    }
+
+    /// Sweeps like [`PinStore::sweep`] and says what changed.
+    pub fn sweep_collect(
+        &self,
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+    ) -> SweepChanges {
+        let mut changes = SweepChanges::default();
+        self.identities
+            .retain(|id, identity| match &identity.retired {
+                Some(r) if r.at_ms.saturating_add(keep_retired_ms) <= now_ms => {
+                    changes.removed_identities.push(*id);
+                    false
+                }
+                Some(_) => true,
+                None => {
+                    if let Some(reason) = expiry(identity) {
+                        identity.retired = Some(Retirement {
+                            reason,
+                            at_ms: now_ms,
+                        });
+                        changes.retired.push(*id);
+                    }
+                    true
+                }
+            });
+        self.pins.retain(|key, pin| {
+            let keep = self.identities.contains_key(&pin.identity)
+                && pin
+                    .expires_ms
+                    .is_none_or(|at| at.saturating_add(keep_retired_ms) > now_ms);
+            if !keep {
+                changes.removed_pins.push(*key);
+            }
+            keep
+        });
+        changes
+    }
+
+    /// Records an exit's death time (keeps the latest).
+    pub fn set_exit_death(&self, exit: &ExitId, at_ms: u64) {
+        let mut entry = self.exit_deaths.entry(exit.clone()).or_insert(0);
+        *entry = (*entry).max(at_ms);
     }
 }
 
@@ -55,7 +148,7 @@ impl PinStore for MemoryStore {
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        self.identities.insert(identity.id, identity.clone());
+        self.insert_identity(identity.clone());
         Ok(())
     }
 
@@ -142,35 +235,19 @@ impl PinStore for MemoryStore {
         keep_retired_ms: u64,
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> Result<Swept, StoreError> {
-        let mut swept = Swept::default();
-        self.identities
-            .retain(|_, identity| match &identity.retired {
-                Some(r) if r.at_ms.saturating_add(keep_retired_ms) <= now_ms => {
-                    swept.identities += 1;
-                    false
-                }
-                Some(_) => true,
-                None => {
-                    if let Some(reason) = expiry(identity) {
-                        identity.retired = Some(Retirement {
-                            reason,
-                            at_ms: now_ms,
-                        });
-                        swept.retired += 1;
-                    }
-                    true
-                }
-            });
-        self.pins.retain(|_, pin| {
-            let keep = self.identities.contains_key(&pin.identity)
-                && pin
-                    .expires_ms
-                    .is_none_or(|at| at.saturating_add(keep_retired_ms) > now_ms);
-            if !keep {
-                swept.pins += 1;
-            }
-            keep
-        });
-        Ok(swept)
+        Ok(self.sweep_collect(now_ms, keep_retired_ms, expiry).counts())
+    }
+
+    async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
+        self.set_exit_death(exit, at_ms);
+        Ok(())
+    }
+
+    async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
+        Ok(self
+            .exit_deaths
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect())
     }
 }
