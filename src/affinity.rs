@@ -26,6 +26,8 @@
 
 pub mod durable;
 pub mod memory;
+pub mod redis;
+pub mod transfer;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -175,6 +177,8 @@ pub enum Store {
     Memory(memory::MemoryStore),
     /// The embedded durable store (the default).
     Durable(durable::DurableStore),
+    /// Redis, shared by a fleet.
+    Redis(redis::RedisStore),
 }
 
 macro_rules! dispatch {
@@ -182,6 +186,7 @@ macro_rules! dispatch {
         match $self {
             Store::Memory($store) => $call.await,
             Store::Durable($store) => $call.await,
+            Store::Redis($store) => $call.await,
         }
     };
 }
@@ -191,6 +196,14 @@ impl Store {
     pub async fn close(&self) {
         if let Store::Durable(store) = self {
             store.close().await;
+        }
+    }
+
+    /// Whether the store is answering (only a remote store can be down).
+    pub fn available(&self) -> bool {
+        match self {
+            Store::Redis(store) => store.is_available(),
+            Store::Memory(_) | Store::Durable(_) => true,
         }
     }
 }

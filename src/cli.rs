@@ -34,19 +34,51 @@ pub enum Command {
     Ca(CaArgs),
     /// List identities (exit, age, last use, requests, credentials) from a running daemon.
     Pins(PinsArgs),
+    /// Inspect or move the pin store (stop the daemon first for the embedded store).
+    Store(StoreArgs),
+}
+
+/// `pinproxy store`.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Configuration file, data directory and store.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: StoreAction,
+}
+
+/// `pinproxy store` actions.
+#[derive(Debug, Subcommand)]
+pub enum StoreAction {
+    /// How many pins and identities the store holds.
+    Stats,
+    /// Write every identity and pin (hashes only) as JSON lines.
+    Export {
+        /// Output file [default: standard output].
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Read an export into the store (existing pins win).
+    Import {
+        /// The export file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// Options shared by every subcommand that reads the configuration.
 #[derive(Debug, Args, Default)]
 pub struct CommonArgs {
     /// TOML configuration file (see config/pinproxy.example.toml).
-    #[arg(long, value_name = "FILE", env = "PINPROXY_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "PINPROXY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Directory for the CA, the pin-hashing key and pins [default: ~/.local/share/pinproxy].
-    #[arg(long, value_name = "DIR", env = "PINPROXY_DATA_DIR")]
+    #[arg(long, value_name = "DIR", env = "PINPROXY_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Pin store: embedded (durable file in the data directory), memory, or redis://host:port/db.
-    #[arg(long, value_name = "URL", env = "PINPROXY_STORE")]
+    #[arg(long, value_name = "URL", env = "PINPROXY_STORE", global = true)]
     pub store: Option<String>,
 }
 

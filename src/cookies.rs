@@ -219,6 +219,20 @@ impl PinHasher {
         }
     }
 
+    /// The secret key itself (shared with a fleet's store; never logged).
+    pub(crate) fn key_bytes(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// A short, non-secret fingerprint of the key: stores and exports
+    /// carry it so pins hashed with another key are never mixed in.
+    pub fn key_id(&self) -> String {
+        blake3::derive_key("pinproxy pin-key id v1", &self.key)[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The pin key of a client session key. The domain tag cannot occur in
     /// a cookie name, so it never equals a cookie's key.
     pub fn session_key(&self, key: &str) -> PinKey {

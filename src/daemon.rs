@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::affinity::durable::DurableStore;
+use crate::affinity::redis::RedisStore;
 use crate::affinity::{memory::MemoryStore, Affinity, Policies, Store};
 use crate::capture::invalidation;
 use crate::clock::{duration_ms, Clock};
@@ -72,8 +73,8 @@ pub enum StartError {
 }
 
 /// Opens the configured pin store (the embedded one off the runtime threads).
-async fn open_store(kind: &StoreKind) -> Result<Store, StartError> {
-    match kind {
+async fn open_store(settings: &Settings) -> Result<Store, StartError> {
+    match &settings.store {
         StoreKind::Memory => Ok(Store::Memory(MemoryStore::new())),
         StoreKind::Embedded(path) => {
             let path = path.clone();
@@ -82,10 +83,62 @@ async fn open_store(kind: &StoreKind) -> Result<Store, StartError> {
                 .map_err(|e| StartError::Store(e.to_string()))?;
             Ok(Store::Durable(store))
         }
-        StoreKind::Redis { .. } => Err(StartError::Store(
-            "the Redis store is not built in yet".into(),
-        )),
+        StoreKind::Redis { url, namespace } => {
+            // Pins must outlive the longest-lived identity, then be
+            // remembered as long as retired credentials are.
+            let longest = settings
+                .exits
+                .iter()
+                .filter_map(|e| e.options.max_lifetime)
+                .chain(std::iter::once(settings.identities.max_lifetime))
+                .max()
+                .unwrap_or(settings.identities.max_lifetime);
+            let keep = duration_ms(settings.identities.remember_retired);
+            let store = RedisStore::connect(url, namespace, duration_ms(longest).saturating_add(keep), keep)
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            Ok(Store::Redis(store))
+        }
     }
+}
+
+/// Opens the configured store and its pin-hasher for tools (`pinproxy
+/// store`), without starting the proxy.
+pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher), StartError> {
+    let settings = config.validate()?;
+    let dir = settings.data_dir.clone();
+    let local = tokio::task::spawn_blocking(move || {
+        crate::fsutil::create_private_dir(&dir)
+            .and_then(|()| PinHasher::load_or_create(&dir))
+            .map_err(|source| StartError::DataDir { path: dir.clone(), source })
+    })
+    .await??;
+    let store = open_store(&settings).await?;
+    let hasher = match &store {
+        Store::Redis(redis) => fleet_hasher(redis, &local).await?,
+        _ => local,
+    };
+    Ok((store, hasher))
+}
+
+/// Replicas sharing a Redis store must hash cookies with one key: the first
+/// replica's. Waits (bounded) for Redis at start, since hashing with another
+/// key would miss every pin.
+async fn fleet_hasher(store: &RedisStore, local: &PinHasher) -> Result<PinHasher, StartError> {
+    let mut last = None;
+    for attempt in 0..10u32 {
+        match store.shared_hash_key(local.key_bytes()).await {
+            Ok(key) => {
+                store.check_eviction_policy().await;
+                return Ok(PinHasher::new(key));
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
+    }
+    Err(StartError::Store(format!(
+        "cannot reach the Redis pin store to agree on the pin-hashing key: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )))
 }
 
 /// A running proxy.
@@ -160,7 +213,11 @@ impl Daemon {
             max_lifetime_ms: duration_ms(identities.max_lifetime),
             keep_retired_ms: duration_ms(identities.remember_retired),
         };
-        let store = open_store(&settings.store).await?;
+        let store = open_store(&settings).await?;
+        let hasher = match &store {
+            Store::Redis(redis) => fleet_hasher(redis, &hasher).await?,
+            _ => hasher,
+        };
         let affinity = Arc::new(Affinity::new(
             store,
             clock.clone(),
@@ -178,6 +235,7 @@ impl Daemon {
             exits: exits.clone(),
             max_header_bytes: settings.limits.max_header_bytes,
             fingerprint_policy: identities.fingerprint_policy,
+            on_unavailable: settings.on_unavailable,
             invalidation: invalidation::Rules::new(
                 identities.invalidation.clone(),
                 identities.scan_limit,

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use pinproxy::cli::{CaArgs, Cli, Command, PinsArgs, RunArgs};
+use pinproxy::affinity::{transfer, PinStore as _};
+use pinproxy::cli::{CaArgs, Cli, Command, PinsArgs, RunArgs, StoreAction, StoreArgs};
 use pinproxy::daemon::{self, Daemon};
 
 /// How long in-flight requests get to finish on SIGINT/SIGTERM.
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Ca(args) => ca(args),
         Command::Pins(args) => pins(args),
+        Command::Store(args) => store(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +79,72 @@ fn pins(args: PinsArgs) -> anyhow::Result<()> {
         print!("{}", pinproxy::admin::render_table(&views, now));
     }
     Ok(())
+}
+
+fn store(args: StoreArgs) -> anyhow::Result<()> {
+    let config = args.common.load()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let (store, hasher) = daemon::open_store_for_tools(&config).await?;
+        let key_id = hasher.key_id();
+        let outcome = match args.action {
+            StoreAction::Stats => {
+                let counts = store.count().await?;
+                let deaths = store.exit_deaths().await?;
+                println!("store: {}", describe(&store));
+                println!("pin-hashing key id: {key_id}");
+                println!("pins: {}", counts.pins);
+                println!("identities: {} ({} retired)", counts.identities, counts.retired);
+                for (exit, at) in deaths {
+                    println!("exit {exit} last died at {at} (unix ms)");
+                }
+                Ok(())
+            }
+            StoreAction::Export { file } => {
+                let moved = match file {
+                    Some(path) => {
+                        let mut out = std::io::BufWriter::new(
+                            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+                        );
+                        let moved = transfer::export(&store, &key_id, &mut out).await?;
+                        std::io::Write::flush(&mut out)?;
+                        moved
+                    }
+                    None => transfer::export(&store, &key_id, &mut std::io::stdout().lock()).await?,
+                };
+                eprintln!("exported {} identities, {} pins", moved.identities, moved.pins);
+                Ok(())
+            }
+            StoreAction::Import { file } => {
+                let input = std::io::BufReader::new(
+                    std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?,
+                );
+                let moved = transfer::import(&store, &key_id, input).await?;
+                eprintln!(
+                    "imported {} identities, {} pins ({} pins kept the store's existing identity)",
+                    moved.identities, moved.pins, moved.conflicts
+                );
+                Ok::<(), anyhow::Error>(())
+            }
+        };
+        store.close().await;
+        outcome
+    })
+}
+
+fn describe(store: &pinproxy::affinity::Store) -> String {
+    use pinproxy::affinity::Store;
+    match store {
+        Store::Memory(_) => "memory".into(),
+        Store::Durable(durable) => {
+            let size = std::fs::metadata(durable.path()).map(|m| m.len()).unwrap_or(0);
+            format!("embedded ({}, {:.1} MB)", durable.path().display(), size as f64 / 1e6)
+        }
+        Store::Redis(redis) => format!("redis ({redis:?})"),
+    }
 }
 
 fn ca(args: CaArgs) -> anyhow::Result<()> {

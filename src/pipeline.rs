@@ -28,6 +28,7 @@ use tracing::Instrument as _;
 use crate::affinity::{Affinity, Reason, Route};
 use crate::body::{self, Body};
 use crate::capture::{self, invalidation};
+use crate::config::Unavailable;
 use crate::cookies::{self, CookiePolicy, Credential, PinHasher};
 use crate::egress;
 use crate::error::{Fault, ProxyError};
@@ -59,6 +60,8 @@ pub struct Pipeline {
     pub invalidation: invalidation::Rules,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// What to do while the pin store cannot answer.
+    pub on_unavailable: Unavailable,
 }
 
 impl Pipeline {
@@ -135,6 +138,16 @@ impl Pipeline {
         }
 
         let credentials = self.credentials(&request, tunnel)?;
+        // A store that cannot answer cannot say where a credential belongs,
+        // nor remember what a response sets: fail closed (fail-open lets
+        // requests without credentials through).
+        if !self.affinity.store().available()
+            && !(self.on_unavailable == Unavailable::FailOpen && credentials.is_empty())
+        {
+            return Err(ProxyError::Store(crate::affinity::StoreError(
+                "the pin store is unreachable".into(),
+            )));
+        }
         let fingerprint = Fingerprint::of(request.headers());
         let route = self
             .affinity

@@ -4,6 +4,7 @@
 //! (a line it prints), and killed by its own handle when dropped.
 
 use std::path::PathBuf;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -102,5 +103,97 @@ impl Tinyproxy {
     /// The exit URL for pinproxy.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A redis-server on a free loopback port, persisting every write (AOF,
+/// fsync always) in its own directory, so a restart keeps its data.
+pub struct RedisServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a fresh server.
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let mut command = Command::new(require("redis-server"));
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(self.dir.path());
+        self.child = Some(spawn_until(command, "Ready to accept connections", false).await);
+    }
+
+    /// The store URL for pinproxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+}
+
+/// A pinproxy started as its own process, the way users run it.
+pub struct PinproxyProcess {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    child: Child,
+}
+
+impl PinproxyProcess {
+    /// Runs `pinproxy run --listen 127.0.0.1:PORT --data-dir DIR --admin off ARGS...`
+    /// and waits until it says it is listening.
+    pub async fn start(data_dir: &std::path::Path, args: &[String]) -> PinproxyProcess {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
+        command
+            .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--admin", "off"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "warn");
+        let child = spawn_until(command, "pinproxy listening on", true).await;
+        PinproxyProcess {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir: data_dir.to_owned(),
+            child,
+        }
+    }
+
+    /// `kill -9`.
+    pub async fn kill9(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The CA the process uses.
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("ca.pem")).unwrap()
     }
 }

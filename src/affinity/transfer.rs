@@ -1,0 +1,227 @@
+//! Moving pins between stores: `pinproxy store export` writes JSON lines,
+//! `pinproxy store import` reads them.
+//!
+//! The first line names the format and the id of the pin-hashing key the
+//! pins were made with (never the key itself). An import into a store whose
+//! key differs is refused: its pins would never match a cookie again, and
+//! worse, a reader might think they do. Cookie values never appear, only
+//! their hashes.
+
+use std::io::{BufRead, Write};
+
+use serde::{Deserialize, Serialize};
+
+use super::{PinStore, Store, StoreError};
+use crate::cookies::PinKey;
+use crate::exits::ExitId;
+use crate::identity::{Identity, Pin};
+
+/// The export format version.
+pub const FORMAT: u32 = 1;
+
+/// One line of an export.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Record {
+    /// The first line.
+    Header {
+        /// Format version.
+        format: u32,
+        /// Id of the pin-hashing key.
+        key_id: String,
+    },
+    /// An identity.
+    Identity(Identity),
+    /// A pin (its key as 32 hex digits).
+    Pin {
+        /// The pin key.
+        key: String,
+        /// The pin.
+        pin: Pin,
+    },
+    /// An exit death.
+    ExitDeath {
+        /// The exit.
+        exit: ExitId,
+        /// When, Unix ms.
+        at_ms: u64,
+    },
+}
+
+/// What a transfer moved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Identities.
+    pub identities: u64,
+    /// Pins.
+    pub pins: u64,
+    /// Pins the target already had for another identity (kept as they were).
+    pub conflicts: u64,
+}
+
+/// A transfer that cannot proceed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading or writing the file failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A line is not a record.
+    #[error("line {line}: {reason}")]
+    Format {
+        /// 1-based line number.
+        line: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The pins were hashed with another key.
+    #[error(
+        "the export was made with pin-hashing key {exported}, this store uses {ours}: its pins \
+         would never match a cookie here (copy the source's DATA_DIR/pin-key, or export from the \
+         same deployment)"
+    )]
+    KeyMismatch {
+        /// The export's key id.
+        exported: String,
+        /// The target's key id.
+        ours: String,
+    },
+}
+
+fn line(out: &mut impl Write, record: &Record) -> Result<(), TransferError> {
+    let text = serde_json::to_string(record).map_err(|e| TransferError::Format {
+        line: 0,
+        reason: e.to_string(),
+    })?;
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+/// Writes every identity, pin and exit death of `store`.
+pub async fn export(store: &Store, key_id: &str, out: &mut impl Write) -> Result<Moved, TransferError> {
+    line(
+        out,
+        &Record::Header {
+            format: FORMAT,
+            key_id: key_id.to_owned(),
+        },
+    )?;
+    let mut moved = Moved::default();
+    for listing in store.list().await? {
+        line(out, &Record::Identity(listing.identity))?;
+        moved.identities += 1;
+        for (key, pin) in listing.pins {
+            line(
+                out,
+                &Record::Pin {
+                    key: key.to_hex(),
+                    pin,
+                },
+            )?;
+            moved.pins += 1;
+        }
+    }
+    for (exit, at_ms) in store.exit_deaths().await? {
+        line(out, &Record::ExitDeath { exit, at_ms })?;
+    }
+    Ok(moved)
+}
+
+fn parse_key(hex: &str) -> Option<PinKey> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(PinKey::from_bytes(bytes))
+}
+
+/// Reads an export into `store` (whose pin-hashing key has id `key_id`).
+/// Existing pins win over imported ones: pins never move.
+pub async fn import(store: &Store, key_id: &str, input: impl BufRead) -> Result<Moved, TransferError> {
+    let mut moved = Moved::default();
+    let mut header_seen = false;
+    for (n, text) in input.lines().enumerate() {
+        let text = text?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let format = |reason: String| TransferError::Format { line: n + 1, reason };
+        let record: Record = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        match record {
+            Record::Header { format: version, key_id: exported } => {
+                if version != FORMAT {
+                    return Err(format(format!("unknown export format {version}")));
+                }
+                if exported != key_id {
+                    return Err(TransferError::KeyMismatch {
+                        exported,
+                        ours: key_id.to_owned(),
+                    });
+                }
+                header_seen = true;
+            }
+            _ if !header_seen => return Err(format("the export has no header line".into())),
+            Record::Identity(identity) => {
+                store.create_identity(&identity).await?;
+                moved.identities += 1;
+            }
+            Record::Pin { key, pin } => {
+                let key = parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
+                let kept = store.pin_if_absent(key, &pin).await?;
+                if kept.pin.identity == pin.identity {
+                    moved.pins += 1;
+                } else {
+                    moved.conflicts += 1;
+                }
+            }
+            Record::ExitDeath { exit, at_ms } => store.record_exit_death(&exit, at_ms).await?,
+        }
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affinity::memory::MemoryStore;
+    use crate::fingerprint::Fingerprint;
+    use crate::identity::{PinKind, SessionId};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn export_then_import_round_trips_and_checks_the_key() {
+        let source = Store::Memory(MemoryStore::new());
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), 5, Arc::new(Fingerprint::default()), 5);
+        source.create_identity(&identity).await.unwrap();
+        let pin = Pin {
+            identity: identity.id,
+            kind: PinKind::Cookie,
+            name: Arc::from("datadome"),
+            created_ms: 5,
+            expires_ms: None,
+        };
+        let key = PinKey::from_bytes([9; 16]);
+        source.pin_if_absent(key, &pin).await.unwrap();
+        source.record_exit_death(&ExitId::new("e2"), 77).await.unwrap();
+
+        let mut file = Vec::new();
+        let exported = export(&source, "k1", &mut file).await.unwrap();
+        assert_eq!((exported.identities, exported.pins), (1, 1));
+        let text = String::from_utf8(file.clone()).unwrap();
+        assert!(text.starts_with("{\"header\":{\"format\":1,\"key-id\":\"k1\"}}"), "{text}");
+
+        let target = Store::Memory(MemoryStore::new());
+        let wrong = import(&target, "k2", file.as_slice()).await;
+        assert!(matches!(wrong, Err(TransferError::KeyMismatch { .. })));
+        let imported = import(&target, "k1", file.as_slice()).await.unwrap();
+        assert_eq!(imported, Moved { identities: 1, pins: 1, conflicts: 0 });
+        let found = target.lookup(&[key]).await.unwrap();
+        assert_eq!(found[0].as_ref().unwrap().identity.as_ref().unwrap().exit, ExitId::new("e1"));
+        assert_eq!(target.exit_deaths().await.unwrap(), vec![(ExitId::new("e2"), 77)]);
+    }
+}

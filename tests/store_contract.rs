@@ -1,0 +1,223 @@
+//! The pin store contract, one suite run against every implementation:
+//! memory, the embedded durable store, and Redis (a real redis-server).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pinproxy::affinity::durable::DurableStore;
+use pinproxy::affinity::memory::MemoryStore;
+use pinproxy::affinity::redis::RedisStore;
+use pinproxy::affinity::{PinStore, Store};
+use pinproxy::cookies::PinKey;
+use pinproxy::exits::ExitId;
+use pinproxy::fingerprint::Fingerprint;
+use pinproxy::identity::{Identity, Pin, PinKind, RetireReason, Retirement, SessionId};
+use support::procs::RedisServer;
+
+const HOUR_MS: u64 = 3_600_000;
+
+fn identity(exit: &str, now: u64) -> Identity {
+    Identity::new(ExitId::new(exit), SessionId(rand::random()), now, Arc::new(Fingerprint::default()), now)
+}
+
+fn pin(identity: &Identity, expires_ms: Option<u64>) -> Pin {
+    Pin {
+        identity: identity.id,
+        kind: PinKind::Cookie,
+        name: Arc::from("datadome"),
+        created_ms: identity.created_ms,
+        expires_ms,
+    }
+}
+
+fn key() -> PinKey {
+    PinKey::from_bytes(rand::random())
+}
+
+/// The contract every store keeps.
+async fn contract(store: Arc<Store>) {
+    let now = 1_800_000_000_000;
+
+    // Lookup of an unknown key.
+    let unknown = key();
+    assert_eq!(store.lookup(&[unknown]).await.unwrap(), vec![None]);
+
+    // Pin-if-absent: the first pin wins, later callers learn it.
+    let (a, b) = (identity("e1", now), identity("e2", now));
+    store.create_identity(&a).await.unwrap();
+    store.create_identity(&b).await.unwrap();
+    let k = key();
+    let first = store.pin_if_absent(k, &pin(&a, None)).await.unwrap();
+    assert_eq!(first.pin.identity, a.id);
+    assert_eq!(first.identity.as_ref().unwrap().exit, ExitId::new("e1"));
+    let second = store.pin_if_absent(k, &pin(&b, None)).await.unwrap();
+    assert_eq!(second.pin.identity, a.id, "a pin never moves");
+    let found = store.lookup(&[unknown, k]).await.unwrap();
+    assert!(found[0].is_none());
+    assert_eq!(found[1].as_ref().unwrap().pin.identity, a.id);
+
+    // Racing first sight: exactly one winner, everyone sees it.
+    let raced = key();
+    let mut racers = Vec::new();
+    for n in 0..32 {
+        let store = store.clone();
+        racers.push(tokio::spawn(async move {
+            let me = identity(&format!("e{}", n % 3), now);
+            store.create_identity(&me).await.unwrap();
+            let winner = store.pin_if_absent(raced, &pin(&me, None)).await.unwrap();
+            (me.id, winner.pin.identity)
+        }));
+    }
+    let mut winners = std::collections::HashSet::new();
+    let mut won_by_self = 0;
+    for racer in racers {
+        let (me, winner) = racer.await.unwrap();
+        winners.insert(winner);
+        won_by_self += usize::from(me == winner);
+    }
+    assert_eq!(winners.len(), 1, "one winner");
+    assert_eq!(won_by_self, 1, "exactly one racer won");
+
+    // Egress: the first address recorded stands.
+    let ip1 = "127.0.0.2".parse().unwrap();
+    let ip2 = "127.0.0.3".parse().unwrap();
+    assert_eq!(store.record_egress(a.id, ip1).await.unwrap(), Some(ip1));
+    assert_eq!(store.record_egress(a.id, ip2).await.unwrap(), Some(ip1));
+
+    // Retire: the first retirement stands and shows in lookups.
+    let first_reason = Retirement {
+        reason: RetireReason::ExitDown,
+        at_ms: now + 1,
+    };
+    store.retire(a.id, &first_reason).await.unwrap();
+    store
+        .retire(
+            a.id,
+            &Retirement {
+                reason: RetireReason::Manual,
+                at_ms: now + 2,
+            },
+        )
+        .await
+        .unwrap();
+    let retired = store.lookup(&[k]).await.unwrap()[0].clone().unwrap().identity.unwrap();
+    assert_eq!(retired.retired, Some(first_reason));
+    assert_eq!(retired.egress_ip, Some(ip1));
+
+    // Touch: counted (Redis writes it off the request path).
+    store.touch(b.id, now + 10, true).await.unwrap();
+    let kb = key();
+    store.pin_if_absent(kb, &pin(&b, None)).await.unwrap();
+    let mut touched = false;
+    for _ in 0..100 {
+        let seen = store.lookup(&[kb]).await.unwrap()[0].clone().unwrap().identity.unwrap();
+        if seen.requests == 1 && seen.worked && seen.last_used_ms == now + 10 {
+            touched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(touched, "touch recorded");
+
+    // Exit deaths: the latest stands.
+    store.record_exit_death(&ExitId::new("e9"), 50).await.unwrap();
+    store.record_exit_death(&ExitId::new("e9"), 40).await.unwrap();
+    assert!(store.exit_deaths().await.unwrap().contains(&(ExitId::new("e9"), 50)));
+
+    // Discarding an unpinned identity.
+    let loser = identity("e1", now);
+    store.create_identity(&loser).await.unwrap();
+    store.discard_identity(loser.id).await.unwrap();
+
+    // Listing shows identities with their pins.
+    let listed = store.list().await.unwrap();
+    let of_a = listed.iter().find(|l| l.identity.id == a.id).unwrap();
+    assert!(of_a.pins.iter().any(|(pk, _)| *pk == k));
+    assert!(!listed.iter().any(|l| l.identity.id == loser.id));
+}
+
+/// Expiry by sweep (memory and durable stores).
+async fn sweep_contract(store: &Store) {
+    let now = 1_800_000_000_000;
+    let idle = identity("e1", now);
+    let live = identity("e1", now);
+    store.create_identity(&idle).await.unwrap();
+    store.create_identity(&live).await.unwrap();
+    let (k_idle, k_cookie, k_live) = (key(), key(), key());
+    store.pin_if_absent(k_idle, &pin(&idle, None)).await.unwrap();
+    store.pin_if_absent(k_cookie, &pin(&live, Some(now + HOUR_MS))).await.unwrap();
+    store.pin_if_absent(k_live, &pin(&live, None)).await.unwrap();
+    let expiry = |i: &Identity| (i.id == idle.id).then_some(RetireReason::IdleExpired);
+
+    // First sweep: the idle identity is retired (remembered), nothing forgotten.
+    let swept = store.sweep(now + 2 * HOUR_MS, 24 * HOUR_MS, &expiry).await.unwrap();
+    assert_eq!((swept.retired, swept.pins, swept.identities), (1, 0, 0));
+    let seen = store.lookup(&[k_idle]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(seen.identity.unwrap().retired.unwrap().reason, RetireReason::IdleExpired);
+
+    // A day later: the retired identity and the expired cookie are forgotten.
+    let swept = store.sweep(now + 27 * HOUR_MS, 24 * HOUR_MS, &|_| None).await.unwrap();
+    assert_eq!((swept.identities, swept.pins), (1, 2), "{swept:?}");
+    let found = store.lookup(&[k_idle, k_cookie, k_live]).await.unwrap();
+    assert!(found[0].is_none() && found[1].is_none() && found[2].is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_keeps_the_contract() {
+    let store = Arc::new(Store::Memory(MemoryStore::new()));
+    contract(store.clone()).await;
+    sweep_contract(&Store::Memory(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_store_keeps_the_contract_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pins.redb");
+    let store = Arc::new(Store::Durable(DurableStore::open(&path).unwrap()));
+    contract(store.clone()).await;
+    let swept = Store::Durable(DurableStore::open(&dir.path().join("swept.redb")).unwrap());
+    sweep_contract(&swept).await;
+    let before = store.list().await.unwrap().len();
+    store.close().await;
+    drop(store);
+    let reopened = Store::Durable(DurableStore::open(&path).unwrap());
+    assert_eq!(reopened.list().await.unwrap().len(), before, "everything survives a reopen");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_keeps_the_contract() {
+    let redis = RedisServer::start().await;
+    let store = RedisStore::connect(&redis.url(), "contract", 48 * HOUR_MS, 30 * 24 * HOUR_MS).unwrap();
+    let store = Arc::new(Store::Redis(store));
+    contract(store.clone()).await;
+
+    // Expiry is the server's: pins carry their lifetime as a TTL.
+    let now = 1_800_000_000_000;
+    let someone = identity("e1", now);
+    store.create_identity(&someone).await.unwrap();
+    let k = key();
+    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("contract:pin:{}", k.to_hex()))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let expected = (48 * HOUR_MS) as i64;
+    assert!(ttl > expected - 60_000 && ttl <= expected, "pin ttl {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_redis_agree_on_the_hashing_key() {
+    let redis = RedisServer::start().await;
+    let first = RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS).unwrap();
+    let second = RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS).unwrap();
+    let a = first.shared_hash_key([1; 32]).await.unwrap();
+    let b = second.shared_hash_key([2; 32]).await.unwrap();
+    assert_eq!(a, [1; 32]);
+    assert_eq!(b, [1; 32], "the first replica's key wins");
+}
