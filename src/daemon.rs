@@ -94,8 +94,13 @@ async fn open_store(settings: &Settings) -> Result<Store, StartError> {
                 .max()
                 .unwrap_or(settings.identities.max_lifetime);
             let keep = duration_ms(settings.identities.remember_retired);
-            let store = RedisStore::connect(url, namespace, duration_ms(longest).saturating_add(keep), keep)
-                .map_err(|e| StartError::Store(e.to_string()))?;
+            let store = RedisStore::connect(
+                url,
+                namespace,
+                duration_ms(longest).saturating_add(keep),
+                keep,
+            )
+            .map_err(|e| StartError::Store(e.to_string()))?;
             Ok(Store::Redis(store))
         }
     }
@@ -109,7 +114,10 @@ pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher),
     let local = tokio::task::spawn_blocking(move || {
         crate::fsutil::create_private_dir(&dir)
             .and_then(|()| PinHasher::load_or_create(&dir))
-            .map_err(|source| StartError::DataDir { path: dir.clone(), source })
+            .map_err(|source| StartError::DataDir {
+                path: dir.clone(),
+                source,
+            })
     })
     .await??;
     let store = open_store(&settings).await?;

@@ -17,7 +17,7 @@ use crate::exits::ExitId;
 use crate::fingerprint::Fingerprint;
 
 /// The id of an identity: random, never reused.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityId(pub u64);
 
 impl IdentityId {
@@ -42,8 +42,40 @@ impl fmt::Debug for IdentityId {
 
 /// The upstream session id an identity fills into an exit's `{session}`
 /// placeholder, so the provider keeps one IP for it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(pub u64);
+
+/// Ids are 64-bit: a number in binary formats, 16 hex digits in text ones
+/// (JSON tools lose precision on integers above 2^53).
+macro_rules! hex_id_serde {
+    ($name:ident) => {
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                if serializer.is_human_readable() {
+                    serializer.serialize_str(&self.to_string())
+                } else {
+                    serializer.serialize_u64(self.0)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                if deserializer.is_human_readable() {
+                    let text = String::deserialize(deserializer)?;
+                    u64::from_str_radix(&text, 16)
+                        .map($name)
+                        .map_err(serde::de::Error::custom)
+                } else {
+                    u64::deserialize(deserializer).map($name)
+                }
+            }
+        }
+    };
+}
+
+hex_id_serde!(IdentityId);
+hex_id_serde!(SessionId);
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -97,7 +97,10 @@ fn store(args: StoreArgs) -> anyhow::Result<()> {
                 println!("store: {}", describe(&store));
                 println!("pin-hashing key id: {key_id}");
                 println!("pins: {}", counts.pins);
-                println!("identities: {} ({} retired)", counts.identities, counts.retired);
+                println!(
+                    "identities: {} ({} retired)",
+                    counts.identities, counts.retired
+                );
                 for (exit, at) in deaths {
                     println!("exit {exit} last died at {at} (unix ms)");
                 }
@@ -107,20 +110,27 @@ fn store(args: StoreArgs) -> anyhow::Result<()> {
                 let moved = match file {
                     Some(path) => {
                         let mut out = std::io::BufWriter::new(
-                            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+                            std::fs::File::create(&path)
+                                .with_context(|| format!("cannot create {}", path.display()))?,
                         );
                         let moved = transfer::export(&store, &key_id, &mut out).await?;
                         std::io::Write::flush(&mut out)?;
                         moved
                     }
-                    None => transfer::export(&store, &key_id, &mut std::io::stdout().lock()).await?,
+                    None => {
+                        transfer::export(&store, &key_id, &mut std::io::stdout().lock()).await?
+                    }
                 };
-                eprintln!("exported {} identities, {} pins", moved.identities, moved.pins);
+                eprintln!(
+                    "exported {} identities, {} pins",
+                    moved.identities, moved.pins
+                );
                 Ok(())
             }
             StoreAction::Import { file } => {
                 let input = std::io::BufReader::new(
-                    std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?,
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("cannot open {}", file.display()))?,
                 );
                 let moved = transfer::import(&store, &key_id, input).await?;
                 eprintln!(
@@ -140,8 +150,14 @@ fn describe(store: &pinproxy::affinity::Store) -> String {
     match store {
         Store::Memory(_) => "memory".into(),
         Store::Durable(durable) => {
-            let size = std::fs::metadata(durable.path()).map(|m| m.len()).unwrap_or(0);
-            format!("embedded ({}, {:.1} MB)", durable.path().display(), size as f64 / 1e6)
+            let size = std::fs::metadata(durable.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            format!(
+                "embedded ({}, {:.1} MB)",
+                durable.path().display(),
+                size as f64 / 1e6
+            )
         }
         Store::Redis(redis) => format!("redis ({redis:?})"),
     }

@@ -141,9 +141,9 @@ impl Pipeline {
         // A store that cannot answer cannot say where a credential belongs,
         // nor remember what a response sets: fail closed (fail-open lets
         // requests without credentials through).
-        if !self.affinity.store().available()
-            && !(self.on_unavailable == Unavailable::FailOpen && credentials.is_empty())
-        {
+        let may_pass_without_store =
+            self.on_unavailable == Unavailable::FailOpen && credentials.is_empty();
+        if !self.affinity.store().available() && !may_pass_without_store {
             return Err(ProxyError::Store(crate::affinity::StoreError(
                 "the pin store is unreachable".into(),
             )));

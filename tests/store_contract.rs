@@ -20,7 +20,13 @@ use support::procs::RedisServer;
 const HOUR_MS: u64 = 3_600_000;
 
 fn identity(exit: &str, now: u64) -> Identity {
-    Identity::new(ExitId::new(exit), SessionId(rand::random()), now, Arc::new(Fingerprint::default()), now)
+    Identity::new(
+        ExitId::new(exit),
+        SessionId(rand::random()),
+        now,
+        Arc::new(Fingerprint::default()),
+        now,
+    )
 }
 
 fn pin(identity: &Identity, expires_ms: Option<u64>) -> Pin {
@@ -103,7 +109,11 @@ async fn contract(store: Arc<Store>) {
         )
         .await
         .unwrap();
-    let retired = store.lookup(&[k]).await.unwrap()[0].clone().unwrap().identity.unwrap();
+    let retired = store.lookup(&[k]).await.unwrap()[0]
+        .clone()
+        .unwrap()
+        .identity
+        .unwrap();
     assert_eq!(retired.retired, Some(first_reason));
     assert_eq!(retired.egress_ip, Some(ip1));
 
@@ -113,7 +123,11 @@ async fn contract(store: Arc<Store>) {
     store.pin_if_absent(kb, &pin(&b, None)).await.unwrap();
     let mut touched = false;
     for _ in 0..100 {
-        let seen = store.lookup(&[kb]).await.unwrap()[0].clone().unwrap().identity.unwrap();
+        let seen = store.lookup(&[kb]).await.unwrap()[0]
+            .clone()
+            .unwrap()
+            .identity
+            .unwrap();
         if seen.requests == 1 && seen.worked && seen.last_used_ms == now + 10 {
             touched = true;
             break;
@@ -123,9 +137,19 @@ async fn contract(store: Arc<Store>) {
     assert!(touched, "touch recorded");
 
     // Exit deaths: the latest stands.
-    store.record_exit_death(&ExitId::new("e9"), 50).await.unwrap();
-    store.record_exit_death(&ExitId::new("e9"), 40).await.unwrap();
-    assert!(store.exit_deaths().await.unwrap().contains(&(ExitId::new("e9"), 50)));
+    store
+        .record_exit_death(&ExitId::new("e9"), 50)
+        .await
+        .unwrap();
+    store
+        .record_exit_death(&ExitId::new("e9"), 40)
+        .await
+        .unwrap();
+    assert!(store
+        .exit_deaths()
+        .await
+        .unwrap()
+        .contains(&(ExitId::new("e9"), 50)));
 
     // Discarding an unpinned identity.
     let loser = identity("e1", now);
@@ -147,19 +171,37 @@ async fn sweep_contract(store: &Store) {
     store.create_identity(&idle).await.unwrap();
     store.create_identity(&live).await.unwrap();
     let (k_idle, k_cookie, k_live) = (key(), key(), key());
-    store.pin_if_absent(k_idle, &pin(&idle, None)).await.unwrap();
-    store.pin_if_absent(k_cookie, &pin(&live, Some(now + HOUR_MS))).await.unwrap();
-    store.pin_if_absent(k_live, &pin(&live, None)).await.unwrap();
+    store
+        .pin_if_absent(k_idle, &pin(&idle, None))
+        .await
+        .unwrap();
+    store
+        .pin_if_absent(k_cookie, &pin(&live, Some(now + HOUR_MS)))
+        .await
+        .unwrap();
+    store
+        .pin_if_absent(k_live, &pin(&live, None))
+        .await
+        .unwrap();
     let expiry = |i: &Identity| (i.id == idle.id).then_some(RetireReason::IdleExpired);
 
     // First sweep: the idle identity is retired (remembered), nothing forgotten.
-    let swept = store.sweep(now + 2 * HOUR_MS, 24 * HOUR_MS, &expiry).await.unwrap();
+    let swept = store
+        .sweep(now + 2 * HOUR_MS, 24 * HOUR_MS, &expiry)
+        .await
+        .unwrap();
     assert_eq!((swept.retired, swept.pins, swept.identities), (1, 0, 0));
     let seen = store.lookup(&[k_idle]).await.unwrap()[0].clone().unwrap();
-    assert_eq!(seen.identity.unwrap().retired.unwrap().reason, RetireReason::IdleExpired);
+    assert_eq!(
+        seen.identity.unwrap().retired.unwrap().reason,
+        RetireReason::IdleExpired
+    );
 
     // A day later: the retired identity and the expired cookie are forgotten.
-    let swept = store.sweep(now + 27 * HOUR_MS, 24 * HOUR_MS, &|_| None).await.unwrap();
+    let swept = store
+        .sweep(now + 27 * HOUR_MS, 24 * HOUR_MS, &|_| None)
+        .await
+        .unwrap();
     assert_eq!((swept.identities, swept.pins), (1, 2), "{swept:?}");
     let found = store.lookup(&[k_idle, k_cookie, k_live]).await.unwrap();
     assert!(found[0].is_none() && found[1].is_none() && found[2].is_some());
@@ -184,13 +226,18 @@ async fn the_durable_store_keeps_the_contract_across_reopens() {
     store.close().await;
     drop(store);
     let reopened = Store::Durable(DurableStore::open(&path).unwrap());
-    assert_eq!(reopened.list().await.unwrap().len(), before, "everything survives a reopen");
+    assert_eq!(
+        reopened.list().await.unwrap().len(),
+        before,
+        "everything survives a reopen"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_store_keeps_the_contract() {
     let redis = RedisServer::start().await;
-    let store = RedisStore::connect(&redis.url(), "contract", 48 * HOUR_MS, 30 * 24 * HOUR_MS).unwrap();
+    let store =
+        RedisStore::connect(&redis.url(), "contract", 48 * HOUR_MS, 30 * 24 * HOUR_MS).unwrap();
     let store = Arc::new(Store::Redis(store));
     contract(store.clone()).await;
 

@@ -109,14 +109,20 @@ impl RedisStore {
     /// Connects lazily to `url` (the daemon starts even while Redis is
     /// down, and refuses requests until it answers). `pin_ttl_ms` bounds
     /// pins and live identities, `keep_retired_ms` retired ones.
-    pub fn connect(url: &str, namespace: &str, pin_ttl_ms: u64, keep_retired_ms: u64) -> Result<RedisStore, StoreError> {
+    pub fn connect(
+        url: &str,
+        namespace: &str,
+        pin_ttl_ms: u64,
+        keep_retired_ms: u64,
+    ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(store_error)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
         let store = RedisStore {
             inner: Arc::new(Inner {
                 connection,
@@ -162,7 +168,11 @@ impl RedisStore {
                 Ok(value)
             }
             Err(e) => {
-                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                {
                     self.inner.available.store(false, Ordering::Relaxed);
                 }
                 Err(store_error(e))
@@ -210,8 +220,11 @@ impl RedisStore {
     }
 
     fn decode_binding(&self, pin: &[u8], fields: &Value) -> Result<Binding, StoreError> {
-        let (prefix, record) = pin.split_at_checked(16).ok_or_else(|| store_error("short pin record"))?;
-        let pin: Pin = postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt pin: {e}")))?;
+        let (prefix, record) = pin
+            .split_at_checked(16)
+            .ok_or_else(|| store_error("short pin record"))?;
+        let pin: Pin =
+            postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt pin: {e}")))?;
         let prefix = std::str::from_utf8(prefix).map_err(store_error)?;
         if IdentityId(u64::from_str_radix(prefix, 16).map_err(store_error)?) != pin.identity {
             return Err(store_error("pin prefix and record disagree"));
@@ -235,7 +248,8 @@ async fn ping_loop(inner: Weak<Inner>) {
         tokio::time::sleep(PING_INTERVAL).await;
         let Some(inner) = inner.upgrade() else { return };
         let mut connection = inner.connection.clone();
-        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
+        let pong: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut connection).await;
         let was = inner.available.swap(pong.is_ok(), Ordering::Relaxed);
         if was != pong.is_ok() {
             match pong {
@@ -281,12 +295,22 @@ fn bulk_text(value: &Value) -> Option<String> {
 
 fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
     let fields = hash_fields(fields);
-    let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice());
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    };
     let Some(record) = get("rec") else {
         return Ok(None);
     };
-    let mut identity: Identity = postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt identity: {e}")))?;
-    let number = |v: &[u8]| std::str::from_utf8(v).ok().and_then(|t| t.parse::<u64>().ok());
+    let mut identity: Identity =
+        postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt identity: {e}")))?;
+    let number = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+    };
     if let Some(last) = get("last").and_then(number) {
         identity.last_used_ms = identity.last_used_ms.max(last);
     }
@@ -298,7 +322,10 @@ fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
         identity.egress_ip = Some(ip);
     }
     if let Some(retired) = get("retired") {
-        identity.retired = Some(postcard::from_bytes(retired).map_err(|e| store_error(format!("corrupt retirement: {e}")))?);
+        identity.retired = Some(
+            postcard::from_bytes(retired)
+                .map_err(|e| store_error(format!("corrupt retirement: {e}")))?,
+        );
     }
     Ok(Some(identity))
 }
@@ -389,7 +416,11 @@ impl PinStore for RedisStore {
         Ok(())
     }
 
-    async fn record_egress(&self, id: IdentityId, ip: IpAddr) -> Result<Option<IpAddr>, StoreError> {
+    async fn record_egress(
+        &self,
+        id: IdentityId,
+        ip: IpAddr,
+    ) -> Result<Option<IpAddr>, StoreError> {
         let key = self.identity_key(id);
         let mut connection = self.connection();
         let (_, recorded): (bool, Option<String>) = self.note(
@@ -434,12 +465,19 @@ impl PinStore for RedisStore {
         let pattern = format!("{}:pin:*", self.inner.namespace);
         let pins: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
         for key in pins {
-            let Some(hex) = key.rsplit(':').next() else { continue };
+            let Some(hex) = key.rsplit(':').next() else {
+                continue;
+            };
             let value: Option<Vec<u8>> = self.note(connection.get(&key).await)?;
             let Some(value) = value else { continue };
             let binding = self.decode_binding(&value, &Value::Nil)?;
-            let Some(bytes) = parse_hex16(hex) else { continue };
-            if let Some(listing) = listings.iter_mut().find(|l| l.identity.id == binding.pin.identity) {
+            let Some(bytes) = parse_hex16(hex) else {
+                continue;
+            };
+            if let Some(listing) = listings
+                .iter_mut()
+                .find(|l| l.identity.id == binding.pin.identity)
+            {
                 listing.pins.push((PinKey::from_bytes(bytes), binding.pin));
             }
         }
@@ -451,7 +489,10 @@ impl PinStore for RedisStore {
         Ok(Counts {
             pins: listings.iter().map(|l| l.pins.len() as u64).sum(),
             identities: listings.len() as u64,
-            retired: listings.iter().filter(|l| l.identity.retired.is_some()).count() as u64,
+            retired: listings
+                .iter()
+                .filter(|l| l.identity.retired.is_some())
+                .count() as u64,
         })
     }
 
@@ -473,7 +514,8 @@ impl PinStore for RedisStore {
             .arg(exit.as_str())
             .arg(at_ms);
         let mut connection = self.connection();
-        self.note(invocation.invoke_async::<i64>(&mut connection).await).map(|_| ())
+        self.note(invocation.invoke_async::<i64>(&mut connection).await)
+            .map(|_| ())
     }
 
     async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
@@ -483,11 +525,17 @@ impl PinStore for RedisStore {
                 .hgetall(format!("{}:exit-deaths", self.inner.namespace))
                 .await,
         )?;
-        Ok(deaths.into_iter().map(|(e, at)| (ExitId::new(&e), at)).collect())
+        Ok(deaths
+            .into_iter()
+            .map(|(e, at)| (ExitId::new(&e), at))
+            .collect())
     }
 }
 
-async fn scan(connection: &mut ConnectionManager, pattern: &str) -> redis::RedisResult<Vec<String>> {
+async fn scan(
+    connection: &mut ConnectionManager,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {

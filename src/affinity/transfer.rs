@@ -100,7 +100,11 @@ fn line(out: &mut impl Write, record: &Record) -> Result<(), TransferError> {
 }
 
 /// Writes every identity, pin and exit death of `store`.
-pub async fn export(store: &Store, key_id: &str, out: &mut impl Write) -> Result<Moved, TransferError> {
+pub async fn export(
+    store: &Store,
+    key_id: &str,
+    out: &mut impl Write,
+) -> Result<Moved, TransferError> {
     line(
         out,
         &Record::Header {
@@ -142,7 +146,11 @@ fn parse_key(hex: &str) -> Option<PinKey> {
 
 /// Reads an export into `store` (whose pin-hashing key has id `key_id`).
 /// Existing pins win over imported ones: pins never move.
-pub async fn import(store: &Store, key_id: &str, input: impl BufRead) -> Result<Moved, TransferError> {
+pub async fn import(
+    store: &Store,
+    key_id: &str,
+    input: impl BufRead,
+) -> Result<Moved, TransferError> {
     let mut moved = Moved::default();
     let mut header_seen = false;
     for (n, text) in input.lines().enumerate() {
@@ -150,10 +158,16 @@ pub async fn import(store: &Store, key_id: &str, input: impl BufRead) -> Result<
         if text.trim().is_empty() {
             continue;
         }
-        let format = |reason: String| TransferError::Format { line: n + 1, reason };
+        let format = |reason: String| TransferError::Format {
+            line: n + 1,
+            reason,
+        };
         let record: Record = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
         match record {
-            Record::Header { format: version, key_id: exported } => {
+            Record::Header {
+                format: version,
+                key_id: exported,
+            } => {
                 if version != FORMAT {
                     return Err(format(format!("unknown export format {version}")));
                 }
@@ -196,7 +210,13 @@ mod tests {
     #[tokio::test]
     async fn export_then_import_round_trips_and_checks_the_key() {
         let source = Store::Memory(MemoryStore::new());
-        let identity = Identity::new(ExitId::new("e1"), SessionId(1), 5, Arc::new(Fingerprint::default()), 5);
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Arc::new(Fingerprint::default()),
+            5,
+        );
         source.create_identity(&identity).await.unwrap();
         let pin = Pin {
             identity: identity.id,
@@ -207,21 +227,44 @@ mod tests {
         };
         let key = PinKey::from_bytes([9; 16]);
         source.pin_if_absent(key, &pin).await.unwrap();
-        source.record_exit_death(&ExitId::new("e2"), 77).await.unwrap();
+        source
+            .record_exit_death(&ExitId::new("e2"), 77)
+            .await
+            .unwrap();
 
         let mut file = Vec::new();
         let exported = export(&source, "k1", &mut file).await.unwrap();
         assert_eq!((exported.identities, exported.pins), (1, 1));
         let text = String::from_utf8(file.clone()).unwrap();
-        assert!(text.starts_with("{\"header\":{\"format\":1,\"key-id\":\"k1\"}}"), "{text}");
+        assert!(
+            text.starts_with("{\"header\":{\"format\":1,\"key_id\":\"k1\"}}"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\"id\":\"{}\"", identity.id)),
+            "ids are hex strings: {text}"
+        );
 
         let target = Store::Memory(MemoryStore::new());
         let wrong = import(&target, "k2", file.as_slice()).await;
         assert!(matches!(wrong, Err(TransferError::KeyMismatch { .. })));
         let imported = import(&target, "k1", file.as_slice()).await.unwrap();
-        assert_eq!(imported, Moved { identities: 1, pins: 1, conflicts: 0 });
+        assert_eq!(
+            imported,
+            Moved {
+                identities: 1,
+                pins: 1,
+                conflicts: 0
+            }
+        );
         let found = target.lookup(&[key]).await.unwrap();
-        assert_eq!(found[0].as_ref().unwrap().identity.as_ref().unwrap().exit, ExitId::new("e1"));
-        assert_eq!(target.exit_deaths().await.unwrap(), vec![(ExitId::new("e2"), 77)]);
+        assert_eq!(
+            found[0].as_ref().unwrap().identity.as_ref().unwrap().exit,
+            ExitId::new("e1")
+        );
+        assert_eq!(
+            target.exit_deaths().await.unwrap(),
+            vec![(ExitId::new("e2"), 77)]
+        );
     }
 }

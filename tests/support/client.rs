@@ -143,7 +143,8 @@ pub async fn read_head(tcp: &mut TcpStream) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
-        if tcp.read(&mut byte).await.unwrap() == 0 {
+        // A closed or reset connection ends the head (the caller checks it).
+        if !matches!(tcp.read(&mut byte).await, Ok(1)) {
             break;
         }
         head.push(byte[0]);
@@ -257,5 +258,59 @@ impl Jar {
                 .collect::<Vec<_>>()
                 .join("; "),
         )
+    }
+}
+
+impl ProxyClient {
+    /// GETs `path` on `host:port` in a fresh tunnel with `jar`, reporting
+    /// every failure instead of panicking (for runs where pinproxy may die).
+    pub async fn try_get(
+        &self,
+        host: &str,
+        port: u16,
+        path: &str,
+        jar: &mut Jar,
+    ) -> Result<Reply, String> {
+        let target = format!("{host}:{port}");
+        let mut tcp = TcpStream::connect(self.proxy)
+            .await
+            .map_err(|e| e.to_string())?;
+        tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let head = read_head(&mut tcp).await;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("CONNECT answered {head:?}"));
+        }
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut request = Request::get(path).header("host", &target);
+        if let Some(cookie) = jar.header() {
+            request = request.header("cookie", cookie);
+        }
+        let response = sender
+            .send_request(
+                request
+                    .body(Full::<Bytes>::default())
+                    .map_err(|e| e.to_string())?,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        // Only a complete answer counts: then its cookies are the client's.
+        jar.store(&parts.headers);
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     }
 }

@@ -133,7 +133,12 @@ impl RedisServer {
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--maxmemory-policy", "noeviction"])
+            .args([
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
             .arg("--dir")
             .arg(self.dir.path());
         self.child = Some(spawn_until(command, "Ready to accept connections", false).await);
@@ -174,7 +179,13 @@ impl PinproxyProcess {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
         command
-            .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--admin", "off"])
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                "off",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)

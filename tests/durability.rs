@@ -1,0 +1,336 @@
+//! Pins outlive the process: `kill -9` in the middle of a concurrent run,
+//! restarts, retirements and removed exits.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pinproxy::cookies::PinHasher;
+use support::procs::PinproxyProcess;
+use support::{Jar, Origin, Proxy, ProxyClient, Setup};
+use tokio::sync::watch;
+
+/// What one client saw: its jar, the exit address its cookies belong to,
+/// and every cookie value it received before the crash.
+#[derive(Default)]
+struct ClientLog {
+    jar: Jar,
+    peer: Option<IpAddr>,
+    received_before_crash: Vec<String>,
+}
+
+fn exit_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> {
+    let mut args = vec![
+        "--upstream-ca".to_owned(),
+        origin.pki.ca_file.display().to_string(),
+    ];
+    for (id, url) in exits {
+        args.push("--exit".into());
+        args.push(format!("{id}={url}"));
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_exit() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = exit_args(&origin, &exits);
+    let first = PinproxyProcess::start(dir.path(), &args).await;
+    let ca = first.ca_pem();
+    let (address, watch_address) = watch::channel(Some(first.addr));
+    let crashed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let successes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = origin.https.port();
+
+    let mut clients = Vec::new();
+    for client_no in 0..12 {
+        let log = Arc::new(Mutex::new(ClientLog::default()));
+        let (mut addresses, ca, crashed, successes, log_for_task) = (
+            watch_address.clone(),
+            ca.clone(),
+            crashed.clone(),
+            successes.clone(),
+            log.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let mut after_restart = 0;
+            for step in 0..400 {
+                // Stop once every client has run well past the restart.
+                if after_restart >= 15 {
+                    break;
+                }
+                let Some(addr) = *addresses.wait_for(Option::is_some).await.unwrap() else {
+                    continue;
+                };
+                let client = ProxyClient::new(addr, &ca);
+                let path = match step % 5 {
+                    0 => "/rotate",
+                    _ if step == 0 => "/login",
+                    _ => "/page",
+                };
+                let path = if log_for_task.lock().unwrap().jar.get("datadome").is_none() {
+                    "/login"
+                } else {
+                    path
+                };
+                let mut jar = log_for_task.lock().unwrap().jar.clone();
+                let was_crashed = crashed.load(std::sync::atomic::Ordering::SeqCst);
+                match client.try_get("localhost", port, path, &mut jar).await {
+                    Ok(reply) => {
+                        assert_eq!(
+                            reply.status, 200,
+                            "client {client_no} step {step}: {}",
+                            reply.body
+                        );
+                        let peer = support::origin::reported_peer(&reply.body).unwrap();
+                        let mut log = log_for_task.lock().unwrap();
+                        assert_eq!(
+                            *log.peer.get_or_insert(peer),
+                            peer,
+                            "client {client_no} moved exits"
+                        );
+                        log.jar = jar;
+                        if !was_crashed {
+                            let value = log.jar.get("datadome").unwrap().to_owned();
+                            log.received_before_crash.push(value);
+                        } else {
+                            after_restart += 1;
+                        }
+                        successes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    // Requests cut by the crash fail; the client tries again.
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        });
+        clients.push((log, task));
+    }
+
+    // Let the run get going, then kill -9 while requests are in flight.
+    let mut progress = watch_address.clone();
+    for _ in 0..2000 {
+        if successes.load(std::sync::atomic::Ordering::SeqCst) >= 120 {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(5), progress.changed()).await;
+    }
+    crashed.store(true, std::sync::atomic::Ordering::SeqCst);
+    address.send_replace(None);
+    first.kill9().await;
+
+    let second = PinproxyProcess::start(dir.path(), &args).await;
+    address.send_replace(Some(second.addr));
+    for (_, task) in &mut clients {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        origin.leaks(),
+        vec![],
+        "a cookie was presented from an exit it was not earned on"
+    );
+
+    // Every cookie a client received before the crash is still pinned, to
+    // its client's exit. Read the store offline once the daemon is gone.
+    second.kill9().await;
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "export", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let (identity_exit, pin_identity) = parse_export(&String::from_utf8(export.stdout).unwrap());
+    let key: [u8; 32] = std::fs::read(dir.path().join("pin-key"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let hasher = PinHasher::new(key);
+    let mut checked = 0;
+    for (log, _) in &clients {
+        let log = log.lock().unwrap();
+        let Some(peer) = log.peer else { continue };
+        let expected_exit = format!(
+            "exit{}",
+            peer.to_string()
+                .rsplit('.')
+                .next()
+                .unwrap()
+                .parse::<u8>()
+                .unwrap()
+                - 1
+        );
+        for value in &log.received_before_crash {
+            let hash = hasher.cookie("datadome", value).to_hex();
+            let identity = pin_identity
+                .get(&hash)
+                .unwrap_or_else(|| panic!("pin {hash} lost in the crash"));
+            assert_eq!(identity_exit[identity], expected_exit);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 100, "only {checked} pins were checked");
+}
+
+/// Maps of identity → exit and pin hash → identity from an export.
+fn parse_export(text: &str) -> (HashMap<String, String>, HashMap<String, String>) {
+    let mut identity_exit = HashMap::new();
+    let mut pin_identity = HashMap::new();
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(identity) = record.get("identity") {
+            identity_exit.insert(
+                identity["id"].as_str().unwrap().to_owned(),
+                identity["exit"].as_str().unwrap().to_owned(),
+            );
+        }
+        if let Some(pin) = record.get("pin") {
+            pin_identity.insert(
+                pin["key"].as_str().unwrap().to_owned(),
+                pin["pin"]["identity"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    (identity_exit, pin_identity)
+}
+
+/// Starts pinproxy in-process on `data_dir` with these exits.
+async fn start_on(
+    data_dir: &std::path::Path,
+    origin: &Origin,
+    exits: &[(String, String)],
+) -> Proxy {
+    let dir = data_dir.to_owned();
+    Proxy::start(exits, origin, move |c| c.data_dir = Some(dir)).await
+}
+
+#[tokio::test]
+async fn pins_and_retirements_survive_a_restart() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_on(dir.path(), &origin, &exits).await;
+    let s = Setup {
+        origin,
+        exits: Vec::new(),
+        proxy,
+    };
+    let (mut kept, kept_peer) = s.login("/login").await;
+    let (mut invalidated, _) = s.login("/login").await;
+    assert_eq!(s.get("/challenge", &mut invalidated).await.status, 403);
+    let Setup { origin, proxy, .. } = s;
+    proxy.stop().await;
+
+    let proxy = start_on(dir.path(), &origin, &exits).await;
+    let s = Setup {
+        origin,
+        exits: Vec::new(),
+        proxy,
+    };
+    let reply = s.get("/page", &mut kept).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(kept_peer))
+    );
+    let reply = s.get("/page", &mut invalidated).await;
+    assert_eq!(
+        reply.status, 502,
+        "a retirement is not forgotten by a restart"
+    );
+    assert!(reply
+        .pinproxy_error()
+        .unwrap()
+        .contains("datadome-challenge"));
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identities_of_an_exit_removed_from_the_config_retire() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_on(dir.path(), &origin, &exits).await;
+    let s = Setup {
+        origin,
+        exits: Vec::new(),
+        proxy,
+    };
+    let (mut jar, peer) = s.login("/login").await;
+    let gone = peer
+        .to_string()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+        - 2;
+    let Setup { origin, proxy, .. } = s;
+    proxy.stop().await;
+
+    let remaining: Vec<(String, String)> = exits
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != gone)
+        .map(|(_, e)| e.clone())
+        .collect();
+    let proxy = start_on(dir.path(), &origin, &remaining).await;
+    let s = Setup {
+        origin,
+        exits: Vec::new(),
+        proxy,
+    };
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.contains("exit-removed") && error.contains(&exits[gone].0),
+        "{error}"
+    );
+    assert_eq!(
+        s.origin.seen().len(),
+        seen,
+        "the cookie did not go out through another exit"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_daemon_keeps_the_store_to_itself() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_on(dir.path(), &origin, &exits).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "stats", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another pinproxy"), "{stderr}");
+    proxy.stop().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "stats", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pin-hashing key id:"));
+    let _: Option<SocketAddr> = None;
+}

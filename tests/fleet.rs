@@ -1,0 +1,224 @@
+//! A fleet: several pinproxy processes (sidecars) sharing one real
+//! redis-server agree on every pin, and fail closed while Redis is away.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use pinproxy::config::Unavailable;
+use support::origin::reported_peer;
+use support::procs::{PinproxyProcess, RedisServer};
+use support::{Jar, Origin, ProxyClient, Setup};
+
+struct Fleet {
+    origin: Origin,
+    _exits: Vec<support::TestExit>,
+    _redis: RedisServer,
+    replicas: Vec<PinproxyProcess>,
+    clients: Vec<ProxyClient>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// `n` pinproxy processes on one Redis, with three exits. They share the
+/// CA (as sidecars would, from one secret) but not their data directories.
+async fn fleet(n: usize) -> Fleet {
+    let origin = Origin::start().await;
+    let (exits, exit_urls) = support::exits(3).await;
+    let redis = RedisServer::start().await;
+    let shared = tempfile::tempdir().unwrap();
+    let ca = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["ca", "--data-dir"])
+        .arg(shared.path())
+        .output()
+        .unwrap();
+    assert!(ca.status.success());
+    let mut args = vec![
+        "--store".to_owned(),
+        redis.url(),
+        "--upstream-ca".to_owned(),
+        origin.pki.ca_file.display().to_string(),
+    ];
+    for (id, url) in &exit_urls {
+        args.push("--exit".into());
+        args.push(format!("{id}={url}"));
+    }
+    let mut replicas = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["ca.pem", "ca-key.pem"] {
+            std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
+        }
+        replicas.push(PinproxyProcess::start(dir.path(), &args).await);
+        dirs.push(dir);
+    }
+    let clients = replicas
+        .iter()
+        .map(|r| ProxyClient::new(r.addr, &r.ca_pem()))
+        .collect();
+    dirs.push(shared);
+    Fleet {
+        origin,
+        _exits: exits,
+        _redis: redis,
+        replicas,
+        clients,
+        _dirs: dirs,
+    }
+}
+
+async fn clients_hop_replicas_request_by_request(n: usize) {
+    let f = fleet(n).await;
+    let port = f.origin.https.port();
+    let mut tasks = Vec::new();
+    for client_no in 0..12 {
+        let clients = f.clients.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut jar = Jar::default();
+            let mut peers = HashSet::new();
+            for step in 0..12 {
+                // Each request to another replica than the last.
+                let client = &clients[(client_no + step) % clients.len()];
+                let path = match step {
+                    0 => "/login",
+                    6 => "/rotate",
+                    _ => "/page",
+                };
+                let reply = client
+                    .try_get("localhost", port, path, &mut jar)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    reply.status, 200,
+                    "client {client_no} step {step}: {}",
+                    reply.body
+                );
+                peers.insert(reported_peer(&reply.body).unwrap());
+            }
+            assert_eq!(
+                peers.len(),
+                1,
+                "client {client_no} changed exits across replicas: {peers:?}"
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // First sight of one cookie on every replica at once: one exit wins.
+    for round in 0..4 {
+        let value = format!("fleet-race-{round}-{}", rand::random::<u64>());
+        let mut racers = Vec::new();
+        for racer in 0..24 {
+            let client = f.clients[racer % f.clients.len()].clone();
+            let value = value.clone();
+            racers.push(tokio::spawn(async move {
+                let mut jar = Jar::default();
+                jar.set("datadome", &value);
+                let reply = client
+                    .try_get("localhost", port, "/", &mut jar)
+                    .await
+                    .unwrap();
+                reported_peer(&reply.body).unwrap()
+            }));
+        }
+        let mut peers: HashSet<IpAddr> = HashSet::new();
+        for racer in racers {
+            peers.insert(racer.await.unwrap());
+        }
+        assert_eq!(
+            peers.len(),
+            1,
+            "round {round}: one cookie through {peers:?}"
+        );
+    }
+    assert_eq!(f.origin.leaks(), vec![]);
+    for replica in f.replicas {
+        replica.kill9().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_one_redis_agree_on_every_pin() {
+    clients_hop_replicas_request_by_request(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_on_one_redis_agree_on_every_pin() {
+    clients_hop_replicas_request_by_request(3).await;
+}
+
+/// Sends requests until one gets `status` (bounded), returning it.
+async fn until_status(s: &Setup, jar: &mut Jar, path: &str, status: u16) -> support::Reply {
+    for _ in 0..200 {
+        let reply = s.get(path, jar).await;
+        if reply.status == status {
+            return reply;
+        }
+        // The store's health is re-checked every 500 ms by a ping.
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{path} never answered {status}");
+}
+
+async fn redis_outage(on_unavailable: Unavailable) {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::start_with(3, move |c| {
+        c.store.url = url;
+        c.store.on_unavailable = on_unavailable;
+    })
+    .await;
+    let (mut jar, peer) = s.login("/login").await;
+
+    redis.stop().await;
+    let seen = s.origin.seen().len();
+    let refused = until_status(&s, &mut jar, "/page", 503).await;
+    let error = refused.pinproxy_error().unwrap();
+    assert!(error.starts_with("store-unavailable:"), "{error}");
+    assert_eq!(
+        s.origin.seen().len(),
+        seen,
+        "no request with a cookie left while Redis was away"
+    );
+    let cookieless = s.get_with("/", &[]).await;
+    let login = s.get("/login", &mut Jar::default()).await;
+    match on_unavailable {
+        Unavailable::FailClosed => {
+            assert_eq!(cookieless.status, 503);
+            assert_eq!(login.status, 503);
+        }
+        Unavailable::FailOpen => {
+            assert_eq!(
+                cookieless.status, 200,
+                "fail-open forwards credential-less requests"
+            );
+            // A response setting a tracked cookie cannot be pinned: refused.
+            assert_eq!(login.status, 503);
+            assert!(login.headers.get("set-cookie").is_none());
+        }
+    }
+
+    redis.restart().await;
+    let reply = until_status(&s, &mut jar, "/page", 200).await;
+    assert_eq!(
+        Setup::peer(&reply),
+        Some(peer),
+        "the pin survived the outage"
+    );
+    assert_eq!(s.origin.leaks(), vec![]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_closed_and_service_resumes() {
+    redis_outage(Unavailable::FailClosed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_forwards_only_credential_less_requests_during_an_outage() {
+    redis_outage(Unavailable::FailOpen).await;
+}
