@@ -171,6 +171,8 @@ pub trait PinStore: Send + Sync {
 }
 
 /// The configured pin store.
+// One per daemon, never moved around: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Store {
     /// In-process only; pins die with the process.

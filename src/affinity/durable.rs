@@ -30,17 +30,42 @@ use super::memory::MemoryStore;
 use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
 use crate::cookies::PinKey;
 use crate::exits::ExitId;
-use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::fingerprint::Fingerprint;
+use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "pins.redb";
 
 const IDENTITIES: TableDefinition<u64, &[u8]> = TableDefinition::new("identities");
+const FINGERPRINTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("fingerprints");
 const PINS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pins");
 const EXIT_DEATHS: TableDefinition<&str, u64> = TableDefinition::new("exit_deaths");
 
 /// redb's page cache: writes touch a few pages each; reads come from memory.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// An identity on disk: like [`Identity`], with its fingerprint stored once
+/// in its own table and referred to by hash.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredIdentity {
+    exit: ExitId,
+    session: SessionId,
+    session_started_ms: u64,
+    created_ms: u64,
+    last_used_ms: u64,
+    requests: u64,
+    worked: bool,
+    egress_ip: Option<IpAddr>,
+    retired: Option<Retirement>,
+    fingerprint: [u8; 16],
+}
+
+fn fingerprint_hash(fingerprint: &Fingerprint) -> Result<([u8; 16], Vec<u8>), String> {
+    let bytes = postcard::to_stdvec(fingerprint).map_err(|e| e.to_string())?;
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&blake3::hash(&bytes).as_bytes()[..16]);
+    Ok((hash, bytes))
+}
 /// How often lazily written state (touches) is flushed when idle.
 const LAZY_FLUSH: Duration = Duration::from_millis(500);
 /// Most writes applied in one transaction.
@@ -124,8 +149,11 @@ impl DurableStore {
                 redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_owned()),
                 other => db_error(path, other),
             })?;
-        let shared = Arc::new(Shared::default());
-        load(&db, &shared.memory).map_err(|e| db_error(path, e))?;
+        let memory = load(&db).map_err(|e| db_error(path, e))?;
+        let shared = Arc::new(Shared {
+            memory,
+            ..Shared::default()
+        });
         let (pins, identities) = shared.memory.sizes();
         tracing::info!(path = %path.display(), pins, identities, "pin store loaded");
 
@@ -246,36 +274,66 @@ impl Drop for DurableStore {
 }
 
 /// Loads every record into memory.
-fn load(db: &Database, memory: &MemoryStore) -> Result<(), String> {
+fn load(db: &Database) -> Result<MemoryStore, String> {
+    use redb::ReadableTableMetadata as _;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     // Create the tables on first start.
     {
         txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
         txn.open_table(PINS).map_err(|e| e.to_string())?;
+        txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
         txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
     }
     txn.commit().map_err(|e| e.to_string())?;
     let read = db.begin_read().map_err(|e| e.to_string())?;
     let identities = read.open_table(IDENTITIES).map_err(|e| e.to_string())?;
-    for row in identities.iter().map_err(|e| e.to_string())? {
-        let (_, value) = row.map_err(|e| e.to_string())?;
-        let identity: Identity =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
-        memory.insert_identity(identity);
-    }
     let pins = read.open_table(PINS).map_err(|e| e.to_string())?;
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let memory = MemoryStore::with_capacity(
+        size(pins.len().map_err(|e| e.to_string())?),
+        size(identities.len().map_err(|e| e.to_string())?),
+    );
+    let mut fingerprints = std::collections::HashMap::new();
+    let table = read.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (hash, value) = row.map_err(|e| e.to_string())?;
+        let fingerprint: Fingerprint =
+            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt fingerprint: {e}"))?;
+        fingerprints.insert(*hash.value(), Arc::new(fingerprint));
+    }
+    for row in identities.iter().map_err(|e| e.to_string())? {
+        let (id, value) = row.map_err(|e| e.to_string())?;
+        let stored: StoredIdentity =
+            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
+        memory.insert_identity(&Identity {
+            id: IdentityId(id.value()),
+            exit: stored.exit,
+            session: stored.session,
+            session_started_ms: stored.session_started_ms,
+            created_ms: stored.created_ms,
+            egress_ip: stored.egress_ip,
+            fingerprint: fingerprints
+                .get(&stored.fingerprint)
+                .cloned()
+                .unwrap_or_default(),
+            last_used_ms: stored.last_used_ms,
+            requests: stored.requests,
+            worked: stored.worked,
+            retired: stored.retired,
+        });
+    }
     for row in pins.iter().map_err(|e| e.to_string())? {
         let (key, value) = row.map_err(|e| e.to_string())?;
         let pin: Pin =
             postcard::from_bytes(value.value()).map_err(|e| format!("corrupt pin: {e}"))?;
-        memory.insert_pin(PinKey::from_bytes(*key.value()), pin);
+        memory.insert_pin(PinKey::from_bytes(*key.value()), &pin);
     }
     let deaths = read.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
     for row in deaths.iter().map_err(|e| e.to_string())? {
         let (exit, at) = row.map_err(|e| e.to_string())?;
         memory.set_exit_death(&ExitId::new(exit.value()), at.value());
     }
-    Ok(())
+    Ok(memory)
 }
 
 /// The writer thread: waits for changes, applies every queued one in one
@@ -350,11 +408,34 @@ fn apply(
     {
         let mut identities = txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
         let mut pins = txn.open_table(PINS).map_err(|e| e.to_string())?;
+        let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
         let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
         let mut put_identity = |id: IdentityId| -> Result<(), String> {
             match shared.memory.identity(id) {
                 Some(identity) => {
-                    let bytes = postcard::to_stdvec(&identity).map_err(|e| e.to_string())?;
+                    let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
+                    if fingerprints
+                        .get(&hash)
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                    {
+                        fingerprints
+                            .insert(&hash, fingerprint.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let stored = StoredIdentity {
+                        exit: identity.exit,
+                        session: identity.session,
+                        session_started_ms: identity.session_started_ms,
+                        created_ms: identity.created_ms,
+                        last_used_ms: identity.last_used_ms,
+                        requests: identity.requests,
+                        worked: identity.worked,
+                        egress_ip: identity.egress_ip,
+                        retired: identity.retired,
+                        fingerprint: hash,
+                    };
+                    let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
                     identities
                         .insert(id.0, bytes.as_slice())
                         .map_err(|e| e.to_string())?;

@@ -2,27 +2,96 @@
 //! (no global lock). On its own, pins die with the process; the durable
 //! store keeps its working set in one of these.
 //!
-//! Fingerprints are interned: a fleet has few distinct browsers, and an
-//! identity then costs a pointer instead of five header strings.
+//! Records are kept compact, because a million pins must fit in a few
+//! hundred megabytes: exit ids, cookie names and fingerprints are interned
+//! (a fleet has few of each) and referred to by small indexes, and the
+//! rarely set retirement is boxed. [`Identity`] and [`Pin`] are rebuilt
+//! from these on the way out.
 
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 
 use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
 use crate::cookies::PinKey;
 use crate::exits::ExitId;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::identity::{Identity, IdentityId, Pin, PinKind, RetireReason, Retirement, SessionId};
+
+/// Values stored once and referred to by index.
+#[derive(Debug)]
+struct Interner<T: Eq + Hash + Clone> {
+    ids: DashMap<T, u32>,
+    values: DashMap<u32, T>,
+    next: AtomicU32,
+}
+
+impl<T: Eq + Hash + Clone> Default for Interner<T> {
+    fn default() -> Self {
+        Interner {
+            ids: DashMap::new(),
+            values: DashMap::new(),
+            next: AtomicU32::new(0),
+        }
+    }
+}
+
+impl<T: Eq + Hash + Clone> Interner<T> {
+    fn intern(&self, value: &T) -> u32 {
+        if let Some(id) = self.ids.get(value) {
+            return *id;
+        }
+        // The entry lock makes concurrent first sights agree on one index.
+        *self.ids.entry(value.clone()).or_insert_with(|| {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.values.insert(id, value.clone());
+            id
+        })
+    }
+
+    fn get(&self, id: u32) -> Option<T> {
+        self.values.get(&id).map(|v| v.clone())
+    }
+}
+
+/// A pin as held in memory.
+#[derive(Clone, Debug)]
+struct PinRecord {
+    identity: u64,
+    created_ms: u64,
+    /// 0: no expiry.
+    expires_ms: u64,
+    name: u32,
+    session_key: bool,
+}
+
+/// An identity as held in memory.
+#[derive(Clone, Debug)]
+struct IdentityRecord {
+    session: u64,
+    session_started_ms: u64,
+    created_ms: u64,
+    last_used_ms: u64,
+    retired: Option<Box<Retirement>>,
+    egress_ip: Option<IpAddr>,
+    requests: u32,
+    fingerprint: u32,
+    exit: u32,
+    worked: bool,
+}
 
 /// Pins and identities held in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    pins: DashMap<PinKey, Pin>,
-    identities: DashMap<IdentityId, Identity>,
-    fingerprints: DashSet<Arc<Fingerprint>>,
+    pins: DashMap<PinKey, PinRecord>,
+    identities: DashMap<IdentityId, IdentityRecord>,
+    exits: Interner<ExitId>,
+    names: Interner<Arc<str>>,
+    fingerprints: Interner<Arc<Fingerprint>>,
     exit_deaths: DashMap<ExitId, u64>,
 }
 
@@ -37,54 +106,114 @@ pub struct SweepChanges {
     pub retired: Vec<IdentityId>,
 }
 
-impl SweepChanges {
-    fn counts(&self) -> Swept {
-        Swept {
-            pins: self.removed_pins.len() as u64,
-            identities: self.removed_identities.len() as u64,
-            retired: self.retired.len() as u64,
-        }
-    }
-}
-
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
     }
 
-    fn binding(&self, pin: Pin) -> Binding {
-        let identity = self.identities.get(&pin.identity).map(|i| i.clone());
-        Binding { pin, identity }
+    /// An empty store with room for this many pins and identities (loading
+    /// a durable store: no rehashing on the way).
+    pub fn with_capacity(pins: usize, identities: usize) -> MemoryStore {
+        MemoryStore {
+            pins: DashMap::with_capacity(pins),
+            identities: DashMap::with_capacity(identities),
+            ..MemoryStore::default()
+        }
     }
 
-    fn intern(&self, fingerprint: &Arc<Fingerprint>) -> Arc<Fingerprint> {
-        if let Some(known) = self.fingerprints.get(fingerprint) {
-            return known.clone();
+    fn pin_record(&self, pin: &Pin) -> PinRecord {
+        PinRecord {
+            identity: pin.identity.0,
+            created_ms: pin.created_ms,
+            expires_ms: pin.expires_ms.unwrap_or(0),
+            name: self.names.intern(&pin.name),
+            session_key: pin.kind == PinKind::SessionKey,
         }
-        self.fingerprints.insert(fingerprint.clone());
-        fingerprint.clone()
+    }
+
+    fn to_pin(&self, record: &PinRecord) -> Pin {
+        Pin {
+            identity: IdentityId(record.identity),
+            kind: if record.session_key {
+                PinKind::SessionKey
+            } else {
+                PinKind::Cookie
+            },
+            name: self
+                .names
+                .get(record.name)
+                .unwrap_or_else(|| Arc::from("?")),
+            created_ms: record.created_ms,
+            expires_ms: (record.expires_ms != 0).then_some(record.expires_ms),
+        }
+    }
+
+    fn identity_record(&self, identity: &Identity) -> IdentityRecord {
+        IdentityRecord {
+            session: identity.session.0,
+            session_started_ms: identity.session_started_ms,
+            created_ms: identity.created_ms,
+            last_used_ms: identity.last_used_ms,
+            retired: identity.retired.clone().map(Box::new),
+            egress_ip: identity.egress_ip,
+            requests: u32::try_from(identity.requests).unwrap_or(u32::MAX),
+            fingerprint: self.fingerprints.intern(&identity.fingerprint),
+            exit: self.exits.intern(&identity.exit),
+            worked: identity.worked,
+        }
+    }
+
+    fn to_identity(&self, id: IdentityId, record: &IdentityRecord) -> Identity {
+        Identity {
+            id,
+            exit: self
+                .exits
+                .get(record.exit)
+                .unwrap_or_else(|| ExitId::new("?")),
+            session: SessionId(record.session),
+            session_started_ms: record.session_started_ms,
+            created_ms: record.created_ms,
+            egress_ip: record.egress_ip,
+            fingerprint: self
+                .fingerprints
+                .get(record.fingerprint)
+                .unwrap_or_default(),
+            last_used_ms: record.last_used_ms,
+            requests: u64::from(record.requests),
+            worked: record.worked,
+            retired: record.retired.as_deref().cloned(),
+        }
+    }
+
+    fn binding(&self, pin: &PinRecord) -> Binding {
+        let id = IdentityId(pin.identity);
+        let identity = self.identities.get(&id).map(|r| self.to_identity(id, &r));
+        Binding {
+            pin: self.to_pin(pin),
+            identity,
+        }
     }
 
     /// Inserts an identity as it is (loading a durable store).
-    pub fn insert_identity(&self, mut identity: Identity) {
-        identity.fingerprint = self.intern(&identity.fingerprint);
-        self.identities.insert(identity.id, identity);
+    pub fn insert_identity(&self, identity: &Identity) {
+        self.identities
+            .insert(identity.id, self.identity_record(identity));
     }
 
     /// Inserts a pin as it is (loading a durable store).
-    pub fn insert_pin(&self, key: PinKey, pin: Pin) {
-        self.pins.insert(key, pin);
+    pub fn insert_pin(&self, key: PinKey, pin: &Pin) {
+        self.pins.insert(key, self.pin_record(pin));
     }
 
     /// The identity with this id.
     pub fn identity(&self, id: IdentityId) -> Option<Identity> {
-        self.identities.get(&id).map(|i| i.clone())
+        self.identities.get(&id).map(|r| self.to_identity(id, &r))
     }
 
     /// The pin of `key`.
     pub fn pin(&self, key: &PinKey) -> Option<Pin> {
-        self.pins.get(key).map(|p| p.clone())
+        self.pins.get(key).map(|p| self.to_pin(&p))
     }
 
     /// Pins and identities held.
@@ -100,29 +229,26 @@ impl MemoryStore {
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> SweepChanges {
         let mut changes = SweepChanges::default();
-        self.identities
-            .retain(|id, identity| match &identity.retired {
-                Some(r) if r.at_ms.saturating_add(keep_retired_ms) <= now_ms => {
-                    changes.removed_identities.push(*id);
-                    false
+        self.identities.retain(|id, record| match &record.retired {
+            Some(r) if r.at_ms.saturating_add(keep_retired_ms) <= now_ms => {
+                changes.removed_identities.push(*id);
+                false
+            }
+            Some(_) => true,
+            None => {
+                if let Some(reason) = expiry(&self.to_identity(*id, record)) {
+                    record.retired = Some(Box::new(Retirement {
+                        reason,
+                        at_ms: now_ms,
+                    }));
+                    changes.retired.push(*id);
                 }
-                Some(_) => true,
-                None => {
-                    if let Some(reason) = expiry(identity) {
-                        identity.retired = Some(Retirement {
-                            reason,
-                            at_ms: now_ms,
-                        });
-                        changes.retired.push(*id);
-                    }
-                    true
-                }
-            });
+                true
+            }
+        });
         self.pins.retain(|key, pin| {
-            let keep = self.identities.contains_key(&pin.identity)
-                && pin
-                    .expires_ms
-                    .is_none_or(|at| at.saturating_add(keep_retired_ms) > now_ms);
+            let keep = self.identities.contains_key(&IdentityId(pin.identity))
+                && (pin.expires_ms == 0 || pin.expires_ms.saturating_add(keep_retired_ms) > now_ms);
             if !keep {
                 changes.removed_pins.push(*key);
             }
@@ -142,13 +268,12 @@ impl PinStore for MemoryStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
         Ok(keys
             .iter()
-            .map(|k| self.pins.get(k).map(|p| p.clone()))
-            .map(|pin| pin.map(|p| self.binding(p)))
+            .map(|k| self.pins.get(k).map(|p| self.binding(&p)))
             .collect())
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        self.insert_identity(identity.clone());
+        self.insert_identity(identity);
         Ok(())
     }
 
@@ -159,18 +284,18 @@ impl PinStore for MemoryStore {
 
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
         // The entry holds the shard's write lock, so check-and-insert is atomic.
-        let pin = match self.pins.entry(key) {
+        let record = match self.pins.entry(key) {
             Entry::Occupied(existing) => existing.get().clone(),
-            Entry::Vacant(slot) => slot.insert(pin.clone()).clone(),
+            Entry::Vacant(slot) => slot.insert(self.pin_record(pin)).clone(),
         };
-        Ok(self.binding(pin))
+        Ok(self.binding(&record))
     }
 
     async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
-        if let Some(mut identity) = self.identities.get_mut(&id) {
-            identity.last_used_ms = identity.last_used_ms.max(now_ms);
-            identity.requests += 1;
-            identity.worked |= worked;
+        if let Some(mut record) = self.identities.get_mut(&id) {
+            record.last_used_ms = record.last_used_ms.max(now_ms);
+            record.requests = record.requests.saturating_add(1);
+            record.worked |= worked;
         }
         Ok(())
     }
@@ -183,13 +308,15 @@ impl PinStore for MemoryStore {
         Ok(self
             .identities
             .get_mut(&id)
-            .map(|mut identity| *identity.egress_ip.get_or_insert(ip)))
+            .map(|mut record| *record.egress_ip.get_or_insert(ip)))
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
-        if let Some(mut identity) = self.identities.get_mut(&id) {
+        if let Some(mut record) = self.identities.get_mut(&id) {
             // The first retirement stands: its reason is the real one.
-            identity.retired.get_or_insert_with(|| retirement.clone());
+            record
+                .retired
+                .get_or_insert_with(|| Box::new(retirement.clone()));
         }
         Ok(())
     }
@@ -198,8 +325,8 @@ impl PinStore for MemoryStore {
         let mut listings: Vec<Listing> = self
             .identities
             .iter()
-            .map(|i| Listing {
-                identity: i.clone(),
+            .map(|r| Listing {
+                identity: self.to_identity(*r.key(), r.value()),
                 pins: Vec::new(),
             })
             .collect();
@@ -209,8 +336,10 @@ impl PinStore for MemoryStore {
             .map(|(n, l)| (l.identity.id, n))
             .collect();
         for pin in self.pins.iter() {
-            if let Some(&n) = index.get(&pin.identity) {
-                listings[n].pins.push((*pin.key(), pin.value().clone()));
+            if let Some(&n) = index.get(&IdentityId(pin.identity)) {
+                listings[n]
+                    .pins
+                    .push((*pin.key(), self.to_pin(pin.value())));
             }
         }
         Ok(listings)
@@ -220,7 +349,7 @@ impl PinStore for MemoryStore {
         let retired = self
             .identities
             .iter()
-            .filter(|i| i.retired.is_some())
+            .filter(|r| r.retired.is_some())
             .count() as u64;
         Ok(Counts {
             pins: self.pins.len() as u64,
@@ -235,7 +364,12 @@ impl PinStore for MemoryStore {
         keep_retired_ms: u64,
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> Result<Swept, StoreError> {
-        Ok(self.sweep_collect(now_ms, keep_retired_ms, expiry).counts())
+        let changes = self.sweep_collect(now_ms, keep_retired_ms, expiry);
+        Ok(Swept {
+            pins: changes.removed_pins.len() as u64,
+            identities: changes.removed_identities.len() as u64,
+            retired: changes.retired.len() as u64,
+        })
     }
 
     async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {

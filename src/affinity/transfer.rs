@@ -144,6 +144,10 @@ fn parse_key(hex: &str) -> Option<PinKey> {
     Some(PinKey::from_bytes(bytes))
 }
 
+/// Pins imported at once: enough for the durable store to commit them in
+/// large groups, few enough to bound memory.
+const IMPORT_CONCURRENCY: usize = 256;
+
 /// Reads an export into `store` (whose pin-hashing key has id `key_id`).
 /// Existing pins win over imported ones: pins never move.
 pub async fn import(
@@ -151,8 +155,11 @@ pub async fn import(
     key_id: &str,
     input: impl BufRead,
 ) -> Result<Moved, TransferError> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+
     let mut moved = Moved::default();
     let mut header_seen = false;
+    let mut in_flight = FuturesUnordered::new();
     for (n, text) in input.lines().enumerate() {
         let text = text?;
         if text.trim().is_empty() {
@@ -180,23 +187,39 @@ pub async fn import(
                 header_seen = true;
             }
             _ if !header_seen => return Err(format("the export has no header line".into())),
+            // An identity is written before any pin that points to it (the
+            // export lists it first), and its write is queued first.
             Record::Identity(identity) => {
                 store.create_identity(&identity).await?;
                 moved.identities += 1;
             }
             Record::Pin { key, pin } => {
                 let key = parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
-                let kept = store.pin_if_absent(key, &pin).await?;
-                if kept.pin.identity == pin.identity {
-                    moved.pins += 1;
-                } else {
-                    moved.conflicts += 1;
+                in_flight.push(async move {
+                    let kept = store.pin_if_absent(key, &pin).await?;
+                    Ok::<bool, StoreError>(kept.pin.identity == pin.identity)
+                });
+                if in_flight.len() >= IMPORT_CONCURRENCY {
+                    count(&mut moved, in_flight.next().await)?;
                 }
             }
             Record::ExitDeath { exit, at_ms } => store.record_exit_death(&exit, at_ms).await?,
         }
     }
+    while let Some(done) = in_flight.next().await {
+        count(&mut moved, Some(done))?;
+    }
     Ok(moved)
+}
+
+fn count(moved: &mut Moved, done: Option<Result<bool, StoreError>>) -> Result<(), StoreError> {
+    match done {
+        Some(Ok(true)) => moved.pins += 1,
+        Some(Ok(false)) => moved.conflicts += 1,
+        Some(Err(e)) => return Err(e),
+        None => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
