@@ -202,7 +202,7 @@ impl Daemon {
         let upstream_tls = {
             let provider = provider.clone();
             let files = settings.upstream_ca.clone();
-            tokio::task::spawn_blocking(move || tls::client_config(provider, &files)).await??
+            tokio::task::spawn_blocking(move || tls::upstream_tls(provider, &files)).await??
         };
 
         let certs = CertCache::new(
@@ -390,11 +390,7 @@ impl Daemon {
     }
 }
 
-fn build_exits(
-    settings: &Settings,
-    upstream_tls: Arc<rustls::ClientConfig>,
-    now_ms: u64,
-) -> ExitSet {
+fn build_exits(settings: &Settings, upstream_tls: tls::UpstreamTls, now_ms: u64) -> ExitSet {
     let pool = PoolSettings {
         connect_timeout: settings.timeouts.connect,
         response_head_timeout: settings.timeouts.response_head,

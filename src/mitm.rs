@@ -17,9 +17,8 @@ pub use serve::serve_tunnel;
 
 use cert_cache::CertCache;
 
-/// ALPN protocols offered to clients inside tunnels. HTTP/2 is not offered
-/// until the pipeline serves it.
-pub const CLIENT_ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered to clients inside tunnels, in preference order.
+pub const CLIENT_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// TLS interception state shared by all tunnels.
 #[derive(Debug)]

@@ -149,10 +149,12 @@ impl Pipeline {
             )));
         }
         let fingerprint = Fingerprint::of(request.headers());
-        let route = self
+        let mut route = self
             .affinity
             .route(&self.exits, &credentials, &fingerprint)
             .await?;
+        // Offer the origin what the client offered pinproxy.
+        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2);
         self.trial_unhealthy_exit(&target);
         span.record("exit", tracing::field::display(route.exit.id()));
         if let Some(identity) = &route.identity {
@@ -167,8 +169,10 @@ impl Pipeline {
         cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
         egress::sanitize_request(&mut parts.headers);
         // A proxy must replace Host with the absolute-form target's authority
-        // (RFC 9112 §3.2.2); inside a tunnel the client's own Host stands.
-        if tunnel.is_none() || !parts.headers.contains_key(http::header::HOST) {
+        // (RFC 9112 §3.2.2). Inside a tunnel the client's own Host stands; an
+        // HTTP/2 client sends none, and the pool adds one only if the origin
+        // turns out to speak HTTP/1.1.
+        if tunnel.is_none() {
             parts
                 .headers
                 .insert(http::header::HOST, target.host_header()?);

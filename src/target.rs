@@ -21,6 +21,9 @@ pub struct Tunnel {
     pub tls: bool,
     /// The session key named by the CONNECT's `Proxy-Authorization`.
     pub session_key: Option<String>,
+    /// Whether the client offered HTTP/2 in its TLS handshake (the origin
+    /// is offered the same).
+    pub client_offers_h2: bool,
 }
 
 /// The origin a request is for.
@@ -86,12 +89,22 @@ impl Target {
         })
     }
 
-    /// The absolute URI the upstream pool is asked for (always with a port,
-    /// so pooling is exact).
+    /// The absolute URI the upstream pool is asked for. The port is left
+    /// out when it is the scheme's default, as browsers do in `:authority`.
     pub fn upstream_uri(&self) -> Result<Uri, ProxyError> {
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let authority = if self.origin.port == default_port {
+            HostPort::bracketed_host(&self.origin.host)
+        } else {
+            self.origin.to_string()
+        };
         Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(self.origin.to_string())
+            .authority(authority)
             .path_and_query(self.path_and_query.clone())
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
@@ -149,7 +162,7 @@ mod tests {
         assert_eq!(t.origin.to_string(), "Example.com:80");
         assert_eq!(
             t.upstream_uri().unwrap().to_string(),
-            "http://Example.com:80/a?b=1"
+            "http://Example.com/a?b=1"
         );
         assert_eq!(t.host_header().unwrap(), "Example.com");
         let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
@@ -172,12 +185,10 @@ mod tests {
             },
             tls: true,
             session_key: None,
+            client_offers_h2: false,
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
-        assert_eq!(
-            t.upstream_uri().unwrap().to_string(),
-            "https://a.test:443/x"
-        );
+        assert_eq!(t.upstream_uri().unwrap().to_string(), "https://a.test/x");
     }
 
     #[test]

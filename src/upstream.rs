@@ -18,17 +18,16 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::ClientConfig;
-
 use crate::body::Body;
 use crate::exits::sessions::AnonymousSession;
 use crate::exits::{ExitKind, ExitSpec, HostPort};
 use crate::identity::{Identity, IdentityId, SessionId};
 use connect::{ConnectError, Dialer, ExitConnector, IpCheck};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tls::UpstreamTls;
 
 /// Most pools (lanes) an exit keeps; the least recently used go first.
 const MAX_LANES_PER_EXIT: u64 = 65_536;
@@ -80,6 +79,8 @@ pub struct Lane {
     /// For identities: the address every tunnel must leave from (`None`
     /// until the first tunnel records it).
     pub expected_ip: Option<IpAddr>,
+    /// Offer HTTP/2 to the origin (the client offered it).
+    pub h2: bool,
 }
 
 impl Lane {
@@ -89,6 +90,7 @@ impl Lane {
             key: PoolKey::Anonymous(session.session),
             session: session.session,
             expected_ip: None,
+            h2: false,
         }
     }
 
@@ -98,6 +100,7 @@ impl Lane {
             key: PoolKey::Identity(identity.id),
             session: identity.session,
             expected_ip: identity.egress_ip,
+            h2: false,
         }
     }
 }
@@ -106,9 +109,10 @@ impl Lane {
 #[derive(Clone)]
 pub struct ExitClient {
     spec: Arc<ExitSpec>,
-    tls: Arc<ClientConfig>,
+    tls: UpstreamTls,
     settings: PoolSettings,
-    pools: moka::sync::Cache<PoolKey, Client<ExitConnector, Body>>,
+    /// One pool per lane and ALPN offer.
+    pools: moka::sync::Cache<(PoolKey, bool), Client<ExitConnector, Body>>,
 }
 
 impl std::fmt::Debug for ExitClient {
@@ -122,7 +126,7 @@ impl std::fmt::Debug for ExitClient {
 
 impl ExitClient {
     /// The pools of the exit `spec`.
-    pub fn new(spec: &ExitSpec, tls: Arc<ClientConfig>, settings: &PoolSettings) -> Self {
+    pub fn new(spec: &ExitSpec, tls: UpstreamTls, settings: &PoolSettings) -> Self {
         ExitClient {
             spec: Arc::new(spec.clone()),
             tls,
@@ -136,7 +140,12 @@ impl ExitClient {
         }
     }
 
-    fn dialer(&self, session: SessionId, pinned: Option<Arc<OnceLock<IpAddr>>>) -> Dialer {
+    fn dialer(
+        &self,
+        session: SessionId,
+        pinned: Option<Arc<OnceLock<IpAddr>>>,
+        h2: bool,
+    ) -> Dialer {
         let proxy_auth = match &self.spec.kind {
             ExitKind::HttpConnect {
                 auth: Some(creds), ..
@@ -152,7 +161,7 @@ impl ExitClient {
             exit: self.spec.id.clone(),
             kind: self.spec.kind.clone(),
             proxy_auth,
-            tls: self.tls.clone(),
+            tls: self.tls.offering(h2),
             timeout: self.settings.connect_timeout,
             ip_check: IpCheck {
                 header: self.spec.options.exit_ip_header.clone(),
@@ -163,7 +172,7 @@ impl ExitClient {
     }
 
     fn pool(&self, lane: &Lane) -> Client<ExitConnector, Body> {
-        self.pools.get_with(lane.key, || {
+        self.pools.get_with((lane.key, lane.h2), || {
             let pinned = match lane.key {
                 PoolKey::Identity(_) => {
                     let cell = OnceLock::new();
@@ -174,14 +183,15 @@ impl ExitClient {
                 }
                 PoolKey::Anonymous(_) => None,
             };
-            let connector = ExitConnector::new(self.dialer(lane.session, pinned));
+            let connector = ExitConnector::new(self.dialer(lane.session, pinned, lane.h2));
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(self.settings.idle_timeout)
                 .pool_max_idle_per_host(self.settings.max_idle_per_origin)
                 .http1_preserve_header_case(true)
-                // The pipeline forwards the client's own Host header.
-                .set_host(false)
+                // Requests from HTTP/2 clients have no Host header: one is
+                // added for HTTP/1.1 origins only, as a browser would.
+                .set_host(true)
                 .build(connector)
         })
     }
@@ -203,7 +213,8 @@ impl ExitClient {
 
     /// Drops a lane's pool and its connections (a retired identity's).
     pub fn forget(&self, key: PoolKey) {
-        self.pools.invalidate(&key);
+        self.pools.invalidate(&(key, false));
+        self.pools.invalidate(&(key, true));
     }
 
     /// Number of live lanes.
@@ -214,7 +225,7 @@ impl ExitClient {
 
     /// Opens and drops a tunnel to `target` on a fresh session: the health probe.
     pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
-        self.dialer(SessionId(rand::random()), None)
+        self.dialer(SessionId(rand::random()), None, false)
             .probe(target)
             .await
     }

@@ -71,7 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn exit_set(now_ms: u64) -> ExitSet {
     let tls =
-        pinproxy::upstream::tls::client_config(pinproxy::daemon::crypto_provider(), &[]).unwrap();
+        pinproxy::upstream::tls::upstream_tls(pinproxy::daemon::crypto_provider(), &[]).unwrap();
     let pool = PoolSettings {
         connect_timeout: Duration::from_secs(1),
         response_head_timeout: Duration::from_secs(1),

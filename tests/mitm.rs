@@ -91,7 +91,7 @@ async fn leaves_are_cached_per_host_with_distinct_serials() {
 }
 
 #[tokio::test]
-async fn h2_is_not_offered_yet() {
+async fn h2_is_offered_and_preferred() {
     let s = Setup::start(1).await;
     let (origin, proxy) = (&s.origin, &s.proxy);
     let (_, alpn) = handshake(
@@ -101,7 +101,7 @@ async fn h2_is_not_offered_yet() {
         &[b"h2", b"http/1.1"],
     )
     .await;
-    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
 }
 
 #[tokio::test]

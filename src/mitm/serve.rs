@@ -1,8 +1,10 @@
 //! Serving one CONNECT tunnel: tell TLS from plain HTTP by the first byte,
-//! terminate TLS with the host's leaf, then serve HTTP/1.1 on the decrypted
-//! stream, every request through the pipeline.
+//! terminate TLS with the host's leaf, then serve the protocol the client
+//! chose by ALPN (HTTP/2 or HTTP/1.1) on the decrypted stream, every request
+//! through the pipeline.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -10,7 +12,7 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -22,6 +24,8 @@ use crate::target::Tunnel;
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Concurrent streams a client may open on one HTTP/2 connection.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// Serves the tunnel to `authority` opened on `upgraded` until either side
 /// closes it; `session_key` is the key the CONNECT named, if any.
@@ -46,15 +50,16 @@ pub async fn serve_tunnel(
         authority,
         tls: is_tls,
         session_key,
+        client_offers_h2: false,
     };
     if is_tls {
         serve_tls(frontend, io, tunnel).await;
     } else {
-        serve_http(frontend, io, tunnel).await;
+        serve_http1(frontend, io, tunnel).await;
     }
 }
 
-async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -65,12 +70,17 @@ where
         Ok(Err(e)) => return tracing::debug!(error = %e, "no valid TLS ClientHello in the tunnel"),
         Err(_) => return tracing::debug!("TLS ClientHello timed out"),
     };
+    let hello = start.client_hello();
     // The leaf names what the client will verify: its SNI, or the CONNECT
     // host when it sent none (IP literals).
-    let name = match start.client_hello().server_name() {
+    let name = match hello.server_name() {
         Some(sni) => LeafName::from_host(sni),
         None => LeafName::from_host(&tunnel.authority.host),
     };
+    // The origin will be offered what the client offered pinproxy.
+    tunnel.client_offers_h2 = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == b"h2"));
     let config = match frontend.mitm.certs.server_config(name.clone()).await {
         Ok(config) => config,
         Err(e) => return tracing::error!(error = %e, "cannot serve TLS for this host"),
@@ -80,24 +90,60 @@ where
         Ok(Err(e)) => return log_handshake_failure(&name, &e),
         Err(_) => return tracing::debug!(host = %name, "TLS handshake timed out"),
     };
-    serve_http(frontend, tls, tunnel).await;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    if h2 {
+        serve_h2(frontend, tls, tunnel).await;
+    } else {
+        serve_http1(frontend, tls, tunnel).await;
+    }
 }
 
-async fn serve_http<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+/// The pipeline as a hyper service for requests in `tunnel`.
+fn tunnel_service(
+    frontend: Arc<Frontend>,
+    tunnel: Tunnel,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<crate::body::Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::body::Body>, Infallible>> + Send,
+> + Clone {
+    let tunnel = Arc::new(tunnel);
+    service_fn(move |request: Request<Incoming>| {
+        let frontend = frontend.clone();
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, Infallible>(frontend.pipeline.handle(Some(&tunnel), request).await) }
+    })
+}
+
+async fn serve_http1<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tunnel = Arc::new(tunnel);
-    let service_frontend = frontend.clone();
-    let service = service_fn(move |request: Request<Incoming>| {
-        let frontend = service_frontend.clone();
-        let tunnel = tunnel.clone();
-        async move { Ok::<_, Infallible>(frontend.pipeline.handle(Some(&tunnel), request).await) }
-    });
+    let service = tunnel_service(frontend.clone(), tunnel);
     let conn = frontend
         .http1()
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
+    let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
+    log_connection_end(result);
+}
+
+async fn serve_h2<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = tunnel_service(frontend.clone(), tunnel);
+    let header_limit = u32::try_from(frontend.limits.max_header_bytes).unwrap_or(u32::MAX);
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // Four times the limit, as for HTTP/1.1: the pipeline answers 431
+        // with an explanation below that.
+        .max_header_list_size(header_limit.saturating_mul(4))
+        // WebSockets over HTTP/2 (RFC 8441).
+        .enable_connect_protocol()
+        .serve_connection(TokioIo::new(io), service);
     let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
     log_connection_end(result);
 }

@@ -571,7 +571,13 @@ pub struct UpstreamConn {
 
 impl Connection for UpstreamConn {
     fn connected(&self) -> Connected {
-        Connected::new().extra(self.info.clone())
+        let connected = Connected::new().extra(self.info.clone());
+        match &self.io {
+            UpstreamIo::Tls(tls) if tls.inner().get_ref().1.alpn_protocol() == Some(b"h2") => {
+                connected.negotiated_h2()
+            }
+            _ => connected,
+        }
     }
 }
 

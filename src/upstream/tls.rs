@@ -15,8 +15,46 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-/// ALPN protocols offered to origins.
+/// ALPN protocols offered to origins by clients that speak HTTP/1.1 only.
 pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered to origins when the client offered HTTP/2.
+pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// The two upstream TLS configurations: the origin is offered what the
+/// client offered pinproxy.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    /// Offers `http/1.1` only.
+    pub http1: Arc<ClientConfig>,
+    /// Offers `h2` and `http/1.1`.
+    pub h2: Arc<ClientConfig>,
+}
+
+impl UpstreamTls {
+    /// The configuration offering `h2` or not.
+    pub fn offering(&self, h2: bool) -> Arc<ClientConfig> {
+        if h2 {
+            self.h2.clone()
+        } else {
+            self.http1.clone()
+        }
+    }
+}
+
+/// Both upstream configurations, trusting the public web roots plus
+/// `extra_ca_files`.
+pub fn upstream_tls(
+    provider: Arc<CryptoProvider>,
+    extra_ca_files: &[PathBuf],
+) -> Result<UpstreamTls, TlsSetupError> {
+    let http1 = client_config(provider, extra_ca_files)?;
+    let mut h2 = (*http1).clone();
+    h2.alpn_protocols = ALPN_H2_HTTP1.iter().map(|p| p.to_vec()).collect();
+    Ok(UpstreamTls {
+        http1,
+        h2: Arc::new(h2),
+    })
+}
 
 /// The upstream trust store could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +72,8 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// A client configuration trusting the public web roots plus the
-/// certificates in `extra_ca_files`.
+/// A client configuration offering `http/1.1`, trusting the public web roots
+/// plus the certificates in `extra_ca_files`.
 pub fn client_config(
     provider: Arc<CryptoProvider>,
     extra_ca_files: &[PathBuf],

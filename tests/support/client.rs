@@ -215,6 +215,75 @@ impl Conn {
     }
 }
 
+/// An HTTP/2 connection inside a tunnel; clone it to send concurrent streams.
+#[derive(Clone)]
+pub struct H2Conn {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl ProxyClient {
+    /// Opens a TLS tunnel to `host:port` offering only `h2`, and speaks HTTP/2 in it.
+    pub async fn tunnel_h2(&self, host: &str, port: u16) -> H2Conn {
+        let target = format!("{host}:{port}");
+        let (tcp, head) = self.raw_connect(&target).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "CONNECT answered {head:?}"
+        );
+        let mut config = (*self.tls).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("TLS through pinproxy");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "pinproxy speaks h2"
+        );
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        H2Conn {
+            sender,
+            authority: target,
+        }
+    }
+}
+
+impl H2Conn {
+    /// GET `path` with extra headers (each pair sent as its own field, so
+    /// several `cookie` pairs arrive as several h2 cookie headers).
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut builder = Request::builder()
+            .method("GET")
+            .uri(format!("https://{}{path}", self.authority))
+            .version(http::Version::HTTP_2);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        self.sender.ready().await.unwrap();
+        let response = self
+            .sender
+            .send_request(builder.body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+}
+
 /// A minimal cookie jar: one value per name, all sent together.
 #[derive(Default, Debug, Clone)]
 pub struct Jar {

@@ -104,6 +104,10 @@ impl TestPki {
 pub struct Seen {
     /// TCP peer address (the exit's egress address).
     pub peer: IpAddr,
+    /// TCP peer port: requests with the same one shared a connection.
+    pub peer_port: u16,
+    /// HTTP version of the request.
+    pub version: http::Version,
     /// Method.
     pub method: String,
     /// Path and query.
@@ -175,15 +179,24 @@ struct State {
 }
 
 impl Origin {
-    /// Starts an HTTPS (HTTP/1.1) and a plain HTTP origin on 127.0.0.1.
+    /// Starts an HTTPS origin (HTTP/2 and HTTP/1.1) and a plain HTTP one on 127.0.0.1.
     pub async fn start() -> Origin {
+        Origin::start_offering(&[b"h2", b"http/1.1"]).await
+    }
+
+    /// Starts an origin whose HTTPS side speaks HTTP/1.1 only.
+    pub async fn start_http1_only() -> Origin {
+        Origin::start_offering(&[b"http/1.1"]).await
+    }
+
+    async fn start_offering(alpn: &[&[u8]]) -> Origin {
         let pki = Arc::new(TestPki::new());
         let log = Arc::new(Mutex::new(OriginLog::default()));
         let state = Arc::new(State {
             secret: rand::random(),
             log: log.clone(),
         });
-        let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"http/1.1"]));
+        let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(alpn));
 
         let https_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -256,7 +269,7 @@ where
 {
     let service = service_fn(move |request: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(request, peer.ip(), &state).await) }
+        async move { Ok::<_, Infallible>(handle(request, peer, &state).await) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(io, service)
@@ -293,7 +306,12 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-async fn handle(request: Request<Incoming>, peer: IpAddr, state: &State) -> Response<Full<Bytes>> {
+async fn handle(
+    request: Request<Incoming>,
+    peer_addr: SocketAddr,
+    state: &State,
+) -> Response<Full<Bytes>> {
+    let peer = peer_addr.ip();
     let path = request
         .uri()
         .path_and_query()
@@ -339,6 +357,8 @@ async fn handle(request: Request<Incoming>, peer: IpAddr, state: &State) -> Resp
         }
         log.seen.push(Seen {
             peer,
+            peer_port: peer_addr.port(),
+            version: request.version(),
             method: request.method().to_string(),
             path: path.clone(),
             headers,

@@ -1,0 +1,140 @@
+//! HTTP/2 on both sides: the client chooses by ALPN, the origin is offered
+//! what the client offered, and pinning holds per request on multiplexed
+//! streams.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+
+use http::Version;
+use support::origin::reported_peer;
+use support::{Origin, Proxy, Setup};
+
+#[tokio::test]
+async fn an_h2_client_reaches_an_h2_origin_over_h2() {
+    let s = Setup::start(2).await;
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel_h2("localhost", s.origin.https.port())
+        .await;
+    let reply = conn.get("/login", &[]).await;
+    assert_eq!(reply.status, 200);
+    let seen = s.origin.seen().pop().unwrap();
+    assert_eq!(seen.version, Version::HTTP_2);
+    assert!(
+        seen.header("host").is_empty(),
+        "no Host header over h2, as browsers do"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2_client_reaches_an_http1_only_origin() {
+    let origin = Origin::start_http1_only().await;
+    let (_exits, exits) = support::exits(2).await;
+    let proxy = Proxy::start(&exits, &origin, |_| {}).await;
+    let mut conn = proxy
+        .client
+        .tunnel_h2("localhost", origin.https.port())
+        .await;
+    let reply = conn
+        .get("/page?x=1", &[("cookie", "a=1"), ("cookie", "b=2")])
+        .await;
+    assert_eq!(reply.status, 200);
+    let seen = origin.seen().pop().unwrap();
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.path, "/page?x=1");
+    assert_eq!(
+        seen.header("host"),
+        [format!("localhost:{}", origin.https.port())]
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_http1_client_is_carried_over_http1_even_to_an_h2_origin() {
+    let s = Setup::start(2).await;
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
+    assert_eq!(conn.get("/", &[]).await.status, 200);
+    assert_eq!(s.origin.seen().pop().unwrap().version, Version::HTTP_11);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_streams_of_different_identities_never_share_a_connection() {
+    let s = Setup::start(3).await;
+    let port = s.origin.https.port();
+    // Six identities, earned over HTTP/1.1 through whichever exit rotation gave.
+    let mut identities = Vec::new();
+    for _ in 0..6 {
+        identities.push(s.login("/login").await);
+    }
+    // One client connection, all identities' requests multiplexed on it.
+    let conn = s.proxy.client.tunnel_h2("localhost", port).await;
+    let mut streams = Vec::new();
+    for (n, (jar, peer)) in identities.iter().enumerate() {
+        for round in 0..5 {
+            let mut conn = conn.clone();
+            let token = jar.get("datadome").unwrap().to_owned();
+            let peer = *peer;
+            streams.push(tokio::spawn(async move {
+                // Split cookies across several h2 cookie fields, as browsers do.
+                let cookie = format!("datadome={token}");
+                let reply = conn
+                    .get(
+                        &format!("/page?identity={n}&round={round}"),
+                        &[("cookie", "_ga=x"), ("cookie", cookie.as_str())],
+                    )
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                assert_eq!(
+                    reported_peer(&reply.body),
+                    Some(peer),
+                    "identity {n} left through another exit"
+                );
+            }));
+        }
+    }
+    for stream in streams {
+        stream.await.unwrap();
+    }
+    // Which upstream connections (peer address and port at the origin) each
+    // identity used: never one shared with another identity.
+    let mut connections: HashMap<(std::net::IpAddr, u16), HashSet<String>> = HashMap::new();
+    for seen in s
+        .origin
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.contains("identity="))
+    {
+        let identity = seen
+            .path
+            .split("identity=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert_eq!(seen.version, Version::HTTP_2);
+        connections
+            .entry((seen.peer, seen.peer_port))
+            .or_default()
+            .insert(identity);
+    }
+    for (connection, users) in &connections {
+        assert_eq!(
+            users.len(),
+            1,
+            "connection {connection:?} carried identities {users:?}"
+        );
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
