@@ -20,6 +20,7 @@ pub mod exits;
 pub mod egress;
 pub mod upstream;
 pub mod capture;
+pub mod upgrade;
 
 pub mod admin;
 pub mod body;

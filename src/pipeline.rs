@@ -38,6 +38,7 @@ use crate::identity::{Identity, RetireReason};
 use crate::metrics::{Metrics, Policy, Rule};
 use crate::session_key;
 use crate::target::{Target, Tunnel};
+use crate::upgrade;
 use crate::upstream::connect::{ConnectError, TunnelInfo};
 use crate::upstream::UpstreamError;
 
@@ -123,7 +124,7 @@ impl Pipeline {
     async fn forward(
         &self,
         tunnel: Option<&Tunnel>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
         let span = tracing::Span::current();
         let target = Target::of(&request, tunnel)?;
@@ -149,12 +150,17 @@ impl Pipeline {
             )));
         }
         let fingerprint = Fingerprint::of(request.headers());
+        // A WebSocket upgrade is routed like any request; the client's side
+        // of the upgrade is claimed now, before the request is taken apart.
+        let upgrade = upgrade::requested(&request);
+        let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
         let mut route = self
             .affinity
             .route(&self.exits, &credentials, &fingerprint)
             .await?;
-        // Offer the origin what the client offered pinproxy.
-        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2);
+        // Offer the origin what the client offered pinproxy; upgrades need
+        // HTTP/1.1.
+        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
         self.trial_unhealthy_exit(&target);
         span.record("exit", tracing::field::display(route.exit.id()));
         if let Some(identity) = &route.identity {
@@ -168,6 +174,7 @@ impl Pipeline {
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
         cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
         egress::sanitize_request(&mut parts.headers);
+        let expected_accept = upgrade.and_then(|u| upgrade::prepare_upstream(u, &mut parts));
         // A proxy must replace Host with the absolute-form target's authority
         // (RFC 9112 §3.2.2). Inside a tunnel the client's own Host stands; an
         // HTTP/2 client sends none, and the pool adds one only if the origin
@@ -197,6 +204,21 @@ impl Pipeline {
             egress_ip,
         )
         .await?;
+
+        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(identity) = &identity {
+                    if let Err(e) = self.affinity.record_use(identity, true, egress_ip).await {
+                        tracing::warn!(error = %e, "could not record the identity's use");
+                    }
+                }
+                return upgrade::bridge(upgrade, client_upgrade, response, expected_accept)
+                    .map_err(|e| ProxyError::Upstream {
+                        exit: route.exit.id().clone(),
+                        error: UpstreamError::Exchange(e),
+                    });
+            }
+        }
 
         let (mut parts, incoming) = response.into_parts();
         let mut body = body::streaming(incoming);

@@ -101,6 +101,26 @@ impl ProxyClient {
         self.tls_over(tcp, host, target).await
     }
 
+    /// A raw TLS stream through a tunnel to `host:port`, offering `alpn`.
+    pub async fn tls_stream(
+        &self,
+        host: &str,
+        port: u16,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let (tcp, head) = self.raw_connect(&format!("{host}:{port}")).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "CONNECT answered {head:?}"
+        );
+        let mut config = (*self.tls).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
+            .await
+            .expect("TLS through pinproxy")
+    }
+
     async fn tls_over(&self, tcp: TcpStream, host: &str, target: String) -> Conn {
         let name = ServerName::try_from(host.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
@@ -258,6 +278,11 @@ impl ProxyClient {
 }
 
 impl H2Conn {
+    /// The underlying sender (extended CONNECT and other special requests).
+    pub fn sender(&mut self) -> &mut hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        &mut self.sender
+    }
+
     /// GET `path` with extra headers (each pair sent as its own field, so
     /// several `cookie` pairs arrive as several h2 cookie headers).
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Reply {

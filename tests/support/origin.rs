@@ -307,7 +307,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 async fn handle(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     peer_addr: SocketAddr,
     state: &State,
 ) -> Response<Full<Bytes>> {
@@ -423,6 +423,7 @@ async fn handle(
         "/unauthorized" => text(StatusCode::UNAUTHORIZED, "log in again\n".into()),
         "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
         "/ip" => text(StatusCode::OK, format!("{peer}\n")),
+        "/ws" => websocket_echo(&mut request, peer),
         "/sink" => {
             let body = request
                 .into_body()
@@ -433,6 +434,47 @@ async fn handle(
         }
         _ => text(StatusCode::OK, format!("ok {peer}\n")),
     }
+}
+
+/// Accepts a WebSocket upgrade and echoes every message, prefixing text
+/// with the peer address the upgrade came from.
+fn websocket_echo(request: &mut Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return text(StatusCode::BAD_REQUEST, "not a websocket upgrade\n".into());
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            let reply = match message {
+                Message::Text(t) => Message::text(format!("{peer} {t}")),
+                Message::Binary(b) => Message::Binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert("upgrade", "websocket".parse().unwrap());
+    headers.insert("connection", "Upgrade".parse().unwrap());
+    headers.insert("sec-websocket-accept", accept.parse().unwrap());
+    response
 }
 
 /// Parses the peer address an origin reply reports (`ok 127.0.0.2`).

@@ -1,0 +1,189 @@
+//! WebSockets through the pipeline: the upgrade request is pinned and routed
+//! like any request, then frames are relayed both ways until either side
+//! closes.
+//!
+//! Two client forms are accepted: HTTP/1.1 `Upgrade: websocket`, and HTTP/2
+//! extended CONNECT (RFC 8441, `:protocol websocket`). Towards the origin
+//! both become an HTTP/1.1 upgrade (the upgrade lane never offers h2): for
+//! an extended CONNECT pinproxy makes the `Sec-WebSocket-Key`, checks the
+//! origin's `Sec-WebSocket-Accept`, and answers the client `200`; the
+//! WebSocket frames themselves are the same on both forms and pass through
+//! untouched.
+
+use base64::Engine as _;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, Body};
+use crate::egress;
+
+/// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// How a client asked for a WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upgrade {
+    /// HTTP/1.1 `Upgrade: websocket`.
+    Http1,
+    /// HTTP/2 extended CONNECT with `:protocol websocket`.
+    ExtendedConnect,
+}
+
+/// The upgrade a request asks for, if any.
+pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
+    if request.method() == Method::CONNECT {
+        let protocol = request.extensions().get::<hyper::ext::Protocol>()?;
+        return protocol
+            .as_str()
+            .eq_ignore_ascii_case("websocket")
+            .then_some(Upgrade::ExtendedConnect);
+    }
+    let connection_upgrade = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let websocket = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    (connection_upgrade && websocket).then_some(Upgrade::Http1)
+}
+
+/// Turns the (sanitised) request parts into an HTTP/1.1 WebSocket upgrade
+/// for the origin. Returns the `Sec-WebSocket-Accept` the origin must answer
+/// with, when pinproxy made the key.
+pub fn prepare_upstream(upgrade: Upgrade, parts: &mut http::request::Parts) -> Option<String> {
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    parts
+        .headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    match upgrade {
+        Upgrade::Http1 => None,
+        Upgrade::ExtendedConnect => {
+            parts.method = Method::GET;
+            parts.version = Version::HTTP_11;
+            parts.extensions.remove::<hyper::ext::Protocol>();
+            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+            let accept = accept_for(&key);
+            if let Ok(value) = HeaderValue::from_str(&key) {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, value);
+            }
+            Some(accept)
+        }
+    }
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+pub fn accept_for(key: &str) -> String {
+    let mut sha1 = sha1_smol::Sha1::new();
+    sha1.update(key.as_bytes());
+    sha1.update(WEBSOCKET_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha1.digest().bytes())
+}
+
+/// Answers the client for an origin that switched protocols (`101`), and
+/// relays the two connections until either closes. (Any other answer goes
+/// back to the client as an ordinary response.)
+pub fn bridge(
+    upgrade: Upgrade,
+    client: OnUpgrade,
+    mut upstream: Response<Incoming>,
+    expected_accept: Option<String>,
+) -> Result<Response<Body>, String> {
+    if let Some(expected) = &expected_accept {
+        let accept = upstream
+            .headers()
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        if accept != Some(expected.as_str()) {
+            return Err(
+                "the origin answered the WebSocket upgrade with a wrong Sec-WebSocket-Accept"
+                    .into(),
+            );
+        }
+    }
+    let upstream_io = hyper::upgrade::on(&mut upstream);
+    let mut response = Response::new(body::empty());
+    match upgrade {
+        Upgrade::Http1 => {
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *response.headers_mut() = upstream.headers().clone();
+        }
+        Upgrade::ExtendedConnect => {
+            // RFC 8441: success is a 200 carrying the negotiated extensions
+            // and subprotocol; the HTTP/1.1 handshake headers stay behind.
+            *response.status_mut() = StatusCode::OK;
+            let mut headers: HeaderMap = upstream.headers().clone();
+            for name in [
+                header::SEC_WEBSOCKET_ACCEPT,
+                header::UPGRADE,
+                header::CONNECTION,
+            ] {
+                headers.remove(name);
+            }
+            egress::sanitize_response(&mut headers);
+            *response.headers_mut() = headers;
+        }
+    }
+    tokio::spawn(async move {
+        let (client, upstream) = tokio::join!(client, upstream_io);
+        match (client, upstream) {
+            (Ok(client), Ok(upstream)) => {
+                let outcome = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(upstream),
+                )
+                .await;
+                match outcome {
+                    Ok((up, down)) => tracing::debug!(up, down, "WebSocket closed"),
+                    Err(e) => tracing::debug!(error = %e, "WebSocket ended"),
+                }
+            }
+            (client, upstream) => tracing::debug!(
+                client_ok = client.is_ok(),
+                upstream_ok = upstream.is_ok(),
+                "WebSocket upgrade did not complete"
+            ),
+        }
+    });
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matches_the_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kOAzzGDwIDnjK4="
+        );
+    }
+
+    #[test]
+    fn upgrade_requests_are_recognised() {
+        let ws = Request::get("/ws")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert_eq!(requested(&ws), Some(Upgrade::Http1));
+        let plain = Request::get("/").header("upgrade", "h2c").body(()).unwrap();
+        assert_eq!(requested(&plain), None);
+        let mut connect = Request::connect("https://a.test/ws").body(()).unwrap();
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert_eq!(requested(&connect), Some(Upgrade::ExtendedConnect));
+    }
+}

@@ -1,0 +1,123 @@
+//! WebSockets through the MITM: the upgrade is pinned like any request, then
+//! frames flow both ways, over HTTP/1.1 Upgrade and over HTTP/2 extended
+//! CONNECT (RFC 8441).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use support::Setup;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+async fn echo_round_trips<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, peer: std::net::IpAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for n in 0..5 {
+        ws.send(Message::text(format!("hello {n}"))).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(
+            echoed,
+            Message::text(format!("{peer} hello {n}")),
+            "echoed from the pinned exit"
+        );
+    }
+    let big = vec![7u8; 256 * 1024];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+}
+
+#[tokio::test]
+async fn websocket_over_http1_upgrade_carries_the_pinned_cookie() {
+    let s = Setup::start(3).await;
+    let (jar, peer) = s.login("/login").await;
+    let port = s.origin.https.port();
+    for _ in 0..3 {
+        let tls = s
+            .proxy
+            .client
+            .tls_stream("localhost", port, &[b"http/1.1"])
+            .await;
+        let mut request = format!("wss://localhost:{port}/ws")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("cookie", jar.header().unwrap().parse().unwrap());
+        let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+        assert_eq!(response.status(), 101);
+        echo_round_trips(&mut ws, peer).await;
+        ws.close(None).await.unwrap();
+    }
+    let upgrades: Vec<_> = s
+        .origin
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/ws")
+        .collect();
+    assert_eq!(upgrades.len(), 3);
+    assert!(upgrades
+        .iter()
+        .all(|r| r.peer == peer && r.tokens.len() == 1));
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
+    let s = Setup::start(3).await;
+    let (jar, peer) = s.login("/login").await;
+    let port = s.origin.https.port();
+    let mut conn = s.proxy.client.tunnel_h2("localhost", port).await;
+    // An ordinary stream first: the server's SETTINGS (with extended CONNECT) arrive.
+    let cookie = jar.header().unwrap();
+    assert_eq!(
+        conn.get("/page", &[("cookie", cookie.as_str())])
+            .await
+            .status,
+        200
+    );
+
+    let mut request = http::Request::connect(format!("https://localhost:{port}/ws"))
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .header("cookie", cookie.as_str())
+        .body(http_body_util::Full::default())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let sender = conn.sender();
+    sender.ready().await.unwrap();
+    let mut response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200, "RFC 8441 success");
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    echo_round_trips(&mut ws, peer).await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    drop(conn);
+
+    let upgrade = s
+        .origin
+        .seen()
+        .into_iter()
+        .find(|r| r.path == "/ws")
+        .unwrap();
+    assert_eq!(
+        upgrade.version,
+        http::Version::HTTP_11,
+        "the origin got an HTTP/1.1 upgrade"
+    );
+    assert_eq!((upgrade.peer, upgrade.tokens.len()), (peer, 1));
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
