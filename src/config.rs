@@ -169,6 +169,9 @@ pub struct ExitConfig {
     pub max_lifetime: Option<Duration>,
     /// Upstream sessions cookie-less traffic rotates over, on exits with `{session}`.
     pub anonymous_sessions: usize,
+    /// SOCKS5 exits: the address in the CONNECT reply is the tunnel's egress
+    /// address (servers that report their outgoing socket, like microsocks).
+    pub socks_reply_is_egress: bool,
 }
 
 impl Default for ExitConfig {
@@ -184,6 +187,7 @@ impl Default for ExitConfig {
             idle_timeout: None,
             max_lifetime: None,
             anonymous_sessions: options.anonymous_sessions,
+            socks_reply_is_egress: false,
         }
     }
 }
@@ -619,6 +623,7 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
         idle_timeout: exit.idle_timeout,
         max_lifetime: exit.max_lifetime,
         anonymous_sessions: exit.anonymous_sessions.max(1),
+        socks_reply_is_egress: exit.socks_reply_is_egress,
     })
 }
 

@@ -146,6 +146,7 @@ impl ProxyError {
                     ConnectError::BadTarget(_) => "bad-request",
                     ConnectError::ExitIpDrift { .. } => "exit-ip-drift",
                     ConnectError::ExitIpUnknown(_) => "exit-ip-unknown",
+                    ConnectError::ExitSocks { .. } => "exit-refused",
                 },
                 UpstreamError::ResponseTimeout(_) => "origin-timeout",
                 UpstreamError::Exchange(_) => "origin-failed",

@@ -159,6 +159,24 @@ pub enum ExitKind {
         /// Basic credentials sent as `Proxy-Authorization`.
         auth: Option<Credentials>,
     },
+    /// A SOCKS5 proxy (`socks5://[user:pass@]host:port`); the exit resolves
+    /// origin names itself.
+    Socks5 {
+        /// The proxy's address.
+        proxy: HostPort,
+        /// Username/password authentication (RFC 1929).
+        auth: Option<Credentials>,
+    },
+}
+
+impl ExitKind {
+    /// The proxy's credentials, if it is a proxy and has any.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        match self {
+            ExitKind::HttpConnect { auth, .. } | ExitKind::Socks5 { auth, .. } => auth.as_ref(),
+            ExitKind::Direct { .. } => None,
+        }
+    }
 }
 
 /// Per-exit settings beyond its URL.
@@ -182,6 +200,10 @@ pub struct ExitOptions {
     /// How many upstream sessions cookie-less traffic rotates over on an
     /// exit with a `{session}` placeholder.
     pub anonymous_sessions: usize,
+    /// SOCKS5 exits: take the address in the CONNECT reply (BND.ADDR) as the
+    /// tunnel's egress address (true of servers that report their outgoing
+    /// socket, such as microsocks; not of NATed gateways).
+    pub socks_reply_is_egress: bool,
 }
 
 impl Default for ExitOptions {
@@ -194,6 +216,7 @@ impl Default for ExitOptions {
             idle_timeout: None,
             max_lifetime: None,
             anonymous_sessions: 8,
+            socks_reply_is_egress: false,
         }
     }
 }
@@ -255,7 +278,7 @@ pub enum ExitUrlError {
     #[error("expected scheme://..., e.g. http://user:pass@proxy.example:8080")]
     NoScheme,
     /// A scheme pinproxy cannot use.
-    #[error("unsupported scheme {0:?}: use http:// or direct://")]
+    #[error("unsupported scheme {0:?}: use http://, socks5:// or direct://")]
     Scheme(String),
     /// Host or port missing or invalid.
     #[error("{0}")]
@@ -288,6 +311,11 @@ impl ExitSpec {
         };
         let kind = match scheme.to_ascii_lowercase().as_str() {
             "http" => ExitKind::HttpConnect {
+                proxy: parse_host_port(hostport)?,
+                auth: userinfo.map(parse_userinfo).transpose()?,
+            },
+            // socks5h is curl's name for remote resolution, which pinproxy always does.
+            "socks5" | "socks5h" => ExitKind::Socks5 {
                 proxy: parse_host_port(hostport)?,
                 auth: userinfo.map(parse_userinfo).transpose()?,
             },
@@ -325,13 +353,17 @@ impl ExitSpec {
         Ok(match spec.kind {
             ExitKind::Direct { source: None } => "direct".to_owned(),
             ExitKind::Direct { source: Some(ip) } => format!("direct-{ip}"),
-            ExitKind::HttpConnect { proxy, .. } => proxy.to_string(),
+            ExitKind::HttpConnect { proxy, .. } | ExitKind::Socks5 { proxy, .. } => {
+                proxy.to_string()
+            }
         })
     }
 
     /// Whether the exit's credentials carry a `{session}` placeholder.
     pub fn has_session_placeholder(&self) -> bool {
-        matches!(&self.kind, ExitKind::HttpConnect { auth: Some(c), .. } if c.has_session_placeholder())
+        self.kind
+            .credentials()
+            .is_some_and(Credentials::has_session_placeholder)
     }
 
     /// The URL without credentials, for logs and messages.
@@ -342,6 +374,10 @@ impl ExitSpec {
             ExitKind::HttpConnect { proxy, auth } => match auth {
                 Some(c) => format!("http://{}:***@{proxy}", c.user),
                 None => format!("http://{proxy}"),
+            },
+            ExitKind::Socks5 { proxy, auth } => match auth {
+                Some(c) => format!("socks5://{}:***@{proxy}", c.user),
+                None => format!("socks5://{proxy}"),
             },
         }
     }

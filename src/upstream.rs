@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::body::Body;
 use crate::exits::sessions::AnonymousSession;
-use crate::exits::{ExitKind, ExitSpec, HostPort};
+use crate::exits::{ExitSpec, HostPort};
 use crate::identity::{Identity, IdentityId, SessionId};
 use connect::{ConnectError, Dialer, ExitConnector, IpCheck};
 use http::{Request, Response};
@@ -146,21 +146,16 @@ impl ExitClient {
         pinned: Option<Arc<OnceLock<IpAddr>>>,
         h2: bool,
     ) -> Dialer {
-        let proxy_auth = match &self.spec.kind {
-            ExitKind::HttpConnect {
-                auth: Some(creds), ..
-            } if creds.has_session_placeholder() => {
-                Some(creds.with_session(&session.to_string()).basic_header())
-            }
-            ExitKind::HttpConnect {
-                auth: Some(creds), ..
-            } => Some(creds.basic_header()),
-            _ => None,
-        };
+        let credentials = self
+            .spec
+            .kind
+            .credentials()
+            .map(|c| c.with_session(&session.to_string()));
         Dialer {
             exit: self.spec.id.clone(),
             kind: self.spec.kind.clone(),
-            proxy_auth,
+            credentials,
+            socks_reply_is_egress: self.spec.options.socks_reply_is_egress,
             tls: self.tls.offering(h2),
             timeout: self.settings.connect_timeout,
             ip_check: IpCheck {

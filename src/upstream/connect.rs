@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderName, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
@@ -35,7 +35,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use super::tls;
-use crate::exits::{EchoTarget, ExitId, ExitKind, HostPort};
+use crate::exits::{Credentials, EchoTarget, ExitId, ExitKind, HostPort};
 
 /// Largest CONNECT answer header section read from an exit.
 const MAX_CONNECT_REPLY: usize = 16 * 1024;
@@ -108,6 +108,16 @@ pub enum ConnectError {
         /// The new tunnel's address.
         observed: IpAddr,
     },
+    /// A SOCKS5 exit refused or failed the connection.
+    #[error("the SOCKS5 exit could not connect to {target}: {reason}")]
+    ExitSocks {
+        /// The origin asked for.
+        target: HostPort,
+        /// Whether authentication failed (the exit's fault, not the origin's).
+        auth: bool,
+        /// What the exit said.
+        reason: String,
+    },
     /// The exit is set up to report its egress address but this tunnel's
     /// could not be learnt, so it cannot be trusted with an identity.
     #[error("cannot learn the tunnel's egress address: {0}")]
@@ -143,6 +153,7 @@ impl ConnectError {
     pub fn is_exit_fault(&self) -> bool {
         match self {
             ConnectError::ExitUnreachable { .. } | ConnectError::ExitProtocol(_) => true,
+            ConnectError::ExitSocks { auth, .. } => *auth,
             ConnectError::Timeout { stage, .. } => {
                 matches!(stage, Stage::ExitConnect | Stage::ExitReply)
             }
@@ -179,8 +190,10 @@ pub struct Dialer {
     pub exit: ExitId,
     /// How it is reached.
     pub kind: ExitKind,
-    /// `Proxy-Authorization` for the exit (with the lane's session filled in).
-    pub proxy_auth: Option<HeaderValue>,
+    /// The exit's credentials, with the lane's session filled in.
+    pub credentials: Option<Credentials>,
+    /// SOCKS5 exits: the reply's bound address is the egress address.
+    pub socks_reply_is_egress: bool,
     /// TLS settings for origins.
     pub tls: Arc<ClientConfig>,
     /// Deadline for a whole connect.
@@ -281,7 +294,55 @@ impl Dialer {
                 let reported = self.http_connect(&mut tcp, target, deadline).await?;
                 Ok((tcp, reported))
             }
+            ExitKind::Socks5 { proxy, .. } => {
+                let tcp = self.dial_proxy(proxy, deadline).await?;
+                self.socks_connect(tcp, target, deadline).await
+            }
         }
+    }
+
+    /// Asks a SOCKS5 exit for a connection to `target`, by name (the exit
+    /// resolves it). Returns the reply's bound address when the exit is set
+    /// up to report its egress address that way.
+    async fn socks_connect(
+        &self,
+        tcp: TcpStream,
+        target: &HostPort,
+        deadline: Instant,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        let destination = (target.host.as_str(), target.port);
+        let handshake = async {
+            match &self.credentials {
+                Some(c) => {
+                    tokio_socks::tcp::Socks5Stream::connect_with_password_and_socket(
+                        tcp,
+                        destination,
+                        &c.user,
+                        &c.password,
+                    )
+                    .await
+                }
+                None => tokio_socks::tcp::Socks5Stream::connect_with_socket(tcp, destination).await,
+            }
+        };
+        let stream = tokio::time::timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| self.timed_out(Stage::ExitReply))?
+            .map_err(|e| ConnectError::ExitSocks {
+                target: target.clone(),
+                auth: matches!(
+                    e,
+                    tokio_socks::Error::PasswordAuthFailure(_)
+                        | tokio_socks::Error::NoAcceptableAuthMethods
+                ),
+                reason: e.to_string(),
+            })?;
+        let bound = match stream.target_addr() {
+            tokio_socks::TargetAddr::Ip(addr) if !addr.ip().is_unspecified() => Some(addr.ip()),
+            _ => None,
+        };
+        let reported = bound.filter(|_| self.socks_reply_is_egress);
+        Ok((stream.into_inner(), reported))
     }
 
     /// Learns the tunnel's egress address and, on an identity's lane,
@@ -451,7 +512,7 @@ impl Dialer {
         deadline: Instant,
     ) -> Result<Option<IpAddr>, ConnectError> {
         let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
-        if let Some(auth) = &self.proxy_auth {
+        if let Some(auth) = self.credentials.as_ref().map(Credentials::basic_header) {
             request.extend_from_slice(b"Proxy-Authorization: ");
             request.extend_from_slice(auth.as_bytes());
             request.extend_from_slice(b"\r\n");

@@ -208,3 +208,56 @@ impl PinproxyProcess {
         std::fs::read_to_string(self.data_dir.join("ca.pem")).unwrap()
     }
 }
+
+/// Waits (bounded) until something accepts connections on 127.0.0.1:`port`:
+/// for programs that print no readiness line.
+pub async fn wait_for_port(port: u16) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
+}
+
+/// A microsocks SOCKS5 exit whose outgoing connections come from `bind`.
+pub struct Microsocks {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _child: Child,
+}
+
+impl Microsocks {
+    /// Starts microsocks, requiring `user:password` when given.
+    pub async fn start(bind: &str, credentials: Option<(&str, &str)>) -> Microsocks {
+        let port = free_port();
+        let mut command = Command::new(require("microsocks"));
+        command
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-b", bind])
+            .kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((user, password)) = credentials {
+            command.args(["-u", user, "-P", password]);
+        }
+        let child = command.spawn().expect("spawn microsocks");
+        wait_for_port(port).await;
+        Microsocks {
+            port,
+            _child: child,
+        }
+    }
+
+    /// The exit URL for pinproxy.
+    pub fn url(&self, credentials: Option<(&str, &str)>) -> String {
+        match credentials {
+            Some((user, password)) => format!("socks5://{user}:{password}@127.0.0.1:{}", self.port),
+            None => format!("socks5://127.0.0.1:{}", self.port),
+        }
+    }
+}

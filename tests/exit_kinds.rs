@@ -1,0 +1,182 @@
+//! Every kind of exit keeps cookies on their IP: SOCKS5 (a real microsocks,
+//! remote name resolution, with and without authentication) and direct
+//! egress from one local address, end to end against the IP-binding origin.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use support::origin::reported_peer;
+use support::procs::Microsocks;
+use support::{Jar, Origin, Proxy, ProxyClient};
+
+/// Many clients with their own jars, then cookie-less traffic: 0 leaks,
+/// every client on one exit, rotation over all of them.
+async fn no_leaks_through(exits: &[(String, String)], addresses: usize) {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(exits, &origin, |_| {}).await;
+    let port = origin.https.port();
+    let mut tasks = Vec::new();
+    for client_no in 0..12 {
+        let client: ProxyClient = proxy.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut jar = Jar::default();
+            let mut peers = HashSet::new();
+            for step in 0..8 {
+                let path = match step {
+                    0 => "/login",
+                    4 => "/rotate",
+                    _ => "/page",
+                };
+                let reply = client
+                    .try_get("localhost", port, path, &mut jar)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    reply.status, 200,
+                    "client {client_no} step {step}: {}",
+                    reply.body
+                );
+                peers.insert(reported_peer(&reply.body).unwrap());
+            }
+            assert_eq!(peers.len(), 1, "client {client_no} moved: {peers:?}");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut spread: HashMap<IpAddr, usize> = HashMap::new();
+    let mut conn = proxy.client.tunnel("localhost", port).await;
+    for _ in 0..(3 * addresses) {
+        *spread
+            .entry(reported_peer(&conn.get("/", &[]).await.body).unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(origin.leaks(), vec![]);
+    assert_eq!(spread.len(), addresses, "{spread:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn socks5_exits_keep_every_cookie_on_its_ip() {
+    let credentials = Some(("scraper", "s3cret"));
+    let socks = [
+        Microsocks::start("127.0.0.2", None).await,
+        Microsocks::start("127.0.0.3", credentials).await,
+        Microsocks::start("127.0.0.4", None).await,
+    ];
+    let exits: Vec<(String, String)> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                format!("socks{i}"),
+                s.url(if i == 1 { credentials } else { None }),
+            )
+        })
+        .collect();
+    no_leaks_through(&exits, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_exits_from_local_addresses_keep_every_cookie_on_its_ip() {
+    let exits: Vec<(String, String)> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| (format!("local{i}"), format!("direct://{ip}")))
+        .collect();
+    no_leaks_through(&exits, 3).await;
+}
+
+#[tokio::test]
+async fn a_socks5_exit_refusing_credentials_is_named_in_a_502() {
+    let origin = Origin::start().await;
+    let socks = Microsocks::start("127.0.0.2", Some(("scraper", "s3cret"))).await;
+    let exits = [("guarded".to_string(), socks.url(Some(("scraper", "wrong"))))];
+    let proxy = Proxy::start(&exits, &origin, |_| {}).await;
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.starts_with("exit-refused:") && error.contains("exit guarded"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("wrong"),
+        "credentials leaked into the error: {error}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn health_probes_work_for_every_exit_kind() {
+    let origin = Origin::start().await;
+    let socks = Microsocks::start("127.0.0.2", None).await;
+    let http = support::TestExit::start("127.0.0.3").await;
+    let exits = [
+        ("socks".to_string(), socks.url(None)),
+        ("http".to_string(), http.url()),
+        ("local".to_string(), "direct://127.0.0.4".to_string()),
+        // Nothing listens here: its probes fail.
+        (
+            "gone".to_string(),
+            format!("socks5://127.0.0.1:{}", support::procs::free_port()),
+        ),
+    ];
+    let port = origin.https.port();
+    let proxy = Proxy::start(&exits, &origin, |c| {
+        c.health.probe_target = Some(format!("localhost:{port}"));
+        c.health.interval = Duration::from_millis(50);
+        c.health.unhealthy_after = 1;
+        c.health.dead_after = 2;
+    })
+    .await;
+    let exits = &proxy.daemon.pipeline().exits;
+    let gone = exits.get(&pinproxy::exits::ExitId::new("gone")).unwrap();
+    let mut states = gone.health.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| *s == pinproxy::exits::health::HealthState::Dead),
+    )
+    .await
+    .expect("the dead exit's probes fail")
+    .unwrap();
+    for id in ["socks", "http", "local"] {
+        let exit = exits.get(&pinproxy::exits::ExitId::new(id)).unwrap();
+        assert_eq!(
+            exit.health.state(),
+            pinproxy::exits::health::HealthState::Healthy,
+            "{id}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_socks5_reply_can_state_the_egress_address() {
+    let origin = Origin::start().await;
+    let socks = Microsocks::start("127.0.0.3", None).await;
+    let exits = [("socks".to_string(), socks.url(None))];
+    let proxy = Proxy::start(&exits, &origin, |c| c.exits[0].socks_reply_is_egress = true).await;
+    let mut jar = Jar::default();
+    let reply = proxy
+        .client
+        .try_get("localhost", origin.https.port(), "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(
+        reported_peer(&reply.body),
+        Some("127.0.0.3".parse().unwrap())
+    );
+    let listed = proxy.daemon.admin().identities(false).await.unwrap();
+    assert_eq!(
+        listed[0].egress_ip.as_deref(),
+        Some("127.0.0.3"),
+        "{listed:?}"
+    );
+    proxy.stop().await;
+}
