@@ -11,6 +11,7 @@ need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
 need tinyproxy tinyproxy
 need redis-server redis-server
 need microsocks microsocks
+need danted dante-server
 need certutil libnss3-tools
 need chromium chromium
 need curl curl

@@ -159,8 +159,8 @@ async fn health_probes_work_for_every_exit_kind() {
 #[tokio::test]
 async fn a_socks5_reply_can_state_the_egress_address() {
     let origin = Origin::start().await;
-    let socks = Microsocks::start("127.0.0.3", None).await;
-    let exits = [("socks".to_string(), socks.url(None))];
+    let socks = support::procs::Dante::start("127.0.0.3").await;
+    let exits = [("dante".to_string(), socks.url())];
     let proxy = Proxy::start(&exits, &origin, |c| c.exits[0].socks_reply_is_egress = true).await;
     let mut jar = Jar::default();
     let reply = proxy

@@ -261,3 +261,44 @@ impl Microsocks {
         }
     }
 }
+
+/// A Dante SOCKS5 exit whose outgoing connections come from `external`; its
+/// replies state that address (BND.ADDR), unlike microsocks.
+pub struct Dante {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Dante {
+    /// Starts danted.
+    pub async fn start(external: &str) -> Dante {
+        let program = require("danted");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("danted.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "logoutput: stderr\ninternal: 127.0.0.1 port = {port}\nexternal: {external}\n\
+                 clientmethod: none\nsocksmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
+                 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\nsocks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n"
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(program);
+        command.arg("-f").arg(&config).args(["-N", "1"]);
+        let child = spawn_until(command, "running", true).await;
+        Dante {
+            port,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// The exit URL for pinproxy.
+    pub fn url(&self) -> String {
+        format!("socks5://127.0.0.1:{}", self.port)
+    }
+}
