@@ -20,6 +20,7 @@ use crate::cookies::{CookiePolicy, PatternError};
 use crate::exits::select::MAX_WEIGHT;
 use crate::exits::{EchoTarget, ExitOptions, ExitSpec, ExitUrlError, HostPort};
 use crate::fingerprint::FingerprintPolicy;
+use crate::mitm::{HostPatternError, InterceptPolicy};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -373,12 +374,20 @@ pub struct MitmConfig {
     /// Most leaf certificates kept in memory; the least recently used host's
     /// certificate is minted again when needed.
     pub cert_cache_capacity: u64,
+    /// Hosts (globs, e.g. `*.bank.example`) tunnelled raw instead of
+    /// intercepted: pinproxy cannot see their cookies.
+    pub exclude: Vec<String>,
+    /// If set, only these hosts (globs) are intercepted; every other host is
+    /// tunnelled raw. `exclude` still applies.
+    pub include: Vec<String>,
 }
 
 impl Default for MitmConfig {
     fn default() -> Self {
         MitmConfig {
             cert_cache_capacity: 10_000,
+            exclude: Vec::new(),
+            include: Vec::new(),
         }
     }
 }
@@ -421,6 +430,9 @@ pub enum ConfigError {
     /// A tracked-cookie pattern is malformed.
     #[error(transparent)]
     Pattern(#[from] PatternError),
+    /// A mitm include/exclude pattern is malformed.
+    #[error(transparent)]
+    HostPattern(#[from] HostPatternError),
     /// Listening beyond loopback without `allow_remote`.
     #[error(
         "refusing to listen on {0}: it is not a loopback address and pinproxy has no client \
@@ -466,6 +478,8 @@ pub struct Settings {
     pub store: StoreKind,
     /// Behaviour while the store cannot answer.
     pub on_unavailable: Unavailable,
+    /// Which tunnels are intercepted.
+    pub intercept: InterceptPolicy,
 }
 
 impl Config {
@@ -546,6 +560,7 @@ impl Config {
             admin: self.admin.listen,
             store,
             on_unavailable: self.store.on_unavailable,
+            intercept: InterceptPolicy::new(&self.mitm.include, &self.mitm.exclude)?,
         })
     }
 

@@ -267,7 +267,10 @@ impl Daemon {
         let tasks = TaskTracker::new();
         let frontend = Arc::new(Frontend {
             pipeline,
-            mitm: Mitm { certs },
+            mitm: Mitm {
+                certs,
+                policy: settings.intercept.clone(),
+            },
             limits: settings.limits.clone(),
             timeouts: settings.timeouts.clone(),
             shutdown: shutdown.clone(),

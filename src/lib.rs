@@ -21,6 +21,7 @@ pub mod egress;
 pub mod upstream;
 pub mod capture;
 pub mod upgrade;
+pub mod passthrough;
 
 pub mod admin;
 pub mod body;

@@ -32,6 +32,7 @@ use crate::body::{self, Body};
 use crate::config::{Limits, Timeouts};
 use crate::error::{self, ProxyError};
 use crate::mitm::{self, Mitm};
+use crate::passthrough;
 use crate::pipeline::{self, Pipeline};
 use crate::session_key;
 use crate::target;
@@ -159,6 +160,12 @@ async fn outer_request(
         Ok(key) => key.flatten(),
         Err(error) => return ProxyError::from(error).to_response(),
     };
+    if !frontend.mitm.policy.intercepts(&authority.host) {
+        let span = tracing::debug_span!("passthrough", %peer, target = %authority);
+        return passthrough::connect(frontend, request, authority, session_key)
+            .instrument(span)
+            .await;
+    }
     let span = tracing::debug_span!("tunnel", %peer, target = %authority);
     let tunnel_frontend = frontend.clone();
     frontend.tasks.spawn(

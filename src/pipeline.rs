@@ -311,41 +311,51 @@ impl Pipeline {
                 }
                 Ok(response)
             }
-            Err(error) => {
-                if counts_against_exit(&error) {
-                    self.metrics
-                        .exit_failures
-                        .get_or_create(&crate::metrics::ExitLabel {
-                            exit: exit.id().to_string(),
-                        })
-                        .inc();
-                    if let Some(state) = exit.health.failure(self.affinity.clock().now_ms()) {
-                        tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
-                    }
-                }
-                if let (
-                    UpstreamError::Connect(ConnectError::ExitIpDrift { expected, observed }),
-                    Some(identity),
-                ) = (&error, &route.identity)
-                {
-                    let reason = RetireReason::ExitIpDrift {
-                        expected: *expected,
-                        observed: *observed,
-                    };
-                    self.affinity
-                        .retire(&self.exits, identity, reason.clone())
-                        .await?;
-                    return Err(ProxyError::IdentityRetired {
-                        identity: identity.id,
-                        exit: identity.exit.clone(),
-                        reason,
-                    });
-                }
-                Err(ProxyError::Upstream {
-                    exit: exit.id().clone(),
-                    error,
+            Err(error) => Err(self.upstream_failed(route, error).await),
+        }
+    }
+
+    /// Accounts for a failure to reach the origin through `route`: the
+    /// exit's health, and retirement of an identity whose tunnel drifted to
+    /// another address. Returns the answer for the client.
+    pub(crate) async fn upstream_failed(&self, route: &Route, error: UpstreamError) -> ProxyError {
+        let exit = &route.exit;
+        if counts_against_exit(&error) {
+            self.metrics
+                .exit_failures
+                .get_or_create(&crate::metrics::ExitLabel {
+                    exit: exit.id().to_string(),
                 })
+                .inc();
+            if let Some(state) = exit.health.failure(self.affinity.clock().now_ms()) {
+                tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
             }
+        }
+        let drifted = match (&error, &route.identity) {
+            (
+                UpstreamError::Connect(ConnectError::ExitIpDrift { expected, observed }),
+                Some(identity),
+            ) => Some((identity, *expected, *observed)),
+            _ => None,
+        };
+        let Some((identity, expected, observed)) = drifted else {
+            return ProxyError::Upstream {
+                exit: exit.id().clone(),
+                error,
+            };
+        };
+        let reason = RetireReason::ExitIpDrift { expected, observed };
+        if let Err(e) = self
+            .affinity
+            .retire(&self.exits, identity, reason.clone())
+            .await
+        {
+            return ProxyError::Store(e);
+        }
+        ProxyError::IdentityRetired {
+            identity: identity.id,
+            exit: identity.exit.clone(),
+            reason,
         }
     }
 

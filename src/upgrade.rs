@@ -166,7 +166,7 @@ mod tests {
         // RFC 6455 §1.3.
         assert_eq!(
             accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kOAzzGDwIDnjK4="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 

@@ -94,6 +94,21 @@ impl Lane {
         }
     }
 
+    /// For an identity's lane, the address its tunnels must leave from:
+    /// set from the identity's record, or by the lane's first tunnel.
+    fn pinned_address(&self) -> Option<Arc<OnceLock<IpAddr>>> {
+        match self.key {
+            PoolKey::Identity(_) => {
+                let cell = OnceLock::new();
+                if let Some(ip) = self.expected_ip {
+                    let _ = cell.set(ip);
+                }
+                Some(Arc::new(cell))
+            }
+            PoolKey::Anonymous(_) => None,
+        }
+    }
+
     /// An identity's lane.
     pub fn identity(identity: &Identity) -> Lane {
         Lane {
@@ -168,16 +183,7 @@ impl ExitClient {
 
     fn pool(&self, lane: &Lane) -> Client<ExitConnector, Body> {
         self.pools.get_with((lane.key, lane.h2), || {
-            let pinned = match lane.key {
-                PoolKey::Identity(_) => {
-                    let cell = OnceLock::new();
-                    if let Some(ip) = lane.expected_ip {
-                        let _ = cell.set(ip);
-                    }
-                    Some(Arc::new(cell))
-                }
-                PoolKey::Anonymous(_) => None,
-            };
+            let pinned = lane.pinned_address();
             let connector = ExitConnector::new(self.dialer(lane.session, pinned, lane.h2));
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -216,6 +222,19 @@ impl ExitClient {
     pub fn lanes(&self) -> u64 {
         self.pools.run_pending_tasks();
         self.pools.entry_count()
+    }
+
+    /// Opens a raw tunnel to `target` on `lane` (passthrough): same session,
+    /// same egress-address check as the lane's pooled connections.
+    pub async fn raw_tunnel(
+        &self,
+        lane: &Lane,
+        target: &HostPort,
+    ) -> Result<(tokio::net::TcpStream, Option<IpAddr>), UpstreamError> {
+        self.dialer(lane.session, lane.pinned_address(), false)
+            .raw_tunnel(target)
+            .await
+            .map_err(UpstreamError::Connect)
     }
 
     /// Opens and drops a tunnel to `target` on a fresh session: the health probe.

@@ -435,6 +435,18 @@ impl Dialer {
             .map_err(unknown)
     }
 
+    /// Opens a raw tunnel to `target` through the exit, its egress address
+    /// checked as for any tunnel of the lane (passthrough).
+    pub async fn raw_tunnel(
+        &self,
+        target: &HostPort,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        let deadline = Instant::now() + self.timeout;
+        let (tcp, reported) = self.open_transport(target, deadline).await?;
+        let egress = self.check_egress(reported, deadline).await?;
+        Ok((tcp, egress))
+    }
+
     /// Opens and drops a tunnel to `target`: the health probe.
     pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
         let deadline = Instant::now() + self.timeout;

@@ -1,0 +1,109 @@
+//! Hosts excluded from interception are tunnelled raw: the client talks TLS
+//! with the origin itself, through one exit for the tunnel's whole life.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::origin::reported_peer;
+use support::{Origin, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Opens a CONNECT to `origin.test` (resolved by the test exits), naming
+/// `user` in Proxy-Authorization if given, then TLS trusting only the
+/// origin's own CA, and GETs `/`. Returns the reported peer.
+async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net::IpAddr {
+    use base64::Engine as _;
+    let target = format!("origin.test:{}", origin.https.port());
+    let mut tcp = tokio::net::TcpStream::connect(proxy.daemon.local_addr())
+        .await
+        .unwrap();
+    let auth = user
+        .map(|u| {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:x"));
+            format!("Proxy-Authorization: Basic {token}\r\n")
+        })
+        .unwrap_or_default();
+    tcp.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: raw/1\r\n{auth}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = support::client::read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Only the origin's CA: a pinproxy leaf would be refused.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca: CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(origin.pki.ca_pem.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("origin.test").unwrap(), tcp)
+        .await
+        .expect("the origin's own certificate, not a pinproxy leaf");
+    tls.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    tls.read_to_string(&mut reply).await.ok();
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
+    reported_peer(body).unwrap_or_else(|| panic!("no body in {reply:?}"))
+}
+
+#[tokio::test]
+async fn an_excluded_host_is_tunnelled_raw_and_a_session_key_keeps_its_exit() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(3).await;
+    let proxy = Proxy::start(&exits, &origin, |c| c.mitm.exclude = vec!["*.test".into()]).await;
+
+    // Without a session key: rotation, tunnel by tunnel.
+    let mut rotated = HashSet::new();
+    for _ in 0..6 {
+        rotated.insert(raw_get(&proxy, &origin, None).await);
+    }
+    assert_eq!(rotated.len(), 3, "{rotated:?}");
+
+    // With one: always the key's exit.
+    let first = raw_get(&proxy, &origin, Some("session-bank-user")).await;
+    for _ in 0..5 {
+        assert_eq!(
+            raw_get(&proxy, &origin, Some("scraper-session-bank-user")).await,
+            first
+        );
+    }
+    // Nothing was intercepted: the origin saw no request from pinproxy's pipeline.
+    assert!(origin
+        .seen()
+        .iter()
+        .all(|s| s.header("user-agent").is_empty()));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn include_limits_interception_to_the_listed_hosts() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(1).await;
+    let proxy = Proxy::start(&exits, &origin, |c| {
+        c.mitm.include = vec!["localhost".into()]
+    })
+    .await;
+    // origin.test is not included: raw.
+    raw_get(&proxy, &origin, None).await;
+    // localhost is: intercepted as usual.
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    assert_eq!(conn.get("/", &[]).await.status, 200);
+    proxy.stop().await;
+}
