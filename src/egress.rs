@@ -9,7 +9,7 @@
 //! removed; `Set-Cookie` and everything else pass untouched.
 
 use http::header::{self, HeaderName};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// Headers that carry a client address or describe the proxy chain. Removed
 /// from every request, whoever set them.
@@ -34,6 +34,8 @@ pub const FORWARDING_HEADERS: &[&str] = &[
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
+/// (`Trailer` is end-to-end since RFC 7230, and HTTP/1.1 servers only send
+/// the trailer fields it declares, so it stays.)
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -41,7 +43,6 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
     "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
@@ -54,11 +55,15 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 /// about to leave through an exit. The remaining headers keep their order.
 pub fn sanitize_request(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
-    retain(headers, |name| {
-        !(HOP_BY_HOP.contains(&name.as_str())
-            || FORWARDING_HEADERS.contains(&name.as_str())
-            || name.as_str().starts_with(PINPROXY_PREFIX)
-            || listed.contains(name))
+    retain(headers, |name, value| {
+        // `TE: trailers` says the client takes trailers; pinproxy relays
+        // them, so it may say the same to the origin.
+        let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        te_trailers
+            || !(HOP_BY_HOP.contains(&name.as_str())
+                || FORWARDING_HEADERS.contains(&name.as_str())
+                || name.as_str().starts_with(PINPROXY_PREFIX)
+                || listed.contains(name))
     });
 }
 
@@ -66,7 +71,7 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
 /// The remaining headers keep their order.
 pub fn sanitize_response(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
-    retain(headers, |name| {
+    retain(headers, |name, _| {
         !(HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name))
     });
 }
@@ -85,8 +90,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Keeps the headers `keep` accepts, in their original order.
 /// (`HeaderMap::remove` would move the last header into the removed slot,
 /// and origins compare header order with the browser's.)
-fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
-    if headers.keys().all(&keep) {
+fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName, &HeaderValue) -> bool) {
+    if headers.iter().all(|(name, value)| keep(name, value)) {
         return;
     }
     let old = std::mem::take(headers);
@@ -97,7 +102,7 @@ fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
         if next.is_some() {
             name = next;
         }
-        if let Some(name) = name.as_ref().filter(|n| keep(n)) {
+        if let Some(name) = name.as_ref().filter(|n| keep(n, &value)) {
             headers.append(name.clone(), value);
         }
     }
@@ -106,7 +111,6 @@ fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn request_leaves_without_forwarding_or_hop_headers() {
@@ -130,6 +134,18 @@ mod tests {
         sanitize_request(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["cookie", "user-agent"], "order is kept");
+    }
+
+    #[test]
+    fn te_trailers_and_trailer_are_end_to_end() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
+        sanitize_request(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        sanitize_request(&mut h);
+        assert!(h.get("te").is_none(), "other TE values are hop-by-hop");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Reply {
     pub headers: HeaderMap,
     /// Body as text.
     pub body: String,
+    /// Trailers, if the response had any.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Reply {
@@ -203,11 +205,14 @@ impl Conn {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            trailers,
         })
     }
 
@@ -300,11 +305,14 @@ impl H2Conn {
             .await
             .unwrap();
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         Reply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            trailers,
         }
     }
 }
@@ -405,6 +413,7 @@ impl ProxyClient {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            trailers: None,
         })
     }
 }

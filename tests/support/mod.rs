@@ -6,6 +6,7 @@ pub mod client;
 pub mod exit;
 pub mod origin;
 pub mod procs;
+pub mod raw_origin;
 
 use std::time::Duration;
 

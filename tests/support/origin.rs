@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -300,8 +302,14 @@ fn query(path: &str) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// The origin's response body.
+type Out = BoxBody<Bytes, Infallible>;
+
+/// 64 KiB of filler for streamed bodies.
+static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+fn text(status: StatusCode, body: String) -> Response<Out> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     response
 }
@@ -310,7 +318,7 @@ async fn handle(
     mut request: Request<Incoming>,
     peer_addr: SocketAddr,
     state: &State,
-) -> Response<Full<Bytes>> {
+) -> Response<Out> {
     let peer = peer_addr.ip();
     let path = request
         .uri()
@@ -424,13 +432,41 @@ async fn handle(
         "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
         "/ip" => text(StatusCode::OK, format!("{peer}\n")),
         "/ws" => websocket_echo(&mut request, peer),
+        // Counts the body as it streams in: never holds it.
         "/sink" => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes().len());
-            text(StatusCode::OK, format!("{}\n", body.unwrap_or(0)))
+            let mut body = request.into_body();
+            let mut received = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                received += frame.data_ref().map_or(0, |d| d.len());
+            }
+            text(StatusCode::OK, format!("{received}\n"))
+        }
+        // Streams `n` bytes, generated as they go.
+        "/bytes" => {
+            let n: usize = params.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let chunks = (0..n.div_ceil(CHUNK.len())).map(move |i| {
+                let len = CHUNK.len().min(n - i * CHUNK.len());
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(&CHUNK[..len])))
+            });
+            Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
+        }
+        "/status" => {
+            let code = params.get("code").and_then(|c| c.parse().ok()).unwrap_or(200);
+            let mut response = Response::new(Empty::new().boxed());
+            *response.status_mut() = StatusCode::from_u16(code).unwrap();
+            response
+        }
+        // A body followed by trailers.
+        "/trailers" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", "abc123".parse().unwrap());
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"payload"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let mut response = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+            response.headers_mut().insert("trailer", "x-checksum".parse().unwrap());
+            response
         }
         _ => text(StatusCode::OK, format!("ok {peer}\n")),
     }
@@ -438,7 +474,7 @@ async fn handle(
 
 /// Accepts a WebSocket upgrade and echoes every message, prefixing text
 /// with the peer address the upgrade came from.
-fn websocket_echo(request: &mut Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
+fn websocket_echo(request: &mut Request<Incoming>, peer: IpAddr) -> Response<Out> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::protocol::{Message, Role};
     let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
@@ -468,7 +504,7 @@ fn websocket_echo(request: &mut Request<Incoming>, peer: IpAddr) -> Response<Ful
             }
         }
     });
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert("upgrade", "websocket".parse().unwrap());

@@ -203,6 +203,17 @@ impl PinproxyProcess {
         let _ = self.child.kill().await;
     }
 
+    /// Its peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// The CA the process uses.
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("ca.pem")).unwrap()
