@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# pinproxy's benchmark suite, in one command (see bench/README.md):
+#   bench/run.sh [pinbench suite options, e.g. --rounds 1 --secs 0.5 for a quick look]
+#
+# Installs what is missing (a C toolchain for the build, Python for
+# mitmproxy, mitmproxy itself in a venv under bench/target), builds pinproxy
+# (`cargo build --release` at the repository root) and the bench tools in
+# release, then runs everything on 127.0.0.0/8 only and writes
+# bench/BENCHMARKS.md. Every load is bounded in requests and time; the whole
+# run takes about 12 minutes on 2 cores from a fresh machine (about 5 of
+# them measuring), about 6 when everything is already built.
+set -euo pipefail
+
+bench_dir="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$bench_dir/.." && pwd)"
+started=$(date +%s)
+say() { echo "[run.sh] $*" >&2; }
+
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        $sudo apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- 1. what the build and the run need ------------------------------------
+command -v cargo >/dev/null || { say "cargo is missing: install a Rust toolchain (rustup) first"; exit 1; }
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
+# mitmproxy for setup (e): an existing mitmdump, or one in our own venv.
+venv="$bench_dir/target/mitmproxy-venv"
+mitmdump=""
+mitm_missing=""
+if command -v mitmdump >/dev/null && mitmdump --version >/dev/null 2>&1; then
+    mitmdump="$(command -v mitmdump)"
+elif [ -x "$venv/bin/mitmdump" ] && "$venv/bin/mitmdump" --version >/dev/null 2>&1; then
+    mitmdump="$venv/bin/mitmdump"
+else
+    say "installing mitmproxy into $venv (pip)"
+    mkdir -p "$bench_dir/target"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        apt_install python3-venv || true
+        python3 -m venv "$venv" >/dev/null 2>&1 || true
+    fi
+    pip_log="$bench_dir/target/mitmproxy-pip.log"
+    if [ -x "$venv/bin/pip" ] \
+        && timeout 600 "$venv/bin/pip" install --quiet --disable-pip-version-check mitmproxy >"$pip_log" 2>&1 \
+        && "$venv/bin/mitmdump" --version >/dev/null 2>&1; then
+        mitmdump="$venv/bin/mitmdump"
+    else
+        mitm_missing="pip install mitmproxy failed: $(tail -n 1 "$pip_log" 2>/dev/null || echo 'no venv')"
+        say "mitmproxy is not installable; setup (e) will be reported as such ($mitm_missing)"
+    fi
+fi
+
+# 10,000 idle tunnels need 10,000+ descriptors in pinproxy and in the holder.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+    say "warning: only $(ulimit -n) file descriptors allowed; the 10,000-tunnel step may fail"
+fi
+
+# --- 2. build ---------------------------------------------------------------
+say "building pinproxy (release)"
+(cd "$root" && env -u CARGO_TARGET_DIR cargo build --release --quiet)
+say "building the bench tools (release)"
+# PINBENCH_LIBRARY=1 adds the in-process leaf timing, which compiles
+# pinproxy's library once more (a few minutes on 2 cores).
+features=()
+[ "${PINBENCH_LIBRARY:-}" = 1 ] && features=(--features library)
+(cd "$bench_dir" && env -u CARGO_TARGET_DIR cargo build --release --quiet "${features[@]}")
+pinproxy="$root/target/release/pinproxy"
+pinbench="$bench_dir/target/release/pinbench"
+
+revision="unknown"
+if git -C "$root" rev-parse --short HEAD >/dev/null 2>&1; then
+    revision="$(git -C "$root" rev-parse --short HEAD)"
+    if [ -n "$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+        revision="$revision + uncommitted changes"
+    fi
+fi
+
+# --- 3. run -----------------------------------------------------------------
+work="$(mktemp -d -t pinbench-run.XXXXXX)"
+suite_pid=""
+cleanup() {
+    # End the suite and whatever it started (recorded by PID), then the scratch files.
+    if [ -n "$suite_pid" ] && kill -0 "$suite_pid" 2>/dev/null; then
+        kill "$suite_pid" 2>/dev/null || true
+    fi
+    if [ -f "$work/pids" ]; then
+        while read -r pid; do
+            kill "$pid" 2>/dev/null || true
+        done <"$work/pids"
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+args=(suite --pinproxy "$pinproxy" --out "$bench_dir/BENCHMARKS.md"
+    --raw-out "$bench_dir/target/results.json" --work-dir "$work"
+    --revision "$revision" --setup-secs "$(($(date +%s) - started))")
+if [ -n "$mitmdump" ]; then
+    args+=(--mitmdump "$mitmdump")
+else
+    args+=(--mitmproxy-missing "$mitm_missing")
+fi
+say "measuring (progress below)"
+"$pinbench" "${args[@]}" "$@" &
+suite_pid=$!
+wait "$suite_pid"
+suite_pid=""
+say "done in $(($(date +%s) - started)) s: $bench_dir/BENCHMARKS.md"

@@ -1,0 +1,171 @@
+//! The client side shared by the load generator and the probes: reaching the
+//! origin directly or through an HTTP proxy with `CONNECT`, TLS, and HTTP/1.1
+//! requests on the resulting connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http::{HeaderValue, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Largest `CONNECT` answer head accepted.
+const MAX_CONNECT_REPLY: usize = 16 * 1024;
+
+/// How a client reaches the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A TCP connection straight to the origin.
+    Direct,
+    /// A `CONNECT` tunnel through the HTTP proxy at this address.
+    Proxy(SocketAddr),
+}
+
+/// The origin: the name used for `CONNECT`, SNI and `Host`, and the address
+/// dialled when going direct.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Host name (or IP literal).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Address dialled by [`Via::Direct`].
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    /// `host:port`, as sent in `CONNECT` and `Host`.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A request sender on one HTTP/1.1 connection.
+pub type Sender = SendRequest<Empty<Bytes>>;
+
+/// Opens a TCP connection to `target`, through the proxy when `via` says so.
+pub async fn dial(via: Via, target: &Target) -> Result<TcpStream> {
+    let stream = match via {
+        Via::Direct => TcpStream::connect(target.addr)
+            .await
+            .with_context(|| format!("connecting to {}", target.addr))?,
+        Via::Proxy(proxy) => {
+            let mut stream = TcpStream::connect(proxy)
+                .await
+                .with_context(|| format!("connecting to proxy {proxy}"))?;
+            connect_tunnel(&mut stream, &target.authority()).await?;
+            stream
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sends `CONNECT authority` on `stream` and reads the proxy's answer,
+/// failing unless it is 2xx.
+pub async fn connect_tunnel(stream: &mut TcpStream, authority: &str) -> Result<()> {
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the proxy closed the connection before answering CONNECT");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf)? {
+            httparse::Status::Complete(len) => {
+                let code = response.code.unwrap_or(0);
+                if !(200..300).contains(&code) {
+                    bail!("the proxy answered CONNECT with {code}");
+                }
+                if len != buf.len() {
+                    bail!("the proxy sent data after its CONNECT answer");
+                }
+                return Ok(());
+            }
+            httparse::Status::Partial if buf.len() > MAX_CONNECT_REPLY => {
+                bail!("the proxy's CONNECT answer is too long")
+            }
+            httparse::Status::Partial => {}
+        }
+    }
+}
+
+/// Opens an HTTP/1.1-over-TLS connection to `target` and returns its sender;
+/// the connection is driven by a spawned task and closes when the sender is
+/// dropped.
+pub async fn open(via: Via, target: &Target, tls: Arc<ClientConfig>) -> Result<Sender> {
+    let tcp = dial(via, target).await?;
+    open_tls(tcp, &target.host, tls).await
+}
+
+/// TLS with SNI `host` over an open stream (a direct connection or a tunnel),
+/// then the HTTP/1.1 handshake.
+pub async fn open_tls(tcp: TcpStream, host: &str, tls: Arc<ClientConfig>) -> Result<Sender> {
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| anyhow!("{host:?}: {e}"))?;
+    let stream = TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake")?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// A GET request for `path` on `target`, with extra headers.
+pub fn get_request(
+    target: &Target,
+    path: &str,
+    extra: &[(&'static str, HeaderValue)],
+) -> Result<Request<Empty<Bytes>>> {
+    let mut builder = Request::get(path)
+        .header(http::header::HOST, target.authority())
+        .header(http::header::USER_AGENT, "pinbench/0")
+        .header(http::header::ACCEPT, "*/*");
+    for (name, value) in extra {
+        builder = builder.header(*name, value.clone());
+    }
+    Ok(builder.body(Empty::new())?)
+}
+
+/// Sends `request` and reads the whole body; fails unless the status is 200.
+/// Returns the body length.
+pub async fn fetch(sender: &mut Sender, request: Request<Empty<Bytes>>) -> Result<usize> {
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    if status != http::StatusCode::OK {
+        let why = response
+            .headers()
+            .get("x-pinproxy-error")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| format!(" ({v})"))
+            .unwrap_or_default();
+        bail!("status {status}{why}");
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(body.len())
+}
+
+/// A copy of `request` (bodies are empty, so this is cheap).
+pub fn clone_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut copy = Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}

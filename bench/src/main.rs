@@ -1,0 +1,400 @@
+//! `pinbench`: the tools of pinproxy's benchmark suite. `pinbench suite`
+//! runs everything (see bench/README.md); the other subcommands are its
+//! parts, usable on their own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use pinproxy_bench::client::{Target, Via};
+use pinproxy_bench::load::{ConnMode, LoadSpec};
+use pinproxy_bench::pins::PinSpec;
+use pinproxy_bench::suite::SuiteConfig;
+use pinproxy_bench::tunnels::TunnelSpec;
+use pinproxy_bench::{exit, load, mint, origin, pins, suite, tls, tunnels};
+
+/// Benchmark tools for pinproxy. Everything talks to loopback only.
+#[derive(Debug, Parser)]
+#[command(name = "pinbench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the whole suite and write BENCHMARKS.md. A flag given twice takes
+    /// its last value, so `bench/run.sh --out other.md` overrides run.sh's.
+    #[command(args_override_self = true)]
+    Suite(SuiteArgs),
+    /// Serve HTTPS with a fresh CA; prints `READY ADDR`.
+    Origin(OriginArgs),
+    /// A minimal CONNECT exit proxy; prints `READY ADDR`.
+    Exit(ExitArgs),
+    /// Generate load; prints one JSON result.
+    Load(LoadArgs),
+    /// Hold idle tunnels through a proxy (driven over stdin/stdout).
+    Tunnels(TunnelArgs),
+    /// Create pins through a proxy (driven over stdin/stdout).
+    Pins(PinArgs),
+    /// Time leaf minting in-process with pinproxy's library; prints JSON.
+    Mint(MintArgs),
+    /// Time CONNECT + TLS handshakes through a proxy, new versus cached host; prints JSON.
+    Handshakes(HandshakeArgs),
+}
+
+#[derive(Debug, Args)]
+struct SuiteArgs {
+    /// The pinproxy binary.
+    #[arg(long)]
+    pinproxy: PathBuf,
+    /// mitmdump, when installed.
+    #[arg(long)]
+    mitmdump: Option<PathBuf>,
+    /// Why mitmproxy could not be installed (reported in place of (e)).
+    #[arg(long)]
+    mitmproxy_missing: Option<String>,
+    /// The report to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Raw results (JSON) to write too.
+    #[arg(long)]
+    raw_out: Option<PathBuf>,
+    /// pinproxy revision, for the report.
+    #[arg(long, default_value = "unknown")]
+    revision: String,
+    /// Scratch directory (a temporary one by default); child PIDs are
+    /// recorded in its `pids` file.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Seconds spent installing and building, for the report.
+    #[arg(long)]
+    setup_secs: Option<f64>,
+    /// Interleaved rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Timed seconds per load run.
+    #[arg(long, default_value_t = 1.5)]
+    secs: f64,
+    /// Request cap per load run.
+    #[arg(long, default_value_t = 200_000)]
+    max_requests: u64,
+    /// Total request rate of the fixed-rate latency runs.
+    #[arg(long, default_value_t = 1000.0)]
+    fixed_rate: f64,
+    /// Idle tunnel counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    tunnels: Vec<usize>,
+    /// Cumulative pin counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    pins: Vec<u64>,
+    /// Tracked cookies per request when filling pins.
+    #[arg(long, default_value_t = 64)]
+    pins_per_request: usize,
+    /// Connections used when filling pins (pins are committed to disk in
+    /// groups, so more concurrent requests fill faster).
+    #[arg(long, default_value_t = 256)]
+    pin_concurrency: usize,
+    /// New hosts timed for leaf minting.
+    #[arg(long, default_value_t = 200)]
+    mint_count: usize,
+    /// New identities (one pin each) for the identity measurement.
+    #[arg(long, default_value_t = 2000)]
+    identities: u64,
+}
+
+#[derive(Debug, Args)]
+struct OriginArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Where to write the origin's CA certificate (PEM).
+    #[arg(long)]
+    ca_out: PathBuf,
+    /// Response body size.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+struct ExitArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Source address of outgoing connections (e.g. 127.0.0.2) [default: the kernel's choice].
+    #[arg(long)]
+    source: Option<IpAddr>,
+}
+
+/// The origin and how to reach it.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Origin host name (CONNECT, SNI and Host).
+    #[arg(long, default_value = "localhost")]
+    target_host: String,
+    /// Origin port.
+    #[arg(long)]
+    target_port: u16,
+    /// Address dialled when going direct [default: 127.0.0.1:PORT].
+    #[arg(long)]
+    connect_addr: Option<SocketAddr>,
+    /// HTTP proxy to go through with CONNECT.
+    #[arg(long)]
+    proxy: Option<SocketAddr>,
+    /// CA certificate file to trust (repeatable).
+    #[arg(long, required = true)]
+    ca: Vec<PathBuf>,
+    /// Path to request.
+    #[arg(long, default_value = "/1k")]
+    path: String,
+}
+
+impl TargetArgs {
+    fn via(&self) -> Via {
+        self.proxy.map_or(Via::Direct, Via::Proxy)
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            host: self.target_host.clone(),
+            port: self.target_port,
+            addr: self
+                .connect_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.target_port))),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Connection reuse.
+    #[arg(long, value_enum, default_value = "keep-alive")]
+    mode: ConnMode,
+    /// Most timed requests.
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Most seconds of timed load.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Send tracked cookies (values prefixed with this tag).
+    #[arg(long)]
+    cookies: Option<String>,
+    /// Pace to this many requests/s in total (open loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Expected body size; others count as errors.
+    #[arg(long)]
+    expect_body: Option<usize>,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct TunnelArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Tunnels to open.
+    #[arg(long)]
+    count: usize,
+    /// Tunnels opened at once.
+    #[arg(long, default_value_t = 64)]
+    parallel: usize,
+    /// Longest time to hold them, seconds.
+    #[arg(long, default_value_t = 300)]
+    hold_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct PinArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Kept-alive connections.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// New tracked cookies per request.
+    #[arg(long, default_value_t = 64)]
+    per_request: usize,
+    /// Longest time one fill may take, seconds.
+    #[arg(long, default_value_t = 300)]
+    fill_limit_secs: u64,
+    /// Prefix making cookie values unique to this run.
+    #[arg(long, default_value = "pinbench")]
+    tag: String,
+    /// Send each worker's anchor cookie along, so its pins join one identity.
+    #[arg(long)]
+    anchor: bool,
+}
+
+#[derive(Debug, Args)]
+struct MintArgs {
+    /// New hosts to mint.
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+    /// Cached look-ups timed after each new host.
+    #[arg(long, default_value_t = 20)]
+    cached_per_new: usize,
+}
+
+#[derive(Debug, Args)]
+struct HandshakeArgs {
+    /// The proxy.
+    #[arg(long)]
+    proxy: SocketAddr,
+    /// The proxy's CA certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// New hosts (and as many cached handshakes).
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+}
+
+/// Binds a listener with a deep accept queue: tokio's `TcpListener::bind`
+/// leaves it at 128, which a burst of 256 new connections overflows (each
+/// overflow costs the client a 1 s SYN retransmission).
+fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(4096)?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Every address the tools are given must be loopback.
+fn ensure_loopback(addrs: &[Option<SocketAddr>]) -> Result<()> {
+    for addr in addrs.iter().flatten() {
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "{addr} is not a loopback address; pinbench only talks to loopback"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Suite(a) => suite::run(SuiteConfig {
+            pinproxy: a.pinproxy,
+            mitmdump: a.mitmdump,
+            mitmproxy_missing: a.mitmproxy_missing,
+            out: a.out,
+            raw_out: a.raw_out,
+            work_dir: a.work_dir,
+            setup_secs: a.setup_secs,
+            revision: a.revision,
+            rounds: a.rounds.max(1),
+            secs: a.secs,
+            max_requests: a.max_requests,
+            fixed_rate: a.fixed_rate,
+            tunnel_counts: a.tunnels,
+            pin_levels: a.pins,
+            pins_per_request: a.pins_per_request,
+            pin_concurrency: a.pin_concurrency,
+            mint_count: a.mint_count,
+            identity_count: a.identities,
+        }),
+        Cmd::Origin(a) => {
+            ensure_loopback(&[Some(a.listen)])?;
+            let config = tls::origin_server_config(&a.ca_out)?;
+            runtime()?.block_on(async move {
+                let listener = listen(a.listen)?;
+                println!("READY {}", listener.local_addr()?);
+                origin::serve(listener, config, Bytes::from(vec![b'x'; a.body_bytes])).await;
+                Ok(())
+            })
+        }
+        Cmd::Exit(a) => {
+            ensure_loopback(&[Some(a.listen)])?;
+            if let Some(source) = a.source {
+                anyhow::ensure!(source.is_loopback(), "{source} is not a loopback address");
+            }
+            runtime()?.block_on(async move {
+                let listener = listen(a.listen)?;
+                println!("READY {}", listener.local_addr()?);
+                exit::serve(listener, a.source).await;
+                Ok(())
+            })
+        }
+        Cmd::Load(a) => {
+            let t = &a.target;
+            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
+            let tls = tls::client_config(&t.ca)?;
+            let spec = LoadSpec {
+                via: t.via(),
+                target: t.target(),
+                path: t.path.clone(),
+                concurrency: a.concurrency.max(1),
+                mode: a.mode,
+                max_requests: a.requests,
+                max_duration: Duration::from_secs_f64(a.secs),
+                request_timeout: Duration::from_secs_f64(a.timeout),
+                cookie_tag: a.cookies,
+                rate: a.rate,
+                expect_body: a.expect_body,
+            };
+            let result = runtime()?.block_on(load::run(spec, tls))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::Tunnels(a) => {
+            let t = &a.target;
+            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
+            let tls = tls::client_config(&t.ca)?;
+            let spec = TunnelSpec {
+                via: t.via(),
+                target: t.target(),
+                path: t.path.clone(),
+                count: a.count,
+                parallel: a.parallel,
+                hold: Duration::from_secs(a.hold_secs),
+            };
+            runtime()?.block_on(tunnels::run(spec, tls))
+        }
+        Cmd::Pins(a) => {
+            let t = &a.target;
+            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
+            let tls = tls::client_config(&t.ca)?;
+            let spec = PinSpec {
+                via: t.via(),
+                target: t.target(),
+                path: t.path.clone(),
+                concurrency: a.concurrency.max(1),
+                per_request: a.per_request,
+                fill_limit: Duration::from_secs(a.fill_limit_secs),
+                tag: a.tag,
+                anchor: a.anchor,
+            };
+            runtime()?.block_on(pins::run(spec, tls))
+        }
+        Cmd::Mint(a) => {
+            let report = runtime()?.block_on(mint::library(a.count, a.cached_per_new))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Cmd::Handshakes(a) => {
+            ensure_loopback(&[Some(a.proxy)])?;
+            let tls = tls::client_config(std::slice::from_ref(&a.ca))
+                .context("loading the proxy's CA")?;
+            let report = runtime()?.block_on(mint::handshakes(a.proxy, tls, a.count))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
