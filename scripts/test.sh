@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs pinproxy's whole test suite on a fresh Debian machine: installs the
 # real third-party peers the tests use when they are missing (tinyproxy,
-# redis-server, microsocks, Chromium, NSS tools, curl, Python requests),
-# then checks formatting and lints and runs every test.
+# redis-server, microsocks, Dante, Chromium, NSS tools, curl, Python
+# requests, Node.js), then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ need certutil libnss3-tools
 need chromium chromium
 need curl curl
 need python3 python3
+need node nodejs
 
 if ((${#missing[@]})); then
     sudo=""

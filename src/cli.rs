@@ -132,6 +132,22 @@ pub struct CaArgs {
     /// Print the PEM itself instead of its path.
     #[arg(long)]
     pub pem: bool,
+    /// Install the CA into a client's trust store instead of printing it.
+    #[command(subcommand)]
+    pub action: Option<CaAction>,
+}
+
+/// `pinproxy ca` actions.
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// Trust the CA in an NSS database (Chromium: ~/.pki/nssdb; Firefox: the
+    /// profile directory) with certutil from libnss3-tools, creating the
+    /// database if needed; without certutil, print the commands to run.
+    Install {
+        /// The NSS database directory.
+        #[arg(long, value_name = "DIR")]
+        nssdb: PathBuf,
+    },
 }
 
 /// A command line that cannot be turned into a configuration.

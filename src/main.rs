@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use pinproxy::affinity::{transfer, PinStore as _};
-use pinproxy::cli::{CaArgs, Cli, Command, PinsArgs, RunArgs, StoreAction, StoreArgs};
+use pinproxy::cli::{CaAction, CaArgs, Cli, Command, PinsArgs, RunArgs, StoreAction, StoreArgs};
 use pinproxy::daemon::{self, Daemon};
 
 /// How long in-flight requests get to finish on SIGINT/SIGTERM.
@@ -167,13 +167,26 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
     let config = args.common.load()?;
     let data_dir = config.resolved_data_dir()?;
     let ca = daemon::prepare_data_dir(&data_dir)?;
+    let ca_path = pinproxy::mitm::ca::CertificateAuthority::cert_path(&data_dir);
+    if let Some(CaAction::Install { nssdb }) = args.action {
+        let installed = pinproxy::mitm::nssdb::install(&ca_path, ca.cert_der(), &nssdb)?;
+        println!(
+            "{verb} {db}: trusted {ca} as \"{nick}\" for TLS servers",
+            verb = if installed.created {
+                "created"
+            } else {
+                "updated"
+            },
+            db = installed.database,
+            ca = ca_path.display(),
+            nick = installed.nickname,
+        );
+        return Ok(());
+    }
     if args.pem {
         print!("{}", ca.cert_pem());
     } else {
-        println!(
-            "{}",
-            pinproxy::mitm::ca::CertificateAuthority::cert_path(&data_dir).display()
-        );
+        println!("{}", ca_path.display());
     }
     Ok(())
 }

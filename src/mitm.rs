@@ -11,6 +11,7 @@
 pub mod ca;
 pub mod cert_cache;
 pub mod leaf;
+pub mod nssdb;
 mod serve;
 
 pub use serve::serve_tunnel;

@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::Command;
 
 use support::origin::reported_peer;
@@ -93,33 +94,116 @@ for path in ["/login"] + ["/page"] * 5:
     assert!(origin.leaks().is_empty());
 }
 
-/// Creates an NSS database under `home/.pki/nssdb` trusting `ca` for TLS
-/// servers, as a user would for Chromium.
-pub fn nss_trust(home: &std::path::Path, ca: &std::path::Path) {
-    let certutil = require("certutil");
-    let db = home.join(".pki/nssdb");
-    std::fs::create_dir_all(&db).unwrap();
-    let db_arg = format!("sql:{}", db.display());
-    run(Command::new(&certutil).args(["-N", "--empty-password", "-d", &db_arg]));
-    run(Command::new(&certutil)
-        .args(["-A", "-d", &db_arg, "-n", "pinproxy", "-t", "C,,", "-i"])
-        .arg(ca));
+/// A Node.js client with no proxy support of its own (Node 20): it opens a
+/// `CONNECT` tunnel per request by hand (`createConnection` with no agent), keeps the `datadome` cookie in a
+/// jar, and trusts pinproxy's CA only through `NODE_EXTRA_CA_CERTS`.
+const NODE_CLIENT: &str = r#"
+const http = require("http");
+const tls = require("tls");
+const https = require("https");
+const [proxyHost, proxyPort, originPort] = process.argv.slice(1);
+let jar = "";
+function get(path) {
+  return new Promise((resolve, reject) => {
+    const connect = http.request({
+      host: proxyHost, port: proxyPort, method: "CONNECT",
+      path: `localhost:${originPort}`,
+    });
+    connect.on("connect", (res, socket) => {
+      if (res.statusCode !== 200) return reject(new Error(`CONNECT ${res.statusCode}`));
+      const req = https.request({
+        host: "localhost", port: originPort, path,
+        headers: jar ? { cookie: jar } : {},
+        createConnection: () => tls.connect({ socket, servername: "localhost" }),
+      }, (res) => {
+        for (const c of res.headers["set-cookie"] || []) {
+          if (c.startsWith("datadome=")) jar = c.split(";")[0];
+        }
+        let body = "";
+        res.on("data", (d) => (body += d));
+        res.on("end", () => { socket.destroy(); resolve(`${res.statusCode} ${body.trim()}`); });
+      });
+      req.on("error", reject);
+      req.end();
+    });
+    connect.on("error", reject);
+    connect.end();
+  });
+}
+(async () => {
+  for (const path of ["/login", "/page", "/page", "/page"]) console.log(await get(path));
+})().catch((e) => { console.error(e.message); process.exit(1); });
+"#;
+
+fn node_client(proxy: &support::Proxy, origin_port: u16) -> Command {
+    let node = require("node");
+    let addr = proxy.daemon.local_addr();
+    let mut command = Command::new(node);
+    command
+        .env_remove("NODE_EXTRA_CA_CERTS")
+        .args(["-e", NODE_CLIENT])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(origin_port.to_string());
+    command
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn headless_chromium_accepts_the_leaf_once_the_ca_is_trusted() {
-    let chromium = require("chromium");
-    let s = Setup::start(2).await;
+async fn node_with_node_extra_ca_certs_stays_on_one_exit() {
+    let s = Setup::start(3).await;
     let (origin, proxy) = (&s.origin, &s.proxy);
-    let home = tempfile::tempdir().unwrap();
-    nss_trust(home.path(), &proxy.daemon.ca_cert_path());
-    let profile = home.path().join("profile");
-    let addr = proxy.daemon.local_addr();
-    let url = format!("https://localhost:{}/login", origin.https.port());
+    let mut trusting = node_client(proxy, origin.https.port());
+    trusting.env("NODE_EXTRA_CA_CERTS", proxy.daemon.ca_cert_path());
+    let mut untrusting = node_client(proxy, origin.https.port());
+    let (out, refused) =
+        tokio::task::spawn_blocking(move || (run(&mut trusting), untrusting.output().unwrap()))
+            .await
+            .unwrap();
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("200 ok ")), "{out}");
+    let peers: HashSet<IpAddr> = out
+        .lines()
+        .map(|l| reported_peer(l.trim_start_matches("200 ")).unwrap())
+        .collect();
+    assert_eq!(peers.len(), 1, "{out}");
+    let pages = origin.seen().into_iter().filter(|s| s.path == "/page");
+    assert!(pages.into_iter().all(|s| s.tokens.len() == 1));
+    assert!(origin.leaks().is_empty());
 
-    let dom = tokio::task::spawn_blocking(move || {
+    // Without the CA, Node refuses pinproxy's leaf.
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("certificate"),
+        "expected a certificate error without NODE_EXTRA_CA_CERTS: {stderr}"
+    );
+}
+
+/// Trusts the proxy's CA in `home/.pki/nssdb`, where Chromium looks, the way
+/// the README tells users to: `pinproxy ca install --nssdb DIR`.
+fn nss_trust(home: &Path, proxy: &support::Proxy) {
+    require("certutil");
+    let db = home.join(".pki/nssdb");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["ca", "--data-dir"])
+        .arg(proxy.data_dir.path())
+        .args(["install", "--nssdb"])
+        .arg(&db));
+    assert!(out.starts_with("created sql:"), "{out}");
+    assert!(db.join("cert9.db").is_file());
+}
+
+/// Runs headless Chromium through the proxy on `url` with the flags the
+/// README gives, and returns the DOM once the page (and any script-driven
+/// navigation within the virtual-time budget) has settled.
+async fn chromium_dump_dom(home: &Path, proxy: &support::Proxy, url: String) -> String {
+    let chromium = require("chromium");
+    let home = home.to_owned();
+    let profile = home.join("profile");
+    let addr = proxy.daemon.local_addr();
+    tokio::task::spawn_blocking(move || {
         run(Command::new(chromium)
-            .env("HOME", home.path())
+            .env("HOME", &home)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -129,6 +213,7 @@ async fn headless_chromium_accepts_the_leaf_once_the_ca_is_trusted() {
                 "--disable-sync",
                 "--no-first-run",
                 "--disable-quic",
+                "--virtual-time-budget=10000",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(format!("--proxy-server=http://{addr}"))
@@ -138,7 +223,17 @@ async fn headless_chromium_accepts_the_leaf_once_the_ca_is_trusted() {
             .arg(&url))
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_accepts_the_leaf_once_the_ca_is_trusted() {
+    let s = Setup::start(2).await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
+    let home = tempfile::tempdir().unwrap();
+    nss_trust(home.path(), proxy);
+    let url = format!("https://localhost:{}/login", origin.https.port());
+    let dom = chromium_dump_dom(home.path(), proxy, url).await;
     assert!(
         dom.contains("ok 127.0.0."),
         "Chromium did not load the page through pinproxy: {dom}"
@@ -150,4 +245,81 @@ async fn headless_chromium_accepts_the_leaf_once_the_ca_is_trusted() {
         .collect();
     assert_eq!(logins.len(), 1);
     assert!(logins[0].header("user-agent")[0].contains("HeadlessChrome"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_keeps_its_cookie_on_one_exit_over_http2_across_navigations() {
+    let s = Setup::start(3).await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
+    let home = tempfile::tempdir().unwrap();
+    nss_trust(home.path(), proxy);
+    let url = format!("https://localhost:{}/browser/start", origin.https.port());
+    let dom = chromium_dump_dom(home.path(), proxy, url).await;
+    assert!(
+        dom.contains("id=\"done\"") && dom.contains("over HTTP/2.0 with 1 token(s)"),
+        "Chromium did not finish the navigation chain over h2 with its cookie: {dom}"
+    );
+
+    let flow: Vec<_> = origin
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.starts_with("/browser/"))
+        .collect();
+    let paths: Vec<&str> = flow.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/browser/start",
+            "/browser/next?n=1",
+            "/browser/next?n=2",
+            "/browser/next?n=3",
+            "/browser/done"
+        ]
+    );
+    assert!(
+        flow.iter().all(|s| s.version == http::Version::HTTP_2),
+        "every request should reach the origin over h2: {flow:?}"
+    );
+    // The cookie set by the first page rides on every navigation after it,
+    // and every one of them left through the exit that earned it.
+    let earned_on = flow[0].peer;
+    for seen in &flow[1..] {
+        assert_eq!(seen.tokens.len(), 1, "{seen:?}");
+        assert_eq!(
+            seen.tokens[0],
+            ("datadome".to_owned(), earned_on),
+            "{seen:?}"
+        );
+        assert_eq!(seen.peer, earned_on, "{seen:?}");
+    }
+    assert!(origin.leaks().is_empty(), "{:?}", origin.leaks());
+}
+
+#[test]
+fn ca_install_without_certutil_prints_the_commands_to_run() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let db = data_dir.path().join("nss db");
+    let empty_path = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .env("PATH", empty_path.path())
+        .args(["ca", "--data-dir"])
+        .arg(data_dir.path())
+        .args(["install", "--nssdb"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let db_arg = format!("'sql:{}'", db.display());
+    assert!(stderr.contains("certutil not found"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("certutil -N -d {db_arg} --empty-password")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("certutil -A -d {db_arg} -n 'pinproxy CA ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("-t C,, -i "), "{stderr}");
+    assert!(!db.exists(), "nothing is created when certutil is missing");
 }

@@ -314,6 +314,17 @@ fn text(status: StatusCode, body: String) -> Response<Out> {
     response
 }
 
+fn html(body: &str) -> Response<Out> {
+    let mut response = text(
+        StatusCode::OK,
+        format!("<!doctype html><html><body>{body}</body></html>\n"),
+    );
+    response
+        .headers_mut()
+        .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+    response
+}
+
 async fn handle(
     mut request: Request<Incoming>,
     peer_addr: SocketAddr,
@@ -431,6 +442,38 @@ async fn handle(
         "/unauthorized" => text(StatusCode::UNAUTHORIZED, "log in again\n".into()),
         "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
         "/ip" => text(StatusCode::OK, format!("{peer}\n")),
+        // A browser flow: a page that sets the IP-bound cookie, then a chain
+        // of script-driven navigations, each page reporting what it saw.
+        "/browser/start" => {
+            let token = sign(&state.secret, peer, rand::random());
+            let mut response = html(&format!(
+                "<p>start from {peer}</p><script>location.href='/browser/next?n=1'</script>"
+            ));
+            response.headers_mut().append(
+                "set-cookie",
+                format!("datadome={token}; Max-Age=3600; Path=/; Secure; SameSite=Lax")
+                    .parse()
+                    .unwrap(),
+            );
+            response
+        }
+        "/browser/next" => {
+            let n: u32 = params.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let next = if n >= 3 {
+                "/browser/done".to_owned()
+            } else {
+                format!("/browser/next?n={}", n + 1)
+            };
+            html(&format!(
+                "<p>step {n} from {peer} with {count} token(s)</p><script>location.href='{next}'</script>",
+                count = presented.len()
+            ))
+        }
+        "/browser/done" => html(&format!(
+            "<p id=done>done from {peer} over {version:?} with {count} token(s)</p>",
+            version = request.version(),
+            count = presented.len()
+        )),
         "/ws" => websocket_echo(&mut request, peer),
         // Counts the body as it streams in: never holds it.
         "/sink" => {
