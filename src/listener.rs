@@ -118,7 +118,8 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
     let service_frontend = frontend.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let frontend = service_frontend.clone();
-        async move { Ok::<_, Infallible>(outer_request(frontend, request, peer).await) }
+        // Boxed for the same reason as in tunnels (see mitm::serve).
+        async move { Ok::<_, Infallible>(Box::pin(outer_request(frontend, request, peer)).await) }
     });
     let conn = frontend
         .http1()
@@ -132,7 +133,7 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
 /// anything else is a plain proxy request for the pipeline.
 async fn outer_request(
     frontend: Arc<Frontend>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
     if request.method() != Method::CONNECT {
@@ -168,9 +169,12 @@ async fn outer_request(
     }
     let span = tracing::debug_span!("tunnel", %peer, target = %authority);
     let tunnel_frontend = frontend.clone();
+    // Only the upgrade handle goes into the task, not the whole request: an
+    // idle tunnel's task should hold what the tunnel needs and no more.
+    let upgrade = hyper::upgrade::on(&mut request);
     frontend.tasks.spawn(
         async move {
-            match hyper::upgrade::on(request).await {
+            match upgrade.await {
                 Ok(upgraded) => {
                     mitm::serve_tunnel(tunnel_frontend, upgraded, authority, session_key).await
                 }

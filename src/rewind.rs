@@ -22,6 +22,11 @@ impl<T> Rewind<T> {
     pub fn new(prefix: Bytes, inner: T) -> Rewind<T> {
         Rewind { prefix, inner }
     }
+
+    /// The bytes not yet read again.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
@@ -35,6 +40,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // An emptied `Bytes` still holds its allocation: release it,
+                // the stream may stay open (and idle) for a long time.
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -2,12 +2,17 @@
 //! terminate TLS with the host's leaf, then serve the protocol the client
 //! chose by ALPN (HTTP/2 or HTTP/1.1) on the decrypted stream, every request
 //! through the pipeline.
+//!
+//! Memory: fleets hold thousands of tunnels open and idle, so an idle tunnel
+//! must cost little. Each stage's future is boxed only while it runs (the
+//! tunnel task itself stays small), and the HTTP server, with its buffers,
+//! is only built once the client has sent its first decrypted byte.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -35,17 +40,11 @@ pub async fn serve_tunnel(
     authority: HostPort,
     session_key: Option<String>,
 ) {
-    let mut io = TokioIo::new(upgraded);
-    let mut first = BytesMut::with_capacity(2048);
-    let read = tokio::time::timeout(frontend.timeouts.tls_handshake, io.read_buf(&mut first)).await;
-    match read {
-        Ok(Ok(n)) if n > 0 => {}
-        Ok(Ok(_)) => return tracing::debug!("client closed the tunnel without sending anything"),
-        Ok(Err(e)) => return tracing::debug!(error = %e, "tunnel read failed"),
-        Err(_) => return tracing::debug!("client sent nothing in the tunnel in time"),
-    }
-    let is_tls = first.first() == Some(&TLS_HANDSHAKE);
-    let io = Rewind::new(first.freeze(), io);
+    let io = TokioIo::new(upgraded);
+    let Some(io) = first_byte(&frontend, io, frontend.timeouts.tls_handshake).await else {
+        return;
+    };
+    let is_tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
     let tunnel = Tunnel {
         authority,
         tls: is_tls,
@@ -55,7 +54,40 @@ pub async fn serve_tunnel(
     if is_tls {
         serve_tls(frontend, io, tunnel).await;
     } else {
-        serve_http1(frontend, io, tunnel).await;
+        Box::pin(serve_http1(frontend, io, tunnel)).await;
+    }
+}
+
+/// Waits, at most `timeout` and never past shutdown, for the client's first
+/// byte on `io`, and returns the stream with that byte put back in front.
+/// Reading one byte lets a tunnel wait without any buffer of its own.
+async fn first_byte<T>(
+    frontend: &Frontend,
+    mut io: T,
+    timeout: std::time::Duration,
+) -> Option<Rewind<T>>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut byte = [0u8; 1];
+    let read = tokio::select! {
+        read = tokio::time::timeout(timeout, io.read(&mut byte)) => read,
+        () = frontend.shutdown.cancelled() => return None,
+    };
+    match read {
+        Ok(Ok(1)) => Some(Rewind::new(Bytes::copy_from_slice(&byte), io)),
+        Ok(Ok(_)) => {
+            tracing::debug!("client closed the tunnel without sending anything");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "tunnel read failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("client sent nothing in the tunnel in time");
+            None
+        }
     }
 }
 
@@ -63,12 +95,45 @@ async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Boxed: the handshake's state (ClientHello, leaf lookup) is large and
+    // short-lived; the tunnel task should not carry room for it afterwards.
+    let Some(tls) = Box::pin(accept_tls(&frontend, io, &mut tunnel)).await else {
+        return;
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let Some(tls) = first_byte(&frontend, tls, frontend.timeouts.header_read).await else {
+        return;
+    };
+    if h2 {
+        Box::pin(serve_h2(frontend, tls, tunnel)).await;
+    } else {
+        Box::pin(serve_http1(frontend, tls, tunnel)).await;
+    }
+}
+
+/// Terminates TLS on `io` with the leaf for the client's SNI (or the
+/// tunnel's host), within `timeouts.tls_handshake`; records in `tunnel`
+/// whether the client offered h2.
+async fn accept_tls<T>(
+    frontend: &Frontend,
+    io: T,
+    tunnel: &mut Tunnel,
+) -> Option<Box<tokio_rustls::server::TlsStream<T>>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = tokio::time::Instant::now() + frontend.timeouts.tls_handshake;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout_at(deadline, acceptor).await {
         Ok(Ok(start)) => start,
-        Ok(Err(e)) => return tracing::debug!(error = %e, "no valid TLS ClientHello in the tunnel"),
-        Err(_) => return tracing::debug!("TLS ClientHello timed out"),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no valid TLS ClientHello in the tunnel");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("TLS ClientHello timed out");
+            return None;
+        }
     };
     let hello = start.client_hello();
     // The leaf names what the client will verify: its SNI, or the CONNECT
@@ -83,18 +148,23 @@ where
         .is_some_and(|mut protocols| protocols.any(|p| p == b"h2"));
     let config = match frontend.mitm.certs.server_config(name.clone()).await {
         Ok(config) => config,
-        Err(e) => return tracing::error!(error = %e, "cannot serve TLS for this host"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve TLS for this host");
+            return None;
+        }
     };
-    let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return log_handshake_failure(&name, &e),
-        Err(_) => return tracing::debug!(host = %name, "TLS handshake timed out"),
-    };
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    if h2 {
-        serve_h2(frontend, tls, tunnel).await;
-    } else {
-        serve_http1(frontend, tls, tunnel).await;
+    match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+        // Boxed once here, so that the later stages move a pointer rather
+        // than copying the stream's state into each of their futures.
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            log_handshake_failure(&name, &e);
+            None
+        }
+        Err(_) => {
+            tracing::debug!(host = %name, "TLS handshake timed out");
+            None
+        }
     }
 }
 
@@ -112,7 +182,13 @@ fn tunnel_service(
     service_fn(move |request: Request<Incoming>| {
         let frontend = frontend.clone();
         let tunnel = tunnel.clone();
-        async move { Ok::<_, Infallible>(frontend.pipeline.handle(Some(&tunnel), request).await) }
+        // Boxed: hyper keeps room for one service future per connection even
+        // while it is idle, so that room should be a pointer, not the whole
+        // pipeline's state.
+        async move {
+            let response = Box::pin(frontend.pipeline.handle(Some(&tunnel), request)).await;
+            Ok::<_, Infallible>(response)
+        }
     })
 }
 
