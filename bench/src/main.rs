@@ -104,6 +104,14 @@ struct SuiteArgs {
     /// New identities (one pin each) for the identity measurement.
     #[arg(long, default_value_t = 2000)]
     identities: u64,
+    /// Phases to run, comma-separated (throughput, tunnels, pins, mint); the
+    /// report leaves the others empty. For quick looks while tuning.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,tunnels,pins,mint"
+    )]
+    phases: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +317,7 @@ fn main() -> Result<()> {
             pin_concurrency: a.pin_concurrency,
             mint_count: a.mint_count,
             identity_count: a.identities,
+            phases: a.phases,
         }),
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;

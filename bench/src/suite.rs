@@ -66,6 +66,8 @@ pub struct SuiteConfig {
     pub mint_count: usize,
     /// New identities created (one pin each) for the identity row.
     pub identity_count: u64,
+    /// Which phases run (`throughput`, `tunnels`, `pins`, `mint`).
+    pub phases: Vec<String>,
 }
 
 /// Body size served by the origin.
@@ -395,13 +397,16 @@ pub fn run(config: SuiteConfig) -> Result<()> {
     };
 
     type Phase = fn(&mut Suite) -> Result<()>;
-    let phases: [(&str, Phase); 4] = [
-        ("throughput", Suite::throughput),
-        ("idle tunnels", Suite::tunnels),
-        ("pins", Suite::pins),
-        ("leaf minting", Suite::mint),
+    let phases: [(&str, &str, Phase); 4] = [
+        ("throughput", "throughput", Suite::throughput),
+        ("tunnels", "idle tunnels", Suite::tunnels),
+        ("pins", "pins", Suite::pins),
+        ("mint", "leaf minting", Suite::mint),
     ];
-    for (name, phase) in phases {
+    for (key, name, phase) in phases {
+        if !suite.config.phases.iter().any(|p| p == key) {
+            continue;
+        }
         let started = Instant::now();
         if let Err(e) = phase(&mut suite) {
             let note = format!("phase {name} failed: {e:#}");
