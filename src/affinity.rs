@@ -120,6 +120,23 @@ pub trait PinStore: Send + Sync {
         pin: &Pin,
     ) -> impl Future<Output = Result<Binding, StoreError>> + Send;
 
+    /// [`PinStore::pin_if_absent`] for each of `pins`, in order, each atomic
+    /// on its own; returns the binding in force for each. A store may share
+    /// one durable write among them (a request that brings several new
+    /// cookies should not wait for one flush per cookie).
+    fn pin_all_if_absent(
+        &self,
+        pins: &[(PinKey, Pin)],
+    ) -> impl Future<Output = Result<Vec<Binding>, StoreError>> + Send {
+        async move {
+            let mut bindings = Vec::with_capacity(pins.len());
+            for (key, pin) in pins {
+                bindings.push(self.pin_if_absent(*key, pin).await?);
+            }
+            Ok(bindings)
+        }
+    }
+
     /// Records a request of identity `id` at `now_ms` (and whether it got a
     /// 2xx answer).
     fn touch(
@@ -222,6 +239,9 @@ impl PinStore for Store {
     }
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
         dispatch!(self, s => s.pin_if_absent(key, pin))
+    }
+    async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        dispatch!(self, s => s.pin_all_if_absent(pins))
     }
     async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
         dispatch!(self, s => s.touch(id, now_ms, worked))
@@ -567,11 +587,15 @@ impl Affinity {
         unknown: &[&Credential],
         now: u64,
     ) -> Result<(), AffinityError> {
-        for credential in unknown {
-            let winner = self
-                .store
-                .pin_if_absent(credential.key, &pin_for(identity.id, credential, now, None))
-                .await?;
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let pins: Vec<(PinKey, Pin)> = unknown
+            .iter()
+            .map(|c| (c.key, pin_for(identity.id, c, now, None)))
+            .collect();
+        let winners = self.store.pin_all_if_absent(&pins).await?;
+        for (credential, winner) in unknown.iter().zip(winners) {
             if winner.pin.identity != identity.id {
                 // Pinned to another identity between our lookup and now.
                 let other = winner
@@ -761,9 +785,15 @@ impl Affinity {
             }
         };
         let mut pinned_any = false;
-        for cookie in live {
-            let pin = pin_for(identity.id, &cookie.cookie, now, cookie.expires_ms);
-            let winner = self.store.pin_if_absent(cookie.cookie.key, &pin).await?;
+        let pins: Vec<(PinKey, Pin)> = live
+            .iter()
+            .map(|c| {
+                let pin = pin_for(identity.id, &c.cookie, now, c.expires_ms);
+                (c.cookie.key, pin)
+            })
+            .collect();
+        let winners = self.store.pin_all_if_absent(&pins).await?;
+        for (cookie, winner) in live.iter().zip(winners) {
             if winner.pin.identity == identity.id {
                 pinned_any = true;
                 tracing::debug!(cookie = %cookie.cookie, identity = %identity.id, "pinned from Set-Cookie");

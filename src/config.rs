@@ -319,6 +319,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most idle upstream connections kept per (exit, origin).
     pub max_idle_per_origin: usize,
+    /// Length of the kernel's accept queue for the proxy listener (capped by
+    /// `net.core.somaxconn`). A burst of new connections beyond it is
+    /// dropped by the kernel and each costs its client a 1 s SYN retry.
+    pub listen_backlog: u32,
 }
 
 impl Default for Limits {
@@ -327,7 +331,11 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 256,
             max_connections: 16_384,
-            max_idle_per_origin: 32,
+            // Sized for a fleet: one pool entry per concurrent client
+            // stream, so a keep-alive client never waits for a new
+            // upstream TLS handshake after a burst.
+            max_idle_per_origin: 256,
+            listen_backlog: 4096,
         }
     }
 }

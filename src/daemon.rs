@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -252,12 +252,12 @@ impl Daemon {
         };
 
         let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartError::Bind {
+            bind_listener(settings.listen, settings.limits.listen_backlog).map_err(|source| {
+                StartError::Bind {
                     addr: settings.listen,
                     source,
-                })?;
+                }
+            })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: settings.listen,
             source,
@@ -494,4 +494,19 @@ async fn probe_loop(
             () = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// Binds the proxy listener with an accept queue of `backlog`: the standard
+/// library's 128 overflows when a fleet opens hundreds of connections at
+/// once, and every dropped SYN stalls its client for a second.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Restarts must not wait for the previous process's TIME_WAIT sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

@@ -87,6 +87,27 @@ async fn contract(store: Arc<Store>) {
     assert_eq!(winners.len(), 1, "one winner");
     assert_eq!(won_by_self, 1, "exactly one racer won");
 
+    // Several pins at once: each is pin-if-absent on its own, in order; a
+    // key already pinned keeps its pin while the new ones take.
+    let (fresh1, fresh2) = (key(), key());
+    let batch = [
+        (fresh1, pin(&b, None)),
+        (k, pin(&b, None)),
+        (fresh2, pin(&b, None)),
+    ];
+    let bound: Vec<_> = store
+        .pin_all_if_absent(&batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|binding| binding.pin.identity)
+        .collect();
+    assert_eq!(bound, vec![b.id, a.id, b.id]);
+    let found = store.lookup(&[fresh1, fresh2]).await.unwrap();
+    assert!(found
+        .iter()
+        .all(|f| f.as_ref().unwrap().pin.identity == b.id));
+
     // Egress: the first address recorded stands.
     let ip1 = "127.0.0.2".parse().unwrap();
     let ip2 = "127.0.0.3".parse().unwrap();

@@ -79,6 +79,8 @@ enum Change {
     Pin(PinKey),
     ExitDeath(ExitId, u64),
     Compact,
+    /// Write what is queued, then stop.
+    Close,
 }
 
 #[derive(Debug)]
@@ -108,7 +110,9 @@ struct Shared {
 #[derive(Debug)]
 pub struct DurableStore {
     shared: Arc<Shared>,
-    queue: Mutex<Option<mpsc::Sender<Queued>>>,
+    /// To the writer thread. Not behind a lock: requests on every core
+    /// queue their pins here at once.
+    queue: mpsc::Sender<Queued>,
     next_seq: AtomicU64,
     committed: watch::Receiver<Committed>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -166,7 +170,7 @@ impl DurableStore {
             .map_err(|e| db_error(path, e))?;
         Ok(DurableStore {
             shared,
-            queue: Mutex::new(Some(queue)),
+            queue,
             next_seq: AtomicU64::new(1),
             committed,
             writer: Mutex::new(Some(writer)),
@@ -200,18 +204,18 @@ impl DurableStore {
                     .and_modify(mark)
                     .or_insert(seq);
             }
-            Change::ExitDeath(..) | Change::Compact => {}
+            Change::ExitDeath(..) | Change::Compact | Change::Close => {}
         }
         seq
     }
 
     /// Queues a reserved change for the writer.
     fn send(&self, seq: u64, change: Change) -> Result<u64, StoreError> {
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        match queue.as_ref() {
-            Some(sender) if sender.send(Queued { seq, change }).is_ok() => Ok(seq),
-            _ => Err(StoreError("the pin store is closed".into())),
-        }
+        // Fails once the writer has stopped (closed, or a write failed).
+        self.queue
+            .send(Queued { seq, change })
+            .map(|()| seq)
+            .map_err(|_| StoreError("the pin store is closed".into()))
     }
 
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {
@@ -255,10 +259,18 @@ impl DurableStore {
         Ok(())
     }
 
+    /// Asks the writer to write what is queued and stop; later writes fail.
+    fn stop_writer(&self) {
+        // An error means the writer is gone already.
+        let _ = self.queue.send(Queued {
+            seq: 0,
+            change: Change::Close,
+        });
+    }
+
     /// Flushes everything and stops the writer (the store is unusable after).
     pub async fn close(&self) {
-        let sender = self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(sender);
+        self.stop_writer();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -268,8 +280,8 @@ impl DurableStore {
 
 impl Drop for DurableStore {
     fn drop(&mut self) {
-        // Closing the queue lets the writer flush and exit on its own.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The writer flushes what is queued and exits on its own.
+        self.stop_writer();
     }
 }
 
@@ -366,6 +378,9 @@ fn write_loop(
             continue;
         }
         let compact = group.iter().any(|q| matches!(q.change, Change::Compact));
+        if group.iter().any(|q| matches!(q.change, Change::Close)) {
+            open = false;
+        }
         // Lazily written state alone does not need a flush.
         let durable = !group.is_empty();
         match apply(&db, &shared, &group, &dirty, durable) {
@@ -467,7 +482,7 @@ fn apply(
                         .insert(exit.as_str(), at)
                         .map_err(|e| e.to_string())?;
                 }
-                Change::Compact => {}
+                Change::Compact | Change::Close => {}
             }
         }
     }
@@ -516,6 +531,33 @@ impl PinStore for DurableStore {
         self.send(seq, change)?;
         self.durable(seq).await?;
         Ok(binding)
+    }
+
+    async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        let mut bindings = Vec::with_capacity(pins.len());
+        let mut existing_keys = Vec::new();
+        let mut existing = Vec::new();
+        let mut last_seq = 0;
+        for (key, pin) in pins {
+            let found = self.shared.memory.lookup(&[*key]).await?;
+            if let Some(binding) = found.into_iter().next().flatten() {
+                existing_keys.push(*key);
+                existing.push(Some(binding.clone()));
+                bindings.push(binding);
+                continue;
+            }
+            let change = Change::Pin(*key);
+            let seq = self.reserve(&change);
+            bindings.push(self.shared.memory.pin_if_absent(*key, pin).await?);
+            self.send(seq, change)?;
+            last_seq = seq;
+        }
+        // One wait covers every pin queued above: they share a commit.
+        self.settle(&existing, &existing_keys).await?;
+        if last_seq > 0 {
+            self.durable(last_seq).await?;
+        }
+        Ok(bindings)
     }
 
     async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
