@@ -452,12 +452,13 @@ impl Affinity {
         &self.policies
     }
 
-    /// Chooses where a request carrying `credentials` goes (see the module docs).
+    /// Chooses where a request carrying `credentials` goes (see the module
+    /// docs). A new identity records its fingerprint from `headers`.
     pub async fn route(
         &self,
         exits: &ExitSet,
         credentials: &[Credential],
-        fingerprint: &Fingerprint,
+        headers: &http::HeaderMap,
     ) -> Result<Route, AffinityError> {
         let now = self.clock.now_ms();
         if credentials.is_empty() {
@@ -495,7 +496,11 @@ impl Affinity {
                 self.pinned_route(exits, identity, Reason::Pinned, strip)
             }
             None if unknown.is_empty() => self.rotate(exits, now, strip),
-            None => self.create(exits, &unknown, fingerprint, now, strip).await,
+            None => {
+                // Read only here: most requests belong to an identity already.
+                let fingerprint = Fingerprint::of(headers);
+                self.create(exits, &unknown, &fingerprint, now, strip).await
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 //! pinproxy prevents (one cookie, two browsers), so drift is counted and,
 //! by policy, refused or rewritten back.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 /// The headers that make up the fingerprint, in this order.
@@ -37,6 +37,16 @@ pub struct Fingerprint {
     values: [Option<String>; 5],
 }
 
+/// [`FINGERPRINT_HEADERS`] as header names, so lookups on the request path
+/// need not parse the name each time.
+const HEADER_NAMES: [HeaderName; 5] = [
+    HeaderName::from_static("user-agent"),
+    HeaderName::from_static("sec-ch-ua"),
+    HeaderName::from_static("sec-ch-ua-platform"),
+    HeaderName::from_static("sec-ch-ua-mobile"),
+    HeaderName::from_static("accept-language"),
+];
+
 fn value_text(value: &HeaderValue) -> String {
     String::from_utf8_lossy(value.as_bytes()).into_owned()
 }
@@ -45,7 +55,9 @@ impl Fingerprint {
     /// The fingerprint of a request.
     pub fn of(headers: &HeaderMap) -> Fingerprint {
         Fingerprint {
-            values: FINGERPRINT_HEADERS.map(|name| headers.get(name).map(value_text)),
+            values: HEADER_NAMES
+                .each_ref()
+                .map(|name| headers.get(name).map(value_text)),
         }
     }
 
@@ -60,16 +72,22 @@ impl Fingerprint {
     /// was recorded; a missing header differs only for `User-Agent` (browsers
     /// leave some hints off some requests, never the User-Agent).
     pub fn drifted(&self, headers: &HeaderMap) -> Vec<&'static str> {
+        // Runs on every request of every identity: compare without copying.
         FINGERPRINT_HEADERS
             .iter()
+            .zip(&HEADER_NAMES)
             .zip(&self.values)
-            .filter(|(name, recorded)| match (headers.get(**name), recorded) {
-                (Some(now), Some(then)) => value_text(now) != *then,
-                (Some(_), None) => true,
-                (None, Some(_)) => **name == "user-agent",
-                (None, None) => false,
-            })
-            .map(|(name, _)| *name)
+            .filter(
+                |((name, header), recorded)| match (headers.get(*header), recorded) {
+                    (Some(now), Some(then)) => {
+                        String::from_utf8_lossy(now.as_bytes()) != then.as_str()
+                    }
+                    (Some(_), None) => true,
+                    (None, Some(_)) => **name == "user-agent",
+                    (None, None) => false,
+                },
+            )
+            .map(|((name, _), _)| *name)
             .collect()
     }
 

@@ -16,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::exits::HostPort;
-use crate::fingerprint::Fingerprint;
 use crate::listener::Frontend;
 use crate::session_key;
 
@@ -56,11 +55,11 @@ async fn open(
         )));
     }
     // A CONNECT carries the client's User-Agent (browsers and curl send it):
-    // the best fingerprint there is for an identity founded here.
-    let fingerprint = Fingerprint::of(request.headers());
+    // the best fingerprint there is for an identity founded here, so its
+    // headers go to the router.
     let route = pipeline
         .affinity
-        .route(&pipeline.exits, &credentials, &fingerprint)
+        .route(&pipeline.exits, &credentials, request.headers())
         .await?;
     let (upstream, egress_ip) = match route.exit.client.raw_tunnel(&route.lane, authority).await {
         Ok(opened) => opened,

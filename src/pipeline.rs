@@ -149,15 +149,20 @@ impl Pipeline {
                 "the pin store is unreachable".into(),
             )));
         }
-        let fingerprint = Fingerprint::of(request.headers());
         // A WebSocket upgrade is routed like any request; the client's side
         // of the upgrade is claimed now, before the request is taken apart.
         let upgrade = upgrade::requested(&request);
         let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
         let mut route = self
             .affinity
-            .route(&self.exits, &credentials, &fingerprint)
+            .route(&self.exits, &credentials, request.headers())
             .await?;
+        // What an identity founded by the response's cookies records; a
+        // routed identity has its fingerprint already.
+        let fingerprint = match route.identity {
+            Some(_) => Fingerprint::default(),
+            None => Fingerprint::of(request.headers()),
+        };
         // Offer the origin what the client offered pinproxy; upgrades need
         // HTTP/1.1.
         route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();

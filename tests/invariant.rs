@@ -200,7 +200,7 @@ async fn run(
                     http::HeaderValue::from_static(["UA-A", "UA-B"][usize::from(agent)]),
                 );
                 let fingerprint = Fingerprint::of(&headers);
-                match affinity.route(&exits, &credentials, &fingerprint).await {
+                match affinity.route(&exits, &credentials, &headers).await {
                     Ok(route) => {
                         for credential in credentials
                             .iter()
