@@ -24,6 +24,7 @@
 //! and upstream session never change. Nothing here moves a session; it can
 //! only be retired.
 
+pub mod bench;
 pub mod durable;
 pub mod memory;
 pub mod redis;

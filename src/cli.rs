@@ -66,6 +66,16 @@ pub enum StoreAction {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Measure how fast the store takes new pins (writes synthetic pins, so
+    /// it needs an empty store); prints one JSON line.
+    Bench {
+        /// Pins to write.
+        #[arg(long, default_value_t = 20_000)]
+        pins: u64,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
 }
 
 /// Options shared by every subcommand that reads the configuration.

@@ -334,3 +334,35 @@ async fn a_running_daemon_keeps_the_store_to_itself() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("pin-hashing key id:"));
     let _: Option<SocketAddr> = None;
 }
+
+/// `store bench` writes its pins durably into an empty embedded store and
+/// refuses to run again on a store that holds anything.
+#[tokio::test]
+async fn store_bench_measures_an_empty_store_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+            .args(["store", "bench", "--pins", "40", "--concurrency", "4"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+    };
+    let output = bench().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["pins"], 40);
+    assert!(report["p99_us"].as_f64().unwrap() > 0.0);
+
+    let stats = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "stats", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("pins: 40"));
+
+    let again = bench().await.unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("holds 40 pins"));
+}
