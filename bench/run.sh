@@ -36,6 +36,11 @@ if ((${#missing[@]})); then
     say "installing ${missing[*]}"
     apt_install "${missing[@]}"
 fi
+# The Redis row of the pin store table: optional, left out if this fails.
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+    say "installing redis-server"
+    apt_install redis-server || say "redis-server is not installable; no Redis row"
+fi
 
 # mitmproxy for setup (e): an existing mitmdump, or one in our own venv.
 venv="$bench_dir/target/mitmproxy-venv"

@@ -104,14 +104,20 @@ struct SuiteArgs {
     /// New identities (one pin each) for the identity measurement.
     #[arg(long, default_value_t = 2000)]
     identities: u64,
-    /// Phases to run, comma-separated (throughput, tunnels, pins, mint); the
-    /// report leaves the others empty. For quick looks while tuning.
+    /// Phases to run, comma-separated (throughput, tunnels, pins, stores,
+    /// mint); the report leaves the others empty. For quick looks while tuning.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,tunnels,pins,mint"
+        default_value = "throughput,tunnels,pins,stores,mint"
     )]
     phases: Vec<String>,
+    /// Pins per concurrent `pinproxy store bench` run.
+    #[arg(long, default_value_t = 50_000)]
+    store_pins: u64,
+    /// Pins the embedded store is filled with for its scale row (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    store_scale_pins: u64,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +324,8 @@ fn main() -> Result<()> {
             mint_count: a.mint_count,
             identity_count: a.identities,
             phases: a.phases,
+            store_pins: a.store_pins,
+            store_scale_pins: a.store_scale_pins,
         }),
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;

@@ -151,6 +151,46 @@ pub struct IdentityRow {
     pub failed: u64,
 }
 
+/// One `pinproxy store bench` run: new pins into an empty store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoreRow {
+    /// `memory`, `embedded` or `redis`.
+    pub store: String,
+    /// Concurrent writers.
+    pub concurrency: usize,
+    /// Pins written.
+    pub pins: u64,
+    /// Pins per second.
+    pub pins_per_sec: f64,
+    /// Median pin-if-absent latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile pin-if-absent latency, microseconds.
+    pub p99_us: f64,
+    /// Slowest pin-if-absent, microseconds.
+    pub max_us: f64,
+}
+
+/// The embedded store filled to scale, then opened by the tools and the daemon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoreScale {
+    /// Pins in the store.
+    pub pins: u64,
+    /// Identities in the store.
+    pub identities: u64,
+    /// Pins per second while filling it (`store bench`).
+    pub fill_pins_per_sec: f64,
+    /// Size of the store file, bytes.
+    pub file_bytes: u64,
+    /// Wall time of `pinproxy store stats` (start, open, load, count, exit).
+    pub open_secs: f64,
+    /// From `pinproxy run` to accepting connections.
+    pub start_secs: f64,
+    /// The daemon's RSS once started, bytes.
+    pub rss_bytes: u64,
+    /// A daemon's RSS with an empty store, bytes.
+    pub empty_rss_bytes: u64,
+}
+
 /// Machine and software facts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
@@ -213,6 +253,10 @@ pub struct Results {
     pub pin_identities: Option<u64>,
     /// New identities with one pin each.
     pub identities: Vec<IdentityRow>,
+    /// Pin store runs.
+    pub stores: Vec<StoreRow>,
+    /// The embedded store at scale.
+    pub store_scale: Option<StoreScale>,
     /// Leaf minting in-process.
     pub mint_library: Option<MintReport>,
     /// Leaf minting as a client sees it.
@@ -237,6 +281,8 @@ pub mod goals {
     pub const ADDED_P99_MS: f64 = 1.0;
     /// Bytes of RSS per idle tunnel.
     pub const TUNNEL_BYTES: f64 = 10.0 * 1024.0;
+    /// RSS of the daemon with the embedded store at a million pins, bytes.
+    pub const STORE_RSS_BYTES: f64 = 300e6;
     /// Bytes per live pin.
     pub const PIN_BYTES: f64 = 300.0;
 }
@@ -510,6 +556,23 @@ impl Results {
                 .collect::<Vec<_>>()
                 .join("; "),
             verdict(&p, &|v| v < goals::PIN_BYTES),
+        ));
+        let scale: Vec<(String, f64)> = self
+            .store_scale
+            .iter()
+            .map(|s| (group(s.pins), s.rss_bytes as f64))
+            .collect();
+        rows.push((
+            format!(
+                "< {} MB daemon RSS with 1,000,000 pins (embedded store)",
+                goals::STORE_RSS_BYTES / 1e6
+            ),
+            scale
+                .iter()
+                .map(|(c, v)| format!("{c} pins: {:.0} MB", v / 1e6))
+                .collect::<Vec<_>>()
+                .join("; "),
+            verdict(&scale, &|v| v < goals::STORE_RSS_BYTES),
         ));
         rows
     }
@@ -847,6 +910,7 @@ impl Results {
             let _ = writeln!(out);
         }
 
+        self.render_stores(out);
         let _ = writeln!(out, "### Leaf certificates\n");
         let _ = writeln!(
             out,
@@ -880,6 +944,70 @@ impl Results {
             }
         }
         let _ = writeln!(out);
+    }
+
+    fn render_stores(&self, out: &mut String) {
+        if self.stores.is_empty() && self.store_scale.is_none() {
+            return;
+        }
+        let _ = writeln!(out, "### Pin stores\n");
+        let _ = writeln!(
+            out,
+            "`pinproxy store bench` against an empty store of each kind: concurrent writers \
+             found identities (4 pins each) and time every pin-if-absent, the call a request \
+             with a never-seen cookie waits on. For the embedded store that includes the \
+             durable commit (fsync), shared by the writers waiting at the same time; Redis is a \
+             local `redis-server` without persistence, so its figures are one loopback round \
+             trip and the script, not a disk.\n"
+        );
+        if !self.stores.is_empty() {
+            let _ = writeln!(
+                out,
+                "| store | writers | pins | pins/s | p50 µs | p99 µs | max µs |"
+            );
+            let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+            for s in &self.stores {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} |",
+                    s.store,
+                    s.concurrency,
+                    group(s.pins),
+                    group(s.pins_per_sec as u64),
+                    s.p50_us,
+                    s.p99_us,
+                    s.max_us
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if let Some(s) = &self.store_scale {
+            let _ = writeln!(
+                out,
+                "The embedded store filled with {} pins ({} identities) by `store bench`, then \
+                 opened: *open* is the wall time of `pinproxy store stats` (process start, open, \
+                 load into memory, count); *start-up* is `pinproxy run` until it accepts \
+                 connections.\n",
+                group(s.pins),
+                group(s.identities)
+            );
+            let _ = writeln!(
+                out,
+                "| pins | fill pins/s | file | open | start-up | daemon RSS | empty daemon RSS |"
+            );
+            let _ = writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} MB | {:.2} s | {:.2} s | {} | {} |\n",
+                group(s.pins),
+                group(s.fill_pins_per_sec as u64),
+                s.file_bytes as f64 / 1e6,
+                s.open_secs,
+                s.start_secs,
+                mib(s.rss_bytes),
+                mib(s.empty_rss_bytes),
+            );
+        }
     }
 
     fn render_method(&self, out: &mut String) {

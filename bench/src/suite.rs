@@ -20,8 +20,10 @@ use crate::load::{ConnMode, LoadResult};
 use crate::mint::MintReport;
 use crate::pins::FillReport;
 use crate::procfs::{self, ProcSample};
+use crate::report::group;
 use crate::report::{
-    IdentityRow, Machine, PinRow, Results, RunSettings, Sample, Setup, TunnelRow, CELLS,
+    IdentityRow, Machine, PinRow, Results, RunSettings, Sample, Setup, StoreRow, StoreScale,
+    TunnelRow, CELLS,
 };
 use crate::tunnels::StepReport;
 
@@ -66,8 +68,13 @@ pub struct SuiteConfig {
     pub mint_count: usize,
     /// New identities created (one pin each) for the identity row.
     pub identity_count: u64,
-    /// Which phases run (`throughput`, `tunnels`, `pins`, `mint`).
+    /// Which phases run (`throughput`, `tunnels`, `pins`, `stores`, `mint`).
     pub phases: Vec<String>,
+    /// Pins per concurrent `store bench` run (single-writer runs write a
+    /// tenth of it).
+    pub store_pins: u64,
+    /// Pins the embedded store is filled with for the scale row (0: skip).
+    pub store_scale_pins: u64,
 }
 
 /// Body size served by the origin.
@@ -273,6 +280,61 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Runs `cmd` to its end, at most `timeout` (then kills it), and returns
+/// its standard output; fails with its standard error when it fails.
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    record_pid(child.id());
+    // Read both pipes on threads so a chatty child never blocks on a full pipe.
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} did not finish within {timeout:?}", cmd.get_program());
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "{:?} failed ({status}): {}",
+            cmd.get_program(),
+            stderr.trim()
+        );
+    }
+    Ok(stdout)
+}
+
+/// `name` on `PATH` (and in the sbin folders, where Debian puts servers).
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// Waits until `addr` accepts connections and `extra` holds, or fails when
 /// the process exits or `timeout` passes.
 fn wait_ready(
@@ -397,10 +459,11 @@ pub fn run(config: SuiteConfig) -> Result<()> {
     };
 
     type Phase = fn(&mut Suite) -> Result<()>;
-    let phases: [(&str, &str, Phase); 4] = [
+    let phases: [(&str, &str, Phase); 5] = [
         ("throughput", "throughput", Suite::throughput),
         ("tunnels", "idle tunnels", Suite::tunnels),
         ("pins", "pins", Suite::pins),
+        ("stores", "pin stores", Suite::stores),
         ("mint", "leaf minting", Suite::mint),
     ];
     for (key, name, phase) in phases {
@@ -1046,6 +1109,151 @@ impl Suite {
         self.results.identities.push(row);
         filler.finish(Duration::from_secs(10));
         Ok(())
+    }
+
+    /// `pinproxy store bench` against each store kind, then the embedded
+    /// store at scale: its size, open time and the daemon's RSS over it.
+    fn stores(&mut self) -> Result<()> {
+        let redis = match find_program("redis-server") {
+            Some(program) => Some(self.start_redis(&program)?),
+            None => {
+                self.results
+                    .notes
+                    .push("redis-server not found: no Redis row in the pin store table".into());
+                None
+            }
+        };
+        let mut kinds: Vec<(&str, Option<String>)> =
+            vec![("memory", Some("memory".into())), ("embedded", None)];
+        if let Some((_, port)) = &redis {
+            kinds.push(("redis", Some(format!("redis://127.0.0.1:{port}"))));
+        }
+        let mut run = 0;
+        for (kind, store) in kinds {
+            for concurrency in [1, 64] {
+                run += 1;
+                let pins = if concurrency == 1 {
+                    (self.config.store_pins / 10).max(1)
+                } else {
+                    self.config.store_pins
+                };
+                // A scratch store per run: a Redis database of its own, an
+                // empty data directory for the others.
+                let store = store.as_ref().map(|url| match kind {
+                    "redis" => format!("{url}/{run}"),
+                    _ => url.clone(),
+                });
+                let data = self.dir.join(format!("store-bench-{run}"));
+                let row = self.store_bench(kind, store.as_deref(), &data, pins, concurrency)?;
+                self.progress.say(format!(
+                    "{kind} store, {concurrency} writers: {:.0} pins/s, p50 {:.1} µs, p99 {:.1} µs",
+                    row.pins_per_sec, row.p50_us, row.p99_us
+                ));
+                self.results.stores.push(row);
+            }
+        }
+        drop(redis);
+        if self.config.store_scale_pins > 0 {
+            self.store_scale()?;
+        }
+        Ok(())
+    }
+
+    /// One `pinproxy store bench` run.
+    fn store_bench(
+        &self,
+        kind: &str,
+        store: Option<&str>,
+        data: &Path,
+        pins: u64,
+        concurrency: usize,
+    ) -> Result<StoreRow> {
+        let mut cmd = Command::new(&self.config.pinproxy);
+        cmd.args(["store", "--data-dir", path_str(data)?]);
+        if let Some(store) = store {
+            cmd.args(["--store", store]);
+        }
+        cmd.args(["bench", "--pins", &pins.to_string()])
+            .args(["--concurrency", &concurrency.to_string()]);
+        let output = run_bounded(&mut cmd, Duration::from_secs(300))?;
+        let report: serde_json::Value = serde_json::from_str(output.trim())
+            .with_context(|| format!("store bench output: {output}"))?;
+        let number = |field: &str| report[field].as_f64().unwrap_or(0.0);
+        Ok(StoreRow {
+            store: kind.to_owned(),
+            concurrency,
+            pins: number("pins") as u64,
+            pins_per_sec: number("pins_per_sec"),
+            p50_us: number("p50_us"),
+            p99_us: number("p99_us"),
+            max_us: number("max_us"),
+        })
+    }
+
+    /// Fills an embedded store to `store_scale_pins`, then times opening it
+    /// and measures a daemon running on it.
+    fn store_scale(&mut self) -> Result<()> {
+        let pins = self.config.store_scale_pins;
+        // `start_pinproxy` names its data directory after the instance.
+        let data = self.dir.join("pinproxy-store-scale-data");
+        let fill = self.store_bench("embedded", None, &data, pins, 256)?;
+        let file_bytes = std::fs::metadata(data.join("pins.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let started = Instant::now();
+        let mut stats = Command::new(&self.config.pinproxy);
+        stats.args(["store", "--data-dir", path_str(&data)?, "stats"]);
+        let counts = run_bounded(&mut stats, Duration::from_secs(120))?;
+        let open_secs = started.elapsed().as_secs_f64();
+        let identities = counts
+            .lines()
+            .find_map(|l| l.strip_prefix("identities: "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+
+        let empty = self.start_pinproxy("pinproxy-store-empty", None)?;
+        thread::sleep(Duration::from_millis(500));
+        let empty_rss_bytes = empty.proc.sample()?.rss_bytes;
+        drop(empty);
+        let started = Instant::now();
+        let daemon = self.start_pinproxy("pinproxy-store-scale", None)?;
+        let start_secs = started.elapsed().as_secs_f64();
+        thread::sleep(Duration::from_millis(500));
+        let rss_bytes = daemon.proc.sample()?.rss_bytes;
+        drop(daemon);
+        self.progress.say(format!(
+            "embedded store at {} pins: file {:.0} MB, open {open_secs:.2} s, start-up \
+             {start_secs:.2} s, daemon RSS {:.0} MB",
+            group(fill.pins),
+            file_bytes as f64 / 1e6,
+            rss_bytes as f64 / 1e6
+        ));
+        self.results.store_scale = Some(StoreScale {
+            pins: fill.pins,
+            identities,
+            fill_pins_per_sec: fill.pins_per_sec,
+            file_bytes,
+            open_secs,
+            start_secs,
+            rss_bytes,
+            empty_rss_bytes,
+        });
+        Ok(())
+    }
+
+    /// Starts a throwaway `redis-server` (no persistence) on a free port.
+    fn start_redis(&self, program: &Path) -> Result<(Proc, u16)> {
+        let port = free_port()?;
+        let mut cmd = Command::new(program);
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", path_str(&self.dir)?]);
+        let log = self.dir.join("redis.log");
+        let mut proc = Proc::spawn("redis-server", &mut cmd, false, false, Some(&log))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_ready(&mut proc, addr, Duration::from_secs(20), &|| true)?;
+        Ok((proc, port))
     }
 
     fn mint(&mut self) -> Result<()> {
