@@ -17,6 +17,8 @@ need chromium chromium
 need curl curl
 need python3 python3
 need node nodejs
+# Python requests from Debian's package (a fresh machine may have no pip).
+python3 -c 'import requests' 2>/dev/null || missing+=(python3-requests)
 
 if ((${#missing[@]})); then
     sudo=""
@@ -24,10 +26,6 @@ if ((${#missing[@]})); then
     echo "installing test dependencies: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-if ! python3 -c 'import requests' 2>/dev/null; then
-    python3 -m pip install --quiet requests 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages requests
 fi
 
 cargo fmt --all -- --check
