@@ -513,47 +513,34 @@ impl PinStore for DurableStore {
     }
 
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
-        // Already pinned (an origin re-setting the same value, say): no write.
-        let existing = self.shared.memory.lookup(&[key]).await?;
-        if existing[0].is_some() {
-            self.settle(&existing, &[key]).await?;
-            return existing
-                .into_iter()
-                .next()
-                .flatten()
-                .ok_or_else(|| StoreError("pin vanished".into()));
-        }
-        let change = Change::Pin(key);
-        let seq = self.reserve(&change);
-        let binding = self.shared.memory.pin_if_absent(key, pin).await?;
-        // Whether this request won or lost the race, the commit of `seq`
-        // writes the pin now in memory: the one in force.
-        self.send(seq, change)?;
-        self.durable(seq).await?;
-        Ok(binding)
+        self.pin_all_if_absent(&[(key, pin.clone())])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError("pin vanished".into()))
     }
 
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        let keys: Vec<PinKey> = pins.iter().map(|(key, _)| *key).collect();
+        let found = self.shared.memory.lookup(&keys).await?;
         let mut bindings = Vec::with_capacity(pins.len());
-        let mut existing_keys = Vec::new();
-        let mut existing = Vec::new();
         let mut last_seq = 0;
-        for (key, pin) in pins {
-            let found = self.shared.memory.lookup(&[*key]).await?;
-            if let Some(binding) = found.into_iter().next().flatten() {
-                existing_keys.push(*key);
-                existing.push(Some(binding.clone()));
-                bindings.push(binding);
+        for ((key, pin), existing) in pins.iter().zip(&found) {
+            // Already pinned (an origin re-setting the same value, say): no write.
+            if let Some(binding) = existing {
+                bindings.push(binding.clone());
                 continue;
             }
             let change = Change::Pin(*key);
             let seq = self.reserve(&change);
             bindings.push(self.shared.memory.pin_if_absent(*key, pin).await?);
+            // Whether this request won or lost the race, the commit of `seq`
+            // writes the pin now in memory: the one in force.
             self.send(seq, change)?;
             last_seq = seq;
         }
-        // One wait covers every pin queued above: they share a commit.
-        self.settle(&existing, &existing_keys).await?;
+        // Pins found may still be on their way to disk; one wait covers
+        // them and every pin queued above (they share a commit).
+        self.settle(&found, &keys).await?;
         if last_seq > 0 {
             self.durable(last_seq).await?;
         }
