@@ -19,10 +19,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{ends, Affinity, Listing, PinStore as _};
 use crate::body::{self, Body};
 use crate::exits::ExitSet;
 use crate::metrics::{ExitLabel, Metrics};
+use crate::routing::{ends, Router};
+use crate::store::{Listing, PinStore as _, StoreError};
 
 /// One identity, as listed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -81,7 +82,7 @@ pub struct ExitView {
 #[derive(Debug)]
 pub struct Admin {
     /// Identities.
-    pub affinity: Arc<Affinity>,
+    pub router: Arc<Router>,
     /// Exits.
     pub exits: Arc<ExitSet>,
     /// Counters.
@@ -151,12 +152,9 @@ impl Admin {
     }
 
     /// The identity listing (retired ones only with `all`).
-    pub async fn identities(
-        &self,
-        all: bool,
-    ) -> Result<Vec<IdentityView>, crate::affinity::StoreError> {
-        let now = self.affinity.clock().now_ms();
-        let listings = self.affinity.store().list().await?;
+    pub async fn identities(&self, all: bool) -> Result<Vec<IdentityView>, StoreError> {
+        let now = self.router.clock().now_ms();
+        let listings = self.router.store().list().await?;
         let mut views: Vec<IdentityView> = listings
             .into_iter()
             .filter_map(|listing| self.view(listing, now, all))
@@ -169,7 +167,7 @@ impl Admin {
         let Listing { identity, pins } = listing;
         let (state, reason) = match &identity.retired {
             Some(r) => ("retired", Some(r.reason.to_string())),
-            None => match ends(&identity, &self.exits, self.affinity.policies(), now) {
+            None => match ends(&identity, &self.exits, self.router.policies(), now) {
                 Some(reason) => ("ending", Some(reason.to_string())),
                 None => ("active", None),
             },
@@ -191,8 +189,8 @@ impl Admin {
                 .into_iter()
                 .map(|(key, pin)| CredentialView {
                     kind: match pin.kind {
-                        crate::identity::PinKind::Cookie => "cookie".into(),
-                        crate::identity::PinKind::SessionKey => "session-key".into(),
+                        crate::credential::PinKind::Cookie => "cookie".into(),
+                        crate::credential::PinKind::SessionKey => "session-key".into(),
                     },
                     name: pin.name.to_string(),
                     hash: key.to_string(),
@@ -237,126 +235,5 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
             response
         }
         Err(e) => self::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-    }
-}
-
-/// The admin endpoint could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminClientError {
-    /// No connection.
-    #[error("cannot reach the admin endpoint at {addr} (is pinproxy running with --admin {addr}?): {source}")]
-    Connect {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The HTTP exchange failed.
-    #[error("admin endpoint: {0}")]
-    Http(#[from] hyper::Error),
-    /// A non-200 answer.
-    #[error("admin endpoint answered {0}")]
-    Status(StatusCode),
-    /// The answer is not the expected JSON.
-    #[error("admin endpoint sent unreadable JSON: {0}")]
-    Json(#[from] serde_json::Error),
-}
-
-/// Fetches the identity listing from a running daemon's admin endpoint.
-pub async fn fetch_identities(
-    addr: std::net::SocketAddr,
-    all: bool,
-) -> Result<Vec<IdentityView>, AdminClientError> {
-    use http_body_util::BodyExt as _;
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| AdminClientError::Connect { addr, source })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let path = if all {
-        "/identities?all=1"
-    } else {
-        "/identities"
-    };
-    let request = Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|_| AdminClientError::Status(StatusCode::BAD_REQUEST))?;
-    let response = sender.send_request(request).await?;
-    if response.status() != StatusCode::OK {
-        return Err(AdminClientError::Status(response.status()));
-    }
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
-}
-
-/// Renders identities as a table for humans.
-pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
-    let mut out = format!(
-        "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
-        "IDENTITY", "EXIT", "STATE", "AGE", "IDLE", "REQS", "EGRESS", "CREDENTIALS"
-    );
-    for v in views {
-        let credentials: Vec<String> = v
-            .credentials
-            .iter()
-            .map(|c| format!("{}#{}", c.name, c.hash))
-            .collect();
-        let state = match &v.reason {
-            Some(reason) => format!("{} ({reason})", v.state),
-            None => v.state.clone(),
-        };
-        out.push_str(&format!(
-            "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
-            v.identity,
-            v.exit,
-            state,
-            human(now_ms.saturating_sub(v.created_ms)),
-            human(now_ms.saturating_sub(v.last_used_ms)),
-            v.requests,
-            v.egress_ip.as_deref().unwrap_or("-"),
-            credentials.join(" "),
-        ));
-    }
-    out
-}
-
-fn human(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tables_show_names_and_hashes_only() {
-        let view = IdentityView {
-            identity: "00000000000000aa".into(),
-            exit: "res1".into(),
-            session: "s".into(),
-            state: "active".into(),
-            reason: None,
-            created_ms: 0,
-            last_used_ms: 90_000,
-            requests: 7,
-            egress_ip: Some("127.0.0.2".into()),
-            credentials: vec![CredentialView {
-                kind: "cookie".into(),
-                name: "datadome".into(),
-                hash: "1a2b3c4d".into(),
-                expires_ms: None,
-            }],
-        };
-        let table = render_table(&[view], 3_700_000);
-        assert!(table.contains("datadome#1a2b3c4d"), "{table}");
-        assert!(table.contains("1h01m"), "{table}");
-        assert!(table.contains("1h00m"), "{table}");
     }
 }

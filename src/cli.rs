@@ -1,6 +1,12 @@
-//! The command line: `pinproxy run` and `pinproxy ca`. Flags overlay the
-//! TOML file given by `--config` (flags win; a repeatable flag given at all
-//! replaces the file's list).
+//! The command line: the arguments of every subcommand, and [`run`], which
+//! dispatches to the subcommand's own module. Flags overlay the TOML file
+//! given by `--config` (flags win; a repeatable flag given at all replaces
+//! the file's list).
+
+pub mod ca;
+pub mod pins;
+pub mod run;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +15,16 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, ExitConfig};
 use crate::exits::{ExitSpec, ExitUrlError};
+
+/// Runs the subcommand `cli` names.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Ca(args) => ca::ca(args),
+        Command::Pins(args) => pins::run(args),
+        Command::Store(args) => store::store(args),
+    }
+}
 
 /// pinproxy: a MITM forward proxy that pins every anti-bot session cookie to
 /// the exit that earned it.

@@ -14,13 +14,17 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::Deserialize;
 
-use crate::affinity::{ConflictPolicy, RetirePolicy};
-use crate::capture::invalidation::{default_rules, InvalidationRule};
-use crate::cookies::{CookiePolicy, PatternError};
 use crate::exits::select::MAX_WEIGHT;
-use crate::exits::{EchoTarget, ExitOptions, ExitSpec, ExitUrlError, HostPort};
+use crate::exits::{ExitOptions, ExitSpec, ExitUrlError};
 use crate::fingerprint::FingerprintPolicy;
-use crate::mitm::{HostPatternError, InterceptPolicy};
+use crate::mitm::policy::{HostPatternError, InterceptPolicy};
+use crate::net::HostPort;
+use crate::proxy::capture::invalidation::{default_rules, InvalidationRule};
+use crate::proxy::credentials::cookies::{CookiePolicy, PatternError};
+use crate::routing::{ConflictPolicy, RetirePolicy};
+use crate::upstream::egress_ip::EchoTarget;
+
+pub use crate::store::Unavailable;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -106,17 +110,6 @@ impl Default for StoreConfig {
             on_unavailable: Unavailable::default(),
         }
     }
-}
-
-/// What to do while the store cannot answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Unavailable {
-    /// Refuse everything.
-    #[default]
-    FailClosed,
-    /// Forward requests without credentials.
-    FailOpen,
 }
 
 /// The store, validated.
@@ -602,7 +595,7 @@ impl StoreConfig {
     pub fn kind(&self, data_dir: &Path) -> Result<StoreKind, ConfigError> {
         match self.url.as_str() {
             "embedded" => Ok(StoreKind::Embedded(
-                data_dir.join(crate::affinity::durable::STORE_FILE),
+                data_dir.join(crate::store::durable::STORE_FILE),
             )),
             "memory" => Ok(StoreKind::Memory),
             url if url.starts_with("redis://") || url.starts_with("rediss://") => {
@@ -642,7 +635,12 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
         weight: exit.weight,
         sticky_ttl: exit.sticky_ttl,
         exit_ip_header,
-        ip_echo: exit.ip_echo.as_deref().map(EchoTarget::parse).transpose()?,
+        ip_echo: exit
+            .ip_echo
+            .as_deref()
+            .map(EchoTarget::parse)
+            .transpose()
+            .map_err(ExitUrlError::Address)?,
         idle_timeout: exit.idle_timeout,
         max_lifetime: exit.max_lifetime,
         anonymous_sessions: exit.anonymous_sessions.max(1),
@@ -651,21 +649,8 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
 }
 
 fn parse_probe_target(text: &str) -> Result<HostPort, ConfigError> {
-    let uri: http::Uri = text.parse().map_err(|_| {
-        ConfigError::Limit(format!("health.probe_target {text:?} must be host:port"))
-    })?;
-    match (uri.host(), uri.port_u16()) {
-        (Some(host), Some(port)) if uri.scheme().is_none() => Ok(HostPort {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port,
-        }),
-        _ => Err(ConfigError::Limit(format!(
-            "health.probe_target {text:?} must be host:port"
-        ))),
-    }
+    HostPort::parse(text)
+        .map_err(|_| ConfigError::Limit(format!("health.probe_target {text:?} must be host:port")))
 }
 
 fn valid_exit_id(id: &str) -> bool {

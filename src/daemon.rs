@@ -14,23 +14,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
-use crate::affinity::durable::DurableStore;
-use crate::affinity::redis::RedisStore;
-use crate::affinity::{memory::MemoryStore, Affinity, Policies, Store};
-use crate::capture::invalidation;
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
-use crate::cookies::PinHasher;
+use crate::credential::PinHasher;
 use crate::exits::health::{Health, Thresholds};
 use crate::exits::sessions::AnonymousSessions;
-use crate::exits::{Exit, ExitSet, HostPort};
-use crate::listener::{self, Frontend};
+use crate::exits::{Exit, ExitSet};
+use crate::front::{self, FrontSettings, Frontend};
 use crate::metrics::Metrics;
 use crate::mitm::ca::{CaError, CertificateAuthority};
 use crate::mitm::cert_cache::{CertCache, CertCacheError};
 use crate::mitm::{Mitm, CLIENT_ALPN};
-use crate::pipeline::Pipeline;
-use crate::upstream::tls::{self, TlsSetupError};
+use crate::net::HostPort;
+use crate::proxy::capture::invalidation;
+use crate::proxy::Pipeline;
+use crate::routing::{Policies, Router};
+use crate::store::durable::{DurableStore, OpenError};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+use crate::store::{Store, StoreError, StoreErrorKind};
+use crate::upstream::tls::{TlsSetupError, UpstreamTls};
 use crate::upstream::{ExitClient, PoolSettings};
 
 /// Why the daemon could not start.
@@ -67,20 +70,22 @@ pub enum StartError {
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-    /// The pin store could not be opened.
-    #[error("{0}")]
-    Store(String),
+    /// The embedded pin store could not be opened.
+    #[error(transparent)]
+    StoreFile(#[from] OpenError),
+    /// The pin store could not be reached or set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Opens the configured pin store (the embedded one off the runtime threads).
-async fn open_store(settings: &Settings) -> Result<Store, StartError> {
+/// Opens the configured pin store (the embedded one off the runtime
+/// threads); background writes of a remote store run on `tasks`.
+async fn open_store(settings: &Settings, tasks: &TaskTracker) -> Result<Store, StartError> {
     match &settings.store {
         StoreKind::Memory => Ok(Store::Memory(MemoryStore::new())),
         StoreKind::Embedded(path) => {
             let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || DurableStore::open(&path))
-                .await?
-                .map_err(|e| StartError::Store(e.to_string()))?;
+            let store = tokio::task::spawn_blocking(move || DurableStore::open(&path)).await??;
             Ok(Store::Durable(store))
         }
         StoreKind::Redis { url, namespace } => {
@@ -99,8 +104,8 @@ async fn open_store(settings: &Settings) -> Result<Store, StartError> {
                 namespace,
                 duration_ms(longest).saturating_add(keep),
                 keep,
-            )
-            .map_err(|e| StartError::Store(e.to_string()))?;
+                tasks.clone(),
+            )?;
             Ok(Store::Redis(store))
         }
     }
@@ -120,7 +125,7 @@ pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher),
             })
     })
     .await??;
-    let store = open_store(&settings).await?;
+    let store = open_store(&settings, &TaskTracker::new()).await?;
     let hasher = match &store {
         Store::Redis(redis) => fleet_hasher(redis, &local).await?,
         _ => local,
@@ -143,9 +148,12 @@ async fn fleet_hasher(store: &RedisStore, local: &PinHasher) -> Result<PinHasher
         }
         tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
     }
-    Err(StartError::Store(format!(
-        "cannot reach the Redis pin store to agree on the pin-hashing key: {}",
-        last.map(|e| e.to_string()).unwrap_or_default()
+    Err(StartError::Store(StoreError::new(
+        StoreErrorKind::Unreachable,
+        format!(
+            "cannot reach Redis to agree on the fleet's pin-hashing key: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ),
     )))
 }
 
@@ -156,7 +164,12 @@ pub struct Daemon {
     admin_addr: Option<SocketAddr>,
     data_dir: PathBuf,
     shutdown: CancellationToken,
+    /// Client connections and tunnels.
     tasks: TaskTracker,
+    /// Background work that may change pins or identities (retirements,
+    /// exit trials, store writes off the request path): awaited, with a
+    /// deadline, before the store is closed.
+    background: TaskTracker,
     accept: JoinHandle<()>,
     frontend: Arc<Frontend>,
     admin: Arc<Admin>,
@@ -202,7 +215,7 @@ impl Daemon {
         let upstream_tls = {
             let provider = provider.clone();
             let files = settings.upstream_ca.clone();
-            tokio::task::spawn_blocking(move || tls::upstream_tls(provider, &files)).await??
+            tokio::task::spawn_blocking(move || UpstreamTls::new(provider, &files)).await??
         };
 
         let certs = CertCache::new(
@@ -221,25 +234,24 @@ impl Daemon {
             max_lifetime_ms: duration_ms(identities.max_lifetime),
             keep_retired_ms: duration_ms(identities.remember_retired),
         };
-        let store = open_store(&settings).await?;
+        let background = TaskTracker::new();
+        let store = open_store(&settings, &background).await?;
         let hasher = match &store {
             Store::Redis(redis) => fleet_hasher(redis, &hasher).await?,
             _ => hasher,
         };
-        let affinity = Arc::new(Affinity::new(
+        let router = Arc::new(Router::new(
             store,
             clock.clone(),
             policies,
             metrics.clone(),
+            background.clone(),
         ));
-        affinity
-            .sync_exit_deaths(&exits)
-            .await
-            .map_err(|e| StartError::Store(e.to_string()))?;
+        router.sync_exit_deaths(&exits).await?;
         let pipeline = Pipeline {
             cookies: settings.cookies.clone(),
             hasher,
-            affinity: affinity.clone(),
+            router: router.clone(),
             exits: exits.clone(),
             max_header_bytes: settings.limits.max_header_bytes,
             fingerprint_policy: identities.fingerprint_policy,
@@ -249,6 +261,7 @@ impl Daemon {
                 identities.scan_limit,
             ),
             metrics: metrics.clone(),
+            tasks: background.clone(),
         };
 
         let listener =
@@ -271,13 +284,18 @@ impl Daemon {
                 certs,
                 policy: settings.intercept.clone(),
             },
-            limits: settings.limits.clone(),
-            timeouts: settings.timeouts.clone(),
+            settings: FrontSettings {
+                max_connections: settings.limits.max_connections,
+                max_header_bytes: settings.limits.max_header_bytes,
+                max_headers: settings.limits.max_headers,
+                header_read: settings.timeouts.header_read,
+                tls_handshake: settings.timeouts.tls_handshake,
+            },
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         });
         let admin = Arc::new(Admin {
-            affinity: affinity.clone(),
+            router: router.clone(),
             exits: exits.clone(),
             metrics,
         });
@@ -300,7 +318,7 @@ impl Daemon {
             None => None,
         };
         tasks.spawn(sweep_loop(
-            affinity.clone(),
+            router.clone(),
             exits.clone(),
             settings.identities.sweep_interval,
             shutdown.clone(),
@@ -316,7 +334,7 @@ impl Daemon {
                 ));
             }
         }
-        let accept = tokio::spawn(listener::accept_loop(listener, frontend.clone()));
+        let accept = tokio::spawn(front::accept_loop(listener, frontend.clone()));
         tracing::info!(
             listen = %local_addr,
             exits = %frontend.pipeline.exits.iter().map(|e| e.spec.redacted_url()).collect::<Vec<_>>().join(", "),
@@ -329,6 +347,7 @@ impl Daemon {
             data_dir: settings.data_dir,
             shutdown,
             tasks,
+            background,
             accept,
             frontend,
             admin,
@@ -385,15 +404,27 @@ impl Daemon {
                 "connections still open after the grace period; closing them"
             );
         }
+        // What requests left behind (retirements, store writes) must reach
+        // the store before it closes.
+        self.background.close();
+        if tokio::time::timeout(grace, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.background.len(),
+                "background work (retirements, store writes) still running after the grace period"
+            );
+        }
         let pipeline = &self.frontend.pipeline;
-        if let Err(e) = pipeline.affinity.sync_exit_deaths(&pipeline.exits).await {
+        if let Err(e) = pipeline.router.sync_exit_deaths(&pipeline.exits).await {
             tracing::warn!(error = %e, "could not store exit deaths");
         }
-        pipeline.affinity.store().close().await;
+        pipeline.router.store().close().await;
     }
 }
 
-fn build_exits(settings: &Settings, upstream_tls: tls::UpstreamTls, now_ms: u64) -> ExitSet {
+fn build_exits(settings: &Settings, upstream_tls: UpstreamTls, now_ms: u64) -> ExitSet {
     let pool = PoolSettings {
         connect_timeout: settings.timeouts.connect,
         response_head_timeout: settings.timeouts.response_head,
@@ -422,7 +453,7 @@ fn build_exits(settings: &Settings, upstream_tls: tls::UpstreamTls, now_ms: u64)
                     1
                 };
                 Exit {
-                    client: ExitClient::new(spec, upstream_tls.clone(), &pool),
+                    client: ExitClient::new(spec.route(), upstream_tls.clone(), &pool),
                     health: Health::new(thresholds),
                     sessions: AnonymousSessions::new(
                         anonymous,
@@ -441,7 +472,7 @@ fn build_exits(settings: &Settings, upstream_tls: tls::UpstreamTls, now_ms: u64)
 /// the store, every `interval`. The sweep walks every record, so it runs on
 /// a blocking thread, not a runtime worker.
 async fn sweep_loop(
-    affinity: Arc<Affinity>,
+    router: Arc<Router>,
     exits: Arc<ExitSet>,
     interval: Duration,
     shutdown: CancellationToken,
@@ -451,13 +482,13 @@ async fn sweep_loop(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        if let Err(e) = affinity.sync_exit_deaths(&exits).await {
+        if let Err(e) = router.sync_exit_deaths(&exits).await {
             tracing::warn!(error = %e, "sharing exit deaths with the store failed");
         }
-        let (affinity, exits) = (affinity.clone(), exits.clone());
+        let (router, exits) = (router.clone(), exits.clone());
         let runtime = tokio::runtime::Handle::current();
         let swept =
-            tokio::task::spawn_blocking(move || runtime.block_on(affinity.sweep(&exits))).await;
+            tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
         match swept {
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
             Err(e) => tracing::warn!(error = %e, "the sweep task failed"),

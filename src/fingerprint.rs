@@ -1,10 +1,7 @@
-//! The client fingerprint an identity is bound to: `User-Agent`, the
-//! `sec-ch-ua` client hints and `Accept-Language`, recorded when the identity
-//! is created and compared on every later request.
-//!
-//! Pinning one identity across two fingerprints is the inverse of the leak
-//! pinproxy prevents (one cookie, two browsers), so drift is counted and,
-//! by policy, refused or rewritten back.
+//! Shared vocabulary: the client fingerprint an identity is bound to:
+//! `User-Agent`, the `sec-ch-ua` client hints and `Accept-Language`,
+//! recorded when the identity is created and compared on every later
+//! request (the comparison's policy is applied by pipeline stage 5).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
@@ -29,6 +26,17 @@ pub enum FingerprintPolicy {
     Reject,
     /// Rewrite the headers back to the recorded values.
     Restore,
+}
+
+impl FingerprintPolicy {
+    /// A short, stable label (metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            FingerprintPolicy::Warn => "warn",
+            FingerprintPolicy::Reject => "reject",
+            FingerprintPolicy::Restore => "restore",
+        }
+    }
 }
 
 /// Recorded fingerprint header values (`None`: the header was absent).

@@ -1,19 +1,24 @@
-//! Identities: one cookie jar, one exit (and sticky upstream session), one
-//! egress address and one client fingerprint, bound together from the first
-//! request to the end and retired together.
+//! Shared vocabulary: what an identity is.
 //!
-//! Pins map credentials (tracked cookies, client session keys) to an
-//! identity; the identity says where its traffic goes. An identity never
-//! moves: when it cannot continue on its exit it is retired, and its
-//! credentials are remembered as retired so they are never pinned elsewhere.
+//! An identity is one cookie jar, one exit (and sticky upstream session),
+//! one egress address and one client fingerprint, bound together from the
+//! first request to the end and retired together. Pins map credentials
+//! (tracked cookies, client session keys) to an identity; the identity says
+//! where its traffic goes.
+//!
+//! Invariant: an identity never moves. Its exit and upstream session are
+//! set at creation and never change; when it cannot continue on its exit it
+//! is retired, and its credentials are remembered as retired so they are
+//! never pinned elsewhere. The records here are what every pin store keeps;
+//! the decisions about them live in `routing`.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::exits::ExitId;
+use crate::credential::{Credential, PinKind};
 use crate::fingerprint::Fingerprint;
 
 /// The id of an identity: random, never reused.
@@ -37,6 +42,47 @@ impl fmt::Display for IdentityId {
 impl fmt::Debug for IdentityId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "IdentityId({self})")
+    }
+}
+
+/// The stable name of an exit.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExitId(Arc<str>);
+
+impl ExitId {
+    /// Wraps a validated id.
+    pub fn new(id: &str) -> ExitId {
+        ExitId(Arc::from(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ExitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ExitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl Serialize for ExitId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExitId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ExitId, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(ExitId::new(&text))
     }
 }
 
@@ -221,16 +267,6 @@ impl Identity {
     }
 }
 
-/// What kind of credential a pin is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PinKind {
-    /// A tracked cookie (or DataDome's header carrier of one).
-    Cookie,
-    /// A session key the client named.
-    SessionKey,
-}
-
 /// A credential's binding to an identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pin {
@@ -247,6 +283,26 @@ pub struct Pin {
 }
 
 impl Pin {
+    /// The pin of `credential` to `identity`, made at `now_ms`. Only a
+    /// cookie can expire on its own (`expires_ms`, from its Set-Cookie).
+    pub fn new(
+        identity: IdentityId,
+        credential: &Credential,
+        now_ms: u64,
+        expires_ms: Option<u64>,
+    ) -> Pin {
+        Pin {
+            identity,
+            kind: credential.kind,
+            name: Arc::from(credential.name.as_str()),
+            created_ms: now_ms,
+            expires_ms: match credential.kind {
+                PinKind::Cookie => expires_ms,
+                PinKind::SessionKey => None,
+            },
+        }
+    }
+
     /// Whether the credential has expired at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
         self.expires_ms.is_some_and(|at| at <= now_ms)

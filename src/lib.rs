@@ -1,40 +1,45 @@
 //! pinproxy: a MITM forward proxy that pins every anti-bot session cookie to
 //! the exit that earned it.
 //!
-//! The modules are listed in the order a request meets them:
-//! listener → mitm → pipeline → target → cookies / session_key →
-//! fingerprint → identity / affinity → exits → egress → upstream → capture.
-//! [`daemon`] assembles them; [`admin`] and [`metrics`] show what they do.
+//! The modules, in the order a request meets them (upper layers use lower
+//! ones, never the reverse):
+//!
+//! ```text
+//! front (listener, tunnel, passthrough) → mitm (CA, leaves)
+//!   → proxy (the phase list: target, credentials, fingerprint, egress, send, capture)
+//!     → routing (router, lifecycle) → store (memory, durable, redis)
+//!     → exits (spec, health, rotation) → upstream (dial/*, egress_ip, tls/*, pools)
+//! shared vocabulary: net, credential, identity, fingerprint, fault, clock, body, metrics
+//! ```
+//!
+//! [`daemon`] assembles them; [`admin`] shows what they do; [`cli`] and
+//! [`config`] are how a user drives them.
 #![forbid(unsafe_code)]
 
-pub mod listener;
+pub mod front;
 pub mod mitm;
-pub mod pipeline;
-pub mod target;
-pub mod cookies;
-pub mod session_key;
+pub mod proxy;
+pub mod routing;
+pub mod store;
+pub mod exits;
+pub mod upstream;
+
+pub mod body;
+pub mod clock;
+pub mod credential;
+pub mod fault;
 pub mod fingerprint;
 pub mod identity;
-pub mod affinity;
-pub mod exits;
-pub mod egress;
-pub mod upstream;
-pub mod capture;
-pub mod upgrade;
-pub mod passthrough;
-
-pub mod admin;
-pub mod body;
-pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod daemon;
-pub mod error;
 pub mod metrics;
+pub mod net;
 pub mod telemetry;
 
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+
 mod fsutil;
-mod rewind;
 
 pub use config::Config;
 pub use daemon::{Daemon, StartError};

@@ -1,4 +1,5 @@
-//! Pipeline stage 6: send a request to its origin through the chosen exit.
+//! Carrying requests to origins through exits (used by pipeline stage 7,
+//! send).
 //!
 //! Each exit owns an [`ExitClient`]: keep-alive connection pools whose
 //! connectors only ever dial through that exit, so a connection (and the IP
@@ -9,25 +10,39 @@
 //! ways.
 //!
 //! Errors name the exit and the stage that failed (see [`UpstreamError`]).
+//!
+//! Rooms: [`dial`] opens a transport through each kind of exit,
+//! [`egress_ip`] learns and checks the address a tunnel leaves from,
+//! [`tls`] encrypts towards the origin, [`conn`] hands connections to
+//! hyper's pools, [`error`] says what failed and whose fault it is.
+//!
+//! Invariant: a connection (and the IP it leaves from) is never shared
+//! across exits, nor across lanes of one exit.
 
-pub mod connect;
+pub mod conn;
+pub mod dial;
+pub mod egress_ip;
+pub mod error;
 pub mod tls;
 
-use std::error::Error as _;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::body::Body;
-use crate::exits::sessions::AnonymousSession;
-use crate::exits::{ExitSpec, HostPort};
-use crate::identity::{Identity, IdentityId, SessionId};
-use connect::{ConnectError, Dialer, ExitConnector, IpCheck};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::identity::{ExitId, Identity, IdentityId, SessionId};
+use crate::net::HostPort;
+use conn::ExitConnector;
+use dial::{Dialer, ExitKind};
+use egress_ip::{EgressCheck, IpCheck};
 use tls::UpstreamTls;
+
+pub use error::{ConnectError, UpstreamError};
 
 /// Most pools (lanes) an exit keeps; the least recently used go first.
 const MAX_LANES_PER_EXIT: u64 = 65_536;
@@ -43,20 +58,6 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Most idle connections per origin.
     pub max_idle_per_origin: usize,
-}
-
-/// Why a request could not be carried to its origin.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The connection could not be opened.
-    #[error(transparent)]
-    Connect(ConnectError),
-    /// The origin did not start its response in time.
-    #[error("the origin sent no response within {0:?}")]
-    ResponseTimeout(Duration),
-    /// The exchange failed after the connection was open.
-    #[error("{0}")]
-    Exchange(String),
 }
 
 /// Which pool of an exit a request uses.
@@ -84,11 +85,11 @@ pub struct Lane {
 }
 
 impl Lane {
-    /// The lane of cookie-less traffic on an anonymous session.
-    pub fn anonymous(session: AnonymousSession) -> Lane {
+    /// The lane of cookie-less traffic on anonymous session `session`.
+    pub fn anonymous(session: SessionId) -> Lane {
         Lane {
-            key: PoolKey::Anonymous(session.session),
-            session: session.session,
+            key: PoolKey::Anonymous(session),
+            session,
             expected_ip: None,
             h2: false,
         }
@@ -120,10 +121,23 @@ impl Lane {
     }
 }
 
+/// How to reach one exit: what the pools of an [`ExitClient`] dial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitRoute {
+    /// The exit's id.
+    pub id: ExitId,
+    /// How it is reached.
+    pub kind: ExitKind,
+    /// How its tunnels' egress addresses are learnt.
+    pub egress: EgressCheck,
+    /// SOCKS5 exits: the reply's bound address is the egress address.
+    pub socks_reply_is_egress: bool,
+}
+
 /// The connection pools of one exit.
 #[derive(Clone)]
 pub struct ExitClient {
-    spec: Arc<ExitSpec>,
+    route: Arc<ExitRoute>,
     tls: UpstreamTls,
     settings: PoolSettings,
     /// One pool per lane and ALPN offer.
@@ -133,17 +147,17 @@ pub struct ExitClient {
 impl std::fmt::Debug for ExitClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExitClient")
-            .field("exit", &self.spec.id)
+            .field("exit", &self.route.id)
             .field("lanes", &self.pools.entry_count())
             .finish_non_exhaustive()
     }
 }
 
 impl ExitClient {
-    /// The pools of the exit `spec`.
-    pub fn new(spec: &ExitSpec, tls: UpstreamTls, settings: &PoolSettings) -> Self {
+    /// The pools of the exit `route`.
+    pub fn new(route: ExitRoute, tls: UpstreamTls, settings: &PoolSettings) -> Self {
         ExitClient {
-            spec: Arc::new(spec.clone()),
+            route: Arc::new(route),
             tls,
             settings: settings.clone(),
             // A lane idle for twice the connection idle time has no
@@ -161,21 +175,22 @@ impl ExitClient {
         pinned: Option<Arc<OnceLock<IpAddr>>>,
         h2: bool,
     ) -> Dialer {
-        let credentials = self
-            .spec
+        let route = &self.route;
+        let credentials = route
             .kind
             .credentials()
             .map(|c| c.with_session(&session.to_string()));
         Dialer {
-            exit: self.spec.id.clone(),
-            kind: self.spec.kind.clone(),
+            exit: route.id.clone(),
+            kind: route.kind.clone(),
             credentials,
-            socks_reply_is_egress: self.spec.options.socks_reply_is_egress,
-            tls: self.tls.offering(h2),
+            socks_reply_is_egress: route.socks_reply_is_egress,
+            tls: self.tls.clone(),
+            h2,
             timeout: self.settings.connect_timeout,
             ip_check: IpCheck {
-                header: self.spec.options.exit_ip_header.clone(),
-                echo: self.spec.options.ip_echo.clone(),
+                header: route.egress.header.clone(),
+                echo: route.egress.echo.clone(),
                 pinned,
             },
         }
@@ -209,7 +224,7 @@ impl ExitClient {
         let response = tokio::time::timeout(timeout, pool.request(request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(timeout))?;
-        response.map_err(classify)
+        response.map_err(UpstreamError::from_client)
     }
 
     /// Drops a lane's pool and its connections (a retired identity's).
@@ -243,18 +258,4 @@ impl ExitClient {
             .probe(target)
             .await
     }
-}
-
-fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
-            return UpstreamError::Connect(connect.clone());
-        }
-        source = cause.source();
-    }
-    UpstreamError::Exchange(format!(
-        "the origin connection failed: {}",
-        crate::error::causes(&error)
-    ))
 }

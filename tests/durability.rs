@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pinproxy::cookies::PinHasher;
+use pinproxy::credential::PinHasher;
 use support::procs::PinproxyProcess;
 use support::{Jar, Origin, Proxy, ProxyClient, Setup};
 use tokio::sync::watch;

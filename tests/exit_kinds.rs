@@ -136,7 +136,7 @@ async fn health_probes_work_for_every_exit_kind() {
     })
     .await;
     let exits = &proxy.daemon.pipeline().exits;
-    let gone = exits.get(&pinproxy::exits::ExitId::new("gone")).unwrap();
+    let gone = exits.get(&pinproxy::identity::ExitId::new("gone")).unwrap();
     let mut states = gone.health.subscribe();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -146,7 +146,7 @@ async fn health_probes_work_for_every_exit_kind() {
     .expect("the dead exit's probes fail")
     .unwrap();
     for id in ["socks", "http", "local"] {
-        let exit = exits.get(&pinproxy::exits::ExitId::new(id)).unwrap();
+        let exit = exits.get(&pinproxy::identity::ExitId::new(id)).unwrap();
         assert_eq!(
             exit.health.state(),
             pinproxy::exits::health::HealthState::Healthy,

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use pinproxy::affinity::{ConflictPolicy, RetirePolicy};
 use pinproxy::clock::Clock;
 use pinproxy::exits::health::HealthState;
 use pinproxy::fingerprint::FingerprintPolicy;
+use pinproxy::routing::{ConflictPolicy, RetirePolicy};
 use support::exit::Gateway;
 use support::{Jar, Origin, Proxy, Setup, TestExit};
 
@@ -175,7 +175,7 @@ async fn one_identity_per_exit(s: &Setup) -> Vec<(Jar, usize)> {
 }
 
 async fn wait_for_state(s: &Setup, exit: usize, want: HealthState) {
-    let id = pinproxy::exits::ExitId::new(&format!("exit{}", exit + 1));
+    let id = pinproxy::identity::ExitId::new(&format!("exit{}", exit + 1));
     let exits = &s.proxy.daemon.pipeline().exits;
     let mut changes = exits.get(&id).unwrap().health.subscribe();
     tokio::time::timeout(
@@ -707,7 +707,7 @@ async fn weights_shape_rotation_and_unhealthy_exits_get_no_new_identities() {
             .daemon
             .pipeline()
             .exits
-            .get(&pinproxy::exits::ExitId::new("exit2"))
+            .get(&pinproxy::identity::ExitId::new("exit2"))
             .unwrap()
             .health
             .state();

@@ -12,18 +12,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pinproxy::affinity::memory::MemoryStore;
-use pinproxy::affinity::{Affinity, ConflictPolicy, Policies, RetirePolicy, Route, Store};
 use pinproxy::clock::Clock;
-use pinproxy::cookies::{Credential, PinHasher, PinKey, SetTrackedCookie};
+use pinproxy::credential::PinKind;
+use pinproxy::credential::{Credential, PinHasher, PinKey};
 use pinproxy::exits::health::{Health, Thresholds};
 use pinproxy::exits::sessions::AnonymousSessions;
-use pinproxy::exits::{Exit, ExitId, ExitSet, ExitSpec};
+use pinproxy::exits::{Exit, ExitSet, ExitSpec};
 use pinproxy::fingerprint::Fingerprint;
-use pinproxy::identity::{PinKind, RetireReason, SessionId};
+use pinproxy::identity::ExitId;
+use pinproxy::identity::{RetireReason, SessionId};
 use pinproxy::metrics::Metrics;
+use pinproxy::proxy::capture::learn;
+use pinproxy::proxy::credentials::cookies::SetTrackedCookie;
+use pinproxy::routing::{ConflictPolicy, Policies, RetirePolicy, Route, Router};
+use pinproxy::store::memory::MemoryStore;
+use pinproxy::store::Store;
 use pinproxy::upstream::{ExitClient, PoolSettings};
 use proptest::prelude::*;
+use tokio_util::task::TaskTracker;
 
 const EXITS: usize = 3;
 const COOKIES: u8 = 10;
@@ -70,8 +76,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn exit_set(now_ms: u64) -> ExitSet {
-    let tls =
-        pinproxy::upstream::tls::upstream_tls(pinproxy::daemon::crypto_provider(), &[]).unwrap();
+    let tls = pinproxy::upstream::tls::UpstreamTls::new(pinproxy::daemon::crypto_provider(), &[])
+        .unwrap();
     let pool = PoolSettings {
         connect_timeout: Duration::from_secs(1),
         response_head_timeout: Duration::from_secs(1),
@@ -94,7 +100,7 @@ fn exit_set(now_ms: u64) -> ExitSet {
             }
             let anonymous = if spec.has_session_placeholder() { 4 } else { 1 };
             Exit {
-                client: ExitClient::new(&spec, tls.clone(), &pool),
+                client: ExitClient::new(spec.route(), tls.clone(), &pool),
                 health: Health::new(THRESHOLDS),
                 sessions: AnonymousSessions::new(
                     anonymous,
@@ -160,7 +166,7 @@ async fn run(
 ) -> Result<(), TestCaseError> {
     let clock = Clock::manual();
     let exits = Arc::new(exit_set(clock.now_ms()));
-    let affinity = Affinity::new(
+    let router = Router::new(
         Store::Memory(MemoryStore::new()),
         clock.clone(),
         Policies {
@@ -172,6 +178,7 @@ async fn run(
             keep_retired_ms: 10 * 365 * 24 * 3_600_000,
         },
         Arc::new(Metrics::new()),
+        TaskTracker::new(),
     );
     let hasher = PinHasher::new([9; 32]);
     let mut ledger = Ledger::default();
@@ -185,7 +192,12 @@ async fn run(
                 agent,
             } => {
                 let mut credentials: Vec<Credential> = key
-                    .map(|k| pinproxy::session_key::credential(&hasher, &format!("key{k}")))
+                    .map(|k| {
+                        pinproxy::proxy::credentials::session_key::credential(
+                            &hasher,
+                            &format!("key{k}"),
+                        )
+                    })
                     .into_iter()
                     .collect();
                 for n in cookies {
@@ -200,7 +212,7 @@ async fn run(
                     http::HeaderValue::from_static(["UA-A", "UA-B"][usize::from(agent)]),
                 );
                 let fingerprint = Fingerprint::of(&headers);
-                match affinity.route(&exits, &credentials, &headers).await {
+                match router.route(&exits, &credentials, &headers).await {
                     Ok(route) => {
                         for credential in credentials
                             .iter()
@@ -226,15 +238,14 @@ async fn run(
                     deletes: false,
                     expires_ms: max_age_min.map(|m| clock.now_ms() + u64::from(m) * 60_000),
                 };
-                let identity = affinity
-                    .learn(route, &[set], fingerprint, None)
+                let identity = learn(&router, route, &[set], fingerprint, None)
                     .await
                     .unwrap();
                 // If the value is pinned to this response's identity now, it
                 // was earned here.
                 if let Some(identity) = identity {
                     let binding =
-                        pinproxy::affinity::PinStore::lookup(affinity.store(), &[credential.key])
+                        pinproxy::store::PinStore::lookup(router.store(), &[credential.key])
                             .await
                             .unwrap();
                     if binding[0].as_ref().map(|b| b.pin.identity) == Some(identity.id) {
@@ -263,7 +274,7 @@ async fn run(
             }
             Op::Advance(minutes) => clock.advance(Duration::from_secs(u64::from(minutes) * 60)),
             Op::Sweep => {
-                affinity.sweep(&exits).await.unwrap();
+                router.sweep(&exits).await.unwrap();
             }
             Op::Invalidate => {
                 if let Some((
@@ -274,7 +285,7 @@ async fn run(
                     _,
                 )) = &last
                 {
-                    affinity
+                    router
                         .retire(
                             &exits,
                             identity,

@@ -7,7 +7,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use pinproxy::affinity::PinStore as _;
+use pinproxy::store::PinStore as _;
 use support::origin::reported_peer;
 use support::{Jar, Setup};
 
@@ -228,7 +228,7 @@ async fn a_rotated_cookie_inherits_its_exit() {
     // The pin was learnt from Set-Cookie, on the exit that carried it.
     let pipeline = s.proxy.daemon.pipeline();
     let key = pipeline.hasher.cookie("datadome", &rotated);
-    let pins = pipeline.affinity.store().lookup(&[key]).await.unwrap();
+    let pins = pipeline.router.store().lookup(&[key]).await.unwrap();
     let exit = s.exits.iter().position(|e| e.source == peer).unwrap();
     assert_eq!(
         pins[0]

@@ -7,15 +7,15 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pinproxy::affinity::durable::DurableStore;
-use pinproxy::affinity::memory::MemoryStore;
-use pinproxy::affinity::redis::RedisStore;
-use pinproxy::affinity::{PinStore, Store};
-use pinproxy::cookies::PinKey;
-use pinproxy::exits::ExitId;
+use pinproxy::credential::{PinKey, PinKind};
 use pinproxy::fingerprint::Fingerprint;
-use pinproxy::identity::{Identity, Pin, PinKind, RetireReason, Retirement, SessionId};
+use pinproxy::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
+use pinproxy::store::durable::DurableStore;
+use pinproxy::store::memory::MemoryStore;
+use pinproxy::store::redis::RedisStore;
+use pinproxy::store::{PinStore, Store};
 use support::procs::RedisServer;
+use tokio_util::task::TaskTracker;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -257,8 +257,14 @@ async fn the_durable_store_keeps_the_contract_across_reopens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_store_keeps_the_contract() {
     let redis = RedisServer::start().await;
-    let store =
-        RedisStore::connect(&redis.url(), "contract", 48 * HOUR_MS, 30 * 24 * HOUR_MS).unwrap();
+    let store = RedisStore::connect(
+        &redis.url(),
+        "contract",
+        48 * HOUR_MS,
+        30 * 24 * HOUR_MS,
+        TaskTracker::new(),
+    )
+    .unwrap();
     let store = Arc::new(Store::Redis(store));
     contract(store.clone()).await;
 
@@ -282,8 +288,10 @@ async fn the_redis_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_redis_agree_on_the_hashing_key() {
     let redis = RedisServer::start().await;
-    let first = RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS).unwrap();
-    let second = RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS).unwrap();
+    let first =
+        RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS, TaskTracker::new()).unwrap();
+    let second =
+        RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS, TaskTracker::new()).unwrap();
     let a = first.shared_hash_key([1; 32]).await.unwrap();
     let b = second.shared_hash_key([2; 32]).await.unwrap();
     assert_eq!(a, [1; 32]);

@@ -32,7 +32,7 @@ pub enum LeafName {
 impl LeafName {
     /// Classifies a host as an IP literal or a DNS name.
     pub fn from_host(host: &str) -> LeafName {
-        let trimmed = host.trim_start_matches('[').trim_end_matches(']');
+        let trimmed = crate::net::unbracket(host);
         match trimmed.parse::<IpAddr>() {
             Ok(ip) => LeafName::Ip(ip),
             Err(_) => LeafName::Dns(trimmed.to_ascii_lowercase()),

@@ -1,124 +1,121 @@
-//! TLS towards origins: which roots are trusted and the handshake itself.
+//! TLS towards origins, behind one interface: [`UpstreamTls::connect`]
+//! takes a connected transport and returns an encrypted [`TlsConn`] that
+//! says which protocol the origin chose. No TLS library's types leave this
+//! module, so a second stack (one that can say what a browser says) is one
+//! more file here and no change to callers.
 //!
-//! This is the narrow interface behind which another TLS stack (one that
-//! imitates a browser's ClientHello) could be added: [`handshake`] takes a
-//! connected transport and returns an encrypted one.
+//! Trust: the public web roots compiled into pinproxy, plus the PEM files
+//! given with `--upstream-ca`.
 
-use std::path::{Path, PathBuf};
+mod rustls_stack;
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use rustls::crypto::CryptoProvider;
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub use rustls_stack::TlsSetupError;
 
 /// ALPN protocols offered to origins by clients that speak HTTP/1.1 only.
 pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 /// ALPN protocols offered to origins when the client offered HTTP/2.
 pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-/// The two upstream TLS configurations: the origin is offered what the
-/// client offered pinproxy.
+/// The upstream TLS client, shared by every exit (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct UpstreamTls {
-    /// Offers `http/1.1` only.
-    pub http1: Arc<ClientConfig>,
-    /// Offers `h2` and `http/1.1`.
-    pub h2: Arc<ClientConfig>,
+    rustls: Arc<rustls_stack::RustlsClient>,
 }
 
 impl UpstreamTls {
-    /// The configuration offering `h2` or not.
-    pub fn offering(&self, h2: bool) -> Arc<ClientConfig> {
-        if h2 {
-            self.h2.clone()
-        } else {
-            self.http1.clone()
-        }
+    /// A client trusting the public web roots plus `extra_ca_files`.
+    /// Blocking (reads files): call it off the async runtime.
+    pub fn new(
+        provider: Arc<::rustls::crypto::CryptoProvider>,
+        extra_ca_files: &[PathBuf],
+    ) -> Result<UpstreamTls, TlsSetupError> {
+        Ok(UpstreamTls {
+            rustls: Arc::new(rustls_stack::RustlsClient::new(provider, extra_ca_files)?),
+        })
+    }
+
+    /// Runs the TLS handshake with `host` over `transport`, offering HTTP/2
+    /// when `h2` (the origin is offered what the client offered pinproxy).
+    pub async fn connect<T>(&self, host: &str, transport: T, h2: bool) -> io::Result<TlsConn>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.rustls.connect(host, transport, h2).await
     }
 }
 
-/// Both upstream configurations, trusting the public web roots plus
-/// `extra_ca_files`.
-pub fn upstream_tls(
-    provider: Arc<CryptoProvider>,
-    extra_ca_files: &[PathBuf],
-) -> Result<UpstreamTls, TlsSetupError> {
-    let http1 = client_config(provider, extra_ca_files)?;
-    let mut h2 = (*http1).clone();
-    h2.alpn_protocols = ALPN_H2_HTTP1.iter().map(|p| p.to_vec()).collect();
-    Ok(UpstreamTls {
-        http1,
-        h2: Arc::new(h2),
-    })
+/// A byte stream a TLS connection can be read and written through.
+pub trait TlsIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> TlsIo for T {}
+
+/// An established TLS connection to an origin, whichever stack made it.
+pub struct TlsConn {
+    io: Box<dyn TlsIo>,
+    h2: bool,
 }
 
-/// The upstream trust store could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    /// An `--upstream-ca` file could not be read or holds no certificate.
-    #[error("upstream CA file {path}: {reason}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// rustls rejected the configuration.
-    #[error("upstream TLS settings: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// A client configuration offering `http/1.1`, trusting the public web roots
-/// plus the certificates in `extra_ca_files`.
-pub fn client_config(
-    provider: Arc<CryptoProvider>,
-    extra_ca_files: &[PathBuf],
-) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for path in extra_ca_files {
-        add_ca_file(&mut roots, path)?;
+impl std::fmt::Debug for TlsConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConn").field("h2", &self.h2).finish()
     }
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = ALPN_HTTP1.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
 }
 
-fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsSetupError> {
-    let error = |reason: String| TlsSetupError::CaFile {
-        path: path.to_owned(),
-        reason,
-    };
-    let mut added = 0;
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| error(e.to_string()))? {
-        let cert = cert.map_err(|e| error(e.to_string()))?;
-        roots.add(cert).map_err(|e| error(e.to_string()))?;
-        added += 1;
+impl TlsConn {
+    /// Wraps a stack's stream; `h2` says whether the origin chose HTTP/2.
+    pub fn new(io: Box<dyn TlsIo>, h2: bool) -> TlsConn {
+        TlsConn { io, h2 }
     }
-    if added == 0 {
-        return Err(error("no PEM certificate in the file".into()));
+
+    /// Whether the origin chose HTTP/2 by ALPN.
+    pub fn negotiated_h2(&self) -> bool {
+        self.h2
     }
-    Ok(())
 }
 
-/// Runs the TLS handshake with `host` over `transport`.
-pub async fn handshake<T>(
-    config: Arc<ClientConfig>,
-    host: &str,
-    transport: T,
-) -> std::io::Result<TlsStream<T>>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host:?}: {e}"))
-    })?;
-    TlsConnector::from(config).connect(name, transport).await
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }

@@ -1,4 +1,4 @@
-//! Pipeline stage 3: the header policy, deciding what may leave.
+//! Pipeline stage 6, egress: the header policy, deciding what may leave.
 //!
 //! Before a request leaves, every header that could reveal the scraper's own
 //! address or the proxy chain is removed, and so are the hop-by-hop headers

@@ -16,8 +16,9 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use super::egress;
 use crate::body::{self, Body};
-use crate::egress;
+use crate::upstream::error::{ExchangeKind, UpstreamError};
 
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -97,17 +98,19 @@ pub fn bridge(
     client: OnUpgrade,
     mut upstream: Response<Incoming>,
     expected_accept: Option<String>,
-) -> Result<Response<Body>, String> {
+) -> Result<Response<Body>, UpstreamError> {
     if let Some(expected) = &expected_accept {
         let accept = upstream
             .headers()
             .get(header::SEC_WEBSOCKET_ACCEPT)
             .and_then(|v| v.to_str().ok());
         if accept != Some(expected.as_str()) {
-            return Err(
-                "the origin answered the WebSocket upgrade with a wrong Sec-WebSocket-Accept"
-                    .into(),
-            );
+            return Err(UpstreamError::Exchange {
+                kind: ExchangeKind::Upgrade,
+                detail:
+                    "the origin answered the WebSocket upgrade with a wrong Sec-WebSocket-Accept"
+                        .into(),
+            });
         }
     }
     let upstream_io = hyper::upgrade::on(&mut upstream);

@@ -1,37 +1,25 @@
 //! What pinproxy answers when it cannot forward a request.
 //!
 //! Every failure is a [`ProxyError`], classified by who is at fault
-//! ([`Fault`]), which chooses the status code. The answer carries an
+//! ([`Fault`], decided by each inner error type), which chooses the status
+//! code. The answer carries an
 //! `X-Pinproxy-Error: <code>: <message>` header and a plain-text body with the
 //! same message and what to do about it. Messages name the exit and, for
 //! cookies, only their name and short hash.
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::affinity::{AffinityError, StoreError};
+use super::credentials::cookies::CookieError;
+use super::credentials::session_key::SessionKeyError;
 use crate::body::{self, Body};
-use crate::cookies::CookieError;
-use crate::exits::ExitId;
-use crate::identity::{IdentityId, RetireReason};
-use crate::session_key::SessionKeyError;
-use crate::upstream::connect::ConnectError;
-use crate::upstream::UpstreamError;
+use crate::fault::{Blame, Fault};
+use crate::identity::{ExitId, IdentityId, RetireReason};
+use crate::routing::RouteError;
+use crate::store::StoreError;
+use crate::upstream::{ConnectError, UpstreamError};
 
 /// The response header that names pinproxy's reason for an error answer.
 pub const X_PINPROXY_ERROR: &str = "x-pinproxy-error";
-
-/// Who caused a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The client sent something pinproxy cannot or will not forward.
-    Client,
-    /// The exit failed.
-    Exit,
-    /// The origin failed.
-    Origin,
-    /// The pin store failed.
-    Store,
-}
 
 /// A request pinproxy could not forward.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +66,7 @@ pub enum ProxyError {
     },
     /// Routing failed.
     #[error(transparent)]
-    Affinity(#[from] AffinityError),
+    Route(#[from] RouteError),
     /// The exit or origin failed.
     #[error("exit {exit}: {error}")]
     Upstream {
@@ -92,31 +80,23 @@ pub enum ProxyError {
     Store(#[from] StoreError),
 }
 
-impl ProxyError {
-    /// Who is at fault.
-    pub fn fault(&self) -> Fault {
+impl Blame for ProxyError {
+    fn fault(&self) -> Fault {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::Cookies(_)
             | ProxyError::SessionKey(_)
             | ProxyError::FingerprintDrift { .. } => Fault::Client,
-            ProxyError::Affinity(AffinityError::Conflict(_)) => Fault::Client,
-            ProxyError::Affinity(
-                AffinityError::Retired(_)
-                | AffinityError::NoExit
-                | AffinityError::ExitMissing { .. },
-            )
-            | ProxyError::IdentityRetired { .. } => Fault::Exit,
-            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => Fault::Store,
-            ProxyError::Upstream { error, .. } => match error {
-                UpstreamError::Connect(c) if c.is_exit_fault() => Fault::Exit,
-                UpstreamError::Connect(ConnectError::ExitRefused { .. }) => Fault::Exit,
-                _ => Fault::Origin,
-            },
+            ProxyError::IdentityRetired { .. } => Fault::Exit,
+            ProxyError::Route(e) => e.fault(),
+            ProxyError::Store(e) => e.fault(),
+            ProxyError::Upstream { error, .. } => error.fault(),
         }
     }
+}
 
+impl ProxyError {
     /// The short, stable error code sent in `X-Pinproxy-Error`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -125,14 +105,13 @@ impl ProxyError {
             ProxyError::Cookies(_) => "unreadable-cookies",
             ProxyError::SessionKey(_) => "bad-session-key",
             ProxyError::FingerprintDrift { .. } => "fingerprint-drift",
-            ProxyError::Affinity(AffinityError::Conflict(_)) => "pin-conflict",
-            ProxyError::Affinity(AffinityError::Retired(_))
-            | ProxyError::IdentityRetired { .. } => "identity-retired",
-            ProxyError::Affinity(AffinityError::NoExit) => "no-exit-available",
-            ProxyError::Affinity(AffinityError::ExitMissing { .. }) => "exit-missing",
-            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
-                "store-unavailable"
+            ProxyError::Route(RouteError::Conflict(_)) => "pin-conflict",
+            ProxyError::Route(RouteError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
+                "identity-retired"
             }
+            ProxyError::Route(RouteError::NoExit) => "no-exit-available",
+            ProxyError::Route(RouteError::ExitMissing { .. }) => "exit-missing",
+            ProxyError::Route(RouteError::Store(_)) | ProxyError::Store(_) => "store-unavailable",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::Connect(c) => match c {
                     ConnectError::ExitUnreachable { .. } => "exit-unreachable",
@@ -149,7 +128,7 @@ impl ProxyError {
                     ConnectError::ExitSocks { .. } => "exit-refused",
                 },
                 UpstreamError::ResponseTimeout(_) => "origin-timeout",
-                UpstreamError::Exchange(_) => "origin-failed",
+                UpstreamError::Exchange { .. } => "origin-failed",
             },
         }
     }
@@ -158,9 +137,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::Affinity(AffinityError::Conflict(_))
-            | ProxyError::FingerprintDrift { .. } => StatusCode::CONFLICT,
-            ProxyError::Affinity(AffinityError::NoExit) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Route(RouteError::Conflict(_)) | ProxyError::FingerprintDrift { .. } => {
+                StatusCode::CONFLICT
+            }
+            ProxyError::Route(RouteError::NoExit) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream {
                 error: UpstreamError::ResponseTimeout(_),
                 ..
@@ -169,6 +149,7 @@ impl ProxyError {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Exit | Fault::Origin => StatusCode::BAD_GATEWAY,
                 Fault::Store => StatusCode::SERVICE_UNAVAILABLE,
+                Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -190,19 +171,19 @@ impl ProxyError {
                 "This identity was created by a client with another User-Agent / client hints / language. \
                  Use one identity per browser profile, or set identities.fingerprint_policy."
             }
-            ProxyError::Affinity(AffinityError::Conflict(_)) => {
+            ProxyError::Route(RouteError::Conflict(_)) => {
                 "These credentials were earned by different identities (exits) and cannot leave together. \
                  Drop the cookies of one identity from the client's jar (or use one jar per identity)."
             }
-            ProxyError::Affinity(AffinityError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
+            ProxyError::Route(RouteError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
                 "This identity cannot continue on its exit and pinproxy will not move it to another. \
                  Drop its cookies and session key and start a new session."
             }
-            ProxyError::Affinity(AffinityError::NoExit) => "Every exit is dead; check the exits and retry later.",
-            ProxyError::Affinity(AffinityError::ExitMissing { .. }) => {
+            ProxyError::Route(RouteError::NoExit) => "Every exit is dead; check the exits and retry later.",
+            ProxyError::Route(RouteError::ExitMissing { .. }) => {
                 "Configure the same exits on every replica, or drop the cookie from the client's jar."
             }
-            ProxyError::Affinity(AffinityError::Store(_)) | ProxyError::Store(_) => {
+            ProxyError::Route(RouteError::Store(_)) | ProxyError::Store(_) => {
                 "The pin store is unreachable; pinproxy will not route tracked cookies blindly. Retry later."
             }
             ProxyError::Upstream { .. } => match self.fault() {
@@ -249,45 +230,6 @@ fn header_value(text: &str) -> HeaderValue {
         })
         .collect();
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("internal"))
-}
-
-/// The causes of an error, outermost first, joined by `": "`.
-pub fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// Whether an error is only a peer going away (EOF, reset, close_notify
-/// missing): worth a debug line, not a warning.
-pub fn is_benign_disconnect(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if matches!(
-                io.kind(),
-                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
-            ) {
-                return true;
-            }
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return true;
-            }
-        }
-        current = e.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -27,11 +27,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::memory::MemoryStore;
-use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
-use crate::cookies::PinKey;
-use crate::exits::ExitId;
+use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
+use crate::credential::PinKey;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "pins.redb";
@@ -215,7 +214,7 @@ impl DurableStore {
         self.queue
             .send(Queued { seq, change })
             .map(|()| seq)
-            .map_err(|_| StoreError("the pin store is closed".into()))
+            .map_err(|_| StoreError::new(StoreErrorKind::Closed, "the embedded store is closed"))
     }
 
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {
@@ -229,9 +228,17 @@ impl DurableStore {
         let state = committed
             .wait_for(|c| c.seq >= seq || c.failure.is_some())
             .await
-            .map_err(|_| StoreError("the pin store writer stopped".into()))?;
+            .map_err(|_| {
+                StoreError::new(
+                    StoreErrorKind::Closed,
+                    "the embedded store's writer stopped",
+                )
+            })?;
         match &state.failure {
-            Some(failure) => Err(StoreError(format!("pin store write failed: {failure}"))),
+            Some(failure) => Err(StoreError::new(
+                StoreErrorKind::WriteFailed,
+                failure.clone(),
+            )),
             None => Ok(()),
         }
     }
@@ -516,7 +523,12 @@ impl PinStore for DurableStore {
         self.pin_all_if_absent(&[(key, pin.clone())])
             .await?
             .pop()
-            .ok_or_else(|| StoreError("pin vanished".into()))
+            .ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Protocol,
+                    "the pin vanished after it was written",
+                )
+            })
     }
 
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
@@ -625,8 +637,9 @@ impl PinStore for DurableStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credential::PinKind;
     use crate::fingerprint::Fingerprint;
-    use crate::identity::{PinKind, SessionId};
+    use crate::identity::{ExitId, SessionId};
 
     fn identity(now: u64) -> Identity {
         Identity::new(

@@ -17,10 +17,10 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
-use crate::cookies::PinKey;
-use crate::exits::ExitId;
+use crate::credential::PinKey;
+use crate::credential::PinKind;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{Identity, IdentityId, Pin, PinKind, RetireReason, Retirement, SessionId};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
 /// Values stored once and referred to by index.
 #[derive(Debug)]

@@ -12,9 +12,8 @@ use std::io::{BufRead, Write};
 use serde::{Deserialize, Serialize};
 
 use super::{PinStore, Store, StoreError};
-use crate::cookies::PinKey;
-use crate::exits::ExitId;
-use crate::identity::{Identity, Pin};
+use crate::credential::PinKey;
+use crate::identity::{ExitId, Identity, Pin};
 
 /// The export format version.
 pub const FORMAT: u32 = 1;
@@ -225,9 +224,10 @@ fn count(moved: &mut Moved, done: Option<Result<bool, StoreError>>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::memory::MemoryStore;
+    use crate::credential::PinKind;
     use crate::fingerprint::Fingerprint;
-    use crate::identity::{PinKind, SessionId};
+    use crate::identity::{ExitId, SessionId};
+    use crate::store::memory::MemoryStore;
     use std::sync::Arc;
 
     #[tokio::test]

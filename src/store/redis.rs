@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
+use tokio_util::task::TaskTracker;
 
-use super::{Binding, Counts, Listing, PinStore, StoreError};
-use crate::cookies::PinKey;
-use crate::exits::ExitId;
-use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
+use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind};
+use crate::credential::PinKey;
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 
 /// How long a command may take before the store counts as unavailable.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -87,6 +87,8 @@ struct Inner {
     /// How long retired identities are remembered, in ms.
     keep_retired_ms: u64,
     available: AtomicBool,
+    /// Writes sent off the request path (touches), awaited at shutdown.
+    tasks: TaskTracker,
     lookup: Script,
     pin_if_absent: Script,
     exit_death: Script,
@@ -101,28 +103,50 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("redis: {e}"))
+/// A Redis error, by kind: connection trouble makes the store unreachable.
+fn redis_error(e: &redis::RedisError) -> StoreError {
+    let kind = if is_connection_error(e) {
+        StoreErrorKind::Unreachable
+    } else {
+        StoreErrorKind::Protocol
+    };
+    StoreError::new(kind, format!("redis: {e}"))
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// A record that cannot be decoded.
+fn corrupt(detail: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, format!("redis: {detail}"))
+}
+
+/// An answer of the wrong shape.
+fn unexpected(detail: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Protocol, format!("redis: {detail}"))
 }
 
 impl RedisStore {
     /// Connects lazily to `url` (the daemon starts even while Redis is
     /// down, and refuses requests until it answers). `pin_ttl_ms` bounds
-    /// pins and live identities, `keep_retired_ms` retired ones.
+    /// pins and live identities, `keep_retired_ms` retired ones. Writes
+    /// sent off the request path run on `tasks`.
     pub fn connect(
         url: &str,
         namespace: &str,
         pin_ttl_ms: u64,
         keep_retired_ms: u64,
+        tasks: TaskTracker,
     ) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(store_error)?;
+        let client = redis::Client::open(url).map_err(|e| redis_error(&e))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| redis_error(&e))?;
         let store = RedisStore {
             inner: Arc::new(Inner {
                 connection,
@@ -130,6 +154,7 @@ impl RedisStore {
                 pin_ttl_ms,
                 keep_retired_ms,
                 available: AtomicBool::new(false),
+                tasks,
                 lookup: Script::new(LOOKUP),
                 pin_if_absent: Script::new(PIN_IF_ABSENT),
                 exit_death: Script::new(EXIT_DEATH),
@@ -168,14 +193,10 @@ impl RedisStore {
                 Ok(value)
             }
             Err(e) => {
-                if e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                {
+                if is_connection_error(&e) {
                     self.inner.available.store(false, Ordering::Relaxed);
                 }
-                Err(store_error(e))
+                Err(redis_error(&e))
             }
         }
     }
@@ -197,7 +218,7 @@ impl RedisStore {
         stored
             .as_slice()
             .try_into()
-            .map_err(|_| StoreError(format!("{key} does not hold a 32-byte key")))
+            .map_err(|_| corrupt(format!("{key} does not hold a 32-byte key")))
     }
 
     /// Warns when the server may evict pinproxy's keys before they expire.
@@ -222,12 +243,11 @@ impl RedisStore {
     fn decode_binding(&self, pin: &[u8], fields: &Value) -> Result<Binding, StoreError> {
         let (prefix, record) = pin
             .split_at_checked(16)
-            .ok_or_else(|| store_error("short pin record"))?;
-        let pin: Pin =
-            postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt pin: {e}")))?;
-        let prefix = std::str::from_utf8(prefix).map_err(store_error)?;
-        if IdentityId(u64::from_str_radix(prefix, 16).map_err(store_error)?) != pin.identity {
-            return Err(store_error("pin prefix and record disagree"));
+            .ok_or_else(|| corrupt("short pin record"))?;
+        let pin: Pin = postcard::from_bytes(record).map_err(|e| corrupt(format!("pin: {e}")))?;
+        let prefix = std::str::from_utf8(prefix).map_err(corrupt)?;
+        if IdentityId(u64::from_str_radix(prefix, 16).map_err(corrupt)?) != pin.identity {
+            return Err(corrupt("pin prefix and record disagree"));
         }
         Ok(Binding {
             pin,
@@ -237,7 +257,7 @@ impl RedisStore {
 
     fn encode_pin(pin: &Pin) -> Result<Vec<u8>, StoreError> {
         let mut bytes = pin.identity.to_string().into_bytes();
-        bytes.extend(postcard::to_stdvec(pin).map_err(store_error)?);
+        bytes.extend(postcard::to_stdvec(pin).map_err(corrupt)?);
         Ok(bytes)
     }
 }
@@ -305,7 +325,7 @@ fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
         return Ok(None);
     };
     let mut identity: Identity =
-        postcard::from_bytes(record).map_err(|e| store_error(format!("corrupt identity: {e}")))?;
+        postcard::from_bytes(record).map_err(|e| corrupt(format!("identity: {e}")))?;
     let number = |v: &[u8]| {
         std::str::from_utf8(v)
             .ok()
@@ -322,10 +342,8 @@ fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
         identity.egress_ip = Some(ip);
     }
     if let Some(retired) = get("retired") {
-        identity.retired = Some(
-            postcard::from_bytes(retired)
-                .map_err(|e| store_error(format!("corrupt retirement: {e}")))?,
-        );
+        identity.retired =
+            Some(postcard::from_bytes(retired).map_err(|e| corrupt(format!("retirement: {e}")))?);
     }
     Ok(Some(identity))
 }
@@ -340,16 +358,16 @@ impl PinStore for RedisStore {
         let mut connection = self.connection();
         let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
         let Value::Array(rows) = reply else {
-            return Err(store_error("unexpected lookup reply"));
+            return Err(unexpected("unexpected lookup reply"));
         };
         rows.iter()
             .map(|row| match row {
                 Value::Array(parts) => match parts.as_slice() {
                     [pin, fields] => {
-                        let pin = bulk(pin).ok_or_else(|| store_error("pin is not a string"))?;
+                        let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
                         self.decode_binding(pin, fields).map(Some)
                     }
-                    _ => Err(store_error("unexpected lookup row")),
+                    _ => Err(unexpected("unexpected lookup row")),
                 },
                 _ => Ok(None),
             })
@@ -357,7 +375,7 @@ impl PinStore for RedisStore {
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        let record = postcard::to_stdvec(identity).map_err(store_error)?;
+        let record = postcard::to_stdvec(identity).map_err(corrupt)?;
         let key = self.identity_key(identity.id);
         let mut connection = self.connection();
         self.note(
@@ -389,12 +407,12 @@ impl PinStore for RedisStore {
         match reply {
             Value::Array(parts) => match parts.as_slice() {
                 [_, pin, fields] => {
-                    let pin = bulk(pin).ok_or_else(|| store_error("pin is not a string"))?;
+                    let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
                     self.decode_binding(pin, fields)
                 }
-                _ => Err(store_error("unexpected pin reply")),
+                _ => Err(unexpected("unexpected pin reply")),
             },
-            _ => Err(store_error("unexpected pin reply")),
+            _ => Err(unexpected("unexpected pin reply")),
         }
     }
 
@@ -402,7 +420,7 @@ impl PinStore for RedisStore {
         // Best effort and off the response path: a lost touch only makes an
         // identity look idle earlier.
         let store = self.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             let key = store.identity_key(id);
             let mut pipe = redis::pipe();
             pipe.hset(&key, "last", now_ms).hincr(&key, "reqs", 1);
@@ -435,7 +453,7 @@ impl PinStore for RedisStore {
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         let key = self.identity_key(id);
-        let record = postcard::to_stdvec(retirement).map_err(store_error)?;
+        let record = postcard::to_stdvec(retirement).map_err(corrupt)?;
         let mut connection = self.connection();
         // The first retirement stands; the record then lives as long as
         // retired credentials are remembered.

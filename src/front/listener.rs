@@ -1,11 +1,13 @@
-//! The front door: accepts client connections and serves proxy requests.
+//! The listener: accepts client connections and serves proxy requests.
 //!
 //! Each client connection speaks HTTP/1.1 to pinproxy. A plain proxy request
-//! (`GET http://host/path`) goes straight to the [`Pipeline`]. A `CONNECT`
-//! is answered `200` and the tunnel is handed to [`mitm::serve_tunnel`],
-//! which terminates TLS and feeds every request inside to the same
-//! pipeline. Nothing is dialled upstream while a tunnel opens: the exit is
-//! chosen per request, once the request is known.
+//! (`GET http://host/path`) goes straight to the
+//! [`Pipeline`](crate::proxy::Pipeline). A `CONNECT` is answered `200` and
+//! the tunnel is handed to [`tunnel::serve`](super::tunnel::serve), which
+//! terminates TLS and feeds every request inside to the same pipeline, or,
+//! for hosts excluded from interception, to [`passthrough`](super::passthrough).
+//! Nothing is dialled upstream while a tunnel opens: the exit is chosen per
+//! request, once the request is known.
 //!
 //! Limits: at most `limits.max_connections` client connections are served
 //! at once (more wait in the kernel's queue); header sections get
@@ -19,65 +21,22 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use super::{passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
-use crate::config::{Limits, Timeouts};
-use crate::error::{self, ProxyError};
-use crate::mitm::{self, Mitm};
-use crate::passthrough;
-use crate::pipeline::{self, Pipeline};
-use crate::session_key;
-use crate::target;
-
-/// What every client connection shares.
-#[derive(Debug)]
-pub struct Frontend {
-    /// The request spine.
-    pub pipeline: Pipeline,
-    /// TLS interception.
-    pub mitm: Mitm,
-    /// Limits.
-    pub limits: Limits,
-    /// Timeouts.
-    pub timeouts: Timeouts,
-    /// Cancelled when the daemon stops.
-    pub shutdown: CancellationToken,
-    /// Every connection and tunnel task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-}
-
-impl Frontend {
-    /// The HTTP/1 server settings used for client connections and for the
-    /// connections inside tunnels.
-    pub fn http1(&self) -> http1::Builder {
-        let mut builder = http1::Builder::new();
-        // pinproxy answers oversized header sections itself (431 with an
-        // explanation) up to four times the limit; beyond that hyper's own
-        // 431 keeps memory bounded.
-        let hard_limit = self.limits.max_header_bytes.saturating_mul(4);
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.timeouts.header_read)
-            .max_header_size(hard_limit)
-            .max_buf_size(hard_limit.max(8192) + 8192)
-            .max_headers(self.limits.max_headers)
-            .preserve_header_case(true)
-            .keep_alive(true);
-        builder
-    }
-}
+use crate::fault;
+use crate::proxy::credentials::session_key;
+use crate::proxy::{self, target, ProxyError};
 
 /// Accepts connections until `frontend.shutdown` is cancelled.
 pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
-    let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
+    let slots = Arc::new(Semaphore::new(frontend.settings.max_connections));
     loop {
         let permit = tokio::select! {
             () = frontend.shutdown.cancelled() => break,
@@ -139,11 +98,11 @@ async fn outer_request(
     if request.method() != Method::CONNECT {
         return frontend.pipeline.handle(None, request).await;
     }
-    let size = pipeline::header_section_size(&request);
-    if size > frontend.limits.max_header_bytes {
+    let size = proxy::header_section_size(&request);
+    if size > frontend.settings.max_header_bytes {
         return ProxyError::HeadersTooLarge {
             size,
-            limit: frontend.limits.max_header_bytes,
+            limit: frontend.settings.max_header_bytes,
         }
         .to_response();
     }
@@ -176,7 +135,7 @@ async fn outer_request(
         async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    mitm::serve_tunnel(tunnel_frontend, upgraded, authority, session_key).await
+                    tunnel::serve(tunnel_frontend, upgraded, authority, session_key).await
                 }
                 Err(e) => tracing::debug!(error = %e, "client left before the tunnel opened"),
             }
@@ -212,12 +171,12 @@ where
 /// malformed request is the client's problem: debug level.
 pub(crate) fn log_connection_end(result: hyper::Result<()>) {
     if let Err(e) = result {
-        if error::is_benign_disconnect(&e) {
-            tracing::debug!(error = %error::causes(&e), "client disconnected");
+        if fault::is_benign_disconnect(&e) {
+            tracing::debug!(error = %fault::causes(&e), "client disconnected");
         } else if e.is_parse() || e.is_timeout() {
-            tracing::debug!(error = %error::causes(&e), "client sent a bad or slow request");
+            tracing::debug!(error = %fault::causes(&e), "client sent a bad or slow request");
         } else {
-            tracing::debug!(error = %error::causes(&e), "client connection failed");
+            tracing::debug!(error = %fault::causes(&e), "client connection failed");
         }
     }
 }

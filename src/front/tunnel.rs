@@ -1,4 +1,5 @@
-//! Serving one CONNECT tunnel: tell TLS from plain HTTP by the first byte,
+//! Serving one CONNECT tunnel pinproxy opens (the MITM): tell TLS from
+//! plain HTTP by the first byte,
 //! terminate TLS with the host's leaf, then serve the protocol the client
 //! chose by ALPN (HTTP/2 or HTTP/1.1) on the decrypted stream, every request
 //! through the pipeline.
@@ -21,11 +22,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::leaf::LeafName;
-use crate::exits::HostPort;
-use crate::listener::{drive, log_connection_end, Frontend};
-use crate::rewind::Rewind;
-use crate::target::Tunnel;
+use super::listener::{drive, log_connection_end};
+use super::rewind::Rewind;
+use super::Frontend;
+use crate::mitm::leaf::LeafName;
+use crate::net::HostPort;
+use crate::proxy::target::Tunnel;
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -34,14 +36,14 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// Serves the tunnel to `authority` opened on `upgraded` until either side
 /// closes it; `session_key` is the key the CONNECT named, if any.
-pub async fn serve_tunnel(
+pub async fn serve(
     frontend: Arc<Frontend>,
     upgraded: Upgraded,
     authority: HostPort,
     session_key: Option<String>,
 ) {
     let io = TokioIo::new(upgraded);
-    let Some(io) = first_byte(&frontend, io, frontend.timeouts.tls_handshake).await else {
+    let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
         return;
     };
     let is_tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
@@ -101,7 +103,7 @@ where
         return;
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let Some(tls) = first_byte(&frontend, tls, frontend.timeouts.header_read).await else {
+    let Some(tls) = first_byte(&frontend, tls, frontend.settings.header_read).await else {
         return;
     };
     if h2 {
@@ -122,7 +124,7 @@ async fn accept_tls<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + frontend.timeouts.tls_handshake;
+    let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout_at(deadline, acceptor).await {
         Ok(Ok(start)) => start,
@@ -210,7 +212,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = tunnel_service(frontend.clone(), tunnel);
-    let header_limit = u32::try_from(frontend.limits.max_header_bytes).unwrap_or(u32::MAX);
+    let header_limit = u32::try_from(frontend.settings.max_header_bytes).unwrap_or(u32::MAX);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)

@@ -1,5 +1,8 @@
 //! Tunnels pinproxy does not open: hosts excluded from interception
 //! (`mitm.exclude`, or not in a non-empty `mitm.include`) are tunnelled raw.
+//! They go through the pipeline's own stages (credentials, route, send,
+//! capture), so the store policy and routing are the same as for any
+//! request; only the tunnel replaces the request.
 //!
 //! The CONNECT goes through the exit of the client's session key when it
 //! named one (a new key founds an identity, as a request would), else
@@ -13,11 +16,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::Frontend;
 use crate::body::{self, Body};
-use crate::error::ProxyError;
-use crate::exits::HostPort;
-use crate::listener::Frontend;
-use crate::session_key;
+use crate::net::HostPort;
+use crate::proxy::{credentials, ProxyError};
 
 /// Answers a CONNECT to a passed-through host: opens the tunnel through the
 /// exit first (so a failure can still be answered with a 502), then `200`,
@@ -45,35 +47,21 @@ async fn open(
     session_key: Option<String>,
 ) -> Result<Response<Body>, ProxyError> {
     let pipeline = &frontend.pipeline;
-    let credentials: Vec<_> = session_key
-        .map(|key| session_key::credential(&pipeline.hasher, &key))
-        .into_iter()
-        .collect();
-    if !credentials.is_empty() && !pipeline.affinity.store().available() {
-        return Err(ProxyError::Store(crate::affinity::StoreError(
-            "the pin store is unreachable".into(),
-        )));
-    }
-    // A CONNECT carries the client's User-Agent (browsers and curl send it):
-    // the best fingerprint there is for an identity founded here, so its
-    // headers go to the router.
-    let route = pipeline
-        .affinity
-        .route(&pipeline.exits, &credentials, request.headers())
-        .await?;
+    // Stage 3: only the session key can be read.
+    let credentials = credentials::of_connect(session_key.as_deref(), &pipeline.hasher);
+    // Stage 4. A CONNECT carries the client's User-Agent (browsers and curl
+    // send it): the best fingerprint there is for an identity founded here,
+    // so its headers go to the router.
+    let route = pipeline.route(&credentials, request.headers()).await?;
+    // Stage 7: the tunnel itself.
     let (upstream, egress_ip) = match route.exit.client.raw_tunnel(&route.lane, authority).await {
         Ok(opened) => opened,
         Err(error) => return Err(pipeline.upstream_failed(&route, error).await),
     };
     route.exit.health.success();
+    // Stage 8: nothing to read but the tunnel's use.
     if let Some(identity) = &route.identity {
-        if let Err(e) = pipeline
-            .affinity
-            .record_use(identity, true, egress_ip)
-            .await
-        {
-            tracing::warn!(error = %e, "could not record the identity's use");
-        }
+        pipeline.capture_use(identity, true, egress_ip).await;
     }
     tracing::debug!(target = %authority, exit = %route.exit.id(), "passthrough tunnel open");
     pipeline.metrics.request("passthrough");

@@ -1,4 +1,4 @@
-//! Pipeline stage 1: find the tracked session cookies on a request or a
+//! Tracked cookies: find the anti-bot session cookies on a request or a
 //! response and turn each into a [`PinKey`].
 //!
 //! Input: request headers (`Cookie`, `X-DataDome-ClientID`) or response
@@ -11,14 +11,11 @@
 //! might hide a tracked cookie.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::io::Write as _;
-use std::path::Path;
 
 use cookie::Cookie;
 use http::{HeaderMap, HeaderName};
 
-use crate::identity::PinKind;
+use crate::credential::{Credential, PinHasher, PinKey};
 
 /// The cookies every deployment tracks: the trust cookies of the big anti-bot
 /// vendors (DataDome, Cloudflare, Akamai, PerimeterX/HUMAN, Imperva/Incapsula,
@@ -121,165 +118,6 @@ impl CookiePolicy {
                 .globs
                 .iter()
                 .any(|g| g.matches_with(name, CASE_INSENSITIVE))
-    }
-}
-
-/// The pin key of one cookie value: a 128-bit keyed BLAKE3 hash of
-/// `name=value`. Stable across processes that share the hashing key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PinKey([u8; 16]);
-
-impl PinKey {
-    /// The raw hash bytes.
-    pub fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    /// Rebuilds a key from its bytes (stores, exports).
-    pub fn from_bytes(bytes: [u8; 16]) -> PinKey {
-        PinKey(bytes)
-    }
-
-    /// The full hash as 32 lowercase hex digits.
-    pub fn to_hex(&self) -> String {
-        let mut out = String::with_capacity(32);
-        for b in self.0 {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
-    }
-}
-
-/// Shows the short form (first 8 hex digits), which is what logs and error
-/// messages use.
-impl fmt::Display for PinKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for PinKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PinKey({self})")
-    }
-}
-
-/// Turns cookie values into [`PinKey`]s with a per-deployment secret key, so
-/// hashes in logs cannot be matched against guessed values.
-#[derive(Clone)]
-pub struct PinHasher {
-    key: [u8; 32],
-}
-
-impl fmt::Debug for PinHasher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PinHasher(..)")
-    }
-}
-
-/// File in the data directory holding the hashing key.
-pub const PIN_KEY_FILE: &str = "pin-key";
-
-impl PinHasher {
-    /// A hasher with the given key.
-    pub fn new(key: [u8; 32]) -> PinHasher {
-        PinHasher { key }
-    }
-
-    /// Loads the key from `DATA_DIR/pin-key`, creating it (mode 0600) on
-    /// first start.
-    pub fn load_or_create(data_dir: &Path) -> std::io::Result<PinHasher> {
-        let path = data_dir.join(PIN_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "{} must hold exactly 32 bytes; it has {} (restore it from backup: \
-                             a new key would orphan every stored pin)",
-                            path.display(),
-                            bytes.len()
-                        ),
-                    )
-                })?;
-                Ok(PinHasher::new(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; 32] = rand::random();
-                let mut file = crate::fsutil::create_private(&path)?;
-                file.write_all(&key)?;
-                file.sync_all()?;
-                Ok(PinHasher::new(key))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The secret key itself (shared with a fleet's store; never logged).
-    pub(crate) fn key_bytes(&self) -> [u8; 32] {
-        self.key
-    }
-
-    /// A short, non-secret fingerprint of the key: stores and exports
-    /// carry it so pins hashed with another key are never mixed in.
-    pub fn key_id(&self) -> String {
-        blake3::derive_key("pinproxy pin-key id v1", &self.key)[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
-    /// The pin key of a client session key. The domain tag cannot occur in
-    /// a cookie name, so it never equals a cookie's key.
-    pub fn session_key(&self, key: &str) -> PinKey {
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(b"\0session-key\0");
-        hasher.update(key.as_bytes());
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
-        PinKey(out)
-    }
-
-    /// The pin key of cookie `name` with `value`.
-    pub fn cookie(&self, name: &str, value: &str) -> PinKey {
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(name.as_bytes());
-        hasher.update(b"=");
-        hasher.update(value.as_bytes());
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
-        PinKey(out)
-    }
-}
-
-/// A credential found on a request: a tracked cookie or a session key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credential {
-    /// Cookie or session key.
-    pub kind: PinKind,
-    /// Cookie name as sent (`session-key` for session keys).
-    pub name: String,
-    /// Keyed hash of `name=value` (or of the session key).
-    pub key: PinKey,
-}
-
-impl Credential {
-    fn cookie(name: &str, key: PinKey) -> Credential {
-        Credential {
-            kind: PinKind::Cookie,
-            name: name.to_owned(),
-            key,
-        }
-    }
-}
-
-impl fmt::Display for Credential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}#{}", self.name, self.key)
     }
 }
 
@@ -589,28 +427,5 @@ mod tests {
             ]
         );
         assert_eq!(found[3].cookie.key, hasher().cookie("datadome", "carried"));
-    }
-
-    #[test]
-    fn keys_depend_on_name_value_and_secret() {
-        let h = hasher();
-        assert_ne!(h.cookie("a", "bc"), h.cookie("ab", "c"));
-        assert_ne!(h.cookie("a", "b"), PinHasher::new([8; 32]).cookie("a", "b"));
-        assert_eq!(h.cookie("a", "b").to_string().len(), 8);
-        assert_eq!(h.cookie("a", "b").to_hex().len(), 32);
-    }
-
-    #[test]
-    fn hashing_key_is_created_once_and_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let a = PinHasher::load_or_create(dir.path()).unwrap();
-        let b = PinHasher::load_or_create(dir.path()).unwrap();
-        assert_eq!(a.cookie("x", "y"), b.cookie("x", "y"));
-        let mode = std::fs::metadata(dir.path().join(PIN_KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
     }
 }

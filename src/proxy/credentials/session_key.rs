@@ -5,14 +5,12 @@
 //! `NAME-session-KEY` (what scrapers already send to commercial providers),
 //! or the header `X-Pinproxy-Session: KEY`. The header wins over the user
 //! name; a request inside a tunnel inherits the key of its `CONNECT`. Both
-//! are removed before egress (see `egress`).
+//! are removed before egress (stage 6, `proxy::egress`).
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::cookies::Credential;
-use crate::cookies::PinHasher;
-use crate::identity::PinKind;
+use crate::credential::{Credential, PinHasher, PinKind};
 
 /// The request header naming a session key.
 pub static X_PINPROXY_SESSION: HeaderName = HeaderName::from_static("x-pinproxy-session");

@@ -1,5 +1,7 @@
-//! Where a request goes: the origin a request names, from its absolute-form
-//! target (plain proxy requests) or from the CONNECT tunnel it arrived in.
+//! Pipeline stage 1, target: the origin a request names, from its
+//! absolute-form target (plain proxy requests) or from the CONNECT tunnel
+//! it arrived in. Nothing is changed on the request; a target pinproxy
+//! cannot use is answered 400.
 //!
 //! Inside a tunnel the destination is always the tunnel's CONNECT target,
 //! whatever the request line says: the client chose it when it opened the
@@ -8,8 +10,8 @@
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
-use crate::error::ProxyError;
-use crate::exits::HostPort;
+use super::ProxyError;
+use crate::net::{default_port, HostPort};
 
 /// The CONNECT tunnel a request arrived in.
 #[derive(Debug, Clone)]
@@ -71,20 +73,11 @@ impl Target {
                 )))
             }
         };
-        let host = uri
-            .host()
-            .filter(|h| !h.is_empty())
+        let origin = HostPort::from_uri(uri, default_port(scheme == Scheme::HTTPS))
             .ok_or_else(|| ProxyError::BadRequest("the request target has no host".into()))?;
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         Ok(Target {
             scheme,
-            origin: HostPort {
-                host: host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned(),
-                port: uri.port_u16().unwrap_or(default_port),
-            },
+            origin,
             path_and_query,
         })
     }
@@ -92,16 +85,7 @@ impl Target {
     /// The absolute URI the upstream pool is asked for. The port is left
     /// out when it is the scheme's default, as browsers do in `:authority`.
     pub fn upstream_uri(&self) -> Result<Uri, ProxyError> {
-        let default_port = if self.scheme == Scheme::HTTPS {
-            443
-        } else {
-            80
-        };
-        let authority = if self.origin.port == default_port {
-            HostPort::bracketed_host(&self.origin.host)
-        } else {
-            self.origin.to_string()
-        };
+        let authority = self.authority();
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(authority)
@@ -112,18 +96,18 @@ impl Target {
 
     /// The `Host` header for this origin (port omitted when default).
     pub fn host_header(&self) -> Result<HeaderValue, ProxyError> {
-        let default_port = if self.scheme == Scheme::HTTPS {
-            443
-        } else {
-            80
-        };
-        let text = if self.origin.port == default_port {
-            HostPort::bracketed_host(&self.origin.host)
-        } else {
-            self.origin.to_string()
-        };
+        let text = self.authority();
         HeaderValue::from_str(&text)
             .map_err(|_| ProxyError::BadRequest(format!("invalid host {text:?}")))
+    }
+}
+
+impl Target {
+    /// The origin's authority, its port left out when it is the scheme's
+    /// default.
+    fn authority(&self) -> String {
+        self.origin
+            .authority(default_port(self.scheme == Scheme::HTTPS))
     }
 }
 
@@ -134,18 +118,11 @@ pub fn connect_authority(uri: &Uri) -> Result<HostPort, ProxyError> {
     if uri.scheme().is_some() || authority.as_str().contains('@') {
         return Err(bad());
     }
-    let host = authority.host();
     let port = authority.port_u16().filter(|p| *p != 0).ok_or_else(bad)?;
-    if host.is_empty() {
+    if authority.host().is_empty() {
         return Err(bad());
     }
-    Ok(HostPort {
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port,
-    })
+    Ok(HostPort::new(authority.host(), port))
 }
 
 #[cfg(test)]
@@ -179,10 +156,7 @@ mod tests {
     #[test]
     fn tunnel_decides_the_origin() {
         let tunnel = Tunnel {
-            authority: HostPort {
-                host: "a.test".into(),
-                port: 443,
-            },
+            authority: HostPort::new("a.test", 443),
             tls: true,
             session_key: None,
             client_offers_h2: false,

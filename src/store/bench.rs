@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{PinStore, Store, StoreError};
-use crate::cookies::PinKey;
-use crate::exits::ExitId;
+use super::{PinStore, Store, StoreError, StoreErrorKind};
+use crate::credential::PinKey;
+use crate::credential::PinKind;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{Identity, Pin, PinKind, SessionId};
+use crate::identity::{ExitId, Identity, Pin, SessionId};
 
 /// Most pins one run may write (keeps a mistyped count from filling a disk).
 pub const MAX_PINS: u64 = 10_000_000;
@@ -122,7 +122,12 @@ pub async fn run(store: Arc<Store>, plan: Plan) -> Result<Report, BenchError> {
     }
     let mut latencies_ns = Vec::with_capacity(usize::try_from(plan.pins).unwrap_or(0));
     while let Some(joined) = workers.join_next().await {
-        let worker = joined.map_err(|e| StoreError(format!("a bench worker failed: {e}")))?;
+        let worker = joined.map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::Closed,
+                format!("a bench worker failed: {e}"),
+            )
+        })?;
         latencies_ns.extend(worker?);
     }
     let secs = started.elapsed().as_secs_f64();

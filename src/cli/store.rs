@@ -1,0 +1,111 @@
+//! `pinproxy store`: inspect, move and measure the pin store without the
+//! daemon (stop it first for the embedded store).
+
+use anyhow::Context as _;
+
+use super::{StoreAction, StoreArgs};
+use crate::daemon;
+use crate::store::{bench, transfer, PinStore as _, Store};
+
+/// Runs `pinproxy store ...`.
+pub fn store(args: StoreArgs) -> anyhow::Result<()> {
+    let config = args.common.load()?;
+    // Multi-threaded like the daemon, so `store bench` measures what it sees.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let (store, hasher) = daemon::open_store_for_tools(&config).await?;
+        let key_id = hasher.key_id();
+        let outcome = match args.action {
+            StoreAction::Stats => {
+                let counts = store.count().await?;
+                let deaths = store.exit_deaths().await?;
+                println!("store: {}", describe(&store));
+                println!("pin-hashing key id: {key_id}");
+                println!("pins: {}", counts.pins);
+                println!(
+                    "identities: {} ({} retired)",
+                    counts.identities, counts.retired
+                );
+                for (exit, at) in deaths {
+                    println!("exit {exit} last died at {at} (unix ms)");
+                }
+                Ok(())
+            }
+            StoreAction::Export { file } => {
+                let moved = match file {
+                    Some(path) => {
+                        let mut out = std::io::BufWriter::new(
+                            std::fs::File::create(&path)
+                                .with_context(|| format!("cannot create {}", path.display()))?,
+                        );
+                        let moved = transfer::export(&store, &key_id, &mut out).await?;
+                        std::io::Write::flush(&mut out)?;
+                        moved
+                    }
+                    None => {
+                        transfer::export(&store, &key_id, &mut std::io::stdout().lock()).await?
+                    }
+                };
+                eprintln!(
+                    "exported {} identities, {} pins",
+                    moved.identities, moved.pins
+                );
+                Ok(())
+            }
+            StoreAction::Import { file } => {
+                let input = std::io::BufReader::new(
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("cannot open {}", file.display()))?,
+                );
+                let moved = transfer::import(&store, &key_id, input).await?;
+                eprintln!(
+                    "imported {} identities, {} pins ({} pins kept the store's existing identity)",
+                    moved.identities, moved.pins, moved.conflicts
+                );
+                Ok::<(), anyhow::Error>(())
+            }
+            StoreAction::Bench { pins, concurrency } => {
+                let plan = bench::Plan { pins, concurrency };
+                let store = std::sync::Arc::new(store);
+                let report = bench::run(store.clone(), plan).await;
+                // Flushed before the numbers are printed: what was measured
+                // is on disk.
+                store.close().await;
+                let report = report?;
+                println!("{}", serde_json::to_string(&report)?);
+                eprintln!(
+                    "{}: {} pins at concurrency {}: {:.0} pins/s, pin-if-absent p50 {:.1} µs, p99 {:.1} µs",
+                    describe(&store),
+                    report.pins,
+                    report.concurrency,
+                    report.pins_per_sec,
+                    report.p50_us,
+                    report.p99_us
+                );
+                return Ok(());
+            }
+        };
+        store.close().await;
+        outcome
+    })
+}
+
+fn describe(store: &Store) -> String {
+    match store {
+        Store::Memory(_) => "memory".into(),
+        Store::Durable(durable) => {
+            let size = std::fs::metadata(durable.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            format!(
+                "embedded ({}, {:.1} MB)",
+                durable.path().display(),
+                size as f64 / 1e6
+            )
+        }
+        Store::Redis(redis) => format!("redis ({redis:?})"),
+    }
+}

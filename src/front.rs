@@ -1,0 +1,85 @@
+//! The front door: client connections, CONNECT tunnels and what is served
+//! inside them.
+//!
+//! - [`listener`]: accepts connections, answers plain proxy requests and
+//!   CONNECT;
+//! - [`tunnel`]: a CONNECT tunnel pinproxy opens (TLS terminated with the
+//!   host's leaf, HTTP/1.1 or HTTP/2 inside), every request through the
+//!   pipeline;
+//! - [`passthrough`]: a CONNECT tunnel pinproxy does not open
+//!   (`mitm.exclude`), relayed raw through the exit routing chose;
+//! - [`rewind`]: a stream with bytes put back in front.
+//!
+//! Limits: at most `limits.max_connections` client connections are served
+//! at once (more wait in the kernel's queue); header sections get
+//! `timeouts.header_read`; oversized ones are refused with 431.
+
+pub mod listener;
+pub mod passthrough;
+pub mod rewind;
+pub mod tunnel;
+
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::mitm::Mitm;
+use crate::proxy::Pipeline;
+
+pub use listener::accept_loop;
+
+/// Limits and timeouts of client connections (from `limits.*` and
+/// `timeouts.*`).
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    /// Most client connections served at once.
+    pub max_connections: usize,
+    /// Largest request header section accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Time a client has to send a header section; also the idle time of a
+    /// kept-alive client connection.
+    pub header_read: Duration,
+    /// Time a client has to finish its TLS handshake inside a tunnel.
+    pub tls_handshake: Duration,
+}
+
+/// What every client connection shares.
+#[derive(Debug)]
+pub struct Frontend {
+    /// The request spine.
+    pub pipeline: Pipeline,
+    /// TLS interception.
+    pub mitm: Mitm,
+    /// Limits and timeouts of client connections.
+    pub settings: FrontSettings,
+    /// Cancelled when the daemon stops.
+    pub shutdown: CancellationToken,
+    /// Every connection and tunnel task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Frontend {
+    /// The HTTP/1 server settings used for client connections and for the
+    /// connections inside tunnels.
+    pub fn http1(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        // pinproxy answers oversized header sections itself (431 with an
+        // explanation) up to four times the limit; beyond that hyper's own
+        // 431 keeps memory bounded.
+        let hard_limit = self.settings.max_header_bytes.saturating_mul(4);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read)
+            .max_header_size(hard_limit)
+            .max_buf_size(hard_limit.max(8192) + 8192)
+            .max_headers(self.settings.max_headers)
+            .preserve_header_case(true)
+            .keep_alive(true);
+        builder
+    }
+}

@@ -1,0 +1,257 @@
+//! The per-request spine. Every request, plain or from inside a MITM
+//! tunnel, goes through [`Pipeline::handle`], which calls the stages in
+//! order (each stage's module says what it may change and what happens on
+//! error):
+//!
+//! 1. [`target`]: which origin the request is for;
+//! 2. limits: the header section must fit `limits.max_header_bytes`;
+//! 3. [`credentials`]: the tracked cookies and the session key, as pin keys;
+//! 4. route ([`crate::routing`]): the identity, exit and lane (existing,
+//!    new, or rotation for cookie-less traffic), with the credentials to
+//!    strip; nothing is routed while the pin store cannot answer;
+//! 5. [`fingerprint`]: compared with the identity's, by policy;
+//! 6. [`egress`]: what may leave (forwarding, hop-by-hop and pinproxy's
+//!    own headers removed);
+//! 7. [`send`]: through the exit, on the lane (a new tunnel's egress
+//!    address is checked first);
+//! 8. [`capture`]: Set-Cookie → pins, use recorded, invalidations judged,
+//!    all before the response is released;
+//! 9. respond: the origin's hop-by-hop headers off, then the answer.
+//!
+//! A stage that fails ends the request with its [`ProxyError`] answer; no
+//! stage after it runs, so nothing is sent through an exit unless stages
+//! 1-6 all agreed. Passthrough tunnels ([`crate::front::passthrough`]) run
+//! stages 3, 4, 7 and 8 through the same functions.
+
+pub mod capture;
+pub mod credentials;
+pub mod egress;
+pub mod error;
+pub mod fingerprint;
+pub mod send;
+pub mod target;
+pub mod upgrade;
+
+use std::sync::Arc;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::body::{self, Body};
+use crate::credential::{Credential, PinHasher};
+use crate::exits::ExitSet;
+use crate::fault::{Blame as _, Fault};
+use crate::fingerprint::{Fingerprint, FingerprintPolicy};
+use crate::metrics::Metrics;
+use crate::routing::{Route, Router};
+use crate::store::{StoreError, StoreErrorKind, Unavailable};
+use capture::invalidation;
+use credentials::cookies::{self, CookiePolicy};
+use target::{Target, Tunnel};
+
+pub use error::ProxyError;
+
+/// Everything the stages need, shared by all connections.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Which cookies are tracked.
+    pub cookies: CookiePolicy,
+    /// How credentials become pin keys.
+    pub hasher: PinHasher,
+    /// Identities and routing.
+    pub router: Arc<Router>,
+    /// The exits.
+    pub exits: Arc<ExitSet>,
+    /// Largest header section accepted.
+    pub max_header_bytes: usize,
+    /// What to do when a request's fingerprint differs from its identity's.
+    pub fingerprint_policy: FingerprintPolicy,
+    /// Origin answers that end an identity.
+    pub invalidation: invalidation::Rules,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// What to do while the pin store cannot answer.
+    pub on_unavailable: Unavailable,
+    /// Background work started by requests (exit trials), awaited at
+    /// shutdown.
+    pub tasks: TaskTracker,
+}
+
+impl Pipeline {
+    /// Handles one request, arriving in `tunnel` or as a plain proxy request.
+    /// Never fails: errors become pinproxy's error answers.
+    pub async fn handle(
+        &self,
+        tunnel: Option<&Tunnel>,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let span = tracing::debug_span!(
+            "request",
+            method = %request.method(),
+            origin = tracing::field::Empty,
+            exit = tracing::field::Empty,
+            identity = tracing::field::Empty,
+        );
+        async {
+            match self.forward(tunnel, request).await {
+                Ok(response) => {
+                    self.metrics.request("forwarded");
+                    response
+                }
+                Err(error) => {
+                    self.metrics.request(error.code());
+                    match error.fault() {
+                        Fault::Client => tracing::debug!(code = error.code(), %error, "refused"),
+                        _ => tracing::warn!(code = error.code(), %error, "failed"),
+                    }
+                    error.to_response()
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The spine: stages 1 to 9 in order.
+    async fn forward(
+        &self,
+        tunnel: Option<&Tunnel>,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let span = tracing::Span::current();
+        // 1. target
+        let target = Target::of(&request, tunnel)?;
+        span.record("origin", tracing::field::display(&target.origin));
+
+        // 2. limits
+        let size = header_section_size(&request);
+        if size > self.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge {
+                size,
+                limit: self.max_header_bytes,
+            });
+        }
+
+        // 3. credentials
+        let credentials = credentials::of_request(
+            request.headers(),
+            tunnel.and_then(|t| t.session_key.as_deref()),
+            &self.cookies,
+            &self.hasher,
+        )?;
+
+        // 4. route. A WebSocket upgrade is routed like any request; the
+        // client's side of the upgrade is claimed now, before the request is
+        // taken apart.
+        let upgrade = upgrade::requested(&request);
+        let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
+        let mut route = self.route(&credentials, request.headers()).await?;
+        // What an identity founded by the response's cookies records; a
+        // routed identity has its fingerprint already.
+        let fingerprint = match route.identity {
+            Some(_) => Fingerprint::default(),
+            None => Fingerprint::of(request.headers()),
+        };
+        // Offer the origin what the client offered pinproxy; upgrades need
+        // HTTP/1.1.
+        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
+        self.trial_unhealthy_exit(&target);
+        span.record("exit", tracing::field::display(route.exit.id()));
+        if let Some(identity) = &route.identity {
+            span.record("identity", tracing::field::display(identity.id));
+        }
+
+        // 5. fingerprint
+        let (mut parts, incoming) = request.into_parts();
+        if let Some(identity) = &route.identity {
+            self.check_fingerprint(identity, &mut parts.headers)?;
+        }
+
+        // 6. egress
+        let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
+        cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
+        egress::sanitize_request(&mut parts.headers);
+        let expected_accept = upgrade.and_then(|u| upgrade::prepare_upstream(u, &mut parts));
+        // A proxy must replace Host with the absolute-form target's authority
+        // (RFC 9112 §3.2.2). Inside a tunnel the client's own Host stands; an
+        // HTTP/2 client sends none, and the pool adds one only if the origin
+        // turns out to speak HTTP/1.1.
+        if tunnel.is_none() {
+            parts
+                .headers
+                .insert(http::header::HOST, target.host_header()?);
+        }
+        parts.uri = target.upstream_uri()?;
+        parts.version = Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, body::streaming(incoming));
+
+        // 7. send
+        let response = self.send(&route, upstream_request).await?;
+        let egress_ip = send::egress_ip(&response);
+
+        // 8. capture
+        let identity = self
+            .capture_pins(&route, &fingerprint, response.headers(), egress_ip)
+            .await?;
+        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(identity) = &identity {
+                    self.capture_use(identity, true, egress_ip).await;
+                }
+                return upgrade::bridge(upgrade, client_upgrade, response, expected_accept)
+                    .map_err(|error| ProxyError::Upstream {
+                        exit: route.exit.id().clone(),
+                        error,
+                    });
+            }
+        }
+        let (mut parts, incoming) = response.into_parts();
+        let mut body = body::streaming(incoming);
+        if let Some(identity) = &identity {
+            self.capture_use(identity, parts.status.is_success(), egress_ip)
+                .await;
+            body = self.capture_invalidation(identity, &parts, body).await;
+        }
+
+        // 9. respond
+        egress::sanitize_response(&mut parts.headers);
+        tracing::debug!(status = parts.status.as_u16(), "forwarded");
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Stage 4: routes `credentials`. A store that cannot answer cannot say
+    /// where a credential belongs, nor remember what a response sets: fail
+    /// closed (fail-open lets requests without credentials through). A new
+    /// identity records its fingerprint from `headers`.
+    pub async fn route(
+        &self,
+        credentials: &[Credential],
+        headers: &http::HeaderMap,
+    ) -> Result<Route, ProxyError> {
+        let may_pass_without_store =
+            self.on_unavailable == Unavailable::FailOpen && credentials.is_empty();
+        if !self.router.store().available() && !may_pass_without_store {
+            return Err(ProxyError::Store(StoreError::new(
+                StoreErrorKind::Unreachable,
+                "it is not answering",
+            )));
+        }
+        Ok(self.router.route(&self.exits, credentials, headers).await?)
+    }
+}
+
+/// Approximate size of a request's header section as sent on the wire.
+pub fn header_section_size<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let target_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = request.method().as_str().len() + 1 + target_len + " HTTP/1.1\r\n".len();
+    line + request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum::<usize>()
+}

@@ -1,0 +1,196 @@
+//! Pipeline stage 8, capture: learn from what the origin answers, before
+//! the answer is released to the client.
+//!
+//! - Every tracked cookie in `Set-Cookie` (or DataDome's `X-Set-Cookie`) is
+//!   pinned to the request's identity, or founds one on the exit and
+//!   upstream session that carried the response; a rotated value thus
+//!   inherits its exit, and the client never holds a tracked cookie that is
+//!   not pinned. A pin never outlives the cookie's own `Max-Age`/`Expires`.
+//! - The identity's use is recorded (last use, success, and the egress
+//!   address its first tunnel revealed).
+//! - An answer matching an [`invalidation`] rule retires the identity: at
+//!   once for status and header rules, as the body streams for body
+//!   markers (before the client can read the marker's frame).
+//!
+//! The response itself passes through untouched. A pin this stage cannot
+//! store fails the request (the client must not hold an unpinned tracked
+//! cookie); a use it cannot record is only logged.
+
+pub mod invalidation;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+use super::credentials::cookies::{self, SetTrackedCookie};
+use super::Pipeline;
+use crate::body::Body;
+use crate::credential::PinKey;
+use crate::exits::sessions::AnonymousSession;
+use crate::fingerprint::Fingerprint;
+use crate::identity::{Identity, Pin, RetireReason};
+use crate::metrics::Rule;
+use crate::routing::{Route, Router};
+use crate::store::{PinStore as _, StoreError};
+
+impl Pipeline {
+    /// Pins the tracked cookies a response sets; returns the identity the
+    /// response belongs to (possibly founded by it, with `fingerprint`).
+    pub(crate) async fn capture_pins(
+        &self,
+        route: &Route,
+        fingerprint: &Fingerprint,
+        headers: &HeaderMap,
+        egress_ip: Option<IpAddr>,
+    ) -> Result<Option<Identity>, StoreError> {
+        let now = self.router.clock().now_ms();
+        let set = cookies::tracked_in_response(headers, &self.cookies, &self.hasher, now);
+        if set.is_empty() {
+            return Ok(route.identity.clone());
+        }
+        learn(&self.router, route, &set, fingerprint, egress_ip).await
+    }
+
+    /// Records a request of `identity` (and whether it got a 2xx) and the
+    /// egress address its tunnel revealed. Only logged when it fails: a
+    /// lost use makes an identity look idle earlier, nothing worse.
+    pub(crate) async fn capture_use(
+        &self,
+        identity: &Identity,
+        worked: bool,
+        egress_ip: Option<IpAddr>,
+    ) {
+        let store = self.router.store();
+        let now = self.router.clock().now_ms();
+        let recorded = async {
+            store.touch(identity.id, now, worked).await?;
+            if let (None, Some(ip)) = (identity.egress_ip, egress_ip) {
+                store.record_egress(identity.id, ip).await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        if let Err(e) = recorded.await {
+            tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
+        }
+    }
+
+    /// Retires the identity if the answer is an invalidation: now for
+    /// status and header rules, as the body streams for body markers.
+    pub(crate) async fn capture_invalidation(
+        &self,
+        identity: &Identity,
+        parts: &http::response::Parts,
+        body: Body,
+    ) -> Body {
+        let verdict = self
+            .invalidation
+            .judge(parts.status, &parts.headers, identity.worked);
+        match verdict {
+            invalidation::Verdict::Clean => body,
+            invalidation::Verdict::Invalidated(rule) => {
+                self.metrics
+                    .invalidations
+                    .get_or_create(&Rule { rule: rule.clone() })
+                    .inc();
+                let reason = RetireReason::Invalidated { rule };
+                if let Err(e) = self.router.retire(&self.exits, identity, reason).await {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
+                }
+                body
+            }
+            invalidation::Verdict::ScanBody(rules) => {
+                let router = self.router.clone();
+                let exits = self.exits.clone();
+                let metrics = self.metrics.clone();
+                let identity = identity.clone();
+                // The marker's frame is scanned before the client can read
+                // it, so the client's next request already sees the retirement.
+                let on_match = move |rule: String| {
+                    metrics
+                        .invalidations
+                        .get_or_create(&Rule { rule: rule.clone() })
+                        .inc();
+                    router.retire_soon(exits, identity, RetireReason::Invalidated { rule });
+                };
+                invalidation::scanning(
+                    body,
+                    &parts.headers,
+                    rules,
+                    self.invalidation.scan_limit,
+                    on_match,
+                )
+            }
+        }
+    }
+}
+
+/// Pins the tracked cookies `set` by a response to the identity of
+/// `route`; a route without one founds an identity (recording
+/// `fingerprint`) on the exit and upstream session that carried the
+/// response. Returns the identity the response belongs to. A value already
+/// pinned elsewhere keeps its first pin (pins never move).
+pub async fn learn(
+    router: &Router,
+    route: &Route,
+    set: &[SetTrackedCookie],
+    fingerprint: &Fingerprint,
+    egress_ip: Option<IpAddr>,
+) -> Result<Option<Identity>, StoreError> {
+    let now = router.clock().now_ms();
+    let live: Vec<&SetTrackedCookie> = set.iter().filter(|c| !c.deletes).collect();
+    if live.is_empty() {
+        return Ok(route.identity.clone());
+    }
+    let store = router.store();
+    let (identity, is_new) = match &route.identity {
+        Some(identity) => (identity.clone(), false),
+        None => {
+            let session = route.anonymous.unwrap_or(AnonymousSession {
+                session: route.lane.session,
+                started_ms: now,
+            });
+            let mut identity = Identity::new(
+                route.exit.id().clone(),
+                session.session,
+                session.started_ms,
+                Arc::new(fingerprint.clone()),
+                now,
+            );
+            identity.egress_ip = egress_ip;
+            store.create_identity(&identity).await?;
+            (identity, true)
+        }
+    };
+    let pins: Vec<(PinKey, Pin)> = live
+        .iter()
+        .map(|c| {
+            let pin = Pin::new(identity.id, &c.cookie, now, c.expires_ms);
+            (c.cookie.key, pin)
+        })
+        .collect();
+    let winners = store.pin_all_if_absent(&pins).await?;
+    let mut pinned_any = false;
+    for (cookie, winner) in live.iter().zip(winners) {
+        if winner.pin.identity == identity.id {
+            pinned_any = true;
+            tracing::debug!(cookie = %cookie.cookie, identity = %identity.id, "pinned from Set-Cookie");
+        } else {
+            // An origin handing out a value already pinned elsewhere (a
+            // shared or replayed token): the first pin stands.
+            tracing::warn!(
+                cookie = %cookie.cookie, identity = %identity.id, pinned_to = %winner.pin.identity,
+                "origin set a cookie value already pinned to another identity; keeping the first pin"
+            );
+        }
+    }
+    if is_new {
+        if !pinned_any {
+            store.discard_identity(identity.id).await?;
+            return Ok(None);
+        }
+        router.metrics().identities_created.inc();
+        tracing::info!(identity = %identity.id, exit = %identity.exit, "new identity from Set-Cookie");
+    }
+    Ok(Some(identity))
+}

@@ -1,0 +1,48 @@
+//! Pipeline stage 3, credentials: what on a request says which identity it
+//! belongs to, turned into pin keys at once.
+//!
+//! - [`session_key`]: the identity a client named (`X-Pinproxy-Session`, or
+//!   the user name of `Proxy-Authorization`, on the request or on its
+//!   tunnel's CONNECT);
+//! - [`cookies`]: the tracked anti-bot cookies of every `Cookie` header and
+//!   DataDome's `X-DataDome-ClientID` carrier.
+//!
+//! Invariant: raw values never leave this stage; a header that cannot be
+//! read fails the request (it might hide a tracked cookie), it is never
+//! skipped. Nothing is changed on the request here.
+
+pub mod cookies;
+pub mod session_key;
+
+use http::HeaderMap;
+
+use super::ProxyError;
+use crate::credential::{Credential, PinHasher};
+use cookies::CookiePolicy;
+
+/// The credentials of a request: its session key first (the tunnel's,
+/// `tunnel_key`, unless the request names its own), then its tracked
+/// cookies in the order first seen.
+pub fn of_request(
+    headers: &HeaderMap,
+    tunnel_key: Option<&str>,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+) -> Result<Vec<Credential>, ProxyError> {
+    let key = session_key::of_request(headers, tunnel_key)?;
+    let mut credentials: Vec<Credential> = key
+        .map(|k| session_key::credential(hasher, &k))
+        .into_iter()
+        .collect();
+    credentials.extend(cookies::tracked_in_request(headers, policy, hasher)?);
+    Ok(credentials)
+}
+
+/// The credentials of a CONNECT that pinproxy does not open (passthrough):
+/// only the session key it names, since nothing inside can be read.
+pub fn of_connect(session_key: Option<&str>, hasher: &PinHasher) -> Vec<Credential> {
+    session_key
+        .map(|key| session_key::credential(hasher, key))
+        .into_iter()
+        .collect()
+}

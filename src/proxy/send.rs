@@ -1,0 +1,118 @@
+//! Pipeline stage 7, send: the request leaves through the route's exit, on
+//! the route's lane, and the exit's health and the identity's standing
+//! learn what happened.
+//!
+//! A failure that is the exit's fault counts against its health; a new
+//! tunnel of an identity that left from another address than the
+//! identity's first retires the identity (`exit-ip-drift`) and nothing is
+//! written to that tunnel. An unhealthy exit is tried now and then in the
+//! background (without health probes), never with a client's request.
+
+use std::net::IpAddr;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::target::Target;
+use super::{Pipeline, ProxyError};
+use crate::body::Body;
+use crate::identity::RetireReason;
+use crate::metrics::ExitLabel;
+use crate::routing::{Reason, Route};
+use crate::upstream::conn::TunnelInfo;
+use crate::upstream::{ConnectError, UpstreamError};
+
+/// The egress address of the tunnel that carried `response`, where known.
+pub fn egress_ip(response: &Response<Incoming>) -> Option<IpAddr> {
+    response
+        .extensions()
+        .get::<TunnelInfo>()
+        .and_then(|t| t.egress_ip)
+}
+
+impl Pipeline {
+    /// Sends through the route's exit, keeping the exit's health and the
+    /// identity's standing up to date with what happened.
+    pub(crate) async fn send(
+        &self,
+        route: &Route,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let exit = &route.exit;
+        match exit.client.send(&route.lane, request).await {
+            Ok(response) => {
+                exit.health.success();
+                if route.reason == Reason::NewIdentity {
+                    tracing::debug!("first request of a new identity forwarded");
+                }
+                Ok(response)
+            }
+            Err(error) => Err(self.upstream_failed(route, error).await),
+        }
+    }
+
+    /// Accounts for a failure to reach the origin through `route`: the
+    /// exit's health, and retirement of an identity whose tunnel drifted to
+    /// another address. Returns the answer for the client.
+    pub(crate) async fn upstream_failed(&self, route: &Route, error: UpstreamError) -> ProxyError {
+        let exit = &route.exit;
+        if error.counts_against_exit() {
+            self.metrics
+                .exit_failures
+                .get_or_create(&ExitLabel {
+                    exit: exit.id().to_string(),
+                })
+                .inc();
+            if let Some(state) = exit.health.failure(self.router.clock().now_ms()) {
+                tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+            }
+        }
+        let drifted = match (&error, &route.identity) {
+            (
+                UpstreamError::Connect(ConnectError::ExitIpDrift { expected, observed }),
+                Some(identity),
+            ) => Some((identity, *expected, *observed)),
+            _ => None,
+        };
+        let Some((identity, expected, observed)) = drifted else {
+            return ProxyError::Upstream {
+                exit: exit.id().clone(),
+                error,
+            };
+        };
+        let reason = RetireReason::ExitIpDrift { expected, observed };
+        if let Err(e) = self
+            .router
+            .retire(&self.exits, identity, reason.clone())
+            .await
+        {
+            return ProxyError::Store(e);
+        }
+        ProxyError::IdentityRetired {
+            identity: identity.id,
+            exit: identity.exit.clone(),
+            reason,
+        }
+    }
+
+    /// Without health probes, an exit that is not healthy is tried now and
+    /// then in the background, towards the origin of the request at hand.
+    pub(crate) fn trial_unhealthy_exit(&self, target: &Target) {
+        let now = self.router.clock().now_ms();
+        let Some(exit) = self.exits.due_for_trial(now) else {
+            return;
+        };
+        let exit = exit.clone();
+        let origin = target.origin.clone();
+        let clock = self.router.clock().clone();
+        self.tasks.spawn(async move {
+            let change = match exit.client.probe(&origin).await {
+                Ok(()) => exit.health.success(),
+                Err(_) => exit.health.failure(clock.now_ms()),
+            };
+            if let Some(state) = change {
+                tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+            }
+        });
+    }
+}

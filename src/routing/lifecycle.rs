@@ -1,0 +1,139 @@
+//! The lives of identities: retirement (by an origin's answer, by expiry,
+//! by exit death or drift), the periodic sweep, and exit deaths shared
+//! through the store so every replica and every restart honours them.
+//!
+//! Invariant: retirement is the only way an identity ends, and it is
+//! remembered: a retired identity's credentials are never pinned again.
+
+use std::sync::Arc;
+
+use super::policy::Policies;
+use super::Router;
+use crate::exits::health::HealthState;
+use crate::exits::ExitSet;
+use crate::identity::{Identity, RetireReason, Retirement};
+use crate::store::{PinStore as _, StoreError, Swept};
+use crate::upstream::PoolKey;
+
+impl Router {
+    /// Retires an identity: recorded in the store, its connections dropped,
+    /// counted.
+    pub async fn retire(
+        &self,
+        exits: &ExitSet,
+        identity: &Identity,
+        reason: RetireReason,
+    ) -> Result<(), StoreError> {
+        let retirement = Retirement {
+            reason: reason.clone(),
+            at_ms: self.clock.now_ms(),
+        };
+        self.store.retire(identity.id, &retirement).await?;
+        if let Some(exit) = exits.get(&identity.exit) {
+            exit.client.forget(PoolKey::Identity(identity.id));
+        }
+        self.metrics.retired(reason.label());
+        tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
+        Ok(())
+    }
+
+    /// Retires an identity from code that cannot wait: routing sees the
+    /// retirement at once, the store gets it in the background.
+    pub fn retire_soon(
+        self: &Arc<Self>,
+        exits: Arc<ExitSet>,
+        identity: Identity,
+        reason: RetireReason,
+    ) {
+        self.pending.insert(identity.id, reason.clone());
+        let router = self.clone();
+        self.tasks.spawn(async move {
+            match router.retire(&exits, &identity, reason).await {
+                Ok(()) => {
+                    router.pending.remove(&identity.id);
+                }
+                // Left pending: routing keeps honouring it in this process.
+                Err(e) => {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement")
+                }
+            }
+        });
+    }
+
+    /// Shares exit deaths both ways: deaths this process saw go to the store,
+    /// deaths the store knows (from before a restart, or from another
+    /// replica) apply here, so identities created before them retire.
+    pub async fn sync_exit_deaths(&self, exits: &ExitSet) -> Result<(), StoreError> {
+        let known = self.store.exit_deaths().await?;
+        for exit in exits.iter() {
+            let stored = known
+                .iter()
+                .find(|(id, _)| id == exit.id())
+                .map(|(_, at)| *at);
+            match (exit.health.died_at_ms(), stored) {
+                (Some(here), stored) if stored.is_none_or(|s| s < here) => {
+                    self.store.record_exit_death(exit.id(), here).await?;
+                }
+                (_, Some(stored)) => exit.health.restore_died_at(stored),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Retires expired identities and forgets what has been retired long
+    /// enough.
+    pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
+        let now = self.clock.now_ms();
+        let policies = &self.policies;
+        let expiry = |identity: &Identity| ends(identity, exits, policies, now);
+        let swept = self
+            .store
+            .sweep(now, policies.keep_retired_ms, &expiry)
+            .await?;
+        if swept != Swept::default() {
+            tracing::debug!(?swept, "swept the pin store");
+        }
+        Ok(swept)
+    }
+}
+
+/// Why `identity` cannot continue on its exit at `now`, if it cannot.
+pub fn ends(
+    identity: &Identity,
+    exits: &ExitSet,
+    policies: &Policies,
+    now: u64,
+) -> Option<RetireReason> {
+    let Some(exit) = exits.get(&identity.exit) else {
+        return Some(RetireReason::ExitRemoved);
+    };
+    if exit.health.state() == HealthState::Dead
+        || exit
+            .health
+            .died_at_ms()
+            .is_some_and(|died| died >= identity.created_ms)
+    {
+        return Some(RetireReason::ExitDown);
+    }
+    let options = &exit.spec.options;
+    let elapsed = |since: u64| now.saturating_sub(since);
+    if let Some(ttl) = options.sticky_ttl {
+        if elapsed(identity.session_started_ms) >= crate::clock::duration_ms(ttl) {
+            return Some(RetireReason::StickyExpired);
+        }
+    }
+    let idle = options
+        .idle_timeout
+        .map_or(policies.idle_timeout_ms, crate::clock::duration_ms);
+    if elapsed(identity.last_used_ms) >= idle {
+        return Some(RetireReason::IdleExpired);
+    }
+    let lifetime = options
+        .max_lifetime
+        .map_or(policies.max_lifetime_ms, crate::clock::duration_ms);
+    if elapsed(identity.created_ms) >= lifetime {
+        return Some(RetireReason::LifetimeExpired);
+    }
+    None
+}

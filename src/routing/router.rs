@@ -1,0 +1,397 @@
+//! The router: a request's credentials decide its identity, exit and lane.
+//!
+//! Rules, in order:
+//! - no credential: the next healthy exit in weighted rotation, on one of
+//!   its anonymous sessions; no identity;
+//! - a credential of a retired identity (or an expired cookie): by the
+//!   retire policy, `fail` the request (502 `identity-retired`) or `strip`
+//!   the credential and carry on without it;
+//! - an identity that can no longer continue on its exit (exit gone or dead,
+//!   sticky window over, idle or too old) is retired here, then as above;
+//! - credentials of two live identities: by the conflict policy, `reject`
+//!   (409) or keep the `oldest` identity and strip the others' credentials;
+//! - one live identity: its exit and lane; new credentials join it;
+//! - only unknown credentials: a new identity on the next healthy exit, all
+//!   of them pinned to it with atomic pin-if-absent in key order, so two
+//!   requests racing with the same new credential end on one identity.
+
+use std::sync::Arc;
+
+use super::lifecycle::ends;
+use super::policy::{ConflictPolicy, RetirePolicy};
+use super::Router;
+use crate::credential::{Credential, PinKey};
+use crate::exits::sessions::AnonymousSession;
+use crate::exits::{Exit, ExitSet};
+use crate::fault::{Blame, Fault};
+use crate::fingerprint::Fingerprint;
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, SessionId};
+use crate::metrics::Policy;
+use crate::store::{Binding, PinStore as _, StoreError};
+use crate::upstream::Lane;
+
+/// Why a request was sent where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No live credential: rotation.
+    Rotated,
+    /// An existing identity.
+    Pinned,
+    /// A new identity, created for this request's credentials.
+    NewIdentity,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The exit.
+    pub exit: Arc<Exit>,
+    /// The pool partition on it.
+    pub lane: Lane,
+    /// The identity, if the request has one.
+    pub identity: Option<Identity>,
+    /// For rotated traffic: the anonymous session used (an identity created
+    /// from the response inherits it).
+    pub anonymous: Option<AnonymousSession>,
+    /// Why.
+    pub reason: Reason,
+    /// Credentials to remove from the request before it leaves.
+    pub strip: Vec<Credential>,
+}
+
+/// A credential that cannot be used, and why.
+#[derive(Debug, Clone)]
+pub struct DeadCredential {
+    /// The credential.
+    pub credential: Credential,
+    /// Its identity, if known.
+    pub identity: Option<IdentityId>,
+    /// That identity's exit, if known.
+    pub exit: Option<ExitId>,
+    /// Why it is dead.
+    pub reason: RetireReason,
+}
+
+/// A request that cannot be routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// Credentials of different identities (reject policy).
+    #[error("credentials belong to different identities: {}", describe_conflict(.0))]
+    Conflict(Vec<(Credential, IdentityId, ExitId)>),
+    /// Credentials of retired identities (fail policy).
+    #[error("{}", describe_retired(.0))]
+    Retired(Vec<DeadCredential>),
+    /// Every exit is dead.
+    #[error("no exit is available: every exit is dead")]
+    NoExit,
+    /// The identity's exit is not configured here (another replica's).
+    #[error("identity {identity} is bound to exit {exit}, which this pinproxy does not have")]
+    ExitMissing {
+        /// The identity.
+        identity: IdentityId,
+        /// Its exit.
+        exit: ExitId,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe_conflict(pins: &[(Credential, IdentityId, ExitId)]) -> String {
+    pins.iter()
+        .map(|(credential, identity, exit)| {
+            format!("{credential} -> identity {identity} on exit {exit}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_retired(dead: &[DeadCredential]) -> String {
+    dead.iter()
+        .map(|d| match (&d.identity, &d.exit) {
+            (Some(id), Some(exit)) => format!(
+                "{} belongs to identity {id} on exit {exit}, retired: {}",
+                d.credential, d.reason
+            ),
+            _ => format!("{} is retired: {}", d.credential, d.reason),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Blame for RouteError {
+    fn fault(&self) -> Fault {
+        match self {
+            RouteError::Conflict(_) => Fault::Client,
+            RouteError::Retired(_) | RouteError::NoExit | RouteError::ExitMissing { .. } => {
+                Fault::Exit
+            }
+            RouteError::Store(e) => e.fault(),
+        }
+    }
+}
+
+impl Router {
+    /// Chooses where a request carrying `credentials` goes (see the module
+    /// docs). A new identity records its fingerprint from `headers`.
+    pub async fn route(
+        &self,
+        exits: &ExitSet,
+        credentials: &[Credential],
+        headers: &http::HeaderMap,
+    ) -> Result<Route, RouteError> {
+        let now = self.clock.now_ms();
+        if credentials.is_empty() {
+            return self.rotate(exits, now, Vec::new());
+        }
+        // Key order makes concurrent multi-credential pinning deterministic.
+        let mut credentials: Vec<&Credential> = credentials.iter().collect();
+        credentials.sort_by_key(|c| c.key);
+        let keys: Vec<PinKey> = credentials.iter().map(|c| c.key).collect();
+        let bindings = self.store.lookup(&keys).await?;
+
+        let mut live: Vec<(&Credential, Identity)> = Vec::new();
+        let mut dead: Vec<DeadCredential> = Vec::new();
+        let mut unknown: Vec<&Credential> = Vec::new();
+        for (credential, binding) in credentials.iter().copied().zip(bindings) {
+            match self.classify(exits, credential, binding, now).await? {
+                Standing::Unknown => unknown.push(credential),
+                Standing::Live(identity) => live.push((credential, identity)),
+                Standing::Dead(d) => dead.push(d),
+            }
+        }
+
+        let mut strip = Vec::new();
+        if !dead.is_empty() {
+            match self.policies.retire {
+                RetirePolicy::Fail => return Err(RouteError::Retired(dead)),
+                RetirePolicy::Strip => strip.extend(dead.into_iter().map(|d| d.credential)),
+            }
+        }
+
+        let identity = self.one_identity(live, &mut strip)?;
+        match identity {
+            Some(identity) => {
+                self.join(&identity, &unknown, now).await?;
+                self.pinned_route(exits, identity, Reason::Pinned, strip)
+            }
+            None if unknown.is_empty() => self.rotate(exits, now, strip),
+            None => {
+                // Read only here: most requests belong to an identity already.
+                let fingerprint = Fingerprint::of(headers);
+                self.create(exits, &unknown, &fingerprint, now, strip).await
+            }
+        }
+    }
+
+    /// Where a credential stands: unknown, live, or dead (and why).
+    async fn classify(
+        &self,
+        exits: &ExitSet,
+        credential: &Credential,
+        binding: Option<Binding>,
+        now: u64,
+    ) -> Result<Standing, StoreError> {
+        let Some(binding) = binding else {
+            return Ok(Standing::Unknown);
+        };
+        let dead = |identity: Option<&Identity>, reason| {
+            Standing::Dead(DeadCredential {
+                credential: credential.clone(),
+                identity: identity.map(|i| i.id).or(Some(binding.pin.identity)),
+                exit: identity.map(|i| i.exit.clone()),
+                reason,
+            })
+        };
+        let Some(identity) = &binding.identity else {
+            return Ok(dead(None, RetireReason::Forgotten));
+        };
+        if let Some(retired) = &identity.retired {
+            return Ok(dead(Some(identity), retired.reason.clone()));
+        }
+        if let Some(reason) = self.pending_retirement(identity.id) {
+            return Ok(dead(Some(identity), reason));
+        }
+        if binding.pin.expired(now) {
+            return Ok(dead(Some(identity), RetireReason::CookieExpired));
+        }
+        if let Some(reason) = ends(identity, exits, &self.policies, now) {
+            self.retire(exits, identity, reason.clone()).await?;
+            return Ok(dead(Some(identity), reason));
+        }
+        Ok(Standing::Live(identity.clone()))
+    }
+
+    /// Reduces the live identities of a request to at most one, by the
+    /// conflict policy.
+    fn one_identity(
+        &self,
+        live: Vec<(&Credential, Identity)>,
+        strip: &mut Vec<Credential>,
+    ) -> Result<Option<Identity>, RouteError> {
+        let Some(oldest) = live
+            .iter()
+            .map(|(_, i)| i)
+            .min_by_key(|i| (i.created_ms, i.id))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if live.iter().all(|(_, i)| i.id == oldest.id) {
+            return Ok(Some(oldest));
+        }
+        let policy = self.policies.conflict;
+        self.metrics
+            .conflicts
+            .get_or_create(&Policy {
+                policy: policy.label(),
+            })
+            .inc();
+        match policy {
+            ConflictPolicy::Reject => Err(RouteError::Conflict(
+                live.into_iter()
+                    .map(|(c, i)| (c.clone(), i.id, i.exit))
+                    .collect(),
+            )),
+            ConflictPolicy::Oldest => {
+                for (credential, identity) in live {
+                    if identity.id != oldest.id {
+                        tracing::info!(%credential, identity = %identity.id, kept = %oldest.id, "conflict: stripping the newer identity's credential");
+                        strip.push(credential.clone());
+                    }
+                }
+                Ok(Some(oldest))
+            }
+        }
+    }
+
+    /// Pins a request's new credentials to its identity.
+    async fn join(
+        &self,
+        identity: &Identity,
+        unknown: &[&Credential],
+        now: u64,
+    ) -> Result<(), RouteError> {
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let pins: Vec<(PinKey, Pin)> = unknown
+            .iter()
+            .map(|c| (c.key, Pin::new(identity.id, c, now, None)))
+            .collect();
+        let winners = self.store.pin_all_if_absent(&pins).await?;
+        for (credential, winner) in unknown.iter().zip(winners) {
+            if winner.pin.identity != identity.id {
+                // Pinned to another identity between our lookup and now.
+                let other = winner
+                    .identity
+                    .map(|i| i.exit)
+                    .unwrap_or_else(|| identity.exit.clone());
+                return Err(RouteError::Conflict(vec![
+                    ((*credential).clone(), winner.pin.identity, other),
+                    ((*credential).clone(), identity.id, identity.exit.clone()),
+                ]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates an identity for credentials seen for the first time. If
+    /// another request pinned the first of them meanwhile, follows it.
+    async fn create(
+        &self,
+        exits: &ExitSet,
+        unknown: &[&Credential],
+        fingerprint: &Fingerprint,
+        now: u64,
+        strip: Vec<Credential>,
+    ) -> Result<Route, RouteError> {
+        let exit = exits.pick(now).ok_or(RouteError::NoExit)?;
+        let candidate = Identity::new(
+            exit.id().clone(),
+            SessionId(rand::random()),
+            now,
+            Arc::new(fingerprint.clone()),
+            now,
+        );
+        self.store.create_identity(&candidate).await?;
+        let (first, rest) = match unknown.split_first() {
+            Some(split) => split,
+            None => return self.pinned_route(exits, candidate, Reason::NewIdentity, strip),
+        };
+        let winner = self
+            .store
+            .pin_if_absent(first.key, &Pin::new(candidate.id, first, now, None))
+            .await?;
+        let (identity, reason) = if winner.pin.identity == candidate.id {
+            self.metrics.identities_created.inc();
+            tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
+            (candidate, Reason::NewIdentity)
+        } else {
+            self.store.discard_identity(candidate.id).await?;
+            match winner.identity {
+                Some(w) if w.retired.is_none() => (w, Reason::Pinned),
+                other => {
+                    // The winner is already gone: fail closed.
+                    return Err(RouteError::Retired(vec![DeadCredential {
+                        credential: (*first).clone(),
+                        identity: Some(winner.pin.identity),
+                        exit: other.as_ref().map(|i| i.exit.clone()),
+                        reason: other
+                            .and_then(|i| i.retired.map(|r| r.reason))
+                            .unwrap_or(RetireReason::Forgotten),
+                    }]));
+                }
+            }
+        };
+        self.join(&identity, rest, now).await?;
+        self.pinned_route(exits, identity, reason, strip)
+    }
+
+    fn pinned_route(
+        &self,
+        exits: &ExitSet,
+        identity: Identity,
+        reason: Reason,
+        strip: Vec<Credential>,
+    ) -> Result<Route, RouteError> {
+        let Some(exit) = exits.get(&identity.exit) else {
+            return Err(RouteError::ExitMissing {
+                identity: identity.id,
+                exit: identity.exit,
+            });
+        };
+        Ok(Route {
+            exit: exit.clone(),
+            lane: Lane::identity(&identity),
+            identity: Some(identity),
+            anonymous: None,
+            reason,
+            strip,
+        })
+    }
+
+    fn rotate(
+        &self,
+        exits: &ExitSet,
+        now: u64,
+        strip: Vec<Credential>,
+    ) -> Result<Route, RouteError> {
+        let exit = exits.pick(now).ok_or(RouteError::NoExit)?;
+        let session = exit.sessions.next(now);
+        Ok(Route {
+            exit: exit.clone(),
+            lane: Lane::anonymous(session.session),
+            identity: None,
+            anonymous: Some(session),
+            reason: Reason::Rotated,
+            strip,
+        })
+    }
+}
+
+enum Standing {
+    Unknown,
+    Live(Identity),
+    Dead(DeadCredential),
+}

@@ -1,0 +1,319 @@
+//! The pin store: where pins and identities live, behind one interface.
+//!
+//! [`PinStore`] is what routing needs from a store; [`Store`] is the
+//! configured one: [`memory`] (in-process, nothing survives a restart),
+//! [`durable`] (the default: an embedded redb file, every routing decision
+//! on disk before its response is released) or [`redis`] (shared by a
+//! fleet). [`transfer`] moves pins between stores; [`bench`] measures one.
+//!
+//! Invariant: [`PinStore::pin_if_absent`] is atomic, so the first pin of a
+//! credential wins everywhere, and a pin never points to another identity
+//! once written. A store that cannot answer says so ([`StoreError`]) and
+//! the caller fails closed.
+
+pub mod bench;
+pub mod durable;
+pub mod memory;
+pub mod redis;
+pub mod transfer;
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::credential::PinKey;
+use crate::fault::{Blame, Fault};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
+
+/// What went wrong in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The store cannot be reached (Redis down, timed out).
+    Unreachable,
+    /// The store was closed or its writer stopped.
+    Closed,
+    /// A write failed; the store refuses new pins until restarted.
+    WriteFailed,
+    /// A record could not be decoded.
+    Corrupt,
+    /// The store answered something pinproxy did not expect.
+    Protocol,
+}
+
+impl StoreErrorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            StoreErrorKind::Unreachable => "unreachable",
+            StoreErrorKind::Closed => "closed",
+            StoreErrorKind::WriteFailed => "write failed",
+            StoreErrorKind::Corrupt => "corrupt record",
+            StoreErrorKind::Protocol => "unexpected answer",
+        }
+    }
+}
+
+/// The pin store could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("pin store {}: {detail}", .kind.describe())]
+pub struct StoreError {
+    /// What kind of failure.
+    pub kind: StoreErrorKind,
+    /// What happened, for the log and the error answer.
+    pub detail: String,
+}
+
+impl StoreError {
+    /// A failure of `kind`.
+    pub fn new(kind: StoreErrorKind, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl Blame for StoreError {
+    fn fault(&self) -> Fault {
+        Fault::Store
+    }
+}
+
+/// What to do while the store cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unavailable {
+    /// Refuse everything.
+    #[default]
+    FailClosed,
+    /// Forward requests without credentials.
+    FailOpen,
+}
+
+/// A pin and the identity it points to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The pin.
+    pub pin: Pin,
+    /// Its identity, unless the record is gone.
+    pub identity: Option<Identity>,
+}
+
+/// An identity and its pins, for listings.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    /// The identity.
+    pub identity: Identity,
+    /// Its pins.
+    pub pins: Vec<(PinKey, Pin)>,
+}
+
+/// How much a store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Pins.
+    pub pins: u64,
+    /// Identities (live and retired).
+    pub identities: u64,
+    /// Retired identities still remembered.
+    pub retired: u64,
+}
+
+/// What a sweep removed or retired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Pins forgotten.
+    pub pins: u64,
+    /// Retired identities forgotten.
+    pub identities: u64,
+    /// Identities retired because they expired.
+    pub retired: u64,
+}
+
+/// Where pins and identities live. [`PinStore::pin_if_absent`] must be
+/// atomic: of two concurrent calls for one key exactly one pin is stored and
+/// both callers learn it.
+pub trait PinStore: Send + Sync {
+    /// The bindings of `keys`, in order (`None` where a key is not pinned).
+    fn lookup(
+        &self,
+        keys: &[PinKey],
+    ) -> impl Future<Output = Result<Vec<Option<Binding>>, StoreError>> + Send;
+
+    /// Stores a new identity (not yet reachable: no pin points to it).
+    fn create_identity(
+        &self,
+        identity: &Identity,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes an identity that never got a pin (it lost a race).
+    fn discard_identity(
+        &self,
+        id: IdentityId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stores `pin` for `key` unless `key` is pinned already; returns the
+    /// binding in force afterwards (the new one, or the earlier winner).
+    fn pin_if_absent(
+        &self,
+        key: PinKey,
+        pin: &Pin,
+    ) -> impl Future<Output = Result<Binding, StoreError>> + Send;
+
+    /// [`PinStore::pin_if_absent`] for each of `pins`, in order, each atomic
+    /// on its own; returns the binding in force for each. A store may share
+    /// one durable write among them (a request that brings several new
+    /// cookies should not wait for one flush per cookie).
+    fn pin_all_if_absent(
+        &self,
+        pins: &[(PinKey, Pin)],
+    ) -> impl Future<Output = Result<Vec<Binding>, StoreError>> + Send {
+        async move {
+            let mut bindings = Vec::with_capacity(pins.len());
+            for (key, pin) in pins {
+                bindings.push(self.pin_if_absent(*key, pin).await?);
+            }
+            Ok(bindings)
+        }
+    }
+
+    /// Records a request of identity `id` at `now_ms` (and whether it got a
+    /// 2xx answer).
+    fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records the identity's egress address unless one is recorded; returns
+    /// the recorded one.
+    fn record_egress(
+        &self,
+        id: IdentityId,
+        ip: IpAddr,
+    ) -> impl Future<Output = Result<Option<IpAddr>, StoreError>> + Send;
+
+    /// Retires an identity (the first retirement stands).
+    fn retire(
+        &self,
+        id: IdentityId,
+        retirement: &Retirement,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every identity with its pins.
+    fn list(&self) -> impl Future<Output = Result<Vec<Listing>, StoreError>> + Send;
+
+    /// How much the store holds.
+    fn count(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+
+    /// Retires identities `expiry` says have ended, and forgets retired
+    /// identities and expired pins older than `keep_retired_ms`.
+    fn sweep(
+        &self,
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+    ) -> impl Future<Output = Result<Swept, StoreError>> + Send;
+
+    /// Records that an exit died at `at_ms` (the latest death counts).
+    fn record_exit_death(
+        &self,
+        exit: &ExitId,
+        at_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The recorded exit deaths.
+    fn exit_deaths(&self) -> impl Future<Output = Result<Vec<(ExitId, u64)>, StoreError>> + Send;
+}
+
+/// The configured pin store.
+// One per daemon, never moved around: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Store {
+    /// In-process only; pins die with the process.
+    Memory(memory::MemoryStore),
+    /// The embedded durable store (the default).
+    Durable(durable::DurableStore),
+    /// Redis, shared by a fleet.
+    Redis(redis::RedisStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Memory($store) => $call.await,
+            Store::Durable($store) => $call.await,
+            Store::Redis($store) => $call.await,
+        }
+    };
+}
+
+impl Store {
+    /// Flushes and closes the store (durable writes finish first).
+    pub async fn close(&self) {
+        if let Store::Durable(store) = self {
+            store.close().await;
+        }
+    }
+
+    /// Whether the store is answering (only a remote store can be down).
+    pub fn available(&self) -> bool {
+        match self {
+            Store::Redis(store) => store.is_available(),
+            Store::Memory(_) | Store::Durable(_) => true,
+        }
+    }
+}
+
+impl PinStore for Store {
+    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+        dispatch!(self, s => s.lookup(keys))
+    }
+    async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_identity(identity))
+    }
+    async fn discard_identity(&self, id: IdentityId) -> Result<(), StoreError> {
+        dispatch!(self, s => s.discard_identity(id))
+    }
+    async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
+        dispatch!(self, s => s.pin_if_absent(key, pin))
+    }
+    async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        dispatch!(self, s => s.pin_all_if_absent(pins))
+    }
+    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
+        dispatch!(self, s => s.touch(id, now_ms, worked))
+    }
+    async fn record_egress(
+        &self,
+        id: IdentityId,
+        ip: IpAddr,
+    ) -> Result<Option<IpAddr>, StoreError> {
+        dispatch!(self, s => s.record_egress(id, ip))
+    }
+    async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
+        dispatch!(self, s => s.retire(id, retirement))
+    }
+    async fn list(&self) -> Result<Vec<Listing>, StoreError> {
+        dispatch!(self, s => s.list())
+    }
+    async fn count(&self) -> Result<Counts, StoreError> {
+        dispatch!(self, s => s.count())
+    }
+    async fn sweep(
+        &self,
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+    ) -> Result<Swept, StoreError> {
+        dispatch!(self, s => s.sweep(now_ms, keep_retired_ms, expiry))
+    }
+    async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.record_exit_death(exit, at_ms))
+    }
+    async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
+        dispatch!(self, s => s.exit_deaths())
+    }
+}

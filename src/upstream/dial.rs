@@ -1,0 +1,279 @@
+//! Opening a transport to an origin through one exit.
+//!
+//! Each exit kind is one file here ([`direct`], [`http_connect`],
+//! [`socks5`]) behind one enum, [`ExitKind`]: it opens a raw TCP tunnel to
+//! the origin and says which egress address the tunnel revealed, if any.
+//! Adding a kind is a file here, a variant and one line in `each_kind!`
+//! below, and one arm in the exit URL parser (`exits::spec`).
+//!
+//! A [`Dialer`] is one lane's view of an exit: the kind, the exit's
+//! credentials with the lane's upstream session filled in, the egress
+//! address check and the TLS settings. Every stage of a connect runs under
+//! one deadline, and every failure says which stage failed
+//! ([`ConnectError`]), so the client learns whether the exit or the origin
+//! is at fault.
+
+pub mod direct;
+pub mod http_connect;
+pub mod socks5;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::{HeaderName, HeaderValue};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use super::egress_ip::IpCheck;
+use super::error::{ConnectError, Stage};
+use super::tls::UpstreamTls;
+use crate::identity::ExitId;
+use crate::net::HostPort;
+
+/// The placeholder in an exit's credentials that is replaced by an
+/// identity's upstream session id.
+pub const SESSION_PLACEHOLDER: &str = "{session}";
+
+/// Basic credentials for an upstream proxy. Never shown: `Debug` redacts
+/// the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyAuth {
+    /// User name, percent-decoded.
+    pub user: String,
+    /// Password, percent-decoded.
+    pub password: String,
+}
+
+impl fmt::Debug for ProxyAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProxyAuth({:?}, <redacted>)", self.user)
+    }
+}
+
+impl ProxyAuth {
+    /// Whether the credentials carry a `{session}` placeholder.
+    pub fn has_session_placeholder(&self) -> bool {
+        self.user.contains(SESSION_PLACEHOLDER) || self.password.contains(SESSION_PLACEHOLDER)
+    }
+
+    /// The credentials with `{session}` replaced by `session`.
+    pub fn with_session(&self, session: &str) -> ProxyAuth {
+        ProxyAuth {
+            user: self.user.replace(SESSION_PLACEHOLDER, session),
+            password: self.password.replace(SESSION_PLACEHOLDER, session),
+        }
+    }
+
+    /// The `Proxy-Authorization` value for these credentials.
+    pub fn basic_header(&self) -> HeaderValue {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.user, self.password));
+        let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+        value.set_sensitive(true);
+        value
+    }
+}
+
+/// An upstream proxy: its address and, optionally, its credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyAddress {
+    /// The proxy's address.
+    pub proxy: HostPort,
+    /// Credentials, if the proxy wants them.
+    pub auth: Option<ProxyAuth>,
+}
+
+impl ProxyAddress {
+    /// `scheme://user:***@host:port`, without the password.
+    pub fn redacted_url(&self, scheme: &str) -> String {
+        match &self.auth {
+            Some(c) => format!("{scheme}://{}:***@{}", c.user, self.proxy),
+            None => format!("{scheme}://{}", self.proxy),
+        }
+    }
+}
+
+/// How an exit is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Egress straight from this machine (`direct://[SOURCE_IP]`).
+    Direct(direct::Direct),
+    /// An HTTP proxy reached with CONNECT (`http://[user:pass@]host:port`).
+    HttpConnect(http_connect::HttpConnect),
+    /// A SOCKS5 proxy (`socks5://[user:pass@]host:port`).
+    Socks5(socks5::Socks5),
+}
+
+/// Calls the same method on whichever kind `$kind` is.
+macro_rules! each_kind {
+    ($kind:expr, $k:ident => $call:expr) => {
+        match $kind {
+            ExitKind::Direct($k) => $call,
+            ExitKind::HttpConnect($k) => $call,
+            ExitKind::Socks5($k) => $call,
+        }
+    };
+}
+
+impl ExitKind {
+    /// The proxy's credentials, if it is a proxy and has any.
+    pub fn credentials(&self) -> Option<&ProxyAuth> {
+        each_kind!(self, k => k.credentials())
+    }
+
+    /// The URL without credentials, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        each_kind!(self, k => k.redacted_url())
+    }
+
+    /// The id an exit of this kind gets when none is given: stable when
+    /// exits are reordered (`host:port`, `direct`, `direct-IP`).
+    pub fn default_id(&self) -> String {
+        each_kind!(self, k => k.default_id())
+    }
+
+    /// Opens a raw tunnel to `target`; also returns the egress address the
+    /// transport itself reveals, if any.
+    pub async fn open(
+        &self,
+        ctx: &DialContext<'_>,
+        target: &HostPort,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        each_kind!(self, k => k.open(ctx, target).await)
+    }
+}
+
+/// What a kind needs from its lane to open a tunnel.
+#[derive(Debug)]
+pub struct DialContext<'a> {
+    /// The exit's credentials with the lane's session filled in.
+    pub credentials: Option<&'a ProxyAuth>,
+    /// When the whole connect must be done.
+    pub deadline: Instant,
+    /// The deadline's length, for error messages.
+    pub timeout: Duration,
+    /// CONNECT answer header in which the exit states the egress address.
+    pub ip_header: Option<&'a HeaderName>,
+    /// SOCKS5 exits: the reply's bound address is the egress address.
+    pub socks_reply_is_egress: bool,
+}
+
+impl DialContext<'_> {
+    /// The error for a stage that ran past the deadline.
+    pub fn timed_out(&self, stage: Stage) -> ConnectError {
+        ConnectError::Timeout {
+            stage,
+            after: self.timeout,
+        }
+    }
+
+    /// Connects to an upstream proxy's address.
+    pub async fn dial_proxy(&self, proxy: &HostPort) -> Result<TcpStream, ConnectError> {
+        let unreachable = |source| ConnectError::ExitUnreachable {
+            proxy: proxy.clone(),
+            source: Arc::new(source),
+        };
+        let addrs = tokio::time::timeout_at(self.deadline, resolve(&proxy.host, proxy.port))
+            .await
+            .map_err(|_| self.timed_out(Stage::ExitConnect))?
+            .map_err(unreachable)?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            match tokio::time::timeout_at(self.deadline, connect_from(addr, None)).await {
+                Err(_) => return Err(self.timed_out(Stage::ExitConnect)),
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => last = e,
+            }
+        }
+        Err(unreachable(last))
+    }
+}
+
+/// Everything needed to open tunnels through one exit for one lane.
+#[derive(Debug)]
+pub struct Dialer {
+    /// The exit.
+    pub exit: ExitId,
+    /// How it is reached.
+    pub kind: ExitKind,
+    /// The exit's credentials, with the lane's session filled in.
+    pub credentials: Option<ProxyAuth>,
+    /// SOCKS5 exits: the reply's bound address is the egress address.
+    pub socks_reply_is_egress: bool,
+    /// TLS towards origins.
+    pub tls: UpstreamTls,
+    /// Offer HTTP/2 to the origin.
+    pub h2: bool,
+    /// Deadline for a whole connect.
+    pub timeout: Duration,
+    /// Egress address checks.
+    pub ip_check: IpCheck,
+}
+
+impl Dialer {
+    /// The context a kind opens a tunnel in, for a connect ending at `deadline`.
+    pub fn context(&self, deadline: Instant) -> DialContext<'_> {
+        DialContext {
+            credentials: self.credentials.as_ref(),
+            deadline,
+            timeout: self.timeout,
+            ip_header: self.ip_check.header.as_ref(),
+            socks_reply_is_egress: self.socks_reply_is_egress,
+        }
+    }
+
+    /// Opens a raw tunnel to `target` through the exit.
+    pub async fn open_transport(
+        &self,
+        target: &HostPort,
+        deadline: Instant,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        self.kind.open(&self.context(deadline), target).await
+    }
+
+    /// Opens a raw tunnel to `target` through the exit, its egress address
+    /// checked as for any tunnel of the lane (passthrough).
+    pub async fn raw_tunnel(
+        &self,
+        target: &HostPort,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        let deadline = Instant::now() + self.timeout;
+        let (tcp, reported) = self.open_transport(target, deadline).await?;
+        let egress = self.check_egress(reported, deadline).await?;
+        Ok((tcp, egress))
+    }
+
+    /// Opens and drops a tunnel to `target`: the health probe.
+    pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
+        let deadline = Instant::now() + self.timeout;
+        self.open_transport(target, deadline).await.map(|_| ())
+    }
+}
+
+/// The addresses of `host`, without a lookup for IP literals.
+pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    Ok(tokio::net::lookup_host((host, port)).await?.collect())
+}
+
+/// Connects to `addr`, from `source` when given, with Nagle off.
+pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

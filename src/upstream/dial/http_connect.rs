@@ -1,0 +1,128 @@
+//! `http://[user:pass@]host:port`: an HTTP proxy asked for a tunnel with
+//! `CONNECT`, Basic credentials in `Proxy-Authorization`. Plain-HTTP
+//! origins are reached with CONNECT too (to port 80): inside a tunnel the
+//! exit cannot add `Via` or `X-Forwarded-For` headers of its own.
+
+use std::io;
+use std::net::IpAddr;
+
+use http::HeaderName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{DialContext, ProxyAddress, ProxyAuth};
+use crate::net::HostPort;
+use crate::upstream::error::{ConnectError, Stage};
+
+/// Largest CONNECT answer header section read from an exit.
+const MAX_CONNECT_REPLY: usize = 16 * 1024;
+
+/// An HTTP CONNECT exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpConnect(pub ProxyAddress);
+
+impl HttpConnect {
+    /// The proxy's credentials.
+    pub fn credentials(&self) -> Option<&ProxyAuth> {
+        self.0.auth.as_ref()
+    }
+
+    /// `http://user:***@host:port`.
+    pub fn redacted_url(&self) -> String {
+        self.0.redacted_url("http")
+    }
+
+    /// The proxy's `host:port`.
+    pub fn default_id(&self) -> String {
+        self.0.proxy.to_string()
+    }
+
+    /// Connects to the proxy and sends CONNECT for `target`; returns the
+    /// egress address the answer states, if the exit is set up to state one.
+    pub async fn open(
+        &self,
+        ctx: &DialContext<'_>,
+        target: &HostPort,
+    ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
+        let mut tcp = ctx.dial_proxy(&self.0.proxy).await?;
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+        if let Some(auth) = ctx.credentials.map(ProxyAuth::basic_header) {
+            request.extend_from_slice(b"Proxy-Authorization: ");
+            request.extend_from_slice(auth.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        let exchange = async {
+            tcp.write_all(&request).await?;
+            read_connect_reply(&mut tcp, ctx.ip_header).await
+        };
+        let (status, reason, stated_ip) = tokio::time::timeout_at(ctx.deadline, exchange)
+            .await
+            .map_err(|_| ctx.timed_out(Stage::ExitReply))?
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => ConnectError::ExitProtocol(e.to_string()),
+                _ => ConnectError::ExitProtocol(format!("connection failed: {e}")),
+            })?;
+        if (200..300).contains(&status) {
+            Ok((tcp, stated_ip))
+        } else {
+            Err(ConnectError::ExitRefused {
+                target: target.clone(),
+                status,
+                reason,
+            })
+        }
+    }
+}
+
+/// Reads a CONNECT answer head: its status, reason and the address stated
+/// in `ip_header`. Nothing may follow the head: in a fresh tunnel the client
+/// speaks first (TLS or HTTP), so extra bytes mean a broken exit.
+async fn read_connect_reply(
+    tcp: &mut TcpStream,
+    ip_header: Option<&HeaderName>,
+) -> io::Result<(u16, String, Option<IpAddr>)> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the exit closed the connection before answering",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut reply = httparse::Response::new(&mut headers);
+        match reply.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                if len != buf.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the exit sent data after its CONNECT answer before the client spoke",
+                    ));
+                }
+                let status = reply.code.unwrap_or(0);
+                let reason = reply.reason.unwrap_or("").to_owned();
+                let stated_ip = ip_header.and_then(|name| {
+                    reply
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+                });
+                return Ok((status, reason, stated_ip));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_CONNECT_REPLY => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the CONNECT answer header is too large",
+                ))
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Learning and checking the address a tunnel leaves from.
+//!
+//! Every new tunnel learns its egress address where it can: the local
+//! address for direct exits, the exit's `exit_ip_header` in its CONNECT
+//! answer, the SOCKS5 reply, or an IP-echo probe through the exit. On an
+//! identity's lane the first address is recorded and every later tunnel
+//! must match it before any request is written to it; otherwise the tunnel
+//! is refused ([`ConnectError::ExitIpDrift`]) and the identity retires.
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::HeaderName;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use super::dial::Dialer;
+use super::error::{ConnectError, Stage};
+use crate::net::{default_port, HostPort};
+
+/// Where an IP-echo probe goes: a URL answering with the caller's address
+/// as its whole body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EchoTarget {
+    /// Whether to use TLS.
+    pub https: bool,
+    /// Host and port.
+    pub authority: HostPort,
+    /// Path and query.
+    pub path: String,
+}
+
+impl EchoTarget {
+    /// Parses `http://host[:port]/path` or `https://...`; the error says
+    /// what is wrong.
+    pub fn parse(url: &str) -> Result<EchoTarget, String> {
+        let bad = || format!("ip_echo must be an http(s) URL, not {url:?}");
+        let uri: http::Uri = url.parse().map_err(|_| bad())?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad()),
+        };
+        let authority = HostPort::from_uri(&uri, default_port(https)).ok_or_else(bad)?;
+        Ok(EchoTarget {
+            https,
+            authority,
+            path: uri
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.to_string()),
+        })
+    }
+}
+
+/// How an exit's tunnels reveal their egress address (per exit).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressCheck {
+    /// CONNECT answer header stating the egress address.
+    pub header: Option<HeaderName>,
+    /// IP-echo URL fetched through the exit when no header says it.
+    pub echo: Option<EchoTarget>,
+}
+
+/// How a lane learns and checks the egress address of its tunnels.
+#[derive(Clone, Debug, Default)]
+pub struct IpCheck {
+    /// CONNECT answer header stating the egress address.
+    pub header: Option<HeaderName>,
+    /// IP-echo URL fetched through the exit when no header says it.
+    pub echo: Option<EchoTarget>,
+    /// For an identity's lane: the address every tunnel must leave from,
+    /// set by the first tunnel when the identity has none recorded yet.
+    pub pinned: Option<Arc<OnceLock<IpAddr>>>,
+}
+
+impl Dialer {
+    /// Learns the tunnel's egress address and, on an identity's lane,
+    /// refuses a tunnel that leaves from another address than the first.
+    pub(crate) async fn check_egress(
+        &self,
+        reported: Option<IpAddr>,
+        deadline: Instant,
+    ) -> Result<Option<IpAddr>, ConnectError> {
+        let check = &self.ip_check;
+        let observed = match (reported, &check.echo, &check.pinned) {
+            (Some(ip), _, _) => Some(ip),
+            // The probe costs a second tunnel: only identities need it.
+            (None, Some(echo), Some(_)) => Some(self.echo_probe(echo, deadline).await?),
+            _ => None,
+        };
+        let Some(pinned) = &check.pinned else {
+            return Ok(observed);
+        };
+        match observed {
+            Some(observed) => {
+                let expected = *pinned.get_or_init(|| observed);
+                if expected != observed {
+                    return Err(ConnectError::ExitIpDrift { expected, observed });
+                }
+            }
+            // The exit promised to state its address and did not: this
+            // tunnel cannot be trusted with an identity.
+            None if check.header.is_some() => {
+                return Err(ConnectError::ExitIpUnknown(format!(
+                    "the CONNECT answer has no {} header",
+                    check.header.as_ref().map_or("", |h| h.as_str())
+                )))
+            }
+            None => {}
+        }
+        Ok(observed)
+    }
+
+    /// Fetches the IP-echo URL through the exit (same credentials, so the
+    /// same upstream session) and parses the body as an address. A probe on
+    /// another connection cannot prove the address of this one; it only
+    /// catches a session that moved.
+    async fn echo_probe(
+        &self,
+        echo: &EchoTarget,
+        deadline: Instant,
+    ) -> Result<IpAddr, ConnectError> {
+        let unknown = |why: String| ConnectError::ExitIpUnknown(format!("IP-echo probe: {why}"));
+        let (tcp, _) = self.open_transport(&echo.authority, deadline).await?;
+        let fetch = async {
+            let io: Box<dyn IoStream> = if echo.https {
+                Box::new(
+                    self.tls
+                        .connect(&echo.authority.host, tcp, false)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                Box::new(tcp)
+            };
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let request = http::Request::get(echo.path.as_str())
+                .header(http::header::HOST, echo.authority.to_string())
+                .header(http::header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("answered {}", response.status()));
+            }
+            let body = Limited::new(response.into_body(), 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            text.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("the body {:?} is not an IP address", text.trim()))
+        };
+        tokio::time::timeout_at(deadline, fetch)
+            .await
+            .map_err(|_| self.context(deadline).timed_out(Stage::ExitReply))?
+            .map_err(unknown)
+    }
+}
+
+/// A byte stream the IP-echo probe can speak HTTP over.
+trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}

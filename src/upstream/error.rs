@@ -1,0 +1,226 @@
+//! What can go wrong while carrying a request to its origin, and whose
+//! fault each failure is (decided here, once, for the answer, the metric
+//! label and the exit's health).
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fault::{Blame, Fault};
+use crate::net::HostPort;
+
+/// What failed while reaching an origin through an exit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    /// The exit's proxy could not be reached.
+    #[error("cannot reach the exit's proxy at {proxy}: {source}")]
+    ExitUnreachable {
+        /// The proxy address.
+        proxy: HostPort,
+        /// Why.
+        source: Arc<io::Error>,
+    },
+    /// The exit answered CONNECT with a non-2xx status.
+    #[error("the exit refused CONNECT {target}: {status} {reason}")]
+    ExitRefused {
+        /// The origin asked for.
+        target: HostPort,
+        /// The exit's status code.
+        status: u16,
+        /// The exit's reason phrase.
+        reason: String,
+    },
+    /// The exit's answer was not valid HTTP.
+    #[error("the exit's answer to CONNECT is not valid HTTP: {0}")]
+    ExitProtocol(String),
+    /// A stage ran past the connect deadline.
+    #[error("timed out after {after:?} {stage}")]
+    Timeout {
+        /// What was being waited for.
+        stage: Stage,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The origin's name could not be resolved (direct exits).
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The origin host.
+        host: String,
+        /// Why.
+        source: Arc<io::Error>,
+    },
+    /// The origin refused or could not be reached (direct exits).
+    #[error("cannot connect to {target}: {source}")]
+    OriginUnreachable {
+        /// The origin.
+        target: HostPort,
+        /// Why.
+        source: Arc<io::Error>,
+    },
+    /// The TLS handshake with the origin failed.
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls {
+        /// The origin host.
+        host: String,
+        /// Why.
+        source: Arc<io::Error>,
+    },
+    /// The pool asked for a URI pinproxy cannot dial.
+    #[error("cannot dial {0}")]
+    BadTarget(String),
+    /// A new tunnel of an identity left from another address than the
+    /// identity's first one.
+    #[error("the new tunnel leaves from {observed}, but the identity was created on {expected}")]
+    ExitIpDrift {
+        /// The identity's address.
+        expected: IpAddr,
+        /// The new tunnel's address.
+        observed: IpAddr,
+    },
+    /// A SOCKS5 exit refused or failed the connection.
+    #[error("the SOCKS5 exit could not connect to {target}: {reason}")]
+    ExitSocks {
+        /// The origin asked for.
+        target: HostPort,
+        /// Whether authentication failed (the exit's fault, not the origin's).
+        auth: bool,
+        /// What the exit said.
+        reason: String,
+    },
+    /// The exit is set up to report its egress address but this tunnel's
+    /// could not be learnt, so it cannot be trusted with an identity.
+    #[error("cannot learn the tunnel's egress address: {0}")]
+    ExitIpUnknown(String),
+}
+
+/// The connect stage a timeout hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// TCP connection to the exit's proxy.
+    ExitConnect,
+    /// The exit's answer to CONNECT.
+    ExitReply,
+    /// TCP connection to the origin (direct exits).
+    OriginConnect,
+    /// TLS handshake with the origin.
+    TlsHandshake,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::ExitConnect => "connecting to the exit's proxy",
+            Stage::ExitReply => "waiting for the exit's answer to CONNECT",
+            Stage::OriginConnect => "connecting to the origin",
+            Stage::TlsHandshake => "in the TLS handshake with the origin",
+        })
+    }
+}
+
+impl ConnectError {
+    /// Whether the exit itself (not the origin) is to blame: the exit is
+    /// down, broken, slow or refused its credentials.
+    pub fn is_exit_fault(&self) -> bool {
+        match self {
+            ConnectError::ExitUnreachable { .. } | ConnectError::ExitProtocol(_) => true,
+            ConnectError::ExitSocks { auth, .. } => *auth,
+            ConnectError::ExitRefused { status, .. } => *status == 407,
+            ConnectError::Timeout { stage, .. } => {
+                matches!(stage, Stage::ExitConnect | Stage::ExitReply)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Blame for ConnectError {
+    fn fault(&self) -> Fault {
+        match self {
+            // An exit that refuses CONNECT may be reporting the origin's
+            // failure; either way the answer names the exit.
+            ConnectError::ExitRefused { .. } => Fault::Exit,
+            _ if self.is_exit_fault() => Fault::Exit,
+            _ => Fault::Origin,
+        }
+    }
+}
+
+/// Why a request could not be carried to its origin.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The connection could not be opened.
+    #[error(transparent)]
+    Connect(ConnectError),
+    /// The origin did not start its response in time.
+    #[error("the origin sent no response within {0:?}")]
+    ResponseTimeout(Duration),
+    /// The exchange failed after the connection was open.
+    #[error("{detail}")]
+    Exchange {
+        /// What went wrong.
+        kind: ExchangeKind,
+        /// The causes, for the log and the error answer.
+        detail: String,
+    },
+}
+
+/// How an exchange on an open connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// The origin closed the connection before its answer was complete.
+    OriginClosed,
+    /// The origin's answer is not valid HTTP.
+    Protocol,
+    /// The origin refused or broke a WebSocket upgrade.
+    Upgrade,
+    /// Anything else.
+    Other,
+}
+
+impl UpstreamError {
+    /// Whether the failure is evidence against the exit itself (it counts
+    /// towards the exit's health), not against the origin.
+    pub fn counts_against_exit(&self) -> bool {
+        match self {
+            UpstreamError::Connect(c) => c.is_exit_fault(),
+            _ => false,
+        }
+    }
+
+    /// Classifies a failure of hyper's pooled client.
+    pub fn from_client(error: hyper_util::client::legacy::Error) -> UpstreamError {
+        use std::error::Error as _;
+        let mut kind = ExchangeKind::Other;
+        let mut source = error.source();
+        while let Some(cause) = source {
+            if let Some(connect) = cause.downcast_ref::<ConnectError>() {
+                return UpstreamError::Connect(connect.clone());
+            }
+            if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+                if hyper.is_incomplete_message() || hyper.is_closed() || hyper.is_canceled() {
+                    kind = ExchangeKind::OriginClosed;
+                } else if hyper.is_parse() || hyper.is_parse_status() {
+                    kind = ExchangeKind::Protocol;
+                }
+            }
+            source = cause.source();
+        }
+        UpstreamError::Exchange {
+            kind,
+            detail: format!(
+                "the origin connection failed: {}",
+                crate::fault::causes(&error)
+            ),
+        }
+    }
+}
+
+impl Blame for UpstreamError {
+    fn fault(&self) -> Fault {
+        match self {
+            UpstreamError::Connect(c) => c.fault(),
+            UpstreamError::ResponseTimeout(_) | UpstreamError::Exchange { .. } => Fault::Origin,
+        }
+    }
+}
