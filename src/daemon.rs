@@ -25,7 +25,6 @@ use crate::metrics::Metrics;
 use crate::mitm::ca::{CaError, CertificateAuthority};
 use crate::mitm::cert_cache::{CertCache, CertCacheError};
 use crate::mitm::{Mitm, CLIENT_ALPN};
-use crate::net::HostPort;
 use crate::proxy::capture::invalidation;
 use crate::proxy::Pipeline;
 use crate::routing::{Policies, Router};
@@ -317,7 +316,7 @@ impl Daemon {
             }
             None => None,
         };
-        tasks.spawn(sweep_loop(
+        tasks.spawn(crate::routing::lifecycle::sweep_loop(
             router.clone(),
             exits.clone(),
             settings.identities.sweep_interval,
@@ -325,7 +324,7 @@ impl Daemon {
         ));
         if let Some(target) = &settings.probe_target {
             for exit in exits.iter() {
-                tasks.spawn(probe_loop(
+                tasks.spawn(crate::exits::probe_loop(
                     exit.clone(),
                     target.clone(),
                     settings.health.interval,
@@ -466,65 +465,6 @@ fn build_exits(settings: &Settings, upstream_tls: UpstreamTls, now_ms: u64) -> E
             .collect(),
         trials,
     )
-}
-
-/// Retires expired identities, forgets old ones and shares exit deaths with
-/// the store, every `interval`. The sweep walks every record, so it runs on
-/// a blocking thread, not a runtime worker.
-async fn sweep_loop(
-    router: Arc<Router>,
-    exits: Arc<ExitSet>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        if let Err(e) = router.sync_exit_deaths(&exits).await {
-            tracing::warn!(error = %e, "sharing exit deaths with the store failed");
-        }
-        let (router, exits) = (router.clone(), exits.clone());
-        let runtime = tokio::runtime::Handle::current();
-        let swept =
-            tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
-        match swept {
-            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
-            Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
-/// Probes one exit every `interval` (the first time at once).
-async fn probe_loop(
-    exit: Arc<Exit>,
-    target: HostPort,
-    interval: Duration,
-    clock: Clock,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => return,
-            outcome = exit.client.probe(&target) => outcome,
-        };
-        let change = match &outcome {
-            Ok(()) => exit.health.success(),
-            Err(error) => {
-                tracing::debug!(exit = %exit.id(), %error, "health probe failed");
-                exit.health.failure(clock.now_ms())
-            }
-        };
-        if let Some(state) = change {
-            tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
 }
 
 /// Binds the proxy listener with an accept queue of `backlog`: the standard

@@ -16,8 +16,13 @@ pub mod spec;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
 use crate::identity::ExitId;
+use crate::net::HostPort;
 use crate::upstream::ExitClient;
 use health::{Health, HealthState};
 use sessions::AnonymousSessions;
@@ -108,5 +113,35 @@ impl ExitSet {
     /// All exits, in configuration order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Exit>> {
         self.exits.iter()
+    }
+}
+
+/// Probes one exit every `interval` (the first time at once).
+pub async fn probe_loop(
+    exit: Arc<Exit>,
+    target: HostPort,
+    interval: Duration,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = exit.client.probe(&target) => outcome,
+        };
+        let change = match &outcome {
+            Ok(()) => exit.health.success(),
+            Err(error) => {
+                tracing::debug!(exit = %exit.id(), %error, "health probe failed");
+                exit.health.failure(clock.now_ms())
+            }
+        };
+        if let Some(state) = change {
+            tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }

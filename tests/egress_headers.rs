@@ -7,23 +7,37 @@ mod support;
 use support::origin::FORWARDING_HEADERS;
 use support::Setup;
 
-const SENT: &[(&str, &str)] = &[
-    ("x-forwarded-for", "203.0.113.7"),
-    ("forwarded", "for=203.0.113.7;proto=https"),
-    ("x-real-ip", "203.0.113.7"),
-    ("true-client-ip", "203.0.113.7"),
-    ("client-ip", "203.0.113.7"),
-    ("via", "1.1 scraper-box"),
-    ("x-forwarded-host", "scraper.internal"),
-    ("x-forwarded-proto", "http"),
-    ("x-forwarded-port", "8080"),
-    ("proxy-authorization", "Basic c2VjcmV0OnNlY3JldA=="),
-    ("proxy-connection", "keep-alive"),
-    ("connection", "keep-alive, x-hop-secret"),
-    ("x-hop-secret", "203.0.113.7"),
-    ("user-agent", "pinproxy-test/1"),
-    ("accept-language", "en-GB"),
-];
+/// Every forwarding header the origin watches for, each carrying the
+/// scraper's address, plus hop-by-hop ones and two ordinary headers.
+fn sent() -> Vec<(&'static str, &'static str)> {
+    let mut sent: Vec<(&str, &str)> = FORWARDING_HEADERS
+        .iter()
+        .map(|name| match *name {
+            "forwarded" => (*name, "for=203.0.113.7;proto=https"),
+            "via" => (*name, "1.1 scraper-box 203.0.113.7"),
+            "proxy-authorization" => (*name, "Basic MjAzLjAuMTEzLjc6c2VjcmV0"),
+            "proxy-connection" => (*name, "keep-alive"),
+            _ => (*name, "203.0.113.7"),
+        })
+        .collect();
+    sent.extend([
+        ("connection", "keep-alive, x-hop-secret"),
+        ("x-hop-secret", "203.0.113.7"),
+        ("user-agent", "pinproxy-test/1"),
+        ("accept-language", "en-GB"),
+    ]);
+    sent
+}
+
+#[test]
+fn the_origin_watches_every_header_production_strips() {
+    for name in pinproxy::proxy::egress::FORWARDING_HEADERS {
+        assert!(
+            FORWARDING_HEADERS.contains(name),
+            "the test origin does not watch for {name}"
+        );
+    }
+}
 
 async fn assert_stripped(plain: bool) {
     let s = Setup::start(2).await;
@@ -34,7 +48,7 @@ async fn assert_stripped(plain: bool) {
         proxy.client.tunnel("localhost", origin.https.port()).await
     };
     for _ in 0..3 {
-        let reply = conn.get("/page", SENT).await;
+        let reply = conn.get("/page", &sent()).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
 

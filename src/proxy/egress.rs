@@ -30,6 +30,12 @@ pub const FORWARDING_HEADERS: &[&str] = &[
     "x-remote-addr",
     "cf-connecting-ip",
     "fastly-client-ip",
+    "x-forwarded-scheme",
+    "x-original-forwarded-for",
+    "proxy-client-ip",
+    "wl-proxy-client-ip",
+    "x-proxyuser-ip",
+    "x-envoy-external-address",
     "via",
 ];
 

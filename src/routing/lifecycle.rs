@@ -6,6 +6,9 @@
 //! remembered: a retired identity's credentials are never pinned again.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::policy::Policies;
 use super::Router;
@@ -136,4 +139,33 @@ pub fn ends(
         return Some(RetireReason::LifetimeExpired);
     }
     None
+}
+
+/// Retires expired identities, forgets old ones and shares exit deaths with
+/// the store, every `interval`. The sweep walks every record, so it runs on
+/// a blocking thread, not a runtime worker.
+pub async fn sweep_loop(
+    router: Arc<Router>,
+    exits: Arc<ExitSet>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = router.sync_exit_deaths(&exits).await {
+            tracing::warn!(error = %e, "sharing exit deaths with the store failed");
+        }
+        let (router, exits) = (router.clone(), exits.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let swept =
+            tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
+        match swept {
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
+            Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
+            Ok(Ok(_)) => {}
+        }
+    }
 }

@@ -16,59 +16,28 @@
 //! latency at the small group sizes a proxy produces, and a start-up load of
 //! a million records several times faster.
 
+mod codec;
+mod writer;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
 
 use dashmap::{DashMap, DashSet};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::Database;
 use tokio::sync::watch;
 
 use super::memory::MemoryStore;
 use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
 use crate::credential::PinKey;
-use crate::fingerprint::Fingerprint;
-use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "pins.redb";
 
-const IDENTITIES: TableDefinition<u64, &[u8]> = TableDefinition::new("identities");
-const FINGERPRINTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("fingerprints");
-const PINS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pins");
-const EXIT_DEATHS: TableDefinition<&str, u64> = TableDefinition::new("exit_deaths");
-
 /// redb's page cache: writes touch a few pages each; reads come from memory.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
-
-/// An identity on disk: like [`Identity`], with its fingerprint stored once
-/// in its own table and referred to by hash.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredIdentity {
-    exit: ExitId,
-    session: SessionId,
-    session_started_ms: u64,
-    created_ms: u64,
-    last_used_ms: u64,
-    requests: u64,
-    worked: bool,
-    egress_ip: Option<IpAddr>,
-    retired: Option<Retirement>,
-    fingerprint: [u8; 16],
-}
-
-fn fingerprint_hash(fingerprint: &Fingerprint) -> Result<([u8; 16], Vec<u8>), String> {
-    let bytes = postcard::to_stdvec(fingerprint).map_err(|e| e.to_string())?;
-    let mut hash = [0u8; 16];
-    hash.copy_from_slice(&blake3::hash(&bytes).as_bytes()[..16]);
-    Ok((hash, bytes))
-}
-/// How often lazily written state (touches) is flushed when idle.
-const LAZY_FLUSH: Duration = Duration::from_millis(500);
-/// Most writes applied in one transaction.
-const MAX_GROUP: usize = 8192;
 
 /// One queued change. The writer persists the record's current state in
 /// memory (or deletes it if it is gone), so repeated changes coalesce.
@@ -152,7 +121,7 @@ impl DurableStore {
                 redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_owned()),
                 other => db_error(path, other),
             })?;
-        let memory = load(&db).map_err(|e| db_error(path, e))?;
+        let memory = codec::load(&db).map_err(|e| db_error(path, e))?;
         let shared = Arc::new(Shared {
             memory,
             ..Shared::default()
@@ -165,7 +134,7 @@ impl DurableStore {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("pin-store-writer".into())
-            .spawn(move || write_loop(db, writer_shared, receiver, committed_tx))
+            .spawn(move || writer::write_loop(db, writer_shared, receiver, committed_tx))
             .map_err(|e| db_error(path, e))?;
         Ok(DurableStore {
             shared,
@@ -290,210 +259,6 @@ impl Drop for DurableStore {
         // The writer flushes what is queued and exits on its own.
         self.stop_writer();
     }
-}
-
-/// Loads every record into memory.
-fn load(db: &Database) -> Result<MemoryStore, String> {
-    use redb::ReadableTableMetadata as _;
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
-    // Create the tables on first start.
-    {
-        txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
-        txn.open_table(PINS).map_err(|e| e.to_string())?;
-        txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
-        txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
-    }
-    txn.commit().map_err(|e| e.to_string())?;
-    let read = db.begin_read().map_err(|e| e.to_string())?;
-    let identities = read.open_table(IDENTITIES).map_err(|e| e.to_string())?;
-    let pins = read.open_table(PINS).map_err(|e| e.to_string())?;
-    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-    let memory = MemoryStore::with_capacity(
-        size(pins.len().map_err(|e| e.to_string())?),
-        size(identities.len().map_err(|e| e.to_string())?),
-    );
-    let mut fingerprints = std::collections::HashMap::new();
-    let table = read.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
-    for row in table.iter().map_err(|e| e.to_string())? {
-        let (hash, value) = row.map_err(|e| e.to_string())?;
-        let fingerprint: Fingerprint =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt fingerprint: {e}"))?;
-        fingerprints.insert(*hash.value(), Arc::new(fingerprint));
-    }
-    for row in identities.iter().map_err(|e| e.to_string())? {
-        let (id, value) = row.map_err(|e| e.to_string())?;
-        let stored: StoredIdentity =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
-        memory.insert_identity(&Identity {
-            id: IdentityId(id.value()),
-            exit: stored.exit,
-            session: stored.session,
-            session_started_ms: stored.session_started_ms,
-            created_ms: stored.created_ms,
-            egress_ip: stored.egress_ip,
-            fingerprint: fingerprints
-                .get(&stored.fingerprint)
-                .cloned()
-                .unwrap_or_default(),
-            last_used_ms: stored.last_used_ms,
-            requests: stored.requests,
-            worked: stored.worked,
-            retired: stored.retired,
-        });
-    }
-    for row in pins.iter().map_err(|e| e.to_string())? {
-        let (key, value) = row.map_err(|e| e.to_string())?;
-        let pin: Pin =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt pin: {e}"))?;
-        memory.insert_pin(PinKey::from_bytes(*key.value()), &pin);
-    }
-    let deaths = read.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
-    for row in deaths.iter().map_err(|e| e.to_string())? {
-        let (exit, at) = row.map_err(|e| e.to_string())?;
-        memory.set_exit_death(&ExitId::new(exit.value()), at.value());
-    }
-    Ok(memory)
-}
-
-/// The writer thread: waits for changes, applies every queued one in one
-/// transaction, commits, then tells the waiters.
-fn write_loop(
-    mut db: Database,
-    shared: Arc<Shared>,
-    queue: mpsc::Receiver<Queued>,
-    committed: watch::Sender<Committed>,
-) {
-    let mut open = true;
-    while open {
-        let mut group = Vec::new();
-        match queue.recv_timeout(LAZY_FLUSH) {
-            Ok(first) => group.push(first),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
-        }
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
-        let dirty: Vec<IdentityId> = shared.dirty.iter().map(|id| *id).collect();
-        for id in &dirty {
-            shared.dirty.remove(id);
-        }
-        if group.is_empty() && dirty.is_empty() {
-            continue;
-        }
-        let compact = group.iter().any(|q| matches!(q.change, Change::Compact));
-        if group.iter().any(|q| matches!(q.change, Change::Close)) {
-            open = false;
-        }
-        // Lazily written state alone does not need a flush.
-        let durable = !group.is_empty();
-        match apply(&db, &shared, &group, &dirty, durable) {
-            Ok(()) => {
-                if let Some(seq) = group.iter().map(|q| q.seq).max() {
-                    shared.pending_pins.retain(|_, s| *s > seq);
-                    shared.pending_identities.retain(|_, s| *s > seq);
-                    committed.send_modify(|c| c.seq = c.seq.max(seq));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pin store write failed; refusing new pins until restart");
-                committed.send_modify(|c| c.failure = Some(e));
-                return;
-            }
-        }
-        if compact {
-            match db.compact() {
-                Ok(_) => tracing::info!("pin store compacted"),
-                Err(e) => tracing::warn!(error = %e, "pin store compaction failed"),
-            }
-        }
-    }
-}
-
-fn apply(
-    db: &Database,
-    shared: &Shared,
-    group: &[Queued],
-    dirty: &[IdentityId],
-    durable: bool,
-) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    let durability = if durable {
-        redb::Durability::Immediate
-    } else {
-        redb::Durability::None
-    };
-    txn.set_durability(durability).map_err(|e| e.to_string())?;
-    {
-        let mut identities = txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
-        let mut pins = txn.open_table(PINS).map_err(|e| e.to_string())?;
-        let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
-        let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
-        let mut put_identity = |id: IdentityId| -> Result<(), String> {
-            match shared.memory.identity(id) {
-                Some(identity) => {
-                    let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
-                    if fingerprints
-                        .get(&hash)
-                        .map_err(|e| e.to_string())?
-                        .is_none()
-                    {
-                        fingerprints
-                            .insert(&hash, fingerprint.as_slice())
-                            .map_err(|e| e.to_string())?;
-                    }
-                    let stored = StoredIdentity {
-                        exit: identity.exit,
-                        session: identity.session,
-                        session_started_ms: identity.session_started_ms,
-                        created_ms: identity.created_ms,
-                        last_used_ms: identity.last_used_ms,
-                        requests: identity.requests,
-                        worked: identity.worked,
-                        egress_ip: identity.egress_ip,
-                        retired: identity.retired,
-                        fingerprint: hash,
-                    };
-                    let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
-                    identities
-                        .insert(id.0, bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
-                }
-                None => {
-                    identities.remove(id.0).map_err(|e| e.to_string())?;
-                }
-            }
-            Ok(())
-        };
-        for id in dirty {
-            put_identity(*id)?;
-        }
-        for queued in group {
-            match &queued.change {
-                Change::Identity(id) => put_identity(*id)?,
-                Change::Pin(key) => match shared.memory.pin(key) {
-                    Some(pin) => {
-                        let bytes = postcard::to_stdvec(&pin).map_err(|e| e.to_string())?;
-                        pins.insert(key.as_bytes(), bytes.as_slice())
-                            .map_err(|e| e.to_string())?;
-                    }
-                    None => {
-                        pins.remove(key.as_bytes()).map_err(|e| e.to_string())?;
-                    }
-                },
-                Change::ExitDeath(exit, at) => {
-                    deaths
-                        .insert(exit.as_str(), at)
-                        .map_err(|e| e.to_string())?;
-                }
-                Change::Compact | Change::Close => {}
-            }
-        }
-    }
-    txn.commit().map_err(|e| e.to_string())
 }
 
 impl PinStore for DurableStore {

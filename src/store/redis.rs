@@ -32,46 +32,21 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
-use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind};
+mod codec;
+mod scripts;
+
+use super::{Binding, Counts, Listing, PinStore, StoreError};
 use crate::credential::PinKey;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
+use codec::{
+    bulk, corrupt, decode_binding, decode_identity, encode_pin, is_connection_error, parse_hex16,
+    redis_error, unexpected,
+};
 
 /// How long a command may take before the store counts as unavailable.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often an unavailable store is pinged.
 const PING_INTERVAL: Duration = Duration::from_millis(500);
-
-const LOOKUP: &str = r"
-local out = {}
-for i, key in ipairs(KEYS) do
-  local pin = redis.call('GET', key)
-  if pin then
-    out[i] = {pin, redis.call('HGETALL', ARGV[1] .. string.sub(pin, 1, 16))}
-  else
-    out[i] = false
-  end
-end
-return out
-";
-
-const PIN_IF_ABSENT: &str = r"
-for attempt = 1, 2 do
-  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {1, ARGV[1], redis.call('HGETALL', ARGV[3] .. string.sub(ARGV[1], 1, 16))}
-  end
-  local pin = redis.call('GET', KEYS[1])
-  if pin then
-    return {0, pin, redis.call('HGETALL', ARGV[3] .. string.sub(pin, 1, 16))}
-  end
-end
-return redis.error_reply('pin vanished twice')
-";
-
-const EXIT_DEATH: &str = r"
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 1
-";
 
 /// The Redis store.
 #[derive(Clone)]
@@ -103,30 +78,6 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// A Redis error, by kind: connection trouble makes the store unreachable.
-fn redis_error(e: &redis::RedisError) -> StoreError {
-    let kind = if is_connection_error(e) {
-        StoreErrorKind::Unreachable
-    } else {
-        StoreErrorKind::Protocol
-    };
-    StoreError::new(kind, format!("redis: {e}"))
-}
-
-fn is_connection_error(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
-}
-
-/// A record that cannot be decoded.
-fn corrupt(detail: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, format!("redis: {detail}"))
-}
-
-/// An answer of the wrong shape.
-fn unexpected(detail: &str) -> StoreError {
-    StoreError::new(StoreErrorKind::Protocol, format!("redis: {detail}"))
-}
-
 impl RedisStore {
     /// Connects lazily to `url` (the daemon starts even while Redis is
     /// down, and refuses requests until it answers). `pin_ttl_ms` bounds
@@ -155,9 +106,9 @@ impl RedisStore {
                 keep_retired_ms,
                 available: AtomicBool::new(false),
                 tasks,
-                lookup: Script::new(LOOKUP),
-                pin_if_absent: Script::new(PIN_IF_ABSENT),
-                exit_death: Script::new(EXIT_DEATH),
+                lookup: Script::new(scripts::LOOKUP),
+                pin_if_absent: Script::new(scripts::PIN_IF_ABSENT),
+                exit_death: Script::new(scripts::EXIT_DEATH),
             }),
         };
         tokio::spawn(ping_loop(Arc::downgrade(&store.inner)));
@@ -239,27 +190,6 @@ impl RedisStore {
             }
         }
     }
-
-    fn decode_binding(&self, pin: &[u8], fields: &Value) -> Result<Binding, StoreError> {
-        let (prefix, record) = pin
-            .split_at_checked(16)
-            .ok_or_else(|| corrupt("short pin record"))?;
-        let pin: Pin = postcard::from_bytes(record).map_err(|e| corrupt(format!("pin: {e}")))?;
-        let prefix = std::str::from_utf8(prefix).map_err(corrupt)?;
-        if IdentityId(u64::from_str_radix(prefix, 16).map_err(corrupt)?) != pin.identity {
-            return Err(corrupt("pin prefix and record disagree"));
-        }
-        Ok(Binding {
-            pin,
-            identity: decode_identity(fields)?,
-        })
-    }
-
-    fn encode_pin(pin: &Pin) -> Result<Vec<u8>, StoreError> {
-        let mut bytes = pin.identity.to_string().into_bytes();
-        bytes.extend(postcard::to_stdvec(pin).map_err(corrupt)?);
-        Ok(bytes)
-    }
 }
 
 /// Pings until the store is dropped, keeping the availability flag current.
@@ -280,74 +210,6 @@ async fn ping_loop(inner: Weak<Inner>) {
     }
 }
 
-/// The fields of `HGETALL` as (name, bytes) pairs.
-fn hash_fields(value: &Value) -> Vec<(String, Vec<u8>)> {
-    let items: &[Value] = match value {
-        Value::Array(items) => items,
-        Value::Map(pairs) => {
-            return pairs
-                .iter()
-                .filter_map(|(k, v)| Some((bulk_text(k)?, bulk(v)?.to_vec())))
-                .collect()
-        }
-        _ => return Vec::new(),
-    };
-    items
-        .chunks(2)
-        .filter_map(|pair| match pair {
-            [k, v] => Some((bulk_text(k)?, bulk(v)?.to_vec())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn bulk(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(bytes) => Some(bytes),
-        Value::SimpleString(text) => Some(text.as_bytes()),
-        _ => None,
-    }
-}
-
-fn bulk_text(value: &Value) -> Option<String> {
-    bulk(value).map(|b| String::from_utf8_lossy(b).into_owned())
-}
-
-fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
-    let fields = hash_fields(fields);
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-    };
-    let Some(record) = get("rec") else {
-        return Ok(None);
-    };
-    let mut identity: Identity =
-        postcard::from_bytes(record).map_err(|e| corrupt(format!("identity: {e}")))?;
-    let number = |v: &[u8]| {
-        std::str::from_utf8(v)
-            .ok()
-            .and_then(|t| t.parse::<u64>().ok())
-    };
-    if let Some(last) = get("last").and_then(number) {
-        identity.last_used_ms = identity.last_used_ms.max(last);
-    }
-    if let Some(requests) = get("reqs").and_then(number) {
-        identity.requests = requests;
-    }
-    identity.worked |= get("worked").is_some();
-    if let Some(ip) = get("egress").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()) {
-        identity.egress_ip = Some(ip);
-    }
-    if let Some(retired) = get("retired") {
-        identity.retired =
-            Some(postcard::from_bytes(retired).map_err(|e| corrupt(format!("retirement: {e}")))?);
-    }
-    Ok(Some(identity))
-}
-
 impl PinStore for RedisStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
         let mut invocation = self.inner.lookup.prepare_invoke();
@@ -365,7 +227,7 @@ impl PinStore for RedisStore {
                 Value::Array(parts) => match parts.as_slice() {
                     [pin, fields] => {
                         let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
-                        self.decode_binding(pin, fields).map(Some)
+                        decode_binding(pin, fields).map(Some)
                     }
                     _ => Err(unexpected("unexpected lookup row")),
                 },
@@ -395,7 +257,7 @@ impl PinStore for RedisStore {
     }
 
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
-        let value = RedisStore::encode_pin(pin)?;
+        let value = encode_pin(pin)?;
         let mut invocation = self.inner.pin_if_absent.prepare_invoke();
         invocation
             .key(self.pin_key(&key))
@@ -408,7 +270,7 @@ impl PinStore for RedisStore {
             Value::Array(parts) => match parts.as_slice() {
                 [_, pin, fields] => {
                     let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
-                    self.decode_binding(pin, fields)
+                    decode_binding(pin, fields)
                 }
                 _ => Err(unexpected("unexpected pin reply")),
             },
@@ -488,7 +350,7 @@ impl PinStore for RedisStore {
             };
             let value: Option<Vec<u8>> = self.note(connection.get(&key).await)?;
             let Some(value) = value else { continue };
-            let binding = self.decode_binding(&value, &Value::Nil)?;
+            let binding = decode_binding(&value, &Value::Nil)?;
             let Some(bytes) = parse_hex16(hex) else {
                 continue;
             };
@@ -571,15 +433,4 @@ async fn scan(
         }
         cursor = next;
     }
-}
-
-fn parse_hex16(hex: &str) -> Option<[u8; 16]> {
-    let mut out = [0u8; 16];
-    if hex.len() != 32 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
 }

@@ -121,9 +121,14 @@ macro_rules! each_kind {
 }
 
 impl ExitKind {
+    /// The upstream proxy, unless the exit is direct.
+    pub fn proxy(&self) -> Option<&ProxyAddress> {
+        each_kind!(self, k => k.proxy())
+    }
+
     /// The proxy's credentials, if it is a proxy and has any.
     pub fn credentials(&self) -> Option<&ProxyAuth> {
-        each_kind!(self, k => k.credentials())
+        self.proxy().and_then(|p| p.auth.as_ref())
     }
 
     /// The URL without credentials, for logs and messages.
@@ -134,7 +139,13 @@ impl ExitKind {
     /// The id an exit of this kind gets when none is given: stable when
     /// exits are reordered (`host:port`, `direct`, `direct-IP`).
     pub fn default_id(&self) -> String {
-        each_kind!(self, k => k.default_id())
+        match self {
+            ExitKind::Direct(direct) => direct.default_id(),
+            _ => self
+                .proxy()
+                .map(|p| p.proxy.to_string())
+                .unwrap_or_default(),
+        }
     }
 
     /// Opens a raw tunnel to `target`; also returns the egress address the

@@ -140,16 +140,33 @@ pub struct OriginLog {
     pub leaks: Vec<(String, IpAddr, IpAddr)>,
 }
 
-/// Headers that reveal a client address or a proxy chain.
+/// Headers that reveal a client address or a proxy chain: every name
+/// pinproxy strips (tests/egress_headers.rs checks this list covers
+/// production's), written out here so a name dropped from production's
+/// list is still caught.
 pub const FORWARDING_HEADERS: &[&str] = &[
     "forwarded",
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-original-forwarded-for",
     "x-real-ip",
     "true-client-ip",
     "client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "proxy-client-ip",
+    "wl-proxy-client-ip",
+    "x-proxyuser-ip",
+    "x-envoy-external-address",
     "via",
     "proxy-authorization",
     "proxy-connection",

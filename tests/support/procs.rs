@@ -36,7 +36,20 @@ pub fn free_port() -> u16 {
 
 /// Starts `command` and waits (bounded) until a line of its output contains
 /// `ready`; the rest of its output is drained in the background.
-pub async fn spawn_until(mut command: Command, ready: &str, stderr: bool) -> Child {
+pub async fn spawn_until(command: Command, ready: &str, stderr: bool) -> Child {
+    spawn_recording(command, ready, stderr, None).await
+}
+
+/// Every line a process printed, shared with the task that reads them.
+pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`spawn_until`], keeping every line of the output in `record` too.
+pub async fn spawn_recording(
+    mut command: Command,
+    ready: &str,
+    stderr: bool,
+    record: Option<Lines>,
+) -> Child {
     command.kill_on_drop(true).stdin(Stdio::null());
     if stderr {
         command.stderr(Stdio::piped()).stdout(Stdio::null());
@@ -50,8 +63,15 @@ pub async fn spawn_until(mut command: Command, ready: &str, stderr: bool) -> Chi
         Box::new(child.stdout.take().unwrap())
     };
     let mut lines = BufReader::new(output).lines();
+    let keep = record.clone();
+    let keep = move |line: &str| {
+        if let Some(record) = &keep {
+            record.lock().unwrap().push(line.to_owned());
+        }
+    };
     let wait = async {
         while let Ok(Some(line)) = lines.next_line().await {
+            keep(&line);
             if line.contains(ready) {
                 return true;
             }
@@ -63,7 +83,11 @@ pub async fn spawn_until(mut command: Command, ready: &str, stderr: bool) -> Chi
         matches!(ok, Ok(true)),
         "{command:?} never printed {ready:?}"
     );
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            keep(&line);
+        }
+    });
     child
 }
 
@@ -176,6 +200,17 @@ impl PinproxyProcess {
     /// Runs `pinproxy run --listen 127.0.0.1:PORT --data-dir DIR --admin off ARGS...`
     /// and waits until it says it is listening.
     pub async fn start(data_dir: &std::path::Path, args: &[String]) -> PinproxyProcess {
+        PinproxyProcess::start_logging(data_dir, args, "warn", None).await
+    }
+
+    /// [`PinproxyProcess::start`] with `RUST_LOG=rust_log`, every line it
+    /// logs kept in `record`.
+    pub async fn start_logging(
+        data_dir: &std::path::Path,
+        args: &[String],
+        rust_log: &str,
+        record: Option<Lines>,
+    ) -> PinproxyProcess {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
         command
@@ -189,8 +224,8 @@ impl PinproxyProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
-            .env("RUST_LOG", "warn");
-        let child = spawn_until(command, "pinproxy listening on", true).await;
+            .env("RUST_LOG", rust_log);
+        let child = spawn_recording(command, "pinproxy listening on", true, record).await;
         PinproxyProcess {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             data_dir: data_dir.to_owned(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{connect_from, resolve, DialContext, ProxyAuth};
+use super::{connect_from, resolve, DialContext, ProxyAddress};
 use crate::net::HostPort;
 use crate::upstream::error::{ConnectError, Stage};
 
@@ -20,8 +20,8 @@ pub struct Direct {
 }
 
 impl Direct {
-    /// A direct exit has no credentials.
-    pub fn credentials(&self) -> Option<&ProxyAuth> {
+    /// A direct exit goes through no proxy.
+    pub fn proxy(&self) -> Option<&ProxyAddress> {
         None
     }
 

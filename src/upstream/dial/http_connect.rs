@@ -22,19 +22,14 @@ const MAX_CONNECT_REPLY: usize = 16 * 1024;
 pub struct HttpConnect(pub ProxyAddress);
 
 impl HttpConnect {
-    /// The proxy's credentials.
-    pub fn credentials(&self) -> Option<&ProxyAuth> {
-        self.0.auth.as_ref()
+    /// The proxy's address and credentials.
+    pub fn proxy(&self) -> Option<&ProxyAddress> {
+        Some(&self.0)
     }
 
     /// `http://user:***@host:port`.
     pub fn redacted_url(&self) -> String {
         self.0.redacted_url("http")
-    }
-
-    /// The proxy's `host:port`.
-    pub fn default_id(&self) -> String {
-        self.0.proxy.to_string()
     }
 
     /// Connects to the proxy and sends CONNECT for `target`; returns the

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use tokio::net::TcpStream;
 
-use super::{DialContext, ProxyAddress, ProxyAuth};
+use super::{DialContext, ProxyAddress};
 use crate::net::HostPort;
 use crate::upstream::error::{ConnectError, Stage};
 
@@ -15,19 +15,14 @@ use crate::upstream::error::{ConnectError, Stage};
 pub struct Socks5(pub ProxyAddress);
 
 impl Socks5 {
-    /// The proxy's credentials.
-    pub fn credentials(&self) -> Option<&ProxyAuth> {
-        self.0.auth.as_ref()
+    /// The proxy's address and credentials.
+    pub fn proxy(&self) -> Option<&ProxyAddress> {
+        Some(&self.0)
     }
 
     /// `socks5://user:***@host:port`.
     pub fn redacted_url(&self) -> String {
         self.0.redacted_url("socks5")
-    }
-
-    /// The proxy's `host:port`.
-    pub fn default_id(&self) -> String {
-        self.0.proxy.to_string()
     }
 
     /// Connects to the proxy and asks it for `target`. Returns the reply's

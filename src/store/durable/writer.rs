@@ -1,0 +1,150 @@
+//! The embedded store's writer thread: it takes queued changes, applies
+//! everything queued in one redb transaction and commits it with fsync
+//! (group commit: concurrent requests share a flush), then tells the
+//! waiters what is durable. Lazily written state (touches) is flushed
+//! without fsync when nothing else is queued.
+
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use redb::{Database, ReadableTable};
+use tokio::sync::watch;
+
+use super::codec::{fingerprint_hash, StoredIdentity, EXIT_DEATHS, FINGERPRINTS, IDENTITIES, PINS};
+use super::{Change, Committed, Queued, Shared};
+use crate::identity::IdentityId;
+
+/// How often lazily written state (touches) is flushed when idle.
+pub(super) const LAZY_FLUSH: Duration = Duration::from_millis(500);
+/// Most writes applied in one transaction.
+const MAX_GROUP: usize = 8192;
+
+/// The writer thread: waits for changes, applies every queued one in one
+/// transaction, commits, then tells the waiters.
+pub(super) fn write_loop(
+    mut db: Database,
+    shared: Arc<Shared>,
+    queue: mpsc::Receiver<Queued>,
+    committed: watch::Sender<Committed>,
+) {
+    let mut open = true;
+    while open {
+        let mut group = Vec::new();
+        match queue.recv_timeout(LAZY_FLUSH) {
+            Ok(first) => group.push(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+        }
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let dirty: Vec<IdentityId> = shared.dirty.iter().map(|id| *id).collect();
+        for id in &dirty {
+            shared.dirty.remove(id);
+        }
+        if group.is_empty() && dirty.is_empty() {
+            continue;
+        }
+        let compact = group.iter().any(|q| matches!(q.change, Change::Compact));
+        if group.iter().any(|q| matches!(q.change, Change::Close)) {
+            open = false;
+        }
+        // Lazily written state alone does not need a flush.
+        let durable = !group.is_empty();
+        match apply(&db, &shared, &group, &dirty, durable) {
+            Ok(()) => {
+                if let Some(seq) = group.iter().map(|q| q.seq).max() {
+                    shared.pending_pins.retain(|_, s| *s > seq);
+                    shared.pending_identities.retain(|_, s| *s > seq);
+                    committed.send_modify(|c| c.seq = c.seq.max(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pin store write failed; refusing new pins until restart");
+                committed.send_modify(|c| c.failure = Some(e));
+                return;
+            }
+        }
+        if compact {
+            match db.compact() {
+                Ok(_) => tracing::info!("pin store compacted"),
+                Err(e) => tracing::warn!(error = %e, "pin store compaction failed"),
+            }
+        }
+    }
+}
+
+fn apply(
+    db: &Database,
+    shared: &Shared,
+    group: &[Queued],
+    dirty: &[IdentityId],
+    durable: bool,
+) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    let durability = if durable {
+        redb::Durability::Immediate
+    } else {
+        redb::Durability::None
+    };
+    txn.set_durability(durability).map_err(|e| e.to_string())?;
+    {
+        let mut identities = txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
+        let mut pins = txn.open_table(PINS).map_err(|e| e.to_string())?;
+        let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
+        let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
+        let mut put_identity = |id: IdentityId| -> Result<(), String> {
+            match shared.memory.identity(id) {
+                Some(identity) => {
+                    let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
+                    if fingerprints
+                        .get(&hash)
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                    {
+                        fingerprints
+                            .insert(&hash, fingerprint.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let stored = StoredIdentity::of(identity, hash);
+                    let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
+                    identities
+                        .insert(id.0, bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                None => {
+                    identities.remove(id.0).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        };
+        for id in dirty {
+            put_identity(*id)?;
+        }
+        for queued in group {
+            match &queued.change {
+                Change::Identity(id) => put_identity(*id)?,
+                Change::Pin(key) => match shared.memory.pin(key) {
+                    Some(pin) => {
+                        let bytes = postcard::to_stdvec(&pin).map_err(|e| e.to_string())?;
+                        pins.insert(key.as_bytes(), bytes.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        pins.remove(key.as_bytes()).map_err(|e| e.to_string())?;
+                    }
+                },
+                Change::ExitDeath(exit, at) => {
+                    deaths
+                        .insert(exit.as_str(), at)
+                        .map_err(|e| e.to_string())?;
+                }
+                Change::Compact | Change::Close => {}
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}

@@ -1,0 +1,137 @@
+//! How the Redis store's records are written and read: pin values, the
+//! identity hash's fields, and the shapes of Redis replies; and how a
+//! failure becomes a [`StoreError`] of the right kind.
+
+use redis::Value;
+
+use crate::identity::{Identity, IdentityId, Pin};
+use crate::store::{Binding, StoreError, StoreErrorKind};
+
+/// A Redis error, by kind: connection trouble makes the store unreachable.
+pub(super) fn redis_error(e: &redis::RedisError) -> StoreError {
+    let kind = if is_connection_error(e) {
+        StoreErrorKind::Unreachable
+    } else {
+        StoreErrorKind::Protocol
+    };
+    StoreError::new(kind, format!("redis: {e}"))
+}
+
+pub(super) fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// A record that cannot be decoded.
+pub(super) fn corrupt(detail: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, format!("redis: {detail}"))
+}
+
+/// An answer of the wrong shape.
+pub(super) fn unexpected(detail: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Protocol, format!("redis: {detail}"))
+}
+
+/// A pin (its identity's id in 16 hex digits, then the record) and the
+/// fields of its identity's hash.
+pub(super) fn decode_binding(pin: &[u8], fields: &Value) -> Result<Binding, StoreError> {
+    let (prefix, record) = pin
+        .split_at_checked(16)
+        .ok_or_else(|| corrupt("short pin record"))?;
+    let pin: Pin = postcard::from_bytes(record).map_err(|e| corrupt(format!("pin: {e}")))?;
+    let prefix = std::str::from_utf8(prefix).map_err(corrupt)?;
+    if IdentityId(u64::from_str_radix(prefix, 16).map_err(corrupt)?) != pin.identity {
+        return Err(corrupt("pin prefix and record disagree"));
+    }
+    Ok(Binding {
+        pin,
+        identity: decode_identity(fields)?,
+    })
+}
+
+/// The value of a pin key: its identity's id in 16 hex digits, then the
+/// record, so a script can find the identity without decoding.
+pub(super) fn encode_pin(pin: &Pin) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = pin.identity.to_string().into_bytes();
+    bytes.extend(postcard::to_stdvec(pin).map_err(corrupt)?);
+    Ok(bytes)
+}
+
+/// The fields of `HGETALL` as (name, bytes) pairs.
+fn hash_fields(value: &Value) -> Vec<(String, Vec<u8>)> {
+    let items: &[Value] = match value {
+        Value::Array(items) => items,
+        Value::Map(pairs) => {
+            return pairs
+                .iter()
+                .filter_map(|(k, v)| Some((bulk_text(k)?, bulk(v)?.to_vec())))
+                .collect()
+        }
+        _ => return Vec::new(),
+    };
+    items
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [k, v] => Some((bulk_text(k)?, bulk(v)?.to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(super) fn bulk(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+fn bulk_text(value: &Value) -> Option<String> {
+    bulk(value).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+pub(super) fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreError> {
+    let fields = hash_fields(fields);
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    };
+    let Some(record) = get("rec") else {
+        return Ok(None);
+    };
+    let mut identity: Identity =
+        postcard::from_bytes(record).map_err(|e| corrupt(format!("identity: {e}")))?;
+    let number = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+    };
+    if let Some(last) = get("last").and_then(number) {
+        identity.last_used_ms = identity.last_used_ms.max(last);
+    }
+    if let Some(requests) = get("reqs").and_then(number) {
+        identity.requests = requests;
+    }
+    identity.worked |= get("worked").is_some();
+    if let Some(ip) = get("egress").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()) {
+        identity.egress_ip = Some(ip);
+    }
+    if let Some(retired) = get("retired") {
+        identity.retired =
+            Some(postcard::from_bytes(retired).map_err(|e| corrupt(format!("retirement: {e}")))?);
+    }
+    Ok(Some(identity))
+}
+
+/// The 16 bytes of a 32-hex-digit pin key.
+pub(super) fn parse_hex16(hex: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if hex.len() != 32 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

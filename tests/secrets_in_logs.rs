@@ -1,0 +1,134 @@
+//! Never log a secret: a cookie-heavy run of the real binary, logging at
+//! every level, and not one raw cookie value, session key or exit
+//! credential in what it printed. Credentials appear as `name#hash8`,
+//! exits by id and redacted URL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use support::origin::Origin;
+use support::procs::PinproxyProcess;
+use support::{Jar, ProxyClient, TestExit};
+
+/// Values no log line may contain.
+const EXIT_PASSWORD: &str = "ExitPassw0rd-7731";
+const SESSION_KEY: &str = "SessionKey-5c1e";
+const HEADER_SESSION_KEY: &str = "HeaderKey-9a3f";
+const CLEARANCE: &str = "CfClearanceValue-77e1";
+const CLIENT_ID: &str = "ClientIdValue-0b2d";
+const UNTRACKED: &str = "UntrackedSid-4c4c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
+    let origin = Origin::start().await;
+    let guarded =
+        TestExit::start_with_auth("127.0.0.2", Some(&format!("exituser:{EXIT_PASSWORD}"))).await;
+    let open = TestExit::start("127.0.0.3").await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let args = vec![
+        "--upstream-ca".into(),
+        origin.pki.ca_file.display().to_string(),
+        "--exit".into(),
+        format!("guarded=http://exituser:{EXIT_PASSWORD}@{}", guarded.addr),
+        "--exit".into(),
+        format!("open=http://{}", open.addr),
+        // An exit that is down, named with credentials: its errors too.
+        "--exit".into(),
+        format!("down=http://exituser:{EXIT_PASSWORD}@127.0.0.1:9"),
+    ];
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let proxy =
+        PinproxyProcess::start_logging(data_dir.path(), &args, "trace", Some(lines.clone())).await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let https = origin.https.port();
+
+    // Identities earned from Set-Cookie, then reused with extra cookies.
+    let mut issued = Vec::new();
+    for round in 0..6 {
+        let mut jar = Jar::default();
+        // The down exit takes its turn in rotation until it is found dead.
+        for _ in 0..8 {
+            let mut conn = client.tunnel("localhost", https).await;
+            if conn.get_with_jar("/login", &mut jar).await.status == 200 {
+                break;
+            }
+        }
+        issued.push(
+            jar.get("datadome")
+                .expect("a login through a live exit")
+                .to_owned(),
+        );
+        jar.set("cf_clearance", &format!("{CLEARANCE}{round}"));
+        jar.set("sid", UNTRACKED);
+        for _ in 0..3 {
+            let mut conn = client.tunnel("localhost", https).await;
+            conn.get_with_jar("/page", &mut jar).await;
+        }
+        // DataDome's header carrier.
+        let mut conn = client.tunnel("localhost", https).await;
+        conn.get(
+            "/page",
+            &[("x-datadome-clientid", &format!("{CLIENT_ID}{round}"))],
+        )
+        .await;
+    }
+    // Session keys, on the CONNECT and in the header.
+    let mut conn = client
+        .tunnel_as(&format!("session-{SESSION_KEY}"), "localhost", https)
+        .await;
+    conn.get("/page", &[]).await;
+    let mut conn = client.tunnel("localhost", https).await;
+    conn.get("/page", &[("x-pinproxy-session", HEADER_SESSION_KEY)])
+        .await;
+    // Error answers: a conflict between two identities' cookies, and a
+    // malformed session key carrying a secret-looking value.
+    let mut conn = client.tunnel("localhost", https).await;
+    let both = format!("datadome={}; cf_clearance={CLEARANCE}5", issued[0]);
+    let conflict = conn.get("/page", &[("cookie", &both)]).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.body);
+    assert!(!conflict.body.contains(&issued[0]), "{}", conflict.body);
+    // Plain HTTP too.
+    let mut plain = client.plain("localhost", origin.http.port()).await;
+    plain
+        .get(
+            "/page",
+            &[(
+                "cookie",
+                &format!("cf_clearance={CLEARANCE}p; sid={UNTRACKED}"),
+            )],
+        )
+        .await;
+    drop(proxy);
+
+    let lines = lines.lock().unwrap().clone();
+    assert!(
+        lines.len() > 50,
+        "the run logged too little to mean anything: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("datadome#")),
+        "credentials are logged as name#hash"
+    );
+    let mut secrets: Vec<String> = issued;
+    secrets.extend(
+        [
+            EXIT_PASSWORD,
+            SESSION_KEY,
+            HEADER_SESSION_KEY,
+            CLEARANCE,
+            CLIENT_ID,
+            UNTRACKED,
+        ]
+        .map(String::from),
+    );
+    for line in &lines {
+        for secret in &secrets {
+            assert!(
+                !line.contains(secret.as_str()),
+                "a log line holds a secret ({secret}): {line}"
+            );
+        }
+    }
+}
