@@ -1,11 +1,13 @@
 //! The pinproxy benchmark suite.
 //!
-//! Everything runs on loopback: a TLS test origin ([`origin`]), a minimal
-//! CONNECT exit ([`exit`]), a load generator that can go through an HTTP
-//! proxy with CONNECT ([`load`]), probes for idle tunnels ([`tunnels`]),
-//! pins ([`pins`]) and leaf minting ([`mint`]), and the orchestrator
-//! ([`suite`]) that runs them side by side against pinproxy and mitmproxy
-//! and writes `BENCHMARKS.md` ([`report`]).
+//! Everything runs on loopback. The building blocks: a TLS test origin
+//! ([`origin`]), a minimal CONNECT exit ([`exit`]), a load generator that
+//! can go through an HTTP proxy with CONNECT ([`load`], on [`client`] and
+//! [`tls`]), probes for idle tunnels ([`tunnels`]), pins ([`pins`]) and
+//! leaf minting ([`mint`]), and readings from `/proc` ([`procfs`]) with the
+//! statistics over them ([`stats`]). The orchestrator ([`suite`]) runs them
+//! phase by phase against pinproxy and mitmproxy, each phase in its own
+//! module with its section of `BENCHMARKS.md`, which [`report`] assembles.
 #![forbid(unsafe_code)]
 
 pub mod client;

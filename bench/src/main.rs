@@ -2,8 +2,10 @@
 //! runs everything (see bench/README.md); the other subcommands are its
 //! parts, usable on their own.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,6 +17,7 @@ use pinproxy_bench::pins::PinSpec;
 use pinproxy_bench::suite::SuiteConfig;
 use pinproxy_bench::tunnels::TunnelSpec;
 use pinproxy_bench::{exit, load, mint, origin, pins, suite, tls, tunnels};
+use rustls::ClientConfig;
 
 /// Benchmark tools for pinproxy. Everything talks to loopback only.
 #[derive(Debug, Parser)]
@@ -167,6 +170,13 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// Checks that the proxy and the origin are loopback addresses, and
+    /// loads the CA certificates to trust.
+    fn client_tls(&self) -> Result<Arc<ClientConfig>> {
+        ensure_loopback(&[self.proxy, Some(self.target().addr)])?;
+        tls::client_config(&self.ca)
+    }
+
     fn via(&self) -> Via {
         self.proxy.map_or(Via::Direct, Via::Proxy)
     }
@@ -285,6 +295,21 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     Ok(socket.listen(4096)?)
 }
 
+/// Listens on `addr`, prints `READY ADDR` (the address actually bound, for
+/// port 0) and runs `serve` on the listener until the process ends.
+fn serve_ready<F: Future<Output = ()>>(
+    addr: SocketAddr,
+    serve: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> Result<()> {
+    runtime()?.block_on(async move {
+        let listener = listen(addr)?;
+        println!("READY {}", listener.local_addr()?);
+        serve(listener).await;
+        Ok(())
+    })
+}
+
+/// A multi-threaded tokio runtime for one tool.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -330,29 +355,19 @@ fn main() -> Result<()> {
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;
             let config = tls::origin_server_config(&a.ca_out)?;
-            runtime()?.block_on(async move {
-                let listener = listen(a.listen)?;
-                println!("READY {}", listener.local_addr()?);
-                origin::serve(listener, config, Bytes::from(vec![b'x'; a.body_bytes])).await;
-                Ok(())
-            })
+            let body = Bytes::from(vec![b'x'; a.body_bytes]);
+            serve_ready(a.listen, |listener| origin::serve(listener, config, body))
         }
         Cmd::Exit(a) => {
             ensure_loopback(&[Some(a.listen)])?;
             if let Some(source) = a.source {
                 anyhow::ensure!(source.is_loopback(), "{source} is not a loopback address");
             }
-            runtime()?.block_on(async move {
-                let listener = listen(a.listen)?;
-                println!("READY {}", listener.local_addr()?);
-                exit::serve(listener, a.source).await;
-                Ok(())
-            })
+            serve_ready(a.listen, |listener| exit::serve(listener, a.source))
         }
         Cmd::Load(a) => {
             let t = &a.target;
-            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
-            let tls = tls::client_config(&t.ca)?;
+            let tls = t.client_tls()?;
             let spec = LoadSpec {
                 via: t.via(),
                 target: t.target(),
@@ -372,8 +387,7 @@ fn main() -> Result<()> {
         }
         Cmd::Tunnels(a) => {
             let t = &a.target;
-            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
-            let tls = tls::client_config(&t.ca)?;
+            let tls = t.client_tls()?;
             let spec = TunnelSpec {
                 via: t.via(),
                 target: t.target(),
@@ -386,8 +400,7 @@ fn main() -> Result<()> {
         }
         Cmd::Pins(a) => {
             let t = &a.target;
-            ensure_loopback(&[t.proxy, Some(t.target().addr)])?;
-            let tls = tls::client_config(&t.ca)?;
+            let tls = t.client_tls()?;
             let spec = PinSpec {
                 via: t.via(),
                 target: t.target(),
@@ -413,5 +426,26 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn default_phases_are_the_suite_s_phases_in_order() {
+        let cli = Cli::parse_from(["pinbench", "suite", "--pinproxy", "p", "--out", "o"]);
+        let Cmd::Suite(args) = cli.command else {
+            panic!("not the suite");
+        };
+        let keys: Vec<&str> = suite::PHASES.iter().map(|p| p.key).collect();
+        assert_eq!(args.phases, keys);
     }
 }

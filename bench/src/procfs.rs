@@ -16,6 +16,14 @@ pub struct ProcSample {
     pub threads: u64,
 }
 
+impl ProcSample {
+    /// CPU time used since `earlier`, in microseconds, at `ticks` clock
+    /// ticks per second (see [`ticks_per_second`]).
+    pub fn cpu_us_since(&self, earlier: &ProcSample, ticks: f64) -> f64 {
+        self.cpu_ticks.saturating_sub(earlier.cpu_ticks) as f64 / ticks * 1e6
+    }
+}
+
 /// Reads `/proc/PID/status` and `/proc/PID/stat`.
 pub fn sample(pid: u32) -> Result<ProcSample> {
     let dir = Path::new("/proc").join(pid.to_string());

@@ -1,0 +1,326 @@
+//! The pin phase, pins and identities (in the report's scale chapter). Pins:
+//! one fresh pinproxy filled through its proxy port (by `pinbench pins`) to
+//! each cumulative level, every worker's pins joining one identity, so the
+//! figures are the pins' own memory and CPU. Identities: another fresh
+//! pinproxy gets one request with one new cookie per identity, each identity
+//! with its own upstream connection.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::procs::Proc;
+use super::servers::Server;
+use super::{Phase, Suite};
+use crate::pins::FillReport;
+use crate::procfs;
+use crate::report::{group, mib, per, Goal, Results};
+
+/// The pin and identity phase.
+pub const PHASE: Phase = Phase {
+    key: "pins",
+    name: "pins",
+    chapter: None,
+    run,
+    goals,
+    render,
+};
+
+/// Bytes per live pin.
+const GOAL_PIN_BYTES: f64 = 300.0;
+
+/// Connections creating identities in the identity measurement.
+const IDENTITY_CONCURRENCY: usize = 32;
+
+/// Pins held by one pinproxy, cumulatively.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PinRow {
+    /// Pins created beyond the warm-up.
+    pub pins: u64,
+    /// RSS growth over the baseline, bytes.
+    pub rss_growth: u64,
+    /// Pins created per second in this step.
+    pub pins_per_sec: f64,
+    /// pinproxy CPU time per pin in this step, microseconds.
+    pub cpu_us_per_pin: f64,
+    /// Requests that failed in this step.
+    pub failed: u64,
+}
+
+/// New identities, one tracked cookie each, in a fresh pinproxy with the
+/// default pool settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdentityRow {
+    /// Identities created (one request each).
+    pub identities: u64,
+    /// RSS growth, bytes.
+    pub rss_growth: u64,
+    /// Growth of pinproxy's open file descriptors.
+    pub fds_growth: u64,
+    /// Identities created per second.
+    pub per_sec: f64,
+    /// pinproxy CPU time per identity, microseconds.
+    pub cpu_us_per_identity: f64,
+    /// Requests that failed.
+    pub failed: u64,
+}
+
+impl PinRow {
+    /// RSS growth per pin, bytes (0 without pins).
+    pub fn bytes_per_pin(&self) -> f64 {
+        if self.pins > 0 {
+            self.rss_growth as f64 / self.pins as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Runs the phase: the pin fill, then the identities.
+fn run(suite: &mut Suite) -> Result<()> {
+    fill_pins(suite)?;
+    identities(suite)
+}
+
+/// Fills one pinproxy to each of the pin levels and measures it at each.
+fn fill_pins(suite: &mut Suite) -> Result<()> {
+    let ticks = procfs::ticks_per_second() as f64;
+    let proxy = suite.start_pinproxy("pinproxy-pins", None)?;
+    let concurrency = suite.config.pin_concurrency;
+    let per_request = suite.config.pins_per_request;
+    let mut filler = spawn_filler(suite, &proxy, concurrency, per_request, true)?;
+    // Two requests per connection at least, so every connection (and its
+    // identity's upstream connection) exists before the baseline.
+    let warm = fill(&mut filler, (2 * concurrency * per_request) as u64)?;
+    thread::sleep(Duration::from_millis(500));
+    let base = proxy.proc.sample()?;
+    let mut made = 0u64;
+    for &level in &suite.config.pin_levels.clone() {
+        let before = proxy.proc.sample()?;
+        let report = fill(&mut filler, level.saturating_sub(made))?;
+        made += report.pins;
+        thread::sleep(Duration::from_millis(500));
+        let after = proxy.proc.sample()?;
+        let row = PinRow {
+            pins: made,
+            rss_growth: after.rss_bytes.saturating_sub(base.rss_bytes),
+            pins_per_sec: report.pins as f64 / report.secs.max(1e-9),
+            cpu_us_per_pin: after.cpu_us_since(&before, ticks) / report.pins.max(1) as f64,
+            failed: report.failed,
+        };
+        suite.progress.say(format!(
+            "{made} pins: RSS +{:.1} MiB ({:.0} B/pin), {:.0} pins/s",
+            row.rss_growth as f64 / 1048576.0,
+            row.rss_growth as f64 / made.max(1) as f64,
+            row.pins_per_sec
+        ));
+        let what = format!("pin fill to {level}");
+        note_failed(suite, &what, report.failed, report.first_error);
+        suite.results.pins.push(row);
+        if made < level {
+            suite.results.notes.push(format!(
+                "pin fill to {level} stopped at {made} (time limit)"
+            ));
+            break;
+        }
+    }
+    note_failed(suite, "pin warm-up", warm.failed, warm.first_error);
+    filler.finish(Duration::from_secs(10));
+    suite.results.pin_warmup = warm.pins;
+    suite.results.pin_identities = proxy
+        .admin
+        .and_then(|admin| metric(admin, "pinproxy_identities_created_total"));
+    Ok(())
+}
+
+/// One new cookie per request, so one new identity each, in a fresh
+/// pinproxy.
+fn identities(suite: &mut Suite) -> Result<()> {
+    let ticks = procfs::ticks_per_second() as f64;
+    let proxy = suite.start_pinproxy("pinproxy-identities", None)?;
+    let mut filler = spawn_filler(suite, &proxy, IDENTITY_CONCURRENCY, 1, false)?;
+    let warm = fill(&mut filler, 2 * IDENTITY_CONCURRENCY as u64)?;
+    thread::sleep(Duration::from_millis(500));
+    let before = proxy.proc.sample()?;
+    let fds_before = procfs::open_fds(proxy.proc.pid())?;
+    let report = fill(&mut filler, suite.config.identity_count)?;
+    thread::sleep(Duration::from_millis(500));
+    let after = proxy.proc.sample()?;
+    let fds_after = procfs::open_fds(proxy.proc.pid())?;
+    let row = IdentityRow {
+        identities: report.pins,
+        rss_growth: after.rss_bytes.saturating_sub(before.rss_bytes),
+        fds_growth: fds_after.saturating_sub(fds_before),
+        per_sec: report.pins as f64 / report.secs.max(1e-9),
+        cpu_us_per_identity: after.cpu_us_since(&before, ticks) / report.pins.max(1) as f64,
+        failed: report.failed + warm.failed,
+    };
+    suite.progress.say(format!(
+        "{} identities: RSS +{:.1} MiB ({:.1} KiB each), {} more descriptors",
+        row.identities,
+        row.rss_growth as f64 / 1048576.0,
+        row.rss_growth as f64 / row.identities.max(1) as f64 / 1024.0,
+        row.fds_growth
+    ));
+    let first_error = report.first_error.or(warm.first_error);
+    note_failed(suite, "identities", row.failed, first_error);
+    suite.results.identities.push(row);
+    filler.finish(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Starts `pinbench pins` against `proxy` with `concurrency` connections.
+fn spawn_filler(
+    suite: &Suite,
+    proxy: &Server,
+    concurrency: usize,
+    per_request: usize,
+    anchor: bool,
+) -> Result<Proc> {
+    let port = suite.origin.addr.port();
+    let mut cmd = suite.target_command("pins", port, proxy.ca()?, Some(proxy.addr))?;
+    cmd.args(["--concurrency", &concurrency.to_string()])
+        .args(["--per-request", &per_request.to_string()])
+        .args(["--fill-limit-secs", "300"])
+        .args(["--tag", &format!("p{}x{per_request}", std::process::id())]);
+    if anchor {
+        cmd.arg("--anchor");
+    }
+    Proc::spawn("pin filler", &mut cmd, true, true, None)
+}
+
+/// Asks a filler for `n` more pins and reads its report.
+fn fill(filler: &mut Proc, n: u64) -> Result<FillReport> {
+    filler.send(&format!("fill {n}"))?;
+    filler.next_json(Duration::from_secs(330))
+}
+
+/// Notes the requests of `what` that failed, with the first error.
+fn note_failed(suite: &mut Suite, what: &str, failed: u64, first_error: Option<String>) {
+    if failed > 0 {
+        suite.results.notes.push(format!(
+            "{what}: {failed} requests failed; first error: {}",
+            first_error.unwrap_or_default()
+        ));
+    }
+}
+
+/// One unlabelled value from pinproxy's admin `/metrics`, if it has it.
+fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// The pin rows against the per-pin goal.
+fn goals(results: &Results) -> Vec<Goal> {
+    let cells: Vec<(String, f64)> = results
+        .pins
+        .iter()
+        .filter(|p| p.pins > 0)
+        .map(|p| (group(p.pins), p.bytes_per_pin()))
+        .collect();
+    vec![Goal::over(
+        format!("< {GOAL_PIN_BYTES} bytes per live pin"),
+        &cells,
+        |cell, v| format!("{cell} pins: {v:.0} B"),
+        |v| v < GOAL_PIN_BYTES,
+    )]
+}
+
+/// ` (**N requests failed**)` after a row's first cell, when some did.
+fn failed_note(failed: u64) -> String {
+    if failed > 0 {
+        format!(" (**{failed} requests failed**)")
+    } else {
+        String::new()
+    }
+}
+
+/// The pin table and, when measured, the identity table.
+fn render(results: &Results, out: &mut String) {
+    let _ = writeln!(out, "### Pins\n");
+    let s = &results.settings;
+    let _ = writeln!(
+        out,
+        "One fresh pinproxy, filled cumulatively through its proxy port: {} kept-alive \
+         connections send requests carrying {} new tracked cookies each, so every cookie \
+         becomes a pin. Each connection also sends its own *anchor* cookie, so its pins all \
+         join one identity: the figures are the pins alone ({} identities in all{}). Growth \
+         is over the RSS after a warm-up fill of {} pins (two requests per connection, so \
+         every connection is open before the baseline), with pinproxy's default pin store.\n",
+        s.pin_concurrency,
+        s.pins_per_request,
+        s.pin_concurrency,
+        match results.pin_identities {
+            Some(n) => format!(", pinproxy counted {n}"),
+            None => String::new(),
+        },
+        group(results.pin_warmup),
+    );
+    let _ = writeln!(
+        out,
+        "| live pins | RSS growth | bytes per pin | pins/s while filling | pinproxy CPU µs per pin |"
+    );
+    let _ = writeln!(out, "| ---: | ---: | ---: | ---: | ---: |");
+    for p in &results.pins {
+        let _ = writeln!(
+            out,
+            "| {}{} | {} | {:.0} | {:.0} | {:.1} |",
+            group(p.pins),
+            failed_note(p.failed),
+            mib(p.rss_growth),
+            p.bytes_per_pin(),
+            p.pins_per_sec,
+            p.cpu_us_per_pin,
+        );
+    }
+    let _ = writeln!(out);
+
+    if !results.identities.is_empty() {
+        let _ = writeln!(out, "### Identities\n");
+        let _ = writeln!(
+            out,
+            "A request whose tracked cookies are all new starts an identity, and every \
+             identity has its own upstream connections (its own `CONNECT` and TLS handshake \
+             with the origin), kept idle for `timeouts.pool_idle` (90 s by default) after \
+             its last request. A fresh pinproxy with default settings, one request with one \
+             new cookie per identity, measured right after (the connections still pooled):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| identities | RSS growth | per identity | open descriptors added | identities/s | pinproxy CPU µs per identity |"
+        );
+        let _ = writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in &results.identities {
+            let _ = writeln!(
+                out,
+                "| {}{} | {} | {:.1} KiB | {} | {:.0} | {:.0} |",
+                group(r.identities),
+                failed_note(r.failed),
+                mib(r.rss_growth),
+                per(r.rss_growth, 0, r.identities) / 1024.0,
+                group(r.fds_growth),
+                r.per_sec,
+                r.cpu_us_per_identity,
+            );
+        }
+        let _ = writeln!(out);
+    }
+}

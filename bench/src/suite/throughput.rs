@@ -1,0 +1,356 @@
+//! The throughput phase, chapter 1 of the report: every setup (a)–(e) under
+//! the same closed-loop load at each cell of [`CELLS`], interleaved within
+//! rounds, then the setups that can sustain it at a fixed rate below
+//! saturation. Each run records the CPU time of the proxy under test and the
+//! kernel's accept-queue drops. Its section of the report is in [`render`].
+
+pub mod render;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::procs::{free_addr, path_str};
+use super::servers::{start_server, Server};
+use super::{Phase, Suite};
+use crate::load::{ConnMode, LoadResult};
+use crate::procfs::{self, ProcSample};
+
+/// The throughput phase.
+pub const PHASE: Phase = Phase {
+    key: "throughput",
+    name: "throughput",
+    chapter: Some("1. Throughput and latency"),
+    run,
+    goals: render::goals,
+    render: render::section,
+};
+
+/// Concurrency of the fixed-rate latency runs.
+pub const FIXED_RATE_CONCURRENCY: usize = 32;
+
+/// The modes and concurrencies of the throughput matrix, in table order.
+pub const CELLS: [(ConnMode, usize); 6] = [
+    (ConnMode::KeepAlive, 1),
+    (ConnMode::KeepAlive, 32),
+    (ConnMode::KeepAlive, 256),
+    (ConnMode::NewConn, 1),
+    (ConnMode::NewConn, 32),
+    (ConnMode::NewConn, 256),
+];
+
+/// The setups compared in the throughput runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Setup {
+    /// (a) straight to the origin.
+    Direct,
+    /// (b) through the exit proxy alone (a CONNECT tunnel, no MITM).
+    Exit,
+    /// (c) through pinproxy with one exit.
+    Pinproxy,
+    /// (c′) as (c) with a wider upstream pool (`limits.max_idle_per_origin`),
+    /// run only at keep-alive with the highest concurrency.
+    PinproxyWidePool,
+    /// (d) as (c), with tracked cookies on every request.
+    PinproxyCookies,
+    /// (e) mitmproxy in upstream mode to the same exit.
+    Mitmproxy,
+}
+
+impl Setup {
+    /// All setups, in table order.
+    pub const ALL: [Setup; 6] = [
+        Setup::Direct,
+        Setup::Exit,
+        Setup::Pinproxy,
+        Setup::PinproxyWidePool,
+        Setup::PinproxyCookies,
+        Setup::Mitmproxy,
+    ];
+
+    /// The letter used in the issue: a..e (c′ for the wide-pool variant).
+    pub fn letter(self) -> &'static str {
+        match self {
+            Setup::Direct => "a",
+            Setup::Exit => "b",
+            Setup::Pinproxy => "c",
+            Setup::PinproxyWidePool => "c′",
+            Setup::PinproxyCookies => "d",
+            Setup::Mitmproxy => "e",
+        }
+    }
+
+    /// Short description.
+    pub fn label(self) -> &'static str {
+        match self {
+            Setup::Direct => "direct to the origin",
+            Setup::Exit => "exit proxy alone (CONNECT tunnel)",
+            Setup::Pinproxy => "pinproxy, one exit",
+            Setup::PinproxyWidePool => "pinproxy, `max_idle_per_origin` = concurrency",
+            Setup::PinproxyCookies => "pinproxy, tracked cookies on every request",
+            Setup::Mitmproxy => "mitmproxy, upstream mode to the exit",
+        }
+    }
+}
+
+/// One load run of one setup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    /// Which setup.
+    pub setup: Setup,
+    /// Connection reuse.
+    pub mode: ConnMode,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Round number (from 0).
+    pub round: usize,
+    /// What the load generator measured.
+    pub result: LoadResult,
+    /// CPU time of the proxy under test (exit, pinproxy or mitmproxy) per
+    /// request, warm-up included, in microseconds.
+    pub proxy_cpu_us_per_req: Option<f64>,
+    /// Connections the kernel dropped during the run because a listener's
+    /// accept queue was full (`TcpExt ListenOverflows`, machine-wide); each
+    /// costs its client a 1 s SYN retransmission.
+    pub listen_overflows: u64,
+}
+
+/// The servers of the throughput runs.
+struct Servers<'a> {
+    exit: &'a Server,
+    pinproxy: &'a Server,
+    wide: &'a Server,
+    mitm: Option<&'a Server>,
+    origin_ca: &'a Path,
+}
+
+impl Servers<'_> {
+    /// The proxy a setup goes through (and whose CPU is measured).
+    fn of(&self, setup: Setup) -> Option<&Server> {
+        match setup {
+            Setup::Direct => None,
+            Setup::Exit => Some(self.exit),
+            Setup::Pinproxy | Setup::PinproxyCookies => Some(self.pinproxy),
+            Setup::PinproxyWidePool => Some(self.wide),
+            Setup::Mitmproxy => self.mitm,
+        }
+    }
+}
+
+/// Runs the phase: starts pinproxy (default and wide pool) and mitmproxy,
+/// then measures every setup in every cell, round after round.
+fn run(suite: &mut Suite) -> Result<()> {
+    let pinproxy = suite.start_pinproxy("pinproxy-load", None)?;
+    let widest = CELLS
+        .iter()
+        .filter(|(mode, _)| *mode == ConnMode::KeepAlive)
+        .map(|&(_, conc)| conc)
+        .max()
+        .unwrap_or(256);
+    let wide = suite.start_pinproxy(
+        "pinproxy-wide-pool",
+        Some(&format!("[limits]\nmax_idle_per_origin = {widest}\n")),
+    )?;
+    let mitm = match &suite.config.mitmdump {
+        Some(path) => match start_mitmproxy(suite, path) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                suite.results.notes.push(format!(
+                    "mitmproxy is installed but did not start, so (e) is missing: {e:#}"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let mut setups = vec![
+        Setup::Direct,
+        Setup::Exit,
+        Setup::Pinproxy,
+        Setup::PinproxyWidePool,
+        Setup::PinproxyCookies,
+    ];
+    if mitm.is_some() {
+        setups.push(Setup::Mitmproxy);
+    }
+    let servers = Servers {
+        exit: &suite.exit,
+        pinproxy: &pinproxy,
+        wide: &wide,
+        mitm: mitm.as_ref(),
+        origin_ca: suite.origin_ca()?,
+    };
+    let rounds = suite.config.rounds;
+    let mut samples = Vec::new();
+    let mut fixed = Vec::new();
+    for round in 0..rounds {
+        let order: Vec<Setup> = if round % 2 == 0 {
+            setups.clone()
+        } else {
+            setups.iter().rev().copied().collect()
+        };
+        for &(mode, conc) in &CELLS {
+            for &setup in &order {
+                // The wide pool only differs from (c) where the
+                // concurrency exceeds the default pool.
+                if setup == Setup::PinproxyWidePool
+                    && !(mode == ConnMode::KeepAlive && conc == widest)
+                {
+                    continue;
+                }
+                let sample = measure(suite, &servers, setup, mode, conc, round, None)?;
+                samples.push(sample);
+            }
+        }
+        // Latency below saturation, in the same round. mitmproxy is left
+        // out: it cannot sustain the rate, so its figures would only show
+        // its queue.
+        for &setup in &order {
+            if matches!(setup, Setup::Mitmproxy | Setup::PinproxyWidePool) {
+                continue;
+            }
+            let sample = measure(
+                suite,
+                &servers,
+                setup,
+                ConnMode::KeepAlive,
+                FIXED_RATE_CONCURRENCY,
+                round,
+                Some(suite.config.fixed_rate),
+            )?;
+            fixed.push(sample);
+        }
+    }
+    let errors: u64 = samples.iter().map(|s| s.result.errors).sum();
+    if errors > 0 {
+        if let Some(e) = samples.iter().find_map(|s| s.result.first_error.clone()) {
+            suite.results.notes.push(format!(
+                "{errors} load requests failed in total; the first error: {e}"
+            ));
+        }
+    }
+    suite.results.throughput = samples;
+    suite.results.fixed_rate = fixed;
+    Ok(())
+}
+
+/// One load run of `setup`, with the CPU of the proxy under test and
+/// the accept-queue drops during it.
+fn measure(
+    suite: &Suite,
+    servers: &Servers<'_>,
+    setup: Setup,
+    mode: ConnMode,
+    conc: usize,
+    round: usize,
+    rate: Option<f64>,
+) -> Result<Sample> {
+    let measured = servers.of(setup);
+    // Through the bare exit, TLS is end to end with the origin.
+    let proxy = measured.map(|s| (s.addr, s.ca.as_deref().unwrap_or(servers.origin_ca)));
+    // (d): cookie values unique to this run, so each client's first
+    // request pins them and the rest are routed by the pin.
+    let tag = (setup == Setup::PinproxyCookies).then(|| {
+        let mode = match mode {
+            ConnMode::KeepAlive => "k",
+            ConnMode::NewConn => "n",
+        };
+        let fixed = if rate.is_some() { "f" } else { "" };
+        format!("r{round}{mode}{conc}{fixed}")
+    });
+    let ticks = procfs::ticks_per_second() as f64;
+    let before = measured.map(|s| s.proc.sample()).transpose()?;
+    let overflows_before = procfs::listen_overflows().unwrap_or(0);
+    let result = suite.load(proxy, mode, conc, suite.config.secs, tag.as_deref(), rate)?;
+    let overflows = procfs::listen_overflows()
+        .unwrap_or(0)
+        .saturating_sub(overflows_before);
+    let after = measured.map(|s| s.proc.sample()).transpose()?;
+    let cpu = cpu_per_request(before, after, ticks, &result);
+    suite.progress.say(format!(
+        "round {}/{} {}{:>10} c={conc:<3} ({}) {:>7.0} req/s p50 {:>6.2} ms p99 {:>7.2} ms{}{}",
+        round + 1,
+        suite.config.rounds,
+        match rate {
+            Some(r) => format!("at {r:.0} req/s "),
+            None => String::new(),
+        },
+        mode.label(),
+        setup.letter(),
+        result.rps,
+        f64::from(result.p50_us) / 1000.0,
+        f64::from(result.p99_us) / 1000.0,
+        if overflows > 0 {
+            format!(" SYN drops {overflows}")
+        } else {
+            String::new()
+        },
+        if result.errors > 0 {
+            format!(
+                " errors {} ({})",
+                result.errors,
+                result.first_error.clone().unwrap_or_default()
+            )
+        } else {
+            String::new()
+        }
+    ));
+    Ok(Sample {
+        setup,
+        mode,
+        concurrency: conc,
+        round,
+        result,
+        proxy_cpu_us_per_req: cpu,
+        listen_overflows: overflows,
+    })
+}
+/// Starts mitmdump in upstream mode to the exit, trusting the origin's CA.
+fn start_mitmproxy(suite: &Suite, mitmdump: &Path) -> Result<Server> {
+    let addr = free_addr()?;
+    let confdir = suite.dir.join("mitmproxy");
+    std::fs::create_dir_all(&confdir)?;
+    let log = suite.dir.join("mitmproxy.log");
+    let mut cmd = Command::new(mitmdump);
+    cmd.args(["--mode", &format!("upstream:http://{}", suite.exit.addr)])
+        .args([
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            &addr.port().to_string(),
+        ])
+        .args(["--set", &format!("confdir={}", path_str(&confdir)?)])
+        .args([
+            "--set",
+            &format!(
+                "ssl_verify_upstream_trusted_ca={}",
+                path_str(suite.origin_ca()?)?
+            ),
+        ])
+        .args(["--set", "termlog_verbosity=error", "--set", "flow_detail=0"]);
+    let ca = Some(confdir.join("mitmproxy-ca-cert.pem"));
+    start_server(
+        "mitmproxy",
+        &mut cmd,
+        addr,
+        &log,
+        Duration::from_secs(60),
+        ca,
+    )
+}
+
+/// CPU time of the proxy under test per request (warm-up included), in
+/// microseconds; `None` without a proxy or requests.
+fn cpu_per_request(
+    before: Option<ProcSample>,
+    after: Option<ProcSample>,
+    ticks: f64,
+    result: &LoadResult,
+) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    let requests = result.ok + result.warmup_ok;
+    (requests > 0).then(|| after.cpu_us_since(&before, ticks) / requests as f64)
+}
