@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pinproxy::credential::PinHasher;
 use support::procs::PinproxyProcess;
-use support::{Jar, Origin, Proxy, ProxyClient, Setup};
+use support::{Jar, Origin, ProxyClient, Setup};
 use tokio::sync::watch;
 
 /// What one client saw: its jar, the exit address its cookies belong to,
@@ -23,24 +23,12 @@ struct ClientLog {
     received_before_crash: Vec<String>,
 }
 
-fn exit_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> {
-    let mut args = vec![
-        "--upstream-ca".to_owned(),
-        origin.pki.ca_file.display().to_string(),
-    ];
-    for (id, url) in exits {
-        args.push("--exit".into());
-        args.push(format!("{id}={url}"));
-    }
-    args
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_exit() {
     let origin = Origin::start().await;
     let (_exits, exits) = support::exits(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let args = exit_args(&origin, &exits);
+    let args = support::process_args(&origin, &exits);
     let first = PinproxyProcess::start(dir.path(), &args).await;
     let ca = first.ca_pem();
     let (address, watch_address) = watch::channel(Some(first.addr));
@@ -202,39 +190,14 @@ fn parse_export(text: &str) -> (HashMap<String, String>, HashMap<String, String>
     (identity_exit, pin_identity)
 }
 
-/// Starts pinproxy in-process on `data_dir` with these exits.
-async fn start_on(
-    data_dir: &std::path::Path,
-    origin: &Origin,
-    exits: &[(String, String)],
-) -> Proxy {
-    let dir = data_dir.to_owned();
-    Proxy::start(exits, origin, move |c| c.data_dir = Some(dir)).await
-}
-
 #[tokio::test]
 async fn pins_and_retirements_survive_a_restart() {
-    let origin = Origin::start().await;
-    let (_exits, exits) = support::exits(3).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_on(dir.path(), &origin, &exits).await;
-    let s = Setup {
-        origin,
-        exits: Vec::new(),
-        proxy,
-    };
+    let s = Setup::start(3).await;
     let (mut kept, kept_peer) = s.login("/login").await;
     let (mut invalidated, _) = s.login("/login").await;
     assert_eq!(s.get("/challenge", &mut invalidated).await.status, 403);
-    let Setup { origin, proxy, .. } = s;
-    proxy.stop().await;
 
-    let proxy = start_on(dir.path(), &origin, &exits).await;
-    let s = Setup {
-        origin,
-        exits: Vec::new(),
-        proxy,
-    };
+    let s = s.restart().await;
     let reply = s.get("/page", &mut kept).await;
     assert_eq!(
         (reply.status.as_u16(), Setup::peer(&reply)),
@@ -255,45 +218,22 @@ async fn pins_and_retirements_survive_a_restart() {
 
 #[tokio::test]
 async fn identities_of_an_exit_removed_from_the_config_retire() {
-    let origin = Origin::start().await;
-    let (_exits, exits) = support::exits(3).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_on(dir.path(), &origin, &exits).await;
-    let s = Setup {
-        origin,
-        exits: Vec::new(),
-        proxy,
-    };
+    let s = Setup::start(3).await;
     let (mut jar, peer) = s.login("/login").await;
-    let gone = peer
-        .to_string()
-        .rsplit('.')
-        .next()
-        .unwrap()
-        .parse::<usize>()
-        .unwrap()
-        - 2;
-    let Setup { origin, proxy, .. } = s;
-    proxy.stop().await;
+    let gone = s.exit_of(peer);
+    let gone_id = s.proxy.config.exits[gone].id.clone();
 
-    let remaining: Vec<(String, String)> = exits
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != gone)
-        .map(|(_, e)| e.clone())
-        .collect();
-    let proxy = start_on(dir.path(), &origin, &remaining).await;
-    let s = Setup {
-        origin,
-        exits: Vec::new(),
-        proxy,
-    };
+    let s = s
+        .restart_with(|c| {
+            c.exits.remove(gone);
+        })
+        .await;
     let seen = s.origin.seen().len();
     let reply = s.get("/page", &mut jar).await;
     assert_eq!(reply.status, 502);
     let error = reply.pinproxy_error().unwrap();
     assert!(
-        error.contains("exit-removed") && error.contains(&exits[gone].0),
+        error.contains("exit-removed") && error.contains(&gone_id),
         "{error}"
     );
     assert_eq!(
@@ -306,23 +246,21 @@ async fn identities_of_an_exit_removed_from_the_config_retire() {
 
 #[tokio::test]
 async fn a_running_daemon_keeps_the_store_to_itself() {
-    let origin = Origin::start().await;
-    let (_exits, exits) = support::exits(1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_on(dir.path(), &origin, &exits).await;
+    let s = Setup::start(1).await;
+    let dir = s.proxy.data_dir.path().to_owned();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
         .args(["store", "stats", "--data-dir"])
-        .arg(dir.path())
+        .arg(&dir)
         .output()
         .await
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("in use by another pinproxy"), "{stderr}");
-    proxy.stop().await;
+    let _kept = s.proxy.stop_keeping_data_dir().await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
         .args(["store", "stats", "--data-dir"])
-        .arg(dir.path())
+        .arg(&dir)
         .output()
         .await
         .unwrap();

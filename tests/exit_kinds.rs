@@ -9,9 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
+use pinproxy::exits::health::HealthState;
 use support::origin::reported_peer;
 use support::procs::Microsocks;
-use support::{Jar, Origin, Proxy, ProxyClient};
+use support::{Jar, Origin, Proxy, ProxyClient, Setup, TestExitSpec};
 
 /// Many clients with their own jars, then cookie-less traffic: 0 leaks,
 /// every client on one exit, rotation over all of them.
@@ -114,46 +115,31 @@ async fn a_socks5_exit_refusing_credentials_is_named_in_a_502() {
 
 #[tokio::test]
 async fn health_probes_work_for_every_exit_kind() {
-    let origin = Origin::start().await;
     let socks = Microsocks::start("127.0.0.2", None).await;
-    let http = support::TestExit::start("127.0.0.3").await;
-    let exits = [
-        ("socks".to_string(), socks.url(None)),
-        ("http".to_string(), http.url()),
-        ("local".to_string(), "direct://127.0.0.4".to_string()),
+    let s = Setup::builder()
+        .exit_url("socks", socks.url(None))
+        .exit(TestExitSpec::plain("127.0.0.3").id("http"))
+        .exit_url("local", "direct://127.0.0.4")
         // Nothing listens here: its probes fail.
-        (
-            "gone".to_string(),
+        .exit_url(
+            "gone",
             format!("socks5://127.0.0.1:{}", support::procs::free_port()),
-        ),
-    ];
-    let port = origin.https.port();
-    let proxy = Proxy::start(&exits, &origin, |c| {
-        c.health.probe_target = Some(format!("localhost:{port}"));
-        c.health.interval = Duration::from_millis(50);
-        c.health.unhealthy_after = 1;
-        c.health.dead_after = 2;
-    })
-    .await;
-    let exits = &proxy.daemon.pipeline().exits;
-    let gone = exits.get(&pinproxy::identity::ExitId::new("gone")).unwrap();
-    let mut states = gone.health.subscribe();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        states.wait_for(|s| *s == pinproxy::exits::health::HealthState::Dead),
-    )
-    .await
-    .expect("the dead exit's probes fail")
-    .unwrap();
+        )
+        .probe_health(2)
+        .start()
+        .await;
+    s.proxy
+        .wait_for_health(
+            "gone",
+            HealthState::Dead,
+            Duration::from_secs(10),
+            "the dead exit's probes fail",
+        )
+        .await;
     for id in ["socks", "http", "local"] {
-        let exit = exits.get(&pinproxy::identity::ExitId::new(id)).unwrap();
-        assert_eq!(
-            exit.health.state(),
-            pinproxy::exits::health::HealthState::Healthy,
-            "{id}"
-        );
+        assert_eq!(s.proxy.health(id), HealthState::Healthy, "{id}");
     }
-    proxy.stop().await;
+    s.stop().await;
 }
 
 #[tokio::test]

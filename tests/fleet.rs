@@ -34,16 +34,8 @@ async fn fleet(n: usize) -> Fleet {
         .output()
         .unwrap();
     assert!(ca.status.success());
-    let mut args = vec![
-        "--store".to_owned(),
-        redis.url(),
-        "--upstream-ca".to_owned(),
-        origin.pki.ca_file.display().to_string(),
-    ];
-    for (id, url) in &exit_urls {
-        args.push("--exit".into());
-        args.push(format!("{id}={url}"));
-    }
+    let mut args = vec!["--store".to_owned(), redis.url()];
+    args.extend(support::process_args(&origin, &exit_urls));
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
     for _ in 0..n {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use http::Version;
 use support::origin::reported_peer;
-use support::{Origin, Proxy, Setup};
+use support::Setup;
 
 #[tokio::test]
 async fn an_h2_client_reaches_an_h2_origin_over_h2() {
@@ -32,9 +32,8 @@ async fn an_h2_client_reaches_an_h2_origin_over_h2() {
 
 #[tokio::test]
 async fn an_h2_client_reaches_an_http1_only_origin() {
-    let origin = Origin::start_http1_only().await;
-    let (_exits, exits) = support::exits(2).await;
-    let proxy = Proxy::start(&exits, &origin, |_| {}).await;
+    let s = Setup::builder().http1_only_origin().exits(2).start().await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
     let mut conn = proxy
         .client
         .tunnel_h2("localhost", origin.https.port())
@@ -50,7 +49,7 @@ async fn an_h2_client_reaches_an_http1_only_origin() {
         seen.header("host"),
         [format!("localhost:{}", origin.https.port())]
     );
-    proxy.stop().await;
+    s.stop().await;
 }
 
 #[tokio::test]

@@ -212,7 +212,10 @@ async fn run(
                     http::HeaderValue::from_static(["UA-A", "UA-B"][usize::from(agent)]),
                 );
                 let fingerprint = Fingerprint::of(&headers);
-                match router.route(&exits, &credentials, &headers).await {
+                match router
+                    .route(&exits, &credentials, || Fingerprint::of(&headers))
+                    .await
+                {
                     Ok(route) => {
                         for credential in credentials
                             .iter()

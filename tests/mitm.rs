@@ -144,9 +144,7 @@ async fn the_ca_survives_restarts_and_the_cli_prints_it() {
     let s = Setup::start(1).await;
     let dir = s.proxy.data_dir.path().to_owned();
     let first = s.proxy.daemon.ca_cert_pem().to_owned();
-    let Setup { proxy, .. } = s;
-    let data_dir = proxy.data_dir;
-    proxy.daemon.shutdown(Duration::from_secs(5)).await;
+    let data_dir = s.proxy.stop_keeping_data_dir().await;
 
     let again = pinproxy::Daemon::start(&pinproxy::Config {
         listen: "127.0.0.1:0".parse().unwrap(),

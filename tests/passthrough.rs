@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::origin::reported_peer;
-use support::{Origin, Proxy};
+use support::{Origin, Proxy, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Opens a CONNECT to `origin.test` (resolved by the test exits), naming
@@ -65,22 +65,25 @@ async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net
 
 #[tokio::test]
 async fn an_excluded_host_is_tunnelled_raw_and_a_session_key_keeps_its_exit() {
-    let origin = Origin::start().await;
-    let (_exits, exits) = support::exits(3).await;
-    let proxy = Proxy::start(&exits, &origin, |c| c.mitm.exclude = vec!["*.test".into()]).await;
+    let s = Setup::builder()
+        .exits(3)
+        .config(|c| c.mitm.exclude = vec!["*.test".into()])
+        .start()
+        .await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
 
     // Without a session key: rotation, tunnel by tunnel.
     let mut rotated = HashSet::new();
     for _ in 0..6 {
-        rotated.insert(raw_get(&proxy, &origin, None).await);
+        rotated.insert(raw_get(proxy, origin, None).await);
     }
     assert_eq!(rotated.len(), 3, "{rotated:?}");
 
     // With one: always the key's exit.
-    let first = raw_get(&proxy, &origin, Some("session-bank-user")).await;
+    let first = raw_get(proxy, origin, Some("session-bank-user")).await;
     for _ in 0..5 {
         assert_eq!(
-            raw_get(&proxy, &origin, Some("scraper-session-bank-user")).await,
+            raw_get(proxy, origin, Some("scraper-session-bank-user")).await,
             first
         );
     }
@@ -89,21 +92,21 @@ async fn an_excluded_host_is_tunnelled_raw_and_a_session_key_keeps_its_exit() {
         .seen()
         .iter()
         .all(|s| s.header("user-agent").is_empty()));
-    proxy.stop().await;
+    s.stop().await;
 }
 
 #[tokio::test]
 async fn include_limits_interception_to_the_listed_hosts() {
-    let origin = Origin::start().await;
-    let (_exits, exits) = support::exits(1).await;
-    let proxy = Proxy::start(&exits, &origin, |c| {
-        c.mitm.include = vec!["localhost".into()]
-    })
-    .await;
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.mitm.include = vec!["localhost".into()])
+        .start()
+        .await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
     // origin.test is not included: raw.
-    raw_get(&proxy, &origin, None).await;
+    raw_get(proxy, origin, None).await;
     // localhost is: intercepted as usual.
     let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
     assert_eq!(conn.get("/", &[]).await.status, 200);
-    proxy.stop().await;
+    s.stop().await;
 }

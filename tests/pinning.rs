@@ -154,62 +154,6 @@ async fn requests_racing_with_one_unseen_cookie_all_take_one_exit() {
     s.stop().await;
 }
 
-/// Logs in with fresh jars until a `datadome` and a `cf_clearance` cookie
-/// are pinned to two different exits.
-async fn jars_on_two_exits(s: &Setup) -> (Jar, Jar) {
-    let (first, first_peer) = s.login("/login?name=datadome").await;
-    for _ in 0..10 {
-        let (second, peer) = s.login("/login?name=cf_clearance").await;
-        if peer != first_peer {
-            return (first, second);
-        }
-    }
-    panic!("rotation never reached a second exit");
-}
-
-#[tokio::test]
-async fn cookies_pinned_to_different_exits_get_409_naming_them() {
-    let s = Setup::start(3).await;
-    let (a, b) = jars_on_two_exits(&s).await;
-    let seen_before = s.origin.seen().len();
-
-    let cookie = format!(
-        "datadome={}; cf_clearance={}",
-        a.get("datadome").unwrap(),
-        b.get("cf_clearance").unwrap()
-    );
-    let mut conn = s
-        .proxy
-        .client
-        .tunnel("localhost", s.origin.https.port())
-        .await;
-    let reply = conn.get("/page", &[("cookie", cookie.as_str())]).await;
-
-    assert_eq!(reply.status, 409);
-    let error = reply.pinproxy_error().expect("X-Pinproxy-Error");
-    assert!(error.starts_with("pin-conflict:"), "{error}");
-    assert!(
-        error.contains("datadome#") && error.contains("cf_clearance#"),
-        "{error}"
-    );
-    let named = ["exit1", "exit2", "exit3"]
-        .into_iter()
-        .filter(|id| error.contains(&format!("exit {id}")))
-        .count();
-    assert_eq!(named, 2, "both exits named: {error}");
-    assert!(
-        !error.contains(a.get("datadome").unwrap()),
-        "raw value leaked into the error"
-    );
-    assert!(reply.body.contains("pinproxy:"));
-    assert_eq!(
-        s.origin.seen().len(),
-        seen_before,
-        "a conflicting request must not leave"
-    );
-    s.stop().await;
-}
-
 #[tokio::test]
 async fn a_rotated_cookie_inherits_its_exit() {
     let s = Setup::start(3).await;

@@ -1,0 +1,142 @@
+//! Egress IP drift: when a provider moves an upstream session to a new
+//! address (after an idle pause, or at random), pinproxy learns it from the
+//! exit's answer or an IP-echo probe and retires the identity before any of
+//! its cookies leave from the new address.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::exit::Gateway;
+use support::{error_of, Setup, TestExitSpec};
+
+/// `gateway` as pinproxy's one exit, one upstream session per identity.
+fn gate(gateway: Gateway) -> TestExitSpec {
+    TestExitSpec::gateway(gateway).id("gate").with_sessions()
+}
+
+/// pinproxy over `gateway`, reading each tunnel's egress address from the
+/// gateway's `X-Exit-IP` answer header.
+async fn gateway_setup(gateway: Gateway) -> Setup {
+    Setup::builder()
+        .exit(gate(gateway))
+        .config(|c| c.exits[0].exit_ip_header = Some("X-Exit-IP".into()))
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn exit_ip_drift_after_an_idle_pause_retires_the_identity_before_its_cookie_leaves() {
+    let idle = Duration::from_millis(300);
+    let s = gateway_setup(Gateway::new(
+        &["127.0.0.2", "127.0.0.3", "127.0.0.4"],
+        Some(idle),
+        0.0,
+        1,
+    ))
+    .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer))
+    );
+
+    // The provider lets the session sit idle past its window and closes the
+    // idle tunnels; the next tunnel of the same session name leaves from a
+    // new address. (Waiting is the behaviour under test: provider idle time.)
+    tokio::time::sleep(idle + Duration::from_millis(100)).await;
+    s.exits[0].close_tunnels();
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = error_of(&reply);
+    assert!(
+        error.starts_with("identity-retired:") && error.contains("exit-ip-drift"),
+        "{error}"
+    );
+    assert_eq!(
+        s.origin.seen().len(),
+        seen,
+        "not one byte of the request left from the new address"
+    );
+    // Still retired afterwards.
+    assert_eq!(s.get("/page", &mut jar).await.status, 502);
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_session_moves_never_let_a_cookie_out_from_a_new_address() {
+    let s = gateway_setup(Gateway::new(
+        &[
+            "127.0.0.2",
+            "127.0.0.3",
+            "127.0.0.4",
+            "127.0.0.5",
+            "127.0.0.6",
+        ],
+        None,
+        0.3,
+        42,
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(s.login("/login").await.0);
+    }
+    let mut retired = 0;
+    for round in 0..8 {
+        // Providers drop idle tunnels at will: every round needs new ones.
+        s.exits[0].close_tunnels();
+        for jar in clients.iter_mut() {
+            let reply = s.get("/page", jar).await;
+            match reply.status.as_u16() {
+                200 => {}
+                502 => {
+                    assert!(
+                        error_of(&reply).contains("identity-retired"),
+                        "round {round}: {}",
+                        error_of(&reply)
+                    );
+                    retired += 1;
+                }
+                other => panic!("round {round}: unexpected {other}: {}", reply.body),
+            }
+        }
+    }
+    assert!(retired > 0, "random moves should retire some identities");
+    assert_eq!(
+        s.origin.leaks(),
+        vec![],
+        "a cookie left from an address it was not earned on"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() {
+    let gateway = Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 0.0, 7);
+    let s = Setup::builder()
+        .exit(gate(gateway))
+        .config_with(|c, env| {
+            let echo = format!("http://localhost:{}/ip", env.origin.http.port());
+            c.exits[0].ip_echo = Some(echo);
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    s.exits[0].gateway.as_ref().unwrap().move_all();
+    s.exits[0].close_tunnels();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        error_of(&reply).contains("exit-ip-drift"),
+        "{}",
+        error_of(&reply)
+    );
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}

@@ -1,0 +1,101 @@
+//! Identity lifetimes: an identity retires when it sits idle too long (the
+//! global idle timeout, or a shorter one of its exit), when it outlives its
+//! maximum lifetime, and a pin learnt from Set-Cookie ends with its cookie.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use pinproxy::clock::Clock;
+use support::{error_of, Setup, MINUTE};
+
+#[tokio::test]
+async fn idle_and_old_identities_expire() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| {
+            c.identities.idle_timeout = 5 * MINUTE;
+            c.identities.max_lifetime = 30 * MINUTE;
+        })
+        .start()
+        .await;
+    let (mut idle, _) = s.login("/login").await;
+    let (mut busy, busy_peer) = s.login("/login").await;
+    for _ in 0..7 {
+        clock.advance(4 * MINUTE);
+        let reply = s.get("/page", &mut busy).await;
+        assert_eq!(
+            (reply.status.as_u16(), Setup::peer(&reply)),
+            (200, Some(busy_peer))
+        );
+    }
+    // 28 minutes without a request.
+    let reply = s.get("/page", &mut idle).await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        error_of(&reply).contains("idle-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    // Used every 4 minutes, but older than its lifetime at 32 minutes.
+    clock.advance(4 * MINUTE);
+    let reply = s.get("/page", &mut busy).await;
+    assert!(
+        error_of(&reply).contains("lifetime-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_set_cookie_pin_never_outlives_the_cookie() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| c.identities.idle_timeout = 24 * 60 * MINUTE)
+        .start()
+        .await;
+    // The origin's cookies carry Max-Age=3600.
+    let (mut jar, peer) = s.login("/login").await;
+    clock.advance(59 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer))
+    );
+    clock.advance(2 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        error_of(&reply).contains("cookie-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_exit_can_shorten_the_idle_timeout_of_its_identities() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(1)
+        .clock(clock.clone())
+        .config(|c| c.exits[0].idle_timeout = Some(2 * MINUTE))
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+    clock.advance(MINUTE);
+    assert_eq!(s.get("/page", &mut jar).await.status, 200);
+    clock.advance(3 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        error_of(&reply).contains("idle-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    s.stop().await;
+}

@@ -1,0 +1,87 @@
+//! Sticky upstream sessions: the `{session}` placeholder in an exit's URL
+//! reaches the exit as one stable session name per identity, and when the
+//! exit's sticky window ends the identity retires instead of following the
+//! provider to a new address.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+
+use pinproxy::clock::Clock;
+use support::{error_of, Setup, TestExitSpec, MINUTE};
+
+#[tokio::test]
+async fn the_session_placeholder_reaches_the_exit_as_one_stable_name_per_identity() {
+    let s = Setup::builder()
+        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
+        .start()
+        .await;
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let key = format!("user{}", names.len());
+        for _ in 0..3 {
+            // Fresh client tunnels; the pool may reuse its upstream tunnel.
+            s.get_with("/", &[("x-pinproxy-session", key.as_str())])
+                .await;
+        }
+        s.exits[0].close_tunnels();
+        s.get_with("/", &[("x-pinproxy-session", key.as_str())])
+            .await;
+        let users: HashSet<String> = s.exits[0]
+            .connects()
+            .into_iter()
+            .filter_map(|c| c.user)
+            .filter(|u| !names.contains(u))
+            .collect();
+        assert_eq!(users.len(), 1, "one identity, one session name: {users:?}");
+        let user = users.into_iter().next().unwrap();
+        let session = user.strip_prefix("customer-acme-session-").unwrap();
+        assert_eq!(session.len(), 16, "{user}");
+        assert!(session.bytes().all(|b| b.is_ascii_hexdigit()));
+        names.push(user);
+    }
+    assert_ne!(names[0], names[1]);
+    // The listing shows the same session ids.
+    let listed = s.proxy.daemon.admin().identities(false).await.unwrap();
+    for name in &names {
+        assert!(
+            listed.iter().any(|v| name.ends_with(&v.session)),
+            "{name} not in {listed:?}"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_sticky_window_retires_an_identity_instead_of_following_the_new_ip() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| {
+            for exit in &mut c.exits {
+                exit.sticky_ttl = Some(10 * MINUTE);
+            }
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    clock.advance(9 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer))
+    );
+    clock.advance(2 * MINUTE);
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        error_of(&reply).contains("sticky-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    assert_eq!(s.origin.seen().len(), seen);
+    s.stop().await;
+}
