@@ -1,162 +1,167 @@
-//! Shared vocabulary: the client fingerprint an identity is bound to:
-//! `User-Agent`, the `sec-ch-ua` client hints and `Accept-Language`,
-//! recorded when the identity is created and compared on every later
-//! request (the comparison's policy is applied by pipeline stage 5).
+//! Shared vocabulary: a client's fingerprint, what an identity records of
+//! the client that founded it, and the parsers that read it off the first
+//! bytes a client sends.
+//!
+//! An anti-bot edge judges an identity by its TLS ClientHello (JA4), its
+//! HTTP/2 preface (SETTINGS, window, priority, pseudo-header order) and its
+//! headers as much as by its IP and cookies. [`Fingerprint`] holds all
+//! three: the header values (`User-Agent`, client hints, language;
+//! [`headers`]), the parsed ClientHello ([`client_hello`], JA4 in [`ja4`])
+//! and the HTTP/2 fingerprint ([`h2_preface`]). [`h1_order`] reads an
+//! HTTP/1.1 head's header names in order and case.
+//!
+//! Invariants of every parser here (their input is untrusted): no input
+//! makes one panic, loop or allocate without bound (64 KiB limits, checked
+//! lengths, no indexing or unchecked arithmetic outside tests); nothing
+//! secret or per-connection random is kept (no TLS random, session id,
+//! key shares, PSK identities, tickets, ECH payloads, HTTP header values
+//! of the h2 preface).
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+pub mod client_hello;
+pub mod h1_order;
+pub mod h2_preface;
+pub mod headers;
+mod hpack;
+pub mod ja4;
+mod reader;
+
+use std::sync::Arc;
+
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-/// The headers that make up the fingerprint, in this order.
-pub const FINGERPRINT_HEADERS: [&str; 5] = [
-    "user-agent",
-    "sec-ch-ua",
-    "sec-ch-ua-platform",
-    "sec-ch-ua-mobile",
-    "accept-language",
-];
+use client_hello::ClientHello;
+use h2_preface::H2Fingerprint;
+pub use headers::{FingerprintPolicy, HeaderValues, FINGERPRINT_HEADERS};
 
-/// What to do with a request whose fingerprint differs from its identity's.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FingerprintPolicy {
-    /// Count it and send the request as it is.
-    #[default]
-    Warn,
-    /// Answer 409 and send nothing.
-    Reject,
-    /// Rewrite the headers back to the recorded values.
-    Restore,
+/// How far an incremental parser has got with the bytes seen so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress<E> {
+    /// The bytes so far are a valid beginning; read more and ask again.
+    NeedMore,
+    /// The awaited message is complete. `consumed` says how many bytes of the
+    /// input it took: for [`client_hello::handshake_len_needed`], counted from
+    /// the start of the buffer (whole TLS records); for
+    /// [`h2_preface::H2PrefaceParser::feed`], counted from the start of the
+    /// chunk passed to that call (0 when it was already complete).
+    Complete {
+        /// Bytes of the input that belong to the message.
+        consumed: usize,
+    },
+    /// The bytes are not what was expected, or exceed a limit; reading more
+    /// will not help.
+    Failed(E),
 }
 
-impl FingerprintPolicy {
-    /// A short, stable label (metrics).
-    pub fn label(self) -> &'static str {
-        match self {
-            FingerprintPolicy::Warn => "warn",
-            FingerprintPolicy::Reject => "reject",
-            FingerprintPolicy::Restore => "restore",
-        }
-    }
-}
-
-/// Recorded fingerprint header values (`None`: the header was absent).
+/// What an identity records of the client that founded it: the header
+/// values, and, where pinproxy terminated the client's TLS, its ClientHello
+/// and (for HTTP/2 clients) its connection preface. Immutable once made;
+/// shared behind `Arc`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fingerprint {
-    values: [Option<String>; 5],
+    /// `User-Agent`, client hints and `Accept-Language`.
+    pub headers: HeaderValues,
+    /// The client's ClientHello, without its SNI (the upstream names the
+    /// origin it dials) and without anything per-connection.
+    #[serde(default)]
+    pub tls: Option<Arc<ClientHello>>,
+    /// The client's HTTP/2 preface, for HTTP/2 clients.
+    #[serde(default)]
+    pub h2: Option<Arc<H2Fingerprint>>,
 }
 
-/// [`FINGERPRINT_HEADERS`] as header names, so lookups on the request path
-/// need not parse the name each time.
-const HEADER_NAMES: [HeaderName; 5] = [
-    HeaderName::from_static("user-agent"),
-    HeaderName::from_static("sec-ch-ua"),
-    HeaderName::from_static("sec-ch-ua-platform"),
-    HeaderName::from_static("sec-ch-ua-mobile"),
-    HeaderName::from_static("accept-language"),
-];
-
-fn value_text(value: &HeaderValue) -> String {
-    String::from_utf8_lossy(value.as_bytes()).into_owned()
+/// The layout records had before the TLS and HTTP/2 parts existed; stores
+/// written by earlier versions hold it.
+#[derive(Deserialize)]
+struct LegacyFingerprint {
+    values: HeaderValues,
 }
 
 impl Fingerprint {
-    /// The fingerprint of a request.
+    /// The header part of a request's fingerprint, nothing else.
     pub fn of(headers: &HeaderMap) -> Fingerprint {
         Fingerprint {
-            values: HEADER_NAMES
-                .each_ref()
-                .map(|name| headers.get(name).map(value_text)),
+            headers: HeaderValues::of(headers),
+            tls: None,
+            h2: None,
+        }
+    }
+
+    /// The fingerprint of a request of the client connection `client`.
+    pub fn of_request(headers: &HeaderMap, client: &ClientConnection) -> Fingerprint {
+        Fingerprint {
+            headers: HeaderValues::of(headers),
+            tls: client.hello.clone(),
+            h2: client.h2(),
         }
     }
 
     /// The recorded value of header `name`, if it was present.
     pub fn get(&self, name: &str) -> Option<&str> {
-        let index = FINGERPRINT_HEADERS.iter().position(|h| *h == name)?;
-        self.values[index].as_deref()
+        self.headers.get(name)
     }
 
-    /// The headers of `headers` that differ from the recording. A header
-    /// differs when the request sends another value, or sends one where none
-    /// was recorded; a missing header differs only for `User-Agent` (browsers
-    /// leave some hints off some requests, never the User-Agent).
+    /// The headers of `headers` that differ from the recording (see
+    /// [`HeaderValues::drifted`]).
     pub fn drifted(&self, headers: &HeaderMap) -> Vec<&'static str> {
-        // Runs on every request of every identity: compare without copying.
-        FINGERPRINT_HEADERS
-            .iter()
-            .zip(&HEADER_NAMES)
-            .zip(&self.values)
-            .filter(
-                |((name, header), recorded)| match (headers.get(*header), recorded) {
-                    (Some(now), Some(then)) => {
-                        String::from_utf8_lossy(now.as_bytes()) != then.as_str()
-                    }
-                    (Some(_), None) => true,
-                    (None, Some(_)) => **name == "user-agent",
-                    (None, None) => false,
-                },
-            )
-            .map(|((name, _), _)| *name)
-            .collect()
+        self.headers.drifted(headers)
     }
 
     /// Rewrites the fingerprint headers of `headers` to the recording.
     pub fn restore(&self, headers: &mut HeaderMap) {
-        for (name, recorded) in FINGERPRINT_HEADERS.iter().zip(&self.values) {
-            match recorded.as_deref().map(HeaderValue::from_str) {
-                Some(Ok(value)) => {
-                    headers.insert(*name, value);
-                }
-                // A recorded value that is not a valid header cannot have
-                // come from a header; leave the request's value.
-                Some(Err(_)) => {}
-                None => {
-                    headers.remove(*name);
-                }
-            }
+        self.headers.restore(headers)
+    }
+
+    /// The JA4 of the recorded ClientHello, if one was recorded.
+    pub fn ja4(&self) -> Option<String> {
+        self.tls.as_deref().map(ja4::ja4)
+    }
+
+    /// The Akamai form of the recorded HTTP/2 preface, if one was recorded.
+    pub fn akamai(&self) -> Option<String> {
+        self.h2.as_deref().map(H2Fingerprint::akamai)
+    }
+
+    /// Decodes a stored fingerprint (postcard), in the current layout or
+    /// the header-only one of stores written before TLS fingerprints.
+    pub fn decode(bytes: &[u8]) -> Result<Fingerprint, postcard::Error> {
+        match postcard::from_bytes::<Fingerprint>(bytes) {
+            Ok(fingerprint) => Ok(fingerprint),
+            Err(current) => match postcard::from_bytes::<LegacyFingerprint>(bytes) {
+                Ok(legacy) => Ok(Fingerprint {
+                    headers: legacy.values,
+                    tls: None,
+                    h2: None,
+                }),
+                Err(_) => Err(current),
+            },
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What pinproxy learnt about a client connection when it terminated it:
+/// shared by every request on the connection.
+#[derive(Debug, Default)]
+pub struct ClientConnection {
+    /// The ClientHello (SNI removed), when the client spoke TLS.
+    pub hello: Option<Arc<ClientHello>>,
+    /// The HTTP/2 preface, once read (HTTP/2 connections only).
+    pub preface: std::sync::OnceLock<Arc<H2Fingerprint>>,
+}
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.insert(*n, HeaderValue::from_static(v));
+impl ClientConnection {
+    /// A TLS client connection that sent `hello` (its SNI is dropped: the
+    /// fingerprint is the client's, not the site's).
+    pub fn tls(mut hello: ClientHello) -> ClientConnection {
+        hello.server_name = None;
+        ClientConnection {
+            hello: Some(Arc::new(hello)),
+            preface: std::sync::OnceLock::new(),
         }
-        h
     }
 
-    #[test]
-    fn drift_and_restore() {
-        let recorded = Fingerprint::of(&headers(&[
-            ("user-agent", "Chrome/156"),
-            ("accept-language", "en-GB"),
-        ]));
-        assert!(recorded
-            .drifted(&headers(&[("user-agent", "Chrome/156")]))
-            .is_empty());
-        assert_eq!(
-            recorded.drifted(&headers(&[
-                ("user-agent", "Firefox/140"),
-                ("sec-ch-ua", "x")
-            ])),
-            ["user-agent", "sec-ch-ua"]
-        );
-        assert_eq!(recorded.drifted(&headers(&[])), ["user-agent"]);
-
-        let mut h = headers(&[
-            ("user-agent", "Firefox/140"),
-            ("sec-ch-ua", "x"),
-            ("cookie", "a=b"),
-        ]);
-        recorded.restore(&mut h);
-        assert_eq!(h["user-agent"], "Chrome/156");
-        assert_eq!(h["accept-language"], "en-GB");
-        assert!(h.get("sec-ch-ua").is_none());
-        assert_eq!(h["cookie"], "a=b");
-        assert!(recorded.drifted(&h).is_empty());
+    /// The HTTP/2 preface, if the connection is HTTP/2 and it has been read.
+    pub fn h2(&self) -> Option<Arc<H2Fingerprint>> {
+        self.preface.get().cloned()
     }
 }

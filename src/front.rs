@@ -8,12 +8,15 @@
 //!   pipeline;
 //! - [`passthrough`]: a CONNECT tunnel pinproxy does not open
 //!   (`mitm.exclude`), relayed raw through the exit routing chose;
+//! - [`fingerprint`]: the client's ClientHello and HTTP/2 preface, read as
+//!   they pass;
 //! - [`rewind`]: a stream with bytes put back in front.
 //!
 //! Limits: at most `limits.max_connections` client connections are served
 //! at once (more wait in the kernel's queue); header sections get
 //! `timeouts.header_read`; oversized ones are refused with 431.
 
+pub mod fingerprint;
 pub mod listener;
 pub mod passthrough;
 pub mod rewind;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::credential::{Credential, PinKind};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, HeaderValues};
 
 /// The id of an identity: random, never reused.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -263,6 +263,57 @@ impl Identity {
             requests: 0,
             worked: false,
             retired: None,
+        }
+    }
+}
+
+impl Identity {
+    /// Decodes a stored record (postcard), in the current layout or the one
+    /// stores written before TLS fingerprints hold.
+    pub fn decode(bytes: &[u8]) -> Result<Identity, postcard::Error> {
+        match postcard::from_bytes::<Identity>(bytes) {
+            Ok(identity) => Ok(identity),
+            Err(current) => postcard::from_bytes::<LegacyIdentity>(bytes)
+                .map(Identity::from)
+                .map_err(|_| current),
+        }
+    }
+}
+
+/// [`Identity`] as stored before fingerprints carried TLS and HTTP/2.
+#[derive(Deserialize)]
+struct LegacyIdentity {
+    id: IdentityId,
+    exit: ExitId,
+    session: SessionId,
+    session_started_ms: u64,
+    created_ms: u64,
+    egress_ip: Option<IpAddr>,
+    fingerprint: HeaderValues,
+    last_used_ms: u64,
+    requests: u64,
+    worked: bool,
+    retired: Option<Retirement>,
+}
+
+impl From<LegacyIdentity> for Identity {
+    fn from(old: LegacyIdentity) -> Identity {
+        Identity {
+            id: old.id,
+            exit: old.exit,
+            session: old.session,
+            session_started_ms: old.session_started_ms,
+            created_ms: old.created_ms,
+            egress_ip: old.egress_ip,
+            fingerprint: Arc::new(Fingerprint {
+                headers: old.fingerprint,
+                tls: None,
+                h2: None,
+            }),
+            last_used_ms: old.last_used_ms,
+            requests: old.requests,
+            worked: old.worked,
+            retired: old.retired,
         }
     }
 }

@@ -147,12 +147,16 @@ impl Pipeline {
         // taken apart.
         let upgrade = upgrade::requested(&request);
         let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
-        let mut route = self.route(&credentials, request.headers()).await?;
+        let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
+        let fingerprint_of = |headers: &http::HeaderMap| Fingerprint::of_request(headers, &client);
+        let mut route = self
+            .route(&credentials, || fingerprint_of(request.headers()))
+            .await?;
         // What an identity founded by the response's cookies records; a
         // routed identity has its fingerprint already.
         let fingerprint = match route.identity {
             Some(_) => Fingerprint::default(),
-            None => Fingerprint::of(request.headers()),
+            None => fingerprint_of(request.headers()),
         };
         // Offer the origin what the client offered pinproxy; upgrades need
         // HTTP/1.1.
@@ -224,11 +228,11 @@ impl Pipeline {
     /// Stage 4: routes `credentials`. A store that cannot answer cannot say
     /// where a credential belongs, nor remember what a response sets: fail
     /// closed (fail-open lets requests without credentials through). A new
-    /// identity records its fingerprint from `headers`.
+    /// identity records the fingerprint `fingerprint` makes.
     pub async fn route(
         &self,
         credentials: &[Credential],
-        headers: &http::HeaderMap,
+        fingerprint: impl FnOnce() -> Fingerprint,
     ) -> Result<Route, ProxyError> {
         let may_pass_without_store =
             self.on_unavailable == Unavailable::FailOpen && credentials.is_empty();
@@ -238,7 +242,10 @@ impl Pipeline {
                 "it is not answering",
             )));
         }
-        Ok(self.router.route(&self.exits, credentials, headers).await?)
+        Ok(self
+            .router
+            .route(&self.exits, credentials, fingerprint)
+            .await?)
     }
 }
 

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use super::Frontend;
 use crate::body::{self, Body};
+use crate::fingerprint::Fingerprint;
 use crate::net::HostPort;
 use crate::proxy::{credentials, ProxyError};
 
@@ -52,7 +53,9 @@ async fn open(
     // Stage 4. A CONNECT carries the client's User-Agent (browsers and curl
     // send it): the best fingerprint there is for an identity founded here,
     // so its headers go to the router.
-    let route = pipeline.route(&credentials, request.headers()).await?;
+    let route = pipeline
+        .route(&credentials, || Fingerprint::of(request.headers()))
+        .await?;
     // Stage 7: the tunnel itself.
     let (upstream, egress_ip) = match route.exit.client.raw_tunnel(&route.lane, authority).await {
         Ok(opened) => opened,

@@ -22,9 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use super::listener::{drive, log_connection_end};
 use super::rewind::Rewind;
 use super::Frontend;
+use crate::fingerprint::ClientConnection;
 use crate::mitm::leaf::LeafName;
 use crate::net::HostPort;
 use crate::proxy::target::Tunnel;
@@ -52,6 +54,7 @@ pub async fn serve(
         tls: is_tls,
         session_key,
         client_offers_h2: false,
+        client: Arc::default(),
     };
     if is_tls {
         serve_tls(frontend, io, tunnel).await;
@@ -97,9 +100,21 @@ async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The client's ClientHello, read before rustls sees it and put back.
+    let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
+    let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
+        Ok((io, HelloRead::Hello(hello))) => (io, hello),
+        Ok((_, HelloRead::Closed)) => {
+            return tracing::debug!("client left during its ClientHello");
+        }
+        Err(_) => return tracing::debug!("TLS ClientHello timed out"),
+    };
+    if let Some(hello) = hello {
+        tunnel.client = Arc::new(ClientConnection::tls(*hello));
+    }
     // Boxed: the handshake's state (ClientHello, leaf lookup) is large and
     // short-lived; the tunnel task should not carry room for it afterwards.
-    let Some(tls) = Box::pin(accept_tls(&frontend, io, &mut tunnel)).await else {
+    let Some(tls) = Box::pin(accept_tls(&frontend, io, deadline, &mut tunnel)).await else {
         return;
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -107,6 +122,7 @@ where
         return;
     };
     if h2 {
+        let tls = PrefaceRecorder::new(tls, tunnel.client.clone());
         Box::pin(serve_h2(frontend, tls, tunnel)).await;
     } else {
         Box::pin(serve_http1(frontend, tls, tunnel)).await;
@@ -114,17 +130,17 @@ where
 }
 
 /// Terminates TLS on `io` with the leaf for the client's SNI (or the
-/// tunnel's host), within `timeouts.tls_handshake`; records in `tunnel`
-/// whether the client offered h2.
+/// tunnel's host), by `deadline` (`timeouts.tls_handshake`); records in
+/// `tunnel` whether the client offered h2.
 async fn accept_tls<T>(
     frontend: &Frontend,
     io: T,
+    deadline: tokio::time::Instant,
     tunnel: &mut Tunnel,
 ) -> Option<Box<tokio_rustls::server::TlsStream<T>>>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout_at(deadline, acceptor).await {
         Ok(Ok(start)) => start,

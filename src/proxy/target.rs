@@ -7,10 +7,13 @@
 //! whatever the request line says: the client chose it when it opened the
 //! tunnel, and the leaf certificate was minted for it.
 
+use std::sync::Arc;
+
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
 use super::ProxyError;
+use crate::fingerprint::ClientConnection;
 use crate::net::{default_port, HostPort};
 
 /// The CONNECT tunnel a request arrived in.
@@ -26,6 +29,8 @@ pub struct Tunnel {
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
     pub client_offers_h2: bool,
+    /// The client's fingerprint, as read off the tunnel's first bytes.
+    pub client: Arc<ClientConnection>,
 }
 
 /// The origin a request is for.
@@ -160,6 +165,7 @@ mod tests {
             tls: true,
             session_key: None,
             client_offers_h2: false,
+            client: Arc::default(),
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         assert_eq!(t.upstream_uri().unwrap().to_string(), "https://a.test/x");

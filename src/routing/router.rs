@@ -133,12 +133,13 @@ impl Blame for RouteError {
 
 impl Router {
     /// Chooses where a request carrying `credentials` goes (see the module
-    /// docs). A new identity records its fingerprint from `headers`.
+    /// docs). A new identity records the fingerprint `fingerprint` makes
+    /// (called only then: most requests belong to an identity already).
     pub async fn route(
         &self,
         exits: &ExitSet,
         credentials: &[Credential],
-        headers: &http::HeaderMap,
+        fingerprint: impl FnOnce() -> Fingerprint,
     ) -> Result<Route, RouteError> {
         let now = self.clock.now_ms();
         if credentials.is_empty() {
@@ -177,8 +178,7 @@ impl Router {
             }
             None if unknown.is_empty() => self.rotate(exits, now, strip),
             None => {
-                // Read only here: most requests belong to an identity already.
-                let fingerprint = Fingerprint::of(headers);
+                let fingerprint = fingerprint();
                 self.create(exits, &unknown, &fingerprint, now, strip).await
             }
         }

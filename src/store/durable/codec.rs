@@ -90,8 +90,8 @@ pub(super) fn load(db: &Database) -> Result<MemoryStore, String> {
     let table = read.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
     for row in table.iter().map_err(|e| e.to_string())? {
         let (hash, value) = row.map_err(|e| e.to_string())?;
-        let fingerprint: Fingerprint =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt fingerprint: {e}"))?;
+        let fingerprint =
+            Fingerprint::decode(value.value()).map_err(|e| format!("corrupt fingerprint: {e}"))?;
         fingerprints.insert(*hash.value(), Arc::new(fingerprint));
     }
     for row in identities.iter().map_err(|e| e.to_string())? {

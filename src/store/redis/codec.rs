@@ -100,8 +100,7 @@ pub(super) fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreE
     let Some(record) = get("rec") else {
         return Ok(None);
     };
-    let mut identity: Identity =
-        postcard::from_bytes(record).map_err(|e| corrupt(format!("identity: {e}")))?;
+    let mut identity = Identity::decode(record).map_err(|e| corrupt(format!("identity: {e}")))?;
     let number = |v: &[u8]| {
         std::str::from_utf8(v)
             .ok()

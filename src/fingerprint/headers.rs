@@ -1,0 +1,162 @@
+//! The header part of a client's fingerprint: `User-Agent`, the
+//! `sec-ch-ua` client hints and `Accept-Language`, recorded when an
+//! identity is created and compared on every later request (the
+//! comparison's policy is applied by pipeline stage 5).
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+/// The headers that make up the fingerprint, in this order.
+pub const FINGERPRINT_HEADERS: [&str; 5] = [
+    "user-agent",
+    "sec-ch-ua",
+    "sec-ch-ua-platform",
+    "sec-ch-ua-mobile",
+    "accept-language",
+];
+
+/// What to do with a request whose fingerprint differs from its identity's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FingerprintPolicy {
+    /// Count it and send the request as it is.
+    #[default]
+    Warn,
+    /// Answer 409 and send nothing.
+    Reject,
+    /// Rewrite the headers back to the recorded values.
+    Restore,
+}
+
+impl FingerprintPolicy {
+    /// A short, stable label (metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            FingerprintPolicy::Warn => "warn",
+            FingerprintPolicy::Reject => "reject",
+            FingerprintPolicy::Restore => "restore",
+        }
+    }
+}
+
+/// Recorded fingerprint header values (`None`: the header was absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HeaderValues {
+    values: [Option<String>; 5],
+}
+
+/// [`FINGERPRINT_HEADERS`] as header names, so lookups on the request path
+/// need not parse the name each time.
+const HEADER_NAMES: [HeaderName; 5] = [
+    HeaderName::from_static("user-agent"),
+    HeaderName::from_static("sec-ch-ua"),
+    HeaderName::from_static("sec-ch-ua-platform"),
+    HeaderName::from_static("sec-ch-ua-mobile"),
+    HeaderName::from_static("accept-language"),
+];
+
+fn value_text(value: &HeaderValue) -> String {
+    String::from_utf8_lossy(value.as_bytes()).into_owned()
+}
+
+impl HeaderValues {
+    /// The fingerprint of a request.
+    pub fn of(headers: &HeaderMap) -> HeaderValues {
+        HeaderValues {
+            values: HEADER_NAMES
+                .each_ref()
+                .map(|name| headers.get(name).map(value_text)),
+        }
+    }
+
+    /// The recorded value of header `name`, if it was present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let index = FINGERPRINT_HEADERS.iter().position(|h| *h == name)?;
+        self.values[index].as_deref()
+    }
+
+    /// The headers of `headers` that differ from the recording. A header
+    /// differs when the request sends another value, or sends one where none
+    /// was recorded; a missing header differs only for `User-Agent` (browsers
+    /// leave some hints off some requests, never the User-Agent).
+    pub fn drifted(&self, headers: &HeaderMap) -> Vec<&'static str> {
+        // Runs on every request of every identity: compare without copying.
+        FINGERPRINT_HEADERS
+            .iter()
+            .zip(&HEADER_NAMES)
+            .zip(&self.values)
+            .filter(
+                |((name, header), recorded)| match (headers.get(*header), recorded) {
+                    (Some(now), Some(then)) => {
+                        String::from_utf8_lossy(now.as_bytes()) != then.as_str()
+                    }
+                    (Some(_), None) => true,
+                    (None, Some(_)) => **name == "user-agent",
+                    (None, None) => false,
+                },
+            )
+            .map(|((name, _), _)| *name)
+            .collect()
+    }
+
+    /// Rewrites the fingerprint headers of `headers` to the recording.
+    pub fn restore(&self, headers: &mut HeaderMap) {
+        for (name, recorded) in FINGERPRINT_HEADERS.iter().zip(&self.values) {
+            match recorded.as_deref().map(HeaderValue::from_str) {
+                Some(Ok(value)) => {
+                    headers.insert(*name, value);
+                }
+                // A recorded value that is not a valid header cannot have
+                // come from a header; leave the request's value.
+                Some(Err(_)) => {}
+                None => {
+                    headers.remove(*name);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.insert(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn drift_and_restore() {
+        let recorded = HeaderValues::of(&headers(&[
+            ("user-agent", "Chrome/156"),
+            ("accept-language", "en-GB"),
+        ]));
+        assert!(recorded
+            .drifted(&headers(&[("user-agent", "Chrome/156")]))
+            .is_empty());
+        assert_eq!(
+            recorded.drifted(&headers(&[
+                ("user-agent", "Firefox/140"),
+                ("sec-ch-ua", "x")
+            ])),
+            ["user-agent", "sec-ch-ua"]
+        );
+        assert_eq!(recorded.drifted(&headers(&[])), ["user-agent"]);
+
+        let mut h = headers(&[
+            ("user-agent", "Firefox/140"),
+            ("sec-ch-ua", "x"),
+            ("cookie", "a=b"),
+        ]);
+        recorded.restore(&mut h);
+        assert_eq!(h["user-agent"], "Chrome/156");
+        assert_eq!(h["accept-language"], "en-GB");
+        assert!(h.get("sec-ch-ua").is_none());
+        assert_eq!(h["cookie"], "a=b");
+        assert!(recorded.drifted(&h).is_empty());
+    }
+}
