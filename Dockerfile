@@ -3,6 +3,9 @@
 # docker compose `network_mode: service:scraper`), the default loopback
 # listener is all that is needed; see docker/compose.sidecar.yaml.
 FROM rust:1-bookworm AS build
+# BoringSSL (the upstream TLS stack) builds from source with these.
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends cmake clang libclang-dev g++ git && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

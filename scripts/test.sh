@@ -5,6 +5,8 @@
 # requests, Node.js), then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The build's own tools (cmake, clang, ... for BoringSSL) first.
+scripts/build-deps.sh
 
 missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }

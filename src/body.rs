@@ -18,6 +18,15 @@ pub fn streaming(incoming: hyper::body::Incoming) -> Body {
     incoming.map_err(BoxError::from).boxed()
 }
 
+/// Any body of bytes, boxed.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()

@@ -23,6 +23,7 @@ use crate::proxy::capture::invalidation::{default_rules, InvalidationRule};
 use crate::proxy::credentials::cookies::{CookiePolicy, PatternError};
 use crate::routing::{ConflictPolicy, RetirePolicy};
 use crate::upstream::egress_ip::EchoTarget;
+use crate::upstream::FingerprintMode;
 
 pub use crate::store::Unavailable;
 
@@ -63,6 +64,20 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Where pins and identities live.
     pub store: StoreConfig,
+    /// How connections to origins look.
+    pub upstream: UpstreamConfig,
+}
+
+/// How connections to origins look.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Whose TLS ClientHello and HTTP/2 preface connections to origins
+    /// present: `mirror` (the default: each identity's own client's, so the
+    /// origin sees the client, not pinproxy), `chrome` (a current Chrome's,
+    /// for clients that are not browsers) or `rustls` (pinproxy's own).
+    /// Exits may override it.
+    pub fingerprint: FingerprintMode,
 }
 
 impl Default for Config {
@@ -81,6 +96,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
+            upstream: UpstreamConfig::default(),
         }
     }
 }
@@ -166,6 +182,9 @@ pub struct ExitConfig {
     /// SOCKS5 exits: the address in the CONNECT reply is the tunnel's egress
     /// address (servers that report their outgoing socket, like microsocks).
     pub socks_reply_is_egress: bool,
+    /// This exit's `upstream.fingerprint` (`mirror`, `chrome` or `rustls`),
+    /// overriding the global one.
+    pub fingerprint: Option<FingerprintMode>,
 }
 
 impl Default for ExitConfig {
@@ -182,6 +201,7 @@ impl Default for ExitConfig {
             max_lifetime: None,
             anonymous_sessions: options.anonymous_sessions,
             socks_reply_is_egress: false,
+            fingerprint: None,
         }
     }
 }
@@ -567,7 +587,9 @@ impl Config {
 
     fn validated_exits(&self) -> Result<Vec<ExitSpec>, ConfigError> {
         if self.exits.is_empty() {
-            return Ok(vec![ExitSpec::builtin_direct()]);
+            let mut direct = ExitSpec::builtin_direct();
+            direct.options.fingerprint = self.upstream.fingerprint;
+            return Ok(vec![direct]);
         }
         let mut seen = std::collections::HashSet::new();
         let mut specs = Vec::with_capacity(self.exits.len());
@@ -584,6 +606,7 @@ impl Config {
             };
             let mut spec = ExitSpec::parse(&exit.id, &exit.url).map_err(error)?;
             spec.options = exit_options(exit).map_err(error)?;
+            spec.options.fingerprint = exit.fingerprint.unwrap_or(self.upstream.fingerprint);
             specs.push(spec);
         }
         Ok(specs)
@@ -645,6 +668,7 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
         max_lifetime: exit.max_lifetime,
         anonymous_sessions: exit.anonymous_sessions.max(1),
         socks_reply_is_egress: exit.socks_reply_is_egress,
+        fingerprint: exit.fingerprint.unwrap_or_default(),
     })
 }
 

@@ -23,9 +23,11 @@ pub mod h2_preface;
 pub mod headers;
 mod hpack;
 pub mod ja4;
+pub mod profile;
 mod reader;
 
-use std::sync::Arc;
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::{Arc, OnceLock};
 
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -143,21 +145,50 @@ impl Fingerprint {
 /// shared by every request on the connection.
 #[derive(Debug, Default)]
 pub struct ClientConnection {
-    /// The ClientHello (SNI removed), when the client spoke TLS.
+    /// The ClientHello (as [`ClientHello::fresh_and_anonymous`] makes it),
+    /// when the client spoke TLS.
     pub hello: Option<Arc<ClientHello>>,
     /// The HTTP/2 preface, once read (HTTP/2 connections only).
-    pub preface: std::sync::OnceLock<Arc<H2Fingerprint>>,
+    pub preface: OnceLock<Arc<H2Fingerprint>>,
+    /// What the connection presents upstream, and its pool key; made at
+    /// its first request (the HTTP/2 preface is read by then).
+    presented: OnceLock<(Arc<Fingerprint>, u64)>,
 }
 
 impl ClientConnection {
-    /// A TLS client connection that sent `hello` (its SNI is dropped: the
-    /// fingerprint is the client's, not the site's).
-    pub fn tls(mut hello: ClientHello) -> ClientConnection {
-        hello.server_name = None;
+    /// A TLS client connection that sent `hello`. What is recorded is the
+    /// client's, not the site's or the connection's: see
+    /// [`ClientHello::fresh_and_anonymous`].
+    pub fn tls(hello: ClientHello) -> ClientConnection {
         ClientConnection {
-            hello: Some(Arc::new(hello)),
-            preface: std::sync::OnceLock::new(),
+            hello: Some(Arc::new(hello.fresh_and_anonymous())),
+            preface: OnceLock::new(),
+            presented: OnceLock::new(),
         }
+    }
+
+    fn presentation(&self) -> &(Arc<Fingerprint>, u64) {
+        self.presented.get_or_init(|| {
+            let fingerprint = Fingerprint {
+                headers: HeaderValues::default(),
+                tls: self.hello.clone(),
+                h2: self.h2(),
+            };
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            fingerprint.hash(&mut hasher);
+            (Arc::new(fingerprint), hasher.finish())
+        })
+    }
+
+    /// The TLS and HTTP/2 parts of the client's fingerprint, which its
+    /// cookie-less requests present upstream.
+    pub fn presented(&self) -> Arc<Fingerprint> {
+        self.presentation().0.clone()
+    }
+
+    /// A key that differs between clients that present differently.
+    pub fn key(&self) -> u64 {
+        self.presentation().1
     }
 
     /// The HTTP/2 preface, if the connection is HTTP/2 and it has been read.

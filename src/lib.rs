@@ -14,7 +14,7 @@
 //!
 //! [`daemon`] assembles them; [`admin`] shows what they do; [`cli`] and
 //! [`config`] are how a user drives them.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod front;
 pub mod mitm;

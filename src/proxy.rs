@@ -159,8 +159,13 @@ impl Pipeline {
             None => fingerprint_of(request.headers()),
         };
         // Offer the origin what the client offered pinproxy; upgrades need
-        // HTTP/1.1.
+        // HTTP/1.1. Cookie-less traffic presents the client's own
+        // fingerprint (an identity's lane presents the identity's).
         route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
+        if route.identity.is_none() {
+            route.lane.fingerprint = Some(client.presented());
+            route.lane.fingerprint_key = client.key();
+        }
         self.trial_unhealthy_exit(&target);
         span.record("exit", tracing::field::display(route.exit.id()));
         if let Some(identity) = &route.identity {
@@ -191,7 +196,17 @@ impl Pipeline {
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body::streaming(incoming));
 
-        // 7. send
+        // 7. send; a WebSocket goes its own way from here.
+        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
+            let socket = upgrade::Socket {
+                upgrade,
+                client: client_upgrade,
+                expected_accept,
+            };
+            return self
+                .forward_upgrade(&route, upstream_request, &fingerprint, socket)
+                .await;
+        }
         let response = self.send(&route, upstream_request).await?;
         let egress_ip = send::egress_ip(&response);
 
@@ -199,20 +214,8 @@ impl Pipeline {
         let identity = self
             .capture_pins(&route, &fingerprint, response.headers(), egress_ip)
             .await?;
-        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
-            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                if let Some(identity) = &identity {
-                    self.capture_use(identity, true, egress_ip).await;
-                }
-                return upgrade::bridge(upgrade, client_upgrade, response, expected_accept)
-                    .map_err(|error| ProxyError::Upstream {
-                        exit: route.exit.id().clone(),
-                        error,
-                    });
-            }
-        }
-        let (mut parts, incoming) = response.into_parts();
-        let mut body = body::streaming(incoming);
+        let (mut parts, upstream_body) = response.into_parts();
+        let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
             self.capture_use(identity, parts.status.is_success(), egress_ip)
                 .await;

@@ -23,6 +23,8 @@ pub mod conn;
 pub mod dial;
 pub mod egress_ip;
 pub mod error;
+pub mod h2;
+mod pool;
 pub mod tls;
 
 use std::net::IpAddr;
@@ -31,18 +33,21 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Deserialize;
 
 use crate::body::Body;
+use crate::fingerprint::client_hello::ClientHello;
+use crate::fingerprint::h2_preface::H2Fingerprint;
+use crate::fingerprint::{profile, Fingerprint};
 use crate::identity::{ExitId, Identity, IdentityId, SessionId};
 use crate::net::HostPort;
-use conn::ExitConnector;
 use dial::{Dialer, ExitKind};
 use egress_ip::{EgressCheck, IpCheck};
+use pool::LanePool;
 use tls::UpstreamTls;
 
 pub use error::{ConnectError, UpstreamError};
+pub use pool::UpstreamBody;
 
 /// Most pools (lanes) an exit keeps; the least recently used go first.
 const MAX_LANES_PER_EXIT: u64 = 65_536;
@@ -80,8 +85,15 @@ pub struct Lane {
     /// For identities: the address every tunnel must leave from (`None`
     /// until the first tunnel records it).
     pub expected_ip: Option<IpAddr>,
-    /// Offer HTTP/2 to the origin (the client offered it).
+    /// Offer HTTP/2 to the origin (the client offered it; rustls mode).
     pub h2: bool,
+    /// The fingerprint the lane's connections present in mirror mode: the
+    /// identity's recorded one, or (cookie-less traffic) the client's.
+    pub fingerprint: Option<Arc<Fingerprint>>,
+    /// Cookie-less traffic: which client fingerprint the lane's connections
+    /// present (lanes of different clients never share a connection).
+    /// 0 for an identity's lane, whose fingerprint never changes.
+    pub fingerprint_key: u64,
 }
 
 impl Lane {
@@ -92,6 +104,8 @@ impl Lane {
             session,
             expected_ip: None,
             h2: false,
+            fingerprint: None,
+            fingerprint_key: 0,
         }
     }
 
@@ -117,6 +131,8 @@ impl Lane {
             session: identity.session,
             expected_ip: identity.egress_ip,
             h2: false,
+            fingerprint: Some(identity.fingerprint.clone()),
+            fingerprint_key: 0,
         }
     }
 }
@@ -132,6 +148,52 @@ pub struct ExitRoute {
     pub egress: EgressCheck,
     /// SOCKS5 exits: the reply's bound address is the egress address.
     pub socks_reply_is_egress: bool,
+    /// Whose TLS ClientHello and HTTP/2 preface its connections present.
+    pub fingerprint: FingerprintMode,
+}
+
+/// Whose fingerprint (TLS ClientHello, HTTP/2 preface) an exit's
+/// connections present to origins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FingerprintMode {
+    /// The client's own, per identity (BoringSSL and a shaped HTTP/2).
+    #[default]
+    Mirror,
+    /// A current Chrome's, for clients that are not browsers.
+    Chrome,
+    /// pinproxy's own (rustls and hyper's HTTP/2), whoever the client is.
+    Rustls,
+}
+
+impl FingerprintMode {
+    /// A short, stable label (metrics, listings).
+    pub fn label(self) -> &'static str {
+        match self {
+            FingerprintMode::Mirror => "mirror",
+            FingerprintMode::Chrome => "chrome",
+            FingerprintMode::Rustls => "rustls",
+        }
+    }
+}
+
+/// What a lane's connections say to origins: the ClientHello BoringSSL
+/// imitates (`None`: rustls) and the HTTP/2 preface (`None`: hyper's).
+#[derive(Clone, Debug, Default)]
+pub struct Presentation {
+    /// The ClientHello to imitate.
+    pub hello: Option<Arc<ClientHello>>,
+    /// The HTTP/2 preface to send.
+    pub h2: Option<Arc<H2Fingerprint>>,
+}
+
+/// Which connections of an exit a request may use: its lane's, presenting
+/// the same fingerprint, offering the same protocols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PoolId {
+    key: PoolKey,
+    fingerprint: u64,
+    h2: bool,
 }
 
 /// The connection pools of one exit.
@@ -140,8 +202,8 @@ pub struct ExitClient {
     route: Arc<ExitRoute>,
     tls: UpstreamTls,
     settings: PoolSettings,
-    /// One pool per lane and ALPN offer.
-    pools: moka::sync::Cache<(PoolKey, bool), Client<ExitConnector, Body>>,
+    /// One pool per lane and way of speaking (see [`PoolId`]).
+    pools: moka::sync::Cache<PoolId, Arc<LanePool>>,
 }
 
 impl std::fmt::Debug for ExitClient {
@@ -196,19 +258,40 @@ impl ExitClient {
         }
     }
 
-    fn pool(&self, lane: &Lane) -> Client<ExitConnector, Body> {
-        self.pools.get_with((lane.key, lane.h2), || {
+    /// What `lane`'s connections present, by the exit's mode.
+    pub fn presentation(&self, lane: &Lane) -> Presentation {
+        match self.route.fingerprint {
+            FingerprintMode::Rustls => Presentation::default(),
+            FingerprintMode::Chrome => Presentation {
+                hello: profile::chrome_hello(),
+                h2: profile::chrome_h2(),
+            },
+            FingerprintMode::Mirror => match &lane.fingerprint {
+                Some(fingerprint) if fingerprint.tls.is_some() => Presentation {
+                    hello: fingerprint.tls.clone(),
+                    h2: fingerprint.h2.clone(),
+                },
+                // No ClientHello to mirror (the client spoke plain HTTP
+                // to pinproxy): pinproxy's own.
+                _ => Presentation::default(),
+            },
+        }
+    }
+
+    fn pool(&self, lane: &Lane) -> Arc<LanePool> {
+        let id = PoolId {
+            key: lane.key,
+            fingerprint: lane.fingerprint_key,
+            h2: lane.h2,
+        };
+        self.pools.get_with(id, || {
             let pinned = lane.pinned_address();
-            let connector = ExitConnector::new(self.dialer(lane.session, pinned, lane.h2));
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.settings.idle_timeout)
-                .pool_max_idle_per_host(self.settings.max_idle_per_origin)
-                .http1_preserve_header_case(true)
-                // Requests from HTTP/2 clients have no Host header: one is
-                // added for HTTP/1.1 origins only, as a browser would.
-                .set_host(true)
-                .build(connector)
+            let dialer = self.dialer(lane.session, pinned, lane.h2);
+            let limits = pool::Limits {
+                idle_timeout: self.settings.idle_timeout,
+                max_idle_per_origin: self.settings.max_idle_per_origin,
+            };
+            Arc::new(LanePool::new(dialer, self.presentation(lane), limits))
         })
     }
 
@@ -218,19 +301,36 @@ impl ExitClient {
         &self,
         lane: &Lane,
         request: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let pool = self.pool(lane);
+        let timeout = self.settings.response_head_timeout;
+        tokio::time::timeout(timeout, pool.send(request))
+            .await
+            .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
+    }
+
+    /// Sends a WebSocket upgrade on a new HTTP/1.1 connection of `lane`.
+    pub async fn send_upgrade(
+        &self,
+        lane: &Lane,
+        request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
-        let response = tokio::time::timeout(timeout, pool.request(request))
+        tokio::time::timeout(timeout, pool.send_upgrade(request))
             .await
-            .map_err(|_| UpstreamError::ResponseTimeout(timeout))?;
-        response.map_err(UpstreamError::from_client)
+            .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
     }
 
-    /// Drops a lane's pool and its connections (a retired identity's).
+    /// Drops a lane's pools and their connections (a retired identity's).
     pub fn forget(&self, key: PoolKey) {
-        self.pools.invalidate(&(key, false));
-        self.pools.invalidate(&(key, true));
+        for h2 in [false, true] {
+            self.pools.invalidate(&PoolId {
+                key,
+                fingerprint: 0,
+                h2,
+            });
+        }
     }
 
     /// Number of live lanes.

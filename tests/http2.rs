@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use http::Version;
 use support::origin::reported_peer;
-use support::Setup;
+use support::{Jar, Setup};
 
 #[tokio::test]
 async fn an_h2_client_reaches_an_h2_origin_over_h2() {
@@ -20,7 +20,7 @@ async fn an_h2_client_reaches_an_h2_origin_over_h2() {
         .tunnel_h2("localhost", s.origin.https.port())
         .await;
     let reply = conn.get("/login", &[]).await;
-    assert_eq!(reply.status, 200);
+    assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = s.origin.seen().pop().unwrap();
     assert_eq!(seen.version, Version::HTTP_2);
     assert!(
@@ -41,7 +41,7 @@ async fn an_h2_client_reaches_an_http1_only_origin() {
     let reply = conn
         .get("/page?x=1", &[("cookie", "a=1"), ("cookie", "b=2")])
         .await;
-    assert_eq!(reply.status, 200);
+    assert_eq!(reply.status, 200, "{}", reply.body);
     let seen = origin.seen().pop().unwrap();
     assert_eq!(seen.version, Version::HTTP_11);
     assert_eq!(seen.path, "/page?x=1");
@@ -69,10 +69,16 @@ async fn an_http1_client_is_carried_over_http1_even_to_an_h2_origin() {
 async fn concurrent_streams_of_different_identities_never_share_a_connection() {
     let s = Setup::start(3).await;
     let port = s.origin.https.port();
-    // Six identities, earned over HTTP/1.1 through whichever exit rotation gave.
+    // Six identities, earned over HTTP/2 through whichever exit rotation
+    // gave (an identity's connections speak as the client that founded it).
     let mut identities = Vec::new();
     for _ in 0..6 {
-        identities.push(s.login("/login").await);
+        let mut login = s.proxy.client.tunnel_h2("localhost", port).await;
+        let reply = login.get("/login", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let mut jar = Jar::default();
+        jar.store(&reply.headers);
+        identities.push((jar, reported_peer(&reply.body).unwrap()));
     }
     // One client connection, all identities' requests multiplexed on it.
     let conn = s.proxy.client.tunnel_h2("localhost", port).await;

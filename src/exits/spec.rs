@@ -18,7 +18,7 @@ use crate::upstream::dial::http_connect::HttpConnect;
 use crate::upstream::dial::socks5::Socks5;
 use crate::upstream::dial::{ExitKind, ProxyAddress, ProxyAuth};
 use crate::upstream::egress_ip::{EchoTarget, EgressCheck};
-use crate::upstream::ExitRoute;
+use crate::upstream::{ExitRoute, FingerprintMode};
 
 /// Per-exit settings beyond its URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +41,9 @@ pub struct ExitOptions {
     /// How many upstream sessions cookie-less traffic rotates over on an
     /// exit with a `{session}` placeholder.
     pub anonymous_sessions: usize,
+    /// Whose TLS ClientHello and HTTP/2 preface the exit's connections
+    /// present: the client's (`mirror`), Chrome's, or rustls's.
+    pub fingerprint: FingerprintMode,
     /// SOCKS5 exits: take the address in the CONNECT reply (BND.ADDR) as the
     /// tunnel's egress address (true of servers that report their outgoing
     /// socket, such as microsocks; not of NATed gateways).
@@ -58,6 +61,7 @@ impl Default for ExitOptions {
             max_lifetime: None,
             anonymous_sessions: 8,
             socks_reply_is_egress: false,
+            fingerprint: FingerprintMode::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ impl ExitSpec {
                 echo: self.options.ip_echo.clone(),
             },
             socks_reply_is_egress: self.options.socks_reply_is_egress,
+            fingerprint: self.options.fingerprint,
         }
     }
 }

@@ -333,6 +333,90 @@ impl ClientHello {
         self.has_extension(ext::SCT)
     }
 
+    /// The hello as the client software sends it on a fresh connection to
+    /// any host, so that two connections of one client compare equal:
+    /// - without its SNI host name, and without padding bytes (their count
+    ///   follows the host name's length);
+    /// - without what resumption adds (pre_shared_key, early_data, a ticket);
+    /// - with every GREASE value as `0x0a0a` (`0x0b` for PSK modes): clients
+    ///   draw them at random per connection;
+    /// - with its extensions in type order: most clients (Chrome, rustls)
+    ///   permute them per connection, and JA4 ignores their order.
+    ///
+    /// This is what an identity records and what pinproxy imitates.
+    pub fn fresh_and_anonymous(mut self) -> ClientHello {
+        const GREASE: u16 = 0x0a0a;
+        let grease = |list: &mut Vec<u16>| {
+            for value in list.iter_mut().filter(|v| is_grease(**v)) {
+                *value = GREASE;
+            }
+        };
+        self.server_name = None;
+        self.padding_len = self.padding_len.map(|_| 0);
+        grease(&mut self.cipher_suites);
+        for list in [
+            &mut self.supported_groups,
+            &mut self.key_share_groups,
+            &mut self.signature_algorithms,
+            &mut self.supported_versions,
+            &mut self.compress_certificate,
+            &mut self.delegated_credentials,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            grease(list);
+        }
+        if let Some(modes) = self.psk_key_exchange_modes.as_mut() {
+            for mode in modes.iter_mut().filter(|m| is_grease_psk_mode(**m)) {
+                *mode = 0x0b;
+            }
+        }
+        // A resuming client may leave session_ticket out (rustls does); on a
+        // fresh connection a client that resumes offers it.
+        let resumed = self.pre_shared_key();
+        let offers_tls12 = self
+            .supported_versions
+            .as_ref()
+            .is_none_or(|versions| versions.contains(&0x0303));
+        if resumed && offers_tls12 && !self.has_extension(ext::SESSION_TICKET) {
+            self.extensions.push(Extension {
+                kind: ext::SESSION_TICKET,
+                len: 0,
+                data: None,
+            });
+        }
+        self.extensions
+            .retain(|e| e.kind != ext::PRE_SHARED_KEY && e.kind != ext::EARLY_DATA);
+        for extension in &mut self.extensions {
+            if is_grease(extension.kind) {
+                extension.kind = GREASE;
+                extension.data = None;
+            }
+            if matches!(
+                extension.kind,
+                ext::SERVER_NAME | ext::PADDING | ext::SESSION_TICKET
+            ) {
+                extension.len = 0;
+                extension.data = None;
+            }
+            // Lists carried raw mirror the decoded views above.
+            if matches!(
+                extension.kind,
+                ext::SUPPORTED_GROUPS
+                    | ext::SIGNATURE_ALGORITHMS
+                    | ext::SUPPORTED_VERSIONS
+                    | ext::PSK_KEY_EXCHANGE_MODES
+                    | ext::COMPRESS_CERTIFICATE
+                    | ext::DELEGATED_CREDENTIALS
+            ) {
+                extension.data = None;
+            }
+        }
+        self.extensions.sort_by_key(|e| e.kind);
+        self
+    }
+
     /// What session_ticket (35) says.
     pub fn session_ticket(&self) -> SessionTicket {
         match self.extension(ext::SESSION_TICKET) {

@@ -11,7 +11,6 @@
 use std::net::IpAddr;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use super::target::Target;
 use super::{Pipeline, ProxyError};
@@ -20,10 +19,10 @@ use crate::identity::RetireReason;
 use crate::metrics::ExitLabel;
 use crate::routing::{Reason, Route};
 use crate::upstream::conn::TunnelInfo;
-use crate::upstream::{ConnectError, UpstreamError};
+use crate::upstream::{ConnectError, UpstreamBody, UpstreamError};
 
 /// The egress address of the tunnel that carried `response`, where known.
-pub fn egress_ip(response: &Response<Incoming>) -> Option<IpAddr> {
+pub fn egress_ip<B>(response: &Response<B>) -> Option<IpAddr> {
     response
         .extensions()
         .get::<TunnelInfo>()
@@ -37,7 +36,7 @@ impl Pipeline {
         &self,
         route: &Route,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let exit = &route.exit;
         match exit.client.send(&route.lane, request).await {
             Ok(response) => {
@@ -45,6 +44,23 @@ impl Pipeline {
                 if route.reason == Reason::NewIdentity {
                     tracing::debug!("first request of a new identity forwarded");
                 }
+                Ok(response)
+            }
+            Err(error) => Err(self.upstream_failed(route, error).await),
+        }
+    }
+
+    /// Sends a WebSocket upgrade through the route's exit on a connection of
+    /// its own, accounting for failures as [`Pipeline::send`] does.
+    pub(crate) async fn send_upgrade(
+        &self,
+        route: &Route,
+        request: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+        let exit = &route.exit;
+        match exit.client.send_upgrade(&route.lane, request).await {
+            Ok(response) => {
+                exit.health.success();
                 Ok(response)
             }
             Err(error) => Err(self.upstream_failed(route, error).await),

@@ -16,8 +16,10 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::egress;
+use super::{egress, send, Pipeline, ProxyError};
 use crate::body::{self, Body};
+use crate::fingerprint::Fingerprint;
+use crate::routing::Route;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
@@ -88,6 +90,62 @@ pub fn accept_for(key: &str) -> String {
     sha1.update(key.as_bytes());
     sha1.update(WEBSOCKET_GUID.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(sha1.digest().bytes())
+}
+
+/// The client's side of a WebSocket upgrade, claimed before its request was
+/// taken apart.
+#[derive(Debug)]
+pub struct Socket {
+    /// How the client asked.
+    pub upgrade: Upgrade,
+    /// The client's connection, once upgraded.
+    pub client: OnUpgrade,
+    /// The `Sec-WebSocket-Accept` the origin must answer with, when
+    /// pinproxy made the key.
+    pub expected_accept: Option<String>,
+}
+
+impl Pipeline {
+    /// Stages 7 to 9 for a WebSocket upgrade: sent on a connection of its
+    /// own; pins are captured from the answer as for any request; a `101`
+    /// bridges the two connections, anything else is relayed as is.
+    pub(crate) async fn forward_upgrade(
+        &self,
+        route: &Route,
+        request: Request<Body>,
+        fingerprint: &Fingerprint,
+        socket: Socket,
+    ) -> Result<Response<Body>, ProxyError> {
+        let response = self.send_upgrade(route, request).await?;
+        let egress_ip = send::egress_ip(&response);
+        let identity = self
+            .capture_pins(route, fingerprint, response.headers(), egress_ip)
+            .await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(identity) = &identity {
+                self.capture_use(identity, true, egress_ip).await;
+            }
+            return bridge(
+                socket.upgrade,
+                socket.client,
+                response,
+                socket.expected_accept,
+            )
+            .map_err(|error| ProxyError::Upstream {
+                exit: route.exit.id().clone(),
+                error,
+            });
+        }
+        let (mut parts, incoming) = response.into_parts();
+        let mut body = body::streaming(incoming);
+        if let Some(identity) = &identity {
+            self.capture_use(identity, parts.status.is_success(), egress_ip)
+                .await;
+            body = self.capture_invalidation(identity, &parts, body).await;
+        }
+        egress::sanitize_response(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
 }
 
 /// Answers the client for an origin that switched protocols (`101`), and

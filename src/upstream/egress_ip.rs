@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::dial::Dialer;
 use super::error::{ConnectError, Stage};
+use super::tls::Stack;
 use crate::net::{default_port, HostPort};
 
 /// Where an IP-echo probe goes: a URL answering with the caller's address
@@ -128,7 +129,7 @@ impl Dialer {
             let io: Box<dyn IoStream> = if echo.https {
                 Box::new(
                     self.tls
-                        .connect(&echo.authority.host, tcp, false)
+                        .connect(&echo.authority.host, tcp, Stack::Rustls { h2: false })
                         .await
                         .map_err(|e| e.to_string())?,
                 )

@@ -188,29 +188,38 @@ impl UpstreamError {
         }
     }
 
-    /// Classifies a failure of hyper's pooled client.
-    pub fn from_client(error: hyper_util::client::legacy::Error) -> UpstreamError {
-        use std::error::Error as _;
-        let mut kind = ExchangeKind::Other;
-        let mut source = error.source();
-        while let Some(cause) = source {
-            if let Some(connect) = cause.downcast_ref::<ConnectError>() {
-                return UpstreamError::Connect(connect.clone());
-            }
-            if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
-                if hyper.is_incomplete_message() || hyper.is_closed() || hyper.is_canceled() {
-                    kind = ExchangeKind::OriginClosed;
-                } else if hyper.is_parse() || hyper.is_parse_status() {
-                    kind = ExchangeKind::Protocol;
-                }
-            }
-            source = cause.source();
-        }
+    /// Classifies a failure of hyper's connection to the origin.
+    pub fn from_hyper(error: &hyper::Error) -> UpstreamError {
+        let kind = if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {
+            ExchangeKind::OriginClosed
+        } else if error.is_parse() || error.is_parse_status() {
+            ExchangeKind::Protocol
+        } else {
+            ExchangeKind::Other
+        };
         UpstreamError::Exchange {
             kind,
             detail: format!(
                 "the origin connection failed: {}",
-                crate::fault::causes(&error)
+                crate::fault::causes(error)
+            ),
+        }
+    }
+
+    /// Classifies a failure of the shaped HTTP/2 connection to the origin.
+    pub fn from_wreq(error: &wreq_proto::Error) -> UpstreamError {
+        let kind = if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {
+            ExchangeKind::OriginClosed
+        } else if error.is_parse() || error.is_parse_status() {
+            ExchangeKind::Protocol
+        } else {
+            ExchangeKind::Other
+        };
+        UpstreamError::Exchange {
+            kind,
+            detail: format!(
+                "the origin connection failed: {}",
+                crate::fault::causes(error)
             ),
         }
     }

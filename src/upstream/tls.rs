@@ -7,7 +7,10 @@
 //! Trust: the public web roots compiled into pinproxy, plus the PEM files
 //! given with `--upstream-ca`.
 
+pub mod boring_stack;
+mod boring_ffi;
 mod rustls_stack;
+pub mod tap;
 
 use std::io;
 use std::path::PathBuf;
@@ -17,7 +20,39 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub use rustls_stack::TlsSetupError;
+use crate::fingerprint::client_hello::ClientHello;
+pub use boring_stack::{Gap, Shape};
+
+/// The upstream trust store could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// An `--upstream-ca` file could not be read or holds no certificate.
+    #[error("upstream CA file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls rejected the configuration.
+    #[error("upstream TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// BoringSSL rejected the configuration.
+    #[error("upstream TLS settings (BoringSSL): {0}")]
+    Boring(String),
+}
+
+/// Which stack makes a connection, and what its ClientHello says.
+#[derive(Debug, Clone, Copy)]
+pub enum Stack<'a> {
+    /// rustls, offering `h2` or not: pinproxy's own hello.
+    Rustls {
+        /// Offer `h2, http/1.1` (else `http/1.1`).
+        h2: bool,
+    },
+    /// BoringSSL, shaped like a client's (or a browser profile's) hello.
+    Boring(Shape<'a>),
+}
 
 /// ALPN protocols offered to origins by clients that speak HTTP/1.1 only.
 pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
@@ -28,6 +63,7 @@ pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 #[derive(Clone, Debug)]
 pub struct UpstreamTls {
     rustls: Arc<rustls_stack::RustlsClient>,
+    boring: Arc<boring_stack::BoringClient>,
 }
 
 impl UpstreamTls {
@@ -39,16 +75,28 @@ impl UpstreamTls {
     ) -> Result<UpstreamTls, TlsSetupError> {
         Ok(UpstreamTls {
             rustls: Arc::new(rustls_stack::RustlsClient::new(provider, extra_ca_files)?),
+            boring: Arc::new(boring_stack::BoringClient::new(extra_ca_files)?),
         })
     }
 
-    /// Runs the TLS handshake with `host` over `transport`, offering HTTP/2
-    /// when `h2` (the origin is offered what the client offered pinproxy).
-    pub async fn connect<T>(&self, host: &str, transport: T, h2: bool) -> io::Result<TlsConn>
+    /// Runs the TLS handshake with `host` over `transport`, with the stack
+    /// and ClientHello `stack` says.
+    pub async fn connect<T>(
+        &self,
+        host: &str,
+        transport: T,
+        stack: Stack<'_>,
+    ) -> io::Result<TlsConn>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.rustls.connect(host, transport, h2).await
+        match stack {
+            Stack::Rustls { h2 } => self.rustls.connect(host, transport, h2).await,
+            Stack::Boring(shape) => {
+                let (conn, gaps) = self.boring.connect(host, transport, shape).await?;
+                Ok(conn.with_gaps(gaps))
+            }
+        }
     }
 }
 
@@ -60,6 +108,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> TlsIo for T {}
 pub struct TlsConn {
     io: Box<dyn TlsIo>,
     h2: bool,
+    sent: Option<Box<ClientHello>>,
+    gaps: Arc<[Gap]>,
 }
 
 impl std::fmt::Debug for TlsConn {
@@ -71,12 +121,39 @@ impl std::fmt::Debug for TlsConn {
 impl TlsConn {
     /// Wraps a stack's stream; `h2` says whether the origin chose HTTP/2.
     pub fn new(io: Box<dyn TlsIo>, h2: bool) -> TlsConn {
-        TlsConn { io, h2 }
+        TlsConn {
+            io,
+            h2,
+            sent: None,
+            gaps: Arc::new([]),
+        }
+    }
+
+    /// Records the ClientHello that really left (read off the wire).
+    pub fn with_sent_hello(mut self, hello: Option<ClientHello>) -> TlsConn {
+        self.sent = hello.map(Box::new);
+        self
+    }
+
+    /// Records what the stack could not mirror.
+    pub fn with_gaps(mut self, gaps: Arc<[Gap]>) -> TlsConn {
+        self.gaps = gaps;
+        self
     }
 
     /// Whether the origin chose HTTP/2 by ALPN.
     pub fn negotiated_h2(&self) -> bool {
         self.h2
+    }
+
+    /// The ClientHello that left, as read off the wire.
+    pub fn sent_hello(&self) -> Option<&ClientHello> {
+        self.sent.as_deref()
+    }
+
+    /// What of the client's hello could not be said.
+    pub fn gaps(&self) -> &Arc<[Gap]> {
+        &self.gaps
     }
 }
 

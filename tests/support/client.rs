@@ -248,7 +248,8 @@ pub struct H2Conn {
 }
 
 impl ProxyClient {
-    /// Opens a TLS tunnel to `host:port` offering only `h2`, and speaks HTTP/2 in it.
+    /// Opens a TLS tunnel to `host:port` offering `h2` and `http/1.1` (as
+    /// browsers do), and speaks HTTP/2 in it.
     pub async fn tunnel_h2(&self, host: &str, port: u16) -> H2Conn {
         let target = format!("{host}:{port}");
         let (tcp, head) = self.raw_connect(&target).await;
@@ -257,7 +258,7 @@ impl ProxyClient {
             "CONNECT answered {head:?}"
         );
         let mut config = (*self.tls).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let name = ServerName::try_from(host.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)

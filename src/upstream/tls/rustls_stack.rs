@@ -12,23 +12,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
-use super::{TlsConn, ALPN_H2_HTTP1, ALPN_HTTP1};
-
-/// The upstream trust store could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    /// An `--upstream-ca` file could not be read or holds no certificate.
-    #[error("upstream CA file {path}: {reason}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// rustls rejected the configuration.
-    #[error("upstream TLS settings: {0}")]
-    Rustls(#[from] rustls::Error),
-}
+use super::tap::{HelloTap, SentHello};
+use super::{TlsConn, TlsSetupError, ALPN_H2_HTTP1, ALPN_HTTP1};
 
 /// rustls client configurations, one per ALPN offer.
 pub struct RustlsClient {
@@ -75,9 +60,13 @@ impl RustlsClient {
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))?;
         let connector = if h2 { &self.h2 } else { &self.http1 };
-        let stream = connector.connect(name, transport).await?;
+        let sent = SentHello::default();
+        let stream = connector
+            .connect(name, HelloTap::new(transport, sent.clone()))
+            .await?;
         let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        Ok(TlsConn::new(Box::new(stream), negotiated_h2))
+        let sent = sent.lock().ok().and_then(|mut s| s.take());
+        Ok(TlsConn::new(Box::new(stream), negotiated_h2).with_sent_hello(sent))
     }
 }
 

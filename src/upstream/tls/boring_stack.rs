@@ -1,0 +1,562 @@
+//! The BoringSSL upstream stack: a ClientHello built from the client's own
+//! (mirror mode) or from a browser profile (chrome mode).
+//!
+//! Every ClientHello field BoringSSL can say is set from the recorded one:
+//! cipher list and order, versions, supported groups and which get key
+//! shares (X25519MLKEM768 included), signature algorithms in order, ALPN,
+//! GREASE and extension permutation, certificate compression, ALPS with
+//! the client's codepoint, ECH GREASE, OCSP and SCT requests, tickets and
+//! the trust anchors Chrome asks for. What BoringSSL cannot say is listed
+//! as a [`Gap`] (see README "What is mirrored"): it is logged once per
+//! identity and counted, and the JA4 that really left is measured off the
+//! wire ([`super::tap`]).
+//!
+//! A connector (an `SSL_CTX`) is built once per distinct hello and cached;
+//! the per-connection settings are applied to each `SSL`.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash as _, Hasher as _};
+use std::io::{self, Read as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use boring::ssl::{
+    CertificateCompressionAlgorithm, CertificateCompressor, ConnectConfiguration, SslConnector,
+    SslMethod, SslOptions, SslSignatureAlgorithm, SslVersion,
+};
+use boring::x509::store::{X509Store, X509StoreBuilder};
+use boring::x509::X509;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::boring_ffi;
+use super::tap::{HelloTap, SentHello};
+use super::{TlsConn, TlsSetupError};
+use crate::fingerprint::client_hello::{ext, is_grease, ClientHello, SessionTicket};
+
+/// Most distinct hellos whose connectors are kept.
+const MAX_CONNECTORS: u64 = 1024;
+
+/// Something in a client's ClientHello that BoringSSL cannot say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// What kind of thing (a stable metric label): `cipher`, `group`,
+    /// `signature-algorithm`, `extension`, `tls13-order`,
+    /// `extension-order`, `certificate-compression`, `version`.
+    pub kind: &'static str,
+    /// Which one, e.g. `cipher 0xccaa`.
+    pub detail: String,
+}
+
+/// A connector for one hello, and what each connection made with it sets.
+struct Prepared {
+    connector: SslConnector,
+    key_shares: Vec<u16>,
+    /// ALPS protocols with their codepoint (true: the new one, 17613).
+    alps: Vec<(Vec<u8>, bool)>,
+    trust_anchors: Option<Vec<u8>>,
+    ech_grease: bool,
+    gaps: Arc<[Gap]>,
+}
+
+/// BoringSSL connections shaped like a given ClientHello.
+pub struct BoringClient {
+    roots: X509Store,
+    connectors: moka::sync::Cache<u64, Arc<Prepared>>,
+}
+
+impl std::fmt::Debug for BoringClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoringClient")
+            .field("connectors", &self.connectors.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a BoringSSL connection says, beyond the hello itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape<'a> {
+    /// The hello to imitate.
+    pub hello: &'a ClientHello,
+    /// Offer only `http/1.1` whatever the hello lists (WebSocket upgrades).
+    pub http1_only: bool,
+    /// The client's HTTP/2 SETTINGS payload, sent as its ALPS settings.
+    pub alps_settings: &'a [u8],
+}
+
+impl BoringClient {
+    /// A client trusting the public web roots plus `extra_ca_files`.
+    pub fn new(extra_ca_files: &[PathBuf]) -> Result<BoringClient, TlsSetupError> {
+        let mut roots = X509StoreBuilder::new().map_err(boring_error)?;
+        for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+            // A root BoringSSL cannot read is skipped: the others still work.
+            if let Ok(cert) = X509::from_der(der.as_ref()) {
+                let _ = roots.add_cert(cert);
+            }
+        }
+        for path in extra_ca_files {
+            add_ca_file(&mut roots, path)?;
+        }
+        Ok(BoringClient {
+            roots: roots.build(),
+            connectors: moka::sync::Cache::new(MAX_CONNECTORS),
+        })
+    }
+
+    /// Runs a handshake with `host` over `transport` whose ClientHello is
+    /// shaped like `shape.hello`. Also returns what could not be mirrored.
+    pub async fn connect<T>(
+        &self,
+        host: &str,
+        transport: T,
+        shape: Shape<'_>,
+    ) -> io::Result<(TlsConn, Arc<[Gap]>)>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let prepared = self.prepared(shape).map_err(io::Error::other)?;
+        let mut config: ConnectConfiguration =
+            prepared.connector.configure().map_err(io::Error::other)?;
+        let ssl = &mut *config;
+        if !prepared.key_shares.is_empty() {
+            boring_ffi::set_client_key_shares(ssl, &prepared.key_shares)
+                .map_err(io::Error::other)?;
+        }
+        for (protocol, new_codepoint) in &prepared.alps {
+            let settings = if protocol.as_slice() == b"h2" {
+                shape.alps_settings
+            } else {
+                &[]
+            };
+            boring_ffi::add_application_settings(ssl, protocol, settings, *new_codepoint)
+                .map_err(io::Error::other)?;
+        }
+        if let Some(ids) = &prepared.trust_anchors {
+            boring_ffi::set_requested_trust_anchors(ssl, ids).map_err(io::Error::other)?;
+        }
+        if prepared.ech_grease {
+            config.set_enable_ech_grease(true);
+        }
+        let sent = SentHello::default();
+        let stream = tokio_boring::connect(config, host, HelloTap::new(transport, sent.clone()))
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2");
+        let sent = sent.lock().ok().and_then(|mut s| s.take());
+        Ok((
+            TlsConn::new(Box::new(stream), h2).with_sent_hello(sent),
+            prepared.gaps.clone(),
+        ))
+    }
+
+    fn prepared(&self, shape: Shape<'_>) -> Result<Arc<Prepared>, String> {
+        let mut hasher = DefaultHasher::new();
+        shape.hello.hash(&mut hasher);
+        shape.http1_only.hash(&mut hasher);
+        let key = hasher.finish();
+        self.connectors
+            .try_get_with(key, || prepare(&self.roots, shape).map(Arc::new))
+            .map_err(|e| (*e).clone())
+    }
+}
+
+fn boring_error(e: boring::error::ErrorStack) -> TlsSetupError {
+    TlsSetupError::Boring(e.to_string())
+}
+
+fn add_ca_file(roots: &mut X509StoreBuilder, path: &Path) -> Result<(), TlsSetupError> {
+    let error = |reason: String| TlsSetupError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let certs = X509::stack_from_pem(&pem).map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no PEM certificate in the file".into()));
+    }
+    for cert in certs {
+        roots.add_cert(cert).map_err(|e| error(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Builds the connector for `shape`.
+fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
+    let hello = shape.hello;
+    let mut gaps = Vec::new();
+    let mut gap = |kind: &'static str, detail: String| gaps.push(Gap { kind, detail });
+    let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
+    builder.set_cert_store_ref(roots);
+
+    // Versions: the contiguous range the client lists.
+    let versions: Vec<u16> = hello
+        .supported_versions
+        .clone()
+        .unwrap_or_else(|| vec![hello.legacy_version])
+        .into_iter()
+        .filter(|v| !is_grease(*v))
+        .collect();
+    let version = |v: u16| match v {
+        0x0301 => Some(SslVersion::TLS1),
+        0x0302 => Some(SslVersion::TLS1_1),
+        0x0303 => Some(SslVersion::TLS1_2),
+        0x0304 => Some(SslVersion::TLS1_3),
+        _ => None,
+    };
+    let known: Vec<u16> = versions
+        .iter()
+        .copied()
+        .filter(|v| version(*v).is_some())
+        .collect();
+    for &v in versions.iter().filter(|v| version(**v).is_none()) {
+        gap("version", format!("version {v:#06x}"));
+    }
+    let low = known.iter().min().copied().and_then(version);
+    let high = known.iter().max().copied().and_then(version);
+    builder
+        .set_min_proto_version(low)
+        .map_err(|e| e.to_string())?;
+    builder
+        .set_max_proto_version(high)
+        .map_err(|e| e.to_string())?;
+    let offers_tls12 = versions.iter().any(|v| *v <= 0x0303);
+
+    // Ciphers: TLS 1.2 suites by name in the client's order; BoringSSL
+    // orders the TLS 1.3 ones itself (AES-GCM first with AES hardware).
+    let mut names = Vec::new();
+    let mut tls13 = Vec::new();
+    for &id in hello.cipher_suites.iter().filter(|c| !is_grease(**c)) {
+        if (0x1301..=0x1303).contains(&id) {
+            tls13.push(id);
+        } else if let Some(name) = cipher_name(id) {
+            names.push(name);
+        } else {
+            gap("cipher", format!("cipher {id:#06x}"));
+        }
+    }
+    if !tls13.is_empty() && tls13 != [0x1301, 0x1302, 0x1303] {
+        gap(
+            "tls13-order",
+            format!("TLS 1.3 suite order {tls13:04x?} (BoringSSL sends 1301,1302,1303)"),
+        );
+    }
+    if !names.is_empty() {
+        builder
+            .set_cipher_list(&names.join(":"))
+            .map_err(|e| e.to_string())?;
+    }
+
+    // Groups and key shares.
+    let groups: Vec<u16> = hello
+        .supported_groups
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|g| !is_grease(*g))
+        .collect();
+    let mut group_names = Vec::new();
+    for &id in &groups {
+        match group_name(id) {
+            Some(name) => group_names.push(name),
+            None => gap("group", format!("group {id:#06x}")),
+        }
+    }
+    if !group_names.is_empty() {
+        builder
+            .set_curves_list(&group_names.join(":"))
+            .map_err(|e| e.to_string())?;
+    }
+    let key_shares: Vec<u16> = hello
+        .key_share_groups
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|g| !is_grease(*g) && group_name(*g).is_some())
+        .collect();
+
+    // Signature algorithms, in order; ids BoringSSL does not know are left
+    // out (it refuses the whole list otherwise).
+    let wanted: Vec<u16> = hello
+        .signature_algorithms
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|s| !is_grease(*s))
+        .collect();
+    let mut known = Vec::new();
+    for &id in &wanted {
+        let one = [SslSignatureAlgorithm::from(id)];
+        if builder.set_verify_algorithm_prefs(&one).is_ok() {
+            known.push(one[0]);
+        } else {
+            gap(
+                "signature-algorithm",
+                format!("signature algorithm {id:#06x}"),
+            );
+        }
+    }
+    if !known.is_empty() {
+        builder
+            .set_verify_algorithm_prefs(&known)
+            .map_err(|e| e.to_string())?;
+    }
+
+    // ALPN, exactly as listed (unless this connection must be HTTP/1.1).
+    let alpn: Vec<Vec<u8>> = if shape.http1_only {
+        vec![b"http/1.1".to_vec()]
+    } else {
+        hello.alpn.clone().unwrap_or_default()
+    };
+    if !alpn.is_empty() {
+        let mut wire = Vec::new();
+        for protocol in &alpn {
+            if let Ok(len) = u8::try_from(protocol.len()) {
+                wire.push(len);
+                wire.extend_from_slice(protocol);
+            }
+        }
+        builder.set_alpn_protos(&wire).map_err(|e| e.to_string())?;
+    }
+
+    // GREASE, and extension order: a client that GREASEs (Chrome and its
+    // kin) permutes its extensions on every connection; BoringSSL can do
+    // the same, but cannot reproduce a fixed order of another library.
+    let greases = hello.greases();
+    builder.set_grease_enabled(greases);
+    builder.set_permute_extensions(greases);
+    if !greases {
+        gap(
+            "extension-order",
+            "the client's fixed extension order (BoringSSL uses its own)".into(),
+        );
+    }
+
+    // Certificate compression, in the client's order.
+    for &id in hello.compress_certificate.iter().flatten() {
+        let added = match id {
+            1 => builder
+                .add_certificate_compression_algorithm(Zlib)
+                .map_err(|e| e.to_string()),
+            2 => builder
+                .add_certificate_compression_algorithm(Brotli)
+                .map_err(|e| e.to_string()),
+            _ if is_grease(id) => Ok(()),
+            _ => {
+                gap(
+                    "certificate-compression",
+                    format!("certificate compression {id}"),
+                );
+                Ok(())
+            }
+        };
+        added?;
+    }
+
+    if hello.status_request() {
+        builder.enable_ocsp_stapling();
+    }
+    if hello.signed_certificate_timestamp() {
+        builder.enable_signed_cert_timestamps();
+    }
+    if hello.session_ticket() == SessionTicket::Absent {
+        builder.set_options(SslOptions::NO_TICKET);
+    }
+
+    // What BoringSSL adds or leaves out by itself.
+    for (present, kind, what) in [
+        (
+            hello.encrypt_then_mac(),
+            ext::ENCRYPT_THEN_MAC,
+            "encrypt_then_mac",
+        ),
+        (
+            hello.post_handshake_auth(),
+            ext::POST_HANDSHAKE_AUTH,
+            "post_handshake_auth",
+        ),
+        (
+            hello.record_size_limit.is_some(),
+            ext::RECORD_SIZE_LIMIT,
+            "record_size_limit",
+        ),
+        (
+            hello.delegated_credentials.is_some(),
+            ext::DELEGATED_CREDENTIALS,
+            "delegated_credentials",
+        ),
+    ] {
+        if present {
+            gap("extension", format!("extension {kind} ({what})"));
+        }
+    }
+    if offers_tls12 && !hello.renegotiation_info() {
+        gap(
+            "extension",
+            "renegotiation_info is sent (BoringSSL always sends it with TLS 1.2)".into(),
+        );
+    }
+    if offers_tls12 && !hello.extended_master_secret() {
+        gap(
+            "extension",
+            "extended_master_secret is sent (BoringSSL always sends it with TLS 1.2)".into(),
+        );
+    }
+    if versions.contains(&0x0304) && hello.psk_key_exchange_modes.is_none() {
+        gap(
+            "extension",
+            "psk_key_exchange_modes is sent (BoringSSL always sends it with TLS 1.3)".into(),
+        );
+    }
+    for extension in &hello.extensions {
+        let kind = extension.kind;
+        if !is_grease(kind) && !boring_speaks(kind) {
+            gap("extension", format!("extension {kind}"));
+        }
+    }
+
+    let alps = hello
+        .alps
+        .iter()
+        .flat_map(|a| {
+            a.protocols
+                .iter()
+                .map(move |p| (p.clone(), a.codepoint == ext::ALPS))
+        })
+        .filter(|(p, _)| !shape.http1_only || p.as_slice() == b"http/1.1")
+        .collect();
+    let trust_anchors = hello
+        .extension(TRUST_ANCHORS)
+        .and_then(|e| e.data.as_deref())
+        .and_then(|body| body.get(2..))
+        .map(<[u8]>::to_vec);
+    Ok(Prepared {
+        connector: builder.build(),
+        key_shares,
+        alps,
+        trust_anchors,
+        ech_grease: hello.ech(),
+        gaps: gaps.into(),
+    })
+}
+
+/// trust_anchors (draft-ietf-tls-trust-anchor-ids), which Chrome sends.
+const TRUST_ANCHORS: u16 = 0xca34;
+
+/// Whether BoringSSL sends extension `kind` when configured to.
+fn boring_speaks(kind: u16) -> bool {
+    matches!(
+        kind,
+        ext::SERVER_NAME
+            | ext::STATUS_REQUEST
+            | ext::SUPPORTED_GROUPS
+            | ext::EC_POINT_FORMATS
+            | ext::SIGNATURE_ALGORITHMS
+            | ext::ALPN
+            | ext::SCT
+            | ext::PADDING
+            | ext::EXTENDED_MASTER_SECRET
+            | ext::COMPRESS_CERTIFICATE
+            | ext::SESSION_TICKET
+            | ext::PRE_SHARED_KEY
+            | ext::EARLY_DATA
+            | ext::SUPPORTED_VERSIONS
+            | ext::COOKIE
+            | ext::PSK_KEY_EXCHANGE_MODES
+            | ext::ENCRYPT_THEN_MAC
+            | ext::POST_HANDSHAKE_AUTH
+            | ext::RECORD_SIZE_LIMIT
+            | ext::DELEGATED_CREDENTIALS
+            | KEY_SHARE
+            | ext::ALPS_OLD
+            | ext::ALPS
+            | ECH
+            | TRUST_ANCHORS
+            | RENEGOTIATION_INFO
+    )
+}
+
+const KEY_SHARE: u16 = 51;
+const ECH: u16 = 0xfe0d;
+const RENEGOTIATION_INFO: u16 = 0xff01;
+
+/// BoringSSL's name of a TLS 1.2 cipher suite id.
+fn cipher_name(id: u16) -> Option<&'static str> {
+    Some(match id {
+        0x000a => "DES-CBC3-SHA",
+        0x002f => "AES128-SHA",
+        0x0035 => "AES256-SHA",
+        0x008c => "PSK-AES128-CBC-SHA",
+        0x008d => "PSK-AES256-CBC-SHA",
+        0x009c => "AES128-GCM-SHA256",
+        0x009d => "AES256-GCM-SHA384",
+        0xc009 => "ECDHE-ECDSA-AES128-SHA",
+        0xc00a => "ECDHE-ECDSA-AES256-SHA",
+        0xc013 => "ECDHE-RSA-AES128-SHA",
+        0xc014 => "ECDHE-RSA-AES256-SHA",
+        0xc023 => "ECDHE-ECDSA-AES128-SHA256",
+        0xc027 => "ECDHE-RSA-AES128-SHA256",
+        0xc02b => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        0xc02c => "ECDHE-ECDSA-AES256-GCM-SHA384",
+        0xc02f => "ECDHE-RSA-AES128-GCM-SHA256",
+        0xc030 => "ECDHE-RSA-AES256-GCM-SHA384",
+        0xc035 => "ECDHE-PSK-AES128-CBC-SHA",
+        0xc036 => "ECDHE-PSK-AES256-CBC-SHA",
+        0xcca8 => "ECDHE-RSA-CHACHA20-POLY1305",
+        0xcca9 => "ECDHE-ECDSA-CHACHA20-POLY1305",
+        0xccac => "ECDHE-PSK-CHACHA20-POLY1305",
+        _ => return None,
+    })
+}
+
+/// BoringSSL's name of a named group id.
+fn group_name(id: u16) -> Option<&'static str> {
+    Some(match id {
+        0x0015 => "P-224",
+        0x0017 => "P-256",
+        0x0018 => "P-384",
+        0x0019 => "P-521",
+        0x001d => "X25519",
+        0x11ec => "X25519MLKEM768",
+        0x6399 => "X25519Kyber768Draft00",
+        0x0202 => "MLKEM1024",
+        _ => return None,
+    })
+}
+
+/// Most bytes a compressed certificate chain may inflate to (TLS caps a
+/// handshake message at 2^24 bytes): an origin cannot make pinproxy
+/// inflate a bomb.
+const MAX_CERTIFICATE_CHAIN: u64 = 1 << 24;
+
+/// Decompresses brotli-compressed certificates (RFC 8879).
+struct Brotli;
+
+impl CertificateCompressor for Brotli {
+    const ALGORITHM: CertificateCompressionAlgorithm = CertificateCompressionAlgorithm::BROTLI;
+    const CAN_COMPRESS: bool = false;
+    const CAN_DECOMPRESS: bool = true;
+
+    fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
+        let mut decoded = Vec::new();
+        brotli_decompressor::Decompressor::new(input, 4096)
+            .take(MAX_CERTIFICATE_CHAIN)
+            .read_to_end(&mut decoded)?;
+        output.write_all(&decoded)
+    }
+}
+
+/// Decompresses zlib-compressed certificates (RFC 8879).
+struct Zlib;
+
+impl CertificateCompressor for Zlib {
+    const ALGORITHM: CertificateCompressionAlgorithm = CertificateCompressionAlgorithm::ZLIB;
+    const CAN_COMPRESS: bool = false;
+    const CAN_DECOMPRESS: bool = true;
+
+    fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
+        let mut decoded = Vec::new();
+        flate2::read::ZlibDecoder::new(input)
+            .take(MAX_CERTIFICATE_CHAIN)
+            .read_to_end(&mut decoded)?;
+        output.write_all(&decoded)
+    }
+}
