@@ -46,6 +46,16 @@ pub struct IdentityView {
     pub requests: u64,
     /// Egress address, where known.
     pub egress_ip: Option<String>,
+    /// The JA4 of the client that founded it (its TLS fingerprint).
+    #[serde(default)]
+    pub client_ja4: Option<String>,
+    /// The Akamai form of that client's HTTP/2 preface.
+    #[serde(default)]
+    pub client_http2: Option<String>,
+    /// The JA4 its upstream connections were last seen to send (measured
+    /// off the wire; unknown until it has made a connection since start).
+    #[serde(default)]
+    pub sent_ja4: Option<String>,
     /// Its credentials.
     pub credentials: Vec<CredentialView>,
 }
@@ -185,6 +195,9 @@ impl Admin {
             last_used_ms: identity.last_used_ms,
             requests: identity.requests,
             egress_ip: identity.egress_ip.map(|ip| ip.to_string()),
+            client_ja4: identity.fingerprint.ja4(),
+            client_http2: identity.fingerprint.akamai(),
+            sent_ja4: self.router.sent_ja4(identity.id).map(|j| j.to_string()),
             credentials: pins
                 .into_iter()
                 .map(|(key, pin)| CredentialView {

@@ -261,6 +261,7 @@ impl Daemon {
             ),
             metrics: metrics.clone(),
             tasks: background.clone(),
+            warned_chrome_user_agent: Default::default(),
         };
 
         let listener =

@@ -46,6 +46,14 @@ pub struct ExitLabel {
     pub exit: String,
 }
 
+/// Labelled by a kind of fingerprint gap (what the upstream TLS stack could
+/// not say: `cipher`, `extension`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GapLabel {
+    /// The gap's kind.
+    pub kind: &'static str,
+}
+
 /// Every metric pinproxy keeps.
 #[derive(Debug)]
 pub struct Metrics {
@@ -66,6 +74,14 @@ pub struct Metrics {
     pub exit_state: Family<ExitLabel, Gauge>,
     /// Failures counted against an exit (probes and traffic).
     pub exit_failures: Family<ExitLabel, Counter>,
+    /// Identities whose upstream ClientHello left with another JA4 than
+    /// their client's, by exit.
+    pub fingerprint_mismatches: Family<ExitLabel, Counter>,
+    /// Identities whose client's ClientHello had parts the upstream stack
+    /// cannot say, by kind of part.
+    pub fingerprint_gaps: Family<GapLabel, Counter>,
+    /// Requests sent in chrome mode whose User-Agent is not a Chrome's.
+    pub chrome_user_agent_mismatches: Counter,
 }
 
 impl Default for Metrics {
@@ -122,8 +138,29 @@ impl Metrics {
             "Failures counted against an exit",
             exit_failures.clone(),
         );
+        let fingerprint_mismatches = Family::default();
+        registry.register(
+            "fingerprint_mismatches",
+            "Identities whose upstream JA4 differs from their client's, by exit",
+            fingerprint_mismatches.clone(),
+        );
+        let fingerprint_gaps = Family::default();
+        registry.register(
+            "fingerprint_gaps",
+            "Identities whose client ClientHello had parts the upstream stack cannot say, by kind",
+            fingerprint_gaps.clone(),
+        );
+        let chrome_user_agent_mismatches = Counter::default();
+        registry.register(
+            "chrome_user_agent_mismatches",
+            "Requests sent with the Chrome profile whose User-Agent is not Chrome's",
+            chrome_user_agent_mismatches.clone(),
+        );
         Metrics {
             registry,
+            fingerprint_mismatches,
+            fingerprint_gaps,
+            chrome_user_agent_mismatches,
             requests,
             identities_created,
             identities_retired,

@@ -32,6 +32,7 @@ pub mod send;
 pub mod target;
 pub mod upgrade;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use http::{Request, Response, Version};
@@ -47,6 +48,7 @@ use crate::fingerprint::{Fingerprint, FingerprintPolicy};
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::store::{StoreError, StoreErrorKind, Unavailable};
+use crate::upstream::conn::TunnelInfo;
 use capture::invalidation;
 use credentials::cookies::{self, CookiePolicy};
 use target::{Target, Tunnel};
@@ -77,6 +79,8 @@ pub struct Pipeline {
     /// Background work started by requests (exit trials), awaited at
     /// shutdown.
     pub tasks: TaskTracker,
+    /// Whether the chrome-mode User-Agent warning was logged.
+    pub warned_chrome_user_agent: AtomicBool,
 }
 
 impl Pipeline {
@@ -167,6 +171,7 @@ impl Pipeline {
             route.lane.fingerprint_key = client.key();
         }
         self.trial_unhealthy_exit(&target);
+        self.note_chrome_user_agent(&route, request.headers());
         span.record("exit", tracing::field::display(route.exit.id()));
         if let Some(identity) = &route.identity {
             span.record("identity", tracing::field::display(identity.id));
@@ -175,7 +180,7 @@ impl Pipeline {
         // 5. fingerprint
         let (mut parts, incoming) = request.into_parts();
         if let Some(identity) = &route.identity {
-            self.check_fingerprint(identity, &mut parts.headers)?;
+            self.check_fingerprint(identity, &client, &mut parts.headers)?;
         }
 
         // 6. egress
@@ -217,7 +222,8 @@ impl Pipeline {
         let (mut parts, upstream_body) = response.into_parts();
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
-            self.capture_use(identity, parts.status.is_success(), egress_ip)
+            let tunnel = parts.extensions.get::<TunnelInfo>();
+            self.capture_use(identity, parts.status.is_success(), egress_ip, tunnel)
                 .await;
             body = self.capture_invalidation(identity, &parts, body).await;
         }

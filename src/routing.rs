@@ -43,6 +43,9 @@ pub struct Router {
     /// Background work that changes identities (retirements decided where
     /// no await is possible), awaited at shutdown so none is lost.
     tasks: TaskTracker,
+    /// The JA4 each live identity's upstream connections were last seen to
+    /// send (measured off the wire; kept in memory only).
+    sent_ja4: dashmap::DashMap<IdentityId, Arc<str>>,
 }
 
 impl Router {
@@ -61,6 +64,7 @@ impl Router {
             metrics,
             pending: dashmap::DashMap::new(),
             tasks,
+            sent_ja4: dashmap::DashMap::new(),
         }
     }
 
@@ -82,6 +86,20 @@ impl Router {
     /// The counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Records the JA4 an identity's upstream connection sent; true when it
+    /// is the first seen for the identity (or another than before).
+    pub fn observe_sent_ja4(&self, id: IdentityId, ja4: &Arc<str>) -> bool {
+        match self.sent_ja4.insert(id, ja4.clone()) {
+            Some(before) => before != *ja4,
+            None => true,
+        }
+    }
+
+    /// The JA4 an identity's upstream connections were last seen to send.
+    pub fn sent_ja4(&self, id: IdentityId) -> Option<Arc<str>> {
+        self.sent_ja4.get(&id).map(|j| j.clone())
     }
 
     /// The retirement decided for `id` but not yet stored, if any.

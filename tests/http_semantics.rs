@@ -24,6 +24,9 @@ async fn header_case_and_order_reach_an_http1_origin_as_sent() {
         "accept-language",
         "sec-ch-ua",
         "Cookie",
+        // The client's own hop header: to the origin, pinproxy's hop is the
+        // client's.
+        "Connection",
     ];
 
     // A plain proxy request and a request in a plain tunnel.

@@ -78,8 +78,17 @@ pub async fn fetch_identities(
 /// Renders identities as a table for humans.
 pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
     let mut out = format!(
-        "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
-        "IDENTITY", "EXIT", "STATE", "AGE", "IDLE", "REQS", "EGRESS", "CREDENTIALS"
+        "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {:<36}  {:<36}  {}\n",
+        "IDENTITY",
+        "EXIT",
+        "STATE",
+        "AGE",
+        "IDLE",
+        "REQS",
+        "EGRESS",
+        "CLIENT JA4",
+        "SENT JA4",
+        "CREDENTIALS"
     );
     for v in views {
         let credentials: Vec<String> = v
@@ -92,7 +101,7 @@ pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
             None => v.state.clone(),
         };
         out.push_str(&format!(
-            "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {}\n",
+            "{:<16}  {:<14}  {:<8}  {:>8}  {:>8}  {:>6}  {:<15}  {:<36}  {:<36}  {}\n",
             v.identity,
             v.exit,
             state,
@@ -100,6 +109,8 @@ pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
             human(now_ms.saturating_sub(v.last_used_ms)),
             v.requests,
             v.egress_ip.as_deref().unwrap_or("-"),
+            v.client_ja4.as_deref().unwrap_or("-"),
+            v.sent_ja4.as_deref().unwrap_or("-"),
             credentials.join(" "),
         ));
     }
@@ -133,6 +144,9 @@ mod tests {
             last_used_ms: 90_000,
             requests: 7,
             egress_ip: Some("127.0.0.2".into()),
+            client_ja4: Some("t13d1517h2_8daaf6152771_cb7bf5808d99".into()),
+            client_http2: None,
+            sent_ja4: None,
             credentials: vec![CredentialView {
                 kind: "cookie".into(),
                 name: "datadome".into(),
@@ -142,6 +156,10 @@ mod tests {
         };
         let table = render_table(&[view], 3_700_000);
         assert!(table.contains("datadome#1a2b3c4d"), "{table}");
+        assert!(
+            table.contains("t13d1517h2_8daaf6152771_cb7bf5808d99"),
+            "{table}"
+        );
         assert!(table.contains("1h01m"), "{table}");
         assert!(table.contains("1h00m"), "{table}");
     }

@@ -30,9 +30,10 @@ use crate::credential::PinKey;
 use crate::exits::sessions::AnonymousSession;
 use crate::fingerprint::Fingerprint;
 use crate::identity::{Identity, Pin, RetireReason};
-use crate::metrics::Rule;
+use crate::metrics::{ExitLabel, GapLabel, Rule};
 use crate::routing::{Route, Router};
 use crate::store::{PinStore as _, StoreError};
+use crate::upstream::conn::TunnelInfo;
 
 impl Pipeline {
     /// Pins the tracked cookies a response sets; returns the identity the
@@ -52,15 +53,20 @@ impl Pipeline {
         learn(&self.router, route, &set, fingerprint, egress_ip).await
     }
 
-    /// Records a request of `identity` (and whether it got a 2xx) and the
-    /// egress address its tunnel revealed. Only logged when it fails: a
-    /// lost use makes an identity look idle earlier, nothing worse.
+    /// Records a request of `identity` (and whether it got a 2xx), the
+    /// egress address its tunnel revealed and the fingerprint its upstream
+    /// connection sent (`tunnel`). Only logged when it fails: a lost use
+    /// makes an identity look idle earlier, nothing worse.
     pub(crate) async fn capture_use(
         &self,
         identity: &Identity,
         worked: bool,
         egress_ip: Option<IpAddr>,
+        tunnel: Option<&TunnelInfo>,
     ) {
+        if let Some(tunnel) = tunnel {
+            self.capture_sent_fingerprint(identity, tunnel);
+        }
         let store = self.router.store();
         let now = self.router.clock().now_ms();
         let recorded = async {
@@ -73,6 +79,45 @@ impl Pipeline {
         if let Err(e) = recorded.await {
             tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
         }
+    }
+
+    /// Compares what an identity's upstream connection sent with what its
+    /// client sent: a difference (what the TLS stack cannot say) is logged
+    /// once per identity, with both JA4s and what could not be said, and
+    /// counted.
+    fn capture_sent_fingerprint(&self, identity: &Identity, tunnel: &TunnelInfo) {
+        let Some(sent) = &tunnel.sent_ja4 else {
+            return;
+        };
+        if !self.router.observe_sent_ja4(identity.id, sent) {
+            return;
+        }
+        let Some(client) = identity.fingerprint.ja4() else {
+            return;
+        };
+        for gap in tunnel.gaps.iter() {
+            self.metrics
+                .fingerprint_gaps
+                .get_or_create(&GapLabel { kind: gap.kind })
+                .inc();
+        }
+        let gaps: Vec<&str> = tunnel.gaps.iter().map(|g| g.detail.as_str()).collect();
+        if client.as_str() == &**sent {
+            if !gaps.is_empty() {
+                tracing::debug!(identity = %identity.id, ja4 = %sent, ?gaps, "fingerprint mirrored (JA4 equal; not said: the listed parts)");
+            }
+            return;
+        }
+        self.metrics
+            .fingerprint_mismatches
+            .get_or_create(&ExitLabel {
+                exit: identity.exit.to_string(),
+            })
+            .inc();
+        tracing::warn!(
+            identity = %identity.id, exit = %identity.exit, client_ja4 = %client, sent_ja4 = %sent, ?gaps,
+            "the upstream ClientHello cannot say everything the client's says"
+        );
     }
 
     /// Retires the identity if the answer is an invalidation: now for

@@ -59,13 +59,29 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 
 /// Removes the forwarding, hop-by-hop and pinproxy headers from a request
 /// about to leave through an exit. The remaining headers keep their order.
+///
+/// A `Connection` that only says `keep-alive` or `close` stays where the
+/// client put it: to the origin, pinproxy's hop is the client's hop, and a
+/// client that sends it directly sends it here too (Python requests does).
+/// One that names other headers goes, with them.
 pub fn sanitize_request(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
+    let keep_connection = listed.is_empty()
+        && headers.get_all(header::CONNECTION).iter().all(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').all(|token| {
+                    let token = token.trim();
+                    token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close")
+                })
+            })
+        });
     retain(headers, |name, value| {
         // `TE: trailers` says the client takes trailers; pinproxy relays
         // them, so it may say the same to the origin.
         let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        let kept_connection = keep_connection && name == header::CONNECTION;
         te_trailers
+            || kept_connection
             || !(HOP_BY_HOP.contains(&name.as_str())
                 || FORWARDING_HEADERS.contains(&name.as_str())
                 || name.as_str().starts_with(PINPROXY_PREFIX)
@@ -82,14 +98,19 @@ pub fn sanitize_response(headers: &mut HeaderMap) {
     });
 }
 
-/// Headers named in `Connection` are hop-by-hop too.
+/// Headers named in `Connection` are hop-by-hop too (its `keep-alive` and
+/// `close` tokens are options, not header names).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect()
 }
 
@@ -140,6 +161,18 @@ mod tests {
         sanitize_request(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["cookie", "user-agent"], "order is kept");
+    }
+
+    #[test]
+    fn a_plain_keep_alive_stays_where_the_client_put_it() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a.test"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        sanitize_request(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "connection", "accept"]);
     }
 
     #[test]

@@ -168,8 +168,9 @@ impl ProxyError {
                 "Name the session in X-Pinproxy-Session or as user name session-KEY, 1-256 visible ASCII characters."
             }
             ProxyError::FingerprintDrift { .. } => {
-                "This identity was created by a client with another User-Agent / client hints / language. \
-                 Use one identity per browser profile, or set identities.fingerprint_policy."
+                "This identity was created by a client with another User-Agent / client hints / language \
+                 or another TLS / HTTP/2 fingerprint. Use one identity per browser profile, or set \
+                 identities.fingerprint_policy."
             }
             ProxyError::Route(RouteError::Conflict(_)) => {
                 "These credentials were earned by different identities (exits) and cannot leave together. \

@@ -23,10 +23,12 @@ use crate::upstream::{ConnectError, UpstreamBody, UpstreamError};
 
 /// The egress address of the tunnel that carried `response`, where known.
 pub fn egress_ip<B>(response: &Response<B>) -> Option<IpAddr> {
-    response
-        .extensions()
-        .get::<TunnelInfo>()
-        .and_then(|t| t.egress_ip)
+    tunnel(response).and_then(|t| t.egress_ip)
+}
+
+/// What is known of the tunnel that carried `response`.
+pub fn tunnel<B>(response: &Response<B>) -> Option<&TunnelInfo> {
+    response.extensions().get::<TunnelInfo>()
 }
 
 impl Pipeline {

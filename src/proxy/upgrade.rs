@@ -20,6 +20,7 @@ use super::{egress, send, Pipeline, ProxyError};
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
 use crate::routing::Route;
+use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
@@ -123,7 +124,8 @@ impl Pipeline {
             .await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(identity) = &identity {
-                self.capture_use(identity, true, egress_ip).await;
+                self.capture_use(identity, true, egress_ip, send::tunnel(&response))
+                    .await;
             }
             return bridge(
                 socket.upgrade,
@@ -139,7 +141,8 @@ impl Pipeline {
         let (mut parts, incoming) = response.into_parts();
         let mut body = body::streaming(incoming);
         if let Some(identity) = &identity {
-            self.capture_use(identity, parts.status.is_success(), egress_ip)
+            let tunnel = parts.extensions.get::<TunnelInfo>();
+            self.capture_use(identity, parts.status.is_success(), egress_ip, tunnel)
                 .await;
             body = self.capture_invalidation(identity, &parts, body).await;
         }

@@ -32,6 +32,7 @@ impl Router {
             at_ms: self.clock.now_ms(),
         };
         self.store.retire(identity.id, &retirement).await?;
+        self.sent_ja4.remove(&identity.id);
         if let Some(exit) = exits.get(&identity.exit) {
             exit.client.forget(PoolKey::Identity(identity.id));
         }
