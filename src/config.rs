@@ -106,8 +106,10 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// `embedded` (the default: a durable redb file in the data directory),
-    /// `memory` (nothing survives a restart) or `redis://host:port/db` (shared
-    /// by a fleet of replicas).
+    /// `memory` (nothing survives a restart), `redis://host:port/db` (shared
+    /// by a fleet of replicas) or
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` (the primary
+    /// of a Sentinel-managed group, followed through failovers).
     pub url: String,
     /// Prefix of every Redis key (replicas sharing pins use the same one).
     pub namespace: String,
@@ -116,6 +118,19 @@ pub struct StoreConfig {
     /// carry no credential (a response setting a tracked cookie then gets
     /// 503, since its pin cannot be stored).
     pub on_unavailable: Unavailable,
+    /// Redis: after the store is seen to have lost data, how long a
+    /// credential it does not know is treated as lost (answered as retired,
+    /// `store-lost`, unless a replica's journal restores it) instead of
+    /// being pinned anew. Cover the lifetime of the cookies that matter.
+    #[serde(with = "humantime_serde")]
+    pub loss_quarantine: Duration,
+    /// Redis: replicas that must acknowledge each new pin before its
+    /// response is released (`WAIT`); 0 disables. Narrows what a failover
+    /// can lose; on timeout the request fails closed (503).
+    pub wait_replicas: u32,
+    /// Redis: how long to wait for `wait_replicas`.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -124,6 +139,9 @@ impl Default for StoreConfig {
             url: "embedded".into(),
             namespace: "pinproxy".into(),
             on_unavailable: Unavailable::default(),
+            loss_quarantine: Duration::from_secs(24 * 3600),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -137,10 +155,16 @@ pub enum StoreKind {
     Memory,
     /// Redis.
     Redis {
-        /// `redis://...`
+        /// `redis://...` or `redis+sentinel://...`
         url: String,
         /// Key prefix.
         namespace: String,
+        /// How long unknown credentials are lost after a loss.
+        loss_quarantine: Duration,
+        /// Replicas that must acknowledge each new pin (0: none).
+        wait_replicas: u32,
+        /// How long to wait for them.
+        wait_timeout: Duration,
     },
 }
 
@@ -621,19 +645,28 @@ impl StoreConfig {
                 data_dir.join(crate::store::durable::STORE_FILE),
             )),
             "memory" => Ok(StoreKind::Memory),
-            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            url if url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+sentinel://") =>
+            {
                 if self.namespace.is_empty() || self.namespace.contains([' ', '{', '}']) {
                     return Err(ConfigError::Limit(
                         "store.namespace must be non-empty, without spaces or braces".into(),
                     ));
                 }
+                crate::store::redis::link::Target::parse(url)
+                    .map_err(|e| ConfigError::Limit(e.to_string()))?;
                 Ok(StoreKind::Redis {
                     url: url.to_owned(),
                     namespace: self.namespace.clone(),
+                    loss_quarantine: self.loss_quarantine,
+                    wait_replicas: self.wait_replicas,
+                    wait_timeout: self.wait_timeout,
                 })
             }
             other => Err(ConfigError::Limit(format!(
-                "store.url {other:?}: use embedded, memory or redis://host:port/db"
+                "store.url {other:?}: use embedded, memory, redis://host:port/db or \
+                 redis+sentinel://host:port,.../service"
             ))),
         }
     }

@@ -30,7 +30,8 @@ use crate::proxy::Pipeline;
 use crate::routing::{Policies, Router};
 use crate::store::durable::{DurableStore, OpenError};
 use crate::store::memory::MemoryStore;
-use crate::store::redis::RedisStore;
+use crate::store::redis::journal::Journal;
+use crate::store::redis::{RedisSettings, RedisStore, WaitFor};
 use crate::store::{Store, StoreError, StoreErrorKind};
 use crate::upstream::tls::{TlsSetupError, UpstreamTls};
 use crate::upstream::{ExitClient, PoolSettings};
@@ -77,9 +78,30 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
+/// File in the data directory holding the fleet's pin-hashing key (Redis):
+/// every replica keeps it, so whichever comes back first after a wipe
+/// writes back the same key.
+const FLEET_KEY_FILE: &str = "fleet-pin-key";
+/// File in the data directory holding the Redis namespace's history as this
+/// replica last saw it (see `store::redis::generation`).
+const GENERATION_FILE: &str = "redis-generation.json";
+
+/// Who opens a store: the daemon (a replica: journal and history kept) or
+/// a command-line tool (neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    Replica,
+    Tool,
+}
+
 /// Opens the configured pin store (the embedded one off the runtime
 /// threads); background writes of a remote store run on `tasks`.
-async fn open_store(settings: &Settings, tasks: &TaskTracker) -> Result<Store, StartError> {
+async fn open_store(
+    settings: &Settings,
+    tasks: &TaskTracker,
+    metrics: &Arc<Metrics>,
+    opener: Opener,
+) -> Result<Store, StartError> {
     match &settings.store {
         StoreKind::Memory => Ok(Store::Memory(MemoryStore::new())),
         StoreKind::Embedded(path) => {
@@ -87,7 +109,13 @@ async fn open_store(settings: &Settings, tasks: &TaskTracker) -> Result<Store, S
             let store = tokio::task::spawn_blocking(move || DurableStore::open(&path)).await??;
             Ok(Store::Durable(store))
         }
-        StoreKind::Redis { url, namespace } => {
+        StoreKind::Redis {
+            url,
+            namespace,
+            loss_quarantine,
+            wait_replicas,
+            wait_timeout,
+        } => {
             // Pins must outlive the longest-lived identity, then be
             // remembered as long as retired credentials are.
             let longest = settings
@@ -98,12 +126,32 @@ async fn open_store(settings: &Settings, tasks: &TaskTracker) -> Result<Store, S
                 .max()
                 .unwrap_or(settings.identities.max_lifetime);
             let keep = duration_ms(settings.identities.remember_retired);
+            let redis = RedisSettings {
+                url: url.clone(),
+                namespace: namespace.clone(),
+                pin_ttl_ms: duration_ms(longest).saturating_add(keep),
+                keep_retired_ms: keep,
+                quarantine_ms: duration_ms(*loss_quarantine),
+                wait: (*wait_replicas > 0).then_some(WaitFor {
+                    replicas: *wait_replicas,
+                    timeout: *wait_timeout,
+                }),
+            };
+            let (journal, generation) = match opener {
+                Opener::Replica => {
+                    let dir = settings.data_dir.clone();
+                    let journal =
+                        tokio::task::spawn_blocking(move || Journal::open(&dir)).await??;
+                    (Some(journal), Some(settings.data_dir.join(GENERATION_FILE)))
+                }
+                Opener::Tool => (None, None),
+            };
             let store = RedisStore::connect(
-                url,
-                namespace,
-                duration_ms(longest).saturating_add(keep),
-                keep,
+                redis,
+                journal,
+                generation.as_deref(),
                 tasks.clone(),
+                metrics.clone(),
             )?;
             Ok(Store::Redis(store))
         }
@@ -124,9 +172,10 @@ pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher),
             })
     })
     .await??;
-    let store = open_store(&settings, &TaskTracker::new()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&settings, &TaskTracker::new(), &metrics, Opener::Tool).await?;
     let hasher = match &store {
-        Store::Redis(redis) => fleet_hasher(redis, &local).await?,
+        Store::Redis(redis) => fleet_hasher(redis, &local, None).await?,
         _ => local,
     };
     Ok((store, hasher))
@@ -134,13 +183,37 @@ pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher),
 
 /// Replicas sharing a Redis store must hash cookies with one key: the first
 /// replica's. Waits (bounded) for Redis at start, since hashing with another
-/// key would miss every pin.
-async fn fleet_hasher(store: &RedisStore, local: &PinHasher) -> Result<PinHasher, StartError> {
+/// key would miss every pin. A replica (`data_dir` given) keeps the fleet's
+/// key in its data directory, offers it back after a wipe, and checks the
+/// namespace's history (a loss while it was down starts a restore).
+async fn fleet_hasher(
+    store: &RedisStore,
+    local: &PinHasher,
+    data_dir: Option<&Path>,
+) -> Result<PinHasher, StartError> {
+    let kept = data_dir.and_then(|dir| std::fs::read(dir.join(FLEET_KEY_FILE)).ok());
+    let candidate: [u8; 32] = kept
+        .as_deref()
+        .and_then(|bytes| bytes.try_into().ok())
+        .unwrap_or_else(|| local.key_bytes());
     let mut last = None;
     for attempt in 0..10u32 {
-        match store.shared_hash_key(local.key_bytes()).await {
+        let agreed = async {
+            let key = store.shared_hash_key(candidate).await?;
+            if data_dir.is_some() {
+                store.start().await?;
+            }
+            Ok::<_, StoreError>(key)
+        };
+        match agreed.await {
             Ok(key) => {
                 store.check_eviction_policy().await;
+                if let Some(dir) = data_dir.filter(|_| kept.as_deref() != Some(&key[..])) {
+                    keep_fleet_key(dir, &key).map_err(|source| StartError::DataDir {
+                        path: dir.join(FLEET_KEY_FILE),
+                        source,
+                    })?;
+                }
                 return Ok(PinHasher::new(key));
             }
             Err(e) => last = Some(e),
@@ -154,6 +227,16 @@ async fn fleet_hasher(store: &RedisStore, local: &PinHasher) -> Result<PinHasher
             last.map(|e| e.to_string()).unwrap_or_default()
         ),
     )))
+}
+
+fn keep_fleet_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(FLEET_KEY_FILE);
+    let temp = path.with_extension("tmp");
+    let mut file = crate::fsutil::create_private(&temp)?;
+    file.write_all(key)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, &path)
 }
 
 /// A running proxy.
@@ -234,9 +317,11 @@ impl Daemon {
             keep_retired_ms: duration_ms(identities.remember_retired),
         };
         let background = TaskTracker::new();
-        let store = open_store(&settings, &background).await?;
+        let store = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         let hasher = match &store {
-            Store::Redis(redis) => fleet_hasher(redis, &hasher).await?,
+            Store::Redis(redis) => {
+                fleet_hasher(redis, &hasher, Some(settings.data_dir.as_path())).await?
+            }
             _ => hasher,
         };
         let router = Arc::new(Router::new(

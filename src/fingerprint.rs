@@ -20,6 +20,7 @@
 pub mod client_hello;
 pub mod h1_order;
 pub mod h2_preface;
+pub mod header_order;
 pub mod headers;
 mod hpack;
 pub mod ja4;

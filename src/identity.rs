@@ -171,6 +171,10 @@ pub enum RetireReason {
     Forgotten,
     /// Not the identity: this cookie's own `Max-Age`/`Expires` has passed.
     CookieExpired,
+    /// The pin store lost the credential's pin (a wipe, a failover to a
+    /// replica that missed writes) and no replica's journal had it, or two
+    /// journals disagreed: it is never pinned anew.
+    StoreLost,
 }
 
 impl RetireReason {
@@ -187,6 +191,7 @@ impl RetireReason {
             RetireReason::Manual => "manual",
             RetireReason::Forgotten => "forgotten",
             RetireReason::CookieExpired => "cookie-expired",
+            RetireReason::StoreLost => "store-lost",
         }
     }
 }

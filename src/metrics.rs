@@ -82,6 +82,17 @@ pub struct Metrics {
     pub fingerprint_gaps: Family<GapLabel, Counter>,
     /// Requests sent in chrome mode whose User-Agent is not a Chrome's.
     pub chrome_user_agent_mismatches: Counter,
+    /// Times the Redis pin store was seen to have lost data.
+    pub store_losses: Counter,
+    /// Pins written back to the store from this replica's journal.
+    pub store_restored_pins: Counter,
+    /// Credentials the store had lost and no journal held, answered as
+    /// retired (`store-lost`).
+    pub store_quarantined: Counter,
+    /// Pins two replicas restored to different identities (both retired).
+    pub store_conflicts: Counter,
+    /// New pins that were not acknowledged by `store.wait_replicas` in time.
+    pub store_wait_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -156,8 +167,43 @@ impl Metrics {
             "Requests sent with the Chrome profile whose User-Agent is not Chrome's",
             chrome_user_agent_mismatches.clone(),
         );
+        let store_losses = Counter::default();
+        registry.register(
+            "store_losses",
+            "Times the Redis pin store was seen to have lost data",
+            store_losses.clone(),
+        );
+        let store_restored_pins = Counter::default();
+        registry.register(
+            "store_restored_pins",
+            "Pins written back to the store from this replica's journal after a loss",
+            store_restored_pins.clone(),
+        );
+        let store_quarantined = Counter::default();
+        registry.register(
+            "store_quarantined",
+            "Credentials the store lost and no journal held, answered as store-lost",
+            store_quarantined.clone(),
+        );
+        let store_conflicts = Counter::default();
+        registry.register(
+            "store_restore_conflicts",
+            "Pins two replicas restored to different identities (both retired)",
+            store_conflicts.clone(),
+        );
+        let store_wait_timeouts = Counter::default();
+        registry.register(
+            "store_wait_timeouts",
+            "New pins not acknowledged by store.wait_replicas in time",
+            store_wait_timeouts.clone(),
+        );
         Metrics {
             registry,
+            store_losses,
+            store_restored_pins,
+            store_quarantined,
+            store_conflicts,
+            store_wait_timeouts,
             fingerprint_mismatches,
             fingerprint_gaps,
             chrome_user_agent_mismatches,

@@ -253,8 +253,18 @@ macro_rules! dispatch {
 impl Store {
     /// Flushes and closes the store (durable writes finish first).
     pub async fn close(&self) {
-        if let Store::Durable(store) = self {
-            store.close().await;
+        match self {
+            Store::Durable(store) => store.close().await,
+            Store::Redis(store) => store.close().await,
+            Store::Memory(_) => {}
+        }
+    }
+
+    /// The last data loss the store was seen to suffer (Redis only).
+    pub fn loss_report(&self) -> Option<redis::LossReport> {
+        match self {
+            Store::Redis(store) => store.loss_report(),
+            Store::Memory(_) | Store::Durable(_) => None,
         }
     }
 

@@ -27,13 +27,7 @@ async fn fleet(n: usize) -> Fleet {
     let origin = Origin::start().await;
     let (exits, exit_urls) = support::exits(3).await;
     let redis = RedisServer::start().await;
-    let shared = tempfile::tempdir().unwrap();
-    let ca = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
-        .args(["ca", "--data-dir"])
-        .arg(shared.path())
-        .output()
-        .unwrap();
-    assert!(ca.status.success());
+    let shared = support::procs::shared_ca_dir();
     let mut args = vec!["--store".to_owned(), redis.url()];
     args.extend(support::process_args(&origin, &exit_urls));
     let mut replicas = Vec::new();

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 
+use support::browser::Chromium;
 use support::origin::reported_peer;
 use support::procs::require;
 use support::Setup;
@@ -193,37 +194,15 @@ fn nss_trust(home: &Path, proxy: &support::Proxy) {
     assert!(db.join("cert9.db").is_file());
 }
 
-/// Runs headless Chromium through the proxy on `url` with the flags the
-/// README gives, and returns the DOM once the page (and any script-driven
-/// navigation within the virtual-time budget) has settled.
+/// Runs headless Chromium through the proxy on `url` (the launcher in
+/// `support::browser`: a fixed proxy that only `localhost` goes through,
+/// other names failing without DNS) and returns the DOM once the page (and
+/// any script-driven navigation within the virtual-time budget) has
+/// settled.
 async fn chromium_dump_dom(home: &Path, proxy: &support::Proxy, url: String) -> String {
-    let chromium = require("chromium");
-    let home = home.to_owned();
-    let profile = home.join("profile");
-    let addr = proxy.daemon.local_addr();
-    tokio::task::spawn_blocking(move || {
-        run(Command::new(chromium)
-            .env("HOME", &home)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-                "--virtual-time-budget=10000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(format!("--proxy-server=http://{addr}"))
-            // Chromium sends loopback hosts direct unless told otherwise.
-            .arg("--proxy-bypass-list=<-loopback>")
-            .arg("--dump-dom")
-            .arg(&url))
-    })
-    .await
-    .unwrap()
+    Chromium::in_home(home)
+        .dump_dom(Some(proxy.daemon.local_addr()), &url)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,11 @@ use std::time::Duration;
 use pinproxy::credential::{PinKey, PinKind};
 use pinproxy::fingerprint::Fingerprint;
 use pinproxy::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
+use pinproxy::metrics::Metrics;
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
-use pinproxy::store::redis::RedisStore;
+use pinproxy::store::redis::journal::Journal;
+use pinproxy::store::redis::{RedisSettings, RedisStore};
 use pinproxy::store::{PinStore, Store};
 use support::procs::RedisServer;
 use tokio_util::task::TaskTracker;
@@ -257,14 +259,15 @@ async fn the_durable_store_keeps_the_contract_across_reopens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_store_keeps_the_contract() {
     let redis = RedisServer::start().await;
-    let store = RedisStore::connect(
+    let journal_dir = tempfile::tempdir().unwrap();
+    let store = redis_store(
         &redis.url(),
         "contract",
         48 * HOUR_MS,
         30 * 24 * HOUR_MS,
-        TaskTracker::new(),
+        Some(journal_dir.path()),
     )
-    .unwrap();
+    .await;
     let store = Arc::new(Store::Redis(store));
     contract(store.clone()).await;
 
@@ -288,12 +291,43 @@ async fn the_redis_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_redis_agree_on_the_hashing_key() {
     let redis = RedisServer::start().await;
-    let first =
-        RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS, TaskTracker::new()).unwrap();
-    let second =
-        RedisStore::connect(&redis.url(), "keys", HOUR_MS, HOUR_MS, TaskTracker::new()).unwrap();
+    let first = redis_store(&redis.url(), "keys", HOUR_MS, HOUR_MS, None).await;
+    let second = redis_store(&redis.url(), "keys", HOUR_MS, HOUR_MS, None).await;
     let a = first.shared_hash_key([1; 32]).await.unwrap();
     let b = second.shared_hash_key([2; 32]).await.unwrap();
     assert_eq!(a, [1; 32]);
     assert_eq!(b, [1; 32], "the first replica's key wins");
+}
+
+/// A Redis store on `url` (a replica's, with its journal in `data_dir`, or
+/// a tool's without).
+async fn redis_store(
+    url: &str,
+    namespace: &str,
+    pin_ttl_ms: u64,
+    keep_retired_ms: u64,
+    data_dir: Option<&std::path::Path>,
+) -> RedisStore {
+    let journal = data_dir.map(|dir| Journal::open(dir).unwrap());
+    let generation = data_dir.map(|dir| dir.join("generation.json"));
+    let settings = RedisSettings {
+        url: url.to_owned(),
+        namespace: namespace.to_owned(),
+        pin_ttl_ms,
+        keep_retired_ms,
+        quarantine_ms: HOUR_MS,
+        wait: None,
+    };
+    let store = RedisStore::connect(
+        settings,
+        journal,
+        generation.as_deref(),
+        TaskTracker::new(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    if data_dir.is_some() {
+        store.start().await.unwrap();
+    }
+    store
 }

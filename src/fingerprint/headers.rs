@@ -110,7 +110,7 @@ impl HeaderValues {
                 // come from a header; leave the request's value.
                 Some(Err(_)) => {}
                 None => {
-                    headers.remove(*name);
+                    super::header_order::remove(headers, &HeaderName::from_static(name));
                 }
             }
         }

@@ -9,7 +9,9 @@
 //! removed; `Set-Cookie` and everything else pass untouched.
 
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
+
+use crate::fingerprint::header_order::retain;
 
 /// Headers that carry a client address or describe the proxy chain. Removed
 /// from every request, whoever set them.
@@ -114,30 +116,10 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Keeps the headers `keep` accepts, in their original order.
-/// (`HeaderMap::remove` would move the last header into the removed slot,
-/// and origins compare header order with the browser's.)
-fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName, &HeaderValue) -> bool) {
-    if headers.iter().all(|(name, value)| keep(name, value)) {
-        return;
-    }
-    let old = std::mem::take(headers);
-    headers.reserve(old.len());
-    let mut name: Option<HeaderName> = None;
-    for (next, value) in old {
-        // Extra values of a name come with `None`: they belong to the last one.
-        if next.is_some() {
-            name = next;
-        }
-        if let Some(name) = name.as_ref().filter(|n| keep(n, &value)) {
-            headers.append(name.clone(), value);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn request_leaves_without_forwarding_or_hop_headers() {

@@ -8,45 +8,89 @@
 //!   is atomic on the server and the first pin wins across replicas;
 //! - `NS:id:IDENTITY`: a hash: `rec` (the identity as created), `last`,
 //!   `reqs`, `worked`, `egress`, `retired` (the mutable parts);
-//! - `NS:exit-deaths`: a hash of exit id → when it last died.
+//! - `NS:exit-deaths`: a hash of exit id → when it last died;
+//! - `NS:epoch`, `NS:seq`: the namespace's generation (see [`generation`]).
 //!
-//! A lookup is one round trip (a script reads the pins and their identities).
-//! Every key expires (`PX`): pins and identities after the longest identity
-//! lifetime plus the time retired credentials are remembered; a retired
-//! identity after the remembering time. The server must not evict keys
-//! early (`maxmemory-policy noeviction`); pinproxy warns at start if it may.
-//! Retirement is shared by the identity record, so a credential retired on
-//! one replica is not pinned anew on another.
+//! A lookup is one round trip (a script reads the pins and their identities),
+//! and so is a request's set of new pins. Every key expires (`PX`): pins and
+//! identities after the longest identity lifetime plus the time retired
+//! credentials are remembered; a retired identity after the remembering
+//! time. The server must not evict keys early (`maxmemory-policy
+//! noeviction`); pinproxy warns at start if it may. Retirement is shared by
+//! the identity record, so a credential retired on one replica is not
+//! pinned anew on another.
 //!
 //! When Redis cannot answer, commands fail within a second and the store is
-//! marked unavailable until a background ping succeeds again; the pipeline
-//! then refuses requests (fail closed). No cache is kept: pins never move,
-//! but identity state (retirement) must be read fresh.
+//! marked unavailable until a background check succeeds again; the
+//! pipeline then refuses requests (fail closed). With Sentinel
+//! ([`link`]), the check also follows the primary through a failover.
+//!
+//! When Redis forgets (a wipe, a failover to a replica that missed writes),
+//! every replica notices at its next round trip ([`generation`]), writes
+//! back what its [`journal`] holds, and for `store.loss_quarantine` answers
+//! a credential Redis does not know as retired (`store-lost`) instead of
+//! pinning it anew ([`recovery`]).
+
+pub mod generation;
+pub mod journal;
+pub mod link;
+mod codec;
+mod recovery;
+mod scripts;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
-mod codec;
-mod scripts;
-
-use super::{Binding, Counts, Listing, PinStore, StoreError};
+use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind};
 use crate::credential::PinKey;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::metrics::Metrics;
 use codec::{
-    bulk, corrupt, decode_binding, decode_identity, encode_pin, is_connection_error, parse_hex16,
-    redis_error, unexpected,
+    bulk, corrupt, decode_binding, decode_identity, encode_pin, generation_reply, parse_hex16,
+    unexpected,
 };
+use generation::{Generation, Observation, Snapshot};
+use journal::Journal;
+use link::{Link, Target};
 
-/// How long a command may take before the store counts as unavailable.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often an unavailable store is pinged.
-const PING_INTERVAL: Duration = Duration::from_millis(500);
+pub use recovery::LossReport;
+
+/// How often the background check runs.
+const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often, at most, the generation is saved to its file.
+const SAVE_EVERY: u32 = 10;
+
+/// How long a new pin may wait for replicas to acknowledge it.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitFor {
+    /// Replicas that must acknowledge each new pin (Redis `WAIT`).
+    pub replicas: u32,
+    /// How long to wait for them before failing the request.
+    pub timeout: Duration,
+}
+
+/// Everything the Redis store is set up with.
+#[derive(Debug)]
+pub struct RedisSettings {
+    /// `redis://...`, `rediss://...` or `redis+sentinel://...`.
+    pub url: String,
+    /// Prefix of every key.
+    pub namespace: String,
+    /// Lifetime of pins and live identities, in ms.
+    pub pin_ttl_ms: u64,
+    /// How long retired identities are remembered, in ms.
+    pub keep_retired_ms: u64,
+    /// How long unknown credentials are treated as lost after a loss, in ms.
+    pub quarantine_ms: u64,
+    /// Replicas that must acknowledge each new pin, if any.
+    pub wait: Option<WaitFor>,
+}
 
 /// The Redis store.
 #[derive(Clone)]
@@ -55,73 +99,101 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    link: Link,
     namespace: String,
     /// Lifetime of pins and live identities, in ms.
     pin_ttl_ms: u64,
     /// How long retired identities are remembered, in ms.
     keep_retired_ms: u64,
-    available: AtomicBool,
-    /// Writes sent off the request path (touches), awaited at shutdown.
+    /// Writes sent off the request path (touches, restores), awaited at
+    /// shutdown.
     tasks: TaskTracker,
+    generation: Generation,
+    /// The epoch in force, as text (only read when it must be replaced).
+    epoch: Mutex<Option<String>>,
+    /// This replica's journal (`None` for the command-line tools).
+    journal: Option<Journal>,
+    /// The fleet's pin-hashing key, once agreed (written back after a loss).
+    hash_key: Mutex<Option<[u8; 32]>>,
+    quarantine_ms: u64,
+    wait: Option<WaitFor>,
+    metrics: Arc<Metrics>,
+    /// When the last loss was noticed (Unix ms; 0: never).
+    lost_at_ms: AtomicU64,
+    /// A restore is running.
+    recovering: AtomicBool,
+    report: Mutex<Option<LossReport>>,
     lookup: Script,
-    pin_if_absent: Script,
+    pin_all_if_absent: Script,
     exit_death: Script,
+    check: Script,
+    new_epoch: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("namespace", &self.inner.namespace)
-            .field("available", &self.is_available())
+            .field("link", &self.inner.link)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// Connects lazily to `url` (the daemon starts even while Redis is
-    /// down, and refuses requests until it answers). `pin_ttl_ms` bounds
-    /// pins and live identities, `keep_retired_ms` retired ones. Writes
-    /// sent off the request path run on `tasks`.
+    /// Connects lazily (the daemon starts even while Redis is down, and
+    /// refuses requests until it answers). `journal` and the generation
+    /// file (`generation_file`) are this replica's; the command-line tools
+    /// pass neither. Writes sent off the request path run on `tasks`.
     pub fn connect(
-        url: &str,
-        namespace: &str,
-        pin_ttl_ms: u64,
-        keep_retired_ms: u64,
+        settings: RedisSettings,
+        journal: Option<Journal>,
+        generation_file: Option<&std::path::Path>,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| redis_error(&e))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| redis_error(&e))?;
+        let link = Link::new(
+            Target::parse(&settings.url)?,
+            settings.wait.map(|w| w.timeout),
+        )?;
         let store = RedisStore {
             inner: Arc::new(Inner {
-                connection,
-                namespace: namespace.to_owned(),
-                pin_ttl_ms,
-                keep_retired_ms,
-                available: AtomicBool::new(false),
+                link,
+                generation: Generation::load(generation_file, &settings.namespace),
+                namespace: settings.namespace,
+                pin_ttl_ms: settings.pin_ttl_ms,
+                keep_retired_ms: settings.keep_retired_ms,
                 tasks,
+                epoch: Mutex::new(None),
+                journal,
+                hash_key: Mutex::new(None),
+                quarantine_ms: settings.quarantine_ms,
+                wait: settings.wait,
+                metrics,
+                lost_at_ms: AtomicU64::new(0),
+                recovering: AtomicBool::new(false),
+                report: Mutex::new(None),
                 lookup: Script::new(scripts::LOOKUP),
-                pin_if_absent: Script::new(scripts::PIN_IF_ABSENT),
+                pin_all_if_absent: Script::new(scripts::PIN_ALL_IF_ABSENT),
                 exit_death: Script::new(scripts::EXIT_DEATH),
+                check: Script::new(scripts::GENERATION),
+                new_epoch: Script::new(scripts::NEW_EPOCH),
             }),
         };
-        tokio::spawn(ping_loop(Arc::downgrade(&store.inner)));
+        tokio::spawn(check_loop(Arc::downgrade(&store.inner)));
         Ok(store)
     }
 
-    /// Whether the last command (or ping) succeeded.
+    /// Whether the last command (or check) succeeded.
     pub fn is_available(&self) -> bool {
-        self.inner.available.load(Ordering::Relaxed)
+        self.inner.link.is_available()
     }
 
-    fn connection(&self) -> ConnectionManager {
-        self.inner.connection.clone()
+    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        self.inner.link.connection()
+    }
+
+    fn note<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
+        self.inner.link.note(result)
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -136,19 +208,79 @@ impl RedisStore {
         self.key("pin", &key.to_hex())
     }
 
-    /// Records the outcome of a command for the availability flag.
-    fn note<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
-        match result {
-            Ok(value) => {
-                self.inner.available.store(true, Ordering::Relaxed);
-                Ok(value)
-            }
-            Err(e) => {
-                if is_connection_error(&e) {
-                    self.inner.available.store(false, Ordering::Relaxed);
+    fn identity_prefix(&self) -> String {
+        format!("{}:id:", self.inner.namespace)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.inner.namespace)
+    }
+
+    fn seq_key(&self) -> String {
+        format!("{}:seq", self.inner.namespace)
+    }
+
+    /// Runs a generation-reporting script (see `scripts`) and checks the
+    /// generation it reports; returns the script's own result.
+    async fn run_script(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.epoch_key()).key(self.seq_key());
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg.as_slice());
+        }
+        let mut connection = self.connection()?;
+        let sent = self.inner.generation.snapshot();
+        let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
+        let (epoch, seq, result) = generation_reply(reply)?;
+        self.observe(sent, epoch.as_deref(), seq);
+        Ok(result)
+    }
+
+    /// Runs `pipe` (atomic) with the generation read at its end; returns
+    /// the results before it.
+    async fn run_pipe(&self, pipe: &mut redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        pipe.get(self.epoch_key()).get(self.seq_key());
+        let mut connection = self.connection()?;
+        let sent = self.inner.generation.snapshot();
+        let mut results: Vec<Value> = self.note(pipe.query_async(&mut connection).await)?;
+        let seq = results
+            .pop()
+            .as_ref()
+            .and_then(bulk)
+            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let epoch = results
+            .pop()
+            .as_ref()
+            .and_then(bulk)
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        self.observe(sent, epoch.as_deref(), seq);
+        Ok(results)
+    }
+
+    /// Checks a reply's generation against what had been seen when its
+    /// command left (`sent`): a loss starts a recovery.
+    fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) {
+        match self.inner.generation.observe(sent, epoch, seq) {
+            Observation::Consistent => {
+                if let Some(epoch) = epoch {
+                    let mut known = self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner());
+                    if known.as_deref() != Some(epoch) {
+                        *known = Some(epoch.to_owned());
+                    }
                 }
-                Err(redis_error(&e))
             }
+            // A namespace nobody has used: its epoch is written at start.
+            Observation::Fresh => {}
+            Observation::Lost(loss) => self.on_loss(loss, epoch.map(str::to_owned)),
         }
     }
 
@@ -156,7 +288,7 @@ impl RedisStore {
     /// first.
     pub async fn shared_hash_key(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
         let key = format!("{}:hash-key", self.inner.namespace);
-        let mut connection = self.connection();
+        let mut connection = self.connection()?;
         let _: Option<String> = self.note(
             redis::cmd("SET")
                 .arg(&key)
@@ -166,15 +298,36 @@ impl RedisStore {
                 .await,
         )?;
         let stored: Vec<u8> = self.note(connection.get(&key).await)?;
-        stored
+        let shared: [u8; 32] = stored
             .as_slice()
             .try_into()
-            .map_err(|_| corrupt(format!("{key} does not hold a 32-byte key")))
+            .map_err(|_| corrupt(format!("{key} does not hold a 32-byte key")))?;
+        *self
+            .inner
+            .hash_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(shared);
+        Ok(shared)
+    }
+
+    /// Finds the primary (with Sentinel) and checks the namespace's
+    /// generation: a new namespace gets its epoch; one that forgot what
+    /// this replica saw before starts a recovery.
+    pub async fn start(&self) -> Result<(), StoreError> {
+        self.inner.link.find_primary().await?;
+        let result = self.run_script(&self.inner.check, &[], &[]).await?;
+        let _ = result;
+        if !self.inner.generation.knows_history() {
+            self.replace_epoch(None).await?;
+        }
+        Ok(())
     }
 
     /// Warns when the server may evict pinproxy's keys before they expire.
     pub async fn check_eviction_policy(&self) {
-        let mut connection = self.connection();
+        let Ok(mut connection) = self.connection() else {
+            return;
+        };
         let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")
@@ -190,92 +343,227 @@ impl RedisStore {
             }
         }
     }
+
+    /// Flushes and closes the journal.
+    pub async fn close(&self) {
+        self.inner.generation.save(true);
+        if let Some(journal) = &self.inner.journal {
+            journal.close().await;
+        }
+    }
+
+    /// Runs a pin-writing script followed by `WAIT`, in one pipeline on
+    /// the acknowledged-writes connection, so that `WAIT` counts this very
+    /// write; fails closed when fewer than `wait.replicas` replicas
+    /// acknowledge it in time. The pins stay written: a retry finds them.
+    async fn run_acknowledged(
+        &self,
+        wait: WaitFor,
+        mut connection: ConnectionManager,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<Value, StoreError> {
+        let millis = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(script.get_hash())
+            .arg(keys.len() + 2)
+            .arg(self.epoch_key())
+            .arg(self.seq_key())
+            .arg(keys);
+        for arg in args {
+            evalsha.arg(arg.as_slice());
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha)
+            .add_command(redis::cmd("WAIT").arg(wait.replicas).arg(millis).clone());
+        let sent = self.inner.generation.snapshot();
+        let mut outcome: redis::RedisResult<(Value, u64)> = pipe.query_async(&mut connection).await;
+        if matches!(&outcome, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            self.note(script.load_async(&mut connection).await)?;
+            outcome = pipe.query_async(&mut connection).await;
+        }
+        let (reply, acked) = self.note(outcome)?;
+        let (epoch, seq, result) = generation_reply(reply)?;
+        self.observe(sent, epoch.as_deref(), seq);
+        if acked < u64::from(wait.replicas) {
+            self.inner.metrics.store_wait_timeouts.inc();
+            return Err(StoreError::new(
+                StoreErrorKind::Unreachable,
+                format!(
+                    "only {acked} of {} Redis replicas acknowledged the new pin within {:?}; \
+                     refusing it rather than risk losing it in a failover (store.wait_replicas)",
+                    wait.replicas, wait.timeout
+                ),
+            ));
+        }
+        Ok(result)
+    }
+
+    /// Decodes a pin script's rows.
+    fn decode_rows(rows: &Value) -> Result<Vec<Option<Binding>>, StoreError> {
+        let Value::Array(rows) = rows else {
+            return Err(unexpected("unexpected lookup reply"));
+        };
+        rows.iter()
+            .map(|row| match row {
+                Value::Array(parts) => {
+                    let (pin, fields) = match parts.as_slice() {
+                        [pin, fields] | [_, pin, fields] => (pin, fields),
+                        _ => return Err(unexpected("unexpected pin row")),
+                    };
+                    let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
+                    decode_binding(pin, fields).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect()
+    }
+
+    /// Pins each of `pins` unless pinned, in one round trip (followed by
+    /// `WAIT` with `store.wait_replicas`; no journal: the caller writes it).
+    async fn pin_all_raw(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        let keys: Vec<String> = pins.iter().map(|(key, _)| self.pin_key(key)).collect();
+        let mut args = vec![
+            self.inner.pin_ttl_ms.to_string().into_bytes(),
+            self.identity_prefix().into_bytes(),
+        ];
+        for (_, pin) in pins {
+            args.push(encode_pin(pin)?);
+        }
+        let script = &self.inner.pin_all_if_absent;
+        let result = match (self.inner.wait, self.inner.link.acknowledged_connection()?) {
+            (Some(wait), Some(connection)) => {
+                self.run_acknowledged(wait, connection, script, &keys, &args)
+                    .await?
+            }
+            _ => self.run_script(script, &keys, &args).await?,
+        };
+        let bindings = RedisStore::decode_rows(&result)?;
+        bindings
+            .into_iter()
+            .map(|b| b.ok_or_else(|| unexpected("a pin vanished")))
+            .collect()
+    }
+
+    /// Writes an identity record (as created, plus its mutable parts).
+    async fn write_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let record = postcard::to_stdvec(identity).map_err(corrupt)?;
+        let key = self.identity_key(identity.id);
+        let ttl = match identity.retired {
+            Some(_) => self.inner.keep_retired_ms,
+            None => self.inner.pin_ttl_ms,
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&key, "rec", record)
+            .ignore()
+            .hset(&key, "last", identity.last_used_ms)
+            .ignore();
+        if let Some(retired) = &identity.retired {
+            let retired = postcard::to_stdvec(retired).map_err(corrupt)?;
+            pipe.hset_nx(&key, "retired", retired).ignore();
+        }
+        if let Some(ip) = identity.egress_ip {
+            pipe.hset_nx(&key, "egress", ip.to_string()).ignore();
+        }
+        pipe.pexpire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
+            .ignore()
+            .incr(self.seq_key(), 1)
+            .ignore();
+        self.run_pipe(&mut pipe).await.map(|_| ())
+    }
 }
 
-/// Pings until the store is dropped, keeping the availability flag current.
-async fn ping_loop(inner: Weak<Inner>) {
+/// Checks the link and the generation until the store is dropped.
+async fn check_loop(inner: Weak<Inner>) {
+    let mut rounds = 0u32;
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
+        tokio::time::sleep(CHECK_INTERVAL).await;
         let Some(inner) = inner.upgrade() else { return };
-        let mut connection = inner.connection.clone();
-        let pong: redis::RedisResult<String> =
-            redis::cmd("PING").query_async(&mut connection).await;
-        let was = inner.available.swap(pong.is_ok(), Ordering::Relaxed);
-        if was != pong.is_ok() {
-            match pong {
-                Ok(_) => tracing::info!("redis pin store reachable again"),
-                Err(e) => tracing::warn!(error = %e, "redis pin store unreachable"),
+        let store = RedisStore { inner };
+        rounds = rounds.wrapping_add(1);
+        let was = store.is_available();
+        if !was || rounds.is_multiple_of(20) {
+            if let Err(e) = store.inner.link.find_primary().await {
+                tracing::debug!(error = %e, "cannot ask the sentinels for the primary");
             }
+        }
+        match store.run_script(&store.inner.check, &[], &[]).await {
+            Ok(_) if !was => tracing::info!("redis pin store reachable again"),
+            Ok(_) => {}
+            Err(e) => {
+                store.inner.link.lost();
+                if was {
+                    tracing::warn!(error = %e, "redis pin store unreachable");
+                }
+            }
+        }
+        if rounds.is_multiple_of(SAVE_EVERY) {
+            store.inner.generation.save(false);
         }
     }
 }
 
 impl PinStore for RedisStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        let mut invocation = self.inner.lookup.prepare_invoke();
-        for key in keys {
-            invocation.key(self.pin_key(key));
+        let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
+        let args = [self.identity_prefix().into_bytes()];
+        let result = self
+            .run_script(&self.inner.lookup, &redis_keys, &args)
+            .await?;
+        let mut bindings = RedisStore::decode_rows(&result)?;
+        if self.quarantined() {
+            self.quarantine(keys, &mut bindings).await?;
         }
-        invocation.arg(format!("{}:id:", self.inner.namespace));
-        let mut connection = self.connection();
-        let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
-        let Value::Array(rows) = reply else {
-            return Err(unexpected("unexpected lookup reply"));
-        };
-        rows.iter()
-            .map(|row| match row {
-                Value::Array(parts) => match parts.as_slice() {
-                    [pin, fields] => {
-                        let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
-                        decode_binding(pin, fields).map(Some)
-                    }
-                    _ => Err(unexpected("unexpected lookup row")),
-                },
-                _ => Ok(None),
-            })
-            .collect()
+        if let Some(journal) = &self.inner.journal {
+            let found: Vec<(PinKey, &Binding)> = keys
+                .iter()
+                .zip(&bindings)
+                .filter_map(|(key, b)| b.as_ref().map(|b| (*key, b)))
+                .collect();
+            journal.bindings(&found).await;
+        }
+        Ok(bindings)
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        let record = postcard::to_stdvec(identity).map_err(corrupt)?;
-        let key = self.identity_key(identity.id);
-        let mut connection = self.connection();
-        self.note(
-            redis::pipe()
-                .atomic()
-                .hset(&key, "rec", record)
-                .hset(&key, "last", identity.last_used_ms)
-                .pexpire(&key, self.inner.pin_ttl_ms as i64)
-                .exec_async(&mut connection)
-                .await,
-        )
+        self.write_identity(identity).await?;
+        if let Some(journal) = &self.inner.journal {
+            journal.identity(identity).await;
+        }
+        Ok(())
     }
 
     async fn discard_identity(&self, id: IdentityId) -> Result<(), StoreError> {
-        let mut connection = self.connection();
-        self.note(connection.del::<_, ()>(self.identity_key(id)).await)
+        let mut connection = self.connection()?;
+        self.note(connection.del::<_, ()>(self.identity_key(id)).await)?;
+        if let Some(journal) = &self.inner.journal {
+            journal.discard(id).await;
+        }
+        Ok(())
     }
 
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
-        let value = encode_pin(pin)?;
-        let mut invocation = self.inner.pin_if_absent.prepare_invoke();
-        invocation
-            .key(self.pin_key(&key))
-            .arg(value)
-            .arg(self.inner.pin_ttl_ms)
-            .arg(format!("{}:id:", self.inner.namespace));
-        let mut connection = self.connection();
-        let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
-        match reply {
-            Value::Array(parts) => match parts.as_slice() {
-                [_, pin, fields] => {
-                    let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
-                    decode_binding(pin, fields)
-                }
-                _ => Err(unexpected("unexpected pin reply")),
-            },
-            _ => Err(unexpected("unexpected pin reply")),
+        self.pin_all_if_absent(&[(key, pin.clone())])
+            .await?
+            .pop()
+            .ok_or_else(|| unexpected("a pin vanished"))
+    }
+
+    async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        let bindings = self.pin_all_raw(pins).await?;
+        if let Some(journal) = &self.inner.journal {
+            let made: Vec<(PinKey, &Binding)> = pins
+                .iter()
+                .zip(&bindings)
+                .map(|((key, _), binding)| (*key, binding))
+                .collect();
+            journal.bindings(&made).await;
         }
+        Ok(bindings)
     }
 
     async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
@@ -285,13 +573,17 @@ impl PinStore for RedisStore {
         self.inner.tasks.spawn(async move {
             let key = store.identity_key(id);
             let mut pipe = redis::pipe();
-            pipe.hset(&key, "last", now_ms).hincr(&key, "reqs", 1);
+            pipe.hset(&key, "last", now_ms)
+                .ignore()
+                .hincr(&key, "reqs", 1)
+                .ignore();
             if worked {
-                pipe.hset(&key, "worked", 1);
+                pipe.hset(&key, "worked", 1).ignore();
             }
-            let mut connection = store.connection();
-            let result: redis::RedisResult<()> = pipe.exec_async(&mut connection).await;
-            let _ = store.note(result);
+            let _ = store.run_pipe(&mut pipe).await;
+            if let Some(journal) = &store.inner.journal {
+                journal.touch(id, now_ms, worked).await;
+            }
         });
         Ok(())
     }
@@ -302,34 +594,48 @@ impl PinStore for RedisStore {
         ip: IpAddr,
     ) -> Result<Option<IpAddr>, StoreError> {
         let key = self.identity_key(id);
-        let mut connection = self.connection();
-        let (_, recorded): (bool, Option<String>) = self.note(
-            redis::pipe()
-                .hset_nx(&key, "egress", ip.to_string())
-                .hget(&key, "egress")
-                .query_async(&mut connection)
-                .await,
-        )?;
-        Ok(recorded.and_then(|r| r.parse().ok()))
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_nx(&key, "egress", ip.to_string())
+            .ignore()
+            .hget(&key, "egress")
+            .incr(self.seq_key(), 1)
+            .ignore();
+        let results = self.run_pipe(&mut pipe).await?;
+        if let Some(journal) = &self.inner.journal {
+            journal.egress(id, ip).await;
+        }
+        Ok(results
+            .first()
+            .and_then(bulk)
+            .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         let key = self.identity_key(id);
         let record = postcard::to_stdvec(retirement).map_err(corrupt)?;
-        let mut connection = self.connection();
         // The first retirement stands; the record then lives as long as
         // retired credentials are remembered.
-        self.note(
-            redis::pipe()
-                .hset_nx(&key, "retired", record)
-                .pexpire(&key, self.inner.keep_retired_ms as i64)
-                .exec_async(&mut connection)
-                .await,
-        )
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_nx(&key, "retired", record)
+            .ignore()
+            .pexpire(
+                &key,
+                i64::try_from(self.inner.keep_retired_ms).unwrap_or(i64::MAX),
+            )
+            .ignore()
+            .incr(self.seq_key(), 1)
+            .ignore();
+        self.run_pipe(&mut pipe).await?;
+        if let Some(journal) = &self.inner.journal {
+            journal.retire(id, retirement).await;
+        }
+        Ok(())
     }
 
     async fn list(&self) -> Result<Vec<Listing>, StoreError> {
-        let mut connection = self.connection();
+        let mut connection = self.connection()?;
         let pattern = format!("{}:id:*", self.inner.namespace);
         let ids: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
         let mut listings = Vec::new();
@@ -378,28 +684,32 @@ impl PinStore for RedisStore {
 
     async fn sweep(
         &self,
-        _now_ms: u64,
-        _keep_retired_ms: u64,
-        _expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> Result<super::Swept, StoreError> {
         // Keys expire on the server; expired identities are retired when
-        // next used (every replica applies the same rules).
+        // next used (every replica applies the same rules). The journal
+        // forgets what has expired.
+        if let Some(journal) = &self.inner.journal {
+            journal.sweep(now_ms, keep_retired_ms, expiry).await?;
+        }
         Ok(super::Swept::default())
     }
 
     async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
-        let mut invocation = self.inner.exit_death.prepare_invoke();
-        invocation
-            .key(format!("{}:exit-deaths", self.inner.namespace))
-            .arg(exit.as_str())
-            .arg(at_ms);
-        let mut connection = self.connection();
-        self.note(invocation.invoke_async::<i64>(&mut connection).await)
+        let keys = [format!("{}:exit-deaths", self.inner.namespace)];
+        let args = [
+            exit.as_str().as_bytes().to_vec(),
+            at_ms.to_string().into_bytes(),
+        ];
+        self.run_script(&self.inner.exit_death, &keys, &args)
+            .await
             .map(|_| ())
     }
 
     async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
-        let mut connection = self.connection();
+        let mut connection = self.connection()?;
         let deaths: Vec<(String, u64)> = self.note(
             connection
                 .hgetall(format!("{}:exit-deaths", self.inner.namespace))

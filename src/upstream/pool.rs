@@ -33,6 +33,7 @@ use super::h2::{self, TokioExec};
 use super::tls::Shape;
 use super::Presentation;
 use crate::body::{Body, BoxError};
+use crate::fingerprint::header_order;
 use crate::net::{default_port, HostPort};
 
 /// Where a connection goes.
@@ -479,7 +480,7 @@ fn back_to_absolute(request: &mut Request<Body>, origin: &Origin) {
 /// becomes `:authority`, and the connection-specific headers HTTP/2
 /// forbids are dropped.
 fn for_h2(request: &mut Request<Body>) {
-    if let Some(host) = request.headers_mut().remove(header::HOST) {
+    if let Some(host) = header_order::remove(request.headers_mut(), &header::HOST) {
         if let Ok(authority) = Authority::try_from(host.as_bytes()) {
             let mut parts = request.uri().clone().into_parts();
             parts.authority = Some(authority);
@@ -491,22 +492,18 @@ fn for_h2(request: &mut Request<Body>) {
     strip_connection_specific(request.headers_mut());
 }
 
+/// Drops what HTTP/2 forbids (RFC 9113 §8.2.2), keeping the rest's order.
 fn strip_connection_specific(headers: &mut HeaderMap) {
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-    let te_is_trailers = headers
-        .get(header::TE)
-        .is_none_or(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
-        headers.remove(header::TE);
-    }
+    header_order::retain(headers, |name, value| {
+        let forbidden = *name == header::CONNECTION
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::UPGRADE
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection";
+        let te_other_than_trailers =
+            *name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        !forbidden && !te_other_than_trailers
+    });
 }
 
 /// Returns an HTTP/1.1 connection to its pool once its response is done.

@@ -4,11 +4,14 @@
 //! helpers several test files share.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod client;
 pub mod exit;
+pub mod fingerprint_origin;
 pub mod origin;
 pub mod procs;
 pub mod raw_origin;
+pub mod redis_group;
 pub mod setup;
 
 use std::time::Duration;

@@ -84,7 +84,8 @@ impl TestPki {
         }
     }
 
-    fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    /// A rustls server configuration serving the leaf, offering `alpn`.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))

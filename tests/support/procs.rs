@@ -348,3 +348,39 @@ impl Dante {
         format!("socks5://127.0.0.1:{}", self.port)
     }
 }
+
+/// Runs `command` to its end, killing it after `timeout`; panics unless it
+/// succeeds.
+pub async fn run_bounded(mut command: Command, timeout: Duration) -> std::process::Output {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("spawn");
+    // On timeout the future is dropped, and with it the child, which
+    // kill_on_drop kills.
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{command:?} did not finish within {timeout:?}"))
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// A fresh directory holding a CA made by `pinproxy ca` (what a fleet's
+/// replicas share, as sidecars would from one secret).
+pub fn shared_ca_dir() -> tempfile::TempDir {
+    let shared = tempfile::tempdir().unwrap();
+    let ca = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["ca", "--data-dir"])
+        .arg(shared.path())
+        .output()
+        .unwrap();
+    assert!(ca.status.success(), "pinproxy ca failed");
+    shared
+}

@@ -16,6 +16,7 @@ use cookie::Cookie;
 use http::{HeaderMap, HeaderName};
 
 use crate::credential::{Credential, PinHasher, PinKey};
+use crate::fingerprint::header_order;
 
 /// The cookies every deployment tracks: the trust cookies of the big anti-bot
 /// vendors (DataDome, Cloudflare, Akamai, PerimeterX/HUMAN, Imperva/Incapsula,
@@ -239,11 +240,13 @@ pub fn strip_from_request(
     let stripped = |name: &str, value: &str| {
         policy.is_tracked(name) && strip.contains(&hasher.cookie(name, value))
     };
-    let mut kept_headers = Vec::new();
-    for header in headers.get_all(http::header::COOKIE) {
-        let Ok(text) = std::str::from_utf8(header.as_bytes()) else {
-            continue;
-        };
+    // In place: the `Cookie` header keeps its position among the others.
+    header_order::rewrite(headers, |name, value| {
+        if name != http::header::COOKIE {
+            return Some(value);
+        }
+        // A header that is not text cannot be checked: it does not leave.
+        let text = std::str::from_utf8(value.as_bytes()).ok()?;
         let kept: Vec<&str> = text
             .split(';')
             .map(str::trim)
@@ -253,22 +256,18 @@ pub fn strip_from_request(
                 None => true,
             })
             .collect();
-        if !kept.is_empty() {
-            if let Ok(value) = http::HeaderValue::from_str(&kept.join("; ")) {
-                kept_headers.push(value);
-            }
+        if kept.is_empty() {
+            None
+        } else {
+            http::HeaderValue::from_str(&kept.join("; ")).ok()
         }
-    }
-    headers.remove(http::header::COOKIE);
-    for value in kept_headers {
-        headers.append(http::header::COOKIE, value);
-    }
+    });
     let client_id_stripped = headers
         .get(&X_DATADOME_CLIENTID)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| strip.contains(&hasher.cookie(DATADOME, v.trim())));
     if client_id_stripped {
-        headers.remove(&X_DATADOME_CLIENTID);
+        header_order::remove(headers, &X_DATADOME_CLIENTID);
     }
 }
 

@@ -31,6 +31,29 @@ pub(super) fn unexpected(detail: &str) -> StoreError {
     StoreError::new(StoreErrorKind::Protocol, format!("redis: {detail}"))
 }
 
+/// Splits a script's reply `{epoch, seq, result}` (see `scripts`).
+pub(super) fn generation_reply(reply: Value) -> Result<(Option<String>, u64, Value), StoreError> {
+    let Value::Array(mut parts) = reply else {
+        return Err(unexpected("a script answered without its generation"));
+    };
+    if parts.len() != 3 {
+        return Err(unexpected("a script answered without its generation"));
+    }
+    let result = parts.pop().unwrap_or(Value::Nil);
+    let seq = parts
+        .pop()
+        .as_ref()
+        .and_then(bulk)
+        .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let epoch = parts
+        .pop()
+        .as_ref()
+        .and_then(bulk)
+        .map(|b| String::from_utf8_lossy(b).into_owned());
+    Ok((epoch, seq, result))
+}
+
 /// A pin (its identity's id in 16 hex digits, then the record) and the
 /// fields of its identity's hash.
 pub(super) fn decode_binding(pin: &[u8], fields: &Value) -> Result<Binding, StoreError> {

@@ -1,40 +1,77 @@
 //! The Lua scripts that make the Redis store's multi-key steps atomic on
 //! the server (one round trip each).
+//!
+//! Every script takes the namespace's epoch and sequence keys as `KEYS[1]`
+//! and `KEYS[2]` and answers `{epoch, seq, result}`, so every round trip
+//! tells the replica whether the server still holds the history it knows
+//! (see `generation`). Scripts that write what routing depends on (pins)
+//! increment the sequence.
 
-/// Reads the pins `KEYS` and, for each, its identity's hash (`ARGV[1]` is
-/// the identity key prefix).
+/// Reads the pins `KEYS[3..]` and, for each, its identity's hash
+/// (`ARGV[1]` is the identity key prefix).
 pub(super) const LOOKUP: &str = r"
 local out = {}
-for i, key in ipairs(KEYS) do
-  local pin = redis.call('GET', key)
+for i = 3, #KEYS do
+  local pin = redis.call('GET', KEYS[i])
   if pin then
-    out[i] = {pin, redis.call('HGETALL', ARGV[1] .. string.sub(pin, 1, 16))}
+    out[i - 2] = {pin, redis.call('HGETALL', ARGV[1] .. string.sub(pin, 1, 16))}
   else
-    out[i] = false
+    out[i - 2] = false
   end
 end
-return out
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out}
 ";
 
-/// Sets pin `KEYS[1]` to `ARGV[1]` unless it is set (TTL `ARGV[2]` ms);
-/// returns whether it was set, the pin in force and its identity's hash.
-pub(super) const PIN_IF_ABSENT: &str = r"
-for attempt = 1, 2 do
-  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {1, ARGV[1], redis.call('HGETALL', ARGV[3] .. string.sub(ARGV[1], 1, 16))}
+/// For each pin `KEYS[3..]`, sets it to the matching `ARGV[3..]` unless it
+/// is set (TTL `ARGV[1]` ms); answers, for each, whether it was set, the
+/// pin in force and its identity's hash (`ARGV[2]` is the identity key
+/// prefix). Each pin set increments the sequence.
+pub(super) const PIN_ALL_IF_ABSENT: &str = r"
+local out = {}
+for i = 3, #KEYS do
+  local value = ARGV[i]
+  local done = false
+  for attempt = 1, 2 do
+    if not done then
+      if redis.call('SET', KEYS[i], value, 'NX', 'PX', ARGV[1]) then
+        redis.call('INCR', KEYS[2])
+        out[i - 2] = {1, value, redis.call('HGETALL', ARGV[2] .. string.sub(value, 1, 16))}
+        done = true
+      else
+        local pin = redis.call('GET', KEYS[i])
+        if pin then
+          out[i - 2] = {0, pin, redis.call('HGETALL', ARGV[2] .. string.sub(pin, 1, 16))}
+          done = true
+        end
+      end
+    end
   end
-  local pin = redis.call('GET', KEYS[1])
-  if pin then
-    return {0, pin, redis.call('HGETALL', ARGV[3] .. string.sub(pin, 1, 16))}
-  end
+  if not done then return redis.error_reply('pin vanished twice') end
 end
-return redis.error_reply('pin vanished twice')
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out}
 ";
 
-/// Records that exit `ARGV[1]` died at `ARGV[2]` unless a later death is
-/// recorded.
+/// Records that exit `ARGV[1]` died at `ARGV[2]` (in hash `KEYS[3]`)
+/// unless a later death is recorded.
 pub(super) const EXIT_DEATH: &str = r"
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 1
+local current = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
+";
+
+/// Reads the namespace's generation.
+pub(super) const GENERATION: &str = r"
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
+";
+
+/// Replaces the epoch by `ARGV[2]` if it still is `ARGV[1]` (`''`: none),
+/// so that of several replicas noticing one loss, one epoch wins; answers
+/// the epoch in force.
+pub(super) const NEW_EPOCH: &str = r"
+local current = redis.call('GET', KEYS[1]) or ''
+if current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  current = ARGV[2]
+end
+return {current, redis.call('GET', KEYS[2]) or '0', 1}
 ";

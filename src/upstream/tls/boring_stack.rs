@@ -442,6 +442,9 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
 const TRUST_ANCHORS: u16 = 0xca34;
 
 /// Whether BoringSSL sends extension `kind` when configured to.
+/// (Not padding: BoringSSL adds a one-byte padding extension only when its
+/// last extension would otherwise be empty, and never pads to 512 bytes as
+/// OpenSSL does, so a client's padding is a gap.)
 fn boring_speaks(kind: u16) -> bool {
     matches!(
         kind,
@@ -452,7 +455,6 @@ fn boring_speaks(kind: u16) -> bool {
             | ext::SIGNATURE_ALGORITHMS
             | ext::ALPN
             | ext::SCT
-            | ext::PADDING
             | ext::EXTENDED_MASTER_SECRET
             | ext::COMPRESS_CERTIFICATE
             | ext::SESSION_TICKET
@@ -558,5 +560,57 @@ impl CertificateCompressor for Zlib {
             .take(MAX_CERTIFICATE_CHAIN)
             .read_to_end(&mut decoded)?;
         output.write_all(&decoded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(fixture: &str) -> ClientHello {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hello")
+            .join(fixture)
+            .with_extension("hex");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        let bytes: Vec<u8> = digits
+            .chunks(2)
+            .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+            .collect();
+        match crate::fingerprint::client_hello::parse(&bytes) {
+            Ok(hello) => hello,
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+
+    fn gaps(fixture: &str) -> Vec<String> {
+        let hello = hello(fixture);
+        let roots = X509StoreBuilder::new().map(|b| b.build());
+        let Ok(roots) = roots else {
+            panic!("no X509 store");
+        };
+        let shape = Shape {
+            hello: &hello,
+            http1_only: false,
+            alps_settings: &[],
+        };
+        match prepare(&roots, shape) {
+            Ok(prepared) => prepared.gaps.iter().map(|g| g.detail.clone()).collect(),
+            Err(e) => panic!("{fixture}: {e}"),
+        }
+    }
+
+    #[test]
+    fn chromium_has_no_gap() {
+        assert_eq!(gaps("chromium_1"), Vec::<String>::new());
+        assert_eq!(gaps("chromium_2"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn openssl_padding_is_reported_as_a_gap() {
+        let gaps = gaps("curl_h2");
+        assert!(gaps.iter().any(|g| g == "extension 21"), "{gaps:?}");
+        assert!(gaps.iter().any(|g| g == "cipher 0xccaa"), "{gaps:?}");
     }
 }

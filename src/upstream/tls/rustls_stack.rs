@@ -43,6 +43,10 @@ impl RustlsClient {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // No session resumption: one cache shared by every exit would let
+        // an origin link two exits (or two identities) through a ticket
+        // it issued to one of them.
+        http1.resumption = rustls::client::Resumption::disabled();
         http1.alpn_protocols = ALPN_HTTP1.iter().map(|p| p.to_vec()).collect();
         let mut h2 = http1.clone();
         h2.alpn_protocols = ALPN_H2_HTTP1.iter().map(|p| p.to_vec()).collect();

@@ -1,0 +1,289 @@
+//! Noticing that Redis forgot: the namespace's generation.
+//!
+//! Two keys say which history the server holds:
+//! - `NS:epoch`: a random marker written when the namespace is first used
+//!   and replaced after every loss. A server that lost everything (a
+//!   restart without persistence, `FLUSHDB`, a failover to an empty
+//!   replica) has none, or another one;
+//! - `NS:seq`: incremented by every write that decides routing (a pin, an
+//!   identity, a retirement). A failover to a replica that missed the last
+//!   writes goes back in time: its `seq` is lower than one this replica has
+//!   already seen.
+//!
+//! Every round trip to Redis returns both, so a replica notices a loss at
+//! its next command; whoever notices first replaces the epoch, and every
+//! other replica notices the new epoch at its next command. What this
+//! replica last saw is also kept in a small file, so a loss that happened
+//! while it was down is noticed when it comes back.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// What a reply showed about the server's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// The history this replica knows, or a continuation of it.
+    Consistent,
+    /// The server holds no history yet and this replica knows none either:
+    /// a new namespace.
+    Fresh,
+    /// The server forgot.
+    Lost(Loss),
+}
+
+/// How the server was seen to forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loss {
+    /// No epoch at all where there was one.
+    EpochMissing,
+    /// Another epoch: the server was wiped (or another replica noticed a
+    /// loss first and replaced it).
+    EpochChanged,
+    /// The same epoch but an older sequence: a failover to a replica that
+    /// missed writes.
+    WentBack {
+        /// The highest sequence this replica had seen.
+        seen: u64,
+        /// The sequence the server holds now.
+        now: u64,
+    },
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::EpochMissing => f.write_str("the namespace's epoch is gone (the server was wiped)"),
+            Loss::EpochChanged => f.write_str("the namespace's epoch changed (the server was wiped, or another replica noticed a loss)"),
+            Loss::WentBack { seen, now } => write!(
+                f,
+                "the write sequence went back from {seen} to {now} (a failover to a replica that missed writes)"
+            ),
+        }
+    }
+}
+
+/// What had been seen when a command left.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    epoch: u64,
+    floor: u64,
+}
+
+/// The history this replica has seen, updated by every reply.
+#[derive(Debug)]
+pub struct Generation {
+    /// Hash of the epoch seen (0: none yet).
+    epoch: AtomicU64,
+    /// The highest sequence seen under that epoch.
+    max_seq: AtomicU64,
+    /// Where it is kept between runs (`None`: not kept).
+    file: Option<PathBuf>,
+    /// The sequence last written to the file.
+    saved_seq: AtomicU64,
+    /// The namespace the history is of.
+    namespace: String,
+}
+
+/// The file's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    namespace: String,
+    epoch: u64,
+    max_seq: u64,
+}
+
+/// The hash this module compares epochs by (epochs are random strings).
+pub fn epoch_hash(epoch: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    epoch.hash(&mut hasher);
+    hasher.finish().max(1)
+}
+
+impl Generation {
+    /// The history saved in `file` for `namespace` (none if the file is
+    /// missing or for another namespace).
+    pub fn load(file: Option<&Path>, namespace: &str) -> Generation {
+        let saved = file
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|bytes| serde_json::from_slice::<Saved>(&bytes).ok())
+            .filter(|s| s.namespace == namespace);
+        let (epoch, max_seq) = saved.map_or((0, 0), |s| (s.epoch, s.max_seq));
+        Generation {
+            epoch: AtomicU64::new(epoch),
+            max_seq: AtomicU64::new(max_seq),
+            file: file.map(Path::to_owned),
+            saved_seq: AtomicU64::new(max_seq),
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// Whether this replica has seen any history.
+    pub fn knows_history(&self) -> bool {
+        self.epoch.load(Ordering::Relaxed) != 0
+    }
+
+    /// What a command sent now must find at least: taken before it is
+    /// sent, compared with its reply by [`Generation::observe`]. (Replies
+    /// of concurrent commands arrive in any order; only what had been seen
+    /// before a command left can prove the server went back.)
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            epoch: self.epoch.load(Ordering::Relaxed),
+            floor: self.max_seq.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Compares what a reply showed (`epoch`, `seq`) with what had been
+    /// seen when its command left (`sent`).
+    pub fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) -> Observation {
+        let known = self.epoch.load(Ordering::Relaxed);
+        let Some(reply) = epoch.map(epoch_hash) else {
+            return if sent.epoch == 0 && known == 0 {
+                Observation::Fresh
+            } else {
+                Observation::Lost(Loss::EpochMissing)
+            };
+        };
+        if known == 0 {
+            self.adopt_hash(reply, seq);
+            return Observation::Consistent;
+        }
+        if reply != known {
+            // A reply to a command sent before this replica took a new
+            // epoch still carries the old one.
+            return if reply == sent.epoch {
+                Observation::Consistent
+            } else {
+                Observation::Lost(Loss::EpochChanged)
+            };
+        }
+        self.max_seq.fetch_max(seq, Ordering::Relaxed);
+        if sent.epoch == reply && seq < sent.floor {
+            Observation::Lost(Loss::WentBack {
+                seen: sent.floor,
+                now: seq,
+            })
+        } else {
+            Observation::Consistent
+        }
+    }
+
+    /// Takes `epoch` (and `seq`) as the history from now on.
+    pub fn adopt(&self, epoch: &str, seq: u64) {
+        self.adopt_hash(epoch_hash(epoch), seq);
+        self.save(true);
+    }
+
+    fn adopt_hash(&self, epoch: u64, seq: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.max_seq.store(seq, Ordering::Relaxed);
+    }
+
+    /// Writes the history to the file (if kept): always when `now`,
+    /// otherwise only if the sequence moved since the last save.
+    pub fn save(&self, now: bool) {
+        let Some(file) = &self.file else { return };
+        let seq = self.max_seq.load(Ordering::Relaxed);
+        if !now && self.saved_seq.load(Ordering::Relaxed) == seq {
+            return;
+        }
+        let saved = Saved {
+            namespace: self.namespace.clone(),
+            epoch: self.epoch.load(Ordering::Relaxed),
+            max_seq: seq,
+        };
+        if let Err(e) = write_atomically(file, &saved) {
+            tracing::warn!(error = %e, file = %file.display(), "cannot save what the pin store's history was");
+            return;
+        }
+        self.saved_seq.store(seq, Ordering::Relaxed);
+    }
+}
+
+fn write_atomically(file: &Path, saved: &Saved) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let text = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
+    let temp = file.with_extension("tmp");
+    {
+        let mut out = crate::fsutil::create_private(&temp)?;
+        out.write_all(&text)?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&temp, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_are_told_apart() {
+        let g = Generation::load(None, "ns");
+        let observe = |epoch, seq| g.observe(g.snapshot(), epoch, seq);
+        assert_eq!(observe(None, 0), Observation::Fresh);
+        assert_eq!(observe(Some("a"), 5), Observation::Consistent);
+        assert_eq!(observe(Some("a"), 9), Observation::Consistent);
+        assert_eq!(
+            observe(Some("a"), 7),
+            Observation::Lost(Loss::WentBack { seen: 9, now: 7 })
+        );
+        assert_eq!(observe(None, 0), Observation::Lost(Loss::EpochMissing));
+        assert_eq!(
+            observe(Some("b"), 100),
+            Observation::Lost(Loss::EpochChanged)
+        );
+        g.adopt("b", 100);
+        assert_eq!(observe(Some("b"), 101), Observation::Consistent);
+    }
+
+    #[test]
+    fn replies_of_concurrent_commands_may_come_in_any_order() {
+        let g = Generation::load(None, "ns");
+        g.adopt("a", 10);
+        let early = g.snapshot();
+        // A later command saw 12 first...
+        assert_eq!(
+            g.observe(g.snapshot(), Some("a"), 12),
+            Observation::Consistent
+        );
+        // ...then the reply of one sent before it, with 11: no loss.
+        assert_eq!(g.observe(early, Some("a"), 11), Observation::Consistent);
+        // A command sent after 12 was seen that finds 11: the server went back.
+        assert_eq!(
+            g.observe(g.snapshot(), Some("a"), 11),
+            Observation::Lost(Loss::WentBack { seen: 12, now: 11 })
+        );
+        // A reply to a command sent before a new epoch was taken.
+        let before = g.snapshot();
+        g.adopt("b", 20);
+        assert_eq!(g.observe(before, Some("a"), 12), Observation::Consistent);
+    }
+
+    #[test]
+    fn the_history_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("generation");
+        let g = Generation::load(Some(&file), "ns");
+        g.adopt("e1", 10);
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e1"), 42),
+            Observation::Consistent
+        );
+        g.save(false);
+        let again = Generation::load(Some(&file), "ns");
+        assert!(again.knows_history());
+        assert_eq!(
+            again.observe(again.snapshot(), Some("e1"), 40),
+            Observation::Lost(Loss::WentBack { seen: 42, now: 40 })
+        );
+        assert_eq!(
+            again.observe(again.snapshot(), None, 0),
+            Observation::Lost(Loss::EpochMissing)
+        );
+        let other = Generation::load(Some(&file), "other");
+        assert!(!other.knows_history());
+    }
+}

@@ -1,0 +1,125 @@
+//! Each replica's own record of the pins and identities it saw in Redis,
+//! on its disk: what the fleet writes back when Redis forgets.
+//!
+//! The journal is the embedded durable store (a redb file in the data
+//! directory, `journal.redb`), fed with every binding this replica makes or
+//! reads: a new pin is in the journal, fsynced, before its response is
+//! released, like a pin of the embedded store. It holds hashes only, and
+//! is swept like any store, so it is bounded by the pins' own lifetimes.
+//!
+//! A journal that cannot be written is logged, not fatal: Redis still holds
+//! the pin; only a later restore would miss it.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use crate::credential::PinKey;
+use crate::identity::{Identity, IdentityId, RetireReason, Retirement};
+use crate::store::durable::{DurableStore, OpenError};
+use crate::store::{Binding, Listing, PinStore as _, StoreError};
+
+/// File name of the journal in the data directory.
+pub const JOURNAL_FILE: &str = "journal.redb";
+
+/// A replica's journal.
+#[derive(Debug)]
+pub struct Journal {
+    store: DurableStore,
+}
+
+fn logged<T>(result: Result<T, StoreError>, what: &str) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not journal {what}: a restore after a Redis loss would miss it");
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `data_dir`. Blocking.
+    pub fn open(data_dir: &Path) -> Result<Journal, OpenError> {
+        Ok(Journal {
+            store: DurableStore::open(&data_dir.join(JOURNAL_FILE))?,
+        })
+    }
+
+    /// Records `bindings` (pins and their identities) the journal does not
+    /// hold yet, durably.
+    pub async fn bindings(&self, bindings: &[(PinKey, &Binding)]) {
+        let keys: Vec<PinKey> = bindings.iter().map(|(key, _)| *key).collect();
+        let known = self.store.lookup(&keys).await.unwrap_or_default();
+        let mut pins = Vec::with_capacity(bindings.len());
+        for (index, (key, binding)) in bindings.iter().enumerate() {
+            if known.get(index).is_some_and(Option::is_some) {
+                continue;
+            }
+            if let Some(identity) = &binding.identity {
+                logged(self.store.create_identity(identity).await, "an identity");
+            }
+            pins.push((*key, binding.pin.clone()));
+        }
+        if !pins.is_empty() {
+            logged(
+                self.store.pin_all_if_absent(&pins).await.map(|_| ()),
+                "a pin",
+            );
+        }
+    }
+
+    /// Records a new identity.
+    pub async fn identity(&self, identity: &Identity) {
+        logged(self.store.create_identity(identity).await, "an identity");
+    }
+
+    /// Forgets an identity that lost its race.
+    pub async fn discard(&self, id: IdentityId) {
+        logged(
+            self.store.discard_identity(id).await,
+            "a discarded identity",
+        );
+    }
+
+    /// Records a use (lazily written).
+    pub async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) {
+        logged(self.store.touch(id, now_ms, worked).await, "a use");
+    }
+
+    /// Records an egress address.
+    pub async fn egress(&self, id: IdentityId, ip: IpAddr) {
+        logged(
+            self.store.record_egress(id, ip).await.map(|_| ()),
+            "an egress address",
+        );
+    }
+
+    /// Records a retirement.
+    pub async fn retire(&self, id: IdentityId, retirement: &Retirement) {
+        logged(self.store.retire(id, retirement).await, "a retirement");
+    }
+
+    /// What the journal knows of `keys`.
+    pub async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+        self.store.lookup(keys).await
+    }
+
+    /// Everything the journal holds.
+    pub async fn list(&self) -> Result<Vec<Listing>, StoreError> {
+        self.store.list().await
+    }
+
+    /// Forgets what has expired (as the store it mirrors does).
+    pub async fn sweep(
+        &self,
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+    ) -> Result<(), StoreError> {
+        self.store
+            .sweep(now_ms, keep_retired_ms, expiry)
+            .await
+            .map(|_| ())
+    }
+
+    /// Flushes and closes the journal.
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+}

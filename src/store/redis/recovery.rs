@@ -1,0 +1,326 @@
+//! After Redis forgot: never re-pin a lost credential.
+//!
+//! When a reply shows a loss (see `generation`), this replica:
+//! 1. starts the quarantine (`store.loss_quarantine`) and counts the event;
+//! 2. gives the namespace a new epoch, unless another replica already did
+//!    (then the new epoch is how this replica learnt of the loss), so every
+//!    replica notices at its next round trip;
+//! 3. writes the pin-hashing key back, then every pin and identity its
+//!    journal holds; a pin that another replica restored to another
+//!    identity retires both identities (`store-lost`): a guess is never
+//!    made about which one is right.
+//!
+//! During the quarantine a credential Redis does not know at lookup is
+//! restored from this replica's journal if it is there, and otherwise
+//! pinned to a retired tombstone (`store-lost`), so it is answered as
+//! retired, on every replica, until the client drops it. Credentials first
+//! seen in a Set-Cookie pin normally: they cannot have been lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::generation::Loss;
+use super::RedisStore;
+use crate::clock::Clock;
+use crate::credential::{Credential, PinKey, PinKind};
+use crate::fingerprint::Fingerprint;
+use crate::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
+use crate::store::{Binding, PinStore as _, StoreError};
+
+/// The exit a tombstone identity names (it never carries traffic).
+const NO_EXIT: &str = "store-lost";
+/// How many times a restore is tried before giving up.
+const RESTORE_ATTEMPTS: u32 = 60;
+
+/// The last loss, for the admin listing.
+#[derive(Clone, Debug, Serialize)]
+pub struct LossReport {
+    /// What was seen.
+    pub what: String,
+    /// When it was noticed (Unix ms).
+    pub at_ms: u64,
+    /// Until when unknown credentials are answered as lost (Unix ms).
+    pub quarantine_until_ms: u64,
+    /// Pins written back from this replica's journal.
+    pub restored: u64,
+    /// Credentials answered as lost (tombstoned) since.
+    pub quarantined: u64,
+    /// Identities retired because two replicas' journals disagreed.
+    pub conflicts: u64,
+    /// Whether the restore has finished.
+    pub restore_done: bool,
+}
+
+fn now_ms() -> u64 {
+    Clock::system().now_ms()
+}
+
+impl RedisStore {
+    /// The last loss this replica noticed, if any.
+    pub fn loss_report(&self) -> Option<LossReport> {
+        self.inner
+            .report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update_report(&self, change: impl FnOnce(&mut LossReport)) {
+        if let Some(report) = self
+            .inner
+            .report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            change(report);
+        }
+    }
+
+    /// Whether unknown credentials are to be treated as lost now.
+    pub(super) fn quarantined(&self) -> bool {
+        let since = self.inner.lost_at_ms.load(Ordering::Relaxed);
+        since != 0 && now_ms() < since.saturating_add(self.inner.quarantine_ms)
+    }
+
+    /// A reply showed a loss: quarantine, and restore in the background.
+    pub(super) fn on_loss(&self, loss: Loss, seen_epoch: Option<String>) {
+        if self.inner.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let at = now_ms();
+        self.inner.lost_at_ms.store(at, Ordering::Relaxed);
+        self.inner.metrics.store_losses.inc();
+        tracing::error!(
+            %loss,
+            quarantine = ?Duration::from_millis(self.inner.quarantine_ms),
+            "the Redis pin store lost data: restoring from this replica's journal; \
+             credentials Redis does not know are answered as lost until the quarantine ends"
+        );
+        *self.inner.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(LossReport {
+            what: loss.to_string(),
+            at_ms: at,
+            quarantine_until_ms: at.saturating_add(self.inner.quarantine_ms),
+            restored: 0,
+            quarantined: 0,
+            conflicts: 0,
+            restore_done: false,
+        });
+        let store = self.clone();
+        self.inner.tasks.spawn(async move {
+            for attempt in 1..=RESTORE_ATTEMPTS {
+                match store.recover(&loss, seen_epoch.as_deref()).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < RESTORE_ATTEMPTS => {
+                        tracing::warn!(error = %e, attempt, "restoring the pin store failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "restoring the pin store failed; giving up")
+                    }
+                }
+            }
+            store.inner.recovering.store(false, Ordering::Release);
+        });
+    }
+
+    /// Replaces the epoch `seen` (`None`: the server has none) with a new
+    /// one unless another replica already did; adopts the one in force.
+    pub(super) async fn replace_epoch(&self, seen: Option<&str>) -> Result<(), StoreError> {
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        let args = [seen.unwrap_or("").as_bytes().to_vec(), fresh.into_bytes()];
+        let mut invocation = self.inner.new_epoch.prepare_invoke();
+        invocation.key(self.epoch_key()).key(self.seq_key());
+        for arg in &args {
+            invocation.arg(arg.as_slice());
+        }
+        let mut connection = self.connection()?;
+        let reply = self.note(invocation.invoke_async(&mut connection).await)?;
+        let (epoch, seq, _) = super::codec::generation_reply(reply)?;
+        if let Some(epoch) = epoch {
+            self.inner.generation.adopt(&epoch, seq);
+            *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
+        }
+        Ok(())
+    }
+
+    /// Takes the epoch and sequence the server holds as the history.
+    async fn adopt_current(&self) -> Result<(), StoreError> {
+        let mut invocation = self.inner.check.prepare_invoke();
+        invocation.key(self.epoch_key()).key(self.seq_key());
+        let mut connection = self.connection()?;
+        let reply = self.note(invocation.invoke_async(&mut connection).await)?;
+        let (epoch, seq, _) = super::codec::generation_reply(reply)?;
+        match epoch {
+            Some(epoch) => {
+                self.inner.generation.adopt(&epoch, seq);
+                *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
+                Ok(())
+            }
+            None => self.replace_epoch(None).await,
+        }
+    }
+
+    /// One restore: new epoch, hashing key, then the journal.
+    async fn recover(&self, loss: &Loss, seen_epoch: Option<&str>) -> Result<(), StoreError> {
+        match loss {
+            // Another replica replaced the epoch (or the server holds
+            // another history): take the one in force.
+            Loss::EpochChanged => self.adopt_current().await?,
+            Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
+            Loss::WentBack { .. } => {
+                let known = self
+                    .inner
+                    .epoch
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                self.replace_epoch(known.as_deref()).await?;
+            }
+        }
+        let hash_key = *self
+            .inner
+            .hash_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(local) = hash_key {
+            self.shared_hash_key(local).await?;
+        }
+        let Some(journal) = &self.inner.journal else {
+            return Ok(());
+        };
+        let listings = journal.list().await?;
+        let mut restored = 0u64;
+        for listing in listings {
+            self.write_identity(&listing.identity).await?;
+            if listing.pins.is_empty() {
+                continue;
+            }
+            let winners = self.pin_all_raw(&listing.pins).await?;
+            for ((key, pin), winner) in listing.pins.iter().zip(winners) {
+                if winner.pin.identity == pin.identity {
+                    restored += 1;
+                } else {
+                    self.retire_conflict(*key, &listing.identity, &winner)
+                        .await?;
+                }
+            }
+        }
+        self.inner.metrics.store_restored_pins.inc_by(restored);
+        self.update_report(|r| {
+            r.restored += restored;
+            r.restore_done = true;
+        });
+        tracing::warn!(restored, "pin store restored from this replica's journal");
+        self.inner.generation.save(true);
+        Ok(())
+    }
+
+    /// Two journals disagree about a pin: neither identity is trusted.
+    async fn retire_conflict(
+        &self,
+        key: PinKey,
+        ours: &Identity,
+        theirs: &Binding,
+    ) -> Result<(), StoreError> {
+        let retirement = Retirement {
+            reason: RetireReason::StoreLost,
+            at_ms: now_ms(),
+        };
+        self.retire(ours.id, &retirement).await?;
+        self.retire(theirs.pin.identity, &retirement).await?;
+        self.inner.metrics.store_conflicts.inc();
+        self.update_report(|r| r.conflicts += 1);
+        tracing::warn!(
+            pin = %key, ours = %ours.id, theirs = %theirs.pin.identity,
+            "after the loss, two replicas restored one pin to two identities: both retired"
+        );
+        Ok(())
+    }
+
+    /// During the quarantine: every credential Redis does not know is
+    /// restored from the journal, or else answered as lost.
+    pub(super) async fn quarantine(
+        &self,
+        keys: &[PinKey],
+        bindings: &mut [Option<Binding>],
+    ) -> Result<(), StoreError> {
+        let missing: Vec<PinKey> = keys
+            .iter()
+            .zip(bindings.iter())
+            .filter(|(_, b)| b.is_none())
+            .map(|(key, _)| *key)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let journaled = match &self.inner.journal {
+            Some(journal) => journal.lookup(&missing).await?,
+            None => vec![None; missing.len()],
+        };
+        for (key, journaled) in missing.iter().zip(journaled) {
+            let binding = match journaled {
+                Some(Binding {
+                    pin,
+                    identity: Some(identity),
+                }) => {
+                    self.write_identity(&identity).await?;
+                    let winner = self.pin_all_raw(&[(*key, pin)]).await?;
+                    self.update_report(|r| r.restored += 1);
+                    self.inner.metrics.store_restored_pins.inc();
+                    winner.into_iter().next()
+                }
+                _ => Some(self.tombstone(*key).await?),
+            };
+            if let Some(slot) = keys
+                .iter()
+                .position(|k| k == key)
+                .and_then(|i| bindings.get_mut(i))
+            {
+                *slot = binding;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins `key` to a retired identity (`store-lost`): answered as
+    /// retired on every replica for as long as retired credentials are
+    /// remembered.
+    async fn tombstone(&self, key: PinKey) -> Result<Binding, StoreError> {
+        let now = now_ms();
+        let mut identity = Identity::new(
+            ExitId::new(NO_EXIT),
+            SessionId(0),
+            now,
+            Arc::new(Fingerprint::default()),
+            now,
+        );
+        identity.retired = Some(Retirement {
+            reason: RetireReason::StoreLost,
+            at_ms: now,
+        });
+        self.write_identity(&identity).await?;
+        let credential = Credential {
+            kind: PinKind::Cookie,
+            name: "lost".to_owned(),
+            key,
+        };
+        let pin = Pin::new(identity.id, &credential, now, None);
+        let winner = self
+            .pin_all_raw(&[(key, pin)])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| super::codec::unexpected("a tombstone vanished"))?;
+        if let Some(journal) = &self.inner.journal {
+            journal.bindings(&[(key, &winner)]).await;
+        }
+        self.inner.metrics.store_quarantined.inc();
+        self.update_report(|r| r.quarantined += 1);
+        tracing::warn!(credential = %key, "a credential the pin store lost is answered as retired (store-lost)");
+        Ok(winner)
+    }
+}

@@ -1,0 +1,1010 @@
+//! What an origin sees of real clients through pinproxy, compared with what
+//! it sees of the same clients directly.
+//!
+//! Every test runs a fingerprint-recording origin
+//! (`support::fingerprint_origin`: JA4 of each ClientHello, ALPN, the HTTP/2
+//! preface's Akamai string, header names), pinproxy in-process and a
+//! tinyproxy exit binding its outgoing connections to 127.0.0.2 (so the
+//! origin tells proxied requests, from 127.0.0.2, from direct ones, from
+//! 127.0.0.1). The clients are real programs: headless Chromium, curl,
+//! Python requests and Node's `https`. Nothing leaves loopback: Chromium
+//! proxies `localhost` only, every other name fails inside it without DNS,
+//! and a relay in front of pinproxy refuses (and fails the run on) any
+//! other host (`support::browser`, which also says why a PAC script cannot
+//! do this).
+//!
+//! Measured (Debian 12; Chromium 156.0.8078.108, curl 7.88.1 with OpenSSL
+//! 3.0.19 and nghttp2 1.52.0, Python 3.11.7 with requests 2.34.2 (pyenv) or
+//! Debian's Python with requests 2.28.1, Node 20.20.2), mirror mode:
+//!
+//! | client | ALPN | JA4 direct | JA4 through pinproxy | Akamai (direct = through) |
+//! | --- | --- | --- | --- | --- |
+//! | Chromium 156 | h2 | `t13d1517h2_8daaf6152771_cb7bf5808d99` | `t13d1517h2_8daaf6152771_cb7bf5808d99` | `1:65536;2:0;4:6291456;6:262144\|15663105\|0\|m,a,s,p` |
+//! | curl `--http2` | h2 | `t13d3112h2_e8f1e7e78f70_b26ce05bbdd6` | `t13d1910h2_8210820a36ca_730f49c21434` | `3:100;4:33554432;2:0\|33488897\|0\|m,p,s,a` |
+//! | curl `--http1.1` | http/1.1 | `t13d3112h1_e8f1e7e78f70_b26ce05bbdd6` | `t13d1910h1_8210820a36ca_730f49c21434` | (HTTP/1.1) |
+//! | Python requests 2.34.2 | http/1.1 | `t13d1812h1_85036bcba153_b26ce05bbdd6` | `t13d1110h1_df48822fadde_730f49c21434` | (HTTP/1.1) |
+//! | Python requests 2.28.1 (Debian) | http/1.1 | `t13d4312h1_c7886603b240_b26ce05bbdd6` | `t13d1910h1_8210820a36ca_730f49c21434` | (HTTP/1.1) |
+//! | Node 20 `https` | none | `t13d591000_a33745022dd6_1f22a2ca17c4` | `t13d191000_8210820a36ca_e9aa652fc668` | (HTTP/1.1) |
+//!
+//! Chromium is reproduced exactly (JA4, the lists in its order, ALPS,
+//! certificate compression, key shares, the Akamai string). The OpenSSL
+//! clients are not, measured field by field (`difference` prints it):
+//!
+//! - cipher suites BoringSSL does not have: the finite-field DHE suites
+//!   (0x0033, 0x0039, 0x0067, 0x006b, 0x009e, 0x009f, 0xccaa, and Node's
+//!   0x0032, 0x0038, 0x0040, 0x006a, 0x00a2, 0x00a3), CBC-SHA256/384
+//!   (0x003c, 0x003d, 0xc024, 0xc028), ARIA and CCM (Node's 0xc050-0xc061,
+//!   0xc09c-0xc0af) and the 0x00ff SCSV;
+//! - extensions: encrypt_then_mac (22), post_handshake_auth (49) and
+//!   padding (21) are not sent (this BoringSSL pads only to avoid an empty
+//!   last extension, never to the 512 bytes OpenSSL pads its hello to; its
+//!   hello is 250-270 bytes), and renegotiation_info (0xff01) is always
+//!   sent with TLS 1.2;
+//! - groups x448 (0x001e) and ffdhe2048-8192 (0x0100-0x0104);
+//! - signature algorithms ed448 (0x0808), rsa_pss_pss_* (0x0809-0x080b),
+//!   SHA-224 (0x0301-0x0303) and DSA (0x0402, 0x0502, 0x0602).
+//!
+//! What holds for them, and is asserted: the same ALPN, the same JA4
+//! protocol/version/SNI/ALPN characters, nothing offered that the client
+//! did not offer (but renegotiation_info), the client's order kept, the same
+//! Akamai string for curl `--http2`, and one JA4 through pinproxy on every
+//! fresh connection (pinproxy's BoringSSL never resumes).
+//!
+//! Modes: `chrome` presents Chromium 156's hello and preface whatever the
+//! client; `rustls` presents rustls's (`t13d1010h2_61a7ad8aa9b6_76ad8fd2bde2`
+//! offering h2, `2:0;4:2097152;5:16384;6:16384|5177345|0|m,s,a,p`); an exit
+//! may override the global mode. No stack resumes a session: a ticket
+//! shared across exits would link them.
+//! An identity presents its founding client's fingerprint for every later
+//! request, whoever sends it, across fresh connections and restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pinproxy::config::Config;
+use pinproxy::fingerprint::client_hello::{is_grease, ClientHello};
+use pinproxy::fingerprint::ja4;
+use pinproxy::upstream::FingerprintMode;
+use support::browser::Chromium;
+use support::fingerprint_origin::{FingerprintOrigin, OriginOptions, Record};
+use support::procs::{require, Tinyproxy};
+use support::Setup;
+use tokio::process::Command;
+
+/// Chromium 156's JA4 (and so the chrome profile's).
+const CHROME_JA4: &str = "t13d1517h2_8daaf6152771_cb7bf5808d99";
+/// Chromium 156's HTTP/2 preface, Akamai form.
+const CHROME_AKAMAI: &str = "1:65536;2:0;4:6291456;6:262144|15663105|0|m,a,s,p";
+/// curl's (nghttp2's) HTTP/2 preface, Akamai form.
+const CURL_AKAMAI: &str = "3:100;4:33554432;2:0|33488897|0|m,p,s,a";
+/// rustls's JA4 on a full handshake offering h2 and http/1.1.
+const RUSTLS_H2_JA4: &str = "t13d1010h2_61a7ad8aa9b6_76ad8fd2bde2";
+/// hyper's HTTP/2 preface, Akamai form.
+const HYPER_AKAMAI: &str = "2:0;4:2097152;5:16384;6:16384|5177345|0|m,s,a,p";
+
+/// Where the tinyproxy exit's connections come from.
+const EXIT_IP: &str = "127.0.0.2";
+/// Deadline of one client process.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- the rig
+
+/// A fingerprint origin, tinyproxy exits and pinproxy over them.
+struct Rig {
+    origin: FingerprintOrigin,
+    s: Setup,
+    _tinies: Vec<Tinyproxy>,
+}
+
+impl Rig {
+    /// One tinyproxy exit (`tiny`, from [`EXIT_IP`]); `tweak` adjusts
+    /// pinproxy's configuration.
+    async fn start(options: OriginOptions, tweak: impl FnOnce(&mut Config) + 'static) -> Rig {
+        Rig::with_exits(options, &[("tiny", EXIT_IP)], tweak).await
+    }
+
+    /// Tinyproxy exits `(id, bind address)`, in order.
+    async fn with_exits(
+        options: OriginOptions,
+        exits: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Config) + 'static,
+    ) -> Rig {
+        let mut tinies = Vec::new();
+        let mut builder = Setup::builder();
+        for (id, bind) in exits {
+            let tiny = Tinyproxy::start(bind).await;
+            builder = builder.exit_url(id, tiny.url());
+            tinies.push(tiny);
+        }
+        // pinproxy trusts the harness origin's test PKI; the fingerprint
+        // origin serves a leaf of the same PKI.
+        let s = builder.config(tweak).start().await;
+        let origin = FingerprintOrigin::start_with(s.origin.pki.clone(), options).await;
+        Rig {
+            origin,
+            s,
+            _tinies: tinies,
+        }
+    }
+
+    /// Clients go through pinproxy, trusting its CA.
+    fn proxied(&self) -> Via {
+        Via {
+            proxy: Some(self.s.proxy.daemon.local_addr()),
+            ca: self.s.proxy.daemon.ca_cert_path(),
+        }
+    }
+
+    /// Clients go straight to the origin, trusting the test PKI.
+    fn direct(&self) -> Via {
+        Via {
+            proxy: None,
+            ca: self.origin.pki.ca_file.clone(),
+        }
+    }
+
+    /// A Chromium that trusts both pinproxy's CA and the test PKI.
+    async fn chromium(&self) -> Chromium {
+        let chromium = Chromium::new();
+        chromium.trust_pinproxy(self.s.proxy.data_dir.path()).await;
+        chromium
+            .trust_ca_file("pinproxy test origin", &self.origin.pki.ca_file)
+            .await;
+        chromium
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+/// How a client reaches the origin: through the HTTP proxy `proxy` or
+/// direct, trusting the CA in `ca`.
+#[derive(Clone, Debug)]
+struct Via {
+    proxy: Option<SocketAddr>,
+    ca: PathBuf,
+}
+
+/// The command-line clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    CurlH2,
+    CurlH1,
+    Python,
+    Node,
+}
+
+/// What a client got back.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    /// The `datadome` cookie the response set, if any.
+    datadome: Option<String>,
+}
+
+/// Python requests, one GET on a fresh session: `URL PROXY CA COOKIE`
+/// (empty PROXY: direct; empty COOKIE: none). The environment is not
+/// consulted (`trust_env = False`), so which Python runs does not matter.
+const PYTHON_GET: &str = r#"
+import sys, requests
+url, proxy, ca, cookie = sys.argv[1:5]
+s = requests.Session()
+s.trust_env = False
+r = s.get(url, proxies={"https": proxy} if proxy else {}, verify=ca, timeout=20,
+          headers={"Cookie": cookie} if cookie else {})
+print(r.status_code)
+print(r.headers.get("set-cookie", ""))
+"#;
+
+/// Node's `https`, one GET on a fresh connection: `PROXY PORT PATH CA
+/// COOKIE` (empty PROXY: direct). Node 20 has no proxy support: the
+/// CONNECT is opened by hand and TLS runs over its socket
+/// (`createConnection`, no agent).
+const NODE_GET: &str = r#"
+const http = require("http"), https = require("https"), tls = require("tls"), fs = require("fs");
+const [proxy, port, path, caFile, cookie] = process.argv.slice(1);
+const ca = fs.readFileSync(caFile);
+function tunnel() {
+  if (!proxy) return Promise.resolve(undefined);
+  const [host, proxyPort] = proxy.split(":");
+  return new Promise((resolve, reject) => {
+    const connect = http.request({ host, port: proxyPort, method: "CONNECT", path: `localhost:${port}` });
+    connect.on("connect", (res, socket) =>
+      res.statusCode === 200 ? resolve(socket) : reject(new Error(`CONNECT ${res.statusCode}`)));
+    connect.on("error", reject);
+    connect.end();
+  });
+}
+(async () => {
+  const socket = await tunnel();
+  const line = await new Promise((resolve, reject) => {
+    const req = https.request({
+      host: "localhost", port, path,
+      headers: cookie ? { cookie } : {},
+      createConnection: () => tls.connect({ socket, host: "localhost", port, servername: "localhost", ca }),
+    }, (res) => {
+      res.resume();
+      res.on("end", () => {
+        res.socket.destroy();
+        resolve(`${res.statusCode}\n${(res.headers["set-cookie"] || []).join(", ")}`);
+      });
+    });
+    req.setTimeout(20000, () => req.destroy(new Error("timeout")));
+    req.on("error", reject);
+    req.end();
+  });
+  console.log(line);
+})().catch((e) => { console.error(e.message); process.exit(1); });
+"#;
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::CurlH2 => "curl --http2",
+            Client::CurlH1 => "curl --http1.1",
+            Client::Python => "python requests",
+            Client::Node => "node https",
+        }
+    }
+
+    /// One GET of `path` on the origin listening on `port`, on a fresh
+    /// connection (a new process), with `cookie` as its Cookie header.
+    async fn get(self, via: &Via, port: u16, path: &str, cookie: Option<&str>) -> Got {
+        let url = format!("https://localhost:{port}{path}");
+        let proxy = via.proxy.map(|p| p.to_string()).unwrap_or_default();
+        let mut command = match self {
+            Client::CurlH2 | Client::CurlH1 => {
+                let mut command = Command::new(require("curl"));
+                let version = if self == Client::CurlH2 {
+                    "--http2"
+                } else {
+                    "--http1.1"
+                };
+                command
+                    .args(["-sS", "--fail", "--max-time", "20", version, "--cacert"])
+                    .arg(&via.ca);
+                match via.proxy {
+                    Some(proxy) => command.arg("-x").arg(format!("http://{proxy}")),
+                    None => command.args(["--noproxy", "*"]),
+                };
+                if let Some(cookie) = cookie {
+                    command.arg("-H").arg(format!("Cookie: {cookie}"));
+                }
+                command
+                    .args([
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}\n%header{set-cookie}\n",
+                    ])
+                    .arg(&url);
+                command
+            }
+            Client::Python => {
+                let mut command = Command::new(require("python3"));
+                let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
+                command
+                    .args(["-c", PYTHON_GET, &url, &proxy])
+                    .arg(&via.ca)
+                    .arg(cookie.unwrap_or_default());
+                command
+            }
+            Client::Node => {
+                let mut command = Command::new(require("node"));
+                command
+                    .args(["-e", NODE_GET, &proxy, &port.to_string(), path])
+                    .arg(&via.ca)
+                    .arg(cookie.unwrap_or_default());
+                command
+            }
+        };
+        let out = run(&mut command).await;
+        let mut lines = out.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no status in {out:?}", self.name()));
+        let datadome = out.split("datadome=").nth(1).map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect::<String>()
+        });
+        Got { status, datadome }
+    }
+
+    /// [`Client::get`], asserting a 200.
+    async fn get_ok(self, via: &Via, port: u16, path: &str, cookie: Option<&str>) -> Got {
+        let got = self.get(via, port, path, cookie).await;
+        assert_eq!(got.status, 200, "{} {path} via {via:?}", self.name());
+        got
+    }
+}
+
+/// Runs `command` to its end (killed after [`CLIENT_TIMEOUT`]) without any
+/// proxy or CA setting from the environment; panics unless it succeeds.
+async fn run(command: &mut Command) -> String {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "SSL_CERT_FILE",
+        "NODE_EXTRA_CA_CERTS",
+    ] {
+        command.env_remove(var);
+    }
+    let command = std::mem::replace(command, Command::new("true"));
+    let output = support::procs::run_bounded(command, CLIENT_TIMEOUT).await;
+    String::from_utf8(output.stdout).unwrap()
+}
+
+// ---------------------------------------------------------------- comparing
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// The records of `path`, asserting there is at least one and every one
+/// came from `peer`.
+fn records_of(origin: &FingerprintOrigin, path: &str, peer: &str) -> Vec<Record> {
+    let records = origin.requests_to(path);
+    assert!(
+        !records.is_empty(),
+        "no request to {path} reached the origin"
+    );
+    for record in &records {
+        assert_eq!(record.conn.peer.ip(), ip(peer), "{path}: {record:?}");
+    }
+    records
+}
+
+/// The one value every record has for `f`, asserting there is one.
+fn one<T: PartialEq + std::fmt::Debug>(
+    records: &[Record],
+    what: &str,
+    f: impl Fn(&Record) -> T,
+) -> T {
+    let mut values: Vec<T> = Vec::new();
+    for record in records {
+        let value = f(record);
+        if !values.contains(&value) {
+            values.push(value);
+        }
+    }
+    assert_eq!(values.len(), 1, "more than one {what}: {values:?}");
+    values.pop().unwrap()
+}
+
+/// Number of distinct connections the records came on.
+fn connections(records: &[Record]) -> usize {
+    records
+        .iter()
+        .map(|r| r.conn.index)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+fn hello(record: &Record) -> &ClientHello {
+    record.conn.hello.as_deref().expect("a parsed ClientHello")
+}
+
+fn non_grease(list: &Option<Vec<u16>>) -> Vec<u16> {
+    list.iter()
+        .flatten()
+        .copied()
+        .filter(|v| !is_grease(*v))
+        .collect()
+}
+
+/// Whether `part` is `whole` with some elements left out, order kept.
+fn is_subsequence(part: &[u16], whole: &[u16]) -> bool {
+    let mut rest = whole.iter();
+    part.iter().all(|p| rest.any(|w| w == p))
+}
+
+fn hex(list: &[u16]) -> String {
+    let items: Vec<String> = list.iter().map(|v| format!("{v:04x}")).collect();
+    items.join(",")
+}
+
+/// What `through` leaves out of `direct`'s lists and adds to them, field by
+/// field.
+fn difference(direct: &ClientHello, through: &ClientHello) -> String {
+    let lists: [(&str, Vec<u16>, Vec<u16>); 5] = [
+        (
+            "ciphers",
+            non_grease(&Some(direct.cipher_suites.clone())),
+            non_grease(&Some(through.cipher_suites.clone())),
+        ),
+        (
+            "extensions",
+            direct
+                .extension_types()
+                .filter(|t| !is_grease(*t))
+                .collect(),
+            through
+                .extension_types()
+                .filter(|t| !is_grease(*t))
+                .collect(),
+        ),
+        (
+            "groups",
+            non_grease(&direct.supported_groups),
+            non_grease(&through.supported_groups),
+        ),
+        (
+            "key shares",
+            non_grease(&direct.key_share_groups),
+            non_grease(&through.key_share_groups),
+        ),
+        (
+            "signature algorithms",
+            non_grease(&direct.signature_algorithms),
+            non_grease(&through.signature_algorithms),
+        ),
+    ];
+    let mut out = String::new();
+    for (what, d, t) in lists {
+        let dropped: Vec<u16> = d.iter().copied().filter(|v| !t.contains(v)).collect();
+        let added: Vec<u16> = t.iter().copied().filter(|v| !d.contains(v)).collect();
+        out.push_str(&format!(
+            "  {what}: direct [{}]\n    through [{}]\n    left out [{}] added [{}]\n",
+            hex(&d),
+            hex(&t),
+            hex(&dropped),
+            hex(&added)
+        ));
+    }
+    out
+}
+
+/// JA4's first part without the counts: protocol, version, SNI, ALPN
+/// (`t13d` + `h2` of `t13d1517h2`).
+fn ja4_a_without_counts(ja4: &str) -> String {
+    let a = ja4.split('_').next().unwrap_or_default();
+    format!(
+        "{}{}",
+        a.get(..4).unwrap_or_default(),
+        a.get(8..).unwrap_or_default()
+    )
+}
+
+/// What mirroring must keep of a client's hello even where BoringSSL cannot
+/// say all of it: the same versions and ALPN, and nothing the client did
+/// not offer (but renegotiation_info, which BoringSSL always sends with
+/// TLS 1.2), in the client's order.
+fn assert_within_the_clients_offer(name: &str, direct: &ClientHello, through: &ClientHello) {
+    let diff = difference(direct, through);
+    assert_eq!(
+        non_grease(&direct.supported_versions),
+        non_grease(&through.supported_versions),
+        "{name}: versions\n{diff}"
+    );
+    assert_eq!(direct.alpn, through.alpn, "{name}: ALPN list\n{diff}");
+    let tls12 = |hello: &ClientHello| -> Vec<u16> {
+        non_grease(&Some(hello.cipher_suites.clone()))
+            .into_iter()
+            .filter(|c| !(0x1301..=0x1303).contains(c))
+            .collect()
+    };
+    let tls13 = |hello: &ClientHello| -> BTreeSet<u16> {
+        hello
+            .cipher_suites
+            .iter()
+            .copied()
+            .filter(|c| (0x1301..=0x1303).contains(c))
+            .collect()
+    };
+    assert!(
+        is_subsequence(&tls12(through), &tls12(direct)),
+        "{name}: TLS 1.2 suites\n{diff}"
+    );
+    assert_eq!(
+        tls13(through),
+        tls13(direct),
+        "{name}: TLS 1.3 suites\n{diff}"
+    );
+    for (what, d, t) in [
+        (
+            "groups",
+            &direct.supported_groups,
+            &through.supported_groups,
+        ),
+        (
+            "signature algorithms",
+            &direct.signature_algorithms,
+            &through.signature_algorithms,
+        ),
+        (
+            "key shares",
+            &direct.key_share_groups,
+            &through.key_share_groups,
+        ),
+    ] {
+        assert!(
+            is_subsequence(&non_grease(t), &non_grease(d)),
+            "{name}: {what}\n{diff}"
+        );
+    }
+    const RENEGOTIATION_INFO: u16 = 0xff01;
+    let offered: BTreeSet<u16> = direct.extension_types().collect();
+    let extra: Vec<u16> = through
+        .extension_types()
+        .filter(|t| !is_grease(*t) && *t != RENEGOTIATION_INFO && !offered.contains(t))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{name}: extensions the client did not send: {extra:04x?}\n{diff}"
+    );
+}
+
+/// One line of the measurement table, printed for the record.
+fn report(name: &str, direct: &Record, through: &Record) {
+    println!(
+        "| {name} | {} | {} | {} | {} / {} |",
+        direct.alpn().unwrap_or("none"),
+        direct.ja4().unwrap_or_default(),
+        through.ja4().unwrap_or_default(),
+        direct.akamai().unwrap_or_default(),
+        through.akamai().unwrap_or_default(),
+    );
+    println!(
+        "{name}: hello bytes direct {} through {}\n{name}: ja4_r direct  {}\n{name}: ja4_r through {}\n{}",
+        direct.conn.hello_len,
+        through.conn.hello_len,
+        ja4::ja4_r(hello(direct)),
+        ja4::ja4_r(hello(through)),
+        difference(hello(direct), hello(through))
+    );
+}
+
+// ---------------------------------------------------------------- Chromium
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let chromium = rig.chromium().await;
+    let dom = chromium.dump_dom(None, &rig.origin.url("/direct")).await;
+    assert!(dom.contains("ok conn"), "Chromium direct: {dom}");
+    let proxy = rig.s.proxy.daemon.local_addr();
+    let dom = chromium
+        .dump_dom(Some(proxy), &rig.origin.url("/through"))
+        .await;
+    assert!(dom.contains("ok conn"), "Chromium through pinproxy: {dom}");
+
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    let through = records_of(&rig.origin, "/through", EXIT_IP);
+    report("Chromium", &direct[0], &through[0]);
+    assert_eq!(
+        direct[0].ja4(),
+        Some(CHROME_JA4),
+        "this test knows Chromium 156"
+    );
+    assert_eq!(through[0].ja4(), direct[0].ja4());
+    assert_eq!(
+        ja4::ja4_r(hello(&through[0])),
+        ja4::ja4_r(hello(&direct[0]))
+    );
+    assert_eq!(through[0].alpn(), Some("h2"));
+    assert_eq!(through[0].alpn(), direct[0].alpn());
+    assert_eq!(direct[0].akamai().as_deref(), Some(CHROME_AKAMAI));
+    assert_eq!(through[0].akamai(), direct[0].akamai());
+    // Beyond JA4: the lists in Chromium's own order, ALPS, certificate
+    // compression and the key shares (X25519MLKEM768 first).
+    let (d, t) = (hello(&direct[0]), hello(&through[0]));
+    let diff = difference(d, t);
+    assert_eq!(
+        non_grease(&t.supported_groups),
+        non_grease(&d.supported_groups),
+        "{diff}"
+    );
+    assert_eq!(
+        non_grease(&t.key_share_groups),
+        non_grease(&d.key_share_groups),
+        "{diff}"
+    );
+    assert_eq!(
+        non_grease(&t.signature_algorithms),
+        non_grease(&d.signature_algorithms),
+        "{diff}"
+    );
+    assert_eq!(
+        non_grease(&Some(t.cipher_suites.clone())),
+        non_grease(&Some(d.cipher_suites.clone())),
+        "{diff}"
+    );
+    assert_eq!(t.alps, d.alps, "{diff}");
+    assert_eq!(t.compress_certificate, d.compress_certificate, "{diff}");
+    assert!(t.greases() && t.ech(), "GREASE and ECH GREASE, as Chromium");
+}
+
+// ---------------------------------------------------------------- OpenSSL clients
+
+/// `client` twice directly and three times through pinproxy, each on a
+/// fresh connection (a new process; the origin closes every connection
+/// after one response, so pinproxy dials anew too). Returns (direct,
+/// through) records.
+async fn direct_and_through(rig: &Rig, client: Client) -> (Vec<Record>, Vec<Record>) {
+    let port = rig.origin.port();
+    for _ in 0..2 {
+        client.get_ok(&rig.direct(), port, "/direct", None).await;
+    }
+    for _ in 0..3 {
+        client.get_ok(&rig.proxied(), port, "/through", None).await;
+    }
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    let through = records_of(&rig.origin, "/through", EXIT_IP);
+    assert_eq!(connections(&direct), 2, "{}", client.name());
+    assert_eq!(connections(&through), 3, "{}", client.name());
+    (direct, through)
+}
+
+/// What holds for a client BoringSSL cannot imitate exactly (see the
+/// module documentation); returns the (direct, through) records.
+async fn openssl_client_keeps_what_can_be_kept(client: Client) -> (Vec<Record>, Vec<Record>) {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let (direct, through) = direct_and_through(&rig, client).await;
+    let name = client.name();
+    report(name, &direct[0], &through[0]);
+
+    let direct_ja4 = one(&direct, "direct JA4", |r| r.ja4().map(str::to_owned)).unwrap();
+    let through_ja4 = one(&through, "JA4 through pinproxy", |r| {
+        r.ja4().map(str::to_owned)
+    })
+    .unwrap();
+    assert!(
+        through.iter().all(|r| !r.conn.resumed),
+        "{name}: pinproxy resumed a session"
+    );
+    assert_eq!(
+        one(&through, "ALPN", |r| r.alpn().map(str::to_owned)),
+        one(&direct, "ALPN", |r| r.alpn().map(str::to_owned)),
+        "{name}"
+    );
+    assert_eq!(
+        ja4_a_without_counts(&through_ja4),
+        ja4_a_without_counts(&direct_ja4),
+        "{name}: {direct_ja4} vs {through_ja4}"
+    );
+    assert_within_the_clients_offer(name, hello(&direct[0]), hello(&through[0]));
+    (direct, through)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_http2_keeps_its_alpn_and_its_http2_preface() {
+    let (direct, through) = openssl_client_keeps_what_can_be_kept(Client::CurlH2).await;
+    assert!(direct[0].ja4().unwrap().contains("h2_"), "{direct:?}");
+    // The h2 preface is sayable in full: the same Akamai string.
+    assert_eq!(
+        one(&direct, "Akamai", Record::akamai).as_deref(),
+        Some(CURL_AKAMAI)
+    );
+    assert_eq!(
+        one(&through, "Akamai", Record::akamai).as_deref(),
+        Some(CURL_AKAMAI)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_http1_keeps_its_alpn() {
+    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::CurlH1).await;
+    assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_requests_keeps_its_alpn() {
+    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::Python).await;
+    assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_https_keeps_offering_no_alpn() {
+    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::Node).await;
+    assert!(
+        direct[0].ja4().unwrap().contains("00_"),
+        "Node's https offers no ALPN: {direct:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http1_only_origin_gets_http1_and_the_clients_offer() {
+    let rig = Rig::start(OriginOptions::default().http1_only(), |_| {}).await;
+    let port = rig.origin.port();
+    Client::CurlH2
+        .get_ok(&rig.direct(), port, "/direct", None)
+        .await;
+    Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/through", None)
+        .await;
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    let through = records_of(&rig.origin, "/through", EXIT_IP);
+    assert_eq!(direct[0].alpn(), Some("http/1.1"));
+    assert_eq!(through[0].alpn(), Some("http/1.1"));
+    assert_eq!(through[0].version, http::Version::HTTP_11);
+    // Offered h2 all the same, as curl did.
+    assert!(through[0].ja4().unwrap().contains("h2_"), "{through:?}");
+    assert_eq!(direct[0].header_names, ["Host", "User-Agent", "Accept"]);
+    // An h2 client's names reach an h1 origin lowercase, in its order.
+    assert_eq!(through[0].header_names, ["host", "user-agent", "accept"]);
+}
+
+// ---------------------------------------------------------------- several clients, identities
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clients_reach_the_origin_with_two_fingerprints_through_one_pinproxy() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let chromium = rig.chromium().await;
+    let proxy = rig.s.proxy.daemon.local_addr();
+    let port = rig.origin.port();
+    // Interleaved: curl, Chromium, curl.
+    Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/curl", None)
+        .await;
+    let dom = chromium
+        .dump_dom(Some(proxy), &rig.origin.url("/chromium"))
+        .await;
+    assert!(dom.contains("ok conn"), "{dom}");
+    Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/curl", None)
+        .await;
+
+    let curl = records_of(&rig.origin, "/curl", EXIT_IP);
+    let chrome = records_of(&rig.origin, "/chromium", EXIT_IP);
+    let curl_ja4 = one(&curl, "curl JA4", |r| r.ja4().map(str::to_owned)).unwrap();
+    let chrome_ja4 = one(&chrome, "Chromium JA4", |r| r.ja4().map(str::to_owned)).unwrap();
+    assert_eq!(chrome_ja4, CHROME_JA4);
+    assert_ne!(curl_ja4, chrome_ja4);
+    assert_eq!(
+        one(&curl, "curl Akamai", Record::akamai).as_deref(),
+        Some(CURL_AKAMAI)
+    );
+    assert_eq!(
+        one(&chrome, "Chromium Akamai", Record::akamai).as_deref(),
+        Some(CHROME_AKAMAI)
+    );
+    // Never one connection for both.
+    let curl_conns: BTreeSet<usize> = curl.iter().map(|r| r.conn.index).collect();
+    assert!(chrome.iter().all(|r| !curl_conns.contains(&r.conn.index)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_keeps_its_founding_clients_fingerprint_across_connections_and_a_restart() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let port = rig.origin.port();
+
+    // curl founds the identity: /login sets datadome through pinproxy.
+    let login = Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/login", None)
+        .await;
+    let token = login.datadome.expect("/login sets datadome");
+    let cookie = format!("datadome={token}");
+    let founding = records_of(&rig.origin, "/login", EXIT_IP);
+    let founding_ja4 = founding[0].ja4().unwrap().to_owned();
+    let founding_akamai = founding[0].akamai();
+    assert_eq!(founding_akamai.as_deref(), Some(CURL_AKAMAI));
+
+    // Python, without the cookie, is presented as itself.
+    Client::Python
+        .get_ok(&rig.proxied(), port, "/python-alone", None)
+        .await;
+    let python_ja4 = records_of(&rig.origin, "/python-alone", EXIT_IP)[0]
+        .ja4()
+        .unwrap()
+        .to_owned();
+    assert_ne!(python_ja4, founding_ja4, "the two clients must differ");
+
+    // Python with the identity's cookie, on fresh connections.
+    for _ in 0..2 {
+        Client::Python
+            .get_ok(&rig.proxied(), port, "/identity", Some(&cookie))
+            .await;
+    }
+    let Rig { origin, s, _tinies } = rig;
+    let s = s.restart().await;
+    let rig = Rig { origin, s, _tinies };
+    for _ in 0..2 {
+        Client::Python
+            .get_ok(&rig.proxied(), port, "/identity", Some(&cookie))
+            .await;
+    }
+
+    let identity = records_of(&rig.origin, "/identity", EXIT_IP);
+    assert_eq!(identity.len(), 4);
+    assert_eq!(
+        connections(&identity),
+        4,
+        "every request on a fresh connection"
+    );
+    for record in &identity {
+        assert_eq!(
+            record.cookie_value("datadome").as_deref(),
+            Some(token.as_str())
+        );
+        assert_eq!(
+            record.ja4(),
+            Some(founding_ja4.as_str()),
+            "a request of curl's identity sent by Python must look like curl: {record:?}"
+        );
+        assert_eq!(record.alpn(), Some("h2"));
+        assert_eq!(record.akamai(), founding_akamai);
+    }
+}
+
+// ---------------------------------------------------------------- modes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chrome_mode_presents_chrome_for_curl() {
+    let rig = Rig::start(OriginOptions::default(), |c| {
+        c.upstream.fingerprint = FingerprintMode::Chrome;
+    })
+    .await;
+    Client::CurlH2
+        .get_ok(&rig.proxied(), rig.origin.port(), "/curl", None)
+        .await;
+    let curl = records_of(&rig.origin, "/curl", EXIT_IP);
+    assert_eq!(curl[0].ja4(), Some(CHROME_JA4));
+    assert_eq!(curl[0].alpn(), Some("h2"));
+    assert_eq!(curl[0].akamai().as_deref(), Some(CHROME_AKAMAI));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rustls_mode_presents_rustls_whoever_the_client_is() {
+    // An origin without tickets: the JA4 is the same whether or not a
+    // stack would resume.
+    let rig = Rig::start(OriginOptions::default().without_tickets(), |c| {
+        c.upstream.fingerprint = FingerprintMode::Rustls;
+    })
+    .await;
+    let port = rig.origin.port();
+    Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/curl", None)
+        .await;
+    let chromium = rig.chromium().await;
+    let dom = chromium
+        .dump_dom(
+            Some(rig.s.proxy.daemon.local_addr()),
+            &rig.origin.url("/chromium"),
+        )
+        .await;
+    assert!(dom.contains("ok conn"), "{dom}");
+    for path in ["/curl", "/chromium"] {
+        let records = records_of(&rig.origin, path, EXIT_IP);
+        assert_eq!(records[0].ja4(), Some(RUSTLS_H2_JA4), "{path}");
+        assert_eq!(records[0].akamai().as_deref(), Some(HYPER_AKAMAI), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exit_may_override_the_mode() {
+    let rig = Rig::with_exits(
+        OriginOptions::default().without_tickets(),
+        &[("mirrors", "127.0.0.2"), ("own", "127.0.0.3")],
+        |c| {
+            let own = c.exits.iter_mut().find(|e| e.id == "own").unwrap();
+            own.fingerprint = Some(FingerprintMode::Rustls);
+        },
+    )
+    .await;
+    let port = rig.origin.port();
+    // Cookie-less requests rotate over the exits: go on until both served.
+    for _ in 0..20 {
+        Client::CurlH2
+            .get_ok(&rig.proxied(), port, "/curl", None)
+            .await;
+        let peers: BTreeSet<IpAddr> = rig
+            .origin
+            .requests_to("/curl")
+            .iter()
+            .map(|r| r.conn.peer.ip())
+            .collect();
+        if peers.len() == 2 {
+            break;
+        }
+    }
+    let records = rig.origin.requests_to("/curl");
+    let by = |exit: &str| -> Vec<Record> {
+        records
+            .iter()
+            .filter(|r| r.conn.peer.ip() == ip(exit))
+            .cloned()
+            .collect()
+    };
+    let (mirrors, own) = (by("127.0.0.2"), by("127.0.0.3"));
+    assert!(
+        !mirrors.is_empty() && !own.is_empty(),
+        "rotation never used both exits: {records:?}"
+    );
+    let mirrored = one(&mirrors, "mirror exit JA4", |r| r.ja4().map(str::to_owned)).unwrap();
+    assert_ne!(mirrored, RUSTLS_H2_JA4);
+    assert_eq!(
+        one(&mirrors, "Akamai", Record::akamai).as_deref(),
+        Some(CURL_AKAMAI)
+    );
+    assert_eq!(
+        one(&own, "rustls exit JA4", |r| r.ja4().map(str::to_owned)).as_deref(),
+        Some(RUSTLS_H2_JA4)
+    );
+    assert_eq!(
+        one(&own, "Akamai", Record::akamai).as_deref(),
+        Some(HYPER_AKAMAI)
+    );
+}
+
+// ---------------------------------------------------------------- known defects in src/
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rustls_mode_never_resumes_a_session_across_exits() {
+    let rig = Rig::with_exits(
+        OriginOptions::default(),
+        &[("a", "127.0.0.2"), ("b", "127.0.0.3")],
+        |c| c.upstream.fingerprint = FingerprintMode::Rustls,
+    )
+    .await;
+    let port = rig.origin.port();
+    for _ in 0..20 {
+        Client::CurlH2.get_ok(&rig.proxied(), port, "/", None).await;
+        let peers: BTreeSet<IpAddr> = rig
+            .origin
+            .connections()
+            .iter()
+            .map(|c| c.peer.ip())
+            .collect();
+        if peers.len() == 2 {
+            break;
+        }
+    }
+    for exit in ["127.0.0.2", "127.0.0.3"] {
+        let first = rig
+            .origin
+            .connections()
+            .into_iter()
+            .find(|c| c.peer.ip() == ip(exit))
+            .unwrap_or_else(|| panic!("rotation never used {exit}"));
+        // Nothing went through this exit before: a session it resumes was
+        // issued to a connection through the other exit.
+        assert!(
+            !first.resumption_accepted,
+            "the first connection through {exit} resumed another exit's TLS session: {first:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http1_clients_header_order_survives_an_http2_upstream() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let port = rig.origin.port();
+    // curl (offering h2) founds the identity; Python (HTTP/1.1 only) uses
+    // it, so its requests go to the origin over HTTP/2.
+    let login = Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/login", None)
+        .await;
+    let cookie = format!("datadome={}", login.datadome.unwrap());
+    Client::Python
+        .get_ok(&rig.direct(), port, "/direct", Some(&cookie))
+        .await;
+    Client::Python
+        .get_ok(&rig.proxied(), port, "/identity", Some(&cookie))
+        .await;
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    let through = records_of(&rig.origin, "/identity", EXIT_IP);
+    assert_eq!(through[0].version, http::Version::HTTP_2);
+    // HTTP/2 has no Host (it becomes :authority) and no Connection.
+    let expected: Vec<String> = direct[0]
+        .header_names
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .filter(|n| n != "host" && n != "connection")
+        .collect();
+    assert_eq!(through[0].header_names, expected);
+}

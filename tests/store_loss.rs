@@ -1,0 +1,340 @@
+//! The fleet never leaks, even when Redis forgets: a wipe (a restart
+//! without persistence, `FLUSHDB`) or a Sentinel failover to a replica that
+//! missed the last writes is noticed at the next round trip, the replicas'
+//! journals write back what was lost, a credential nobody can restore is
+//! answered as retired (`store-lost`), and not one cookie leaves through an
+//! exit it was not earned on. Real redis-server and Sentinel processes,
+//! real pinproxy processes, loopback only.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use support::origin::reported_peer;
+use support::procs::PinproxyProcess;
+use support::redis_group::{sentinel_url, RedisNode, Sentinel};
+use support::{Jar, Origin, ProxyClient, TestExit};
+
+/// Replicas of pinproxy on one store, with four exits.
+struct Fleet {
+    origin: Origin,
+    _exits: Vec<TestExit>,
+    replicas: Vec<Option<PinproxyProcess>>,
+    clients: Vec<ProxyClient>,
+    args: Vec<String>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Fleet {
+    /// `n` replicas on the store at `store_url`, sharing one CA.
+    async fn start(n: usize, store_url: &str, extra: &[&str]) -> Fleet {
+        let origin = Origin::start().await;
+        let (exits, exit_urls) = support::exits(4).await;
+        let mut args = vec!["--store".to_owned(), store_url.to_owned()];
+        args.extend(support::process_args(&origin, &exit_urls));
+        let config = tempfile::tempdir().unwrap();
+        let config_file = config.path().join("pinproxy.toml");
+        std::fs::write(&config_file, extra.join("\n")).unwrap();
+        args.extend(["--config".to_owned(), config_file.display().to_string()]);
+        let shared = support::procs::shared_ca_dir();
+        let mut replicas = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..n {
+            let dir = tempfile::tempdir().unwrap();
+            for file in ["ca.pem", "ca-key.pem"] {
+                std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
+            }
+            replicas.push(Some(PinproxyProcess::start(dir.path(), &args).await));
+            dirs.push(dir);
+        }
+        let clients = replicas
+            .iter()
+            .flatten()
+            .map(|r| ProxyClient::new(r.addr, &r.ca_pem()))
+            .collect();
+        dirs.push(shared);
+        dirs.push(config);
+        Fleet {
+            origin,
+            _exits: exits,
+            replicas,
+            clients,
+            args,
+            dirs,
+        }
+    }
+
+    /// Stops replica `i` (SIGKILL); its data directory stays.
+    async fn stop(&mut self, i: usize) {
+        if let Some(replica) = self.replicas[i].take() {
+            replica.kill9().await;
+        }
+    }
+
+    /// Starts replica `i` again on its data directory.
+    async fn restart(&mut self, i: usize) {
+        let replica = PinproxyProcess::start(self.dirs[i].path(), &self.args).await;
+        self.clients[i] = ProxyClient::new(replica.addr, &replica.ca_pem());
+        self.replicas[i] = Some(replica);
+    }
+
+    /// A request of `jar` through replica `replica`, on a fresh connection.
+    /// While the replica has not found the store again (a failover in
+    /// progress: 503 `store-unavailable`), it is retried, a bounded number
+    /// of times; nothing leaves during that time.
+    async fn get(&self, replica: usize, path: &str, jar: &mut Jar) -> support::Reply {
+        let port = self.origin.https.port();
+        let client = &self.clients[replica % self.clients.len()];
+        let mut last = None;
+        for _ in 0..100 {
+            let reply = client.try_get("localhost", port, path, jar).await.unwrap();
+            let unavailable = reply.status == 503
+                && reply.pinproxy_error().is_some_and(|e| {
+                    e.starts_with("store-unavailable") && !e.contains("wait_replicas")
+                });
+            if !unavailable {
+                return reply;
+            }
+            last = reply.pinproxy_error();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("replica {replica} never found its store again: {last:?}");
+    }
+}
+
+/// An identity the test drives: its jar and the exit it was earned on.
+struct Client {
+    jar: Jar,
+    earned: IpAddr,
+}
+
+/// `n` identities, each logged in through replica `k mod replicas`.
+async fn log_in(fleet: &Fleet, n: usize, replicas: &[usize]) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for k in 0..n {
+        let mut jar = Jar::default();
+        let replica = replicas[k % replicas.len()];
+        let reply = fleet.get(replica, "/login", &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        clients.push(Client {
+            jar,
+            earned: reported_peer(&reply.body).unwrap(),
+        });
+    }
+    clients
+}
+
+/// What became of requests after a loss.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// 200 from the exit the cookie was earned on.
+    kept: usize,
+    /// 502 `identity-retired` naming `store-lost`.
+    lost: usize,
+}
+
+/// A round of pages for every client through every replica in turn;
+/// panics on anything but the two outcomes a loss may have.
+async fn pages(fleet: &Fleet, clients: &mut [Client], replicas: &[usize]) -> Outcome {
+    let mut outcome = Outcome::default();
+    for (k, client) in clients.iter_mut().enumerate() {
+        for step in 0..replicas.len() {
+            let replica = replicas[(k + step) % replicas.len()];
+            let reply = fleet.get(replica, "/page", &mut client.jar).await;
+            match reply.status.as_u16() {
+                200 => {
+                    assert_eq!(
+                        reported_peer(&reply.body),
+                        Some(client.earned),
+                        "client {k} left from another exit"
+                    );
+                    outcome.kept += 1;
+                }
+                502 => {
+                    let error = reply.pinproxy_error().unwrap_or_default();
+                    assert!(
+                        error.starts_with("identity-retired") && error.contains("store-lost"),
+                        "client {k}: {error}"
+                    );
+                    outcome.lost += 1;
+                }
+                other => panic!(
+                    "client {k} through replica {replica}: {other} {}",
+                    reply.body
+                ),
+            }
+        }
+    }
+    outcome
+}
+
+/// After a wipe: lost pins come back from the journals, so every client
+/// keeps its exit; a cookie no journal holds is answered as lost; new
+/// identities work; nothing leaks.
+async fn survives_a_wipe(wipe: impl AsyncFnOnce(&mut RedisNode)) {
+    let mut redis = RedisNode::volatile().await;
+    let mut fleet = Fleet::start(3, &redis.url(), &[]).await;
+    let all = [0, 1, 2];
+    let mut clients = log_in(&fleet, 18, &all).await;
+    assert_eq!(pages(&fleet, &mut clients, &all).await.kept, 18 * 3);
+
+    // A cookie only replica 2 ever saw: replica 2 is down when Redis forgets,
+    // so no journal that is up can restore it.
+    let mut orphan = log_in(&fleet, 1, &[2]).await;
+    fleet.stop(2).await;
+
+    wipe(&mut redis).await;
+
+    let up = [0, 1];
+    let after = pages(&fleet, &mut clients, &up).await;
+    assert_eq!(after.lost, 0, "every journaled pin is restored");
+    assert_eq!(after.kept, 18 * 2);
+    let orphaned = pages(&fleet, &mut orphan, &up).await;
+    assert_eq!(
+        orphaned.lost, 2,
+        "a cookie no live journal holds is answered as lost, never pinned anew"
+    );
+
+    // Replica 2 comes back: its journal restores its pins, but the orphan
+    // was already answered as lost; it stays lost (a guess is never made).
+    fleet.restart(2).await;
+    let orphaned = pages(&fleet, &mut orphan, &all).await;
+    assert_eq!(orphaned.kept, 0);
+
+    // New identities pin and keep their exit as before.
+    let mut fresh = log_in(&fleet, 6, &all).await;
+    let outcome = pages(&fleet, &mut fresh, &all).await;
+    assert_eq!(outcome.kept, 6 * 3);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restarted_empty_leaks_nothing() {
+    survives_a_wipe(async |redis: &mut RedisNode| redis.restart().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flushed_redis_leaks_nothing() {
+    survives_a_wipe(async |redis: &mut RedisNode| {
+        let _: () = redis.command(&["FLUSHDB"]).await;
+    })
+    .await;
+}
+
+/// A Sentinel group (primary, replica, three Sentinels) and a fleet on it.
+struct Group {
+    primary: RedisNode,
+    replica: RedisNode,
+    sentinels: Vec<Sentinel>,
+}
+
+impl Group {
+    async fn start() -> Group {
+        let primary = RedisNode::volatile().await;
+        let replica = RedisNode::replica_of(primary.port).await;
+        replica.wait_in_sync().await;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(Sentinel::start(primary.port).await);
+        }
+        Group {
+            primary,
+            replica,
+            sentinels,
+        }
+    }
+
+    /// Waits (bounded) until every Sentinel names `port` as the primary.
+    async fn wait_for_primary(&self, port: u16) {
+        for _ in 0..400 {
+            let mut all = true;
+            for sentinel in &self.sentinels {
+                all &= sentinel.primary_port().await == Some(port);
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the Sentinels never agreed on the primary {port}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_to_a_replica_that_missed_writes_leaks_nothing() {
+    let mut group = Group::start().await;
+    group.wait_for_primary(group.primary.port).await;
+    let fleet = Fleet::start(3, &sentinel_url(&group.sentinels), &[]).await;
+    let all = [0, 1, 2];
+    let mut early = log_in(&fleet, 12, &all).await;
+    assert_eq!(pages(&fleet, &mut early, &all).await.kept, 12 * 3);
+
+    // The replica stops receiving writes; identities founded now exist only
+    // on the primary (and in the replicas' journals).
+    group.replica.freeze();
+    let mut late = log_in(&fleet, 12, &all).await;
+    // The primary dies; the replica, behind, is made primary.
+    group.primary.kill().await;
+    group.replica.thaw();
+    group.wait_for_primary(group.replica.port).await;
+
+    let mut everyone: Vec<Client> = early.drain(..).chain(late.drain(..)).collect();
+    let outcome = pages(&fleet, &mut everyone, &all).await;
+    assert_eq!(
+        outcome.lost, 0,
+        "the journals restore what the replica missed"
+    );
+    assert_eq!(outcome.kept, 24 * 3);
+    let mut fresh = log_in(&fleet, 6, &all).await;
+    assert_eq!(pages(&fleet, &mut fresh, &all).await.kept, 6 * 3);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_wait_a_new_pin_is_on_the_replica_before_its_response() {
+    let primary = RedisNode::volatile().await;
+    let replica = RedisNode::replica_of(primary.port).await;
+    replica.wait_in_sync().await;
+    let fleet = Fleet::start(
+        1,
+        &primary.url(),
+        &["[store]", "wait_replicas = 1", "wait_timeout = \"2s\""],
+    )
+    .await;
+    let mut pins_seen = HashMap::new();
+    for round in 0..5 {
+        let mut jar = Jar::default();
+        let reply = fleet.get(0, "/login", &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        // Read on the replica at once: no wait, no retry.
+        let on_replica = replica.keys("pinproxy:pin:*").await.len();
+        assert_eq!(on_replica, round + 1, "the pin reached the replica first");
+        pins_seen.insert(round, on_replica);
+    }
+
+    // A replica that cannot acknowledge: the request fails closed.
+    replica.freeze();
+    let mut jar = Jar::default();
+    let reply = fleet.get(0, "/login", &mut jar).await;
+    replica.thaw();
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        reply
+            .pinproxy_error()
+            .unwrap_or_default()
+            .contains("wait_replicas"),
+        "{:?}",
+        reply.pinproxy_error()
+    );
+}

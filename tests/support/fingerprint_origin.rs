@@ -1,0 +1,555 @@
+//! A TLS origin that records how each client looks on the wire.
+//!
+//! It listens on 127.0.0.1:0 and serves HTTPS with a leaf of the test PKI
+//! ([`TestPki`]: give pinproxy its `ca_file` as `upstream_ca`), offering
+//! ALPN `h2` and `http/1.1` (or `http/1.1` only, see [`OriginOptions`],
+//! which can also make it close every connection after one response, or
+//! issue no session tickets). For every connection it records the
+//! ClientHello as it arrived (read off the socket before rustls with
+//! [`read_client_hello`], which puts the bytes back), its size and JA4,
+//! whether it resumed a session, the ALPN protocol rustls agreed on and,
+//! for HTTP/2, the connection preface ([`PrefaceRecorder`]) with its Akamai
+//! string. For every request it
+//! records the method, path, version, header names in order (for HTTP/1.1
+//! the first request of a connection keeps the names' case, read off the
+//! raw head with [`h1_order::header_names`]; later requests on the same
+//! connection have hyper's lowercase names), the `cookie` header and the
+//! peer address.
+//!
+//! Every request is answered 200 with a short body; `/login` also sets a
+//! fresh `datadome=<random>` cookie, so an identity can be founded through
+//! pinproxy's Set-Cookie capture.
+//!
+//! Readiness: the listener is bound before [`FingerprintOrigin::start`]
+//! returns. A request is recorded before its response is written, so once a
+//! client has its answer, the request is in [`FingerprintOrigin::records`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pinproxy::fingerprint::client_hello::ClientHello;
+use pinproxy::fingerprint::h2_preface::H2Fingerprint;
+use pinproxy::fingerprint::{h1_order, ja4, ClientConnection};
+use pinproxy::front::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::origin::TestPki;
+
+/// Most bytes the HTTP/1.1 head tap buffers before it gives up.
+const MAX_HEAD: usize = 64 * 1024;
+/// Deadline for a client's ClientHello and TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One TLS connection as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct ConnRecord {
+    /// 0-based, in accept order.
+    pub index: usize,
+    /// TCP peer.
+    pub peer: SocketAddr,
+    /// The ClientHello as sent (`None`: it did not parse).
+    pub hello: Option<Arc<ClientHello>>,
+    /// Length of the TLS records that carried the hello, in bytes.
+    pub hello_len: usize,
+    /// JA4 of `hello`.
+    pub ja4: Option<String>,
+    /// The hello offered a pre_shared_key (the client tried to resume a
+    /// session).
+    pub resumed: bool,
+    /// The origin accepted the resumption: the session was one it had
+    /// issued on an earlier connection.
+    pub resumption_accepted: bool,
+    /// The protocol agreed by ALPN (`None` until the handshake is done, or
+    /// when none was agreed).
+    pub alpn: Option<String>,
+    /// The HTTP/2 preface, once its first request is in (h2 only).
+    pub h2: Option<Arc<H2Fingerprint>>,
+}
+
+impl ConnRecord {
+    /// The Akamai string of the HTTP/2 preface, if one was read.
+    pub fn akamai(&self) -> Option<String> {
+        self.h2.as_deref().map(H2Fingerprint::akamai)
+    }
+}
+
+/// One request, with the fingerprint of the connection it came on.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The connection (as recorded when the request arrived).
+    pub conn: ConnRecord,
+    /// HTTP version.
+    pub version: http::Version,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Header names in order: the client's case for the first HTTP/1.1
+    /// request of a connection, lowercase otherwise.
+    pub header_names: Vec<String>,
+    /// The `cookie` header values, joined with `; `.
+    pub cookie: Option<String>,
+}
+
+impl Record {
+    /// JA4 of the request's connection.
+    pub fn ja4(&self) -> Option<&str> {
+        self.conn.ja4.as_deref()
+    }
+
+    /// ALPN of the request's connection.
+    pub fn alpn(&self) -> Option<&str> {
+        self.conn.alpn.as_deref()
+    }
+
+    /// Akamai string of the request's connection (h2 only).
+    pub fn akamai(&self) -> Option<String> {
+        self.conn.akamai()
+    }
+
+    /// The value of cookie `name` the request carried.
+    pub fn cookie_value(&self, name: &str) -> Option<String> {
+        self.cookie.as_deref()?.split(';').find_map(|pair| {
+            let (n, v) = pair.trim().split_once('=')?;
+            (n == name).then(|| v.to_owned())
+        })
+    }
+}
+
+/// How a [`FingerprintOrigin`] serves.
+#[derive(Clone, Debug)]
+pub struct OriginOptions {
+    /// ALPN protocols offered, in order.
+    pub alpn: Vec<Vec<u8>>,
+    /// Close every connection once its first response is sent (HTTP/1.1:
+    /// `Connection: close`; HTTP/2: GOAWAY), so that every request of a
+    /// client (or of pinproxy's pools) arrives on a fresh connection with a
+    /// fresh ClientHello.
+    pub close_after_response: bool,
+    /// Issue TLS 1.3 session tickets (as rustls does by default), so
+    /// clients may resume.
+    pub tickets: bool,
+}
+
+impl Default for OriginOptions {
+    fn default() -> Self {
+        OriginOptions {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            close_after_response: false,
+            tickets: true,
+        }
+    }
+}
+
+impl OriginOptions {
+    /// Offers `http/1.1` only.
+    pub fn http1_only(mut self) -> Self {
+        self.alpn = vec![b"http/1.1".to_vec()];
+        self
+    }
+
+    /// Issues no session tickets: every connection is a full handshake.
+    pub fn without_tickets(mut self) -> Self {
+        self.tickets = false;
+        self
+    }
+
+    /// Closes every connection after its first response.
+    pub fn closing(mut self) -> Self {
+        self.close_after_response = true;
+        self
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    /// Indexed by [`ConnRecord::index`].
+    conns: Vec<ConnRecord>,
+    requests: Vec<Record>,
+    /// Requests since the start, [`FingerprintOrigin::clear`] or not.
+    total: usize,
+}
+
+/// A running fingerprint-recording origin.
+pub struct FingerprintOrigin {
+    /// Where it listens (HTTPS).
+    pub addr: SocketAddr,
+    /// Its PKI: `pki.ca_file` is the CA that signed its leaf.
+    pub pki: Arc<TestPki>,
+    log: Arc<Mutex<Log>>,
+    requests: watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FingerprintOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FingerprintOrigin {
+    /// An origin offering `h2` and `http/1.1`, with a fresh test PKI.
+    pub async fn start() -> FingerprintOrigin {
+        FingerprintOrigin::start_with(Arc::new(TestPki::new()), OriginOptions::default()).await
+    }
+
+    /// An origin offering `http/1.1` only, with a fresh test PKI.
+    pub async fn start_http1_only() -> FingerprintOrigin {
+        FingerprintOrigin::start_with(
+            Arc::new(TestPki::new()),
+            OriginOptions::default().http1_only(),
+        )
+        .await
+    }
+
+    /// An origin serving `pki`'s leaf as `options` say.
+    pub async fn start_with(pki: Arc<TestPki>, options: OriginOptions) -> FingerprintOrigin {
+        let alpn: Vec<&[u8]> = options.alpn.iter().map(Vec::as_slice).collect();
+        let mut config = (*pki.server_config(&alpn)).clone();
+        if !options.tickets {
+            config.send_tls13_tickets = 0;
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let close = options.close_after_response;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (count, requests) = watch::channel(0usize);
+        let count = Arc::new(count);
+        let shared = log.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let (acceptor, log, count) = (acceptor.clone(), shared.clone(), count.clone());
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(300),
+                        serve(tcp, peer, acceptor, log, count, close),
+                    )
+                    .await;
+                });
+            }
+        });
+        FingerprintOrigin {
+            addr,
+            pki,
+            log,
+            requests,
+            task,
+        }
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `https://localhost:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port())
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn records(&self) -> Vec<Record> {
+        self.log.lock().unwrap().requests.clone()
+    }
+
+    /// Every connection so far (including those that sent no request), in
+    /// accept order.
+    pub fn connections(&self) -> Vec<ConnRecord> {
+        self.log.lock().unwrap().conns.clone()
+    }
+
+    /// The requests whose path is `path` (query included).
+    pub fn requests_to(&self, path: &str) -> Vec<Record> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// JA4 of the last request's connection.
+    pub fn last_ja4(&self) -> Option<String> {
+        self.records().last()?.conn.ja4.clone()
+    }
+
+    /// The last request.
+    pub fn last(&self) -> Option<Record> {
+        self.records().last().cloned()
+    }
+
+    /// Forgets the requests recorded so far (connections stay: their
+    /// indexes are stable).
+    pub fn clear(&self) {
+        self.log.lock().unwrap().requests.clear();
+    }
+
+    /// Waits (at most `within`) until `n` requests in all have arrived
+    /// since the start; panics otherwise.
+    pub async fn wait_for_requests(&self, n: usize, within: Duration) {
+        let mut requests = self.requests.clone();
+        let waited = tokio::time::timeout(within, requests.wait_for(|seen| *seen >= n)).await;
+        assert!(
+            matches!(waited, Ok(Ok(_))),
+            "the origin saw {} request(s), not {n}, within {within:?}",
+            self.records().len()
+        );
+    }
+}
+
+async fn serve(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    log: Arc<Mutex<Log>>,
+    count: Arc<watch::Sender<usize>>,
+    close: bool,
+) {
+    let Ok((io, read)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(tcp)).await
+    else {
+        return;
+    };
+    let hello = match read {
+        HelloRead::Hello(hello) => hello.map(|h| Arc::new(*h)),
+        HelloRead::Closed => return,
+    };
+    let hello_len = io.prefix().len();
+    let index = {
+        let mut log = log.lock().unwrap();
+        let index = log.conns.len();
+        log.conns.push(ConnRecord {
+            index,
+            peer,
+            hello_len,
+            ja4: hello.as_deref().map(ja4::ja4),
+            resumed: hello.as_deref().is_some_and(ClientHello::pre_shared_key),
+            hello,
+            resumption_accepted: false,
+            alpn: None,
+            h2: None,
+        });
+        index
+    };
+    let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await else {
+        return;
+    };
+    let alpn = tls
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    {
+        let mut log = log.lock().unwrap();
+        log.conns[index].alpn = alpn.clone();
+        log.conns[index].resumption_accepted = resumed;
+    }
+    let recorder = Recorder {
+        index,
+        log,
+        count,
+        first_h1_head: Arc::new(OnceLock::new()),
+        h1_requests: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        client: Arc::new(ClientConnection::default()),
+        close,
+        answered: Arc::new(tokio::sync::Notify::new()),
+    };
+    if alpn.as_deref() == Some("h2") {
+        let io = PrefaceRecorder::new(tls, recorder.client.clone());
+        let answered = recorder.answered.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let recorder = recorder.clone();
+            async move { Ok::<_, Infallible>(recorder.answer(request)) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+        // On the first answer of a closing origin: GOAWAY, then finish the
+        // streams in flight.
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = answered.notified(), if close => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    } else {
+        let io = HeadTap::new(tls, recorder.first_h1_head.clone());
+        let service = service_fn(move |request: Request<Incoming>| {
+            let recorder = recorder.clone();
+            async move { Ok::<_, Infallible>(recorder.answer(request)) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    }
+}
+
+/// What a connection's requests are recorded with.
+#[derive(Clone)]
+struct Recorder {
+    index: usize,
+    log: Arc<Mutex<Log>>,
+    count: Arc<watch::Sender<usize>>,
+    /// Header names of the connection's first HTTP/1.1 head, as sent.
+    first_h1_head: Arc<OnceLock<Vec<String>>>,
+    h1_requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where the HTTP/2 preface is recorded.
+    client: Arc<ClientConnection>,
+    /// Close the connection after its first response.
+    close: bool,
+    /// Told when a request has been answered.
+    answered: Arc<tokio::sync::Notify>,
+}
+
+impl Recorder {
+    fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let version = request.version();
+        let first_h1 = version != http::Version::HTTP_2
+            && self
+                .h1_requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                == 0;
+        let header_names = match self.first_h1_head.get() {
+            Some(names) if first_h1 => names.clone(),
+            _ => request
+                .headers()
+                .iter()
+                .map(|(name, _)| name.as_str().to_owned())
+                .collect(),
+        };
+        let cookies: Vec<&str> = request
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let index = {
+            let mut log = self.log.lock().unwrap();
+            if let Some(preface) = self.client.h2() {
+                log.conns[self.index].h2 = Some(preface);
+            }
+            let conn = log.conns[self.index].clone();
+            log.requests.push(Record {
+                conn,
+                version,
+                method: request.method().to_string(),
+                path: path.clone(),
+                header_names,
+                cookie: (!cookies.is_empty()).then(|| cookies.join("; ")),
+            });
+            log.total += 1;
+            log.total
+        };
+        self.count.send_replace(index);
+        let mut response = Response::new(Full::new(Bytes::from(format!(
+            "ok conn {} request {index}\n",
+            self.index
+        ))));
+        *response.status_mut() = StatusCode::OK;
+        if self.close {
+            if version != http::Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, "close".parse().unwrap());
+            }
+            self.answered.notify_one();
+        }
+        if path.split('?').next() == Some("/login") {
+            let token: u128 = rand::random();
+            response.headers_mut().append(
+                "set-cookie",
+                format!("datadome={token:032x}; Max-Age=3600; Path=/; Secure; SameSite=Lax")
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        response
+    }
+}
+
+/// A stream that keeps the bytes read through it until they hold a whole
+/// HTTP/1.1 request head, then records that head's header names (in case
+/// and order) and only passes bytes through.
+struct HeadTap<T> {
+    inner: T,
+    head: Option<Vec<u8>>,
+    names: Arc<OnceLock<Vec<String>>>,
+}
+
+impl<T> HeadTap<T> {
+    fn new(inner: T, names: Arc<OnceLock<Vec<String>>>) -> HeadTap<T> {
+        HeadTap {
+            inner,
+            head: Some(Vec::new()),
+            names,
+        }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        let Some(head) = self.head.as_mut() else {
+            return;
+        };
+        head.extend_from_slice(bytes);
+        match h1_order::header_names(head) {
+            Ok(None) if head.len() < MAX_HEAD => {}
+            Ok(Some(names)) => {
+                let _ = self.names.set(names);
+                self.head = None;
+            }
+            Ok(None) | Err(_) => self.head = None,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HeadTap<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.head.is_some() {
+            let new = buf.filled()[before..].to_vec();
+            this.observe(&new);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadTap<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

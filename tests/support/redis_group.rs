@@ -1,0 +1,231 @@
+//! Redis as a fleet runs it, with what goes wrong: servers with or without
+//! persistence, a primary and its replica, Sentinels that fail the primary
+//! over, and a replica that is made to miss writes (stopped with SIGSTOP,
+//! by its own PID). Every process is started by the test, waited for by a
+//! readiness line, and killed by its handle when dropped.
+
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::procs::{free_port, require, spawn_until};
+
+/// One redis-server.
+pub struct RedisNode {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    persistent: bool,
+    replica_of: Option<u16>,
+}
+
+impl RedisNode {
+    /// A server with its data in memory only: a restart comes back empty.
+    pub async fn volatile() -> RedisNode {
+        RedisNode::launch_new(false, None).await
+    }
+
+    /// A server with an append-only file.
+    pub async fn persistent() -> RedisNode {
+        RedisNode::launch_new(true, None).await
+    }
+
+    /// A replica of the server on `primary` (no persistence of its own).
+    pub async fn replica_of(primary: u16) -> RedisNode {
+        RedisNode::launch_new(false, Some(primary)).await
+    }
+
+    async fn launch_new(persistent: bool, replica_of: Option<u16>) -> RedisNode {
+        let mut node = RedisNode {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            persistent,
+            replica_of,
+        };
+        node.launch().await;
+        node
+    }
+
+    async fn launch(&mut self) {
+        let mut command = Command::new(require("redis-server"));
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(self.dir.path());
+        if self.persistent {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        if let Some(primary) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        self.child = Some(spawn_until(command, "Ready to accept connections", false).await);
+    }
+
+    /// The store URL for pinproxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A connection for the test's own commands.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Runs one command and returns its answer.
+    pub async fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut connection = self.connection().await;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut connection).await.unwrap()
+    }
+
+    /// Keys matching `pattern` (SCAN, bounded).
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut connection = self.connection().await;
+        let mut cursor = 0u64;
+        let mut keys = Vec::new();
+        for _ in 0..10_000 {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            keys.extend(batch);
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
+        panic!("SCAN did not finish");
+    }
+
+    /// Kills the server (SIGKILL).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Kills and starts it again on the same port (and data, if persistent:
+    /// a volatile one comes back empty).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.launch().await;
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its sockets but answers
+    /// nothing, replicates nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("a running server");
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) until this replica has the primary's data.
+    pub async fn wait_in_sync(&self) {
+        for _ in 0..200 {
+            let info: String = self.command(&["INFO", "replication"]).await;
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the replica on {} never synced", self.port);
+    }
+}
+
+/// A Sentinel watching a primary as `mymaster`.
+pub struct Sentinel {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// The name the Sentinels know the group by.
+pub const SERVICE: &str = "mymaster";
+
+impl Sentinel {
+    /// Starts a Sentinel for the primary on `primary` (quorum 2, the
+    /// primary is down after 1 s).
+    pub async fn start(primary: u16) -> Sentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel resolve-hostnames no\n\
+                 sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {SERVICE} 1000\n\
+                 sentinel failover-timeout {SERVICE} 5000\n\
+                 sentinel parallel-syncs {SERVICE} 1\n"
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(require("redis-server"));
+        command.arg(&config).arg("--sentinel");
+        let child = spawn_until(command, "Sentinel ID is", false).await;
+        Sentinel {
+            port,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// The port of the primary this Sentinel points to now.
+    pub async fn primary_port(&self) -> Option<u16> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).ok()?;
+        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(SERVICE)
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        addr.get(1)?.parse().ok()
+    }
+}
+
+/// The store URL of a Sentinel group.
+pub fn sentinel_url(sentinels: &[Sentinel]) -> String {
+    let hosts: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    format!("redis+sentinel://{}/{SERVICE}", hosts.join(","))
+}
