@@ -5,6 +5,9 @@
 //!   identities with exit, age, last use, request count and credentials
 //!   (name and hash only), as `pinproxy pins` shows them;
 //! - `GET /exits`: JSON list of exits and their health;
+//! - `GET /store`: JSON: the pin store's kind, whether it answers, and the
+//!   last data loss it was seen to suffer (Redis) with what was restored
+//!   and quarantined;
 //! - `GET /healthz`: `ok`.
 
 use std::convert::Infallible;
@@ -88,6 +91,17 @@ pub struct ExitView {
     pub lanes: u64,
 }
 
+/// The pin store, as listed.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreView {
+    /// `memory`, `embedded` or `redis`.
+    pub kind: &'static str,
+    /// Whether it answers.
+    pub available: bool,
+    /// The last data loss this replica noticed (Redis only).
+    pub loss: Option<crate::store::redis::LossReport>,
+}
+
 /// What the admin endpoint reads.
 #[derive(Debug)]
 pub struct Admin {
@@ -141,10 +155,11 @@ impl Admin {
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             },
             "/exits" => json(&self.exit_views()),
+            "/store" => json(&self.store_view()),
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "try /metrics, /identities, /exits or /healthz\n".into(),
+                "try /metrics, /identities, /exits, /store or /healthz\n".into(),
             ),
         }
     }
@@ -211,6 +226,15 @@ impl Admin {
                 })
                 .collect(),
         })
+    }
+
+    fn store_view(&self) -> StoreView {
+        let store = self.router.store();
+        StoreView {
+            kind: store.kind(),
+            available: store.available(),
+            loss: store.loss_report(),
+        }
     }
 
     fn exit_views(&self) -> Vec<ExitView> {

@@ -268,6 +268,15 @@ impl Store {
         }
     }
 
+    /// `memory`, `embedded` or `redis`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Durable(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+
     /// Whether the store is answering (only a remote store can be down).
     pub fn available(&self) -> bool {
         match self {

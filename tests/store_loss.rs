@@ -47,7 +47,9 @@ impl Fleet {
             for file in ["ca.pem", "ca-key.pem"] {
                 std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
             }
-            replicas.push(Some(PinproxyProcess::start(dir.path(), &args).await));
+            replicas.push(Some(
+                PinproxyProcess::start_with_admin(dir.path(), &args).await,
+            ));
             dirs.push(dir);
         }
         let clients = replicas
@@ -67,6 +69,11 @@ impl Fleet {
         }
     }
 
+    /// Replica `i`, which must be running.
+    fn replica(&self, i: usize) -> &PinproxyProcess {
+        self.replicas[i].as_ref().expect("replica running")
+    }
+
     /// Stops replica `i` (SIGKILL); its data directory stays.
     async fn stop(&mut self, i: usize) {
         if let Some(replica) = self.replicas[i].take() {
@@ -76,7 +83,7 @@ impl Fleet {
 
     /// Starts replica `i` again on its data directory.
     async fn restart(&mut self, i: usize) {
-        let replica = PinproxyProcess::start(self.dirs[i].path(), &self.args).await;
+        let replica = PinproxyProcess::start_with_admin(self.dirs[i].path(), &self.args).await;
         self.clients[i] = ProxyClient::new(replica.addr, &replica.ca_pem());
         self.replicas[i] = Some(replica);
     }
@@ -197,6 +204,32 @@ async fn survives_a_wipe(wipe: impl AsyncFnOnce(&mut RedisNode)) {
         orphaned.lost, 2,
         "a cookie no live journal holds is answered as lost, never pinned anew"
     );
+
+    // The loss shows in the admin endpoint and the metrics of each live
+    // replica: what its journal restored and what it quarantined.
+    let mut restored = 0;
+    let mut quarantined = 0;
+    for replica in up {
+        let view: serde_json::Value =
+            serde_json::from_str(&fleet.replica(replica).admin_get("/store").await).unwrap();
+        assert_eq!(view["kind"], "redis");
+        let loss = &view["loss"];
+        assert!(
+            loss.is_object(),
+            "replica {replica} reports no loss: {view}"
+        );
+        restored += loss["restored"].as_u64().unwrap();
+        quarantined += loss["quarantined"].as_u64().unwrap();
+        let metrics = fleet.replica(replica).admin_get("/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("pinproxy_store_losses_total ") && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+    }
+    assert!(restored >= 18, "the journals restored {restored} pins");
+    assert!(quarantined >= 1, "the orphan was quarantined");
 
     // Replica 2 comes back: its journal restores its pins, but the orphan
     // was already answered as lost; it stays lost (a guess is never made).

@@ -193,6 +193,8 @@ pub struct PinproxyProcess {
     pub addr: std::net::SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Its admin endpoint, when started with one.
+    pub admin: Option<std::net::SocketAddr>,
     child: Child,
 }
 
@@ -211,7 +213,24 @@ impl PinproxyProcess {
         rust_log: &str,
         record: Option<Lines>,
     ) -> PinproxyProcess {
+        PinproxyProcess::launch(data_dir, args, rust_log, record, false).await
+    }
+
+    /// [`PinproxyProcess::start`] with an admin endpoint on a free port.
+    pub async fn start_with_admin(data_dir: &std::path::Path, args: &[String]) -> PinproxyProcess {
+        PinproxyProcess::launch(data_dir, args, "warn", None, true).await
+    }
+
+    async fn launch(
+        data_dir: &std::path::Path,
+        args: &[String],
+        rust_log: &str,
+        record: Option<Lines>,
+        with_admin: bool,
+    ) -> PinproxyProcess {
         let port = free_port();
+        let admin = with_admin.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let admin_arg = admin.map_or_else(|| "off".to_owned(), |a| a.to_string());
         let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
         command
             .args([
@@ -219,7 +238,7 @@ impl PinproxyProcess {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--admin",
-                "off",
+                &admin_arg,
             ])
             .arg("--data-dir")
             .arg(data_dir)
@@ -229,8 +248,31 @@ impl PinproxyProcess {
         PinproxyProcess {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             data_dir: data_dir.to_owned(),
+            admin,
             child,
         }
+    }
+
+    /// `GET http://ADMIN{path}`: the body of the admin endpoint's answer.
+    pub async fn admin_get(&self, path: &str) -> String {
+        let admin = self.admin.expect("started with an admin endpoint");
+        let output = tokio::time::timeout(
+            Duration::from_secs(10),
+            Command::new(require("curl"))
+                .args(["-sS", "--fail", "--noproxy", "*"])
+                .arg(format!("http://{admin}{path}"))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the admin endpoint answers within 10 s")
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "GET {path}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
     }
 
     /// `kill -9`.

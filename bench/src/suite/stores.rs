@@ -1,7 +1,8 @@
 //! The pin store phase (in the report's scale chapter):
 //! `pinproxy store bench` against an empty store of each kind (memory, the
 //! embedded durable store, and a throwaway local `redis-server` when there
-//! is one) with 1 and 64 writers; then the embedded store filled to scale,
+//! is one, also with a replica and `store.wait_replicas = 1`, which is what
+//! `WAIT` costs a new pin) with 1 and 64 writers; then the embedded store filled to scale,
 //! opened by `pinproxy store stats` and by a daemon, next to a daemon on an
 //! empty store.
 
@@ -87,9 +88,20 @@ fn run(suite: &mut Suite) -> Result<()> {
     };
     let mut kinds: Vec<(&str, Option<String>)> =
         vec![("memory", Some("memory".into())), ("embedded", None)];
+    let mut replica = None;
     if let Some(redis) = &redis {
         let port = redis.addr.port();
         kinds.push(("redis", Some(format!("redis://127.0.0.1:{port}"))));
+        match start_replica(suite, redis) {
+            Ok(started) => {
+                replica = Some(started);
+                kinds.push((REDIS_WAIT, Some(format!("redis://127.0.0.1:{port}"))));
+            }
+            Err(e) => suite
+                .results
+                .notes
+                .push(format!("no Redis replica, so no WAIT row: {e:#}")),
+        }
     }
     let mut runs = 0;
     for (kind, store) in kinds {
@@ -103,7 +115,7 @@ fn run(suite: &mut Suite) -> Result<()> {
             // A scratch store per run: a Redis database of its own, an
             // empty data directory for the others.
             let store = store.as_ref().map(|url| match kind {
-                "redis" => format!("{url}/{runs}"),
+                "redis" | REDIS_WAIT => format!("{url}/{runs}"),
                 _ => url.clone(),
             });
             let data = suite.dir.join(format!("store-bench-{runs}"));
@@ -115,6 +127,7 @@ fn run(suite: &mut Suite) -> Result<()> {
             suite.results.stores.push(row);
         }
     }
+    drop(replica);
     drop(redis);
     if suite.config.store_scale_pins > 0 {
         store_scale(suite)?;
@@ -135,6 +148,15 @@ fn store_bench(
     cmd.args(["store", "--data-dir", path_str(data)?]);
     if let Some(store) = store {
         cmd.args(["--store", store]);
+    }
+    if kind == REDIS_WAIT {
+        std::fs::create_dir_all(data)?;
+        let config = data.join("wait.toml");
+        std::fs::write(
+            &config,
+            "[store]\nwait_replicas = 1\nwait_timeout = \"2s\"\n",
+        )?;
+        cmd.args(["--config", path_str(&config)?]);
     }
     cmd.args(["bench", "--pins", &pins.to_string()])
         .args(["--concurrency", &concurrency.to_string()]);
@@ -205,6 +227,50 @@ fn store_scale(suite: &mut Suite) -> Result<()> {
     Ok(())
 }
 
+/// The store row of Redis with `store.wait_replicas = 1`.
+const REDIS_WAIT: &str = "redis + WAIT 1";
+
+/// Starts a replica of `primary` and waits (bounded) until it is in sync,
+/// asking the primary with `redis-cli`.
+fn start_replica(suite: &Suite, primary: &Server) -> Result<Server> {
+    let program = find_program("redis-server").context("redis-server")?;
+    let cli = find_program("redis-cli").context("redis-cli not found")?;
+    let addr = free_addr()?;
+    let mut cmd = Command::new(program);
+    cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--dir", path_str(&suite.dir)?])
+        .args(["--dbfilename", "replica.rdb"])
+        .args(["--replicaof", "127.0.0.1", &primary.addr.port().to_string()]);
+    let log = suite.dir.join("redis-replica.log");
+    let replica = start_server(
+        "redis-replica",
+        &mut cmd,
+        addr,
+        &log,
+        Duration::from_secs(20),
+        None,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut info = Command::new(&cli);
+        info.args([
+            "-p",
+            &primary.addr.port().to_string(),
+            "INFO",
+            "replication",
+        ]);
+        let text = run_bounded(&mut info, Duration::from_secs(5))?;
+        if text.contains("state=online") {
+            return Ok(replica);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the replica did not come online within 20 s");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts a throwaway `redis-server` (no persistence) on a free port.
 fn start_redis(suite: &Suite, program: &Path) -> Result<Server> {
     let addr = free_addr()?;
@@ -254,7 +320,9 @@ fn render(results: &Results, out: &mut String) {
          with a never-seen cookie waits on. For the embedded store that includes the \
          durable commit (fsync), shared by the writers waiting at the same time; Redis is a \
          local `redis-server` without persistence, so its figures are one loopback round \
-         trip and the script, not a disk.\n"
+         trip and the script, not a disk; `redis + WAIT 1` adds a local replica and \
+         `store.wait_replicas = 1`, so each new pin also waits for the replica's \
+         acknowledgement.\n"
     );
     if !results.stores.is_empty() {
         let _ = writeln!(
