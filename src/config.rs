@@ -107,9 +107,11 @@ impl Default for Config {
 pub struct StoreConfig {
     /// `embedded` (the default: a durable redb file in the data directory),
     /// `memory` (nothing survives a restart), `redis://host:port/db` (shared
-    /// by a fleet of replicas) or
+    /// by a fleet of replicas),
     /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` (the primary
-    /// of a Sentinel-managed group, followed through failovers).
+    /// of a Sentinel-managed group, followed through failovers) or
+    /// `redis+cluster://HOST:PORT[,HOST:PORT...]` (a Redis Cluster; every
+    /// key hash-tagged into one slot, followed when the slot moves).
     pub url: String,
     /// Prefix of every Redis key (replicas sharing pins use the same one).
     pub namespace: String,
@@ -155,7 +157,7 @@ pub enum StoreKind {
     Memory,
     /// Redis.
     Redis {
-        /// `redis://...` or `redis+sentinel://...`
+        /// `redis://...`, `redis+sentinel://...` or `redis+cluster://...`
         url: String,
         /// Key prefix.
         namespace: String,
@@ -647,14 +649,15 @@ impl StoreConfig {
             "memory" => Ok(StoreKind::Memory),
             url if url.starts_with("redis://")
                 || url.starts_with("rediss://")
-                || url.starts_with("redis+sentinel://") =>
+                || url.starts_with("redis+sentinel://")
+                || url.starts_with("redis+cluster://") =>
             {
                 if self.namespace.is_empty() || self.namespace.contains([' ', '{', '}']) {
                     return Err(ConfigError::Limit(
                         "store.namespace must be non-empty, without spaces or braces".into(),
                     ));
                 }
-                crate::store::redis::link::Target::parse(url)
+                crate::store::redis::link::Target::parse(url, &self.namespace)
                     .map_err(|e| ConfigError::Limit(e.to_string()))?;
                 Ok(StoreKind::Redis {
                     url: url.to_owned(),
@@ -665,8 +668,8 @@ impl StoreConfig {
                 })
             }
             other => Err(ConfigError::Limit(format!(
-                "store.url {other:?}: use embedded, memory, redis://host:port/db or \
-                 redis+sentinel://host:port,.../service"
+                "store.url {other:?}: use embedded, memory, redis://host:port/db, \
+                 redis+sentinel://host:port,.../service or redis+cluster://host:port,..."
             ))),
         }
     }

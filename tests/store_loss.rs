@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use support::origin::reported_peer;
 use support::procs::PinproxyProcess;
-use support::redis_group::{sentinel_url, RedisNode, Sentinel};
+use support::redis_group::{sentinel_url, RedisCluster, RedisNode, Sentinel};
 use support::{Jar, Origin, ProxyClient, TestExit};
 
 /// Replicas of pinproxy on one store, with four exits.
@@ -369,5 +369,47 @@ async fn with_wait_a_new_pin_is_on_the_replica_before_its_response() {
             .contains("wait_replicas"),
         "{:?}",
         reply.pinproxy_error()
+    );
+}
+
+/// A fleet on a three-node Redis Cluster: every key of the namespace is in
+/// one slot (the `{pinproxy}` hash tag), identities keep their exit, and
+/// when that slot moves to another node (a resharding) the replicas follow
+/// it: nothing leaks and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_serves_the_fleet_and_a_moved_slot_is_followed() {
+    let cluster = RedisCluster::start().await;
+    let fleet = Fleet::start(3, &cluster.url(), &[]).await;
+    let all = [0, 1, 2];
+    let mut clients = log_in(&fleet, 12, &all).await;
+    assert_eq!(pages(&fleet, &mut clients, &all).await.kept, 12 * 3);
+
+    let holders = cluster.holders("{pinproxy}:*").await;
+    assert_eq!(
+        holders.len(),
+        1,
+        "one node holds the namespace: {holders:?}"
+    );
+    assert!(
+        cluster.holders("pinproxy:*").await.is_empty(),
+        "every key is hash-tagged"
+    );
+    let (from, keys) = holders[0];
+    assert!(keys >= 12 * 2, "{keys} keys");
+
+    let slot = cluster.slot_of("{pinproxy}").await;
+    let to = (from + 1) % 3;
+    cluster.move_slot(slot, from, to).await;
+    assert_eq!(cluster.holders("{pinproxy}:*").await, vec![(to, keys)]);
+
+    let outcome = pages(&fleet, &mut clients, &all).await;
+    assert_eq!(outcome.lost, 0, "a moved slot is not a loss");
+    assert_eq!(outcome.kept, 12 * 3);
+    let mut fresh = log_in(&fleet, 3, &all).await;
+    assert_eq!(pages(&fleet, &mut fresh, &all).await.kept, 3 * 3);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
     );
 }

@@ -1,6 +1,8 @@
 //! The Redis pin store, for a fleet of replicas that must agree on every pin.
 //!
-//! Keys (all under the configured namespace `NS`):
+//! Keys (all under the configured namespace `NS`; in a Redis Cluster `NS`
+//! is written `{NS}`, a hash tag that puts every key in one slot, see
+//! [`link`]):
 //! - `NS:hash-key`: the pin-hashing key every replica uses (the first
 //!   replica's key wins, `SET NX`), so the same cookie hashes alike everywhere;
 //! - `NS:pin:HASH`: one pin; the value starts with the 16 hex digits of its
@@ -101,6 +103,8 @@ pub struct RedisStore {
 struct Inner {
     link: Link,
     namespace: String,
+    /// What every key starts with: the namespace, hash-tagged in a cluster.
+    prefix: String,
     /// Lifetime of pins and live identities, in ms.
     pin_ttl_ms: u64,
     /// How long retired identities are remembered, in ms.
@@ -151,8 +155,9 @@ impl RedisStore {
         tasks: TaskTracker,
         metrics: Arc<Metrics>,
     ) -> Result<RedisStore, StoreError> {
+        let prefix = key_prefix(&settings.url, &settings.namespace);
         let link = Link::new(
-            Target::parse(&settings.url)?,
+            Target::parse(&settings.url, &format!("{prefix}:epoch"))?,
             settings.wait.map(|w| w.timeout),
         )?;
         let store = RedisStore {
@@ -160,6 +165,7 @@ impl RedisStore {
                 link,
                 generation: Generation::load(generation_file, &settings.namespace),
                 namespace: settings.namespace,
+                prefix,
                 pin_ttl_ms: settings.pin_ttl_ms,
                 keep_retired_ms: settings.keep_retired_ms,
                 tasks,
@@ -197,7 +203,7 @@ impl RedisStore {
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}:{kind}:{id}", self.inner.namespace)
+        format!("{}:{kind}:{id}", self.inner.prefix)
     }
 
     fn identity_key(&self, id: IdentityId) -> String {
@@ -209,15 +215,15 @@ impl RedisStore {
     }
 
     fn identity_prefix(&self) -> String {
-        format!("{}:id:", self.inner.namespace)
+        format!("{}:id:", self.inner.prefix)
     }
 
     fn epoch_key(&self) -> String {
-        format!("{}:epoch", self.inner.namespace)
+        format!("{}:epoch", self.inner.prefix)
     }
 
     fn seq_key(&self) -> String {
-        format!("{}:seq", self.inner.namespace)
+        format!("{}:seq", self.inner.prefix)
     }
 
     /// Runs a generation-reporting script (see `scripts`) and checks the
@@ -287,7 +293,7 @@ impl RedisStore {
     /// The fleet's pin-hashing key: `local` unless another replica set one
     /// first.
     pub async fn shared_hash_key(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
-        let key = format!("{}:hash-key", self.inner.namespace);
+        let key = format!("{}:hash-key", self.inner.prefix);
         let mut connection = self.connection()?;
         let _: Option<String> = self.note(
             redis::cmd("SET")
@@ -477,6 +483,16 @@ impl RedisStore {
     }
 }
 
+/// What every key of `namespace` starts with: in a Redis Cluster the
+/// namespace as a hash tag (`{NS}`), so all its keys share one slot.
+fn key_prefix(url: &str, namespace: &str) -> String {
+    if url.starts_with("redis+cluster://") {
+        format!("{{{namespace}}}")
+    } else {
+        namespace.to_owned()
+    }
+}
+
 /// Checks the link and the generation until the store is dropped.
 async fn check_loop(inner: Weak<Inner>) {
     let mut rounds = 0u32;
@@ -636,7 +652,7 @@ impl PinStore for RedisStore {
 
     async fn list(&self) -> Result<Vec<Listing>, StoreError> {
         let mut connection = self.connection()?;
-        let pattern = format!("{}:id:*", self.inner.namespace);
+        let pattern = format!("{}:id:*", self.inner.prefix);
         let ids: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
         let mut listings = Vec::new();
         for key in ids {
@@ -648,7 +664,7 @@ impl PinStore for RedisStore {
                 });
             }
         }
-        let pattern = format!("{}:pin:*", self.inner.namespace);
+        let pattern = format!("{}:pin:*", self.inner.prefix);
         let pins: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
         for key in pins {
             let Some(hex) = key.rsplit(':').next() else {
@@ -698,7 +714,7 @@ impl PinStore for RedisStore {
     }
 
     async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
-        let keys = [format!("{}:exit-deaths", self.inner.namespace)];
+        let keys = [format!("{}:exit-deaths", self.inner.prefix)];
         let args = [
             exit.as_str().as_bytes().to_vec(),
             at_ms.to_string().into_bytes(),
@@ -712,7 +728,7 @@ impl PinStore for RedisStore {
         let mut connection = self.connection()?;
         let deaths: Vec<(String, u64)> = self.note(
             connection
-                .hgetall(format!("{}:exit-deaths", self.inner.namespace))
+                .hgetall(format!("{}:exit-deaths", self.inner.prefix))
                 .await,
         )?;
         Ok(deaths

@@ -1,7 +1,8 @@
 //! Redis as a fleet runs it, with what goes wrong: servers with or without
 //! persistence, a primary and its replica, Sentinels that fail the primary
 //! over, and a replica that is made to miss writes (stopped with SIGSTOP,
-//! by its own PID). Every process is started by the test, waited for by a
+//! by its own PID), and a three-node Redis Cluster whose slots can be moved
+//! between nodes. Every process is started by the test, waited for by a
 //! readiness line, and killed by its handle when dropped.
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ pub struct RedisNode {
     dir: tempfile::TempDir,
     persistent: bool,
     replica_of: Option<u16>,
+    cluster: bool,
 }
 
 impl RedisNode {
@@ -36,13 +38,23 @@ impl RedisNode {
         RedisNode::launch_new(false, Some(primary)).await
     }
 
+    /// A node of a Redis Cluster (no slots yet: see [`RedisCluster`]).
+    pub async fn cluster_member() -> RedisNode {
+        RedisNode::launch_with(false, None, true).await
+    }
+
     async fn launch_new(persistent: bool, replica_of: Option<u16>) -> RedisNode {
+        RedisNode::launch_with(persistent, replica_of, false).await
+    }
+
+    async fn launch_with(persistent: bool, replica_of: Option<u16>, cluster: bool) -> RedisNode {
         let mut node = RedisNode {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
             persistent,
             replica_of,
+            cluster,
         };
         node.launch().await;
         node
@@ -64,6 +76,12 @@ impl RedisNode {
         }
         if let Some(primary) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        if self.cluster {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(self.dir.path().join("nodes.conf"));
         }
         self.child = Some(spawn_until(command, "Ready to accept connections", false).await);
     }
@@ -228,4 +246,121 @@ pub fn sentinel_url(sentinels: &[Sentinel]) -> String {
         .map(|s| format!("127.0.0.1:{}", s.port))
         .collect();
     format!("redis+sentinel://{}/{SERVICE}", hosts.join(","))
+}
+
+/// Three Redis Cluster primaries sharing the 16384 slots evenly.
+pub struct RedisCluster {
+    /// The nodes, in slot order (node 0 serves slots 0-5460, ...).
+    pub nodes: Vec<RedisNode>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, introduces them (`CLUSTER MEET`), gives each a
+    /// third of the slots and waits (bounded) until the cluster is up.
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(RedisNode::cluster_member().await);
+        }
+        for other in &nodes[1..] {
+            let _: () = nodes[0]
+                .command(&["CLUSTER", "MEET", "127.0.0.1", &other.port.to_string()])
+                .await;
+        }
+        for (node, (start, end)) in nodes.iter().zip([(0, 5460), (5461, 10922), (10923, 16383)]) {
+            let _: () = node
+                .command(&[
+                    "CLUSTER",
+                    "ADDSLOTSRANGE",
+                    &start.to_string(),
+                    &end.to_string(),
+                ])
+                .await;
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_up().await;
+        cluster
+    }
+
+    async fn wait_until_up(&self) {
+        for _ in 0..400 {
+            let mut up = true;
+            for node in &self.nodes {
+                let info: String = node.command(&["CLUSTER", "INFO"]).await;
+                up &= info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3");
+            }
+            if up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the cluster never came up");
+    }
+
+    /// The store URL naming every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The nodes holding keys that match `pattern`, and how many each.
+    pub async fn holders(&self, pattern: &str) -> Vec<(usize, usize)> {
+        let mut holders = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let keys = node.keys(pattern).await.len();
+            if keys > 0 {
+                holders.push((i, keys));
+            }
+        }
+        holders
+    }
+
+    /// The slot of `key`.
+    pub async fn slot_of(&self, key: &str) -> i64 {
+        self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await
+    }
+
+    /// Moves `slot` with its keys from node `from` to node `to` (the
+    /// resharding steps: IMPORTING, MIGRATING, MIGRATE every key, then
+    /// SETSLOT NODE on every node).
+    pub async fn move_slot(&self, slot: i64, from: usize, to: usize) {
+        let slot = slot.to_string();
+        let from_id: String = self.nodes[from].command(&["CLUSTER", "MYID"]).await;
+        let to_id: String = self.nodes[to].command(&["CLUSTER", "MYID"]).await;
+        let _: () = self.nodes[to]
+            .command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+            .await;
+        let _: () = self.nodes[from]
+            .command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+            .await;
+        let target_port = self.nodes[to].port.to_string();
+        for _ in 0..10_000 {
+            let keys: Vec<String> = self.nodes[from]
+                .command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .await;
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "KEYS",
+            ];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = self.nodes[from].command(&args).await;
+        }
+        for node in &self.nodes {
+            let _: () = node
+                .command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+                .await;
+        }
+    }
 }

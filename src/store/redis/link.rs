@@ -1,11 +1,19 @@
 //! How the Redis store reaches its server: the server a `redis://` URL
-//! names, or the current primary of a Sentinel-managed group
-//! (`redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`), asked anew
-//! after a failover.
+//! names, the current primary of a Sentinel-managed group
+//! (`redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`), or, in a
+//! Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`), the primary
+//! that serves the namespace's slot; both are asked anew after a failover.
 //!
-//! A command that fails on the connection, or lands on a server that has
-//! become a replica (`READONLY`), marks the store unavailable; the store's
-//! background check then finds the primary again.
+//! In a cluster every key of a namespace carries the hash tag `{NS}`, so
+//! they all live in one slot: the store's scripts read and write several
+//! keys at once (pins, their identities, the generation), which a cluster
+//! allows only within one slot. The cluster then gives the namespace
+//! failover, not sharding; one node holds it (see the README's scale notes).
+//!
+//! A command that fails on the connection, lands on a server that has
+//! become a replica (`READONLY`), or on a node that no longer serves the
+//! slot (`MOVED`, `CLUSTERDOWN`, ...), marks the store unavailable; the
+//! store's background check then finds the primary again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
@@ -35,32 +43,55 @@ pub enum Target {
         /// The database number.
         db: i64,
     },
+    /// The primary serving the slot of `slot_key` in a Redis Cluster.
+    Cluster {
+        /// Seed nodes to ask for the slot map.
+        nodes: Vec<(String, u16)>,
+        /// A key of the namespace (hash-tagged): its slot is the one used.
+        slot_key: String,
+    },
 }
 
 impl Target {
-    /// Parses `redis://...`, `rediss://...` or
-    /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`.
-    pub fn parse(url: &str) -> Result<Target, StoreError> {
+    /// Parses `redis://...`, `rediss://...`,
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` or
+    /// `redis+cluster://HOST:PORT[,HOST:PORT...]`; `slot_key` is a key of
+    /// the namespace (hash-tagged in a cluster).
+    pub fn parse(url: &str, slot_key: &str) -> Result<Target, StoreError> {
         let bad = |why: &str| {
             StoreError::new(
                 StoreErrorKind::Protocol,
                 format!("store URL {url:?}: {why}"),
             )
         };
+        let hosts = |list: &str| {
+            list.split(',')
+                .map(|host| {
+                    crate::net::HostPort::parse(host)
+                        .map(|hp| (hp.host, hp.port))
+                        .map_err(|e| bad(&e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let list = rest.strip_suffix('/').unwrap_or(rest);
+            if list.contains('/') {
+                return Err(bad(
+                    "a cluster has no databases: redis+cluster://HOST:PORT[,HOST:PORT...]",
+                ));
+            }
+            return Ok(Target::Cluster {
+                nodes: hosts(list)?,
+                slot_key: slot_key.to_owned(),
+            });
+        }
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
             return Ok(Target::Direct(url.to_owned()));
         };
-        let (hosts, path) = rest
+        let (list, path) = rest
             .split_once('/')
             .ok_or_else(|| bad("expected redis+sentinel://HOST:PORT,.../SERVICE[/DB]"))?;
-        let sentinels = hosts
-            .split(',')
-            .map(|host| {
-                crate::net::HostPort::parse(host)
-                    .map(|hp| (hp.host, hp.port))
-                    .map_err(|e| bad(&e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let sentinels = hosts(list)?;
         let (service, db) = match path.split_once('/') {
             Some((service, db)) => (
                 service,
@@ -169,6 +200,7 @@ impl Link {
                         .map_err(|e| redis_error(&e))?;
                 (None, Some(tokio::sync::Mutex::new(client)))
             }
+            Target::Cluster { .. } => (None, None),
         };
         Ok(Link {
             target,
@@ -217,7 +249,7 @@ impl Link {
                 Ok(value)
             }
             Err(e) => {
-                if is_connection_error(&e) || is_read_only(&e) {
+                if is_connection_error(&e) || is_misrouted(&e) {
                     self.available.store(false, Ordering::Relaxed);
                 }
                 Err(redis_error(&e))
@@ -230,22 +262,27 @@ impl Link {
         self.available.store(false, Ordering::Relaxed);
     }
 
-    /// With Sentinel: asks the sentinels for the current primary and
-    /// switches to it if it moved. Without: nothing to do.
+    /// With Sentinel: asks the sentinels for the current primary; in a
+    /// cluster: asks the nodes which primary serves the namespace's slot;
+    /// switches to it if it moved. A single server: nothing to do.
     pub async fn find_primary(&self) -> Result<(), StoreError> {
-        let Some(sentinel) = &self.sentinel else {
-            return Ok(());
+        let client = match (&self.target, &self.sentinel) {
+            (_, Some(sentinel)) => sentinel
+                .lock()
+                .await
+                .async_get_client()
+                .await
+                .map_err(|e| redis_error(&e))?,
+            (Target::Cluster { nodes, slot_key }, None) => {
+                let (host, port) = slot_owner(nodes, slot_key).await?;
+                redis::Client::open(ConnectionAddr::Tcp(host, port)).map_err(|e| redis_error(&e))?
+            }
+            _ => return Ok(()),
         };
-        let client = sentinel
-            .lock()
-            .await
-            .async_get_client()
-            .await
-            .map_err(|e| redis_error(&e))?;
         let address = client.get_connection_info().addr().to_string();
         let mut known = self.address.write().unwrap_or_else(|e| e.into_inner());
         if known.as_deref() != Some(address.as_str()) {
-            tracing::info!(primary = %address, "Redis primary (from the sentinels)");
+            tracing::info!(primary = %address, "Redis primary found");
             let connections = Connections::open(&client, self.wait)?;
             *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(connections);
             *known = Some(address);
@@ -254,7 +291,140 @@ impl Link {
     }
 }
 
-/// Whether a write landed on a server that is now a replica.
-fn is_read_only(e: &redis::RedisError) -> bool {
-    e.code() == Some("READONLY")
+/// Whether a command landed where it may not run: a server that is now a
+/// replica, or a cluster node that no longer serves the slot.
+fn is_misrouted(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("READONLY" | "MOVED" | "ASK" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN")
+    )
+}
+
+/// Asks the cluster's nodes, in turn, which primary serves `slot_key`'s
+/// slot (`CLUSTER KEYSLOT`, then `CLUSTER SLOTS`).
+async fn slot_owner(nodes: &[(String, u16)], slot_key: &str) -> Result<(String, u16), StoreError> {
+    let mut last = StoreError::new(StoreErrorKind::Unreachable, "no cluster node given");
+    for (host, port) in nodes {
+        match ask_slot_owner(host, *port, slot_key).await {
+            Ok(owner) => return Ok(owner),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn ask_slot_owner(
+    host: &str,
+    port: u16,
+    slot_key: &str,
+) -> Result<(String, u16), StoreError> {
+    let client = redis::Client::open(ConnectionAddr::Tcp(host.to_owned(), port))
+        .map_err(|e| redis_error(&e))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| redis_error(&e))?;
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(slot_key)
+        .query_async(&mut connection)
+        .await
+        .map_err(|e| redis_error(&e))?;
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut connection)
+        .await
+        .map_err(|e| redis_error(&e))?;
+    owner_in_slot_map(&ranges, slot, host).ok_or_else(|| {
+        StoreError::new(
+            StoreErrorKind::Unreachable,
+            format!("cluster node {host}:{port}: no primary serves slot {slot}"),
+        )
+    })
+}
+
+/// The primary of `slot` in a `CLUSTER SLOTS` reply: each entry is
+/// `[start, end, [ip, port, id, ...], replicas...]`. An empty ip means the
+/// node that answered (`asked`).
+fn owner_in_slot_map(ranges: &[redis::Value], slot: i64, asked: &str) -> Option<(String, u16)> {
+    use redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    ranges.iter().find_map(|range| {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
+        if !(start..=end).contains(&slot) {
+            return None;
+        }
+        let Value::Array(primary) = parts.get(2)? else {
+            return None;
+        };
+        let ip = match primary.first()? {
+            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
+            Value::SimpleString(text) => text.clone(),
+            _ => return None,
+        };
+        let port = u16::try_from(int(primary.get(1)?)?).ok()?;
+        let ip = if ip.is_empty() { asked.to_owned() } else { ip };
+        Some((ip, port))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    #[test]
+    fn cluster_urls_parse_and_refuse_databases() {
+        let target = Target::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/", "{ns}:x");
+        assert_eq!(
+            target.ok(),
+            Some(Target::Cluster {
+                nodes: vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)],
+                slot_key: "{ns}:x".into(),
+            })
+        );
+        assert!(Target::parse("redis+cluster://127.0.0.1:7000/2", "k").is_err());
+    }
+
+    #[test]
+    fn the_slot_map_names_the_primary_of_the_slot() {
+        let node = |ip: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(ip.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let ranges = vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7000),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node("", 7001),
+                node("127.0.0.1", 7004),
+            ]),
+        ];
+        assert_eq!(
+            owner_in_slot_map(&ranges, 0, "h"),
+            Some(("127.0.0.1".into(), 7000))
+        );
+        assert_eq!(
+            owner_in_slot_map(&ranges, 6000, "h"),
+            Some(("h".into(), 7001))
+        );
+        assert_eq!(owner_in_slot_map(&ranges, 16000, "h"), None);
+    }
 }
