@@ -13,6 +13,13 @@ COPY config ./config
 RUN cargo build --release --locked && strip target/release/pinproxy
 
 FROM debian:bookworm-slim
+# The system's OpenSSL (libssl3), opened at run time: in mirror mode it says
+# the ClientHellos of OpenSSL-family clients (curl, Python, Node) that
+# BoringSSL cannot. Without it pinproxy still runs, mirroring them with
+# BoringSSL and reporting what it cannot say. It sets every list of the
+# hello itself, so no openssl.cnf is needed.
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends libssl3 && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /var/lib/pinproxy --create-home pinproxy
 COPY --from=build /src/target/release/pinproxy /usr/local/bin/pinproxy
 COPY config/pinproxy.example.toml /etc/pinproxy/pinproxy.example.toml

@@ -1,5 +1,7 @@
 //! The admin endpoint, on its own listener (loopback unless `allow_remote`):
 //!
+//! - `GET /`: the live page, and `GET /summary`, the JSON it polls
+//!   ([`page`]);
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /identities` (`?all=1` to include retired ones): JSON list of
 //!   identities with exit, age, last use, request count and credentials
@@ -8,7 +10,13 @@
 //! - `GET /store`: JSON: the pin store's kind, whether it answers, and the
 //!   last data loss it was seen to suffer (Redis) with what was restored
 //!   and quarantined;
-//! - `GET /healthz`: `ok`.
+//! - `GET /healthz`: `ok`;
+//! - the operations routes ([`control`]): `POST /reload`,
+//!   `POST /exits/ID/drain|undrain`, `DELETE /identities/ID`,
+//!   `DELETE /pins/NAME%23HASH`, `GET /readyz`.
+
+pub mod control;
+pub mod page;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::{self, Body};
-use crate::exits::ExitSet;
+use crate::exits::LiveExits;
 use crate::metrics::{ExitLabel, Metrics};
 use crate::routing::{ends, Router};
 use crate::store::{Listing, PinStore as _, StoreError};
@@ -85,6 +93,12 @@ pub struct ExitView {
     pub url: String,
     /// `healthy`, `unhealthy` or `dead`.
     pub state: String,
+    /// Drained by an operator (no new identities, no rotated traffic).
+    #[serde(default)]
+    pub drained: bool,
+    /// Share of rotation and new identities.
+    #[serde(default)]
+    pub weight: u32,
     /// When it last died, Unix ms.
     pub died_at_ms: Option<u64>,
     /// Live connection pools (identities and anonymous sessions).
@@ -107,10 +121,14 @@ pub struct StoreView {
 pub struct Admin {
     /// Identities.
     pub router: Arc<Router>,
-    /// Exits.
-    pub exits: Arc<ExitSet>,
+    /// Exits (the set in force; a reload swaps it).
+    pub exits: Arc<LiveExits>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Reload, drain and evict.
+    pub control: control::Control,
+    /// The listing snapshot the live page and the alive gauge read.
+    pub page: page::Snapshots,
 }
 
 /// Serves the admin endpoint until shutdown.
@@ -127,20 +145,26 @@ pub async fn serve(
         };
         let Ok((stream, _)) = accepted else { continue };
         let admin = admin.clone();
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let service = service_fn(move |request| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(request).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            // A kept-alive admin client (a metrics scraper) must not hold
+            // up a graceful stop: its connection ends after its request.
+            let _ = crate::front::listener::drive(conn, &shutdown, |c| c.graceful_shutdown()).await;
         });
     }
 }
 
 impl Admin {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if let Some(response) = control::handle(self, &request).await {
+            return response;
+        }
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
@@ -149,7 +173,9 @@ impl Admin {
             .query()
             .is_some_and(|q| q.split('&').any(|p| p == "all=1"));
         match request.uri().path() {
-            "/metrics" => text(StatusCode::OK, self.metrics_text()),
+            "/" => page::page(),
+            "/summary" => self.summary().await,
+            "/metrics" => text(StatusCode::OK, self.metrics_text().await),
             "/identities" => match self.identities(all).await {
                 Ok(views) => json(&views),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
@@ -159,12 +185,13 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "try /metrics, /identities, /exits, /store or /healthz\n".into(),
+                "try / (the live page), /summary, /metrics, /identities, /exits, /store, /healthz or /readyz\n".into(),
             ),
         }
     }
 
-    fn metrics_text(&self) -> String {
+    async fn metrics_text(&self) -> String {
+        self.refresh_alive().await;
         for exit in self.exits.iter() {
             self.metrics
                 .exit_state
@@ -192,7 +219,7 @@ impl Admin {
         let Listing { identity, pins } = listing;
         let (state, reason) = match &identity.retired {
             Some(r) => ("retired", Some(r.reason.to_string())),
-            None => match ends(&identity, &self.exits, self.router.policies(), now) {
+            None => match ends(&identity, &self.exits.load(), &self.router.policies(), now) {
                 Some(reason) => ("ending", Some(reason.to_string())),
                 None => ("active", None),
             },
@@ -244,6 +271,8 @@ impl Admin {
                 id: exit.id().to_string(),
                 url: exit.spec.redacted_url(),
                 state: format!("{:?}", exit.health.state()).to_ascii_lowercase(),
+                drained: exit.drained(),
+                weight: exit.spec.options.weight,
                 died_at_ms: exit.health.died_at_ms(),
                 lanes: exit.client.lanes(),
             })

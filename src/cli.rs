@@ -6,7 +6,9 @@
 pub mod ca;
 pub mod pins;
 pub mod run;
+pub mod selftest;
 pub mod store;
+pub mod user;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(args) => ca::ca(args),
         Command::Pins(args) => pins::run(args),
         Command::Store(args) => store::store(args),
+        Command::User(args) => user::user(args),
+        Command::Selftest(args) => selftest::selftest(args),
     }
 }
 
@@ -52,6 +56,57 @@ pub enum Command {
     Pins(PinsArgs),
     /// Inspect or move the pin store (stop the daemon first for the embedded store).
     Store(StoreArgs),
+    /// Proxy users: `user add NAME` prints an [[auth.users]] entry.
+    User(UserArgs),
+    /// Send canary requests through each exit to a local echo origin and
+    /// report what arrived (egress address, headers, TLS); fails on a leak.
+    Selftest(SelftestArgs),
+}
+
+/// `pinproxy selftest`.
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// Configuration file (its exits are tested).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Exit to test instead of the configured ones, repeatable: [ID=]URL.
+    #[arg(long = "exit", value_name = "[ID=]URL")]
+    pub exits: Vec<String>,
+    /// Where the echo origin listens; exits must be able to reach it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub echo_listen: SocketAddr,
+    /// The name exits reach the echo origin by [default: localhost on loopback, else its IP].
+    #[arg(long, value_name = "HOST")]
+    pub echo_host: Option<String>,
+    /// Print one JSON object per exit instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pinproxy user`.
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: UserAction,
+}
+
+/// `pinproxy user` actions.
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Read a password (from the terminal without echo, or --password-stdin)
+    /// and print the [[auth.users]] entry with its argon2id hash.
+    Add {
+        /// The user name (clients send NAME or NAME-session-KEY).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Exit id the user may use, repeatable [default: every exit].
+        #[arg(long = "exit", value_name = "ID")]
+        exits: Vec<String>,
+    },
 }
 
 /// `pinproxy store`.
@@ -106,6 +161,10 @@ pub struct CommonArgs {
     /// Pin store: embedded (durable file in the data directory), memory, or redis://host:port/db.
     #[arg(long, value_name = "URL", env = "PINPROXY_STORE", global = true)]
     pub store: Option<String>,
+    /// Directory holding the CA (ca.pem, ca-key.pem), shared by a fleet's replicas
+    /// [default: the data directory].
+    #[arg(long, value_name = "DIR", env = "PINPROXY_CA_DIR", global = true)]
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// `pinproxy run`.
@@ -117,9 +176,12 @@ pub struct RunArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Allow a non-loopback listen address (pinproxy has no client authentication yet).
+    /// Allow a non-loopback admin endpoint (it has no authentication).
     #[arg(long)]
     pub allow_remote: bool,
+    /// Allow a non-loopback proxy listener without [[auth.users]]: an open proxy.
+    #[arg(long)]
+    pub insecure_open_proxy: bool,
     /// Upstream exit, repeatable: http://[user:pass@]host:port, direct:// or direct://SOURCE_IP,
     /// optionally named ID=URL [default id: host:port]. None: one built-in `direct` exit.
     #[arg(long = "exit", value_name = "[ID=]URL")]
@@ -133,6 +195,12 @@ pub struct RunArgs {
     /// Admin endpoint address (metrics, identities) [default: 127.0.0.1:8081]; `off` disables it.
     #[arg(long, value_name = "ADDR|off")]
     pub admin: Option<String>,
+    /// Log line format: text or json (one object per line) [default: text].
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<crate::telemetry::LogFormat>,
+    /// One info line per request (exit, identity, cookie names, pin decision, status, timings) [default: on].
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub access_log: Option<String>,
 }
 
 /// `pinproxy pins`.
@@ -158,6 +226,10 @@ pub struct CaArgs {
     /// Print the PEM itself instead of its path.
     #[arg(long)]
     pub pem: bool,
+    /// Domain a newly created (or rotated) CA may sign for, repeatable (X.509
+    /// name constraints) [default: ca.permitted_domains; none: unconstrained].
+    #[arg(long = "permitted-domain", value_name = "DOMAIN")]
+    pub permitted_domains: Vec<String>,
     /// Install the CA into a client's trust store instead of printing it.
     #[command(subcommand)]
     pub action: Option<CaAction>,
@@ -173,6 +245,13 @@ pub enum CaAction {
         /// The NSS database directory.
         #[arg(long, value_name = "DIR")]
         nssdb: PathBuf,
+    },
+    /// Start a CA rotation: make the next CA beside the current one (which
+    /// keeps signing) and a bundle of both for clients to trust.
+    Rotate {
+        /// Finish the rotation: the next CA becomes the CA (restart pinproxy after).
+        #[arg(long)]
+        finish: bool,
     },
 }
 
@@ -208,6 +287,9 @@ impl CommonArgs {
         if let Some(store) = &self.store {
             config.store.url = store.clone();
         }
+        if let Some(dir) = &self.ca_dir {
+            config.ca.dir = Some(dir.clone());
+        }
         Ok(config)
     }
 }
@@ -221,6 +303,9 @@ impl RunArgs {
         }
         if self.allow_remote {
             config.allow_remote = true;
+        }
+        if self.insecure_open_proxy {
+            config.insecure_open_proxy = true;
         }
         if !self.exits.is_empty() {
             config.exits = self
@@ -242,6 +327,12 @@ impl RunArgs {
                 config.admin.listen =
                     Some(addr.parse().map_err(|_| CliError::Admin(addr.to_owned()))?)
             }
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
+        }
+        if let Some(access) = self.access_log.as_deref() {
+            config.log.access = access == "on";
         }
         Ok(config)
     }

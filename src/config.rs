@@ -17,13 +17,19 @@ use serde::Deserialize;
 use crate::exits::select::MAX_WEIGHT;
 use crate::exits::{ExitOptions, ExitSpec, ExitUrlError};
 use crate::fingerprint::FingerprintPolicy;
+use crate::identity::ExitId;
+use crate::mitm::ca::CaError;
 use crate::mitm::policy::{HostPatternError, InterceptPolicy};
 use crate::net::HostPort;
+use crate::proxy::auth::{AuthSettings, User, UserError};
 use crate::proxy::capture::invalidation::{default_rules, InvalidationRule};
 use crate::proxy::credentials::cookies::{CookiePolicy, PatternError};
 use crate::routing::{ConflictPolicy, RetirePolicy};
+use crate::telemetry::LogFormat;
+use crate::upstream::dial::guard::{parse_ranges, DEFAULT_DENY_RANGES};
 use crate::upstream::egress_ip::EchoTarget;
 use crate::upstream::FingerprintMode;
+use ipnet::IpNet;
 
 pub use crate::store::Unavailable;
 
@@ -32,11 +38,20 @@ pub use crate::store::Unavailable;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the proxy listens on. Loopback by default; a non-loopback
-    /// address is refused unless `allow_remote` is set.
+    /// address needs client authentication (`[[auth.users]]`) or
+    /// `insecure_open_proxy = true`.
     pub listen: SocketAddr,
-    /// Allow listening on a non-loopback address. pinproxy has no client
-    /// authentication yet, so anyone who can reach the port can use its exits.
+    /// Allow a non-loopback admin endpoint (`admin.listen`). The admin
+    /// endpoint has no authentication: restrict who can reach it. (It no
+    /// longer opens the proxy listener: see `insecure_open_proxy`.)
     pub allow_remote: bool,
+    /// Allow a non-loopback proxy listener without client authentication:
+    /// anyone who can reach the port can use the exits (an open proxy).
+    pub insecure_open_proxy: bool,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// The CA that signs intercepted hosts' leaves.
+    pub ca: CaConfig,
     /// Directory for the CA, the pin-hashing key and (later) the pin store.
     /// Default: `pinproxy` under the user's data directory
     /// (`~/.local/share/pinproxy` on Linux). Created when missing.
@@ -66,10 +81,14 @@ pub struct Config {
     pub store: StoreConfig,
     /// How connections to origins look.
     pub upstream: UpstreamConfig,
+    /// Log format and the access log.
+    pub log: LogConfig,
+    /// Metric labels.
+    pub metrics: MetricsConfig,
 }
 
 /// How connections to origins look.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Whose TLS ClientHello and HTTP/2 preface connections to origins
@@ -78,6 +97,74 @@ pub struct UpstreamConfig {
     /// for clients that are not browsers) or `rustls` (pinproxy's own).
     /// Exits may override it.
     pub fingerprint: FingerprintMode,
+    /// Address ranges (CIDR, or single addresses) the direct exit refuses
+    /// to connect to, checked on every address a name resolves to (so DNS
+    /// rebinding cannot bypass it). Default: link-local IPv4 (with the
+    /// cloud metadata address 169.254.169.254) and IPv6. Loopback is
+    /// allowed unless listed. Exits that are proxies resolve names
+    /// themselves and are not checked.
+    pub deny_ranges: Vec<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            fingerprint: FingerprintMode::default(),
+            deny_ranges: DEFAULT_DENY_RANGES.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+}
+
+/// Client authentication.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Users who may use the proxy. With any, every plain request and every
+    /// CONNECT must carry `Proxy-Authorization: Basic` with a user's name
+    /// (`NAME`, or `NAME-session-KEY` to name a session) and password, or
+    /// gets `407`.
+    pub users: Vec<UserConfig>,
+    /// Without users: answer `407` to clients that send no
+    /// `Proxy-Authorization`, so browsers (which send proxy credentials
+    /// only when challenged) can name their session as user name
+    /// `session-KEY`. Any user name is accepted and the password ignored:
+    /// this names sessions, it does not authenticate.
+    pub challenge_session_keys: bool,
+}
+
+/// One proxy user (`pinproxy user add NAME` prints the entry).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// The user name: letters, digits and `-._~+=`; not starting with
+    /// `session-` nor containing `-session-`.
+    pub name: String,
+    /// The password's hash: argon2id (a PHC string, `$argon2id$...`) or
+    /// bcrypt (`$2b$...`). Never the password itself.
+    pub password_hash: String,
+    /// Exit ids this user may use (new identities and rotated traffic stay
+    /// within them; an identity on another exit is refused with 403).
+    /// Absent: every exit.
+    pub exits: Option<Vec<String>>,
+}
+
+/// The CA that signs intercepted hosts' leaves.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaConfig {
+    /// Directory holding the CA (`ca.pem`, `ca-key.pem`, and during a
+    /// rotation `ca-cross.pem`), e.g. a secret mounted into every replica
+    /// of a fleet. When set, the daemon never creates a CA there (`pinproxy
+    /// ca --ca-dir DIR` does). Default: the data directory, where a CA is
+    /// created on first start.
+    pub dir: Option<PathBuf>,
+    /// Domains a newly created CA may sign for (X.509 name constraints;
+    /// each covers the domain and every name under it; IP addresses are
+    /// then excluded). Clients reject leaves outside them, and pinproxy
+    /// refuses to intercept such hosts (403) unless `mitm.exclude` /
+    /// `mitm.include` tunnels them raw. Applies when a CA is created or
+    /// rotated, not to an existing CA.
+    pub permitted_domains: Vec<String>,
 }
 
 impl Default for Config {
@@ -85,6 +172,9 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             allow_remote: false,
+            insecure_open_proxy: false,
+            auth: AuthConfig::default(),
+            ca: CaConfig::default(),
             data_dir: None,
             upstream_ca: Vec::new(),
             track_cookies: Vec::new(),
@@ -97,6 +187,8 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             upstream: UpstreamConfig::default(),
+            log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -275,6 +367,23 @@ pub struct IdentityConfig {
     pub invalidation: Vec<InvalidationRule>,
     /// Bytes of (decoded) response body scanned for invalidation markers.
     pub scan_limit: usize,
+    /// Most requests of one identity in flight at once (until each
+    /// response body ends); more wait in line. 0: no limit.
+    pub max_in_flight: u32,
+    /// Most requests of one identity waiting for an in-flight slot; more
+    /// get 429 `identity-busy`.
+    pub max_queue: u32,
+    /// Longest a request waits for an in-flight slot before 429.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Least time between the starts of two requests of one identity
+    /// (a velocity limit: requests are delayed, not refused). 0: off.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Longest a request is delayed by `min_interval` before it is refused
+    /// with 429 instead.
+    #[serde(with = "humantime_serde")]
+    pub max_pacing_delay: Duration,
 }
 
 impl Default for IdentityConfig {
@@ -289,6 +398,24 @@ impl Default for IdentityConfig {
             sweep_interval: Duration::from_secs(60),
             invalidation: default_rules(),
             scan_limit: 64 * 1024,
+            max_in_flight: 0,
+            max_queue: 256,
+            queue_timeout: Duration::from_secs(30),
+            min_interval: Duration::ZERO,
+            max_pacing_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// The pacing part of these settings.
+    pub fn pacing(&self) -> crate::proxy::pacing::PacingSettings {
+        crate::proxy::pacing::PacingSettings {
+            max_in_flight: self.max_in_flight,
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            min_interval: self.min_interval,
+            max_pacing_delay: self.max_pacing_delay,
         }
     }
 }
@@ -328,6 +455,50 @@ impl Default for HealthConfig {
     }
 }
 
+/// Log format and the access log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (the default) or `json` (one object per line, for log
+    /// shippers). `--log-format` wins.
+    pub format: LogFormat,
+    /// One `info` line per request (target `pinproxy::access`): exit,
+    /// identity, tracked cookie names, pin decision, status and timings;
+    /// never a cookie value or a path. `--access-log off` wins.
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+/// Metric labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Sites (registrable domains) with a `site` label of their own; the
+    /// rest count as `other`. The first ones seen get a label; once a
+    /// minute the busiest unlabelled site replaces the quietest labelled
+    /// one if it had more than twice its requests. At most 10000.
+    pub max_sites: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_sites: crate::metrics::DEFAULT_MAX_SITES,
+        }
+    }
+}
+
+/// Most sites `metrics.max_sites` may label (bounds the series count).
+pub const MAX_SITES_LIMIT: usize = 10_000;
+
 /// The admin endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -362,6 +533,18 @@ pub struct Limits {
     /// `net.core.somaxconn`). A burst of new connections beyond it is
     /// dropped by the kernel and each costs its client a 1 s SYN retry.
     pub listen_backlog: u32,
+    /// Most connections open at once from one client address; beyond it a
+    /// new connection is answered 429 and closed. 0: no per-client limit
+    /// (the default: a loopback sidecar's clients all share 127.0.0.1; set
+    /// it when others can reach the port).
+    pub max_connections_per_client: usize,
+    /// Requests per second one client address may send (every request
+    /// counts: a CONNECT, and each request inside a tunnel); beyond it 429
+    /// with `Retry-After`. 0: no limit.
+    pub requests_per_second_per_client: u32,
+    /// Requests a client address may send at once above that rate (the
+    /// token bucket's size); 0: one second's worth.
+    pub requests_burst_per_client: u32,
 }
 
 impl Default for Limits {
@@ -375,6 +558,9 @@ impl Default for Limits {
             // upstream TLS handshake after a burst.
             max_idle_per_origin: 256,
             listen_backlog: 4096,
+            max_connections_per_client: 0,
+            requests_per_second_per_client: 0,
+            requests_burst_per_client: 0,
         }
     }
 }
@@ -383,10 +569,16 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
-    /// Time a client has to send a complete request header section; also
-    /// how long an idle client connection is kept between requests.
+    /// Time a client has to send a request header section once its first
+    /// byte has arrived (a slowloris client is cut off then).
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
+    /// How long a client connection may wait for its next request to be
+    /// complete (idle keep-alive, counted from the end of the previous
+    /// response, or from the connection's start); also the wait for the
+    /// first request inside a new tunnel.
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
     /// Time to reach the origin through an exit: TCP to the exit, its
     /// CONNECT answer and the TLS handshake with the origin.
     #[serde(with = "humantime_serde")]
@@ -400,16 +592,23 @@ pub struct Timeouts {
     /// Time a client has to finish its TLS handshake inside a CONNECT tunnel.
     #[serde(with = "humantime_serde")]
     pub tls_handshake: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight requests get to finish (the
+    /// listener stops accepting at once), then how long background store
+    /// writes get, before the daemon exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            header_read: Duration::from_secs(30),
+            header_read: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
             connect: Duration::from_secs(10),
             response_head: Duration::from_secs(120),
             pool_idle: Duration::from_secs(90),
             tls_handshake: Duration::from_secs(10),
+            shutdown: Duration::from_secs(30),
         }
     }
 }
@@ -480,12 +679,28 @@ pub enum ConfigError {
     /// A mitm include/exclude pattern is malformed.
     #[error(transparent)]
     HostPattern(#[from] HostPatternError),
-    /// Listening beyond loopback without `allow_remote`.
+    /// The admin endpoint beyond loopback without `allow_remote`.
     #[error(
-        "refusing to listen on {0}: it is not a loopback address and pinproxy has no client \
-         authentication; pass --allow-remote (or allow_remote = true) if that is intended"
+        "refusing to serve the admin endpoint on {0}: it is not a loopback address and the \
+         admin endpoint has no authentication; pass --allow-remote (or allow_remote = true) \
+         if that is intended, or --admin off"
     )]
     RemoteListen(SocketAddr),
+    /// The proxy beyond loopback without client authentication.
+    #[error(
+        "refusing to listen on {0}: it is not a loopback address and no [[auth.users]] are \
+         configured, so anyone who can reach it could use your exits; add users (`pinproxy \
+         user add NAME` prints one) or, if an open proxy is really intended, pass \
+         --insecure-open-proxy (insecure_open_proxy = true). --allow-remote no longer opens \
+         the proxy listener"
+    )]
+    OpenProxy(SocketAddr),
+    /// `[auth]` is invalid.
+    #[error(transparent)]
+    Auth(#[from] UserError),
+    /// `[ca]` is invalid.
+    #[error(transparent)]
+    Ca(#[from] CaError),
     /// No data directory could be determined.
     #[error("no data directory: set --data-dir (the user's data directory could not be found)")]
     NoDataDir,
@@ -527,6 +742,121 @@ pub struct Settings {
     pub on_unavailable: Unavailable,
     /// Which tunnels are intercepted.
     pub intercept: InterceptPolicy,
+    /// Log format and the access log.
+    pub log: LogConfig,
+    /// Metric labels.
+    pub metrics: MetricsConfig,
+    /// Client authentication.
+    pub auth: AuthSettings,
+    /// The CA directory (`ca.dir`, else the data directory).
+    pub ca_dir: PathBuf,
+    /// Whether `ca.dir` was given (the daemon then never creates a CA).
+    pub ca_dir_given: bool,
+    /// Domains a newly created CA is constrained to.
+    pub permitted_domains: Vec<String>,
+    /// Ranges the direct exit refuses.
+    pub deny_ranges: Vec<IpNet>,
+}
+
+impl Settings {
+    /// The keys that differ between `self` (in force) and `new` but cannot
+    /// change while the daemon runs: a reload applies everything else and
+    /// reports these as needing a restart. Every key not listed here is
+    /// applied live (exits, tracked cookies, `upstream_ca`, `[identities]`,
+    /// `[health]`, `store.on_unavailable`, upstream timeouts and pool size,
+    /// `timeouts.shutdown`); a new key that is read only at start belongs
+    /// in this list.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        let (la, lb) = (&a.limits, &b.limits);
+        let (ta, tb) = (&a.timeouts, &b.timeouts);
+        let (ma, mb) = (&a.mitm, &b.mitm);
+        [
+            ("listen", a.listen != b.listen),
+            ("data_dir", a.data_dir != b.data_dir),
+            ("admin.listen", a.admin != b.admin),
+            (
+                "limits.max_header_bytes",
+                la.max_header_bytes != lb.max_header_bytes,
+            ),
+            ("limits.max_headers", la.max_headers != lb.max_headers),
+            (
+                "limits.max_connections",
+                la.max_connections != lb.max_connections,
+            ),
+            (
+                "limits.listen_backlog",
+                la.listen_backlog != lb.listen_backlog,
+            ),
+            (
+                "limits.max_connections_per_client",
+                la.max_connections_per_client != lb.max_connections_per_client,
+            ),
+            (
+                "limits.requests_per_second_per_client",
+                la.requests_per_second_per_client != lb.requests_per_second_per_client,
+            ),
+            (
+                "limits.requests_burst_per_client",
+                la.requests_burst_per_client != lb.requests_burst_per_client,
+            ),
+            ("timeouts.header_read", ta.header_read != tb.header_read),
+            ("timeouts.client_idle", ta.client_idle != tb.client_idle),
+            (
+                "timeouts.tls_handshake",
+                ta.tls_handshake != tb.tls_handshake,
+            ),
+            (
+                "mitm.cert_cache_capacity",
+                ma.cert_cache_capacity != mb.cert_cache_capacity,
+            ),
+            ("mitm.include", ma.include != mb.include),
+            ("mitm.exclude", ma.exclude != mb.exclude),
+            ("ca.dir", a.ca_dir != b.ca_dir),
+            (
+                "ca.permitted_domains",
+                a.permitted_domains != b.permitted_domains,
+            ),
+            ("upstream.deny_ranges", a.deny_ranges != b.deny_ranges),
+        ]
+        .into_iter()
+        .chain(store_changes(&a.store, &b.store))
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
+/// Which `store.*` keys differ between two stores.
+fn store_changes(a: &StoreKind, b: &StoreKind) -> Vec<(&'static str, bool)> {
+    match (a, b) {
+        (
+            StoreKind::Redis {
+                url,
+                namespace,
+                loss_quarantine,
+                wait_replicas,
+                wait_timeout,
+            },
+            StoreKind::Redis {
+                url: url2,
+                namespace: namespace2,
+                loss_quarantine: loss_quarantine2,
+                wait_replicas: wait_replicas2,
+                wait_timeout: wait_timeout2,
+            },
+        ) => vec![
+            ("store.url", url != url2),
+            ("store.namespace", namespace != namespace2),
+            ("store.loss_quarantine", loss_quarantine != loss_quarantine2),
+            ("store.wait_replicas", wait_replicas != wait_replicas2),
+            ("store.wait_timeout", wait_timeout != wait_timeout2),
+        ],
+        // An embedded store moves with data_dir, which is reported itself.
+        _ => vec![(
+            "store.url",
+            std::mem::discriminant(a) != std::mem::discriminant(b),
+        )],
+    }
 }
 
 impl Config {
@@ -559,7 +889,13 @@ impl Config {
 
     /// Checks everything once and converts to runtime types.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        for addr in std::iter::once(self.listen).chain(self.admin.listen) {
+        if !self.listen.ip().is_loopback()
+            && self.auth.users.is_empty()
+            && !self.insecure_open_proxy
+        {
+            return Err(ConfigError::OpenProxy(self.listen));
+        }
+        if let Some(addr) = self.admin.listen {
             if !addr.ip().is_loopback() && !self.allow_remote {
                 return Err(ConfigError::RemoteListen(addr));
             }
@@ -588,11 +924,29 @@ impl Config {
                 "limits.max_headers and limits.max_connections must be positive".into(),
             ));
         }
+        if self.timeouts.header_read.is_zero() || self.timeouts.client_idle.is_zero() {
+            return Err(ConfigError::Limit(
+                "timeouts.header_read and timeouts.client_idle must be positive".into(),
+            ));
+        }
+        if self.metrics.max_sites > MAX_SITES_LIMIT {
+            return Err(ConfigError::Limit(format!(
+                "metrics.max_sites must be at most {MAX_SITES_LIMIT} (each site is a set of series)"
+            )));
+        }
         let cookies = CookiePolicy::with_extra(&self.track_cookies)?;
         let exits = self.validated_exits()?;
         let data_dir = self.resolved_data_dir()?;
         let store = self.store.kind(&data_dir)?;
+        let auth = self.auth.validate(&exits)?;
+        let permitted_domains = crate::mitm::ca::permitted_domains(&self.ca.permitted_domains)?;
+        let deny_ranges = parse_ranges(&self.upstream.deny_ranges).map_err(ConfigError::Limit)?;
         Ok(Settings {
+            auth,
+            ca_dir: self.ca.dir.clone().unwrap_or_else(|| data_dir.clone()),
+            ca_dir_given: self.ca.dir.is_some(),
+            permitted_domains,
+            deny_ranges,
             listen: self.listen,
             data_dir,
             upstream_ca: self.upstream_ca.clone(),
@@ -608,6 +962,8 @@ impl Config {
             store,
             on_unavailable: self.store.on_unavailable,
             intercept: InterceptPolicy::new(&self.mitm.include, &self.mitm.exclude)?,
+            log: self.log.clone(),
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -636,6 +992,25 @@ impl Config {
             specs.push(spec);
         }
         Ok(specs)
+    }
+}
+
+impl AuthConfig {
+    /// The users and mode, their exits checked against `exits`.
+    fn validate(&self, exits: &[ExitSpec]) -> Result<AuthSettings, UserError> {
+        let users = self
+            .users
+            .iter()
+            .map(|u| {
+                let scope = u
+                    .exits
+                    .as_ref()
+                    .map(|ids| ids.iter().map(|id| ExitId::new(id)).collect());
+                User::new(&u.name, &u.password_hash, scope)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<ExitId> = exits.iter().map(|e| e.id.clone()).collect();
+        AuthSettings::new(users, self.challenge_session_keys, &ids)
     }
 }
 
@@ -713,7 +1088,9 @@ fn parse_probe_target(text: &str) -> Result<HostPort, ConfigError> {
         .map_err(|_| ConfigError::Limit(format!("health.probe_target {text:?} must be host:port")))
 }
 
-fn valid_exit_id(id: &str) -> bool {
+/// Whether `id` can be an exit id: 1-64 characters of `[A-Za-z0-9._:-]`
+/// (brackets allowed for IPv6).
+pub fn valid_exit_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| {
@@ -733,6 +1110,24 @@ mod tests {
         assert_eq!(settings.exits.len(), 2);
         // The example shows the built-in rules as they are.
         assert_eq!(settings.identities.invalidation, default_rules());
+    }
+
+    #[test]
+    fn keys_read_only_at_start_are_named_on_reload() {
+        let before = Config::default().validate().unwrap();
+        let mut changed = Config {
+            listen: "127.0.0.1:9999".parse().unwrap(),
+            ..Config::default()
+        };
+        changed.limits.max_connections = 7;
+        changed.track_cookies = vec!["session_*".into()];
+        changed.timeouts.shutdown = Duration::from_secs(1);
+        let after = changed.validate().unwrap();
+        assert_eq!(
+            before.restart_needed(&after),
+            ["listen", "limits.max_connections"]
+        );
+        assert!(before.restart_needed(&before).is_empty());
     }
 
     #[test]
@@ -771,17 +1166,45 @@ mod tests {
     }
 
     #[test]
-    fn remote_listen_needs_opt_in() {
+    fn remote_listen_needs_users_or_an_explicit_open_proxy() {
         let mut config = Config {
             listen: "0.0.0.0:8080".parse().unwrap(),
             ..Config::default()
         };
+        assert!(matches!(config.validate(), Err(ConfigError::OpenProxy(_))));
+        config.allow_remote = true;
+        let error = config.validate().unwrap_err();
+        assert!(matches!(error, ConfigError::OpenProxy(_)), "{error}");
+        assert!(error.to_string().contains("--insecure-open-proxy"));
+        config.insecure_open_proxy = true;
+        assert!(config.validate().is_ok());
+        config.insecure_open_proxy = false;
+        config.auth.users = vec![UserConfig {
+            name: "alice".into(),
+            password_hash: crate::proxy::auth::password::hash_argon2id(b"pw").unwrap(),
+            exits: None,
+        }];
+        assert!(config.validate().is_ok());
+        // The admin endpoint still needs allow_remote.
+        config.allow_remote = false;
+        config.admin.listen = Some("0.0.0.0:8081".parse().unwrap());
         assert!(matches!(
             config.validate(),
             Err(ConfigError::RemoteListen(_))
         ));
-        config.allow_remote = true;
-        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn users_and_deny_ranges_are_validated() {
+        let bad = Config::from_toml("[[auth.users]]\nname = \"a\"\npassword_hash = \"hunter2\"\n")
+            .unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("never the password itself"), "{error}");
+        let bad = Config::from_toml("[upstream]\ndeny_ranges = [\"x\"]").unwrap();
+        assert!(bad.validate().is_err());
+        let settings = Config::default().validate().unwrap();
+        assert_eq!(settings.deny_ranges.len(), 2);
+        assert!(!settings.auth.required());
     }
 
     #[test]

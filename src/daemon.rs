@@ -1,40 +1,44 @@
 //! Assembling and running the proxy: builds every stage from validated
-//! settings, binds the listener and runs the accept loop. Tests start the
-//! proxy in-process through [`Daemon::start`]; the binary does the same.
+//! settings, binds the listener and runs the accept loop; reloads the
+//! configuration while running ([`live`]) and stops gracefully. Tests start
+//! the proxy in-process through [`Daemon::start`]; the binary does the same.
+
+pub mod live;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::control::{Control, ReloadReport};
 use crate::admin::{self, Admin};
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::PinHasher;
-use crate::exits::health::{Health, Thresholds};
-use crate::exits::sessions::AnonymousSessions;
-use crate::exits::{Exit, ExitSet};
+use crate::exits::drain::DrainBook;
+use crate::exits::{ExitSet, LiveExits};
 use crate::front::{self, FrontSettings, Frontend};
 use crate::metrics::Metrics;
 use crate::mitm::ca::{CaError, CertificateAuthority};
 use crate::mitm::cert_cache::{CertCache, CertCacheError};
 use crate::mitm::{Mitm, CLIENT_ALPN};
-use crate::proxy::capture::invalidation;
 use crate::proxy::Pipeline;
-use crate::routing::{Policies, Router};
+use crate::routing::Router;
 use crate::store::durable::{DurableStore, OpenError};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::journal::Journal;
 use crate::store::redis::{RedisSettings, RedisStore, WaitFor};
 use crate::store::{Store, StoreError, StoreErrorKind};
+use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::tls::{TlsSetupError, UpstreamTls};
-use crate::upstream::{ExitClient, PoolSettings};
+use live::{ConfigSource, Core, Live, ReloadError};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +63,16 @@ pub enum StartError {
     /// The upstream TLS settings are invalid.
     #[error(transparent)]
     UpstreamTls(#[from] TlsSetupError),
-    /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listen address cannot be bound. The cause is part of the message
+    /// (not a `source`), so it is printed once, before the advice.
+    #[error("cannot listen on {addr} for {listener}: {cause}. {}", listener.advice(cause))]
     Bind {
+        /// Which listener.
+        listener: Listener,
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
@@ -76,6 +83,54 @@ pub enum StartError {
     /// The pin store could not be reached or set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The daemon's two listeners, as named in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The proxy itself (`--listen`).
+    Proxy,
+    /// The admin endpoint (`--admin`).
+    Admin,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Listener::Proxy => "the proxy",
+            Listener::Admin => "the admin endpoint (metrics, identities, reload)",
+        })
+    }
+}
+
+impl Listener {
+    /// What to do when it cannot be bound because of `cause`.
+    fn advice(self, cause: &std::io::Error) -> String {
+        let why = match cause.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "Another process (a second pinproxy?) holds that address"
+            }
+            std::io::ErrorKind::PermissionDenied => "Ports below 1024 need privileges",
+            std::io::ErrorKind::AddrNotAvailable => "No interface of this machine has that address",
+            _ => "It cannot be used",
+        };
+        let fix = match self {
+            Listener::Proxy => "choose another with --listen ADDR (listen in the config file)",
+            Listener::Admin => {
+                "move the admin endpoint with --admin ADDR (admin.listen in the config file) \
+                 or disable it with --admin off"
+            }
+        };
+        format!("{why}: {fix}")
+    }
+
+    fn bind_error(self, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+        move |cause| StartError::Bind {
+            listener: self,
+            addr,
+            cause,
+        }
+    }
 }
 
 /// File in the data directory holding the fleet's pin-hashing key (Redis):
@@ -244,6 +299,7 @@ fn keep_fleet_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {
 pub struct Daemon {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    ca_dir: PathBuf,
     data_dir: PathBuf,
     shutdown: CancellationToken,
     /// Client connections and tunnels.
@@ -255,6 +311,7 @@ pub struct Daemon {
     accept: JoinHandle<()>,
     frontend: Arc<Frontend>,
     admin: Arc<Admin>,
+    live: Arc<Live>,
 }
 
 /// The crypto provider used for both sides of every TLS connection.
@@ -262,14 +319,31 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Creates the data directory and loads (or creates) the CA in it; shared by
-/// `pinproxy run` and `pinproxy ca`.
-pub fn prepare_data_dir(data_dir: &Path) -> Result<CertificateAuthority, StartError> {
+/// Creates the data directory and loads the CA (creating it in the data
+/// directory when missing; a `ca.dir` given explicitly must hold one).
+fn prepare_data_dir(settings: &Settings) -> Result<CertificateAuthority, StartError> {
+    let data_dir = &settings.data_dir;
     crate::fsutil::create_private_dir(data_dir).map_err(|source| StartError::DataDir {
         path: data_dir.to_owned(),
         source,
     })?;
-    Ok(CertificateAuthority::load_or_create(data_dir)?)
+    let ca = CertificateAuthority::open(
+        &settings.ca_dir,
+        !settings.ca_dir_given,
+        &settings.permitted_domains,
+    )?;
+    let configured =
+        (!settings.permitted_domains.is_empty()).then(|| settings.permitted_domains.clone());
+    if ca.permitted_domains() != configured {
+        tracing::warn!(
+            ca = %CertificateAuthority::cert_path(&settings.ca_dir).display(),
+            configured = ?settings.permitted_domains,
+            in_the_ca = ?ca.permitted_domains().unwrap_or_default(),
+            "ca.permitted_domains applies when a CA is created; the existing CA has other \
+             constraints and keeps them: run `pinproxy ca rotate` to make a CA with these"
+        );
+    }
+    Ok(ca)
 }
 
 impl Daemon {
@@ -285,8 +359,9 @@ impl Daemon {
 
         // Files in the data directory: read off the runtime threads.
         let dir = settings.data_dir.clone();
+        let for_ca = settings.clone();
         let (ca, hasher) = tokio::task::spawn_blocking(move || {
-            let ca = prepare_data_dir(&dir)?;
+            let ca = prepare_data_dir(&for_ca)?;
             let hasher = PinHasher::load_or_create(&dir).map_err(|source| StartError::DataDir {
                 path: dir.clone(),
                 source,
@@ -300,22 +375,41 @@ impl Daemon {
             tokio::task::spawn_blocking(move || UpstreamTls::new(provider, &files)).await??
         };
 
+        let metrics = Arc::new(Metrics::with_max_sites(settings.metrics.max_sites));
         let certs = CertCache::new(
             ca,
-            provider,
+            provider.clone(),
             settings.mitm.cert_cache_capacity,
             CLIENT_ALPN.iter().map(|p| p.to_vec()).collect(),
-        )?;
-        let metrics = Arc::new(Metrics::new());
-        let exits = Arc::new(build_exits(&settings, upstream_tls, clock.now_ms()));
-        let identities = &settings.identities;
-        let policies = Policies {
-            retire: identities.retire_policy,
-            conflict: identities.conflict_policy,
-            idle_timeout_ms: duration_ms(identities.idle_timeout),
-            max_lifetime_ms: duration_ms(identities.max_lifetime),
-            keep_retired_ms: duration_ms(identities.remember_retired),
+        )?
+        .with_metrics(&metrics);
+        let guard = Arc::new(AddressGuard::new(settings.deny_ranges.clone()));
+        let build = live::exit_build(&settings, upstream_tls, guard.clone());
+        let exits = ExitSet::of(
+            settings
+                .exits
+                .iter()
+                .map(|spec| Arc::new(build.exit(spec, clock.now_ms())))
+                .collect(),
+            build.trial_interval_ms,
+        );
+        let drains = Arc::new(DrainBook::new(&settings.data_dir));
+        let listed = {
+            let drains = drains.clone();
+            tokio::task::spawn_blocking(move || drains.read()).await?
         };
+        match listed {
+            Ok(listed) => {
+                let forgotten = drains.apply(&listed, &exits);
+                if !forgotten.is_empty() {
+                    tracing::info!(exits = ?forgotten, "drained exits that are no longer configured are forgotten");
+                }
+                if listed.len() > forgotten.len() {
+                    tracing::warn!(exits = ?exits.drained(), "exits drained before the restart stay drained (POST /exits/ID/undrain to resume)");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the drained exits; none is drained"),
+        }
         let background = TaskTracker::new();
         let store = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         let hasher = match &store {
@@ -327,44 +421,43 @@ impl Daemon {
         let router = Arc::new(Router::new(
             store,
             clock.clone(),
-            policies,
+            live::policies(&settings),
             metrics.clone(),
             background.clone(),
         ));
         router.sync_exit_deaths(&exits).await?;
-        let pipeline = Pipeline {
-            cookies: settings.cookies.clone(),
-            hasher,
-            router: router.clone(),
-            exits: exits.clone(),
-            max_header_bytes: settings.limits.max_header_bytes,
-            fingerprint_policy: identities.fingerprint_policy,
-            on_unavailable: settings.on_unavailable,
-            invalidation: invalidation::Rules::new(
-                identities.invalidation.clone(),
-                identities.scan_limit,
-            ),
-            metrics: metrics.clone(),
-            tasks: background.clone(),
-            warned_chrome_user_agent: Default::default(),
-        };
+        let exits = Arc::new(exits);
+        let live_exits = Arc::new(LiveExits::new(exits.clone()));
 
-        let listener =
-            bind_listener(settings.listen, settings.limits.listen_backlog).map_err(|source| {
-                StartError::Bind {
-                    addr: settings.listen,
-                    source,
-                }
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+        let listener = bind_listener(settings.listen, settings.limits.listen_backlog)
+            .map_err(Listener::Proxy.bind_error(settings.listen))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(Listener::Proxy.bind_error(settings.listen))?;
+        guard.set_proxy(local_addr);
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let core = Core {
+            router: router.clone(),
+            hasher,
+            metrics: metrics.clone(),
+            background: background.clone(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            clock: clock.clone(),
+            provider,
+            guard: guard.clone(),
+            pacer: crate::proxy::pacing::Pacer::new(),
+        };
+        let pipeline = live::pipeline(
+            &settings,
+            exits.clone(),
+            &core,
+            settings.limits.max_header_bytes,
+        );
         let frontend = Arc::new(Frontend {
-            pipeline,
+            pipeline: ArcSwap::from_pointee(pipeline),
             mitm: Mitm {
                 certs,
                 policy: settings.intercept.clone(),
@@ -374,24 +467,58 @@ impl Daemon {
                 max_header_bytes: settings.limits.max_header_bytes,
                 max_headers: settings.limits.max_headers,
                 header_read: settings.timeouts.header_read,
+                client_idle: settings.timeouts.client_idle,
                 tls_handshake: settings.timeouts.tls_handshake,
             },
+            clients: front::limits::ClientLimits::new(front::limits::ClientLimitSettings {
+                max_connections: settings.limits.max_connections_per_client,
+                requests_per_second: settings.limits.requests_per_second_per_client,
+                burst: match settings.limits.requests_burst_per_client {
+                    0 => settings.limits.requests_per_second_per_client,
+                    burst => burst,
+                },
+            }),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         });
+        let loops = live::spawn_loops(&core, &live_exits, &settings, false);
+        // Until told otherwise, a reload re-applies what the daemon started
+        // with (the binary gives its file and flags: cli::run).
+        let started_with = config.clone();
+        let source: ConfigSource = Arc::new(move || Ok(started_with.clone()));
+        let live = Arc::new(Live::new(
+            core,
+            frontend.clone(),
+            live_exits.clone(),
+            drains.clone(),
+            (settings.clone(), build, loops),
+            source,
+        ));
+        let reloader = live.clone();
         let admin = Arc::new(Admin {
             router: router.clone(),
-            exits: exits.clone(),
+            exits: live_exits,
             metrics,
+            page: Default::default(),
+            control: Control {
+                reload: Arc::new(move || {
+                    let live = reloader.clone();
+                    Box::pin(
+                        async move { live.reload().await.map_err(|e| crate::fault::causes(&e)) },
+                    )
+                }),
+                drains,
+            },
         });
         let admin_addr = match settings.admin {
             Some(addr) => {
                 let bound = TcpListener::bind(addr)
                     .await
-                    .map_err(|source| StartError::Bind { addr, source })?;
+                    .map_err(Listener::Admin.bind_error(addr))?;
                 let bound_addr = bound
                     .local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?;
+                    .map_err(Listener::Admin.bind_error(addr))?;
+                guard.set_admin(bound_addr);
                 tasks.spawn(admin::serve(
                     bound,
                     admin.clone(),
@@ -402,33 +529,17 @@ impl Daemon {
             }
             None => None,
         };
-        tasks.spawn(crate::routing::lifecycle::sweep_loop(
-            router.clone(),
-            exits.clone(),
-            settings.identities.sweep_interval,
-            shutdown.clone(),
-        ));
-        if let Some(target) = &settings.probe_target {
-            for exit in exits.iter() {
-                tasks.spawn(crate::exits::probe_loop(
-                    exit.clone(),
-                    target.clone(),
-                    settings.health.interval,
-                    clock.clone(),
-                    shutdown.clone(),
-                ));
-            }
-        }
         let accept = tokio::spawn(front::accept_loop(listener, frontend.clone()));
         tracing::info!(
             listen = %local_addr,
-            exits = %frontend.pipeline.exits.iter().map(|e| e.spec.redacted_url()).collect::<Vec<_>>().join(", "),
-            ca = %CertificateAuthority::cert_path(&settings.data_dir).display(),
+            exits = %exits.iter().map(|e| e.spec.redacted_url()).collect::<Vec<_>>().join(", "),
+            ca = %CertificateAuthority::cert_path(&settings.ca_dir).display(),
             "pinproxy is listening"
         );
         Ok(Daemon {
             local_addr,
             admin_addr,
+            ca_dir: settings.ca_dir,
             data_dir: settings.data_dir,
             shutdown,
             tasks,
@@ -436,7 +547,38 @@ impl Daemon {
             accept,
             frontend,
             admin,
+            live,
         })
+    }
+
+    /// Reloads from now on re-read `source` (the binary: its `--config`
+    /// file and flags; by default, the configuration the daemon started
+    /// with).
+    pub fn set_config_source(&self, source: ConfigSource) {
+        self.live.set_source(source);
+    }
+
+    /// Re-reads the configuration source and applies it (SIGHUP and
+    /// `POST /reload`); a configuration that does not validate is refused
+    /// whole and the one in force stays.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.live.reload().await
+    }
+
+    /// Applies `config` as a reload would.
+    pub async fn reload_with(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        self.live.apply(config).await
+    }
+
+    /// How long a graceful stop lets in-flight requests run
+    /// (`timeouts.shutdown` in force).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.live.settings().timeouts.shutdown
+    }
+
+    /// The exits in force.
+    pub fn exits(&self) -> Arc<ExitSet> {
+        self.live.exits.load()
     }
 
     /// The admin endpoint's address, if enabled.
@@ -459,9 +601,10 @@ impl Daemon {
         &self.data_dir
     }
 
-    /// Path of the CA certificate clients must trust.
+    /// Path of the file clients must trust: the CA certificate, or during a
+    /// CA rotation the bundle of the current and the next CA.
     pub fn ca_cert_path(&self) -> PathBuf {
-        CertificateAuthority::cert_path(&self.data_dir)
+        CertificateAuthority::trust_path(&self.ca_dir)
     }
 
     /// The CA certificate (PEM).
@@ -469,9 +612,9 @@ impl Daemon {
         self.frontend.mitm.certs.ca().cert_pem()
     }
 
-    /// The shared request pipeline (for inspection in tests and tools).
-    pub fn pipeline(&self) -> &Pipeline {
-        &self.frontend.pipeline
+    /// The request pipeline in force (for inspection in tests and tools).
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.frontend.pipeline.load_full()
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace`,
@@ -501,56 +644,12 @@ impl Daemon {
                 "background work (retirements, store writes) still running after the grace period"
             );
         }
-        let pipeline = &self.frontend.pipeline;
+        let pipeline = self.frontend.pipeline.load_full();
         if let Err(e) = pipeline.router.sync_exit_deaths(&pipeline.exits).await {
             tracing::warn!(error = %e, "could not store exit deaths");
         }
         pipeline.router.store().close().await;
     }
-}
-
-fn build_exits(settings: &Settings, upstream_tls: UpstreamTls, now_ms: u64) -> ExitSet {
-    let pool = PoolSettings {
-        connect_timeout: settings.timeouts.connect,
-        response_head_timeout: settings.timeouts.response_head,
-        idle_timeout: settings.timeouts.pool_idle,
-        max_idle_per_origin: settings.limits.max_idle_per_origin,
-    };
-    let health = &settings.health;
-    let thresholds = Thresholds {
-        unhealthy_after: health.unhealthy_after,
-        dead_after: health.dead_after,
-        healthy_after: health.healthy_after,
-    };
-    // Without probes, trial requests are how an unhealthy exit recovers.
-    let trials = match settings.probe_target {
-        Some(_) => None,
-        None => Some(duration_ms(health.retry_interval)),
-    };
-    ExitSet::new(
-        settings
-            .exits
-            .iter()
-            .map(|spec| {
-                let anonymous = if spec.has_session_placeholder() {
-                    spec.options.anonymous_sessions
-                } else {
-                    1
-                };
-                Exit {
-                    client: ExitClient::new(spec.route(), upstream_tls.clone(), &pool),
-                    health: Health::new(thresholds),
-                    sessions: AnonymousSessions::new(
-                        anonymous,
-                        spec.options.sticky_ttl.map(duration_ms),
-                        now_ms,
-                    ),
-                    spec: spec.clone(),
-                }
-            })
-            .collect(),
-        trials,
-    )
 }
 
 /// Binds the proxy listener with an accept queue of `backlog`: the standard

@@ -3,28 +3,36 @@
 //! An exit is named by a stable [`ExitId`](crate::identity::ExitId) (pins
 //! refer to it), described by its [`ExitSpec`] ([`spec`]: the URL, the
 //! kind, the options). At run time an [`Exit`] adds its connection pools,
-//! its [`health`] and its anonymous upstream [`sessions`]; the [`ExitSet`]
-//! picks exits for traffic that no pin decides ([`select`]).
+//! its [`health`], its anonymous upstream [`sessions`] and whether an
+//! operator [`drain`]ed it; the [`ExitSet`] picks exits for traffic that no
+//! pin decides ([`select`]). A reload swaps the whole set ([`LiveExits`]);
+//! an exit that stays (same id) keeps its health and drain state, and its
+//! pools when its route did not change ([`ExitBuild::set`]).
 //!
 //! Invariant: credentials in an exit URL never appear in `Debug` or
 //! `Display` output; use [`ExitSpec::redacted_url`] when showing an exit.
 
+pub mod drain;
 pub mod health;
+pub mod scope;
 pub mod select;
 pub mod sessions;
 pub mod spec;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
+use crate::clock::{duration_ms, Clock};
 use crate::identity::ExitId;
 use crate::net::HostPort;
-use crate::upstream::ExitClient;
-use health::{Health, HealthState};
+use crate::upstream::tls::UpstreamTls;
+use crate::upstream::{ExitClient, PoolSettings};
+use health::{Health, HealthState, Thresholds};
 use sessions::AnonymousSessions;
 
 pub use spec::{ExitOptions, ExitSpec, ExitUrlError};
@@ -36,16 +44,60 @@ pub struct Exit {
     pub spec: ExitSpec,
     /// The exit's connection pools.
     pub client: ExitClient,
-    /// Its health.
-    pub health: Health,
+    /// Its health (shared with the exit that replaces it on a reload).
+    pub health: Arc<Health>,
     /// The upstream sessions cookie-less traffic uses.
-    pub sessions: AnonymousSessions,
+    pub sessions: Arc<AnonymousSessions>,
+    /// Drained by an operator: no new identities, no rotated traffic.
+    /// Shared with the exit that replaces it on a reload.
+    drained: Arc<AtomicBool>,
 }
 
 impl Exit {
+    /// An exit, not drained.
+    pub fn new(
+        spec: ExitSpec,
+        client: ExitClient,
+        health: Health,
+        sessions: AnonymousSessions,
+    ) -> Exit {
+        Exit {
+            spec,
+            client,
+            health: Arc::new(health),
+            sessions: Arc::new(sessions),
+            drained: Arc::default(),
+        }
+    }
+
     /// The exit's id.
     pub fn id(&self) -> &ExitId {
         &self.spec.id
+    }
+
+    /// Whether an operator drained it.
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire)
+    }
+
+    /// Drains (`true`) or undrains it; returns whether that changed anything.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::AcqRel) != drained
+    }
+
+    /// Whether it may take new identities and rotated traffic now (healthy
+    /// and not drained).
+    pub fn ready(&self) -> bool {
+        !self.drained() && self.health.state() == HealthState::Healthy
+    }
+
+    /// Its state in words: `healthy`, `unhealthy` or `dead`, and `drained`.
+    pub fn describe(&self) -> String {
+        let health = format!("{:?}", self.health.state()).to_ascii_lowercase();
+        match self.drained() {
+            true => format!("{health}, drained"),
+            false => health,
+        }
     }
 }
 
@@ -63,8 +115,12 @@ impl ExitSet {
     /// A set of exits (at least one; configuration validation ensures it).
     /// `trial_interval_ms` enables trial probes of unhealthy exits.
     pub fn new(exits: Vec<Exit>, trial_interval_ms: Option<u64>) -> ExitSet {
+        ExitSet::of(exits.into_iter().map(Arc::new).collect(), trial_interval_ms)
+    }
+
+    /// [`ExitSet::new`] of exits already shared (a reload keeps some).
+    pub fn of(exits: Vec<Arc<Exit>>, trial_interval_ms: Option<u64>) -> ExitSet {
         let weights: Vec<u32> = exits.iter().map(|e| e.spec.options.weight).collect();
-        let exits: Vec<Arc<Exit>> = exits.into_iter().map(Arc::new).collect();
         let by_id = exits
             .iter()
             .enumerate()
@@ -84,12 +140,21 @@ impl ExitSet {
     }
 
     /// The next exit in weighted rotation that is healthy; if none is, an
-    /// unhealthy one; never a dead one. `None` when every exit is dead.
+    /// unhealthy one; never a dead or drained one. `None` when every exit
+    /// is dead or drained ([`ExitSet::unavailable`] says which).
     pub fn pick(&self, now_ms: u64) -> Option<&Arc<Exit>> {
+        self.pick_within(now_ms, &scope::ExitScope::all())
+    }
+
+    /// [`ExitSet::pick`] among the exits `scope` allows (a user's exits).
+    pub fn pick_within(&self, now_ms: u64, scope: &scope::ExitScope) -> Option<&Arc<Exit>> {
         let _ = now_ms;
         let mut fallback = None;
         for index in self.rotation.cycle() {
             let exit = &self.exits[index];
+            if exit.drained() || !scope.allows(exit.id()) {
+                continue;
+            }
             match exit.health.state() {
                 HealthState::Healthy => return Some(exit),
                 HealthState::Unhealthy if fallback.is_none() => fallback = Some(exit),
@@ -97,6 +162,21 @@ impl ExitSet {
             }
         }
         fallback
+    }
+
+    /// Why no exit takes new traffic: each exit with its state
+    /// (`res1 dead, res2 healthy, drained`).
+    pub fn unavailable(&self) -> String {
+        self.exits
+            .iter()
+            .map(|e| format!("{} {}", e.id(), e.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Whether some exit is healthy and not drained (readiness).
+    pub fn any_ready(&self) -> bool {
+        self.exits.iter().any(|e| e.ready())
     }
 
     /// An exit that is not healthy and is due for a trial (at most one per
@@ -114,6 +194,140 @@ impl ExitSet {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Exit>> {
         self.exits.iter()
     }
+
+    /// The ids of the drained exits.
+    pub fn drained(&self) -> Vec<String> {
+        self.exits
+            .iter()
+            .filter(|e| e.drained())
+            .map(|e| e.id().to_string())
+            .collect()
+    }
+}
+
+/// The exits in force. A reload replaces the whole set at once; a request
+/// takes one snapshot (through its pipeline) and keeps it to the end, so an
+/// exit removed meanwhile still carries the requests that were routed to it.
+#[derive(Debug)]
+pub struct LiveExits(ArcSwap<ExitSet>);
+
+impl LiveExits {
+    /// Starts with `set`.
+    pub fn new(set: Arc<ExitSet>) -> LiveExits {
+        LiveExits(ArcSwap::new(set))
+    }
+
+    /// The set in force now.
+    pub fn load(&self) -> Arc<ExitSet> {
+        self.0.load_full()
+    }
+
+    /// Puts `set` in force.
+    pub fn store(&self, set: Arc<ExitSet>) {
+        self.0.store(set);
+    }
+
+    /// The exits in force now, in configuration order (a snapshot).
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<Exit>> {
+        self.load().exits.clone().into_iter()
+    }
+
+    /// The exit with this id now, if configured.
+    pub fn get(&self, id: &ExitId) -> Option<Arc<Exit>> {
+        self.load().get(id).cloned()
+    }
+}
+
+/// What every exit is built with: the settings exits share.
+#[derive(Clone, Debug)]
+pub struct ExitBuild {
+    /// TLS towards origins.
+    pub tls: UpstreamTls,
+    /// Pool sizes and timeouts.
+    pub pool: PoolSettings,
+    /// Health thresholds.
+    pub thresholds: Thresholds,
+    /// Without probes: how often an unhealthy exit gets a trial.
+    pub trial_interval_ms: Option<u64>,
+}
+
+impl ExitBuild {
+    /// A fresh exit for `spec`, created at `now_ms`.
+    pub fn exit(&self, spec: &ExitSpec, now_ms: u64) -> Exit {
+        Exit::new(
+            spec.clone(),
+            ExitClient::new(spec.route(), self.tls.clone(), &self.pool),
+            Health::new(self.thresholds),
+            self.sessions(spec, now_ms),
+        )
+    }
+
+    fn sessions(&self, spec: &ExitSpec, now_ms: u64) -> AnonymousSessions {
+        let (count, ttl) = session_shape(spec);
+        AnonymousSessions::new(count, ttl, now_ms)
+    }
+
+    /// The exits `specs` describe. An exit of `previous` with the same id
+    /// keeps its health and drain state; unchanged, it is kept whole; its
+    /// pools are kept while its route and `self` (TLS, pool settings) are
+    /// the same as `previous_build` (`None`: the TLS trust changed), its
+    /// anonymous sessions while their shape is the same.
+    pub fn set(
+        &self,
+        specs: &[ExitSpec],
+        previous: &ExitSet,
+        previous_build: Option<&ExitBuild>,
+        now_ms: u64,
+    ) -> ExitSet {
+        let same_pools = previous_build.is_some_and(|p| same_pool_settings(&p.pool, &self.pool));
+        let exits = specs
+            .iter()
+            .map(|spec| {
+                let Some(old) = previous.get(&spec.id) else {
+                    return Arc::new(self.exit(spec, now_ms));
+                };
+                old.health.set_thresholds(self.thresholds);
+                if same_pools && old.spec == *spec {
+                    return old.clone();
+                }
+                let client = if same_pools && old.spec.route() == spec.route() {
+                    old.client.clone()
+                } else {
+                    ExitClient::new(spec.route(), self.tls.clone(), &self.pool)
+                };
+                let sessions = if session_shape(&old.spec) == session_shape(spec) {
+                    old.sessions.clone()
+                } else {
+                    Arc::new(self.sessions(spec, now_ms))
+                };
+                Arc::new(Exit {
+                    spec: spec.clone(),
+                    client,
+                    health: old.health.clone(),
+                    sessions,
+                    drained: old.drained.clone(),
+                })
+            })
+            .collect();
+        ExitSet::of(exits, self.trial_interval_ms)
+    }
+}
+
+/// How many anonymous sessions an exit rotates over, and for how long each.
+fn session_shape(spec: &ExitSpec) -> (usize, Option<u64>) {
+    let count = if spec.has_session_placeholder() {
+        spec.options.anonymous_sessions
+    } else {
+        1
+    };
+    (count, spec.options.sticky_ttl.map(duration_ms))
+}
+
+fn same_pool_settings(a: &PoolSettings, b: &PoolSettings) -> bool {
+    a.connect_timeout == b.connect_timeout
+        && a.response_head_timeout == b.response_head_timeout
+        && a.idle_timeout == b.idle_timeout
+        && a.max_idle_per_origin == b.max_idle_per_origin
 }
 
 /// Probes one exit every `interval` (the first time at once).

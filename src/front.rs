@@ -12,11 +12,19 @@
 //!   they pass;
 //! - [`rewind`]: a stream with bytes put back in front.
 //!
+//! - [`framing`]: every HTTP/1 request head checked before hyper reads it
+//!   (smuggling refused);
+//! - [`limits`]: per-client-address connections and request rate.
+//!
 //! Limits: at most `limits.max_connections` client connections are served
-//! at once (more wait in the kernel's queue); header sections get
-//! `timeouts.header_read`; oversized ones are refused with 431.
+//! at once (more wait in the kernel's queue); a request head gets
+//! `timeouts.header_read` from its first byte, an idle connection
+//! `timeouts.client_idle`; oversized heads are refused with 431.
 
 pub mod fingerprint;
+pub mod gate;
+pub mod framing;
+pub mod limits;
 pub mod listener;
 pub mod passthrough;
 pub mod rewind;
@@ -24,6 +32,7 @@ pub mod tunnel;
 
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use tokio_util::sync::CancellationToken;
@@ -44,9 +53,12 @@ pub struct FrontSettings {
     pub max_header_bytes: usize,
     /// Most header fields in one request.
     pub max_headers: usize,
-    /// Time a client has to send a header section; also the idle time of a
-    /// kept-alive client connection.
+    /// Time a client has to send a header section once its first byte
+    /// arrived (enforced by [`framing::RequestGuard`]).
     pub header_read: Duration,
+    /// How long a connection may wait for its next request to be complete
+    /// (hyper's header timer, which starts when the connection goes idle).
+    pub client_idle: Duration,
     /// Time a client has to finish its TLS handshake inside a tunnel.
     pub tls_handshake: Duration,
 }
@@ -54,12 +66,15 @@ pub struct FrontSettings {
 /// What every client connection shares.
 #[derive(Debug)]
 pub struct Frontend {
-    /// The request spine.
-    pub pipeline: Pipeline,
+    /// The request spine in force: each request takes it once, at its
+    /// start, and keeps it (a reload swaps in a new one).
+    pub pipeline: ArcSwap<Pipeline>,
     /// TLS interception.
     pub mitm: Mitm,
     /// Limits and timeouts of client connections.
     pub settings: FrontSettings,
+    /// Per-client-address connection and request-rate limits.
+    pub clients: std::sync::Arc<limits::ClientLimits>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -77,7 +92,7 @@ impl Frontend {
         let hard_limit = self.settings.max_header_bytes.saturating_mul(4);
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read)
+            .header_read_timeout(self.settings.client_idle)
             .max_header_size(hard_limit)
             .max_buf_size(hard_limit.max(8192) + 8192)
             .max_headers(self.settings.max_headers)

@@ -165,8 +165,11 @@ pub enum RetireReason {
         /// The address the new tunnel reported.
         observed: IpAddr,
     },
-    /// Retired by an operator.
-    Manual,
+    /// Retired by an operator (`DELETE /identities/ID` or `/pins/NAME#HASH`
+    /// on the admin endpoint). Stored records keep the variant's place;
+    /// `manual` is its name in exports written before it was renamed.
+    #[serde(alias = "manual")]
+    Evicted,
     /// The identity's record is gone (its pins outlived it).
     Forgotten,
     /// Not the identity: this cookie's own `Max-Age`/`Expires` has passed.
@@ -188,7 +191,7 @@ impl RetireReason {
             RetireReason::LifetimeExpired => "lifetime-expired",
             RetireReason::Invalidated { .. } => "invalidated",
             RetireReason::ExitIpDrift { .. } => "exit-ip-drift",
-            RetireReason::Manual => "manual",
+            RetireReason::Evicted => "evicted",
             RetireReason::Forgotten => "forgotten",
             RetireReason::CookieExpired => "cookie-expired",
             RetireReason::StoreLost => "store-lost",
@@ -206,6 +209,7 @@ impl fmt::Display for RetireReason {
                     "exit-ip-drift (created on {expected}, new tunnel from {observed})"
                 )
             }
+            RetireReason::Evicted => f.write_str("evicted by an operator"),
             other => f.write_str(other.label()),
         }
     }

@@ -41,5 +41,9 @@ pub mod daemon;
 
 mod fsutil;
 
+/// Entry points for the fuzz targets and property tests; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use config::Config;
 pub use daemon::{Daemon, StartError};

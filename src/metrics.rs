@@ -1,28 +1,67 @@
-//! Counters and gauges, exported in the Prometheus text format by the admin
-//! endpoint. One registry per daemon (no global state), so several daemons
-//! in one test process do not mix their numbers.
+//! Counters, gauges and histograms, exported in the Prometheus text format
+//! by the admin endpoint. One registry per daemon (no global state), so
+//! several daemons in one test process do not mix their numbers.
 //!
-//! Labels are static strings (error codes, reasons, policy names) or exit
-//! ids, never cookie values.
+//! Labels are static strings (error codes, reasons, policy names, status
+//! classes), exit ids (bounded by the configuration), invalidation rule
+//! names (bounded by the configuration) and sites (registrable domains,
+//! bounded by `metrics.max_sites`, see [`site`]); never a cookie value, a
+//! credential, a path or a full URL.
+//!
+//! The request path never allocates for a label set it has seen before:
+//! exit ids and sites are reference-counted label values ([`LabelValue`]),
+//! and each exit's histograms are resolved once ([`ExitInstruments`]).
 
-use prometheus_client::encoding::EncodeLabelSet;
+pub mod site;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::identity::{ExitId, IdentityId};
+use site::Sites;
+
+/// Sites labelled by default (`metrics.max_sites`).
+pub const DEFAULT_MAX_SITES: usize = 100;
+/// Identities whose last status is remembered for the live view; beyond
+/// this the memory is cleared and refills from traffic.
+const MAX_LAST_STATUS: usize = 65_536;
+
+/// A label value shared by reference: cloning it never allocates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LabelValue(Arc<str>);
+
+impl LabelValue {
+    /// A label value holding `text`.
+    pub fn new(text: &str) -> LabelValue {
+        LabelValue(Arc::from(text))
+    }
+
+    /// The value as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
 
 /// A label set with one static label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     /// `forwarded`, or the error code.
     pub outcome: &'static str,
-}
-
-/// Labelled by a reason.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Reason {
-    /// The reason label.
-    pub reason: &'static str,
 }
 
 /// Labelled by a policy.
@@ -32,18 +71,18 @@ pub struct Policy {
     pub policy: &'static str,
 }
 
-/// Labelled by an invalidation rule.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Rule {
-    /// The rule's name.
-    pub rule: String,
-}
-
 /// Labelled by an exit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExitLabel {
     /// The exit id.
     pub exit: String,
+}
+
+/// Labelled by an exit, without allocating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExitValue {
+    /// The exit id.
+    pub exit: LabelValue,
 }
 
 /// Labelled by a kind of fingerprint gap (what the upstream TLS stack could
@@ -54,22 +93,140 @@ pub struct GapLabel {
     pub kind: &'static str,
 }
 
+/// A request, by exit, site and status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteRequest {
+    /// The exit id (`none` when the request was not routed).
+    pub exit: LabelValue,
+    /// The registrable domain, or `other`.
+    pub site: LabelValue,
+    /// `1xx` ... `5xx` (the origin's answer) or `pinproxy-error`.
+    pub status: &'static str,
+}
+
+/// An identity created or retired, by exit and reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExitReason {
+    /// The exit id.
+    pub exit: LabelValue,
+    /// Created: `request` or `set-cookie`; retired: the retirement reason.
+    pub reason: &'static str,
+}
+
+/// A pin decision, by exit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// The exit id (`none` when the request was not routed).
+    pub exit: LabelValue,
+    /// `hit`, `new`, `rotated`, `conflict` or `retired`.
+    pub decision: &'static str,
+}
+
+/// An invalidation, by exit, site and rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvalidationLabel {
+    /// The identity's exit.
+    pub exit: LabelValue,
+    /// The registrable domain, or `other`.
+    pub site: LabelValue,
+    /// The rule's name.
+    pub rule: String,
+}
+
+/// A pin store operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOp {
+    /// `memory`, `embedded` or `redis`.
+    pub store: &'static str,
+    /// The operation (`lookup`, `pin`, `create`, `touch`, ...).
+    pub op: &'static str,
+}
+
+/// The status class label of an answer: `1xx` ... `5xx`, or
+/// [`PINPROXY_ERROR`] for pinproxy's own error answers.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The status class of pinproxy's own error answers.
+pub const PINPROXY_ERROR: &str = "pinproxy-error";
+/// Every status class, for removing a site's series.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", PINPROXY_ERROR];
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Upstream connect, TLS and first-byte times: 1 ms to 30 s.
+fn upstream_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+/// Store operations: 25 µs to about 1.6 s.
+fn store_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_025, 2.0, 17))
+}
+
+/// What one exit's requests update, resolved once per exit.
+#[derive(Debug)]
+pub struct ExitInstruments {
+    /// The exit's label value.
+    pub exit: LabelValue,
+    /// Transport through the exit: TCP to it and its CONNECT / SOCKS
+    /// answer (or TCP to the origin for a direct exit).
+    pub connect: Histogram,
+    /// TLS handshake with the origin.
+    pub tls: Histogram,
+    /// From the request handed to a connection to the response head.
+    pub ttfb: Histogram,
+    /// Requests routed through it (for the live view's rate).
+    pub requests: AtomicU64,
+    /// Identities created on it.
+    pub created: AtomicU64,
+    /// Identities retired on it.
+    pub retired: AtomicU64,
+}
+
+/// Timings of one request's trip upstream, where known.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpstreamTimings {
+    /// Transport through the exit (a new connection only).
+    pub connect: Option<Duration>,
+    /// TLS handshake with the origin (a new TLS connection only).
+    pub tls: Option<Duration>,
+    /// Request handed to the connection → response head.
+    pub ttfb: Option<Duration>,
+}
+
 /// Every metric pinproxy keeps.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     /// Requests handled, by outcome.
     pub requests: Family<Outcome, Counter>,
-    /// Identities created.
-    pub identities_created: Counter,
-    /// Identities retired, by reason.
-    pub identities_retired: Family<Reason, Counter>,
+    /// Requests by exit, site and status class.
+    pub exit_requests: Family<SiteRequest, Counter>,
+    /// Pin decisions by exit.
+    pub pin_decisions: Family<DecisionLabel, Counter>,
+    /// Identities created, by exit and how.
+    pub identities_created: Family<ExitReason, Counter>,
+    /// Identities retired, by exit and reason.
+    pub identities_retired: Family<ExitReason, Counter>,
+    /// Identities alive (not retired, not ending), by exit: set when
+    /// scraped, from a listing of the store.
+    pub identities_alive: Family<ExitLabel, Gauge>,
     /// Requests whose credentials belonged to different identities, by policy.
     pub conflicts: Family<Policy, Counter>,
     /// Requests whose fingerprint differed from their identity's, by policy.
     pub fingerprint_drift: Family<Policy, Counter>,
-    /// Origin answers that matched an invalidation rule, by rule.
-    pub invalidations: Family<Rule, Counter>,
+    /// Origin answers that matched an invalidation rule, by exit, site and rule.
+    pub invalidations: Family<InvalidationLabel, Counter>,
     /// Exit state: 0 healthy, 1 unhealthy, 2 dead.
     pub exit_state: Family<ExitLabel, Gauge>,
     /// Failures counted against an exit (probes and traffic).
@@ -93,6 +250,23 @@ pub struct Metrics {
     pub store_conflicts: Counter,
     /// New pins that were not acknowledged by `store.wait_replicas` in time.
     pub store_wait_timeouts: Counter,
+    /// Upstream transport times, by exit.
+    pub upstream_connect: HistogramFamily<ExitValue>,
+    /// Upstream TLS handshake times, by exit.
+    pub upstream_tls: HistogramFamily<ExitValue>,
+    /// Upstream time to the response head, by exit.
+    pub upstream_ttfb: HistogramFamily<ExitValue>,
+    /// Time to mint a leaf certificate and its TLS settings.
+    pub cert_mint: Histogram,
+    /// Leaf certificates cached.
+    pub cert_cache_entries: Gauge,
+    /// Pin store operation times, by store kind and operation.
+    pub store_ops: HistogramFamily<StoreOp>,
+    sites: Sites,
+    exits: DashMap<ExitId, Arc<ExitInstruments>>,
+    none: LabelValue,
+    rules_seen: DashMap<String, ()>,
+    last_status: DashMap<IdentityId, u16>,
 }
 
 impl Default for Metrics {
@@ -102,22 +276,47 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry with every metric registered.
+    /// A fresh registry with every metric registered and the default
+    /// number of site labels.
     pub fn new() -> Metrics {
+        Metrics::with_max_sites(DEFAULT_MAX_SITES)
+    }
+
+    /// A fresh registry giving at most `max_sites` sites a label of their
+    /// own (the rest count as `other`).
+    pub fn with_max_sites(max_sites: usize) -> Metrics {
         let mut registry = Registry::with_prefix("pinproxy");
         let requests = Family::default();
         registry.register("requests", "Requests handled, by outcome", requests.clone());
-        let identities_created = Counter::default();
+        let exit_requests = Family::default();
+        registry.register(
+            "exit_requests",
+            "Requests by exit, site (registrable domain, or other) and status class",
+            exit_requests.clone(),
+        );
+        let pin_decisions = Family::default();
+        registry.register(
+            "pin_decisions",
+            "Pin decisions by exit: hit, new, rotated, conflict, retired",
+            pin_decisions.clone(),
+        );
+        let identities_created = Family::default();
         registry.register(
             "identities_created",
-            "Identities created",
+            "Identities created, by exit and how (request, set-cookie)",
             identities_created.clone(),
         );
         let identities_retired = Family::default();
         registry.register(
             "identities_retired",
-            "Identities retired, by reason",
+            "Identities retired, by exit and reason",
             identities_retired.clone(),
+        );
+        let identities_alive = Family::default();
+        registry.register(
+            "identities_alive",
+            "Identities alive (not retired, not ending), by exit",
+            identities_alive.clone(),
         );
         let conflicts = Family::default();
         registry.register(
@@ -134,7 +333,7 @@ impl Metrics {
         let invalidations = Family::default();
         registry.register(
             "invalidations",
-            "Origin answers that matched an invalidation rule",
+            "Origin answers that matched an invalidation rule, by exit, site and rule",
             invalidations.clone(),
         );
         let exit_state = Family::default();
@@ -197,24 +396,74 @@ impl Metrics {
             "New pins not acknowledged by store.wait_replicas in time",
             store_wait_timeouts.clone(),
         );
+        let mut per_exit = |name: &str, help: &str| {
+            let family: HistogramFamily<ExitValue> =
+                Family::new_with_constructor(upstream_histogram);
+            registry.register(name, help, family.clone());
+            family
+        };
+        let upstream_connect = per_exit(
+            "upstream_connect_seconds",
+            "Transport through the exit (TCP to it and its CONNECT/SOCKS answer), new connections, by exit",
+        );
+        let upstream_tls = per_exit(
+            "upstream_tls_handshake_seconds",
+            "TLS handshake with the origin through the exit, new connections, by exit",
+        );
+        let upstream_ttfb = per_exit(
+            "upstream_ttfb_seconds",
+            "From the request handed to an upstream connection to the response head, by exit",
+        );
+        let cert_mint = Histogram::new(exponential_buckets(0.000_025, 2.0, 14));
+        registry.register(
+            "cert_mint_seconds",
+            "Time to mint a leaf certificate and its TLS settings",
+            cert_mint.clone(),
+        );
+        let cert_cache_entries = Gauge::default();
+        registry.register(
+            "cert_cache_entries",
+            "Leaf certificates cached",
+            cert_cache_entries.clone(),
+        );
+        let store_ops: HistogramFamily<StoreOp> = Family::new_with_constructor(store_histogram);
+        registry.register(
+            "store_op_seconds",
+            "Pin store operation times, by store kind and operation",
+            store_ops.clone(),
+        );
         Metrics {
             registry,
-            store_losses,
-            store_restored_pins,
-            store_quarantined,
-            store_conflicts,
-            store_wait_timeouts,
-            fingerprint_mismatches,
-            fingerprint_gaps,
-            chrome_user_agent_mismatches,
             requests,
+            exit_requests,
+            pin_decisions,
             identities_created,
             identities_retired,
+            identities_alive,
             conflicts,
             fingerprint_drift,
             invalidations,
             exit_state,
             exit_failures,
+            fingerprint_mismatches,
+            fingerprint_gaps,
+            chrome_user_agent_mismatches,
+            store_losses,
+            store_restored_pins,
+            store_quarantined,
+            store_conflicts,
+            store_wait_timeouts,
+            upstream_connect,
+            upstream_tls,
+            upstream_ttfb,
+            cert_mint,
+            cert_cache_entries,
+            store_ops,
+            sites: Sites::new(max_sites),
+            exits: DashMap::new(),
+            none: LabelValue::new("none"),
+            rules_seen: DashMap::new(),
+            last_status: DashMap::new(),
         }
     }
 
@@ -223,19 +472,177 @@ impl Metrics {
         self.requests.get_or_create(&Outcome { outcome }).inc();
     }
 
-    /// Counts a retirement.
-    pub fn retired(&self, reason: &'static str) {
-        self.identities_retired
-            .get_or_create(&Reason { reason })
+    /// The instruments of exit `id` (resolved on its first use).
+    pub fn exit(&self, id: &ExitId) -> Arc<ExitInstruments> {
+        if let Some(found) = self.exits.get(id) {
+            return found.clone();
+        }
+        self.exits
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let exit = LabelValue::new(id.as_str());
+                let label = ExitValue { exit: exit.clone() };
+                Arc::new(ExitInstruments {
+                    connect: self.upstream_connect.get_or_create_owned(&label),
+                    tls: self.upstream_tls.get_or_create_owned(&label),
+                    ttfb: self.upstream_ttfb.get_or_create_owned(&label),
+                    exit,
+                    requests: AtomicU64::new(0),
+                    created: AtomicU64::new(0),
+                    retired: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// The site label of a request to `host` (counted for ranking).
+    pub fn site(&self, host: &str) -> LabelValue {
+        self.sites.label(host)
+    }
+
+    /// Counts a finished request by exit (if routed), site (if known) and
+    /// status class.
+    pub fn exit_request(
+        &self,
+        exit: Option<&ExitInstruments>,
+        site: Option<&LabelValue>,
+        status: &'static str,
+    ) {
+        if let Some(exit) = exit {
+            exit.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let labels = SiteRequest {
+            exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
+            site: site.cloned().unwrap_or_else(|| self.none.clone()),
+            status,
+        };
+        self.exit_requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts a pin decision.
+    pub fn pin_decision(&self, exit: Option<&ExitInstruments>, decision: &'static str) {
+        let labels = DecisionLabel {
+            exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
+            decision,
+        };
+        self.pin_decisions.get_or_create(&labels).inc();
+    }
+
+    /// Records the upstream timings of one request through `exit`.
+    pub fn upstream(&self, exit: &ExitInstruments, timings: &UpstreamTimings) {
+        if let Some(t) = timings.connect {
+            exit.connect.observe(t.as_secs_f64());
+        }
+        if let Some(t) = timings.tls {
+            exit.tls.observe(t.as_secs_f64());
+        }
+        if let Some(t) = timings.ttfb {
+            exit.ttfb.observe(t.as_secs_f64());
+        }
+    }
+
+    /// Counts an identity created on `exit` (`reason`: `request` or
+    /// `set-cookie`).
+    pub fn identity_created(&self, exit: &ExitId, reason: &'static str) {
+        let exit = self.exit(exit);
+        exit.created.fetch_add(1, Ordering::Relaxed);
+        self.identities_created
+            .get_or_create(&ExitReason {
+                exit: exit.exit.clone(),
+                reason,
+            })
             .inc();
     }
 
-    /// The metrics in the Prometheus text format.
+    /// Counts a retirement of an identity of `exit`.
+    pub fn retired(&self, exit: &ExitId, reason: &'static str) {
+        let exit = self.exit(exit);
+        exit.retired.fetch_add(1, Ordering::Relaxed);
+        self.identities_retired
+            .get_or_create(&ExitReason {
+                exit: exit.exit.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts an invalidation of an identity of `exit` on `site` (`none`
+    /// where unknown) by `rule`.
+    pub fn invalidated(&self, exit: &ExitId, site: Option<&LabelValue>, rule: &str) {
+        if !self.rules_seen.contains_key(rule) {
+            self.rules_seen.insert(rule.to_owned(), ());
+        }
+        self.invalidations
+            .get_or_create(&InvalidationLabel {
+                exit: self.exit(exit).exit.clone(),
+                site: site.cloned().unwrap_or_else(|| self.none.clone()),
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The histogram of `op` on a store of kind `store`.
+    pub fn store_timer(&self, store: &'static str, op: &'static str) -> Histogram {
+        self.store_ops.get_or_create_owned(&StoreOp { store, op })
+    }
+
+    /// Remembers the last status an identity's request got (live view).
+    pub fn note_status(&self, identity: IdentityId, status: u16) {
+        if self
+            .last_status
+            .get(&identity)
+            .is_some_and(|s| *s == status)
+        {
+            return;
+        }
+        if self.last_status.len() >= MAX_LAST_STATUS {
+            self.last_status.clear();
+        }
+        self.last_status.insert(identity, status);
+    }
+
+    /// The last status an identity's request got, if remembered.
+    pub fn last_status(&self, identity: IdentityId) -> Option<u16> {
+        self.last_status.get(&identity).map(|s| *s)
+    }
+
+    /// The metrics in the Prometheus text format. Site labels are
+    /// re-ranked first (at most once a minute, see [`site`]).
     pub fn encode(&self) -> String {
+        for evicted in self.sites.rerank(Instant::now()) {
+            self.forget_site(&evicted);
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+
+    /// Removes the series of a site that lost its label.
+    fn forget_site(&self, site: &LabelValue) {
+        let exits: Vec<LabelValue> = self
+            .exits
+            .iter()
+            .map(|e| e.value().exit.clone())
+            .chain(std::iter::once(self.none.clone()))
+            .collect();
+        let rules: Vec<String> = self.rules_seen.iter().map(|r| r.key().clone()).collect();
+        for exit in &exits {
+            for status in STATUS_CLASSES {
+                self.exit_requests.remove(&SiteRequest {
+                    exit: exit.clone(),
+                    site: site.clone(),
+                    status,
+                });
+            }
+            for rule in &rules {
+                self.invalidations.remove(&InvalidationLabel {
+                    exit: exit.clone(),
+                    site: site.clone(),
+                    rule: rule.clone(),
+                });
+            }
+        }
     }
 }
 
@@ -247,15 +654,68 @@ mod tests {
     fn counters_show_up_in_the_text() {
         let m = Metrics::new();
         m.request("forwarded");
-        m.retired("exit-down");
+        m.retired(&ExitId::new("res1"), "exit-down");
         let text = m.encode();
         assert!(
             text.contains("pinproxy_requests_total{outcome=\"forwarded\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("pinproxy_identities_retired_total{reason=\"exit-down\"} 1"),
+            text.contains(
+                "pinproxy_identities_retired_total{exit=\"res1\",reason=\"exit-down\"} 1"
+            ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn requests_are_labelled_by_exit_site_and_status_class() {
+        let m = Metrics::with_max_sites(1);
+        let exit = m.exit(&ExitId::new("res1"));
+        let site = m.site("www.shop.example.co.uk");
+        m.exit_request(Some(&exit), Some(&site), status_class(http::StatusCode::OK));
+        let folded = m.site("other.example");
+        m.exit_request(Some(&exit), Some(&folded), PINPROXY_ERROR);
+        m.exit_request(None, None, PINPROXY_ERROR);
+        m.upstream(
+            &exit,
+            &UpstreamTimings {
+                connect: Some(Duration::from_millis(3)),
+                tls: None,
+                ttfb: Some(Duration::from_millis(20)),
+            },
+        );
+        let text = m.encode();
+        for line in [
+            "pinproxy_exit_requests_total{exit=\"res1\",site=\"example.co.uk\",status=\"2xx\"} 1",
+            "pinproxy_exit_requests_total{exit=\"res1\",site=\"other\",status=\"pinproxy-error\"} 1",
+            "pinproxy_exit_requests_total{exit=\"none\",site=\"none\",status=\"pinproxy-error\"} 1",
+            "pinproxy_upstream_connect_seconds_count{exit=\"res1\"} 1",
+            "pinproxy_upstream_ttfb_seconds_count{exit=\"res1\"} 1",
+            "pinproxy_upstream_tls_handshake_seconds_count{exit=\"res1\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_site_that_loses_its_label_loses_its_series() {
+        let m = Metrics::with_max_sites(1);
+        let exit = m.exit(&ExitId::new("e"));
+        let site = m.site("a.com");
+        m.exit_request(Some(&exit), Some(&site), "2xx");
+        m.invalidated(&ExitId::new("e"), Some(&site), "datadome-challenge");
+        m.forget_site(&site);
+        let text = m.encode();
+        assert!(!text.contains("a.com"), "{text}");
+    }
+
+    #[test]
+    fn last_status_is_remembered_per_identity() {
+        let m = Metrics::new();
+        m.note_status(IdentityId(7), 200);
+        m.note_status(IdentityId(7), 403);
+        assert_eq!(m.last_status(IdentityId(7)), Some(403));
+        assert_eq!(m.last_status(IdentityId(8)), None);
     }
 }

@@ -3,31 +3,42 @@
 //! order (each stage's module says what it may change and what happens on
 //! error):
 //!
-//! 1. [`target`]: which origin the request is for;
+//! 0. [`auth`]: who the client is and which exits it may use (run by the
+//!    front door on every plain request and CONNECT; `407` without valid
+//!    credentials when users are configured);
+//! 1. [`target`]: which origin the request is for (pinproxy's own listen
+//!    and admin addresses refused: a loop);
 //! 2. limits: the header section must fit `limits.max_header_bytes`;
 //! 3. [`credentials`]: the tracked cookies and the session key, as pin keys;
 //! 4. route ([`crate::routing`]): the identity, exit and lane (existing,
 //!    new, or rotation for cookie-less traffic), with the credentials to
 //!    strip; nothing is routed while the pin store cannot answer;
 //! 5. [`fingerprint`]: compared with the identity's, by policy;
+//!    5b. [`pacing`]: the identity's in-flight requests and their spacing
+//!    (waits, bounded, or 429);
 //! 6. [`egress`]: what may leave (forwarding, hop-by-hop and pinproxy's
 //!    own headers removed);
 //! 7. [`send`]: through the exit, on the lane (a new tunnel's egress
 //!    address is checked first);
 //! 8. [`capture`]: Set-Cookie → pins, use recorded, invalidations judged,
 //!    all before the response is released;
-//! 9. respond: the origin's hop-by-hop headers off, then the answer.
+//! 9. respond: the origin's hop-by-hop headers off, then the answer;
+//!    [`access`] counts it (by exit, site, status class, pin decision) and
+//!    writes its access line, answered or refused alike.
 //!
 //! A stage that fails ends the request with its [`ProxyError`] answer; no
 //! stage after it runs, so nothing is sent through an exit unless stages
 //! 1-6 all agreed. Passthrough tunnels ([`crate::front::passthrough`]) run
 //! stages 3, 4, 7 and 8 through the same functions.
 
+pub mod access;
+pub mod auth;
 pub mod capture;
 pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fingerprint;
+pub mod pacing;
 pub mod send;
 pub mod target;
 pub mod upgrade;
@@ -42,6 +53,7 @@ use tracing::Instrument as _;
 
 use crate::body::{self, Body};
 use crate::credential::{Credential, PinHasher};
+use crate::exits::scope::ExitScope;
 use crate::exits::ExitSet;
 use crate::fault::{Blame as _, Fault};
 use crate::fingerprint::{Fingerprint, FingerprintPolicy};
@@ -49,9 +61,11 @@ use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::store::{StoreError, StoreErrorKind, Unavailable};
 use crate::upstream::conn::TunnelInfo;
+use crate::upstream::dial::guard::AddressGuard;
+use access::{Access, Decision};
 use capture::invalidation;
 use credentials::cookies::{self, CookiePolicy};
-use target::{Target, Tunnel};
+use target::{Principal, Target, Tunnel};
 
 pub use error::ProxyError;
 
@@ -81,6 +95,16 @@ pub struct Pipeline {
     pub tasks: TaskTracker,
     /// Whether the chrome-mode User-Agent warning was logged.
     pub warned_chrome_user_agent: AtomicBool,
+    /// Client authentication (stage 0).
+    pub auth: Arc<auth::Auth>,
+    /// Addresses never connected to: pinproxy's own listeners (stage 1)
+    /// and, for the direct exit, `upstream.deny_ranges`.
+    pub guard: Arc<AddressGuard>,
+    /// Every identity's in-flight count and pacing (stage 5b); shared by
+    /// the pipelines of successive reloads.
+    pub pacer: Arc<pacing::Pacer>,
+    /// How identities are paced (`identities.max_in_flight` and friends).
+    pub pacing: pacing::PacingSettings,
 }
 
 impl Pipeline {
@@ -98,10 +122,12 @@ impl Pipeline {
             exit = tracing::field::Empty,
             identity = tracing::field::Empty,
         );
+        let mut access = Access::start(request.method());
         async {
-            match self.forward(tunnel, request).await {
+            match self.forward(tunnel, request, &mut access).await {
                 Ok(response) => {
                     self.metrics.request("forwarded");
+                    access.finish(&self.metrics, Ok(response.status()));
                     response
                 }
                 Err(error) => {
@@ -110,6 +136,7 @@ impl Pipeline {
                         Fault::Client => tracing::debug!(code = error.code(), %error, "refused"),
                         _ => tracing::warn!(code = error.code(), %error, "failed"),
                     }
+                    access.finish(&self.metrics, Err(&error));
                     error.to_response()
                 }
             }
@@ -118,16 +145,36 @@ impl Pipeline {
         .await
     }
 
-    /// The spine: stages 1 to 9 in order.
+    /// The spine: stages 1 to 9 in order; `access` learns what each did
+    /// (counted and logged once the answer is ready, see [`access`]).
     async fn forward(
         &self,
         tunnel: Option<&Tunnel>,
         mut request: Request<Incoming>,
+        access: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
         let span = tracing::Span::current();
+        // 0. who: admitted by the front door with the request (plain) or
+        // with its tunnel's CONNECT.
+        let principal = match tunnel {
+            Some(tunnel) => tunnel.principal.clone(),
+            None => request
+                .extensions()
+                .get::<Principal>()
+                .cloned()
+                .unwrap_or_default(),
+        };
         // 1. target
         let target = Target::of(&request, tunnel)?;
         span.record("origin", tracing::field::display(&target.origin));
+        access.site = Some(self.metrics.site(&target.origin.host));
+        if Access::logging() {
+            access.origin = Some(target.origin.clone());
+        }
+        // A tunnel's target was checked when its CONNECT arrived.
+        if tunnel.is_none() {
+            target::refuse_own(&target.origin, &self.guard)?;
+        }
 
         // 2. limits
         let size = header_section_size(&request);
@@ -139,12 +186,14 @@ impl Pipeline {
         }
 
         // 3. credentials
-        let credentials = credentials::of_request(
+        access.credentials = credentials::of_request(
             request.headers(),
             tunnel.and_then(|t| t.session_key.as_deref()),
+            principal.user.as_deref(),
             &self.cookies,
             &self.hasher,
         )?;
+        let credentials = &access.credentials;
 
         // 4. route. A WebSocket upgrade is routed like any request; the
         // client's side of the upgrade is claimed now, before the request is
@@ -154,7 +203,9 @@ impl Pipeline {
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
         let fingerprint_of = |headers: &http::HeaderMap| Fingerprint::of_request(headers, &client);
         let mut route = self
-            .route(&credentials, || fingerprint_of(request.headers()))
+            .route(&principal.exits, credentials, || {
+                fingerprint_of(request.headers())
+            })
             .await?;
         // What an identity founded by the response's cookies records; a
         // routed identity has its fingerprint already.
@@ -173,6 +224,9 @@ impl Pipeline {
         self.trial_unhealthy_exit(&target);
         self.note_chrome_user_agent(&route, request.headers());
         span.record("exit", tracing::field::display(route.exit.id()));
+        access.exit = Some(self.metrics.exit(route.exit.id()));
+        access.identity = route.identity.as_ref().map(|i| i.id);
+        access.decision = Some(Decision::of(route.reason));
         if let Some(identity) = &route.identity {
             span.record("identity", tracing::field::display(identity.id));
         }
@@ -182,6 +236,13 @@ impl Pipeline {
         if let Some(identity) = &route.identity {
             self.check_fingerprint(identity, &client, &mut parts.headers)?;
         }
+
+        // 5b. pacing: the identity's requests in flight and their spacing
+        // (the request waits, bounded, or gets 429).
+        let slot = match &route.identity {
+            Some(identity) => self.pacer.admit(identity.id, &self.pacing).await?,
+            None => None,
+        };
 
         // 6. egress
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
@@ -214,6 +275,7 @@ impl Pipeline {
         }
         let response = self.send(&route, upstream_request).await?;
         let egress_ip = send::egress_ip(&response);
+        access.timings = send::timings(&response);
 
         // 8. capture
         let identity = self
@@ -222,24 +284,29 @@ impl Pipeline {
         let (mut parts, upstream_body) = response.into_parts();
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
+            access.identity = Some(identity.id);
             let tunnel = parts.extensions.get::<TunnelInfo>();
             self.capture_use(identity, parts.status.is_success(), egress_ip, tunnel)
                 .await;
-            body = self.capture_invalidation(identity, &parts, body).await;
+            body = self
+                .capture_invalidation_on(identity, access.site.as_ref(), &parts, body)
+                .await;
         }
 
         // 9. respond
         egress::sanitize_response(&mut parts.headers);
         tracing::debug!(status = parts.status.as_u16(), "forwarded");
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(parts, pacing::Paced::wrap(body, slot)))
     }
 
     /// Stage 4: routes `credentials`. A store that cannot answer cannot say
     /// where a credential belongs, nor remember what a response sets: fail
     /// closed (fail-open lets requests without credentials through). A new
-    /// identity records the fingerprint `fingerprint` makes.
+    /// identity records the fingerprint `fingerprint` makes; only exits
+    /// `scope` allows are used (a user's exits).
     pub async fn route(
         &self,
+        scope: &ExitScope,
         credentials: &[Credential],
         fingerprint: impl FnOnce() -> Fingerprint,
     ) -> Result<Route, ProxyError> {
@@ -253,7 +320,7 @@ impl Pipeline {
         }
         Ok(self
             .router
-            .route(&self.exits, credentials, fingerprint)
+            .route_within(&self.exits, scope, credentials, fingerprint)
             .await?)
     }
 }

@@ -19,12 +19,13 @@ pub mod router;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::identity::{IdentityId, RetireReason};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, TimedStore};
 
 pub use lifecycle::ends;
 pub use policy::{ConflictPolicy, Policies, RetirePolicy};
@@ -33,9 +34,11 @@ pub use router::{DeadCredential, Reason, Route, RouteError};
 /// Routes requests by their identities.
 #[derive(Debug)]
 pub struct Router {
-    store: Store,
+    /// The pin store, every operation timed.
+    store: TimedStore,
     clock: Clock,
-    policies: Policies,
+    /// Swapped whole by a reload; a routing decision reads them once.
+    policies: ArcSwap<Policies>,
     metrics: Arc<Metrics>,
     /// Retirements decided where no await is possible (a body scan), not yet
     /// in the store: routing honours them at once.
@@ -58,9 +61,9 @@ impl Router {
         tasks: TaskTracker,
     ) -> Router {
         Router {
-            store,
+            store: TimedStore::new(store, metrics.clone()),
             clock,
-            policies,
+            policies: ArcSwap::from_pointee(policies),
             metrics,
             pending: dashmap::DashMap::new(),
             tasks,
@@ -68,8 +71,8 @@ impl Router {
         }
     }
 
-    /// The pin store.
-    pub fn store(&self) -> &Store {
+    /// The pin store (timed; dereferences to the [`Store`]).
+    pub fn store(&self) -> &TimedStore {
         &self.store
     }
 
@@ -78,9 +81,15 @@ impl Router {
         &self.clock
     }
 
-    /// The policies.
-    pub fn policies(&self) -> &Policies {
-        &self.policies
+    /// The policies in force.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.load_full()
+    }
+
+    /// Puts new policies in force (a reload); decisions already under way
+    /// finish with the ones they started with.
+    pub fn set_policies(&self, policies: Policies) {
+        self.policies.store(Arc::new(policies));
     }
 
     /// The counters.

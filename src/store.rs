@@ -20,6 +20,7 @@ pub mod transfer;
 use std::future::Future;
 use std::net::IpAddr;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::credential::PinKey;
@@ -334,5 +335,153 @@ impl PinStore for Store {
     }
     async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
         dispatch!(self, s => s.exit_deaths())
+    }
+}
+
+/// The configured store with every operation timed
+/// (`pinproxy_store_op_seconds{store, op}`), and retirements made by a sweep
+/// counted (`pinproxy_identities_retired_total`). What routing holds; it
+/// dereferences to the [`Store`] for everything that is not an operation.
+#[derive(Debug)]
+pub struct TimedStore {
+    store: Store,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    timers: StoreTimers,
+}
+
+/// One histogram per operation, resolved once.
+#[derive(Debug)]
+struct StoreTimers {
+    lookup: Histogram,
+    create: Histogram,
+    discard: Histogram,
+    pin: Histogram,
+    pin_all: Histogram,
+    touch: Histogram,
+    record_egress: Histogram,
+    retire: Histogram,
+    list: Histogram,
+    count: Histogram,
+    sweep: Histogram,
+    record_exit_death: Histogram,
+    exit_deaths: Histogram,
+}
+
+impl TimedStore {
+    /// `store`, timed into `metrics`.
+    pub fn new(store: Store, metrics: std::sync::Arc<crate::metrics::Metrics>) -> TimedStore {
+        let kind = store.kind();
+        let timer = |op| metrics.store_timer(kind, op);
+        let timers = StoreTimers {
+            lookup: timer("lookup"),
+            create: timer("create"),
+            discard: timer("discard"),
+            pin: timer("pin"),
+            pin_all: timer("pin-all"),
+            touch: timer("touch"),
+            record_egress: timer("record-egress"),
+            retire: timer("retire"),
+            list: timer("list"),
+            count: timer("count"),
+            sweep: timer("sweep"),
+            record_exit_death: timer("record-exit-death"),
+            exit_deaths: timer("exit-deaths"),
+        };
+        TimedStore {
+            store,
+            metrics,
+            timers,
+        }
+    }
+
+    /// The store itself.
+    pub fn inner(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl std::ops::Deref for TimedStore {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Awaits `operation`, observing how long it took in `histogram`.
+async fn timed<T>(histogram: &Histogram, operation: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let result = operation.await;
+    histogram.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+impl PinStore for TimedStore {
+    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+        timed(&self.timers.lookup, self.store.lookup(keys)).await
+    }
+    async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        timed(&self.timers.create, self.store.create_identity(identity)).await
+    }
+    async fn discard_identity(&self, id: IdentityId) -> Result<(), StoreError> {
+        timed(&self.timers.discard, self.store.discard_identity(id)).await
+    }
+    async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
+        timed(&self.timers.pin, self.store.pin_if_absent(key, pin)).await
+    }
+    async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        timed(&self.timers.pin_all, self.store.pin_all_if_absent(pins)).await
+    }
+    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
+        timed(&self.timers.touch, self.store.touch(id, now_ms, worked)).await
+    }
+    async fn record_egress(
+        &self,
+        id: IdentityId,
+        ip: IpAddr,
+    ) -> Result<Option<IpAddr>, StoreError> {
+        timed(&self.timers.record_egress, self.store.record_egress(id, ip)).await
+    }
+    async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
+        timed(&self.timers.retire, self.store.retire(id, retirement)).await
+    }
+    async fn list(&self) -> Result<Vec<Listing>, StoreError> {
+        timed(&self.timers.list, self.store.list()).await
+    }
+    async fn count(&self) -> Result<Counts, StoreError> {
+        timed(&self.timers.count, self.store.count()).await
+    }
+    async fn sweep(
+        &self,
+        now_ms: u64,
+        keep_retired_ms: u64,
+        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+    ) -> Result<Swept, StoreError> {
+        // Memory and embedded stores retire what `expiry` names; Redis
+        // only sweeps its journal (expired identities retire on next use,
+        // counted then).
+        let counts = !matches!(self.store, Store::Redis(_));
+        let counted = |identity: &Identity| {
+            let reason = expiry(identity);
+            if let (true, Some(reason)) = (counts, &reason) {
+                self.metrics.retired(&identity.exit, reason.label());
+            }
+            reason
+        };
+        timed(
+            &self.timers.sweep,
+            self.store.sweep(now_ms, keep_retired_ms, &counted),
+        )
+        .await
+    }
+    async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
+        timed(
+            &self.timers.record_exit_death,
+            self.store.record_exit_death(exit, at_ms),
+        )
+        .await
+    }
+    async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
+        timed(&self.timers.exit_deaths, self.store.exit_deaths()).await
     }
 }

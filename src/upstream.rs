@@ -23,6 +23,7 @@ pub mod conn;
 pub mod dial;
 pub mod egress_ip;
 pub mod error;
+pub mod framing;
 pub mod h2;
 mod pool;
 pub mod tls;
@@ -63,6 +64,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Most idle connections per origin.
     pub max_idle_per_origin: usize,
+    /// Where the direct exit must not connect (`upstream.deny_ranges` and
+    /// pinproxy's own listeners); one per daemon.
+    pub guard: Arc<dial::guard::AddressGuard>,
 }
 
 /// Which pool of an exit a request uses.
@@ -255,6 +259,7 @@ impl ExitClient {
                 echo: route.egress.echo.clone(),
                 pinned,
             },
+            guard: self.settings.guard.clone(),
         }
     }
 

@@ -15,40 +15,32 @@
 //!
 //! Measured (Debian 12; Chromium 156.0.8078.108, curl 7.88.1 with OpenSSL
 //! 3.0.19 and nghttp2 1.52.0, Python 3.11.7 with requests 2.34.2 (pyenv) or
-//! Debian's Python with requests 2.28.1, Node 20.20.2), mirror mode:
+//! Debian's Python 3.11.2 with requests 2.28.1, Node 20.20.2 on the
+//! system's OpenSSL 3.0.19), mirror mode, pinproxy on the same machine's
+//! `libssl.so.3`:
 //!
-//! | client | ALPN | JA4 direct | JA4 through pinproxy | Akamai (direct = through) |
-//! | --- | --- | --- | --- | --- |
-//! | Chromium 156 | h2 | `t13d1517h2_8daaf6152771_cb7bf5808d99` | `t13d1517h2_8daaf6152771_cb7bf5808d99` | `1:65536;2:0;4:6291456;6:262144\|15663105\|0\|m,a,s,p` |
-//! | curl `--http2` | h2 | `t13d3112h2_e8f1e7e78f70_b26ce05bbdd6` | `t13d1910h2_8210820a36ca_730f49c21434` | `3:100;4:33554432;2:0\|33488897\|0\|m,p,s,a` |
-//! | curl `--http1.1` | http/1.1 | `t13d3112h1_e8f1e7e78f70_b26ce05bbdd6` | `t13d1910h1_8210820a36ca_730f49c21434` | (HTTP/1.1) |
-//! | Python requests 2.34.2 | http/1.1 | `t13d1812h1_85036bcba153_b26ce05bbdd6` | `t13d1110h1_df48822fadde_730f49c21434` | (HTTP/1.1) |
-//! | Python requests 2.28.1 (Debian) | http/1.1 | `t13d4312h1_c7886603b240_b26ce05bbdd6` | `t13d1910h1_8210820a36ca_730f49c21434` | (HTTP/1.1) |
-//! | Node 20 `https` | none | `t13d591000_a33745022dd6_1f22a2ca17c4` | `t13d191000_8210820a36ca_e9aa652fc668` | (HTTP/1.1) |
+//! | client | ALPN | JA4 direct | JA4 through pinproxy | upstream stack | Akamai (direct = through) |
+//! | --- | --- | --- | --- | --- | --- |
+//! | Chromium 156 | h2 | `t13d1517h2_8daaf6152771_cb7bf5808d99` | `t13d1517h2_8daaf6152771_cb7bf5808d99` | BoringSSL | `1:65536;2:0;4:6291456;6:262144\|15663105\|0\|m,a,s,p` |
+//! | curl `--http2` | h2 | `t13d3112h2_e8f1e7e78f70_b26ce05bbdd6` | `t13d3112h2_e8f1e7e78f70_b26ce05bbdd6` | OpenSSL | `3:100;4:33554432;2:0\|33488897\|0\|m,p,s,a` |
+//! | curl `--http1.1` | http/1.1 | `t13d3112h1_e8f1e7e78f70_b26ce05bbdd6` | `t13d3112h1_e8f1e7e78f70_b26ce05bbdd6` | OpenSSL | (HTTP/1.1) |
+//! | Python requests 2.34.2 | http/1.1 | `t13d1812h1_85036bcba153_b26ce05bbdd6` | `t13d1812h1_85036bcba153_b26ce05bbdd6` | OpenSSL | (HTTP/1.1) |
+//! | Python requests 2.28.1 (Debian) | http/1.1 | `t13d4312h1_c7886603b240_b26ce05bbdd6` | `t13d4312h1_c7886603b240_b26ce05bbdd6` | OpenSSL | (HTTP/1.1) |
+//! | Node 20 `https` | none | `t13d591000_a33745022dd6_1f22a2ca17c4` | `t13d591000_a33745022dd6_1f22a2ca17c4` | OpenSSL | (HTTP/1.1) |
 //!
-//! Chromium is reproduced exactly (JA4, the lists in its order, ALPS,
-//! certificate compression, key shares, the Akamai string). The OpenSSL
-//! clients are not, measured field by field (`difference` prints it):
-//!
-//! - cipher suites BoringSSL does not have: the finite-field DHE suites
-//!   (0x0033, 0x0039, 0x0067, 0x006b, 0x009e, 0x009f, 0xccaa, and Node's
-//!   0x0032, 0x0038, 0x0040, 0x006a, 0x00a2, 0x00a3), CBC-SHA256/384
-//!   (0x003c, 0x003d, 0xc024, 0xc028), ARIA and CCM (Node's 0xc050-0xc061,
-//!   0xc09c-0xc0af) and the 0x00ff SCSV;
-//! - extensions: encrypt_then_mac (22), post_handshake_auth (49) and
-//!   padding (21) are not sent (this BoringSSL pads only to avoid an empty
-//!   last extension, never to the 512 bytes OpenSSL pads its hello to; its
-//!   hello is 250-270 bytes), and renegotiation_info (0xff01) is always
-//!   sent with TLS 1.2;
-//! - groups x448 (0x001e) and ffdhe2048-8192 (0x0100-0x0104);
-//! - signature algorithms ed448 (0x0808), rsa_pss_pss_* (0x0809-0x080b),
-//!   SHA-224 (0x0301-0x0303) and DSA (0x0402, 0x0502, 0x0602).
-//!
-//! What holds for them, and is asserted: the same ALPN, the same JA4
-//! protocol/version/SNI/ALPN characters, nothing offered that the client
-//! did not offer (but renegotiation_info), the client's order kept, the same
-//! Akamai string for curl `--http2`, and one JA4 through pinproxy on every
-//! fresh connection (pinproxy's BoringSSL never resumes).
+//! Chromium is reproduced exactly by BoringSSL (JA4, the lists in its
+//! order, ALPS, certificate compression, key shares, the Akamai string).
+//! The OpenSSL clients are reproduced by the system's OpenSSL itself
+//! (`upstream::tls::openssl_stack`), which BoringSSL cannot stand in for
+//! (DHE, CBC-SHA384, ARIA and CCM suites, the 0x00ff SCSV, encrypt_then_mac,
+//! post_handshake_auth, OpenSSL's padding, x448/ffdhe groups, OpenSSL's
+//! signature algorithms). Asserted for each: the same JA4 and JA4_r, the
+//! same ALPN agreed, every list of the hello in the same wire order (the
+//! extension order too: OpenSSL's own), the same session id length,
+//! padding and hello size, on every fresh connection, never resuming; for
+//! curl `--http2` the same Akamai string. `difference` prints the lists
+//! side by side. An origin pinproxy does not trust fails the OpenSSL
+//! handshake with an `upstream-tls` error naming the host.
 //!
 //! Modes: `chrome` presents Chromium 156's hello and preface whatever the
 //! client; `rustls` presents rustls's (`t13d1010h2_61a7ad8aa9b6_76ad8fd2bde2`
@@ -175,7 +167,10 @@ struct Via {
 enum Client {
     CurlH2,
     CurlH1,
+    /// Python requests, the first `python3` on PATH.
     Python,
+    /// Python requests, Debian's `/usr/bin/python3` (python3-requests).
+    DebianPython,
     Node,
 }
 
@@ -248,6 +243,7 @@ impl Client {
             Client::CurlH2 => "curl --http2",
             Client::CurlH1 => "curl --http1.1",
             Client::Python => "python requests",
+            Client::DebianPython => "debian python requests",
             Client::Node => "node https",
         }
     }
@@ -285,8 +281,13 @@ impl Client {
                     .arg(&url);
                 command
             }
-            Client::Python => {
-                let mut command = Command::new(require("python3"));
+            Client::Python | Client::DebianPython => {
+                let python = if self == Client::Python {
+                    require("python3")
+                } else {
+                    debian_python()
+                };
+                let mut command = Command::new(python);
                 let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
                 command
                     .args(["-c", PYTHON_GET, &url, &proxy])
@@ -323,6 +324,17 @@ impl Client {
         assert_eq!(got.status, 200, "{} {path} via {via:?}", self.name());
         got
     }
+}
+
+/// Debian's own Python (with python3-requests), whatever `python3` is on
+/// PATH.
+fn debian_python() -> PathBuf {
+    let python = PathBuf::from("/usr/bin/python3");
+    assert!(
+        python.is_file(),
+        "/usr/bin/python3 is not installed: run scripts/test.sh, which installs python3-requests"
+    );
+    python
 }
 
 /// Runs `command` to its end (killed after [`CLIENT_TIMEOUT`]) without any
@@ -407,12 +419,6 @@ fn non_grease(list: &Option<Vec<u16>>) -> Vec<u16> {
         .collect()
 }
 
-/// Whether `part` is `whole` with some elements left out, order kept.
-fn is_subsequence(part: &[u16], whole: &[u16]) -> bool {
-    let mut rest = whole.iter();
-    part.iter().all(|p| rest.any(|w| w == p))
-}
-
 fn hex(list: &[u16]) -> String {
     let items: Vec<String> = list.iter().map(|v| format!("{v:04x}")).collect();
     items.join(",")
@@ -469,83 +475,44 @@ fn difference(direct: &ClientHello, through: &ClientHello) -> String {
     out
 }
 
-/// JA4's first part without the counts: protocol, version, SNI, ALPN
-/// (`t13d` + `h2` of `t13d1517h2`).
-fn ja4_a_without_counts(ja4: &str) -> String {
-    let a = ja4.split('_').next().unwrap_or_default();
-    format!(
-        "{}{}",
-        a.get(..4).unwrap_or_default(),
-        a.get(8..).unwrap_or_default()
-    )
-}
-
-/// What mirroring must keep of a client's hello even where BoringSSL cannot
-/// say all of it: the same versions and ALPN, and nothing the client did
-/// not offer (but renegotiation_info, which BoringSSL always sends with
-/// TLS 1.2), in the client's order.
-fn assert_within_the_clients_offer(name: &str, direct: &ClientHello, through: &ClientHello) {
-    let diff = difference(direct, through);
+/// What JA4 does not show but the same library with the same settings
+/// reproduces: every list of the hello in its wire order (ciphers,
+/// extensions, versions, groups, key shares, signature algorithms, ALPN,
+/// PSK modes, point formats), the session id length and the hello's size
+/// (so padding and every extension's payload length too).
+fn assert_same_hello(name: &str, direct: &Record, through: &Record) {
+    let (d, t) = (hello(direct), hello(through));
+    let diff = difference(d, t);
     assert_eq!(
-        non_grease(&direct.supported_versions),
-        non_grease(&through.supported_versions),
-        "{name}: versions\n{diff}"
-    );
-    assert_eq!(direct.alpn, through.alpn, "{name}: ALPN list\n{diff}");
-    let tls12 = |hello: &ClientHello| -> Vec<u16> {
-        non_grease(&Some(hello.cipher_suites.clone()))
-            .into_iter()
-            .filter(|c| !(0x1301..=0x1303).contains(c))
-            .collect()
-    };
-    let tls13 = |hello: &ClientHello| -> BTreeSet<u16> {
-        hello
-            .cipher_suites
-            .iter()
-            .copied()
-            .filter(|c| (0x1301..=0x1303).contains(c))
-            .collect()
-    };
-    assert!(
-        is_subsequence(&tls12(through), &tls12(direct)),
-        "{name}: TLS 1.2 suites\n{diff}"
+        non_grease(&Some(t.cipher_suites.clone())),
+        non_grease(&Some(d.cipher_suites.clone())),
+        "{name}: cipher order\n{diff}"
     );
     assert_eq!(
-        tls13(through),
-        tls13(direct),
-        "{name}: TLS 1.3 suites\n{diff}"
+        t.extension_types().collect::<Vec<_>>(),
+        d.extension_types().collect::<Vec<_>>(),
+        "{name}: extension order\n{diff}"
     );
-    for (what, d, t) in [
-        (
-            "groups",
-            &direct.supported_groups,
-            &through.supported_groups,
-        ),
+    for (what, dl, tl) in [
+        ("versions", &d.supported_versions, &t.supported_versions),
+        ("groups", &d.supported_groups, &t.supported_groups),
+        ("key shares", &d.key_share_groups, &t.key_share_groups),
         (
             "signature algorithms",
-            &direct.signature_algorithms,
-            &through.signature_algorithms,
-        ),
-        (
-            "key shares",
-            &direct.key_share_groups,
-            &through.key_share_groups,
+            &d.signature_algorithms,
+            &t.signature_algorithms,
         ),
     ] {
-        assert!(
-            is_subsequence(&non_grease(t), &non_grease(d)),
-            "{name}: {what}\n{diff}"
-        );
+        assert_eq!(tl, dl, "{name}: {what}\n{diff}");
     }
-    const RENEGOTIATION_INFO: u16 = 0xff01;
-    let offered: BTreeSet<u16> = direct.extension_types().collect();
-    let extra: Vec<u16> = through
-        .extension_types()
-        .filter(|t| !is_grease(*t) && *t != RENEGOTIATION_INFO && !offered.contains(t))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "{name}: extensions the client did not send: {extra:04x?}\n{diff}"
+    assert_eq!(t.alpn, d.alpn, "{name}: ALPN list\n{diff}");
+    assert_eq!(t.psk_key_exchange_modes, d.psk_key_exchange_modes, "{name}");
+    assert_eq!(t.ec_point_formats, d.ec_point_formats, "{name}");
+    assert_eq!(t.session_id_len, d.session_id_len, "{name}");
+    assert_eq!(t.padding_len, d.padding_len, "{name}: padding\n{diff}");
+    assert_eq!(
+        through.conn.hello_len, direct.conn.hello_len,
+        "{name}: hello size\n{diff}"
     );
 }
 
@@ -650,9 +617,13 @@ async fn direct_and_through(rig: &Rig, client: Client) -> (Vec<Record>, Vec<Reco
     (direct, through)
 }
 
-/// What holds for a client BoringSSL cannot imitate exactly (see the
-/// module documentation); returns the (direct, through) records.
-async fn openssl_client_keeps_what_can_be_kept(client: Client) -> (Vec<Record>, Vec<Record>) {
+/// An OpenSSL-family client through pinproxy is the same client to the
+/// origin: pinproxy's upstream hello is made by the system's OpenSSL from
+/// the client's, so the JA4 and JA4_r are the client's own, the ALPN agreed
+/// is the same, and so is every list of the hello in its wire order and
+/// its size; on every fresh connection, never resuming. Returns the
+/// (direct, through) records.
+async fn openssl_client_is_itself_through_pinproxy(client: Client) -> (Vec<Record>, Vec<Record>) {
     let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
     let (direct, through) = direct_and_through(&rig, client).await;
     let name = client.name();
@@ -663,54 +634,64 @@ async fn openssl_client_keeps_what_can_be_kept(client: Client) -> (Vec<Record>, 
         r.ja4().map(str::to_owned)
     })
     .unwrap();
-    assert!(
-        through.iter().all(|r| !r.conn.resumed),
-        "{name}: pinproxy resumed a session"
+    assert_eq!(through_ja4, direct_ja4, "{name}: JA4");
+    let ja4_r = |r: &Record| Some(ja4::ja4_r(hello(r)));
+    assert_eq!(
+        one(&through, "JA4_r through pinproxy", ja4_r),
+        one(&direct, "direct JA4_r", ja4_r),
+        "{name}: JA4_r"
     );
     assert_eq!(
         one(&through, "ALPN", |r| r.alpn().map(str::to_owned)),
         one(&direct, "ALPN", |r| r.alpn().map(str::to_owned)),
         "{name}"
     );
-    assert_eq!(
-        ja4_a_without_counts(&through_ja4),
-        ja4_a_without_counts(&direct_ja4),
-        "{name}: {direct_ja4} vs {through_ja4}"
+    for record in &through {
+        assert_same_hello(name, &direct[0], record);
+    }
+    assert!(
+        through.iter().all(|r| !r.conn.resumed),
+        "{name}: pinproxy resumed a session"
     );
-    assert_within_the_clients_offer(name, hello(&direct[0]), hello(&through[0]));
     (direct, through)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn curl_http2_keeps_its_alpn_and_its_http2_preface() {
-    let (direct, through) = openssl_client_keeps_what_can_be_kept(Client::CurlH2).await;
+async fn curl_http2_is_curl_through_pinproxy_with_its_http2_preface() {
+    let (direct, through) = openssl_client_is_itself_through_pinproxy(Client::CurlH2).await;
     assert!(direct[0].ja4().unwrap().contains("h2_"), "{direct:?}");
-    // The h2 preface is sayable in full: the same Akamai string.
+    // The h2 preface too: the same Akamai string.
     assert_eq!(
         one(&direct, "Akamai", Record::akamai).as_deref(),
         Some(CURL_AKAMAI)
     );
     assert_eq!(
-        one(&through, "Akamai", Record::akamai).as_deref(),
-        Some(CURL_AKAMAI)
+        one(&through, "Akamai", Record::akamai),
+        one(&direct, "Akamai", Record::akamai)
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn curl_http1_keeps_its_alpn() {
-    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::CurlH1).await;
+async fn curl_http1_is_curl_through_pinproxy() {
+    let (direct, _) = openssl_client_is_itself_through_pinproxy(Client::CurlH1).await;
     assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn python_requests_keeps_its_alpn() {
-    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::Python).await;
+async fn python_requests_is_python_through_pinproxy() {
+    let (direct, _) = openssl_client_is_itself_through_pinproxy(Client::Python).await;
     assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn node_https_keeps_offering_no_alpn() {
-    let (direct, _) = openssl_client_keeps_what_can_be_kept(Client::Node).await;
+async fn debian_python_requests_is_python_through_pinproxy() {
+    let (direct, _) = openssl_client_is_itself_through_pinproxy(Client::DebianPython).await;
+    assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_https_is_node_through_pinproxy_offering_no_alpn() {
+    let (direct, _) = openssl_client_is_itself_through_pinproxy(Client::Node).await;
     assert!(
         direct[0].ja4().unwrap().contains("00_"),
         "Node's https offers no ALPN: {direct:?}"
@@ -737,6 +718,37 @@ async fn an_http1_only_origin_gets_http1_and_the_clients_offer() {
     assert_eq!(direct[0].header_names, ["Host", "User-Agent", "Accept"]);
     // An h2 client's names reach an h1 origin lowercase, in its order.
     assert_eq!(through[0].header_names, ["host", "user-agent", "accept"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_untrusted_origin_fails_curls_openssl_handshake_naming_the_host() {
+    // pinproxy does not trust the test PKI this time.
+    let rig = Rig::start(OriginOptions::default(), |c| c.upstream_ca.clear()).await;
+    let proxy = rig.s.proxy.daemon.local_addr();
+    let mut command = Command::new(require("curl"));
+    command
+        .args(["-sS", "--max-time", "20", "--http1.1", "--cacert"])
+        .arg(rig.s.proxy.daemon.ca_cert_path())
+        .arg("-x")
+        .arg(format!("http://{proxy}"))
+        .args([
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n%header{x-pinproxy-error}\n",
+        ])
+        .arg(rig.origin.url("/untrusted"));
+    let out = run(&mut command).await;
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("502"), "{out}");
+    let error = lines.next().unwrap_or_default();
+    assert!(
+        error.starts_with("upstream-tls:")
+            && error.contains("localhost")
+            && error.contains("did not verify"),
+        "{error}"
+    );
+    assert!(rig.origin.requests_to("/untrusted").is_empty());
 }
 
 // ---------------------------------------------------------------- several clients, identities

@@ -208,3 +208,90 @@ async fn a_redis_outage_fails_closed_and_service_resumes() {
 async fn fail_open_forwards_only_credential_less_requests_during_an_outage() {
     redis_outage(Unavailable::FailOpen).await;
 }
+
+/// One CA across a fleet: every replica reads the CA from one directory
+/// (`--ca-dir`, in production a secret mounted into each replica) and none
+/// makes a CA of its own; the pin-hashing key is agreed through Redis
+/// (`NS:hash-key`, the first replica's wins). A client that trusts exactly
+/// that one CA uses any replica, and its cookie keeps its exit across them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_serve_a_client_that_trusts_one_ca() {
+    let origin = Origin::start().await;
+    let (_exits, exit_urls) = support::exits(3).await;
+    let redis = RedisServer::start().await;
+    let ca_dir = support::procs::shared_ca_dir();
+    let ca_pem = std::fs::read_to_string(ca_dir.path().join("ca.pem")).unwrap();
+
+    let mut args = vec![
+        "--store".to_owned(),
+        redis.url(),
+        "--ca-dir".to_owned(),
+        ca_dir.path().display().to_string(),
+    ];
+    args.extend(support::process_args(&origin, &exit_urls));
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        replicas.push(PinproxyProcess::start(dir.path(), &args).await);
+    }
+    // The client trusts the one CA, nothing else.
+    let clients: Vec<ProxyClient> = replicas
+        .iter()
+        .map(|r| ProxyClient::new(r.addr, &ca_pem))
+        .collect();
+    let port = origin.https.port();
+    let mut jar = Jar::default();
+    let login = clients[0]
+        .try_get("localhost", port, "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.body);
+    let exit = reported_peer(&login.body).unwrap();
+    for round in 0..6 {
+        let client = &clients[round % clients.len()];
+        let reply = client
+            .try_get("localhost", port, "/page", &mut jar)
+            .await
+            .unwrap_or_else(|e| panic!("replica {}: {e}", round % clients.len()));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reported_peer(&reply.body), Some(exit), "round {round}");
+    }
+    assert_eq!(origin.leaks(), vec![]);
+
+    // No replica made a CA of its own; all hash cookies with one key.
+    let keys: HashSet<Vec<u8>> = dirs
+        .iter()
+        .map(|dir| {
+            assert!(!dir.path().join("ca.pem").exists());
+            assert!(!dir.path().join("ca-key.pem").exists());
+            std::fs::read(dir.path().join("fleet-pin-key")).unwrap()
+        })
+        .collect();
+    assert_eq!(keys.len(), 1, "one pin-hashing key across the fleet");
+
+    // A replica pointed at a CA directory that holds no CA refuses to start
+    // rather than make one.
+    let empty = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"));
+    run.args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--store",
+        "memory",
+    ])
+    .arg("--data-dir")
+    .arg(data.path())
+    .arg("--ca-dir")
+    .arg(empty.path());
+    let refused = support::procs::run_to_end(run, std::time::Duration::from_secs(30)).await;
+    assert!(!refused.success());
+    assert!(refused.stderr.contains("holds no CA"), "{refused:?}");
+    assert!(!empty.path().join("ca.pem").exists());
+    for replica in replicas {
+        replica.kill9().await;
+    }
+}

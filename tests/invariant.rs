@@ -83,6 +83,7 @@ fn exit_set(now_ms: u64) -> ExitSet {
         response_head_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(1),
         max_idle_per_origin: 1,
+        guard: Default::default(),
     };
     // One exit with a sticky upstream session per identity, two plain ones.
     let urls = [
@@ -99,16 +100,16 @@ fn exit_set(now_ms: u64) -> ExitSet {
                 spec.options.sticky_ttl = Some(Duration::from_secs(20 * 60));
             }
             let anonymous = if spec.has_session_placeholder() { 4 } else { 1 };
-            Exit {
-                client: ExitClient::new(spec.route(), tls.clone(), &pool),
-                health: Health::new(THRESHOLDS),
-                sessions: AnonymousSessions::new(
+            Exit::new(
+                spec.clone(),
+                ExitClient::new(spec.route(), tls.clone(), &pool),
+                Health::new(THRESHOLDS),
+                AnonymousSessions::new(
                     anonymous,
                     spec.options.sticky_ttl.map(|d| d.as_millis() as u64),
                     now_ms,
                 ),
-                spec,
-            }
+            )
         })
         .collect();
     ExitSet::new(exits, None)
@@ -195,6 +196,7 @@ async fn run(
                     .map(|k| {
                         pinproxy::proxy::credentials::session_key::credential(
                             &hasher,
+                            None,
                             &format!("key{k}"),
                         )
                     })

@@ -1,15 +1,29 @@
-//! Observing identities: the `pins` command lists them by exit and hashed
-//! credential (never a raw value), as a table or JSON, and metrics count
-//! them.
+//! Observing pinproxy: the `pins` command lists identities by exit and
+//! hashed credential (never a raw value); the metrics answer which exit and
+//! which site burn identities, with bounded labels and no secret in them;
+//! the access log (text or JSON) has one line per request with names and
+//! hashes only, and can be turned off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
-use support::Setup;
+use std::time::Duration;
+
+use support::procs::{Lines, PinproxyProcess};
+use support::{admin, Jar, Origin, ProxyClient, Setup, TestExit, TestExitSpec};
+
+/// Values that must never show up in metrics or logs.
+const EXIT_PASSWORD: &str = "ExitPassw0rd-4412";
+const COOKIE_VALUES: [&str; 4] = [
+    "DdValueAlpha-9f1e",
+    "DdValueBravo-27c4",
+    "DdValueCharlie-b1a0",
+    "ClearanceDelta-6e3d",
+];
 
 #[tokio::test]
 async fn identities_are_listed_by_the_pins_command_and_counted_in_metrics() {
-    let s = Setup::start(2).await;
+    let s = Setup::builder().exits(2).start().await;
     let (jar, peer) = s.login("/login").await;
     let admin = s.proxy.daemon.admin_addr().unwrap();
     let bin = env!("CARGO_BIN_EXE_pinproxy");
@@ -51,9 +65,362 @@ async fn identities_are_listed_by_the_pins_command_and_counted_in_metrics() {
     assert_eq!(view["requests"], 1);
 
     let metrics = s.proxy.daemon.admin().metrics.encode();
-    assert!(
-        metrics.contains("pinproxy_identities_created_total 1"),
-        "{metrics}"
-    );
+    let created =
+        format!("pinproxy_identities_created_total{{exit=\"{exit}\",reason=\"set-cookie\"}} 1");
+    assert!(metrics.contains(&created), "{metrics}");
     s.stop().await;
+}
+
+/// The value of the sample `series` (name and labels exactly as printed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Asserts the sample `series` is present and at least `min`.
+fn assert_at_least(text: &str, series: &str, min: f64) {
+    match sample(text, series) {
+        Some(v) if v >= min => {}
+        other => panic!("{series} is {other:?}, expected at least {min}, in\n{text}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_which_exit_and_site_burn_identities_without_secrets() {
+    let s = Setup::builder()
+        .exit(TestExitSpec::with_auth(
+            "127.0.0.2",
+            &format!("exituser:{EXIT_PASSWORD}"),
+        ))
+        .exits(1)
+        .config(|c| c.metrics.max_sites = 2)
+        .start()
+        .await;
+    let https = s.origin.https.port();
+    let client = &s.proxy.client;
+
+    // Four new identities from request cookies; rotation spreads them over
+    // both exits. Site 1: localhost.
+    let mut jars = Vec::new();
+    for (n, value) in COOKIE_VALUES.iter().enumerate() {
+        let mut jar = Jar::default();
+        let name = if n == 3 { "cf_clearance" } else { "datadome" };
+        jar.set(name, value);
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        jars.push(jar);
+    }
+    // Pin hits, and answers of every class.
+    for path in ["/page", "/status?code=302", "/status?code=404"] {
+        s.get(path, &mut jars[0]).await;
+    }
+    // Site 2, plain HTTP, rotated: labelled by its registrable domain.
+    let mut plain = client
+        .plain("www.shop.example.co.uk", s.origin.http.port())
+        .await;
+    assert_eq!(plain.get("/page?q=secret-query", &[]).await.status, 200);
+    // Site 3 is beyond max_sites = 2: it folds into `other`.
+    let mut third = client.tunnel("origin.test", https).await;
+    assert_eq!(third.get("/page", &[]).await.status, 200);
+    // An invalidation retires identity 1; its cookie is then refused.
+    let challenge = s.get("/challenge", &mut jars[1]).await;
+    assert_eq!(challenge.status, 403);
+    let retired = s.get("/page", &mut jars[1]).await;
+    assert_eq!(retired.status, 502, "{}", retired.body);
+    // Cookies of two identities in one request: a conflict.
+    let mut both = Jar::default();
+    both.set("datadome", COOKIE_VALUES[2]);
+    both.set("cf_clearance", COOKIE_VALUES[3]);
+    assert_eq!(s.get("/page", &mut both).await.status, 409);
+
+    // The invalidation's retirement is stored in the background.
+    for _ in 0..100 {
+        if s.proxy
+            .daemon
+            .admin()
+            .identities(false)
+            .await
+            .unwrap()
+            .len()
+            == 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = admin::get(addr, "/metrics").await;
+
+    for exit in ["exit1", "exit2"] {
+        assert_at_least(
+            &text,
+            &format!(
+                "pinproxy_exit_requests_total{{exit=\"{exit}\",site=\"localhost\",status=\"2xx\"}}"
+            ),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_identities_created_total{{exit=\"{exit}\",reason=\"request\"}}"),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_pin_decisions_total{{exit=\"{exit}\",decision=\"new\"}}"),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_identities_alive{{exit=\"{exit}\"}}"),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_upstream_connect_seconds_count{{exit=\"{exit}\"}}"),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_upstream_tls_handshake_seconds_count{{exit=\"{exit}\"}}"),
+            1.0,
+        );
+        assert_at_least(
+            &text,
+            &format!("pinproxy_upstream_ttfb_seconds_count{{exit=\"{exit}\"}}"),
+            1.0,
+        );
+    }
+    let alive: f64 = ["exit1", "exit2"]
+        .iter()
+        .map(|e| sample(&text, &format!("pinproxy_identities_alive{{exit=\"{e}\"}}")).unwrap())
+        .sum();
+    assert_eq!(alive, 3.0, "four identities, one invalidated:\n{text}");
+    for series in [
+        "status=\"3xx\"}",
+        "status=\"4xx\"}",
+        "site=\"example.co.uk\",status=\"2xx\"}",
+        "site=\"other\",status=\"2xx\"}",
+        "exit=\"none\",site=\"localhost\",status=\"pinproxy-error\"}",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("pinproxy_exit_requests_total{") && l.contains(series)),
+            "no request series with {series} in\n{text}"
+        );
+    }
+    for decision in ["hit", "rotated", "retired"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("pinproxy_pin_decisions_total{")
+                    && l.contains(&format!("decision=\"{decision}\""))),
+            "no {decision} decision in\n{text}"
+        );
+    }
+    assert_at_least(
+        &text,
+        "pinproxy_pin_decisions_total{exit=\"none\",decision=\"conflict\"}",
+        1.0,
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pinproxy_invalidations_total{")
+                && l.contains("site=\"localhost\",rule=\"datadome-challenge\"}")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pinproxy_identities_retired_total{")
+                && l.contains("reason=\"invalidated\"}")),
+        "{text}"
+    );
+    assert_at_least(&text, "pinproxy_cert_mint_seconds_count", 2.0);
+    assert_at_least(&text, "pinproxy_cert_cache_entries", 2.0);
+    assert_at_least(
+        &text,
+        "pinproxy_store_op_seconds_count{store=\"embedded\",op=\"lookup\"}",
+        1.0,
+    );
+    assert_at_least(
+        &text,
+        "pinproxy_store_op_seconds_count{store=\"embedded\",op=\"pin\"}",
+        1.0,
+    );
+
+    // Bounded and clean: no third site, no host beyond its registrable
+    // domain, no path or query, no URL, no cookie value, no credential.
+    for forbidden in COOKIE_VALUES.iter().copied().chain([
+        EXIT_PASSWORD,
+        "exituser",
+        "origin.test",
+        "www.shop",
+        "/page",
+        "secret-query",
+        "/challenge",
+        "://",
+    ]) {
+        assert!(
+            !text.contains(forbidden),
+            "{forbidden:?} in the metrics:\n{text}"
+        );
+    }
+    s.stop().await;
+}
+
+/// The access lines among `lines` (JSON objects with the access target).
+fn access_lines(lines: &Lines) -> Vec<serde_json::Value> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "pinproxy::access")
+        .collect()
+}
+
+/// Waits (bounded) until `check` holds for the lines printed so far.
+async fn wait_for_lines(lines: &Lines, what: &str, check: impl Fn(&[String]) -> bool) {
+    for _ in 0..200 {
+        if check(&lines.lock().unwrap()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: {:#?}", lines.lock().unwrap());
+}
+
+/// Starts the real binary with two exits (one with a password) and
+/// `extra` flags, logging at info into the returned lines.
+async fn logging_proxy(
+    origin: &Origin,
+    extra: &[&str],
+) -> (PinproxyProcess, Lines, [TestExit; 2], tempfile::TempDir) {
+    let guarded =
+        TestExit::start_with_auth("127.0.0.2", Some(&format!("exituser:{EXIT_PASSWORD}"))).await;
+    let open = TestExit::start("127.0.0.3").await;
+    let mut args = support::process_args(
+        origin,
+        &[
+            (
+                "guarded".to_owned(),
+                format!("http://exituser:{EXIT_PASSWORD}@{}", guarded.addr),
+            ),
+            ("open".to_owned(), open.url()),
+        ],
+    );
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let data_dir = tempfile::tempdir().unwrap();
+    let lines: Lines = Default::default();
+    let proxy =
+        PinproxyProcess::start_logging(data_dir.path(), &args, "info", Some(lines.clone())).await;
+    (proxy, lines, [guarded, open], data_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse_and_hold_names_and_hashes_only() {
+    let origin = Origin::start().await;
+    let (proxy, lines, _exits, _dir) = logging_proxy(&origin, &["--log-format", "json"]).await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let https = origin.https.port();
+
+    // A new identity, then a pin hit on it, then a cookie-less request.
+    let mut jar = Jar::default();
+    jar.set("datadome", COOKIE_VALUES[0]);
+    for _ in 0..2 {
+        let mut conn = client.tunnel("localhost", https).await;
+        assert_eq!(
+            conn.get_with_jar("/page?token=q1", &mut jar).await.status,
+            200
+        );
+    }
+    let mut conn = client.tunnel("localhost", https).await;
+    assert_eq!(conn.get("/status?code=404", &[]).await.status, 404);
+    wait_for_lines(&lines, "three access lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("pinproxy::access"))
+            .count()
+            >= 3
+    })
+    .await;
+
+    // Every line is JSON (but the start-up banner, printed before logging).
+    for line in lines.lock().unwrap().iter() {
+        let banner = line.starts_with("pinproxy listening on") || line.starts_with("  ");
+        assert!(
+            banner || serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+        for forbidden in [COOKIE_VALUES[0], EXIT_PASSWORD, "token=q1"] {
+            assert!(!line.contains(forbidden), "{forbidden:?} logged: {line}");
+        }
+    }
+    let access = access_lines(&lines);
+    let decisions: Vec<&str> = access
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["new", "hit", "rotated"], "{access:#?}");
+    let first = &access[0];
+    assert_eq!(first["level"], "INFO");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["origin"], format!("localhost:{https}"));
+    assert_eq!(first["site"], "localhost");
+    assert_eq!(first["cookies"], "datadome");
+    assert!(
+        first["exit"] == "guarded" || first["exit"] == "open",
+        "{first}"
+    );
+    assert_eq!(
+        first["identity"], access[1]["identity"],
+        "the hit is the same identity"
+    );
+    assert!(first["identity"].as_str().is_some_and(|i| !i.is_empty()));
+    for field in ["total_ms", "connect_ms", "tls_ms", "ttfb_ms"] {
+        assert!(first[field].as_f64().is_some(), "{field} in {first}");
+    }
+    // A pooled connection: no connect or TLS time of its own.
+    let third = &access[2];
+    assert_eq!(third["status"], 404);
+    assert!(
+        third.get("identity").is_none() && third.get("cookies").is_none(),
+        "{third}"
+    );
+    // The identity founded by the request is reported as new, at info.
+    assert!(lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("\"new identity\"") && l.contains("datadome#")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_off_writes_no_access_line() {
+    let origin = Origin::start().await;
+    let (proxy, lines, _exits, _dir) =
+        logging_proxy(&origin, &["--log-format", "json", "--access-log", "off"]).await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    // Two new identities: the second's "new identity" line is written
+    // after the first request's access line would have been.
+    for value in &COOKIE_VALUES[..2] {
+        let mut jar = Jar::default();
+        jar.set("datadome", value);
+        let mut conn = client.tunnel("localhost", origin.https.port()).await;
+        assert_eq!(conn.get_with_jar("/page", &mut jar).await.status, 200);
+    }
+    wait_for_lines(&lines, "two new identities logged", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("\"new identity\""))
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(access_lines(&lines).is_empty());
+    assert!(!lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("pinproxy::access")));
 }

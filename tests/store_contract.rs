@@ -126,7 +126,7 @@ async fn contract(store: Arc<Store>) {
         .retire(
             a.id,
             &Retirement {
-                reason: RetireReason::Manual,
+                reason: RetireReason::Evicted,
                 at_ms: now + 2,
             },
         )

@@ -1,46 +1,129 @@
 //! `pinproxy run`: start the daemon with the configuration the flags and
-//! the file describe, and stop it on SIGINT/SIGTERM.
+//! the file describe, and operate it with signals:
+//!
+//! - SIGHUP re-reads the `--config` file and applies it with the same
+//!   flags on top (flags still win), as `POST /reload` on the admin
+//!   endpoint does; a configuration that does not validate is refused
+//!   whole and logged, the one in force stays;
+//! - SIGTERM or SIGINT stops gracefully: no new connections, in-flight
+//!   requests get `timeouts.shutdown` to finish, background store writes
+//!   are flushed, then the process exits 0;
+//! - a second SIGTERM or SIGINT during that wait exits at once, with status
+//!   143 (SIGTERM) or 130 (SIGINT), as a shell reports a process the signal
+//!   ended. What decided routing is already durable; only request counts
+//!   and last-use times written lazily can be lost.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context as _;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::RunArgs;
 use crate::daemon::Daemon;
 
-/// How long in-flight requests get to finish on SIGINT/SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// Runs `pinproxy run` until a signal stops it.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    if let Some(problem) = crate::telemetry::init() {
+    let config = args.config().map_err(flatten)?;
+    if let Some(problem) = crate::telemetry::init(config.log.format, config.log.access) {
         tracing::warn!("{problem}");
     }
-    let config = args.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let daemon = Daemon::start(&config).await?;
+        // Watched from before the daemon starts, so no signal is missed.
+        let mut signals = Signals::watch()?;
+        let daemon = Daemon::start(&config).await.map_err(flatten)?;
+        let args = Arc::new(args);
+        daemon.set_config_source(Arc::new(move || {
+            args.config().map_err(|e| crate::fault::causes(&e))
+        }));
         eprintln!(
             "pinproxy listening on {addr}\n  trust the CA: {ca}\n  try: curl -x http://{addr} --cacert {ca} https://example.com/",
             addr = daemon.local_addr(),
             ca = daemon.ca_cert_path().display()
         );
-        wait_for_signal().await?;
-        tracing::info!("shutting down");
-        daemon.shutdown(SHUTDOWN_GRACE).await;
-        Ok(())
+        let first = loop {
+            tokio::select! {
+                _ = signals.hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Success and refusal are both logged by the reload.
+                    let _ = daemon.reload().await;
+                }
+                stop = stop_signal(&mut signals.terminate, &mut signals.interrupt) => break stop,
+            }
+        };
+        let grace = daemon.shutdown_grace();
+        tracing::info!(
+            signal = first.name(),
+            grace = ?grace,
+            "shutting down: no new connections; in-flight requests may finish (a second signal exits at once)"
+        );
+        tokio::select! {
+            () = daemon.shutdown(grace) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            again = stop_signal(&mut signals.terminate, &mut signals.interrupt) => {
+                tracing::warn!(signal = again.name(), "second signal: exiting at once");
+                std::process::exit(again.exit_code());
+            }
+        }
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
-        _ = term.recv() => {}
+/// A start-up error as one line: each cause once (a cause a message
+/// already ends with is not repeated).
+fn flatten(error: impl std::error::Error) -> anyhow::Error {
+    anyhow::anyhow!(crate::fault::causes(&error))
+}
+
+/// The signals `pinproxy run` acts on.
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+/// Which stop signal arrived.
+#[derive(Clone, Copy)]
+enum Stop {
+    Terminate,
+    Interrupt,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Terminate => "SIGTERM",
+            Stop::Interrupt => "SIGINT",
+        }
     }
-    Ok(())
+
+    /// 128 + the signal's number, as shells report it.
+    fn exit_code(self) -> i32 {
+        match self {
+            Stop::Terminate => 143,
+            Stop::Interrupt => 130,
+        }
+    }
+}
+
+impl Signals {
+    fn watch() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+}
+
+/// The next SIGTERM or SIGINT.
+async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) -> Stop {
+    tokio::select! {
+        _ = terminate.recv() => Stop::Terminate,
+        _ = interrupt.recv() => Stop::Interrupt,
+    }
 }

@@ -43,7 +43,7 @@ impl HealthState {
 }
 
 /// Thresholds for state changes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Thresholds {
     /// Consecutive failures that make a healthy exit unhealthy.
     pub unhealthy_after: u32,
@@ -63,15 +63,16 @@ pub struct Health {
     /// When a trial request was last let through while not healthy.
     last_trial_ms: AtomicU64,
     /// Serialises state changes (per exit, never held across an await).
+    /// The thresholds live under the same lock: a reload may change them.
     transition: Mutex<Counters>,
-    thresholds: Thresholds,
     changes: watch::Sender<HealthState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     failures: u32,
     successes: u32,
+    thresholds: Thresholds,
 }
 
 impl Health {
@@ -82,8 +83,11 @@ impl Health {
             failures: AtomicU32::new(0),
             died_at_ms: AtomicU64::new(0),
             last_trial_ms: AtomicU64::new(0),
-            transition: Mutex::new(Counters::default()),
-            thresholds,
+            transition: Mutex::new(Counters {
+                failures: 0,
+                successes: 0,
+                thresholds,
+            }),
             changes: watch::channel(HealthState::Healthy).0,
         }
     }
@@ -106,6 +110,15 @@ impl Health {
         self.died_at_ms.fetch_max(at_ms, Ordering::AcqRel);
     }
 
+    /// Takes new thresholds (a reload); they apply from the next probe or
+    /// request on, the counts so far are kept.
+    pub fn set_thresholds(&self, thresholds: Thresholds) {
+        self.transition
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .thresholds = thresholds;
+    }
+
     /// State changes, for waiting on them.
     pub fn subscribe(&self) -> watch::Receiver<HealthState> {
         self.changes.subscribe()
@@ -122,7 +135,7 @@ impl Health {
         self.failures.store(0, Ordering::Relaxed);
         counters.successes = counters.successes.saturating_add(1);
         if self.state() != HealthState::Healthy
-            && counters.successes >= self.thresholds.healthy_after
+            && counters.successes >= counters.thresholds.healthy_after
         {
             return Some(self.set(HealthState::Healthy, 0));
         }
@@ -137,10 +150,11 @@ impl Health {
         counters.failures = counters.failures.saturating_add(1);
         self.failures.store(counters.failures, Ordering::Relaxed);
         let state = self.state();
-        if state != HealthState::Dead && counters.failures >= self.thresholds.dead_after {
+        if state != HealthState::Dead && counters.failures >= counters.thresholds.dead_after {
             return Some(self.set(HealthState::Dead, now_ms));
         }
-        if state == HealthState::Healthy && counters.failures >= self.thresholds.unhealthy_after {
+        if state == HealthState::Healthy && counters.failures >= counters.thresholds.unhealthy_after
+        {
             return Some(self.set(HealthState::Unhealthy, now_ms));
         }
         None

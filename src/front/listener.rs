@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{passthrough, tunnel, Frontend};
+use super::{framing, gate, limits, passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
 use crate::fault;
 use crate::proxy::credentials::session_key;
@@ -58,11 +58,22 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
                 continue;
             }
         };
+        // At most limits.max_connections_per_client from one address.
+        let client = match frontend.clients.connect(peer.ip()) {
+            Ok(client) => client,
+            Err(throttle) => {
+                tracing::debug!(%peer, %throttle, "refused a connection");
+                frontend
+                    .tasks
+                    .spawn(limits::refuse_connection(stream, throttle));
+                continue;
+            }
+        };
         let frontend_for_task = frontend.clone();
         frontend.tasks.spawn(
             async move {
                 serve_client(frontend_for_task, stream, peer).await;
-                drop(permit);
+                drop((permit, client));
             }
             .instrument(tracing::debug_span!("client", %peer)),
         );
@@ -80,6 +91,11 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
         // Boxed for the same reason as in tunnels (see mitm::serve).
         async move { Ok::<_, Infallible>(Box::pin(outer_request(frontend, request, peer)).await) }
     });
+    // Every request head is checked before hyper reads it (smuggling), and
+    // every request takes a rate token of its client address.
+    let (stream, verdicts) = framing::guard(&frontend, stream);
+    let service = limits::rated(frontend.clients.clone(), peer.ip(), service);
+    let service = framing::guarded(verdicts, service);
     let conn = frontend
         .http1()
         .serve_connection(TokioIo::new(stream), service)
@@ -95,8 +111,19 @@ async fn outer_request(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    let pipeline = frontend.pipeline.load_full();
+    // Stage 0: who the client is (407 without valid credentials).
+    let principal = match gate::admit(&pipeline, &request, peer).await {
+        Ok(principal) => principal,
+        Err(error) => return error.to_response(),
+    };
     if request.method() != Method::CONNECT {
-        return frontend.pipeline.handle(None, request).await;
+        // Without authentication there is nothing to carry (the pipeline's
+        // default is the same), and no extension map to allocate.
+        if principal.user.is_some() || principal.exits.exits().is_some() {
+            request.extensions_mut().insert(principal);
+        }
+        return pipeline.handle(None, request).await;
     }
     let size = proxy::header_section_size(&request);
     if size > frontend.settings.max_header_bytes {
@@ -120,9 +147,13 @@ async fn outer_request(
         Ok(key) => key.flatten(),
         Err(error) => return ProxyError::from(error).to_response(),
     };
-    if !frontend.mitm.policy.intercepts(&authority.host) {
+    let intercepted = frontend.mitm.policy.intercepts(&authority.host);
+    if let Err(error) = gate::connect_target(&frontend, &pipeline, &authority, intercepted) {
+        return error.to_response();
+    }
+    if !intercepted {
         let span = tracing::debug_span!("passthrough", %peer, target = %authority);
-        return passthrough::connect(frontend, request, authority, session_key)
+        return passthrough::connect(frontend, request, authority, session_key, principal)
             .instrument(span)
             .await;
     }
@@ -135,7 +166,16 @@ async fn outer_request(
         async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    tunnel::serve(tunnel_frontend, upgraded, authority, session_key).await
+                    let client = peer.ip();
+                    tunnel::serve(
+                        tunnel_frontend,
+                        upgraded,
+                        authority,
+                        session_key,
+                        principal,
+                        client,
+                    )
+                    .await
                 }
                 Err(e) => tracing::debug!(error = %e, "client left before the tunnel opened"),
             }

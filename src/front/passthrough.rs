@@ -20,6 +20,7 @@ use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
 use crate::net::HostPort;
+use crate::proxy::target::Principal;
 use crate::proxy::{credentials, ProxyError};
 
 /// Answers a CONNECT to a passed-through host: opens the tunnel through the
@@ -30,11 +31,12 @@ pub async fn connect(
     request: Request<Incoming>,
     authority: HostPort,
     session_key: Option<String>,
+    principal: Principal,
 ) -> Response<Body> {
-    match open(&frontend, request, &authority, session_key).await {
+    match open(&frontend, request, &authority, session_key, principal).await {
         Ok(response) => response,
         Err(error) => {
-            frontend.pipeline.metrics.request(error.code());
+            frontend.pipeline.load().metrics.request(error.code());
             tracing::warn!(target = %authority, code = error.code(), %error, "passthrough failed");
             error.to_response()
         }
@@ -46,15 +48,22 @@ async fn open(
     request: Request<Incoming>,
     authority: &HostPort,
     session_key: Option<String>,
+    principal: Principal,
 ) -> Result<Response<Body>, ProxyError> {
-    let pipeline = &frontend.pipeline;
+    let pipeline = frontend.pipeline.load_full();
     // Stage 3: only the session key can be read.
-    let credentials = credentials::of_connect(session_key.as_deref(), &pipeline.hasher);
+    let credentials = credentials::of_connect(
+        session_key.as_deref(),
+        principal.user.as_deref(),
+        &pipeline.hasher,
+    );
     // Stage 4. A CONNECT carries the client's User-Agent (browsers and curl
     // send it): the best fingerprint there is for an identity founded here,
     // so its headers go to the router.
     let route = pipeline
-        .route(&credentials, || Fingerprint::of(request.headers()))
+        .route(&principal.exits, &credentials, || {
+            Fingerprint::of(request.headers())
+        })
         .await?;
     // Stage 7: the tunnel itself.
     let (upstream, egress_ip) = match route.exit.client.raw_tunnel(&route.lane, authority).await {

@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,11 +26,11 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use super::listener::{drive, log_connection_end};
 use super::rewind::Rewind;
-use super::Frontend;
+use super::{framing, limits, Frontend};
 use crate::fingerprint::ClientConnection;
 use crate::mitm::leaf::LeafName;
 use crate::net::HostPort;
-use crate::proxy::target::Tunnel;
+use crate::proxy::target::{Principal, Tunnel};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -37,12 +38,16 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// Serves the tunnel to `authority` opened on `upgraded` until either side
-/// closes it; `session_key` is the key the CONNECT named, if any.
+/// closes it; `session_key` is the key the CONNECT named, if any, and
+/// `principal` who opened it, from the address `client` (whose request
+/// rate limit every request inside counts against).
 pub async fn serve(
     frontend: Arc<Frontend>,
     upgraded: Upgraded,
     authority: HostPort,
     session_key: Option<String>,
+    principal: Principal,
+    client: IpAddr,
 ) {
     let io = TokioIo::new(upgraded);
     let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
@@ -55,11 +60,12 @@ pub async fn serve(
         session_key,
         client_offers_h2: false,
         client: Arc::default(),
+        principal,
     };
     if is_tls {
-        serve_tls(frontend, io, tunnel).await;
+        serve_tls(frontend, io, tunnel, client).await;
     } else {
-        Box::pin(serve_http1(frontend, io, tunnel)).await;
+        Box::pin(serve_http1(frontend, io, tunnel, client)).await;
     }
 }
 
@@ -96,7 +102,7 @@ where
     }
 }
 
-async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel)
+async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel, client: IpAddr)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -118,14 +124,14 @@ where
         return;
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let Some(tls) = first_byte(&frontend, tls, frontend.settings.header_read).await else {
+    let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
         return;
     };
     if h2 {
         let tls = PrefaceRecorder::new(tls, tunnel.client.clone());
-        Box::pin(serve_h2(frontend, tls, tunnel)).await;
+        Box::pin(serve_h2(frontend, tls, tunnel, client)).await;
     } else {
-        Box::pin(serve_http1(frontend, tls, tunnel)).await;
+        Box::pin(serve_http1(frontend, tls, tunnel, client)).await;
     }
 }
 
@@ -204,17 +210,22 @@ fn tunnel_service(
         // while it is idle, so that room should be a pointer, not the whole
         // pipeline's state.
         async move {
-            let response = Box::pin(frontend.pipeline.handle(Some(&tunnel), request)).await;
+            let pipeline = frontend.pipeline.load_full();
+            let response = Box::pin(pipeline.handle(Some(&tunnel), request)).await;
             Ok::<_, Infallible>(response)
         }
     })
 }
 
-async fn serve_http1<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+async fn serve_http1<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel, client: IpAddr)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = tunnel_service(frontend.clone(), tunnel);
+    // Heads checked before hyper reads them; a rate token per request.
+    let service = limits::rated(frontend.clients.clone(), client, service);
+    let (io, verdicts) = framing::guard(&frontend, io);
+    let service = framing::guarded(verdicts, service);
     let conn = frontend
         .http1()
         .serve_connection(TokioIo::new(io), service)
@@ -223,11 +234,15 @@ where
     log_connection_end(result);
 }
 
-async fn serve_h2<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel)
+async fn serve_h2<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel, client: IpAddr)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // HTTP/2 frames its messages itself (and hyper refuses what RFC 9113
+    // forbids: connection-specific headers, false content-lengths); only
+    // the rate limit applies here.
     let service = tunnel_service(frontend.clone(), tunnel);
+    let service = limits::rated(frontend.clients.clone(), client, service);
     let header_limit = u32::try_from(frontend.settings.max_header_bytes).unwrap_or(u32::MAX);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

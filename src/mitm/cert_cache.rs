@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use rcgen::KeyPair;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ServerSessionMemoryCache, StoresServerSessions};
@@ -14,6 +16,7 @@ use rustls::ServerConfig;
 
 use super::ca::{generate_leaf_key, CertificateAuthority};
 use super::leaf::{self, LeafName};
+use crate::metrics::Metrics;
 
 /// TLS session tickets/ids remembered across all intercepted hosts.
 const SESSION_CACHE_ENTRIES: usize = 4096;
@@ -28,6 +31,19 @@ pub enum MintError {
         name: LeafName,
         /// Why.
         source: rcgen::Error,
+    },
+    /// The CA's name constraints exclude the host: clients would reject
+    /// the leaf.
+    #[error(
+        "{name} is outside the domains the CA may sign for ({permitted}); add it to \
+         ca.permitted_domains and rotate the CA (`pinproxy ca rotate`), or tunnel it raw \
+         (mitm.exclude)"
+    )]
+    OutsideConstraints {
+        /// The host.
+        name: LeafName,
+        /// The CA's permitted domains.
+        permitted: String,
     },
     /// rustls rejected the configuration.
     #[error("cannot build TLS settings for {name}: {source}")]
@@ -48,6 +64,16 @@ pub struct CertCache {
     sessions: Arc<dyn StoresServerSessions>,
     alpn: Vec<Vec<u8>>,
     configs: moka::future::Cache<LeafName, Arc<ServerConfig>>,
+    /// Mint latency and cache size, when the daemon's metrics are attached.
+    instruments: Option<Instruments>,
+}
+
+/// Where minting is measured: `pinproxy_cert_mint_seconds` and
+/// `pinproxy_cert_cache_entries`.
+#[derive(Debug)]
+struct Instruments {
+    mint: Histogram,
+    entries: Gauge,
 }
 
 impl std::fmt::Debug for CertCache {
@@ -84,7 +110,18 @@ impl CertCache {
             configs: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .build(),
+            instruments: None,
         })
+    }
+
+    /// Measures every mint in `metrics` (its latency, and the cache's size
+    /// after it).
+    pub fn with_metrics(mut self, metrics: &Metrics) -> CertCache {
+        self.instruments = Some(Instruments {
+            mint: metrics.cert_mint.clone(),
+            entries: metrics.cert_cache_entries.clone(),
+        });
+        self
     }
 
     /// The CA behind every leaf.
@@ -94,14 +131,41 @@ impl CertCache {
 
     /// The TLS configuration presenting a leaf for `name`, minted on first use.
     pub async fn server_config(&self, name: LeafName) -> Result<Arc<ServerConfig>, Arc<MintError>> {
-        self.configs
-            .try_get_with_by_ref(&name, async { self.build(&name) })
-            .await
+        let minted = std::sync::atomic::AtomicBool::new(false);
+        let config = self
+            .configs
+            .try_get_with_by_ref(&name, async {
+                let started = std::time::Instant::now();
+                let built = self.build(&name);
+                if let Some(instruments) = &self.instruments {
+                    instruments.mint.observe(started.elapsed().as_secs_f64());
+                    minted.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                built
+            })
+            .await;
+        // The cache only grows (and evicts) when a leaf is inserted: its
+        // size is measured then, never on the way of a cache hit.
+        if let (true, Some(instruments)) = (
+            minted.load(std::sync::atomic::Ordering::Relaxed),
+            &self.instruments,
+        ) {
+            self.configs.run_pending_tasks().await;
+            let entries = i64::try_from(self.configs.entry_count()).unwrap_or(i64::MAX);
+            instruments.entries.set(entries);
+        }
+        config
     }
 
     /// Mints a leaf and builds its configuration without touching the cache
     /// (also used by the benchmarks to time a cold mint).
     pub fn build(&self, name: &LeafName) -> Result<Arc<ServerConfig>, MintError> {
+        if !self.ca.permits(name) {
+            return Err(MintError::OutsideConstraints {
+                name: name.clone(),
+                permitted: self.ca.permitted_domains().unwrap_or_default().join(", "),
+            });
+        }
         let leaf =
             leaf::mint(&self.ca, &self.leaf_key, name).map_err(|source| MintError::Sign {
                 name: name.clone(),

@@ -30,7 +30,7 @@ use crate::credential::PinKey;
 use crate::exits::sessions::AnonymousSession;
 use crate::fingerprint::Fingerprint;
 use crate::identity::{Identity, Pin, RetireReason};
-use crate::metrics::{ExitLabel, GapLabel, Rule};
+use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
 use crate::store::{PinStore as _, StoreError};
 use crate::upstream::conn::TunnelInfo;
@@ -128,16 +128,26 @@ impl Pipeline {
         parts: &http::response::Parts,
         body: Body,
     ) -> Body {
+        self.capture_invalidation_on(identity, None, parts, body)
+            .await
+    }
+
+    /// [`Pipeline::capture_invalidation`] of an answer from `site`
+    /// (counted by exit, site and rule).
+    pub(crate) async fn capture_invalidation_on(
+        &self,
+        identity: &Identity,
+        site: Option<&LabelValue>,
+        parts: &http::response::Parts,
+        body: Body,
+    ) -> Body {
         let verdict = self
             .invalidation
             .judge(parts.status, &parts.headers, identity.worked);
         match verdict {
             invalidation::Verdict::Clean => body,
             invalidation::Verdict::Invalidated(rule) => {
-                self.metrics
-                    .invalidations
-                    .get_or_create(&Rule { rule: rule.clone() })
-                    .inc();
+                self.metrics.invalidated(&identity.exit, site, &rule);
                 let reason = RetireReason::Invalidated { rule };
                 if let Err(e) = self.router.retire(&self.exits, identity, reason).await {
                     tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
@@ -149,13 +159,11 @@ impl Pipeline {
                 let exits = self.exits.clone();
                 let metrics = self.metrics.clone();
                 let identity = identity.clone();
+                let site = site.cloned();
                 // The marker's frame is scanned before the client can read
                 // it, so the client's next request already sees the retirement.
                 let on_match = move |rule: String| {
-                    metrics
-                        .invalidations
-                        .get_or_create(&Rule { rule: rule.clone() })
-                        .inc();
+                    metrics.invalidated(&identity.exit, site.as_ref(), &rule);
                     router.retire_soon(exits, identity, RetireReason::Invalidated { rule });
                 };
                 invalidation::scanning(
@@ -234,7 +242,9 @@ pub async fn learn(
             store.discard_identity(identity.id).await?;
             return Ok(None);
         }
-        router.metrics().identities_created.inc();
+        router
+            .metrics()
+            .identity_created(&identity.exit, "set-cookie");
         tracing::info!(identity = %identity.id, exit = %identity.exit, "new identity from Set-Cookie");
     }
     Ok(Some(identity))

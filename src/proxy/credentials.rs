@@ -21,17 +21,19 @@ use crate::credential::{Credential, PinHasher};
 use cookies::CookiePolicy;
 
 /// The credentials of a request: its session key first (the tunnel's,
-/// `tunnel_key`, unless the request names its own), then its tracked
-/// cookies in the order first seen.
+/// `tunnel_key`, unless the request names its own; `user`'s own when
+/// client authentication names one), then its tracked cookies in the order
+/// first seen.
 pub fn of_request(
     headers: &HeaderMap,
     tunnel_key: Option<&str>,
+    user: Option<&str>,
     policy: &CookiePolicy,
     hasher: &PinHasher,
 ) -> Result<Vec<Credential>, ProxyError> {
     let key = session_key::of_request(headers, tunnel_key)?;
     let mut credentials: Vec<Credential> = key
-        .map(|k| session_key::credential(hasher, &k))
+        .map(|k| session_key::credential(hasher, user, &k))
         .into_iter()
         .collect();
     credentials.extend(cookies::tracked_in_request(headers, policy, hasher)?);
@@ -39,10 +41,15 @@ pub fn of_request(
 }
 
 /// The credentials of a CONNECT that pinproxy does not open (passthrough):
-/// only the session key it names, since nothing inside can be read.
-pub fn of_connect(session_key: Option<&str>, hasher: &PinHasher) -> Vec<Credential> {
+/// only the session key it names (`user`'s own, as for requests), since
+/// nothing inside can be read.
+pub fn of_connect(
+    session_key: Option<&str>,
+    user: Option<&str>,
+    hasher: &PinHasher,
+) -> Vec<Credential> {
     session_key
-        .map(|key| session_key::credential(hasher, key))
+        .map(|key| session_key::credential(hasher, user, key))
         .into_iter()
         .collect()
 }

@@ -3,19 +3,29 @@
 //! Every failure is a [`ProxyError`], classified by who is at fault
 //! ([`Fault`], decided by each inner error type), which chooses the status
 //! code. The answer carries an
-//! `X-Pinproxy-Error: <code>: <message>` header and a plain-text body with the
-//! same message and what to do about it. Messages name the exit and, for
+//! `X-Pinproxy-Error: <code>: <message>. <advice>` header and a plain-text
+//! body with the same message and advice. The advice follows the cause, not
+//! only the code: an untrusted certificate names `--upstream-ca`, a 407
+//! names the exit's credentials, a retired identity says why it ended.
+//! Messages name the exit (with its URL, never its credentials) and, for
 //! cookies, only their name and short hash.
+
+use std::borrow::Cow;
 
 use http::{HeaderValue, Response, StatusCode};
 
+use super::auth::AuthFailure;
 use super::credentials::cookies::CookieError;
 use super::credentials::session_key::SessionKeyError;
 use crate::body::{self, Body};
+use crate::exits::Exit;
 use crate::fault::{Blame, Fault};
 use crate::identity::{ExitId, IdentityId, RetireReason};
+use crate::net::HostPort;
 use crate::routing::RouteError;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreErrorKind};
+use crate::upstream::dial::guard::{OwnListener, Refusal};
+use crate::upstream::error::{ExchangeKind, Stage, TlsFailure};
 use crate::upstream::{ConnectError, UpstreamError};
 
 /// The response header that names pinproxy's reason for an error answer.
@@ -68,16 +78,44 @@ pub enum ProxyError {
     #[error(transparent)]
     Route(#[from] RouteError),
     /// The exit or origin failed.
-    #[error("exit {exit}: {error}")]
+    #[error("exit {exit} ({url}): {error}")]
     Upstream {
         /// The exit used.
         exit: ExitId,
+        /// Its URL without credentials (boxed: errors travel in `Result`s
+        /// and are kept small).
+        url: Box<str>,
         /// What failed.
         error: UpstreamError,
     },
     /// The store failed after the origin answered.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The client did not authenticate (stage 0): 407.
+    #[error("{0}")]
+    AuthRequired(AuthFailure),
+    /// The target is pinproxy itself.
+    #[error(
+        "{target} is pinproxy's own {listener}: forwarding there would loop back into pinproxy"
+    )]
+    Loop {
+        /// The target asked for.
+        target: HostPort,
+        /// Which listener it is.
+        listener: OwnListener,
+    },
+    /// The CA's name constraints exclude the host: clients would reject
+    /// any leaf for it.
+    #[error("{host} is outside the domains pinproxy's CA may sign for ({permitted})")]
+    OutsideCa {
+        /// The host.
+        host: String,
+        /// The CA's permitted domains.
+        permitted: String,
+    },
+    /// A client or identity limit: 429 with `Retry-After`.
+    #[error(transparent)]
+    Throttled(#[from] super::pacing::Throttle),
 }
 
 impl Blame for ProxyError {
@@ -87,7 +125,11 @@ impl Blame for ProxyError {
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::Cookies(_)
             | ProxyError::SessionKey(_)
-            | ProxyError::FingerprintDrift { .. } => Fault::Client,
+            | ProxyError::FingerprintDrift { .. }
+            | ProxyError::AuthRequired(_)
+            | ProxyError::Loop { .. }
+            | ProxyError::OutsideCa { .. }
+            | ProxyError::Throttled(_) => Fault::Client,
             ProxyError::IdentityRetired { .. } => Fault::Exit,
             ProxyError::Route(e) => e.fault(),
             ProxyError::Store(e) => e.fault(),
@@ -97,6 +139,15 @@ impl Blame for ProxyError {
 }
 
 impl ProxyError {
+    /// `error` on the way through `exit`.
+    pub fn upstream(exit: &Exit, error: UpstreamError) -> ProxyError {
+        ProxyError::Upstream {
+            exit: exit.id().clone(),
+            url: exit.spec.redacted_url().into(),
+            error,
+        }
+    }
+
     /// The short, stable error code sent in `X-Pinproxy-Error`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -109,8 +160,13 @@ impl ProxyError {
             ProxyError::Route(RouteError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
                 "identity-retired"
             }
-            ProxyError::Route(RouteError::NoExit) => "no-exit-available",
+            ProxyError::Route(RouteError::NoExit(_)) => "no-exit-available",
             ProxyError::Route(RouteError::ExitMissing { .. }) => "exit-missing",
+            ProxyError::Route(RouteError::ExitNotAllowed { .. }) => "exit-not-allowed",
+            ProxyError::AuthRequired(_) => "proxy-auth-required",
+            ProxyError::Loop { .. } => "proxy-loop",
+            ProxyError::OutsideCa { .. } => "outside-ca-constraints",
+            ProxyError::Throttled(t) => t.code(),
             ProxyError::Route(RouteError::Store(_)) | ProxyError::Store(_) => "store-unavailable",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::Connect(c) => match c {
@@ -126,6 +182,10 @@ impl ProxyError {
                     ConnectError::ExitIpDrift { .. } => "exit-ip-drift",
                     ConnectError::ExitIpUnknown(_) => "exit-ip-unknown",
                     ConnectError::ExitSocks { .. } => "exit-refused",
+                    ConnectError::Forbidden(f) if matches!(f.refusal, Refusal::Own(_)) => {
+                        "proxy-loop"
+                    }
+                    ConnectError::Forbidden(_) => "address-denied",
                 },
                 UpstreamError::ResponseTimeout(_) => "origin-timeout",
                 UpstreamError::Exchange { .. } => "origin-failed",
@@ -140,11 +200,26 @@ impl ProxyError {
             ProxyError::Route(RouteError::Conflict(_)) | ProxyError::FingerprintDrift { .. } => {
                 StatusCode::CONFLICT
             }
-            ProxyError::Route(RouteError::NoExit) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Route(RouteError::NoExit(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Loop { .. }
+            | ProxyError::OutsideCa { .. }
+            | ProxyError::Route(RouteError::ExitNotAllowed { .. })
+            | ProxyError::Upstream {
+                error: UpstreamError::Connect(ConnectError::Forbidden(_)),
+                ..
+            } => StatusCode::FORBIDDEN,
             ProxyError::Upstream {
                 error: UpstreamError::ResponseTimeout(_),
                 ..
             } => StatusCode::GATEWAY_TIMEOUT,
+            // Like a response-head timeout: the origin was too slow (the
+            // code is the same, so is the status).
+            ProxyError::Upstream {
+                error: UpstreamError::Connect(c @ ConnectError::Timeout { .. }),
+                ..
+            } if !c.is_exit_fault() => StatusCode::GATEWAY_TIMEOUT,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Exit | Fault::Origin => StatusCode::BAD_GATEWAY,
@@ -154,55 +229,99 @@ impl ProxyError {
         }
     }
 
-    /// What the user can do about it.
-    fn advice(&self) -> &'static str {
+    /// What the user can do about it, for this cause.
+    pub fn advice(&self) -> Cow<'static, str> {
         match self {
             ProxyError::BadRequest(_) => {
                 "Send absolute-form requests (GET http://host/path) or CONNECT host:port to pinproxy."
+                    .into()
             }
             ProxyError::HeadersTooLarge { .. } => {
-                "Send fewer or smaller headers, or raise limits.max_header_bytes."
+                "Send fewer or smaller headers, or raise limits.max_header_bytes.".into()
             }
-            ProxyError::Cookies(_) => "Send cookies as UTF-8 text.",
+            ProxyError::Cookies(_) => "Send cookies as UTF-8 text.".into(),
             ProxyError::SessionKey(_) => {
                 "Name the session in X-Pinproxy-Session or as user name session-KEY, 1-256 visible ASCII characters."
+                    .into()
             }
             ProxyError::FingerprintDrift { .. } => {
                 "This identity was created by a client with another User-Agent / client hints / language \
                  or another TLS / HTTP/2 fingerprint. Use one identity per browser profile, or set \
                  identities.fingerprint_policy."
+                    .into()
             }
             ProxyError::Route(RouteError::Conflict(_)) => {
                 "These credentials were earned by different identities (exits) and cannot leave together. \
                  Drop the cookies of one identity from the client's jar (or use one jar per identity)."
+                    .into()
             }
-            ProxyError::Route(RouteError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
-                "This identity cannot continue on its exit and pinproxy will not move it to another. \
-                 Drop its cookies and session key and start a new session."
+            ProxyError::Route(RouteError::Retired(dead)) => match dead.first() {
+                Some(d) => retired_advice(&d.reason),
+                None => retired_advice(&RetireReason::Forgotten),
+            },
+            ProxyError::IdentityRetired { reason, .. } => retired_advice(reason),
+            ProxyError::Route(RouteError::NoExit(_)) => {
+                "No exit takes new traffic: a dead exit comes back after health.healthy_after good probes, \
+                 a drained one with POST /exits/ID/undrain on the admin endpoint (GET /exits shows each)."
+                    .into()
             }
-            ProxyError::Route(RouteError::NoExit) => "Every exit is dead; check the exits and retry later.",
             ProxyError::Route(RouteError::ExitMissing { .. }) => {
                 "Configure the same exits on every replica, or drop the cookie from the client's jar."
+                    .into()
             }
-            ProxyError::Route(RouteError::Store(_)) | ProxyError::Store(_) => {
-                "The pin store is unreachable; pinproxy will not route tracked cookies blindly. Retry later."
+            ProxyError::Route(RouteError::ExitNotAllowed { .. }) => {
+                "This identity (its cookies or session key) lives on an exit this user may not use, \
+                 and pinproxy never moves an identity: drop its cookies and session key, or add the \
+                 exit to the user's exits in [[auth.users]]."
+                    .into()
             }
-            ProxyError::Upstream { .. } => match self.fault() {
-                Fault::Exit => "Check the exit (is the proxy up, are its credentials right?); retry later.",
-                _ => "The origin could not be reached through this exit; retry later.",
-            },
+            ProxyError::AuthRequired(AuthFailure::NameYourSession) => {
+                "Give the client proxy credentials with user name session-KEY (curl --proxy-user \
+                 session-KEY:x, http://session-KEY:x@HOST:PORT as the proxy URL, a browser's \
+                 proxy username)."
+                    .into()
+            }
+            ProxyError::AuthRequired(_) => {
+                "Give the client a configured user's proxy credentials (curl --proxy-user \
+                 NAME:PASSWORD, http://NAME:PASSWORD@HOST:PORT as the proxy URL); `pinproxy user add \
+                 NAME` makes a user."
+                    .into()
+            }
+            ProxyError::Loop { .. } => {
+                "Point the client at origins, not at pinproxy itself: requests for pinproxy's own \
+                 listen or admin address are refused."
+                    .into()
+            }
+            ProxyError::OutsideCa { .. } => {
+                "Clients would reject a certificate for this host: add it to ca.permitted_domains \
+                 and rotate the CA (pinproxy ca rotate), or tunnel it raw (mitm.exclude)."
+                    .into()
+            }
+            ProxyError::Route(RouteError::Store(e)) | ProxyError::Store(e) => store_advice(e),
+            ProxyError::Upstream { error, .. } => upstream_advice(error).into(),
+            ProxyError::Throttled(t) => t.advice().into(),
         }
     }
 
     /// The answer sent to the client.
     pub fn to_response(&self) -> Response<Body> {
         let message = self.to_string();
-        let header = header_value(&format!("{}: {}", self.code(), message));
-        let text = format!("pinproxy: {message}\n{}\n", self.advice());
+        let advice = self.advice();
+        let header = header_value(&format!("{}: {message}. {advice}", self.code()));
+        let text = format!("pinproxy: {message}\n{advice}\n");
         let mut response = Response::new(body::full(text));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(X_PINPROXY_ERROR, header);
+        if let ProxyError::Throttled(t) = self {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(t.retry_after_secs()),
+            );
+        }
+        if let ProxyError::AuthRequired(_) = self {
+            headers.insert(http::header::PROXY_AUTHENTICATE, super::auth::challenge());
+        }
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -212,6 +331,195 @@ impl ProxyError {
             HeaderValue::from_static("no-store"),
         );
         response
+    }
+}
+
+/// Why an identity ended, and what the client should do.
+fn retired_advice(reason: &RetireReason) -> Cow<'static, str> {
+    const NEW_SESSION: &str = "Drop its cookies and session key and start a new session: pinproxy \
+                               never moves an identity to another exit (identities.retire_policy = \
+                               \"strip\" removes such credentials instead).";
+    let why = match reason {
+        RetireReason::CookieExpired => {
+            return "This cookie's own Max-Age/Expires has passed: drop it from the jar; pinproxy sends \
+                    an expired cookie through no exit."
+                .into()
+        }
+        RetireReason::ExitDown => {
+            "Its exit was declared dead by health checks, and an address seen before an outage \
+             cannot be trusted to be the same."
+        }
+        RetireReason::ExitRemoved => "Its exit is no longer configured.",
+        RetireReason::StickyExpired => {
+            "The exit's sticky-session window (sticky_ttl) has passed: the provider may have moved \
+             the session to another IP."
+        }
+        RetireReason::IdleExpired => {
+            "It was unused for longer than identities.idle_timeout (or its exit's idle_timeout)."
+        }
+        RetireReason::LifetimeExpired => {
+            "It is older than identities.max_lifetime (or its exit's max_lifetime)."
+        }
+        RetireReason::Invalidated { .. } => {
+            "The origin invalidated it (a challenge or a block): these cookies are burnt, and \
+             retrying with them will not help."
+        }
+        RetireReason::ExitIpDrift { .. } => {
+            "Its exit now leaves from another address than the one its cookies were earned on."
+        }
+        RetireReason::Evicted => "An operator retired it by hand on the admin endpoint.",
+        RetireReason::Forgotten => {
+            "Its record is gone (retired longer ago than identities.remember_retired)."
+        }
+        RetireReason::StoreLost => {
+            "The pin store lost this credential's pin and no replica's journal had it: pinproxy \
+             will not guess its exit (store.loss_quarantine)."
+        }
+    };
+    format!("{why} {NEW_SESSION}").into()
+}
+
+/// What to do when the pin store failed.
+fn store_advice(error: &StoreError) -> Cow<'static, str> {
+    match error.kind {
+        StoreErrorKind::Unreachable if error.detail.contains("wait_replicas") => {
+            "Too few Redis replicas acknowledged the new pin in time, so nothing was sent: check the \
+             replicas, or lower store.wait_replicas or raise store.wait_timeout. Retry later."
+        }
+        StoreErrorKind::Unreachable => {
+            "The pin store (Redis) does not answer; pinproxy will not route tracked cookies blindly. \
+             Check Redis and retry when it is back (store.on_unavailable = \"fail-open\" lets \
+             cookie-less requests through meanwhile)."
+        }
+        StoreErrorKind::WriteFailed => {
+            "The embedded pin store could not write (disk full or read-only?); it refuses new pins \
+             until pinproxy is restarted after the disk is fixed."
+        }
+        StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
+        StoreErrorKind::Corrupt => {
+            "A stored record could not be read; pinproxy will not guess. Check the store \
+             (pinproxy store stats) and its logs."
+        }
+        StoreErrorKind::Protocol => {
+            "The store answered something pinproxy does not understand: store.url must name Redis 7 \
+             or later (or a Sentinel for it)."
+        }
+    }
+    .into()
+}
+
+/// What to do when an exit or the origin failed.
+fn upstream_advice(error: &UpstreamError) -> &'static str {
+    let connect = match error {
+        UpstreamError::ResponseTimeout(_) => {
+            return "The origin sent no response head within timeouts.response_head; raise it for \
+                    slow endpoints, or retry later."
+        }
+        UpstreamError::Exchange { kind, .. } => return match kind {
+            ExchangeKind::OriginClosed => {
+                "The origin closed the connection before its answer was complete; retry if the \
+                     request is safe to repeat."
+            }
+            ExchangeKind::Protocol => {
+                "The origin's answer is not valid HTTP; retrying will not help unless the origin \
+                     is fixed."
+            }
+            ExchangeKind::Upgrade => {
+                "The origin refused or broke the WebSocket upgrade: check the path and the \
+                     client's upgrade headers."
+            }
+            ExchangeKind::Other => {
+                "The connection to the origin failed during the exchange; retry if the request \
+                     is safe to repeat."
+            }
+        },
+        UpstreamError::Connect(connect) => connect,
+    };
+    match connect {
+        ConnectError::ExitUnreachable { .. } => {
+            "The exit's proxy does not accept connections: check that it runs and that this machine \
+             can reach it. After health.unhealthy_after failures pinproxy sends new traffic elsewhere."
+        }
+        ConnectError::ExitRefused { status: 407, .. } => {
+            "The exit refused pinproxy's credentials (407): fix the user name and password in the \
+             exit's URL (--exit or [[exits]] url)."
+        }
+        ConnectError::ExitRefused { .. } => {
+            "The exit refused to open the tunnel (its status is quoted): it may not allow this host \
+             or port, or could not reach the origin itself; check the exit's access rules and logs."
+        }
+        ConnectError::ExitSocks { auth: true, .. } => {
+            "The SOCKS5 exit refused pinproxy's user name and password: fix them in the exit's URL."
+        }
+        ConnectError::ExitSocks { .. } => {
+            "The SOCKS5 exit could not connect to the origin (its reason is quoted): it may not allow \
+             this destination, or the origin is down."
+        }
+        ConnectError::ExitProtocol(_) => {
+            "The exit's answer is not what its URL's scheme promises: use http:// for an HTTP proxy \
+             and socks5:// for a SOCKS5 one, and check the port."
+        }
+        ConnectError::Timeout { stage, .. } => match stage {
+            Stage::ExitConnect | Stage::ExitReply => {
+                "The exit did not answer within timeouts.connect: it may be overloaded or dropping \
+                 connections (raise timeouts.connect if it is merely slow)."
+            }
+            Stage::OriginConnect | Stage::TlsHandshake => {
+                "The origin did not complete the connection within timeouts.connect: it may be down or \
+                 slow; retry later, or raise timeouts.connect."
+            }
+        },
+        ConnectError::Resolve { .. } => {
+            "The origin's host name does not resolve from this machine (direct exits resolve here): \
+             check the name."
+        }
+        ConnectError::OriginUnreachable { .. } => {
+            "The origin refused the connection or cannot be reached from this exit: check the host \
+             and port; retry later."
+        }
+        ConnectError::Tls { .. } => match connect.tls_failure() {
+            Some(TlsFailure::UntrustedIssuer) => {
+                "The origin's certificate is signed by an issuer pinproxy does not trust; retrying \
+                 will not help. If the origin is genuine (a private or test CA), give pinproxy that \
+                 CA with --upstream-ca FILE (upstream_ca in the config file)."
+            }
+            Some(TlsFailure::WrongName) => {
+                "The origin's certificate is not valid for this host name (a wrong certificate can \
+                 also mean interception on the way); retrying will not help."
+            }
+            Some(TlsFailure::Expired) => {
+                "The origin's certificate has expired or is not valid yet (or this machine's clock is \
+                 wrong); retrying will not help until it is renewed."
+            }
+            Some(TlsFailure::Rejected) => {
+                "The origin's certificate was rejected (the reason is quoted); retrying will not help. \
+                 A private CA is given to pinproxy with --upstream-ca FILE."
+            }
+            Some(TlsFailure::Handshake) | None => {
+                "The TLS handshake with the origin failed: it may not speak TLS on this port, or \
+                 accept no protocol version or cipher pinproxy offers; check the scheme and port."
+            }
+        },
+        ConnectError::Forbidden(f) if matches!(f.refusal, Refusal::Own(_)) => {
+            "Point the client at origins, not at pinproxy itself: this name resolves to pinproxy's \
+             own listen or admin address."
+        }
+        ConnectError::Forbidden(_) => {
+            "The origin resolves to an address in upstream.deny_ranges (link-local and the cloud \
+             metadata address by default); pinproxy will not connect there. Remove the range from \
+             upstream.deny_ranges if this origin is intended."
+        }
+        ConnectError::BadTarget(_) => {
+            "pinproxy cannot dial this target: use an http:// or https:// URL with a host name or IP."
+        }
+        ConnectError::ExitIpDrift { .. } => {
+            "The exit left from another address than before; retry (traffic without cookies is not \
+             bound to one address)."
+        }
+        ConnectError::ExitIpUnknown(_) => {
+            "The exit should state each tunnel's address (exit_ip_header or ip_echo) and did not: \
+             check the header name and the IP-echo URL, or remove the setting if the exit cannot."
+        }
     }
 }
 

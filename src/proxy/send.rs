@@ -9,6 +9,7 @@
 //! background (without health probes), never with a client's request.
 
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 
@@ -16,9 +17,9 @@ use super::target::Target;
 use super::{Pipeline, ProxyError};
 use crate::body::Body;
 use crate::identity::RetireReason;
-use crate::metrics::ExitLabel;
+use crate::metrics::{ExitLabel, UpstreamTimings};
 use crate::routing::{Reason, Route};
-use crate::upstream::conn::TunnelInfo;
+use crate::upstream::conn::{NewConnection, TunnelInfo};
 use crate::upstream::{ConnectError, UpstreamBody, UpstreamError};
 
 /// The egress address of the tunnel that carried `response`, where known.
@@ -31,6 +32,42 @@ pub fn tunnel<B>(response: &Response<B>) -> Option<&TunnelInfo> {
     response.extensions().get::<TunnelInfo>()
 }
 
+/// How long `response` took upstream (set by [`Pipeline::send`]).
+pub fn timings<B>(response: &Response<B>) -> UpstreamTimings {
+    response
+        .extensions()
+        .get::<UpstreamTimings>()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The timings of a response that took `elapsed` from the hand-over to the
+/// pool: a new connection's open (transport, TLS) is its own, the rest is
+/// time to the first byte of the answer.
+fn split_timings<B>(response: &Response<B>, elapsed: Duration) -> UpstreamTimings {
+    let opened = response
+        .extensions()
+        .get::<NewConnection>()
+        .and(tunnel(response))
+        .map(|t| t.timings);
+    match opened {
+        Some(opened) => UpstreamTimings {
+            connect: Some(opened.transport),
+            tls: opened.tls,
+            ttfb: Some(
+                elapsed
+                    .saturating_sub(opened.transport)
+                    .saturating_sub(opened.tls.unwrap_or_default()),
+            ),
+        },
+        None => UpstreamTimings {
+            connect: None,
+            tls: None,
+            ttfb: Some(elapsed),
+        },
+    }
+}
+
 impl Pipeline {
     /// Sends through the route's exit, keeping the exit's health and the
     /// identity's standing up to date with what happened.
@@ -40,8 +77,11 @@ impl Pipeline {
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let exit = &route.exit;
+        let started = Instant::now();
         match exit.client.send(&route.lane, request).await {
-            Ok(response) => {
+            Ok(mut response) => {
+                let timings = split_timings(&response, started.elapsed());
+                response.extensions_mut().insert(timings);
                 exit.health.success();
                 if route.reason == Reason::NewIdentity {
                     tracing::debug!("first request of a new identity forwarded");
@@ -93,10 +133,7 @@ impl Pipeline {
             _ => None,
         };
         let Some((identity, expected, observed)) = drifted else {
-            return ProxyError::Upstream {
-                exit: exit.id().clone(),
-                error,
-            };
+            return ProxyError::upstream(exit, error);
         };
         let reason = RetireReason::ExitIpDrift { expected, observed };
         if let Err(e) = self

@@ -6,6 +6,12 @@
 //! Inside a tunnel the destination is always the tunnel's CONNECT target,
 //! whatever the request line says: the client chose it when it opened the
 //! tunnel, and the leaf certificate was minted for it.
+//!
+//! A target that is pinproxy itself (its proxy listener or admin endpoint,
+//! by IP literal or `localhost` name) is refused with 403 `proxy-loop`
+//! ([`refuse_own`]): the request would loop, or hand a client the admin
+//! endpoint. Names that resolve there are refused by the direct exit after
+//! resolution (`upstream::dial::guard`).
 
 use std::sync::Arc;
 
@@ -13,8 +19,22 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
 use super::ProxyError;
+use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
 use crate::net::{default_port, HostPort};
+use crate::upstream::dial::guard::AddressGuard;
+
+/// Who sent a request, as client authentication (stage 0,
+/// [`super::auth`]) admitted it: the user, if users are configured, and the
+/// exits it may use. A plain request carries it in its extensions; a
+/// tunnel's requests inherit the CONNECT's.
+#[derive(Debug, Clone, Default)]
+pub struct Principal {
+    /// The authenticated user; `None` without client authentication.
+    pub user: Option<Arc<str>>,
+    /// The exits its requests may leave through.
+    pub exits: ExitScope,
+}
 
 /// The CONNECT tunnel a request arrived in.
 #[derive(Debug, Clone)]
@@ -31,6 +51,8 @@ pub struct Tunnel {
     pub client_offers_h2: bool,
     /// The client's fingerprint, as read off the tunnel's first bytes.
     pub client: Arc<ClientConnection>,
+    /// Who opened the tunnel (client authentication of the CONNECT).
+    pub principal: Principal,
 }
 
 /// The origin a request is for.
@@ -116,18 +138,28 @@ impl Target {
     }
 }
 
+/// Refuses `origin` when it is pinproxy's own proxy listener or admin
+/// endpoint (an IP literal or a `localhost` name; see [`AddressGuard`]).
+pub fn refuse_own(origin: &HostPort, guard: &AddressGuard) -> Result<(), ProxyError> {
+    match guard.own_target(&origin.host, origin.port) {
+        Some(listener) => Err(ProxyError::Loop {
+            target: origin.clone(),
+            listener,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Parses a CONNECT request's authority-form target (`host:port`).
 pub fn connect_authority(uri: &Uri) -> Result<HostPort, ProxyError> {
     let bad = || ProxyError::BadRequest(format!("CONNECT needs a host:port target, not {uri:?}"));
     let authority = uri.authority().ok_or_else(bad)?;
-    if uri.scheme().is_some() || authority.as_str().contains('@') {
+    if uri.scheme().is_some() {
         return Err(bad());
     }
-    let port = authority.port_u16().filter(|p| *p != 0).ok_or_else(bad)?;
-    if authority.host().is_empty() {
-        return Err(bad());
-    }
-    Ok(HostPort::new(authority.host(), port))
+    // The same parser as every other host:port, so a text the URI grammar
+    // lets through (`4[::1]:844`) cannot become a host nothing else accepts.
+    HostPort::parse(authority.as_str()).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -166,6 +198,7 @@ mod tests {
             session_key: None,
             client_offers_h2: false,
             client: Arc::default(),
+            principal: Principal::default(),
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         assert_eq!(t.upstream_uri().unwrap().to_string(), "https://a.test/x");
@@ -179,5 +212,18 @@ mod tests {
         assert!(ok("a.test").is_err());
         assert!(ok("a.test:0").is_err());
         assert!(ok("u@a.test:443").is_err());
+        // Found by the `hosts` fuzz target: the URI grammar accepts it.
+        assert!(ok("4[::1]:844").is_err());
+    }
+
+    #[test]
+    fn own_listeners_are_refused() {
+        let guard = AddressGuard::default();
+        guard.set_proxy("127.0.0.1:8080".parse().unwrap());
+        let own = HostPort::new("localhost", 8080);
+        let error = refuse_own(&own, &guard).unwrap_err();
+        assert_eq!(error.code(), "proxy-loop");
+        assert_eq!(error.status(), http::StatusCode::FORBIDDEN);
+        assert!(refuse_own(&HostPort::new("localhost", 8443), &guard).is_ok());
     }
 }

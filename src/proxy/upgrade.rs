@@ -133,10 +133,7 @@ impl Pipeline {
                 response,
                 socket.expected_accept,
             )
-            .map_err(|error| ProxyError::Upstream {
-                exit: route.exit.id().clone(),
-                error,
-            });
+            .map_err(|error| ProxyError::upstream(&route.exit, error));
         }
         let (mut parts, incoming) = response.into_parts();
         let mut body = body::streaming(incoming);

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::Policies;
 use super::Router;
 use crate::exits::health::HealthState;
-use crate::exits::ExitSet;
+use crate::exits::{ExitSet, LiveExits};
 use crate::identity::{Identity, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::PoolKey;
@@ -36,7 +36,7 @@ impl Router {
         if let Some(exit) = exits.get(&identity.exit) {
             exit.client.forget(PoolKey::Identity(identity.id));
         }
-        self.metrics.retired(reason.label());
+        self.metrics.retired(&identity.exit, reason.label());
         tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
         Ok(())
     }
@@ -89,8 +89,8 @@ impl Router {
     /// enough.
     pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
         let now = self.clock.now_ms();
-        let policies = &self.policies;
-        let expiry = |identity: &Identity| ends(identity, exits, policies, now);
+        let policies = self.policies.load_full();
+        let expiry = |identity: &Identity| ends(identity, exits, &policies, now);
         let swept = self
             .store
             .sweep(now, policies.keep_retired_ms, &expiry)
@@ -142,31 +142,42 @@ pub fn ends(
     None
 }
 
-/// Retires expired identities, forgets old ones and shares exit deaths with
-/// the store, every `interval`. The sweep walks every record, so it runs on
-/// a blocking thread, not a runtime worker.
+/// Retires expired identities (and those of exits no longer configured),
+/// forgets old ones and shares exit deaths with the store, every
+/// `interval`; with `at_once`, the first time right away (after a reload
+/// that removed exits). The exits are read afresh each time.
 pub async fn sweep_loop(
     router: Arc<Router>,
-    exits: Arc<ExitSet>,
+    exits: Arc<LiveExits>,
     interval: Duration,
+    at_once: bool,
     shutdown: CancellationToken,
 ) {
+    let mut wait = !at_once;
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if wait {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
         }
-        if let Err(e) = router.sync_exit_deaths(&exits).await {
-            tracing::warn!(error = %e, "sharing exit deaths with the store failed");
-        }
-        let (router, exits) = (router.clone(), exits.clone());
-        let runtime = tokio::runtime::Handle::current();
-        let swept =
-            tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
-        match swept {
-            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
-            Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
-            Ok(Ok(_)) => {}
-        }
+        wait = true;
+        sweep_once(&router, exits.load()).await;
+    }
+}
+
+/// One round of [`sweep_loop`]. The sweep walks every record, so it runs
+/// on a blocking thread, not a runtime worker.
+pub async fn sweep_once(router: &Arc<Router>, exits: Arc<ExitSet>) {
+    if let Err(e) = router.sync_exit_deaths(&exits).await {
+        tracing::warn!(error = %e, "sharing exit deaths with the store failed");
+    }
+    let router = router.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let swept = tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
+    match swept {
+        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
+        Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
+        Ok(Ok(_)) => {}
     }
 }

@@ -18,9 +18,10 @@
 use std::sync::Arc;
 
 use super::lifecycle::ends;
-use super::policy::{ConflictPolicy, RetirePolicy};
+use super::policy::{ConflictPolicy, Policies, RetirePolicy};
 use super::Router;
 use crate::credential::{Credential, PinKey};
+use crate::exits::scope::ExitScope;
 use crate::exits::sessions::AnonymousSession;
 use crate::exits::{Exit, ExitSet};
 use crate::fault::{Blame, Fault};
@@ -81,9 +82,9 @@ pub enum RouteError {
     /// Credentials of retired identities (fail policy).
     #[error("{}", describe_retired(.0))]
     Retired(Vec<DeadCredential>),
-    /// Every exit is dead.
-    #[error("no exit is available: every exit is dead")]
-    NoExit,
+    /// Every exit is dead or drained (each exit's state, in words).
+    #[error("no exit is available: every exit is dead or drained ({0})")]
+    NoExit(String),
     /// The identity's exit is not configured here (another replica's).
     #[error("identity {identity} is bound to exit {exit}, which this pinproxy does not have")]
     ExitMissing {
@@ -91,6 +92,21 @@ pub enum RouteError {
         identity: IdentityId,
         /// Its exit.
         exit: ExitId,
+    },
+    /// The identity is on an exit the client's user may not use (client
+    /// authentication): refused, never moved.
+    #[error(
+        "identity {identity} is on exit {exit}, which user {user} may not use (its exits: {allowed})"
+    )]
+    ExitNotAllowed {
+        /// The user.
+        user: String,
+        /// The identity.
+        identity: IdentityId,
+        /// Its exit.
+        exit: ExitId,
+        /// The exits the user may use, in words.
+        allowed: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -122,8 +138,8 @@ fn describe_retired(dead: &[DeadCredential]) -> String {
 impl Blame for RouteError {
     fn fault(&self) -> Fault {
         match self {
-            RouteError::Conflict(_) => Fault::Client,
-            RouteError::Retired(_) | RouteError::NoExit | RouteError::ExitMissing { .. } => {
+            RouteError::Conflict(_) | RouteError::ExitNotAllowed { .. } => Fault::Client,
+            RouteError::Retired(_) | RouteError::NoExit(_) | RouteError::ExitMissing { .. } => {
                 Fault::Exit
             }
             RouteError::Store(e) => e.fault(),
@@ -141,9 +157,25 @@ impl Router {
         credentials: &[Credential],
         fingerprint: impl FnOnce() -> Fingerprint,
     ) -> Result<Route, RouteError> {
+        self.route_within(exits, &ExitScope::all(), credentials, fingerprint)
+            .await
+    }
+
+    /// [`Router::route`] for a client limited to the exits of `scope`:
+    /// rotation and new identities stay within them, and an identity on
+    /// another exit is refused ([`RouteError::ExitNotAllowed`]) before any
+    /// new credential joins it.
+    pub async fn route_within(
+        &self,
+        exits: &ExitSet,
+        scope: &ExitScope,
+        credentials: &[Credential],
+        fingerprint: impl FnOnce() -> Fingerprint,
+    ) -> Result<Route, RouteError> {
         let now = self.clock.now_ms();
+        let policies = self.policies.load_full();
         if credentials.is_empty() {
-            return self.rotate(exits, now, Vec::new());
+            return self.rotate(exits, scope, now, Vec::new());
         }
         // Key order makes concurrent multi-credential pinning deterministic.
         let mut credentials: Vec<&Credential> = credentials.iter().collect();
@@ -155,7 +187,10 @@ impl Router {
         let mut dead: Vec<DeadCredential> = Vec::new();
         let mut unknown: Vec<&Credential> = Vec::new();
         for (credential, binding) in credentials.iter().copied().zip(bindings) {
-            match self.classify(exits, credential, binding, now).await? {
+            match self
+                .classify(exits, &policies, credential, binding, now)
+                .await?
+            {
                 Standing::Unknown => unknown.push(credential),
                 Standing::Live(identity) => live.push((credential, identity)),
                 Standing::Dead(d) => dead.push(d),
@@ -164,22 +199,24 @@ impl Router {
 
         let mut strip = Vec::new();
         if !dead.is_empty() {
-            match self.policies.retire {
+            match policies.retire {
                 RetirePolicy::Fail => return Err(RouteError::Retired(dead)),
                 RetirePolicy::Strip => strip.extend(dead.into_iter().map(|d| d.credential)),
             }
         }
 
-        let identity = self.one_identity(live, &mut strip)?;
+        let identity = self.one_identity(policies.conflict, live, &mut strip)?;
         match identity {
             Some(identity) => {
+                allowed(scope, &identity)?;
                 self.join(&identity, &unknown, now).await?;
                 self.pinned_route(exits, identity, Reason::Pinned, strip)
             }
-            None if unknown.is_empty() => self.rotate(exits, now, strip),
+            None if unknown.is_empty() => self.rotate(exits, scope, now, strip),
             None => {
                 let fingerprint = fingerprint();
-                self.create(exits, &unknown, &fingerprint, now, strip).await
+                self.create(exits, scope, &unknown, &fingerprint, now, strip)
+                    .await
             }
         }
     }
@@ -188,6 +225,7 @@ impl Router {
     async fn classify(
         &self,
         exits: &ExitSet,
+        policies: &Policies,
         credential: &Credential,
         binding: Option<Binding>,
         now: u64,
@@ -215,7 +253,7 @@ impl Router {
         if binding.pin.expired(now) {
             return Ok(dead(Some(identity), RetireReason::CookieExpired));
         }
-        if let Some(reason) = ends(identity, exits, &self.policies, now) {
+        if let Some(reason) = ends(identity, exits, policies, now) {
             self.retire(exits, identity, reason.clone()).await?;
             return Ok(dead(Some(identity), reason));
         }
@@ -226,6 +264,7 @@ impl Router {
     /// conflict policy.
     fn one_identity(
         &self,
+        policy: ConflictPolicy,
         live: Vec<(&Credential, Identity)>,
         strip: &mut Vec<Credential>,
     ) -> Result<Option<Identity>, RouteError> {
@@ -240,7 +279,6 @@ impl Router {
         if live.iter().all(|(_, i)| i.id == oldest.id) {
             return Ok(Some(oldest));
         }
-        let policy = self.policies.conflict;
         self.metrics
             .conflicts
             .get_or_create(&Policy {
@@ -301,12 +339,15 @@ impl Router {
     async fn create(
         &self,
         exits: &ExitSet,
+        scope: &ExitScope,
         unknown: &[&Credential],
         fingerprint: &Fingerprint,
         now: u64,
         strip: Vec<Credential>,
     ) -> Result<Route, RouteError> {
-        let exit = exits.pick(now).ok_or(RouteError::NoExit)?;
+        let exit = exits
+            .pick_within(now, scope)
+            .ok_or_else(|| RouteError::NoExit(exits.unavailable()))?;
         let candidate = Identity::new(
             exit.id().clone(),
             SessionId(rand::random()),
@@ -324,7 +365,7 @@ impl Router {
             .pin_if_absent(first.key, &Pin::new(candidate.id, first, now, None))
             .await?;
         let (identity, reason) = if winner.pin.identity == candidate.id {
-            self.metrics.identities_created.inc();
+            self.metrics.identity_created(&candidate.exit, "request");
             tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
             (candidate, Reason::NewIdentity)
         } else {
@@ -344,6 +385,8 @@ impl Router {
                 }
             }
         };
+        // Another request founded it first, maybe on an exit not ours.
+        allowed(scope, &identity)?;
         self.join(&identity, rest, now).await?;
         self.pinned_route(exits, identity, reason, strip)
     }
@@ -374,10 +417,13 @@ impl Router {
     fn rotate(
         &self,
         exits: &ExitSet,
+        scope: &ExitScope,
         now: u64,
         strip: Vec<Credential>,
     ) -> Result<Route, RouteError> {
-        let exit = exits.pick(now).ok_or(RouteError::NoExit)?;
+        let exit = exits
+            .pick_within(now, scope)
+            .ok_or_else(|| RouteError::NoExit(exits.unavailable()))?;
         let session = exit.sessions.next(now);
         Ok(Route {
             exit: exit.clone(),
@@ -388,6 +434,19 @@ impl Router {
             strip,
         })
     }
+}
+
+/// Refuses an identity on an exit outside `scope`.
+fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
+    if scope.allows(&identity.exit) {
+        return Ok(());
+    }
+    Err(RouteError::ExitNotAllowed {
+        user: scope.user().unwrap_or("-").to_owned(),
+        identity: identity.id,
+        exit: identity.exit.clone(),
+        allowed: scope.describe(),
+    })
 }
 
 enum Standing {

@@ -445,7 +445,7 @@ mod tests {
                 .retire(
                     ident.id,
                     &Retirement {
-                        reason: RetireReason::Manual,
+                        reason: RetireReason::Evicted,
                         at_ms: 3000,
                     },
                 )
@@ -460,7 +460,7 @@ mod tests {
         let loaded = binding.identity.unwrap();
         assert_eq!(loaded.last_used_ms, 2000);
         assert!(loaded.worked);
-        assert_eq!(loaded.retired.unwrap().reason, RetireReason::Manual);
+        assert_eq!(loaded.retired.unwrap().reason, RetireReason::Evicted);
         assert_eq!(
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]

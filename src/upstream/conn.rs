@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,6 +32,23 @@ pub struct TunnelInfo {
     pub sent_ja4: Option<Arc<str>>,
     /// What of the client's ClientHello the stack could not say.
     pub gaps: Arc<[Gap]>,
+    /// How long the connection took to open.
+    pub timings: ConnectTimings,
+}
+
+/// Marks a response whose request opened a new connection (its
+/// [`TunnelInfo::timings`] are then this request's to count).
+#[derive(Clone, Copy, Debug)]
+pub struct NewConnection;
+
+/// How long a connection took to open, measured once when it was dialled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectTimings {
+    /// The transport through the exit: TCP to it and its CONNECT / SOCKS
+    /// answer (TCP to the origin for a direct exit).
+    pub transport: Duration,
+    /// The TLS handshake with the origin (`https` only).
+    pub tls: Option<Duration>,
 }
 
 /// The byte stream of an upstream connection.
@@ -67,14 +85,20 @@ impl Dialer {
         https: bool,
         shape: Option<Shape<'_>>,
     ) -> Result<(UpstreamIo, TunnelInfo), ConnectError> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let (tcp, reported) = self.open_transport(target, deadline).await?;
+        let transport = started.elapsed();
         let egress_ip = self.check_egress(reported, deadline).await?;
         let mut info = TunnelInfo {
             exit: self.exit.clone(),
             egress_ip,
             sent_ja4: None,
             gaps: Arc::new([]),
+            timings: ConnectTimings {
+                transport,
+                tls: None,
+            },
         };
         if !https {
             return Ok((UpstreamIo::Plain(tcp), info));
@@ -83,6 +107,7 @@ impl Dialer {
             Some(shape) => Stack::Boring(shape),
             None => Stack::Rustls { h2: self.h2 },
         };
+        let tls_started = Instant::now();
         let handshake = self.tls.connect(&target.host, tcp, stack);
         let tls = tokio::time::timeout_at(deadline, handshake)
             .await
@@ -91,6 +116,7 @@ impl Dialer {
                 host: target.host.clone(),
                 source: Arc::new(source),
             })?;
+        info.timings.tls = Some(tls_started.elapsed());
         info.sent_ja4 = tls.sent_hello().map(|hello| Arc::from(ja4::ja4(hello)));
         info.gaps = tls.gaps().clone();
         Ok((UpstreamIo::Tls(Box::new(tls)), info))

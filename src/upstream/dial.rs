@@ -14,6 +14,7 @@
 //! is at fault.
 
 pub mod direct;
+pub mod guard;
 pub mod http_connect;
 pub mod socks5;
 
@@ -172,6 +173,8 @@ pub struct DialContext<'a> {
     pub ip_header: Option<&'a HeaderName>,
     /// SOCKS5 exits: the reply's bound address is the egress address.
     pub socks_reply_is_egress: bool,
+    /// Where the direct exit must not connect (SSRF guard).
+    pub guard: &'a guard::AddressGuard,
 }
 
 impl DialContext<'_> {
@@ -224,6 +227,8 @@ pub struct Dialer {
     pub timeout: Duration,
     /// Egress address checks.
     pub ip_check: IpCheck,
+    /// Where the direct exit must not connect (SSRF guard).
+    pub guard: Arc<guard::AddressGuard>,
 }
 
 impl Dialer {
@@ -235,6 +240,7 @@ impl Dialer {
             timeout: self.timeout,
             ip_header: self.ip_check.header.as_ref(),
             socks_reply_is_egress: self.socks_reply_is_egress,
+            guard: &self.guard,
         }
     }
 

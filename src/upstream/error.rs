@@ -92,6 +92,11 @@ pub enum ConnectError {
     /// could not be learnt, so it cannot be trusted with an identity.
     #[error("cannot learn the tunnel's egress address: {0}")]
     ExitIpUnknown(String),
+    /// The direct exit refused the origin's address (SSRF guard): nothing
+    /// was sent to it. (Boxed: rare, and every error answer carries the
+    /// size of the largest variant.)
+    #[error(transparent)]
+    Forbidden(Box<crate::upstream::dial::guard::Forbidden>),
 }
 
 /// The connect stage a timeout hit.
@@ -134,12 +139,95 @@ impl ConnectError {
     }
 }
 
+/// What a failed TLS handshake with an origin says about its certificate:
+/// the advice differs (an untrusted issuer is fixed with `--upstream-ca`,
+/// and retrying never helps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Signed by a CA pinproxy does not trust (unknown issuer, self-signed).
+    UntrustedIssuer,
+    /// Not valid for the host name asked for.
+    WrongName,
+    /// Expired, or not valid yet.
+    Expired,
+    /// Refused for another reason (bad signature, revoked, unusable key).
+    Rejected,
+    /// Not about the certificate: no common protocol or cipher, an alert,
+    /// not TLS at all.
+    Handshake,
+}
+
+impl TlsFailure {
+    /// Reads a TLS stack's handshake error: rustls' typed error where it is
+    /// one, else the verification text BoringSSL and OpenSSL print.
+    pub fn of(error: &io::Error) -> TlsFailure {
+        if let Some(rustls::Error::InvalidCertificate(e)) = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            use rustls::CertificateError as C;
+            return match e {
+                C::UnknownIssuer => TlsFailure::UntrustedIssuer,
+                C::NotValidForName | C::NotValidForNameContext { .. } => TlsFailure::WrongName,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => TlsFailure::Expired,
+                _ => TlsFailure::Rejected,
+            };
+        }
+        TlsFailure::of_text(&crate::fault::causes(error))
+    }
+
+    fn of_text(text: &str) -> TlsFailure {
+        let text = text.to_ascii_lowercase();
+        let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+        if has(&[
+            "unable to get local issuer certificate",
+            "unable to get issuer certificate",
+            "unable to verify the first certificate",
+            "self signed certificate",
+            "self-signed certificate",
+            "unknownissuer",
+            "unknown issuer",
+            "unknown ca",
+        ]) {
+            TlsFailure::UntrustedIssuer
+        } else if has(&["hostname mismatch", "notvalidforname", "not valid for name"]) {
+            TlsFailure::WrongName
+        } else if has(&["certificate has expired", "certificate is not yet valid"]) {
+            TlsFailure::Expired
+        } else if has(&[
+            "cert verification failed",
+            "certificate verify failed",
+            "certificate_verify_failed",
+            "invalid peer certificate",
+        ]) {
+            TlsFailure::Rejected
+        } else {
+            TlsFailure::Handshake
+        }
+    }
+}
+
+impl ConnectError {
+    /// For a failed TLS handshake, what it says about the certificate.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            ConnectError::Tls { source, .. } => Some(TlsFailure::of(source)),
+            _ => None,
+        }
+    }
+}
+
 impl Blame for ConnectError {
     fn fault(&self) -> Fault {
         match self {
             // An exit that refuses CONNECT may be reporting the origin's
             // failure; either way the answer names the exit.
             ConnectError::ExitRefused { .. } => Fault::Exit,
+            // The client asked for an address it may not reach.
+            ConnectError::Forbidden(_) => Fault::Client,
             _ if self.is_exit_fault() => Fault::Exit,
             _ => Fault::Origin,
         }
@@ -231,5 +319,34 @@ impl Blame for UpstreamError {
             UpstreamError::Connect(c) => c.fault(),
             UpstreamError::ResponseTimeout(_) | UpstreamError::Exchange { .. } => Fault::Origin,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_are_read_from_every_stack() {
+        let rustls = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(TlsFailure::of(&rustls), TlsFailure::UntrustedIssuer);
+        // BoringSSL through tokio-boring, OpenSSL 3.
+        let boring = io::Error::new(
+            io::ErrorKind::InvalidData,
+            "TLS handshake failed: cert verification failed - unable to get local issuer \
+             certificate [CERTIFICATE_VERIFY_FAILED]",
+        );
+        assert_eq!(TlsFailure::of(&boring), TlsFailure::UntrustedIssuer);
+        let openssl = io::Error::other(
+            "error:0A000086:SSL routines::certificate verify failed (self-signed certificate)",
+        );
+        assert_eq!(TlsFailure::of(&openssl), TlsFailure::UntrustedIssuer);
+        let expired = io::Error::other("cert verification failed - certificate has expired");
+        assert_eq!(TlsFailure::of(&expired), TlsFailure::Expired);
+        let alert = io::Error::other("TLS handshake failed: tlsv1 alert protocol version");
+        assert_eq!(TlsFailure::of(&alert), TlsFailure::Handshake);
     }
 }

@@ -26,9 +26,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use super::conn::{TunnelInfo, UpstreamIo};
+use super::conn::{NewConnection, TunnelInfo, UpstreamIo};
 use super::dial::Dialer;
 use super::error::{ConnectError, UpstreamError};
+use super::framing;
 use super::h2::{self, TokioExec};
 use super::tls::Shape;
 use super::Presentation;
@@ -80,6 +81,8 @@ struct H1Conn {
     sender: hyper::client::conn::http1::SendRequest<Body>,
     info: TunnelInfo,
     idle_since: Instant,
+    /// Tells the connection's response scanner what each request was.
+    framing: framing::Exchange,
 }
 
 /// The connections to one origin.
@@ -171,13 +174,18 @@ impl LanePool {
         let mut request = request;
         let mut retried = false;
         loop {
-            let checked = self.checkout(&origin).await?;
+            let (checked, dialed) = self.checkout(&origin).await?;
             let attempt = match checked {
                 Checked::H2(conn) => self.send_h2(conn, request).await,
                 Checked::H1(conn) => self.send_h1(conn, request, &origin).await,
             };
             match attempt {
-                Ok(response) => return Ok(response),
+                Ok(mut response) => {
+                    if dialed {
+                        response.extensions_mut().insert(NewConnection);
+                    }
+                    return Ok(response);
+                }
                 // Not written: the connection was gone. Once more, fresh.
                 Err(Unsent(Some(unsent), _)) if !retried => {
                     retried = true;
@@ -189,27 +197,28 @@ impl LanePool {
     }
 
     /// A live connection to `origin`: the shared HTTP/2 one, an idle
-    /// HTTP/1.1 one, or a new one.
-    async fn checkout(self: &Arc<Self>, origin: &Origin) -> Result<Checked, UpstreamError> {
+    /// HTTP/1.1 one, or a new one (then `true`: its open is this request's
+    /// to time).
+    async fn checkout(self: &Arc<Self>, origin: &Origin) -> Result<(Checked, bool), UpstreamError> {
         let (dialing, speaks_h1) = {
             let mut origins = self.origins();
             let conns = origins.entry(origin.clone()).or_default();
             if let Some(conn) = reusable_h2(conns) {
-                return Ok(Checked::H2(conn));
+                return Ok((Checked::H2(conn), false));
             }
             if let Some(conn) = self.reusable_h1(conns) {
-                return Ok(Checked::H1(conn));
+                return Ok((Checked::H1(conn), false));
             }
             (conns.dialing.clone(), conns.speaks_h1)
         };
         if origin.https && self.offers_h2() && !speaks_h1 {
             let _one_dial = dialing.lock().await;
             if let Some(conn) = self.origins().get_mut(origin).and_then(reusable_h2) {
-                return Ok(Checked::H2(conn));
+                return Ok((Checked::H2(conn), false));
             }
-            return self.dial(origin).await;
+            return self.dial(origin).await.map(|c| (c, true));
         }
-        self.dial(origin).await
+        self.dial(origin).await.map(|c| (c, true))
     }
 
     fn reusable_h1(&self, conns: &mut Conns) -> Option<H1Conn> {
@@ -245,11 +254,12 @@ impl LanePool {
         if origin.https && self.offers_h2() {
             self.origins().entry(origin.clone()).or_default().speaks_h1 = true;
         }
-        let sender = handshake_h1(io, false).await?;
+        let (sender, framing) = handshake_h1(io, false).await?;
         Ok(Checked::H1(H1Conn {
             sender,
             info,
             idle_since: Instant::now(),
+            framing,
         }))
     }
 
@@ -322,6 +332,7 @@ impl LanePool {
             return Err(Unsent(Some(request), UpstreamError::from_hyper(&e)));
         }
         for_h1(&mut request, origin);
+        conn.framing.request(request.method());
         match conn.sender.try_send_request(request).await {
             Ok(response) => {
                 let info = conn.info.clone();
@@ -372,14 +383,16 @@ impl LanePool {
             .connect(&origin.target, origin.https, self.shape(&[], true))
             .await
             .map_err(UpstreamError::Connect)?;
-        let mut sender = handshake_h1(io, true).await?;
+        let (mut sender, framing) = handshake_h1(io, true).await?;
         for_h1(&mut request, &origin);
+        framing.request(request.method());
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| UpstreamError::from_hyper(&e))?;
         let mut response = response;
         response.extensions_mut().insert(info);
+        response.extensions_mut().insert(NewConnection);
         Ok(response)
     }
 }
@@ -398,10 +411,20 @@ fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
 /// A request that failed, and the request itself when it was never written.
 struct Unsent(Option<Request<Body>>, UpstreamError);
 
+/// An HTTP/1.1 connection on `io`, its responses read through the framing
+/// scanner (an ambiguous response fails its request with 502 before hyper
+/// reads a byte of it; see `upstream::framing`).
 async fn handshake_h1(
     io: UpstreamIo,
     upgrades: bool,
-) -> Result<hyper::client::conn::http1::SendRequest<Body>, UpstreamError> {
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Body>,
+        framing::Exchange,
+    ),
+    UpstreamError,
+> {
+    let (io, exchange) = framing::ResponseGuard::new(io);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
         .handshake::<_, Body>(TokioIo::new(io))
@@ -420,7 +443,7 @@ async fn handshake_h1(
             }
         });
     }
-    Ok(sender)
+    Ok((sender, exchange))
 }
 
 fn with_info<B>(mut response: Response<B>, info: TunnelInfo) -> Response<B> {

@@ -1,14 +1,23 @@
 //! TLS towards origins, behind one interface: [`UpstreamTls::connect`]
 //! takes a connected transport and returns an encrypted [`TlsConn`] that
 //! says which protocol the origin chose. No TLS library's types leave this
-//! module, so a second stack (one that can say what a browser says) is one
-//! more file here and no change to callers.
+//! module.
+//!
+//! Three stacks: rustls (pinproxy's own hello), BoringSSL (a hello shaped
+//! like a browser's or a client's: [`boring_stack`]) and, where this
+//! machine has it, the system's OpenSSL, which says the hellos of
+//! OpenSSL-family clients (curl, Python, Node) that BoringSSL cannot
+//! ([`openssl_stack`]). A shaped hello goes to whichever of the two says it
+//! with fewer [`Gap`]s ([`UpstreamTls::mirror_stack`]): BoringSSL for
+//! Chromium (no gap), OpenSSL for curl and Python (no gap either).
 //!
 //! Trust: the public web roots compiled into pinproxy, plus the PEM files
-//! given with `--upstream-ca`.
+//! given with `--upstream-ca`, for every stack.
 
 pub mod boring_stack;
 mod boring_ffi;
+mod openssl_ffi;
+pub mod openssl_stack;
 mod rustls_stack;
 pub mod tap;
 
@@ -21,7 +30,29 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::fingerprint::client_hello::ClientHello;
-pub use boring_stack::{Gap, Shape};
+
+/// Something in a client's ClientHello that the chosen stack cannot say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// What kind of thing (a stable metric label): `cipher`, `group`,
+    /// `key-share`, `signature-algorithm`, `extension`, `tls13-order`,
+    /// `extension-order`, `certificate-compression`, `version`, and (for
+    /// OpenSSL) `grease` and `session-id`.
+    pub kind: &'static str,
+    /// Which one, e.g. `cipher 0xccaa`.
+    pub detail: String,
+}
+
+/// What a shaped connection says, beyond the hello itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape<'a> {
+    /// The hello to imitate.
+    pub hello: &'a ClientHello,
+    /// Offer only `http/1.1` whatever the hello lists (WebSocket upgrades).
+    pub http1_only: bool,
+    /// The client's HTTP/2 SETTINGS payload, sent as its ALPS settings.
+    pub alps_settings: &'a [u8],
+}
 
 /// The upstream trust store could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +71,9 @@ pub enum TlsSetupError {
     /// BoringSSL rejected the configuration.
     #[error("upstream TLS settings (BoringSSL): {0}")]
     Boring(String),
+    /// The system's OpenSSL rejected the configuration.
+    #[error("upstream TLS settings (OpenSSL): {0}")]
+    Openssl(String),
 }
 
 /// Which stack makes a connection, and what its ClientHello says.
@@ -50,8 +84,44 @@ pub enum Stack<'a> {
         /// Offer `h2, http/1.1` (else `http/1.1`).
         h2: bool,
     },
-    /// BoringSSL, shaped like a client's (or a browser profile's) hello.
+    /// Shaped like a client's (or a browser profile's) hello: said by
+    /// BoringSSL, or by the system's OpenSSL when that says it with fewer
+    /// gaps ([`UpstreamTls::mirror_stack`]).
     Boring(Shape<'a>),
+}
+
+/// Which library says a shaped hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorStack {
+    /// BoringSSL (browsers, and every client when OpenSSL is unavailable).
+    BoringSsl,
+    /// The system's OpenSSL (OpenSSL-family clients).
+    OpenSsl,
+}
+
+impl MirrorStack {
+    /// Short name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorStack::BoringSsl => "boringssl",
+            MirrorStack::OpenSsl => "openssl",
+        }
+    }
+
+    /// The stack saying a hello, from how many gaps each leaves (`None`:
+    /// that stack cannot be configured for it, or is not there). OpenSSL
+    /// only when it does strictly better, so a tie (a browser BoringSSL
+    /// says in full) stays on BoringSSL. Depends on the hello (and this
+    /// machine's OpenSSL) alone, so an identity's recorded hello picks the
+    /// same stack after a restart.
+    pub fn by_gaps(boring: Option<usize>, openssl: Option<usize>) -> MirrorStack {
+        match (boring, openssl) {
+            (_, None) => MirrorStack::BoringSsl,
+            (None, Some(_)) => MirrorStack::OpenSsl,
+            (Some(b), Some(o)) if o < b => MirrorStack::OpenSsl,
+            (Some(_), Some(_)) => MirrorStack::BoringSsl,
+        }
+    }
 }
 
 /// ALPN protocols offered to origins by clients that speak HTTP/1.1 only.
@@ -64,11 +134,14 @@ pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 pub struct UpstreamTls {
     rustls: Arc<rustls_stack::RustlsClient>,
     boring: Arc<boring_stack::BoringClient>,
+    /// `None`: this machine has no usable `libssl.so.3`.
+    openssl: Option<Arc<openssl_stack::OpensslClient>>,
 }
 
 impl UpstreamTls {
     /// A client trusting the public web roots plus `extra_ca_files`.
-    /// Blocking (reads files): call it off the async runtime.
+    /// Loads the system's OpenSSL when there is one (and logs which, or why
+    /// not). Blocking (reads files): call it off the async runtime.
     pub fn new(
         provider: Arc<::rustls::crypto::CryptoProvider>,
         extra_ca_files: &[PathBuf],
@@ -76,7 +149,21 @@ impl UpstreamTls {
         Ok(UpstreamTls {
             rustls: Arc::new(rustls_stack::RustlsClient::new(provider, extra_ca_files)?),
             boring: Arc::new(boring_stack::BoringClient::new(extra_ca_files)?),
+            openssl: openssl_stack::OpensslClient::new(extra_ca_files)?.map(Arc::new),
         })
+    }
+
+    /// Which library says `shape`'s hello: the system's OpenSSL when it is
+    /// loaded and leaves fewer gaps than BoringSSL, else BoringSSL. Both
+    /// answers are cached per hello.
+    pub fn mirror_stack(&self, shape: Shape<'_>) -> MirrorStack {
+        let Some(openssl) = &self.openssl else {
+            return MirrorStack::BoringSsl;
+        };
+        MirrorStack::by_gaps(
+            self.boring.gaps(shape).ok().map(|g| g.len()),
+            openssl.gaps(shape).ok().map(|g| g.len()),
+        )
     }
 
     /// Runs the TLS handshake with `host` over `transport`, with the stack
@@ -93,7 +180,16 @@ impl UpstreamTls {
         match stack {
             Stack::Rustls { h2 } => self.rustls.connect(host, transport, h2).await,
             Stack::Boring(shape) => {
-                let (conn, gaps) = self.boring.connect(host, transport, shape).await?;
+                let chosen = self.mirror_stack(shape);
+                tracing::debug!(host, stack = chosen.name(), "upstream TLS handshake");
+                let openssl = match chosen {
+                    MirrorStack::OpenSsl => self.openssl.as_ref(),
+                    MirrorStack::BoringSsl => None,
+                };
+                let (conn, gaps) = match openssl {
+                    Some(openssl) => openssl.connect(host, transport, shape).await?,
+                    None => self.boring.connect(host, transport, shape).await?,
+                };
                 Ok(conn.with_gaps(gaps))
             }
         }
@@ -194,5 +290,105 @@ impl AsyncWrite for TlsConn {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A ClientHello of `tests/fixtures/hello`, as captured.
+    pub(crate) fn fixture(name: &str) -> ClientHello {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hello")
+            .join(name)
+            .with_extension("hex");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        let bytes: Vec<u8> = digits
+            .chunks(2)
+            .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+            .collect();
+        match crate::fingerprint::client_hello::parse(&bytes) {
+            Ok(hello) => hello,
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+
+    #[test]
+    fn openssl_only_when_it_leaves_fewer_gaps() {
+        use MirrorStack::{BoringSsl, OpenSsl};
+        assert_eq!(MirrorStack::by_gaps(Some(0), Some(0)), BoringSsl);
+        assert_eq!(MirrorStack::by_gaps(Some(0), Some(5)), BoringSsl);
+        assert_eq!(MirrorStack::by_gaps(Some(12), Some(0)), OpenSsl);
+        assert_eq!(MirrorStack::by_gaps(Some(12), None), BoringSsl);
+        assert_eq!(MirrorStack::by_gaps(None, Some(3)), OpenSsl);
+        assert_eq!(MirrorStack::by_gaps(None, None), BoringSsl);
+    }
+
+    #[test]
+    fn each_client_gets_the_stack_that_says_it() {
+        let provider = Arc::new(::rustls::crypto::aws_lc_rs::default_provider());
+        let tls = match UpstreamTls::new(provider, &[]) {
+            Ok(tls) => tls,
+            Err(e) => panic!("{e}"),
+        };
+        let openssl = tls.openssl.is_some();
+        if !openssl {
+            eprintln!("no system OpenSSL here: every client stays on BoringSSL");
+        }
+        let chrome = crate::fingerprint::profile::chrome_hello();
+        let cases = [
+            ("chromium_1", MirrorStack::BoringSsl),
+            ("chromium_2", MirrorStack::BoringSsl),
+            ("curl_h2", MirrorStack::OpenSsl),
+            ("curl_h1", MirrorStack::OpenSsl),
+            ("python_requests", MirrorStack::OpenSsl),
+            ("python_requests_debian", MirrorStack::OpenSsl),
+            ("python_ssl", MirrorStack::OpenSsl),
+        ];
+        for (name, expected) in cases {
+            let hello = fixture(name).fresh_and_anonymous();
+            for http1_only in [false, true] {
+                let shape = Shape {
+                    hello: &hello,
+                    http1_only,
+                    alps_settings: &[],
+                };
+                let expected = if openssl {
+                    expected
+                } else {
+                    MirrorStack::BoringSsl
+                };
+                // Asked twice: the answer is the hello's, not the moment's.
+                assert_eq!(tls.mirror_stack(shape), expected, "{name}");
+                assert_eq!(tls.mirror_stack(shape), expected, "{name}");
+            }
+        }
+        // A restart (a new client, empty caches) decides the same.
+        let provider = Arc::new(::rustls::crypto::aws_lc_rs::default_provider());
+        let again = match UpstreamTls::new(provider, &[]) {
+            Ok(tls) => tls,
+            Err(e) => panic!("{e}"),
+        };
+        for (name, _) in cases {
+            let hello = fixture(name).fresh_and_anonymous();
+            let shape = Shape {
+                hello: &hello,
+                http1_only: false,
+                alps_settings: &[],
+            };
+            assert_eq!(again.mirror_stack(shape), tls.mirror_stack(shape), "{name}");
+        }
+        // Chrome mode's profile stays on BoringSSL.
+        if let Some(chrome) = chrome.as_deref() {
+            let shape = Shape {
+                hello: chrome,
+                http1_only: false,
+                alps_settings: &[],
+            };
+            assert_eq!(tls.mirror_stack(shape), MirrorStack::BoringSsl);
+        }
     }
 }

@@ -55,6 +55,22 @@ pub const HOST_RESOLVER_RULES: &str = "MAP * ~NOTFOUND, EXCLUDE localhost, EXCLU
 /// rule.)
 pub const PROXY_BYPASS_LIST: &str = "<-loopback>;*.*";
 
+/// The flags of every headless run: no sandbox (containers), nothing in
+/// the background, no first-run UI, no QUIC.
+pub const HEADLESS_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-quic",
+];
+
 /// How long one Chromium run may take.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a `certutil` or `pinproxy ca install` run may take.
@@ -139,27 +155,7 @@ impl Chromium {
             Some(proxy) => Some(ConnectTap::start(proxy).await),
             None => None,
         };
-        let run = self.runs.fetch_add(1, Ordering::SeqCst);
-        let profile = self.home.join(format!("profile-{run}"));
-        let mut command = Command::new(require("chromium"));
-        command
-            .env("HOME", &self.home)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-default-apps",
-                "--disable-extensions",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-quic",
-                "--virtual-time-budget=10000",
-            ])
-            .arg(format!("--host-resolver-rules={HOST_RESOLVER_RULES}"))
-            .arg(format!("--user-data-dir={}", profile.display()));
+        let mut command = self.headless();
         match &tap {
             Some(tap) => command
                 .arg(format!("--proxy-server=http://{}", tap.addr))
@@ -180,6 +176,45 @@ impl Chromium {
             );
         }
         String::from_utf8(output.stdout).unwrap()
+    }
+}
+
+impl Chromium {
+    /// A headless Chromium command with a fresh profile, a virtual-time
+    /// budget and the resolver rules; the caller adds the proxy settings,
+    /// what to do and the URL.
+    fn headless(&self) -> Command {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst);
+        let profile = self.home.join(format!("profile-{run}"));
+        let mut command = Command::new(require("chromium"));
+        command
+            .env("HOME", &self.home)
+            .args(HEADLESS_FLAGS)
+            .arg("--virtual-time-budget=10000")
+            .arg(format!("--host-resolver-rules={HOST_RESOLVER_RULES}"))
+            .arg(format!("--user-data-dir={}", profile.display()));
+        command
+    }
+
+    /// Loads `url` directly (no proxy) and saves a PNG screenshot of the
+    /// page, once it has settled within the virtual-time budget, to `path`
+    /// (`width` x `height` pixels). Panics unless Chromium succeeds and
+    /// the file is a PNG.
+    pub async fn screenshot(&self, url: &str, path: &Path, width: u32, height: u32) {
+        let mut command = self.headless();
+        command
+            .arg("--no-proxy-server")
+            .arg("--hide-scrollbars")
+            .arg(format!("--window-size={width},{height}"))
+            .arg(format!("--screenshot={}", path.display()))
+            .arg(url);
+        super::procs::run_bounded(command, RUN_TIMEOUT).await;
+        let png = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "{} is not a PNG",
+            path.display()
+        );
     }
 }
 

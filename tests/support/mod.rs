@@ -4,8 +4,10 @@
 //! helpers several test files share.
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 pub mod browser;
 pub mod client;
+pub mod devtools;
 pub mod exit;
 pub mod fingerprint_origin;
 pub mod origin;

@@ -221,6 +221,17 @@ impl PinproxyProcess {
         PinproxyProcess::launch(data_dir, args, "warn", None, true).await
     }
 
+    /// [`PinproxyProcess::start_with_admin`] with `RUST_LOG=rust_log`,
+    /// every line it logs kept in `record`.
+    pub async fn start_with_admin_logging(
+        data_dir: &std::path::Path,
+        args: &[String],
+        rust_log: &str,
+        record: Lines,
+    ) -> PinproxyProcess {
+        PinproxyProcess::launch(data_dir, args, rust_log, Some(record), true).await
+    }
+
     async fn launch(
         data_dir: &std::path::Path,
         args: &[String],
@@ -275,9 +286,59 @@ impl PinproxyProcess {
         String::from_utf8(output.stdout).unwrap()
     }
 
+    /// `METHOD http://ADMIN{path}` (POST and DELETE included): the status
+    /// and the body of the admin endpoint's answer.
+    pub async fn admin_send(&self, method: &str, path: &str) -> (u16, String) {
+        let admin = self.admin.expect("started with an admin endpoint");
+        let output = tokio::time::timeout(
+            Duration::from_secs(20),
+            Command::new(require("curl"))
+                .args(["-sS", "--noproxy", "*", "-X", method])
+                .args(["-w", "\n%{http_code}"])
+                .arg(format!("http://{admin}{path}"))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the admin endpoint answers within 20 s")
+        .unwrap();
+        let text = String::from_utf8(output.stdout).unwrap();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.trim().parse().unwrap(), body.to_owned())
+    }
+
+    /// Sends the signal `name` (`HUP`, `TERM`, ...) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {name} {pid} failed");
+    }
+
+    /// Waits (bounded by `within`) for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("pinproxy did not exit within {within:?}"))
+            .unwrap()
+    }
+
     /// `kill -9`.
     pub async fn kill9(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// The process's resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 
     /// Its peak resident memory so far, in KiB (VmHWM).
@@ -393,7 +454,46 @@ impl Dante {
 
 /// Runs `command` to its end, killing it after `timeout`; panics unless it
 /// succeeds.
-pub async fn run_bounded(mut command: Command, timeout: Duration) -> std::process::Output {
+pub async fn run_bounded(command: Command, timeout: Duration) -> std::process::Output {
+    let (command, output) = run_output(command, timeout).await;
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// How a process ended and what it printed (as text).
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit code (`None` when a signal ended it).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Whether it exited 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Runs `command` to its end, killing it after `timeout` (and panicking
+/// then), whatever its exit status: for commands expected to fail.
+pub async fn run_to_end(command: Command, timeout: Duration) -> Finished {
+    let (_, output) = run_output(command, timeout).await;
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+async fn run_output(mut command: Command, timeout: Duration) -> (Command, std::process::Output) {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -406,12 +506,7 @@ pub async fn run_bounded(mut command: Command, timeout: Duration) -> std::proces
         .await
         .unwrap_or_else(|_| panic!("{command:?} did not finish within {timeout:?}"))
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    (command, output)
 }
 
 /// A fresh directory holding a CA made by `pinproxy ca` (what a fleet's

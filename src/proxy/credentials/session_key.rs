@@ -6,6 +6,10 @@
 //! or the header `X-Pinproxy-Session: KEY`. The header wins over the user
 //! name; a request inside a tunnel inherits the key of its `CONNECT`. Both
 //! are removed before egress (stage 6, `proxy::egress`).
+//!
+//! With client authentication on (`[[auth.users]]`), `NAME-session-KEY`
+//! authenticates as user NAME and names session KEY, and every session key
+//! is the user's own: the same KEY named by two users is two identities.
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -26,27 +30,74 @@ pub enum SessionKeyError {
     Malformed,
 }
 
+/// The user name and password of a `Proxy-Authorization: Basic` value.
+/// `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Basic {
+    /// The user name (`NAME`, `session-KEY` or `NAME-session-KEY`).
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Basic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Basic({:?}, <redacted>)", self.user_part())
+    }
+}
+
+impl Basic {
+    /// Decodes a `Proxy-Authorization` value; `None` unless it is Basic
+    /// credentials in base64 of UTF-8 `user:password`.
+    pub fn decode(value: &HeaderValue) -> Option<Basic> {
+        let text = value.to_str().ok()?;
+        let (scheme, token) = text.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(token.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':').unwrap_or((text.as_str(), ""));
+        Some(Basic {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    /// The user the user name names (`NAME` of `NAME` or
+    /// `NAME-session-KEY`; none for `session-KEY`).
+    pub fn user_part(&self) -> Option<&str> {
+        split_user_name(&self.user).0
+    }
+
+    /// The session key the user name names, unchecked.
+    pub fn session_part(&self) -> Option<&str> {
+        split_user_name(&self.user).1
+    }
+}
+
+/// Splits a Basic user name into the user it names and the session key:
+/// `session-KEY` → (none, KEY), `NAME-session-KEY` → (NAME, KEY), `NAME` →
+/// (NAME, none).
+pub fn split_user_name(user: &str) -> (Option<&str>, Option<&str>) {
+    if let Some(key) = user.strip_prefix("session-") {
+        return (None, Some(key));
+    }
+    match user.split_once("-session-") {
+        Some((name, key)) => (Some(name), Some(key)),
+        None => (Some(user), None),
+    }
+}
+
 /// The session key in a `Proxy-Authorization` value, if its user name has
 /// one. Anything else (other schemes, other user names) is not a session key.
 pub fn from_proxy_authorization(value: &HeaderValue) -> Result<Option<String>, SessionKeyError> {
-    let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {
-        return Ok(None);
-    };
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(token.trim()) else {
-        return Ok(None);
-    };
-    let Ok(text) = String::from_utf8(decoded) else {
-        return Ok(None);
-    };
-    let user = text.split_once(':').map_or(text.as_str(), |(u, _)| u);
-    let key = match user.strip_prefix("session-") {
-        Some(key) => key,
-        None => match user.split_once("-session-") {
-            Some((_, key)) => key,
-            None => return Ok(None),
-        },
-    };
-    validate(key).map(Some)
+    match Basic::decode(value).as_ref().and_then(Basic::session_part) {
+        Some(key) => validate(key).map(Some),
+        None => Ok(None),
+    }
 }
 
 fn validate(key: &str) -> Result<String, SessionKeyError> {
@@ -74,12 +125,19 @@ pub fn of_request(
     Ok(tunnel_key.map(str::to_owned))
 }
 
-/// The credential a session key pins.
-pub fn credential(hasher: &PinHasher, key: &str) -> Credential {
+/// The credential a session key pins. With client authentication the key
+/// is `user`'s own (user names hold no `:`, so `user:key` is unambiguous);
+/// without, keys are shared by every client, as before authentication
+/// existed, so their pins stay valid.
+pub fn credential(hasher: &PinHasher, user: Option<&str>, key: &str) -> Credential {
+    let key = match user {
+        Some(user) => hasher.session_key(&format!("{user}:{key}")),
+        None => hasher.session_key(key),
+    };
     Credential {
         kind: PinKind::SessionKey,
         name: "session-key".to_owned(),
-        key: hasher.session_key(key),
+        key,
     }
 }
 
@@ -108,6 +166,39 @@ mod tests {
             None
         );
         assert!(from_proxy_authorization(&basic("session-:pw")).is_err());
+    }
+
+    #[test]
+    fn basic_credentials_split_into_user_and_session() {
+        let b = Basic::decode(&basic("alice-session-k1:p:w")).unwrap();
+        assert_eq!(
+            (b.user_part(), b.session_part()),
+            (Some("alice"), Some("k1"))
+        );
+        assert_eq!(b.password, "p:w");
+        assert!(!format!("{b:?}").contains("p:w"));
+        let b = Basic::decode(&basic("alice:pw")).unwrap();
+        assert_eq!((b.user_part(), b.session_part()), (Some("alice"), None));
+        let b = Basic::decode(&basic("session-k:")).unwrap();
+        assert_eq!((b.user_part(), b.session_part()), (None, Some("k")));
+        assert!(Basic::decode(&HeaderValue::from_static("Basic !!!")).is_none());
+        assert!(Basic::decode(&HeaderValue::from_static("Digest x")).is_none());
+        let lower = HeaderValue::from_str(&format!(
+            "basic {}",
+            base64::engine::general_purpose::STANDARD.encode("u:p")
+        ))
+        .unwrap();
+        assert_eq!(Basic::decode(&lower).unwrap().user, "u");
+    }
+
+    #[test]
+    fn a_users_session_keys_are_its_own() {
+        let hasher = PinHasher::new([7; 32]);
+        let shared = credential(&hasher, None, "k").key;
+        let alice = credential(&hasher, Some("alice"), "k").key;
+        let bob = credential(&hasher, Some("bob"), "k").key;
+        assert_ne!(alice, bob);
+        assert_ne!(alice, shared);
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! `direct://[SOURCE_IP]`: egress straight from this machine, optionally
 //! from one of its local addresses (multi-IP hosts). The origin's name is
 //! resolved here, and the socket itself is the egress address.
+//!
+//! Every resolved address is checked against the SSRF guard
+//! ([`super::guard`]: `upstream.deny_ranges` and pinproxy's own listeners)
+//! before anything is sent to it; a name whose every address is refused
+//! fails with `address-denied` (or `proxy-loop`), and nothing is dialled.
 
 use std::io;
 use std::net::IpAddr;
@@ -8,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::guard::Forbidden;
 use super::{connect_from, resolve, DialContext, ProxyAddress};
 use crate::net::HostPort;
 use crate::upstream::error::{ConnectError, Stage};
@@ -55,8 +61,14 @@ impl Direct {
                 source: Arc::new(source),
             })?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no usable address");
+        let mut refused = None;
         for addr in addrs {
             if self.source.is_some_and(|s| s.is_ipv4() != addr.is_ipv4()) {
+                continue;
+            }
+            if let Err(refusal) = ctx.guard.check(addr) {
+                tracing::debug!(origin = %target, %addr, %refusal, "address refused");
+                refused.get_or_insert((addr, refusal));
                 continue;
             }
             match tokio::time::timeout_at(ctx.deadline, connect_from(addr, self.source)).await {
@@ -67,6 +79,13 @@ impl Direct {
                 }
                 Ok(Err(e)) => last = e,
             }
+        }
+        if let Some((addr, refusal)) = refused {
+            return Err(ConnectError::Forbidden(Box::new(Forbidden {
+                target: target.clone(),
+                addr,
+                refusal,
+            })));
         }
         Err(ConnectError::OriginUnreachable {
             target: target.clone(),

@@ -30,22 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::boring_ffi;
 use super::tap::{HelloTap, SentHello};
-use super::{TlsConn, TlsSetupError};
-use crate::fingerprint::client_hello::{ext, is_grease, ClientHello, SessionTicket};
+use super::{Gap, Shape, TlsConn, TlsSetupError};
+use crate::fingerprint::client_hello::{ext, is_grease, SessionTicket};
 
 /// Most distinct hellos whose connectors are kept.
 const MAX_CONNECTORS: u64 = 1024;
-
-/// Something in a client's ClientHello that BoringSSL cannot say.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Gap {
-    /// What kind of thing (a stable metric label): `cipher`, `group`,
-    /// `signature-algorithm`, `extension`, `tls13-order`,
-    /// `extension-order`, `certificate-compression`, `version`.
-    pub kind: &'static str,
-    /// Which one, e.g. `cipher 0xccaa`.
-    pub detail: String,
-}
 
 /// A connector for one hello, and what each connection made with it sets.
 struct Prepared {
@@ -70,17 +59,6 @@ impl std::fmt::Debug for BoringClient {
             .field("connectors", &self.connectors.entry_count())
             .finish_non_exhaustive()
     }
-}
-
-/// What a BoringSSL connection says, beyond the hello itself.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape<'a> {
-    /// The hello to imitate.
-    pub hello: &'a ClientHello,
-    /// Offer only `http/1.1` whatever the hello lists (WebSocket upgrades).
-    pub http1_only: bool,
-    /// The client's HTTP/2 SETTINGS payload, sent as its ALPS settings.
-    pub alps_settings: &'a [u8],
 }
 
 impl BoringClient {
@@ -146,6 +124,12 @@ impl BoringClient {
             TlsConn::new(Box::new(stream), h2).with_sent_hello(sent),
             prepared.gaps.clone(),
         ))
+    }
+
+    /// What BoringSSL cannot say of `shape`'s hello (an error when it
+    /// cannot be configured at all).
+    pub fn gaps(&self, shape: Shape<'_>) -> Result<Arc<[Gap]>, String> {
+        self.prepared(shape).map(|p| p.gaps.clone())
     }
 
     fn prepared(&self, shape: Shape<'_>) -> Result<Arc<Prepared>, String> {
@@ -566,22 +550,10 @@ impl CertificateCompressor for Zlib {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint::client_hello::ClientHello;
 
     fn hello(fixture: &str) -> ClientHello {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hello")
-            .join(fixture)
-            .with_extension("hex");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        let bytes: Vec<u8> = digits
-            .chunks(2)
-            .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
-            .collect();
-        match crate::fingerprint::client_hello::parse(&bytes) {
-            Ok(hello) => hello,
-            Err(e) => panic!("{}: {e}", path.display()),
-        }
+        crate::upstream::tls::tests::fixture(fixture)
     }
 
     fn gaps(fixture: &str) -> Vec<String> {

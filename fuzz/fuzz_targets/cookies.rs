@@ -1,0 +1,24 @@
+//! Cookie and Set-Cookie extraction, and stripping: arbitrary header bytes
+//! (split on NUL into Cookie / X-DataDome-ClientID / Set-Cookie values).
+//! Checks: no panic; stripping every tracked cookie found leaves none.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pinproxy::fuzzing;
+
+fuzz_target!(|data: &[u8]| {
+    let mut parts = data.split(|b| *b == 0);
+    let cookie = parts.next().unwrap_or_default();
+    let client_id = parts.next().unwrap_or_default();
+    let sets: Vec<&[u8]> = parts.collect();
+    let request = fuzzing::headers([("cookie", cookie), ("x-datadome-clientid", client_id)]);
+    let response = fuzzing::headers(sets.iter().map(|s| ("set-cookie", *s)));
+    let now = data.len() as u64 * 1_000_000_007;
+    let out = fuzzing::cookies(request, &response, now);
+    // What is left after stripping carries no tracked cookie any more.
+    let left = fuzzing::headers(out.stripped.iter().map(|c| ("cookie", c.as_bytes())));
+    let again = fuzzing::cookies(left, &http::HeaderMap::new(), now);
+    if let Some(found) = again.request {
+        assert!(found.is_empty(), "tracked cookies survived stripping: {found:?}");
+    }
+});

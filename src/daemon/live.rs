@@ -1,0 +1,383 @@
+//! What a reload changes while the daemon runs, and how.
+//!
+//! A request takes the [`Pipeline`] in force when it starts (one atomic
+//! load, no lock) and keeps it to its end: the exits, tracked-cookie
+//! patterns and policies it sees never change under it. A reload builds a
+//! whole new pipeline beside the old one and swaps it in; requests and
+//! client connections already open are not touched, and an exit that was
+//! removed still carries the requests already routed through it.
+//!
+//! What a reload applies: exits (added, removed, re-weighted, options
+//! changed; an exit that stays keeps its health, drain state and, when its
+//! route did not change, its pools), tracked cookies, `upstream_ca`,
+//! `[identities]`, `[health]`, `store.on_unavailable`, the upstream
+//! timeouts and pool size, `timeouts.shutdown`. Keys read only at start
+//! ([`Settings::restart_needed`]) keep their values; the reload says which
+//! changed. A configuration that does not validate is refused whole.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::control::ReloadReport;
+use crate::clock::{duration_ms, Clock};
+use crate::config::{Config, ConfigError, Settings};
+use crate::credential::PinHasher;
+use crate::exits::drain::DrainBook;
+use crate::exits::health::Thresholds;
+use crate::exits::{ExitBuild, ExitSet, LiveExits};
+use crate::front::Frontend;
+use crate::metrics::Metrics;
+use crate::proxy::auth::Auth;
+use crate::proxy::capture::invalidation;
+use crate::proxy::Pipeline;
+use crate::routing::{Policies, Router};
+use crate::upstream::dial::guard::AddressGuard;
+use crate::upstream::tls::{TlsSetupError, UpstreamTls};
+use crate::upstream::PoolSettings;
+
+/// Where a reload reads the configuration: the same file and flags the
+/// daemon started from (blocking: it is called off the runtime).
+pub type ConfigSource = Arc<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Why a reload was refused (the configuration in force stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The configuration could not be read.
+    #[error("cannot read the configuration: {0}")]
+    Source(String),
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// A new `upstream_ca` file is unusable.
+    #[error(transparent)]
+    UpstreamTls(#[from] TlsSetupError),
+    /// A reload task failed to run.
+    #[error("reload task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What every pipeline shares, built once at start.
+#[derive(Debug)]
+pub(super) struct Core {
+    /// Identities and routing (its policies are swapped by a reload).
+    pub router: Arc<Router>,
+    /// How credentials become pin keys.
+    pub hasher: PinHasher,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Background work started by requests (awaited at shutdown).
+    pub background: TaskTracker,
+    /// Connections and loops.
+    pub tasks: TaskTracker,
+    /// Cancelled when the daemon stops (the loops' tokens are children).
+    pub shutdown: CancellationToken,
+    /// The clock.
+    pub clock: Clock,
+    /// TLS crypto, for a new `upstream_ca` trust store.
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+    /// SSRF guard: own listeners, `upstream.deny_ranges` (read at start).
+    pub guard: Arc<AddressGuard>,
+    /// Identities' in-flight counts and pacing, kept across reloads.
+    pub pacer: Arc<crate::proxy::pacing::Pacer>,
+}
+
+/// The settings a reload compares with, and the loops it restarts.
+struct Applied {
+    /// In force at start: keys that need a restart are compared with these.
+    started: Settings,
+    /// Applied last.
+    settings: Settings,
+    build: ExitBuild,
+    /// Cancels the probe and sweep loops of the settings in force.
+    loops: CancellationToken,
+}
+
+/// The running daemon's reloadable state.
+pub(super) struct Live {
+    /// What every pipeline shares.
+    pub core: Core,
+    /// Where the pipeline in force is swapped.
+    pub frontend: Arc<Frontend>,
+    /// The exits in force (admin, sweep).
+    pub exits: Arc<LiveExits>,
+    /// Drained exits remembered across restarts.
+    pub drains: Arc<DrainBook>,
+    /// One reload at a time (the control plane only; requests never wait).
+    applied: tokio::sync::Mutex<Applied>,
+    /// The settings in force, for readers that must not wait.
+    settings: ArcSwap<Settings>,
+    /// What a reload re-reads.
+    source: std::sync::Mutex<ConfigSource>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").finish_non_exhaustive()
+    }
+}
+
+impl Live {
+    /// The state of a daemon that just started with `settings` (its
+    /// loops already running under `loops`); reloads re-read `source`.
+    pub fn new(
+        core: Core,
+        frontend: Arc<Frontend>,
+        exits: Arc<LiveExits>,
+        drains: Arc<DrainBook>,
+        started: (Settings, ExitBuild, CancellationToken),
+        source: ConfigSource,
+    ) -> Live {
+        let (settings, build, loops) = started;
+        Live {
+            core,
+            frontend,
+            exits,
+            drains,
+            settings: ArcSwap::from_pointee(settings.clone()),
+            applied: tokio::sync::Mutex::new(Applied {
+                started: settings.clone(),
+                settings,
+                build,
+                loops,
+            }),
+            source: std::sync::Mutex::new(source),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// Reloads from now on read `source`.
+    pub fn set_source(&self, source: ConfigSource) {
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = source;
+    }
+
+    /// Re-reads the configuration source and applies it.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let source = self
+            .source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let config = tokio::task::spawn_blocking(move || source())
+            .await?
+            .map_err(ReloadError::Source);
+        match config {
+            Ok(config) => self.apply(&config).await,
+            Err(e) => Err(refused(e)),
+        }
+    }
+
+    /// Validates `config` and puts it in force (logged either way).
+    pub async fn apply(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        match self.try_apply(config).await {
+            Ok(report) => {
+                tracing::info!(
+                    added = ?report.added,
+                    removed = ?report.removed,
+                    changed = ?report.changed,
+                    "configuration reloaded"
+                );
+                if !report.restart_needed.is_empty() {
+                    tracing::warn!(
+                        keys = %report.restart_needed.join(", "),
+                        "reload: these keys changed but only take effect after a restart; \
+                         their old values stay in force"
+                    );
+                }
+                for id in &report.removed {
+                    tracing::warn!(exit = %id, "exit removed: its identities retire (exit-removed)");
+                }
+                Ok(report)
+            }
+            Err(e) => Err(refused(e)),
+        }
+    }
+
+    async fn try_apply(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        let settings = config.validate()?;
+        let mut applied = self.applied.lock().await;
+        let restart_needed = applied.started.restart_needed(&settings);
+        let tls_changed = applied.settings.upstream_ca != settings.upstream_ca;
+        let tls = if tls_changed {
+            let provider = self.core.provider.clone();
+            let files = settings.upstream_ca.clone();
+            tokio::task::spawn_blocking(move || UpstreamTls::new(provider, &files)).await??
+        } else {
+            applied.build.tls.clone()
+        };
+        let build = exit_build(&settings, tls, self.core.guard.clone());
+        let previous = self.exits.load();
+        let set = build.set(
+            &settings.exits,
+            &previous,
+            (!tls_changed).then_some(&applied.build),
+            self.core.clock.now_ms(),
+        );
+        let report = ReloadReport {
+            added: ids(&set, |id| previous.get(id).is_none()),
+            removed: ids(&previous, |id| set.get(id).is_none()),
+            changed: ids(&set, |id| {
+                previous
+                    .get(id)
+                    .zip(set.get(id))
+                    .is_some_and(|(old, new)| old.spec != new.spec)
+            }),
+            restart_needed,
+        };
+        // Deaths another replica (or an earlier run) recorded for an exit
+        // that comes back: its old identities must still retire.
+        if let Err(e) = self.core.router.sync_exit_deaths(&set).await {
+            tracing::warn!(error = %e, "reload: could not read exit deaths from the store; the sweep will");
+        }
+        let set = Arc::new(set);
+        self.core.router.set_policies(policies(&settings));
+        self.exits.store(set.clone());
+        let max_header_bytes = applied.started.limits.max_header_bytes;
+        let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);
+        self.frontend.pipeline.store(Arc::new(pipeline));
+
+        applied.loops.cancel();
+        applied.loops = spawn_loops(
+            &self.core,
+            &self.exits,
+            &settings,
+            !report.removed.is_empty(),
+        );
+        let forgot_drained = report.removed.iter().any(|id| {
+            previous
+                .iter()
+                .any(|e| e.id().as_str() == id && e.drained())
+        });
+        if forgot_drained {
+            if let Err(e) = self.drains.write(&set).await {
+                tracing::warn!(error = %e, "could not rewrite the drained exits");
+            }
+        }
+        self.settings.store(Arc::new(settings.clone()));
+        applied.settings = settings;
+        applied.build = build;
+        Ok(report)
+    }
+}
+
+fn refused(e: ReloadError) -> ReloadError {
+    tracing::error!(error = %crate::fault::causes(&e), "reload refused; the configuration in force stays");
+    e
+}
+
+/// The ids of the exits of `set` that `keep` selects.
+fn ids(set: &ExitSet, keep: impl Fn(&crate::identity::ExitId) -> bool) -> Vec<String> {
+    set.iter()
+        .map(|e| e.id())
+        .filter(|id| keep(id))
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// The request pipeline for `settings` over `exits`.
+pub(super) fn pipeline(
+    settings: &Settings,
+    exits: Arc<ExitSet>,
+    core: &Core,
+    max_header_bytes: usize,
+) -> Pipeline {
+    let identities = &settings.identities;
+    Pipeline {
+        cookies: settings.cookies.clone(),
+        hasher: core.hasher.clone(),
+        router: core.router.clone(),
+        exits,
+        max_header_bytes,
+        fingerprint_policy: identities.fingerprint_policy,
+        on_unavailable: settings.on_unavailable,
+        invalidation: invalidation::Rules::new(
+            identities.invalidation.clone(),
+            identities.scan_limit,
+        ),
+        metrics: core.metrics.clone(),
+        tasks: core.background.clone(),
+        warned_chrome_user_agent: Default::default(),
+        auth: Arc::new(Auth::new(&settings.auth)),
+        guard: core.guard.clone(),
+        pacer: core.pacer.clone(),
+        pacing: settings.identities.pacing(),
+    }
+}
+
+/// The routing policies `settings` describe.
+pub(super) fn policies(settings: &Settings) -> Policies {
+    let identities = &settings.identities;
+    Policies {
+        retire: identities.retire_policy,
+        conflict: identities.conflict_policy,
+        idle_timeout_ms: duration_ms(identities.idle_timeout),
+        max_lifetime_ms: duration_ms(identities.max_lifetime),
+        keep_retired_ms: duration_ms(identities.remember_retired),
+    }
+}
+
+/// What every exit of `settings` is built with.
+pub(super) fn exit_build(
+    settings: &Settings,
+    tls: UpstreamTls,
+    guard: Arc<AddressGuard>,
+) -> ExitBuild {
+    let health = &settings.health;
+    ExitBuild {
+        tls,
+        pool: PoolSettings {
+            connect_timeout: settings.timeouts.connect,
+            response_head_timeout: settings.timeouts.response_head,
+            idle_timeout: settings.timeouts.pool_idle,
+            max_idle_per_origin: settings.limits.max_idle_per_origin,
+            guard,
+        },
+        thresholds: Thresholds {
+            unhealthy_after: health.unhealthy_after,
+            dead_after: health.dead_after,
+            healthy_after: health.healthy_after,
+        },
+        // Without probes, trial requests are how an unhealthy exit recovers.
+        trial_interval_ms: match settings.probe_target {
+            Some(_) => None,
+            None => Some(duration_ms(health.retry_interval)),
+        },
+    }
+}
+
+/// Starts the sweep loop and the exits' probe loops for `settings`; they
+/// stop when the returned token (a child of the shutdown) is cancelled.
+/// `sweep_now`: sweep at once (exits were removed).
+pub(super) fn spawn_loops(
+    core: &Core,
+    exits: &Arc<LiveExits>,
+    settings: &Settings,
+    sweep_now: bool,
+) -> CancellationToken {
+    let loops = core.shutdown.child_token();
+    core.tasks.spawn(crate::routing::lifecycle::sweep_loop(
+        core.router.clone(),
+        exits.clone(),
+        settings.identities.sweep_interval,
+        sweep_now,
+        loops.clone(),
+    ));
+    if let Some(target) = &settings.probe_target {
+        for exit in exits.iter() {
+            core.tasks.spawn(crate::exits::probe_loop(
+                exit,
+                target.clone(),
+                settings.health.interval,
+                core.clock.clone(),
+                loops.clone(),
+            ));
+        }
+    }
+    loops
+}

@@ -1,0 +1,292 @@
+//! Request heads that cannot be smuggled through: every HTTP/1.1 client
+//! connection (plain proxy connections and the decrypted stream of a MITM
+//! tunnel) is read through a [`RequestGuard`], which scans each request
+//! head as its bytes pass on their way to hyper.
+//!
+//! Why an adapter and not hyper: hyper's parser refuses some ambiguous
+//! heads itself (obs-fold, bare CR, NUL, differing `Content-Length`s,
+//! `Content-Length` lists) but normalises others: `Content-Length` with
+//! `Transfer-Encoding: chunked` is accepted and re-framed as chunked,
+//! `gzip, chunked` counts as chunked, bare-LF lines are accepted, and a
+//! repeated `Transfer-Encoding` is forwarded. hyper offers no hook on the
+//! raw head, so the guard reads the same bytes before hyper does, with the
+//! shared [`Scanner`] (a few bytes of state, no copy of the head), bounded
+//! by hyper's own head limit.
+//!
+//! Why verdicts and not errors: hyper may read ahead (pipelined requests),
+//! so the guard can see a bad head while an earlier response is still
+//! being written; failing the read there would cut that response. Instead
+//! the guard keeps a per-connection ledger: how many heads passed, and the
+//! first refusal. The service takes one verdict per request, in order
+//! ([`Verdicts::take`]); a refused head is answered `400 bad-request` with
+//! `Connection: close` (so hyper closes the connection and reads nothing
+//! more of it) and never reaches the pipeline. After a refusal nothing on
+//! the connection is scanned or trusted again.
+//!
+//! Every head of a keep-alive connection is scanned: the scanner follows
+//! each message's validated framing (`Content-Length`, chunked) to the next
+//! head. When the connection turns into something else (a CONNECT answered
+//! 2xx, a `101 Switching Protocols`), the service tells the guard
+//! ([`Verdicts::after_response`]) and the rest passes unscanned.
+//!
+//! The guard also bounds how long a head may take once its first byte has
+//! arrived (`timeouts.header_read`): a slowloris client is cut off then,
+//! whatever the idle limit (`timeouts.client_idle`, hyper's own timer from
+//! the moment the connection waits for a request).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::{service_fn, Service};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::Frontend;
+use crate::body::Body;
+use crate::proxy::ProxyError;
+use crate::upstream::framing::{delegate_write, FramingError, Scanner, Side};
+
+/// What the guard knows about the heads it has read.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Heads scanned and found unambiguous, not yet taken by the service.
+    passed: u32,
+    /// The first refusal, once seen.
+    refused: Option<FramingError>,
+    /// The connection carries a tunnel or another protocol now.
+    opaque: bool,
+}
+
+/// The service's side of a guarded connection: one verdict per request.
+#[derive(Debug, Clone, Default)]
+pub struct Verdicts(Arc<Mutex<Ledger>>);
+
+impl Verdicts {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Every update is a single field assignment: a poisoned lock still
+        // holds a consistent ledger.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The verdict on the request hyper has just handed over (heads are
+    /// judged in the order hyper parses them). Fails closed: a request the
+    /// guard did not see pass is refused.
+    pub fn take(&self) -> Result<(), FramingError> {
+        let mut ledger = self.ledger();
+        if ledger.passed > 0 {
+            ledger.passed -= 1;
+            return Ok(());
+        }
+        Err(ledger.refused.unwrap_or(FramingError::Unverified))
+    }
+
+    /// Called with each response: a 2xx answer to CONNECT and a 101 turn
+    /// the connection into a tunnel, so the guard stops scanning it.
+    pub fn after_response(&self, method: &Method, status: StatusCode) {
+        let tunnel = (method == Method::CONNECT && status.is_success())
+            || status == StatusCode::SWITCHING_PROTOCOLS;
+        if tunnel {
+            self.ledger().opaque = true;
+        }
+    }
+}
+
+/// `inner`, for the requests of a guarded connection: a request whose head
+/// was refused is answered [`refusal`] and never reaches `inner`; a
+/// response that opens a tunnel stops the guard's scanning.
+pub fn guarded<S>(
+    verdicts: Verdicts,
+    inner: S,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone,
+    S::Future: Send,
+{
+    service_fn(move |request: Request<Incoming>| {
+        let method = request.method().clone();
+        let verdicts = verdicts.clone();
+        let served = match verdicts.take() {
+            Ok(()) => Ok(inner.call(request)),
+            Err(error) => Err(error),
+        };
+        async move {
+            let response = match served {
+                Ok(future) => match future.await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+                Err(error) => {
+                    tracing::debug!(%error, "refused a request head");
+                    return Ok(refusal(error));
+                }
+            };
+            verdicts.after_response(&method, response.status());
+            Ok(response)
+        }
+    })
+}
+
+/// Guards a client connection of `frontend`: heads bounded like hyper's
+/// (so hyper's own 431 comes first), `timeouts.header_read` from a head's
+/// first byte.
+pub fn guard<T>(frontend: &Frontend, io: T) -> (RequestGuard<T>, Verdicts) {
+    let hyper_limit = frontend.settings.max_header_bytes.saturating_mul(4);
+    let head_limit = hyper_limit.max(8192).saturating_add(8192);
+    RequestGuard::new(io, head_limit, frontend.settings.header_read)
+}
+
+/// The answer to a refused head: `400 bad-request` saying why, and
+/// `Connection: close`: nothing after it on the connection is read.
+pub fn refusal(error: FramingError) -> Response<Body> {
+    let mut response = ProxyError::BadRequest(format!(
+        "refused a request whose framing could be read two ways: {error}; it was not forwarded"
+    ))
+    .to_response();
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A client connection read through the request-head scanner.
+#[derive(Debug)]
+pub struct RequestGuard<T> {
+    inner: T,
+    scanner: Scanner,
+    verdicts: Verdicts,
+    header_read: Duration,
+    /// Armed while a head is being received (allocated on first use and
+    /// reset for each head, as hyper does with its own timer).
+    deadline: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<T> RequestGuard<T> {
+    /// Guards `inner`, whose heads may be `head_limit` bytes and must
+    /// arrive within `header_read` of their first byte. The service keeps
+    /// the returned [`Verdicts`].
+    pub fn new(inner: T, head_limit: usize, header_read: Duration) -> (RequestGuard<T>, Verdicts) {
+        let verdicts = Verdicts::default();
+        let guard = RequestGuard {
+            inner,
+            scanner: Scanner::new(Side::Request, head_limit),
+            verdicts: verdicts.clone(),
+            header_read,
+            deadline: None,
+            armed: false,
+        };
+        (guard, verdicts)
+    }
+
+    fn scan(&mut self, fresh: &[u8]) {
+        let mut ledger = self.verdicts.ledger();
+        if ledger.opaque {
+            self.scanner.stop();
+            self.armed = false;
+            return;
+        }
+        if self.scanner.is_done() {
+            return;
+        }
+        let mut passed = 0u32;
+        let result = self.scanner.scan(fresh, |_| passed += 1);
+        ledger.passed = ledger.passed.saturating_add(passed);
+        if let Err(error) = result {
+            ledger.refused.get_or_insert(error);
+        }
+        drop(ledger);
+        let in_head = self.scanner.in_head();
+        // A head that began in these bytes (the first, or one after a head
+        // that ended here) gets its own deadline.
+        if in_head && (!self.armed || passed > 0) {
+            let deadline = Instant::now() + self.header_read;
+            match &mut self.deadline {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.armed = in_head;
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let fresh = &buf.filled()[before..];
+                if !fresh.is_empty() {
+                    this.scan(fresh);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Nothing more from the client now: a head it started
+                // must still end in time.
+                if this.armed {
+                    if let Some(sleep) = this.deadline.as_mut() {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            this.armed = false;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the request head was not complete within timeouts.header_read",
+                            )));
+                        }
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+delegate_write!(RequestGuard);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn verdicts_follow_heads_in_order() {
+        let bytes: &[u8] = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n";
+        let (mut guard, verdicts) = RequestGuard::new(bytes, 1024, Duration::from_secs(1));
+        let mut sink = Vec::new();
+        guard.read_to_end(&mut sink).await.unwrap();
+        assert_eq!(sink, bytes, "bytes pass untouched");
+        assert_eq!(verdicts.take(), Ok(()));
+        assert_eq!(verdicts.take(), Err(FramingError::ObsFold));
+        assert_eq!(verdicts.take(), Err(FramingError::ObsFold));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_is_not_scanned() {
+        let bytes: &[u8] = b"CONNECT a:443 HTTP/1.1\r\n\r\n";
+        let (mut guard, verdicts) = RequestGuard::new(bytes, 1024, Duration::from_secs(1));
+        let mut sink = Vec::new();
+        guard.read_to_end(&mut sink).await.unwrap();
+        assert_eq!(verdicts.take(), Ok(()));
+        verdicts.after_response(&Method::CONNECT, StatusCode::OK);
+        guard.scan(b"\x16\x03\x01 not http at all\n");
+        assert_eq!(verdicts.take(), Err(FramingError::Unverified));
+        assert!(verdicts.ledger().refused.is_none());
+    }
+}

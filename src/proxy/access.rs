@@ -1,0 +1,184 @@
+//! The end of the spine: what one request did, counted in the metrics and
+//! written as one access line (target `pinproxy::access`, level info).
+//!
+//! The stages fill an [`Access`] as they learn things (site, exit,
+//! identity, credentials, pin decision, upstream timings);
+//! [`Access::finish`] runs once, when the answer's head is ready. The line
+//! holds the exit id, the identity id, the *names* of the tracked
+//! credentials, the pin decision, the status (or pinproxy's error code) and
+//! timings. Never a cookie value, a credential, a path or a query: the
+//! origin appears as host and port.
+//!
+//! Cost: no allocation unless the access line is enabled (then only what
+//! the subscriber's formatting needs); a disabled line is one cached
+//! callsite check.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+
+use super::ProxyError;
+use crate::credential::Credential;
+use crate::identity::IdentityId;
+use crate::metrics::{status_class, ExitInstruments, LabelValue, Metrics, UpstreamTimings};
+use crate::net::HostPort;
+use crate::routing::{Reason, RouteError};
+use crate::telemetry::ACCESS_TARGET;
+
+/// How routing decided a request's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Its credentials belong to a live identity.
+    Hit,
+    /// Its credentials founded a new identity.
+    New,
+    /// No live credential: weighted rotation.
+    Rotated,
+    /// Credentials of several identities (refused, or the oldest kept).
+    Conflict,
+    /// Credentials of a retired identity (refused).
+    Retired,
+}
+
+impl Decision {
+    /// The label in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Decision::Hit => "hit",
+            Decision::New => "new",
+            Decision::Rotated => "rotated",
+            Decision::Conflict => "conflict",
+            Decision::Retired => "retired",
+        }
+    }
+
+    /// The decision a route records.
+    pub fn of(reason: Reason) -> Decision {
+        match reason {
+            Reason::Pinned => Decision::Hit,
+            Reason::NewIdentity => Decision::New,
+            Reason::Rotated => Decision::Rotated,
+        }
+    }
+
+    /// The decision an error implies, if it is a routing one.
+    fn of_error(error: &ProxyError) -> Option<Decision> {
+        match error {
+            ProxyError::Route(RouteError::Conflict(_)) => Some(Decision::Conflict),
+            ProxyError::Route(RouteError::Retired(_)) | ProxyError::IdentityRetired { .. } => {
+                Some(Decision::Retired)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What one request did, filled by the stages.
+#[derive(Debug)]
+pub struct Access {
+    started: Instant,
+    method: Method,
+    /// The origin (host and port), kept only while the access line is on.
+    pub origin: Option<HostPort>,
+    /// The site label of the origin.
+    pub site: Option<LabelValue>,
+    /// The exit the request was routed to.
+    pub exit: Option<Arc<ExitInstruments>>,
+    /// Its identity (routed, or founded by the response).
+    pub identity: Option<IdentityId>,
+    /// Its tracked credentials (names are logged, never values).
+    pub credentials: Vec<Credential>,
+    /// How routing decided.
+    pub decision: Option<Decision>,
+    /// Upstream timings, where known.
+    pub timings: UpstreamTimings,
+}
+
+impl Access {
+    /// A request starting now.
+    pub fn start(method: &Method) -> Access {
+        Access {
+            started: Instant::now(),
+            method: method.clone(),
+            origin: None,
+            site: None,
+            exit: None,
+            identity: None,
+            credentials: Vec::new(),
+            decision: None,
+            timings: UpstreamTimings::default(),
+        }
+    }
+
+    /// Whether access lines are written (the origin is kept only then).
+    pub fn logging() -> bool {
+        tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+    }
+
+    /// Counts the request and writes its access line: `answer` is the
+    /// origin's status, or pinproxy's error.
+    pub fn finish(mut self, metrics: &Metrics, answer: Result<http::StatusCode, &ProxyError>) {
+        let (status, class, error) = match answer {
+            Ok(status) => (status, status_class(status), None),
+            Err(error) => {
+                if self.decision.is_none() {
+                    self.decision = Decision::of_error(error);
+                }
+                (
+                    error.status(),
+                    crate::metrics::PINPROXY_ERROR,
+                    Some(error.code()),
+                )
+            }
+        };
+        let exit = self.exit.as_deref();
+        metrics.exit_request(exit, self.site.as_ref(), class);
+        if let Some(decision) = self.decision {
+            metrics.pin_decision(exit, decision.label());
+        }
+        if let Some(exit) = exit {
+            metrics.upstream(exit, &self.timings);
+        }
+        if let Some(identity) = self.identity {
+            metrics.note_status(identity, status.as_u16());
+        }
+        // Microsecond precision, printed as milliseconds.
+        let millis = |d: Duration| d.as_micros() as f64 / 1000.0;
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = %self.method,
+            origin = self.origin.as_ref().map(tracing::field::display),
+            site = self.site.as_ref().map(|s| s.as_str()),
+            exit = exit.map(|e| e.exit.as_str()),
+            identity = self.identity.map(tracing::field::display),
+            cookies = (!self.credentials.is_empty())
+                .then(|| tracing::field::display(Names(&self.credentials))),
+            decision = self.decision.map(Decision::label),
+            status = status.as_u16(),
+            error,
+            total_ms = millis(self.started.elapsed()),
+            connect_ms = self.timings.connect.map(millis),
+            tls_ms = self.timings.tls.map(millis),
+            ttfb_ms = self.timings.ttfb.map(millis),
+            "request"
+        );
+    }
+}
+
+/// The names of credentials, comma-separated (a session key shows as
+/// `session-key`).
+struct Names<'a>(&'a [Credential]);
+
+impl fmt::Display for Names<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, credential) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&credential.name)?;
+        }
+        Ok(())
+    }
+}

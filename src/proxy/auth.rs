@@ -1,0 +1,502 @@
+//! Stage 0, client authentication: who may use the proxy. The front door
+//! runs it first, on every plain request and every CONNECT, before
+//! anything is parsed or dialled; requests inside a tunnel were admitted
+//! with their CONNECT.
+//!
+//! Three modes, from `[auth]`:
+//! - **open** (no users, no challenge): every client is admitted; only a
+//!   loopback listener may run like this unless `insecure_open_proxy` says
+//!   otherwise (checked when the configuration is validated);
+//! - **users** (`[[auth.users]]`): `Proxy-Authorization: Basic` must carry a
+//!   configured user's name (`NAME`, or `NAME-session-KEY` to name a session
+//!   too) and password, or the answer is `407` with
+//!   `Proxy-Authenticate: Basic realm="pinproxy"`. The user's `exits` limit
+//!   where its requests may go;
+//! - **challenge** (`challenge_session_keys`, no users): a client without
+//!   `Proxy-Authorization` gets the same `407`, so a browser (which sends
+//!   proxy credentials only after a challenge) can name its session as user
+//!   name `session-KEY`. Any user name is admitted and the password is
+//!   ignored: this names sessions, it does not authenticate.
+//!
+//! Verifying a password is expensive by design (argon2id). Successes are
+//! cached for [`CACHE_TTL`] under a keyed hash of the whole header value
+//! (the key is random per process, so the cache holds nothing an attacker
+//! could test guesses against), so a keep-alive client does not pay argon2
+//! per request. Verification runs on the blocking pool, at most one per
+//! core at once, so a flood of bad passwords cannot take the runtime's
+//! threads or unbounded memory. An unknown user name costs the same
+//! verification as a wrong password, so timing does not tell which names
+//! exist. A failure is logged with the user name and the client's
+//! address, never with the password or the header.
+
+pub mod password;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+use tokio::sync::Semaphore;
+
+use super::credentials::session_key::{split_user_name, Basic};
+use super::target::Principal;
+use super::ProxyError;
+use crate::exits::scope::ExitScope;
+use crate::identity::ExitId;
+use password::{PasswordHash, PasswordHashError};
+
+/// The realm of pinproxy's challenge.
+pub const REALM: &str = "pinproxy";
+
+/// The `Proxy-Authenticate` value of every `407`.
+pub fn challenge() -> HeaderValue {
+    HeaderValue::from_static("Basic realm=\"pinproxy\"")
+}
+
+/// How long a verified credential is admitted without verifying again.
+pub const CACHE_TTL: Duration = Duration::from_secs(300);
+/// Most verified credentials remembered.
+const CACHE_CAPACITY: u64 = 10_000;
+/// Longest user name accepted in the configuration.
+const MAX_USER_NAME: usize = 64;
+
+/// A configured proxy user.
+#[derive(Debug, Clone)]
+pub struct User {
+    name: Arc<str>,
+    hash: PasswordHash,
+    exits: ExitScope,
+}
+
+/// A configured user that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// The name is empty, too long, or cannot be told from a session key.
+    #[error(
+        "auth.users: user name {0:?} must be 1-{MAX_USER_NAME} characters of [A-Za-z0-9._~+=] \
+         and -, must not start with \"session-\" nor contain \"-session-\" (that separates the \
+         session key: NAME-session-KEY)"
+    )]
+    Name(String),
+    /// The password hash is unusable.
+    #[error("auth.users: the password_hash of user {user:?} {source}")]
+    Hash {
+        /// The user.
+        user: String,
+        /// Why.
+        source: PasswordHashError,
+    },
+    /// Two users share a name.
+    #[error("auth.users: two users are named {0:?}")]
+    Duplicate(String),
+    /// An exit the user may use is not configured.
+    #[error("auth.users: user {user:?} may use exit {exit:?}, which is not configured")]
+    UnknownExit {
+        /// The user.
+        user: String,
+        /// The exit id.
+        exit: String,
+    },
+    /// `exits = []`: a user who can use nothing.
+    #[error(
+        "auth.users: user {0:?} has exits = []; list the exits it may use, or leave the key \
+         out to allow every exit"
+    )]
+    NoExits(String),
+}
+
+impl User {
+    /// A user named `name` with password hash `hash`, limited to `exits`
+    /// (`None`: every exit).
+    pub fn new(name: &str, hash: &str, exits: Option<Vec<ExitId>>) -> Result<User, UserError> {
+        if !valid_user_name(name) {
+            return Err(UserError::Name(name.to_owned()));
+        }
+        let hash = PasswordHash::parse(hash).map_err(|source| UserError::Hash {
+            user: name.to_owned(),
+            source,
+        })?;
+        let exits = match exits {
+            None => ExitScope::all(),
+            Some(ids) if ids.is_empty() => return Err(UserError::NoExits(name.to_owned())),
+            Some(ids) => ExitScope::only(name, ids),
+        };
+        Ok(User {
+            name: name.into(),
+            hash,
+            exits,
+        })
+    }
+
+    /// The user's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exits it may use.
+    pub fn exits(&self) -> &ExitScope {
+        &self.exits
+    }
+
+    fn principal(&self) -> Principal {
+        Principal {
+            user: Some(self.name.clone()),
+            exits: self.exits.clone(),
+        }
+    }
+}
+
+/// Whether `name` can be a user name: visible ASCII without `:` (Basic
+/// credentials split there) and never confusable with a session key.
+pub fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_USER_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+=".contains(&b))
+        && split_user_name(name) == (Some(name), None)
+}
+
+/// `[auth]`, validated.
+#[derive(Debug, Clone, Default)]
+pub struct AuthSettings {
+    /// The users; none means no authentication.
+    pub users: Vec<User>,
+    /// Without users: challenge clients that send no credentials.
+    pub challenge_session_keys: bool,
+}
+
+impl AuthSettings {
+    /// Validated users and mode; the users' exits must be among `exits`.
+    pub fn new(
+        users: Vec<User>,
+        challenge_session_keys: bool,
+        exits: &[ExitId],
+    ) -> Result<AuthSettings, UserError> {
+        let mut seen = std::collections::HashSet::new();
+        for user in &users {
+            if !seen.insert(user.name()) {
+                return Err(UserError::Duplicate(user.name().to_owned()));
+            }
+            if let Some(unknown) = user
+                .exits
+                .exits()
+                .into_iter()
+                .flatten()
+                .find(|id| !exits.contains(id))
+            {
+                return Err(UserError::UnknownExit {
+                    user: user.name().to_owned(),
+                    exit: unknown.to_string(),
+                });
+            }
+        }
+        Ok(AuthSettings {
+            users,
+            challenge_session_keys,
+        })
+    }
+
+    /// Whether clients must authenticate.
+    pub fn required(&self) -> bool {
+        !self.users.is_empty()
+    }
+}
+
+/// Why a client was answered `407`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Proxy-Authorization` while users are configured.
+    Missing,
+    /// No `Proxy-Authorization` in challenge mode.
+    NameYourSession,
+    /// `Proxy-Authorization` is not Basic credentials.
+    NotBasic,
+    /// The user name is `session-KEY`: it names no user.
+    NoUser,
+    /// Unknown user or wrong password (the answer does not say which).
+    Rejected,
+}
+
+impl fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthFailure::Missing => {
+                "this proxy requires authentication: send Proxy-Authorization: Basic with a \
+                 configured user (user name NAME, or NAME-session-KEY to name a session)"
+            }
+            AuthFailure::NameYourSession => {
+                "this proxy asks clients to name their session: send Proxy-Authorization: Basic \
+                 with user name session-KEY (any password)"
+            }
+            AuthFailure::NotBasic => {
+                "Proxy-Authorization must be Basic credentials (base64 of user:password)"
+            }
+            AuthFailure::NoUser => {
+                "the user name session-KEY names no user; authenticate as NAME-session-KEY"
+            }
+            AuthFailure::Rejected => "wrong user name or password",
+        })
+    }
+}
+
+enum Mode {
+    Open,
+    Challenge,
+    Users(HashMap<String, User>),
+}
+
+/// The authentication gate: one per pipeline (a reload builds a new one).
+pub struct Auth {
+    mode: Mode,
+    /// Credentials verified lately: keyed hash of the header value → user.
+    verified: moka::sync::Cache<[u8; 32], Principal>,
+    cache_key: [u8; 32],
+    verifying: Arc<Semaphore>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match &self.mode {
+            Mode::Open => "open".to_owned(),
+            Mode::Challenge => "challenge".to_owned(),
+            Mode::Users(users) => format!("{} users", users.len()),
+        };
+        f.debug_struct("Auth").field("mode", &mode).finish()
+    }
+}
+
+impl Auth {
+    /// The gate `settings` describe.
+    pub fn new(settings: &AuthSettings) -> Auth {
+        let mode = if settings.required() {
+            Mode::Users(
+                settings
+                    .users
+                    .iter()
+                    .map(|u| (u.name().to_owned(), u.clone()))
+                    .collect(),
+            )
+        } else if settings.challenge_session_keys {
+            Mode::Challenge
+        } else {
+            Mode::Open
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Auth {
+            mode,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            cache_key: rand::random(),
+            verifying: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    /// Whether clients must authenticate as a user.
+    pub fn required(&self) -> bool {
+        matches!(self.mode, Mode::Users(_))
+    }
+
+    /// Admits the client of a plain request or CONNECT with `headers`, sent
+    /// from `peer`: who it is and which exits it may use, or the `407`.
+    pub async fn admit(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<Principal, ProxyError> {
+        let (users, value) = match (&self.mode, headers.get(http::header::PROXY_AUTHORIZATION)) {
+            (Mode::Open, _) | (Mode::Challenge, Some(_)) => return Ok(Principal::default()),
+            (Mode::Challenge, None) => {
+                tracing::debug!(%peer, "challenging a client that named no session");
+                return Err(ProxyError::AuthRequired(AuthFailure::NameYourSession));
+            }
+            (Mode::Users(_), None) => {
+                tracing::debug!(%peer, "challenging a client without credentials");
+                return Err(ProxyError::AuthRequired(AuthFailure::Missing));
+            }
+            (Mode::Users(users), Some(value)) => (users, value),
+        };
+        let digest = *blake3::keyed_hash(&self.cache_key, value.as_bytes()).as_bytes();
+        if let Some(principal) = self.verified.get(&digest) {
+            return Ok(principal);
+        }
+        let basic = Basic::decode(value).ok_or_else(|| {
+            tracing::warn!(%peer, "proxy authentication failed: Proxy-Authorization is not Basic");
+            ProxyError::AuthRequired(AuthFailure::NotBasic)
+        })?;
+        let Some(name) = basic.user_part() else {
+            tracing::warn!(%peer, "proxy authentication failed: the user name names only a session key");
+            return Err(ProxyError::AuthRequired(AuthFailure::NoUser));
+        };
+        let user = users.get(name);
+        // An unknown name is verified against some user's hash (the result
+        // thrown away), so it costs what a wrong password costs.
+        let Some(hash) = user
+            .or_else(|| users.values().next())
+            .map(|u| u.hash.clone())
+        else {
+            return Err(ProxyError::AuthRequired(AuthFailure::Rejected));
+        };
+        let matches = self.verify(hash, basic.password.clone()).await;
+        match user {
+            Some(user) if matches => {
+                let principal = user.principal();
+                self.verified.insert(digest, principal.clone());
+                Ok(principal)
+            }
+            Some(user) => {
+                tracing::warn!(user = user.name(), %peer, "proxy authentication failed: wrong password");
+                Err(ProxyError::AuthRequired(AuthFailure::Rejected))
+            }
+            None => {
+                tracing::warn!(user = %printable(name), %peer, "proxy authentication failed: unknown user");
+                Err(ProxyError::AuthRequired(AuthFailure::Rejected))
+            }
+        }
+    }
+
+    /// Verifies `password` against `hash` on the blocking pool, at most one
+    /// verification per core at once.
+    async fn verify(&self, hash: PasswordHash, password: String) -> bool {
+        let Ok(permit) = self.verifying.clone().acquire_owned().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hash.verify(password.as_bytes())
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+/// A client-supplied user name as it may be logged: visible ASCII, cut at
+/// [`MAX_USER_NAME`] characters.
+fn printable(name: &str) -> String {
+    name.chars()
+        .take(MAX_USER_NAME)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn basic(user_pass: &str) -> HeaderMap {
+        let token = base64::engine::general_purpose::STANDARD.encode(user_pass);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::PROXY_AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {token}")).unwrap(),
+        );
+        headers
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    fn code(result: Result<Principal, ProxyError>) -> Option<AuthFailure> {
+        match result {
+            Err(ProxyError::AuthRequired(failure)) => Some(failure),
+            Err(other) => panic!("{other}"),
+            Ok(_) => None,
+        }
+    }
+
+    #[test]
+    fn user_names_cannot_be_confused_with_session_keys() {
+        assert!(valid_user_name("alice"));
+        assert!(valid_user_name("team.a-1"));
+        for bad in [
+            "",
+            "a:b",
+            "session-x",
+            "a-session-b",
+            "s p",
+            &"x".repeat(65),
+        ] {
+            assert!(!valid_user_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settings_check_names_and_exits() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let exits = [ExitId::new("a")];
+        let user = |name, exits| User::new(name, &hash, exits).unwrap();
+        assert!(matches!(
+            AuthSettings::new(vec![user("u", None), user("u", None)], false, &exits),
+            Err(UserError::Duplicate(_))
+        ));
+        assert!(matches!(
+            AuthSettings::new(vec![user("u", Some(vec![ExitId::new("b")]))], false, &exits),
+            Err(UserError::UnknownExit { .. })
+        ));
+        assert!(matches!(
+            User::new("u", &hash, Some(vec![])),
+            Err(UserError::NoExits(_))
+        ));
+        assert!(matches!(
+            User::new("u", "plain", None),
+            Err(UserError::Hash { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn users_mode_admits_only_the_right_password_and_caches_it() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = vec![User::new("alice", &hash, Some(vec![ExitId::new("a")])).unwrap()];
+        let auth = Auth::new(&AuthSettings::new(users, false, &[ExitId::new("a")]).unwrap());
+        assert_eq!(
+            code(auth.admit(&HeaderMap::new(), peer()).await),
+            Some(AuthFailure::Missing)
+        );
+        assert_eq!(
+            code(auth.admit(&basic("alice:nope"), peer()).await),
+            Some(AuthFailure::Rejected)
+        );
+        assert_eq!(
+            code(auth.admit(&basic("mallory:pw"), peer()).await),
+            Some(AuthFailure::Rejected)
+        );
+        assert_eq!(
+            code(auth.admit(&basic("session-k:pw"), peer()).await),
+            Some(AuthFailure::NoUser)
+        );
+        let ok = auth
+            .admit(&basic("alice-session-k:pw"), peer())
+            .await
+            .unwrap();
+        assert_eq!(ok.user.as_deref(), Some("alice"));
+        assert!(!ok.exits.allows(&ExitId::new("b")));
+        auth.verified.run_pending_tasks();
+        assert_eq!(auth.verified.entry_count(), 1, "the success is cached");
+        assert!(auth
+            .admit(&basic("alice-session-k:pw"), peer())
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn challenge_mode_admits_any_credentials_and_open_mode_everyone() {
+        let auth = Auth::new(&AuthSettings {
+            users: Vec::new(),
+            challenge_session_keys: true,
+        });
+        assert_eq!(
+            code(auth.admit(&HeaderMap::new(), peer()).await),
+            Some(AuthFailure::NameYourSession)
+        );
+        let ok = auth.admit(&basic("session-k:"), peer()).await.unwrap();
+        assert_eq!(ok.user, None);
+        let open = Auth::new(&AuthSettings::default());
+        assert!(open.admit(&HeaderMap::new(), peer()).await.is_ok());
+    }
+}

@@ -1,0 +1,427 @@
+//! Stage 5b, pacing: at most `identities.max_in_flight` requests of one
+//! identity at a time, and at least `identities.min_interval` between the
+//! starts of two of its requests.
+//!
+//! Runs after routing (stage 4, when the identity is known) and the
+//! fingerprint check (5), before anything is sent (7). Only requests of an
+//! identity are paced; cookie-less rotated traffic is not (it has no
+//! session to protect).
+//!
+//! Why queue and delay rather than refuse: a browser that opens its six
+//! connections at once, or a scraper's burst, would see spurious 429s on
+//! pages that are perfectly normal to load. Anti-bot velocity detectors
+//! look at how fast one session asks (the seeds' "velocity" signal), so a
+//! request over the limit waits its turn, in arrival order, for at most
+//! `identities.queue_timeout`, and at most `identities.max_queue` requests
+//! wait per identity. Past either bound, and when the pacing delay would
+//! exceed `identities.max_pacing_delay`, the answer is `429 identity-busy`
+//! with `Retry-After`: a bounded wait, never an unbounded one.
+//!
+//! A slot is held from admission until the response body has been read to
+//! its end (or dropped), so "in flight" means what the origin sees.
+//!
+//! Memory: one small entry per identity with a request in flight, waiting,
+//! or paced within the last interval; idle entries are removed when their
+//! last request ends, and paced ones by a periodic sweep.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body::{Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::{Body, BoxError};
+use crate::identity::IdentityId;
+
+/// How often (in admissions) idle paced entries are swept.
+const SWEEP_EVERY: u64 = 4096;
+
+/// A request pinproxy will not serve now; answered 429 with `Retry-After`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Throttle {
+    /// The client address sent more requests per second than allowed.
+    #[error("{client} sent more than {rate} requests per second (burst {burst})")]
+    ClientRate {
+        /// The client address.
+        client: std::net::IpAddr,
+        /// `limits.requests_per_second_per_client`.
+        rate: u32,
+        /// `limits.requests_burst_per_client`.
+        burst: u32,
+        /// When a request would be accepted again.
+        retry_after: Duration,
+    },
+    /// The client address has too many connections open.
+    #[error("{client} has {open} connections open; the limit is {limit}")]
+    ClientConnections {
+        /// The client address.
+        client: std::net::IpAddr,
+        /// Its open connections.
+        open: usize,
+        /// `limits.max_connections_per_client`.
+        limit: usize,
+    },
+    /// The identity has too many requests in flight or waiting.
+    #[error("identity {identity} has {limit} requests in flight and {waiting} waiting ({why})")]
+    IdentityBusy {
+        /// The identity.
+        identity: IdentityId,
+        /// `identities.max_in_flight`.
+        limit: u32,
+        /// Requests waiting.
+        waiting: u32,
+        /// Which bound was hit.
+        why: &'static str,
+        /// A hint for the client.
+        retry_after: Duration,
+    },
+}
+
+impl Throttle {
+    /// The `X-Pinproxy-Error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Throttle::ClientRate { .. } => "rate-limited",
+            Throttle::ClientConnections { .. } => "too-many-connections",
+            Throttle::IdentityBusy { .. } => "identity-busy",
+        }
+    }
+
+    /// Seconds for `Retry-After` (at least 1).
+    pub fn retry_after_secs(&self) -> u64 {
+        let after = match self {
+            Throttle::ClientRate { retry_after, .. }
+            | Throttle::IdentityBusy { retry_after, .. } => *retry_after,
+            Throttle::ClientConnections { .. } => Duration::from_secs(1),
+        };
+        // Whole seconds, rounded up; never 0 ("retry at once" invites a
+        // tight loop).
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        secs.max(1)
+    }
+
+    /// What the client can do about it.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            Throttle::ClientRate { .. } => {
+                "Slow down (Retry-After says when), or raise limits.requests_per_second_per_client."
+            }
+            Throttle::ClientConnections { .. } => {
+                "Reuse connections (keep-alive) or raise limits.max_connections_per_client."
+            }
+            Throttle::IdentityBusy { .. } => {
+                "One identity is one browsing session: send fewer of its requests at once, or raise \
+                 identities.max_in_flight / identities.max_queue / identities.queue_timeout."
+            }
+        }
+    }
+}
+
+/// Pacing settings (from `[identities]`; a reload may change them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacingSettings {
+    /// Most requests of one identity in flight; 0: unlimited.
+    pub max_in_flight: u32,
+    /// Most requests of one identity waiting for a slot.
+    pub max_queue: u32,
+    /// Longest a request waits for a slot.
+    pub queue_timeout: Duration,
+    /// Least time between the starts of two requests of one identity.
+    pub min_interval: Duration,
+    /// Longest a request is delayed for pacing before it is refused.
+    pub max_pacing_delay: Duration,
+}
+
+impl PacingSettings {
+    /// Whether these settings pace anything at all.
+    pub fn is_off(&self) -> bool {
+        self.max_in_flight == 0 && self.min_interval.is_zero()
+    }
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    in_flight: u32,
+    waiting: u32,
+    /// When the next request may start.
+    next_start: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    freed: Notify,
+}
+
+impl Gate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // Each update is a handful of integer assignments: a poisoned lock
+        // still holds consistent counts.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl GateState {
+    fn idle(&self, now: Instant) -> bool {
+        self.in_flight == 0 && self.waiting == 0 && self.next_start.is_none_or(|t| t <= now)
+    }
+}
+
+/// Every identity's gate; shared by the pipelines of successive reloads,
+/// so a reload neither forgets in-flight requests nor resets pacing.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    gates: DashMap<IdentityId, Arc<Gate>>,
+    admissions: AtomicU64,
+}
+
+/// An admitted request's slot; released when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    pacer: Arc<Pacer>,
+    identity: IdentityId,
+    gate: Arc<Gate>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let idle = {
+            let mut state = self.gate.state();
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.idle(Instant::now())
+        };
+        self.gate.freed.notify_one();
+        if idle {
+            // Only while no other request holds the gate (the map and this
+            // slot do): the shard lock keeps new holders out meanwhile.
+            self.pacer.gates.remove_if(&self.identity, |_, gate| {
+                Arc::strong_count(gate) <= 2 && gate.state().idle(Instant::now())
+            });
+        }
+    }
+}
+
+impl Pacer {
+    /// A pacer with no identity known.
+    pub fn new() -> Arc<Pacer> {
+        Arc::new(Pacer::default())
+    }
+
+    /// Identities with a gate (in flight, waiting or recently paced).
+    pub fn tracked(&self) -> usize {
+        self.gates.len()
+    }
+
+    /// Admits one request of `identity`: waits for an in-flight slot and
+    /// for its pacing start, both bounded by `settings`. `None` when
+    /// pacing is off.
+    pub async fn admit(
+        self: &Arc<Self>,
+        identity: IdentityId,
+        settings: &PacingSettings,
+    ) -> Result<Option<Slot>, Throttle> {
+        if settings.is_off() {
+            return Ok(None);
+        }
+        self.sweep_now_and_then();
+        let gate = self.gates.entry(identity).or_default().clone();
+        let start = wait_for_slot(&gate, identity, settings).await?;
+        // From here the slot is taken: dropping it (even while the pacing
+        // delay runs, if the client leaves) gives it back.
+        let slot = Slot {
+            pacer: self.clone(),
+            identity,
+            gate,
+        };
+        if let Some(start) = start {
+            tokio::time::sleep_until(start).await;
+        }
+        Ok(Some(slot))
+    }
+
+    /// Removes idle gates every [`SWEEP_EVERY`] admissions (those kept only
+    /// for a pacing start that has passed).
+    fn sweep_now_and_then(&self) {
+        if self.admissions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            let now = Instant::now();
+            self.gates
+                .retain(|_, gate| Arc::strong_count(gate) > 1 || !gate.state().idle(now));
+        }
+    }
+}
+
+/// Takes an in-flight slot of `gate` (waiting in line if need be) and
+/// reserves a pacing start; returns when the request may start (`None`:
+/// now).
+async fn wait_for_slot(
+    gate: &Gate,
+    identity: IdentityId,
+    settings: &PacingSettings,
+) -> Result<Option<Instant>, Throttle> {
+    let limit = settings.max_in_flight;
+    let busy = |waiting, why, retry_after| Throttle::IdentityBusy {
+        identity,
+        limit,
+        waiting,
+        why,
+        retry_after,
+    };
+    let deadline = Instant::now() + settings.queue_timeout;
+    loop {
+        // Registered before the state is read, so a slot freed in between
+        // still wakes this request.
+        let freed = gate.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        {
+            let mut state = gate.state();
+            if limit == 0 || state.in_flight < limit {
+                let now = Instant::now();
+                let start = state.next_start.filter(|t| *t > now);
+                let delay = start.map_or(Duration::ZERO, |t| t - now);
+                if delay > settings.max_pacing_delay {
+                    return Err(busy(
+                        state.waiting,
+                        "pacing would delay it longer than identities.max_pacing_delay",
+                        delay,
+                    ));
+                }
+                state.in_flight += 1;
+                if !settings.min_interval.is_zero() {
+                    state.next_start = Some(start.unwrap_or(now) + settings.min_interval);
+                }
+                return Ok(start);
+            }
+            if state.waiting >= settings.max_queue {
+                return Err(busy(
+                    state.waiting,
+                    "the queue is full",
+                    Duration::from_secs(1),
+                ));
+            }
+            state.waiting += 1;
+        }
+        let woken = tokio::time::timeout_at(deadline, freed).await;
+        let mut state = gate.state();
+        state.waiting = state.waiting.saturating_sub(1);
+        if woken.is_err() {
+            return Err(busy(
+                state.waiting,
+                "it waited identities.queue_timeout for a slot",
+                Duration::from_secs(1),
+            ));
+        }
+    }
+}
+
+/// A response body that holds its request's [`Slot`] until it ends.
+pub struct Paced {
+    body: Body,
+    slot: Option<Slot>,
+}
+
+impl Paced {
+    /// `body`, releasing `slot` at its end (or when dropped).
+    pub fn wrap(body: Body, slot: Option<Slot>) -> Body {
+        match slot {
+            None => body,
+            Some(slot) => crate::body::boxed(Paced {
+                body,
+                slot: Some(slot),
+            }),
+        }
+    }
+}
+
+impl http_body::Body for Paced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.slot = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(in_flight: u32, interval_ms: u64) -> PacingSettings {
+        PacingSettings {
+            max_in_flight: in_flight,
+            max_queue: 2,
+            queue_timeout: Duration::from_millis(100),
+            min_interval: Duration::from_millis(interval_ms),
+            max_pacing_delay: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_is_bounded_and_the_queue_too() {
+        let pacer = Pacer::new();
+        let id = IdentityId(7);
+        let s = settings(1, 0);
+        let first = pacer.admit(id, &s).await.unwrap();
+        // Waits, then times out.
+        let busy = pacer.admit(id, &s).await.unwrap_err();
+        assert_eq!(busy.code(), "identity-busy");
+        // A waiter gets the slot when it is freed.
+        let waiter = tokio::spawn({
+            let pacer = pacer.clone();
+            async move { pacer.admit(id, &s).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(first);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(pacer.tracked(), 0, "idle gates are removed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_spaces_starts_and_bounds_the_delay() {
+        let pacer = Pacer::new();
+        let id = IdentityId(9);
+        let s = settings(0, 400);
+        let t0 = Instant::now();
+        for n in 0..3u32 {
+            drop(pacer.admit(id, &s).await.unwrap());
+            assert_eq!(Instant::now() - t0, Duration::from_millis(400) * n);
+        }
+        // Three more at once would start 400, 800 and 1200 ms from now:
+        // the last is past max_pacing_delay (1 s) and refused.
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let pacer = pacer.clone();
+                tokio::spawn(async move { pacer.admit(id, &s).await.map(|_| ()) })
+            })
+            .collect();
+        let mut refused = 0;
+        for task in tasks {
+            if task.await.unwrap().is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 1);
+    }
+}

@@ -1,0 +1,910 @@
+//! HTTP/1 message framing that cannot be read two ways: a streaming scanner
+//! of message heads and bodies, and the response-side guard that refuses an
+//! origin's ambiguous response before hyper reads it.
+//!
+//! Request smuggling and response splitting live in the gap between two
+//! parsers that frame the same bytes differently. hyper's HTTP/1 parser
+//! (httparse) refuses some ambiguous messages and quietly normalises
+//! others: it accepts `Content-Length` together with `Transfer-Encoding`
+//! (dropping the length and re-framing as chunked), a `Transfer-Encoding`
+//! whose last coding is `chunked` (`gzip, chunked`), repeated
+//! `Transfer-Encoding` lines, bare-LF line endings, and, in responses, a
+//! `Content-Length` list of equal values. [`Scanner`] watches the bytes of a
+//! connection as they pass, with a few bytes of state and no buffer, and
+//! says no where hyper would guess:
+//!
+//! - `Content-Length` and `Transfer-Encoding` in one message (RFC 9112 §6.1);
+//! - a `Transfer-Encoding` that is not exactly one `chunked` (case-insensitive;
+//!   one header line, one coding), or any in HTTP/1.0;
+//! - a `Content-Length` that is not one decimal number (lists, signs, other
+//!   characters) or that repeats with another value (equal repeats are one
+//!   length, RFC 9110 §8.6);
+//! - obs-fold (a header line starting with SP or HTAB), whitespace between a
+//!   field name and its colon, a line without a colon;
+//! - a bare LF or bare CR anywhere in the head (and in chunk framing);
+//! - NUL or another control character (other than HTAB) in the head.
+//!
+//! To find every head on a keep-alive connection, the scanner follows the
+//! framing it has just validated: `Content-Length` bytes, the chunked
+//! coding (sizes, extensions, trailers, the same way hyper decodes it), or,
+//! for responses, no body (HEAD, 1xx, 204, 304), a switch of protocols (101)
+//! or the rest of the connection. Because a head is judged valid only when
+//! its framing is unambiguous, the scanner and hyper agree on where the next
+//! message starts; when they could not (a malformed chunk), the scanner
+//! stops trusting the connection and says so.
+//!
+//! Heads are bounded by a byte limit (the caller's), so a head the scanner
+//! has not finished judging is never larger than the one hyper would accept.
+//!
+//! [`ResponseGuard`] applies the scanner to an origin connection: an
+//! ambiguous response is a read error before hyper sees a byte of it, so
+//! the request fails with `502 origin-failed` and nothing of that response
+//! reaches the client. The request side is `front::framing`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Which messages a scanner reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Requests, as a server reads them.
+    Request,
+    /// Responses, as a client reads them.
+    Response,
+}
+
+/// Why a message's framing is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    #[error(
+        "the message has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1: a likely smuggling attempt)"
+    )]
+    LengthAndChunked,
+    /// A `Transfer-Encoding` other than exactly `chunked`.
+    #[error("Transfer-Encoding must be exactly one \"chunked\"")]
+    TransferEncoding,
+    /// `Transfer-Encoding` in an HTTP/1.0 message.
+    #[error("Transfer-Encoding in an HTTP/1.0 message")]
+    TransferEncodingHttp10,
+    /// A `Content-Length` that is not a single decimal number.
+    #[error("Content-Length is not a single decimal number")]
+    ContentLength,
+    /// `Content-Length` repeated with another value.
+    #[error("Content-Length repeated with different values")]
+    ContentLengths,
+    /// A CONNECT with content.
+    #[error("a CONNECT request with content")]
+    ConnectBody,
+    /// A header line starting with whitespace.
+    #[error("obsolete line folding (a header line starting with a space or tab)")]
+    ObsFold,
+    /// Whitespace between a field name and the colon.
+    #[error("whitespace between a header name and its colon")]
+    SpaceBeforeColon,
+    /// A header line without a colon, or an empty name.
+    #[error("a header line without a name and colon")]
+    NoColon,
+    /// LF not preceded by CR.
+    #[error("a bare LF (line feed without carriage return)")]
+    BareLf,
+    /// CR not followed by LF.
+    #[error("a bare CR (carriage return without line feed)")]
+    BareCr,
+    /// NUL in the head.
+    #[error("a NUL byte in the message head")]
+    Nul,
+    /// Another control character in the head.
+    #[error("a control character in the message head")]
+    Control,
+    /// The head is longer than the limit.
+    #[error("the message head is longer than the limit")]
+    HeadTooLarge,
+    /// The chunked coding is malformed.
+    #[error("malformed chunked framing")]
+    Chunk,
+    /// An earlier message on the connection could not be framed; nothing
+    /// after it can be trusted.
+    #[error("an earlier message on this connection could not be framed")]
+    Unverified,
+}
+
+/// Where the scanner is in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between messages (empty lines allowed before a request line).
+    Between,
+    /// Saw CR between messages; LF must follow.
+    BetweenCr,
+    /// In the start line.
+    StartLine,
+    /// At the start of a header line.
+    LineStart,
+    /// In a header name.
+    Name,
+    /// In a header value.
+    Value,
+    /// Saw CR ending a line (`end_of_head`: the empty line); LF must follow.
+    LineCr { end_of_head: bool },
+    /// In a body of known length: bytes left.
+    Fixed(u64),
+    /// Before a chunk size (its first hex digit).
+    ChunkStart,
+    /// In a chunk size.
+    ChunkSize(u64),
+    /// Whitespace after a chunk size.
+    ChunkLws(u64),
+    /// In a chunk extension.
+    ChunkExt(u64),
+    /// CR after a chunk-size line; LF must follow.
+    ChunkSizeLf(u64),
+    /// In chunk data: bytes left.
+    ChunkData(u64),
+    /// After chunk data: CR must follow.
+    ChunkDataCr,
+    /// After chunk data and CR: LF must follow.
+    ChunkDataLf,
+    /// At the start of a trailer line (or the final CRLF).
+    TrailerStart,
+    /// In a trailer line.
+    Trailer,
+    /// CR ending a trailer line; LF must follow.
+    TrailerLf,
+    /// CR of the final empty line; LF must follow.
+    EndLf,
+    /// The rest of the connection is not HTTP/1 framing (a body read to
+    /// the close, a switched protocol): not scanned.
+    Opaque,
+    /// A refused message: nothing after it is scanned.
+    Refused,
+}
+
+/// Which header a name turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Other,
+    ContentLength,
+    TransferEncoding,
+}
+
+/// A small fixed buffer: the first bytes of a token or value, and whether
+/// there were more.
+#[derive(Debug, Clone, Copy)]
+struct Small<const N: usize> {
+    bytes: [u8; N],
+    len: u8,
+    overflow: bool,
+}
+
+impl<const N: usize> Default for Small<N> {
+    fn default() -> Self {
+        Small {
+            bytes: [0; N],
+            len: 0,
+            overflow: false,
+        }
+    }
+}
+
+impl<const N: usize> Small<N> {
+    fn push(&mut self, byte: u8) {
+        let len = usize::from(self.len);
+        if len < N {
+            self.bytes[len] = byte;
+            self.len += 1;
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        (!self.overflow).then(|| &self.bytes[..usize::from(self.len)])
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.overflow = false;
+    }
+}
+
+/// What the scanner learns of one head as it passes.
+#[derive(Debug, Clone, Default)]
+struct Head {
+    /// Bytes of the head so far.
+    len: usize,
+    /// Which space-separated token of the start line we are in.
+    token: u8,
+    /// The start line's first token (method or version).
+    first: Small<16>,
+    /// Its second token (a response's status code).
+    second: Small<3>,
+    /// Its current (eventually last) token (a request's version).
+    last: Small<16>,
+    /// The current header name (long enough for the names that matter).
+    name: Small<17>,
+    /// The current header value, if it matters.
+    value: Small<40>,
+    /// Which header the current line is.
+    field: Option<Field>,
+    content_length: Option<u64>,
+    transfer_encodings: u8,
+}
+
+/// What a head said about the message that follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `n` bytes of content follow (0: none).
+    Length(u64),
+    /// Chunked content follows.
+    Chunked,
+    /// The rest of the connection belongs to this message (a response
+    /// without length, or a switch of protocols).
+    Opaque,
+    /// A 1xx interim response: another head follows.
+    Interim,
+}
+
+/// A head the scanner finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Whether it is a CONNECT request.
+    pub connect: bool,
+    /// How the message is framed.
+    pub framing: Framing,
+}
+
+/// The streaming framing checker of one connection's incoming direction.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    side: Side,
+    state: State,
+    head: Head,
+    limit: usize,
+    /// Response side: the response answers a HEAD request.
+    answers_head: bool,
+}
+
+impl Scanner {
+    /// A scanner of `side` messages whose heads may be at most `limit` bytes.
+    pub fn new(side: Side, limit: usize) -> Scanner {
+        Scanner {
+            side,
+            state: State::Between,
+            head: Head::default(),
+            limit,
+            answers_head: false,
+        }
+    }
+
+    /// Response side: whether the next response answers a HEAD request
+    /// (and so has no content, whatever its head says).
+    pub fn answers_head(&mut self, head: bool) {
+        self.answers_head = head;
+    }
+
+    /// Whether a head has begun and is not finished.
+    pub fn in_head(&self) -> bool {
+        matches!(
+            self.state,
+            State::StartLine | State::LineStart | State::Name | State::Value | State::LineCr { .. }
+        )
+    }
+
+    /// Whether the scanner no longer looks at bytes (an opaque remainder,
+    /// or after a refusal).
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Opaque | State::Refused)
+    }
+
+    /// Stops scanning: the connection now carries something other than
+    /// HTTP/1 messages (a tunnel, a WebSocket).
+    pub fn stop(&mut self) {
+        if self.state != State::Refused {
+            self.state = State::Opaque;
+        }
+    }
+
+    /// Scans `bytes`, calling `on_head` for every head that ends in them.
+    /// The first refusal ends scanning for good.
+    pub fn scan(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_head: impl FnMut(Finished),
+    ) -> Result<(), FramingError> {
+        while !bytes.is_empty() {
+            match self.state {
+                State::Opaque => return Ok(()),
+                State::Refused => return Err(FramingError::Unverified),
+                // Bulk states: skip what the body covers.
+                State::Fixed(left) | State::ChunkData(left) => {
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+                    bytes = &bytes[take..];
+                    let left = left - take as u64;
+                    self.state = match (self.state, left) {
+                        (State::Fixed(_), 0) => State::Between,
+                        (State::Fixed(_), n) => State::Fixed(n),
+                        (_, 0) => State::ChunkDataCr,
+                        (_, n) => State::ChunkData(n),
+                    };
+                    continue;
+                }
+                _ => {}
+            }
+            let byte = bytes[0];
+            bytes = &bytes[1..];
+            if let Err(error) = self.step(byte, &mut on_head) {
+                self.state = State::Refused;
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, byte: u8, on_head: &mut impl FnMut(Finished)) -> Result<(), FramingError> {
+        if self.in_head() || self.state == State::Between {
+            self.head.len += 1;
+            if self.head.len > self.limit {
+                return Err(FramingError::HeadTooLarge);
+            }
+            check_head_byte(byte)?;
+        }
+        self.state = match self.state {
+            State::Between => match byte {
+                b'\r' => State::BetweenCr,
+                b'\n' => return Err(FramingError::BareLf),
+                b' ' | b'\t' => return Err(FramingError::ObsFold),
+                _ => {
+                    self.head = Head {
+                        len: 1,
+                        ..Head::default()
+                    };
+                    self.start_line(byte);
+                    State::StartLine
+                }
+            },
+            State::BetweenCr => match byte {
+                b'\n' => {
+                    self.head.len = 0;
+                    State::Between
+                }
+                _ => return Err(FramingError::BareCr),
+            },
+            State::StartLine => match byte {
+                b'\r' => State::LineCr { end_of_head: false },
+                b'\n' => return Err(FramingError::BareLf),
+                _ => {
+                    self.start_line(byte);
+                    State::StartLine
+                }
+            },
+            State::LineStart => match byte {
+                b'\r' => State::LineCr { end_of_head: true },
+                b'\n' => return Err(FramingError::BareLf),
+                b' ' | b'\t' => return Err(FramingError::ObsFold),
+                b':' => return Err(FramingError::NoColon),
+                _ => {
+                    self.head.name.clear();
+                    self.head.name.push(byte.to_ascii_lowercase());
+                    State::Name
+                }
+            },
+            State::Name => match byte {
+                b':' => {
+                    let field = match self.head.name.get() {
+                        Some(b"content-length") => Field::ContentLength,
+                        Some(b"transfer-encoding") => Field::TransferEncoding,
+                        _ => Field::Other,
+                    };
+                    self.head.field = Some(field);
+                    self.head.value.clear();
+                    State::Value
+                }
+                b' ' | b'\t' => return Err(FramingError::SpaceBeforeColon),
+                b'\r' | b'\n' => return Err(FramingError::NoColon),
+                _ => {
+                    self.head.name.push(byte.to_ascii_lowercase());
+                    State::Name
+                }
+            },
+            State::Value => match byte {
+                b'\r' => {
+                    self.end_field()?;
+                    State::LineCr { end_of_head: false }
+                }
+                b'\n' => return Err(FramingError::BareLf),
+                _ => {
+                    if self.head.field != Some(Field::Other) {
+                        self.head.value.push(byte);
+                    }
+                    State::Value
+                }
+            },
+            State::LineCr { end_of_head } => match byte {
+                b'\n' if end_of_head => {
+                    let finished = self.finish_head()?;
+                    on_head(finished);
+                    match finished.framing {
+                        Framing::Length(0) | Framing::Interim => State::Between,
+                        Framing::Length(n) => State::Fixed(n),
+                        Framing::Chunked => State::ChunkStart,
+                        Framing::Opaque => State::Opaque,
+                    }
+                }
+                b'\n' => State::LineStart,
+                _ => return Err(FramingError::BareCr),
+            },
+            State::ChunkStart => match hex(byte) {
+                Some(digit) => State::ChunkSize(u64::from(digit)),
+                None => return Err(FramingError::Chunk),
+            },
+            State::ChunkSize(size) => match (byte, hex(byte)) {
+                (_, Some(digit)) => State::ChunkSize(
+                    size.checked_mul(16)
+                        .and_then(|s| s.checked_add(u64::from(digit)))
+                        .ok_or(FramingError::Chunk)?,
+                ),
+                (b' ' | b'\t', _) => State::ChunkLws(size),
+                (b';', _) => State::ChunkExt(size),
+                (b'\r', _) => State::ChunkSizeLf(size),
+                _ => return Err(FramingError::Chunk),
+            },
+            State::ChunkLws(size) => match byte {
+                b' ' | b'\t' => State::ChunkLws(size),
+                b';' => State::ChunkExt(size),
+                b'\r' => State::ChunkSizeLf(size),
+                _ => return Err(FramingError::Chunk),
+            },
+            State::ChunkExt(size) => match byte {
+                b'\r' => State::ChunkSizeLf(size),
+                b'\n' => return Err(FramingError::BareLf),
+                0 => return Err(FramingError::Nul),
+                _ => State::ChunkExt(size),
+            },
+            State::ChunkSizeLf(size) => match (byte, size) {
+                (b'\n', 0) => {
+                    self.head.len = 0;
+                    State::TrailerStart
+                }
+                (b'\n', n) => State::ChunkData(n),
+                _ => return Err(FramingError::BareCr),
+            },
+            State::ChunkDataCr => match byte {
+                b'\r' => State::ChunkDataLf,
+                _ => return Err(FramingError::Chunk),
+            },
+            State::ChunkDataLf => match byte {
+                b'\n' => State::ChunkStart,
+                _ => return Err(FramingError::BareCr),
+            },
+            State::TrailerStart | State::Trailer | State::TrailerLf | State::EndLf => {
+                self.head.len += 1;
+                if self.head.len > self.limit {
+                    return Err(FramingError::HeadTooLarge);
+                }
+                self.trailer(byte)?
+            }
+            // Handled in `scan`.
+            State::Fixed(_) | State::ChunkData(_) | State::Opaque | State::Refused => self.state,
+        };
+        Ok(())
+    }
+
+    /// The trailer section of a chunked body (its fields are not framing;
+    /// only their line structure matters).
+    fn trailer(&mut self, byte: u8) -> Result<State, FramingError> {
+        Ok(match (self.state, byte) {
+            (State::TrailerStart, b'\r') => State::EndLf,
+            (State::TrailerStart, b' ' | b'\t') => return Err(FramingError::ObsFold),
+            (State::Trailer, b'\r') => State::TrailerLf,
+            (State::TrailerStart | State::Trailer, b'\n') => return Err(FramingError::BareLf),
+            (State::TrailerStart | State::Trailer, byte) => {
+                check_head_byte(byte)?;
+                State::Trailer
+            }
+            (State::TrailerLf, b'\n') => State::TrailerStart,
+            (State::EndLf, b'\n') => {
+                self.head.len = 0;
+                State::Between
+            }
+            _ => return Err(FramingError::BareCr),
+        })
+    }
+
+    /// Records a start-line byte in its token.
+    fn start_line(&mut self, byte: u8) {
+        let head = &mut self.head;
+        if byte == b' ' {
+            head.token = head.token.saturating_add(1);
+            head.last.clear();
+            return;
+        }
+        match head.token {
+            0 => head.first.push(byte),
+            1 => head.second.push(byte),
+            _ => {}
+        }
+        head.last.push(byte);
+    }
+
+    /// A header line ended: checks the framing fields.
+    fn end_field(&mut self) -> Result<(), FramingError> {
+        let head = &mut self.head;
+        match head.field.take() {
+            Some(Field::ContentLength) => {
+                let value = head.value.get().ok_or(FramingError::ContentLength)?;
+                let length = parse_length(trim(value)).ok_or(FramingError::ContentLength)?;
+                match head.content_length {
+                    Some(earlier) if earlier != length => return Err(FramingError::ContentLengths),
+                    _ => head.content_length = Some(length),
+                }
+            }
+            Some(Field::TransferEncoding) => {
+                head.transfer_encodings = head.transfer_encodings.saturating_add(1);
+                let chunked = head
+                    .value
+                    .get()
+                    .is_some_and(|v| trim(v).eq_ignore_ascii_case(b"chunked"));
+                if !chunked || head.transfer_encodings > 1 {
+                    return Err(FramingError::TransferEncoding);
+                }
+            }
+            Some(Field::Other) | None => {}
+        }
+        Ok(())
+    }
+
+    /// The head is complete: decides its framing, or refuses it.
+    fn finish_head(&mut self) -> Result<Finished, FramingError> {
+        let head = &self.head;
+        let chunked = head.transfer_encodings > 0;
+        if chunked && head.content_length.is_some() {
+            return Err(FramingError::LengthAndChunked);
+        }
+        let version = match self.side {
+            Side::Request => head.last.get(),
+            Side::Response => head.first.get(),
+        };
+        if chunked && version == Some(b"HTTP/1.0") {
+            return Err(FramingError::TransferEncodingHttp10);
+        }
+        let length = head.content_length;
+        let finished = match self.side {
+            Side::Request => {
+                let connect = head.first.get() == Some(b"CONNECT") && head.token > 0;
+                if connect && (chunked || length.is_some_and(|n| n > 0)) {
+                    return Err(FramingError::ConnectBody);
+                }
+                let framing = match (chunked, length) {
+                    (true, _) => Framing::Chunked,
+                    (false, Some(n)) => Framing::Length(n),
+                    (false, None) => Framing::Length(0),
+                };
+                Finished { connect, framing }
+            }
+            Side::Response => {
+                let status = head.second.get().unwrap_or_default();
+                let framing = match status {
+                    b"101" => Framing::Opaque,
+                    [b'1', _, _] => Framing::Interim,
+                    b"204" | b"304" => Framing::Length(0),
+                    _ if self.answers_head => Framing::Length(0),
+                    _ if chunked => Framing::Chunked,
+                    _ => length.map_or(Framing::Opaque, Framing::Length),
+                };
+                Finished {
+                    connect: false,
+                    framing,
+                }
+            }
+        };
+        self.head.len = 0;
+        Ok(finished)
+    }
+}
+
+/// Bytes no head may carry: NUL and the other controls except HTAB (CR
+/// and LF are judged by the line structure).
+fn check_head_byte(byte: u8) -> Result<(), FramingError> {
+    match byte {
+        0 => Err(FramingError::Nul),
+        b'\t' | b'\r' | b'\n' => Ok(()),
+        0x01..=0x1f | 0x7f => Err(FramingError::Control),
+        _ => Ok(()),
+    }
+}
+
+fn hex(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Trims optional whitespace (SP, HTAB) around a field value.
+fn trim(value: &[u8]) -> &[u8] {
+    let start = value
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+/// One decimal `Content-Length`: digits only, no sign, no list.
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Implements `AsyncWrite` for a read-side adapter (`$ty<T>` with an
+/// `inner: T` field) by handing every call to `inner`: the guards here
+/// watch what is read and leave writes alone.
+macro_rules! delegate_write {
+    ($ty:ident) => {
+        impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<T> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+        }
+    };
+}
+pub(crate) use delegate_write;
+
+/// Upper bound of an origin's response head. No buffer is kept for it; the
+/// bound only ends the scan of a head hyper would refuse anyway (its own
+/// limit is about 400 KiB).
+pub const MAX_RESPONSE_HEAD: usize = 1024 * 1024;
+
+/// The request-side facts a [`ResponseGuard`] needs: whether the request on
+/// the wire is a HEAD. Shared with the pool, which sets it before each
+/// request (an HTTP/1.1 connection carries one exchange at a time).
+#[derive(Debug, Clone, Default)]
+pub struct Exchange(Arc<AtomicBool>);
+
+impl Exchange {
+    /// The next response answers a request with this method.
+    pub fn request(&self, method: &http::Method) {
+        self.0
+            .store(method == http::Method::HEAD, Ordering::Release);
+    }
+}
+
+/// An origin connection whose responses are scanned before hyper reads
+/// them: an ambiguous response becomes a read error (`InvalidData`,
+/// carrying the [`FramingError`]).
+#[derive(Debug)]
+pub struct ResponseGuard<T> {
+    inner: T,
+    scanner: Scanner,
+    exchange: Exchange,
+}
+
+impl<T> ResponseGuard<T> {
+    /// Guards `inner`; the pool tells each request's method to the returned
+    /// [`Exchange`].
+    pub fn new(inner: T) -> (ResponseGuard<T>, Exchange) {
+        let exchange = Exchange::default();
+        let guard = ResponseGuard {
+            inner,
+            scanner: Scanner::new(Side::Response, MAX_RESPONSE_HEAD),
+            exchange: exchange.clone(),
+        };
+        (guard, exchange)
+    }
+
+    /// The guarded stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ResponseGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.scanner.is_done() && this.scanner.state == State::Opaque {
+            return Poll::Ready(Ok(()));
+        }
+        let answers_head = this.exchange.0.load(Ordering::Acquire);
+        this.scanner.answers_head(answers_head);
+        let fresh = &buf.filled()[before..];
+        match this.scanner.scan(fresh, |_| {}) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(error) => {
+                // Nothing of this read reaches hyper.
+                buf.set_filled(before);
+                tracing::debug!(%error, "refused the origin's response");
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
+            }
+        }
+    }
+}
+
+delegate_write!(ResponseGuard);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(side: Side, bytes: &[u8]) -> Result<Vec<Finished>, FramingError> {
+        let mut scanner = Scanner::new(side, 4096);
+        let mut heads = Vec::new();
+        scanner.scan(bytes, |h| heads.push(h))?;
+        Ok(heads)
+    }
+
+    /// Scanning byte by byte must agree with scanning at once.
+    fn scan_bytewise(side: Side, bytes: &[u8]) -> Result<Vec<Finished>, FramingError> {
+        let mut scanner = Scanner::new(side, 4096);
+        let mut heads = Vec::new();
+        for b in bytes {
+            scanner.scan(std::slice::from_ref(b), |h| heads.push(h))?;
+        }
+        Ok(heads)
+    }
+
+    #[test]
+    fn follows_framing_across_keep_alive_requests() {
+        let bytes = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n\
+            POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length:3\r\n\r\nabc\
+            CONNECT a:443 HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        for heads in [
+            scan_all(Side::Request, bytes).unwrap(),
+            scan_bytewise(Side::Request, bytes).unwrap(),
+        ] {
+            let framings: Vec<_> = heads.iter().map(|h| h.framing).collect();
+            assert_eq!(
+                framings,
+                [
+                    Framing::Length(0),
+                    Framing::Chunked,
+                    Framing::Length(3),
+                    Framing::Length(0)
+                ]
+            );
+            assert!(heads[3].connect && !heads[0].connect);
+        }
+    }
+
+    #[test]
+    fn refuses_ambiguous_requests() {
+        let cases: &[(&[u8], FramingError)] = &[
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                FramingError::LengthAndChunked,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                FramingError::TransferEncoding,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                FramingError::TransferEncoding,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                FramingError::TransferEncodingHttp10,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                FramingError::ContentLengths,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                FramingError::ContentLength,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                FramingError::ContentLength,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                FramingError::ContentLength,
+            ),
+            (b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", FramingError::ObsFold),
+            (b"GET / HTTP/1.1\r\nA : b\r\n\r\n", FramingError::SpaceBeforeColon),
+            (b"GET / HTTP/1.1\r\nAb\r\n\r\n", FramingError::NoColon),
+            (b"GET / HTTP/1.1\nA: b\r\n\r\n", FramingError::BareLf),
+            (b"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n", FramingError::BareCr),
+            (b"GET / HTTP/1.1\r\nA: b\0\r\n\r\n", FramingError::Nul),
+            (b"GET / HTTP/1.1\r\nA: \x01\r\n\r\n", FramingError::Control),
+            (
+                b"CONNECT a:443 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+                FramingError::ConnectBody,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello0\r\n\r\n",
+                FramingError::Chunk,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+                FramingError::Chunk,
+            ),
+        ];
+        for (bytes, want) in cases {
+            let text = String::from_utf8_lossy(bytes);
+            assert_eq!(scan_all(Side::Request, bytes), Err(*want), "{text:?}");
+            assert_eq!(scan_bytewise(Side::Request, bytes), Err(*want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_status_and_method() {
+        let bytes =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+        let heads = scan_all(Side::Response, bytes).unwrap();
+        assert_eq!(heads[0].framing, Framing::Interim);
+        assert_eq!(heads[1].framing, Framing::Length(0));
+        let mut scanner = Scanner::new(Side::Response, 4096);
+        scanner.answers_head(true);
+        let mut seen = Vec::new();
+        scanner
+            .scan(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", |h| {
+                seen.push(h)
+            })
+            .unwrap();
+        assert_eq!(seen[0].framing, Framing::Length(0));
+        let heads = scan_all(Side::Response, b"HTTP/1.1 200 OK\r\n\r\nanything\0at all").unwrap();
+        assert_eq!(heads[0].framing, Framing::Opaque);
+    }
+
+    #[test]
+    fn heads_are_bounded() {
+        let mut scanner = Scanner::new(Side::Request, 32);
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(40));
+        assert_eq!(
+            scanner.scan(long.as_bytes(), |_| {}),
+            Err(FramingError::HeadTooLarge)
+        );
+    }
+}

@@ -1,0 +1,901 @@
+//! Operating a running pinproxy: reload (SIGHUP and `POST /reload`) under
+//! load, a refused reload, drain and undrain, eviction by identity and by
+//! pin (shared through Redis), readiness in each state, graceful stop with
+//! a request in flight and the second signal, and error answers whose
+//! advice fits their cause (the busy admin port, an untrusted origin, a
+//! refusing exit). Real sockets and real processes where signals are
+//! involved; every assertion on the far side (what the origin saw).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use pinproxy::exits::health::HealthState;
+use pinproxy::upstream::FingerprintMode;
+use support::origin::reported_peer;
+use support::procs::{Lines, PinproxyProcess, RedisServer};
+use support::{Jar, Origin, Proxy, ProxyClient, Setup, TestExit, TestExitSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// `METHOD path` on an admin endpoint, with extra headers: status and body.
+async fn admin_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let reply = support::admin::request_with(addr, method, path, headers).await;
+    (reply.status, reply.body)
+}
+
+async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    admin_with(addr, method, path, &[]).await
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// pinproxy run as a process on a config file it re-reads on reload.
+struct Running {
+    origin: Origin,
+    exits: Vec<TestExit>,
+    urls: Vec<(String, String)>,
+    proc: PinproxyProcess,
+    client: ProxyClient,
+    config: PathBuf,
+    lines: Lines,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Running {
+    /// Three test exits (exit1..exit3 from 127.0.0.2..4); the config file
+    /// names the exits in `enabled` (0-based).
+    async fn start(enabled: &[usize]) -> Running {
+        let origin = Origin::start().await;
+        let (exits, urls) = support::exits(3).await;
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("pinproxy.toml");
+        write_config(&config, &origin, &urls, enabled, "");
+        let data = tempfile::tempdir().unwrap();
+        let lines: Lines = Arc::default();
+        let proc = PinproxyProcess::start_with_admin_logging(
+            data.path(),
+            &["--config".to_owned(), config.display().to_string()],
+            "info",
+            lines.clone(),
+        )
+        .await;
+        let client = ProxyClient::new(proc.addr, &proc.ca_pem());
+        Running {
+            origin,
+            exits,
+            urls,
+            proc,
+            client,
+            config,
+            lines,
+            _dirs: (config_dir, data),
+        }
+    }
+
+    /// Rewrites the config file: the exits in `enabled`, then `extra`.
+    fn write(&self, enabled: &[usize], extra: &str) {
+        write_config(&self.config, &self.origin, &self.urls, enabled, extra);
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        self.proc.admin.unwrap()
+    }
+
+    /// The exits `GET /exits` lists.
+    async fn exit_views(&self) -> Vec<serde_json::Value> {
+        let (status, body) = admin(self.admin_addr(), "GET", "/exits").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn exit_ids(&self) -> Vec<String> {
+        self.exit_views()
+            .await
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// A config file trusting `origin`'s CA with the exits of `urls` that
+/// `enabled` names (0-based), then `extra` (top-level keys before any
+/// table, so `extra` may start with them).
+fn write_config(
+    path: &std::path::Path,
+    origin: &Origin,
+    urls: &[(String, String)],
+    enabled: &[usize],
+    extra: &str,
+) {
+    let mut text = format!(
+        "upstream_ca = [{:?}]\n",
+        origin.pki.ca_file.display().to_string()
+    );
+    let (top, tables) = match extra.find('[') {
+        Some(at) => extra.split_at(at),
+        None => (extra, ""),
+    };
+    text.push_str(top);
+    for &i in enabled {
+        let (id, url) = &urls[i];
+        text.push_str(&format!("[[exits]]\nid = {id:?}\nurl = {url:?}\n"));
+    }
+    text.push_str(tables);
+    std::fs::write(path, text).unwrap();
+}
+
+/// What one request of the load saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    after_reload: bool,
+    path: &'static str,
+    status: u16,
+    error: String,
+    peer: Option<IpAddr>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_load_adds_and_removes_exits_without_a_leak_or_a_dropped_connection() {
+    let r = Running::start(&[0, 1]).await;
+    let port = r.origin.https.port();
+    let reloaded = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    const WORKERS: usize = 6;
+    const AFTER: usize = 12;
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (client, reloaded, done, seen) = (
+            r.client.clone(),
+            reloaded.clone(),
+            done.clone(),
+            seen.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            // One keep-alive tunnel per worker, opened before the reload
+            // and used through it.
+            let mut conn = client.tunnel("localhost", port).await;
+            let mut jar = Jar::default();
+            let mut after = 0;
+            for _ in 0..400 {
+                let after_reload = reloaded.load(Ordering::SeqCst);
+                let path = if jar.get("datadome").is_none() {
+                    "/login"
+                } else {
+                    "/page"
+                };
+                let mut request = conn.request("GET", path);
+                if let Some(cookie) = jar.header() {
+                    request = request.header("cookie", cookie);
+                }
+                let reply = conn
+                    .send(request.body(Full::<Bytes>::default()).unwrap())
+                    .await
+                    .expect("the client connection survives the reload");
+                jar.store(&reply.headers);
+                let error = reply.pinproxy_error().unwrap_or_default();
+                if error.starts_with("identity-retired") {
+                    jar = Jar::default();
+                }
+                seen.lock().unwrap().push(Seen {
+                    after_reload,
+                    path,
+                    status: reply.status.as_u16(),
+                    error,
+                    peer: reported_peer(&reply.body),
+                });
+                done.fetch_add(1, Ordering::SeqCst);
+                if after_reload {
+                    after += 1;
+                    if after >= AFTER {
+                        return;
+                    }
+                }
+            }
+            panic!("the reload never came");
+        }));
+    }
+    eventually(Duration::from_secs(30), "the load never started", || {
+        let done = done.clone();
+        async move { done.load(Ordering::SeqCst) >= 4 * WORKERS }
+    })
+    .await;
+
+    // exit1 goes, exit3 comes; SIGHUP while requests are in flight.
+    r.write(&[1, 2], "");
+    r.proc.signal("HUP");
+    let running = &r;
+    eventually(
+        Duration::from_secs(10),
+        "the reload never took",
+        move || async move { running.exit_ids().await == ["exit2", "exit3"] },
+    )
+    .await;
+    reloaded.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    let (exit1, exit3) = (r.exits[0].source, r.exits[2].source);
+    for s in &seen {
+        match s.status {
+            200 => {}
+            502 => assert!(
+                s.error.starts_with("identity-retired") && s.error.contains("exit-removed"),
+                "{s:?}"
+            ),
+            _ => panic!("unexpected answer {s:?}"),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|s| s.status == 502 && s.error.contains("exit exit1")),
+        "identities on the removed exit are retired, not moved"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.after_reload && s.status == 200 && s.peer == Some(exit3)),
+        "the added exit takes traffic"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.after_reload && s.path == "/login" && s.peer == Some(exit1)),
+        "no new identity on the removed exit after the reload"
+    );
+    assert!(r.origin.leaks().is_empty(), "{:?}", r.origin.leaks());
+
+    // The reload swept the removed exit's identities at once.
+    eventually(
+        Duration::from_secs(10),
+        "the removed exit's identities were not retired",
+        move || async move {
+            let (_, body) = admin(running.admin_addr(), "GET", "/identities?all=1").await;
+            let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            let on_exit1: Vec<_> = views.iter().filter(|v| v["exit"] == "exit1").collect();
+            !on_exit1.is_empty()
+                && on_exit1
+                    .iter()
+                    .all(|v| v["state"] == "retired" && v["reason"] == "exit-removed")
+        },
+    )
+    .await;
+    let lines = r.lines.lock().unwrap().join("\n");
+    assert!(lines.contains("configuration reloaded"), "{lines}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
+    let r = Running::start(&[0, 1]).await;
+    let port = r.origin.https.port();
+    let mut jar = Jar::default();
+    let login = r
+        .client
+        .try_get("localhost", port, "/login", &mut jar)
+        .await
+        .unwrap();
+    let earned = reported_peer(&login.body).unwrap();
+
+    // A weight out of range: POST /reload says why, 400.
+    r.write(
+        &[0, 1, 2],
+        "[[exits]]\nid = \"bad\"\nurl = \"direct://\"\nweight = 0\n",
+    );
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("weight must be 1-1000") && body.contains("\"bad\""),
+        "{body}"
+    );
+    assert!(body.contains("the configuration in force stays"), "{body}");
+    // Not TOML at all, by SIGHUP: refused with a log line.
+    std::fs::write(&r.config, "[[exits]\nid = ").unwrap();
+    r.proc.signal("HUP");
+    eventually(
+        Duration::from_secs(10),
+        "no log line for the refusal",
+        || {
+            let lines = r.lines.clone();
+            async move {
+                lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| l.contains("reload refused"))
+                    .count()
+                    >= 2
+            }
+        },
+    )
+    .await;
+    assert!(r
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("reload refused") && l.contains("invalid config file")));
+    // The old exits still serve, the identity still on its exit.
+    assert_eq!(r.exit_ids().await, ["exit1", "exit2"]);
+    let page = r
+        .client
+        .try_get("localhost", port, "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(reported_peer(&page.body), Some(earned));
+
+    // A valid reload: exit2 re-weighted; a key that needs a restart is
+    // named and kept.
+    r.write(
+        &[0, 1],
+        "[limits]\nmax_connections = 100\n[timeouts]\nshutdown = \"5s\"\n",
+    );
+    let mut text = std::fs::read_to_string(&r.config).unwrap();
+    text = text.replacen(
+        &format!("url = {:?}\n", r.urls[1].1),
+        &format!("url = {:?}\nweight = 3\n", r.urls[1].1),
+        1,
+    );
+    std::fs::write(&r.config, text).unwrap();
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["changed"], serde_json::json!(["exit2"]));
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["limits.max_connections"])
+    );
+    let views = r.exit_views().await;
+    assert_eq!(views[1]["weight"], 3);
+    // Still listening where it started.
+    let page = r
+        .client
+        .try_get("localhost", port, "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200);
+    assert!(r.origin.leaks().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_tracked_cookies_and_policies_in_process() {
+    let s = Setup::start(2).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let mut config = s.proxy.config.clone();
+    config.track_cookies = vec!["session_*".into()];
+    config.identities.retire_policy = pinproxy::routing::RetirePolicy::Strip;
+    let report = s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert!(report.added.is_empty() && report.removed.is_empty() && report.changed.is_empty());
+
+    // session_tok was not tracked at start: pinned now, it keeps its exit
+    // (untracked, rotation would carry it to the other exit and the
+    // origin would count a leak).
+    let (mut jar, earned) = s.login("/login?name=session_tok").await;
+    for _ in 0..6 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(Setup::peer(&reply), Some(earned));
+    }
+    // Retired, its credential is stripped (the new retire policy) instead
+    // of failing the request.
+    let key = s
+        .proxy
+        .daemon
+        .pipeline()
+        .hasher
+        .cookie("session_tok", jar.get("session_tok").unwrap());
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/pins/session_tok%23{key}")).await;
+    assert_eq!(status, 200, "{body}");
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let last = s.origin.seen().pop().unwrap();
+    assert!(last.tokens.is_empty(), "the retired cookie left: {last:?}");
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// Logs in until the identity lands on the exit egressing from `want`.
+async fn login_on(s: &Setup, want: IpAddr) -> Jar {
+    for _ in 0..20 {
+        let (jar, peer) = s.login("/login").await;
+        if peer == want {
+            return jar;
+        }
+    }
+    panic!("no login landed on {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_exit_keeps_its_identities_and_takes_no_new_ones_until_undrained() {
+    let s = Setup::start(2).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let (exit1, exit2) = (s.exits[0].source, s.exits[1].source);
+    let mut kept = login_on(&s, exit1).await;
+
+    let (status, body) = admin(admin_addr, "POST", "/exits/exit1/drain").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = admin(admin_addr, "GET", "/exits").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views[0]["drained"], true);
+    assert_eq!(views[1]["drained"], false);
+
+    // The identity on it carries on there.
+    for _ in 0..3 {
+        let reply = s.get("/page", &mut kept).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(Setup::peer(&reply), Some(exit1));
+    }
+    // New identities and cookie-less traffic go elsewhere.
+    for _ in 0..6 {
+        let (_, peer) = s.login("/login").await;
+        assert_eq!(peer, exit2, "a new identity on a drained exit");
+        let reply = s.get_with("/", &[]).await;
+        assert_eq!(Setup::peer(&reply), Some(exit2));
+    }
+    let (status, _) = admin(admin_addr, "GET", "/readyz").await;
+    assert_eq!(status, 200, "exit2 is ready");
+
+    // Both drained: new traffic is refused, saying how to undrain.
+    admin(admin_addr, "POST", "/exits/exit2/drain").await;
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 503);
+    let error = support::error_of(&reply);
+    assert!(
+        error.starts_with("no-exit-available")
+            && error.contains("exit1 healthy, drained")
+            && error.contains("/undrain"),
+        "{error}"
+    );
+    admin(admin_addr, "POST", "/exits/exit2/undrain").await;
+
+    // A reload and a restart keep the drain.
+    let (status, body) = admin(admin_addr, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(s.proxy.daemon.exits().iter().next().unwrap().drained());
+    let s = s.restart().await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let (_, body) = admin(admin_addr, "GET", "/exits").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views[0]["drained"], true, "{body}");
+    let reply = s.get("/page", &mut kept).await;
+    assert_eq!(Setup::peer(&reply), Some(exit1));
+
+    // Undrained, it takes new identities again.
+    let (status, body) = admin(admin_addr, "POST", "/exits/exit1/undrain").await;
+    assert_eq!(status, 200, "{body}");
+    login_on(&s, exit1).await;
+    let (status, _) = admin(admin_addr, "POST", "/exits/nosuch/drain").await;
+    assert_eq!(status, 404);
+    assert!(s.origin.leaks().is_empty());
+}
+
+/// The id of the identity holding `jar`'s datadome cookie, and the
+/// cookie's pin key (short and full hash).
+async fn identity_of(s: &Setup, jar: &Jar) -> (String, String, String) {
+    let key = s
+        .proxy
+        .daemon
+        .pipeline()
+        .hasher
+        .cookie("datadome", jar.get("datadome").unwrap());
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let (_, body) = admin(admin_addr, "GET", "/identities?all=1").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let short = key.to_string();
+    let view = views
+        .iter()
+        .find(|v| {
+            v["credentials"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["hash"] == short.as_str())
+        })
+        .expect("the identity is listed");
+    (
+        view["identity"].as_str().unwrap().to_owned(),
+        short,
+        key.to_hex(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
+    let s = Setup::start(1).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let (mut by_id, _) = s.login("/login").await;
+    let (mut by_short, _) = s.login("/login").await;
+    let (mut by_full, _) = s.login("/login").await;
+    let (mut untouched, _) = s.login("/login").await;
+
+    let (id, _, _) = identity_of(&s, &by_id).await;
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"evicted\"") && body.contains("datadome#"),
+        "{body}"
+    );
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(status, 409, "already retired: {body}");
+
+    let (_, short, _) = identity_of(&s, &by_short).await;
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/pins/datadome%23{short}")).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, _, full) = identity_of(&s, &by_full).await;
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/pins/datadome%23{full}")).await;
+    assert_eq!(status, 200, "{body}");
+
+    for jar in [&mut by_id, &mut by_short, &mut by_full] {
+        let reply = s.get("/page", jar).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        let error = support::error_of(&reply);
+        assert!(
+            error.starts_with("identity-retired") && error.contains("evicted"),
+            "{error}"
+        );
+        assert!(error.contains("retired it by hand"), "advice fits: {error}");
+    }
+    let reply = s.get("/page", &mut untouched).await;
+    assert_eq!(reply.status, 200, "an identity not evicted carries on");
+    let metrics = s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pinproxy_identities_retired_total{")
+                && l.contains("reason=\"evicted\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+
+    // Mistakes are answered, not acted on.
+    for (method, path, want) in [
+        ("DELETE", "/identities/zz", 400),
+        ("DELETE", "/identities/00000000000000ff", 404),
+        ("DELETE", "/pins/datadome", 400),
+        ("DELETE", "/pins/datadome%23ffffffff", 404),
+        ("GET", "/reload", 405),
+        ("GET", "/exits/exit1/drain", 405),
+    ] {
+        let (status, body) = admin(admin_addr, method, path).await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+    }
+    // A page of another site cannot drive changes through a browser.
+    let (status, _) = admin_with(
+        admin_addr,
+        "POST",
+        "/exits/exit1/drain",
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(!s.proxy.daemon.exits().iter().next().unwrap().drained());
+    assert!(s.origin.leaks().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eviction_on_one_replica_holds_on_every_replica_sharing_redis() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::builder()
+        .exits(1)
+        .config(move |c| c.store.url = url)
+        .start()
+        .await;
+    let listed: Vec<(String, String)> = vec![("exit1".into(), s.exits[0].url())];
+    let url = redis.url();
+    let other = Proxy::start(&listed, &s.origin, move |c| c.store.url = url).await;
+    let (mut jar, _) = s.login("/login").await;
+    let (id, _, _) = identity_of(&s, &jar).await;
+
+    let other_admin = other.daemon.admin_addr().unwrap();
+    let (status, body) = admin(other_admin, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    assert!(support::error_of(&reply).contains("evicted"));
+    other.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_follows_the_store_and_the_exits() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::builder()
+        .exits(1)
+        .probe_health(3)
+        .config(move |c| c.store.url = url)
+        .start()
+        .await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let ready = move || admin(admin_addr, "GET", "/readyz");
+    assert_eq!(ready().await, (200, "ready\n".to_owned()));
+
+    admin(admin_addr, "POST", "/exits/exit1/drain").await;
+    let (status, body) = ready().await;
+    assert_eq!(status, 503);
+    assert!(body.contains("exit1 healthy, drained"), "{body}");
+    admin(admin_addr, "POST", "/exits/exit1/undrain").await;
+    assert_eq!(ready().await.0, 200);
+
+    redis.stop().await;
+    eventually(
+        Duration::from_secs(10),
+        "readyz ignores a dead store",
+        move || async move {
+            let (status, body) = ready().await;
+            status == 503 && body.contains("the pin store (redis)")
+        },
+    )
+    .await;
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(30),
+        "readyz never came back",
+        move || async move { ready().await.0 == 200 },
+    )
+    .await;
+
+    s.exits[0].kill();
+    s.proxy
+        .wait_for_health(
+            "exit1",
+            HealthState::Dead,
+            Duration::from_secs(10),
+            "the exit dies",
+        )
+        .await;
+    let (status, body) = ready().await;
+    assert_eq!(status, 503);
+    assert!(body.contains("exit1 dead"), "{body}");
+}
+
+/// A plain-HTTP origin that holds every response until released, and says
+/// when a request has arrived.
+struct HoldingOrigin {
+    addr: SocketAddr,
+    arrived: tokio::sync::mpsc::Receiver<()>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// The body the holding origin answers with (big enough to be streamed).
+const HELD_BODY: usize = 256 * 1024;
+
+impl HoldingOrigin {
+    async fn start() -> HoldingOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (arrived_tx, arrived) = tokio::sync::mpsc::channel(16);
+        let (release, released) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (arrived, mut released) = (arrived_tx.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(tcp.read(&mut byte).await, Ok(1)) {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let _ = arrived.send(()).await;
+                    let _ = released.wait_for(|r| *r).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {HELD_BODY}\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = tcp.write_all(answer.as_bytes()).await;
+                    let _ = tcp.write_all(&vec![b'x'; HELD_BODY]).await;
+                });
+            }
+        });
+        HoldingOrigin {
+            addr,
+            arrived,
+            release,
+        }
+    }
+}
+
+/// A pinproxy process with one test exit, a request held in flight at the
+/// origin, and the signal sent: the process no longer accepts connections.
+async fn signalled_with_a_request_in_flight() -> (
+    PinproxyProcess,
+    HoldingOrigin,
+    tokio::task::JoinHandle<Result<support::Reply, hyper::Error>>,
+    TestExit,
+    tempfile::TempDir,
+) {
+    let (mut exits, urls) = support::exits(1).await;
+    let data = tempfile::tempdir().unwrap();
+    let args: Vec<String> = vec!["--exit".into(), format!("{}={}", urls[0].0, urls[0].1)];
+    let proc = PinproxyProcess::start(data.path(), &args).await;
+    let mut origin = HoldingOrigin::start().await;
+    let client = ProxyClient::new(proc.addr, &proc.ca_pem());
+    let mut conn = client.plain("127.0.0.1", origin.addr.port()).await;
+    let request = conn
+        .request("GET", "/held")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let in_flight = tokio::spawn(async move { conn.send(request).await });
+    tokio::time::timeout(Duration::from_secs(10), origin.arrived.recv())
+        .await
+        .expect("the request reaches the origin");
+
+    proc.signal("TERM");
+    let addr = proc.addr;
+    eventually(
+        Duration::from_secs(10),
+        "pinproxy still accepts connections after SIGTERM",
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    (proc, origin, in_flight, exits.remove(0), data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let (mut proc, origin, in_flight, _exit, _data) = signalled_with_a_request_in_flight().await;
+    assert!(!in_flight.is_finished());
+    origin.release.send(true).unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(20), in_flight)
+        .await
+        .expect("the held request completes")
+        .unwrap()
+        .expect("the client gets its whole answer");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), HELD_BODY);
+    let status = proc.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let (mut proc, _origin, in_flight, _exit, _data) = signalled_with_a_request_in_flight().await;
+    // The origin never answers; the second signal does not wait for it.
+    proc.signal("TERM");
+    let status = proc.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(outcome.is_err(), "the held request was cut: {outcome:?}");
+}
+
+/// Runs `pinproxy run ARGS` expecting it to fail at start: its stderr.
+async fn failed_start(args: &[String]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+            .arg("run")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--store", "memory"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("pinproxy gives up within 30 s")
+    .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8(output.stderr).unwrap()
+}
+
+#[tokio::test]
+async fn a_busy_port_names_the_listener_and_how_to_move_it() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap();
+    // Port 0: no port is reserved here that another test might take.
+    let free = "127.0.0.1:0".to_owned();
+
+    let stderr = failed_start(&[
+        "--listen".into(),
+        free.clone(),
+        "--admin".into(),
+        busy.to_string(),
+    ])
+    .await;
+    assert!(
+        stderr.contains(&format!("cannot listen on {busy} for the admin endpoint"))
+            && stderr.contains("--admin ADDR")
+            && stderr.contains("admin.listen")
+            && stderr.contains("--admin off"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+
+    let stderr = failed_start(&[
+        "--listen".into(),
+        busy.to_string(),
+        "--admin".into(),
+        "off".into(),
+    ])
+    .await;
+    assert!(
+        stderr.contains(&format!("cannot listen on {busy} for the proxy"))
+            && stderr.contains("--listen ADDR"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_origin_certificate_names_upstream_ca_on_every_stack() {
+    for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
+        let s = Setup::start_with(1, |c| {
+            c.upstream_ca.clear();
+            c.upstream.fingerprint = mode;
+        })
+        .await;
+        let reply = s.get_with("/", &[]).await;
+        assert_eq!(reply.status, 502, "{mode:?}");
+        let error = support::error_of(&reply);
+        assert!(
+            error.starts_with("upstream-tls:")
+                && error.contains("does not trust")
+                && error.contains("--upstream-ca"),
+            "{mode:?}: {error}"
+        );
+        assert!(!error.contains("retry later"), "{mode:?}: {error}");
+        assert!(reply.body.contains("--upstream-ca"), "{}", reply.body);
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refusing_exit_is_named_with_its_url_and_no_credentials() {
+    let s = Setup::builder()
+        .exit(
+            TestExitSpec::with_auth("127.0.0.2", "scraper:right")
+                .url_credentials("scraper:s3cr3tpw"),
+        )
+        .start()
+        .await;
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = support::error_of(&reply);
+    assert!(
+        error.starts_with("exit-refused:")
+            && error.contains("exit exit1 (http://")
+            && error.contains(&format!("@{})", s.exits[0].addr))
+            && error.contains("407")
+            && error.contains("user name and password"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cr3tpw") && !reply.body.contains("s3cr3tpw"));
+}

@@ -1,0 +1,135 @@
+//! SSRF guards: pinproxy refuses to forward to itself (its proxy listener
+//! or admin endpoint, a loop), and the direct exit refuses origins whose
+//! resolved address is in `upstream.deny_ranges`, before connecting. Denied
+//! addresses here are loopback ones listed on purpose (127.0.0.9, and
+//! 127.0.0.1 reached by the name `localhost`); the default ranges
+//! (link-local, the metadata address) are checked by the policy's unit test
+//! in `src/upstream/dial/guard.rs`, with no socket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use support::{error_of, Setup};
+use tokio::net::TcpListener;
+
+/// A listener on `ip` that counts the connections it accepts (and closes
+/// them): proof that nothing was sent to a denied address.
+async fn counting_listener(ip: &str) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_absolute_form_requests_for_pinproxy_itself_are_refused() {
+    let s = Setup::start(1).await;
+    let proxy = s.proxy.daemon.local_addr().port();
+    let admin = s.proxy.daemon.admin_addr().unwrap().port();
+    let client = &s.proxy.client;
+
+    for target in [
+        format!("127.0.0.1:{proxy}"),
+        format!("localhost:{proxy}"),
+        format!("localhost:{admin}"),
+        format!("0.0.0.0:{admin}"),
+    ] {
+        let (_, head) = client.raw_connect(&target).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "CONNECT {target}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-pinproxy-error: proxy-loop: "),
+            "CONNECT {target}: {head}"
+        );
+    }
+    for (host, port) in [("127.0.0.1", proxy), ("localhost", admin)] {
+        let reply = client.plain(host, port).await.get("/metrics", &[]).await;
+        assert_eq!(
+            reply.status, 403,
+            "GET http://{host}:{port}/: {}",
+            reply.body
+        );
+        assert!(error_of(&reply).starts_with("proxy-loop: "), "{reply:?}");
+        assert!(reply.body.contains("loop"), "{}", reply.body);
+    }
+    // Nothing reached the exit for those, and real origins still work.
+    assert!(
+        s.exits[0].connects().is_empty(),
+        "{:?}",
+        s.exits[0].connects()
+    );
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_direct_exit_refuses_a_denied_address_before_connecting() {
+    let (port, accepted) = counting_listener("127.0.0.9").await;
+    let s = Setup::builder()
+        .exit_url("direct", "direct://")
+        .config(|c| c.upstream.deny_ranges = vec!["127.0.0.9/32".into()])
+        .start()
+        .await;
+
+    // Inside a MITM tunnel (the dial happens for the request) and as a plain
+    // absolute-form request.
+    let mut tunnel = s.proxy.client.tunnel("127.0.0.9", port).await;
+    let reply = tunnel.get("/", &[]).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let error = error_of(&reply);
+    assert!(error.starts_with("address-denied: "), "{error}");
+    assert!(error.contains("127.0.0.9/32"), "{error}");
+    let reply = s
+        .proxy
+        .client
+        .plain("127.0.0.9", port)
+        .await
+        .get("/", &[])
+        .await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(error_of(&reply).starts_with("address-denied: "));
+
+    // Loopback outside the list is allowed: the origin answers.
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a denied address was dialled"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_checked_on_the_address_it_resolves_to() {
+    // The name `localhost` resolves to 127.0.0.1, which is denied: the
+    // check is on the resolved address, so no name can rebind around it.
+    let s = Setup::builder()
+        .exit_url("direct", "direct://")
+        .config(|c| c.upstream.deny_ranges = vec!["127.0.0.1".into()])
+        .start()
+        .await;
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let error = error_of(&reply);
+    assert!(error.starts_with("address-denied: "), "{error}");
+    assert!(error.contains("localhost"), "{error}");
+    assert!(
+        reply.body.contains("upstream.deny_ranges"),
+        "the answer says what to change: {}",
+        reply.body
+    );
+    assert!(s.origin.seen().is_empty(), "the origin was reached");
+    s.stop().await;
+}
