@@ -818,6 +818,13 @@ impl Settings {
                 a.permitted_domains != b.permitted_domains,
             ),
             ("upstream.deny_ranges", a.deny_ranges != b.deny_ranges),
+            // The log subscriber and the site table are built once at start.
+            ("log.format", a.log.format != b.log.format),
+            ("log.access", a.log.access != b.log.access),
+            (
+                "metrics.max_sites",
+                a.metrics.max_sites != b.metrics.max_sites,
+            ),
         ]
         .into_iter()
         .chain(store_changes(&a.store, &b.store))

@@ -613,7 +613,15 @@ async fn direct_and_through(rig: &Rig, client: Client) -> (Vec<Record>, Vec<Reco
     let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
     let through = records_of(&rig.origin, "/through", EXIT_IP);
     assert_eq!(connections(&direct), 2, "{}", client.name());
-    assert_eq!(connections(&through), 3, "{}", client.name());
+    // The origin sends GOAWAY right after each HTTP/2 answer, but a request
+    // pinproxy sends before that GOAWAY arrives is still served on the
+    // connection: two or three connections, each a fresh handshake.
+    let through_conns = connections(&through);
+    assert!(
+        (2..=3).contains(&through_conns),
+        "{}: {through_conns}",
+        client.name()
+    );
     (direct, through)
 }
 

@@ -104,7 +104,7 @@ impl Dialer {
             return Ok((UpstreamIo::Plain(tcp), info));
         }
         let stack = match shape {
-            Some(shape) => Stack::Boring(shape),
+            Some(shape) => Stack::Shaped(shape),
             None => Stack::Rustls { h2: self.h2 },
         };
         let tls_started = Instant::now();

@@ -87,7 +87,7 @@ pub enum Stack<'a> {
     /// Shaped like a client's (or a browser profile's) hello: said by
     /// BoringSSL, or by the system's OpenSSL when that says it with fewer
     /// gaps ([`UpstreamTls::mirror_stack`]).
-    Boring(Shape<'a>),
+    Shaped(Shape<'a>),
 }
 
 /// Which library says a shaped hello.
@@ -179,7 +179,7 @@ impl UpstreamTls {
     {
         match stack {
             Stack::Rustls { h2 } => self.rustls.connect(host, transport, h2).await,
-            Stack::Boring(shape) => {
+            Stack::Shaped(shape) => {
                 let chosen = self.mirror_stack(shape);
                 tracing::debug!(host, stack = chosen.name(), "upstream TLS handshake");
                 let openssl = match chosen {
