@@ -529,6 +529,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most idle upstream connections kept per (exit, origin).
     pub max_idle_per_origin: usize,
+    /// Most idle upstream HTTP/1.1 connections kept per exit, over all its
+    /// identities and sessions: each is an open tunnel through the exit's
+    /// proxy, and providers limit those. Beyond it the longest idle are
+    /// closed (checked every second).
+    pub max_idle_per_exit: usize,
     /// Length of the kernel's accept queue for the proxy listener (capped by
     /// `net.core.somaxconn`). A burst of new connections beyond it is
     /// dropped by the kernel and each costs its client a 1 s SYN retry.
@@ -557,6 +562,7 @@ impl Default for Limits {
             // stream, so a keep-alive client never waits for a new
             // upstream TLS handshake after a burst.
             max_idle_per_origin: 256,
+            max_idle_per_exit: 128,
             listen_backlog: 4096,
             max_connections_per_client: 0,
             requests_per_second_per_client: 0,

@@ -328,6 +328,7 @@ fn same_pool_settings(a: &PoolSettings, b: &PoolSettings) -> bool {
         && a.response_head_timeout == b.response_head_timeout
         && a.idle_timeout == b.idle_timeout
         && a.max_idle_per_origin == b.max_idle_per_origin
+        && a.max_idle_per_exit == b.max_idle_per_exit
 }
 
 /// Probes one exit every `interval` (the first time at once).

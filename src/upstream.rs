@@ -25,6 +25,7 @@ pub mod egress_ip;
 pub mod error;
 pub mod framing;
 pub mod h2;
+mod idle;
 mod pool;
 pub mod tls;
 
@@ -64,6 +65,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Most idle connections per origin.
     pub max_idle_per_origin: usize,
+    /// Most idle HTTP/1.1 connections of one exit, over all its lanes.
+    pub max_idle_per_exit: usize,
     /// Where the direct exit must not connect (`upstream.deny_ranges` and
     /// pinproxy's own listeners); one per daemon.
     pub guard: Arc<dial::guard::AddressGuard>,
@@ -208,6 +211,8 @@ pub struct ExitClient {
     settings: PoolSettings,
     /// One pool per lane and way of speaking (see [`PoolId`]).
     pools: moka::sync::Cache<PoolId, Arc<LanePool>>,
+    /// Closes idle connections on time and beyond the exit's cap.
+    _sweeper: Arc<idle::Sweeper>,
 }
 
 impl std::fmt::Debug for ExitClient {
@@ -222,16 +227,21 @@ impl std::fmt::Debug for ExitClient {
 impl ExitClient {
     /// The pools of the exit `route`.
     pub fn new(route: ExitRoute, tls: UpstreamTls, settings: &PoolSettings) -> Self {
+        // A lane idle for twice the connection idle time has no
+        // connection left worth keeping.
+        let pools = moka::sync::Cache::builder()
+            .max_capacity(MAX_LANES_PER_EXIT)
+            .time_to_idle(settings.idle_timeout.saturating_mul(2))
+            .build();
         ExitClient {
             route: Arc::new(route),
             tls,
             settings: settings.clone(),
-            // A lane idle for twice the connection idle time has no
-            // connection left worth keeping.
-            pools: moka::sync::Cache::builder()
-                .max_capacity(MAX_LANES_PER_EXIT)
-                .time_to_idle(settings.idle_timeout.saturating_mul(2))
-                .build(),
+            _sweeper: Arc::new(idle::Sweeper::start(
+                pools.clone(),
+                settings.max_idle_per_exit,
+            )),
+            pools,
         }
     }
 

@@ -83,6 +83,7 @@ fn exit_set(now_ms: u64) -> ExitSet {
         response_head_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(1),
         max_idle_per_origin: 1,
+        max_idle_per_exit: 1,
         guard: Default::default(),
     };
     // One exit with a sticky upstream session per identity, two plain ones.

@@ -336,6 +336,7 @@ pub(super) fn exit_build(
             response_head_timeout: settings.timeouts.response_head,
             idle_timeout: settings.timeouts.pool_idle,
             max_idle_per_origin: settings.limits.max_idle_per_origin,
+            max_idle_per_exit: settings.limits.max_idle_per_exit,
             guard,
         },
         thresholds: Thresholds {

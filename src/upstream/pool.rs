@@ -145,6 +145,31 @@ impl LanePool {
         self.origins.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Closes this lane's idle HTTP/1.1 connections that have been idle
+    /// for the idle timeout by `now` (or were closed by the far side), and
+    /// appends when each remaining one went idle to `idle_since`.
+    pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
+        for conns in self.origins().values_mut() {
+            conns.idle.retain(|conn| {
+                now.duration_since(conn.idle_since) < self.limits.idle_timeout
+                    && !conn.sender.is_closed()
+            });
+            idle_since.extend(conns.idle.iter().map(|conn| conn.idle_since));
+        }
+    }
+
+    /// Closes this lane's idle HTTP/1.1 connections that went idle at or
+    /// before `cutoff`; returns how many.
+    pub(super) fn close_idle_since(&self, cutoff: Instant) -> usize {
+        let mut closed = 0;
+        for conns in self.origins().values_mut() {
+            let before = conns.idle.len();
+            conns.idle.retain(|conn| conn.idle_since > cutoff);
+            closed += before - conns.idle.len();
+        }
+        closed
+    }
+
     /// The TLS shape of this lane's connections (`None`: rustls).
     fn shape<'a>(&'a self, alps: &'a [u8], http1_only: bool) -> Option<Shape<'a>> {
         self.presentation.hello.as_deref().map(|hello| Shape {

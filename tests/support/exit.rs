@@ -199,6 +199,13 @@ impl TestExit {
         self.connects.lock().unwrap().clone()
     }
 
+    /// How many tunnels are open now (closed by neither side yet).
+    pub fn open_tunnels(&self) -> usize {
+        let mut tunnels = self.tunnels.lock().unwrap();
+        tunnels.retain(|t| !t.is_finished());
+        tunnels.len()
+    }
+
     /// Cuts every open tunnel (as providers do with idle ones); the exit
     /// keeps accepting new ones.
     pub fn close_tunnels(&self) {

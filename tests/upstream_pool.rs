@@ -1,0 +1,64 @@
+//! The idle upstream connections of an exit stay within
+//! `limits.max_idle_per_exit`: identities that churn (a fresh jar every few
+//! pages) must not hold open tunnels through the exit's proxy until they
+//! time out, since providers limit those. The longest idle close first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::Setup;
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
+    const CAP: usize = 3;
+    let s = Setup::builder()
+        .http1_only_origin()
+        .exits(1)
+        .config(|c| {
+            c.limits.max_idle_per_exit = CAP;
+            c.timeouts.pool_idle = Duration::from_secs(600);
+        })
+        .start()
+        .await;
+    let exit = &s.exits[0];
+
+    // Ten identities, each with a connection of its own left idle.
+    let mut jars = Vec::new();
+    for _ in 0..10 {
+        let (mut jar, _) = s.login("/login").await;
+        assert_eq!(s.get("/", &mut jar).await.status, 200);
+        jars.push(jar);
+    }
+    assert!(
+        exit.open_tunnels() > CAP,
+        "each identity opened its own tunnel"
+    );
+
+    // The sweeper (once a second) closes the excess.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exit.open_tunnels() > CAP && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        exit.open_tunnels() <= CAP,
+        "{} tunnels open",
+        exit.open_tunnels()
+    );
+
+    // The newest identity's connection was the last to go idle: it is kept
+    // and reused, no new CONNECT.
+    let connects = exit.connects().len();
+    let newest = jars.last_mut().unwrap();
+    let reply = s.tunnel().await.get_with_jar("/", newest).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        exit.connects().len(),
+        connects,
+        "the newest idle connection was reused"
+    );
+    s.stop().await;
+}
