@@ -65,6 +65,10 @@ pub use recovery::LossReport;
 
 /// How often the background check runs.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a touch waits for more requests of its identity before it is
+/// written: one write per busy identity per interval instead of one per
+/// request. Last-use times lag by at most this much.
+const TOUCH_COALESCE: Duration = Duration::from_millis(250);
 /// How often, at most, the generation is saved to its file.
 const SAVE_EVERY: u32 = 10;
 
@@ -127,11 +131,32 @@ struct Inner {
     /// A restore is running.
     recovering: AtomicBool,
     report: Mutex<Option<LossReport>>,
+    /// Touches waiting to be written, per identity (see [`TOUCH_COALESCE`]).
+    touches: dashmap::DashMap<IdentityId, PendingTouch>,
     lookup: Script,
     pin_all_if_absent: Script,
     exit_death: Script,
     check: Script,
     new_epoch: Script,
+}
+
+/// The touches of one identity not yet written.
+#[derive(Debug, Clone, Copy)]
+struct PendingTouch {
+    /// The latest use (Unix ms).
+    last_ms: u64,
+    /// Requests since the last write.
+    requests: u64,
+    /// Whether any of them worked (a 2xx).
+    worked: bool,
+}
+
+impl PendingTouch {
+    fn add(&mut self, now_ms: u64, worked: bool) {
+        self.last_ms = self.last_ms.max(now_ms);
+        self.requests += 1;
+        self.worked |= worked;
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -178,6 +203,7 @@ impl RedisStore {
                 lost_at_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
                 report: Mutex::new(None),
+                touches: dashmap::DashMap::new(),
                 lookup: Script::new(scripts::LOOKUP),
                 pin_all_if_absent: Script::new(scripts::PIN_ALL_IF_ABSENT),
                 exit_death: Script::new(scripts::EXIT_DEATH),
@@ -584,21 +610,39 @@ impl PinStore for RedisStore {
 
     async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
         // Best effort and off the response path: a lost touch only makes an
-        // identity look idle earlier.
+        // identity look idle earlier. Touches of one identity within
+        // TOUCH_COALESCE become one write (the request count summed).
+        match self.inner.touches.entry(id) {
+            dashmap::Entry::Occupied(mut pending) => {
+                pending.get_mut().add(now_ms, worked);
+                return Ok(());
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(PendingTouch {
+                    last_ms: now_ms,
+                    requests: 1,
+                    worked,
+                });
+            }
+        }
         let store = self.clone();
         self.inner.tasks.spawn(async move {
+            tokio::time::sleep(TOUCH_COALESCE).await;
+            let Some((_, touch)) = store.inner.touches.remove(&id) else {
+                return;
+            };
             let key = store.identity_key(id);
             let mut pipe = redis::pipe();
-            pipe.hset(&key, "last", now_ms)
+            pipe.hset(&key, "last", touch.last_ms)
                 .ignore()
-                .hincr(&key, "reqs", 1)
+                .hincr(&key, "reqs", touch.requests)
                 .ignore();
-            if worked {
+            if touch.worked {
                 pipe.hset(&key, "worked", 1).ignore();
             }
             let _ = store.run_pipe(&mut pipe).await;
             if let Some(journal) = &store.inner.journal {
-                journal.touch(id, now_ms, worked).await;
+                journal.touch(id, touch.last_ms, touch.worked).await;
             }
         });
         Ok(())
