@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # pinproxy's benchmark suite, in one command (see bench/README.md):
 #   bench/run.sh [pinbench suite options, e.g. --rounds 1 --secs 0.5 for a quick look]
+#   bench/run.sh --clean-build    # also time a clean release build (~10 min more)
 #
 # Installs what is missing (a C toolchain for the build, Python for
-# mitmproxy, mitmproxy itself in a venv under bench/target), builds pinproxy
-# (`cargo build --release` at the repository root) and the bench tools in
-# release, then runs everything on 127.0.0.0/8 only and writes
-# bench/BENCHMARKS.md. Every load is bounded in requests and time; the whole
-# run takes about 12 minutes on 2 cores from a fresh machine (about 5 of
-# them measuring), about 6 when everything is already built.
+# mitmproxy, mitmproxy itself in a venv under bench/target, valgrind for the
+# instruction counts, redis-server), builds pinproxy (`cargo build
+# --release` at the repository root), the bench tools and the hudsucker
+# peer (bench/peer) in release, then runs everything on 127.0.0.0/8 only and
+# writes bench/BENCHMARKS.md. Every load is bounded in requests and time; see
+# bench/README.md for how long a run takes.
 set -euo pipefail
 
 bench_dir="$(cd "$(dirname "$0")" && pwd)"
@@ -36,10 +37,15 @@ if ((${#missing[@]})); then
     say "installing ${missing[*]}"
     apt_install "${missing[@]}"
 fi
-# The Redis row of the pin store table: optional, left out if this fails.
+# The Redis rows and the fleet chapter: optional, left out if this fails.
 if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
     say "installing redis-server"
-    apt_install redis-server || say "redis-server is not installable; no Redis row"
+    apt_install redis-server || say "redis-server is not installable; no Redis rows, no fleet chapter"
+fi
+# Instruction counts (callgrind): optional, left out with a note if this fails.
+if ! command -v valgrind >/dev/null; then
+    say "installing valgrind"
+    apt_install valgrind || say "valgrind is not installable; no instruction counts"
 fi
 
 # mitmproxy for setup (e): an existing mitmdump, or one in our own venv.
@@ -87,6 +93,28 @@ features=()
 pinproxy="$root/target/release/pinproxy"
 pinbench="$bench_dir/target/release/pinbench"
 
+# The peer, setup (f): a plain MITM on the hudsucker crate, its own Cargo
+# project so that a failure here only costs (f) and its comparisons.
+say "building the hudsucker peer (release)"
+peer="$bench_dir/target/release/hudsucker-peer"
+peer_log="$bench_dir/target/peer-build.log"
+peer_missing=""
+if ! (cd "$bench_dir/peer" && env -u CARGO_TARGET_DIR cargo build --release --quiet \
+    --target-dir "$bench_dir/target") >"$peer_log" 2>&1; then
+    peer_missing="cargo build of bench/peer failed: $(grep -m1 -E '^error' "$peer_log" || tail -n 1 "$peer_log")"
+    say "the hudsucker peer did not build; setup (f) will be reported as such (see $peer_log)"
+fi
+# The heap counter preloaded into the pin phase's pinproxy (bytes per pin
+# from the allocator, not RSS): optional, RSS only if it does not build or load.
+heap_lib="$bench_dir/target/libpinbench-heap.so"
+if ! cc -O2 -shared -fPIC -o "$heap_lib" "$bench_dir/heapcount/heapcount.c" 2>"$bench_dir/target/heapcount-build.log" \
+    || ! LD_PRELOAD="$heap_lib" /bin/true 2>>"$bench_dir/target/heapcount-build.log"; then
+    say "the heap counter did not build or load (see bench/target/heapcount-build.log); bytes per pin from RSS only"
+    heap_lib=""
+fi
+peer_label="hudsucker $(awk '/^name = "hudsucker"$/ { getline; gsub(/version = |"/, ""); print; exit }' \
+    "$bench_dir/peer/Cargo.lock" 2>/dev/null)"
+
 revision="unknown"
 if git -C "$root" rev-parse --short HEAD >/dev/null 2>&1; then
     revision="$(git -C "$root" rev-parse --short HEAD)"
@@ -115,15 +143,32 @@ trap 'exit 130' INT TERM
 
 args=(suite --pinproxy "$pinproxy" --out "$bench_dir/BENCHMARKS.md"
     --raw-out "$bench_dir/target/results.json" --work-dir "$work"
-    --revision "$revision" --setup-secs "$(($(date +%s) - started))")
+    --revision "$revision" --setup-secs "$(($(date +%s) - started))"
+    --source-dir "$root" --callgrind-dir "$bench_dir/target/callgrind")
+[ -n "$heap_lib" ] && args+=(--heap-counter "$heap_lib")
 if [ -n "$mitmdump" ]; then
     args+=(--mitmdump "$mitmdump")
 else
     args+=(--mitmproxy-missing "$mitm_missing")
+fi
+if [ -z "$peer_missing" ] && [ -x "$peer" ]; then
+    args+=(--peer "$peer" --peer-label "$peer_label")
+else
+    args+=(--peer-missing "${peer_missing:-no binary at $peer}")
 fi
 say "measuring (progress below)"
 "$pinbench" "${args[@]}" "$@" &
 suite_pid=$!
 wait "$suite_pid"
 suite_pid=""
-say "done in $(($(date +%s) - started)) s: $bench_dir/BENCHMARKS.md"
+# The report's path: run.sh's, unless an --out among the arguments overrides it.
+report="$bench_dir/BENCHMARKS.md"
+prev=""
+for arg in "$@"; do
+    case "$arg" in
+        --out=*) report="${arg#--out=}" ;;
+        *) [ "$prev" = --out ] && report="$arg" ;;
+    esac
+    prev="$arg"
+done
+say "done in $(($(date +%s) - started)) s: $report"

@@ -145,6 +145,15 @@ pub fn get_request(
 /// Sends `request` and reads the whole body; fails unless the status is 200.
 /// Returns the body length.
 pub async fn fetch(sender: &mut Sender, request: Request<Empty<Bytes>>) -> Result<usize> {
+    Ok(fetch_reusable(sender, request).await?.0)
+}
+
+/// As [`fetch`], also telling whether the connection may carry another
+/// request (`false` when the response said `Connection: close`).
+pub async fn fetch_reusable(
+    sender: &mut Sender,
+    request: Request<Empty<Bytes>>,
+) -> Result<(usize, bool)> {
     sender.ready().await?;
     let response = sender.send_request(request).await?;
     let status = response.status();
@@ -157,8 +166,13 @@ pub async fn fetch(sender: &mut Sender, request: Request<Empty<Bytes>>) -> Resul
             .unwrap_or_default();
         bail!("status {status}{why}");
     }
+    let closing = response
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let body = response.into_body().collect().await?.to_bytes();
-    Ok(body.len())
+    Ok((body.len(), !closing))
 }
 
 /// A copy of `request` (bodies are empty, so this is cheap).

@@ -99,6 +99,11 @@ pub struct LoadResult {
     pub max_us: u32,
     /// The first error seen, for diagnosis.
     pub first_error: Option<String>,
+    /// Connections opened during the timed phase: one per request with a
+    /// new connection per request; with keep-alive, those reopened after an
+    /// error or after a response that said `Connection: close`.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 struct Shared {
@@ -110,6 +115,7 @@ struct Shared {
 #[derive(Default)]
 struct WorkerOut {
     latencies_us: Vec<u32>,
+    connections: u64,
     errors: u64,
     warmup_ok: u64,
     first_error: Option<String>,
@@ -166,6 +172,7 @@ pub async fn run(spec: LoadSpec, tls: Arc<ClientConfig>) -> Result<LoadResult> {
         p90_us: percentile(&latencies, 0.90),
         p99_us: percentile(&latencies, 0.99),
         max_us: latencies.last().copied().unwrap_or(0),
+        connections: outs.iter().map(|o| o.connections).sum(),
         first_error: outs.into_iter().find_map(|o| o.first_error),
     })
 }
@@ -239,6 +246,9 @@ async fn worker(
             break;
         }
         let began = due.unwrap_or_else(Instant::now);
+        if conn.is_none() {
+            out.connections += 1;
+        }
         let result =
             tokio::time::timeout(spec.request_timeout, one(&spec, &tls, &mut conn, &request)).await;
         let done = Instant::now();
@@ -279,7 +289,10 @@ async fn one(
         Some(sender) => sender,
         None => conn.insert(client::open(spec.via, &spec.target, tls.clone()).await?),
     };
-    let len = client::fetch(sender, client::clone_request(request)).await?;
+    let (len, reusable) = client::fetch_reusable(sender, client::clone_request(request)).await?;
+    if !reusable {
+        *conn = None;
+    }
     if let Some(expected) = spec.expect_body {
         anyhow::ensure!(len == expected, "body of {len} bytes, expected {expected}");
     }

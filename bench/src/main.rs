@@ -13,10 +13,11 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use pinproxy_bench::client::{Target, Via};
 use pinproxy_bench::load::{ConnMode, LoadSpec};
+use pinproxy_bench::origin::OriginOptions;
 use pinproxy_bench::pins::PinSpec;
 use pinproxy_bench::suite::SuiteConfig;
 use pinproxy_bench::tunnels::TunnelSpec;
-use pinproxy_bench::{exit, load, mint, origin, pins, suite, tls, tunnels};
+use pinproxy_bench::{exit, load, mint, origin, pins, relay, suite, tls, tunnels};
 use rustls::ClientConfig;
 
 /// Benchmark tools for pinproxy. Everything talks to loopback only.
@@ -32,7 +33,7 @@ enum Cmd {
     /// Run the whole suite and write BENCHMARKS.md. A flag given twice takes
     /// its last value, so `bench/run.sh --out other.md` overrides run.sh's.
     #[command(args_override_self = true)]
-    Suite(SuiteArgs),
+    Suite(Box<SuiteArgs>),
     /// Serve HTTPS with a fresh CA; prints `READY ADDR`.
     Origin(OriginArgs),
     /// A minimal CONNECT exit proxy; prints `READY ADDR`.
@@ -47,6 +48,9 @@ enum Cmd {
     Mint(MintArgs),
     /// Time CONNECT + TLS handshakes through a proxy, new versus cached host; prints JSON.
     Handshakes(HandshakeArgs),
+    /// Relay TCP to a server counting the client's round trips; prints
+    /// `READY ADDR`, and the totals as JSON on each `stats` line of stdin.
+    Relay(RelayArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +64,23 @@ struct SuiteArgs {
     /// Why mitmproxy could not be installed (reported in place of (e)).
     #[arg(long)]
     mitmproxy_missing: Option<String>,
+    /// The hudsucker peer binary (setup (f)), when built.
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// The peer's crate and version, for the report (e.g. "hudsucker 0.25.0").
+    #[arg(long)]
+    peer_label: Option<String>,
+    /// Why the peer could not be built (reported in place of (f)).
+    #[arg(long)]
+    peer_missing: Option<String>,
+    /// `libpinbench-heap.so` (bench/heapcount), preloaded into the pin
+    /// phase's pinproxy to count its live heap bytes; without it, bytes per
+    /// pin are RSS growth only.
+    #[arg(long)]
+    heap_counter: Option<PathBuf>,
+    /// pinproxy's source tree, for --clean-build.
+    #[arg(long)]
+    source_dir: Option<PathBuf>,
     /// The report to write.
     #[arg(long)]
     out: PathBuf,
@@ -107,12 +128,13 @@ struct SuiteArgs {
     /// New identities (one pin each) for the identity measurement.
     #[arg(long, default_value_t = 2000)]
     identities: u64,
-    /// Phases to run, comma-separated (throughput, tunnels, pins, stores,
-    /// mint); the report leaves the others empty. For quick looks while tuning.
+    /// Phases to run, comma-separated (throughput, callgrind, upstream,
+    /// tunnels, pins, stores, mint, fleet); the report leaves the others
+    /// empty. For quick looks while tuning.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,tunnels,pins,stores,mint"
+        default_value = "throughput,callgrind,upstream,tunnels,pins,stores,mint,fleet"
     )]
     phases: Vec<String>,
     /// Pins per concurrent `pinproxy store bench` run.
@@ -121,6 +143,28 @@ struct SuiteArgs {
     /// Pins the embedded store is filled with for its scale row (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     store_scale_pins: u64,
+    /// Where callgrind's output and pinproxy's per-request profile go
+    /// [default: the scratch directory].
+    #[arg(long)]
+    callgrind_dir: Option<PathBuf>,
+    /// Requests of the longer callgrind run per proxy (the shorter sends a third).
+    #[arg(long, default_value_t = 6000)]
+    callgrind_requests: u64,
+    /// Identities founded per fingerprint mode to measure memory per
+    /// upstream connection.
+    #[arg(long, default_value_t = 1000)]
+    upstream_conns: u64,
+    /// Also time a clean `cargo build --release` of pinproxy into an empty
+    /// target directory (about 10 minutes on 2 cores; needs --source-dir).
+    #[arg(long)]
+    clean_build: bool,
+    /// Most pinproxy replicas sharing one Redis in the fleet phase.
+    #[arg(long, default_value_t = 4)]
+    fleet_replicas: usize,
+    /// Synthetic identities (4 pins each) written into a scratch Redis
+    /// database for its memory at scale (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    redis_identities: u64,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +178,14 @@ struct OriginArgs {
     /// Response body size.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
+    /// Close every connection after its response (`Connection: close`), so
+    /// a proxy in front can never reuse an upstream connection.
+    #[arg(long)]
+    close: bool,
+    /// Record TLS handshake times (TCP accept to handshake done); a
+    /// `handshakes` line on stdin prints them as JSON and starts afresh.
+    #[arg(long)]
+    handshake_stats: bool,
 }
 
 #[derive(Debug, Args)]
@@ -247,9 +299,10 @@ struct PinArgs {
     /// New tracked cookies per request.
     #[arg(long, default_value_t = 64)]
     per_request: usize,
-    /// Longest time one fill may take, seconds.
-    #[arg(long, default_value_t = 300)]
-    fill_limit_secs: u64,
+    /// Longest time one fill may take, seconds (a fill of more pins than
+    /// fit in it measures the rate over that time).
+    #[arg(long, default_value_t = 300.0)]
+    fill_limit_secs: f64,
     /// Prefix making cookie values unique to this run.
     #[arg(long, default_value = "pinbench")]
     tag: String,
@@ -266,6 +319,16 @@ struct MintArgs {
     /// Cached look-ups timed after each new host.
     #[arg(long, default_value_t = 20)]
     cached_per_new: usize,
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The server relayed to.
+    #[arg(long)]
+    to: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -333,6 +396,11 @@ fn main() -> Result<()> {
             pinproxy: a.pinproxy,
             mitmdump: a.mitmdump,
             mitmproxy_missing: a.mitmproxy_missing,
+            peer: a.peer,
+            peer_label: a.peer_label,
+            peer_missing: a.peer_missing,
+            heap_counter: a.heap_counter,
+            source_dir: a.source_dir,
             out: a.out,
             raw_out: a.raw_out,
             work_dir: a.work_dir,
@@ -351,12 +419,27 @@ fn main() -> Result<()> {
             phases: a.phases,
             store_pins: a.store_pins,
             store_scale_pins: a.store_scale_pins,
+            callgrind_dir: a.callgrind_dir,
+            callgrind_requests: a.callgrind_requests,
+            upstream_conns: a.upstream_conns,
+            clean_build: a.clean_build,
+            fleet_replicas: a.fleet_replicas,
+            redis_identities: a.redis_identities,
         }),
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;
             let config = tls::origin_server_config(&a.ca_out)?;
             let body = Bytes::from(vec![b'x'; a.body_bytes]);
-            serve_ready(a.listen, |listener| origin::serve(listener, config, body))
+            let options = OriginOptions {
+                close: a.close,
+                handshakes: a.handshake_stats.then(Default::default),
+            };
+            serve_ready(a.listen, |listener| async move {
+                if let Some(handshakes) = options.handshakes.clone() {
+                    tokio::spawn(handshakes.report_on_stdin());
+                }
+                origin::serve(listener, config, body, options).await
+            })
         }
         Cmd::Exit(a) => {
             ensure_loopback(&[Some(a.listen)])?;
@@ -407,7 +490,7 @@ fn main() -> Result<()> {
                 path: t.path.clone(),
                 concurrency: a.concurrency.max(1),
                 per_request: a.per_request,
-                fill_limit: Duration::from_secs(a.fill_limit_secs),
+                fill_limit: Duration::from_secs_f64(a.fill_limit_secs.max(0.0)),
                 tag: a.tag,
                 anchor: a.anchor,
             };
@@ -417,6 +500,14 @@ fn main() -> Result<()> {
             let report = runtime()?.block_on(mint::library(a.count, a.cached_per_new))?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
+        }
+        Cmd::Relay(a) => {
+            ensure_loopback(&[Some(a.listen), Some(a.to)])?;
+            let counters = Arc::new(relay::Counters::default());
+            serve_ready(a.listen, |listener| async move {
+                tokio::spawn(counters.clone().report_on_stdin());
+                relay::serve(listener, a.to, counters).await
+            })
         }
         Cmd::Handshakes(a) => {
             ensure_loopback(&[Some(a.proxy)])?;

@@ -13,7 +13,8 @@
 //! of a worker also carries that worker's own anchor cookie, so all its pins
 //! join one identity and the fill measures the pins alone; without it, every
 //! request makes a new identity. Driven over stdin/stdout like the tunnel holder:
-//! `fill N` creates at least N more pins and prints one JSON line; end of
+//! `fill N` creates at least N more pins and prints one JSON line (`warm R`:
+//! every worker sends R requests without new cookies, see [`warm`]); end of
 //! input exits. Cookie values are never printed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,17 +89,118 @@ pub async fn run(spec: PinSpec, tls: Arc<ClientConfig>) -> Result<()> {
     let mut total_pins = 0;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
-        let Some(n) = line
-            .trim()
-            .strip_prefix("fill ")
-            .and_then(|n| n.trim().parse::<u64>().ok())
-        else {
+        let line = line.trim();
+        let number = |prefix: &str| {
+            line.strip_prefix(prefix)
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        };
+        let report = if let Some(n) = number("fill ") {
+            fill(&spec, &tls, &sequence, &mut senders, n, &mut total_pins).await?
+        } else if let Some(rounds) = number("warm ") {
+            warm(&spec, &tls, &mut senders, rounds, total_pins).await?
+        } else {
             continue;
         };
-        let report = fill(&spec, &tls, &sequence, &mut senders, n, &mut total_pins).await?;
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// `warm R`: every worker sends `rounds` requests carrying no new cookie
+/// (only its anchor, with `anchor`), so its connection, its identity and
+/// that identity's upstream connection exist before a baseline is taken,
+/// with one pin per worker at most. Reports `pins: 0`.
+async fn warm(
+    spec: &Arc<PinSpec>,
+    tls: &Arc<ClientConfig>,
+    senders: &mut [Option<Sender>],
+    rounds: u64,
+    total_pins: u64,
+) -> Result<FillReport> {
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, slot) in senders.iter_mut().enumerate() {
+        let mut conn = slot.take();
+        let (spec, tls) = (spec.clone(), tls.clone());
+        set.spawn(async move {
+            let mut tally = Tally::default();
+            for _ in 0..rounds {
+                tally.send(&spec, &tls, &mut conn, i, 0, 0).await;
+            }
+            (i, conn, tally)
+        });
+    }
+    let tally = Tally::join(set, senders).await?;
+    Ok(FillReport {
+        pins: 0,
+        total_pins,
+        requests: tally.ok,
+        failed: tally.failed,
+        secs: started.elapsed().as_secs_f64(),
+        first_error: tally.first_error,
+    })
+}
+
+/// The requests of one worker (or, joined, of all): succeeded, failed, and
+/// the first failure.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    /// Sends one request of `per` new cookies numbered from `first`
+    /// (bounded by 20 s) and counts it; a failure drops the connection, so
+    /// the next request opens a new one.
+    async fn send(
+        &mut self,
+        spec: &PinSpec,
+        tls: &Arc<ClientConfig>,
+        conn: &mut Option<Sender>,
+        worker: usize,
+        first: u64,
+        per: u64,
+    ) {
+        let error = match tokio::time::timeout(
+            Duration::from_secs(20),
+            one(spec, tls, conn, worker, first, per),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                self.ok += 1;
+                return;
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "request timed out".to_owned(),
+        };
+        self.failed += 1;
+        self.first_error.get_or_insert(error);
+        *conn = None;
+    }
+
+    /// Waits for every worker, puts its connection back in its slot and
+    /// adds up their tallies.
+    async fn join(
+        mut set: JoinSet<(usize, Option<Sender>, Tally)>,
+        senders: &mut [Option<Sender>],
+    ) -> Result<Tally> {
+        let mut all = Tally::default();
+        while let Some(joined) = set.join_next().await {
+            let (i, conn, tally) = joined?;
+            if let Some(slot) = senders.get_mut(i) {
+                *slot = conn;
+            }
+            all.ok += tally.ok;
+            all.failed += tally.failed;
+            if all.first_error.is_none() {
+                all.first_error = tally.first_error;
+            }
+        }
+        Ok(all)
+    }
 }
 
 async fn fill(
@@ -121,54 +223,26 @@ async fn fill(
             (spec.clone(), tls.clone(), sequence.clone(), issued.clone());
         set.spawn(async move {
             let mut conn = conn;
-            let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+            let mut tally = Tally::default();
             while Instant::now() < deadline
                 && issued.fetch_add(1, Ordering::Relaxed) < requests_needed
             {
                 let first = sequence.fetch_add(per, Ordering::Relaxed);
-                match tokio::time::timeout(
-                    Duration::from_secs(20),
-                    one(&spec, &tls, &mut conn, i, first, per),
-                )
-                .await
-                {
-                    Ok(Ok(())) => ok += 1,
-                    Ok(Err(e)) => {
-                        failed += 1;
-                        first_error.get_or_insert_with(|| format!("{e:#}"));
-                        conn = None;
-                    }
-                    Err(_) => {
-                        failed += 1;
-                        first_error.get_or_insert_with(|| "request timed out".to_owned());
-                        conn = None;
-                    }
-                }
+                tally.send(&spec, &tls, &mut conn, i, first, per).await;
             }
-            (i, conn, ok, failed, first_error)
+            (i, conn, tally)
         });
     }
-    let (mut ok, mut failed, mut first_error) = (0, 0, None);
-    while let Some(joined) = set.join_next().await {
-        let (i, conn, o, f, e) = joined?;
-        if let Some(slot) = senders.get_mut(i) {
-            *slot = conn;
-        }
-        ok += o;
-        failed += f;
-        if first_error.is_none() {
-            first_error = e;
-        }
-    }
-    let pins = ok * per;
+    let tally = Tally::join(set, senders).await?;
+    let pins = tally.ok * per;
     *total_pins += pins;
     Ok(FillReport {
         pins,
         total_pins: *total_pins,
-        requests: ok,
-        failed,
+        requests: tally.ok,
+        failed: tally.failed,
         secs: started.elapsed().as_secs_f64(),
-        first_error,
+        first_error: tally.first_error,
     })
 }
 

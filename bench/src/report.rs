@@ -15,10 +15,13 @@ use serde::{Deserialize, Serialize};
 use crate::load::ConnMode;
 use crate::mint::MintReport;
 use crate::stats::{median, range};
+use crate::suite::callgrind::CallgrindReport;
+use crate::suite::fleet::FleetReport;
 use crate::suite::pins::{IdentityRow, PinRow};
 use crate::suite::stores::{StoreRow, StoreScale};
 use crate::suite::throughput::{Sample, Setup};
 use crate::suite::tunnels::TunnelRow;
+use crate::suite::upstream::UpstreamReport;
 use crate::suite::PHASES;
 
 /// Machine and software facts.
@@ -38,6 +41,9 @@ pub struct Machine {
     pub revision: String,
     /// `mitmdump --version`'s first line, or why it is missing.
     pub mitmproxy: String,
+    /// The hudsucker peer's crate version, or why it is missing.
+    #[serde(default)]
+    pub peer: String,
 }
 
 /// Knobs of the run.
@@ -89,6 +95,15 @@ pub struct Results {
     pub stores: Vec<StoreRow>,
     /// The embedded store at scale.
     pub store_scale: Option<StoreScale>,
+    /// Instruction counts under callgrind.
+    #[serde(default)]
+    pub callgrind: Option<CallgrindReport>,
+    /// The fingerprint modes' cold pool, upstream connection memory and build.
+    #[serde(default)]
+    pub upstream: Option<UpstreamReport>,
+    /// Replicas on one Redis.
+    #[serde(default)]
+    pub fleet: Option<FleetReport>,
     /// Leaf minting in-process.
     pub mint_library: Option<MintReport>,
     /// Leaf minting as a client sees it.
@@ -138,6 +153,22 @@ const HISTORY_START: &str = "<!-- history:start -->";
 const HISTORY_END: &str = "<!-- history:end -->";
 /// History rows kept (the latest run included).
 const HISTORY_ROWS: usize = 8;
+/// The history table's columns; new ones go at the end (older rows are
+/// padded with `–`).
+const HISTORY_COLUMNS: [&str; 12] = [
+    "date",
+    "pinproxy",
+    "cores",
+    "(c) req/s",
+    "(c)/(b)",
+    "(c)/(e)",
+    "(d)/(c)",
+    "per idle tunnel",
+    "per pin",
+    "(c)/(f)",
+    "instructions (g)/(f)",
+    "mirror/rustls",
+];
 
 impl Results {
     /// Renders the whole `BENCHMARKS.md`, carrying over history rows from
@@ -160,6 +191,7 @@ impl Results {
         let _ = writeln!(out, "| kernel | {} |", m.kernel);
         let _ = writeln!(out, "| pinproxy | {} |", m.revision);
         let _ = writeln!(out, "| mitmproxy | {} |", m.mitmproxy);
+        let _ = writeln!(out, "| peer (f) | {} |", m.peer);
         if let Some(setup) = self.setup_secs {
             let _ = writeln!(out, "| install and build time | {setup:.0} s |");
         }
@@ -234,23 +266,33 @@ impl Results {
         let _ = writeln!(
             out,
             "- Load: `pinbench load`, hyper 1 + rustls (TLS 1.3, default key exchange, no session \
-             resumption, HTTP/1.1), through `CONNECT` for (b)–(e). *keep-alive*: one connection \
+             resumption, HTTP/1.1), through `CONNECT` for (b)–(g). *keep-alive*: one connection \
              per client for the whole run; *new conn*: TCP, `CONNECT` and a full TLS handshake \
              for every request, all inside the measured latency. Each client sends one untimed \
              warm-up request, then all start together."
         );
         let _ = writeln!(
             out,
-            "- Setups run one after another within each round, in the order (a)…(e) in even \
+            "- Setups run one after another within each round, in the order (a)…(g) in even \
              rounds and reversed in odd ones, so drift of the machine hits all of them alike. \
              (c) and (d) use the same pinproxy process; (d) sends `datadome` and `cf_clearance` \
              cookies (plus an untracked one) on every request, unique per client and run, so the \
-             first request of each client pins them and the rest are routed by the pin."
+             first request of each client pins them and the rest are routed by the pin. \
+             (c-chrome), (c-rustls), (c′) and (g) are pinproxy processes of their own."
         );
         let _ = writeln!(
             out,
-            "- Memory is `VmRSS` from `/proc/PID/status`, CPU is utime+stime from \
-             `/proc/PID/stat`, both of the pinproxy process."
+            "- Peer (f): `bench/peer`, a plain MITM on the published hudsucker crate with a no-op \
+             handler and its own CA, trusting the origin's CA, HTTP/1.1 and h2, TCP_NODELAY on \
+             both legs (as pinproxy and the bench tools set it), no exit. (g) is pinproxy on the \
+             same path: its built-in direct exit, no exit proxy."
+        );
+        let _ = writeln!(
+            out,
+            "- Memory is `VmRSS` from `/proc/PID/status` (and, for pins, the live heap bytes \
+             counted by a preloaded allocator wrapper), CPU is utime+stime from \
+             `/proc/PID/stat`, of the process under test; instruction counts come from \
+             valgrind's callgrind (chapter 1)."
         );
         let _ = writeln!(out);
     }
@@ -276,14 +318,28 @@ impl Results {
         let rps = self
             .median_rps(Setup::Pinproxy, ConnMode::KeepAlive, 32)
             .map_or("–".into(), |v| format!("{v:.0}"));
+        let per_request = |key: &str| {
+            self.callgrind
+                .as_ref()?
+                .rows
+                .iter()
+                .find(|r| r.proxy == key)?
+                .per_request()
+        };
+        let instructions = match (per_request("pinproxy"), per_request("hudsucker")) {
+            (Some(g), Some(f)) if f > 0.0 => format!("{:.2}", g / f),
+            _ => "–".into(),
+        };
         format!(
-            "| {} | {} | {} | {rps} | {} | {} | {} | {tunnel} | {pin} |",
+            "| {} | {} | {} | {rps} | {} | {} | {} | {tunnel} | {pin} | {} | {instructions} | {} |",
             self.machine.date,
             self.machine.revision,
             self.machine.cores,
             ka32(Setup::Pinproxy, Setup::Exit),
             ka32(Setup::Pinproxy, Setup::Mitmproxy),
             ka32(Setup::PinproxyCookies, Setup::Pinproxy),
+            ka32(Setup::Pinproxy, Setup::Hudsucker),
+            ka32(Setup::Pinproxy, Setup::PinproxyRustls),
         )
     }
 
@@ -294,17 +350,17 @@ impl Results {
         let _ = writeln!(
             out,
             "Headline figures of the latest runs (newest first, at most {HISTORY_ROWS}); \
-             ratios are keep-alive at concurrency 32, per-tunnel and per-pin at the largest \
-             count.\n"
+             ratios are keep-alive at concurrency 32 (mirror/rustls is (c) over (c-rustls)), \
+             per-tunnel and per-pin at the largest count, instructions per request from \
+             callgrind.\n"
         );
-        let _ = writeln!(
-            out,
-            "| date | pinproxy | cores | (c) req/s | (c)/(b) | (c)/(e) | (d)/(c) | per idle tunnel | per pin |"
-        );
-        let _ = writeln!(
-            out,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-        );
+        let _ = writeln!(out, "| {} |", HISTORY_COLUMNS.join(" | "));
+        let rule: Vec<&str> = HISTORY_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i < 2 { "---" } else { "---:" })
+            .collect();
+        let _ = writeln!(out, "| {} |", rule.join(" | "));
         let _ = writeln!(out, "{HISTORY_START}");
         let _ = writeln!(out, "{}", self.history_row());
         let old: Vec<&str> = previous
@@ -319,8 +375,11 @@ impl Results {
                 )
             })
             .unwrap_or_default();
+        let columns = HISTORY_COLUMNS.len() + 1;
         for line in old.into_iter().take(HISTORY_ROWS - 1) {
-            let _ = writeln!(out, "{line}");
+            // Rows from before a column was added get `–` in it.
+            let missing = columns.saturating_sub(line.matches('|').count());
+            let _ = writeln!(out, "{line}{}", " – |".repeat(missing));
         }
         let _ = writeln!(out, "{HISTORY_END}");
     }
@@ -385,7 +444,10 @@ pub(crate) fn fmt_range(values: &[f64], unit: &str) -> String {
 mod tests {
     use super::*;
     use crate::load::LoadResult;
+    use crate::suite::callgrind::CallgrindRow;
+    use crate::suite::fleet::{FleetStep, RedisMemory, RoundTrips};
     use crate::suite::throughput::CELLS;
+    use crate::suite::upstream::{BuildFacts, ColdSample, ConnMemory};
 
     #[test]
     fn groups_thousands() {
@@ -421,6 +483,64 @@ mod tests {
             }],
             mint_library: Some(MintReport::default()),
             mint_handshake: Some(MintReport::default()),
+            callgrind: Some(CallgrindReport {
+                rows: ["pinproxy", "hudsucker"]
+                    .map(|proxy| CallgrindRow {
+                        proxy: proxy.into(),
+                        label: proxy.into(),
+                        requests_short: 10,
+                        instructions_short: 1_000,
+                        requests_long: 30,
+                        instructions_long: 3_000,
+                        errors: 0,
+                    })
+                    .into(),
+                profile: Some("profile.txt".into()),
+                ..CallgrindReport::default()
+            }),
+            upstream: Some(UpstreamReport {
+                cold: [1, 32]
+                    .into_iter()
+                    .flat_map(|concurrency| {
+                        ["mirror", "chrome", "rustls"].map(|mode| ColdSample {
+                            mode: mode.into(),
+                            concurrency,
+                            rps: 100.0,
+                            ..ColdSample::default()
+                        })
+                    })
+                    .collect(),
+                memory: vec![ConnMemory {
+                    mode: "mirror".into(),
+                    identities: 10,
+                    rss_kept: 100_000,
+                    fds_kept: 10,
+                    ..ConnMemory::default()
+                }],
+                build: Some(BuildFacts {
+                    pinproxy_bytes: 1 << 20,
+                    clean_build_secs: Some(600.0),
+                    ..BuildFacts::default()
+                }),
+            }),
+            fleet: Some(FleetReport {
+                steps: vec![FleetStep {
+                    replicas: 2,
+                    identities_per_sec: vec![10.0, 20.0],
+                    redis_us_per_identity: Some(50.0),
+                    hits_per_sec: vec![100.0, 200.0],
+                    redis_us_per_hit: Some(20.0),
+                    pinproxy_us_per_hit: Some(100.0),
+                    ..FleetStep::default()
+                }],
+                memory: Some(RedisMemory {
+                    identities: 1000,
+                    used_memory_growth: 1_000_000,
+                    ..RedisMemory::default()
+                }),
+                round_trips: Some(RoundTrips::default()),
+                ..FleetReport::default()
+            }),
             notes: vec!["a note".into()],
             ..Results::default()
         };
@@ -467,7 +587,16 @@ mod tests {
                 header = None;
             }
         }
-        for goal in ["(c)/(b) ≥ 0.5", "per idle tunnel", "per live pin"] {
+        for goal in [
+            "(c)/(b) ≥ 0.6",
+            "per idle tunnel",
+            "per live pin",
+            "(g) (pinproxy, direct exit) ≤ (f)'s",
+            "instructions per keep-alive request of (g)",
+            "mirror mode ≥ 0.9× rustls mode's",
+            "A model for 10 to 100 replicas",
+            "Upstream handshakes: the pool forced cold",
+        ] {
             assert!(text.contains(goal), "{goal}");
         }
     }
@@ -477,6 +606,20 @@ mod tests {
         let results = full_results();
         let r = results.rps_ratios(Setup::Pinproxy, Setup::Exit, ConnMode::KeepAlive, 1);
         assert_eq!(r, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn history_rows_from_before_new_columns_are_padded() {
+        let old = format!(
+            "{HISTORY_START}\n| 2025-01-01 | abc | 2 | 1 | 0.5 | 30 | 0.9 | 9 KiB | 130 B |\n{HISTORY_END}\n"
+        );
+        let text = Results::default().render(Some(&old));
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("| 2025-01-01"))
+            .unwrap();
+        assert_eq!(row.matches('|').count(), HISTORY_COLUMNS.len() + 1);
+        assert!(row.ends_with("| – | – | – |"), "{row}");
     }
 
     #[test]

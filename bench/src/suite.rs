@@ -12,6 +12,8 @@
 //! Every child is owned by a [`Proc`] that kills it (by its PID) when
 //! dropped, so an error anywhere still leaves nothing running.
 
+pub mod callgrind;
+pub mod fleet;
 mod machine;
 pub mod mint;
 pub mod pins;
@@ -20,6 +22,7 @@ mod servers;
 pub mod stores;
 pub mod throughput;
 pub mod tunnels;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +43,16 @@ pub struct SuiteConfig {
     pub mitmdump: Option<PathBuf>,
     /// Why mitmproxy is missing, when it is.
     pub mitmproxy_missing: Option<String>,
+    /// The hudsucker peer (setup (f)), when it was built.
+    pub peer: Option<PathBuf>,
+    /// The peer's name and version for the report (`hudsucker 0.25.0`).
+    pub peer_label: Option<String>,
+    /// Why the peer is missing, when it is.
+    pub peer_missing: Option<String>,
+    /// The heap-counting preload library (bench/heapcount), when built.
+    pub heap_counter: Option<PathBuf>,
+    /// pinproxy's source tree (for the clean build).
+    pub source_dir: Option<PathBuf>,
     /// Where `BENCHMARKS.md` goes.
     pub out: PathBuf,
     /// Where the raw results (JSON) go.
@@ -72,13 +85,26 @@ pub struct SuiteConfig {
     pub mint_count: usize,
     /// New identities created (one pin each) for the identity row.
     pub identity_count: u64,
-    /// Which phases run (`throughput`, `tunnels`, `pins`, `stores`, `mint`).
+    /// Which phases run (keys of [`PHASES`]).
     pub phases: Vec<String>,
     /// Pins per concurrent `store bench` run (single-writer runs write a
     /// tenth of it).
     pub store_pins: u64,
     /// Pins the embedded store is filled with for the scale row (0: skip).
     pub store_scale_pins: u64,
+    /// Where callgrind's output and pinproxy's per-request profile go (the
+    /// scratch directory's `callgrind/` when `None`).
+    pub callgrind_dir: Option<PathBuf>,
+    /// Requests of the longer callgrind run (the shorter has a third).
+    pub callgrind_requests: u64,
+    /// Identities founded to measure memory per upstream connection.
+    pub upstream_conns: u64,
+    /// Time a clean `cargo build --release` of pinproxy (about 10 minutes).
+    pub clean_build: bool,
+    /// Most pinproxy replicas on one Redis in the fleet phase.
+    pub fleet_replicas: usize,
+    /// Synthetic identities written into Redis for its memory at scale (0: skip).
+    pub redis_identities: u64,
 }
 
 /// Body size served by the origin.
@@ -101,12 +127,15 @@ pub struct Phase {
 }
 
 /// The phases, in the order they run and appear in the report.
-pub const PHASES: [Phase; 5] = [
+pub const PHASES: [Phase; 8] = [
     throughput::PHASE,
+    callgrind::PHASE,
+    upstream::PHASE,
     tunnels::PHASE,
     pins::PHASE,
     stores::PHASE,
     mint::PHASE,
+    fleet::PHASE,
 ];
 
 /// Progress on stderr.

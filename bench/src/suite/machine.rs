@@ -15,7 +15,7 @@ fn command_line(program: &str, args: &[&str]) -> Option<String> {
     Some(text.trim().to_owned())
 }
 
-/// Cores, CPU, memory, kernel, date, and the pinproxy and mitmproxy versions.
+/// Cores, CPU, memory, kernel, date, and the pinproxy, mitmproxy and peer versions.
 pub(super) fn facts(config: &SuiteConfig) -> Result<Machine> {
     let cores = command_line("nproc", &[])
         .and_then(|s| s.parse().ok())
@@ -47,7 +47,16 @@ pub(super) fn facts(config: &SuiteConfig) -> Result<Machine> {
         (None, Some(why)) => format!("not installable: {why}"),
         (None, None) => "not installable".into(),
     };
+    let peer = match (&config.peer, &config.peer_missing) {
+        (Some(_), _) => config
+            .peer_label
+            .clone()
+            .unwrap_or_else(|| "hudsucker (version unknown)".into()),
+        (None, Some(why)) => format!("not built: {why}"),
+        (None, None) => "not built (no --peer)".into(),
+    };
     Ok(Machine {
+        peer,
         cores,
         cpu_model,
         kernel,

@@ -164,6 +164,28 @@ impl Proc {
         }
     }
 
+    /// Asks it to stop with SIGTERM (through `kill`, by its PID) and waits
+    /// up to `timeout` for it to exit; whether it did (else it is killed
+    /// when dropped).
+    pub(super) fn terminate(&mut self, timeout: Duration) -> bool {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            return self.exited();
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.exited() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// Whether it has exited.
     pub(super) fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))

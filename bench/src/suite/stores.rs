@@ -272,7 +272,7 @@ fn start_replica(suite: &Suite, primary: &Server) -> Result<Server> {
 }
 
 /// Starts a throwaway `redis-server` (no persistence) on a free port.
-fn start_redis(suite: &Suite, program: &Path) -> Result<Server> {
+pub(super) fn start_redis(suite: &Suite, program: &Path) -> Result<Server> {
     let addr = free_addr()?;
     let mut cmd = Command::new(program);
     cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])

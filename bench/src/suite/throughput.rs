@@ -1,7 +1,7 @@
-//! The throughput phase, chapter 1 of the report: every setup (a)–(e) under
-//! the same closed-loop load at each cell of [`CELLS`], interleaved within
-//! rounds, then the setups that can sustain it at a fixed rate below
-//! saturation. Each run records the CPU time of the proxy under test and the
+//! The throughput phase, chapter 1 of the report: every setup (a)–(g)
+//! (with (c) in each fingerprint mode) under the same closed-loop load at
+//! each cell of [`CELLS`], interleaved within rounds, then the setups that
+//! can sustain it at a fixed rate below saturation. Each run records the CPU time of the proxy under test and the
 //! kernel's accept-queue drops. Its section of the report is in [`render`].
 
 pub mod render;
@@ -14,7 +14,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::procs::{free_addr, path_str};
-use super::servers::{start_server, Server};
+use super::servers::{fingerprint_toml, start_server, PinproxyOptions, Server};
 use super::{Phase, Suite};
 use crate::load::{ConnMode, LoadResult};
 use crate::procfs::{self, ProcSample};
@@ -49,8 +49,13 @@ pub enum Setup {
     Direct,
     /// (b) through the exit proxy alone (a CONNECT tunnel, no MITM).
     Exit,
-    /// (c) through pinproxy with one exit.
+    /// (c) through pinproxy with one exit, in its default fingerprint mode
+    /// (`mirror`).
     Pinproxy,
+    /// (c-chrome) as (c) with `upstream.fingerprint = "chrome"`.
+    PinproxyChrome,
+    /// (c-rustls) as (c) with `upstream.fingerprint = "rustls"`.
+    PinproxyRustls,
     /// (c′) as (c) with a wider upstream pool (`limits.max_idle_per_origin`),
     /// run only at keep-alive with the highest concurrency.
     PinproxyWidePool,
@@ -58,28 +63,42 @@ pub enum Setup {
     PinproxyCookies,
     /// (e) mitmproxy in upstream mode to the same exit.
     Mitmproxy,
+    /// (f) the peer: a plain MITM on the hudsucker crate (no pinning, no
+    /// exit).
+    Hudsucker,
+    /// (g) pinproxy with its built-in direct exit: (f)'s path, with pinning.
+    PinproxyDirect,
 }
 
 impl Setup {
     /// All setups, in table order.
-    pub const ALL: [Setup; 6] = [
+    pub const ALL: [Setup; 10] = [
         Setup::Direct,
         Setup::Exit,
         Setup::Pinproxy,
+        Setup::PinproxyChrome,
+        Setup::PinproxyRustls,
         Setup::PinproxyWidePool,
         Setup::PinproxyCookies,
         Setup::Mitmproxy,
+        Setup::Hudsucker,
+        Setup::PinproxyDirect,
     ];
 
-    /// The letter used in the issue: a..e (c′ for the wide-pool variant).
+    /// The letter used in the issues: a..g (c′ for the wide-pool variant,
+    /// c-chrome and c-rustls for the other fingerprint modes).
     pub fn letter(self) -> &'static str {
         match self {
             Setup::Direct => "a",
             Setup::Exit => "b",
             Setup::Pinproxy => "c",
+            Setup::PinproxyChrome => "c-chrome",
+            Setup::PinproxyRustls => "c-rustls",
             Setup::PinproxyWidePool => "c′",
             Setup::PinproxyCookies => "d",
             Setup::Mitmproxy => "e",
+            Setup::Hudsucker => "f",
+            Setup::PinproxyDirect => "g",
         }
     }
 
@@ -88,11 +107,28 @@ impl Setup {
         match self {
             Setup::Direct => "direct to the origin",
             Setup::Exit => "exit proxy alone (CONNECT tunnel)",
-            Setup::Pinproxy => "pinproxy, one exit",
+            Setup::Pinproxy => "pinproxy, one exit (fingerprint `mirror`, the default)",
+            Setup::PinproxyChrome => "pinproxy, one exit, fingerprint `chrome`",
+            Setup::PinproxyRustls => "pinproxy, one exit, fingerprint `rustls`",
             Setup::PinproxyWidePool => "pinproxy, `max_idle_per_origin` = concurrency",
             Setup::PinproxyCookies => "pinproxy, tracked cookies on every request",
             Setup::Mitmproxy => "mitmproxy, upstream mode to the exit",
+            Setup::Hudsucker => "hudsucker (plain MITM, no exit, no pinning)",
+            Setup::PinproxyDirect => "pinproxy, built-in direct exit (no exit proxy)",
         }
+    }
+
+    /// Whether the fixed-rate (below saturation) runs include it: not
+    /// mitmproxy, which cannot sustain the rate, nor the variants of (c)
+    /// that only matter saturated.
+    fn at_fixed_rate(self) -> bool {
+        !matches!(
+            self,
+            Setup::Mitmproxy
+                | Setup::PinproxyWidePool
+                | Setup::PinproxyChrome
+                | Setup::PinproxyRustls
+        )
     }
 }
 
@@ -122,8 +158,12 @@ pub struct Sample {
 struct Servers<'a> {
     exit: &'a Server,
     pinproxy: &'a Server,
+    chrome: Option<&'a Server>,
+    rustls: Option<&'a Server>,
     wide: &'a Server,
     mitm: Option<&'a Server>,
+    peer: Option<&'a Server>,
+    direct: Option<&'a Server>,
     origin_ca: &'a Path,
 }
 
@@ -134,14 +174,38 @@ impl Servers<'_> {
             Setup::Direct => None,
             Setup::Exit => Some(self.exit),
             Setup::Pinproxy | Setup::PinproxyCookies => Some(self.pinproxy),
+            Setup::PinproxyChrome => self.chrome,
+            Setup::PinproxyRustls => self.rustls,
             Setup::PinproxyWidePool => Some(self.wide),
             Setup::Mitmproxy => self.mitm,
+            Setup::Hudsucker => self.peer,
+            Setup::PinproxyDirect => self.direct,
+        }
+    }
+
+    /// Whether `setup` can run: its proxy started (or it needs none).
+    fn has(&self, setup: Setup) -> bool {
+        setup == Setup::Direct || self.of(setup).is_some()
+    }
+}
+
+/// Starts an optional server of the phase; when it does not start, notes
+/// why (its setup is then left out) and goes on.
+fn optional(suite: &mut Suite, what: &str, start: Result<Server>) -> Option<Server> {
+    match start {
+        Ok(server) => Some(server),
+        Err(e) => {
+            let note = format!("{what} did not start, so its rows are missing: {e:#}");
+            suite.progress.say(&note);
+            suite.results.notes.push(note);
+            None
         }
     }
 }
 
-/// Runs the phase: starts pinproxy (default and wide pool) and mitmproxy,
-/// then measures every setup in every cell, round after round.
+/// Runs the phase: starts every proxy (pinproxy in each configuration,
+/// mitmproxy, the hudsucker peer), then measures every setup in every
+/// cell, round after round.
 fn run(suite: &mut Suite) -> Result<()> {
     let pinproxy = suite.start_pinproxy("pinproxy-load", None)?;
     let widest = CELLS
@@ -154,6 +218,18 @@ fn run(suite: &mut Suite) -> Result<()> {
         "pinproxy-wide-pool",
         Some(&format!("[limits]\nmax_idle_per_origin = {widest}\n")),
     )?;
+    let chrome = suite.start_pinproxy("pinproxy-chrome", Some(&fingerprint_toml("chrome")));
+    let chrome = optional(suite, "pinproxy in fingerprint mode chrome", chrome);
+    let rustls = suite.start_pinproxy("pinproxy-rustls", Some(&fingerprint_toml("rustls")));
+    let rustls = optional(suite, "pinproxy in fingerprint mode rustls", rustls);
+    let direct = suite.start_pinproxy_with(
+        "pinproxy-direct",
+        PinproxyOptions {
+            direct: true,
+            ..PinproxyOptions::default()
+        },
+    );
+    let direct = optional(suite, "pinproxy with its built-in direct exit (g)", direct);
     let mitm = match &suite.config.mitmdump {
         Some(path) => match start_mitmproxy(suite, path) {
             Ok(server) => Some(server),
@@ -166,23 +242,28 @@ fn run(suite: &mut Suite) -> Result<()> {
         },
         None => None,
     };
-    let mut setups = vec![
-        Setup::Direct,
-        Setup::Exit,
-        Setup::Pinproxy,
-        Setup::PinproxyWidePool,
-        Setup::PinproxyCookies,
-    ];
-    if mitm.is_some() {
-        setups.push(Setup::Mitmproxy);
-    }
+    let peer = match suite.config.peer {
+        Some(_) => {
+            let peer = suite.start_peer("hudsucker-peer");
+            optional(suite, "the hudsucker peer (f)", peer)
+        }
+        None => None,
+    };
     let servers = Servers {
         exit: &suite.exit,
         pinproxy: &pinproxy,
+        chrome: chrome.as_ref(),
+        rustls: rustls.as_ref(),
         wide: &wide,
         mitm: mitm.as_ref(),
+        peer: peer.as_ref(),
+        direct: direct.as_ref(),
         origin_ca: suite.origin_ca()?,
     };
+    let setups: Vec<Setup> = Setup::ALL
+        .into_iter()
+        .filter(|&setup| servers.has(setup))
+        .collect();
     let rounds = suite.config.rounds;
     let mut samples = Vec::new();
     let mut fixed = Vec::new();
@@ -205,13 +286,8 @@ fn run(suite: &mut Suite) -> Result<()> {
                 samples.push(sample);
             }
         }
-        // Latency below saturation, in the same round. mitmproxy is left
-        // out: it cannot sustain the rate, so its figures would only show
-        // its queue.
-        for &setup in &order {
-            if matches!(setup, Setup::Mitmproxy | Setup::PinproxyWidePool) {
-                continue;
-            }
+        // Latency below saturation, in the same round.
+        for &setup in order.iter().filter(|s| s.at_fixed_rate()) {
             let sample = measure(
                 suite,
                 &servers,
