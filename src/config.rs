@@ -522,7 +522,9 @@ impl Default for AdminConfig {
 pub struct Limits {
     /// Largest request header section accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
-    /// Most header fields in one request; more gets 431.
+    /// Most header fields in one request; more gets 431. The default, 100,
+    /// is hyper's own, which spares each request initialising a larger
+    /// header array.
     pub max_headers: usize,
     /// Most client connections served at once; further connections wait in
     /// the kernel's accept queue.
@@ -556,7 +558,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: 64 * 1024,
-            max_headers: 256,
+            max_headers: 100,
             max_connections: 16_384,
             // Sized for a fleet: one pool entry per concurrent client
             // stream, so a keep-alive client never waits for a new

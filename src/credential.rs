@@ -47,6 +47,51 @@ impl PinKey {
     }
 }
 
+/// The hasher of maps keyed by values that are uniformly random already and
+/// that no client can choose: [`PinKey`]s (keyed BLAKE3 outputs: choosing
+/// one needs the secret hashing key) and identity ids (random u64s). Their
+/// bits are the hash, so a lookup costs no second hash (SipHash's defence
+/// against chosen keys buys nothing for keys nobody can choose). Not for
+/// anything a client spells out, such as names or hosts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomKeys;
+
+impl std::hash::BuildHasher for RandomKeys {
+    type Hasher = RandomKeysHasher;
+
+    fn build_hasher(&self) -> RandomKeysHasher {
+        RandomKeysHasher(0)
+    }
+}
+
+/// [`RandomKeys`]' hasher: folds the key's bytes, eight at a time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomKeysHasher(u64);
+
+impl std::hash::Hasher for RandomKeysHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        // Rotating keeps every word's randomness in every bit position
+        // (a length prefix written first only shifts the result).
+        self.0 = self.0.rotate_left(29) ^ word;
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+}
+
 /// Shows the short form (first 8 hex digits), which is what logs and error
 /// messages use.
 impl fmt::Display for PinKey {
@@ -196,6 +241,27 @@ mod tests {
         assert_ne!(h.cookie("a", "b"), PinHasher::new([8; 32]).cookie("a", "b"));
         assert_eq!(h.cookie("a", "b").to_string().len(), 8);
         assert_eq!(h.cookie("a", "b").to_hex().len(), 32);
+    }
+
+    /// Pin keys hashed by `RandomKeys` keep their randomness in the bits
+    /// hash tables use: the low bits (bucket) and the top seven (tag).
+    #[test]
+    fn random_keys_hash_spreads_pin_keys() {
+        use std::hash::BuildHasher as _;
+        let h = hasher();
+        let hashes: Vec<u64> = (0..1000)
+            .map(|n| RandomKeys.hash_one(h.cookie("c", &n.to_string())))
+            .collect();
+        let distinct = |f: fn(u64) -> u64| {
+            hashes
+                .iter()
+                .map(|&x| f(x))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        assert_eq!(distinct(|x| x), 1000);
+        assert_eq!(distinct(|x| x & 0x7f), 128);
+        assert_eq!(distinct(|x| x >> 57), 128);
     }
 
     #[test]

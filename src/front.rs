@@ -43,6 +43,10 @@ use crate::proxy::Pipeline;
 
 pub use listener::accept_loop;
 
+/// hyper's own limit on header fields when none is set (its
+/// `DEFAULT_MAX_HEADERS`).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// Limits and timeouts of client connections (from `limits.*` and
 /// `timeouts.*`).
 #[derive(Debug, Clone)]
@@ -95,9 +99,14 @@ impl Frontend {
             .header_read_timeout(self.settings.client_idle)
             .max_header_size(hard_limit)
             .max_buf_size(hard_limit.max(8192) + 8192)
-            .max_headers(self.settings.max_headers)
             .preserve_header_case(true)
             .keep_alive(true);
+        // hyper parses into an uninitialised inline array of its default
+        // size, but fills a heap array of any size set here on every
+        // request: set it only when it differs (same limit, same 431).
+        if self.settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            builder.max_headers(self.settings.max_headers);
+        }
         builder
     }
 }

@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
+use crate::credential::RandomKeys;
 use crate::identity::{IdentityId, RetireReason};
 use crate::metrics::Metrics;
 use crate::store::{Store, TimedStore};
@@ -42,13 +43,13 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Retirements decided where no await is possible (a body scan), not yet
     /// in the store: routing honours them at once.
-    pending: dashmap::DashMap<IdentityId, RetireReason>,
+    pending: dashmap::DashMap<IdentityId, RetireReason, RandomKeys>,
     /// Background work that changes identities (retirements decided where
     /// no await is possible), awaited at shutdown so none is lost.
     tasks: TaskTracker,
     /// The JA4 each live identity's upstream connections were last seen to
     /// send (measured off the wire; kept in memory only).
-    sent_ja4: dashmap::DashMap<IdentityId, Arc<str>>,
+    sent_ja4: dashmap::DashMap<IdentityId, Arc<str>, RandomKeys>,
 }
 
 impl Router {
@@ -65,9 +66,9 @@ impl Router {
             clock,
             policies: ArcSwap::from_pointee(policies),
             metrics,
-            pending: dashmap::DashMap::new(),
+            pending: dashmap::DashMap::default(),
             tasks,
-            sent_ja4: dashmap::DashMap::new(),
+            sent_ja4: dashmap::DashMap::default(),
         }
     }
 

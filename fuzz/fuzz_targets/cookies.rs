@@ -1,6 +1,7 @@
 //! Cookie and Set-Cookie extraction, and stripping: arbitrary header bytes
 //! (split on NUL into Cookie / X-DataDome-ClientID / Set-Cookie values).
-//! Checks: no panic; stripping every tracked cookie found leaves none.
+//! Checks: no panic; when the request is not refused, stripping every
+//! tracked cookie found leaves none.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let response = fuzzing::headers(sets.iter().map(|s| ("set-cookie", *s)));
     let now = data.len() as u64 * 1_000_000_007;
     let out = fuzzing::cookies(request, &response, now);
+    if out.request.is_none() {
+        // Refused (e.g. a header that is not UTF-8): answered 400, nothing
+        // is forwarded, so there is nothing to strip.
+        return;
+    }
     // What is left after stripping carries no tracked cookie any more.
     let left = fuzzing::headers(out.stripped.iter().map(|c| ("cookie", c.as_bytes())));
     let again = fuzzing::cookies(left, &http::HeaderMap::new(), now);

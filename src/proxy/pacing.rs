@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
+use crate::credential::RandomKeys;
 use crate::identity::IdentityId;
 
 /// How often (in admissions) idle paced entries are swept.
@@ -177,7 +178,7 @@ impl GateState {
 /// so a reload neither forgets in-flight requests nor resets pacing.
 #[derive(Debug, Default)]
 pub struct Pacer {
-    gates: DashMap<IdentityId, Arc<Gate>>,
+    gates: DashMap<IdentityId, Arc<Gate>, RandomKeys>,
     admissions: AtomicU64,
 }
 

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use super::memory::MemoryStore;
 use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
-use crate::credential::PinKey;
+use crate::credential::{PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 
 /// File name of the store in the data directory.
@@ -68,10 +68,11 @@ struct Committed {
 struct Shared {
     memory: MemoryStore,
     /// Records whose latest change is not on disk yet, with its sequence.
-    pending_pins: DashMap<PinKey, u64>,
-    pending_identities: DashMap<IdentityId, u64>,
+    /// (Keys are random, see `RandomKeys`: no second hash per lookup.)
+    pending_pins: DashMap<PinKey, u64, RandomKeys>,
+    pending_identities: DashMap<IdentityId, u64, RandomKeys>,
     /// Identities whose lazily written state changed.
-    dirty: DashSet<IdentityId>,
+    dirty: DashSet<IdentityId, RandomKeys>,
 }
 
 /// The durable store.

@@ -17,8 +17,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
-use crate::credential::PinKey;
 use crate::credential::PinKind;
+use crate::credential::{PinKey, RandomKeys};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
@@ -87,8 +87,9 @@ struct IdentityRecord {
 /// Pins and identities held in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    pins: DashMap<PinKey, PinRecord>,
-    identities: DashMap<IdentityId, IdentityRecord>,
+    // Keys are random (see `RandomKeys`): no second hash per lookup.
+    pins: DashMap<PinKey, PinRecord, RandomKeys>,
+    identities: DashMap<IdentityId, IdentityRecord, RandomKeys>,
     exits: Interner<ExitId>,
     names: Interner<Arc<str>>,
     fingerprints: Interner<Arc<Fingerprint>>,
@@ -116,8 +117,8 @@ impl MemoryStore {
     /// a durable store: no rehashing on the way).
     pub fn with_capacity(pins: usize, identities: usize) -> MemoryStore {
         MemoryStore {
-            pins: DashMap::with_capacity(pins),
-            identities: DashMap::with_capacity(identities),
+            pins: DashMap::with_capacity_and_hasher(pins, RandomKeys),
+            identities: DashMap::with_capacity_and_hasher(identities, RandomKeys),
             ..MemoryStore::default()
         }
     }
