@@ -246,7 +246,10 @@ macro_rules! dispatch {
         match $self {
             Store::Memory($store) => $call.await,
             Store::Durable($store) => $call.await,
-            Store::Redis($store) => $call.await,
+            // Boxed: the Redis futures are several KiB, and unboxed they
+            // would size (and be copied with) every request's future,
+            // whichever store it uses.
+            Store::Redis($store) => Box::pin($call).await,
         }
     };
 }

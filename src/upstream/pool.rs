@@ -241,9 +241,12 @@ impl LanePool {
             if let Some(conn) = self.origins().get_mut(origin).and_then(reusable_h2) {
                 return Ok((Checked::H2(conn), false));
             }
-            return self.dial(origin).await.map(|c| (c, true));
+            return Box::pin(self.dial(origin)).await.map(|c| (c, true));
         }
-        self.dial(origin).await.map(|c| (c, true))
+        // Boxed: dialling (exit, CONNECT, TLS) is a large future that a
+        // keep-alive request never runs; unboxed it would size every
+        // request's future.
+        Box::pin(self.dial(origin)).await.map(|c| (c, true))
     }
 
     fn reusable_h1(&self, conns: &mut Conns) -> Option<H1Conn> {
