@@ -43,10 +43,31 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber (logs to stderr) writing `format`, with
-/// the access log on or off. Returns an error text when `RUST_LOG` cannot be
-/// parsed; logging then stays at `info`.
-pub fn init(format: LogFormat, access: bool) -> Option<String> {
+/// Keeps the log writer's thread alive; dropping it writes the lines still
+/// buffered. Hold it until the process ends.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogGuard")
+    }
+}
+
+/// Lines buffered for the writer thread before new ones are dropped (a
+/// stderr consumer that stopped reading must not stop the proxy).
+const BUFFERED_LINES: usize = 128 * 1024;
+
+/// Installs the global subscriber (logs to stderr, written by a thread of
+/// its own) writing `format`, with the access log on or off. Returns the
+/// writer's guard, and an error text when `RUST_LOG` cannot be parsed;
+/// logging then stays at `info`.
+pub fn init(format: LogFormat, access: bool) -> (LogGuard, Option<String>) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .lossy(true)
+        .thread_name("pinproxy-log")
+        .finish(std::io::stderr());
     let (filter, problem) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match spec.parse::<Targets>() {
             Ok(targets) => (targets, None),
@@ -64,7 +85,7 @@ pub fn init(format: LogFormat, access: bool) -> Option<String> {
     };
     let text = (format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     });
     let json = (format == LogFormat::Json).then(|| {
@@ -73,14 +94,14 @@ pub fn init(format: LogFormat, access: bool) -> Option<String> {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
     });
     let _ = tracing_subscriber::registry()
         .with(text)
         .with(json)
         .with(filter)
         .try_init();
-    problem
+    (LogGuard(guard), problem)
 }
 
 fn default_filter() -> Targets {

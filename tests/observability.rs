@@ -424,3 +424,24 @@ async fn access_log_off_writes_no_access_line() {
         .iter()
         .any(|l| l.contains("pinproxy::access")));
 }
+
+/// Logs are written by a thread of their own: a stderr consumer that stops
+/// reading (a stalled log shipper; the pipe holds 64 KiB, about 250 access
+/// lines) does not stop requests. Before, the request threads wrote stderr
+/// themselves and blocked on the full pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_does_not_stop_the_proxy() {
+    let origin = Origin::start().await;
+    let exit = TestExit::start("127.0.0.2").await;
+    let args = support::process_args(&origin, &[("e".to_owned(), exit.url())]);
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, _unread) = PinproxyProcess::start_unread(dir.path(), &args, "info").await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let mut conn = client.tunnel("localhost", origin.https.port()).await;
+    for n in 0..2_000 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), conn.get("/", &[]))
+            .await
+            .unwrap_or_else(|_| panic!("request {n} unanswered while nobody reads the log"));
+        assert_eq!(reply.status, 200);
+    }
+}

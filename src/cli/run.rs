@@ -24,7 +24,8 @@ use crate::daemon::Daemon;
 /// Runs `pinproxy run` until a signal stops it.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.config().map_err(flatten)?;
-    if let Some(problem) = crate::telemetry::init(config.log.format, config.log.access) {
+    let (_log, problem) = crate::telemetry::init(config.log.format, config.log.access);
+    if let Some(problem) = problem {
         tracing::warn!("{problem}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

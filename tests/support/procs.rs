@@ -264,6 +264,58 @@ impl PinproxyProcess {
         }
     }
 
+    /// [`PinproxyProcess::start_logging`] whose stderr nobody reads after
+    /// the start line: the pipe stays open and fills up, as with a log
+    /// shipper that stopped reading.
+    pub async fn start_unread(
+        data_dir: &std::path::Path,
+        args: &[String],
+        rust_log: &str,
+    ) -> (PinproxyProcess, impl Drop) {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
+        command
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                "off",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let started = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("pinproxy listening on") {
+                    return true;
+                }
+            }
+            false
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(20), started).await;
+        assert!(matches!(ok, Ok(true)), "pinproxy never said it listens");
+        let proxy = PinproxyProcess {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir: data_dir.to_owned(),
+            admin: None,
+            child,
+        };
+        // Held, never read: the read end stays open.
+        struct Unread<T>(#[allow(dead_code)] T);
+        impl<T> Drop for Unread<T> {
+            fn drop(&mut self) {}
+        }
+        (proxy, Unread(lines))
+    }
+
     /// `GET http://ADMIN{path}`: the body of the admin endpoint's answer.
     pub async fn admin_get(&self, path: &str) -> String {
         let admin = self.admin.expect("started with an admin endpoint");
