@@ -187,6 +187,32 @@ impl RedisServer {
     }
 }
 
+/// `pinproxy run --listen 127.0.0.1:PORT --admin ADMIN|off --data-dir DIR
+/// ARGS...` with `RUST_LOG=rust_log`.
+fn pinproxy_run(
+    port: u16,
+    admin: Option<std::net::SocketAddr>,
+    data_dir: &std::path::Path,
+    args: &[String],
+    rust_log: &str,
+) -> Command {
+    let admin = admin.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
+    command
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &admin,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", rust_log);
+    command
+}
+
 /// A pinproxy started as its own process, the way users run it.
 pub struct PinproxyProcess {
     /// Where it listens.
@@ -241,20 +267,7 @@ impl PinproxyProcess {
     ) -> PinproxyProcess {
         let port = free_port();
         let admin = with_admin.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let admin_arg = admin.map_or_else(|| "off".to_owned(), |a| a.to_string());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
-        command
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin",
-                &admin_arg,
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", rust_log);
+        let command = pinproxy_run(port, admin, data_dir, args, rust_log);
         let child = spawn_recording(command, "pinproxy listening on", true, record).await;
         PinproxyProcess {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -265,27 +278,19 @@ impl PinproxyProcess {
     }
 
     /// [`PinproxyProcess::start_logging`] whose stderr nobody reads after
-    /// the start line: the pipe stays open and fills up, as with a log
-    /// shipper that stopped reading.
+    /// the start line: the pipe stays open (the returned reader, held and
+    /// never read) and fills up, as with a log shipper that stopped reading.
     pub async fn start_unread(
         data_dir: &std::path::Path,
         args: &[String],
         rust_log: &str,
-    ) -> (PinproxyProcess, impl Drop) {
+    ) -> (
+        PinproxyProcess,
+        tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    ) {
         let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pinproxy"));
+        let mut command = pinproxy_run(port, None, data_dir, args, rust_log);
         command
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin",
-                "off",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", rust_log)
             .kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -308,12 +313,7 @@ impl PinproxyProcess {
             admin: None,
             child,
         };
-        // Held, never read: the read end stays open.
-        struct Unread<T>(#[allow(dead_code)] T);
-        impl<T> Drop for Unread<T> {
-            fn drop(&mut self) {}
-        }
-        (proxy, Unread(lines))
+        (proxy, lines)
     }
 
     /// `GET http://ADMIN{path}`: the body of the admin endpoint's answer.
@@ -384,22 +384,21 @@ impl PinproxyProcess {
 
     /// The process's resident memory now, in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        self.status_kib("VmRSS:")
     }
 
     /// Its peak resident memory so far, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// A `kB` field of `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
