@@ -588,12 +588,15 @@ impl Metrics {
 
     /// Remembers the last status an identity's request got (live view).
     pub fn note_status(&self, identity: IdentityId, status: u16) {
-        if self
-            .last_status
-            .get(&identity)
-            .is_some_and(|s| *s == status)
-        {
-            return;
+        match self.last_status.get(&identity).map(|last| *last) {
+            Some(last) if last == status => return,
+            Some(_) => {
+                self.last_status.insert(identity, status);
+                return;
+            }
+            // Counting the entries visits every shard: only for a new
+            // identity.
+            None => {}
         }
         if self.last_status.len() >= MAX_LAST_STATUS {
             self.last_status.clear();
