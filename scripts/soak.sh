@@ -20,4 +20,4 @@ command -v tinyproxy >/dev/null 2>&1 || {
 }
 profile=()
 [ "${SOAK_PROFILE:-dev}" = release ] && profile=(--release)
-SOAK_MINUTES="$minutes" exec cargo test "${profile[@]}" --test soak -- --ignored --nocapture
+SOAK_MINUTES="$minutes" exec cargo test "${profile[@]}" --test suite soak:: -- --ignored --nocapture

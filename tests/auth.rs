@@ -9,7 +9,7 @@
 //! listener needs users or `--insecure-open-proxy`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};

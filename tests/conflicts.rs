@@ -4,7 +4,7 @@
 //! strips the other cookies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::net::IpAddr;
 

@@ -2,7 +2,7 @@
 //! restarts, retirements and removed exits.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

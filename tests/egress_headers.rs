@@ -2,7 +2,7 @@
 //! pinproxy: forwarding and hop-by-hop headers are stripped, none are added.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use support::origin::FORWARDING_HEADERS;
 use support::Setup;

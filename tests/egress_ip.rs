@@ -4,7 +4,7 @@
 //! its cookies leave from the new address.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

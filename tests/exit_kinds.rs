@@ -3,7 +3,7 @@
 //! egress from one local address, end to end against the IP-binding origin.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

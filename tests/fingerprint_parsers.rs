@@ -5,8 +5,7 @@
 //! input. Fixtures are in tests/fixtures/hello (see its README).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/fixtures.rs"]
-mod fixtures;
+use crate::support::fixtures;
 
 use fixtures::{fixture, refragment, H2_FIXTURES, TLS_FIXTURES};
 use pinproxy::fingerprint::client_hello::{self, ext, ClientHello, ParseError, SessionTicket};

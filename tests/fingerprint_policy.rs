@@ -3,7 +3,7 @@
 //! (`reject`) or rewritten back (`restore`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use pinproxy::fingerprint::FingerprintPolicy;
 use support::{error_of, Jar, Setup};

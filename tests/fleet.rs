@@ -2,7 +2,7 @@
 //! redis-server agree on every pin, and fail closed while Redis is away.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -2,7 +2,7 @@
 //! trailers, pipelining, and header case and order on HTTP/1.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use support::raw_origin::{header_names, RawOrigin};
 use support::Setup;

@@ -3,7 +3,7 @@
 //! untouched and retires the identity; ordinary errors do not.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use support::{error_of, Setup};
 

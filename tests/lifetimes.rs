@@ -3,7 +3,7 @@
 //! maximum lifetime, and a pin learnt from Set-Cookie ends with its cookie.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use pinproxy::clock::Clock;
 use support::{error_of, Setup, MINUTE};

@@ -6,7 +6,7 @@
 //! bounds are loose: they show order and spacing, never performance.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //! screenshot is saved to `target/test-artifacts/live-page.png`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 //! hashes only, and can be turned off.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! involved; every assertion on the far side (what the origin saw).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

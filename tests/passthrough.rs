@@ -2,7 +2,7 @@
 //! with the origin itself, through one exit for the tunnel's whole life.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! that first saw it, while cookie-less traffic rotates.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

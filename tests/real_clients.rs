@@ -3,7 +3,7 @@
 //! database.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -4,7 +4,7 @@
 //! ever moves an identity to another exit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -2,7 +2,7 @@
 //! spread over the exits, and an unhealthy exit gets no new identities.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! exits by id and redacted URL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 

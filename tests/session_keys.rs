@@ -4,7 +4,7 @@
 //! itself never reaches the origin.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -7,7 +7,7 @@
 //! in `src/upstream/dial/guard.rs`, with no socket.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! provider to a new address.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 

@@ -2,7 +2,7 @@
 //! memory, the embedded durable store, and Redis (a real redis-server).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

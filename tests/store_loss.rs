@@ -7,7 +7,7 @@
 //! real pinproxy processes, loopback only.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -3,7 +3,7 @@
 //! memory.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http_body::Frame;

@@ -3,7 +3,7 @@
 //! source address.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 

@@ -3,7 +3,7 @@
 //! CONNECT (RFC 8441).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;

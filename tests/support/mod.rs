@@ -9,6 +9,7 @@ pub mod browser;
 pub mod client;
 pub mod devtools;
 pub mod exit;
+pub mod fixtures;
 pub mod fingerprint_origin;
 pub mod origin;
 pub mod procs;
