@@ -40,8 +40,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         daemon.set_config_source(Arc::new(move || {
             args.config().map_err(|e| crate::fault::causes(&e))
         }));
+        // The addresses actually bound (a port of 0 is chosen by the system).
+        let admin = daemon.admin_addr().map_or_else(String::new, |admin| {
+            format!("\n  admin: http://{admin}/ (live page, /metrics, /readyz)")
+        });
         eprintln!(
-            "pinproxy listening on {addr}\n  trust the CA: {ca}\n  try: curl -x http://{addr} --cacert {ca} https://example.com/",
+            "pinproxy listening on {addr}{admin}\n  trust the CA: {ca}\n  try: curl -x http://{addr} --cacert {ca} https://example.com/",
             addr = daemon.local_addr(),
             ca = daemon.ca_cert_path().display()
         );

@@ -45,11 +45,24 @@ pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// [`spawn_until`], keeping every line of the output in `record` too.
 pub async fn spawn_recording(
-    mut command: Command,
+    command: Command,
     ready: &str,
     stderr: bool,
     record: Option<Lines>,
 ) -> Child {
+    spawn_reading(command, ready, 0, stderr, record).await.0
+}
+
+/// [`spawn_recording`] that also returns the ready line and the `more`
+/// lines after it (a banner printing the addresses actually bound). On
+/// failure the panic shows what the process printed and how it exited.
+async fn spawn_reading(
+    mut command: Command,
+    ready: &str,
+    more: usize,
+    stderr: bool,
+    record: Option<Lines>,
+) -> (Child, Vec<String>) {
     command.kill_on_drop(true).stdin(Stdio::null());
     if stderr {
         command.stderr(Stdio::piped()).stdout(Stdio::null());
@@ -69,26 +82,53 @@ pub async fn spawn_recording(
             record.lock().unwrap().push(line.to_owned());
         }
     };
+    let mut printed = Vec::new();
+    let mut banner: Vec<String> = Vec::new();
     let wait = async {
         while let Ok(Some(line)) = lines.next_line().await {
             keep(&line);
-            if line.contains(ready) {
-                return true;
+            printed.push(line.clone());
+            if !banner.is_empty() || line.contains(ready) {
+                banner.push(line);
+                if banner.len() > more {
+                    return true;
+                }
             }
         }
         false
     };
     let ok = tokio::time::timeout(Duration::from_secs(20), wait).await;
-    assert!(
-        matches!(ok, Ok(true)),
-        "{command:?} never printed {ready:?}"
-    );
+    if !matches!(ok, Ok(true)) {
+        let status = match ok {
+            Ok(_) => format!("{:?}", child.wait().await),
+            Err(_) => "still running after 20 s".to_owned(),
+        };
+        panic!(
+            "{command:?} never printed {ready:?} ({status}); it printed:\n{}",
+            printed.join("\n")
+        );
+    }
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             keep(&line);
         }
     });
-    child
+    (child, banner)
+}
+
+/// The address after `label` in a line of pinproxy's start-up banner
+/// (`pinproxy listening on ADDR`, `  admin: http://ADDR/ ...`).
+fn banner_addr(line: &str, label: &str) -> std::net::SocketAddr {
+    let rest = line
+        .split_once(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+        .1;
+    let addr = rest
+        .split(|c: char| c == '/' || c.is_whitespace())
+        .find(|part| !part.is_empty())
+        .unwrap_or_default();
+    addr.parse()
+        .unwrap_or_else(|e| panic!("{addr:?} in {line:?} is not an address: {e}"))
 }
 
 /// A tinyproxy exit whose outgoing connections come from `bind`.
@@ -265,14 +305,17 @@ impl PinproxyProcess {
         record: Option<Lines>,
         with_admin: bool,
     ) -> PinproxyProcess {
-        let port = free_port();
-        let admin = with_admin.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let command = pinproxy_run(port, admin, data_dir, args, rust_log);
-        let child = spawn_recording(command, "pinproxy listening on", true, record).await;
+        // Port 0: the system picks free ports and the banner names them, so
+        // no other test can take them between a probe and the bind.
+        let admin = with_admin.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let command = pinproxy_run(0, admin, data_dir, args, rust_log);
+        let more = usize::from(with_admin);
+        let (child, banner) =
+            spawn_reading(command, "pinproxy listening on", more, true, record).await;
         PinproxyProcess {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            addr: banner_addr(&banner[0], "pinproxy listening on "),
             data_dir: data_dir.to_owned(),
-            admin,
+            admin: with_admin.then(|| banner_addr(&banner[1], "admin: http://")),
             child,
         }
     }
@@ -288,8 +331,7 @@ impl PinproxyProcess {
         PinproxyProcess,
         tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
     ) {
-        let port = free_port();
-        let mut command = pinproxy_run(port, None, data_dir, args, rust_log);
+        let mut command = pinproxy_run(0, None, data_dir, args, rust_log);
         command
             .kill_on_drop(true)
             .stdin(Stdio::null())
@@ -300,15 +342,17 @@ impl PinproxyProcess {
         let started = async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("pinproxy listening on") {
-                    return true;
+                    return Some(line);
                 }
             }
-            false
+            None
         };
         let ok = tokio::time::timeout(Duration::from_secs(20), started).await;
-        assert!(matches!(ok, Ok(true)), "pinproxy never said it listens");
+        let Ok(Some(banner)) = ok else {
+            panic!("pinproxy never said it listens")
+        };
         let proxy = PinproxyProcess {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            addr: banner_addr(&banner, "pinproxy listening on "),
             data_dir: data_dir.to_owned(),
             admin: None,
             child,
