@@ -225,6 +225,14 @@ pub struct StoreConfig {
     /// Redis: how long to wait for `wait_replicas`.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
+    /// Redis: how long a replica may answer a credential it looked up
+    /// moments ago from its own memory, without a round trip. Safe because
+    /// a pin never moves; retirements reach every replica's cache at once
+    /// over Redis pub/sub, and the cache answers only while that
+    /// subscription is live. Bounds how far an identity's use counters may
+    /// lag; `0s` disables (every lookup asks Redis).
+    #[serde(with = "humantime_serde")]
+    pub hit_cache: Duration,
 }
 
 impl Default for StoreConfig {
@@ -236,6 +244,7 @@ impl Default for StoreConfig {
             loss_quarantine: Duration::from_secs(24 * 3600),
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(250),
+            hit_cache: Duration::from_secs(1),
         }
     }
 }
@@ -259,6 +268,8 @@ pub enum StoreKind {
         wait_replicas: u32,
         /// How long to wait for them.
         wait_timeout: Duration,
+        /// How long a pin hit may be answered from the replica's cache.
+        hit_cache: Duration,
     },
 }
 
@@ -851,6 +862,7 @@ fn store_changes(a: &StoreKind, b: &StoreKind) -> Vec<(&'static str, bool)> {
                 loss_quarantine,
                 wait_replicas,
                 wait_timeout,
+                hit_cache,
             },
             StoreKind::Redis {
                 url: url2,
@@ -858,6 +870,7 @@ fn store_changes(a: &StoreKind, b: &StoreKind) -> Vec<(&'static str, bool)> {
                 loss_quarantine: loss_quarantine2,
                 wait_replicas: wait_replicas2,
                 wait_timeout: wait_timeout2,
+                hit_cache: hit_cache2,
             },
         ) => vec![
             ("store.url", url != url2),
@@ -865,6 +878,7 @@ fn store_changes(a: &StoreKind, b: &StoreKind) -> Vec<(&'static str, bool)> {
             ("store.loss_quarantine", loss_quarantine != loss_quarantine2),
             ("store.wait_replicas", wait_replicas != wait_replicas2),
             ("store.wait_timeout", wait_timeout != wait_timeout2),
+            ("store.hit_cache", hit_cache != hit_cache2),
         ],
         // An embedded store moves with data_dir, which is reported itself.
         _ => vec![(
@@ -1055,6 +1069,7 @@ impl StoreConfig {
                     loss_quarantine: self.loss_quarantine,
                     wait_replicas: self.wait_replicas,
                     wait_timeout: self.wait_timeout,
+                    hit_cache: self.hit_cache,
                 })
             }
             other => Err(ConfigError::Limit(format!(

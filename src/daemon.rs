@@ -170,6 +170,7 @@ async fn open_store(
             loss_quarantine,
             wait_replicas,
             wait_timeout,
+            hit_cache,
         } => {
             // Pins must outlive the longest-lived identity, then be
             // remembered as long as retired credentials are.
@@ -191,6 +192,11 @@ async fn open_store(
                     replicas: *wait_replicas,
                     timeout: *wait_timeout,
                 }),
+                // A tool reads once and leaves: nothing to cache.
+                hit_cache: match opener {
+                    Opener::Replica => *hit_cache,
+                    Opener::Tool => Duration::ZERO,
+                },
             };
             let (journal, generation) = match opener {
                 Opener::Replica => {

@@ -250,6 +250,8 @@ pub struct Metrics {
     pub store_conflicts: Counter,
     /// New pins that were not acknowledged by `store.wait_replicas` in time.
     pub store_wait_timeouts: Counter,
+    /// Pin lookups answered from the Redis store's hit cache.
+    pub store_cache_hits: Counter,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -390,6 +392,12 @@ impl Metrics {
             "Pins two replicas restored to different identities (both retired)",
             store_conflicts.clone(),
         );
+        let store_cache_hits = Counter::default();
+        registry.register(
+            "store_cache_hits",
+            "Pin lookups answered from this replica's hit cache without a round trip (Redis), per credential",
+            store_cache_hits.clone(),
+        );
         let store_wait_timeouts = Counter::default();
         registry.register(
             "store_wait_timeouts",
@@ -453,6 +461,7 @@ impl Metrics {
             store_quarantined,
             store_conflicts,
             store_wait_timeouts,
+            store_cache_hits,
             upstream_connect,
             upstream_tls,
             upstream_ttfb,

@@ -100,6 +100,16 @@ pub struct Binding {
     pub identity: Option<Identity>,
 }
 
+/// What [`PinStore::found_identity`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Founding {
+    /// The identity is stored; the binding in force for each pin, in order
+    /// (the first is always the new identity's).
+    Founded(Vec<Binding>),
+    /// The first pin was someone else's: nothing was stored; its binding.
+    Lost(Binding),
+}
+
 /// An identity and its pins, for listings.
 #[derive(Clone, Debug)]
 pub struct Listing {
@@ -178,13 +188,47 @@ pub trait PinStore: Send + Sync {
         }
     }
 
+    /// Founds a new identity on the credentials that brought it: unless
+    /// the first of `pins` is pinned already, stores `identity` and every
+    /// one of `pins` not pinned yet, and returns the binding in force for
+    /// each ([`Founding::Founded`]); otherwise stores nothing and returns
+    /// the first pin's winner ([`Founding::Lost`]). A remote store does it
+    /// in one round trip; the identity is never reachable before it is
+    /// stored.
+    fn found_identity(
+        &self,
+        identity: &Identity,
+        pins: &[(PinKey, Pin)],
+    ) -> impl Future<Output = Result<Founding, StoreError>> + Send {
+        async move {
+            self.create_identity(identity).await?;
+            let Some(((first_key, first_pin), rest)) = pins.split_first() else {
+                return Ok(Founding::Founded(Vec::new()));
+            };
+            let first = self.pin_if_absent(*first_key, first_pin).await?;
+            if first.pin.identity != identity.id {
+                self.discard_identity(identity.id).await?;
+                return Ok(Founding::Lost(first));
+            }
+            let mut bindings = Vec::with_capacity(pins.len());
+            bindings.push(first);
+            if !rest.is_empty() {
+                bindings.extend(self.pin_all_if_absent(rest).await?);
+            }
+            Ok(Founding::Founded(bindings))
+        }
+    }
+
     /// Records a request of identity `id` at `now_ms` (and whether it got a
-    /// 2xx answer).
+    /// 2xx answer) and, when given, the egress address its exit revealed
+    /// unless one is recorded (as [`PinStore::record_egress`]). A store may
+    /// write it later, off the request path: it only informs.
     fn touch(
         &self,
         id: IdentityId,
         now_ms: u64,
         worked: bool,
+        egress: Option<IpAddr>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records the identity's egress address unless one is recorded; returns
@@ -306,8 +350,21 @@ impl PinStore for Store {
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
         dispatch!(self, s => s.pin_all_if_absent(pins))
     }
-    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
-        dispatch!(self, s => s.touch(id, now_ms, worked))
+    async fn found_identity(
+        &self,
+        identity: &Identity,
+        pins: &[(PinKey, Pin)],
+    ) -> Result<Founding, StoreError> {
+        dispatch!(self, s => s.found_identity(identity, pins))
+    }
+    async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.touch(id, now_ms, worked, egress))
     }
     async fn record_egress(
         &self,
@@ -360,6 +417,7 @@ struct StoreTimers {
     discard: Histogram,
     pin: Histogram,
     pin_all: Histogram,
+    found: Histogram,
     touch: Histogram,
     record_egress: Histogram,
     retire: Histogram,
@@ -381,6 +439,7 @@ impl TimedStore {
             discard: timer("discard"),
             pin: timer("pin"),
             pin_all: timer("pin-all"),
+            found: timer("found-identity"),
             touch: timer("touch"),
             record_egress: timer("record-egress"),
             retire: timer("retire"),
@@ -435,8 +494,29 @@ impl PinStore for TimedStore {
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
         timed(&self.timers.pin_all, self.store.pin_all_if_absent(pins)).await
     }
-    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
-        timed(&self.timers.touch, self.store.touch(id, now_ms, worked)).await
+    async fn found_identity(
+        &self,
+        identity: &Identity,
+        pins: &[(PinKey, Pin)],
+    ) -> Result<Founding, StoreError> {
+        timed(
+            &self.timers.found,
+            self.store.found_identity(identity, pins),
+        )
+        .await
+    }
+    async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
+        timed(
+            &self.timers.touch,
+            self.store.touch(id, now_ms, worked, egress),
+        )
+        .await
     }
     async fn record_egress(
         &self,

@@ -243,7 +243,7 @@ async fn metrics_answer_which_exit_and_site_burn_identities_without_secrets() {
     );
     assert_at_least(
         &text,
-        "pinproxy_store_op_seconds_count{store=\"embedded\",op=\"pin\"}",
+        "pinproxy_store_op_seconds_count{store=\"embedded\",op=\"found-identity\"}",
         1.0,
     );
 

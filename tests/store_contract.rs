@@ -15,7 +15,7 @@ use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::redis::journal::Journal;
 use pinproxy::store::redis::{RedisSettings, RedisStore};
-use pinproxy::store::{PinStore, Store};
+use pinproxy::store::{Founding, PinStore, Store};
 use support::procs::RedisServer;
 use tokio_util::task::TaskTracker;
 
@@ -89,6 +89,55 @@ async fn contract(store: Arc<Store>) {
     assert_eq!(winners.len(), 1, "one winner");
     assert_eq!(won_by_self, 1, "exactly one racer won");
 
+    // Founding: the identity and all its pins in one step, unless the
+    // first pin is someone else's; then nothing is stored.
+    let (founded, f1, f2) = (identity("e4", now), key(), key());
+    let founding = store
+        .found_identity(
+            &founded,
+            &[
+                (f1, pin(&founded, None)),
+                (k, pin(&founded, None)),
+                (f2, pin(&founded, None)),
+            ],
+        )
+        .await
+        .unwrap();
+    let Founding::Founded(bound) = founding else {
+        panic!("a founding on a fresh first pin stores the identity: {founding:?}");
+    };
+    let bound: Vec<_> = bound.iter().map(|b| b.pin.identity).collect();
+    assert_eq!(
+        bound,
+        vec![founded.id, a.id, founded.id],
+        "pins already taken stay"
+    );
+    let seen = store.lookup(&[f2]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(
+        seen.identity.unwrap().exit,
+        ExitId::new("e4"),
+        "the identity is stored with its pins"
+    );
+    let (late, f3) = (identity("e5", now), key());
+    let founding = store
+        .found_identity(&late, &[(f1, pin(&late, None)), (f3, pin(&late, None))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&founding, Founding::Lost(w) if w.pin.identity == founded.id),
+        "{founding:?}"
+    );
+    assert_eq!(
+        store.lookup(&[f3]).await.unwrap(),
+        vec![None],
+        "a lost founding stores nothing"
+    );
+    let bare = identity("e6", now);
+    assert_eq!(
+        store.found_identity(&bare, &[]).await.unwrap(),
+        Founding::Founded(Vec::new())
+    );
+
     // Several pins at once: each is pin-if-absent on its own, in order; a
     // key already pinned keeps its pin while the new ones take.
     let (fresh1, fresh2) = (key(), key());
@@ -141,19 +190,26 @@ async fn contract(store: Arc<Store>) {
     assert_eq!(retired.egress_ip, Some(ip1));
 
     // Touch: counted, every one (Redis writes them off the request path,
-    // several touches of one identity in one write).
-    store.touch(b.id, now + 5, false).await.unwrap();
-    store.touch(b.id, now + 10, true).await.unwrap();
+    // several touches of one identity in one write, and a replica's hit
+    // cache may answer with counters up to `store.hit_cache` old).
+    // The egress address a touch carries is recorded unless one is.
+    let ip3 = "127.0.0.4".parse().unwrap();
+    store.touch(b.id, now + 5, false, Some(ip3)).await.unwrap();
+    store.touch(b.id, now + 10, true, Some(ip1)).await.unwrap();
     let kb = key();
     store.pin_if_absent(kb, &pin(&b, None)).await.unwrap();
     let mut touched = false;
-    for _ in 0..100 {
+    for _ in 0..300 {
         let seen = store.lookup(&[kb]).await.unwrap()[0]
             .clone()
             .unwrap()
             .identity
             .unwrap();
-        if seen.requests == 2 && seen.worked && seen.last_used_ms == now + 10 {
+        if seen.requests == 2
+            && seen.worked
+            && seen.last_used_ms == now + 10
+            && seen.egress_ip == Some(ip3)
+        {
             touched = true;
             break;
         }
@@ -301,6 +357,114 @@ async fn replicas_on_one_redis_agree_on_the_hashing_key() {
     assert_eq!(b, [1; 32], "the first replica's key wins");
 }
 
+#[tokio::test]
+async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_identity() {
+    let redis = RedisServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    // A's entries would answer for a minute: only B's published retirement
+    // can make A see it within the test.
+    let a = redis_store_ttl(
+        &redis.url(),
+        "cache",
+        48 * HOUR_MS,
+        HOUR_MS,
+        Some(dir_a.path()),
+        metrics.clone(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let b = redis_store(
+        &redis.url(),
+        "cache",
+        48 * HOUR_MS,
+        HOUR_MS,
+        Some(dir_b.path()),
+    )
+    .await;
+    let now = 1_800_000_000_000;
+    let someone = identity("e1", now);
+    b.create_identity(&someone).await.unwrap();
+    let k = key();
+    b.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+
+    // A's subscription to retirements goes live in the background; from
+    // then on a second lookup of the same pin is a hit.
+    let mut hit = false;
+    for _ in 0..300 {
+        let found = a.lookup(&[k]).await.unwrap();
+        assert_eq!(found[0].as_ref().unwrap().pin.identity, someone.id);
+        if metrics.store_cache_hits.get() > 0 {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hit, "replica A never answered from its cache");
+
+    // A hit costs no round trip: 100 lookups, and Redis runs fewer scripts
+    // than that (only the replicas' background generation checks).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let scripts_before = script_calls(&mut connection).await;
+    let hits_before = metrics.store_cache_hits.get();
+    for _ in 0..100 {
+        let found = a.lookup(&[k]).await.unwrap();
+        assert_eq!(found[0].as_ref().unwrap().pin.identity, someone.id);
+    }
+    let scripts = script_calls(&mut connection).await - scripts_before;
+    let hits = metrics.store_cache_hits.get() - hits_before;
+    assert!(hits >= 90, "only {hits} of 100 lookups were hits");
+    assert!(
+        scripts < 10,
+        "100 cached lookups ran {scripts} scripts on Redis"
+    );
+
+    // B retires the identity: A stops answering from its cache as soon as
+    // the retirement's message arrives, and then sees it retired.
+    b.retire(
+        someone.id,
+        &Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: now + 1,
+        },
+    )
+    .await
+    .unwrap();
+    let mut retired = false;
+    for _ in 0..200 {
+        let found = a.lookup(&[k]).await.unwrap();
+        let binding = found[0].as_ref().unwrap();
+        assert_eq!(binding.pin.identity, someone.id, "a pin never moves");
+        if binding.identity.as_ref().unwrap().retired.is_some() {
+            retired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(retired, "replica A never saw B's retirement");
+}
+
+/// How many scripts Redis has run (`EVALSHA` and `EVAL`).
+async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(connection)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// A Redis store on `url` (a replica's, with its journal in `data_dir`, or
 /// a tool's without).
 async fn redis_store(
@@ -309,6 +473,29 @@ async fn redis_store(
     pin_ttl_ms: u64,
     keep_retired_ms: u64,
     data_dir: Option<&std::path::Path>,
+) -> RedisStore {
+    redis_store_ttl(
+        url,
+        namespace,
+        pin_ttl_ms,
+        keep_retired_ms,
+        data_dir,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(1),
+    )
+    .await
+}
+
+/// A Redis store: `redis_store` with the metrics it counts into and how
+/// long its hit cache answers (a tool, without `data_dir`, has none).
+async fn redis_store_ttl(
+    url: &str,
+    namespace: &str,
+    pin_ttl_ms: u64,
+    keep_retired_ms: u64,
+    data_dir: Option<&std::path::Path>,
+    metrics: Arc<Metrics>,
+    hit_cache: Duration,
 ) -> RedisStore {
     let journal = data_dir.map(|dir| Journal::open(dir).unwrap());
     let generation = data_dir.map(|dir| dir.join("generation.json"));
@@ -319,13 +506,19 @@ async fn redis_store(
         keep_retired_ms,
         quarantine_ms: HOUR_MS,
         wait: None,
+        // A replica caches pin hits (the default); a tool does not.
+        hit_cache: if data_dir.is_some() {
+            hit_cache
+        } else {
+            Duration::ZERO
+        },
     };
     let store = RedisStore::connect(
         settings,
         journal,
         generation.as_deref(),
         TaskTracker::new(),
-        Arc::new(Metrics::new()),
+        metrics,
     )
     .unwrap();
     if data_dir.is_some() {

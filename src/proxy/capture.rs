@@ -32,7 +32,7 @@ use crate::fingerprint::Fingerprint;
 use crate::identity::{Identity, Pin, RetireReason};
 use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
-use crate::store::{PinStore as _, StoreError};
+use crate::store::{Founding, PinStore as _, StoreError};
 use crate::upstream::conn::TunnelInfo;
 
 impl Pipeline {
@@ -69,14 +69,9 @@ impl Pipeline {
         }
         let store = self.router.store();
         let now = self.router.clock().now_ms();
-        let recorded = async {
-            store.touch(identity.id, now, worked).await?;
-            if let (None, Some(ip)) = (identity.egress_ip, egress_ip) {
-                store.record_egress(identity.id, ip).await?;
-            }
-            Ok::<(), StoreError>(())
-        };
-        if let Err(e) = recorded.await {
+        // The egress address only until one is recorded.
+        let egress = egress_ip.filter(|_| identity.egress_ip.is_none());
+        if let Err(e) = store.touch(identity.id, now, worked, egress).await {
             tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
         }
     }
@@ -211,7 +206,6 @@ pub async fn learn(
                 now,
             );
             identity.egress_ip = egress_ip;
-            store.create_identity(&identity).await?;
             (identity, true)
         }
     };
@@ -222,7 +216,30 @@ pub async fn learn(
             (c.cookie.key, pin)
         })
         .collect();
-    let winners = store.pin_all_if_absent(&pins).await?;
+    // Whether the new identity went into the store (a founding can lose).
+    let mut stored = !is_new;
+    let winners = if is_new {
+        // The identity and its pins in one store step (one round trip to
+        // Redis), unless the first cookie is someone else's already: then
+        // the identity is founded on the others, if any.
+        match store.found_identity(&identity, &pins).await? {
+            Founding::Founded(winners) => {
+                stored = true;
+                winners
+            }
+            Founding::Lost(winner) => {
+                let mut winners = vec![winner];
+                if pins.len() > 1 {
+                    store.create_identity(&identity).await?;
+                    stored = true;
+                    winners.extend(store.pin_all_if_absent(&pins[1..]).await?);
+                }
+                winners
+            }
+        }
+    } else {
+        store.pin_all_if_absent(&pins).await?
+    };
     let mut pinned_any = false;
     for (cookie, winner) in live.iter().zip(winners) {
         if winner.pin.identity == identity.id {
@@ -239,7 +256,9 @@ pub async fn learn(
     }
     if is_new {
         if !pinned_any {
-            store.discard_identity(identity.id).await?;
+            if stored {
+                store.discard_identity(identity.id).await?;
+            }
             return Ok(None);
         }
         router

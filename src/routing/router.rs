@@ -28,7 +28,7 @@ use crate::fault::{Blame, Fault};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, SessionId};
 use crate::metrics::Policy;
-use crate::store::{Binding, PinStore as _, StoreError};
+use crate::store::{Binding, Founding, PinStore as _, StoreError, StoreErrorKind};
 use crate::upstream::Lane;
 
 /// Why a request was sent where it was.
@@ -318,20 +318,7 @@ impl Router {
             .map(|c| (c.key, Pin::new(identity.id, c, now, None)))
             .collect();
         let winners = self.store.pin_all_if_absent(&pins).await?;
-        for (credential, winner) in unknown.iter().zip(winners) {
-            if winner.pin.identity != identity.id {
-                // Pinned to another identity between our lookup and now.
-                let other = winner
-                    .identity
-                    .map(|i| i.exit)
-                    .unwrap_or_else(|| identity.exit.clone());
-                return Err(RouteError::Conflict(vec![
-                    ((*credential).clone(), winner.pin.identity, other),
-                    ((*credential).clone(), identity.id, identity.exit.clone()),
-                ]));
-            }
-        }
-        Ok(())
+        check_joined(identity, unknown, winners)
     }
 
     /// Creates an identity for credentials seen for the first time. If
@@ -355,40 +342,45 @@ impl Router {
             Arc::new(fingerprint.clone()),
             now,
         );
-        self.store.create_identity(&candidate).await?;
+        // The identity and all its pins in one store step (one round trip
+        // to Redis); the first credential decides who founds it.
+        let pins: Vec<(PinKey, Pin)> = unknown
+            .iter()
+            .map(|c| (c.key, Pin::new(candidate.id, c, now, None)))
+            .collect();
+        let winner = match self.store.found_identity(&candidate, &pins).await? {
+            Founding::Founded(winners) => {
+                if let Some(first) = unknown.first() {
+                    self.metrics.identity_created(&candidate.exit, "request");
+                    tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
+                }
+                check_joined(&candidate, unknown, winners)?;
+                return self.pinned_route(exits, candidate, Reason::NewIdentity, strip);
+            }
+            Founding::Lost(winner) => winner,
+        };
         let (first, rest) = match unknown.split_first() {
             Some(split) => split,
-            None => return self.pinned_route(exits, candidate, Reason::NewIdentity, strip),
+            None => return Err(RouteError::Store(unexpected_founding())),
         };
-        let winner = self
-            .store
-            .pin_if_absent(first.key, &Pin::new(candidate.id, first, now, None))
-            .await?;
-        let (identity, reason) = if winner.pin.identity == candidate.id {
-            self.metrics.identity_created(&candidate.exit, "request");
-            tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
-            (candidate, Reason::NewIdentity)
-        } else {
-            self.store.discard_identity(candidate.id).await?;
-            match winner.identity {
-                Some(w) if w.retired.is_none() => (w, Reason::Pinned),
-                other => {
-                    // The winner is already gone: fail closed.
-                    return Err(RouteError::Retired(vec![DeadCredential {
-                        credential: (*first).clone(),
-                        identity: Some(winner.pin.identity),
-                        exit: other.as_ref().map(|i| i.exit.clone()),
-                        reason: other
-                            .and_then(|i| i.retired.map(|r| r.reason))
-                            .unwrap_or(RetireReason::Forgotten),
-                    }]));
-                }
+        let identity = match winner.identity {
+            Some(w) if w.retired.is_none() => w,
+            other => {
+                // The winner is already gone: fail closed.
+                return Err(RouteError::Retired(vec![DeadCredential {
+                    credential: (*first).clone(),
+                    identity: Some(winner.pin.identity),
+                    exit: other.as_ref().map(|i| i.exit.clone()),
+                    reason: other
+                        .and_then(|i| i.retired.map(|r| r.reason))
+                        .unwrap_or(RetireReason::Forgotten),
+                }]));
             }
         };
         // Another request founded it first, maybe on an exit not ours.
         allowed(scope, &identity)?;
         self.join(&identity, rest, now).await?;
-        self.pinned_route(exits, identity, reason, strip)
+        self.pinned_route(exits, identity, Reason::Pinned, strip)
     }
 
     fn pinned_route(
@@ -437,6 +429,36 @@ impl Router {
 }
 
 /// Refuses an identity on an exit outside `scope`.
+/// Fails with a conflict when any of `credentials` was pinned to another
+/// identity (between our lookup and our pin) instead of `identity`.
+fn check_joined(
+    identity: &Identity,
+    credentials: &[&Credential],
+    winners: Vec<Binding>,
+) -> Result<(), RouteError> {
+    for (credential, winner) in credentials.iter().zip(winners) {
+        if winner.pin.identity != identity.id {
+            let other = winner
+                .identity
+                .map(|i| i.exit)
+                .unwrap_or_else(|| identity.exit.clone());
+            return Err(RouteError::Conflict(vec![
+                ((*credential).clone(), winner.pin.identity, other),
+                ((*credential).clone(), identity.id, identity.exit.clone()),
+            ]));
+        }
+    }
+    Ok(())
+}
+
+/// A store that reports a lost founding of an identity that had no pins.
+fn unexpected_founding() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Protocol,
+        "the store reports a lost founding for an identity without credentials",
+    )
+}
+
 fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
     if scope.allows(&identity.exit) {
         return Ok(());

@@ -325,8 +325,14 @@ impl PinStore for DurableStore {
         Ok(bindings)
     }
 
-    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
-        self.shared.memory.touch(id, now_ms, worked).await?;
+    async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
+        self.shared.memory.touch(id, now_ms, worked, egress).await?;
         self.shared.dirty.insert(id);
         Ok(())
     }
@@ -437,7 +443,7 @@ mod tests {
             let store = DurableStore::open(&path).unwrap();
             store.create_identity(&ident).await.unwrap();
             store.pin_if_absent(key, &pin(&ident)).await.unwrap();
-            store.touch(ident.id, 2000, true).await.unwrap();
+            store.touch(ident.id, 2000, true, None).await.unwrap();
             store
                 .record_exit_death(&ExitId::new("e2"), 1500)
                 .await

@@ -292,11 +292,20 @@ impl PinStore for MemoryStore {
         Ok(self.binding(&record))
     }
 
-    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
+    async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
         if let Some(mut record) = self.identities.get_mut(&id) {
             record.last_used_ms = record.last_used_ms.max(now_ms);
             record.requests = record.requests.saturating_add(1);
             record.worked |= worked;
+            if let Some(ip) = egress {
+                record.egress_ip.get_or_insert(ip);
+            }
         }
         Ok(())
     }

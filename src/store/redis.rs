@@ -14,7 +14,8 @@
 //! - `NS:epoch`, `NS:seq`: the namespace's generation (see [`generation`]).
 //!
 //! A lookup is one round trip (a script reads the pins and their identities),
-//! and so is a request's set of new pins. Every key expires (`PX`): pins and
+//! and so is a request's set of new pins, together with the identity they
+//! found when they are a new client's first (the `FOUND` script). Every key expires (`PX`): pins and
 //! identities after the longest identity lifetime plus the time retired
 //! credentials are remembered; a retired identity after the remembering
 //! time. The server must not evict keys early (`maxmemory-policy
@@ -36,6 +37,7 @@
 pub mod generation;
 pub mod journal;
 pub mod link;
+mod cache;
 mod codec;
 mod recovery;
 mod scripts;
@@ -49,10 +51,11 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
-use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind};
+use super::{Binding, Counts, Founding, Listing, PinStore, StoreError, StoreErrorKind};
 use crate::credential::PinKey;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 use crate::metrics::Metrics;
+use cache::HitCache;
 use codec::{
     bulk, corrupt, decode_binding, decode_identity, encode_pin, generation_reply, parse_hex16,
     unexpected,
@@ -96,6 +99,9 @@ pub struct RedisSettings {
     pub quarantine_ms: u64,
     /// Replicas that must acknowledge each new pin, if any.
     pub wait: Option<WaitFor>,
+    /// How long a pin hit may be answered from this replica's cache
+    /// (zero: every lookup asks Redis); see [`cache`].
+    pub hit_cache: Duration,
 }
 
 /// The Redis store.
@@ -133,8 +139,13 @@ struct Inner {
     report: Mutex<Option<LossReport>>,
     /// Touches waiting to be written, per identity (see [`TOUCH_COALESCE`]).
     touches: dashmap::DashMap<IdentityId, PendingTouch>,
+    /// Pin hits answered without a round trip (`None`: disabled).
+    cache: Option<HitCache>,
+    /// Where retirements are published (`NS:retired`), for the caches.
+    retired_channel: String,
     lookup: Script,
     pin_all_if_absent: Script,
+    found: Script,
     exit_death: Script,
     check: Script,
     new_epoch: Script,
@@ -149,13 +160,16 @@ struct PendingTouch {
     requests: u64,
     /// Whether any of them worked (a 2xx).
     worked: bool,
+    /// The egress address one of them revealed, to record unless one is.
+    egress: Option<IpAddr>,
 }
 
 impl PendingTouch {
-    fn add(&mut self, now_ms: u64, worked: bool) {
+    fn add(&mut self, now_ms: u64, worked: bool, egress: Option<IpAddr>) {
         self.last_ms = self.last_ms.max(now_ms);
         self.requests += 1;
         self.worked |= worked;
+        self.egress = self.egress.or(egress);
     }
 }
 
@@ -185,8 +199,12 @@ impl RedisStore {
             Target::parse(&settings.url, &format!("{prefix}:epoch"))?,
             settings.wait.map(|w| w.timeout),
         )?;
+        let cache = (!settings.hit_cache.is_zero())
+            .then(|| HitCache::new(settings.hit_cache, settings.pin_ttl_ms));
         let store = RedisStore {
             inner: Arc::new(Inner {
+                cache,
+                retired_channel: format!("{prefix}:retired"),
                 link,
                 generation: Generation::load(generation_file, &settings.namespace),
                 namespace: settings.namespace,
@@ -206,12 +224,16 @@ impl RedisStore {
                 touches: dashmap::DashMap::new(),
                 lookup: Script::new(scripts::LOOKUP),
                 pin_all_if_absent: Script::new(scripts::PIN_ALL_IF_ABSENT),
+                found: Script::new(scripts::FOUND),
                 exit_death: Script::new(scripts::EXIT_DEATH),
                 check: Script::new(scripts::GENERATION),
                 new_epoch: Script::new(scripts::NEW_EPOCH),
             }),
         };
         tokio::spawn(check_loop(Arc::downgrade(&store.inner)));
+        if store.inner.cache.is_some() {
+            tokio::spawn(cache::keep_subscribed(Arc::downgrade(&store.inner)));
+        }
         Ok(store)
     }
 
@@ -465,19 +487,113 @@ impl RedisStore {
         for (_, pin) in pins {
             args.push(encode_pin(pin)?);
         }
-        let script = &self.inner.pin_all_if_absent;
-        let result = match (self.inner.wait, self.inner.link.acknowledged_connection()?) {
+        let result = self
+            .run_pin_script(&self.inner.pin_all_if_absent, &keys, &args)
+            .await?;
+        RedisStore::decode_pinned(&result)
+    }
+
+    /// Runs a script that writes pins: followed by `WAIT` when
+    /// `store.wait_replicas` asks for it.
+    async fn run_pin_script(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<Value, StoreError> {
+        match (self.inner.wait, self.inner.link.acknowledged_connection()?) {
             (Some(wait), Some(connection)) => {
-                self.run_acknowledged(wait, connection, script, &keys, &args)
-                    .await?
+                self.run_acknowledged(wait, connection, script, keys, args)
+                    .await
             }
-            _ => self.run_script(script, &keys, &args).await?,
-        };
-        let bindings = RedisStore::decode_rows(&result)?;
-        bindings
+            _ => self.run_script(script, keys, args).await,
+        }
+    }
+
+    /// Decodes a pin-writing script's rows, one binding per pin.
+    fn decode_pinned(rows: &Value) -> Result<Vec<Binding>, StoreError> {
+        RedisStore::decode_rows(rows)?
             .into_iter()
             .map(|b| b.ok_or_else(|| unexpected("a pin vanished")))
             .collect()
+    }
+
+    /// Founds `identity` on `pins` in one round trip (the `FOUND` script);
+    /// no journal: the caller writes it.
+    async fn found_raw(
+        &self,
+        identity: &Identity,
+        pins: &[(PinKey, Pin)],
+    ) -> Result<Founding, StoreError> {
+        let mut keys = Vec::with_capacity(pins.len() + 1);
+        keys.push(self.identity_key(identity.id));
+        keys.extend(pins.iter().map(|(key, _)| self.pin_key(key)));
+        let ttl = self.inner.pin_ttl_ms.to_string().into_bytes();
+        let mut args = vec![
+            ttl.clone(),
+            self.identity_prefix().into_bytes(),
+            ttl,
+            postcard::to_stdvec(identity).map_err(corrupt)?,
+            identity.last_used_ms.to_string().into_bytes(),
+            identity
+                .egress_ip
+                .map(|ip| ip.to_string().into_bytes())
+                .unwrap_or_default(),
+        ];
+        for (_, pin) in pins {
+            args.push(encode_pin(pin)?);
+        }
+        let reply = self.run_pin_script(&self.inner.found, &keys, &args).await?;
+        let Value::Array(parts) = &reply else {
+            return Err(unexpected("unexpected found-identity reply"));
+        };
+        let (founded, rows) = match parts.as_slice() {
+            [Value::Int(founded), rows] => (*founded == 1, rows),
+            _ => return Err(unexpected("unexpected found-identity reply")),
+        };
+        let mut bindings = RedisStore::decode_pinned(rows)?;
+        if founded {
+            return Ok(Founding::Founded(bindings));
+        }
+        match bindings.pop() {
+            Some(winner) if bindings.is_empty() => Ok(Founding::Lost(winner)),
+            _ => Err(unexpected("unexpected found-identity reply")),
+        }
+    }
+
+    /// Looks `keys` up in Redis (one round trip); caches what it finds
+    /// when the lookup left under cache subscription `ticket`.
+    async fn fetch(
+        &self,
+        keys: &[PinKey],
+        ticket: Option<u64>,
+    ) -> Result<Vec<Option<Binding>>, StoreError> {
+        let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
+        let args = [self.identity_prefix().into_bytes()];
+        let result = self
+            .run_script(&self.inner.lookup, &redis_keys, &args)
+            .await?;
+        let mut bindings = RedisStore::decode_rows(&result)?;
+        if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
+            let now = recovery::now_ms();
+            for (key, binding) in keys.iter().zip(&bindings) {
+                if let Some(binding) = binding {
+                    cache.put(ticket, *key, binding, now);
+                }
+            }
+        }
+        if self.quarantined() {
+            self.quarantine(keys, &mut bindings).await?;
+        }
+        if let Some(journal) = &self.inner.journal {
+            let found: Vec<(PinKey, &Binding)> = keys
+                .iter()
+                .zip(&bindings)
+                .filter_map(|(key, b)| b.as_ref().map(|b| (*key, b)))
+                .collect();
+            journal.bindings(&found).await;
+        }
+        Ok(bindings)
     }
 
     /// Writes an identity record (as created, plus its mutable parts).
@@ -551,24 +667,27 @@ async fn check_loop(inner: Weak<Inner>) {
 
 impl PinStore for RedisStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
-        let args = [self.identity_prefix().into_bytes()];
-        let result = self
-            .run_script(&self.inner.lookup, &redis_keys, &args)
-            .await?;
-        let mut bindings = RedisStore::decode_rows(&result)?;
-        if self.quarantined() {
-            self.quarantine(keys, &mut bindings).await?;
+        let Some(cache) = &self.inner.cache else {
+            return self.fetch(keys, None).await;
+        };
+        let now = recovery::now_ms();
+        let cached: Vec<Option<Binding>> = keys.iter().map(|key| cache.get(key, now)).collect();
+        let hits = cached.iter().filter(|b| b.is_some()).count();
+        self.inner.metrics.store_cache_hits.inc_by(hits as u64);
+        if hits == keys.len() {
+            return Ok(cached);
         }
-        if let Some(journal) = &self.inner.journal {
-            let found: Vec<(PinKey, &Binding)> = keys
-                .iter()
-                .zip(&bindings)
-                .filter_map(|(key, b)| b.as_ref().map(|b| (*key, b)))
-                .collect();
-            journal.bindings(&found).await;
-        }
-        Ok(bindings)
+        let missing: Vec<PinKey> = keys
+            .iter()
+            .zip(&cached)
+            .filter(|(_, b)| b.is_none())
+            .map(|(key, _)| *key)
+            .collect();
+        let mut fetched = self.fetch(&missing, cache.ticket()).await?.into_iter();
+        Ok(cached
+            .into_iter()
+            .map(|hit| hit.or_else(|| fetched.next().flatten()))
+            .collect())
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
@@ -608,13 +727,46 @@ impl PinStore for RedisStore {
         Ok(bindings)
     }
 
-    async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) -> Result<(), StoreError> {
+    async fn found_identity(
+        &self,
+        identity: &Identity,
+        pins: &[(PinKey, Pin)],
+    ) -> Result<Founding, StoreError> {
+        let founding = self.found_raw(identity, pins).await?;
+        if let Some(journal) = &self.inner.journal {
+            match &founding {
+                Founding::Founded(bindings) => {
+                    journal.identity(identity).await;
+                    let made: Vec<(PinKey, &Binding)> = pins
+                        .iter()
+                        .zip(bindings)
+                        .map(|((key, _), binding)| (*key, binding))
+                        .collect();
+                    journal.bindings(&made).await;
+                }
+                Founding::Lost(winner) => {
+                    if let Some((key, _)) = pins.first() {
+                        journal.bindings(&[(*key, winner)]).await;
+                    }
+                }
+            }
+        }
+        Ok(founding)
+    }
+
+    async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
         // Best effort and off the response path: a lost touch only makes an
         // identity look idle earlier. Touches of one identity within
         // TOUCH_COALESCE become one write (the request count summed).
         match self.inner.touches.entry(id) {
             dashmap::Entry::Occupied(mut pending) => {
-                pending.get_mut().add(now_ms, worked);
+                pending.get_mut().add(now_ms, worked, egress);
                 return Ok(());
             }
             dashmap::Entry::Vacant(slot) => {
@@ -622,6 +774,7 @@ impl PinStore for RedisStore {
                     last_ms: now_ms,
                     requests: 1,
                     worked,
+                    egress,
                 });
             }
         }
@@ -640,9 +793,14 @@ impl PinStore for RedisStore {
             if touch.worked {
                 pipe.hset(&key, "worked", 1).ignore();
             }
+            if let Some(ip) = touch.egress {
+                pipe.hset_nx(&key, "egress", ip.to_string()).ignore();
+            }
             let _ = store.run_pipe(&mut pipe).await;
             if let Some(journal) = &store.inner.journal {
-                journal.touch(id, touch.last_ms, touch.worked).await;
+                journal
+                    .touch(id, touch.last_ms, touch.worked, touch.egress)
+                    .await;
             }
         });
         Ok(())
@@ -686,7 +844,13 @@ impl PinStore for RedisStore {
             )
             .ignore()
             .incr(self.seq_key(), 1)
+            .ignore()
+            // Every replica's hit cache stops answering for it.
+            .publish(&self.inner.retired_channel, id.to_string())
             .ignore();
+        if let Some(cache) = &self.inner.cache {
+            cache.retired(id);
+        }
         self.run_pipe(&mut pipe).await?;
         if let Some(journal) = &self.inner.journal {
             journal.retire(id, retirement).await;

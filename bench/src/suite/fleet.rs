@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::pins::admin_metric;
 use super::procs::{find_program, path_str, run_bounded, Proc};
 use super::servers::{fill, run_load, start_ready, FillerPlan, LoadPlan, PinproxyOptions, Server};
 use super::stores::start_redis;
@@ -59,6 +60,16 @@ const MODEL_REPLICAS: [u64; 3] = [10, 30, 100];
 const MODEL_RATES: [f64; 2] = [100.0, 1000.0];
 /// Round trips to Redis for all of a request's new pins (issue 14).
 const GOAL_TRIPS_PER_IDENTITY: f64 = 1.0;
+/// The store operations that write a new identity and its pins, each one
+/// round trip to Redis (`pinproxy_store_op_seconds` counts them).
+const FOUNDING_OPS: [&str; 6] = [
+    "found-identity",
+    "create",
+    "pin",
+    "pin-all",
+    "discard",
+    "record-egress",
+];
 /// Round trips per operation a goal tolerates above its figure: a
 /// background command (a reconnect, a periodic check) now and then over the
 /// count's hundreds of requests, not one per request.
@@ -129,8 +140,13 @@ pub struct FleetReport {
 pub struct RoundTrips {
     /// New identities founded.
     pub identities: u64,
-    /// Round trips per new identity.
+    /// Round trips per new identity, all of them (the lookup, the writes,
+    /// the use recorded off the request path).
     pub per_identity: f64,
+    /// Of those, the round trips that wrote the identity and its pins
+    /// (pinproxy's store operations, counted by its metrics).
+    #[serde(default)]
+    pub writes_per_identity: Option<f64>,
     /// Pin hits.
     pub hits: u64,
     /// Round trips per pin hit.
@@ -415,9 +431,19 @@ fn round_trips(suite: &Suite, redis: &Redis) -> Result<RoundTrips> {
     };
     let mut filler = suite.spawn_filler(&suite.origin, &proxy, &plan)?;
     let warm = fill(&mut filler, 2)?;
+    let founding_writes = || -> Option<u64> {
+        let admin = proxy.admin?;
+        let counts = FOUNDING_OPS.iter().map(|op| {
+            let label = format!("op=\"{op}\"");
+            admin_metric(admin, "pinproxy_store_op_seconds_count", &[&label]).unwrap_or(0)
+        });
+        Some(counts.sum())
+    };
+    let writes_before = founding_writes();
     let before = relay_stats(&mut relay)?;
     let founded = fill(&mut filler, 100_000_000)?;
     let after = relay_stats(&mut relay)?;
+    let writes_after = founding_writes();
     filler.finish(Duration::from_secs(10));
     anyhow::ensure!(
         founded.pins > 0 && warm.failed + founded.failed == 0,
@@ -444,17 +470,27 @@ fn round_trips(suite: &Suite, redis: &Redis) -> Result<RoundTrips> {
     let hits = result.ok as f64;
     let trips = after.round_trips.saturating_sub(before.round_trips) as f64
         - result.warmup_ok as f64 * per_identity;
+    let writes_per_identity = match (writes_before, writes_after) {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before) as f64 / founded.pins as f64)
+        }
+        _ => None,
+    };
     let rt = RoundTrips {
         identities: founded.pins,
         per_identity,
+        writes_per_identity,
         hits: result.ok,
         per_hit: trips.max(0.0) / hits,
         bytes_up_per_hit: after.bytes_up.saturating_sub(before.bytes_up) as f64 / hits,
         bytes_down_per_hit: after.bytes_down.saturating_sub(before.bytes_down) as f64 / hits,
     };
     suite.progress.say(format!(
-        "one request at a time: {:.2} Redis round trips per new identity, {:.2} per pin hit",
-        rt.per_identity, rt.per_hit
+        "one request at a time: {:.2} Redis round trips per new identity ({} writing it and its \
+         pins), {:.2} per pin hit",
+        rt.per_identity,
+        show(rt.writes_per_identity, 2),
+        rt.per_hit
     ));
     Ok(rt)
 }
@@ -542,8 +578,8 @@ fn goals(results: &Results) -> Vec<Goal> {
                 "Redis store: ≤ {GOAL_TRIPS_PER_IDENTITY} round trip per request for all of its \
                  new pins"
             ),
-            &cell(|rt| rt.per_identity),
-            |cell, v| format!("{cell}: {v:.2} per new identity"),
+            &cell(|rt| rt.writes_per_identity.unwrap_or(rt.per_identity)),
+            |cell, v| format!("{cell}: {v:.2} writing a new identity and all its pins"),
             |v| v <= GOAL_TRIPS_PER_IDENTITY + ROUND_TRIP_SLACK,
         ),
         Goal::over(
@@ -742,9 +778,15 @@ fn model(report: &FleetReport, out: &mut String) {
     }
     let trips = match &report.round_trips {
         Some(rt) => format!(
-            "{:.1} network round trips to Redis ({:.0} bytes up, {:.0} down), a new identity \
-             {:.1} round trips",
-            rt.per_hit, rt.bytes_up_per_hit, rt.bytes_down_per_hit, rt.per_identity
+            "{:.2} network round trips to Redis ({:.0} bytes up, {:.0} down), a new identity \
+             {:.1} round trips in all ({} of them writing the identity and all its pins; the \
+             others are the lookup that finds its credentials unknown and its use, written off \
+             the request path)",
+            rt.per_hit,
+            rt.bytes_up_per_hit,
+            rt.bytes_down_per_hit,
+            rt.per_identity,
+            show(rt.writes_per_identity, 2)
         ),
         None => "round trips not measured".into(),
     };

@@ -309,6 +309,12 @@ fn note_failed(suite: &mut Suite, what: &str, failed: u64, first_error: Option<S
 
 /// A metric from pinproxy's admin `/metrics` (summed over its label sets), if it has it.
 fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    admin_metric(admin, name, &[])
+}
+
+/// A metric from pinproxy's admin `/metrics`, summed over the label sets
+/// that contain every one of `labels` (e.g. `op="pin"`), if it has any.
+pub(crate) fn admin_metric(admin: SocketAddr, name: &str, labels: &[&str]) -> Option<u64> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -325,8 +331,15 @@ fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
             let value = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.split_once("} ")?.1,
-                None => rest.strip_prefix(' ')?,
+                Some(labelled) => {
+                    let (set, value) = labelled.split_once("} ")?;
+                    if !labels.iter().all(|label| set.contains(label)) {
+                        return None;
+                    }
+                    value
+                }
+                None if labels.is_empty() => rest.strip_prefix(' ')?,
+                None => return None,
             };
             value.trim().parse::<f64>().ok()
         })

@@ -77,9 +77,9 @@ impl Journal {
         );
     }
 
-    /// Records a use (lazily written).
-    pub async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool) {
-        logged(self.store.touch(id, now_ms, worked).await, "a use");
+    /// Records a use (lazily written) and the egress address it revealed.
+    pub async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool, egress: Option<IpAddr>) {
+        logged(self.store.touch(id, now_ms, worked, egress).await, "a use");
     }
 
     /// Records an egress address.

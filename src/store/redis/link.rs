@@ -114,6 +114,8 @@ impl Target {
 /// The connections to one server.
 #[derive(Clone)]
 struct Connections {
+    /// The primary's client (subscriptions open their own connection).
+    client: redis::Client,
     /// Every command but acknowledged writes.
     commands: ConnectionManager,
     /// Writes followed by `WAIT`, with `store.wait_replicas`: their own
@@ -139,6 +141,7 @@ impl Connections {
             })
             .transpose()?;
         Ok(Connections {
+            client: client.clone(),
             commands,
             acknowledged,
         })
@@ -223,6 +226,18 @@ impl Link {
                     "no Redis primary known yet (asking the sentinels)",
                 )
             })
+    }
+
+    /// A client for the current primary (for subscriptions).
+    pub fn client(&self) -> Result<redis::Client, StoreError> {
+        self.connections().map(|c| c.client)
+    }
+
+    /// The current primary's address (empty until one is known).
+    pub fn address(&self) -> String {
+        self.client()
+            .map(|c| c.get_connection_info().addr().to_string())
+            .unwrap_or_default()
     }
 
     /// The connection to use for a command.

@@ -54,7 +54,7 @@ pub struct LossReport {
     pub restore_done: bool,
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     Clock::system().now_ms()
 }
 
@@ -94,6 +94,9 @@ impl RedisStore {
         let at = now_ms();
         self.inner.lost_at_ms.store(at, Ordering::Relaxed);
         self.inner.metrics.store_losses.inc();
+        if let Some(cache) = &self.inner.cache {
+            cache.reset();
+        }
         tracing::error!(
             %loss,
             quarantine = ?Duration::from_millis(self.inner.quarantine_ms),

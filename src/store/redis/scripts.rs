@@ -51,6 +51,48 @@ end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out}
 ";
 
+/// Founds an identity: unless pin `KEYS[4]` is set, writes the identity
+/// hash `KEYS[3]` (`rec` `ARGV[4]`, `last` `ARGV[5]`, `egress` `ARGV[6]`
+/// unless empty; TTL `ARGV[3]` ms) and sets each pin `KEYS[4..]` to the
+/// matching `ARGV[7..]` unless it is set (TTL `ARGV[1]` ms; `ARGV[2]` is
+/// the identity key prefix). Answers `{1, rows}` with a row per pin as
+/// `PIN_ALL_IF_ABSENT` does, or, when `KEYS[4]` was someone else's and
+/// nothing was written, `{0, {row}}` with its row.
+pub(super) const FOUND: &str = r"
+local function row(set, pin)
+  return {set, pin, redis.call('HGETALL', ARGV[2] .. string.sub(pin, 1, 16))}
+end
+local function answer(result)
+  return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result}
+end
+if #KEYS >= 4 and not redis.call('SET', KEYS[4], ARGV[7], 'NX', 'PX', ARGV[1]) then
+  local pin = redis.call('GET', KEYS[4])
+  if not pin then return redis.error_reply('pin vanished') end
+  return answer({0, {row(0, pin)}})
+end
+redis.call('HSET', KEYS[3], 'rec', ARGV[4], 'last', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('INCR', KEYS[2])
+local out = {}
+if #KEYS >= 4 then
+  redis.call('INCR', KEYS[2])
+  out[1] = row(1, ARGV[7])
+end
+for i = 5, #KEYS do
+  local value = ARGV[i + 2]
+  if redis.call('SET', KEYS[i], value, 'NX', 'PX', ARGV[1]) then
+    redis.call('INCR', KEYS[2])
+    out[i - 3] = row(1, value)
+  else
+    local pin = redis.call('GET', KEYS[i])
+    if not pin then return redis.error_reply('pin vanished') end
+    out[i - 3] = row(0, pin)
+  end
+end
+return answer({1, out})
+";
+
 /// Records that exit `ARGV[1]` died at `ARGV[2]` (in hash `KEYS[3]`)
 /// unless a later death is recorded.
 pub(super) const EXIT_DEATH: &str = r"
