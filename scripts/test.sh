@@ -33,7 +33,7 @@ fi
 # A whole-suite run gains little from incremental compilation, whose cache
 # for the proxy's crates runs to gigabytes; off unless the caller sets it.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-echo "disk free for the build: $(df -h --output=avail . | tail -1 | tr -d ' ') (a clean build and test run uses about 6 GB)"
+echo "disk free for the build: $(df -h --output=avail . | tail -1 | tr -d ' ') (a clean build and test run uses about 2.5 GB)"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
