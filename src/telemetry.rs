@@ -12,6 +12,8 @@
 //! What is logged never includes a raw cookie value or an exit credential:
 //! cookies appear as `name#hash8`, exits by id and redacted URL.
 
+mod fields;
+
 use serde::Deserialize;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -85,6 +87,7 @@ pub fn init(format: LogFormat, access: bool) -> (LogGuard, Option<String>) {
     };
     let text = (format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
+            .fmt_fields(fields::LineFields)
             .with_writer(writer.clone())
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     });
