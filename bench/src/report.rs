@@ -148,6 +148,10 @@ impl Goal {
     }
 }
 
+/// Marks around the fixes' rows (written by hand after the run that
+/// measured them), so every later run carries them over.
+const FIXES_START: &str = "<!-- fixes:start -->";
+const FIXES_END: &str = "<!-- fixes:end -->";
 /// Marks around the history rows, so the next run can carry them over.
 const HISTORY_START: &str = "<!-- history:start -->";
 const HISTORY_END: &str = "<!-- history:end -->";
@@ -221,6 +225,7 @@ impl Results {
             }
             let _ = writeln!(out);
         }
+        render_fixes(&mut out, previous);
         self.render_history(&mut out, previous);
         out
     }
@@ -383,6 +388,32 @@ impl Results {
         }
         let _ = writeln!(out, "{HISTORY_END}");
     }
+}
+
+/// The fixes table: rows kept by hand between the marks, carried over from
+/// `previous` (the file's former text).
+fn render_fixes(out: &mut String, previous: Option<&str>) {
+    let _ = writeln!(out, "## Fixes, before and after
+");
+    let _ = writeln!(
+        out,
+        "Each performance fix with the figure it moved, measured before and after it on the \
+         same machine by the method named (instruction counts from callgrind at keep-alive \
+         c=32 unless said otherwise). Rows are added by hand after the run that measured them; \
+         every run carries them over.\n"
+    );
+    let _ = writeln!(out, "| fix | commit | measured by | before | after |");
+    let _ = writeln!(out, "| --- | --- | --- | ---: | ---: |");
+    let _ = writeln!(out, "{FIXES_START}");
+    let rows = previous.and_then(|text| {
+        let start = text.find(FIXES_START)? + FIXES_START.len();
+        let end = text[start..].find(FIXES_END)? + start;
+        Some(text[start..end].lines().filter(|l| l.starts_with('|')))
+    });
+    for row in rows.into_iter().flatten() {
+        let _ = writeln!(out, "{row}");
+    }
+    let _ = writeln!(out, "{FIXES_END}\n");
 }
 
 /// (after − before) / n as bytes (0 when it shrank or n is 0).
@@ -642,5 +673,16 @@ mod tests {
             .filter(|l| l.starts_with('|'))
             .count();
         assert_eq!(rows, HISTORY_ROWS);
+    }
+
+    #[test]
+    fn fixes_written_by_hand_are_carried_over() {
+        let results = Results::default();
+        let text = results.render(None);
+        let row = "| a fix | abc1234 | callgrind | 2 | 1 |";
+        let edited = text.replace(FIXES_START, &format!("{FIXES_START}\n{row}"));
+        let again = results.render(Some(&edited));
+        let again = results.render(Some(&again));
+        assert_eq!(again.matches(row).count(), 1, "{again}");
     }
 }
