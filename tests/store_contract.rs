@@ -445,6 +445,77 @@ async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_ide
     assert!(retired, "replica A never saw B's retirement");
 }
 
+#[tokio::test]
+async fn a_redis_user_without_pub_sub_retires_and_never_caches() {
+    let redis = RedisServer::start().await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    // Redis 7's default for new ACL users: no channel may be used.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("resetchannels")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let a = redis_store_ttl(
+        &redis.url(),
+        "acl",
+        48 * HOUR_MS,
+        HOUR_MS,
+        Some(dir_a.path()),
+        metrics.clone(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let b = redis_store(
+        &redis.url(),
+        "acl",
+        48 * HOUR_MS,
+        HOUR_MS,
+        Some(dir_b.path()),
+    )
+    .await;
+    let now = 1_800_000_000_000;
+    let someone = identity("e1", now);
+    b.create_identity(&someone).await.unwrap();
+    let k = key();
+    b.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    for _ in 0..50 {
+        let found = a.lookup(&[k]).await.unwrap();
+        assert_eq!(found[0].as_ref().unwrap().pin.identity, someone.id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metrics.store_cache_hits.get(),
+        0,
+        "no subscription, no cache"
+    );
+
+    // Retiring still works (the publish is refused, the retirement is not),
+    // and A sees it at once: it asks Redis every time.
+    b.retire(
+        someone.id,
+        &Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: now + 1,
+        },
+    )
+    .await
+    .unwrap();
+    let found = a.lookup(&[k]).await.unwrap();
+    assert!(found[0]
+        .as_ref()
+        .unwrap()
+        .identity
+        .as_ref()
+        .unwrap()
+        .retired
+        .is_some());
+}
+
 /// How many scripts Redis has run (`EVALSHA` and `EVAL`).
 async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")

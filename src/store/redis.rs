@@ -146,6 +146,7 @@ struct Inner {
     lookup: Script,
     pin_all_if_absent: Script,
     found: Script,
+    retire: Script,
     exit_death: Script,
     check: Script,
     new_epoch: Script,
@@ -225,6 +226,7 @@ impl RedisStore {
                 lookup: Script::new(scripts::LOOKUP),
                 pin_all_if_absent: Script::new(scripts::PIN_ALL_IF_ABSENT),
                 found: Script::new(scripts::FOUND),
+                retire: Script::new(scripts::RETIRE),
                 exit_death: Script::new(scripts::EXIT_DEATH),
                 check: Script::new(scripts::GENERATION),
                 new_epoch: Script::new(scripts::NEW_EPOCH),
@@ -833,25 +835,18 @@ impl PinStore for RedisStore {
         let key = self.identity_key(id);
         let record = postcard::to_stdvec(retirement).map_err(corrupt)?;
         // The first retirement stands; the record then lives as long as
-        // retired credentials are remembered.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_nx(&key, "retired", record)
-            .ignore()
-            .pexpire(
-                &key,
-                i64::try_from(self.inner.keep_retired_ms).unwrap_or(i64::MAX),
-            )
-            .ignore()
-            .incr(self.seq_key(), 1)
-            .ignore()
-            // Every replica's hit cache stops answering for it.
-            .publish(&self.inner.retired_channel, id.to_string())
-            .ignore();
+        // retired credentials are remembered. Every replica's hit cache
+        // stops answering for it (the script publishes it).
+        let args = [
+            record,
+            self.inner.keep_retired_ms.to_string().into_bytes(),
+            self.inner.retired_channel.clone().into_bytes(),
+            id.to_string().into_bytes(),
+        ];
         if let Some(cache) = &self.inner.cache {
             cache.retired(id);
         }
-        self.run_pipe(&mut pipe).await?;
+        self.run_script(&self.inner.retire, &[key], &args).await?;
         if let Some(journal) = &self.inner.journal {
             journal.retire(id, retirement).await;
         }

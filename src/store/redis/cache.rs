@@ -176,6 +176,7 @@ impl HitCache {
 /// cleared whenever it lapses or the primary changes.
 pub(super) async fn keep_subscribed(inner: Weak<Inner>) {
     use futures_util::StreamExt as _;
+    let mut warned = false;
     loop {
         let (client, channel) = {
             let Some(inner) = inner.upgrade() else { return };
@@ -195,10 +196,30 @@ pub(super) async fn keep_subscribed(inner: Weak<Inner>) {
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
-        let Ok(Ok(pubsub)) = subscribed else {
-            tokio::time::sleep(CHECK_INTERVAL).await;
-            continue;
+        let pubsub = match subscribed {
+            Ok(Ok(pubsub)) => pubsub,
+            refused => {
+                // Redis answering commands but refusing the subscription
+                // (an ACL without pub/sub, say) leaves the cache off for
+                // good: every lookup asks Redis. Say so once.
+                let serving = inner.upgrade().is_some_and(|i| i.link.is_available());
+                if serving && !warned {
+                    warned = true;
+                    let error = match refused {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
+                    tracing::warn!(
+                        %channel, %error,
+                        "cannot subscribe to retirements: the pin-hit cache stays off and every \
+                         lookup asks Redis (allow SUBSCRIBE, or set store.hit_cache = \"0s\")"
+                    );
+                }
+                tokio::time::sleep(CHECK_INTERVAL).await;
+                continue;
+            }
         };
+        warned = false;
         match inner.upgrade() {
             Some(inner) => {
                 if let Some(cache) = &inner.cache {

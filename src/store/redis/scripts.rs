@@ -93,6 +93,20 @@ end
 return answer({1, out})
 ";
 
+/// Retires identity hash `KEYS[3]` with record `ARGV[1]` unless it is
+/// retired (the first retirement stands), keeps it `ARGV[2]` ms, and
+/// publishes the identity id `ARGV[4]` on channel `ARGV[3]` for the other
+/// replicas' hit caches. A Redis user not allowed that channel (an ACL
+/// without pub/sub) still retires: the publish is best effort, and such a
+/// user cannot subscribe either, so no replica caches.
+pub(super) const RETIRE: &str = r"
+redis.call('HSETNX', KEYS[3], 'retired', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('INCR', KEYS[2])
+pcall(redis.call, 'PUBLISH', ARGV[3], ARGV[4])
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
+";
+
 /// Records that exit `ARGV[1]` died at `ARGV[2]` (in hash `KEYS[3]`)
 /// unless a later death is recorded.
 pub(super) const EXIT_DEATH: &str = r"
