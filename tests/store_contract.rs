@@ -360,33 +360,10 @@ async fn replicas_on_one_redis_agree_on_the_hashing_key() {
 #[tokio::test]
 async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_identity() {
     let redis = RedisServer::start().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let metrics = Arc::new(Metrics::new());
     // A's entries would answer for a minute: only B's published retirement
     // can make A see it within the test.
-    let a = redis_store_ttl(
-        &redis.url(),
-        "cache",
-        48 * HOUR_MS,
-        HOUR_MS,
-        Some(dir_a.path()),
-        metrics.clone(),
-        Duration::from_secs(60),
-    )
-    .await;
-    let b = redis_store(
-        &redis.url(),
-        "cache",
-        48 * HOUR_MS,
-        HOUR_MS,
-        Some(dir_b.path()),
-    )
-    .await;
-    let now = 1_800_000_000_000;
-    let someone = identity("e1", now);
-    b.create_identity(&someone).await.unwrap();
-    let k = key();
-    b.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let pair = Replicas::start(&redis.url(), "cache").await;
+    let (a, metrics, someone, k) = (&pair.a, &pair.metrics, &pair.someone, pair.key);
 
     // A's subscription to retirements goes live in the background; from
     // then on a second lookup of the same pin is a hit.
@@ -422,15 +399,7 @@ async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_ide
 
     // B retires the identity: A stops answering from its cache as soon as
     // the retirement's message arrives, and then sees it retired.
-    b.retire(
-        someone.id,
-        &Retirement {
-            reason: RetireReason::Evicted,
-            at_ms: now + 1,
-        },
-    )
-    .await
-    .unwrap();
+    pair.evict().await;
     let mut retired = false;
     for _ in 0..200 {
         let found = a.lookup(&[k]).await.unwrap();
@@ -458,31 +427,8 @@ async fn a_redis_user_without_pub_sub_retires_and_never_caches() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let metrics = Arc::new(Metrics::new());
-    let a = redis_store_ttl(
-        &redis.url(),
-        "acl",
-        48 * HOUR_MS,
-        HOUR_MS,
-        Some(dir_a.path()),
-        metrics.clone(),
-        Duration::from_secs(60),
-    )
-    .await;
-    let b = redis_store(
-        &redis.url(),
-        "acl",
-        48 * HOUR_MS,
-        HOUR_MS,
-        Some(dir_b.path()),
-    )
-    .await;
-    let now = 1_800_000_000_000;
-    let someone = identity("e1", now);
-    b.create_identity(&someone).await.unwrap();
-    let k = key();
-    b.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let pair = Replicas::start(&redis.url(), "acl").await;
+    let (a, metrics, someone, k) = (&pair.a, &pair.metrics, &pair.someone, pair.key);
     for _ in 0..50 {
         let found = a.lookup(&[k]).await.unwrap();
         assert_eq!(found[0].as_ref().unwrap().pin.identity, someone.id);
@@ -496,15 +442,7 @@ async fn a_redis_user_without_pub_sub_retires_and_never_caches() {
 
     // Retiring still works (the publish is refused, the retirement is not),
     // and A sees it at once: it asks Redis every time.
-    b.retire(
-        someone.id,
-        &Retirement {
-            reason: RetireReason::Evicted,
-            at_ms: now + 1,
-        },
-    )
-    .await
-    .unwrap();
+    pair.evict().await;
     let found = a.lookup(&[k]).await.unwrap();
     assert!(found[0]
         .as_ref()
@@ -514,6 +452,57 @@ async fn a_redis_user_without_pub_sub_retires_and_never_caches() {
         .unwrap()
         .retired
         .is_some());
+}
+
+/// Two replicas on one Redis: `a` caches pin hits for a minute (counting
+/// into `metrics`), `b` founded `someone` with the pin `key`.
+struct Replicas {
+    a: RedisStore,
+    b: RedisStore,
+    metrics: Arc<Metrics>,
+    someone: Identity,
+    key: PinKey,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl Replicas {
+    async fn start(url: &str, namespace: &str) -> Replicas {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let metrics = Arc::new(Metrics::new());
+        let minute = Duration::from_secs(60);
+        let a = redis_store_ttl(
+            url,
+            namespace,
+            48 * HOUR_MS,
+            HOUR_MS,
+            Some(dirs[0].path()),
+            metrics.clone(),
+            minute,
+        )
+        .await;
+        let b = redis_store(url, namespace, 48 * HOUR_MS, HOUR_MS, Some(dirs[1].path())).await;
+        let someone = identity("e1", 1_800_000_000_000);
+        b.create_identity(&someone).await.unwrap();
+        let key = key();
+        b.pin_if_absent(key, &pin(&someone, None)).await.unwrap();
+        Replicas {
+            a,
+            b,
+            metrics,
+            someone,
+            key,
+            _dirs: dirs,
+        }
+    }
+
+    /// `b` evicts `someone`.
+    async fn evict(&self) {
+        let retirement = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: self.someone.created_ms + 1,
+        };
+        self.b.retire(self.someone.id, &retirement).await.unwrap();
+    }
 }
 
 /// How many scripts Redis has run (`EVALSHA` and `EVAL`).
