@@ -15,10 +15,11 @@
 //!
 //! A lookup is one round trip (a script reads the pins and their identities),
 //! and so is a request's set of new pins, together with the identity they
-//! found when they are a new client's first (the `FOUND` script). Every key expires (`PX`): pins and
-//! identities after the longest identity lifetime plus the time retired
-//! credentials are remembered; a retired identity after the remembering
-//! time. The server must not evict keys early (`maxmemory-policy
+//! found when they are a new client's first (the `FOUND` script); a
+//! replica answers pins it looked up moments ago from memory ([`cache`]).
+//! Every key expires (`PX`): pins and identities after the longest identity
+//! lifetime plus the time retired credentials are remembered; a retired
+//! identity after the remembering time. The server must not evict keys early (`maxmemory-policy
 //! noeviction`); pinproxy warns at start if it may. Retirement is shared by
 //! the identity record, so a credential retired on one replica is not
 //! pinned anew on another.
@@ -52,7 +53,7 @@ use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
 use super::{Binding, Counts, Founding, Listing, PinStore, StoreError, StoreErrorKind};
-use crate::credential::PinKey;
+use crate::credential::{PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 use crate::metrics::Metrics;
 use cache::HitCache;
@@ -138,7 +139,7 @@ struct Inner {
     recovering: AtomicBool,
     report: Mutex<Option<LossReport>>,
     /// Touches waiting to be written, per identity (see [`TOUCH_COALESCE`]).
-    touches: dashmap::DashMap<IdentityId, PendingTouch>,
+    touches: dashmap::DashMap<IdentityId, PendingTouch, RandomKeys>,
     /// Pin hits answered without a round trip (`None`: disabled).
     cache: Option<HitCache>,
     /// Where retirements are published (`NS:retired`), for the caches.
@@ -222,7 +223,7 @@ impl RedisStore {
                 lost_at_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
                 report: Mutex::new(None),
-                touches: dashmap::DashMap::new(),
+                touches: dashmap::DashMap::default(),
                 lookup: Script::new(scripts::LOOKUP),
                 pin_all_if_absent: Script::new(scripts::PIN_ALL_IF_ABSENT),
                 found: Script::new(scripts::FOUND),
@@ -530,11 +531,9 @@ impl RedisStore {
         let mut keys = Vec::with_capacity(pins.len() + 1);
         keys.push(self.identity_key(identity.id));
         keys.extend(pins.iter().map(|(key, _)| self.pin_key(key)));
-        let ttl = self.inner.pin_ttl_ms.to_string().into_bytes();
         let mut args = vec![
-            ttl.clone(),
+            self.inner.pin_ttl_ms.to_string().into_bytes(),
             self.identity_prefix().into_bytes(),
-            ttl,
             postcard::to_stdvec(identity).map_err(corrupt)?,
             identity.last_used_ms.to_string().into_bytes(),
             identity

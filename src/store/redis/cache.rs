@@ -23,7 +23,7 @@
 //!
 //! Unknown credentials are never cached: a new pin can appear at any time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use dashmap::DashMap;
 
 use super::link::RESPONSE_TIMEOUT;
 use super::{Inner, CHECK_INTERVAL};
-use crate::credential::PinKey;
+use crate::credential::{PinKey, RandomKeys};
 use crate::identity::IdentityId;
 use crate::store::Binding;
 
@@ -46,11 +46,15 @@ pub(super) struct HitCache {
     ttl: Duration,
     /// How long a pin lives in Redis, in ms.
     pin_ttl_ms: u64,
-    entries: DashMap<PinKey, Entry>,
+    entries: DashMap<PinKey, Entry, RandomKeys>,
+    /// About how many entries there are (counted on insert, recounted when
+    /// pruned): counting the map itself would visit every shard on every
+    /// insert.
+    size: AtomicUsize,
     /// Identities retired recently (here or on another replica): their
     /// cached pins no longer answer. Kept for twice the entry lifetime,
     /// longer than any entry fetched before the retirement can live.
-    retired: DashMap<IdentityId, Instant>,
+    retired: DashMap<IdentityId, Instant, RandomKeys>,
     /// The live subscription's number (0: none live, nothing answers).
     live: AtomicU64,
     /// The last subscription number handed out.
@@ -73,8 +77,9 @@ impl HitCache {
         HitCache {
             ttl,
             pin_ttl_ms,
-            entries: DashMap::new(),
-            retired: DashMap::new(),
+            entries: DashMap::default(),
+            size: AtomicUsize::new(0),
+            retired: DashMap::default(),
             live: AtomicU64::new(0),
             opened: AtomicU64::new(0),
         }
@@ -120,18 +125,18 @@ impl HitCache {
         if binding.identity.is_none() || self.live.load(Ordering::Acquire) != ticket {
             return;
         }
-        if self.entries.len() >= MAX_ENTRIES {
+        if self.size.load(Ordering::Relaxed) >= MAX_ENTRIES {
             return;
         }
-        self.entries.insert(
-            key,
-            Entry {
-                binding: binding.clone(),
-                fetched: Instant::now(),
-                fetched_ms: now_ms,
-                subscription: ticket,
-            },
-        );
+        let entry = Entry {
+            binding: binding.clone(),
+            fetched: Instant::now(),
+            fetched_ms: now_ms,
+            subscription: ticket,
+        };
+        if self.entries.insert(key, entry).is_none() {
+            self.size.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Stops answering for identity `id` (it was retired).
@@ -143,14 +148,19 @@ impl HitCache {
     /// answers from entries fetched from now on.
     pub(super) fn open(&self) {
         let number = self.opened.fetch_add(1, Ordering::AcqRel) + 1;
-        self.entries.clear();
+        self.clear();
         self.live.store(number, Ordering::Release);
     }
 
     /// The subscription is gone: nothing answers, and the cache is cleared.
     pub(super) fn close(&self) {
         self.live.store(0, Ordering::Release);
+        self.clear();
+    }
+
+    fn clear(&self) {
         self.entries.clear();
+        self.size.store(0, Ordering::Relaxed);
     }
 
     /// Redis lost data: starts over under a new number if answering (what
@@ -166,6 +176,7 @@ impl HitCache {
         let ttl = self.ttl;
         self.entries
             .retain(|_, entry| entry.fetched.elapsed() < ttl);
+        self.size.store(self.entries.len(), Ordering::Relaxed);
         self.retired.retain(|_, at| at.elapsed() < ttl * 2);
     }
 }

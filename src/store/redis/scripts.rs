@@ -52,9 +52,9 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 ";
 
 /// Founds an identity: unless pin `KEYS[4]` is set, writes the identity
-/// hash `KEYS[3]` (`rec` `ARGV[4]`, `last` `ARGV[5]`, `egress` `ARGV[6]`
-/// unless empty; TTL `ARGV[3]` ms) and sets each pin `KEYS[4..]` to the
-/// matching `ARGV[7..]` unless it is set (TTL `ARGV[1]` ms; `ARGV[2]` is
+/// hash `KEYS[3]` (`rec` `ARGV[3]`, `last` `ARGV[4]`, `egress` `ARGV[5]`
+/// unless empty) and sets each pin `KEYS[4..]` to the matching `ARGV[6..]`
+/// unless it is set; pins and the identity live `ARGV[1]` ms (`ARGV[2]` is
 /// the identity key prefix). Answers `{1, rows}` with a row per pin as
 /// `PIN_ALL_IF_ABSENT` does, or, when `KEYS[4]` was someone else's and
 /// nothing was written, `{0, {row}}` with its row.
@@ -65,19 +65,19 @@ end
 local function answer(result)
   return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result}
 end
-if #KEYS >= 4 and not redis.call('SET', KEYS[4], ARGV[7], 'NX', 'PX', ARGV[1]) then
+if #KEYS >= 4 and not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'PX', ARGV[1]) then
   local pin = redis.call('GET', KEYS[4])
   if not pin then return redis.error_reply('pin vanished') end
   return answer({0, {row(0, pin)}})
 end
-redis.call('HSET', KEYS[3], 'rec', ARGV[4], 'last', ARGV[5])
-if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[6]) end
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[3], 'rec', ARGV[3], 'last', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[5]) end
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
 redis.call('INCR', KEYS[2])
 local out = {}
 if #KEYS >= 4 then
   redis.call('INCR', KEYS[2])
-  out[1] = row(1, ARGV[7])
+  out[1] = row(1, ARGV[6])
 end
 for i = 5, #KEYS do
   local value = ARGV[i + 2]
