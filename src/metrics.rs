@@ -15,7 +15,7 @@
 pub mod site;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -191,7 +191,19 @@ pub struct ExitInstruments {
     pub created: AtomicU64,
     /// Identities retired on it.
     pub retired: AtomicU64,
+    /// Its pin decision counters, by [`DECISIONS`] position, resolved in
+    /// the family on first use (a hit then costs no label hashing).
+    decisions: Decisions,
 }
+
+/// The request outcome of a request pinproxy forwarded and answered.
+pub const FORWARDED: &str = "forwarded";
+
+/// The labels of pin decisions, in the order of a [`Decisions`] table.
+pub const DECISIONS: [&str; 5] = ["hit", "new", "rotated", "conflict", "retired"];
+
+/// One label set's pin decision counters, each resolved on first use.
+type Decisions = [OnceLock<Counter>; DECISIONS.len()];
 
 /// Timings of one request's trip upstream, where known.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -267,6 +279,10 @@ pub struct Metrics {
     sites: Sites,
     exits: DashMap<ExitId, Arc<ExitInstruments>>,
     none: LabelValue,
+    /// Pin decision counters of requests that were not routed.
+    none_decisions: Decisions,
+    /// The `forwarded` outcome's counter, resolved on first use.
+    forwarded: OnceLock<Counter>,
     rules_seen: DashMap<String, ()>,
     last_status: DashMap<IdentityId, u16>,
 }
@@ -471,6 +487,8 @@ impl Metrics {
             sites: Sites::new(max_sites),
             exits: DashMap::new(),
             none: LabelValue::new("none"),
+            none_decisions: Decisions::default(),
+            forwarded: OnceLock::new(),
             rules_seen: DashMap::new(),
             last_status: DashMap::new(),
         }
@@ -478,7 +496,14 @@ impl Metrics {
 
     /// Counts a handled request.
     pub fn request(&self, outcome: &'static str) {
-        self.requests.get_or_create(&Outcome { outcome }).inc();
+        // The outcome of nearly every request, resolved once.
+        if outcome == FORWARDED {
+            self.forwarded
+                .get_or_init(|| self.requests.get_or_create_owned(&Outcome { outcome }))
+                .inc();
+        } else {
+            self.requests.get_or_create(&Outcome { outcome }).inc();
+        }
     }
 
     /// The instruments of exit `id` (resolved on its first use).
@@ -499,6 +524,7 @@ impl Metrics {
                     requests: AtomicU64::new(0),
                     created: AtomicU64::new(0),
                     retired: AtomicU64::new(0),
+                    decisions: Decisions::default(),
                 })
             })
             .clone()
@@ -528,13 +554,19 @@ impl Metrics {
         self.exit_requests.get_or_create(&labels).inc();
     }
 
-    /// Counts a pin decision.
+    /// Counts a pin decision (one of [`DECISIONS`]).
     pub fn pin_decision(&self, exit: Option<&ExitInstruments>, decision: &'static str) {
-        let labels = DecisionLabel {
+        let table = exit.map_or(&self.none_decisions, |e| &e.decisions);
+        let label = || DecisionLabel {
             exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
             decision,
         };
-        self.pin_decisions.get_or_create(&labels).inc();
+        match DECISIONS.iter().position(|known| *known == decision) {
+            Some(slot) => table[slot]
+                .get_or_init(|| self.pin_decisions.get_or_create_owned(&label()))
+                .inc(),
+            None => self.pin_decisions.get_or_create(&label()).inc(),
+        };
     }
 
     /// Records the upstream timings of one request through `exit`.

@@ -126,7 +126,7 @@ impl Pipeline {
         async {
             match self.forward(tunnel, request, &mut access).await {
                 Ok(response) => {
-                    self.metrics.request("forwarded");
+                    self.metrics.request(crate::metrics::FORWARDED);
                     access.finish(&self.metrics, Ok(response.status()));
                     response
                 }

@@ -13,6 +13,7 @@
 //! cookies appear as `name#hash8`, exits by id and redacted URL.
 
 mod fields;
+mod timestamp;
 
 use serde::Deserialize;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -88,12 +89,14 @@ pub fn init(format: LogFormat, access: bool) -> (LogGuard, Option<String>) {
     let text = (format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
             .fmt_fields(fields::LineFields)
+            .with_timer(timestamp::LineTime)
             .with_writer(writer.clone())
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     });
     let json = (format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
+            .with_timer(timestamp::LineTime)
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)

@@ -53,14 +53,16 @@ impl LineVisitor<'_> {
         let name = name.strip_prefix("r#").unwrap_or(name);
         let separator = if self.first { "" } else { " " };
         self.first = false;
-        self.result = if self.writer.has_ansi_escapes() {
-            write!(
-                self.writer,
-                "{separator}\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m"
-            )
+        // `write_str` pieces rather than `write!`: this runs for every
+        // field of every access line.
+        let (before, after) = if self.writer.has_ansi_escapes() {
+            ("\x1b[3m", "\x1b[0m\x1b[2m=\x1b[0m")
         } else {
-            write!(self.writer, "{separator}{name}=")
+            ("", "=")
         };
+        self.result = [separator, before, name, after]
+            .into_iter()
+            .try_for_each(|piece| self.writer.write_str(piece));
         self.result.is_ok()
     }
 
@@ -90,7 +92,9 @@ impl Visit for LineVisitor<'_> {
         }
         if self.begin(field) {
             let result = if value.bytes().all(plain_in_quotes) {
-                write!(self.writer, "\"{value}\"")
+                ["\"", value, "\""]
+                    .into_iter()
+                    .try_for_each(|piece| self.writer.write_str(piece))
             } else {
                 write!(self.writer, "{value:?}")
             };

@@ -202,6 +202,22 @@ impl<const N: usize> Small<N> {
         }
     }
 
+    fn extend(&mut self, bytes: &[u8]) {
+        let len = usize::from(self.len);
+        let room = N - len;
+        let take = bytes.len().min(room);
+        // A byte loop: these copies are a few bytes, where a `memcpy` call
+        // costs more than the copy.
+        for (slot, byte) in self.bytes[len..len + take].iter_mut().zip(bytes) {
+            *slot = *byte;
+        }
+        // `len + take <= N`, and every `N` here is below 256.
+        self.len = (len + take) as u8;
+        if take < bytes.len() {
+            self.overflow = true;
+        }
+    }
+
     fn get(&self) -> Option<&[u8]> {
         (!self.overflow).then(|| &self.bytes[..usize::from(self.len)])
     }
@@ -338,16 +354,30 @@ impl Scanner {
                 // so run over it without the per-byte state machine. Stops
                 // at the first byte `step` must see (CR, LF, a refused one).
                 State::Value if self.head.field == Some(Field::Other) => {
-                    let run = bytes
-                        .iter()
-                        .position(|&b| !is_plain_value_byte(b))
-                        .unwrap_or(bytes.len());
+                    let run = run_of(bytes, is_plain_value_byte);
                     if run > 0 {
-                        if self.head.len + run > self.limit {
-                            self.state = State::Refused;
-                            return Err(FramingError::HeadTooLarge);
-                        }
-                        self.head.len += run;
+                        self.grow_head(run)?;
+                        bytes = &bytes[run..];
+                        continue;
+                    }
+                }
+                // Bulk: a header name, up to its colon (or a byte `step`
+                // refuses). Kept as sent; compared ignoring case at the colon.
+                State::Name => {
+                    let run = run_of(bytes, is_name_byte);
+                    if run > 0 {
+                        self.grow_head(run)?;
+                        self.head.name.extend(&bytes[..run]);
+                        bytes = &bytes[run..];
+                        continue;
+                    }
+                }
+                // Bulk: a start-line token, up to a space or the line's end.
+                State::StartLine => {
+                    let run = run_of(bytes, is_token_byte);
+                    if run > 0 {
+                        self.grow_head(run)?;
+                        self.start_line_token(&bytes[..run]);
                         bytes = &bytes[run..];
                         continue;
                     }
@@ -408,15 +438,19 @@ impl Scanner {
                 b':' => return Err(FramingError::NoColon),
                 _ => {
                     self.head.name.clear();
-                    self.head.name.push(byte.to_ascii_lowercase());
+                    self.head.name.push(byte);
                     State::Name
                 }
             },
             State::Name => match byte {
                 b':' => {
                     let field = match self.head.name.get() {
-                        Some(b"content-length") => Field::ContentLength,
-                        Some(b"transfer-encoding") => Field::TransferEncoding,
+                        Some(name) if name.eq_ignore_ascii_case(b"content-length") => {
+                            Field::ContentLength
+                        }
+                        Some(name) if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                            Field::TransferEncoding
+                        }
                         _ => Field::Other,
                     };
                     self.head.field = Some(field);
@@ -426,7 +460,7 @@ impl Scanner {
                 b' ' | b'\t' => return Err(FramingError::SpaceBeforeColon),
                 b'\r' | b'\n' => return Err(FramingError::NoColon),
                 _ => {
-                    self.head.name.push(byte.to_ascii_lowercase());
+                    self.head.name.push(byte);
                     State::Name
                 }
             },
@@ -532,6 +566,27 @@ impl Scanner {
             }
             _ => return Err(FramingError::BareCr),
         })
+    }
+
+    /// Counts `run` more bytes of the head, refusing a head over the limit.
+    fn grow_head(&mut self, run: usize) -> Result<(), FramingError> {
+        if self.head.len + run > self.limit {
+            self.state = State::Refused;
+            return Err(FramingError::HeadTooLarge);
+        }
+        self.head.len += run;
+        Ok(())
+    }
+
+    /// Records bytes of one start-line token (no spaces among them).
+    fn start_line_token(&mut self, bytes: &[u8]) {
+        let head = &mut self.head;
+        match head.token {
+            0 => head.first.extend(bytes),
+            1 => head.second.extend(bytes),
+            _ => {}
+        }
+        head.last.extend(bytes);
     }
 
     /// Records a start-line byte in its token.
@@ -641,6 +696,24 @@ fn check_head_byte(byte: u8) -> Result<(), FramingError> {
 /// refusing it: neither CR nor LF, and allowed by [`check_head_byte`].
 fn is_plain_value_byte(byte: u8) -> bool {
     byte == b'\t' || (byte >= 0x20 && byte != 0x7f)
+}
+
+/// A byte `step` would add to a header name without changing state or
+/// refusing it: visible ASCII or above, other than the colon.
+fn is_name_byte(byte: u8) -> bool {
+    byte > 0x20 && byte != 0x7f && byte != b':'
+}
+
+/// A byte `step` would add to a start-line token without changing state or
+/// refusing it: neither a space nor a line end, and allowed by
+/// [`check_head_byte`].
+fn is_token_byte(byte: u8) -> bool {
+    byte == b'\t' || (byte > 0x20 && byte != 0x7f)
+}
+
+/// How many of `bytes`, from the first, satisfy `plain`.
+fn run_of(bytes: &[u8], plain: impl Fn(u8) -> bool) -> usize {
+    bytes.iter().position(|&b| !plain(b)).unwrap_or(bytes.len())
 }
 
 fn hex(byte: u8) -> Option<u8> {
