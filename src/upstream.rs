@@ -51,6 +51,13 @@ use tls::UpstreamTls;
 pub use error::{ConnectError, UpstreamError};
 pub use pool::UpstreamBody;
 
+/// The hasher of an exit's lane map: seeded, and cheaper than SipHash on
+/// a lookup made once per request.
+type LaneHasher = foldhash::fast::RandomState;
+
+/// An exit's pools, one per [`PoolId`].
+type LanePools = moka::sync::Cache<PoolId, Arc<LanePool>, LaneHasher>;
+
 /// Most pools (lanes) an exit keeps; the least recently used go first.
 const MAX_LANES_PER_EXIT: u64 = 65_536;
 
@@ -210,7 +217,7 @@ pub struct ExitClient {
     tls: UpstreamTls,
     settings: PoolSettings,
     /// One pool per lane and way of speaking (see [`PoolId`]).
-    pools: moka::sync::Cache<PoolId, Arc<LanePool>>,
+    pools: LanePools,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -232,7 +239,7 @@ impl ExitClient {
         let pools = moka::sync::Cache::builder()
             .max_capacity(MAX_LANES_PER_EXIT)
             .time_to_idle(settings.idle_timeout.saturating_mul(2))
-            .build();
+            .build_with_hasher(LaneHasher::default());
         ExitClient {
             route: Arc::new(route),
             tls,

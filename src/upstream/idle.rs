@@ -11,14 +11,10 @@
 //! a browser closes idle sockets under pressure. It runs beside the request
 //! path, never on it: requests take no exit-wide lock.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-use super::pool::LanePool;
-use super::PoolId;
 
 /// How often an exit's idle connections are checked: the cap is exceeded
 /// for at most this long.
@@ -33,10 +29,7 @@ impl Sweeper {
     /// Starts sweeping `pools` every [`SWEEP_INTERVAL`], keeping at most
     /// `max_idle` idle connections; inert outside a Tokio runtime (a
     /// client built to validate a configuration).
-    pub(super) fn start(
-        pools: moka::sync::Cache<PoolId, Arc<LanePool>>,
-        max_idle: usize,
-    ) -> Sweeper {
+    pub(super) fn start(pools: super::LanePools, max_idle: usize) -> Sweeper {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Sweeper(None);
         };
@@ -63,7 +56,7 @@ impl Drop for Sweeper {
 /// One sweep: expired connections closed everywhere, then the longest idle
 /// beyond `max_idle`. Returns how many were closed for the cap.
 fn sweep(
-    pools: &moka::sync::Cache<PoolId, Arc<LanePool>>,
+    pools: &super::LanePools,
     max_idle: usize,
     now: Instant,
     idle_since: &mut Vec<Instant>,

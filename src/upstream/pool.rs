@@ -117,7 +117,9 @@ pub(super) struct LanePool {
     dialer: Dialer,
     presentation: Presentation,
     limits: Limits,
-    origins: Mutex<HashMap<Origin, Conns>>,
+    /// Keyed by origins a client names, so with a seeded hasher; foldhash
+    /// rather than SipHash: this map is looked up twice per request.
+    origins: Mutex<HashMap<Origin, Conns, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for LanePool {
@@ -135,11 +137,13 @@ impl LanePool {
             dialer,
             presentation,
             limits,
-            origins: Mutex::new(HashMap::new()),
+            origins: Mutex::new(HashMap::default()),
         }
     }
 
-    fn origins(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Conns>> {
+    fn origins(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Origin, Conns, foldhash::fast::RandomState>> {
         // A panic while the lock was held cannot leave the map inconsistent
         // (every change is one insert or remove): keep using it.
         self.origins.lock().unwrap_or_else(|e| e.into_inner())
