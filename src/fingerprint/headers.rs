@@ -87,8 +87,10 @@ impl HeaderValues {
             .zip(&self.values)
             .filter(
                 |((name, header), recorded)| match (headers.get(*header), recorded) {
+                    // Bytes first: the lossy text only matters when they differ.
                     (Some(now), Some(then)) => {
-                        String::from_utf8_lossy(now.as_bytes()) != then.as_str()
+                        now.as_bytes() != then.as_bytes()
+                            && String::from_utf8_lossy(now.as_bytes()) != then.as_str()
                     }
                     (Some(_), None) => true,
                     (None, Some(_)) => **name == "user-agent",

@@ -4,6 +4,7 @@
 //! waiters what is durable. Lazily written state (touches) is flushed
 //! without fsync when nothing else is queued.
 
+use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -12,7 +13,33 @@ use tokio::sync::watch;
 
 use super::codec::{fingerprint_hash, StoredIdentity, EXIT_DEATHS, FINGERPRINTS, IDENTITIES, PINS};
 use super::{Change, Committed, Queued, Shared};
+use crate::fingerprint::Fingerprint;
 use crate::identity::IdentityId;
+
+/// The content hashes of fingerprints already in the fingerprints table,
+/// by the address of their shared value. An identity is rewritten on every
+/// lazy flush after a request (its last use changed) while its fingerprint
+/// never changes: hashing it means serialising its whole ClientHello, and
+/// the memory store hands out one shared value per distinct fingerprint.
+/// The entry keeps its value alive, so no other fingerprint can come to
+/// live at its address.
+#[derive(Default)]
+struct KnownFingerprints(HashMap<usize, (Arc<Fingerprint>, [u8; 16])>);
+
+impl KnownFingerprints {
+    fn get(&self, fingerprint: &Arc<Fingerprint>) -> Option<[u8; 16]> {
+        self.0
+            .get(&(Arc::as_ptr(fingerprint) as usize))
+            .map(|(_, hash)| *hash)
+    }
+
+    fn insert(&mut self, fingerprint: &Arc<Fingerprint>, hash: [u8; 16]) {
+        self.0.insert(
+            Arc::as_ptr(fingerprint) as usize,
+            (fingerprint.clone(), hash),
+        );
+    }
+}
 
 /// How often lazily written state (touches) is flushed when idle.
 pub(super) const LAZY_FLUSH: Duration = Duration::from_millis(500);
@@ -28,6 +55,7 @@ pub(super) fn write_loop(
     committed: watch::Sender<Committed>,
 ) {
     let mut open = true;
+    let mut known = KnownFingerprints::default();
     while open {
         let mut group = Vec::new();
         match queue.recv_timeout(LAZY_FLUSH) {
@@ -54,7 +82,7 @@ pub(super) fn write_loop(
         }
         // Lazily written state alone does not need a flush.
         let durable = !group.is_empty();
-        match apply(&db, &shared, &group, &dirty, durable) {
+        match apply(&db, &shared, &group, &dirty, durable, &mut known) {
             Ok(()) => {
                 if let Some(seq) = group.iter().map(|q| q.seq).max() {
                     shared.pending_pins.retain(|_, s| *s > seq);
@@ -83,6 +111,7 @@ fn apply(
     group: &[Queued],
     dirty: &[IdentityId],
     durable: bool,
+    known: &mut KnownFingerprints,
 ) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     let durability = if durable {
@@ -99,16 +128,23 @@ fn apply(
         let mut put_identity = |id: IdentityId| -> Result<(), String> {
             match shared.memory.identity(id) {
                 Some(identity) => {
-                    let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
-                    if fingerprints
-                        .get(&hash)
-                        .map_err(|e| e.to_string())?
-                        .is_none()
-                    {
-                        fingerprints
-                            .insert(&hash, fingerprint.as_slice())
-                            .map_err(|e| e.to_string())?;
-                    }
+                    let hash = match known.get(&identity.fingerprint) {
+                        Some(hash) => hash,
+                        None => {
+                            let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
+                            if fingerprints
+                                .get(&hash)
+                                .map_err(|e| e.to_string())?
+                                .is_none()
+                            {
+                                fingerprints
+                                    .insert(&hash, fingerprint.as_slice())
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            known.insert(&identity.fingerprint, hash);
+                            hash
+                        }
+                    };
                     let stored = StoredIdentity::of(identity, hash);
                     let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
                     identities
