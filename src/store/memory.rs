@@ -267,10 +267,28 @@ impl MemoryStore {
 
 impl PinStore for MemoryStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        Ok(keys
-            .iter()
-            .map(|k| self.pins.get(k).map(|p| self.binding(&p)))
-            .collect())
+        // A request's credentials usually share one identity: read it once
+        // and hand the later pins a copy of that reading.
+        let mut bindings: Vec<Option<Binding>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            let binding = self.pins.get(key).map(|record| {
+                let id = IdentityId(record.identity);
+                let known = bindings
+                    .iter()
+                    .flatten()
+                    .find(|b| b.pin.identity == id)
+                    .map(|b| b.identity.clone());
+                match known {
+                    Some(identity) => Binding {
+                        pin: self.to_pin(&record),
+                        identity,
+                    },
+                    None => self.binding(&record),
+                }
+            });
+            bindings.push(binding);
+        }
+        Ok(bindings)
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
