@@ -197,7 +197,7 @@ pub struct ExitInstruments {
 }
 
 /// The request outcome of a request pinproxy forwarded and answered.
-pub const FORWARDED: &str = "forwarded";
+const FORWARDED: &str = "forwarded";
 
 /// The labels of pin decisions, in the order of a [`Decisions`] table.
 pub const DECISIONS: [&str; 5] = ["hit", "new", "rotated", "conflict", "retired"];
@@ -496,14 +496,18 @@ impl Metrics {
 
     /// Counts a handled request.
     pub fn request(&self, outcome: &'static str) {
-        // The outcome of nearly every request, resolved once.
-        if outcome == FORWARDED {
-            self.forwarded
-                .get_or_init(|| self.requests.get_or_create_owned(&Outcome { outcome }))
-                .inc();
-        } else {
-            self.requests.get_or_create(&Outcome { outcome }).inc();
-        }
+        self.requests.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Counts a request forwarded and answered: the outcome of nearly every
+    /// request, so its counter is resolved once.
+    pub fn forwarded(&self) {
+        self.forwarded
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create_owned(&Outcome { outcome: FORWARDED })
+            })
+            .inc();
     }
 
     /// The instruments of exit `id` (resolved on its first use).
@@ -554,19 +558,20 @@ impl Metrics {
         self.exit_requests.get_or_create(&labels).inc();
     }
 
-    /// Counts a pin decision (one of [`DECISIONS`]).
-    pub fn pin_decision(&self, exit: Option<&ExitInstruments>, decision: &'static str) {
+    /// Counts a pin decision: `slot` is its position in [`DECISIONS`].
+    pub fn pin_decision(&self, exit: Option<&ExitInstruments>, slot: usize) {
         let table = exit.map_or(&self.none_decisions, |e| &e.decisions);
-        let label = || DecisionLabel {
-            exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
-            decision,
+        let Some((counter, &decision)) = table.get(slot).zip(DECISIONS.get(slot)) else {
+            return;
         };
-        match DECISIONS.iter().position(|known| *known == decision) {
-            Some(slot) => table[slot]
-                .get_or_init(|| self.pin_decisions.get_or_create_owned(&label()))
-                .inc(),
-            None => self.pin_decisions.get_or_create(&label()).inc(),
-        };
+        counter
+            .get_or_init(|| {
+                self.pin_decisions.get_or_create_owned(&DecisionLabel {
+                    exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
+                    decision,
+                })
+            })
+            .inc();
     }
 
     /// Records the upstream timings of one request through `exit`.

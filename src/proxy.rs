@@ -126,7 +126,7 @@ impl Pipeline {
         async {
             match self.forward(tunnel, request, &mut access).await {
                 Ok(response) => {
-                    self.metrics.request(crate::metrics::FORWARDED);
+                    self.metrics.forwarded();
                     access.finish(&self.metrics, Ok(response.status()));
                     response
                 }

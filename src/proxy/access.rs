@@ -22,7 +22,9 @@ use http::Method;
 use super::ProxyError;
 use crate::credential::Credential;
 use crate::identity::IdentityId;
-use crate::metrics::{status_class, ExitInstruments, LabelValue, Metrics, UpstreamTimings};
+use crate::metrics::{
+    status_class, ExitInstruments, LabelValue, Metrics, UpstreamTimings, DECISIONS,
+};
 use crate::net::HostPort;
 use crate::routing::{Reason, RouteError};
 use crate::telemetry::ACCESS_TARGET;
@@ -43,15 +45,20 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Its position in [`DECISIONS`] (the metrics' counter table).
+    fn slot(self) -> usize {
+        match self {
+            Decision::Hit => 0,
+            Decision::New => 1,
+            Decision::Rotated => 2,
+            Decision::Conflict => 3,
+            Decision::Retired => 4,
+        }
+    }
+
     /// The label in metrics and logs.
     pub fn label(self) -> &'static str {
-        match self {
-            Decision::Hit => "hit",
-            Decision::New => "new",
-            Decision::Rotated => "rotated",
-            Decision::Conflict => "conflict",
-            Decision::Retired => "retired",
-        }
+        DECISIONS[self.slot()]
     }
 
     /// The decision a route records.
@@ -136,7 +143,7 @@ impl Access {
         let exit = self.exit.as_deref();
         metrics.exit_request(exit, self.site.as_ref(), class);
         if let Some(decision) = self.decision {
-            metrics.pin_decision(exit, decision.label());
+            metrics.pin_decision(exit, decision.slot());
         }
         if let Some(exit) = exit {
             metrics.upstream(exit, &self.timings);

@@ -13,7 +13,6 @@
 
 use super::{Pipeline, ProxyError};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use crate::fingerprint::{ClientConnection, FingerprintPolicy};
 use crate::identity::Identity;
@@ -32,16 +31,15 @@ impl Pipeline {
     ) -> Result<(), ProxyError> {
         let mut drifted = identity.fingerprint.drifted(headers);
         let recorded = &identity.fingerprint;
-        // The same shared value (the connection that founded the identity,
-        // or one whose hello the store interned as the recording) needs no
-        // field-by-field comparison.
+        // `Arc` equality of `Eq` values compares pointers first: the
+        // founding connection's own hello costs no field-by-field walk.
         if let (Some(then), Some(now)) = (&recorded.tls, &client.hello) {
-            if !Arc::ptr_eq(then, now) && then != now {
+            if then != now {
                 drifted.push("tls-clienthello");
             }
         }
         if let (Some(then), Some(now)) = (&recorded.h2, client.preface.get()) {
-            if !Arc::ptr_eq(then, now) && then != now {
+            if then != now {
                 drifted.push("http2-preface");
             }
         }

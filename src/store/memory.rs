@@ -188,12 +188,9 @@ impl MemoryStore {
     }
 
     fn binding(&self, pin: &PinRecord) -> Binding {
-        let id = IdentityId(pin.identity);
-        let identity = self.identities.get(&id).map(|r| self.to_identity(id, &r));
-        Binding {
-            pin: self.to_pin(pin),
-            identity,
-        }
+        let pin = self.to_pin(pin);
+        let identity = self.identity(pin.identity);
+        Binding { pin, identity }
     }
 
     /// Inserts an identity as it is (loading a durable store).
@@ -272,19 +269,16 @@ impl PinStore for MemoryStore {
         let mut bindings: Vec<Option<Binding>> = Vec::with_capacity(keys.len());
         for key in keys {
             let binding = self.pins.get(key).map(|record| {
-                let id = IdentityId(record.identity);
-                let known = bindings
+                let pin = self.to_pin(&record);
+                let identity = match bindings
                     .iter()
                     .flatten()
-                    .find(|b| b.pin.identity == id)
-                    .map(|b| b.identity.clone());
-                match known {
-                    Some(identity) => Binding {
-                        pin: self.to_pin(&record),
-                        identity,
-                    },
-                    None => self.binding(&record),
-                }
+                    .find(|b| b.pin.identity == pin.identity)
+                {
+                    Some(earlier) => earlier.identity.clone(),
+                    None => self.identity(pin.identity),
+                };
+                Binding { pin, identity }
             });
             bindings.push(binding);
         }

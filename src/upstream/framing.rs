@@ -349,40 +349,31 @@ impl Scanner {
                     };
                     continue;
                 }
-                // Bulk: the value of a field that does not frame (cookies,
-                // user agents: most of a head) only needs each byte checked,
-                // so run over it without the per-byte state machine. Stops
-                // at the first byte `step` must see (CR, LF, a refused one).
-                State::Value if self.head.field == Some(Field::Other) => {
-                    let run = run_of(bytes, is_plain_value_byte);
-                    if run > 0 {
-                        self.grow_head(run)?;
-                        bytes = &bytes[run..];
-                        continue;
-                    }
-                }
-                // Bulk: a header name, up to its colon (or a byte `step`
-                // refuses). Kept as sent; compared ignoring case at the colon.
-                State::Name => {
-                    let run = run_of(bytes, is_name_byte);
-                    if run > 0 {
-                        self.grow_head(run)?;
-                        self.head.name.extend(&bytes[..run]);
-                        bytes = &bytes[run..];
-                        continue;
-                    }
-                }
-                // Bulk: a start-line token, up to a space or the line's end.
-                State::StartLine => {
-                    let run = run_of(bytes, is_token_byte);
-                    if run > 0 {
-                        self.grow_head(run)?;
-                        self.start_line_token(&bytes[..run]);
-                        bytes = &bytes[run..];
-                        continue;
-                    }
-                }
                 _ => {}
+            }
+            // Bulk: runs of bytes `step` would take one by one without
+            // changing state or refusing any: the value of a field that does
+            // not frame (cookies, user agents: most of a head), a header
+            // name up to its colon (kept as sent, compared ignoring case at
+            // the colon), a start-line token up to a space or the line's end.
+            let run = match self.state {
+                State::Value if self.head.field == Some(Field::Other) => {
+                    run_of(bytes, is_plain_value_byte)
+                }
+                State::Name => run_of(bytes, is_name_byte),
+                State::StartLine => run_of(bytes, is_token_byte),
+                _ => 0,
+            };
+            if run > 0 {
+                self.grow_head(run)?;
+                let (taken, rest) = bytes.split_at(run);
+                match self.state {
+                    State::Name => self.head.name.extend(taken),
+                    State::StartLine => self.start_line_token(taken),
+                    _ => {}
+                }
+                bytes = rest;
+                continue;
             }
             let byte = bytes[0];
             bytes = &bytes[1..];
