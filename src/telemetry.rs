@@ -12,13 +12,19 @@
 //! What is logged never includes a raw cookie value or an exit credential:
 //! cookies appear as `name#hash8`, exits by id and redacted URL.
 
+pub mod access_line;
 mod fields;
 mod timestamp;
 
 use serde::Deserialize;
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer;
+
+pub use access_line::AccessLine;
 
 /// The target of access lines.
 pub const ACCESS_TARGET: &str = "pinproxy::access";
@@ -86,28 +92,49 @@ pub fn init(format: LogFormat, access: bool) -> (LogGuard, Option<String>) {
     } else {
         filter.with_target(ACCESS_TARGET, LevelFilter::OFF)
     };
-    let text = (format == LogFormat::Text).then(|| {
-        tracing_subscriber::fmt::layer()
-            .fmt_fields(fields::LineFields)
-            .with_timer(timestamp::LineTime)
-            .with_writer(writer.clone())
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    });
-    let json = (format == LogFormat::Json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_timer(timestamp::LineTime)
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(writer.clone())
-    });
-    let _ = tracing_subscriber::registry()
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text = (format == LogFormat::Text).then(|| text_layer(writer.clone(), ansi));
+    let json = (format == LogFormat::Json).then(|| json_layer(writer.clone()));
+    let installed = tracing_subscriber::registry()
         .with(text)
         .with(json)
         .with(filter)
         .try_init();
+    if installed.is_ok() {
+        access_line::install(writer, format, ansi);
+    }
     (LogGuard(guard), problem)
+}
+
+/// The text layer writing to `writer`, with colours when `ansi`. Access
+/// lines written directly (see [`access_line`]) are held to what it writes.
+fn text_layer<S, W>(writer: W, ansi: bool) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .fmt_fields(fields::LineFields)
+        .with_timer(timestamp::LineTime)
+        .with_writer(writer)
+        .with_ansi(ansi)
+}
+
+/// The JSON layer writing to `writer`, an object per line with the event's
+/// fields at the top level. Access lines written directly are held to what
+/// it writes.
+fn json_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .with_timer(timestamp::LineTime)
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(writer)
 }
 
 fn default_filter() -> Targets {

@@ -13,7 +13,6 @@
 //! the subscriber's formatting needs); a disabled line is one cached
 //! callsite check.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use crate::metrics::{
 };
 use crate::net::HostPort;
 use crate::routing::{Reason, RouteError};
-use crate::telemetry::ACCESS_TARGET;
+use crate::telemetry::{access_line, AccessLine};
 
 /// How routing decided a request's identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +120,7 @@ impl Access {
 
     /// Whether access lines are written (the origin is kept only then).
     pub fn logging() -> bool {
-        tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+        access_line::enabled()
     }
 
     /// Counts the request and writes its access line: `answer` is the
@@ -153,39 +152,21 @@ impl Access {
         }
         // Microsecond precision, printed as milliseconds.
         let millis = |d: Duration| d.as_micros() as f64 / 1000.0;
-        tracing::info!(
-            target: ACCESS_TARGET,
-            method = %self.method,
-            origin = self.origin.as_ref().map(tracing::field::display),
-            site = self.site.as_ref().map(|s| s.as_str()),
-            exit = exit.map(|e| e.exit.as_str()),
-            identity = self.identity.map(tracing::field::display),
-            cookies = (!self.credentials.is_empty())
-                .then(|| tracing::field::display(Names(&self.credentials))),
-            decision = self.decision.map(Decision::label),
-            status = status.as_u16(),
+        AccessLine {
+            method: &self.method,
+            origin: self.origin.as_ref(),
+            site: self.site.as_ref().map(|s| s.as_str()),
+            exit: exit.map(|e| e.exit.as_str()),
+            identity: self.identity,
+            credentials: &self.credentials,
+            decision: self.decision.map(Decision::label),
+            status: status.as_u16(),
             error,
-            total_ms = millis(self.started.elapsed()),
-            connect_ms = self.timings.connect.map(millis),
-            tls_ms = self.timings.tls.map(millis),
-            ttfb_ms = self.timings.ttfb.map(millis),
-            "request"
-        );
-    }
-}
-
-/// The names of credentials, comma-separated (a session key shows as
-/// `session-key`).
-struct Names<'a>(&'a [Credential]);
-
-impl fmt::Display for Names<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, credential) in self.0.iter().enumerate() {
-            if n > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(&credential.name)?;
+            total_ms: millis(self.started.elapsed()),
+            connect_ms: self.timings.connect.map(millis),
+            tls_ms: self.timings.tls.map(millis),
+            ttfb_ms: self.timings.ttfb.map(millis),
         }
-        Ok(())
+        .write();
     }
 }

@@ -161,7 +161,7 @@ impl VisitFmt for LineVisitor<'_> {
 }
 
 /// Whether `byte` is written as itself inside a `Debug`-quoted string.
-fn plain_in_quotes(byte: u8) -> bool {
+pub(super) fn plain_in_quotes(byte: u8) -> bool {
     (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\'
 }
 
@@ -185,7 +185,7 @@ impl fmt::Write for Escaping<'_, '_> {
 }
 
 /// Writes `value` in decimal.
-fn write_u64(writer: &mut Writer<'_>, mut value: u64) -> fmt::Result {
+pub(super) fn write_u64(writer: &mut impl fmt::Write, mut value: u64) -> fmt::Result {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -203,7 +203,7 @@ fn write_u64(writer: &mut Writer<'_>, mut value: u64) -> fmt::Result {
 /// `value` as a whole number of thousandths, when it is one (durations in
 /// milliseconds with microsecond precision always are) and small enough
 /// that the decimal below is its shortest exact form.
-fn thousandths(value: f64) -> Option<u64> {
+pub(super) fn thousandths(value: f64) -> Option<u64> {
     if !(0.0..1e12).contains(&value) {
         return None;
     }
@@ -214,7 +214,7 @@ fn thousandths(value: f64) -> Option<u64> {
 
 /// Writes `thousandths / 1000` as `Debug` writes that float: the shortest
 /// decimal, with at least one digit after the point (`2.0`, `1.5`, `0.125`).
-fn write_thousandths(writer: &mut Writer<'_>, thousandths: u64) -> fmt::Result {
+pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) -> fmt::Result {
     write_u64(writer, thousandths / 1000)?;
     let fraction = thousandths % 1000;
     let text = [
