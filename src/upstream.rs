@@ -26,6 +26,7 @@ pub mod error;
 pub mod framing;
 pub mod h2;
 mod idle;
+mod lanes;
 mod pool;
 pub mod tls;
 
@@ -45,6 +46,7 @@ use crate::identity::{ExitId, Identity, IdentityId, SessionId};
 use crate::net::HostPort;
 use dial::{Dialer, ExitKind};
 use egress_ip::{EgressCheck, IpCheck};
+use lanes::Lanes;
 use pool::LanePool;
 use tls::UpstreamTls;
 
@@ -55,11 +57,8 @@ pub use pool::UpstreamBody;
 /// a lookup made once per request.
 type LaneHasher = foldhash::fast::RandomState;
 
-/// An exit's pools, one per [`PoolId`].
-type LanePools = moka::sync::Cache<PoolId, Arc<LanePool>, LaneHasher>;
-
 /// Most pools (lanes) an exit keeps; the least recently used go first.
-const MAX_LANES_PER_EXIT: u64 = 65_536;
+const MAX_LANES_PER_EXIT: usize = 65_536;
 
 /// Pool and timeout settings shared by every exit's client.
 #[derive(Debug, Clone)]
@@ -217,7 +216,7 @@ pub struct ExitClient {
     tls: UpstreamTls,
     settings: PoolSettings,
     /// One pool per lane and way of speaking (see [`PoolId`]).
-    pools: LanePools,
+    pools: Arc<Lanes>,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -226,7 +225,7 @@ impl std::fmt::Debug for ExitClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExitClient")
             .field("exit", &self.route.id)
-            .field("lanes", &self.pools.entry_count())
+            .field("lanes", &self.pools.len())
             .finish_non_exhaustive()
     }
 }
@@ -236,10 +235,10 @@ impl ExitClient {
     pub fn new(route: ExitRoute, tls: UpstreamTls, settings: &PoolSettings) -> Self {
         // A lane idle for twice the connection idle time has no
         // connection left worth keeping.
-        let pools = moka::sync::Cache::builder()
-            .max_capacity(MAX_LANES_PER_EXIT)
-            .time_to_idle(settings.idle_timeout.saturating_mul(2))
-            .build_with_hasher(LaneHasher::default());
+        let pools = Arc::new(Lanes::new(
+            settings.idle_timeout.saturating_mul(2),
+            MAX_LANES_PER_EXIT,
+        ));
         ExitClient {
             route: Arc::new(route),
             tls,
@@ -306,14 +305,14 @@ impl ExitClient {
             fingerprint: lane.fingerprint_key,
             h2: lane.h2,
         };
-        self.pools.get_with(id, || {
+        self.pools.get_or_make(id, || {
             let pinned = lane.pinned_address();
             let dialer = self.dialer(lane.session, pinned, lane.h2);
             let limits = pool::Limits {
                 idle_timeout: self.settings.idle_timeout,
                 max_idle_per_origin: self.settings.max_idle_per_origin,
             };
-            Arc::new(LanePool::new(dialer, self.presentation(lane), limits))
+            LanePool::new(dialer, self.presentation(lane), limits)
         })
     }
 
@@ -347,7 +346,7 @@ impl ExitClient {
     /// Drops a lane's pools and their connections (a retired identity's).
     pub fn forget(&self, key: PoolKey) {
         for h2 in [false, true] {
-            self.pools.invalidate(&PoolId {
+            self.pools.remove(&PoolId {
                 key,
                 fingerprint: 0,
                 h2,
@@ -357,8 +356,7 @@ impl ExitClient {
 
     /// Number of live lanes.
     pub fn lanes(&self) -> u64 {
-        self.pools.run_pending_tasks();
-        self.pools.entry_count()
+        self.pools.len() as u64
     }
 
     /// Opens a raw tunnel to `target` on `lane` (passthrough): same session,

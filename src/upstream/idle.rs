@@ -8,13 +8,17 @@
 //! old ones time out. The sweeper closes idle HTTP/1.1 connections once
 //! they are past `timeouts.pool_idle` (on time, not at the lane's next
 //! use) and, beyond `limits.max_idle_per_exit`, the longest idle first, as
-//! a browser closes idle sockets under pressure. It runs beside the request
-//! path, never on it: requests take no exit-wide lock.
+//! a browser closes idle sockets under pressure. Each sweep also ages the
+//! exit's lanes (see [`super::lanes`]): unused ones are dropped. It runs
+//! beside the request path, never on it: requests take no exit-wide lock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use super::lanes::Lanes;
 
 /// How often an exit's idle connections are checked: the cap is exceeded
 /// for at most this long.
@@ -29,7 +33,7 @@ impl Sweeper {
     /// Starts sweeping `pools` every [`SWEEP_INTERVAL`], keeping at most
     /// `max_idle` idle connections; inert outside a Tokio runtime (a
     /// client built to validate a configuration).
-    pub(super) fn start(pools: super::LanePools, max_idle: usize) -> Sweeper {
+    pub(super) fn start(pools: Arc<Lanes>, max_idle: usize) -> Sweeper {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Sweeper(None);
         };
@@ -55,16 +59,10 @@ impl Drop for Sweeper {
 
 /// One sweep: expired connections closed everywhere, then the longest idle
 /// beyond `max_idle`. Returns how many were closed for the cap.
-fn sweep(
-    pools: &super::LanePools,
-    max_idle: usize,
-    now: Instant,
-    idle_since: &mut Vec<Instant>,
-) -> usize {
+fn sweep(pools: &Lanes, max_idle: usize, now: Instant, idle_since: &mut Vec<Instant>) -> usize {
     idle_since.clear();
-    for (_, pool) in pools.iter() {
-        pool.expire_idle(now, idle_since);
-    }
+    pools.age();
+    pools.for_each(|pool| pool.expire_idle(now, idle_since));
     let Some(excess) = idle_since.len().checked_sub(max_idle).filter(|n| *n > 0) else {
         return 0;
     };
@@ -72,8 +70,7 @@ fn sweep(
     // earlier closes the excess (a few more on equal instants).
     let (_, cutoff, _) = idle_since.select_nth_unstable(excess - 1);
     let cutoff = *cutoff;
-    pools
-        .iter()
-        .map(|(_, pool)| pool.close_idle_since(cutoff))
-        .sum()
+    let mut closed = 0;
+    pools.for_each(|pool| closed += pool.close_idle_since(cutoff));
+    closed
 }
