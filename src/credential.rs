@@ -188,15 +188,32 @@ impl PinHasher {
 
     /// The pin key of cookie `name` with `value`.
     pub fn cookie(&self, name: &str, value: &str) -> PinKey {
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(name.as_bytes());
-        hasher.update(b"=");
-        hasher.update(value.as_bytes());
+        // `name=value` hashed in one piece when it fits on the stack (every
+        // cookie an anti-bot vendor sets does): the same hash as the
+        // streaming hasher's, for about half the instructions (no
+        // incremental state to set up and merge).
+        let len = name.len() + 1 + value.len();
+        let hash = if len <= ONE_PIECE {
+            let mut joined = [0u8; ONE_PIECE];
+            joined[..name.len()].copy_from_slice(name.as_bytes());
+            joined[name.len()] = b'=';
+            joined[name.len() + 1..len].copy_from_slice(value.as_bytes());
+            blake3::keyed_hash(&self.key, &joined[..len])
+        } else {
+            let mut hasher = blake3::Hasher::new_keyed(&self.key);
+            hasher.update(name.as_bytes());
+            hasher.update(b"=");
+            hasher.update(value.as_bytes());
+            hasher.finalize()
+        };
         let mut out = [0u8; 16];
-        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        out.copy_from_slice(&hash.as_bytes()[..16]);
         PinKey(out)
     }
 }
+
+/// Longest `name=value` a cookie's key is hashed from in one piece.
+const ONE_PIECE: usize = 512;
 
 /// A credential found on a request: a tracked cookie or a session key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +249,25 @@ mod tests {
 
     fn hasher() -> PinHasher {
         PinHasher::new([7; 32])
+    }
+
+    #[test]
+    fn keys_are_the_streamed_hash_of_name_equals_value_at_every_length() {
+        // Stored pins are keyed by these: the one-piece path must give the
+        // streaming hasher's bytes, on both sides of its length limit.
+        let h = hasher();
+        for len in [0, 1, 40, ONE_PIECE - 9, ONE_PIECE - 8, ONE_PIECE - 7, 3000] {
+            let value = "v".repeat(len);
+            let mut streamed = blake3::Hasher::new_keyed(&[7; 32]);
+            streamed.update(b"datadome=");
+            streamed.update(value.as_bytes());
+            let expected = streamed.finalize();
+            assert_eq!(
+                h.cookie("datadome", &value).0,
+                expected.as_bytes()[..16],
+                "value of {len} bytes"
+            );
+        }
     }
 
     #[test]

@@ -105,7 +105,9 @@ impl Exit {
 #[derive(Debug)]
 pub struct ExitSet {
     exits: Vec<Arc<Exit>>,
-    by_id: HashMap<ExitId, usize>,
+    /// foldhash rather than SipHash: looked up on every pinned request
+    /// (the ids come from the configuration, not from clients).
+    by_id: HashMap<ExitId, usize, foldhash::fast::RandomState>,
     rotation: select::Rotation,
     /// Without probes, unhealthy exits get one trial probe this often.
     trial_interval_ms: Option<u64>,

@@ -233,9 +233,34 @@ impl Bare<'_> {
     fn write(self, out: &mut String) -> fmt::Result {
         match self {
             Bare::Text(text) => out.write_str(text),
-            Bare::Origin(origin) => write!(out, "{origin}"),
-            Bare::Identity(identity) => write!(out, "{identity}"),
-            Bare::Names(credentials) => write!(out, "{}", Names(credentials)),
+            // As their `Display` writes them (the tests hold them to it),
+            // without the formatting machinery.
+            Bare::Origin(origin) => {
+                let bracket = origin.host.contains(':');
+                if bracket {
+                    out.push('[');
+                }
+                out.push_str(&origin.host);
+                out.push_str(if bracket { "]:" } else { ":" });
+                write_u64(out, u64::from(origin.port))
+            }
+            Bare::Identity(identity) => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let digits = (0..16)
+                    .rev()
+                    .map(|n| HEX[(identity.0 >> (n * 4)) as usize & 0xf]);
+                digits.for_each(|digit| out.push(char::from(digit)));
+                Ok(())
+            }
+            Bare::Names(credentials) => {
+                for (n, credential) in credentials.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&credential.name);
+                }
+                Ok(())
+            }
         }
     }
 }
