@@ -154,6 +154,10 @@ pub struct ClientConnection {
     /// What the connection presents upstream, and its pool key; made at
     /// its first request (the HTTP/2 preface is read by then).
     presented: OnceLock<(Arc<Fingerprint>, u64)>,
+    /// The first recorded ClientHello found equal to this connection's
+    /// (see [`ClientConnection::hello_matches`]); held, so that no other
+    /// hello can take its address.
+    equal_hello: OnceLock<Arc<ClientHello>>,
 }
 
 impl ClientConnection {
@@ -165,7 +169,28 @@ impl ClientConnection {
             hello: Some(Arc::new(hello.fresh_and_anonymous())),
             preface: OnceLock::new(),
             presented: OnceLock::new(),
+            equal_hello: OnceLock::new(),
         }
+    }
+
+    /// Whether this connection's ClientHello equals `recorded` (false
+    /// without one). The store shares one recording among identities whose
+    /// fingerprints are equal, so a connection's requests keep meeting the
+    /// same `recorded`: the field-by-field comparison runs once per
+    /// connection, later ones compare pointers.
+    pub fn hello_matches(&self, recorded: &Arc<ClientHello>) -> bool {
+        let Some(hello) = &self.hello else {
+            return false;
+        };
+        let seen = |known: &Arc<ClientHello>| Arc::ptr_eq(known, recorded);
+        if seen(hello) || self.equal_hello.get().is_some_and(seen) {
+            return true;
+        }
+        let equal = **hello == **recorded;
+        if equal {
+            let _ = self.equal_hello.set(recorded.clone());
+        }
+        equal
     }
 
     fn presentation(&self) -> &(Arc<Fingerprint>, u64) {
@@ -195,5 +220,39 @@ impl ClientConnection {
     /// The HTTP/2 preface, if the connection is HTTP/2 and it has been read.
     pub fn h2(&self) -> Option<Arc<H2Fingerprint>> {
         self.preface.get().cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_matches_equal_hellos_and_not_others() {
+        let Some(chrome) = profile::chrome_hello() else {
+            panic!("the built-in Chrome hello parses");
+        };
+        let connection = ClientConnection::tls((*chrome).clone());
+        // Equal content under another pointer: compared, then remembered.
+        let recorded = Arc::new((*chrome).clone().fresh_and_anonymous());
+        assert!(!connection
+            .hello
+            .as_ref()
+            .is_some_and(|h| Arc::ptr_eq(h, &recorded)));
+        assert!(connection.hello_matches(&recorded));
+        assert!(connection.hello_matches(&recorded), "remembered");
+        assert!(connection
+            .equal_hello
+            .get()
+            .is_some_and(|seen| Arc::ptr_eq(seen, &recorded)));
+        // A different hello never matches, before or after.
+        let mut other = (*recorded).clone();
+        other.cipher_suites.reverse();
+        let other = Arc::new(other);
+        assert!(!connection.hello_matches(&other));
+        assert!(!connection.hello_matches(&other));
+        assert!(connection.hello_matches(&recorded));
+        // Without a hello of its own (plain HTTP), nothing matches.
+        assert!(!ClientConnection::default().hello_matches(&recorded));
     }
 }

@@ -31,10 +31,8 @@ impl Pipeline {
     ) -> Result<(), ProxyError> {
         let mut drifted = identity.fingerprint.drifted(headers);
         let recorded = &identity.fingerprint;
-        // `Arc` equality of `Eq` values compares pointers first: the
-        // founding connection's own hello costs no field-by-field walk.
-        if let (Some(then), Some(now)) = (&recorded.tls, &client.hello) {
-            if then != now {
+        if let Some(then) = &recorded.tls {
+            if client.hello.is_some() && !client.hello_matches(then) {
                 drifted.push("tls-clienthello");
             }
         }
