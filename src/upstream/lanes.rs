@@ -87,11 +87,13 @@ impl<P> Lanes<P> {
         self.map.len()
     }
 
-    /// Calls `each` with every lane (shard by shard, under its read lock:
-    /// `each` must not touch the lanes).
+    /// Calls `each` with every lane, outside the map's locks (on a copy of
+    /// its lanes): `each` may close connections, which must not hold up a
+    /// request making a lane.
     pub(super) fn for_each(&self, mut each: impl FnMut(&P)) {
-        for slot in self.map.iter() {
-            each(&slot.pool);
+        let lanes: Vec<Arc<P>> = self.map.iter().map(|slot| slot.pool.clone()).collect();
+        for lane in &lanes {
+            each(lane);
         }
     }
 
@@ -100,28 +102,39 @@ impl<P> Lanes<P> {
     /// many lanes were dropped.
     pub(super) fn age(&self) -> usize {
         let now = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        let before = self.map.len();
-        self.map.retain(|_, slot| {
-            now.wrapping_sub(slot.used.load(Ordering::Relaxed)) <= self.idle_sweeps
-        });
-        if let Some(excess) = self.map.len().checked_sub(self.capacity).filter(|n| *n > 0) {
-            let mut ages: Vec<(u32, PoolId)> = self
-                .map
-                .iter()
-                .map(|slot| {
-                    (
-                        now.wrapping_sub(slot.used.load(Ordering::Relaxed)),
-                        *slot.key(),
-                    )
-                })
-                .collect();
-            // The `excess` oldest first.
-            ages.select_nth_unstable_by(excess - 1, |a, b| b.0.cmp(&a.0));
-            for (_, id) in &ages[..excess] {
-                self.map.remove(id);
-            }
+        let mut ages: Vec<(u32, PoolId)> = self
+            .map
+            .iter()
+            .map(|slot| {
+                (
+                    now.wrapping_sub(slot.used.load(Ordering::Relaxed)),
+                    *slot.key(),
+                )
+            })
+            .collect();
+        // The idle ones, then the `excess` oldest of the rest, go first.
+        ages.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
+        let idle = ages.partition_point(|(age, _)| *age > self.idle_sweeps);
+        let excess = (ages.len() - idle).saturating_sub(self.capacity);
+        let mut dropped = Vec::with_capacity(idle + excess);
+        for (n, (_, id)) in ages[..idle + excess].iter().enumerate() {
+            // Used again since it was read (a request between the two):
+            // kept, unless it is beyond the capacity.
+            let stale = |_: &PoolId, slot: &Slot<P>| {
+                now.wrapping_sub(slot.used.load(Ordering::Relaxed)) > self.idle_sweeps
+            };
+            let removed = if n < idle {
+                self.map.remove_if(id, stale)
+            } else {
+                self.map.remove(id)
+            };
+            dropped.extend(removed);
         }
-        before.saturating_sub(self.map.len())
+        // Dropped here, outside every shard lock: closing a lane's idle
+        // connections must not hold up requests looking up their lanes.
+        let count = dropped.len();
+        drop(dropped);
+        count
     }
 }
 
