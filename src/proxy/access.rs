@@ -9,8 +9,9 @@
 //! timings. Never a cookie value, a credential, a path or a query: the
 //! origin appears as host and port.
 //!
-//! Cost: no allocation unless the access line is enabled (then only what
-//! the subscriber's formatting needs); a disabled line is one cached
+//! Cost: no allocation unless the access line is enabled (then the copy
+//! handed to the log writer thread; the line is formatted directly, see
+//! [`crate::telemetry::access_line`]); a disabled line is one cached
 //! callsite check.
 
 use std::sync::Arc;
