@@ -16,7 +16,8 @@
 //!   handshake as pinproxy lives it, without queueing).
 //! - **Memory per upstream connection**: a fresh pinproxy per mode founds
 //!   `upstream_conns` identities (one request with one new tracked cookie
-//!   each), each keeping its own idle upstream connection; the same again
+//!   each), each keeping its own idle upstream connection (the exit's idle
+//!   cap raised above that count); the same again
 //!   against the closing origin, where no connection stays, gives the
 //!   identities' own share. The difference over the connections held
 //!   (counted as open descriptors) is one idle upstream connection.
@@ -309,10 +310,18 @@ fn found_identities(
     what: &str,
     n: u64,
 ) -> Result<(u64, u64)> {
+    // The exit's idle cap (64 by default) raised above `n`: otherwise the
+    // connections held at the sample depend on whether the idle sweeper
+    // (once a second) has closed the excess yet, and the figure with them.
+    let config = format!(
+        "{}[limits]\nmax_idle_per_exit = {}\n",
+        fingerprint_toml(mode),
+        n + 4 * FILL_CONCURRENCY as u64
+    );
     let options = PinproxyOptions {
         direct: true,
         upstream_ca: origin.ca.clone(),
-        config: Some(fingerprint_toml(mode)),
+        config: Some(config),
         ..PinproxyOptions::default()
     };
     let proxy = suite.start_pinproxy_with(&format!("pinproxy-conns-{mode}-{what}"), options)?;
@@ -606,7 +615,9 @@ fn memory_table(report: &UpstreamReport, out: &mut String) {
         out,
         "A fresh pinproxy per mode and run (built-in direct exit) founds {} identities, one \
          request with one new tracked cookie each, so every identity opens an upstream \
-         connection of its own and keeps it idle in its pool. The same against the closing \
+         connection of its own and keeps it idle in its pool (`limits.max_idle_per_exit` \
+         raised above the identity count, so that none is closed for the cap). The same \
+         against the closing \
          origin keeps no connection; the difference in RSS over the difference in open \
          descriptors (the connections held) is one idle upstream connection, TLS state and \
          buffers included.\n",
