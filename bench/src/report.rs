@@ -393,8 +393,11 @@ impl Results {
 /// The fixes table: rows kept by hand between the marks, carried over from
 /// `previous` (the file's former text).
 fn render_fixes(out: &mut String, previous: Option<&str>) {
-    let _ = writeln!(out, "## Fixes, before and after
-");
+    let _ = writeln!(
+        out,
+        "## Fixes, before and after
+"
+    );
     let _ = writeln!(
         out,
         "Each performance fix with the figure it moved, measured before and after it on the \

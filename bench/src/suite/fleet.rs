@@ -472,11 +472,7 @@ fn round_trips(suite: &Suite, redis: &Redis) -> Result<RoundTrips> {
     // less the credentials its hit cache answered.
     let asked_redis = || -> Option<u64> {
         let admin = proxy.admin?;
-        let lookups = admin_metric(
-            admin,
-            "pinproxy_store_op_seconds_count",
-            &["op=\"lookup\""],
-        )?;
+        let lookups = admin_metric(admin, "pinproxy_store_op_seconds_count", &["op=\"lookup\""])?;
         let cached = admin_metric(admin, "pinproxy_store_cache_hits_total", &[]).unwrap_or(0);
         Some(lookups.saturating_sub(cached))
     };
