@@ -164,11 +164,7 @@ impl AccessLine<'_> {
             out.write_str("=")?;
             match value {
                 Value::Bare(bare) => bare.write(out),
-                Value::Quoted(text) if text.bytes().all(plain_in_quotes) => {
-                    out.write_str("\"")?;
-                    out.write_str(text)?;
-                    out.write_str("\"")
-                }
+                Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
                 Value::Quoted(text) => write!(out, "{text:?}"),
                 Value::Number(n) => write_u64(out, n),
                 Value::Millis(ms) => match thousandths(ms) {
@@ -190,8 +186,16 @@ impl AccessLine<'_> {
             match value {
                 Value::Bare(Bare::Text(text)) | Value::Quoted(text) => json_string(out, text),
                 Value::Bare(bare) => {
-                    let mut text = String::new();
-                    bare.write(&mut text)?;
+                    // Written in place; escaped afterwards in the rare case
+                    // it needs it.
+                    let start = out.len();
+                    out.push('"');
+                    bare.write(out)?;
+                    if out[start + 1..].bytes().all(plain_in_quotes) {
+                        return out.write_str("\"");
+                    }
+                    let text = out.split_off(start + 1);
+                    out.truncate(start);
                     json_string(out, &text)
                 }
                 Value::Number(n) => write_u64(out, n),
@@ -252,15 +256,7 @@ impl Bare<'_> {
                 digits.for_each(|digit| out.push(char::from(digit)));
                 Ok(())
             }
-            Bare::Names(credentials) => {
-                for (n, credential) in credentials.iter().enumerate() {
-                    if n > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&credential.name);
-                }
-                Ok(())
-            }
+            Bare::Names(credentials) => Names(credentials).write_to(out),
         }
     }
 }
@@ -269,24 +265,37 @@ impl Bare<'_> {
 /// `session-key`).
 struct Names<'a>(&'a [Credential]);
 
-impl fmt::Display for Names<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Names<'_> {
+    fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
         for (n, credential) in self.0.iter().enumerate() {
             if n > 0 {
-                f.write_str(",")?;
+                out.write_str(",")?;
             }
-            f.write_str(&credential.name)?;
+            out.write_str(&credential.name)?;
         }
         Ok(())
     }
 }
 
+impl fmt::Display for Names<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_to(f)
+    }
+}
+
+/// Writes `text` between double quotes, as it is (nothing in it needs an
+/// escape).
+fn quoted(out: &mut String, text: &str) -> fmt::Result {
+    out.push('"');
+    out.push_str(text);
+    out.push('"');
+    Ok(())
+}
+
 /// Writes `text` as a JSON string, escaped as `serde_json` escapes it.
 fn json_string(out: &mut String, text: &str) -> fmt::Result {
     if text.bytes().all(plain_in_quotes) {
-        out.write_str("\"")?;
-        out.write_str(text)?;
-        return out.write_str("\"");
+        return quoted(out, text);
     }
     out.write_str(&serde_json::to_string(text).map_err(|_| fmt::Error)?)
 }
@@ -479,7 +488,14 @@ mod tests {
             ttfb_ms: Some(0.0001),
             ..full
         };
-        for line in [full, bare, unusual] {
+        // A cookie name JSON must escape (the direct path escapes a bare
+        // value after writing it in place).
+        let odd_names = [credential("a\\b"), credential("c\"d")];
+        let escaped = AccessLine {
+            credentials: &odd_names,
+            ..bare
+        };
+        for line in [full, bare, unusual, escaped] {
             for style in [Style::Text, Style::Json] {
                 let (ours, theirs) = both(&line, style);
                 assert!(theirs.len() > 20, "{style:?}: {theirs:?}");

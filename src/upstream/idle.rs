@@ -62,7 +62,10 @@ impl Drop for Sweeper {
 fn sweep(pools: &Lanes, max_idle: usize, now: Instant, idle_since: &mut Vec<Instant>) -> usize {
     idle_since.clear();
     pools.age();
-    pools.for_each(|pool| pool.expire_idle(now, idle_since));
+    let lanes = pools.snapshot();
+    for lane in &lanes {
+        lane.expire_idle(now, idle_since);
+    }
     let Some(excess) = idle_since.len().checked_sub(max_idle).filter(|n| *n > 0) else {
         return 0;
     };
@@ -70,7 +73,5 @@ fn sweep(pools: &Lanes, max_idle: usize, now: Instant, idle_since: &mut Vec<Inst
     // earlier closes the excess (a few more on equal instants).
     let (_, cutoff, _) = idle_since.select_nth_unstable(excess - 1);
     let cutoff = *cutoff;
-    let mut closed = 0;
-    pools.for_each(|pool| closed += pool.close_idle_since(cutoff));
-    closed
+    lanes.iter().map(|lane| lane.close_idle_since(cutoff)).sum()
 }

@@ -87,48 +87,52 @@ impl<P> Lanes<P> {
         self.map.len()
     }
 
-    /// Calls `each` with every lane, outside the map's locks (on a copy of
-    /// its lanes): `each` may close connections, which must not hold up a
-    /// request making a lane.
-    pub(super) fn for_each(&self, mut each: impl FnMut(&P)) {
-        let lanes: Vec<Arc<P>> = self.map.iter().map(|slot| slot.pool.clone()).collect();
-        for lane in &lanes {
-            each(lane);
-        }
+    /// Every lane, copied out of the map: what is done with them (closing
+    /// connections) then holds no lock a request making a lane would wait
+    /// for.
+    pub(super) fn snapshot(&self) -> Vec<Arc<P>> {
+        self.map.iter().map(|slot| slot.pool.clone()).collect()
     }
 
-    /// One sweep's ageing: the clock advances, lanes unused for their time to idle
-    /// go, then the least recently used beyond the capacity. Returns how
-    /// many lanes were dropped.
+    /// One sweep's ageing: the clock advances, lanes unused for their time
+    /// to idle go, then the least recently used beyond the capacity.
+    /// Returns how many lanes were dropped.
     pub(super) fn age(&self) -> usize {
         let now = self.sweeps.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let age = |slot: &Slot<P>| now.wrapping_sub(slot.used.load(Ordering::Relaxed));
         let mut ages: Vec<(u32, PoolId)> = self
             .map
             .iter()
-            .map(|slot| {
-                (
-                    now.wrapping_sub(slot.used.load(Ordering::Relaxed)),
-                    *slot.key(),
-                )
-            })
+            .map(|slot| (age(slot.value()), *slot.key()))
             .collect();
-        // The idle ones, then the `excess` oldest of the rest, go first.
-        ages.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
-        let idle = ages.partition_point(|(age, _)| *age > self.idle_sweeps);
-        let excess = (ages.len() - idle).saturating_sub(self.capacity);
-        let mut dropped = Vec::with_capacity(idle + excess);
-        for (n, (_, id)) in ages[..idle + excess].iter().enumerate() {
-            // Used again since it was read (a request between the two):
-            // kept, unless it is beyond the capacity.
-            let stale = |_: &PoolId, slot: &Slot<P>| {
-                now.wrapping_sub(slot.used.load(Ordering::Relaxed)) > self.idle_sweeps
-            };
-            let removed = if n < idle {
-                self.map.remove_if(id, stale)
-            } else {
-                self.map.remove(id)
-            };
-            dropped.extend(removed);
+        let mut dropped = Vec::new();
+        // Unused for their time to idle, unless used again since they were
+        // read (a request between the two).
+        ages.retain(|(lane_age, id)| {
+            if *lane_age <= self.idle_sweeps {
+                return true;
+            }
+            match self
+                .map
+                .remove_if(id, |_, slot| age(slot) > self.idle_sweeps)
+            {
+                Some(removed) => {
+                    dropped.push(removed);
+                    false
+                }
+                None => true,
+            }
+        });
+        if let Some(excess) = ages.len().checked_sub(self.capacity).filter(|n| *n > 0) {
+            // The `excess` oldest first.
+            ages.select_nth_unstable_by_key(excess - 1, |(lane_age, _)| {
+                std::cmp::Reverse(*lane_age)
+            });
+            dropped.extend(
+                ages[..excess]
+                    .iter()
+                    .filter_map(|(_, id)| self.map.remove(id)),
+            );
         }
         // Dropped here, outside every shard lock: closing a lane's idle
         // connections must not hold up requests looking up their lanes.
