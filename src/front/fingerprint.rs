@@ -61,10 +61,12 @@ where
             }
             Progress::NeedMore => {}
         }
-        let mut chunk = [0u8; 2048];
-        match io.read(&mut chunk).await {
+        // Read straight into the buffer's spare room: a chunk array here
+        // would sit in every tunnel task's state for the tunnel's lifetime.
+        buffer.reserve(2048);
+        match io.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => break HelloRead::Closed,
-            Ok(n) => buffer.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(_) => {}
         }
     };
     (Rewind::new(Bytes::from(buffer), io), outcome)

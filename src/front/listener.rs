@@ -88,8 +88,9 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
     let service_frontend = frontend.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let frontend = service_frontend.clone();
-        // Boxed for the same reason as in tunnels (see mitm::serve).
-        async move { Ok::<_, Infallible>(Box::pin(outer_request(frontend, request, peer)).await) }
+        // Boxed whole, for the same reasons as in tunnels (see
+        // `tunnel::tunnel_service`).
+        Box::pin(async move { Ok::<_, Infallible>(outer_request(frontend, request, peer).await) })
     });
     // Every request head is checked before hyper reads it (smuggling), and
     // every request takes a rate token of its client address.
@@ -162,26 +163,17 @@ async fn outer_request(
     // Only the upgrade handle goes into the task, not the whole request: an
     // idle tunnel's task should hold what the tunnel needs and no more.
     let upgrade = hyper::upgrade::on(&mut request);
-    frontend.tasks.spawn(
-        async move {
-            match upgrade.await {
-                Ok(upgraded) => {
-                    let client = peer.ip();
-                    tunnel::serve(
-                        tunnel_frontend,
-                        upgraded,
-                        authority,
-                        session_key,
-                        principal,
-                        client,
-                    )
-                    .await
-                }
-                Err(e) => tracing::debug!(error = %e, "client left before the tunnel opened"),
-            }
-        }
-        .instrument(span),
-    );
+    let tunnel = target::Tunnel {
+        authority,
+        tls: false,
+        session_key,
+        client_offers_h2: false,
+        client: Arc::default(),
+        principal,
+    };
+    frontend
+        .tasks
+        .spawn(tunnel::serve(tunnel_frontend, upgrade, tunnel, peer.ip()).instrument(span));
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     response

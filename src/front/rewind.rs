@@ -15,12 +15,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+    /// A read error met while topping up the read that returned the last of
+    /// `prefix`: that read succeeded, so the error waits for the next one.
+    deferred: Option<io::Error>,
 }
 
 impl<T> Rewind<T> {
     /// Puts `prefix` back in front of `inner`.
     pub fn new(prefix: Bytes, inner: T) -> Rewind<T> {
-        Rewind { prefix, inner }
+        Rewind {
+            prefix,
+            inner,
+            deferred: None,
+        }
     }
 
     /// The bytes not yet read again.
@@ -36,14 +43,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
         if this.prefix.has_remaining() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
-            if !this.prefix.has_remaining() {
-                // An emptied `Bytes` still holds its allocation: release it,
-                // the stream may stay open (and idle) for a long time.
-                this.prefix = Bytes::new();
+            if this.prefix.has_remaining() {
+                return Poll::Ready(Ok(()));
+            }
+            // An emptied `Bytes` still holds its allocation: release it,
+            // the stream may stay open (and idle) for a long time.
+            this.prefix = Bytes::new();
+            // Top the read up with what the stream already has. A reader
+            // handed only the prefix (one byte, after the tunnel's first
+            // byte was peeked) must read again for the rest of its message,
+            // and hyper grows its read buffer to twice its size when that
+            // second read finds it already holding a byte: 8 KiB more per
+            // connection for as long as it lives.
+            if buf.remaining() > 0 {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+                    this.deferred = Some(e);
+                }
             }
             return Poll::Ready(Ok(()));
         }
@@ -84,7 +106,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn prefix_comes_first() {
@@ -93,5 +115,46 @@ mod tests {
         let mut out = String::new();
         r.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn the_read_that_empties_the_prefix_carries_on_into_the_stream() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"ET / HTTP/1.1\r\n").await.unwrap();
+        let mut r = Rewind::new(Bytes::from_static(b"G"), server);
+        let mut buf = [0u8; 64];
+        let n = r.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_read_that_empties_the_prefix_returns_at_once_when_the_stream_has_nothing() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut r = Rewind::new(Bytes::from_static(b"G"), server);
+        let mut buf = [0u8; 64];
+        let n = r.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"G");
+    }
+
+    /// Fails every read.
+    struct Failing;
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_met_while_topping_up_comes_with_the_next_read() {
+        let mut r = Rewind::new(Bytes::from_static(b"G"), Failing);
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).await.unwrap(), 1);
+        let e = r.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 }

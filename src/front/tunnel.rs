@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
@@ -29,43 +29,72 @@ use super::rewind::Rewind;
 use super::{framing, limits, Frontend};
 use crate::fingerprint::ClientConnection;
 use crate::mitm::leaf::LeafName;
-use crate::net::HostPort;
-use crate::proxy::target::{Principal, Tunnel};
+use crate::proxy::target::Tunnel;
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Concurrent streams a client may open on one HTTP/2 connection.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
-/// Serves the tunnel to `authority` opened on `upgraded` until either side
-/// closes it; `session_key` is the key the CONNECT named, if any, and
-/// `principal` who opened it, from the address `client` (whose request
-/// rate limit every request inside counts against).
-pub async fn serve(
+/// Serves `tunnel` once `upgrade` hands over the client's stream, until
+/// either side closes it; `client` is the address whose request rate limit
+/// every request inside counts against.
+///
+/// One async block over its arguments rather than a chain of `async fn`s:
+/// this future is the tunnel task's state for the tunnel's whole life, and
+/// each `async fn` layer keeps its own copy of the arguments it moves on
+/// (about 900 bytes per idle tunnel in all). The stages whose state is large
+/// or short-lived (the TLS handshake, the HTTP servers) are boxed.
+// Not `async fn` (clippy's suggestion): it would rebind each argument in the
+// body, which `-Zprint-type-sizes` shows as a second slot per argument.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
     frontend: Arc<Frontend>,
-    upgraded: Upgraded,
-    authority: HostPort,
-    session_key: Option<String>,
-    principal: Principal,
+    upgrade: OnUpgrade,
+    mut tunnel: Tunnel,
     client: IpAddr,
-) {
-    let io = TokioIo::new(upgraded);
-    let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
-        return;
-    };
-    let is_tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
-    let tunnel = Tunnel {
-        authority,
-        tls: is_tls,
-        session_key,
-        client_offers_h2: false,
-        client: Arc::default(),
-        principal,
-    };
-    if is_tls {
-        serve_tls(frontend, io, tunnel, client).await;
-    } else {
-        Box::pin(serve_http1(frontend, io, tunnel, client)).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
+        };
+        let io = TokioIo::new(upgraded);
+        let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
+            return;
+        };
+        tunnel.tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
+        if !tunnel.tls {
+            return Box::pin(serve_http1(frontend, io, tunnel, client)).await;
+        }
+        // The client's ClientHello, read before rustls sees it and put back.
+        let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
+        let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
+            Ok((io, HelloRead::Hello(hello))) => (io, hello),
+            Ok((_, HelloRead::Closed)) => {
+                return tracing::debug!("client left during its ClientHello");
+            }
+            Err(_) => return tracing::debug!("TLS ClientHello timed out"),
+        };
+        if let Some(hello) = hello {
+            tunnel.client = Arc::new(ClientConnection::tls(*hello));
+        }
+        // Boxed: the handshake's state (ClientHello, leaf lookup) is large
+        // and short-lived; the tunnel task should not carry room for it
+        // afterwards.
+        let Some(tls) = Box::pin(accept_tls(&frontend, io, deadline, &mut tunnel)).await else {
+            return;
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
+            return;
+        };
+        if h2 {
+            let tls = PrefaceRecorder::new(tls, tunnel.client.clone());
+            Box::pin(serve_h2(frontend, tls, tunnel, client)).await;
+        } else {
+            Box::pin(serve_http1(frontend, tls, tunnel, client)).await;
+        }
     }
 }
 
@@ -99,39 +128,6 @@ where
             tracing::debug!("client sent nothing in the tunnel in time");
             None
         }
-    }
-}
-
-async fn serve_tls<T>(frontend: Arc<Frontend>, io: T, mut tunnel: Tunnel, client: IpAddr)
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    // The client's ClientHello, read before rustls sees it and put back.
-    let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
-    let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
-        Ok((io, HelloRead::Hello(hello))) => (io, hello),
-        Ok((_, HelloRead::Closed)) => {
-            return tracing::debug!("client left during its ClientHello");
-        }
-        Err(_) => return tracing::debug!("TLS ClientHello timed out"),
-    };
-    if let Some(hello) = hello {
-        tunnel.client = Arc::new(ClientConnection::tls(*hello));
-    }
-    // Boxed: the handshake's state (ClientHello, leaf lookup) is large and
-    // short-lived; the tunnel task should not carry room for it afterwards.
-    let Some(tls) = Box::pin(accept_tls(&frontend, io, deadline, &mut tunnel)).await else {
-        return;
-    };
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
-        return;
-    };
-    if h2 {
-        let tls = PrefaceRecorder::new(tls, tunnel.client.clone());
-        Box::pin(serve_h2(frontend, tls, tunnel, client)).await;
-    } else {
-        Box::pin(serve_http1(frontend, tls, tunnel, client)).await;
     }
 }
 
@@ -206,14 +202,17 @@ fn tunnel_service(
     service_fn(move |request: Request<Incoming>| {
         let frontend = frontend.clone();
         let tunnel = tunnel.clone();
-        // Boxed: hyper keeps room for one service future per connection even
-        // while it is idle, so that room should be a pointer, not the whole
-        // pipeline's state.
-        async move {
+        // Boxed whole, request included. hyper keeps room for one service
+        // future per connection even while it is idle, so that room should be
+        // a pointer, not the pipeline's state. And the layers around this
+        // service (`limits::rated`, `framing::guarded`) each hold the future
+        // they wrap twice (before and while awaiting it): a pointer doubles
+        // to 16 bytes, where an unboxed future holding the request grew to
+        // 1.3 KB kept per connection and copied on every request.
+        Box::pin(async move {
             let pipeline = frontend.pipeline.load_full();
-            let response = Box::pin(pipeline.handle(Some(&tunnel), request)).await;
-            Ok::<_, Infallible>(response)
-        }
+            Ok::<_, Infallible>(pipeline.handle(Some(&tunnel), request).await)
+        })
     })
 }
 

@@ -56,7 +56,10 @@ pub struct PatternError {
 /// cookie too many costs some rotation, tracking one too few leaks it.
 #[derive(Debug, Clone)]
 pub struct CookiePolicy {
-    exact: HashSet<String>,
+    /// Looked up with every cookie name of every request; the set is fixed
+    /// at start, so a client's names cannot grow collisions in it and the
+    /// faster foldhash will do where SipHash guards maps clients fill.
+    exact: HashSet<String, foldhash::fast::RandomState>,
     globs: Vec<glob::Pattern>,
 }
 
@@ -64,7 +67,7 @@ impl CookiePolicy {
     /// The default set plus `extra` patterns (names or globs).
     pub fn with_extra(extra: &[String]) -> Result<CookiePolicy, PatternError> {
         let mut policy = CookiePolicy {
-            exact: HashSet::new(),
+            exact: HashSet::default(),
             globs: Vec::new(),
         };
         for pattern in DEFAULT_TRACKED
