@@ -264,6 +264,9 @@ pub struct Metrics {
     pub store_wait_timeouts: Counter,
     /// Pin lookups answered from the Redis store's hit cache.
     pub store_cache_hits: Counter,
+    /// Idle HTTP/1.1 connections in tunnels whose HTTP server, with its
+    /// buffers, was released until the client's next byte.
+    pub client_connections_parked: Counter,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -414,6 +417,12 @@ impl Metrics {
             "Pin lookups answered from this replica's hit cache without a round trip (Redis), per credential",
             store_cache_hits.clone(),
         );
+        let client_connections_parked = Counter::default();
+        registry.register(
+            "client_connections_parked",
+            "Idle HTTP/1.1 connections in tunnels whose HTTP server and buffers were released until the client's next byte",
+            client_connections_parked.clone(),
+        );
         let store_wait_timeouts = Counter::default();
         registry.register(
             "store_wait_timeouts",
@@ -478,6 +487,7 @@ impl Metrics {
             store_conflicts,
             store_wait_timeouts,
             store_cache_hits,
+            client_connections_parked,
             upstream_connect,
             upstream_tls,
             upstream_ttfb,

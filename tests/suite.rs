@@ -35,6 +35,7 @@ mod live_page;
 mod mitm;
 mod observability;
 mod operations;
+mod parking;
 mod passthrough;
 mod pinning;
 mod proptests;

@@ -33,6 +33,19 @@
 //! arrived (`timeouts.header_read`): a slowloris client is cut off then,
 //! whatever the idle limit (`timeouts.client_idle`, hyper's own timer from
 //! the moment the connection waits for a request).
+//!
+//! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
+//! connection state) for as long as a connection lives, and offers no way to
+//! release them between requests; fleets keep thousands of keep-alive
+//! tunnels idle. A tunnel's guard may therefore *park* its connection once
+//! it has been idle for [`Park::after`]: every head that passed has been
+//! answered to the end of its body ([`Answer`]), every response byte has
+//! been flushed, no head has begun and the client has nothing more to read.
+//! The guard then tells hyper the client closed (which hyper, idle, takes
+//! as a graceful end), does not shut the stream down, and hands it back when
+//! hyper drops it; the tunnel waits for the client's next byte without any
+//! buffer and serves it with a new hyper connection. Any other state keeps
+//! the connection as it is: parking never ends an exchange.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,16 +55,19 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::{service_fn, Service};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::Frontend;
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::proxy::ProxyError;
-use crate::upstream::framing::{delegate_write, FramingError, Scanner, Side};
+use crate::upstream::framing::{FramingError, Scanner, Side};
 
 /// What the guard knows about the heads it has read.
 #[derive(Debug, Default)]
@@ -62,6 +78,19 @@ struct Ledger {
     refused: Option<FramingError>,
     /// The connection carries a tunnel or another protocol now.
     opaque: bool,
+    /// Heads that passed, in all.
+    heads: u64,
+    /// Responses hyper is done with (its body written to the end, or
+    /// dropped), in all.
+    answered: u64,
+}
+
+impl Ledger {
+    /// Whether the connection holds no exchange: every head that passed was
+    /// taken by the service and answered, and it is still HTTP/1.
+    fn settled(&self) -> bool {
+        self.passed == 0 && self.heads == self.answered && !self.opaque && self.refused.is_none()
+    }
 }
 
 /// The service's side of a guarded connection: one verdict per request.
@@ -87,6 +116,12 @@ impl Verdicts {
         Err(ledger.refused.unwrap_or(FramingError::Unverified))
     }
 
+    /// Counts a response hyper is done with (see [`Answer`]).
+    fn answered(&self) {
+        let mut ledger = self.ledger();
+        ledger.answered = ledger.answered.saturating_add(1);
+    }
+
     /// Called with each response: a 2xx answer to CONNECT and a 101 turn
     /// the connection into a tunnel, so the guard stops scanning it.
     pub fn after_response(&self, method: &Method, status: StatusCode) {
@@ -100,15 +135,16 @@ impl Verdicts {
 
 /// `inner`, for the requests of a guarded connection: a request whose head
 /// was refused is answered [`refusal`] and never reaches `inner`; a
-/// response that opens a tunnel stops the guard's scanning.
+/// response that opens a tunnel stops the guard's scanning. Every response
+/// body is an [`Answer`], so the guard knows when the connection is idle.
 pub fn guarded<S>(
     verdicts: Verdicts,
     inner: S,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<Body>,
+    Response = Response<Answer>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+    Future = impl Future<Output = Result<Response<Answer>, Infallible>> + Send,
 > + Clone
 where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone,
@@ -129,13 +165,46 @@ where
                 },
                 Err(error) => {
                     tracing::debug!(%error, "refused a request head");
-                    return Ok(refusal(error));
+                    refusal(error)
                 }
             };
             verdicts.after_response(&method, response.status());
-            Ok(response)
+            Ok(response.map(|body| Answer { body, verdicts }))
         }
     })
+}
+
+/// A response body that counts itself answered in its connection's ledger
+/// when hyper is done with it (written to its end, or dropped on an error).
+pub struct Answer {
+    body: Body,
+    verdicts: Verdicts,
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.verdicts.answered();
+    }
 }
 
 /// Guards a client connection of `frontend`: heads bounded like hyper's
@@ -145,6 +214,15 @@ pub fn guard<T>(frontend: &Frontend, io: T) -> (RequestGuard<T>, Verdicts) {
     let hyper_limit = frontend.settings.max_header_bytes.saturating_mul(4);
     let head_limit = hyper_limit.max(8192).saturating_add(8192);
     RequestGuard::new(io, head_limit, frontend.settings.header_read)
+}
+
+/// How a guarded connection parks (see the module documentation).
+#[derive(Debug)]
+pub struct Park<T> {
+    /// How long the connection must have been idle.
+    pub after: Duration,
+    /// Where the stream goes once hyper lets go of the parked connection.
+    pub back: oneshot::Sender<T>,
 }
 
 /// The answer to a refused head: `400 bad-request` saying why, and
@@ -163,14 +241,28 @@ pub fn refusal(error: FramingError) -> Response<Body> {
 /// A client connection read through the request-head scanner.
 #[derive(Debug)]
 pub struct RequestGuard<T> {
-    inner: T,
+    /// The stream; taken only when it is handed back parked, on drop.
+    inner: Option<T>,
     scanner: Scanner,
     verdicts: Verdicts,
     header_read: Duration,
     /// Armed while a head is being received (allocated on first use and
-    /// reset for each head, as hyper does with its own timer).
+    /// reset for each head, as hyper does with its own timer); while the
+    /// connection is idle and may park, it times the idle wait instead.
     deadline: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Whether every byte hyper wrote has been flushed through.
+    flushed: bool,
+    /// Set when the connection may park.
+    park: Option<Park<T>>,
+    /// The idle wait is being timed.
+    idle_armed: bool,
+    /// hyper was told the client closed; the stream goes back on drop.
+    parked: bool,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the stream was handed back")
 }
 
 impl<T> RequestGuard<T> {
@@ -180,14 +272,24 @@ impl<T> RequestGuard<T> {
     pub fn new(inner: T, head_limit: usize, header_read: Duration) -> (RequestGuard<T>, Verdicts) {
         let verdicts = Verdicts::default();
         let guard = RequestGuard {
-            inner,
+            inner: Some(inner),
             scanner: Scanner::new(Side::Request, head_limit),
             verdicts: verdicts.clone(),
             header_read,
             deadline: None,
             armed: false,
+            flushed: true,
+            park: None,
+            idle_armed: false,
+            parked: false,
         };
         (guard, verdicts)
+    }
+
+    /// Lets the connection park as `park` says.
+    pub fn parking(mut self, park: Park<T>) -> RequestGuard<T> {
+        self.park = Some(park);
+        self
     }
 
     fn scan(&mut self, fresh: &[u8]) {
@@ -203,6 +305,7 @@ impl<T> RequestGuard<T> {
         let mut passed = 0u32;
         let result = self.scanner.scan(fresh, |_| passed += 1);
         ledger.passed = ledger.passed.saturating_add(passed);
+        ledger.heads = ledger.heads.saturating_add(u64::from(passed));
         if let Err(error) = result {
             ledger.refused.get_or_insert(error);
         }
@@ -211,13 +314,68 @@ impl<T> RequestGuard<T> {
         // A head that began in these bytes (the first, or one after a head
         // that ended here) gets its own deadline.
         if in_head && (!self.armed || passed > 0) {
-            let deadline = Instant::now() + self.header_read;
-            match &mut self.deadline {
-                Some(sleep) => sleep.as_mut().reset(deadline),
-                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
+            self.set_deadline(Instant::now() + self.header_read);
         }
         self.armed = in_head;
+    }
+
+    fn set_deadline(&mut self, deadline: Instant) {
+        match &mut self.deadline {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    /// With nothing to read from the client: whether the connection has now
+    /// been idle long enough to park. While it is idle but not for long
+    /// enough, the timer wakes the connection to ask again; while an
+    /// exchange is open (a slow response, a long poll), the timer is re-armed
+    /// each time it fires, so the question comes back until the exchange ends.
+    fn idle_long_enough(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(after) = self.park.as_ref().map(|p| p.after) else {
+            return false;
+        };
+        // Nothing waits unless every byte of the client's has been taken as a
+        // whole request: a partial head or body never parks.
+        if !self.scanner.between_messages() {
+            self.idle_armed = false;
+            return false;
+        }
+        let settled = self.flushed && self.verdicts.ledger().settled();
+        if !self.idle_armed {
+            self.set_deadline(Instant::now() + after);
+            self.idle_armed = true;
+        }
+        let Some(sleep) = self.deadline.as_mut() else {
+            return false;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if settled {
+            return true;
+        }
+        // Not idle yet (an exchange is open): ask again later.
+        self.idle_armed = false;
+        self.set_deadline(Instant::now() + after);
+        if let Some(sleep) = self.deadline.as_mut() {
+            let _ = sleep.as_mut().poll(cx);
+        }
+        self.idle_armed = true;
+        false
+    }
+}
+
+impl<T> Drop for RequestGuard<T> {
+    fn drop(&mut self) {
+        if !self.parked {
+            return;
+        }
+        if let (Some(park), Some(inner)) = (self.park.take(), self.inner.take()) {
+            // The tunnel may have stopped waiting (shutdown): the stream then
+            // closes here, as it would have.
+            let _ = park.back.send(inner);
+        }
     }
 }
 
@@ -228,11 +386,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.parked {
+            // hyper was told the client closed: it stays closed.
+            return Poll::Ready(Ok(()));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        match Pin::new(inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let fresh = &buf.filled()[before..];
                 if !fresh.is_empty() {
+                    this.idle_armed = false;
                     this.scan(fresh);
                 }
                 Poll::Ready(Ok(()))
@@ -251,6 +417,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
                             )));
                         }
                     }
+                } else if this.idle_long_enough(cx) {
+                    // An end of stream while idle is a graceful close to
+                    // hyper; the stream itself stays open for the tunnel.
+                    this.parked = true;
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
             }
@@ -258,7 +429,69 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
     }
 }
 
-delegate_write!(RequestGuard);
+impl<T: AsyncWrite + Unpin> AsyncWrite for RequestGuard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let written = Pin::new(inner).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.flushed = false;
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let written = Pin::new(inner).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.flushed = false;
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|inner| inner.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let flushed = Pin::new(inner).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            this.flushed = true;
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.parked {
+            // The stream outlives this hyper connection.
+            return Poll::Ready(Ok(()));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        Pin::new(inner).poll_shutdown(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,11 @@ impl<T> Rewind<T> {
     pub fn prefix(&self) -> &[u8] {
         &self.prefix
     }
+
+    /// The bytes not yet read again, and the stream after them.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {

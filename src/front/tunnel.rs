@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -21,12 +22,14 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
+use super::framing::{self, Park};
 use super::listener::{drive, log_connection_end};
 use super::rewind::Rewind;
-use super::{framing, limits, Frontend};
+use super::{limits, Frontend};
 use crate::fingerprint::ClientConnection;
 use crate::mitm::leaf::LeafName;
 use crate::proxy::target::Tunnel;
@@ -35,6 +38,12 @@ use crate::proxy::target::Tunnel;
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Concurrent streams a client may open on one HTTP/2 connection.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// How long an HTTP/1.1 connection in a tunnel stays idle before it parks,
+/// releasing hyper's buffers (about 20 KiB) until the client's next byte.
+/// Long enough that a client sending request after request never parks
+/// (setting up a hyper connection costs a few microseconds), short enough
+/// that a fleet's idle tunnels all do.
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves `tunnel` once `upgrade` hands over the client's stream, until
 /// either side closes it; `client` is the address whose request rate limit
@@ -216,21 +225,62 @@ fn tunnel_service(
     })
 }
 
-async fn serve_http1<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel, client: IpAddr)
+/// Serves HTTP/1.1 on the tunnel's stream. An idle connection parks (see
+/// `framing`): its hyper connection ends without closing the stream, the
+/// stream waits for the client's next byte with no buffer of its own, and a
+/// new hyper connection serves what follows.
+async fn serve_http1<T>(frontend: Arc<Frontend>, mut io: Rewind<T>, tunnel: Tunnel, client: IpAddr)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = tunnel_service(frontend.clone(), tunnel);
-    // Heads checked before hyper reads them; a rate token per request.
-    let service = limits::rated(frontend.clients.clone(), client, service);
-    let (io, verdicts) = framing::guard(&frontend, io);
-    let service = framing::guarded(verdicts, service);
-    let conn = frontend
-        .http1()
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
-    log_connection_end(result);
+    // A rate token per request.
+    let service = limits::rated(
+        frontend.clients.clone(),
+        client,
+        tunnel_service(frontend.clone(), tunnel),
+    );
+    loop {
+        // Heads checked before hyper reads them.
+        let (back, mut parked) = oneshot::channel();
+        let (guarded_io, verdicts) = framing::guard(&frontend, io);
+        let guarded_io = guarded_io.parking(Park {
+            after: PARK_AFTER,
+            back,
+        });
+        let conn = frontend
+            .http1()
+            .serve_connection(
+                TokioIo::new(guarded_io),
+                framing::guarded(verdicts, service.clone()),
+            )
+            .with_upgrades();
+        // Boxed: the connection's state is only needed while it runs, and
+        // this future is what a parked tunnel keeps.
+        let result = Box::pin(drive(conn, &frontend.shutdown, |c| c.graceful_shutdown())).await;
+        // The stream comes back only from a connection that parked, and then
+        // as hyper drops the connection (at the end of `drive`).
+        let stream = match (result, parked.try_recv()) {
+            (Ok(()), Ok(stream)) => stream,
+            (result, _) => return log_connection_end(result),
+        };
+        frontend
+            .pipeline
+            .load()
+            .metrics
+            .client_connections_parked
+            .inc();
+        let (unread, stream) = stream.into_parts();
+        io = if unread.is_empty() {
+            // hyper's idle limit counted from the start of the idle wait.
+            let idle_left = frontend.settings.client_idle.saturating_sub(PARK_AFTER);
+            match first_byte(&frontend, stream, idle_left).await {
+                Some(io) => io,
+                None => return,
+            }
+        } else {
+            Rewind::new(unread, stream)
+        };
+    }
 }
 
 async fn serve_h2<T>(frontend: Arc<Frontend>, io: T, tunnel: Tunnel, client: IpAddr)

@@ -311,6 +311,12 @@ impl Scanner {
         )
     }
 
+    /// Whether every byte scanned so far belongs to a finished message (or to
+    /// the empty lines allowed between them).
+    pub fn between_messages(&self) -> bool {
+        self.state == State::Between
+    }
+
     /// Whether the scanner no longer looks at bytes (an opaque remainder,
     /// or after a refusal).
     pub fn is_done(&self) -> bool {
@@ -781,7 +787,6 @@ macro_rules! delegate_write {
         }
     };
 }
-pub(crate) use delegate_write;
 
 /// Upper bound of an origin's response head. No buffer is kept for it; the
 /// bound only ends the scan of a head hyper would refuse anyway (its own

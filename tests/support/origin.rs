@@ -511,6 +511,21 @@ async fn handle(
             });
             Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
         }
+        // Waits `head_ms` before answering, sends "a", waits `body_ms`,
+        // then sends "b": an answer that keeps its connection busy without
+        // a byte moving.
+        "/pause" => {
+            let ms = |name: &str| -> u64 { params.get(name).and_then(|v| v.parse().ok()).unwrap_or(0) };
+            let (head_ms, body_ms) = (ms("head_ms"), ms("body_ms"));
+            tokio::time::sleep(std::time::Duration::from_millis(head_ms)).await;
+            let frames = futures_util::StreamExt::then(futures_util::stream::iter([0u8, 1]), move |i| async move {
+                if i == 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(body_ms)).await;
+                }
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(if i == 0 { b"a" } else { b"b" })))
+            });
+            Response::new(StreamBody::new(frames).boxed())
+        }
         "/status" => {
             let code = params.get("code").and_then(|c| c.parse().ok()).unwrap_or(200);
             let mut response = Response::new(Empty::new().boxed());
