@@ -725,6 +725,10 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
     if !exts.is_empty() {
         return Err(Malformed("extensions block"));
     }
+    // Kept with the client's connection for its lifetime: no spare room
+    // (a browser's 16 to 18 extensions would otherwise sit in room for 32).
+    hello.extensions.shrink_to_fit();
+    hello.malformed_extensions.shrink_to_fit();
     Ok(hello)
 }
 

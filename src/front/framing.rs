@@ -38,7 +38,8 @@
 //! connection state) for as long as a connection lives, and offers no way to
 //! release them between requests; fleets keep thousands of keep-alive
 //! tunnels idle. A tunnel's guard may therefore *park* its connection once
-//! it has been idle for [`Park::after`]: every head that passed has been
+//! the client has sent nothing for a whole check period ([`Park::after`])
+//! and the connection holds nothing: every head that passed has been
 //! answered to the end of its body ([`Answer`]), every response byte has
 //! been flushed, no head has begun and the client has nothing more to read.
 //! The guard then tells hyper the client closed (which hyper, idle, takes
@@ -219,7 +220,8 @@ pub fn guard<T>(frontend: &Frontend, io: T) -> (RequestGuard<T>, Verdicts) {
 /// How a guarded connection parks (see the module documentation).
 #[derive(Debug)]
 pub struct Park<T> {
-    /// How long the connection must have been idle.
+    /// The check period: a connection parks at the first check that finds
+    /// no byte from the client since the one before, and nothing open.
     pub after: Duration,
     /// Where the stream goes once hyper lets go of the parked connection.
     pub back: oneshot::Sender<T>,
@@ -255,8 +257,13 @@ pub struct RequestGuard<T> {
     flushed: bool,
     /// Set when the connection may park.
     park: Option<Park<T>>,
-    /// The idle wait is being timed.
+    /// The park check is timed (the deadline is its, not a head's).
     idle_armed: bool,
+    /// Reads that brought bytes, counted; the park check compares it with
+    /// the count when it was armed instead of resetting a timer per request.
+    activity: u32,
+    /// `activity` when the park check was armed.
+    activity_armed: u32,
     /// hyper was told the client closed; the stream goes back on drop.
     parked: bool,
 }
@@ -281,6 +288,8 @@ impl<T> RequestGuard<T> {
             flushed: true,
             park: None,
             idle_armed: false,
+            activity: 0,
+            activity_armed: 0,
             parked: false,
         };
         (guard, verdicts)
@@ -315,6 +324,7 @@ impl<T> RequestGuard<T> {
         // that ended here) gets its own deadline.
         if in_head && (!self.armed || passed > 0) {
             self.set_deadline(Instant::now() + self.header_read);
+            self.idle_armed = false;
         }
         self.armed = in_head;
     }
@@ -327,41 +337,47 @@ impl<T> RequestGuard<T> {
     }
 
     /// With nothing to read from the client: whether the connection has now
-    /// been idle long enough to park. While it is idle but not for long
-    /// enough, the timer wakes the connection to ask again; while an
-    /// exchange is open (a slow response, a long poll), the timer is re-armed
-    /// each time it fires, so the question comes back until the exchange ends.
+    /// been idle long enough to park.
+    ///
+    /// A check runs every `after` while the connection waits: it parks when
+    /// no byte came from the client since the previous check and no exchange
+    /// is open, so a quiet client's connection parks one to two `after`s
+    /// after its last byte. An open exchange (a slow response, a long poll)
+    /// only makes the check come back later. The timer is set once per check,
+    /// not per request: a request only counts as activity.
     fn idle_long_enough(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(after) = self.park.as_ref().map(|p| p.after) else {
             return false;
         };
-        // Nothing waits unless every byte of the client's has been taken as a
-        // whole request: a partial head or body never parks.
+        // A partial head or body never parks.
         if !self.scanner.between_messages() {
-            self.idle_armed = false;
             return false;
         }
-        let settled = self.flushed && self.verdicts.ledger().settled();
-        if !self.idle_armed {
-            self.set_deadline(Instant::now() + after);
-            self.idle_armed = true;
+        if self.idle_armed {
+            // The timer's waker was registered when it was armed (this task
+            // polls the connection throughout): until it fires, nothing to do.
+            if !self
+                .deadline
+                .as_ref()
+                .is_some_and(|sleep| sleep.is_elapsed())
+            {
+                return false;
+            }
+            let quiet = self.activity == self.activity_armed;
+            if quiet && self.flushed && self.verdicts.ledger().settled() {
+                return true;
+            }
         }
-        let Some(sleep) = self.deadline.as_mut() else {
-            return false;
-        };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        if settled {
-            return true;
-        }
-        // Not idle yet (an exchange is open): ask again later.
-        self.idle_armed = false;
+        // Arm (or re-arm) the next check.
         self.set_deadline(Instant::now() + after);
-        if let Some(sleep) = self.deadline.as_mut() {
-            let _ = sleep.as_mut().poll(cx);
-        }
         self.idle_armed = true;
+        self.activity_armed = self.activity;
+        if let Some(sleep) = self.deadline.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                // `after` is zero: ask again at once.
+                cx.waker().wake_by_ref();
+            }
+        }
         false
     }
 }
@@ -398,7 +414,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
             Poll::Ready(Ok(())) => {
                 let fresh = &buf.filled()[before..];
                 if !fresh.is_empty() {
-                    this.idle_armed = false;
+                    this.activity = this.activity.wrapping_add(1);
                     this.scan(fresh);
                 }
                 Poll::Ready(Ok(()))

@@ -38,8 +38,10 @@ use crate::proxy::target::Tunnel;
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Concurrent streams a client may open on one HTTP/2 connection.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
-/// How long an HTTP/1.1 connection in a tunnel stays idle before it parks,
-/// releasing hyper's buffers (about 20 KiB) until the client's next byte.
+/// How often an HTTP/1.1 connection in a tunnel checks whether it may park
+/// (releasing hyper's buffers, about 20 KiB, until the client's next byte):
+/// a quiet client's connection parks one to two of these after its last
+/// byte.
 /// Long enough that a client sending request after request never parks
 /// (setting up a hyper connection costs a few microseconds), short enough
 /// that a fleet's idle tunnels all do.

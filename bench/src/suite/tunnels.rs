@@ -142,9 +142,9 @@ fn hold(suite: &mut Suite, server: &Server, count: usize, reference: bool) -> Re
     holder.send("request")?;
     let requested: StepReport = holder.next_json(Duration::from_secs(240))?;
     // Idle again for longer than pinproxy waits before it parks an idle
-    // connection (1 s, releasing hyper's buffers), so the sample is of idle
-    // tunnels rather than of ones that have just answered.
-    thread::sleep(Duration::from_millis(2500));
+    // connection (1 to 2 s, releasing hyper's buffers), so the sample is of
+    // idle tunnels rather than of ones that have just answered.
+    thread::sleep(Duration::from_millis(3000));
     let after_request = server.proc.sample()?;
     holder.send("close")?;
     let _ = holder.next_line(Duration::from_secs(60));
@@ -234,7 +234,7 @@ fn render(results: &Results, out: &mut String) {
     let _ = writeln!(
         out,
         "A fresh pinproxy per row. The tunnels are `CONNECT` + TLS through pinproxy, held \
-         idle; *after a request* is after one GET in every tunnel, the tunnels idle again (sampled 2.5 s after the last answer: pinproxy parks a connection idle for 1 s). \
+         idle; *after a request* is after one GET in every tunnel, the tunnels idle again (sampled 3 s after the last answer: pinproxy parks a connection 1 to 2 s into its idleness). \
          Per-tunnel figures are RSS growth over the warm baseline divided by the tunnels \
          opened. The *reference* row holds plain idle TLS connections to a fresh test origin \
          (hyper + tokio-rustls, the same stack pinproxy serves tunnels with, and nothing \
