@@ -535,6 +535,7 @@ impl Daemon {
             }
             None => None,
         };
+        tasks.spawn(crate::heap_trim::trim_loop(shutdown.clone()));
         let accept = tokio::spawn(front::accept_loop(listener, frontend.clone()));
         tracing::info!(
             listen = %local_addr,

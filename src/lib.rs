@@ -40,6 +40,7 @@ pub mod config;
 pub mod daemon;
 
 mod fsutil;
+pub mod heap_trim;
 
 /// Entry points for the fuzz targets and property tests; not an API.
 #[doc(hidden)]

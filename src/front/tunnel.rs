@@ -271,6 +271,7 @@ where
             .metrics
             .client_connections_parked
             .inc();
+        crate::heap_trim::note_release();
         let (unread, stream) = stream.into_parts();
         io = if unread.is_empty() {
             // hyper's idle limit counted from the start of the idle wait.
