@@ -94,11 +94,12 @@ fn run(suite: &mut Suite) -> Result<()> {
         suite.results.tunnels.push(row);
     }
     for count in counts {
-        // Idle tunnels would otherwise be closed by the keep-alive limit
-        // (timeouts.header_read) while the large counts are opened.
+        // No idle tunnel may be closed by the idle limit
+        // (timeouts.client_idle, 60 s) or a head's limit while the large
+        // counts are opened and held.
         let proxy = suite.start_pinproxy(
             "pinproxy-tunnels",
-            Some("[timeouts]\nheader_read = \"10m\"\n"),
+            Some("[timeouts]\nheader_read = \"10m\"\nclient_idle = \"10m\"\n"),
         )?;
         let row = hold(suite, &proxy, count, false)?;
         suite.results.tunnels.push(row);
