@@ -488,6 +488,10 @@ impl Daemon {
             tasks: tasks.clone(),
         });
         let loops = live::spawn_loops(&core, &live_exits, &settings, false);
+        tasks.spawn(crate::heap_trim::trim_loop(
+            metrics.client_connections_parked.clone(),
+            shutdown.clone(),
+        ));
         // Until told otherwise, a reload re-applies what the daemon started
         // with (the binary gives its file and flags: cli::run).
         let started_with = config.clone();
@@ -535,7 +539,6 @@ impl Daemon {
             }
             None => None,
         };
-        tasks.spawn(crate::heap_trim::trim_loop(shutdown.clone()));
         let accept = tokio::spawn(front::accept_loop(listener, frontend.clone()));
         tracing::info!(
             listen = %local_addr,

@@ -6,44 +6,41 @@
 //! leaves the process's RSS at its peak. `malloc_trim(0)` returns every
 //! whole free page of every arena. It walks the heaps, so it runs on a
 //! blocking thread, at most once per [`PERIOD`], and only after enough
-//! connections parked to have freed a megabyte or so.
+//! connections parked (`pinproxy_client_connections_parked_total`) to have
+//! freed a megabyte or so.
 //!
 //! Other C libraries (musl, other systems) have no `malloc_trim`; there the
 //! trimmer does nothing.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 /// How often the trimmer looks.
 pub const PERIOD: Duration = Duration::from_secs(1);
-/// Releases since the last trim that make a trim worth its walk (64 parked
+/// Parks since the last trim that make a trim worth its walk (64 parked
 /// connections free about 1.3 MiB).
 const WORTH_TRIMMING: u64 = 64;
 
-/// Buffers released since the last trim.
-static RELEASED: AtomicU64 = AtomicU64::new(0);
-
-/// Counts one connection's buffers given back to the allocator.
-pub fn note_release() {
-    RELEASED.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Trims every [`PERIOD`] while releases add up, until `shutdown`.
-pub async fn trim_loop(shutdown: CancellationToken) {
+/// Trims every [`PERIOD`] once `parked` (the daemon's count of parked
+/// connections) has grown by [`WORTH_TRIMMING`] since the last trim, until
+/// `shutdown`.
+pub async fn trim_loop(parked: Counter, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmed_at = parked.get();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if RELEASED.load(Ordering::Relaxed) < WORTH_TRIMMING {
+        let now = parked.get();
+        if now.saturating_sub(trimmed_at) < WORTH_TRIMMING {
             continue;
         }
-        RELEASED.store(0, Ordering::Relaxed);
+        trimmed_at = now;
         if tokio::task::spawn_blocking(trim).await.is_err() {
             tracing::debug!("the heap trim did not finish");
         }

@@ -445,21 +445,31 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> RequestGuard<T> {
+    /// `write` on the stream; a write that moved bytes leaves them
+    /// unflushed until the next flush goes through.
+    fn write_with(
+        &mut self,
+        write: impl FnOnce(Pin<&mut T>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let written = write(Pin::new(inner));
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.flushed = false;
+        }
+        written
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for RequestGuard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(Err(gone()));
-        };
-        let written = Pin::new(inner).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.flushed = false;
-        }
-        written
+        self.get_mut().write_with(|inner| inner.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -467,15 +477,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for RequestGuard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(Err(gone()));
-        };
-        let written = Pin::new(inner).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.flushed = false;
-        }
-        written
+        self.get_mut()
+            .write_with(|inner| inner.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -41,10 +41,9 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// How often an HTTP/1.1 connection in a tunnel checks whether it may park
 /// (releasing hyper's buffers, about 20 KiB, until the client's next byte):
 /// a quiet client's connection parks one to two of these after its last
-/// byte.
-/// Long enough that a client sending request after request never parks
-/// (setting up a hyper connection costs a few microseconds), short enough
-/// that a fleet's idle tunnels all do.
+/// byte. Long enough that a client sending request after request never
+/// parks (setting up a hyper connection costs a few microseconds), short
+/// enough that a fleet's idle tunnels all do.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves `tunnel` once `upgrade` hands over the client's stream, until
@@ -271,7 +270,6 @@ where
             .metrics
             .client_connections_parked
             .inc();
-        crate::heap_trim::note_release();
         let (unread, stream) = stream.into_parts();
         io = if unread.is_empty() {
             // hyper's idle limit counted from the start of the idle wait.
