@@ -24,6 +24,7 @@ use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::PinHasher;
 use crate::exits::drain::DrainBook;
 use crate::exits::{ExitSet, LiveExits};
+use crate::fingerprint::live_hellos::LiveHellos;
 use crate::front::{self, FrontSettings, Frontend};
 use crate::metrics::Metrics;
 use crate::mitm::ca::{CaError, CertificateAuthority};
@@ -467,6 +468,7 @@ impl Daemon {
             mitm: Mitm {
                 certs,
                 policy: settings.intercept.clone(),
+                hellos: LiveHellos::default(),
             },
             settings: FrontSettings {
                 max_connections: settings.limits.max_connections,

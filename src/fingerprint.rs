@@ -24,6 +24,7 @@ pub mod header_order;
 pub mod headers;
 mod hpack;
 pub mod ja4;
+pub mod live_hellos;
 pub mod profile;
 mod reader;
 
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use client_hello::ClientHello;
 use h2_preface::H2Fingerprint;
 pub use headers::{FingerprintPolicy, HeaderValues, FINGERPRINT_HEADERS};
+use live_hellos::LiveHellos;
 
 /// How far an incremental parser has got with the bytes seen so far.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,15 +163,30 @@ pub struct ClientConnection {
 }
 
 impl ClientConnection {
-    /// A TLS client connection that sent `hello`. What is recorded is the
-    /// client's, not the site's or the connection's: see
-    /// [`ClientHello::fresh_and_anonymous`].
-    pub fn tls(hello: ClientHello) -> ClientConnection {
+    /// The record of a TLS client connection that sent `hello`, shared
+    /// with the live connections that sent an equal one (see
+    /// [`live_hellos`]). What is recorded is the client's, not the site's or
+    /// the connection's: see [`ClientHello::fresh_and_anonymous`]. A
+    /// connection that turns out to speak HTTP/2 takes its own copy
+    /// ([`ClientConnection::for_h2`]).
+    pub fn tls(hello: ClientHello, live: &LiveHellos) -> Arc<ClientConnection> {
+        live.share(hello.fresh_and_anonymous())
+    }
+
+    fn with_hello(hello: Arc<ClientHello>) -> ClientConnection {
         ClientConnection {
-            hello: Some(Arc::new(hello.fresh_and_anonymous())),
-            preface: OnceLock::new(),
-            presented: OnceLock::new(),
-            equal_hello: OnceLock::new(),
+            hello: Some(hello),
+            ..ClientConnection::default()
+        }
+    }
+
+    /// A record of its own for an HTTP/2 connection that sent this
+    /// connection's hello: the preface it will record is the connection's,
+    /// so it cannot go in a record that equal hellos share.
+    pub fn for_h2(&self) -> ClientConnection {
+        ClientConnection {
+            hello: self.hello.clone(),
+            ..ClientConnection::default()
         }
     }
 
@@ -232,7 +249,7 @@ mod tests {
         let Some(chrome) = profile::chrome_hello() else {
             panic!("the built-in Chrome hello parses");
         };
-        let connection = ClientConnection::tls((*chrome).clone());
+        let connection = ClientConnection::tls((*chrome).clone(), &LiveHellos::default());
         // Equal content under another pointer: compared, then remembered.
         let recorded = Arc::new((*chrome).clone().fresh_and_anonymous());
         assert!(!connection

@@ -14,6 +14,8 @@ pub mod nssdb;
 pub mod policy;
 
 use cert_cache::CertCache;
+
+use crate::fingerprint::live_hellos::LiveHellos;
 pub use policy::InterceptPolicy;
 
 /// ALPN protocols offered to clients inside tunnels, in preference order.
@@ -26,4 +28,6 @@ pub struct Mitm {
     pub certs: CertCache,
     /// Which hosts are intercepted.
     pub policy: InterceptPolicy,
+    /// The ClientHellos of live intercepted connections, one copy each.
+    pub hellos: LiveHellos,
 }

@@ -798,6 +798,41 @@ async fn two_clients_reach_the_origin_with_two_fingerprints_through_one_pinproxy
     assert!(chrome.iter().all(|r| !curl_conns.contains(&r.conn.index)));
 }
 
+/// pinproxy keeps one record of a ClientHello for the live connections
+/// that sent it; an HTTP/2 connection's preface is still its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2_connections_with_one_hello_keep_their_own_prefaces() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let port = rig.origin.port();
+    let client = &rig.s.proxy.client;
+    let mut builder =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // Held open together, so that their hellos are live at once.
+    let mut held = Vec::new();
+    for (path, window) in [("/small", 65_535), ("/large", 1 << 20), ("/small", 65_535)] {
+        builder.initial_stream_window_size(window);
+        let mut conn = client.tunnel_h2_with("localhost", port, &builder).await;
+        let reply = conn.get(path, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        held.push(conn);
+    }
+    let small = records_of(&rig.origin, "/small", EXIT_IP);
+    let large = records_of(&rig.origin, "/large", EXIT_IP);
+    assert_eq!(
+        one(&small, "JA4", |r| r.ja4().map(str::to_owned)),
+        one(&large, "JA4", |r| r.ja4().map(str::to_owned)),
+        "one client, one hello"
+    );
+    let (Some(small_h2), Some(large_h2)) = (
+        one(&small, "small Akamai", Record::akamai),
+        one(&large, "large Akamai", Record::akamai),
+    ) else {
+        panic!("no HTTP/2 preface recorded: {small:?} {large:?}");
+    };
+    assert!(small_h2.contains("4:65535"), "{small_h2}");
+    assert!(large_h2.contains("4:1048576"), "{large_h2}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_identity_keeps_its_founding_clients_fingerprint_across_connections_and_a_restart() {
     let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;

@@ -251,6 +251,22 @@ impl ProxyClient {
     /// Opens a TLS tunnel to `host:port` offering `h2` and `http/1.1` (as
     /// browsers do), and speaks HTTP/2 in it.
     pub async fn tunnel_h2(&self, host: &str, port: u16) -> H2Conn {
+        self.tunnel_h2_with(
+            host,
+            port,
+            &hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()),
+        )
+        .await
+    }
+
+    /// [`ProxyClient::tunnel_h2`] with the HTTP/2 settings of `builder`
+    /// (the same ClientHello whatever they are).
+    pub async fn tunnel_h2_with(
+        &self,
+        host: &str,
+        port: u16,
+        builder: &hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    ) -> H2Conn {
         let target = format!("{host}:{port}");
         let (tcp, head) = self.raw_connect(&target).await;
         assert!(
@@ -269,12 +285,7 @@ impl ProxyClient {
             Some(&b"h2"[..]),
             "pinproxy speaks h2"
         );
-        let (sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
+        let (sender, conn) = builder.handshake(TokioIo::new(tls)).await.unwrap();
         tokio::spawn(conn);
         H2Conn {
             sender,
