@@ -537,8 +537,8 @@ pub struct Limits {
     /// is hyper's own, which spares each request initialising a larger
     /// header array.
     pub max_headers: usize,
-    /// Most client connections served at once; further connections wait in
-    /// the kernel's accept queue.
+    /// Most client connections served at once, open tunnels included;
+    /// further connections wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Most idle upstream connections kept per (exit, origin).
     pub max_idle_per_origin: usize,
@@ -551,8 +551,8 @@ pub struct Limits {
     /// `net.core.somaxconn`). A burst of new connections beyond it is
     /// dropped by the kernel and each costs its client a 1 s SYN retry.
     pub listen_backlog: u32,
-    /// Most connections open at once from one client address; beyond it a
-    /// new connection is answered 429 and closed. 0: no per-client limit
+    /// Most connections open at once from one client address, open tunnels
+    /// included; beyond it a new connection is answered 429 and closed. 0: no per-client limit
     /// (the default: a loopback sidecar's clients all share 127.0.0.1; set
     /// it when others can reach the port).
     pub max_connections_per_client: usize,

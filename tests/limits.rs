@@ -303,6 +303,66 @@ async fn connections_per_client_address_are_limited() {
     s.stop().await;
 }
 
+/// A tunnel is the connection that opened it: it keeps its place among the
+/// connection limits while it is open, intercepted or passed through.
+#[tokio::test]
+async fn open_tunnels_count_against_the_connection_limit() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.limits.max_connections_per_client = 2;
+            c.mitm.exclude = vec!["*.test".into()];
+        })
+        .start()
+        .await;
+    let proxy = s.proxy.daemon.local_addr();
+    let port = s.origin.http.port();
+    // One intercepted tunnel and one passed through, each used once and
+    // held open.
+    let mut tunnels = Vec::new();
+    for host in ["localhost", "origin.test"] {
+        let mut tcp = connect_from("127.0.0.63", proxy).await.unwrap();
+        let connect = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+        tcp.write_all(connect.as_bytes()).await.unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut tcp))
+            .await
+            .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+        let inside = plain_get(&mut tcp, port, &format!("/in/{host}"), "").await;
+        assert!(inside.starts_with("HTTP/1.1 200"), "{host}: {inside}");
+        tunnels.push(tcp);
+    }
+
+    // A third connection from that address: refused while both are open.
+    let mut third = connect_from("127.0.0.63", proxy).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut third))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(head.contains("too-many-connections"), "{head}");
+
+    // Closing a tunnel gives its place back (the daemon sees the close
+    // shortly after: bounded retries).
+    drop(tunnels.pop());
+    let mut admitted = false;
+    for _ in 0..50 {
+        let mut again = connect_from("127.0.0.63", proxy).await.unwrap();
+        if plain_get(&mut again, port, "/again", "")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        admitted,
+        "a closed tunnel's place is given to a new connection"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn requests_per_second_per_client_get_429_with_retry_after() {
     let s = Setup::builder()

@@ -295,6 +295,13 @@ impl<T> RequestGuard<T> {
         (guard, verdicts)
     }
 
+    /// The stream, unguarded: for a connection hyper has handed over
+    /// (CONNECT), whose bytes are no longer HTTP/1 messages to scan. `None`
+    /// once it was handed back parked.
+    pub fn into_inner(mut self) -> Option<T> {
+        self.inner.take()
+    }
+
     /// Lets the connection park as `park` says.
     pub fn parking(mut self, park: Park<T>) -> RequestGuard<T> {
         self.park = Some(park);

@@ -10,21 +10,22 @@
 //! request, once the request is known.
 //!
 //! Limits: at most `limits.max_connections` client connections are served
-//! at once (more wait in the kernel's queue); header sections get
-//! `timeouts.header_read`; oversized ones are refused with 431.
+//! at once (more wait in the kernel's queue), tunnels included: a tunnel
+//! takes over the [`Place`] of the connection that opened it; header
+//! sections get `timeouts.header_read`; oversized ones are refused with 431.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -69,28 +70,56 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
                 continue;
             }
         };
-        let frontend_for_task = frontend.clone();
+        let place = Place {
+            _slot: permit,
+            _client: client,
+        };
         frontend.tasks.spawn(
-            async move {
-                serve_client(frontend_for_task, stream, peer).await;
-                drop((permit, client));
-            }
-            .instrument(tracing::debug_span!("client", %peer)),
+            serve_client(frontend.clone(), stream, peer, place)
+                .instrument(tracing::debug_span!("client", %peer)),
         );
     }
     tracing::debug!("stopped accepting");
 }
 
-async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAddr) {
+/// A client connection's place: one of `limits.max_connections` and one of
+/// its address's `limits.max_connections_per_client`, both given back when
+/// it is dropped. A tunnel is the same TCP connection as the CONNECT that
+/// opened it, so it takes the place over (see [`PlaceSlot`]): open tunnels
+/// count against both limits for as long as they are open.
+#[derive(Debug)]
+pub struct Place {
+    _slot: OwnedSemaphorePermit,
+    _client: limits::ClientConnection,
+}
+
+/// A connection's place while it is served, for a CONNECT to take.
+#[derive(Debug, Clone)]
+pub struct PlaceSlot(Arc<Mutex<Option<Place>>>);
+
+impl PlaceSlot {
+    /// Takes the place over (once: a connection opens at most one tunnel,
+    /// after which hyper hands the stream over).
+    pub fn take(&self) -> Option<Place> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAddr, place: Place) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
+    // Given back when the connection ends, unless a tunnel took it.
+    let place = PlaceSlot(Arc::new(Mutex::new(Some(place))));
     let service_frontend = frontend.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let frontend = service_frontend.clone();
+        let place = (request.method() == Method::CONNECT).then(|| place.clone());
         // Boxed whole, for the same reasons as in tunnels (see
         // `tunnel::tunnel_service`).
-        Box::pin(async move { Ok::<_, Infallible>(outer_request(frontend, request, peer).await) })
+        Box::pin(
+            async move { Ok::<_, Infallible>(outer_request(frontend, request, peer, place).await) },
+        )
     });
     // Every request head is checked before hyper reads it (smuggling), and
     // every request takes a rate token of its client address.
@@ -105,12 +134,14 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
     log_connection_end(result);
 }
 
-/// Handles a request on a client connection: CONNECT opens a tunnel,
-/// anything else is a plain proxy request for the pipeline.
+/// Handles a request on a client connection: CONNECT opens a tunnel (which
+/// takes the connection's `place`), anything else is a plain proxy request
+/// for the pipeline.
 async fn outer_request(
     frontend: Arc<Frontend>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    place: Option<PlaceSlot>,
 ) -> Response<Body> {
     let pipeline = frontend.pipeline.load_full();
     // Stage 0: who the client is (407 without valid credentials).
@@ -154,7 +185,7 @@ async fn outer_request(
     }
     if !intercepted {
         let span = tracing::debug_span!("passthrough", %peer, target = %authority);
-        return passthrough::connect(frontend, request, authority, session_key, principal)
+        return passthrough::connect(frontend, request, authority, session_key, principal, place)
             .instrument(span)
             .await;
     }
@@ -171,9 +202,10 @@ async fn outer_request(
         client: Arc::default(),
         principal,
     };
+    let place = place.as_ref().and_then(PlaceSlot::take);
     frontend
         .tasks
-        .spawn(tunnel::serve(tunnel_frontend, upgrade, tunnel, peer.ip()).instrument(span));
+        .spawn(tunnel::serve(tunnel_frontend, upgrade, tunnel, peer.ip(), place).instrument(span));
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     response

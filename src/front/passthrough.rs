@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::listener::PlaceSlot;
 use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
@@ -32,8 +33,18 @@ pub async fn connect(
     authority: HostPort,
     session_key: Option<String>,
     principal: Principal,
+    place: Option<PlaceSlot>,
 ) -> Response<Body> {
-    match open(&frontend, request, &authority, session_key, principal).await {
+    match open(
+        &frontend,
+        request,
+        &authority,
+        session_key,
+        principal,
+        place,
+    )
+    .await
+    {
         Ok(response) => response,
         Err(error) => {
             frontend.pipeline.load().metrics.request(error.code());
@@ -49,6 +60,7 @@ async fn open(
     authority: &HostPort,
     session_key: Option<String>,
     principal: Principal,
+    place: Option<PlaceSlot>,
 ) -> Result<Response<Body>, ProxyError> {
     let pipeline = frontend.pipeline.load_full();
     // Stage 3: only the session key can be read.
@@ -77,7 +89,10 @@ async fn open(
     }
     tracing::debug!(target = %authority, exit = %route.exit.id(), "passthrough tunnel open");
     pipeline.metrics.request("passthrough");
+    // The tunnel is the client connection from here on: it holds its place.
+    let place = place.as_ref().and_then(PlaceSlot::take);
     frontend.tasks.spawn(async move {
+        let _place = place;
         let client = match hyper::upgrade::on(request).await {
             Ok(client) => client,
             Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),

@@ -7,7 +7,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// `inner`, with `prefix` read before it.
@@ -41,6 +41,37 @@ impl<T> Rewind<T> {
     }
 }
 
+impl<T> Rewind<Rewind<T>> {
+    /// One layer instead of two: this prefix, then what is left of the
+    /// inner one, in front of the stream. Each layer is a copy of every
+    /// read for as long as the stream lives.
+    pub fn flatten(self) -> Rewind<T> {
+        let Rewind {
+            prefix: outer,
+            inner,
+            deferred,
+        } = self;
+        let prefix = if inner.prefix.is_empty() {
+            outer
+        } else if outer.is_empty() {
+            inner.prefix
+        } else {
+            let mut both = BytesMut::with_capacity(outer.len() + inner.prefix.len());
+            both.extend_from_slice(&outer);
+            both.extend_from_slice(&inner.prefix);
+            both.freeze()
+        };
+        Rewind {
+            prefix,
+            inner: inner.inner,
+            // At most one is set: an error is kept only once its layer's
+            // prefix is read, and the outer layer meets the inner one's
+            // as it reads.
+            deferred: deferred.or(inner.deferred),
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -48,9 +79,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(e) = this.deferred.take() {
-            return Poll::Ready(Err(e));
-        }
         if this.prefix.has_remaining() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
@@ -73,6 +101,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
                 }
             }
             return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
@@ -160,6 +191,36 @@ mod tests {
         let mut buf = [0u8; 64];
         assert_eq!(r.read(&mut buf).await.unwrap(), 1);
         let e = r.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_flattened_rewind_reads_both_prefixes_in_order() {
+        let inner: &[u8] = b" stream";
+        let layered = Rewind::new(
+            Bytes::from_static(b"outer"),
+            Rewind::new(Bytes::from_static(b" inner"), inner),
+        );
+        let mut out = String::new();
+        layered.flatten().read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "outer inner stream");
+
+        // A byte peeked off a rewound stream and put back: one prefix.
+        let mut rewound = Rewind::new(Bytes::from_static(b"ab"), inner);
+        let mut one = [0u8; 1];
+        rewound.read_exact(&mut one).await.unwrap();
+        let flat = Rewind::new(Bytes::copy_from_slice(&one), rewound).flatten();
+        assert_eq!(flat.prefix(), b"ab");
+    }
+
+    #[tokio::test]
+    async fn a_flattened_rewind_keeps_a_deferred_error_after_its_bytes() {
+        let mut inner = Rewind::new(Bytes::from_static(b"G"), Failing);
+        let mut buf = [0u8; 64];
+        assert_eq!(inner.read(&mut buf).await.unwrap(), 1);
+        let mut flat = Rewind::new(Bytes::from_static(b"G"), inner).flatten();
+        assert_eq!(flat.read(&mut buf).await.unwrap(), 1);
+        let e = flat.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 }

@@ -19,15 +19,16 @@ use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
-use super::framing::{self, Park};
-use super::listener::{drive, log_connection_end};
+use super::framing::{self, Park, RequestGuard};
+use super::listener::{drive, log_connection_end, Place};
 use super::rewind::Rewind;
 use super::{limits, Frontend};
 use crate::fingerprint::ClientConnection;
@@ -48,7 +49,8 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves `tunnel` once `upgrade` hands over the client's stream, until
 /// either side closes it; `client` is the address whose request rate limit
-/// every request inside counts against.
+/// every request inside counts against, and `place` the connection's place
+/// among the connection limits, held as long as the tunnel is open.
 ///
 /// One async block over its arguments rather than a chain of `async fn`s:
 /// this future is the tunnel task's state for the tunnel's whole life, and
@@ -67,16 +69,21 @@ pub fn serve(
     upgrade: OnUpgrade,
     mut tunnel: Tunnel,
     client: IpAddr,
+    place: Option<Place>,
 ) -> impl Future<Output = ()> + Send {
     async move {
+        let _place = place;
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
         };
-        let io = TokioIo::new(upgraded);
+        let Some(io) = client_stream(upgraded) else {
+            return;
+        };
         let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
             return;
         };
+        let io = io.flatten();
         tunnel.tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
         if !tunnel.tls {
             return serve_http1(frontend, io, Arc::new(tunnel), client).await;
@@ -84,7 +91,7 @@ pub fn serve(
         // The client's ClientHello, read before rustls sees it and put back.
         let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
         let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
-            Ok((io, HelloRead::Hello(hello))) => (io, hello),
+            Ok((io, HelloRead::Hello(hello))) => (io.flatten(), hello),
             Ok((_, HelloRead::Closed)) => {
                 return tracing::debug!("client left during its ClientHello");
             }
@@ -109,6 +116,24 @@ pub fn serve(
             Box::pin(serve_h2(frontend, tls, tunnel, client)).await;
         } else {
             serve_http1(frontend, tls, tunnel, client).await;
+        }
+    }
+}
+
+/// The client's TCP stream out of hyper's upgrade, with what hyper read past
+/// the CONNECT head put back in front. The listener's head scanner and
+/// hyper's boxed stream would otherwise stay wrapped around every read and
+/// write of the tunnel, and in its memory, for as long as it lives.
+fn client_stream(upgraded: Upgraded) -> Option<Rewind<TcpStream>> {
+    match upgraded.downcast::<TokioIo<RequestGuard<TcpStream>>>() {
+        Ok(parts) => {
+            let stream = parts.io.into_inner().into_inner()?;
+            Some(Rewind::new(parts.read_buf, stream))
+        }
+        Err(_) => {
+            // Only the listener opens tunnels, always over this type.
+            tracing::error!("a tunnel's stream is not the listener's (a bug); closing it");
+            None
         }
     }
 }
