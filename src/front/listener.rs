@@ -194,14 +194,15 @@ async fn outer_request(
     // Only the upgrade handle goes into the task, not the whole request: an
     // idle tunnel's task should hold what the tunnel needs and no more.
     let upgrade = hyper::upgrade::on(&mut request);
-    let tunnel = target::Tunnel {
+    // Boxed: the task keeps room for what it is handed for its whole life.
+    let tunnel = Box::new(target::Tunnel {
         authority,
         tls: false,
         session_key,
         client_offers_h2: false,
         client: Arc::default(),
         principal,
-    };
+    });
     let place = place.as_ref().and_then(PlaceSlot::take);
     frontend
         .tasks

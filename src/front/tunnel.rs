@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
@@ -55,57 +56,39 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// One async block over its arguments rather than a chain of `async fn`s:
 /// this future is the tunnel task's state for the tunnel's whole life, and
 /// each `async fn` layer keeps its own copy of the arguments it moves on
-/// (about 900 bytes per idle tunnel in all). The stages whose state is large
-/// or short-lived (the TLS handshake, HTTP/2, each HTTP/1 connection) are
-/// boxed. The HTTP/1 loop is not: its state is what a parked tunnel keeps,
-/// and boxed it was allocated at the first request, amid that request's
-/// short-lived buffers, where it kept a page of them from being returned
-/// (about 0.8 KiB per idle tunnel, measured at 10,000 tunnels).
+/// (about 900 bytes per idle tunnel in all). An argument keeps its slot for
+/// the task's whole life, even once moved on, so `tunnel` comes boxed. The
+/// stages whose state is large, short-lived or rare (the opening up to the
+/// end of the TLS handshake, HTTP/2, plain HTTP, each HTTP/1 connection)
+/// are boxed. The HTTP/1 loop over TLS is not: its state is what a parked
+/// tunnel keeps, and boxed it was allocated at the first request, amid that
+/// request's short-lived buffers, where it kept a page of them from being
+/// returned (about 0.8 KiB per idle tunnel, measured at 10,000 tunnels).
 // Not `async fn` (clippy's suggestion): it would rebind each argument in the
 // body, which `-Zprint-type-sizes` shows as a second slot per argument.
 #[allow(clippy::manual_async_fn)]
 pub fn serve(
     frontend: Arc<Frontend>,
     upgrade: OnUpgrade,
-    mut tunnel: Tunnel,
+    tunnel: Box<Tunnel>,
     client: IpAddr,
     place: Option<Place>,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let _place = place;
-        let upgraded = match upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
-        };
-        let Some(io) = client_stream(upgraded) else {
-            return;
-        };
-        let Some(io) = first_byte(&frontend, io, frontend.settings.tls_handshake).await else {
-            return;
-        };
-        let io = io.flatten();
-        tunnel.tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
-        if !tunnel.tls {
-            return serve_http1(frontend, io, Arc::new(tunnel), client).await;
-        }
-        // The client's ClientHello, read before rustls sees it and put back.
-        let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
-        let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
-            Ok((io, HelloRead::Hello(hello))) => (io.flatten(), hello),
-            Ok((_, HelloRead::Closed)) => {
-                return tracing::debug!("client left during its ClientHello");
+        // Held, not moved: a moved copy would take a second slot.
+        let _ = &place;
+        // Boxed: the opening's state (the first byte's wait, the
+        // ClientHello, the handshake) is short-lived; the tunnel task
+        // should not carry room for it afterwards.
+        let opened = Box::pin(open(&frontend, upgrade, tunnel)).await;
+        let (tls, tunnel) = match opened {
+            Some(Opened::Tls(tls, tunnel)) => (tls, tunnel),
+            // Plain HTTP in a tunnel is rare: boxed, so that its state does
+            // not size every tunnel's task.
+            Some(Opened::Plain(io, tunnel)) => {
+                return Box::pin(serve_http1(frontend, io, tunnel, client)).await;
             }
-            Err(_) => return tracing::debug!("TLS ClientHello timed out"),
-        };
-        if let Some(hello) = hello {
-            tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos);
-        }
-        // Boxed: the handshake's state (ClientHello, leaf lookup) is large
-        // and short-lived; the tunnel task should not carry room for it
-        // afterwards.
-        let Some((tls, tunnel)) = Box::pin(accept_tls(&frontend, io, deadline, tunnel)).await
-        else {
-            return;
+            None => return,
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
@@ -118,6 +101,52 @@ pub fn serve(
             serve_http1(frontend, tls, tunnel, client).await;
         }
     }
+}
+
+/// A tunnel whose client has spoken: TLS (terminated) or plain HTTP.
+enum Opened {
+    Tls(Box<TlsStream<Rewind<TcpStream>>>, Arc<Tunnel>),
+    Plain(Rewind<TcpStream>, Arc<Tunnel>),
+}
+
+/// Takes the client's stream once `upgrade` hands it over and waits for
+/// its first byte: TLS is terminated (its ClientHello recorded first),
+/// anything else is plain HTTP. `None` when the client left or failed
+/// first.
+async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) -> Option<Opened> {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "client left before the tunnel opened");
+            return None;
+        }
+    };
+    let io = client_stream(upgraded)?;
+    let io = first_byte(frontend, io, frontend.settings.tls_handshake)
+        .await?
+        .flatten();
+    tunnel.tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
+    if !tunnel.tls {
+        return Some(Opened::Plain(io, Arc::new(*tunnel)));
+    }
+    // The client's ClientHello, read before rustls sees it and put back.
+    let deadline = tokio::time::Instant::now() + frontend.settings.tls_handshake;
+    let (io, hello) = match tokio::time::timeout_at(deadline, read_client_hello(io)).await {
+        Ok((io, HelloRead::Hello(hello))) => (io.flatten(), hello),
+        Ok((_, HelloRead::Closed)) => {
+            tracing::debug!("client left during its ClientHello");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("TLS ClientHello timed out");
+            return None;
+        }
+    };
+    if let Some(hello) = hello {
+        tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos);
+    }
+    let (tls, tunnel) = accept_tls(frontend, io, deadline, *tunnel).await?;
+    Some(Opened::Tls(tls, tunnel))
 }
 
 /// The client's TCP stream out of hyper's upgrade, with what hyper read past
@@ -184,7 +213,7 @@ async fn accept_tls<T>(
     io: T,
     deadline: tokio::time::Instant,
     mut tunnel: Tunnel,
-) -> Option<(Box<tokio_rustls::server::TlsStream<T>>, Arc<Tunnel>)>
+) -> Option<(Box<TlsStream<T>>, Arc<Tunnel>)>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -286,29 +315,33 @@ async fn serve_http1<T>(
         client,
         tunnel_service(frontend.clone(), tunnel),
     );
+    // The loop's locals are scoped or moved before the idle wait: whatever
+    // is still in scope across it takes room in every parked tunnel.
     loop {
-        // Heads checked before hyper reads them.
-        let (back, mut parked) = oneshot::channel();
-        let (guarded_io, verdicts) = framing::guard(&frontend, io);
-        let guarded_io = guarded_io.parking(Park {
-            after: PARK_AFTER,
-            back,
-        });
-        let conn = frontend
-            .http1()
-            .serve_connection(
-                TokioIo::new(guarded_io),
-                framing::guarded(verdicts, service.clone()),
-            )
-            .with_upgrades();
-        // Boxed: the connection's state is only needed while it runs, and
-        // this future is what a parked tunnel keeps.
-        let result = Box::pin(drive(conn, &frontend.shutdown, |c| c.graceful_shutdown())).await;
-        // The stream comes back only from a connection that parked, and then
-        // as hyper drops the connection (at the end of `drive`).
-        let stream = match (result, parked.try_recv()) {
-            (Ok(()), Ok(stream)) => stream,
-            (result, _) => return log_connection_end(result),
+        let stream = {
+            // Heads checked before hyper reads them.
+            let (back, mut parked) = oneshot::channel();
+            let (guarded_io, verdicts) = framing::guard(&frontend, io);
+            let guarded_io = guarded_io.parking(Park {
+                after: PARK_AFTER,
+                back,
+            });
+            let conn = frontend
+                .http1()
+                .serve_connection(
+                    TokioIo::new(guarded_io),
+                    framing::guarded(verdicts, service.clone()),
+                )
+                .with_upgrades();
+            // Boxed: the connection's state is only needed while it runs, and
+            // this future is what a parked tunnel keeps.
+            let result = Box::pin(drive(conn, &frontend.shutdown, |c| c.graceful_shutdown())).await;
+            // The stream comes back only from a connection that parked, and
+            // then as hyper drops the connection (at the end of `drive`).
+            match (result, parked.try_recv()) {
+                (Ok(()), Ok(stream)) => stream,
+                (result, _) => return log_connection_end(result),
+            }
         };
         frontend
             .pipeline
@@ -317,15 +350,16 @@ async fn serve_http1<T>(
             .client_connections_parked
             .inc();
         let (unread, stream) = stream.into_parts();
-        io = if unread.is_empty() {
-            // hyper's idle limit counted from the start of the idle wait.
-            let idle_left = frontend.settings.client_idle.saturating_sub(PARK_AFTER);
-            match first_byte(&frontend, stream, idle_left).await {
-                Some(io) => io,
-                None => return,
-            }
-        } else {
-            Rewind::new(unread, stream)
+        if !unread.is_empty() {
+            io = Rewind::new(unread, stream);
+            continue;
+        }
+        drop(unread);
+        // hyper's idle limit counted from the start of the idle wait.
+        let idle_left = frontend.settings.client_idle.saturating_sub(PARK_AFTER);
+        io = match first_byte(&frontend, stream, idle_left).await {
+            Some(io) => io,
+            None => return,
         };
     }
 }
