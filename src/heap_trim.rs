@@ -7,7 +7,8 @@
 //! whole free page of every arena. It walks the heaps, so it runs on a
 //! blocking thread, at most once per [`PERIOD`], and only after enough
 //! connections parked (`pinproxy_client_connections_parked_total`) to have
-//! freed a megabyte or so.
+//! freed a megabyte or so, or once parking has stopped with parks not yet
+//! trimmed after (a small fleet's tunnels, or the tail of a burst).
 //!
 //! Other C libraries (musl, other systems) have no `malloc_trim`; there the
 //! trimmer does nothing.
@@ -24,20 +25,23 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 /// connections free about 1.3 MiB).
 const WORTH_TRIMMING: u64 = 64;
 
-/// Trims every [`PERIOD`] once `parked` (the daemon's count of parked
-/// connections) has grown by [`WORTH_TRIMMING`] since the last trim, until
+/// Trims every [`PERIOD`] when `parked` (the daemon's count of parked
+/// connections) says it is worth it (see [`worth_trimming`]), until
 /// `shutdown`.
 pub async fn trim_loop(parked: Counter, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmed_at = parked.get();
+    let mut looked_at = trimmed_at;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = parked.get();
-        if now.saturating_sub(trimmed_at) < WORTH_TRIMMING {
+        let worth = worth_trimming(trimmed_at, looked_at, now);
+        looked_at = now;
+        if !worth {
             continue;
         }
         trimmed_at = now;
@@ -45,6 +49,15 @@ pub async fn trim_loop(parked: Counter, shutdown: CancellationToken) {
             tracing::debug!("the heap trim did not finish");
         }
     }
+}
+
+/// Whether to trim, given the parks counted at the last trim, at the
+/// previous look and now: after [`WORTH_TRIMMING`] parks, or once a period
+/// passed without a park while some parked since the last trim (otherwise
+/// fewer than that would never be given back).
+fn worth_trimming(trimmed_at: u64, looked_at: u64, now: u64) -> bool {
+    let since_trim = now.saturating_sub(trimmed_at);
+    since_trim >= WORTH_TRIMMING || (since_trim > 0 && now == looked_at)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -61,3 +74,21 @@ fn trim() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_after_many_parks_or_once_parking_stops() {
+        // Nothing parked since the last trim: nothing to give back.
+        assert!(!worth_trimming(10, 10, 10));
+        // A burst under way: wait for it.
+        assert!(!worth_trimming(10, 10, 40));
+        assert!(!worth_trimming(10, 40, 60));
+        // Enough parks for a trim even while they continue.
+        assert!(worth_trimming(10, 40, 10 + WORTH_TRIMMING));
+        // A few parks, then a quiet period: their buffers go back too.
+        assert!(worth_trimming(10, 13, 13));
+    }
+}
