@@ -90,7 +90,7 @@ pub fn serve(
             }
             None => return,
         };
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let h2 = speaks_h2(&tls);
         let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
             return;
         };
@@ -249,7 +249,7 @@ where
     };
     match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
         Ok(Ok(tls)) => {
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            if speaks_h2(&tls) {
                 // The preface is this connection's own: not for the record
                 // that connections with an equal hello share.
                 tunnel.client = Arc::new(tunnel.client.for_h2());
@@ -268,6 +268,11 @@ where
             None
         }
     }
+}
+
+/// Whether the client chose HTTP/2 by ALPN.
+fn speaks_h2<T>(tls: &TlsStream<T>) -> bool {
+    tls.get_ref().1.alpn_protocol() == Some(b"h2")
 }
 
 /// The pipeline as a hyper service for requests in `tunnel`.
