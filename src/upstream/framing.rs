@@ -916,8 +916,8 @@ mod tests {
 
     #[test]
     fn runs_end_at_the_first_byte_outside_the_set_wherever_it_falls() {
-        // Every length up to three words, with the stop byte at every
-        // position (and none), against a byte-by-byte search.
+        // Short and longer runs, with the stop byte at every position (and
+        // none), against a byte-by-byte search.
         for len in 0..24 {
             for stop in 0..=len {
                 let mut bytes = vec![b'a'; len];
