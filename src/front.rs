@@ -10,7 +10,9 @@
 //!   (`mitm.exclude`), relayed raw through the exit routing chose;
 //! - [`fingerprint`]: the client's ClientHello and HTTP/2 preface, read as
 //!   they pass;
-//! - [`rewind`]: a stream with bytes put back in front.
+//! - [`rewind`]: a stream with bytes put back in front;
+//! - [`queue_room`]: where rustls' plaintext queue goes in a tunnel, so
+//!   that it keeps no page of a request's buffers resident.
 //!
 //! - [`framing`]: every HTTP/1 request head checked before hyper reads it
 //!   (smuggling refused);
@@ -27,6 +29,7 @@ pub mod framing;
 pub mod limits;
 pub mod listener;
 pub mod passthrough;
+pub mod queue_room;
 pub mod rewind;
 pub mod tunnel;
 

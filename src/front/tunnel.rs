@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::server::TlsStream;
@@ -30,6 +30,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use super::framing::{self, Park, RequestGuard};
 use super::listener::{drive, log_connection_end, Place};
+use super::queue_room::QueueRoom;
 use super::rewind::Rewind;
 use super::{limits, Frontend};
 use crate::fingerprint::ClientConnection;
@@ -91,7 +92,10 @@ pub fn serve(
             None => return,
         };
         let h2 = speaks_h2(&tls);
-        let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle).await else {
+        // Taken as the handshake ends, for rustls' plaintext queue.
+        let room = QueueRoom::reserve();
+        let Some(tls) = first_byte(&frontend, tls, frontend.settings.client_idle, room).await
+        else {
             return;
         };
         if h2 {
@@ -122,9 +126,14 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
         }
     };
     let io = client_stream(upgraded)?;
-    let io = first_byte(frontend, io, frontend.settings.tls_handshake)
-        .await?
-        .flatten();
+    let io = first_byte(
+        frontend,
+        io,
+        frontend.settings.tls_handshake,
+        QueueRoom::none(),
+    )
+    .await?
+    .flatten();
     tunnel.tls = io.prefix().first() == Some(&TLS_HANDSHAKE);
     if !tunnel.tls {
         return Some(Opened::Plain(io, Arc::new(*tunnel)));
@@ -169,18 +178,20 @@ fn client_stream(upgraded: Upgraded) -> Option<Rewind<TcpStream>> {
 
 /// Waits, at most `timeout` and never past shutdown, for the client's first
 /// byte on `io`, and returns the stream with that byte put back in front.
-/// Reading one byte lets a tunnel wait without any buffer of its own.
+/// Reading one byte lets a tunnel wait without any buffer of its own. The
+/// read goes through `room` (see [`QueueRoom`]).
 async fn first_byte<T>(
     frontend: &Frontend,
     mut io: T,
     timeout: std::time::Duration,
+    mut room: QueueRoom,
 ) -> Option<Rewind<T>>
 where
     T: AsyncRead + Unpin,
 {
     let mut byte = [0u8; 1];
     let read = tokio::select! {
-        read = tokio::time::timeout(timeout, io.read(&mut byte)) => read,
+        read = tokio::time::timeout(timeout, room.read(&mut io, &mut byte)) => read,
         () = frontend.shutdown.cancelled() => return None,
     };
     match read {
@@ -362,7 +373,7 @@ async fn serve_http1<T>(
         drop(unread);
         // hyper's idle limit counted from the start of the idle wait.
         let idle_left = frontend.settings.client_idle.saturating_sub(PARK_AFTER);
-        io = match first_byte(&frontend, stream, idle_left).await {
+        io = match first_byte(&frontend, stream, idle_left, QueueRoom::none()).await {
             Some(io) => io,
             None => return,
         };
