@@ -357,6 +357,21 @@ impl Scanner {
                 }
                 _ => {}
             }
+            // Bulk: a whole header line, when this read holds all of it
+            // and it is plain (most of a head's lines).
+            if self.state == State::LineStart {
+                match self.whole_line(bytes) {
+                    Ok(0) => {}
+                    Ok(taken) => {
+                        bytes = &bytes[taken..];
+                        continue;
+                    }
+                    Err(error) => {
+                        self.state = State::Refused;
+                        return Err(error);
+                    }
+                }
+            }
             // Bulk: runs of bytes `step` would take one by one without
             // changing state or refusing any: the value of a field that does
             // not frame (cookies, user agents: most of a head), a header
@@ -563,6 +578,45 @@ impl Scanner {
             }
             _ => return Err(FramingError::BareCr),
         })
+    }
+
+    /// At the start of a header line: takes the whole line (`name: value`
+    /// and its CRLF) at once when `bytes` hold all of it and every byte of
+    /// it is one `step` would take without refusing. Returns how many bytes
+    /// it took (0: none, the line is left to `step`), or what `step` would
+    /// have refused: the same error at the same byte.
+    fn whole_line(&mut self, bytes: &[u8]) -> Result<usize, FramingError> {
+        let name_len = run_of(bytes, &NAME_BYTES);
+        if name_len == 0 || bytes.get(name_len) != Some(&b':') {
+            return Ok(0);
+        }
+        let value_start = name_len + 1;
+        let rest = &bytes[value_start..];
+        let value_len = run_of(rest, &PLAIN_VALUE_BYTES);
+        if rest.get(value_len..value_len + 2) != Some(&b"\r\n"[..]) {
+            return Ok(0);
+        }
+        let name = &bytes[..name_len];
+        // Names longer than the scanner keeps are neither of these.
+        let field = if name.eq_ignore_ascii_case(b"content-length") {
+            Field::ContentLength
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            Field::TransferEncoding
+        } else {
+            Field::Other
+        };
+        // Up to the CR, which ends the field: `step` counts and checks each
+        // byte before it judges the field at the CR, and the LF after it.
+        self.grow_head(value_start + value_len + 1)?;
+        let head = &mut self.head;
+        head.field = Some(field);
+        if field != Field::Other {
+            head.value.clear();
+            head.value.extend(&rest[..value_len]);
+        }
+        self.end_field()?;
+        self.grow_head(1)?;
+        Ok(value_start + value_len + 2)
     }
 
     /// Counts `run` more bytes of the head, refusing a head over the limit.
@@ -1061,6 +1115,42 @@ mod tests {
             scanner.scan(long.as_bytes(), |_| {}),
             Err(FramingError::HeadTooLarge)
         );
+    }
+
+    /// Whole header lines are taken at once: whatever the head limit, and
+    /// wherever a read ends, the verdict is the one of the byte-by-byte
+    /// scan.
+    #[test]
+    fn whole_lines_are_judged_like_single_bytes() {
+        let heads: [&[u8]; 6] = [
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\ncontent-length:3 \r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\nX: y\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Lengthy: x\r\nTransfer-Encodings: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: b\r\nC:\r\nD: e\x7f\r\n\r\n",
+        ];
+        for bytes in heads {
+            let text = String::from_utf8_lossy(bytes);
+            for limit in 1..bytes.len() + 2 {
+                for split in 0..bytes.len() {
+                    let (a, b) = bytes.split_at(split);
+                    let mut split_scanner = Scanner::new(Side::Request, limit);
+                    let mut split_heads = Vec::new();
+                    let split_result = split_scanner
+                        .scan(a, |h| split_heads.push(h))
+                        .and_then(|()| split_scanner.scan(b, |h| split_heads.push(h)));
+                    let mut bytewise_scanner = Scanner::new(Side::Request, limit);
+                    let mut bytewise_heads = Vec::new();
+                    let bytewise_result = bytes.iter().try_for_each(|byte| {
+                        bytewise_scanner
+                            .scan(std::slice::from_ref(byte), |h| bytewise_heads.push(h))
+                    });
+                    assert_eq!(split_result, bytewise_result, "{text:?} {limit} {split}");
+                    assert_eq!(split_heads, bytewise_heads, "{text:?} {limit} {split}");
+                }
+            }
+        }
     }
 
     /// Values of fields that do not frame are skipped in bulk: the limit,
