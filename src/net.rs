@@ -7,14 +7,17 @@
 //! to check again.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::Uri;
 
 /// A host and port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HostPort {
-    /// Host name or IP literal (without brackets).
-    pub host: String,
+    /// Host name or IP literal (without brackets). Shared: a request's
+    /// target is cloned several times on its way (routing, the pool's lane,
+    /// the connection given back), and a clone should not allocate.
+    pub host: Arc<str>,
     /// Port.
     pub port: u16,
 }
@@ -49,7 +52,7 @@ impl HostPort {
     /// An address from a host (brackets, if any, are removed) and a port.
     pub fn new(host: &str, port: u16) -> HostPort {
         HostPort {
-            host: unbracket(host).to_owned(),
+            host: Arc::from(unbracket(host)),
             port,
         }
     }
@@ -129,7 +132,7 @@ mod tests {
             HostPort::new("proxy.example", 3128)
         );
         let v6 = HostPort::parse("[::1]:8080").unwrap();
-        assert_eq!(v6.host, "::1");
+        assert_eq!(&*v6.host, "::1");
         assert_eq!(v6.to_string(), "[::1]:8080");
         for bad in [
             "proxy",

@@ -138,7 +138,7 @@ fn cross_site<B>(request: &Request<B>) -> Option<Response<Body>> {
     let hostname = crate::net::HostPort::parse(host)
         .map(|h| h.host)
         .unwrap_or_default();
-    let local = hostname == "localhost"
+    let local = &*hostname == "localhost"
         || hostname
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());

@@ -44,7 +44,7 @@ pub fn connect_target(
             return Ok(());
         }
         Err(ProxyError::OutsideCa {
-            host: authority.host.clone(),
+            host: authority.host.to_string(),
             permitted: ca.permitted_domains().unwrap_or_default().join(", "),
         })
     });

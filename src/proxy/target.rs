@@ -180,7 +180,7 @@ mod tests {
         );
         assert_eq!(t.host_header().unwrap(), "Example.com");
         let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
-        assert_eq!(t.origin.host, "::1");
+        assert_eq!(&*t.origin.host, "::1");
         assert_eq!(t.host_header().unwrap(), "[::1]:8443");
     }
 
@@ -208,7 +208,7 @@ mod tests {
     fn connect_targets() {
         let ok = |s: &str| connect_authority(&s.parse().unwrap());
         assert_eq!(ok("a.test:443").unwrap().to_string(), "a.test:443");
-        assert_eq!(ok("[::1]:443").unwrap().host, "::1");
+        assert_eq!(&*ok("[::1]:443").unwrap().host, "::1");
         assert!(ok("a.test").is_err());
         assert!(ok("a.test:0").is_err());
         assert!(ok("u@a.test:443").is_err());

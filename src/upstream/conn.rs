@@ -113,7 +113,7 @@ impl Dialer {
             .await
             .map_err(|_| self.context(deadline).timed_out(Stage::TlsHandshake))?
             .map_err(|source| ConnectError::Tls {
-                host: target.host.clone(),
+                host: target.host.to_string(),
                 source: Arc::new(source),
             })?;
         info.timings.tls = Some(tls_started.elapsed());

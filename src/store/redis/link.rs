@@ -68,7 +68,7 @@ impl Target {
             list.split(',')
                 .map(|host| {
                     crate::net::HostPort::parse(host)
-                        .map(|hp| (hp.host, hp.port))
+                        .map(|hp| (hp.host.to_string(), hp.port))
                         .map_err(|e| bad(&e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()

@@ -57,7 +57,7 @@ impl Direct {
             .await
             .map_err(|_| ctx.timed_out(Stage::OriginConnect))?
             .map_err(|source| ConnectError::Resolve {
-                host: target.host.clone(),
+                host: target.host.to_string(),
                 source: Arc::new(source),
             })?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no usable address");

@@ -34,7 +34,7 @@ impl Socks5 {
         target: &HostPort,
     ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
         let tcp = ctx.dial_proxy(&self.0.proxy).await?;
-        let destination = (target.host.as_str(), target.port);
+        let destination = (&*target.host, target.port);
         let handshake = async {
             match ctx.credentials {
                 Some(c) => {
