@@ -863,6 +863,7 @@ macro_rules! delegate_write {
         }
     };
 }
+pub(crate) use delegate_write;
 
 /// Upper bound of an origin's response head. No buffer is kept for it; the
 /// bound only ends the scan of a head hyper would refuse anyway (its own

@@ -11,6 +11,9 @@
 //! with fewer [`Gap`]s ([`UpstreamTls::mirror_stack`]): BoringSSL for
 //! Chromium (no gap), OpenSSL for curl and Python (no gap either).
 //!
+//! BoringSSL's reads go through a [`read_gate::ReadGate`], which skips the
+//! `SSL_read`s that could only find nothing.
+//!
 //! Trust: the public web roots compiled into pinproxy, plus the PEM files
 //! given with `--upstream-ca`, for every stack.
 
@@ -18,6 +21,7 @@ pub mod boring_stack;
 mod boring_ffi;
 mod openssl_ffi;
 pub mod openssl_stack;
+pub mod read_gate;
 mod rustls_stack;
 pub mod tap;
 
@@ -30,6 +34,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::fingerprint::client_hello::ClientHello;
+use read_gate::ReadReady;
 
 /// Something in a client's ClientHello that the chosen stack cannot say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,7 +180,7 @@ impl UpstreamTls {
         stack: Stack<'_>,
     ) -> io::Result<TlsConn>
     where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     {
         match stack {
             Stack::Rustls { h2 } => self.rustls.connect(host, transport, h2).await,
@@ -296,7 +301,69 @@ impl AsyncWrite for TlsConn {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use rustls_pki_types::CertificateDer;
     use std::path::Path;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    /// A CA and a leaf for `localhost` and 127.0.0.1 signed by it.
+    pub(crate) struct Pki {
+        /// The CA certificate, DER.
+        pub(crate) ca: Vec<u8>,
+        /// The CA certificate, PEM (for a trust file).
+        pub(crate) ca_pem: String,
+        /// The leaf, then the CA.
+        pub(crate) chain: Vec<CertificateDer<'static>>,
+        /// The leaf's key, PKCS#8 DER.
+        pub(crate) key: Vec<u8>,
+    }
+
+    pub(crate) fn pki() -> Pki {
+        let made = (|| -> Result<Pki, rcgen::Error> {
+            let ca_key = KeyPair::generate()?;
+            let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            // Not rcgen's default name, which the leaf has: a leaf whose
+            // issuer is its own name looks self-signed.
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "openssl stack test CA");
+            let ca = ca_params.self_signed(&ca_key)?;
+            let issuer = Issuer::new(ca_params, ca_key);
+            let leaf_key = KeyPair::generate()?;
+            let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
+                .signed_by(&leaf_key, &issuer)?;
+            Ok(Pki {
+                ca: ca.der().to_vec(),
+                ca_pem: ca.pem(),
+                chain: vec![leaf.der().clone(), ca.der().clone()],
+                key: leaf_key.serialize_der(),
+            })
+        })();
+        made.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A rustls server for `pki`'s leaf offering h2 and http/1.1 (TLS 1.2
+    /// only when `tls12`).
+    pub(crate) fn acceptor(pki: &Pki, tls12: bool) -> tokio_rustls::TlsAcceptor {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider);
+        let builder = if tls12 {
+            builder.with_protocol_versions(&[&rustls::version::TLS12])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        };
+        let config = builder.and_then(|b| {
+            b.with_no_client_auth().with_single_cert(
+                pki.chain.clone(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key.clone())),
+            )
+        });
+        let mut config = config.unwrap_or_else(|e| panic!("{e}"));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 
     /// A ClientHello of `tests/fixtures/hello`, as captured.
     pub(crate) fn fixture(name: &str) -> ClientHello {

@@ -68,3 +68,11 @@ pub fn set_requested_trust_anchors(ssl: &mut SslRef, ids: &[u8]) -> Result<(), R
     };
     check(result, "the requested trust anchors")
 }
+
+/// Whether `ssl` holds bytes a read would return or process without asking
+/// its transport: decrypted plaintext, or received bytes not yet processed
+/// (a record, or part of one).
+pub fn has_pending(ssl: &SslRef) -> bool {
+    // SAFETY: `ssl` is a valid SSL*; the call only reads its buffers' state.
+    unsafe { boring_sys::SSL_has_pending(ssl.as_ptr()) != 0 }
+}

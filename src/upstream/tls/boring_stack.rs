@@ -29,6 +29,7 @@ use boring::x509::X509;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::boring_ffi;
+use super::read_gate::{ReadGate, ReadReady};
 use super::tap::{HelloTap, SentHello};
 use super::{Gap, Shape, TlsConn, TlsSetupError};
 use crate::fingerprint::client_hello::{ext, is_grease, SessionTicket};
@@ -89,7 +90,7 @@ impl BoringClient {
         shape: Shape<'_>,
     ) -> io::Result<(TlsConn, Arc<[Gap]>)>
     where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     {
         let prepared = self.prepared(shape).map_err(io::Error::other)?;
         let mut config: ConnectConfiguration =
@@ -121,7 +122,7 @@ impl BoringClient {
         let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2");
         let sent = sent.lock().ok().and_then(|mut s| s.take());
         Ok((
-            TlsConn::new(Box::new(stream), h2).with_sent_hello(sent),
+            TlsConn::new(Box::new(ReadGate::new(stream)), h2).with_sent_hello(sent),
             prepared.gaps.clone(),
         ))
     }

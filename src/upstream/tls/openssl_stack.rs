@@ -1022,61 +1022,8 @@ mod tests {
 
     // ------------------------------------------------------------ the stream
 
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use crate::upstream::tls::tests::{acceptor, pki, Pki};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    /// A CA and a leaf for `localhost` and 127.0.0.1 signed by it.
-    struct Pki {
-        ca: Vec<u8>,
-        chain: Vec<CertificateDer<'static>>,
-        key: Vec<u8>,
-    }
-
-    fn pki() -> Pki {
-        let made = (|| -> Result<Pki, rcgen::Error> {
-            let ca_key = KeyPair::generate()?;
-            let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            // Not rcgen's default name, which the leaf has: a leaf whose
-            // issuer is its own name looks self-signed.
-            ca_params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "openssl stack test CA");
-            let ca = ca_params.self_signed(&ca_key)?;
-            let issuer = Issuer::new(ca_params, ca_key);
-            let leaf_key = KeyPair::generate()?;
-            let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
-                .signed_by(&leaf_key, &issuer)?;
-            Ok(Pki {
-                ca: ca.der().to_vec(),
-                chain: vec![leaf.der().clone(), ca.der().clone()],
-                key: leaf_key.serialize_der(),
-            })
-        })();
-        made.unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// A rustls server for `pki`'s leaf offering h2 and http/1.1 (TLS 1.2
-    /// only when `tls12`).
-    fn acceptor(pki: &Pki, tls12: bool) -> tokio_rustls::TlsAcceptor {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider);
-        let builder = if tls12 {
-            builder.with_protocol_versions(&[&rustls::version::TLS12])
-        } else {
-            builder.with_safe_default_protocol_versions()
-        };
-        let config = builder.and_then(|b| {
-            b.with_no_client_auth().with_single_cert(
-                pki.chain.clone(),
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key.clone())),
-            )
-        });
-        let mut config = config.unwrap_or_else(|e| panic!("{e}"));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    }
 
     /// An OpenSSL client trusting `ca` only.
     fn client(ca: Option<&[u8]>) -> OpensslClient {

@@ -34,6 +34,11 @@ impl<T> HelloTap<T> {
         }
     }
 
+    /// The tapped transport.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     fn observe(&mut self, bytes: &[u8]) {
         let Some(written) = self.written.as_mut() else {
             return;
