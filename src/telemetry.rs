@@ -14,6 +14,7 @@
 
 pub mod access_line;
 mod fields;
+pub mod line_writer;
 mod timestamp;
 
 use serde::Deserialize;
@@ -25,6 +26,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer;
 
 pub use access_line::AccessLine;
+use line_writer::{LineGuard, LineWriter};
 
 /// The target of access lines.
 pub const ACCESS_TARGET: &str = "pinproxy::access";
@@ -55,7 +57,7 @@ impl std::str::FromStr for LogFormat {
 /// Keeps the log writer's thread alive; dropping it writes the lines still
 /// buffered. Hold it until the process ends.
 #[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+pub struct LogGuard(#[allow(dead_code)] Option<LineGuard>);
 
 impl std::fmt::Debug for LogGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,20 +65,18 @@ impl std::fmt::Debug for LogGuard {
     }
 }
 
-/// Lines buffered for the writer thread before new ones are dropped (a
-/// stderr consumer that stopped reading must not stop the proxy).
-const BUFFERED_LINES: usize = 128 * 1024;
-
-/// Installs the global subscriber (logs to stderr, written by a thread of
-/// its own) writing `format`, with the access log on or off. Returns the
-/// writer's guard, and an error text when `RUST_LOG` cannot be parsed;
-/// logging then stays at `info`.
+/// Installs the global subscriber (logs to stderr, written in batches by a
+/// thread of its own: [`line_writer`]) writing `format`, with the access
+/// log on or off. Returns the writer's guard, and an error text when
+/// `RUST_LOG` cannot be parsed; logging then stays at `info`.
 pub fn init(format: LogFormat, access: bool) -> (LogGuard, Option<String>) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(BUFFERED_LINES)
-        .lossy(true)
-        .thread_name("pinproxy-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = match LineWriter::start(std::io::stderr()) {
+        Ok((writer, guard)) => (writer, Some(guard)),
+        Err(e) => {
+            eprintln!("pinproxy: no log writer thread ({e}): writing log lines directly");
+            (LineWriter::direct(), None)
+        }
+    };
     let (filter, problem) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match spec.parse::<Targets>() {
             Ok(targets) => (targets, None),

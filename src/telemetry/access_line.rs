@@ -21,15 +21,14 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::io::Write as _;
 use std::sync::OnceLock;
 
 use http::Method;
-use tracing_appender::non_blocking::NonBlocking;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime as _;
 
 use super::fields::{plain_in_quotes, thousandths, write_thousandths, write_u64};
+use super::line_writer::LineWriter;
 use super::timestamp::LineTime;
 use super::{LogFormat, ACCESS_TARGET};
 use crate::credential::Credential;
@@ -309,7 +308,7 @@ enum Style {
 
 /// Where directly written lines go.
 struct Sink {
-    writer: NonBlocking,
+    writer: LineWriter,
     style: Style,
 }
 
@@ -324,7 +323,7 @@ thread_local! {
 /// Lets access lines be written directly to `writer`, the writer of the
 /// layer [`super::init`] installed for `format`. Lines with colours are
 /// left to the layer.
-pub(super) fn install(writer: NonBlocking, format: LogFormat, ansi: bool) {
+pub(super) fn install(writer: LineWriter, format: LogFormat, ansi: bool) {
     let style = match format {
         LogFormat::Json => Style::Json,
         LogFormat::Text if !ansi => Style::Text,
@@ -344,7 +343,7 @@ impl Sink {
             if format_line(line, self.style, &mut buffer).is_ok() {
                 // Lossy like every other line: a writer thread that fell
                 // behind drops lines rather than stopping requests.
-                let _ = self.writer.clone().write_all(buffer.as_bytes());
+                self.writer.line(buffer.as_bytes());
             }
             // A line once much longer than usual is not kept.
             if buffer.capacity() > 4096 {
