@@ -22,7 +22,7 @@
 //! stop the proxy. [`LineGuard`] writes what is still queued when dropped.
 
 use std::io::{self, Write};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread;
 use std::time::Duration;
 
@@ -118,10 +118,7 @@ impl LineWriter {
     /// false when it was dropped: the queue full, or the thread gone.
     pub fn line(&self, bytes: &[u8]) -> bool {
         match &self.lines {
-            Some(lines) => match lines.try_send(Message::Line(bytes.to_vec())) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-            },
+            Some(lines) => lines.try_send(Message::Line(bytes.to_vec())).is_ok(),
             None => io::stderr().write_all(bytes).is_ok(),
         }
     }
@@ -173,6 +170,12 @@ fn write_lines(queue: &Receiver<Message>, mut out: impl Write, pace: Pace) {
                 Err(TryRecvError::Disconnected) => return,
             }
         };
+        // Quiet means a poll that found nothing.
+        if first.is_some() {
+            quiet = 0;
+        } else {
+            quiet = quiet.saturating_add(1);
+        }
         let mut finish = None;
         let mut next = first;
         while let Some(message) = next.take() {
@@ -188,11 +191,8 @@ fn write_lines(queue: &Receiver<Message>, mut out: impl Write, pace: Pace) {
             }
             next = queue.try_recv().ok();
         }
-        if batch.is_empty() {
-            quiet = quiet.saturating_add(1);
-        } else {
+        if !batch.is_empty() {
             write_batch(&mut out, &mut batch);
-            quiet = 0;
         }
         if let Some(done) = finish {
             let _ = done.try_send(());

@@ -172,6 +172,19 @@ enum Field {
     TransferEncoding,
 }
 
+impl Field {
+    /// Which header `name` is (compared ignoring case).
+    fn of(name: &[u8]) -> Field {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            Field::ContentLength
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            Field::TransferEncoding
+        } else {
+            Field::Other
+        }
+    }
+}
+
 /// A small fixed buffer: the first bytes of a token or value, and whether
 /// there were more.
 #[derive(Debug, Clone, Copy)]
@@ -456,15 +469,8 @@ impl Scanner {
             },
             State::Name => match byte {
                 b':' => {
-                    let field = match self.head.name.get() {
-                        Some(name) if name.eq_ignore_ascii_case(b"content-length") => {
-                            Field::ContentLength
-                        }
-                        Some(name) if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                            Field::TransferEncoding
-                        }
-                        _ => Field::Other,
-                    };
+                    // A name longer than the scanner keeps is neither.
+                    let field = self.head.name.get().map_or(Field::Other, Field::of);
                     self.head.field = Some(field);
                     self.head.value.clear();
                     State::Value
@@ -596,15 +602,7 @@ impl Scanner {
         if rest.get(value_len..value_len + 2) != Some(&b"\r\n"[..]) {
             return Ok(0);
         }
-        let name = &bytes[..name_len];
-        // Names longer than the scanner keeps are neither of these.
-        let field = if name.eq_ignore_ascii_case(b"content-length") {
-            Field::ContentLength
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            Field::TransferEncoding
-        } else {
-            Field::Other
-        };
+        let field = Field::of(&bytes[..name_len]);
         // Up to the CR, which ends the field: `step` counts and checks each
         // byte before it judges the field at the CR, and the LF after it.
         self.grow_head(value_start + value_len + 1)?;
