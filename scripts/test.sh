@@ -19,8 +19,10 @@ need chromium chromium
 need curl curl
 need python3 python3
 need node nodejs
-# Python requests from Debian's package (a fresh machine may have no pip).
-python3 -c 'import requests' 2>/dev/null || missing+=(python3-requests)
+# Python requests from Debian's package, for Debian's interpreter: the tests
+# run /usr/bin/python3, whatever python3 comes first on PATH (a pyenv one may
+# have requests of its own, which says nothing about Debian's).
+/usr/bin/python3 -c 'import requests' 2>/dev/null || missing+=(python3-requests)
 
 if ((${#missing[@]})); then
     sudo=""
