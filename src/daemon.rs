@@ -391,7 +391,7 @@ impl Daemon {
         )?
         .with_metrics(&metrics);
         let guard = Arc::new(AddressGuard::new(settings.deny_ranges.clone()));
-        let build = live::exit_build(&settings, upstream_tls, guard.clone());
+        let build = live::exit_build(&settings, upstream_tls, guard.clone(), &metrics);
         let exits = ExitSet::of(
             settings
                 .exits
@@ -491,7 +491,10 @@ impl Daemon {
         });
         let loops = live::spawn_loops(&core, &live_exits, &settings, false);
         tasks.spawn(crate::heap_trim::trim_loop(
-            metrics.client_connections_parked.clone(),
+            [
+                metrics.client_connections_parked.clone(),
+                metrics.upstream_connections_parked.clone(),
+            ],
             shutdown.clone(),
         ));
         // Until told otherwise, a reload re-applies what the daemon started

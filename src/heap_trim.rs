@@ -1,12 +1,13 @@
 //! Giving freed heap back to the operating system after connections park.
 //!
-//! A parked tunnel frees hyper's buffers (about 20 KiB each, see
-//! `front::framing`), but glibc's allocator keeps memory freed in the middle
+//! A parked tunnel or upstream connection frees hyper's buffers (about
+//! 20 KiB each, see `front::framing` and `upstream::pool`), but glibc's allocator keeps memory freed in the middle
 //! of its heaps for reuse, so a burst of tunnels that go idle together
 //! leaves the process's RSS at its peak. `malloc_trim(0)` returns every
 //! whole free page of every arena. It walks the heaps, so it runs on a
 //! blocking thread, at most once per [`PERIOD`], and only after enough
-//! connections parked (`pinproxy_client_connections_parked_total`) to have
+//! connections parked (`pinproxy_client_connections_parked_total` and
+//! `pinproxy_upstream_connections_parked_total`) to have
 //! freed a megabyte or so, or once parking has stopped with parks not yet
 //! trimmed after (a small fleet's tunnels, or the tail of a burst).
 //!
@@ -25,20 +26,21 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 /// connections free about 1.3 MiB).
 const WORTH_TRIMMING: u64 = 64;
 
-/// Trims every [`PERIOD`] when `parked` (the daemon's count of parked
+/// Trims every [`PERIOD`] when `parked` (the daemon's counts of parked
 /// connections) says it is worth it (see [`worth_trimming`]), until
 /// `shutdown`.
-pub async fn trim_loop(parked: Counter, shutdown: CancellationToken) {
+pub async fn trim_loop<const N: usize>(parked: [Counter; N], shutdown: CancellationToken) {
+    let parks = || parked.iter().map(Counter::get).sum::<u64>();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut trimmed_at = parked.get();
+    let mut trimmed_at = parks();
     let mut looked_at = trimmed_at;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = parked.get();
+        let now = parks();
         let worth = worth_trimming(trimmed_at, looked_at, now);
         looked_at = now;
         if !worth {

@@ -267,6 +267,9 @@ pub struct Metrics {
     /// Idle HTTP/1.1 connections in tunnels whose HTTP server, with its
     /// buffers, was released until the client's next byte.
     pub client_connections_parked: Counter,
+    /// Idle upstream HTTP/1.1 connections whose hyper connection and
+    /// buffers were released until their next request.
+    pub upstream_connections_parked: Counter,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -423,6 +426,12 @@ impl Metrics {
             "Idle HTTP/1.1 connections in tunnels whose HTTP server and buffers were released until the client's next byte",
             client_connections_parked.clone(),
         );
+        let upstream_connections_parked = Counter::default();
+        registry.register(
+            "upstream_connections_parked",
+            "Idle upstream HTTP/1.1 connections whose hyper connection and buffers were released until their next request",
+            upstream_connections_parked.clone(),
+        );
         let store_wait_timeouts = Counter::default();
         registry.register(
             "store_wait_timeouts",
@@ -488,6 +497,7 @@ impl Metrics {
             store_wait_timeouts,
             store_cache_hits,
             client_connections_parked,
+            upstream_connections_parked,
             upstream_connect,
             upstream_tls,
             upstream_ttfb,

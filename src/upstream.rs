@@ -76,6 +76,9 @@ pub struct PoolSettings {
     /// Where the direct exit must not connect (`upstream.deny_ranges` and
     /// pinproxy's own listeners); one per daemon.
     pub guard: Arc<dial::guard::AddressGuard>,
+    /// Counts idle HTTP/1.1 connections parked (their hyper connection
+    /// and buffers released until their next request); one per daemon.
+    pub parked: prometheus_client::metrics::counter::Counter,
 }
 
 /// Which pool of an exit a request uses.
@@ -311,6 +314,7 @@ impl ExitClient {
             let limits = pool::Limits {
                 idle_timeout: self.settings.idle_timeout,
                 max_idle_per_origin: self.settings.max_idle_per_origin,
+                parked: self.settings.parked.clone(),
             };
             LanePool::new(dialer, self.presentation(lane), limits)
         })

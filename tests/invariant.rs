@@ -85,6 +85,7 @@ fn exit_set(now_ms: u64) -> ExitSet {
         max_idle_per_origin: 1,
         max_idle_per_exit: 1,
         guard: Default::default(),
+        parked: Default::default(),
     };
     // One exit with a sticky upstream session per identity, two plain ones.
     let urls = [

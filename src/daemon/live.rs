@@ -211,7 +211,7 @@ impl Live {
         } else {
             applied.build.tls.clone()
         };
-        let build = exit_build(&settings, tls, self.core.guard.clone());
+        let build = exit_build(&settings, tls, self.core.guard.clone(), &self.core.metrics);
         let previous = self.exits.load();
         let set = build.set(
             &settings.exits,
@@ -327,6 +327,7 @@ pub(super) fn exit_build(
     settings: &Settings,
     tls: UpstreamTls,
     guard: Arc<AddressGuard>,
+    metrics: &Metrics,
 ) -> ExitBuild {
     let health = &settings.health;
     ExitBuild {
@@ -338,6 +339,7 @@ pub(super) fn exit_build(
             max_idle_per_origin: settings.limits.max_idle_per_origin,
             max_idle_per_exit: settings.limits.max_idle_per_exit,
             guard,
+            parked: metrics.upstream_connections_parked.clone(),
         },
         thresholds: Thresholds {
             unhealthy_after: health.unhealthy_after,

@@ -909,6 +909,19 @@ impl<T> ResponseGuard<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The guarded stream, for a read that bypasses the scanner (checking
+    /// an idle stream; whatever such a read finds, the stream is dropped).
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// Whether every response begun has been read to its end (and the
+    /// stream's framing is still known): the next bytes would be a new
+    /// response's.
+    pub fn between_messages(&self) -> bool {
+        self.scanner.between_messages()
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ResponseGuard<T> {

@@ -10,6 +10,19 @@
 //!
 //! A request that finds its connection closed before it was written is
 //! retried once on a new connection; nothing is retried once written.
+//!
+//! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
+//! connection state and task) for as long as an HTTP/1.1 connection lives,
+//! and a fleet leaves many upstream connections idle (one per recently
+//! active identity, and the shared lanes' after a burst). An idle
+//! connection therefore *parks* at the first sweep after [`PARK_AFTER`] of
+//! idleness (see `upstream::idle`): its task lets go of hyper's connection
+//! and hands the stream back, which waits in the pool with no buffer of its
+//! own (TLS state only). The next request on it checks that the origin has
+//! neither closed it nor sent anything meanwhile, then starts a new hyper
+//! connection on it; a stream that fails the check is closed and the
+//! request takes the next idle connection or a new one, so parking never
+//! sends a request onto a connection the pool could know was gone.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -23,7 +36,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::conn::{NewConnection, TunnelInfo, UpstreamIo};
@@ -77,19 +94,62 @@ struct H2Conn {
     info: TunnelInfo,
 }
 
+/// How long an idle HTTP/1.1 connection waits before it parks (it parks at
+/// the first sweep after this, so one to two seconds into its idleness, as
+/// a client connection does): long enough that a lane sending request after
+/// request never parks (restarting a hyper connection costs a task and its
+/// buffers), short enough that a burst's leftovers soon do.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// An origin stream as an HTTP/1.1 connection reads it.
+type GuardedIo = framing::ResponseGuard<UpstreamIo>;
+
+/// Asks a connection's task to let go of its stream, handing it back here.
+type ParkRequest = oneshot::Sender<GuardedIo>;
+
+/// A running HTTP/1.1 connection.
 struct H1Conn {
-    sender: hyper::client::conn::http1::SendRequest<Body>,
+    sender: http1::SendRequest<Body>,
+    /// To the connection's task: park (see the module documentation).
+    park: oneshot::Sender<ParkRequest>,
     info: TunnelInfo,
     idle_since: Instant,
     /// Tells the connection's response scanner what each request was.
     framing: framing::Exchange,
 }
 
+/// A parked HTTP/1.1 connection: no hyper connection, no task.
+struct ParkedH1 {
+    /// The stream, as soon as the connection's task has let go of it.
+    io: oneshot::Receiver<GuardedIo>,
+    info: TunnelInfo,
+    idle_since: Instant,
+    framing: framing::Exchange,
+}
+
+/// An idle HTTP/1.1 connection.
+enum IdleH1 {
+    /// Its hyper connection runs (idle less than [`PARK_AFTER`], or busy
+    /// finishing a request body the origin answered early).
+    Live(H1Conn),
+    /// Parked.
+    Parked(ParkedH1),
+}
+
+impl IdleH1 {
+    fn idle_since(&self) -> Instant {
+        match self {
+            IdleH1::Live(conn) => conn.idle_since,
+            IdleH1::Parked(conn) => conn.idle_since,
+        }
+    }
+}
+
 /// The connections to one origin.
 #[derive(Default)]
 struct Conns {
     h2: Option<H2Conn>,
-    idle: Vec<H1Conn>,
+    idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
     speaks_h1: bool,
@@ -110,6 +170,8 @@ pub(super) struct Limits {
     pub idle_timeout: Duration,
     /// Most idle HTTP/1.1 connections per origin.
     pub max_idle_per_origin: usize,
+    /// Counts connections parked.
+    pub parked: Counter,
 }
 
 /// The connections of one lane.
@@ -150,15 +212,36 @@ impl LanePool {
     }
 
     /// Closes this lane's idle HTTP/1.1 connections that have been idle
-    /// for the idle timeout by `now` (or were closed by the far side), and
-    /// appends when each remaining one went idle to `idle_since`.
+    /// for the idle timeout by `now` (or were closed by the far side),
+    /// parks those idle for [`PARK_AFTER`], and appends when each remaining
+    /// one went idle to `idle_since`.
     pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
         for conns in self.origins().values_mut() {
-            conns.idle.retain(|conn| {
-                now.duration_since(conn.idle_since) < self.limits.idle_timeout
-                    && !conn.sender.is_closed()
-            });
-            idle_since.extend(conns.idle.iter().map(|conn| conn.idle_since));
+            // Rebuilt in place (same element type: the allocation is reused).
+            conns.idle = std::mem::take(&mut conns.idle)
+                .into_iter()
+                .filter_map(|conn| self.sweep_one(conn, now))
+                .collect();
+            idle_since.extend(conns.idle.iter().map(IdleH1::idle_since));
+        }
+    }
+
+    /// One idle connection at a sweep: closed (`None`), parked, or as it was.
+    fn sweep_one(&self, conn: IdleH1, now: Instant) -> Option<IdleH1> {
+        let idle_for = now.duration_since(conn.idle_since());
+        if idle_for >= self.limits.idle_timeout {
+            return None;
+        }
+        match conn {
+            IdleH1::Live(conn) if conn.sender.is_closed() => None,
+            // Ready: hyper's connection waits for a request, so nothing of
+            // an exchange is in flight.
+            IdleH1::Live(conn) if idle_for >= PARK_AFTER && conn.sender.is_ready() => {
+                let parked = conn.park()?;
+                self.limits.parked.inc();
+                Some(IdleH1::Parked(parked))
+            }
+            conn => Some(conn),
         }
     }
 
@@ -168,7 +251,7 @@ impl LanePool {
         let mut closed = 0;
         for conns in self.origins().values_mut() {
             let before = conns.idle.len();
-            conns.idle.retain(|conn| conn.idle_since > cutoff);
+            conns.idle.retain(|conn| conn.idle_since() > cutoff);
             closed += before - conns.idle.len();
         }
         closed
@@ -229,16 +312,23 @@ impl LanePool {
     /// HTTP/1.1 one, or a new one (then `true`: its open is this request's
     /// to time).
     async fn checkout(self: &Arc<Self>, origin: &Origin) -> Result<(Checked, bool), UpstreamError> {
-        let (dialing, speaks_h1) = {
-            let mut origins = self.origins();
-            let conns = origins.entry(origin.clone()).or_default();
-            if let Some(conn) = reusable_h2(conns) {
-                return Ok((Checked::H2(conn), false));
-            }
-            if let Some(conn) = self.reusable_h1(conns) {
+        let (dialing, speaks_h1) = loop {
+            let parked = {
+                let mut origins = self.origins();
+                let conns = origins.entry(origin.clone()).or_default();
+                if let Some(conn) = reusable_h2(conns) {
+                    return Ok((Checked::H2(conn), false));
+                }
+                match self.reusable_h1(conns) {
+                    Some(IdleH1::Live(conn)) => return Ok((Checked::H1(conn), false)),
+                    Some(IdleH1::Parked(parked)) => parked,
+                    None => break (conns.dialing.clone(), conns.speaks_h1),
+                }
+            };
+            // Each turn takes one connection off the idle stack: bounded.
+            if let Some(conn) = unpark(parked).await {
                 return Ok((Checked::H1(conn), false));
             }
-            (conns.dialing.clone(), conns.speaks_h1)
         };
         if origin.https && self.offers_h2() && !speaks_h1 {
             let _one_dial = dialing.lock().await;
@@ -253,12 +343,17 @@ impl LanePool {
         Box::pin(self.dial(origin)).await.map(|c| (c, true))
     }
 
-    fn reusable_h1(&self, conns: &mut Conns) -> Option<H1Conn> {
+    /// The most recently idle HTTP/1.1 connection still fresh (a parked
+    /// one is checked as it is unparked), the stale ones dropped.
+    fn reusable_h1(&self, conns: &mut Conns) -> Option<IdleH1> {
         let now = Instant::now();
         while let Some(conn) = conns.idle.pop() {
-            let fresh = now.duration_since(conn.idle_since) < self.limits.idle_timeout;
-            if fresh && !conn.sender.is_closed() {
-                return Some(conn);
+            if now.duration_since(conn.idle_since()) >= self.limits.idle_timeout {
+                continue;
+            }
+            match &conn {
+                IdleH1::Live(live) if live.sender.is_closed() => continue,
+                _ => return Some(conn),
             }
         }
         None
@@ -286,9 +381,11 @@ impl LanePool {
         if origin.https && self.offers_h2() {
             self.origins().entry(origin.clone()).or_default().speaks_h1 = true;
         }
-        let (sender, framing) = handshake_h1(io, false).await?;
+        let (io, framing) = framing::ResponseGuard::new(io);
+        let (sender, park) = start_h1(io).await?;
         Ok(Checked::H1(H1Conn {
             sender,
+            park,
             info,
             idle_since: Instant::now(),
             framing,
@@ -399,7 +496,7 @@ impl LanePool {
         let mut origins = self.origins();
         let conns = origins.entry(origin).or_default();
         if conns.idle.len() < self.limits.max_idle_per_origin {
-            conns.idle.push(conn);
+            conns.idle.push(IdleH1::Live(conn));
         }
     }
 
@@ -415,7 +512,7 @@ impl LanePool {
             .connect(&origin.target, origin.https, self.shape(&[], true))
             .await
             .map_err(UpstreamError::Connect)?;
-        let (mut sender, framing) = handshake_h1(io, true).await?;
+        let (mut sender, framing) = handshake_upgrade(io).await?;
         for_h1(&mut request, &origin);
         framing.request(request.method());
         let response = sender
@@ -443,39 +540,115 @@ fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
 /// A request that failed, and the request itself when it was never written.
 struct Unsent(Option<Request<Body>>, UpstreamError);
 
-/// An HTTP/1.1 connection on `io`, its responses read through the framing
-/// scanner (an ambiguous response fails its request with 502 before hyper
-/// reads a byte of it; see `upstream::framing`).
-async fn handshake_h1(
-    io: UpstreamIo,
-    upgrades: bool,
-) -> Result<
-    (
-        hyper::client::conn::http1::SendRequest<Body>,
-        framing::Exchange,
-    ),
-    UpstreamError,
-> {
-    let (io, exchange) = framing::ResponseGuard::new(io);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .preserve_header_case(true)
+impl H1Conn {
+    /// Asks the connection's task to let go of the stream; `None` when the
+    /// task has ended (the connection with it).
+    fn park(self) -> Option<ParkedH1> {
+        let (back, io) = oneshot::channel();
+        self.park.send(back).ok()?;
+        Some(ParkedH1 {
+            io,
+            info: self.info,
+            idle_since: self.idle_since,
+            framing: self.framing,
+        })
+    }
+}
+
+/// A parked connection running again, or `None` when its stream cannot
+/// carry a request: the task ended before it let go (or hyper had read
+/// bytes the origin sent unasked), a response was left unread, or the
+/// origin has closed the stream (or sent something) while it was parked.
+async fn unpark(parked: ParkedH1) -> Option<H1Conn> {
+    let mut io = parked.io.await.ok()?;
+    if !io.between_messages() || !quiet(io.get_mut()) {
+        return None;
+    }
+    let (sender, park) = start_h1(io).await.ok()?;
+    Some(H1Conn {
+        sender,
+        park,
+        info: parked.info,
+        idle_since: parked.idle_since,
+        framing: parked.framing,
+    })
+}
+
+/// Whether an idle stream has nothing to read and is not closed: one read
+/// that must not complete. An origin's close (FIN, TLS close_notify, a
+/// reset) or bytes it sent unasked complete it, and either way the stream
+/// is done with.
+fn quiet(io: &mut UpstreamIo) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    // Polled with a waker that does nothing: the stream's next owner (a
+    // new hyper connection) polls it again with its own.
+    Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+}
+
+/// Runs an HTTP/1.1 connection on `io`, its responses read through the
+/// framing scanner (an ambiguous response fails its request with 502
+/// before hyper reads a byte of it; see `upstream::framing`). The task
+/// ends with the connection, or hands the stream back when parked.
+async fn start_h1(
+    io: GuardedIo,
+) -> Result<(http1::SendRequest<Body>, oneshot::Sender<ParkRequest>), UpstreamError> {
+    let (sender, mut conn) = h1_builder()
         .handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| UpstreamError::from_hyper(&e))?;
-    if upgrades {
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "origin connection ended");
+    let (park, parking) = oneshot::channel::<ParkRequest>();
+    tokio::spawn(async move {
+        tokio::select! {
+            // First: the pool drops its sender as it parks, which would end
+            // the connection (and close the stream) if polled before this.
+            biased;
+            // The pool parks only a connection hyper holds ready for a
+            // request: nothing of an exchange is lost here. A dropped
+            // request (the connection left the pool) disables this branch.
+            Ok(back) = parking => {
+                let parts = conn.into_parts();
+                // Bytes hyper read unasked: the stream is out of step. Else
+                // the stream goes back alone: hyper's read buffer (kept
+                // alive by `read_buf`) is freed with the rest. If the pool
+                // is gone by now, so is the stream.
+                if parts.read_buf.is_empty() {
+                    let _ = back.send(parts.io.into_inner());
+                }
             }
-        });
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "origin connection ended");
+            result = &mut conn => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "origin connection ended");
+                }
             }
-        });
-    }
+        }
+    });
+    Ok((sender, park))
+}
+
+/// An HTTP/1.1 connection for a WebSocket upgrade (never pooled, never
+/// parked), its responses read through the framing scanner.
+async fn handshake_upgrade(
+    io: UpstreamIo,
+) -> Result<(http1::SendRequest<Body>, framing::Exchange), UpstreamError> {
+    let (io, exchange) = framing::ResponseGuard::new(io);
+    let (sender, conn) = h1_builder()
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamError::from_hyper(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "origin connection ended");
+        }
+    });
     Ok((sender, exchange))
+}
+
+fn h1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.preserve_header_case(true);
+    builder
 }
 
 fn with_info<B>(mut response: Response<B>, info: TunnelInfo) -> Response<B> {

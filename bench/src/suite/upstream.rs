@@ -20,7 +20,10 @@
 //!   cap raised above that count); the same again
 //!   against the closing origin, where no connection stays, gives the
 //!   identities' own share. The difference over the connections held
-//!   (counted as open descriptors) is one idle upstream connection.
+//!   (counted as open descriptors) is one idle upstream connection,
+//!   sampled twice: half a second after the last answer (hyper's connection
+//!   still running) and three seconds after it (parked: pinproxy parks an
+//!   idle upstream HTTP/1.1 connection 1 to 2 s into its idleness).
 //! - **Build**: the stripped size of the pinproxy binary and, with
 //!   `--clean-build`, the wall time of `cargo build --release` in an empty
 //!   target directory.
@@ -110,6 +113,13 @@ pub struct ConnMemory {
     pub rss_closed: u64,
     /// Growth of open descriptors against the closing origin.
     pub fds_closed: u64,
+    /// RSS growth with the connections kept, 3 s after the last answer
+    /// (parked), bytes.
+    #[serde(default)]
+    pub rss_kept_parked: u64,
+    /// RSS growth against the closing origin, 3 s after the last answer.
+    #[serde(default)]
+    pub rss_closed_parked: u64,
 }
 
 impl ConnMemory {
@@ -122,6 +132,14 @@ impl ConnMemory {
     pub fn bytes_per_conn(&self) -> Option<f64> {
         let held = self.held();
         (held > 0).then(|| self.rss_kept.saturating_sub(self.rss_closed) as f64 / held as f64)
+    }
+
+    /// The same once the connections have parked.
+    pub fn bytes_per_parked_conn(&self) -> Option<f64> {
+        let held = self.held();
+        (held > 0).then(|| {
+            self.rss_kept_parked.saturating_sub(self.rss_closed_parked) as f64 / held as f64
+        })
     }
 }
 
@@ -173,11 +191,13 @@ fn run(suite: &mut Suite) -> Result<()> {
     for (mode, _) in MODES {
         match conn_memory(suite, &cold_origin, mode) {
             Ok(row) => {
+                let kib =
+                    |b: Option<f64>| b.map_or("–".into(), |b| format!("{:.1} KiB", b / 1024.0));
                 suite.progress.say(format!(
-                    "{mode}: {} upstream connections held, {}",
+                    "{mode}: {} upstream connections held, {} each, {} parked",
                     row.held(),
-                    row.bytes_per_conn()
-                        .map_or("–".into(), |b| format!("{:.1} KiB each", b / 1024.0))
+                    kib(row.bytes_per_conn()),
+                    kib(row.bytes_per_parked_conn())
                 ));
                 report.memory.push(row);
             }
@@ -288,16 +308,28 @@ fn handshakes(origin: &mut Server) -> Result<HandshakeReport> {
 /// before the closing origin (none stays).
 fn conn_memory(suite: &Suite, cold: &Server, mode: &str) -> Result<ConnMemory> {
     let identities = suite.config.upstream_conns;
-    let (rss_kept, fds_kept) = found_identities(suite, &suite.origin, mode, "kept", identities)?;
-    let (rss_closed, fds_closed) = found_identities(suite, cold, mode, "closed", identities)?;
+    let kept = found_identities(suite, &suite.origin, mode, "kept", identities)?;
+    let closed = found_identities(suite, cold, mode, "closed", identities)?;
     Ok(ConnMemory {
         mode: mode.to_owned(),
         identities,
-        rss_kept,
-        fds_kept,
-        rss_closed,
-        fds_closed,
+        rss_kept: kept.rss,
+        fds_kept: kept.fds,
+        rss_closed: closed.rss,
+        fds_closed: closed.fds,
+        rss_kept_parked: kept.rss_parked,
+        rss_closed_parked: closed.rss_parked,
     })
+}
+
+/// What founding identities grew in one pinproxy.
+struct Growth {
+    /// RSS, half a second after the last answer, bytes.
+    rss: u64,
+    /// Open descriptors then.
+    fds: u64,
+    /// RSS three seconds after the last answer (idle connections parked).
+    rss_parked: u64,
 }
 
 /// One fresh pinproxy (direct exit, `mode`) before `origin`: founds `n`
@@ -309,7 +341,7 @@ fn found_identities(
     mode: &str,
     what: &str,
     n: u64,
-) -> Result<(u64, u64)> {
+) -> Result<Growth> {
     // The exit's idle cap (64 by default) raised above `n`: otherwise the
     // connections held at the sample depend on whether the idle sweeper
     // (once a second) has closed the excess yet, and the figure with them.
@@ -343,6 +375,10 @@ fn found_identities(
     thread::sleep(Duration::from_millis(500));
     let after = proxy.proc.sample()?;
     let fds_after = procfs::open_fds(proxy.proc.pid())?;
+    // Parked by now (1 to 2 s into their idleness), and the freed heap
+    // given back (pinproxy trims after parks).
+    thread::sleep(Duration::from_millis(5500));
+    let parked = proxy.proc.sample()?;
     let failed = warm.failed + report.failed;
     filler.finish(Duration::from_secs(10));
     if failed > 0 {
@@ -351,10 +387,11 @@ fn found_identities(
             report.first_error.or(warm.first_error).unwrap_or_default()
         ));
     }
-    Ok((
-        after.rss_bytes.saturating_sub(before.rss_bytes),
-        fds_after.saturating_sub(fds_before),
-    ))
+    Ok(Growth {
+        rss: after.rss_bytes.saturating_sub(before.rss_bytes),
+        fds: fds_after.saturating_sub(fds_before),
+        rss_parked: parked.rss_bytes.saturating_sub(before.rss_bytes),
+    })
 }
 
 /// The binary sizes and, when asked for, the clean build time.
@@ -620,24 +657,29 @@ fn memory_table(report: &UpstreamReport, out: &mut String) {
          against the closing \
          origin keeps no connection; the difference in RSS over the difference in open \
          descriptors (the connections held) is one idle upstream connection, TLS state and \
-         buffers included.\n",
+         buffers included. Sampled 0.5 s after the last answer (*running*: hyper's connection, \
+         its task and buffers still there) and 3 s after it (*parked*: pinproxy parks an idle \
+         upstream HTTP/1.1 connection 1 to 2 s into its idleness, keeping the stream and its \
+         TLS state only).\n",
         report.memory.first().map_or(0, |m| m.identities)
     );
     let _ = writeln!(
         out,
-        "| mode | identities | connections held | RSS growth, kept | RSS growth, closed | per upstream connection |"
+        "| mode | identities | connections held | RSS growth, kept | RSS growth, closed | per upstream connection, running | per upstream connection, parked |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for m in &report.memory {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             m.mode,
             group(m.identities),
             group(m.held()),
             mib(m.rss_kept),
             mib(m.rss_closed),
             m.bytes_per_conn()
+                .map_or("–".into(), |b| format!("{:.1} KiB", b / 1024.0)),
+            m.bytes_per_parked_conn()
                 .map_or("–".into(), |b| format!("{:.1} KiB", b / 1024.0))
         );
     }
