@@ -46,7 +46,7 @@ pub mod upgrade;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use http::{Request, Response, Version};
+use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -258,7 +258,10 @@ impl Pipeline {
                 .headers
                 .insert(http::header::HOST, target.host_header()?);
         }
-        parts.uri = target.upstream_uri()?;
+        // Origin-form: the origin travels beside the request, so no
+        // absolute URI is built here only to be taken apart in the pool.
+        parts.uri = Uri::from(target.path_and_query.clone());
+        let origin = target.upstream_origin();
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, body::streaming(incoming));
 
@@ -270,10 +273,10 @@ impl Pipeline {
                 expected_accept,
             };
             return self
-                .forward_upgrade(&route, upstream_request, &fingerprint, socket)
+                .forward_upgrade(&route, &origin, upstream_request, &fingerprint, socket)
                 .await;
         }
-        let response = self.send(&route, upstream_request).await?;
+        let response = self.send(&route, &origin, upstream_request).await?;
         let egress_ip = send::egress_ip(&response);
         access.timings = send::timings(&response);
 

@@ -81,6 +81,16 @@ pub struct PoolSettings {
     pub parked: prometheus_client::metrics::counter::Counter,
 }
 
+/// Where a request goes: the origin a connection is opened to (and pooled
+/// by). The request itself carries an origin-form URI (its path and query).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// TLS to the origin (`https`).
+    pub https: bool,
+    /// Its host and port.
+    pub target: HostPort,
+}
+
 /// Which pool of an exit a request uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PoolKey {
@@ -320,29 +330,32 @@ impl ExitClient {
         })
     }
 
-    /// Sends `request` (absolute URI) on `lane` and waits for the response
-    /// head; the body streams afterwards.
+    /// Sends `request` (origin-form URI: path and query) to `origin` on
+    /// `lane` and waits for the response head; the body streams afterwards.
     pub async fn send(
         &self,
         lane: &Lane,
+        origin: &Origin,
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
-        tokio::time::timeout(timeout, pool.send(request))
+        tokio::time::timeout(timeout, pool.send(origin, request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
     }
 
-    /// Sends a WebSocket upgrade on a new HTTP/1.1 connection of `lane`.
+    /// Sends a WebSocket upgrade (origin-form URI) to `origin` on a new
+    /// HTTP/1.1 connection of `lane`.
     pub async fn send_upgrade(
         &self,
         lane: &Lane,
+        origin: &Origin,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
-        tokio::time::timeout(timeout, pool.send_upgrade(request))
+        tokio::time::timeout(timeout, pool.send_upgrade(origin, request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
     }

@@ -178,7 +178,6 @@ impl ProxyError {
                     ConnectError::Resolve { .. } => "origin-dns",
                     ConnectError::OriginUnreachable { .. } => "origin-unreachable",
                     ConnectError::Tls { .. } => "upstream-tls",
-                    ConnectError::BadTarget(_) => "bad-request",
                     ConnectError::ExitIpDrift { .. } => "exit-ip-drift",
                     ConnectError::ExitIpUnknown(_) => "exit-ip-unknown",
                     ConnectError::ExitSocks { .. } => "exit-refused",
@@ -508,9 +507,6 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
             "The origin resolves to an address in upstream.deny_ranges (link-local and the cloud \
              metadata address by default); pinproxy will not connect there. Remove the range from \
              upstream.deny_ranges if this origin is intended."
-        }
-        ConnectError::BadTarget(_) => {
-            "pinproxy cannot dial this target: use an http:// or https:// URL with a host name or IP."
         }
         ConnectError::ExitIpDrift { .. } => {
             "The exit left from another address than before; retry (traffic without cookies is not \

@@ -20,7 +20,7 @@ use crate::identity::RetireReason;
 use crate::metrics::{ExitLabel, UpstreamTimings};
 use crate::routing::{Reason, Route};
 use crate::upstream::conn::{NewConnection, TunnelInfo};
-use crate::upstream::{ConnectError, UpstreamBody, UpstreamError};
+use crate::upstream::{ConnectError, Origin, UpstreamBody, UpstreamError};
 
 /// The egress address of the tunnel that carried `response`, where known.
 pub fn egress_ip<B>(response: &Response<B>) -> Option<IpAddr> {
@@ -74,11 +74,12 @@ impl Pipeline {
     pub(crate) async fn send(
         &self,
         route: &Route,
+        origin: &Origin,
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let exit = &route.exit;
         let started = Instant::now();
-        match exit.client.send(&route.lane, request).await {
+        match exit.client.send(&route.lane, origin, request).await {
             Ok(mut response) => {
                 let timings = split_timings(&response, started.elapsed());
                 response.extensions_mut().insert(timings);
@@ -97,10 +98,11 @@ impl Pipeline {
     pub(crate) async fn send_upgrade(
         &self,
         route: &Route,
+        origin: &Origin,
         request: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
         let exit = &route.exit;
-        match exit.client.send_upgrade(&route.lane, request).await {
+        match exit.client.send_upgrade(&route.lane, origin, request).await {
             Ok(response) => {
                 exit.health.success();
                 Ok(response)

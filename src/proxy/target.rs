@@ -23,6 +23,7 @@ use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
 use crate::net::{default_port, HostPort};
 use crate::upstream::dial::guard::AddressGuard;
+use crate::upstream::Origin;
 
 /// Who sent a request, as client authentication (stage 0,
 /// [`super::auth`]) admitted it: the user, if users are configured, and the
@@ -109,16 +110,12 @@ impl Target {
         })
     }
 
-    /// The absolute URI the upstream pool is asked for. The port is left
-    /// out when it is the scheme's default, as browsers do in `:authority`.
-    pub fn upstream_uri(&self) -> Result<Uri, ProxyError> {
-        let authority = self.authority();
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(authority)
-            .path_and_query(self.path_and_query.clone())
-            .build()
-            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
+    /// The origin the upstream pool is asked for.
+    pub fn upstream_origin(&self) -> Origin {
+        Origin {
+            https: self.scheme == Scheme::HTTPS,
+            target: self.origin.clone(),
+        }
     }
 
     /// The `Host` header for this origin (port omitted when default).
@@ -175,9 +172,13 @@ mod tests {
         let t = Target::of(&req("http://Example.com/a?b=1"), None).unwrap();
         assert_eq!(t.origin.to_string(), "Example.com:80");
         assert_eq!(
-            t.upstream_uri().unwrap().to_string(),
-            "http://Example.com/a?b=1"
+            t.upstream_origin(),
+            Origin {
+                https: false,
+                target: HostPort::new("Example.com", 80)
+            }
         );
+        assert_eq!(t.path_and_query, "/a?b=1");
         assert_eq!(t.host_header().unwrap(), "Example.com");
         let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
         assert_eq!(&*t.origin.host, "::1");
@@ -201,7 +202,10 @@ mod tests {
             principal: Principal::default(),
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
-        assert_eq!(t.upstream_uri().unwrap().to_string(), "https://a.test/x");
+        let origin = t.upstream_origin();
+        assert!(origin.https);
+        assert_eq!(origin.target.to_string(), "a.test:443");
+        assert_eq!(t.path_and_query, "/x");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::fingerprint::Fingerprint;
 use crate::routing::Route;
 use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
+use crate::upstream::Origin;
 
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -113,11 +114,12 @@ impl Pipeline {
     pub(crate) async fn forward_upgrade(
         &self,
         route: &Route,
+        origin: &Origin,
         request: Request<Body>,
         fingerprint: &Fingerprint,
         socket: Socket,
     ) -> Result<Response<Body>, ProxyError> {
-        let response = self.send_upgrade(route, request).await?;
+        let response = self.send_upgrade(route, origin, request).await?;
         let egress_ip = send::egress_ip(&response);
         let identity = self
             .capture_pins(route, fingerprint, response.headers(), egress_ip)

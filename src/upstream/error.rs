@@ -66,9 +66,6 @@ pub enum ConnectError {
         /// Why.
         source: Arc<io::Error>,
     },
-    /// The pool asked for a URI pinproxy cannot dial.
-    #[error("cannot dial {0}")]
-    BadTarget(String),
     /// A new tunnel of an identity left from another address than the
     /// identity's first one.
     #[error("the new tunnel leaves from {observed}, but the identity was created on {expected}")]

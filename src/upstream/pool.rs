@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -45,30 +45,15 @@ use tokio::time::Instant;
 
 use super::conn::{NewConnection, TunnelInfo, UpstreamIo};
 use super::dial::Dialer;
-use super::error::{ConnectError, UpstreamError};
+use super::error::UpstreamError;
 use super::framing;
 use super::h2::{self, TokioExec};
 use super::tls::Shape;
+use super::Origin;
 use super::Presentation;
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
-use crate::net::{default_port, HostPort};
-
-/// Where a connection goes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Origin {
-    https: bool,
-    target: HostPort,
-}
-
-impl Origin {
-    fn of(uri: &Uri) -> Result<Origin, ConnectError> {
-        let https = uri.scheme() == Some(&Scheme::HTTPS);
-        let target = HostPort::from_uri(uri, default_port(https))
-            .ok_or_else(|| ConnectError::BadTarget(uri.to_string()))?;
-        Ok(Origin { https, target })
-    }
-}
+use crate::net::default_port;
 
 /// The sending half of an HTTP/2 connection.
 #[derive(Clone)]
@@ -276,20 +261,20 @@ impl LanePool {
         }
     }
 
-    /// Sends `request` (absolute URI) to its origin on one of the lane's
+    /// Sends `request` (origin-form URI) to `origin` on one of the lane's
     /// connections and returns the response head; the body streams.
     pub(super) async fn send(
         self: &Arc<Self>,
+        origin: &Origin,
         request: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let origin = Origin::of(request.uri()).map_err(UpstreamError::Connect)?;
         let mut request = request;
         let mut retried = false;
         loop {
-            let (checked, dialed) = self.checkout(&origin).await?;
+            let (checked, dialed) = self.checkout(origin).await?;
             let attempt = match checked {
-                Checked::H2(conn) => self.send_h2(conn, request).await,
-                Checked::H1(conn) => self.send_h1(conn, request, &origin).await,
+                Checked::H2(conn) => self.send_h2(conn, request, origin).await,
+                Checked::H1(conn) => self.send_h1(conn, request, origin).await,
             };
             match attempt {
                 Ok(mut response) => {
@@ -427,8 +412,9 @@ impl LanePool {
         &self,
         conn: H2Conn,
         mut request: Request<Body>,
+        origin: &Origin,
     ) -> Result<Response<UpstreamBody>, Unsent> {
-        for_h2(&mut request);
+        for_h2(&mut request, origin);
         let info = conn.info;
         let response = match conn.sender {
             H2Sender::Hyper(mut sender) => sender
@@ -479,10 +465,7 @@ impl LanePool {
                 Ok(with_info(response, info))
             }
             Err(mut e) => {
-                let mut unsent = e.take_message();
-                if let Some(request) = unsent.as_mut() {
-                    back_to_absolute(request, origin);
-                }
+                let unsent = e.take_message();
                 Err(Unsent(unsent, UpstreamError::from_hyper(&e.into_error())))
             }
         }
@@ -500,20 +483,21 @@ impl LanePool {
         }
     }
 
-    /// Sends a WebSocket upgrade on a connection of its own (HTTP/1.1, as a
-    /// browser opens one), which the response then owns.
+    /// Sends a WebSocket upgrade (origin-form URI) to `origin` on a
+    /// connection of its own (HTTP/1.1, as a browser opens one), which the
+    /// response then owns.
     pub(super) async fn send_upgrade(
         &self,
+        origin: &Origin,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let origin = Origin::of(request.uri()).map_err(UpstreamError::Connect)?;
         let (io, info) = self
             .dialer
             .connect(&origin.target, origin.https, self.shape(&[], true))
             .await
             .map_err(UpstreamError::Connect)?;
         let (mut sender, framing) = handshake_upgrade(io).await?;
-        for_h1(&mut request, &origin);
+        for_h1(&mut request, origin);
         framing.request(request.method());
         let response = sender
             .send_request(request)
@@ -656,9 +640,8 @@ fn with_info<B>(mut response: Response<B>, info: TunnelInfo) -> Response<B> {
     response
 }
 
-/// Makes an absolute-form request an HTTP/1.1 one: origin-form target, and
-/// a `Host` header (first, where a browser puts it) if the client sent none
-/// (an HTTP/2 client).
+/// Makes a request an HTTP/1.1 one: a `Host` header (first, where a
+/// browser puts it) if the client sent none (an HTTP/2 client).
 fn for_h1(request: &mut Request<Body>, origin: &Origin) {
     if !request.headers().contains_key(header::HOST) {
         let authority = origin.target.authority(default_port(origin.https));
@@ -678,44 +661,26 @@ fn for_h1(request: &mut Request<Body>, origin: &Origin) {
             }
         }
     }
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::from(path);
 }
 
-/// Undoes [`for_h1`]'s target change, for a retry on another connection.
-fn back_to_absolute(request: &mut Request<Body>, origin: &Origin) {
-    let authority = origin.target.authority(default_port(origin.https));
-    let scheme = if origin.https {
+/// Makes a request an HTTP/2 one: an absolute URI whose authority is the
+/// client's `Host` (an HTTP/1.1 client), else the origin's, and without the
+/// connection-specific headers HTTP/2 forbids.
+fn for_h2(request: &mut Request<Body>, origin: &Origin) {
+    let host = header_order::remove(request.headers_mut(), &header::HOST);
+    let authority = host
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .or_else(|| Authority::try_from(origin.target.authority(default_port(origin.https))).ok());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if origin.https {
         Scheme::HTTPS
     } else {
         Scheme::HTTP
-    };
-    let path = request.uri().path_and_query().cloned();
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme);
-    parts.authority = Authority::try_from(authority).ok();
-    parts.path_and_query = path;
+    });
+    parts.authority = authority;
+    parts.path_and_query = request.uri().path_and_query().cloned();
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;
-    }
-}
-
-/// Makes a request an HTTP/2 one: the client's `Host` (an HTTP/1.1 client)
-/// becomes `:authority`, and the connection-specific headers HTTP/2
-/// forbids are dropped.
-fn for_h2(request: &mut Request<Body>) {
-    if let Some(host) = header_order::remove(request.headers_mut(), &header::HOST) {
-        if let Ok(authority) = Authority::try_from(host.as_bytes()) {
-            let mut parts = request.uri().clone().into_parts();
-            parts.authority = Some(authority);
-            if let Ok(uri) = Uri::from_parts(parts) {
-                *request.uri_mut() = uri;
-            }
-        }
     }
     strip_connection_specific(request.headers_mut());
 }
