@@ -59,13 +59,25 @@ fn value_text(value: &HeaderValue) -> String {
     String::from_utf8_lossy(value.as_bytes()).into_owned()
 }
 
+/// The first value of each fingerprint header in `headers`, found in one
+/// pass over the map: five lookups would hash five names on every request.
+/// (A map's iteration gives a name's values in order, so the first one seen
+/// is what `get` returns.)
+fn present(headers: &HeaderMap) -> [Option<&HeaderValue>; 5] {
+    let mut found = [None; 5];
+    for (name, value) in headers {
+        if let Some(slot) = HEADER_NAMES.iter().position(|n| n == name) {
+            found[slot].get_or_insert(value);
+        }
+    }
+    found
+}
+
 impl HeaderValues {
     /// The fingerprint of a request.
     pub fn of(headers: &HeaderMap) -> HeaderValues {
         HeaderValues {
-            values: HEADER_NAMES
-                .each_ref()
-                .map(|name| headers.get(name).map(value_text)),
+            values: present(headers).map(|value| value.map(value_text)),
         }
     }
 
@@ -83,20 +95,18 @@ impl HeaderValues {
         // Runs on every request of every identity: compare without copying.
         FINGERPRINT_HEADERS
             .iter()
-            .zip(&HEADER_NAMES)
+            .zip(present(headers))
             .zip(&self.values)
-            .filter(
-                |((name, header), recorded)| match (headers.get(*header), recorded) {
-                    // Bytes first: the lossy text only matters when they differ.
-                    (Some(now), Some(then)) => {
-                        now.as_bytes() != then.as_bytes()
-                            && String::from_utf8_lossy(now.as_bytes()) != then.as_str()
-                    }
-                    (Some(_), None) => true,
-                    (None, Some(_)) => **name == "user-agent",
-                    (None, None) => false,
-                },
-            )
+            .filter(|((name, now), recorded)| match (now, recorded) {
+                // Bytes first: the lossy text only matters when they differ.
+                (Some(now), Some(then)) => {
+                    now.as_bytes() != then.as_bytes()
+                        && String::from_utf8_lossy(now.as_bytes()) != then.as_str()
+                }
+                (Some(_), None) => true,
+                (None, Some(_)) => **name == "user-agent",
+                (None, None) => false,
+            })
             .map(|((name, _), _)| *name)
             .collect()
     }
@@ -129,6 +139,25 @@ mod tests {
             h.insert(*n, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn one_pass_finds_what_get_finds() {
+        let mut h = headers(&[
+            ("accept", "*/*"),
+            ("sec-ch-ua-mobile", "?0"),
+            ("user-agent", "Chrome/156"),
+            ("x-other", "1"),
+        ]);
+        h.append("user-agent", HeaderValue::from_static("second"));
+        h.append("accept-language", HeaderValue::from_static("en"));
+        h.append("accept-language", HeaderValue::from_static("de"));
+        let expected = HEADER_NAMES.each_ref().map(|name| h.get(name));
+        assert_eq!(present(&h), expected);
+        assert_eq!(
+            present(&h).map(|v| v.map(|v| v.to_str().unwrap())),
+            [Some("Chrome/156"), None, None, Some("?0"), Some("en")]
+        );
     }
 
     #[test]
