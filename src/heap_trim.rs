@@ -1,15 +1,16 @@
 //! Giving freed heap back to the operating system after connections park.
 //!
 //! A parked tunnel or upstream connection frees hyper's buffers (about
-//! 20 KiB each, see `front::framing` and `upstream::pool`), but glibc's allocator keeps memory freed in the middle
-//! of its heaps for reuse, so a burst of tunnels that go idle together
-//! leaves the process's RSS at its peak. `malloc_trim(0)` returns every
-//! whole free page of every arena. It walks the heaps, so it runs on a
-//! blocking thread, at most once per [`PERIOD`], and only after enough
-//! connections parked (`pinproxy_client_connections_parked_total` and
-//! `pinproxy_upstream_connections_parked_total`) to have
-//! freed a megabyte or so, or once parking has stopped with parks not yet
-//! trimmed after (a small fleet's tunnels, or the tail of a burst).
+//! 20 KiB each, see `front::framing` and `upstream::pool`), but glibc's
+//! allocator keeps memory freed in the middle of its heaps for reuse, so a
+//! burst of connections that go idle together leaves the process's RSS at
+//! its peak. `malloc_trim(0)` returns every whole free page of every arena.
+//! It walks the heaps, so it runs on a blocking thread, at most once per
+//! [`PERIOD`], and only after enough connections parked
+//! (`pinproxy_client_connections_parked_total` and
+//! `pinproxy_upstream_connections_parked_total`) to have freed a megabyte or
+//! so, or once parking has stopped with parks not yet trimmed after (a small
+//! fleet's tunnels, or the tail of a burst).
 //!
 //! Other C libraries (musl, other systems) have no `malloc_trim`; there the
 //! trimmer does nothing.

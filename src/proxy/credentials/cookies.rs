@@ -316,15 +316,19 @@ mod tests {
     /// The pairs `Cookie::split_parse` finds whose name is tracked: what
     /// [`tracked_pairs`] must find, parsing fewer.
     fn reference(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
-        Cookie::split_parse(text)
-            .flatten()
-            .filter(|pair| policy.is_tracked(pair.name()))
-            .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
-            .collect()
+        owned(
+            Cookie::split_parse(text)
+                .flatten()
+                .filter(|pair| policy.is_tracked(pair.name())),
+        )
     }
 
     fn prefiltered(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
-        tracked_pairs(text, policy)
+        owned(tracked_pairs(text, policy))
+    }
+
+    fn owned<'a>(pairs: impl Iterator<Item = Cookie<'a>>) -> Vec<(String, String)> {
+        pairs
             .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
             .collect()
     }
