@@ -559,6 +559,12 @@ impl Metrics {
         self.sites.label(host)
     }
 
+    /// As [`Metrics::site`], for a request of a stream to one host whose
+    /// site `slot` keeps (a tunnel's).
+    pub fn site_in(&self, slot: &site::SiteSlot, host: &str) -> LabelValue {
+        self.sites.label_in(slot, host)
+    }
+
     /// Counts a finished request by exit (if routed), site (if known) and
     /// status class.
     pub fn exit_request(

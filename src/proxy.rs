@@ -60,7 +60,6 @@ use crate::fingerprint::{Fingerprint, FingerprintPolicy};
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::store::{StoreError, StoreErrorKind, Unavailable};
-use crate::upstream::conn::TunnelInfo;
 use crate::upstream::dial::guard::AddressGuard;
 use access::{Access, Decision};
 use capture::invalidation;
@@ -167,7 +166,10 @@ impl Pipeline {
         // 1. target
         let target = Target::of(&request, tunnel)?;
         span.record("origin", tracing::field::display(&target.origin));
-        access.site = Some(self.metrics.site(&target.origin.host));
+        access.site = Some(match tunnel {
+            Some(tunnel) => self.metrics.site_in(&tunnel.site, &target.origin.host),
+            None => self.metrics.site(&target.origin.host),
+        });
         if Access::logging() {
             access.origin = Some(target.origin.clone());
         }
@@ -276,9 +278,13 @@ impl Pipeline {
                 .forward_upgrade(&route, &origin, upstream_request, &fingerprint, socket)
                 .await;
         }
-        let response = self.send(&route, &origin, upstream_request).await?;
-        let egress_ip = send::egress_ip(&response);
-        access.timings = send::timings(&response);
+        let send::Sent {
+            response,
+            tunnel: carried_by,
+            timings,
+        } = self.send(&route, &origin, upstream_request).await?;
+        let egress_ip = carried_by.egress_ip;
+        access.timings = timings;
 
         // 8. capture
         let identity = self
@@ -288,9 +294,13 @@ impl Pipeline {
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
             access.identity = Some(identity.id);
-            let tunnel = parts.extensions.get::<TunnelInfo>();
-            self.capture_use(identity, parts.status.is_success(), egress_ip, tunnel)
-                .await;
+            self.capture_use(
+                identity,
+                parts.status.is_success(),
+                egress_ip,
+                Some(&carried_by),
+            )
+            .await;
             body = self
                 .capture_invalidation_on(identity, access.site.as_ref(), &parts, body)
                 .await;

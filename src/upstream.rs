@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
@@ -50,6 +50,7 @@ use lanes::Lanes;
 use pool::LanePool;
 use tls::UpstreamTls;
 
+pub use conn::Answered;
 pub use error::{ConnectError, UpstreamError};
 pub use pool::UpstreamBody;
 
@@ -337,7 +338,7 @@ impl ExitClient {
         lane: &Lane,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
         tokio::time::timeout(timeout, pool.send(origin, request))
@@ -352,7 +353,7 @@ impl ExitClient {
         lane: &Lane,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Answered<Incoming>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
         tokio::time::timeout(timeout, pool.send_upgrade(origin, request))

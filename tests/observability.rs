@@ -380,7 +380,14 @@ async fn json_log_lines_parse_and_hold_names_and_hashes_only() {
     for field in ["total_ms", "connect_ms", "tls_ms", "ttfb_ms"] {
         assert!(first[field].as_f64().is_some(), "{field} in {first}");
     }
-    // A pooled connection: no connect or TLS time of its own.
+    // The hit went on the first request's pooled connection: no connect
+    // or TLS time of its own.
+    assert!(
+        access[1].get("connect_ms").is_none() && access[1].get("tls_ms").is_none(),
+        "{}",
+        access[1]
+    );
+    assert!(access[1]["ttfb_ms"].as_f64().is_some(), "{}", access[1]);
     let third = &access[2];
     assert_eq!(third["status"], 404);
     assert!(

@@ -202,6 +202,7 @@ async fn outer_request(
         client_offers_h2: false,
         client: Arc::default(),
         principal,
+        site: Default::default(),
     });
     let place = place.as_ref().and_then(PlaceSlot::take);
     frontend

@@ -10,14 +10,15 @@
 //! [`MIN_PROMOTION`]); the replaced site's series are removed and it counts
 //! under `other` from then on. Per request this costs one suffix lookup, one
 //! sharded map lookup and one atomic add, and never allocates for a labelled
-//! site.
+//! site. Requests in a tunnel all go to its one host: a [`SiteSlot`] keeps
+//! the site found for the first of them, and the rest cost one atomic add.
 //!
 //! A label is a host name part only: never a path, a query or a port.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -55,7 +56,27 @@ struct Labelled {
     label: LabelValue,
     /// Requests since the last re-ranking.
     window: AtomicU64,
+    /// Lost its place at a re-ranking: slots holding it look again.
+    evicted: AtomicBool,
 }
+
+impl Labelled {
+    fn new(label: LabelValue, window: u64) -> Arc<Labelled> {
+        Arc::new(Labelled {
+            label,
+            window: AtomicU64::new(window),
+            evicted: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The labelled site of a stream of requests to one host (a tunnel's),
+/// found once: later requests count against it without the suffix lookup
+/// and the map. Empty while the host's site has no label of its own (each
+/// request then looks again, so a site promoted later is found); a site
+/// that loses its label sends the slot's requests back to the full lookup.
+#[derive(Debug, Default, Clone)]
+pub struct SiteSlot(OnceLock<Arc<Labelled>>);
 
 /// The bounded table of site labels.
 #[derive(Debug)]
@@ -85,38 +106,63 @@ impl Sites {
 
     /// The label for a request to `host`, counting the request.
     pub fn label(&self, host: &str) -> LabelValue {
+        self.labelled_site(host)
+            .map_or_else(|| self.other.clone(), |labelled| labelled.label.clone())
+    }
+
+    /// As [`Sites::label`], for a request to `host` of those `slot` keeps
+    /// the site of (all of them to `host`).
+    pub fn label_in(&self, slot: &SiteSlot, host: &str) -> LabelValue {
+        if let Some(labelled) = slot.0.get() {
+            if !labelled.evicted.load(Ordering::Relaxed) {
+                labelled.window.fetch_add(1, Ordering::Relaxed);
+                return labelled.label.clone();
+            }
+            return self.label(host);
+        }
+        match self.labelled_site(host) {
+            Some(labelled) => {
+                let label = labelled.label.clone();
+                let _ = slot.0.set(labelled);
+                label
+            }
+            None => self.other.clone(),
+        }
+    }
+
+    /// The labelled site of `host`, if it has one (or is given one now),
+    /// counting the request; otherwise the request counts for its site as
+    /// a candidate.
+    fn labelled_site(&self, host: &str) -> Option<Arc<Labelled>> {
         let site = registrable(host);
         if let Some(labelled) = self.labelled.get(site.as_ref()) {
             labelled.window.fetch_add(1, Ordering::Relaxed);
-            return labelled.label.clone();
+            return Some(labelled.clone());
         }
         if self.labelled_count.load(Ordering::Relaxed) < self.max {
-            if let Some(label) = self.admit(&site) {
-                return label;
+            if let Some(labelled) = self.admit(&site) {
+                return Some(labelled);
             }
         }
         self.count_candidate(&site);
-        self.other.clone()
+        None
     }
 
     /// Gives `site` a label if there is room.
-    fn admit(&self, site: &str) -> Option<LabelValue> {
+    fn admit(&self, site: &str) -> Option<Arc<Labelled>> {
         match self.labelled.entry(site.into()) {
             dashmap::Entry::Occupied(entry) => {
                 entry.get().window.fetch_add(1, Ordering::Relaxed);
-                Some(entry.get().label.clone())
+                Some(entry.get().clone())
             }
             dashmap::Entry::Vacant(entry) => {
                 if self.labelled_count.fetch_add(1, Ordering::Relaxed) >= self.max {
                     self.labelled_count.fetch_sub(1, Ordering::Relaxed);
                     return None;
                 }
-                let label = LabelValue::new(site);
-                entry.insert(Arc::new(Labelled {
-                    label: label.clone(),
-                    window: AtomicU64::new(1),
-                }));
-                Some(label)
+                let labelled = Labelled::new(LabelValue::new(site), 1);
+                entry.insert(labelled.clone());
+                Some(labelled)
             }
         }
     }
@@ -168,16 +214,11 @@ impl Sites {
                 break;
             }
             if let Some((_, old)) = self.labelled.remove(&site) {
+                old.evicted.store(true, Ordering::Relaxed);
                 evicted.push(old.label.clone());
             }
             let label = LabelValue::new(&candidate);
-            self.labelled.insert(
-                candidate,
-                Arc::new(Labelled {
-                    label,
-                    window: AtomicU64::new(0),
-                }),
-            );
+            self.labelled.insert(candidate, Labelled::new(label, 0));
         }
         evicted
     }
@@ -240,6 +281,32 @@ mod tests {
         // A candidate with few requests never displaces anyone.
         sites.label("d.com");
         assert!(sites.rerank(start + RERANK_INTERVAL * 4).is_empty());
+    }
+
+    #[test]
+    fn a_slot_keeps_its_site_until_the_site_loses_its_label() {
+        let sites = Sites::new(1);
+        let start = Instant::now();
+        let (slot, unlabelled) = (SiteSlot::default(), SiteSlot::default());
+        for _ in 0..3 {
+            assert_eq!(sites.label_in(&slot, "www.a.com").as_str(), "a.com");
+        }
+        assert!(slot.0.get().is_some());
+        // Requests through a slot count for the ranking like any other.
+        for _ in 0..30 {
+            assert_eq!(sites.label_in(&unlabelled, "b.com").as_str(), OTHER);
+        }
+        assert!(unlabelled.0.get().is_none(), "no label, nothing kept");
+        let evicted = sites.rerank(start + RERANK_INTERVAL * 2);
+        assert_eq!(
+            evicted.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+            ["a.com"],
+            "3 requests of a.com against 30 of b.com"
+        );
+        // The evicted site's slot looks again; the promoted one is found.
+        assert_eq!(sites.label_in(&slot, "www.a.com").as_str(), OTHER);
+        assert_eq!(sites.label_in(&unlabelled, "b.com").as_str(), "b.com");
+        assert!(unlabelled.0.get().is_some());
     }
 
     #[test]

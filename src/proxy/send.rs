@@ -8,7 +8,6 @@
 //! written to that tunnel. An unhealthy exit is tried now and then in the
 //! background (without health probes), never with a client's request.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -19,52 +18,40 @@ use crate::body::Body;
 use crate::identity::RetireReason;
 use crate::metrics::{ExitLabel, UpstreamTimings};
 use crate::routing::{Reason, Route};
-use crate::upstream::conn::{NewConnection, TunnelInfo};
-use crate::upstream::{ConnectError, Origin, UpstreamBody, UpstreamError};
+use crate::upstream::conn::TunnelInfo;
+use crate::upstream::{Answered, ConnectError, Origin, UpstreamBody, UpstreamError};
 
-/// The egress address of the tunnel that carried `response`, where known.
-pub fn egress_ip<B>(response: &Response<B>) -> Option<IpAddr> {
-    tunnel(response).and_then(|t| t.egress_ip)
+/// A response that came back through the exit, with what the pipeline
+/// records of its way.
+pub(crate) struct Sent {
+    /// The response head; its body streams.
+    pub response: Response<UpstreamBody>,
+    /// The connection that carried it.
+    pub tunnel: TunnelInfo,
+    /// How long it took upstream.
+    pub timings: UpstreamTimings,
 }
 
-/// What is known of the tunnel that carried `response`.
-pub fn tunnel<B>(response: &Response<B>) -> Option<&TunnelInfo> {
-    response.extensions().get::<TunnelInfo>()
-}
-
-/// How long `response` took upstream (set by [`Pipeline::send`]).
-pub fn timings<B>(response: &Response<B>) -> UpstreamTimings {
-    response
-        .extensions()
-        .get::<UpstreamTimings>()
-        .copied()
-        .unwrap_or_default()
-}
-
-/// The timings of a response that took `elapsed` from the hand-over to the
+/// The timings of an answer that took `elapsed` from the hand-over to the
 /// pool: a new connection's open (transport, TLS) is its own, the rest is
 /// time to the first byte of the answer.
-fn split_timings<B>(response: &Response<B>, elapsed: Duration) -> UpstreamTimings {
-    let opened = response
-        .extensions()
-        .get::<NewConnection>()
-        .and(tunnel(response))
-        .map(|t| t.timings);
-    match opened {
-        Some(opened) => UpstreamTimings {
-            connect: Some(opened.transport),
-            tls: opened.tls,
-            ttfb: Some(
-                elapsed
-                    .saturating_sub(opened.transport)
-                    .saturating_sub(opened.tls.unwrap_or_default()),
-            ),
-        },
-        None => UpstreamTimings {
+fn split_timings<B>(answered: &Answered<B>, elapsed: Duration) -> UpstreamTimings {
+    if !answered.new_connection {
+        return UpstreamTimings {
             connect: None,
             tls: None,
             ttfb: Some(elapsed),
-        },
+        };
+    }
+    let opened = answered.tunnel.timings;
+    UpstreamTimings {
+        connect: Some(opened.transport),
+        tls: opened.tls,
+        ttfb: Some(
+            elapsed
+                .saturating_sub(opened.transport)
+                .saturating_sub(opened.tls.unwrap_or_default()),
+        ),
     }
 }
 
@@ -76,18 +63,21 @@ impl Pipeline {
         route: &Route,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Sent, ProxyError> {
         let exit = &route.exit;
         let started = Instant::now();
         match exit.client.send(&route.lane, origin, request).await {
-            Ok(mut response) => {
-                let timings = split_timings(&response, started.elapsed());
-                response.extensions_mut().insert(timings);
+            Ok(answered) => {
+                let timings = split_timings(&answered, started.elapsed());
                 exit.health.success();
                 if route.reason == Reason::NewIdentity {
                     tracing::debug!("first request of a new identity forwarded");
                 }
-                Ok(response)
+                Ok(Sent {
+                    response: answered.response,
+                    tunnel: answered.tunnel,
+                    timings,
+                })
             }
             Err(error) => Err(self.upstream_failed(route, error).await),
         }
@@ -100,12 +90,12 @@ impl Pipeline {
         route: &Route,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+    ) -> Result<Answered<hyper::body::Incoming>, ProxyError> {
         let exit = &route.exit;
         match exit.client.send_upgrade(&route.lane, origin, request).await {
-            Ok(response) => {
+            Ok(answered) => {
                 exit.health.success();
-                Ok(response)
+                Ok(answered)
             }
             Err(error) => Err(self.upstream_failed(route, error).await),
         }

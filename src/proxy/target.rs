@@ -21,6 +21,7 @@ use http::{HeaderValue, Request, Uri};
 use super::ProxyError;
 use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
+use crate::metrics::site::SiteSlot;
 use crate::net::{default_port, HostPort};
 use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::Origin;
@@ -54,6 +55,8 @@ pub struct Tunnel {
     pub client: Arc<ClientConnection>,
     /// Who opened the tunnel (client authentication of the CONNECT).
     pub principal: Principal,
+    /// The metrics site of the tunnel's host, once found.
+    pub site: SiteSlot,
 }
 
 /// The origin a request is for.
@@ -200,6 +203,7 @@ mod tests {
             client_offers_h2: false,
             client: Arc::default(),
             principal: Principal::default(),
+            site: SiteSlot::default(),
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         let origin = t.upstream_origin();

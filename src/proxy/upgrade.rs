@@ -16,12 +16,12 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::{egress, send, Pipeline, ProxyError};
+use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
 use crate::routing::Route;
-use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
+use crate::upstream::Answered;
 use crate::upstream::Origin;
 
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
@@ -119,14 +119,16 @@ impl Pipeline {
         fingerprint: &Fingerprint,
         socket: Socket,
     ) -> Result<Response<Body>, ProxyError> {
-        let response = self.send_upgrade(route, origin, request).await?;
-        let egress_ip = send::egress_ip(&response);
+        let Answered {
+            response, tunnel, ..
+        } = self.send_upgrade(route, origin, request).await?;
+        let egress_ip = tunnel.egress_ip;
         let identity = self
             .capture_pins(route, fingerprint, response.headers(), egress_ip)
             .await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(identity) = &identity {
-                self.capture_use(identity, true, egress_ip, send::tunnel(&response))
+                self.capture_use(identity, true, egress_ip, Some(&tunnel))
                     .await;
             }
             return bridge(
@@ -140,9 +142,13 @@ impl Pipeline {
         let (mut parts, incoming) = response.into_parts();
         let mut body = body::streaming(incoming);
         if let Some(identity) = &identity {
-            let tunnel = parts.extensions.get::<TunnelInfo>();
-            self.capture_use(identity, parts.status.is_success(), egress_ip, tunnel)
-                .await;
+            self.capture_use(
+                identity,
+                parts.status.is_success(),
+                egress_ip,
+                Some(&tunnel),
+            )
+            .await;
             body = self.capture_invalidation(identity, &parts, body).await;
         }
         egress::sanitize_response(&mut parts.headers);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -36,10 +37,20 @@ pub struct TunnelInfo {
     pub timings: ConnectTimings,
 }
 
-/// Marks a response whose request opened a new connection (its
-/// [`TunnelInfo::timings`] are then this request's to count).
-#[derive(Clone, Copy, Debug)]
-pub struct NewConnection;
+/// An origin's answer, with what is known of the connection that carried
+/// it. Handed beside the response rather than in its extensions: a type
+/// map on every response cost an allocation and a hash per entry, and the
+/// client-facing response never needed them.
+#[derive(Debug)]
+pub struct Answered<B> {
+    /// The response head; its body streams.
+    pub response: Response<B>,
+    /// The connection that carried it.
+    pub tunnel: TunnelInfo,
+    /// Whether the request opened that connection (its
+    /// [`TunnelInfo::timings`] are then this request's to count).
+    pub new_connection: bool,
+}
 
 /// How long a connection took to open, measured once when it was dialled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -43,7 +43,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::conn::{NewConnection, TunnelInfo, UpstreamIo};
+use super::conn::{Answered, TunnelInfo, UpstreamIo};
 use super::dial::Dialer;
 use super::error::UpstreamError;
 use super::framing;
@@ -267,7 +267,7 @@ impl LanePool {
         self: &Arc<Self>,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let mut request = request;
         let mut retried = false;
         loop {
@@ -277,11 +277,12 @@ impl LanePool {
                 Checked::H1(conn) => self.send_h1(conn, request, origin).await,
             };
             match attempt {
-                Ok(mut response) => {
-                    if dialed {
-                        response.extensions_mut().insert(NewConnection);
-                    }
-                    return Ok(response);
+                Ok((response, tunnel)) => {
+                    return Ok(Answered {
+                        response,
+                        tunnel,
+                        new_connection: dialed,
+                    });
                 }
                 // Not written: the connection was gone. Once more, fresh.
                 Err(Unsent(Some(unsent), _)) if !retried => {
@@ -413,7 +414,7 @@ impl LanePool {
         conn: H2Conn,
         mut request: Request<Body>,
         origin: &Origin,
-    ) -> Result<Response<UpstreamBody>, Unsent> {
+    ) -> Result<(Response<UpstreamBody>, TunnelInfo), Unsent> {
         for_h2(&mut request, origin);
         let info = conn.info;
         let response = match conn.sender {
@@ -434,7 +435,7 @@ impl LanePool {
                     Unsent(unsent, UpstreamError::from_wreq(&e.into_error()))
                 })?,
         };
-        Ok(with_info(response, info))
+        Ok((response, info))
     }
 
     async fn send_h1(
@@ -442,7 +443,7 @@ impl LanePool {
         mut conn: H1Conn,
         mut request: Request<Body>,
         origin: &Origin,
-    ) -> Result<Response<UpstreamBody>, Unsent> {
+    ) -> Result<(Response<UpstreamBody>, TunnelInfo), Unsent> {
         if let Err(e) = conn.sender.ready().await {
             return Err(Unsent(Some(request), UpstreamError::from_hyper(&e)));
         }
@@ -462,7 +463,7 @@ impl LanePool {
                         giveback: Some(giveback),
                     })
                 });
-                Ok(with_info(response, info))
+                Ok((response, info))
             }
             Err(mut e) => {
                 let unsent = e.take_message();
@@ -490,7 +491,7 @@ impl LanePool {
         &self,
         origin: &Origin,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Answered<Incoming>, UpstreamError> {
         let (io, info) = self
             .dialer
             .connect(&origin.target, origin.https, self.shape(&[], true))
@@ -503,10 +504,11 @@ impl LanePool {
             .send_request(request)
             .await
             .map_err(|e| UpstreamError::from_hyper(&e))?;
-        let mut response = response;
-        response.extensions_mut().insert(info);
-        response.extensions_mut().insert(NewConnection);
-        Ok(response)
+        Ok(Answered {
+            response,
+            tunnel: info,
+            new_connection: true,
+        })
     }
 }
 
@@ -633,11 +635,6 @@ fn h1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder.preserve_header_case(true);
     builder
-}
-
-fn with_info<B>(mut response: Response<B>, info: TunnelInfo) -> Response<B> {
-    response.extensions_mut().insert(info);
-    response
 }
 
 /// Makes a request an HTTP/1.1 one: a `Host` header (first, where a
