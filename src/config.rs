@@ -592,10 +592,11 @@ pub struct Timeouts {
     /// byte has arrived (a slowloris client is cut off then).
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
-    /// How long a client connection may wait for its next request to be
-    /// complete (idle keep-alive, counted from the end of the previous
-    /// response, or from the connection's start); also the wait for the
-    /// first request inside a new tunnel.
+    /// How long an HTTP/1.1 client connection may send nothing while it
+    /// holds no exchange (idle keep-alive, counted from the end of the
+    /// previous response, or from the connection's start; it is closed
+    /// within a quarter more); also the wait for the first request inside
+    /// a new tunnel.
     #[serde(with = "humantime_serde")]
     pub client_idle: Duration,
     /// Time to reach the origin through an exit: TCP to the exit, its

@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioTimer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,8 +62,8 @@ pub struct FrontSettings {
     /// Time a client has to send a header section once its first byte
     /// arrived (enforced by [`framing::RequestGuard`]).
     pub header_read: Duration,
-    /// How long a connection may wait for its next request to be complete
-    /// (hyper's header timer, which starts when the connection goes idle).
+    /// How long an HTTP/1 connection may hold no exchange and send nothing
+    /// (enforced by [`framing::RequestGuard`]).
     pub client_idle: Duration,
     /// Time a client has to finish its TLS handshake inside a tunnel.
     pub tls_handshake: Duration,
@@ -98,8 +97,9 @@ impl Frontend {
         // 431 keeps memory bounded.
         let hard_limit = self.settings.max_header_bytes.saturating_mul(4);
         builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.client_idle)
+            // The guard keeps both head and idle limits (see `framing`):
+            // hyper's timer would cost an allocation and a timer per request.
+            .header_read_timeout(None)
             .max_header_size(hard_limit)
             .max_buf_size(hard_limit.max(8192) + 8192)
             .preserve_header_case(true)

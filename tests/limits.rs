@@ -56,6 +56,16 @@ async fn plain_get(tcp: &mut TcpStream, origin_port: u16, path: &str, extra: &st
     head
 }
 
+/// Sends a CONNECT to `host:port` on `tcp` and checks it is answered 200.
+async fn open_tunnel(tcp: &mut TcpStream, host: &str, port: u16) {
+    let connect = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    tcp.write_all(connect.as_bytes()).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(tcp))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+}
+
 /// Whether the peer closes `tcp` within `within`.
 async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -322,12 +332,7 @@ async fn open_tunnels_count_against_the_connection_limit() {
     let mut tunnels = Vec::new();
     for host in ["localhost", "origin.test"] {
         let mut tcp = connect_from("127.0.0.63", proxy).await.unwrap();
-        let connect = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
-        tcp.write_all(connect.as_bytes()).await.unwrap();
-        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut tcp))
-            .await
-            .unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+        open_tunnel(&mut tcp, host, port).await;
         let inside = plain_get(&mut tcp, port, &format!("/in/{host}"), "").await;
         assert!(inside.starts_with("HTTP/1.1 200"), "{host}: {inside}");
         tunnels.push(tcp);
@@ -578,6 +583,18 @@ async fn idle_and_slow_client_connections_are_closed() {
         .await
         .starts_with("HTTP/1.1 200"));
     assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    // And in an intercepted tunnel (plain HTTP inside), which would park
+    // only after a second: the idle limit comes first.
+    let mut tunnel = TcpStream::connect(proxy).await.unwrap();
+    open_tunnel(&mut tunnel, "localhost", port).await;
+    let inside = plain_get(&mut tunnel, port, "/idle-in-tunnel", "").await;
+    assert!(inside.starts_with("HTTP/1.1 200"), "{inside}");
+    let started = Instant::now();
+    assert!(closed_within(&mut tunnel, Duration::from_secs(5)).await);
+    println!(
+        "an idle tunnel was closed {:?} after its last answer (client_idle 600 ms)",
+        started.elapsed()
+    );
     s.stop().await;
 
     // A head started and stalled: closed after header_read, long before

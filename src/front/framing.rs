@@ -31,8 +31,14 @@
 //!
 //! The guard also bounds how long a head may take once its first byte has
 //! arrived (`timeouts.header_read`): a slowloris client is cut off then,
-//! whatever the idle limit (`timeouts.client_idle`, hyper's own timer from
-//! the moment the connection waits for a request).
+//! whatever the idle limit. And it keeps the idle limit
+//! (`timeouts.client_idle`): a connection that holds no exchange and has
+//! sent nothing for that long is ended as if the client had closed it.
+//! hyper has a timer of its own for this, but it allocates, arms and
+//! cancels it for every request, and it also runs while a long response
+//! is still being written. The guard's check is a timer armed once per
+//! check period (a quarter of the limit, or the park period), and a request
+//! only counts as activity: the limit holds to within one period.
 //!
 //! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
 //! connection state) for as long as a connection lives, and offers no way to
@@ -210,11 +216,12 @@ impl Drop for Answer {
 
 /// Guards a client connection of `frontend`: heads bounded like hyper's
 /// (so hyper's own 431 comes first), `timeouts.header_read` from a head's
-/// first byte.
+/// first byte, `timeouts.client_idle` while idle.
 pub fn guard<T>(frontend: &Frontend, io: T) -> (RequestGuard<T>, Verdicts) {
     let hyper_limit = frontend.settings.max_header_bytes.saturating_mul(4);
     let head_limit = hyper_limit.max(8192).saturating_add(8192);
-    RequestGuard::new(io, head_limit, frontend.settings.header_read)
+    let settings = &frontend.settings;
+    RequestGuard::new(io, head_limit, settings.header_read, settings.client_idle)
 }
 
 /// How a guarded connection parks (see the module documentation).
@@ -248,25 +255,46 @@ pub struct RequestGuard<T> {
     scanner: Scanner,
     verdicts: Verdicts,
     header_read: Duration,
+    /// The idle limit (`timeouts.client_idle`).
+    idle: Duration,
     /// Armed while a head is being received (allocated on first use and
-    /// reset for each head, as hyper does with its own timer); while the
-    /// connection is idle and may park, it times the idle wait instead.
+    /// reset for each head that spans reads); while the connection is
+    /// idle, it times the idle check instead.
     deadline: Option<Pin<Box<Sleep>>>,
     armed: bool,
     /// Whether every byte hyper wrote has been flushed through.
     flushed: bool,
     /// Set when the connection may park.
     park: Option<Park<T>>,
-    /// The park check is timed (the deadline is its, not a head's).
+    /// The idle check is timed (the deadline is its, not a head's).
     idle_armed: bool,
-    /// Reads that brought bytes, counted; the park check compares it with
+    /// How long the checks have found the connection quiet, in a row.
+    quiet_for: Duration,
+    /// Reads that brought bytes, counted; the idle check compares it with
     /// the count when it was armed instead of resetting a timer per request.
     activity: u32,
-    /// `activity` when the park check was armed.
+    /// `activity` when the idle check was armed.
     activity_armed: u32,
-    /// hyper was told the client closed; the stream goes back on drop.
+    /// hyper was told the client closed (the connection parked, or was
+    /// idle too long): every later read ends the same way.
+    ended: bool,
+    /// The connection parked: the stream goes back on drop.
     parked: bool,
 }
+
+/// What an idle check found.
+#[derive(Debug, PartialEq, Eq)]
+enum Idle {
+    /// Not idle, or not for long enough: go on waiting.
+    Wait,
+    /// Quiet for the park period: park.
+    Park,
+    /// Quiet for the idle limit: end the connection.
+    Expired,
+}
+
+/// Idle checks per idle limit, when the connection does not park.
+const IDLE_CHECKS: u32 = 4;
 
 fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the stream was handed back")
@@ -274,22 +302,31 @@ fn gone() -> io::Error {
 
 impl<T> RequestGuard<T> {
     /// Guards `inner`, whose heads may be `head_limit` bytes and must
-    /// arrive within `header_read` of their first byte. The service keeps
-    /// the returned [`Verdicts`].
-    pub fn new(inner: T, head_limit: usize, header_read: Duration) -> (RequestGuard<T>, Verdicts) {
+    /// arrive within `header_read` of their first byte, and which ends
+    /// once it has been idle for `idle`. The service keeps the returned
+    /// [`Verdicts`].
+    pub fn new(
+        inner: T,
+        head_limit: usize,
+        header_read: Duration,
+        idle: Duration,
+    ) -> (RequestGuard<T>, Verdicts) {
         let verdicts = Verdicts::default();
         let guard = RequestGuard {
             inner: Some(inner),
             scanner: Scanner::new(Side::Request, head_limit),
             verdicts: verdicts.clone(),
             header_read,
+            idle,
             deadline: None,
             armed: false,
             flushed: true,
             park: None,
             idle_armed: false,
+            quiet_for: Duration::ZERO,
             activity: 0,
             activity_armed: 0,
+            ended: false,
             parked: false,
         };
         (guard, verdicts)
@@ -343,23 +380,31 @@ impl<T> RequestGuard<T> {
         }
     }
 
+    /// The idle check's period: a quarter of the idle limit, or the park
+    /// period if that is shorter (a connection that may park is checked as
+    /// often as before the guard kept the idle limit).
+    fn idle_period(&self) -> Duration {
+        let quarter = (self.idle / IDLE_CHECKS).max(Duration::from_millis(1));
+        self.park.as_ref().map_or(quarter, |p| p.after.min(quarter))
+    }
+
     /// With nothing to read from the client: whether the connection has now
-    /// been idle long enough to park.
+    /// been idle long enough to park, or to end.
     ///
-    /// A check runs every `after` while the connection waits: it parks when
-    /// no byte came from the client since the previous check and no exchange
-    /// is open, so a quiet client's connection parks one to two `after`s
-    /// after its last byte. An open exchange (a slow response, a long poll)
-    /// only makes the check come back later. The timer is set once per check,
-    /// not per request: a request only counts as activity.
-    fn idle_long_enough(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(after) = self.park.as_ref().map(|p| p.after) else {
-            return false;
-        };
-        // A partial head or body never parks.
+    /// A check runs every period while the connection waits: it finds the
+    /// connection quiet when no byte came from the client since the
+    /// previous check and no exchange is open, and adds up how long it has
+    /// been quiet in a row. A quiet client's connection parks one to two
+    /// park periods after its last byte, and ends (if it does not park)
+    /// between the idle limit and one period more. An open exchange (a slow
+    /// response, a long poll) never counts as idle. The timer is set once
+    /// per check, not per request: a request only counts as activity.
+    fn idle_check(&mut self, cx: &mut Context<'_>) -> Idle {
+        // A partial head or body is not idle.
         if !self.scanner.between_messages() {
-            return false;
+            return Idle::Wait;
         }
+        let period = self.idle_period();
         if self.idle_armed {
             // The timer's waker was registered when it was armed (this task
             // polls the connection throughout): until it fires, nothing to do.
@@ -368,24 +413,36 @@ impl<T> RequestGuard<T> {
                 .as_ref()
                 .is_some_and(|sleep| sleep.is_elapsed())
             {
-                return false;
+                return Idle::Wait;
             }
-            let quiet = self.activity == self.activity_armed;
-            if quiet && self.flushed && self.verdicts.ledger().settled() {
-                return true;
+            let quiet = self.activity == self.activity_armed
+                && self.flushed
+                && self.verdicts.ledger().settled();
+            self.quiet_for = if quiet {
+                self.quiet_for.saturating_add(period)
+            } else {
+                Duration::ZERO
+            };
+            if self.quiet_for >= self.idle {
+                return Idle::Expired;
+            }
+            if let Some(park) = &self.park {
+                if self.quiet_for >= park.after {
+                    return Idle::Park;
+                }
             }
         }
         // Arm (or re-arm) the next check.
-        self.set_deadline(Instant::now() + after);
+        self.set_deadline(Instant::now() + period);
         self.idle_armed = true;
         self.activity_armed = self.activity;
         if let Some(sleep) = self.deadline.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
-                // `after` is zero: ask again at once.
+                // A zero period: ask again at once.
                 cx.waker().wake_by_ref();
             }
         }
-        false
+        Idle::Wait
     }
 }
 
@@ -409,7 +466,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.parked {
+        if this.ended {
             // hyper was told the client closed: it stays closed.
             return Poll::Ready(Ok(()));
         }
@@ -440,11 +497,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
                             )));
                         }
                     }
-                } else if this.idle_long_enough(cx) {
-                    // An end of stream while idle is a graceful close to
-                    // hyper; the stream itself stays open for the tunnel.
-                    this.parked = true;
-                    return Poll::Ready(Ok(()));
+                } else {
+                    match this.idle_check(cx) {
+                        Idle::Wait => {}
+                        // An end of stream while idle is a graceful close
+                        // to hyper; a parked stream itself stays open for
+                        // the tunnel, an expired one closes with the guard.
+                        Idle::Park => {
+                            this.ended = true;
+                            this.parked = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        Idle::Expired => {
+                            tracing::debug!(idle = ?this.idle, "closing a client connection idle for timeouts.client_idle");
+                            this.ended = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
                 }
                 Poll::Pending
             }
@@ -527,7 +596,8 @@ mod tests {
     #[tokio::test]
     async fn verdicts_follow_heads_in_order() {
         let bytes: &[u8] = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n";
-        let (mut guard, verdicts) = RequestGuard::new(bytes, 1024, Duration::from_secs(1));
+        let (mut guard, verdicts) =
+            RequestGuard::new(bytes, 1024, Duration::from_secs(1), Duration::from_secs(60));
         let mut sink = Vec::new();
         guard.read_to_end(&mut sink).await.unwrap();
         assert_eq!(sink, bytes, "bytes pass untouched");
@@ -536,10 +606,81 @@ mod tests {
         assert_eq!(verdicts.take(), Err(FramingError::ObsFold));
     }
 
+    /// A guard over one end of a pipe, idle limit 8 s, and the other end.
+    fn piped() -> (
+        RequestGuard<tokio::io::DuplexStream>,
+        Verdicts,
+        tokio::io::DuplexStream,
+    ) {
+        let (client, server) = tokio::io::duplex(1024);
+        let (guard, verdicts) =
+            RequestGuard::new(server, 1024, Duration::from_secs(1), Duration::from_secs(8));
+        (guard, verdicts, client)
+    }
+
+    /// The client sends a request; the guard passes it; the service takes
+    /// it and (if `answer`) answers it to the end.
+    async fn exchange(
+        guard: &mut RequestGuard<tokio::io::DuplexStream>,
+        verdicts: &Verdicts,
+        client: &mut tokio::io::DuplexStream,
+        answer: bool,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(guard.read(&mut buf).await.unwrap() > 0);
+        assert_eq!(verdicts.take(), Ok(()));
+        if answer {
+            verdicts.answered();
+        }
+    }
+
+    // Time is paused: the runtime moves the clock to the next timer
+    // whenever every task waits, so these take no real time.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_within_a_check_of_the_idle_limit() {
+        let (mut guard, verdicts, mut client) = piped();
+        // Requests 3 s apart keep it open well past the limit.
+        for _ in 0..4 {
+            exchange(&mut guard, &verdicts, &mut client, true).await;
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(3), guard.read(&mut buf)).await;
+            assert!(read.is_err(), "still open while requests come");
+        }
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(30), guard.read(&mut buf)).await;
+        assert_eq!(read.ok().and_then(|r| r.ok()), Some(0), "ended as a close");
+        let waited = started.elapsed();
+        // 8 s checked every 2 s: between 8 and 10 s after the last byte.
+        assert!(
+            waited + Duration::from_secs(3) >= Duration::from_secs(8)
+                && waited + Duration::from_secs(3) <= Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0, "and stays closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_exchange_is_never_idle() {
+        let (mut guard, verdicts, mut client) = piped();
+        // Taken but not answered: a slow response, a long poll.
+        exchange(&mut guard, &verdicts, &mut client, false).await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(60), guard.read(&mut buf)).await;
+        assert!(read.is_err(), "kept open while the answer is pending");
+        // Answered: idle from now on.
+        verdicts.answered();
+        let read = tokio::time::timeout(Duration::from_secs(12), guard.read(&mut buf)).await;
+        assert_eq!(read.ok().and_then(|r| r.ok()), Some(0));
+    }
+
     #[tokio::test]
     async fn a_tunnel_is_not_scanned() {
         let bytes: &[u8] = b"CONNECT a:443 HTTP/1.1\r\n\r\n";
-        let (mut guard, verdicts) = RequestGuard::new(bytes, 1024, Duration::from_secs(1));
+        let (mut guard, verdicts) =
+            RequestGuard::new(bytes, 1024, Duration::from_secs(1), Duration::from_secs(60));
         let mut sink = Vec::new();
         guard.read_to_end(&mut sink).await.unwrap();
         assert_eq!(verdicts.take(), Ok(()));
