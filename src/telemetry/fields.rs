@@ -185,19 +185,8 @@ impl fmt::Write for Escaping<'_, '_> {
 }
 
 /// Writes `value` in decimal.
-pub(super) fn write_u64(writer: &mut impl fmt::Write, mut value: u64) -> fmt::Result {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    writer.write_str(std::str::from_utf8(&digits[start..]).unwrap_or("?"))
+pub(super) fn write_u64(writer: &mut impl fmt::Write, value: u64) -> fmt::Result {
+    writer.write_str(itoa::Buffer::new().format(value))
 }
 
 /// `value` as a whole number of thousandths, when it is one (durations in
@@ -216,18 +205,12 @@ pub(super) fn thousandths(value: f64) -> Option<u64> {
 /// decimal, with at least one digit after the point (`2.0`, `1.5`, `0.125`).
 pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) -> fmt::Result {
     write_u64(writer, thousandths / 1000)?;
-    let fraction = thousandths % 1000;
-    let text = [
-        b'.',
-        b'0' + (fraction / 100) as u8,
-        b'0' + (fraction / 10 % 10) as u8,
-        b'0' + (fraction % 10) as u8,
-    ];
-    let mut len = text.len();
-    while len > 2 && text[len - 1] == b'0' {
-        len -= 1;
-    }
-    writer.write_str(std::str::from_utf8(&text[..len]).unwrap_or(".?"))
+    // `1ddd`: the fraction's three digits, zero-padded, after a `1`.
+    let mut buffer = itoa::Buffer::new();
+    let padded = buffer.format(1000 + thousandths % 1000);
+    let digits = padded.get(1..).unwrap_or_default().trim_end_matches('0');
+    writer.write_str(".")?;
+    writer.write_str(if digits.is_empty() { "0" } else { digits })
 }
 
 #[cfg(test)]
@@ -311,6 +294,19 @@ mod tests {
             let (ours, theirs) = both(sample);
             assert!(!theirs.is_empty());
             assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn thousandths_and_integers_read_as_debug_writes_them() {
+        let wide = (0..=3_000).chain([9_999, 10_000, 123_456_789, 999_999_999_999]);
+        for thousandths in wide {
+            let mut ours = String::new();
+            assert!(write_thousandths(&mut ours, thousandths).is_ok());
+            assert_eq!(ours, format!("{:?}", thousandths as f64 / 1000.0));
+            let mut integer = String::new();
+            assert!(write_u64(&mut integer, thousandths).is_ok());
+            assert_eq!(integer, thousandths.to_string());
         }
     }
 
