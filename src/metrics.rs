@@ -14,6 +14,7 @@
 
 pub mod site;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -36,24 +37,63 @@ pub const DEFAULT_MAX_SITES: usize = 100;
 const MAX_LAST_STATUS: usize = 65_536;
 
 /// A label value shared by reference: cloning it never allocates.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct LabelValue(Arc<str>);
+///
+/// It carries a hash of its text, made once: a label set holding it hashes
+/// one word for it instead of its text, on every request that counts into
+/// a family (the per-request series are looked up by label set). Equal
+/// texts have equal hashes, so the map's answers are the same.
+#[derive(Clone, Debug)]
+pub struct LabelValue {
+    text: Arc<str>,
+    hash: u64,
+}
 
 impl LabelValue {
     /// A label value holding `text`.
     pub fn new(text: &str) -> LabelValue {
-        LabelValue(Arc::from(text))
+        let mut hasher = DefaultHasher::new();
+        text.hash(&mut hasher);
+        LabelValue {
+            text: Arc::from(text),
+            hash: hasher.finish(),
+        }
     }
 
     /// The value as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+}
+
+impl PartialEq for LabelValue {
+    fn eq(&self, other: &LabelValue) -> bool {
+        Arc::ptr_eq(&self.text, &other.text) || self.text == other.text
+    }
+}
+
+impl Eq for LabelValue {}
+
+impl Hash for LabelValue {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for LabelValue {
+    fn partial_cmp(&self, other: &LabelValue) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LabelValue {
+    fn cmp(&self, other: &LabelValue) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
     }
 }
 
 impl EncodeLabelValue for LabelValue {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(encoder, &self.0)
+        std::fmt::Write::write_str(encoder, &self.text)
     }
 }
 
@@ -724,6 +764,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_made_apart_find_the_same_series() {
+        let family = Family::<SiteRequest, Counter>::default();
+        let labels = |exit: &str, site: &str| SiteRequest {
+            exit: LabelValue::new(exit),
+            site: LabelValue::new(site),
+            status: "2xx",
+        };
+        family.get_or_create(&labels("e1", "a.com")).inc();
+        family.get_or_create(&labels("e1", "a.com")).inc();
+        family.get_or_create(&labels("e1", "b.com")).inc();
+        assert_eq!(family.get_or_create(&labels("e1", "a.com")).get(), 2);
+        assert_eq!(family.get_or_create(&labels("e1", "b.com")).get(), 1);
+        assert_eq!(family.get_or_create(&labels("e2", "a.com")).get(), 0);
+        assert!(LabelValue::new("a") < LabelValue::new("b"));
+    }
 
     #[test]
     fn counters_show_up_in_the_text() {

@@ -13,47 +13,67 @@ use http::HeaderMap;
 
 use crate::fingerprint::header_order::retain;
 
-/// Headers that carry a client address or describe the proxy chain. Removed
-/// from every request, whoever set them.
-pub const FORWARDING_HEADERS: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-server",
-    "x-real-ip",
-    "true-client-ip",
-    "client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "x-originating-ip",
-    "x-remote-ip",
-    "x-remote-addr",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-forwarded-scheme",
-    "x-original-forwarded-for",
-    "proxy-client-ip",
-    "wl-proxy-client-ip",
-    "x-proxyuser-ip",
-    "x-envoy-external-address",
-    "via",
-];
+/// A list of header names, and a `match` over the same names: looking a
+/// name up is then one comparison of lengths and a few of bytes, where a
+/// scan of the list compared it with every entry (this runs for every
+/// header of every request and response).
+macro_rules! name_list {
+    ($(#[$doc:meta])* $vis:vis $list:ident, $is_in:ident: [$($name:literal),* $(,)?]) => {
+        $(#[$doc])*
+        $vis const $list: &[&str] = &[$($name),*];
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
-/// (`Trailer` is end-to-end since RFC 7230, and HTTP/1.1 servers only send
-/// the trailer fields it declares, so it stays.)
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
+        /// Whether `name` (lower case, as header names are kept) is in the list.
+        fn $is_in(name: &str) -> bool {
+            matches!(name, $($name)|*)
+        }
+    };
+}
+
+name_list! {
+    /// Headers that carry a client address or describe the proxy chain.
+    /// Removed from every request, whoever set them.
+    pub FORWARDING_HEADERS, is_forwarding: [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-server",
+        "x-real-ip",
+        "true-client-ip",
+        "client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-forwarded-scheme",
+        "x-original-forwarded-for",
+        "proxy-client-ip",
+        "wl-proxy-client-ip",
+        "x-proxyuser-ip",
+        "x-envoy-external-address",
+        "via",
+    ]
+}
+
+name_list! {
+    /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
+    /// (`Trailer` is end-to-end since RFC 7230, and HTTP/1.1 servers only
+    /// send the trailer fields it declares, so it stays.)
+    pub HOP_BY_HOP, is_hop_by_hop: [
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ]
+}
 
 /// Headers addressed to pinproxy itself (`X-Pinproxy-Session`, ...) start
 /// with this and never leave.
@@ -84,8 +104,8 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
         let kept_connection = keep_connection && name == header::CONNECTION;
         te_trailers
             || kept_connection
-            || !(HOP_BY_HOP.contains(&name.as_str())
-                || FORWARDING_HEADERS.contains(&name.as_str())
+            || !(is_hop_by_hop(name.as_str())
+                || is_forwarding(name.as_str())
                 || name.as_str().starts_with(PINPROXY_PREFIX)
                 || listed.contains(name))
     });
@@ -96,7 +116,7 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
 pub fn sanitize_response(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
     retain(headers, |name, _| {
-        !(HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name))
+        !(is_hop_by_hop(name.as_str()) || listed.contains(name))
     });
 }
 
@@ -120,6 +140,28 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn each_match_holds_exactly_its_list() {
+        let listed = FORWARDING_HEADERS.iter().chain(HOP_BY_HOP);
+        let others = [
+            "host",
+            "x-forwarded",
+            "x-forwarded-fo",
+            "vias",
+            "t",
+            "cookie",
+            "",
+        ];
+        for name in listed.chain(&others) {
+            assert_eq!(
+                is_forwarding(name),
+                FORWARDING_HEADERS.contains(name),
+                "{name}"
+            );
+            assert_eq!(is_hop_by_hop(name), HOP_BY_HOP.contains(name), "{name}");
+        }
+    }
 
     #[test]
     fn request_leaves_without_forwarding_or_hop_headers() {
