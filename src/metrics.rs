@@ -323,7 +323,10 @@ pub struct Metrics {
     /// Pin store operation times, by store kind and operation.
     pub store_ops: HistogramFamily<StoreOp>,
     sites: Sites,
-    exits: DashMap<ExitId, Arc<ExitInstruments>>,
+    /// Each exit's instruments, looked up once per request. Keyed by exit
+    /// ids from the configuration, not by anything a client names, so with
+    /// foldhash rather than SipHash.
+    exits: DashMap<ExitId, Arc<ExitInstruments>, foldhash::fast::RandomState>,
     none: LabelValue,
     /// Pin decision counters of requests that were not routed.
     none_decisions: Decisions,
@@ -545,7 +548,7 @@ impl Metrics {
             cert_cache_entries,
             store_ops,
             sites: Sites::new(max_sites),
-            exits: DashMap::new(),
+            exits: DashMap::default(),
             none: LabelValue::new("none"),
             none_decisions: Decisions::default(),
             forwarded: OnceLock::new(),

@@ -45,19 +45,23 @@ pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
             .eq_ignore_ascii_case("websocket")
             .then_some(Upgrade::ExtendedConnect);
     }
-    let connection_upgrade = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    // `Upgrade` first: most requests have none, and then `Connection`'s
+    // tokens need not be read.
     let websocket = request
         .headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
-    (connection_upgrade && websocket).then_some(Upgrade::Http1)
+    let connection_upgrade = || {
+        request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    };
+    (websocket && connection_upgrade()).then_some(Upgrade::Http1)
 }
 
 /// Turns the (sanitised) request parts into an HTTP/1.1 WebSocket upgrade
