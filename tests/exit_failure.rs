@@ -11,16 +11,21 @@ use support::origin::reported_peer;
 use support::{Jar, Origin, Proxy, Setup, TestExit};
 use tokio::net::TcpListener;
 
-/// A loopback port with nothing listening.
-async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+/// A loopback port that refuses connections, and the socket that keeps it
+/// so for as long as it is held: bound, never listening. (A port merely
+/// found free can be handed to another test's listener meanwhile, which
+/// then answers as the "dead" exit.)
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 #[tokio::test]
 async fn an_exit_that_is_down_gets_502_naming_it() {
     let origin = Origin::start().await;
-    let port = closed_port().await;
+    let (_closed, port) = closed_port();
     let config = [("deadexit".to_string(), format!("http://127.0.0.1:{port}"))];
     let proxy = Proxy::start(&config, &origin, |_| {}).await;
 
@@ -162,7 +167,7 @@ async fn a_cookie_pinned_to_a_dead_exit_never_leaves_through_another() {
 #[tokio::test]
 async fn a_direct_exit_reports_an_unreachable_origin() {
     let origin = Origin::start().await;
-    let port = closed_port().await;
+    let (_closed, port) = closed_port();
     let config = [("local".to_string(), "direct://127.0.0.5".to_string())];
     let proxy = Proxy::start(&config, &origin, |_| {}).await;
 
