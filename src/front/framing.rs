@@ -35,10 +35,9 @@
 //! (`timeouts.client_idle`): a connection that holds no exchange and has
 //! sent nothing for that long is ended as if the client had closed it.
 //! hyper has a timer of its own for this, but it allocates, arms and
-//! cancels it for every request, and it also runs while a long response
-//! is still being written. The guard's check is a timer armed once per
-//! check period (a quarter of the limit, or the park period), and a request
-//! only counts as activity: the limit holds to within one period.
+//! cancels it for every request. The guard's check is a timer armed once
+//! per check period (a quarter of the limit, or the park period), and a
+//! request only counts as activity: the limit holds to within one period.
 //!
 //! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
 //! connection state) for as long as a connection lives, and offers no way to
