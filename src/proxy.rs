@@ -61,6 +61,7 @@ use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::store::{StoreError, StoreErrorKind, Unavailable};
 use crate::upstream::dial::guard::AddressGuard;
+use crate::upstream::Answered;
 use access::{Access, Decision};
 use capture::invalidation;
 use credentials::cookies::{self, CookiePolicy};
@@ -278,11 +279,14 @@ impl Pipeline {
                 .forward_upgrade(&route, &origin, upstream_request, &fingerprint, socket)
                 .await;
         }
-        let send::Sent {
-            response,
-            tunnel: carried_by,
+        let (
+            Answered {
+                response,
+                tunnel: carried_by,
+                ..
+            },
             timings,
-        } = self.send(&route, &origin, upstream_request).await?;
+        ) = self.send(&route, &origin, upstream_request).await?;
         let egress_ip = carried_by.egress_ip;
         access.timings = timings;
 

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::Request;
 
 use super::target::Target;
 use super::{Pipeline, ProxyError};
@@ -18,19 +18,7 @@ use crate::body::Body;
 use crate::identity::RetireReason;
 use crate::metrics::{ExitLabel, UpstreamTimings};
 use crate::routing::{Reason, Route};
-use crate::upstream::conn::TunnelInfo;
 use crate::upstream::{Answered, ConnectError, Origin, UpstreamBody, UpstreamError};
-
-/// A response that came back through the exit, with what the pipeline
-/// records of its way.
-pub(crate) struct Sent {
-    /// The response head; its body streams.
-    pub response: Response<UpstreamBody>,
-    /// The connection that carried it.
-    pub tunnel: TunnelInfo,
-    /// How long it took upstream.
-    pub timings: UpstreamTimings,
-}
 
 /// The timings of an answer that took `elapsed` from the hand-over to the
 /// pool: a new connection's open (transport, TLS) is its own, the rest is
@@ -57,13 +45,14 @@ fn split_timings<B>(answered: &Answered<B>, elapsed: Duration) -> UpstreamTiming
 
 impl Pipeline {
     /// Sends through the route's exit, keeping the exit's health and the
-    /// identity's standing up to date with what happened.
+    /// identity's standing up to date with what happened. Returns the answer
+    /// and how long it took upstream.
     pub(crate) async fn send(
         &self,
         route: &Route,
         origin: &Origin,
         request: Request<Body>,
-    ) -> Result<Sent, ProxyError> {
+    ) -> Result<(Answered<UpstreamBody>, UpstreamTimings), ProxyError> {
         let exit = &route.exit;
         let started = Instant::now();
         match exit.client.send(&route.lane, origin, request).await {
@@ -73,11 +62,7 @@ impl Pipeline {
                 if route.reason == Reason::NewIdentity {
                     tracing::debug!("first request of a new identity forwarded");
                 }
-                Ok(Sent {
-                    response: answered.response,
-                    tunnel: answered.tunnel,
-                    timings,
-                })
+                Ok((answered, timings))
             }
             Err(error) => Err(self.upstream_failed(route, error).await),
         }

@@ -63,6 +63,14 @@ pub struct CookiePolicy {
     globs: Vec<Glob>,
 }
 
+/// How tracked-name globs match: ignoring ASCII case, `/` and `.` being
+/// ordinary characters.
+const CASE_INSENSITIVE: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: false,
+    require_literal_separator: false,
+    require_literal_leading_dot: false,
+};
+
 /// A tracked-name pattern with wildcards, and its literal beginning.
 #[derive(Debug, Clone)]
 struct Glob {
@@ -87,11 +95,6 @@ impl Glob {
     /// (it compares other characters exactly, as the byte comparison of the
     /// prefix does).
     fn matches(&self, name: &str) -> bool {
-        const CASE_INSENSITIVE: glob::MatchOptions = glob::MatchOptions {
-            case_sensitive: false,
-            require_literal_separator: false,
-            require_literal_leading_dot: false,
-        };
         let prefix = self.prefix.as_bytes();
         name.as_bytes()
             .get(..prefix.len())
@@ -451,11 +454,6 @@ mod tests {
 
     #[test]
     fn a_glob_matches_what_the_glob_crate_matches() {
-        let options = glob::MatchOptions {
-            case_sensitive: false,
-            require_literal_separator: false,
-            require_literal_leading_dot: false,
-        };
         let patterns = [
             "incap_ses_*",
             "_px*",
@@ -495,7 +493,7 @@ mod tests {
             for name in names {
                 assert_eq!(
                     ours.matches(name),
-                    theirs.matches_with(name, options),
+                    theirs.matches_with(name, CASE_INSENSITIVE),
                     "{pattern} {name}"
                 );
             }
