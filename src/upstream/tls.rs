@@ -12,7 +12,10 @@
 //! Chromium (no gap), OpenSSL for curl and Python (no gap either).
 //!
 //! BoringSSL's reads go through a [`read_gate::ReadGate`], which skips the
-//! `SSL_read`s that could only find nothing.
+//! `SSL_read`s that could only find nothing, and BoringSSL reads its
+//! transport through a small read-ahead buffer
+//! ([`boring_stack::READ_AHEAD`]), so that a record costs one `recvfrom`
+//! rather than two and a failed third.
 //!
 //! Trust: the public web roots compiled into pinproxy, plus the PEM files
 //! given with `--upstream-ca`, for every stack.

@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_boring::SslStream;
 
@@ -43,6 +43,17 @@ pub trait ReadReady {
 impl ReadReady for TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+/// Bytes already buffered are ready; else the transport says.
+impl<T: ReadReady + AsyncRead> ReadReady for BufReader<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.buffer().is_empty() {
+            self.get_ref().poll_read_ready(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
     }
 }
 
@@ -143,6 +154,18 @@ mod tests {
         }
     }
 
+    /// One poll for a single byte (`None` at the end of the stream).
+    fn poll_one_byte(
+        conn: &mut (impl AsyncRead + Unpin),
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<u8>>> {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        Pin::new(conn)
+            .poll_read(cx, &mut buf)
+            .map_ok(|()| buf.filled().first().copied())
+    }
+
     /// BoringSSL against a rustls server over real TCP: bytes BoringSSL
     /// already holds are read without the socket being readable, idle polls
     /// do not reach the socket, and the next bytes wake the reader.
@@ -202,11 +225,10 @@ mod tests {
         dry.store(true, Ordering::Relaxed);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         for _ in 1..10 {
-            let mut byte = [0u8; 1];
-            let mut buf = ReadBuf::new(&mut byte);
-            let polled = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
-            assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
-            got.extend_from_slice(buf.filled());
+            match poll_one_byte(&mut conn, &mut cx) {
+                Poll::Ready(Ok(byte)) => got.extend(byte),
+                polled => panic!("{polled:?}"),
+            }
         }
         assert_eq!(got, b"0123456789");
         dry.store(false, Ordering::Relaxed);
@@ -216,18 +238,25 @@ mod tests {
         // the gate every poll is an `SSL_read` that asks it.
         let before = reads.load(Ordering::Relaxed);
         for _ in 0..20 {
-            let mut byte = [0u8; 1];
-            let mut buf = ReadBuf::new(&mut byte);
-            assert!(Pin::new(&mut conn)
-                .poll_read(&mut cx, &mut buf)
-                .is_pending());
+            assert!(poll_one_byte(&mut conn, &mut cx).is_pending());
         }
         let asked = reads.load(Ordering::Relaxed) - before;
         assert!(asked <= 3, "20 idle polls asked the socket {asked} times");
 
-        // The next bytes wake the reader.
+        // The next bytes wake the reader. Their record (header and body)
+        // comes in one socket read, short of the read-ahead, so the socket
+        // is known to be dry and the next poll does not ask it again.
         let _ = more.send(());
+        let before = reads.load(Ordering::Relaxed);
         assert_eq!(read_exactly(&mut conn, 5).await, b"later");
+        let record_reads = reads.load(Ordering::Relaxed) - before;
+        assert!(poll_one_byte(&mut conn, &mut cx).is_pending());
+        let asked = reads.load(Ordering::Relaxed) - before;
+        assert_eq!(
+            (record_reads, asked),
+            (1, 1),
+            "socket reads for one record, and with the idle poll after it"
+        );
         drop(conn);
         let served = server.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(served.is_ok(), "{served:?}");
