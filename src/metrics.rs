@@ -27,6 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::credential::RandomKeys;
 use crate::identity::{ExitId, IdentityId};
 use site::Sites;
 
@@ -333,7 +334,9 @@ pub struct Metrics {
     /// The `forwarded` outcome's counter, resolved on first use.
     forwarded: OnceLock<Counter>,
     rules_seen: DashMap<String, ()>,
-    last_status: DashMap<IdentityId, u16>,
+    /// Read on every request of an identity: keyed by identity ids, random
+    /// bits no client chooses, which are their own hash.
+    last_status: DashMap<IdentityId, u16, RandomKeys>,
 }
 
 impl Default for Metrics {
@@ -553,7 +556,7 @@ impl Metrics {
             none_decisions: Decisions::default(),
             forwarded: OnceLock::new(),
             rules_seen: DashMap::new(),
-            last_status: DashMap::new(),
+            last_status: DashMap::default(),
         }
     }
 

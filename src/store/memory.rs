@@ -25,8 +25,11 @@ use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retiremen
 /// Values stored once and referred to by index.
 #[derive(Debug)]
 struct Interner<T: Eq + Hash + Clone> {
+    /// Keyed by the values (names a client may spell): SipHash.
     ids: DashMap<T, u32>,
-    values: DashMap<u32, T>,
+    /// Keyed by the indexes this interner hands out, which no client
+    /// chooses: a fast hasher, as every pin hit reads here.
+    values: DashMap<u32, T, foldhash::fast::RandomState>,
     next: AtomicU32,
 }
 
@@ -34,7 +37,7 @@ impl<T: Eq + Hash + Clone> Default for Interner<T> {
     fn default() -> Self {
         Interner {
             ids: DashMap::new(),
-            values: DashMap::new(),
+            values: DashMap::default(),
             next: AtomicU32::new(0),
         }
     }
