@@ -13,9 +13,8 @@
 //!
 //! BoringSSL's reads go through a [`read_gate::ReadGate`], which skips the
 //! `SSL_read`s that could only find nothing, and BoringSSL reads its
-//! transport through a small read-ahead buffer
-//! ([`boring_stack::READ_AHEAD`]), so that a record costs one `recvfrom`
-//! rather than two and a failed third.
+//! transport through a [`read_ahead::ReadAhead`], so that a small record
+//! costs one `recvfrom` rather than two and a failed third.
 //!
 //! Trust: the public web roots compiled into pinproxy, plus the PEM files
 //! given with `--upstream-ca`, for every stack.
@@ -24,6 +23,7 @@ pub mod boring_stack;
 mod boring_ffi;
 mod openssl_ffi;
 pub mod openssl_stack;
+pub mod read_ahead;
 pub mod read_gate;
 mod rustls_stack;
 pub mod tap;

@@ -26,9 +26,10 @@ use boring::ssl::{
 };
 use boring::x509::store::{X509Store, X509StoreBuilder};
 use boring::x509::X509;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::boring_ffi;
+use super::read_ahead::ReadAhead;
 use super::read_gate::{ReadGate, ReadReady};
 use super::tap::{HelloTap, SentHello};
 use super::{Gap, Shape, TlsConn, TlsSetupError};
@@ -36,20 +37,6 @@ use crate::fingerprint::client_hello::{ext, is_grease, SessionTicket};
 
 /// Most distinct hellos whose connectors are kept.
 const MAX_CONNECTORS: u64 = 1024;
-
-/// Bytes read from the transport at once below BoringSSL.
-///
-/// BoringSSL reads a record in two exact reads, its five-byte header and
-/// then its body, so the transport was never read short: tokio only
-/// learns that a socket is drained from a short read, and each record
-/// cost a third `recvfrom` that failed with `EAGAIN` when the next read
-/// came (strace over 20,000 keep-alive requests: 4.0 `recvfrom` per
-/// request in `mirror` mode, 2.0 with rustls). Reading up to this much
-/// fetches a small record with its header in one call and leaves the
-/// socket known to be dry; a read of at least this much into an empty
-/// buffer goes straight to the transport, so a long record costs no copy.
-/// The buffer lives as long as the connection.
-pub const READ_AHEAD: usize = 4096;
 
 /// A connector for one hello, and what each connection made with it sets.
 struct Prepared {
@@ -130,7 +117,7 @@ impl BoringClient {
             config.set_enable_ech_grease(true);
         }
         let sent = SentHello::default();
-        let transport = BufReader::with_capacity(READ_AHEAD, transport);
+        let transport = ReadAhead::new(transport);
         let stream = tokio_boring::connect(config, host, HelloTap::new(transport, sent.clone()))
             .await
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;

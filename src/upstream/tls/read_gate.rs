@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_boring::SslStream;
 
@@ -43,17 +43,6 @@ pub trait ReadReady {
 impl ReadReady for TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
-    }
-}
-
-/// Bytes already buffered are ready; else the transport says.
-impl<T: ReadReady + AsyncRead> ReadReady for BufReader<T> {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.buffer().is_empty() {
-            self.get_ref().poll_read_ready(cx)
-        } else {
-            Poll::Ready(Ok(()))
-        }
     }
 }
 
