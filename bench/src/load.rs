@@ -68,6 +68,10 @@ pub struct LoadSpec {
     /// Send tracked cookies: each worker gets its own `datadome` and
     /// `cf_clearance` values, prefixed with this tag (plus an untracked cookie).
     pub cookie_tag: Option<String>,
+    /// With `cookie_tag`: the same header with each tracked name one letter
+    /// off (`datadomx`, `cf_clearancx`), so that no name is tracked and the
+    /// proxy carries the same bytes without pinning anything.
+    pub untracked_cookies: bool,
     /// Total request rate to pace the workers at (open loop: a request sent
     /// late because earlier ones were slow is timed from when it was due);
     /// `None` sends as fast as possible.
@@ -183,8 +187,13 @@ fn worker_request(spec: &LoadSpec, id: usize) -> Result<Request<Empty<Bytes>>> {
     if let Some(tag) = &spec.cookie_tag {
         // Values look like real tokens; they are unique per worker and run,
         // so each worker's first request pins them and the rest look them up.
+        let (datadome, cf_clearance) = if spec.untracked_cookies {
+            ("datadomx", "cf_clearancx")
+        } else {
+            ("datadome", "cf_clearance")
+        };
         let cookie = format!(
-            "datadome={tag}w{id:04}Qm9vc3RlZFRva2VuVmFsdWU; cf_clearance={tag}w{id:04}.aGVsbG8-1700000000-1.2.1.1; _ga=GA1.1.1234567890.1700000000"
+            "{datadome}={tag}w{id:04}Qm9vc3RlZFRva2VuVmFsdWU; {cf_clearance}={tag}w{id:04}.aGVsbG8-1700000000-1.2.1.1; _ga=GA1.1.1234567890.1700000000"
         );
         extra.push(("cookie", HeaderValue::from_str(&cookie)?));
     }

@@ -263,6 +263,10 @@ struct LoadArgs {
     /// Send tracked cookies (values prefixed with this tag).
     #[arg(long)]
     cookies: Option<String>,
+    /// With --cookies: the same cookie header with each tracked name one
+    /// letter off, so that nothing is tracked.
+    #[arg(long, requires = "cookies")]
+    untracked_cookies: bool,
     /// Pace to this many requests/s in total (open loop).
     #[arg(long)]
     rate: Option<f64>,
@@ -461,6 +465,7 @@ fn main() -> Result<()> {
                 max_duration: Duration::from_secs_f64(a.secs),
                 request_timeout: Duration::from_secs_f64(a.timeout),
                 cookie_tag: a.cookies,
+                untracked_cookies: a.untracked_cookies,
                 rate: a.rate,
                 expect_body: a.expect_body,
             };

@@ -310,6 +310,9 @@ impl Suite {
             .args(["--expect-body", &BODY_BYTES.to_string()]);
         if let Some(tag) = plan.cookie_tag {
             cmd.args(["--cookies", tag]);
+            if plan.untracked_cookies {
+                cmd.arg("--untracked-cookies");
+            }
         }
         if let Some(rate) = plan.rate {
             cmd.args(["--rate", &rate.to_string()]);
@@ -374,6 +377,9 @@ pub(super) struct LoadPlan<'a> {
     pub(super) max_requests: u64,
     /// Tracked cookies on every request, values tagged with this.
     pub(super) cookie_tag: Option<&'a str>,
+    /// The same cookies with names nobody tracks (see `pinbench load
+    /// --untracked-cookies`).
+    pub(super) untracked_cookies: bool,
     /// Paced total rate (open loop), or as fast as possible.
     pub(super) rate: Option<f64>,
 }
@@ -390,6 +396,7 @@ impl<'a> LoadPlan<'a> {
             secs: 1.0,
             max_requests,
             cookie_tag: None,
+            untracked_cookies: false,
             rate: None,
         }
     }
