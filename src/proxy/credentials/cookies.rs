@@ -196,8 +196,8 @@ pub fn tracked_in_request(
     };
     for header in headers.get_all(http::header::COOKIE) {
         let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
-        for pair in tracked_pairs(text, policy) {
-            push(pair.name(), pair.value());
+        for (name, value) in tracked_pairs(text, policy) {
+            push(name, value);
         }
     }
     for header in headers.get_all(&X_DATADOME_CLIENTID) {
@@ -212,25 +212,28 @@ pub fn tracked_in_request(
     Ok(found)
 }
 
-/// The tracked pairs of one `Cookie` header, as `Cookie::split_parse` would
-/// find them, parsing only those whose name is tracked: a browser's header
-/// carries dozens of analytics and preference cookies nobody tracks, and the
-/// crate parses each pair as a whole cookie (attributes and all). A pair's
-/// name is what the crate takes as its name: the text before its first `=`,
-/// trimmed. Pairs without `=` or with an empty name are not cookies anyone
-/// can track; the crate refuses them, and they are stepped over.
+/// The tracked pairs of one `Cookie` header, name and value, as
+/// `Cookie::split_parse` finds them (the tests hold the two together).
+///
+/// A pair of a `Cookie` header has no attributes, and the crate reads it as
+/// the text before its first `=` and the text after, each trimmed (`str::
+/// trim`), refusing a pair without `=` or with an empty name; pairs nobody
+/// tracks are stepped over before anything else. Split here rather than by
+/// `Cookie::parse`, which set up a general search for `;` and for `=` and
+/// built a whole cookie for each tracked pair: about 700 instructions a
+/// pair, against about 100 (callgrind, two tracked cookies per request).
+/// `Set-Cookie`, whose attributes matter, is still read by the crate.
 fn tracked_pairs<'a>(
     text: &'a str,
     policy: &'a CookiePolicy,
-) -> impl Iterator<Item = Cookie<'a>> + 'a {
-    pieces(text, b';')
-        .filter(|pair| {
-            pieces(pair, b'=')
-                .next()
-                .filter(|name| name.len() < pair.len())
-                .is_some_and(|name| policy.is_tracked(name.trim()))
-        })
-        .filter_map(|pair| Cookie::parse(pair.trim()).ok())
+) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    pieces(text, b';').filter_map(|pair| {
+        let (name, value) = pair.split_at_checked(memchr::memchr(b'=', pair.as_bytes())?)?;
+        let name = name.trim();
+        let tracked = !name.is_empty() && policy.is_tracked(name);
+        // `value` starts at the `=`, an ASCII byte.
+        tracked.then(|| (name, value.get(1..).unwrap_or_default().trim()))
+    })
 }
 
 /// The pieces of `text` between the ASCII `separator`s, as `str::split`
@@ -370,22 +373,18 @@ mod tests {
     }
 
     /// The pairs `Cookie::split_parse` finds whose name is tracked: what
-    /// [`tracked_pairs`] must find, parsing fewer.
+    /// [`tracked_pairs`] must find.
     fn reference(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
-        owned(
-            Cookie::split_parse(text)
-                .flatten()
-                .filter(|pair| policy.is_tracked(pair.name())),
-        )
+        Cookie::split_parse(text)
+            .flatten()
+            .filter(|pair| policy.is_tracked(pair.name()))
+            .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+            .collect()
     }
 
     fn prefiltered(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
-        owned(tracked_pairs(text, policy))
-    }
-
-    fn owned<'a>(pairs: impl Iterator<Item = Cookie<'a>>) -> Vec<(String, String)> {
-        pairs
-            .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+        tracked_pairs(text, policy)
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect()
     }
 
@@ -402,7 +401,7 @@ mod tests {
         ] {
             assert_eq!(prefiltered(text, &p), reference(text, &p), "{text:?}");
         }
-        // And the untracked pairs are never parsed: fewer cookies built.
+        // And only the tracked pairs come out.
         assert_eq!(
             prefiltered("_ga=1; _gid=2; datadome=3", &p),
             vec![("datadome".to_owned(), "3".to_owned())]
