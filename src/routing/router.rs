@@ -230,34 +230,35 @@ impl Router {
         binding: Option<Binding>,
         now: u64,
     ) -> Result<Standing, StoreError> {
-        let Some(binding) = binding else {
+        let Some(Binding { pin, identity }) = binding else {
             return Ok(Standing::Unknown);
         };
         let dead = |identity: Option<&Identity>, reason| {
             Standing::Dead(DeadCredential {
                 credential: credential.clone(),
-                identity: identity.map(|i| i.id).or(Some(binding.pin.identity)),
+                identity: identity.map(|i| i.id).or(Some(pin.identity)),
                 exit: identity.map(|i| i.exit.clone()),
                 reason,
             })
         };
-        let Some(identity) = &binding.identity else {
+        let Some(identity) = identity else {
             return Ok(dead(None, RetireReason::Forgotten));
         };
         if let Some(retired) = &identity.retired {
-            return Ok(dead(Some(identity), retired.reason.clone()));
+            return Ok(dead(Some(&identity), retired.reason.clone()));
         }
         if let Some(reason) = self.pending_retirement(identity.id) {
-            return Ok(dead(Some(identity), reason));
+            return Ok(dead(Some(&identity), reason));
         }
-        if binding.pin.expired(now) {
-            return Ok(dead(Some(identity), RetireReason::CookieExpired));
+        if pin.expired(now) {
+            return Ok(dead(Some(&identity), RetireReason::CookieExpired));
         }
-        if let Some(reason) = ends(identity, exits, policies, now) {
-            self.retire(exits, identity, reason.clone()).await?;
-            return Ok(dead(Some(identity), reason));
+        if let Some(reason) = ends(&identity, exits, policies, now) {
+            self.retire(exits, &identity, reason.clone()).await?;
+            return Ok(dead(Some(&identity), reason));
         }
-        Ok(Standing::Live(identity.clone()))
+        // The binding's own copy: a pin hit clones no identity.
+        Ok(Standing::Live(identity))
     }
 
     /// Reduces the live identities of a request to at most one, by the
@@ -268,17 +269,22 @@ impl Router {
         live: Vec<(&Credential, Identity)>,
         strip: &mut Vec<Credential>,
     ) -> Result<Option<Identity>, RouteError> {
-        let Some(oldest) = live
+        let Some(oldest_at) = live
             .iter()
-            .map(|(_, i)| i)
-            .min_by_key(|i| (i.created_ms, i.id))
-            .cloned()
+            .enumerate()
+            .min_by_key(|(_, (_, i))| (i.created_ms, i.id))
+            .map(|(at, _)| at)
         else {
             return Ok(None);
         };
-        if live.iter().all(|(_, i)| i.id == oldest.id) {
-            return Ok(Some(oldest));
+        let oldest_id = live.get(oldest_at).map(|(_, i)| i.id);
+        if live.iter().all(|(_, i)| Some(i.id) == oldest_id) {
+            // One identity (the usual case): moved out, not cloned.
+            return Ok(live.into_iter().nth(oldest_at).map(|(_, i)| i));
         }
+        let Some(oldest) = live.get(oldest_at).map(|(_, i)| i.clone()) else {
+            return Ok(None);
+        };
         self.metrics
             .conflicts
             .get_or_create(&Policy {
