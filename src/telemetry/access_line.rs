@@ -266,10 +266,13 @@ impl Bare<'_> {
             }
             Bare::Identity(identity) => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                let digits = (0..16)
-                    .rev()
-                    .map(|n| HEX[(identity.0 >> (n * 4)) as usize & 0xf]);
-                digits.for_each(|digit| out.push(char::from(digit)));
+                // Into an array, then pushed once: sixteen `String::push`
+                // calls each checked the capacity and encoded a char.
+                let mut digits = [0u8; 16];
+                for (n, digit) in digits.iter_mut().rev().enumerate() {
+                    *digit = HEX[(identity.0 >> (n * 4)) as usize & 0xf];
+                }
+                out.push_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?);
                 Ok(())
             }
             Bare::Names(credentials) => Names(credentials).write_to(out),
