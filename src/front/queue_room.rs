@@ -135,31 +135,44 @@ mod tests {
         assert!(!QueueRoom::none().is_reserved());
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_room_is_held_while_pending_and_gone_after_the_read() {
-        let queue_at = Arc::new(Mutex::new(None));
-        let mut reader = QueueingReader {
-            polls: 0,
-            queue_at: queue_at.clone(),
-            queues: Vec::new(),
-        };
-        let mut room = QueueRoom::reserve();
-        let mut byte = [0u8; 1];
-        {
-            let mut reading = std::pin::pin!(room.read(&mut reader, &mut byte));
+    #[test]
+    fn the_room_is_held_while_pending_and_gone_after_the_read() {
+        // In a thread of its own and polled by hand, without a runtime: its
+        // allocator cache holds nothing but this test's chunks, and nothing
+        // allocates between the room's release and the queue's allocation.
+        // (Under a runtime on the test harness's thread, a CI run once saw
+        // the queue land 256 bytes away.)
+        let run = std::thread::spawn(|| {
+            let queue_at = Arc::new(Mutex::new(None));
+            let mut reader = QueueingReader {
+                polls: 0,
+                queue_at: queue_at.clone(),
+                queues: Vec::new(),
+            };
+            let mut room = QueueRoom::reserve();
+            let mut byte = [0u8; 1];
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            assert!(reading.as_mut().poll(&mut cx).is_pending());
+            {
+                let mut reading = std::pin::pin!(room.read(&mut reader, &mut byte));
+                assert!(reading.as_mut().poll(&mut cx).is_pending());
+            }
+            // Pending: the room was taken again.
+            assert!(room.is_reserved());
+            let kept_at = room.room.as_ptr() as usize;
+            let read = {
+                let mut reading = std::pin::pin!(room.read(&mut reader, &mut byte));
+                reading.as_mut().poll(&mut cx)
+            };
+            assert!(matches!(read, Poll::Ready(Ok(1))), "{read:?}");
+            assert!(!room.is_reserved());
+            // glibc's per-thread cache gives the freed room to the queue.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            assert_eq!(queue_at.lock().ok().and_then(|at| *at), Some(kept_at));
+            let _ = kept_at;
+        });
+        if let Err(panic) = run.join() {
+            std::panic::resume_unwind(panic);
         }
-        // Pending: the room was taken again.
-        assert!(room.is_reserved());
-        let kept_at = room.room.as_ptr() as usize;
-        let read = room.read(&mut reader, &mut byte).await;
-        assert_eq!(read.ok(), Some(1));
-        assert!(!room.is_reserved());
-        // glibc's per-thread cache gives the freed room to the queue.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        assert_eq!(queue_at.lock().ok().and_then(|at| *at), Some(kept_at));
-        let _ = kept_at;
     }
 
     #[tokio::test(flavor = "current_thread")]
