@@ -228,12 +228,19 @@ fn tracked_pairs<'a>(
     policy: &'a CookiePolicy,
 ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
     pieces(text, b';').filter_map(|pair| {
-        let (name, value) = pair.split_at_checked(memchr::memchr(b'=', pair.as_bytes())?)?;
+        let (name, value) = split_pair(pair)?;
         let name = name.trim();
         let tracked = !name.is_empty() && policy.is_tracked(name);
-        // `value` starts at the `=`, an ASCII byte.
-        tracked.then(|| (name, value.get(1..).unwrap_or_default().trim()))
+        tracked.then(|| (name, value.trim()))
     })
+}
+
+/// A `Cookie` pair's text before its first `=` and after it (untrimmed);
+/// `None` without `=`.
+fn split_pair(pair: &str) -> Option<(&str, &str)> {
+    let at = memchr::memchr(b'=', pair.as_bytes())?;
+    // Either side of an ASCII byte: char boundaries.
+    Some((pair.get(..at)?, pair.get(at + 1..)?))
 }
 
 /// The pieces of `text` between the ASCII `separator`s, as `str::split`
@@ -328,7 +335,7 @@ pub fn strip_from_request(
             .split(';')
             .map(str::trim)
             .filter(|pair| !pair.is_empty())
-            .filter(|pair| match pair.split_once('=') {
+            .filter(|pair| match split_pair(pair) {
                 Some((name, value)) => !stripped(name.trim(), value.trim()),
                 None => true,
             })

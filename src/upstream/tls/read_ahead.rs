@@ -50,11 +50,6 @@ impl<T> ReadAhead<T> {
             held: BytesMut::new(),
         }
     }
-
-    /// The transport.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
