@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -220,18 +221,20 @@ const ONE_PIECE: usize = 512;
 pub struct Credential {
     /// Cookie or session key.
     pub kind: PinKind,
-    /// Cookie name as sent (`session-key` for session keys).
-    pub name: String,
+    /// Cookie name as sent (`session-key` for session keys). Shared: a
+    /// name spelt as the tracking policy spells it is the policy's own copy,
+    /// so a request's credentials cost no allocation for their names.
+    pub name: Arc<str>,
     /// Keyed hash of `name=value` (or of the session key).
     pub key: PinKey,
 }
 
 impl Credential {
     /// A tracked cookie's credential.
-    pub fn cookie(name: &str, key: PinKey) -> Credential {
+    pub fn cookie(name: impl Into<Arc<str>>, key: PinKey) -> Credential {
         Credential {
             kind: PinKind::Cookie,
-            name: name.to_owned(),
+            name: name.into(),
             key,
         }
     }

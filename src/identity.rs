@@ -354,7 +354,7 @@ impl Pin {
         Pin {
             identity,
             kind: credential.kind,
-            name: Arc::from(credential.name.as_str()),
+            name: Arc::clone(&credential.name),
             created_ms: now_ms,
             expires_ms: match credential.kind {
                 PinKind::Cookie => expires_ms,

@@ -27,7 +27,7 @@ use pinproxy::proxy::credentials::cookies::SetTrackedCookie;
 use pinproxy::routing::{ConflictPolicy, Policies, RetirePolicy, Route, Router};
 use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::Store;
-use pinproxy::upstream::{ExitClient, PoolSettings};
+use pinproxy::upstream::ExitClient;
 use proptest::prelude::*;
 use tokio_util::task::TaskTracker;
 
@@ -78,15 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
 fn exit_set(now_ms: u64) -> ExitSet {
     let tls = pinproxy::upstream::tls::UpstreamTls::new(pinproxy::daemon::crypto_provider(), &[])
         .unwrap();
-    let pool = PoolSettings {
-        connect_timeout: Duration::from_secs(1),
-        response_head_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(1),
-        max_idle_per_origin: 1,
-        max_idle_per_exit: 1,
-        guard: Default::default(),
-        parked: Default::default(),
-    };
+    let pool = crate::support::routing_only_pool();
     // One exit with a sticky upstream session per identity, two plain ones.
     let urls = [
         "http://cust-session-{session}:pw@127.0.0.1:9",
@@ -125,7 +117,7 @@ fn cookie(hasher: &PinHasher, n: u8) -> (Credential, String) {
     (
         Credential {
             kind: PinKind::Cookie,
-            name: name.to_owned(),
+            name: name.into(),
             key: hasher.cookie(name, &value),
         },
         value,

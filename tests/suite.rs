@@ -11,6 +11,12 @@
 
 mod support;
 
+/// Counts each thread's allocations, for the tests that hold a path to an
+/// allocation budget (`allocations`); otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: support::allocations::Counting = support::allocations::Counting;
+
+mod allocations;
 mod auth;
 mod bad_input;
 mod ca_hygiene;

@@ -32,11 +32,11 @@ pub fn of_request(
     hasher: &PinHasher,
 ) -> Result<Vec<Credential>, ProxyError> {
     let key = session_key::of_request(headers, tunnel_key)?;
-    let mut credentials: Vec<Credential> = key
-        .map(|k| session_key::credential(hasher, user, &k))
-        .into_iter()
-        .collect();
-    credentials.extend(cookies::tracked_in_request(headers, policy, hasher)?);
+    // One vector for all: the session key goes in front of the cookies'.
+    let mut credentials = cookies::tracked_in_request(headers, policy, hasher)?;
+    if let Some(key) = key {
+        credentials.insert(0, session_key::credential(hasher, user, &key));
+    }
     Ok(credentials)
 }
 

@@ -17,6 +17,8 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use super::lifecycle::ends;
 use super::policy::{ConflictPolicy, Policies, RetirePolicy};
 use super::Router;
@@ -178,14 +180,16 @@ impl Router {
             return self.rotate(exits, scope, now, Vec::new());
         }
         // Key order makes concurrent multi-credential pinning deterministic.
-        let mut credentials: Vec<&Credential> = credentials.iter().collect();
+        // The lists live on the stack for up to four credentials (a pin hit
+        // allocates only the store's answer).
+        let mut credentials: SmallVec<[&Credential; 4]> = credentials.iter().collect();
         credentials.sort_by_key(|c| c.key);
-        let keys: Vec<PinKey> = credentials.iter().map(|c| c.key).collect();
+        let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
         let bindings = self.store.lookup(&keys).await?;
 
-        let mut live: Vec<(&Credential, Identity)> = Vec::new();
+        let mut live: Live<'_> = SmallVec::new();
         let mut dead: Vec<DeadCredential> = Vec::new();
-        let mut unknown: Vec<&Credential> = Vec::new();
+        let mut unknown: SmallVec<[&Credential; 4]> = SmallVec::new();
         for (credential, binding) in credentials.iter().copied().zip(bindings) {
             match self
                 .classify(exits, &policies, credential, binding, now)
@@ -205,7 +209,7 @@ impl Router {
             }
         }
 
-        let identity = self.one_identity(policies.conflict, live, &mut strip)?;
+        let identity = self.one_identity(policies.conflict, &mut live, &mut strip)?;
         match identity {
             Some(identity) => {
                 allowed(scope, &identity)?;
@@ -266,7 +270,7 @@ impl Router {
     fn one_identity(
         &self,
         policy: ConflictPolicy,
-        live: Vec<(&Credential, Identity)>,
+        live: &mut Live<'_>,
         strip: &mut Vec<Credential>,
     ) -> Result<Option<Identity>, RouteError> {
         let Some(oldest_at) = live
@@ -279,8 +283,10 @@ impl Router {
         };
         let oldest_id = live.get(oldest_at).map(|(_, i)| i.id);
         if live.iter().all(|(_, i)| Some(i.id) == oldest_id) {
-            // One identity (the usual case): moved out, not cloned.
-            return Ok(live.into_iter().nth(oldest_at).map(|(_, i)| i));
+            // One identity (the usual case): moved out, not cloned (nor the
+            // list, which is borrowed: its inline room is a few hundred
+            // bytes).
+            return Ok((oldest_at < live.len()).then(|| live.swap_remove(oldest_at).1));
         }
         let Some(oldest) = live.get(oldest_at).map(|(_, i)| i.clone()) else {
             return Ok(None);
@@ -293,12 +299,12 @@ impl Router {
             .inc();
         match policy {
             ConflictPolicy::Reject => Err(RouteError::Conflict(
-                live.into_iter()
+                live.drain(..)
                     .map(|(c, i)| (c.clone(), i.id, i.exit))
                     .collect(),
             )),
             ConflictPolicy::Oldest => {
-                for (credential, identity) in live {
+                for (credential, identity) in live.drain(..) {
                     if identity.id != oldest.id {
                         tracing::info!(%credential, identity = %identity.id, kept = %oldest.id, "conflict: stripping the newer identity's credential");
                         strip.push(credential.clone());
@@ -476,6 +482,10 @@ fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
         allowed: scope.describe(),
     })
 }
+
+/// The live credentials of a request and their identities (on the stack
+/// for up to four, like the request's other lists).
+type Live<'a> = SmallVec<[(&'a Credential, Identity); 4]>;
 
 enum Standing {
     Unknown,

@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod admin;
+pub mod allocations;
 pub mod browser;
 pub mod client;
 pub mod devtools;
@@ -44,4 +45,18 @@ pub fn process_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> 
         args.push(format!("{id}={url}"));
     }
     args
+}
+
+/// Pool settings for exits that tests route to in process and never send
+/// through: short timeouts, one idle connection.
+pub fn routing_only_pool() -> pinproxy::upstream::PoolSettings {
+    pinproxy::upstream::PoolSettings {
+        connect_timeout: Duration::from_secs(1),
+        response_head_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        max_idle_per_origin: 1,
+        max_idle_per_exit: 1,
+        guard: Default::default(),
+        parked: Default::default(),
+    }
 }

@@ -11,6 +11,7 @@
 //! might hide a tracked cookie.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use cookie::Cookie;
 use http::{HeaderMap, HeaderName};
@@ -59,7 +60,8 @@ pub struct CookiePolicy {
     /// Looked up with every cookie name of every request; the set is fixed
     /// at start, so a client's names cannot grow collisions in it and the
     /// faster foldhash will do where SipHash guards maps clients fill.
-    exact: HashSet<String, foldhash::fast::RandomState>,
+    /// Lowercased; shared with the credentials of names sent as spelt here.
+    exact: HashSet<Arc<str>, foldhash::fast::RandomState>,
     globs: Vec<Glob>,
 }
 
@@ -138,21 +140,66 @@ impl CookiePolicy {
             let glob = Glob::new(pattern).map_err(|e| error(&e.to_string()))?;
             self.globs.push(glob);
         } else {
-            self.exact.insert(pattern.to_ascii_lowercase());
+            self.exact.insert(Arc::from(pattern.to_ascii_lowercase()));
         }
         Ok(())
     }
 
     /// Whether cookies with this name are pinned.
     pub fn is_tracked(&self, name: &str) -> bool {
-        // Exact names are stored lowercased; avoid allocating for the common
-        // case of a name that is already lowercase.
-        let exact = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.exact.contains(&name.to_ascii_lowercase())
-        } else {
-            self.exact.contains(name)
-        };
-        exact || self.globs.iter().any(|glob| glob.matches(name))
+        self.tracked(name).is_some()
+    }
+
+    /// Whether cookies with this name are pinned, and the policy's own copy
+    /// of the name when `name` spells it exactly.
+    fn tracked(&self, name: &str) -> Option<Tracked<'_>> {
+        // Exact names are stored lowercased.
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            if self.exact_ignoring_case(name) {
+                return Some(Tracked::Spelt);
+            }
+        } else if let Some(shared) = self.exact.get(name) {
+            return Some(Tracked::Exact(shared));
+        }
+        self.globs
+            .iter()
+            .any(|glob| glob.matches(name))
+            .then_some(Tracked::Spelt)
+    }
+
+    /// Whether `name`, which has capitals, is an exact tracked name in
+    /// lower case: lowered on the stack when it is no longer than a cookie
+    /// name usually is.
+    fn exact_ignoring_case(&self, name: &str) -> bool {
+        let mut lowered = [0u8; 64];
+        if let Some(copy) = lowered.get_mut(..name.len()) {
+            copy.copy_from_slice(name.as_bytes());
+            copy.make_ascii_lowercase();
+            // Lowering ASCII letters keeps UTF-8 valid.
+            if let Ok(lowered) = std::str::from_utf8(copy) {
+                return self.exact.contains(lowered);
+            }
+        }
+        self.exact.contains(name.to_ascii_lowercase().as_str())
+    }
+}
+
+/// How a tracked name matched.
+#[derive(Debug, Clone, Copy)]
+enum Tracked<'a> {
+    /// As the policy spells it: its copy of the name.
+    Exact(&'a Arc<str>),
+    /// By a pattern, or in other case: the name as sent is the credential's.
+    Spelt,
+}
+
+impl Tracked<'_> {
+    /// The credential's name for a cookie named `sent`.
+    fn name(self, sent: &str) -> Arc<str> {
+        match self {
+            Tracked::Exact(shared) => Arc::clone(shared),
+            Tracked::Spelt => Arc::from(sent),
+        }
     }
 }
 
@@ -188,16 +235,16 @@ pub fn tracked_in_request(
     hasher: &PinHasher,
 ) -> Result<Vec<Credential>, CookieError> {
     let mut found: Vec<Credential> = Vec::new();
-    let mut push = |name: &str, value: &str| {
+    let mut push = |name: &str, tracked: Tracked<'_>, value: &str| {
         let key = hasher.cookie(name, value);
         if !found.iter().any(|c| c.key == key) {
-            found.push(Credential::cookie(name, key));
+            found.push(Credential::cookie(tracked.name(name), key));
         }
     };
     for header in headers.get_all(http::header::COOKIE) {
         let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
-        for (name, value) in tracked_pairs(text, policy) {
-            push(name, value);
+        for (name, tracked, value) in tracked_pairs(text, policy) {
+            push(name, tracked, value);
         }
     }
     for header in headers.get_all(&X_DATADOME_CLIENTID) {
@@ -206,7 +253,9 @@ pub fn tracked_in_request(
             .map_err(|_| CookieError::BadClientId)?
             .trim();
         if !value.is_empty() {
-            push(DATADOME, value);
+            // Hashed as the cookie whether or not the policy tracks it.
+            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Spelt);
+            push(DATADOME, tracked, value);
         }
     }
     Ok(found)
@@ -226,12 +275,15 @@ pub fn tracked_in_request(
 fn tracked_pairs<'a>(
     text: &'a str,
     policy: &'a CookiePolicy,
-) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+) -> impl Iterator<Item = (&'a str, Tracked<'a>, &'a str)> + 'a {
     pieces(text, b';').filter_map(|pair| {
         let (name, value) = split_pair(pair)?;
         let name = name.trim();
-        let tracked = !name.is_empty() && policy.is_tracked(name);
-        tracked.then(|| (name, value.trim()))
+        if name.is_empty() {
+            return None;
+        }
+        let tracked = policy.tracked(name)?;
+        Some((name, tracked, value.trim()))
     })
 }
 
@@ -391,7 +443,7 @@ mod tests {
 
     fn prefiltered(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
         tracked_pairs(text, policy)
-            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .map(|(name, _, value)| (name.to_owned(), value.to_owned()))
             .collect()
     }
 
@@ -526,7 +578,7 @@ mod tests {
         );
         headers.append("cookie", HeaderValue::from_static("datadome=tok1"));
         let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
-        let names: Vec<_> = found.iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<_> = found.iter().map(|c| &*c.name).collect();
         assert_eq!(names, ["datadome", "cf_clearance", "_px3"]);
         assert_eq!(found[0].key, hasher().cookie("datadome", "tok1"));
     }
@@ -601,10 +653,7 @@ mod tests {
         let found = tracked_in_response(&headers, &policy(), &hasher(), now);
         assert_eq!(found[0].expires_ms, Some(now + 31_536_000_000));
         assert_eq!(found[3].expires_ms, Some(now + 60_000));
-        let summary: Vec<_> = found
-            .iter()
-            .map(|s| (s.cookie.name.as_str(), s.deletes))
-            .collect();
+        let summary: Vec<_> = found.iter().map(|s| (&*s.cookie.name, s.deletes)).collect();
         assert_eq!(
             summary,
             [

@@ -11,6 +11,8 @@
 //! authenticates as user NAME and names session KEY, and every session key
 //! is the user's own: the same KEY named by two users is two identities.
 
+use std::sync::{Arc, LazyLock};
+
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -136,10 +138,13 @@ pub fn credential(hasher: &PinHasher, user: Option<&str>, key: &str) -> Credenti
     };
     Credential {
         kind: PinKind::SessionKey,
-        name: "session-key".to_owned(),
+        name: SESSION_KEY_NAME.clone(),
         key,
     }
 }
+
+/// The name every session key's credential carries, shared.
+static SESSION_KEY_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("session-key"));
 
 #[cfg(test)]
 mod tests {

@@ -308,7 +308,7 @@ impl RedisStore {
         self.write_identity(&identity).await?;
         let credential = Credential {
             kind: PinKind::Cookie,
-            name: "lost".to_owned(),
+            name: Arc::from("lost"),
             key,
         };
         let pin = Pin::new(identity.id, &credential, now, None);

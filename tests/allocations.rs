@@ -1,0 +1,156 @@
+//! Allocation budgets on the pin path: reading a request's tracked cookies
+//! and looking their pins up allocate a fixed, small number of times, not a
+//! few times per cookie (the performance issue's "the per-request pin
+//! lookup must not allocate more than once per credential").
+//!
+//! Counted with the suite's counting allocator on the test's own thread: a
+//! current-thread runtime polls everything on it.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+use pinproxy::clock::Clock;
+use pinproxy::credential::{Credential, PinHasher};
+use pinproxy::exits::health::{Health, Thresholds};
+use pinproxy::exits::sessions::AnonymousSessions;
+use pinproxy::exits::{Exit, ExitSet, ExitSpec};
+use pinproxy::fingerprint::Fingerprint;
+use pinproxy::metrics::Metrics;
+use pinproxy::proxy::credentials::cookies::CookiePolicy;
+use pinproxy::proxy::credentials::of_request;
+use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
+use pinproxy::store::durable::DurableStore;
+use pinproxy::store::memory::MemoryStore;
+use pinproxy::store::Store;
+use pinproxy::upstream::ExitClient;
+use tokio_util::task::TaskTracker;
+
+use crate::support::allocations;
+
+/// One direct exit on loopback (nothing is sent through it).
+fn one_exit() -> ExitSet {
+    let tls = pinproxy::upstream::tls::UpstreamTls::new(pinproxy::daemon::crypto_provider(), &[])
+        .unwrap();
+    let pool = crate::support::routing_only_pool();
+    let spec = ExitSpec::parse("local", "direct://127.0.0.2").unwrap();
+    let exit = Exit::new(
+        spec.clone(),
+        ExitClient::new(spec.route(), tls, &pool),
+        Health::new(Thresholds {
+            unhealthy_after: 1,
+            dead_after: 2,
+            healthy_after: 1,
+        }),
+        AnonymousSessions::new(1, None, 0),
+    );
+    ExitSet::new(vec![exit], None)
+}
+
+fn router(store: Store) -> Router {
+    Router::new(
+        store,
+        Clock::manual(),
+        Policies {
+            retire: RetirePolicy::Fail,
+            conflict: ConflictPolicy::Reject,
+            idle_timeout_ms: 30 * 60_000,
+            max_lifetime_ms: 120 * 60_000,
+            keep_retired_ms: 60 * 60_000,
+        },
+        Arc::new(Metrics::new()),
+        TaskTracker::new(),
+    )
+}
+
+/// A browser's `Cookie` header carrying the first `tracked` of three
+/// tracked cookies among untracked ones.
+fn headers(tracked: usize) -> HeaderMap {
+    let pairs = [
+        "datadome=Qm9vc3RlZFRva2VuVmFsdWU",
+        "cf_clearance=aGVsbG8-1700000000-1.2.1.1",
+        "_abck=0A1B2C3D4E5F~0~YAAQ~-1~-1",
+    ];
+    let mut cookie = String::from("_ga=GA1.1.1234567890.1700000000");
+    for pair in &pairs[..tracked] {
+        cookie.push_str("; ");
+        cookie.push_str(pair);
+    }
+    cookie.push_str("; theme=dark");
+    let mut headers = HeaderMap::new();
+    headers.insert("cookie", HeaderValue::from_str(&cookie).unwrap());
+    headers
+}
+
+/// Allocations made by reading `headers`' credentials and by routing them,
+/// once their pins exist (a pin hit), as (reading, routing).
+fn hit_allocations(store: Store, headers: &HeaderMap) -> (u64, u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let exits = one_exit();
+        let router = router(store);
+        let policy = CookiePolicy::with_extra(&[]).unwrap();
+        let hasher = PinHasher::new([3; 32]);
+        let read = |headers: &HeaderMap| -> Vec<Credential> {
+            of_request(headers, None, None, &policy, &hasher).unwrap()
+        };
+        let credentials = read(headers);
+        let first = router
+            .route(&exits, &credentials, Fingerprint::default)
+            .await
+            .unwrap();
+        assert_eq!(first.reason, Reason::NewIdentity);
+        // Once more, so that every lazily made thing exists.
+        let second = router
+            .route(&exits, &credentials, Fingerprint::default)
+            .await
+            .unwrap();
+        assert_eq!(second.reason, Reason::Pinned);
+
+        let before = allocations::so_far();
+        let credentials = read(headers);
+        let after_reading = allocations::so_far();
+        let route = router
+            .route(&exits, &credentials, Fingerprint::default)
+            .await
+            .unwrap();
+        let after_routing = allocations::so_far();
+        assert_eq!(route.reason, Reason::Pinned);
+        assert_eq!(route.identity.map(|i| i.id), first.identity.map(|i| i.id));
+        (after_reading - before, after_routing - after_reading)
+    })
+}
+
+#[test]
+fn a_pin_hit_allocates_once_to_read_and_once_to_look_up_whatever_the_count() {
+    for tracked in 1..=3 {
+        let (reading, routing) =
+            hit_allocations(Store::Memory(MemoryStore::new()), &headers(tracked));
+        // The credentials' vector; their names are the policy's own.
+        assert_eq!(reading, 1, "reading {tracked} tracked cookies");
+        // The store's answer.
+        assert_eq!(routing, 1, "routing {tracked} tracked cookies");
+    }
+}
+
+#[test]
+fn the_durable_store_answers_a_hit_with_no_more_allocations_than_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DurableStore::open(&dir.path().join("pins.redb")).unwrap();
+    let (reading, routing) = hit_allocations(Store::Durable(store), &headers(2));
+    assert_eq!((reading, routing), (1, 1));
+}
+
+#[test]
+fn a_name_sent_in_other_case_costs_one_allocation_of_its_own() {
+    let mut headers = headers(1);
+    headers.insert(
+        "cookie",
+        HeaderValue::from_static("_ga=1; DataDome=Qm9vc3RlZFRva2VuVmFsdWU; cf_clearance=x"),
+    );
+    let (reading, routing) = hit_allocations(Store::Memory(MemoryStore::new()), &headers);
+    // The vector and `DataDome`, kept as sent.
+    assert_eq!((reading, routing), (2, 1));
+}
