@@ -1,9 +1,9 @@
 //! The instruction-count phase (in the report's throughput chapter):
 //! pinproxy with its built-in direct exit (in its default fingerprint mode
 //! without cookies, with tracked cookies and with the same cookies
-//! untracked, and in `rustls` mode) and the hudsucker peer each run under
-//! valgrind's callgrind while the same keep-alive client sends a fixed
-//! number of requests to the same origin.
+//! untracked, in `rustls` mode, and without its access log) and the
+//! hudsucker peer each run under valgrind's callgrind while the same
+//! keep-alive client sends a fixed number of requests to the same origin.
 //!
 //! Timings drift on a shared machine; instruction counts of the same binary
 //! and input barely move, so before/after claims about CPU rest on these.
@@ -65,7 +65,7 @@ const GOAL_COOKIES: f64 = 0.97;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallgrindRow {
     /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`, `pinproxy-rustls`,
-    /// `hudsucker`).
+    /// `pinproxy-quiet`, `hudsucker`).
     pub proxy: String,
     /// What it is, for the table.
     pub label: String,
@@ -143,7 +143,7 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 5] = [
+const SUBJECTS: [Subject; 6] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
@@ -171,6 +171,21 @@ const SUBJECTS: [Subject; 5] = [
                 &PinproxyOptions {
                     direct: true,
                     config: Some(fingerprint_toml("rustls")),
+                    ..PinproxyOptions::default()
+                },
+            )
+        },
+        cookies: Cookies::None,
+    },
+    Subject {
+        key: "pinproxy-quiet",
+        label: "(g) without its access log (`[log] access = false`)",
+        launch: |suite, name| {
+            suite.pinproxy_launch(
+                name,
+                &PinproxyOptions {
+                    direct: true,
+                    config: Some("[log]\naccess = false\n".into()),
                     ..PinproxyOptions::default()
                 },
             )
@@ -603,6 +618,16 @@ fn render(results: &Results, out: &mut String) {
             if hits > 0.0 { untracked / hits } else { 0.0 }
         );
     }
+    if let (Some(plain), Some(quiet), Some(peer)) = (per("pinproxy"), per("pinproxy-quiet"), peer) {
+        let _ = writeln!(
+            out,
+            "The access line (one per request, formatted on the request's thread and written \
+             in batches by a thread of its own) costs {} instructions per request; the peer \
+             writes no log. Without it, (g) costs {:.2}× (f)'s.\n",
+            signed(plain - quiet),
+            if peer > 0.0 { quiet / peer } else { 0.0 }
+        );
+    }
     let apart = report
         .rows
         .iter()
@@ -625,7 +650,8 @@ fn render(results: &Results, out: &mut String) {
             "pinproxy's per-request profile (the {TOP_FUNCTIONS} functions with the most \
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
-             (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-rustls-…`).\n",
+             (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-rustls-…`, \
+             `pinproxy-quiet-…`).\n",
             profile.display()
         );
     }
