@@ -60,7 +60,13 @@ struct Queued {
 /// What the writer has made durable.
 #[derive(Clone, Debug, Default)]
 struct Committed {
+    /// Every change numbered up to this one is on disk. Not merely the
+    /// highest committed: changes are numbered before memory changes and
+    /// queued after, so they reach the writer out of order, and a change
+    /// committed early must not vouch for an earlier one still on its way.
     seq: u64,
+    /// Transactions committed so far (what a test waits on).
+    commits: u64,
     failure: Option<String>,
 }
 
@@ -272,11 +278,13 @@ impl PinStore for DurableStore {
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         let change = Change::Identity(identity.id);
         let seq = self.reserve(&change);
-        self.shared.memory.create_identity(identity).await?;
+        let created = self.shared.memory.create_identity(identity).await;
+        // Queued whatever memory said: a numbered change never queued would
+        // hold every later one back from counting as durable.
         // Not awaited: an identity is unreachable until a pin points to it,
-        // and that pin's commit comes later in the same order.
+        // and that pin's number is higher, so its wait covers this one.
         self.send(seq, change)?;
-        Ok(())
+        created
     }
 
     async fn discard_identity(&self, id: IdentityId) -> Result<(), StoreError> {
@@ -310,14 +318,17 @@ impl PinStore for DurableStore {
             }
             let change = Change::Pin(*key);
             let seq = self.reserve(&change);
-            bindings.push(self.shared.memory.pin_if_absent(*key, pin).await?);
+            let pinned = self.shared.memory.pin_if_absent(*key, pin).await;
             // Whether this request won or lost the race, the commit of `seq`
-            // writes the pin now in memory: the one in force.
+            // writes the pin now in memory: the one in force. (Queued even if
+            // memory failed, as in `create_identity`.)
             self.send(seq, change)?;
+            bindings.push(pinned?);
             last_seq = seq;
         }
         // Pins found may still be on their way to disk; one wait covers
-        // them and every pin queued above (they share a commit).
+        // them and every pin queued above (durable up to a number means
+        // durable up to it, see `Committed`).
         self.settle(&found, &keys).await?;
         if last_seq > 0 {
             self.durable(last_seq).await?;
@@ -344,8 +355,9 @@ impl PinStore for DurableStore {
     ) -> Result<Option<IpAddr>, StoreError> {
         let change = Change::Identity(id);
         let seq = self.reserve(&change);
-        let recorded = self.shared.memory.record_egress(id, ip).await?;
+        let recorded = self.shared.memory.record_egress(id, ip).await;
         self.send(seq, change)?;
+        let recorded = recorded?;
         self.durable(seq).await?;
         Ok(recorded)
     }
@@ -353,8 +365,9 @@ impl PinStore for DurableStore {
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         let change = Change::Identity(id);
         let seq = self.reserve(&change);
-        self.shared.memory.retire(id, retirement).await?;
+        let retired = self.shared.memory.retire(id, retirement).await;
         self.send(seq, change)?;
+        retired?;
         self.durable(seq).await
     }
 
@@ -472,6 +485,65 @@ mod tests {
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_committed_early_does_not_vouch_for_an_earlier_one_on_its_way() {
+        use futures_util::FutureExt as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let ident = identity(1000);
+        let (first, second) = (PinKey::from_bytes([1; 16]), PinKey::from_bytes([2; 16]));
+        {
+            let store = DurableStore::open(&path).unwrap();
+            store.create_identity(&ident).await.unwrap();
+            store
+                .durable(store.next_seq.load(Ordering::Relaxed) - 1)
+                .await
+                .unwrap();
+            let mut committed = store.committed.clone();
+            let commits = committed.borrow().commits;
+
+            // Two requests pin at once. The first numbers its change and
+            // updates memory; the second does the same and queues its change
+            // before the first queues its own.
+            let early = store.reserve(&Change::Pin(first));
+            store
+                .shared
+                .memory
+                .pin_if_absent(first, &pin(&ident))
+                .await
+                .unwrap();
+            let late = store.reserve(&Change::Pin(second));
+            store
+                .shared
+                .memory
+                .pin_if_absent(second, &pin(&ident))
+                .await
+                .unwrap();
+            store.send(late, Change::Pin(second)).unwrap();
+            let through = committed
+                .wait_for(|c| c.commits > commits)
+                .await
+                .unwrap()
+                .seq;
+            assert!(
+                through < early,
+                "durable through {through} while change {early} is still queued"
+            );
+            // Neither pin counts as durable yet: a lookup of either waits.
+            assert!(store.lookup(&[second]).now_or_never().is_none());
+            assert!(store.lookup(&[first]).now_or_never().is_none());
+
+            store.send(early, Change::Pin(first)).unwrap();
+            store.durable(late).await.unwrap();
+            assert!(store.lookup(&[first, second]).now_or_never().is_some());
+            store.close().await;
+        }
+        let store = DurableStore::open(&path).unwrap();
+        let found = store.lookup(&[first, second]).await.unwrap();
+        assert!(found.iter().all(Option::is_some));
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! waiters what is durable. Lazily written state (touches) is flushed
 //! without fsync when nothing else is queued.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -41,6 +41,33 @@ impl KnownFingerprints {
     }
 }
 
+/// Which changes are on disk, by number: every one up to `through`, and
+/// those in `ahead`, committed while an earlier one was still on its way.
+/// Changes are numbered before memory changes and queued after, so two
+/// requests can queue theirs in the opposite order; a change is durable for
+/// its waiters only once every earlier one is too.
+#[derive(Debug, Default)]
+struct Done {
+    through: u64,
+    ahead: BTreeSet<u64>,
+}
+
+impl Done {
+    /// Records the numbers of a committed transaction's changes; returns
+    /// the number every change up to which is now on disk.
+    fn record(&mut self, seqs: impl IntoIterator<Item = u64>) -> u64 {
+        for seq in seqs {
+            if seq > self.through {
+                self.ahead.insert(seq);
+            }
+        }
+        while self.ahead.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+        self.through
+    }
+}
+
 /// How often lazily written state (touches) is flushed when idle.
 pub(super) const LAZY_FLUSH: Duration = Duration::from_millis(500);
 /// Most writes applied in one transaction.
@@ -56,6 +83,7 @@ pub(super) fn write_loop(
 ) {
     let mut open = true;
     let mut known = KnownFingerprints::default();
+    let mut done = Done::default();
     while open {
         let mut group = Vec::new();
         match queue.recv_timeout(LAZY_FLUSH) {
@@ -84,10 +112,18 @@ pub(super) fn write_loop(
         let durable = !group.is_empty();
         match apply(&db, &shared, &group, &dirty, durable, &mut known) {
             Ok(()) => {
-                if let Some(seq) = group.iter().map(|q| q.seq).max() {
-                    shared.pending_pins.retain(|_, s| *s > seq);
-                    shared.pending_identities.retain(|_, s| *s > seq);
-                    committed.send_modify(|c| c.seq = c.seq.max(seq));
+                let before = done.through;
+                // `Close` carries no number.
+                let through = done.record(group.iter().map(|q| q.seq).filter(|seq| *seq > 0));
+                if through > before {
+                    shared.pending_pins.retain(|_, s| *s > through);
+                    shared.pending_identities.retain(|_, s| *s > through);
+                }
+                if durable {
+                    committed.send_modify(|c| {
+                        c.seq = through;
+                        c.commits += 1;
+                    });
                 }
             }
             Err(e) => {
@@ -183,4 +219,22 @@ fn apply(
         }
     }
     txn.commit().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_through_only_what_has_nothing_missing_before_it() {
+        let mut done = Done::default();
+        assert_eq!(done.record([2]), 0);
+        assert_eq!(done.record([5, 3]), 0);
+        assert_eq!(done.record([1]), 3);
+        assert_eq!(done.record([]), 3);
+        assert_eq!(done.record([4]), 5);
+        // A number seen again (a retried change) changes nothing.
+        assert_eq!(done.record([2, 6]), 6);
+        assert!(done.ahead.is_empty());
+    }
 }
