@@ -527,6 +527,7 @@ mod tests {
                         requests_long: 30,
                         instructions_long: 3_000,
                         errors: 0,
+                        store_writer: None,
                     })
                     .into(),
                 profile: Some("profile.txt".into()),
