@@ -528,6 +528,7 @@ mod tests {
                         instructions_long: 3_000,
                         errors: 0,
                         store_writer: None,
+                        rps_long: None,
                     })
                     .into(),
                 profile: Some("profile.txt".into()),

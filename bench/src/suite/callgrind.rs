@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::procs::{find_program, path_str, run_bounded};
 use super::servers::{fingerprint_toml, run_load, Launch, LoadPlan, PinproxyOptions};
+use super::throughput::Setup;
 use super::{Phase, Suite};
 use crate::load::ConnMode;
 use crate::report::{group, Goal, Results};
@@ -85,6 +86,9 @@ pub struct CallgrindRow {
     /// identities requests touched, which runs on a wall-clock period.
     #[serde(default)]
     pub store_writer: Option<f64>,
+    /// Requests per second of the long run's timed requests, under valgrind.
+    #[serde(default)]
+    pub rps_long: Option<f64>,
 }
 
 impl CallgrindRow {
@@ -245,7 +249,12 @@ fn run(suite: &mut Suite) -> Result<()> {
         for requests in [short, long] {
             let out = dir.join(format!("{}-{requests}.callgrind", subject.key));
             match count(suite, &valgrind, subject, requests, &out) {
-                Ok((ok, errors, instructions)) => {
+                Ok(Counted {
+                    ok,
+                    errors,
+                    instructions,
+                    rps,
+                }) => {
                     suite.progress.say(format!(
                         "callgrind {}: {} requests, {} instructions",
                         subject.key,
@@ -257,6 +266,7 @@ fn run(suite: &mut Suite) -> Result<()> {
                         (row.requests_short, row.instructions_short) = (ok, instructions);
                     } else {
                         (row.requests_long, row.instructions_long) = (ok, instructions);
+                        row.rps_long = Some(rps);
                     }
                     files.push(out);
                 }
@@ -316,7 +326,7 @@ fn count(
     subject: &Subject,
     requests: u64,
     out: &Path,
-) -> Result<(u64, u64, u64)> {
+) -> Result<Counted> {
     let name = format!("callgrind-{}-{requests}", subject.key);
     let mut launch = (subject.launch)(suite, &name)?;
     let mut cmd = Command::new(valgrind);
@@ -354,7 +364,24 @@ fn count(
             result.first_error.unwrap_or_default()
         );
     }
-    Ok((result.ok, result.errors, total_instructions(out)?))
+    Ok(Counted {
+        ok: result.ok,
+        errors: result.errors,
+        instructions: total_instructions(out)?,
+        rps: result.rps,
+    })
+}
+
+/// What one run under callgrind counted.
+struct Counted {
+    /// Timed requests answered.
+    ok: u64,
+    /// Timed requests failed.
+    errors: u64,
+    /// Instructions of the whole run.
+    instructions: u64,
+    /// Timed requests per second.
+    rps: f64,
 }
 
 /// The total instruction count in a callgrind output file (its `totals:`
@@ -562,6 +589,24 @@ fn signed(v: f64) -> String {
     format!("{sign}{}", group(v.abs() as u64))
 }
 
+/// The median requests/s of (g) at keep-alive c=32 in the throughput
+/// phase, if it ran.
+fn native_rps(results: &Results) -> Option<f64> {
+    let mut rps: Vec<f64> = results
+        .throughput
+        .iter()
+        .filter(|s| {
+            s.setup == Setup::PinproxyDirect
+                && s.mode == ConnMode::KeepAlive
+                && s.concurrency == CONCURRENCY
+        })
+        .map(|s| s.result.rps)
+        .filter(|rps| *rps > 0.0)
+        .collect();
+    rps.sort_by(f64::total_cmp);
+    rps.get(rps.len() / 2).copied()
+}
+
 /// The instruction-count table.
 fn render(results: &Results, out: &mut String) {
     let Some(report) = &results.callgrind else {
@@ -642,16 +687,34 @@ fn render(results: &Results, out: &mut String) {
             .find(|r| r.proxy == key)
             .and_then(|r| r.store_writer)
     };
-    if let Some(flush) = writer("pinproxy-cookies").filter(|v| *v >= 1.0) {
+    let cookies = report.rows.iter().find(|r| r.proxy == "pinproxy-cookies");
+    if let Some((flush, rps)) = cookies
+        .and_then(|r| Some((r.store_writer?, r.rps_long?)))
+        .filter(|(flush, rps)| *flush >= 1.0 && *rps > 0.0)
+    {
+        // The flush's work per second of wall time; per request it shrinks
+        // as requests get faster.
+        let per_second = flush * rps;
+        let (native, whose) = match native_rps(results) {
+            Some(native) => (
+                native,
+                "the rate (g) served in the throughput phase, keep-alive c=32",
+            ),
+            None => (10_000.0, "a round figure"),
+        };
         let _ = writeln!(
             out,
             "Of the tracked requests' count, {} instructions per request are the embedded \
              store's writer thread ({} without cookies), mostly writing the identities that \
              requests touched (last use, request count), which it does every 500 ms of wall \
-             time. Under valgrind a request takes some 50 times as long as natively, so this \
-             share is some 50 times what it is in a running proxy.\n",
+             time: its work per second, not per request. Under valgrind these requests ran at \
+             {} per second; at {} per second ({whose}) the same work is about {} \
+             instructions per request.\n",
             group(flush as u64),
             group(writer("pinproxy").unwrap_or(0.0) as u64),
+            group(rps as u64),
+            group(native as u64),
+            group((per_second / native) as u64),
         );
     }
     if let (Some(plain), Some(quiet), Some(peer)) = (per("pinproxy"), per("pinproxy-quiet"), peer) {
@@ -755,6 +818,7 @@ Ir                 file:function
             requests_long: 300,
             instructions_long: 200 * per_request,
             store_writer,
+            rps_long: Some(800.0),
             ..CallgrindRow::default()
         };
         let results = Results {
@@ -774,6 +838,12 @@ Ir                 file:function
         render(&results, &mut out);
         assert!(
             out.contains("600 instructions per request are the embedded store's writer thread (0 without cookies)"),
+            "{out}"
+        );
+        // 600 per request at 800 requests/s is 480,000 a second: 48 per
+        // request at the round 10,000 requests/s (no throughput phase here).
+        assert!(
+            out.contains("ran at 800 per second; at 10,000 per second (a round figure) the same work is about 48 instructions per request"),
             "{out}"
         );
         assert!(
