@@ -191,8 +191,11 @@ impl Router {
         let mut dead: Vec<DeadCredential> = Vec::new();
         let mut unknown: SmallVec<[&Credential; 4]> = SmallVec::new();
         for (credential, binding) in credentials.iter().copied().zip(bindings) {
+            // A request's cookies usually share one identity: its exit and
+            // lifetimes are judged once.
+            let judged = |id: IdentityId| live.iter().any(|(_, i)| i.id == id);
             match self
-                .classify(exits, &policies, credential, binding, now)
+                .classify(exits, &policies, credential, binding, now, judged)
                 .await?
             {
                 Standing::Unknown => unknown.push(credential),
@@ -233,6 +236,7 @@ impl Router {
         credential: &Credential,
         binding: Option<Binding>,
         now: u64,
+        judged: impl Fn(IdentityId) -> bool,
     ) -> Result<Standing, StoreError> {
         let Some(Binding { pin, identity }) = binding else {
             return Ok(Standing::Unknown);
@@ -256,6 +260,12 @@ impl Router {
         }
         if pin.expired(now) {
             return Ok(dead(Some(&identity), RetireReason::CookieExpired));
+        }
+        // Already found live for another credential of this request: its
+        // exit and lifetimes were judged a moment ago (only its last use can
+        // have moved since, which makes it no more idle).
+        if judged(identity.id) {
+            return Ok(Standing::Live(identity));
         }
         if let Some(reason) = ends(&identity, exits, policies, now) {
             self.retire(exits, &identity, reason.clone()).await?;
