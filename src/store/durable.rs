@@ -81,6 +81,38 @@ struct Shared {
     dirty: DashSet<IdentityId, RandomKeys>,
 }
 
+/// A change numbered (its record marked in flight) and not queued yet.
+/// Queued when dropped unqueued: a number never queued would hold every
+/// later one back from counting as durable (see [`Committed`]), so it is
+/// queued whatever becomes of the request that took it (an error, a future
+/// dropped mid-way). The writer writes the record's state in memory, which
+/// is right whether or not the change was made.
+struct Reserved<'a> {
+    store: &'a DurableStore,
+    seq: u64,
+    change: Option<Change>,
+}
+
+impl Reserved<'_> {
+    /// Queues the change; returns its number.
+    fn send(mut self) -> Result<u64, StoreError> {
+        let change = self.change.take();
+        match change {
+            Some(change) => self.store.send(self.seq, change),
+            None => Ok(self.seq),
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some(change) = self.change.take() {
+            // Fails only once the writer has stopped: nothing waits then.
+            let _ = self.store.send(self.seq, change);
+        }
+    }
+}
+
 /// The durable store.
 #[derive(Debug)]
 pub struct DurableStore {
@@ -160,11 +192,12 @@ impl DurableStore {
 
     /// Takes a sequence number for a change and marks its record in flight,
     /// before memory changes, so no reader can see the new state and take
-    /// it for durable.
-    fn reserve(&self, change: &Change) -> u64 {
+    /// it for durable. The change is queued by [`Reserved::send`], or when
+    /// the reservation is dropped.
+    fn reserve(&self, change: Change) -> Reserved<'_> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mark = |s: &mut u64| *s = (*s).max(seq);
-        match change {
+        match &change {
             Change::Identity(id) => {
                 self.shared
                     .pending_identities
@@ -181,7 +214,11 @@ impl DurableStore {
             }
             Change::ExitDeath(..) | Change::Compact | Change::Close => {}
         }
-        seq
+        Reserved {
+            store: self,
+            seq,
+            change: Some(change),
+        }
     }
 
     /// Queues a reserved change for the writer.
@@ -194,8 +231,7 @@ impl DurableStore {
     }
 
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {
-        let seq = self.reserve(&change);
-        self.send(seq, change)
+        self.reserve(change).send()
     }
 
     /// Waits until everything up to `seq` is on disk.
@@ -276,14 +312,12 @@ impl PinStore for DurableStore {
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        let change = Change::Identity(identity.id);
-        let seq = self.reserve(&change);
+        let reserved = self.reserve(Change::Identity(identity.id));
         let created = self.shared.memory.create_identity(identity).await;
-        // Queued whatever memory said: a numbered change never queued would
-        // hold every later one back from counting as durable.
-        // Not awaited: an identity is unreachable until a pin points to it,
-        // and that pin's number is higher, so its wait covers this one.
-        self.send(seq, change)?;
+        // Queued whatever memory said (see `Reserved`). Not awaited: an
+        // identity is unreachable until a pin points to it, and that pin's
+        // number is higher, so its wait covers this one.
+        reserved.send()?;
         created
     }
 
@@ -316,15 +350,13 @@ impl PinStore for DurableStore {
                 bindings.push(binding.clone());
                 continue;
             }
-            let change = Change::Pin(*key);
-            let seq = self.reserve(&change);
+            let reserved = self.reserve(Change::Pin(*key));
             let pinned = self.shared.memory.pin_if_absent(*key, pin).await;
-            // Whether this request won or lost the race, the commit of `seq`
-            // writes the pin now in memory: the one in force. (Queued even if
-            // memory failed, as in `create_identity`.)
-            self.send(seq, change)?;
+            // Whether this request won or lost the race, the commit writes
+            // the pin now in memory: the one in force. (Queued even if
+            // memory failed, see `Reserved`.)
+            last_seq = reserved.send()?;
             bindings.push(pinned?);
-            last_seq = seq;
         }
         // Pins found may still be on their way to disk; one wait covers
         // them and every pin queued above (durable up to a number means
@@ -353,20 +385,18 @@ impl PinStore for DurableStore {
         id: IdentityId,
         ip: IpAddr,
     ) -> Result<Option<IpAddr>, StoreError> {
-        let change = Change::Identity(id);
-        let seq = self.reserve(&change);
+        let reserved = self.reserve(Change::Identity(id));
         let recorded = self.shared.memory.record_egress(id, ip).await;
-        self.send(seq, change)?;
+        let seq = reserved.send()?;
         let recorded = recorded?;
         self.durable(seq).await?;
         Ok(recorded)
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
-        let change = Change::Identity(id);
-        let seq = self.reserve(&change);
+        let reserved = self.reserve(Change::Identity(id));
         let retired = self.shared.memory.retire(id, retirement).await;
-        self.send(seq, change)?;
+        let seq = reserved.send()?;
         retired?;
         self.durable(seq).await
     }
@@ -508,42 +538,72 @@ mod tests {
             // Two requests pin at once. The first numbers its change and
             // updates memory; the second does the same and queues its change
             // before the first queues its own.
-            let early = store.reserve(&Change::Pin(first));
+            let early = store.reserve(Change::Pin(first));
             store
                 .shared
                 .memory
                 .pin_if_absent(first, &pin(&ident))
                 .await
                 .unwrap();
-            let late = store.reserve(&Change::Pin(second));
+            let late = store.reserve(Change::Pin(second));
             store
                 .shared
                 .memory
                 .pin_if_absent(second, &pin(&ident))
                 .await
                 .unwrap();
-            store.send(late, Change::Pin(second)).unwrap();
+            let early_seq = early.seq;
+            let late_seq = late.send().unwrap();
             let through = committed
                 .wait_for(|c| c.commits > commits)
                 .await
                 .unwrap()
                 .seq;
             assert!(
-                through < early,
-                "durable through {through} while change {early} is still queued"
+                through < early_seq,
+                "durable through {through} while change {early_seq} is still queued"
             );
             // Neither pin counts as durable yet: a lookup of either waits.
             assert!(store.lookup(&[second]).now_or_never().is_none());
             assert!(store.lookup(&[first]).now_or_never().is_none());
 
-            store.send(early, Change::Pin(first)).unwrap();
-            store.durable(late).await.unwrap();
+            early.send().unwrap();
+            store.durable(late_seq).await.unwrap();
             assert!(store.lookup(&[first, second]).now_or_never().is_some());
             store.close().await;
         }
         let store = DurableStore::open(&path).unwrap();
         let found = store.lookup(&[first, second]).await.unwrap();
         assert!(found.iter().all(Option::is_some));
+    }
+
+    #[tokio::test]
+    async fn a_numbered_change_is_queued_even_if_its_request_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(&dir.path().join(STORE_FILE)).unwrap();
+        let ident = identity(1000);
+        let key = PinKey::from_bytes([4; 16]);
+        let reserved = store.reserve(Change::Pin(key));
+        let seq = reserved.seq;
+        store
+            .shared
+            .memory
+            .pin_if_absent(key, &pin(&ident))
+            .await
+            .unwrap();
+        // The request's future is dropped before it queues its change.
+        drop(reserved);
+        // A later change counts as durable once it is: the number dropped
+        // does not hold it back. (The timeout turns a hang into a failure.)
+        let later = store
+            .reserve(Change::Pin(PinKey::from_bytes([5; 16])))
+            .send()
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), store.durable(later))
+            .await
+            .expect("a dropped reservation held later changes back")
+            .unwrap();
+        assert!(store.committed.borrow().seq >= seq);
     }
 
     #[tokio::test]
