@@ -589,24 +589,6 @@ fn signed(v: f64) -> String {
     format!("{sign}{}", group(v.abs() as u64))
 }
 
-/// The median requests/s of (g) at keep-alive c=32 in the throughput
-/// phase, if it ran.
-fn native_rps(results: &Results) -> Option<f64> {
-    let mut rps: Vec<f64> = results
-        .throughput
-        .iter()
-        .filter(|s| {
-            s.setup == Setup::PinproxyDirect
-                && s.mode == ConnMode::KeepAlive
-                && s.concurrency == CONCURRENCY
-        })
-        .map(|s| s.result.rps)
-        .filter(|rps| *rps > 0.0)
-        .collect();
-    rps.sort_by(f64::total_cmp);
-    rps.get(rps.len() / 2).copied()
-}
-
 /// The instruction-count table.
 fn render(results: &Results, out: &mut String) {
     let Some(report) = &results.callgrind else {
@@ -695,7 +677,10 @@ fn render(results: &Results, out: &mut String) {
         // The flush's work per second of wall time; per request it shrinks
         // as requests get faster.
         let per_second = flush * rps;
-        let (native, whose) = match native_rps(results) {
+        let native = results
+            .median_rps(Setup::PinproxyDirect, ConnMode::KeepAlive, CONCURRENCY)
+            .filter(|rps| *rps > 0.0);
+        let (native, whose) = match native {
             Some(native) => (
                 native,
                 "the rate (g) served in the throughput phase, keep-alive c=32",
