@@ -96,9 +96,9 @@ struct Reserved<'a> {
 impl Reserved<'_> {
     /// Queues the change; returns its number.
     fn send(mut self) -> Result<u64, StoreError> {
-        let change = self.change.take();
-        match change {
+        match self.change.take() {
             Some(change) => self.store.send(self.seq, change),
+            // Only `send` and `drop` take the change, and each runs once.
             None => Ok(self.seq),
         }
     }
@@ -476,6 +476,16 @@ mod tests {
         }
     }
 
+    /// What a request does between numbering its pin and queueing it.
+    async fn pinned_in_memory(store: &DurableStore, key: PinKey, ident: &Identity) {
+        store
+            .shared
+            .memory
+            .pin_if_absent(key, &pin(ident))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn everything_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -539,19 +549,9 @@ mod tests {
             // updates memory; the second does the same and queues its change
             // before the first queues its own.
             let early = store.reserve(Change::Pin(first));
-            store
-                .shared
-                .memory
-                .pin_if_absent(first, &pin(&ident))
-                .await
-                .unwrap();
+            pinned_in_memory(&store, first, &ident).await;
             let late = store.reserve(Change::Pin(second));
-            store
-                .shared
-                .memory
-                .pin_if_absent(second, &pin(&ident))
-                .await
-                .unwrap();
+            pinned_in_memory(&store, second, &ident).await;
             let early_seq = early.seq;
             let late_seq = late.send().unwrap();
             let through = committed
@@ -585,12 +585,7 @@ mod tests {
         let key = PinKey::from_bytes([4; 16]);
         let reserved = store.reserve(Change::Pin(key));
         let seq = reserved.seq;
-        store
-            .shared
-            .memory
-            .pin_if_absent(key, &pin(&ident))
-            .await
-            .unwrap();
+        pinned_in_memory(&store, key, &ident).await;
         // The request's future is dropped before it queues its change.
         drop(reserved);
         // A later change counts as durable once it is: the number dropped
