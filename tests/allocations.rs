@@ -1,12 +1,15 @@
-//! Allocation budgets on the pin path: reading a request's tracked cookies
-//! and looking their pins up allocate a fixed, small number of times, not a
-//! few times per cookie (the performance issue's "the per-request pin
-//! lookup must not allocate more than once per credential").
+//! Allocation budgets on the request path: reading a request's tracked
+//! cookies and looking their pins up allocate a fixed, small number of
+//! times, not a few times per cookie (the performance issue's "the
+//! per-request pin lookup must not allocate more than once per
+//! credential"), and handing an access line to the log writer allocates
+//! nothing once the writer hands buffers back.
 //!
 //! Counted with the suite's counting allocator on the test's own thread: a
 //! current-thread runtime polls everything on it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 use pinproxy::clock::Clock;
@@ -22,6 +25,7 @@ use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::Store;
+use pinproxy::telemetry::line_writer::{LineWriter, BATCH_INTERVAL};
 use pinproxy::upstream::ExitClient;
 use tokio_util::task::TaskTracker;
 
@@ -153,4 +157,29 @@ fn a_name_sent_in_other_case_costs_one_allocation_of_its_own() {
     let (reading, routing) = hit_allocations(Store::Memory(MemoryStore::new()), &headers);
     // The vector and `DataDome`, kept as sent.
     assert_eq!((reading, routing), (2, 1));
+}
+
+#[test]
+fn a_log_line_is_copied_into_a_buffer_the_writer_handed_back() {
+    let (writer, guard) = LineWriter::start(std::io::sink()).unwrap();
+    let line =
+        b"2026-12-01T10:00:00.123456Z  INFO pinproxy::access: request method=GET status=200\n";
+    let before = allocations::so_far();
+    assert!(writer.line(line));
+    assert_eq!(
+        allocations::so_far() - before,
+        1,
+        "no spare yet: one buffer"
+    );
+    // The writer thread takes the line into its batch and hands the buffer
+    // back (a bounded wait on that readiness).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer.spare_buffers() == 0 {
+        assert!(Instant::now() < deadline, "no buffer came back within 10 s");
+        std::thread::sleep(BATCH_INTERVAL);
+    }
+    let before = allocations::so_far();
+    assert!(writer.line(line));
+    assert_eq!(allocations::so_far() - before, 0, "the line reused a spare");
+    drop(guard);
 }
