@@ -18,6 +18,14 @@
 //! same in both runs, so (I(3n) − I(n)) / 2n is the instructions one
 //! keep-alive request costs, without needing callgrind_control (which
 //! cannot reach a process parked in `epoll_wait` without ptrace rights).
+//! Not counted: the first use of aws-lc's random generator in a process
+//! (both proxies' TLS, and pinproxy's CA) gathers entropy from timing
+//! jitter, about 420 million instructions whose number depends on the
+//! clock: it moved by up to a million between two runs of the same binary,
+//! some 260 instructions per request of the difference, and by different
+//! amounts in pinproxy's runs than in the peer's. Callgrind stops counting
+//! inside that one function (`--toggle-collect`), so every proxy's count
+//! leaves it out the same way.
 //! The same difference taken function by function gives pinproxy's
 //! per-request profile, written to the callgrind directory for the
 //! engineers who optimise it.
@@ -54,6 +62,9 @@ const CONCURRENCY: usize = 32;
 /// carries the runs' start-up variation (measured: the peer's count moved by
 /// 15% between two runs 400 requests apart, by 0.13% 4,000 apart).
 const REPEATABLE_APART: u64 = 4000;
+/// aws-lc's one-time gathering of timing-jitter entropy, as callgrind names
+/// it (a static function, called once per process).
+const JITTER_ENTROPY: &str = "tree_jitter_initialize_once";
 /// Functions listed in the per-request profile.
 const TOP_FUNCTIONS: usize = 20;
 /// (g)'s instructions per request over (f)'s.
@@ -332,6 +343,11 @@ fn count(
     let mut cmd = Command::new(valgrind);
     // Threads take turns in order (see the module doc).
     cmd.args(["--tool=callgrind", "--quiet", "--fair-sched=yes"])
+        // Entropy gathered from timing jitter: not counted (module doc).
+        // A toggle alone would count nothing but that function: it turns
+        // counting off at the start unless told otherwise.
+        .arg(format!("--toggle-collect=*{JITTER_ENTROPY}"))
+        .arg("--collect-atstart=yes")
         .arg(format!("--callgrind-out-file={}", path_str(out)?))
         .arg(launch.cmd.get_program())
         .args(launch.cmd.get_args());
