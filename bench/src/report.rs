@@ -59,6 +59,10 @@ pub struct RunSettings {
     pub body_bytes: usize,
     /// Total request rate of the fixed-rate latency runs.
     pub fixed_rate: f64,
+    /// Timed seconds per fixed-rate latency run (`None` in runs from before
+    /// it had its own: those lasted `secs`).
+    #[serde(default)]
+    pub fixed_rate_secs: Option<f64>,
     /// Concurrency of the fixed-rate latency runs.
     pub fixed_rate_concurrency: usize,
     /// Tracked cookies per request when filling pins.
@@ -606,6 +610,25 @@ mod tests {
             }
         }
         results
+    }
+
+    #[test]
+    fn the_latency_runs_say_how_many_requests_lie_above_their_p99() {
+        let mut results = full_results();
+        results.settings.fixed_rate = 1000.0;
+        results.settings.secs = 1.5;
+        let text = results.render(None);
+        // A run from before fixed-rate runs had their own length.
+        assert!(
+            text.contains("Each run lasts 1.5 s, so 15 requests"),
+            "{text}"
+        );
+        results.settings.fixed_rate_secs = Some(6.0);
+        let text = results.render(None);
+        assert!(
+            text.contains("Each run lasts 6.0 s, so 60 requests"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct SuiteConfig {
     pub max_requests: u64,
     /// Total rate of the fixed-rate latency runs.
     pub fixed_rate: f64,
+    /// Timed seconds per fixed-rate latency run.
+    pub fixed_rate_secs: f64,
     /// Idle tunnel counts.
     pub tunnel_counts: Vec<usize>,
     /// Cumulative pin counts.
@@ -206,6 +208,7 @@ pub fn run(config: SuiteConfig) -> Result<()> {
         max_requests: config.max_requests,
         body_bytes: BODY_BYTES,
         fixed_rate: config.fixed_rate,
+        fixed_rate_secs: Some(config.fixed_rate_secs),
         fixed_rate_concurrency: throughput::FIXED_RATE_CONCURRENCY,
         pins_per_request: config.pins_per_request,
         pin_concurrency: config.pin_concurrency,

@@ -340,7 +340,12 @@ fn measure(
     let ticks = procfs::ticks_per_second() as f64;
     let before = measured.map(|s| s.proc.sample()).transpose()?;
     let overflows_before = procfs::listen_overflows().unwrap_or(0);
-    let result = suite.load(proxy, mode, conc, suite.config.secs, tag.as_deref(), rate)?;
+    // A p99 needs more requests than a rate: fixed-rate runs last longer.
+    let secs = match rate {
+        Some(_) => suite.config.fixed_rate_secs,
+        None => suite.config.secs,
+    };
+    let result = suite.load(proxy, mode, conc, secs, tag.as_deref(), rate)?;
     let overflows = procfs::listen_overflows()
         .unwrap_or(0)
         .saturating_sub(overflows_before);

@@ -345,8 +345,12 @@ pub fn section(results: &Results, out: &mut String) {
              requests/s in total (open loop: a request held up by slow earlier ones counts \
              from when it was due), well below the capacity of (a)–(d), (f) and (g); \
              mitmproxy is left out, as it cannot sustain that rate, and so are (c′) and the \
-             other fingerprint modes of (c), which only differ saturated.\n",
-            s.fixed_rate_concurrency, s.fixed_rate
+             other fingerprint modes of (c), which only differ saturated. Each run lasts \
+             {:.1} s, so {:.0} requests lie above a run's p99.\n",
+            s.fixed_rate_concurrency,
+            s.fixed_rate,
+            s.fixed_rate_secs.unwrap_or(s.secs),
+            s.fixed_rate * s.fixed_rate_secs.unwrap_or(s.secs) / 100.0
         );
         let cell = (ConnMode::KeepAlive, s.fixed_rate_concurrency);
         setup_table(out, &results.fixed_rate, &[cell]);
