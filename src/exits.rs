@@ -185,10 +185,14 @@ impl ExitSet {
     /// exit every trial interval; only when no probes are configured). The
     /// caller probes it in the background, towards the origin of the request
     /// at hand, so the trial never costs a client request.
-    pub fn due_for_trial(&self, now_ms: u64) -> Option<&Arc<Exit>> {
+    ///
+    /// The clock (`now_ms`) is read only once an exit is not healthy: every
+    /// request asks, and nearly always every exit is.
+    pub fn due_for_trial(&self, now_ms: impl FnOnce() -> u64) -> Option<&Arc<Exit>> {
         let interval = self.trial_interval_ms?;
+        let now_ms = std::cell::LazyCell::new(now_ms);
         self.exits.iter().find(|e| {
-            e.health.state() != HealthState::Healthy && e.health.claim_trial(now_ms, interval)
+            e.health.state() != HealthState::Healthy && e.health.claim_trial(*now_ms, interval)
         })
     }
 

@@ -60,7 +60,7 @@ pub fn cookies(mut request: HeaderMap, response: &HeaderMap, now_ms: u64) -> Coo
     };
     let hasher = hasher();
     let found = cookies::tracked_in_request(&request, &policy, &hasher).ok();
-    let set = cookies::tracked_in_response(response, &policy, &hasher, now_ms)
+    let set = cookies::tracked_in_response(response, &policy, &hasher, || now_ms)
         .into_iter()
         .map(|c| c.cookie.to_string())
         .collect();

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue};
 use pinproxy::clock::Clock;
 use pinproxy::credential::{Credential, PinHasher};
-use pinproxy::exits::health::{Health, Thresholds};
-use pinproxy::exits::sessions::AnonymousSessions;
-use pinproxy::exits::{Exit, ExitSet, ExitSpec};
+use pinproxy::exits::ExitSet;
 use pinproxy::fingerprint::Fingerprint;
 use pinproxy::metrics::Metrics;
 use pinproxy::proxy::credentials::cookies::CookiePolicy;
@@ -26,28 +24,19 @@ use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::Store;
 use pinproxy::telemetry::line_writer::{LineWriter, BATCH_INTERVAL};
-use pinproxy::upstream::ExitClient;
 use tokio_util::task::TaskTracker;
 
 use crate::support::allocations;
 
 /// One direct exit on loopback (nothing is sent through it).
 fn one_exit() -> ExitSet {
-    let tls = pinproxy::upstream::tls::UpstreamTls::new(pinproxy::daemon::crypto_provider(), &[])
-        .unwrap();
-    let pool = crate::support::routing_only_pool();
-    let spec = ExitSpec::parse("local", "direct://127.0.0.2").unwrap();
-    let exit = Exit::new(
-        spec.clone(),
-        ExitClient::new(spec.route(), tls, &pool),
-        Health::new(Thresholds {
-            unhealthy_after: 1,
-            dead_after: 2,
-            healthy_after: 1,
-        }),
-        AnonymousSessions::new(1, None, 0),
-    );
-    ExitSet::new(vec![exit], None)
+    ExitSet::new(
+        vec![crate::support::routing_only_exit(
+            "local",
+            "direct://127.0.0.2",
+        )],
+        None,
+    )
 }
 
 fn router(store: Store) -> Router {

@@ -164,6 +164,49 @@ async fn a_cookie_pinned_to_a_dead_exit_never_leaves_through_another() {
     assert!(origin.leaks().is_empty());
 }
 
+/// Every request asks whether an unhealthy exit is due for a trial probe:
+/// while every exit is healthy the answer costs no clock read, and an
+/// unhealthy one is offered once per trial interval.
+#[test]
+fn an_unhealthy_exit_is_offered_for_trial_once_per_interval() {
+    use pinproxy::exits::ExitSet;
+    use std::cell::Cell;
+    let exits = ExitSet::new(
+        vec![
+            support::routing_only_exit("steady", "direct://127.0.0.2"),
+            support::routing_only_exit("flaky", "direct://127.0.0.3"),
+        ],
+        Some(60_000),
+    );
+    let reads = Cell::new(0);
+    let at = |ms: u64| {
+        let reads = &reads;
+        move || {
+            reads.set(reads.get() + 1);
+            ms
+        }
+    };
+    assert!(exits.due_for_trial(at(1_000_000)).is_none());
+    assert_eq!(reads.get(), 0, "the clock was read with every exit healthy");
+
+    let flaky = exits
+        .iter()
+        .find(|e| e.id().to_string() == "flaky")
+        .unwrap();
+    flaky.health.failure(1_000_000);
+    let due = exits
+        .due_for_trial(at(1_000_000))
+        .map(|e| e.id().to_string());
+    assert_eq!(due.as_deref(), Some("flaky"));
+    assert_eq!(reads.get(), 1, "one read for one request");
+    // Claimed: not again within the interval, again after it.
+    assert!(exits.due_for_trial(at(1_030_000)).is_none());
+    let due = exits
+        .due_for_trial(at(1_060_000))
+        .map(|e| e.id().to_string());
+    assert_eq!(due.as_deref(), Some("flaky"));
+}
+
 #[tokio::test]
 async fn a_direct_exit_reports_an_unreachable_origin() {
     let origin = Origin::start().await;

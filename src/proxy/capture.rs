@@ -45,8 +45,9 @@ impl Pipeline {
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
     ) -> Result<Option<Identity>, StoreError> {
-        let now = self.router.clock().now_ms();
-        let set = cookies::tracked_in_response(headers, &self.cookies, &self.hasher, now);
+        let clock = self.router.clock();
+        let set =
+            cookies::tracked_in_response(headers, &self.cookies, &self.hasher, || clock.now_ms());
         if set.is_empty() {
             return Ok(route.identity.clone());
         }

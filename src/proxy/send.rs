@@ -130,8 +130,8 @@ impl Pipeline {
     /// Without health probes, an exit that is not healthy is tried now and
     /// then in the background, towards the origin of the request at hand.
     pub(crate) fn trial_unhealthy_exit(&self, target: &Target) {
-        let now = self.router.clock().now_ms();
-        let Some(exit) = self.exits.due_for_trial(now) else {
+        let clock = self.router.clock();
+        let Some(exit) = self.exits.due_for_trial(|| clock.now_ms()) else {
             return;
         };
         let exit = exit.clone();

@@ -47,6 +47,28 @@ pub fn process_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> 
     args
 }
 
+/// An exit `id` at `url` for tests that route to it in process and never
+/// send through it (pool: [`routing_only_pool`]); unhealthy after one
+/// failure, dead after two.
+pub fn routing_only_exit(id: &str, url: &str) -> pinproxy::exits::Exit {
+    use pinproxy::exits::health::{Health, Thresholds};
+    use pinproxy::exits::sessions::AnonymousSessions;
+    use pinproxy::exits::{Exit, ExitSpec};
+    let tls = pinproxy::upstream::tls::UpstreamTls::new(pinproxy::daemon::crypto_provider(), &[])
+        .unwrap();
+    let spec = ExitSpec::parse(id, url).unwrap();
+    Exit::new(
+        spec.clone(),
+        pinproxy::upstream::ExitClient::new(spec.route(), tls, &routing_only_pool()),
+        Health::new(Thresholds {
+            unhealthy_after: 1,
+            dead_after: 2,
+            healthy_after: 1,
+        }),
+        AnonymousSessions::new(1, None, 0),
+    )
+}
+
 /// Pool settings for exits that tests route to in process and never send
 /// through: short timeouts, one idle connection.
 pub fn routing_only_pool() -> pinproxy::upstream::PoolSettings {

@@ -325,8 +325,11 @@ pub fn tracked_in_response(
     headers: &HeaderMap,
     policy: &CookiePolicy,
     hasher: &PinHasher,
-    now_ms: u64,
+    now_ms: impl FnOnce() -> u64,
 ) -> Vec<SetTrackedCookie> {
+    // The clock is read for the first tracked cookie only: most responses
+    // set none, and a clock read costs about a hundred instructions.
+    let now_ms = std::cell::LazyCell::new(now_ms);
     let mut found = Vec::new();
     for (header, is_datadome_carrier) in headers
         .get_all(http::header::SET_COOKIE)
@@ -350,6 +353,7 @@ pub fn tracked_in_response(
         if !policy.is_tracked(parsed.name()) {
             continue;
         }
+        let now_ms = *now_ms;
         let expires_ms = cookie_expiry_ms(&parsed, now_ms);
         let deletes = expires_ms.is_some_and(|at| at <= now_ms) || parsed.value().is_empty();
         found.push(SetTrackedCookie {
@@ -630,6 +634,19 @@ mod tests {
     }
 
     #[test]
+    fn a_response_without_tracked_cookies_reads_no_clock() {
+        let mut headers = HeaderMap::new();
+        headers.append("set-cookie", HeaderValue::from_static("theme=dark"));
+        let found = tracked_in_response(&headers, &policy(), &hasher(), || {
+            panic!("the clock was read for a response without tracked cookies")
+        });
+        assert!(found.is_empty());
+        assert!(
+            tracked_in_response(&HeaderMap::new(), &policy(), &hasher(), || panic!()).is_empty()
+        );
+    }
+
+    #[test]
     fn set_cookie_and_x_set_cookie() {
         let mut headers = HeaderMap::new();
         headers.append(
@@ -650,7 +667,13 @@ mod tests {
             HeaderValue::from_static("datadome=carried; Max-Age=60"),
         );
         let now = 1_800_000_000_000;
-        let found = tracked_in_response(&headers, &policy(), &hasher(), now);
+        // The clock is read once, for the first tracked cookie.
+        let reads = std::cell::Cell::new(0);
+        let found = tracked_in_response(&headers, &policy(), &hasher(), || {
+            reads.set(reads.get() + 1);
+            now
+        });
+        assert_eq!(reads.get(), 1);
         assert_eq!(found[0].expires_ms, Some(now + 31_536_000_000));
         assert_eq!(found[3].expires_ms, Some(now + 60_000));
         let summary: Vec<_> = found.iter().map(|s| (&*s.cookie.name, s.deletes)).collect();
