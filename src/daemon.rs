@@ -247,7 +247,8 @@ pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher),
 /// replica's. Waits (bounded) for Redis at start, since hashing with another
 /// key would miss every pin. A replica (`data_dir` given) keeps the fleet's
 /// key in its data directory, offers it back after a wipe, and checks the
-/// namespace's history (a loss while it was down starts a restore).
+/// namespace's history (a loss while it was down starts a restore). A tool
+/// (no `data_dir`) reads the fleet's key and never sets one.
 async fn fleet_hasher(
     store: &RedisStore,
     local: &PinHasher,
@@ -261,10 +262,18 @@ async fn fleet_hasher(
     let mut last = None;
     for attempt in 0..10u32 {
         let agreed = async {
-            let key = store.shared_hash_key(candidate).await?;
-            if data_dir.is_some() {
-                store.start().await?;
-            }
+            let key = match data_dir {
+                Some(_) => {
+                    let key = store.shared_hash_key(candidate).await?;
+                    store.start().await?;
+                    key
+                }
+                // A tool reads the fleet's key and never sets one: on a
+                // store that has just lost its data, a tool's own key must
+                // not become the fleet's (the running replicas would not
+                // hash with it). With none set, nothing is pinned to find.
+                None => store.existing_hash_key().await?.unwrap_or(candidate),
+            };
             Ok::<_, StoreError>(key)
         };
         match agreed.await {

@@ -59,7 +59,7 @@ use crate::fault::{Blame as _, Fault};
 use crate::fingerprint::{Fingerprint, FingerprintPolicy};
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
-use crate::store::{StoreError, StoreErrorKind, Unavailable};
+use crate::store::Unavailable;
 use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::Answered;
 use access::{Access, Decision};
@@ -329,11 +329,10 @@ impl Pipeline {
     ) -> Result<Route, ProxyError> {
         let may_pass_without_store =
             self.on_unavailable == Unavailable::FailOpen && credentials.is_empty();
-        if !self.router.store().available() && !may_pass_without_store {
-            return Err(ProxyError::Store(StoreError::new(
-                StoreErrorKind::Unreachable,
-                "it is not answering",
-            )));
+        if let Some(refusal) = self.router.store().refusal() {
+            if !may_pass_without_store {
+                return Err(ProxyError::Store(refusal));
+            }
         }
         Ok(self
             .router

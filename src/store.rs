@@ -40,6 +40,9 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The store answered something pinproxy did not expect.
     Protocol,
+    /// The shared store holds another pin-hashing key than this replica
+    /// hashes with; it refuses every request until restarted.
+    KeyConflict,
 }
 
 impl StoreErrorKind {
@@ -50,6 +53,7 @@ impl StoreErrorKind {
             StoreErrorKind::WriteFailed => "write failed",
             StoreErrorKind::Corrupt => "corrupt record",
             StoreErrorKind::Protocol => "unexpected answer",
+            StoreErrorKind::KeyConflict => "pin-hashing key conflict",
         }
     }
 }
@@ -331,6 +335,25 @@ impl Store {
             Store::Redis(store) => store.is_available(),
             Store::Memory(_) | Store::Durable(_) => true,
         }
+    }
+
+    /// Why requests are refused while the store is not [`available`]:
+    /// `None` while it is.
+    ///
+    /// [`available`]: Store::available
+    pub fn refusal(&self) -> Option<StoreError> {
+        if self.available() {
+            return None;
+        }
+        Some(match self {
+            Store::Redis(store) => match store.key_conflict() {
+                Some(conflict) => StoreError::new(StoreErrorKind::KeyConflict, conflict),
+                None => StoreError::new(StoreErrorKind::Unreachable, "it is not answering"),
+            },
+            Store::Memory(_) | Store::Durable(_) => {
+                StoreError::new(StoreErrorKind::Unreachable, "it is not answering")
+            }
+        })
     }
 }
 

@@ -261,6 +261,93 @@ async fn a_flushed_redis_leaks_nothing() {
     .await;
 }
 
+/// After a wipe, Redis may come to hold another pin-hashing key than the
+/// one the fleet hashes with (a replica started without the fleet's key, or
+/// a `pinproxy store` command, set it first). Two keys would give one
+/// cookie two pins, so a replica that finds another key when it writes its
+/// own back refuses every request from then on, naming both keys by hash
+/// (never the key), and no cookie leaves through another exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
+    let redis = RedisNode::volatile().await;
+    let fleet = Fleet::start(1, &redis.url(), &[]).await;
+    let mut clients = log_in(&fleet, 2, &[0]).await;
+    assert_eq!(pages(&fleet, &mut clients, &[0]).await.kept, 2);
+
+    let foreign = "another-replica-s-32-byte-key-00";
+    assert_eq!(foreign.len(), 32);
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    let _: () = redis.command(&["SET", "pinproxy:hash-key", foreign]).await;
+
+    // The next round trip shows the loss, and the restore finds the other
+    // key. Until then a request keeps its exit; from then on it is refused.
+    let port = fleet.origin.https.port();
+    let mut refused = None;
+    for _ in 0..100 {
+        for client in &mut clients {
+            let reply = fleet.clients[0]
+                .try_get("localhost", port, "/page", &mut client.jar)
+                .await
+                .unwrap();
+            match reply.status.as_u16() {
+                200 => assert_eq!(reported_peer(&reply.body), Some(client.earned)),
+                503 => refused = reply.pinproxy_error(),
+                other => panic!("{other} {}", reply.body),
+            }
+        }
+        if refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("the replica never refused");
+    let foreign_id = &blake3::hash(foreign.as_bytes()).to_hex()[..8];
+    assert!(refused.starts_with("store-unavailable"), "{refused}");
+    assert!(refused.contains("pin-hashing key conflict"), "{refused}");
+    assert!(refused.contains(foreign_id), "{refused}");
+    assert!(
+        !refused.contains(foreign),
+        "the key itself was shown: {refused}"
+    );
+    // It stays refused: no retry of the restore ends it.
+    for client in &mut clients {
+        let reply = fleet.clients[0]
+            .try_get("localhost", port, "/page", &mut client.jar)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 503, "{}", reply.body);
+    }
+    // Redis keeps the other key: the replica did not overwrite it.
+    let held: String = redis.command(&["GET", "pinproxy:hash-key"]).await;
+    assert_eq!(held, foreign);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
+/// A `pinproxy store` command on a Redis namespace that holds no key yet
+/// (a fresh or wiped one) reads the store with its own key and leaves the
+/// fleet's key to the replicas: it sets none.
+#[tokio::test]
+async fn a_store_command_never_sets_the_fleet_s_key() {
+    let redis = RedisNode::volatile().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    support::procs::pinproxy_tool(&[
+        "store".as_ref(),
+        "stats".as_ref(),
+        "--store".as_ref(),
+        url.as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ])
+    .await;
+    let held: Option<String> = redis.command(&["GET", "pinproxy:hash-key"]).await;
+    assert_eq!(held, None);
+}
+
 /// A Sentinel group (primary, replica, three Sentinels) and a fleet on it.
 struct Group {
     primary: RedisNode,

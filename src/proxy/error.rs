@@ -403,6 +403,10 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
             "The store answered something pinproxy does not understand: store.url must name Redis 7 \
              or later (or a Sentinel for it)."
         }
+        StoreErrorKind::KeyConflict => {
+            "Nothing is routed by this replica until the fleet's pin-hashing key is back in Redis \
+             and the replica is restarted (the error says which key and where)."
+        }
     }
     .into()
 }

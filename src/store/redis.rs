@@ -130,6 +130,10 @@ struct Inner {
     journal: Option<Journal>,
     /// The fleet's pin-hashing key, once agreed (written back after a loss).
     hash_key: Mutex<Option<[u8; 32]>>,
+    /// Set when, after a loss, Redis holds another pin-hashing key than the
+    /// one this replica hashes with: what it says. Every command is refused
+    /// from then on (see [`RedisStore::key_conflict`]).
+    key_conflict: Mutex<Option<String>>,
     quarantine_ms: u64,
     wait: Option<WaitFor>,
     metrics: Arc<Metrics>,
@@ -217,6 +221,7 @@ impl RedisStore {
                 epoch: Mutex::new(None),
                 journal,
                 hash_key: Mutex::new(None),
+                key_conflict: Mutex::new(None),
                 quarantine_ms: settings.quarantine_ms,
                 wait: settings.wait,
                 metrics,
@@ -240,13 +245,37 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// Whether the last command (or check) succeeded.
+    /// Whether the last command (or check) succeeded, and the replica may
+    /// use the store at all (no [`RedisStore::key_conflict`]).
     pub fn is_available(&self) -> bool {
-        self.inner.link.is_available()
+        self.inner.link.is_available() && self.key_conflict().is_none()
     }
 
+    /// Why this replica refuses every command, if it does: after a loss,
+    /// Redis came to hold another pin-hashing key than the one this replica
+    /// hashes cookies with. The two keys give one cookie two pin keys, so
+    /// this replica and the replicas hashing with the other key could each
+    /// pin it to its own exit; refusing is the only safe answer until an
+    /// operator puts the fleet's key back and restarts.
+    pub fn key_conflict(&self) -> Option<String> {
+        self.inner
+            .key_conflict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The connection for a command, unless the replica refuses them all.
     fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        self.refuse_on_key_conflict()?;
         self.inner.link.connection()
+    }
+
+    fn refuse_on_key_conflict(&self) -> Result<(), StoreError> {
+        match self.key_conflict() {
+            Some(conflict) => Err(StoreError::new(StoreErrorKind::KeyConflict, conflict)),
+            None => Ok(()),
+        }
     }
 
     fn note<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
@@ -341,10 +370,61 @@ impl RedisStore {
         }
     }
 
-    /// The fleet's pin-hashing key: `local` unless another replica set one
-    /// first.
+    /// The fleet's pin-hashing key, which a replica hashes cookies with
+    /// from its start: `local` unless another replica set one first.
     pub async fn shared_hash_key(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
-        let key = format!("{}:hash-key", self.inner.prefix);
+        let shared = self.set_hash_key_unless_set(local).await?;
+        *self
+            .inner
+            .hash_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(shared);
+        Ok(shared)
+    }
+
+    /// The fleet's pin-hashing key if one is set; sets none. For the
+    /// command-line tools: a tool run on a store that has just lost its data
+    /// must not make its own key the fleet's, which the running replicas
+    /// would not hash with.
+    pub async fn existing_hash_key(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        let key = self.hash_key_key();
+        let mut connection = self.connection()?;
+        let stored: Option<Vec<u8>> = self.note(connection.get(&key).await)?;
+        stored.map(|bytes| hash_key_of(&key, &bytes)).transpose()
+    }
+
+    /// After a loss: writes back the key this replica hashes with
+    /// (`in_use`), unless another was set first; if another was, every
+    /// command is refused from now on ([`RedisStore::key_conflict`]).
+    pub(super) async fn reassert_hash_key(&self, in_use: [u8; 32]) -> Result<(), StoreError> {
+        let shared = self.set_hash_key_unless_set(in_use).await?;
+        if shared == in_use {
+            return Ok(());
+        }
+        let conflict = format!(
+            "Redis holds pin-hashing key {} but this replica hashes cookies with {}: it was set \
+             after Redis lost its data, by a replica started without the fleet's key or by a \
+             `pinproxy store` command. With two keys one cookie could be pinned to two exits, \
+             so this replica refuses every request until restarted. Put key {} back into \
+             `{}` (it is the `fleet-pin-key` file in this replica's data directory), then \
+             restart the replicas started since the loss and this one",
+            key_id(&shared),
+            key_id(&in_use),
+            key_id(&in_use),
+            self.hash_key_key(),
+        );
+        tracing::error!("{conflict}");
+        *self
+            .inner
+            .key_conflict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(conflict.clone());
+        Err(StoreError::new(StoreErrorKind::KeyConflict, conflict))
+    }
+
+    /// `SET NX` of `local` as the fleet's key; returns the key in force.
+    async fn set_hash_key_unless_set(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        let key = self.hash_key_key();
         let mut connection = self.connection()?;
         let _: Option<String> = self.note(
             redis::cmd("SET")
@@ -355,16 +435,11 @@ impl RedisStore {
                 .await,
         )?;
         let stored: Vec<u8> = self.note(connection.get(&key).await)?;
-        let shared: [u8; 32] = stored
-            .as_slice()
-            .try_into()
-            .map_err(|_| corrupt(format!("{key} does not hold a 32-byte key")))?;
-        *self
-            .inner
-            .hash_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(shared);
-        Ok(shared)
+        hash_key_of(&key, &stored)
+    }
+
+    fn hash_key_key(&self) -> String {
+        format!("{}:hash-key", self.inner.prefix)
     }
 
     /// Finds the primary (with Sentinel) and checks the namespace's
@@ -504,6 +579,7 @@ impl RedisStore {
         keys: &[String],
         args: &[Vec<u8>],
     ) -> Result<Value, StoreError> {
+        self.refuse_on_key_conflict()?;
         match (self.inner.wait, self.inner.link.acknowledged_connection()?) {
             (Some(wait), Some(connection)) => {
                 self.run_acknowledged(wait, connection, script, keys, args)
@@ -634,6 +710,20 @@ fn key_prefix(url: &str, namespace: &str) -> String {
     } else {
         namespace.to_owned()
     }
+}
+
+/// The 32-byte pin-hashing key Redis holds under `name`.
+fn hash_key_of(name: &str, stored: &[u8]) -> Result<[u8; 32], StoreError> {
+    stored
+        .try_into()
+        .map_err(|_| corrupt(format!("{name} does not hold a 32-byte key")))
+}
+
+/// How logs and errors name a pin-hashing key: the first 8 hex digits of
+/// its BLAKE3 hash (the key is a secret: it would let anyone who reads the
+/// store link pins to cookie values).
+fn key_id(key: &[u8; 32]) -> String {
+    blake3::hash(key).to_hex()[..8].to_owned()
 }
 
 /// Checks the link and the generation until the store is dropped.

@@ -34,6 +34,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs a `pinproxy` command (a tool: `store`, `pins`, ...) to its end and
+/// returns its standard output; panics with its standard error if it fails.
+pub async fn pinproxy_tool(args: &[&std::ffi::OsStr]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "pinproxy {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Starts `command` and waits (bounded) until a line of its output contains
 /// `ready`; the rest of its output is drained in the background.
 pub async fn spawn_until(command: Command, ready: &str, stderr: bool) -> Child {

@@ -117,6 +117,8 @@ impl RedisStore {
             for attempt in 1..=RESTORE_ATTEMPTS {
                 match store.recover(&loss, seen_epoch.as_deref()).await {
                     Ok(()) => break,
+                    // Refused for good: retrying cannot help (logged once).
+                    Err(_) if store.key_conflict().is_some() => break,
                     Err(e) if attempt < RESTORE_ATTEMPTS => {
                         tracing::warn!(error = %e, attempt, "restoring the pin store failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -189,8 +191,8 @@ impl RedisStore {
             .hash_key
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(local) = hash_key {
-            self.shared_hash_key(local).await?;
+        if let Some(in_use) = hash_key {
+            self.reassert_hash_key(in_use).await?;
         }
         let Some(journal) = &self.inner.journal else {
             return Ok(());
