@@ -261,6 +261,65 @@ async fn a_flushed_redis_leaks_nothing() {
     .await;
 }
 
+/// The quarantine after a loss is the fleet's, not one process's: a
+/// replica started during it with an empty data directory (a new pod: no
+/// journal, no history of its own, so it sees no loss) still answers a
+/// credential Redis lost as lost, and does not pin it anew. So does a
+/// replica restarted during it, which finds the new epoch in its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_during_the_quarantine_keeps_it() {
+    let redis = RedisNode::volatile().await;
+    let mut fleet = Fleet::start(3, &redis.url(), &[]).await;
+    // Only replica 1 ever saw the orphans; `others` went through replica 0.
+    let mut orphans = log_in(&fleet, 2, &[1]).await;
+    let mut others = log_in(&fleet, 2, &[0]).await;
+    fleet.stop(1).await;
+    fleet.stop(2).await;
+
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    // Replica 0 notices at its next round trip and restores its own pins.
+    assert_eq!(pages(&fleet, &mut others, &[0]).await.kept, 2);
+    let until: Option<u64> = redis.command(&["GET", "pinproxy:quarantine-until"]).await;
+    assert!(until.is_some(), "the quarantine's end is not in Redis");
+
+    // Replica 2 comes back as a new pod: nothing but the CA.
+    let dir = fleet.dirs[2].path().to_owned();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name != "ca.pem" && name != "ca-key.pem" {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+    fleet.restart(2).await;
+    let view: serde_json::Value =
+        serde_json::from_str(&fleet.replica(2).admin_get("/store").await).unwrap();
+    assert!(
+        view["loss"].is_object(),
+        "replica 2 reports no quarantine: {view}"
+    );
+    let outcome = pages(&fleet, &mut orphans[..1], &[2]).await;
+    assert_eq!(
+        outcome.lost, 1,
+        "a replica started during the quarantine pinned a lost cookie anew"
+    );
+    // Restarted during it, replica 0 keeps it too (the other orphan: the
+    // first is now a tombstone in Redis, lost whatever the quarantine).
+    fleet.stop(0).await;
+    fleet.restart(0).await;
+    assert_eq!(pages(&fleet, &mut orphans[1..], &[0]).await.lost, 1);
+    assert_eq!(pages(&fleet, &mut others, &[0, 2]).await.kept, 4);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
 /// After a wipe, Redis may come to hold another pin-hashing key than the
 /// one the fleet hashes with (a replica started without the fleet's key, or
 /// a `pinproxy store` command, set it first). Two keys would give one

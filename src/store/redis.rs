@@ -137,8 +137,9 @@ struct Inner {
     quarantine_ms: u64,
     wait: Option<WaitFor>,
     metrics: Arc<Metrics>,
-    /// When the last loss was noticed (Unix ms; 0: never).
-    lost_at_ms: AtomicU64,
+    /// When the quarantine after a loss ends (Unix ms; 0: none): the later
+    /// of this replica's own and the fleet's (`NS:quarantine-until`).
+    quarantine_until_ms: AtomicU64,
     /// A restore is running.
     recovering: AtomicBool,
     report: Mutex<Option<LossReport>>,
@@ -155,6 +156,7 @@ struct Inner {
     exit_death: Script,
     check: Script,
     new_epoch: Script,
+    quarantine: Script,
 }
 
 /// The touches of one identity not yet written.
@@ -225,7 +227,7 @@ impl RedisStore {
                 quarantine_ms: settings.quarantine_ms,
                 wait: settings.wait,
                 metrics,
-                lost_at_ms: AtomicU64::new(0),
+                quarantine_until_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
                 report: Mutex::new(None),
                 touches: dashmap::DashMap::default(),
@@ -236,6 +238,7 @@ impl RedisStore {
                 exit_death: Script::new(scripts::EXIT_DEATH),
                 check: Script::new(scripts::GENERATION),
                 new_epoch: Script::new(scripts::NEW_EPOCH),
+                quarantine: Script::new(scripts::QUARANTINE),
             }),
         };
         tokio::spawn(check_loop(Arc::downgrade(&store.inner)));
@@ -452,7 +455,10 @@ impl RedisStore {
         if !self.inner.generation.knows_history() {
             self.replace_epoch(None).await?;
         }
-        Ok(())
+        // A replica that starts (or restarts) while the fleet is still in
+        // quarantine after a loss has not seen the loss itself, and must
+        // not pin anew what another replica lost.
+        self.join_quarantine().await
     }
 
     /// Warns when the server may evict pinproxy's keys before they expire.

@@ -1,7 +1,9 @@
 //! After Redis forgot: never re-pin a lost credential.
 //!
 //! When a reply shows a loss (see `generation`), this replica:
-//! 1. starts the quarantine (`store.loss_quarantine`) and counts the event;
+//! 1. starts the quarantine (`store.loss_quarantine`), counts the event,
+//!    and writes the quarantine's end to Redis (`NS:quarantine-until`),
+//!    where a replica started or restarted during it finds it;
 //! 2. gives the namespace a new epoch, unless another replica already did
 //!    (then the new epoch is how this replica learnt of the loss), so every
 //!    replica notices at its next round trip;
@@ -82,8 +84,59 @@ impl RedisStore {
 
     /// Whether unknown credentials are to be treated as lost now.
     pub(super) fn quarantined(&self) -> bool {
-        let since = self.inner.lost_at_ms.load(Ordering::Relaxed);
-        since != 0 && now_ms() < since.saturating_add(self.inner.quarantine_ms)
+        now_ms() < self.inner.quarantine_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Makes the fleet's quarantine last at least until `until_ms` (0: only
+    /// reads it) and takes its end as this replica's too. The end lives in
+    /// Redis (`NS:quarantine-until`), so that a replica started or
+    /// restarted during it, which did not see the loss, quarantines as
+    /// well: in memory alone, a restart or a new replica ended it.
+    async fn share_quarantine(&self, until_ms: u64) -> Result<u64, StoreError> {
+        let key = format!("{}:quarantine-until", self.inner.prefix);
+        let result = self
+            .run_script(
+                &self.inner.quarantine,
+                &[key],
+                &[until_ms.to_string().into_bytes()],
+            )
+            .await?;
+        let until = match result {
+            redis::Value::Int(until) => u64::try_from(until).unwrap_or(0),
+            _ => {
+                return Err(super::codec::unexpected(
+                    "the quarantine's end is not a number",
+                ))
+            }
+        };
+        self.inner
+            .quarantine_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+        Ok(until)
+    }
+
+    /// At start: takes the fleet's quarantine, if one is running.
+    pub(super) async fn join_quarantine(&self) -> Result<(), StoreError> {
+        let until = self.share_quarantine(0).await?;
+        let at = now_ms();
+        if until > at {
+            tracing::warn!(
+                remaining = ?Duration::from_millis(until - at),
+                "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
+                 does not know are answered as lost until it ends"
+            );
+            let mut report = self.inner.report.lock().unwrap_or_else(|e| e.into_inner());
+            report.get_or_insert_with(|| LossReport {
+                what: "joined the quarantine another replica started".into(),
+                at_ms: at,
+                quarantine_until_ms: until,
+                restored: 0,
+                quarantined: 0,
+                conflicts: 0,
+                restore_done: true,
+            });
+        }
+        Ok(())
     }
 
     /// A reply showed a loss: quarantine, and restore in the background.
@@ -92,7 +145,10 @@ impl RedisStore {
             return;
         }
         let at = now_ms();
-        self.inner.lost_at_ms.store(at, Ordering::Relaxed);
+        let until = at.saturating_add(self.inner.quarantine_ms);
+        self.inner
+            .quarantine_until_ms
+            .fetch_max(until, Ordering::Relaxed);
         self.inner.metrics.store_losses.inc();
         if let Some(cache) = &self.inner.cache {
             cache.reset();
@@ -106,7 +162,7 @@ impl RedisStore {
         *self.inner.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(LossReport {
             what: loss.to_string(),
             at_ms: at,
-            quarantine_until_ms: at.saturating_add(self.inner.quarantine_ms),
+            quarantine_until_ms: until,
             restored: 0,
             quarantined: 0,
             conflicts: 0,
@@ -171,6 +227,13 @@ impl RedisStore {
 
     /// One restore: new epoch, hashing key, then the journal.
     async fn recover(&self, loss: &Loss, seen_epoch: Option<&str>) -> Result<(), StoreError> {
+        // The quarantine first, before the new epoch tells the fleet of the
+        // loss: a replica starting in between would otherwise see a history
+        // it takes as whole and no quarantine.
+        let until = self
+            .share_quarantine(self.inner.quarantine_until_ms.load(Ordering::Relaxed))
+            .await?;
+        self.update_report(|report| report.quarantine_until_ms = until);
         match loss {
             // Another replica replaced the epoch (or the server holds
             // another history): take the one in force.

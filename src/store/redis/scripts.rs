@@ -120,6 +120,19 @@ pub(super) const GENERATION: &str = r"
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
 
+/// Extends the fleet's quarantine after a loss (`KEYS[3]`: when it ends,
+/// Unix ms, the key expiring then) to `ARGV[1]` unless it already lasts
+/// longer (`0` only reads it); answers when it ends (0: no quarantine).
+pub(super) const QUARANTINE: &str = r"
+local held = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+local wanted = tonumber(ARGV[1])
+if wanted > held then
+  redis.call('SET', KEYS[3], ARGV[1], 'PXAT', ARGV[1])
+  held = wanted
+end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', held}
+";
+
 /// Replaces the epoch by `ARGV[2]` if it still is `ARGV[1]` (`''`: none),
 /// so that of several replicas noticing one loss, one epoch wins; answers
 /// the epoch in force.
