@@ -430,6 +430,18 @@ impl Group {
         }
     }
 
+    /// Stops the replica receiving writes: frozen (SIGSTOP), and cut off by
+    /// the primary, so that not even its socket holds the writes made from
+    /// now on when it runs again.
+    async fn cut_off_replica(&self) {
+        self.replica.freeze();
+        let cut: i64 = self
+            .primary
+            .command(&["CLIENT", "KILL", "TYPE", "replica"])
+            .await;
+        assert_eq!(cut, 1, "the primary had no replica connection to cut");
+    }
+
     /// Waits (bounded) until every Sentinel names `port` as the primary.
     async fn wait_for_primary(&self, port: u16) {
         for _ in 0..400 {
@@ -457,7 +469,7 @@ async fn a_failover_to_a_replica_that_missed_writes_leaks_nothing() {
 
     // The replica stops receiving writes; identities founded now exist only
     // on the primary (and in the replicas' journals).
-    group.replica.freeze();
+    group.cut_off_replica().await;
     let mut late = log_in(&fleet, 12, &all).await;
     // The primary dies; the replica, behind, is made primary.
     group.primary.kill().await;
@@ -471,8 +483,65 @@ async fn a_failover_to_a_replica_that_missed_writes_leaks_nothing() {
         "the journals restore what the replica missed"
     );
     assert_eq!(outcome.kept, 24 * 3);
+    // It did miss them: every replica noticed the loss.
+    for replica in all {
+        let view: serde_json::Value =
+            serde_json::from_str(&fleet.replica(replica).admin_get("/store").await).unwrap();
+        assert!(view["loss"].is_object(), "replica {replica}: {view}");
+    }
     let mut fresh = log_in(&fleet, 6, &all).await;
     assert_eq!(pages(&fleet, &mut fresh, &all).await.kept, 6 * 3);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
+/// A failover that lost one pinproxy replica's last pins is noticed by
+/// that replica even when other replicas' writes have taken the shared
+/// write sequence past what it saw before it next asks (so the sequence
+/// alone shows no going back): it counts its own writes in a key only it
+/// increments. Its journal then restores the lost pins, and no cookie
+/// leaves through another exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loss_hidden_by_other_replicas_writes_is_still_noticed() {
+    let mut group = Group::start().await;
+    group.wait_for_primary(group.primary.port).await;
+    let mut fleet = Fleet::start(2, &sentinel_url(&group.sentinels), &[]).await;
+    let mut early = log_in(&fleet, 4, &[0, 1]).await;
+
+    // Replica 1 is down while replica 0 founds identities that the Redis
+    // replica never receives.
+    fleet.stop(1).await;
+    group.cut_off_replica().await;
+    let mut late = log_in(&fleet, 6, &[0]).await;
+    // Replica 0 is paused (it asks Redis nothing meanwhile); the primary
+    // dies and the Redis replica, behind, is made primary.
+    fleet.replica(0).signal("STOP");
+    group.primary.kill().await;
+    group.replica.thaw();
+    group.wait_for_primary(group.replica.port).await;
+    // Replica 1 comes back (its history is older than what the new
+    // primary holds, so it sees no loss) and founds twice as many
+    // identities as replica 0 lost: the sequence passes what replica 0 saw.
+    fleet.restart(1).await;
+    let mut others = log_in(&fleet, 12, &[1]).await;
+    fleet.replica(0).signal("CONT");
+
+    let outcome = pages(&fleet, &mut late, &[0]).await;
+    assert_eq!(outcome.lost, 0, "replica 0's journal restores its pins");
+    assert_eq!(outcome.kept, 6);
+    let view: serde_json::Value =
+        serde_json::from_str(&fleet.replica(0).admin_get("/store").await).unwrap();
+    assert!(
+        view["loss"]["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("pin writes went back")),
+        "{view}"
+    );
+    assert_eq!(pages(&fleet, &mut early, &[0, 1]).await.kept, 4 * 2);
+    assert_eq!(pages(&fleet, &mut others, &[0, 1]).await.kept, 12 * 2);
     assert!(
         fleet.origin.leaks().is_empty(),
         "{:?}",

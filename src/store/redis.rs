@@ -61,7 +61,7 @@ use codec::{
     bulk, corrupt, decode_binding, decode_identity, encode_pin, generation_reply, parse_hex16,
     unexpected,
 };
-use generation::{Generation, Observation, Snapshot};
+use generation::{Generation, Observation, OwnWrites, Snapshot};
 use journal::Journal;
 use link::{Link, Target};
 
@@ -75,6 +75,15 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 const TOUCH_COALESCE: Duration = Duration::from_millis(250);
 /// How often, at most, the generation is saved to its file.
 const SAVE_EVERY: u32 = 10;
+
+/// What a script does with this replica's own write count (see
+/// `generation`): nothing, reads it, or increments it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    None,
+    Read,
+    Write,
+}
 
 /// How long a new pin may wait for replicas to acknowledge it.
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +158,9 @@ struct Inner {
     cache: Option<HitCache>,
     /// Where retirements are published (`NS:retired`), for the caches.
     retired_channel: String,
+    /// This process's own pin-write count (`NS:writer:ID`, see
+    /// `generation`).
+    writer_key: String,
     lookup: Script,
     pin_all_if_absent: Script,
     found: Script,
@@ -213,8 +225,13 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 cache,
                 retired_channel: format!("{prefix}:retired"),
+                writer_key: format!("{prefix}:writer:{:016x}", rand::random::<u64>()),
                 link,
-                generation: Generation::load(generation_file, &settings.namespace),
+                generation: Generation::load(
+                    generation_file,
+                    &settings.namespace,
+                    settings.pin_ttl_ms,
+                ),
                 namespace: settings.namespace,
                 prefix,
                 pin_ttl_ms: settings.pin_ttl_ms,
@@ -316,11 +333,15 @@ impl RedisStore {
         script: &Script,
         keys: &[String],
         args: &[Vec<u8>],
+        counting: Counting,
     ) -> Result<Value, StoreError> {
         let mut invocation = script.prepare_invoke();
         invocation.key(self.epoch_key()).key(self.seq_key());
         for key in keys {
             invocation.key(key);
+        }
+        if counting != Counting::None {
+            invocation.key(&self.inner.writer_key);
         }
         for arg in args {
             invocation.arg(arg.as_slice());
@@ -328,9 +349,33 @@ impl RedisStore {
         let mut connection = self.connection()?;
         let sent = self.inner.generation.snapshot();
         let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
-        let (epoch, seq, result) = generation_reply(reply)?;
-        self.observe(sent, epoch.as_deref(), seq);
-        Ok(result)
+        let reply = generation_reply(reply)?;
+        self.observe(sent, reply.epoch.as_deref(), reply.seq);
+        self.observe_own(sent, reply.epoch.as_deref(), reply.writes, counting);
+        Ok(reply.result)
+    }
+
+    /// Checks this replica's own write count in a reply (see `generation`):
+    /// fewer than it had been answered for starts a recovery.
+    fn observe_own(
+        &self,
+        sent: Snapshot,
+        epoch: Option<&str>,
+        writes: Option<u64>,
+        counting: Counting,
+    ) {
+        let own = match (counting, writes) {
+            (Counting::Read, Some(count)) => OwnWrites::Read(count),
+            (Counting::Write, Some(count)) => OwnWrites::Written(count),
+            _ => return,
+        };
+        if let Observation::Lost(loss) =
+            self.inner
+                .generation
+                .observe_own(sent, own, recovery::now_ms())
+        {
+            self.on_loss(loss, epoch.map(str::to_owned));
+        }
     }
 
     /// Runs `pipe` (atomic) with the generation read at its end; returns
@@ -450,7 +495,9 @@ impl RedisStore {
     /// this replica saw before starts a recovery.
     pub async fn start(&self) -> Result<(), StoreError> {
         self.inner.link.find_primary().await?;
-        let result = self.run_script(&self.inner.check, &[], &[]).await?;
+        let result = self
+            .run_script(&self.inner.check, &[], &[], Counting::Read)
+            .await?;
         let _ = result;
         if !self.inner.generation.knows_history() {
             self.replace_epoch(None).await?;
@@ -506,10 +553,11 @@ impl RedisStore {
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha
             .arg(script.get_hash())
-            .arg(keys.len() + 2)
+            .arg(keys.len() + 3)
             .arg(self.epoch_key())
             .arg(self.seq_key())
-            .arg(keys);
+            .arg(keys)
+            .arg(&self.inner.writer_key);
         for arg in args {
             evalsha.arg(arg.as_slice());
         }
@@ -524,8 +572,10 @@ impl RedisStore {
             outcome = pipe.query_async(&mut connection).await;
         }
         let (reply, acked) = self.note(outcome)?;
-        let (epoch, seq, result) = generation_reply(reply)?;
-        self.observe(sent, epoch.as_deref(), seq);
+        let reply = generation_reply(reply)?;
+        self.observe(sent, reply.epoch.as_deref(), reply.seq);
+        self.observe_own(sent, reply.epoch.as_deref(), reply.writes, Counting::Write);
+        let result = reply.result;
         if acked < u64::from(wait.replicas) {
             self.inner.metrics.store_wait_timeouts.inc();
             return Err(StoreError::new(
@@ -591,7 +641,7 @@ impl RedisStore {
                 self.run_acknowledged(wait, connection, script, keys, args)
                     .await
             }
-            _ => self.run_script(script, keys, args).await,
+            _ => self.run_script(script, keys, args, Counting::Write).await,
         }
     }
 
@@ -654,7 +704,7 @@ impl RedisStore {
         let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
         let args = [self.identity_prefix().into_bytes()];
         let result = self
-            .run_script(&self.inner.lookup, &redis_keys, &args)
+            .run_script(&self.inner.lookup, &redis_keys, &args, Counting::Read)
             .await?;
         let mut bindings = RedisStore::decode_rows(&result)?;
         if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
@@ -746,7 +796,10 @@ async fn check_loop(inner: Weak<Inner>) {
                 tracing::debug!(error = %e, "cannot ask the sentinels for the primary");
             }
         }
-        match store.run_script(&store.inner.check, &[], &[]).await {
+        match store
+            .run_script(&store.inner.check, &[], &[], Counting::Read)
+            .await
+        {
             Ok(_) if !was => tracing::info!("redis pin store reachable again"),
             Ok(_) => {}
             Err(e) => {
@@ -941,7 +994,8 @@ impl PinStore for RedisStore {
         if let Some(cache) = &self.inner.cache {
             cache.retired(id);
         }
-        self.run_script(&self.inner.retire, &[key], &args).await?;
+        self.run_script(&self.inner.retire, &[key], &args, Counting::None)
+            .await?;
         if let Some(journal) = &self.inner.journal {
             journal.retire(id, retirement).await;
         }
@@ -1017,7 +1071,7 @@ impl PinStore for RedisStore {
             exit.as_str().as_bytes().to_vec(),
             at_ms.to_string().into_bytes(),
         ];
-        self.run_script(&self.inner.exit_death, &keys, &args)
+        self.run_script(&self.inner.exit_death, &keys, &args, Counting::None)
             .await
             .map(|_| ())
     }

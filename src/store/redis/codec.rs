@@ -31,14 +31,34 @@ pub(super) fn unexpected(detail: &str) -> StoreError {
     StoreError::new(StoreErrorKind::Protocol, format!("redis: {detail}"))
 }
 
-/// Splits a script's reply `{epoch, seq, result}` (see `scripts`).
-pub(super) fn generation_reply(reply: Value) -> Result<(Option<String>, u64, Value), StoreError> {
+/// A script's reply split (see `scripts`): the epoch, the sequence, the
+/// script's own result, and this replica's write count where the script
+/// answers it.
+pub(super) struct GenerationReply {
+    pub epoch: Option<String>,
+    pub seq: u64,
+    pub result: Value,
+    pub writes: Option<u64>,
+}
+
+/// Splits a script's reply `{epoch, seq, result}` or `{epoch, seq,
+/// result, writes}` (see `scripts`).
+pub(super) fn generation_reply(reply: Value) -> Result<GenerationReply, StoreError> {
     let Value::Array(mut parts) = reply else {
         return Err(unexpected("a script answered without its generation"));
     };
-    if parts.len() != 3 {
-        return Err(unexpected("a script answered without its generation"));
-    }
+    let writes = match parts.len() {
+        3 => None,
+        4 => match parts.pop() {
+            Some(Value::Int(writes)) => Some(u64::try_from(writes).unwrap_or(0)),
+            _ => {
+                return Err(unexpected(
+                    "a script answered a write count that is not a number",
+                ))
+            }
+        },
+        _ => return Err(unexpected("a script answered without its generation")),
+    };
     let result = parts.pop().unwrap_or(Value::Nil);
     let seq = parts
         .pop()
@@ -51,7 +71,12 @@ pub(super) fn generation_reply(reply: Value) -> Result<(Option<String>, u64, Val
         .as_ref()
         .and_then(bulk)
         .map(|b| String::from_utf8_lossy(b).into_owned());
-    Ok((epoch, seq, result))
+    Ok(GenerationReply {
+        epoch,
+        seq,
+        result,
+        writes,
+    })
 }
 
 /// A pin (its identity's id in 16 hex digits, then the record) and the

@@ -10,6 +10,16 @@
 //!   writes goes back in time: its `seq` is lower than one this replica has
 //!   already seen.
 //!
+//! A sequence every replica moves can be caught up with: after a failover
+//! to a replica that missed this replica's last writes, other replicas'
+//! new writes can take `seq` past what this replica saw before it next
+//! asks, and the loss would go unseen. So each replica (each process) also
+//! counts its own pin writes in a key only it increments, `NS:writer:ID`,
+//! in the same script as the writes: replication keeps a script's writes
+//! together and in order, so a server holding a lower count than this
+//! replica was answered has lost writes of this replica. Lookups and the
+//! background check read the count; pin writes increment it.
+//!
 //! Every round trip to Redis returns both, so a replica notices a loss at
 //! its next command; whoever notices first replaces the epoch, and every
 //! other replica notices the new epoch at its next command. What this
@@ -50,6 +60,15 @@ pub enum Loss {
         /// The sequence the server holds now.
         now: u64,
     },
+    /// The server holds fewer of this replica's own pin writes than it had
+    /// acknowledged: a failover to a replica that missed them (seen even
+    /// when other replicas' writes took the sequence past what this one saw).
+    OwnWritesWentBack {
+        /// How many this replica had been answered for.
+        seen: u64,
+        /// How many the server holds now.
+        now: u64,
+    },
 }
 
 impl std::fmt::Display for Loss {
@@ -61,6 +80,10 @@ impl std::fmt::Display for Loss {
                 f,
                 "the write sequence went back from {seen} to {now} (a failover to a replica that missed writes)"
             ),
+            Loss::OwnWritesWentBack { seen, now } => write!(
+                f,
+                "this replica's pin writes went back from {seen} to {now} (a failover to a replica that missed them)"
+            ),
         }
     }
 }
@@ -70,6 +93,18 @@ impl std::fmt::Display for Loss {
 pub struct Snapshot {
     epoch: u64,
     floor: u64,
+    /// This replica's own pin writes acknowledged by then.
+    own_floor: u64,
+}
+
+/// This replica's own write count in a reply (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnWrites {
+    /// Read by a lookup or a check: at least what was acknowledged before
+    /// the command left.
+    Read(u64),
+    /// Incremented by the command's writes: more than that.
+    Written(u64),
 }
 
 /// The history this replica has seen, updated by every reply.
@@ -79,6 +114,13 @@ pub struct Generation {
     epoch: AtomicU64,
     /// The highest sequence seen under that epoch.
     max_seq: AtomicU64,
+    /// This replica's own pin writes acknowledged under that epoch.
+    own_writes: AtomicU64,
+    /// When the last of them was acknowledged (Unix ms).
+    own_written_ms: AtomicU64,
+    /// How long the server keeps the count after the last write (the pins'
+    /// lifetime: its pins are gone by then too).
+    own_ttl_ms: u64,
     /// Where it is kept between runs (`None`: not kept).
     file: Option<PathBuf>,
     /// The sequence last written to the file.
@@ -104,8 +146,9 @@ pub fn epoch_hash(epoch: &str) -> u64 {
 
 impl Generation {
     /// The history saved in `file` for `namespace` (none if the file is
-    /// missing or for another namespace).
-    pub fn load(file: Option<&Path>, namespace: &str) -> Generation {
+    /// missing or for another namespace); this replica's own write count
+    /// lives `own_ttl_ms` on the server after its last write.
+    pub fn load(file: Option<&Path>, namespace: &str, own_ttl_ms: u64) -> Generation {
         let saved = file
             .and_then(|f| std::fs::read(f).ok())
             .and_then(|bytes| serde_json::from_slice::<Saved>(&bytes).ok())
@@ -114,6 +157,9 @@ impl Generation {
         Generation {
             epoch: AtomicU64::new(epoch),
             max_seq: AtomicU64::new(max_seq),
+            own_writes: AtomicU64::new(0),
+            own_written_ms: AtomicU64::new(0),
+            own_ttl_ms,
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
             namespace: namespace.to_owned(),
@@ -133,6 +179,41 @@ impl Generation {
         Snapshot {
             epoch: self.epoch.load(Ordering::Relaxed),
             floor: self.max_seq.load(Ordering::Relaxed),
+            own_floor: self.own_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Compares this replica's own write count in a reply (`own`) with what
+    /// had been acknowledged when its command left (`sent`), at `now_ms`.
+    /// Call after [`Generation::observe`] found the history consistent.
+    pub fn observe_own(&self, sent: Snapshot, own: OwnWrites, now_ms: u64) -> Observation {
+        // A reply to a command sent under another epoch says nothing of
+        // this one's count.
+        if sent.epoch == 0 || sent.epoch != self.epoch.load(Ordering::Relaxed) {
+            return Observation::Consistent;
+        }
+        match own {
+            OwnWrites::Written(count) if count > sent.own_floor => {
+                self.own_writes.fetch_max(count, Ordering::Relaxed);
+                self.own_written_ms.fetch_max(now_ms, Ordering::Relaxed);
+                Observation::Consistent
+            }
+            OwnWrites::Read(count) if count >= sent.own_floor => Observation::Consistent,
+            // The count is gone because its key expired: so have the pins
+            // it counted (they live no longer than the count after them).
+            OwnWrites::Read(0)
+                if now_ms.saturating_sub(self.own_written_ms.load(Ordering::Relaxed))
+                    >= self.own_ttl_ms =>
+            {
+                self.own_writes.store(0, Ordering::Relaxed);
+                Observation::Consistent
+            }
+            OwnWrites::Read(count) | OwnWrites::Written(count) => {
+                Observation::Lost(Loss::OwnWritesWentBack {
+                    seen: sent.own_floor,
+                    now: count,
+                })
+            }
         }
     }
 
@@ -180,6 +261,9 @@ impl Generation {
     fn adopt_hash(&self, epoch: u64, seq: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
         self.max_seq.store(seq, Ordering::Relaxed);
+        // Under a new history this replica's count starts again from what
+        // the server holds.
+        self.own_writes.store(0, Ordering::Relaxed);
     }
 
     /// Writes the history to the file (if kept): always when `now`,
@@ -221,7 +305,7 @@ mod tests {
 
     #[test]
     fn losses_are_told_apart() {
-        let g = Generation::load(None, "ns");
+        let g = Generation::load(None, "ns", 60_000);
         let observe = |epoch, seq| g.observe(g.snapshot(), epoch, seq);
         assert_eq!(observe(None, 0), Observation::Fresh);
         assert_eq!(observe(Some("a"), 5), Observation::Consistent);
@@ -241,7 +325,7 @@ mod tests {
 
     #[test]
     fn replies_of_concurrent_commands_may_come_in_any_order() {
-        let g = Generation::load(None, "ns");
+        let g = Generation::load(None, "ns", 60_000);
         g.adopt("a", 10);
         let early = g.snapshot();
         // A later command saw 12 first...
@@ -263,17 +347,90 @@ mod tests {
     }
 
     #[test]
+    fn a_loss_of_this_replica_s_writes_shows_though_others_caught_up() {
+        let g = Generation::load(None, "ns", 60_000);
+        g.adopt("a", 100);
+        let now = 1_000_000;
+        for count in 1..=3 {
+            let sent = g.snapshot();
+            assert_eq!(
+                g.observe(sent, Some("a"), 100 + count),
+                Observation::Consistent
+            );
+            assert_eq!(
+                g.observe_own(sent, OwnWrites::Written(count), now),
+                Observation::Consistent
+            );
+        }
+        // A failover: the server holds only the first of this replica's
+        // three writes, while others' writes took the sequence past 103.
+        let sent = g.snapshot();
+        assert_eq!(g.observe(sent, Some("a"), 150), Observation::Consistent);
+        assert_eq!(
+            g.observe_own(sent, OwnWrites::Read(1), now + 10),
+            Observation::Lost(Loss::OwnWritesWentBack { seen: 3, now: 1 })
+        );
+        // A write answered with a count it had already been answered: lost.
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Written(3), now + 10),
+            Observation::Lost(Loss::OwnWritesWentBack { seen: 3, now: 3 })
+        );
+    }
+
+    #[test]
+    fn own_writes_in_any_order_and_an_expired_count_are_no_loss() {
+        let g = Generation::load(None, "ns", 60_000);
+        g.adopt("a", 1);
+        let now = 1_000_000;
+        let early = g.snapshot();
+        let late = g.snapshot();
+        assert_eq!(
+            g.observe_own(late, OwnWrites::Written(2), now),
+            Observation::Consistent
+        );
+        // The reply of a write sent at the same time, counted first.
+        assert_eq!(
+            g.observe_own(early, OwnWrites::Written(1), now),
+            Observation::Consistent
+        );
+        // A lookup sent before both, read before either write.
+        assert_eq!(
+            g.observe_own(early, OwnWrites::Read(0), now),
+            Observation::Consistent
+        );
+        // Gone within the pins' lifetime: lost. Gone after it: expired.
+        assert!(matches!(
+            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 59_999),
+            Observation::Lost(Loss::OwnWritesWentBack { seen: 2, now: 0 })
+        ));
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 60_000),
+            Observation::Consistent
+        );
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 60_001),
+            Observation::Consistent
+        );
+        // Under a new epoch the count starts again.
+        g.adopt("b", 5);
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Read(0), now),
+            Observation::Consistent
+        );
+    }
+
+    #[test]
     fn the_history_outlives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("generation");
-        let g = Generation::load(Some(&file), "ns");
+        let g = Generation::load(Some(&file), "ns", 60_000);
         g.adopt("e1", 10);
         assert_eq!(
             g.observe(g.snapshot(), Some("e1"), 42),
             Observation::Consistent
         );
         g.save(false);
-        let again = Generation::load(Some(&file), "ns");
+        let again = Generation::load(Some(&file), "ns", 60_000);
         assert!(again.knows_history());
         assert_eq!(
             again.observe(again.snapshot(), Some("e1"), 40),
@@ -283,7 +440,7 @@ mod tests {
             again.observe(again.snapshot(), None, 0),
             Observation::Lost(Loss::EpochMissing)
         );
-        let other = Generation::load(Some(&file), "other");
+        let other = Generation::load(Some(&file), "other", 60_000);
         assert!(!other.knows_history());
     }
 }

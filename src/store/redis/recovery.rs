@@ -99,6 +99,7 @@ impl RedisStore {
                 &self.inner.quarantine,
                 &[key],
                 &[until_ms.to_string().into_bytes()],
+                super::Counting::None,
             )
             .await?;
         let until = match result {
@@ -200,7 +201,8 @@ impl RedisStore {
         }
         let mut connection = self.connection()?;
         let reply = self.note(invocation.invoke_async(&mut connection).await)?;
-        let (epoch, seq, _) = super::codec::generation_reply(reply)?;
+        let super::codec::GenerationReply { epoch, seq, .. } =
+            super::codec::generation_reply(reply)?;
         if let Some(epoch) = epoch {
             self.inner.generation.adopt(&epoch, seq);
             *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
@@ -214,7 +216,8 @@ impl RedisStore {
         invocation.key(self.epoch_key()).key(self.seq_key());
         let mut connection = self.connection()?;
         let reply = self.note(invocation.invoke_async(&mut connection).await)?;
-        let (epoch, seq, _) = super::codec::generation_reply(reply)?;
+        let super::codec::GenerationReply { epoch, seq, .. } =
+            super::codec::generation_reply(reply)?;
         match epoch {
             Some(epoch) => {
                 self.inner.generation.adopt(&epoch, seq);
@@ -239,7 +242,7 @@ impl RedisStore {
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
             Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
-            Loss::WentBack { .. } => {
+            Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } => {
                 let known = self
                     .inner
                     .epoch

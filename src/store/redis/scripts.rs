@@ -5,13 +5,16 @@
 //! and `KEYS[2]` and answers `{epoch, seq, result}`, so every round trip
 //! tells the replica whether the server still holds the history it knows
 //! (see `generation`). Scripts that write what routing depends on (pins)
-//! increment the sequence.
+//! increment the sequence. The scripts that read or write pins also take
+//! this replica's own write count `NS:writer:ID` as their last key and
+//! answer it fourth, `{epoch, seq, result, writes}`: the pin writers
+//! increment it (and keep it the pins' lifetime), the lookup reads it.
 
-/// Reads the pins `KEYS[3..]` and, for each, its identity's hash
-/// (`ARGV[1]` is the identity key prefix).
+/// Reads the pins `KEYS[3..n-1]` and, for each, its identity's hash
+/// (`ARGV[1]` is the identity key prefix); `KEYS[n]` is the write count.
 pub(super) const LOOKUP: &str = r"
 local out = {}
-for i = 3, #KEYS do
+for i = 3, #KEYS - 1 do
   local pin = redis.call('GET', KEYS[i])
   if pin then
     out[i - 2] = {pin, redis.call('HGETALL', ARGV[1] .. string.sub(pin, 1, 16))}
@@ -19,16 +22,18 @@ for i = 3, #KEYS do
     out[i - 2] = false
   end
 end
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out}
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out,
+  tonumber(redis.call('GET', KEYS[#KEYS]) or '0')}
 ";
 
-/// For each pin `KEYS[3..]`, sets it to the matching `ARGV[3..]` unless it
-/// is set (TTL `ARGV[1]` ms); answers, for each, whether it was set, the
+/// For each pin `KEYS[3..n-1]`, sets it to the matching `ARGV[3..]` unless
+/// it is set (TTL `ARGV[1]` ms); answers, for each, whether it was set, the
 /// pin in force and its identity's hash (`ARGV[2]` is the identity key
-/// prefix). Each pin set increments the sequence.
+/// prefix). Each pin set increments the sequence; the write count
+/// `KEYS[n]` is incremented once.
 pub(super) const PIN_ALL_IF_ABSENT: &str = r"
 local out = {}
-for i = 3, #KEYS do
+for i = 3, #KEYS - 1 do
   local value = ARGV[i]
   local done = false
   for attempt = 1, 2 do
@@ -48,24 +53,29 @@ for i = 3, #KEYS do
   end
   if not done then return redis.error_reply('pin vanished twice') end
 end
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out}
+local writes = redis.call('INCR', KEYS[#KEYS])
+redis.call('PEXPIRE', KEYS[#KEYS], ARGV[1])
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out, writes}
 ";
 
 /// Founds an identity: unless pin `KEYS[4]` is set, writes the identity
 /// hash `KEYS[3]` (`rec` `ARGV[3]`, `last` `ARGV[4]`, `egress` `ARGV[5]`
-/// unless empty) and sets each pin `KEYS[4..]` to the matching `ARGV[6..]`
-/// unless it is set; pins and the identity live `ARGV[1]` ms (`ARGV[2]` is
-/// the identity key prefix). Answers `{1, rows}` with a row per pin as
-/// `PIN_ALL_IF_ABSENT` does, or, when `KEYS[4]` was someone else's and
-/// nothing was written, `{0, {row}}` with its row.
+/// unless empty) and sets each pin `KEYS[4..n-1]` to the matching
+/// `ARGV[6..]` unless it is set; pins and the identity live `ARGV[1]` ms
+/// (`ARGV[2]` is the identity key prefix). Answers `{1, rows}` with a row
+/// per pin as `PIN_ALL_IF_ABSENT` does, or, when `KEYS[4]` was someone
+/// else's and nothing was written, `{0, {row}}` with its row. The write
+/// count `KEYS[n]` is incremented once either way.
 pub(super) const FOUND: &str = r"
 local function row(set, pin)
   return {set, pin, redis.call('HGETALL', ARGV[2] .. string.sub(pin, 1, 16))}
 end
 local function answer(result)
-  return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result}
+  local writes = redis.call('INCR', KEYS[#KEYS])
+  redis.call('PEXPIRE', KEYS[#KEYS], ARGV[1])
+  return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result, writes}
 end
-if #KEYS >= 4 and not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'PX', ARGV[1]) then
+if #KEYS >= 5 and not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'PX', ARGV[1]) then
   local pin = redis.call('GET', KEYS[4])
   if not pin then return redis.error_reply('pin vanished') end
   return answer({0, {row(0, pin)}})
@@ -75,11 +85,11 @@ if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[5]) end
 redis.call('PEXPIRE', KEYS[3], ARGV[1])
 redis.call('INCR', KEYS[2])
 local out = {}
-if #KEYS >= 4 then
+if #KEYS >= 5 then
   redis.call('INCR', KEYS[2])
   out[1] = row(1, ARGV[6])
 end
-for i = 5, #KEYS do
+for i = 5, #KEYS - 1 do
   local value = ARGV[i + 2]
   if redis.call('SET', KEYS[i], value, 'NX', 'PX', ARGV[1]) then
     redis.call('INCR', KEYS[2])
@@ -117,6 +127,10 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 
 /// Reads the namespace's generation.
 pub(super) const GENERATION: &str = r"
+if #KEYS >= 3 then
+  return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1,
+    tonumber(redis.call('GET', KEYS[3]) or '0')}
+end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
 
