@@ -255,16 +255,17 @@ async fn fleet_hasher(
     data_dir: Option<&Path>,
 ) -> Result<PinHasher, StartError> {
     let kept = data_dir.and_then(|dir| std::fs::read(dir.join(FLEET_KEY_FILE)).ok());
-    let candidate: [u8; 32] = kept
-        .as_deref()
-        .and_then(|bytes| bytes.try_into().ok())
-        .unwrap_or_else(|| local.key_bytes());
+    let kept_key: Option<[u8; 32]> = kept.as_deref().and_then(|bytes| bytes.try_into().ok());
+    let candidate = kept_key.unwrap_or_else(|| local.key_bytes());
     let mut last = None;
     for attempt in 0..10u32 {
         let agreed = async {
             let key = match data_dir {
                 Some(_) => {
                     let key = store.shared_hash_key(candidate).await?;
+                    if let Some(kept) = kept_key.filter(|kept| *kept != key) {
+                        return Err(foreign_fleet_key(&key, &kept));
+                    }
                     store.start().await?;
                     key
                 }
@@ -287,6 +288,8 @@ async fn fleet_hasher(
                 }
                 return Ok(PinHasher::new(key));
             }
+            // Waiting cannot settle it.
+            Err(e) if e.kind == StoreErrorKind::KeyConflict => return Err(StartError::Store(e)),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
@@ -298,6 +301,25 @@ async fn fleet_hasher(
             last.map(|e| e.to_string()).unwrap_or_default()
         ),
     )))
+}
+
+/// A replica that kept the fleet's key (`kept`) finds another in Redis
+/// (`held`): it was set after Redis lost its data. Starting with either
+/// would let one cookie be pinned to two exits, so the replica does not
+/// start.
+fn foreign_fleet_key(held: &[u8; 32], kept: &[u8; 32]) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::KeyConflict,
+        format!(
+            "Redis holds pin-hashing key {} but this replica's data directory keeps the fleet's \
+             key {} ({FLEET_KEY_FILE}): another was set after Redis lost its data. Put key {} \
+             back into the namespace's hash-key, or, if the namespace was reset on purpose, \
+             delete {FLEET_KEY_FILE} from the data directory",
+            crate::store::redis::key_id(held),
+            crate::store::redis::key_id(kept),
+            crate::store::redis::key_id(kept),
+        ),
+    )
 }
 
 fn keep_fleet_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {

@@ -279,7 +279,16 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
     let _: () = redis.command(&["FLUSHDB"]).await;
     // Replica 0 notices at its next round trip and restores its own pins.
     assert_eq!(pages(&fleet, &mut others, &[0]).await.kept, 2);
-    let until: Option<u64> = redis.command(&["GET", "pinproxy:quarantine-until"]).await;
+    // Its restore, in the background, writes the quarantine's end first
+    // (a bounded wait for it).
+    let mut until: Option<u64> = None;
+    for _ in 0..100 {
+        until = redis.command(&["GET", "pinproxy:quarantine-until"]).await;
+        if until.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(until.is_some(), "the quarantine's end is not in Redis");
 
     // Replica 2 comes back as a new pod: nothing but the CA.
@@ -329,7 +338,7 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
     let redis = RedisNode::volatile().await;
-    let fleet = Fleet::start(1, &redis.url(), &[]).await;
+    let mut fleet = Fleet::start(1, &redis.url(), &[]).await;
     let mut clients = log_in(&fleet, 2, &[0]).await;
     assert_eq!(pages(&fleet, &mut clients, &[0]).await.kept, 2);
 
@@ -379,6 +388,21 @@ async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
     // Redis keeps the other key: the replica did not overwrite it.
     let held: String = redis.command(&["GET", "pinproxy:hash-key"]).await;
     assert_eq!(held, foreign);
+    // Restarted, the replica does not adopt the other key either: it keeps
+    // the fleet's key in its data directory, and refuses to start.
+    fleet.stop(0).await;
+    let stderr = support::procs::pinproxy_refuses_to_start(
+        fleet.dirs[0].path(),
+        &fleet.args,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(stderr.contains("pin-hashing key"), "{stderr}");
+    assert!(stderr.contains(foreign_id), "{stderr}");
+    assert!(
+        !stderr.contains(foreign),
+        "the key itself was shown: {stderr}"
+    );
     assert!(
         fleet.origin.leaks().is_empty(),
         "{:?}",

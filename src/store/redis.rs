@@ -778,7 +778,7 @@ fn hash_key_of(name: &str, stored: &[u8]) -> Result<[u8; 32], StoreError> {
 /// How logs and errors name a pin-hashing key: the first 8 hex digits of
 /// its BLAKE3 hash (the key is a secret: it would let anyone who reads the
 /// store link pins to cookie values).
-fn key_id(key: &[u8; 32]) -> String {
+pub fn key_id(key: &[u8; 32]) -> String {
     blake3::hash(key).to_hex()[..8].to_owned()
 }
 

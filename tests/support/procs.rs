@@ -269,6 +269,24 @@ fn pinproxy_run(
     command
 }
 
+/// Runs `pinproxy run` on `data_dir` with `args` expecting it to refuse
+/// to start: waits (bounded by `within`) for it to exit, asserts it failed,
+/// and returns what it wrote to stderr.
+pub async fn pinproxy_refuses_to_start(
+    data_dir: &std::path::Path,
+    args: &[String],
+    within: Duration,
+) -> String {
+    let mut command = pinproxy_run(0, None, data_dir, args, "warn");
+    command.kill_on_drop(true).stdin(Stdio::null());
+    let output = tokio::time::timeout(within, command.output())
+        .await
+        .expect("pinproxy kept running")
+        .unwrap();
+    assert!(!output.status.success(), "pinproxy started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A pinproxy started as its own process, the way users run it.
 pub struct PinproxyProcess {
     /// Where it listens.

@@ -192,6 +192,14 @@ impl Generation {
         if sent.epoch == 0 || sent.epoch != self.epoch.load(Ordering::Relaxed) {
             return Observation::Consistent;
         }
+        // Once the pins' lifetime has passed since this replica's last
+        // acknowledged write, every pin the count protects has expired:
+        // a count that went back (the key expired, or was lost) can no
+        // longer hide a lost live pin, so it is taken as it is. (The key
+        // itself lives twice that long, so it does not expire first,
+        // whatever the two clocks say.)
+        let stale =
+            now_ms.saturating_sub(self.own_written_ms.load(Ordering::Relaxed)) >= self.own_ttl_ms;
         match own {
             OwnWrites::Written(count) if count > sent.own_floor => {
                 self.own_writes.fetch_max(count, Ordering::Relaxed);
@@ -199,13 +207,13 @@ impl Generation {
                 Observation::Consistent
             }
             OwnWrites::Read(count) if count >= sent.own_floor => Observation::Consistent,
-            // The count is gone because its key expired: so have the pins
-            // it counted (they live no longer than the count after them).
-            OwnWrites::Read(0)
-                if now_ms.saturating_sub(self.own_written_ms.load(Ordering::Relaxed))
-                    >= self.own_ttl_ms =>
-            {
-                self.own_writes.store(0, Ordering::Relaxed);
+            OwnWrites::Written(count) if stale => {
+                self.own_writes.store(count, Ordering::Relaxed);
+                self.own_written_ms.fetch_max(now_ms, Ordering::Relaxed);
+                Observation::Consistent
+            }
+            OwnWrites::Read(count) if stale => {
+                self.own_writes.store(count, Ordering::Relaxed);
                 Observation::Consistent
             }
             OwnWrites::Read(count) | OwnWrites::Written(count) => {
@@ -409,6 +417,25 @@ mod tests {
         );
         assert_eq!(
             g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 60_001),
+            Observation::Consistent
+        );
+        // A write after the pins' lifetime, before any read saw the count
+        // gone, starts it again: no loss; the next write counts from it.
+        let g = Generation::load(None, "ns", 60_000);
+        g.adopt("a", 1);
+        for count in 1..=5 {
+            g.observe_own(g.snapshot(), OwnWrites::Written(count), now);
+        }
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Written(1), now + 60_000),
+            Observation::Consistent
+        );
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Written(1), now + 60_001),
+            Observation::Lost(Loss::OwnWritesWentBack { seen: 1, now: 1 })
+        );
+        assert_eq!(
+            g.observe_own(g.snapshot(), OwnWrites::Written(2), now + 60_002),
             Observation::Consistent
         );
         // Under a new epoch the count starts again.

@@ -8,7 +8,8 @@
 //! increment the sequence. The scripts that read or write pins also take
 //! this replica's own write count `NS:writer:ID` as their last key and
 //! answer it fourth, `{epoch, seq, result, writes}`: the pin writers
-//! increment it (and keep it the pins' lifetime), the lookup reads it.
+//! increment it (and keep it twice the pins' lifetime, so that it outlives
+//! them whatever the replicas' clocks say), the lookup reads it.
 
 /// Reads the pins `KEYS[3..n-1]` and, for each, its identity's hash
 /// (`ARGV[1]` is the identity key prefix); `KEYS[n]` is the write count.
@@ -54,7 +55,7 @@ for i = 3, #KEYS - 1 do
   if not done then return redis.error_reply('pin vanished twice') end
 end
 local writes = redis.call('INCR', KEYS[#KEYS])
-redis.call('PEXPIRE', KEYS[#KEYS], ARGV[1])
+redis.call('PEXPIRE', KEYS[#KEYS], math.floor(tonumber(ARGV[1]) * 2))
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', out, writes}
 ";
 
@@ -72,7 +73,7 @@ local function row(set, pin)
 end
 local function answer(result)
   local writes = redis.call('INCR', KEYS[#KEYS])
-  redis.call('PEXPIRE', KEYS[#KEYS], ARGV[1])
+  redis.call('PEXPIRE', KEYS[#KEYS], math.floor(tonumber(ARGV[1]) * 2))
   return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result, writes}
 end
 if #KEYS >= 5 and not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'PX', ARGV[1]) then
