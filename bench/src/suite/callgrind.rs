@@ -617,7 +617,9 @@ fn render(results: &Results, out: &mut String) {
          send a fixed number of requests to the same origin, twice: with *n* and with *3n* \
          requests after the same warm-up (a request per client), stopped by SIGTERM. Start-up, \
          warm-up and shutdown cancel out, so the difference over the extra requests is the \
-         instructions one request costs the proxy. Unlike timings, these counts barely move \
+         instructions one request costs the proxy. Not counted: aws-lc's one-time gathering of \
+         timing-jitter entropy (about 420 million instructions per run, a number that moves \
+         with the clock and would not cancel out). Unlike timings, these counts barely move \
          with the machine's load, but they are not exact: how the proxy's threads take turns \
          changes how often they wake and steal work. With `--fair-sched=yes` (threads take \
          turns in order), five runs of one binary stayed within 1.9% of each other (without \
