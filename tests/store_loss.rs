@@ -522,36 +522,47 @@ async fn a_failover_to_a_replica_that_missed_writes_leaks_nothing() {
     );
 }
 
-/// A failover that lost one pinproxy replica's last pins is noticed by
-/// that replica even when other replicas' writes have taken the shared
-/// write sequence past what it saw before it next asks (so the sequence
-/// alone shows no going back): it counts its own writes in a key only it
-/// increments. Its journal then restores the lost pins, and no cookie
-/// leaves through another exit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_loss_hidden_by_other_replicas_writes_is_still_noticed() {
+/// How replica 0 lives through the failover of
+/// [`a_failover_losing_replica_0_s_pins_is_noticed`].
+enum Through {
+    /// Paused (SIGSTOP): it asks Redis nothing meanwhile.
+    Paused,
+    /// Down (SIGKILL) with the primary, once its history file counts its
+    /// writes; restarted on its data directory afterwards.
+    Down,
+}
+
+/// Replica 0 founds identities the Redis replica never receives; the
+/// primary dies and the replica, behind, is made primary; replica 1 (down
+/// meanwhile, so its history is older than what the new primary holds and
+/// it sees no loss) founds twice as many identities as replica 0 lost, so
+/// the shared write sequence passes what replica 0 saw. Replica 0 must
+/// still notice that it lost pins (its own write count), and its journal
+/// restore them: no cookie leaves through another exit.
+async fn a_failover_losing_replica_0_s_pins_is_noticed(through: Through) {
     let mut group = Group::start().await;
     group.wait_for_primary(group.primary.port).await;
     let mut fleet = Fleet::start(2, &sentinel_url(&group.sentinels), &[]).await;
     let mut early = log_in(&fleet, 4, &[0, 1]).await;
-
-    // Replica 1 is down while replica 0 founds identities that the Redis
-    // replica never receives.
     fleet.stop(1).await;
     group.cut_off_replica().await;
     let mut late = log_in(&fleet, 6, &[0]).await;
-    // Replica 0 is paused (it asks Redis nothing meanwhile); the primary
-    // dies and the Redis replica, behind, is made primary.
-    fleet.replica(0).signal("STOP");
+    match through {
+        Through::Paused => fleet.replica(0).signal("STOP"),
+        Through::Down => {
+            wait_for_saved_write_count(&fleet, &group).await;
+            fleet.stop(0).await;
+        }
+    }
     group.primary.kill().await;
     group.replica.thaw();
     group.wait_for_primary(group.replica.port).await;
-    // Replica 1 comes back (its history is older than what the new
-    // primary holds, so it sees no loss) and founds twice as many
-    // identities as replica 0 lost: the sequence passes what replica 0 saw.
     fleet.restart(1).await;
     let mut others = log_in(&fleet, 12, &[1]).await;
-    fleet.replica(0).signal("CONT");
+    match through {
+        Through::Paused => fleet.replica(0).signal("CONT"),
+        Through::Down => fleet.restart(0).await,
+    }
 
     let outcome = pages(&fleet, &mut late, &[0]).await;
     assert_eq!(outcome.lost, 0, "replica 0's journal restores its pins");
@@ -571,6 +582,44 @@ async fn a_loss_hidden_by_other_replicas_writes_is_still_noticed() {
         "{:?}",
         fleet.origin.leaks()
     );
+}
+
+/// Waits (bounded) until replica 0's history file counts every write the
+/// primary holds of it (the file is saved every few seconds).
+async fn wait_for_saved_write_count(fleet: &Fleet, group: &Group) {
+    let history = fleet.dirs[0].path().join("redis-generation.json");
+    for _ in 0..200 {
+        let kept: Option<serde_json::Value> = std::fs::read(&history)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if let Some(writer) = kept.as_ref().map(|k| &k["writer"]) {
+            let key = format!(
+                "pinproxy:writer:{:016x}",
+                writer["id"].as_u64().unwrap_or_default()
+            );
+            let held: Option<u64> = group.primary.command(&["GET", &key]).await;
+            if held.is_some() && writer["writes"].as_u64() == held {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("replica 0 never saved its write count");
+}
+
+/// A pinproxy replica paused through the failover notices, at its next
+/// round trip, that the failover lost its pins (the shared sequence alone
+/// shows no going back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loss_hidden_by_other_replicas_writes_is_still_noticed() {
+    a_failover_losing_replica_0_s_pins_is_noticed(Through::Paused).await;
+}
+
+/// The write count outlives the process: a replica that went down with
+/// the primary notices the loss of its pins when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_down_with_the_primary_notices_the_loss_when_back() {
+    a_failover_losing_replica_0_s_pins_is_noticed(Through::Down).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

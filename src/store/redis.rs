@@ -221,17 +221,15 @@ impl RedisStore {
         )?;
         let cache = (!settings.hit_cache.is_zero())
             .then(|| HitCache::new(settings.hit_cache, settings.pin_ttl_ms));
+        let generation =
+            Generation::load(generation_file, &settings.namespace, settings.pin_ttl_ms);
         let store = RedisStore {
             inner: Arc::new(Inner {
                 cache,
                 retired_channel: format!("{prefix}:retired"),
-                writer_key: format!("{prefix}:writer:{:016x}", rand::random::<u64>()),
+                writer_key: format!("{prefix}:writer:{:016x}", generation.writer_id()),
                 link,
-                generation: Generation::load(
-                    generation_file,
-                    &settings.namespace,
-                    settings.pin_ttl_ms,
-                ),
+                generation,
                 namespace: settings.namespace,
                 prefix,
                 pin_ttl_ms: settings.pin_ttl_ms,

@@ -18,7 +18,11 @@
 //! in the same script as the writes: replication keeps a script's writes
 //! together and in order, so a server holding a lower count than this
 //! replica was answered has lost writes of this replica. Lookups and the
-//! background check read the count; pin writes increment it.
+//! background check read the count; pin writes increment it. The count
+//! and its key's id are saved with the history, so a replica that went
+//! down together with the primary still notices when it comes back (the
+//! writes of its last few seconds before a crash excepted: the file is
+//! saved every few seconds, not at every write).
 //!
 //! Every round trip to Redis returns both, so a replica notices a loss at
 //! its next command; whoever notices first replaces the epoch, and every
@@ -121,6 +125,9 @@ pub struct Generation {
     /// How long the server keeps the count after the last write (the pins'
     /// lifetime: its pins are gone by then too).
     own_ttl_ms: u64,
+    /// The id of this replica's count key (`NS:writer:ID`), kept with the
+    /// history.
+    writer_id: u64,
     /// Where it is kept between runs (`None`: not kept).
     file: Option<PathBuf>,
     /// The sequence last written to the file.
@@ -135,6 +142,20 @@ struct Saved {
     namespace: String,
     epoch: u64,
     max_seq: u64,
+    /// This replica's own write count (absent in files written before it).
+    #[serde(default)]
+    writer: Option<SavedWriter>,
+}
+
+/// This replica's own write count, as saved.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct SavedWriter {
+    /// The id of its key.
+    id: u64,
+    /// Writes acknowledged under the saved epoch.
+    writes: u64,
+    /// When the last was acknowledged (Unix ms).
+    written_ms: u64,
 }
 
 /// The hash this module compares epochs by (epochs are random strings).
@@ -153,17 +174,28 @@ impl Generation {
             .and_then(|f| std::fs::read(f).ok())
             .and_then(|bytes| serde_json::from_slice::<Saved>(&bytes).ok())
             .filter(|s| s.namespace == namespace);
-        let (epoch, max_seq) = saved.map_or((0, 0), |s| (s.epoch, s.max_seq));
+        let (epoch, max_seq) = saved.as_ref().map_or((0, 0), |s| (s.epoch, s.max_seq));
+        let writer = saved.and_then(|s| s.writer).unwrap_or_else(|| SavedWriter {
+            id: rand::random::<u64>(),
+            writes: 0,
+            written_ms: 0,
+        });
         Generation {
             epoch: AtomicU64::new(epoch),
             max_seq: AtomicU64::new(max_seq),
-            own_writes: AtomicU64::new(0),
-            own_written_ms: AtomicU64::new(0),
+            own_writes: AtomicU64::new(writer.writes),
+            own_written_ms: AtomicU64::new(writer.written_ms),
             own_ttl_ms,
+            writer_id: writer.id,
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
             namespace: namespace.to_owned(),
         }
+    }
+
+    /// The id of this replica's own write count key (`NS:writer:ID`).
+    pub fn writer_id(&self) -> u64 {
+        self.writer_id
     }
 
     /// Whether this replica has seen any history.
@@ -286,6 +318,11 @@ impl Generation {
             namespace: self.namespace.clone(),
             epoch: self.epoch.load(Ordering::Relaxed),
             max_seq: seq,
+            writer: Some(SavedWriter {
+                id: self.writer_id,
+                writes: self.own_writes.load(Ordering::Relaxed),
+                written_ms: self.own_written_ms.load(Ordering::Relaxed),
+            }),
         };
         if let Err(e) = write_atomically(file, &saved) {
             tracing::warn!(error = %e, file = %file.display(), "cannot save what the pin store's history was");
@@ -310,6 +347,11 @@ fn write_atomically(file: &Path, saved: &Saved) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a command sent now, answered with `own`, shows at `now_ms`.
+    fn own_at(g: &Generation, own: OwnWrites, now_ms: u64) -> Observation {
+        g.observe_own(g.snapshot(), own, now_ms)
+    }
 
     #[test]
     fn losses_are_told_apart() {
@@ -380,7 +422,7 @@ mod tests {
         );
         // A write answered with a count it had already been answered: lost.
         assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Written(3), now + 10),
+            own_at(&g, OwnWrites::Written(3), now + 10),
             Observation::Lost(Loss::OwnWritesWentBack { seen: 3, now: 3 })
         );
     }
@@ -408,15 +450,15 @@ mod tests {
         );
         // Gone within the pins' lifetime: lost. Gone after it: expired.
         assert!(matches!(
-            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 59_999),
+            own_at(&g, OwnWrites::Read(0), now + 59_999),
             Observation::Lost(Loss::OwnWritesWentBack { seen: 2, now: 0 })
         ));
         assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 60_000),
+            own_at(&g, OwnWrites::Read(0), now + 60_000),
             Observation::Consistent
         );
         assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Read(0), now + 60_001),
+            own_at(&g, OwnWrites::Read(0), now + 60_001),
             Observation::Consistent
         );
         // A write after the pins' lifetime, before any read saw the count
@@ -424,26 +466,22 @@ mod tests {
         let g = Generation::load(None, "ns", 60_000);
         g.adopt("a", 1);
         for count in 1..=5 {
-            g.observe_own(g.snapshot(), OwnWrites::Written(count), now);
+            own_at(&g, OwnWrites::Written(count), now);
         }
-        assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Written(1), now + 60_000),
-            Observation::Consistent
-        );
-        assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Written(1), now + 60_001),
-            Observation::Lost(Loss::OwnWritesWentBack { seen: 1, now: 1 })
-        );
-        assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Written(2), now + 60_002),
-            Observation::Consistent
-        );
+        for (count, at, want) in [
+            (1, now + 60_000, Observation::Consistent),
+            (
+                1,
+                now + 60_001,
+                Observation::Lost(Loss::OwnWritesWentBack { seen: 1, now: 1 }),
+            ),
+            (2, now + 60_002, Observation::Consistent),
+        ] {
+            assert_eq!(own_at(&g, OwnWrites::Written(count), at), want, "{count}");
+        }
         // Under a new epoch the count starts again.
         g.adopt("b", 5);
-        assert_eq!(
-            g.observe_own(g.snapshot(), OwnWrites::Read(0), now),
-            Observation::Consistent
-        );
+        assert_eq!(own_at(&g, OwnWrites::Read(0), now), Observation::Consistent);
     }
 
     #[test]
@@ -469,5 +507,31 @@ mod tests {
         );
         let other = Generation::load(Some(&file), "other", 60_000);
         assert!(!other.knows_history());
+    }
+
+    #[test]
+    fn the_own_write_count_and_its_key_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("generation");
+        let g = Generation::load(Some(&file), "ns", 60_000);
+        g.adopt("e1", 10);
+        let now = 1_000_000;
+        for count in 1..=4 {
+            own_at(&g, OwnWrites::Written(count), now);
+        }
+        g.save(true);
+        let again = Generation::load(Some(&file), "ns", 60_000);
+        assert_eq!(again.writer_id(), g.writer_id());
+        let went_back = Observation::Lost(Loss::OwnWritesWentBack { seen: 4, now: 2 });
+        assert_eq!(own_at(&again, OwnWrites::Read(2), now + 1), went_back);
+        assert_eq!(
+            own_at(&again, OwnWrites::Read(4), now + 1),
+            Observation::Consistent
+        );
+        // A file from before the count: a fresh key, nothing to compare.
+        std::fs::write(&file, r#"{"namespace":"ns","epoch":7,"max_seq":3}"#).unwrap();
+        let old = Generation::load(Some(&file), "ns", 60_000);
+        assert!(old.knows_history());
+        assert_ne!(old.writer_id(), g.writer_id());
     }
 }
