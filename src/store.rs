@@ -345,14 +345,13 @@ impl Store {
         if self.available() {
             return None;
         }
-        Some(match self {
-            Store::Redis(store) => match store.key_conflict() {
-                Some(conflict) => StoreError::new(StoreErrorKind::KeyConflict, conflict),
-                None => StoreError::new(StoreErrorKind::Unreachable, "it is not answering"),
-            },
-            Store::Memory(_) | Store::Durable(_) => {
-                StoreError::new(StoreErrorKind::Unreachable, "it is not answering")
-            }
+        let conflict = match self {
+            Store::Redis(store) => store.key_conflict(),
+            Store::Memory(_) | Store::Durable(_) => None,
+        };
+        Some(match conflict {
+            Some(conflict) => StoreError::new(StoreErrorKind::KeyConflict, conflict),
+            None => StoreError::new(StoreErrorKind::Unreachable, "it is not answering"),
         })
     }
 }

@@ -74,6 +74,12 @@ impl Fleet {
         self.replicas[i].as_ref().expect("replica running")
     }
 
+    /// Replica `i`'s `GET /store` on the admin endpoint (the last loss it
+    /// noticed, under `loss`).
+    async fn store_view(&self, i: usize) -> serde_json::Value {
+        serde_json::from_str(&self.replica(i).admin_get("/store").await).unwrap()
+    }
+
     /// Stops replica `i` (SIGKILL); its data directory stays.
     async fn stop(&mut self, i: usize) {
         if let Some(replica) = self.replicas[i].take() {
@@ -210,8 +216,7 @@ async fn survives_a_wipe(wipe: impl AsyncFnOnce(&mut RedisNode)) {
     let mut restored = 0;
     let mut quarantined = 0;
     for replica in up {
-        let view: serde_json::Value =
-            serde_json::from_str(&fleet.replica(replica).admin_get("/store").await).unwrap();
+        let view = fleet.store_view(replica).await;
         assert_eq!(view["kind"], "redis");
         let loss = &view["loss"];
         assert!(
@@ -305,8 +310,7 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
         }
     }
     fleet.restart(2).await;
-    let view: serde_json::Value =
-        serde_json::from_str(&fleet.replica(2).admin_get("/store").await).unwrap();
+    let view = fleet.store_view(2).await;
     assert!(
         view["loss"].is_object(),
         "replica 2 reports no quarantine: {view}"
@@ -509,8 +513,7 @@ async fn a_failover_to_a_replica_that_missed_writes_leaks_nothing() {
     assert_eq!(outcome.kept, 24 * 3);
     // It did miss them: every replica noticed the loss.
     for replica in all {
-        let view: serde_json::Value =
-            serde_json::from_str(&fleet.replica(replica).admin_get("/store").await).unwrap();
+        let view = fleet.store_view(replica).await;
         assert!(view["loss"].is_object(), "replica {replica}: {view}");
     }
     let mut fresh = log_in(&fleet, 6, &all).await;
@@ -567,8 +570,7 @@ async fn a_failover_losing_replica_0_s_pins_is_noticed(through: Through) {
     let outcome = pages(&fleet, &mut late, &[0]).await;
     assert_eq!(outcome.lost, 0, "replica 0's journal restores its pins");
     assert_eq!(outcome.kept, 6);
-    let view: serde_json::Value =
-        serde_json::from_str(&fleet.replica(0).admin_get("/store").await).unwrap();
+    let view = fleet.store_view(0).await;
     assert!(
         view["loss"]["what"]
             .as_str()

@@ -45,7 +45,7 @@ mod scripts;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -141,8 +141,9 @@ struct Inner {
     hash_key: Mutex<Option<[u8; 32]>>,
     /// Set when, after a loss, Redis holds another pin-hashing key than the
     /// one this replica hashes with: what it says. Every command is refused
-    /// from then on (see [`RedisStore::key_conflict`]).
-    key_conflict: Mutex<Option<String>>,
+    /// from then on (see [`RedisStore::key_conflict`]). Set once, read by
+    /// every request: no lock.
+    key_conflict: OnceLock<String>,
     quarantine_ms: u64,
     wait: Option<WaitFor>,
     metrics: Arc<Metrics>,
@@ -238,7 +239,7 @@ impl RedisStore {
                 epoch: Mutex::new(None),
                 journal,
                 hash_key: Mutex::new(None),
-                key_conflict: Mutex::new(None),
+                key_conflict: OnceLock::new(),
                 quarantine_ms: settings.quarantine_ms,
                 wait: settings.wait,
                 metrics,
@@ -275,12 +276,8 @@ impl RedisStore {
     /// this replica and the replicas hashing with the other key could each
     /// pin it to its own exit; refusing is the only safe answer until an
     /// operator puts the fleet's key back and restarts.
-    pub fn key_conflict(&self) -> Option<String> {
-        self.inner
-            .key_conflict
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub fn key_conflict(&self) -> Option<&str> {
+        self.inner.key_conflict.get().map(String::as_str)
     }
 
     /// The connection for a command, unless the replica refuses them all.
@@ -460,12 +457,11 @@ impl RedisStore {
             self.hash_key_key(),
         );
         tracing::error!("{conflict}");
-        *self
-            .inner
-            .key_conflict
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(conflict.clone());
-        Err(StoreError::new(StoreErrorKind::KeyConflict, conflict))
+        let conflict = self.inner.key_conflict.get_or_init(|| conflict);
+        Err(StoreError::new(
+            StoreErrorKind::KeyConflict,
+            conflict.as_str(),
+        ))
     }
 
     /// `SET NX` of `local` as the fleet's key; returns the key in force.
@@ -493,10 +489,8 @@ impl RedisStore {
     /// this replica saw before starts a recovery.
     pub async fn start(&self) -> Result<(), StoreError> {
         self.inner.link.find_primary().await?;
-        let result = self
-            .run_script(&self.inner.check, &[], &[], Counting::Read)
+        self.run_script(&self.inner.check, &[], &[], Counting::Read)
             .await?;
-        let _ = result;
         if !self.inner.generation.knows_history() {
             self.replace_epoch(None).await?;
         }
