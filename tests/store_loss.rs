@@ -297,18 +297,7 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
     assert!(until.is_some(), "the quarantine's end is not in Redis");
 
     // Replica 2 comes back as a new pod: nothing but the CA.
-    let dir = fleet.dirs[2].path().to_owned();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name != "ca.pem" && name != "ca-key.pem" {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).unwrap();
-            } else {
-                std::fs::remove_file(&path).unwrap();
-            }
-        }
-    }
+    empty_data_dir(fleet.dirs[2].path(), &["ca.pem", "ca-key.pem"]);
     fleet.restart(2).await;
     let view = fleet.store_view(2).await;
     assert!(
@@ -330,6 +319,101 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
         fleet.origin.leaks().is_empty(),
         "{:?}",
         fleet.origin.leaks()
+    );
+}
+
+/// Removes everything in the data directory `dir` but the files `keep`:
+/// what a new pod starts with.
+fn empty_data_dir(dir: &std::path::Path, keep: &[&str]) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if keep.contains(&name.as_str()) {
+            continue;
+        }
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+/// A new pod (no history, no journal) that finds Redis empty cannot tell a
+/// new fleet from a wipe the running replicas have not noticed yet: it
+/// waits for them to report a loss before it serves, and then keeps the
+/// quarantine. Had it served at once, it would have pinned the cookies
+/// Redis lost anew, through whatever exit rotation picked. Here replica 0
+/// stays paused until the pod says it waits (a pod that did not wait would
+/// be serving by then), and the pod has the fleet's key, as when the key
+/// is mounted from a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_started_on_a_wiped_redis_lets_the_fleet_report_the_loss_first() {
+    let redis = RedisNode::volatile().await;
+    let mut fleet = Fleet::start(2, &redis.url(), &[]).await;
+    // Rotation is round-robin from the first exit in each process: without
+    // the first client, a pod that founded these cookies anew would send
+    // each through another exit than the one it was earned on.
+    let mut clients = log_in(&fleet, 5, &[0]).await;
+    clients.remove(0);
+    fleet.stop(1).await;
+    empty_data_dir(
+        fleet.dirs[1].path(),
+        &["ca.pem", "ca-key.pem", "fleet-pin-key"],
+    );
+
+    fleet.replica(0).signal("STOP");
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    let record = support::procs::Lines::default();
+    let starting = tokio::spawn({
+        let (dir, args, record) = (
+            fleet.dirs[1].path().to_owned(),
+            fleet.args.clone(),
+            record.clone(),
+        );
+        async move { PinproxyProcess::start_with_admin_logging(&dir, &args, "info", record).await }
+    });
+    let says_it_waits = || {
+        record
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("waiting for them to report a loss"))
+    };
+    for _ in 0..200 {
+        if says_it_waits() || starting.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = says_it_waits();
+    if waited {
+        fleet.replica(0).signal("CONT");
+    }
+    let pod = starting.await.unwrap();
+    fleet.clients[1] = ProxyClient::new(pod.addr, &pod.ca_pem());
+    fleet.replicas[1] = Some(pod);
+
+    // Restored by replica 0's journal (kept), or answered as lost while
+    // the restore runs: never pinned anew.
+    let outcome = pages(&fleet, &mut clients, &[1]).await;
+    if !waited {
+        fleet.replica(0).signal("CONT");
+    }
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "the pod pinned lost cookies anew: {:?}",
+        fleet.origin.leaks()
+    );
+    assert_eq!(outcome.kept + outcome.lost, 4);
+    let view = fleet.store_view(1).await;
+    assert!(
+        view["loss"].is_object(),
+        "the pod did not join the quarantine: {view}"
+    );
+    assert_eq!(
+        pages(&fleet, &mut clients, &[0, 1]).await.lost,
+        outcome.lost * 2
     );
 }
 

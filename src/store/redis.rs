@@ -491,8 +491,8 @@ impl RedisStore {
         self.inner.link.find_primary().await?;
         self.run_script(&self.inner.check, &[], &[], Counting::Read)
             .await?;
-        if !self.inner.generation.knows_history() {
-            self.replace_epoch(None).await?;
+        if !self.inner.generation.knows_history() && self.replace_epoch(None).await? {
+            self.wait_for_running_replicas().await;
         }
         // A replica that starts (or restarts) while the fleet is still in
         // quarantine after a loss has not seen the loss itself, and must

@@ -12,6 +12,11 @@
 //!    identity retires both identities (`store-lost`): a guess is never
 //!    made about which one is right.
 //!
+//! A replica that starts with no history and finds Redis holding no
+//! generation cannot tell a new fleet from a wipe nobody has noticed yet:
+//! it founds the generation, then waits for the running replicas to report
+//! a loss before it serves (see [`RedisStore::wait_for_running_replicas`]).
+//!
 //! During the quarantine a credential Redis does not know at lookup is
 //! restored from this replica's journal if it is there, and otherwise
 //! pinned to a retired tombstone (`store-lost`), so it is answered as
@@ -36,6 +41,10 @@ use crate::store::{Binding, PinStore as _, StoreError};
 const NO_EXIT: &str = "store-lost";
 /// How many times a restore is tried before giving up.
 const RESTORE_ATTEMPTS: u32 = 60;
+/// How long a replica that founds the namespace's generation waits before
+/// it serves ([`RedisStore::wait_for_running_replicas`]): four background
+/// checks of the running replicas, each a round trip well under one.
+const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(4);
 
 /// The last loss, for the admin listing.
 #[derive(Clone, Debug, Serialize)]
@@ -191,9 +200,13 @@ impl RedisStore {
 
     /// Replaces the epoch `seen` (`None`: the server has none) with a new
     /// one unless another replica already did; adopts the one in force.
-    pub(super) async fn replace_epoch(&self, seen: Option<&str>) -> Result<(), StoreError> {
+    /// True when the epoch in force is the one this call wrote.
+    pub(super) async fn replace_epoch(&self, seen: Option<&str>) -> Result<bool, StoreError> {
         let fresh = format!("{:032x}", rand::random::<u128>());
-        let args = [seen.unwrap_or("").as_bytes().to_vec(), fresh.into_bytes()];
+        let args = [
+            seen.unwrap_or("").as_bytes().to_vec(),
+            fresh.clone().into_bytes(),
+        ];
         let mut invocation = self.inner.new_epoch.prepare_invoke();
         invocation.key(self.epoch_key()).key(self.seq_key());
         for arg in &args {
@@ -203,11 +216,31 @@ impl RedisStore {
         let reply = self.note(invocation.invoke_async(&mut connection).await)?;
         let super::codec::GenerationReply { epoch, seq, .. } =
             super::codec::generation_reply(reply)?;
+        let founded = epoch.as_deref() == Some(fresh.as_str());
         if let Some(epoch) = epoch {
             self.inner.generation.adopt(&epoch, seq);
             *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
         }
-        Ok(())
+        Ok(founded)
+    }
+
+    /// At start, after this replica founded the namespace's generation
+    /// (Redis held none, and this replica has no history of it): gives the
+    /// replicas already running the time to report a loss before this one
+    /// serves. A new fleet and a wipe that no running replica has noticed
+    /// yet look the same from here; in the second case a replica that
+    /// served at once would pin lost cookies anew, through whatever exit
+    /// rotation picks. A running replica notices at its next round trip
+    /// (the background check runs every [`super::CHECK_INTERVAL`]) and
+    /// writes the quarantine's end first, which [`Self::join_quarantine`]
+    /// then reads. A new fleet pays the wait once, at its first start.
+    pub(super) async fn wait_for_running_replicas(&self) {
+        tracing::info!(
+            wait = ?FOUNDING_WAIT,
+            "Redis holds no generation for this namespace: a new fleet, or a wipe the running \
+             replicas have not noticed yet; waiting for them to report a loss before serving"
+        );
+        tokio::time::sleep(FOUNDING_WAIT).await;
     }
 
     /// Takes the epoch and sequence the server holds as the history.
@@ -224,7 +257,7 @@ impl RedisStore {
                 *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
                 Ok(())
             }
-            None => self.replace_epoch(None).await,
+            None => self.replace_epoch(None).await.map(|_| ()),
         }
     }
 
@@ -241,7 +274,9 @@ impl RedisStore {
             // Another replica replaced the epoch (or the server holds
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
-            Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
+            Loss::EpochMissing => {
+                self.replace_epoch(seen_epoch).await?;
+            }
             Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } => {
                 let known = self
                     .inner
