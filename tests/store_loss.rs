@@ -498,6 +498,33 @@ async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
     );
 }
 
+/// A replica whose saved history cannot be read refuses to start, naming
+/// the file and what to do: taken as no history, a loss while it was down
+/// would go unnoticed and it would pin the cookies Redis forgot anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_history_cannot_be_read_refuses_to_start() {
+    let redis = RedisNode::volatile().await;
+    let mut fleet = Fleet::start(1, &redis.url(), &[]).await;
+    let mut clients = log_in(&fleet, 1, &[0]).await;
+    assert_eq!(pages(&fleet, &mut clients, &[0]).await.kept, 1);
+    fleet.stop(0).await;
+    let history = fleet.dirs[0].path().join("redis-generation.json");
+    assert!(history.exists(), "the replica saved no history");
+    std::fs::write(&history, b"{\"namespace\":\"pinproxy\",\"ep").unwrap();
+    let stderr = support::procs::pinproxy_refuses_to_start(
+        fleet.dirs[0].path(),
+        &fleet.args,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(stderr.contains("redis-generation.json"), "{stderr}");
+    assert!(stderr.contains("delete it"), "{stderr}");
+    // Deleted, as the message says: the replica starts (without history).
+    std::fs::remove_file(&history).unwrap();
+    fleet.restart(0).await;
+    assert_eq!(pages(&fleet, &mut clients, &[0]).await.kept, 1);
+}
+
 /// A `pinproxy store` command on a Redis namespace that holds no key yet
 /// (a fresh or wiped one) reads the store with its own key and leaves the
 /// fleet's key to the replicas: it sets none.

@@ -223,7 +223,8 @@ impl RedisStore {
         let cache = (!settings.hit_cache.is_zero())
             .then(|| HitCache::new(settings.hit_cache, settings.pin_ttl_ms));
         let generation =
-            Generation::load(generation_file, &settings.namespace, settings.pin_ttl_ms);
+            Generation::load(generation_file, &settings.namespace, settings.pin_ttl_ms)
+                .map_err(codec::corrupt)?;
         let store = RedisStore {
             inner: Arc::new(Inner {
                 cache,

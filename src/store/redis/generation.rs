@@ -169,18 +169,27 @@ impl Generation {
     /// The history saved in `file` for `namespace` (none if the file is
     /// missing or for another namespace); this replica's own write count
     /// lives `own_ttl_ms` on the server after its last write.
-    pub fn load(file: Option<&Path>, namespace: &str, own_ttl_ms: u64) -> Generation {
-        let saved = file
-            .and_then(|f| std::fs::read(f).ok())
-            .and_then(|bytes| serde_json::from_slice::<Saved>(&bytes).ok())
-            .filter(|s| s.namespace == namespace);
+    ///
+    /// A file that is there but cannot be read is an error, not "no
+    /// history": taken as none, a loss while this replica was down would go
+    /// unnoticed, and it would pin the cookies Redis forgot anew.
+    pub fn load(
+        file: Option<&Path>,
+        namespace: &str,
+        own_ttl_ms: u64,
+    ) -> Result<Generation, String> {
+        let saved = match file {
+            Some(file) => read_saved(file)?,
+            None => None,
+        }
+        .filter(|s| s.namespace == namespace);
         let (epoch, max_seq) = saved.as_ref().map_or((0, 0), |s| (s.epoch, s.max_seq));
         let writer = saved.and_then(|s| s.writer).unwrap_or_else(|| SavedWriter {
             id: rand::random::<u64>(),
             writes: 0,
             written_ms: 0,
         });
-        Generation {
+        Ok(Generation {
             epoch: AtomicU64::new(epoch),
             max_seq: AtomicU64::new(max_seq),
             own_writes: AtomicU64::new(writer.writes),
@@ -190,7 +199,7 @@ impl Generation {
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
             namespace: namespace.to_owned(),
-        }
+        })
     }
 
     /// The id of this replica's own write count key (`NS:writer:ID`).
@@ -332,6 +341,29 @@ impl Generation {
     }
 }
 
+/// The history in `file`: none if there is no file.
+fn read_saved(file: &Path) -> Result<Option<Saved>, String> {
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unreadable(file, &e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| unreadable(file, &e))
+}
+
+/// What to tell the user of a history file that cannot be read.
+fn unreadable(file: &Path, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "cannot read {} ({error}): it holds what this replica last saw of the Redis pin store, \
+         compared with Redis at start to notice a loss while the replica was down. Put the \
+         file back from a backup, or delete it to start without that history: a loss while \
+         this replica was down then goes unnoticed unless another replica saw it",
+        file.display()
+    )
+}
+
 fn write_atomically(file: &Path, saved: &Saved) -> std::io::Result<()> {
     use std::io::Write as _;
     let text = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
@@ -355,7 +387,7 @@ mod tests {
 
     #[test]
     fn losses_are_told_apart() {
-        let g = Generation::load(None, "ns", 60_000);
+        let g = Generation::load(None, "ns", 60_000).unwrap();
         let observe = |epoch, seq| g.observe(g.snapshot(), epoch, seq);
         assert_eq!(observe(None, 0), Observation::Fresh);
         assert_eq!(observe(Some("a"), 5), Observation::Consistent);
@@ -375,7 +407,7 @@ mod tests {
 
     #[test]
     fn replies_of_concurrent_commands_may_come_in_any_order() {
-        let g = Generation::load(None, "ns", 60_000);
+        let g = Generation::load(None, "ns", 60_000).unwrap();
         g.adopt("a", 10);
         let early = g.snapshot();
         // A later command saw 12 first...
@@ -398,7 +430,7 @@ mod tests {
 
     #[test]
     fn a_loss_of_this_replica_s_writes_shows_though_others_caught_up() {
-        let g = Generation::load(None, "ns", 60_000);
+        let g = Generation::load(None, "ns", 60_000).unwrap();
         g.adopt("a", 100);
         let now = 1_000_000;
         for count in 1..=3 {
@@ -429,7 +461,7 @@ mod tests {
 
     #[test]
     fn own_writes_in_any_order_and_an_expired_count_are_no_loss() {
-        let g = Generation::load(None, "ns", 60_000);
+        let g = Generation::load(None, "ns", 60_000).unwrap();
         g.adopt("a", 1);
         let now = 1_000_000;
         let early = g.snapshot();
@@ -463,7 +495,7 @@ mod tests {
         );
         // A write after the pins' lifetime, before any read saw the count
         // gone, starts it again: no loss; the next write counts from it.
-        let g = Generation::load(None, "ns", 60_000);
+        let g = Generation::load(None, "ns", 60_000).unwrap();
         g.adopt("a", 1);
         for count in 1..=5 {
             own_at(&g, OwnWrites::Written(count), now);
@@ -488,14 +520,14 @@ mod tests {
     fn the_history_outlives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("generation");
-        let g = Generation::load(Some(&file), "ns", 60_000);
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
         g.adopt("e1", 10);
         assert_eq!(
             g.observe(g.snapshot(), Some("e1"), 42),
             Observation::Consistent
         );
         g.save(false);
-        let again = Generation::load(Some(&file), "ns", 60_000);
+        let again = Generation::load(Some(&file), "ns", 60_000).unwrap();
         assert!(again.knows_history());
         assert_eq!(
             again.observe(again.snapshot(), Some("e1"), 40),
@@ -505,22 +537,42 @@ mod tests {
             again.observe(again.snapshot(), None, 0),
             Observation::Lost(Loss::EpochMissing)
         );
-        let other = Generation::load(Some(&file), "other", 60_000);
+        let other = Generation::load(Some(&file), "other", 60_000).unwrap();
         assert!(!other.knows_history());
+    }
+
+    #[test]
+    fn a_history_file_that_cannot_be_read_is_an_error_not_no_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("generation");
+        std::fs::write(&file, b"{\"namespace\":\"ns\",\"epo").unwrap();
+        let Err(error) = Generation::load(Some(&file), "ns", 60_000) else {
+            panic!("a truncated file was taken");
+        };
+        assert!(error.contains(&file.display().to_string()), "{error}");
+        assert!(error.contains("delete it"), "{error}");
+        // A directory where the file should be cannot be read either.
+        let Err(error) = Generation::load(Some(dir.path()), "ns", 60_000) else {
+            panic!("a directory was taken");
+        };
+        assert!(error.contains("cannot read"), "{error}");
+        // No file at all is no history.
+        let none = Generation::load(Some(&dir.path().join("absent")), "ns", 60_000).unwrap();
+        assert!(!none.knows_history());
     }
 
     #[test]
     fn the_own_write_count_and_its_key_outlive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("generation");
-        let g = Generation::load(Some(&file), "ns", 60_000);
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
         g.adopt("e1", 10);
         let now = 1_000_000;
         for count in 1..=4 {
             own_at(&g, OwnWrites::Written(count), now);
         }
         g.save(true);
-        let again = Generation::load(Some(&file), "ns", 60_000);
+        let again = Generation::load(Some(&file), "ns", 60_000).unwrap();
         assert_eq!(again.writer_id(), g.writer_id());
         let went_back = Observation::Lost(Loss::OwnWritesWentBack { seen: 4, now: 2 });
         assert_eq!(own_at(&again, OwnWrites::Read(2), now + 1), went_back);
@@ -530,7 +582,7 @@ mod tests {
         );
         // A file from before the count: a fresh key, nothing to compare.
         std::fs::write(&file, r#"{"namespace":"ns","epoch":7,"max_seq":3}"#).unwrap();
-        let old = Generation::load(Some(&file), "ns", 60_000);
+        let old = Generation::load(Some(&file), "ns", 60_000).unwrap();
         assert!(old.knows_history());
         assert_ne!(old.writer_id(), g.writer_id());
     }
