@@ -164,6 +164,11 @@ async fn contract(store: Arc<Store>) {
     let ip2 = "127.0.0.3".parse().unwrap();
     assert_eq!(store.record_egress(a.id, ip1).await.unwrap(), Some(ip1));
     assert_eq!(store.record_egress(a.id, ip2).await.unwrap(), Some(ip1));
+    // Of an identity the store does not hold: nothing, and nothing written.
+    let gone = identity("e1", now);
+    assert_eq!(store.record_egress(gone.id, ip1).await.unwrap(), None);
+    let listed = store.list().await.unwrap();
+    assert!(listed.iter().all(|l| l.identity.id != gone.id));
 
     // Retire: the first retirement stands and shows in lookups.
     let first_reason = Retirement {
@@ -344,6 +349,65 @@ async fn the_redis_store_keeps_the_contract() {
         .unwrap();
     let expected = (48 * HOUR_MS) as i64;
     assert!(ttl > expected - 60_000 && ttl <= expected, "pin ttl {ttl}");
+}
+
+/// A use of an identity Redis no longer holds (expired, or lost) writes
+/// nothing: a hash written then would hold no record and no TTL, and stay
+/// on a server that must not evict. A use of one it holds is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_touch_never_recreates_an_identity() {
+    let redis = RedisServer::start().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let tasks = TaskTracker::new();
+    let settings = RedisSettings {
+        url: redis.url(),
+        namespace: "touch".to_owned(),
+        pin_ttl_ms: HOUR_MS,
+        keep_retired_ms: HOUR_MS,
+        quarantine_ms: HOUR_MS,
+        wait: None,
+        hit_cache: Duration::ZERO,
+    };
+    let store = RedisStore::connect(
+        settings,
+        None,
+        Some(&data_dir.path().join("generation.json")),
+        tasks.clone(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    store.start().await.unwrap();
+    let now = 1_800_000_000_000;
+    let (kept, gone) = (identity("e1", now), identity("e1", now));
+    store.create_identity(&kept).await.unwrap();
+    let ip = "127.0.0.2".parse().unwrap();
+    for id in [kept.id, gone.id] {
+        store.touch(id, now + 5, true, Some(ip)).await.unwrap();
+    }
+    // Touches are written off the request path, on `tasks`.
+    tasks.close();
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the touches were written");
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(format!("touch:id:{}", gone.id))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a touch recreated a forgotten identity");
+    let listed = store.list().await.unwrap();
+    let stored = &listed
+        .iter()
+        .find(|l| l.identity.id == kept.id)
+        .expect("the identity is kept")
+        .identity;
+    assert_eq!(stored.last_used_ms, now + 5);
+    assert_eq!(stored.requests, 1);
+    assert!(stored.worked);
+    assert_eq!(stored.egress_ip, Some(ip));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

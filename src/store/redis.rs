@@ -170,6 +170,8 @@ struct Inner {
     check: Script,
     new_epoch: Script,
     quarantine: Script,
+    touch: Script,
+    record_egress: Script,
 }
 
 /// The touches of one identity not yet written.
@@ -256,6 +258,8 @@ impl RedisStore {
                 check: Script::new(scripts::GENERATION),
                 new_epoch: Script::new(scripts::NEW_EPOCH),
                 quarantine: Script::new(scripts::QUARANTINE),
+                touch: Script::new(scripts::TOUCH),
+                record_egress: Script::new(scripts::RECORD_EGRESS),
             }),
         };
         tokio::spawn(check_loop(Arc::downgrade(&store.inner)));
@@ -927,19 +931,24 @@ impl PinStore for RedisStore {
             let Some((_, touch)) = store.inner.touches.remove(&id) else {
                 return;
             };
-            let key = store.identity_key(id);
-            let mut pipe = redis::pipe();
-            pipe.hset(&key, "last", touch.last_ms)
-                .ignore()
-                .hincr(&key, "reqs", touch.requests)
-                .ignore();
-            if touch.worked {
-                pipe.hset(&key, "worked", 1).ignore();
-            }
-            if let Some(ip) = touch.egress {
-                pipe.hset_nx(&key, "egress", ip.to_string()).ignore();
-            }
-            let _ = store.run_pipe(&mut pipe).await;
+            let args = [
+                touch.last_ms.to_string().into_bytes(),
+                touch.requests.to_string().into_bytes(),
+                if touch.worked {
+                    b"1".to_vec()
+                } else {
+                    b"0".to_vec()
+                },
+                touch
+                    .egress
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ];
+            let key = [store.identity_key(id)];
+            let _ = store
+                .run_script(&store.inner.touch, &key, &args, Counting::None)
+                .await;
             if let Some(journal) = &store.inner.journal {
                 journal
                     .touch(id, touch.last_ms, touch.worked, touch.egress)
@@ -954,22 +963,19 @@ impl PinStore for RedisStore {
         id: IdentityId,
         ip: IpAddr,
     ) -> Result<Option<IpAddr>, StoreError> {
-        let key = self.identity_key(id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_nx(&key, "egress", ip.to_string())
-            .ignore()
-            .hget(&key, "egress")
-            .incr(self.seq_key(), 1)
-            .ignore();
-        let results = self.run_pipe(&mut pipe).await?;
+        let key = [self.identity_key(id)];
+        let recorded = self
+            .run_script(
+                &self.inner.record_egress,
+                &key,
+                &[ip.to_string().into_bytes()],
+                Counting::None,
+            )
+            .await?;
         if let Some(journal) = &self.inner.journal {
             journal.egress(id, ip).await;
         }
-        Ok(results
-            .first()
-            .and_then(bulk)
-            .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
+        Ok(bulk(&recorded).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {

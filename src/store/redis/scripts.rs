@@ -135,6 +135,37 @@ end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
 
+/// Records uses of the identity `KEYS[3]`: last use `ARGV[1]`, `ARGV[2]`
+/// more requests, whether one worked (`ARGV[3]`, `1` or `0`) and the egress
+/// address unless one is recorded (`ARGV[4]`, empty for none). Only while
+/// the identity exists: a hash written after it expired or was lost would
+/// hold no record and no TTL, and stay forever. Answers whether it wrote.
+pub(super) const TOUCH: &str = r"
+local written = 0
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'last', ARGV[1])
+  redis.call('HINCRBY', KEYS[3], 'reqs', ARGV[2])
+  if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'worked', '1') end
+  if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[4]) end
+  written = 1
+end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', written}
+";
+
+/// Records the egress address `ARGV[1]` of the identity `KEYS[3]` unless
+/// one is recorded, and answers the recorded one; nothing (and no write)
+/// when the identity does not exist, for the reason [`TOUCH`] gives.
+pub(super) const RECORD_EGRESS: &str = r"
+local egress = false
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('HSETNX', KEYS[3], 'egress', ARGV[1]) == 1 then
+    redis.call('INCR', KEYS[2])
+  end
+  egress = redis.call('HGET', KEYS[3], 'egress')
+end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', egress}
+";
+
 /// Extends the fleet's quarantine after a loss (`KEYS[3]`: when it ends,
 /// Unix ms, the key expiring then) to `ARGV[1]` unless it already lasts
 /// longer (`0` only reads it); answers when it ends (0: no quarantine).
