@@ -21,7 +21,7 @@ pub mod spec;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{duration_ms, Clock};
 use crate::identity::ExitId;
+use crate::metrics::{ExitInstruments, Metrics};
 use crate::net::HostPort;
 use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{ExitClient, PoolSettings};
@@ -51,6 +52,9 @@ pub struct Exit {
     /// Drained by an operator: no new identities, no rotated traffic.
     /// Shared with the exit that replaces it on a reload.
     drained: Arc<AtomicBool>,
+    /// Its metrics, found once in the daemon's [`Metrics`] (see
+    /// [`Exit::instruments`]).
+    instruments: OnceLock<Arc<ExitInstruments>>,
 }
 
 impl Exit {
@@ -67,7 +71,17 @@ impl Exit {
             health: Arc::new(health),
             sessions: Arc::new(sessions),
             drained: Arc::default(),
+            instruments: OnceLock::new(),
         }
+    }
+
+    /// The exit's metrics in `metrics`, looked up by id on the first call
+    /// only (an exit belongs to one daemon, so `metrics` is always the
+    /// same). A rebuilt exit of the same id finds the same instruments.
+    pub fn instruments(&self, metrics: &Metrics) -> Arc<ExitInstruments> {
+        self.instruments
+            .get_or_init(|| metrics.exit(self.id()))
+            .clone()
     }
 
     /// The exit's id.
@@ -312,6 +326,7 @@ impl ExitBuild {
                     health: old.health.clone(),
                     sessions,
                     drained: old.drained.clone(),
+                    instruments: old.instruments.clone(),
                 })
             })
             .collect();

@@ -227,7 +227,7 @@ impl Pipeline {
         self.trial_unhealthy_exit(&target);
         self.note_chrome_user_agent(&route, request.headers());
         span.record("exit", tracing::field::display(route.exit.id()));
-        access.exit = Some(self.metrics.exit(route.exit.id()));
+        access.exit = Some(route.exit.instruments(&self.metrics));
         access.identity = route.identity.as_ref().map(|i| i.id);
         access.decision = Some(Decision::of(route.reason));
         if let Some(identity) = &route.identity {
