@@ -262,11 +262,16 @@ async fn fleet_hasher(
         let agreed = async {
             let key = match data_dir {
                 Some(_) => {
+                    // The generation first: a replica that finds Redis
+                    // empty waits there for the running replicas to report
+                    // a loss, and their restore writes the fleet's key
+                    // back, which this one then takes instead of setting
+                    // its own (which they would refuse to hash with).
+                    store.start().await?;
                     let key = store.shared_hash_key(candidate).await?;
                     if let Some(kept) = kept_key.filter(|kept| *kept != key) {
                         return Err(foreign_fleet_key(&key, &kept));
                     }
-                    store.start().await?;
                     key
                 }
                 // A tool reads the fleet's key and never sets one: on a

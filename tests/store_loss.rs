@@ -345,8 +345,9 @@ fn empty_data_dir(dir: &std::path::Path, keep: &[&str]) {
 /// quarantine. Had it served at once, it would have pinned the cookies
 /// Redis lost anew, through whatever exit rotation picked. Here replica 0
 /// stays paused until the pod says it waits (a pod that did not wait would
-/// be serving by then), and the pod has the fleet's key, as when the key
-/// is mounted from a secret.
+/// be serving by then). The pod has no copy of the fleet's pin-hashing key:
+/// it takes the one replica 0's restore writes back during the wait, so
+/// replica 0 finds no other key and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_started_on_a_wiped_redis_lets_the_fleet_report_the_loss_first() {
     let redis = RedisNode::volatile().await;
@@ -357,10 +358,7 @@ async fn a_pod_started_on_a_wiped_redis_lets_the_fleet_report_the_loss_first() {
     let mut clients = log_in(&fleet, 5, &[0]).await;
     clients.remove(0);
     fleet.stop(1).await;
-    empty_data_dir(
-        fleet.dirs[1].path(),
-        &["ca.pem", "ca-key.pem", "fleet-pin-key"],
-    );
+    empty_data_dir(fleet.dirs[1].path(), &["ca.pem", "ca-key.pem"]);
 
     fleet.replica(0).signal("STOP");
     let _: () = redis.command(&["FLUSHDB"]).await;
@@ -411,6 +409,12 @@ async fn a_pod_started_on_a_wiped_redis_lets_the_fleet_report_the_loss_first() {
         view["loss"].is_object(),
         "the pod did not join the quarantine: {view}"
     );
+    let key_of = |i: usize| std::fs::read(fleet.dirs[i].path().join("fleet-pin-key")).unwrap();
+    assert!(
+        key_of(1) == key_of(0),
+        "the pod hashes with a key of its own"
+    );
+    // Both serve (a key conflict would have replica 0 refuse every request).
     assert_eq!(
         pages(&fleet, &mut clients, &[0, 1]).await.lost,
         outcome.lost * 2
