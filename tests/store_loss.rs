@@ -502,6 +502,54 @@ async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
     );
 }
 
+/// An identity busy through one replica is idle in the journal of another
+/// that saw it once; after a wipe both journals write it back, and it stays
+/// live: a journal does not judge idleness from its own replica's uses, and
+/// the restores keep the latest last use either holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_busy_through_another_replica_survives_a_wipe() {
+    let redis = RedisNode::volatile().await;
+    let config = [
+        "[identities]",
+        "idle_timeout = \"4s\"",
+        "sweep_interval = \"500ms\"",
+    ];
+    let fleet = Fleet::start(2, &redis.url(), &config).await;
+    let mut clients = log_in(&fleet, 1, &[0]).await;
+    // Longer than the idle timeout and a few of replica 0's sweeps, every
+    // request through replica 1.
+    let busy = tokio::time::Instant::now();
+    for _ in 0..60 {
+        assert_eq!(pages(&fleet, &mut clients, &[1]).await.kept, 1);
+        if busy.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    // Both replicas notice (the background check) and restore.
+    for replica in [0, 1] {
+        let mut done = false;
+        for _ in 0..100 {
+            let view = fleet.store_view(replica).await;
+            if view["loss"]["restore_done"] == true {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(done, "replica {replica} never finished its restore");
+    }
+    let outcome = pages(&fleet, &mut clients, &[1, 0]).await;
+    assert_eq!(outcome.kept, 2, "the busy identity was lost: {outcome:?}");
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
 /// A replica whose saved history cannot be read refuses to start, naming
 /// the file and what to do: taken as no history, a loss while it was down
 /// would go unnoticed and it would pin the cookies Redis forgot anew.

@@ -170,6 +170,7 @@ struct Inner {
     check: Script,
     new_epoch: Script,
     quarantine: Script,
+    write_identity: Script,
     touch: Script,
     record_egress: Script,
 }
@@ -258,6 +259,7 @@ impl RedisStore {
                 check: Script::new(scripts::GENERATION),
                 new_epoch: Script::new(scripts::NEW_EPOCH),
                 quarantine: Script::new(scripts::QUARANTINE),
+                write_identity: Script::new(scripts::WRITE_IDENTITY),
                 touch: Script::new(scripts::TOUCH),
                 record_egress: Script::new(scripts::RECORD_EGRESS),
             }),
@@ -376,28 +378,6 @@ impl RedisStore {
         {
             self.on_loss(loss, epoch.map(str::to_owned));
         }
-    }
-
-    /// Runs `pipe` (atomic) with the generation read at its end; returns
-    /// the results before it.
-    async fn run_pipe(&self, pipe: &mut redis::Pipeline) -> Result<Vec<Value>, StoreError> {
-        pipe.get(self.epoch_key()).get(self.seq_key());
-        let mut connection = self.connection()?;
-        let sent = self.inner.generation.snapshot();
-        let mut results: Vec<Value> = self.note(pipe.query_async(&mut connection).await)?;
-        let seq = results
-            .pop()
-            .as_ref()
-            .and_then(bulk)
-            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        let epoch = results
-            .pop()
-            .as_ref()
-            .and_then(bulk)
-            .map(|b| String::from_utf8_lossy(b).into_owned());
-        self.observe(sent, epoch.as_deref(), seq);
-        Ok(results)
     }
 
     /// Checks a reply's generation against what had been seen when its
@@ -728,30 +708,26 @@ impl RedisStore {
 
     /// Writes an identity record (as created, plus its mutable parts).
     async fn write_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        let record = postcard::to_stdvec(identity).map_err(corrupt)?;
-        let key = self.identity_key(identity.id);
-        let ttl = match identity.retired {
-            Some(_) => self.inner.keep_retired_ms,
-            None => self.inner.pin_ttl_ms,
+        let retired = match &identity.retired {
+            Some(retired) => postcard::to_stdvec(retired).map_err(corrupt)?,
+            None => Vec::new(),
         };
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(&key, "rec", record)
-            .ignore()
-            .hset(&key, "last", identity.last_used_ms)
-            .ignore();
-        if let Some(retired) = &identity.retired {
-            let retired = postcard::to_stdvec(retired).map_err(corrupt)?;
-            pipe.hset_nx(&key, "retired", retired).ignore();
-        }
-        if let Some(ip) = identity.egress_ip {
-            pipe.hset_nx(&key, "egress", ip.to_string()).ignore();
-        }
-        pipe.pexpire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
-            .ignore()
-            .incr(self.seq_key(), 1)
-            .ignore();
-        self.run_pipe(&mut pipe).await.map(|_| ())
+        let args = [
+            postcard::to_stdvec(identity).map_err(corrupt)?,
+            identity.last_used_ms.to_string().into_bytes(),
+            retired,
+            identity
+                .egress_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
+                .into_bytes(),
+            self.inner.pin_ttl_ms.to_string().into_bytes(),
+            self.inner.keep_retired_ms.to_string().into_bytes(),
+        ];
+        let key = [self.identity_key(identity.id)];
+        self.run_script(&self.inner.write_identity, &key, &args, Counting::None)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -1057,9 +1033,16 @@ impl PinStore for RedisStore {
     ) -> Result<super::Swept, StoreError> {
         // Keys expire on the server; expired identities are retired when
         // next used (every replica applies the same rules). The journal
-        // forgets what has expired.
+        // forgets what has expired. It sees only this replica's uses, so
+        // it never retires for idleness: an identity idle here may be busy
+        // through other replicas, and what the journal says is what a
+        // restore writes back. Idleness is judged from Redis, which every
+        // replica's uses reach.
         if let Some(journal) = &self.inner.journal {
-            journal.sweep(now_ms, keep_retired_ms, expiry).await?;
+            let expiry = |identity: &Identity| {
+                expiry(identity).filter(|reason| *reason != RetireReason::IdleExpired)
+            };
+            journal.sweep(now_ms, keep_retired_ms, &expiry).await?;
         }
         Ok(super::Swept::default())
     }

@@ -69,6 +69,24 @@ pub(super) fn now_ms() -> u64 {
     Clock::system().now_ms()
 }
 
+/// A journaled identity as a restore writes it back. Without a retirement
+/// for idleness: the journal saw only this replica's uses (journals written
+/// before `RedisStore::sweep` stopped judging idleness there may hold one),
+/// and the identity may have been busy through other replicas. Idleness is
+/// judged again at its next use, from the last use the restores merged
+/// (the latest any journal holds).
+fn restorable(identity: &Identity) -> Identity {
+    let mut identity = identity.clone();
+    if identity
+        .retired
+        .as_ref()
+        .is_some_and(|r| r.reason == RetireReason::IdleExpired)
+    {
+        identity.retired = None;
+    }
+    identity
+}
+
 impl RedisStore {
     /// The last loss this replica noticed, if any.
     pub fn loss_report(&self) -> Option<LossReport> {
@@ -301,7 +319,7 @@ impl RedisStore {
         let listings = journal.list().await?;
         let mut restored = 0u64;
         for listing in listings {
-            self.write_identity(&listing.identity).await?;
+            self.write_identity(&restorable(&listing.identity)).await?;
             if listing.pins.is_empty() {
                 continue;
             }
@@ -373,7 +391,7 @@ impl RedisStore {
                     pin,
                     identity: Some(identity),
                 }) => {
-                    self.write_identity(&identity).await?;
+                    self.write_identity(&restorable(&identity)).await?;
                     let winner = self.pin_all_raw(&[(*key, pin)]).await?;
                     self.update_report(|r| r.restored += 1);
                     self.inner.metrics.store_restored_pins.inc();

@@ -135,6 +135,27 @@ end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
 
+/// Writes the identity `KEYS[3]`: its record `ARGV[1]`, last use `ARGV[2]`,
+/// retirement `ARGV[3]` and egress address `ARGV[4]` (empty: none), merged
+/// with what the server holds. The record, the first retirement and the
+/// first egress address stand; the latest last use wins (after a loss each
+/// replica's journal restores the identity with only the uses that replica
+/// saw, in any order). It then lives `ARGV[5]` ms, or `ARGV[6]` once retired.
+pub(super) const WRITE_IDENTITY: &str = r"
+redis.call('HSETNX', KEYS[3], 'rec', ARGV[1])
+local last = tonumber(redis.call('HGET', KEYS[3], 'last') or '0') or 0
+if tonumber(ARGV[2]) > last then redis.call('HSET', KEYS[3], 'last', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[3], 'retired', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[4]) end
+if redis.call('HEXISTS', KEYS[3], 'retired') == 1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+else
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+redis.call('INCR', KEYS[2])
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
+";
+
 /// Records uses of the identity `KEYS[3]`: last use `ARGV[1]`, `ARGV[2]`
 /// more requests, whether one worked (`ARGV[3]`, `1` or `0`) and the egress
 /// address unless one is recorded (`ARGV[4]`, empty for none). Only while
