@@ -235,7 +235,15 @@ pub struct ExitInstruments {
     /// Its pin decision counters, by [`DECISIONS`] position, resolved in
     /// the family on first use (a hit then costs no label hashing).
     decisions: Decisions,
+    /// Its request counters by site, then by [`STATUS_CLASSES`] position,
+    /// resolved in the family on first use: the family's lookup hashed the
+    /// three labels with SipHash on every request. A site that loses its
+    /// label is removed here too ([`Metrics::forget_site`]).
+    by_site: DashMap<LabelValue, StatusCounters, foldhash::fast::RandomState>,
 }
+
+/// One exit's request counters of one site, by [`STATUS_CLASSES`] position.
+type StatusCounters = [OnceLock<Counter>; STATUS_CLASSES.len()];
 
 /// The request outcome of a request pinproxy forwarded and answered.
 const FORWARDED: &str = "forwarded";
@@ -595,6 +603,7 @@ impl Metrics {
                     created: AtomicU64::new(0),
                     retired: AtomicU64::new(0),
                     decisions: Decisions::default(),
+                    by_site: DashMap::default(),
                 })
             })
             .clone()
@@ -619,15 +628,30 @@ impl Metrics {
         site: Option<&LabelValue>,
         status: &'static str,
     ) {
-        if let Some(exit) = exit {
-            exit.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        let labels = SiteRequest {
-            exit: exit.map_or_else(|| self.none.clone(), |e| e.exit.clone()),
-            site: site.cloned().unwrap_or_else(|| self.none.clone()),
+        let site = site.unwrap_or(&self.none);
+        let family = |exit: &LabelValue| SiteRequest {
+            exit: exit.clone(),
+            site: site.clone(),
             status,
         };
-        self.exit_requests.get_or_create(&labels).inc();
+        let Some(exit) = exit else {
+            self.exit_requests.get_or_create(&family(&self.none)).inc();
+            return;
+        };
+        exit.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(slot) = STATUS_CLASSES.iter().position(|class| *class == status) else {
+            self.exit_requests.get_or_create(&family(&exit.exit)).inc();
+            return;
+        };
+        let counter = |counters: &StatusCounters| {
+            counters[slot]
+                .get_or_init(|| self.exit_requests.get_or_create_owned(&family(&exit.exit)))
+                .inc();
+        };
+        match exit.by_site.get(site) {
+            Some(counters) => counter(&counters),
+            None => counter(&exit.by_site.entry(site.clone()).or_default()),
+        }
     }
 
     /// Counts a pin decision: `slot` is its position in [`DECISIONS`].
@@ -741,6 +765,9 @@ impl Metrics {
 
     /// Removes the series of a site that lost its label.
     fn forget_site(&self, site: &LabelValue) {
+        for exit in self.exits.iter() {
+            exit.by_site.remove(site);
+        }
         let exits: Vec<LabelValue> = self
             .exits
             .iter()
@@ -846,6 +873,13 @@ mod tests {
         m.forget_site(&site);
         let text = m.encode();
         assert!(!text.contains("a.com"), "{text}");
+        // A request that took the label before it was lost counts in a new
+        // series, not in a counter the family no longer holds.
+        m.exit_request(Some(&exit), Some(&site), "2xx");
+        m.exit_request(Some(&exit), Some(&site), "2xx");
+        let line = "pinproxy_exit_requests_total{exit=\"e\",site=\"a.com\",status=\"2xx\"} 2";
+        let text = m.encode();
+        assert!(text.contains(line), "{line} missing from\n{text}");
     }
 
     #[test]
