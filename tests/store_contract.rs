@@ -353,9 +353,10 @@ async fn the_redis_store_keeps_the_contract() {
 
 /// A use of an identity Redis no longer holds (expired, or lost) writes
 /// nothing: a hash written then would hold no record and no TTL, and stay
-/// on a server that must not evict. A use of one it holds is recorded.
+/// on a server that must not evict. A use of one it holds is recorded, and
+/// an earlier use written later does not take its last use back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_touch_never_recreates_an_identity() {
+async fn redis_touches_record_only_live_identities_and_their_latest_use() {
     let redis = RedisServer::start().await;
     let data_dir = tempfile::tempdir().unwrap();
     let tasks = TaskTracker::new();
@@ -408,6 +409,21 @@ async fn a_redis_touch_never_recreates_an_identity() {
     assert_eq!(stored.requests, 1);
     assert!(stored.worked);
     assert_eq!(stored.egress_ip, Some(ip));
+
+    // An earlier use written later (another replica's coalesced touch)
+    // does not take the last use back.
+    store.touch(kept.id, now + 1, false, None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the touch was written");
+    let listed = store.list().await.unwrap();
+    let stored = &listed
+        .iter()
+        .find(|l| l.identity.id == kept.id)
+        .expect("the identity is kept")
+        .identity;
+    assert_eq!(stored.last_used_ms, now + 5);
+    assert_eq!(stored.requests, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,15 +156,18 @@ redis.call('INCR', KEYS[2])
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
 
-/// Records uses of the identity `KEYS[3]`: last use `ARGV[1]`, `ARGV[2]`
-/// more requests, whether one worked (`ARGV[3]`, `1` or `0`) and the egress
-/// address unless one is recorded (`ARGV[4]`, empty for none). Only while
-/// the identity exists: a hash written after it expired or was lost would
-/// hold no record and no TTL, and stay forever. Answers whether it wrote.
+/// Records uses of the identity `KEYS[3]`: last use `ARGV[1]` (unless a
+/// later one is recorded: replicas write their coalesced uses in any
+/// order), `ARGV[2]` more requests, whether one worked (`ARGV[3]`, `1` or
+/// `0`) and the egress address unless one is recorded (`ARGV[4]`, empty for
+/// none). Only while the identity exists: a hash written after it expired
+/// or was lost would hold no record and no TTL, and stay forever. Answers
+/// whether it wrote.
 pub(super) const TOUCH: &str = r"
 local written = 0
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], 'last', ARGV[1])
+  local last = tonumber(redis.call('HGET', KEYS[3], 'last') or '0') or 0
+  if tonumber(ARGV[1]) > last then redis.call('HSET', KEYS[3], 'last', ARGV[1]) end
   redis.call('HINCRBY', KEYS[3], 'reqs', ARGV[2])
   if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'worked', '1') end
   if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[4]) end
