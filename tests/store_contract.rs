@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pinproxy::credential::{PinKey, PinKind};
 use pinproxy::fingerprint::Fingerprint;
-use pinproxy::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
+use pinproxy::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 use pinproxy::metrics::Metrics;
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
@@ -385,12 +385,12 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
     for id in [kept.id, gone.id] {
         store.touch(id, now + 5, true, Some(ip)).await.unwrap();
     }
-    // Touches are written off the request path, on `tasks`.
     tasks.close();
-    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
-        .await
-        .expect("the touches were written");
-
+    let stored = written(&store, kept.id, &tasks).await;
+    assert_eq!(stored.last_used_ms, now + 5);
+    assert_eq!(stored.requests, 1);
+    assert!(stored.worked);
+    assert_eq!(stored.egress_ip, Some(ip));
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let exists: u64 = redis::cmd("EXISTS")
@@ -399,31 +399,29 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
         .await
         .unwrap();
     assert_eq!(exists, 0, "a touch recreated a forgotten identity");
-    let listed = store.list().await.unwrap();
-    let stored = &listed
-        .iter()
-        .find(|l| l.identity.id == kept.id)
-        .expect("the identity is kept")
-        .identity;
-    assert_eq!(stored.last_used_ms, now + 5);
-    assert_eq!(stored.requests, 1);
-    assert!(stored.worked);
-    assert_eq!(stored.egress_ip, Some(ip));
 
     // An earlier use written later (another replica's coalesced touch)
     // does not take the last use back.
     store.touch(kept.id, now + 1, false, None).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
-        .await
-        .expect("the touch was written");
-    let listed = store.list().await.unwrap();
-    let stored = &listed
-        .iter()
-        .find(|l| l.identity.id == kept.id)
-        .expect("the identity is kept")
-        .identity;
+    let stored = written(&store, kept.id, &tasks).await;
     assert_eq!(stored.last_used_ms, now + 5);
     assert_eq!(stored.requests, 2);
+}
+
+/// The identity `id` as `store` holds it once the touches spawned on
+/// `tasks` (closed) are written: touches are written off the request path.
+async fn written(store: &RedisStore, id: IdentityId, tasks: &TaskTracker) -> Identity {
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the touches were written");
+    store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.identity.id == id)
+        .expect("the identity is kept")
+        .identity
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
