@@ -342,82 +342,97 @@ fn empty_data_dir(dir: &std::path::Path, keep: &[&str]) {
 /// A new pod (no history, no journal) that finds Redis empty cannot tell a
 /// new fleet from a wipe the running replicas have not noticed yet: it
 /// waits for them to report a loss before it serves, and then keeps the
-/// quarantine. Had it served at once, it would have pinned the cookies
-/// Redis lost anew, through whatever exit rotation picked. Here replica 0
-/// stays paused until the pod says it waits (a pod that did not wait would
-/// be serving by then). The pod has no copy of the fleet's pin-hashing key:
-/// it takes the one replica 0's restore writes back during the wait, so
-/// replica 0 finds no other key and keeps serving.
+/// quarantine. So does a second pod started during that wait, which finds
+/// the generation the first one founded. Had either served at once, it
+/// would have pinned the cookies Redis lost anew, through whatever exit
+/// rotation picked. Here replica 0 stays paused until both pods say they
+/// wait (a pod that did not wait would be serving by then). The pods have
+/// no copy of the fleet's pin-hashing key: they take the one replica 0's
+/// restore writes back during the wait, so replica 0 finds no other key
+/// and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_pod_started_on_a_wiped_redis_lets_the_fleet_report_the_loss_first() {
+async fn pods_started_on_a_wiped_redis_let_the_fleet_report_the_loss_first() {
     let redis = RedisNode::volatile().await;
-    let mut fleet = Fleet::start(2, &redis.url(), &[]).await;
+    let mut fleet = Fleet::start(3, &redis.url(), &[]).await;
     // Rotation is round-robin from the first exit in each process: without
     // the first client, a pod that founded these cookies anew would send
     // each through another exit than the one it was earned on.
     let mut clients = log_in(&fleet, 5, &[0]).await;
     clients.remove(0);
-    fleet.stop(1).await;
-    empty_data_dir(fleet.dirs[1].path(), &["ca.pem", "ca-key.pem"]);
+    let pods = [1, 2];
+    for pod in pods {
+        fleet.stop(pod).await;
+        empty_data_dir(fleet.dirs[pod].path(), &["ca.pem", "ca-key.pem"]);
+    }
 
     fleet.replica(0).signal("STOP");
     let _: () = redis.command(&["FLUSHDB"]).await;
-    let record = support::procs::Lines::default();
-    let starting = tokio::spawn({
-        let (dir, args, record) = (
-            fleet.dirs[1].path().to_owned(),
-            fleet.args.clone(),
-            record.clone(),
-        );
-        async move { PinproxyProcess::start_with_admin_logging(&dir, &args, "info", record).await }
-    });
-    let says_it_waits = || {
-        record
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|line| line.contains("waiting for them to report a loss"))
-    };
-    for _ in 0..200 {
-        if says_it_waits() || starting.is_finished() {
-            break;
+    let mut starting = Vec::new();
+    let mut all_waited = true;
+    for pod in pods {
+        let record = support::procs::Lines::default();
+        let task = tokio::spawn({
+            let (dir, args, record) = (
+                fleet.dirs[pod].path().to_owned(),
+                fleet.args.clone(),
+                record.clone(),
+            );
+            async move { PinproxyProcess::start_with_admin_logging(&dir, &args, "info", record).await }
+        });
+        let says_it_waits = || {
+            record
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|line| line.contains("waiting for them to report a loss"))
+        };
+        for _ in 0..200 {
+            if says_it_waits() || task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        all_waited &= says_it_waits();
+        starting.push((pod, task));
     }
-    let waited = says_it_waits();
-    if waited {
+    if all_waited {
         fleet.replica(0).signal("CONT");
     }
-    let pod = starting.await.unwrap();
-    fleet.clients[1] = ProxyClient::new(pod.addr, &pod.ca_pem());
-    fleet.replicas[1] = Some(pod);
+    for (pod, task) in starting {
+        let started = task.await.unwrap();
+        fleet.clients[pod] = ProxyClient::new(started.addr, &started.ca_pem());
+        fleet.replicas[pod] = Some(started);
+    }
 
     // Restored by replica 0's journal (kept), or answered as lost while
     // the restore runs: never pinned anew.
-    let outcome = pages(&fleet, &mut clients, &[1]).await;
-    if !waited {
+    let outcome = pages(&fleet, &mut clients, &pods).await;
+    if !all_waited {
         fleet.replica(0).signal("CONT");
     }
     assert!(
         fleet.origin.leaks().is_empty(),
-        "the pod pinned lost cookies anew: {:?}",
+        "a pod pinned lost cookies anew: {:?}",
         fleet.origin.leaks()
     );
-    assert_eq!(outcome.kept + outcome.lost, 4);
-    let view = fleet.store_view(1).await;
-    assert!(
-        view["loss"].is_object(),
-        "the pod did not join the quarantine: {view}"
-    );
+    assert_eq!(outcome.kept + outcome.lost, 4 * pods.len());
     let key_of = |i: usize| std::fs::read(fleet.dirs[i].path().join("fleet-pin-key")).unwrap();
-    assert!(
-        key_of(1) == key_of(0),
-        "the pod hashes with a key of its own"
-    );
-    // Both serve (a key conflict would have replica 0 refuse every request).
+    for pod in pods {
+        let view = fleet.store_view(pod).await;
+        assert!(
+            view["loss"].is_object(),
+            "pod {pod} did not join the quarantine: {view}"
+        );
+        assert!(
+            key_of(pod) == key_of(0),
+            "pod {pod} hashes with a key of its own"
+        );
+    }
+    // All serve (a key conflict would have replica 0 refuse every request).
+    let lost_clients = outcome.lost / pods.len();
     assert_eq!(
-        pages(&fleet, &mut clients, &[0, 1]).await.lost,
-        outcome.lost * 2
+        pages(&fleet, &mut clients, &[0, 1, 2]).await.lost,
+        lost_clients * 3
     );
 }
 

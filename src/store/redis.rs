@@ -11,7 +11,9 @@
 //! - `NS:id:IDENTITY`: a hash: `rec` (the identity as created), `last`,
 //!   `reqs`, `worked`, `egress`, `retired` (the mutable parts);
 //! - `NS:exit-deaths`: a hash of exit id → when it last died;
-//! - `NS:epoch`, `NS:seq`: the namespace's generation (see [`generation`]).
+//! - `NS:epoch`, `NS:seq`: the namespace's generation (see [`generation`]);
+//!   `NS:founding`, for a few seconds after an epoch was founded where there
+//!   was none (see [`recovery`]).
 //!
 //! A lookup is one round trip (a script reads the pins and their identities),
 //! and so is a request's set of new pins, together with the identity they
@@ -473,11 +475,15 @@ impl RedisStore {
     /// generation: a new namespace gets its epoch; one that forgot what
     /// this replica saw before starts a recovery.
     pub async fn start(&self) -> Result<(), StoreError> {
+        // Asked before the check, which adopts the generation it finds.
+        let had_history = self.inner.generation.knows_history();
         self.inner.link.find_primary().await?;
         self.run_script(&self.inner.check, &[], &[], Counting::Read)
             .await?;
-        if !self.inner.generation.knows_history() && self.replace_epoch(None).await? {
-            self.wait_for_running_replicas().await;
+        if !had_history {
+            // Founds the generation if Redis holds none.
+            self.replace_epoch(None).await?;
+            self.wait_out_founding().await?;
         }
         // A replica that starts (or restarts) while the fleet is still in
         // quarantine after a loss has not seen the loss itself, and must
@@ -706,7 +712,9 @@ impl RedisStore {
         Ok(bindings)
     }
 
-    /// Writes an identity record (as created, plus its mutable parts).
+    /// Writes an identity record (as created, plus its mutable parts),
+    /// merged with what the server holds (see `scripts::WRITE_IDENTITY`:
+    /// after a loss every replica's journal writes it back, in any order).
     async fn write_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         let retired = match &identity.retired {
             Some(retired) => postcard::to_stdvec(retired).map_err(corrupt)?,

@@ -13,9 +13,9 @@
 //!    made about which one is right.
 //!
 //! A replica that starts with no history and finds Redis holding no
-//! generation cannot tell a new fleet from a wipe nobody has noticed yet:
-//! it founds the generation, then waits for the running replicas to report
-//! a loss before it serves (see [`RedisStore::wait_for_running_replicas`]).
+//! generation, or one founded moments ago, cannot tell a new fleet from a
+//! wipe nobody has noticed yet: it waits for the running replicas to report
+//! a loss before it serves (see [`RedisStore::wait_out_founding`]).
 //!
 //! During the quarantine a credential Redis does not know at lookup is
 //! restored from this replica's journal if it is there, and otherwise
@@ -41,10 +41,11 @@ use crate::store::{Binding, PinStore as _, StoreError};
 const NO_EXIT: &str = "store-lost";
 /// How many times a restore is tried before giving up.
 const RESTORE_ATTEMPTS: u32 = 60;
-/// How long a replica that founds the namespace's generation waits before
-/// it serves ([`RedisStore::wait_for_running_replicas`]): four background
-/// checks of the running replicas, each a round trip well under one.
-const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(4);
+/// How long after the namespace's generation was founded a replica without
+/// history waits before it serves ([`RedisStore::wait_out_founding`]): six
+/// background checks of the running replicas, each a round trip well under
+/// one.
+const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(6);
 
 /// The last loss, for the admin listing.
 #[derive(Clone, Debug, Serialize)]
@@ -217,16 +218,22 @@ impl RedisStore {
     }
 
     /// Replaces the epoch `seen` (`None`: the server has none) with a new
-    /// one unless another replica already did; adopts the one in force.
-    /// True when the epoch in force is the one this call wrote.
-    pub(super) async fn replace_epoch(&self, seen: Option<&str>) -> Result<bool, StoreError> {
+    /// one unless another replica already did; adopts the one in force. An
+    /// epoch founded where there was none sets the founding mark (see
+    /// [`Self::wait_out_founding`]).
+    pub(super) async fn replace_epoch(&self, seen: Option<&str>) -> Result<(), StoreError> {
         let fresh = format!("{:032x}", rand::random::<u128>());
+        let wait_ms = u64::try_from(FOUNDING_WAIT.as_millis()).unwrap_or(u64::MAX);
         let args = [
             seen.unwrap_or("").as_bytes().to_vec(),
-            fresh.clone().into_bytes(),
+            fresh.into_bytes(),
+            wait_ms.to_string().into_bytes(),
         ];
         let mut invocation = self.inner.new_epoch.prepare_invoke();
-        invocation.key(self.epoch_key()).key(self.seq_key());
+        invocation
+            .key(self.epoch_key())
+            .key(self.seq_key())
+            .key(self.founding_key());
         for arg in &args {
             invocation.arg(arg.as_slice());
         }
@@ -234,31 +241,54 @@ impl RedisStore {
         let reply = self.note(invocation.invoke_async(&mut connection).await)?;
         let super::codec::GenerationReply { epoch, seq, .. } =
             super::codec::generation_reply(reply)?;
-        let founded = epoch.as_deref() == Some(fresh.as_str());
         if let Some(epoch) = epoch {
             self.inner.generation.adopt(&epoch, seq);
             *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
         }
-        Ok(founded)
+        Ok(())
     }
 
-    /// At start, after this replica founded the namespace's generation
-    /// (Redis held none, and this replica has no history of it): gives the
-    /// replicas already running the time to report a loss before this one
-    /// serves. A new fleet and a wipe that no running replica has noticed
-    /// yet look the same from here; in the second case a replica that
-    /// served at once would pin lost cookies anew, through whatever exit
-    /// rotation picks. A running replica notices at its next round trip
-    /// (the background check runs every [`super::CHECK_INTERVAL`]) and
-    /// writes the quarantine's end first, which [`Self::join_quarantine`]
-    /// then reads. A new fleet pays the wait once, at its first start.
-    pub(super) async fn wait_for_running_replicas(&self) {
+    /// `NS:founding`: set for [`FOUNDING_WAIT`] when an epoch is founded
+    /// where there was none.
+    fn founding_key(&self) -> String {
+        format!("{}:founding", self.inner.prefix)
+    }
+
+    /// At start, for a replica without history of the namespace: while its
+    /// generation is younger than [`FOUNDING_WAIT`] (the founding mark
+    /// lives), gives the replicas already running the time to report a
+    /// loss before this one serves. A new fleet and a wipe that no running
+    /// replica has noticed yet look the same from here; in the second case
+    /// a replica that served at once would pin lost cookies anew, through
+    /// whatever exit rotation picks. That holds for the replica that founded
+    /// the generation and for any that starts during the wait: the mark is
+    /// set in the same step as the epoch. A running replica notices at its
+    /// next round trip (the background check runs every
+    /// [`super::CHECK_INTERVAL`]) and writes the quarantine's end first,
+    /// which [`Self::join_quarantine`] then reads. A new fleet pays the
+    /// wait once, at its first start.
+    pub(super) async fn wait_out_founding(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection()?;
+        let left: i64 = self.note(
+            redis::cmd("PTTL")
+                .arg(self.founding_key())
+                .query_async(&mut connection)
+                .await,
+        )?;
+        // -2: no mark (an older generation), -1: a mark without expiry,
+        // which pinproxy never writes.
+        let Ok(left) = u64::try_from(left) else {
+            return Ok(());
+        };
+        let wait = Duration::from_millis(left).min(FOUNDING_WAIT);
         tracing::info!(
-            wait = ?FOUNDING_WAIT,
-            "Redis holds no generation for this namespace: a new fleet, or a wipe the running \
-             replicas have not noticed yet; waiting for them to report a loss before serving"
+            ?wait,
+            "Redis's generation for this namespace was founded moments ago, by a new fleet or \
+             after a wipe the running replicas have not noticed yet; waiting for them to report \
+             a loss before serving"
         );
-        tokio::time::sleep(FOUNDING_WAIT).await;
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 
     /// Takes the epoch and sequence the server holds as the history.
@@ -275,7 +305,7 @@ impl RedisStore {
                 *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
                 Ok(())
             }
-            None => self.replace_epoch(None).await.map(|_| ()),
+            None => self.replace_epoch(None).await,
         }
     }
 
@@ -292,9 +322,7 @@ impl RedisStore {
             // Another replica replaced the epoch (or the server holds
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
-            Loss::EpochMissing => {
-                self.replace_epoch(seen_epoch).await?;
-            }
+            Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
             Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } => {
                 let known = self
                     .inner

@@ -205,11 +205,14 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 
 /// Replaces the epoch by `ARGV[2]` if it still is `ARGV[1]` (`''`: none),
 /// so that of several replicas noticing one loss, one epoch wins; answers
-/// the epoch in force.
+/// the epoch in force. An epoch founded where there was none also sets the
+/// founding mark `KEYS[3]` for `ARGV[3]` ms, in the same step: replicas
+/// that start without history meanwhile wait it out too (see `recovery`).
 pub(super) const NEW_EPOCH: &str = r"
 local current = redis.call('GET', KEYS[1]) or ''
 if current == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
+  if current == '' then redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) end
   current = ARGV[2]
 end
 return {current, redis.call('GET', KEYS[2]) or '0', 1}
