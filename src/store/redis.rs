@@ -60,8 +60,8 @@ use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retiremen
 use crate::metrics::Metrics;
 use cache::HitCache;
 use codec::{
-    bulk, corrupt, decode_binding, decode_identity, encode_pin, generation_reply, parse_hex16,
-    unexpected,
+    bulk, corrupt, decode_binding, decode_identity, encode_address, encode_pin, generation_reply,
+    parse_hex16, unexpected,
 };
 use generation::{Generation, Observation, OwnWrites, Snapshot};
 use journal::Journal;
@@ -651,10 +651,7 @@ impl RedisStore {
             self.identity_prefix().into_bytes(),
             postcard::to_stdvec(identity).map_err(corrupt)?,
             identity.last_used_ms.to_string().into_bytes(),
-            identity
-                .egress_ip
-                .map(|ip| ip.to_string().into_bytes())
-                .unwrap_or_default(),
+            encode_address(identity.egress_ip),
         ];
         for (_, pin) in pins {
             args.push(encode_pin(pin)?);
@@ -724,11 +721,7 @@ impl RedisStore {
             postcard::to_stdvec(identity).map_err(corrupt)?,
             identity.last_used_ms.to_string().into_bytes(),
             retired,
-            identity
-                .egress_ip
-                .map(|ip| ip.to_string())
-                .unwrap_or_default()
-                .into_bytes(),
+            encode_address(identity.egress_ip),
             self.inner.pin_ttl_ms.to_string().into_bytes(),
             self.inner.keep_retired_ms.to_string().into_bytes(),
         ];
@@ -923,11 +916,7 @@ impl PinStore for RedisStore {
                 } else {
                     b"0".to_vec()
                 },
-                touch
-                    .egress
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_default()
-                    .into_bytes(),
+                encode_address(touch.egress),
             ];
             let key = [store.identity_key(id)];
             let _ = store

@@ -96,6 +96,13 @@ pub(super) fn decode_binding(pin: &[u8], fields: &Value) -> Result<Binding, Stor
     })
 }
 
+/// An identity's egress address as a script argument: empty for none.
+pub(super) fn encode_address(address: Option<std::net::IpAddr>) -> Vec<u8> {
+    address
+        .map(|ip| ip.to_string().into_bytes())
+        .unwrap_or_default()
+}
+
 /// The value of a pin key: its identity's id in 16 hex digits, then the
 /// record, so a script can find the identity without decoding.
 pub(super) fn encode_pin(pin: &Pin) -> Result<Vec<u8>, StoreError> {
