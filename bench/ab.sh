@@ -14,7 +14,8 @@
 #
 # Environment: ROUNDS (12), SECS (2), CONCURRENCY (32), MODE (keep-alive or
 # new-conn), LOAD_A / LOAD_B (extra `pinbench load` flags for A's and B's
-# runs, e.g. `--cookies t1`), PEER (the peer binary; bench/target's by
+# runs, e.g. `--cookies t1`; the peer's runs take LOAD_A's, so that A and
+# the peer see the same load), PEER (the peer binary; bench/target's by
 # default), PROXY_ENV (e.g. TOKIO_WORKER_THREADS=1, for all three proxies).
 # Needs bench/target/release/pinbench (bench/run.sh builds it). Loopback only.
 set -euo pipefail
@@ -86,12 +87,8 @@ ticks_per_second=$(getconf CLK_TCK)
 for round in $(seq "$rounds"); do
     for who in a b peer; do
         pid_var=pid_$who addr_var=addr_$who ca_var=ca_$who
-        extra=
-        case $who in
-            a) extra=${LOAD_A:-} ;;
-            b) extra=${LOAD_B:-} ;;
-            peer) extra=${LOAD_A:-} ;;
-        esac
+        extra=${LOAD_A:-}
+        [ "$who" = b ] && extra=${LOAD_B:-}
         before=$(cpu_ticks "${!pid_var}")
         # shellcheck disable=SC2086 # extra is a list of flags
         result=$("$pinbench" load --target-port "${origin##*:}" --connect-addr "$origin" \
