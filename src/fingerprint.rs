@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use client_hello::ClientHello;
 use h2_preface::H2Fingerprint;
-pub use headers::{FingerprintPolicy, HeaderValues, FINGERPRINT_HEADERS};
+pub use headers::{FingerprintPolicy, HeaderValues, HeldValues, FINGERPRINT_HEADERS};
 use live_hellos::LiveHellos;
 
 /// How far an incremental parser has got with the bytes seen so far.
@@ -140,6 +140,38 @@ impl Fingerprint {
                 }),
                 Err(_) => Err(current),
             },
+        }
+    }
+}
+
+/// A request's fingerprint as it came, held for an identity its response
+/// may found: the header values stay the request's own until
+/// [`RequestFingerprint::record`] copies them, so the requests that found
+/// nothing (nearly all of them) cost no allocation for it.
+#[derive(Clone, Debug, Default)]
+pub struct RequestFingerprint {
+    headers: HeldValues,
+    tls: Option<Arc<ClientHello>>,
+    h2: Option<Arc<H2Fingerprint>>,
+}
+
+impl RequestFingerprint {
+    /// The fingerprint of a request of the client connection `client`.
+    pub fn of_request(headers: &HeaderMap, client: &ClientConnection) -> RequestFingerprint {
+        RequestFingerprint {
+            headers: HeldValues::of(headers),
+            tls: client.hello.clone(),
+            h2: client.h2(),
+        }
+    }
+
+    /// What an identity records: [`Fingerprint::of_request`] of the request
+    /// as it was when held.
+    pub fn record(&self) -> Fingerprint {
+        Fingerprint {
+            headers: self.headers.record(),
+            tls: self.tls.clone(),
+            h2: self.h2.clone(),
         }
     }
 }
@@ -271,5 +303,25 @@ mod tests {
         assert!(connection.hello_matches(&recorded));
         // Without a hello of its own (plain HTTP), nothing matches.
         assert!(!ClientConnection::default().hello_matches(&recorded));
+    }
+
+    #[test]
+    fn a_held_request_fingerprint_records_what_of_request_makes() {
+        let Some(chrome) = profile::chrome_hello() else {
+            panic!("the built-in Chrome hello parses");
+        };
+        let connection = ClientConnection::tls((*chrome).clone(), &LiveHellos::default());
+        let mut headers = HeaderMap::new();
+        headers.insert("user-agent", http::HeaderValue::from_static("Chrome/156"));
+        headers.insert("sec-ch-ua-mobile", http::HeaderValue::from_static("?0"));
+        let held = RequestFingerprint::of_request(&headers, &connection);
+        let recorded = held.record();
+        assert_eq!(recorded, Fingerprint::of_request(&headers, &connection));
+        assert!(recorded.tls.is_some());
+        assert_eq!(recorded.get("user-agent"), Some("Chrome/156"));
+        assert_eq!(
+            RequestFingerprint::default().record(),
+            Fingerprint::default()
+        );
     }
 }

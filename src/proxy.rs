@@ -56,7 +56,7 @@ use crate::credential::{Credential, PinHasher};
 use crate::exits::scope::ExitScope;
 use crate::exits::ExitSet;
 use crate::fault::{Blame as _, Fault};
-use crate::fingerprint::{Fingerprint, FingerprintPolicy};
+use crate::fingerprint::{Fingerprint, FingerprintPolicy, RequestFingerprint};
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::store::Unavailable;
@@ -204,17 +204,17 @@ impl Pipeline {
         let upgrade = upgrade::requested(&request);
         let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
-        let fingerprint_of = |headers: &http::HeaderMap| Fingerprint::of_request(headers, &client);
         let mut route = self
             .route(&principal.exits, credentials, || {
-                fingerprint_of(request.headers())
+                Fingerprint::of_request(request.headers(), &client)
             })
             .await?;
-        // What an identity founded by the response's cookies records; a
-        // routed identity has its fingerprint already.
+        // What an identity founded by the response's cookies records, held
+        // (not yet copied) until one is; a routed identity has its
+        // fingerprint already.
         let fingerprint = match route.identity {
-            Some(_) => Fingerprint::default(),
-            None => fingerprint_of(request.headers()),
+            Some(_) => RequestFingerprint::default(),
+            None => RequestFingerprint::of_request(request.headers(), &client),
         };
         // Offer the origin what the client offered pinproxy; upgrades need
         // HTTP/1.1. Cookie-less traffic presents the client's own

@@ -73,6 +73,34 @@ fn present(headers: &HeaderMap) -> [Option<&HeaderValue>; 5] {
     found
 }
 
+/// A request's fingerprint header values, held as the request's own values
+/// (a reference count each, no copy) until an identity records them: most
+/// requests found no identity, and a browser's five values cost five
+/// allocations to record.
+#[derive(Clone, Debug, Default)]
+pub struct HeldValues {
+    values: [Option<HeaderValue>; 5],
+}
+
+impl HeldValues {
+    /// The fingerprint header values of a request.
+    pub fn of(headers: &HeaderMap) -> HeldValues {
+        HeldValues {
+            values: present(headers).map(|value| value.cloned()),
+        }
+    }
+
+    /// What an identity records of them: [`HeaderValues::of`] the request.
+    pub fn record(&self) -> HeaderValues {
+        HeaderValues {
+            values: self
+                .values
+                .each_ref()
+                .map(|value| value.as_ref().map(value_text)),
+        }
+    }
+}
+
 impl HeaderValues {
     /// The fingerprint of a request.
     pub fn of(headers: &HeaderMap) -> HeaderValues {
@@ -158,6 +186,31 @@ mod tests {
             present(&h).map(|v| v.map(|v| v.to_str().unwrap())),
             [Some("Chrome/156"), None, None, Some("?0"), Some("en")]
         );
+    }
+
+    #[test]
+    fn held_values_record_what_the_request_had() {
+        let mut h = headers(&[
+            ("user-agent", "Chrome/156"),
+            ("sec-ch-ua-platform", "\"Linux\""),
+            ("accept", "*/*"),
+        ]);
+        h.append("user-agent", HeaderValue::from_static("second"));
+        h.insert(
+            "accept-language",
+            HeaderValue::from_bytes(b"de-\xffCH").unwrap(),
+        );
+        let held = HeldValues::of(&h);
+        // Later changes to the request do not reach what was held.
+        h.insert("user-agent", HeaderValue::from_static("changed"));
+        let recorded = held.record();
+        assert_eq!(recorded.get("user-agent"), Some("Chrome/156"));
+        assert_eq!(recorded.get("sec-ch-ua-platform"), Some("\"Linux\""));
+        assert_eq!(recorded.get("sec-ch-ua"), None);
+        assert_eq!(recorded.get("accept-language"), Some("de-\u{fffd}CH"));
+        h.insert("user-agent", HeaderValue::from_static("Chrome/156"));
+        assert_eq!(recorded, HeaderValues::of(&h));
+        assert_eq!(HeldValues::default().record(), HeaderValues::default());
     }
 
     #[test]

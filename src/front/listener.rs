@@ -117,9 +117,9 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
         let place = (request.method() == Method::CONNECT).then(|| place.clone());
         // Boxed whole, for the same reasons as in tunnels (see
         // `tunnel::tunnel_service`).
-        Box::pin(
-            async move { Ok::<_, Infallible>(outer_request(frontend, request, peer, place).await) },
-        )
+        super::boxed_in_place(move || async move {
+            Ok::<_, Infallible>(outer_request(frontend, request, peer, place).await)
+        })
     });
     // Every request head is checked before hyper reads it (smuggling), and
     // every request takes a rate token of its client address.

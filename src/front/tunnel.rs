@@ -81,13 +81,13 @@ pub fn serve(
         // Boxed: the opening's state (the first byte's wait, the
         // ClientHello, the handshake) is short-lived; the tunnel task
         // should not carry room for it afterwards.
-        let opened = Box::pin(open(&frontend, upgrade, tunnel)).await;
+        let opened = super::boxed_in_place(|| open(&frontend, upgrade, tunnel)).await;
         let (tls, tunnel) = match opened {
             Some(Opened::Tls(tls, tunnel)) => (tls, tunnel),
             // Plain HTTP in a tunnel is rare: boxed, so that its state does
             // not size every tunnel's task.
             Some(Opened::Plain(io, tunnel)) => {
-                return Box::pin(serve_http1(frontend, io, tunnel, client)).await;
+                return super::boxed_in_place(|| serve_http1(frontend, io, tunnel, client)).await;
             }
             None => return,
         };
@@ -100,7 +100,7 @@ pub fn serve(
         };
         if h2 {
             let tls = PrefaceRecorder::new(tls, tunnel.client.clone());
-            Box::pin(serve_h2(frontend, tls, tunnel, client)).await;
+            super::boxed_in_place(|| serve_h2(frontend, tls, tunnel, client)).await;
         } else {
             serve_http1(frontend, tls, tunnel, client).await;
         }
@@ -306,7 +306,7 @@ fn tunnel_service(
         // they wrap twice (before and while awaiting it): a pointer doubles
         // to 16 bytes, where an unboxed future holding the request grew to
         // 1.3 KB kept per connection and copied on every request.
-        Box::pin(async move {
+        super::boxed_in_place(move || async move {
             let pipeline = frontend.pipeline.load_full();
             Ok::<_, Infallible>(pipeline.handle(Some(&tunnel), request).await)
         })
@@ -351,7 +351,10 @@ async fn serve_http1<T>(
                 .with_upgrades();
             // Boxed: the connection's state is only needed while it runs, and
             // this future is what a parked tunnel keeps.
-            let result = Box::pin(drive(conn, &frontend.shutdown, |c| c.graceful_shutdown())).await;
+            let result = super::boxed_in_place(|| {
+                drive(conn, &frontend.shutdown, |c| c.graceful_shutdown())
+            })
+            .await;
             // The stream comes back only from a connection that parked, and
             // then as hyper drops the connection (at the end of `drive`).
             match (result, parked.try_recv()) {

@@ -28,7 +28,7 @@ use super::Pipeline;
 use crate::body::Body;
 use crate::credential::PinKey;
 use crate::exits::sessions::AnonymousSession;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, RequestFingerprint};
 use crate::identity::{Identity, Pin, RetireReason};
 use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
@@ -41,7 +41,7 @@ impl Pipeline {
     pub(crate) async fn capture_pins(
         &self,
         route: &Route,
-        fingerprint: &Fingerprint,
+        fingerprint: &RequestFingerprint,
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
     ) -> Result<Option<Identity>, StoreError> {
@@ -51,7 +51,7 @@ impl Pipeline {
         if set.is_empty() {
             return Ok(route.identity.clone());
         }
-        learn(&self.router, route, &set, fingerprint, egress_ip).await
+        learn(&self.router, route, &set, &fingerprint.record(), egress_ip).await
     }
 
     /// Records a request of `identity` (and whether it got a 2xx), the

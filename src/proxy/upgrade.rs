@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::RequestFingerprint;
 use crate::routing::Route;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 use crate::upstream::Answered;
@@ -120,7 +120,7 @@ impl Pipeline {
         route: &Route,
         origin: &Origin,
         request: Request<Body>,
-        fingerprint: &Fingerprint,
+        fingerprint: &RequestFingerprint,
         socket: Socket,
     ) -> Result<Response<Body>, ProxyError> {
         let Answered {
