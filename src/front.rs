@@ -133,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_future_boxed_in_place_runs_as_built() {
-        let held = vec![1u8; 3];
+        let held = String::from("abc");
         let large = [7u8; 4096];
         let future = boxed_in_place(move || async move {
             tokio::task::yield_now().await;
