@@ -3,7 +3,8 @@
 //! times, not a few times per cookie (the performance issue's "the
 //! per-request pin lookup must not allocate more than once per
 //! credential"), and handing an access line to the log writer allocates
-//! nothing once the writer hands buffers back.
+//! nothing once the writer hands buffers back. A cookie-less request holds
+//! the fingerprint its response may found without copying it.
 //!
 //! Counted with the suite's counting allocator on the test's own thread: a
 //! current-thread runtime polls everything on it.
@@ -15,7 +16,7 @@ use http::{HeaderMap, HeaderValue};
 use pinproxy::clock::Clock;
 use pinproxy::credential::{Credential, PinHasher};
 use pinproxy::exits::ExitSet;
-use pinproxy::fingerprint::Fingerprint;
+use pinproxy::fingerprint::{ClientConnection, Fingerprint, RequestFingerprint};
 use pinproxy::metrics::Metrics;
 use pinproxy::proxy::credentials::cookies::CookiePolicy;
 use pinproxy::proxy::credentials::of_request;
@@ -171,4 +172,35 @@ fn a_log_line_is_copied_into_a_buffer_the_writer_handed_back() {
     assert!(writer.line(line));
     assert_eq!(allocations::so_far() - before, 0, "the line reused a spare");
     drop(guard);
+}
+
+#[test]
+fn a_cookie_less_request_holds_its_fingerprint_without_copying_it() {
+    // A browser's five fingerprint headers, as bytes a parser shared out of
+    // one buffer.
+    let values = [
+        ("user-agent", "Mozilla/5.0 Chrome/156"),
+        ("sec-ch-ua", "\"Chromium\";v=\"156\""),
+        ("sec-ch-ua-platform", "\"Linux\""),
+        ("sec-ch-ua-mobile", "?0"),
+        ("accept-language", "en-US,en;q=0.9"),
+    ];
+    let head = bytes::Bytes::from(values.iter().map(|(_, v)| *v).collect::<String>());
+    let mut headers = HeaderMap::new();
+    let mut start = 0;
+    for (name, value) in values {
+        let shared = head.slice(start..start + value.len());
+        start += value.len();
+        headers.insert(name, HeaderValue::from_maybe_shared(shared).unwrap());
+    }
+    let client = ClientConnection::default();
+    let before = allocations::so_far();
+    let held = RequestFingerprint::of_request(&headers, &client);
+    assert_eq!(allocations::so_far() - before, 0, "held, not copied");
+    // Recording it (an identity founded by the response) copies each value.
+    let before = allocations::so_far();
+    let recorded = held.record();
+    assert_eq!(allocations::so_far() - before, 5);
+    assert_eq!(recorded, Fingerprint::of_request(&headers, &client));
+    assert_eq!(recorded.get("sec-ch-ua-mobile"), Some("?0"));
 }

@@ -76,7 +76,10 @@ fn present(headers: &HeaderMap) -> [Option<&HeaderValue>; 5] {
 /// A request's fingerprint header values, held as the request's own values
 /// (a reference count each, no copy) until an identity records them: most
 /// requests found no identity, and a browser's five values cost five
-/// allocations to record.
+/// allocations to record. The price: while a request is in flight they keep
+/// the buffer its head was read into referenced (for HTTP/1.1, hyper's read
+/// buffer, which hyper then cannot reclaim in place when it needs room for
+/// the request's body: at most one new buffer per such request).
 #[derive(Clone, Debug, Default)]
 pub struct HeldValues {
     values: [Option<HeaderValue>; 5],
