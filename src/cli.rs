@@ -6,6 +6,7 @@
 pub mod ca;
 pub mod pins;
 pub mod run;
+pub mod runtime;
 pub mod selftest;
 pub mod store;
 pub mod user;

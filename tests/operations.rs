@@ -801,6 +801,11 @@ async fn a_second_sigterm_exits_at_once() {
 
 /// Runs `pinproxy run ARGS` expecting it to fail at start: its stderr.
 async fn failed_start(args: &[String]) -> String {
+    failed_start_with(args, &[]).await
+}
+
+/// [`failed_start`] with the variables `env` set: it exits with status 1.
+async fn failed_start_with(args: &[String], env: &[(&str, &str)]) -> String {
     let data = tempfile::tempdir().unwrap();
     let output = tokio::time::timeout(
         Duration::from_secs(30),
@@ -810,14 +815,33 @@ async fn failed_start(args: &[String]) -> String {
             .arg("--data-dir")
             .arg(data.path())
             .args(["--store", "memory"])
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .output(),
     )
     .await
     .expect("pinproxy gives up within 30 s")
     .unwrap();
-    assert!(!output.status.success());
-    String::from_utf8(output.stderr).unwrap()
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn a_worker_count_that_is_not_one_is_refused_by_name_without_a_panic() {
+    // tokio reads TOKIO_WORKER_THREADS itself and panics on an empty or
+    // unparsable value; pinproxy checks it first.
+    let args = ["--listen", "127.0.0.1:0", "--admin", "off"].map(String::from);
+    for value in ["", "0", "many"] {
+        let stderr = failed_start_with(&args, &[("TOKIO_WORKER_THREADS", value)]).await;
+        assert!(
+            stderr.contains(&format!(
+                "TOKIO_WORKER_THREADS must be a number of worker threads, 1 or more, not {value:?}"
+            )) && stderr.contains("unset it"),
+            "{value:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{value:?}: {stderr}");
+    }
 }
 
 #[tokio::test]

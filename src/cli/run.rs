@@ -28,10 +28,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(problem) = problem {
         tracing::warn!("{problem}");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = super::runtime::multi_thread()?;
     runtime.block_on(async {
         // Watched from before the daemon starts, so no signal is missed.
         let mut signals = Signals::watch()?;

@@ -19,8 +19,6 @@ mod echo;
 
 use std::net::{IpAddr, SocketAddr};
 
-use anyhow::Context as _;
-
 use super::{parse_exit_flag, SelftestArgs};
 use canary::ExitReport;
 use echo::EchoOrigin;
@@ -42,10 +40,7 @@ pub fn selftest(args: SelftestArgs) -> anyhow::Result<()> {
         .echo_host
         .clone()
         .unwrap_or_else(|| default_host(args.echo_listen));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = super::runtime::multi_thread()?;
     let reports = runtime.block_on(async {
         let echo = EchoOrigin::start(args.echo_listen, &host).await?;
         let local = local_addresses();

@@ -11,10 +11,7 @@ use crate::store::{bench, transfer, PinStore as _, Store};
 pub fn store(args: StoreArgs) -> anyhow::Result<()> {
     let config = args.common.load()?;
     // Multi-threaded like the daemon, so `store bench` measures what it sees.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = super::runtime::multi_thread()?;
     runtime.block_on(async {
         let (store, hasher) = daemon::open_store_for_tools(&config).await?;
         let key_id = hasher.key_id();
