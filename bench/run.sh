@@ -3,7 +3,8 @@
 #   bench/run.sh [pinbench suite options, e.g. --rounds 1 --secs 0.5 for a quick look]
 #   bench/run.sh --clean-build    # also time a clean release build (~10 min more)
 #
-# Installs what is missing (a C toolchain for the build, Python for
+# Installs what is missing (BoringSSL's build tools through
+# scripts/build-deps.sh, a C toolchain for the build, Python for
 # mitmproxy, mitmproxy itself in a venv under bench/target, valgrind for the
 # instruction counts, redis-server), builds pinproxy (`cargo build
 # --release` at the repository root), the bench tools and the hudsucker
@@ -30,6 +31,9 @@ apt_install() {
 
 # --- 1. what the build and the run need ------------------------------------
 command -v cargo >/dev/null || { say "cargo is missing: install a Rust toolchain (rustup) first"; exit 1; }
+# The build's own tools (cmake, clang, git, ... for BoringSSL), as the
+# README's two commands install them.
+"$root/scripts/build-deps.sh"
 missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)

@@ -46,6 +46,9 @@ pub struct OriginOptions {
 #[derive(Debug, Default)]
 pub struct Handshakes {
     micros: Mutex<Vec<u32>>,
+    /// Of those, handshakes that resumed an earlier session (no
+    /// certificate sent, none for the client to verify).
+    resumed: std::sync::atomic::AtomicU64,
 }
 
 /// The handshake times since the previous report.
@@ -59,10 +62,18 @@ pub struct HandshakeReport {
     pub p90_us: u32,
     /// 99th percentile, microseconds.
     pub p99_us: u32,
+    /// Of `count`, handshakes that resumed an earlier TLS session: cheaper
+    /// for the client, which verifies no certificate.
+    #[serde(default)]
+    pub resumed: u64,
 }
 
 impl Handshakes {
-    fn record(&self, took: Duration) {
+    fn record(&self, took: Duration, resumed: bool) {
+        if resumed {
+            self.resumed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
         if let Ok(mut v) = self.micros.lock() {
             v.push(us);
@@ -76,8 +87,10 @@ impl Handshakes {
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default();
+        let resumed = self.resumed.swap(0, std::sync::atomic::Ordering::Relaxed);
         v.sort_unstable();
         HandshakeReport {
+            resumed,
             count: v.len() as u64,
             p50_us: percentile(&v, 0.50),
             p90_us: percentile(&v, 0.90),
@@ -129,7 +142,9 @@ pub async fn serve(
                 return;
             };
             if let Some(handshakes) = &options.handshakes {
-                handshakes.record(accepted.elapsed());
+                let resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                handshakes.record(accepted.elapsed(), resumed);
             }
             let service = service_fn(move |_request: Request<Incoming>| {
                 let mut response = Response::new(Full::new(body.clone()));

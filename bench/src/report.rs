@@ -533,6 +533,8 @@ mod tests {
                         errors: 0,
                         store_writer: None,
                         rps_long: None,
+                        handshakes_short: Some((32, 0)),
+                        handshakes_long: Some((32, 1)),
                     })
                     .into(),
                 profile: Some("profile.txt".into()),

@@ -100,6 +100,13 @@ pub struct CallgrindRow {
     /// Requests per second of the long run's timed requests, under valgrind.
     #[serde(default)]
     pub rps_long: Option<f64>,
+    /// TLS handshakes the origin saw during the short run (the warm-up's
+    /// included) and how many of them resumed a session, when it could say.
+    #[serde(default)]
+    pub handshakes_short: Option<(u64, u64)>,
+    /// The same for the long run.
+    #[serde(default)]
+    pub handshakes_long: Option<(u64, u64)>,
 }
 
 impl CallgrindRow {
@@ -259,6 +266,9 @@ fn run(suite: &mut Suite) -> Result<()> {
         let mut files = Vec::new();
         for requests in [short, long] {
             let out = dir.join(format!("{}-{requests}.callgrind", subject.key));
+            // Asked before and after the run: the origin's count starts
+            // afresh at each asking.
+            let origin_ready = suite.origin.handshakes().is_ok();
             match count(suite, &valgrind, subject, requests, &out) {
                 Ok(Counted {
                     ok,
@@ -266,6 +276,9 @@ fn run(suite: &mut Suite) -> Result<()> {
                     instructions,
                     rps,
                 }) => {
+                    let handshakes = origin_ready
+                        .then(|| suite.origin.handshakes().ok().map(|r| (r.count, r.resumed)))
+                        .flatten();
                     suite.progress.say(format!(
                         "callgrind {}: {} requests, {} instructions",
                         subject.key,
@@ -275,9 +288,11 @@ fn run(suite: &mut Suite) -> Result<()> {
                     row.errors += errors;
                     if requests == short {
                         (row.requests_short, row.instructions_short) = (ok, instructions);
+                        row.handshakes_short = handshakes;
                     } else {
                         (row.requests_long, row.instructions_long) = (ok, instructions);
                         row.rps_long = Some(rps);
+                        row.handshakes_long = handshakes;
                     }
                     files.push(out);
                 }
@@ -628,14 +643,19 @@ fn render(results: &Results, out: &mut String) {
          glibc's `memcpy` copies 8 KiB or more with `rep movsb`, which valgrind counts as one \
          instruction per byte (a copy of 7,900 bytes counted 772 instructions here, one of \
          8,200 bytes 8,199), so a copy that grows past 8 KiB adds thousands of instructions \
-         that take little time.\n",
+         that take little time. The origin counts the TLS handshakes of each run (the \
+         warm-up's included) and those that resumed an earlier session: a full handshake \
+         costs the proxy hundreds of thousands of instructions more than a resumed one (the \
+         certificate chain to verify), so a difference between the two runs in handshakes, or \
+         in how many of them resumed, shows in the figure per request.\n",
         report.valgrind, report.concurrency
     );
     let _ = writeln!(
         out,
-        "| proxy | requests (n, 3n) | instructions (n, 3n) | instructions per request | vs (f) |"
+        "| proxy | requests (n, 3n) | instructions (n, 3n) | upstream TLS handshakes, resumed \
+         (n, 3n) | instructions per request | vs (f) |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
     let peer = report
         .rows
         .iter()
@@ -645,12 +665,20 @@ fn render(results: &Results, out: &mut String) {
         let per = row.per_request();
         let _ = writeln!(
             out,
-            "| {} | {}, {} | {}, {} | {} | {} |",
+            "| {} | {}, {} | {}, {} | {} | {} | {} |",
             row.label,
             group(row.requests_short),
             group(row.requests_long),
             group(row.instructions_short),
             group(row.instructions_long),
+            match (row.handshakes_short, row.handshakes_long) {
+                (Some((short, short_resumed)), Some((long, long_resumed))) => format!(
+                    "{}, {} ({short_resumed}, {long_resumed} resumed)",
+                    group(short),
+                    group(long)
+                ),
+                _ => "–".into(),
+            },
             per.map_or("–".into(), |v| group(v as u64)),
             match (per, peer) {
                 (Some(v), Some(f)) if f > 0.0 => format!("{:.2}×", v / f),

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::procs::{free_addr, path_str, wait_ready, Proc};
 use super::{Suite, BODY_BYTES};
 use crate::load::{ConnMode, LoadResult};
+use crate::origin::HandshakeReport;
 use crate::pins::FillReport;
 
 /// A server child and where it listens.
@@ -29,6 +30,13 @@ impl Server {
     /// The CA to trust when talking TLS to it or through it.
     pub(super) fn ca(&self) -> Result<&Path> {
         self.ca.as_deref().ok_or_else(|| anyhow!("no CA"))
+    }
+
+    /// An origin started with `--handshake-stats`: its TLS handshakes since
+    /// the last asking.
+    pub(super) fn handshakes(&mut self) -> Result<HandshakeReport> {
+        self.proc.send("handshakes")?;
+        self.proc.next_json(Duration::from_secs(10))
     }
 }
 

@@ -255,11 +255,11 @@ fn cold_pool(suite: &mut Suite, origin: &mut Server) -> Result<Vec<ColdSample>> 
                     ..LoadPlan::new(origin, suite.config.max_requests)
                 };
                 let cmd = suite.load_command(&plan)?;
-                handshakes(origin)?;
+                origin.handshakes()?;
                 let before = proxy.proc.sample()?;
                 let result = run_load(cmd)?;
                 let after = proxy.proc.sample()?;
-                let shakes = handshakes(origin)?;
+                let shakes = origin.handshakes()?;
                 let requests = result.ok + result.warmup_ok;
                 let sample = ColdSample {
                     mode: (*mode).to_owned(),
@@ -295,12 +295,6 @@ fn cold_pool(suite: &mut Suite, origin: &mut Server) -> Result<Vec<ColdSample>> 
         }
     }
     Ok(samples)
-}
-
-/// Asks the origin for its handshake times since the last asking.
-fn handshakes(origin: &mut Server) -> Result<HandshakeReport> {
-    origin.proc.send("handshakes")?;
-    origin.proc.next_json(Duration::from_secs(10))
 }
 
 /// Founds `upstream_conns` identities through a fresh pinproxy in `mode`,
