@@ -191,6 +191,10 @@ struct OriginArgs {
     /// `handshakes` line on stdin prints them as JSON and starts afresh.
     #[arg(long)]
     handshake_stats: bool,
+    /// Refuse TLS session resumption (no session cache, no tickets): every
+    /// handshake is a full one, whichever client makes it.
+    #[arg(long)]
+    no_resumption: bool,
 }
 
 #[derive(Debug, Args)]
@@ -438,7 +442,7 @@ fn main() -> Result<()> {
         }),
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;
-            let config = tls::origin_server_config(&a.ca_out)?;
+            let config = tls::origin_server_config(&a.ca_out, !a.no_resumption)?;
             let body = Bytes::from(vec![b'x'; a.body_bytes]);
             let options = OriginOptions {
                 close: a.close,

@@ -535,6 +535,7 @@ mod tests {
                         rps_long: None,
                         handshakes_short: Some((32, 0)),
                         handshakes_long: Some((32, 1)),
+                        to_load_end: true,
                     })
                     .into(),
                 profile: Some("profile.txt".into()),

@@ -197,9 +197,7 @@ pub fn run(config: SuiteConfig) -> Result<()> {
         &exe,
         "origin",
         dir.join("origin-ca.pem"),
-        // Handshake counts: the callgrind phase asks for them around each
-        // run (each asking starts the record afresh).
-        &["--body-bytes", &BODY_BYTES.to_string(), "--handshake-stats"],
+        &["--body-bytes", &BODY_BYTES.to_string()],
     )?;
     let exit = start_tool(&exe, "exit", &["exit", "--listen", "127.0.0.1:0"])?;
     progress.say(format!("origin on {}, exit on {}", origin.addr, exit.addr));

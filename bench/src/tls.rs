@@ -25,7 +25,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Creates a fresh CA, writes its certificate (PEM) to `ca_path` and returns
 /// a server configuration presenting a leaf for [`ORIGIN_NAMES`] signed by it.
-pub fn origin_server_config(ca_path: &Path) -> Result<Arc<ServerConfig>> {
+/// Without `resumption` it keeps no sessions and issues no tickets, so no
+/// handshake can resume.
+pub fn origin_server_config(ca_path: &Path, resumption: bool) -> Result<Arc<ServerConfig>> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -52,6 +54,10 @@ pub fn origin_server_config(ca_path: &Path) -> Result<Arc<ServerConfig>> {
         .with_no_client_auth()
         .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], key)?;
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    if !resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 

@@ -13,11 +13,23 @@
 //! 70.5k).
 //! Each proxy runs twice, with `n` and with `3n` requests after the same
 //! warm-up (one request per client, which opens the client connections,
-//! mints the leaf and fills the upstream pool), and is stopped with SIGTERM
-//! so callgrind writes its totals. Start-up, warm-up and shutdown are the
-//! same in both runs, so (I(3n) − I(n)) / 2n is the instructions one
-//! keep-alive request costs, without needing callgrind_control (which
-//! cannot reach a process parked in `epoll_wait` without ptrace rights).
+//! mints the leaf and fills the upstream pool). The moment the load ends,
+//! `callgrind_control --dump` has callgrind write what it has counted so
+//! far, and that is the run's count; the proxy is then stopped with
+//! SIGTERM, and its shutdown is written apart and left out. Start-up and
+//! warm-up are the same in both runs, so (I(3n) − I(n)) / 2n is the
+//! instructions one keep-alive request costs. Shutdown is not the same in
+//! both: how many tasks and pools are still there to drop when the runtime
+//! stops moved by up to 5 million instructions between runs of one binary
+//! (some 1,300 per request of the difference). callgrind_control reaches a
+//! process parked in `epoll_wait` through ptrace; where it cannot (no
+//! ptrace rights), the run is counted to its exit and the report says so.
+//! The phase has an origin of its own that resumes no TLS session: the
+//! peer resumes some of its upstream handshakes (pinproxy never does, so
+//! that no session links two exits), and how many of them did moved its
+//! figure by some 450 instructions per request per resumption of
+//! difference between its two runs (61.8k to 63.0k over four runs). The
+//! table shows each run's handshakes and resumptions.
 //! Not counted: the first use of aws-lc's random generator in a process
 //! (both proxies' TLS, and pinproxy's CA) gathers entropy from timing
 //! jitter, about 420 million instructions whose number depends on the
@@ -40,9 +52,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::procs::{find_program, path_str, run_bounded};
-use super::servers::{fingerprint_toml, run_load, Launch, LoadPlan, PinproxyOptions};
+use super::servers::{fingerprint_toml, run_load, start_origin, Launch, LoadPlan, PinproxyOptions};
 use super::throughput::Setup;
-use super::{Phase, Suite};
+use super::{Phase, Suite, BODY_BYTES};
 use crate::load::ConnMode;
 use crate::report::{group, Goal, Results};
 
@@ -107,6 +119,11 @@ pub struct CallgrindRow {
     /// The same for the long run.
     #[serde(default)]
     pub handshakes_long: Option<(u64, u64)>,
+    /// Whether both runs were counted to the end of their load (a dump
+    /// through callgrind_control), leaving the proxy's shutdown out; else
+    /// to the proxy's exit.
+    #[serde(default)]
+    pub to_load_end: bool,
 }
 
 impl CallgrindRow {
@@ -227,8 +244,28 @@ const SUBJECTS: [Subject; 6] = [
     },
 ];
 
-/// Runs the phase: each subject twice under callgrind.
+/// Runs the phase on an origin of its own (see the module doc), put in the
+/// suite's origin's place meanwhile so every subject and the load use it.
 fn run(suite: &mut Suite) -> Result<()> {
+    let own = start_origin(
+        &suite.exe,
+        "origin (callgrind)",
+        suite.dir.join("origin-callgrind-ca.pem"),
+        &[
+            "--body-bytes",
+            &BODY_BYTES.to_string(),
+            "--handshake-stats",
+            "--no-resumption",
+        ],
+    )?;
+    let shared = std::mem::replace(&mut suite.origin, own);
+    let counted = count_all(suite);
+    suite.origin = shared;
+    counted
+}
+
+/// Each subject twice under callgrind.
+fn count_all(suite: &mut Suite) -> Result<()> {
     let Some(valgrind) = find_program("valgrind") else {
         let note = "valgrind not found: no instruction counts (bench/run.sh installs it)";
         suite.progress.say(note);
@@ -264,6 +301,7 @@ fn run(suite: &mut Suite) -> Result<()> {
             ..CallgrindRow::default()
         };
         let mut files = Vec::new();
+        let mut to_load_end = true;
         for requests in [short, long] {
             let out = dir.join(format!("{}-{requests}.callgrind", subject.key));
             // Asked before and after the run: the origin's count starts
@@ -275,7 +313,18 @@ fn run(suite: &mut Suite) -> Result<()> {
                     errors,
                     instructions,
                     rps,
+                    to,
                 }) => {
+                    if let CountedTo::Exit(why) = to {
+                        to_load_end = false;
+                        let note = format!(
+                            "callgrind {} ({requests} requests): counted to the proxy's exit, \
+                             its shutdown included ({why})",
+                            subject.key
+                        );
+                        suite.progress.say(&note);
+                        suite.results.notes.push(note);
+                    }
                     let handshakes = origin_ready
                         .then(|| suite.origin.handshakes().ok().map(|r| (r.count, r.resumed)))
                         .flatten();
@@ -307,6 +356,7 @@ fn run(suite: &mut Suite) -> Result<()> {
         if files.len() < 2 {
             continue;
         }
+        row.to_load_end = to_load_end;
         if let Some(per) = row.per_request() {
             suite.progress.say(format!(
                 "callgrind {}: {per:.0} instructions per request",
@@ -386,6 +436,7 @@ fn count(
     // Requests under valgrind take milliseconds, not microseconds.
     load.args(["--timeout", "60"]);
     let result = run_load(load)?;
+    let dumped = dump(server.proc.pid(), out);
     if !server.proc.terminate(Duration::from_secs(120)) {
         bail!("{name} did not exit within 120 s of SIGTERM, so callgrind wrote no totals");
     }
@@ -395,12 +446,60 @@ fn count(
             result.first_error.unwrap_or_default()
         );
     }
+    let to = match dumped {
+        // The count to the load's end takes `out`'s name (the profiles read
+        // it); the shutdown's part stays beside it.
+        Ok(part) => {
+            let shutdown = out.with_extension("shutdown.callgrind");
+            std::fs::rename(out, &shutdown)
+                .and_then(|()| std::fs::rename(&part, out))
+                .with_context(|| format!("renaming {} to {}", part.display(), out.display()))?;
+            CountedTo::LoadEnd
+        }
+        Err(e) => CountedTo::Exit(format!("{e:#}")),
+    };
     Ok(Counted {
         ok: result.ok,
         errors: result.errors,
         instructions: total_instructions(out)?,
         rps: result.rps,
+        to,
     })
+}
+
+/// Has callgrind in process `pid` write what it has counted so far
+/// (`callgrind_control --dump`, through valgrind's gdbserver and ptrace),
+/// and returns the file it wrote: `out` with `.1` added, the run's first
+/// dump.
+fn dump(pid: u32, out: &Path) -> Result<PathBuf> {
+    let control =
+        find_program("callgrind_control").ok_or_else(|| anyhow!("callgrind_control not found"))?;
+    let mut part = out.as_os_str().to_owned();
+    part.push(".1");
+    let part = PathBuf::from(part);
+    run_bounded(
+        Command::new(control)
+            .arg("--dump=load-end")
+            .arg(pid.to_string()),
+        Duration::from_secs(120),
+    )?;
+    // callgrind_control returns once callgrind has answered, which it does
+    // after writing the dump.
+    if !part.is_file() {
+        bail!(
+            "callgrind_control answered but {} is missing",
+            part.display()
+        );
+    }
+    Ok(part)
+}
+
+/// Where a run's count ends.
+enum CountedTo {
+    /// At the end of the load (the shutdown written apart).
+    LoadEnd,
+    /// At the proxy's exit, shutdown included: why the dump failed.
+    Exit(String),
 }
 
 /// What one run under callgrind counted.
@@ -413,6 +512,8 @@ struct Counted {
     instructions: u64,
     /// Timed requests per second.
     rps: f64,
+    /// Where the count ends.
+    to: CountedTo,
 }
 
 /// The total instruction count in a callgrind output file (its `totals:`
@@ -630,24 +731,30 @@ fn render(results: &Results, out: &mut String) {
         out,
         "Each proxy runs under `valgrind --tool=callgrind` ({}) while {} keep-alive clients \
          send a fixed number of requests to the same origin, twice: with *n* and with *3n* \
-         requests after the same warm-up (a request per client), stopped by SIGTERM. Start-up, \
-         warm-up and shutdown cancel out, so the difference over the extra requests is the \
-         instructions one request costs the proxy. Not counted: aws-lc's one-time gathering of \
-         timing-jitter entropy (about 420 million instructions per run, a number that moves \
+         requests after the same warm-up (a request per client). Each run is counted to the \
+         moment its load ends (`callgrind_control --dump`); the proxy's shutdown after that is \
+         left out, since how much it has to drop moved by up to 5 million instructions between \
+         runs of one binary. Start-up and warm-up cancel out, so the difference over the extra \
+         requests is the instructions one request costs the proxy. Not counted: aws-lc's \
+         one-time gathering of timing-jitter entropy (about 420 million instructions per run, a number that moves \
          with the clock and would not cancel out). Unlike timings, these counts barely move \
          with the machine's load, but they are not exact: how the proxy's threads take turns \
          changes how often they wake and steal work. With `--fair-sched=yes` (threads take \
-         turns in order), five runs of one binary stayed within 1.9% of each other (without \
-         it: 4.9% over eight runs). Use the totals for before/after claims larger than that; \
+         turns in order), counting to the load's end and an origin that resumes no session, \
+         three runs of one binary stayed within 0.15% of each other for pinproxy and 0.07% \
+         for the peer (before those two: 1.9% over five runs; without fair scheduling 4.9% \
+         over eight). Use the totals for before/after claims larger than that; \
          smaller changes show in the per-function profile below. One cliff is not the proxy's: \
          glibc's `memcpy` copies 8 KiB or more with `rep movsb`, which valgrind counts as one \
          instruction per byte (a copy of 7,900 bytes counted 772 instructions here, one of \
          8,200 bytes 8,199), so a copy that grows past 8 KiB adds thousands of instructions \
-         that take little time. The origin counts the TLS handshakes of each run (the \
-         warm-up's included) and those that resumed an earlier session: a full handshake \
-         costs the proxy hundreds of thousands of instructions more than a resumed one (the \
-         certificate chain to verify), so a difference between the two runs in handshakes, or \
-         in how many of them resumed, shows in the figure per request.\n",
+         that take little time. The phase's origin resumes no TLS session: a full handshake \
+         costs a proxy some 1.8 million instructions more than a resumed one (the certificate \
+         chain to verify), the peer resumes some of its upstream handshakes where pinproxy \
+         resumes none (a session shared by two exits would link them), and how many it resumed \
+         in each run moved its figure from 61.8k to 63.0k over four runs of one binary. The \
+         origin counts each run's TLS handshakes (the warm-up's included) and those that \
+         resumed: a difference between the two runs would show in the figure per request.\n",
         report.valgrind, report.concurrency
     );
     let _ = writeln!(
@@ -665,8 +772,13 @@ fn render(results: &Results, out: &mut String) {
         let per = row.per_request();
         let _ = writeln!(
             out,
-            "| {} | {}, {} | {}, {} | {} | {} | {} |",
+            "| {}{} | {}, {} | {}, {} | {} | {} | {} |",
             row.label,
+            if row.to_load_end {
+                ""
+            } else {
+                " (counted to its exit, shutdown included)"
+            },
             group(row.requests_short),
             group(row.requests_long),
             group(row.instructions_short),
@@ -744,12 +856,30 @@ fn render(results: &Results, out: &mut String) {
              requests touched (last use, request count), which it does every 500 ms of wall \
              time: its work per second, not per request. Under valgrind these requests ran at \
              {} per second; at {} per second ({whose}) the same work is about {} \
-             instructions per request.\n",
+             instructions per request.{}\n",
             group(flush as u64),
             group(writer("pinproxy").unwrap_or(0.0) as u64),
             group(rps as u64),
             group(native as u64),
             group((per_second / native) as u64),
+            // The same ratio with the flush at the native rate: how fast
+            // valgrind ran moves the tracked figure by hundreds (491 and
+            // 839 requests per second in two runs of one binary).
+            match (
+                cookies.and_then(CallgrindRow::per_request),
+                per("pinproxy-untracked")
+            ) {
+                (Some(tracked), Some(untracked)) if tracked > flush => {
+                    let tracked = tracked - flush + per_second / native;
+                    format!(
+                        " With it at that rate, a request with tracked cookies counts {} \
+                         instructions and untracked over tracked is {:.3}.",
+                        group(tracked as u64),
+                        untracked / tracked
+                    )
+                }
+                _ => String::new(),
+            }
         );
     }
     if let (Some(plain), Some(quiet), Some(peer)) = (per("pinproxy"), per("pinproxy-quiet"), peer) {
@@ -772,7 +902,7 @@ fn render(results: &Results, out: &mut String) {
         let _ = writeln!(
             out,
             "**These counts are not for before/after claims**: the runs were only {} requests \
-             apart, and a run's start-up and shutdown vary by a few million instructions, which \
+             apart, and what a run does besides its requests varies by a few million instructions, which \
              over so few requests moves the figure by up to 15%. With the default \
              `--callgrind-requests 6000` (4,000 apart) the same binary repeats within 0.2%.\n",
             group(apart)
