@@ -19,15 +19,16 @@
 //! SIGTERM, and its shutdown is written apart and left out. Start-up and
 //! warm-up are the same in both runs, so (I(3n) − I(n)) / 2n is the
 //! instructions one keep-alive request costs. Shutdown is not the same in
-//! both: how many tasks and pools are still there to drop when the runtime
-//! stops moved by up to 5 million instructions between runs of one binary
-//! (some 1,300 per request of the difference). callgrind_control reaches a
+//! both: pinproxy's counted 8 to 10 million instructions, and how much the
+//! runtime still had to drop when it stopped differed between a subject's
+//! two runs by up to 1.4 million (some 350 per request of the difference).
+//! callgrind_control reaches a
 //! process parked in `epoll_wait` through ptrace; where it cannot (no
 //! ptrace rights), the run is counted to its exit and the report says so.
 //! The phase has an origin of its own that resumes no TLS session: the
 //! peer resumes some of its upstream handshakes (pinproxy never does, so
 //! that no session links two exits), and how many of them did moved its
-//! figure by some 450 instructions per request per resumption of
+//! figure by some 250 to 450 instructions per request per resumption of
 //! difference between its two runs (61.8k to 63.0k over four runs). The
 //! table shows each run's handshakes and resumptions.
 //! Not counted: the first use of aws-lc's random generator in a process
@@ -733,8 +734,8 @@ fn render(results: &Results, out: &mut String) {
          send a fixed number of requests to the same origin, twice: with *n* and with *3n* \
          requests after the same warm-up (a request per client). Each run is counted to the \
          moment its load ends (`callgrind_control --dump`); the proxy's shutdown after that is \
-         left out, since how much it has to drop moved by up to 5 million instructions between \
-         runs of one binary. Start-up and warm-up cancel out, so the difference over the extra \
+         left out: it counted 8 to 10 million instructions, and differed between a proxy's two \
+         runs by up to 1.4 million. Start-up and warm-up cancel out, so the difference over the extra \
          requests is the instructions one request costs the proxy. Not counted: aws-lc's \
          one-time gathering of timing-jitter entropy (about 420 million instructions per run, a number that moves \
          with the clock and would not cancel out). Unlike timings, these counts barely move \
@@ -749,7 +750,7 @@ fn render(results: &Results, out: &mut String) {
          instruction per byte (a copy of 7,900 bytes counted 772 instructions here, one of \
          8,200 bytes 8,199), so a copy that grows past 8 KiB adds thousands of instructions \
          that take little time. The phase's origin resumes no TLS session: a full handshake \
-         costs a proxy some 1.8 million instructions more than a resumed one (the certificate \
+         costs a proxy 1 to 2 million instructions more than a resumed one (the certificate \
          chain to verify), the peer resumes some of its upstream handshakes where pinproxy \
          resumes none (a session shared by two exits would link them), and how many it resumed \
          in each run moved its figure from 61.8k to 63.0k over four runs of one binary. The \
