@@ -195,6 +195,7 @@ impl Pipeline {
             principal.user.as_deref(),
             &self.cookies,
             &self.hasher,
+            tunnel.map(|t| &t.cookie_memo),
         )?;
         let credentials = &access.credentials;
 

@@ -18,7 +18,7 @@ use pinproxy::credential::{Credential, PinHasher};
 use pinproxy::exits::ExitSet;
 use pinproxy::fingerprint::{ClientConnection, Fingerprint, RequestFingerprint};
 use pinproxy::metrics::Metrics;
-use pinproxy::proxy::credentials::cookies::CookiePolicy;
+use pinproxy::proxy::credentials::cookies::{CookieMemo, CookiePolicy};
 use pinproxy::proxy::credentials::of_request;
 use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
 use pinproxy::store::durable::DurableStore;
@@ -76,8 +76,11 @@ fn headers(tracked: usize) -> HeaderMap {
 }
 
 /// Allocations made by reading `headers`' credentials and by routing them,
-/// once their pins exist (a pin hit), as (reading, routing).
-fn hit_allocations(store: Store, headers: &HeaderMap) -> (u64, u64) {
+/// once their pins exist (a pin hit), as (reading, routing). With `memo`,
+/// the credentials are read as a tunnel's requests read them, through the
+/// connection's memory of its last `Cookie` header (which the earlier
+/// requests filled).
+fn hit_allocations(store: Store, headers: &HeaderMap, memo: Option<&CookieMemo>) -> (u64, u64) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -88,7 +91,7 @@ fn hit_allocations(store: Store, headers: &HeaderMap) -> (u64, u64) {
         let policy = CookiePolicy::with_extra(&[]).unwrap();
         let hasher = PinHasher::new([3; 32]);
         let read = |headers: &HeaderMap| -> Vec<Credential> {
-            of_request(headers, None, None, &policy, &hasher).unwrap()
+            of_request(headers, None, None, &policy, &hasher, memo).unwrap()
         };
         let credentials = read(headers);
         let first = router
@@ -120,12 +123,18 @@ fn hit_allocations(store: Store, headers: &HeaderMap) -> (u64, u64) {
 #[test]
 fn a_pin_hit_allocates_once_to_read_and_once_to_look_up_whatever_the_count() {
     for tracked in 1..=3 {
-        let (reading, routing) =
-            hit_allocations(Store::Memory(MemoryStore::new()), &headers(tracked));
-        // The credentials' vector; their names are the policy's own.
-        assert_eq!(reading, 1, "reading {tracked} tracked cookies");
-        // The store's answer.
-        assert_eq!(routing, 1, "routing {tracked} tracked cookies");
+        for memo in [None, Some(&CookieMemo::default())] {
+            let (reading, routing) =
+                hit_allocations(Store::Memory(MemoryStore::new()), &headers(tracked), memo);
+            // The credentials' vector (read afresh, or the memo's copy);
+            // their names are the policy's own.
+            assert_eq!(
+                reading, 1,
+                "reading {tracked} tracked cookies, memo {memo:?}"
+            );
+            // The store's answer.
+            assert_eq!(routing, 1, "routing {tracked} tracked cookies");
+        }
     }
 }
 
@@ -133,7 +142,7 @@ fn a_pin_hit_allocates_once_to_read_and_once_to_look_up_whatever_the_count() {
 fn the_durable_store_answers_a_hit_with_no_more_allocations_than_memory() {
     let dir = tempfile::tempdir().unwrap();
     let store = DurableStore::open(&dir.path().join("pins.redb")).unwrap();
-    let (reading, routing) = hit_allocations(Store::Durable(store), &headers(2));
+    let (reading, routing) = hit_allocations(Store::Durable(store), &headers(2), None);
     assert_eq!((reading, routing), (1, 1));
 }
 
@@ -144,9 +153,14 @@ fn a_name_sent_in_other_case_costs_one_allocation_of_its_own() {
         "cookie",
         HeaderValue::from_static("_ga=1; DataDome=Qm9vc3RlZFRva2VuVmFsdWU; cf_clearance=x"),
     );
-    let (reading, routing) = hit_allocations(Store::Memory(MemoryStore::new()), &headers);
+    let (reading, routing) = hit_allocations(Store::Memory(MemoryStore::new()), &headers, None);
     // The vector and `DataDome`, kept as sent.
     assert_eq!((reading, routing), (2, 1));
+    // Recalled from a tunnel's memo, the name is the memo's, shared.
+    let memo = CookieMemo::default();
+    let (reading, routing) =
+        hit_allocations(Store::Memory(MemoryStore::new()), &headers, Some(&memo));
+    assert_eq!((reading, routing), (1, 1));
 }
 
 #[test]

@@ -195,6 +195,49 @@ async fn a_rotated_cookie_inherits_its_exit() {
     s.stop().await;
 }
 
+/// A tunnel remembers the credentials of its last `Cookie` header: a
+/// client whose header changes from request to request on one keep-alive
+/// connection must still be routed by what each request carries.
+#[tokio::test]
+async fn one_connection_switching_cookies_follows_each_requests_own_pin() {
+    let s = Setup::start(3).await;
+    let (jar_a, exit_a) = s.login("/login").await;
+    // Cookie-less logins rotate over the exits: one lands elsewhere.
+    let mut other = None;
+    for _ in 0..12 {
+        let (jar, exit) = s.login("/login").await;
+        if exit != exit_a {
+            other = Some((jar, exit));
+            break;
+        }
+    }
+    let (jar_b, exit_b) = other.expect("a login on another exit within 12");
+    let header_a = format!("datadome={}", jar_a.get("datadome").unwrap());
+    let header_b = format!("datadome={}", jar_b.get("datadome").unwrap());
+
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel("localhost", s.origin.https.port())
+        .await;
+    // Repeats (recalled) and switches (read afresh), on one connection.
+    for (header, exit) in [
+        (&header_a, exit_a),
+        (&header_a, exit_a),
+        (&header_b, exit_b),
+        (&header_b, exit_b),
+        (&header_a, exit_a),
+        (&header_b, exit_b),
+        (&header_a, exit_a),
+    ] {
+        let reply = conn.get("/page", &[("cookie", header)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(Setup::peer(&reply), Some(exit));
+    }
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn cookies_in_several_headers_with_odd_spacing_are_all_read() {
     let s = Setup::start(3).await;

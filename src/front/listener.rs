@@ -203,6 +203,7 @@ async fn outer_request(
         client: Arc::default(),
         principal,
         site: Default::default(),
+        cookie_memo: Default::default(),
     });
     let place = place.as_ref().and_then(PlaceSlot::take);
     frontend

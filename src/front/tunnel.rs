@@ -325,6 +325,8 @@ async fn serve_http1<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Kept to empty the tunnel's cookie memo when the connection parks.
+    let memo_of = Arc::clone(&tunnel);
     // A rate token per request.
     let service = limits::rated(
         frontend.clients.clone(),
@@ -368,6 +370,8 @@ async fn serve_http1<T>(
             .metrics
             .client_connections_parked
             .inc();
+        // A parked tunnel keeps no copy of its last `Cookie` header.
+        memo_of.cookie_memo.forget();
         let (unread, stream) = stream.into_parts();
         if !unread.is_empty() {
             io = Rewind::new(unread, stream);

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
+use super::credentials::cookies::CookieMemo;
 use super::ProxyError;
 use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
@@ -57,6 +58,9 @@ pub struct Tunnel {
     pub principal: Principal,
     /// The metrics site of the tunnel's host, once found.
     pub site: SiteSlot,
+    /// The credentials of the tunnel's last `Cookie` header, while its
+    /// connection is busy.
+    pub cookie_memo: CookieMemo,
 }
 
 /// The origin a request is for.
@@ -204,6 +208,7 @@ mod tests {
             client: Arc::default(),
             principal: Principal::default(),
             site: SiteSlot::default(),
+            cookie_memo: CookieMemo::default(),
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         let origin = t.upstream_origin();

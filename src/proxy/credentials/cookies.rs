@@ -11,10 +11,11 @@
 //! might hide a tracked cookie.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cookie::Cookie;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::credential::{Credential, PinHasher, PinKey};
 use crate::fingerprint::header_order;
@@ -57,6 +58,9 @@ pub struct PatternError {
 /// cookie too many costs some rotation, tracking one too few leaks it.
 #[derive(Debug, Clone)]
 pub struct CookiePolicy {
+    /// Which policy this is, for a [`CookieMemo`]: no two policies built in
+    /// one process share it (a clone, which tracks the same names, does).
+    id: u64,
     /// Looked up with every cookie name of every request; the set is fixed
     /// at start, so a client's names cannot grow collisions in it and the
     /// faster foldhash will do where SipHash guards maps clients fill.
@@ -108,7 +112,9 @@ impl Glob {
 impl CookiePolicy {
     /// The default set plus `extra` patterns (names or globs).
     pub fn with_extra(extra: &[String]) -> Result<CookiePolicy, PatternError> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut policy = CookiePolicy {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             exact: HashSet::default(),
             globs: Vec::new(),
         };
@@ -234,19 +240,36 @@ pub fn tracked_in_request(
     policy: &CookiePolicy,
     hasher: &PinHasher,
 ) -> Result<Vec<Credential>, CookieError> {
-    let mut found: Vec<Credential> = Vec::new();
-    let mut push = |name: &str, tracked: Tracked<'_>, value: &str| {
-        let key = hasher.cookie(name, value);
-        if !found.iter().any(|c| c.key == key) {
-            found.push(Credential::cookie(tracked.name(name), key));
-        }
+    tracked_in_request_with(headers, policy, hasher, None)
+}
+
+/// [`tracked_in_request`] for a request of a connection whose `memo`
+/// remembers the credentials of its last `Cookie` header: a request with
+/// the same single `Cookie` header, byte for byte, under the same policy,
+/// takes them from there instead of reading and hashing its cookies again.
+pub fn tracked_in_request_with(
+    headers: &HeaderMap,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+    memo: Option<&CookieMemo>,
+) -> Result<Vec<Credential>, CookieError> {
+    let mut cookie_headers = headers.get_all(http::header::COOKIE).iter();
+    let mut found = match (memo, cookie_headers.next(), cookie_headers.next()) {
+        (Some(memo), Some(header), None) => match memo.recall(policy, header) {
+            Some(found) => found,
+            None => {
+                let found = in_cookie_header(header, policy, hasher, Vec::new())?;
+                memo.remember(policy, header, &found);
+                found
+            }
+        },
+        _ => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .try_fold(Vec::new(), |found, header| {
+                in_cookie_header(header, policy, hasher, found)
+            })?,
     };
-    for header in headers.get_all(http::header::COOKIE) {
-        let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
-        for (name, tracked, value) in tracked_pairs(text, policy) {
-            push(name, tracked, value);
-        }
-    }
     for header in headers.get_all(&X_DATADOME_CLIENTID) {
         let value = header
             .to_str()
@@ -255,10 +278,118 @@ pub fn tracked_in_request(
         if !value.is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
             let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Spelt);
-            push(DATADOME, tracked, value);
+            push_new(&mut found, hasher, DATADOME, tracked, value);
         }
     }
     Ok(found)
+}
+
+/// Adds the tracked cookies of one `Cookie` header to `found`.
+fn in_cookie_header(
+    header: &HeaderValue,
+    policy: &CookiePolicy,
+    hasher: &PinHasher,
+    mut found: Vec<Credential>,
+) -> Result<Vec<Credential>, CookieError> {
+    let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
+    for (name, tracked, value) in tracked_pairs(text, policy) {
+        push_new(&mut found, hasher, name, tracked, value);
+    }
+    Ok(found)
+}
+
+/// Adds cookie `name` with `value` to `found` unless its key is there.
+fn push_new(
+    found: &mut Vec<Credential>,
+    hasher: &PinHasher,
+    name: &str,
+    tracked: Tracked<'_>,
+    value: &str,
+) {
+    let key = hasher.cookie(name, value);
+    if !found.iter().any(|c| c.key == key) {
+        found.push(Credential::cookie(tracked.name(name), key));
+    }
+}
+
+/// The longest `Cookie` header a [`CookieMemo`] keeps: a browser's is
+/// usually well under it; a longer one is read afresh on every request.
+pub const MEMO_MAX_HEADER: usize = 4096;
+
+/// A connection's memory of its last `Cookie` header and the credentials
+/// read from it. A browser sends the same header on request after request
+/// of one connection until a cookie changes, and reading it costs some 600
+/// instructions a pair (most of them names nobody tracks) plus a keyed hash
+/// per tracked cookie. What is remembered is a copy of the header's bytes
+/// (never a reference into the request's buffer, which would keep it
+/// alive) and the pin keys, never a value on its own; the memo is emptied
+/// when the connection goes idle ([`CookieMemo::forget`]).
+///
+/// A recall needs the very bytes, the same policy and the same hasher (a
+/// connection only ever meets the process's one hasher): the answer is then
+/// the one reading the header would give.
+#[derive(Default)]
+pub struct CookieMemo(Mutex<Option<Box<Remembered>>>);
+
+/// Says whether it remembers a header, never the header: its bytes are
+/// cookie values.
+impl std::fmt::Debug for CookieMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let remembers = self.0.lock().map(|memo| memo.is_some()).unwrap_or(false);
+        f.debug_struct("CookieMemo")
+            .field("remembers", &remembers)
+            .finish()
+    }
+}
+
+/// What a [`CookieMemo`] holds.
+struct Remembered {
+    /// [`CookiePolicy::id`] of the policy that read the header.
+    policy: u64,
+    /// The header, byte for byte.
+    header: Box<[u8]>,
+    /// Its tracked cookies, as read.
+    found: Vec<Credential>,
+}
+
+/// A clone remembers nothing: a memo is one connection's.
+impl Clone for CookieMemo {
+    fn clone(&self) -> CookieMemo {
+        CookieMemo::default()
+    }
+}
+
+impl CookieMemo {
+    /// The credentials of `header` under `policy`, if it is the header
+    /// remembered.
+    fn recall(&self, policy: &CookiePolicy, header: &HeaderValue) -> Option<Vec<Credential>> {
+        let memo = self.0.lock().ok()?;
+        let remembered = memo.as_ref()?;
+        (remembered.policy == policy.id && *remembered.header == *header.as_bytes())
+            .then(|| remembered.found.clone())
+    }
+
+    /// Remembers `found` as the credentials of `header` under `policy`
+    /// (unless the header is longer than [`MEMO_MAX_HEADER`]).
+    fn remember(&self, policy: &CookiePolicy, header: &HeaderValue, found: &[Credential]) {
+        let Ok(mut memo) = self.0.lock() else {
+            return;
+        };
+        *memo = (header.len() <= MEMO_MAX_HEADER).then(|| {
+            Box::new(Remembered {
+                policy: policy.id,
+                header: header.as_bytes().into(),
+                found: found.to_vec(),
+            })
+        });
+    }
+
+    /// Forgets what it remembered (the connection went idle).
+    pub fn forget(&self) {
+        if let Ok(mut memo) = self.0.lock() {
+            *memo = None;
+        }
+    }
 }
 
 /// The tracked pairs of one `Cookie` header, name and value, as
@@ -490,6 +621,127 @@ mod tests {
             let p = CookiePolicy::with_extra(&["session_*".into(), "a*".into(), "b".into()]).unwrap();
             proptest::prop_assert_eq!(prefiltered(&text, &p), reference(&text, &p));
         }
+
+        /// Whatever a connection sent before, its memo gives each request
+        /// the credentials reading that request afresh gives.
+        #[test]
+        fn a_memo_answers_as_reading_afresh(
+            requests in proptest::collection::vec(
+                (
+                    proptest::collection::vec("(datadome|cf_clearance|_ga|session_a)=[ab]{0,2}", 0..3),
+                    proptest::option::of("[ab]{1,2}"),
+                    proptest::bool::ANY,
+                ),
+                1..12,
+            )
+        ) {
+            let (p, h) = (policy(), hasher());
+            let memo = CookieMemo::default();
+            for (cookie_headers, client_id, idle) in requests {
+                let mut headers = HeaderMap::new();
+                for text in &cookie_headers {
+                    headers.append(http::header::COOKIE, HeaderValue::from_str(text).unwrap());
+                }
+                if let Some(id) = client_id {
+                    headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_str(&id).unwrap());
+                }
+                let afresh = tracked_in_request(&headers, &p, &h).unwrap();
+                let remembered = tracked_in_request_with(&headers, &p, &h, Some(&memo)).unwrap();
+                proptest::prop_assert_eq!(remembered, afresh);
+                if idle {
+                    memo.forget();
+                }
+            }
+        }
+    }
+
+    fn cookie_request(texts: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for text in texts {
+            headers.append(http::header::COOKIE, HeaderValue::from_str(text).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_memo_recalls_only_the_same_header_under_the_same_policy() {
+        let (p, h) = (policy(), hasher());
+        let memo = CookieMemo::default();
+        let read = |text: &str| {
+            tracked_in_request_with(&cookie_request(&[text]), &p, &h, Some(&memo)).unwrap()
+        };
+        let header = HeaderValue::from_static("_ga=1; datadome=v1; cf_clearance=c");
+        let first = read("_ga=1; datadome=v1; cf_clearance=c");
+        assert_eq!(first.len(), 2);
+        assert_eq!(memo.recall(&p, &header), Some(first.clone()));
+        // One byte off: not recalled, and read afresh.
+        let changed = HeaderValue::from_static("_ga=1; datadome=v2; cf_clearance=c");
+        assert_eq!(memo.recall(&p, &changed), None);
+        let second = read("_ga=1; datadome=v2; cf_clearance=c");
+        assert_ne!(second[0].key, first[0].key);
+        assert_eq!(second[1].key, first[1].key);
+        assert_eq!(memo.recall(&p, &changed), Some(second));
+        // Another policy, even one tracking the same names, reads afresh.
+        let other = policy();
+        assert_eq!(memo.recall(&other, &changed), None);
+        // A policy's clone is the same policy.
+        assert!(memo.recall(&p.clone(), &changed).is_some());
+        memo.forget();
+        assert_eq!(memo.recall(&p, &changed), None);
+    }
+
+    #[test]
+    fn a_memo_keeps_no_long_header_and_no_request_with_two() {
+        let (p, h) = (policy(), hasher());
+        let memo = CookieMemo::default();
+        let long = format!("datadome=v; _ga={}", "x".repeat(MEMO_MAX_HEADER));
+        let header = HeaderValue::from_str(&long).unwrap();
+        let found =
+            tracked_in_request_with(&cookie_request(&[&long]), &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(memo.recall(&p, &header), None);
+        // Two `Cookie` headers: read afresh, nothing remembered.
+        let two = tracked_in_request_with(
+            &cookie_request(&["datadome=v", "cf_clearance=c"]),
+            &p,
+            &h,
+            Some(&memo),
+        )
+        .unwrap();
+        assert_eq!(two.len(), 2);
+        assert_eq!(
+            memo.recall(&p, &HeaderValue::from_static("datadome=v")),
+            None
+        );
+    }
+
+    #[test]
+    fn a_memo_never_shows_the_header_it_remembers() {
+        let memo = CookieMemo::default();
+        let headers = cookie_request(&["datadome=SECRETVALUE"]);
+        tracked_in_request_with(&headers, &policy(), &hasher(), Some(&memo)).unwrap();
+        let shown = format!("{memo:?}");
+        assert_eq!(shown, "CookieMemo { remembers: true }");
+        assert!(!shown.contains("SECRETVALUE"));
+    }
+
+    #[test]
+    fn a_recalled_header_still_reads_the_client_id_header() {
+        let (p, h) = (policy(), hasher());
+        let memo = CookieMemo::default();
+        let mut headers = cookie_request(&["cf_clearance=c"]);
+        tracked_in_request_with(&headers, &p, &h, Some(&memo)).unwrap();
+        headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_static("token"));
+        let found = tracked_in_request_with(&headers, &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found, tracked_in_request(&headers, &p, &h).unwrap());
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[1].key, h.cookie(DATADOME, "token"));
+        // The memo holds the `Cookie` header's credentials alone.
+        assert_eq!(
+            memo.recall(&p, &HeaderValue::from_static("cf_clearance=c"))
+                .map(|f| f.len()),
+            Some(1)
+        );
     }
 
     #[test]
