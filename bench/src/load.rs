@@ -72,6 +72,9 @@ pub struct LoadSpec {
     /// off (`datadomx`, `cf_clearancx`), so that no name is tracked and the
     /// proxy carries the same bytes without pinning anything.
     pub untracked_cookies: bool,
+    /// With `cookie_tag`: the header also carries a browser's untracked
+    /// cookies ([`BROWSER_COOKIES`]: 20 pairs in all, about 700 bytes).
+    pub browser_cookies: bool,
     /// Total request rate to pace the workers at (open loop: a request sent
     /// late because earlier ones were slow is timed from when it was due);
     /// `None` sends as fast as possible.
@@ -181,6 +184,29 @@ pub async fn run(spec: LoadSpec, tls: Arc<ClientConfig>) -> Result<LoadResult> {
     })
 }
 
+/// What else a browser's `Cookie` header carries beside the anti-bot
+/// cookies and `_ga`: analytics, consent and preference cookies nobody
+/// tracks (17 pairs).
+pub const BROWSER_COOKIES: [&str; 17] = [
+    "_gid=GA1.2.987654321.1700000000",
+    "_gcl_au=1.1.123456789.1700000000",
+    "_fbp=fb.1.1700000000000.123456789",
+    "_hjSessionUser_123456=eyJpZCI6IjEyMyIsImNyZWF0ZWQiOjE3MDAwMDAwMDB9",
+    "_hjSession_123456=eyJpZCI6IjQ1NiJ9",
+    "OptanonConsent=isGpcEnabled=0&datestamp=Mon+Nov+30+2026&version=202310.1.0",
+    "OptanonAlertBoxClosed=2026-11-30T10:00:00.000Z",
+    "_uetsid=0a1b2c3d4e5f11ee",
+    "_uetvid=6a7b8c9d0e1f11ee",
+    "ajs_anonymous_id=3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+    "theme=dark",
+    "lang=en-GB",
+    "currency=EUR",
+    "cart_id=c0ffee1234",
+    "_clck=1abcde2|2|fh1|0|1400",
+    "_clsk=xyz123|1700000000000|1|1|q.clarity.ms/collect",
+    "AMP_TOKEN=%24NOT_FOUND",
+];
+
 /// The request worker `id` sends, every time.
 fn worker_request(spec: &LoadSpec, id: usize) -> Result<Request<Empty<Bytes>>> {
     let mut extra = Vec::new();
@@ -192,9 +218,15 @@ fn worker_request(spec: &LoadSpec, id: usize) -> Result<Request<Empty<Bytes>>> {
         } else {
             ("datadome", "cf_clearance")
         };
-        let cookie = format!(
+        let mut cookie = format!(
             "{datadome}={tag}w{id:04}Qm9vc3RlZFRva2VuVmFsdWU; {cf_clearance}={tag}w{id:04}.aGVsbG8-1700000000-1.2.1.1; _ga=GA1.1.1234567890.1700000000"
         );
+        if spec.browser_cookies {
+            for pair in BROWSER_COOKIES {
+                cookie.push_str("; ");
+                cookie.push_str(pair);
+            }
+        }
         extra.push(("cookie", HeaderValue::from_str(&cookie)?));
     }
     client::get_request(&spec.target, &spec.path, &extra)

@@ -89,8 +89,8 @@ const GOAL_COOKIES: f64 = 0.97;
 /// One proxy's count.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallgrindRow {
-    /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`, `pinproxy-rustls`,
-    /// `pinproxy-quiet`, `hudsucker`).
+    /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`,
+    /// `pinproxy-browser`, `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`).
     pub proxy: String,
     /// What it is, for the table.
     pub label: String,
@@ -165,6 +165,9 @@ enum Cookies {
     /// without the pinning, which parts what carrying a longer head costs
     /// from what tracking costs.
     Untracked,
+    /// `Tracked` among a browser's untracked cookies (20 pairs, about 700
+    /// bytes; `pinbench load --browser-cookies`).
+    Browser,
 }
 
 /// What is measured: a key, a label, how to start it, and the cookies its
@@ -188,7 +191,7 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 6] = [
+const SUBJECTS: [Subject; 7] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
@@ -206,6 +209,12 @@ const SUBJECTS: [Subject; 6] = [
         label: "(g) with the same cookie header, names untracked",
         launch: pinproxy_direct,
         cookies: Cookies::Untracked,
+    },
+    Subject {
+        key: "pinproxy-browser",
+        label: "(g) with the tracked cookies in a browser's header (20 pairs, 2 tracked)",
+        launch: pinproxy_direct,
+        cookies: Cookies::Browser,
     },
     Subject {
         key: "pinproxy-rustls",
@@ -431,6 +440,7 @@ fn count(
         max_requests: requests,
         cookie_tag: (subject.cookies != Cookies::None).then_some(tag.as_str()),
         untracked_cookies: subject.cookies == Cookies::Untracked,
+        browser_cookies: subject.cookies == Cookies::Browser,
         ..LoadPlan::new(&suite.origin, requests)
     };
     let mut load = suite.load_command(&plan)?;
@@ -915,8 +925,8 @@ fn render(results: &Results, out: &mut String) {
             "pinproxy's per-request profile (the {TOP_FUNCTIONS} functions with the most \
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
-             (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-rustls-…`, \
-             `pinproxy-quiet-…`).\n",
+             (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
+             `pinproxy-rustls-…`, `pinproxy-quiet-…`).\n",
             profile.display()
         );
     }

@@ -321,6 +321,9 @@ impl Suite {
             if plan.untracked_cookies {
                 cmd.arg("--untracked-cookies");
             }
+            if plan.browser_cookies {
+                cmd.arg("--browser-cookies");
+            }
         }
         if let Some(rate) = plan.rate {
             cmd.args(["--rate", &rate.to_string()]);
@@ -388,6 +391,9 @@ pub(super) struct LoadPlan<'a> {
     /// The same cookies with names nobody tracks (see `pinbench load
     /// --untracked-cookies`).
     pub(super) untracked_cookies: bool,
+    /// The cookies among a browser's untracked ones (see `pinbench load
+    /// --browser-cookies`).
+    pub(super) browser_cookies: bool,
     /// Paced total rate (open loop), or as fast as possible.
     pub(super) rate: Option<f64>,
 }
@@ -405,6 +411,7 @@ impl<'a> LoadPlan<'a> {
             max_requests,
             cookie_tag: None,
             untracked_cookies: false,
+            browser_cookies: false,
             rate: None,
         }
     }
