@@ -9,6 +9,7 @@
 //! and reported on request (see [`Handshakes`]).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ pub struct Handshakes {
     micros: Mutex<Vec<u32>>,
     /// Of those, handshakes that resumed an earlier session (no
     /// certificate sent, none for the client to verify).
-    resumed: std::sync::atomic::AtomicU64,
+    resumed: AtomicU64,
 }
 
 /// The handshake times since the previous report.
@@ -71,8 +72,7 @@ pub struct HandshakeReport {
 impl Handshakes {
     fn record(&self, took: Duration, resumed: bool) {
         if resumed {
-            self.resumed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.resumed.fetch_add(1, Ordering::Relaxed);
         }
         let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
         if let Ok(mut v) = self.micros.lock() {
@@ -87,7 +87,7 @@ impl Handshakes {
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default();
-        let resumed = self.resumed.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let resumed = self.resumed.swap(0, Ordering::Relaxed);
         v.sort_unstable();
         HandshakeReport {
             resumed,

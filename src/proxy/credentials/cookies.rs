@@ -253,8 +253,11 @@ pub fn tracked_in_request_with(
     hasher: &PinHasher,
     memo: Option<&CookieMemo>,
 ) -> Result<Vec<Credential>, CookieError> {
-    let mut cookie_headers = headers.get_all(http::header::COOKIE).iter();
-    let mut found = match (memo, cookie_headers.next(), cookie_headers.next()) {
+    // Looked up once: most requests (every cookie-less one) take the
+    // fallback below, which walks the same headers again.
+    let cookie_headers = headers.get_all(http::header::COOKIE);
+    let mut first_two = cookie_headers.iter();
+    let mut found = match (memo, first_two.next(), first_two.next()) {
         (Some(memo), Some(header), None) => match memo.recall(policy, header) {
             Some(found) => found,
             None => {
@@ -263,8 +266,7 @@ pub fn tracked_in_request_with(
                 found
             }
         },
-        _ => headers
-            .get_all(http::header::COOKIE)
+        _ => cookie_headers
             .iter()
             .try_fold(Vec::new(), |found, header| {
                 in_cookie_header(header, policy, hasher, found)
