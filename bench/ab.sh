@@ -16,7 +16,9 @@
 # new-conn), LOAD_A / LOAD_B (extra `pinbench load` flags for A's and B's
 # runs, e.g. `--cookies t1`; the peer's runs take LOAD_A's, so that A and
 # the peer see the same load), PEER (the peer binary; bench/target's by
-# default), PROXY_ENV (e.g. TOKIO_WORKER_THREADS=1, for all three proxies).
+# default), PROXY_ENV (e.g. TOKIO_WORKER_THREADS=1, for all three proxies),
+# ORIGIN_FLAGS (extra `pinbench origin` flags: `--http2` to offer h2, for a
+# load with `--http2` in LOAD_A and LOAD_B).
 # Needs bench/target/release/pinbench (bench/run.sh builds it). Loopback only.
 set -euo pipefail
 
@@ -56,7 +58,9 @@ await_line() {
     return 1
 }
 
-"$pinbench" origin --listen 127.0.0.1:0 --ca-out "$work/origin.pem" >"$work/origin.log" 2>&1 &
+# shellcheck disable=SC2086 # ORIGIN_FLAGS is a list of flags
+"$pinbench" origin --listen 127.0.0.1:0 --ca-out "$work/origin.pem" ${ORIGIN_FLAGS:-} \
+    >"$work/origin.log" 2>&1 &
 pids+=($!)
 origin=$(await_line "$work/origin.log" '^READY ' | cut -d' ' -f2)
 

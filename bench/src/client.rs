@@ -1,6 +1,6 @@
 //! The client side shared by the load generator and the probes: reaching the
 //! origin directly or through an HTTP proxy with `CONNECT`, TLS, and HTTP/1.1
-//! requests on the resulting connection.
+//! (or HTTP/2, when TLS negotiated it) requests on the resulting connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,8 +48,55 @@ impl Target {
     }
 }
 
-/// A request sender on one HTTP/1.1 connection.
-pub type Sender = SendRequest<Empty<Bytes>>;
+/// A request sender on one connection, of the protocol its TLS handshake
+/// negotiated.
+pub enum Sender {
+    /// HTTP/1.1: one request at a time.
+    Http1(http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2 (the suite's workers still send one request at a time each).
+    Http2(http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        request: Request<Empty<Bytes>>,
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::Http1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Sender::Http2(sender) => {
+                sender.ready().await?;
+                sender.send_request(as_http2(request)).await
+            }
+        }
+    }
+}
+
+/// `request` as a browser sends it over HTTP/2: its `Host` moved into the
+/// URI, which hyper sends as `:authority` (with `:scheme` https). A request
+/// without an authority reaches an HTTP/2 server with none, which a proxy
+/// forwarding it cannot route.
+fn as_http2(mut request: Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let Some(host) = request.headers_mut().remove(http::header::HOST) else {
+        return request;
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let absolute = host
+        .to_str()
+        .ok()
+        .and_then(|host| format!("https://{host}{path}").parse().ok());
+    if let Some(uri) = absolute {
+        *request.uri_mut() = uri;
+    }
+    request
+}
 
 /// Opens a TCP connection to `target`, through the proxy when `via` says so.
 pub async fn dial(via: Via, target: &Target) -> Result<TcpStream> {
@@ -112,18 +159,26 @@ pub async fn open(via: Via, target: &Target, tls: Arc<ClientConfig>) -> Result<S
 }
 
 /// TLS with SNI `host` over an open stream (a direct connection or a tunnel),
-/// then the HTTP/1.1 handshake.
+/// then the HTTP/1.1 handshake, or HTTP/2's when TLS negotiated `h2`.
 pub async fn open_tls(tcp: TcpStream, host: &str, tls: Arc<ClientConfig>) -> Result<Sender> {
     let name = ServerName::try_from(host.to_owned()).map_err(|e| anyhow!("{host:?}: {e}"))?;
     let stream = TlsConnector::from(tls)
         .connect(name, tcp)
         .await
         .context("TLS handshake")?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
+    if h2 {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(Sender::Http2(sender));
+    }
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok(Sender::Http1(sender))
 }
 
 /// A GET request for `path` on `target`, with extra headers.
@@ -154,8 +209,7 @@ pub async fn fetch_reusable(
     sender: &mut Sender,
     request: Request<Empty<Bytes>>,
 ) -> Result<(usize, bool)> {
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
+    let response = sender.send(request).await?;
     let status = response.status();
     if status != http::StatusCode::OK {
         let why = response

@@ -133,13 +133,13 @@ struct SuiteArgs {
     /// New identities (one pin each) for the identity measurement.
     #[arg(long, default_value_t = 2000)]
     identities: u64,
-    /// Phases to run, comma-separated (throughput, callgrind, upstream,
-    /// tunnels, pins, stores, mint, fleet); the report leaves the others
-    /// empty. For quick looks while tuning.
+    /// Phases to run, comma-separated (throughput, callgrind, http2,
+    /// upstream, tunnels, pins, stores, mint, fleet); the report leaves the
+    /// others empty. For quick looks while tuning.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,callgrind,upstream,tunnels,pins,stores,mint,fleet"
+        default_value = "throughput,callgrind,http2,upstream,tunnels,pins,stores,mint,fleet"
     )]
     phases: Vec<String>,
     /// Pins per concurrent `pinproxy store bench` run.
@@ -195,6 +195,9 @@ struct OriginArgs {
     /// handshake is a full one, whichever client makes it.
     #[arg(long)]
     no_resumption: bool,
+    /// Offer h2 as well as HTTP/1.1 (a client offering h2 gets it).
+    #[arg(long)]
+    http2: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,8 +237,13 @@ impl TargetArgs {
     /// Checks that the proxy and the origin are loopback addresses, and
     /// loads the CA certificates to trust.
     fn client_tls(&self) -> Result<Arc<ClientConfig>> {
+        self.client_tls_of(false)
+    }
+
+    /// As [`TargetArgs::client_tls`], offering h2 alone with `http2`.
+    fn client_tls_of(&self, http2: bool) -> Result<Arc<ClientConfig>> {
         ensure_loopback(&[self.proxy, Some(self.target().addr)])?;
-        tls::client_config(&self.ca)
+        tls::client_config(&self.ca, http2)
     }
 
     fn via(&self) -> Via {
@@ -289,6 +297,10 @@ struct LoadArgs {
     /// Per-request timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Offer h2 alone in TLS, and speak HTTP/2 where it is negotiated
+    /// (each worker still sends one request at a time on its connection).
+    #[arg(long)]
+    http2: bool,
 }
 
 #[derive(Debug, Args)]
@@ -446,7 +458,7 @@ fn main() -> Result<()> {
         }),
         Cmd::Origin(a) => {
             ensure_loopback(&[Some(a.listen)])?;
-            let config = tls::origin_server_config(&a.ca_out, !a.no_resumption)?;
+            let config = tls::origin_server_config(&a.ca_out, !a.no_resumption, a.http2)?;
             let body = Bytes::from(vec![b'x'; a.body_bytes]);
             let options = OriginOptions {
                 close: a.close,
@@ -468,7 +480,7 @@ fn main() -> Result<()> {
         }
         Cmd::Load(a) => {
             let t = &a.target;
-            let tls = t.client_tls()?;
+            let tls = t.client_tls_of(a.http2)?;
             let spec = LoadSpec {
                 via: t.via(),
                 target: t.target(),
@@ -531,7 +543,7 @@ fn main() -> Result<()> {
         }
         Cmd::Handshakes(a) => {
             ensure_loopback(&[Some(a.proxy)])?;
-            let tls = tls::client_config(std::slice::from_ref(&a.ca))
+            let tls = tls::client_config(std::slice::from_ref(&a.ca), false)
                 .context("loading the proxy's CA")?;
             let report = runtime()?.block_on(mint::handshakes(a.proxy, tls, a.count))?;
             println!("{}", serde_json::to_string(&report)?);

@@ -6,7 +6,9 @@
 //! proxy in front can never reuse an upstream connection (each request pays
 //! a full upstream TCP + TLS handshake); with `handshakes`, the time from
 //! accepting each TCP connection to the end of its TLS handshake is recorded
-//! and reported on request (see [`Handshakes`]).
+//! and reported on request (see [`Handshakes`]). A connection whose TLS
+//! handshake negotiated `h2` (offered when the server configuration lists
+//! it, see `tls::origin_server_config`) is served over HTTP/2.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +19,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -154,6 +156,12 @@ pub async fn serve(
                 );
                 async move { Ok::<_, Infallible>(response) }
             });
+            if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                return;
+            }
             // Without keep-alive, hyper answers `Connection: close` and
             // closes the connection after the response.
             let _ = http1::Builder::new()

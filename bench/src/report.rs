@@ -102,6 +102,9 @@ pub struct Results {
     /// Instruction counts under callgrind.
     #[serde(default)]
     pub callgrind: Option<CallgrindReport>,
+    /// (g) and (f) with HTTP/2 on every leg.
+    #[serde(default)]
+    pub http2: Vec<Sample>,
     /// The fingerprint modes' cold pool, upstream connection memory and build.
     #[serde(default)]
     pub upstream: Option<UpstreamReport>,

@@ -14,6 +14,7 @@
 
 pub mod callgrind;
 pub mod fleet;
+pub mod http2;
 mod machine;
 pub mod mint;
 pub mod pins;
@@ -129,9 +130,10 @@ pub struct Phase {
 }
 
 /// The phases, in the order they run and appear in the report.
-pub const PHASES: [Phase; 8] = [
+pub const PHASES: [Phase; 9] = [
     throughput::PHASE,
     callgrind::PHASE,
+    http2::PHASE,
     upstream::PHASE,
     tunnels::PHASE,
     pins::PHASE,

@@ -12,8 +12,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// The only application protocol spoken: HTTP/1.1 (pinproxy offers nothing else in tunnels).
+/// HTTP/1.1's ALPN name: what the suite's clients offer unless asked for HTTP/2.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/2's ALPN name.
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// Names on the origin's certificate.
 pub const ORIGIN_NAMES: &[&str] = &["localhost", "127.0.0.1"];
@@ -26,8 +28,13 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Creates a fresh CA, writes its certificate (PEM) to `ca_path` and returns
 /// a server configuration presenting a leaf for [`ORIGIN_NAMES`] signed by it.
 /// Without `resumption` it keeps no sessions and issues no tickets, so no
-/// handshake can resume.
-pub fn origin_server_config(ca_path: &Path, resumption: bool) -> Result<Arc<ServerConfig>> {
+/// handshake can resume. With `http2` it offers h2 before HTTP/1.1 (a client
+/// offering both gets h2); without, HTTP/1.1 only.
+pub fn origin_server_config(
+    ca_path: &Path,
+    resumption: bool,
+    http2: bool,
+) -> Result<Arc<ServerConfig>> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -53,7 +60,11 @@ pub fn origin_server_config(ca_path: &Path, resumption: bool) -> Result<Arc<Serv
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], key)?;
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()]
+    } else {
+        vec![ALPN_HTTP1.to_vec()]
+    };
     if !resumption {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -62,10 +73,11 @@ pub fn origin_server_config(ca_path: &Path, resumption: bool) -> Result<Arc<Serv
 }
 
 /// A client configuration trusting only the CA certificates in `ca_files`,
-/// offering HTTP/1.1, with session resumption off so that every new
-/// connection pays a full handshake (the worst case, and the same for every
-/// setup).
-pub fn client_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>> {
+/// offering HTTP/1.1 (or, with `http2`, h2 alone, as a browser that will
+/// only speak h2 to this origin), with session resumption off so that every
+/// new connection pays a full handshake (the worst case, and the same for
+/// every setup).
+pub fn client_config(ca_files: &[PathBuf], http2: bool) -> Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
     for path in ca_files {
         let certs = CertificateDer::pem_file_iter(path)
@@ -81,7 +93,7 @@ pub fn client_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = vec![if http2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
 }

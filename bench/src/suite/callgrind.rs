@@ -3,7 +3,8 @@
 //! without cookies, with tracked cookies and with the same cookies
 //! untracked, in `rustls` mode, and without its access log) and the
 //! hudsucker peer each run under valgrind's callgrind while the same
-//! keep-alive client sends a fixed number of requests to the same origin.
+//! keep-alive client sends a fixed number of requests to the same origin;
+//! pinproxy and the peer once more with HTTP/2 on every leg.
 //!
 //! Timings drift on a shared machine; instruction counts of the same binary
 //! and input barely move, so before/after claims about CPU rest on these.
@@ -53,7 +54,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::procs::{find_program, path_str, run_bounded};
-use super::servers::{fingerprint_toml, run_load, start_origin, Launch, LoadPlan, PinproxyOptions};
+use super::servers::{
+    fingerprint_toml, run_load, start_origin, Launch, LoadPlan, PinproxyOptions, Server,
+};
 use super::throughput::Setup;
 use super::{Phase, Suite, BODY_BYTES};
 use crate::load::ConnMode;
@@ -90,7 +93,8 @@ const GOAL_COOKIES: f64 = 0.97;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallgrindRow {
     /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`,
-    /// `pinproxy-browser`, `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`).
+    /// `pinproxy-browser`, `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`,
+    /// and over HTTP/2 `pinproxy-h2` and `hudsucker-h2`).
     pub proxy: String,
     /// What it is, for the table.
     pub label: String,
@@ -170,14 +174,22 @@ enum Cookies {
     Browser,
 }
 
-/// What is measured: a key, a label, how to start it, and the cookies its
-/// requests carry.
+/// What is measured: a key, a label, how to start it, the cookies its
+/// requests carry, and whether they go over HTTP/2.
 struct Subject {
     key: &'static str,
     label: &'static str,
     launch: fn(&Suite, &str) -> Result<Launch>,
     cookies: Cookies,
+    /// The client offers h2 alone and the origin offers h2: HTTP/2 on
+    /// every leg a proxy lets it (see [`run`]).
+    http2: bool,
 }
+
+/// The peer row an HTTP/2 row is compared with, and an HTTP/1.1 row's.
+const PEER_H2: &str = "hudsucker-h2";
+/// See [`PEER_H2`].
+const PEER: &str = "hudsucker";
 
 /// pinproxy with its built-in direct exit, default configuration.
 fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
@@ -191,30 +203,34 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 7] = [
+const SUBJECTS: [Subject; 9] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
         launch: pinproxy_direct,
         cookies: Cookies::None,
+        http2: false,
     },
     Subject {
         key: "pinproxy-cookies",
         label: "(g) with tracked cookies on every request (pin hits)",
         launch: pinproxy_direct,
         cookies: Cookies::Tracked,
+        http2: false,
     },
     Subject {
         key: "pinproxy-untracked",
         label: "(g) with the same cookie header, names untracked",
         launch: pinproxy_direct,
         cookies: Cookies::Untracked,
+        http2: false,
     },
     Subject {
         key: "pinproxy-browser",
         label: "(g) with the tracked cookies in a browser's header (20 pairs, 2 tracked)",
         launch: pinproxy_direct,
         cookies: Cookies::Browser,
+        http2: false,
     },
     Subject {
         key: "pinproxy-rustls",
@@ -230,6 +246,7 @@ const SUBJECTS: [Subject; 7] = [
             )
         },
         cookies: Cookies::None,
+        http2: false,
     },
     Subject {
         key: "pinproxy-quiet",
@@ -245,37 +262,61 @@ const SUBJECTS: [Subject; 7] = [
             )
         },
         cookies: Cookies::None,
+        http2: false,
     },
     Subject {
         key: "hudsucker",
         label: "(f) hudsucker peer",
         launch: |suite, name| suite.peer_launch(name, suite.origin_ca()?),
         cookies: Cookies::None,
+        http2: false,
+    },
+    Subject {
+        key: "pinproxy-h2",
+        label: "(g) over HTTP/2 (client, proxy and origin all h2)",
+        launch: pinproxy_direct,
+        cookies: Cookies::None,
+        http2: true,
+    },
+    Subject {
+        key: PEER_H2,
+        label: "(f) over HTTP/2",
+        launch: |suite, name| suite.peer_launch(name, suite.origin_ca()?),
+        cookies: Cookies::None,
+        http2: true,
     },
 ];
 
 /// Runs the phase on an origin of its own (see the module doc), put in the
 /// suite's origin's place meanwhile so every subject and the load use it.
+/// HTTP/2 subjects get a second one that offers h2: the first offers
+/// HTTP/1.1 alone, so that the peer, whose client offers both, speaks
+/// HTTP/1.1 upstream in the HTTP/1.1 rows as pinproxy does.
 fn run(suite: &mut Suite) -> Result<()> {
-    let own = start_origin(
-        &suite.exe,
-        "origin (callgrind)",
-        suite.dir.join("origin-callgrind-ca.pem"),
-        &[
+    let origin = |name: &str, ca: &str, http2: bool| {
+        let body = BODY_BYTES.to_string();
+        let mut flags = vec![
             "--body-bytes",
-            &BODY_BYTES.to_string(),
+            &body,
             "--handshake-stats",
             "--no-resumption",
-        ],
-    )?;
+        ];
+        if http2 {
+            flags.push("--http2");
+        }
+        start_origin(&suite.exe, name, suite.dir.join(ca), &flags)
+    };
+    let own = origin("origin (callgrind)", "origin-callgrind-ca.pem", false)?;
+    let mut h2 = origin("origin (callgrind, h2)", "origin-callgrind-h2-ca.pem", true)?;
     let shared = std::mem::replace(&mut suite.origin, own);
-    let counted = count_all(suite);
+    let counted = count_all(suite, &mut h2);
     suite.origin = shared;
     counted
 }
 
-/// Each subject twice under callgrind.
-fn count_all(suite: &mut Suite) -> Result<()> {
+/// Each subject twice under callgrind; HTTP/2 subjects with `h2_origin` in
+/// the suite's origin's place.
+fn count_all(suite: &mut Suite, h2_origin: &mut Server) -> Result<()> {
     let Some(valgrind) = find_program("valgrind") else {
         let note = "valgrind not found: no instruction counts (bench/run.sh installs it)";
         suite.progress.say(note);
@@ -302,106 +343,126 @@ fn count_all(suite: &mut Suite) -> Result<()> {
         ..CallgrindReport::default()
     };
     for subject in &SUBJECTS {
-        if subject.key == "hudsucker" && suite.config.peer.is_none() {
+        if subject.key.starts_with(PEER) && suite.config.peer.is_none() {
             continue;
         }
-        let mut row = CallgrindRow {
-            proxy: subject.key.into(),
-            label: subject.label.into(),
-            ..CallgrindRow::default()
-        };
-        let mut files = Vec::new();
-        let mut to_load_end = true;
-        for requests in [short, long] {
-            let out = dir.join(format!("{}-{requests}.callgrind", subject.key));
-            // Asked before and after the run: the origin's count starts
-            // afresh at each asking.
-            let origin_ready = suite.origin.handshakes().is_ok();
-            match count(suite, &valgrind, subject, requests, &out) {
-                Ok(Counted {
-                    ok,
-                    errors,
-                    instructions,
-                    rps,
-                    to,
-                }) => {
-                    if let CountedTo::Exit(why) = to {
-                        to_load_end = false;
-                        let note = format!(
-                            "callgrind {} ({requests} requests): counted to the proxy's exit, \
-                             its shutdown included ({why})",
-                            subject.key
-                        );
-                        suite.progress.say(&note);
-                        suite.results.notes.push(note);
-                    }
-                    let handshakes = origin_ready
-                        .then(|| suite.origin.handshakes().ok().map(|r| (r.count, r.resumed)))
-                        .flatten();
-                    suite.progress.say(format!(
-                        "callgrind {}: {} requests, {} instructions",
-                        subject.key,
-                        group(ok),
-                        group(instructions)
-                    ));
-                    row.errors += errors;
-                    if requests == short {
-                        (row.requests_short, row.instructions_short) = (ok, instructions);
-                        row.handshakes_short = handshakes;
-                    } else {
-                        (row.requests_long, row.instructions_long) = (ok, instructions);
-                        row.rps_long = Some(rps);
-                        row.handshakes_long = handshakes;
-                    }
-                    files.push(out);
-                }
-                Err(e) => {
-                    let note = format!("callgrind {}: {e:#}", subject.key);
-                    suite.progress.say(&note);
-                    suite.results.notes.push(note);
-                    break;
-                }
-            }
+        if subject.http2 {
+            std::mem::swap(&mut suite.origin, h2_origin);
         }
-        if files.len() < 2 {
-            continue;
+        let row = count_subject(suite, &valgrind, &dir, subject, short, long, &mut report);
+        if subject.http2 {
+            std::mem::swap(&mut suite.origin, h2_origin);
         }
-        row.to_load_end = to_load_end;
-        if let Some(per) = row.per_request() {
-            suite.progress.say(format!(
-                "callgrind {}: {per:.0} instructions per request",
-                subject.key
-            ));
+        if let Some(row) = row {
+            report.rows.push(row);
         }
-        if subject.key.starts_with("pinproxy") {
-            let profile = dir.join(format!("{}-per-request-top.txt", subject.key));
-            let requests = row.requests_long.saturating_sub(row.requests_short);
-            match write_profile(&row, &files[0], &files[1], requests, &profile) {
-                Ok(inclusive) => {
-                    row.store_writer = inclusive
-                        .iter()
-                        .filter(|(function, _)| function.contains(STORE_WRITER))
-                        .map(|(_, per)| *per)
-                        .reduce(f64::max);
-                    suite.progress.say(format!(
-                        "{}'s per-request profile (top {TOP_FUNCTIONS}): {}",
-                        subject.key,
-                        profile.display()
-                    ));
-                    if subject.key == "pinproxy" {
-                        report.profile = Some(profile);
-                    }
-                }
-                Err(e) => suite.results.notes.push(format!(
-                    "callgrind profile of {} not written: {e:#}",
-                    subject.key
-                )),
-            }
-        }
-        report.rows.push(row);
     }
     suite.results.callgrind = Some(report);
     Ok(())
+}
+
+/// One subject's two runs, its row and its profile (`None` when a run
+/// failed, which the notes say).
+fn count_subject(
+    suite: &mut Suite,
+    valgrind: &Path,
+    dir: &Path,
+    subject: &Subject,
+    short: u64,
+    long: u64,
+    report: &mut CallgrindReport,
+) -> Option<CallgrindRow> {
+    let mut row = CallgrindRow {
+        proxy: subject.key.into(),
+        label: subject.label.into(),
+        ..CallgrindRow::default()
+    };
+    let mut files = Vec::new();
+    let mut to_load_end = true;
+    for requests in [short, long] {
+        let out = dir.join(format!("{}-{requests}.callgrind", subject.key));
+        // Asked before and after the run: the origin's count starts
+        // afresh at each asking.
+        let origin_ready = suite.origin.handshakes().is_ok();
+        match count(suite, valgrind, subject, requests, &out) {
+            Ok(Counted {
+                ok,
+                errors,
+                instructions,
+                rps,
+                to,
+            }) => {
+                if let CountedTo::Exit(why) = to {
+                    to_load_end = false;
+                    let note = format!(
+                        "callgrind {} ({requests} requests): counted to the proxy's exit, \
+                         its shutdown included ({why})",
+                        subject.key
+                    );
+                    suite.progress.say(&note);
+                    suite.results.notes.push(note);
+                }
+                let handshakes = origin_ready
+                    .then(|| suite.origin.handshakes().ok().map(|r| (r.count, r.resumed)))
+                    .flatten();
+                suite.progress.say(format!(
+                    "callgrind {}: {} requests, {} instructions",
+                    subject.key,
+                    group(ok),
+                    group(instructions)
+                ));
+                row.errors += errors;
+                if requests == short {
+                    (row.requests_short, row.instructions_short) = (ok, instructions);
+                    row.handshakes_short = handshakes;
+                } else {
+                    (row.requests_long, row.instructions_long) = (ok, instructions);
+                    row.rps_long = Some(rps);
+                    row.handshakes_long = handshakes;
+                }
+                files.push(out);
+            }
+            Err(e) => {
+                let note = format!("callgrind {}: {e:#}", subject.key);
+                suite.progress.say(&note);
+                suite.results.notes.push(note);
+                return None;
+            }
+        }
+    }
+    row.to_load_end = to_load_end;
+    if let Some(per) = row.per_request() {
+        suite.progress.say(format!(
+            "callgrind {}: {per:.0} instructions per request",
+            subject.key
+        ));
+    }
+    if subject.key.starts_with("pinproxy") {
+        let profile = dir.join(format!("{}-per-request-top.txt", subject.key));
+        let requests = row.requests_long.saturating_sub(row.requests_short);
+        match write_profile(&row, &files[0], &files[1], requests, &profile) {
+            Ok(inclusive) => {
+                row.store_writer = inclusive
+                    .iter()
+                    .filter(|(function, _)| function.contains(STORE_WRITER))
+                    .map(|(_, per)| *per)
+                    .reduce(f64::max);
+                suite.progress.say(format!(
+                    "{}'s per-request profile (top {TOP_FUNCTIONS}): {}",
+                    subject.key,
+                    profile.display()
+                ));
+                if subject.key == "pinproxy" {
+                    report.profile = Some(profile);
+                }
+            }
+            Err(e) => suite.results.notes.push(format!(
+                "callgrind profile of {} not written: {e:#}",
+                subject.key
+            )),
+        }
+    }
+    Some(row)
 }
 
 /// One run of `subject` under callgrind with `requests` timed requests:
@@ -441,6 +502,7 @@ fn count(
         cookie_tag: (subject.cookies != Cookies::None).then_some(tag.as_str()),
         untracked_cookies: subject.cookies == Cookies::Untracked,
         browser_cookies: subject.cookies == Cookies::Browser,
+        http2: subject.http2,
         ..LoadPlan::new(&suite.origin, requests)
     };
     let mut load = suite.load_command(&plan)?;
@@ -774,13 +836,22 @@ fn render(results: &Results, out: &mut String) {
          (n, 3n) | instructions per request | vs (f) |"
     );
     let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
-    let peer = report
-        .rows
-        .iter()
-        .find(|r| r.proxy == "hudsucker")
-        .and_then(CallgrindRow::per_request);
+    let peer_of = |key: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.proxy == key)
+            .and_then(CallgrindRow::per_request)
+    };
+    let peer = peer_of(PEER);
     for row in &report.rows {
         let per = row.per_request();
+        // An HTTP/2 row is set against the peer over HTTP/2.
+        let peer = if row.proxy.ends_with("-h2") {
+            peer_of(PEER_H2)
+        } else {
+            peer
+        };
         let _ = writeln!(
             out,
             "| {}{} | {}, {} | {}, {} | {} | {} | {} |",
@@ -903,6 +974,21 @@ fn render(results: &Results, out: &mut String) {
             if peer > 0.0 { quiet / peer } else { 0.0 }
         );
     }
+    if let (Some(g), Some(f), Some(g1), Some(f1)) =
+        (per("pinproxy-h2"), per(PEER_H2), per("pinproxy"), peer)
+    {
+        let _ = writeln!(
+            out,
+            "Over HTTP/2 (the client offers h2 alone, the origin offers h2 first), (g) costs \
+             {} instructions per request and (f) {}: {:.2}× (over HTTP/1.1, {:.2}×). pinproxy \
+             speaks the client's protocol upstream in `mirror` mode, so every leg is HTTP/2; the \
+             peer's client offers both, and takes h2.\n",
+            group(g as u64),
+            group(f as u64),
+            if f > 0.0 { g / f } else { 0.0 },
+            if f1 > 0.0 { g1 / f1 } else { 0.0 },
+        );
+    }
     let apart = report
         .rows
         .iter()
@@ -926,7 +1012,7 @@ fn render(results: &Results, out: &mut String) {
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
              (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
-             `pinproxy-rustls-…`, `pinproxy-quiet-…`).\n",
+             `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`).\n",
             profile.display()
         );
     }

@@ -328,6 +328,9 @@ impl Suite {
         if let Some(rate) = plan.rate {
             cmd.args(["--rate", &rate.to_string()]);
         }
+        if plan.http2 {
+            cmd.arg("--http2");
+        }
         Ok(cmd)
     }
 
@@ -396,6 +399,9 @@ pub(super) struct LoadPlan<'a> {
     pub(super) browser_cookies: bool,
     /// Paced total rate (open loop), or as fast as possible.
     pub(super) rate: Option<f64>,
+    /// Offer h2 alone (`pinbench load --http2`): HTTP/2 wherever the proxy
+    /// and the origin speak it.
+    pub(super) http2: bool,
 }
 
 impl<'a> LoadPlan<'a> {
@@ -413,6 +419,7 @@ impl<'a> LoadPlan<'a> {
             untracked_cookies: false,
             browser_cookies: false,
             rate: None,
+            http2: false,
         }
     }
 }

@@ -369,15 +369,7 @@ fn measure(
         } else {
             String::new()
         },
-        if result.errors > 0 {
-            format!(
-                " errors {} ({})",
-                result.errors,
-                result.first_error.clone().unwrap_or_default()
-            )
-        } else {
-            String::new()
-        }
+        errors_said(&result)
     ));
     Ok(Sample {
         setup,
@@ -389,6 +381,18 @@ fn measure(
         listen_overflows: overflows,
     })
 }
+/// A run's failed requests for its progress line (empty when none).
+pub(super) fn errors_said(result: &LoadResult) -> String {
+    if result.errors == 0 {
+        return String::new();
+    }
+    format!(
+        " errors {} ({})",
+        result.errors,
+        result.first_error.as_deref().unwrap_or_default()
+    )
+}
+
 /// Starts mitmdump in upstream mode to the exit, trusting the origin's CA.
 fn start_mitmproxy(suite: &Suite, mitmdump: &Path) -> Result<Server> {
     let addr = free_addr()?;
