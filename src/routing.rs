@@ -101,6 +101,17 @@ impl Router {
     /// Records the JA4 an identity's upstream connection sent; true when it
     /// is the first seen for the identity (or another than before).
     pub fn observe_sent_ja4(&self, id: IdentityId, ja4: &Arc<str>) -> bool {
+        // Nearly every request of an identity sends what the last one did:
+        // a shared read, instead of a write lock on the shard and a swap of
+        // equal values. The answer still comes from the insert when it
+        // differs, so two requests racing with a new one report it once.
+        if self
+            .sent_ja4
+            .get(&id)
+            .is_some_and(|before| **before == **ja4)
+        {
+            return false;
+        }
         match self.sent_ja4.insert(id, ja4.clone()) {
             Some(before) => before != *ja4,
             None => true,
@@ -115,5 +126,43 @@ impl Router {
     /// The retirement decided for `id` but not yet stored, if any.
     pub(crate) fn pending_retirement(&self, id: IdentityId) -> Option<RetireReason> {
         self.pending.get(&id).map(|r| r.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn router() -> Router {
+        Router::new(
+            Store::Memory(MemoryStore::new()),
+            Clock::manual(),
+            Policies {
+                retire: RetirePolicy::Fail,
+                conflict: ConflictPolicy::Reject,
+                idle_timeout_ms: 60_000,
+                max_lifetime_ms: 60_000,
+                keep_retired_ms: 60_000,
+            },
+            Arc::new(Metrics::new()),
+            TaskTracker::new(),
+        )
+    }
+
+    #[test]
+    fn a_sent_ja4_is_news_when_first_seen_or_changed_only() {
+        let router = router();
+        let (one, other) = (IdentityId::random(), IdentityId::random());
+        let a: Arc<str> = Arc::from("t13d1516h2_8daaf6152771_02713d6af862");
+        let b: Arc<str> = Arc::from("t13d1517h2_8daaf6152771_b0da82dd1658");
+        assert!(router.observe_sent_ja4(one, &a));
+        // The same text in another allocation is not news either.
+        assert!(!router.observe_sent_ja4(one, &Arc::from(&*a)));
+        assert!(!router.observe_sent_ja4(one, &a));
+        assert!(router.observe_sent_ja4(other, &a), "per identity");
+        assert!(router.observe_sent_ja4(one, &b));
+        assert!(!router.observe_sent_ja4(one, &b));
+        assert_eq!(router.sent_ja4(one).as_deref(), Some(&*b));
     }
 }
