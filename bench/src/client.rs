@@ -58,6 +58,15 @@ pub enum Sender {
 }
 
 impl Sender {
+    /// Another handle on the same connection, for HTTP/2 (whose streams
+    /// share it); `None` for HTTP/1.1, which carries one request at a time.
+    pub fn share(&self) -> Option<Sender> {
+        match self {
+            Sender::Http1(_) => None,
+            Sender::Http2(sender) => Some(Sender::Http2(sender.clone())),
+        }
+    }
+
     async fn send(
         &mut self,
         request: Request<Empty<Bytes>>,

@@ -9,6 +9,10 @@
 //! Latency is measured per request from when it was due (see `rate`) or
 //! started to when the whole body has arrived; with a new connection per
 //! request it includes TCP, `CONNECT` and the full TLS handshake.
+//!
+//! Over HTTP/2, `streams` workers may share one kept-alive connection, each
+//! with a request of its own in flight on it, as a browser multiplexes a
+//! page's requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -20,7 +24,7 @@ use http::{HeaderValue, Request};
 use http_body_util::Empty;
 use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Barrier;
+use tokio::sync::{Barrier, Mutex};
 use tokio::time::Instant;
 
 use crate::client::{self, Sender, Target, Via};
@@ -81,6 +85,9 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     /// Expected body length; any other length counts as an error.
     pub expect_body: Option<usize>,
+    /// Workers per connection (keep-alive over HTTP/2 only; 1: a connection
+    /// each). Worker `id` uses connection `id / streams`.
+    pub streams: usize,
 }
 
 /// What a run measured.
@@ -117,6 +124,9 @@ struct Shared {
     barrier: Barrier,
     issued: AtomicU64,
     start: OnceLock<Instant>,
+    /// The connections workers share (`streams` > 1), opened by the first
+    /// worker of each group that needs one.
+    connections: Vec<Mutex<Option<Sender>>>,
 }
 
 #[derive(Default)]
@@ -132,10 +142,20 @@ struct WorkerOut {
 /// Runs the load described by `spec`.
 pub async fn run(spec: LoadSpec, tls: Arc<ClientConfig>) -> Result<LoadResult> {
     let spec = Arc::new(spec);
+    anyhow::ensure!(
+        spec.streams <= 1 || spec.mode == ConnMode::KeepAlive,
+        "streams share kept-alive connections: use --mode keep-alive"
+    );
+    let groups = if spec.streams > 1 {
+        spec.concurrency.div_ceil(spec.streams)
+    } else {
+        0
+    };
     let shared = Arc::new(Shared {
         barrier: Barrier::new(spec.concurrency),
         issued: AtomicU64::new(0),
         start: OnceLock::new(),
+        connections: (0..groups).map(|_| Mutex::new(None)).collect(),
     });
     let mut tasks = Vec::with_capacity(spec.concurrency);
     for id in 0..spec.concurrency {
@@ -242,8 +262,12 @@ async fn worker(
     let mut out = WorkerOut::default();
     let mut conn: Option<Sender> = None;
 
-    let warm =
-        tokio::time::timeout(spec.request_timeout, one(&spec, &tls, &mut conn, &request)).await;
+    let group = shared.connections.get(id / spec.streams.max(1));
+    let warm = tokio::time::timeout(
+        spec.request_timeout,
+        one(&spec, &tls, group, &mut conn, &request),
+    )
+    .await;
     match warm {
         Ok(Ok(())) => out.warmup_ok += 1,
         _ => conn = None,
@@ -290,8 +314,11 @@ async fn worker(
         if conn.is_none() {
             out.connections += 1;
         }
-        let result =
-            tokio::time::timeout(spec.request_timeout, one(&spec, &tls, &mut conn, &request)).await;
+        let result = tokio::time::timeout(
+            spec.request_timeout,
+            one(&spec, &tls, group, &mut conn, &request),
+        )
+        .await;
         let done = Instant::now();
         match result {
             Ok(Ok(())) => {
@@ -319,18 +346,30 @@ async fn worker(
     out
 }
 
-/// One request on the worker's connection, opening it first when needed.
+/// One request on the worker's connection, opening it first when needed
+/// (or taking its group's shared one).
 async fn one(
     spec: &LoadSpec,
     tls: &Arc<ClientConfig>,
+    group: Option<&Mutex<Option<Sender>>>,
     conn: &mut Option<Sender>,
     request: &Request<Empty<Bytes>>,
 ) -> Result<()> {
     let sender = match conn {
         Some(sender) => sender,
-        None => conn.insert(client::open(spec.via, &spec.target, tls.clone()).await?),
+        None => conn.insert(connect(spec, tls, group).await?),
     };
-    let (len, reusable) = client::fetch_reusable(sender, client::clone_request(request)).await?;
+    let fetched = client::fetch_reusable(sender, client::clone_request(request)).await;
+    let (len, reusable) = match fetched {
+        Ok(answer) => answer,
+        Err(e) => {
+            // The next worker of the group opens a fresh connection.
+            if let Some(group) = group {
+                *group.lock().await = None;
+            }
+            return Err(e);
+        }
+    };
     if !reusable {
         *conn = None;
     }
@@ -338,4 +377,26 @@ async fn one(
         anyhow::ensure!(len == expected, "body of {len} bytes, expected {expected}");
     }
     Ok(())
+}
+
+/// A connection for a worker: its own, or a handle on its group's, which
+/// the first worker to need it opens.
+async fn connect(
+    spec: &LoadSpec,
+    tls: &Arc<ClientConfig>,
+    group: Option<&Mutex<Option<Sender>>>,
+) -> Result<Sender> {
+    let Some(group) = group else {
+        return client::open(spec.via, &spec.target, tls.clone()).await;
+    };
+    let mut slot = group.lock().await;
+    if let Some(shared) = slot.as_ref().and_then(Sender::share) {
+        return Ok(shared);
+    }
+    let opened = client::open(spec.via, &spec.target, tls.clone()).await?;
+    let handle = opened
+        .share()
+        .ok_or_else(|| anyhow::anyhow!("--streams needs HTTP/2, and the connection is HTTP/1.1"))?;
+    *slot = Some(opened);
+    Ok(handle)
 }

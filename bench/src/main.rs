@@ -301,6 +301,10 @@ struct LoadArgs {
     /// (each worker still sends one request at a time on its connection).
     #[arg(long)]
     http2: bool,
+    /// With --http2: this many workers share each connection, a stream
+    /// each, as a browser multiplexes a page's requests.
+    #[arg(long, default_value_t = 1, requires = "http2")]
+    streams: usize,
 }
 
 #[derive(Debug, Args)]
@@ -495,6 +499,7 @@ fn main() -> Result<()> {
                 browser_cookies: a.browser_cookies,
                 rate: a.rate,
                 expect_body: a.expect_body,
+                streams: a.streams.max(1),
             };
             let result = runtime()?.block_on(load::run(spec, tls))?;
             println!("{}", serde_json::to_string(&result)?);

@@ -607,6 +607,7 @@ mod tests {
                         },
                         proxy_cpu_us_per_req: Some(10.0),
                         listen_overflows: 1,
+                        streams: None,
                     };
                     if mode == ConnMode::KeepAlive && concurrency == 32 {
                         results.fixed_rate.push(sample.clone());

@@ -7,9 +7,10 @@
 //! that the peer speaks HTTP/1.1 upstream in the other phases, as pinproxy
 //! does there.
 //!
-//! Each worker sends one request at a time on its own connection, as in the
-//! throughput matrix, so the figures compare with its keep-alive rows;
-//! many streams on one connection are not measured here.
+//! In the first cells each client sends one request at a time on its own
+//! connection, as in the throughput matrix, so the figures compare with its
+//! keep-alive rows; the last cell puts 32 clients on one connection, a
+//! stream each, as a browser multiplexes a page's requests.
 
 use std::fmt::Write as _;
 
@@ -33,8 +34,8 @@ pub const PHASE: Phase = Phase {
     render,
 };
 
-/// Concurrencies measured, keep-alive.
-const CONCURRENCIES: [usize; 3] = [1, 32, 256];
+/// The cells measured, keep-alive: clients, and clients per connection.
+const CELLS: [(usize, usize); 4] = [(1, 1), (32, 1), (256, 1), (32, 32)];
 
 /// The setups, in table order.
 const SETUPS: [Setup; 2] = [Setup::PinproxyDirect, Setup::Hudsucker];
@@ -75,7 +76,7 @@ fn run(suite: &mut Suite) -> Result<()> {
     };
     let mut samples = Vec::new();
     for round in 0..suite.config.rounds {
-        for &conc in &CONCURRENCIES {
+        for &(conc, streams) in &CELLS {
             let mut order = SETUPS.to_vec();
             if round % 2 == 1 {
                 order.reverse();
@@ -84,13 +85,35 @@ fn run(suite: &mut Suite) -> Result<()> {
                 let Some(proxy) = server(setup) else {
                     continue;
                 };
-                let sample = measure(suite, &origin, proxy, setup, conc, round)?;
-                samples.push(sample);
+                let cell = Cell { conc, streams };
+                samples.push(measure(suite, &origin, proxy, setup, cell, round)?);
             }
         }
     }
     suite.results.http2 = samples;
     Ok(())
+}
+
+/// A cell of the table: clients, and clients per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cell {
+    conc: usize,
+    streams: usize,
+}
+
+impl Cell {
+    /// The cell's label in the table.
+    fn label(self) -> String {
+        match self.streams {
+            1 => format!("c={}", self.conc),
+            n => format!("c={}, {n} streams a connection", self.conc),
+        }
+    }
+
+    /// Whether `sample` was measured in this cell.
+    fn holds(self, sample: &Sample) -> bool {
+        sample.concurrency == self.conc && sample.streams.unwrap_or(1) == self.streams
+    }
 }
 
 /// One closed-loop run of `setup` through `proxy` over HTTP/2, with the
@@ -100,15 +123,16 @@ fn measure(
     origin: &Server,
     proxy: &Server,
     setup: Setup,
-    conc: usize,
+    cell: Cell,
     round: usize,
 ) -> Result<Sample> {
     let ca = proxy.ca()?;
     let plan = LoadPlan {
         proxy: Some((proxy.addr, ca)),
-        concurrency: conc,
+        concurrency: cell.conc,
         secs: suite.config.secs,
         http2: true,
+        streams: cell.streams,
         ..LoadPlan::new(origin, suite.config.max_requests)
     };
     let ticks = procfs::ticks_per_second() as f64;
@@ -118,9 +142,10 @@ fn measure(
     let requests = result.ok + result.warmup_ok;
     let cpu = (requests > 0).then(|| after.cpu_us_since(&before, ticks) / requests as f64);
     suite.progress.say(format!(
-        "round {}/{} h2 keep-alive c={conc:<3} ({}) {:>7.0} req/s p99 {:>7.2} ms{}",
+        "round {}/{} h2 keep-alive {:<28} ({}) {:>7.0} req/s p99 {:>7.2} ms{}",
         round + 1,
         suite.config.rounds,
+        cell.label(),
         setup.letter(),
         result.rps,
         f64::from(result.p99_us) / 1000.0,
@@ -129,11 +154,12 @@ fn measure(
     Ok(Sample {
         setup,
         mode: ConnMode::KeepAlive,
-        concurrency: conc,
+        concurrency: cell.conc,
         round,
         result,
         proxy_cpu_us_per_req: cpu,
         listen_overflows: 0,
+        streams: (cell.streams > 1).then_some(cell.streams),
     })
 }
 
@@ -142,9 +168,9 @@ fn goals(_results: &Results) -> Vec<Goal> {
     Vec::new()
 }
 
-/// Per concurrency: the medians of each setup and of the per-round ratios.
-struct Cell {
-    conc: usize,
+/// Per cell: the medians of each setup and of the per-round ratios.
+struct Figures {
+    cell: Cell,
     rps: [Option<f64>; 2],
     cpu: [Option<f64>; 2],
     p99_ms: [Option<f64>; 2],
@@ -153,24 +179,25 @@ struct Cell {
     cpu_ratio: Option<f64>,
 }
 
-/// The cells of `samples`.
-fn cells(samples: &[Sample]) -> Vec<Cell> {
-    let of = |setup: Setup, conc: usize| {
+/// The figures of `samples`, cell by cell.
+fn figures(samples: &[Sample]) -> Vec<Figures> {
+    let of = |setup: Setup, cell: Cell| {
         samples
             .iter()
-            .filter(move |s| s.setup == setup && s.concurrency == conc)
+            .filter(move |s| s.setup == setup && cell.holds(s))
     };
     let med = |values: Vec<f64>| median(&values);
-    CONCURRENCIES
+    CELLS
         .iter()
-        .map(|&conc| {
+        .map(|&(conc, streams)| {
+            let cell = Cell { conc, streams };
             let per_setup = |f: &dyn Fn(&Sample) -> Option<f64>| {
-                SETUPS.map(|setup| med(of(setup, conc).filter_map(f).collect()))
+                SETUPS.map(|setup| med(of(setup, cell).filter_map(f).collect()))
             };
             let ratio = |f: &dyn Fn(&Sample) -> Option<f64>| {
-                let ratios = of(Setup::PinproxyDirect, conc)
+                let ratios = of(Setup::PinproxyDirect, cell)
                     .filter_map(|g| {
-                        let f_sample = of(Setup::Hudsucker, conc).find(|s| s.round == g.round)?;
+                        let f_sample = of(Setup::Hudsucker, cell).find(|s| s.round == g.round)?;
                         let (g, f) = (f(g)?, f(f_sample)?);
                         (f > 0.0).then(|| g / f)
                     })
@@ -179,8 +206,8 @@ fn cells(samples: &[Sample]) -> Vec<Cell> {
             };
             let rps = |s: &Sample| Some(s.result.rps);
             let cpu = |s: &Sample| s.proxy_cpu_us_per_req;
-            Cell {
-                conc,
+            Figures {
+                cell,
                 rps: per_setup(&rps),
                 cpu: per_setup(&cpu),
                 p99_ms: per_setup(&|s: &Sample| Some(f64::from(s.result.p99_us) / 1000.0)),
@@ -203,8 +230,9 @@ fn render(results: &Results, out: &mut String) {
         "(g) and (f) with HTTP/2 from the client to the origin: the client offers h2 alone, \
          and an origin of this table's own offers h2 first (pinproxy's `mirror` mode offers \
          upstream what the client offered; the peer's client offers h2 and HTTP/1.1). Each \
-         client sends one request at a time on its own connection, as in the keep-alive rows \
-         above. Medians of {rounds} interleaved rounds; the ratios are taken within each round. \
+         client sends one request at a time, on its own connection as in the keep-alive rows \
+         above, or in the last row with 32 clients on one connection, a stream each, as a \
+         browser multiplexes a page's requests. Medians of {rounds} interleaved rounds; the ratios are taken within each round. \
          CPU is the proxy's, per request.\n"
     );
     let _ = writeln!(
@@ -217,11 +245,11 @@ fn render(results: &Results, out: &mut String) {
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let show = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".into(), f);
-    for cell in cells(&results.http2) {
+    for cell in figures(&results.http2) {
         let _ = writeln!(
             out,
-            "| c={} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell.conc,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell.cell.label(),
             show(cell.rps[0], &|v| group(v as u64)),
             show(cell.rps[1], &|v| group(v as u64)),
             show(cell.rps_ratio, &|v| format!("{v:.2}")),
@@ -253,6 +281,7 @@ mod tests {
             },
             proxy_cpu_us_per_req: Some(cpu),
             listen_overflows: 0,
+            streams: None,
         }
     }
 
@@ -266,14 +295,39 @@ mod tests {
             sample(Setup::PinproxyDirect, 32, 2, 90.0, 45.0),
             sample(Setup::Hudsucker, 32, 2, 60.0, 30.0),
         ];
-        let cells = cells(&samples);
-        let c32 = cells.iter().find(|c| c.conc == 32).unwrap();
+        let mut one_connection = sample(Setup::PinproxyDirect, 32, 0, 1.0, 1.0);
+        one_connection.streams = Some(32);
+        let mut samples = samples.to_vec();
+        samples.push(one_connection);
+        let cells = figures(&samples);
+        let c32 = cells
+            .iter()
+            .find(|c| {
+                c.cell
+                    == Cell {
+                        conc: 32,
+                        streams: 1,
+                    }
+            })
+            .unwrap();
         // Ratios per round: 2.0, 1.0, 1.5.
         assert_eq!(c32.rps_ratio, Some(1.5));
         // CPU ratios: 2.0, 1.0, 1.5.
         assert_eq!(c32.cpu_ratio, Some(1.5));
         assert_eq!(c32.rps, [Some(100.0), Some(60.0)]);
-        let c1 = cells.iter().find(|c| c.conc == 1).unwrap();
+        let c1 = cells.iter().find(|c| c.cell.conc == 1).unwrap();
         assert_eq!(c1.rps_ratio, None);
+        // The multiplexed run is a cell of its own.
+        let shared = cells
+            .iter()
+            .find(|c| {
+                c.cell
+                    == Cell {
+                        conc: 32,
+                        streams: 32,
+                    }
+            })
+            .unwrap();
+        assert_eq!(shared.rps, [Some(1.0), None]);
     }
 }

@@ -330,6 +330,9 @@ impl Suite {
         }
         if plan.http2 {
             cmd.arg("--http2");
+            if plan.streams > 1 {
+                cmd.args(["--streams", &plan.streams.to_string()]);
+            }
         }
         Ok(cmd)
     }
@@ -402,6 +405,8 @@ pub(super) struct LoadPlan<'a> {
     /// Offer h2 alone (`pinbench load --http2`): HTTP/2 wherever the proxy
     /// and the origin speak it.
     pub(super) http2: bool,
+    /// With `http2`: clients per connection, a stream each (`--streams`).
+    pub(super) streams: usize,
 }
 
 impl<'a> LoadPlan<'a> {
@@ -420,6 +425,7 @@ impl<'a> LoadPlan<'a> {
             browser_cookies: false,
             rate: None,
             http2: false,
+            streams: 1,
         }
     }
 }

@@ -152,6 +152,10 @@ pub struct Sample {
     /// accept queue was full (`TcpExt ListenOverflows`, machine-wide); each
     /// costs its client a 1 s SYN retransmission.
     pub listen_overflows: u64,
+    /// Clients per connection, a stream each (HTTP/2 only); `None`: a
+    /// connection per client.
+    #[serde(default)]
+    pub streams: Option<usize>,
 }
 
 /// The servers of the throughput runs.
@@ -379,6 +383,7 @@ fn measure(
         result,
         proxy_cpu_us_per_req: cpu,
         listen_overflows: overflows,
+        streams: None,
     })
 }
 /// A run's failed requests for its progress line (empty when none).
