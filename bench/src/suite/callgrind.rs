@@ -4,7 +4,8 @@
 //! untracked, in `rustls` mode, and without its access log) and the
 //! hudsucker peer each run under valgrind's callgrind while the same
 //! keep-alive client sends a fixed number of requests to the same origin;
-//! pinproxy and the peer once more with HTTP/2 on every leg.
+//! pinproxy and the peer once more with HTTP/2 on every leg, with a
+//! connection per client and with the clients as streams of one connection.
 //!
 //! Timings drift on a shared machine; instruction counts of the same binary
 //! and input barely move, so before/after claims about CPU rest on these.
@@ -94,7 +95,8 @@ const GOAL_COOKIES: f64 = 0.97;
 pub struct CallgrindRow {
     /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`,
     /// `pinproxy-browser`, `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`,
-    /// and over HTTP/2 `pinproxy-h2` and `hudsucker-h2`).
+    /// and over HTTP/2 `pinproxy-h2` and `hudsucker-h2`, and with the
+    /// clients on one connection `pinproxy-h2-mux` and `hudsucker-h2-mux`).
     pub proxy: String,
     /// What it is, for the table.
     pub label: String,
@@ -184,12 +186,16 @@ struct Subject {
     /// The client offers h2 alone and the origin offers h2: HTTP/2 on
     /// every leg a proxy lets it (see [`run`]).
     http2: bool,
+    /// With `http2`: clients per connection, a stream each.
+    streams: usize,
 }
 
 /// The peer row an HTTP/2 row is compared with, and an HTTP/1.1 row's.
 const PEER_H2: &str = "hudsucker-h2";
 /// See [`PEER_H2`].
 const PEER: &str = "hudsucker";
+/// The peer row the multiplexed HTTP/2 row is compared with.
+const PEER_H2_MUX: &str = "hudsucker-h2-mux";
 
 /// pinproxy with its built-in direct exit, default configuration.
 fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
@@ -203,13 +209,14 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 9] = [
+const SUBJECTS: [Subject; 11] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
         launch: pinproxy_direct,
         cookies: Cookies::None,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-cookies",
@@ -217,6 +224,7 @@ const SUBJECTS: [Subject; 9] = [
         launch: pinproxy_direct,
         cookies: Cookies::Tracked,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-untracked",
@@ -224,6 +232,7 @@ const SUBJECTS: [Subject; 9] = [
         launch: pinproxy_direct,
         cookies: Cookies::Untracked,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-browser",
@@ -231,6 +240,7 @@ const SUBJECTS: [Subject; 9] = [
         launch: pinproxy_direct,
         cookies: Cookies::Browser,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-rustls",
@@ -247,6 +257,7 @@ const SUBJECTS: [Subject; 9] = [
         },
         cookies: Cookies::None,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-quiet",
@@ -263,6 +274,7 @@ const SUBJECTS: [Subject; 9] = [
         },
         cookies: Cookies::None,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "hudsucker",
@@ -270,6 +282,7 @@ const SUBJECTS: [Subject; 9] = [
         launch: |suite, name| suite.peer_launch(name, suite.origin_ca()?),
         cookies: Cookies::None,
         http2: false,
+        streams: 1,
     },
     Subject {
         key: "pinproxy-h2",
@@ -277,6 +290,7 @@ const SUBJECTS: [Subject; 9] = [
         launch: pinproxy_direct,
         cookies: Cookies::None,
         http2: true,
+        streams: 1,
     },
     Subject {
         key: PEER_H2,
@@ -284,6 +298,23 @@ const SUBJECTS: [Subject; 9] = [
         launch: |suite, name| suite.peer_launch(name, suite.origin_ca()?),
         cookies: Cookies::None,
         http2: true,
+        streams: 1,
+    },
+    Subject {
+        key: "pinproxy-h2-mux",
+        label: "(g) over HTTP/2, the 32 clients on one connection",
+        launch: pinproxy_direct,
+        cookies: Cookies::None,
+        http2: true,
+        streams: CONCURRENCY,
+    },
+    Subject {
+        key: PEER_H2_MUX,
+        label: "(f) over HTTP/2, the 32 clients on one connection",
+        launch: |suite, name| suite.peer_launch(name, suite.origin_ca()?),
+        cookies: Cookies::None,
+        http2: true,
+        streams: CONCURRENCY,
     },
 ];
 
@@ -503,6 +534,7 @@ fn count(
         untracked_cookies: subject.cookies == Cookies::Untracked,
         browser_cookies: subject.cookies == Cookies::Browser,
         http2: subject.http2,
+        streams: subject.streams,
         ..LoadPlan::new(&suite.origin, requests)
     };
     let mut load = suite.load_command(&plan)?;
@@ -846,8 +878,10 @@ fn render(results: &Results, out: &mut String) {
     let peer = peer_of(PEER);
     for row in &report.rows {
         let per = row.per_request();
-        // An HTTP/2 row is set against the peer over HTTP/2.
-        let peer = if row.proxy.ends_with("-h2") {
+        // An HTTP/2 row is set against the peer over HTTP/2, the same way.
+        let peer = if row.proxy.ends_with("-h2-mux") {
+            peer_of(PEER_H2_MUX)
+        } else if row.proxy.ends_with("-h2") {
             peer_of(PEER_H2)
         } else {
             peer
@@ -980,13 +1014,22 @@ fn render(results: &Results, out: &mut String) {
         let _ = writeln!(
             out,
             "Over HTTP/2 (the client offers h2 alone, the origin offers h2 first), (g) costs \
-             {} instructions per request and (f) {}: {:.2}× (over HTTP/1.1, {:.2}×). pinproxy \
+             {} instructions per request and (f) {}: {:.2}× (over HTTP/1.1, {:.2}×).{} pinproxy \
              speaks the client's protocol upstream in `mirror` mode, so every leg is HTTP/2; the \
              peer's client offers both, and takes h2.\n",
             group(g as u64),
             group(f as u64),
             if f > 0.0 { g / f } else { 0.0 },
             if f1 > 0.0 { g1 / f1 } else { 0.0 },
+            match (per("pinproxy-h2-mux"), per(PEER_H2_MUX)) {
+                (Some(g), Some(f)) if f > 0.0 => format!(
+                    " With the 32 clients on one connection, a stream each: {} and {}, {:.2}×.",
+                    group(g as u64),
+                    group(f as u64),
+                    g / f
+                ),
+                _ => String::new(),
+            },
         );
     }
     let apart = report
@@ -1012,7 +1055,7 @@ fn render(results: &Results, out: &mut String) {
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
              (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
-             `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`).\n",
+             `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
             profile.display()
         );
     }
