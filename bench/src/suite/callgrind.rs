@@ -868,21 +868,21 @@ fn render(results: &Results, out: &mut String) {
          (n, 3n) | instructions per request | vs (f) |"
     );
     let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
-    let peer_of = |key: &str| {
+    let per = |key: &str| {
         report
             .rows
             .iter()
             .find(|r| r.proxy == key)
             .and_then(CallgrindRow::per_request)
     };
-    let peer = peer_of(PEER);
+    let peer = per(PEER);
     for row in &report.rows {
-        let per = row.per_request();
+        let own = row.per_request();
         // An HTTP/2 row is set against the peer over HTTP/2, the same way.
         let peer = if row.proxy.ends_with("-h2-mux") {
-            peer_of(PEER_H2_MUX)
+            per(PEER_H2_MUX)
         } else if row.proxy.ends_with("-h2") {
-            peer_of(PEER_H2)
+            per(PEER_H2)
         } else {
             peer
         };
@@ -907,21 +907,14 @@ fn render(results: &Results, out: &mut String) {
                 ),
                 _ => "–".into(),
             },
-            per.map_or("–".into(), |v| group(v as u64)),
-            match (per, peer) {
+            own.map_or("–".into(), |v| group(v as u64)),
+            match (own, peer) {
                 (Some(v), Some(f)) if f > 0.0 => format!("{:.2}×", v / f),
                 _ => "–".into(),
             }
         );
     }
     let _ = writeln!(out);
-    let per = |key: &str| {
-        report
-            .rows
-            .iter()
-            .find(|r| r.proxy == key)
-            .and_then(CallgrindRow::per_request)
-    };
     if let (Some(plain), Some(hits), Some(untracked)) = (
         per("pinproxy"),
         per("pinproxy-cookies"),

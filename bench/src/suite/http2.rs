@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::servers::{run_load, start_origin, LoadPlan, PinproxyOptions, Server};
-use super::throughput::{errors_said, Sample, Setup};
+use super::throughput::{cpu_per_request, errors_said, Sample, Setup};
 use super::{Phase, Suite, BODY_BYTES};
 use crate::load::ConnMode;
 use crate::procfs;
@@ -34,8 +34,25 @@ pub const PHASE: Phase = Phase {
     render,
 };
 
-/// The cells measured, keep-alive: clients, and clients per connection.
-const CELLS: [(usize, usize); 4] = [(1, 1), (32, 1), (256, 1), (32, 32)];
+/// The cells measured, keep-alive, in table order.
+const CELLS: [Cell; 4] = [
+    Cell {
+        conc: 1,
+        streams: 1,
+    },
+    Cell {
+        conc: 32,
+        streams: 1,
+    },
+    Cell {
+        conc: 256,
+        streams: 1,
+    },
+    Cell {
+        conc: 32,
+        streams: 32,
+    },
+];
 
 /// The setups, in table order.
 const SETUPS: [Setup; 2] = [Setup::PinproxyDirect, Setup::Hudsucker];
@@ -76,7 +93,7 @@ fn run(suite: &mut Suite) -> Result<()> {
     };
     let mut samples = Vec::new();
     for round in 0..suite.config.rounds {
-        for &(conc, streams) in &CELLS {
+        for cell in CELLS {
             let mut order = SETUPS.to_vec();
             if round % 2 == 1 {
                 order.reverse();
@@ -85,7 +102,6 @@ fn run(suite: &mut Suite) -> Result<()> {
                 let Some(proxy) = server(setup) else {
                     continue;
                 };
-                let cell = Cell { conc, streams };
                 samples.push(measure(suite, &origin, proxy, setup, cell, round)?);
             }
         }
@@ -139,8 +155,7 @@ fn measure(
     let before = proxy.proc.sample()?;
     let result = run_load(suite.load_command(&plan)?)?;
     let after = proxy.proc.sample()?;
-    let requests = result.ok + result.warmup_ok;
-    let cpu = (requests > 0).then(|| after.cpu_us_since(&before, ticks) / requests as f64);
+    let cpu = cpu_per_request(Some(before), Some(after), ticks, &result);
     suite.progress.say(format!(
         "round {}/{} h2 keep-alive {:<28} ({}) {:>7.0} req/s p99 {:>7.2} ms{}",
         round + 1,
@@ -188,9 +203,8 @@ fn figures(samples: &[Sample]) -> Vec<Figures> {
     };
     let med = |values: Vec<f64>| median(&values);
     CELLS
-        .iter()
-        .map(|&(conc, streams)| {
-            let cell = Cell { conc, streams };
+        .into_iter()
+        .map(|cell| {
             let per_setup = |f: &dyn Fn(&Sample) -> Option<f64>| {
                 SETUPS.map(|setup| med(of(setup, cell).filter_map(f).collect()))
             };

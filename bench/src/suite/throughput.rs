@@ -434,7 +434,7 @@ fn start_mitmproxy(suite: &Suite, mitmdump: &Path) -> Result<Server> {
 
 /// CPU time of the proxy under test per request (warm-up included), in
 /// microseconds; `None` without a proxy or requests.
-fn cpu_per_request(
+pub(super) fn cpu_per_request(
     before: Option<ProcSample>,
     after: Option<ProcSample>,
     ticks: f64,
