@@ -174,13 +174,14 @@ enum Field {
 
 impl Field {
     /// Which header `name` is (compared ignoring case).
+    #[inline]
     fn of(name: &[u8]) -> Field {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            Field::ContentLength
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            Field::TransferEncoding
-        } else {
-            Field::Other
+        // The length first: most names have neither length, and this runs
+        // for every header line.
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => Field::ContentLength,
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Field::TransferEncoding,
+            _ => Field::Other,
         }
     }
 }
@@ -219,11 +220,7 @@ impl<const N: usize> Small<N> {
         let len = usize::from(self.len);
         let room = N - len;
         let take = bytes.len().min(room);
-        // A byte loop: these copies are a few bytes, where a `memcpy` call
-        // costs more than the copy.
-        for (slot, byte) in self.bytes[len..len + take].iter_mut().zip(bytes) {
-            *slot = *byte;
-        }
+        self.bytes[len..len + take].copy_from_slice(&bytes[..take]);
         // `len + take <= N`, and every `N` here is below 256.
         self.len = (len + take) as u8;
         if take < bytes.len() {
@@ -246,7 +243,8 @@ impl<const N: usize> Small<N> {
 struct Head {
     /// Bytes of the head so far.
     len: usize,
-    /// Which space-separated token of the start line we are in.
+    /// Which space-separated token of the start line we are in: 0, 1,
+    /// or 2 for the third and any later one (nothing tells those apart).
     token: u8,
     /// The start line's first token (method or version).
     first: Small<16>,
@@ -370,19 +368,26 @@ impl Scanner {
                 }
                 _ => {}
             }
-            // Bulk: a whole header line, when this read holds all of it
-            // and it is plain (most of a head's lines).
-            if self.state == State::LineStart {
-                match self.whole_line(bytes) {
-                    Ok(0) => {}
-                    Ok(taken) => {
-                        bytes = &bytes[taken..];
-                        continue;
-                    }
-                    Err(error) => {
-                        self.state = State::Refused;
-                        return Err(error);
-                    }
+            // Bulk: a whole line, when this read holds all of it and it is
+            // plain: the start line, a header line (most of a head's
+            // lines), or the empty line that ends the head.
+            let whole = match self.state {
+                State::Between => self.whole_start_line(bytes),
+                State::LineStart => match bytes {
+                    [b'\r', b'\n', ..] => self.end_of_head(&mut on_head),
+                    _ => self.whole_line(bytes),
+                },
+                _ => Ok(0),
+            };
+            match whole {
+                Ok(0) => {}
+                Ok(taken) => {
+                    bytes = &bytes[taken..];
+                    continue;
+                }
+                Err(error) => {
+                    self.state = State::Refused;
+                    return Err(error);
                 }
             }
             // Bulk: runs of bytes `step` would take one by one without
@@ -494,16 +499,7 @@ impl Scanner {
                 }
             },
             State::LineCr { end_of_head } => match byte {
-                b'\n' if end_of_head => {
-                    let finished = self.finish_head()?;
-                    on_head(finished);
-                    match finished.framing {
-                        Framing::Length(0) | Framing::Interim => State::Between,
-                        Framing::Length(n) => State::Fixed(n),
-                        Framing::Chunked => State::ChunkStart,
-                        Framing::Opaque => State::Opaque,
-                    }
-                }
+                b'\n' if end_of_head => self.body_after_head(on_head)?,
                 b'\n' => State::LineStart,
                 _ => return Err(FramingError::BareCr),
             },
@@ -590,7 +586,7 @@ impl Scanner {
     /// it took (0: none, the line is left to `step`), or what `step` would
     /// have refused: the same error at the same byte.
     fn whole_line(&mut self, bytes: &[u8]) -> Result<usize, FramingError> {
-        let name_len = run_of(bytes, &NAME_BYTES);
+        let name_len = name_run(bytes);
         if name_len == 0 || bytes.get(name_len) != Some(&b':') {
             return Ok(0);
         }
@@ -600,19 +596,94 @@ impl Scanner {
         if rest.get(value_len..value_len + 2) != Some(&b"\r\n"[..]) {
             return Ok(0);
         }
+        let line_len = value_start + value_len + 2;
         let field = Field::of(&bytes[..name_len]);
+        if field == Field::Other {
+            // Nothing to judge at the CR: only the limit, over the line.
+            self.grow_head(line_len)?;
+            return Ok(line_len);
+        }
         // Up to the CR, which ends the field: `step` counts and checks each
         // byte before it judges the field at the CR, and the LF after it.
-        self.grow_head(value_start + value_len + 1)?;
+        self.grow_head(line_len - 1)?;
         let head = &mut self.head;
         head.field = Some(field);
-        if field != Field::Other {
-            head.value.clear();
-            head.value.extend(&rest[..value_len]);
-        }
+        head.value.clear();
+        head.value.extend(&rest[..value_len]);
         self.end_field()?;
         self.grow_head(1)?;
-        Ok(value_start + value_len + 2)
+        Ok(line_len)
+    }
+
+    /// Between messages: takes a whole start line and its CRLF at once when
+    /// `bytes` hold all of it and it is plain (what `step` would take
+    /// without refusing, other than the limit). Returns how many bytes it
+    /// took (0: none, left to `step`), or the refusal `step` would make.
+    /// Only the tokens the side judges at the head's end are kept: the
+    /// method and version of a request, the version and status of a
+    /// response.
+    fn whole_start_line(&mut self, bytes: &[u8]) -> Result<usize, FramingError> {
+        let line_len = plain_value_run(bytes);
+        if line_len == 0
+            || matches!(bytes[0], b' ' | b'\t')
+            || bytes.get(line_len..line_len + 2) != Some(&b"\r\n"[..])
+        {
+            return Ok(0);
+        }
+        // Between messages the head counts nothing yet (see `finish_head`
+        // and the empty lines' LF).
+        self.head = Head::default();
+        self.grow_head(line_len + 2)?;
+        let line = &bytes[..line_len];
+        let head = &mut self.head;
+        let first_space = line.iter().position(|&b| b == b' ');
+        let first_end = first_space.unwrap_or(line_len);
+        head.first.extend(&line[..first_end]);
+        if let Some(space) = first_space {
+            let after = &line[space + 1..];
+            match self.side {
+                Side::Request => {
+                    // The version: after the last space.
+                    let last_space = after.iter().rposition(|&b| b == b' ');
+                    head.token = if last_space.is_some() { 2 } else { 1 };
+                    head.last.extend(&after[last_space.map_or(0, |i| i + 1)..]);
+                }
+                Side::Response => {
+                    let second_space = after.iter().position(|&b| b == b' ');
+                    head.token = if second_space.is_some() { 2 } else { 1 };
+                    head.second
+                        .extend(&after[..second_space.unwrap_or(after.len())]);
+                }
+            }
+        } else {
+            head.last.extend(line);
+        }
+        self.state = State::LineStart;
+        Ok(line_len + 2)
+    }
+
+    /// At the start of a line that is the head's last, `\r\n` in `bytes`:
+    /// ends the head as `step` would, byte by byte.
+    fn end_of_head(&mut self, on_head: &mut impl FnMut(Finished)) -> Result<usize, FramingError> {
+        self.grow_head(2)?;
+        self.state = self.body_after_head(on_head)?;
+        Ok(2)
+    }
+
+    /// The head just ended: judges it, tells `on_head`, and returns where
+    /// the scanner goes next.
+    fn body_after_head(
+        &mut self,
+        on_head: &mut impl FnMut(Finished),
+    ) -> Result<State, FramingError> {
+        let finished = self.finish_head()?;
+        on_head(finished);
+        Ok(match finished.framing {
+            Framing::Length(0) | Framing::Interim => State::Between,
+            Framing::Length(n) => State::Fixed(n),
+            Framing::Chunked => State::ChunkStart,
+            Framing::Opaque => State::Opaque,
+        })
     }
 
     /// Counts `run` more bytes of the head, refusing a head over the limit.
@@ -640,7 +711,7 @@ impl Scanner {
     fn start_line(&mut self, byte: u8) {
         let head = &mut self.head;
         if byte == b' ' {
-            head.token = head.token.saturating_add(1);
+            head.token = (head.token + 1).min(2);
             head.last.clear();
             return;
         }
@@ -742,8 +813,9 @@ fn check_head_byte(byte: u8) -> Result<(), FramingError> {
 /// A set of bytes as a lookup table: entry `b` says whether byte `b` is in
 /// the set. A run costs one load and one branch per byte, where the
 /// predicates it replaces compared each byte with three or four values.
-/// (Judging eight bytes at a time cost more than it saved: most names and
-/// values are shorter than two words.)
+/// The hot runs (names and values of whole lines) go eight bytes at a
+/// time while a whole word is left ([`name_run`], [`plain_value_run`]);
+/// what is left after the last word comes here.
 type ByteSet = [bool; 256];
 
 /// Builds a [`ByteSet`]: visible ASCII and above (not DEL), plus HTAB,
@@ -783,6 +855,36 @@ fn run_of(bytes: &[u8], set: &ByteSet) -> usize {
         .iter()
         .position(|&b| !set[usize::from(b)])
         .unwrap_or(bytes.len())
+}
+
+/// How many of `bytes`, from the first, are in [`NAME_BYTES`]: the same as
+/// [`run_of`] with that set, eight bytes at a time while a whole word is
+/// left (names are short, but the rest of the head follows them).
+fn name_run(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(word) = bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+        let flagged = not_name_bytes_in(u64::from_le_bytes(*word));
+        if flagged != 0 {
+            // Exact: see `not_name_bytes_in`.
+            return at + (flagged.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + run_of(bytes.get(at..).unwrap_or_default(), &NAME_BYTES)
+}
+
+/// The high bit of every byte of `word` (little-endian) that is not in
+/// [`NAME_BYTES`]: at or below SP, the colon, or DEL. As in
+/// [`controls_in`], only the lowest set bit is exact, which is the one
+/// read: each test flags falsely only above a byte it flags rightly.
+fn not_name_bytes_in(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w;
+    let up_to_space = word.wrapping_sub(ONES * 0x21) & !word;
+    let colon = zero_byte(word ^ (ONES * u64::from(b':')));
+    let del = zero_byte(word ^ (ONES * 0x7f));
+    (up_to_space | colon | del) & HIGHS
 }
 
 /// How many of `bytes`, from the first, are in [`PLAIN_VALUE_BYTES`]: the
@@ -1034,31 +1136,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn plain_value_runs_match_the_byte_by_byte_run() {
-        // Every byte value as the stop, at every position of short and
-        // longer runs (within a word, at a word's edge, in the tail), with
-        // and without a tab before it, and with bytes above 0x7f around it.
+    /// Runs of `fills` with every byte value as the stop, at every position
+    /// (within a word, at a word's edge, in the tail, and none), and with
+    /// `mark` put halfway before the stop: each handed to `check`.
+    fn every_stopped_run(fills: [u8; 3], mark: Option<u8>, mut check: impl FnMut(&[u8])) {
         for stop in 0..=255u8 {
             for len in [0, 1, 7, 8, 9, 15, 16, 17, 31] {
                 for at in 0..=len {
-                    for fill in [b'a', 0xe9, b' '] {
+                    for fill in fills {
                         let mut bytes = vec![fill; len];
                         if at < len {
                             bytes[at] = stop;
                         }
-                        if at > 1 {
-                            bytes[at / 2] = b'\t';
+                        if let Some(mark) = mark.filter(|_| at > 1) {
+                            bytes[at / 2] = mark;
                         }
-                        assert_eq!(
-                            plain_value_run(&bytes),
-                            run_of(&bytes, &PLAIN_VALUE_BYTES),
-                            "{bytes:?}"
-                        );
+                        check(&bytes);
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn plain_value_runs_match_the_byte_by_byte_run() {
+        // With a tab before the stop, and bytes above 0x7f around it.
+        every_stopped_run([b'a', 0xe9, b' '], Some(b'\t'), |bytes| {
+            assert_eq!(
+                plain_value_run(bytes),
+                run_of(bytes, &PLAIN_VALUE_BYTES),
+                "{bytes:?}"
+            );
+        });
     }
 
     proptest::proptest! {
@@ -1273,6 +1382,141 @@ mod tests {
                 .try_for_each(|b| scanner.scan(std::slice::from_ref(b), |_| heads += 1));
             assert_eq!(whole.map(|()| 1), want, "{bytes:?}");
             assert_eq!(bytewise.map(|()| heads), want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn name_runs_match_the_byte_by_byte_run() {
+        // After bytes above 0x7f, and after a dash (0x2d, near the colon).
+        every_stopped_run([b'a', 0xe9, b'-'], None, |bytes| {
+            assert_eq!(name_run(bytes), run_of(bytes, &NAME_BYTES), "{bytes:?}");
+        });
+    }
+
+    /// Start lines for the property below: both sides, odd spacing,
+    /// CONNECT, HTTP/1.0, a 101, a line without spaces.
+    const START_LINES: &[&[u8]] = &[
+        b"GET /bytes HTTP/1.1\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\n",
+        b"POST  /x  HTTP/1.0\r\n",
+        b"GET\r\n",
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.0 204\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n",
+        b"HTTP/1.1  200\tOK\r\n",
+    ];
+
+    /// Header lines for the property below: fields that frame (well and
+    /// badly) and that do not.
+    const FIELDS: &[&[u8]] = &[
+        b"host: origin.test:8443\r\n",
+        b"Content-Length: 3\r\n",
+        b"content-length:3 \r\n",
+        b"Content-Length: 0\r\n",
+        b"Content-Length: 3, 3\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"TRANSFER-ENCODING:\tgzip\r\n",
+        b"x-a-rather-long-header-name: v\tv\r\n",
+        b"Cookie: a=b; c=d; e=fffffffffffffffff\r\n",
+        b"Content-Lengthy: x\r\n",
+        b"A:\r\n",
+    ];
+
+    /// What follows a head, and what may be spliced into the bytes
+    /// anywhere: bodies, chunks, and what a head must refuse.
+    const OTHERS: &[&[u8]] = &[
+        b"abc",
+        b"3\r\nabc\r\n0\r\n\r\n",
+        b"0\r\nT: 1\r\n\r\n",
+        b" folded\r\n",
+        b"A : b\r\n",
+        b"Ab\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\0",
+        b"\x01",
+        b"\x7f",
+        b"\xe9",
+    ];
+
+    /// A message for the property below: a start line, header lines, the
+    /// empty line, and perhaps something after it.
+    fn message() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::strategy::Strategy as _;
+        (
+            0..START_LINES.len(),
+            proptest::collection::vec(0..FIELDS.len(), 0..5),
+            proptest::option::of(0..OTHERS.len()),
+        )
+            .prop_map(|(start, fields, after)| {
+                let mut bytes = START_LINES[start].to_vec();
+                for field in fields {
+                    bytes.extend_from_slice(FIELDS[field]);
+                }
+                bytes.extend_from_slice(b"\r\n");
+                if let Some(after) = after {
+                    bytes.extend_from_slice(OTHERS[after]);
+                }
+                bytes
+            })
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the limit and where reads end, the scanner's
+        /// bulk paths (whole start lines, header lines, the end of a head,
+        /// runs) reach the verdict, the heads and the state of the
+        /// byte-by-byte scan. Messages are mostly well formed, so that
+        /// heads get finished; one piece, or a few random bytes, may be
+        /// spliced in anywhere. Every limit up to the length is tried.
+        #[test]
+        fn any_bytes_are_judged_as_byte_by_byte(
+            response: bool,
+            messages in proptest::collection::vec(message(), 1..4),
+            splice in proptest::option::of((
+                0usize..400,
+                proptest::prop_oneof![
+                    3 => proptest::strategy::Strategy::prop_map(
+                        0..OTHERS.len(),
+                        |i| OTHERS[i].to_vec(),
+                    ),
+                    1 => proptest::collection::vec(proptest::num::u8::ANY, 1..4),
+                ],
+            )),
+            split in 0usize..400,
+        ) {
+            let side = if response { Side::Response } else { Side::Request };
+            let mut bytes = messages.concat();
+            if let Some((at, piece)) = splice {
+                let at = at.min(bytes.len());
+                bytes.splice(at..at, piece);
+            }
+            let scan_whole = |limit: usize, bytes: &[u8], split: usize| {
+                let (a, b) = bytes.split_at(split);
+                let mut scanner = Scanner::new(side, limit);
+                let mut heads = Vec::new();
+                let result = scanner
+                    .scan(a, |h| heads.push(h))
+                    .and_then(|()| scanner.scan(b, |h| heads.push(h)));
+                (result, heads, scanner.state)
+            };
+            for limit in 1..bytes.len() + 2 {
+                let mut scanner = Scanner::new(side, limit);
+                let mut heads = Vec::new();
+                let result = bytes.iter().try_for_each(|byte| {
+                    scanner.scan(std::slice::from_ref(byte), |h| heads.push(h))
+                });
+                let bytewise = (result, heads, scanner.state);
+                proptest::prop_assert_eq!(&scan_whole(limit, &bytes, 0), &bytewise, "limit {}", limit);
+                let split = split.min(bytes.len());
+                proptest::prop_assert_eq!(
+                    &scan_whole(limit, &bytes, split),
+                    &bytewise,
+                    "limit {} split {}",
+                    limit,
+                    split
+                );
+            }
         }
     }
 }
