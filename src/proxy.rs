@@ -171,7 +171,7 @@ impl Pipeline {
             Some(tunnel) => self.metrics.site_in(&tunnel.site, &target.origin.host),
             None => self.metrics.site(&target.origin.host),
         });
-        if Access::logging() {
+        if access.logging() {
             access.origin = Some(target.origin.clone());
         }
         // A tunnel's target was checked when its CONNECT arrived.

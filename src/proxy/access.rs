@@ -101,6 +101,10 @@ pub struct Access {
     pub decision: Option<Decision>,
     /// Upstream timings, where known.
     pub timings: UpstreamTimings,
+    /// Whether access lines were on when the request arrived: asked once,
+    /// because asking the subscriber costs a couple of hundred
+    /// instructions, and a request's line is written or not as a whole.
+    logging: bool,
 }
 
 impl Access {
@@ -116,12 +120,14 @@ impl Access {
             credentials: Vec::new(),
             decision: None,
             timings: UpstreamTimings::default(),
+            logging: access_line::enabled(),
         }
     }
 
-    /// Whether access lines are written (the origin is kept only then).
-    pub fn logging() -> bool {
-        access_line::enabled()
+    /// Whether this request's access line is written (the origin is kept
+    /// only then).
+    pub fn logging(&self) -> bool {
+        self.logging
     }
 
     /// Counts the request and writes its access line: `answer` is the
@@ -151,6 +157,9 @@ impl Access {
         if let Some(identity) = self.identity {
             metrics.note_status(identity, status.as_u16());
         }
+        if !self.logging {
+            return;
+        }
         // Microsecond precision, printed as milliseconds.
         let millis = |d: Duration| d.as_micros() as f64 / 1000.0;
         AccessLine {
@@ -168,6 +177,6 @@ impl Access {
             tls_ms: self.timings.tls.map(millis),
             ttfb_ms: self.timings.ttfb.map(millis),
         }
-        .write();
+        .write_enabled();
     }
 }
