@@ -177,6 +177,6 @@ impl Access {
             tls_ms: self.timings.tls.map(millis),
             ttfb_ms: self.timings.ttfb.map(millis),
         }
-        .write_enabled();
+        .write();
     }
 }

@@ -91,15 +91,9 @@ pub fn enabled() -> bool {
 }
 
 impl AccessLine<'_> {
-    /// Writes the line, if access lines are [`enabled`].
+    /// Writes the line: the caller has found access lines [`enabled`]
+    /// (`proxy::access` asks once per request).
     pub fn write(&self) {
-        if enabled() {
-            self.write_enabled();
-        }
-    }
-
-    /// Writes the line: the caller has found access lines [`enabled`].
-    pub fn write_enabled(&self) {
         match SINK.get() {
             // A text line prints the spans it is written in; the direct
             // path leaves those to the layer.

@@ -882,13 +882,7 @@ fn name_run(bytes: &[u8]) -> usize {
 /// [`controls_in`], only the lowest set bit is exact, which is the one
 /// read: each test flags falsely only above a byte it flags rightly.
 fn not_name_bytes_in(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w;
-    let up_to_space = word.wrapping_sub(ONES * 0x21) & !word;
-    let colon = zero_byte(word ^ (ONES * u64::from(b':')));
-    let del = zero_byte(word ^ (ONES * 0x7f));
-    (up_to_space | colon | del) & HIGHS
+    (below(word, b' ' + 1) | equal_to(word, b':') | equal_to(word, 0x7f)) & HIGHS
 }
 
 /// How many of `bytes`, from the first, are in [`PLAIN_VALUE_BYTES`]: the
@@ -920,15 +914,28 @@ fn plain_value_run(bytes: &[u8]) -> usize {
 /// 0x20 borrows from the byte above it, which may then be flagged too;
 /// bytes below the first flagged one take no borrow and are never flagged.
 fn controls_in(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // Bytes below 0x20: subtracting 0x20 sets their high bit, which the
-    // byte did not have (bytes of 0x80 and above are left out by `!word`).
-    let below_space = word.wrapping_sub(ONES * 0x20) & !word;
-    // DEL: the bytes that XOR with 0x7f to zero.
-    let del = word ^ (ONES * 0x7f);
-    let is_del = del.wrapping_sub(ONES) & !del;
-    (below_space | is_del) & HIGHS
+    (below(word, b' ') | equal_to(word, 0x7f)) & HIGHS
+}
+
+/// A one in every byte of a word.
+const ONES: u64 = 0x0101_0101_0101_0101;
+/// The high bit of every byte of a word.
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `word` below `limit` (at most 0x80), flagged in their high
+/// bits once masked with [`HIGHS`]: subtracting `limit` sets the high bit
+/// of such a byte, which it did not have (bytes of 0x80 and above are left
+/// out by `!word`). Exact up to the lowest such byte, which borrows from
+/// the byte above it, so that one may be flagged too.
+fn below(word: u64, limit: u8) -> u64 {
+    word.wrapping_sub(ONES * u64::from(limit)) & !word
+}
+
+/// The bytes of `word` equal to `byte` (those the XOR makes zero),
+/// flagged as [`below`] flags, and exact up to the lowest the same way.
+fn equal_to(word: u64, byte: u8) -> u64 {
+    let xored = word ^ (ONES * u64::from(byte));
+    xored.wrapping_sub(ONES) & !xored
 }
 
 fn hex(byte: u8) -> Option<u8> {
