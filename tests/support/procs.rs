@@ -69,6 +69,12 @@ pub async fn spawn_recording(
     spawn_reading(command, ready, 0, stderr, record).await.0
 }
 
+/// How long a spawned process (pinproxy included) has to print its ready
+/// line. A bound, not a wait: a ready process goes on at once. Headless
+/// Chromium's first start (a fresh profile) once took more than 20 s while
+/// the whole suite ran on two cores, and passed alone in seconds.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
 /// [`spawn_recording`] that also returns the ready line and the `more`
 /// lines after it (a banner printing the addresses actually bound). On
 /// failure the panic shows what the process printed and how it exited.
@@ -113,11 +119,11 @@ async fn spawn_reading(
         }
         false
     };
-    let ok = tokio::time::timeout(Duration::from_secs(20), wait).await;
+    let ok = tokio::time::timeout(READY_WITHIN, wait).await;
     if !matches!(ok, Ok(true)) {
         let status = match ok {
             Ok(_) => format!("{:?}", child.wait().await),
-            Err(_) => "still running after 20 s".to_owned(),
+            Err(_) => format!("still running after {} s", READY_WITHIN.as_secs()),
         };
         panic!(
             "{command:?} never printed {ready:?} ({status}); it printed:\n{}",
@@ -381,7 +387,7 @@ impl PinproxyProcess {
             }
             None
         };
-        let ok = tokio::time::timeout(Duration::from_secs(20), started).await;
+        let ok = tokio::time::timeout(READY_WITHIN, started).await;
         let Ok(Some(banner)) = ok else {
             panic!("pinproxy never said it listens")
         };
