@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod policy;
 pub mod router;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -43,7 +44,7 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Retirements decided where no await is possible (a body scan), not yet
     /// in the store: routing honours them at once.
-    pending: dashmap::DashMap<IdentityId, RetireReason, RandomKeys>,
+    pending: PendingRetirements,
     /// Background work that changes identities (retirements decided where
     /// no await is possible), awaited at shutdown so none is lost.
     tasks: TaskTracker,
@@ -66,7 +67,7 @@ impl Router {
             clock,
             policies: ArcSwap::from_pointee(policies),
             metrics,
-            pending: dashmap::DashMap::default(),
+            pending: PendingRetirements::default(),
             tasks,
             sent_ja4: dashmap::DashMap::default(),
         }
@@ -125,7 +126,43 @@ impl Router {
 
     /// The retirement decided for `id` but not yet stored, if any.
     pub(crate) fn pending_retirement(&self, id: IdentityId) -> Option<RetireReason> {
-        self.pending.get(&id).map(|r| r.clone())
+        self.pending.get(id)
+    }
+}
+
+/// Retirements decided but not yet stored, with a count that lets every
+/// request with credentials skip the map while there are none (nearly
+/// always): asked per credential, the map's shard lock is a write both
+/// cores would make to one cache line.
+#[derive(Debug, Default)]
+struct PendingRetirements {
+    map: dashmap::DashMap<IdentityId, RetireReason, RandomKeys>,
+    /// At least the number of entries: raised before an entry goes in and
+    /// lowered after one comes out, so a reader that finds zero could not
+    /// have found an entry either.
+    count: AtomicUsize,
+}
+
+impl PendingRetirements {
+    fn insert(&self, id: IdentityId, reason: RetireReason) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.map.insert(id, reason).is_some() {
+            // A second decision for one identity replaced the first.
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn remove(&self, id: IdentityId) {
+        if self.map.remove(&id).is_some() {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn get(&self, id: IdentityId) -> Option<RetireReason> {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        self.map.get(&id).map(|r| r.clone())
     }
 }
 
@@ -164,5 +201,26 @@ mod tests {
         assert!(router.observe_sent_ja4(one, &b));
         assert!(!router.observe_sent_ja4(one, &b));
         assert_eq!(router.sent_ja4(one).as_deref(), Some(&*b));
+    }
+
+    #[test]
+    fn a_pending_retirement_is_found_until_removed_however_often_decided() {
+        let pending = PendingRetirements::default();
+        let (one, other) = (IdentityId::random(), IdentityId::random());
+        assert_eq!(pending.get(one), None);
+        pending.insert(one, RetireReason::IdleExpired);
+        // Decided twice: one entry, and its removal leaves none behind.
+        pending.insert(one, RetireReason::LifetimeExpired);
+        pending.insert(other, RetireReason::IdleExpired);
+        assert_eq!(pending.get(one), Some(RetireReason::LifetimeExpired));
+        pending.remove(one);
+        assert_eq!(pending.get(one), None);
+        assert_eq!(pending.get(other), Some(RetireReason::IdleExpired));
+        pending.remove(other);
+        pending.remove(other);
+        assert_eq!(pending.count.load(Ordering::SeqCst), 0);
+        // Nothing pending: the map is not asked at all.
+        pending.map.insert(one, RetireReason::IdleExpired);
+        assert_eq!(pending.get(one), None);
     }
 }

@@ -54,7 +54,7 @@ impl Router {
         self.tasks.spawn(async move {
             match router.retire(&exits, &identity, reason).await {
                 Ok(()) => {
-                    router.pending.remove(&identity.id);
+                    router.pending.remove(identity.id);
                 }
                 // Left pending: routing keeps honouring it in this process.
                 Err(e) => {

@@ -79,6 +79,11 @@ struct Shared {
     pending_identities: DashMap<IdentityId, u64, RandomKeys>,
     /// Identities whose lazily written state changed.
     dirty: DashSet<IdentityId, RandomKeys>,
+    /// [`Committed::seq`], for the writer to publish and a lookup to read
+    /// without the watch channel's lock: while it has reached every number
+    /// handed out, nothing is in flight and a lookup need not look for its
+    /// records among the pending ones.
+    durable_through: AtomicU64,
 }
 
 /// A change numbered (its record marked in flight) and not queued yet.
@@ -262,6 +267,14 @@ impl DurableStore {
         bindings: &[Option<Binding>],
         keys: &[PinKey],
     ) -> Result<(), StoreError> {
+        // Nothing in flight, the usual case: every number handed out is on
+        // disk. Read after the lookup, so this covers what it returned: a
+        // change is numbered before memory changes (see `reserve`), and the
+        // map's lock orders that memory change before our read of it.
+        let issued = self.next_seq.load(Ordering::Acquire).saturating_sub(1);
+        if issued <= self.shared.durable_through.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut wait = 0;
         for (key, binding) in keys.iter().zip(bindings) {
             let Some(binding) = binding else { continue };

@@ -5,6 +5,7 @@
 //! without fsync when nothing else is queued.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -120,6 +121,7 @@ pub(super) fn write_loop(
                     shared.pending_identities.retain(|_, s| *s > through);
                 }
                 if durable {
+                    shared.durable_through.store(through, Ordering::Release);
                     committed.send_modify(|c| {
                         c.seq = through;
                         c.commits += 1;
