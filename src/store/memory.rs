@@ -11,7 +11,7 @@
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -22,13 +22,20 @@ use crate::credential::{PinKey, RandomKeys};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
+/// Values interned first, read without a lock: every pin hit reads a
+/// cookie name, an exit and a fingerprint back, and a fleet has few of
+/// each, while a map's read lock is a write both cores make to one line.
+const UNLOCKED_VALUES: usize = 256;
+
 /// Values stored once and referred to by index.
 #[derive(Debug)]
 struct Interner<T: Eq + Hash + Clone> {
     /// Keyed by the values (names a client may spell): SipHash.
     ids: DashMap<T, u32>,
-    /// Keyed by the indexes this interner hands out, which no client
-    /// chooses: a fast hasher, as every pin hit reads here.
+    /// The first [`UNLOCKED_VALUES`] values, by index, each set once.
+    first: Box<[OnceLock<T>]>,
+    /// Every value, keyed by the indexes this interner hands out, which no
+    /// client chooses: a fast hasher.
     values: DashMap<u32, T, foldhash::fast::RandomState>,
     next: AtomicU32,
 }
@@ -37,6 +44,7 @@ impl<T: Eq + Hash + Clone> Default for Interner<T> {
     fn default() -> Self {
         Interner {
             ids: DashMap::new(),
+            first: (0..UNLOCKED_VALUES).map(|_| OnceLock::new()).collect(),
             values: DashMap::default(),
             next: AtomicU32::new(0),
         }
@@ -48,15 +56,23 @@ impl<T: Eq + Hash + Clone> Interner<T> {
         if let Some(id) = self.ids.get(value) {
             return *id;
         }
-        // The entry lock makes concurrent first sights agree on one index.
+        // The entry lock makes concurrent first sights agree on one index,
+        // and holds readers of the index off until the value is in place.
         *self.ids.entry(value.clone()).or_insert_with(|| {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             self.values.insert(id, value.clone());
+            if let Some(slot) = self.first.get(id as usize) {
+                // The index is new: its slot was never set.
+                let _ = slot.set(value.clone());
+            }
             id
         })
     }
 
     fn get(&self, id: u32) -> Option<T> {
+        if let Some(value) = self.first.get(id as usize).and_then(OnceLock::get) {
+            return Some(value.clone());
+        }
         self.values.get(&id).map(|v| v.clone())
     }
 }
@@ -408,5 +424,26 @@ impl PinStore for MemoryStore {
             .iter()
             .map(|e| (e.key().clone(), *e.value()))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interned_values_read_back_by_index_past_the_unlocked_ones() {
+        let interner: Interner<Arc<str>> = Interner::default();
+        let values: Vec<Arc<str>> = (0..UNLOCKED_VALUES + 44)
+            .map(|i| Arc::from(format!("cookie{i}")))
+            .collect();
+        let ids: Vec<u32> = values.iter().map(|v| interner.intern(v)).collect();
+        for (value, id) in values.iter().zip(&ids) {
+            assert_eq!(interner.intern(value), *id, "a second sight keeps its index");
+            assert_eq!(interner.get(*id).as_deref(), Some(&**value));
+        }
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), values.len());
+        assert_eq!(interner.get(u32::MAX), None);
     }
 }
