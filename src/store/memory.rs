@@ -439,7 +439,11 @@ mod tests {
             .collect();
         let ids: Vec<u32> = values.iter().map(|v| interner.intern(v)).collect();
         for (value, id) in values.iter().zip(&ids) {
-            assert_eq!(interner.intern(value), *id, "a second sight keeps its index");
+            assert_eq!(
+                interner.intern(value),
+                *id,
+                "a second sight keeps its index"
+            );
             assert_eq!(interner.get(*id).as_deref(), Some(&**value));
         }
         let unique: std::collections::HashSet<_> = ids.iter().collect();
