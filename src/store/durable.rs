@@ -388,8 +388,15 @@ impl PinStore for DurableStore {
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
-        self.shared.memory.touch(id, now_ms, worked, egress).await?;
-        self.shared.dirty.insert(id);
+        // Queued for the next lazy write once, not on every request: the
+        // set's insert takes a shard's write lock.
+        if self
+            .shared
+            .memory
+            .touch_unwritten(id, now_ms, worked, egress)
+        {
+            self.shared.dirty.insert(id);
+        }
         Ok(())
     }
 
@@ -537,6 +544,36 @@ mod tests {
         assert_eq!(
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_touch_after_a_write_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let ident = identity(1000);
+        {
+            let store = DurableStore::open(&path).unwrap();
+            store.create_identity(&ident).await.unwrap();
+            store.touch(ident.id, 2000, false, None).await.unwrap();
+            store.touch(ident.id, 2500, false, None).await.unwrap();
+            // A durable change: its transaction writes the touched identity
+            // too, which then counts as written.
+            let seq = store
+                .enqueue(Change::ExitDeath(ExitId::new("e2"), 1500))
+                .unwrap();
+            store.durable(seq).await.unwrap();
+            assert!(store.shared.dirty.is_empty());
+            // So this touch must queue it again.
+            store.touch(ident.id, 3000, true, None).await.unwrap();
+            assert!(store.shared.dirty.contains(&ident.id));
+            store.close().await;
+        }
+        let store = DurableStore::open(&path).unwrap();
+        let loaded = store.shared.memory.identity(ident.id).unwrap();
+        assert_eq!(
+            (loaded.last_used_ms, loaded.requests, loaded.worked),
+            (3000, 3, true)
         );
     }
 

@@ -101,6 +101,9 @@ struct IdentityRecord {
     fingerprint: u32,
     exit: u32,
     worked: bool,
+    /// Touched since a durable store last wrote it (see
+    /// [`MemoryStore::touch_unwritten`]).
+    unwritten: bool,
 }
 
 /// Pins and identities held in memory.
@@ -181,6 +184,7 @@ impl MemoryStore {
             fingerprint: self.fingerprints.intern(&identity.fingerprint),
             exit: self.exits.intern(&identity.exit),
             worked: identity.worked,
+            unwritten: false,
         }
     }
 
@@ -226,6 +230,39 @@ impl MemoryStore {
     /// The identity with this id.
     pub fn identity(&self, id: IdentityId) -> Option<Identity> {
         self.identities.get(&id).map(|r| self.to_identity(id, &r))
+    }
+
+    /// Records a use of identity `id`, as [`PinStore::touch`] does; true
+    /// when this is its first since [`MemoryStore::identity_to_write`] read
+    /// it (or ever). A durable store that writes touched identities lazily
+    /// thus queues one once per write, not once per request.
+    pub fn touch_unwritten(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) -> bool {
+        let Some(mut record) = self.identities.get_mut(&id) else {
+            return false;
+        };
+        record.last_used_ms = record.last_used_ms.max(now_ms);
+        record.requests = record.requests.saturating_add(1);
+        record.worked |= worked;
+        if let Some(ip) = egress {
+            record.egress_ip.get_or_insert(ip);
+        }
+        !std::mem::replace(&mut record.unwritten, true)
+    }
+
+    /// The identity with this id, as it is to be written: under the same
+    /// lock, it counts as written, so the next touch is news again (a touch
+    /// before this read is in what it returns).
+    pub fn identity_to_write(&self, id: IdentityId) -> Option<Identity> {
+        self.identities.get_mut(&id).map(|mut record| {
+            record.unwritten = false;
+            self.to_identity(id, &record)
+        })
     }
 
     /// The pin of `key`.
@@ -330,14 +367,7 @@ impl PinStore for MemoryStore {
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
-        if let Some(mut record) = self.identities.get_mut(&id) {
-            record.last_used_ms = record.last_used_ms.max(now_ms);
-            record.requests = record.requests.saturating_add(1);
-            record.worked |= worked;
-            if let Some(ip) = egress {
-                record.egress_ip.get_or_insert(ip);
-            }
-        }
+        self.touch_unwritten(id, now_ms, worked, egress);
         Ok(())
     }
 

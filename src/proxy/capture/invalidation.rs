@@ -100,6 +100,9 @@ pub enum Verdict {
 #[derive(Clone, Debug, Default)]
 pub struct Rules {
     rules: Vec<InvalidationRule>,
+    /// Every status some rule names, so that an answer with any other (a
+    /// 2xx, nearly always) is judged clean without visiting the rules.
+    statuses: std::collections::BTreeSet<u16>,
     /// Bytes of decoded body scanned for markers.
     pub scan_limit: usize,
 }
@@ -107,11 +110,22 @@ pub struct Rules {
 impl Rules {
     /// Rules scanning at most `scan_limit` body bytes.
     pub fn new(rules: Vec<InvalidationRule>, scan_limit: usize) -> Rules {
-        Rules { rules, scan_limit }
+        let statuses = rules
+            .iter()
+            .flat_map(|r| r.status.iter().copied())
+            .collect();
+        Rules {
+            rules,
+            statuses,
+            scan_limit,
+        }
     }
 
     /// Judges a response head for an identity that has (or has not) `worked`.
     pub fn judge(&self, status: StatusCode, headers: &HeaderMap, worked: bool) -> Verdict {
+        if !self.statuses.contains(&status.as_u16()) {
+            return Verdict::Clean;
+        }
         let mut scan = Vec::new();
         for rule in &self.rules {
             if !rule.status.contains(&status.as_u16())
@@ -342,6 +356,29 @@ mod tests {
         assert_eq!(
             rules().judge(StatusCode::FORBIDDEN, &h, false),
             Verdict::Invalidated("cloudflare-challenge".into())
+        );
+    }
+
+    #[test]
+    fn a_status_only_some_rule_names_is_judged_by_that_rule() {
+        let mut own = default_rules();
+        own.push(InvalidationRule {
+            name: "soft-block".into(),
+            status: vec![202],
+            header: None,
+            body: Vec::new(),
+            after_success: false,
+        });
+        let rules = Rules::new(own, 1024);
+        let none = HeaderMap::new();
+        assert_eq!(
+            rules.judge(StatusCode::ACCEPTED, &none, false),
+            Verdict::Invalidated("soft-block".into())
+        );
+        assert_eq!(rules.judge(StatusCode::OK, &none, true), Verdict::Clean);
+        assert_eq!(
+            Rules::new(Vec::new(), 1024).judge(StatusCode::FORBIDDEN, &none, true),
+            Verdict::Clean
         );
     }
 

@@ -164,7 +164,7 @@ fn apply(
         let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
         let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
         let mut put_identity = |id: IdentityId| -> Result<(), String> {
-            match shared.memory.identity(id) {
+            match shared.memory.identity_to_write(id) {
                 Some(identity) => {
                     let hash = match known.get(&identity.fingerprint) {
                         Some(hash) => hash,
