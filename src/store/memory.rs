@@ -34,9 +34,9 @@ struct Interner<T: Eq + Hash + Clone> {
     ids: DashMap<T, u32>,
     /// The first [`UNLOCKED_VALUES`] values, by index, each set once.
     first: Box<[OnceLock<T>]>,
-    /// Every value, keyed by the indexes this interner hands out, which no
-    /// client chooses: a fast hasher.
-    values: DashMap<u32, T, foldhash::fast::RandomState>,
+    /// The values after those, keyed by the indexes this interner hands
+    /// out, which no client chooses: a fast hasher.
+    rest: DashMap<u32, T, foldhash::fast::RandomState>,
     next: AtomicU32,
 }
 
@@ -45,7 +45,7 @@ impl<T: Eq + Hash + Clone> Default for Interner<T> {
         Interner {
             ids: DashMap::new(),
             first: (0..UNLOCKED_VALUES).map(|_| OnceLock::new()).collect(),
-            values: DashMap::default(),
+            rest: DashMap::default(),
             next: AtomicU32::new(0),
         }
     }
@@ -60,20 +60,20 @@ impl<T: Eq + Hash + Clone> Interner<T> {
         // and holds readers of the index off until the value is in place.
         *self.ids.entry(value.clone()).or_insert_with(|| {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
-            self.values.insert(id, value.clone());
-            if let Some(slot) = self.first.get(id as usize) {
+            match self.first.get(id as usize) {
                 // The index is new: its slot was never set.
-                let _ = slot.set(value.clone());
+                Some(slot) => drop(slot.set(value.clone())),
+                None => drop(self.rest.insert(id, value.clone())),
             }
             id
         })
     }
 
     fn get(&self, id: u32) -> Option<T> {
-        if let Some(value) = self.first.get(id as usize).and_then(OnceLock::get) {
-            return Some(value.clone());
+        match self.first.get(id as usize) {
+            Some(slot) => slot.get().cloned(),
+            None => self.rest.get(&id).map(|v| v.clone()),
         }
-        self.values.get(&id).map(|v| v.clone())
     }
 }
 
