@@ -545,7 +545,8 @@ pub struct Limits {
     /// Most idle upstream HTTP/1.1 connections kept per exit, over all its
     /// identities and sessions: each is an open tunnel through the exit's
     /// proxy, and providers limit those. Beyond it the longest idle are
-    /// closed (checked every second).
+    /// closed (checked every second; a connection reused within the last
+    /// second does not count, since closing it would only open another).
     pub max_idle_per_exit: usize,
     /// Length of the kernel's accept queue for the proxy listener (capped by
     /// `net.core.somaxconn`). A burst of new connections beyond it is
