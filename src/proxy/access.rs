@@ -160,8 +160,13 @@ impl Access {
         if !self.logging {
             return;
         }
-        // Microsecond precision, printed as milliseconds.
-        let millis = |d: Duration| d.as_micros() as f64 / 1000.0;
+        // Microseconds, printed as milliseconds; counted without the
+        // 128-bit arithmetic of `Duration::as_micros`.
+        let micros = |d: Duration| {
+            d.as_secs()
+                .saturating_mul(1_000_000)
+                .saturating_add(u64::from(d.subsec_micros()))
+        };
         AccessLine {
             method: &self.method,
             origin: self.origin.as_ref(),
@@ -172,10 +177,10 @@ impl Access {
             decision: self.decision.map(Decision::label),
             status: status.as_u16(),
             error,
-            total_ms: millis(self.started.elapsed()),
-            connect_ms: self.timings.connect.map(millis),
-            tls_ms: self.timings.tls.map(millis),
-            ttfb_ms: self.timings.ttfb.map(millis),
+            total_us: micros(self.started.elapsed()),
+            connect_us: self.timings.connect.map(micros),
+            tls_us: self.timings.tls.map(micros),
+            ttfb_us: self.timings.ttfb.map(micros),
         }
         .write();
     }

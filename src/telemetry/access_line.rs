@@ -27,7 +27,7 @@ use http::Method;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime as _;
 
-use super::fields::{plain_in_quotes, thousandths, write_thousandths, write_u64};
+use super::fields::{plain_in_quotes, write_thousandths, write_u64};
 use super::line_writer::LineWriter;
 use super::timestamp::LineTime;
 use super::{LogFormat, ACCESS_TARGET};
@@ -57,14 +57,16 @@ pub struct AccessLine<'a> {
     pub status: u16,
     /// pinproxy's error code, when it answered with an error.
     pub error: Option<&'a str>,
-    /// Milliseconds from the request's arrival to its answer's head.
-    pub total_ms: f64,
-    /// Milliseconds spent opening the upstream connection.
-    pub connect_ms: Option<f64>,
-    /// Milliseconds spent on the upstream TLS handshake.
-    pub tls_ms: Option<f64>,
-    /// Milliseconds from the request written upstream to the answer's head.
-    pub ttfb_ms: Option<f64>,
+    /// Microseconds from the request's arrival to its answer's head
+    /// (written as milliseconds, `total_ms`).
+    pub total_us: u64,
+    /// Microseconds spent opening the upstream connection (`connect_ms`).
+    pub connect_us: Option<u64>,
+    /// Microseconds spent on the upstream TLS handshake (`tls_ms`).
+    pub tls_us: Option<u64>,
+    /// Microseconds from the request written upstream to the answer's head
+    /// (`ttfb_ms`).
+    pub ttfb_us: Option<u64>,
 }
 
 /// A field's name, as each format writes it before the value: one piece
@@ -118,10 +120,10 @@ impl AccessLine<'_> {
             decision = self.decision,
             status = self.status,
             error = self.error,
-            total_ms = self.total_ms,
-            connect_ms = self.connect_ms,
-            tls_ms = self.tls_ms,
-            ttfb_ms = self.ttfb_ms,
+            total_ms = millis(self.total_us),
+            connect_ms = self.connect_us.map(millis),
+            tls_ms = self.tls_us.map(millis),
+            ttfb_ms = self.ttfb_us.map(millis),
             "request"
         );
     }
@@ -155,15 +157,15 @@ impl AccessLine<'_> {
         if let Some(error) = self.error {
             each(&key!("error"), Value::Quoted(error))?;
         }
-        each(&key!("total_ms"), Value::Millis(self.total_ms))?;
+        each(&key!("total_ms"), Value::Micros(self.total_us))?;
         let timings = [
-            (key!("connect_ms"), self.connect_ms),
-            (key!("tls_ms"), self.tls_ms),
-            (key!("ttfb_ms"), self.ttfb_ms),
+            (key!("connect_ms"), self.connect_us),
+            (key!("tls_ms"), self.tls_us),
+            (key!("ttfb_ms"), self.ttfb_us),
         ];
         for (key, value) in &timings {
             if let Some(value) = value {
-                each(key, Value::Millis(*value))?;
+                each(key, Value::Micros(*value))?;
             }
         }
         Ok(())
@@ -183,10 +185,8 @@ impl AccessLine<'_> {
                 Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
                 Value::Quoted(text) => write!(out, "{text:?}"),
                 Value::Number(n) => write_u64(out, n),
-                Value::Millis(ms) => match thousandths(ms) {
-                    Some(thousandths) => write_thousandths(out, thousandths),
-                    None => write!(out, "{ms:?}"),
-                },
+                Value::Micros(us) if us <= EXACT_MICROS => write_thousandths(out, us),
+                Value::Micros(us) => write!(out, "{:?}", millis(us)),
             }
         })?;
         out.write_str("\n")
@@ -213,10 +213,10 @@ impl AccessLine<'_> {
                     json_string(out, &text)
                 }
                 Value::Number(n) => write_u64(out, n),
-                Value::Millis(ms) => match thousandths(ms) {
-                    Some(thousandths) => write_thousandths(out, thousandths),
-                    None => out.write_str(&serde_json::to_string(&ms).map_err(|_| fmt::Error)?),
-                },
+                Value::Micros(us) if us <= EXACT_MICROS => write_thousandths(out, us),
+                Value::Micros(us) => {
+                    out.write_str(&serde_json::to_string(&millis(us)).map_err(|_| fmt::Error)?)
+                }
             }
         })?;
         out.write_str(",\"target\":\"")?;
@@ -234,8 +234,21 @@ enum Value<'a> {
     Quoted(&'a str),
     /// An integer.
     Number(u64),
-    /// Milliseconds with microsecond precision.
-    Millis(f64),
+    /// Microseconds, written as milliseconds (as `Debug` writes the float
+    /// `us / 1000`).
+    Micros(u64),
+}
+
+/// The largest count of microseconds whose milliseconds `Debug` writes as
+/// the thousandths themselves: up to it, the decimal has at most 15
+/// significant digits, which a float tells apart from every other such
+/// decimal, so the float's shortest form is that decimal. Durations are
+/// far below it; larger counts take the float's own text.
+const EXACT_MICROS: u64 = 999_999_999_999_999;
+
+/// Microseconds as the float of milliseconds the `tracing` event carries.
+fn millis(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 /// The `Display` values of the line.
@@ -474,10 +487,10 @@ mod tests {
             decision: Some("hit"),
             status: 200,
             error: None,
-            total_ms: 12.345,
-            connect_ms: Some(2.0),
-            tls_ms: Some(0.5),
-            ttfb_ms: Some(0.001),
+            total_us: 12_345,
+            connect_us: Some(2_000),
+            tls_us: Some(500),
+            ttfb_us: Some(1),
         };
         let bare = AccessLine {
             method: &odd,
@@ -489,20 +502,20 @@ mod tests {
             decision: None,
             status: 502,
             error: Some("exit_unreachable"),
-            total_ms: 0.0,
-            connect_ms: None,
-            tls_ms: None,
-            ttfb_ms: None,
+            total_us: 0,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: None,
         };
         let unusual = AccessLine {
             origin: Some(&ipv6),
             site: Some("quote\"d\\ and\ttab \u{1b}[31m é"),
             exit: Some("ex\"it"),
             credentials: &one,
-            total_ms: 1.0 / 3.0,
-            connect_ms: Some(1e15),
-            tls_ms: Some(123_456_789.001),
-            ttfb_ms: Some(0.0001),
+            total_us: EXACT_MICROS,
+            connect_us: Some(EXACT_MICROS + 1),
+            tls_us: Some(123_456_789_001),
+            ttfb_us: Some(u64::MAX),
             ..full
         };
         // A cookie name JSON must escape (the direct path escapes a bare
@@ -534,10 +547,10 @@ mod tests {
             decision: Some("rotated"),
             status: 404,
             error: None,
-            total_ms: 3.25,
-            connect_ms: None,
-            tls_ms: None,
-            ttfb_ms: Some(1.5),
+            total_us: 3_250,
+            connect_us: None,
+            tls_us: None,
+            ttfb_us: Some(1_500),
         };
         let mut text = String::new();
         assert!(format_line(&line, Style::Json, &mut text).is_ok());
