@@ -12,18 +12,36 @@ use std::time::Duration;
 use support::Setup;
 use tokio::time::Instant;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
-    const CAP: usize = 3;
-    let s = Setup::builder()
+/// One exit whose idle connections are capped at `cap` and never time out.
+async fn capped(cap: usize) -> Setup {
+    Setup::builder()
         .http1_only_origin()
         .exits(1)
         .config(|c| {
-            c.limits.max_idle_per_exit = CAP;
+            c.limits.max_idle_per_exit = cap;
             c.timeouts.pool_idle = Duration::from_secs(600);
         })
         .start()
-        .await;
+        .await
+}
+
+/// Waits (at most 10 s) for `exit`'s open tunnels to fall to `cap`.
+async fn assert_tunnels_fall_to(exit: &support::TestExit, cap: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exit.open_tunnels() > cap && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        exit.open_tunnels() <= cap,
+        "{} tunnels open",
+        exit.open_tunnels()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
+    const CAP: usize = 3;
+    let s = capped(CAP).await;
     let exit = &s.exits[0];
 
     // Ten identities, each with a connection of its own left idle.
@@ -39,15 +57,7 @@ async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
     );
 
     // The sweeper (once a second) closes the excess.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while exit.open_tunnels() > CAP && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        exit.open_tunnels() <= CAP,
-        "{} tunnels open",
-        exit.open_tunnels()
-    );
+    assert_tunnels_fall_to(exit, CAP).await;
 
     // The newest identity's connection was the last to go idle: it is kept
     // and reused, no new CONNECT.
@@ -70,15 +80,7 @@ async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
 async fn connections_reused_within_the_last_second_are_not_closed_for_the_cap() {
     const CAP: usize = 1;
     const IDENTITIES: usize = 3;
-    let s = Setup::builder()
-        .http1_only_origin()
-        .exits(1)
-        .config(|c| {
-            c.limits.max_idle_per_exit = CAP;
-            c.timeouts.pool_idle = Duration::from_secs(600);
-        })
-        .start()
-        .await;
+    let s = capped(CAP).await;
     let exit = &s.exits[0];
     let mut jars = Vec::new();
     for _ in 0..IDENTITIES {
@@ -107,14 +109,6 @@ async fn connections_reused_within_the_last_second_are_not_closed_for_the_cap() 
     );
 
     // Left idle, the excess goes as before.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while exit.open_tunnels() > CAP && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        exit.open_tunnels() <= CAP,
-        "{} tunnels open",
-        exit.open_tunnels()
-    );
+    assert_tunnels_fall_to(exit, CAP).await;
     s.stop().await;
 }
