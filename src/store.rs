@@ -19,6 +19,7 @@ pub mod transfer;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -100,8 +101,11 @@ pub enum Unavailable {
 pub struct Binding {
     /// The pin.
     pub pin: Pin,
-    /// Its identity, unless the record is gone.
-    pub identity: Option<Identity>,
+    /// Its identity, unless the record is gone. Shared: a request's
+    /// credentials usually share one identity, and the reading travels from
+    /// the store through routing into the request's route and its capture
+    /// without a copy of the record (a large one) at each step.
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// What [`PinStore::found_identity`] did.

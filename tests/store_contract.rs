@@ -279,7 +279,7 @@ async fn sweep_contract(store: &Store) {
     assert_eq!((swept.retired, swept.pins, swept.identities), (1, 0, 0));
     let seen = store.lookup(&[k_idle]).await.unwrap()[0].clone().unwrap();
     assert_eq!(
-        seen.identity.unwrap().retired.unwrap().reason,
+        seen.identity.unwrap().retired.as_ref().unwrap().reason,
         RetireReason::IdleExpired
     );
 

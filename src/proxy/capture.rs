@@ -44,7 +44,7 @@ impl Pipeline {
         fingerprint: &RequestFingerprint,
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
-    ) -> Result<Option<Identity>, StoreError> {
+    ) -> Result<Option<Arc<Identity>>, StoreError> {
         let clock = self.router.clock();
         let set =
             cookies::tracked_in_response(headers, &self.cookies, &self.hasher, || clock.now_ms());
@@ -185,7 +185,7 @@ pub async fn learn(
     set: &[SetTrackedCookie],
     fingerprint: &Fingerprint,
     egress_ip: Option<IpAddr>,
-) -> Result<Option<Identity>, StoreError> {
+) -> Result<Option<Arc<Identity>>, StoreError> {
     let now = router.clock().now_ms();
     let live: Vec<&SetTrackedCookie> = set.iter().filter(|c| !c.deletes).collect();
     if live.is_empty() {
@@ -207,7 +207,7 @@ pub async fn learn(
                 now,
             );
             identity.egress_ip = egress_ip;
-            (identity, true)
+            (Arc::new(identity), true)
         }
     };
     let pins: Vec<(PinKey, Pin)> = live

@@ -51,8 +51,8 @@ pub struct Route {
     pub exit: Arc<Exit>,
     /// The pool partition on it.
     pub lane: Lane,
-    /// The identity, if the request has one.
-    pub identity: Option<Identity>,
+    /// The identity, if the request has one (the store's reading, shared).
+    pub identity: Option<Arc<Identity>>,
     /// For rotated traffic: the anonymous session used (an identity created
     /// from the response inherits it).
     pub anonymous: Option<AnonymousSession>,
@@ -282,7 +282,7 @@ impl Router {
         policy: ConflictPolicy,
         live: &mut Live<'_>,
         strip: &mut Vec<Credential>,
-    ) -> Result<Option<Identity>, RouteError> {
+    ) -> Result<Option<Arc<Identity>>, RouteError> {
         let Some(oldest_at) = live
             .iter()
             .enumerate()
@@ -293,9 +293,8 @@ impl Router {
         };
         let oldest_id = live.get(oldest_at).map(|(_, i)| i.id);
         if live.iter().all(|(_, i)| Some(i.id) == oldest_id) {
-            // One identity (the usual case): moved out, not cloned (nor the
-            // list, which is borrowed: its inline room is a few hundred
-            // bytes).
+            // One identity (the usual case): moved out (nor is the list
+            // moved: it is borrowed).
             return Ok((oldest_at < live.len()).then(|| live.swap_remove(oldest_at).1));
         }
         let Some(oldest) = live.get(oldest_at).map(|(_, i)| i.clone()) else {
@@ -310,7 +309,7 @@ impl Router {
         match policy {
             ConflictPolicy::Reject => Err(RouteError::Conflict(
                 live.drain(..)
-                    .map(|(c, i)| (c.clone(), i.id, i.exit))
+                    .map(|(c, i)| (c.clone(), i.id, i.exit.clone()))
                     .collect(),
             )),
             ConflictPolicy::Oldest => {
@@ -377,7 +376,7 @@ impl Router {
                     tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
                 }
                 check_joined(&candidate, unknown, winners)?;
-                return self.pinned_route(exits, candidate, Reason::NewIdentity, strip);
+                return self.pinned_route(exits, Arc::new(candidate), Reason::NewIdentity, strip);
             }
             Founding::Lost(winner) => winner,
         };
@@ -394,7 +393,7 @@ impl Router {
                     identity: Some(winner.pin.identity),
                     exit: other.as_ref().map(|i| i.exit.clone()),
                     reason: other
-                        .and_then(|i| i.retired.map(|r| r.reason))
+                        .and_then(|i| i.retired.as_ref().map(|r| r.reason.clone()))
                         .unwrap_or(RetireReason::Forgotten),
                 }]));
             }
@@ -408,14 +407,14 @@ impl Router {
     fn pinned_route(
         &self,
         exits: &ExitSet,
-        identity: Identity,
+        identity: Arc<Identity>,
         reason: Reason,
         strip: Vec<Credential>,
     ) -> Result<Route, RouteError> {
         let Some(exit) = exits.get(&identity.exit) else {
             return Err(RouteError::ExitMissing {
                 identity: identity.id,
-                exit: identity.exit,
+                exit: identity.exit.clone(),
             });
         };
         Ok(Route {
@@ -462,7 +461,7 @@ fn check_joined(
         if winner.pin.identity != identity.id {
             let other = winner
                 .identity
-                .map(|i| i.exit)
+                .map(|i| i.exit.clone())
                 .unwrap_or_else(|| identity.exit.clone());
             return Err(RouteError::Conflict(vec![
                 ((*credential).clone(), winner.pin.identity, other),
@@ -495,10 +494,10 @@ fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
 
 /// The live credentials of a request and their identities (on the stack
 /// for up to four, like the request's other lists).
-type Live<'a> = SmallVec<[(&'a Credential, Identity); 4]>;
+type Live<'a> = SmallVec<[(&'a Credential, Arc<Identity>); 4]>;
 
 enum Standing {
     Unknown,
-    Live(Identity),
+    Live(Arc<Identity>),
     Dead(DeadCredential),
 }

@@ -540,7 +540,10 @@ mod tests {
         let loaded = binding.identity.unwrap();
         assert_eq!(loaded.last_used_ms, 2000);
         assert!(loaded.worked);
-        assert_eq!(loaded.retired.unwrap().reason, RetireReason::Evicted);
+        assert_eq!(
+            loaded.retired.as_ref().unwrap().reason,
+            RetireReason::Evicted
+        );
         assert_eq!(
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]

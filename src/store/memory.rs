@@ -212,7 +212,7 @@ impl MemoryStore {
 
     fn binding(&self, pin: &PinRecord) -> Binding {
         let pin = self.to_pin(pin);
-        let identity = self.identity(pin.identity);
+        let identity = self.identity(pin.identity).map(Arc::new);
         Binding { pin, identity }
     }
 
@@ -321,7 +321,7 @@ impl MemoryStore {
 impl PinStore for MemoryStore {
     async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
         // A request's credentials usually share one identity: read it once
-        // and hand the later pins a copy of that reading.
+        // and hand the later pins the same reading.
         let mut bindings: Vec<Option<Binding>> = Vec::with_capacity(keys.len());
         for key in keys {
             let binding = self.pins.get(key).map(|record| {
@@ -332,7 +332,7 @@ impl PinStore for MemoryStore {
                     .find(|b| b.pin.identity == pin.identity)
                 {
                     Some(earlier) => earlier.identity.clone(),
-                    None => self.identity(pin.identity),
+                    None => self.identity(pin.identity).map(Arc::new),
                 };
                 Binding { pin, identity }
             });

@@ -24,7 +24,7 @@
 //! Unknown credentials are never cached: a new pin can appear at any time.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -65,7 +65,6 @@ pub(super) struct HitCache {
 struct Entry {
     binding: Binding,
     fetched: Instant,
-    fetched_ms: u64,
     /// The subscription live when its lookup left.
     subscription: u64,
 }
@@ -111,12 +110,7 @@ impl HitCache {
         if now_ms.saturating_add(ttl_ms) >= expires_ms {
             return None;
         }
-        let mut binding = entry.binding.clone();
-        if let Some(identity) = &mut binding.identity {
-            // It was in use when fetched: a lookup is made for a request.
-            identity.last_used_ms = identity.last_used_ms.max(entry.fetched_ms);
-        }
-        Some(binding)
+        Some(entry.binding.clone())
     }
 
     /// Caches `binding` for `key`, fetched at `now_ms` by a lookup that
@@ -128,10 +122,17 @@ impl HitCache {
         if self.size.load(Ordering::Relaxed) >= MAX_ENTRIES {
             return;
         }
+        let mut binding = binding.clone();
+        if let Some(identity) = &mut binding.identity {
+            // It was in use when fetched: a lookup is made for a request.
+            // Recorded once here, so that a hit copies no record.
+            if identity.last_used_ms < now_ms {
+                Arc::make_mut(identity).last_used_ms = now_ms;
+            }
+        }
         let entry = Entry {
-            binding: binding.clone(),
+            binding,
             fetched: Instant::now(),
-            fetched_ms: now_ms,
             subscription: ticket,
         };
         if self.entries.insert(key, entry).is_none() {
@@ -304,7 +305,7 @@ mod tests {
                 created_ms: NOW,
                 expires_ms: None,
             },
-            identity: Some(identity),
+            identity: Some(Arc::new(identity)),
         }
     }
 
@@ -326,6 +327,24 @@ mod tests {
         assert!(
             cache.get(&key(1), NOW).is_none(),
             "a new subscription starts empty"
+        );
+    }
+
+    #[test]
+    fn a_hit_reports_the_identity_in_use_when_its_answer_was_fetched() {
+        // Routing judges idleness by the last use: a cached answer must not
+        // make an identity look idle since before its lookup.
+        let cache = HitCache::new(Duration::from_secs(60), 3_600_000);
+        cache.open();
+        let ticket = cache.ticket().unwrap();
+        let fetched = binding();
+        cache.put(ticket, key(1), &fetched, NOW + 5_000);
+        let hit = cache.get(&key(1), NOW + 6_000).unwrap();
+        assert_eq!(hit.identity.unwrap().last_used_ms, NOW + 5_000);
+        assert_eq!(
+            fetched.identity.unwrap().last_used_ms,
+            NOW,
+            "the lookup's own answer is left as Redis gave it"
         );
     }
 

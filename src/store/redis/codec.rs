@@ -2,6 +2,8 @@
 //! identity hash's fields, and the shapes of Redis replies; and how a
 //! failure becomes a [`StoreError`] of the right kind.
 
+use std::sync::Arc;
+
 use redis::Value;
 
 use crate::identity::{Identity, IdentityId, Pin};
@@ -92,7 +94,7 @@ pub(super) fn decode_binding(pin: &[u8], fields: &Value) -> Result<Binding, Stor
     }
     Ok(Binding {
         pin,
-        identity: decode_identity(fields)?,
+        identity: decode_identity(fields)?.map(Arc::new),
     })
 }
 
