@@ -7,8 +7,8 @@
 #
 # A config is a pinproxy TOML file (an empty file for the defaults). Prints
 # each round's line, then per proxy the median CPU µs per request (utime +
-# stime of the proxy's process over the requests it answered) and median
-# requests/s. The suite's throughput phase runs 3 rounds of 1.5 s; on a
+# stime of the proxy's process over the requests it answered; the medians of
+# each part beside it, user and kernel) and median requests/s. The suite's throughput phase runs 3 rounds of 1.5 s; on a
 # shared 2-core machine single runs move by 10-20%, so before/after claims
 # about CPU time want the medians of many short rounds: this is for that.
 #
@@ -85,7 +85,8 @@ pid_peer=$!
 addr_peer=$(await_line "$work/peer.log" '^READY ' | cut -d' ' -f2)
 ca_peer=$work/peer.pem
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# utime:stime of process $1, in clock ticks.
+cpu_ticks() { awk '{print $14 ":" $15}' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
 
 for round in $(seq "$rounds"); do
@@ -104,21 +105,28 @@ import json, sys
 who, rnd, secs, before, after, hz = sys.argv[1:7]
 result = json.loads(sys.argv[7])
 ok = result["ok"]
-cpu_us = (int(after) - int(before)) * 1e6 / int(hz) / max(ok, 1)
-print(f"round {rnd} {who} {cpu_us:.1f} us/request {ok / float(secs):.0f} requests/s")
+(user_before, sys_before), (user_after, sys_after) = (
+    map(int, ticks.split(":")) for ticks in (before, after))
+per_request = lambda ticks: ticks * 1e6 / int(hz) / max(ok, 1)
+user_us, sys_us = per_request(user_after - user_before), per_request(sys_after - sys_before)
+print(f"round {rnd} {who} {user_us + sys_us:.1f} us/request {ok / float(secs):.0f} requests/s"
+      f" user {user_us:.1f} sys {sys_us:.1f}")
 ' "$who" "$round" "$secs" "$before" "$after" "$ticks_per_second" "$result"
     done
 done | tee "$work/rounds.txt"
 
 python3 - "$work/rounds.txt" <<'PY'
 import statistics, sys
-cpu, rps = {}, {}
+cpu, rps, user, kernel = {}, {}, {}, {}
 for line in open(sys.argv[1]):
-    _, _, who, us, _, per_s, _ = line.split()
+    _, _, who, us, _, per_s, _, _, user_us, _, sys_us = line.split()
     cpu.setdefault(who, []).append(float(us))
     rps.setdefault(who, []).append(float(per_s))
+    user.setdefault(who, []).append(float(user_us))
+    kernel.setdefault(who, []).append(float(sys_us))
 for who in ("a", "b", "peer"):
-    print(f"median {who}: {statistics.median(cpu[who]):.1f} us/request, "
+    print(f"median {who}: {statistics.median(cpu[who]):.1f} us/request "
+          f"(user {statistics.median(user[who]):.1f}, kernel {statistics.median(kernel[who]):.1f}), "
           f"{statistics.median(rps[who]):.0f} requests/s")
 print(f"b/a CPU per request: {statistics.median(cpu['b']) / statistics.median(cpu['a']):.3f}")
 PY
