@@ -293,8 +293,8 @@ impl Router {
         };
         let oldest_id = live.get(oldest_at).map(|(_, i)| i.id);
         if live.iter().all(|(_, i)| Some(i.id) == oldest_id) {
-            // One identity (the usual case): moved out (nor is the list
-            // moved: it is borrowed).
+            // One identity (the usual case): taken out of the list, which
+            // is borrowed rather than moved.
             return Ok((oldest_at < live.len()).then(|| live.swap_remove(oldest_at).1));
         }
         let Some(oldest) = live.get(oldest_at).map(|(_, i)| i.clone()) else {
