@@ -8,9 +8,10 @@
 # A config is a pinproxy TOML file (an empty file for the defaults). Prints
 # each round's line, then per proxy the median CPU µs per request (utime +
 # stime of the proxy's process over the requests it answered; the medians of
-# each part beside it, user and kernel) and median requests/s. The suite's throughput phase runs 3 rounds of 1.5 s; on a
-# shared 2-core machine single runs move by 10-20%, so before/after claims
-# about CPU time want the medians of many short rounds: this is for that.
+# each part beside it, user and kernel) and median requests/s. The suite's
+# throughput phase runs 3 rounds of 1.5 s; on a shared 2-core machine single
+# runs move by 10-20%, so before/after claims about CPU time want the medians
+# of many short rounds: this is for that.
 #
 # Environment: ROUNDS (12), SECS (2), CONCURRENCY (32), MODE (keep-alive or
 # new-conn), LOAD_A / LOAD_B (extra `pinbench load` flags for A's and B's
