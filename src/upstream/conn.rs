@@ -45,8 +45,8 @@ pub struct TunnelInfo {
 pub struct Answered<B> {
     /// The response head; its body streams.
     pub response: Response<B>,
-    /// The connection that carried it.
-    pub tunnel: TunnelInfo,
+    /// The connection that carried it (shared by its responses).
+    pub tunnel: Arc<TunnelInfo>,
     /// Whether the request opened that connection (its
     /// [`TunnelInfo::timings`] are then this request's to count).
     pub new_connection: bool,

@@ -76,7 +76,7 @@ impl H2Sender {
 #[derive(Clone)]
 struct H2Conn {
     sender: H2Sender,
-    info: TunnelInfo,
+    info: Arc<TunnelInfo>,
 }
 
 /// How long an idle HTTP/1.1 connection waits before it parks (it parks at
@@ -97,7 +97,9 @@ struct H1Conn {
     sender: http1::SendRequest<Body>,
     /// To the connection's task: park (see the module documentation).
     park: oneshot::Sender<ParkRequest>,
-    info: TunnelInfo,
+    /// Shared with every response the connection carries: one count to
+    /// take, and a small record to move through the request's futures.
+    info: Arc<TunnelInfo>,
     idle_since: Instant,
     /// Tells the connection's response scanner what each request was.
     framing: framing::Exchange,
@@ -107,7 +109,7 @@ struct H1Conn {
 struct ParkedH1 {
     /// The stream, as soon as the connection's task has let go of it.
     io: oneshot::Receiver<GuardedIo>,
-    info: TunnelInfo,
+    info: Arc<TunnelInfo>,
     idle_since: Instant,
     framing: framing::Exchange,
 }
@@ -358,6 +360,7 @@ impl LanePool {
             .connect(&origin.target, origin.https, self.shape(&alps, false))
             .await
             .map_err(UpstreamError::Connect)?;
+        let info = Arc::new(info);
         if io.negotiated_h2() {
             let sender = self.handshake_h2(io).await?;
             let conn = H2Conn { sender, info };
@@ -414,7 +417,7 @@ impl LanePool {
         conn: H2Conn,
         mut request: Request<Body>,
         origin: &Origin,
-    ) -> Result<(Response<UpstreamBody>, TunnelInfo), Unsent> {
+    ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         for_h2(&mut request, origin);
         let info = conn.info;
         let response = match conn.sender {
@@ -443,7 +446,7 @@ impl LanePool {
         mut conn: H1Conn,
         mut request: Request<Body>,
         origin: &Origin,
-    ) -> Result<(Response<UpstreamBody>, TunnelInfo), Unsent> {
+    ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         if let Err(e) = conn.sender.ready().await {
             return Err(Unsent(Some(request), UpstreamError::from_hyper(&e)));
         }
@@ -506,7 +509,7 @@ impl LanePool {
             .map_err(|e| UpstreamError::from_hyper(&e))?;
         Ok(Answered {
             response,
-            tunnel: info,
+            tunnel: Arc::new(info),
             new_connection: true,
         })
     }
