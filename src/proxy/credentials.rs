@@ -17,7 +17,7 @@
 pub mod cookies;
 pub mod session_key;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use super::ProxyError;
 use crate::credential::{Credential, PinHasher};
@@ -56,4 +56,55 @@ pub fn of_connect(
         .map(|key| session_key::credential(hasher, user, key))
         .into_iter()
         .collect()
+}
+
+/// Maps with more names than this are asked by hash (see [`holds_custom`]).
+const SCAN_NAMES_UP_TO: usize = 64;
+
+/// Whether `headers` holds `name`, one the `http` crate has no constant for
+/// (`X-Pinproxy-Session`, DataDome's carriers). Asking the map hashes such a
+/// name byte by byte, about 250 instructions for one of these, on every
+/// request or response, nearly all of which hold none of them; comparing
+/// lengths over a message's few dozen names costs a fraction of that.
+pub(crate) fn holds_custom(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.keys_len() > SCAN_NAMES_UP_TO {
+        return headers.contains_key(name);
+    }
+    let len = name.as_str().len();
+    headers
+        .keys()
+        .any(|held| held.as_str().len() == len && held == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn a_custom_name_is_found_by_scan_and_by_hash_alike() {
+        let wanted = HeaderName::from_static("x-pinproxy-session");
+        // Same length, other name; a standard name; then the one wanted.
+        let mut headers = HeaderMap::new();
+        for name in ["x-pinproxy-sessiom", "user-agent", "sec-ch-ua"] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static("v"));
+        }
+        assert!(!holds_custom(&headers, &wanted));
+        headers.append(wanted.clone(), HeaderValue::from_static("k"));
+        assert!(holds_custom(&headers, &wanted));
+
+        // Past the scan's limit, the map is asked instead, with the same answer.
+        let mut many = HeaderMap::new();
+        for i in 0..=SCAN_NAMES_UP_TO {
+            let name = HeaderName::from_bytes(format!("x-filler-{i}").as_bytes());
+            many.append(
+                name.unwrap_or(HeaderName::from_static("x-filler")),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(many.keys_len() > SCAN_NAMES_UP_TO);
+        assert!(!holds_custom(&many, &wanted));
+        many.append(wanted.clone(), HeaderValue::from_static("k"));
+        assert!(holds_custom(&many, &wanted));
+    }
 }

@@ -87,53 +87,63 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 /// client that sends it directly sends it here too (Python requests does).
 /// One that names other headers goes, with them.
 pub fn sanitize_request(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
-    let keep_connection = listed.is_empty()
-        && headers.get_all(header::CONNECTION).iter().all(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').all(|token| {
-                    let token = token.trim();
-                    token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close")
-                })
-            })
-        });
+    let connection = ConnectionHeader::of(headers);
     retain(headers, |name, value| {
         // `TE: trailers` says the client takes trailers; pinproxy relays
         // them, so it may say the same to the origin.
         let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        let kept_connection = keep_connection && name == header::CONNECTION;
+        let kept_connection = connection.only_options && name == header::CONNECTION;
         te_trailers
             || kept_connection
             || !(is_hop_by_hop(name.as_str())
                 || is_forwarding(name.as_str())
                 || name.as_str().starts_with(PINPROXY_PREFIX)
-                || listed.contains(name))
+                || connection.listed.contains(name))
     });
 }
 
 /// Removes the hop-by-hop headers of the origin connection from a response.
 /// The remaining headers keep their order.
 pub fn sanitize_response(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
+    let listed = ConnectionHeader::of(headers).listed;
     retain(headers, |name, _| {
         !(is_hop_by_hop(name.as_str()) || listed.contains(name))
     });
 }
 
-/// Headers named in `Connection` are hop-by-hop too (its `keep-alive` and
-/// `close` tokens are options, not header names).
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect()
+/// What a message's `Connection` header says, read in one lookup.
+struct ConnectionHeader {
+    /// The header names it lists: hop-by-hop too (its `keep-alive` and
+    /// `close` tokens are options, not header names).
+    listed: Vec<HeaderName>,
+    /// Whether it says nothing but `keep-alive` or `close` (or is absent).
+    only_options: bool,
+}
+
+impl ConnectionHeader {
+    fn of(headers: &HeaderMap) -> ConnectionHeader {
+        let mut listed = Vec::new();
+        let mut only_options = true;
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(text) = value.to_str() else {
+                only_options = false;
+                continue;
+            };
+            for token in text.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                only_options = false;
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
+            }
+        }
+        ConnectionHeader {
+            listed,
+            only_options,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -272,7 +272,9 @@ pub fn tracked_in_request_with(
                 in_cookie_header(header, policy, hasher, found)
             })?,
     };
-    for header in headers.get_all(&X_DATADOME_CLIENTID) {
+    let client_ids = super::holds_custom(headers, &X_DATADOME_CLIENTID)
+        .then(|| headers.get_all(&X_DATADOME_CLIENTID));
+    for header in client_ids.into_iter().flatten() {
         let value = header
             .to_str()
             .map_err(|_| CookieError::BadClientId)?
@@ -464,11 +466,13 @@ pub fn tracked_in_response(
     // set none, and a clock read costs about a hundred instructions.
     let now_ms = std::cell::LazyCell::new(now_ms);
     let mut found = Vec::new();
+    let carriers =
+        super::holds_custom(headers, &X_SET_COOKIE).then(|| headers.get_all(&X_SET_COOKIE));
     for (header, is_datadome_carrier) in headers
         .get_all(http::header::SET_COOKIE)
         .iter()
         .map(|h| (h, false))
-        .chain(headers.get_all(&X_SET_COOKIE).iter().map(|h| (h, true)))
+        .chain(carriers.into_iter().flatten().map(|h| (h, true)))
     {
         let Ok(text) = std::str::from_utf8(header.as_bytes()) else {
             continue;

@@ -115,7 +115,10 @@ pub fn of_request(
     headers: &HeaderMap,
     tunnel_key: Option<&str>,
 ) -> Result<Option<String>, SessionKeyError> {
-    if let Some(value) = headers.get(&X_PINPROXY_SESSION) {
+    let named = super::holds_custom(headers, &X_PINPROXY_SESSION)
+        .then(|| headers.get(&X_PINPROXY_SESSION))
+        .flatten();
+    if let Some(value) = named {
         let text = value.to_str().map_err(|_| SessionKeyError::Malformed)?;
         return validate(text.trim()).map(Some);
     }
