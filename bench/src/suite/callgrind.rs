@@ -4,6 +4,9 @@
 //! untracked, in `rustls` mode, and without its access log) and the
 //! hudsucker peer each run under valgrind's callgrind while the same
 //! keep-alive client sends a fixed number of requests to the same origin;
+//! pinproxy without and with tracked cookies once more with a new client
+//! connection for every request (a tenth of the requests: each costs some
+//! ten times the instructions);
 //! pinproxy and the peer once more with HTTP/2 on every leg, with a
 //! connection per client and with the clients as streams of one connection.
 //!
@@ -94,7 +97,8 @@ const GOAL_COOKIES: f64 = 0.97;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallgrindRow {
     /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`,
-    /// `pinproxy-browser`, `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`,
+    /// `pinproxy-browser`, `pinproxy-newconn`, `pinproxy-newconn-cookies`,
+    /// `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`,
     /// and over HTTP/2 `pinproxy-h2` and `hudsucker-h2`, and with the
     /// clients on one connection `pinproxy-h2-mux` and `hudsucker-h2-mux`).
     pub proxy: String,
@@ -188,6 +192,9 @@ struct Subject {
     http2: bool,
     /// With `http2`: clients per connection, a stream each.
     streams: usize,
+    /// Keep-alive, or a new client connection (and TLS handshake) for
+    /// every request: then a tenth of the requests (see [`NEW_CONN_SHARE`]).
+    mode: ConnMode,
 }
 
 /// The peer row an HTTP/2 row is compared with, and an HTTP/1.1 row's.
@@ -196,6 +203,13 @@ const PEER_H2: &str = "hudsucker-h2";
 const PEER: &str = "hudsucker";
 /// The peer row the multiplexed HTTP/2 row is compared with.
 const PEER_H2_MUX: &str = "hudsucker-h2-mux";
+/// pinproxy with a new client connection per request, without cookies.
+const NEW_CONN: &str = "pinproxy-newconn";
+/// The same with tracked cookies on every request.
+const NEW_CONN_COOKIES: &str = "pinproxy-newconn-cookies";
+/// The share of the keep-alive runs' requests a new-connection run sends:
+/// each costs some ten times the instructions (the client's TLS handshake).
+const NEW_CONN_SHARE: u64 = 10;
 
 /// pinproxy with its built-in direct exit, default configuration.
 fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
@@ -209,7 +223,7 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 11] = [
+const SUBJECTS: [Subject; 13] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
@@ -217,6 +231,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-cookies",
@@ -225,6 +240,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::Tracked,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-untracked",
@@ -233,6 +249,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::Untracked,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-browser",
@@ -241,6 +258,25 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::Browser,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
+    },
+    Subject {
+        key: NEW_CONN,
+        label: "(g) with a new connection per request",
+        launch: pinproxy_direct,
+        cookies: Cookies::None,
+        http2: false,
+        streams: 1,
+        mode: ConnMode::NewConn,
+    },
+    Subject {
+        key: NEW_CONN_COOKIES,
+        label: "(g) with a new connection per request, tracked cookies on every request",
+        launch: pinproxy_direct,
+        cookies: Cookies::Tracked,
+        http2: false,
+        streams: 1,
+        mode: ConnMode::NewConn,
     },
     Subject {
         key: "pinproxy-rustls",
@@ -258,6 +294,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-quiet",
@@ -275,6 +312,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "hudsucker",
@@ -283,6 +321,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: false,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-h2",
@@ -291,6 +330,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: true,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: PEER_H2,
@@ -299,6 +339,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: true,
         streams: 1,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: "pinproxy-h2-mux",
@@ -307,6 +348,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: true,
         streams: CONCURRENCY,
+        mode: ConnMode::KeepAlive,
     },
     Subject {
         key: PEER_H2_MUX,
@@ -315,6 +357,7 @@ const SUBJECTS: [Subject; 11] = [
         cookies: Cookies::None,
         http2: true,
         streams: CONCURRENCY,
+        mode: ConnMode::KeepAlive,
     },
 ];
 
@@ -380,6 +423,10 @@ fn count_all(suite: &mut Suite, h2_origin: &mut Server) -> Result<()> {
         if subject.http2 {
             std::mem::swap(&mut suite.origin, h2_origin);
         }
+        let (short, long) = match subject.mode {
+            ConnMode::KeepAlive => (short, long),
+            ConnMode::NewConn => (short / NEW_CONN_SHARE, long / NEW_CONN_SHARE),
+        };
         let row = count_subject(suite, &valgrind, &dir, subject, short, long, &mut report);
         if subject.http2 {
             std::mem::swap(&mut suite.origin, h2_origin);
@@ -526,7 +573,7 @@ fn count(
     let tag = format!("cg{}n{requests}", std::process::id());
     let plan = LoadPlan {
         proxy: Some((server.addr, &ca)),
-        mode: ConnMode::KeepAlive,
+        mode: subject.mode,
         concurrency: CONCURRENCY,
         secs: 600.0,
         max_requests: requests,
@@ -798,6 +845,21 @@ fn goals(results: &Results) -> Vec<Goal> {
         )],
         _ => Vec::new(),
     };
+    let cookies: Vec<(String, f64)> = match (per(NEW_CONN), per(NEW_CONN_COOKIES)) {
+        (Some(plain), Some(hits)) if hits > 0.0 => cookies
+            .into_iter()
+            .map(|(cell, v)| (format!("keep-alive: {cell}"), v))
+            .chain([(
+                format!(
+                    "a new connection per request: {} without vs {} with",
+                    group(plain as u64),
+                    group(hits as u64)
+                ),
+                plain / hits,
+            )])
+            .collect(),
+        _ => cookies,
+    };
     vec![
         Goal::over(
             format!(
@@ -879,7 +941,9 @@ fn render(results: &Results, out: &mut String) {
     for row in &report.rows {
         let own = row.per_request();
         // An HTTP/2 row is set against the peer over HTTP/2, the same way.
-        let peer = if row.proxy.ends_with("-h2-mux") {
+        let peer = if row.proxy.starts_with(NEW_CONN) {
+            None
+        } else if row.proxy.ends_with("-h2-mux") {
             per(PEER_H2_MUX)
         } else if row.proxy.ends_with("-h2") {
             per(PEER_H2)
@@ -931,6 +995,20 @@ fn render(results: &Results, out: &mut String) {
             signed(untracked - plain),
             signed(hits - untracked),
             if hits > 0.0 { untracked / hits } else { 0.0 }
+        );
+    }
+    if let (Some(plain), Some(hits)) = (per(NEW_CONN), per(NEW_CONN_COOKIES)) {
+        let _ = writeln!(
+            out,
+            "With a new client connection (and TLS handshake) for every request, {} clients \
+             and a tenth of the requests: {} instructions per request without cookies, {} with \
+             tracked cookies on every request, without over with {:.3}. The peer is not counted \
+             this way: it opens an upstream connection for every request, pinproxy pools them \
+             across client connections.\n",
+            report.concurrency,
+            group(plain as u64),
+            group(hits as u64),
+            if hits > 0.0 { plain / hits } else { 0.0 }
         );
     }
     let writer = |key: &str| {
@@ -1025,9 +1103,12 @@ fn render(results: &Results, out: &mut String) {
             },
         );
     }
+    // New-connection rows run a tenth of the requests at ten times the
+    // instructions each: as far apart in instructions, not in requests.
     let apart = report
         .rows
         .iter()
+        .filter(|r| !r.proxy.starts_with(NEW_CONN))
         .map(|r| r.requests_long.saturating_sub(r.requests_short))
         .min()
         .unwrap_or(0);
@@ -1048,7 +1129,7 @@ fn render(results: &Results, out: &mut String) {
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
              (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
-             `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
+             `pinproxy-newconn-…`, `pinproxy-newconn-cookies-…`, `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
             profile.display()
         );
     }
@@ -1148,5 +1229,62 @@ Ir                 file:function
             out.contains("costs 4,000 instructions per request; the peer writes no log. Without it, (g) costs 1.01×"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn new_connection_rows_are_a_cell_of_the_cookie_goal_and_set_against_no_peer() {
+        // Keep-alive rows 4,000 requests apart, new-connection rows a tenth.
+        let row = |proxy: &str, per_request: u64| {
+            let apart = if proxy.starts_with(NEW_CONN) {
+                400
+            } else {
+                4000
+            };
+            CallgrindRow {
+                proxy: proxy.into(),
+                label: proxy.into(),
+                requests_short: apart / 2,
+                requests_long: apart / 2 * 3,
+                instructions_long: apart * per_request,
+                ..CallgrindRow::default()
+            }
+        };
+        let results = Results {
+            callgrind: Some(CallgrindReport {
+                concurrency: 32,
+                rows: vec![
+                    row("pinproxy", 64_000),
+                    row("pinproxy-cookies", 72_000),
+                    row(NEW_CONN, 686_000),
+                    row(NEW_CONN_COOKIES, 700_000),
+                    row("hudsucker", 62_000),
+                ],
+                ..CallgrindReport::default()
+            }),
+            ..Results::default()
+        };
+        let cookie_goal = goals(&results)
+            .into_iter()
+            .find(|goal| goal.goal.starts_with("tracked cookies"))
+            .map(|goal| (goal.measured, goal.met));
+        assert_eq!(
+            cookie_goal,
+            Some((
+                "keep-alive: 64,000 without vs 72,000 with: 0.889; \
+                 a new connection per request: 686,000 without vs 700,000 with: 0.980"
+                    .into(),
+                Some(false)
+            ))
+        );
+        let mut out = String::new();
+        render(&results, &mut out);
+        assert!(
+            out.contains("686,000 instructions per request without cookies, 700,000 with tracked cookies on every request, without over with 0.980"),
+            "{out}"
+        );
+        // Against no peer: the peer opens an upstream connection per request.
+        assert!(out.contains("| 686,000 | – |"), "{out}");
+        // Not taken for keep-alive rows too close together.
+        assert!(!out.contains("not for before/after claims"), "{out}");
     }
 }
