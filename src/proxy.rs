@@ -276,9 +276,17 @@ impl Pipeline {
                 client: client_upgrade,
                 expected_accept,
             };
-            return self
-                .forward_upgrade(&route, &origin, upstream_request, &fingerprint, socket)
-                .await;
+            // Boxed: a WebSocket's stages make a 4 KB future, and without
+            // the box every request in flight would keep room for it (its
+            // future was 6 KB, two thirds of it this one awaitee).
+            return Box::pin(self.forward_upgrade(
+                &route,
+                &origin,
+                upstream_request,
+                &fingerprint,
+                socket,
+            ))
+            .await;
         }
         let (
             Answered {
