@@ -1129,7 +1129,8 @@ fn render(results: &Results, out: &mut String) {
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
              (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
-             `pinproxy-newconn-…`, `pinproxy-newconn-cookies-…`, `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
+             `pinproxy-newconn-…`, `pinproxy-newconn-cookies-…`, `pinproxy-rustls-…`, \
+             `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
             profile.display()
         );
     }
