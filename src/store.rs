@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::credential::PinKey;
 use crate::fault::{Blame, Fault};
@@ -108,6 +109,11 @@ pub struct Binding {
     pub identity: Option<Arc<Identity>>,
 }
 
+/// The answer of [`PinStore::lookup`]: one entry per key asked, in order.
+/// Held inline for up to four keys (a request carries a few tracked
+/// cookies), so that answering a pin hit does not allocate.
+pub type Bindings = SmallVec<[Option<Binding>; 4]>;
+
 /// What [`PinStore::found_identity`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Founding {
@@ -154,10 +160,22 @@ pub struct Swept {
 /// both callers learn it.
 pub trait PinStore: Send + Sync {
     /// The bindings of `keys`, in order (`None` where a key is not pinned).
-    fn lookup(
+    fn lookup(&self, keys: &[PinKey]) -> impl Future<Output = Result<Bindings, StoreError>> + Send {
+        async move {
+            let mut found = Bindings::new();
+            self.lookup_into(keys, &mut found).await?;
+            Ok(found)
+        }
+    }
+
+    /// [`PinStore::lookup`] into `found` (empty): the request path's way,
+    /// which keeps the answer where its caller holds it instead of copying
+    /// it out through each layer of stores.
+    fn lookup_into(
         &self,
         keys: &[PinKey],
-    ) -> impl Future<Output = Result<Vec<Option<Binding>>, StoreError>> + Send;
+        found: &mut Bindings,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Stores a new identity (not yet reachable: no pin points to it).
     fn create_identity(
@@ -361,8 +379,8 @@ impl Store {
 }
 
 impl PinStore for Store {
-    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        dispatch!(self, s => s.lookup(keys))
+    async fn lookup_into(&self, keys: &[PinKey], found: &mut Bindings) -> Result<(), StoreError> {
+        dispatch!(self, s => s.lookup_into(keys, found))
     }
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         dispatch!(self, s => s.create_identity(identity))
@@ -510,8 +528,8 @@ macro_rules! timed {
 }
 
 impl PinStore for TimedStore {
-    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        timed!(self.timers.lookup, self.store.lookup(keys))
+    async fn lookup_into(&self, keys: &[PinKey], found: &mut Bindings) -> Result<(), StoreError> {
+        timed!(self.timers.lookup, self.store.lookup_into(keys, found))
     }
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         timed!(self.timers.create, self.store.create_identity(identity))

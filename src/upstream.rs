@@ -244,6 +244,18 @@ impl std::fmt::Debug for ExitClient {
     }
 }
 
+/// `timeout` after `started`; one too large to add is as good as never, as
+/// in `tokio::time::timeout`.
+fn deadline(started: std::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    /// Far enough to be never, near enough not to overflow a clock reading.
+    const NEVER: Duration = Duration::from_secs(30 * 365 * 86_400);
+    let started = tokio::time::Instant::from_std(started);
+    started
+        .checked_add(timeout)
+        .or_else(|| started.checked_add(NEVER))
+        .unwrap_or(started)
+}
+
 impl ExitClient {
     /// The pools of the exit `route`.
     pub fn new(route: ExitRoute, tls: UpstreamTls, settings: &PoolSettings) -> Self {
@@ -332,16 +344,20 @@ impl ExitClient {
     }
 
     /// Sends `request` (origin-form URI: path and query) to `origin` on
-    /// `lane` and waits for the response head; the body streams afterwards.
+    /// `lane` and waits for the response head, at most the response-head
+    /// timeout from `started` (when the caller began sending: its own clock
+    /// reading, so that this does not read the clock again). The body
+    /// streams afterwards.
     pub async fn send(
         &self,
         lane: &Lane,
         origin: &Origin,
         request: Request<Body>,
+        started: std::time::Instant,
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let pool = self.pool(lane);
         let timeout = self.settings.response_head_timeout;
-        tokio::time::timeout(timeout, pool.send(origin, request))
+        tokio::time::timeout_at(deadline(started, timeout), pool.send(origin, request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
     }

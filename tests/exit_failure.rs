@@ -231,3 +231,31 @@ async fn a_direct_exit_reports_an_unreachable_origin() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_origin_slow_to_answer_times_out_with_504_and_the_connection_carries_on() {
+    let origin = Origin::start().await;
+    let config = [("local".to_string(), "direct://127.0.0.6".to_string())];
+    let proxy = Proxy::start(&config, &origin, |c| {
+        c.timeouts.response_head = Duration::from_millis(800);
+    })
+    .await;
+
+    // One client connection: each of its requests has its own deadline,
+    // before and after one passed.
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    for round in 0..2 {
+        let quick = conn.get("/pause?head_ms=50", &[]).await;
+        assert_eq!(quick.status, 200, "round {round}: {}", quick.body);
+        let late = conn.get("/pause?head_ms=5000", &[]).await;
+        assert_eq!(late.status, 504, "round {round}: {}", late.body);
+        let error = late.pinproxy_error().unwrap();
+        assert!(
+            error.starts_with("origin-timeout:") && error.contains("timeouts.response_head"),
+            "round {round}: {error}"
+        );
+        // Well inside the timeout, though the last one fired.
+        let again = conn.get("/pause?head_ms=300", &[]).await;
+        assert_eq!(again.status, 200, "round {round}: {}", again.body);
+    }
+}

@@ -51,7 +51,7 @@ async fn contract(store: Arc<Store>) {
 
     // Lookup of an unknown key.
     let unknown = key();
-    assert_eq!(store.lookup(&[unknown]).await.unwrap(), vec![None]);
+    assert_eq!(store.lookup(&[unknown]).await.unwrap().as_slice(), [None]);
 
     // Pin-if-absent: the first pin wins, later callers learn it.
     let (a, b) = (identity("e1", now), identity("e2", now));
@@ -128,8 +128,8 @@ async fn contract(store: Arc<Store>) {
         "{founding:?}"
     );
     assert_eq!(
-        store.lookup(&[f3]).await.unwrap(),
-        vec![None],
+        store.lookup(&[f3]).await.unwrap().as_slice(),
+        [None],
         "a lost founding stores nothing"
     );
     let bare = identity("e6", now);

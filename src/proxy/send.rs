@@ -55,7 +55,11 @@ impl Pipeline {
     ) -> Result<(Answered<UpstreamBody>, UpstreamTimings), ProxyError> {
         let exit = &route.exit;
         let started = Instant::now();
-        match exit.client.send(&route.lane, origin, request).await {
+        match exit
+            .client
+            .send(&route.lane, origin, request, started)
+            .await
+        {
             Ok(answered) => {
                 let timings = split_timings(&answered, started.elapsed());
                 exit.health.success();

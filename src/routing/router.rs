@@ -30,7 +30,7 @@ use crate::fault::{Blame, Fault};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, SessionId};
 use crate::metrics::Policy;
-use crate::store::{Binding, Founding, PinStore as _, StoreError, StoreErrorKind};
+use crate::store::{Binding, Bindings, Founding, PinStore as _, StoreError, StoreErrorKind};
 use crate::upstream::Lane;
 
 /// Why a request was sent where it was.
@@ -180,17 +180,19 @@ impl Router {
             return self.rotate(exits, scope, now, Vec::new());
         }
         // Key order makes concurrent multi-credential pinning deterministic.
-        // The lists live on the stack for up to four credentials (a pin hit
-        // allocates only the store's answer).
+        // The lists, the store's answer included, live on the stack for up
+        // to four credentials (a pin hit allocates only the identity the
+        // store read).
         let mut credentials: SmallVec<[&Credential; 4]> = credentials.iter().collect();
         credentials.sort_by_key(|c| c.key);
         let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
-        let bindings = self.store.lookup(&keys).await?;
+        let mut bindings = Bindings::new();
+        self.store.lookup_into(&keys, &mut bindings).await?;
 
         let mut live: Live<'_> = SmallVec::new();
         let mut dead: Vec<DeadCredential> = Vec::new();
         let mut unknown: SmallVec<[&Credential; 4]> = SmallVec::new();
-        for (credential, binding) in credentials.iter().copied().zip(bindings) {
+        for (credential, binding) in credentials.iter().copied().zip(bindings.drain(..)) {
             // A request's cookies usually share one identity: its exit and
             // lifetimes are judged once.
             let judged = |id: IdentityId| live.iter().any(|(_, i)| i.id == id);

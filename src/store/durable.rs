@@ -29,7 +29,7 @@ use redb::Database;
 use tokio::sync::watch;
 
 use super::memory::MemoryStore;
-use super::{Binding, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
+use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
 use crate::credential::{PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 
@@ -318,10 +318,9 @@ impl Drop for DurableStore {
 }
 
 impl PinStore for DurableStore {
-    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
-        let bindings = self.shared.memory.lookup(keys).await?;
-        self.settle(&bindings, keys).await?;
-        Ok(bindings)
+    async fn lookup_into(&self, keys: &[PinKey], found: &mut Bindings) -> Result<(), StoreError> {
+        self.shared.memory.lookup_into(keys, found).await?;
+        self.settle(found, keys).await
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {

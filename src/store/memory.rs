@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use super::{Binding, Counts, Listing, PinStore, StoreError, Swept};
+use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, Swept};
 use crate::credential::PinKind;
 use crate::credential::{PinKey, RandomKeys};
 use crate::fingerprint::Fingerprint;
@@ -319,10 +319,14 @@ impl MemoryStore {
 }
 
 impl PinStore for MemoryStore {
-    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+    async fn lookup_into(
+        &self,
+        keys: &[PinKey],
+        bindings: &mut Bindings,
+    ) -> Result<(), StoreError> {
         // A request's credentials usually share one identity: read it once
         // and hand the later pins the same reading.
-        let mut bindings: Vec<Option<Binding>> = Vec::with_capacity(keys.len());
+        bindings.reserve(keys.len());
         for key in keys {
             let binding = self.pins.get(key).map(|record| {
                 let pin = self.to_pin(&record);
@@ -338,7 +342,7 @@ impl PinStore for MemoryStore {
             });
             bindings.push(binding);
         }
-        Ok(bindings)
+        Ok(())
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {

@@ -54,7 +54,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
-use super::{Binding, Counts, Founding, Listing, PinStore, StoreError, StoreErrorKind};
+use super::{Binding, Bindings, Counts, Founding, Listing, PinStore, StoreError, StoreErrorKind};
 use crate::credential::{PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 use crate::metrics::Metrics;
@@ -790,28 +790,31 @@ async fn check_loop(inner: Weak<Inner>) {
 }
 
 impl PinStore for RedisStore {
-    async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+    async fn lookup_into(&self, keys: &[PinKey], found: &mut Bindings) -> Result<(), StoreError> {
         let Some(cache) = &self.inner.cache else {
-            return self.fetch(keys, None).await;
+            found.extend(self.fetch(keys, None).await?);
+            return Ok(());
         };
         let now = recovery::now_ms();
-        let cached: Vec<Option<Binding>> = keys.iter().map(|key| cache.get(key, now)).collect();
-        let hits = cached.iter().filter(|b| b.is_some()).count();
+        let start = found.len();
+        found.extend(keys.iter().map(|key| cache.get(key, now)));
+        let hits = found[start..].iter().filter(|b| b.is_some()).count();
         self.inner.metrics.store_cache_hits.inc_by(hits as u64);
         if hits == keys.len() {
-            return Ok(cached);
+            return Ok(());
         }
         let missing: Vec<PinKey> = keys
             .iter()
-            .zip(&cached)
+            .zip(&found[start..])
             .filter(|(_, b)| b.is_none())
             .map(|(key, _)| *key)
             .collect();
         let mut fetched = self.fetch(&missing, cache.ticket()).await?.into_iter();
-        Ok(cached
-            .into_iter()
-            .map(|hit| hit.or_else(|| fetched.next().flatten()))
-            .collect())
+        // The misses, in order, from what Redis answered.
+        for slot in found[start..].iter_mut().filter(|b| b.is_none()) {
+            *slot = fetched.next().flatten();
+        }
+        Ok(())
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {

@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::credential::PinKey;
 use crate::identity::{Identity, IdentityId, RetireReason, Retirement};
 use crate::store::durable::{DurableStore, OpenError};
-use crate::store::{Binding, Listing, PinStore as _, StoreError};
+use crate::store::{Binding, Bindings, Listing, PinStore as _, StoreError};
 
 /// File name of the journal in the data directory.
 pub const JOURNAL_FILE: &str = "journal.redb";
@@ -96,7 +96,7 @@ impl Journal {
     }
 
     /// What the journal knows of `keys`.
-    pub async fn lookup(&self, keys: &[PinKey]) -> Result<Vec<Option<Binding>>, StoreError> {
+    pub async fn lookup(&self, keys: &[PinKey]) -> Result<Bindings, StoreError> {
         self.store.lookup(keys).await
     }
 

@@ -35,7 +35,7 @@ use crate::clock::Clock;
 use crate::credential::{Credential, PinKey, PinKind};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
-use crate::store::{Binding, PinStore as _, StoreError};
+use crate::store::{Binding, Bindings, PinStore as _, StoreError};
 
 /// The exit a tombstone identity names (it never carries traffic).
 const NO_EXIT: &str = "store-lost";
@@ -411,7 +411,7 @@ impl RedisStore {
         }
         let journaled = match &self.inner.journal {
             Some(journal) => journal.lookup(&missing).await?,
-            None => vec![None; missing.len()],
+            None => Bindings::from_elem(None, missing.len()),
         };
         for (key, journaled) in missing.iter().zip(journaled) {
             let binding = match journaled {
