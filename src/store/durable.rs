@@ -319,8 +319,9 @@ impl Drop for DurableStore {
 
 impl PinStore for DurableStore {
     async fn lookup_into(&self, keys: &[PinKey], found: &mut Bindings) -> Result<(), StoreError> {
+        let start = found.len();
         self.shared.memory.lookup_into(keys, found).await?;
-        self.settle(found, keys).await
+        self.settle(&found[start..], keys).await
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
