@@ -413,3 +413,18 @@ impl ExitClient {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_counts_from_the_start_and_never_overflows() {
+        let started = std::time::Instant::now();
+        let at = deadline(started, Duration::from_secs(120));
+        assert_eq!(at.into_std() - started, Duration::from_secs(120));
+        // A timeout no clock can add is years away, not a panic.
+        let never = deadline(started, Duration::MAX);
+        assert!(never.into_std() - started > Duration::from_secs(10 * 365 * 86_400));
+    }
+}

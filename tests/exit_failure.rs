@@ -1,6 +1,7 @@
 //! Exits that are down, slow, refusing or behind an untrusted origin: each
 //! gets a 502 naming the exit and the cause, and a cookie pinned to a dead
-//! exit is never sent through another one.
+//! exit is never sent through another one. An origin too slow to answer
+//! gets a 504 naming the timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support;
