@@ -31,6 +31,8 @@ use crate::upstream::egress_ip::EchoTarget;
 use crate::upstream::FingerprintMode;
 use ipnet::IpNet;
 
+mod durations;
+
 pub use crate::store::Unavailable;
 
 /// The whole configuration file.
@@ -960,6 +962,7 @@ impl Config {
                 "timeouts.header_read and timeouts.client_idle must be positive".into(),
             ));
         }
+        durations::check(self)?;
         if self.metrics.max_sites > MAX_SITES_LIMIT {
             return Err(ConfigError::Limit(format!(
                 "metrics.max_sites must be at most {MAX_SITES_LIMIT} (each site is a set of series)"

@@ -313,6 +313,15 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
         "{body}"
     );
     assert!(body.contains("the configuration in force stays"), "{body}");
+    // A unit slip in a timeout ("y" for "s"): past the clock's range, it
+    // would panic the first request that built a deadline from it.
+    r.write(&[0, 1], "[timeouts]\nconnect = \"500000000000y\"\n");
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("timeouts.connect") && body.contains("is too long") && body.contains("1day"),
+        "{body}"
+    );
     // Not TOML at all, by SIGHUP: refused with a log line.
     std::fs::write(&r.config, "[[exits]\nid = ").unwrap();
     r.proc.signal("HUP");
@@ -328,7 +337,7 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
                     .iter()
                     .filter(|l| l.contains("reload refused"))
                     .count()
-                    >= 2
+                    >= 3
             }
         },
     )
