@@ -24,10 +24,8 @@ use std::fmt::{self, Write as _};
 use std::sync::OnceLock;
 
 use http::Method;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::FormatTime as _;
 
-use super::fields::{plain_in_quotes, write_thousandths, write_u64};
+use super::fields::{plain_in_quotes, write_thousandths};
 use super::line_writer::LineWriter;
 use super::timestamp::LineTime;
 use super::{LogFormat, ACCESS_TARGET};
@@ -128,100 +126,137 @@ impl AccessLine<'_> {
         );
     }
 
-    /// The line's fields after the message, in the event's order: its
-    /// key, and the value's kind and text.
-    fn fields(&self, mut each: impl FnMut(&Key, Value<'_>) -> fmt::Result) -> fmt::Result {
-        each(
+    /// The line's fields after the message, in the event's order, each
+    /// written by `format`.
+    ///
+    /// Inlined, with `format`'s [`FieldFormat::field`], into every field:
+    /// there the key is a constant and the value's kind is known, so each
+    /// field compiles to its own code, its key a few stores. Through one
+    /// shared, out-of-line writer, every field paid a call, a match on its
+    /// kind and a `memcpy` call for its key.
+    #[inline(always)]
+    fn fields(&self, format: &mut impl FieldFormat) {
+        format.field(
             &key!("method"),
             Value::Bare(Bare::Text(self.method.as_str())),
-        )?;
+        );
         if let Some(origin) = self.origin {
-            each(&key!("origin"), Value::Bare(Bare::Origin(origin)))?;
+            format.field(&key!("origin"), Value::Bare(Bare::Origin(origin)));
         }
-        let quoted = [(key!("site"), self.site), (key!("exit"), self.exit)];
-        for (key, value) in &quoted {
-            if let Some(value) = value {
-                each(key, Value::Quoted(value))?;
-            }
+        if let Some(site) = self.site {
+            format.field(&key!("site"), Value::Quoted(site));
+        }
+        if let Some(exit) = self.exit {
+            format.field(&key!("exit"), Value::Quoted(exit));
         }
         if let Some(identity) = self.identity {
-            each(&key!("identity"), Value::Bare(Bare::Identity(identity)))?;
+            format.field(&key!("identity"), Value::Bare(Bare::Identity(identity)));
         }
         if !self.credentials.is_empty() {
-            each(&key!("cookies"), Value::Bare(Bare::Names(self.credentials)))?;
+            format.field(&key!("cookies"), Value::Bare(Bare::Names(self.credentials)));
         }
         if let Some(decision) = self.decision {
-            each(&key!("decision"), Value::Quoted(decision))?;
+            format.field(&key!("decision"), Value::Quoted(decision));
         }
-        each(&key!("status"), Value::Number(u64::from(self.status)))?;
+        format.field(&key!("status"), Value::Number(u64::from(self.status)));
         if let Some(error) = self.error {
-            each(&key!("error"), Value::Quoted(error))?;
+            format.field(&key!("error"), Value::Quoted(error));
         }
-        each(&key!("total_ms"), Value::Micros(self.total_us))?;
-        let timings = [
-            (key!("connect_ms"), self.connect_us),
-            (key!("tls_ms"), self.tls_us),
-            (key!("ttfb_ms"), self.ttfb_us),
-        ];
-        for (key, value) in &timings {
-            if let Some(value) = value {
-                each(key, Value::Micros(*value))?;
-            }
+        format.field(&key!("total_ms"), Value::Micros(self.total_us));
+        if let Some(us) = self.connect_us {
+            format.field(&key!("connect_ms"), Value::Micros(us));
         }
-        Ok(())
+        if let Some(us) = self.tls_us {
+            format.field(&key!("tls_ms"), Value::Micros(us));
+        }
+        if let Some(us) = self.ttfb_us {
+            format.field(&key!("ttfb_ms"), Value::Micros(us));
+        }
     }
 
     /// The line as the text layer writes it (without colours, outside any
     /// span), after its timestamp.
-    fn text(&self, out: &mut String) -> fmt::Result {
+    fn text(&self, out: &mut String) {
         // The timestamp's separator, then the level padded to five.
-        out.write_str("  INFO ")?;
-        out.write_str(ACCESS_TARGET)?;
-        out.write_str(": request")?;
-        self.fields(|key, value| {
-            out.write_str(key.text)?;
-            match value {
-                Value::Bare(bare) => bare.write(out),
-                Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
-                Value::Quoted(text) => write!(out, "{text:?}"),
-                Value::Number(n) => write_u64(out, n),
-                Value::Micros(us) if us <= EXACT_MICROS => write_thousandths(out, us),
-                Value::Micros(us) => write!(out, "{:?}", millis(us)),
-            }
-        })?;
-        out.write_str("\n")
+        out.push_str("  INFO ");
+        out.push_str(ACCESS_TARGET);
+        out.push_str(": request");
+        self.fields(&mut TextFields(out));
+        out.push('\n');
     }
 
     /// The line as the JSON layer writes it, after `{"timestamp":"…"`.
-    fn json(&self, out: &mut String) -> fmt::Result {
-        out.write_str(",\"level\":\"INFO\",\"message\":\"request\"")?;
-        self.fields(|key, value| {
-            out.write_str(key.json)?;
-            match value {
-                Value::Bare(Bare::Text(text)) | Value::Quoted(text) => json_string(out, text),
-                Value::Bare(bare) => {
-                    // Written in place; escaped afterwards in the rare case
-                    // it needs it.
-                    let start = out.len();
-                    out.push('"');
-                    bare.write(out)?;
-                    if out[start + 1..].bytes().all(plain_in_quotes) {
-                        return out.write_str("\"");
-                    }
-                    let text = out.split_off(start + 1);
-                    out.truncate(start);
-                    json_string(out, &text)
-                }
-                Value::Number(n) => write_u64(out, n),
-                Value::Micros(us) if us <= EXACT_MICROS => write_thousandths(out, us),
-                Value::Micros(us) => {
-                    out.write_str(&serde_json::to_string(&millis(us)).map_err(|_| fmt::Error)?)
-                }
+    fn json(&self, out: &mut String) {
+        out.push_str(",\"level\":\"INFO\",\"message\":\"request\"");
+        self.fields(&mut JsonFields(out));
+        out.push_str(",\"target\":\"");
+        out.push_str(ACCESS_TARGET);
+        out.push_str("\"}\n");
+    }
+}
+
+/// How one format writes a field: its key, then its value. Writing into a
+/// `String` cannot fail, so neither can a field.
+trait FieldFormat {
+    /// Writes the field `key` with `value`.
+    fn field(&mut self, key: &Key, value: Value<'_>);
+}
+
+/// Fields as the text layer writes them.
+struct TextFields<'o>(&'o mut String);
+
+impl FieldFormat for TextFields<'_> {
+    #[inline(always)]
+    fn field(&mut self, key: &Key, value: Value<'_>) {
+        let out = &mut *self.0;
+        out.push_str(key.text);
+        match value {
+            Value::Bare(bare) => bare.write(out),
+            Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
+            Value::Quoted(text) => {
+                let _ = write!(out, "{text:?}");
             }
-        })?;
-        out.write_str(",\"target\":\"")?;
-        out.write_str(ACCESS_TARGET)?;
-        out.write_str("\"}\n")
+            Value::Number(n) => push_u64(out, n),
+            Value::Micros(us) if us <= EXACT_MICROS => push_thousandths(out, us),
+            Value::Micros(us) => {
+                let _ = write!(out, "{:?}", millis(us));
+            }
+        }
+    }
+}
+
+/// Fields as the JSON layer writes them.
+struct JsonFields<'o>(&'o mut String);
+
+impl FieldFormat for JsonFields<'_> {
+    #[inline(always)]
+    fn field(&mut self, key: &Key, value: Value<'_>) {
+        let out = &mut *self.0;
+        out.push_str(key.json);
+        match value {
+            Value::Bare(Bare::Text(text)) | Value::Quoted(text) => json_string(out, text),
+            Value::Bare(bare) => {
+                // Written in place; escaped afterwards in the rare case it
+                // needs it.
+                let start = out.len();
+                out.push('"');
+                bare.write(out);
+                if out[start + 1..].bytes().all(plain_in_quotes) {
+                    return out.push('"');
+                }
+                let text = out.split_off(start + 1);
+                out.truncate(start);
+                json_string(out, &text);
+            }
+            Value::Number(n) => push_u64(out, n),
+            Value::Micros(us) if us <= EXACT_MICROS => push_thousandths(out, us),
+            // A float serde_json writes as a number, `null` if not finite
+            // (these are finite: a count of microseconds over 1000).
+            Value::Micros(us) => match serde_json::to_string(&millis(us)) {
+                Ok(number) => out.push_str(&number),
+                Err(_) => out.push_str("null"),
+            },
+        }
     }
 }
 
@@ -261,11 +296,12 @@ enum Bare<'a> {
 }
 
 impl Bare<'_> {
-    fn write(self, out: &mut String) -> fmt::Result {
+    /// Writes the value as its `Display` writes it (the tests hold them to
+    /// it), without the formatting machinery.
+    #[inline(always)]
+    fn write(self, out: &mut String) {
         match self {
-            Bare::Text(text) => out.write_str(text),
-            // As their `Display` writes them (the tests hold them to it),
-            // without the formatting machinery.
+            Bare::Text(text) => out.push_str(text),
             Bare::Origin(origin) => {
                 let bracket = origin.host.contains(':');
                 if bracket {
@@ -273,7 +309,7 @@ impl Bare<'_> {
                 }
                 out.push_str(&origin.host);
                 out.push_str(if bracket { "]:" } else { ":" });
-                write_u64(out, u64::from(origin.port))
+                push_u64(out, u64::from(origin.port));
             }
             Bare::Identity(identity) => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -283,51 +319,67 @@ impl Bare<'_> {
                 for (n, digit) in digits.iter_mut().rev().enumerate() {
                     *digit = HEX[(identity.0 >> (n * 4)) as usize & 0xf];
                 }
-                out.push_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?);
-                Ok(())
+                // Always ASCII.
+                if let Ok(digits) = std::str::from_utf8(&digits) {
+                    out.push_str(digits);
+                }
             }
-            Bare::Names(credentials) => Names(credentials).write_to(out),
+            Bare::Names(credentials) => {
+                for (n, credential) in credentials.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&credential.name);
+                }
+            }
         }
     }
 }
 
 /// The names of credentials, comma-separated (a session key shows as
-/// `session-key`).
+/// `session-key`), for the `tracing` event.
 struct Names<'a>(&'a [Credential]);
 
-impl Names<'_> {
-    fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
+impl fmt::Display for Names<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (n, credential) in self.0.iter().enumerate() {
             if n > 0 {
-                out.write_str(",")?;
+                f.write_str(",")?;
             }
-            out.write_str(&credential.name)?;
+            f.write_str(&credential.name)?;
         }
         Ok(())
     }
 }
 
-impl fmt::Display for Names<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.write_to(f)
-    }
-}
-
 /// Writes `text` between double quotes, as it is (nothing in it needs an
 /// escape).
-fn quoted(out: &mut String, text: &str) -> fmt::Result {
+fn quoted(out: &mut String, text: &str) {
     out.push('"');
     out.push_str(text);
     out.push('"');
-    Ok(())
 }
 
 /// Writes `text` as a JSON string, escaped as `serde_json` escapes it.
-fn json_string(out: &mut String, text: &str) -> fmt::Result {
+fn json_string(out: &mut String, text: &str) {
     if text.bytes().all(plain_in_quotes) {
         return quoted(out, text);
     }
-    out.write_str(&serde_json::to_string(text).map_err(|_| fmt::Error)?)
+    // Serialising a string cannot fail.
+    if let Ok(escaped) = serde_json::to_string(text) {
+        out.push_str(&escaped);
+    }
+}
+
+/// Writes `value` in decimal.
+fn push_u64(out: &mut String, value: u64) {
+    out.push_str(itoa::Buffer::new().format(value));
+}
+
+/// Writes `thousandths / 1000` as [`write_thousandths`] does.
+fn push_thousandths(out: &mut String, thousandths: u64) {
+    // Writing into a `String` cannot fail.
+    let _ = write_thousandths(out, thousandths);
 }
 
 /// How the installed layer writes lines.
@@ -371,11 +423,10 @@ impl Sink {
                 return line.emit();
             };
             buffer.clear();
-            if format_line(line, self.style, &mut buffer).is_ok() {
-                // Lossy like every other line: a writer thread that fell
-                // behind drops lines rather than stopping requests.
-                self.writer.line(buffer.as_bytes());
-            }
+            format_line(line, self.style, &mut buffer);
+            // Lossy like every other line: a writer thread that fell
+            // behind drops lines rather than stopping requests.
+            self.writer.line(buffer.as_bytes());
             // A line once much longer than usual is not kept.
             if buffer.capacity() > 4096 {
                 *buffer = String::new();
@@ -385,29 +436,28 @@ impl Sink {
 }
 
 /// Formats `line` into `out` as a layer of `style` would.
-fn format_line(line: &AccessLine<'_>, style: Style, out: &mut String) -> fmt::Result {
+fn format_line(line: &AccessLine<'_>, style: Style, out: &mut String) {
     // Room for a typical line, so that it grows at most once.
     out.reserve(320);
     match style {
         Style::Text => {
-            timestamp(out)?;
-            line.text(out)
+            timestamp(out);
+            line.text(out);
         }
         Style::Json => {
             out.push_str("{\"timestamp\":\"");
-            timestamp(out)?;
+            timestamp(out);
             out.push('"');
-            line.json(out)
+            line.json(out);
         }
     }
 }
 
 /// The line's timestamp, as the layers write it.
-fn timestamp(out: &mut String) -> fmt::Result {
-    if LineTime.format_time(&mut Writer::new(out)).is_err() {
+fn timestamp(out: &mut String) {
+    if LineTime.write(out).is_err() {
         out.push_str("<unknown time>");
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -439,7 +489,7 @@ mod tests {
         let theirs = String::from_utf8(written.lock().map(|w| w.clone()).unwrap_or_default())
             .unwrap_or_default();
         let mut ours = String::new();
-        assert!(format_line(line, style, &mut ours).is_ok());
+        format_line(line, style, &mut ours);
         (cut_timestamp(&ours, style), cut_timestamp(&theirs, style))
     }
 
@@ -553,7 +603,7 @@ mod tests {
             ttfb_us: Some(1_500),
         };
         let mut text = String::new();
-        assert!(format_line(&line, Style::Json, &mut text).is_ok());
+        format_line(&line, Style::Json, &mut text);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         assert_eq!(value["status"], 404);
         assert_eq!(value["ttfb_ms"], 1.5);

@@ -205,12 +205,25 @@ pub(super) fn thousandths(value: f64) -> Option<u64> {
 /// decimal, with at least one digit after the point (`2.0`, `1.5`, `0.125`).
 pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) -> fmt::Result {
     write_u64(writer, thousandths / 1000)?;
-    // `1ddd`: the fraction's three digits, zero-padded, after a `1`.
-    let mut buffer = itoa::Buffer::new();
-    let padded = buffer.format(1000 + thousandths % 1000);
-    let digits = padded.get(1..).unwrap_or_default().trim_end_matches('0');
-    writer.write_str(".")?;
-    writer.write_str(if digits.is_empty() { "0" } else { digits })
+    writer.write_char('.')?;
+    // The fraction's digits without their trailing zeros, at least one,
+    // each written as a `char`: checking a few digits as UTF-8 to write
+    // them as a `str` cost more (about 100 instructions a check), and a
+    // line carries up to four of these.
+    let fraction = thousandths % 1000;
+    let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
+    let kept = if fraction.is_multiple_of(100) {
+        1
+    } else if fraction.is_multiple_of(10) {
+        2
+    } else {
+        3
+    };
+    for digit in &digits[..kept] {
+        // A decimal digit: below 10.
+        writer.write_char(char::from(b'0' + *digit as u8))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,6 +321,10 @@ mod tests {
             assert!(write_u64(&mut integer, thousandths).is_ok());
             assert_eq!(integer, thousandths.to_string());
         }
+        // The widest count fits the buffer (no float writes it exactly).
+        let mut widest = String::new();
+        assert!(write_thousandths(&mut widest, u64::MAX).is_ok());
+        assert_eq!(widest, "18446744073709551.615");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! instructions, most of a busy proxy's per-request logging cost after the
 //! fields. Within one second only the microseconds change.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,35 +23,66 @@ pub struct LineTime;
 type SecondPrefix = [u8; 20];
 
 thread_local! {
-    /// The last second this thread formatted, and its prefix.
-    static LAST_SECOND: Cell<Option<(u64, SecondPrefix)>> = const { Cell::new(None) };
+    /// The last second this thread formatted, and its prefix as text
+    /// (checked as UTF-8 once a second, not on every line; the `String` is
+    /// reused, so a new second allocates nothing).
+    static LAST_SECOND: RefCell<(Option<u64>, String)> = const { RefCell::new((None, String::new())) };
+}
+
+impl LineTime {
+    /// Writes the timestamp of now to `out`, as [`FormatTime::format_time`]
+    /// does (the access line calls this on its `String`, without the
+    /// layers' `dyn` writer).
+    pub(super) fn write(self, out: &mut impl fmt::Write) -> fmt::Result {
+        match write_now(out) {
+            Some(written) => written,
+            // A clock before 1970 or past year 9999: the default timer's
+            // text for it.
+            None => {
+                let mut text = String::new();
+                tracing_subscriber::fmt::time::SystemTime
+                    .format_time(&mut Writer::new(&mut text))?;
+                out.write_str(&text)
+            }
+        }
+    }
 }
 
 impl FormatTime for LineTime {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        let Ok(since_epoch) = SystemTime::now().duration_since(UNIX_EPOCH) else {
-            // A clock before 1970: the default timer's text for it.
-            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
-        };
-        let second = since_epoch.as_secs();
-        let prefix = match LAST_SECOND.with(Cell::get) {
-            Some((cached, prefix)) if cached == second => prefix,
-            _ => match second_prefix(second) {
-                Some(prefix) => {
-                    LAST_SECOND.with(|last| last.set(Some((second, prefix))));
-                    prefix
-                }
-                // Past year 9999: the default timer writes those.
-                None => return tracing_subscriber::fmt::time::SystemTime.format_time(w),
-            },
-        };
-        let mut text = [0u8; 27];
-        text[..20].copy_from_slice(&prefix);
-        write_digits(&mut text[20..26], since_epoch.subsec_micros());
-        text[26] = b'Z';
-        // Only ASCII was written.
-        w.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+        self.write(w)
     }
+}
+
+/// Writes the timestamp of now, unless the clock is outside the years
+/// this formats (nothing is written then).
+fn write_now(out: &mut impl fmt::Write) -> Option<fmt::Result> {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let second = since_epoch.as_secs();
+    // `1dddddd`: the microseconds zero-padded to six digits, after a `1`
+    // (itoa's text needs no UTF-8 check).
+    let mut buffer = itoa::Buffer::new();
+    let micros = buffer.format(1_000_000 + since_epoch.subsec_micros());
+    let micros = micros.get(1..)?;
+    // Neither the thread's end nor a re-entered borrow fails the line: it
+    // takes the default timer's text then.
+    let written = LAST_SECOND.try_with(|last| {
+        let mut last = last.try_borrow_mut().ok()?;
+        let (cached, prefix) = &mut *last;
+        if *cached != Some(second) {
+            *cached = None;
+            let text = second_prefix(second)?;
+            prefix.clear();
+            prefix.push_str(std::str::from_utf8(&text).ok()?);
+            *cached = Some(second);
+        }
+        Some(
+            out.write_str(prefix)
+                .and_then(|()| out.write_str(micros))
+                .and_then(|()| out.write_char('Z')),
+        )
+    });
+    written.ok().flatten()
 }
 
 /// The prefix of the second `unix_seconds`, for years 0 to 9999.
