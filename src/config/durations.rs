@@ -96,6 +96,16 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
     for (key, value, bound) in settings {
         bound.check(key, value)?;
     }
+    // Redis's `WAIT` reads a timeout of 0 ms as "wait forever", and the
+    // milliseconds sent are whole: a shorter wait would block every new
+    // pin until the replicas answered.
+    if s.wait_replicas > 0 && s.wait_timeout < Duration::from_millis(1) {
+        return Err(ConfigError::Limit(
+            "store.wait_timeout must be at least 1ms when store.wait_replicas is set \
+             (Redis's WAIT reads 0 as wait forever)"
+                .into(),
+        ));
+    }
     for exit in &config.exits {
         let per_exit = [
             ("sticky_ttl", exit.sticky_ttl),
@@ -147,6 +157,19 @@ mod tests {
             "{error}"
         );
         assert!(load("[health]\ninterval = \"0s\"").is_err());
+    }
+
+    #[test]
+    fn a_replica_wait_needs_a_timeout_redis_reads_as_one() {
+        let error = load("[store]\nwait_replicas = 1\nwait_timeout = \"0s\"").unwrap_err();
+        assert!(
+            error.contains("store.wait_timeout must be at least 1ms"),
+            "{error}"
+        );
+        assert!(load("[store]\nwait_replicas = 1\nwait_timeout = \"999us\"").is_err());
+        assert!(load("[store]\nwait_replicas = 1\nwait_timeout = \"1ms\"").is_ok());
+        // Without replicas to wait for, the timeout is not sent.
+        assert!(load("[store]\nwait_timeout = \"0s\"").is_ok());
     }
 
     #[test]
