@@ -957,11 +957,6 @@ impl Config {
                 "limits.max_headers and limits.max_connections must be positive".into(),
             ));
         }
-        if self.timeouts.header_read.is_zero() || self.timeouts.client_idle.is_zero() {
-            return Err(ConfigError::Limit(
-                "timeouts.header_read and timeouts.client_idle must be positive".into(),
-            ));
-        }
         durations::check(self)?;
         if self.metrics.max_sites > MAX_SITES_LIMIT {
             return Err(ConfigError::Limit(format!(

@@ -64,6 +64,12 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
     let i = &config.identities;
     let h = &config.health;
     let s = &config.store;
+    // Zero would turn the slowloris bounds off.
+    if t.header_read.is_zero() || t.client_idle.is_zero() {
+        return Err(ConfigError::Limit(
+            "timeouts.header_read and timeouts.client_idle must be positive".into(),
+        ));
+    }
     let settings = [
         ("timeouts.header_read", t.header_read, Bound::Wait),
         ("timeouts.client_idle", t.client_idle, Bound::Wait),
