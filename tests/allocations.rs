@@ -18,6 +18,7 @@ use pinproxy::credential::{Credential, PinHasher};
 use pinproxy::exits::ExitSet;
 use pinproxy::fingerprint::{ClientConnection, Fingerprint, RequestFingerprint};
 use pinproxy::metrics::Metrics;
+use pinproxy::proxy::capture::invalidation::{self, Verdict};
 use pinproxy::proxy::credentials::cookies::{CookieMemo, CookiePolicy};
 use pinproxy::proxy::credentials::of_request;
 use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
@@ -220,4 +221,64 @@ fn a_cookie_less_request_holds_its_fingerprint_without_copying_it() {
     assert_eq!(allocations::so_far() - before, 5);
     assert_eq!(recorded, Fingerprint::of_request(&headers, &client));
     assert_eq!(recorded.get("sec-ch-ua-mobile"), Some("?0"));
+}
+
+/// A DataDome challenge page followed by `zeros` bytes of zeros, gzipped:
+/// a few kilobytes that inflate past anything a proxy should hold.
+fn gzip_bomb(zeros: usize) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(b"<html><script src=\"https://ct.captcha-delivery.com/c.js\"></script>")
+        .unwrap();
+    let zero = vec![0u8; 1 << 20];
+    for _ in 0..zeros / zero.len() {
+        gz.write_all(&zero).unwrap();
+    }
+    gz.finish().unwrap()
+}
+
+#[test]
+fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
+    const SCAN_LIMIT: usize = 64 * 1024;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use http_body_util::BodyExt as _;
+        let bomb = gzip_bomb(64 << 20);
+        let sent = bomb.len();
+        let mut headers = HeaderMap::new();
+        headers.insert("content-encoding", HeaderValue::from_static("gzip"));
+        let Verdict::ScanBody(rules) = invalidation::Rules::new(
+            invalidation::default_rules(),
+            SCAN_LIMIT,
+        )
+        .judge(http::StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("a 403 is scanned for markers");
+        };
+        let found = Arc::new(std::sync::Mutex::new(None));
+        let sink = found.clone();
+        let baseline = allocations::reset_peak();
+        // One frame: the whole bomb arrives in one read.
+        let body = pinproxy::body::full(bomb);
+        let scanned = invalidation::scanning(body, &headers, rules, SCAN_LIMIT, move |rule| {
+            *sink.lock().unwrap() = Some(rule);
+        });
+        let passed = scanned.collect().await.unwrap().to_bytes().len();
+        let peak = allocations::peak_growth(baseline);
+        assert_eq!(passed, sent, "the body passes unchanged");
+        assert_eq!(
+            found.lock().unwrap().as_deref(),
+            Some("datadome-challenge"),
+            "the marker in the window is found"
+        );
+        // The compressed body itself, the window, and the decoder's state
+        // and buffer: nowhere near the 64 MiB it inflates to.
+        let bound = sent + 2 * SCAN_LIMIT + 256 * 1024;
+        assert!(
+            peak <= i64::try_from(bound).unwrap(),
+            "scanning a {sent}-byte body that inflates to 64 MiB held {peak} bytes at most (bound {bound})"
+        );
+    });
 }

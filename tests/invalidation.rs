@@ -44,6 +44,14 @@ async fn a_datadome_hard_block_retires_the_identity() {
 }
 
 #[tokio::test]
+async fn a_challenge_trickled_one_byte_per_chunk_is_found_past_60k_of_padding() {
+    // Every chunk is searched with only the bytes before it a marker may
+    // straddle: searching the whole window again on every chunk took a
+    // release build a minute of CPU for such a page.
+    invalidated_by("/challenge-dripped?pad=60000", "datadome-challenge").await;
+}
+
+#[tokio::test]
 async fn a_cloudflare_challenge_retires_the_identity() {
     invalidated_by("/cf-challenge", "cloudflare-challenge").await;
 }

@@ -459,6 +459,18 @@ async fn handle(
         }
         "/unauthorized" => text(StatusCode::UNAUTHORIZED, "log in again\n".into()),
         "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
+        // A DataDome challenge after `pad` bytes of padding, each byte a
+        // frame (a chunk) of its own: an edge that trickles its answer.
+        "/challenge-dripped" => {
+            let pad: usize = params.get("pad").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut page = vec![b' '; pad];
+            page.extend_from_slice(b"<script src=\"https://ct.captcha-delivery.com/c.js\"></script>\n");
+            let page = Bytes::from(page);
+            let frames = (0..page.len()).map(move |i| Ok::<_, Infallible>(Frame::data(page.slice(i..i + 1))));
+            let mut response = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            response
+        }
         "/ip" => text(StatusCode::OK, format!("{peer}\n")),
         // A browser flow: a page that sets the IP-bound cookie, then a chain
         // of script-driven navigations, each page reporting what it saw.

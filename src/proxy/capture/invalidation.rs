@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body::{Frame, SizeHint};
+use memchr::memmem;
 use serde::Deserialize;
 
 use crate::body::{Body, BoxError};
@@ -163,93 +164,169 @@ fn header_matches(headers: &HeaderMap, spec: &str) -> bool {
     })
 }
 
-/// Decodes a content coding for the scan window.
+/// The decoded bytes scanned so far: a writer that takes what fits under
+/// the scan limit and refuses the rest. The decoders write into it, so a
+/// small compressed body that inflates to gigabytes (a decompression bomb)
+/// costs at most the limit plus the decoder's own buffer.
+struct Window {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Window {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit - self.bytes.len();
+        if room == 0 && !data.is_empty() {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let taken = data.len().min(room);
+        let needed = self.bytes.len() + taken;
+        if needed > self.bytes.capacity() {
+            // Doubling, but never past the limit.
+            let grown = needed.max(self.bytes.capacity() * 2).min(self.limit);
+            self.bytes.reserve_exact(grown - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(&data[..taken]);
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decodes a body's content coding into its [`Window`].
 enum Decoder {
-    Identity,
-    Gzip(Box<flate2::write::GzDecoder<Vec<u8>>>),
-    Deflate(Box<flate2::write::ZlibDecoder<Vec<u8>>>),
-    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
+    Identity(Window),
+    Gzip(Box<flate2::write::GzDecoder<Window>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Window>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Window>>),
 }
 
 impl Decoder {
-    fn for_encoding(headers: &HeaderMap) -> Option<Decoder> {
+    /// A decoder for the response's coding into a window of `limit` bytes;
+    /// `None` for codings that cannot be scanned.
+    fn for_encoding(headers: &HeaderMap, limit: usize) -> Option<Decoder> {
         let coding = headers
             .get(http::header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_ascii_lowercase());
+        let window = Window {
+            bytes: Vec::new(),
+            limit,
+        };
         match coding.as_deref() {
-            None | Some("") | Some("identity") => Some(Decoder::Identity),
+            None | Some("") | Some("identity") => Some(Decoder::Identity(window)),
             Some("gzip") | Some("x-gzip") => Some(Decoder::Gzip(Box::new(
-                flate2::write::GzDecoder::new(Vec::new()),
+                flate2::write::GzDecoder::new(window),
             ))),
             Some("deflate") => Some(Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(
-                Vec::new(),
+                window,
             )))),
             Some("br") => Some(Decoder::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(Vec::new(), 4096),
+                brotli_decompressor::DecompressorWriter::new(window, 4096),
             ))),
             // Unknown or stacked codings cannot be scanned.
             Some(_) => None,
         }
     }
 
-    /// Feeds compressed bytes; returns the newly decoded ones.
-    fn feed(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
-        fn take<W: std::io::Write>(
-            writer: &mut W,
-            chunk: &[u8],
-            out: impl FnOnce(&mut W) -> &mut Vec<u8>,
-        ) -> Option<Vec<u8>> {
-            writer.write_all(chunk).ok()?;
-            let _ = writer.flush();
-            Some(std::mem::take(out(writer)))
+    /// Decodes `chunk` into the window, as far as it fits. An error means
+    /// the window is full or the body cannot be decoded: either way the
+    /// scan ends with what the window holds.
+    fn feed(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        fn decode<W: std::io::Write>(decoder: &mut W, chunk: &[u8]) -> std::io::Result<()> {
+            decoder.write_all(chunk)?;
+            // What the decoder holds back until more input comes.
+            decoder.flush()
         }
         match self {
-            Decoder::Identity => Some(chunk.to_vec()),
-            Decoder::Gzip(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
-            Decoder::Deflate(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
-            Decoder::Brotli(d) => take(d.as_mut(), chunk, |d| d.get_mut()),
+            Decoder::Identity(window) => window.write_all(chunk),
+            Decoder::Gzip(d) => decode(d.as_mut(), chunk),
+            Decoder::Deflate(d) => decode(d.as_mut(), chunk),
+            Decoder::Brotli(d) => decode(d.as_mut(), chunk),
+        }
+    }
+
+    fn window(&self) -> &Window {
+        match self {
+            Decoder::Identity(window) => window,
+            Decoder::Gzip(d) => d.get_ref(),
+            Decoder::Deflate(d) => d.get_ref(),
+            Decoder::Brotli(d) => d.get_ref(),
         }
     }
 }
 
 /// Looks for markers in the first bytes of a body as it passes.
 struct Scanner {
-    rules: Vec<(String, Vec<String>)>,
-    decoder: Decoder,
-    window: Vec<u8>,
-    limit: usize,
+    /// Each rule's name and its markers' searchers.
+    rules: Vec<(String, Vec<memmem::Finder<'static>>)>,
+    /// Length of the longest marker: a new chunk is searched together with
+    /// the bytes before it that a marker may straddle.
+    longest: usize,
+    /// `None` once the scan is over (a marker found, the limit reached, a
+    /// body that cannot be decoded), which also frees the window.
+    decoder: Option<Decoder>,
     on_match: Option<Box<dyn FnOnce(String) + Send + Sync>>,
 }
 
 impl Scanner {
-    fn feed(&mut self, chunk: &[u8]) {
-        if self.on_match.is_none() || self.window.len() >= self.limit {
-            return;
-        }
-        let Some(decoded) = self.decoder.feed(chunk) else {
-            self.on_match = None;
-            return;
-        };
-        let room = self.limit - self.window.len();
-        self.window
-            .extend_from_slice(&decoded[..decoded.len().min(room)]);
-        let found = self.rules.iter().find(|(_, markers)| {
-            markers
-                .iter()
-                .any(|m| memchr_contains(&self.window, m.as_bytes()))
-        });
-        if let Some((rule, _)) = found {
-            let rule = rule.clone();
-            if let Some(on_match) = self.on_match.take() {
-                on_match(rule);
-            }
+    fn new(
+        rules: Vec<(String, Vec<String>)>,
+        decoder: Decoder,
+        on_match: Box<dyn FnOnce(String) + Send + Sync>,
+    ) -> Scanner {
+        let rules: Vec<(String, Vec<memmem::Finder<'static>>)> = rules
+            .into_iter()
+            .map(|(rule, markers)| {
+                let finders = markers
+                    .iter()
+                    // An empty marker would match any body.
+                    .filter(|m| !m.is_empty())
+                    .map(|m| memmem::Finder::new(m.as_bytes()).into_owned())
+                    .collect();
+                (rule, finders)
+            })
+            .collect();
+        let longest = rules
+            .iter()
+            .flat_map(|(_, finders)| finders.iter().map(|f| f.needle().len()))
+            .max()
+            .unwrap_or(0);
+        Scanner {
+            rules,
+            longest,
+            decoder: Some(decoder),
+            on_match: Some(on_match),
         }
     }
-}
 
-fn memchr_contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+    fn feed(&mut self, chunk: &[u8]) {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return;
+        };
+        let before = decoder.window().bytes.len();
+        let fed = decoder.feed(chunk);
+        let window = decoder.window();
+        // Only the new bytes and the few before them a marker may straddle:
+        // searching the whole window on every chunk made a body sent one
+        // byte per chunk cost time quadratic in the scan limit.
+        let fresh = &window.bytes[before.saturating_sub(self.longest.saturating_sub(1))..];
+        let found = self
+            .rules
+            .iter()
+            .find(|(_, finders)| finders.iter().any(|f| f.find(fresh).is_some()));
+        if let Some((rule, _)) = found {
+            if let Some(on_match) = self.on_match.take() {
+                on_match(rule.clone());
+            }
+            self.decoder = None;
+        } else if fed.is_err() || window.bytes.len() >= window.limit {
+            self.decoder = None;
+        }
+    }
 }
 
 /// A response body that scans its first bytes for invalidation markers and
@@ -262,17 +339,11 @@ pub fn scanning(
     limit: usize,
     on_match: impl FnOnce(String) + Send + Sync + 'static,
 ) -> Body {
-    let Some(decoder) = Decoder::for_encoding(headers) else {
+    let Some(decoder) = Decoder::for_encoding(headers, limit) else {
         tracing::debug!("response coding cannot be scanned for invalidation markers");
         return body;
     };
-    let scanner = Scanner {
-        rules,
-        decoder,
-        window: Vec::new(),
-        limit,
-        on_match: Some(Box::new(on_match)),
-    };
+    let scanner = Scanner::new(rules, decoder, Box::new(on_match));
     http_body_util::BodyExt::boxed(ScanningBody {
         inner: body,
         scanner,
@@ -454,6 +525,102 @@ mod tests {
             scan(br, Some("br")).await.as_deref(),
             Some("datadome-hard-block")
         );
+    }
+
+    /// Scans `chunks` as the frames of a 403 with the default rules and a
+    /// scan limit of `limit`: the rule found, if any.
+    async fn scan_frames(chunks: Vec<Vec<u8>>, limit: usize) -> Option<String> {
+        let headers = HeaderMap::new();
+        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("expected a scan");
+        };
+        let found = Arc::new(Mutex::new(None));
+        let sink = found.clone();
+        let sent: usize = chunks.iter().map(Vec::len).sum();
+        let scanned = scanning(
+            futures_like_body(chunks),
+            &headers,
+            rules,
+            limit,
+            move |rule| {
+                *sink.lock().unwrap() = Some(rule);
+            },
+        );
+        let collected = scanned.collect().await.unwrap().to_bytes();
+        assert_eq!(collected.len(), sent, "the body passes unchanged");
+        let result = found.lock().unwrap().clone();
+        result
+    }
+
+    fn bytewise(text: &str) -> Vec<Vec<u8>> {
+        text.bytes().map(|b| vec![b]).collect()
+    }
+
+    #[tokio::test]
+    async fn a_marker_is_found_across_any_split_and_only_inside_the_limit() {
+        let page = format!("{}{DATADOME_BLOCK}", " ".repeat(1000));
+        let at = page.find("'t':'bv'").unwrap();
+        let end = at + "'t':'bv'".len();
+        // One byte per frame: every marker straddles frames.
+        assert_eq!(
+            scan_frames(bytewise(&page), 64 * 1024).await.as_deref(),
+            Some("datadome-hard-block")
+        );
+        // Every split of the page in two.
+        for split in (0..page.len()).step_by(7) {
+            let (a, b) = page.as_bytes().split_at(split);
+            assert_eq!(
+                scan_frames(vec![a.to_vec(), b.to_vec()], 64 * 1024)
+                    .await
+                    .as_deref(),
+                Some("datadome-hard-block"),
+                "split at {split}"
+            );
+        }
+        // A window that ends one byte short of the marker's end, then one
+        // that ends with it: the page's other marker (`captcha-delivery.com`,
+        // later) is past the window both times.
+        assert_eq!(scan_frames(bytewise(&page), end - 1).await, None);
+        assert_eq!(
+            scan_frames(bytewise(&page), end).await.as_deref(),
+            Some("datadome-hard-block")
+        );
+        assert_eq!(scan_frames(vec![page.into_bytes()], 0).await, None);
+    }
+
+    #[tokio::test]
+    async fn an_empty_marker_matches_nothing_and_a_corrupt_body_ends_the_scan() {
+        let headers = HeaderMap::new();
+        let empty = vec![("empty".to_owned(), vec![String::new()])];
+        let found = Arc::new(Mutex::new(None::<String>));
+        let sink = found.clone();
+        let scanned = scanning(
+            futures_like_body(vec![b"anything".to_vec()]),
+            &headers,
+            empty,
+            1024,
+            move |rule| *sink.lock().unwrap() = Some(rule),
+        );
+        scanned.collect().await.unwrap();
+        assert_eq!(*found.lock().unwrap(), None);
+
+        // Not gzip at all: the body passes, nothing is found.
+        let mut headers = HeaderMap::new();
+        headers.insert("content-encoding", HeaderValue::from_static("gzip"));
+        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("expected a scan");
+        };
+        let sink = found.clone();
+        let body = DATADOME_BLOCK.as_bytes().to_vec();
+        let scanned = scanning(
+            futures_like_body(vec![body.clone()]),
+            &headers,
+            rules,
+            1024,
+            move |rule| *sink.lock().unwrap() = Some(rule),
+        );
+        assert_eq!(scanned.collect().await.unwrap().to_bytes(), body);
+        assert_eq!(*found.lock().unwrap(), None);
     }
 
     /// A brotli stream with uncompressed meta-blocks: enough to exercise the
