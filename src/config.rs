@@ -32,6 +32,7 @@ use crate::upstream::FingerprintMode;
 use ipnet::IpNet;
 
 mod durations;
+mod sizes;
 
 pub use crate::store::Unavailable;
 
@@ -947,16 +948,7 @@ impl Config {
             Some(text) => Some(parse_probe_target(text)?),
         };
         let limits = self.limits.clone();
-        if limits.max_header_bytes < 1024 {
-            return Err(ConfigError::Limit(
-                "limits.max_header_bytes must be at least 1024".into(),
-            ));
-        }
-        if limits.max_headers == 0 || limits.max_connections == 0 {
-            return Err(ConfigError::Limit(
-                "limits.max_headers and limits.max_connections must be positive".into(),
-            ));
-        }
+        sizes::check(self)?;
         durations::check(self)?;
         if self.metrics.max_sites > MAX_SITES_LIMIT {
             return Err(ConfigError::Limit(format!(
