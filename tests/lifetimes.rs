@@ -99,3 +99,44 @@ async fn an_exit_can_shorten_the_idle_timeout_of_its_identities() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_expired_identity_is_retired_once_whatever_its_cookie_count() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| c.identities.idle_timeout = 5 * MINUTE)
+        .start()
+        .await;
+    // One identity holding three tracked cookies.
+    let (mut jar, peer) = s.login("/login").await;
+    for name in ["cf_clearance", "_abck"] {
+        let reply = s.get(&format!("/login?name={name}"), &mut jar).await;
+        assert_eq!(
+            (reply.status.as_u16(), Setup::peer(&reply)),
+            (200, Some(peer))
+        );
+    }
+    clock.advance(6 * MINUTE);
+    // All three come back on one request: the store read them all before
+    // the first was found idle, and each used to retire the identity again.
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        error_of(&reply).contains("idle-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    let metrics = s.proxy.daemon.admin().metrics.encode();
+    let retired: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
+        .collect();
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert!(
+        retired[0].ends_with("reason=\"idle-expired\"} 1"),
+        "{retired:?}"
+    );
+    s.stop().await;
+}

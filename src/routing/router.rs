@@ -192,12 +192,15 @@ impl Router {
         let mut live: Live<'_> = SmallVec::new();
         let mut dead: Vec<DeadCredential> = Vec::new();
         let mut unknown: SmallVec<[&Credential; 4]> = SmallVec::new();
+        let mut ended = Ended::new();
         for (credential, binding) in credentials.iter().copied().zip(bindings.drain(..)) {
             // A request's cookies usually share one identity: its exit and
             // lifetimes are judged once.
             let judged = |id: IdentityId| live.iter().any(|(_, i)| i.id == id);
             match self
-                .classify(exits, &policies, credential, binding, now, judged)
+                .classify(
+                    exits, &policies, credential, binding, now, judged, &mut ended,
+                )
                 .await?
             {
                 Standing::Unknown => unknown.push(credential),
@@ -230,7 +233,11 @@ impl Router {
         }
     }
 
-    /// Where a credential stands: unknown, live, or dead (and why).
+    /// Where a credential stands: unknown, live, or dead (and why). An
+    /// identity this request found at its end is retired once and noted in
+    /// `ended`, so that its other credentials (read before the retirement)
+    /// are dead for the same reason without retiring it again.
+    #[allow(clippy::too_many_arguments)]
     async fn classify(
         &self,
         exits: &ExitSet,
@@ -239,6 +246,7 @@ impl Router {
         binding: Option<Binding>,
         now: u64,
         judged: impl Fn(IdentityId) -> bool,
+        ended: &mut Ended,
     ) -> Result<Standing, StoreError> {
         let Some(Binding { pin, identity }) = binding else {
             return Ok(Standing::Unknown);
@@ -269,8 +277,12 @@ impl Router {
         if judged(identity.id) {
             return Ok(Standing::Live(identity));
         }
+        if let Some((_, reason)) = ended.iter().find(|(id, _)| *id == identity.id) {
+            return Ok(dead(Some(&identity), reason.clone()));
+        }
         if let Some(reason) = ends(&identity, exits, policies, now) {
             self.retire(exits, &identity, reason.clone()).await?;
+            ended.push((identity.id, reason.clone()));
             return Ok(dead(Some(&identity), reason));
         }
         // The binding's own copy: a pin hit clones no identity.
@@ -497,6 +509,9 @@ fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
 /// The live credentials of a request and their identities (on the stack
 /// for up to four, like the request's other lists).
 type Live<'a> = SmallVec<[(&'a Credential, Arc<Identity>); 4]>;
+
+/// Identities one request found at their end (and retired), with why.
+type Ended = SmallVec<[(IdentityId, RetireReason); 1]>;
 
 enum Standing {
     Unknown,
