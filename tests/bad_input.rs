@@ -129,6 +129,45 @@ async fn unreadable_cookies_fail_closed() {
 }
 
 #[tokio::test]
+async fn a_flood_of_tracked_cookies_or_a_giant_tracked_name_is_refused_not_pinned() {
+    let s = Setup::start(1).await;
+    let (origin, proxy) = (&s.origin, &s.proxy);
+    let get = |cookie: String| {
+        format!(
+            "GET http://localhost:{}/ HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\n\r\n",
+            origin.http.port()
+        )
+    };
+    // 65 distinct values of a pattern-matched name: each would be a pin.
+    let flood: Vec<String> = (0..65).map(|i| format!("_px3=v{i}")).collect();
+    let head = raw(proxy, get(flood.join("; ")).as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        head.contains("x-pinproxy-error: unreadable-cookies:")
+            && head.contains("more than 64 tracked cookies"),
+        "{head}"
+    );
+    // A name the `_px*` pattern matches, 60 KB long: it would be kept as
+    // sent in every pin and log line.
+    let giant = format!("_px{}=1", "x".repeat(60_000));
+    let head = raw(proxy, get(giant).as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(head.contains("60003 bytes long"), "{head}");
+    assert!(origin.seen().is_empty(), "nothing was forwarded");
+    let metrics = proxy.daemon.admin().metrics.encode();
+    assert!(
+        !metrics.contains("pinproxy_identities_created_total{"),
+        "no identity was founded: {metrics}"
+    );
+    // 64 (one repeated) are one request's worth.
+    let mut jar: Vec<String> = (0..64).map(|i| format!("_px3=v{i}")).collect();
+    jar.push("_px3=v0".into());
+    let head = raw(proxy, get(jar.join("; ")).as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    still_serves(proxy, origin).await;
+}
+
+#[tokio::test]
 async fn garbage_and_silence_in_tunnels_do_not_hurt_the_daemon() {
     let s = Setup::start_with(1, |c| {
         c.timeouts.tls_handshake = Duration::from_millis(300);

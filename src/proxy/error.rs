@@ -238,7 +238,13 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => {
                 "Send fewer or smaller headers, or raise limits.max_header_bytes.".into()
             }
-            ProxyError::Cookies(_) => "Send cookies as UTF-8 text.".into(),
+            ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadClientId) => {
+                "Send cookies as UTF-8 text.".into()
+            }
+            ProxyError::Cookies(CookieError::TooMany | CookieError::NameTooLong { .. }) => {
+                "Send each tracked cookie once, as the site set it: a browser's jar holds a handful per site."
+                    .into()
+            }
             ProxyError::SessionKey(_) => {
                 "Name the session in X-Pinproxy-Session or as user name session-KEY, 1-256 visible ASCII characters."
                     .into()

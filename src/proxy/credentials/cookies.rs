@@ -222,6 +222,17 @@ pub struct SetTrackedCookie {
     pub expires_ms: Option<u64>,
 }
 
+/// Most tracked cookies (distinct name and value pairs) one request may
+/// carry. A jar holds a handful per site; every one of them becomes a pin,
+/// kept for its lifetime, so a request with thousands would be thousands of
+/// pins, and finding repeats among them costs time in their square.
+pub const MAX_TRACKED_PER_REQUEST: usize = 64;
+
+/// Longest tracked cookie name, in bytes. A name matched by a pattern
+/// (`_px*`, `incap_ses_*`) is kept as sent, in every pin, log line and
+/// store row; real ones are a few dozen bytes.
+pub const MAX_TRACKED_NAME: usize = 256;
+
 /// A request whose cookies cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CookieError {
@@ -231,6 +242,15 @@ pub enum CookieError {
     /// An `X-DataDome-ClientID` header that is not visible ASCII.
     #[error("the X-DataDome-ClientID header is not visible ASCII")]
     BadClientId,
+    /// More tracked cookies than [`MAX_TRACKED_PER_REQUEST`].
+    #[error("the request carries more than {MAX_TRACKED_PER_REQUEST} tracked cookies; pinproxy pins at most that many per request and forwarded none of them")]
+    TooMany,
+    /// A tracked cookie's name longer than [`MAX_TRACKED_NAME`].
+    #[error("a tracked cookie's name is {len} bytes long; pinproxy tracks names of at most {MAX_TRACKED_NAME} bytes and forwarded none of the request's cookies")]
+    NameTooLong {
+        /// The name's length in bytes.
+        len: usize,
+    },
 }
 
 /// Collects every tracked cookie of a request, from all `Cookie` headers and
@@ -282,7 +302,7 @@ pub fn tracked_in_request_with(
         if !value.is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
             let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Spelt);
-            push_new(&mut found, hasher, DATADOME, tracked, value);
+            push_new(&mut found, hasher, DATADOME, tracked, value)?;
         }
     }
     Ok(found)
@@ -297,23 +317,31 @@ fn in_cookie_header(
 ) -> Result<Vec<Credential>, CookieError> {
     let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
     for (name, tracked, value) in tracked_pairs(text, policy) {
-        push_new(&mut found, hasher, name, tracked, value);
+        push_new(&mut found, hasher, name, tracked, value)?;
     }
     Ok(found)
 }
 
-/// Adds cookie `name` with `value` to `found` unless its key is there.
+/// Adds cookie `name` with `value` to `found` unless its key is there;
+/// refuses a name or a count past the limits.
 fn push_new(
     found: &mut Vec<Credential>,
     hasher: &PinHasher,
     name: &str,
     tracked: Tracked<'_>,
     value: &str,
-) {
+) -> Result<(), CookieError> {
+    if name.len() > MAX_TRACKED_NAME {
+        return Err(CookieError::NameTooLong { len: name.len() });
+    }
     let key = hasher.cookie(name, value);
     if !found.iter().any(|c| c.key == key) {
+        if found.len() == MAX_TRACKED_PER_REQUEST {
+            return Err(CookieError::TooMany);
+        }
         found.push(Credential::cookie(tracked.name(name), key));
     }
+    Ok(())
 }
 
 /// The longest `Cookie` header a [`CookieMemo`] keeps: a browser's is
@@ -606,6 +634,54 @@ mod tests {
             prefiltered("_ga=1; _gid=2; datadome=3", &p),
             vec![("datadome".to_owned(), "3".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_request_carries_at_most_64_tracked_cookies_with_names_of_256_bytes() {
+        let (p, h) = (policy(), hasher());
+        let read = |cookie: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_str(cookie).unwrap());
+            tracked_in_request(&headers, &p, &h)
+        };
+        let jar = |n: usize| {
+            (0..n)
+                .map(|i| format!("session_{i}=v; _ga=x"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        assert_eq!(read(&jar(MAX_TRACKED_PER_REQUEST)).unwrap().len(), 64);
+        // Repeats and untracked names do not count.
+        let repeated = format!("{}; session_0=v; _gid=1", jar(MAX_TRACKED_PER_REQUEST));
+        assert_eq!(read(&repeated).unwrap().len(), 64);
+        assert!(matches!(
+            read(&jar(MAX_TRACKED_PER_REQUEST + 1)),
+            Err(CookieError::TooMany)
+        ));
+        // X-DataDome-ClientID counts as the cookie it carries.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "cookie",
+            HeaderValue::from_str(&jar(MAX_TRACKED_PER_REQUEST)).unwrap(),
+        );
+        headers.insert("x-datadome-clientid", HeaderValue::from_static("abc"));
+        assert!(matches!(
+            tracked_in_request(&headers, &p, &h),
+            Err(CookieError::TooMany)
+        ));
+
+        let longest = format!(
+            "session_{}",
+            "x".repeat(MAX_TRACKED_NAME - "session_".len())
+        );
+        assert_eq!(read(&format!("{longest}=v")).unwrap().len(), 1);
+        assert!(matches!(
+            read(&format!("{longest}x=v")),
+            Err(CookieError::NameTooLong { len: 257 })
+        ));
+        // An untracked name of any length is not the tracker's business.
+        let untracked = format!("u{}=v; datadome=1", "x".repeat(4096));
+        assert_eq!(read(&untracked).unwrap().len(), 1);
     }
 
     #[test]
