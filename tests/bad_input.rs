@@ -168,6 +168,44 @@ async fn a_flood_of_tracked_cookies_or_a_giant_tracked_name_is_refused_not_pinne
 }
 
 #[tokio::test]
+async fn an_answer_setting_more_tracked_cookies_than_pinproxy_pins_is_refused() {
+    let s = Setup::start(1).await;
+    for (path, says) in [
+        (
+            "/set-many?n=65",
+            "the origin set 65 tracked cookies in one answer; pinproxy pins at most 64",
+        ),
+        (
+            "/set-many?n=1&name_len=257",
+            "the origin set a tracked cookie whose name is 257 bytes long",
+        ),
+    ] {
+        let reply = s.get_with(path, &[]).await;
+        assert_eq!(reply.status, 502, "{path}: {}", reply.body);
+        let error = reply.pinproxy_error().unwrap_or_default();
+        assert!(
+            error.starts_with("origin-failed:") && error.contains(says),
+            "{path}: {error}"
+        );
+        assert!(
+            reply.headers.get_all("set-cookie").iter().next().is_none(),
+            "{path}: none of the cookies reached the client"
+        );
+    }
+    let metrics = s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        !metrics.contains("pinproxy_identities_created_total{"),
+        "nothing was pinned: {metrics}"
+    );
+    // 64, and a name of 256 bytes, are pinned and passed on.
+    for path in ["/set-many?n=64", "/set-many?n=1&name_len=256"] {
+        let reply = s.get_with(path, &[]).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn garbage_and_silence_in_tunnels_do_not_hurt_the_daemon() {
     let s = Setup::start_with(1, |c| {
         c.timeouts.tls_handshake = Duration::from_millis(300);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use super::credentials::cookies::{self, SetTrackedCookie};
-use super::Pipeline;
+use super::{Pipeline, ProxyError};
 use crate::body::Body;
 use crate::credential::PinKey;
 use crate::exits::sessions::AnonymousSession;
@@ -34,24 +34,36 @@ use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
 use crate::store::{Founding, PinStore as _, StoreError};
 use crate::upstream::conn::TunnelInfo;
+use crate::upstream::error::ExchangeKind;
+use crate::upstream::UpstreamError;
 
 impl Pipeline {
     /// Pins the tracked cookies a response sets; returns the identity the
-    /// response belongs to (possibly founded by it, with `fingerprint`).
+    /// response belongs to (possibly founded by it, with `fingerprint`). A
+    /// response setting more tracked cookies than pinproxy pins, or one
+    /// with a giant tracked name, is refused: passed on, it would leave the
+    /// client holding tracked cookies that are not pinned.
     pub(crate) async fn capture_pins(
         &self,
         route: &Route,
         fingerprint: &RequestFingerprint,
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
-    ) -> Result<Option<Arc<Identity>>, StoreError> {
+    ) -> Result<Option<Arc<Identity>>, ProxyError> {
         let clock = self.router.clock();
         let set =
             cookies::tracked_in_response(headers, &self.cookies, &self.hasher, || clock.now_ms());
         if set.is_empty() {
             return Ok(route.identity.clone());
         }
-        learn(&self.router, route, &set, &fingerprint.record(), egress_ip).await
+        if let Some(detail) = unpinnable(&set) {
+            let error = UpstreamError::Exchange {
+                kind: ExchangeKind::Protocol,
+                detail,
+            };
+            return Err(ProxyError::upstream(&route.exit, error));
+        }
+        Ok(learn(&self.router, route, &set, &fingerprint.record(), egress_ip).await?)
     }
 
     /// Records a request of `identity` (and whether it got a 2xx), the
@@ -172,6 +184,26 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Why the tracked cookies a response sets cannot all be pinned, if they
+/// cannot: more than [`cookies::MAX_TRACKED_PER_RESPONSE`] (deletions
+/// aside), or a name longer than [`cookies::MAX_TRACKED_NAME`].
+fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
+    let pinned = set.iter().filter(|c| !c.deletes).count();
+    if pinned > cookies::MAX_TRACKED_PER_RESPONSE {
+        return Some(format!(
+            "the origin set {pinned} tracked cookies in one answer; pinproxy pins at most {} per answer and did not pass it on",
+            cookies::MAX_TRACKED_PER_RESPONSE
+        ));
+    }
+    let longest = set.iter().map(|c| c.cookie.name.len()).max().unwrap_or(0);
+    (longest > cookies::MAX_TRACKED_NAME).then(|| {
+        format!(
+            "the origin set a tracked cookie whose name is {longest} bytes long; pinproxy tracks names of at most {} bytes and did not pass the answer on",
+            cookies::MAX_TRACKED_NAME
+        )
+    })
 }
 
 /// Pins the tracked cookies `set` by a response to the identity of

@@ -459,6 +459,23 @@ async fn handle(
         }
         "/unauthorized" => text(StatusCode::UNAUTHORIZED, "log in again\n".into()),
         "/forbidden" => text(StatusCode::FORBIDDEN, "plain forbidden, no challenge\n".into()),
+        // Sets `n` tracked cookies (`_px3_0`, `_px3_1`, ...) whose names
+        // are `name_len` bytes long at least.
+        "/set-many" => {
+            let n: usize = params.get("n").and_then(|v| v.parse().ok()).unwrap_or(1);
+            let len: usize = params.get("name_len").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut response = text(StatusCode::OK, "set\n".into());
+            for i in 0..n {
+                let mut name = format!("_px3_{i}");
+                while name.len() < len {
+                    name.push('x');
+                }
+                response
+                    .headers_mut()
+                    .append("set-cookie", format!("{name}=v; Max-Age=3600").parse().unwrap());
+            }
+            response
+        }
         // A DataDome challenge after `pad` bytes of padding, each byte a
         // frame (a chunk) of its own: an edge that trickles its answer.
         "/challenge-dripped" => {

@@ -228,6 +228,11 @@ pub struct SetTrackedCookie {
 /// pins, and finding repeats among them costs time in their square.
 pub const MAX_TRACKED_PER_REQUEST: usize = 64;
 
+/// Most tracked cookies one response may set (deletions aside): each
+/// becomes a pin, as on a request, and the answer itself is refused past
+/// it (the client must never hold a tracked cookie that was not pinned).
+pub const MAX_TRACKED_PER_RESPONSE: usize = 64;
+
 /// Longest tracked cookie name, in bytes. A name matched by a pattern
 /// (`_px*`, `incap_ses_*`) is kept as sent, in every pin, log line and
 /// store row; real ones are a few dozen bytes.
