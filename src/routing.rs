@@ -49,8 +49,18 @@ pub struct Router {
     /// no await is possible), awaited at shutdown so none is lost.
     tasks: TaskTracker,
     /// The JA4 each live identity's upstream connections were last seen to
-    /// send (measured off the wire; kept in memory only).
-    sent_ja4: dashmap::DashMap<IdentityId, Arc<str>, RandomKeys>,
+    /// send (measured off the wire; kept in memory only), and when. An
+    /// identity's entry goes with its retirement here, or with the sweep
+    /// once it has been unseen longer than any idle timeout (an identity
+    /// the sweep retired, or one that expired in Redis).
+    sent_ja4: dashmap::DashMap<IdentityId, SentJa4, RandomKeys>,
+}
+
+/// The JA4 an identity's upstream connection sent, and when last seen.
+#[derive(Debug)]
+struct SentJa4 {
+    ja4: Arc<str>,
+    seen_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -99,29 +109,42 @@ impl Router {
         &self.metrics
     }
 
-    /// Records the JA4 an identity's upstream connection sent; true when it
-    /// is the first seen for the identity (or another than before).
-    pub fn observe_sent_ja4(&self, id: IdentityId, ja4: &Arc<str>) -> bool {
+    /// Records the JA4 an identity's upstream connection sent at `now_ms`;
+    /// true when it is the first seen for the identity (or another than
+    /// before).
+    pub fn observe_sent_ja4(&self, id: IdentityId, ja4: &Arc<str>, now_ms: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         // Nearly every request of an identity sends what the last one did:
         // a shared read, instead of a write lock on the shard and a swap of
         // equal values. The answer still comes from the insert when it
         // differs, so two requests racing with a new one report it once.
-        if self
-            .sent_ja4
-            .get(&id)
-            .is_some_and(|before| **before == **ja4)
-        {
-            return false;
+        if let Some(before) = self.sent_ja4.get(&id) {
+            if *before.ja4 == **ja4 {
+                before.seen_ms.store(now_ms, Relaxed);
+                return false;
+            }
         }
-        match self.sent_ja4.insert(id, ja4.clone()) {
-            Some(before) => before != *ja4,
+        let seen = SentJa4 {
+            ja4: ja4.clone(),
+            seen_ms: now_ms.into(),
+        };
+        match self.sent_ja4.insert(id, seen) {
+            Some(before) => before.ja4 != *ja4,
             None => true,
         }
     }
 
     /// The JA4 an identity's upstream connections were last seen to send.
     pub fn sent_ja4(&self, id: IdentityId) -> Option<Arc<str>> {
-        self.sent_ja4.get(&id).map(|j| j.clone())
+        self.sent_ja4.get(&id).map(|seen| seen.ja4.clone())
+    }
+
+    /// Forgets the sent JA4 of identities unseen for `unseen_ms` at `now_ms`:
+    /// longer than any idle timeout, they are retired or about to be.
+    fn forget_sent_ja4_unseen(&self, now_ms: u64, unseen_ms: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sent_ja4
+            .retain(|_, seen| now_ms.saturating_sub(seen.seen_ms.load(Relaxed)) < unseen_ms);
     }
 
     /// The retirement decided for `id` but not yet stored, if any.
@@ -193,14 +216,33 @@ mod tests {
         let (one, other) = (IdentityId::random(), IdentityId::random());
         let a: Arc<str> = Arc::from("t13d1516h2_8daaf6152771_02713d6af862");
         let b: Arc<str> = Arc::from("t13d1517h2_8daaf6152771_b0da82dd1658");
-        assert!(router.observe_sent_ja4(one, &a));
+        assert!(router.observe_sent_ja4(one, &a, 0));
         // The same text in another allocation is not news either.
-        assert!(!router.observe_sent_ja4(one, &Arc::from(&*a)));
-        assert!(!router.observe_sent_ja4(one, &a));
-        assert!(router.observe_sent_ja4(other, &a), "per identity");
-        assert!(router.observe_sent_ja4(one, &b));
-        assert!(!router.observe_sent_ja4(one, &b));
+        assert!(!router.observe_sent_ja4(one, &Arc::from(&*a), 0));
+        assert!(!router.observe_sent_ja4(one, &a, 0));
+        assert!(router.observe_sent_ja4(other, &a, 0), "per identity");
+        assert!(router.observe_sent_ja4(one, &b, 0));
+        assert!(!router.observe_sent_ja4(one, &b, 0));
         assert_eq!(router.sent_ja4(one).as_deref(), Some(&*b));
+    }
+
+    #[tokio::test]
+    async fn the_sweep_forgets_sent_ja4s_unseen_past_every_idle_timeout() {
+        let router = router();
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        let (seen, unseen) = (IdentityId::random(), IdentityId::random());
+        let ja4: Arc<str> = Arc::from("t13d1516h2_8daaf6152771_02713d6af862");
+        router.observe_sent_ja4(seen, &ja4, 0);
+        router.observe_sent_ja4(unseen, &ja4, 0);
+        router.clock().advance(std::time::Duration::from_secs(45));
+        // Seen again: its time moves, though the JA4 is no news.
+        assert!(!router.observe_sent_ja4(seen, &ja4, router.clock().now_ms()));
+        router.clock().advance(std::time::Duration::from_secs(15));
+        // 60 s (the idle timeout) unseen: gone; 15 s: kept.
+        router.sweep(&exits).await.unwrap();
+        assert_eq!(router.sent_ja4(unseen), None);
+        assert_eq!(router.sent_ja4(seen).as_deref(), Some(&*ja4));
+        assert!(router.observe_sent_ja4(unseen, &ja4, router.clock().now_ms()));
     }
 
     #[test]

@@ -77,11 +77,11 @@ impl Pipeline {
         egress_ip: Option<IpAddr>,
         tunnel: Option<&TunnelInfo>,
     ) {
+        let now = self.router.clock().now_ms();
         if let Some(tunnel) = tunnel {
-            self.capture_sent_fingerprint(identity, tunnel);
+            self.capture_sent_fingerprint(identity, tunnel, now);
         }
         let store = self.router.store();
-        let now = self.router.clock().now_ms();
         // The egress address only until one is recorded.
         let egress = egress_ip.filter(|_| identity.egress_ip.is_none());
         if let Err(e) = store.touch(identity.id, now, worked, egress).await {
@@ -93,11 +93,11 @@ impl Pipeline {
     /// client sent: a difference (what the TLS stack cannot say) is logged
     /// once per identity, with both JA4s and what could not be said, and
     /// counted.
-    fn capture_sent_fingerprint(&self, identity: &Identity, tunnel: &TunnelInfo) {
+    fn capture_sent_fingerprint(&self, identity: &Identity, tunnel: &TunnelInfo, now_ms: u64) {
         let Some(sent) = &tunnel.sent_ja4 else {
             return;
         };
-        if !self.router.observe_sent_ja4(identity.id, sent) {
+        if !self.router.observe_sent_ja4(identity.id, sent, now_ms) {
             return;
         }
         let Some(client) = identity.fingerprint.ja4() else {

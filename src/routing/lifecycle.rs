@@ -98,6 +98,14 @@ impl Router {
         if swept != Swept::default() {
             tracing::debug!(?swept, "swept the pin store");
         }
+        // The sweep retires without `retire` (and Redis expires identities
+        // by itself): their sent JA4s go once unseen past every idle timeout.
+        let longest_idle = exits
+            .iter()
+            .filter_map(|exit| exit.spec.options.idle_timeout)
+            .map(crate::clock::duration_ms)
+            .fold(policies.idle_timeout_ms, u64::max);
+        self.forget_sent_ja4_unseen(now, longest_idle);
         Ok(swept)
     }
 }
