@@ -641,6 +641,26 @@ pub fn parse_handshake(message: &[u8]) -> Result<ClientHello, ParseError> {
     parse_body(body)
 }
 
+/// Most extensions a hello pinproxy reads may carry. A browser's has about
+/// twenty and the registry holds about sixty; a hello with thousands is
+/// not a client to mirror, and each is kept with the connection and looked
+/// up among the others.
+pub const MAX_EXTENSIONS: usize = 128;
+
+/// Most entries of any list in a hello pinproxy reads (cipher suites,
+/// groups, signature algorithms, versions, ...): about a hundred ciphers is
+/// the most a real client offers, and every entry an upstream stack cannot
+/// say becomes a gap.
+pub const MAX_LIST: usize = 256;
+
+/// A list of `u16` of at most [`MAX_LIST`] entries.
+fn short_u16_list(bytes: &[u8]) -> Option<Vec<u16>> {
+    if bytes.len() / 2 > MAX_LIST {
+        return None;
+    }
+    u16_list(bytes)
+}
+
 /// Parses the body of a ClientHello (after the handshake header).
 fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
     use ParseError::Malformed;
@@ -655,6 +675,9 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
         return Err(Malformed("legacy_session_id longer than 32 bytes"));
     }
     let suites = r.vec_u16().ok_or(Malformed("cipher_suites"))?;
+    if suites.len() / 2 > MAX_LIST {
+        return Err(Malformed("more than 256 cipher_suites"));
+    }
     let cipher_suites = u16_list(suites).ok_or(Malformed("cipher_suites odd length"))?;
     if cipher_suites.is_empty() {
         return Err(Malformed("no cipher_suites"));
@@ -703,6 +726,9 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ParseError> {
     for _ in 0..=block.len() / 4 {
         if exts.is_empty() {
             break;
+        }
+        if hello.extensions.len() == MAX_EXTENSIONS {
+            return Err(Malformed("more than 128 extensions"));
         }
         let kind = exts.u16().ok_or(Malformed("extension type"))?;
         let data = exts.vec_u16().ok_or(Malformed("extension length"))?;
@@ -756,7 +782,7 @@ fn decode_extension(hello: &mut ClientHello, kind: u16, data: &[u8]) -> Option<(
         ext::ALPN => hello.alpn = Some(decode_protocols(data)?),
         ext::SUPPORTED_VERSIONS => {
             let mut r = Reader::new(data);
-            let list = u16_list(r.vec_u8()?)?;
+            let list = short_u16_list(r.vec_u8()?)?;
             r.is_empty().then_some(())?;
             hello.supported_versions = Some(list);
         }
@@ -768,7 +794,7 @@ fn decode_extension(hello: &mut ClientHello, kind: u16, data: &[u8]) -> Option<(
         }
         ext::COMPRESS_CERTIFICATE => {
             let mut r = Reader::new(data);
-            let list = u16_list(r.vec_u8()?)?;
+            let list = short_u16_list(r.vec_u8()?)?;
             r.is_empty().then_some(())?;
             hello.compress_certificate = Some(list);
         }
@@ -799,7 +825,7 @@ fn decode_extension(hello: &mut ClientHello, kind: u16, data: &[u8]) -> Option<(
 /// A `u16` list with a two-byte length prefix that fills `data` exactly.
 fn u16_vector(data: &[u8]) -> Option<Vec<u16>> {
     let mut r = Reader::new(data);
-    let list = u16_list(r.vec_u16()?)?;
+    let list = short_u16_list(r.vec_u16()?)?;
     r.is_empty().then_some(list)
 }
 
@@ -843,6 +869,9 @@ fn decode_key_share(data: &[u8]) -> Option<Vec<u16>> {
         if shares.is_empty() {
             break;
         }
+        if groups.len() == MAX_LIST {
+            return None;
+        }
         groups.push(shares.u16()?);
         shares.vec_u16()?;
     }
@@ -863,6 +892,9 @@ fn decode_protocols(data: &[u8]) -> Option<Vec<Vec<u8>>> {
         if names.is_empty() {
             break;
         }
+        if protocols.len() == MAX_LIST {
+            return None;
+        }
         protocols.push(names.vec_u8()?.to_vec());
     }
     names.is_empty().then_some(protocols)
@@ -871,6 +903,73 @@ fn decode_protocols(data: &[u8]) -> Option<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ClientHello body (no handshake header) offering `ciphers` cipher
+    /// suites and carrying `extensions` (type, data).
+    fn hello_body(ciphers: usize, extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[0; 32]);
+        body.push(0); // no session id
+        let suites: Vec<u8> = (0..ciphers)
+            .flat_map(|i| (0x1301 + i as u16).to_be_bytes())
+            .collect();
+        body.extend_from_slice(&(suites.len() as u16).to_be_bytes());
+        body.extend_from_slice(&suites);
+        body.extend_from_slice(&[1, 0]); // null compression
+        let mut block = Vec::new();
+        for (kind, data) in extensions {
+            block.extend_from_slice(&kind.to_be_bytes());
+            block.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            block.extend_from_slice(data);
+        }
+        body.extend_from_slice(&(block.len() as u16).to_be_bytes());
+        body.extend_from_slice(&block);
+        body
+    }
+
+    /// A `u16` vector with its two-byte length, as a group or signature
+    /// algorithm list is sent.
+    fn u16_vector_of(count: usize) -> Vec<u8> {
+        let mut data = ((count * 2) as u16).to_be_bytes().to_vec();
+        data.extend((0..count).flat_map(|i| (0x0100 + i as u16).to_be_bytes()));
+        data
+    }
+
+    #[test]
+    fn a_hello_is_read_within_its_extension_and_list_bounds() {
+        // Unknown extensions, none repeated: the most a hello may carry.
+        let unknown = |n: usize| -> Vec<(u16, Vec<u8>)> {
+            (0..n).map(|i| (0x7000 + i as u16, Vec::new())).collect()
+        };
+        let hello = parse_body(&hello_body(4, &unknown(MAX_EXTENSIONS))).unwrap();
+        assert_eq!(hello.extensions.len(), MAX_EXTENSIONS);
+        assert_eq!(
+            parse_body(&hello_body(4, &unknown(MAX_EXTENSIONS + 1))).err(),
+            Some(ParseError::Malformed("more than 128 extensions"))
+        );
+        // Thousands of them (a 64 KiB hello) are refused as quickly.
+        assert!(parse_body(&hello_body(4, &unknown(16_000))).is_err());
+
+        assert_eq!(
+            parse_body(&hello_body(MAX_LIST, &[]))
+                .unwrap()
+                .cipher_suites
+                .len(),
+            256
+        );
+        assert_eq!(
+            parse_body(&hello_body(MAX_LIST + 1, &[])).err(),
+            Some(ParseError::Malformed("more than 256 cipher_suites"))
+        );
+        // A list inside an extension past the bound: that extension is
+        // malformed, the hello still read.
+        let groups = |n| hello_body(4, &[(ext::SUPPORTED_GROUPS, u16_vector_of(n))]);
+        let hello = parse_body(&groups(MAX_LIST)).unwrap();
+        assert_eq!(hello.supported_groups.map(|g| g.len()), Some(MAX_LIST));
+        let hello = parse_body(&groups(MAX_LIST + 1)).unwrap();
+        assert_eq!(hello.supported_groups, None);
+        assert_eq!(hello.malformed_extensions, [ext::SUPPORTED_GROUPS]);
+    }
 
     #[test]
     fn grease_values() {

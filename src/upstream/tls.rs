@@ -51,6 +51,25 @@ pub struct Gap {
     pub detail: String,
 }
 
+/// Most gaps kept for one hello. Its lists are bounded
+/// ([`crate::fingerprint::client_hello::MAX_LIST`]), but a hello of hundreds
+/// of unknown entries would still keep a string for each in every cached
+/// connector and log line.
+pub const MAX_GAPS: usize = 64;
+
+/// `gaps`, at most [`MAX_GAPS`] of them: past that, the last says how many
+/// more there were (with the kind of the first it stands for).
+pub fn bounded_gaps(mut gaps: Vec<Gap>) -> Arc<[Gap]> {
+    if gaps.len() > MAX_GAPS {
+        let more = gaps.len() - (MAX_GAPS - 1);
+        gaps.truncate(MAX_GAPS);
+        if let Some(last) = gaps.last_mut() {
+            last.detail = format!("and {more} more");
+        }
+    }
+    gaps.into()
+}
+
 /// What a shaped connection says, beyond the hello itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape<'a> {
@@ -304,6 +323,27 @@ impl AsyncWrite for TlsConn {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn gaps_past_the_bound_are_summed_up_in_the_last() {
+        let gaps = |n: usize| -> Vec<Gap> {
+            (0..n)
+                .map(|i| Gap {
+                    kind: if i < 70 { "cipher" } else { "group" },
+                    detail: format!("cipher {i:#06x}"),
+                })
+                .collect()
+        };
+        assert_eq!(&*bounded_gaps(gaps(MAX_GAPS)), &gaps(MAX_GAPS)[..]);
+        let bounded = bounded_gaps(gaps(1000));
+        assert_eq!(bounded.len(), MAX_GAPS);
+        assert_eq!(&bounded[..MAX_GAPS - 1], &gaps(MAX_GAPS - 1)[..]);
+        let last = &bounded[MAX_GAPS - 1];
+        assert_eq!(
+            (last.kind, last.detail.as_str()),
+            ("cipher", "and 937 more")
+        );
+    }
     use rustls_pki_types::CertificateDer;
     use std::path::Path;
 

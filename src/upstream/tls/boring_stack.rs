@@ -421,7 +421,7 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
         alps,
         trust_anchors,
         ech_grease: hello.ech(),
-        gaps: gaps.into(),
+        gaps: super::bounded_gaps(gaps),
     })
 }
 

@@ -240,7 +240,7 @@ fn prepare(roots: &Store, shape: Shape<'_>) -> Result<Prepared, String> {
     Ok(Prepared {
         ctx,
         sni,
-        gaps: differences(&want, &got.fresh_and_anonymous(), &alpn).into(),
+        gaps: super::bounded_gaps(differences(&want, &got.fresh_and_anonymous(), &alpn)),
     })
 }
 
