@@ -134,6 +134,15 @@ impl ConnectionHeader {
                     continue;
                 }
                 only_options = false;
+                // Only names the message carries matter, each once: a list
+                // of a hundred thousand tokens costs a lookup each, not an
+                // allocation each and a comparison with every header.
+                let known = listed
+                    .iter()
+                    .any(|name: &HeaderName| name.as_str().eq_ignore_ascii_case(token));
+                if known || !headers.contains_key(token) {
+                    continue;
+                }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                     listed.push(name);
                 }
@@ -150,6 +159,25 @@ impl ConnectionHeader {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn a_connection_header_lists_each_present_name_once() {
+        let mut tokens = vec!["a"; 100_000];
+        tokens.extend(["X-Drop", "keep-alive", "x-drop", "absent"]);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.insert("x-drop", HeaderValue::from_static("1"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(&tokens.join(", ")).unwrap(),
+        );
+        let connection = ConnectionHeader::of(&headers);
+        assert_eq!(connection.listed, ["x-drop"]);
+        assert!(!connection.only_options);
+        sanitize_response(&mut headers);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+    }
 
     #[test]
     fn each_match_holds_exactly_its_list() {
