@@ -60,6 +60,10 @@ const RECORD_BUF: usize = 16 * 1024 + 2048;
 /// Most steps one poll takes before it yields; each step moves bytes or
 /// ends, so this only bounds the work done per wake-up.
 const MAX_STEPS: usize = 64;
+
+/// Most ciphertext for the peer that may wait unwritten while the stream
+/// still reads from it: a few records' worth.
+const MAX_UNSENT: usize = 64 * 1024;
 /// The SNI the trial hello carries (only its presence matters to the
 /// comparison; padding, whose size follows the name's length, is not
 /// compared).
@@ -758,6 +762,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> OpensslStream<T> {
         Poll::Pending
     }
 
+    /// Ciphertext produced for the peer and not yet written to `io`.
+    fn unsent(&mut self) -> usize {
+        let taken = self.out_end.saturating_sub(self.out_start);
+        self.ssl.pending_output().saturating_add(taken)
+    }
+
     /// Reads once from `io` into the read BIO (or tells OpenSSL `io` ended).
     fn poll_fill_in(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut buf = ReadBuf::new(&mut self.incoming);
@@ -791,9 +801,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> OpensslStream<T> {
                 Step::WantRead => {
                     // Our flight first: the peer may be waiting for it. If
                     // `io` cannot take it yet, read all the same (both
-                    // wake-ups are registered).
-                    if let Poll::Ready(Err(e)) = self.poll_flush_out(cx) {
-                        return Poll::Ready(Err(e));
+                    // wake-ups are registered), unless too much already
+                    // waits: a peer that sends without reading (KeyUpdates
+                    // asking for an answer each) would otherwise grow the
+                    // write BIO for as long as it kept sending.
+                    match self.poll_flush_out(cx) {
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if self.unsent() > MAX_UNSENT => return Poll::Pending,
+                        _ => {}
                     }
                     if self.eof {
                         return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
