@@ -512,8 +512,9 @@ fn group_name(id: u16) -> Option<&'static str> {
 }
 
 /// Most bytes a compressed certificate chain may inflate to (TLS caps a
-/// handshake message at 2^24 bytes): an origin cannot make pinproxy
-/// inflate a bomb.
+/// handshake message at 2^24 bytes). The decoders stream into the buffer
+/// BoringSSL sized from the message's stated length, and stop with an
+/// error where it is full: a bomb costs neither memory nor time past that.
 const MAX_CERTIFICATE_CHAIN: u64 = 1 << 24;
 
 /// Decompresses brotli-compressed certificates (RFC 8879).
@@ -525,11 +526,9 @@ impl CertificateCompressor for Brotli {
     const CAN_DECOMPRESS: bool = true;
 
     fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
-        let mut decoded = Vec::new();
-        brotli_decompressor::Decompressor::new(input, 4096)
-            .take(MAX_CERTIFICATE_CHAIN)
-            .read_to_end(&mut decoded)?;
-        output.write_all(&decoded)
+        let mut decoder =
+            brotli_decompressor::Decompressor::new(input, 4096).take(MAX_CERTIFICATE_CHAIN);
+        io::copy(&mut decoder, output).map(drop)
     }
 }
 
@@ -542,11 +541,8 @@ impl CertificateCompressor for Zlib {
     const CAN_DECOMPRESS: bool = true;
 
     fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
-        let mut decoded = Vec::new();
-        flate2::read::ZlibDecoder::new(input)
-            .take(MAX_CERTIFICATE_CHAIN)
-            .read_to_end(&mut decoded)?;
-        output.write_all(&decoded)
+        let mut decoder = flate2::read::ZlibDecoder::new(input).take(MAX_CERTIFICATE_CHAIN);
+        io::copy(&mut decoder, output).map(drop)
     }
 }
 
@@ -554,6 +550,28 @@ impl CertificateCompressor for Zlib {
 mod tests {
     use super::*;
     use crate::fingerprint::client_hello::ClientHello;
+
+    #[test]
+    fn a_compressed_certificate_inflates_into_its_stated_length_and_no_further() {
+        use std::io::Write as _;
+        let zlib = |data: &[u8]| {
+            let mut encoder =
+                flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(data).unwrap();
+            encoder.finish().unwrap()
+        };
+        let chain = b"a certificate chain, as the origin sent it".to_vec();
+        let mut exact = vec![0u8; chain.len()];
+        Zlib.decompress(&zlib(&chain), &mut io::Cursor::new(&mut exact[..]))
+            .unwrap();
+        assert_eq!(exact, chain);
+        // A megabyte of zeros stated as 100 bytes: refused where the
+        // buffer ends (it used to be inflated whole first).
+        let bomb = zlib(&vec![0; 1 << 20]);
+        let mut stated = [0u8; 100];
+        let refused = Zlib.decompress(&bomb, &mut io::Cursor::new(&mut stated[..]));
+        assert_eq!(refused.map_err(|e| e.kind()), Err(io::ErrorKind::WriteZero));
+    }
 
     fn hello(fixture: &str) -> ClientHello {
         crate::upstream::tls::tests::fixture(fixture)
