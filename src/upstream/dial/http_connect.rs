@@ -88,6 +88,12 @@ async fn read_connect_reply(
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
+        // A head ends with a line feed: without a new one there is nothing
+        // new to parse (an exit answering a byte at a time would otherwise
+        // have the whole head parsed again for every byte).
+        if memchr::memchr(b'\n', &chunk[..n]).is_none() && buf.len() < MAX_CONNECT_REPLY {
+            continue;
+        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut reply = httparse::Response::new(&mut headers);
         match reply.parse(&buf) {
@@ -119,5 +125,56 @@ async fn read_connect_reply(
             }
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// The answer `read_connect_reply` reads from an exit that writes
+    /// `reply` in pieces of `piece` bytes.
+    async fn reply_in_pieces(
+        reply: Vec<u8>,
+        piece: usize,
+    ) -> io::Result<(u16, String, Option<IpAddr>)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let exit = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await?;
+            socket.set_nodelay(true)?;
+            for part in reply.chunks(piece) {
+                socket.write_all(part).await?;
+                socket.flush().await?;
+            }
+            // Held open until the reader is done with it.
+            let mut rest = Vec::new();
+            socket.read_to_end(&mut rest).await.map(drop)
+        });
+        let mut tcp = TcpStream::connect(addr).await?;
+        let header = HeaderName::from_static("x-exit-ip");
+        let read = read_connect_reply(&mut tcp, Some(&header)).await;
+        drop(tcp);
+        let _ = exit.await;
+        read
+    }
+
+    #[tokio::test]
+    async fn an_answer_written_a_byte_at_a_time_is_read_whole() {
+        let reply = b"HTTP/1.1 200 Connection established\r\nX-Exit-IP: 127.0.0.9\r\n\r\n".to_vec();
+        let (status, reason, ip) = reply_in_pieces(reply, 1).await.unwrap();
+        assert_eq!(
+            (status, reason.as_str(), ip),
+            (200, "Connection established", "127.0.0.9".parse().ok())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_no_line_end_is_refused_at_the_bound() {
+        let mut reply = b"HTTP/1.1 200 ".to_vec();
+        reply.resize(MAX_CONNECT_REPLY + 1024, b'o');
+        let error = reply_in_pieces(reply, 1024).await.unwrap_err();
+        assert_eq!(error.to_string(), "the CONNECT answer header is too large");
     }
 }
