@@ -29,10 +29,15 @@
 //!
 //! Like the writer it replaces, it is lossy: beyond [`BUFFERED_LINES`]
 //! waiting lines new ones are dropped, so that a stderr nobody reads cannot
-//! stop the proxy. [`LineGuard`] writes what is still queued when dropped.
+//! stop the proxy, and so are lines longer than [`LONG_LINE`] once
+//! [`LONG_LINE_BYTES`] of them wait: a line can name a request's cookies,
+//! and lines of kilobytes by the hundred thousand would otherwise wait in
+//! memory. [`LineGuard`] writes what is still queued when dropped.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -46,6 +51,16 @@ pub const QUIET_POLLS: u32 = 20;
 
 /// Lines waiting for the thread before new ones are dropped.
 pub const BUFFERED_LINES: usize = 128 * 1024;
+
+/// A line longer than this counts against [`LONG_LINE_BYTES`] while it
+/// waits (an access line is a few hundred bytes, so the count is not
+/// touched on the request path's usual lines).
+pub const LONG_LINE: usize = 1024;
+
+/// Bytes of long lines that may wait for the thread before new long ones
+/// are dropped: with at most [`BUFFERED_LINES`] short ones besides, a
+/// stalled stderr holds at most about 192 MiB of lines.
+pub const LONG_LINE_BYTES: usize = 64 << 20;
 
 /// Emptied line buffers kept for the next lines, at most (a few batches'
 /// worth at tens of thousands of lines a second).
@@ -78,6 +93,8 @@ pub struct LineWriter {
 struct Queue {
     lines: SyncSender<Message>,
     spares: crossbeam_channel::Receiver<Vec<u8>>,
+    /// Bytes of lines longer than [`LONG_LINE`] waiting for the thread.
+    long_bytes: Arc<AtomicUsize>,
 }
 
 /// How the writer thread polls.
@@ -128,14 +145,17 @@ impl LineWriter {
     ) -> io::Result<(LineWriter, LineGuard)> {
         let (lines, queue) = mpsc::sync_channel(BUFFERED_LINES);
         let (give_back, spares) = crossbeam_channel::bounded(SPARE_BUFFERS);
+        let long_bytes = Arc::new(AtomicUsize::new(0));
+        let taken = long_bytes.clone();
         thread::Builder::new()
             .name("pinproxy-log".into())
-            .spawn(move || write_lines(&queue, &give_back, out, pace))?;
+            .spawn(move || write_lines(&queue, &give_back, &taken, out, pace))?;
         Ok((
             LineWriter {
                 queue: Some(Queue {
                     lines: lines.clone(),
                     spares,
+                    long_bytes,
                 }),
             },
             LineGuard { lines },
@@ -147,9 +167,21 @@ impl LineWriter {
     pub fn line(&self, bytes: &[u8]) -> bool {
         match &self.queue {
             Some(queue) => {
+                let long = bytes.len() > LONG_LINE;
+                if long {
+                    let waiting = queue.long_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
+                    if waiting.saturating_add(bytes.len()) > LONG_LINE_BYTES {
+                        queue.long_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+                        return false;
+                    }
+                }
                 let mut line = queue.spares.try_recv().unwrap_or_default();
                 line.extend_from_slice(bytes);
-                queue.lines.try_send(Message::Line(line)).is_ok()
+                let sent = queue.lines.try_send(Message::Line(line)).is_ok();
+                if long && !sent {
+                    queue.long_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+                }
+                sent
             }
             None => io::stderr().write_all(bytes).is_ok(),
         }
@@ -195,6 +227,7 @@ impl Drop for LineGuard {
 fn write_lines(
     queue: &Receiver<Message>,
     give_back: &crossbeam_channel::Sender<Vec<u8>>,
+    long_bytes: &AtomicUsize,
     mut out: impl Write,
     pace: Pace,
 ) {
@@ -225,6 +258,9 @@ fn write_lines(
             match message {
                 Message::Line(mut line) => {
                     batch.extend_from_slice(&line);
+                    if line.len() > LONG_LINE {
+                        long_bytes.fetch_sub(line.len(), Ordering::Relaxed);
+                    }
                     if line.capacity() <= SPARE_CAPACITY {
                         line.clear();
                         // Full: enough spares wait already; this one is freed.
@@ -367,5 +403,42 @@ mod tests {
         drop(held);
         drop(guard);
         assert!(dropped >= 1000, "{dropped} lines dropped");
+    }
+
+    #[test]
+    fn long_lines_wait_up_to_their_byte_budget_and_short_ones_still_pass() {
+        // A sink that blocks until released, counting what it was given.
+        struct Stuck(Arc<Mutex<usize>>);
+        impl Write for Stuck {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                let mut written = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                *written += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let written = Arc::new(Mutex::new(0));
+        let held = written.lock().unwrap_or_else(|e| panic!("{e}"));
+        let (writer, guard) =
+            LineWriter::start(Stuck(written.clone())).unwrap_or_else(|e| panic!("{e}"));
+        // 64 KiB lines: the budget holds 1,024 of them (one more may be in
+        // the batch the thread is stuck writing).
+        let long = vec![b'x'; 64 * 1024];
+        let taken = (0..2_000).filter(|_| writer.line(&long)).count();
+        assert!(
+            (LONG_LINE_BYTES / long.len()..=LONG_LINE_BYTES / long.len() + 1).contains(&taken),
+            "{taken} long lines taken"
+        );
+        assert!(writer.line(&[b'y'; LONG_LINE]), "a short line still passes");
+        drop(held);
+        drop(guard);
+        let written = *written.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(
+            written,
+            taken * long.len() + LONG_LINE,
+            "what was taken is written"
+        );
     }
 }
