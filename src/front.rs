@@ -26,6 +26,7 @@
 pub mod fingerprint;
 pub mod gate;
 pub mod framing;
+pub mod h2_idle;
 pub mod limits;
 pub mod listener;
 pub mod passthrough;

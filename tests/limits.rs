@@ -566,6 +566,37 @@ async fn pacing_spaces_an_identity_s_requests_at_the_origin() {
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_is_open() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.timeouts.client_idle = Duration::from_millis(600))
+        .start()
+        .await;
+    let port = s.origin.https.port();
+    // Idle after a request: closed (GOAWAY) within the limit and a quarter.
+    let mut idle = s.proxy.client.tunnel_h2("localhost", port).await;
+    assert_eq!(idle.get("/", &[]).await.status, 200);
+    let started = Instant::now();
+    assert!(idle.closed_within(Duration::from_secs(5)).await);
+    println!(
+        "an idle HTTP/2 connection was closed {:?} after its last answer (client_idle 600 ms)",
+        started.elapsed()
+    );
+    // A connection that never sent a request is closed too.
+    let silent = s.proxy.client.tunnel_h2("localhost", port).await;
+    assert!(silent.closed_within(Duration::from_secs(5)).await);
+    // A response whose body takes 2 s (past the limit, with the client
+    // sending nothing meanwhile) holds the connection open: the next
+    // request goes on it (after a GOAWAY it could not).
+    let mut busy = s.proxy.client.tunnel_h2("localhost", port).await;
+    let reply = busy.get("/pause?head_ms=0&body_ms=2000", &[]).await;
+    assert_eq!((reply.status.as_u16(), reply.body.as_str()), (200, "ab"));
+    assert_eq!(busy.get("/", &[]).await.status, 200);
+    assert!(busy.closed_within(Duration::from_secs(5)).await);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn idle_and_slow_client_connections_are_closed() {
     let s = Setup::builder()
         .exits(1)

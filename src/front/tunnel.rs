@@ -32,7 +32,7 @@ use super::framing::{self, Park, RequestGuard};
 use super::listener::{drive, log_connection_end, Place};
 use super::queue_room::QueueRoom;
 use super::rewind::Rewind;
-use super::{limits, Frontend};
+use super::{h2_idle, limits, Frontend};
 use crate::fingerprint::ClientConnection;
 use crate::mitm::leaf::LeafName;
 use crate::proxy::target::Tunnel;
@@ -392,10 +392,13 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // HTTP/2 frames its messages itself (and hyper refuses what RFC 9113
-    // forbids: connection-specific headers, false content-lengths); only
-    // the rate limit applies here.
+    // forbids: connection-specific headers, false content-lengths); the
+    // rate limit and the idle limit apply here.
+    let activity = h2_idle::Activity::default();
     let service = tunnel_service(frontend.clone(), tunnel);
     let service = limits::rated(frontend.clients.clone(), client, service);
+    let service = h2_idle::counted(activity.clone(), service);
+    let io = activity.watch(io);
     let header_limit = u32::try_from(frontend.settings.max_header_bytes).unwrap_or(u32::MAX);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -406,7 +409,14 @@ where
         // WebSockets over HTTP/2 (RFC 8441).
         .enable_connect_protocol()
         .serve_connection(TokioIo::new(io), service);
-    let result = drive(conn, &frontend.shutdown, |c| c.graceful_shutdown()).await;
+    let result = h2_idle::drive(
+        conn,
+        &frontend.shutdown,
+        &activity,
+        frontend.settings.client_idle,
+        |c| c.graceful_shutdown(),
+    )
+    .await;
     log_connection_end(result);
 }
 

@@ -245,6 +245,8 @@ impl Conn {
 pub struct H2Conn {
     sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     authority: String,
+    /// Cancelled when the connection ends (pinproxy or the client closed it).
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl ProxyClient {
@@ -286,15 +288,28 @@ impl ProxyClient {
             "pinproxy speaks h2"
         );
         let (sender, conn) = builder.handshake(TokioIo::new(tls)).await.unwrap();
-        tokio::spawn(conn);
+        let closed = tokio_util::sync::CancellationToken::new();
+        let ended = closed.clone();
+        tokio::spawn(async move {
+            let _ = conn.await;
+            ended.cancel();
+        });
         H2Conn {
             sender,
             authority: target,
+            closed,
         }
     }
 }
 
 impl H2Conn {
+    /// Whether the connection ends within `wait` (pinproxy closed it).
+    pub async fn closed_within(&self, wait: std::time::Duration) -> bool {
+        tokio::time::timeout(wait, self.closed.cancelled())
+            .await
+            .is_ok()
+    }
+
     /// The underlying sender (extended CONNECT and other special requests).
     pub fn sender(&mut self) -> &mut hyper::client::conn::http2::SendRequest<Full<Bytes>> {
         &mut self.sender
