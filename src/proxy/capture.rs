@@ -301,3 +301,54 @@ pub async fn learn(
     }
     Ok(Some(identity))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::{Credential, PinHasher};
+
+    fn set(count: usize, name_len: usize, deletes: bool) -> Vec<SetTrackedCookie> {
+        let hasher = PinHasher::new([1; 32]);
+        (0..count)
+            .map(|i| {
+                let mut name = format!("_px3_{i}");
+                while name.len() < name_len {
+                    name.push('x');
+                }
+                let key = hasher.cookie(&name, "v");
+                SetTrackedCookie {
+                    cookie: Credential::cookie(name.as_str(), key),
+                    deletes,
+                    expires_ms: None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_may_set_256_tracked_cookies_with_names_of_1024_bytes() {
+        assert_eq!(
+            unpinnable(&set(cookies::MAX_TRACKED_PER_RESPONSE, 0, false)),
+            None
+        );
+        let refused = unpinnable(&set(cookies::MAX_TRACKED_PER_RESPONSE + 1, 0, false));
+        assert!(
+            refused.as_deref().is_some_and(
+                |why| why.starts_with("the origin set 257 tracked cookies in one answer")
+            ),
+            "{refused:?}"
+        );
+        // Deletions pin nothing: they do not count.
+        let mut many = set(cookies::MAX_TRACKED_PER_RESPONSE, 0, false);
+        many.extend(set(10, 0, true));
+        assert_eq!(unpinnable(&many), None);
+        assert_eq!(unpinnable(&set(1, cookies::MAX_TRACKED_NAME, false)), None);
+        let refused = unpinnable(&set(1, cookies::MAX_TRACKED_NAME + 1, false));
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|why| why.contains("whose name is 1025 bytes long")),
+            "{refused:?}"
+        );
+    }
+}

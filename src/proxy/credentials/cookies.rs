@@ -223,20 +223,22 @@ pub struct SetTrackedCookie {
 }
 
 /// Most tracked cookies (distinct name and value pairs) one request may
-/// carry. A jar holds a handful per site; every one of them becomes a pin,
-/// kept for its lifetime, so a request with thousands would be thousands of
-/// pins, and finding repeats among them costs time in their square.
-pub const MAX_TRACKED_PER_REQUEST: usize = 64;
+/// carry. A browser keeps at most about 180 cookies per site, so even a
+/// policy that tracks every name (`track_cookies = ["*"]`) stays under it;
+/// every tracked cookie becomes a pin, kept for its lifetime, so a request
+/// with thousands would be thousands of pins, and finding repeats among
+/// them costs time in their square.
+pub const MAX_TRACKED_PER_REQUEST: usize = 256;
 
 /// Most tracked cookies one response may set (deletions aside): each
 /// becomes a pin, as on a request, and the answer itself is refused past
 /// it (the client must never hold a tracked cookie that was not pinned).
-pub const MAX_TRACKED_PER_RESPONSE: usize = 64;
+pub const MAX_TRACKED_PER_RESPONSE: usize = 256;
 
 /// Longest tracked cookie name, in bytes. A name matched by a pattern
 /// (`_px*`, `incap_ses_*`) is kept as sent, in every pin, log line and
 /// store row; real ones are a few dozen bytes.
-pub const MAX_TRACKED_NAME: usize = 256;
+pub const MAX_TRACKED_NAME: usize = 1024;
 
 /// A request whose cookies cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -642,7 +644,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_carries_at_most_64_tracked_cookies_with_names_of_256_bytes() {
+    fn a_request_carries_at_most_256_tracked_cookies_with_names_of_1024_bytes() {
         let (p, h) = (policy(), hasher());
         let read = |cookie: &str| {
             let mut headers = HeaderMap::new();
@@ -655,10 +657,13 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        assert_eq!(read(&jar(MAX_TRACKED_PER_REQUEST)).unwrap().len(), 64);
+        assert_eq!(
+            read(&jar(MAX_TRACKED_PER_REQUEST)).unwrap().len(),
+            MAX_TRACKED_PER_REQUEST
+        );
         // Repeats and untracked names do not count.
         let repeated = format!("{}; session_0=v; _gid=1", jar(MAX_TRACKED_PER_REQUEST));
-        assert_eq!(read(&repeated).unwrap().len(), 64);
+        assert_eq!(read(&repeated).unwrap().len(), MAX_TRACKED_PER_REQUEST);
         assert!(matches!(
             read(&jar(MAX_TRACKED_PER_REQUEST + 1)),
             Err(CookieError::TooMany)
@@ -682,7 +687,7 @@ mod tests {
         assert_eq!(read(&format!("{longest}=v")).unwrap().len(), 1);
         assert!(matches!(
             read(&format!("{longest}x=v")),
-            Err(CookieError::NameTooLong { len: 257 })
+            Err(CookieError::NameTooLong { len: 1025 })
         ));
         // An untracked name of any length is not the tracker's business.
         let untracked = format!("u{}=v; datadome=1", "x".repeat(4096));
