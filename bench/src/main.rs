@@ -155,6 +155,11 @@ struct SuiteArgs {
     /// Requests of the longer callgrind run per proxy (the shorter sends a third).
     #[arg(long, default_value_t = 6000)]
     callgrind_requests: u64,
+    /// Only these rows of the callgrind phase, comma-separated keys
+    /// (pinproxy, pinproxy-cookies, hudsucker, ...) [default: every row].
+    /// For quick before/after counts while tuning.
+    #[arg(long, value_delimiter = ',')]
+    callgrind_rows: Vec<String>,
     /// Identities founded per fingerprint mode to measure memory per
     /// upstream connection.
     #[arg(long, default_value_t = 1000)]
@@ -455,6 +460,7 @@ fn main() -> Result<()> {
             store_scale_pins: a.store_scale_pins,
             callgrind_dir: a.callgrind_dir,
             callgrind_requests: a.callgrind_requests,
+            callgrind_rows: a.callgrind_rows,
             upstream_conns: a.upstream_conns,
             clean_build: a.clean_build,
             fleet_replicas: a.fleet_replicas,

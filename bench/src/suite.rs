@@ -100,6 +100,8 @@ pub struct SuiteConfig {
     pub callgrind_dir: Option<PathBuf>,
     /// Requests of the longer callgrind run (the shorter has a third).
     pub callgrind_requests: u64,
+    /// The callgrind rows counted (their keys; every row when empty).
+    pub callgrind_rows: Vec<String>,
     /// Identities founded to measure memory per upstream connection.
     pub upstream_conns: u64,
     /// Time a clean `cargo build --release` of pinproxy (about 10 minutes).

@@ -420,6 +420,10 @@ fn count_all(suite: &mut Suite, h2_origin: &mut Server) -> Result<()> {
         if subject.key.starts_with(PEER) && suite.config.peer.is_none() {
             continue;
         }
+        let rows = &suite.config.callgrind_rows;
+        if !rows.is_empty() && !rows.iter().any(|row| row == subject.key) {
+            continue;
+        }
         if subject.http2 {
             std::mem::swap(&mut suite.origin, h2_origin);
         }
