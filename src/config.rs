@@ -616,6 +616,11 @@ pub struct Timeouts {
     /// Time a client has to finish its TLS handshake inside a CONNECT tunnel.
     #[serde(with = "humantime_serde")]
     pub tls_handshake: Duration,
+    /// How long a relay pinproxy does not read (a passed-through tunnel, a
+    /// WebSocket) may carry no byte either way before it is closed (within
+    /// a quarter more); `"0s"`: never closed for idleness.
+    #[serde(with = "humantime_serde")]
+    pub relay_idle: Duration,
     /// On SIGTERM/SIGINT: how long in-flight requests get to finish (the
     /// listener stops accepting at once), then how long background store
     /// writes get, before the daemon exits.
@@ -632,6 +637,7 @@ impl Default for Timeouts {
             response_head: Duration::from_secs(120),
             pool_idle: Duration::from_secs(90),
             tls_handshake: Duration::from_secs(10),
+            relay_idle: Duration::from_secs(600),
             shutdown: Duration::from_secs(30),
         }
     }

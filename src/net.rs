@@ -11,6 +11,9 @@ use std::sync::Arc;
 
 use http::Uri;
 
+pub mod read_count;
+pub mod relay;
+
 /// A host and port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HostPort {

@@ -45,6 +45,7 @@ pub mod upgrade;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -105,6 +106,9 @@ pub struct Pipeline {
     pub pacer: Arc<pacing::Pacer>,
     /// How identities are paced (`identities.max_in_flight` and friends).
     pub pacing: pacing::PacingSettings,
+    /// How long a passed-through tunnel or a WebSocket may carry nothing
+    /// before it is closed (`timeouts.relay_idle`; `None`: never).
+    pub relay_idle: Option<Duration>,
 }
 
 impl Pipeline {

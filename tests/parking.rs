@@ -13,7 +13,6 @@ use crate::support;
 
 use futures_util::{SinkExt, StreamExt};
 use support::{admin, Setup};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::Message;
 
 const CLIENT_PARKED: &str = "pinproxy_client_connections_parked_total";
@@ -89,17 +88,7 @@ async fn an_answer_slower_than_the_park_time_is_never_cut() {
 #[tokio::test]
 async fn a_websocket_in_a_tunnel_is_never_parked() {
     let s = Setup::start(1).await;
-    let port = s.origin.https.port();
-    let tls = s
-        .proxy
-        .client
-        .tls_stream("localhost", port, &[b"http/1.1"])
-        .await;
-    let request = format!("wss://localhost:{port}/ws")
-        .into_client_request()
-        .unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
-    assert_eq!(response.status(), 101);
+    let mut ws = s.proxy.client.websocket(s.origin.https.port()).await;
     ws.send(Message::text("before")).await.unwrap();
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
     // Idle for longer than the park time.

@@ -6,6 +6,7 @@ use crate::support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::origin::reported_peer;
@@ -14,8 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Opens a CONNECT to `origin.test` (resolved by the test exits), naming
 /// `user` in Proxy-Authorization if given, then TLS trusting only the
-/// origin's own CA, and GETs `/`. Returns the reported peer.
-async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net::IpAddr {
+/// origin's own CA.
+async fn raw_tls(
+    proxy: &Proxy,
+    origin: &Origin,
+    user: Option<&str>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use base64::Engine as _;
     let target = format!("origin.test:{}", origin.https.port());
     let mut tcp = tokio::net::TcpStream::connect(proxy.daemon.local_addr())
@@ -48,10 +53,16 @@ async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("origin.test").unwrap(), tcp)
         .await
-        .expect("the origin's own certificate, not a pinproxy leaf");
+        .expect("the origin's own certificate, not a pinproxy leaf")
+}
+
+/// [`raw_tls`], then a GET of `/`. Returns the reported peer.
+async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net::IpAddr {
+    let target = format!("origin.test:{}", origin.https.port());
+    let mut tls = raw_tls(proxy, origin, user).await;
     tls.write_all(
         format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -108,5 +119,52 @@ async fn include_limits_interception_to_the_listed_hosts() {
     // localhost is: intercepted as usual.
     let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
     assert_eq!(conn.get("/", &[]).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
+    use http_body_util::{BodyExt, Empty};
+    let limit = Duration::from_millis(600);
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.mitm.exclude = vec!["*.test".into()];
+            c.timeouts.relay_idle = limit;
+        })
+        .start()
+        .await;
+    let tls = raw_tls(&s.proxy, &s.origin, None).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Busy for twice the limit, a request every 200 ms on the one
+    // connection: the tunnel stays open.
+    let host = format!("origin.test:{}", s.origin.https.port());
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let request = http::Request::get("/")
+            .header("host", &host)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .expect("an active tunnel stays open");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    let last = Instant::now();
+    // Then quiet: the tunnel is closed under the client (a bounded wait
+    // for the connection to end).
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    let quiet = last.elapsed();
+    assert!(ended.is_ok(), "the quiet tunnel was still open after 10 s");
+    assert!(
+        quiet >= limit && quiet < Duration::from_secs(3),
+        "closed {quiet:?} after its last byte (relay_idle {limit:?})"
+    );
     s.stop().await;
 }

@@ -121,3 +121,38 @@ async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_is_closed_once_nothing_moves_for_relay_idle() {
+    use std::time::{Duration, Instant};
+    let limit = Duration::from_millis(600);
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.timeouts.relay_idle = limit)
+        .start()
+        .await;
+    let mut ws = s.proxy.client.websocket(s.origin.https.port()).await;
+    // Busy for twice the limit, a message every 200 ms: it stays open.
+    for n in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ws.send(Message::text(format!("ping {n}"))).await.unwrap();
+        let echoed = ws
+            .next()
+            .await
+            .unwrap()
+            .expect("an active WebSocket stays open");
+        assert!(echoed.to_text().unwrap().ends_with(&format!("ping {n}")));
+    }
+    let last = Instant::now();
+    // Then quiet: pinproxy closes it (a bounded wait for the end).
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the quiet WebSocket was still open after 10 s");
+    let quiet = last.elapsed();
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    assert!(
+        quiet >= limit && quiet < Duration::from_secs(3),
+        "closed {quiet:?} after its last byte (relay_idle {limit:?})"
+    );
+    s.stop().await;
+}

@@ -77,6 +77,7 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
         ("timeouts.response_head", t.response_head, Bound::Wait),
         ("timeouts.pool_idle", t.pool_idle, Bound::Wait),
         ("timeouts.tls_handshake", t.tls_handshake, Bound::Wait),
+        ("timeouts.relay_idle", t.relay_idle, Bound::Wait),
         ("timeouts.shutdown", t.shutdown, Bound::Wait),
         ("identities.idle_timeout", i.idle_timeout, Bound::Retention),
         ("identities.max_lifetime", i.max_lifetime, Bound::Retention),

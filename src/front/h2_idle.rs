@@ -16,7 +16,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,10 +26,10 @@ use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::{service_fn, Service};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
+use crate::net::read_count::{ReadCounted, ReadCounter};
 
 /// Checks of the limit per limit: the limit holds to within one check.
 const CHECKS: u32 = 4;
@@ -49,13 +48,10 @@ struct Counts {
 impl Activity {
     /// `io`, its reads counted.
     pub fn watch<T>(&self, io: T) -> Watched<T> {
-        Watched {
-            io,
-            activity: self.clone(),
-        }
+        ReadCounted::new(io, self.clone())
     }
 
-    fn reads(&self) -> u64 {
+    fn read_count(&self) -> u64 {
         self.0.reads.load(Ordering::Relaxed)
     }
 
@@ -80,54 +76,11 @@ impl Drop for OpenStream {
 }
 
 /// A client's stream whose reads count as activity.
-#[derive(Debug)]
-pub struct Watched<T> {
-    io: T,
-    activity: Activity,
-}
+pub type Watched<T> = ReadCounted<T, Activity>;
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.0.reads.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+impl ReadCounter for Activity {
+    fn reads(&self) -> &AtomicU64 {
+        &self.0.reads
     }
 }
 
@@ -200,14 +153,14 @@ where
     let period = (limit / CHECKS).max(Duration::from_millis(1));
     let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reads = activity.reads();
+    let mut reads = activity.read_count();
     let mut quiet = 0;
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
             () = shutdown.cancelled() => break,
             _ = checks.tick() => {
-                let now = activity.reads();
+                let now = activity.read_count();
                 if now != reads || activity.open() > 0 {
                     reads = now;
                     quiet = 0;
@@ -245,7 +198,7 @@ mod tests {
             .read_exact(&mut got)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(activity.reads() >= 1);
+        assert!(activity.read_count() >= 1);
         let open = activity.stream_opened();
         let other = activity.stream_opened();
         assert_eq!(activity.open(), 2);

@@ -8,7 +8,8 @@
 //! named one (a new key founds an identity, as a request would), else
 //! through the next exit in rotation, and the tunnel stays on it for its
 //! whole life. pinproxy cannot see cookies inside such a tunnel: only the
-//! session key keeps it coherent with the client's other traffic.
+//! session key keeps it coherent with the client's other traffic. A tunnel
+//! that carries nothing either way for `timeouts.relay_idle` is closed.
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use super::listener::PlaceSlot;
 use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
+use crate::net::relay::relay;
 use crate::net::HostPort;
 use crate::proxy::target::Principal;
 use crate::proxy::{credentials, ProxyError};
@@ -91,6 +93,7 @@ async fn open(
     pipeline.metrics.request("passthrough");
     // The tunnel is the client connection from here on: it holds its place.
     let place = place.as_ref().and_then(PlaceSlot::take);
+    let idle = pipeline.relay_idle;
     frontend.tasks.spawn(async move {
         let _place = place;
         let client = match hyper::upgrade::on(request).await {
@@ -98,10 +101,9 @@ async fn open(
             Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
         };
         let mut upstream = upstream;
-        match tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream).await {
-            Ok((up, down)) => tracing::debug!(up, down, "passthrough tunnel closed"),
-            Err(e) => tracing::debug!(error = %e, "passthrough tunnel ended"),
-        }
+        relay(&mut TokioIo::new(client), &mut upstream, idle)
+            .await
+            .log("passthrough tunnel");
     });
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;

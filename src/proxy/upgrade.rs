@@ -1,6 +1,6 @@
 //! WebSockets through the pipeline: the upgrade request is pinned and routed
 //! like any request, then frames are relayed both ways until either side
-//! closes.
+//! closes, or until nothing has moved either way for `timeouts.relay_idle`.
 //!
 //! Two client forms are accepted: HTTP/1.1 `Upgrade: websocket`, and HTTP/2
 //! extended CONNECT (RFC 8441, `:protocol websocket`). Towards the origin
@@ -9,6 +9,8 @@
 //! origin's `Sec-WebSocket-Accept`, and answers the client `200`; the
 //! WebSocket frames themselves are the same on both forms and pass through
 //! untouched.
+
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -19,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
 use crate::fingerprint::RequestFingerprint;
+use crate::net::relay::relay;
 use crate::routing::Route;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 use crate::upstream::Answered;
@@ -140,6 +143,7 @@ impl Pipeline {
                 socket.client,
                 response,
                 socket.expected_accept,
+                self.relay_idle,
             )
             .map_err(|error| ProxyError::upstream(&route.exit, error));
         }
@@ -161,13 +165,15 @@ impl Pipeline {
 }
 
 /// Answers the client for an origin that switched protocols (`101`), and
-/// relays the two connections until either closes. (Any other answer goes
-/// back to the client as an ordinary response.)
+/// relays the two connections until either closes, or until nothing has
+/// moved either way for `idle`. (Any other answer goes back to the client
+/// as an ordinary response.)
 pub fn bridge(
     upgrade: Upgrade,
     client: OnUpgrade,
     mut upstream: Response<Incoming>,
     expected_accept: Option<String>,
+    idle: Option<Duration>,
 ) -> Result<Response<Body>, UpstreamError> {
     if let Some(expected) = &expected_accept {
         let accept = upstream
@@ -210,15 +216,9 @@ pub fn bridge(
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
-                let outcome = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(upstream),
-                )
-                .await;
-                match outcome {
-                    Ok((up, down)) => tracing::debug!(up, down, "WebSocket closed"),
-                    Err(e) => tracing::debug!(error = %e, "WebSocket ended"),
-                }
+                relay(&mut TokioIo::new(client), &mut TokioIo::new(upstream), idle)
+                    .await
+                    .log("WebSocket");
             }
             (client, upstream) => tracing::debug!(
                 client_ok = client.is_ok(),

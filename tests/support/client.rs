@@ -123,6 +123,22 @@ impl ProxyClient {
             .expect("TLS through pinproxy")
     }
 
+    /// A WebSocket to `wss://localhost:{port}/ws` through a tunnel (HTTP/1.1
+    /// upgrade, no cookies), once the origin has answered `101`.
+    pub async fn websocket(
+        &self,
+        port: u16,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let tls = self.tls_stream("localhost", port, &[b"http/1.1"]).await;
+        let request = format!("wss://localhost:{port}/ws")
+            .into_client_request()
+            .unwrap();
+        let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+        assert_eq!(response.status(), 101);
+        ws
+    }
+
     async fn tls_over(&self, tcp: TcpStream, host: &str, target: String) -> Conn {
         let name = ServerName::try_from(host.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
