@@ -1,7 +1,7 @@
 //! Log lines written by a thread of their own, in batches.
 //!
 //! Every request writes an access line, so how a line reaches stderr is on
-//! the request path. A writer thread that blocks on its channel between
+//! the request path. A writer thread that blocks on a channel between
 //! lines must be woken for each one: a `futex` wake from the request's
 //! thread, and on the writer's side a spin, four `sched_yield`s and a
 //! `futex` wait before it sleeps again (tracing-appender's worker, which
@@ -10,35 +10,31 @@
 //! makes 6 in all).
 //!
 //! This writer's thread polls instead while lines keep coming: it sleeps
-//! [`BATCH_INTERVAL`], then writes everything that arrived meanwhile with
-//! one `write`. A line costs its sender a push onto the channel and no
-//! system call. After [`QUIET_POLLS`] polls that found nothing the thread
-//! blocks on the channel, so an idle daemon does not wake; the first line
-//! after the quiet wakes it once. Lines are therefore written at most
-//! [`BATCH_INTERVAL`] after they were logged, in order.
+//! [`BATCH_INTERVAL`], then takes everything that arrived meanwhile and
+//! writes it with one `write`. Lines arrive in one shared buffer: a line
+//! costs its sender a lock that is almost never contended (held for one
+//! copy, and by the thread only to swap the buffer for its emptied one),
+//! the copy, and no system call and no allocation once the two buffers
+//! have grown to a batch's size. After [`QUIET_POLLS`] polls that found
+//! nothing the thread parks, so an idle daemon does not wake; the first
+//! line after the quiet unparks it once (whether it is parked is kept
+//! under the same lock, so no line can slip between its last look and its
+//! park). Lines are therefore written at most [`BATCH_INTERVAL`] after
+//! they were logged, in the order their senders took the lock.
 //!
-//! A line travels in a buffer of its own, and the thread hands each buffer
-//! back once the line is in its batch: the next line, from whichever
-//! request thread, is copied into an emptied buffer instead of a new one.
-//! A buffer allocated on one thread and freed on another defeats the
-//! allocator's per-thread caches: past the few a thread caches, glibc
-//! frees such a chunk into the arena that allocated it, under that arena's
-//! lock, which the request threads' own allocations take too. Counted
-//! with callgrind, handing a line over cost the request's thread 424
-//! instructions with a new buffer and 273 with a spare.
+//! (It used to hand each line over in a buffer of its own, through a
+//! channel, with a second channel bringing emptied buffers back: counted
+//! with callgrind, 224 instructions per line on the request's thread and
+//! about as many on the writer's.)
 //!
-//! Like the writer it replaces, it is lossy: beyond [`BUFFERED_LINES`]
-//! waiting lines new ones are dropped, so that a stderr nobody reads cannot
-//! stop the proxy, and so are lines longer than [`LONG_LINE`] once
-//! [`LONG_LINE_BYTES`] of them wait: a line can name a request's cookies,
-//! and lines of kilobytes by the hundred thousand would otherwise wait in
-//! memory. [`LineGuard`] writes what is still queued when dropped.
+//! Like the writer it replaces, it is lossy: past [`MAX_QUEUED_BYTES`]
+//! waiting, new lines are dropped, so that a stderr nobody reads can stop
+//! neither the proxy nor its memory. [`LineGuard`] writes what is still
+//! queued when dropped.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::Arc;
-use std::thread;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, Thread};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -46,40 +42,20 @@ use tracing_subscriber::fmt::MakeWriter;
 /// How long the thread sleeps between polls while lines keep coming.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 
-/// Polls that find nothing before the thread blocks instead (100 ms).
+/// Polls that find nothing before the thread parks instead (100 ms).
 pub const QUIET_POLLS: u32 = 20;
 
-/// Lines waiting for the thread before new ones are dropped.
-pub const BUFFERED_LINES: usize = 128 * 1024;
+/// Bytes of lines that may wait for the thread before new ones are
+/// dropped (hundreds of thousands of access lines: a second's worth or
+/// more at any rate this proxy serves).
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
-/// A line longer than this counts against [`LONG_LINE_BYTES`] while it
-/// waits (an access line is a few hundred bytes, so the count is not
-/// touched on the request path's usual lines).
-pub const LONG_LINE: usize = 1024;
-
-/// Bytes of long lines that may wait for the thread before new long ones
-/// are dropped: with at most [`BUFFERED_LINES`] short ones besides, a
-/// stalled stderr holds at most about 192 MiB of lines.
-pub const LONG_LINE_BYTES: usize = 64 << 20;
-
-/// Emptied line buffers kept for the next lines, at most (a few batches'
-/// worth at tens of thousands of lines a second).
-const SPARE_BUFFERS: usize = 1024;
-
-/// A buffer grown past this by a long line is freed rather than kept.
-const SPARE_CAPACITY: usize = 1024;
-
-/// A batch larger than this is written before the rest is taken.
-const BATCH_BYTES: usize = 64 * 1024;
+/// A batch buffer grown past this (by a stalled stderr) is freed once
+/// written rather than kept.
+const KEPT_CAPACITY: usize = 256 * 1024;
 
 /// How long dropping the guard waits for the queued lines to be written.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
-
-enum Message {
-    Line(Vec<u8>),
-    /// Write what is queued, say so, and stop.
-    Finish(SyncSender<()>),
-}
 
 /// Where log lines are handed to the writer thread (or, if it could not be
 /// started, written to stderr directly); cheap to clone.
@@ -88,13 +64,24 @@ pub struct LineWriter {
     queue: Option<Queue>,
 }
 
-/// The way to the writer thread: lines one way, emptied buffers back.
+/// The way to the writer thread.
 #[derive(Clone, Debug)]
 struct Queue {
-    lines: SyncSender<Message>,
-    spares: crossbeam_channel::Receiver<Vec<u8>>,
-    /// Bytes of lines longer than [`LONG_LINE`] waiting for the thread.
-    long_bytes: Arc<AtomicUsize>,
+    shared: Arc<Mutex<Shared>>,
+    thread: Thread,
+}
+
+/// What the senders and the thread share, under one lock.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The lines not yet taken by the thread.
+    lines: Vec<u8>,
+    /// The thread is parked (or about to): the next line unparks it.
+    parked: bool,
+    /// Write what is queued, say so on this, and stop.
+    finish: Option<mpsc::SyncSender<()>>,
+    /// The thread has stopped taking lines.
+    closed: bool,
 }
 
 /// How the writer thread polls.
@@ -104,21 +91,20 @@ struct Pace {
     quiet_polls: u32,
 }
 
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Message::Line(line) => write!(f, "Line({} bytes)", line.len()),
-            Message::Finish(_) => f.write_str("Finish"),
-        }
-    }
-}
-
 /// Keeps the writer thread's queue flushed at the end: dropping it writes
 /// the lines still queued (waiting at most a second).
 #[must_use = "dropping the guard stops the log writer"]
 #[derive(Debug)]
 pub struct LineGuard {
-    lines: SyncSender<Message>,
+    queue: Queue,
+}
+
+impl Queue {
+    /// The shared state; a poisoned lock is taken as it is (nothing panics
+    /// while holding it, and a lost log line is the worst it could cause).
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl LineWriter {
@@ -143,54 +129,47 @@ impl LineWriter {
         out: W,
         pace: Pace,
     ) -> io::Result<(LineWriter, LineGuard)> {
-        let (lines, queue) = mpsc::sync_channel(BUFFERED_LINES);
-        let (give_back, spares) = crossbeam_channel::bounded(SPARE_BUFFERS);
-        let long_bytes = Arc::new(AtomicUsize::new(0));
-        let taken = long_bytes.clone();
-        thread::Builder::new()
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let taken = shared.clone();
+        let thread = thread::Builder::new()
             .name("pinproxy-log".into())
-            .spawn(move || write_lines(&queue, &give_back, &taken, out, pace))?;
+            .spawn(move || write_lines(&taken, out, pace))?
+            .thread()
+            .clone();
+        let queue = Queue { shared, thread };
         Ok((
             LineWriter {
-                queue: Some(Queue {
-                    lines: lines.clone(),
-                    spares,
-                    long_bytes,
-                }),
+                queue: Some(queue.clone()),
             },
-            LineGuard { lines },
+            LineGuard { queue },
         ))
     }
 
     /// Queues one line (whole: what one `write` call is given). Returns
-    /// false when it was dropped: the queue full, or the thread gone.
+    /// false when it was dropped: the queue full, or the thread stopped.
     pub fn line(&self, bytes: &[u8]) -> bool {
-        match &self.queue {
-            Some(queue) => {
-                let long = bytes.len() > LONG_LINE;
-                if long {
-                    let waiting = queue.long_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
-                    if waiting.saturating_add(bytes.len()) > LONG_LINE_BYTES {
-                        queue.long_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
-                        return false;
-                    }
-                }
-                let mut line = queue.spares.try_recv().unwrap_or_default();
-                line.extend_from_slice(bytes);
-                let sent = queue.lines.try_send(Message::Line(line)).is_ok();
-                if long && !sent {
-                    queue.long_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
-                }
-                sent
-            }
-            None => io::stderr().write_all(bytes).is_ok(),
+        let Some(queue) = &self.queue else {
+            return io::stderr().write_all(bytes).is_ok();
+        };
+        let mut shared = queue.lock();
+        if shared.closed || shared.lines.len().saturating_add(bytes.len()) > MAX_QUEUED_BYTES {
+            return false;
         }
+        shared.lines.extend_from_slice(bytes);
+        let wake = std::mem::take(&mut shared.parked);
+        drop(shared);
+        if wake {
+            queue.thread.unpark();
+        }
+        true
     }
 
-    /// How many emptied buffers wait for the next lines (0 without a
-    /// thread). Lets a test wait for the thread to have handed one back.
-    pub fn spare_buffers(&self) -> usize {
-        self.queue.as_ref().map_or(0, |queue| queue.spares.len())
+    /// Bytes of lines waiting for the thread (0 without a thread). Lets a
+    /// test wait for the thread to have taken what was queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |queue| queue.lock().lines.len())
     }
 }
 
@@ -216,77 +195,55 @@ impl<'a> MakeWriter<'a> for LineWriter {
 impl Drop for LineGuard {
     fn drop(&mut self) {
         let (done, finished) = mpsc::sync_channel(1);
-        // Blocking: the finish must queue behind the lines already sent.
-        if self.lines.send(Message::Finish(done)).is_ok() {
-            let _ = finished.recv_timeout(FLUSH_WAIT);
+        {
+            let mut shared = self.queue.lock();
+            if shared.closed {
+                return;
+            }
+            shared.finish = Some(done);
+            shared.parked = false;
         }
+        self.queue.thread.unpark();
+        let _ = finished.recv_timeout(FLUSH_WAIT);
     }
 }
 
-/// The writer thread: batches while lines keep coming, blocks when quiet.
-fn write_lines(
-    queue: &Receiver<Message>,
-    give_back: &crossbeam_channel::Sender<Vec<u8>>,
-    long_bytes: &AtomicUsize,
-    mut out: impl Write,
-    pace: Pace,
-) {
+/// The writer thread: takes and writes the queued lines every poll while
+/// they keep coming, parks when quiet, stops when told to finish.
+fn write_lines(shared: &Mutex<Shared>, mut out: impl Write, pace: Pace) {
+    // The thread's buffer: swapped with the senders' one, so each keeps
+    // its capacity and a batch allocates nothing.
     let mut batch = Vec::new();
     let mut quiet = 0;
     loop {
-        let first = if quiet >= pace.quiet_polls {
-            match queue.recv() {
-                Ok(message) => Some(message),
-                Err(_) => return,
+        let finish = {
+            let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.lines.is_empty() && state.finish.is_none() {
+                if quiet >= pace.quiet_polls {
+                    state.parked = true;
+                    drop(state);
+                    // A line unparks it; so may anything else (it looks
+                    // again either way).
+                    thread::park();
+                } else {
+                    quiet += 1;
+                    drop(state);
+                    thread::sleep(pace.interval);
+                }
+                continue;
             }
-        } else {
-            match queue.try_recv() {
-                Ok(message) => Some(message),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => return,
-            }
-        };
-        // Quiet means a poll that found nothing.
-        if first.is_some() {
             quiet = 0;
-        } else {
-            quiet = quiet.saturating_add(1);
-        }
-        let mut finish = None;
-        let mut next = first;
-        while let Some(message) = next.take() {
-            match message {
-                Message::Line(mut line) => {
-                    batch.extend_from_slice(&line);
-                    if line.len() > LONG_LINE {
-                        long_bytes.fetch_sub(line.len(), Ordering::Relaxed);
-                    }
-                    if line.capacity() <= SPARE_CAPACITY {
-                        line.clear();
-                        // Full: enough spares wait already; this one is freed.
-                        let _ = give_back.try_send(line);
-                    }
-                }
-                Message::Finish(done) => {
-                    finish = Some(done);
-                    break;
-                }
-            }
-            if batch.len() >= BATCH_BYTES {
-                write_batch(&mut out, &mut batch);
-            }
-            next = queue.try_recv().ok();
-        }
-        if !batch.is_empty() {
-            write_batch(&mut out, &mut batch);
-        }
+            std::mem::swap(&mut state.lines, &mut batch);
+            let finish = state.finish.take();
+            state.closed = finish.is_some();
+            finish
+        };
+        write_batch(&mut out, &mut batch);
         if let Some(done) = finish {
             let _ = done.try_send(());
             return;
         }
-        if quiet < pace.quiet_polls {
-            thread::sleep(pace.interval);
-        }
+        thread::sleep(pace.interval);
     }
 }
 
@@ -295,7 +252,7 @@ fn write_lines(
 fn write_batch(out: &mut impl Write, batch: &mut Vec<u8>) {
     let _ = out.write_all(batch).and_then(|()| out.flush());
     batch.clear();
-    if batch.capacity() > 4 * BATCH_BYTES {
+    if batch.capacity() > KEPT_CAPACITY {
         *batch = Vec::new();
     }
 }
@@ -377,36 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_beyond_the_queue_are_dropped_not_waited_for() {
-        // A sink that blocks until released: the queue fills.
-        struct Stuck(Arc<Mutex<()>>);
-        impl Write for Stuck {
-            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-                let _held = self.0.lock();
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let gate = Arc::new(Mutex::new(()));
-        let held = gate.lock().unwrap_or_else(|e| panic!("{e}"));
-        let (writer, guard) =
-            LineWriter::start(Stuck(gate.clone())).unwrap_or_else(|e| panic!("{e}"));
-        // More than the queue (and the batch the thread is stuck writing)
-        // holds: every call returns at once, and the lines beyond are
-        // dropped.
-        let line = [b'x'; 100];
-        let dropped = (0..BUFFERED_LINES + 2000)
-            .filter(|_| !writer.line(&line))
-            .count();
-        drop(held);
-        drop(guard);
-        assert!(dropped >= 1000, "{dropped} lines dropped");
-    }
-
-    #[test]
-    fn long_lines_wait_up_to_their_byte_budget_and_short_ones_still_pass() {
+    fn lines_beyond_the_byte_bound_are_dropped_not_waited_for_and_the_rest_written() {
         // A sink that blocks until released, counting what it was given.
         struct Stuck(Arc<Mutex<usize>>);
         impl Write for Stuck {
@@ -423,22 +351,21 @@ mod tests {
         let held = written.lock().unwrap_or_else(|e| panic!("{e}"));
         let (writer, guard) =
             LineWriter::start(Stuck(written.clone())).unwrap_or_else(|e| panic!("{e}"));
-        // 64 KiB lines: the budget holds 1,024 of them (one more may be in
-        // the batch the thread is stuck writing).
+        // 64 KiB lines: the queue holds 1,024 of them, and the thread may
+        // hold as many again in the batch it is stuck writing. Every call
+        // returns at once; the lines beyond are dropped.
         let long = vec![b'x'; 64 * 1024];
-        let taken = (0..2_000).filter(|_| writer.line(&long)).count();
+        let bound = MAX_QUEUED_BYTES / long.len();
+        let taken = (0..3 * bound).filter(|_| writer.line(&long)).count();
         assert!(
-            (LONG_LINE_BYTES / long.len()..=LONG_LINE_BYTES / long.len() + 1).contains(&taken),
-            "{taken} long lines taken"
+            (bound..=2 * bound).contains(&taken),
+            "{taken} lines taken (bound {bound})"
         );
-        assert!(writer.line(&[b'y'; LONG_LINE]), "a short line still passes");
+        assert!(!writer.line(b"short\n"), "a full queue takes no line");
         drop(held);
         drop(guard);
         let written = *written.lock().unwrap_or_else(|e| e.into_inner());
-        assert_eq!(
-            written,
-            taken * long.len() + LONG_LINE,
-            "what was taken is written"
-        );
+        assert_eq!(written, taken * long.len(), "what was taken is written");
+        assert!(!writer.line(b"late\n"), "a finished writer takes no line");
     }
 }
