@@ -107,8 +107,8 @@ pub struct Pipeline {
     /// How identities are paced (`identities.max_in_flight` and friends).
     pub pacing: pacing::PacingSettings,
     /// How long a passed-through tunnel or a WebSocket may carry nothing
-    /// before it is closed (`timeouts.relay_idle`; `None`: never).
-    pub relay_idle: Option<Duration>,
+    /// before it is closed (`timeouts.relay_idle`; zero: never).
+    pub relay_idle: Duration,
 }
 
 impl Pipeline {

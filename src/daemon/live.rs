@@ -307,7 +307,7 @@ pub(super) fn pipeline(
         guard: core.guard.clone(),
         pacer: core.pacer.clone(),
         pacing: settings.identities.pacing(),
-        relay_idle: Some(settings.timeouts.relay_idle).filter(|idle| !idle.is_zero()),
+        relay_idle: settings.timeouts.relay_idle,
     }
 }
 

@@ -93,7 +93,7 @@ async fn open(
     pipeline.metrics.request("passthrough");
     // The tunnel is the client connection from here on: it holds its place.
     let place = place.as_ref().and_then(PlaceSlot::take);
-    let idle = pipeline.relay_idle;
+    let idle = Some(pipeline.relay_idle);
     frontend.tasks.spawn(async move {
         let _place = place;
         let client = match hyper::upgrade::on(request).await {

@@ -62,7 +62,7 @@ const CHECKS_PER_LIMIT: u32 = 4;
 
 /// Relays between `a` (the client's side, where there is one: its bytes
 /// are logged as `up`) and `b` until one closes or fails, or until nothing
-/// has moved for `idle` (`None`: no idle limit).
+/// has moved for `idle` (`None` or zero: no idle limit).
 pub async fn relay<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> RelayEnd
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -143,7 +143,7 @@ impl Pipeline {
                 socket.client,
                 response,
                 socket.expected_accept,
-                self.relay_idle,
+                Some(self.relay_idle),
             )
             .map_err(|error| ProxyError::upstream(&route.exit, error));
         }

@@ -100,11 +100,15 @@ pub struct LineGuard {
 }
 
 impl Queue {
-    /// The shared state; a poisoned lock is taken as it is (nothing panics
-    /// while holding it, and a lost log line is the worst it could cause).
     fn lock(&self) -> MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.shared)
     }
+}
+
+/// The shared state; a poisoned lock is taken as it is (nothing panics
+/// while holding it, and a lost log line is the worst it could cause).
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LineWriter {
@@ -217,7 +221,7 @@ fn write_lines(shared: &Mutex<Shared>, mut out: impl Write, pace: Pace) {
     let mut quiet = 0;
     loop {
         let finish = {
-            let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = lock(shared);
             if state.lines.is_empty() && state.finish.is_none() {
                 if quiet >= pace.quiet_polls {
                     state.parked = true;
