@@ -621,9 +621,10 @@ pub struct Timeouts {
     /// a quarter more); `"0s"`: never closed for idleness.
     #[serde(with = "humantime_serde")]
     pub relay_idle: Duration,
-    /// On SIGTERM/SIGINT: how long in-flight requests get to finish (the
-    /// listener stops accepting at once), then how long background store
-    /// writes get, before the daemon exits.
+    /// On SIGTERM/SIGINT: how long in-flight requests, open WebSockets and
+    /// passed-through tunnels get to finish (the listener stops accepting
+    /// at once), then how long background store writes get, before the
+    /// daemon exits.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
 }

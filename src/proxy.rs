@@ -94,6 +94,9 @@ pub struct Pipeline {
     /// Background work started by requests (exit trials), awaited at
     /// shutdown.
     pub tasks: TaskTracker,
+    /// Client connections, and the WebSocket relays that outlive their
+    /// upgrade requests: what the shutdown's grace period waits for.
+    pub connections: TaskTracker,
     /// Whether the chrome-mode User-Agent warning was logged.
     pub warned_chrome_user_agent: AtomicBool,
     /// Client authentication (stage 0).

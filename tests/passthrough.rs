@@ -122,9 +122,42 @@ async fn include_limits_interception_to_the_listed_hosts() {
     s.stop().await;
 }
 
+/// An HTTP/1.1 connection over a tunnel pinproxy passes through to the
+/// origin (as `origin.test`), its task, and the `Host` to send on it.
+async fn passed_through_http1(
+    s: &Setup,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+    String,
+) {
+    let tls = raw_tls(&s.proxy, &s.origin, None).await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let host = format!("origin.test:{}", s.origin.https.port());
+    (sender, tokio::spawn(conn), host)
+}
+
+/// `GET /` on a passed-through tunnel's connection, answered `200`
+/// (`what` says why it must be).
+async fn get_root(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    host: &str,
+    what: &str,
+) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect(what);
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
-    use http_body_util::{BodyExt, Empty};
     let limit = Duration::from_millis(600);
     let s = Setup::builder()
         .exits(1)
@@ -134,27 +167,12 @@ async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
         })
         .start()
         .await;
-    let tls = raw_tls(&s.proxy, &s.origin, None).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn, host) = passed_through_http1(&s).await;
     // Busy for twice the limit, a request every 200 ms on the one
     // connection: the tunnel stays open.
-    let host = format!("origin.test:{}", s.origin.https.port());
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let request = http::Request::get("/")
-            .header("host", &host)
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let response = sender
-            .send_request(request)
-            .await
-            .expect("an active tunnel stays open");
-        assert_eq!(response.status(), 200);
-        response.into_body().collect().await.unwrap();
+        get_root(&mut sender, &host, "an active tunnel stays open").await;
     }
     let last = Instant::now();
     // Then quiet: the tunnel is closed under the client (a bounded wait
@@ -167,4 +185,38 @@ async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
         "closed {quiet:?} after its last byte (relay_idle {limit:?})"
     );
     s.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_passed_through_tunnel_holds_the_shutdown_like_a_request_in_flight() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.mitm.exclude = vec!["*.test".into()])
+        .start()
+        .await;
+    let (mut sender, conn, host) = passed_through_http1(&s).await;
+    let mut stopping = s.begin_shutdown(Duration::from_secs(30));
+    // The tunnel carries on within the grace period.
+    for _ in 0..3 {
+        get_root(
+            &mut sender,
+            &host,
+            "the tunnel outlives the shutdown's start",
+        )
+        .await;
+    }
+    assert!(
+        stopping.still_waiting_after(Duration::from_secs(2)).await,
+        "the shutdown ended with a tunnel still open"
+    );
+    // Once the client closes its connection, nothing holds the shutdown.
+    drop(sender);
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the client's connection ended")
+        .unwrap()
+        .unwrap();
+    stopping
+        .ends_within(Duration::from_secs(10), "with the tunnel closed")
+        .await;
 }

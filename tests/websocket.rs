@@ -156,3 +156,36 @@ async fn a_websocket_is_closed_once_nothing_moves_for_relay_idle() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_websocket_holds_the_shutdown_like_a_request_in_flight() {
+    use std::time::Duration;
+    let s = Setup::start(1).await;
+    let peer = s.exits[0].source;
+    let mut ws = s.proxy.client.websocket(s.origin.https.port()).await;
+    let mut stopping = s.begin_shutdown(Duration::from_secs(30));
+    // The daemon stops accepting, but the relay carries on within the
+    // grace period.
+    for n in 0..3 {
+        ws.send(Message::text(format!("still here {n}")))
+            .await
+            .unwrap();
+        let echoed = ws
+            .next()
+            .await
+            .unwrap()
+            .expect("the relay outlives the shutdown's start");
+        assert_eq!(echoed, Message::text(format!("{peer} still here {n}")));
+    }
+    assert!(
+        stopping.still_waiting_after(Duration::from_secs(2)).await,
+        "the shutdown ended with a WebSocket still open"
+    );
+    // Once the client closes the WebSocket and its connection, nothing
+    // holds the shutdown.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    stopping
+        .ends_within(Duration::from_secs(10), "with the WebSocket closed")
+        .await;
+}

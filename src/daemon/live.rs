@@ -302,6 +302,7 @@ pub(super) fn pipeline(
         ),
         metrics: core.metrics.clone(),
         tasks: core.background.clone(),
+        connections: core.tasks.clone(),
         warned_chrome_user_agent: Default::default(),
         auth: Arc::new(Auth::new(&settings.auth)),
         guard: core.guard.clone(),

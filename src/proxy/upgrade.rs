@@ -17,6 +17,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 
 use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
@@ -143,7 +144,10 @@ impl Pipeline {
                 socket.client,
                 response,
                 socket.expected_accept,
-                Some(self.relay_idle),
+                RelaySettings {
+                    idle: Some(self.relay_idle),
+                    tasks: &self.connections,
+                },
             )
             .map_err(|error| ProxyError::upstream(&route.exit, error));
         }
@@ -164,16 +168,26 @@ impl Pipeline {
     }
 }
 
+/// How a bridged WebSocket's relay runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings<'a> {
+    /// It ends once nothing has moved either way for this long.
+    pub idle: Option<Duration>,
+    /// It runs as one of these tasks: the daemon's client connections,
+    /// whose shutdown lets it go on for the grace period as it does a
+    /// passed-through tunnel, instead of cutting it at once.
+    pub tasks: &'a TaskTracker,
+}
+
 /// Answers the client for an origin that switched protocols (`101`), and
-/// relays the two connections until either closes, or until nothing has
-/// moved either way for `idle`. (Any other answer goes back to the client
-/// as an ordinary response.)
+/// relays the two connections until either closes, or as `settings` say.
+/// (Any other answer goes back to the client as an ordinary response.)
 pub fn bridge(
     upgrade: Upgrade,
     client: OnUpgrade,
     mut upstream: Response<Incoming>,
     expected_accept: Option<String>,
-    idle: Option<Duration>,
+    settings: RelaySettings<'_>,
 ) -> Result<Response<Body>, UpstreamError> {
     if let Some(expected) = &expected_accept {
         let accept = upstream
@@ -212,7 +226,8 @@ pub fn bridge(
             *response.headers_mut() = headers;
         }
     }
-    tokio::spawn(async move {
+    let idle = settings.idle;
+    settings.tasks.spawn(async move {
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {

@@ -506,4 +506,47 @@ impl Setup {
     pub async fn stop(self) {
         self.proxy.stop().await;
     }
+
+    /// Starts stopping pinproxy with `grace` in a task of its own, for a
+    /// test that watches what the shutdown waits for; the origin and the
+    /// exits live on in the answer.
+    pub fn begin_shutdown(self, grace: Duration) -> ShuttingDown {
+        let Setup {
+            origin,
+            exits,
+            proxy,
+        } = self;
+        let Proxy {
+            daemon, data_dir, ..
+        } = proxy;
+        ShuttingDown {
+            shutdown: tokio::spawn(daemon.shutdown(grace)),
+            _held: (origin, exits, data_dir),
+        }
+    }
+}
+
+/// A [`Setup`] whose pinproxy is stopping ([`Setup::begin_shutdown`]).
+pub struct ShuttingDown {
+    shutdown: tokio::task::JoinHandle<()>,
+    _held: (Origin, Vec<TestExit>, tempfile::TempDir),
+}
+
+impl ShuttingDown {
+    /// Whether the shutdown is still waiting `window` from now (a window
+    /// to see that something does not happen: there is no signal for it).
+    pub async fn still_waiting_after(&mut self, window: Duration) -> bool {
+        tokio::time::timeout(window, &mut self.shutdown)
+            .await
+            .is_err()
+    }
+
+    /// Waits for the shutdown to end, failing the test with `what` if it
+    /// has not after `limit`.
+    pub async fn ends_within(self, limit: Duration, what: &str) {
+        tokio::time::timeout(limit, self.shutdown)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still shutting down after {limit:?}"))
+            .unwrap();
+    }
 }
