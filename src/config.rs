@@ -540,8 +540,8 @@ pub struct Limits {
     /// is hyper's own, which spares each request initialising a larger
     /// header array.
     pub max_headers: usize,
-    /// Most client connections served at once, open tunnels included;
-    /// further connections wait in the kernel's accept queue.
+    /// Most client connections served at once, open tunnels and WebSockets
+    /// included; further connections wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Most idle upstream connections kept per (exit, origin).
     pub max_idle_per_origin: usize,

@@ -66,6 +66,46 @@ async fn open_tunnel(tcp: &mut TcpStream, host: &str, port: u16) {
     assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
 }
 
+/// One exit, at most `connections` connections per client address.
+async fn limited_per_client(connections: usize) -> Setup {
+    Setup::builder()
+        .exits(1)
+        .config(|c| c.limits.max_connections_per_client = connections)
+        .start()
+        .await
+}
+
+/// Whether a new connection from `source` is refused at once for the
+/// connection limits (`429 too-many-connections`).
+async fn refused_for_connections(source: &str, proxy: SocketAddr) -> bool {
+    let mut tcp = connect_from(source, proxy).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut tcp))
+        .await
+        .unwrap_or_default();
+    head.starts_with("HTTP/1.1 429") && head.contains("too-many-connections")
+}
+
+/// Whether a new connection from `source` is served again within 50 tries
+/// 50 ms apart (the daemon sees a connection's close shortly after it).
+async fn admitted_again(source: &str, proxy: SocketAddr, port: u16) -> bool {
+    for _ in 0..50 {
+        let mut again = connect_from(source, proxy).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            let request =
+                format!("GET http://localhost:{port}/again HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            again.write_all(request.as_bytes()).await.ok();
+            read_head(&mut again).await
+        })
+        .await
+        .unwrap();
+        if reply.starts_with("HTTP/1.1 200") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Whether the peer closes `tcp` within `within`.
 async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -248,11 +288,7 @@ async fn a_slowloris_does_not_starve_a_well_behaved_client() {
 
 #[tokio::test]
 async fn connections_per_client_address_are_limited() {
-    let s = Setup::builder()
-        .exits(1)
-        .config(|c| c.limits.max_connections_per_client = 2)
-        .start()
-        .await;
+    let s = limited_per_client(2).await;
     let proxy = s.proxy.daemon.local_addr();
     let port = s.origin.http.port();
     let mut first = connect_from("127.0.0.60", proxy).await.unwrap();
@@ -286,30 +322,10 @@ async fn connections_per_client_address_are_limited() {
     // A closed connection frees its place (the daemon sees the close
     // shortly after: bounded retries).
     drop(first);
-    let mut admitted = false;
-    for _ in 0..50 {
-        let mut again = connect_from("127.0.0.60", proxy).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), async {
-            again
-                .write_all(
-                    format!(
-                        "GET http://localhost:{port}/again HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .await
-                .ok();
-            read_head(&mut again).await
-        })
-        .await
-        .unwrap();
-        if reply.starts_with("HTTP/1.1 200") {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(admitted, "a freed place is given to a new connection");
+    assert!(
+        admitted_again("127.0.0.60", proxy, port).await,
+        "a freed place is given to a new connection"
+    );
     s.stop().await;
 }
 
@@ -349,21 +365,67 @@ async fn open_tunnels_count_against_the_connection_limit() {
     // Closing a tunnel gives its place back (the daemon sees the close
     // shortly after: bounded retries).
     drop(tunnels.pop());
-    let mut admitted = false;
-    for _ in 0..50 {
-        let mut again = connect_from("127.0.0.63", proxy).await.unwrap();
-        if plain_get(&mut again, port, "/again", "")
-            .await
-            .starts_with("HTTP/1.1 200")
-        {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        admitted,
+        admitted_again("127.0.0.63", proxy, port).await,
         "a closed tunnel's place is given to a new connection"
+    );
+    s.stop().await;
+}
+
+/// A WebSocket is still the connection that opened its tunnel: the relay
+/// keeps the connection's place once hyper has handed the stream over.
+#[tokio::test]
+async fn an_open_websocket_counts_against_the_connection_limit() {
+    use futures_util::SinkExt;
+    let s = limited_per_client(1).await;
+    let proxy = s.proxy.daemon.local_addr();
+    let mut ws = s.proxy.client.websocket(s.origin.https.port()).await;
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hello"))
+        .await
+        .unwrap();
+    // Another connection from the WebSocket's address: refused while it
+    // is open.
+    assert!(
+        refused_for_connections("127.0.0.1", proxy).await,
+        "a second connection was served beside an open WebSocket"
+    );
+    // Closing it gives the place back.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    assert!(
+        admitted_again("127.0.0.1", proxy, s.origin.http.port()).await,
+        "a closed WebSocket's place is given to a new connection"
+    );
+    s.stop().await;
+}
+
+/// The same for a WebSocket asked of pinproxy as a plain HTTP proxy (an
+/// absolute-form request, no tunnel): the relay keeps the connection's
+/// place once the connection's own task has ended.
+#[tokio::test]
+async fn a_plain_proxied_websocket_counts_against_the_connection_limit() {
+    let s = limited_per_client(1).await;
+    let proxy = s.proxy.daemon.local_addr();
+    let port = s.origin.http.port();
+    let mut ws = connect_from("127.0.0.65", proxy).await.unwrap();
+    let request = format!(
+        "GET http://localhost:{port}/ws HTTP/1.1\r\nHost: localhost:{port}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    ws.write_all(request.as_bytes()).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut ws))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        refused_for_connections("127.0.0.65", proxy).await,
+        "a second connection was served beside an open WebSocket"
+    );
+    drop(ws);
+    assert!(
+        admitted_again("127.0.0.65", proxy, port).await,
+        "a closed WebSocket's place is given to a new connection"
     );
     s.stop().await;
 }

@@ -33,6 +33,7 @@ use super::{framing, gate, limits, passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
 use crate::fault;
 use crate::proxy::credentials::session_key;
+use crate::proxy::upgrade::HeldPlace;
 use crate::proxy::{self, target, ProxyError};
 
 /// Accepts connections until `frontend.shutdown` is cancelled.
@@ -86,7 +87,9 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
 /// its address's `limits.max_connections_per_client`, both given back when
 /// it is dropped. A tunnel is the same TCP connection as the CONNECT that
 /// opened it, so it takes the place over (see [`PlaceSlot`]): open tunnels
-/// count against both limits for as long as they are open.
+/// count against both limits for as long as they are open. A WebSocket's
+/// relay shares it (`proxy::upgrade::HeldPlace`), since the connection stays
+/// open after the task that served it hands its stream over.
 #[derive(Debug)]
 pub struct Place {
     _slot: OwnedSemaphorePermit,
@@ -114,7 +117,11 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
     let service_frontend = frontend.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let frontend = service_frontend.clone();
-        let place = (request.method() == Method::CONNECT).then(|| place.clone());
+        // A CONNECT takes the connection's place over; a WebSocket upgrade
+        // shares it with its relay, which outlives this connection's task.
+        let place = (request.method() == Method::CONNECT
+            || request.headers().contains_key(http::header::UPGRADE))
+        .then(|| place.clone());
         // Boxed whole, for the same reasons as in tunnels (see
         // `tunnel::tunnel_service`).
         super::boxed_in_place(move || async move {
@@ -154,6 +161,9 @@ async fn outer_request(
         // default is the same), and no extension map to allocate.
         if principal.user.is_some() || principal.exits.exits().is_some() {
             request.extensions_mut().insert(principal);
+        }
+        if let Some(PlaceSlot(slot)) = place {
+            request.extensions_mut().insert(HeldPlace(slot));
         }
         return pipeline.handle(None, request).await;
     }
@@ -204,11 +214,14 @@ async fn outer_request(
         principal,
         site: Default::default(),
         cookie_memo: Default::default(),
+        place: place
+            .as_ref()
+            .and_then(PlaceSlot::take)
+            .map(|place| HeldPlace(Arc::new(place))),
     });
-    let place = place.as_ref().and_then(PlaceSlot::take);
     frontend
         .tasks
-        .spawn(tunnel::serve(tunnel_frontend, upgrade, tunnel, peer.ip(), place).instrument(span));
+        .spawn(tunnel::serve(tunnel_frontend, upgrade, tunnel, peer.ip()).instrument(span));
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     response

@@ -29,7 +29,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use super::framing::{self, Park, RequestGuard};
-use super::listener::{drive, log_connection_end, Place};
+use super::listener::{drive, log_connection_end};
 use super::queue_room::QueueRoom;
 use super::rewind::Rewind;
 use super::{h2_idle, limits, Frontend};
@@ -51,8 +51,8 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves `tunnel` once `upgrade` hands over the client's stream, until
 /// either side closes it; `client` is the address whose request rate limit
-/// every request inside counts against, and `place` the connection's place
-/// among the connection limits, held as long as the tunnel is open.
+/// every request inside counts against. The tunnel holds the connection's
+/// place among the connection limits as long as it is open.
 ///
 /// One async block over its arguments rather than a chain of `async fn`s:
 /// this future is the tunnel task's state for the tunnel's whole life, and
@@ -73,11 +73,8 @@ pub fn serve(
     upgrade: OnUpgrade,
     tunnel: Box<Tunnel>,
     client: IpAddr,
-    place: Option<Place>,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        // Held, not moved: a moved copy would take a second slot.
-        let _ = &place;
         // Boxed: the opening's state (the first byte's wait, the
         // ClientHello, the handshake) is short-lived; the tunnel task
         // should not carry room for it afterwards.

@@ -10,6 +10,7 @@
 //! WebSocket frames themselves are the same on both forms and pass through
 //! untouched.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -113,6 +114,23 @@ pub struct Socket {
     /// The `Sec-WebSocket-Accept` the origin must answer with, when
     /// pinproxy made the key.
     pub expected_accept: Option<String>,
+    /// The client connection's place among the connection limits, for
+    /// the relay to hold.
+    pub place: Option<HeldPlace>,
+}
+
+/// A client connection's place among the connection limits, as the front
+/// hands it to this layer (which does not know its type). A WebSocket's
+/// relay holds a clone until it ends: hyper hands the connection's stream
+/// over to the relay, and the task that served the connection ends, but
+/// the connection stays open and keeps counting.
+#[derive(Clone)]
+pub struct HeldPlace(pub Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for HeldPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeldPlace")
+    }
 }
 
 impl Pipeline {
@@ -140,10 +158,8 @@ impl Pipeline {
                     .await;
             }
             return bridge(
-                socket.upgrade,
-                socket.client,
+                socket,
                 response,
-                socket.expected_accept,
                 RelaySettings {
                     idle: Some(self.relay_idle),
                     tasks: &self.connections,
@@ -183,12 +199,16 @@ pub struct RelaySettings<'a> {
 /// relays the two connections until either closes, or as `settings` say.
 /// (Any other answer goes back to the client as an ordinary response.)
 pub fn bridge(
-    upgrade: Upgrade,
-    client: OnUpgrade,
+    socket: Socket,
     mut upstream: Response<Incoming>,
-    expected_accept: Option<String>,
     settings: RelaySettings<'_>,
 ) -> Result<Response<Body>, UpstreamError> {
+    let Socket {
+        upgrade,
+        client,
+        expected_accept,
+        place,
+    } = socket;
     if let Some(expected) = &expected_accept {
         let accept = upstream
             .headers()
@@ -228,6 +248,7 @@ pub fn bridge(
     }
     let idle = settings.idle;
     settings.tasks.spawn(async move {
+        let _place = place;
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
