@@ -157,15 +157,8 @@ impl Pipeline {
                 self.capture_use(identity, true, egress_ip, Some(&tunnel))
                     .await;
             }
-            return bridge(
-                socket,
-                response,
-                RelaySettings {
-                    idle: Some(self.relay_idle),
-                    tasks: &self.connections,
-                },
-            )
-            .map_err(|error| ProxyError::upstream(&route.exit, error));
+            return bridge(socket, response, self.relay_idle, &self.connections)
+                .map_err(|error| ProxyError::upstream(&route.exit, error));
         }
         let (mut parts, incoming) = response.into_parts();
         let mut body = body::streaming(incoming);
@@ -184,24 +177,17 @@ impl Pipeline {
     }
 }
 
-/// How a bridged WebSocket's relay runs.
-#[derive(Debug, Clone, Copy)]
-pub struct RelaySettings<'a> {
-    /// It ends once nothing has moved either way for this long.
-    pub idle: Option<Duration>,
-    /// It runs as one of these tasks: the daemon's client connections,
-    /// whose shutdown lets it go on for the grace period as it does a
-    /// passed-through tunnel, instead of cutting it at once.
-    pub tasks: &'a TaskTracker,
-}
-
 /// Answers the client for an origin that switched protocols (`101`), and
-/// relays the two connections until either closes, or as `settings` say.
-/// (Any other answer goes back to the client as an ordinary response.)
+/// relays the two connections until either closes, or until nothing has
+/// moved either way for `idle` (zero: no limit). The relay runs as one of
+/// `tasks`, the daemon's client connections, so that the shutdown lets it
+/// go on for the grace period as it does a passed-through tunnel. (Any
+/// other answer goes back to the client as an ordinary response.)
 pub fn bridge(
     socket: Socket,
     mut upstream: Response<Incoming>,
-    settings: RelaySettings<'_>,
+    idle: Duration,
+    tasks: &TaskTracker,
 ) -> Result<Response<Body>, UpstreamError> {
     let Socket {
         upgrade,
@@ -246,15 +232,18 @@ pub fn bridge(
             *response.headers_mut() = headers;
         }
     }
-    let idle = settings.idle;
-    settings.tasks.spawn(async move {
+    tasks.spawn(async move {
         let _place = place;
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
-                relay(&mut TokioIo::new(client), &mut TokioIo::new(upstream), idle)
-                    .await
-                    .log("WebSocket");
+                relay(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(upstream),
+                    Some(idle),
+                )
+                .await
+                .log("WebSocket");
             }
             (client, upstream) => tracing::debug!(
                 client_ok = client.is_ok(),
