@@ -87,6 +87,13 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 /// client that sends it directly sends it here too (Python requests does).
 /// One that names other headers goes, with them.
 pub fn sanitize_request(headers: &mut HeaderMap) {
+    // Nearly every request carries nothing to remove (an HTTP/2 request
+    // never holds a hop-by-hop header): one pass over its names says so.
+    // `Connection` is hop-by-hop itself, so without one there is no list
+    // of names to read either, and the map is not asked for it.
+    if !headers.keys().any(|name| leaves_no_request(name.as_str())) {
+        return;
+    }
     let connection = ConnectionHeader::of(headers);
     retain(headers, |name, value| {
         // `TE: trailers` says the client takes trailers; pinproxy relays
@@ -95,16 +102,25 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
         let kept_connection = connection.only_options && name == header::CONNECTION;
         te_trailers
             || kept_connection
-            || !(is_hop_by_hop(name.as_str())
-                || is_forwarding(name.as_str())
-                || name.as_str().starts_with(PINPROXY_PREFIX)
-                || connection.listed.contains(name))
+            || !(leaves_no_request(name.as_str()) || connection.listed.contains(name))
     });
+}
+
+/// Whether a header named `name` is removed from every request whatever
+/// it says (hop-by-hop, forwarding, pinproxy's own); `TE: trailers` and an
+/// options-only `Connection` are the exceptions [`sanitize_request`] keeps.
+fn leaves_no_request(name: &str) -> bool {
+    is_hop_by_hop(name) || is_forwarding(name) || name.starts_with(PINPROXY_PREFIX)
 }
 
 /// Removes the hop-by-hop headers of the origin connection from a response.
 /// The remaining headers keep their order.
 pub fn sanitize_response(headers: &mut HeaderMap) {
+    // As for requests: without a hop-by-hop name (`Connection` among them)
+    // there is nothing to remove and no list to read.
+    if !headers.keys().any(|name| is_hop_by_hop(name.as_str())) {
+        return;
+    }
     let listed = ConnectionHeader::of(headers).listed;
     retain(headers, |name, _| {
         !(is_hop_by_hop(name.as_str()) || listed.contains(name))
@@ -223,6 +239,28 @@ mod tests {
         sanitize_request(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["cookie", "user-agent"], "order is kept");
+    }
+
+    #[test]
+    fn a_request_with_nothing_to_remove_leaves_as_it_came() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("user-agent", "u"),
+            ("cookie", "a=1"),
+            ("accept", "*/*"),
+            ("cookie", "b=2"),
+            ("x-pinproxy", "not the prefix"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        let before = headers.clone();
+        sanitize_request(&mut headers);
+        let pairs = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+            h.iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        assert_eq!(pairs(&headers), pairs(&before));
     }
 
     #[test]

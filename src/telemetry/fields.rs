@@ -205,13 +205,12 @@ pub(super) fn thousandths(value: f64) -> Option<u64> {
 /// decimal, with at least one digit after the point (`2.0`, `1.5`, `0.125`).
 pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) -> fmt::Result {
     write_u64(writer, thousandths / 1000)?;
-    writer.write_char('.')?;
-    // The fraction's digits without their trailing zeros, at least one,
-    // each written as a `char`: checking a few digits as UTF-8 to write
-    // them as a `str` cost more (about 100 instructions a check), and a
-    // line carries up to four of these.
+    // The fraction's digits without their trailing zeros, at least one:
+    // `1000 + fraction` written by `itoa` is `1` and then exactly the three
+    // digits, so they come as a `str` without a UTF-8 check (about 100
+    // instructions) or a `char` written at a time, and a line carries up to
+    // four of these.
     let fraction = thousandths % 1000;
-    let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
     let kept = if fraction.is_multiple_of(100) {
         1
     } else if fraction.is_multiple_of(10) {
@@ -219,11 +218,10 @@ pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) 
     } else {
         3
     };
-    for digit in &digits[..kept] {
-        // A decimal digit: below 10.
-        writer.write_char(char::from(b'0' + *digit as u8))?;
-    }
-    Ok(())
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(1000 + fraction);
+    writer.write_char('.')?;
+    writer.write_str(digits.get(1..=kept).unwrap_or("0"))
 }
 
 #[cfg(test)]
