@@ -218,8 +218,8 @@ pub(super) fn write_thousandths(writer: &mut impl fmt::Write, thousandths: u64) 
     } else {
         3
     };
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(1000 + fraction);
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(1000 + fraction);
     writer.write_char('.')?;
     writer.write_str(digits.get(1..=kept).unwrap_or("0"))
 }
