@@ -165,7 +165,7 @@ impl DurableStore {
                 redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_owned()),
                 other => db_error(path, other),
             })?;
-        let memory = codec::load(&db).map_err(|e| db_error(path, e))?;
+        let (memory, fingerprint_refs) = codec::load(&db).map_err(|e| db_error(path, e))?;
         let shared = Arc::new(Shared {
             memory,
             ..Shared::default()
@@ -178,7 +178,9 @@ impl DurableStore {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("pin-store-writer".into())
-            .spawn(move || writer::write_loop(db, writer_shared, receiver, committed_tx))
+            .spawn(move || {
+                writer::write_loop(db, writer_shared, fingerprint_refs, receiver, committed_tx)
+            })
             .map_err(|e| db_error(path, e))?;
         Ok(DurableStore {
             shared,
@@ -548,6 +550,103 @@ mod tests {
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]
         );
+    }
+
+    /// Rows of the fingerprints table (the store closed).
+    fn stored_fingerprints(path: &Path) -> u64 {
+        use redb::{ReadableDatabase as _, ReadableTableMetadata as _};
+        let db = Database::open(path).unwrap();
+        let read = db.begin_read().unwrap();
+        read.open_table(codec::FINGERPRINTS).unwrap().len().unwrap()
+    }
+
+    fn with_agent(agent: &str) -> Identity {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::USER_AGENT, agent.parse().unwrap());
+        Identity::new(
+            ExitId::new("e1"),
+            SessionId(7),
+            10,
+            Arc::new(Fingerprint::of(&headers)),
+            10,
+        )
+    }
+
+    async fn retire_and_sweep(store: &DurableStore, ids: &[IdentityId]) -> Swept {
+        let evicted = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 20,
+        };
+        for id in ids {
+            store.retire(*id, &evicted).await.unwrap();
+        }
+        store.sweep(1_000, 100, &|_| None).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fingerprint_is_kept_while_an_identity_refers_to_it_and_no_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        // Two clients with equal fingerprints and one that differs.
+        let (first, second, third) = (
+            with_agent("agent/1"),
+            with_agent("agent/1"),
+            with_agent("agent/2"),
+        );
+        {
+            let store = DurableStore::open(&path).unwrap();
+            for identity in [&first, &second, &third] {
+                store.create_identity(identity).await.unwrap();
+                store.touch(identity.id, 50, true, None).await.unwrap();
+            }
+            store.close().await;
+        }
+        assert_eq!(stored_fingerprints(&path), 2, "equal fingerprints: one row");
+
+        // One of the two sharing a fingerprint goes: the row stays.
+        {
+            let store = DurableStore::open(&path).unwrap();
+            assert_eq!(retire_and_sweep(&store, &[first.id]).await.identities, 1);
+            store.close().await;
+        }
+        assert_eq!(stored_fingerprints(&path), 2);
+
+        // The other goes too: its row goes with it, in memory and on disk.
+        {
+            let store = DurableStore::open(&path).unwrap();
+            assert_eq!(store.shared.memory.distinct_fingerprints(), 2);
+            assert_eq!(retire_and_sweep(&store, &[second.id]).await.identities, 1);
+            assert_eq!(store.shared.memory.distinct_fingerprints(), 1);
+            store.close().await;
+        }
+        assert_eq!(stored_fingerprints(&path), 1);
+        let store = DurableStore::open(&path).unwrap();
+        let loaded = store.shared.memory.identity(third.id).unwrap();
+        assert_eq!(
+            loaded.fingerprint, third.fingerprint,
+            "the third's is whole"
+        );
+        drop(loaded);
+        assert_eq!(retire_and_sweep(&store, &[third.id]).await.identities, 1);
+        store.close().await;
+        drop(store);
+        assert_eq!(stored_fingerprints(&path), 0);
+
+        // A row no identity refers to (left by a version that kept them
+        // all) is deleted when the store opens.
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let (hash, bytes) = codec::fingerprint_hash(&third.fingerprint).unwrap();
+            txn.open_table(codec::FINGERPRINTS)
+                .unwrap()
+                .insert(&hash, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert_eq!(stored_fingerprints(&path), 1);
+        DurableStore::open(&path).unwrap().close().await;
+        assert_eq!(stored_fingerprints(&path), 0);
     }
 
     #[tokio::test]

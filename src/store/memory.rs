@@ -3,10 +3,10 @@
 //! store keeps its working set in one of these.
 //!
 //! Records are kept compact, because a million pins must fit in a few
-//! hundred megabytes: exit ids, cookie names and fingerprints are interned
-//! (a fleet has few of each) and referred to by small indexes, and the
-//! rarely set retirement is boxed. [`Identity`] and [`Pin`] are rebuilt
-//! from these on the way out.
+//! hundred megabytes: exit ids and cookie names are interned (a fleet has
+//! few of each) and referred to by small indexes, equal fingerprints are
+//! shared (see [`SharedFingerprints`]), and the rarely set retirement is
+//! boxed. [`Identity`] and [`Pin`] are rebuilt from these on the way out.
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -77,6 +77,53 @@ impl<T: Eq + Hash + Clone> Interner<T> {
     }
 }
 
+/// One shared value per distinct fingerprint of the identities held, so a
+/// fleet of equal clients keeps one copy, not one per identity.
+///
+/// Unlike exit ids and cookie names, fingerprints keep coming: a fleet that
+/// gives each identity a `User-Agent` or `Accept-Language` of its own (as
+/// scrapers commonly do) founds every identity with a fingerprint of its
+/// own, about 2 KB with the ClientHello it holds. So identities hold their
+/// fingerprint themselves, and this set only finds an equal one to share:
+/// [`SharedFingerprints::prune`] lets go of those no identity holds any
+/// more, and memory follows the identities alive rather than all there ever
+/// were.
+#[derive(Debug, Default)]
+struct SharedFingerprints {
+    /// Keyed by the values (a client shapes them): SipHash.
+    values: DashMap<Arc<Fingerprint>, ()>,
+}
+
+impl SharedFingerprints {
+    /// The shared value equal to `fingerprint` (it becomes the shared one
+    /// when none is held).
+    fn share(&self, fingerprint: &Arc<Fingerprint>) -> Arc<Fingerprint> {
+        // The clone is taken under the shard's lock, which `prune` needs to
+        // drop an entry: a value handed out here is never one being let go.
+        if let Some(shared) = self.values.get(fingerprint) {
+            return shared.key().clone();
+        }
+        self.values
+            .entry(fingerprint.clone())
+            .or_insert(())
+            .key()
+            .clone()
+    }
+
+    /// Lets go of the values only this set holds (no identity, nor anything
+    /// read from one, refers to them); returns how many.
+    fn prune(&self) -> usize {
+        let before = self.values.len();
+        self.values.retain(|value, ()| Arc::strong_count(value) > 1);
+        before.saturating_sub(self.values.len())
+    }
+
+    /// Distinct fingerprints held.
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+}
+
 /// A pin as held in memory.
 #[derive(Clone, Debug)]
 struct PinRecord {
@@ -98,7 +145,8 @@ struct IdentityRecord {
     retired: Option<Box<Retirement>>,
     egress_ip: Option<IpAddr>,
     requests: u32,
-    fingerprint: u32,
+    /// Shared with every identity whose fingerprint is equal.
+    fingerprint: Arc<Fingerprint>,
     exit: u32,
     worked: bool,
     /// Touched since a durable store last wrote it (see
@@ -114,7 +162,7 @@ pub struct MemoryStore {
     identities: DashMap<IdentityId, IdentityRecord, RandomKeys>,
     exits: Interner<ExitId>,
     names: Interner<Arc<str>>,
-    fingerprints: Interner<Arc<Fingerprint>>,
+    fingerprints: SharedFingerprints,
     exit_deaths: DashMap<ExitId, u64>,
 }
 
@@ -127,6 +175,8 @@ pub struct SweepChanges {
     pub removed_identities: Vec<IdentityId>,
     /// Identities retired because they expired.
     pub retired: Vec<IdentityId>,
+    /// Distinct fingerprints let go of: no identity held refers to them.
+    pub released_fingerprints: usize,
 }
 
 impl MemoryStore {
@@ -181,7 +231,7 @@ impl MemoryStore {
             retired: identity.retired.clone().map(Box::new),
             egress_ip: identity.egress_ip,
             requests: u32::try_from(identity.requests).unwrap_or(u32::MAX),
-            fingerprint: self.fingerprints.intern(&identity.fingerprint),
+            fingerprint: self.fingerprints.share(&identity.fingerprint),
             exit: self.exits.intern(&identity.exit),
             worked: identity.worked,
             unwritten: false,
@@ -199,10 +249,7 @@ impl MemoryStore {
             session_started_ms: record.session_started_ms,
             created_ms: record.created_ms,
             egress_ip: record.egress_ip,
-            fingerprint: self
-                .fingerprints
-                .get(record.fingerprint)
-                .unwrap_or_default(),
+            fingerprint: record.fingerprint.clone(),
             last_used_ms: record.last_used_ms,
             requests: u64::from(record.requests),
             worked: record.worked,
@@ -275,6 +322,12 @@ impl MemoryStore {
         (self.pins.len(), self.identities.len())
     }
 
+    /// Distinct fingerprints held for the identities (and for values read
+    /// from them still in use; a sweep lets go of the rest).
+    pub fn distinct_fingerprints(&self) -> usize {
+        self.fingerprints.len()
+    }
+
     /// Sweeps like [`PinStore::sweep`] and says what changed.
     pub fn sweep_collect(
         &self,
@@ -308,6 +361,8 @@ impl MemoryStore {
             }
             keep
         });
+        // After the identities: those just forgotten let go of theirs.
+        changes.released_fingerprints = self.fingerprints.prune();
         changes
     }
 
@@ -464,6 +519,95 @@ impl PinStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::SessionId;
+
+    /// A fingerprint whose `User-Agent` is `agent`, in a value of its own.
+    fn fingerprint(agent: &str) -> Arc<Fingerprint> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_str(agent).unwrap_or_else(|e| panic!("{e}")),
+        );
+        Arc::new(Fingerprint::of(&headers))
+    }
+
+    fn identity_with(fingerprint: Arc<Fingerprint>) -> Identity {
+        Identity::new(ExitId::new("e1"), SessionId(1), 10, fingerprint, 10)
+    }
+
+    #[tokio::test]
+    async fn equal_fingerprints_are_shared_and_let_go_of_with_their_identities() {
+        let store = MemoryStore::new();
+        // Two clients with equal fingerprints, each read afresh (as two
+        // connections' are), and a third that differs.
+        let first = identity_with(fingerprint("agent/1"));
+        let second = identity_with(fingerprint("agent/1"));
+        let third = identity_with(fingerprint("agent/2"));
+        for identity in [&first, &second, &third] {
+            store
+                .create_identity(identity)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let read = |id| {
+            store
+                .identity(id)
+                .unwrap_or_else(|| panic!("identity {id} is held"))
+                .fingerprint
+        };
+        assert!(
+            Arc::ptr_eq(&read(first.id), &read(second.id)),
+            "equal: one value"
+        );
+        assert!(!Arc::ptr_eq(&read(first.id), &read(third.id)));
+        assert_eq!(read(third.id), third.fingerprint);
+        assert_eq!(store.distinct_fingerprints(), 2);
+        // What the test built holds its values too: only the ids go on.
+        let ids = (first.id, second.id, third.id);
+        drop((first, second, third));
+        let (first, second, third) = ids;
+
+        // Retired and past their keep: the sweep forgets the first two
+        // identities and lets go of their fingerprint, not of the third's.
+        let evicted = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 20,
+        };
+        for id in [first, second] {
+            store
+                .retire(id, &evicted)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let swept = store.sweep_collect(1_000, 100, &|_| None);
+        assert_eq!(swept.removed_identities.len(), 2);
+        assert_eq!(swept.released_fingerprints, 1);
+        assert_eq!(store.distinct_fingerprints(), 1);
+        assert_eq!(read(third).get("user-agent"), Some("agent/2"));
+
+        // A value read from an identity and still in use is kept until the
+        // sweep after its last use.
+        let in_use = read(third);
+        store
+            .retire(third, &evicted)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            store
+                .sweep_collect(1_000, 100, &|_| None)
+                .released_fingerprints,
+            0
+        );
+        assert_eq!(store.distinct_fingerprints(), 1);
+        drop(in_use);
+        assert_eq!(
+            store
+                .sweep_collect(1_000, 100, &|_| None)
+                .released_fingerprints,
+            1
+        );
+        assert_eq!(store.distinct_fingerprints(), 0);
+    }
 
     #[test]
     fn interned_values_read_back_by_index_past_the_unlocked_ones() {

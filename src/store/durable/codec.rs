@@ -66,8 +66,50 @@ impl StoredIdentity {
     }
 }
 
-/// Loads every record into memory.
-pub(super) fn load(db: &Database) -> Result<MemoryStore, String> {
+/// The fingerprint hash of an identity as stored: its encoding's last 16
+/// bytes (postcard writes the hash, the last field, as its bytes alone), so
+/// the writer reads what an identity it replaces referred to without
+/// decoding it. `None` for a value too short to be an identity.
+pub(super) fn stored_fingerprint(stored: &[u8]) -> Option<[u8; 16]> {
+    let start = stored.len().checked_sub(16)?;
+    stored.get(start..)?.try_into().ok()
+}
+
+/// How many identities on disk refer to each stored fingerprint. The
+/// writer keeps it as it writes, and a fingerprint's row goes with the
+/// last identity referring to it: a fleet that gives each identity a
+/// `User-Agent` of its own brings a fingerprint with every identity, and
+/// the table would otherwise keep them all.
+#[derive(Debug, Default)]
+pub(super) struct FingerprintRefs(HashMap<[u8; 16], u32>);
+
+impl FingerprintRefs {
+    /// Counts one more reference to `hash`; true when it is the first.
+    pub(super) fn add(&mut self, hash: [u8; 16]) -> bool {
+        let count = self.0.entry(hash).or_insert(0);
+        *count = count.saturating_add(1);
+        *count == 1
+    }
+
+    /// Counts one reference to `hash` less; true when it was the last (a
+    /// hash not counted is left alone).
+    pub(super) fn remove(&mut self, hash: [u8; 16]) -> bool {
+        let Some(count) = self.0.get_mut(&hash) else {
+            return false;
+        };
+        *count = count.saturating_sub(1);
+        if *count > 0 {
+            return false;
+        }
+        self.0.remove(&hash);
+        true
+    }
+}
+
+/// Loads every record into memory, and counts the references to each
+/// stored fingerprint. Fingerprints no identity refers to (left by versions
+/// that never deleted them) are deleted on the way.
+pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), String> {
     use redb::ReadableTableMetadata as _;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     // Create the tables on first start.
@@ -94,10 +136,12 @@ pub(super) fn load(db: &Database) -> Result<MemoryStore, String> {
             Fingerprint::decode(value.value()).map_err(|e| format!("corrupt fingerprint: {e}"))?;
         fingerprints.insert(*hash.value(), Arc::new(fingerprint));
     }
+    let mut refs = FingerprintRefs::default();
     for row in identities.iter().map_err(|e| e.to_string())? {
         let (id, value) = row.map_err(|e| e.to_string())?;
         let stored: StoredIdentity =
             postcard::from_bytes(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
+        refs.add(stored.fingerprint);
         memory.insert_identity(&Identity {
             id: IdentityId(id.value()),
             exit: stored.exit,
@@ -126,5 +170,82 @@ pub(super) fn load(db: &Database) -> Result<MemoryStore, String> {
         let (exit, at) = row.map_err(|e| e.to_string())?;
         memory.set_exit_death(&ExitId::new(exit.value()), at.value());
     }
-    Ok(memory)
+    let orphans: Vec<[u8; 16]> = fingerprints
+        .into_keys()
+        .filter(|hash| !refs.0.contains_key(hash))
+        .collect();
+    drop((identities, pins, deaths, table, read));
+    if !orphans.is_empty() {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
+            for hash in &orphans {
+                table.remove(hash).map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        tracing::info!(
+            deleted = orphans.len(),
+            "pin store: deleted fingerprints no identity refers to"
+        );
+    }
+    Ok((memory, refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::RetireReason;
+
+    #[test]
+    fn an_identitys_fingerprint_hash_is_its_encodings_last_16_bytes() {
+        let retirement = Retirement {
+            reason: RetireReason::Invalidated {
+                rule: "datadome-challenge".into(),
+            },
+            at_ms: 1_700_000_000_123,
+        };
+        for (n, (egress_ip, retired)) in [
+            (None, None),
+            (Some(IpAddr::from([127, 0, 0, 2])), None),
+            (
+                Some(IpAddr::from([0xfe80, 0, 0, 0, 0, 0, 0, 1])),
+                Some(retirement),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let hash = [u8::try_from(n)
+                .unwrap_or(0)
+                .wrapping_mul(37)
+                .wrapping_add(200); 16];
+            let stored = StoredIdentity {
+                exit: ExitId::new("residential-1"),
+                session: SessionId(u64::MAX - 3),
+                session_started_ms: 5,
+                created_ms: 1_700_000_000_000,
+                last_used_ms: 1_700_000_000_999,
+                requests: 123_456,
+                worked: true,
+                egress_ip,
+                retired,
+                fingerprint: hash,
+            };
+            let bytes = postcard::to_stdvec(&stored).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(stored_fingerprint(&bytes), Some(hash), "case {n}");
+        }
+        assert_eq!(stored_fingerprint(&[0; 15]), None);
+    }
+
+    #[test]
+    fn a_fingerprint_counts_its_references() {
+        let mut refs = FingerprintRefs::default();
+        assert!(refs.add([1; 16]), "the first");
+        assert!(!refs.add([1; 16]));
+        assert!(!refs.remove([1; 16]));
+        assert!(refs.remove([1; 16]), "the last");
+        assert!(!refs.remove([1; 16]), "not counted: left alone");
+        assert!(refs.add([1; 16]), "the first again");
+    }
 }

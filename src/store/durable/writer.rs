@@ -6,13 +6,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable};
 use tokio::sync::watch;
 
-use super::codec::{fingerprint_hash, StoredIdentity, EXIT_DEATHS, FINGERPRINTS, IDENTITIES, PINS};
+use super::codec::{
+    fingerprint_hash, stored_fingerprint, FingerprintRefs, StoredIdentity, EXIT_DEATHS,
+    FINGERPRINTS, IDENTITIES, PINS,
+};
 use super::{Change, Committed, Queued, Shared};
 use crate::fingerprint::Fingerprint;
 use crate::identity::IdentityId;
@@ -22,22 +25,36 @@ use crate::identity::IdentityId;
 /// lazy flush after a request (its last use changed) while its fingerprint
 /// never changes: hashing it means serialising its whole ClientHello, and
 /// the memory store hands out one shared value per distinct fingerprint.
-/// The entry keeps its value alive, so no other fingerprint can come to
-/// live at its address.
+///
+/// An entry holds its value weakly: the memory store lets go of a
+/// fingerprint once no identity holds it, and this cache must not keep it
+/// (a fleet that gives each identity a `User-Agent` of its own brings a new
+/// one with every identity). The weak reference keeps the value's allocation, so no other
+/// fingerprint can come to live at its address while the entry exists;
+/// entries whose value is gone are dropped as the cache grows.
 #[derive(Default)]
-struct KnownFingerprints(HashMap<usize, (Arc<Fingerprint>, [u8; 16])>);
+struct KnownFingerprints {
+    by_address: HashMap<usize, (Weak<Fingerprint>, [u8; 16])>,
+    /// Entries after the last clean-up: the next comes at twice as many.
+    kept: usize,
+}
 
 impl KnownFingerprints {
     fn get(&self, fingerprint: &Arc<Fingerprint>) -> Option<[u8; 16]> {
-        self.0
+        self.by_address
             .get(&(Arc::as_ptr(fingerprint) as usize))
             .map(|(_, hash)| *hash)
     }
 
     fn insert(&mut self, fingerprint: &Arc<Fingerprint>, hash: [u8; 16]) {
-        self.0.insert(
+        if self.by_address.len() >= self.kept.saturating_mul(2).max(64) {
+            self.by_address
+                .retain(|_, (value, _)| value.strong_count() > 0);
+            self.kept = self.by_address.len();
+        }
+        self.by_address.insert(
             Arc::as_ptr(fingerprint) as usize,
-            (fingerprint.clone(), hash),
+            (Arc::downgrade(fingerprint), hash),
         );
     }
 }
@@ -79,6 +96,7 @@ const MAX_GROUP: usize = 8192;
 pub(super) fn write_loop(
     mut db: Database,
     shared: Arc<Shared>,
+    mut refs: FingerprintRefs,
     queue: mpsc::Receiver<Queued>,
     committed: watch::Sender<Committed>,
 ) {
@@ -111,7 +129,11 @@ pub(super) fn write_loop(
         }
         // Lazily written state alone does not need a flush.
         let durable = !group.is_empty();
-        match apply(&db, &shared, &group, &dirty, durable, &mut known) {
+        let mut fingerprints = Fingerprints {
+            known: &mut known,
+            refs: &mut refs,
+        };
+        match apply(&db, &shared, &group, &dirty, durable, &mut fingerprints) {
             Ok(()) => {
                 let before = done.through;
                 // `Close` carries no number.
@@ -143,13 +165,19 @@ pub(super) fn write_loop(
     }
 }
 
+/// What the writer knows of the stored fingerprints.
+struct Fingerprints<'a> {
+    known: &'a mut KnownFingerprints,
+    refs: &'a mut FingerprintRefs,
+}
+
 fn apply(
     db: &Database,
     shared: &Shared,
     group: &[Queued],
     dirty: &[IdentityId],
     durable: bool,
-    known: &mut KnownFingerprints,
+    Fingerprints { known, refs }: &mut Fingerprints<'_>,
 ) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     let durability = if durable {
@@ -164,33 +192,52 @@ fn apply(
         let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
         let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
         let mut put_identity = |id: IdentityId| -> Result<(), String> {
-            match shared.memory.identity_to_write(id) {
-                Some(identity) => {
-                    let hash = match known.get(&identity.fingerprint) {
-                        Some(hash) => hash,
-                        None => {
-                            let (hash, fingerprint) = fingerprint_hash(&identity.fingerprint)?;
-                            if fingerprints
-                                .get(&hash)
-                                .map_err(|e| e.to_string())?
-                                .is_none()
-                            {
-                                fingerprints
-                                    .insert(&hash, fingerprint.as_slice())
-                                    .map_err(|e| e.to_string())?;
-                            }
-                            known.insert(&identity.fingerprint, hash);
-                            hash
-                        }
-                    };
-                    let stored = StoredIdentity::of(identity, hash);
-                    let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
-                    identities
-                        .insert(id.0, bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
+            let Some(identity) = shared.memory.identity_to_write(id) else {
+                let removed = identities.remove(id.0).map_err(|e| e.to_string())?;
+                if let Some(hash) = removed.and_then(|old| stored_fingerprint(old.value())) {
+                    if refs.remove(hash) {
+                        fingerprints.remove(&hash).map_err(|e| e.to_string())?;
+                    }
                 }
+                return Ok(());
+            };
+            let fingerprint = identity.fingerprint.clone();
+            let (hash, mut encoded) = match known.get(&fingerprint) {
+                Some(hash) => (hash, None),
                 None => {
-                    identities.remove(id.0).map_err(|e| e.to_string())?;
+                    let (hash, encoded) = fingerprint_hash(&fingerprint)?;
+                    known.insert(&fingerprint, hash);
+                    (hash, Some(encoded))
+                }
+            };
+            let stored = StoredIdentity::of(identity, hash);
+            let bytes = postcard::to_stdvec(&stored).map_err(|e| e.to_string())?;
+            let replaced = identities
+                .insert(id.0, bytes.as_slice())
+                .map_err(|e| e.to_string())?
+                .map(|old| stored_fingerprint(old.value()));
+            // An identity's fingerprint never changes: rewriting it (its
+            // last use, after requests) leaves the counts as they are.
+            if replaced == Some(Some(hash)) {
+                return Ok(());
+            }
+            if refs.add(hash)
+                && fingerprints
+                    .get(&hash)
+                    .map_err(|e| e.to_string())?
+                    .is_none()
+            {
+                let encoded = match encoded.take() {
+                    Some(encoded) => encoded,
+                    None => fingerprint_hash(&fingerprint)?.1,
+                };
+                fingerprints
+                    .insert(&hash, encoded.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(Some(old)) = replaced {
+                if refs.remove(old) {
+                    fingerprints.remove(&old).map_err(|e| e.to_string())?;
                 }
             }
             Ok(())
