@@ -349,6 +349,12 @@ struct PinArgs {
     /// Send each worker's anchor cookie along, so its pins join one identity.
     #[arg(long)]
     anchor: bool,
+    /// Send each request as a client of its own: a new connection and a
+    /// `User-Agent` of its own, so that each identity it founds (without
+    /// `--anchor`) has a fingerprint of its own, as a fleet's new browser
+    /// profiles do.
+    #[arg(long)]
+    fresh_clients: bool,
 }
 
 #[derive(Debug, Args)]
@@ -538,6 +544,7 @@ fn main() -> Result<()> {
                 fill_limit: Duration::from_secs_f64(a.fill_limit_secs.max(0.0)),
                 tag: a.tag,
                 anchor: a.anchor,
+                fresh_clients: a.fresh_clients,
             };
             runtime()?.block_on(pins::run(spec, tls))
         }

@@ -12,7 +12,9 @@
 //! adds the new pins to that cookie's identity. With `anchor`, every request
 //! of a worker also carries that worker's own anchor cookie, so all its pins
 //! join one identity and the fill measures the pins alone; without it, every
-//! request makes a new identity. Driven over stdin/stdout like the tunnel holder:
+//! request makes a new identity (with `fresh_clients`, each from a client of
+//! its own: a new connection and a `User-Agent` of its own, so a fingerprint
+//! of its own). Driven over stdin/stdout like the tunnel holder:
 //! `fill N` creates at least N more pins and prints one JSON line (`warm R`:
 //! every worker sends R requests without new cookies, see [`warm`]); end of
 //! input exits. Cookie values are never printed.
@@ -62,6 +64,11 @@ pub struct PinSpec {
     pub tag: String,
     /// Send each worker's anchor cookie along, so its pins join one identity.
     pub anchor: bool,
+    /// Each request from a client of its own: a new connection, and a
+    /// `User-Agent` of its own (numbered as its first cookie), so the
+    /// identities it founds differ in fingerprint as a fleet's new browser
+    /// profiles do.
+    pub fresh_clients: bool,
 }
 
 /// The outcome of one `fill`.
@@ -266,16 +273,26 @@ async fn one(
         let name = TRACKED_NAMES[(seq % TRACKED_NAMES.len() as u64) as usize];
         cookie.push_str(&format!("{name}={}{seq:012x}", spec.tag));
     }
-    let request = client::get_request(
+    let mut request = client::get_request(
         &spec.target,
         &spec.path,
         &[("cookie", HeaderValue::from_str(&cookie)?)],
     )?;
+    if spec.fresh_clients {
+        let agent = format!("pinbench/0 (client {}{first:012x})", spec.tag);
+        request
+            .headers_mut()
+            .insert(http::header::USER_AGENT, HeaderValue::from_str(&agent)?);
+    }
     let sender = match conn {
         Some(sender) => sender,
         None => conn.insert(client::open(spec.via, &spec.target, tls.clone()).await?),
     };
     let len = client::fetch(sender, request).await?;
+    if spec.fresh_clients {
+        // The next request is another client's.
+        *conn = None;
+    }
     if len == 0 {
         bail!("empty body");
     }

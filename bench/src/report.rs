@@ -17,7 +17,7 @@ use crate::mint::MintReport;
 use crate::stats::{median, range};
 use crate::suite::callgrind::CallgrindReport;
 use crate::suite::fleet::FleetReport;
-use crate::suite::pins::{IdentityRow, PinRow};
+use crate::suite::pins::{ChurnRow, IdentityRow, PinRow};
 use crate::suite::stores::{StoreRow, StoreScale};
 use crate::suite::throughput::{Sample, Setup};
 use crate::suite::tunnels::TunnelRow;
@@ -95,6 +95,9 @@ pub struct Results {
     pub pin_identities: Option<u64>,
     /// New identities with one pin each.
     pub identities: Vec<IdentityRow>,
+    /// Identity churn rounds: what forgotten identities leave behind.
+    #[serde(default)]
+    pub churn: Vec<ChurnRow>,
     /// Pin store runs.
     pub stores: Vec<StoreRow>,
     /// The embedded store at scale.
@@ -521,6 +524,13 @@ mod tests {
                 identities: 10,
                 rss_growth: 300_000,
                 ..IdentityRow::default()
+            }],
+            churn: vec![ChurnRow {
+                round: 1,
+                identities: 10,
+                heap_founded: 40_000,
+                heap_forgotten: -2_000,
+                failed: 0,
             }],
             mint_library: Some(MintReport::default()),
             mint_handshake: Some(MintReport::default()),

@@ -326,6 +326,7 @@ fn step(suite: &Suite, redis: &Redis, replicas: usize) -> Result<FleetStep> {
             anchor: false,
             limit_secs: secs,
             tag: format!("f{}r{replicas}i{i}", std::process::id()),
+            fresh_clients: false,
         };
         let mut filler = suite.spawn_filler(&suite.origin, proxy, &plan)?;
         // Connections, leaves and the runtime first.
@@ -434,6 +435,7 @@ fn round_trips(suite: &Suite, redis: &Redis) -> Result<RoundTrips> {
         anchor: false,
         limit_secs: secs,
         tag: format!("t{}", std::process::id()),
+        fresh_clients: false,
     };
     let mut filler = suite.spawn_filler(&suite.origin, &proxy, &plan)?;
     let warm = fill(&mut filler, 2)?;

@@ -81,6 +81,22 @@ pub struct IdentityRow {
     pub failed: u64,
 }
 
+/// One round of identity churn (see [`churn`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChurnRow {
+    /// Round number, from 1.
+    pub round: usize,
+    /// Identities founded in the round (one request each).
+    pub identities: u64,
+    /// Live heap over the baseline once they were founded, bytes.
+    pub heap_founded: i64,
+    /// Live heap over the baseline once they were retired and forgotten
+    /// (and their upstream connections closed), bytes.
+    pub heap_forgotten: i64,
+    /// Requests that failed.
+    pub failed: u64,
+}
+
 impl PinRow {
     /// Bytes per pin the goal is held to: heap growth per pin when the heap
     /// was counted, else RSS growth per pin (0 without pins).
@@ -143,8 +159,12 @@ const HEAP_WINDOW_READS: usize = 30;
 
 /// Starts the pin phase's pinproxy, with the heap counter preloaded when
 /// the library was built (and its counter file then exists once it runs).
-fn start_counted(suite: &mut Suite, name: &str) -> Result<(Server, Option<HeapCounter>)> {
-    let mut launch = suite.pinproxy_launch(name, &PinproxyOptions::default())?;
+fn start_counted(
+    suite: &mut Suite,
+    name: &str,
+    options: &PinproxyOptions,
+) -> Result<(Server, Option<HeapCounter>)> {
+    let mut launch = suite.pinproxy_launch(name, options)?;
     let counter = suite.config.heap_counter.clone().map(|lib| {
         let file = suite.dir.join(format!("{name}-heap.bin"));
         let _ = std::fs::remove_file(&file);
@@ -173,13 +193,14 @@ fn start_counted(suite: &mut Suite, name: &str) -> Result<(Server, Option<HeapCo
 /// Runs the phase: the pin fill, then the identities.
 fn run(suite: &mut Suite) -> Result<()> {
     fill_pins(suite)?;
-    identities(suite)
+    identities(suite)?;
+    churn(suite)
 }
 
 /// Fills one pinproxy to each of the pin levels and measures it at each.
 fn fill_pins(suite: &mut Suite) -> Result<()> {
     let ticks = procfs::ticks_per_second() as f64;
-    let (proxy, heap) = start_counted(suite, "pinproxy-pins")?;
+    let (proxy, heap) = start_counted(suite, "pinproxy-pins", &PinproxyOptions::default())?;
     let concurrency = suite.config.pin_concurrency;
     let per_request = suite.config.pins_per_request;
     let mut filler = spawn_filler(suite, &proxy, concurrency, per_request, true)?;
@@ -279,6 +300,98 @@ fn identities(suite: &mut Suite) -> Result<()> {
     Ok(())
 }
 
+/// Rounds of identity churn.
+const CHURN_ROUNDS: usize = 2;
+
+/// What the churn's pinproxy runs with: identities retired after a second
+/// unused and forgotten a second later, swept every second, and upstream
+/// connections (with the lanes holding them) closed after two idle seconds,
+/// so that a round is gone a few seconds after its last request.
+const CHURN_CONFIG: &str = "[identities]\nidle_timeout = \"1s\"\nremember_retired = \"1s\"\n\
+     sweep_interval = \"1s\"\n\n[timeouts]\npool_idle = \"2s\"\n";
+
+/// Longest wait for a round's identities to be forgotten.
+const FORGET_WAIT: Duration = Duration::from_secs(60);
+
+/// Past the churn's pool idle time, for its last upstream connections and
+/// lanes to go (they are swept once a second).
+const LANES_GONE: Duration = Duration::from_secs(4);
+
+/// What pinproxy keeps of identities once they are gone: rounds of new
+/// identities, each founded by a client of its own (a new connection and a
+/// `User-Agent`, so a fingerprint, of its own), as a fleet's new browser
+/// profiles found them, then retired and forgotten. The live heap after each round, over the
+/// baseline, is what the forgotten identities left behind. Needs the heap
+/// counter and the admin endpoint; left out with a note without them.
+fn churn(suite: &mut Suite) -> Result<()> {
+    let options = PinproxyOptions {
+        config: Some(CHURN_CONFIG.into()),
+        ..PinproxyOptions::default()
+    };
+    let (proxy, heap) = start_counted(suite, "pinproxy-churn", &options)?;
+    let (Some(heap), Some(admin)) = (heap, proxy.admin) else {
+        suite.results.notes.push(
+            "identity churn not measured: it needs the heap counter and the admin endpoint".into(),
+        );
+        return Ok(());
+    };
+    let mut filler = spawn_filler_with(suite, &proxy, IDENTITY_CONCURRENCY, 1, false, true)?;
+    // A first round of identities, forgotten before the baseline: the maps
+    // holding them have grown to a round's size, and stay so.
+    let count = suite.config.identity_count;
+    let warm = fill(&mut filler, count)?;
+    note_failed(
+        suite,
+        "identity churn warm-up",
+        warm.failed,
+        warm.first_error,
+    );
+    wait_forgotten(admin)?;
+    thread::sleep(LANES_GONE);
+    let base = heap.settled()?;
+    for round in 1..=CHURN_ROUNDS {
+        let report = fill(&mut filler, count)?;
+        let founded = heap.settled()?;
+        wait_forgotten(admin)?;
+        thread::sleep(LANES_GONE);
+        let gone = heap.settled()?;
+        let over = |heap: i64| heap.saturating_sub(base);
+        let row = ChurnRow {
+            round,
+            identities: report.pins,
+            heap_founded: over(founded),
+            heap_forgotten: over(gone),
+            failed: report.failed,
+        };
+        suite.progress.say(format!(
+            "identity churn round {round}: {} identities, heap +{:.1} MiB founded, +{:.1} MiB once forgotten",
+            row.identities,
+            row.heap_founded as f64 / 1048576.0,
+            row.heap_forgotten as f64 / 1048576.0,
+        ));
+        note_failed(suite, "identity churn", report.failed, report.first_error);
+        suite.results.churn.push(row);
+    }
+    filler.finish(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Waits until pinproxy holds no identity, retired ones included (its
+/// admin `/identities?all=1` lists none), for at most [`FORGET_WAIT`].
+fn wait_forgotten(admin: SocketAddr) -> Result<()> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < FORGET_WAIT {
+        if admin_get(admin, "/identities?all=1").is_some_and(|body| body.trim() == "[]") {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    Err(anyhow!(
+        "pinproxy still held identities {} s after the churn round",
+        FORGET_WAIT.as_secs()
+    ))
+}
+
 /// Starts `pinbench pins` against `proxy` with `concurrency` connections.
 fn spawn_filler(
     suite: &Suite,
@@ -287,12 +400,26 @@ fn spawn_filler(
     per_request: usize,
     anchor: bool,
 ) -> Result<Proc> {
+    spawn_filler_with(suite, proxy, concurrency, per_request, anchor, false)
+}
+
+/// [`spawn_filler`], each request from a client of its own (a new
+/// connection and a `User-Agent` of its own) when `fresh_clients`.
+fn spawn_filler_with(
+    suite: &Suite,
+    proxy: &Server,
+    concurrency: usize,
+    per_request: usize,
+    anchor: bool,
+    fresh_clients: bool,
+) -> Result<Proc> {
     let plan = FillerPlan {
         concurrency,
         per_request,
         anchor,
         limit_secs: 300.0,
         tag: format!("p{}x{per_request}", std::process::id()),
+        fresh_clients,
     };
     suite.spawn_filler(&suite.origin, proxy, &plan)
 }
@@ -315,16 +442,7 @@ fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
 /// A metric from pinproxy's admin `/metrics`, summed over the label sets
 /// that contain every one of `labels` (e.g. `op="pin"`), if it has any.
 pub(crate) fn admin_metric(admin: SocketAddr, name: &str, labels: &[&str]) -> Option<u64> {
-    use std::io::Read as _;
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
+    let text = admin_get(admin, "/metrics")?;
     // The sum over the metric's label sets (`name{...} v` or `name v`).
     let values: Vec<f64> = text
         .lines()
@@ -345,6 +463,24 @@ pub(crate) fn admin_metric(admin: SocketAddr, name: &str, labels: &[&str]) -> Op
         })
         .collect();
     (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+}
+
+/// The body of pinproxy's admin `path` (`Connection: close`, so the
+/// response ends with the connection; the admin endpoint answers with a
+/// length, not chunks), if it answers 200.
+fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 /// The pin rows against the per-pin goal.
@@ -461,4 +597,54 @@ fn render(results: &Results, out: &mut String) {
         }
         let _ = writeln!(out);
     }
+
+    if !results.churn.is_empty() {
+        render_churn(&results.churn, out);
+    }
+}
+
+/// The identity churn table.
+fn render_churn(rows: &[ChurnRow], out: &mut String) {
+    let _ = writeln!(out, "### Identities once they are gone\n");
+    let _ = writeln!(
+        out,
+        "Scrapers commonly give each identity a `User-Agent` of its own, so each founds a \
+         fingerprint of its own, which pinproxy keeps with the identity (with the ClientHello \
+         of the connection that founded it). A fresh pinproxy (`{}`) with the heap counter \
+         gets rounds of {} new identities, one request each, each from a client of its own \
+         (a new connection and a `User-Agent` of its own); then they are retired, forgotten, \
+         and their upstream connections closed. *Kept* is the live heap over a baseline \
+         taken after a first round went the same way (so the maps holding a round's \
+         identities have grown once): what forgotten identities leave behind. Memory that \
+         follows the identities alive keeps the same figure after every round, so its growth \
+         per identity is about 0 B; memory that grows with every identity ever made grows \
+         with each round.\n",
+        CHURN_CONFIG.replace('\n', " ").trim(),
+        group(rows.first().map_or(0, |r| r.identities)),
+    );
+    let _ = writeln!(
+        out,
+        "| round | identities | heap once founded | kept once forgotten | kept growth per identity of the round |"
+    );
+    let _ = writeln!(out, "| ---: | ---: | ---: | ---: | ---: |");
+    let mut kept_before = 0i64;
+    for row in rows {
+        let growth = row.heap_forgotten.saturating_sub(kept_before);
+        kept_before = row.heap_forgotten;
+        let signed_mib = |bytes: i64| {
+            let sign = if bytes < 0 { "−" } else { "+" };
+            format!("{sign}{}", mib(bytes.unsigned_abs()))
+        };
+        let _ = writeln!(
+            out,
+            "| {}{} | {} | {} | {} | {:.0} B |",
+            row.round,
+            failed_note(row.failed),
+            group(row.identities),
+            signed_mib(row.heap_founded),
+            signed_mib(row.heap_forgotten),
+            growth as f64 / row.identities.max(1) as f64,
+        );
+    }
+    let _ = writeln!(out);
 }

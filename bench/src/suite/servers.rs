@@ -354,6 +354,9 @@ impl Suite {
         if plan.anchor {
             cmd.arg("--anchor");
         }
+        if plan.fresh_clients {
+            cmd.arg("--fresh-clients");
+        }
         Proc::spawn("pin filler", &mut cmd, true, true, None)
     }
 
@@ -457,6 +460,9 @@ pub(super) struct FillerPlan {
     pub(super) limit_secs: f64,
     /// Prefix of the cookie values, unique per filler.
     pub(super) tag: String,
+    /// Each request from a client of its own: a new connection and a
+    /// `User-Agent` of its own (`--fresh-clients`).
+    pub(super) fresh_clients: bool,
 }
 
 /// Asks a filler for `n` more pins and reads its report.

@@ -357,6 +357,7 @@ fn found_identities(
         anchor: false,
         limit_secs: 120.0,
         tag: format!("u{}{mode}{what}", std::process::id()),
+        fresh_clients: false,
     };
     let mut filler = suite.spawn_filler(origin, &proxy, &plan)?;
     // The client connections, the leaf and the runtime exist before the
