@@ -29,9 +29,10 @@ use crate::identity::IdentityId;
 /// An entry holds its value weakly: the memory store lets go of a
 /// fingerprint once no identity holds it, and this cache must not keep it
 /// (a fleet that gives each identity a `User-Agent` of its own brings a new
-/// one with every identity). The weak reference keeps the value's allocation, so no other
-/// fingerprint can come to live at its address while the entry exists;
-/// entries whose value is gone are dropped as the cache grows.
+/// one with every identity). The weak reference keeps the value's
+/// allocation, so no other fingerprint can come to live at its address
+/// while the entry exists; entries whose value is gone are dropped as the
+/// cache grows.
 #[derive(Default)]
 struct KnownFingerprints {
     by_address: HashMap<usize, (Weak<Fingerprint>, [u8; 16])>,
@@ -202,7 +203,7 @@ fn apply(
                 return Ok(());
             };
             let fingerprint = identity.fingerprint.clone();
-            let (hash, mut encoded) = match known.get(&fingerprint) {
+            let (hash, encoded) = match known.get(&fingerprint) {
                 Some(hash) => (hash, None),
                 None => {
                     let (hash, encoded) = fingerprint_hash(&fingerprint)?;
@@ -221,13 +222,16 @@ fn apply(
             if replaced == Some(Some(hash)) {
                 return Ok(());
             }
+            // Its first identity on disk brings the fingerprint's row (the
+            // hash may come from the cache, the row gone with the last
+            // identity before).
             if refs.add(hash)
                 && fingerprints
                     .get(&hash)
                     .map_err(|e| e.to_string())?
                     .is_none()
             {
-                let encoded = match encoded.take() {
+                let encoded = match encoded {
                     Some(encoded) => encoded,
                     None => fingerprint_hash(&fingerprint)?.1,
                 };
