@@ -23,8 +23,8 @@ use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 
 /// Values interned first, read without a lock: every pin hit reads a
-/// cookie name, an exit and a fingerprint back, and a fleet has few of
-/// each, while a map's read lock is a write both cores make to one line.
+/// cookie name and an exit back, and a fleet has few of each, while a
+/// map's read lock is a write both cores make to one line.
 const UNLOCKED_VALUES: usize = 256;
 
 /// Values stored once and referred to by index.
