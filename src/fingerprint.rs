@@ -83,6 +83,18 @@ struct LegacyFingerprint {
 }
 
 impl Fingerprint {
+    /// A fingerprint of `User-Agent: agent` alone, in a value of its own
+    /// (tests of what keeps and shares fingerprints).
+    #[cfg(test)]
+    pub(crate) fn of_user_agent(agent: &str) -> Arc<Fingerprint> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_str(agent).unwrap_or_else(|e| panic!("{e}")),
+        );
+        Arc::new(Fingerprint::of(&headers))
+    }
+
     /// The header part of a request's fingerprint, nothing else.
     pub fn of(headers: &HeaderMap) -> Fingerprint {
         Fingerprint {

@@ -561,15 +561,8 @@ mod tests {
     }
 
     fn with_agent(agent: &str) -> Identity {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(http::header::USER_AGENT, agent.parse().unwrap());
-        Identity::new(
-            ExitId::new("e1"),
-            SessionId(7),
-            10,
-            Arc::new(Fingerprint::of(&headers)),
-            10,
-        )
+        let fingerprint = Fingerprint::of_user_agent(agent);
+        Identity::new(ExitId::new("e1"), SessionId(7), 10, fingerprint, 10)
     }
 
     async fn retire_and_sweep(store: &DurableStore, ids: &[IdentityId]) -> Swept {

@@ -521,17 +521,8 @@ mod tests {
     use super::*;
     use crate::identity::SessionId;
 
-    /// A fingerprint whose `User-Agent` is `agent`, in a value of its own.
-    fn fingerprint(agent: &str) -> Arc<Fingerprint> {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            http::header::USER_AGENT,
-            http::HeaderValue::from_str(agent).unwrap_or_else(|e| panic!("{e}")),
-        );
-        Arc::new(Fingerprint::of(&headers))
-    }
-
-    fn identity_with(fingerprint: Arc<Fingerprint>) -> Identity {
+    fn with_agent(agent: &str) -> Identity {
+        let fingerprint = Fingerprint::of_user_agent(agent);
         Identity::new(ExitId::new("e1"), SessionId(1), 10, fingerprint, 10)
     }
 
@@ -540,9 +531,9 @@ mod tests {
         let store = MemoryStore::new();
         // Two clients with equal fingerprints, each read afresh (as two
         // connections' are), and a third that differs.
-        let first = identity_with(fingerprint("agent/1"));
-        let second = identity_with(fingerprint("agent/1"));
-        let third = identity_with(fingerprint("agent/2"));
+        let first = with_agent("agent/1");
+        let second = with_agent("agent/1");
+        let third = with_agent("agent/2");
         for identity in [&first, &second, &third] {
             store
                 .create_identity(identity)

@@ -104,6 +104,11 @@ impl FingerprintRefs {
         self.0.remove(&hash);
         true
     }
+
+    /// Whether an identity refers to `hash`.
+    pub(super) fn refers_to(&self, hash: &[u8; 16]) -> bool {
+        self.0.contains_key(hash)
+    }
 }
 
 /// Loads every record into memory, and counts the references to each
@@ -172,7 +177,7 @@ pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), Stri
     }
     let orphans: Vec<[u8; 16]> = fingerprints
         .into_keys()
-        .filter(|hash| !refs.0.contains_key(hash))
+        .filter(|hash| !refs.refers_to(hash))
         .collect();
     drop((identities, pins, deaths, table, read));
     if !orphans.is_empty() {
