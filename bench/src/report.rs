@@ -162,6 +162,10 @@ impl Goal {
 /// measured them), so every later run carries them over.
 const FIXES_START: &str = "<!-- fixes:start -->";
 const FIXES_END: &str = "<!-- fixes:end -->";
+/// Marks around the hand-written account of the missed goals (why each is
+/// missed, with the measurements that show it), carried over like the fixes.
+const EXAMINED_START: &str = "<!-- examined:start -->";
+const EXAMINED_END: &str = "<!-- examined:end -->";
 /// Marks around the history rows, so the next run can carry them over.
 const HISTORY_START: &str = "<!-- history:start -->";
 const HISTORY_END: &str = "<!-- history:end -->";
@@ -221,6 +225,7 @@ impl Results {
         );
 
         self.render_goals(&mut out);
+        render_examined(&mut out, previous);
         for phase in &PHASES {
             if let Some(chapter) = phase.chapter {
                 let _ = writeln!(out, "## {chapter}\n");
@@ -418,15 +423,46 @@ fn render_fixes(out: &mut String, previous: Option<&str>) {
     let _ = writeln!(out, "| fix | commit | measured by | before | after |");
     let _ = writeln!(out, "| --- | --- | --- | ---: | ---: |");
     let _ = writeln!(out, "{FIXES_START}");
-    let rows = previous.and_then(|text| {
-        let start = text.find(FIXES_START)? + FIXES_START.len();
-        let end = text[start..].find(FIXES_END)? + start;
-        Some(text[start..end].lines().filter(|l| l.starts_with('|')))
-    });
-    for row in rows.into_iter().flatten() {
+    let rows = between(previous, FIXES_START, FIXES_END);
+    for row in rows.into_iter().flatten().filter(|l| l.starts_with('|')) {
         let _ = writeln!(out, "{row}");
     }
     let _ = writeln!(out, "{FIXES_END}\n");
+}
+
+/// Why each missed goal is missed: text kept by hand between the marks
+/// (each paragraph names the commit and command it was measured with),
+/// carried over from `previous` whole. A run cannot write it: it says what
+/// many runs and experiments showed, not what this one measured.
+fn render_examined(out: &mut String, previous: Option<&str>) {
+    let _ = writeln!(out, "### The missed goals, examined\n");
+    let _ = writeln!(
+        out,
+        "Written by hand from this and earlier runs and from experiments beside them; every \
+         run carries it over unchanged, so each paragraph names the commit and the command \
+         it was measured with.\n"
+    );
+    let _ = writeln!(out, "{EXAMINED_START}");
+    let lines: Vec<&str> = between(previous, EXAMINED_START, EXAMINED_END)
+        .into_iter()
+        .flatten()
+        .collect();
+    // The marks' own line breaks are written here, not carried.
+    let text = lines.join("\n");
+    let text = text.trim_matches('\n');
+    if !text.is_empty() {
+        let _ = writeln!(out, "{text}");
+    }
+    let _ = writeln!(out, "{EXAMINED_END}\n");
+}
+
+/// The lines of `previous` between the marks `start` and `end` (none when
+/// there is no previous text or it lacks either mark).
+fn between<'a>(previous: Option<&'a str>, start: &str, end: &str) -> Option<std::str::Lines<'a>> {
+    let text = previous?;
+    let from = text.find(start)? + start.len();
+    let to = text[from..].find(end)? + from;
+    Some(text[from..to].lines())
 }
 
 /// (after − before) / n as bytes (0 when it shrank or n is 0).
@@ -729,5 +765,20 @@ mod tests {
         let again = results.render(Some(&edited));
         let again = results.render(Some(&again));
         assert_eq!(again.matches(row).count(), 1, "{again}");
+    }
+
+    #[test]
+    fn the_examined_goals_are_carried_over_whole() {
+        let results = Results::default();
+        let text = results.render(None);
+        let goals = text.find("## Goals").unwrap();
+        let examined = text.find(EXAMINED_START).unwrap();
+        assert!(goals < examined, "the account follows the goals table");
+        let account = "A paragraph.\n\n- a point, measured at abc1234\n| a | table |";
+        let edited = text.replace(EXAMINED_START, &format!("{EXAMINED_START}\n{account}\n"));
+        let again = results.render(Some(&edited));
+        let again = results.render(Some(&again));
+        assert_eq!(again.matches(account).count(), 1, "{again}");
+        assert!(again.contains(&format!("{EXAMINED_START}\n{account}\n{EXAMINED_END}")));
     }
 }
