@@ -28,11 +28,11 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::body::{self, Body};
 use crate::exits::LiveExits;
 use crate::metrics::{ExitLabel, Metrics};
+use crate::net::tasks::ConnectionTasks;
 use crate::routing::{ends, Router};
 use crate::store::{Listing, PinStore as _, StoreError};
 
@@ -136,7 +136,7 @@ pub async fn serve(
     listener: TcpListener,
     admin: Arc<Admin>,
     shutdown: CancellationToken,
-    tasks: TaskTracker,
+    tasks: ConnectionTasks,
 ) {
     loop {
         let accepted = tokio::select! {

@@ -22,6 +22,7 @@ use crate::admin::{self, Admin};
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::PinHasher;
+use crate::net::tasks::ConnectionTasks;
 use crate::exits::drain::DrainBook;
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
@@ -141,6 +142,12 @@ const FLEET_KEY_FILE: &str = "fleet-pin-key";
 /// File in the data directory holding the Redis namespace's history as this
 /// replica last saw it (see `store::redis::generation`).
 const GENERATION_FILE: &str = "redis-generation.json";
+
+/// How long a stop waits, after its grace period, for the abandoned
+/// connection tasks to end: each ends at its next poll, which their
+/// cancellation wakes at once, so this bounds only a runtime too busy to
+/// poll them.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
 
 /// Who opens a store: the daemon (a replica: journal and history kept) or
 /// a command-line tool (neither).
@@ -345,8 +352,8 @@ pub struct Daemon {
     ca_dir: PathBuf,
     data_dir: PathBuf,
     shutdown: CancellationToken,
-    /// Client connections and tunnels.
-    tasks: TaskTracker,
+    /// Client connections, tunnels, relays and the loops beside them.
+    tasks: ConnectionTasks,
     /// Background work that may change pins or identities (retirements,
     /// exit trials, store writes off the request path): awaited, with a
     /// deadline, before the store is closed.
@@ -480,7 +487,7 @@ impl Daemon {
         guard.set_proxy(local_addr);
 
         let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let tasks = ConnectionTasks::new();
         let core = Core {
             router: router.clone(),
             hasher,
@@ -682,6 +689,18 @@ impl Daemon {
                 remaining = self.tasks.len(),
                 "connections still open after the grace period; closing them"
             );
+            // Each ends at its next poll, dropping its sockets: none may
+            // outlive this call in a program that embeds pinproxy.
+            self.tasks.abandon();
+            if tokio::time::timeout(ABANDON_WAIT, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    remaining = self.tasks.len(),
+                    "connections not yet closed a second after being abandoned"
+                );
+            }
         }
         // What requests left behind (retirements, store writes) must reach
         // the store before it closes.

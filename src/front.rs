@@ -41,9 +41,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::mitm::Mitm;
+use crate::net::tasks::ConnectionTasks;
 use crate::proxy::Pipeline;
 
 pub use listener::accept_loop;
@@ -86,8 +86,9 @@ pub struct Frontend {
     pub clients: std::sync::Arc<limits::ClientLimits>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
-    /// Every connection and tunnel task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
+    /// Every connection and tunnel task, so shutdown can wait for them
+    /// (and drop what is left after its grace period).
+    pub tasks: ConnectionTasks,
 }
 
 impl Frontend {

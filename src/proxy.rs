@@ -59,6 +59,7 @@ use crate::exits::ExitSet;
 use crate::fault::{Blame as _, Fault};
 use crate::fingerprint::{Fingerprint, FingerprintPolicy, RequestFingerprint};
 use crate::metrics::Metrics;
+use crate::net::tasks::ConnectionTasks;
 use crate::routing::{Route, Router};
 use crate::store::Unavailable;
 use crate::upstream::dial::guard::AddressGuard;
@@ -96,7 +97,7 @@ pub struct Pipeline {
     pub tasks: TaskTracker,
     /// Client connections, and the WebSocket relays that outlive their
     /// upgrade requests: what the shutdown's grace period waits for.
-    pub connections: TaskTracker,
+    pub connections: ConnectionTasks,
     /// Whether the chrome-mode User-Agent warning was logged.
     pub warned_chrome_user_agent: AtomicBool,
     /// Client authentication (stage 0).

@@ -122,6 +122,31 @@ async fn include_limits_interception_to_the_listed_hosts() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn a_tunnel_still_open_when_the_grace_period_ends_is_closed_by_the_shutdown() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.mitm.exclude = vec!["*.test".into()])
+        .start()
+        .await;
+    let (mut sender, conn, host) = passed_through_http1(&s).await;
+    get_root(&mut sender, &host, "the tunnel carries a request").await;
+    let mut stopping = s.begin_shutdown(Duration::from_millis(300));
+    // The client keeps its tunnel open past the grace period; the origin
+    // and the exit stay up (held by `stopping`), so only the shutdown can
+    // end the relay, as when pinproxy runs inside another program.
+    assert!(
+        !stopping.still_waiting_after(Duration::from_secs(10)).await,
+        "the shutdown did not end after its grace period"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the tunnel outlived the shutdown: its relay was still running 5 s after it returned"
+    );
+    drop(sender);
+}
+
 /// An HTTP/1.1 connection over a tunnel pinproxy passes through to the
 /// origin (as `origin.test`), its task, and the `Host` to send on it.
 async fn passed_through_http1(

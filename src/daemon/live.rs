@@ -30,6 +30,7 @@ use crate::exits::health::Thresholds;
 use crate::exits::{ExitBuild, ExitSet, LiveExits};
 use crate::front::Frontend;
 use crate::metrics::Metrics;
+use crate::net::tasks::ConnectionTasks;
 use crate::proxy::auth::Auth;
 use crate::proxy::capture::invalidation;
 use crate::proxy::Pipeline;
@@ -71,7 +72,7 @@ pub(super) struct Core {
     /// Background work started by requests (awaited at shutdown).
     pub background: TaskTracker,
     /// Connections and loops.
-    pub tasks: TaskTracker,
+    pub tasks: ConnectionTasks,
     /// Cancelled when the daemon stops (the loops' tokens are children).
     pub shutdown: CancellationToken,
     /// The clock.

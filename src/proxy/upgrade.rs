@@ -18,7 +18,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_util::task::TaskTracker;
+use crate::net::tasks::ConnectionTasks;
 
 use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
@@ -187,7 +187,7 @@ pub fn bridge(
     socket: Socket,
     mut upstream: Response<Incoming>,
     idle: Duration,
-    tasks: &TaskTracker,
+    tasks: &ConnectionTasks,
 ) -> Result<Response<Body>, UpstreamError> {
     let Socket {
         upgrade,
