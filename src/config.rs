@@ -623,8 +623,8 @@ pub struct Timeouts {
     pub relay_idle: Duration,
     /// On SIGTERM/SIGINT: how long in-flight requests, open WebSockets and
     /// passed-through tunnels get to finish (the listener stops accepting
-    /// at once), then how long background store writes get, before the
-    /// daemon exits.
+    /// at once; what is still open then is closed), then how long
+    /// background store writes get, before the daemon exits.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
 }

@@ -175,7 +175,10 @@ mod tests {
     async fn a_cancelled_moved_to_another_task_wakes_that_one() {
         let token = CancellationToken::new();
         let mut cancelled = Cancelled::new(token.clone());
-        assert!(poll_once(&mut cancelled).await.is_pending(), "registered here");
+        assert!(
+            poll_once(&mut cancelled).await.is_pending(),
+            "registered here"
+        );
         let waiter = tokio::spawn(cancelled);
         tokio::task::yield_now().await;
         token.cancel();
@@ -194,7 +197,11 @@ mod tests {
             std::future::pending::<()>().await
         });
         let quick = tasks.spawn(async { 7 });
-        assert_eq!(quick.await.ok(), Some(Some(7)), "a task that ends keeps its output");
+        assert_eq!(
+            quick.await.ok(),
+            Some(Some(7)),
+            "a task that ends keeps its output"
+        );
         tasks.close();
         assert!(
             tokio::time::timeout(Duration::from_millis(50), tasks.wait())

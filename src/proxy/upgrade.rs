@@ -18,12 +18,12 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use crate::net::tasks::ConnectionTasks;
 
 use super::{egress, Pipeline, ProxyError};
 use crate::body::{self, Body};
 use crate::fingerprint::RequestFingerprint;
 use crate::net::relay::relay;
+use crate::net::tasks::ConnectionTasks;
 use crate::routing::Route;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 use crate::upstream::Answered;
