@@ -30,7 +30,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
 use crate::net::read_count::{ReadCounted, ReadCounter};
-use crate::net::tasks::Cancelled;
 
 /// Checks of the limit per limit: the limit holds to within one check.
 const CHECKS: u32 = 4;
@@ -156,12 +155,10 @@ where
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reads = activity.read_count();
     let mut quiet = 0;
-    // Polled with every poll of the connection: the cheap wait, made once.
-    let mut stopping = Cancelled::new(shutdown.clone());
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = &mut stopping => break,
+            () = shutdown.cancelled() => break,
             _ = checks.tick() => {
                 let now = activity.read_count();
                 if now != reads || activity.open() > 0 {

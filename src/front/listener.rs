@@ -32,7 +32,6 @@ use tracing::Instrument as _;
 use super::{framing, gate, limits, passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
 use crate::fault;
-use crate::net::tasks::Cancelled;
 use crate::proxy::credentials::session_key;
 use crate::proxy::upgrade::HeldPlace;
 use crate::proxy::{self, target, ProxyError};
@@ -241,8 +240,7 @@ where
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,
-        // Polled with every poll of the connection: the cheap wait.
-        () = Cancelled::new(shutdown.clone()) => {
+        () = shutdown.cancelled() => {
             drain(conn.as_mut());
             conn.await
         }
