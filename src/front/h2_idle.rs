@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
 use crate::net::read_count::{ReadCounted, ReadCounter};
+use crate::net::tasks::Stopping;
 
 /// Checks of the limit per limit: the limit holds to within one check.
 const CHECKS: u32 = 4;
@@ -155,10 +156,12 @@ where
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reads = activity.read_count();
     let mut quiet = 0;
+    // Polled with every poll of the connection: the lock-free wait, made once.
+    let mut stopping = Stopping::new(shutdown.clone());
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = shutdown.cancelled() => break,
+            () = &mut stopping => break,
             _ = checks.tick() => {
                 let now = activity.read_count();
                 if now != reads || activity.open() > 0 {

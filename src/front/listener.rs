@@ -32,6 +32,7 @@ use tracing::Instrument as _;
 use super::{framing, gate, limits, passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
 use crate::fault;
+use crate::net::tasks::Stopping;
 use crate::proxy::credentials::session_key;
 use crate::proxy::upgrade::HeldPlace;
 use crate::proxy::{self, target, ProxyError};
@@ -240,7 +241,8 @@ where
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
+        // Polled with every poll of the connection: the lock-free wait.
+        () = Stopping::new(shutdown.clone()) => {
             drain(conn.as_mut());
             conn.await
         }

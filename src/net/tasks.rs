@@ -10,15 +10,23 @@
 //!
 //! Each task is registered by its abort handle while it runs, at its start
 //! and end only: a connection's task is polled several times per request,
-//! and nothing here adds to those polls (a cancellation future raced
-//! against each task would, with a lock shared by every connection).
+//! and nothing here adds to those polls.
+//!
+//! A connection also asks, at each of those polls, whether the daemon is
+//! stopping (to stop taking requests). [`Stopping`] answers with an atomic
+//! load: `CancellationToken::cancelled` takes the token's lock, which every
+//! connection shares, on every poll.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use tokio::task::{AbortHandle, Id, JoinHandle};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Tracked connection tasks that can all be aborted at once (cheap to
@@ -125,11 +133,133 @@ impl ConnectionTasks {
     }
 }
 
+/// Resolves once its token is cancelled, as `CancellationToken::cancelled`
+/// does, at the cost of an atomic load and a waker comparison per poll
+/// after the first.
+///
+/// The token's wait is polled with a waker of this future's own
+/// ([`Signal`]), at the first poll and again only when the token woke it;
+/// the task's waker is kept in an `AtomicWaker`, which the signal wakes.
+#[derive(Debug)]
+pub struct Stopping {
+    signal: Arc<Signal>,
+    /// The token's own wait, boxed so that this future is `Unpin` (one
+    /// allocation per connection, not per request).
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Whether the wait holds the signal's waker.
+    armed: bool,
+}
+
+/// What the token's wait wakes: it marks the wake and passes it on to the
+/// task waiting.
+#[derive(Debug, Default)]
+struct Signal {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Marked before the task is woken, so its poll sees the mark.
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Stopping {
+    /// Waits for `token`.
+    pub fn new(token: CancellationToken) -> Stopping {
+        Stopping {
+            signal: Arc::default(),
+            wait: Box::pin(token.cancelled_owned()),
+            armed: false,
+        }
+    }
+}
+
+impl Future for Stopping {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // First, so that a wake from here on reaches this task.
+        this.signal.task.register(cx.waker());
+        let woken = this.signal.woken.load(Ordering::Acquire)
+            && this.signal.woken.swap(false, Ordering::AcqRel);
+        if !this.armed || woken {
+            let waker = Waker::from(this.signal.clone());
+            if this
+                .wait
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                return Poll::Ready(());
+            }
+            this.armed = true;
+        }
+        Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Polls `future` once with the calling task's waker.
+    async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+    }
+
+    #[tokio::test]
+    async fn stopping_wakes_its_task_when_the_token_is_cancelled_after_it_armed() {
+        let token = CancellationToken::new();
+        let (armed, is_armed) = tokio::sync::oneshot::channel();
+        let waiter = tokio::spawn({
+            let token = token.clone();
+            async move {
+                let mut stopping = Stopping::new(token);
+                for _ in 0..3 {
+                    assert!(poll_once(&mut stopping).await.is_pending());
+                }
+                let _ = armed.send(());
+                stopping.await;
+            }
+        });
+        is_armed.await.expect("the waiter armed");
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the cancellation woke the waiting task")
+            .expect("the task ran");
+        // Made after the cancellation: ready at its first poll.
+        assert!(poll_once(&mut Stopping::new(token)).await.is_ready());
+    }
+
+    #[tokio::test]
+    async fn stopping_moved_to_another_task_wakes_that_one() {
+        let token = CancellationToken::new();
+        let mut stopping = Stopping::new(token.clone());
+        assert!(poll_once(&mut stopping).await.is_pending(), "armed here");
+        let (polled, was_polled) = tokio::sync::oneshot::channel();
+        let waiter = tokio::spawn(async move {
+            assert!(poll_once(&mut stopping).await.is_pending());
+            let _ = polled.send(());
+            stopping.await;
+        });
+        was_polled.await.expect("the other task polled it");
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the cancellation woke the task it moved to")
+            .expect("the task ran");
+    }
 
     #[tokio::test]
     async fn abandoning_drops_what_the_tasks_hold_and_ends_the_wait() {
