@@ -144,9 +144,8 @@ const FLEET_KEY_FILE: &str = "fleet-pin-key";
 const GENERATION_FILE: &str = "redis-generation.json";
 
 /// How long a stop waits, after its grace period, for the abandoned
-/// connection tasks to end: each ends at its next poll, which their
-/// cancellation wakes at once, so this bounds only a runtime too busy to
-/// poll them.
+/// connection tasks to end: aborting a task schedules it at once and it
+/// ends at that poll, so this bounds only a runtime too busy to poll them.
 const ABANDON_WAIT: Duration = Duration::from_secs(1);
 
 /// Who opens a store: the daemon (a replica: journal and history kept) or
