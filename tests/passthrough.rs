@@ -124,11 +124,7 @@ async fn include_limits_interception_to_the_listed_hosts() {
 
 #[tokio::test]
 async fn a_tunnel_still_open_when_the_grace_period_ends_is_closed_by_the_shutdown() {
-    let s = Setup::builder()
-        .exits(1)
-        .config(|c| c.mitm.exclude = vec!["*.test".into()])
-        .start()
-        .await;
+    let s = one_exit_passing_test_hosts_through().await;
     let (mut sender, conn, host) = passed_through_http1(&s).await;
     get_root(&mut sender, &host, "the tunnel carries a request").await;
     let mut stopping = s.begin_shutdown(Duration::from_millis(300));
@@ -145,6 +141,15 @@ async fn a_tunnel_still_open_when_the_grace_period_ends_is_closed_by_the_shutdow
         "the tunnel outlived the shutdown: its relay was still running 5 s after it returned"
     );
     drop(sender);
+}
+
+/// pinproxy with one exit, passing `*.test` hosts through untouched.
+async fn one_exit_passing_test_hosts_through() -> Setup {
+    Setup::builder()
+        .exits(1)
+        .config(|c| c.mitm.exclude = vec!["*.test".into()])
+        .start()
+        .await
 }
 
 /// An HTTP/1.1 connection over a tunnel pinproxy passes through to the
@@ -214,11 +219,7 @@ async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
 
 #[tokio::test]
 async fn an_open_passed_through_tunnel_holds_the_shutdown_like_a_request_in_flight() {
-    let s = Setup::builder()
-        .exits(1)
-        .config(|c| c.mitm.exclude = vec!["*.test".into()])
-        .start()
-        .await;
+    let s = one_exit_passing_test_hosts_through().await;
     let (mut sender, conn, host) = passed_through_http1(&s).await;
     let mut stopping = s.begin_shutdown(Duration::from_secs(30));
     // The tunnel carries on within the grace period.
