@@ -31,6 +31,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -381,6 +382,9 @@ impl LanePool {
         }))
     }
 
+    /// Opens HTTP/2 on `io` and spawns the connection as its own task (the
+    /// connection future mapped, not awaited in an async block, which would
+    /// hold it twice: see `net::tasks`).
     async fn handshake_h2(&self, io: UpstreamIo) -> Result<H2Sender, UpstreamError> {
         match &self.presentation.h2 {
             Some(preface) => {
@@ -389,11 +393,11 @@ impl LanePool {
                     .handshake::<_, Body>(io)
                     .await
                     .map_err(|e| UpstreamError::from_wreq(&e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                tokio::spawn(conn.map(|ended| {
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, "origin HTTP/2 connection ended");
                     }
-                });
+                }));
                 Ok(H2Sender::Shaped(sender))
             }
             None => {
@@ -402,11 +406,11 @@ impl LanePool {
                     .handshake::<_, Body>(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::from_hyper(&e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                tokio::spawn(conn.map(|ended| {
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, "origin HTTP/2 connection ended");
                     }
-                });
+                }));
                 Ok(H2Sender::Hyper(sender))
             }
         }
@@ -626,11 +630,13 @@ async fn handshake_upgrade(
         .handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| UpstreamError::from_hyper(&e))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+    // The connection itself is the task (mapped, not awaited in an async
+    // block, which would hold it twice: see `net::tasks`).
+    tokio::spawn(conn.with_upgrades().map(|ended| {
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "origin connection ended");
         }
-    });
+    }));
     Ok((sender, exchange))
 }
 
