@@ -382,9 +382,7 @@ impl LanePool {
         }))
     }
 
-    /// Opens HTTP/2 on `io` and spawns the connection as its own task (the
-    /// connection future mapped, not awaited in an async block, which would
-    /// hold it twice: see `net::tasks`).
+    /// Opens HTTP/2 on `io` and spawns the connection as its own task.
     async fn handshake_h2(&self, io: UpstreamIo) -> Result<H2Sender, UpstreamError> {
         match &self.presentation.h2 {
             Some(preface) => {
@@ -393,11 +391,7 @@ impl LanePool {
                     .handshake::<_, Body>(io)
                     .await
                     .map_err(|e| UpstreamError::from_wreq(&e))?;
-                tokio::spawn(conn.map(|ended| {
-                    if let Err(e) = ended {
-                        tracing::debug!(error = %e, "origin HTTP/2 connection ended");
-                    }
-                }));
+                spawn_connection(conn, "origin HTTP/2 connection ended");
                 Ok(H2Sender::Shaped(sender))
             }
             None => {
@@ -406,11 +400,7 @@ impl LanePool {
                     .handshake::<_, Body>(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::from_hyper(&e))?;
-                tokio::spawn(conn.map(|ended| {
-                    if let Err(e) = ended {
-                        tracing::debug!(error = %e, "origin HTTP/2 connection ended");
-                    }
-                }));
+                spawn_connection(conn, "origin HTTP/2 connection ended");
                 Ok(H2Sender::Hyper(sender))
             }
         }
@@ -630,14 +620,24 @@ async fn handshake_upgrade(
         .handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| UpstreamError::from_hyper(&e))?;
-    // The connection itself is the task (mapped, not awaited in an async
-    // block, which would hold it twice: see `net::tasks`).
-    tokio::spawn(conn.with_upgrades().map(|ended| {
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "origin connection ended");
+    spawn_connection(conn.with_upgrades(), "origin connection ended");
+    Ok((sender, exchange))
+}
+
+/// Runs an origin connection as a task of its own, logging `ended` with
+/// its error if it fails. The connection future is the task itself, mapped
+/// rather than awaited in an async block, which would hold it twice (see
+/// `net::tasks`).
+fn spawn_connection<C, E>(conn: C, ended: &'static str)
+where
+    C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(conn.map(move |result| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "{ended}");
         }
     }));
-    Ok((sender, exchange))
 }
 
 fn h1_builder() -> http1::Builder {
