@@ -4,14 +4,16 @@
 //!
 //! Records are kept compact, because a million pins must fit in a few
 //! hundred megabytes: exit ids and cookie names are interned (a fleet has
-//! few of each) and referred to by small indexes, equal fingerprints are
+//! few of each; names no pin refers to any more are let go of at the
+//! sweep) and referred to by small indexes, equal fingerprints are
 //! shared (see [`SharedFingerprints`]), and the rarely set retirement is
 //! boxed. [`Identity`] and [`Pin`] are rebuilt from these on the way out.
 
+use std::collections::HashSet;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -28,16 +30,26 @@ use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retiremen
 const UNLOCKED_VALUES: usize = 256;
 
 /// Values stored once and referred to by index.
+///
+/// Cookie names are interned as sent when a pattern matches them (the
+/// default `incap_ses_*` and `_px*` among them), so an origin that keeps
+/// inventing names would grow an interner that never forgot. Values past
+/// the unlocked ones are therefore let go of once no record refers to them
+/// (see [`Interner::prune`]), and their indexes are handed out again only
+/// when free.
 #[derive(Debug)]
 struct Interner<T: Eq + Hash + Clone> {
     /// Keyed by the values (names a client may spell): SipHash.
     ids: DashMap<T, u32>,
-    /// The first [`UNLOCKED_VALUES`] values, by index, each set once.
+    /// The first [`UNLOCKED_VALUES`] values, by index, each set once and
+    /// kept for the life of the process.
     first: Box<[OnceLock<T>]>,
     /// The values after those, keyed by the indexes this interner hands
     /// out, which no client chooses: a fast hasher.
     rest: DashMap<u32, T, foldhash::fast::RandomState>,
-    next: AtomicU32,
+    /// Indexes handed out so far; past `u32`'s range they cycle through
+    /// the `rest` indexes again, skipping those still held.
+    next: AtomicU64,
 }
 
 impl<T: Eq + Hash + Clone> Default for Interner<T> {
@@ -46,27 +58,51 @@ impl<T: Eq + Hash + Clone> Default for Interner<T> {
             ids: DashMap::new(),
             first: (0..UNLOCKED_VALUES).map(|_| OnceLock::new()).collect(),
             rest: DashMap::default(),
-            next: AtomicU32::new(0),
+            next: AtomicU64::new(0),
         }
     }
 }
 
 impl<T: Eq + Hash + Clone> Interner<T> {
+    /// The index of `value`, interned now if it is new.
+    ///
+    /// A caller that stores the index in a record must call this under the
+    /// lock of the map that will hold the record (see
+    /// [`MemoryStore::pin_record`]): that is what lets a prune see every
+    /// index handed out before it began.
     fn intern(&self, value: &T) -> u32 {
         if let Some(id) = self.ids.get(value) {
             return *id;
         }
         // The entry lock makes concurrent first sights agree on one index,
         // and holds readers of the index off until the value is in place.
-        *self.ids.entry(value.clone()).or_insert_with(|| {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
-            match self.first.get(id as usize) {
-                // The index is new: its slot was never set.
-                Some(slot) => drop(slot.set(value.clone())),
-                None => drop(self.rest.insert(id, value.clone())),
+        *self
+            .ids
+            .entry(value.clone())
+            .or_insert_with(|| self.allocate(value))
+    }
+
+    /// A new index for `value`, with the value in place behind it.
+    fn allocate(&self, value: &T) -> u32 {
+        let cycle = u64::from(u32::MAX) - UNLOCKED_VALUES as u64;
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            if let Some(slot) = self.first.get(n as usize) {
+                // The counter never comes back below the unlocked ones, so
+                // this slot was never set.
+                drop(slot.set(value.clone()));
+                return n as u32;
             }
-            id
-        })
+            // Past them, indexes cycle (after four billion names) and one
+            // still held is skipped. This ends: the held values are far
+            // fewer than the indexes, since each costs memory.
+            let offset = (n - UNLOCKED_VALUES as u64) % cycle;
+            let id = UNLOCKED_VALUES as u32 + offset as u32;
+            if let Entry::Vacant(slot) = self.rest.entry(id) {
+                slot.insert(value.clone());
+                return id;
+            }
+        }
     }
 
     fn get(&self, id: u32) -> Option<T> {
@@ -74,6 +110,46 @@ impl<T: Eq + Hash + Clone> Interner<T> {
             Some(slot) => slot.get().cloned(),
             None => self.rest.get(&id).map(|v| v.clone()),
         }
+    }
+
+    /// Lets go of the values past the unlocked ones whose indexes `held`
+    /// does not report, in two steps a prune apart; returns how many
+    /// values went.
+    ///
+    /// `held` must say whether any record refers to an index, as read after
+    /// the previous prune ended. The first prune that finds an index unused
+    /// stops handing it out (a new sight of its value gets a new index);
+    /// the next one, if the index is still unused, lets the value go. An
+    /// index read before the first step was read under the lock of the
+    /// record's map and is in that map before the lock is released (see
+    /// [`Interner::intern`]), so the reading that decides the second step
+    /// sees it.
+    fn prune(&self, held: impl Fn(u32) -> bool) -> usize {
+        if self.rest.is_empty() {
+            return 0;
+        }
+        // Read first, changed after: `intern` locks `ids` then `rest`, so
+        // this never holds a lock of one while taking the other's.
+        let unused: Vec<(u32, T)> = self
+            .rest
+            .iter()
+            .filter(|entry| !held(*entry.key()))
+            .map(|entry| (*entry.key(), entry.value().clone()))
+            .collect();
+        let mut released = 0;
+        for (id, value) in unused {
+            let handed_out = self.ids.remove_if(&value, |_, current| *current == id);
+            if handed_out.is_none() && self.rest.remove(&id).is_some() {
+                released += 1;
+            }
+        }
+        released
+    }
+
+    /// Values held past the unlocked ones.
+    #[cfg(test)]
+    fn held_past_unlocked(&self) -> usize {
+        self.rest.len()
     }
 }
 
@@ -164,6 +240,9 @@ pub struct MemoryStore {
     names: Interner<Arc<str>>,
     fingerprints: SharedFingerprints,
     exit_deaths: DashMap<ExitId, u64>,
+    /// Held through a sweep: the names' prune relies on its reading of the
+    /// pins coming after the previous prune (see [`Interner::prune`]).
+    sweeping: Mutex<()>,
 }
 
 /// What a sweep changed, for stores that mirror it elsewhere.
@@ -177,6 +256,8 @@ pub struct SweepChanges {
     pub retired: Vec<IdentityId>,
     /// Distinct fingerprints let go of: no identity held refers to them.
     pub released_fingerprints: usize,
+    /// Interned cookie names let go of: no pin held refers to them.
+    pub released_names: usize,
 }
 
 impl MemoryStore {
@@ -195,6 +276,8 @@ impl MemoryStore {
         }
     }
 
+    /// The record of `pin`; called under the lock of the entry it goes in
+    /// (see [`Interner::intern`]).
     fn pin_record(&self, pin: &Pin) -> PinRecord {
         PinRecord {
             identity: pin.identity.0,
@@ -257,12 +340,6 @@ impl MemoryStore {
         }
     }
 
-    fn binding(&self, pin: &PinRecord) -> Binding {
-        let pin = self.to_pin(pin);
-        let identity = self.identity(pin.identity).map(Arc::new);
-        Binding { pin, identity }
-    }
-
     /// Inserts an identity as it is (loading a durable store).
     pub fn insert_identity(&self, identity: &Identity) {
         self.identities
@@ -271,7 +348,9 @@ impl MemoryStore {
 
     /// Inserts a pin as it is (loading a durable store).
     pub fn insert_pin(&self, key: PinKey, pin: &Pin) {
-        self.pins.insert(key, self.pin_record(pin));
+        // The entry first: its name is interned under the entry's lock.
+        let entry = self.pins.entry(key);
+        entry.insert(self.pin_record(pin));
     }
 
     /// The identity with this id.
@@ -335,6 +414,10 @@ impl MemoryStore {
         keep_retired_ms: u64,
         expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
     ) -> SweepChanges {
+        let _sweeping = self
+            .sweeping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut changes = SweepChanges::default();
         self.identities.retain(|id, record| match &record.retired {
             Some(r) if r.at_ms.saturating_add(keep_retired_ms) <= now_ms => {
@@ -353,16 +436,23 @@ impl MemoryStore {
                 true
             }
         });
+        // The names the pins kept refer to, past the unlocked ones (a fleet
+        // whose names all fit there collects none).
+        let mut names_held = HashSet::new();
         self.pins.retain(|key, pin| {
             let keep = self.identities.contains_key(&IdentityId(pin.identity))
                 && (pin.expires_ms == 0 || pin.expires_ms.saturating_add(keep_retired_ms) > now_ms);
             if !keep {
                 changes.removed_pins.push(*key);
+            } else if pin.name as usize >= UNLOCKED_VALUES {
+                names_held.insert(pin.name);
             }
             keep
         });
-        // After the identities: those just forgotten let go of theirs.
+        // After the identities and pins: those just forgotten let go of
+        // their fingerprints and names.
         changes.released_fingerprints = self.fingerprints.prune();
+        changes.released_names = self.names.prune(|id| names_held.contains(&id));
         changes
     }
 
@@ -411,12 +501,14 @@ impl PinStore for MemoryStore {
     }
 
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
-        // The entry holds the shard's write lock, so check-and-insert is atomic.
-        let record = match self.pins.entry(key) {
-            Entry::Occupied(existing) => existing.get().clone(),
-            Entry::Vacant(slot) => slot.insert(self.pin_record(pin)).clone(),
+        // The entry holds the shard's write lock, so check-and-insert is
+        // atomic; the name is interned and read back under it.
+        let pin = match self.pins.entry(key) {
+            Entry::Occupied(existing) => self.to_pin(existing.get()),
+            Entry::Vacant(slot) => self.to_pin(&slot.insert(self.pin_record(pin))),
         };
-        Ok(self.binding(&record))
+        let identity = self.identity(pin.identity).map(Arc::new);
+        Ok(Binding { pin, identity })
     }
 
     async fn touch(
@@ -618,5 +710,171 @@ mod tests {
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), values.len());
         assert_eq!(interner.get(u32::MAX), None);
+    }
+
+    /// A key the store's hasher spreads (it reads the key's own bytes).
+    fn key(n: u64) -> PinKey {
+        let mixed = u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) | 1;
+        PinKey::from_bytes(mixed.to_le_bytes())
+    }
+
+    fn cookie_pin(identity: IdentityId, name: &str, expires_ms: Option<u64>) -> Pin {
+        Pin {
+            identity,
+            kind: PinKind::Cookie,
+            name: Arc::from(name),
+            created_ms: 10,
+            expires_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn names_an_origin_keeps_inventing_are_let_go_of_with_their_pins() {
+        let store = MemoryStore::new();
+        let identity = with_agent("agent/1");
+        store
+            .create_identity(&identity)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // A fleet's own names fill the unlocked slots and stay for good.
+        for n in 0..UNLOCKED_VALUES as u64 {
+            let pin = cookie_pin(identity.id, &format!("fleet{n}"), None);
+            store.insert_pin(key(n), &pin);
+        }
+        // Then an origin sets a new name on every response (`_px<random>`
+        // matches a default pattern and is pinned as sent); each cookie
+        // expires at 20, and one that does not is kept.
+        let invented = 500u64;
+        for n in 0..invented {
+            let pin = cookie_pin(identity.id, &format!("_px{n}"), Some(20));
+            store
+                .pin_if_absent(key(1_000 + n), &pin)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let kept = cookie_pin(identity.id, "_pxkept", None);
+        let bound = store
+            .pin_if_absent(key(5_000), &kept)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&*bound.pin.name, "_pxkept");
+        assert_eq!(store.names.held_past_unlocked(), invented as usize + 1);
+
+        // The first sweep forgets the expired pins and stops handing their
+        // names' indexes out; the second lets the names go.
+        let first = store.sweep_collect(1_000, 100, &|_| None);
+        assert_eq!(first.removed_pins.len(), invented as usize);
+        assert_eq!(first.released_names, 0);
+        assert_eq!(store.names.held_past_unlocked(), invented as usize + 1);
+        let second = store.sweep_collect(1_000, 100, &|_| None);
+        assert_eq!(second.released_names, invented as usize);
+        assert_eq!(store.names.held_past_unlocked(), 1, "only the kept pin's");
+
+        // What is held reads back whole, the fleet's names and the kept one.
+        let read = |n| store.pin(&key(n)).map(|pin| pin.name.to_string());
+        assert_eq!(read(7).as_deref(), Some("fleet7"));
+        assert_eq!(read(5_000).as_deref(), Some("_pxkept"));
+        assert_eq!(read(1_000), None);
+        for _ in 0..3 {
+            assert_eq!(store.sweep_collect(1_000, 100, &|_| None).released_names, 0);
+        }
+        assert_eq!(read(5_000).as_deref(), Some("_pxkept"));
+
+        // A name seen again after it went is interned afresh.
+        let again = cookie_pin(identity.id, "_px3", None);
+        let bound = store
+            .pin_if_absent(key(6_000), &again)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&*bound.pin.name, "_px3");
+        assert_eq!(read(6_000).as_deref(), Some("_px3"));
+    }
+
+    #[test]
+    fn a_name_pinned_while_its_index_is_let_go_of_reads_back_whole() {
+        // Two threads pin cookies whose names come and go (most expire at
+        // once) while a third sweeps without pause: every pin held must
+        // read back the name it was pinned with.
+        let store = MemoryStore::new();
+        let identity = with_agent("agent/1");
+        store.insert_identity(&identity);
+        for n in 0..UNLOCKED_VALUES as u64 {
+            store.insert_pin(key(n), &cookie_pin(identity.id, &format!("fleet{n}"), None));
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let kept: Vec<Vec<(PinKey, String)>> = std::thread::scope(|scope| {
+            let pinners: Vec<_> = (0..2u64)
+                .map(|thread| {
+                    let (store, identity) = (&store, identity.id);
+                    scope.spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        let mut kept = Vec::new();
+                        for n in 0..4_000u64 {
+                            let name = format!("_px{}", n % 37);
+                            let keep = n % 5 == 0;
+                            let pin = cookie_pin(identity, &name, (!keep).then_some(20));
+                            let key = key(10_000 + thread * 100_000 + n);
+                            let bound = runtime
+                                .block_on(store.pin_if_absent(key, &pin))
+                                .unwrap_or_else(|e| panic!("{e}"));
+                            assert_eq!(*bound.pin.name, *name);
+                            if keep {
+                                kept.push((key, name));
+                            }
+                        }
+                        kept
+                    })
+                })
+                .collect();
+            let sweeper = scope.spawn(|| {
+                let mut sweeps = 0;
+                while !done.load(Ordering::Relaxed) && sweeps < 100_000 {
+                    store.sweep_collect(1_000, 100, &|_| None);
+                    sweeps += 1;
+                }
+            });
+            let joined: Vec<_> = pinners.into_iter().map(|pinner| pinner.join()).collect();
+            // The sweeper stops before any failure is reported.
+            done.store(true, Ordering::Relaxed);
+            drop(sweeper.join());
+            joined
+                .into_iter()
+                .map(|kept| kept.unwrap_or_else(|_| panic!("a pinner failed")))
+                .collect()
+        });
+        for (key, name) in kept.iter().flatten() {
+            let pin = store.pin(key).unwrap_or_else(|| panic!("{name} is held"));
+            assert_eq!(*pin.name, **name);
+        }
+        // Once nothing refers to the expired ones, two sweeps leave only
+        // the kept pins' names (37 at most, each maybe under two indexes).
+        store.sweep_collect(1_000, 100, &|_| None);
+        store.sweep_collect(1_000, 100, &|_| None);
+        assert!(store.names.held_past_unlocked() <= 2 * 37);
+    }
+
+    #[test]
+    fn indexes_past_the_range_come_round_and_skip_those_held() {
+        let interner: Interner<Arc<str>> = Interner::default();
+        let held: Arc<str> = Arc::from("held");
+        let held_id = interner.intern(&held);
+        assert_eq!(held_id, 0);
+        for n in 1..UNLOCKED_VALUES {
+            interner.intern(&Arc::from(format!("fleet{n}")));
+        }
+        let late: Arc<str> = Arc::from("late");
+        let late_id = interner.intern(&late);
+        assert_eq!(late_id as usize, UNLOCKED_VALUES);
+        // Four billion names later, the counter comes round: the next
+        // index is the first past the unlocked ones, which `late` holds.
+        interner.next.store(u64::from(u32::MAX), Ordering::Relaxed);
+        let round: Arc<str> = Arc::from("round");
+        let round_id = interner.intern(&round);
+        assert_eq!(round_id, late_id + 1, "the held index is skipped");
+        assert_eq!(interner.get(late_id).as_deref(), Some("late"));
+        assert_eq!(interner.get(round_id).as_deref(), Some("round"));
+        assert_eq!(interner.get(held_id).as_deref(), Some("held"));
     }
 }
