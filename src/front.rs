@@ -3,6 +3,8 @@
 //!
 //! - [`listener`]: accepts connections, answers plain proxy requests and
 //!   CONNECT;
+//! - [`client_stream`]: a client's connection holding its place among the
+//!   connection limits, whatever it becomes (tunnel, WebSocket relay);
 //! - [`tunnel`]: a CONNECT tunnel pinproxy opens (TLS terminated with the
 //!   host's leaf, HTTP/1.1 or HTTP/2 inside), every request through the
 //!   pipeline;
@@ -23,6 +25,7 @@
 //! `timeouts.header_read` from its first byte, an idle connection
 //! `timeouts.client_idle`; oversized heads are refused with 431.
 
+pub mod client_stream;
 pub mod fingerprint;
 pub mod gate;
 pub mod framing;

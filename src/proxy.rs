@@ -211,13 +211,7 @@ impl Pipeline {
         // client's side of the upgrade is claimed now, before the request is
         // taken apart.
         let upgrade = upgrade::requested(&request);
-        let client_upgrade = upgrade.map(|_| {
-            let place = match tunnel {
-                Some(tunnel) => tunnel.place.clone(),
-                None => request.extensions_mut().remove::<upgrade::HeldPlace>(),
-            };
-            (hyper::upgrade::on(&mut request), place)
-        });
+        let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
         let mut route = self
             .route(&principal.exits, credentials, || {
@@ -284,12 +278,11 @@ impl Pipeline {
         let upstream_request = Request::from_parts(parts, body::streaming(incoming));
 
         // 7. send; a WebSocket goes its own way from here.
-        if let (Some(upgrade), Some((client_upgrade, place))) = (upgrade, client_upgrade) {
+        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
             let socket = upgrade::Socket {
                 upgrade,
                 client: client_upgrade,
                 expected_accept,
-                place,
             };
             // Boxed: a WebSocket's stages make a 4 KB future, and without
             // the box every request in flight would keep room for it (its

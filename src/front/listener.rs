@@ -10,31 +10,32 @@
 //! request, once the request is known.
 //!
 //! Limits: at most `limits.max_connections` client connections are served
-//! at once (more wait in the kernel's queue), tunnels included: a tunnel
-//! takes over the [`Place`] of the connection that opened it; header
-//! sections get `timeouts.header_read`; oversized ones are refused with 431.
+//! at once (more wait in the kernel's queue), tunnels and WebSockets
+//! included: each connection's [`ClientStream`] holds its place for as long
+//! as it is open, whatever it becomes; header sections get
+//! `timeouts.header_read`; oversized ones are refused with 431.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::client_stream::{ClientStream, Place};
 use super::{framing, gate, limits, passthrough, tunnel, Frontend};
 use crate::body::{self, Body};
 use crate::fault;
 use crate::net::tasks::Stopping;
 use crate::proxy::credentials::session_key;
-use crate::proxy::upgrade::HeldPlace;
 use crate::proxy::{self, target, ProxyError};
 
 /// Accepts connections until `frontend.shutdown` is cancelled.
@@ -72,10 +73,7 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
                 continue;
             }
         };
-        let place = Place {
-            _slot: permit,
-            _client: client,
-        };
+        let place = Place::new(permit, client);
         frontend.tasks.spawn(
             serve_client(frontend.clone(), stream, peer, place)
                 .instrument(tracing::debug_span!("client", %peer)),
@@ -84,49 +82,20 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
     tracing::debug!("stopped accepting");
 }
 
-/// A client connection's place: one of `limits.max_connections` and one of
-/// its address's `limits.max_connections_per_client`, both given back when
-/// it is dropped. A tunnel is the same TCP connection as the CONNECT that
-/// opened it, so it takes the place over (see [`PlaceSlot`]): open tunnels
-/// count against both limits for as long as they are open. A WebSocket's
-/// relay shares it (`proxy::upgrade::HeldPlace`), since the connection stays
-/// open after the task that served it hands its stream over.
-#[derive(Debug)]
-pub struct Place {
-    _slot: OwnedSemaphorePermit,
-    _client: limits::ClientConnection,
-}
-
-/// A connection's place while it is served, for a CONNECT to take.
-#[derive(Debug, Clone)]
-pub struct PlaceSlot(Arc<Mutex<Option<Place>>>);
-
-impl PlaceSlot {
-    /// Takes the place over (once: a connection opens at most one tunnel,
-    /// after which hyper hands the stream over).
-    pub fn take(&self) -> Option<Place> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
-    }
-}
-
 async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAddr, place: Place) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    // Given back when the connection ends, unless a tunnel took it.
-    let place = PlaceSlot(Arc::new(Mutex::new(Some(place))));
+    // Given back when the socket is dropped, by this task or by the tunnel
+    // or relay the connection becomes.
+    let stream = ClientStream::new(stream, place);
     let service_frontend = frontend.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let frontend = service_frontend.clone();
-        // A CONNECT takes the connection's place over; a WebSocket upgrade
-        // shares it with its relay, which outlives this connection's task.
-        let place = (request.method() == Method::CONNECT
-            || request.headers().contains_key(http::header::UPGRADE))
-        .then(|| place.clone());
         // Boxed whole, for the same reasons as in tunnels (see
         // `tunnel::tunnel_service`).
         super::boxed_in_place(move || async move {
-            Ok::<_, Infallible>(outer_request(frontend, request, peer, place).await)
+            Ok::<_, Infallible>(outer_request(frontend, request, peer).await)
         })
     });
     // Every request head is checked before hyper reads it (smuggling), and
@@ -142,14 +111,13 @@ async fn serve_client(frontend: Arc<Frontend>, stream: TcpStream, peer: SocketAd
     log_connection_end(result);
 }
 
-/// Handles a request on a client connection: CONNECT opens a tunnel (which
-/// takes the connection's `place`), anything else is a plain proxy request
-/// for the pipeline.
+/// Handles a request on a client connection: CONNECT opens a tunnel (on the
+/// connection's own stream, which hyper hands over), anything else is a
+/// plain proxy request for the pipeline.
 async fn outer_request(
     frontend: Arc<Frontend>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
-    place: Option<PlaceSlot>,
 ) -> Response<Body> {
     let pipeline = frontend.pipeline.load_full();
     // Stage 0: who the client is (407 without valid credentials).
@@ -162,9 +130,6 @@ async fn outer_request(
         // default is the same), and no extension map to allocate.
         if principal.user.is_some() || principal.exits.exits().is_some() {
             request.extensions_mut().insert(principal);
-        }
-        if let Some(PlaceSlot(slot)) = place {
-            request.extensions_mut().insert(HeldPlace(slot));
         }
         return pipeline.handle(None, request).await;
     }
@@ -196,7 +161,7 @@ async fn outer_request(
     }
     if !intercepted {
         let span = tracing::debug_span!("passthrough", %peer, target = %authority);
-        return passthrough::connect(frontend, request, authority, session_key, principal, place)
+        return passthrough::connect(frontend, request, authority, session_key, principal)
             .instrument(span)
             .await;
     }
@@ -215,10 +180,6 @@ async fn outer_request(
         principal,
         site: Default::default(),
         cookie_memo: Default::default(),
-        place: place
-            .as_ref()
-            .and_then(PlaceSlot::take)
-            .map(|place| HeldPlace(Arc::new(place))),
     });
     frontend
         .tasks

@@ -17,7 +17,6 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::listener::PlaceSlot;
 use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
@@ -35,18 +34,8 @@ pub async fn connect(
     authority: HostPort,
     session_key: Option<String>,
     principal: Principal,
-    place: Option<PlaceSlot>,
 ) -> Response<Body> {
-    match open(
-        &frontend,
-        request,
-        &authority,
-        session_key,
-        principal,
-        place,
-    )
-    .await
-    {
+    match open(&frontend, request, &authority, session_key, principal).await {
         Ok(response) => response,
         Err(error) => {
             frontend.pipeline.load().metrics.request(error.code());
@@ -62,7 +51,6 @@ async fn open(
     authority: &HostPort,
     session_key: Option<String>,
     principal: Principal,
-    place: Option<PlaceSlot>,
 ) -> Result<Response<Body>, ProxyError> {
     let pipeline = frontend.pipeline.load_full();
     // Stage 3: only the session key can be read.
@@ -91,11 +79,10 @@ async fn open(
     }
     tracing::debug!(target = %authority, exit = %route.exit.id(), "passthrough tunnel open");
     pipeline.metrics.request("passthrough");
-    // The tunnel is the client connection from here on: it holds its place.
-    let place = place.as_ref().and_then(PlaceSlot::take);
+    // The tunnel is the client connection from here on: the upgraded
+    // stream holds its place among the connection limits.
     let idle = Some(pipeline.relay_idle);
     frontend.tasks.spawn(async move {
-        let _place = place;
         let client = match hyper::upgrade::on(request).await {
             Ok(client) => client,
             Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),

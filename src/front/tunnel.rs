@@ -22,11 +22,11 @@ use hyper::service::service_fn;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::client_stream::ClientStream;
 use super::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use super::framing::{self, Park, RequestGuard};
 use super::listener::{drive, log_connection_end};
@@ -106,8 +106,8 @@ pub fn serve(
 
 /// A tunnel whose client has spoken: TLS (terminated) or plain HTTP.
 enum Opened {
-    Tls(Box<TlsStream<Rewind<TcpStream>>>, Arc<Tunnel>),
-    Plain(Rewind<TcpStream>, Arc<Tunnel>),
+    Tls(Box<TlsStream<Rewind<ClientStream>>>, Arc<Tunnel>),
+    Plain(Rewind<ClientStream>, Arc<Tunnel>),
 }
 
 /// Takes the client's stream once `upgrade` hands it over and waits for
@@ -155,12 +155,13 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
     Some(Opened::Tls(tls, tunnel))
 }
 
-/// The client's TCP stream out of hyper's upgrade, with what hyper read past
-/// the CONNECT head put back in front. The listener's head scanner and
-/// hyper's boxed stream would otherwise stay wrapped around every read and
-/// write of the tunnel, and in its memory, for as long as it lives.
-fn client_stream(upgraded: Upgraded) -> Option<Rewind<TcpStream>> {
-    match upgraded.downcast::<TokioIo<RequestGuard<TcpStream>>>() {
+/// The client's stream out of hyper's upgrade (with its place among the
+/// connection limits), with what hyper read past the CONNECT head put back
+/// in front. The listener's head scanner and hyper's boxed stream would
+/// otherwise stay wrapped around every read and write of the tunnel, and in
+/// its memory, for as long as it lives.
+fn client_stream(upgraded: Upgraded) -> Option<Rewind<ClientStream>> {
+    match upgraded.downcast::<TokioIo<RequestGuard<ClientStream>>>() {
         Ok(parts) => {
             let stream = parts.io.into_inner().into_inner()?;
             Some(Rewind::new(parts.read_buf, stream))

@@ -19,7 +19,6 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
 use super::credentials::cookies::CookieMemo;
-use super::upgrade::HeldPlace;
 use super::ProxyError;
 use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
@@ -62,9 +61,6 @@ pub struct Tunnel {
     /// The credentials of the tunnel's last `Cookie` header, while its
     /// connection is busy.
     pub cookie_memo: CookieMemo,
-    /// The connection's place among the connection limits, held while the
-    /// tunnel is open (and by a WebSocket relay that outlives its task).
-    pub place: Option<HeldPlace>,
 }
 
 /// The origin a request is for.
@@ -213,7 +209,6 @@ mod tests {
             principal: Principal::default(),
             site: SiteSlot::default(),
             cookie_memo: CookieMemo::default(),
-            place: None,
         };
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         let origin = t.upstream_origin();

@@ -10,7 +10,6 @@
 //! WebSocket frames themselves are the same on both forms and pass through
 //! untouched.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -114,23 +113,6 @@ pub struct Socket {
     /// The `Sec-WebSocket-Accept` the origin must answer with, when
     /// pinproxy made the key.
     pub expected_accept: Option<String>,
-    /// The client connection's place among the connection limits, for
-    /// the relay to hold.
-    pub place: Option<HeldPlace>,
-}
-
-/// A client connection's place among the connection limits, as the front
-/// hands it to this layer (which does not know its type). A WebSocket's
-/// relay holds a clone until it ends: hyper hands the connection's stream
-/// over to the relay, and the task that served the connection ends, but
-/// the connection stays open and keeps counting.
-#[derive(Clone)]
-pub struct HeldPlace(pub Arc<dyn std::any::Any + Send + Sync>);
-
-impl std::fmt::Debug for HeldPlace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HeldPlace")
-    }
 }
 
 impl Pipeline {
@@ -193,7 +175,6 @@ pub fn bridge(
         upgrade,
         client,
         expected_accept,
-        place,
     } = socket;
     if let Some(expected) = &expected_accept {
         let accept = upstream
@@ -232,8 +213,9 @@ pub fn bridge(
             *response.headers_mut() = headers;
         }
     }
+    // The client's upgraded stream holds the connection's place among the
+    // connection limits for as long as the relay keeps it open.
     tasks.spawn(async move {
-        let _place = place;
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
