@@ -39,4 +39,6 @@ echo "disk free for the build: $(df -h --output=avail . | tail -1 | tr -d ' ') (
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The code's documentation, private items included: no broken or ambiguous link.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --document-private-items
 cargo test --all-targets --locked

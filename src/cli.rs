@@ -1,4 +1,4 @@
-//! The command line: the arguments of every subcommand, and [`run`], which
+//! The command line: the arguments of every subcommand, and [`run()`], which
 //! dispatches to the subcommand's own module. Flags overlay the TOML file
 //! given by `--config` (flags win; a repeatable flag given at all replaces
 //! the file's list).
@@ -183,6 +183,8 @@ pub struct RunArgs {
     /// Allow a non-loopback proxy listener without [[auth.users]]: an open proxy.
     #[arg(long)]
     pub insecure_open_proxy: bool,
+    // The brackets are the help text's (clap shows this comment), not a link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     /// Upstream exit, repeatable: http://[user:pass@]host:port, direct:// or direct://SOURCE_IP,
     /// optionally named ID=URL [default id: host:port]. None: one built-in `direct` exit.
     #[arg(long = "exit", value_name = "[ID=]URL")]

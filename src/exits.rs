@@ -1,6 +1,6 @@
 //! Exits: the upstream routes a request can leave through.
 //!
-//! An exit is named by a stable [`ExitId`](crate::identity::ExitId) (pins
+//! An exit is named by a stable [`ExitId`] (pins
 //! refer to it), described by its [`ExitSpec`] ([`spec`]: the URL, the
 //! kind, the options). At run time an [`Exit`] adds its connection pools,
 //! its [`health`], its anonymous upstream [`sessions`] and whether an

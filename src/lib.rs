@@ -15,6 +15,9 @@
 //! [`daemon`] assembles them; [`admin`] shows what they do; [`cli`] and
 //! [`config`] are how a user drives them.
 #![deny(unsafe_code)]
+// The docs are for people working on pinproxy, read with
+// `--document-private-items`: a public item's doc may link to a private one.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod front;
 pub mod mitm;

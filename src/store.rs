@@ -4,7 +4,7 @@
 //! configured one: [`memory`] (in-process, nothing survives a restart),
 //! [`durable`] (the default: an embedded redb file, every routing decision
 //! on disk before its response is released) or [`redis`] (shared by a
-//! fleet). [`transfer`] moves pins between stores; [`bench`] measures one.
+//! fleet). [`transfer`] moves pins between stores; [`bench`](mod@bench) measures one.
 //!
 //! Invariant: [`PinStore::pin_if_absent`] is atomic, so the first pin of a
 //! credential wins everywhere, and a pin never points to another identity

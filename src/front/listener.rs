@@ -3,9 +3,9 @@
 //! Each client connection speaks HTTP/1.1 to pinproxy. A plain proxy request
 //! (`GET http://host/path`) goes straight to the
 //! [`Pipeline`](crate::proxy::Pipeline). A `CONNECT` is answered `200` and
-//! the tunnel is handed to [`tunnel::serve`](super::tunnel::serve), which
+//! the tunnel is handed to [`tunnel::serve`], which
 //! terminates TLS and feeds every request inside to the same pipeline, or,
-//! for hosts excluded from interception, to [`passthrough`](super::passthrough).
+//! for hosts excluded from interception, to [`passthrough`].
 //! Nothing is dialled upstream while a tunnel opens: the exit is chosen per
 //! request, once the request is known.
 //!
