@@ -427,4 +427,83 @@ mod tests {
         let never = deadline(started, Duration::MAX);
         assert!(never.into_std() - started > Duration::from_secs(10 * 365 * 86_400));
     }
+
+    /// A plain HTTP/1.1 origin on loopback answering `ok` to every request
+    /// of every keep-alive connection; returns its port.
+    async fn keep_alive_origin() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..n]);
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            head.clear();
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn origins_left_without_connections_are_forgotten() {
+        use http_body_util::BodyExt as _;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = UpstreamTls::new(provider, &[]).unwrap();
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            response_head_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_millis(100),
+            max_idle_per_origin: 4,
+            max_idle_per_exit: 128,
+            guard: Arc::new(dial::guard::AddressGuard::new(Vec::new())),
+            parked: prometheus_client::metrics::counter::Counter::default(),
+        };
+        let spec = crate::exits::spec::ExitSpec::parse("direct", "direct://").unwrap();
+        let client = ExitClient::new(spec.route(), tls, &settings);
+        let lane = Lane::anonymous(SessionId(1));
+
+        // A crawl through one lane: a request to each of twelve origins,
+        // each answered in full, so its connection goes back idle.
+        const ORIGINS: usize = 12;
+        for _ in 0..ORIGINS {
+            let port = keep_alive_origin().await;
+            let origin = Origin {
+                https: false,
+                target: HostPort {
+                    host: Arc::from("127.0.0.1"),
+                    port,
+                },
+            };
+            let request = Request::builder()
+                .uri("/")
+                .header(http::header::HOST, format!("127.0.0.1:{port}"))
+                .body(crate::body::empty())
+                .unwrap();
+            let answered = client
+                .send(&lane, &origin, request, std::time::Instant::now())
+                .await
+                .unwrap();
+            let body = answered.response.into_body().collect().await.unwrap();
+            assert_eq!(&body.to_bytes()[..], b"ok");
+        }
+        let pool = client.pool(&lane);
+        assert_eq!(pool.origins_held(), ORIGINS);
+
+        // A sweep past the idle timeout closes the connections, and the
+        // origins they leave with nothing go with them.
+        let later = tokio::time::Instant::now() + settings.idle_timeout;
+        pool.expire_idle(later, &mut Vec::new());
+        assert_eq!(pool.origins_held(), 0);
+    }
 }

@@ -145,6 +145,17 @@ struct Conns {
     dialing: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl Conns {
+    /// Nothing to keep: no idle connection, no open HTTP/2 one, and no
+    /// request dialling (it holds a clone of `dialing`). Read under the
+    /// lane's lock, so no request can take a clone meanwhile.
+    fn unused(&self) -> bool {
+        self.idle.is_empty()
+            && self.h2.as_ref().is_none_or(|conn| conn.sender.is_closed())
+            && Arc::strong_count(&self.dialing) == 1
+    }
+}
+
 /// A connection checked out for one request.
 enum Checked {
     H1(H1Conn),
@@ -204,7 +215,8 @@ impl LanePool {
     /// parks those idle for [`PARK_AFTER`], and appends when each remaining
     /// one went idle to `idle_since`.
     pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
-        for conns in self.origins().values_mut() {
+        let mut origins = self.origins();
+        for conns in origins.values_mut() {
             // Rebuilt in place (same element type: the allocation is reused).
             conns.idle = std::mem::take(&mut conns.idle)
                 .into_iter()
@@ -212,6 +224,21 @@ impl LanePool {
                 .collect();
             idle_since.extend(conns.idle.iter().map(IdleH1::idle_since));
         }
+        // An origin with no connection left is forgotten: a crawl through
+        // one lane names ever more hosts, and each would otherwise keep its
+        // entry for the lane's life (the anonymous lanes live as long as
+        // the exit). Its next request starts it afresh.
+        origins.retain(|_, conns| !conns.unused());
+        let held = origins.len();
+        if origins.capacity() > 64 && held < origins.capacity() / 4 {
+            origins.shrink_to(held * 2);
+        }
+    }
+
+    /// Origins this lane keeps an entry for.
+    #[cfg(test)]
+    pub(super) fn origins_held(&self) -> usize {
+        self.origins().len()
     }
 
     /// One idle connection at a sweep: closed (`None`), parked, or as it was.
