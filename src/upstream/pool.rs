@@ -212,8 +212,8 @@ impl LanePool {
 
     /// Closes this lane's idle HTTP/1.1 connections that have been idle
     /// for the idle timeout by `now` (or were closed by the far side),
-    /// parks those idle for [`PARK_AFTER`], and appends when each remaining
-    /// one went idle to `idle_since`.
+    /// parks those idle for [`PARK_AFTER`], appends when each remaining one
+    /// went idle to `idle_since`, and forgets the origins left with none.
     pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
         let mut origins = self.origins();
         for conns in origins.values_mut() {
