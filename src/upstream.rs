@@ -469,8 +469,14 @@ mod tests {
             guard: Arc::new(dial::guard::AddressGuard::new(Vec::new())),
             parked: prometheus_client::metrics::counter::Counter::default(),
         };
-        let spec = crate::exits::spec::ExitSpec::parse("direct", "direct://").unwrap();
-        let client = ExitClient::new(spec.route(), tls, &settings);
+        let route = ExitRoute {
+            id: ExitId::new("direct"),
+            kind: ExitKind::Direct(dial::direct::Direct { source: None }),
+            egress: EgressCheck::default(),
+            socks_reply_is_egress: false,
+            fingerprint: FingerprintMode::Rustls,
+        };
+        let client = ExitClient::new(route, tls, &settings);
         let lane = Lane::anonymous(SessionId(1));
 
         // A crawl through one lane: a request to each of twelve origins,
