@@ -25,6 +25,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt as _;
 use tokio::task::{AbortHandle, Id, JoinHandle};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
@@ -44,36 +45,21 @@ struct Registry {
     abandoned: AtomicBool,
 }
 
-pin_project_lite::pin_project! {
-    /// A task's future with what deregisters it when the future is dropped.
-    ///
-    /// A struct, not an `async move` block awaiting the task: such a block
-    /// keeps the task's future twice (captured, and again once awaited;
-    /// the compiler cannot overlap the two), which doubled the memory of
-    /// every connection's task (an idle tunnel held 10.4 KiB of RSS where
-    /// it held 9.5) and copied the future once more at its first poll.
-    struct Registered<F> {
-        #[pin]
-        task: F,
-        _deregister: Deregister,
-    }
-}
-
-impl<F> Registered<F> {
-    fn new(task: F, registry: &Arc<Registry>) -> Registered<F> {
-        Registered {
-            task,
-            _deregister: Deregister(registry.clone()),
-        }
-    }
-}
-
-impl<F: Future> Future for Registered<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().task.poll(cx)
-    }
+/// `task`, taking its entry out of `registry` when it ends or is dropped
+/// (aborted).
+///
+/// Mapped, not wrapped in an `async move` block awaiting the task: such a
+/// block keeps the task's future twice (captured, and again once awaited;
+/// the compiler cannot overlap the two), which doubled the memory of every
+/// connection's task (an idle tunnel held 10.4 KiB of RSS where it held
+/// 9.5) and copied the future once more at its first poll. The map holds
+/// the future and its closure, and the closure holds the guard.
+fn registered<F: Future>(task: F, registry: &Arc<Registry>) -> impl Future<Output = F::Output> {
+    let deregister = Deregister(registry.clone());
+    task.map(move |output| {
+        drop(deregister);
+        output
+    })
 }
 
 /// Takes its task's entry out of the registry when the task ends (or is
@@ -102,7 +88,7 @@ impl ConnectionTasks {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let handle = self.tracker.spawn(Registered::new(task, &self.registry));
+        let handle = self.tracker.spawn(registered(task, &self.registry));
         let registry = &self.registry;
         registry.running.insert(handle.id(), handle.abort_handle());
         // A task that ended before it was registered took nothing out:
@@ -331,7 +317,7 @@ mod tests {
         let buffer = [7u8; 4096];
         let task = async move { std::hint::black_box(&buffer).len() };
         let alone = std::mem::size_of_val(&task);
-        let registered = Registered::new(task, &Arc::default());
+        let registered = registered(task, &Arc::default());
         assert!(
             std::mem::size_of_val(&registered) <= alone + 16,
             "{} bytes around a {alone}-byte future",
