@@ -29,7 +29,6 @@ use tokio_boring::SslStream;
 
 use super::boring_ffi;
 use super::tap::HelloTap;
-use crate::upstream::framing::delegate_write;
 
 /// A transport that can tell, without reading, that a read would find
 /// nothing yet.
@@ -84,7 +83,44 @@ where
     }
 }
 
-delegate_write!(ReadGate);
+/// Writes go through BoringSSL, except flushes: `SslStream`'s flush only
+/// flushes the transport (BoringSSL hands each record to the transport as
+/// it is written and keeps nothing a flush would push), but through
+/// `tokio_boring` it clones the task's waker into the stream and drops it
+/// again around the call. hyper flushes after every write, so the gate asks
+/// the transport itself.
+impl<T> AsyncWrite for ReadGate<SslStream<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().inner.get_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -101,12 +137,15 @@ mod tests {
     use crate::upstream::tls::tests::{acceptor, fixture, pki};
     use crate::upstream::tls::Shape;
 
-    /// A TCP stream that counts the reads asked of it, and can be made to
-    /// say it is not readable whatever it holds.
+    /// A TCP stream that counts the reads and flushes asked of it, can be
+    /// made to say it is not readable whatever it holds, and can hold its
+    /// flushes pending.
     struct Counted<T> {
         inner: T,
         reads: Arc<AtomicUsize>,
         dry: Arc<AtomicBool>,
+        flushes: Arc<AtomicUsize>,
+        flush_held: Arc<AtomicBool>,
     }
 
     impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -121,7 +160,28 @@ mod tests {
         }
     }
 
-    delegate_write!(Counted);
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.flushes.fetch_add(1, Ordering::Relaxed);
+            if this.flush_held.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
 
     impl<T: ReadReady> ReadReady for Counted<T> {
         fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -191,10 +251,14 @@ mod tests {
         let tcp = TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let flush_held = Arc::new(AtomicBool::new(false));
         let transport = Counted {
             inner: tcp,
             reads: reads.clone(),
             dry: dry.clone(),
+            flushes: flushes.clone(),
+            flush_held: flush_held.clone(),
         };
         let hello = fixture("chromium_1");
         let shape = Shape {
@@ -246,6 +310,21 @@ mod tests {
             (1, 1),
             "socket reads for one record, and with the idle poll after it"
         );
+
+        // A flush is the transport's, answered as the transport answers it.
+        assert!(matches!(
+            Pin::new(&mut conn).poll_write(&mut cx, b"ping"),
+            Poll::Ready(Ok(4))
+        ));
+        let before = flushes.load(Ordering::Relaxed);
+        flush_held.store(true, Ordering::Relaxed);
+        assert!(Pin::new(&mut conn).poll_flush(&mut cx).is_pending());
+        flush_held.store(false, Ordering::Relaxed);
+        assert!(matches!(
+            Pin::new(&mut conn).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(flushes.load(Ordering::Relaxed) - before, 2);
         drop(conn);
         let served = server.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(served.is_ok(), "{served:?}");
