@@ -114,6 +114,9 @@ pub struct StoreView {
     pub available: bool,
     /// The last data loss this replica noticed (Redis only).
     pub loss: Option<crate::store::redis::LossReport>,
+    /// What it holds, from the listing the live page shares (retaken as
+    /// [`page::Snapshots`] says); `null` when it cannot be listed.
+    pub held: Option<page::Held>,
 }
 
 /// What the admin endpoint reads.
@@ -181,7 +184,7 @@ impl Admin {
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             },
             "/exits" => json(&self.exit_views()),
-            "/store" => json(&self.store_view()),
+            "/store" => json(&self.store_view().await),
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -191,7 +194,7 @@ impl Admin {
     }
 
     async fn metrics_text(&self) -> String {
-        self.refresh_alive().await;
+        self.refresh_store_gauges().await;
         for exit in self.exits.iter() {
             self.metrics
                 .exit_state
@@ -255,12 +258,13 @@ impl Admin {
         })
     }
 
-    fn store_view(&self) -> StoreView {
+    async fn store_view(&self) -> StoreView {
         let store = self.router.store();
         StoreView {
             kind: store.kind(),
             available: store.available(),
             loss: store.loss_report(),
+            held: self.held().await,
         }
     }
 

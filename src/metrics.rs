@@ -174,6 +174,15 @@ pub struct InvalidationLabel {
     pub rule: String,
 }
 
+/// What the pin store holds, by state (`pinproxy_store_pins`,
+/// `pinproxy_store_identities`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeldState {
+    /// `active` (of an identity not retired) or `retired` (remembered for
+    /// `identities.remember_retired`).
+    pub state: &'static str,
+}
+
 /// A pin store operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreOp {
@@ -282,6 +291,10 @@ pub struct Metrics {
     /// Identities alive (not retired, not ending), by exit: set when
     /// scraped, from a listing of the store.
     pub identities_alive: Family<ExitLabel, Gauge>,
+    /// Pins the store holds, by state (from the admin listener's listing).
+    pub store_pins: Family<HeldState, Gauge>,
+    /// Identities the store holds, by state (likewise).
+    pub store_identities: Family<HeldState, Gauge>,
     /// Requests whose credentials belonged to different identities, by policy.
     pub conflicts: Family<Policy, Counter>,
     /// Requests whose fingerprint differed from their identity's, by policy.
@@ -395,6 +408,18 @@ impl Metrics {
             "identities_alive",
             "Identities alive (not retired, not ending), by exit",
             identities_alive.clone(),
+        );
+        let store_pins = Family::default();
+        registry.register(
+            "store_pins",
+            "Pins the store holds, by the state of their identity: active, or retired (remembered for identities.remember_retired)",
+            store_pins.clone(),
+        );
+        let store_identities = Family::default();
+        registry.register(
+            "store_identities",
+            "Identities the store holds: active (not retired), or retired (remembered for identities.remember_retired)",
+            store_identities.clone(),
         );
         let conflicts = Family::default();
         registry.register(
@@ -536,6 +561,8 @@ impl Metrics {
             identities_created,
             identities_retired,
             identities_alive,
+            store_pins,
+            store_identities,
             conflicts,
             fingerprint_drift,
             invalidations,

@@ -71,6 +71,64 @@ async fn identities_are_listed_by_the_pins_command_and_counted_in_metrics() {
     s.stop().await;
 }
 
+/// What the store holds is counted for capacity planning: every value an
+/// origin reissues is one more pin of its identity, and a retired
+/// identity's pins stay, remembered, until `remember_retired` is over.
+#[tokio::test]
+async fn the_store_is_counted_by_the_state_of_its_identities() {
+    let s = Setup::builder().exits(1).start().await;
+    let (mut jar, _) = s.login("/login").await;
+    for _ in 0..2 {
+        assert_eq!(s.get("/rotate", &mut jar).await.status, 200);
+    }
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = admin::get(addr, "/metrics").await;
+    for (series, count) in [
+        ("pinproxy_store_pins{state=\"active\"}", 3.0),
+        ("pinproxy_store_pins{state=\"retired\"}", 0.0),
+        ("pinproxy_store_identities{state=\"active\"}", 1.0),
+        ("pinproxy_store_identities{state=\"retired\"}", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(count), "{series} in\n{text}");
+    }
+
+    // An invalidation retires the identity with its three values. The
+    // listing is retaken at most every 2 s: wait (bounded) for one that
+    // has the retirement.
+    assert_eq!(s.get("/challenge", &mut jar).await.status, 403);
+    let held =
+        |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["held"].clone();
+    let mut store = held(&admin::get(addr, "/store").await);
+    for _ in 0..100 {
+        if store["retired_identities"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store = held(&admin::get(addr, "/store").await);
+    }
+    assert_eq!(
+        store,
+        serde_json::json!({
+            "active_pins": 0,
+            "retired_pins": 3,
+            "active_identities": 0,
+            "retired_identities": 1,
+        })
+    );
+    let text = admin::get(addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "pinproxy_store_pins{state=\"retired\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "pinproxy_store_identities{state=\"active\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    s.stop().await;
+}
+
 /// The value of the sample `series` (name and labels exactly as printed).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()

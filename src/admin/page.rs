@@ -11,7 +11,8 @@
 //! - `GET /summary`: that compact JSON.
 //!
 //! Both read a listing snapshot of the store, shared with the
-//! `pinproxy_identities_alive` gauge: it is retaken at most every
+//! `pinproxy_identities_alive`, `pinproxy_store_pins` and
+//! `pinproxy_store_identities` gauges and `/store`'s counts: it is retaken at most every
 //! [`MIN_SNAPSHOT_AGE`], or every 20 times as long as the last listing
 //! took (a large Redis store is not walked on every poll), on a blocking
 //! thread. The snapshot keeps counts per exit and the newest identities,
@@ -28,7 +29,7 @@ use sha2::Digest as _;
 
 use super::{Admin, ExitView};
 use crate::body::{self, Body};
-use crate::metrics::ExitLabel;
+use crate::metrics::{ExitLabel, HeldState};
 use crate::routing::ends;
 use crate::store::{Listing, PinStore as _, StoreError};
 
@@ -55,6 +56,37 @@ pub struct Snapshot {
     alive: HashMap<String, u64>,
     /// The newest identities that are not retired, newest first.
     newest: Vec<Listing>,
+    /// What the store holds.
+    held: Held,
+}
+
+/// What the store holds, counted from one listing: what its memory (and
+/// Redis's) grows with. Every value an origin reissues for a cookie is one
+/// more pin, kept for its identity's life and, once it retires, for
+/// `identities.remember_retired`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Held {
+    /// Pins of identities not retired.
+    pub active_pins: u64,
+    /// Pins of retired identities.
+    pub retired_pins: u64,
+    /// Identities not retired.
+    pub active_identities: u64,
+    /// Retired identities still remembered.
+    pub retired_identities: u64,
+}
+
+impl Held {
+    fn count(&mut self, listing: &Listing) {
+        let pins = listing.pins.len() as u64;
+        if listing.identity.retired.is_some() {
+            self.retired_pins += pins;
+            self.retired_identities += 1;
+        } else {
+            self.active_pins += pins;
+            self.active_identities += 1;
+        }
+    }
 }
 
 impl Snapshot {
@@ -119,7 +151,9 @@ impl Admin {
             let policies = router.policies();
             let mut alive: HashMap<String, u64> = HashMap::new();
             let mut live: Vec<Listing> = Vec::new();
+            let mut held = Held::default();
             for listing in listings {
+                held.count(&listing);
                 let identity = &listing.identity;
                 if identity.retired.is_some() {
                     continue;
@@ -137,9 +171,9 @@ impl Admin {
                 live.truncate(newest);
             }
             live.sort_by_key(|l| std::cmp::Reverse((l.identity.created_ms, l.identity.id)));
-            Ok::<_, StoreError>((alive, live))
+            Ok::<_, StoreError>((alive, live, held))
         };
-        let (alive, newest) = tokio::task::spawn_blocking(walk).await.map_err(|e| {
+        let (alive, newest, held) = tokio::task::spawn_blocking(walk).await.map_err(|e| {
             StoreError::new(
                 crate::store::StoreErrorKind::Closed,
                 format!("the listing task failed: {e}"),
@@ -150,30 +184,54 @@ impl Admin {
             took: taken.elapsed(),
             alive,
             newest,
+            held,
         });
         *cached = Some(snapshot.clone());
         Ok(snapshot)
     }
 
-    /// Sets `pinproxy_identities_alive` from the snapshot (every configured
-    /// exit gets a value, 0 when it has none). A store that cannot be
-    /// listed leaves the last values.
-    pub(super) async fn refresh_alive(&self) {
+    /// Sets `pinproxy_identities_alive` (every configured exit gets a
+    /// value, 0 when it has none), `pinproxy_store_pins` and
+    /// `pinproxy_store_identities` from the snapshot. A store that cannot
+    /// be listed leaves the last values.
+    pub(super) async fn refresh_store_gauges(&self) {
         let snapshot = match self.snapshot().await {
             Ok(snapshot) => snapshot,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot list identities for the alive gauge");
+                tracing::debug!(error = %e, "cannot list the store for its gauges");
                 return;
             }
         };
+        let gauge = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
         for exit in self.exits.iter() {
             let id = exit.id().to_string();
             let alive = snapshot.alive.get(&id).copied().unwrap_or(0);
             self.metrics
                 .identities_alive
                 .get_or_create(&ExitLabel { exit: id })
-                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+                .set(gauge(alive));
         }
+        let held = snapshot.held;
+        for (state, pins, identities) in [
+            ("active", held.active_pins, held.active_identities),
+            ("retired", held.retired_pins, held.retired_identities),
+        ] {
+            let label = HeldState { state };
+            self.metrics
+                .store_pins
+                .get_or_create(&label)
+                .set(gauge(pins));
+            self.metrics
+                .store_identities
+                .get_or_create(&label)
+                .set(gauge(identities));
+        }
+    }
+
+    /// What the store holds, from the snapshot (`None` when the store
+    /// cannot be listed).
+    pub(super) async fn held(&self) -> Option<Held> {
+        self.snapshot().await.ok().map(|snapshot| snapshot.held)
     }
 
     /// `GET /summary`.
