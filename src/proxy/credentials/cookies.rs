@@ -554,6 +554,12 @@ pub fn strip_from_request(
     };
     // In place: the `Cookie` header keeps its position among the others.
     header_order::rewrite(headers, |name, value| {
+        if name == X_DATADOME_CLIENTID {
+            // Every value is a credential of its own (reading takes them
+            // all), so each is judged, not just the first.
+            let id = value.to_str().ok()?.trim();
+            return (!strip.contains(&hasher.cookie(DATADOME, id))).then_some(value);
+        }
         if name != http::header::COOKIE {
             return Some(value);
         }
@@ -574,13 +580,6 @@ pub fn strip_from_request(
             http::HeaderValue::from_str(&kept.join("; ")).ok()
         }
     });
-    let client_id_stripped = headers
-        .get(&X_DATADOME_CLIENTID)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| strip.contains(&hasher.cookie(DATADOME, v.trim())));
-    if client_id_stripped {
-        header_order::remove(headers, &X_DATADOME_CLIENTID);
-    }
 }
 
 /// When a set cookie expires, in Unix milliseconds: `Max-Age` wins over
@@ -945,6 +944,24 @@ mod tests {
         let cookies: Vec<_> = headers.get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1; _abck=x"]);
         assert!(headers.get(&X_DATADOME_CLIENTID).is_none());
+    }
+
+    /// Every `X-DataDome-ClientID` value is a credential of its own: a
+    /// stripped one leaves from none of the positions, whatever comes
+    /// before it, and the others stay in order.
+    #[test]
+    fn stripping_judges_every_client_id_header() {
+        let h = hasher();
+        for first in ["keep", "", " "] {
+            let mut headers = HeaderMap::new();
+            headers.append(&X_DATADOME_CLIENTID, HeaderValue::from_str(first).unwrap());
+            headers.append(&X_DATADOME_CLIENTID, HeaderValue::from_static("gone"));
+            headers.append(&X_DATADOME_CLIENTID, HeaderValue::from_static("also-kept"));
+            headers.append(&X_DATADOME_CLIENTID, HeaderValue::from_static(" gone "));
+            strip_from_request(&mut headers, &policy(), &h, &[h.cookie("datadome", "gone")]);
+            let left: Vec<_> = headers.get_all(&X_DATADOME_CLIENTID).iter().collect();
+            assert_eq!(left, [first, "also-kept"]);
+        }
     }
 
     #[test]
