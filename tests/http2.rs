@@ -49,6 +49,19 @@ async fn an_h2_client_reaches_an_http1_only_origin() {
         seen.header("host"),
         [format!("localhost:{}", origin.https.port())]
     );
+    // HTTP/2 cookie crumbs become one Cookie header over HTTP/1.1, as the
+    // browser would have sent it (RFC 9113 §8.2.3).
+    assert_eq!(seen.header("cookie"), ["a=1; b=2"]);
+
+    // An HTTP/1.1 client's headers go as it sent them, several Cookie
+    // lines included.
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn
+        .get("/page", &[("cookie", "a=1"), ("cookie", "b=2")])
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let seen = origin.seen().pop().unwrap();
+    assert_eq!(seen.header("cookie"), ["a=1", "b=2"]);
     s.stop().await;
 }
 

@@ -673,27 +673,63 @@ fn h1_builder() -> http1::Builder {
     builder
 }
 
-/// Makes a request an HTTP/1.1 one: a `Host` header (first, where a
-/// browser puts it) if the client sent none (an HTTP/2 client).
+/// Makes a request an HTTP/1.1 one. A client that sent no `Host` is an
+/// HTTP/2 client, and its request gets what HTTP/1.1 needs: a `Host`
+/// header (first, where a browser puts it), and its cookie crumbs (HTTP/2
+/// lets a client send each cookie as a field of its own) joined into one
+/// `Cookie` header with `"; "` where the first one stood (RFC 9113
+/// §8.2.3): a browser speaking HTTP/1.1 sends one, and an origin may read
+/// only the first of several. An HTTP/1.1 client's headers are left as it
+/// sent them.
 fn for_h1(request: &mut Request<Body>, origin: &Origin) {
-    if !request.headers().contains_key(header::HOST) {
-        let authority = origin.target.authority(default_port(origin.https));
-        if let Ok(host) = HeaderValue::from_str(&authority) {
-            let old = std::mem::take(request.headers_mut());
-            let headers = request.headers_mut();
-            headers.reserve(old.len() + 1);
-            headers.insert(header::HOST, host);
-            let mut name = None;
-            for (next, value) in old {
-                if next.is_some() {
-                    name = next;
+    if request.headers().contains_key(header::HOST) {
+        return;
+    }
+    let authority = origin.target.authority(default_port(origin.https));
+    let Ok(host) = HeaderValue::from_str(&authority) else {
+        return;
+    };
+    let cookie = joined_crumbs(request.headers());
+    let old = std::mem::take(request.headers_mut());
+    let headers = request.headers_mut();
+    headers.reserve(old.len() + 1);
+    headers.insert(header::HOST, host);
+    let mut cookie = cookie.map(Some);
+    let mut name = None;
+    for (next, value) in old {
+        if next.is_some() {
+            name = next;
+        }
+        let Some(name) = &name else { continue };
+        match &mut cookie {
+            // The joined value stands where the first crumb did; the
+            // other crumbs are in it.
+            Some(joined) if name == header::COOKIE => {
+                if let Some(joined) = joined.take() {
+                    headers.append(header::COOKIE, joined);
                 }
-                if let Some(name) = &name {
-                    headers.append(name.clone(), value);
-                }
+            }
+            _ => {
+                headers.append(name.clone(), value);
             }
         }
     }
+}
+
+/// The `Cookie` values of `headers` joined with `"; "` into one, when there
+/// are several (`None` for one or none).
+fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let first = crumbs.next()?;
+    let mut rest = crumbs.peekable();
+    rest.peek()?;
+    let mut joined = first.as_bytes().to_vec();
+    for crumb in rest {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Valid values joined by visible bytes and a space stay valid.
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// Makes a request an HTTP/2 one: an absolute URI whose authority is the
