@@ -168,6 +168,75 @@ async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_ex
     assert!(checked >= 100, "only {checked} pins were checked");
 }
 
+/// An identity founded by a request learns its egress address from the
+/// tunnel that carried its first answer; every later tunnel is checked
+/// against it. That address is on disk before the answer reaches the
+/// client: a `kill -9` right after it does not lose it (the lazy write of
+/// the identity's use comes up to half a second later).
+#[tokio::test]
+async fn an_identitys_first_egress_address_survives_a_kill_9_right_after_its_answer() {
+    let origin = Origin::start().await;
+    let exit = support::exit::TestExit::start_gateway(support::exit::Gateway::new(
+        &["127.0.0.2"],
+        None,
+        0.0,
+        1,
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("pinproxy.toml");
+    let url = exit
+        .url()
+        .replacen("http://", "http://customer-acme-session-{session}:pw@", 1);
+    std::fs::write(
+        &config,
+        format!("[[exits]]\nid = \"gate\"\nurl = \"{url}\"\nexit_ip_header = \"X-Exit-IP\"\n"),
+    )
+    .unwrap();
+    let args = vec![
+        "--upstream-ca".to_owned(),
+        origin.pki.ca_file.display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+    ];
+    let daemon = PinproxyProcess::start(dir.path(), &args).await;
+    let client = ProxyClient::new(daemon.addr, &daemon.ca_pem());
+    // A cookie pinproxy has never seen founds the identity as the request
+    // is routed, before any tunnel has stated an address.
+    let mut jar = Jar::default();
+    jar.set("datadome", "FirstSeenOnARequest-3c1d");
+    let reply = client
+        .try_get("localhost", origin.https.port(), "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    daemon.kill9().await;
+
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "export", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let text = String::from_utf8(export.stdout).unwrap();
+    let identities: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap()
+                .get("identity")
+                .cloned()
+        })
+        .collect();
+    assert_eq!(identities.len(), 1, "{text}");
+    assert_eq!(identities[0]["egress_ip"], "127.0.0.2", "{text}");
+}
+
 /// Maps of identity → exit and pin hash → identity from an export.
 fn parse_export(text: &str) -> (HashMap<String, String>, HashMap<String, String>) {
     let mut identity_exit = HashMap::new();

@@ -68,8 +68,12 @@ impl Pipeline {
 
     /// Records a request of `identity` (and whether it got a 2xx), the
     /// egress address its tunnel revealed and the fingerprint its upstream
-    /// connection sent (`tunnel`). Only logged when it fails: a lost use
-    /// makes an identity look idle earlier, nothing worse.
+    /// connection sent (`tunnel`). The identity's first egress address is
+    /// durable before the answer goes on (every later tunnel of the
+    /// identity is checked against it: a crash that lost it would let the
+    /// next tunnel's address stand unchecked); the use itself is written
+    /// lazily. Only logged when it fails: a lost use makes an identity look
+    /// idle earlier, nothing worse.
     pub(crate) async fn capture_use(
         &self,
         identity: &Identity,
@@ -83,8 +87,20 @@ impl Pipeline {
         }
         let store = self.router.store();
         // The egress address only until one is recorded.
-        let egress = egress_ip.filter(|_| identity.egress_ip.is_none());
-        if let Err(e) = store.touch(identity.id, now, worked, egress).await {
+        if let Some(ip) = egress_ip.filter(|_| identity.egress_ip.is_none()) {
+            match store.record_egress(identity.id, ip).await {
+                Ok(Some(recorded)) if recorded != ip => tracing::warn!(
+                    identity = %identity.id, exit = %identity.exit, recorded = %recorded, observed = %ip,
+                    "another tunnel recorded this identity's egress address first; its next tunnel is checked against that one"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e, identity = %identity.id,
+                    "could not record the identity's egress address"
+                ),
+            }
+        }
+        if let Err(e) = store.touch(identity.id, now, worked, None).await {
             tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
         }
     }
