@@ -259,7 +259,10 @@ impl Pipeline {
         // 6. egress
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
         cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
-        egress::sanitize_request(&mut parts.headers);
+        match upgrade {
+            Some(upgrade::Upgrade::Http1) => egress::sanitize_upgrade_request(&mut parts.headers),
+            _ => egress::sanitize_request(&mut parts.headers),
+        }
         let expected_accept = upgrade.and_then(|u| upgrade::prepare_upstream(u, &mut parts));
         // A proxy must replace Host with the absolute-form target's authority
         // (RFC 9112 §3.2.2). Inside a tunnel the client's own Host stands; an

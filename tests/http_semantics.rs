@@ -66,6 +66,54 @@ async fn header_case_and_order_reach_an_http1_origin_as_sent() {
     s.stop().await;
 }
 
+/// An HTTP/1.1 WebSocket upgrade reaches the origin with its headers where
+/// the client put them and as it wrote them: `Connection` and `Upgrade`
+/// are the upgrade's own, not pinproxy's.
+#[tokio::test]
+async fn a_websocket_upgrade_keeps_its_connection_and_upgrade_headers_as_sent() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let host = raw.addr.to_string();
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n\
+                 Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: a=b\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The raw origin answers `ok` with a 200, not a 101: no upgrade follows.
+    read_ok(&mut tunnel).await;
+    let heads = raw.heads();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        header_names(&heads[0]),
+        [
+            "Host",
+            "User-Agent",
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Key",
+            "Cookie"
+        ],
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains("\r\nConnection: keep-alive, Upgrade\r\n")
+            && heads[0].contains("\r\nUpgrade: websocket\r\n"),
+        "{}",
+        heads[0]
+    );
+    s.stop().await;
+}
+
 /// Reads one `ok` answer (the connection to pinproxy stays open).
 async fn read_ok(tcp: &mut tokio::net::TcpStream) {
     let mut answer = Vec::new();

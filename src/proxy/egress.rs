@@ -87,6 +87,19 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 /// client that sends it directly sends it here too (Python requests does).
 /// One that names other headers goes, with them.
 pub fn sanitize_request(headers: &mut HeaderMap) {
+    sanitize(headers, false);
+}
+
+/// As [`sanitize_request`], for an HTTP/1.1 WebSocket upgrade passed on as
+/// one: its `Connection` and `Upgrade` headers are the upgrade's own and
+/// stay where the client put them, as it wrote them (`keep-alive, Upgrade`
+/// from Firefox, `Upgrade` from Chromium); anything else `Connection`
+/// names still goes.
+pub fn sanitize_upgrade_request(headers: &mut HeaderMap) {
+    sanitize(headers, true);
+}
+
+fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
     // Nearly every request carries nothing to remove (an HTTP/2 request
     // never holds a hop-by-hop header): one pass over its names says so.
     // `Connection` is hop-by-hop itself, so without one there is no list
@@ -99,9 +112,11 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
         // `TE: trailers` says the client takes trailers; pinproxy relays
         // them, so it may say the same to the origin.
         let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        let kept_connection = connection.only_options && name == header::CONNECTION;
+        let kept_connection = (connection.only_options || upgrade) && name == header::CONNECTION;
+        let kept_upgrade = upgrade && name == header::UPGRADE;
         te_trailers
             || kept_connection
+            || kept_upgrade
             || !(leaves_no_request(name.as_str()) || connection.listed.contains(name))
     });
 }
@@ -273,6 +288,43 @@ mod tests {
         sanitize_request(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["host", "connection", "accept"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_own_hop_headers_and_drops_the_rest() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a.test"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade, X-Hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        let mut plain = h.clone();
+        sanitize_upgrade_request(&mut h);
+        let left: Vec<_> = h
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("host", "a.test"),
+                ("upgrade", "websocket"),
+                ("connection", "keep-alive, Upgrade, X-Hop"),
+                ("sec-websocket-key", "k"),
+            ]
+        );
+        // Any other request loses both.
+        sanitize_request(&mut plain);
+        let left: Vec<_> = plain.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "sec-websocket-key"]);
     }
 
     #[test]

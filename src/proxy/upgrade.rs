@@ -69,18 +69,21 @@ pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
 }
 
 /// Turns the (sanitised) request parts into an HTTP/1.1 WebSocket upgrade
-/// for the origin. Returns the `Sec-WebSocket-Accept` the origin must answer
-/// with, when pinproxy made the key.
+/// for the origin. An HTTP/1.1 upgrade already is one, with its client's
+/// own `Connection` and `Upgrade` headers ([`super::egress::sanitize_upgrade_request`]
+/// keeps them); an HTTP/2 extended CONNECT is rebuilt as one, its headers
+/// added at the end. Returns the `Sec-WebSocket-Accept` the origin must
+/// answer with, when pinproxy made the key.
 pub fn prepare_upstream(upgrade: Upgrade, parts: &mut http::request::Parts) -> Option<String> {
-    parts
-        .headers
-        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    parts
-        .headers
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     match upgrade {
         Upgrade::Http1 => None,
         Upgrade::ExtendedConnect => {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             parts.method = Method::GET;
             parts.version = Version::HTTP_11;
             parts.extensions.remove::<hyper::ext::Protocol>();
