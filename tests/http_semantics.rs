@@ -114,6 +114,48 @@ async fn a_websocket_upgrade_keeps_its_connection_and_upgrade_headers_as_sent() 
     s.stop().await;
 }
 
+/// A chunked request body goes on chunked, its `Transfer-Encoding` where
+/// the client put it and as it wrote it (hyper's own would come last).
+#[tokio::test]
+async fn a_chunked_request_keeps_its_transfer_encoding_where_it_was() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let host = raw.addr.to_string();
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: {host}\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\
+                 Transfer-Encoding: Chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_ok(&mut tunnel).await;
+    let heads = raw.heads();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        header_names(&heads[0]),
+        [
+            "Host",
+            "User-Agent",
+            "Accept",
+            "Transfer-Encoding",
+            "Content-Type"
+        ],
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains("\r\nTransfer-Encoding: Chunked\r\n"),
+        "{}",
+        heads[0]
+    );
+    s.stop().await;
+}
+
 /// Reads one `ok` answer (the connection to pinproxy stays open).
 async fn read_ok(tcp: &mut tokio::net::TcpStream) {
     let mut answer = Vec::new();

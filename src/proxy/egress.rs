@@ -85,7 +85,10 @@ pub const PINPROXY_PREFIX: &str = "x-pinproxy-";
 /// A `Connection` that only says `keep-alive` or `close` stays where the
 /// client put it: to the origin, pinproxy's hop is the client's hop, and a
 /// client that sends it directly sends it here too (Python requests does).
-/// One that names other headers goes, with them.
+/// One that names other headers goes, with them. So does a
+/// `Transfer-Encoding: chunked` stay (the body goes on chunked, and hyper
+/// would otherwise add its own at the end of the head); an HTTP/2 origin
+/// never sees it (the pool drops what HTTP/2 forbids).
 pub fn sanitize_request(headers: &mut HeaderMap) {
     sanitize(headers, false);
 }
@@ -112,9 +115,16 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
         // `TE: trailers` says the client takes trailers; pinproxy relays
         // them, so it may say the same to the origin.
         let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        // A chunked body is passed on chunked: the client's own
+        // `Transfer-Encoding: chunked` (the front door lets no other
+        // through) stays where it put it, as it wrote it, rather than
+        // hyper adding one at the end of the head.
+        let chunked =
+            name == header::TRANSFER_ENCODING && value.as_bytes().eq_ignore_ascii_case(b"chunked");
         let kept_connection = (connection.only_options || upgrade) && name == header::CONNECTION;
         let kept_upgrade = upgrade && name == header::UPGRADE;
         te_trailers
+            || chunked
             || kept_connection
             || kept_upgrade
             || !(leaves_no_request(name.as_str()) || connection.listed.contains(name))
@@ -122,8 +132,9 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Whether a header named `name` is removed from every request whatever
-/// it says (hop-by-hop, forwarding, pinproxy's own); `TE: trailers` and an
-/// options-only `Connection` are the exceptions [`sanitize_request`] keeps.
+/// it says (hop-by-hop, forwarding, pinproxy's own); `TE: trailers`,
+/// `Transfer-Encoding: chunked` and an options-only `Connection` are the
+/// exceptions [`sanitize_request`] keeps.
 fn leaves_no_request(name: &str) -> bool {
     is_hop_by_hop(name) || is_forwarding(name) || name.starts_with(PINPROXY_PREFIX)
 }
