@@ -267,6 +267,11 @@ impl ClientConnection {
         })
     }
 
+    /// Whether the client spoke TLS to pinproxy (its ClientHello was read).
+    pub fn has_hello(&self) -> bool {
+        self.hello.is_some()
+    }
+
     /// The TLS and HTTP/2 parts of the client's fingerprint, which its
     /// cookie-less requests present upstream.
     pub fn presented(&self) -> Arc<Fingerprint> {

@@ -227,9 +227,17 @@ impl Pipeline {
         };
         // Offer the origin what the client offered pinproxy; upgrades need
         // HTTP/1.1. Cookie-less traffic presents the client's own
-        // fingerprint (an identity's lane presents the identity's).
+        // fingerprint (an identity's lane presents the identity's). So does
+        // an identity founded without a ClientHello (its first request
+        // came to pinproxy in plain HTTP) when its client now speaks TLS:
+        // it has no hello of its own to present, and pinproxy's would be
+        // nobody's.
         route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
-        if route.identity.is_none() {
+        let presents_client = match &route.identity {
+            None => true,
+            Some(identity) => identity.fingerprint.tls.is_none() && client.has_hello(),
+        };
+        if presents_client {
             route.lane.fingerprint = Some(client.presented());
             route.lane.fingerprint_key = client.key();
         }

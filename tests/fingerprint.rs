@@ -896,6 +896,61 @@ async fn an_identity_keeps_its_founding_clients_fingerprint_across_connections_a
     }
 }
 
+/// An identity founded without a ClientHello (its first request came to
+/// pinproxy in plain HTTP) has none of its own to present: once its client
+/// speaks TLS, its requests present that client's fingerprint, never
+/// pinproxy's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_founded_over_plain_http_presents_its_tls_clients_fingerprint() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let port = rig.origin.port();
+    let token = "FoundedInPlainHttp51aa";
+    let cookie = format!("datadome={token}");
+    let mut plain = rig
+        .s
+        .proxy
+        .client
+        .plain("localhost", rig.s.origin.http.port())
+        .await;
+    let reply = plain.get("/page", &[("cookie", cookie.as_str())]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let identities = rig.s.proxy.daemon.admin().identities(false).await.unwrap();
+    assert_eq!(
+        identities.len(),
+        1,
+        "the plain request founded the identity"
+    );
+    assert_eq!(
+        identities[0].client_ja4, None,
+        "founded without a ClientHello"
+    );
+
+    Client::CurlH2
+        .get_ok(&rig.proxied(), port, "/identity", Some(&cookie))
+        .await;
+    Client::CurlH2
+        .get_ok(&rig.direct(), port, "/direct", None)
+        .await;
+    let through = records_of(&rig.origin, "/identity", EXIT_IP);
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    assert_eq!(
+        through[0].cookie_value("datadome").as_deref(),
+        Some(token),
+        "the identity's request"
+    );
+    assert_ne!(
+        through[0].ja4(),
+        Some(RUSTLS_H2_JA4),
+        "pinproxy's own hello"
+    );
+    assert_eq!(through[0].ja4(), direct[0].ja4(), "curl's hello");
+    assert_eq!(
+        through[0].akamai().as_deref(),
+        Some(CURL_AKAMAI),
+        "curl's preface"
+    );
+}
+
 // ---------------------------------------------------------------- modes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
