@@ -204,6 +204,7 @@ mod tests {
                 idle_timeout_ms: 60_000,
                 max_lifetime_ms: 60_000,
                 keep_retired_ms: 60_000,
+                shared_store: false,
             },
             Arc::new(Metrics::new()),
             TaskTracker::new(),

@@ -51,6 +51,7 @@ fn router(store: Store) -> Router {
             idle_timeout_ms: 30 * 60_000,
             max_lifetime_ms: 120 * 60_000,
             keep_retired_ms: 60 * 60_000,
+            shared_store: false,
         },
         Arc::new(Metrics::new()),
         TaskTracker::new(),

@@ -137,6 +137,65 @@ async fn three_replicas_on_one_redis_agree_on_every_pin() {
     clients_hop_replicas_request_by_request(3).await;
 }
 
+/// Replicas whose exits differ for a while (a rolling change of the
+/// configuration): a replica without an identity's exit answers its
+/// requests `502 exit-missing` and leaves the identity to the replicas
+/// that have the exit, instead of retiring it for the whole fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_without_an_identitys_exit_leaves_it_to_the_others() {
+    let origin = Origin::start().await;
+    let (_exits, exit_urls) = support::exits(2).await;
+    let redis = RedisServer::start().await;
+    let shared = support::procs::shared_ca_dir();
+    let mut replicas = Vec::new();
+    let mut dirs = Vec::new();
+    // Replica 0 has exit1 only, replica 1 exit2 only.
+    for exit in &exit_urls {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["ca.pem", "ca-key.pem"] {
+            std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
+        }
+        let mut args = vec!["--store".to_owned(), redis.url()];
+        args.extend(support::process_args(&origin, std::slice::from_ref(exit)));
+        replicas.push(PinproxyProcess::start(dir.path(), &args).await);
+        dirs.push(dir);
+    }
+    let clients: Vec<ProxyClient> = replicas
+        .iter()
+        .map(|r| ProxyClient::new(r.addr, &r.ca_pem()))
+        .collect();
+    let port = origin.https.port();
+
+    let mut jar = Jar::default();
+    let login = clients[0]
+        .try_get("localhost", port, "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.body);
+    let peer = reported_peer(&login.body).unwrap();
+
+    for _ in 0..2 {
+        let elsewhere = clients[1]
+            .try_get("localhost", port, "/page", &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(elsewhere.status, 502, "{}", elsewhere.body);
+        let error = elsewhere.pinproxy_error().unwrap_or_default();
+        assert!(error.starts_with("exit-missing"), "{error}");
+    }
+    // Still alive where its exit is.
+    let home = clients[0]
+        .try_get("localhost", port, "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(home.status, 200, "{}", home.body);
+    assert_eq!(reported_peer(&home.body), Some(peer));
+    assert!(origin.leaks().is_empty());
+    drop(replicas);
+    drop(dirs);
+    drop(shared);
+}
+
 /// Sends requests until one gets `status` (bounded), returning it.
 async fn until_status(s: &Setup, jar: &mut Jar, path: &str, status: u16) -> support::Reply {
     for _ in 0..200 {

@@ -171,6 +171,7 @@ async fn run(
             max_lifetime_ms: 120 * 60_000,
             // Retired credentials are remembered far longer than a case runs.
             keep_retired_ms: 10 * 365 * 24 * 3_600_000,
+            shared_store: false,
         },
         Arc::new(Metrics::new()),
         TaskTracker::new(),

@@ -322,6 +322,7 @@ pub(super) fn policies(settings: &Settings) -> Policies {
         idle_timeout_ms: duration_ms(identities.idle_timeout),
         max_lifetime_ms: duration_ms(identities.max_lifetime),
         keep_retired_ms: duration_ms(identities.remember_retired),
+        shared_store: matches!(settings.store, crate::config::StoreKind::Redis { .. }),
     }
 }
 

@@ -271,7 +271,9 @@ impl ProxyError {
                     .into()
             }
             ProxyError::Route(RouteError::ExitMissing { .. }) => {
-                "Configure the same exits on every replica, or drop the cookie from the client's jar."
+                "Configure the same exits on every replica: the identity stays alive for the replicas \
+                 that have its exit, and retires once unused for identities.idle_timeout. Or drop its \
+                 cookies from the client's jar."
                     .into()
             }
             ProxyError::Route(RouteError::ExitNotAllowed { .. }) => {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::Policies;
 use super::Router;
 use crate::exits::health::HealthState;
-use crate::exits::{ExitSet, LiveExits};
+use crate::exits::{ExitOptions, ExitSet, LiveExits};
 use crate::identity::{Identity, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::PoolKey;
@@ -118,6 +118,12 @@ pub fn ends(
     now: u64,
 ) -> Option<RetireReason> {
     let Some(exit) = exits.get(&identity.exit) else {
+        // Another replica may have the exit: this one cannot tell an exit
+        // removed from one it never had, so it leaves the identity to them
+        // (its requests here get `exit-missing`), but for its lifetimes.
+        if policies.shared_store {
+            return lifetimes_end(identity, None, policies, now);
+        }
         return Some(RetireReason::ExitRemoved);
     };
     if exit.health.state() == HealthState::Dead
@@ -129,20 +135,31 @@ pub fn ends(
         return Some(RetireReason::ExitDown);
     }
     let options = &exit.spec.options;
-    let elapsed = |since: u64| now.saturating_sub(since);
     if let Some(ttl) = options.sticky_ttl {
-        if elapsed(identity.session_started_ms) >= crate::clock::duration_ms(ttl) {
+        if now.saturating_sub(identity.session_started_ms) >= crate::clock::duration_ms(ttl) {
             return Some(RetireReason::StickyExpired);
         }
     }
+    lifetimes_end(identity, Some(options), policies, now)
+}
+
+/// Whether `identity` has been idle or alive too long at `now`, by its
+/// exit's `options` where known, else by the policies.
+fn lifetimes_end(
+    identity: &Identity,
+    options: Option<&ExitOptions>,
+    policies: &Policies,
+    now: u64,
+) -> Option<RetireReason> {
+    let elapsed = |since: u64| now.saturating_sub(since);
     let idle = options
-        .idle_timeout
+        .and_then(|o| o.idle_timeout)
         .map_or(policies.idle_timeout_ms, crate::clock::duration_ms);
     if elapsed(identity.last_used_ms) >= idle {
         return Some(RetireReason::IdleExpired);
     }
     let lifetime = options
-        .max_lifetime
+        .and_then(|o| o.max_lifetime)
         .map_or(policies.max_lifetime_ms, crate::clock::duration_ms);
     if elapsed(identity.created_ms) >= lifetime {
         return Some(RetireReason::LifetimeExpired);

@@ -49,4 +49,9 @@ pub struct Policies {
     pub max_lifetime_ms: u64,
     /// How long retired credentials are remembered.
     pub keep_retired_ms: u64,
+    /// Whether the store is shared with other replicas (Redis), whose
+    /// exits may differ from this one's for a while (a rolling change of
+    /// the configuration): an identity on an exit this replica does not
+    /// have is then left to them (`exit-missing`), not retired for all.
+    pub shared_store: bool,
 }
