@@ -7,9 +7,12 @@
 //! the `http2` crate can send all of them, through wreq-proto's hyper-style
 //! connection layer. Regular header order is the request's own.
 //!
-//! What cannot be said: SETTINGS identifiers above 15 (none of the clients
-//! pinproxy has seen sends one), and HPACK's own choices (indexing, Huffman),
-//! later WINDOW_UPDATEs and DATA frame sizes, which follow the crate.
+//! What cannot be said: SETTINGS identifiers other than 1 to 6, 8 and 9
+//! (none of the clients pinproxy has seen sends one), the absence of
+//! INITIAL_WINDOW_SIZE (4), which wreq-proto always sends (after the
+//! client's own settings, at 2 MiB; every client seen sends it), and
+//! HPACK's own choices (indexing, Huffman), later WINDOW_UPDATEs and DATA
+//! frame sizes, which follow the crate.
 
 use std::future::Future;
 
