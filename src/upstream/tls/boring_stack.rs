@@ -96,6 +96,9 @@ impl BoringClient {
         let prepared = self.prepared(shape).map_err(io::Error::other)?;
         let mut config: ConnectConfiguration =
             prepared.connector.configure().map_err(io::Error::other)?;
+        // A server name only where the client sent one; the certificate is
+        // checked against `host` either way.
+        config.set_use_server_name_indication(shape.hello.has_extension(ext::SERVER_NAME));
         let ssl = &mut *config;
         if !prepared.key_shares.is_empty() {
             boring_ffi::set_client_key_shares(ssl, &prepared.key_shares)
@@ -287,11 +290,13 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
             .map_err(|e| e.to_string())?;
     }
 
-    // ALPN, exactly as listed (unless this connection must be HTTP/1.1).
-    let alpn: Vec<Vec<u8>> = if shape.http1_only {
-        vec![b"http/1.1".to_vec()]
-    } else {
-        hello.alpn.clone().unwrap_or_default()
+    // ALPN, exactly as listed (only `http/1.1` when this connection must
+    // be HTTP/1.1); none for a client that offers none, which speaks
+    // HTTP/1.1 without it.
+    let alpn: Vec<Vec<u8>> = match &hello.alpn {
+        None => Vec::new(),
+        Some(_) if shape.http1_only => vec![b"http/1.1".to_vec()],
+        Some(listed) => listed.clone(),
     };
     if !alpn.is_empty() {
         let mut wire = Vec::new();
@@ -592,6 +597,73 @@ mod tests {
             Ok(prepared) => prepared.gaps.iter().map(|g| g.detail.clone()).collect(),
             Err(e) => panic!("{fixture}: {e}"),
         }
+    }
+
+    /// A client that offers no ALPN gets none offered for it, also on a
+    /// connection that must be HTTP/1.1 (a WebSocket's), where BoringSSL
+    /// used to offer `http/1.1`.
+    #[tokio::test]
+    async fn no_alpn_is_offered_for_a_client_that_offers_none() {
+        let hello = hello("python_ssl");
+        assert_eq!(hello.alpn, None, "the fixture offers no ALPN");
+        let sent = sent_to_localhost(&hello, true).await;
+        assert_eq!(sent.alpn, None);
+    }
+
+    /// A client that sends no server name gets none sent for it, though
+    /// pinproxy dials (and checks the certificate of) a named host.
+    #[tokio::test]
+    async fn no_server_name_is_sent_for_a_client_that_sends_none() {
+        let mut nameless = hello("chromium_1");
+        assert!(nameless.has_extension(ext::SERVER_NAME));
+        nameless.extensions.retain(|e| e.kind != ext::SERVER_NAME);
+        nameless.server_name = None;
+        let sent = sent_to_localhost(&nameless, false).await;
+        assert!(
+            !sent.has_extension(ext::SERVER_NAME),
+            "{:?}",
+            sent.server_name
+        );
+        // With one, the dialled host's name goes.
+        let sent = sent_to_localhost(&hello("chromium_1"), false).await;
+        assert_eq!(sent.server_name.as_deref(), Some("localhost"));
+    }
+
+    /// The hello BoringSSL sends for `hello` in a handshake with a local
+    /// server named `localhost`.
+    async fn sent_to_localhost(hello: &ClientHello, http1_only: bool) -> ClientHello {
+        use crate::upstream::tls::tests::{acceptor, pki};
+        let pki = pki();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap_or_else(|e| panic!("{e}"));
+        let client = BoringClient::new(&[ca_file]).unwrap_or_else(|e| panic!("{e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let acceptor = acceptor(&pki, false);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await?;
+            acceptor.accept(tcp).await.map(drop)
+        });
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shape = Shape {
+            hello,
+            http1_only,
+            alps_settings: &[],
+        };
+        let (conn, _) = client
+            .connect("localhost", tcp, shape)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let served = server.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(served.is_ok(), "{served:?}");
+        conn.sent_hello()
+            .cloned()
+            .unwrap_or_else(|| panic!("no hello recorded"))
     }
 
     #[test]
