@@ -184,6 +184,39 @@ async fn pages(fleet: &Fleet, clients: &mut [Client], replicas: &[usize]) -> Out
     outcome
 }
 
+/// A pin Redis lost though its history looks whole (deleted here behind
+/// the fleet's back: how a failover that lost a replica's newest pins
+/// looks to it after a `kill -9`, its saved history predating the loss)
+/// is noticed at its first lookup by the replica whose journal holds it:
+/// a loss, restored from the journal, and the client keeps its exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pin_gone_from_redis_but_journaled_is_restored_not_made_anew() {
+    let redis = RedisNode::volatile().await;
+    let fleet = Fleet::start(1, &redis.url(), &["[store]", "hit_cache = \"0s\""]).await;
+    let mut jar = Jar::default();
+    let login = fleet.get(0, "/login", &mut jar).await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let peer = reported_peer(&login.body).unwrap();
+    let pins = redis.keys("pinproxy:pin:*").await;
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    let deleted: i64 = redis.command(&["DEL", &pins[0]]).await;
+    assert_eq!(deleted, 1);
+
+    for _ in 0..3 {
+        let reply = fleet.get(0, "/page", &mut jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(
+            reported_peer(&reply.body),
+            Some(peer),
+            "the cookie kept its exit"
+        );
+    }
+    assert!(fleet.origin.leaks().is_empty());
+    let view = fleet.store_view(0).await;
+    let what = view["loss"]["what"].as_str().unwrap_or_default().to_owned();
+    assert!(what.contains("journal"), "{view}");
+}
+
 /// After a wipe: lost pins come back from the journals, so every client
 /// keeps its exit; a cookie no journal holds is answered as lost; new
 /// identities work; nothing leaks.

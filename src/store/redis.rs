@@ -63,7 +63,7 @@ use codec::{
     bulk, corrupt, decode_binding, decode_identity, encode_address, encode_pin, generation_reply,
     parse_hex16, unexpected,
 };
-use generation::{Generation, Observation, OwnWrites, Snapshot};
+use generation::{Generation, Loss, Observation, OwnWrites, Snapshot};
 use journal::Journal;
 use link::{Link, Target};
 
@@ -681,6 +681,12 @@ impl RedisStore {
         keys: &[PinKey],
         ticket: Option<u64>,
     ) -> Result<Vec<Option<Binding>>, StoreError> {
+        // What the journal held before Redis is asked: a pin journaled by
+        // then was in Redis by then (the journal writes after Redis did).
+        let journaled = match &self.inner.journal {
+            Some(journal) if !self.quarantined() => Some(journal.lookup(keys).await?),
+            _ => None,
+        };
         let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
         let args = [self.identity_prefix().into_bytes()];
         let result = self
@@ -697,6 +703,9 @@ impl RedisStore {
         }
         if self.quarantined() {
             self.quarantine(keys, &mut bindings).await?;
+        } else if journaled.is_some_and(|j| self.lost_though_journaled(&j, &bindings)) {
+            self.on_loss(Loss::JournaledPinGone, None);
+            self.quarantine(keys, &mut bindings).await?;
         }
         if let Some(journal) = &self.inner.journal {
             let found: Vec<(PinKey, &Binding)> = keys
@@ -707,6 +716,25 @@ impl RedisStore {
             journal.bindings(&found).await;
         }
         Ok(bindings)
+    }
+
+    /// Whether Redis answered without a pin (`bindings`) that this
+    /// replica's journal held before the lookup left (`journaled`) and
+    /// that was made less than half the pins' time to live ago: Redis
+    /// cannot have let it expire and nothing deletes pins, so Redis lost
+    /// it. The generation checks catch a loss at the next round trip, but
+    /// not one that predates the history this replica saved last (a
+    /// `kill -9` together with a failover that lost its newest pins):
+    /// without this, such a pin would be made anew on an exit chosen now.
+    /// (Half: a margin for replicas configured with other lifetimes.)
+    fn lost_though_journaled(&self, journaled: &Bindings, bindings: &[Option<Binding>]) -> bool {
+        let young_since = recovery::now_ms().saturating_sub(self.inner.pin_ttl_ms / 2);
+        journaled.iter().zip(bindings).any(|(journaled, answered)| {
+            answered.is_none()
+                && journaled
+                    .as_ref()
+                    .is_some_and(|j| j.pin.created_ms > young_since)
+        })
     }
 
     /// Writes an identity record (as created, plus its mutable parts),

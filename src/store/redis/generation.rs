@@ -73,6 +73,11 @@ pub enum Loss {
         /// How many the server holds now.
         now: u64,
     },
+    /// A pin this replica's journal holds, young enough that Redis cannot
+    /// have let it expire, is gone from the server though the history
+    /// looked whole: a failover that lost it, noticed by a replica whose
+    /// saved history predates the loss (a restart after `kill -9`).
+    JournaledPinGone,
 }
 
 impl std::fmt::Display for Loss {
@@ -87,6 +92,9 @@ impl std::fmt::Display for Loss {
             Loss::OwnWritesWentBack { seen, now } => write!(
                 f,
                 "this replica's pin writes went back from {seen} to {now} (a failover to a replica that missed them)"
+            ),
+            Loss::JournaledPinGone => f.write_str(
+                "a pin this replica's journal holds is gone from the server before it could expire (a failover that lost it)"
             ),
         }
     }

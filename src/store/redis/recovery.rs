@@ -323,7 +323,7 @@ impl RedisStore {
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
             Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
-            Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } => {
+            Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } | Loss::JournaledPinGone => {
                 let known = self
                     .inner
                     .epoch
