@@ -1072,8 +1072,9 @@ impl StoreConfig {
                 })
             }
             other => Err(ConfigError::Limit(format!(
-                "store.url {other:?}: use embedded, memory, redis://host:port/db, \
-                 redis+sentinel://host:port,.../service or redis+cluster://host:port,..."
+                "store.url {:?}: use embedded, memory, redis://host:port/db, \
+                 redis+sentinel://host:port,.../service or redis+cluster://host:port,...",
+                crate::store::redis::link::redacted(other)
             ))),
         }
     }

@@ -29,8 +29,9 @@ use crate::store::{StoreError, StoreErrorKind};
 /// How long a command may take before the store counts as unavailable.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where the store's server is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the store's server is. Its `Debug` leaves out the credentials a
+/// URL may carry (`redis://:PASSWORD@host`).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Target {
     /// One server.
     Direct(String),
@@ -52,6 +53,44 @@ pub enum Target {
     },
 }
 
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Direct(url) => f.debug_tuple("Direct").field(&redacted(url)).finish(),
+            Target::Sentinel {
+                sentinels,
+                service,
+                db,
+            } => f
+                .debug_struct("Sentinel")
+                .field("sentinels", sentinels)
+                .field("service", service)
+                .field("db", db)
+                .finish(),
+            Target::Cluster { nodes, slot_key } => f
+                .debug_struct("Cluster")
+                .field("nodes", nodes)
+                .field("slot_key", slot_key)
+                .finish(),
+        }
+    }
+}
+
+/// `url` with the user information of its authority (a Redis password,
+/// with or without a user name) written `***`: what may be logged or
+/// printed of a store URL.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, hosts)) => format!("{scheme}://***@{hosts}{path}"),
+        None => url.to_owned(),
+    }
+}
+
 impl Target {
     /// Parses `redis://...`, `rediss://...`,
     /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` or
@@ -61,7 +100,7 @@ impl Target {
         let bad = |why: &str| {
             StoreError::new(
                 StoreErrorKind::Protocol,
-                format!("store URL {url:?}: {why}"),
+                format!("store URL {:?}: {why}", redacted(url)),
             )
         };
         let hosts = |list: &str| {
@@ -69,7 +108,8 @@ impl Target {
                 .map(|host| {
                     crate::net::HostPort::parse(host)
                         .map(|hp| (hp.host.to_string(), hp.port))
-                        .map_err(|e| bad(&e.to_string()))
+                        // The reason only: the text may hold a password.
+                        .map_err(|e| bad(&format!("{} in its host list", e.reason)))
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
@@ -396,6 +436,36 @@ fn owner_in_slot_map(ranges: &[redis::Value], slot: i64, asked: &str) -> Option<
 mod tests {
     use super::*;
     use redis::Value;
+
+    /// A store URL's password reaches neither `Debug` (what `pinproxy
+    /// store stats` prints of the store) nor an error about the URL.
+    #[test]
+    fn a_store_urls_password_is_never_printed() {
+        let direct = Target::parse("redis://:S3cret@redis.local:6379/0", "k");
+        let shown = format!("{direct:?}");
+        assert!(
+            !shown.contains("S3cret") && shown.contains("redis.local:6379/0"),
+            "{shown}"
+        );
+        let named = format!("{:?}", Target::parse("rediss://user:S3cret@h:6380", "k"));
+        assert!(
+            !named.contains("S3cret") && !named.contains("user"),
+            "{named}"
+        );
+        for bad in [
+            "redis+sentinel://:S3cret@h:26379/svc",
+            "redis+cluster://:S3cret@h:7000",
+        ] {
+            let error = Target::parse(bad, "k").map(|_| ()).unwrap_err().to_string();
+            assert!(
+                !error.contains("S3cret") && error.contains("***@"),
+                "{error}"
+            );
+        }
+        assert_eq!(redacted("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redacted("redis://a:b@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redacted("not a url"), "not a url");
+    }
 
     #[test]
     fn cluster_urls_parse_and_refuse_databases() {
