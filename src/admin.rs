@@ -141,18 +141,37 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: ConnectionTasks,
 ) {
+    // On loopback (the default), only requests addressed to loopback are
+    // answered; beyond it (`allow_remote`) any name may reach it.
+    let loopback = listener
+        .local_addr()
+        .is_ok_and(|addr| addr.ip().is_loopback());
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let service = service_fn(move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(request).await) }
+                async move {
+                    let refused = loopback.then(|| control::foreign_host(&request)).flatten();
+                    Ok::<_, Infallible>(match refused {
+                        Some(refused) => refused,
+                        None => admin.handle(request).await,
+                    })
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);

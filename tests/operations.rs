@@ -611,6 +611,16 @@ async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     .await;
     assert_eq!(status, 403);
     assert!(!s.proxy.daemon.exits().iter().next().unwrap().drained());
+    // Nor read the listings, by a name rebound to this loopback address.
+    let port = admin_addr.port();
+    for (host, want) in [
+        (format!("evil.example:{port}"), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+    ] {
+        let status = support::admin::status_for_host(admin_addr, "/identities", &host).await;
+        assert_eq!(status, want, "GET /identities with Host {host}");
+    }
     assert!(s.origin.leaks().is_empty());
 }
 

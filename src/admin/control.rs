@@ -125,6 +125,35 @@ enum Route<'a> {
     EvictPin(&'a str),
 }
 
+/// Whether `host` (a `Host` header: name and port) names this machine's
+/// loopback: `localhost` or a loopback address.
+fn names_loopback(host: &str) -> bool {
+    let hostname = crate::net::HostPort::parse(host)
+        .map(|h| h.host)
+        .unwrap_or_default();
+    hostname.eq_ignore_ascii_case("localhost")
+        || hostname
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// On an endpoint that listens on loopback, refuses a request whose `Host`
+/// names something else: a page whose name was rebound to 127.0.0.1 (DNS
+/// rebinding) would otherwise read the listings a browser on this machine
+/// can reach. A request without `Host` (not a browser's) passes.
+pub(super) fn foreign_host<B>(request: &Request<B>) -> Option<Response<Body>> {
+    let host = request.headers().get(http::header::HOST)?;
+    if host.to_str().is_ok_and(names_loopback) {
+        return None;
+    }
+    Some(text(
+        StatusCode::FORBIDDEN,
+        "this admin endpoint answers only requests addressed to it by a loopback address or \
+         localhost (the Host header names another host: a DNS-rebound page?)\n"
+            .into(),
+    ))
+}
+
 /// Refuses a change a browser sent on behalf of another site: a request
 /// with an `Origin` must come from this endpoint itself, named by a
 /// loopback address or `localhost` (a DNS-rebound name is refused too).
@@ -135,14 +164,7 @@ fn cross_site<B>(request: &Request<B>) -> Option<Response<Body>> {
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    let hostname = crate::net::HostPort::parse(host)
-        .map(|h| h.host)
-        .unwrap_or_default();
-    let local = &*hostname == "localhost"
-        || hostname
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if local && origin.to_str().ok() == Some(format!("http://{host}").as_str()) {
+    if names_loopback(host) && origin.to_str().ok() == Some(format!("http://{host}").as_str()) {
         return None;
     }
     Some(text(

@@ -32,6 +32,21 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> AdminReply {
     request_with(addr, method, path, &[]).await
 }
 
+/// The status of a `GET path` addressed to `host` (its `Host` header),
+/// whatever the address it is sent to.
+pub async fn status_for_host(addr: SocketAddr, path: &str, host: &str) -> u16 {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the admin endpoint answers within 20 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
 /// [`request`] with extra request headers (`Origin`, say).
 pub async fn request_with(
     addr: SocketAddr,
