@@ -286,7 +286,7 @@ impl Pipeline {
         parts.uri = Uri::from(target.path_and_query.clone());
         let origin = target.upstream_origin();
         parts.version = Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, body::streaming(incoming));
+        let upstream_request = Request::from_parts(parts, egress::request_body(incoming));
 
         // 7. send; a WebSocket goes its own way from here.
         if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {

@@ -156,6 +156,62 @@ async fn a_chunked_request_keeps_its_transfer_encoding_where_it_was() {
     s.stop().await;
 }
 
+/// A request's trailers lose what its head would (forwarding, hop-by-hop
+/// and pinproxy's own headers), and any cookie: no stage reads a trailer,
+/// so a credential there would leave unpinned.
+#[tokio::test]
+async fn request_trailers_lose_what_the_head_would() {
+    let s = Setup::start(1).await;
+    let host = format!("localhost:{}", s.origin.http.port());
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(
+            format!(
+                "POST /echo-trailers HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\
+                 Trailer: X-Checksum, X-Forwarded-For, X-Pinproxy-Session, Cookie, Forwarded\r\n\r\n\
+                 5\r\nhello\r\n0\r\nX-Checksum: abc\r\nX-Forwarded-For: 203.0.113.7\r\n\
+                 X-Pinproxy-Session: k1\r\nCookie: datadome=NeverPinned\r\nForwarded: for=203.0.113.7\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = read_answer(&mut tunnel).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(body, "x-checksum: abc\n", "{answer}");
+    s.stop().await;
+}
+
+/// Reads one answer with a `Content-Length` (the connection stays open).
+async fn read_answer(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let mut chunk = [0u8; 512];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), tcp.read(&mut chunk))
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+        assert!(n > 0, "closed before the answer: {text}");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Reads one `ok` answer (the connection to pinproxy stays open).
 async fn read_ok(tcp: &mut tokio::net::TcpStream) {
     let mut answer = Vec::new();

@@ -10,7 +10,9 @@
 
 use http::header::{self, HeaderName};
 use http::HeaderMap;
+use http_body_util::BodyExt as _;
 
+use crate::body::{self, Body};
 use crate::fingerprint::header_order::retain;
 
 /// A list of header names, and a `match` over the same names: looking a
@@ -129,6 +131,33 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
             || kept_upgrade
             || !(leaves_no_request(name.as_str()) || connection.listed.contains(name))
     });
+}
+
+/// Removes from a request's trailers what [`sanitize_request`] removes
+/// from its head (forwarding, hop-by-hop and pinproxy's headers), and any
+/// `Cookie` or `X-DataDome-ClientID`: no stage reads a trailer, so a
+/// credential there would leave unpinned. The rest keep their order.
+pub fn sanitize_request_trailers(trailers: &mut HeaderMap) {
+    let goes = |name: &HeaderName| {
+        leaves_no_request(name.as_str())
+            || name == header::COOKIE
+            || name == super::credentials::cookies::X_DATADOME_CLIENTID
+    };
+    if trailers.keys().any(goes) {
+        retain(trailers, |name, _| !goes(name));
+    }
+}
+
+/// A client's request body as it goes upstream: streamed, its trailers
+/// (chunked HTTP/1.1 or HTTP/2) sanitised like its head.
+pub fn request_body(incoming: hyper::body::Incoming) -> Body {
+    body::boxed(incoming.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            sanitize_request_trailers(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }))
 }
 
 /// Whether a header named `name` is removed from every request whatever

@@ -523,6 +523,20 @@ async fn handle(
         )),
         "/ws" => websocket_echo(&mut request, peer),
         // Counts the body as it streams in: never holds it.
+        // The trailers the request's body ended with, a line each.
+        "/echo-trailers" => {
+            let mut body = request.into_body();
+            let mut lines = String::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(trailers) = frame.trailers_ref() {
+                    for (name, value) in trailers {
+                        let value = value.to_str().unwrap_or("?");
+                        lines.push_str(&format!("{name}: {value}\n"));
+                    }
+                }
+            }
+            text(StatusCode::OK, lines)
+        }
         "/sink" => {
             let mut body = request.into_body();
             let mut received = 0usize;
