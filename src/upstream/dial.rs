@@ -272,12 +272,31 @@ impl Dialer {
     }
 }
 
+/// Name lookups running at most. A lookup holds a thread of the runtime's
+/// blocking pool until the system resolver answers, whatever became of the
+/// request that asked (it cannot be cancelled): without a bound, a client
+/// naming hosts whose name servers never answer would queue lookups
+/// without end, and password checks, store sweeps and every other lookup
+/// wait on that pool. More wait for a turn, within their request's
+/// connect deadline.
+pub const MAX_LOOKUPS: usize = 64;
+
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+
 /// The addresses of `host`, without a lookup for IP literals.
 pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    let turn = LOOKUPS.acquire().await.map_err(io::Error::other)?;
+    let name = (host.to_owned(), port);
+    let lookup = tokio::task::spawn_blocking(move || {
+        // The turn ends when the resolver answers, not when the asker
+        // stops waiting.
+        let _turn = turn;
+        std::net::ToSocketAddrs::to_socket_addrs(&name).map(Iterator::collect)
+    });
+    lookup.await.map_err(io::Error::other)?
 }
 
 /// Connects to `addr`, from `source` when given, with Nagle off.
@@ -293,4 +312,33 @@ pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Resul
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every turn taken, a lookup waits for one; an IP literal needs
+    /// none.
+    #[tokio::test]
+    async fn lookups_wait_for_a_turn_when_all_are_taken() {
+        let turns = u32::try_from(MAX_LOOKUPS).unwrap_or(u32::MAX);
+        let all = LOOKUPS
+            .acquire_many(turns)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(200), resolve("localhost", 80)).await;
+        assert!(waiting.is_err(), "a lookup ran without a turn");
+        let literal = resolve("127.0.0.1", 80)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(literal, [SocketAddr::from(([127, 0, 0, 1], 80))]);
+        drop(all);
+        let found = tokio::time::timeout(Duration::from_secs(20), resolve("localhost", 80))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!found.is_empty());
+    }
 }
