@@ -241,6 +241,10 @@ impl ProxyError {
             ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadClientId) => {
                 "Send cookies as UTF-8 text.".into()
             }
+            ProxyError::Cookies(CookieError::CommaFolded) => {
+                "Send cookies as one Cookie header with pairs separated by '; ', as browsers do."
+                    .into()
+            }
             ProxyError::Cookies(CookieError::TooMany | CookieError::NameTooLong { .. }) => {
                 "Send each tracked cookie once, as the site set it: a browser's jar holds a handful per site."
                     .into()

@@ -252,6 +252,9 @@ pub enum CookieError {
     /// More tracked cookies than [`MAX_TRACKED_PER_REQUEST`].
     #[error("the request carries more than {MAX_TRACKED_PER_REQUEST} tracked cookies; pinproxy pins at most that many per request and forwarded none of them")]
     TooMany,
+    /// A tracked cookie after a comma inside a `Cookie` pair.
+    #[error("a Cookie header holds a tracked cookie after a comma (as in `a=1, datadome=...`), which a server may read as a pair of its own; pinproxy cannot tell how the origin would read it and forwarded none of the request")]
+    CommaFolded,
     /// A tracked cookie's name longer than [`MAX_TRACKED_NAME`].
     #[error("a tracked cookie's name is {len} bytes long; pinproxy tracks names of at most {MAX_TRACKED_NAME} bytes and forwarded none of the request's cookies")]
     NameTooLong {
@@ -323,6 +326,9 @@ fn in_cookie_header(
     mut found: Vec<Credential>,
 ) -> Result<Vec<Credential>, CookieError> {
     let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
+    if memchr::memchr(b',', text.as_bytes()).is_some() && comma_hides_tracked(text, policy) {
+        return Err(CookieError::CommaFolded);
+    }
     for (name, tracked, value) in tracked_pairs(text, policy) {
         push_new(&mut found, hasher, name, tracked, value)?;
     }
@@ -453,7 +459,32 @@ fn tracked_pairs<'a>(
             return None;
         }
         let tracked = policy.tracked(name)?;
-        Some((name, tracked, value.trim()))
+        let value = value.trim();
+        // An empty value carries nothing of a session, and would be one
+        // credential shared by every client that sends it (`datadome=`,
+        // what a jar keeps after some deletions): not a credential, as an
+        // empty `X-DataDome-ClientID` is not, and as a `Set-Cookie` with
+        // one deletes.
+        if value.is_empty() || value == "\"\"" {
+            return None;
+        }
+        Some((name, tracked, value))
+    })
+}
+
+/// Whether a pair of `text` holds, after a comma, what reads as a tracked
+/// cookie (`a=1, datadome=T`: two `Cookie` lines folded with a comma, which
+/// some servers split as two pairs). A cookie's value may not hold a comma
+/// (RFC 6265 §4.1.1), so this is folding or a broken jar; either way
+/// pinproxy cannot tell how the origin will read it.
+fn comma_hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
+    pieces(text, b';').any(|pair| {
+        pieces(pair, b',').skip(1).any(|part| {
+            split_pair(part).is_some_and(|(name, _)| {
+                let name = name.trim();
+                !name.is_empty() && policy.is_tracked(name)
+            })
+        })
     })
 }
 
@@ -520,7 +551,12 @@ pub fn tracked_in_response(
                 DATADOME,
                 text.split(';').next().unwrap_or("").trim().to_owned(),
             ),
-            Err(_) => continue,
+            // A cookie without a name (`=datadome=T`): browsers keep it and
+            // send its value back alone, which reads as `datadome=T`.
+            Err(_) => match text.trim_start().strip_prefix('=').map(Cookie::parse) {
+                Some(Ok(c)) => c,
+                _ => continue,
+            },
         };
         if !policy.is_tracked(parsed.name()) {
             continue;
@@ -606,12 +642,13 @@ mod tests {
         PinHasher::new([7; 32])
     }
 
-    /// The pairs `Cookie::split_parse` finds whose name is tracked: what
-    /// [`tracked_pairs`] must find.
+    /// The pairs `Cookie::split_parse` finds whose name is tracked and whose
+    /// value is not empty: what [`tracked_pairs`] must find.
     fn reference(text: &str, policy: &CookiePolicy) -> Vec<(String, String)> {
         Cookie::split_parse(text)
             .flatten()
             .filter(|pair| policy.is_tracked(pair.name()))
+            .filter(|pair| !pair.value().is_empty() && pair.value() != "\"\"")
             .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
             .collect()
     }
@@ -992,6 +1029,60 @@ mod tests {
             tracked_in_request(&headers, &policy(), &hasher()),
             Err(CookieError::NotUtf8)
         ));
+    }
+
+    /// `datadome=` carries nothing, and as a credential would be one every
+    /// client shares: not a credential.
+    #[test]
+    fn an_empty_value_is_no_credential() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "cookie",
+            HeaderValue::from_static("datadome=; cf_clearance=\"\"; _abck= ; __cf_bm=v"),
+        );
+        let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, hasher().cookie("__cf_bm", "v"));
+    }
+
+    /// A tracked cookie after a comma (two `Cookie` lines folded with one)
+    /// is refused: a server may read it as a pair of its own. A comma in an
+    /// untracked value, or before an untracked name, is not pinproxy's
+    /// business.
+    #[test]
+    fn a_tracked_cookie_after_a_comma_is_refused() {
+        let read = |text: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_static(text));
+            tracked_in_request(&headers, &policy(), &hasher())
+        };
+        for folded in [
+            "a=1, datadome=T",
+            "a=1,datadome=T; b=2",
+            "a=1, x=2, cf_clearance=c",
+        ] {
+            assert!(
+                matches!(read(folded), Err(CookieError::CommaFolded)),
+                "{folded}"
+            );
+        }
+        assert_eq!(read("a=1,2; datadome=T").unwrap().len(), 1);
+        assert_eq!(read("a=1, b=2; datadome=T").unwrap().len(), 1);
+    }
+
+    /// A cookie without a name (`=datadome=T`) is kept by browsers and sent
+    /// back as `datadome=T`: it is pinned as that.
+    #[test]
+    fn a_nameless_set_cookie_is_pinned_as_the_cookie_it_reads_as() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_static("=datadome=T; Max-Age=3600; Path=/"),
+        );
+        let found = tracked_in_response(&headers, &policy(), &hasher(), || 1_000);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].cookie.key, hasher().cookie("datadome", "T"));
+        assert!(!found[0].deletes);
     }
 
     #[test]
