@@ -7,6 +7,11 @@
 //! the `http2` crate can send all of them, through wreq-proto's hyper-style
 //! connection layer. Regular header order is the request's own.
 //!
+//! Windows and the header list a client states are offered up to a ceiling
+//! ([`MAX_STREAM_WINDOW`], [`MAX_CONNECTION_WINDOW`], [`MAX_HEADER_LIST`]),
+//! above what every client seen states: an origin may send that much, and
+//! it waits in pinproxy's memory while the client does not read.
+//!
 //! What cannot be said: SETTINGS identifiers other than 1 to 6, 8 and 9
 //! (none of the clients pinproxy has seen sends one), the absence of
 //! INITIAL_WINDOW_SIZE (4), which wreq-proto always sends (after the
@@ -26,6 +31,20 @@ use crate::fingerprint::h2_preface::{H2Fingerprint, Priority};
 
 /// The default (and minimum) connection window of HTTP/2.
 const DEFAULT_CONNECTION_WINDOW: u32 = 65_535;
+
+/// The largest stream window (setting 4) a client's preface may make
+/// pinproxy offer an origin: curl's 32 MiB, the largest of the clients seen
+/// (Chrome offers 6 MiB). What an origin sends within the window is held
+/// until the client reads it, so a client stating the protocol's 2 GiB
+/// could have an origin fill pinproxy's memory; a larger value is offered
+/// as this one (and that much of the preface is not the client's).
+pub const MAX_STREAM_WINDOW: u32 = 32 << 20;
+/// The largest connection window, likewise (curl's is 32 MiB, Chrome's
+/// 15 MiB).
+pub const MAX_CONNECTION_WINDOW: u32 = 64 << 20;
+/// The largest header list (setting 6) an origin may send back (Chrome
+/// states 256 KiB).
+pub const MAX_HEADER_LIST: u32 = 1 << 20;
 
 /// Runs wreq-proto's connection tasks on tokio.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,9 +69,9 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
             1 => builder.header_table_size(value),
             2 => builder.enable_push(value != 0),
             3 => builder.max_concurrent_streams(value),
-            4 => builder.initial_window_size(value),
+            4 => builder.initial_window_size(value.min(MAX_STREAM_WINDOW)),
             5 => builder.max_frame_size(value),
-            6 => builder.max_header_list_size(value),
+            6 => builder.max_header_list_size(value.min(MAX_HEADER_LIST)),
             8 => builder.enable_connect_protocol(value != 0),
             9 => builder.no_rfc7540_priorities(value != 0),
             // Not sayable (see the module docs); left out.
@@ -63,7 +82,9 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
     builder = builder
         .settings_order(order.build())
         .initial_connection_window_size(
-            DEFAULT_CONNECTION_WINDOW.saturating_add(preface.window_update),
+            DEFAULT_CONNECTION_WINDOW
+                .saturating_add(preface.window_update)
+                .min(MAX_CONNECTION_WINDOW),
         );
     if let Some(priority) = &preface.headers_priority {
         builder = builder.headers_stream_dependency(dependency(priority));
@@ -112,4 +133,42 @@ pub fn settings_payload(preface: &H2Fingerprint) -> Vec<u8> {
         payload.extend_from_slice(&value.to_be_bytes());
     }
     payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A preface stating the protocol's largest windows and header list is
+    /// offered up to the ceilings; curl's and Chrome's go as they are.
+    #[test]
+    fn a_clients_windows_and_header_list_are_offered_up_to_a_ceiling() {
+        let greedy = H2Fingerprint {
+            settings: vec![(4, 0x7fff_ffff), (6, u32::MAX)],
+            window_update: 0x7fff_0000,
+            ..H2Fingerprint::default()
+        };
+        let offered = options(&greedy);
+        assert_eq!(offered.initial_window_size, MAX_STREAM_WINDOW);
+        assert_eq!(offered.initial_conn_window_size, MAX_CONNECTION_WINDOW);
+        assert_eq!(offered.max_header_list_size, Some(MAX_HEADER_LIST));
+
+        let curl = H2Fingerprint {
+            settings: vec![(3, 100), (4, 33_554_432), (2, 0)],
+            window_update: 33_488_897,
+            ..H2Fingerprint::default()
+        };
+        let offered = options(&curl);
+        assert_eq!(offered.initial_window_size, 33_554_432);
+        assert_eq!(offered.initial_conn_window_size, 33_554_432);
+        let chrome = H2Fingerprint {
+            settings: vec![(1, 65_536), (2, 0), (4, 6_291_456), (6, 262_144)],
+            window_update: 15_663_105,
+            ..H2Fingerprint::default()
+        };
+        let offered = options(&chrome);
+        assert_eq!(offered.initial_window_size, 6_291_456);
+        assert_eq!(offered.initial_conn_window_size, 15_728_640);
+        assert_eq!(offered.max_header_list_size, Some(262_144));
+    }
 }
