@@ -308,16 +308,29 @@ async fn wait_for_slot(
             }
             state.waiting += 1;
         }
+        // Out of the line however the wait ends: a request its client
+        // gives up on (a stream reset, a closed connection) is dropped
+        // right here, and must not hold its place in the line for good.
+        let in_line = InLine(gate);
         let woken = tokio::time::timeout_at(deadline, freed).await;
-        let mut state = gate.state();
-        state.waiting = state.waiting.saturating_sub(1);
+        drop(in_line);
         if woken.is_err() {
             return Err(busy(
-                state.waiting,
+                gate.state().waiting,
                 "it waited identities.queue_timeout for a slot",
                 Duration::from_secs(1),
             ));
         }
+    }
+}
+
+/// A request's place in its identity's line, left when dropped.
+struct InLine<'a>(&'a Gate);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.waiting = state.waiting.saturating_sub(1);
     }
 }
 
@@ -397,6 +410,35 @@ mod tests {
         drop(first);
         waiter.await.unwrap().unwrap();
         assert_eq!(pacer.tracked(), 0, "idle gates are removed");
+    }
+
+    /// A waiter its client gives up on leaves the line: the line does not
+    /// fill with requests nobody waits for, and the identity's gate goes
+    /// once idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_dropped_in_line_leaves_it() {
+        let pacer = Pacer::new();
+        let id = IdentityId(11);
+        let s = settings(1, 0);
+        let first = pacer.admit(id, &s).await.unwrap();
+        for _ in 0..3 {
+            let waiter = tokio::spawn({
+                let pacer = pacer.clone();
+                async move { pacer.admit(id, &s).await.map(|_| ()) }
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waiter.abort();
+            let _ = waiter.await;
+        }
+        // The line (room for two) is empty: one more waits for the slot.
+        let waiter = tokio::spawn({
+            let pacer = pacer.clone();
+            async move { pacer.admit(id, &s).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(first);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(pacer.tracked(), 0, "the idle gate is removed");
     }
 
     #[tokio::test(start_paused = true)]
