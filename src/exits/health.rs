@@ -160,6 +160,30 @@ impl Health {
         None
     }
 
+    /// Records a failure that may be the origin's rather than the exit's:
+    /// an exit that does not answer a `CONNECT` in time may be waiting on an
+    /// origin that never answers it, and a client may aim at such an origin
+    /// at will. It may make the exit unhealthy (no new identities, no
+    /// rotated traffic, trials), never dead: a death retires every identity
+    /// of the exit, which only failures that are surely the exit's (and
+    /// health probes) may do. Returns the new state if it changed.
+    pub fn doubtful_failure(&self, now_ms: u64) -> Option<HealthState> {
+        let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        counters.successes = 0;
+        let below_dead = counters.thresholds.dead_after.saturating_sub(1);
+        counters.failures = counters
+            .failures
+            .saturating_add(1)
+            .min(below_dead.max(counters.failures));
+        self.failures.store(counters.failures, Ordering::Relaxed);
+        if self.state() == HealthState::Healthy
+            && counters.failures >= counters.thresholds.unhealthy_after
+        {
+            return Some(self.set(HealthState::Unhealthy, now_ms));
+        }
+        None
+    }
+
     fn set(&self, state: HealthState, now_ms: u64) -> HealthState {
         if state == HealthState::Dead {
             self.died_at_ms.fetch_max(now_ms.max(1), Ordering::AcqRel);
@@ -191,6 +215,22 @@ mod tests {
             dead_after: 4,
             healthy_after: 2,
         })
+    }
+
+    /// Failures that may be an origin's make an exit unhealthy but never
+    /// dead, however many come at once; one that is surely the exit's
+    /// still can.
+    #[test]
+    fn doubtful_failures_never_kill_an_exit() {
+        let h = health();
+        assert_eq!(h.doubtful_failure(10), None);
+        assert_eq!(h.doubtful_failure(11), Some(HealthState::Unhealthy));
+        for at in 12..100 {
+            assert_eq!(h.doubtful_failure(at), None);
+        }
+        assert_eq!(h.state(), HealthState::Unhealthy);
+        assert_eq!(h.died_at_ms(), None);
+        assert_eq!(h.failure(100), Some(HealthState::Dead));
     }
 
     #[test]

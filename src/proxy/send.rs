@@ -102,7 +102,13 @@ impl Pipeline {
                     exit: exit.id().to_string(),
                 })
                 .inc();
-            if let Some(state) = exit.health.failure(self.router.clock().now_ms()) {
+            let now_ms = self.router.clock().now_ms();
+            let change = if error.may_be_the_origins() {
+                exit.health.doubtful_failure(now_ms)
+            } else {
+                exit.health.failure(now_ms)
+            };
+            if let Some(state) = change {
                 tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
             }
         }
@@ -142,9 +148,16 @@ impl Pipeline {
         let origin = target.origin.clone();
         let clock = self.router.clock().clone();
         self.tasks.spawn(async move {
+            // The origin is a client's choice: only what is surely the
+            // exit's fault counts in full, and an origin's own failure (a
+            // name that does not resolve, a refused port) not at all.
             let change = match exit.client.probe(&origin).await {
                 Ok(()) => exit.health.success(),
-                Err(_) => exit.health.failure(clock.now_ms()),
+                Err(e) if e.is_exit_fault() && !e.may_be_the_origins() => {
+                    exit.health.failure(clock.now_ms())
+                }
+                Err(e) if e.is_exit_fault() => exit.health.doubtful_failure(clock.now_ms()),
+                Err(_) => None,
             };
             if let Some(state) = change {
                 tracing::warn!(exit = %exit.id(), ?state, "exit health changed");

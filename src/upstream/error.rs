@@ -121,6 +121,20 @@ impl std::fmt::Display for Stage {
 }
 
 impl ConnectError {
+    /// Whether an exit fault may be the origin's after all: an exit answers
+    /// a `CONNECT` only once it reached the origin, so one that took too
+    /// long may be waiting on an origin that never answers (see
+    /// [`crate::exits::health::Health::doubtful_failure`]).
+    pub fn may_be_the_origins(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Timeout {
+                stage: Stage::ExitReply,
+                ..
+            }
+        )
+    }
+
     /// Whether the exit itself (not the origin) is to blame: the exit is
     /// down, broken, slow or refused its credentials.
     pub fn is_exit_fault(&self) -> bool {
@@ -271,6 +285,12 @@ impl UpstreamError {
             UpstreamError::Connect(c) => c.is_exit_fault(),
             _ => false,
         }
+    }
+
+    /// Whether a failure that counts against the exit may be the origin's
+    /// (see [`ConnectError::may_be_the_origins`]).
+    pub fn may_be_the_origins(&self) -> bool {
+        matches!(self, UpstreamError::Connect(c) if c.may_be_the_origins())
     }
 
     /// Classifies a failure of hyper's connection to the origin.
