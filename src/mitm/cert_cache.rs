@@ -84,6 +84,12 @@ impl std::fmt::Debug for CertCache {
     }
 }
 
+/// How long a minted leaf is served before a new one is minted for its
+/// host: well within the leaf's own validity
+/// ([`leaf::LEAF_VALIDITY_DAYS`]), so that a daemon up for months never
+/// presents an expired one for a host it keeps serving.
+pub const LEAF_REUSE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 impl CertCache {
     /// A cache signing with `ca`, holding at most `capacity` hosts, offering
     /// `alpn` protocols to clients.
@@ -109,6 +115,7 @@ impl CertCache {
             alpn,
             configs: moka::future::Cache::builder()
                 .max_capacity(capacity)
+                .time_to_live(LEAF_REUSE)
                 .build(),
             instruments: None,
         })
@@ -206,4 +213,24 @@ pub enum CertCacheError {
     /// rustls rejected the leaf key.
     #[error("cannot load the leaf key: {0}")]
     Key(rustls::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leaf is served for a month at most, far within its validity: a
+    /// host kept in the cache gets a new one before the old expires.
+    #[test]
+    fn leaves_are_reminted_well_before_they_expire() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cache = CertCache::new(ca, provider, 10, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cache.configs.policy().time_to_live(), Some(LEAF_REUSE));
+        let validity = std::time::Duration::from_secs(
+            u64::try_from(leaf::LEAF_VALIDITY_DAYS).unwrap_or(0) * 24 * 3600,
+        );
+        assert!(LEAF_REUSE * 4 < validity);
+    }
 }

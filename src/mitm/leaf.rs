@@ -18,7 +18,7 @@ use super::ca::CertificateAuthority;
 
 /// Leaves are valid this long (under the 200-day ceiling browsers enforce
 /// for publicly trusted certificates; private CAs get the same courtesy).
-const LEAF_VALIDITY_DAYS: i64 = 199;
+pub const LEAF_VALIDITY_DAYS: i64 = 199;
 
 /// The single name a leaf certificate is minted for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
