@@ -140,3 +140,48 @@ async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() 
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }
+
+/// Two tunnels of one identity (its HTTP/1.1 and its HTTP/2 connection)
+/// that open before either has recorded the identity's address, and leave
+/// from two addresses: the identity has been seen from both, and it retires
+/// rather than go on from two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_whose_first_tunnels_leave_from_two_addresses_retires() {
+    // Every new tunnel of a session moves it to the next address.
+    let s = gateway_setup(Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 1.0, 3)).await;
+    let key = "two-tunnels";
+    let port = s.origin.https.port();
+    let mut h1 = s.proxy.client.tunnel("localhost", port).await;
+    let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
+    // The first request founds the identity and is held at the origin...
+    let held = tokio::spawn(async move {
+        h1.get("/pause?head_ms=1500", &[("x-pinproxy-session", key)])
+            .await
+    });
+    for _ in 0..200 {
+        if !s.origin.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        s.origin.seen().len(),
+        1,
+        "the first request reached the origin"
+    );
+    // ...while the second opens the identity's HTTP/2 connection.
+    let second = h2.get("/page", &[("x-pinproxy-session", key)]).await;
+    let first = held.await.unwrap();
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200));
+    let peers: std::collections::HashSet<_> = s.origin.seen().iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 2, "the two tunnels left from two addresses");
+
+    let after = s.get_with("/page", &[("x-pinproxy-session", key)]).await;
+    assert_eq!(after.status, 502, "{}", after.body);
+    let error = error_of(&after);
+    assert!(
+        error.starts_with("identity-retired:") && error.contains("exit-ip-drift"),
+        "{error}"
+    );
+    s.stop().await;
+}

@@ -89,10 +89,20 @@ impl Pipeline {
         // The egress address only until one is recorded.
         if let Some(ip) = egress_ip.filter(|_| identity.egress_ip.is_none()) {
             match store.record_egress(identity.id, ip).await {
-                Ok(Some(recorded)) if recorded != ip => tracing::warn!(
-                    identity = %identity.id, exit = %identity.exit, recorded = %recorded, observed = %ip,
-                    "another tunnel recorded this identity's egress address first; its next tunnel is checked against that one"
-                ),
+                // Two tunnels of the identity (its HTTP/1.1 and HTTP/2
+                // connections, or two replicas' ones) opened before either
+                // address was recorded, and left from two addresses: its
+                // cookies have been seen from both. It retires, as a drift
+                // on one tunnel does, rather than go on from two.
+                Ok(Some(recorded)) if recorded != ip => {
+                    let reason = RetireReason::ExitIpDrift {
+                        expected: recorded,
+                        observed: ip,
+                    };
+                    // Seen by routing at once, stored in the background.
+                    self.router
+                        .retire_soon(self.exits.clone(), identity.clone(), reason);
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(
                     error = %e, identity = %identity.id,
