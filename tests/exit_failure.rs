@@ -165,6 +165,44 @@ async fn a_cookie_pinned_to_a_dead_exit_never_leaves_through_another() {
     assert!(origin.leaks().is_empty());
 }
 
+/// An exit's death is stored as it happens, not at the next sweep: a crash
+/// right after it does not bring the identities made before it back.
+#[tokio::test]
+async fn an_exits_death_is_stored_as_it_happens() {
+    use pinproxy::store::PinStore as _;
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| {
+            c.health.unhealthy_after = 1;
+            c.health.dead_after = 2;
+            c.identities.sweep_interval = Duration::from_secs(3600);
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let dead = s.exit_of(peer);
+    s.exits[dead].kill();
+    let id = format!("exit{}", dead + 1);
+    for _ in 0..3 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+    }
+    let deaths = s
+        .proxy
+        .daemon
+        .pipeline()
+        .router
+        .store()
+        .exit_deaths()
+        .await
+        .unwrap();
+    assert!(
+        deaths.iter().any(|(exit, _)| exit.as_str() == id),
+        "{id} died, and the store has {deaths:?}"
+    );
+    s.stop().await;
+}
+
 /// Every request asks whether an unhealthy exit is due for a trial probe:
 /// while every exit is healthy the answer costs no clock read, and an
 /// unhealthy one is offered once per trial interval.

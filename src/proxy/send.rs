@@ -15,9 +15,11 @@ use http::Request;
 use super::target::Target;
 use super::{Pipeline, ProxyError};
 use crate::body::Body;
+use crate::exits::health::HealthState;
 use crate::identity::RetireReason;
 use crate::metrics::{ExitLabel, UpstreamTimings};
 use crate::routing::{Reason, Route};
+use crate::store::PinStore as _;
 use crate::upstream::{Answered, ConnectError, Origin, UpstreamBody, UpstreamError};
 
 /// The timings of an answer that took `elapsed` from the hand-over to the
@@ -110,6 +112,19 @@ impl Pipeline {
             };
             if let Some(state) = change {
                 tracing::warn!(exit = %exit.id(), ?state, "exit health changed");
+            }
+            // A death is stored as it happens (the sweep would store it
+            // within a minute): after a crash the identities made before
+            // it must still retire, not come back on a fresh health.
+            if let (Some(HealthState::Dead), Some(died_at)) = (change, exit.health.died_at_ms()) {
+                if let Err(e) = self
+                    .router
+                    .store()
+                    .record_exit_death(exit.id(), died_at)
+                    .await
+                {
+                    tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
+                }
             }
         }
         let drifted = match (&error, &route.identity) {
