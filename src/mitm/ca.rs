@@ -237,12 +237,28 @@ impl CertificateAuthority {
                 Err(CaError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::AlreadyExists =>
                 {
-                    Self::load(dir)
+                    Self::load_once_written(dir, &files)
                 }
                 other => other,
             },
+            // A key without its certificate: maybe another process writing
+            // them right now.
+            (false, true) => Self::load_once_written(dir, &files),
             _ => Self::load(dir),
         }
+    }
+
+    /// Loads the CA another process is creating in `dir`: it writes the
+    /// key (exclusively, then synced) first and the certificate last,
+    /// atomically, so a certificate there means a whole pair. A key still
+    /// alone after [`CREATION_GRACE`] is a creation that died half way,
+    /// refused as before.
+    fn load_once_written(dir: &Path, files: &CaFiles) -> Result<CertificateAuthority, CaError> {
+        let deadline = std::time::Instant::now() + CREATION_GRACE;
+        while !files.cert.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self::load(dir)
     }
 
     /// The CA of a daemon or tool, in `dir`: created there (with mode 0700
@@ -334,7 +350,8 @@ impl CertificateAuthority {
 
     /// A new CA written to `cert_path` and `key_path`. The key goes first,
     /// created exclusively with mode 0600: if two processes race, one fails
-    /// with AlreadyExists (and loads the winner's CA).
+    /// with AlreadyExists (and loads the winner's CA once its certificate
+    /// is there).
     fn generate(
         cert_path: &Path,
         key_path: &Path,
@@ -616,6 +633,10 @@ fn write_public(path: &Path, pem: &str) -> Result<(), CaError> {
         })
 }
 
+/// How long a process that finds another creating the CA waits for its
+/// certificate (generating and writing a P-256 CA takes milliseconds).
+const CREATION_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A fresh P-256 key for leaves, with its DER for rustls.
 pub(crate) fn generate_leaf_key() -> Result<(KeyPair, PrivateKeyDer<'static>), rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -630,6 +651,32 @@ mod tests {
 
     fn create(dir: &Path) -> CertificateAuthority {
         CertificateAuthority::load_or_create(dir).unwrap()
+    }
+
+    /// Processes starting at once on a fresh directory end up with one CA:
+    /// the ones that lose the race load the winner's once it is written.
+    #[test]
+    fn processes_creating_the_ca_at_once_share_one() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (dir, start) = (dir.path().to_owned(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        CertificateAuthority::load_or_create(&dir)
+                            .map(|ca| ca.cert_pem().to_owned())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            let pems: Vec<String> = racers
+                .into_iter()
+                .map(|racer| racer.join().unwrap().unwrap())
+                .collect();
+            assert!(pems.iter().all(|pem| *pem == pems[0]), "two CAs");
+        }
     }
 
     #[test]
