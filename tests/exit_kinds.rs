@@ -113,6 +113,28 @@ async fn a_socks5_exit_refusing_credentials_is_named_in_a_502() {
     proxy.stop().await;
 }
 
+/// A SOCKS5 exit that asks for credentials its URL does not give is the
+/// exit's fault, as an HTTP exit's 407 is: it counts against the exit,
+/// which turns unhealthy.
+#[tokio::test]
+async fn a_socks5_exit_wanting_credentials_its_url_lacks_counts_against_it() {
+    let origin = Origin::start().await;
+    let socks = Microsocks::start("127.0.0.2", Some(("scraper", "s3cret"))).await;
+    let exits = [("guarded".to_string(), socks.url(None))];
+    let proxy = Proxy::start(&exits, &origin, |c| c.health.unhealthy_after = 1).await;
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(error.contains("exit guarded"), "{error}");
+    let exit = proxy.daemon.exits().iter().next().unwrap().clone();
+    assert_eq!(
+        exit.health.state(),
+        pinproxy::exits::health::HealthState::Unhealthy
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn health_probes_work_for_every_exit_kind() {
     let socks = Microsocks::start("127.0.0.2", None).await;

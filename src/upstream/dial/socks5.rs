@@ -54,10 +54,14 @@ impl Socks5 {
             .map_err(|_| ctx.timed_out(Stage::ExitReply))?
             .map_err(|e| ConnectError::ExitSocks {
                 target: target.clone(),
+                // Credentials refused, or an exit that asks for a method
+                // the URL gives none for (a password it does not have: the
+                // SOCKS 407): the exit's fault, not the origin's.
                 auth: matches!(
                     e,
                     tokio_socks::Error::PasswordAuthFailure(_)
                         | tokio_socks::Error::NoAcceptableAuthMethods
+                        | tokio_socks::Error::UnknownAuthMethod
                 ),
                 reason: e.to_string(),
             })?;
