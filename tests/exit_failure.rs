@@ -203,6 +203,34 @@ async fn an_exits_death_is_stored_as_it_happens() {
     s.stop().await;
 }
 
+/// A death health probes find is stored as it happens too.
+#[tokio::test]
+async fn an_exits_death_found_by_probes_is_stored_as_it_happens() {
+    use pinproxy::store::PinStore as _;
+    let s = Setup::builder()
+        .exits(2)
+        .probe_health(2)
+        .config(|c| c.identities.sweep_interval = Duration::from_secs(3600))
+        .start()
+        .await;
+    s.exits[0].kill();
+    let router = s.proxy.daemon.pipeline().router.clone();
+    let mut deaths = Vec::new();
+    // Probes run every 50 ms: two failures make the exit dead.
+    for _ in 0..200 {
+        deaths = router.store().exit_deaths().await.unwrap();
+        if !deaths.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        deaths.iter().any(|(exit, _)| exit.as_str() == "exit1"),
+        "exit1 died, and the store has {deaths:?}"
+    );
+    s.stop().await;
+}
+
 /// Every request asks whether an unhealthy exit is due for a trial probe:
 /// while every exit is healthy the answer costs no clock read, and an
 /// unhealthy one is offered once per trial interval.

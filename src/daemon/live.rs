@@ -377,6 +377,12 @@ pub(super) fn spawn_loops(
     ));
     if let Some(target) = &settings.probe_target {
         for exit in exits.iter() {
+            core.tasks
+                .spawn(crate::routing::lifecycle::store_probed_deaths(
+                    core.router.clone(),
+                    exit.clone(),
+                    loops.clone(),
+                ));
             core.tasks.spawn(crate::exits::probe_loop(
                 exit,
                 target.clone(),

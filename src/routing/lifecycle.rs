@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::Policies;
 use super::Router;
 use crate::exits::health::HealthState;
-use crate::exits::{ExitOptions, ExitSet, LiveExits};
+use crate::exits::{Exit, ExitOptions, ExitSet, LiveExits};
 use crate::identity::{Identity, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::PoolKey;
@@ -165,6 +165,30 @@ fn lifetimes_end(
         return Some(RetireReason::LifetimeExpired);
     }
     None
+}
+
+/// Stores `exit`'s deaths as its health probes find them, until `shutdown`
+/// (a death a request finds is stored on that request's path): the sweep
+/// would store them within its interval, and a crash in between would
+/// forget them, so the identities made before a death came back.
+pub async fn store_probed_deaths(
+    router: Arc<Router>,
+    exit: Arc<Exit>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = exit.health.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let dead = *changes.borrow_and_update() == HealthState::Dead;
+        if let (true, Some(at_ms)) = (dead, exit.health.died_at_ms()) {
+            if let Err(e) = router.store.record_exit_death(exit.id(), at_ms).await {
+                tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
+            }
+        }
+    }
 }
 
 /// Retires expired identities (and those of exits no longer configured),
