@@ -126,17 +126,7 @@ async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_ex
     // Every cookie a client received before the crash is still pinned, to
     // its client's exit. Read the store offline once the daemon is gone.
     second.kill9().await;
-    let export = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
-        .args(["store", "export", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let (identity_exit, pin_identity) = parse_export(&String::from_utf8(export.stdout).unwrap());
+    let (identity_exit, pin_identity) = parse_export(&export(dir.path()));
     let key: [u8; 32] = std::fs::read(dir.path().join("pin-key"))
         .unwrap()
         .try_into()
@@ -213,17 +203,7 @@ async fn an_identitys_first_egress_address_survives_a_kill_9_right_after_its_ans
     assert_eq!(reply.status, 200, "{}", reply.body);
     daemon.kill9().await;
 
-    let export = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
-        .args(["store", "export", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let text = String::from_utf8(export.stdout).unwrap();
+    let text = export(dir.path());
     let identities: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|line| {
@@ -235,6 +215,22 @@ async fn an_identitys_first_egress_address_survives_a_kill_9_right_after_its_ans
         .collect();
     assert_eq!(identities.len(), 1, "{text}");
     assert_eq!(identities[0]["egress_ip"], "127.0.0.2", "{text}");
+}
+
+/// What `pinproxy store export` prints of the store in `data_dir` (the
+/// daemon gone), a JSON record a line.
+fn export(data_dir: &std::path::Path) -> String {
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "export", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    String::from_utf8(export.stdout).unwrap()
 }
 
 /// Maps of identity → exit and pin hash → identity from an export.

@@ -24,19 +24,26 @@ struct Fleet {
 /// `n` pinproxy processes on one Redis, with three exits. They share the
 /// CA (as sidecars would, from one secret) but not their data directories.
 async fn fleet(n: usize) -> Fleet {
+    fleet_with_exits(3, &vec![&[0, 1, 2][..]; n]).await
+}
+
+/// A replica per entry of `replica_exits` on one Redis, each configured
+/// with those of `exits` test exits (by index), sharing one CA.
+async fn fleet_with_exits(exits: usize, replica_exits: &[&[usize]]) -> Fleet {
     let origin = Origin::start().await;
-    let (exits, exit_urls) = support::exits(3).await;
+    let (exits, exit_urls) = support::exits(exits).await;
     let redis = RedisServer::start().await;
     let shared = support::procs::shared_ca_dir();
-    let mut args = vec!["--store".to_owned(), redis.url()];
-    args.extend(support::process_args(&origin, &exit_urls));
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
-    for _ in 0..n {
+    for indexes in replica_exits {
         let dir = tempfile::tempdir().unwrap();
         for file in ["ca.pem", "ca-key.pem"] {
             std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
         }
+        let mine: Vec<(String, String)> = indexes.iter().map(|&i| exit_urls[i].clone()).collect();
+        let mut args = vec!["--store".to_owned(), redis.url()];
+        args.extend(support::process_args(&origin, &mine));
         replicas.push(PinproxyProcess::start(dir.path(), &args).await);
         dirs.push(dir);
     }
@@ -143,27 +150,9 @@ async fn three_replicas_on_one_redis_agree_on_every_pin() {
 /// that have the exit, instead of retiring it for the whole fleet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_without_an_identitys_exit_leaves_it_to_the_others() {
-    let origin = Origin::start().await;
-    let (_exits, exit_urls) = support::exits(2).await;
-    let redis = RedisServer::start().await;
-    let shared = support::procs::shared_ca_dir();
-    let mut replicas = Vec::new();
-    let mut dirs = Vec::new();
     // Replica 0 has exit1 only, replica 1 exit2 only.
-    for exit in &exit_urls {
-        let dir = tempfile::tempdir().unwrap();
-        for file in ["ca.pem", "ca-key.pem"] {
-            std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
-        }
-        let mut args = vec!["--store".to_owned(), redis.url()];
-        args.extend(support::process_args(&origin, std::slice::from_ref(exit)));
-        replicas.push(PinproxyProcess::start(dir.path(), &args).await);
-        dirs.push(dir);
-    }
-    let clients: Vec<ProxyClient> = replicas
-        .iter()
-        .map(|r| ProxyClient::new(r.addr, &r.ca_pem()))
-        .collect();
+    let f = fleet_with_exits(2, &[&[0], &[1]]).await;
+    let (origin, clients) = (&f.origin, &f.clients);
     let port = origin.https.port();
 
     let mut jar = Jar::default();
@@ -191,9 +180,6 @@ async fn a_replica_without_an_identitys_exit_leaves_it_to_the_others() {
     assert_eq!(home.status, 200, "{}", home.body);
     assert_eq!(reported_peer(&home.body), Some(peer));
     assert!(origin.leaks().is_empty());
-    drop(replicas);
-    drop(dirs);
-    drop(shared);
 }
 
 /// Sends requests until one gets `status` (bounded), returning it.
