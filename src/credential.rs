@@ -133,33 +133,63 @@ impl PinHasher {
     }
 
     /// Loads the key from `DATA_DIR/pin-key`, creating it (mode 0600) on
-    /// first start.
+    /// first start. The daemon uses [`PinHasher::load`] and
+    /// [`PinHasher::create`] instead where a store is kept beside the key:
+    /// a new key next to stored pins would orphan them all.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<PinHasher> {
-        let path = data_dir.join(PIN_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "{} must hold exactly 32 bytes; it has {} (restore it from backup: \
-                             a new key would orphan every stored pin)",
-                            path.display(),
-                            bytes.len()
-                        ),
-                    )
-                })?;
-                Ok(PinHasher::new(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; 32] = rand::random();
-                let mut file = crate::fsutil::create_private(&path)?;
-                file.write_all(&key)?;
-                file.sync_all()?;
-                Ok(PinHasher::new(key))
-            }
-            Err(e) => Err(e),
+        match PinHasher::load(data_dir)? {
+            Some(hasher) => Ok(hasher),
+            None => PinHasher::create(data_dir),
         }
+    }
+
+    /// Loads the key from `DATA_DIR/pin-key`; `None` when there is none.
+    /// Refuses a key that is not 32 bytes, or that the group or others may
+    /// read (as the CA's key is refused): whoever reads it can link every
+    /// pin to the cookie values it was hashed from.
+    pub fn load(data_dir: &Path) -> std::io::Result<Option<PinHasher>> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = data_dir.join(PIN_KEY_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} has mode {mode:04o}: the pin key must be readable by its owner alone \
+                     (run `chmod 600 {}`)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} must hold exactly 32 bytes; it has {} (restore it from backup: \
+                     a new key would orphan every stored pin)",
+                    path.display(),
+                    bytes.len()
+                ),
+            )
+        })?;
+        Ok(Some(PinHasher::new(key)))
+    }
+
+    /// Creates a new random key in `DATA_DIR/pin-key` (mode 0600); fails if
+    /// the file exists.
+    pub fn create(data_dir: &Path) -> std::io::Result<PinHasher> {
+        let path = data_dir.join(PIN_KEY_FILE);
+        let key: [u8; 32] = rand::random();
+        let mut file = crate::fsutil::create_private(&path)?;
+        file.write_all(&key)?;
+        file.sync_all()?;
+        Ok(PinHasher::new(key))
     }
 
     /// The secret key itself (shared with a fleet's store; never logged).
@@ -315,5 +345,22 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_key_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        PinHasher::create(dir.path()).unwrap();
+        let path = dir.path().join(PIN_KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = PinHasher::load(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
+        assert!(
+            PinHasher::create(dir.path()).is_err(),
+            "an existing key is never replaced"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(PinHasher::load(dir.path()).unwrap().is_some());
     }
 }

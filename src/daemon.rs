@@ -21,7 +21,7 @@ use crate::admin::control::{Control, ReloadReport};
 use crate::admin::{self, Admin};
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
-use crate::credential::PinHasher;
+use crate::credential::{PinHasher, PIN_KEY_FILE};
 use crate::exits::drain::DrainBook;
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
@@ -33,7 +33,7 @@ use crate::mitm::{Mitm, CLIENT_ALPN};
 use crate::net::tasks::ConnectionTasks;
 use crate::proxy::Pipeline;
 use crate::routing::Router;
-use crate::store::durable::{DurableStore, OpenError};
+use crate::store::durable::{DurableStore, KeyOnFile, OpenError};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::journal::Journal;
 use crate::store::redis::{RedisSettings, RedisStore, WaitFor};
@@ -157,19 +157,36 @@ enum Opener {
 }
 
 /// Opens the configured pin store (the embedded one off the runtime
-/// threads); background writes of a remote store run on `tasks`.
+/// threads) and the pin hasher its pins are hashed with; background writes
+/// of a remote store run on `tasks`. The data directory exists.
 async fn open_store(
     settings: &Settings,
     tasks: &TaskTracker,
     metrics: &Arc<Metrics>,
     opener: Opener,
-) -> Result<Store, StartError> {
+) -> Result<(Store, PinHasher), StartError> {
+    let dir = settings.data_dir.clone();
+    let local_key = || {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                PinHasher::load_or_create(&dir).map_err(|source| StartError::DataDir {
+                    path: dir.join(PIN_KEY_FILE),
+                    source,
+                })
+            })
+            .await?
+        }
+    };
     match &settings.store {
-        StoreKind::Memory => Ok(Store::Memory(MemoryStore::new())),
+        StoreKind::Memory => Ok((Store::Memory(MemoryStore::new()), local_key().await?)),
         StoreKind::Embedded(path) => {
             let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || DurableStore::open(&path)).await??;
-            Ok(Store::Durable(store))
+            let (store, hasher) = tokio::task::spawn_blocking(move || {
+                DurableStore::open_keyed(&path, |on_file| pin_key_for(&dir, &path, on_file))
+            })
+            .await??;
+            Ok((Store::Durable(store), hasher))
         }
         StoreKind::Redis {
             url,
@@ -221,8 +238,34 @@ async fn open_store(
                 tasks.clone(),
                 metrics.clone(),
             )?;
-            Ok(Store::Redis(store))
+            let local = local_key().await?;
+            let replica_dir = (opener == Opener::Replica).then_some(settings.data_dir.as_path());
+            let hasher = fleet_hasher(&store, &local, replica_dir).await?;
+            Ok((Store::Redis(store), hasher))
         }
+    }
+}
+
+/// The pin key of the embedded store at `store`: the data directory's
+/// `pin-key`, or a new one where the store holds nothing hashed with
+/// another (a new key beside stored pins would make every stored cookie
+/// look new, free to leave through any exit: refused instead).
+fn pin_key_for(dir: &Path, store: &Path, on_file: &KeyOnFile) -> Result<PinHasher, OpenError> {
+    let key = dir.join(PIN_KEY_FILE);
+    let io_error = |source| OpenError::PinKey {
+        key: key.clone(),
+        source,
+    };
+    match PinHasher::load(dir).map_err(io_error)? {
+        Some(hasher) => Ok(hasher),
+        None if on_file.needs_its_key() => Err(OpenError::PinKeyMissing {
+            key: key.clone(),
+            path: store.to_owned(),
+            recorded: on_file.key_id.clone(),
+            pins: on_file.pins,
+            identities: on_file.identities,
+        }),
+        None => PinHasher::create(dir).map_err(io_error),
     }
 }
 
@@ -231,22 +274,15 @@ async fn open_store(
 pub async fn open_store_for_tools(config: &Config) -> Result<(Store, PinHasher), StartError> {
     let settings = config.validate()?;
     let dir = settings.data_dir.clone();
-    let local = tokio::task::spawn_blocking(move || {
-        crate::fsutil::create_private_dir(&dir)
-            .and_then(|()| PinHasher::load_or_create(&dir))
-            .map_err(|source| StartError::DataDir {
-                path: dir.clone(),
-                source,
-            })
+    tokio::task::spawn_blocking(move || {
+        crate::fsutil::create_private_dir(&dir).map_err(|source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        })
     })
     .await??;
     let metrics = Arc::new(Metrics::new());
-    let store = open_store(&settings, &TaskTracker::new(), &metrics, Opener::Tool).await?;
-    let hasher = match &store {
-        Store::Redis(redis) => fleet_hasher(redis, &local, None).await?,
-        _ => local,
-    };
-    Ok((store, hasher))
+    open_store(&settings, &TaskTracker::new(), &metrics, Opener::Tool).await
 }
 
 /// Replicas sharing a Redis store must hash cookies with one key: the first
@@ -407,17 +443,8 @@ impl Daemon {
         let provider = crypto_provider();
 
         // Files in the data directory: read off the runtime threads.
-        let dir = settings.data_dir.clone();
         let for_ca = settings.clone();
-        let (ca, hasher) = tokio::task::spawn_blocking(move || {
-            let ca = prepare_data_dir(&for_ca)?;
-            let hasher = PinHasher::load_or_create(&dir).map_err(|source| StartError::DataDir {
-                path: dir.clone(),
-                source,
-            })?;
-            Ok::<_, StartError>((ca, hasher))
-        })
-        .await??;
+        let ca = tokio::task::spawn_blocking(move || prepare_data_dir(&for_ca)).await??;
         let upstream_tls = {
             let provider = provider.clone();
             let files = settings.upstream_ca.clone();
@@ -460,13 +487,7 @@ impl Daemon {
             Err(e) => tracing::warn!(error = %e, "cannot read the drained exits; none is drained"),
         }
         let background = TaskTracker::new();
-        let store = open_store(&settings, &background, &metrics, Opener::Replica).await?;
-        let hasher = match &store {
-            Store::Redis(redis) => {
-                fleet_hasher(redis, &hasher, Some(settings.data_dir.as_path())).await?
-            }
-            _ => hasher,
-        };
+        let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

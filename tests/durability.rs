@@ -338,6 +338,59 @@ async fn a_running_daemon_keeps_the_store_to_itself() {
     let _: Option<SocketAddr> = None;
 }
 
+/// A store whose pin key went missing (a backup or a copy that left it
+/// out) or was replaced is refused, by the daemon and by the tools alike,
+/// and no new key is made beside it: hashed with a new key, every stored
+/// cookie would look new and could leave through any exit.
+#[tokio::test]
+async fn a_store_without_its_pin_key_is_refused_not_hashed_anew() {
+    let s = Setup::start(2).await;
+    let (_jar, _peer) = s.login("/login").await;
+    let config = s.proxy.config.clone();
+    let dir = s.proxy.stop_keeping_data_dir().await;
+    let key = dir.path().join(pinproxy::credential::PIN_KEY_FILE);
+    let kept_key = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .args(["store", "stats", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pin-key is missing") && stderr.contains("restore"),
+        "{stderr}"
+    );
+    assert!(!key.exists(), "a tool made no key beside the store");
+
+    let refused = pinproxy::daemon::Daemon::start(&config)
+        .await
+        .map(drop)
+        .expect_err("the daemon refuses to start")
+        .to_string();
+    assert!(refused.contains("pin-key is missing"), "{refused}");
+    assert!(!key.exists(), "the daemon made no key beside the store");
+
+    PinHasher::create(dir.path()).unwrap();
+    let refused = pinproxy::daemon::Daemon::start(&config)
+        .await
+        .map(drop)
+        .expect_err("the daemon refuses a foreign key")
+        .to_string();
+    assert!(refused.contains("hashed with pin key"), "{refused}");
+
+    std::fs::write(&key, &kept_key).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let daemon = pinproxy::daemon::Daemon::start(&config).await.unwrap();
+    daemon.shutdown(Duration::from_secs(5)).await;
+}
+
 /// `store bench` writes its pins durably into an empty embedded store and
 /// refuses to run again on a store that holds anything.
 #[tokio::test]

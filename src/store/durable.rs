@@ -26,11 +26,13 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use dashmap::{DashMap, DashSet};
 use redb::Database;
+
+use codec::FingerprintRefs;
 use tokio::sync::watch;
 
 use super::memory::MemoryStore;
 use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
-use crate::credential::{PinKey, RandomKeys};
+use crate::credential::{PinHasher, PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 
 /// File name of the store in the data directory.
@@ -137,6 +139,38 @@ pub enum OpenError {
     /// Another process holds it.
     #[error("the pin store {0} is in use by another pinproxy; stop it first")]
     InUse(PathBuf),
+    /// The store records another pin key than the data directory's.
+    #[error("the pin store {path} holds pins hashed with pin key {recorded}, but the data directory's pin-key is key {found}; a foreign key would make every stored cookie look new and send it through any exit: restore the pin-key file that belongs with this store (or move {path} aside to start with no pins)")]
+    ForeignPinKey {
+        /// The store file.
+        path: PathBuf,
+        /// The key id it records.
+        recorded: String,
+        /// The key id of the key found.
+        found: String,
+    },
+    /// The pin key is missing, and the store needs it.
+    #[error("{key} is missing, but the pin store {path} holds {pins} pins and {identities} identities hashed with a pin key{}; a new key would make every stored cookie look new and send it through any exit: restore {key} from a backup of the data directory (or move {path} aside to start with no pins)", recorded.as_deref().map(|id| format!(" (key {id})")).unwrap_or_default())]
+    PinKeyMissing {
+        /// The missing key file.
+        key: PathBuf,
+        /// The store file.
+        path: PathBuf,
+        /// The key id the store records.
+        recorded: Option<String>,
+        /// Pins the store holds.
+        pins: usize,
+        /// Identities the store holds.
+        identities: usize,
+    },
+    /// The pin key file could not be read or created.
+    #[error("pin key {key}: {source}")]
+    PinKey {
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// redb refused it.
     #[error("pin store {path}: {reason}")]
     Database {
@@ -147,6 +181,27 @@ pub enum OpenError {
     },
 }
 
+/// What a store file says of the pin key its pins were hashed with, for
+/// [`DurableStore::open_keyed`] to choose the key by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOnFile {
+    /// The key id the store records (`PinHasher::key_id`); `None` for a
+    /// new store, or one written before the id was recorded.
+    pub key_id: Option<String>,
+    /// Pins the store holds.
+    pub pins: usize,
+    /// Identities the store holds.
+    pub identities: usize,
+}
+
+impl KeyOnFile {
+    /// Whether another key would orphan something: the store holds
+    /// records (an empty one takes whichever key it is opened with).
+    pub fn needs_its_key(&self) -> bool {
+        self.pins > 0 || self.identities > 0
+    }
+}
+
 fn db_error(path: &Path, e: impl std::fmt::Display) -> OpenError {
     OpenError::Database {
         path: path.to_owned(),
@@ -155,9 +210,54 @@ fn db_error(path: &Path, e: impl std::fmt::Display) -> OpenError {
 }
 
 impl DurableStore {
-    /// Opens (or creates) the store at `path` and loads it into memory.
-    /// Blocking: call it off the async runtime.
+    /// Opens (or creates) the store at `path` and loads it into memory,
+    /// with no regard to the pin key (a journal, a test). Blocking: call it
+    /// off the async runtime.
     pub fn open(path: &Path) -> Result<DurableStore, OpenError> {
+        let (db, memory, fingerprint_refs) = DurableStore::load(path)?;
+        DurableStore::start(path, db, memory, fingerprint_refs)
+    }
+
+    /// Opens (or creates) the store at `path` bound to the pin key its pins
+    /// are hashed with: `key` chooses the hasher from what the file says
+    /// ([`KeyOnFile`]: loading the key file, or creating a key only where
+    /// nothing needs the old one), and the store refuses a hasher whose key
+    /// is not the one it records. A store without a record (new, or written
+    /// before the key was recorded) records the hasher's. Blocking: call it
+    /// off the async runtime.
+    pub fn open_keyed(
+        path: &Path,
+        key: impl FnOnce(&KeyOnFile) -> Result<PinHasher, OpenError>,
+    ) -> Result<(DurableStore, PinHasher), OpenError> {
+        let (db, memory, fingerprint_refs) = DurableStore::load(path)?;
+        let (pins, identities) = memory.sizes();
+        let on_file = KeyOnFile {
+            key_id: codec::recorded_key_id(&db).map_err(|e| db_error(path, e))?,
+            pins,
+            identities,
+        };
+        let hasher = key(&on_file)?;
+        let key_id = hasher.key_id();
+        match on_file.key_id {
+            Some(recorded) if recorded == key_id => {}
+            Some(recorded) if on_file.needs_its_key() => {
+                return Err(OpenError::ForeignPinKey {
+                    path: path.to_owned(),
+                    recorded,
+                    found: key_id,
+                })
+            }
+            // New, emptied, or written before the key was recorded.
+            _ => codec::record_key_id(&db, &key_id).map_err(|e| db_error(path, e))?,
+        }
+        Ok((
+            DurableStore::start(path, db, memory, fingerprint_refs)?,
+            hasher,
+        ))
+    }
+
+    /// Opens the file and loads its records.
+    fn load(path: &Path) -> Result<(Database, MemoryStore, FingerprintRefs), OpenError> {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -166,6 +266,16 @@ impl DurableStore {
                 other => db_error(path, other),
             })?;
         let (memory, fingerprint_refs) = codec::load(&db).map_err(|e| db_error(path, e))?;
+        Ok((db, memory, fingerprint_refs))
+    }
+
+    /// Starts the writer of a loaded store.
+    fn start(
+        path: &Path,
+        db: Database,
+        memory: MemoryStore,
+        fingerprint_refs: FingerprintRefs,
+    ) -> Result<DurableStore, OpenError> {
         let shared = Arc::new(Shared {
             memory,
             ..Shared::default()
@@ -550,6 +660,67 @@ mod tests {
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]
         );
+    }
+
+    /// A store records the pin key its pins are hashed with: written
+    /// before the record existed, it takes the key it is opened with; with
+    /// records, it refuses another; empty, it takes whichever it is given.
+    #[tokio::test]
+    async fn a_store_keeps_to_the_pin_key_of_its_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let (first, second) = (PinHasher::new([1; 32]), PinHasher::new([2; 32]));
+        let keyed = |hasher: &PinHasher| {
+            let hasher = hasher.clone();
+            DurableStore::open_keyed(&path, move |_| Ok(hasher))
+        };
+        {
+            // Written before the key was recorded.
+            let store = DurableStore::open(&path).unwrap();
+            let ident = identity(1000);
+            store.create_identity(&ident).await.unwrap();
+            store.close().await;
+        }
+        let mut seen = None;
+        let (store, _) = DurableStore::open_keyed(&path, |on_file| {
+            seen = Some(on_file.clone());
+            Ok(first.clone())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            Some(KeyOnFile {
+                key_id: None,
+                pins: 0,
+                identities: 1
+            })
+        );
+        store.close().await;
+        let refused = keyed(&second).unwrap_err();
+        assert!(
+            matches!(&refused, OpenError::ForeignPinKey { recorded, found, .. }
+                if *recorded == first.key_id() && *found == second.key_id()),
+            "{refused}"
+        );
+        keyed(&first).unwrap().0.close().await;
+
+        let emptied = dir.path().join("empty.redb");
+        let open_empty = |hasher: &PinHasher| {
+            let hasher = hasher.clone();
+            DurableStore::open_keyed(&emptied, move |_| Ok(hasher))
+        };
+        open_empty(&first).unwrap().0.close().await;
+        open_empty(&second).unwrap().0.close().await;
+        let mut on_file = None;
+        DurableStore::open_keyed(&emptied, |found| {
+            on_file = Some(found.key_id.clone());
+            Ok(second.clone())
+        })
+        .unwrap()
+        .0
+        .close()
+        .await;
+        assert_eq!(on_file, Some(Some(second.key_id())));
     }
 
     /// Rows of the fingerprints table (the store closed).

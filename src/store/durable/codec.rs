@@ -22,6 +22,34 @@ pub(super) const FINGERPRINTS: TableDefinition<&[u8; 16], &[u8]> =
 pub(super) const PINS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pins");
 /// When each exit last died.
 pub(super) const EXIT_DEATHS: TableDefinition<&str, u64> = TableDefinition::new("exit_deaths");
+/// Facts about the store itself: [`PIN_KEY_ID`].
+pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// [`META`]'s row naming the pin key the store's pins were hashed with
+/// (`PinHasher::key_id`, a non-secret fingerprint of the key).
+const PIN_KEY_ID: &str = "pin-key-id";
+
+/// The pin key id the store records, if any (stores written before it was
+/// recorded have none).
+pub(super) fn recorded_key_id(db: &Database) -> Result<Option<String>, String> {
+    let read = db.begin_read().map_err(|e| e.to_string())?;
+    let meta = match read.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let id = meta.get(PIN_KEY_ID).map_err(|e| e.to_string())?;
+    Ok(id.map(|id| id.value().to_owned()))
+}
+
+/// Records `key_id` as the pin key the store's pins are hashed with.
+pub(super) fn record_key_id(db: &Database, key_id: &str) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        meta.insert(PIN_KEY_ID, key_id).map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
 
 /// An identity on disk: like [`Identity`], with its fingerprint stored once
 /// in its own table and referred to by hash.
