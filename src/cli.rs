@@ -359,13 +359,19 @@ fn parse_exit_flag(value: &str) -> Result<ExitConfig, CliError> {
     Ok(ExitConfig::new(&id, url))
 }
 
+/// `value` (`URL` or `ID=URL`) with whatever stands before the URL's last
+/// `@` written as `***`: the user and password, with or without a scheme.
 fn redact_userinfo(value: &str) -> String {
-    match (value.find("://"), value.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            format!("{}://***{}", &value[..start], &value[at..])
-        }
-        _ => value.to_owned(),
-    }
+    let Some(at) = value.rfind('@') else {
+        return value.to_owned();
+    };
+    let before = &value[..at];
+    let start = match (before.find("://"), before.find('=')) {
+        (Some(scheme), _) => scheme + 3,
+        (None, Some(id)) => id + 1,
+        (None, None) => 0,
+    };
+    format!("{}***{}", &value[..start], &value[at..])
 }
 
 #[cfg(test)]
@@ -385,6 +391,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("secret"), "{err}");
+        let err = parse_exit_flag("user:secret@host:7000")
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret") && err.contains("***@host"), "{err}");
+        assert_eq!(redact_userinfo("id=u:secret@h:1"), "id=***@h:1");
+        assert_eq!(redact_userinfo("id=http://u:s=t@h:1"), "id=http://***@h:1");
     }
 
     #[test]

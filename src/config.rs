@@ -680,13 +680,17 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for [`Config`].
-    #[error("invalid config file {path}: {source}")]
+    /// The file is not valid TOML for [`Config`]. Says where and why, never
+    /// the line itself: it may be an exit's or the store's URL with its
+    /// password.
+    #[error("invalid config file {path}{at}: {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: toml::de::Error,
+        /// Where in it (`, line L column C`), when known.
+        at: String,
+        /// Why, as the TOML reader says it.
+        reason: String,
     },
     /// An exit URL is malformed.
     #[error("exit {id:?}: {source}")]
@@ -907,9 +911,18 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+        Config::from_toml(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            at: e
+                .span()
+                .map(|span| {
+                    let before = text.get(..span.start).unwrap_or(&text);
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+                    format!(", line {line} column {column}")
+                })
+                .unwrap_or_default(),
+            reason: e.message().trim_end().to_owned(),
         })
     }
 
@@ -1140,6 +1153,23 @@ mod tests {
         assert_eq!(settings.exits.len(), 2);
         // The example shows the built-in rules as they are.
         assert_eq!(settings.identities.invalidation, default_rules());
+    }
+
+    /// A file that does not parse is named with the place and the reason,
+    /// never with the line, which may hold an exit's password.
+    #[test]
+    fn a_file_that_does_not_parse_is_reported_without_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pinproxy.toml");
+        std::fs::write(
+            &path,
+            "[[exits]]\nid = \"a\"\nurl = \"http://u:Secr\\qt-77@127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert!(!message.contains("Secr"), "{message}");
+        assert!(message.contains("line 3 column"), "{message}");
+        assert!(message.contains("escape"), "{message}");
     }
 
     #[test]

@@ -370,13 +370,7 @@ fn foreign_fleet_key(held: &[u8; 32], kept: &[u8; 32]) -> StoreError {
 }
 
 fn keep_fleet_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let path = dir.join(FLEET_KEY_FILE);
-    let temp = path.with_extension("tmp");
-    let mut file = crate::fsutil::create_private(&temp)?;
-    file.write_all(key)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, &path)
+    crate::fsutil::replace_private(&dir.join(FLEET_KEY_FILE), key)
 }
 
 /// A running proxy.
@@ -491,7 +485,7 @@ impl Daemon {
         let router = Arc::new(Router::new(
             store,
             clock.clone(),
-            live::policies(&settings),
+            live::policies(&settings, &settings.store),
             metrics.clone(),
             background.clone(),
         ));

@@ -22,3 +22,49 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(path)
 }
+
+/// Replaces `path` with `bytes` atomically (a crash leaves the old file or
+/// the new one), mode 0600: written to `PATH.tmp`, synced, renamed over
+/// `path`, and the directory synced so the rename survives a power loss. A
+/// `PATH.tmp` a crash left behind is replaced, never an obstacle.
+pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = std::path::PathBuf::from(temp);
+    match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    {
+        let mut file = create_private(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temporary file a crash left behind does not stop the next write,
+    /// and the file written is its owner's alone.
+    #[test]
+    fn a_replacement_survives_a_stale_temporary_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(dir.path().join("state.json.tmp"), b"half").unwrap();
+        replace_private(&path, b"one").unwrap();
+        replace_private(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert!(!dir.path().join("state.json.tmp").exists());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -331,6 +331,18 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
         body.contains("limits.max_headers = 1000000000 is out of range"),
         "{body}"
     );
+    // A syntax error on an exit's URL line: said where, never with the
+    // line, which holds the exit's password.
+    r.write(
+        &[0, 1],
+        "[[exits]]\nid = \"bad\"\nurl = \"http://u:Secr\\qt-77@127.0.0.1:9\"\n",
+    );
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        !body.contains("Secr") && body.contains("invalid config file") && body.contains("line "),
+        "{body}"
+    );
     // Not TOML at all, by SIGHUP: refused with a log line.
     std::fs::write(&r.config, "[[exits]\nid = ").unwrap();
     r.proc.signal("HUP");
@@ -397,6 +409,49 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
         .await
         .unwrap();
     assert_eq!(page.status, 200);
+    assert!(r.origin.leaks().is_empty());
+}
+
+/// `store.url` is read at start only, and so is what follows from it: a
+/// reload whose file names Redis leaves a daemon on its embedded store
+/// retiring the identities of an exit the reload removed (on a shared store
+/// it would leave them to the replicas that have the exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_another_store_keeps_the_rules_of_the_store_in_use() {
+    let r = Running::start(&[0]).await;
+    let port = r.origin.https.port();
+    let mut jar = Jar::default();
+    let login = r
+        .client
+        .try_get("localhost", port, "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.body);
+
+    r.write(&[1], "[store]\nurl = \"redis://127.0.0.1:1/0\"\n");
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["restart_needed"], serde_json::json!(["store.url"]));
+    let running = &r;
+    eventually(
+        Duration::from_secs(10),
+        "the removed exit's identity was not retired",
+        move || async move {
+            let (_, body) = admin(running.admin_addr(), "GET", "/identities?all=1").await;
+            let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            views.len() == 1
+                && views[0]["state"] == "retired"
+                && views[0]["reason"] == "exit-removed"
+        },
+    )
+    .await;
+    let page = r
+        .client
+        .try_get("localhost", port, "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 502, "{}", page.body);
     assert!(r.origin.leaks().is_empty());
 }
 

@@ -237,7 +237,11 @@ impl Live {
             tracing::warn!(error = %e, "reload: could not read exit deaths from the store; the sweep will");
         }
         let set = Arc::new(set);
-        self.core.router.set_policies(policies(&settings));
+        // The store in use is the one started with (`store.url` is read at
+        // start only): whether it is shared decides how a missing exit ends.
+        self.core
+            .router
+            .set_policies(policies(&settings, &applied.started.store));
         self.exits.store(set.clone());
         let max_header_bytes = applied.started.limits.max_header_bytes;
         let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);
@@ -313,8 +317,8 @@ pub(super) fn pipeline(
     }
 }
 
-/// The routing policies `settings` describe.
-pub(super) fn policies(settings: &Settings) -> Policies {
+/// The routing policies `settings` describe, for a daemon running `store`.
+pub(super) fn policies(settings: &Settings, store: &crate::config::StoreKind) -> Policies {
     let identities = &settings.identities;
     Policies {
         retire: identities.retire_policy,
@@ -322,7 +326,7 @@ pub(super) fn policies(settings: &Settings) -> Policies {
         idle_timeout_ms: duration_ms(identities.idle_timeout),
         max_lifetime_ms: duration_ms(identities.max_lifetime),
         keep_retired_ms: duration_ms(identities.remember_retired),
-        shared_store: matches!(settings.store, crate::config::StoreKind::Redis { .. }),
+        shared_store: matches!(store, crate::config::StoreKind::Redis { .. }),
     }
 }
 

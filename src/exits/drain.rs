@@ -7,7 +7,6 @@
 //! ids are kept in `DATA_DIR/drained-exits.json`, read at start). An exit
 //! that is removed from the configuration is forgotten here too.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::ExitSet;
@@ -75,11 +74,7 @@ impl DrainBook {
 
 fn write_atomically(path: &Path, drained: &[String]) -> std::io::Result<()> {
     let text = serde_json::to_vec(drained).map_err(std::io::Error::other)?;
-    let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(&text)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)
+    crate::fsutil::replace_private(path, &text)
 }
 
 #[cfg(test)]

@@ -512,9 +512,17 @@ impl RedisStore {
         }
     }
 
+    /// Saves what this replica has seen of the namespace's history (`now`:
+    /// even if it has not changed), off the runtime's threads: the file is
+    /// written and synced.
+    async fn save_generation(&self, now: bool) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.generation.save(now)).await;
+    }
+
     /// Flushes and closes the journal.
     pub async fn close(&self) {
-        self.inner.generation.save(true);
+        self.save_generation(true).await;
         if let Some(journal) = &self.inner.journal {
             journal.close().await;
         }
@@ -812,7 +820,7 @@ async fn check_loop(inner: Weak<Inner>) {
             }
         }
         if rounds.is_multiple_of(SAVE_EVERY) {
-            store.inner.generation.save(false);
+            store.save_generation(false).await;
         }
     }
 }

@@ -373,15 +373,8 @@ fn unreadable(file: &Path, error: &dyn std::fmt::Display) -> String {
 }
 
 fn write_atomically(file: &Path, saved: &Saved) -> std::io::Result<()> {
-    use std::io::Write as _;
     let text = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
-    let temp = file.with_extension("tmp");
-    {
-        let mut out = crate::fsutil::create_private(&temp)?;
-        out.write_all(&text)?;
-        out.sync_all()?;
-    }
-    std::fs::rename(&temp, file)
+    crate::fsutil::replace_private(file, &text)
 }
 
 #[cfg(test)]

@@ -367,7 +367,7 @@ impl RedisStore {
             r.restore_done = true;
         });
         tracing::warn!(restored, "pin store restored from this replica's journal");
-        self.inner.generation.save(true);
+        self.save_generation(true).await;
         Ok(())
     }
 
