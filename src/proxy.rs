@@ -339,6 +339,7 @@ impl Pipeline {
         }
 
         // 9. respond
+        let body = egress::response_body(body, &parts);
         egress::sanitize_response(&mut parts.headers);
         tracing::debug!(status = parts.status.as_u16(), "forwarded");
         Ok(Response::from_parts(parts, pacing::Paced::wrap(body, slot)))

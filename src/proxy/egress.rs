@@ -182,6 +182,40 @@ pub fn sanitize_response(headers: &mut HeaderMap) {
     });
 }
 
+/// Removes from a response's trailers what [`sanitize_response`] removes
+/// from its head (hop-by-hop headers) and any `Set-Cookie` or
+/// `X-Set-Cookie`: capture reads the head only, so a cookie set in a
+/// trailer would reach the client unpinned. The rest keep their order.
+pub fn sanitize_response_trailers(trailers: &mut HeaderMap) {
+    let goes = |name: &HeaderName| {
+        is_hop_by_hop(name.as_str())
+            || name == header::SET_COOKIE
+            || name == super::credentials::cookies::X_SET_COOKIE
+    };
+    if trailers.keys().any(goes) {
+        retain(trailers, |name, _| !goes(name));
+    }
+}
+
+/// An origin's response body as it goes to the client, its trailers
+/// sanitised ([`sanitize_response_trailers`]). A body that can carry none
+/// (HTTP/1.1 without `Transfer-Encoding`: its length is known, or it ends
+/// with the connection) goes as it is, with no step per frame.
+pub fn response_body(body: Body, head: &http::response::Parts) -> Body {
+    if head.version < http::Version::HTTP_2 && !head.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return body;
+    }
+    body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            sanitize_response_trailers(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    })
+    .boxed()
+}
+
 /// What a message's `Connection` header says, read in one lookup.
 struct ConnectionHeader {
     /// The header names it lists: hop-by-hop too (its `keep-alive` and

@@ -157,6 +157,7 @@ impl Pipeline {
             .await;
             body = self.capture_invalidation(identity, &parts, body).await;
         }
+        let body = egress::response_body(body, &parts);
         egress::sanitize_response(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
     }

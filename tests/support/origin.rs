@@ -575,10 +575,13 @@ async fn handle(
             *response.status_mut() = StatusCode::from_u16(code).unwrap();
             response
         }
-        // A body followed by trailers.
+        // A body followed by trailers, two of them cookies set where
+        // capture does not look.
         "/trailers" => {
             let mut trailers = http::HeaderMap::new();
+            trailers.insert("set-cookie", "datadome=in-a-trailer".parse().unwrap());
             trailers.insert("x-checksum", "abc123".parse().unwrap());
+            trailers.insert("x-set-cookie", "datadome=in-a-trailer".parse().unwrap());
             let frames = vec![
                 Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"payload"))),
                 Ok(Frame::trailers(trailers)),

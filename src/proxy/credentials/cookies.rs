@@ -520,8 +520,12 @@ fn pieces(text: &str, separator: u8) -> impl Iterator<Item = &str> {
 }
 
 /// Collects the tracked cookies a response sets, from `Set-Cookie` and
-/// DataDome's `X-Set-Cookie`. Unparseable lines are skipped: the client will
-/// not store them either.
+/// DataDome's `X-Set-Cookie`. Lines with no `name=value` pair are skipped:
+/// the client will not store them either. Bytes that are not UTF-8 do not
+/// make a line unreadable: clients keep a cookie whose attributes hold
+/// such bytes (Python's and curl's jars read header lines as Latin-1), so
+/// the line is read with them replaced. A value that holds such bytes
+/// comes back in a `Cookie` header that is refused as unreadable.
 pub fn tracked_in_response(
     headers: &HeaderMap,
     policy: &CookiePolicy,
@@ -540,9 +544,8 @@ pub fn tracked_in_response(
         .map(|h| (h, false))
         .chain(carriers.into_iter().flatten().map(|h| (h, true)))
     {
-        let Ok(text) = std::str::from_utf8(header.as_bytes()) else {
-            continue;
-        };
+        let text = String::from_utf8_lossy(header.as_bytes());
+        let text = &*text;
         let parsed = match Cookie::parse(text) {
             Ok(c) => c,
             // DataDome's carrier may hold the bare token rather than a
@@ -562,7 +565,7 @@ pub fn tracked_in_response(
             continue;
         }
         let now_ms = *now_ms;
-        let expires_ms = cookie_expiry_ms(&parsed, now_ms);
+        let expires_ms = cookie_expiry_ms(&parsed, text, now_ms);
         let deletes = expires_ms.is_some_and(|at| at <= now_ms) || parsed.value().is_empty();
         found.push(SetTrackedCookie {
             cookie: Credential::cookie(parsed.name(), hasher.cookie(parsed.name(), parsed.value())),
@@ -619,14 +622,43 @@ pub fn strip_from_request(
 }
 
 /// When a set cookie expires, in Unix milliseconds: `Max-Age` wins over
-/// `Expires` (RFC 6265 §5.3); `None` for a session cookie.
-fn cookie_expiry_ms(cookie: &Cookie<'_>, now_ms: u64) -> Option<u64> {
-    if let Some(age) = cookie.max_age() {
-        let age_ms = i64::try_from(age.whole_milliseconds()).unwrap_or(i64::MAX);
+/// `Expires` (RFC 6265 §5.3); `None` for a session cookie. `line` is the
+/// `Set-Cookie` line `cookie` was read from.
+fn cookie_expiry_ms(cookie: &Cookie<'_>, line: &str, now_ms: u64) -> Option<u64> {
+    if let Some(seconds) = max_age_seconds(line) {
+        let age_ms = seconds.saturating_mul(1000);
         return Some(now_ms.saturating_add_signed(age_ms));
     }
     let at = cookie.expires_datetime()?;
     Some(u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+}
+
+/// The `Max-Age` of a `Set-Cookie` line in seconds, as browsers read it:
+/// the last attribute whose value is an optional `-` and then digits
+/// (RFC 6265bis §5.6.2); one that is not (`Max-Age=-`, `Max-Age=1h`) is
+/// ignored. The cookie crate reads `-` alone as zero, a deletion, where a
+/// browser keeps the cookie: pinproxy would then leave unpinned a cookie
+/// the client holds. Digits past the range saturate.
+fn max_age_seconds(line: &str) -> Option<i64> {
+    pieces(line, b';')
+        .skip(1)
+        .filter_map(|attribute| {
+            let (name, value) = split_pair(attribute)?;
+            if !name.trim().eq_ignore_ascii_case("max-age") {
+                return None;
+            }
+            let value = value.trim();
+            let (negative, digits) = match value.strip_prefix('-') {
+                Some(digits) => (true, digits),
+                None => (false, value),
+            };
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let magnitude = digits.parse::<i64>().unwrap_or(i64::MAX);
+            Some(if negative { -magnitude } else { magnitude })
+        })
+        .last()
 }
 
 #[cfg(test)]
@@ -1139,5 +1171,43 @@ mod tests {
             ]
         );
         assert_eq!(found[3].cookie.key, hasher().cookie("datadome", "carried"));
+    }
+
+    /// A line with bytes that are not UTF-8 in an attribute still sets its
+    /// cookie in the client's jar, so it is pinned.
+    #[test]
+    fn a_set_cookie_with_other_bytes_in_an_attribute_is_pinned() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_bytes(b"datadome=T; Path=/; x=caf\xe9").unwrap(),
+        );
+        let found = tracked_in_response(&headers, &policy(), &hasher(), || 1_000);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].cookie.key, hasher().cookie("datadome", "T"));
+        assert!(!found[0].deletes);
+    }
+
+    /// `Max-Age` is read as browsers read it: an attribute whose value is
+    /// not an optional `-` and digits is ignored, the last valid one counts.
+    #[test]
+    fn a_max_age_browsers_ignore_is_no_deletion() {
+        let now = 1_800_000_000_000;
+        let read = |line: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.append("set-cookie", HeaderValue::from_static(line));
+            let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
+            (found[0].deletes, found[0].expires_ms)
+        };
+        assert_eq!(read("datadome=T; Max-Age=-"), (false, None));
+        assert_eq!(read("datadome=T; Max-Age=1h"), (false, None));
+        assert_eq!(
+            read("datadome=T; Max-Age=60; Max-Age=-"),
+            (false, Some(now + 60_000))
+        );
+        assert_eq!(read("datadome=T; max-age = -5"), (true, Some(now - 5_000)));
+        assert_eq!(read("datadome=T; Max-Age=0"), (true, Some(now)));
+        let (deletes, far) = read("datadome=T; Max-Age=99999999999999999999999");
+        assert!(!deletes && far > Some(now + 1000 * 365 * 86_400_000));
     }
 }
