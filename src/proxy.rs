@@ -60,7 +60,7 @@ use crate::fault::{Blame as _, Fault};
 use crate::fingerprint::{Fingerprint, FingerprintPolicy, RequestFingerprint};
 use crate::metrics::Metrics;
 use crate::net::tasks::ConnectionTasks;
-use crate::routing::{Route, Router};
+use crate::routing::{Reread, Route, Router};
 use crate::store::Unavailable;
 use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::Answered;
@@ -263,6 +263,27 @@ impl Pipeline {
             Some(identity) => self.pacer.admit(identity.id, &self.pacing).await?,
             None => None,
         };
+        // A request that waited was routed before its wait: the identity
+        // may have retired meanwhile (a challenge, a drift, an eviction),
+        // and must not then be served (its lane, forgotten at the
+        // retirement, would be made anew), or may have recorded its first
+        // egress address, which its tunnels must now leave from.
+        if let (Some(identity), Some(true)) =
+            (&route.identity, slot.as_ref().map(pacing::Slot::waited))
+        {
+            match self.router.reread(identity, credentials).await? {
+                Reread::Live(now) => {
+                    route.lane.expected_ip = route.lane.expected_ip.or(now.egress_ip);
+                }
+                Reread::Retired(reason) => {
+                    return Err(ProxyError::IdentityRetired {
+                        identity: identity.id,
+                        exit: identity.exit.clone(),
+                        reason,
+                    })
+                }
+            }
+        }
 
         // 6. egress
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();

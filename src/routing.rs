@@ -31,7 +31,7 @@ use crate::store::{Store, TimedStore};
 
 pub use lifecycle::ends;
 pub use policy::{ConflictPolicy, Policies, RetirePolicy};
-pub use router::{DeadCredential, Reason, Route, RouteError};
+pub use router::{DeadCredential, Reason, Reread, Route, RouteError};
 
 /// Routes requests by their identities.
 #[derive(Debug)]

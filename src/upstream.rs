@@ -378,7 +378,15 @@ impl ExitClient {
     }
 
     /// Drops a lane's pools and their connections (a retired identity's).
-    pub fn forget(&self, key: PoolKey) {
+    /// `every_presentation`: the identity was founded without a ClientHello
+    /// (over plain HTTP), so its lanes are also kept per client fingerprint
+    /// its TLS clients presented (`Lane::fingerprint_key`), found by a walk
+    /// of the exit's lanes (rare: other identities skip it).
+    pub fn forget(&self, key: PoolKey, every_presentation: bool) {
+        if every_presentation {
+            self.pools.remove_every(|id| id.key == key);
+            return;
+        }
         for h2 in [false, true] {
             self.pools.remove(&PoolId {
                 key,

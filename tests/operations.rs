@@ -596,6 +596,69 @@ async fn identity_of(s: &Setup, jar: &Jar) -> (String, String, String) {
     )
 }
 
+/// A request waiting in its identity's line (`identities.max_in_flight`)
+/// when the identity is evicted was routed before the eviction: it is read
+/// again when its turn comes, answered `identity-retired`, and never
+/// reaches the origin (nor makes the retired identity's lane anew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.identities.max_in_flight = 1;
+            c.identities.max_queue = 8;
+            c.identities.queue_timeout = Duration::from_secs(20);
+        })
+        .start()
+        .await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let (jar, _) = s.login("/login").await;
+    let (id, _, _) = identity_of(&s, &jar).await;
+    let identity = pinproxy::identity::IdentityId(u64::from_str_radix(&id, 16).unwrap());
+    let pacer = s.proxy.daemon.pipeline().pacer.clone();
+
+    let (mut holding, mut waiting) = (jar.clone(), jar.clone());
+    let holds = s.get("/pause?head_ms=1500", &mut holding);
+    let waits = async {
+        eventually(
+            Duration::from_secs(10),
+            "the first request never arrived",
+            || {
+                let seen = s.origin.seen();
+                async move { seen.iter().any(|r| r.path.starts_with("/pause")) }
+            },
+        )
+        .await;
+        s.get("/page", &mut waiting).await
+    };
+    let evicts = async {
+        eventually(
+            Duration::from_secs(10),
+            "the second request never queued",
+            || {
+                let pacer = pacer.clone();
+                async move { pacer.waiting(identity) == 1 }
+            },
+        )
+        .await;
+        let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let (held, waited, ()) = tokio::join!(holds, waits, evicts);
+    assert_eq!(held.status, 200, "{}", held.body);
+    assert_eq!(waited.status, 502, "{}", waited.body);
+    let error = waited.pinproxy_error().unwrap();
+    assert!(
+        error.contains("identity-retired") && error.contains("evicted"),
+        "{error}"
+    );
+    assert!(
+        !s.origin.seen().iter().any(|r| r.path == "/page"),
+        "the waiting request reached the origin"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     let s = Setup::start(1).await;

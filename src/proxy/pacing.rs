@@ -188,6 +188,16 @@ pub struct Slot {
     pacer: Arc<Pacer>,
     identity: IdentityId,
     gate: Arc<Gate>,
+    /// Whether the request waited for it (in line, or for its pacing
+    /// start): what was read when it was routed may have changed since.
+    waited: bool,
+}
+
+impl Slot {
+    /// Whether the request waited for its slot.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
 }
 
 impl Drop for Slot {
@@ -219,6 +229,13 @@ impl Pacer {
         self.gates.len()
     }
 
+    /// Requests of `identity` waiting in its line for a slot.
+    pub fn waiting(&self, identity: IdentityId) -> u32 {
+        self.gates
+            .get(&identity)
+            .map_or(0, |gate| gate.state().waiting)
+    }
+
     /// Admits one request of `identity`: waits for an in-flight slot and
     /// for its pacing start, both bounded by `settings`. `None` when
     /// pacing is off.
@@ -232,13 +249,14 @@ impl Pacer {
         }
         self.sweep_now_and_then();
         let gate = self.gates.entry(identity).or_default().clone();
-        let start = wait_for_slot(&gate, identity, settings).await?;
+        let (start, queued) = wait_for_slot(&gate, identity, settings).await?;
         // From here the slot is taken: dropping it (even while the pacing
         // delay runs, if the client leaves) gives it back.
         let slot = Slot {
             pacer: self.clone(),
             identity,
             gate,
+            waited: queued || start.is_some(),
         };
         if let Some(start) = start {
             tokio::time::sleep_until(start).await;
@@ -264,7 +282,7 @@ async fn wait_for_slot(
     gate: &Gate,
     identity: IdentityId,
     settings: &PacingSettings,
-) -> Result<Option<Instant>, Throttle> {
+) -> Result<(Option<Instant>, bool), Throttle> {
     let limit = settings.max_in_flight;
     let busy = |waiting, why, retry_after| Throttle::IdentityBusy {
         identity,
@@ -274,6 +292,7 @@ async fn wait_for_slot(
         retry_after,
     };
     let deadline = Instant::now() + settings.queue_timeout;
+    let mut queued = false;
     loop {
         // Registered before the state is read, so a slot freed in between
         // still wakes this request.
@@ -297,7 +316,7 @@ async fn wait_for_slot(
                 if !settings.min_interval.is_zero() {
                     state.next_start = Some(start.unwrap_or(now) + settings.min_interval);
                 }
-                return Ok(start);
+                return Ok((start, queued));
             }
             if state.waiting >= settings.max_queue {
                 return Err(busy(
@@ -307,6 +326,7 @@ async fn wait_for_slot(
                 ));
             }
             state.waiting += 1;
+            queued = true;
         }
         // Out of the line however the wait ends: a request its client
         // gives up on (a stream reset, a closed connection) is dropped

@@ -34,7 +34,10 @@ impl Router {
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
         if let Some(exit) = exits.get(&identity.exit) {
-            exit.client.forget(PoolKey::Identity(identity.id));
+            exit.client.forget(
+                PoolKey::Identity(identity.id),
+                identity.fingerprint.tls.is_none(),
+            );
         }
         self.metrics.retired(&identity.exit, reason.label());
         tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");

@@ -62,6 +62,15 @@ pub struct Route {
     pub strip: Vec<Credential>,
 }
 
+/// An identity read again ([`Router::reread`]).
+#[derive(Debug)]
+pub enum Reread {
+    /// Live: its record now.
+    Live(Arc<Identity>),
+    /// Retired meanwhile, or forgotten.
+    Retired(RetireReason),
+}
+
 /// A credential that cannot be used, and why.
 #[derive(Debug, Clone)]
 pub struct DeadCredential {
@@ -231,6 +240,36 @@ impl Router {
                     .await
             }
         }
+    }
+
+    /// Reads `identity` again for a request routed to it before a wait (its
+    /// line in pacing, up to `identities.queue_timeout`): a retirement
+    /// decided or stored meanwhile, or its record as it stands now (its
+    /// first egress address may have been recorded since). Found through
+    /// the request's `credentials`; when none of them leads to it any
+    /// longer, it cannot be vouched for and counts as forgotten.
+    pub async fn reread(
+        &self,
+        identity: &Identity,
+        credentials: &[Credential],
+    ) -> Result<Reread, StoreError> {
+        if let Some(reason) = self.pending_retirement(identity.id) {
+            return Ok(Reread::Retired(reason));
+        }
+        let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
+        let mut bindings = Bindings::new();
+        self.store.lookup_into(&keys, &mut bindings).await?;
+        let found = bindings
+            .drain(..)
+            .flatten()
+            .find(|binding| binding.pin.identity == identity.id);
+        Ok(match found.and_then(|binding| binding.identity) {
+            None => Reread::Retired(RetireReason::Forgotten),
+            Some(now) => match &now.retired {
+                Some(retired) => Reread::Retired(retired.reason.clone()),
+                None => Reread::Live(now),
+            },
+        })
     }
 
     /// Where a credential stands: unknown, live, or dead (and why). An

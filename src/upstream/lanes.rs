@@ -82,6 +82,11 @@ impl<P> Lanes<P> {
         self.map.remove(id);
     }
 
+    /// Drops every lane whose id `matches`.
+    pub(super) fn remove_every(&self, matches: impl Fn(&PoolId) -> bool) {
+        self.map.retain(|id, _| !matches(id));
+    }
+
     /// Number of lanes.
     pub(super) fn len(&self) -> usize {
         self.map.len()
@@ -170,6 +175,25 @@ mod tests {
         assert_eq!(lanes.len(), 2);
         lanes.remove(&id(1));
         assert_eq!(lanes.len(), 1);
+    }
+
+    /// An identity's lanes per client fingerprint all go with it.
+    #[test]
+    fn every_lane_of_a_key_can_be_dropped() {
+        let lanes = lanes(Duration::from_secs(10), 8);
+        for (n, fingerprint) in [(1, 0), (1, 7), (1, 9), (2, 7)] {
+            let id = PoolId {
+                fingerprint,
+                ..id(n)
+            };
+            lanes.get_or_make(id, || ());
+        }
+        lanes.remove_every(|lane| lane.key == id(1).key);
+        assert_eq!(lanes.len(), 1);
+        assert!(lanes.map.contains_key(&PoolId {
+            fingerprint: 7,
+            ..id(2)
+        }));
     }
 
     #[test]
