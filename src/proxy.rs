@@ -353,7 +353,7 @@ impl Pipeline {
                 egress_ip,
                 Some(&carried_by),
             )
-            .await;
+            .await?;
             body = self
                 .capture_invalidation_on(identity, access.site.as_ref(), &parts, body)
                 .await;

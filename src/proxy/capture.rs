@@ -72,15 +72,16 @@ impl Pipeline {
     /// durable before the answer goes on (every later tunnel of the
     /// identity is checked against it: a crash that lost it would let the
     /// next tunnel's address stand unchecked); the use itself is written
-    /// lazily. Only logged when it fails: a lost use makes an identity look
-    /// idle earlier, nothing worse.
+    /// lazily. A first address the store cannot take fails the answer, as
+    /// a pin it cannot take does; a lost use is only logged (it makes an
+    /// identity look idle earlier, nothing worse).
     pub(crate) async fn capture_use(
         &self,
         identity: &Identity,
         worked: bool,
         egress_ip: Option<IpAddr>,
         tunnel: Option<&TunnelInfo>,
-    ) {
+    ) -> Result<(), ProxyError> {
         let now = self.router.clock().now_ms();
         if let Some(tunnel) = tunnel {
             self.capture_sent_fingerprint(identity, tunnel, now);
@@ -104,15 +105,19 @@ impl Pipeline {
                         .retire_soon(self.exits.clone(), identity.clone(), reason);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(
-                    error = %e, identity = %identity.id,
-                    "could not record the identity's egress address"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e, identity = %identity.id,
+                        "could not record the identity's egress address; the answer is withheld"
+                    );
+                    return Err(ProxyError::Store(e));
+                }
             }
         }
         if let Err(e) = store.touch(identity.id, now, worked, None).await {
             tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
         }
+        Ok(())
     }
 
     /// Compares what an identity's upstream connection sent with what its

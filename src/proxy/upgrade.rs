@@ -140,7 +140,7 @@ impl Pipeline {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(identity) = &identity {
                 self.capture_use(identity, true, egress_ip, Some(&tunnel))
-                    .await;
+                    .await?;
             }
             return bridge(socket, response, self.relay_idle, &self.connections)
                 .map_err(|error| ProxyError::upstream(&route.exit, error));
@@ -154,7 +154,7 @@ impl Pipeline {
                 egress_ip,
                 Some(&tunnel),
             )
-            .await;
+            .await?;
             body = self.capture_invalidation(identity, &parts, body).await;
         }
         let body = egress::response_body(body, &parts);
