@@ -75,7 +75,9 @@ async fn open(
     route.exit.health.success();
     // Stage 8: nothing to read but the tunnel's use.
     if let Some(identity) = &route.identity {
-        pipeline.capture_use(identity, true, egress_ip, None).await?;
+        pipeline
+            .capture_use(identity, true, egress_ip, None)
+            .await?;
     }
     tracing::debug!(target = %authority, exit = %route.exit.id(), "passthrough tunnel open");
     pipeline.metrics.request("passthrough");

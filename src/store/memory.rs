@@ -491,7 +491,22 @@ impl PinStore for MemoryStore {
     }
 
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
-        self.insert_identity(identity);
+        // A new identity's id is random and unheard of. One that is known
+        // comes from an import (`pinproxy store import`) and is merged as
+        // the Redis store merges it: the record stands, so do its first
+        // retirement and its first egress address, and the latest use
+        // wins; an older export never brings back an identity that was
+        // evicted or invalidated since.
+        // (Read, then written: imports are the only writers of known ids.)
+        match self.identity(identity.id) {
+            None => self.insert_identity(identity),
+            Some(mut known) => {
+                known.retired = known.retired.or_else(|| identity.retired.clone());
+                known.egress_ip = known.egress_ip.or(identity.egress_ip);
+                known.last_used_ms = known.last_used_ms.max(identity.last_used_ms);
+                self.insert_identity(&known);
+            }
+        }
         Ok(())
     }
 

@@ -290,4 +290,41 @@ mod tests {
             vec![(ExitId::new("e2"), 77)]
         );
     }
+
+    /// An older export imported into the store it came from brings back no
+    /// identity retired since: the retirement stands, as on Redis.
+    #[tokio::test]
+    async fn an_import_never_undoes_a_retirement() {
+        use crate::identity::{RetireReason, Retirement};
+        let store = Store::Memory(MemoryStore::new());
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Arc::new(Fingerprint::default()),
+            5,
+        );
+        store.create_identity(&identity).await.unwrap();
+        let pin = Pin {
+            identity: identity.id,
+            kind: PinKind::Cookie,
+            name: Arc::from("datadome"),
+            created_ms: 5,
+            expires_ms: None,
+        };
+        let key = PinKey::from_bytes([9; 16]);
+        store.pin_if_absent(key, &pin).await.unwrap();
+        let mut file = Vec::new();
+        export(&store, "k1", &mut file).await.unwrap();
+        let evicted = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 9,
+        };
+        store.retire(identity.id, &evicted).await.unwrap();
+
+        import(&store, "k1", file.as_slice()).await.unwrap();
+        let found = store.lookup(&[key]).await.unwrap();
+        let now = found[0].as_ref().unwrap().identity.clone().unwrap();
+        assert_eq!(now.retired, Some(evicted));
+    }
 }
