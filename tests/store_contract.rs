@@ -323,11 +323,14 @@ async fn the_durable_store_keeps_the_contract_across_reopens() {
 async fn the_redis_store_keeps_the_contract() {
     let redis = RedisServer::start().await;
     let journal_dir = tempfile::tempdir().unwrap();
+    // Pins live the longest identity lifetime (48 h) plus the time retired
+    // credentials are remembered (30 days), as the daemon sets it.
+    let (longest, keep) = (48 * HOUR_MS, 30 * 24 * HOUR_MS);
     let store = redis_store(
         &redis.url(),
         "contract",
-        48 * HOUR_MS,
-        30 * 24 * HOUR_MS,
+        longest + keep,
+        keep,
         Some(journal_dir.path()),
     )
     .await;
@@ -339,7 +342,7 @@ async fn the_redis_store_keeps_the_contract() {
     let someone = identity("e1", now);
     store.create_identity(&someone).await.unwrap();
     let k = key();
-    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let written = store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let ttl: i64 = redis::cmd("PTTL")
@@ -347,8 +350,24 @@ async fn the_redis_store_keeps_the_contract() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    let expected = (48 * HOUR_MS) as i64;
+    let expected = (longest + keep) as i64;
     assert!(ttl > expected - 60_000 && ttl <= expected, "pin ttl {ttl}");
+    // And routing sees a pin expire no later than its creation plus the
+    // longest lifetime the TTL was set for: an identity a later, longer
+    // lifetime lets live on sees its cookie expire while Redis still holds
+    // the pin, never a pin Redis let go (unknown, free to be pinned anew).
+    assert_eq!(written.pin.expires_ms, Some(now + longest));
+    let k2 = key();
+    let sooner = store
+        .pin_if_absent(k2, &pin(&someone, Some(now + HOUR_MS)))
+        .await
+        .unwrap();
+    assert_eq!(sooner.pin.expires_ms, Some(now + HOUR_MS));
+    let found = store.lookup(&[k]).await.unwrap();
+    assert_eq!(
+        found[0].as_ref().unwrap().pin.expires_ms,
+        Some(now + longest)
+    );
 }
 
 /// A use of an identity Redis no longer holds (expired, or lost) writes
@@ -363,7 +382,7 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
     let settings = RedisSettings {
         url: redis.url(),
         namespace: "touch".to_owned(),
-        pin_ttl_ms: HOUR_MS,
+        pin_ttl_ms: 2 * HOUR_MS,
         keep_retired_ms: HOUR_MS,
         quarantine_ms: HOUR_MS,
         wait: None,
@@ -427,8 +446,8 @@ async fn written(store: &RedisStore, id: IdentityId, tasks: &TaskTracker) -> Ide
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_redis_agree_on_the_hashing_key() {
     let redis = RedisServer::start().await;
-    let first = redis_store(&redis.url(), "keys", HOUR_MS, HOUR_MS, None).await;
-    let second = redis_store(&redis.url(), "keys", HOUR_MS, HOUR_MS, None).await;
+    let first = redis_store(&redis.url(), "keys", 2 * HOUR_MS, HOUR_MS, None).await;
+    let second = redis_store(&redis.url(), "keys", 2 * HOUR_MS, HOUR_MS, None).await;
     let a = first.shared_hash_key([1; 32]).await.unwrap();
     let b = second.shared_hash_key([2; 32]).await.unwrap();
     assert_eq!(a, [1; 32]);

@@ -601,6 +601,30 @@ impl RedisStore {
             .collect()
     }
 
+    /// The value of `pin`'s key, the pin expiring (as routing reads it) no
+    /// later than its creation plus the longest identity lifetime this
+    /// process was started with. Redis deletes the key that long plus
+    /// `identities.remember_retired` after its creation, by the lifetimes in
+    /// force then; an identity allowed to live longer by a later reload or
+    /// restart (a raised `max_lifetime`) would otherwise outlive its pin,
+    /// and its cookie, unknown once Redis let it go, could be pinned anew
+    /// on another exit. Capped, the pin is seen to expire while Redis still
+    /// holds it, and its identity retires (`cookie-expired`) instead.
+    fn encode_expiring_pin(&self, pin: &Pin) -> Result<Vec<u8>, StoreError> {
+        let longest_ms = self
+            .inner
+            .pin_ttl_ms
+            .saturating_sub(self.inner.keep_retired_ms);
+        let cap = pin.created_ms.saturating_add(longest_ms);
+        if pin.expires_ms.is_some_and(|at| at <= cap) {
+            return encode_pin(pin);
+        }
+        encode_pin(&Pin {
+            expires_ms: Some(cap),
+            ..pin.clone()
+        })
+    }
+
     /// Pins each of `pins` unless pinned, in one round trip (followed by
     /// `WAIT` with `store.wait_replicas`; no journal: the caller writes it).
     async fn pin_all_raw(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
@@ -610,7 +634,7 @@ impl RedisStore {
             self.identity_prefix().into_bytes(),
         ];
         for (_, pin) in pins {
-            args.push(encode_pin(pin)?);
+            args.push(self.encode_expiring_pin(pin)?);
         }
         let result = self
             .run_pin_script(&self.inner.pin_all_if_absent, &keys, &args)
@@ -662,7 +686,7 @@ impl RedisStore {
             encode_address(identity.egress_ip),
         ];
         for (_, pin) in pins {
-            args.push(encode_pin(pin)?);
+            args.push(self.encode_expiring_pin(pin)?);
         }
         let reply = self.run_pin_script(&self.inner.found, &keys, &args).await?;
         let Value::Array(parts) = &reply else {
