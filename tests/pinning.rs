@@ -195,6 +195,56 @@ async fn a_rotated_cookie_inherits_its_exit() {
     s.stop().await;
 }
 
+/// A cookie sent in another spelling a server reads alike (its name in
+/// another case, as nginx matches names; its value in quotes, which Go and
+/// Node strip) is the same credential: it leaves through the exit the
+/// cookie was earned on, never founds an identity on another.
+#[tokio::test]
+async fn other_spellings_of_a_cookie_keep_to_its_exit() {
+    let s = Setup::start(3).await;
+    let (jar, peer) = s.login("/login").await;
+    let token = jar.get("datadome").unwrap().to_owned();
+    for (name, value) in [
+        ("DataDome", token.clone()),
+        ("DATADOME", token.clone()),
+        ("datadome", format!("\"{token}\"")),
+        ("Datadome", format!("\"{token}\"")),
+    ] {
+        for _ in 0..3 {
+            let mut respelt = Jar::default();
+            respelt.set(name, &value);
+            let reply = s.get("/page", &mut respelt).await;
+            assert_eq!(Setup::peer(&reply), Some(peer), "{name}={value}");
+        }
+    }
+
+    // A pin made before keys were canonical has the key of the spelling
+    // it was seen in: a request in that spelling finds it by that key.
+    let pipeline = s.proxy.daemon.pipeline();
+    let store = pipeline.router.store();
+    let found = store
+        .lookup(&[pipeline.hasher.cookie("datadome", &token)])
+        .await
+        .unwrap();
+    let binding = found[0].clone().unwrap();
+    let older = "OlderSpelling-7f3a";
+    let pin = pinproxy::identity::Pin {
+        name: "DataDome".into(),
+        ..binding.pin
+    };
+    store
+        .pin_if_absent(pipeline.hasher.cookie("DataDome", older), &pin)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut old_jar = Jar::default();
+        old_jar.set("DataDome", older);
+        let reply = s.get("/page", &mut old_jar).await;
+        assert_eq!(Setup::peer(&reply), Some(peer));
+    }
+    s.stop().await;
+}
+
 /// A tunnel remembers the credentials of its last `Cookie` header: a
 /// client whose header changes from request to request on one keep-alive
 /// connection must still be routed by what each request carries.

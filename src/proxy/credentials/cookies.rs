@@ -10,7 +10,7 @@
 //! `Cookie` header that cannot be read is an error, never skipped, because it
 //! might hide a tracked cookie.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -61,11 +61,13 @@ pub struct CookiePolicy {
     /// Which policy this is, for a [`CookieMemo`]: no two policies built in
     /// one process share it (a clone, which tracks the same names, does).
     id: u64,
-    /// Looked up with every cookie name of every request; the set is fixed
+    /// Looked up with every cookie name of every request; the map is fixed
     /// at start, so a client's names cannot grow collisions in it and the
     /// faster foldhash will do where SipHash guards maps clients fill.
-    /// Lowercased; shared with the credentials of names sent as spelt here.
-    exact: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// Keyed by the name lowercased; the value is the name as the policy
+    /// spells it (its canonical spelling), shared with the credentials of
+    /// names sent so.
+    exact: HashMap<Box<str>, Arc<str>, foldhash::fast::RandomState>,
     globs: Vec<Glob>,
 }
 
@@ -115,7 +117,7 @@ impl CookiePolicy {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut policy = CookiePolicy {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            exact: HashSet::default(),
+            exact: HashMap::default(),
             globs: Vec::new(),
         };
         for pattern in DEFAULT_TRACKED
@@ -146,7 +148,10 @@ impl CookiePolicy {
             let glob = Glob::new(pattern).map_err(|e| error(&e.to_string()))?;
             self.globs.push(glob);
         } else {
-            self.exact.insert(Arc::from(pattern.to_ascii_lowercase()));
+            // The first spelling of a name stands.
+            self.exact
+                .entry(pattern.to_ascii_lowercase().into())
+                .or_insert_with(|| Arc::from(pattern));
         }
         Ok(())
     }
@@ -156,56 +161,92 @@ impl CookiePolicy {
         self.tracked(name).is_some()
     }
 
-    /// Whether cookies with this name are pinned, and the policy's own copy
-    /// of the name when `name` spells it exactly.
+    /// Whether cookies with this name are pinned, and how the name matched.
     fn tracked(&self, name: &str) -> Option<Tracked<'_>> {
-        // Exact names are stored lowercased.
-        if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            if self.exact_ignoring_case(name) {
-                return Some(Tracked::Spelt);
-            }
-        } else if let Some(shared) = self.exact.get(name) {
-            return Some(Tracked::Exact(shared));
+        // Exact names are keyed lowercased.
+        let exact = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.exact_ignoring_case(name)
+        } else {
+            self.exact.get(name)
+        };
+        if let Some(spelt) = exact {
+            return Some(Tracked::Exact(spelt));
         }
         self.globs
             .iter()
             .any(|glob| glob.matches(name))
-            .then_some(Tracked::Spelt)
+            .then_some(Tracked::Pattern)
     }
 
-    /// Whether `name`, which has capitals, is an exact tracked name in
-    /// lower case: lowered on the stack when it is no longer than a cookie
-    /// name usually is.
-    fn exact_ignoring_case(&self, name: &str) -> bool {
+    /// The exact tracked name `name`, which has capitals, is in lower case:
+    /// lowered on the stack when it is no longer than a cookie name usually
+    /// is.
+    fn exact_ignoring_case(&self, name: &str) -> Option<&Arc<str>> {
         let mut lowered = [0u8; 64];
         if let Some(copy) = lowered.get_mut(..name.len()) {
             copy.copy_from_slice(name.as_bytes());
             copy.make_ascii_lowercase();
             // Lowering ASCII letters keeps UTF-8 valid.
             if let Ok(lowered) = std::str::from_utf8(copy) {
-                return self.exact.contains(lowered);
+                return self.exact.get(lowered);
             }
         }
-        self.exact.contains(name.to_ascii_lowercase().as_str())
+        self.exact.get(name.to_ascii_lowercase().as_str())
     }
 }
 
 /// How a tracked name matched.
 #[derive(Debug, Clone, Copy)]
 enum Tracked<'a> {
-    /// As the policy spells it: its copy of the name.
+    /// An exact name, in any case: the policy's spelling of it.
     Exact(&'a Arc<str>),
-    /// By a pattern, or in other case: the name as sent is the credential's.
-    Spelt,
+    /// A pattern.
+    Pattern,
 }
 
 impl Tracked<'_> {
-    /// The credential's name for a cookie named `sent`.
+    /// The credential's name for a cookie named `sent`: the policy's copy
+    /// when it is spelt so, else the name as sent.
     fn name(self, sent: &str) -> Arc<str> {
         match self {
-            Tracked::Exact(shared) => Arc::clone(shared),
-            Tracked::Spelt => Arc::from(sent),
+            Tracked::Exact(spelt) if **spelt == *sent => Arc::clone(spelt),
+            _ => Arc::from(sent),
         }
+    }
+
+    /// The keys a tracked cookie `name=value` is known by. First the key of
+    /// its canonical spelling, which every spelling a server reads as the
+    /// same cookie shares: the name as the policy spells it (a pattern's
+    /// match lowercased: nginx, among others, matches cookie names ignoring
+    /// case), and the value without one pair of surrounding double quotes
+    /// (which Go's and Node's parsers strip, and which a jar may drop or
+    /// add). Then, only when the cookie was sent in another spelling, the
+    /// key of that spelling as it is, by which the pins made before keys
+    /// were canonical are found: a request carrying both finds its pin by
+    /// either, and joins it.
+    fn keys(self, hasher: &PinHasher, name: &str, value: &str) -> (PinKey, Option<PinKey>) {
+        let unquoted = unquote(value);
+        let canonical = match self {
+            Tracked::Exact(spelt) => hasher.cookie(spelt, unquoted),
+            Tracked::Pattern if name.bytes().any(|b| b.is_ascii_uppercase()) => {
+                hasher.cookie(&name.to_ascii_lowercase(), unquoted)
+            }
+            Tracked::Pattern => hasher.cookie(name, unquoted),
+        };
+        let as_sent = match self {
+            Tracked::Exact(spelt) => **spelt == *name,
+            Tracked::Pattern => !name.bytes().any(|b| b.is_ascii_uppercase()),
+        } && unquoted.len() == value.len();
+        (canonical, (!as_sent).then(|| hasher.cookie(name, value)))
+    }
+}
+
+/// `value` without one pair of surrounding double quotes (RFC 6265's
+/// quoted cookie-value), as servers that strip them read it.
+fn unquote(value: &str) -> &str {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => inner,
+        None => value,
     }
 }
 
@@ -309,9 +350,9 @@ pub fn tracked_in_request_with(
             .to_str()
             .map_err(|_| CookieError::BadClientId)?
             .trim();
-        if !value.is_empty() {
+        if !unquote(value).is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
-            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Spelt);
+            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Pattern);
             push_new(&mut found, hasher, DATADOME, tracked, value)?;
         }
     }
@@ -335,8 +376,9 @@ fn in_cookie_header(
     Ok(found)
 }
 
-/// Adds cookie `name` with `value` to `found` unless its key is there;
-/// refuses a name or a count past the limits.
+/// Adds cookie `name` with `value` to `found` by each key it is known by
+/// ([`Tracked::keys`]) that is not there; refuses a name or a count past
+/// the limits.
 fn push_new(
     found: &mut Vec<Credential>,
     hasher: &PinHasher,
@@ -347,12 +389,18 @@ fn push_new(
     if name.len() > MAX_TRACKED_NAME {
         return Err(CookieError::NameTooLong { len: name.len() });
     }
-    let key = hasher.cookie(name, value);
-    if !found.iter().any(|c| c.key == key) {
-        if found.len() == MAX_TRACKED_PER_REQUEST {
-            return Err(CookieError::TooMany);
+    let (canonical, as_sent) = tracked.keys(hasher, name, value);
+    // One name for both keys: a name not spelt as the policy spells it is
+    // a copy, made once.
+    let mut shown: Option<Arc<str>> = None;
+    for key in std::iter::once(canonical).chain(as_sent) {
+        if !found.iter().any(|c| c.key == key) {
+            if found.len() == MAX_TRACKED_PER_REQUEST {
+                return Err(CookieError::TooMany);
+            }
+            let shown = shown.get_or_insert_with(|| tracked.name(name));
+            found.push(Credential::cookie(Arc::clone(shown), key));
         }
-        found.push(Credential::cookie(tracked.name(name), key));
     }
     Ok(())
 }
@@ -465,7 +513,7 @@ fn tracked_pairs<'a>(
         // what a jar keeps after some deletions): not a credential, as an
         // empty `X-DataDome-ClientID` is not, and as a `Set-Cookie` with
         // one deletes.
-        if value.is_empty() || value == "\"\"" {
+        if unquote(value).is_empty() {
             return None;
         }
         Some((name, tracked, value))
@@ -561,14 +609,18 @@ pub fn tracked_in_response(
                 _ => continue,
             },
         };
-        if !policy.is_tracked(parsed.name()) {
+        let Some(tracked) = policy.tracked(parsed.name()) else {
             continue;
-        }
+        };
         let now_ms = *now_ms;
         let expires_ms = cookie_expiry_ms(&parsed, text, now_ms);
-        let deletes = expires_ms.is_some_and(|at| at <= now_ms) || parsed.value().is_empty();
+        let deletes =
+            expires_ms.is_some_and(|at| at <= now_ms) || unquote(parsed.value()).is_empty();
+        // Pinned by its canonical key alone: a request that sends it in
+        // another spelling carries that key too.
+        let (key, _) = tracked.keys(hasher, parsed.name(), parsed.value());
         found.push(SetTrackedCookie {
-            cookie: Credential::cookie(parsed.name(), hasher.cookie(parsed.name(), parsed.value())),
+            cookie: Credential::cookie(tracked.name(parsed.name()), key),
             deletes,
             expires_ms,
         });
@@ -588,8 +640,16 @@ pub fn strip_from_request(
     if strip.is_empty() {
         return;
     }
+    // By either key a cookie is known by (a credential read by one of them
+    // is stripped in every spelling).
+    let known_by = |tracked: Tracked<'_>, name: &str, value: &str| {
+        let (canonical, as_sent) = tracked.keys(hasher, name, value);
+        strip.contains(&canonical) || as_sent.is_some_and(|key| strip.contains(&key))
+    };
     let stripped = |name: &str, value: &str| {
-        policy.is_tracked(name) && strip.contains(&hasher.cookie(name, value))
+        policy
+            .tracked(name)
+            .is_some_and(|tracked| known_by(tracked, name, value))
     };
     // In place: the `Cookie` header keeps its position among the others.
     header_order::rewrite(headers, |name, value| {
@@ -597,7 +657,8 @@ pub fn strip_from_request(
             // Every value is a credential of its own (reading takes them
             // all), so each is judged, not just the first.
             let id = value.to_str().ok()?.trim();
-            return (!strip.contains(&hasher.cookie(DATADOME, id))).then_some(value);
+            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Pattern);
+            return (!known_by(tracked, DATADOME, id)).then_some(value);
         }
         if name != http::header::COOKIE {
             return Some(value);
@@ -1209,5 +1270,76 @@ mod tests {
         assert_eq!(read("datadome=T; Max-Age=0"), (true, Some(now)));
         let (deletes, far) = read("datadome=T; Max-Age=99999999999999999999999");
         assert!(!deletes && far > Some(now + 1000 * 365 * 86_400_000));
+    }
+
+    /// The keys of a request's `Cookie` header.
+    fn request_keys(cookie: &str) -> Vec<PinKey> {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", HeaderValue::from_str(cookie).unwrap());
+        tracked_in_request(&headers, &policy(), &hasher())
+            .unwrap()
+            .iter()
+            .map(|c| c.key)
+            .collect()
+    }
+
+    /// Spellings a server reads as one cookie (the name in another case,
+    /// the value in quotes) share its canonical key, first; a spelling
+    /// other than the canonical one also carries its own key, by which
+    /// pins made before keys were canonical are found.
+    #[test]
+    fn spellings_a_server_reads_alike_share_one_key() {
+        let h = hasher();
+        let canonical = h.cookie("datadome", "T");
+        assert_eq!(request_keys("datadome=T"), [canonical]);
+        assert_eq!(
+            request_keys("DataDome=T"),
+            [canonical, h.cookie("DataDome", "T")]
+        );
+        assert_eq!(
+            request_keys("datadome=\"T\""),
+            [canonical, h.cookie("datadome", "\"T\"")]
+        );
+        // The policy's own spelling is the canonical one.
+        let kasada = h.cookie("KP_UIDz", "v");
+        assert_eq!(request_keys("KP_UIDz=v"), [kasada]);
+        assert_eq!(
+            request_keys("kp_uidz=v"),
+            [kasada, h.cookie("kp_uidz", "v")]
+        );
+        // A pattern's match is canonical lowercased.
+        assert_eq!(request_keys("_px3=v"), [h.cookie("_px3", "v")]);
+        assert_eq!(
+            request_keys("_PX3=v"),
+            [h.cookie("_px3", "v"), h.cookie("_PX3", "v")]
+        );
+        // An empty value in quotes is no credential either.
+        assert!(request_keys("datadome=\"\"").is_empty());
+
+        // What a response sets is pinned by the canonical key alone.
+        for line in ["datadome=T", "DataDome=T; Path=/", "datadome=\"T\""] {
+            let mut headers = HeaderMap::new();
+            headers.insert("set-cookie", HeaderValue::from_static(line));
+            let set = tracked_in_response(&headers, &policy(), &h, || 1);
+            assert_eq!(set.len(), 1, "{line}");
+            assert_eq!(set[0].cookie.key, canonical, "{line}");
+        }
+    }
+
+    /// A stripped credential goes in every spelling.
+    #[test]
+    fn stripping_finds_every_spelling() {
+        let h = hasher();
+        for cookie in ["DataDome=T; a=1", "datadome=\"T\"; a=1", "datadome=T; a=1"] {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_static(cookie));
+            strip_from_request(&mut headers, &policy(), &h, &[h.cookie("datadome", "T")]);
+            assert_eq!(headers["cookie"], "a=1", "{cookie}");
+        }
+        // By the key a pin made before keys were canonical has.
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", HeaderValue::from_static("DataDome=T; a=1"));
+        strip_from_request(&mut headers, &policy(), &h, &[h.cookie("DataDome", "T")]);
+        assert_eq!(headers["cookie"], "a=1");
     }
 }
