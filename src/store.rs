@@ -109,6 +109,17 @@ pub struct Binding {
     pub identity: Option<Arc<Identity>>,
 }
 
+/// Whether a cookie expiring at `set` (`None`: a session cookie, which
+/// expires last) outlives one expiring at `pinned`: when
+/// [`PinStore::extend_pin`] moves a pin.
+pub fn expires_later(set: Option<u64>, pinned: Option<u64>) -> bool {
+    match (set, pinned) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(set), Some(pinned)) => set > pinned,
+    }
+}
+
 /// The answer of [`PinStore::lookup`]: one entry per key asked, in order.
 /// Held inline for up to four keys (a request carries a few tracked
 /// cookies), so that answering a pin hit does not allocate.
@@ -265,6 +276,18 @@ pub trait PinStore: Send + Sync {
         ip: IpAddr,
     ) -> impl Future<Output = Result<Option<IpAddr>, StoreError>> + Send;
 
+    /// Moves the cookie expiry of pin `key` to `expires_ms` (`None`: a
+    /// session cookie, no expiry) when `pinned`, as read, is still its pin
+    /// and expires sooner: an origin that sets a pinned value again with a
+    /// later expiry (a sliding session) has the client keep it longer, and
+    /// the pin must not expire first. Nothing else of a pin ever changes.
+    fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Retires an identity (the first retirement stands).
     fn retire(
         &self,
@@ -417,6 +440,14 @@ impl PinStore for Store {
     ) -> Result<Option<IpAddr>, StoreError> {
         dispatch!(self, s => s.record_egress(id, ip))
     }
+    async fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.extend_pin(key, pinned, expires_ms))
+    }
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         dispatch!(self, s => s.retire(id, retirement))
     }
@@ -464,6 +495,7 @@ struct StoreTimers {
     found: Histogram,
     touch: Histogram,
     record_egress: Histogram,
+    extend_pin: Histogram,
     retire: Histogram,
     list: Histogram,
     count: Histogram,
@@ -486,6 +518,7 @@ impl TimedStore {
             found: timer("found-identity"),
             touch: timer("touch"),
             record_egress: timer("record-egress"),
+            extend_pin: timer("extend-pin"),
             retire: timer("retire"),
             list: timer("list"),
             count: timer("count"),
@@ -568,6 +601,17 @@ impl PinStore for TimedStore {
         ip: IpAddr,
     ) -> Result<Option<IpAddr>, StoreError> {
         timed!(self.timers.record_egress, self.store.record_egress(id, ip))
+    }
+    async fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self.timers.extend_pin,
+            self.store.extend_pin(key, pinned, expires_ms)
+        )
     }
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         timed!(self.timers.retire, self.store.retire(id, retirement))

@@ -78,6 +78,43 @@ async fn a_set_cookie_pin_never_outlives_the_cookie() {
     s.stop().await;
 }
 
+/// An origin that sets a pinned value again with a later expiry (a
+/// sliding session) has the client keep it longer: the pin lives as long.
+#[tokio::test]
+async fn a_cookie_set_again_with_a_later_expiry_keeps_its_pin_as_long() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| c.identities.idle_timeout = 24 * 60 * MINUTE)
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let token = jar.get("datadome").unwrap().to_owned();
+    clock.advance(50 * MINUTE);
+    let reply = s.get("/refresh", &mut jar).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(jar.get("datadome"), Some(token.as_str()), "the same value");
+    // Past the first expiry, within the second.
+    clock.advance(20 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
+        "{}",
+        error_of(&reply)
+    );
+    // And past the second.
+    clock.advance(45 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        error_of(&reply).contains("cookie-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_exit_can_shorten_the_idle_timeout_of_its_identities() {
     let clock = Clock::manual();

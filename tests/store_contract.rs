@@ -67,6 +67,56 @@ async fn contract(store: Arc<Store>) {
     assert!(found[0].is_none());
     assert_eq!(found[1].as_ref().unwrap().pin.identity, a.id);
 
+    // A pin's cookie expiry only moves later, and only for its own
+    // identity, as read.
+    let sliding = key();
+    let written = store
+        .pin_if_absent(sliding, &pin(&a, Some(now + 1_000)))
+        .await
+        .unwrap();
+    let expiry = |store: Arc<Store>| async move {
+        store.lookup(&[sliding]).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .pin
+            .expires_ms
+    };
+    store
+        .extend_pin(sliding, &written.pin, Some(now + 500))
+        .await
+        .unwrap();
+    assert_eq!(
+        expiry(store.clone()).await,
+        Some(now + 1_000),
+        "never sooner"
+    );
+    let foreign = Pin {
+        identity: b.id,
+        ..written.pin.clone()
+    };
+    store
+        .extend_pin(sliding, &foreign, Some(now + 9_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        expiry(store.clone()).await,
+        Some(now + 1_000),
+        "only its own"
+    );
+    store
+        .extend_pin(sliding, &written.pin, Some(now + 5_000))
+        .await
+        .unwrap();
+    assert_eq!(expiry(store.clone()).await, Some(now + 5_000));
+    assert_eq!(
+        store.lookup(&[sliding]).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .pin
+            .identity,
+        a.id
+    );
+
     // Racing first sight: exactly one winner, everyone sees it.
     let raced = key();
     let mut racers = Vec::new();

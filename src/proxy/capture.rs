@@ -308,6 +308,15 @@ pub async fn learn(
     for (cookie, winner) in live.iter().zip(winners) {
         if winner.pin.identity == identity.id {
             pinned_any = true;
+            // Set again (the pin is older than this answer) with a later
+            // expiry: the client keeps it longer, and so does the pin.
+            if winner.pin.created_ms < now
+                && crate::store::expires_later(cookie.expires_ms, winner.pin.expires_ms)
+            {
+                store
+                    .extend_pin(cookie.cookie.key, &winner.pin, cookie.expires_ms)
+                    .await?;
+            }
             tracing::debug!(cookie = %cookie.cookie, identity = %identity.id, "pinned from Set-Cookie");
         } else {
             // An origin handing out a value already pinned elsewhere (a

@@ -512,6 +512,22 @@ impl PinStore for DurableStore {
         Ok(())
     }
 
+    async fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let reserved = self.reserve(Change::Pin(key));
+        let extended = self.shared.memory.extend_pin(key, pinned, expires_ms).await;
+        let seq = reserved.send()?;
+        extended?;
+        // Durable before the answer that set it goes on: a pin that fell
+        // back to its old expiry after a crash would refuse a cookie its
+        // client holds (fail closed, but for nothing).
+        self.durable(seq).await
+    }
+
     async fn record_egress(
         &self,
         id: IdentityId,

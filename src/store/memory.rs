@@ -548,6 +548,21 @@ impl PinStore for MemoryStore {
             .map(|mut record| *record.egress_ip.get_or_insert(ip)))
     }
 
+    async fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if let Some(mut record) = self.pins.get_mut(&key) {
+            let held = (record.expires_ms != 0).then_some(record.expires_ms);
+            if record.identity == pinned.identity.0 && super::expires_later(expires_ms, held) {
+                record.expires_ms = expires_ms.unwrap_or(0);
+            }
+        }
+        Ok(())
+    }
+
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         if let Some(mut record) = self.identities.get_mut(&id) {
             // The first retirement stands: its reason is the real one.

@@ -175,6 +175,7 @@ struct Inner {
     write_identity: Script,
     touch: Script,
     record_egress: Script,
+    extend_pin: Script,
 }
 
 /// The touches of one identity not yet written.
@@ -264,6 +265,7 @@ impl RedisStore {
                 write_identity: Script::new(scripts::WRITE_IDENTITY),
                 touch: Script::new(scripts::TOUCH),
                 record_egress: Script::new(scripts::RECORD_EGRESS),
+                extend_pin: Script::new(scripts::EXTEND_PIN),
             }),
         };
         tokio::spawn(check_loop(Arc::downgrade(&store.inner)));
@@ -1012,6 +1014,37 @@ impl PinStore for RedisStore {
             journal.egress(id, ip).await;
         }
         Ok(bulk(&recorded).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
+    }
+
+    async fn extend_pin(
+        &self,
+        key: PinKey,
+        pinned: &Pin,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if !super::expires_later(expires_ms, pinned.expires_ms) {
+            return Ok(());
+        }
+        let current = encode_pin(pinned)?;
+        let extended = self.encode_expiring_pin(&Pin {
+            expires_ms,
+            ..pinned.clone()
+        })?;
+        if extended == current {
+            // Capped already at the most its time to live allows.
+            return Ok(());
+        }
+        self.run_script(
+            &self.inner.extend_pin,
+            &[self.pin_key(&key)],
+            &[current, extended],
+            Counting::None,
+        )
+        .await?;
+        if let Some(cache) = &self.inner.cache {
+            cache.forget(&key);
+        }
+        Ok(())
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {

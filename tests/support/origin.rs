@@ -430,6 +430,18 @@ async fn handle(
                 .append("set-cookie", "_ga=untracked; Path=/".parse().unwrap());
             response
         }
+        // Sets the `datadome` the request presented again, unchanged, for
+        // another hour (a sliding session).
+        "/refresh" => {
+            let mut response = text(StatusCode::OK, format!("ok {peer}\n"));
+            if let Some((_, token)) = presented.iter().find(|(name, _)| name == "datadome") {
+                response.headers_mut().append(
+                    "set-cookie",
+                    format!("datadome={token}; Max-Age=3600; Path=/").parse().unwrap(),
+                );
+            }
+            response
+        }
         "/x-set-cookie" => {
             let token = sign(&state.secret, peer, rand::random());
             let mut response = text(StatusCode::OK, format!("ok {peer}\n"));

@@ -140,6 +140,14 @@ impl HitCache {
         }
     }
 
+    /// Stops answering for `key` (its pin changed here; another replica's
+    /// cache answers the old one until its entry's time runs out).
+    pub(super) fn forget(&self, key: &PinKey) {
+        if self.entries.remove(key).is_some() {
+            self.size.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Stops answering for identity `id` (it was retired).
     pub(super) fn retired(&self, id: IdentityId) {
         self.retired.insert(id, Instant::now());

@@ -190,6 +190,19 @@ end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', egress}
 ";
 
+/// Sets pin `KEYS[3]` to `ARGV[2]` (its time to live kept) if it still
+/// holds `ARGV[1]`: the same pin with a later cookie expiry. Answers 1 when
+/// it was set.
+pub(super) const EXTEND_PIN: &str = r"
+local set = 0
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  redis.call('SET', KEYS[3], ARGV[2], 'KEEPTTL')
+  redis.call('INCR', KEYS[2])
+  set = 1
+end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', set}
+";
+
 /// Extends the fleet's quarantine after a loss (`KEYS[3]`: when it ends,
 /// Unix ms, the key expiring then) to `ARGV[1]` unless it already lasts
 /// longer (`0` only reads it); answers when it ends (0: no quarantine).
