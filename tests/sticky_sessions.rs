@@ -53,6 +53,45 @@ async fn the_session_placeholder_reaches_the_exit_as_one_stable_name_per_identit
     s.stop().await;
 }
 
+/// An identity founded by an answer's cookies takes the anonymous session
+/// that carried the answer for its own: cookie-less traffic moves to a
+/// fresh session, so neither the identity's session (its address at a
+/// provider) nor the connection its first answer came on carries another
+/// visitor's requests.
+#[tokio::test]
+async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
+    let s = Setup::builder()
+        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
+        .config(|c| c.exits[0].anonymous_sessions = 1)
+        .start()
+        .await;
+    let _first = s.login("/login").await;
+    let _second = s.login("/login").await;
+    s.get_with("/anonymous", &[]).await;
+
+    let listed = s.proxy.daemon.admin().identities(false).await.unwrap();
+    let sessions: HashSet<String> = listed.iter().map(|v| v.session.clone()).collect();
+    assert_eq!(sessions.len(), 2, "one session each: {listed:?}");
+    let seen = s.origin.seen();
+    let connection = |path: &str| {
+        seen.iter()
+            .filter(|r| r.path == path)
+            .map(|r| r.peer_port)
+            .collect::<Vec<_>>()
+    };
+    let (logins, after) = (connection("/login"), connection("/anonymous"));
+    assert_eq!(logins.len(), 2);
+    assert_ne!(logins[0], logins[1], "each founding answer on its own connection");
+    assert!(!logins.contains(&after[0]), "{logins:?} {after:?}");
+    // The cookie-less request went out on a session no identity holds.
+    let last = s.exits[0].connects().last().unwrap().user.clone().unwrap();
+    assert!(
+        !sessions.iter().any(|session| last.ends_with(session.as_str())),
+        "{last} is an identity's session"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn the_sticky_window_retires_an_identity_instead_of_following_the_new_ip() {
     let clock = Clock::manual();

@@ -54,6 +54,22 @@ impl AnonymousSessions {
         }
         *slot
     }
+
+    /// Hands `session` over to an identity founded on it (by the cookies
+    /// an answer on it set): its slot takes a fresh session, so cookie-less
+    /// traffic no longer goes out on the identity's session (its address
+    /// at a provider that keeps one per session) nor on the connections
+    /// that carried it, which the origin would see carry other visitors'
+    /// first requests. A session no slot holds (renewed meanwhile) is left.
+    pub fn hand_over(&self, session: SessionId, now_ms: u64) {
+        for slot in &self.slots {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.session == session {
+                *slot = fresh(now_ms);
+                return;
+            }
+        }
+    }
 }
 
 fn fresh(now_ms: u64) -> AnonymousSession {
@@ -77,5 +93,19 @@ mod tests {
         let b2 = ring.next(1_500);
         assert_ne!(b2.session, b.session, "renewed after the window");
         assert_eq!(b2.started_ms, 1_500);
+    }
+
+    #[test]
+    fn a_session_handed_over_leaves_the_ring() {
+        let ring = AnonymousSessions::new(2, None, 0);
+        let a = ring.next(0);
+        let b = ring.next(0);
+        ring.hand_over(a.session, 5);
+        let seen: Vec<_> = (0..4).map(|_| ring.next(5).session).collect();
+        assert!(!seen.contains(&a.session), "{seen:?}");
+        assert!(seen.contains(&b.session));
+        // A session no slot holds any more is left alone.
+        ring.hand_over(a.session, 6);
+        assert!((0..4).all(|_| seen.contains(&ring.next(6).session)));
     }
 }

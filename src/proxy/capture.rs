@@ -334,6 +334,10 @@ pub async fn learn(
             }
             return Ok(None);
         }
+        // Its session is the identity's own from now on.
+        if let Some(anonymous) = route.anonymous {
+            route.exit.sessions.hand_over(anonymous.session, now);
+        }
         router
             .metrics()
             .identity_created(&identity.exit, "set-cookie");
