@@ -141,6 +141,35 @@ async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() 
     s.stop().await;
 }
 
+/// An identity founded by an answer's cookies on an exit that states no
+/// address has the address of the tunnel that carried the answer (probed
+/// when that tunnel opened): a session that moves before the identity's
+/// first own tunnel is caught, not taken as the identity's first address.
+#[tokio::test]
+async fn an_ip_echo_probe_catches_a_session_that_moved_before_the_identitys_first_tunnel() {
+    let gateway = Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 0.0, 7);
+    let s = Setup::builder()
+        .exit(gate(gateway))
+        .config_with(|c, env| {
+            let echo = format!("http://localhost:{}/ip", env.origin.http.port());
+            c.exits[0].ip_echo = Some(echo);
+        })
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+    s.exits[0].gateway.as_ref().unwrap().move_all();
+    s.exits[0].close_tunnels();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert!(
+        error_of(&reply).contains("exit-ip-drift"),
+        "{}",
+        error_of(&reply)
+    );
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+    s.stop().await;
+}
+
 /// Two tunnels of one identity (its HTTP/1.1 and its HTTP/2 connection)
 /// that open before either has recorded the identity's address, and leave
 /// from two addresses: the identity has been seen from both, and it retires

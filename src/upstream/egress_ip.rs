@@ -87,8 +87,15 @@ impl Dialer {
         let check = &self.ip_check;
         let observed = match (reported, &check.echo, &check.pinned) {
             (Some(ip), _, _) => Some(ip),
-            // The probe costs a second tunnel: only identities need it.
             (None, Some(echo), Some(_)) => Some(self.echo_probe(echo, deadline).await?),
+            // Cookie-less traffic's tunnel: its address is the one an
+            // identity founded by an answer on it earned its cookies from,
+            // and is checked against from then on; without it, the
+            // identity's first own tunnel would set whatever address the
+            // session had moved to by then. Best effort: a probe that fails
+            // costs the cookie-less request nothing (the address stays
+            // unknown, as before the probe).
+            (None, Some(echo), None) => self.echo_probe(echo, deadline).await.ok(),
             _ => None,
         };
         let Some(pinned) = &check.pinned else {
