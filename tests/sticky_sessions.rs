@@ -81,12 +81,17 @@ async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
     };
     let (logins, after) = (connection("/login"), connection("/anonymous"));
     assert_eq!(logins.len(), 2);
-    assert_ne!(logins[0], logins[1], "each founding answer on its own connection");
+    assert_ne!(
+        logins[0], logins[1],
+        "each founding answer on its own connection"
+    );
     assert!(!logins.contains(&after[0]), "{logins:?} {after:?}");
     // The cookie-less request went out on a session no identity holds.
     let last = s.exits[0].connects().last().unwrap().user.clone().unwrap();
     assert!(
-        !sessions.iter().any(|session| last.ends_with(session.as_str())),
+        !sessions
+            .iter()
+            .any(|session| last.ends_with(session.as_str())),
         "{last} is an identity's session"
     );
     s.stop().await;

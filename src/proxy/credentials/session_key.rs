@@ -30,6 +30,10 @@ pub enum SessionKeyError {
     /// Empty, too long, or not visible ASCII.
     #[error("the session key must be 1-{MAX_SESSION_KEY} visible ASCII characters")]
     Malformed,
+    /// More than one `X-Pinproxy-Session` header: which session the request
+    /// belongs to is the client's to say once.
+    #[error("the request carries more than one X-Pinproxy-Session header; send one")]
+    Repeated,
 }
 
 /// The user name and password of a `Proxy-Authorization: Basic` value.
@@ -116,9 +120,15 @@ pub fn of_request(
     tunnel_key: Option<&str>,
 ) -> Result<Option<String>, SessionKeyError> {
     let named = super::holds_custom(headers, &X_PINPROXY_SESSION)
-        .then(|| headers.get(&X_PINPROXY_SESSION))
+        .then(|| {
+            let mut values = headers.get_all(&X_PINPROXY_SESSION).iter();
+            values.next().map(|first| (first, values.next().is_some()))
+        })
         .flatten();
-    if let Some(value) = named {
+    if let Some((value, repeated)) = named {
+        if repeated {
+            return Err(SessionKeyError::Repeated);
+        }
         let text = value.to_str().map_err(|_| SessionKeyError::Malformed)?;
         return validate(text.trim()).map(Some);
     }
@@ -219,5 +229,11 @@ mod tests {
         assert_eq!(of_request(&h, Some("t")).unwrap(), Some("hdr".into()));
         h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static(""));
         assert!(of_request(&h, None).is_err());
+        h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static("one"));
+        h.append(&X_PINPROXY_SESSION, HeaderValue::from_static("two"));
+        assert!(matches!(
+            of_request(&h, None),
+            Err(SessionKeyError::Repeated)
+        ));
     }
 }
