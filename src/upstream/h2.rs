@@ -7,10 +7,16 @@
 //! the `http2` crate can send all of them, through wreq-proto's hyper-style
 //! connection layer. Regular header order is the request's own.
 //!
-//! Windows and the header list a client states are offered up to a ceiling
-//! ([`MAX_STREAM_WINDOW`], [`MAX_CONNECTION_WINDOW`], [`MAX_HEADER_LIST`]),
-//! above what every client seen states: an origin may send that much, and
-//! it waits in pinproxy's memory while the client does not read.
+//! Windows, the header list and the HPACK table a client states are offered
+//! up to a ceiling ([`MAX_STREAM_WINDOW`], [`MAX_CONNECTION_WINDOW`],
+//! [`MAX_HEADER_LIST`], [`MAX_HEADER_TABLE`]), at or above what every
+//! client seen states: an origin may send that much, and it waits in
+//! pinproxy's memory while the client does not read. Server push is never
+//! enabled: a preface that enables it, or leaves it at the protocol's
+//! default (on) by not stating it, goes out with ENABLE_PUSH 0 (in its
+//! place, or after the client's settings). A client that states no header
+//! list (Firefox, curl) leaves the crate's own bound, 16 MiB a response
+//! head: stating one would add a setting those clients never send.
 //!
 //! What cannot be said: SETTINGS identifiers other than 1 to 6, 8 and 9
 //! (none of the clients pinproxy has seen sends one), the absence of
@@ -45,6 +51,12 @@ pub const MAX_CONNECTION_WINDOW: u32 = 64 << 20;
 /// The largest header list (setting 6) an origin may send back (Chrome
 /// states 256 KiB).
 pub const MAX_HEADER_LIST: u32 = 1 << 20;
+/// The largest HPACK table (setting 1) an origin may make pinproxy's decoder
+/// keep: Chrome's and Firefox's 64 KiB. It lives as long as the connection,
+/// and a client stating the protocol's 4 GiB would let an origin fill it.
+pub const MAX_HEADER_TABLE: u32 = 64 << 10;
+/// The frame sizes (setting 5) the protocol allows; the crate asserts them.
+const FRAME_SIZES: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
 
 /// Runs wreq-proto's connection tasks on tokio.
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,11 +78,16 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
     let mut order = SettingsOrder::builder();
     for &(id, value) in &preface.settings {
         builder = match id {
-            1 => builder.header_table_size(value),
-            2 => builder.enable_push(value != 0),
+            1 => builder.header_table_size(value.min(MAX_HEADER_TABLE)),
+            // Never on: pushed streams would wait in pinproxy's memory,
+            // unread and uncounted (the crate holds every reserved stream).
+            2 => builder.enable_push(false),
             3 => builder.max_concurrent_streams(value),
             4 => builder.initial_window_size(value.min(MAX_STREAM_WINDOW)),
-            5 => builder.max_frame_size(value),
+            // A front connection refuses a size outside the protocol's
+            // range, but a recorded preface may be older or damaged.
+            5 if FRAME_SIZES.contains(&value) => builder.max_frame_size(value),
+            5 => continue,
             6 => builder.max_header_list_size(value.min(MAX_HEADER_LIST)),
             8 => builder.enable_connect_protocol(value != 0),
             9 => builder.no_rfc7540_priorities(value != 0),
@@ -78,6 +95,11 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
             _ => continue,
         };
         order = order.push(SettingId::from(id));
+    }
+    // A preface without ENABLE_PUSH leaves push on (the protocol's
+    // default): it goes out off, after the client's own settings.
+    if !preface.settings.iter().any(|&(id, _)| id == 2) {
+        builder = builder.enable_push(false);
     }
     builder = builder
         .settings_order(order.build())
@@ -170,5 +192,28 @@ mod tests {
         assert_eq!(offered.initial_window_size, 6_291_456);
         assert_eq!(offered.initial_conn_window_size, 15_728_640);
         assert_eq!(offered.max_header_list_size, Some(262_144));
+        assert_eq!(offered.header_table_size, Some(65_536));
+        assert_eq!(offered.enable_push, Some(false));
+    }
+
+    /// An HPACK table past the ceiling is offered as the ceiling; push is
+    /// never enabled, whether the preface enables it or leaves it unstated;
+    /// a frame size outside the protocol's range (a damaged record) is left
+    /// out rather than asserted on.
+    #[test]
+    fn a_preface_never_opens_pinproxy_to_an_origins_table_or_pushes() {
+        let greedy = H2Fingerprint {
+            settings: vec![(1, u32::MAX), (2, 1), (5, 0)],
+            ..H2Fingerprint::default()
+        };
+        let offered = options(&greedy);
+        assert_eq!(offered.header_table_size, Some(MAX_HEADER_TABLE));
+        assert_eq!(offered.enable_push, Some(false));
+        assert_eq!(offered.max_frame_size, None);
+        let silent = H2Fingerprint {
+            settings: vec![(4, 65_535)],
+            ..H2Fingerprint::default()
+        };
+        assert_eq!(options(&silent).enable_push, Some(false));
     }
 }
