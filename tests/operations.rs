@@ -410,6 +410,32 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
         .unwrap();
     assert_eq!(page.status, 200);
     assert!(r.origin.leaks().is_empty());
+
+    // exit2's URL now leads elsewhere under the same id: applied, and said
+    // loudly (its identities continue through the new address).
+    let text = std::fs::read_to_string(&r.config).unwrap().replacen(
+        &format!("url = {:?}\n", r.urls[1].1),
+        &format!("url = {:?}\n", r.urls[2].1),
+        1,
+    );
+    std::fs::write(&r.config, text).unwrap();
+    let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        Duration::from_secs(10),
+        "no log line for the changed address",
+        || {
+            let lines = r.lines.clone();
+            async move {
+                lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.contains("exit address changed") && l.contains("exit2"))
+            }
+        },
+    )
+    .await;
 }
 
 /// `store.url` is read at start only, and so is what follows from it: a

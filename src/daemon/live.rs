@@ -231,6 +231,24 @@ impl Live {
             }),
             restart_needed,
         };
+        // An exit whose address changed under its id keeps its identities
+        // (a gateway renamed, a password rotated), so their cookies now
+        // leave from wherever the new address leads: said loudly, since
+        // only the operator knows whether it is the same pool of IPs.
+        for exit in set.iter() {
+            let Some(old) = previous.get(exit.id()) else {
+                continue;
+            };
+            let (was, now) = (old.spec.redacted_url(), exit.spec.redacted_url());
+            if was != now {
+                tracing::warn!(
+                    exit = %exit.id(), was = %was, now = %now,
+                    "exit address changed under the same id: its identities continue through the new \
+                     address; if it is another pool of IPs, give the exit a new id (its identities \
+                     then retire, exit-removed)"
+                );
+            }
+        }
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.
         if let Err(e) = self.core.router.sync_exit_deaths(&set).await {
