@@ -368,8 +368,10 @@ fn redact_userinfo(value: &str) -> String {
     let before = &value[..at];
     let start = match (before.find("://"), before.find('=')) {
         (Some(scheme), _) => scheme + 3,
-        (None, Some(id)) => id + 1,
-        (None, None) => 0,
+        // `ID=` before a URL without a scheme; an id holds no `:`, so an
+        // `=` after one is inside the password.
+        (None, Some(id)) if !before[..id].contains(':') => id + 1,
+        _ => 0,
     };
     format!("{}***{}", &value[..start], &value[at..])
 }
@@ -397,6 +399,7 @@ mod tests {
             .to_string();
         assert!(!err.contains("secret") && err.contains("***@host"), "{err}");
         assert_eq!(redact_userinfo("id=u:secret@h:1"), "id=***@h:1");
+        assert_eq!(redact_userinfo("user:se=cret@h:1"), "***@h:1");
         assert_eq!(redact_userinfo("id=http://u:s=t@h:1"), "id=http://***@h:1");
     }
 

@@ -922,7 +922,7 @@ impl Config {
                     format!(", line {line} column {column}")
                 })
                 .unwrap_or_default(),
-            reason: e.message().trim_end().to_owned(),
+            reason: without_userinfo(e.message().trim_end()),
         })
     }
 
@@ -1141,6 +1141,32 @@ pub fn valid_exit_id(id: &str) -> bool {
         })
 }
 
+/// `text` with the user information of every URL in it written as `***`:
+/// a TOML error may quote the value it could not take, an exit's URL with
+/// its password among them.
+fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        match url.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&url[at..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1170,6 +1196,12 @@ mod tests {
         assert!(!message.contains("Secr"), "{message}");
         assert!(message.contains("line 3 column"), "{message}");
         assert!(message.contains("escape"), "{message}");
+        // A value of the wrong type is quoted by the reader: its URL's
+        // password is not.
+        std::fs::write(&path, "exits = \"http://u:Secret-77@127.0.0.1:9\"\n").unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert!(!message.contains("Secret"), "{message}");
+        assert!(message.contains("***@127.0.0.1:9"), "{message}");
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
 /// Replaces `path` with `bytes` atomically (a crash leaves the old file or
 /// the new one), mode 0600: written to `PATH.tmp`, synced, renamed over
 /// `path`, and the directory synced so the rename survives a power loss. A
-/// `PATH.tmp` a crash left behind is replaced, never an obstacle.
+/// `PATH.tmp` a crash left behind is replaced, never an obstacle; two
+/// writers of one file must take turns (the temporary file is shared).
 pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut temp = path.as_os_str().to_owned();
@@ -42,8 +43,12 @@ pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         file.sync_all()?;
     }
     std::fs::rename(&temp, path)?;
+    // Best effort: the file is in place either way, and some file systems
+    // refuse to sync a directory.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)?.sync_all()?;
+        if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::debug!(error = %e, dir = %dir.display(), "could not sync the directory");
+        }
     }
     Ok(())
 }

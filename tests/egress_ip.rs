@@ -170,6 +170,35 @@ async fn an_ip_echo_probe_catches_a_session_that_moved_before_the_identitys_firs
     s.stop().await;
 }
 
+/// The probe of a cookie-less tunnel is best effort: an IP-echo service
+/// that never answers costs the request at most half its connect time, and
+/// never the request itself.
+#[tokio::test]
+async fn a_silent_ip_echo_service_costs_cookie_less_requests_nothing() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    // Accepts, holds every connection, answers nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let gateway = Gateway::new(&["127.0.0.2"], None, 0.0, 7);
+    let s = Setup::builder()
+        .exit(gate(gateway))
+        .config(move |c| {
+            c.exits[0].ip_echo = Some(format!("http://127.0.0.1:{silent_port}/ip"));
+            c.timeouts.connect = Duration::from_secs(2);
+        })
+        .start()
+        .await;
+    let reply = s.get_with("/anonymous", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    s.stop().await;
+    holder.abort();
+}
+
 /// Two tunnels of one identity (its HTTP/1.1 and its HTTP/2 connection)
 /// that open before either has recorded the identity's address, and leave
 /// from two addresses: the identity has been seen from both, and it retires

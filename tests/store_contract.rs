@@ -47,7 +47,11 @@ fn key() -> PinKey {
 
 /// The contract every store keeps.
 async fn contract(store: Arc<Store>) {
-    let now = 1_800_000_000_000;
+    // The clock's own time: Redis judges a key's life by its own.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
 
     // Lookup of an unknown key.
     let unknown = key();
@@ -418,6 +422,59 @@ async fn the_redis_store_keeps_the_contract() {
         found[0].as_ref().unwrap().pin.expires_ms,
         Some(now + longest)
     );
+}
+
+/// A pin's expiry moves later only as far as its key outlives it: the
+/// key's time to live was set by whoever wrote the pin, with the lifetimes
+/// in force then, and a replica started with longer ones must not let the
+/// pin claim an expiry past the key (nor one started with shorter ones
+/// shorten it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_pin_moves_later_only_within_its_keys_life() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Pins of `short` live 3 h (2 h lifetimes, 1 h remembered), of `long`
+    // 11 h, of `shorter` 2 h.
+    let short = redis_store(&url, "extend", 3 * HOUR_MS, HOUR_MS, None).await;
+    let long = redis_store(&url, "extend", 11 * HOUR_MS, HOUR_MS, None).await;
+    let shorter = redis_store(&url, "extend", 2 * HOUR_MS, HOUR_MS, None).await;
+    let someone = identity("e1", now);
+    short.create_identity(&someone).await.unwrap();
+    let k = key();
+    let written = short
+        .pin_if_absent(k, &pin(&someone, Some(now + 30 * 60_000)))
+        .await
+        .unwrap();
+    let expiry = || async {
+        short.lookup(&[k]).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .pin
+            .expires_ms
+    };
+    long.extend_pin(k, &written.pin, Some(now + 30 * 24 * HOUR_MS))
+        .await
+        .unwrap();
+    assert_eq!(
+        expiry().await,
+        Some(now + 30 * 60_000),
+        "past the key's life"
+    );
+    short
+        .extend_pin(k, &written.pin, Some(now + 90 * 60_000))
+        .await
+        .unwrap();
+    assert_eq!(expiry().await, Some(now + 90 * 60_000));
+    let moved = short.lookup(&[k]).await.unwrap()[0].clone().unwrap().pin;
+    shorter
+        .extend_pin(k, &moved, Some(now + 5 * HOUR_MS))
+        .await
+        .unwrap();
+    assert_eq!(expiry().await, Some(now + 90 * 60_000), "never sooner");
 }
 
 /// A use of an identity Redis no longer holds (expired, or lost) writes

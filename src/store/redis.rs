@@ -613,15 +613,21 @@ impl RedisStore {
     /// on another exit. Capped, the pin is seen to expire while Redis still
     /// holds it, and its identity retires (`cookie-expired`) instead.
     fn encode_expiring_pin(&self, pin: &Pin) -> Result<Vec<u8>, StoreError> {
+        encode_pin(&self.expiring_pin(pin))
+    }
+
+    /// `pin` with its expiry capped as [`RedisStore::encode_expiring_pin`]
+    /// says.
+    fn expiring_pin<'p>(&self, pin: &'p Pin) -> std::borrow::Cow<'p, Pin> {
         let longest_ms = self
             .inner
             .pin_ttl_ms
             .saturating_sub(self.inner.keep_retired_ms);
         let cap = pin.created_ms.saturating_add(longest_ms);
         if pin.expires_ms.is_some_and(|at| at <= cap) {
-            return encode_pin(pin);
+            return std::borrow::Cow::Borrowed(pin);
         }
-        encode_pin(&Pin {
+        std::borrow::Cow::Owned(Pin {
             expires_ms: Some(cap),
             ..pin.clone()
         })
@@ -1022,22 +1028,32 @@ impl PinStore for RedisStore {
         pinned: &Pin,
         expires_ms: Option<u64>,
     ) -> Result<(), StoreError> {
-        if !super::expires_later(expires_ms, pinned.expires_ms) {
-            return Ok(());
-        }
-        let current = encode_pin(pinned)?;
-        let extended = self.encode_expiring_pin(&Pin {
+        let asked = Pin {
             expires_ms,
             ..pinned.clone()
-        })?;
-        if extended == current {
-            // Capped already at the most its time to live allows.
+        };
+        let extended = self.expiring_pin(&asked);
+        // Later than the pin held, after this process's cap (a replica
+        // started with shorter lifetimes must not shorten it).
+        if !super::expires_later(extended.expires_ms, pinned.expires_ms) {
             return Ok(());
         }
+        // The key must outlive the new expiry by the time retired
+        // credentials are remembered, as when the pin was written; if its
+        // time to live (set with the lifetimes of whoever wrote it) is too
+        // short, the pin keeps its expiry.
+        let until = extended
+            .expires_ms
+            .map_or(u64::MAX, |at| at.saturating_add(self.inner.keep_retired_ms));
         self.run_script(
             &self.inner.extend_pin,
             &[self.pin_key(&key)],
-            &[current, extended],
+            &[
+                encode_pin(pinned)?,
+                encode_pin(&extended)?,
+                until.to_string().into_bytes(),
+                recovery::now_ms().to_string().into_bytes(),
+            ],
             Counting::None,
         )
         .await?;

@@ -94,8 +94,14 @@ impl Dialer {
             // identity's first own tunnel would set whatever address the
             // session had moved to by then. Best effort: a probe that fails
             // costs the cookie-less request nothing (the address stays
-            // unknown, as before the probe).
-            (None, Some(echo), None) => self.echo_probe(echo, deadline).await.ok(),
+            // unknown, as before the probe), and it may take half the time
+            // left at most, so that the tunnel's own TLS handshake still
+            // has the rest.
+            (None, Some(echo), None) => {
+                let now = Instant::now();
+                let half = now + deadline.saturating_duration_since(now) / 2;
+                self.echo_probe(echo, half).await.ok()
+            }
             _ => None,
         };
         let Some(pinned) = &check.pinned else {

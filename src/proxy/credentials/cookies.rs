@@ -328,11 +328,17 @@ pub fn tracked_in_request_with(
     // fallback below, which walks the same headers again.
     let cookie_headers = headers.get_all(http::header::COOKIE);
     let mut first_two = cookie_headers.iter();
+    // Distinct cookies found; for a recalled list, at most its length
+    // (its entries include the spellings' own keys).
+    let mut cookies = 0;
     let mut found = match (memo, first_two.next(), first_two.next()) {
         (Some(memo), Some(header), None) => match memo.recall(policy, header) {
-            Some(found) => found,
+            Some(found) => {
+                cookies = found.len().min(MAX_TRACKED_PER_REQUEST);
+                found
+            }
             None => {
-                let found = in_cookie_header(header, policy, hasher, Vec::new())?;
+                let found = in_cookie_header(header, policy, hasher, Vec::new(), &mut cookies)?;
                 memo.remember(policy, header, &found);
                 found
             }
@@ -340,7 +346,7 @@ pub fn tracked_in_request_with(
         _ => cookie_headers
             .iter()
             .try_fold(Vec::new(), |found, header| {
-                in_cookie_header(header, policy, hasher, found)
+                in_cookie_header(header, policy, hasher, found, &mut cookies)
             })?,
     };
     let client_ids = super::holds_custom(headers, &X_DATADOME_CLIENTID)
@@ -353,7 +359,7 @@ pub fn tracked_in_request_with(
         if !unquote(value).is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
             let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Pattern);
-            push_new(&mut found, hasher, DATADOME, tracked, value)?;
+            push_new(&mut found, &mut cookies, hasher, DATADOME, tracked, value)?;
         }
     }
     Ok(found)
@@ -365,22 +371,24 @@ fn in_cookie_header(
     policy: &CookiePolicy,
     hasher: &PinHasher,
     mut found: Vec<Credential>,
+    cookies: &mut usize,
 ) -> Result<Vec<Credential>, CookieError> {
     let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
     if memchr::memchr(b',', text.as_bytes()).is_some() && comma_hides_tracked(text, policy) {
         return Err(CookieError::CommaFolded);
     }
     for (name, tracked, value) in tracked_pairs(text, policy) {
-        push_new(&mut found, hasher, name, tracked, value)?;
+        push_new(&mut found, cookies, hasher, name, tracked, value)?;
     }
     Ok(found)
 }
 
 /// Adds cookie `name` with `value` to `found` by each key it is known by
-/// ([`Tracked::keys`]) that is not there; refuses a name or a count past
-/// the limits.
+/// ([`Tracked::keys`]) that is not there, counting it in `cookies` (the
+/// distinct cookies found); refuses a name or a count past the limits.
 fn push_new(
     found: &mut Vec<Credential>,
+    cookies: &mut usize,
     hasher: &PinHasher,
     name: &str,
     tracked: Tracked<'_>,
@@ -393,10 +401,18 @@ fn push_new(
     // One name for both keys: a name not spelt as the policy spells it is
     // a copy, made once.
     let mut shown: Option<Arc<str>> = None;
-    for key in std::iter::once(canonical).chain(as_sent) {
+    for (key, canonical) in [(canonical, true)]
+        .into_iter()
+        .chain(as_sent.map(|key| (key, false)))
+    {
         if !found.iter().any(|c| c.key == key) {
-            if found.len() == MAX_TRACKED_PER_REQUEST {
-                return Err(CookieError::TooMany);
+            // Cookies count against the limit, not the keys they are known
+            // by (the list holds at most twice the limit).
+            if canonical {
+                if *cookies == MAX_TRACKED_PER_REQUEST {
+                    return Err(CookieError::TooMany);
+                }
+                *cookies += 1;
             }
             let shown = shown.get_or_insert_with(|| tracked.name(name));
             found.push(Credential::cookie(Arc::clone(shown), key));
@@ -797,6 +813,12 @@ mod tests {
             read(&jar(MAX_TRACKED_PER_REQUEST + 1)),
             Err(CookieError::TooMany)
         ));
+        // A cookie in another spelling is one cookie, known by two keys.
+        let respelt = (0..MAX_TRACKED_PER_REQUEST)
+            .map(|i| format!("Session_{i}=v"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        assert_eq!(read(&respelt).unwrap().len(), 2 * MAX_TRACKED_PER_REQUEST);
         // X-DataDome-ClientID counts as the cookie it carries.
         let mut headers = HeaderMap::new();
         headers.insert(

@@ -144,7 +144,12 @@ impl HitCache {
     /// cache answers the old one until its entry's time runs out).
     pub(super) fn forget(&self, key: &PinKey) {
         if self.entries.remove(key).is_some() {
-            self.size.fetch_sub(1, Ordering::Relaxed);
+            // About the count (see `size`): never below zero.
+            let _ = self
+                .size
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
         }
     }
 

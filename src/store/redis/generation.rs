@@ -140,6 +140,10 @@ pub struct Generation {
     file: Option<PathBuf>,
     /// The sequence last written to the file.
     saved_seq: AtomicU64,
+    /// Held while the file is written: saves run off the runtime, from the
+    /// background check, a restore and the close, and share one temporary
+    /// file.
+    saving: std::sync::Mutex<()>,
     /// The namespace the history is of.
     namespace: String,
 }
@@ -206,6 +210,7 @@ impl Generation {
             writer_id: writer.id,
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
+            saving: std::sync::Mutex::new(()),
             namespace: namespace.to_owned(),
         })
     }
@@ -327,6 +332,10 @@ impl Generation {
     /// otherwise only if the sequence moved since the last save.
     pub fn save(&self, now: bool) {
         let Some(file) = &self.file else { return };
+        let _one_at_a_time = self
+            .saving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let seq = self.max_seq.load(Ordering::Relaxed);
         if !now && self.saved_seq.load(Ordering::Relaxed) == seq {
             return;

@@ -191,14 +191,20 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 ";
 
 /// Sets pin `KEYS[3]` to `ARGV[2]` (its time to live kept) if it still
-/// holds `ARGV[1]`: the same pin with a later cookie expiry. Answers 1 when
-/// it was set.
+/// holds `ARGV[1]` and Redis keeps it at least until `ARGV[3]` (Unix ms;
+/// `ARGV[4]` is now): the same pin with a later cookie expiry, which must
+/// end, as routing reads it, while the key is still there (its time to
+/// live was set by whichever replica wrote it, with the lifetimes in force
+/// then). Answers 1 when it was set.
 pub(super) const EXTEND_PIN: &str = r"
 local set = 0
 if redis.call('GET', KEYS[3]) == ARGV[1] then
-  redis.call('SET', KEYS[3], ARGV[2], 'KEEPTTL')
-  redis.call('INCR', KEYS[2])
-  set = 1
+  local ttl = redis.call('PTTL', KEYS[3])
+  if ttl == -1 or tonumber(ARGV[4]) + ttl >= tonumber(ARGV[3]) then
+    redis.call('SET', KEYS[3], ARGV[2], 'KEEPTTL')
+    redis.call('INCR', KEYS[2])
+    set = 1
+  end
 end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', set}
 ";
