@@ -422,6 +422,35 @@ async fn the_redis_store_keeps_the_contract() {
         found[0].as_ref().unwrap().pin.expires_ms,
         Some(now + longest)
     );
+
+    // A later expiry reaches the replica's journal too, so a restore after
+    // a loss brings the pin back as it is (Redis judges the key's life by
+    // its own clock: this pin is made now).
+    let real_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let sliding = identity("e1", real_now);
+    store.create_identity(&sliding).await.unwrap();
+    let k3 = key();
+    let first = store
+        .pin_if_absent(k3, &pin(&sliding, Some(real_now + 60_000)))
+        .await
+        .unwrap();
+    store
+        .extend_pin(k3, &first.pin, Some(real_now + HOUR_MS))
+        .await
+        .unwrap();
+    let Store::Redis(redis_store) = &*store else {
+        unreachable!("a Redis store")
+    };
+    redis_store.close().await;
+    let journal = Journal::open(journal_dir.path()).unwrap();
+    let journaled = journal.lookup(&[k3]).await.unwrap();
+    assert_eq!(
+        journaled[0].as_ref().unwrap().pin.expires_ms,
+        Some(real_now + HOUR_MS)
+    );
 }
 
 /// A pin's expiry moves later only as far as its key outlives it: the

@@ -1045,20 +1045,25 @@ impl PinStore for RedisStore {
         let until = extended
             .expires_ms
             .map_or(u64::MAX, |at| at.saturating_add(self.inner.keep_retired_ms));
-        self.run_script(
-            &self.inner.extend_pin,
-            &[self.pin_key(&key)],
-            &[
-                encode_pin(pinned)?,
-                encode_pin(&extended)?,
-                until.to_string().into_bytes(),
-                recovery::now_ms().to_string().into_bytes(),
-            ],
-            Counting::None,
-        )
-        .await?;
+        // Acknowledged by the replicas `store.wait_replicas` asks for, as a
+        // new pin is: a failover must not bring back the earlier expiry.
+        let reply = self
+            .run_pin_script(
+                &self.inner.extend_pin,
+                &[self.pin_key(&key)],
+                &[
+                    encode_pin(pinned)?,
+                    encode_pin(&extended)?,
+                    until.to_string().into_bytes(),
+                    recovery::now_ms().to_string().into_bytes(),
+                ],
+            )
+            .await?;
         if let Some(cache) = &self.inner.cache {
             cache.forget(&key);
+        }
+        if let (Some(journal), Value::Int(1)) = (&self.inner.journal, &reply) {
+            journal.extend_pin(key, pinned, extended.expires_ms).await;
         }
         Ok(())
     }

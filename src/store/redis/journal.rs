@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::credential::PinKey;
-use crate::identity::{Identity, IdentityId, RetireReason, Retirement};
+use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
 use crate::store::durable::{DurableStore, OpenError};
 use crate::store::{Binding, Bindings, Listing, PinStore as _, StoreError};
 
@@ -87,6 +87,15 @@ impl Journal {
         logged(
             self.store.record_egress(id, ip).await.map(|_| ()),
             "an egress address",
+        );
+    }
+
+    /// Records a pin's later expiry (see `PinStore::extend_pin`), so that
+    /// a restore brings the pin back as it is.
+    pub async fn extend_pin(&self, key: PinKey, pinned: &Pin, expires_ms: Option<u64>) {
+        logged(
+            self.store.extend_pin(key, pinned, expires_ms).await,
+            "a pin's later expiry",
         );
     }
 
