@@ -148,25 +148,10 @@ impl PinHasher {
     /// read (as the CA's key is refused): whoever reads it can link every
     /// pin to the cookie values it was hashed from.
     pub fn load(data_dir: &Path) -> std::io::Result<Option<PinHasher>> {
-        use std::os::unix::fs::PermissionsExt;
         let path = data_dir.join(PIN_KEY_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(bytes) = crate::fsutil::read_private(&path)? else {
+            return Ok(None);
         };
-        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} has mode {mode:04o}: the pin key must be readable by its owner alone \
-                     (run `chmod 600 {}`)",
-                    path.display(),
-                    path.display()
-                ),
-            ));
-        }
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

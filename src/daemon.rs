@@ -296,7 +296,14 @@ async fn fleet_hasher(
     local: &PinHasher,
     data_dir: Option<&Path>,
 ) -> Result<PinHasher, StartError> {
-    let kept = data_dir.and_then(|dir| std::fs::read(dir.join(FLEET_KEY_FILE)).ok());
+    let kept = match data_dir {
+        Some(dir) => {
+            let path = dir.join(FLEET_KEY_FILE);
+            crate::fsutil::read_private(&path)
+                .map_err(|source| StartError::DataDir { path, source })?
+        }
+        None => None,
+    };
     let kept_key: Option<[u8; 32]> = kept.as_deref().and_then(|bytes| bytes.try_into().ok());
     let candidate = kept_key.unwrap_or_else(|| local.key_bytes());
     let mut last = None;

@@ -14,6 +14,30 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Reads a secret: `None` when there is no file; refused when the group or
+/// others may read it (whoever can read a pin key can link every pin to
+/// the cookie values it was hashed from).
+pub fn read_private(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} has mode {mode:04o}: it must be readable by its owner alone (run `chmod 600 {}`)",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(Some(bytes))
+}
+
 /// Creates a directory (and parents) with mode 0700 where it does not exist.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -71,5 +95,19 @@ mod tests {
         assert!(!dir.path().join("state.json.tmp").exists());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A secret others may read is refused, one that is missing is none.
+    #[test]
+    fn a_secret_is_read_only_when_its_owner_alone_may_read_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet-pin-key");
+        assert!(read_private(&path).unwrap().is_none());
+        replace_private(&path, b"key").unwrap();
+        assert_eq!(read_private(&path).unwrap().as_deref(), Some(&b"key"[..]));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let refused = read_private(&path).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
     }
 }
