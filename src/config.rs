@@ -1141,30 +1141,18 @@ pub fn valid_exit_id(id: &str) -> bool {
         })
 }
 
-/// `text` with the user information of every URL in it written as `***`:
-/// a TOML error may quote the value it could not take, an exit's URL with
-/// its password among them.
+/// `text` with the user information of every URL in it written as `***`
+/// (each word, between spaces and quotes, as a store URL is redacted): a
+/// TOML error may quote the value it could not take, an exit's URL with its
+/// password among them.
 fn without_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("://") {
-        let (head, tail) = rest.split_at(at + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
-            .unwrap_or(tail.len());
-        let (url, after) = tail.split_at(end);
-        match url.rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                out.push_str(&url[at..]);
-            }
-            None => out.push_str(url),
-        }
-        rest = after;
-    }
-    out.push_str(rest);
-    out
+    let ends_word = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`');
+    text.split_inclusive(ends_word)
+        .map(|piece| {
+            let word = piece.strip_suffix(ends_word).unwrap_or(piece);
+            crate::store::redis::link::redacted(word) + &piece[word.len()..]
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::support;
 use std::time::Duration;
 
 use support::exit::Gateway;
-use support::{error_of, Setup, TestExitSpec};
+use support::{error_of, Jar, Setup, TestExitSpec};
 
 /// `gateway` as pinproxy's one exit, one upstream session per identity.
 fn gate(gateway: Gateway) -> TestExitSpec {
@@ -115,29 +115,42 @@ async fn random_session_moves_never_let_a_cookie_out_from_a_new_address() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() {
+/// One gateway exit whose sessions move between two addresses it never
+/// states, with the origin's `/ip` as its IP-echo URL.
+async fn echo_gateway_setup() -> Setup {
     let gateway = Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 0.0, 7);
-    let s = Setup::builder()
+    Setup::builder()
         .exit(gate(gateway))
         .config_with(|c, env| {
             let echo = format!("http://localhost:{}/ip", env.origin.http.port());
             c.exits[0].ip_echo = Some(echo);
         })
         .start()
-        .await;
-    let (mut jar, peer) = s.login("/login").await;
-    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+        .await
+}
+
+/// Moves every session to another address and closes the tunnels: the
+/// next request of `jar`'s identity retires it (`exit-ip-drift`), and its
+/// cookie never leaves from the new address.
+async fn a_moved_session_is_caught(s: &Setup, jar: &mut Jar) {
     s.exits[0].gateway.as_ref().unwrap().move_all();
     s.exits[0].close_tunnels();
-    let reply = s.get("/page", &mut jar).await;
-    assert_eq!(reply.status, 502);
+    let reply = s.get("/page", jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
     assert!(
         error_of(&reply).contains("exit-ip-drift"),
         "{}",
         error_of(&reply)
     );
-    assert!(s.origin.leaks().is_empty());
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+#[tokio::test]
+async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() {
+    let s = echo_gateway_setup().await;
+    let (mut jar, peer) = s.login("/login").await;
+    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    a_moved_session_is_caught(&s, &mut jar).await;
     s.stop().await;
 }
 
@@ -147,26 +160,9 @@ async fn an_ip_echo_probe_catches_a_moved_session_on_exits_that_state_nothing() 
 /// first own tunnel is caught, not taken as the identity's first address.
 #[tokio::test]
 async fn an_ip_echo_probe_catches_a_session_that_moved_before_the_identitys_first_tunnel() {
-    let gateway = Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 0.0, 7);
-    let s = Setup::builder()
-        .exit(gate(gateway))
-        .config_with(|c, env| {
-            let echo = format!("http://localhost:{}/ip", env.origin.http.port());
-            c.exits[0].ip_echo = Some(echo);
-        })
-        .start()
-        .await;
+    let s = echo_gateway_setup().await;
     let (mut jar, _) = s.login("/login").await;
-    s.exits[0].gateway.as_ref().unwrap().move_all();
-    s.exits[0].close_tunnels();
-    let reply = s.get("/page", &mut jar).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    assert!(
-        error_of(&reply).contains("exit-ip-drift"),
-        "{}",
-        error_of(&reply)
-    );
-    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+    a_moved_session_is_caught(&s, &mut jar).await;
     s.stop().await;
 }
 

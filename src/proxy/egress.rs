@@ -138,26 +138,39 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
 /// `Cookie` or `X-DataDome-ClientID`: no stage reads a trailer, so a
 /// credential there would leave unpinned. The rest keep their order.
 pub fn sanitize_request_trailers(trailers: &mut HeaderMap) {
-    let goes = |name: &HeaderName| {
+    remove_where(trailers, |name| {
         leaves_no_request(name.as_str())
             || name == header::COOKIE
             || name == super::credentials::cookies::X_DATADOME_CLIENTID
-    };
-    if trailers.keys().any(goes) {
-        retain(trailers, |name, _| !goes(name));
+    });
+}
+
+/// Removes the headers `goes` names; the rest keep their order.
+fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderName) -> bool) {
+    if headers.keys().any(&goes) {
+        retain(headers, |name, _| !goes(name));
     }
+}
+
+/// `body`, streamed, with `sanitize` applied to its trailers.
+fn with_trailers_sanitized<B>(body: B, sanitize: fn(&mut HeaderMap)) -> Body
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<body::BoxError>,
+{
+    body::boxed(body.map_frame(move |frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            sanitize(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }))
 }
 
 /// A client's request body as it goes upstream: streamed, its trailers
 /// (chunked HTTP/1.1 or HTTP/2) sanitised like its head.
 pub fn request_body(incoming: hyper::body::Incoming) -> Body {
-    body::boxed(incoming.map_frame(|frame| match frame.into_trailers() {
-        Ok(mut trailers) => {
-            sanitize_request_trailers(&mut trailers);
-            http_body::Frame::trailers(trailers)
-        }
-        Err(frame) => frame,
-    }))
+    with_trailers_sanitized(incoming, sanitize_request_trailers)
 }
 
 /// Whether a header named `name` is removed from every request whatever
@@ -187,14 +200,11 @@ pub fn sanitize_response(headers: &mut HeaderMap) {
 /// `X-Set-Cookie`: capture reads the head only, so a cookie set in a
 /// trailer would reach the client unpinned. The rest keep their order.
 pub fn sanitize_response_trailers(trailers: &mut HeaderMap) {
-    let goes = |name: &HeaderName| {
+    remove_where(trailers, |name| {
         is_hop_by_hop(name.as_str())
             || name == header::SET_COOKIE
             || name == super::credentials::cookies::X_SET_COOKIE
-    };
-    if trailers.keys().any(goes) {
-        retain(trailers, |name, _| !goes(name));
-    }
+    });
 }
 
 /// An origin's response body as it goes to the client, its trailers
@@ -206,14 +216,7 @@ pub fn response_body(body: Body, head: &http::response::Parts) -> Body {
     {
         return body;
     }
-    body.map_frame(|frame| match frame.into_trailers() {
-        Ok(mut trailers) => {
-            sanitize_response_trailers(&mut trailers);
-            http_body::Frame::trailers(trailers)
-        }
-        Err(frame) => frame,
-    })
-    .boxed()
+    with_trailers_sanitized(body, sanitize_response_trailers)
 }
 
 /// What a message's `Connection` header says, read in one lookup.

@@ -422,14 +422,21 @@ mod tests {
         let busy = pacer.admit(id, &s).await.unwrap_err();
         assert_eq!(busy.code(), "identity-busy");
         // A waiter gets the slot when it is freed.
-        let waiter = tokio::spawn({
-            let pacer = pacer.clone();
-            async move { pacer.admit(id, &s).await.map(|_| ()) }
-        });
+        let waiter = spawn_waiter(&pacer, id, s);
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(first);
         waiter.await.unwrap().unwrap();
         assert_eq!(pacer.tracked(), 0, "idle gates are removed");
+    }
+
+    /// A request of `id` admitted in a task of its own (it waits in line).
+    fn spawn_waiter(
+        pacer: &Arc<Pacer>,
+        id: IdentityId,
+        s: PacingSettings,
+    ) -> tokio::task::JoinHandle<Result<(), Throttle>> {
+        let pacer = pacer.clone();
+        tokio::spawn(async move { pacer.admit(id, &s).await.map(|_| ()) })
     }
 
     /// A waiter its client gives up on leaves the line: the line does not
@@ -442,19 +449,13 @@ mod tests {
         let s = settings(1, 0);
         let first = pacer.admit(id, &s).await.unwrap();
         for _ in 0..3 {
-            let waiter = tokio::spawn({
-                let pacer = pacer.clone();
-                async move { pacer.admit(id, &s).await.map(|_| ()) }
-            });
+            let waiter = spawn_waiter(&pacer, id, s);
             tokio::time::sleep(Duration::from_millis(10)).await;
             waiter.abort();
             let _ = waiter.await;
         }
         // The line (room for two) is empty: one more waits for the slot.
-        let waiter = tokio::spawn({
-            let pacer = pacer.clone();
-            async move { pacer.admit(id, &s).await.map(|_| ()) }
-        });
+        let waiter = spawn_waiter(&pacer, id, s);
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(first);
         waiter.await.unwrap().unwrap();

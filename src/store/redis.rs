@@ -603,7 +603,7 @@ impl RedisStore {
             .collect()
     }
 
-    /// The value of `pin`'s key, the pin expiring (as routing reads it) no
+    /// `pin` as its key holds it: expiring (as routing reads it) no
     /// later than its creation plus the longest identity lifetime this
     /// process was started with. Redis deletes the key that long plus
     /// `identities.remember_retired` after its creation, by the lifetimes in
@@ -612,12 +612,6 @@ impl RedisStore {
     /// and its cookie, unknown once Redis let it go, could be pinned anew
     /// on another exit. Capped, the pin is seen to expire while Redis still
     /// holds it, and its identity retires (`cookie-expired`) instead.
-    fn encode_expiring_pin(&self, pin: &Pin) -> Result<Vec<u8>, StoreError> {
-        encode_pin(&self.expiring_pin(pin))
-    }
-
-    /// `pin` with its expiry capped as [`RedisStore::encode_expiring_pin`]
-    /// says.
     fn expiring_pin<'p>(&self, pin: &'p Pin) -> std::borrow::Cow<'p, Pin> {
         let longest_ms = self
             .inner
@@ -642,7 +636,7 @@ impl RedisStore {
             self.identity_prefix().into_bytes(),
         ];
         for (_, pin) in pins {
-            args.push(self.encode_expiring_pin(pin)?);
+            args.push(encode_pin(&self.expiring_pin(pin))?);
         }
         let result = self
             .run_pin_script(&self.inner.pin_all_if_absent, &keys, &args)
@@ -694,7 +688,7 @@ impl RedisStore {
             encode_address(identity.egress_ip),
         ];
         for (_, pin) in pins {
-            args.push(self.encode_expiring_pin(pin)?);
+            args.push(encode_pin(&self.expiring_pin(pin))?);
         }
         let reply = self.run_pin_script(&self.inner.found, &keys, &args).await?;
         let Value::Array(parts) = &reply else {

@@ -230,9 +230,8 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use std::sync::Arc;
 
-    #[tokio::test]
-    async fn export_then_import_round_trips_and_checks_the_key() {
-        let source = Store::Memory(MemoryStore::new());
+    /// An identity on exit `e1` in `store`, with one `datadome` pin.
+    async fn pinned_identity(store: &Store) -> (Identity, PinKey) {
         let identity = Identity::new(
             ExitId::new("e1"),
             SessionId(1),
@@ -240,7 +239,7 @@ mod tests {
             Arc::new(Fingerprint::default()),
             5,
         );
-        source.create_identity(&identity).await.unwrap();
+        store.create_identity(&identity).await.unwrap();
         let pin = Pin {
             identity: identity.id,
             kind: PinKind::Cookie,
@@ -249,7 +248,14 @@ mod tests {
             expires_ms: None,
         };
         let key = PinKey::from_bytes([9; 16]);
-        source.pin_if_absent(key, &pin).await.unwrap();
+        store.pin_if_absent(key, &pin).await.unwrap();
+        (identity, key)
+    }
+
+    #[tokio::test]
+    async fn export_then_import_round_trips_and_checks_the_key() {
+        let source = Store::Memory(MemoryStore::new());
+        let (identity, key) = pinned_identity(&source).await;
         source
             .record_exit_death(&ExitId::new("e2"), 77)
             .await
@@ -297,23 +303,7 @@ mod tests {
     async fn an_import_never_undoes_a_retirement() {
         use crate::identity::{RetireReason, Retirement};
         let store = Store::Memory(MemoryStore::new());
-        let identity = Identity::new(
-            ExitId::new("e1"),
-            SessionId(1),
-            5,
-            Arc::new(Fingerprint::default()),
-            5,
-        );
-        store.create_identity(&identity).await.unwrap();
-        let pin = Pin {
-            identity: identity.id,
-            kind: PinKind::Cookie,
-            name: Arc::from("datadome"),
-            created_ms: 5,
-            expires_ms: None,
-        };
-        let key = PinKey::from_bytes([9; 16]);
-        store.pin_if_absent(key, &pin).await.unwrap();
+        let (identity, key) = pinned_identity(&store).await;
         let mut file = Vec::new();
         export(&store, "k1", &mut file).await.unwrap();
         let evicted = Retirement {
