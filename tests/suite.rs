@@ -56,6 +56,7 @@ mod soak;
 mod ssrf;
 mod sticky_sessions;
 mod store_contract;
+mod store_faults;
 mod store_loss;
 mod streaming;
 mod third_party_exits;

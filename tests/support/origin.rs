@@ -182,6 +182,8 @@ pub struct Origin {
     /// The PKI (CA file for pinproxy's --upstream-ca).
     pub pki: Arc<TestPki>,
     log: Arc<Mutex<OriginLog>>,
+    held: Arc<tokio::sync::Semaphore>,
+    arrivals: tokio::sync::watch::Receiver<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -196,6 +198,9 @@ impl Drop for Origin {
 struct State {
     secret: [u8; 32],
     log: Arc<Mutex<OriginLog>>,
+    held: Arc<tokio::sync::Semaphore>,
+    /// Counts requests seen, for waiting on one without polling.
+    arrived: tokio::sync::watch::Sender<u64>,
 }
 
 impl Origin {
@@ -212,9 +217,13 @@ impl Origin {
     async fn start_offering(alpn: &[&[u8]]) -> Origin {
         let pki = Arc::new(TestPki::new());
         let log = Arc::new(Mutex::new(OriginLog::default()));
+        let held = Arc::new(tokio::sync::Semaphore::new(0));
+        let (arrived, arrivals) = tokio::sync::watch::channel(0);
         let state = Arc::new(State {
             secret: rand::random(),
             log: log.clone(),
+            held: held.clone(),
+            arrived,
         });
         let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(alpn));
 
@@ -254,6 +263,8 @@ impl Origin {
             http,
             pki,
             log,
+            held,
+            arrivals,
             tasks: vec![https_task, http_task],
         }
     }
@@ -261,6 +272,28 @@ impl Origin {
     /// A snapshot of everything seen.
     pub fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().seen.clone()
+    }
+
+    /// Lets `n` requests held at `/held` answer.
+    pub fn release_held(&self, n: usize) {
+        self.held.add_permits(n);
+    }
+
+    /// Waits (bounded: 10 s) until a request for `path` has arrived, and
+    /// returns it.
+    pub async fn wait_for(&self, path: &str) -> Seen {
+        let mut arrivals = self.arrivals.clone();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                arrivals.borrow_and_update();
+                if let Some(seen) = self.seen().into_iter().find(|s| s.path == path) {
+                    return seen;
+                }
+                arrivals.changed().await.unwrap();
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("{path} never reached the origin"))
     }
 
     /// Tokens presented from the wrong address: (cookie, bound to, seen from).
@@ -402,6 +435,7 @@ async fn handle(
             tokens,
         });
     }
+    state.arrived.send_modify(|n| *n += 1);
     if leaked {
         return text(
             StatusCode::FORBIDDEN,
@@ -580,6 +614,20 @@ async fn handle(
                 Ok::<_, Infallible>(Frame::data(Bytes::from_static(if i == 0 { b"a" } else { b"b" })))
             });
             Response::new(StreamBody::new(frames).boxed())
+        }
+        // Answers once the test lets it ([`Origin::release_held`]), or
+        // after 30 s: a request that is known to have arrived and whose
+        // answer comes when the test has changed something.
+        "/held" => {
+            let permit = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                state.held.acquire(),
+            )
+            .await;
+            if let Ok(Ok(permit)) = permit {
+                permit.forget();
+            }
+            text(StatusCode::OK, format!("ok {peer}\n"))
         }
         "/status" => {
             let code = params.get("code").and_then(|c| c.parse().ok()).unwrap_or(200);

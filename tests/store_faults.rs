@@ -1,0 +1,119 @@
+//! A store that fails part of the way: a real redis-server that still
+//! answers reads but refuses every write (out of memory under
+//! `maxmemory-policy noeviction`, as a full Redis does). What pinproxy could
+//! not make durable never goes out: a new credential, a cookie an answer
+//! sets, an identity's first egress address; what is already pinned keeps
+//! its exit; and service resumes when Redis takes writes again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support;
+
+use support::exit::Gateway;
+use support::redis_group::RedisNode;
+use support::{error_of, Jar, Setup, TestExitSpec};
+
+/// Makes `redis` refuse writes (or take them again), and checks it does.
+async fn refuse_writes(redis: &RedisNode, refuse: bool) {
+    let limit = if refuse { "1" } else { "0" };
+    let _: () = redis.command(&["CONFIG", "SET", "maxmemory", limit]).await;
+    let mut connection = redis.connection().await;
+    let written: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("store-faults:probe")
+        .arg("x")
+        .query_async(&mut connection)
+        .await;
+    match (refuse, written) {
+        (true, Err(e)) => assert!(e.to_string().contains("OOM"), "{e}"),
+        (false, Ok(())) => {}
+        (refuse, written) => panic!("refuse writes {refuse}: the probe got {written:?}"),
+    }
+}
+
+/// A replica-less Redis that refuses writes: nothing new is pinned, so
+/// nothing new leaves; a cookie already pinned keeps its exit (its pin is
+/// read, its use only logged when it cannot be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_lets_nothing_unpinned_out() {
+    let redis = RedisNode::volatile().await;
+    let url = redis.url();
+    let s = Setup::start_with(3, move |c| c.store.url = url).await;
+    let (mut jar, peer) = s.login("/login").await;
+    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+
+    refuse_writes(&redis, true).await;
+    let pinned = s.get("/page", &mut jar).await;
+    assert_eq!(pinned.status, 200, "{}", pinned.body);
+    assert_eq!(Setup::peer(&pinned), Some(peer), "the pin was read");
+
+    // A credential never seen: its pin cannot be written, so it never
+    // leaves.
+    let seen = s.origin.seen().len();
+    let fresh = s
+        .get_with("/page", &[("cookie", "datadome=never-seen-before")])
+        .await;
+    assert_eq!(fresh.status, 503, "{}", fresh.body);
+    let error = error_of(&fresh);
+    assert!(error.starts_with("store-unavailable:"), "{error}");
+    assert!(error.contains("OOM"), "the error says why: {error}");
+    assert_eq!(s.origin.seen().len(), seen, "the new credential left");
+
+    // An answer setting a tracked cookie: the request went out (it carried
+    // nothing tracked), the answer and its cookie do not reach the client.
+    let mut new_jar = Jar::default();
+    let login = s.get("/login", &mut new_jar).await;
+    assert_eq!(login.status, 503, "{}", login.body);
+    assert!(login.headers.get("set-cookie").is_none());
+    assert_eq!(
+        new_jar.header(),
+        None,
+        "the client got a cookie nobody pinned"
+    );
+
+    refuse_writes(&redis, false).await;
+    let fresh = s
+        .get_with("/page", &[("cookie", "datadome=never-seen-before")])
+        .await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    assert_eq!(s.origin.leaks(), vec![]);
+    s.stop().await;
+}
+
+/// An identity's first egress address, learnt from the tunnel that carried
+/// its first request, is written before that request's answer goes on (its
+/// later tunnels are checked against it). When Redis stops taking writes
+/// while the origin answers, the answer is withheld: the identity would
+/// otherwise go on with nothing to check its tunnels against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_address_the_store_cannot_take_withholds_the_answer() {
+    let redis = RedisNode::volatile().await;
+    let url = redis.url();
+    let gateway = Gateway::new(&["127.0.0.2"], None, 0.0, 1);
+    let s = Setup::builder()
+        .exit(TestExitSpec::gateway(gateway).id("gate").with_sessions())
+        .config(move |c| {
+            c.store.url = url;
+            c.exits[0].exit_ip_header = Some("X-Exit-IP".into());
+        })
+        .start()
+        .await;
+
+    // The cookie is pinned when the request is routed; Redis refuses
+    // writes only once the request has reached the origin.
+    let cookie = [("cookie", "datadome=founded-on-this-request")];
+    let (answer, ()) = tokio::join!(s.get_with("/held", &cookie), async {
+        s.origin.wait_for("/held").await;
+        refuse_writes(&redis, true).await;
+        s.origin.release_held(1);
+    });
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let error = error_of(&answer);
+    assert!(error.starts_with("store-unavailable:"), "{error}");
+
+    // Once Redis takes writes, the identity goes on from its address.
+    refuse_writes(&redis, false).await;
+    let again = s.get_with("/page", &cookie).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(Setup::peer(&again), Some("127.0.0.2".parse().unwrap()));
+    s.stop().await;
+}
