@@ -317,7 +317,11 @@ async fn fleet_hasher(
                     // back, which this one then takes instead of setting
                     // its own (which they would refuse to hash with).
                     store.start().await?;
-                    let key = store.shared_hash_key(candidate).await?;
+                    let offer = match kept_key {
+                        Some(_) => crate::store::redis::KeyOffer::Kept,
+                        None => crate::store::redis::KeyOffer::New,
+                    };
+                    let key = store.shared_hash_key(candidate, offer).await?;
                     if let Some(kept) = kept_key.filter(|kept| *kept != key) {
                         return Err(foreign_fleet_key(&key, &kept));
                     }

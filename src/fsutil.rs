@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Creates `path` for writing with mode 0600, failing if it already exists,
 /// so a secret is never readable by others, not even for a moment.
@@ -48,33 +48,63 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
 }
 
 /// Replaces `path` with `bytes` atomically (a crash leaves the old file or
-/// the new one), mode 0600: written to `PATH.tmp`, synced, renamed over
-/// `path`, and the directory synced so the rename survives a power loss. A
-/// `PATH.tmp` a crash left behind is replaced, never an obstacle; two
-/// writers of one file must take turns (the temporary file is shared).
+/// the new one), mode 0600 (see [`Replacement`]).
 pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
-    let temp = std::path::PathBuf::from(temp);
-    match std::fs::remove_file(&temp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    {
-        let mut file = create_private(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temp, path)?;
-    // Best effort: the file is in place either way, and some file systems
-    // refuse to sync a directory.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
-            tracing::debug!(error = %e, dir = %dir.display(), "could not sync the directory");
+    let mut replacement = Replacement::begin(path)?;
+    replacement.file().write_all(bytes)?;
+    replacement.commit()
+}
+
+/// A file that takes the place of `path` whole or not at all, mode 0600:
+/// written to `PATH.tmp`, synced, renamed over `path`, and the directory
+/// synced so the rename survives a power loss. A `PATH.tmp` a crash (or an
+/// abandoned replacement) left behind is replaced, never an obstacle; two
+/// writers of one file must take turns (the temporary file is shared).
+#[derive(Debug)]
+pub struct Replacement {
+    path: PathBuf,
+    temp: PathBuf,
+    file: File,
+}
+
+impl Replacement {
+    /// Starts writing the file that will replace `path`.
+    pub fn begin(path: &Path) -> std::io::Result<Replacement> {
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(".tmp");
+        let temp = PathBuf::from(temp);
+        match std::fs::remove_file(&temp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
+        let file = create_private(&temp)?;
+        Ok(Replacement {
+            path: path.to_owned(),
+            temp,
+            file,
+        })
     }
-    Ok(())
+
+    /// The file being written.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Syncs the file and puts it in place of `path`.
+    pub fn commit(self) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        drop(self.file);
+        std::fs::rename(&self.temp, &self.path)?;
+        // Best effort: the file is in place either way, and some file
+        // systems refuse to sync a directory.
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
+                tracing::debug!(error = %e, dir = %dir.display(), "could not sync the directory");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

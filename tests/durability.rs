@@ -422,3 +422,175 @@ async fn store_bench_measures_an_empty_store_only() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("holds 40 pins"));
 }
+
+/// `pinproxy store ARGS...` run to its end: (success, stdout, stderr).
+fn store_tool(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pinproxy"))
+        .arg("store")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The README's move from one embedded instance to a Redis fleet: export,
+/// import into a Redis that has never been used, start a replica with a
+/// data directory of its own. The import makes the export's key the
+/// namespace's, so the replica hashes with it and the cookie keeps its
+/// exit (a replica that set its own key would miss every imported pin).
+/// The export is its owner's alone and ends with a line that counts it: a
+/// copy cut short is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_moved_into_a_new_redis_are_found_by_a_replica_started_anew() {
+    use std::ffi::OsStr;
+    use std::os::unix::fs::PermissionsExt as _;
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(4).await;
+    let source = tempfile::tempdir().unwrap();
+    let args = support::process_args(&origin, &exits);
+    let daemon = PinproxyProcess::start(source.path(), &args).await;
+    let client = ProxyClient::new(daemon.addr, &daemon.ca_pem());
+    let mut jar = Jar::default();
+    let login = client
+        .try_get("localhost", origin.https.port(), "/login", &mut jar)
+        .await
+        .unwrap();
+    let peer = support::origin::reported_peer(&login.body).unwrap();
+    daemon.kill9().await;
+
+    let files = tempfile::tempdir().unwrap();
+    let export = files.path().join("pins.jsonl");
+    fn data_dir(dir: &std::path::Path) -> [&OsStr; 2] {
+        [OsStr::new("--data-dir"), dir.as_os_str()]
+    }
+    let (ok, _, stderr) = store_tool(
+        &[
+            &[OsStr::new("export"), export.as_os_str()][..],
+            &data_dir(source.path()),
+        ]
+        .concat(),
+    );
+    assert!(ok, "{stderr}");
+    let mode = std::fs::metadata(&export).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the export is its owner's alone");
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(
+        text.trim_end().ends_with("}}") && text.contains("\"end\":{"),
+        "{text}"
+    );
+
+    let redis = support::redis_group::RedisNode::volatile().await;
+    let url = redis.url();
+    let store = [OsStr::new("--store"), OsStr::new(&url)];
+    // A copy without its last line is refused whole.
+    let cut = files.path().join("cut.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&cut, lines[..lines.len() - 1].join("\n")).unwrap();
+    let (ok, _, stderr) = store_tool(
+        &[
+            &[OsStr::new("import"), cut.as_os_str()][..],
+            &data_dir(source.path()),
+            &store,
+        ]
+        .concat(),
+    );
+    assert!(!ok && stderr.contains("cut short"), "{stderr}");
+    assert_eq!(
+        redis.keys("*").await,
+        Vec::<String>::new(),
+        "nothing was written"
+    );
+
+    let (ok, _, stderr) = store_tool(
+        &[
+            &[OsStr::new("import"), export.as_os_str()][..],
+            &data_dir(source.path()),
+            &store,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{stderr}");
+
+    // A replica with a data directory of its own (and the same CA).
+    let replica_dir = tempfile::tempdir().unwrap();
+    for file in ["ca.pem", "ca-key.pem"] {
+        std::fs::copy(source.path().join(file), replica_dir.path().join(file)).unwrap();
+    }
+    let mut replica_args = vec!["--store".to_owned(), url.clone()];
+    replica_args.extend(args.iter().cloned());
+    let replica = PinproxyProcess::start(replica_dir.path(), &replica_args).await;
+    let client = ProxyClient::new(replica.addr, &replica.ca_pem());
+    for _ in 0..4 {
+        let reply = client
+            .try_get("localhost", origin.https.port(), "/page", &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(support::origin::reported_peer(&reply.body), Some(peer));
+    }
+    assert_eq!(origin.leaks(), vec![]);
+    let (_, source_stats, _) =
+        store_tool(&[&[OsStr::new("stats")][..], &data_dir(source.path())].concat());
+    let (_, fleet_stats, _) = store_tool(
+        &[
+            &[OsStr::new("stats")][..],
+            &data_dir(replica_dir.path()),
+            &store,
+        ]
+        .concat(),
+    );
+    let key_line = |stats: &str| {
+        stats
+            .lines()
+            .find(|l| l.starts_with("pin-hashing key id"))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(key_line(&source_stats), key_line(&fleet_stats));
+}
+
+/// A namespace holding pins but no pin-hashing key (deleted by hand, or
+/// filled by an import that did not set it): a replica without the fleet's
+/// key does not start with a key of its own, which would miss every pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_never_founds_a_new_key_on_a_namespace_holding_pins() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(2).await;
+    let redis = support::redis_group::RedisNode::volatile().await;
+    let mut args = vec!["--store".to_owned(), redis.url()];
+    args.extend(support::process_args(&origin, &exits));
+    let first = tempfile::tempdir().unwrap();
+    let daemon = PinproxyProcess::start(first.path(), &args).await;
+    let client = ProxyClient::new(daemon.addr, &daemon.ca_pem());
+    let mut jar = Jar::default();
+    let login = client
+        .try_get("localhost", origin.https.port(), "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.body);
+    daemon.kill9().await;
+    let _: () = redis.command(&["DEL", "pinproxy:hash-key"]).await;
+
+    let second = tempfile::tempdir().unwrap();
+    let refused =
+        support::procs::pinproxy_refuses_to_start(second.path(), &args, Duration::from_secs(30))
+            .await;
+    assert!(refused.contains("no pin-hashing key"), "{refused}");
+    assert!(refused.contains("fleet-pin-key"), "{refused}");
+    // The replica that kept the fleet's key puts it back and serves.
+    let daemon = PinproxyProcess::start(first.path(), &args).await;
+    let client = ProxyClient::new(daemon.addr, &daemon.ca_pem());
+    let reply = client
+        .try_get("localhost", origin.https.port(), "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        support::origin::reported_peer(&reply.body),
+        support::origin::reported_peer(&login.body)
+    );
+}

@@ -14,6 +14,7 @@ use pinproxy::metrics::Metrics;
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::redis::journal::Journal;
+use pinproxy::store::redis::KeyOffer;
 use pinproxy::store::redis::{RedisSettings, RedisStore};
 use pinproxy::store::{Founding, PinStore, Store};
 use support::procs::RedisServer;
@@ -584,8 +585,11 @@ async fn replicas_on_one_redis_agree_on_the_hashing_key() {
     let redis = RedisServer::start().await;
     let first = redis_store(&redis.url(), "keys", 2 * HOUR_MS, HOUR_MS, None).await;
     let second = redis_store(&redis.url(), "keys", 2 * HOUR_MS, HOUR_MS, None).await;
-    let a = first.shared_hash_key([1; 32]).await.unwrap();
-    let b = second.shared_hash_key([2; 32]).await.unwrap();
+    let a = first.shared_hash_key([1; 32], KeyOffer::New).await.unwrap();
+    let b = second
+        .shared_hash_key([2; 32], KeyOffer::New)
+        .await
+        .unwrap();
     assert_eq!(a, [1; 32]);
     assert_eq!(b, [1; 32], "the first replica's key wins");
 }

@@ -33,13 +33,18 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
             }
             StoreAction::Export { file } => {
                 let moved = match file {
+                    // Whole or not at all, and its owner's alone: it holds
+                    // every pin's hash and every identity's record.
                     Some(path) => {
-                        let mut out = std::io::BufWriter::new(
-                            std::fs::File::create(&path)
-                                .with_context(|| format!("cannot create {}", path.display()))?,
-                        );
+                        let mut replacement = crate::fsutil::Replacement::begin(&path)
+                            .with_context(|| format!("cannot create {}", path.display()))?;
+                        let mut out = std::io::BufWriter::new(replacement.file());
                         let moved = transfer::export(&store, &key_id, &mut out).await?;
                         std::io::Write::flush(&mut out)?;
+                        drop(out);
+                        replacement
+                            .commit()
+                            .with_context(|| format!("cannot write {}", path.display()))?;
                         moved
                     }
                     None => {
@@ -53,11 +58,26 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
                 Ok(())
             }
             StoreAction::Import { file } => {
-                let input = std::io::BufReader::new(
+                let open = || {
                     std::fs::File::open(&file)
-                        .with_context(|| format!("cannot open {}", file.display()))?,
-                );
-                let moved = transfer::import(&store, &key_id, input).await?;
+                        .map(std::io::BufReader::new)
+                        .with_context(|| format!("cannot open {}", file.display()))
+                };
+                // Read whole before anything is written: an export cut
+                // short is refused, not imported in part.
+                let checked = transfer::check(open()?, &key_id)?;
+                if !checked.complete {
+                    eprintln!(
+                        "warning: {} is a format {} export, which has no end line: whether it \
+                         is complete cannot be checked",
+                        file.display(),
+                        checked.format
+                    );
+                }
+                if let Store::Redis(redis) = &store {
+                    redis.claim_hash_key(hasher.key_bytes()).await?;
+                }
+                let moved = transfer::import(&store, &key_id, open()?).await?;
                 eprintln!(
                     "imported {} identities, {} pins ({} pins kept the store's existing identity)",
                     moved.identities, moved.pins, moved.conflicts
@@ -66,6 +86,14 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
             }
             StoreAction::Bench { pins, concurrency } => {
                 let plan = bench::Plan { pins, concurrency };
+                // Its records are real: the namespace gets the key they
+                // were written under, as after an import (a replica never
+                // founds a key where pins were written without one).
+                if let Store::Redis(redis) = &store {
+                    if store.count().await?.pins == 0 {
+                        redis.claim_hash_key(hasher.key_bytes()).await?;
+                    }
+                }
                 let store = std::sync::Arc::new(store);
                 let report = bench::run(store.clone(), plan).await;
                 // Flushed before the numbers are printed: what was measured

@@ -404,8 +404,19 @@ impl RedisStore {
 
     /// The fleet's pin-hashing key, which a replica hashes cookies with
     /// from its start: `local` unless another replica set one first.
-    pub async fn shared_hash_key(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
-        let shared = self.set_hash_key_unless_set(local).await?;
+    /// `Offer::Kept` is the fleet's key as a replica kept it (offered back
+    /// after a wipe); `Offer::New` is a key of the caller's own, which
+    /// becomes the fleet's only on a namespace no pin was ever written to
+    /// (see [`RedisStore::found_hash_key`]).
+    pub async fn shared_hash_key(
+        &self,
+        local: [u8; 32],
+        offer: KeyOffer,
+    ) -> Result<[u8; 32], StoreError> {
+        let shared = match offer {
+            KeyOffer::Kept => self.set_hash_key_unless_set(local).await?,
+            KeyOffer::New => self.found_hash_key(local).await?,
+        };
         *self
             .inner
             .hash_key
@@ -450,6 +461,60 @@ impl RedisStore {
         Err(StoreError::new(
             StoreErrorKind::KeyConflict,
             conflict.as_str(),
+        ))
+    }
+
+    /// `local` as the fleet's key where none is set and no pin was ever
+    /// written; returns the key in force. A namespace holding pins but no
+    /// key (the key was deleted, or pins were imported by a tool that did
+    /// not set it) is refused: hashing with a new key would miss every pin
+    /// and let each cookie be pinned anew, on any exit.
+    async fn found_hash_key(&self, local: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        let key = self.hash_key_key();
+        let mut connection = self.connection()?;
+        let held: Option<Vec<u8>> = self.note(
+            Script::new(scripts::FOUND_HASH_KEY)
+                .key(&key)
+                .key(self.seq_key())
+                .arg(&local[..])
+                .invoke_async(&mut connection)
+                .await,
+        )?;
+        match held {
+            Some(bytes) => hash_key_of(&key, &bytes),
+            None => Err(StoreError::new(
+                StoreErrorKind::KeyConflict,
+                format!(
+                    "Redis holds pins under `{}` but no pin-hashing key (`{key}`): it was \
+                     deleted, or the pins were imported by a tool that did not set it. A new \
+                     key would miss every pin and let each cookie be pinned anew on any exit. \
+                     Put back the key the pins were made with: copy it (the `fleet-pin-key` \
+                     in a replica's data directory, or the `pin-key` of the data directory an \
+                     export came from) into this data directory as `fleet-pin-key`, mode \
+                     0600, and start again",
+                    self.inner.prefix
+                ),
+            )),
+        }
+    }
+
+    /// For `pinproxy store import`: makes `local`, the key the export's
+    /// pins were checked against, the namespace's key where none is set
+    /// (else the first replica to start would set its own, and every
+    /// imported pin would be missed); refused if another key is in force.
+    pub async fn claim_hash_key(&self, local: [u8; 32]) -> Result<(), StoreError> {
+        let held = self.found_hash_key(local).await?;
+        if held == local {
+            return Ok(());
+        }
+        Err(StoreError::new(
+            StoreErrorKind::KeyConflict,
+            format!(
+                "Redis now holds pin-hashing key {} and the export was checked against {}: \
+                 another replica or tool set it meanwhile; run the import again",
+                key_id(&held),
+                key_id(&local)
+            ),
         ))
     }
 
@@ -805,6 +870,15 @@ fn key_prefix(url: &str, namespace: &str) -> String {
 }
 
 /// The 32-byte pin-hashing key Redis holds under `name`.
+/// Whose key a replica offers as the fleet's pin-hashing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOffer {
+    /// The fleet's key as this replica kept it (`DATA_DIR/fleet-pin-key`).
+    Kept,
+    /// A key of this replica's own.
+    New,
+}
+
 fn hash_key_of(name: &str, stored: &[u8]) -> Result<[u8; 32], StoreError> {
     stored
         .try_into()

@@ -2,7 +2,11 @@
 //! `pinproxy store import` reads them.
 //!
 //! The first line names the format and the id of the pin-hashing key the
-//! pins were made with (never the key itself). An import into a store whose
+//! pins were made with (never the key itself); the last line counts what
+//! the export holds, so that an export cut short (a full disk, a killed
+//! process, a pipe that broke) is refused whole rather than imported in
+//! part: a cookie whose pin is missing from an import looks new and may be
+//! pinned anew on any exit. An import into a store whose
 //! key differs is refused: its pins would never match a cookie again, and
 //! worse, a reader might think they do. Cookie values never appear, only
 //! their hashes.
@@ -15,8 +19,9 @@ use super::{PinStore, Store, StoreError};
 use crate::credential::PinKey;
 use crate::identity::{ExitId, Identity, Pin};
 
-/// The export format version.
-pub const FORMAT: u32 = 1;
+/// The export format version: 2 ends with [`Record::End`]; 1 (no end
+/// line) is still read, without the check for completeness.
+pub const FORMAT: u32 = 2;
 
 /// One line of an export.
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +50,31 @@ pub enum Record {
         /// When, Unix ms.
         at_ms: u64,
     },
+    /// The last line: how many records of each kind came before it.
+    End {
+        /// Identities.
+        identities: u64,
+        /// Pins.
+        pins: u64,
+        /// Exit deaths.
+        exit_deaths: u64,
+    },
+}
+
+/// What a whole export holds, read by [`check`] before anything is written.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Its format version.
+    pub format: u32,
+    /// Identities.
+    pub identities: u64,
+    /// Pins.
+    pub pins: u64,
+    /// Exit deaths.
+    pub exit_deaths: u64,
+    /// Whether its end line vouches that nothing is missing (format 1
+    /// exports have none).
+    pub complete: bool,
 }
 
 /// What a transfer moved.
@@ -89,6 +119,16 @@ pub enum TransferError {
     },
 }
 
+impl TransferError {
+    /// A format error placed at `line` (1-based) if it has no line yet.
+    fn at(self, line: usize) -> TransferError {
+        match self {
+            TransferError::Format { line: 0, reason } => TransferError::Format { line, reason },
+            other => other,
+        }
+    }
+}
+
 fn line(out: &mut impl Write, record: &Record) -> Result<(), TransferError> {
     let text = serde_json::to_string(record).map_err(|e| TransferError::Format {
         line: 0,
@@ -126,10 +166,112 @@ pub async fn export(
             moved.pins += 1;
         }
     }
+    let mut exit_deaths = 0;
     for (exit, at_ms) in store.exit_deaths().await? {
         line(out, &Record::ExitDeath { exit, at_ms })?;
+        exit_deaths += 1;
     }
+    line(
+        out,
+        &Record::End {
+            identities: moved.identities,
+            pins: moved.pins,
+            exit_deaths,
+        },
+    )?;
     Ok(moved)
+}
+
+fn check_header(version: u32, exported: String, key_id: &str) -> Result<(), TransferError> {
+    if version != 1 && version != FORMAT {
+        return Err(TransferError::Format {
+            line: 0,
+            reason: format!("unknown export format {version}"),
+        });
+    }
+    if exported != key_id {
+        return Err(TransferError::KeyMismatch {
+            exported,
+            ours: key_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a whole export without writing anything: every line a record,
+/// the header first with a key id of `key_id`, and, from format 2 on, an
+/// end line last whose counts match the records before it. Run before
+/// [`import`], which writes as it reads.
+pub fn check(input: impl BufRead, key_id: &str) -> Result<Checked, TransferError> {
+    let mut checked = Checked::default();
+    let mut header_seen = false;
+    let mut ended = false;
+    let mut last_line = 0;
+    for (n, text) in input.lines().enumerate() {
+        let text = text?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        last_line = n + 1;
+        let format = |reason: String| TransferError::Format {
+            line: n + 1,
+            reason,
+        };
+        let record: Record = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        if ended {
+            return Err(format("a record after the end line".into()));
+        }
+        match record {
+            Record::Header {
+                format: version,
+                key_id: exported,
+            } if !header_seen => {
+                check_header(version, exported, key_id).map_err(|e| e.at(n + 1))?;
+                checked.format = version;
+                header_seen = true;
+            }
+            _ if !header_seen => return Err(format("the export has no header line".into())),
+            Record::Header { .. } => return Err(format("a second header line".into())),
+            Record::Identity(_) => checked.identities += 1,
+            Record::Pin { key, .. } => {
+                parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
+                checked.pins += 1;
+            }
+            Record::ExitDeath { .. } => checked.exit_deaths += 1,
+            Record::End {
+                identities,
+                pins,
+                exit_deaths,
+            } => {
+                let counted = (checked.identities, checked.pins, checked.exit_deaths);
+                if (identities, pins, exit_deaths) != counted {
+                    return Err(format(format!(
+                        "the end line counts {identities} identities, {pins} pins and \
+                         {exit_deaths} exit deaths, the export holds {}, {} and {}: it is \
+                         damaged",
+                        counted.0, counted.1, counted.2
+                    )));
+                }
+                ended = true;
+            }
+        }
+    }
+    if !header_seen {
+        return Err(TransferError::Format {
+            line: last_line,
+            reason: "the export is empty".into(),
+        });
+    }
+    checked.complete = ended;
+    if checked.format >= 2 && !ended {
+        return Err(TransferError::Format {
+            line: last_line,
+            reason: "the export ends before its end line: it was cut short (a full disk, a \
+                     killed export, a broken pipe); export again"
+                .into(),
+        });
+    }
+    Ok(checked)
 }
 
 fn parse_key(hex: &str) -> Option<PinKey> {
@@ -174,15 +316,7 @@ pub async fn import(
                 format: version,
                 key_id: exported,
             } => {
-                if version != FORMAT {
-                    return Err(format(format!("unknown export format {version}")));
-                }
-                if exported != key_id {
-                    return Err(TransferError::KeyMismatch {
-                        exported,
-                        ours: key_id.to_owned(),
-                    });
-                }
+                check_header(version, exported, key_id).map_err(|e| e.at(n + 1))?;
                 header_seen = true;
             }
             _ if !header_seen => return Err(format("the export has no header line".into())),
@@ -203,6 +337,8 @@ pub async fn import(
                 }
             }
             Record::ExitDeath { exit, at_ms } => store.record_exit_death(&exit, at_ms).await?,
+            // Checked by `check` before anything was written.
+            Record::End { .. } => {}
         }
     }
     while let Some(done) = in_flight.next().await {
@@ -266,7 +402,7 @@ mod tests {
         assert_eq!((exported.identities, exported.pins), (1, 1));
         let text = String::from_utf8(file.clone()).unwrap();
         assert!(
-            text.starts_with("{\"header\":{\"format\":1,\"key_id\":\"k1\"}}"),
+            text.starts_with("{\"header\":{\"format\":2,\"key_id\":\"k1\"}}"),
             "{text}"
         );
         assert!(
@@ -295,6 +431,54 @@ mod tests {
             target.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 77)]
         );
+    }
+
+    /// An export is checked whole before anything is written: cut short,
+    /// miscounted or with a line after its end, it is refused; a format 1
+    /// export (no end line) is read but not vouched for.
+    #[tokio::test]
+    async fn an_export_cut_short_is_refused_before_anything_is_written() {
+        let source = Store::Memory(MemoryStore::new());
+        pinned_identity(&source).await;
+        let mut file = Vec::new();
+        export(&source, "k1", &mut file).await.unwrap();
+        let text = String::from_utf8(file).unwrap();
+        let checked = check(text.as_bytes(), "k1").unwrap();
+        assert_eq!(
+            checked,
+            Checked {
+                format: 2,
+                identities: 1,
+                pins: 1,
+                exit_deaths: 0,
+                complete: true
+            }
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let cut = lines[..lines.len() - 1].join("\n");
+        let refused = check(cut.as_bytes(), "k1").unwrap_err().to_string();
+        assert!(refused.contains("cut short"), "{refused}");
+        let without_pin = [lines[0], lines[1], lines[3]].join("\n");
+        let refused = check(without_pin.as_bytes(), "k1").unwrap_err().to_string();
+        assert!(refused.contains("damaged"), "{refused}");
+        let after_end = format!("{text}{}\n", lines[2]);
+        let refused = check(after_end.as_bytes(), "k1").unwrap_err().to_string();
+        assert!(refused.contains("after the end line"), "{refused}");
+        assert!(matches!(
+            check(text.as_bytes(), "k2"),
+            Err(TransferError::KeyMismatch { .. })
+        ));
+        assert!(check(&b""[..], "k1").is_err());
+
+        let version_one =
+            lines[..lines.len() - 1]
+                .join("\n")
+                .replacen("\"format\":2", "\"format\":1", 1);
+        let checked = check(version_one.as_bytes(), "k1").unwrap();
+        assert_eq!((checked.format, checked.complete), (1, false));
+        let target = Store::Memory(MemoryStore::new());
+        let imported = import(&target, "k1", version_one.as_bytes()).await.unwrap();
+        assert_eq!(imported.pins, 1);
     }
 
     /// An older export imported into the store it came from brings back no

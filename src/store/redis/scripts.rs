@@ -236,3 +236,16 @@ if current == ARGV[1] then
 end
 return {current, redis.call('GET', KEYS[2]) or '0', 1}
 ";
+
+/// Founds the namespace's pin-hashing key `KEYS[1]` as `ARGV[1]` unless
+/// one is set, and only where no pin was ever written (the sequence
+/// `KEYS[2]` is absent or 0); answers the key in force, or `false` when
+/// there is none though pins were written: they were hashed with a key
+/// that is gone, and a new one would miss every one of them.
+pub(super) const FOUND_HASH_KEY: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then return false end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+";
