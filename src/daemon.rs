@@ -337,7 +337,7 @@ async fn fleet_hasher(
         };
         match agreed.await {
             Ok(key) => {
-                store.check_eviction_policy().await;
+                store.check_server().await.map_err(StartError::Store)?;
                 if let Some(dir) = data_dir.filter(|_| kept.as_deref() != Some(&key[..])) {
                     keep_fleet_key(dir, &key).map_err(|source| StartError::DataDir {
                         path: dir.join(FLEET_KEY_FILE),

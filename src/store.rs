@@ -45,6 +45,9 @@ pub enum StoreErrorKind {
     /// The shared store holds another pin-hashing key than this replica
     /// hashes with; it refuses every request until restarted.
     KeyConflict,
+    /// The answer itself showed that the shared store lost data: nothing
+    /// decided from it is used (the restore runs meanwhile).
+    Lost,
 }
 
 impl StoreErrorKind {
@@ -56,6 +59,7 @@ impl StoreErrorKind {
             StoreErrorKind::Corrupt => "corrupt record",
             StoreErrorKind::Protocol => "unexpected answer",
             StoreErrorKind::KeyConflict => "pin-hashing key conflict",
+            StoreErrorKind::Lost => "lost data",
         }
     }
 }

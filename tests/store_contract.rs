@@ -16,7 +16,7 @@ use pinproxy::store::memory::MemoryStore;
 use pinproxy::store::redis::journal::Journal;
 use pinproxy::store::redis::KeyOffer;
 use pinproxy::store::redis::{RedisSettings, RedisStore};
-use pinproxy::store::{Founding, PinStore, Store};
+use pinproxy::store::{Founding, PinStore, Store, StoreErrorKind};
 use support::procs::RedisServer;
 use tokio_util::task::TaskTracker;
 
@@ -505,6 +505,133 @@ async fn a_redis_pin_moves_later_only_within_its_keys_life() {
         .await
         .unwrap();
     assert_eq!(expiry().await, Some(now + 90 * 60_000), "never sooner");
+}
+
+/// A reply that shows Redis lost data decides nothing, whatever it says:
+/// a pin written in it may be a lost credential founded anew on another
+/// exit, which the restore then finds in conflict. Only commands sent once
+/// the recovery began (under its quarantine) are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_shows_a_loss_decides_nothing() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = redis_store(
+        &redis.url(),
+        "lost-reply",
+        2 * HOUR_MS,
+        HOUR_MS,
+        Some(dir.path()),
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let first = identity("e1", now);
+    store.create_identity(&first).await.unwrap();
+    store
+        .pin_if_absent(key(), &pin(&first, None))
+        .await
+        .unwrap();
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let second = identity("e2", now);
+    let refused = store
+        .pin_if_absent(key(), &pin(&second, None))
+        .await
+        .expect_err("a pin written in a reply that shows the wipe was used");
+    assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+    assert!(refused.to_string().contains("lost data"), "{refused}");
+}
+
+/// A Redis that evicts under memory pressure keeps the namespace's epoch
+/// and sequence (they have no time to live), so only its eviction count
+/// shows that pins may be gone: a count that grows is a loss, with its
+/// restore and quarantine, though every reply's generation looks whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_is_taken_as_a_loss() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = redis_store(
+        &redis.url(),
+        "evicting",
+        2 * HOUR_MS,
+        HOUR_MS,
+        Some(dir.path()),
+    )
+    .await;
+    let someone = identity("e1", 1_800_000_000_000);
+    store.create_identity(&someone).await.unwrap();
+    store
+        .pin_if_absent(key(), &pin(&someone, None))
+        .await
+        .unwrap();
+    store.check_server().await.unwrap();
+    assert!(store.loss_report().is_none());
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let reader = connection.clone();
+    let info = |section: &'static str, field: &'static str| {
+        let mut connection = reader.clone();
+        async move {
+            let text: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    let used = info("memory", "used_memory").await;
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory-policy", "allkeys-random"][..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", &(used + 256 * 1024).to_string()][..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let filler = vec![b'x'; 4096];
+    for i in 0..2_000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(&filler)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if i % 50 == 49 && info("stats", "evicted_keys").await > 0 {
+            break;
+        }
+    }
+    assert!(
+        info("stats", "evicted_keys").await > 0,
+        "Redis evicted nothing"
+    );
+
+    let mut report = None;
+    for _ in 0..200 {
+        report = store.loss_report();
+        if report.is_some() {
+            break;
+        }
+        // The background check reads the count every 500 ms.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = report.expect("the eviction was not taken as a loss");
+    assert!(report.what.contains("evicted"), "{}", report.what);
 }
 
 /// A use of an identity Redis no longer holds (expired, or lost) writes

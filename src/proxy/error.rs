@@ -415,6 +415,12 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
             "The store answered something pinproxy does not understand: store.url must name Redis 7 \
              or later (or a Sentinel for it)."
         }
+        StoreErrorKind::Lost => {
+            "Redis was seen to forget pins it had acknowledged (a failover, a restart without \
+             persistence, a flush or an eviction); the replicas are writing back what they \
+             journaled. Retry in a moment; credentials nobody can restore are then answered as \
+             retired (store-lost)."
+        }
         StoreErrorKind::KeyConflict => {
             "Nothing is routed by this replica until the fleet's pin-hashing key is back in Redis \
              and the replica is restarted (the error says which key and where)."

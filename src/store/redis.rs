@@ -42,11 +42,12 @@ pub mod journal;
 pub mod link;
 mod cache;
 mod codec;
+mod eviction;
 mod recovery;
 mod scripts;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -61,7 +62,7 @@ use crate::metrics::Metrics;
 use cache::HitCache;
 use codec::{
     bulk, corrupt, decode_binding, decode_identity, encode_address, encode_pin, generation_reply,
-    parse_hex16, unexpected,
+    parse_hex16, unexpected, GenerationReply,
 };
 use generation::{Generation, Loss, Observation, OwnWrites, Snapshot};
 use journal::Journal;
@@ -154,6 +155,8 @@ struct Inner {
     quarantine_until_ms: AtomicU64,
     /// A restore is running.
     recovering: AtomicBool,
+    /// The server's eviction count, as last read.
+    evictions: eviction::EvictionWatch,
     report: Mutex<Option<LossReport>>,
     /// Touches waiting to be written, per identity (see [`TOUCH_COALESCE`]).
     touches: dashmap::DashMap<IdentityId, PendingTouch, RandomKeys>,
@@ -252,6 +255,7 @@ impl RedisStore {
                 metrics,
                 quarantine_until_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
+                evictions: eviction::EvictionWatch::default(),
                 report: Mutex::new(None),
                 touches: dashmap::DashMap::default(),
                 lookup: Script::new(scripts::LOOKUP),
@@ -333,7 +337,8 @@ impl RedisStore {
     }
 
     /// Runs a generation-reporting script (see `scripts`) and checks the
-    /// generation it reports; returns the script's own result.
+    /// generation it reports; returns the script's own result, which is
+    /// not used when the reply shows a loss (see [`RedisStore::settle`]).
     async fn run_script(
         &self,
         script: &Script,
@@ -341,6 +346,30 @@ impl RedisStore {
         args: &[Vec<u8>],
         counting: Counting,
     ) -> Result<Value, StoreError> {
+        let (result, loss) = self.invoke_script(script, keys, args, counting).await?;
+        match loss {
+            None => Ok(result),
+            Some(loss) => Err(lost_in_reply(&loss)),
+        }
+    }
+
+    /// Checks the namespace's generation (at start and in the background):
+    /// a loss it shows starts the recovery, and is no failure of the check.
+    async fn check_generation(&self) -> Result<(), StoreError> {
+        self.invoke_script(&self.inner.check, &[], &[], Counting::Read)
+            .await
+            .map(drop)
+    }
+
+    /// [`RedisStore::run_script`], answering the loss the reply showed
+    /// beside the result instead of failing on it.
+    async fn invoke_script(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+        counting: Counting,
+    ) -> Result<(Value, Option<Loss>), StoreError> {
         let mut invocation = script.prepare_invoke();
         invocation.key(self.epoch_key()).key(self.seq_key());
         for key in keys {
@@ -354,11 +383,26 @@ impl RedisStore {
         }
         let mut connection = self.connection()?;
         let sent = self.inner.generation.snapshot();
+        let recovering = self.inner.recovering.load(Ordering::Acquire);
         let reply: Value = self.note(invocation.invoke_async(&mut connection).await)?;
         let reply = generation_reply(reply)?;
-        self.observe(sent, reply.epoch.as_deref(), reply.seq);
-        self.observe_own(sent, reply.epoch.as_deref(), reply.writes, counting);
-        Ok(reply.result)
+        let loss = self.settle(sent, &reply, counting).filter(|_| !recovering);
+        Ok((reply.result, loss))
+    }
+
+    /// Checks a script's reply for a loss (see `generation`), starting the
+    /// recovery on one. A reply to a command sent before this replica's
+    /// recovery began that shows a loss is not used for routing, whatever
+    /// it says: a lookup in it may miss a lost pin, and a pin it wrote may
+    /// be a lost one founded anew (which the restore finds in conflict).
+    /// Commands sent once the recovery began are answered under its
+    /// quarantine (a credential Redis does not know is not pinned anew),
+    /// and the recovery's own writes are among them.
+    fn settle(&self, sent: Snapshot, reply: &GenerationReply, counting: Counting) -> Option<Loss> {
+        let epoch = reply.epoch.as_deref();
+        let lost = self.observe(sent, epoch, reply.seq);
+        let lost_own = self.observe_own(sent, epoch, reply.writes, counting);
+        lost.or(lost_own)
     }
 
     /// Checks this replica's own write count in a reply (see `generation`):
@@ -369,24 +413,28 @@ impl RedisStore {
         epoch: Option<&str>,
         writes: Option<u64>,
         counting: Counting,
-    ) {
+    ) -> Option<Loss> {
         let own = match (counting, writes) {
             (Counting::Read, Some(count)) => OwnWrites::Read(count),
             (Counting::Write, Some(count)) => OwnWrites::Written(count),
-            _ => return,
+            _ => return None,
         };
-        if let Observation::Lost(loss) =
-            self.inner
-                .generation
-                .observe_own(sent, own, recovery::now_ms())
+        match self
+            .inner
+            .generation
+            .observe_own(sent, own, recovery::now_ms())
         {
-            self.on_loss(loss, epoch.map(str::to_owned));
+            Observation::Lost(loss) => {
+                self.on_loss(loss.clone(), epoch.map(str::to_owned));
+                Some(loss)
+            }
+            _ => None,
         }
     }
 
     /// Checks a reply's generation against what had been seen when its
     /// command left (`sent`): a loss starts a recovery.
-    fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) {
+    fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) -> Option<Loss> {
         match self.inner.generation.observe(sent, epoch, seq) {
             Observation::Consistent => {
                 if let Some(epoch) = epoch {
@@ -398,8 +446,12 @@ impl RedisStore {
             }
             // A namespace nobody has used: its epoch is written at start.
             Observation::Fresh => {}
-            Observation::Lost(loss) => self.on_loss(loss, epoch.map(str::to_owned)),
+            Observation::Lost(loss) => {
+                self.on_loss(loss.clone(), epoch.map(str::to_owned));
+                return Some(loss);
+            }
         }
+        None
     }
 
     /// The fleet's pin-hashing key, which a replica hashes cookies with
@@ -545,8 +597,7 @@ impl RedisStore {
         // Asked before the check, which adopts the generation it finds.
         let had_history = self.inner.generation.knows_history();
         self.inner.link.find_primary().await?;
-        self.run_script(&self.inner.check, &[], &[], Counting::Read)
-            .await?;
+        self.check_generation().await?;
         if !had_history {
             // Founds the generation if Redis holds none.
             self.replace_epoch(None).await?;
@@ -558,11 +609,13 @@ impl RedisStore {
         self.join_quarantine().await
     }
 
-    /// Warns when the server may evict pinproxy's keys before they expire.
-    pub async fn check_eviction_policy(&self) {
-        let Ok(mut connection) = self.connection() else {
-            return;
-        };
+    /// Checks the server once it answers: refuses a Redis older than
+    /// [`eviction::MIN_VERSION`] (the scripts need it, and an older one would fail
+    /// only when a loss is being restored, the worst time), warns when it
+    /// may evict pinproxy's keys before they expire, and takes the baseline
+    /// of its eviction count (see `eviction`).
+    pub async fn check_server(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection()?;
         let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")
@@ -572,10 +625,46 @@ impl RedisStore {
             if let Some(policy) = pair.get(1).filter(|p| p.as_str() != "noeviction") {
                 tracing::warn!(
                     %policy,
-                    "Redis may evict pins under memory pressure; a lost pin lets a cookie go out through \
-                     another exit. Set maxmemory-policy noeviction (or give Redis room)."
+                    "Redis may evict pins under memory pressure; every eviction is then taken as a \
+                     loss (restore and quarantine). Set maxmemory-policy noeviction (or give Redis room)."
                 );
             }
+        }
+        // The baseline of the eviction count, and whether it can be read.
+        let info: redis::RedisResult<String> =
+            redis::cmd("INFO").query_async(&mut connection).await;
+        match info {
+            Ok(info) => {
+                self.inner.evictions.observe(&info);
+                eviction::check_version(&info)?;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot read Redis's INFO: pins it evicts under memory pressure would go unnoticed, \
+                 and its version is not checked (grant the user +info, and set \
+                 maxmemory-policy noeviction)"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Reads the server's eviction count (see `eviction`): keys evicted
+    /// since the last reading are a loss. An `INFO` the server refuses is
+    /// only logged (at debug: a user without the right is warned of at
+    /// start, by [`RedisStore::check_server`]).
+    async fn check_evictions(&self) {
+        let Ok(mut connection) = self.connection() else {
+            return;
+        };
+        let info: redis::RedisResult<String> =
+            redis::cmd("INFO").query_async(&mut connection).await;
+        match info {
+            Ok(info) => {
+                if let Some(keys) = self.inner.evictions.observe(&info) {
+                    self.on_loss(Loss::Evicted { keys }, None);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read Redis's eviction count"),
         }
     }
 
@@ -623,6 +712,7 @@ impl RedisStore {
         pipe.add_command(evalsha)
             .add_command(redis::cmd("WAIT").arg(wait.replicas).arg(millis).clone());
         let sent = self.inner.generation.snapshot();
+        let recovering = self.inner.recovering.load(Ordering::Acquire);
         let mut outcome: redis::RedisResult<(Value, u64)> = pipe.query_async(&mut connection).await;
         if matches!(&outcome, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
@@ -631,8 +721,12 @@ impl RedisStore {
         }
         let (reply, acked) = self.note(outcome)?;
         let reply = generation_reply(reply)?;
-        self.observe(sent, reply.epoch.as_deref(), reply.seq);
-        self.observe_own(sent, reply.epoch.as_deref(), reply.writes, Counting::Write);
+        if let Some(loss) = self
+            .settle(sent, &reply, Counting::Write)
+            .filter(|_| !recovering)
+        {
+            return Err(lost_in_reply(&loss));
+        }
         let result = reply.result;
         if acked < u64::from(wait.replicas) {
             self.inner.metrics.store_wait_timeouts.inc();
@@ -870,6 +964,14 @@ fn key_prefix(url: &str, namespace: &str) -> String {
 }
 
 /// The 32-byte pin-hashing key Redis holds under `name`.
+/// The error for a reply that showed a loss: its result is not used.
+fn lost_in_reply(loss: &Loss) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Lost,
+        format!("Redis's answer shows it lost data ({loss})"),
+    )
+}
+
 /// Whose key a replica offers as the fleet's pin-hashing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyOffer {
@@ -906,10 +1008,8 @@ async fn check_loop(inner: Weak<Inner>) {
                 tracing::debug!(error = %e, "cannot ask the sentinels for the primary");
             }
         }
-        match store
-            .run_script(&store.inner.check, &[], &[], Counting::Read)
-            .await
-        {
+        store.check_evictions().await;
+        match store.check_generation().await {
             Ok(_) if !was => tracing::info!("redis pin store reachable again"),
             Ok(_) => {}
             Err(e) => {

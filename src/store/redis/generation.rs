@@ -78,6 +78,11 @@ pub enum Loss {
     /// looked whole: a failover that lost it, noticed by a replica whose
     /// saved history predates the loss (a restart after `kill -9`).
     JournaledPinGone,
+    /// The server evicted keys (see `eviction`): pins may be among them.
+    Evicted {
+        /// How many keys, since the last reading.
+        keys: u64,
+    },
 }
 
 impl std::fmt::Display for Loss {
@@ -95,6 +100,10 @@ impl std::fmt::Display for Loss {
             ),
             Loss::JournaledPinGone => f.write_str(
                 "a pin this replica's journal holds is gone from the server before it could expire (a failover that lost it)"
+            ),
+            Loss::Evicted { keys } => write!(
+                f,
+                "the server evicted {keys} keys under memory pressure (its maxmemory-policy is not noeviction), pins possibly among them"
             ),
         }
     }

@@ -323,7 +323,10 @@ impl RedisStore {
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
             Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
-            Loss::WentBack { .. } | Loss::OwnWritesWentBack { .. } | Loss::JournaledPinGone => {
+            Loss::WentBack { .. }
+            | Loss::OwnWritesWentBack { .. }
+            | Loss::JournaledPinGone
+            | Loss::Evicted { .. } => {
                 let known = self
                     .inner
                     .epoch
