@@ -338,6 +338,18 @@ impl Pipeline {
         ) = self.send(&route, &origin, upstream_request).await?;
         let egress_ip = carried_by.egress_ip;
         access.timings = timings;
+        // A switch the request did not ask for (or asked for in a way not
+        // taken as a WebSocket) is never relayed: its bytes would cross
+        // unread. hyper keeps the upstream connection out of the pool.
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            let error = crate::upstream::UpstreamError::Exchange {
+                kind: crate::upstream::error::ExchangeKind::Upgrade,
+                detail: "the origin switched protocols though no WebSocket upgrade was asked for; \
+                         only a WebSocket is relayed"
+                    .into(),
+            };
+            return Err(ProxyError::upstream(&route.exit, error));
+        }
 
         // 8. capture
         let identity = self

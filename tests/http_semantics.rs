@@ -334,3 +334,82 @@ async fn response_trailers_reach_the_client_without_cookies() {
     assert_eq!(names(&trailers), ["x-checksum"]);
     s.stop().await;
 }
+
+/// A WebSocket upgrade is the only protocol switch relayed: a second
+/// `Upgrade` field (`h2c`, whose requests would then cross the relay
+/// unread, cookies and all) makes the request no upgrade at all, and a
+/// `101` that switches to anything but a WebSocket, or does not answer the
+/// client's key, is refused instead of bridged.
+#[tokio::test]
+async fn no_protocol_but_a_websocket_is_switched_to() {
+    let s = Setup::start(1).await;
+    let h2c = RawOrigin::start_answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let request = |host: &str, upgrades: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\n{upgrades}Connection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+    };
+    // Two `Upgrade` fields: no upgrade; neither field reaches the origin.
+    let host = h2c.addr.to_string();
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(request(&host, "Upgrade: websocket\r\nUpgrade: h2c\r\n").as_bytes())
+        .await
+        .unwrap();
+    let reply = answer_head(&mut tunnel).await;
+    assert!(!reply.starts_with("HTTP/1.1 101"), "{reply}");
+    let heads = h2c.heads();
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("upgrade: "),
+        "{}",
+        heads[0]
+    );
+
+    // One `Upgrade: websocket`, answered by a switch to h2c: refused.
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(request(&host, "Upgrade: websocket\r\n").as_bytes())
+        .await
+        .unwrap();
+    let reply = answer_head(&mut tunnel).await;
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.contains("only a WebSocket is relayed"), "{reply}");
+
+    // A switch to a WebSocket that does not answer the client's key.
+    let wrong_key = RawOrigin::start_answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Accept: bm90IHRoZSBhbnN3ZXI=\r\n\r\n",
+    )
+    .await;
+    let host = wrong_key.addr.to_string();
+    let (mut tunnel, _) = s.proxy.client.raw_connect(&host).await;
+    tunnel
+        .write_all(request(&host, "Upgrade: websocket\r\n").as_bytes())
+        .await
+        .unwrap();
+    let reply = answer_head(&mut tunnel).await;
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.contains("Sec-WebSocket-Accept"), "{reply}");
+    s.stop().await;
+}
+
+/// The head of the answer on `tunnel` (bounded: 10 s, 16 KiB).
+async fn answer_head(tunnel: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), tunnel.read(&mut byte));
+        match read.await.unwrap() {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}

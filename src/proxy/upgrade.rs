@@ -50,12 +50,23 @@ pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
             .then_some(Upgrade::ExtendedConnect);
     }
     // `Upgrade` first: most requests have none, and then `Connection`'s
-    // tokens need not be read.
-    let websocket = request
-        .headers()
-        .get(header::UPGRADE)
+    // tokens need not be read. Exactly one field naming exactly
+    // `websocket`, with the key the answer must prove it read: the relay
+    // that follows a `101` carries bytes pinproxy never reads, so no other
+    // protocol (`h2c` in a second field, say, whose requests would carry
+    // any cookie out unseen) may be switched to under a WebSocket's name.
+    let mut upgrades = request.headers().get_all(header::UPGRADE).iter();
+    let websocket = upgrades
+        .next()
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+        && upgrades.next().is_none()
+        && request
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_KEY)
+            .iter()
+            .count()
+            == 1;
     let connection_upgrade = || {
         request
             .headers()
@@ -73,10 +84,14 @@ pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
 /// own `Connection` and `Upgrade` headers ([`super::egress::sanitize_upgrade_request`]
 /// keeps them); an HTTP/2 extended CONNECT is rebuilt as one, its headers
 /// added at the end. Returns the `Sec-WebSocket-Accept` the origin must
-/// answer with, when pinproxy made the key.
+/// answer with: for the client's key, or for the one pinproxy made.
 pub fn prepare_upstream(upgrade: Upgrade, parts: &mut http::request::Parts) -> Option<String> {
     match upgrade {
-        Upgrade::Http1 => None,
+        Upgrade::Http1 => parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .and_then(|key| key.to_str().ok())
+            .map(|key| accept_for(key.trim())),
         Upgrade::ExtendedConnect => {
             parts
                 .headers
@@ -113,8 +128,8 @@ pub struct Socket {
     pub upgrade: Upgrade,
     /// The client's connection, once upgraded.
     pub client: OnUpgrade,
-    /// The `Sec-WebSocket-Accept` the origin must answer with, when
-    /// pinproxy made the key.
+    /// The `Sec-WebSocket-Accept` the origin must answer with (`None`: no
+    /// key to answer for, so no `101` is bridged).
     pub expected_accept: Option<String>,
 }
 
@@ -180,19 +195,30 @@ pub fn bridge(
         client,
         expected_accept,
     } = socket;
-    if let Some(expected) = &expected_accept {
-        let accept = upstream
-            .headers()
-            .get(header::SEC_WEBSOCKET_ACCEPT)
-            .and_then(|v| v.to_str().ok());
-        if accept != Some(expected.as_str()) {
-            return Err(UpstreamError::Exchange {
-                kind: ExchangeKind::Upgrade,
-                detail:
-                    "the origin answered the WebSocket upgrade with a wrong Sec-WebSocket-Accept"
-                        .into(),
-            });
-        }
+    // Only a WebSocket is relayed: an answer that switched to anything
+    // else, or that does not prove it read this handshake's key, is not.
+    let switched_to = upstream
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if !switched_to.is_some_and(|p| p.trim().eq_ignore_ascii_case("websocket")) {
+        return Err(UpstreamError::Exchange {
+            kind: ExchangeKind::Upgrade,
+            detail: "the origin answered the WebSocket upgrade by switching to another \
+                     protocol; only a WebSocket is relayed"
+                .into(),
+        });
+    }
+    let accept = upstream
+        .headers()
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    if expected_accept.is_none() || accept.map(str::trim) != expected_accept.as_deref() {
+        return Err(UpstreamError::Exchange {
+            kind: ExchangeKind::Upgrade,
+            detail: "the origin answered the WebSocket upgrade with a wrong Sec-WebSocket-Accept"
+                .into(),
+        });
     }
     let upstream_io = hyper::upgrade::on(&mut upstream);
     let mut response = Response::new(body::empty());

@@ -19,6 +19,16 @@ pub struct RawOrigin {
 impl RawOrigin {
     /// Starts it on 127.0.0.1.
     pub async fn start() -> RawOrigin {
+        RawOrigin::start_answering(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+        )
+        .await
+    }
+
+    /// Starts one that answers every request with `answer`, byte for
+    /// byte; after a `101` it holds the connection (at most 10 s) until the
+    /// peer sends something or closes it.
+    pub async fn start_answering(answer: &'static [u8]) -> RawOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -39,11 +49,15 @@ impl RawOrigin {
                         .lock()
                         .unwrap()
                         .push(String::from_utf8_lossy(&head).into_owned());
-                    let _ = tcp
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    if tcp.write_all(answer).await.is_ok() && answer.starts_with(b"HTTP/1.1 101") {
+                        // Held (bounded): the protocols were switched.
+                        let mut rest = [0u8; 1024];
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            tcp.read(&mut rest),
                         )
                         .await;
+                    }
                 });
             }
         });
