@@ -710,6 +710,20 @@ async fn idle_and_slow_client_connections_are_closed() {
     let took = started.elapsed();
     println!("a stalled head was cut off after {took:?} (header_read 500 ms, client_idle 60 s)");
     assert!(took < Duration::from_secs(10));
+    // Empty lines before a request line begin its head: a lone CR, or a
+    // CRLF now and then, does not hold the connection until client_idle.
+    for (prelude, pings) in [(&b"\r"[..], 0), (&b"\r\n"[..], 3)] {
+        let mut blank = TcpStream::connect(proxy).await.unwrap();
+        blank.write_all(prelude).await.unwrap();
+        for _ in 0..pings {
+            // Each within header_read of the last: only the first counts.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if blank.write_all(b"\r\n").await.is_err() {
+                break;
+            }
+        }
+        assert!(closed_within(&mut blank, Duration::from_secs(10)).await);
+    }
     // An idle connection that has sent nothing is kept (client_idle).
     let mut quiet = TcpStream::connect(proxy).await.unwrap();
     assert!(!closed_within(&mut quiet, Duration::from_secs(1)).await);

@@ -121,6 +121,11 @@ enum State {
     Between,
     /// Saw CR between messages; LF must follow.
     BetweenCr,
+    /// Between messages after one or more empty lines: allowed before a
+    /// request line, but no longer idle. They count towards the next
+    /// head's size and its deadline, so that a client cannot hold its
+    /// connection by sending one now and then.
+    BetweenBlank,
     /// In the start line.
     StartLine,
     /// At the start of a header line.
@@ -318,7 +323,13 @@ impl Scanner {
     pub fn in_head(&self) -> bool {
         matches!(
             self.state,
-            State::StartLine | State::LineStart | State::Name | State::Value | State::LineCr { .. }
+            State::BetweenCr
+                | State::BetweenBlank
+                | State::StartLine
+                | State::LineStart
+                | State::Name
+                | State::Value
+                | State::LineCr { .. }
         )
     }
 
@@ -431,13 +442,26 @@ impl Scanner {
             check_head_byte(byte)?;
         }
         self.state = match self.state {
-            State::Between => match byte {
-                b'\r' => State::BetweenCr,
+            State::Between | State::BetweenBlank => match byte {
+                b'\r' => {
+                    // The first byte after a message: what its head counted
+                    // is the last message's.
+                    if self.state == State::Between {
+                        self.head.len = 1;
+                    }
+                    State::BetweenCr
+                }
                 b'\n' => return Err(FramingError::BareLf),
                 b' ' | b'\t' => return Err(FramingError::ObsFold),
                 _ => {
+                    // Empty lines before it count towards this head.
+                    let len = if self.state == State::BetweenBlank {
+                        self.head.len
+                    } else {
+                        1
+                    };
                     self.head = Head {
-                        len: 1,
+                        len,
                         ..Head::default()
                     };
                     self.start_line(byte);
@@ -445,10 +469,7 @@ impl Scanner {
                 }
             },
             State::BetweenCr => match byte {
-                b'\n' => {
-                    self.head.len = 0;
-                    State::Between
-                }
+                b'\n' => State::BetweenBlank,
                 _ => return Err(FramingError::BareCr),
             },
             State::StartLine => match byte {
@@ -1323,6 +1344,33 @@ mod tests {
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(40));
         assert_eq!(
             scanner.scan(long.as_bytes(), |_| {}),
+            Err(FramingError::HeadTooLarge)
+        );
+    }
+
+    /// Empty lines before a request line are allowed, but they begin a
+    /// head: a lone CR, or CRLFs sent now and then, are not "between
+    /// messages" (where only the idle limit applies), and they count
+    /// towards the head's size.
+    #[test]
+    fn empty_lines_before_a_request_begin_its_head() {
+        let mut scanner = Scanner::new(Side::Request, 32);
+        assert!(scanner.between_messages() && !scanner.in_head());
+        scanner.scan(b"\r", |_| {}).unwrap();
+        assert!(scanner.in_head() && !scanner.between_messages());
+        scanner.scan(b"\n\r\n", |_| {}).unwrap();
+        assert!(scanner.in_head() && !scanner.between_messages());
+        let mut ended = 0;
+        scanner
+            .scan(b"GET / HTTP/1.1\r\n\r\n", |_| ended += 1)
+            .unwrap();
+        assert_eq!(ended, 1);
+        assert!(scanner.between_messages() && !scanner.in_head());
+        // 13 empty lines and a 20-byte head: past 32.
+        let mut scanner = Scanner::new(Side::Request, 32);
+        let padded = format!("{}GET / HTTP/1.1\r\n\r\n", "\r\n".repeat(13));
+        assert_eq!(
+            scanner.scan(padded.as_bytes(), |_| {}),
             Err(FramingError::HeadTooLarge)
         );
     }
