@@ -13,25 +13,25 @@ use support::origin::reported_peer;
 use support::{Origin, Proxy, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Opens a CONNECT to `origin.test` (resolved by the test exits), naming
-/// `user` in Proxy-Authorization if given, then TLS trusting only the
-/// origin's own CA.
+/// `Proxy-Authorization` naming `user`, as a header line.
+fn basic(user: &str) -> String {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:x"));
+    format!("Proxy-Authorization: Basic {token}\r\n")
+}
+
+/// Opens a CONNECT to `origin.test` (resolved by the test exits), with the
+/// header line `auth` if given, then TLS trusting only the origin's own CA.
 async fn raw_tls(
     proxy: &Proxy,
     origin: &Origin,
-    user: Option<&str>,
+    auth: Option<String>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use base64::Engine as _;
     let target = format!("origin.test:{}", origin.https.port());
     let mut tcp = tokio::net::TcpStream::connect(proxy.daemon.local_addr())
         .await
         .unwrap();
-    let auth = user
-        .map(|u| {
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:x"));
-            format!("Proxy-Authorization: Basic {token}\r\n")
-        })
-        .unwrap_or_default();
+    let auth = auth.unwrap_or_default();
     tcp.write_all(
         format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: raw/1\r\n{auth}\r\n")
             .as_bytes(),
@@ -60,9 +60,9 @@ async fn raw_tls(
 }
 
 /// [`raw_tls`], then a GET of `/`. Returns the reported peer.
-async fn raw_get(proxy: &Proxy, origin: &Origin, user: Option<&str>) -> std::net::IpAddr {
+async fn raw_get(proxy: &Proxy, origin: &Origin, auth: Option<String>) -> std::net::IpAddr {
     let target = format!("origin.test:{}", origin.https.port());
-    let mut tls = raw_tls(proxy, origin, user).await;
+    let mut tls = raw_tls(proxy, origin, auth).await;
     tls.write_all(
         format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -91,12 +91,18 @@ async fn an_excluded_host_is_tunnelled_raw_and_a_session_key_keeps_its_exit() {
     assert_eq!(rotated.len(), 3, "{rotated:?}");
 
     // With one: always the key's exit.
-    let first = raw_get(proxy, origin, Some("session-bank-user")).await;
+    let first = raw_get(proxy, origin, Some(basic("session-bank-user"))).await;
     for _ in 0..5 {
         assert_eq!(
-            raw_get(proxy, origin, Some("scraper-session-bank-user")).await,
+            raw_get(proxy, origin, Some(basic("scraper-session-bank-user"))).await,
             first
         );
+    }
+    // Named in `X-Pinproxy-Session` on the CONNECT, as on a request.
+    let named = || Some("X-Pinproxy-Session: bank-user\r\n".to_owned());
+    assert_eq!(raw_get(proxy, origin, named()).await, first);
+    for _ in 0..5 {
+        assert_eq!(raw_get(proxy, origin, named()).await, first);
     }
     // Nothing was intercepted: the origin saw no request from pinproxy's pipeline.
     assert!(origin

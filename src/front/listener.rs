@@ -145,14 +145,11 @@ async fn outer_request(
         Ok(authority) => authority,
         Err(error) => return error.to_response(),
     };
-    // A session key named on the CONNECT holds for every request inside.
-    let session_key = match request
-        .headers()
-        .get(http::header::PROXY_AUTHORIZATION)
-        .map(session_key::from_proxy_authorization)
-        .transpose()
-    {
-        Ok(key) => key.flatten(),
+    // A session key named on the CONNECT (`X-Pinproxy-Session`, which
+    // wins, or `Proxy-Authorization`) holds for every request inside, and
+    // is all that keeps a passed-through tunnel on its identity's exit.
+    let session_key = match session_key::of_request(request.headers(), None) {
+        Ok(key) => key,
         Err(error) => return ProxyError::from(error).to_response(),
     };
     let intercepted = frontend.mitm.policy.intercepts(&authority.host);

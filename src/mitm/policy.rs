@@ -40,8 +40,12 @@ impl InterceptPolicy {
     }
 
     /// Whether a tunnel to `host` is intercepted (else it is passed through).
+    /// A fully qualified name (`www.target.example.`, with its trailing
+    /// dot) is the same host to DNS and to a client's cookie jar, so it is
+    /// judged as the name without the dot: a pattern that intercepts one
+    /// intercepts both, and the cookies sent to either are read.
     pub fn intercepts(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
         let matches = |patterns: &[glob::Pattern]| patterns.iter().any(|p| p.matches(&host));
         (self.include.is_empty() || matches(&self.include)) && !matches(&self.exclude)
     }
@@ -64,7 +68,12 @@ mod tests {
         )
         .unwrap();
         assert!(only.intercepts("www.target.example"));
+        assert!(
+            only.intercepts("www.target.example."),
+            "a trailing dot names the same host"
+        );
         assert!(!only.intercepts("login.target.example"));
+        assert!(!only.intercepts("login.target.example."));
         assert!(!only.intercepts("cdn.other.example"));
     }
 }
