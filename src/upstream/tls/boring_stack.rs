@@ -235,18 +235,17 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
             .map_err(|e| e.to_string())?;
     }
 
-    // Groups and key shares.
-    let groups: Vec<u16> = hello
-        .supported_groups
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|g| !is_grease(*g))
-        .collect();
+    // Groups and key shares. Each group once (BoringSSL refuses a list
+    // with a repeat), probed alone (it refuses a whole list for one name
+    // it does not know).
     let mut group_names = Vec::new();
-    for &id in &groups {
-        match group_name(id) {
-            Some(name) => group_names.push(name),
+    let mut groups = Vec::new();
+    for id in first_of_each(hello.supported_groups.iter().flatten(), &mut gap, "group") {
+        match group_name(id).filter(|name| builder.set_curves_list(name).is_ok()) {
+            Some(name) => {
+                group_names.push(name);
+                groups.push(id);
+            }
             None => gap("group", format!("group {id:#06x}")),
         }
     }
@@ -255,23 +254,42 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
             .set_curves_list(&group_names.join(":"))
             .map_err(|e| e.to_string())?;
     }
-    let key_shares: Vec<u16> = hello
+    // Key shares must follow the groups' order, each once, for groups
+    // listed: BoringSSL refuses any other list at every connection.
+    let wanted_shares: Vec<u16> = hello
         .key_share_groups
         .iter()
         .flatten()
         .copied()
-        .filter(|g| !is_grease(*g) && group_name(*g).is_some())
+        .filter(|g| !is_grease(*g))
         .collect();
+    let key_shares: Vec<u16> = groups
+        .iter()
+        .copied()
+        .filter(|g| wanted_shares.contains(g))
+        .collect();
+    let wanted_known: Vec<u16> = wanted_shares
+        .iter()
+        .copied()
+        .filter(|g| group_name(*g).is_some())
+        .collect();
+    if key_shares != wanted_known {
+        gap(
+            "key-share",
+            format!(
+                "key shares {wanted_known:04x?} (BoringSSL sends them in the groups' order, each \
+                 once, for listed groups: {key_shares:04x?})"
+            ),
+        );
+    }
 
     // Signature algorithms, in order; ids BoringSSL does not know are left
     // out (it refuses the whole list otherwise).
-    let wanted: Vec<u16> = hello
-        .signature_algorithms
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|s| !is_grease(*s))
-        .collect();
+    let wanted = first_of_each(
+        hello.signature_algorithms.iter().flatten(),
+        &mut gap,
+        "signature-algorithm",
+    );
     let mut known = Vec::new();
     for &id in &wanted {
         let one = [SslSignatureAlgorithm::from(id)];
@@ -322,8 +340,12 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
         );
     }
 
-    // Certificate compression, in the client's order.
-    for &id in hello.compress_certificate.iter().flatten() {
+    // Certificate compression, in the client's order, each once.
+    for id in first_of_each(
+        hello.compress_certificate.iter().flatten(),
+        &mut gap,
+        "certificate-compression",
+    ) {
         let added = match id {
             1 => builder
                 .add_certificate_compression_algorithm(Zlib)
@@ -501,10 +523,31 @@ fn cipher_name(id: u16) -> Option<&'static str> {
     })
 }
 
+/// The non-GREASE ids of a list, each at its first place: BoringSSL
+/// refuses a list that names one twice, so a repeat is left out, as a gap
+/// of `kind`.
+fn first_of_each<'a>(
+    ids: impl Iterator<Item = &'a u16>,
+    gap: &mut impl FnMut(&'static str, String),
+    kind: &'static str,
+) -> Vec<u16> {
+    let mut kept: Vec<u16> = Vec::new();
+    for &id in ids {
+        if is_grease(id) {
+            continue;
+        }
+        if kept.contains(&id) {
+            gap(kind, format!("{kind} {id:#06x} listed twice"));
+        } else {
+            kept.push(id);
+        }
+    }
+    kept
+}
+
 /// BoringSSL's name of a named group id.
 fn group_name(id: u16) -> Option<&'static str> {
     Some(match id {
-        0x0015 => "P-224",
         0x0017 => "P-256",
         0x0018 => "P-384",
         0x0019 => "P-521",
@@ -531,9 +574,11 @@ impl CertificateCompressor for Brotli {
     const CAN_DECOMPRESS: bool = true;
 
     fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
-        let mut decoder =
-            brotli_decompressor::Decompressor::new(input, 4096).take(MAX_CERTIFICATE_CHAIN);
-        io::copy(&mut decoder, output).map(drop)
+        without_unwinding(|| {
+            let mut decoder =
+                brotli_decompressor::Decompressor::new(input, 4096).take(MAX_CERTIFICATE_CHAIN);
+            io::copy(&mut decoder, output).map(drop)
+        })
     }
 }
 
@@ -546,15 +591,35 @@ impl CertificateCompressor for Zlib {
     const CAN_DECOMPRESS: bool = true;
 
     fn decompress<W: io::Write>(&self, input: &[u8], output: &mut W) -> io::Result<()> {
-        let mut decoder = flate2::read::ZlibDecoder::new(input).take(MAX_CERTIFICATE_CHAIN);
-        io::copy(&mut decoder, output).map(drop)
+        without_unwinding(|| {
+            let mut decoder = flate2::read::ZlibDecoder::new(input).take(MAX_CERTIFICATE_CHAIN);
+            io::copy(&mut decoder, output).map(drop)
+        })
     }
+}
+
+/// Runs a decompression of an origin's bytes inside BoringSSL's callback,
+/// which does not catch a panic: one unwinding into C would abort the
+/// whole daemon, so a decompressor's panic fails this handshake instead.
+fn without_unwinding(decompress: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decompress))
+        .unwrap_or_else(|_| Err(io::Error::other("the certificate decompressor failed")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fingerprint::client_hello::ClientHello;
+
+    /// A decompressor that panics on an origin's bytes fails the
+    /// handshake; the panic does not unwind into BoringSSL.
+    #[test]
+    #[allow(clippy::panic)]
+    fn a_panicking_decompressor_is_an_error() {
+        let failed = without_unwinding(|| panic!("a decompressor bug"));
+        assert_eq!(failed.unwrap_err().kind(), io::ErrorKind::Other);
+        assert!(without_unwinding(|| Ok(())).is_ok());
+    }
 
     #[test]
     fn a_compressed_certificate_inflates_into_its_stated_length_and_no_further() {
@@ -608,6 +673,54 @@ mod tests {
         assert_eq!(hello.alpn, None, "the fixture offers no ALPN");
         let sent = sent_to_localhost(&hello, true).await;
         assert_eq!(sent.alpn, None);
+    }
+
+    /// Lists BoringSSL refuses as they stand (a group, signature algorithm
+    /// or compression named twice, a group it lacks, key shares out of the
+    /// groups' order) are said as far as it can, with gaps, and the
+    /// handshake goes through: they used to fail every connection of that
+    /// client.
+    #[tokio::test]
+    async fn lists_boringssl_refuses_are_said_as_far_as_it_can() {
+        let mut odd = hello("chromium_1");
+        // X25519 twice, P-224 (0x0015), then P-256; shares P-256 before X25519.
+        odd.supported_groups = Some(vec![0x001d, 0x001d, 0x0015, 0x0017]);
+        odd.key_share_groups = Some(vec![0x0017, 0x001d]);
+        let sigalgs = odd.signature_algorithms.get_or_insert_with(Vec::new);
+        if let Some(&first) = sigalgs.first() {
+            sigalgs.push(first);
+        }
+        odd.compress_certificate = Some(vec![2, 2]);
+        let roots = X509StoreBuilder::new().map(|b| b.build());
+        let Ok(roots) = roots else {
+            panic!("no X509 store");
+        };
+        let shape = Shape {
+            hello: &odd,
+            http1_only: false,
+            alps_settings: &[],
+        };
+        let gaps: Vec<String> = match prepare(&roots, shape) {
+            Ok(prepared) => prepared.gaps.iter().map(|g| g.detail.clone()).collect(),
+            Err(e) => panic!("refused: {e}"),
+        };
+        for said in [
+            "group 0x001d listed twice",
+            "group 0x0015",
+            "key shares",
+            "listed twice",
+        ] {
+            assert!(gaps.iter().any(|g| g.contains(said)), "{said}: {gaps:?}");
+        }
+        let sent = sent_to_localhost(&odd, false).await;
+        let plain = |ids: Option<Vec<u16>>| -> Vec<u16> {
+            ids.into_iter()
+                .flatten()
+                .filter(|id| !is_grease(*id))
+                .collect()
+        };
+        assert_eq!(plain(sent.supported_groups), [0x001d, 0x0017]);
+        assert_eq!(plain(sent.key_share_groups), [0x001d, 0x0017]);
     }
 
     /// A client that sends no server name gets none sent for it, though

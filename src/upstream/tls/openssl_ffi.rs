@@ -115,6 +115,10 @@ pub mod op {
     pub const NO_ENCRYPT_THEN_MAC: u64 = 1 << 19;
     /// A 32-byte legacy session id (TLS 1.3 middlebox compatibility).
     pub const ENABLE_MIDDLEBOX_COMPAT: u64 = 1 << 20;
+    /// Refuse a renegotiation the server asks for (BoringSSL refuses it
+    /// by default): each would be a full handshake an origin could repeat
+    /// without end on a pooled connection.
+    pub const NO_RENEGOTIATION: u64 = 1 << 30;
 }
 
 /// `SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER`:
@@ -189,6 +193,8 @@ struct Api {
     ssl_ctx_set_ciphersuites: unsafe extern "C" fn(*mut SslCtxC, *const c_char) -> c_int,
     ssl_ctx_set_options: unsafe extern "C" fn(*mut SslCtxC, u64) -> u64,
     ssl_ctx_clear_options: unsafe extern "C" fn(*mut SslCtxC, u64) -> u64,
+    ssl_ctx_get_security_level: unsafe extern "C" fn(*const SslCtxC) -> c_int,
+    ssl_ctx_set_security_level: unsafe extern "C" fn(*mut SslCtxC, c_int),
     ssl_ctx_set_post_handshake_auth: unsafe extern "C" fn(*mut SslCtxC, c_int),
     ssl_ctx_set_alpn_protos: unsafe extern "C" fn(*mut SslCtxC, *const u8, c_uint) -> c_int,
     ssl_ctx_set_verify: unsafe extern "C" fn(*mut SslCtxC, c_int, VerifyCallback),
@@ -292,6 +298,8 @@ fn load() -> Result<Api, String> {
             ssl_ctx_set_ciphersuites: symbol(s, "SSL_CTX_set_ciphersuites")?,
             ssl_ctx_set_options: symbol(s, "SSL_CTX_set_options")?,
             ssl_ctx_clear_options: symbol(s, "SSL_CTX_clear_options")?,
+            ssl_ctx_get_security_level: symbol(s, "SSL_CTX_get_security_level")?,
+            ssl_ctx_set_security_level: symbol(s, "SSL_CTX_set_security_level")?,
             ssl_ctx_set_post_handshake_auth: symbol(s, "SSL_CTX_set_post_handshake_auth")?,
             ssl_ctx_set_alpn_protos: symbol(s, "SSL_CTX_set_alpn_protos")?,
             ssl_ctx_set_verify: symbol(s, "SSL_CTX_set_verify")?,
@@ -610,6 +618,21 @@ impl Ctx {
         }
     }
 
+    /// The security level in force (0 to 5: what the system's OpenSSL
+    /// configuration set, or [`Ctx::set_security_level`]).
+    pub fn security_level(&self) -> c_int {
+        // SAFETY: live SSL_CTX; reads a field.
+        unsafe { (self.api.ssl_ctx_get_security_level)(self.ptr.as_ptr()) }
+    }
+
+    /// Sets the security level (`SSL_CTX_set_security_level`): from 1 up,
+    /// no suite without authentication or encryption and no key under 80
+    /// bits is offered or accepted.
+    pub fn set_security_level(&mut self, level: c_int) {
+        // SAFETY: live SSL_CTX; sets a field.
+        unsafe { (self.api.ssl_ctx_set_security_level)(self.ptr.as_ptr(), level) }
+    }
+
     /// Offers post_handshake_auth (49).
     pub fn set_post_handshake_auth(&mut self, on: bool) {
         // SAFETY: live SSL_CTX; sets a flag.
@@ -795,6 +818,10 @@ impl Ssl {
     /// Requires the server's certificate to be valid for `host` (a DNS
     /// name or an IP literal), without partial wildcards.
     pub fn set_verify_host(&mut self, host: &str) -> Result<(), Error> {
+        // OpenSSL takes an empty name as "no name to check".
+        if host.is_empty() {
+            return Err(Error("an empty host name cannot be verified".into()));
+        }
         let text = c_string(host)?;
         clear_errors(self.api);
         // SAFETY: live SSL; `text` is NUL-terminated and OpenSSL copies it

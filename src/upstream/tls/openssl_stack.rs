@@ -282,9 +282,19 @@ fn configure(hello: &ClientHello, alpn: &[Vec<u8>]) -> Result<Ctx, openssl_ffi::
             }
         }
     }
+    // Level 0 (a recipe for reaching old TLS 1.0 servers) would let a
+    // client's hello make this stack offer unauthenticated suites.
+    if ctx.security_level() < 1 {
+        ctx.set_security_level(1);
+    }
     ctx.set_ciphersuites(&tls13.join(":"))?;
     if !tls12.is_empty() {
-        ctx.set_cipher_list(&tls12.join(":"))?;
+        // Never a suite without authentication or encryption, whatever the
+        // client lists: an anonymous suite would let whoever sits between
+        // the exit and the origin answer without a certificate (at
+        // security level 0 OpenSSL would offer one named explicitly). Left
+        // out, they show as gaps.
+        ctx.set_cipher_list(&format!("{}:!aNULL:!eNULL", tls12.join(":")))?;
     }
 
     // Groups, probed one by one (OpenSSL refuses a whole list for one
@@ -346,7 +356,7 @@ fn configure(hello: &ClientHello, alpn: &[Vec<u8>]) -> Result<Ctx, openssl_ffi::
     }
 
     // Extensions OpenSSL adds unless told not to, and the rest.
-    let mut set = op::IGNORE_UNEXPECTED_EOF;
+    let mut set = op::IGNORE_UNEXPECTED_EOF | op::NO_RENEGOTIATION;
     let mut clear = 0;
     let mut toggle = |on: bool, bit: u64| {
         if on {
@@ -912,7 +922,15 @@ mod tests {
     /// The context for `name`'s hello, its gaps, and the hello it sends to
     /// `x.example` (the fixtures' SNI, so padding compares too).
     fn said(name: &str, http1_only: bool) -> (Vec<Gap>, ClientHello, ClientHello) {
-        let client = fixture(name);
+        said_of(fixture(name), name, http1_only)
+    }
+
+    /// [`said`] for the hello `client`.
+    fn said_of(
+        client: ClientHello,
+        name: &str,
+        http1_only: bool,
+    ) -> (Vec<Gap>, ClientHello, ClientHello) {
         let recorded = client.clone().fresh_and_anonymous();
         let roots = match Store::new() {
             Ok(store) => store,
@@ -960,6 +978,51 @@ mod tests {
             assert_eq!(sent.supported_groups, client.supported_groups, "{name}");
             assert_eq!(sent.key_share_groups, client.key_share_groups, "{name}");
             assert_eq!(sent.padding_len, client.padding_len, "{name}");
+        }
+    }
+
+    /// A client may list suites without authentication or encryption
+    /// (anonymous Diffie-Hellman, NULL): they are never offered to an
+    /// origin, whatever OpenSSL's security level, and show as gaps.
+    #[test]
+    fn suites_without_authentication_or_encryption_are_never_offered() {
+        if !available() {
+            return;
+        }
+        const UNSAFE: [u16; 3] = [0x0034, 0xc018, 0x003b];
+        let mut client = fixture("curl_h1");
+        client.cipher_suites.extend(UNSAFE);
+        let (gaps, _, sent) = said_of(client.clone(), "curl_h1 with anonymous suites", false);
+        for suite in UNSAFE {
+            assert!(!sent.cipher_suites.contains(&suite), "{suite:#06x} offered");
+        }
+        assert!(!gaps.is_empty(), "what was left out is a gap");
+        // Even where the level is 0 once configured (a system
+        // configuration read later, say), the list itself leaves them out.
+        let roots = match Store::new() {
+            Ok(store) => store,
+            Err(e) => panic!("{e}"),
+        };
+        let recorded = client.fresh_and_anonymous();
+        let shape = Shape {
+            hello: &recorded,
+            http1_only: false,
+            alps_settings: &[],
+        };
+        let mut prepared = match prepare(&roots, shape) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        prepared.ctx.set_security_level(0);
+        let sent = match trial_hello(&prepared.ctx, Some("x.example")) {
+            Ok(hello) => hello,
+            Err(e) => panic!("{e}"),
+        };
+        for suite in UNSAFE {
+            assert!(
+                !sent.cipher_suites.contains(&suite),
+                "{suite:#06x} offered at level 0"
+            );
         }
     }
 
