@@ -634,6 +634,73 @@ async fn an_eviction_is_taken_as_a_loss() {
     assert!(report.what.contains("evicted"), "{}", report.what);
 }
 
+/// A retirement counts among the writes of the replica that made it: a
+/// failover that loses it is noticed by that replica even when other
+/// replicas' writes took the namespace's sequence past what it had seen,
+/// and the retired identity does not come back as live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_retirement_is_noticed_by_the_replica_that_wrote_it() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = redis_store(
+        &redis.url(),
+        "retire-lost",
+        2 * HOUR_MS,
+        HOUR_MS,
+        Some(dir.path()),
+    )
+    .await;
+    let someone = identity("e1", 1_800_000_000_000);
+    store.create_identity(&someone).await.unwrap();
+    let k = key();
+    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let writer: Vec<String> = redis::cmd("KEYS")
+        .arg("retire-lost:writer:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let before: u64 = redis::cmd("GET")
+        .arg(&writer[0])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let evicted = Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    };
+    store.retire(someone.id, &evicted).await.unwrap();
+
+    // A failover to a replica that missed the retirement, while other
+    // replicas' writes moved the sequence on.
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("retire-lost:id:{}", someone.id))
+        .arg("retired")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&writer[0])
+        .arg(before)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("INCRBY")
+        .arg("retire-lost:seq")
+        .arg(1000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let refused = store
+        .lookup(&[k])
+        .await
+        .expect_err("the identity came back unretired, unnoticed");
+    assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+    let report = store.loss_report().expect("a loss is reported");
+    assert!(report.what.contains("went back"), "{}", report.what);
+}
+
 /// A use of an identity Redis no longer holds (expired, or lost) writes
 /// nothing: a hash written then would hold no record and no TTL, and stay
 /// on a server that must not evict. A use of one it holds is recorded, and

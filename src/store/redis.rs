@@ -1247,11 +1247,12 @@ impl PinStore for RedisStore {
             self.inner.keep_retired_ms.to_string().into_bytes(),
             self.inner.retired_channel.clone().into_bytes(),
             id.to_string().into_bytes(),
+            self.inner.pin_ttl_ms.to_string().into_bytes(),
         ];
         if let Some(cache) = &self.inner.cache {
             cache.retired(id);
         }
-        self.run_script(&self.inner.retire, &[key], &args, Counting::None)
+        self.run_script(&self.inner.retire, &[key], &args, Counting::Write)
             .await?;
         if let Some(journal) = &self.inner.journal {
             journal.retire(id, retirement).await;

@@ -109,13 +109,18 @@ return answer({1, out})
 /// publishes the identity id `ARGV[4]` on channel `ARGV[3]` for the other
 /// replicas' hit caches. A Redis user not allowed that channel (an ACL
 /// without pub/sub) still retires: the publish is best effort, and such a
-/// user cannot subscribe either, so no replica caches.
+/// user cannot subscribe either, so no replica caches. The write count
+/// `KEYS[4]` is incremented (kept twice the pins' lifetime `ARGV[5]`), as
+/// for a pin: a failover that loses the retirement is then noticed by the
+/// replica that wrote it, however far other replicas move the sequence.
 pub(super) const RETIRE: &str = r"
 redis.call('HSETNX', KEYS[3], 'retired', ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('INCR', KEYS[2])
 pcall(redis.call, 'PUBLISH', ARGV[3], ARGV[4])
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
+local writes = redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], math.floor(tonumber(ARGV[5]) * 2))
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1, writes}
 ";
 
 /// Records that exit `ARGV[1]` died at `ARGV[2]` (in hash `KEYS[3]`)
