@@ -65,7 +65,8 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
                 };
                 // Read whole before anything is written: an export cut
                 // short is refused, not imported in part.
-                let checked = transfer::check(open()?, &key_id)?;
+                let now_ms = crate::clock::Clock::system().now_ms();
+                let checked = transfer::check(open()?, &key_id, now_ms)?;
                 if !checked.complete {
                     eprintln!(
                         "warning: {} is a format {} export, which has no end line: whether it \

@@ -198,11 +198,28 @@ fn check_header(version: u32, exported: String, key_id: &str) -> Result<(), Tran
     Ok(())
 }
 
+/// How far in the future a record's creation may lie (clocks of two hosts
+/// disagree by that much at most).
+const CLOCK_SKEW_MS: u64 = 5 * 60_000;
+
 /// Reads a whole export without writing anything: every line a record,
-/// the header first with a key id of `key_id`, and, from format 2 on, an
-/// end line last whose counts match the records before it. Run before
+/// the header first with a key id of `key_id`, from format 2 on an end
+/// line last whose counts match the records before it, and no identity or
+/// pin created after `now_ms` (give or take the clocks' skew). Run before
 /// [`import`], which writes as it reads.
-pub fn check(input: impl BufRead, key_id: &str) -> Result<Checked, TransferError> {
+///
+/// A pin's creation bounds how long routing trusts it (its expiry is
+/// capped at creation plus the longest lifetime): one dated in the future
+/// would outlive its key in Redis, and its cookie, once the key expired,
+/// would look new and could be pinned anew on another exit.
+pub fn check(input: impl BufRead, key_id: &str, now_ms: u64) -> Result<Checked, TransferError> {
+    let latest = now_ms.saturating_add(CLOCK_SKEW_MS);
+    let future = |what: &str, created_ms: u64| {
+        format!(
+            "{what} created at {created_ms} (Unix ms), after now ({now_ms}): the export was made \
+             on a host whose clock is ahead, or edited; fix the clock and export again"
+        )
+    };
     let mut checked = Checked::default();
     let mut header_seen = false;
     let mut ended = false;
@@ -232,9 +249,17 @@ pub fn check(input: impl BufRead, key_id: &str) -> Result<Checked, TransferError
             }
             _ if !header_seen => return Err(format("the export has no header line".into())),
             Record::Header { .. } => return Err(format("a second header line".into())),
-            Record::Identity(_) => checked.identities += 1,
-            Record::Pin { key, .. } => {
+            Record::Identity(identity) => {
+                if identity.created_ms > latest {
+                    return Err(format(future("an identity", identity.created_ms)));
+                }
+                checked.identities += 1;
+            }
+            Record::Pin { key, pin } => {
                 parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
+                if pin.created_ms > latest {
+                    return Err(format(future("a pin", pin.created_ms)));
+                }
                 checked.pins += 1;
             }
             Record::ExitDeath { .. } => checked.exit_deaths += 1,
@@ -433,6 +458,9 @@ mod tests {
         );
     }
 
+    /// "Now" for the checks: the fixture's records were made at 5 ms.
+    const NOW: u64 = 10;
+
     /// An export is checked whole before anything is written: cut short,
     /// miscounted or with a line after its end, it is refused; a format 1
     /// export (no end line) is read but not vouched for.
@@ -443,7 +471,7 @@ mod tests {
         let mut file = Vec::new();
         export(&source, "k1", &mut file).await.unwrap();
         let text = String::from_utf8(file).unwrap();
-        let checked = check(text.as_bytes(), "k1").unwrap();
+        let checked = check(text.as_bytes(), "k1", NOW).unwrap();
         assert_eq!(
             checked,
             Checked {
@@ -456,29 +484,40 @@ mod tests {
         );
         let lines: Vec<&str> = text.lines().collect();
         let cut = lines[..lines.len() - 1].join("\n");
-        let refused = check(cut.as_bytes(), "k1").unwrap_err().to_string();
+        let refused = check(cut.as_bytes(), "k1", NOW).unwrap_err().to_string();
         assert!(refused.contains("cut short"), "{refused}");
         let without_pin = [lines[0], lines[1], lines[3]].join("\n");
-        let refused = check(without_pin.as_bytes(), "k1").unwrap_err().to_string();
+        let refused = check(without_pin.as_bytes(), "k1", NOW)
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("damaged"), "{refused}");
         let after_end = format!("{text}{}\n", lines[2]);
-        let refused = check(after_end.as_bytes(), "k1").unwrap_err().to_string();
+        let refused = check(after_end.as_bytes(), "k1", NOW)
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("after the end line"), "{refused}");
         assert!(matches!(
-            check(text.as_bytes(), "k2"),
+            check(text.as_bytes(), "k2", NOW),
             Err(TransferError::KeyMismatch { .. })
         ));
-        assert!(check(&b""[..], "k1").is_err());
+        assert!(check(&b""[..], "k1", NOW).is_err());
 
         let version_one =
             lines[..lines.len() - 1]
                 .join("\n")
                 .replacen("\"format\":2", "\"format\":1", 1);
-        let checked = check(version_one.as_bytes(), "k1").unwrap();
+        let checked = check(version_one.as_bytes(), "k1", NOW).unwrap();
         assert_eq!((checked.format, checked.complete), (1, false));
         let target = Store::Memory(MemoryStore::new());
         let imported = import(&target, "k1", version_one.as_bytes()).await.unwrap();
         assert_eq!(imported.pins, 1);
+
+        // Made on a host whose clock was a day ahead.
+        let skewed = check(text.as_bytes(), "k1", 0).map(drop);
+        assert!(skewed.is_ok(), "5 ms ahead is within the clocks' skew");
+        let ahead = text.replace("\"created_ms\":5", "\"created_ms\":86400005");
+        let refused = check(ahead.as_bytes(), "k1", NOW).unwrap_err().to_string();
+        assert!(refused.contains("after now"), "{refused}");
     }
 
     /// An older export imported into the store it came from brings back no
