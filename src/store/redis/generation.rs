@@ -153,6 +153,8 @@ pub struct Generation {
     /// background check, a restore and the close, and share one temporary
     /// file.
     saving: std::sync::Mutex<()>,
+    /// The epoch loaded is [`legacy_epoch_hash`]'s, until a reply names it.
+    legacy_epoch: std::sync::atomic::AtomicBool,
     /// The namespace the history is of.
     namespace: String,
 }
@@ -162,6 +164,10 @@ pub struct Generation {
 struct Saved {
     namespace: String,
     epoch: u64,
+    /// Whether `epoch` is [`epoch_hash`]'s (files written before it hold
+    /// [`legacy_epoch_hash`]'s).
+    #[serde(default)]
+    stable_hash: bool,
     max_seq: u64,
     /// This replica's own write count (absent in files written before it).
     #[serde(default)]
@@ -179,8 +185,22 @@ struct SavedWriter {
     written_ms: u64,
 }
 
-/// The hash this module compares epochs by (epochs are random strings).
+/// The hash this module compares epochs by (epochs are random strings):
+/// the first 8 bytes of its BLAKE3 hash, the same in every build (it is
+/// saved, and compared after an upgrade).
 pub fn epoch_hash(epoch: &str) -> u64 {
+    let digest = blake3::hash(epoch.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
+/// The hash files saved before [`epoch_hash`] hold: the standard library's
+/// `DefaultHasher`, whose algorithm may change from one Rust release to
+/// the next, so a saved epoch compared by it could look like another one
+/// after an upgrade (a false loss, and the fleet quarantined). Read only
+/// to take such a file over.
+fn legacy_epoch_hash(epoch: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     epoch.hash(&mut hasher);
     hasher.finish().max(1)
@@ -205,6 +225,9 @@ impl Generation {
         }
         .filter(|s| s.namespace == namespace);
         let (epoch, max_seq) = saved.as_ref().map_or((0, 0), |s| (s.epoch, s.max_seq));
+        let legacy = saved
+            .as_ref()
+            .is_some_and(|s| !s.stable_hash && s.epoch != 0);
         let writer = saved.and_then(|s| s.writer).unwrap_or_else(|| SavedWriter {
             id: rand::random::<u64>(),
             writes: 0,
@@ -220,6 +243,7 @@ impl Generation {
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
             saving: std::sync::Mutex::new(()),
+            legacy_epoch: std::sync::atomic::AtomicBool::new(legacy),
             namespace: namespace.to_owned(),
         })
     }
@@ -291,6 +315,22 @@ impl Generation {
     /// Compares what a reply showed (`epoch`, `seq`) with what had been
     /// seen when its command left (`sent`).
     pub fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) -> Observation {
+        // A history saved by an earlier version: the epoch it names, once
+        // a reply shows it, is taken over under the stable hash.
+        if self.legacy_epoch.load(Ordering::Relaxed) {
+            if let Some(epoch) = epoch {
+                let known = self.epoch.load(Ordering::Relaxed);
+                if legacy_epoch_hash(epoch) == known {
+                    let _ = self.epoch.compare_exchange(
+                        known,
+                        epoch_hash(epoch),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    self.legacy_epoch.store(false, Ordering::Relaxed);
+                }
+            }
+        }
         let known = self.epoch.load(Ordering::Relaxed);
         let Some(reply) = epoch.map(epoch_hash) else {
             return if sent.epoch == 0 && known == 0 {
@@ -352,6 +392,7 @@ impl Generation {
         let saved = Saved {
             namespace: self.namespace.clone(),
             epoch: self.epoch.load(Ordering::Relaxed),
+            stable_hash: !self.legacy_epoch.load(Ordering::Relaxed),
             max_seq: seq,
             writer: Some(SavedWriter {
                 id: self.writer_id,
@@ -422,6 +463,48 @@ mod tests {
         );
         g.adopt("b", 100);
         assert_eq!(observe(Some("b"), 101), Observation::Consistent);
+    }
+
+    /// A history saved by an earlier version (its epoch hashed by the
+    /// standard library's hasher) is taken over, not taken as a loss; what
+    /// is saved from then on is the stable hash's, and reads back alike.
+    #[test]
+    fn a_history_saved_by_an_earlier_version_is_no_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-generation.json");
+        let old = format!(
+            "{{\"namespace\":\"ns\",\"epoch\":{},\"max_seq\":7}}",
+            legacy_epoch_hash("e1")
+        );
+        std::fs::write(&file, old).unwrap();
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e1"), 8),
+            Observation::Consistent
+        );
+        g.save(true);
+        let saved = std::fs::read_to_string(&file).unwrap();
+        assert!(saved.contains("\"stable_hash\":true"), "{saved}");
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e1"), 9),
+            Observation::Consistent
+        );
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e2"), 9),
+            Observation::Lost(Loss::EpochChanged)
+        );
+        // A legacy file whose epoch the server no longer holds: a loss.
+        let other = format!(
+            "{{\"namespace\":\"ns\",\"epoch\":{},\"max_seq\":7}}",
+            legacy_epoch_hash("gone")
+        );
+        std::fs::write(&file, other).unwrap();
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e1"), 8),
+            Observation::Lost(Loss::EpochChanged)
+        );
     }
 
     #[test]
