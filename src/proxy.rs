@@ -165,7 +165,7 @@ impl Pipeline {
         // 0. who: admitted by the front door with the request (plain) or
         // with its tunnel's CONNECT.
         let principal = match tunnel {
-            Some(tunnel) => tunnel.principal.clone(),
+            Some(tunnel) => self.auth.confirm(&tunnel.principal)?,
             None => request
                 .extensions()
                 .get::<Principal>()

@@ -67,6 +67,8 @@ const MAX_USER_NAME: usize = 64;
 pub struct User {
     name: Arc<str>,
     hash: PasswordHash,
+    /// An id of `hash`, to tell a changed password without keeping it.
+    hash_id: u64,
     exits: ExitScope,
 }
 
@@ -114,6 +116,12 @@ impl User {
         if !valid_user_name(name) {
             return Err(UserError::Name(name.to_owned()));
         }
+        let hash_id = {
+            let digest = blake3::hash(hash.as_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&digest.as_bytes()[..8]);
+            u64::from_le_bytes(first)
+        };
         let hash = PasswordHash::parse(hash).map_err(|source| UserError::Hash {
             user: name.to_owned(),
             source,
@@ -126,6 +134,7 @@ impl User {
         Ok(User {
             name: name.into(),
             hash,
+            hash_id,
             exits,
         })
     }
@@ -140,10 +149,12 @@ impl User {
         &self.exits
     }
 
-    fn principal(&self) -> Principal {
+    fn principal(&self, admitted_by: u64) -> Principal {
         Principal {
             user: Some(self.name.clone()),
             exits: self.exits.clone(),
+            admitted_by,
+            password: self.hash_id,
         }
     }
 }
@@ -251,6 +262,8 @@ enum Mode {
 /// The authentication gate: one per pipeline (a reload builds a new one).
 pub struct Auth {
     mode: Mode,
+    /// This gate among those a reload builds (never 0).
+    id: u64,
     /// Credentials verified lately: keyed hash of the header value → user.
     verified: moka::sync::Cache<[u8; 32], Principal>,
     cache_key: [u8; 32],
@@ -285,8 +298,10 @@ impl Auth {
             Mode::Open
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        static GATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Auth {
             mode,
+            id: GATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             verified: moka::sync::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
                 .time_to_live(CACHE_TTL)
@@ -344,7 +359,7 @@ impl Auth {
         let matches = self.verify(hash, basic.password.clone()).await;
         match user {
             Some(user) if matches => {
-                let principal = user.principal();
+                let principal = user.principal(self.id);
                 self.verified.insert(digest, principal.clone());
                 Ok(principal)
             }
@@ -353,7 +368,47 @@ impl Auth {
                 Err(ProxyError::AuthRequired(AuthFailure::Rejected))
             }
             None => {
-                tracing::warn!(user = %printable(name), %peer, "proxy authentication failed: unknown user");
+                // Not the name itself: a client that put its password or
+                // a token where the user name goes would have it logged.
+                tracing::warn!(user_hash = %name_hash(name), %peer, "proxy authentication failed: unknown user");
+                Err(ProxyError::AuthRequired(AuthFailure::Rejected))
+            }
+        }
+    }
+
+    /// The principal a tunnel's request acts as: the one its CONNECT was
+    /// admitted as, unless a reload changed the users since. Then its user
+    /// must still be configured with the password it logged in with, and
+    /// takes the user's exits as they are now; a tunnel opened without a
+    /// user, where users are now required, is refused. (A tunnel lives
+    /// for as long as its client keeps it busy: a removed or narrowed user
+    /// must not keep what it had.)
+    pub fn confirm(&self, admitted: &Principal) -> Result<Principal, ProxyError> {
+        if admitted.admitted_by == self.id {
+            return Ok(admitted.clone());
+        }
+        let Mode::Users(users) = &self.mode else {
+            // Open or challenge now: what was admitted stands (a user's
+            // scope only narrows what open mode would allow).
+            return Ok(admitted.clone());
+        };
+        let Some(name) = admitted.user.as_deref() else {
+            return Err(ProxyError::AuthRequired(AuthFailure::Missing));
+        };
+        match users.get(name) {
+            Some(user) if user.hash_id == admitted.password => Ok(user.principal(self.id)),
+            Some(user) => {
+                tracing::warn!(
+                    user = user.name(),
+                    "a tunnel's user has another password since a reload; its requests are refused"
+                );
+                Err(ProxyError::AuthRequired(AuthFailure::Rejected))
+            }
+            None => {
+                tracing::warn!(
+                    user = name,
+                    "a tunnel's user was removed by a reload; its requests are refused"
+                );
                 Err(ProxyError::AuthRequired(AuthFailure::Rejected))
             }
         }
@@ -374,13 +429,12 @@ impl Auth {
     }
 }
 
-/// A client-supplied user name as it may be logged: visible ASCII, cut at
-/// [`MAX_USER_NAME`] characters.
-fn printable(name: &str) -> String {
-    name.chars()
-        .take(MAX_USER_NAME)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect()
+/// How an unknown user name a client sent is logged: the first 8 hex
+/// digits of its BLAKE3 hash, which an operator can compare with a name's
+/// (`printf %s NAME | b3sum`) and which tells nothing of a secret sent in
+/// its place.
+fn name_hash(name: &str) -> String {
+    blake3::hash(name.as_bytes()).to_hex()[..8].to_owned()
 }
 
 #[cfg(test)]

@@ -37,6 +37,12 @@ pub struct Principal {
     pub user: Option<Arc<str>>,
     /// The exits its requests may leave through.
     pub exits: ExitScope,
+    /// Which gate admitted it ([`super::auth::Auth::confirm`]: a tunnel
+    /// outlives a reload, its requests do not outlive its user).
+    pub admitted_by: u64,
+    /// Which of the user's passwords it was admitted with (an id of the
+    /// configured hash).
+    pub password: u64,
 }
 
 /// The CONNECT tunnel a request arrived in.
