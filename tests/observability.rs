@@ -506,3 +506,40 @@ async fn a_log_reader_that_stops_reading_does_not_stop_the_proxy() {
         assert_eq!(reply.status, 200);
     }
 }
+
+/// A ClientHello pinproxy cannot read (here, 300 cipher suites, past what
+/// it parses) would leave its tunnel presenting pinproxy's own TLS
+/// fingerprint upstream: it is counted, never silent.
+#[tokio::test]
+async fn a_client_hello_pinproxy_cannot_read_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::builder().exits(1).start().await;
+    let target = format!("localhost:{}", s.origin.https.port());
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&target).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]);
+    body.push(0); // no session id
+    let suites: Vec<u8> = (0..300u16).flat_map(|_| [0x13, 0x01]).collect();
+    body.extend((suites.len() as u16).to_be_bytes());
+    body.extend(&suites);
+    body.extend([1, 0]); // null compression
+    body.extend([0, 0]); // no extensions
+    let mut handshake = vec![1, 0];
+    handshake.extend((body.len() as u16).to_be_bytes());
+    handshake.extend(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend((handshake.len() as u16).to_be_bytes());
+    record.extend(&handshake);
+    tunnel.write_all(&record).await.unwrap();
+    // Whatever rustls answers, the read of the hello is done by then.
+    let mut answer = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(10), tunnel.read(&mut answer)).await;
+
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = admin::get(addr, "/metrics").await;
+    let series = "pinproxy_fingerprint_gaps_total{kind=\"unread-hello\"}";
+    assert_eq!(sample(&text, series), Some(1.0), "{series} in\n{text}");
+    s.stop().await;
+}

@@ -148,11 +148,36 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
             return None;
         }
     };
-    if let Some(hello) = hello {
-        tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos);
+    match hello {
+        Some(hello) => tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos),
+        None => unread_hello(frontend),
     }
     let (tls, tunnel) = accept_tls(frontend, io, deadline, *tunnel).await?;
     Some(Opened::Tls(tls, tunnel))
+}
+
+/// A client whose ClientHello pinproxy could not read: if rustls takes it,
+/// its tunnel can only present pinproxy's own TLS fingerprint upstream,
+/// the same for every such client. Counted (`fingerprint_gaps` of kind
+/// `unread-hello`) and warned of once, so that it is never silent.
+fn unread_hello(frontend: &Frontend) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    frontend
+        .pipeline
+        .load()
+        .metrics
+        .fingerprint_gaps
+        .get_or_create(&crate::metrics::GapLabel {
+            kind: "unread-hello",
+        })
+        .inc();
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "a client's TLS ClientHello could not be read (see the debug log for why): if its \
+             handshake goes on, its tunnel presents pinproxy's own TLS fingerprint upstream \
+             (counted in pinproxy_fingerprint_gaps_total{{kind=\"unread-hello\"}}; warned of once)"
+        );
+    }
 }
 
 /// The client's stream out of hyper's upgrade (with its place among the
