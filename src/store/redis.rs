@@ -757,9 +757,25 @@ impl RedisStore {
                     let pin = bulk(pin).ok_or_else(|| unexpected("pin is not a string"))?;
                     decode_binding(pin, fields).map(Some)
                 }
-                _ => Ok(None),
+                // Lua's `false`, as RESP2 and RESP3 carry it: no pin. Any
+                // other shape is no answer at all, never "no pin" (which
+                // would let the cookie be pinned anew).
+                Value::Nil | Value::Boolean(false) => Ok(None),
+                _ => Err(unexpected("unexpected pin row")),
             })
             .collect()
+    }
+
+    /// [`RedisStore::decode_rows`] of a reply that must hold a row for each
+    /// of `expected` pins.
+    fn decode_rows_of(rows: &Value, expected: usize) -> Result<Vec<Option<Binding>>, StoreError> {
+        let decoded = RedisStore::decode_rows(rows)?;
+        if decoded.len() != expected {
+            return Err(unexpected(
+                "a pin script answered another number of rows than pins",
+            ));
+        }
+        Ok(decoded)
     }
 
     /// `pin` as its key holds it: expiring (as routing reads it) no
@@ -800,7 +816,7 @@ impl RedisStore {
         let result = self
             .run_pin_script(&self.inner.pin_all_if_absent, &keys, &args)
             .await?;
-        RedisStore::decode_pinned(&result)
+        RedisStore::decode_pinned(&result, pins.len())
     }
 
     /// Runs a script that writes pins: followed by `WAIT` when
@@ -822,8 +838,8 @@ impl RedisStore {
     }
 
     /// Decodes a pin-writing script's rows, one binding per pin.
-    fn decode_pinned(rows: &Value) -> Result<Vec<Binding>, StoreError> {
-        RedisStore::decode_rows(rows)?
+    fn decode_pinned(rows: &Value, expected: usize) -> Result<Vec<Binding>, StoreError> {
+        RedisStore::decode_rows_of(rows, expected)?
             .into_iter()
             .map(|b| b.ok_or_else(|| unexpected("a pin vanished")))
             .collect()
@@ -857,7 +873,8 @@ impl RedisStore {
             [Value::Int(founded), rows] => (*founded == 1, rows),
             _ => return Err(unexpected("unexpected found-identity reply")),
         };
-        let mut bindings = RedisStore::decode_pinned(rows)?;
+        let rows_expected = if founded { pins.len() } else { 1 };
+        let mut bindings = RedisStore::decode_pinned(rows, rows_expected)?;
         if founded {
             return Ok(Founding::Founded(bindings));
         }
@@ -885,7 +902,7 @@ impl RedisStore {
         let result = self
             .run_script(&self.inner.lookup, &redis_keys, &args, Counting::Read)
             .await?;
-        let mut bindings = RedisStore::decode_rows(&result)?;
+        let mut bindings = RedisStore::decode_rows_of(&result, keys.len())?;
         if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
             let now = recovery::now_ms();
             for (key, binding) in keys.iter().zip(&bindings) {
@@ -1375,5 +1392,28 @@ async fn scan(
             return Ok(keys);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pin script's row is a pin, or Lua's `false` (no pin); any other
+    /// shape, or another number of rows than pins, is no answer at all,
+    /// never "no pin" (which would let the cookie be pinned anew).
+    #[test]
+    fn only_false_is_no_pin() {
+        let rows = |row: Value| Value::Array(vec![row]);
+        for absent in [Value::Nil, Value::Boolean(false)] {
+            let decoded = RedisStore::decode_rows_of(&rows(absent), 1);
+            assert!(matches!(decoded.as_deref(), Ok([None])), "{decoded:?}");
+        }
+        for odd in [Value::Int(0), Value::Okay, Value::Boolean(true)] {
+            let decoded = RedisStore::decode_rows_of(&rows(odd.clone()), 1);
+            assert!(decoded.is_err(), "{odd:?}: {decoded:?}");
+        }
+        let decoded = RedisStore::decode_rows_of(&rows(Value::Nil), 2);
+        assert!(decoded.is_err(), "one row for two pins: {decoded:?}");
     }
 }
