@@ -264,6 +264,8 @@ pub struct Auth {
     mode: Mode,
     /// This gate among those a reload builds (never 0).
     id: u64,
+    /// A configured hash of each cost class (see [`Auth::stand_in`]).
+    stand_ins: Vec<PasswordHash>,
     /// Credentials verified lately: keyed hash of the header value → user.
     verified: moka::sync::Cache<[u8; 32], Principal>,
     cache_key: [u8; 32],
@@ -299,8 +301,18 @@ impl Auth {
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         static GATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut stand_ins: Vec<PasswordHash> = Vec::new();
+        for user in &settings.users {
+            if !stand_ins
+                .iter()
+                .any(|h| h.cost_class() == user.hash.cost_class())
+            {
+                stand_ins.push(user.hash.clone());
+            }
+        }
         Auth {
             mode,
+            stand_ins,
             id: GATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             verified: moka::sync::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
@@ -348,12 +360,12 @@ impl Auth {
             return Err(ProxyError::AuthRequired(AuthFailure::NoUser));
         };
         let user = users.get(name);
-        // An unknown name is verified against some user's hash (the result
-        // thrown away), so it costs what a wrong password costs.
-        let Some(hash) = user
-            .or_else(|| users.values().next())
-            .map(|u| u.hash.clone())
-        else {
+        // An unknown name is verified against a user's hash (the result
+        // thrown away), so it costs what a wrong password costs: a hash of
+        // one of the configured costs, picked by the name (keyed), so that
+        // with users of several costs (bcrypt and argon2id, say) the time
+        // a name takes does not tell whether it is a user's.
+        let Some(hash) = user.map(|u| u.hash.clone()).or_else(|| self.stand_in(name)) else {
             return Err(ProxyError::AuthRequired(AuthFailure::Rejected));
         };
         let matches = self.verify(hash, basic.password.clone()).await;
@@ -374,6 +386,20 @@ impl Auth {
                 Err(ProxyError::AuthRequired(AuthFailure::Rejected))
             }
         }
+    }
+
+    /// The hash an unknown `name` is verified against: one per cost class
+    /// of the configured hashes, chosen by a keyed hash of the name.
+    fn stand_in(&self, name: &str) -> Option<PasswordHash> {
+        let n = self.stand_ins.len();
+        if n == 0 {
+            return None;
+        }
+        let digest = blake3::keyed_hash(&self.cache_key, name.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        let index = usize::try_from(u64::from_le_bytes(first) % n as u64).unwrap_or(0);
+        self.stand_ins.get(index).cloned()
     }
 
     /// The principal a tunnel's request acts as: the one its CONNECT was
@@ -478,6 +504,33 @@ mod tests {
         ] {
             assert!(!valid_user_name(bad), "{bad:?}");
         }
+    }
+
+    /// With users of several costs, an unknown name is verified against
+    /// a hash of one of them, picked by the name: over many names every
+    /// cost is used, and one name always gets the same.
+    #[test]
+    fn unknown_names_cost_what_some_user_costs() {
+        let bcrypt_four = bcrypt::hash("pw", 4).unwrap();
+        let bcrypt_five = bcrypt::hash("pw", 5).unwrap();
+        let also_four = bcrypt::hash("other", 4).unwrap();
+        let users = vec![
+            User::new("a", &bcrypt_four, None).unwrap(),
+            User::new("b", &bcrypt_five, None).unwrap(),
+            User::new("c", &also_four, None).unwrap(),
+        ];
+        let auth = Auth::new(&AuthSettings::new(users, false, &[ExitId::new("a")]).unwrap());
+        assert_eq!(auth.stand_ins.len(), 2, "two costs, one hash each");
+        let classes: std::collections::HashSet<String> = (0..64)
+            .filter_map(|i| auth.stand_in(&format!("nobody{i}")))
+            .map(|h| h.cost_class().to_owned())
+            .collect();
+        assert_eq!(classes.len(), 2, "{classes:?}");
+        let once = auth.stand_in("mallory").map(|h| h.cost_class().to_owned());
+        assert_eq!(
+            once,
+            auth.stand_in("mallory").map(|h| h.cost_class().to_owned())
+        );
     }
 
     #[test]

@@ -90,6 +90,24 @@ impl PasswordHash {
         Ok(PasswordHash::Argon2id(text.to_owned()))
     }
 
+    /// What a verification against this hash costs, as a key: hashes of
+    /// one algorithm with one set of parameters (argon2id's `m`, `t`, `p`;
+    /// bcrypt's cost) take the same time whatever the password.
+    pub fn cost_class(&self) -> &str {
+        let (text, salt_field) = match self {
+            // `$argon2id$v=19$m=..,t=..,p=..$salt$hash`: the salt's `$` is
+            // the fourth.
+            PasswordHash::Argon2id(text) => (text, 3),
+            // `$2b$12$salthash`: the third.
+            PasswordHash::Bcrypt(text) => (text, 2),
+        };
+        let end = text
+            .match_indices('$')
+            .nth(salt_field)
+            .map_or(text.len(), |(i, _)| i);
+        &text[..end]
+    }
+
     /// Whether `password` matches. Expensive and blocking: call it off the
     /// runtime threads.
     pub fn verify(&self, password: &[u8]) -> bool {
@@ -123,6 +141,20 @@ mod tests {
         assert!(hash.verify(b"correct horse"));
         assert!(!hash.verify(b"correct horsf"));
         assert!(!format!("{hash:?}").contains(&text));
+    }
+
+    /// Hashes with one algorithm and one set of parameters share a cost
+    /// class, whatever their salt; other parameters make another.
+    #[test]
+    fn cost_classes_follow_algorithm_and_parameters() {
+        let class = |text: &str| PasswordHash::parse(text).unwrap().cost_class().to_owned();
+        let one = class(&hash_argon2id(b"a").unwrap());
+        assert_eq!(one, class(&hash_argon2id(b"b").unwrap()));
+        assert_eq!(one, "$argon2id$v=19$m=19456,t=2,p=1");
+        let four = class(&bcrypt::hash("a", 4).unwrap());
+        assert_eq!(four, class(&bcrypt::hash("b", 4).unwrap()));
+        assert_ne!(four, class(&bcrypt::hash("a", 5).unwrap()));
+        assert_ne!(four, one);
     }
 
     #[test]
