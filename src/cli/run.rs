@@ -28,6 +28,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(problem) = problem {
         tracing::warn!("{problem}");
     }
+    if std::env::args().skip(1).any(|arg| holds_password(&arg)) {
+        tracing::warn!(
+            "a URL on the command line holds a password (an --exit or --store value): every local \
+             user can read it (ps, /proc/PID/cmdline); put it in the config file, readable by its \
+             owner alone, or in PINPROXY_STORE"
+        );
+    }
     let runtime = super::runtime::multi_thread()?;
     runtime.block_on(async {
         // Watched from before the daemon starts, so no signal is missed.
@@ -127,5 +134,42 @@ async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) -> Stop {
     tokio::select! {
         _ = terminate.recv() => Stop::Terminate,
         _ = interrupt.recv() => Stop::Interrupt,
+    }
+}
+
+/// Whether a command-line argument holds a URL with a password
+/// (`scheme://user:password@host`, or `ID=` before it, or no scheme).
+fn holds_password(arg: &str) -> bool {
+    let after_scheme = arg.split_once("://").map_or(arg, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+#[cfg(test)]
+mod password_tests {
+    use super::holds_password;
+
+    #[test]
+    fn passwords_in_command_line_urls_are_seen() {
+        for yes in [
+            "http://user:pw@gate.example:7000",
+            "res1=http://user:pw@gate.example:7000",
+            "redis://:secret@redis.internal:6379/0",
+            "user:pw@gate.example:7000",
+        ] {
+            assert!(holds_password(yes), "{yes}");
+        }
+        for no in [
+            "http://gate.example:7000",
+            "http://user@gate.example:7000",
+            "redis://redis.internal:6379/0",
+            "--exit",
+            "127.0.0.1:8080",
+            "http://gate.example/a:b@c",
+        ] {
+            assert!(!holds_password(no), "{no}");
+        }
     }
 }

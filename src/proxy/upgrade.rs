@@ -285,11 +285,27 @@ mod tests {
         let ws = Request::get("/ws")
             .header("connection", "keep-alive, Upgrade")
             .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .body(())
             .unwrap();
         assert_eq!(requested(&ws), Some(Upgrade::Http1));
         let plain = Request::get("/").header("upgrade", "h2c").body(()).unwrap();
         assert_eq!(requested(&plain), None);
+        // No key, or a second `Upgrade` field: no WebSocket upgrade.
+        let keyless = Request::get("/ws")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert_eq!(requested(&keyless), None);
+        let two = Request::get("/ws")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("upgrade", "h2c")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap();
+        assert_eq!(requested(&two), None);
         let mut connect = Request::connect("https://a.test/ws").body(()).unwrap();
         connect
             .extensions_mut()
