@@ -514,39 +514,48 @@ async fn a_redis_pin_moves_later_only_within_its_keys_life() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_shows_a_loss_decides_nothing() {
     let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = redis_store(
-        &redis.url(),
-        "lost-reply",
-        2 * HOUR_MS,
-        HOUR_MS,
-        Some(dir.path()),
-    )
-    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let first = identity("e1", now);
-    store.create_identity(&first).await.unwrap();
-    store
-        .pin_if_absent(key(), &pin(&first, None))
-        .await
-        .unwrap();
-
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("FLUSHDB")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let second = identity("e2", now);
-    let refused = store
-        .pin_if_absent(key(), &pin(&second, None))
-        .await
-        .expect_err("a pin written in a reply that shows the wipe was used");
-    assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
-    assert!(refused.to_string().contains("lost data"), "{refused}");
+    // The background check (every 500 ms) may notice the wipe between it
+    // and the write; the write is then answered under the restore. A few
+    // attempts, each on a store of its own, make that race irrelevant.
+    for attempt in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let namespace = format!("lost-reply-{attempt}");
+        let store = redis_store(
+            &redis.url(),
+            &namespace,
+            2 * HOUR_MS,
+            HOUR_MS,
+            Some(dir.path()),
+        )
+        .await;
+        let first = identity("e1", now);
+        store.create_identity(&first).await.unwrap();
+        store
+            .pin_if_absent(key(), &pin(&first, None))
+            .await
+            .unwrap();
+
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let second = identity("e2", now);
+        match store.pin_if_absent(key(), &pin(&second, None)).await {
+            Err(refused) => {
+                assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+                assert!(refused.to_string().contains("lost data"), "{refused}");
+                return;
+            }
+            Ok(_) if attempt < 2 && store.loss_report().is_some() => continue,
+            Ok(used) => panic!("a pin written in a reply that shows the wipe was used: {used:?}"),
+        }
+    }
 }
 
 /// A Redis that evicts under memory pressure keeps the namespace's epoch
@@ -692,12 +701,14 @@ async fn a_lost_retirement_is_noticed_by_the_replica_that_wrote_it() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    let refused = store
-        .lookup(&[k])
-        .await
-        .expect_err("the identity came back unretired, unnoticed");
-    assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
-    let report = store.loss_report().expect("a loss is reported");
+    // The lookup's reply shows the loss (or the background check, every
+    // 500 ms, saw it first and the lookup was answered under the restore).
+    if let Err(refused) = store.lookup(&[k]).await {
+        assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+    }
+    let report = store
+        .loss_report()
+        .expect("the identity came back unretired, unnoticed");
     assert!(report.what.contains("went back"), "{}", report.what);
 }
 

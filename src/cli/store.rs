@@ -78,7 +78,7 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
                 if let Store::Redis(redis) = &store {
                     redis.claim_hash_key(hasher.key_bytes()).await?;
                 }
-                let moved = transfer::import(&store, &key_id, open()?).await?;
+                let moved = transfer::import(&store, &key_id, open()?, now_ms).await?;
                 eprintln!(
                     "imported {} identities, {} pins ({} pins kept the store's existing identity)",
                     moved.identities, moved.pins, moved.conflicts

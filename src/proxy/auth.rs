@@ -457,8 +457,9 @@ impl Auth {
 
 /// How an unknown user name a client sent is logged: the first 8 hex
 /// digits of its BLAKE3 hash, which an operator can compare with a name's
-/// (`printf %s NAME | b3sum`) and which tells nothing of a secret sent in
-/// its place.
+/// (`printf %s NAME | b3sum`). A secret sent in its place is not shown as
+/// sent (a weak one could still be guessed by trying candidates against
+/// the hash, as with any short hash).
 fn name_hash(name: &str) -> String {
     blake3::hash(name.as_bytes()).to_hex()[..8].to_owned()
 }

@@ -412,8 +412,8 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
              (pinproxy store stats) and its logs."
         }
         StoreErrorKind::Protocol => {
-            "The store answered something pinproxy does not understand: store.url must name Redis 7 \
-             or later (or a Sentinel for it)."
+            "The store answered something pinproxy does not understand: store.url must name Redis \
+             6.2 or later (or a Sentinel for it)."
         }
         StoreErrorKind::Lost => {
             "Redis was seen to forget pins it had acknowledged (a failover, a restart without \

@@ -635,7 +635,12 @@ impl RedisStore {
             redis::cmd("INFO").query_async(&mut connection).await;
         match info {
             Ok(info) => {
-                self.inner.evictions.observe(&info);
+                if !self.inner.evictions.baseline(&info) {
+                    tracing::warn!(
+                        "Redis's INFO names no run_id or evicted_keys: pins it evicts under \
+                         memory pressure would go unnoticed (set maxmemory-policy noeviction)"
+                    );
+                }
                 eviction::check_version(&info)?;
             }
             Err(e) => tracing::warn!(
@@ -980,7 +985,6 @@ fn key_prefix(url: &str, namespace: &str) -> String {
     }
 }
 
-/// The 32-byte pin-hashing key Redis holds under `name`.
 /// The error for a reply that showed a loss: its result is not used.
 fn lost_in_reply(loss: &Loss) -> StoreError {
     StoreError::new(
@@ -998,6 +1002,7 @@ pub enum KeyOffer {
     New,
 }
 
+/// The 32-byte pin-hashing key Redis holds under `name`.
 fn hash_key_of(name: &str, stored: &[u8]) -> Result<[u8; 32], StoreError> {
     stored
         .try_into()
@@ -1197,8 +1202,11 @@ impl PinStore for RedisStore {
             .run_script(
                 &self.inner.record_egress,
                 &key,
-                &[ip.to_string().into_bytes()],
-                Counting::None,
+                &[
+                    ip.to_string().into_bytes(),
+                    self.inner.pin_ttl_ms.to_string().into_bytes(),
+                ],
+                Counting::Write,
             )
             .await?;
         if let Some(journal) = &self.inner.journal {

@@ -315,11 +315,14 @@ fn parse_key(hex: &str) -> Option<PinKey> {
 const IMPORT_CONCURRENCY: usize = 256;
 
 /// Reads an export into `store` (whose pin-hashing key has id `key_id`).
-/// Existing pins win over imported ones: pins never move.
+/// Existing pins win over imported ones: pins never move. A record created
+/// after `now_ms` (within the skew [`check`] allows) is taken as created
+/// now.
 pub async fn import(
     store: &Store,
     key_id: &str,
     input: impl BufRead,
+    now_ms: u64,
 ) -> Result<Moved, TransferError> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
 
@@ -347,11 +350,16 @@ pub async fn import(
             _ if !header_seen => return Err(format("the export has no header line".into())),
             // An identity is written before any pin that points to it (the
             // export lists it first), and its write is queued first.
-            Record::Identity(identity) => {
+            Record::Identity(mut identity) => {
+                identity.created_ms = identity.created_ms.min(now_ms);
                 store.create_identity(&identity).await?;
                 moved.identities += 1;
             }
-            Record::Pin { key, pin } => {
+            Record::Pin { key, mut pin } => {
+                // No later than now (`check` let through the clocks'
+                // skew): the pin's creation bounds how long it is trusted,
+                // and Redis keeps its key from now on.
+                pin.created_ms = pin.created_ms.min(now_ms);
                 let key = parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
                 in_flight.push(async move {
                     let kept = store.pin_if_absent(key, &pin).await?;
@@ -436,9 +444,9 @@ mod tests {
         );
 
         let target = Store::Memory(MemoryStore::new());
-        let wrong = import(&target, "k2", file.as_slice()).await;
+        let wrong = import(&target, "k2", file.as_slice(), NOW).await;
         assert!(matches!(wrong, Err(TransferError::KeyMismatch { .. })));
-        let imported = import(&target, "k1", file.as_slice()).await.unwrap();
+        let imported = import(&target, "k1", file.as_slice(), NOW).await.unwrap();
         assert_eq!(
             imported,
             Moved {
@@ -509,12 +517,20 @@ mod tests {
         let checked = check(version_one.as_bytes(), "k1", NOW).unwrap();
         assert_eq!((checked.format, checked.complete), (1, false));
         let target = Store::Memory(MemoryStore::new());
-        let imported = import(&target, "k1", version_one.as_bytes()).await.unwrap();
+        let imported = import(&target, "k1", version_one.as_bytes(), NOW)
+            .await
+            .unwrap();
         assert_eq!(imported.pins, 1);
 
         // Made on a host whose clock was a day ahead.
         let skewed = check(text.as_bytes(), "k1", 0).map(drop);
         assert!(skewed.is_ok(), "5 ms ahead is within the clocks' skew");
+        // Within the skew: imported as created now, never later.
+        let target = Store::Memory(MemoryStore::new());
+        import(&target, "k1", text.as_bytes(), 2).await.unwrap();
+        let listed = target.list().await.unwrap();
+        assert_eq!(listed[0].identity.created_ms, 2);
+        assert_eq!(listed[0].pins[0].1.created_ms, 2);
         let ahead = text.replace("\"created_ms\":5", "\"created_ms\":86400005");
         let refused = check(ahead.as_bytes(), "k1", NOW).unwrap_err().to_string();
         assert!(refused.contains("after now"), "{refused}");
@@ -535,7 +551,7 @@ mod tests {
         };
         store.retire(identity.id, &evicted).await.unwrap();
 
-        import(&store, "k1", file.as_slice()).await.unwrap();
+        import(&store, "k1", file.as_slice(), NOW).await.unwrap();
         let found = store.lookup(&[key]).await.unwrap();
         let now = found[0].as_ref().unwrap().identity.clone().unwrap();
         assert_eq!(now.retired, Some(evicted));

@@ -121,7 +121,8 @@ enum State {
     Between,
     /// Saw CR between messages; LF must follow.
     BetweenCr,
-    /// Between messages after one or more empty lines: allowed before a
+    /// Between messages after a second empty line (the first is passed
+    /// as between messages: see `Scanner::blank_seen`): allowed before a
     /// request line, but no longer idle. They count towards the next
     /// head's size and its deadline, so that a client cannot hold its
     /// connection by sending one now and then.
@@ -299,6 +300,10 @@ pub struct Scanner {
     limit: usize,
     /// Response side: the response answers a HEAD request.
     answers_head: bool,
+    /// An empty line came since the last start line: the one a server
+    /// should ignore (old clients send CRLF after a POST body) is passed
+    /// between messages; any after it begins a head.
+    blank_seen: bool,
 }
 
 impl Scanner {
@@ -310,6 +315,7 @@ impl Scanner {
             head: Head::default(),
             limit,
             answers_head: false,
+            blank_seen: false,
         }
     }
 
@@ -455,6 +461,7 @@ impl Scanner {
                 b' ' | b'\t' => return Err(FramingError::ObsFold),
                 _ => {
                     // Empty lines before it count towards this head.
+                    self.blank_seen = false;
                     let len = if self.state == State::BetweenBlank {
                         self.head.len
                     } else {
@@ -469,6 +476,11 @@ impl Scanner {
                 }
             },
             State::BetweenCr => match byte {
+                b'\n' if !self.blank_seen => {
+                    self.blank_seen = true;
+                    self.head.len = 0;
+                    State::Between
+                }
                 b'\n' => State::BetweenBlank,
                 _ => return Err(FramingError::BareCr),
             },
@@ -658,6 +670,7 @@ impl Scanner {
         // Between messages the head counts nothing yet (see `finish_head`
         // and the empty lines' LF).
         self.head = Head::default();
+        self.blank_seen = false;
         self.grow_head(line_len + 2)?;
         let line = &bytes[..line_len];
         let head = &mut self.head;
@@ -1348,17 +1361,19 @@ mod tests {
         );
     }
 
-    /// Empty lines before a request line are allowed, but they begin a
-    /// head: a lone CR, or CRLFs sent now and then, are not "between
-    /// messages" (where only the idle limit applies), and they count
-    /// towards the head's size.
+    /// Empty lines before a request line are allowed, but after the one
+    /// a server should ignore they begin a head: a lone CR, or CRLFs sent
+    /// now and then, are not "between messages" (where only the idle limit
+    /// applies), and they count towards the head's size.
     #[test]
     fn empty_lines_before_a_request_begin_its_head() {
         let mut scanner = Scanner::new(Side::Request, 32);
         assert!(scanner.between_messages() && !scanner.in_head());
         scanner.scan(b"\r", |_| {}).unwrap();
         assert!(scanner.in_head() && !scanner.between_messages());
-        scanner.scan(b"\n\r\n", |_| {}).unwrap();
+        scanner.scan(b"\n", |_| {}).unwrap();
+        assert!(scanner.between_messages(), "one empty line is passed");
+        scanner.scan(b"\r\n", |_| {}).unwrap();
         assert!(scanner.in_head() && !scanner.between_messages());
         let mut ended = 0;
         scanner

@@ -27,6 +27,13 @@ pub(super) struct EvictionWatch {
 }
 
 impl EvictionWatch {
+    /// Takes the first reading; whether `info` holds what is watched.
+    pub(super) fn baseline(&self, info: &str) -> bool {
+        let readable = parse(info).is_some();
+        self.observe(info);
+        readable
+    }
+
     /// Takes a reading of `INFO` (`info`): the keys evicted since the last
     /// reading of the same server, if any. A reading of another server (a
     /// restart, a failover) is a new baseline: what such a change lost, the

@@ -155,6 +155,9 @@ pub struct Generation {
     saving: std::sync::Mutex<()>,
     /// The epoch loaded is [`legacy_epoch_hash`]'s, until a reply names it.
     legacy_epoch: std::sync::atomic::AtomicBool,
+    /// That legacy hash as loaded (0: none), which snapshots taken before
+    /// the takeover carry.
+    loaded_legacy: u64,
     /// The namespace the history is of.
     namespace: String,
 }
@@ -244,6 +247,7 @@ impl Generation {
             saved_seq: AtomicU64::new(max_seq),
             saving: std::sync::Mutex::new(()),
             legacy_epoch: std::sync::atomic::AtomicBool::new(legacy),
+            loaded_legacy: if legacy { epoch } else { 0 },
             namespace: namespace.to_owned(),
         })
     }
@@ -274,6 +278,7 @@ impl Generation {
     /// had been acknowledged when its command left (`sent`), at `now_ms`.
     /// Call after [`Generation::observe`] found the history consistent.
     pub fn observe_own(&self, sent: Snapshot, own: OwnWrites, now_ms: u64) -> Observation {
+        let sent = self.taken_over(sent);
         // A reply to a command sent under another epoch says nothing of
         // this one's count.
         if sent.epoch == 0 || sent.epoch != self.epoch.load(Ordering::Relaxed) {
@@ -331,6 +336,7 @@ impl Generation {
                 }
             }
         }
+        let sent = self.taken_over(sent);
         let known = self.epoch.load(Ordering::Relaxed);
         let Some(reply) = epoch.map(epoch_hash) else {
             return if sent.epoch == 0 && known == 0 {
@@ -363,6 +369,16 @@ impl Generation {
         }
     }
 
+    /// `sent` as if taken under the stable hash: a command sent before a
+    /// saved history's epoch was taken over ([`Generation::observe`])
+    /// carries its old hash, and is still checked against what was seen.
+    fn taken_over(&self, mut sent: Snapshot) -> Snapshot {
+        if sent.epoch != 0 && sent.epoch == self.loaded_legacy {
+            sent.epoch = self.epoch.load(Ordering::Relaxed);
+        }
+        sent
+    }
+
     /// Takes `epoch` (and `seq`) as the history from now on.
     pub fn adopt(&self, epoch: &str, seq: u64) {
         self.adopt_hash(epoch_hash(epoch), seq);
@@ -371,6 +387,7 @@ impl Generation {
 
     fn adopt_hash(&self, epoch: u64, seq: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
+        self.legacy_epoch.store(false, Ordering::Relaxed);
         self.max_seq.store(seq, Ordering::Relaxed);
         // Under a new history this replica's count starts again from what
         // the server holds.
@@ -477,6 +494,13 @@ mod tests {
             legacy_epoch_hash("e1")
         );
         std::fs::write(&file, old).unwrap();
+        // The first reply is checked too: a sequence below the saved one
+        // is a loss while the replica was down.
+        let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
+        assert_eq!(
+            g.observe(g.snapshot(), Some("e1"), 6),
+            Observation::Lost(Loss::WentBack { seen: 7, now: 6 })
+        );
         let g = Generation::load(Some(&file), "ns", 60_000).unwrap();
         assert_eq!(
             g.observe(g.snapshot(), Some("e1"), 8),

@@ -183,7 +183,12 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 
 /// Records the egress address `ARGV[1]` of the identity `KEYS[3]` unless
 /// one is recorded, and answers the recorded one; nothing (and no write)
-/// when the identity does not exist, for the reason [`TOUCH`] gives.
+/// when the identity does not exist, for the reason [`TOUCH`] gives. The
+/// write count `KEYS[4]` is incremented whatever happened (kept twice the
+/// pins' lifetime `ARGV[2]`): a failover that loses the address, which
+/// every later tunnel of the identity is checked against, is then noticed
+/// by the replica that wrote it. (This runs once per identity, at its first
+/// answer, so the extra count costs nothing worth saving.)
 pub(super) const RECORD_EGRESS: &str = r"
 local egress = false
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -192,7 +197,9 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   end
   egress = redis.call('HGET', KEYS[3], 'egress')
 end
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', egress}
+local writes = redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], math.floor(tonumber(ARGV[2]) * 2))
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', egress, writes}
 ";
 
 /// Sets pin `KEYS[3]` to `ARGV[2]` (its time to live kept) if it still
