@@ -656,28 +656,54 @@ impl Metrics {
         status: &'static str,
     ) {
         let site = site.unwrap_or(&self.none);
-        let family = |exit: &LabelValue| SiteRequest {
+        let family = |exit: &LabelValue, site: &LabelValue| SiteRequest {
             exit: exit.clone(),
             site: site.clone(),
             status,
         };
         let Some(exit) = exit else {
-            self.exit_requests.get_or_create(&family(&self.none)).inc();
+            let site = self.live_site(site);
+            self.exit_requests
+                .get_or_create(&family(&self.none, site))
+                .inc();
             return;
         };
         exit.requests.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = STATUS_CLASSES.iter().position(|class| *class == status) else {
-            self.exit_requests.get_or_create(&family(&exit.exit)).inc();
+            let site = self.live_site(site);
+            self.exit_requests
+                .get_or_create(&family(&exit.exit, site))
+                .inc();
             return;
         };
-        let counter = |counters: &StatusCounters| {
+        let counter = |counters: &StatusCounters, site: &LabelValue| {
             counters[slot]
-                .get_or_init(|| self.exit_requests.get_or_create_owned(&family(&exit.exit)))
+                .get_or_init(|| {
+                    self.exit_requests
+                        .get_or_create_owned(&family(&exit.exit, site))
+                })
                 .inc();
         };
         match exit.by_site.get(site) {
-            Some(counters) => counter(&counters),
-            None => counter(&exit.by_site.entry(site.clone()).or_default()),
+            Some(counters) => counter(&counters, site),
+            // A site that lost its label after this request took it counts
+            // under `other`: its series were removed, and made again here
+            // they would stay for good (a client could grow them without
+            // bound by holding requests across re-rankings).
+            None => {
+                let site = self.live_site(site);
+                counter(&exit.by_site.entry(site.clone()).or_default(), site);
+            }
+        }
+    }
+
+    /// `site` if it still has a label of its own (or is `none` or
+    /// `other`), else `other`.
+    fn live_site<'a>(&'a self, site: &'a LabelValue) -> &'a LabelValue {
+        if *site == self.none || self.sites.is_live(site) {
+            site
+        } else {
+            self.sites.other()
         }
     }
 
@@ -741,10 +767,11 @@ impl Metrics {
         if !self.rules_seen.contains_key(rule) {
             self.rules_seen.insert(rule.to_owned(), ());
         }
+        let site = site.map_or_else(|| self.none.clone(), |s| self.live_site(s).clone());
         self.invalidations
             .get_or_create(&InvalidationLabel {
                 exit: self.exit(exit).exit.clone(),
-                site: site.cloned().unwrap_or_else(|| self.none.clone()),
+                site,
                 rule: rule.to_owned(),
             })
             .inc();
@@ -897,15 +924,27 @@ mod tests {
         let site = m.site("a.com");
         m.exit_request(Some(&exit), Some(&site), "2xx");
         m.invalidated(&ExitId::new("e"), Some(&site), "datadome-challenge");
-        m.forget_site(&site);
+        // b.com, busier, takes a.com's place at the next re-ranking.
+        for _ in 0..=site::MIN_PROMOTION {
+            m.site("b.com");
+        }
+        let later = std::time::Instant::now() + site::RERANK_INTERVAL;
+        for lost in m.sites.rerank(later) {
+            m.forget_site(&lost);
+        }
         let text = m.encode();
         assert!(!text.contains("a.com"), "{text}");
-        // A request that took the label before it was lost counts in a new
-        // series, not in a counter the family no longer holds.
+        // Requests that took the label before it was lost count under
+        // `other`: their series are not made again (they would stay for
+        // good).
         m.exit_request(Some(&exit), Some(&site), "2xx");
         m.exit_request(Some(&exit), Some(&site), "2xx");
-        let line = "pinproxy_exit_requests_total{exit=\"e\",site=\"a.com\",status=\"2xx\"} 2";
+        m.exit_request(None, Some(&site), "5xx");
+        m.exit_request(Some(&exit), Some(&site), "tunnel");
+        m.invalidated(&ExitId::new("e"), Some(&site), "datadome-challenge");
         let text = m.encode();
+        assert!(!text.contains("a.com"), "{text}");
+        let line = "pinproxy_exit_requests_total{exit=\"e\",site=\"other\",status=\"2xx\"} 2";
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
 

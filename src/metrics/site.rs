@@ -223,6 +223,17 @@ impl Sites {
         evicted
     }
 
+    /// Whether `label` is a site's label now (or `other`): a label taken
+    /// before a re-ranking may have lost its place since.
+    pub fn is_live(&self, label: &LabelValue) -> bool {
+        label.as_str() == OTHER || self.labelled.contains_key(label.as_str())
+    }
+
+    /// The label of the sites without one.
+    pub fn other(&self) -> &LabelValue {
+        &self.other
+    }
+
     /// The labelled sites now.
     pub fn labelled(&self) -> Vec<String> {
         self.labelled.iter().map(|e| e.key().to_string()).collect()
