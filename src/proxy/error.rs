@@ -82,8 +82,8 @@ pub enum ProxyError {
     Upstream {
         /// The exit used.
         exit: ExitId,
-        /// Its URL without credentials (boxed: errors travel in `Result`s
-        /// and are kept small).
+        /// Its URL without credentials, user name included (boxed: errors
+        /// travel in `Result`s and are kept small).
         url: Box<str>,
         /// What failed.
         error: UpstreamError,
@@ -143,7 +143,7 @@ impl ProxyError {
     pub fn upstream(exit: &Exit, error: UpstreamError) -> ProxyError {
         ProxyError::Upstream {
             exit: exit.id().clone(),
-            url: exit.spec.redacted_url().into(),
+            url: without_userinfo(&exit.spec.redacted_url()).into(),
             error,
         }
     }
@@ -559,9 +559,42 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("internal"))
 }
 
+/// `url` without its user name (and the password's `***`): an error
+/// answer goes to every proxy client, and a provider's account is often
+/// named by the user name of its gateway URL. (The operator's logs and
+/// admin endpoint keep `user:***`.)
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_answers_name_an_exit_without_its_user() {
+        assert_eq!(
+            without_userinfo("http://customer-acme-session-1:***@gate.example:7000"),
+            "http://gate.example:7000"
+        );
+        assert_eq!(
+            without_userinfo("socks5://us@er:***@s.example:1080"),
+            "socks5://s.example:1080"
+        );
+        assert_eq!(
+            without_userinfo("http://gate.example:7000"),
+            "http://gate.example:7000"
+        );
+        assert_eq!(without_userinfo("direct://127.0.0.2"), "direct://127.0.0.2");
+    }
 
     #[test]
     fn header_values_are_sanitised() {

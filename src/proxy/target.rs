@@ -46,14 +46,15 @@ pub struct Principal {
 }
 
 /// The CONNECT tunnel a request arrived in.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Tunnel {
     /// The CONNECT target.
     pub authority: HostPort,
     /// Whether pinproxy terminated TLS in the tunnel (otherwise plain HTTP
     /// runs inside it).
     pub tls: bool,
-    /// The session key named by the CONNECT's `Proxy-Authorization`.
+    /// The session key named by the CONNECT (`X-Pinproxy-Session` or
+    /// `Proxy-Authorization`): a credential, never printed.
     pub session_key: Option<String>,
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
@@ -67,6 +68,21 @@ pub struct Tunnel {
     /// The credentials of the tunnel's last `Cookie` header, while its
     /// connection is busy.
     pub cookie_memo: CookieMemo,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("authority", &self.authority)
+            .field("tls", &self.tls)
+            .field(
+                "session_key",
+                &self.session_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_offers_h2", &self.client_offers_h2)
+            .field("principal", &self.principal)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The origin a request is for.
