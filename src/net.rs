@@ -13,6 +13,7 @@ use http::Uri;
 
 pub mod read_count;
 pub mod relay;
+pub mod streams;
 pub mod tasks;
 
 /// A host and port.

@@ -212,6 +212,14 @@ impl Pipeline {
         // taken apart.
         let upgrade = upgrade::requested(&request);
         let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
+        // An HTTP/2 WebSocket keeps its connection busy (its idle limit)
+        // for as long as its relay runs, not only until the answer.
+        let stream_hold = upgrade.and_then(|_| {
+            request
+                .extensions()
+                .get::<crate::net::streams::OpenStreams>()
+                .map(crate::net::streams::OpenStreams::open)
+        });
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
         let mut route = self
             .route(&principal.exits, credentials, || {
@@ -315,6 +323,7 @@ impl Pipeline {
                 upgrade,
                 client: client_upgrade,
                 expected_accept,
+                hold: stream_hold,
             };
             // Boxed: a WebSocket's stages make a 4 KB future, and without
             // the box every request in flight would keep room for it (its

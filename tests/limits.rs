@@ -647,6 +647,19 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_is_open() {
     // A connection that never sent a request is closed too.
     let silent = s.proxy.client.tunnel_h2("localhost", port).await;
     assert!(silent.closed_within(Duration::from_secs(5)).await);
+    // So is one whose client sends only PINGs (every 100 ms, while idle):
+    // frames that carry no request are not activity.
+    let mut pings = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    pings
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true);
+    let pinging = s
+        .proxy
+        .client
+        .tunnel_h2_with("localhost", port, &pings)
+        .await;
+    assert!(pinging.closed_within(Duration::from_secs(5)).await);
     // A response whose body takes 2 s (past the limit, with the client
     // sending nothing meanwhile) holds the connection open: the next
     // request goes on it (after a GOAWAY it could not).

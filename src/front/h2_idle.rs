@@ -5,20 +5,22 @@
 //! HTTP/2 server has no such limit (its keep-alive pings find dead peers,
 //! not idle ones), so without this a client could hold any number of
 //! connections, each a place among `limits.max_connections`, by opening
-//! them and sending nothing (or half a header block) ever after.
+//! them and sending nothing, or only frames that carry no request (PINGs,
+//! WINDOW_UPDATEs, half a header block), ever after.
 //!
-//! [`Activity`] counts the reads of the client's stream ([`Watched`]) and
-//! the streams open on the connection (a request from its arrival until
-//! its response body is done or dropped, [`counted`]). [`drive`] checks
-//! them every quarter of the limit and, after four checks in a row that
-//! found no read and no open stream, ends the connection gracefully
-//! (`GOAWAY`): the limit holds to within a quarter.
+//! [`Activity`] counts the streams open on the connection: a request from
+//! its arrival until its response body is done or dropped ([`counted`]),
+//! and a WebSocket's relay for as long as it runs (it takes a hold of its
+//! own, [`OpenStreams`], from the request's extensions). Frames alone are
+//! not activity. [`drive`] checks every quarter of the limit and, after
+//! four checks in a row that found no open stream, ends the connection
+//! gracefully (`GOAWAY`), and drops it if it has not ended a limit later
+//! (a stream hyper still holds that no request counts, such as a request
+//! body that never ends after its answer).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,59 +31,24 @@ use hyper::service::{service_fn, Service};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
-use crate::net::read_count::{ReadCounted, ReadCounter};
+use crate::net::streams::{OpenStream, OpenStreams};
 use crate::net::tasks::Stopping;
 
 /// Checks of the limit per limit: the limit holds to within one check.
 const CHECKS: u32 = 4;
 
-/// What a connection has been doing: reads of the client's stream, and
-/// streams open. Cheap to clone.
+/// What a connection has been doing: the streams open on it. Cheap to
+/// clone.
 #[derive(Debug, Clone, Default)]
-pub struct Activity(Arc<Counts>);
-
-#[derive(Debug, Default)]
-struct Counts {
-    reads: AtomicU64,
-    open: AtomicUsize,
-}
+pub struct Activity(OpenStreams);
 
 impl Activity {
-    /// `io`, its reads counted.
-    pub fn watch<T>(&self, io: T) -> Watched<T> {
-        ReadCounted::new(io, self.clone())
-    }
-
-    fn read_count(&self) -> u64 {
-        self.0.reads.load(Ordering::Relaxed)
-    }
-
     fn open(&self) -> usize {
-        self.0.open.load(Ordering::Relaxed)
+        self.0.count()
     }
 
     fn stream_opened(&self) -> OpenStream {
-        self.0.open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self.clone())
-    }
-}
-
-/// A stream counted open until dropped.
-#[derive(Debug)]
-struct OpenStream(Activity);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        (self.0).0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A client's stream whose reads count as activity.
-pub type Watched<T> = ReadCounted<T, Activity>;
-
-impl ReadCounter for Activity {
-    fn reads(&self) -> &AtomicU64 {
-        &self.0.reads
+        self.0.open()
     }
 }
 
@@ -127,8 +94,10 @@ where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone,
     S::Future: Send,
 {
-    service_fn(move |request: Request<Incoming>| {
+    service_fn(move |mut request: Request<Incoming>| {
         let open = activity.stream_opened();
+        // For work that outlives the response (a WebSocket's relay).
+        request.extensions_mut().insert(activity.0.clone());
         let answer = inner.call(request);
         async move {
             let response = answer.await?;
@@ -138,8 +107,9 @@ where
 }
 
 /// Serves `conn` until it ends; on `shutdown`, or once it has been idle for
-/// `limit` (no read, no open stream, checked [`CHECKS`] times per limit),
-/// ends it gracefully with `drain` and waits for that.
+/// `limit` (no open stream, checked [`CHECKS`] times per limit), ends it
+/// gracefully with `drain` and waits for that (after idling, a limit at
+/// most).
 pub async fn drive<C>(
     conn: C,
     shutdown: &CancellationToken,
@@ -154,61 +124,45 @@ where
     let period = (limit / CHECKS).max(Duration::from_millis(1));
     let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reads = activity.read_count();
     let mut quiet = 0;
     // Polled with every poll of the connection: the lock-free wait, made once.
     let mut stopping = Stopping::new(shutdown.clone());
-    loop {
+    let idled = loop {
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = &mut stopping => break,
+            () = &mut stopping => break false,
             _ = checks.tick() => {
-                let now = activity.read_count();
-                if now != reads || activity.open() > 0 {
-                    reads = now;
+                if activity.open() > 0 {
                     quiet = 0;
                     continue;
                 }
                 quiet += 1;
                 if quiet >= CHECKS {
                     tracing::debug!(idle = ?limit, "closing an HTTP/2 client connection idle for timeouts.client_idle");
-                    break;
+                    break true;
                 }
             }
         }
-    }
+    };
     drain(conn.as_mut());
-    conn.await
+    if !idled {
+        // The shutdown's own grace period bounds this wait.
+        return conn.await;
+    }
+    match tokio::time::timeout(limit, conn).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::debug!(
+                "dropping an idle HTTP/2 client connection that did not end after GOAWAY"
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    #[tokio::test]
-    async fn reads_count_and_open_streams_hold_until_dropped() {
-        let activity = Activity::default();
-        let (client, server) = tokio::io::duplex(64);
-        let mut watched = activity.watch(server);
-        let mut client = client;
-        client
-            .write_all(b"abc")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut got = [0u8; 3];
-        watched
-            .read_exact(&mut got)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(activity.read_count() >= 1);
-        let open = activity.stream_opened();
-        let other = activity.stream_opened();
-        assert_eq!(activity.open(), 2);
-        drop(open);
-        drop(other);
-        assert_eq!(activity.open(), 0);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_connection_is_drained_after_the_limit_and_a_busy_one_is_not() {
@@ -240,29 +194,35 @@ mod tests {
             "drained after {idle:?}"
         );
 
-        // An open stream holds it.
+        // An open stream holds it, and so does a hold taken from it (a
+        // WebSocket's relay).
         let activity = Activity::default();
         let open = activity.stream_opened();
         let kept = tokio::time::timeout(limit * 3, drive_for(activity.clone())).await;
         assert!(kept.is_err(), "an open stream holds the connection");
         drop(open);
+        let relay = activity.0.clone().open();
+        let kept = tokio::time::timeout(limit * 3, drive_for(activity.clone())).await;
+        assert!(kept.is_err(), "a relay's hold keeps the connection");
+        drop(relay);
+    }
 
-        // So do reads: one every 10 s for 200 s, then quiet.
-        let activity = Activity::default();
-        let reader = activity.clone();
-        tokio::spawn(async move {
-            for _ in 0..20 {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                reader.0.reads.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+    /// Frames that carry no request (PINGs, say) are not activity; and a
+    /// connection that does not end after its GOAWAY is dropped a limit
+    /// later.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_that_does_not_end_is_dropped() {
+        let shutdown = CancellationToken::new();
+        let limit = Duration::from_secs(60);
+        let never_ends = std::future::pending::<hyper::Result<()>>();
         let started = tokio::time::Instant::now();
-        drive_for(activity).await.unwrap_or_else(|e| panic!("{e}"));
+        drive(never_ends, &shutdown, &Activity::default(), limit, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let lasted = started.elapsed();
         assert!(
-            (Duration::from_secs(200) + limit..=Duration::from_secs(200) + limit + limit / CHECKS)
-                .contains(&lasted),
-            "drained after {lasted:?}"
+            (limit * 2..=limit * 2 + limit / CHECKS).contains(&lasted),
+            "dropped after {lasted:?}"
         );
     }
 }

@@ -421,7 +421,6 @@ where
     let service = tunnel_service(frontend.clone(), tunnel);
     let service = limits::rated(frontend.clients.clone(), client, service);
     let service = h2_idle::counted(activity.clone(), service);
-    let io = activity.watch(io);
     let header_limit = u32::try_from(frontend.settings.max_header_bytes).unwrap_or(u32::MAX);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

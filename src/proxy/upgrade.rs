@@ -131,6 +131,9 @@ pub struct Socket {
     /// The `Sec-WebSocket-Accept` the origin must answer with (`None`: no
     /// key to answer for, so no `101` is bridged).
     pub expected_accept: Option<String>,
+    /// Keeps the client's HTTP/2 connection counted busy while the relay
+    /// runs (none over HTTP/1.1, whose connection the relay itself holds).
+    pub hold: Option<crate::net::streams::OpenStream>,
 }
 
 impl Pipeline {
@@ -194,6 +197,7 @@ pub fn bridge(
         upgrade,
         client,
         expected_accept,
+        hold,
     } = socket;
     // Only a WebSocket is relayed: an answer that switched to anything
     // else, or that does not prove it read this handshake's key, is not.
@@ -246,6 +250,7 @@ pub fn bridge(
     // The client's upgraded stream holds the connection's place among the
     // connection limits for as long as the relay keeps it open.
     tasks.spawn(async move {
+        let _busy = hold;
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
