@@ -183,7 +183,7 @@ pub async fn serve(
 }
 
 impl Admin {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         if let Some(response) = control::handle(self, &request).await {
             return response;
         }
@@ -198,10 +198,7 @@ impl Admin {
             "/" => page::page(),
             "/summary" => self.summary().await,
             "/metrics" => text(StatusCode::OK, self.metrics_text().await),
-            "/identities" => match self.identities(all).await {
-                Ok(views) => json(&views),
-                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-            },
+            "/identities" => self.identities_answer(all).await,
             "/exits" => json(&self.exit_views()),
             "/store" => json(&self.store_view().await),
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -223,6 +220,28 @@ impl Admin {
                 .set(i64::from(exit.health.state().as_u8()));
         }
         self.metrics.encode()
+    }
+
+    /// `GET /identities`: the listing, built and written out on the
+    /// blocking pool (a store of a million identities takes seconds to
+    /// walk, which no runtime thread serving the proxy should spend).
+    async fn identities_answer(self: &Arc<Self>, all: bool) -> Response<Body> {
+        let admin = self.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let built = tokio::task::spawn_blocking(move || {
+            runtime
+                .block_on(admin.identities(all))
+                .map(|views| json(&views))
+        })
+        .await;
+        match built {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the listing task failed: {e}\n"),
+            ),
+        }
     }
 
     /// The identity listing (retired ones only with `all`).

@@ -142,6 +142,18 @@ fn names_loopback(host: &str) -> bool {
 /// rebinding) would otherwise read the listings a browser on this machine
 /// can reach. A request without `Host` (not a browser's) passes.
 pub(super) fn foreign_host<B>(request: &Request<B>) -> Option<Response<Body>> {
+    // What another site's page makes a browser send (an `<img>` pointed
+    // at a listing, say): nothing it could read, but work it would cost.
+    if request
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes() == b"cross-site")
+    {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "this admin endpoint answers no request another site's page makes\n".into(),
+        ));
+    }
     let host = request.headers().get(http::header::HOST)?;
     if host.to_str().is_ok_and(names_loopback) {
         return None;
