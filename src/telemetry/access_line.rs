@@ -211,7 +211,11 @@ impl FieldFormat for TextFields<'_> {
         let out = &mut *self.0;
         out.push_str(key.text);
         match value {
-            Value::Bare(bare) => bare.write(out),
+            Value::Bare(bare) => {
+                let start = out.len();
+                bare.write(out);
+                escape_controls(out, start);
+            }
             Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
             Value::Quoted(text) => {
                 let _ = write!(out, "{text:?}");
@@ -350,6 +354,31 @@ impl fmt::Display for Names<'_> {
         }
         Ok(())
     }
+}
+
+/// Escapes, as the text layer does, the control characters of what was
+/// written to `out` from `start` on: a bare value may be a client's or an
+/// origin's text (a cookie name: C1 controls get through header parsing),
+/// which must not drive a terminal. (JSON lines carry them as JSON does.)
+fn escape_controls(out: &mut String, start: usize) {
+    let Some(written) = out.get(start..) else {
+        return;
+    };
+    if !written.chars().any(char::is_control) {
+        return;
+    }
+    let escaped: String = written
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    out.truncate(start);
+    out.push_str(&escaped);
 }
 
 /// Writes `text` between double quotes, as it is (nothing in it needs an
@@ -570,7 +599,13 @@ mod tests {
         };
         // A cookie name JSON must escape (the direct path escapes a bare
         // value after writing it in place).
-        let odd_names = [credential("a\\b"), credential("c\"d")];
+        // ...and one with a C1 control (header parsing lets it through),
+        // which a text line writes escaped.
+        let odd_names = [
+            credential("a\\b"),
+            credential("c\"d"),
+            credential("_px\u{9b}2J"),
+        ];
         let escaped = AccessLine {
             credentials: &odd_names,
             ..bare
@@ -580,6 +615,9 @@ mod tests {
                 let (ours, theirs) = both(&line, style);
                 assert!(theirs.len() > 20, "{style:?}: {theirs:?}");
                 assert_eq!(ours, theirs, "{style:?}");
+                if style == Style::Text {
+                    assert!(!ours.contains('\u{9b}'), "{ours:?}");
+                }
             }
         }
     }

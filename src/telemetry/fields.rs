@@ -142,7 +142,9 @@ impl Visit for LineVisitor<'_> {
             return self.message(format_args!("{value:?}"));
         }
         if self.begin(field) {
-            let result = write!(self.writer, "{value:?}");
+            // A `%` field's Display may carry a client's or an origin's
+            // text (a cookie name): escaped as the message is.
+            let result = Escaping(&mut self.writer).write_fmt(format_args!("{value:?}"));
             self.finish_with(result);
         }
     }
@@ -330,5 +332,14 @@ mod tests {
         let (ours, _) = both(|| tracing::info!("client sent {}", "\u{1b}[2Jbye"));
         assert!(!ours.contains('\u{1b}'), "{ours:?}");
         assert!(ours.contains("bye"));
+    }
+
+    /// A `%` field's Display may carry a client's text (a cookie name with
+    /// a C1 control, which header parsing lets through): escaped too.
+    #[test]
+    fn control_characters_in_display_fields_are_escaped() {
+        let (ours, _) = both(|| tracing::info!(cookie = %"_px\u{9b}2Jx", "seen"));
+        assert!(!ours.contains('\u{9b}'), "{ours:?}");
+        assert!(ours.contains("cookie=_px\\u{9b}2Jx"), "{ours:?}");
     }
 }
