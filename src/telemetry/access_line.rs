@@ -211,11 +211,14 @@ impl FieldFormat for TextFields<'_> {
         let out = &mut *self.0;
         out.push_str(key.text);
         match value {
-            Value::Bare(bare) => {
+            // Cookie names are the only bare values a client or an origin
+            // writes (a method is a token, an origin a parsed host).
+            Value::Bare(names @ Bare::Names(_)) => {
                 let start = out.len();
-                bare.write(out);
+                names.write(out);
                 escape_controls(out, start);
             }
+            Value::Bare(bare) => bare.write(out),
             Value::Quoted(text) if text.bytes().all(plain_in_quotes) => quoted(out, text),
             Value::Quoted(text) => {
                 let _ = write!(out, "{text:?}");
@@ -364,7 +367,11 @@ fn escape_controls(out: &mut String, start: usize) {
     let Some(written) = out.get(start..) else {
         return;
     };
-    if !written.chars().any(char::is_control) {
+    // C0 controls and DEL are single bytes; every C1 control (U+0080 to
+    // U+009F) starts with 0xC2. A byte scan, since this runs for every
+    // access line with cookies (0xC2 also starts other characters, which
+    // only take the slower path).
+    if !written.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
         return;
     }
     let escaped: String = written

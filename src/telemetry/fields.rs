@@ -172,7 +172,10 @@ struct Escaping<'w, 'a>(&'w mut Writer<'a>);
 
 impl fmt::Write for Escaping<'_, '_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        if !text.chars().any(char::is_control) {
+        // C0 controls and DEL are single bytes, every C1 control starts
+        // with 0xC2 (which also starts other characters: they only take
+        // the slower path).
+        if !text.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
             return self.0.write_str(text);
         }
         for c in text.chars() {
