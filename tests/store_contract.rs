@@ -558,6 +558,21 @@ async fn a_reply_that_shows_a_loss_decides_nothing() {
     }
 }
 
+/// A replica's store on namespace `namespace` of `redis` (its data in
+/// `dir`), holding one identity with one pin.
+async fn replica_with_a_pin(
+    redis: &RedisServer,
+    namespace: &str,
+    dir: &std::path::Path,
+) -> (RedisStore, Identity, PinKey) {
+    let store = redis_store(&redis.url(), namespace, 2 * HOUR_MS, HOUR_MS, Some(dir)).await;
+    let someone = identity("e1", 1_800_000_000_000);
+    store.create_identity(&someone).await.unwrap();
+    let k = key();
+    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    (store, someone, k)
+}
+
 /// A Redis that evicts under memory pressure keeps the namespace's epoch
 /// and sequence (they have no time to live), so only its eviction count
 /// shows that pins may be gone: a count that grows is a loss, with its
@@ -566,20 +581,7 @@ async fn a_reply_that_shows_a_loss_decides_nothing() {
 async fn an_eviction_is_taken_as_a_loss() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = redis_store(
-        &redis.url(),
-        "evicting",
-        2 * HOUR_MS,
-        HOUR_MS,
-        Some(dir.path()),
-    )
-    .await;
-    let someone = identity("e1", 1_800_000_000_000);
-    store.create_identity(&someone).await.unwrap();
-    store
-        .pin_if_absent(key(), &pin(&someone, None))
-        .await
-        .unwrap();
+    let (store, _, _) = replica_with_a_pin(&redis, "evicting", dir.path()).await;
     store.check_server().await.unwrap();
     assert!(store.loss_report().is_none());
 
@@ -651,18 +653,7 @@ async fn an_eviction_is_taken_as_a_loss() {
 async fn a_lost_retirement_is_noticed_by_the_replica_that_wrote_it() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = redis_store(
-        &redis.url(),
-        "retire-lost",
-        2 * HOUR_MS,
-        HOUR_MS,
-        Some(dir.path()),
-    )
-    .await;
-    let someone = identity("e1", 1_800_000_000_000);
-    store.create_identity(&someone).await.unwrap();
-    let k = key();
-    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    let (store, someone, k) = replica_with_a_pin(&redis, "retire-lost", dir.path()).await;
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let writer: Vec<String> = redis::cmd("KEYS")
