@@ -1410,6 +1410,35 @@ mod tests {
     /// A pin script's row is a pin, or Lua's `false` (no pin); any other
     /// shape, or another number of rows than pins, is no answer at all,
     /// never "no pin" (which would let the cookie be pinned anew).
+    /// The exit comes from the identity's record: a record that names
+    /// another identity than its pin is corrupt, never taken.
+    #[test]
+    fn a_record_of_another_identity_is_corrupt() {
+        use crate::credential::PinKind;
+        use crate::identity::{ExitId, SessionId};
+        let fingerprint = Arc::new(crate::fingerprint::Fingerprint::default());
+        let a = Identity::new(ExitId::new("e1"), SessionId(1), 5, fingerprint.clone(), 5);
+        let b = Identity::new(ExitId::new("e2"), SessionId(2), 5, fingerprint, 5);
+        let pin = Pin {
+            identity: a.id,
+            kind: PinKind::Cookie,
+            name: Arc::from("datadome"),
+            created_ms: 5,
+            expires_ms: None,
+        };
+        let fields = |who: &Identity| {
+            Value::Array(vec![
+                Value::BulkString(b"rec".to_vec()),
+                Value::BulkString(postcard::to_stdvec(who).unwrap_or_default()),
+            ])
+        };
+        let encoded = encode_pin(&pin).unwrap_or_default();
+        let own = decode_binding(&encoded, &fields(&a));
+        assert!(own.is_ok_and(|b| b.identity.is_some_and(|i| i.exit == a.exit)));
+        let other = decode_binding(&encoded, &fields(&b));
+        assert!(other.is_err_and(|e| e.kind == StoreErrorKind::Corrupt));
+    }
+
     #[test]
     fn only_false_is_no_pin() {
         let rows = |row: Value| Value::Array(vec![row]);

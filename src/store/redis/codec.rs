@@ -92,9 +92,15 @@ pub(super) fn decode_binding(pin: &[u8], fields: &Value) -> Result<Binding, Stor
     if IdentityId(u64::from_str_radix(prefix, 16).map_err(corrupt)?) != pin.identity {
         return Err(corrupt("pin prefix and record disagree"));
     }
+    let identity = decode_identity(fields)?;
+    // The exit comes from the identity's record: one that names another
+    // identity than the pin (a damaged or hand-edited key) decides nothing.
+    if identity.as_ref().is_some_and(|i| i.id != pin.identity) {
+        return Err(corrupt("the pin's identity and its record disagree"));
+    }
     Ok(Binding {
         pin,
-        identity: decode_identity(fields)?.map(Arc::new),
+        identity: identity.map(Arc::new),
     })
 }
 
