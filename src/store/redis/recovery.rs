@@ -423,10 +423,30 @@ impl RedisStore {
                     identity: Some(identity),
                 }) => {
                     self.write_identity(&restorable(&identity)).await?;
+                    let ours = pin.identity;
                     let winner = self.pin_all_raw(&[(*key, pin)]).await?;
-                    self.update_report(|r| r.restored += 1);
-                    self.inner.metrics.store_restored_pins.inc();
-                    winner.into_iter().next()
+                    match winner.into_iter().next() {
+                        Some(winner) if winner.pin.identity == ours => {
+                            self.update_report(|r| r.restored += 1);
+                            self.inner.metrics.store_restored_pins.inc();
+                            Some(winner)
+                        }
+                        // Pinned meanwhile to another identity (by a
+                        // replica that had not noticed the loss): as in a
+                        // full restore, neither is trusted, and the
+                        // credential is answered as lost, not followed.
+                        Some(mut winner) => {
+                            self.retire_conflict(*key, &identity, &winner).await?;
+                            if let Some(theirs) = winner.identity.as_mut() {
+                                Arc::make_mut(theirs).retired = Some(Retirement {
+                                    reason: RetireReason::StoreLost,
+                                    at_ms: now_ms(),
+                                });
+                            }
+                            Some(winner)
+                        }
+                        None => None,
+                    }
                 }
                 _ => Some(self.tombstone(*key).await?),
             };
