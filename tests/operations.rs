@@ -774,14 +774,16 @@ async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     )
     .await;
     assert_eq!(status, 403);
-    let (status, _) = admin_with(
-        admin_addr,
-        "GET",
-        "/identities",
-        &[("Sec-Fetch-Site", "same-origin")],
-    )
-    .await;
-    assert_eq!(status, 200);
+    for allowed in [
+        &[("Sec-Fetch-Site", "same-origin")][..],
+        &[
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Sec-Fetch-Mode", "navigate"),
+        ][..],
+    ] {
+        let (status, _) = admin_with(admin_addr, "GET", "/identities", allowed).await;
+        assert_eq!(status, 200, "{allowed:?}");
+    }
     assert!(s.origin.leaks().is_empty());
 }
 

@@ -67,7 +67,10 @@ async fn websocket_over_http1_upgrade_carries_the_pinned_cookie() {
 
 #[tokio::test]
 async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
-    let s = Setup::start(3).await;
+    // A short idle limit: the WebSocket, quiet for longer, keeps its
+    // connection (its relay counts as an open stream).
+    let idle = std::time::Duration::from_millis(600);
+    let s = Setup::start_with(3, |c| c.timeouts.client_idle = idle).await;
     let (jar, peer) = s.login("/login").await;
     let port = s.origin.https.port();
     let mut conn = s.proxy.client.tunnel_h2("localhost", port).await;
@@ -101,6 +104,10 @@ async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
         None,
     )
     .await;
+    echo_round_trips(&mut ws, peer).await;
+    // Nothing moves for more than twice the idle limit (the behaviour
+    // under test is the passing of time).
+    tokio::time::sleep(idle * 5 / 2).await;
     echo_round_trips(&mut ws, peer).await;
     ws.close(None).await.unwrap();
     drop(ws);

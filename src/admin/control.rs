@@ -142,12 +142,12 @@ fn names_loopback(host: &str) -> bool {
 /// rebinding) would otherwise read the listings a browser on this machine
 /// can reach. A request without `Host` (not a browser's) passes.
 pub(super) fn foreign_host<B>(request: &Request<B>) -> Option<Response<Body>> {
-    // What another site's page makes a browser send (an `<img>` pointed
-    // at a listing, say): nothing it could read, but work it would cost.
-    if request
-        .headers()
-        .get("sec-fetch-site")
-        .is_some_and(|site| site.as_bytes() == b"cross-site")
+    // What another site's page makes a browser send on its own (an
+    // `<img>` pointed at a listing, say): nothing it could read, but work
+    // it would cost. Following a link (a navigation) is the user's doing.
+    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
+    if header("sec-fetch-site") == Some(b"cross-site")
+        && header("sec-fetch-mode") != Some(b"navigate")
     {
         return Some(text(
             StatusCode::FORBIDDEN,

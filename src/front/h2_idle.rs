@@ -47,6 +47,10 @@ impl Activity {
         self.0.count()
     }
 
+    fn opened(&self) -> u64 {
+        self.0.opened()
+    }
+
     fn stream_opened(&self) -> OpenStream {
         self.0.open()
     }
@@ -96,8 +100,11 @@ where
 {
     service_fn(move |mut request: Request<Incoming>| {
         let open = activity.stream_opened();
-        // For work that outlives the response (a WebSocket's relay).
-        request.extensions_mut().insert(activity.0.clone());
+        // For work that outlives the response: a WebSocket's relay (over
+        // HTTP/2 an extended CONNECT), whose request alone needs it.
+        if request.method() == http::Method::CONNECT {
+            request.extensions_mut().insert(activity.0.clone());
+        }
         let answer = inner.call(request);
         async move {
             let response = answer.await?;
@@ -125,6 +132,7 @@ where
     let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet = 0;
+    let mut opened = activity.opened();
     // Polled with every poll of the connection: the lock-free wait, made once.
     let mut stopping = Stopping::new(shutdown.clone());
     let idled = loop {
@@ -132,7 +140,10 @@ where
             result = conn.as_mut() => return result,
             () = &mut stopping => break false,
             _ = checks.tick() => {
-                if activity.open() > 0 {
+                // A stream open now, or one that came and went since.
+                let now = activity.opened();
+                if activity.open() > 0 || now != opened {
+                    opened = now;
                     quiet = 0;
                     continue;
                 }
@@ -149,13 +160,24 @@ where
         // The shutdown's own grace period bounds this wait.
         return conn.await;
     }
-    match tokio::time::timeout(limit, conn).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(
-                "dropping an idle HTTP/2 client connection that did not end after GOAWAY"
-            );
-            Ok(())
+    // Streams that began before the GOAWAY finish; a connection that holds
+    // none that pinproxy counts (a request body that never ends after its
+    // answer, say) is dropped once it has held none for a limit.
+    let mut quiet = 0;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = checks.tick() => {
+                if activity.open() > 0 {
+                    quiet = 0;
+                    continue;
+                }
+                quiet += 1;
+                if quiet >= CHECKS {
+                    tracing::debug!("dropping an idle HTTP/2 client connection that did not end after GOAWAY");
+                    return Ok(());
+                }
+            }
         }
     }
 }
@@ -205,6 +227,25 @@ mod tests {
         let kept = tokio::time::timeout(limit * 3, drive_for(activity.clone())).await;
         assert!(kept.is_err(), "a relay's hold keeps the connection");
         drop(relay);
+
+        // So do requests that come and go between two checks: one every
+        // 5 s for 200 s, then none.
+        let activity = Activity::default();
+        let client = activity.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(client.stream_opened());
+            }
+        });
+        let started = tokio::time::Instant::now();
+        drive_for(activity).await.unwrap_or_else(|e| panic!("{e}"));
+        let lasted = started.elapsed();
+        assert!(
+            (Duration::from_secs(200) + limit..=Duration::from_secs(200) + limit + limit / CHECKS)
+                .contains(&lasted),
+            "drained after {lasted:?}"
+        );
     }
 
     /// Frames that carry no request (PINGs, say) are not activity; and a

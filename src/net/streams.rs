@@ -3,25 +3,38 @@
 //! body is done, and work that outlives its response (a WebSocket's
 //! relay), which takes a hold of its own from the request's extensions.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The open-stream count of one client connection. Cheap to clone; a
 /// request of a connection that keeps one carries a clone in its
 /// extensions.
 #[derive(Debug, Clone, Default)]
-pub struct OpenStreams(Arc<AtomicUsize>);
+pub struct OpenStreams(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    open: AtomicUsize,
+    opened: AtomicU64,
+}
 
 impl OpenStreams {
     /// Counts one more stream open until the returned hold is dropped.
     pub fn open(&self) -> OpenStream {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        self.0.opened.fetch_add(1, Ordering::Relaxed);
         OpenStream(self.clone())
     }
 
     /// Streams open now.
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.0.open.load(Ordering::Relaxed)
+    }
+
+    /// Streams ever opened (a request that came and went between two
+    /// looks at [`OpenStreams::count`] shows here).
+    pub fn opened(&self) -> u64 {
+        self.0.opened.load(Ordering::Relaxed)
     }
 }
 
@@ -31,7 +44,7 @@ pub struct OpenStream(OpenStreams);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+        (self.0).0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -48,5 +61,6 @@ mod tests {
         drop(one);
         drop(two);
         assert_eq!(streams.count(), 0);
+        assert_eq!(streams.opened(), 2);
     }
 }

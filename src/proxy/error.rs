@@ -567,12 +567,12 @@ fn without_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    format!("{scheme}://{host}{path}")
+    // What the redaction wrote: `USER:***@HOST:PORT`, the user name as
+    // decoded (it may hold `/`, `@` or `:`), the host never an `@`.
+    match rest.rsplit_once(":***@") {
+        Some((_, host)) => format!("{scheme}://{host}"),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -592,6 +592,11 @@ mod tests {
         assert_eq!(
             without_userinfo("http://gate.example:7000"),
             "http://gate.example:7000"
+        );
+        assert_eq!(
+            without_userinfo("http://acme/zone:x@y:***@gate.example:7000"),
+            "http://gate.example:7000",
+            "a decoded user name with a slash"
         );
         assert_eq!(without_userinfo("direct://127.0.0.2"), "direct://127.0.0.2");
     }
