@@ -148,6 +148,14 @@ impl ExitSpec {
         self.kind.redacted_url()
     }
 
+    /// The URL without the user name either: what proxy clients are shown
+    /// (error answers go to every client, and a provider's account is
+    /// often named by the user name of its gateway URL; the operator's
+    /// logs and admin endpoint keep `user:***`).
+    pub fn public_url(&self) -> String {
+        self.kind.public_url()
+    }
+
     /// What the exit's connection pools dial.
     pub fn route(&self) -> ExitRoute {
         ExitRoute {
@@ -209,6 +217,31 @@ fn direct_exit(userinfo: Option<&str>, hostport: &str) -> Result<Direct, ExitUrl
 mod tests {
     use super::*;
 
+    /// What proxy clients are shown of an exit: no credentials, the user
+    /// name neither, whatever it holds once decoded.
+    #[test]
+    fn error_answers_name_an_exit_without_its_user() {
+        for (url, shown) in [
+            (
+                "http://customer-acme-session-1:pw@gate.example:7000",
+                "http://gate.example:7000",
+            ),
+            (
+                "socks5://us%40er:pw@s.example:1080",
+                "socks5://s.example:1080",
+            ),
+            ("http://gate.example:7000", "http://gate.example:7000"),
+            ("direct://127.0.0.2", "direct://127.0.0.2"),
+            (
+                "http://acme%2Fzone%3Ax%40y:pw@gate.example:7000",
+                "http://gate.example:7000",
+            ),
+        ] {
+            let spec = ExitSpec::parse("e1", url).unwrap();
+            assert_eq!(spec.public_url(), shown, "{url}");
+        }
+    }
+
     #[test]
     fn parses_http_exit_with_credentials() {
         let spec = ExitSpec::parse("e1", "http://us%40er:p@ss:w@proxy.example:3128").unwrap();
@@ -221,6 +254,7 @@ mod tests {
         assert_eq!(auth.user, "us@er");
         assert_eq!(auth.password, "p@ss:w");
         assert_eq!(spec.redacted_url(), "http://us@er:***@proxy.example:3128");
+        assert_eq!(spec.public_url(), "http://proxy.example:3128");
         assert!(!format!("{spec:?}").contains("p@ss"));
     }
 

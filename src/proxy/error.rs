@@ -143,7 +143,7 @@ impl ProxyError {
     pub fn upstream(exit: &Exit, error: UpstreamError) -> ProxyError {
         ProxyError::Upstream {
             exit: exit.id().clone(),
-            url: without_userinfo(&exit.spec.redacted_url()).into(),
+            url: exit.spec.public_url().into(),
             error,
         }
     }
@@ -559,47 +559,9 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("internal"))
 }
 
-/// `url` without its user name (and the password's `***`): an error
-/// answer goes to every proxy client, and a provider's account is often
-/// named by the user name of its gateway URL. (The operator's logs and
-/// admin endpoint keep `user:***`.)
-fn without_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    // What the redaction wrote: `USER:***@HOST:PORT`, the user name as
-    // decoded (it may hold `/`, `@` or `:`), the host never an `@`.
-    match rest.rsplit_once(":***@") {
-        Some((_, host)) => format!("{scheme}://{host}"),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_answers_name_an_exit_without_its_user() {
-        assert_eq!(
-            without_userinfo("http://customer-acme-session-1:***@gate.example:7000"),
-            "http://gate.example:7000"
-        );
-        assert_eq!(
-            without_userinfo("socks5://us@er:***@s.example:1080"),
-            "socks5://s.example:1080"
-        );
-        assert_eq!(
-            without_userinfo("http://gate.example:7000"),
-            "http://gate.example:7000"
-        );
-        assert_eq!(
-            without_userinfo("http://acme/zone:x@y:***@gate.example:7000"),
-            "http://gate.example:7000",
-            "a decoded user name with a slash"
-        );
-        assert_eq!(without_userinfo("direct://127.0.0.2"), "direct://127.0.0.2");
-    }
 
     #[test]
     fn header_values_are_sanitised() {

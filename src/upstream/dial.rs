@@ -94,8 +94,13 @@ impl ProxyAddress {
     pub fn redacted_url(&self, scheme: &str) -> String {
         match &self.auth {
             Some(c) => format!("{scheme}://{}:***@{}", c.user, self.proxy),
-            None => format!("{scheme}://{}", self.proxy),
+            None => self.public_url(scheme),
         }
+    }
+
+    /// `scheme://host:port`, without credentials, the user name too.
+    pub fn public_url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.proxy)
     }
 }
 
@@ -135,6 +140,15 @@ impl ExitKind {
     /// The URL without credentials, for logs and messages.
     pub fn redacted_url(&self) -> String {
         each_kind!(self, k => k.redacted_url())
+    }
+
+    /// The URL without the user name either (see [`ProxyAddress::public_url`]).
+    pub fn public_url(&self) -> String {
+        match self {
+            ExitKind::Direct(direct) => direct.redacted_url(),
+            ExitKind::HttpConnect(http) => http.0.public_url("http"),
+            ExitKind::Socks5(socks) => socks.0.public_url("socks5"),
+        }
     }
 
     /// The id an exit of this kind gets when none is given: stable when
