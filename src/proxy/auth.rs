@@ -116,12 +116,7 @@ impl User {
         if !valid_user_name(name) {
             return Err(UserError::Name(name.to_owned()));
         }
-        let hash_id = {
-            let digest = blake3::hash(hash.as_bytes());
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&digest.as_bytes()[..8]);
-            u64::from_le_bytes(first)
-        };
+        let hash_id = leading_u64(&blake3::hash(hash.as_bytes()));
         let hash = PasswordHash::parse(hash).map_err(|source| UserError::Hash {
             user: name.to_owned(),
             source,
@@ -396,9 +391,7 @@ impl Auth {
             return None;
         }
         let digest = blake3::keyed_hash(&self.cache_key, name.as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest.as_bytes()[..8]);
-        let index = usize::try_from(u64::from_le_bytes(first) % n as u64).unwrap_or(0);
+        let index = usize::try_from(leading_u64(&digest) % n as u64).unwrap_or(0);
         self.stand_ins.get(index).cloned()
     }
 
@@ -453,6 +446,13 @@ impl Auth {
         .await
         .unwrap_or(false)
     }
+}
+
+/// The first 8 bytes of a BLAKE3 hash as a number.
+fn leading_u64(digest: &blake3::Hash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// How an unknown user name a client sent is logged: the first 8 hex
