@@ -153,10 +153,9 @@ pub struct Generation {
     /// background check, a restore and the close, and share one temporary
     /// file.
     saving: std::sync::Mutex<()>,
-    /// The epoch loaded is [`legacy_epoch_hash`]'s, until a reply names it.
-    legacy_epoch: std::sync::atomic::AtomicBool,
-    /// That legacy hash as loaded (0: none), which snapshots taken before
-    /// the takeover carry.
+    /// The epoch loaded, when the file held it as [`legacy_epoch_hash`]'s
+    /// (0: it did not): the epoch in force until a reply names it, and
+    /// what snapshots taken before the takeover carry.
     loaded_legacy: u64,
     /// The namespace the history is of.
     namespace: String,
@@ -246,7 +245,6 @@ impl Generation {
             file: file.map(Path::to_owned),
             saved_seq: AtomicU64::new(max_seq),
             saving: std::sync::Mutex::new(()),
-            legacy_epoch: std::sync::atomic::AtomicBool::new(legacy),
             loaded_legacy: if legacy { epoch } else { 0 },
             namespace: namespace.to_owned(),
         })
@@ -322,18 +320,14 @@ impl Generation {
     pub fn observe(&self, sent: Snapshot, epoch: Option<&str>, seq: u64) -> Observation {
         // A history saved by an earlier version: the epoch it names, once
         // a reply shows it, is taken over under the stable hash.
-        if self.legacy_epoch.load(Ordering::Relaxed) {
-            if let Some(epoch) = epoch {
-                let known = self.epoch.load(Ordering::Relaxed);
-                if legacy_epoch_hash(epoch) == known {
-                    let _ = self.epoch.compare_exchange(
-                        known,
-                        epoch_hash(epoch),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                    self.legacy_epoch.store(false, Ordering::Relaxed);
-                }
+        if self.holds_legacy() {
+            if let Some(epoch) = epoch.filter(|e| legacy_epoch_hash(e) == self.loaded_legacy) {
+                let _ = self.epoch.compare_exchange(
+                    self.loaded_legacy,
+                    epoch_hash(epoch),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
             }
         }
         let sent = self.taken_over(sent);
@@ -369,6 +363,12 @@ impl Generation {
         }
     }
 
+    /// Whether the epoch in force is still the one a file of an earlier
+    /// version held (by its legacy hash), not yet taken over.
+    fn holds_legacy(&self) -> bool {
+        self.loaded_legacy != 0 && self.epoch.load(Ordering::Relaxed) == self.loaded_legacy
+    }
+
     /// `sent` as if taken under the stable hash: a command sent before a
     /// saved history's epoch was taken over ([`Generation::observe`])
     /// carries its old hash, and is still checked against what was seen.
@@ -387,7 +387,6 @@ impl Generation {
 
     fn adopt_hash(&self, epoch: u64, seq: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
-        self.legacy_epoch.store(false, Ordering::Relaxed);
         self.max_seq.store(seq, Ordering::Relaxed);
         // Under a new history this replica's count starts again from what
         // the server holds.
@@ -409,7 +408,7 @@ impl Generation {
         let saved = Saved {
             namespace: self.namespace.clone(),
             epoch: self.epoch.load(Ordering::Relaxed),
-            stable_hash: !self.legacy_epoch.load(Ordering::Relaxed),
+            stable_hash: !self.holds_legacy(),
             max_seq: seq,
             writer: Some(SavedWriter {
                 id: self.writer_id,
