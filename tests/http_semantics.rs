@@ -347,22 +347,9 @@ async fn no_protocol_but_a_websocket_is_switched_to() {
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
     )
     .await;
-    let request = |host: &str, upgrades: &str| {
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: {host}\r\n{upgrades}Connection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-        )
-    };
+
     // Two `Upgrade` fields: no upgrade; neither field reaches the origin.
-    let host = h2c.addr.to_string();
-    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
-    assert!(head.starts_with("HTTP/1.1 200"));
-    tunnel
-        .write_all(request(&host, "Upgrade: websocket\r\nUpgrade: h2c\r\n").as_bytes())
-        .await
-        .unwrap();
-    let reply = answer_head(&mut tunnel).await;
+    let reply = ask_to_switch(&s, &h2c, "Upgrade: websocket\r\nUpgrade: h2c\r\n").await;
     assert!(!reply.starts_with("HTTP/1.1 101"), "{reply}");
     let heads = h2c.heads();
     assert!(
@@ -372,13 +359,7 @@ async fn no_protocol_but_a_websocket_is_switched_to() {
     );
 
     // One `Upgrade: websocket`, answered by a switch to h2c: refused.
-    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
-    assert!(head.starts_with("HTTP/1.1 200"));
-    tunnel
-        .write_all(request(&host, "Upgrade: websocket\r\n").as_bytes())
-        .await
-        .unwrap();
-    let reply = answer_head(&mut tunnel).await;
+    let reply = ask_to_switch(&s, &h2c, "Upgrade: websocket\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
     assert!(reply.contains("only a WebSocket is relayed"), "{reply}");
 
@@ -388,28 +369,27 @@ async fn no_protocol_but_a_websocket_is_switched_to() {
           Sec-WebSocket-Accept: bm90IHRoZSBhbnN3ZXI=\r\n\r\n",
     )
     .await;
-    let host = wrong_key.addr.to_string();
-    let (mut tunnel, _) = s.proxy.client.raw_connect(&host).await;
-    tunnel
-        .write_all(request(&host, "Upgrade: websocket\r\n").as_bytes())
-        .await
-        .unwrap();
-    let reply = answer_head(&mut tunnel).await;
+    let reply = ask_to_switch(&s, &wrong_key, "Upgrade: websocket\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
     assert!(reply.contains("Sec-WebSocket-Accept"), "{reply}");
     s.stop().await;
 }
 
-/// The head of the answer on `tunnel` (bounded: 10 s, 16 KiB).
-async fn answer_head(tunnel: &mut tokio::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), tunnel.read(&mut byte));
-        match read.await.unwrap() {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
+/// Sends a WebSocket upgrade with the `upgrades` header lines to `origin`
+/// through a tunnel of `s`, and returns the head of the answer (waited
+/// for 10 s at most).
+async fn ask_to_switch(s: &Setup, origin: &RawOrigin, upgrades: &str) -> String {
+    let host = origin.addr.to_string();
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\n{upgrades}Connection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    );
+    tunnel.write_all(request.as_bytes()).await.unwrap();
+    let answer = support::client::read_head(&mut tunnel);
+    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("an answer within 10 s")
 }
