@@ -66,6 +66,21 @@ struct Running {
 }
 
 impl Running {
+    /// Waits (10 s at most) until `at_least` of the lines it logged match.
+    async fn until_logged(&self, what: &str, at_least: usize, matches: impl Fn(&str) -> bool) {
+        eventually(Duration::from_secs(10), what, || {
+            let logged = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| matches(l))
+                .count();
+            async move { logged >= at_least }
+        })
+        .await;
+    }
+
     /// Three test exits (exit1..exit3 from 127.0.0.2..4); the config file
     /// names the exits in `enabled` (0-based).
     async fn start(enabled: &[usize]) -> Running {
@@ -346,22 +361,9 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
     // Not TOML at all, by SIGHUP: refused with a log line.
     std::fs::write(&r.config, "[[exits]\nid = ").unwrap();
     r.proc.signal("HUP");
-    eventually(
-        Duration::from_secs(10),
-        "no log line for the refusal",
-        || {
-            let lines = r.lines.clone();
-            async move {
-                lines
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|l| l.contains("reload refused"))
-                    .count()
-                    >= 4
-            }
-        },
-    )
+    r.until_logged("no log line for the refusal", 4, |l| {
+        l.contains("reload refused")
+    })
     .await;
     assert!(r
         .lines
@@ -421,20 +423,9 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
     std::fs::write(&r.config, text).unwrap();
     let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
     assert_eq!(status, 200, "{body}");
-    eventually(
-        Duration::from_secs(10),
-        "no log line for the changed address",
-        || {
-            let lines = r.lines.clone();
-            async move {
-                lines
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|l| l.contains("exit address changed") && l.contains("exit2"))
-            }
-        },
-    )
+    r.until_logged("no log line for the changed address", 1, |l| {
+        l.contains("exit address changed") && l.contains("exit2")
+    })
     .await;
 }
 
