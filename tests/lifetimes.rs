@@ -83,12 +83,10 @@ async fn a_set_cookie_pin_never_outlives_the_cookie() {
 #[tokio::test]
 async fn a_cookie_set_again_with_a_later_expiry_keeps_its_pin_as_long() {
     let clock = Clock::manual();
-    let s = Setup::builder()
-        .exits(2)
-        .clock(clock.clone())
-        .config(|c| c.identities.idle_timeout = 24 * 60 * MINUTE)
-        .start()
-        .await;
+    let s = Setup::start_clocked(2, clock.clone(), |c| {
+        c.identities.idle_timeout = 24 * 60 * MINUTE;
+    })
+    .await;
     let (mut jar, peer) = s.login("/login").await;
     let token = jar.get("datadome").unwrap().to_owned();
     clock.advance(50 * MINUTE);
