@@ -587,50 +587,7 @@ async fn an_eviction_is_taken_as_a_loss() {
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let reader = connection.clone();
-    let info = |section: &'static str, field: &'static str| {
-        let mut connection = reader.clone();
-        async move {
-            let text: String = redis::cmd("INFO")
-                .arg(section)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .unwrap()
-                .trim()
-                .parse::<u64>()
-                .unwrap()
-        }
-    };
-    let used = info("memory", "used_memory").await;
-    let _: () = redis::cmd("CONFIG")
-        .arg(&["SET", "maxmemory-policy", "allkeys-random"][..])
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg(&["SET", "maxmemory", &(used + 256 * 1024).to_string()][..])
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let filler = vec![b'x'; 4096];
-    for i in 0..2_000 {
-        let _: () = redis::cmd("SET")
-            .arg(format!("filler:{i}"))
-            .arg(&filler)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        if i % 50 == 49 && info("stats", "evicted_keys").await > 0 {
-            break;
-        }
-    }
-    assert!(
-        info("stats", "evicted_keys").await > 0,
-        "Redis evicted nothing"
-    );
+    make_it_evict(&mut connection).await;
 
     let mut report = None;
     for _ in 0..200 {
@@ -643,6 +600,189 @@ async fn an_eviction_is_taken_as_a_loss() {
     }
     let report = report.expect("the eviction was not taken as a loss");
     assert!(report.what.contains("evicted"), "{}", report.what);
+}
+
+/// Reads a number from Redis's `INFO` `section`.
+async fn info_number(
+    connection: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> u64 {
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(connection)
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+}
+
+/// Makes the server evict: `allkeys-random` under a `maxmemory` a little
+/// above what it uses, then filler keys (bounded) until it has evicted.
+async fn make_it_evict(connection: &mut redis::aio::MultiplexedConnection) {
+    let evicted_before = info_number(connection, "stats", "evicted_keys").await;
+    let used = info_number(connection, "memory", "used_memory").await;
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory-policy", "allkeys-random"][..])
+        .query_async(connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", &(used + 256 * 1024).to_string()][..])
+        .query_async(connection)
+        .await
+        .unwrap();
+    let filler = vec![b'x'; 4096];
+    for i in 0..2_000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(&filler)
+            .query_async(connection)
+            .await
+            .unwrap();
+        if i % 50 == 49 && info_number(connection, "stats", "evicted_keys").await > evicted_before {
+            break;
+        }
+    }
+    assert!(
+        info_number(connection, "stats", "evicted_keys").await > evicted_before,
+        "Redis evicted nothing"
+    );
+}
+
+/// A loss seen while a restore runs, once the restore has taken its epoch,
+/// may have taken pins it already wrote back: it prolongs the quarantine
+/// and brings another restore when this one ends. Here Redis is wiped, the
+/// replica's restore is held at its pin writes (its Redis user may not
+/// write pins for a while, so it retries), and the server evicts
+/// meanwhile. Before, every loss seen during a restore was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_seen_during_a_restore_brings_another() {
+    let redis = RedisServer::start().await;
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut connection = admin.get_multiplexed_async_connection().await.unwrap();
+    let mut acl = connection.clone();
+    let mut allow = async move |keys: &[&str]| {
+        let mut rules = vec![
+            "restorer",
+            "on",
+            ">restorer-secret",
+            "&*",
+            "+@all",
+            "resetkeys",
+        ];
+        rules.extend_from_slice(keys);
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&rules[..])
+            .query_async(&mut acl)
+            .await
+            .unwrap();
+    };
+    allow(&["~*"]).await;
+    let url = format!(
+        "redis://restorer:restorer-secret@127.0.0.1:{}/0",
+        redis.port
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let store = redis_store_ttl(
+        &url,
+        "again",
+        2 * HOUR_MS,
+        HOUR_MS,
+        Some(dir.path()),
+        metrics.clone(),
+        Duration::from_secs(1),
+    )
+    .await;
+    let someone = identity("e1", 1_800_000_000_000);
+    store.create_identity(&someone).await.unwrap();
+    let k = key();
+    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+    store.check_server().await.unwrap();
+
+    // Every key but the pins.
+    allow(&[
+        "~again:epoch",
+        "~again:seq",
+        "~again:founding",
+        "~again:writer:*",
+        "~again:quarantine-until",
+        "~again:hash-key",
+        "~again:id:*",
+        "~again:exit-deaths",
+    ])
+    .await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let written_back = format!("again:id:{}", someone.id);
+    let mut held = false;
+    for _ in 0..200 {
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg(&written_back)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if exists == 1 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held, "the restore never wrote the identity back");
+    assert_eq!(metrics.store_losses.get(), 1);
+    let first = store.loss_report().unwrap();
+    assert!(!first.restore_done);
+
+    make_it_evict(&mut connection).await;
+    let mut seen = false;
+    for _ in 0..200 {
+        if metrics.store_losses.get() == 2 {
+            seen = true;
+            break;
+        }
+        // The background check reads the count every 500 ms.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "a loss during the restore was dropped");
+    let second = store.loss_report().unwrap();
+    assert!(second.what.contains("while the restore"), "{}", second.what);
+    assert!(second.quarantine_until_ms > first.quarantine_until_ms);
+
+    // Let the restore through: it ends, and runs again.
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"][..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    allow(&["~*"]).await;
+    let pin_key = format!("again:pin:{}", k.to_hex());
+    let mut whole = false;
+    for _ in 0..200 {
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg(&pin_key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if exists == 1 && store.loss_report().is_some_and(|r| r.restore_done) {
+            whole = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        whole,
+        "the restore never finished: {:?}",
+        store.loss_report()
+    );
+    assert_eq!(metrics.store_losses.get(), 2);
 }
 
 /// A retirement counts among the writes of the replica that made it: a

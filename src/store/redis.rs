@@ -155,6 +155,12 @@ struct Inner {
     quarantine_until_ms: AtomicU64,
     /// A restore is running.
     recovering: AtomicBool,
+    /// The hash of the epoch the running restore writes under, once it has
+    /// taken one (0: no restore, or it has not reached its writes yet).
+    restore_epoch: AtomicU64,
+    /// A loss seen while a restore ran that the restore may not cover: it
+    /// runs again when it ends (see [`RedisStore::on_loss`]).
+    lost_again: Mutex<Option<(Loss, Option<String>)>>,
     /// The server's eviction count, as last read.
     evictions: eviction::EvictionWatch,
     report: Mutex<Option<LossReport>>,
@@ -255,6 +261,8 @@ impl RedisStore {
                 metrics,
                 quarantine_until_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
+                restore_epoch: AtomicU64::new(0),
+                lost_again: Mutex::new(None),
                 evictions: eviction::EvictionWatch::default(),
                 report: Mutex::new(None),
                 touches: dashmap::DashMap::default(),
@@ -425,7 +433,7 @@ impl RedisStore {
             .observe_own(sent, own, recovery::now_ms())
         {
             Observation::Lost(loss) => {
-                self.on_loss(loss.clone(), epoch.map(str::to_owned));
+                self.on_loss(loss.clone(), epoch.map(str::to_owned), Some(sent.epoch()));
                 Some(loss)
             }
             _ => None,
@@ -447,7 +455,7 @@ impl RedisStore {
             // A namespace nobody has used: its epoch is written at start.
             Observation::Fresh => {}
             Observation::Lost(loss) => {
-                self.on_loss(loss.clone(), epoch.map(str::to_owned));
+                self.on_loss(loss.clone(), epoch.map(str::to_owned), Some(sent.epoch()));
                 return Some(loss);
             }
         }
@@ -666,7 +674,7 @@ impl RedisStore {
         match info {
             Ok(info) => {
                 if let Some(keys) = self.inner.evictions.observe(&info) {
-                    self.on_loss(Loss::Evicted { keys }, None);
+                    self.on_loss(Loss::Evicted { keys }, None, None);
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot read Redis's eviction count"),
@@ -919,7 +927,7 @@ impl RedisStore {
         if self.quarantined() {
             self.quarantine(keys, &mut bindings).await?;
         } else if journaled.is_some_and(|j| self.lost_though_journaled(&j, &bindings)) {
-            self.on_loss(Loss::JournaledPinGone, None);
+            self.on_loss(Loss::JournaledPinGone, None, None);
             self.quarantine(keys, &mut bindings).await?;
         }
         if let Some(journal) = &self.inner.journal {

@@ -118,6 +118,13 @@ pub struct Snapshot {
     own_floor: u64,
 }
 
+impl Snapshot {
+    /// The hash of the epoch in force when the command left (0: none).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
 /// This replica's own write count in a reply (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnWrites {
@@ -248,6 +255,11 @@ impl Generation {
             loaded_legacy: if legacy { epoch } else { 0 },
             namespace: namespace.to_owned(),
         })
+    }
+
+    /// The hash of the epoch in force (0: none yet).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// The id of this replica's own write count key (`NS:writer:ID`).

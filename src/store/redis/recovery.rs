@@ -41,6 +41,9 @@ use crate::store::{Binding, Bindings, PinStore as _, StoreError};
 const NO_EXIT: &str = "store-lost";
 /// How many times a restore is tried before giving up.
 const RESTORE_ATTEMPTS: u32 = 60;
+/// How many restores run one after another, each for a loss seen during
+/// the one before, before giving up until the next loss.
+const RESTORES_IN_A_ROW: u32 = 10;
 /// How long after the namespace's generation was founded a replica without
 /// history waits before it serves ([`RedisStore::wait_out_founding`]): six
 /// background checks of the running replicas, each a round trip well under
@@ -168,20 +171,21 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A reply showed a loss: quarantine, and restore in the background.
-    pub(super) fn on_loss(&self, loss: Loss, seen_epoch: Option<String>) {
+    /// A loss was seen: quarantine, and restore in the background.
+    /// `sent_epoch` is the epoch (its hash) the command whose reply showed
+    /// it was sent under; `None` when no command's reply did (an eviction
+    /// count, a journal check).
+    ///
+    /// While a restore runs, replies to commands sent before it took its
+    /// epoch keep showing the loss it restores: they change nothing. A
+    /// loss it may not cover is kept for another restore once it ends (see
+    /// [`Self::lost_during_restore`]).
+    pub(super) fn on_loss(&self, loss: Loss, seen_epoch: Option<String>, sent_epoch: Option<u64>) {
         if self.inner.recovering.swap(true, Ordering::AcqRel) {
+            self.lost_during_restore(loss, seen_epoch, sent_epoch);
             return;
         }
-        let at = now_ms();
-        let until = at.saturating_add(self.inner.quarantine_ms);
-        self.inner
-            .quarantine_until_ms
-            .fetch_max(until, Ordering::Relaxed);
-        self.inner.metrics.store_losses.inc();
-        if let Some(cache) = &self.inner.cache {
-            cache.reset();
-        }
+        let until = self.start_quarantine();
         tracing::error!(
             %loss,
             quarantine = ?Duration::from_millis(self.inner.quarantine_ms),
@@ -190,7 +194,7 @@ impl RedisStore {
         );
         *self.inner.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(LossReport {
             what: loss.to_string(),
-            at_ms: at,
+            at_ms: now_ms(),
             quarantine_until_ms: until,
             restored: 0,
             quarantined: 0,
@@ -199,22 +203,122 @@ impl RedisStore {
         });
         let store = self.clone();
         self.inner.tasks.spawn(async move {
-            for attempt in 1..=RESTORE_ATTEMPTS {
-                match store.recover(&loss, seen_epoch.as_deref()).await {
-                    Ok(()) => break,
-                    // Refused for good: retrying cannot help (logged once).
-                    Err(_) if store.key_conflict().is_some() => break,
-                    Err(e) if attempt < RESTORE_ATTEMPTS => {
-                        tracing::warn!(error = %e, attempt, "restoring the pin store failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "restoring the pin store failed; giving up")
-                    }
+            store.restore_until_whole(loss, seen_epoch).await;
+        });
+    }
+
+    /// Starts (or prolongs) this replica's quarantine from now, counts the
+    /// loss and forgets the cached pins; returns the quarantine's end.
+    fn start_quarantine(&self) -> u64 {
+        let until = now_ms().saturating_add(self.inner.quarantine_ms);
+        self.inner
+            .quarantine_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+        self.inner.metrics.store_losses.inc();
+        if let Some(cache) = &self.inner.cache {
+            cache.reset();
+        }
+        until
+    }
+
+    /// A loss seen while a restore runs. The restore writes the whole
+    /// journal after it has taken its epoch, so a loss that happened
+    /// before that is covered. One that happened after may have taken pins
+    /// the restore had already written back (other replicas then find them
+    /// neither in Redis nor, once the quarantine ends, in any quarantine):
+    /// - a reply to a command sent under the restore's own epoch shows a
+    ///   loss of what was written under it;
+    /// - an eviction count or a journal check that cannot be placed in
+    ///   time counts once the restore has taken its epoch.
+    ///
+    /// Such a loss prolongs the quarantine at once and brings another
+    /// restore when this one ends.
+    fn lost_during_restore(&self, loss: Loss, seen_epoch: Option<String>, sent_epoch: Option<u64>) {
+        let restoring_under = self.inner.restore_epoch.load(Ordering::Acquire);
+        let after_the_restore_began_writing =
+            restoring_under != 0 && sent_epoch.is_none_or(|sent| sent == restoring_under);
+        if !after_the_restore_began_writing {
+            return;
+        }
+        {
+            let mut again = self
+                .inner
+                .lost_again
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if again.is_some() {
+                return;
+            }
+            *again = Some((loss.clone(), seen_epoch));
+        }
+        let until = self.start_quarantine();
+        self.update_report(|report| {
+            report.what = format!("{loss}, while the restore of an earlier loss ran");
+            report.at_ms = now_ms();
+            report.quarantine_until_ms = report.quarantine_until_ms.max(until);
+            report.restore_done = false;
+        });
+        tracing::error!(
+            %loss,
+            "the Redis pin store lost data again while this replica restored it: the quarantine \
+             starts again, and the restore runs again when this one ends"
+        );
+    }
+
+    /// Restores after `loss`, then again for every loss seen meanwhile
+    /// that the restore may not cover (at most [`RESTORES_IN_A_ROW`]).
+    async fn restore_until_whole(&self, mut loss: Loss, mut seen_epoch: Option<String>) {
+        for round in 1..=RESTORES_IN_A_ROW {
+            self.restore_with_retries(&loss, seen_epoch.as_deref())
+                .await;
+            self.inner.restore_epoch.store(0, Ordering::Release);
+            // Cleared before the check below: a loss seen from here on
+            // starts a restore of its own.
+            self.inner.recovering.store(false, Ordering::Release);
+            let again = self
+                .inner
+                .lost_again
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let Some((next, next_seen)) = again else {
+                return;
+            };
+            if self.inner.recovering.swap(true, Ordering::AcqRel) {
+                // A restore of a loss seen just now started meanwhile; it
+                // writes the whole journal too.
+                return;
+            }
+            if round == RESTORES_IN_A_ROW {
+                tracing::error!(
+                    restores = RESTORES_IN_A_ROW,
+                    "Redis lost data during every restore; giving up until the next loss is seen \
+                     (the quarantine goes on): check its memory and persistence"
+                );
+                self.inner.recovering.store(false, Ordering::Release);
+                return;
+            }
+            loss = next;
+            seen_epoch = next_seen;
+        }
+    }
+
+    /// One restore, tried up to [`RESTORE_ATTEMPTS`] times.
+    async fn restore_with_retries(&self, loss: &Loss, seen_epoch: Option<&str>) {
+        for attempt in 1..=RESTORE_ATTEMPTS {
+            match self.recover(loss, seen_epoch).await {
+                Ok(()) => return,
+                // Refused for good: retrying cannot help (logged once).
+                Err(_) if self.key_conflict().is_some() => return,
+                Err(e) if attempt < RESTORE_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "restoring the pin store failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "restoring the pin store failed; giving up")
                 }
             }
-            store.inner.recovering.store(false, Ordering::Release);
-        });
+        }
     }
 
     /// Replaces the epoch `seen` (`None`: the server has none) with a new
@@ -336,6 +440,11 @@ impl RedisStore {
                 self.replace_epoch(known.as_deref()).await?;
             }
         }
+        // From here on the journal is written under this epoch: a loss of
+        // it is one this restore may not cover (see `lost_during_restore`).
+        self.inner
+            .restore_epoch
+            .store(self.inner.generation.epoch(), Ordering::Release);
         let hash_key = *self
             .inner
             .hash_key
