@@ -7,9 +7,12 @@
 
 use crate::support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::Setup;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// One exit whose idle connections are capped at `cap` and never time out.
@@ -111,4 +114,138 @@ async fn connections_reused_within_the_last_second_are_not_closed_for_the_cap() 
     // Left idle, the excess goes as before.
     assert_tunnels_fall_to(exit, CAP).await;
     s.stop().await;
+}
+
+/// An origin may answer a request before its body has arrived (a 413, a
+/// redirect, a 401) and keep the connection: until the client has sent the
+/// rest, the upstream connection is busy writing that body. Another request
+/// must not wait behind the upload (until the response-head timeout, then
+/// 504): it takes a connection of its own, and the busy one serves again
+/// once its body is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_uploading_after_an_early_answer_is_not_handed_on() {
+    const LENGTH: usize = 1_000_000;
+    const SENT_FIRST: usize = 1024;
+    let origin = EarlyAnswerOrigin::start().await;
+    let s = Setup::builder()
+        .exit_url("local", "direct://127.0.0.4")
+        .config(|c| c.timeouts.response_head = Duration::from_secs(3))
+        .start()
+        .await;
+    let target = format!("127.0.0.1:{}", origin.port);
+
+    // An upload: its head and first kilobyte sent, the rest held back.
+    let mut upload = tokio::net::TcpStream::connect(s.proxy.client.proxy)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST http://{target}/upload HTTP/1.1\r\nHost: {target}\r\nContent-Length: {LENGTH}\r\n\r\n"
+    );
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&[b'x'; SENT_FIRST]).await.unwrap();
+    // Its answer has no body: pinproxy is done with the response once the
+    // head is out, before the client reads it.
+    let answer = support::client::read_head(&mut upload).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // Another request to the same origin on the same (anonymous) lane.
+    let mut other = s.proxy.client.plain("127.0.0.1", origin.port).await;
+    let started = Instant::now();
+    let reply = other.get("/", &[]).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.body.as_str()),
+        (200, "ok"),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        reply.pinproxy_error()
+    );
+    assert_eq!(origin.accepted(), 2, "the upload's connection was busy");
+
+    // The rest of the upload, then a request on the upload's own client
+    // connection: served by a pooled connection, none dialled anew.
+    upload
+        .write_all(&vec![b'x'; LENGTH - SENT_FIRST])
+        .await
+        .unwrap();
+    let request = format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    upload.write_all(request.as_bytes()).await.unwrap();
+    let answer = support::client::read_head(&mut upload).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(origin.accepted(), 2);
+    s.stop().await;
+}
+
+/// A plain-HTTP keep-alive origin that answers each request as soon as its
+/// head has arrived: `413` (no body) to a POST, before a byte of its body,
+/// which it then reads and discards; `200 ok` to anything else.
+struct EarlyAnswerOrigin {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EarlyAnswerOrigin {
+    async fn start() -> EarlyAnswerOrigin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(EarlyAnswerOrigin::serve(tcp));
+            }
+        });
+        EarlyAnswerOrigin {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    /// One connection: heads answered as they arrive, bodies skipped.
+    async fn serve(mut tcp: tokio::net::TcpStream) {
+        let (mut pending, mut skip) = (Vec::new(), 0usize);
+        let mut chunk = vec![0u8; 64 * 1024];
+        // Bounded: a test sends a few requests and one upload.
+        for _ in 0..10_000 {
+            let n = match tcp.read(&mut chunk).await {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            };
+            let skipped = skip.min(n);
+            skip -= skipped;
+            pending.extend_from_slice(&chunk[skipped..n]);
+            while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                pending.drain(..end + 4);
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let answer: &[u8] = if head.starts_with("post ") {
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                };
+                if tcp.write_all(answer).await.is_err() {
+                    return;
+                }
+                let now = length.min(pending.len());
+                pending.drain(..now);
+                skip = length - now;
+            }
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EarlyAnswerOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -6,7 +6,10 @@
 //! does) or a stack of idle HTTP/1.1 connections. When the client offers
 //! HTTP/2, concurrent first requests to an origin wait for one dial, so the
 //! origin sees one connection, not a burst. An HTTP/1.1 connection goes back
-//! to the stack when its response body has been read to the end.
+//! to the stack when its response body has been read to the end, and its
+//! request body written: an origin may answer (a 413, a redirect) before an
+//! upload is over, and a request handed to the connection meanwhile would
+//! wait behind the upload.
 //!
 //! A request that finds its connection closed before it was written is
 //! retried once on a new connection; nothing is retried once written.
@@ -117,8 +120,7 @@ struct ParkedH1 {
 
 /// An idle HTTP/1.1 connection.
 enum IdleH1 {
-    /// Its hyper connection runs (idle less than [`PARK_AFTER`], or busy
-    /// finishing a request body the origin answered early).
+    /// Its hyper connection runs (idle less than [`PARK_AFTER`]).
     Live(H1Conn),
     /// Parked.
     Parked(ParkedH1),
@@ -473,6 +475,7 @@ impl LanePool {
         }
         for_h1(&mut request, origin);
         conn.framing.request(request.method());
+        let uploads = !request.body().is_end_stream();
         match conn.sender.try_send_request(request).await {
             Ok(response) => {
                 let info = conn.info.clone();
@@ -480,6 +483,7 @@ impl LanePool {
                     pool: Arc::downgrade(self),
                     origin: origin.clone(),
                     conn: Some(conn),
+                    uploads,
                 };
                 let response = response.map(|body| {
                     UpstreamBody::Pooled(PooledBody {
@@ -773,13 +777,44 @@ struct GiveBack {
     pool: Weak<LanePool>,
     origin: Origin,
     conn: Option<H1Conn>,
+    /// Whether its request had a body to write.
+    uploads: bool,
 }
 
 impl GiveBack {
+    /// The response is over. hyper's connection asks for its next request
+    /// once the request body is written too; until then a request handed
+    /// to it would wait behind an upload the origin answered early (up to
+    /// the response-head timeout, then 504). Such a connection goes back
+    /// when it asks, or not at all if it does not within the idle timeout
+    /// (hyper closes it once the body ends). A request without a body is
+    /// written whole before its answer: its connection goes back at once,
+    /// and the next request's wait for it (`send_h1`) is hyper's own
+    /// bookkeeping, not an upload.
     fn now(&mut self) {
-        if let (Some(pool), Some(conn)) = (self.pool.upgrade(), self.conn.take()) {
+        let (Some(pool), Some(mut conn)) = (self.pool.upgrade(), self.conn.take()) else {
+            return;
+        };
+        if !self.uploads || conn.sender.is_ready() {
             pool.give_back(self.origin.clone(), conn);
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (weak, origin, wait) = (
+            self.pool.clone(),
+            self.origin.clone(),
+            pool.limits.idle_timeout,
+        );
+        drop(pool);
+        runtime.spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(wait, conn.sender.ready()).await {
+                if let Some(pool) = weak.upgrade() {
+                    pool.give_back(origin, conn);
+                }
+            }
+        });
     }
 }
 
