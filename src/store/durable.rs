@@ -649,6 +649,12 @@ mod tests {
                 .record_exit_death(&ExitId::new("e2"), 1500)
                 .await
                 .unwrap();
+            // An older death recorded later (an import of an older
+            // export) changes nothing.
+            store
+                .record_exit_death(&ExitId::new("e2"), 1200)
+                .await
+                .unwrap();
             store
                 .retire(
                     ident.id,

@@ -263,8 +263,16 @@ fn apply(
                     }
                 },
                 Change::ExitDeath(exit, at) => {
+                    // The latest death, as memory keeps it: an older one
+                    // recorded later (an import of an older export) must
+                    // not undo it at the next start.
+                    let stored = deaths
+                        .get(exit.as_str())
+                        .map_err(|e| e.to_string())?
+                        .map(|value| value.value());
+                    let latest = stored.map_or(*at, |stored| stored.max(*at));
                     deaths
-                        .insert(exit.as_str(), at)
+                        .insert(exit.as_str(), latest)
                         .map_err(|e| e.to_string())?;
                 }
                 Change::Compact | Change::Close => {}
