@@ -497,14 +497,22 @@ impl PinStore for MemoryStore {
         // retirement and its first egress address, and the latest use
         // wins; an older export never brings back an identity that was
         // evicted or invalidated since.
-        // (Read, then written: imports are the only writers of known ids.)
-        match self.identity(identity.id) {
-            None => self.insert_identity(identity),
-            Some(mut known) => {
-                known.retired = known.retired.or_else(|| identity.retired.clone());
+        // Merged under the entry's lock: a retirement, a use or an egress
+        // address recorded meanwhile by a request (the Redis store's
+        // journal merges every identity it is handed) is never written
+        // over. (The interning below takes the exits' and fingerprints'
+        // locks under this one, in the order the sweep takes them.)
+        match self.identities.entry(identity.id) {
+            Entry::Vacant(slot) => {
+                slot.insert(self.identity_record(identity));
+            }
+            Entry::Occupied(mut slot) => {
+                let known = slot.get_mut();
+                if known.retired.is_none() {
+                    known.retired = identity.retired.clone().map(Box::new);
+                }
                 known.egress_ip = known.egress_ip.or(identity.egress_ip);
                 known.last_used_ms = known.last_used_ms.max(identity.last_used_ms);
-                self.insert_identity(&known);
             }
         }
         Ok(())
@@ -646,6 +654,56 @@ mod tests {
     fn with_agent(agent: &str) -> Identity {
         let fingerprint = Fingerprint::of_user_agent(agent);
         Identity::new(ExitId::new("e1"), SessionId(1), 10, fingerprint, 10)
+    }
+
+    /// The Redis store's journal merges every identity it is handed while
+    /// requests retire identities: a retirement made between the merge's
+    /// reading and its writing was lost (a race; the rounds make it show).
+    #[test]
+    fn a_merge_never_undoes_a_retirement_made_meanwhile() {
+        use crate::identity::{RetireReason, Retirement};
+        const ROUNDS: usize = 20_000;
+        fn run<F: std::future::Future>(future: F) -> F::Output {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(future)
+        }
+        let store = Arc::new(MemoryStore::new());
+        let identities: Vec<Identity> = (0..ROUNDS).map(|_| with_agent("agent/1")).collect();
+        run(async {
+            for identity in &identities {
+                store.create_identity(identity).await.unwrap();
+            }
+        });
+        let retirement = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 20,
+        };
+        let retiring = {
+            let (store, ids) = (
+                store.clone(),
+                identities.iter().map(|i| i.id).collect::<Vec<_>>(),
+            );
+            std::thread::spawn(move || {
+                run(async {
+                    for id in ids {
+                        store.retire(id, &retirement).await.unwrap();
+                    }
+                })
+            })
+        };
+        run(async {
+            for identity in &identities {
+                store.create_identity(identity).await.unwrap();
+            }
+        });
+        retiring.join().unwrap();
+        let live = identities
+            .iter()
+            .filter(|i| store.identity(i.id).is_some_and(|i| i.retired.is_none()))
+            .count();
+        assert_eq!(live, 0, "retirements undone by a merge");
     }
 
     #[tokio::test]
