@@ -378,28 +378,46 @@ impl Store {
         }
     }
 
-    /// Whether the store is answering (only a remote store can be down).
+    /// Whether the store answers and records: Redis reachable, the embedded
+    /// store's writer still writing (see [`Store::unavailable_because`]).
     pub fn available(&self) -> bool {
         match self {
             Store::Redis(store) => store.is_available(),
-            Store::Memory(_) | Store::Durable(_) => true,
+            Store::Durable(store) => store.write_failure().is_none(),
+            Store::Memory(_) => true,
         }
     }
 
-    /// Why requests are refused while the store is not [`available`]:
-    /// `None` while it is.
+    /// Why the store is not [`available`], for readiness and the admin
+    /// pages: `None` while it is.
     ///
     /// [`available`]: Store::available
+    pub fn unavailable_because(&self) -> Option<String> {
+        match self {
+            Store::Durable(store) => store.write_failure().map(|failure| {
+                format!(
+                    "a write failed ({failure}); it records nothing more, so new pins are \
+                     refused until pinproxy restarts once the disk is fixed"
+                )
+            }),
+            _ if self.available() => None,
+            _ => Some("it is not answering".to_owned()),
+        }
+    }
+
+    /// Why every request that needs the store is refused before it is
+    /// routed: `None` unless Redis is out of reach. (An embedded store
+    /// whose writer stopped still answers what it holds; each change it can
+    /// no longer record fails on its own, `WriteFailed`.)
     pub fn refusal(&self) -> Option<StoreError> {
-        if self.available() {
+        let Store::Redis(store) = self else {
+            return None;
+        };
+        if store.is_available() {
             return None;
         }
-        let conflict = match self {
-            Store::Redis(store) => store.key_conflict(),
-            Store::Memory(_) | Store::Durable(_) => None,
-        };
-        Some(match conflict {
-            Some(conflict) => StoreError::new(StoreErrorKind::KeyConflict, conflict),
+        Some(match store.key_conflict() {
+            Some(conflict) => StoreError::new(StoreErrorKind::KeyConflict, conflict.to_owned()),
             None => StoreError::new(StoreErrorKind::Unreachable, "it is not answering"),
         })
     }

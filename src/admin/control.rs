@@ -189,14 +189,13 @@ fn cross_site<B>(request: &Request<B>) -> Option<Response<Body>> {
 /// `GET /readyz`.
 async fn ready(admin: &Admin) -> Response<Body> {
     let store = admin.router.store();
-    let answers = if store.available() {
-        match tokio::time::timeout(STORE_CHECK, store.exit_deaths()).await {
+    let answers = match store.unavailable_because() {
+        None => match tokio::time::timeout(STORE_CHECK, store.exit_deaths()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {STORE_CHECK:?}")),
-        }
-    } else {
-        Err("it is not answering".to_owned())
+        },
+        Some(why) => Err(why),
     };
     if let Err(why) = answers {
         return text(

@@ -86,6 +86,9 @@ struct Shared {
     /// handed out, nothing is in flight and a lookup need not look for its
     /// records among the pending ones.
     durable_through: AtomicU64,
+    /// Makes every write fail (tests of what follows a failed write).
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 /// A change numbered (its record marked in flight) and not queued yet.
@@ -344,7 +347,17 @@ impl DurableStore {
         self.queue
             .send(Queued { seq, change })
             .map(|()| seq)
-            .map_err(|_| StoreError::new(StoreErrorKind::Closed, "the embedded store is closed"))
+            .map_err(|_| match self.write_failure() {
+                Some(failure) => StoreError::new(StoreErrorKind::WriteFailed, failure),
+                None => StoreError::new(StoreErrorKind::Closed, "the embedded store is closed"),
+            })
+    }
+
+    /// Why the writer stopped, if a write failed: it writes nothing more,
+    /// so every change from then on (a new pin, a retirement) is refused
+    /// until pinproxy restarts; what is on disk is still answered.
+    pub fn write_failure(&self) -> Option<String> {
+        self.committed.borrow().failure.clone()
     }
 
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {
@@ -682,6 +695,62 @@ mod tests {
             store.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 1500)]
         );
+    }
+
+    /// After a failed write the writer stops: every change from then on is
+    /// refused as a failed write (with the cause, never "shutting down"),
+    /// the store reports itself unavailable (readiness), and what it holds
+    /// on disk is still answered, since requests are not refused blindly.
+    #[tokio::test]
+    async fn a_failed_write_is_said_and_seen_by_readiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(&dir.path().join(STORE_FILE)).unwrap();
+        let ident = identity(1000);
+        let (kept, first, second) = (
+            PinKey::from_bytes([1; 16]),
+            PinKey::from_bytes([2; 16]),
+            PinKey::from_bytes([3; 16]),
+        );
+        store.create_identity(&ident).await.unwrap();
+        store.pin_if_absent(kept, &pin(&ident)).await.unwrap();
+        let store = crate::store::Store::Durable(store);
+        assert!(store.available());
+        assert!(store.unavailable_because().is_none());
+
+        let crate::store::Store::Durable(durable) = &store else {
+            unreachable!()
+        };
+        durable.shared.fail_writes.store(true, Ordering::Relaxed);
+        let stopped = || {
+            durable
+                .writer
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_none_or(|w| w.is_finished())
+        };
+        for key in [first, second] {
+            let refused = store.pin_if_absent(key, &pin(&ident)).await.unwrap_err();
+            assert_eq!(refused.kind, StoreErrorKind::WriteFailed, "{refused}");
+            assert!(refused.to_string().contains("injected"), "{refused}");
+            // The second is refused by a writer gone (bounded wait).
+            for _ in 0..500 {
+                if stopped() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(stopped());
+        }
+        assert!(!store.available());
+        let why = store.unavailable_because().unwrap();
+        assert!(why.contains("injected") && why.contains("restart"), "{why}");
+        assert!(
+            store.refusal().is_none(),
+            "requests are not refused blindly"
+        );
+        let found = store.lookup(&[kept]).await.unwrap();
+        assert_eq!(found[0].as_ref().map(|b| b.pin.identity), Some(ident.id));
     }
 
     /// A store records the pin key its pins are hashed with: written

@@ -134,7 +134,15 @@ pub(super) fn write_loop(
             known: &mut known,
             refs: &mut refs,
         };
-        match apply(&db, &shared, &group, &dirty, durable, &mut fingerprints) {
+        #[cfg(test)]
+        let written = if shared.fail_writes.load(Ordering::Relaxed) {
+            Err("injected write failure".to_owned())
+        } else {
+            apply(&db, &shared, &group, &dirty, durable, &mut fingerprints)
+        };
+        #[cfg(not(test))]
+        let written = apply(&db, &shared, &group, &dirty, durable, &mut fingerprints);
+        match written {
             Ok(()) => {
                 let before = done.through;
                 // `Close` carries no number.
