@@ -19,7 +19,7 @@ need chromium chromium
 need curl curl
 need python3 python3
 need node nodejs
-# Python requests from Debian's package, for Debian's interpreter: the tests
+# Python requests from Debian's package, for Debian's interpreter: some tests
 # run /usr/bin/python3, whatever python3 comes first on PATH (a pyenv one may
 # have requests of its own, which says nothing about Debian's).
 /usr/bin/python3 -c 'import requests' 2>/dev/null || missing+=(python3-requests)
@@ -30,6 +30,13 @@ if ((${#missing[@]})); then
     echo "installing test dependencies: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Some tests run the first python3 on PATH as well (a pyenv build links an
+# OpenSSL of its own, another client to be seen through pinproxy): it needs
+# requests too, from PyPI when it is not Debian's.
+if ! python3 -c 'import requests' 2>/dev/null; then
+    echo "installing Python requests for $(command -v python3)"
+    python3 -m pip install --quiet --disable-pip-version-check requests
 fi
 
 # A whole-suite run gains little from incremental compilation, whose cache

@@ -28,7 +28,10 @@ async fn gateway_setup(gateway: Gateway) -> Setup {
 
 #[tokio::test]
 async fn exit_ip_drift_after_an_idle_pause_retires_the_identity_before_its_cookie_leaves() {
-    let idle = Duration::from_millis(300);
+    // Long enough that the login's tunnel and the first page's (a TLS
+    // handshake and a durable pin between them) fall within it on a loaded
+    // machine.
+    let idle = Duration::from_secs(2);
     let s = gateway_setup(Gateway::new(
         &["127.0.0.2", "127.0.0.3", "127.0.0.4"],
         Some(idle),
@@ -208,16 +211,8 @@ async fn an_identity_whose_first_tunnels_leave_from_two_addresses_retires() {
     let mut h1 = s.proxy.client.tunnel("localhost", port).await;
     let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
     // The first request founds the identity and is held at the origin...
-    let held = tokio::spawn(async move {
-        h1.get("/pause?head_ms=1500", &[("x-pinproxy-session", key)])
-            .await
-    });
-    for _ in 0..200 {
-        if !s.origin.seen().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let held = tokio::spawn(async move { h1.get("/held", &[("x-pinproxy-session", key)]).await });
+    s.origin.wait_for("/held").await;
     assert_eq!(
         s.origin.seen().len(),
         1,
@@ -225,6 +220,7 @@ async fn an_identity_whose_first_tunnels_leave_from_two_addresses_retires() {
     );
     // ...while the second opens the identity's HTTP/2 connection.
     let second = h2.get("/page", &[("x-pinproxy-session", key)]).await;
+    s.origin.release_held(1);
     let first = held.await.unwrap();
     assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200));
     let peers: std::collections::HashSet<_> = s.origin.seen().iter().map(|r| r.peer).collect();

@@ -211,21 +211,25 @@ async fn a_slowloris_does_not_starve_a_well_behaved_client() {
         .await;
     let proxy = s.proxy.daemon.local_addr();
     let origin_port = s.origin.http.port();
-    let attack_ends = Instant::now() + Duration::from_secs(12);
+    // The attack goes on until the good client is done and every attacker
+    // has been cut off once (a flag), and at most 90 s.
+    let attack_ends = Instant::now() + Duration::from_secs(90);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cut_off = Arc::new(AtomicUsize::new(0));
     let mut attackers = Vec::new();
     for _ in 0..ATTACKERS {
-        let cut_off = cut_off.clone();
+        let (cut_off, stop) = (cut_off.clone(), stop.clone());
+        let attack_on = move || !stop.load(Ordering::Relaxed) && Instant::now() < attack_ends;
         attackers.push(tokio::spawn(async move {
             // Bounded: until the attack ends, reconnecting when cut off.
-            while Instant::now() < attack_ends {
+            while attack_on() {
                 let Ok(mut tcp) = connect_from("127.0.0.50", proxy).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 let head = format!("GET http://localhost:{origin_port}/slow HTTP/1.1\r\nX-Slow: ");
                 let mut bytes = head.into_bytes().into_iter().chain(std::iter::repeat(b'a'));
-                while Instant::now() < attack_ends {
+                while attack_on() {
                     let byte = [bytes.next().unwrap()];
                     if tcp.write_all(&byte).await.is_err() {
                         cut_off.fetch_add(1, Ordering::Relaxed);
@@ -259,6 +263,11 @@ async fn a_slowloris_does_not_starve_a_well_behaved_client() {
     }
     let during = started.elapsed();
     let attack_still_on = Instant::now() < attack_ends;
+    // Every attacker cut off at least once (bounded by the attack's end).
+    while cut_off.load(Ordering::Relaxed) < ATTACKERS && Instant::now() < attack_ends {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
     for attacker in attackers {
         attacker.await.unwrap();
     }

@@ -218,18 +218,21 @@ impl Conn {
 
     /// Sends a request and reads the whole reply.
     pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
-        self.sender.ready().await?;
-        let response = self.sender.send_request(request).await?;
-        let (parts, body) = response.into_parts();
-        let collected = body.collect().await?;
-        let trailers = collected.trailers().cloned();
-        let body = collected.to_bytes();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-            trailers,
+        within_answer_limit(async {
+            self.sender.ready().await?;
+            let response = self.sender.send_request(request).await?;
+            let (parts, body) = response.into_parts();
+            let collected = body.collect().await?;
+            let trailers = collected.trailers().cloned();
+            let body = collected.to_bytes();
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                trailers,
+            })
         })
+        .await
     }
 
     /// GET `path` with extra headers.
@@ -341,22 +344,38 @@ impl H2Conn {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        self.sender.ready().await.unwrap();
-        let response = self
-            .sender
-            .send_request(builder.body(Full::default()).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = response.into_parts();
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned();
-        let body = collected.to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-            trailers,
-        }
+        within_answer_limit(async {
+            self.sender.ready().await.unwrap();
+            let response = self
+                .sender
+                .send_request(builder.body(Full::default()).unwrap())
+                .await
+                .unwrap();
+            let (parts, body) = response.into_parts();
+            let collected = body.collect().await.unwrap();
+            let trailers = collected.trailers().cloned();
+            let body = collected.to_bytes();
+            Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                trailers,
+            }
+        })
+        .await
+    }
+}
+
+/// How long the test clients wait for a whole answer: far past anything a
+/// test waits for on purpose, so that a hang fails its test instead of
+/// holding the run until CI's own limit.
+const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(150);
+
+/// `exchange`, failing the test if it takes longer than [`ANSWER_LIMIT`].
+async fn within_answer_limit<T>(exchange: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(ANSWER_LIMIT, exchange).await {
+        Ok(done) => done,
+        Err(_) => panic!("no whole answer within {ANSWER_LIMIT:?}"),
     }
 }
 

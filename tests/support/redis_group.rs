@@ -67,6 +67,9 @@ impl RedisNode {
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--maxmemory-policy", "noeviction"])
+            // Redis 7 waits 5 s by default before a diskless full sync,
+            // for more replicas to join it: a replica here syncs at once.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(self.dir.path());
         if self.persistent {
@@ -173,9 +176,11 @@ impl RedisNode {
         assert!(status.success());
     }
 
-    /// Waits (bounded) until this replica has the primary's data.
+    /// Waits (at most 30 s: a loaded machine) until this replica has the
+    /// primary's data.
     pub async fn wait_in_sync(&self) {
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
             let info: String = self.command(&["INFO", "replication"]).await;
             if info.contains("master_link_status:up") {
                 return;
