@@ -217,7 +217,9 @@ async fn a_passed_through_tunnel_is_closed_once_nothing_moves_for_relay_idle() {
     let quiet = last.elapsed();
     assert!(ended.is_ok(), "the quiet tunnel was still open after 10 s");
     assert!(
-        quiet >= limit && quiet < Duration::from_secs(3),
+        // The relay counts from the last byte it moved, a moment before
+        // the client read it and took the time.
+        quiet + Duration::from_millis(100) >= limit && quiet < Duration::from_secs(3),
         "closed {quiet:?} after its last byte (relay_idle {limit:?})"
     );
     s.stop().await;

@@ -15,14 +15,47 @@ use support::origin::reported_peer;
 use support::procs::require;
 use support::Setup;
 
+/// How long one client process may take before its test fails.
+const CLIENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `command` to its end (killed after [`CLIENT_LIMIT`], failing the
+/// test: a client that hangs must not hold the run) and returns its output.
 fn run(command: &mut Command) -> String {
-    let output = command.output().expect("spawn");
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + CLIENT_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {CLIENT_LIMIT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
     assert!(
-        output.status.success(),
+        status.success(),
         "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&stderr)
     );
-    String::from_utf8(output.stdout).unwrap()
+    String::from_utf8(stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
