@@ -48,6 +48,8 @@ pub enum StoreErrorKind {
     /// The answer itself showed that the shared store lost data: nothing
     /// decided from it is used (the restore runs meanwhile).
     Lost,
+    /// The embedded store's disk has not confirmed a write in time.
+    Stalled,
 }
 
 impl StoreErrorKind {
@@ -60,6 +62,7 @@ impl StoreErrorKind {
             StoreErrorKind::Protocol => "unexpected answer",
             StoreErrorKind::KeyConflict => "pin-hashing key conflict",
             StoreErrorKind::Lost => "lost data",
+            StoreErrorKind::Stalled => "disk stalled",
         }
     }
 }
@@ -402,6 +405,16 @@ impl Store {
             }),
             _ if self.available() => None,
             _ => Some("it is not answering".to_owned()),
+        }
+    }
+
+    /// A live check that the store answers (readiness): a round trip to
+    /// Redis; for the embedded store, a write of nothing that its disk
+    /// confirms, as a pin's must be.
+    pub async fn answers(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Durable(store) => store.check_writes().await,
+            Store::Redis(_) | Store::Memory(_) => self.exit_deaths().await.map(drop),
         }
     }
 

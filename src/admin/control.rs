@@ -190,8 +190,8 @@ fn cross_site<B>(request: &Request<B>) -> Option<Response<Body>> {
 async fn ready(admin: &Admin) -> Response<Body> {
     let store = admin.router.store();
     let answers = match store.unavailable_because() {
-        None => match tokio::time::timeout(STORE_CHECK, store.exit_deaths()).await {
-            Ok(Ok(_)) => Ok(()),
+        None => match tokio::time::timeout(STORE_CHECK, store.answers()).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {STORE_CHECK:?}")),
         },

@@ -406,6 +406,11 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
             "The embedded pin store could not write (disk full or read-only?); it refuses new pins \
              until pinproxy is restarted after the disk is fixed."
         }
+        StoreErrorKind::Stalled => {
+            "The embedded pin store's disk has not confirmed a write in time (a hung or overloaded \
+             disk); pinproxy does not send a cookie whose pin is not on disk. Check the disk; \
+             requests go through again once it answers."
+        }
         StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
         StoreErrorKind::Corrupt => {
             "A stored record could not be read; pinproxy will not guess. Check the store \

@@ -23,6 +23,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::{DashMap, DashSet};
 use redb::Database;
@@ -49,6 +50,9 @@ enum Change {
     Pin(PinKey),
     ExitDeath(ExitId, u64),
     Compact,
+    /// Nothing to write: numbered and committed like a change, so that
+    /// waiting for it shows the writer and the disk answer (readiness).
+    Barrier,
     /// Write what is queued, then stop.
     Close,
 }
@@ -89,6 +93,9 @@ struct Shared {
     /// Makes every write fail (tests of what follows a failed write).
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicBool,
+    /// Holds the writer before each write (tests of a disk that hangs).
+    #[cfg(test)]
+    stall_writes: std::sync::atomic::AtomicBool,
 }
 
 /// A change numbered (its record marked in flight) and not queued yet.
@@ -134,7 +141,16 @@ pub struct DurableStore {
     committed: watch::Receiver<Committed>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    /// How long a request waits for the disk to confirm a write it needs
+    /// ([`CONFIRM_LIMIT`]).
+    confirm_limit: Duration,
 }
+
+/// How long a request waits for the disk to confirm the write of a pin or
+/// identity it needs before it is refused (`Stalled`): a hung disk (a stuck
+/// network mount, a dying drive) or a long compaction fails requests with
+/// its reason instead of holding them until the clients give up.
+const CONFIRM_LIMIT: Duration = Duration::from_secs(30);
 
 /// The store file could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +318,7 @@ impl DurableStore {
             committed,
             writer: Mutex::new(Some(writer)),
             path: path.to_owned(),
+            confirm_limit: CONFIRM_LIMIT,
         })
     }
 
@@ -332,7 +349,7 @@ impl DurableStore {
                     .and_modify(mark)
                     .or_insert(seq);
             }
-            Change::ExitDeath(..) | Change::Compact | Change::Close => {}
+            Change::ExitDeath(..) | Change::Compact | Change::Barrier | Change::Close => {}
         }
         Reserved {
             store: self,
@@ -364,25 +381,40 @@ impl DurableStore {
         self.reserve(change).send()
     }
 
-    /// Waits until everything up to `seq` is on disk.
+    /// Waits until everything up to `seq` is on disk (at most the confirm
+    /// limit).
     async fn durable(&self, seq: u64) -> Result<(), StoreError> {
         let mut committed = self.committed.clone();
-        let state = committed
-            .wait_for(|c| c.seq >= seq || c.failure.is_some())
-            .await
-            .map_err(|_| {
-                StoreError::new(
-                    StoreErrorKind::Closed,
-                    "the embedded store's writer stopped",
-                )
-            })?;
-        match &state.failure {
-            Some(failure) => Err(StoreError::new(
-                StoreErrorKind::WriteFailed,
-                failure.clone(),
+        let waited = tokio::time::timeout(self.confirm_limit, async {
+            committed
+                .wait_for(|c| c.seq >= seq || c.failure.is_some())
+                .await
+                .map(|state| state.failure.clone())
+        })
+        .await;
+        match waited {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(failure))) => Err(StoreError::new(StoreErrorKind::WriteFailed, failure)),
+            Ok(Err(_)) => Err(StoreError::new(
+                StoreErrorKind::Closed,
+                "the embedded store's writer stopped",
             )),
-            None => Ok(()),
+            Err(_) => Err(StoreError::new(
+                StoreErrorKind::Stalled,
+                format!(
+                    "the disk has not confirmed a write within {:?} ({})",
+                    self.confirm_limit,
+                    self.path.display()
+                ),
+            )),
         }
+    }
+
+    /// Whether the writer and the disk answer: a write of nothing, waited
+    /// for like a pin's (readiness).
+    pub async fn check_writes(&self) -> Result<(), StoreError> {
+        let seq = self.enqueue(Change::Barrier)?;
+        self.durable(seq).await
     }
 
     /// Waits until the records a lookup returned are on disk, if any is
@@ -751,6 +783,44 @@ mod tests {
         );
         let found = store.lookup(&[kept]).await.unwrap();
         assert_eq!(found[0].as_ref().map(|b| b.pin.identity), Some(ident.id));
+    }
+
+    /// A disk that hangs fails the requests waiting for it, with its
+    /// reason, instead of holding them; readiness sees it; once the disk
+    /// answers, what was written meanwhile is there.
+    #[tokio::test]
+    async fn a_hung_disk_is_said_and_seen_by_readiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DurableStore::open(&dir.path().join(STORE_FILE)).unwrap();
+        store.confirm_limit = std::time::Duration::from_millis(300);
+        let ident = identity(1000);
+        let (kept, waited) = (PinKey::from_bytes([1; 16]), PinKey::from_bytes([2; 16]));
+        store.create_identity(&ident).await.unwrap();
+        store.pin_if_absent(kept, &pin(&ident)).await.unwrap();
+        let store = crate::store::Store::Durable(store);
+        store.answers().await.unwrap();
+
+        let crate::store::Store::Durable(durable) = &store else {
+            unreachable!()
+        };
+        durable.shared.stall_writes.store(true, Ordering::Relaxed);
+        let refused = store.pin_if_absent(waited, &pin(&ident)).await.unwrap_err();
+        assert_eq!(refused.kind, StoreErrorKind::Stalled, "{refused}");
+        assert!(refused.to_string().contains("not confirmed"), "{refused}");
+        // A lookup of the pin in flight waits for the disk too.
+        let refused = store.lookup(&[waited]).await.unwrap_err();
+        assert_eq!(refused.kind, StoreErrorKind::Stalled, "{refused}");
+        assert_eq!(
+            store.answers().await.unwrap_err().kind,
+            StoreErrorKind::Stalled
+        );
+
+        durable.shared.stall_writes.store(false, Ordering::Relaxed);
+        store.answers().await.unwrap();
+        let found = store.lookup(&[kept, waited]).await.unwrap();
+        assert!(found
+            .iter()
+            .all(|b| b.as_ref().map(|b| b.pin.identity) == Some(ident.id)));
     }
 
     /// A store records the pin key its pins are hashed with: written

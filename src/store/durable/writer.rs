@@ -135,6 +135,13 @@ pub(super) fn write_loop(
             refs: &mut refs,
         };
         #[cfg(test)]
+        for _ in 0..10_000 {
+            if !shared.stall_writes.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        #[cfg(test)]
         let written = if shared.fail_writes.load(Ordering::Relaxed) {
             Err("injected write failure".to_owned())
         } else {
@@ -283,7 +290,7 @@ fn apply(
                         .insert(exit.as_str(), latest)
                         .map_err(|e| e.to_string())?;
                 }
-                Change::Compact | Change::Close => {}
+                Change::Compact | Change::Barrier | Change::Close => {}
             }
         }
     }
