@@ -317,6 +317,10 @@ pub struct ExitConfig {
     /// This exit's `upstream.fingerprint` (`mirror`, `chrome` or `rustls`),
     /// overriding the global one.
     pub fingerprint: Option<FingerprintMode>,
+    /// Keep the exit's identities when its URL, credentials or fingerprint
+    /// mode change under its id (a renamed gateway, a rotated password that
+    /// still reach the same IPs); otherwise they retire, `exit-changed`.
+    pub keep_identities_on_route_change: bool,
 }
 
 impl Default for ExitConfig {
@@ -334,6 +338,7 @@ impl Default for ExitConfig {
             anonymous_sessions: options.anonymous_sessions,
             socks_reply_is_egress: false,
             fingerprint: None,
+            keep_identities_on_route_change: false,
         }
     }
 }
@@ -1123,6 +1128,7 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
         anonymous_sessions: exit.anonymous_sessions.max(1),
         socks_reply_is_egress: exit.socks_reply_is_egress,
         fingerprint: exit.fingerprint.unwrap_or_default(),
+        keep_identities_on_route_change: exit.keep_identities_on_route_change,
     })
 }
 

@@ -23,6 +23,7 @@ use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::{PinHasher, PIN_KEY_FILE};
 use crate::exits::drain::DrainBook;
+use crate::exits::routes::{RouteBook, ROUTE_FILE};
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
 use crate::front::{self, FrontSettings, Frontend};
@@ -491,6 +492,22 @@ impl Daemon {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the drained exits; none is drained"),
         }
+        // The routes the exits had before: identities founded on a route
+        // that changed under its id retire (see `exits::routes`).
+        let routes = {
+            let dir = settings.data_dir.clone();
+            let book = tokio::task::spawn_blocking(move || RouteBook::load(&dir)).await?;
+            Arc::new(book.map_err(|source| StartError::DataDir {
+                path: settings.data_dir.join(ROUTE_FILE),
+                source,
+            })?)
+        };
+        if routes.reconcile(&exits, clock.now_ms()).1 {
+            let routes = routes.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || routes.save()).await? {
+                tracing::warn!(error = %e, "could not remember the exits' routes");
+            }
+        }
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         let router = Arc::new(Router::new(
@@ -573,7 +590,7 @@ impl Daemon {
             core,
             frontend.clone(),
             live_exits.clone(),
-            drains.clone(),
+            (drains.clone(), routes),
             (settings.clone(), build, loops),
             source,
         ));

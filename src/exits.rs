@@ -14,13 +14,14 @@
 
 pub mod drain;
 pub mod health;
+pub mod routes;
 pub mod scope;
 pub mod select;
 pub mod sessions;
 pub mod spec;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +53,10 @@ pub struct Exit {
     /// Drained by an operator: no new identities, no rotated traffic.
     /// Shared with the exit that replaces it on a reload.
     drained: Arc<AtomicBool>,
+    /// When its route last changed under its id (Unix ms, 0: never; see
+    /// [`routes`]): identities founded before then retire. Shared with the
+    /// exit that replaces it on a reload.
+    route_changed_ms: Arc<AtomicU64>,
     /// Its metrics, found once in the daemon's [`Metrics`] (see
     /// [`Exit::instruments`]).
     instruments: OnceLock<Arc<ExitInstruments>>,
@@ -71,8 +76,22 @@ impl Exit {
             health: Arc::new(health),
             sessions: Arc::new(sessions),
             drained: Arc::default(),
+            route_changed_ms: Arc::default(),
             instruments: OnceLock::new(),
         }
+    }
+
+    /// When its route last changed under its id, if it did (see [`routes`]).
+    pub fn route_changed_ms(&self) -> Option<u64> {
+        match self.route_changed_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Records that its route changed at `at_ms` (the latest change stands).
+    pub fn mark_route_changed(&self, at_ms: u64) {
+        self.route_changed_ms.fetch_max(at_ms, Ordering::AcqRel);
     }
 
     /// The exit's metrics in `metrics`, looked up by id on the first call
@@ -326,6 +345,7 @@ impl ExitBuild {
                     health: old.health.clone(),
                     sessions,
                     drained: old.drained.clone(),
+                    route_changed_ms: old.route_changed_ms.clone(),
                     instruments: old.instruments.clone(),
                 })
             })

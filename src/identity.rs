@@ -178,6 +178,10 @@ pub enum RetireReason {
     /// replica that missed writes) and no replica's journal had it, or two
     /// journals disagreed: it is never pinned anew.
     StoreLost,
+    /// Its exit's route (URL, credentials or fingerprint mode) changed under
+    /// the exit's id since it was founded: the new route may leave from
+    /// other IPs. (Last: stored records name variants by place.)
+    ExitChanged,
 }
 
 impl RetireReason {
@@ -195,6 +199,7 @@ impl RetireReason {
             RetireReason::Forgotten => "forgotten",
             RetireReason::CookieExpired => "cookie-expired",
             RetireReason::StoreLost => "store-lost",
+            RetireReason::ExitChanged => "exit-changed",
         }
     }
 }

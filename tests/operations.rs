@@ -419,7 +419,7 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
     assert!(r.origin.leaks().is_empty());
 
     // exit2's URL now leads elsewhere under the same id: applied, and said
-    // loudly (its identities continue through the new address).
+    // loudly (its identities retire: `identities_retire_when_...`).
     let text = std::fs::read_to_string(&r.config).unwrap().replacen(
         &format!("url = {:?}\n", r.urls[1].1),
         &format!("url = {:?}\n", r.urls[2].1),
@@ -429,9 +429,83 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
     let (status, body) = admin(r.admin_addr(), "POST", "/reload").await;
     assert_eq!(status, 200, "{body}");
     r.until_logged("no log line for the changed address", 1, |l| {
-        l.contains("exit address changed") && l.contains("exit2")
+        l.contains("exit route") && l.contains("changed") && l.contains("exit2")
     })
     .await;
+}
+
+/// The identity of `jar` is retired for its exit's new route: answered
+/// `502 identity-retired` (`exit-changed`) without reaching the origin.
+async fn assert_retired_for_the_new_route(s: &Setup, jar: &mut Jar) {
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = support::error_of(&reply);
+    assert!(
+        error.starts_with("identity-retired:") && error.contains("exit-changed"),
+        "{error}"
+    );
+    assert_eq!(s.origin.seen().len(), seen, "the cookie never left");
+}
+
+/// Identities refer to their exit by id. When the route behind an id
+/// changes (here two exits swap their URLs in one reload), the identities
+/// founded on the old route retire before any of their cookies leaves: the
+/// new route may leave from other IPs, and pinproxy cannot tell. New
+/// identities are founded on the new routes.
+#[tokio::test]
+async fn identities_retire_when_their_exit_s_route_changes_under_its_id() {
+    let s = Setup::start(2).await;
+    let (mut jar, _) = s.login("/login").await;
+    let mut config = s.proxy.config.clone();
+    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
+    config.exits[0].url = second;
+    config.exits[1].url = first;
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_retired_for_the_new_route(&s, &mut jar).await;
+    let (mut fresh, peer) = s.login("/login").await;
+    let page = s.get("/page", &mut fresh).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer))
+    );
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// A restart is a route change too: the book of routes in the data
+/// directory tells what the exit had before.
+#[tokio::test]
+async fn identities_retire_when_a_restart_points_their_exit_elsewhere() {
+    let s = Setup::start(2).await;
+    let (mut jar, earned) = s.login("/login").await;
+    let i = s.exit_of(earned);
+    let elsewhere = s.proxy.config.exits[1 - i].url.clone();
+    let s = s.restart_with(move |c| c.exits[i].url = elsewhere).await;
+    assert_retired_for_the_new_route(&s, &mut jar).await;
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// The fingerprint mode is part of an exit's route (an identity is one
+/// face as well as one IP); `keep_identities_on_route_change` is how an
+/// operator who knows the new route is the same pool keeps them.
+#[tokio::test]
+async fn a_fingerprint_change_retires_identities_unless_the_exit_keeps_them() {
+    let s = Setup::start(1).await;
+    let (mut kept, _) = s.login("/login").await;
+    let mut config = s.proxy.config.clone();
+    config.exits[0].fingerprint = Some(FingerprintMode::Rustls);
+    config.exits[0].keep_identities_on_route_change = true;
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_eq!(s.get("/page", &mut kept).await.status, 200);
+
+    config.exits[0].fingerprint = Some(FingerprintMode::Chrome);
+    config.exits[0].keep_identities_on_route_change = false;
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_retired_for_the_new_route(&s, &mut kept).await;
+    // Unchanged from here on: a reload changes nothing more.
+    let (mut fresh, _) = s.login("/login").await;
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_eq!(s.get("/page", &mut fresh).await.status, 200);
 }
 
 /// `store.url` is read at start only, and so is what follows from it: a

@@ -27,6 +27,7 @@ use crate::config::{Config, ConfigError, Settings};
 use crate::credential::PinHasher;
 use crate::exits::drain::DrainBook;
 use crate::exits::health::Thresholds;
+use crate::exits::routes::RouteBook;
 use crate::exits::{ExitBuild, ExitSet, LiveExits};
 use crate::front::Frontend;
 use crate::metrics::Metrics;
@@ -106,6 +107,8 @@ pub(super) struct Live {
     pub exits: Arc<LiveExits>,
     /// Drained exits remembered across restarts.
     pub drains: Arc<DrainBook>,
+    /// The exits' routes remembered across restarts (see `exits::routes`).
+    pub routes: Arc<RouteBook>,
     /// One reload at a time (the control plane only; requests never wait).
     applied: tokio::sync::Mutex<Applied>,
     /// The settings in force, for readers that must not wait.
@@ -127,16 +130,18 @@ impl Live {
         core: Core,
         frontend: Arc<Frontend>,
         exits: Arc<LiveExits>,
-        drains: Arc<DrainBook>,
+        books: (Arc<DrainBook>, Arc<RouteBook>),
         started: (Settings, ExitBuild, CancellationToken),
         source: ConfigSource,
     ) -> Live {
         let (settings, build, loops) = started;
+        let (drains, routes) = books;
         Live {
             core,
             frontend,
             exits,
             drains,
+            routes,
             settings: ArcSwap::from_pointee(settings.clone()),
             applied: tokio::sync::Mutex::new(Applied {
                 started: settings.clone(),
@@ -231,24 +236,19 @@ impl Live {
             }),
             restart_needed,
         };
-        // An exit whose address changed under its id keeps its identities
-        // (a gateway renamed, a password rotated), so their cookies now
-        // leave from wherever the new address leads: said loudly, since
-        // only the operator knows whether it is the same pool of IPs.
-        for exit in set.iter() {
-            let Some(old) = previous.get(exit.id()) else {
-                continue;
-            };
-            let (was, now) = (old.spec.redacted_url(), exit.spec.redacted_url());
-            if was != now {
-                tracing::warn!(
-                    exit = %exit.id(), was = %was, now = %now,
-                    "exit address changed under the same id: its identities continue through the new \
-                     address; if it is another pool of IPs, give the exit a new id (its identities \
-                     then retire, exit-removed)"
-                );
+        // An exit whose route changed under its id: the identities founded
+        // on the old route retire, unless the exit keeps them (see
+        // `exits::routes`); marked before the set is in force.
+        let (route_changes, book_changed) = self.routes.reconcile(&set, self.core.clock.now_ms());
+        if book_changed {
+            let routes = self.routes.clone();
+            match tokio::task::spawn_blocking(move || routes.save()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not remember the exits' routes"),
+                Err(e) => tracing::warn!(error = %e, "could not remember the exits' routes"),
             }
         }
+        let routes_retire = route_changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.
         if let Err(e) = self.core.router.sync_exit_deaths(&set).await {
@@ -270,7 +270,7 @@ impl Live {
             &self.core,
             &self.exits,
             &settings,
-            !report.removed.is_empty(),
+            !report.removed.is_empty() || routes_retire,
         );
         let forgot_drained = report.removed.iter().any(|id| {
             previous

@@ -48,6 +48,11 @@ pub struct ExitOptions {
     /// tunnel's egress address (true of servers that report their outgoing
     /// socket, such as microsocks; not of NATed gateways).
     pub socks_reply_is_egress: bool,
+    /// Keep the exit's identities when its route (URL, credentials,
+    /// fingerprint mode) changes under its id: the operator vouches that
+    /// the new route leaves from the same IPs (a renamed gateway, a rotated
+    /// password). Off, they retire (`exit-changed`); see `exits::routes`.
+    pub keep_identities_on_route_change: bool,
 }
 
 impl Default for ExitOptions {
@@ -62,6 +67,7 @@ impl Default for ExitOptions {
             anonymous_sessions: 8,
             socks_reply_is_egress: false,
             fingerprint: FingerprintMode::default(),
+            keep_identities_on_route_change: false,
         }
     }
 }
@@ -92,6 +98,25 @@ pub enum ExitUrlError {
 }
 
 impl ExitSpec {
+    /// What decides where the exit's traffic leaves from and how it looks,
+    /// as a short hash (a credential must not be kept in the clear): the
+    /// URL with its credentials (a provider may put the country or the
+    /// session in the user name or the password) and the fingerprint mode.
+    /// Two specs with one key reach the same IPs, as far as pinproxy can
+    /// tell; see `exits::routes`.
+    pub fn route_key(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"pinproxy exit route v1\n");
+        hasher.update(self.kind.redacted_url().as_bytes());
+        hasher.update(b"\n");
+        if let Some(credentials) = self.kind.credentials() {
+            hasher.update(credentials.password.as_bytes());
+        }
+        hasher.update(b"\n");
+        hasher.update(self.options.fingerprint.label().as_bytes());
+        hasher.finalize().to_hex()[..32].to_owned()
+    }
+
     /// The exit used when none is configured: direct egress, id `direct`.
     pub fn builtin_direct() -> ExitSpec {
         ExitSpec {

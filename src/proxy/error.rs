@@ -361,6 +361,11 @@ fn retired_advice(reason: &RetireReason) -> Cow<'static, str> {
              cannot be trusted to be the same."
         }
         RetireReason::ExitRemoved => "Its exit is no longer configured.",
+        RetireReason::ExitChanged => {
+            "Its exit's URL, credentials or fingerprint mode changed since it was founded, and the \
+             new route may leave from other IPs (keep_identities_on_route_change keeps identities \
+             when it does not)."
+        }
         RetireReason::StickyExpired => {
             "The exit's sticky-session window (sticky_ttl) has passed: the provider may have moved \
              the session to another IP."

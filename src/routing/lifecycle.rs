@@ -137,6 +137,12 @@ pub fn ends(
     {
         return Some(RetireReason::ExitDown);
     }
+    if exit
+        .route_changed_ms()
+        .is_some_and(|changed| changed >= identity.created_ms)
+    {
+        return Some(RetireReason::ExitChanged);
+    }
     let options = &exit.spec.options;
     if let Some(ttl) = options.sticky_ttl {
         if now.saturating_sub(identity.session_started_ms) >= crate::clock::duration_ms(ttl) {
