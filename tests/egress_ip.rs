@@ -235,3 +235,34 @@ async fn an_identity_whose_first_tunnels_leave_from_two_addresses_retires() {
     );
     s.stop().await;
 }
+
+/// An identity whose address is recorded is never sent through a tunnel
+/// that cannot be checked against it: a reload that takes the exit's
+/// `exit_ip_header` away (the route is the same, so the identity stays)
+/// leaves its next tunnel unchecked, and the request is refused rather
+/// than sent from wherever the session moved meanwhile.
+#[tokio::test]
+async fn a_recorded_address_is_still_required_when_the_exit_stops_stating_one() {
+    let s = gateway_setup(Gateway::new(&["127.0.0.2", "127.0.0.3"], None, 0.0, 1)).await;
+    let (mut jar, peer) = s.login("/login").await;
+    let page = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer))
+    );
+    let mut config = s.proxy.config.clone();
+    config.exits[0].exit_ip_header = None;
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    s.exits[0].gateway.as_ref().unwrap().move_all();
+    s.exits[0].close_tunnels();
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = error_of(&reply);
+    assert!(
+        error.starts_with("exit-ip-unknown:") && error.contains("states no address"),
+        "{error}"
+    );
+    assert_eq!(s.origin.seen().len(), seen, "the cookie never left");
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}

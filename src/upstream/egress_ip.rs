@@ -122,6 +122,18 @@ impl Dialer {
                     check.header.as_ref().map_or("", |h| h.as_str())
                 )))
             }
+            // The identity's address is known, but this exit no longer
+            // states one (its exit_ip_header, ip_echo or
+            // socks_reply_is_egress was taken away): the tunnel cannot be
+            // checked, and the identity is not sent through it blindly.
+            None if pinned.get().is_some() => {
+                return Err(ConnectError::ExitIpUnknown(format!(
+                    "the identity left from {} before, and the exit now states no address to \
+                     check this tunnel against (give it exit_ip_header, ip_echo or \
+                     socks_reply_is_egress again, or evict the identity)",
+                    pinned.get().map_or_else(String::new, ToString::to_string)
+                )))
+            }
             None => {}
         }
         Ok(observed)
