@@ -87,6 +87,20 @@ impl Pipeline {
             self.capture_sent_fingerprint(identity, tunnel, now);
         }
         let store = self.router.store();
+        // A tunnel that left from another address than the one recorded
+        // (a lane another replica opened before the address was recorded,
+        // whose first request then failed before recording its own): the
+        // identity has been seen from both, and retires.
+        if let (Some(recorded), Some(ip)) = (identity.egress_ip, egress_ip) {
+            if recorded != ip {
+                let reason = RetireReason::ExitIpDrift {
+                    expected: recorded,
+                    observed: ip,
+                };
+                self.router
+                    .retire_soon(self.exits.clone(), identity.clone(), reason);
+            }
+        }
         // The egress address only until one is recorded.
         if let Some(ip) = egress_ip.filter(|_| identity.egress_ip.is_none()) {
             match store.record_egress(identity.id, ip).await {
