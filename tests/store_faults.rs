@@ -117,3 +117,49 @@ async fn an_egress_address_the_store_cannot_take_withholds_the_answer() {
     assert_eq!(Setup::peer(&again), Some("127.0.0.2".parse().unwrap()));
     s.stop().await;
 }
+
+/// A retirement Redis cannot take at first (an origin's challenge while
+/// Redis refuses writes) is honoured by the process at once and stored
+/// once Redis takes writes again: after a restart the identity is still
+/// retired. Before, it was tried once and stayed in this process only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_the_store_refused_is_stored_when_it_can_be() {
+    let redis = RedisNode::volatile().await;
+    let url = redis.url();
+    let s = Setup::start_with(2, move |c| c.store.url = url).await;
+    let (mut jar, _) = s.login("/login").await;
+
+    refuse_writes(&redis, true).await;
+    let challenge = s.get("/challenge", &mut jar).await;
+    assert_eq!(challenge.status, 403, "{}", challenge.body);
+    let honoured = s.get("/page", &mut jar).await;
+    assert_eq!(honoured.status, 502, "{}", honoured.body);
+
+    refuse_writes(&redis, false).await;
+    // Bounded: the retries start half a second apart.
+    let mut stored = false;
+    for _ in 0..200 {
+        let ids: Vec<String> = redis.command(&["KEYS", "pinproxy:id:*"]).await;
+        let mut retired = ids.len() == 1;
+        for id in &ids {
+            let field: Option<Vec<u8>> = redis.command(&["HGET", id, "retired"]).await;
+            retired &= field.is_some_and(|f| !f.is_empty());
+        }
+        if retired {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(stored, "the retirement never reached Redis");
+
+    let s = s.restart().await;
+    let after = s.get("/page", &mut jar).await;
+    assert_eq!(after.status, 502, "{}", after.body);
+    let error = error_of(&after);
+    assert!(
+        error.starts_with("identity-retired:") && error.contains("datadome-challenge"),
+        "{error}"
+    );
+    s.stop().await;
+}

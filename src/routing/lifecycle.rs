@@ -18,6 +18,12 @@ use crate::identity::{Identity, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::PoolKey;
 
+/// How many times a retirement the store refused is tried (about ten
+/// minutes in all, see [`RETIRE_RETRY_MAX`]).
+const RETIRE_ATTEMPTS: u32 = 25;
+/// The longest wait between two of those tries.
+const RETIRE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 impl Router {
     /// Retires an identity: recorded in the store, its connections dropped,
     /// counted.
@@ -45,7 +51,11 @@ impl Router {
     }
 
     /// Retires an identity from code that cannot wait: routing sees the
-    /// retirement at once, the store gets it in the background.
+    /// retirement at once, the store gets it in the background. A store
+    /// that fails (Redis out of reach or refusing writes, a disk that
+    /// stalls) is asked again, further apart each time: until it is
+    /// stored, only this process honours the retirement, and a restart or
+    /// another replica would take the identity as live.
     pub fn retire_soon(
         self: &Arc<Self>,
         exits: Arc<ExitSet>,
@@ -55,13 +65,31 @@ impl Router {
         self.pending.insert(identity.id, reason.clone());
         let router = self.clone();
         self.tasks.spawn(async move {
-            match router.retire(&exits, &identity, reason).await {
-                Ok(()) => {
-                    router.pending.remove(identity.id);
-                }
-                // Left pending: routing keeps honouring it in this process.
-                Err(e) => {
-                    tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement")
+            let mut wait = Duration::from_millis(500);
+            for attempt in 1..=RETIRE_ATTEMPTS {
+                match router.retire(&exits, &identity, reason.clone()).await {
+                    Ok(()) => {
+                        router.pending.remove(identity.id);
+                        return;
+                    }
+                    // At shutdown, one try: the store closes next.
+                    Err(e) if attempt < RETIRE_ATTEMPTS && !router.tasks.is_closed() => {
+                        tracing::warn!(
+                            error = %e, identity = %identity.id, attempt,
+                            "could not store a retirement; trying again"
+                        );
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(RETIRE_RETRY_MAX);
+                    }
+                    // Left pending: routing keeps honouring it in this process.
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e, identity = %identity.id,
+                            "could not store a retirement; only this process honours it until it \
+                             restarts"
+                        );
+                        return;
+                    }
                 }
             }
         });
