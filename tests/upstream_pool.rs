@@ -249,3 +249,68 @@ impl Drop for EarlyAnswerOrigin {
         self.task.abort();
     }
 }
+
+/// An upstream HTTP/2 connection no request has taken for
+/// `timeouts.pool_idle` is let go, though its lane stays busy with other
+/// origins: a crawl through one lane kept one per host it ever visited
+/// (a socket and a tunnel at the exit each) as long as the origins did
+/// not close them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upstream_http2_connection_is_let_go_while_its_lane_is_busy() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| c.timeouts.pool_idle = Duration::from_secs(1))
+        .start()
+        .await;
+    let other = h2_origin(&s.origin.pki).await;
+    {
+        // Once to another origin, on the one anonymous lane.
+        let mut once = s.proxy.client.tunnel_h2("localhost", other.port()).await;
+        let reply = once.get("/", &[]).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.pinproxy_error());
+    }
+    let mut busy = s
+        .proxy
+        .client
+        .tunnel_h2("localhost", s.origin.https.port())
+        .await;
+    assert_eq!(busy.get("/", &[]).await.status, 200);
+    assert_eq!(s.exits[0].open_tunnels(), 2);
+    // The lane stays busy with the first origin (bounded: 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.exits[0].open_tunnels() > 1 && Instant::now() < deadline {
+        assert_eq!(busy.get("/", &[]).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(s.exits[0].open_tunnels(), 1, "the idle connection stayed");
+    s.stop().await;
+}
+
+/// Another HTTPS origin (HTTP/2 only, `200` to everything, with the test
+/// origin's certificate), on a port of its own; it never closes an idle
+/// connection. Ends with the test's runtime.
+async fn h2_origin(pki: &support::origin::TestPki) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"h2"]));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}

@@ -139,6 +139,9 @@ impl IdleH1 {
 #[derive(Default)]
 struct Conns {
     h2: Option<H2Conn>,
+    /// When a request last took the HTTP/2 connection: one no request has
+    /// taken for the idle timeout is let go (see `expire_idle`).
+    h2_taken: Option<Instant>,
     idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
@@ -219,6 +222,20 @@ impl LanePool {
     pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
         let mut origins = self.origins();
         for conns in origins.values_mut() {
+            // An HTTP/2 connection no request has taken for the idle
+            // timeout is let go, as an idle HTTP/1.1 one is closed: many
+            // origins never close one, and a crawl through one lane would
+            // keep one per host (a socket, a tunnel at the exit, its
+            // buffers) for the lane's life. hyper closes it once the
+            // streams still open on it end.
+            if conns.h2.is_some()
+                && conns
+                    .h2_taken
+                    .is_some_and(|taken| now.duration_since(taken) >= self.limits.idle_timeout)
+            {
+                conns.h2 = None;
+                conns.h2_taken = None;
+            }
             // Rebuilt in place (same element type: the allocation is reused).
             conns.idle = std::mem::take(&mut conns.idle)
                 .into_iter()
@@ -394,7 +411,10 @@ impl LanePool {
         if io.negotiated_h2() {
             let sender = self.handshake_h2(io).await?;
             let conn = H2Conn { sender, info };
-            self.origins().entry(origin.clone()).or_default().h2 = Some(conn.clone());
+            let mut origins = self.origins();
+            let conns = origins.entry(origin.clone()).or_default();
+            conns.h2 = Some(conn.clone());
+            conns.h2_taken = Some(Instant::now());
             return Ok(Checked::H2(conn));
         }
         if origin.https && self.offers_h2() {
@@ -542,7 +562,11 @@ impl LanePool {
 
 fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
     match &conns.h2 {
-        Some(conn) if !conn.sender.is_closed() => Some(conn.clone()),
+        Some(conn) if !conn.sender.is_closed() => {
+            let conn = conn.clone();
+            conns.h2_taken = Some(Instant::now());
+            Some(conn)
+        }
         Some(_) => {
             conns.h2 = None;
             None
