@@ -153,8 +153,15 @@ impl HitCache {
         }
     }
 
-    /// Stops answering for identity `id` (it was retired).
+    /// Stops answering for identity `id` (it was retired). Not marked while
+    /// no subscription is live: nothing answers then, and what a new one
+    /// answers is fetched after the retirement was stored. (Only the
+    /// subscription's loop prunes the marks: without this, a replica whose
+    /// subscription is refused kept one per retirement for good.)
     pub(super) fn retired(&self, id: IdentityId) {
+        if self.live.load(Ordering::Acquire) == 0 {
+            return;
+        }
         self.retired.insert(id, Instant::now());
     }
 
@@ -324,6 +331,18 @@ mod tests {
 
     fn key(n: u8) -> PinKey {
         PinKey::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn retirements_are_not_kept_while_no_subscription_is_live() {
+        let cache = HitCache::new(Duration::from_secs(1), u64::MAX);
+        for n in 0..1_000 {
+            cache.retired(IdentityId(n));
+        }
+        assert_eq!(cache.retired.len(), 0);
+        cache.open();
+        cache.retired(IdentityId(1));
+        assert_eq!(cache.retired.len(), 1);
     }
 
     #[test]
