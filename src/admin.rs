@@ -211,7 +211,8 @@ impl Admin {
 
     async fn metrics_text(&self) -> String {
         self.refresh_store_gauges().await;
-        for exit in self.exits.iter() {
+        let exits = self.exits.load();
+        for exit in exits.iter() {
             self.metrics
                 .exit_state
                 .get_or_create(&ExitLabel {
@@ -219,6 +220,8 @@ impl Admin {
                 })
                 .set(i64::from(exit.health.state().as_u8()));
         }
+        self.metrics
+            .keep_exit_gauges_of(exits.iter().map(|exit| exit.id().to_string()).collect());
         self.metrics.encode()
     }
 

@@ -358,6 +358,9 @@ pub struct Metrics {
     /// Read on every request of an identity: keyed by identity ids, random
     /// bits no client chooses, which are their own hash.
     last_status: DashMap<IdentityId, u16, RandomKeys>,
+    /// The exits the per-exit gauges were last set for (see
+    /// [`Metrics::keep_exit_gauges_of`]).
+    gauged_exits: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -592,7 +595,26 @@ impl Metrics {
             forwarded: OnceLock::new(),
             rules_seen: DashMap::new(),
             last_status: DashMap::default(),
+            gauged_exits: std::sync::Mutex::default(),
         }
+    }
+
+    /// Removes the per-exit gauges (`identities_alive`, `exit_state`) of
+    /// exits no longer among `current`, the exits the gauges were just set
+    /// for: a removed exit's series would keep its last values, and a
+    /// dashboard that sums them would count identities and states of exits
+    /// long gone.
+    pub fn keep_exit_gauges_of(&self, current: Vec<String>) {
+        let mut gauged = self
+            .gauged_exits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in gauged.iter().filter(|id| !current.contains(id)) {
+            let label = ExitLabel { exit: gone.clone() };
+            self.identities_alive.remove(&label);
+            self.exit_state.remove(&label);
+        }
+        *gauged = current;
     }
 
     /// Counts a handled request.

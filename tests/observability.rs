@@ -543,3 +543,33 @@ async fn a_client_hello_pinproxy_cannot_read_is_counted() {
     assert_eq!(sample(&text, series), Some(1.0), "{series} in\n{text}");
     s.stop().await;
 }
+
+/// A reload that removes an exit removes its gauges too: kept, they would
+/// report the identities and state of an exit long gone for the daemon's
+/// life, and a dashboard summing them would count them.
+#[tokio::test]
+async fn a_removed_exit_leaves_no_gauges_behind() {
+    let s = Setup::start(2).await;
+    s.login("/login").await;
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = admin::get(addr, "/metrics").await;
+    for exit in ["exit1", "exit2"] {
+        for gauge in ["pinproxy_identities_alive", "pinproxy_exit_state"] {
+            let series = format!("{gauge}{{exit=\"{exit}\"}}");
+            assert!(
+                sample(&text, &series).is_some(),
+                "{series} missing:\n{text}"
+            );
+        }
+    }
+    let mut config = s.proxy.config.clone();
+    config.exits.truncate(1);
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    let text = admin::get(addr, "/metrics").await;
+    for gauge in ["pinproxy_identities_alive", "pinproxy_exit_state"] {
+        let kept = format!("{gauge}{{exit=\"exit1\"}}");
+        let gone = format!("{gauge}{{exit=\"exit2\"}}");
+        assert!(sample(&text, &kept).is_some(), "{kept} missing:\n{text}");
+        assert!(sample(&text, &gone).is_none(), "{gone} stayed:\n{text}");
+    }
+}
