@@ -234,22 +234,31 @@ impl RedisStore {
     /// Such a loss prolongs the quarantine at once and brings another
     /// restore when this one ends.
     fn lost_during_restore(&self, loss: Loss, seen_epoch: Option<String>, sent_epoch: Option<u64>) {
-        let restoring_under = self.inner.restore_epoch.load(Ordering::Acquire);
-        let after_the_restore_began_writing =
-            restoring_under != 0 && sent_epoch.is_none_or(|sent| sent == restoring_under);
-        if !after_the_restore_began_writing {
-            return;
-        }
-        {
+        // Under the lock the restore's end takes too (`restore_until_whole`):
+        // a loss is either kept for the running restore, or finds it ended
+        // and starts one of its own; never neither.
+        let ended = {
             let mut again = self
                 .inner
                 .lost_again
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if again.is_some() {
-                return;
+            if self.inner.recovering.load(Ordering::Acquire) {
+                let restoring_under = self.inner.restore_epoch.load(Ordering::Acquire);
+                let after_the_restore_began_writing =
+                    restoring_under != 0 && sent_epoch.is_none_or(|sent| sent == restoring_under);
+                if !after_the_restore_began_writing || again.is_some() {
+                    return;
+                }
+                *again = Some((loss.clone(), seen_epoch.clone()));
+                false
+            } else {
+                true
             }
-            *again = Some((loss.clone(), seen_epoch));
+        };
+        if ended {
+            self.on_loss(loss, seen_epoch, sent_epoch);
+            return;
         }
         let until = self.start_quarantine();
         self.update_report(|report| {
@@ -271,33 +280,33 @@ impl RedisStore {
         for round in 1..=RESTORES_IN_A_ROW {
             self.restore_with_retries(&loss, seen_epoch.as_deref())
                 .await;
-            self.inner.restore_epoch.store(0, Ordering::Release);
-            // Cleared before the check below: a loss seen from here on
-            // starts a restore of its own.
-            self.inner.recovering.store(false, Ordering::Release);
-            let again = self
-                .inner
-                .lost_again
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            let Some((next, next_seen)) = again else {
+            let next = {
+                let mut again = self
+                    .inner
+                    .lost_again
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let next = again.take();
+                if next.is_none() || round == RESTORES_IN_A_ROW {
+                    // Ended under the lock (see `lost_during_restore`).
+                    self.inner.restore_epoch.store(0, Ordering::Release);
+                    self.inner.recovering.store(false, Ordering::Release);
+                }
+                next
+            };
+            let Some((next, next_seen)) = next else {
                 return;
             };
-            if self.inner.recovering.swap(true, Ordering::AcqRel) {
-                // A restore of a loss seen just now started meanwhile; it
-                // writes the whole journal too.
-                return;
-            }
             if round == RESTORES_IN_A_ROW {
                 tracing::error!(
                     restores = RESTORES_IN_A_ROW,
                     "Redis lost data during every restore; giving up until the next loss is seen \
                      (the quarantine goes on): check its memory and persistence"
                 );
-                self.inner.recovering.store(false, Ordering::Release);
                 return;
             }
+            // The next round writes under an epoch of its own.
+            self.inner.restore_epoch.store(0, Ordering::Release);
             loss = next;
             seen_epoch = next_seen;
         }
