@@ -23,6 +23,8 @@ use crate::upstream::PoolKey;
 const RETIRE_ATTEMPTS: u32 = 25;
 /// The longest wait between two of those tries.
 const RETIRE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a wait between two tries looks for a shutdown.
+const RETIRE_RETRY_STEP: Duration = Duration::from_millis(250);
 
 impl Router {
     /// Retires an identity: recorded in the store, its connections dropped,
@@ -78,7 +80,12 @@ impl Router {
                             error = %e, identity = %identity.id, attempt,
                             "could not store a retirement; trying again"
                         );
-                        tokio::time::sleep(wait).await;
+                        // Cut short by a shutdown, which waits for this
+                        // task: one last try then.
+                        let until = tokio::time::Instant::now() + wait;
+                        while tokio::time::Instant::now() < until && !router.tasks.is_closed() {
+                            tokio::time::sleep(RETIRE_RETRY_STEP.min(wait)).await;
+                        }
                         wait = (wait * 2).min(RETIRE_RETRY_MAX);
                     }
                     // Left pending: routing keeps honouring it in this process.
