@@ -317,9 +317,10 @@ pub struct ExitConfig {
     /// This exit's `upstream.fingerprint` (`mirror`, `chrome` or `rustls`),
     /// overriding the global one.
     pub fingerprint: Option<FingerprintMode>,
-    /// Keep the exit's identities when its URL, credentials or fingerprint
-    /// mode change under its id (a renamed gateway, a rotated password that
-    /// still reach the same IPs); otherwise they retire, `exit-changed`.
+    /// Keep the exit's identities when its URL or credentials change under
+    /// its id (a renamed gateway, a rotated password that still reach the
+    /// same IPs); otherwise they retire, `exit-changed`. A change of its
+    /// fingerprint mode retires them either way.
     pub keep_identities_on_route_change: bool,
 }
 

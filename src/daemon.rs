@@ -24,6 +24,7 @@ use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::{PinHasher, PIN_KEY_FILE};
 use crate::exits::drain::DrainBook;
 use crate::exits::routes::{RouteBook, ROUTE_FILE};
+use crate::exits::spec::ExitSpec;
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
 use crate::front::{self, FrontSettings, Frontend};
@@ -502,11 +503,21 @@ impl Daemon {
                 source,
             })?)
         };
-        if routes.reconcile(&exits, clock.now_ms()).1 {
-            let routes = routes.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || routes.save()).await? {
-                tracing::warn!(error = %e, "could not remember the exits' routes");
-            }
+        {
+            let specs: Vec<&ExitSpec> = exits.iter().map(|exit| &exit.spec).collect();
+            let mut plan = routes.plan(&specs);
+            plan.date(clock.now_ms());
+            let book = routes.clone();
+            let (plan, committed) = tokio::task::spawn_blocking(move || {
+                let committed = book.commit(&plan);
+                (plan, committed)
+            })
+            .await?;
+            committed.map_err(|source| StartError::DataDir {
+                path: settings.data_dir.join(ROUTE_FILE),
+                source,
+            })?;
+            plan.mark(&exits);
         }
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;

@@ -57,6 +57,10 @@ pub struct Exit {
     /// [`routes`]): identities founded before then retire. Shared with the
     /// exit that replaces it on a reload.
     route_changed_ms: Arc<AtomicU64>,
+    /// This exit (this object, not its id) was replaced by a reload that
+    /// changed the route under its id; requests that started before still
+    /// run on it (see [`Exit::superseded`]).
+    superseded: AtomicBool,
     /// Its metrics, found once in the daemon's [`Metrics`] (see
     /// [`Exit::instruments`]).
     instruments: OnceLock<Arc<ExitInstruments>>,
@@ -77,8 +81,24 @@ impl Exit {
             sessions: Arc::new(sessions),
             drained: Arc::default(),
             route_changed_ms: Arc::default(),
+            superseded: AtomicBool::new(false),
             instruments: OnceLock::new(),
         }
+    }
+
+    /// Whether a reload replaced this exit with one of another route under
+    /// its id. A request that started before runs on to its end here, and
+    /// an identity it founds after the change was dated is founded on the
+    /// old route: it retires at once (`exit-changed`), or its next request
+    /// would leave through the new route.
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Marks (or, for a reload refused, unmarks) this exit as replaced by
+    /// another route under its id.
+    pub fn mark_superseded(&self, superseded: bool) {
+        self.superseded.store(superseded, Ordering::Release);
     }
 
     /// When its route last changed under its id, if it did (see [`routes`]).
@@ -346,6 +366,7 @@ impl ExitBuild {
                     sessions,
                     drained: old.drained.clone(),
                     route_changed_ms: old.route_changed_ms.clone(),
+                    superseded: AtomicBool::new(false),
                     instruments: old.instruments.clone(),
                 })
             })

@@ -472,6 +472,63 @@ async fn identities_retire_when_their_exit_s_route_changes_under_its_id() {
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
+/// A login still on its way through an exit when a reload changes the
+/// exit's route (it started under the old configuration and runs to its
+/// end on the old route) founds its identity after the change: it retires
+/// at once, or its next request would leave through the new route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_founded_on_a_route_a_reload_replaced_retires_at_once() {
+    let s = Setup::start(2).await;
+    let mut config = s.proxy.config.clone();
+    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
+    config.exits[0].url = second;
+    config.exits[1].url = first;
+    let mut jar = Jar::default();
+    let (login, ()) = tokio::join!(s.get("/login?held=1", &mut jar), async {
+        s.origin.wait_for("/login?held=1").await;
+        s.proxy.daemon.reload_with(&config).await.unwrap();
+        // The founding comes after the change's date (milliseconds): only
+        // the replaced exit's mark can tell.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.origin.release_held(1);
+    });
+    assert_eq!(login.status, 200, "{}", login.body);
+    assert!(jar.get("datadome").is_some());
+    assert_retired_for_the_new_route(&s, &mut jar).await;
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// A book of routes that cannot be written refuses the reload that
+/// changes a route: a change kept only in memory would be forgotten at the
+/// next start, and identities founded on the new route would then go on
+/// through the old one (or the reverse).
+#[tokio::test]
+async fn a_route_change_that_cannot_be_remembered_is_refused() {
+    let s = Setup::start(2).await;
+    let (mut jar, peer) = s.login("/login").await;
+    let blocker = s.proxy.data_dir.path().join("exit-routes.json.tmp");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let mut config = s.proxy.config.clone();
+    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
+    config.exits[0].url = second;
+    config.exits[1].url = first;
+    let refused = s.proxy.daemon.reload_with(&config).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("exit-routes.json"),
+        "{refused}"
+    );
+    // The configuration in force stays, and so do the identities.
+    let page = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer))
+    );
+    std::fs::remove_dir_all(&blocker).unwrap();
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_retired_for_the_new_route(&s, &mut jar).await;
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
 /// A restart is a route change too: the book of routes in the data
 /// directory tells what the exit had before.
 #[tokio::test]
@@ -485,27 +542,37 @@ async fn identities_retire_when_a_restart_points_their_exit_elsewhere() {
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
-/// The fingerprint mode is part of an exit's route (an identity is one
-/// face as well as one IP); `keep_identities_on_route_change` is how an
-/// operator who knows the new route is the same pool keeps them.
+/// `keep_identities_on_route_change` is how an operator who knows that a
+/// new URL reaches the same IPs keeps the exit's identities (here the same
+/// exit by another name); it never keeps them across a change of the
+/// fingerprint mode (an identity is one face as well as one IP).
 #[tokio::test]
-async fn a_fingerprint_change_retires_identities_unless_the_exit_keeps_them() {
+async fn a_kept_route_change_keeps_identities_but_a_fingerprint_change_retires_them() {
     let s = Setup::start(1).await;
-    let (mut kept, _) = s.login("/login").await;
+    let (mut jar, peer) = s.login("/login").await;
     let mut config = s.proxy.config.clone();
-    config.exits[0].fingerprint = Some(FingerprintMode::Rustls);
+    config.exits[0].url = config.exits[0].url.replace("127.0.0.1", "localhost");
+    assert!(
+        config.exits[0].url.contains("localhost"),
+        "{}",
+        config.exits[0].url
+    );
     config.exits[0].keep_identities_on_route_change = true;
     s.proxy.daemon.reload_with(&config).await.unwrap();
-    assert_eq!(s.get("/page", &mut kept).await.status, 200);
+    let page = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer))
+    );
 
-    config.exits[0].fingerprint = Some(FingerprintMode::Chrome);
-    config.exits[0].keep_identities_on_route_change = false;
+    config.exits[0].fingerprint = Some(FingerprintMode::Rustls);
     s.proxy.daemon.reload_with(&config).await.unwrap();
-    assert_retired_for_the_new_route(&s, &mut kept).await;
+    assert_retired_for_the_new_route(&s, &mut jar).await;
     // Unchanged from here on: a reload changes nothing more.
     let (mut fresh, _) = s.login("/login").await;
     s.proxy.daemon.reload_with(&config).await.unwrap();
     assert_eq!(s.get("/page", &mut fresh).await.status, 200);
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
 /// `store.url` is read at start only, and so is what follows from it: a

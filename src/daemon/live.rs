@@ -28,7 +28,8 @@ use crate::credential::PinHasher;
 use crate::exits::drain::DrainBook;
 use crate::exits::health::Thresholds;
 use crate::exits::routes::RouteBook;
-use crate::exits::{ExitBuild, ExitSet, LiveExits};
+use crate::exits::spec::ExitSpec;
+use crate::exits::{Exit, ExitBuild, ExitSet, LiveExits};
 use crate::front::Frontend;
 use crate::metrics::Metrics;
 use crate::net::tasks::ConnectionTasks;
@@ -59,6 +60,9 @@ pub enum ReloadError {
     /// A reload task failed to run.
     #[error("reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The exits' routes could not be remembered (see `exits::routes`).
+    #[error("{0} (the exits' routes must be remembered before a change applies)")]
+    Routes(String),
 }
 
 /// What every pipeline shares, built once at start.
@@ -238,17 +242,38 @@ impl Live {
         };
         // An exit whose route changed under its id: the identities founded
         // on the old route retire, unless the exit keeps them (see
-        // `exits::routes`); marked before the set is in force.
-        let (route_changes, book_changed) = self.routes.reconcile(&set, self.core.clock.now_ms());
-        if book_changed {
-            let routes = self.routes.clone();
-            match tokio::task::spawn_blocking(move || routes.save()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not remember the exits' routes"),
-                Err(e) => tracing::warn!(error = %e, "could not remember the exits' routes"),
-            }
+        // `exits::routes`). The exits being replaced are marked before the
+        // change is dated, so that a request still on one of them that
+        // founds an identity after the date sees the mark (see
+        // `Exit::superseded`); a book that cannot be written refuses the
+        // reload, since a change kept only in memory would be forgotten at
+        // the next start.
+        let specs: Vec<&ExitSpec> = set.iter().map(|exit| &exit.spec).collect();
+        let mut plan = self.routes.plan(&specs);
+        let replaced: Vec<Arc<Exit>> = plan
+            .changes
+            .iter()
+            .filter(|change| !change.kept)
+            .filter_map(|change| previous.get(&change.exit).cloned())
+            .collect();
+        for exit in &replaced {
+            exit.mark_superseded(true);
         }
-        let routes_retire = route_changes.iter().any(|change| !change.kept);
+        plan.date(self.core.clock.now_ms());
+        let routes = self.routes.clone();
+        let (plan, committed) = tokio::task::spawn_blocking(move || {
+            let committed = routes.commit(&plan);
+            (plan, committed)
+        })
+        .await?;
+        if let Err(e) = committed {
+            for exit in &replaced {
+                exit.mark_superseded(false);
+            }
+            return Err(ReloadError::Routes(e.to_string()));
+        }
+        plan.mark(&set);
+        let routes_retire = !replaced.is_empty() || plan.changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.
         if let Err(e) = self.core.router.sync_exit_deaths(&set).await {

@@ -6,12 +6,19 @@
 //! identities founded before would go on through wherever the new route
 //! leads, their cookies with them. Only the operator knows whether it is the
 //! same pool (a renamed gateway, a rotated password), so pinproxy does not
-//! guess: each id's route key ([`ExitSpec::route_key`], a hash) is kept in
-//! `DATA_DIR/exit-routes.json` and compared at every start and reload, and a
-//! change retires the identities founded before it (`exit-changed`, see
-//! `routing::lifecycle::ends`), unless the exit sets
-//! `keep_identities_on_route_change`. Ids no longer configured stay in the
-//! book: one that comes back on another route has changed too.
+//! guess: each id's route key ([`ExitSpec::route_key`], a hash) and
+//! fingerprint mode are kept in `DATA_DIR/exit-routes.json` and compared at
+//! every start and reload, and a change retires the identities founded
+//! before it (`exit-changed`, see `routing::lifecycle::ends`), unless the
+//! exit sets `keep_identities_on_route_change` (which never covers the
+//! fingerprint mode). Ids no longer configured stay in the book: one that
+//! comes back on another route has changed too. A book that cannot be
+//! written refuses the change: kept only in memory, it would be forgotten at
+//! the next start.
+//!
+//! Requests still on an exit a reload replaced run to their end on it; an
+//! identity they found after the change retires at once (see
+//! `Exit::superseded`).
 //!
 //! The book is per replica: replicas of a fleet that restart with a changed
 //! route each retire the identities founded before their own restart, and
@@ -37,6 +44,10 @@ pub const ROUTE_FILE: &str = "exit-routes.json";
 struct Remembered {
     /// [`ExitSpec::route_key`](super::spec::ExitSpec::route_key).
     route: String,
+    /// The fingerprint mode (`mirror`, `chrome`, `rustls`; empty in books
+    /// written before it was kept).
+    #[serde(default)]
+    face: String,
     /// The route's address without credentials, for messages.
     #[serde(default)]
     address: String,
@@ -52,6 +63,43 @@ pub struct RouteChange {
     pub exit: ExitId,
     /// Whether its identities are kept (`keep_identities_on_route_change`).
     pub kept: bool,
+}
+
+/// What a set of exits changes in the book, not applied yet: see
+/// [`RouteBook::plan`]. Changes are dated by [`RoutePlan::date`], after
+/// the exits being replaced are marked (see `daemon::live`).
+#[derive(Debug)]
+pub struct RoutePlan {
+    next: BTreeMap<String, Remembered>,
+    /// The routes that changed under their ids.
+    pub changes: Vec<RouteChange>,
+    /// Whether the book changes (new ids, changed routes): to be saved.
+    pub dirty: bool,
+}
+
+impl RoutePlan {
+    /// Dates the changes whose identities retire at `now_ms`.
+    pub fn date(&mut self, now_ms: u64) {
+        for change in self.changes.iter().filter(|c| !c.kept) {
+            if let Some(entry) = self.next.get_mut(change.exit.as_str()) {
+                entry.changed_ms = now_ms.max(1);
+            }
+        }
+    }
+
+    /// Marks each exit of `exits` with its route's last change, if any
+    /// ([`Exit::mark_route_changed`]).
+    ///
+    /// [`Exit::mark_route_changed`]: super::Exit::mark_route_changed
+    pub fn mark(&self, exits: &ExitSet) {
+        for exit in exits.iter() {
+            if let Some(entry) = self.next.get(exit.id().as_str()) {
+                if entry.changed_ms > 0 {
+                    exit.mark_route_changed(entry.changed_ms);
+                }
+            }
+        }
+    }
 }
 
 /// The exits' remembered routes (see the module doc).
@@ -88,87 +136,88 @@ impl RouteBook {
         })
     }
 
-    /// Compares the routes of `exits` with the book at `now_ms`: an id not
-    /// in the book is taken as it is; a changed route is recorded, with the
-    /// time unless the exit keeps its identities; every exit is marked with
-    /// its last change ([`Exit::mark_route_changed`]). Returns the changes
-    /// found, and whether the book changed (to be saved).
-    ///
-    /// [`Exit::mark_route_changed`]: super::Exit::mark_route_changed
-    pub fn reconcile(&self, exits: &ExitSet, now_ms: u64) -> (Vec<RouteChange>, bool) {
-        let specs: Vec<&ExitSpec> = exits.iter().map(|exit| &exit.spec).collect();
-        let (dates, changes, dirty) = self.compare(&specs, now_ms);
-        for (exit, date) in exits.iter().zip(dates) {
-            if let Some(at) = date {
-                exit.mark_route_changed(at);
-            }
-        }
-        (changes, dirty)
-    }
-
-    /// [`RouteBook::reconcile`] on the specs: each one's last change (if
-    /// its route ever changed), the changes found now, whether the book
-    /// changed.
-    fn compare(
-        &self,
-        specs: &[&ExitSpec],
-        now_ms: u64,
-    ) -> (Vec<Option<u64>>, Vec<RouteChange>, bool) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dates = Vec::with_capacity(specs.len());
+    /// Compares `specs` with the book: an id not in it is taken as it is, a
+    /// changed route is a change (undated until [`RoutePlan::date`]). The
+    /// book itself is unchanged until [`RouteBook::commit`].
+    pub fn plan(&self, specs: &[&ExitSpec]) -> RoutePlan {
+        let mut next = self.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut changes = Vec::new();
         let mut dirty = false;
         for spec in specs {
             let route = spec.route_key();
+            let face = spec.options.fingerprint.label();
             let address = spec.kind.public_url();
-            let entry = known.entry(spec.id.as_str().to_owned()).or_insert_with(|| {
+            let entry = next.entry(spec.id.as_str().to_owned()).or_insert_with(|| {
                 dirty = true;
                 Remembered {
                     route: route.clone(),
+                    face: face.to_owned(),
                     address: address.clone(),
                     changed_ms: 0,
                 }
             });
-            if entry.route != route {
-                let kept = spec.options.keep_identities_on_route_change;
-                if kept {
-                    tracing::warn!(
-                        exit = %spec.id, was = %entry.address, now = %address,
-                        "exit route (URL, credentials or fingerprint mode) changed under the same \
-                         id: its identities continue through the new route, as \
-                         keep_identities_on_route_change says"
-                    );
-                } else {
-                    entry.changed_ms = now_ms.max(1);
-                    tracing::warn!(
-                        exit = %spec.id, was = %entry.address, now = %address,
-                        "exit route (URL, credentials or fingerprint mode) changed under the same \
-                         id: the identities founded on the old route retire (exit-changed), since \
-                         the new one may leave from other IPs; set keep_identities_on_route_change \
-                         on the exit if it reaches the same IPs"
-                    );
+            let face_changed = !entry.face.is_empty() && entry.face != face;
+            if entry.route == route && !face_changed {
+                if entry.face.is_empty() {
+                    entry.face = face.to_owned();
+                    dirty = true;
                 }
-                entry.route = route;
-                entry.address = address;
-                changes.push(RouteChange {
-                    exit: spec.id.clone(),
-                    kept,
-                });
-                dirty = true;
+                continue;
             }
-            dates.push((entry.changed_ms > 0).then_some(entry.changed_ms));
+            // The operator can vouch for the IPs, never for the face: an
+            // identity shown with another fingerprint is another client to
+            // the origin, whatever the option says.
+            let kept = spec.options.keep_identities_on_route_change && !face_changed;
+            if kept {
+                tracing::warn!(
+                    exit = %spec.id, was = %entry.address, now = %address,
+                    "exit route (URL, credentials or fingerprint mode) changed under the same \
+                     id: its identities continue through the new route, as \
+                     keep_identities_on_route_change says"
+                );
+            } else {
+                tracing::warn!(
+                    exit = %spec.id, was = %entry.address, now = %address,
+                    "exit route (URL, credentials or fingerprint mode) changed under the same \
+                     id: the identities founded on the old route retire (exit-changed), since \
+                     the new one may leave from other IPs; set keep_identities_on_route_change \
+                     on the exit if it reaches the same IPs"
+                );
+            }
+            entry.route = route;
+            entry.face = face.to_owned();
+            entry.address = address;
+            changes.push(RouteChange {
+                exit: spec.id.clone(),
+                kept,
+            });
+            dirty = true;
         }
-        (dates, changes, dirty)
+        RoutePlan {
+            next,
+            changes,
+            dirty,
+        }
     }
 
-    /// Writes the book (atomically, mode 0600). Blocking: call it off the
-    /// runtime.
-    pub fn save(&self) -> std::io::Result<()> {
-        let text = {
-            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_vec_pretty(&*known).map_err(std::io::Error::other)?
-        };
-        crate::fsutil::replace_private(&self.path, &text)
+    /// Writes `plan`'s book (atomically, mode 0600) if it changed, then
+    /// takes it as the book. A book that cannot be written changes nothing:
+    /// a change only in memory would be forgotten at the next start, and
+    /// the identities founded on the old route would go on through the new
+    /// one after it. Blocking: call it off the runtime.
+    pub fn commit(&self, plan: &RoutePlan) -> std::io::Result<()> {
+        if !plan.dirty {
+            return Ok(());
+        }
+        let text = serde_json::to_vec_pretty(&plan.next).map_err(std::io::Error::other)?;
+        crate::fsutil::replace_private(&self.path, &text).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot write {}: {e}", self.path.display()),
+            )
+        })?;
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = plan.next.clone();
+        Ok(())
     }
 }
 
@@ -182,12 +231,25 @@ mod tests {
             .collect()
     }
 
-    fn compare(
+    /// Plans `specs` at `now`, commits, and answers each one's date, the
+    /// changes and whether the book changed.
+    fn apply(
         book: &RouteBook,
         specs: &[ExitSpec],
         now: u64,
     ) -> (Vec<Option<u64>>, Vec<RouteChange>, bool) {
-        book.compare(&specs.iter().collect::<Vec<_>>(), now)
+        let mut plan = book.plan(&specs.iter().collect::<Vec<_>>());
+        plan.date(now);
+        book.commit(&plan).unwrap();
+        let dates = specs
+            .iter()
+            .map(|s| {
+                plan.next
+                    .get(s.id.as_str())
+                    .and_then(|e| (e.changed_ms > 0).then_some(e.changed_ms))
+            })
+            .collect();
+        (dates, plan.changes, plan.dirty)
     }
 
     #[test]
@@ -196,11 +258,10 @@ mod tests {
         let book = RouteBook::load(dir.path()).unwrap();
         let first = specs(&[("a", "http://u:p@gate:1"), ("b", "http://gate:2")]);
         assert_eq!(
-            compare(&book, &first, 100),
+            apply(&book, &first, 100),
             (vec![None, None], vec![], true),
             "new ids"
         );
-        book.save().unwrap();
 
         // Only the password differs: a change. Read again: no new one.
         let second = specs(&[("a", "http://u:q@gate:1"), ("b", "http://gate:2")]);
@@ -210,13 +271,12 @@ mod tests {
         };
         let book = RouteBook::load(dir.path()).unwrap();
         assert_eq!(
-            compare(&book, &second, 200),
+            apply(&book, &second, 200),
             (vec![Some(200), None], vec![changed], true)
         );
-        book.save().unwrap();
         let book = RouteBook::load(dir.path()).unwrap();
         assert_eq!(
-            compare(&book, &second, 300),
+            apply(&book, &second, 300),
             (vec![Some(200), None], vec![], false)
         );
 
@@ -228,23 +288,52 @@ mod tests {
             kept: true,
         };
         assert_eq!(
-            compare(&book, &third, 400),
+            apply(&book, &third, 400),
             (vec![Some(200), None], vec![kept], true)
         );
 
         // Gone and back on another route: a change.
-        assert!(!compare(&book, &third[..1], 500).2);
+        assert!(!apply(&book, &third[..1], 500).2);
         let fourth = specs(&[("a", "http://u:q@gate:1"), ("b", "http://gate3:2")]);
-        assert_eq!(compare(&book, &fourth, 600).0, vec![Some(200), Some(600)]);
+        assert_eq!(apply(&book, &fourth, 600).0, vec![Some(200), Some(600)]);
     }
 
     #[test]
-    fn the_fingerprint_mode_is_part_of_the_route() {
-        let mut spec = ExitSpec::parse("a", "http://gate:1").unwrap();
-        let before = spec.route_key();
-        spec.options.fingerprint = crate::upstream::FingerprintMode::Rustls;
-        assert_ne!(spec.route_key(), before);
-        assert!(!before.contains("gate"), "a hash, not the URL");
+    fn a_book_that_cannot_be_written_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path()).unwrap();
+        apply(&book, &specs(&[("a", "http://gate:1")]), 100);
+        // The temporary file's place is taken: the write fails.
+        std::fs::create_dir_all(dir.path().join(format!("{ROUTE_FILE}.tmp/x"))).unwrap();
+        let moved = specs(&[("a", "http://gate:2")]);
+        let mut plan = book.plan(&moved.iter().collect::<Vec<_>>());
+        plan.date(200);
+        let error = book.commit(&plan).unwrap_err();
+        assert!(error.to_string().contains(ROUTE_FILE), "{error}");
+        // Still the old route: planned again, it is still a change.
+        assert_eq!(
+            book.plan(&moved.iter().collect::<Vec<_>>()).changes.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_change_is_a_change_the_exit_cannot_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path()).unwrap();
+        let mut spec = specs(&[("a", "http://gate:1")]);
+        assert!(!spec[0].route_key().contains("gate"), "a hash, not the URL");
+        apply(&book, &spec, 100);
+        spec[0].options.fingerprint = crate::upstream::FingerprintMode::Rustls;
+        spec[0].options.keep_identities_on_route_change = true;
+        let changed = RouteChange {
+            exit: ExitId::new("a"),
+            kept: false,
+        };
+        assert_eq!(
+            apply(&book, &spec, 200),
+            (vec![Some(200)], vec![changed], true)
+        );
     }
 
     #[test]

@@ -48,10 +48,11 @@ pub struct ExitOptions {
     /// tunnel's egress address (true of servers that report their outgoing
     /// socket, such as microsocks; not of NATed gateways).
     pub socks_reply_is_egress: bool,
-    /// Keep the exit's identities when its route (URL, credentials,
-    /// fingerprint mode) changes under its id: the operator vouches that
-    /// the new route leaves from the same IPs (a renamed gateway, a rotated
-    /// password). Off, they retire (`exit-changed`); see `exits::routes`.
+    /// Keep the exit's identities when its URL or credentials change under
+    /// its id: the operator vouches that the new route leaves from the same
+    /// IPs (a renamed gateway, a rotated password). Off, they retire
+    /// (`exit-changed`), as they do at a change of the fingerprint mode
+    /// either way; see `exits::routes`.
     pub keep_identities_on_route_change: bool,
 }
 
@@ -98,22 +99,20 @@ pub enum ExitUrlError {
 }
 
 impl ExitSpec {
-    /// What decides where the exit's traffic leaves from and how it looks,
-    /// as a short hash (a credential must not be kept in the clear): the
-    /// URL with its credentials (a provider may put the country or the
-    /// session in the user name or the password) and the fingerprint mode.
-    /// Two specs with one key reach the same IPs, as far as pinproxy can
-    /// tell; see `exits::routes`.
+    /// What decides where the exit's traffic leaves from, as a short hash
+    /// (a credential must not be kept in the clear): the URL with its
+    /// credentials (a provider may put the country or the session in the
+    /// user name or the password). Two specs with one key reach the same
+    /// IPs, as far as pinproxy can tell; see `exits::routes`, which keeps
+    /// the fingerprint mode beside it.
     pub fn route_key(&self) -> String {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"pinproxy exit route v1\n");
+        hasher.update(b"pinproxy exit route v2\n");
         hasher.update(self.kind.redacted_url().as_bytes());
         hasher.update(b"\n");
         if let Some(credentials) = self.kind.credentials() {
             hasher.update(credentials.password.as_bytes());
         }
-        hasher.update(b"\n");
-        hasher.update(self.options.fingerprint.label().as_bytes());
         hasher.finalize().to_hex()[..32].to_owned()
     }
 

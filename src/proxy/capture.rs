@@ -29,7 +29,7 @@ use crate::body::Body;
 use crate::credential::PinKey;
 use crate::exits::sessions::AnonymousSession;
 use crate::fingerprint::{Fingerprint, RequestFingerprint};
-use crate::identity::{Identity, Pin, RetireReason};
+use crate::identity::{Identity, Pin, RetireReason, Retirement};
 use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
 use crate::store::{Founding, PinStore as _, StoreError};
@@ -318,6 +318,22 @@ pub async fn learn(
     } else {
         store.pin_all_if_absent(&pins).await?
     };
+    // Founded on an exit a reload has just replaced with another route
+    // under its id (the request started before): the cookie was earned on
+    // the old route, and the identity's next request would leave through
+    // the new one. It retires at once (the answer still reaches the
+    // client; its cookie is answered as retired from then on).
+    if is_new && stored && route.exit.superseded() {
+        let retirement = Retirement {
+            reason: RetireReason::ExitChanged,
+            at_ms: now,
+        };
+        store.retire(identity.id, &retirement).await?;
+        tracing::warn!(
+            identity = %identity.id, exit = %identity.exit,
+            "identity founded on an exit route a reload replaced: retired (exit-changed)"
+        );
+    }
     let mut pinned_any = false;
     for (cookie, winner) in live.iter().zip(winners) {
         if winner.pin.identity == identity.id {

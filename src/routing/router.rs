@@ -28,7 +28,7 @@ use crate::exits::sessions::AnonymousSession;
 use crate::exits::{Exit, ExitSet};
 use crate::fault::{Blame, Fault};
 use crate::fingerprint::Fingerprint;
-use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, SessionId};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
 use crate::metrics::Policy;
 use crate::store::{Binding, Bindings, Founding, PinStore as _, StoreError, StoreErrorKind};
 use crate::upstream::Lane;
@@ -427,6 +427,23 @@ impl Router {
                 if let Some(first) = unknown.first() {
                     self.metrics.identity_created(&candidate.exit, "request");
                     tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
+                    // Founded on an exit a reload has just replaced with
+                    // another route under its id (this request started
+                    // before): it retires at once, before its credential
+                    // leaves through either route.
+                    if exit.superseded() {
+                        let retirement = Retirement {
+                            reason: RetireReason::ExitChanged,
+                            at_ms: now,
+                        };
+                        self.store.retire(candidate.id, &retirement).await?;
+                        return Err(RouteError::Retired(vec![DeadCredential {
+                            credential: (*first).clone(),
+                            identity: Some(candidate.id),
+                            exit: Some(candidate.exit.clone()),
+                            reason: RetireReason::ExitChanged,
+                        }]));
+                    }
                 }
                 check_joined(&candidate, unknown, winners)?;
                 return self.pinned_route(exits, Arc::new(candidate), Reason::NewIdentity, strip);

@@ -447,6 +447,10 @@ async fn handle(
     let route = path.split('?').next().unwrap_or("/").to_owned();
     match route.as_str() {
         "/login" | "/rotate" => {
+            // `?held`: answered only once the test releases it (see `/held`).
+            if params.contains_key("held") {
+                wait_until_released(state).await;
+            }
             let name = params
                 .get("name")
                 .cloned()
@@ -619,14 +623,7 @@ async fn handle(
         // after 30 s: a request that is known to have arrived and whose
         // answer comes when the test has changed something.
         "/held" => {
-            let permit = tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                state.held.acquire(),
-            )
-            .await;
-            if let Ok(Ok(permit)) = permit {
-                permit.forget();
-            }
+            wait_until_released(state).await;
             text(StatusCode::OK, format!("ok {peer}\n"))
         }
         "/status" => {
@@ -698,4 +695,14 @@ fn websocket_echo(request: &mut Request<Incoming>, peer: IpAddr) -> Response<Out
 /// Parses the peer address an origin reply reports (`ok 127.0.0.2`).
 pub fn reported_peer(body: &str) -> Option<IpAddr> {
     body.trim().strip_prefix("ok ")?.parse().ok()
+}
+
+/// Waits (at most 30 s) until the test releases one held request
+/// ([`Origin::release_held`]).
+async fn wait_until_released(state: &State) {
+    let permit =
+        tokio::time::timeout(std::time::Duration::from_secs(30), state.held.acquire()).await;
+    if let Ok(Ok(permit)) = permit {
+        permit.forget();
+    }
 }
