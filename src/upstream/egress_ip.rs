@@ -128,9 +128,10 @@ impl Dialer {
             // checked, and the identity is not sent through it blindly.
             None if pinned.get().is_some() => {
                 return Err(ConnectError::ExitIpUnknown(format!(
-                    "the identity left from {} before, and the exit now states no address to \
-                     check this tunnel against (give it exit_ip_header, ip_echo or \
-                     socks_reply_is_egress again, or evict the identity)",
+                    "the identity left from {} before, and the exit states no address for this \
+                     tunnel to check it against (no exit_ip_header or ip_echo configured now, or a \
+                     SOCKS reply without a usable address); if the exit can no longer state \
+                     addresses, evict the identity",
                     pinned.get().map_or_else(String::new, ToString::to_string)
                 )))
             }
