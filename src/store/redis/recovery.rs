@@ -262,7 +262,8 @@ impl RedisStore {
         }
         let until = self.start_quarantine();
         self.update_report(|report| {
-            report.what = format!("{loss}, while the restore of an earlier loss ran");
+            // The first loss stays named (at most one more per round).
+            report.what = format!("{}; then, while it was restored: {loss}", report.what);
             report.at_ms = now_ms();
             report.quarantine_until_ms = report.quarantine_until_ms.max(until);
             report.restore_done = false;
