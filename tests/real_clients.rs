@@ -24,6 +24,7 @@ fn run(command: &mut Command) -> String {
     use std::io::Read as _;
     use std::process::Stdio;
     let mut child = command
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -144,8 +144,12 @@ async fn a_connection_still_uploading_after_an_early_answer_is_not_handed_on() {
     upload.write_all(head.as_bytes()).await.unwrap();
     upload.write_all(&[b'x'; SENT_FIRST]).await.unwrap();
     // Its answer has no body: pinproxy is done with the response once the
-    // head is out, before the client reads it.
-    let answer = support::client::read_head(&mut upload).await;
+    // head is out, before the client reads it. (The raw socket's reads and
+    // writes are bounded: a regression fails here rather than hang.)
+    let limit = Duration::from_secs(30);
+    let answer = tokio::time::timeout(limit, support::client::read_head(&mut upload))
+        .await
+        .expect("no answer to the upload");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
     // Another request to the same origin on the same (anonymous) lane.
@@ -163,13 +167,16 @@ async fn a_connection_still_uploading_after_an_early_answer_is_not_handed_on() {
 
     // The rest of the upload, then a request on the upload's own client
     // connection: served by a pooled connection, none dialled anew.
-    upload
-        .write_all(&vec![b'x'; LENGTH - SENT_FIRST])
+    let rest = vec![b'x'; LENGTH - SENT_FIRST];
+    tokio::time::timeout(limit, upload.write_all(&rest))
         .await
+        .expect("the rest of the upload was not taken")
         .unwrap();
     let request = format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n");
     upload.write_all(request.as_bytes()).await.unwrap();
-    let answer = support::client::read_head(&mut upload).await;
+    let answer = tokio::time::timeout(limit, support::client::read_head(&mut upload))
+        .await
+        .expect("no answer on the upload's connection");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(origin.accepted(), 2);
     s.stop().await;
@@ -259,7 +266,7 @@ impl Drop for EarlyAnswerOrigin {
 async fn an_idle_upstream_http2_connection_is_let_go_while_its_lane_is_busy() {
     let s = Setup::builder()
         .exits(1)
-        .config(|c| c.timeouts.pool_idle = Duration::from_secs(1))
+        .config(|c| c.timeouts.pool_idle = Duration::from_secs(3))
         .start()
         .await;
     let other = h2_origin(&s.origin.pki).await;
@@ -276,8 +283,8 @@ async fn an_idle_upstream_http2_connection_is_let_go_while_its_lane_is_busy() {
         .await;
     assert_eq!(busy.get("/", &[]).await.status, 200);
     assert_eq!(s.exits[0].open_tunnels(), 2);
-    // The lane stays busy with the first origin (bounded: 10 s).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The lane stays busy with the first origin (bounded: 20 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
     while s.exits[0].open_tunnels() > 1 && Instant::now() < deadline {
         assert_eq!(busy.get("/", &[]).await.status, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
