@@ -51,19 +51,8 @@ async fn exit_ip_drift_after_an_idle_pause_retires_the_identity_before_its_cooki
     // new address. (Waiting is the behaviour under test: provider idle time.)
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
     s.exits[0].close_tunnels();
-    let seen = s.origin.seen().len();
-    let reply = s.get("/page", &mut jar).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    let error = error_of(&reply);
-    assert!(
-        error.starts_with("identity-retired:") && error.contains("exit-ip-drift"),
-        "{error}"
-    );
-    assert_eq!(
-        s.origin.seen().len(),
-        seen,
-        "not one byte of the request left from the new address"
-    );
+    // Not one byte of the request left from the new address.
+    refused_before_it_leaves(&s, &mut jar, "identity-retired:", "exit-ip-drift").await;
     // Still retired afterwards.
     assert_eq!(s.get("/page", &mut jar).await.status, 502);
     assert!(s.origin.leaks().is_empty());
@@ -255,14 +244,17 @@ async fn a_recorded_address_is_still_required_when_the_exit_stops_stating_one() 
     s.proxy.daemon.reload_with(&config).await.unwrap();
     s.exits[0].gateway.as_ref().unwrap().move_all();
     s.exits[0].close_tunnels();
+    refused_before_it_leaves(&s, &mut jar, "exit-ip-unknown:", "states no address").await;
+}
+
+/// `jar`'s next page is refused (`502`, an error starting with `code` and
+/// saying `says`) without reaching the origin, and nothing leaked.
+async fn refused_before_it_leaves(s: &Setup, jar: &mut Jar, code: &str, says: &str) {
     let seen = s.origin.seen().len();
-    let reply = s.get("/page", &mut jar).await;
+    let reply = s.get("/page", jar).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     let error = error_of(&reply);
-    assert!(
-        error.starts_with("exit-ip-unknown:") && error.contains("states no address"),
-        "{error}"
-    );
+    assert!(error.starts_with(code) && error.contains(says), "{error}");
     assert_eq!(s.origin.seen().len(), seen, "the cookie never left");
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }

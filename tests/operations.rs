@@ -434,6 +434,16 @@ async fn a_config_that_does_not_validate_is_refused_and_the_old_one_serves() {
     .await;
 }
 
+/// `config` with its first two exits' URLs swapped (each id now leads
+/// where the other did).
+fn with_exit_urls_swapped(config: &pinproxy::config::Config) -> pinproxy::config::Config {
+    let mut config = config.clone();
+    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
+    config.exits[0].url = second;
+    config.exits[1].url = first;
+    config
+}
+
 /// The identity of `jar` is retired for its exit's new route: answered
 /// `502 identity-retired` (`exit-changed`) without reaching the origin.
 async fn assert_retired_for_the_new_route(s: &Setup, jar: &mut Jar) {
@@ -457,10 +467,7 @@ async fn assert_retired_for_the_new_route(s: &Setup, jar: &mut Jar) {
 async fn identities_retire_when_their_exit_s_route_changes_under_its_id() {
     let s = Setup::start(2).await;
     let (mut jar, _) = s.login("/login").await;
-    let mut config = s.proxy.config.clone();
-    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
-    config.exits[0].url = second;
-    config.exits[1].url = first;
+    let config = with_exit_urls_swapped(&s.proxy.config);
     s.proxy.daemon.reload_with(&config).await.unwrap();
     assert_retired_for_the_new_route(&s, &mut jar).await;
     let (mut fresh, peer) = s.login("/login").await;
@@ -479,10 +486,7 @@ async fn identities_retire_when_their_exit_s_route_changes_under_its_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_founded_on_a_route_a_reload_replaced_retires_at_once() {
     let s = Setup::start(2).await;
-    let mut config = s.proxy.config.clone();
-    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
-    config.exits[0].url = second;
-    config.exits[1].url = first;
+    let config = with_exit_urls_swapped(&s.proxy.config);
     let mut jar = Jar::default();
     let (login, ()) = tokio::join!(s.get("/login?held=1", &mut jar), async {
         s.origin.wait_for("/login?held=1").await;
@@ -508,10 +512,7 @@ async fn a_route_change_that_cannot_be_remembered_is_refused() {
     let (mut jar, peer) = s.login("/login").await;
     let blocker = s.proxy.data_dir.path().join("exit-routes.json.tmp");
     std::fs::create_dir_all(blocker.join("x")).unwrap();
-    let mut config = s.proxy.config.clone();
-    let (first, second) = (config.exits[0].url.clone(), config.exits[1].url.clone());
-    config.exits[0].url = second;
-    config.exits[1].url = first;
+    let config = with_exit_urls_swapped(&s.proxy.config);
     let refused = s.proxy.daemon.reload_with(&config).await.unwrap_err();
     assert!(
         refused.to_string().contains("exit-routes.json"),
