@@ -261,19 +261,30 @@ impl Live {
         }
         plan.date(self.core.clock.now_ms());
         let routes = self.routes.clone();
-        let (plan, committed) = tokio::task::spawn_blocking(move || {
+        let committed = tokio::task::spawn_blocking(move || {
             let committed = routes.commit(&plan);
             (plan, committed)
         })
-        .await?;
-        if let Err(e) = committed {
+        .await;
+        // Refused: the exits in force are theirs again.
+        let unmark = || {
             for exit in &replaced {
                 exit.mark_superseded(false);
             }
-            return Err(ReloadError::Routes(e.to_string()));
-        }
+        };
+        let plan = match committed {
+            Ok((plan, Ok(()))) => plan,
+            Ok((_, Err(e))) => {
+                unmark();
+                return Err(ReloadError::Routes(e.to_string()));
+            }
+            Err(e) => {
+                unmark();
+                return Err(ReloadError::Task(e));
+            }
+        };
         plan.mark(&set);
-        let routes_retire = !replaced.is_empty() || plan.changes.iter().any(|change| !change.kept);
+        let routes_retire = plan.changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.
         if let Err(e) = self.core.router.sync_exit_deaths(&set).await {
