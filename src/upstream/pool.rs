@@ -139,9 +139,12 @@ impl IdleH1 {
 #[derive(Default)]
 struct Conns {
     h2: Option<H2Conn>,
-    /// When a request last took the HTTP/2 connection: one no request has
-    /// taken for the idle timeout is let go (see `expire_idle`).
-    h2_taken: Option<Instant>,
+    /// A request took the HTTP/2 connection since the last sweep (a flag,
+    /// not a time: no clock read per request).
+    h2_taken: bool,
+    /// The first sweep that found it untaken since then: one no request
+    /// has taken for the idle timeout is let go (see `expire_idle`).
+    h2_quiet_since: Option<Instant>,
     idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
@@ -228,13 +231,19 @@ impl LanePool {
             // keep one per host (a socket, a tunnel at the exit, its
             // buffers) for the lane's life. hyper closes it once the
             // streams still open on it end.
-            if conns.h2.is_some()
-                && conns
-                    .h2_taken
-                    .is_some_and(|taken| now.duration_since(taken) >= self.limits.idle_timeout)
-            {
-                conns.h2 = None;
-                conns.h2_taken = None;
+            // (Counted from the sweep after the last request took it: a
+            // sweep's interval later at most.)
+            if conns.h2.is_some() {
+                let quiet_since = if std::mem::take(&mut conns.h2_taken) {
+                    now
+                } else {
+                    *conns.h2_quiet_since.get_or_insert(now)
+                };
+                conns.h2_quiet_since = Some(quiet_since);
+                if now.duration_since(quiet_since) >= self.limits.idle_timeout {
+                    conns.h2 = None;
+                    conns.h2_quiet_since = None;
+                }
             }
             // Rebuilt in place (same element type: the allocation is reused).
             conns.idle = std::mem::take(&mut conns.idle)
@@ -414,7 +423,7 @@ impl LanePool {
             let mut origins = self.origins();
             let conns = origins.entry(origin.clone()).or_default();
             conns.h2 = Some(conn.clone());
-            conns.h2_taken = Some(Instant::now());
+            conns.h2_taken = true;
             return Ok(Checked::H2(conn));
         }
         if origin.https && self.offers_h2() {
@@ -564,7 +573,7 @@ fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
     match &conns.h2 {
         Some(conn) if !conn.sender.is_closed() => {
             let conn = conn.clone();
-            conns.h2_taken = Some(Instant::now());
+            conns.h2_taken = true;
             Some(conn)
         }
         Some(_) => {
