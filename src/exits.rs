@@ -54,9 +54,9 @@ pub struct Exit {
     /// Shared with the exit that replaces it on a reload.
     drained: Arc<AtomicBool>,
     /// When its route last changed under its id (Unix ms, 0: never; see
-    /// [`routes`]): identities founded before then retire. Shared with the
-    /// exit that replaces it on a reload.
-    route_changed_ms: Arc<AtomicU64>,
+    /// [`routes`]): identities founded before then retire. Set from the
+    /// book of routes at every start and reload.
+    route_changed_ms: AtomicU64,
     /// This exit (this object, not its id) was replaced by a reload that
     /// changed the route under its id; requests that started before still
     /// run on it (see [`Exit::superseded`]).
@@ -80,7 +80,7 @@ impl Exit {
             health: Arc::new(health),
             sessions: Arc::new(sessions),
             drained: Arc::default(),
-            route_changed_ms: Arc::default(),
+            route_changed_ms: AtomicU64::new(0),
             superseded: AtomicBool::new(false),
             instruments: OnceLock::new(),
         }
@@ -365,7 +365,7 @@ impl ExitBuild {
                     health: old.health.clone(),
                     sessions,
                     drained: old.drained.clone(),
-                    route_changed_ms: old.route_changed_ms.clone(),
+                    route_changed_ms: AtomicU64::new(0),
                     superseded: AtomicBool::new(false),
                     instruments: old.instruments.clone(),
                 })
