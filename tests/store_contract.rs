@@ -621,6 +621,16 @@ async fn info_number(
         .unwrap()
 }
 
+/// Whether Redis holds `key`.
+async fn key_exists(connection: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .unwrap();
+    exists == 1
+}
+
 /// Makes the server evict: `volatile-random` under a `maxmemory` a little
 /// above what it uses, then filler keys (bounded) until it has evicted.
 /// Only keys with a time to live go (pins, identities, the filler), never
@@ -730,12 +740,7 @@ async fn a_loss_seen_during_a_restore_brings_another() {
     let written_back = format!("again:id:{}", someone.id);
     let mut held = false;
     for _ in 0..200 {
-        let exists: u64 = redis::cmd("EXISTS")
-            .arg(&written_back)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        if exists == 1 {
+        if key_exists(&mut connection, &written_back).await {
             held = true;
             break;
         }
@@ -777,12 +782,9 @@ async fn a_loss_seen_during_a_restore_brings_another() {
     let pin_key = format!("again:pin:{}", k.to_hex());
     let mut whole = false;
     for _ in 0..200 {
-        let exists: u64 = redis::cmd("EXISTS")
-            .arg(&pin_key)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        if exists == 1 && store.loss_report().is_some_and(|r| r.restore_done) {
+        if key_exists(&mut connection, &pin_key).await
+            && store.loss_report().is_some_and(|r| r.restore_done)
+        {
             whole = true;
             break;
         }
