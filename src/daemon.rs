@@ -23,7 +23,7 @@ use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::{PinHasher, PIN_KEY_FILE};
 use crate::exits::drain::DrainBook;
-use crate::exits::routes::{RouteBook, ROUTE_FILE};
+use crate::exits::routes::{self, RouteBook, ROUTE_FILE};
 use crate::exits::spec::ExitSpec;
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
@@ -521,6 +521,9 @@ impl Daemon {
         }
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
+        // The route identities founded on each exit carry, hashed with the
+        // pin key (the fleet's on a shared store), so known only now.
+        routes::found_on(&exits, &hasher);
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

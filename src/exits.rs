@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{duration_ms, Clock};
-use crate::identity::ExitId;
+use crate::identity::{ExitId, FoundingRoute};
 use crate::metrics::{ExitInstruments, Metrics};
 use crate::net::HostPort;
 use crate::upstream::tls::UpstreamTls;
@@ -61,6 +61,9 @@ pub struct Exit {
     /// changed the route under its id; requests that started before still
     /// run on it (see [`Exit::superseded`]).
     superseded: AtomicBool,
+    /// The route identities founded on it carry (see [`routes`]): set once
+    /// the pin key is known, before the exit takes traffic.
+    founding_route: OnceLock<FoundingRoute>,
     /// Its metrics, found once in the daemon's [`Metrics`] (see
     /// [`Exit::instruments`]).
     instruments: OnceLock<Arc<ExitInstruments>>,
@@ -82,6 +85,7 @@ impl Exit {
             drained: Arc::default(),
             route_changed_ms: AtomicU64::new(0),
             superseded: AtomicBool::new(false),
+            founding_route: OnceLock::new(),
             instruments: OnceLock::new(),
         }
     }
@@ -112,6 +116,18 @@ impl Exit {
     /// Records that its route changed at `at_ms` (the latest change stands).
     pub fn mark_route_changed(&self, at_ms: u64) {
         self.route_changed_ms.fetch_max(at_ms, Ordering::AcqRel);
+    }
+
+    /// The route an identity founded on it now is founded on (`None`
+    /// before [`routes::found_on`] gave it one).
+    pub fn founding_route(&self) -> Option<FoundingRoute> {
+        self.founding_route.get().copied()
+    }
+
+    /// Gives it its founding route; the first one given stands (an exit's
+    /// spec, and so its route, never changes).
+    pub fn set_founding_route(&self, route: FoundingRoute) {
+        let _ = self.founding_route.set(route);
     }
 
     /// The exit's metrics in `metrics`, looked up by id on the first call
@@ -367,6 +383,8 @@ impl ExitBuild {
                     drained: old.drained.clone(),
                     route_changed_ms: AtomicU64::new(0),
                     superseded: AtomicBool::new(false),
+                    // Its spec changed: given its own by `routes::found_on`.
+                    founding_route: OnceLock::new(),
                     instruments: old.instruments.clone(),
                 })
             })

@@ -33,18 +33,6 @@ impl IdentityId {
     }
 }
 
-impl fmt::Display for IdentityId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl fmt::Debug for IdentityId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdentityId({self})")
-    }
-}
-
 /// The stable name of an exit.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExitId(Arc<str>);
@@ -92,9 +80,23 @@ impl<'de> Deserialize<'de> for ExitId {
 pub struct SessionId(pub u64);
 
 /// Ids are 64-bit: a number in binary formats, 16 hex digits in text ones
-/// (JSON tools lose precision on integers above 2^53).
-macro_rules! hex_id_serde {
+/// (JSON tools lose precision on integers above 2^53) and when shown
+/// (lowercase: a session id is accepted by every provider's session-name
+/// charset).
+macro_rules! hex_id {
     ($name:ident) => {
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:016x}", self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self)
+            }
+        }
+
         impl Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 if serializer.is_human_readable() {
@@ -120,20 +122,30 @@ macro_rules! hex_id_serde {
     };
 }
 
-hex_id_serde!(IdentityId);
-hex_id_serde!(SessionId);
+hex_id!(IdentityId);
+hex_id!(SessionId);
+hex_id!(RouteHash);
 
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Lowercase hex: accepted by every provider's session-name charset.
-        write!(f, "{:016x}", self.0)
-    }
-}
+/// A short keyed hash of one part of an exit's route (see
+/// [`FoundingRoute`]): equal for the same text under the same pin key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RouteHash(pub u64);
 
-impl fmt::Debug for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionId({self})")
-    }
+/// The route an identity was founded on, as its exit had it then: where
+/// its traffic left (the exit's address and credentials) and with which
+/// face (the fingerprint mode, and the browser profile it imitates). Each
+/// is a hash keyed with the pin key, so a store or an export never holds
+/// anything an exit password could be guessed from. An identity whose
+/// exit's route is no longer the one it was founded on retires
+/// (`exit-changed`): whatever a replica, a restart or a restored data
+/// directory remembers about the exit's earlier routes, the identity
+/// carries its own (see `exits::routes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FoundingRoute {
+    /// The exit's address and credentials.
+    pub route: RouteHash,
+    /// Its fingerprint mode and profile.
+    pub face: RouteHash,
 }
 
 /// Why an identity was retired.
@@ -254,6 +266,12 @@ pub struct Identity {
     pub worked: bool,
     /// Set once retired.
     pub retired: Option<Retirement>,
+    /// The route it was founded on (`None` for identities founded before
+    /// identities carried it, and for exits without one: see
+    /// [`FoundingRoute`]). The last field: a binary record written with it
+    /// reads, without it, in a release that does not know it.
+    #[serde(default)]
+    pub route: Option<FoundingRoute>,
 }
 
 impl Identity {
@@ -277,19 +295,58 @@ impl Identity {
             requests: 0,
             worked: false,
             retired: None,
+            route: None,
         }
     }
 }
 
 impl Identity {
-    /// Decodes a stored record (postcard), in the current layout or the one
-    /// stores written before TLS fingerprints hold.
+    /// Decodes a stored record (postcard), in the current layout, the one
+    /// written before identities carried their route, or the one written
+    /// before fingerprints held TLS and HTTP/2. A record of an older layout
+    /// is shorter than the newer ones read it as, so it never reads as one.
     pub fn decode(bytes: &[u8]) -> Result<Identity, postcard::Error> {
         match postcard::from_bytes::<Identity>(bytes) {
             Ok(identity) => Ok(identity),
-            Err(current) => postcard::from_bytes::<LegacyIdentity>(bytes)
+            Err(current) => postcard::from_bytes::<UnroutedIdentity>(bytes)
                 .map(Identity::from)
+                .or_else(|_| postcard::from_bytes::<LegacyIdentity>(bytes).map(Identity::from))
                 .map_err(|_| current),
+        }
+    }
+}
+
+/// [`Identity`] as stored before identities carried their route.
+#[derive(Deserialize)]
+struct UnroutedIdentity {
+    id: IdentityId,
+    exit: ExitId,
+    session: SessionId,
+    session_started_ms: u64,
+    created_ms: u64,
+    egress_ip: Option<IpAddr>,
+    fingerprint: Arc<Fingerprint>,
+    last_used_ms: u64,
+    requests: u64,
+    worked: bool,
+    retired: Option<Retirement>,
+}
+
+impl From<UnroutedIdentity> for Identity {
+    fn from(old: UnroutedIdentity) -> Identity {
+        Identity {
+            id: old.id,
+            exit: old.exit,
+            session: old.session,
+            session_started_ms: old.session_started_ms,
+            created_ms: old.created_ms,
+            egress_ip: old.egress_ip,
+            fingerprint: old.fingerprint,
+            last_used_ms: old.last_used_ms,
+            requests: old.requests,
+            worked: old.worked,
+            retired: old.retired,
+            route: None,
         }
     }
 }
@@ -328,6 +385,7 @@ impl From<LegacyIdentity> for Identity {
             requests: old.requests,
             worked: old.worked,
             retired: old.retired,
+            route: None,
         }
     }
 }
@@ -371,5 +429,42 @@ impl Pin {
     /// Whether the credential has expired at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
         self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of each layout reads as what was written: the current one
+    /// with its route, the one before routes without (it is the current
+    /// one without the route's tag), and a release without routes reads
+    /// a current record's every other field.
+    #[test]
+    fn identities_read_in_every_layout() {
+        let fingerprint = Fingerprint::of_user_agent("agent");
+        let mut identity = Identity::new(ExitId::new("e1"), SessionId(3), 5, fingerprint, 7);
+        identity.retired = Some(Retirement {
+            reason: RetireReason::ExitChanged,
+            at_ms: 9,
+        });
+        identity.route = Some(FoundingRoute {
+            route: RouteHash(u64::MAX),
+            face: RouteHash(1),
+        });
+        let routed = postcard::to_stdvec(&identity).unwrap();
+        assert_eq!(Identity::decode(&routed).unwrap(), identity);
+
+        let unrouted_identity = Identity {
+            route: None,
+            ..identity.clone()
+        };
+        let unrouted = postcard::to_stdvec(&unrouted_identity).unwrap();
+        let old = &unrouted[..unrouted.len() - 1];
+        assert_eq!(Identity::decode(old).unwrap(), unrouted_identity);
+
+        let before: UnroutedIdentity = postcard::from_bytes(&routed).unwrap();
+        assert_eq!(Identity::from(before), unrouted_identity);
+        assert!(Identity::decode(&old[..old.len() - 1]).is_err());
     }
 }

@@ -30,18 +30,33 @@ async fn fleet(n: usize) -> Fleet {
 /// A replica per entry of `replica_exits` on one Redis, each configured
 /// with those of `exits` test exits (by index), sharing one CA.
 async fn fleet_with_exits(exits: usize, replica_exits: &[&[usize]]) -> Fleet {
+    let routes: Vec<Vec<(usize, usize)>> = replica_exits
+        .iter()
+        .map(|indexes| indexes.iter().map(|&i| (i, i)).collect())
+        .collect();
+    let routes: Vec<&[(usize, usize)]> = routes.iter().map(Vec::as_slice).collect();
+    fleet_with_routes(exits, &routes).await
+}
+
+/// Like [`fleet_with_exits`], each replica's exits given as pairs of test
+/// exit indexes: the first names the exit's id, the second its URL (a
+/// replica may give an id another exit's route).
+async fn fleet_with_routes(exits: usize, replica_routes: &[&[(usize, usize)]]) -> Fleet {
     let origin = Origin::start().await;
     let (exits, exit_urls) = support::exits(exits).await;
     let redis = RedisServer::start().await;
     let shared = support::procs::shared_ca_dir();
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
-    for indexes in replica_exits {
+    for routes in replica_routes {
         let dir = tempfile::tempdir().unwrap();
         for file in ["ca.pem", "ca-key.pem"] {
             std::fs::copy(shared.path().join(file), dir.path().join(file)).unwrap();
         }
-        let mine: Vec<(String, String)> = indexes.iter().map(|&i| exit_urls[i].clone()).collect();
+        let mine: Vec<(String, String)> = routes
+            .iter()
+            .map(|&(id, url)| (exit_urls[id].0.clone(), exit_urls[url].1.clone()))
+            .collect();
         let mut args = vec!["--store".to_owned(), redis.url()];
         args.extend(support::process_args(&origin, &mine));
         replicas.push(PinproxyProcess::start(dir.path(), &args).await);
@@ -180,6 +195,53 @@ async fn a_replica_without_an_identitys_exit_leaves_it_to_the_others() {
     assert_eq!(home.status, 200, "{}", home.body);
     assert_eq!(reported_peer(&home.body), Some(peer));
     assert!(origin.leaks().is_empty());
+}
+
+/// A fleet half-way through a rollout that moves exit `exit1` to another
+/// route: each replica's book knows only its own routes, and to each the
+/// other's identities on `exit1` were founded on a route it never had.
+/// They carry that route, so each replica retires the other's identities
+/// instead of sending their cookies out from another address; an identity
+/// is used only on the route it was founded on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_that_disagree_on_an_exits_route_never_carry_each_others_identities() {
+    // Both replicas name their only exit `exit1`: the old replica sends it
+    // through test exit 0 (127.0.0.2), the rolled-out one through test
+    // exit 1 (127.0.0.3).
+    let f = fleet_with_routes(2, &[&[(0, 0)], &[(0, 1)]]).await;
+    let (origin, clients) = (&f.origin, &f.clients);
+    let port = origin.https.port();
+    // Founded by the origin's Set-Cookie (`/login`) and by a request that
+    // brings a cookie pinproxy never saw (`/page`).
+    for (founder, other, founding) in [(0, 1, "/login"), (1, 0, "/login"), (0, 1, "/page")] {
+        let mut jar = Jar::default();
+        if founding == "/page" {
+            jar.set("datadome", "brought-by-the-client");
+        }
+        let login = clients[founder]
+            .try_get("localhost", port, founding, &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(login.status, 200, "{}", login.body);
+        let peer = reported_peer(&login.body).unwrap();
+        let seen = origin.seen().len();
+        let elsewhere = clients[other]
+            .try_get("localhost", port, "/page", &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(elsewhere.status, 502, "{}", elsewhere.body);
+        let error = elsewhere.pinproxy_error().unwrap_or_default();
+        assert!(
+            error.starts_with("identity-retired") && error.contains("exit-changed"),
+            "{error}"
+        );
+        assert_eq!(
+            origin.seen().len(),
+            seen,
+            "the cookie never left from {peer}'s elsewhere"
+        );
+    }
+    assert!(origin.leaks().is_empty(), "{:?}", origin.leaks());
 }
 
 /// Sends requests until one gets `status` (bounded), returning it.

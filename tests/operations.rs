@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use pinproxy::exits::health::HealthState;
+use pinproxy::exits::routes::ROUTE_FILE;
 use pinproxy::upstream::FingerprintMode;
 use support::origin::reported_peer;
 use support::procs::{Lines, PinproxyProcess, RedisServer};
@@ -538,6 +539,23 @@ async fn identities_retire_when_a_restart_points_their_exit_elsewhere() {
     let (mut jar, earned) = s.login("/login").await;
     let i = s.exit_of(earned);
     let elsewhere = s.proxy.config.exits[1 - i].url.clone();
+    let s = s.restart_with(move |c| c.exits[i].url = elsewhere).await;
+    assert_retired_for_the_new_route(&s, &mut jar).await;
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// The book of routes is per data directory: one restored without it (or
+/// the first start of a release that keeps it) cannot tell that an exit's
+/// route changed meanwhile. The identities carry the route they were
+/// founded on, so they retire all the same.
+#[tokio::test]
+async fn identities_retire_for_a_route_change_the_book_never_saw() {
+    let s = Setup::start(2).await;
+    let (mut jar, earned) = s.login("/login").await;
+    let i = s.exit_of(earned);
+    let elsewhere = s.proxy.config.exits[1 - i].url.clone();
+    let book = s.proxy.data_dir.path().join(ROUTE_FILE);
+    std::fs::remove_file(&book).unwrap();
     let s = s.restart_with(move |c| c.exits[i].url = elsewhere).await;
     assert_retired_for_the_new_route(&s, &mut jar).await;
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());

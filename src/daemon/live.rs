@@ -248,6 +248,7 @@ impl Live {
         // `Exit::superseded`); a book that cannot be written refuses the
         // reload, since a change kept only in memory would be forgotten at
         // the next start.
+        crate::exits::routes::found_on(&set, &self.core.hasher);
         let specs: Vec<&ExitSpec> = set.iter().map(|exit| &exit.spec).collect();
         let mut plan = self.routes.plan(&specs);
         let replaced: Vec<Arc<Exit>> = plan

@@ -24,6 +24,15 @@
 //! route each retire the identities founded before their own restart, and
 //! a retirement is shared through the store.
 //!
+//! The book cannot see a change made while it was not there (a data
+//! directory restored without it, an import into a new one, the first
+//! start of a release that keeps it) nor another replica's routes (a
+//! fleet half-way through a rollout). So each identity also carries the
+//! route it was founded on ([`FoundingRoute`], from [`founding_route`]),
+//! and one whose exit's route differs at its next use retires as well,
+//! whichever replica, restart or directory it comes to.
+//!
+//! [`FoundingRoute`]: crate::identity::FoundingRoute
 //! [`ExitSpec::route_key`]: super::spec::ExitSpec::route_key
 
 use std::collections::BTreeMap;
@@ -34,10 +43,50 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::ExitSpec;
 use super::ExitSet;
-use crate::identity::ExitId;
+use crate::credential::PinHasher;
+use crate::identity::{ExitId, FoundingRoute, RouteHash};
+use crate::upstream::FingerprintMode;
 
 /// The file in the data directory that remembers the exits' routes.
 pub const ROUTE_FILE: &str = "exit-routes.json";
+
+/// The route identities founded on the exit `spec` describes are founded
+/// on: its route key and its face, each hashed with the pin key
+/// `hasher` holds (the fleet's, on a shared store). The face of chrome mode
+/// names its profile, so a release with another one is a change.
+pub fn founding_route(spec: &ExitSpec, hasher: &PinHasher) -> FoundingRoute {
+    let face = match spec.options.fingerprint {
+        FingerprintMode::Chrome => format!(
+            "chrome {}",
+            crate::fingerprint::profile::chrome_profile_id()
+        ),
+        mode => mode.label().to_owned(),
+    };
+    FoundingRoute {
+        route: route_hash(hasher, "route", &spec.route_key()),
+        face: route_hash(hasher, "face", &face),
+    }
+}
+
+/// Gives each exit of `exits` its [`founding_route`] (once: an exit kept
+/// whole across a reload has it already, and the same).
+pub fn found_on(exits: &ExitSet, hasher: &PinHasher) {
+    for exit in exits.iter() {
+        exit.set_founding_route(founding_route(&exit.spec, hasher));
+    }
+}
+
+/// `text`, one `part` of a route, hashed with the pin key.
+fn route_hash(hasher: &PinHasher, part: &str, text: &str) -> RouteHash {
+    let mut keyed = blake3::Hasher::new_keyed(&hasher.key_bytes());
+    keyed.update(b"pinproxy exit route v1\0");
+    keyed.update(part.as_bytes());
+    keyed.update(b"\0");
+    keyed.update(text.as_bytes());
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&keyed.finalize().as_bytes()[..8]);
+    RouteHash(u64::from_le_bytes(out))
+}
 
 /// One exit id's route, as remembered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,6 +383,42 @@ mod tests {
             apply(&book, &spec, 200),
             (vec![Some(200)], vec![changed], true)
         );
+    }
+
+    #[test]
+    fn a_founding_route_follows_the_route_the_face_and_the_key() {
+        let hasher = PinHasher::new([1; 32]);
+        let of = |url: &str, mode| {
+            let mut spec = ExitSpec::parse("a", url).unwrap();
+            spec.options.fingerprint = mode;
+            founding_route(&spec, &hasher)
+        };
+        let base = of("http://u:p@gate:1", FingerprintMode::Mirror);
+        assert_eq!(base, of("http://u:p@gate:1", FingerprintMode::Mirror));
+        // Another password, host or port: another route, the same face.
+        for url in [
+            "http://u:q@gate:1",
+            "http://u:p@gate2:1",
+            "http://u:p@gate:2",
+        ] {
+            let other = of(url, FingerprintMode::Mirror);
+            assert_ne!(other.route, base.route, "{url}");
+            assert_eq!(other.face, base.face, "{url}");
+        }
+        // Another mode: the same route, another face.
+        let faces: Vec<RouteHash> = [FingerprintMode::Chrome, FingerprintMode::Rustls]
+            .into_iter()
+            .map(|mode| {
+                let other = of("http://u:p@gate:1", mode);
+                assert_eq!(other.route, base.route);
+                other.face
+            })
+            .collect();
+        assert!(faces[0] != base.face && faces[1] != base.face && faces[0] != faces[1]);
+        // Keyed: another fleet's key gives other hashes.
+        let spec = ExitSpec::parse("a", "http://u:p@gate:1").unwrap();
+        let elsewhere = founding_route(&spec, &PinHasher::new([2; 32]));
+        assert!(elsewhere.route != base.route && elsewhere.face != base.face);
     }
 
     #[test]

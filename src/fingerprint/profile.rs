@@ -42,6 +42,19 @@ pub fn chrome_h2() -> Option<Arc<H2Fingerprint>> {
     CHROME.1.clone()
 }
 
+/// What the Chrome profile is, as text that changes whenever its
+/// ClientHello or HTTP/2 opening does (a hash of both): identities founded
+/// in chrome mode are founded on this face, and a release that brings
+/// another profile retires them instead of showing the origin another
+/// browser under their cookies.
+pub fn chrome_profile_id() -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(CHROME_HELLO.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(CHROME_H2.as_bytes());
+    hasher.finalize().to_hex()[..16].to_owned()
+}
+
 /// Bytes from hex text (whitespace ignored).
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();

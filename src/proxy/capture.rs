@@ -284,6 +284,7 @@ pub async fn learn(
                 now,
             );
             identity.egress_ip = egress_ip;
+            identity.route = route.exit.founding_route();
             (Arc::new(identity), true)
         }
     };

@@ -175,6 +175,7 @@ pub fn ends(
     if exit
         .route_changed_ms()
         .is_some_and(|changed| changed >= identity.created_ms)
+        || left_its_route(identity, exit)
     {
         return Some(RetireReason::ExitChanged);
     }
@@ -185,6 +186,23 @@ pub fn ends(
         }
     }
     lifetimes_end(identity, Some(options), policies, now)
+}
+
+/// Whether `identity` was founded on another route than `exit` has now
+/// (see `exits::routes`): another address or credentials, unless the exit
+/// keeps its identities across a route change, or another face, which it
+/// never keeps them across. An identity that carries no route (founded
+/// before identities did) is judged by the book of routes alone; an exit
+/// without one (never given it: a defect) cannot vouch for any route.
+fn left_its_route(identity: &Identity, exit: &Exit) -> bool {
+    let Some(founded) = identity.route else {
+        return false;
+    };
+    let Some(now) = exit.founding_route() else {
+        return true;
+    };
+    founded.face != now.face
+        || (founded.route != now.route && !exit.spec.options.keep_identities_on_route_change)
 }
 
 /// Whether `identity` has been idle or alive too long at `now`, by its

@@ -409,13 +409,14 @@ impl Router {
         let exit = exits
             .pick_within(now, scope)
             .ok_or_else(|| RouteError::NoExit(exits.unavailable()))?;
-        let candidate = Identity::new(
+        let mut candidate = Identity::new(
             exit.id().clone(),
             SessionId(rand::random()),
             now,
             Arc::new(fingerprint.clone()),
             now,
         );
+        candidate.route = exit.founding_route();
         // The identity and all its pins in one store step (one round trip
         // to Redis); the first credential decides who founds it.
         let pins: Vec<(PinKey, Pin)> = unknown

@@ -22,7 +22,9 @@ use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, Swept};
 use crate::credential::PinKind;
 use crate::credential::{PinKey, RandomKeys};
 use crate::fingerprint::Fingerprint;
-use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId};
+use crate::identity::{
+    ExitId, FoundingRoute, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId,
+};
 
 /// Values interned first, read without a lock: every pin hit reads a
 /// cookie name and an exit back, and a fleet has few of each, while a
@@ -224,6 +226,8 @@ struct IdentityRecord {
     /// Shared with every identity whose fingerprint is equal.
     fingerprint: Arc<Fingerprint>,
     exit: u32,
+    /// Its founding route, interned: an exit's routes are few.
+    route: u32,
     worked: bool,
     /// Touched since a durable store last wrote it (see
     /// [`MemoryStore::touch_unwritten`]).
@@ -237,6 +241,9 @@ pub struct MemoryStore {
     pins: DashMap<PinKey, PinRecord, RandomKeys>,
     identities: DashMap<IdentityId, IdentityRecord, RandomKeys>,
     exits: Interner<ExitId>,
+    /// Identities' founding routes: a handful per exit (one per route it
+    /// ever had), never let go of.
+    routes: Interner<Option<FoundingRoute>>,
     names: Interner<Arc<str>>,
     fingerprints: SharedFingerprints,
     exit_deaths: DashMap<ExitId, u64>,
@@ -316,6 +323,7 @@ impl MemoryStore {
             requests: u32::try_from(identity.requests).unwrap_or(u32::MAX),
             fingerprint: self.fingerprints.share(&identity.fingerprint),
             exit: self.exits.intern(&identity.exit),
+            route: self.routes.intern(&identity.route),
             worked: identity.worked,
             unwritten: false,
         }
@@ -337,6 +345,9 @@ impl MemoryStore {
             requests: u64::from(record.requests),
             worked: record.worked,
             retired: record.retired.as_deref().cloned(),
+            // An index never handed out cannot be read here; were it, the
+            // identity would carry no route and the book would judge it.
+            route: self.routes.get(record.route).flatten(),
         }
     }
 
@@ -513,6 +524,12 @@ impl PinStore for MemoryStore {
                 }
                 known.egress_ip = known.egress_ip.or(identity.egress_ip);
                 known.last_used_ms = known.last_used_ms.max(identity.last_used_ms);
+                // A record written without its founding route (by a
+                // release that did not know it) takes the one it is
+                // handed: one more check, never one less.
+                if identity.route.is_some() && self.routes.get(known.route).flatten().is_none() {
+                    known.route = self.routes.intern(&identity.route);
+                }
             }
         }
         Ok(())
@@ -654,6 +671,34 @@ mod tests {
     fn with_agent(agent: &str) -> Identity {
         let fingerprint = Fingerprint::of_user_agent(agent);
         Identity::new(ExitId::new("e1"), SessionId(1), 10, fingerprint, 10)
+    }
+
+    /// An identity's founding route is kept with it, and a record that has
+    /// none (written by a release without routes) takes the one a merge
+    /// brings; one that has its own keeps it.
+    #[tokio::test]
+    async fn the_founding_route_is_kept_and_a_merge_only_adds_it() {
+        use crate::identity::{FoundingRoute, RouteHash};
+        let store = MemoryStore::new();
+        let route = |n| {
+            Some(FoundingRoute {
+                route: RouteHash(n),
+                face: RouteHash(n + 1),
+            })
+        };
+        let mut routed = with_agent("a");
+        routed.route = route(10);
+        let unrouted = with_agent("b");
+        for identity in [&routed, &unrouted] {
+            store.create_identity(identity).await.unwrap();
+        }
+        for (identity, merged, want) in [(&routed, 20, 10), (&unrouted, 30, 30)] {
+            assert_eq!(store.identity(identity.id).unwrap().route, identity.route);
+            let mut again = identity.clone();
+            again.route = route(merged);
+            store.create_identity(&again).await.unwrap();
+            assert_eq!(store.identity(identity.id).unwrap().route, route(want));
+        }
     }
 
     /// The Redis store's journal merges every identity it is handed while

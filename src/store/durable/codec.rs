@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::credential::PinKey;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{ExitId, Identity, IdentityId, Pin, Retirement, SessionId};
+use crate::identity::{ExitId, FoundingRoute, Identity, IdentityId, Pin, Retirement, SessionId};
 use crate::store::memory::MemoryStore;
 
 /// Identities by id (their fingerprint by hash).
@@ -53,8 +53,24 @@ pub(super) fn record_key_id(db: &Database, key_id: &str) -> Result<(), String> {
 
 /// An identity on disk: like [`Identity`], with its fingerprint stored once
 /// in its own table and referred to by hash.
+///
+/// Postcard writes a struct's fields one after the other, a nested one's
+/// inline: this is the layout written before identities carried their
+/// route ([`StoredFields`]) followed by the route. A release that does not
+/// know the route reads every field before it as it always did (a route
+/// placed before the hash would be read as the hash, and the identity
+/// would lose its fingerprint), and a record without it is shorter by the
+/// route's tag, so it never reads as the current layout.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct StoredIdentity {
+    fields: StoredFields,
+    route: Option<FoundingRoute>,
+}
+
+/// [`StoredIdentity`]'s fields but its route: the whole record as stored
+/// before identities carried their route.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredFields {
     exit: ExitId,
     session: SessionId,
     session_started_ms: u64,
@@ -67,6 +83,66 @@ pub(super) struct StoredIdentity {
     fingerprint: [u8; 16],
 }
 
+impl StoredIdentity {
+    /// The on-disk form of `identity`, whose fingerprint hashes to
+    /// `fingerprint`.
+    pub(super) fn of(identity: Identity, fingerprint: [u8; 16]) -> StoredIdentity {
+        StoredIdentity {
+            fields: StoredFields {
+                exit: identity.exit,
+                session: identity.session,
+                session_started_ms: identity.session_started_ms,
+                created_ms: identity.created_ms,
+                last_used_ms: identity.last_used_ms,
+                requests: identity.requests,
+                worked: identity.worked,
+                egress_ip: identity.egress_ip,
+                retired: identity.retired,
+                fingerprint,
+            },
+            route: identity.route,
+        }
+    }
+
+    /// Decodes a record, in the current layout or the one written before
+    /// identities carried their route.
+    pub(super) fn decode(bytes: &[u8]) -> Result<StoredIdentity, postcard::Error> {
+        postcard::from_bytes::<StoredIdentity>(bytes).or_else(|current| {
+            postcard::from_bytes::<StoredFields>(bytes)
+                .map(|fields| StoredIdentity {
+                    fields,
+                    route: None,
+                })
+                .map_err(|_| current)
+        })
+    }
+
+    /// The hash of its fingerprint.
+    pub(super) fn fingerprint(&self) -> [u8; 16] {
+        self.fields.fingerprint
+    }
+
+    /// The identity `id` this record is, with `fingerprint` (the one its
+    /// hash refers to).
+    fn into_identity(self, id: IdentityId, fingerprint: Arc<Fingerprint>) -> Identity {
+        let fields = self.fields;
+        Identity {
+            id,
+            exit: fields.exit,
+            session: fields.session,
+            session_started_ms: fields.session_started_ms,
+            created_ms: fields.created_ms,
+            egress_ip: fields.egress_ip,
+            fingerprint,
+            last_used_ms: fields.last_used_ms,
+            requests: fields.requests,
+            worked: fields.worked,
+            retired: fields.retired,
+            route: self.route,
+        }
+    }
+}
+
 /// A fingerprint's key in [`FINGERPRINTS`] and its encoding.
 pub(super) fn fingerprint_hash(fingerprint: &Fingerprint) -> Result<([u8; 16], Vec<u8>), String> {
     let bytes = postcard::to_stdvec(fingerprint).map_err(|e| e.to_string())?;
@@ -75,32 +151,11 @@ pub(super) fn fingerprint_hash(fingerprint: &Fingerprint) -> Result<([u8; 16], V
     Ok((hash, bytes))
 }
 
-impl StoredIdentity {
-    /// The on-disk form of `identity`, whose fingerprint hashes to
-    /// `fingerprint`.
-    pub(super) fn of(identity: Identity, fingerprint: [u8; 16]) -> StoredIdentity {
-        StoredIdentity {
-            exit: identity.exit,
-            session: identity.session,
-            session_started_ms: identity.session_started_ms,
-            created_ms: identity.created_ms,
-            last_used_ms: identity.last_used_ms,
-            requests: identity.requests,
-            worked: identity.worked,
-            egress_ip: identity.egress_ip,
-            retired: identity.retired,
-            fingerprint,
-        }
-    }
-}
-
-/// The fingerprint hash of an identity as stored: its encoding's last 16
-/// bytes (postcard writes the hash, the last field, as its bytes alone), so
-/// the writer reads what an identity it replaces referred to without
-/// decoding it. `None` for a value too short to be an identity.
+/// The fingerprint hash of an identity as stored, so the writer knows what
+/// an identity it replaces referred to. `None` for a value that is not an
+/// identity.
 pub(super) fn stored_fingerprint(stored: &[u8]) -> Option<[u8; 16]> {
-    let start = stored.len().checked_sub(16)?;
-    stored.get(start..)?.try_into().ok()
+    StoredIdentity::decode(stored).ok().map(|s| s.fingerprint())
 }
 
 /// How many identities on disk refer to each stored fingerprint. The
@@ -172,25 +227,14 @@ pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), Stri
     let mut refs = FingerprintRefs::default();
     for row in identities.iter().map_err(|e| e.to_string())? {
         let (id, value) = row.map_err(|e| e.to_string())?;
-        let stored: StoredIdentity =
-            postcard::from_bytes(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
-        refs.add(stored.fingerprint);
-        memory.insert_identity(&Identity {
-            id: IdentityId(id.value()),
-            exit: stored.exit,
-            session: stored.session,
-            session_started_ms: stored.session_started_ms,
-            created_ms: stored.created_ms,
-            egress_ip: stored.egress_ip,
-            fingerprint: fingerprints
-                .get(&stored.fingerprint)
-                .cloned()
-                .unwrap_or_default(),
-            last_used_ms: stored.last_used_ms,
-            requests: stored.requests,
-            worked: stored.worked,
-            retired: stored.retired,
-        });
+        let stored =
+            StoredIdentity::decode(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
+        refs.add(stored.fingerprint());
+        let fingerprint = fingerprints
+            .get(&stored.fingerprint())
+            .cloned()
+            .unwrap_or_default();
+        memory.insert_identity(&stored.into_identity(IdentityId(id.value()), fingerprint));
     }
     for row in pins.iter().map_err(|e| e.to_string())? {
         let (key, value) = row.map_err(|e| e.to_string())?;
@@ -228,10 +272,10 @@ pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::RetireReason;
+    use crate::identity::{RetireReason, RouteHash};
 
     #[test]
-    fn an_identitys_fingerprint_hash_is_its_encodings_last_16_bytes() {
+    fn an_identity_reads_in_either_layout_with_its_fingerprint_hash() {
         let retirement = Retirement {
             reason: RetireReason::Invalidated {
                 rule: "datadome-challenge".into(),
@@ -253,7 +297,7 @@ mod tests {
                 .unwrap_or(0)
                 .wrapping_mul(37)
                 .wrapping_add(200); 16];
-            let stored = StoredIdentity {
+            let fields = StoredFields {
                 exit: ExitId::new("residential-1"),
                 session: SessionId(u64::MAX - 3),
                 session_started_ms: 5,
@@ -265,8 +309,33 @@ mod tests {
                 retired,
                 fingerprint: hash,
             };
-            let bytes = postcard::to_stdvec(&stored).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(stored_fingerprint(&bytes), Some(hash), "case {n}");
+            let old = postcard::to_stdvec(&fields).unwrap_or_else(|e| panic!("{e}"));
+            let route = FoundingRoute {
+                route: RouteHash(u64::MAX - n as u64),
+                face: RouteHash(7),
+            };
+            let stored = StoredIdentity {
+                fields,
+                route: Some(route),
+            };
+            let routed = postcard::to_stdvec(&stored).unwrap_or_else(|e| panic!("{e}"));
+            for (bytes, want) in [(&routed, Some(route)), (&old, None)] {
+                assert_eq!(stored_fingerprint(bytes), Some(hash), "case {n}");
+                let read = StoredIdentity::decode(bytes).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(
+                    (read.route, read.fields.requests),
+                    (want, 123_456),
+                    "case {n}"
+                );
+            }
+            // The route comes after every field a release without it reads.
+            let before: StoredFields =
+                postcard::from_bytes(&routed).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(before.fingerprint, hash, "case {n}");
+            assert!(
+                routed.starts_with(&old) && routed.len() > old.len(),
+                "case {n}"
+            );
         }
         assert_eq!(stored_fingerprint(&[0; 15]), None);
     }
