@@ -23,7 +23,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Unhurried};
 use crate::credential::RandomKeys;
 use crate::identity::{IdentityId, RetireReason};
 use crate::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct Router {
     /// once it has been unseen longer than any idle timeout (an identity
     /// the sweep retired, or one that expired in Redis).
     sent_ja4: dashmap::DashMap<IdentityId, SentJa4, RandomKeys>,
+    /// The time the sweep forgets by (see [`Unhurried`]).
+    forgetting: Unhurried,
 }
 
 /// The JA4 an identity's upstream connection sent, and when last seen.
@@ -72,6 +74,9 @@ impl Router {
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
     ) -> Router {
+        // Its first reading anchors it: at the start.
+        let forgetting = Unhurried::default();
+        forgetting.now_ms(&clock);
         Router {
             store: TimedStore::new(store, metrics.clone()),
             clock,
@@ -80,6 +85,7 @@ impl Router {
             pending: PendingRetirements::default(),
             tasks,
             sent_ja4: dashmap::DashMap::default(),
+            forgetting,
         }
     }
 

@@ -129,9 +129,21 @@ impl Router {
         let now = self.clock.now_ms();
         let policies = self.policies.load_full();
         let expiry = |identity: &Identity| ends(identity, exits, &policies, now);
+        // Retiring goes by the wall clock (on a clock stepped forward it
+        // only retires early), forgetting by the time that really elapsed:
+        // kept longer by as much as the wall clock is ahead of it.
+        let (ahead, news) = self.forgetting.ahead_ms(&self.clock, now);
+        if news {
+            tracing::warn!(
+                ahead_ms = ahead,
+                "the wall clock reads ahead of the time elapsed since the start (stepped \
+                 forward?): retired credentials and expired cookies' pins are forgotten \
+                 that much later, and the sweep retires by the wall clock"
+            );
+        }
         let swept = self
             .store
-            .sweep(now, policies.keep_retired_ms, &expiry)
+            .sweep(now, policies.keep_retired_ms.saturating_add(ahead), &expiry)
             .await?;
         if swept != Swept::default() {
             tracing::debug!(?swept, "swept the pin store");
