@@ -9,7 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A source of the current time.
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
-    manual: Option<Arc<AtomicU64>>,
+    manual: Option<Arc<Manual>>,
+}
+
+/// A manual clock's readings.
+#[derive(Debug)]
+struct Manual {
+    /// Its wall-clock time.
+    wall: AtomicU64,
+    /// The time it was advanced by in all (not counting steps).
+    elapsed: AtomicU64,
 }
 
 impl Clock {
@@ -21,30 +30,55 @@ impl Clock {
     /// A clock that stands still at the current time until advanced.
     pub fn manual() -> Clock {
         Clock {
-            manual: Some(Arc::new(AtomicU64::new(system_ms()))),
+            manual: Some(Arc::new(Manual {
+                wall: AtomicU64::new(system_ms()),
+                elapsed: AtomicU64::new(0),
+            })),
         }
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
         match &self.manual {
-            Some(ms) => ms.load(Ordering::Relaxed),
+            Some(manual) => manual.wall.load(Ordering::Relaxed),
             None => system_ms(),
         }
     }
 
-    /// Moves a manual clock forward (no effect on the system clock).
+    /// Milliseconds elapsed since an arbitrary point before the first call,
+    /// by a clock no step of the wall clock moves (the monotonic clock; a
+    /// manual clock's advances).
+    pub fn elapsed_ms(&self) -> u64 {
+        static START: std::sync::LazyLock<std::time::Instant> =
+            std::sync::LazyLock::new(std::time::Instant::now);
+        match &self.manual {
+            Some(manual) => manual.elapsed.load(Ordering::Relaxed),
+            None => duration_ms(START.elapsed()),
+        }
+    }
+
+    /// Moves a manual clock forward, time elapsing (no effect on the
+    /// system clock).
     pub fn advance(&self, by: Duration) {
-        if let Some(ms) = &self.manual {
-            ms.fetch_add(duration_ms(by), Ordering::Relaxed);
+        if let Some(manual) = &self.manual {
+            manual.wall.fetch_add(duration_ms(by), Ordering::Relaxed);
+            manual.elapsed.fetch_add(duration_ms(by), Ordering::Relaxed);
+        }
+    }
+
+    /// Steps a manual clock's wall-clock time forward with no time elapsing,
+    /// as a bad NTP step does (no effect on the system clock).
+    pub fn step(&self, by: Duration) {
+        if let Some(manual) = &self.manual {
+            manual.wall.fetch_add(duration_ms(by), Ordering::Relaxed);
         }
     }
 }
 
 /// How far the wall clock may run ahead of the time elapsed since it was
-/// first read before [`Unhurried`] holds it back: the two drift a little
-/// (NTP slews both), and a sweep's decisions are a minute apart anyway.
-const UNHURRIED_SLACK_MS: u64 = 60_000;
+/// first read before [`Unhurried`] holds it back: NTP slews both alike, so
+/// they part by steps alone, and a step of a few seconds is no news.
+const UNHURRIED_SLACK_MS: u64 = 5_000;
 
 /// Wall-clock time for decisions that forget (the sweep deleting what was
 /// retired long enough, and pins past their cookie's expiry), held back to
@@ -63,22 +97,20 @@ const UNHURRIED_SLACK_MS: u64 = 60_000;
 /// cannot be told from the time it was down.
 #[derive(Debug, Default)]
 pub struct Unhurried {
-    anchor: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
+    /// The first reading: the wall clock's, and [`Clock::elapsed_ms`].
+    anchor: std::sync::Mutex<Option<(u64, u64)>>,
     /// The lead last reported as news by [`Unhurried::ahead_ms`].
     said: AtomicU64,
 }
 
 impl Unhurried {
     /// `clock`'s time, held back to the first reading plus the time elapsed
-    /// since (a manual clock, which tests advance on purpose, as it is).
+    /// since.
     pub fn now_ms(&self, clock: &Clock) -> u64 {
-        let wall = clock.now_ms();
-        if clock.manual.is_some() {
-            return wall;
-        }
+        let (wall, elapsed) = (clock.now_ms(), clock.elapsed_ms());
         let mut anchor = self.anchor.lock().unwrap_or_else(|e| e.into_inner());
-        let (since_wall, since) = *anchor.get_or_insert((wall, std::time::Instant::now()));
-        held_back(wall, since_wall, duration_ms(since.elapsed()))
+        let (since_wall, since) = *anchor.get_or_insert((wall, elapsed));
+        held_back(wall, since_wall, elapsed.saturating_sub(since))
     }
 
     /// How far `clock` reads ahead of [`Unhurried::now_ms`] at `wall` (a
@@ -128,8 +160,8 @@ mod tests {
         // In step, or a little ahead: as it is.
         assert_eq!(held_back(start + DAY, start, DAY), start + DAY);
         assert_eq!(
-            held_back(start + DAY + 30_000, start, DAY),
-            start + DAY + 30_000
+            held_back(start + DAY + 3_000, start, DAY),
+            start + DAY + 3_000
         );
         // Stepped forward 40 days an hour after the first reading: held
         // to the hour (and the slack).
@@ -142,14 +174,25 @@ mod tests {
         assert_eq!(held_back(start - DAY, start, hour), start - DAY);
         // The system clock reads close to itself right away.
         let system = Clock::system();
-        let unhurried = Unhurried::default();
-        let first = unhurried.now_ms(&system);
+        let first = Unhurried::default().now_ms(&system);
         assert!(first.abs_diff(system.now_ms()) < 1_000);
-        // A manual clock, advanced by tests, is never held back.
+        // A manual clock: advanced, as it is; stepped, held back.
         let manual = Clock::manual();
+        let unhurried = Unhurried::default();
         let before = unhurried.now_ms(&manual);
         manual.advance(Duration::from_secs(40 * 86_400));
         assert_eq!(unhurried.now_ms(&manual), before + 40 * DAY);
+        manual.step(Duration::from_secs(40 * 86_400));
+        assert_eq!(manual.now_ms(), before + 80 * DAY);
+        assert_eq!(
+            unhurried.now_ms(&manual),
+            before + 40 * DAY + UNHURRIED_SLACK_MS
+        );
+        assert_eq!(
+            unhurried.ahead_ms(&manual, manual.now_ms()),
+            (40 * DAY - UNHURRIED_SLACK_MS, true)
+        );
+        assert!(!unhurried.ahead_ms(&manual, manual.now_ms()).1, "said once");
     }
 
     #[test]

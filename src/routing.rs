@@ -252,6 +252,49 @@ mod tests {
         assert!(router.observe_sent_ja4(unseen, &ja4, router.clock().now_ms()));
     }
 
+    /// A wall clock stepped forward past `remember_retired` does not make
+    /// the sweep forget a retired identity's pins (its cookie would then be
+    /// founded anew on any exit); the time that really elapses does.
+    #[tokio::test]
+    async fn a_clock_stepped_forward_forgets_nothing_early() {
+        use crate::credential::{Credential, PinHasher};
+        use crate::fingerprint::Fingerprint;
+        use crate::identity::{ExitId, Identity, Pin, Retirement, SessionId};
+        use crate::store::PinStore as _;
+        let router = router();
+        let clock = router.clock().clone();
+        let now = clock.now_ms();
+        let fingerprint = Fingerprint::of_user_agent("agent");
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), now, fingerprint, now);
+        let cookie =
+            Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
+        let store = router.store();
+        store.create_identity(&identity).await.unwrap();
+        store
+            .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, now, None))
+            .await
+            .unwrap();
+        let retirement = Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: now,
+        };
+        store.retire(identity.id, &retirement).await.unwrap();
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        let held = || async { store.lookup(&[cookie.key]).await.unwrap()[0].is_some() };
+
+        // `remember_retired` is 60 s: a step of ten days forgets nothing.
+        clock.step(std::time::Duration::from_secs(10 * 86_400));
+        router.sweep(&exits).await.unwrap();
+        assert!(held().await, "forgotten on a stepped clock");
+        clock.advance(std::time::Duration::from_secs(30));
+        router.sweep(&exits).await.unwrap();
+        assert!(held().await, "forgotten 30 s after its retirement");
+        // 60 s really elapsed (and the few seconds' slack): forgotten.
+        clock.advance(std::time::Duration::from_secs(36));
+        router.sweep(&exits).await.unwrap();
+        assert!(!held().await, "kept past remember_retired");
+    }
+
     #[test]
     fn a_pending_retirement_is_found_until_removed_however_often_decided() {
         let pending = PendingRetirements::default();
