@@ -134,8 +134,9 @@ pub struct RouteHash(pub u64);
 /// The route an identity was founded on, as its exit had it then: where
 /// its traffic left (the exit's address and credentials) and with which
 /// face (the fingerprint mode, and the browser profile it imitates). Each
-/// is a hash keyed with the pin key, so a store or an export never holds
-/// anything an exit password could be guessed from. An identity whose
+/// is a hash keyed with the pin key, so an export or the embedded store
+/// holds nothing an exit password could be guessed from without the key
+/// (Redis holds the fleet's key itself). An identity whose
 /// exit's route is no longer the one it was founded on retires
 /// (`exit-changed`): whatever a replica, a restart or a restored data
 /// directory remembers about the exit's earlier routes, the identity
@@ -304,15 +305,26 @@ impl Identity {
     /// Decodes a stored record (postcard), in the current layout, the one
     /// written before identities carried their route, or the one written
     /// before fingerprints held TLS and HTTP/2. A record of an older layout
-    /// is shorter than the newer ones read it as, so it never reads as one.
+    /// is shorter than the newer ones read it as, so it never reads as one;
+    /// read as an older one, a record must end where it does (a current
+    /// record whose route is damaged is an error, not one without a route).
+    /// The current layout may be followed by fields a later release added.
     pub fn decode(bytes: &[u8]) -> Result<Identity, postcard::Error> {
         match postcard::from_bytes::<Identity>(bytes) {
             Ok(identity) => Ok(identity),
-            Err(current) => postcard::from_bytes::<UnroutedIdentity>(bytes)
+            Err(current) => whole::<UnroutedIdentity>(bytes)
                 .map(Identity::from)
-                .or_else(|_| postcard::from_bytes::<LegacyIdentity>(bytes).map(Identity::from))
+                .or_else(|_| whole::<LegacyIdentity>(bytes).map(Identity::from))
                 .map_err(|_| current),
         }
+    }
+}
+
+/// A `T` that is the whole of `bytes`.
+pub(crate) fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    match postcard::take_from_bytes::<T>(bytes)? {
+        (value, []) => Ok(value),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
     }
 }
 
@@ -466,5 +478,11 @@ mod tests {
         let before: UnroutedIdentity = postcard::from_bytes(&routed).unwrap();
         assert_eq!(Identity::from(before), unrouted_identity);
         assert!(Identity::decode(&old[..old.len() - 1]).is_err());
+        // A damaged route (its tag, or cut short) is an error, never an
+        // identity without a route.
+        let mut bad_tag = unrouted.clone();
+        *bad_tag.last_mut().unwrap() = 2;
+        assert!(Identity::decode(&bad_tag).is_err());
+        assert!(Identity::decode(&routed[..routed.len() - 1]).is_err());
     }
 }

@@ -244,6 +244,46 @@ async fn replicas_that_disagree_on_an_exits_route_never_carry_each_others_identi
     assert!(origin.leaks().is_empty(), "{:?}", origin.leaks());
 }
 
+/// The same fleet, and a cookie neither replica has seen brought to both
+/// at once: both find it unknown, one founds its identity, the other loses
+/// the founding and is handed the winner, founded on the other route. It
+/// judges the winner as it would a pin it found (here: `exit-changed`)
+/// instead of following it through its own route. A race: each round may
+/// or may not meet it; no round may let a value out from two addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_founding_lost_to_a_replica_on_another_route_is_not_followed() {
+    let f = fleet_with_routes(2, &[&[(0, 0)], &[(0, 1)]]).await;
+    let (origin, clients) = (&f.origin, &f.clients);
+    let port = origin.https.port();
+    for round in 0..24 {
+        let cookie = format!("datadome=raced-{round}");
+        // Tunnels (and their TLS) first, so the two requests leave together.
+        let (mut a, mut b) = tokio::join!(
+            clients[0].tunnel("localhost", port),
+            clients[1].tunnel("localhost", port)
+        );
+        let headers = [("cookie", cookie.as_str())];
+        let (to_a, to_b) = tokio::join!(a.get("/page", &headers), b.get("/page", &headers));
+        for reply in [&to_a, &to_b] {
+            if reply.status != 200 {
+                let error = reply.pinproxy_error().unwrap_or_default();
+                assert!(error.contains("exit-changed"), "round {round}: {error}");
+            }
+        }
+    }
+    // Each value reached the origin from one address at most.
+    let mut peers: std::collections::HashMap<String, HashSet<IpAddr>> = Default::default();
+    for seen in origin.seen() {
+        for (name, value) in &seen.headers {
+            if name == "cookie" && value.contains("raced-") {
+                peers.entry(value.clone()).or_default().insert(seen.peer);
+            }
+        }
+    }
+    let twice: Vec<_> = peers.iter().filter(|(_, p)| p.len() > 1).collect();
+    assert!(twice.is_empty(), "sent from two addresses: {twice:?}");
+}
+
 /// Sends requests until one gets `status` (bounded), returning it.
 async fn until_status(s: &Setup, jar: &mut Jar, path: &str, status: u16) -> support::Reply {
     for _ in 0..200 {

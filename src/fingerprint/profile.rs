@@ -48,10 +48,14 @@ pub fn chrome_h2() -> Option<Arc<H2Fingerprint>> {
 /// another profile retires them instead of showing the origin another
 /// browser under their cookies.
 pub fn chrome_profile_id() -> String {
+    // The bytes, not the text: a checkout with other line endings or
+    // spacing is the same profile.
     let mut hasher = blake3::Hasher::new();
-    hasher.update(CHROME_HELLO.as_bytes());
-    hasher.update(b"\0");
-    hasher.update(CHROME_H2.as_bytes());
+    for part in [CHROME_HELLO, CHROME_H2] {
+        let bytes = unhex(part).unwrap_or_default();
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+    }
     hasher.finalize().to_hex()[..16].to_owned()
 }
 

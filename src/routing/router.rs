@@ -469,7 +469,25 @@ impl Router {
                 }]));
             }
         };
-        // Another request founded it first, maybe on an exit not ours.
+        // Another request founded it first, maybe on an exit not ours, or
+        // on another route under our exit's id (a replica not yet given a
+        // route change, a request on an exit a reload replaced): judged as
+        // a pin hit is, before the credential follows it.
+        let retired = |reason: RetireReason| {
+            RouteError::Retired(vec![DeadCredential {
+                credential: (*first).clone(),
+                identity: Some(identity.id),
+                exit: Some(identity.exit.clone()),
+                reason,
+            }])
+        };
+        if let Some(reason) = self.pending_retirement(identity.id) {
+            return Err(retired(reason));
+        }
+        if let Some(reason) = ends(&identity, exits, &self.policies.load(), now) {
+            self.retire(exits, &identity, reason.clone()).await?;
+            return Err(retired(reason));
+        }
         allowed(scope, &identity)?;
         self.join(&identity, rest, now).await?;
         self.pinned_route(exits, identity, Reason::Pinned, strip)

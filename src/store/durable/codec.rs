@@ -108,7 +108,9 @@ impl StoredIdentity {
     /// identities carried their route.
     pub(super) fn decode(bytes: &[u8]) -> Result<StoredIdentity, postcard::Error> {
         postcard::from_bytes::<StoredIdentity>(bytes).or_else(|current| {
-            postcard::from_bytes::<StoredFields>(bytes)
+            // Read as the older layout, the record must end where it does:
+            // a damaged route is an error, not an identity without one.
+            crate::identity::whole::<StoredFields>(bytes)
                 .map(|fields| StoredIdentity {
                     fields,
                     route: None,
@@ -328,6 +330,11 @@ mod tests {
                     "case {n}"
                 );
             }
+            // A damaged route is an error, never an identity without one.
+            let mut bad_tag = old.clone();
+            bad_tag.push(2);
+            assert!(StoredIdentity::decode(&bad_tag).is_err(), "case {n}");
+            assert!(StoredIdentity::decode(&routed[..routed.len() - 1]).is_err());
             // The route comes after every field a release without it reads.
             let before: StoredFields =
                 postcard::from_bytes(&routed).unwrap_or_else(|e| panic!("{e}"));
