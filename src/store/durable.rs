@@ -39,6 +39,18 @@ use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retiremen
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "pins.redb";
 
+/// Beside a store opened with [`DurableStore::open_keyed`], the file that
+/// says a store was made there (`pins.redb.made`): a start that finds the
+/// store gone but this file present refuses ([`OpenError::Vanished`]).
+pub const MADE_SUFFIX: &str = ".made";
+
+/// The [`MADE_SUFFIX`] file of the store at `path`.
+pub fn made_marker(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(MADE_SUFFIX);
+    path.with_file_name(name)
+}
+
 /// redb's page cache: writes touch a few pages each; reads come from memory.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -159,7 +171,7 @@ pub enum OpenError {
     #[error("the pin store {0} is in use by another pinproxy; stop it first")]
     InUse(PathBuf),
     /// The store records another pin key than the data directory's.
-    #[error("the pin store {path} holds pins hashed with pin key {recorded}, but the data directory's pin-key is key {found}; a foreign key would make every stored cookie look new and send it through any exit: restore the pin-key file that belongs with this store (or move {path} aside to start with no pins)")]
+    #[error("the pin store {path} holds pins hashed with pin key {recorded}, but the data directory's pin-key is key {found}; a foreign key would make every stored cookie look new and send it through any exit: restore the pin-key file that belongs with this store (or move {path} and its .made file aside to start with no pins)")]
     ForeignPinKey {
         /// The store file.
         path: PathBuf,
@@ -169,7 +181,7 @@ pub enum OpenError {
         found: String,
     },
     /// The pin key is missing, and the store needs it.
-    #[error("{key} is missing, but the pin store {path} holds {pins} pins and {identities} identities hashed with a pin key{}; a new key would make every stored cookie look new and send it through any exit: restore {key} from a backup of the data directory (or move {path} aside to start with no pins)", recorded.as_deref().map(|id| format!(" (key {id})")).unwrap_or_default())]
+    #[error("{key} is missing, but the pin store {path} holds {pins} pins and {identities} identities hashed with a pin key{}; a new key would make every stored cookie look new and send it through any exit: restore {key} from a backup of the data directory (or move {path} and its .made file aside to start with no pins)", recorded.as_deref().map(|id| format!(" (key {id})")).unwrap_or_default())]
     PinKeyMissing {
         /// The missing key file.
         key: PathBuf,
@@ -181,6 +193,14 @@ pub enum OpenError {
         pins: usize,
         /// Identities the store holds.
         identities: usize,
+    },
+    /// The store is gone from where one was made.
+    #[error("the pin store {path} is missing, but {marker} says one was made here: started empty, every cookie pinned before would look new and could leave through any exit; restore {path} from a backup (or delete {marker} to start with no pins)")]
+    Vanished {
+        /// The store file.
+        path: PathBuf,
+        /// The file saying a store was made there.
+        marker: PathBuf,
     },
     /// The pin key file could not be read or created.
     #[error("pin key {key}: {source}")]
@@ -244,11 +264,37 @@ impl DurableStore {
     /// is not the one it records. A store without a record (new, or written
     /// before the key was recorded) records the hasher's. Blocking: call it
     /// off the async runtime.
+    ///
+    /// A store it makes is marked as made ([`made_marker`]); one marked but
+    /// missing is refused rather than made anew (a file deleted or moved,
+    /// a backup restored without it): started empty, every cookie pinned
+    /// before would look new and could be founded on any exit.
     pub fn open_keyed(
         path: &Path,
         key: impl FnOnce(&KeyOnFile) -> Result<PinHasher, OpenError>,
     ) -> Result<(DurableStore, PinHasher), OpenError> {
+        let marker = made_marker(path);
+        let exists = |file: &Path| file.try_exists().map_err(|e| db_error(file, e));
+        if !exists(path)? && exists(&marker)? {
+            return Err(OpenError::Vanished {
+                path: path.to_owned(),
+                marker,
+            });
+        }
         let (db, memory, fingerprint_refs) = DurableStore::load(path)?;
+        if !exists(&marker)? {
+            // After the store's file exists: a crash between the two leaves
+            // a store without its mark (as before marks), never a mark
+            // without a store.
+            let text = format!(
+                "{} was made here: while this file exists, pinproxy refuses to start \
+                 without it (restore it from a backup, or delete this file to start \
+                 with no pins).\n",
+                path.display()
+            );
+            crate::fsutil::replace_private(&marker, text.as_bytes())
+                .map_err(|e| db_error(&marker, e))?;
+        }
         let (pins, identities) = memory.sizes();
         let on_file = KeyOnFile {
             key_id: codec::recorded_key_id(&db).map_err(|e| db_error(path, e))?,
@@ -821,6 +867,47 @@ mod tests {
         assert!(found
             .iter()
             .all(|b| b.as_ref().map(|b| b.pin.identity) == Some(ident.id)));
+    }
+
+    /// A store made here and gone (deleted, moved, left out of a restored
+    /// backup) is refused, not made anew empty (its cookies would look new
+    /// and could be founded on any exit); with its mark deleted too, it is
+    /// made anew.
+    #[tokio::test]
+    async fn a_store_gone_from_where_it_was_made_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let hasher = PinHasher::new([1; 32]);
+        let open = || {
+            let hasher = hasher.clone();
+            DurableStore::open_keyed(&path, move |_| Ok(hasher))
+        };
+        let (store, _) = open().unwrap();
+        store.create_identity(&identity(1000)).await.unwrap();
+        store.close().await;
+        let marker = made_marker(&path);
+        assert_eq!(marker, dir.path().join("pins.redb.made"));
+        assert!(marker.exists());
+
+        // A store that was there before marks existed gets its mark.
+        std::fs::remove_file(&marker).unwrap();
+        open().unwrap().0.close().await;
+        assert!(marker.exists());
+
+        std::fs::remove_file(&path).unwrap();
+        let refused = open().unwrap_err();
+        assert!(matches!(refused, OpenError::Vanished { .. }), "{refused}");
+        let said = refused.to_string();
+        assert!(
+            said.contains("pins.redb is missing") && said.contains("pins.redb.made"),
+            "{said}"
+        );
+        assert!(!path.exists(), "nothing made in its place");
+
+        std::fs::remove_file(&marker).unwrap();
+        let (store, _) = open().unwrap();
+        assert_eq!(store.shared.memory.sizes(), (0, 0));
+        store.close().await;
     }
 
     /// A store records the pin key its pins are hashed with: written
