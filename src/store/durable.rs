@@ -330,7 +330,8 @@ impl DurableStore {
                 redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_owned()),
                 other => db_error(path, other),
             })?;
-        let (memory, fingerprint_refs) = codec::load(&db).map_err(|e| db_error(path, e))?;
+        let (memory, fingerprint_refs) = codec::load(&db, crate::clock::Clock::system().now_ms())
+            .map_err(|e| db_error(path, e))?;
         Ok((db, memory, fingerprint_refs))
     }
 
@@ -1059,6 +1060,54 @@ mod tests {
         assert_eq!(stored_fingerprints(&path), 1);
         DurableStore::open(&path).unwrap().close().await;
         assert_eq!(stored_fingerprints(&path), 0);
+    }
+
+    /// An identity whose fingerprint's row is missing from the file cannot
+    /// be shown with the face it was founded with: it loads retired
+    /// (`store-lost`), its cookies refused rather than sent with another
+    /// face; one retired already keeps its reason, and the others are
+    /// untouched.
+    #[tokio::test]
+    async fn an_identity_whose_fingerprint_is_missing_loads_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let (faceless, retired, whole) = (with_agent("a"), with_agent("a"), with_agent("b"));
+        {
+            let store = DurableStore::open(&path).unwrap();
+            for ident in [&faceless, &retired, &whole] {
+                store.create_identity(ident).await.unwrap();
+            }
+            let evicted = Retirement {
+                reason: RetireReason::Evicted,
+                at_ms: 20,
+            };
+            store.retire(retired.id, &evicted).await.unwrap();
+            store.close().await;
+        }
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let (hash, _) = codec::fingerprint_hash(&faceless.fingerprint).unwrap();
+            {
+                let mut table = txn.open_table(codec::FINGERPRINTS).unwrap();
+                assert!(table.remove(&hash).unwrap().is_some());
+            }
+            txn.commit().unwrap();
+        }
+        let store = DurableStore::open(&path).unwrap();
+        let reason = |id| {
+            store
+                .shared
+                .memory
+                .identity(id)
+                .unwrap()
+                .retired
+                .map(|r| r.reason)
+        };
+        assert_eq!(reason(faceless.id), Some(RetireReason::StoreLost));
+        assert_eq!(reason(retired.id), Some(RetireReason::Evicted));
+        assert_eq!(reason(whole.id), None);
+        store.close().await;
     }
 
     #[tokio::test]

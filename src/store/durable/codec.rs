@@ -10,7 +10,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::credential::PinKey;
 use crate::fingerprint::Fingerprint;
-use crate::identity::{ExitId, FoundingRoute, Identity, IdentityId, Pin, Retirement, SessionId};
+use crate::identity::{
+    ExitId, FoundingRoute, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId,
+};
 use crate::store::memory::MemoryStore;
 
 /// Identities by id (their fingerprint by hash).
@@ -196,10 +198,11 @@ impl FingerprintRefs {
     }
 }
 
-/// Loads every record into memory, and counts the references to each
+/// Loads every record into memory (at `now_ms`, when an identity whose
+/// fingerprint is missing retires), and counts the references to each
 /// stored fingerprint. Fingerprints no identity refers to (left by versions
 /// that never deleted them) are deleted on the way.
-pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), String> {
+pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, FingerprintRefs), String> {
     use redb::ReadableTableMetadata as _;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     // Create the tables on first start.
@@ -227,16 +230,35 @@ pub(super) fn load(db: &Database) -> Result<(MemoryStore, FingerprintRefs), Stri
         fingerprints.insert(*hash.value(), Arc::new(fingerprint));
     }
     let mut refs = FingerprintRefs::default();
+    let mut faceless = 0usize;
     for row in identities.iter().map_err(|e| e.to_string())? {
         let (id, value) = row.map_err(|e| e.to_string())?;
         let stored =
             StoredIdentity::decode(value.value()).map_err(|e| format!("corrupt identity: {e}"))?;
         refs.add(stored.fingerprint());
-        let fingerprint = fingerprints
-            .get(&stored.fingerprint())
-            .cloned()
-            .unwrap_or_default();
-        memory.insert_identity(&stored.into_identity(IdentityId(id.value()), fingerprint));
+        let found = fingerprints.get(&stored.fingerprint()).cloned();
+        let missing = found.is_none();
+        let mut identity = stored.into_identity(IdentityId(id.value()), found.unwrap_or_default());
+        // Its fingerprint's row is gone (a damaged file, a writer of
+        // another release): shown with another face (in mirror mode,
+        // pinproxy's own), its cookies would give it away. It retires as
+        // lost to the store, which keeps its cookies from being pinned
+        // anywhere else.
+        if missing && identity.retired.is_none() {
+            faceless += 1;
+            identity.retired = Some(Retirement {
+                reason: RetireReason::StoreLost,
+                at_ms: now_ms,
+            });
+        }
+        memory.insert_identity(&identity);
+    }
+    if faceless > 0 {
+        tracing::warn!(
+            identities = faceless,
+            "pin store: identities whose recorded fingerprint is missing from the file retire \
+             (store-lost): they cannot be shown to origins with the face they were founded with"
+        );
     }
     for row in pins.iter().map_err(|e| e.to_string())? {
         let (key, value) = row.map_err(|e| e.to_string())?;
