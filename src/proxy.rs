@@ -279,7 +279,11 @@ impl Pipeline {
         if let (Some(identity), Some(true)) =
             (&route.identity, slot.as_ref().map(pacing::Slot::waited))
         {
-            match self.router.reread(identity, credentials).await? {
+            match self
+                .router
+                .reread(&self.exits, identity, credentials)
+                .await?
+            {
                 Reread::Live(now) => {
                     route.lane.expected_ip = route.lane.expected_ip.or(now.egress_ip);
                 }

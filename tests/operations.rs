@@ -835,6 +835,62 @@ async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
     s.stop().await;
 }
 
+/// The same line, and an identity whose lifetime ends while a request
+/// waits in it: judged again when its turn comes (as its sticky window or
+/// its exit's health would be), it retires and the request never leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_identity_ended_while_it_waited_never_leaves() {
+    let clock = pinproxy::clock::Clock::manual();
+    let s = Setup::builder()
+        .exits(1)
+        .clock(clock.clone())
+        .config(|c| {
+            c.identities.max_in_flight = 1;
+            c.identities.max_queue = 8;
+            c.identities.queue_timeout = Duration::from_secs(20);
+            c.identities.max_lifetime = Duration::from_secs(600);
+        })
+        .start()
+        .await;
+    let (jar, _) = s.login("/login").await;
+    let (id, _, _) = identity_of(&s, &jar).await;
+    let identity = pinproxy::identity::IdentityId(u64::from_str_radix(&id, 16).unwrap());
+    let pacer = s.proxy.daemon.pipeline().pacer.clone();
+
+    let (mut holding, mut waiting) = (jar.clone(), jar.clone());
+    let holds = s.get("/held", &mut holding);
+    let waits = async {
+        s.origin.wait_for("/held").await;
+        s.get("/page", &mut waiting).await
+    };
+    let ages = async {
+        eventually(
+            Duration::from_secs(10),
+            "the second request never queued",
+            || {
+                let pacer = pacer.clone();
+                async move { pacer.waiting(identity) == 1 }
+            },
+        )
+        .await;
+        clock.advance(Duration::from_secs(601));
+        s.origin.release_held(1);
+    };
+    let (held, waited, ()) = tokio::join!(holds, waits, ages);
+    assert_eq!(held.status, 200, "{}", held.body);
+    assert_eq!(waited.status, 502, "{}", waited.body);
+    let error = waited.pinproxy_error().unwrap();
+    assert!(
+        error.contains("identity-retired") && error.contains("lifetime-expired"),
+        "{error}"
+    );
+    assert!(
+        !s.origin.seen().iter().any(|r| r.path == "/page"),
+        "the waiting request reached the origin"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     let s = Setup::start(1).await;

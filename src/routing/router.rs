@@ -247,9 +247,13 @@ impl Router {
     /// decided or stored meanwhile, or its record as it stands now (its
     /// first egress address may have been recorded since). Found through
     /// the request's `credentials`; when none of them leads to it any
-    /// longer, it cannot be vouched for and counts as forgotten.
+    /// longer, it cannot be vouched for and counts as forgotten. Found
+    /// live, it is judged again on `exits` (the request's) as at routing:
+    /// its sticky window, its lifetimes or its exit's health may have ended
+    /// during the wait, and it then retires before anything is sent.
     pub async fn reread(
         &self,
+        exits: &ExitSet,
         identity: &Identity,
         credentials: &[Credential],
     ) -> Result<Reread, StoreError> {
@@ -263,13 +267,18 @@ impl Router {
             .drain(..)
             .flatten()
             .find(|binding| binding.pin.identity == identity.id);
-        Ok(match found.and_then(|binding| binding.identity) {
-            None => Reread::Retired(RetireReason::Forgotten),
-            Some(now) => match &now.retired {
-                Some(retired) => Reread::Retired(retired.reason.clone()),
-                None => Reread::Live(now),
-            },
-        })
+        let now = match found.and_then(|binding| binding.identity) {
+            None => return Ok(Reread::Retired(RetireReason::Forgotten)),
+            Some(now) => now,
+        };
+        if let Some(retired) = &now.retired {
+            return Ok(Reread::Retired(retired.reason.clone()));
+        }
+        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.clock.now_ms()) {
+            self.retire(exits, &now, reason.clone()).await?;
+            return Ok(Reread::Retired(reason));
+        }
+        Ok(Reread::Live(now))
     }
 
     /// Where a credential stands: unknown, live, or dead (and why). An
