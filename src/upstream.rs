@@ -325,7 +325,18 @@ impl ExitClient {
         }
     }
 
-    fn pool(&self, lane: &Lane) -> Arc<LanePool> {
+    /// The pool of `lane`, held to the address its identity's record holds
+    /// (made before the record knew it, a pool's own first tunnel may have
+    /// set another: refused, `ExitIpDrift`).
+    fn pool(&self, lane: &Lane) -> Result<Arc<LanePool>, UpstreamError> {
+        let pool = self.lane_pool(lane);
+        if let Some(expected) = lane.expected_ip {
+            pool.hold_to(expected).map_err(UpstreamError::Connect)?;
+        }
+        Ok(pool)
+    }
+
+    fn lane_pool(&self, lane: &Lane) -> Arc<LanePool> {
         let id = PoolId {
             key: lane.key,
             fingerprint: lane.fingerprint_key,
@@ -355,7 +366,7 @@ impl ExitClient {
         request: Request<Body>,
         started: std::time::Instant,
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
-        let pool = self.pool(lane);
+        let pool = self.pool(lane)?;
         let timeout = self.settings.response_head_timeout;
         tokio::time::timeout_at(deadline(started, timeout), pool.send(origin, request))
             .await
@@ -370,7 +381,7 @@ impl ExitClient {
         origin: &Origin,
         request: Request<Body>,
     ) -> Result<Answered<Incoming>, UpstreamError> {
-        let pool = self.pool(lane);
+        let pool = self.pool(lane)?;
         let timeout = self.settings.response_head_timeout;
         tokio::time::timeout(timeout, pool.send_upgrade(origin, request))
             .await
@@ -511,7 +522,7 @@ mod tests {
             let body = answered.response.into_body().collect().await.unwrap();
             assert_eq!(&body.to_bytes()[..], b"ok");
         }
-        let pool = client.pool(&lane);
+        let pool = client.lane_pool(&lane);
         assert_eq!(pool.origins_held(), ORIGINS);
 
         // A sweep past the idle timeout closes the connections, and the

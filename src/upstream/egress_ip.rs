@@ -77,6 +77,18 @@ pub struct IpCheck {
 }
 
 impl Dialer {
+    /// On an identity's lane, holds its tunnels to `expected` (the address
+    /// the identity's record holds): the lane takes it when none of its
+    /// tunnels has stated one yet, and one that has stated another (a lane
+    /// made before the record knew its address) is refused, its pooled
+    /// connections with it.
+    pub(crate) fn hold_to(&self, expected: IpAddr) -> Result<(), ConnectError> {
+        match &self.ip_check.pinned {
+            Some(pinned) => hold(pinned, expected),
+            None => Ok(()),
+        }
+    }
+
     /// Learns the tunnel's egress address and, on an identity's lane,
     /// refuses a tunnel that leaves from another address than the first.
     pub(crate) async fn check_egress(
@@ -198,3 +210,39 @@ impl Dialer {
 /// A byte stream the IP-echo probe can speak HTTP over.
 trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
+
+/// Holds a lane's address cell `pinned` to `expected`: set when empty, an
+/// error when it holds another.
+fn hold(pinned: &OnceLock<IpAddr>, expected: IpAddr) -> Result<(), ConnectError> {
+    let held = *pinned.get_or_init(|| expected);
+    if held != expected {
+        return Err(ConnectError::ExitIpDrift {
+            expected,
+            observed: held,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_is_held_to_its_identitys_recorded_address() {
+        let (recorded, other) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+        // A lane none of whose tunnels stated an address takes the record's.
+        let empty = OnceLock::new();
+        assert!(hold(&empty, recorded).is_ok());
+        assert_eq!(empty.get(), Some(&recorded));
+        assert!(hold(&empty, recorded).is_ok());
+        // One whose first tunnel left from elsewhere is refused.
+        let elsewhere = OnceLock::from(other);
+        match hold(&elsewhere, recorded) {
+            Err(ConnectError::ExitIpDrift { expected, observed }) => {
+                assert_eq!((expected, observed), (recorded, other));
+            }
+            wrong => panic!("{wrong:?}"),
+        }
+    }
+}

@@ -200,6 +200,11 @@ impl std::fmt::Debug for LanePool {
 }
 
 impl LanePool {
+    /// Holds the lane's tunnels to `expected` (see [`Dialer::hold_to`]).
+    pub(super) fn hold_to(&self, expected: std::net::IpAddr) -> Result<(), super::ConnectError> {
+        self.dialer.hold_to(expected)
+    }
+
     /// A pool dialling with `dialer`, presenting `presentation`.
     pub(super) fn new(dialer: Dialer, presentation: Presentation, limits: Limits) -> LanePool {
         LanePool {
