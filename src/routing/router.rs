@@ -218,6 +218,29 @@ impl Router {
             }
         }
 
+        // An identity this request read as retired or forgotten through one
+        // credential is not gone on as through another (a reading older
+        // than the retirement, from the Redis hit cache): its credentials
+        // are all dead. A cookie's own expiry is the cookie's alone.
+        if !dead.is_empty() {
+            let gone: SmallVec<[(IdentityId, RetireReason); 2]> = dead
+                .iter()
+                .filter(|d| d.reason != RetireReason::CookieExpired)
+                .filter_map(|d| Some((d.identity?, d.reason.clone())))
+                .collect();
+            live.retain(|(credential, identity)| {
+                let Some((_, reason)) = gone.iter().find(|(id, _)| *id == identity.id) else {
+                    return true;
+                };
+                dead.push(DeadCredential {
+                    credential: (*credential).clone(),
+                    identity: Some(identity.id),
+                    exit: Some(identity.exit.clone()),
+                    reason: reason.clone(),
+                });
+                false
+            });
+        }
         let mut strip = Vec::new();
         if !dead.is_empty() {
             match policies.retire {
