@@ -999,6 +999,65 @@ async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_ide
     assert!(retired, "replica A never saw B's retirement");
 }
 
+/// An identity's first egress address is what every new tunnel of it is
+/// checked against before a request is written: a cached reading from
+/// before it (the address unknown, any tunnel accepted) stops answering
+/// when another replica records it, as for a retirement.
+#[tokio::test]
+async fn a_cached_identity_is_read_again_once_another_replica_records_its_address() {
+    let redis = RedisServer::start().await;
+    // A's entries would answer for a minute.
+    let pair = Replicas::start(&redis.url(), "egress").await;
+    let (a, metrics, someone, k) = (&pair.a, &pair.metrics, &pair.someone, pair.key);
+    let mut hit = false;
+    for _ in 0..300 {
+        let found = a.lookup(&[k]).await.unwrap();
+        assert_eq!(
+            found[0]
+                .as_ref()
+                .unwrap()
+                .identity
+                .as_ref()
+                .unwrap()
+                .egress_ip,
+            None
+        );
+        if metrics.store_cache_hits.get() > 0 {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hit, "replica A never answered from its cache");
+
+    let address = std::net::IpAddr::from([127, 0, 0, 2]);
+    assert_eq!(
+        pair.b.record_egress(someone.id, address).await.unwrap(),
+        Some(address)
+    );
+    let mut seen = false;
+    for _ in 0..200 {
+        let found = a.lookup(&[k]).await.unwrap();
+        if found[0]
+            .as_ref()
+            .unwrap()
+            .identity
+            .as_ref()
+            .unwrap()
+            .egress_ip
+            == Some(address)
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seen,
+        "replica A kept answering the identity without its address"
+    );
+}
+
 #[tokio::test]
 async fn a_redis_user_without_pub_sub_retires_and_never_caches() {
     let redis = RedisServer::start().await;

@@ -1206,6 +1206,12 @@ impl PinStore for RedisStore {
         ip: IpAddr,
     ) -> Result<Option<IpAddr>, StoreError> {
         let key = [self.identity_key(id)];
+        // Cached readings without the address would let a new tunnel go
+        // unchecked: stale here at once, on other replicas when the
+        // script's message arrives.
+        if let Some(cache) = &self.inner.cache {
+            cache.stale(id);
+        }
         let recorded = self
             .run_script(
                 &self.inner.record_egress,
@@ -1213,6 +1219,8 @@ impl PinStore for RedisStore {
                 &[
                     ip.to_string().into_bytes(),
                     self.inner.pin_ttl_ms.to_string().into_bytes(),
+                    self.inner.retired_channel.clone().into_bytes(),
+                    id.to_string().into_bytes(),
                 ],
                 Counting::Write,
             )
@@ -1283,7 +1291,7 @@ impl PinStore for RedisStore {
             self.inner.pin_ttl_ms.to_string().into_bytes(),
         ];
         if let Some(cache) = &self.inner.cache {
-            cache.retired(id);
+            cache.stale(id);
         }
         self.run_script(&self.inner.retire, &[key], &args, Counting::Write)
             .await?;

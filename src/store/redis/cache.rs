@@ -7,9 +7,11 @@
 //!   therefore sends a cookie through exactly the exit Redis would: the
 //!   first invariant does not depend on the cache being fresh.
 //! - What can change is the identity's state: a retirement, on any
-//!   replica. Every retirement is published on `NS:retired` in the same
-//!   atomic step that writes it; each replica subscribes, and marks the
-//!   identity so its cached pins are no longer answered. The cache answers
+//!   replica, and its first egress address (which every new tunnel of the
+//!   identity is checked against before a byte of a request is written).
+//!   Each is published on `NS:retired` in the same atomic step that writes
+//!   it; each replica subscribes, and marks the identity so its cached pins
+//!   are no longer answered. The cache answers
 //!   only while that subscription is live, and only entries fetched during
 //!   it: a lost subscription, a new primary (failover) or a data loss in
 //!   Redis clears it and starts a new one. So a retirement reaches another
@@ -51,8 +53,8 @@ pub(super) struct HitCache {
     /// pruned): counting the map itself would visit every shard on every
     /// insert.
     size: AtomicUsize,
-    /// Identities retired recently (here or on another replica): their
-    /// cached pins no longer answer. Kept for twice the entry lifetime,
+    /// Identities retired, or given their first egress address, recently
+    /// (here or on another replica): their cached pins no longer answer. Kept for twice the entry lifetime,
     /// longer than any entry fetched before the retirement can live.
     retired: DashMap<IdentityId, Instant, RandomKeys>,
     /// The live subscription's number (0: none live, nothing answers).
@@ -153,12 +155,14 @@ impl HitCache {
         }
     }
 
-    /// Stops answering for identity `id` (it was retired). Not marked while
+    /// Stops answering for identity `id` (it was retired, or recorded its
+    /// first egress address: a reading from before either must not
+    /// answer). Not marked while
     /// no subscription is live: nothing answers then, and what a new one
     /// answers is fetched after the retirement was stored. (Only the
     /// subscription's loop prunes the marks: without this, a replica whose
     /// subscription is refused kept one per retirement for good.)
-    pub(super) fn retired(&self, id: IdentityId) {
+    pub(super) fn stale(&self, id: IdentityId) {
         if self.live.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -271,7 +275,7 @@ pub(super) async fn keep_subscribed(inner: Weak<Inner>) {
                         .ok()
                         .and_then(|hex| u64::from_str_radix(hex, 16).ok());
                     if let (Some(cache), Some(id)) = (&inner.cache, id) {
-                        cache.retired(IdentityId(id));
+                        cache.stale(IdentityId(id));
                     }
                 }
                 _ = tick.tick() => {
@@ -337,11 +341,11 @@ mod tests {
     fn retirements_are_not_kept_while_no_subscription_is_live() {
         let cache = HitCache::new(Duration::from_secs(1), u64::MAX);
         for n in 0..1_000 {
-            cache.retired(IdentityId(n));
+            cache.stale(IdentityId(n));
         }
         assert_eq!(cache.retired.len(), 0);
         cache.open();
-        cache.retired(IdentityId(1));
+        cache.stale(IdentityId(1));
         assert_eq!(cache.retired.len(), 1);
     }
 
@@ -398,7 +402,7 @@ mod tests {
         let bound = binding();
         let id = bound.pin.identity;
         cache.put(ticket, key(1), &bound, NOW);
-        cache.retired(id);
+        cache.stale(id);
         assert!(cache.get(&key(1), NOW).is_none());
         // A lookup that left before the retirement and arrives after it.
         cache.put(ticket, key(2), &bound, NOW);

@@ -183,7 +183,10 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 
 /// Records the egress address `ARGV[1]` of the identity `KEYS[3]` unless
 /// one is recorded, and answers the recorded one; nothing (and no write)
-/// when the identity does not exist, for the reason [`TOUCH`] gives. The
+/// when the identity does not exist, for the reason [`TOUCH`] gives. A
+/// first address is published (identity id `ARGV[4]` on channel `ARGV[3]`,
+/// best effort, as [`RETIRE`] does): the hit caches stop answering the
+/// identity without it, since a new tunnel is checked against it. The
 /// write count `KEYS[4]` is incremented whatever happened (kept twice the
 /// pins' lifetime `ARGV[2]`): a failover that loses the address, which
 /// every later tunnel of the identity is checked against, is then noticed
@@ -194,6 +197,7 @@ local egress = false
 if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('HSETNX', KEYS[3], 'egress', ARGV[1]) == 1 then
     redis.call('INCR', KEYS[2])
+    pcall(redis.call, 'PUBLISH', ARGV[3], ARGV[4])
   end
   egress = redis.call('HGET', KEYS[3], 'egress')
 end
