@@ -599,6 +599,7 @@ pub fn tracked_in_response(
     // The clock is read for the first tracked cookie only: most responses
     // set none, and a clock read costs about a hundred instructions.
     let now_ms = std::cell::LazyCell::new(now_ms);
+    let origin_now_ms = std::cell::LazyCell::new(|| origin_date_ms(headers));
     let mut found = Vec::new();
     let carriers =
         super::holds_custom(headers, &X_SET_COOKIE).then(|| headers.get_all(&X_SET_COOKIE));
@@ -629,9 +630,8 @@ pub fn tracked_in_response(
             continue;
         };
         let now_ms = *now_ms;
-        let expires_ms = cookie_expiry_ms(&parsed, text, now_ms);
-        let deletes =
-            expires_ms.is_some_and(|at| at <= now_ms) || unquote(parsed.value()).is_empty();
+        let (expires_ms, expired) = cookie_expiry_ms(&parsed, text, now_ms, *origin_now_ms);
+        let deletes = expired || unquote(parsed.value()).is_empty();
         // Pinned by its canonical key alone: a request that sends it in
         // another spelling carries that key too.
         let (key, _) = tracked.keys(hasher, parsed.name(), parsed.value());
@@ -698,16 +698,57 @@ pub fn strip_from_request(
     });
 }
 
-/// When a set cookie expires, in Unix milliseconds: `Max-Age` wins over
-/// `Expires` (RFC 6265 §5.3); `None` for a session cookie. `line` is the
+/// How far before now an `Expires` must lie to be taken for a deletion
+/// when the response says nothing of the origin's clock (no `Date`): the
+/// usual deletion names 1970; a time closer than this may be a clock that
+/// reads ahead.
+const SURELY_PAST_MS: u64 = 24 * 3_600_000;
+
+/// When a set cookie expires, in Unix milliseconds on pinproxy's clock
+/// (`None` for a session cookie), and whether it is being deleted:
+/// `Max-Age` wins over `Expires` (RFC 6265 §5.3). `line` is the
 /// `Set-Cookie` line `cookie` was read from.
-fn cookie_expiry_ms(cookie: &Cookie<'_>, line: &str, now_ms: u64) -> Option<u64> {
+///
+/// `Expires` is a time on the origin's clock. Where the response says what
+/// that clock read (`origin_now_ms`, its `Date`), the cookie lives as long
+/// after now as it does after that: a clock that reads ahead of the
+/// origin's by more than a short cookie's life (`__cf_bm`'s 30 minutes)
+/// would otherwise take the cookie for a deletion, leave it unpinned while
+/// the client keeps it, and let its next request found it on any exit.
+/// Without `Date`, only a time well past is a deletion; one just past is
+/// pinned as expired (its next request is refused, `cookie-expired`,
+/// rather than founded anew).
+fn cookie_expiry_ms(
+    cookie: &Cookie<'_>,
+    line: &str,
+    now_ms: u64,
+    origin_now_ms: Option<u64>,
+) -> (Option<u64>, bool) {
     if let Some(seconds) = max_age_seconds(line) {
-        let age_ms = seconds.saturating_mul(1000);
-        return Some(now_ms.saturating_add_signed(age_ms));
+        let at = now_ms.saturating_add_signed(seconds.saturating_mul(1000));
+        return (Some(at), at <= now_ms);
     }
-    let at = cookie.expires_datetime()?;
-    Some(u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+    let Some(at) = cookie.expires_datetime() else {
+        return (None, false);
+    };
+    let at_ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    match origin_now_ms {
+        Some(origin_now) if at_ms > origin_now => {
+            (Some(now_ms.saturating_add(at_ms - origin_now)), false)
+        }
+        // At or before the origin's now: a deletion, whatever this clock reads.
+        Some(_) => (Some(now_ms.min(at_ms)), true),
+        None => (Some(at_ms), at_ms.saturating_add(SURELY_PAST_MS) <= now_ms),
+    }
+}
+
+/// What the origin's clock read when it answered: the response's `Date`,
+/// in Unix milliseconds (`None` without a readable one).
+fn origin_date_ms(headers: &HeaderMap) -> Option<u64> {
+    let date = headers.get(http::header::DATE)?.to_str().ok()?;
+    let at = httpdate::parse_http_date(date).ok()?;
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
 }
 
 /// The `Max-Age` of a `Set-Cookie` line in seconds, as browsers read it:
@@ -1198,6 +1239,56 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].cookie.key, hasher().cookie("datadome", "T"));
         assert!(!found[0].deletes);
+    }
+
+    /// `Expires` is on the origin's clock: read against the response's
+    /// `Date`, a cookie set for 30 minutes is pinned for 30 minutes from
+    /// now even when this clock reads 45 minutes ahead (read against it,
+    /// the cookie was taken for a deletion and left unpinned while the
+    /// client kept it). Without `Date`, only a time well past deletes; one
+    /// just past is pinned, expired.
+    #[test]
+    fn expires_is_read_on_the_origins_clock() {
+        let minute = 60_000;
+        // Origin's now: 2027-01-15 08:00:00 UTC.
+        let origin_now = 1_800_000_000_000;
+        assert_eq!(
+            httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(origin_now)
+            ),
+            "Fri, 15 Jan 2027 08:00:00 GMT"
+        );
+        let set = |line: &'static str, date: Option<&'static str>, now: u64| {
+            let mut headers = HeaderMap::new();
+            headers.append("set-cookie", HeaderValue::from_static(line));
+            if let Some(date) = date {
+                headers.append("date", HeaderValue::from_static(date));
+            }
+            let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
+            (found[0].expires_ms, found[0].deletes)
+        };
+        let date = Some("Fri, 15 Jan 2027 08:00:00 GMT");
+        let half_hour = "__cf_bm=v; Expires=Fri, 15 Jan 2027 08:30:00 GMT";
+        let ahead = origin_now + 45 * minute;
+        assert_eq!(
+            set(half_hour, date, ahead),
+            (Some(ahead + 30 * minute), false)
+        );
+        assert_eq!(
+            set(half_hour, date, origin_now),
+            (Some(origin_now + 30 * minute), false)
+        );
+        // At or before the origin's now: a deletion, whatever this clock says.
+        let gone = "__cf_bm=v; Expires=Fri, 15 Jan 2027 08:00:00 GMT";
+        assert!(set(gone, date, origin_now - 45 * minute).1);
+        // No `Date`: read on this clock; just past is pinned, expired.
+        let at = origin_now + 30 * minute;
+        assert_eq!(set(half_hour, None, ahead), (Some(at), false));
+        let old = "__cf_bm=v; Expires=Thu, 01 Jan 1970 00:00:00 GMT";
+        assert!(set(old, None, ahead).1);
+        assert!(set(old, date, ahead).1);
+        // An unreadable `Date` is no `Date`.
+        assert_eq!(set(half_hour, Some("soon"), ahead), (Some(at), false));
     }
 
     #[test]
