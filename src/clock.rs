@@ -73,6 +73,19 @@ impl Clock {
             manual.wall.fetch_add(duration_ms(by), Ordering::Relaxed);
         }
     }
+
+    /// Steps a manual clock's wall-clock time back, as a correction of a
+    /// clock that read ahead does (no effect on the system clock).
+    pub fn step_back(&self, by: Duration) {
+        if let Some(manual) = &self.manual {
+            let by = duration_ms(by);
+            let _ = manual
+                .wall
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ms| {
+                    Some(ms.saturating_sub(by))
+                });
+        }
+    }
 }
 
 /// How far the wall clock may run ahead of the time elapsed since it was

@@ -203,6 +203,55 @@ async fn an_exits_death_is_stored_as_it_happens() {
     s.stop().await;
 }
 
+/// A wall clock stepped back after an identity was founded (an NTP
+/// correction) does not date its exit's death before the identity: the
+/// death is dated no earlier than the identities the process has seen on
+/// the exit, so the identity still retires with it (and stays retired
+/// when the exit comes back).
+#[tokio::test]
+async fn a_clock_stepped_back_never_dates_a_death_before_its_identities() {
+    use pinproxy::store::PinStore as _;
+    let clock = pinproxy::clock::Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| {
+            c.health.unhealthy_after = 1;
+            c.health.dead_after = 2;
+            c.identities.sweep_interval = Duration::from_secs(3600);
+        })
+        .start()
+        .await;
+    let founded = clock.now_ms();
+    let (mut jar, peer) = s.login("/login").await;
+    let dead = s.exit_of(peer);
+    clock.step_back(Duration::from_secs(3600));
+    s.exits[dead].kill();
+    for _ in 0..3 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+    }
+    let id = format!("exit{}", dead + 1);
+    let deaths = s
+        .proxy
+        .daemon
+        .pipeline()
+        .router
+        .store()
+        .exit_deaths()
+        .await
+        .unwrap();
+    let died = deaths
+        .iter()
+        .find(|(exit, _)| exit.as_str() == id)
+        .map(|d| d.1);
+    assert!(
+        died.is_some_and(|at| at >= founded),
+        "{id} died at {died:?}, before its identity, founded at {founded}"
+    );
+    s.stop().await;
+}
+
 /// A death health probes find is stored as it happens too.
 #[tokio::test]
 async fn an_exits_death_found_by_probes_is_stored_as_it_happens() {

@@ -60,6 +60,9 @@ pub struct Health {
     failures: AtomicU32,
     /// When the exit last died (Unix ms), 0 if never.
     died_at_ms: AtomicU64,
+    /// The latest creation time of an identity of the exit this process
+    /// has founded or judged (see [`Health::note_identity`]).
+    latest_identity_ms: AtomicU64,
     /// When a trial request was last let through while not healthy.
     last_trial_ms: AtomicU64,
     /// Serialises state changes (per exit, never held across an await).
@@ -82,6 +85,7 @@ impl Health {
             state: AtomicU8::new(HealthState::Healthy as u8),
             failures: AtomicU32::new(0),
             died_at_ms: AtomicU64::new(0),
+            latest_identity_ms: AtomicU64::new(0),
             last_trial_ms: AtomicU64::new(0),
             transition: Mutex::new(Counters {
                 failures: 0,
@@ -102,6 +106,19 @@ impl Health {
         match self.died_at_ms.load(Ordering::Acquire) {
             0 => None,
             at => Some(at),
+        }
+    }
+
+    /// Notes an identity of the exit created at `created_ms` (founded here,
+    /// or judged at a use). A death is dated no earlier than the latest
+    /// noted: identities are retired by comparing their creation with the
+    /// death, and a wall clock stepped back since one was created (or
+    /// another replica's clock reading ahead) would otherwise date the
+    /// death before it, and it would outlive its exit's death.
+    pub fn note_identity(&self, created_ms: u64) {
+        if created_ms > self.latest_identity_ms.load(Ordering::Relaxed) {
+            self.latest_identity_ms
+                .fetch_max(created_ms, Ordering::AcqRel);
         }
     }
 
@@ -186,7 +203,9 @@ impl Health {
 
     fn set(&self, state: HealthState, now_ms: u64) -> HealthState {
         if state == HealthState::Dead {
-            self.died_at_ms.fetch_max(now_ms.max(1), Ordering::AcqRel);
+            let latest = self.latest_identity_ms.load(Ordering::Acquire);
+            self.died_at_ms
+                .fetch_max(now_ms.max(latest).max(1), Ordering::AcqRel);
         }
         self.state.store(state as u8, Ordering::Release);
         self.changes.send_replace(state);
@@ -231,6 +250,28 @@ mod tests {
         assert_eq!(h.state(), HealthState::Unhealthy);
         assert_eq!(h.died_at_ms(), None);
         assert_eq!(h.failure(100), Some(HealthState::Dead));
+    }
+
+    /// A wall clock stepped back after an identity of the exit was created
+    /// must not date the exit's death before it: it would outlive the
+    /// death. The death is dated no earlier than the latest identity noted.
+    #[test]
+    fn a_death_is_dated_no_earlier_than_the_identities_noted() {
+        let h = health();
+        h.note_identity(5_000);
+        h.note_identity(4_000);
+        for _ in 0..4 {
+            h.failure(1_000);
+        }
+        assert_eq!(h.state(), HealthState::Dead);
+        assert_eq!(h.died_at_ms(), Some(5_000));
+        // On a clock that reads later, as it reads.
+        let h = health();
+        h.note_identity(5_000);
+        for _ in 0..4 {
+            h.failure(9_000);
+        }
+        assert_eq!(h.died_at_ms(), Some(9_000));
     }
 
     #[test]

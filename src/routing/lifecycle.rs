@@ -160,6 +160,12 @@ impl Router {
     }
 }
 
+/// How far apart replicas' clocks may read for an identity founded just
+/// before its exit died to be known as founded before it (see `ends`).
+/// Identities founded this soon after a death retire with it: an exit back
+/// this soon after dying is rare, and retiring is the safe side.
+const DEATH_SKEW_MS: u64 = 5_000;
+
 /// Why `identity` cannot continue on its exit at `now`, if it cannot.
 pub fn ends(
     identity: &Identity,
@@ -176,11 +182,15 @@ pub fn ends(
         }
         return Some(RetireReason::ExitRemoved);
     };
+    exit.health.note_identity(identity.created_ms);
+    // Founded up to a few seconds after the death counts as before it: an
+    // identity founded on a replica whose clock reads ahead of the one
+    // that dated the death would otherwise outlive it.
     if exit.health.state() == HealthState::Dead
         || exit
             .health
             .died_at_ms()
-            .is_some_and(|died| died >= identity.created_ms)
+            .is_some_and(|died| died.saturating_add(DEATH_SKEW_MS) >= identity.created_ms)
     {
         return Some(RetireReason::ExitDown);
     }

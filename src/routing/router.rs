@@ -449,6 +449,7 @@ impl Router {
             now,
         );
         candidate.route = exit.founding_route();
+        exit.health.note_identity(candidate.created_ms);
         // The identity and all its pins in one store step (one round trip
         // to Redis); the first credential decides who founds it.
         let pins: Vec<(PinKey, Pin)> = unknown
