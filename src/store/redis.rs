@@ -150,9 +150,15 @@ struct Inner {
     quarantine_ms: u64,
     wait: Option<WaitFor>,
     metrics: Arc<Metrics>,
-    /// When the quarantine after a loss ends (Unix ms; 0: none): the later
-    /// of this replica's own and the fleet's (`NS:quarantine-until`).
+    /// When the quarantine after a loss ends (Unix ms; 0: none), the later
+    /// of this replica's own and the fleet's (`NS:quarantine-until`), as the
+    /// wall clock read it: what the report says.
     quarantine_until_ms: AtomicU64,
+    /// The same end on the monotonic clock ([`Clock::elapsed_ms`]), which
+    /// decides: a wall clock stepped forward does not end a quarantine.
+    ///
+    /// [`Clock::elapsed_ms`]: crate::clock::Clock::elapsed_ms
+    quarantine_until_steady_ms: AtomicU64,
     /// A restore is running.
     recovering: AtomicBool,
     /// The hash of the epoch the running restore writes under, once it has
@@ -260,6 +266,7 @@ impl RedisStore {
                 wait: settings.wait,
                 metrics,
                 quarantine_until_ms: AtomicU64::new(0),
+                quarantine_until_steady_ms: AtomicU64::new(0),
                 recovering: AtomicBool::new(false),
                 restore_epoch: AtomicU64::new(0),
                 lost_again: Mutex::new(None),

@@ -73,6 +73,11 @@ pub(super) fn now_ms() -> u64 {
     Clock::system().now_ms()
 }
 
+/// The monotonic clock, in ms (see [`Clock::elapsed_ms`]).
+fn steady_ms() -> u64 {
+    Clock::system().elapsed_ms()
+}
+
 /// A journaled identity as a restore writes it back. Without a retirement
 /// for idleness: the journal saw only this replica's uses (journals written
 /// before `RedisStore::sweep` stopped judging idleness there may hold one),
@@ -113,47 +118,79 @@ impl RedisStore {
         }
     }
 
-    /// Whether unknown credentials are to be treated as lost now.
+    /// Whether unknown credentials are to be treated as lost now. Timed on
+    /// the monotonic clock: a wall clock stepped forward does not end it.
     pub(super) fn quarantined(&self) -> bool {
-        now_ms() < self.inner.quarantine_until_ms.load(Ordering::Relaxed)
+        steady_ms()
+            < self
+                .inner
+                .quarantine_until_steady_ms
+                .load(Ordering::Relaxed)
     }
 
-    /// Makes the fleet's quarantine last at least until `until_ms` (0: only
-    /// reads it) and takes its end as this replica's too. The end lives in
-    /// Redis (`NS:quarantine-until`), so that a replica started or
-    /// restarted during it, which did not see the loss, quarantines as
-    /// well: in memory alone, a restart or a new replica ended it.
-    async fn share_quarantine(&self, until_ms: u64) -> Result<u64, StoreError> {
+    /// How long this replica's quarantine lasts from now (0: none).
+    fn quarantine_left_ms(&self) -> u64 {
+        self.inner
+            .quarantine_until_steady_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(steady_ms())
+    }
+
+    /// Makes this replica's quarantine last at least `left_ms` more, and
+    /// answers its end as the wall clock reads it (for the report).
+    fn quarantine_for(&self, left_ms: u64) -> u64 {
+        self.inner
+            .quarantine_until_steady_ms
+            .fetch_max(steady_ms().saturating_add(left_ms), Ordering::Relaxed);
+        let until = now_ms().saturating_add(self.quarantine_left_ms());
+        self.inner
+            .quarantine_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+        until
+    }
+
+    /// Makes the fleet's quarantine last at least `left_ms` more (0: only
+    /// reads it) and takes what is left of it as this replica's too;
+    /// answers that, in ms. It lives in Redis (`NS:quarantine-until`, as a
+    /// time to live: see [`scripts::QUARANTINE`]), so that a replica
+    /// started or restarted during it, which did not see the loss,
+    /// quarantines as well: in memory alone, a restart or a new replica
+    /// ended it.
+    ///
+    /// [`scripts::QUARANTINE`]: super::scripts::QUARANTINE
+    async fn share_quarantine(&self, left_ms: u64) -> Result<u64, StoreError> {
         let key = format!("{}:quarantine-until", self.inner.prefix);
         let result = self
             .run_script(
                 &self.inner.quarantine,
                 &[key],
-                &[until_ms.to_string().into_bytes()],
+                &[
+                    left_ms.to_string().into_bytes(),
+                    now_ms().saturating_add(left_ms).to_string().into_bytes(),
+                ],
                 super::Counting::None,
             )
             .await?;
-        let until = match result {
-            redis::Value::Int(until) => u64::try_from(until).unwrap_or(0),
+        let left = match result {
+            redis::Value::Int(left) => u64::try_from(left).unwrap_or(0),
             _ => {
                 return Err(super::codec::unexpected(
                     "the quarantine's end is not a number",
                 ))
             }
         };
-        self.inner
-            .quarantine_until_ms
-            .fetch_max(until, Ordering::Relaxed);
-        Ok(until)
+        self.quarantine_for(left);
+        Ok(left)
     }
 
     /// At start: takes the fleet's quarantine, if one is running.
     pub(super) async fn join_quarantine(&self) -> Result<(), StoreError> {
-        let until = self.share_quarantine(0).await?;
+        let left = self.share_quarantine(0).await?;
         let at = now_ms();
-        if until > at {
+        let until = at.saturating_add(left);
+        if left > 0 {
             tracing::warn!(
-                remaining = ?Duration::from_millis(until - at),
+                remaining = ?Duration::from_millis(left),
                 "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
                  does not know are answered as lost until it ends"
             );
@@ -210,10 +247,7 @@ impl RedisStore {
     /// Starts (or prolongs) this replica's quarantine from now, counts the
     /// loss and forgets the cached pins; returns the quarantine's end.
     fn start_quarantine(&self) -> u64 {
-        let until = now_ms().saturating_add(self.inner.quarantine_ms);
-        self.inner
-            .quarantine_until_ms
-            .fetch_max(until, Ordering::Relaxed);
+        let until = self.quarantine_for(self.inner.quarantine_ms);
         self.inner.metrics.store_losses.inc();
         if let Some(cache) = &self.inner.cache {
             cache.reset();
@@ -428,9 +462,8 @@ impl RedisStore {
         // The quarantine first, before the new epoch tells the fleet of the
         // loss: a replica starting in between would otherwise see a history
         // it takes as whole and no quarantine.
-        let until = self
-            .share_quarantine(self.inner.quarantine_until_ms.load(Ordering::Relaxed))
-            .await?;
+        let left = self.share_quarantine(self.quarantine_left_ms()).await?;
+        let until = now_ms().saturating_add(left);
         self.update_report(|report| report.quarantine_until_ms = until);
         match loss {
             // Another replica replaced the epoch (or the server holds

@@ -225,17 +225,22 @@ end
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', set}
 ";
 
-/// Extends the fleet's quarantine after a loss (`KEYS[3]`: when it ends,
-/// Unix ms, the key expiring then) to `ARGV[1]` unless it already lasts
-/// longer (`0` only reads it); answers when it ends (0: no quarantine).
+/// Makes the fleet's quarantine after a loss (`KEYS[3]`, expiring when it
+/// ends) last at least `ARGV[1]` ms more (`0` only reads it); answers how
+/// long it lasts from now (0: no quarantine). Kept as a time to live, on
+/// Redis's own clock: an end written as a wall-clock time would be ended
+/// early, or at once, by a replica whose clock reads ahead of Redis's or
+/// behind it. The key's value is the end as the writer's clock reads it
+/// (`ARGV[2]`, Unix ms), for releases that read it.
 pub(super) const QUARANTINE: &str = r"
-local held = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+local left = redis.call('PTTL', KEYS[3])
+if left < 0 then left = 0 end
 local wanted = tonumber(ARGV[1])
-if wanted > held then
-  redis.call('SET', KEYS[3], ARGV[1], 'PXAT', ARGV[1])
-  held = wanted
+if wanted > left then
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
+  left = wanted
 end
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', held}
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', left}
 ";
 
 /// Replaces the epoch by `ARGV[2]` if it still is `ARGV[1]` (`''`: none),
