@@ -111,7 +111,7 @@ const UNHURRIED_SLACK_MS: u64 = 5_000;
 #[derive(Debug, Default)]
 pub struct Unhurried {
     /// The first reading: the wall clock's, and [`Clock::elapsed_ms`].
-    anchor: std::sync::Mutex<Option<(u64, u64)>>,
+    anchor: std::sync::OnceLock<(u64, u64)>,
     /// The lead last reported as news by [`Unhurried::ahead_ms`].
     said: AtomicU64,
 }
@@ -121,9 +121,20 @@ impl Unhurried {
     /// since.
     pub fn now_ms(&self, clock: &Clock) -> u64 {
         let (wall, elapsed) = (clock.now_ms(), clock.elapsed_ms());
-        let mut anchor = self.anchor.lock().unwrap_or_else(|e| e.into_inner());
-        let (since_wall, since) = *anchor.get_or_insert((wall, elapsed));
+        let (since_wall, since) = *self.anchor.get_or_init(|| (wall, elapsed));
         held_back(wall, since_wall, elapsed.saturating_sub(since))
+    }
+
+    /// `clock`'s time, but never earlier than the first reading plus the
+    /// time elapsed since: for deciding whether something has aged enough
+    /// to end (a provider's sticky window, idle and lifetime limits), where
+    /// a wall clock stepped back would otherwise stretch the age limits by
+    /// the step (a session judged still sticky after the provider moved
+    /// it). Reading later only ends things sooner.
+    pub fn at_least_ms(&self, clock: &Clock) -> u64 {
+        let (wall, elapsed) = (clock.now_ms(), clock.elapsed_ms());
+        let (since_wall, since) = *self.anchor.get_or_init(|| (wall, elapsed));
+        wall.max(since_wall.saturating_add(elapsed.saturating_sub(since)))
     }
 
     /// How far `clock` reads ahead of [`Unhurried::now_ms`] at `wall` (a
@@ -206,6 +217,15 @@ mod tests {
             (40 * DAY - UNHURRIED_SLACK_MS, true)
         );
         assert!(!unhurried.ahead_ms(&manual, manual.now_ms()).1, "said once");
+        // Stepped back: ageing goes on at the time elapsed.
+        let manual = Clock::manual();
+        let unhurried = Unhurried::default();
+        let first = unhurried.at_least_ms(&manual);
+        manual.advance(Duration::from_secs(60));
+        manual.step_back(Duration::from_secs(3600));
+        assert_eq!(unhurried.at_least_ms(&manual), first + 60_000);
+        manual.step(Duration::from_secs(7200));
+        assert_eq!(unhurried.at_least_ms(&manual), manual.now_ms());
     }
 
     #[test]

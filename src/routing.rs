@@ -54,8 +54,9 @@ pub struct Router {
     /// once it has been unseen longer than any idle timeout (an identity
     /// the sweep retired, or one that expired in Redis).
     sent_ja4: dashmap::DashMap<IdentityId, SentJa4, RandomKeys>,
-    /// The time the sweep forgets by (see [`Unhurried`]).
-    forgetting: Unhurried,
+    /// The time the sweep forgets by, and the time identities age by
+    /// (see [`Unhurried`]).
+    steady: Unhurried,
 }
 
 /// The JA4 an identity's upstream connection sent, and when last seen.
@@ -75,8 +76,8 @@ impl Router {
         tasks: TaskTracker,
     ) -> Router {
         // Its first reading anchors it: at the start.
-        let forgetting = Unhurried::default();
-        forgetting.now_ms(&clock);
+        let steady = Unhurried::default();
+        steady.now_ms(&clock);
         Router {
             store: TimedStore::new(store, metrics.clone()),
             clock,
@@ -85,13 +86,20 @@ impl Router {
             pending: PendingRetirements::default(),
             tasks,
             sent_ja4: dashmap::DashMap::default(),
-            forgetting,
+            steady,
         }
     }
 
     /// The pin store (timed; dereferences to the [`Store`]).
     pub fn store(&self) -> &TimedStore {
         &self.store
+    }
+
+    /// The time identities are judged at (their sticky windows, idle and
+    /// lifetime limits): the clock's, never slower than the time elapsed
+    /// since the start (see [`Unhurried::at_least_ms`]).
+    pub fn judging_now(&self) -> u64 {
+        self.steady.at_least_ms(&self.clock)
     }
 
     /// The clock.

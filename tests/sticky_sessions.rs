@@ -129,3 +129,31 @@ async fn the_sticky_window_retires_an_identity_instead_of_following_the_new_ip()
     assert_eq!(s.origin.seen().len(), seen);
     s.stop().await;
 }
+
+/// A wall clock stepped back (an NTP correction) does not stretch the
+/// sticky window: it ends when its time has elapsed, whatever the clock
+/// reads, before the provider moves the session.
+#[tokio::test]
+async fn a_clock_stepped_back_does_not_stretch_the_sticky_window() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(1)
+        .clock(clock.clone())
+        .config(|c| c.exits[0].sticky_ttl = Some(10 * MINUTE))
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+    clock.advance(9 * MINUTE);
+    clock.step_back(60 * MINUTE);
+    clock.advance(2 * MINUTE);
+    let seen = s.origin.seen().len();
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert!(
+        error_of(&reply).contains("sticky-expired"),
+        "{}",
+        error_of(&reply)
+    );
+    assert_eq!(s.origin.seen().len(), seen);
+    s.stop().await;
+}

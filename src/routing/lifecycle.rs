@@ -128,11 +128,12 @@ impl Router {
     pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
         let now = self.clock.now_ms();
         let policies = self.policies.load_full();
-        let expiry = |identity: &Identity| ends(identity, exits, &policies, now);
+        let judged_at = self.judging_now();
+        let expiry = |identity: &Identity| ends(identity, exits, &policies, judged_at);
         // Retiring goes by the wall clock (on a clock stepped forward it
         // only retires early), forgetting by the time that really elapsed:
         // kept longer by as much as the wall clock is ahead of it.
-        let (ahead, news) = self.forgetting.ahead_ms(&self.clock, now);
+        let (ahead, news) = self.steady.ahead_ms(&self.clock, now);
         if news {
             tracing::warn!(
                 ahead_ms = ahead,
@@ -160,11 +161,11 @@ impl Router {
     }
 }
 
-/// How far apart replicas' clocks may read for an identity founded just
-/// before its exit died to be known as founded before it (see `ends`).
-/// Identities founded this soon after a death retire with it: an exit back
-/// this soon after dying is rare, and retiring is the safe side.
-const DEATH_SKEW_MS: u64 = 5_000;
+/// How far apart replicas' clocks may read (see `ends`): identities
+/// founded this soon after their exit's death retire with it (an exit back
+/// this soon after dying is rare, and retiring is the safe side), and a
+/// sticky window ends this much early.
+const CLOCK_SKEW_MS: u64 = 5_000;
 
 /// Why `identity` cannot continue on its exit at `now`, if it cannot.
 pub fn ends(
@@ -190,7 +191,7 @@ pub fn ends(
         || exit
             .health
             .died_at_ms()
-            .is_some_and(|died| died.saturating_add(DEATH_SKEW_MS) >= identity.created_ms)
+            .is_some_and(|died| died.saturating_add(CLOCK_SKEW_MS) >= identity.created_ms)
     {
         return Some(RetireReason::ExitDown);
     }
@@ -203,7 +204,12 @@ pub fn ends(
     }
     let options = &exit.spec.options;
     if let Some(ttl) = options.sticky_ttl {
-        if now.saturating_sub(identity.session_started_ms) >= crate::clock::duration_ms(ttl) {
+        // A few seconds early: the session may have been started on a
+        // replica whose clock reads behind this one's.
+        let age = now
+            .saturating_sub(identity.session_started_ms)
+            .saturating_add(CLOCK_SKEW_MS);
+        if age >= crate::clock::duration_ms(ttl) {
             return Some(RetireReason::StickyExpired);
         }
     }

@@ -197,6 +197,9 @@ impl Router {
         let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
         let mut bindings = Bindings::new();
         self.store.lookup_into(&keys, &mut bindings).await?;
+        // Stamps go by the clock; whether an identity has aged out, by a
+        // time no wall clock stepped back slows.
+        let judged_at = self.judging_now();
 
         let mut live: Live<'_> = SmallVec::new();
         let mut dead: Vec<DeadCredential> = Vec::new();
@@ -208,7 +211,7 @@ impl Router {
             let judged = |id: IdentityId| live.iter().any(|(_, i)| i.id == id);
             match self
                 .classify(
-                    exits, &policies, credential, binding, now, judged, &mut ended,
+                    exits, &policies, credential, binding, judged_at, judged, &mut ended,
                 )
                 .await?
             {
@@ -297,7 +300,7 @@ impl Router {
         if let Some(retired) = &now.retired {
             return Ok(Reread::Retired(retired.reason.clone()));
         }
-        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.clock.now_ms()) {
+        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.judging_now()) {
             self.retire(exits, &now, reason.clone()).await?;
             return Ok(Reread::Retired(reason));
         }
@@ -517,7 +520,7 @@ impl Router {
         if let Some(reason) = self.pending_retirement(identity.id) {
             return Err(retired(reason));
         }
-        if let Some(reason) = ends(&identity, exits, &self.policies.load(), now) {
+        if let Some(reason) = ends(&identity, exits, &self.policies.load(), self.judging_now()) {
             self.retire(exits, &identity, reason.clone()).await?;
             return Err(retired(reason));
         }
