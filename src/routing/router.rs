@@ -582,7 +582,31 @@ fn check_joined(
     credentials: &[&Credential],
     winners: Vec<Binding>,
 ) -> Result<(), RouteError> {
+    // One answer per credential, or the store answered something else: a
+    // credential without its answer would go unpinned.
+    if winners.len() != credentials.len() {
+        return Err(RouteError::Store(StoreError::new(
+            StoreErrorKind::Protocol,
+            "the store answered another number of pins than it was given",
+        )));
+    }
     for (credential, winner) in credentials.iter().zip(winners) {
+        // Joined to an identity the store now holds retired (retired
+        // meanwhile, by another request or replica): the request does not
+        // go on as it.
+        if let Some(retired) = winner
+            .identity
+            .as_ref()
+            .filter(|i| i.id == identity.id)
+            .and_then(|i| i.retired.as_ref())
+        {
+            return Err(RouteError::Retired(vec![DeadCredential {
+                credential: (*credential).clone(),
+                identity: Some(identity.id),
+                exit: Some(identity.exit.clone()),
+                reason: retired.reason.clone(),
+            }]));
+        }
         if winner.pin.identity != identity.id {
             let other = winner
                 .identity
@@ -628,4 +652,41 @@ enum Standing {
     Unknown,
     Live(Arc<Identity>),
     Dead(DeadCredential),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::PinHasher;
+
+    /// Credentials joined to an identity the store answers as retired
+    /// (retired meanwhile) do not let the request go on as it; an answer
+    /// with another number of pins than given is an error, not a partial
+    /// join.
+    #[test]
+    fn a_join_answered_with_a_retired_identity_or_too_few_pins_fails() {
+        let fingerprint = Fingerprint::of_user_agent("agent");
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), 5, fingerprint, 5);
+        let cookie =
+            Credential::cookie("datadome", PinHasher::new([1; 32]).cookie("datadome", "v"));
+        let answer = |identity: &Identity| Binding {
+            pin: Pin::new(identity.id, &cookie, 5, None),
+            identity: Some(Arc::new(identity.clone())),
+        };
+        assert!(check_joined(&identity, &[&cookie], vec![answer(&identity)]).is_ok());
+
+        let mut retired = identity.clone();
+        retired.retired = Some(Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 6,
+        });
+        match check_joined(&identity, &[&cookie], vec![answer(&retired)]) {
+            Err(RouteError::Retired(dead)) => assert_eq!(dead[0].reason, RetireReason::Evicted),
+            other => panic!("{other:?}"),
+        }
+        match check_joined(&identity, &[&cookie], Vec::new()) {
+            Err(RouteError::Store(e)) => assert_eq!(e.kind, StoreErrorKind::Protocol),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -176,7 +176,13 @@ pub(super) fn decode_identity(fields: &Value) -> Result<Option<Identity>, StoreE
         identity.requests = requests;
     }
     identity.worked |= get("worked").is_some();
-    if let Some(ip) = get("egress").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()) {
+    // An address that does not read is no answer, never "none recorded"
+    // (every tunnel would then be accepted).
+    if let Some(egress) = get("egress") {
+        let ip = std::str::from_utf8(egress)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| corrupt("identity: an egress address that does not read"))?;
         identity.egress_ip = Some(ip);
     }
     if let Some(retired) = get("retired") {
@@ -196,4 +202,38 @@ pub(super) fn parse_hex16(hex: &str) -> Option<[u8; 16]> {
         *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+    use crate::identity::{ExitId, SessionId};
+
+    fn fields(egress: &[u8]) -> Value {
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Fingerprint::of_user_agent("agent"),
+            5,
+        );
+        let record = postcard::to_stdvec(&identity).unwrap_or_default();
+        Value::Array(vec![
+            Value::BulkString(b"rec".to_vec()),
+            Value::BulkString(record),
+            Value::BulkString(b"egress".to_vec()),
+            Value::BulkString(egress.to_vec()),
+        ])
+    }
+
+    /// An egress address that does not read is an error: taken as none
+    /// recorded, every tunnel of the identity would be accepted.
+    #[test]
+    fn an_unreadable_egress_address_is_corrupt_not_absent() {
+        let read = decode_identity(&fields(b"127.0.0.2")).unwrap().unwrap();
+        assert_eq!(read.egress_ip, Some(std::net::IpAddr::from([127, 0, 0, 2])));
+        let error = decode_identity(&fields(b"127.0.0.300")).unwrap_err();
+        assert_eq!(error.kind, StoreErrorKind::Corrupt, "{error}");
+    }
 }
