@@ -117,6 +117,20 @@ pub struct Unhurried {
 }
 
 impl Unhurried {
+    /// One whose first reading is `clock`'s now, or `since_ms` if that is
+    /// earlier: the latest time a store loaded at start was stamped with.
+    /// Forgetting then counts from there, not from the start: a wall clock
+    /// stepped forward while the process was down cannot be told from the
+    /// time it was down, so that time does not count towards forgetting
+    /// (what was retired is remembered that much longer).
+    pub fn since(clock: &Clock, since_ms: Option<u64>) -> Unhurried {
+        let unhurried = Unhurried::default();
+        let wall = clock.now_ms();
+        let first = since_ms.map_or(wall, |since| since.min(wall));
+        let _ = unhurried.anchor.set((first, clock.elapsed_ms()));
+        unhurried
+    }
+
     /// `clock`'s time, held back to the first reading plus the time elapsed
     /// since.
     pub fn now_ms(&self, clock: &Clock) -> u64 {

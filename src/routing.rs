@@ -75,9 +75,9 @@ impl Router {
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
     ) -> Router {
-        // Its first reading anchors it: at the start.
-        let steady = Unhurried::default();
-        steady.now_ms(&clock);
+        // Anchored at the start, or at the latest time the store's records
+        // were stamped with if earlier (see `Unhurried::since`).
+        let steady = Unhurried::since(&clock, store.newest_loaded_ms().filter(|&ms| ms > 0));
         Router {
             store: TimedStore::new(store, metrics.clone()),
             clock,
@@ -301,6 +301,90 @@ mod tests {
         clock.advance(std::time::Duration::from_secs(36));
         router.sweep(&exits).await.unwrap();
         assert!(!held().await, "kept past remember_retired");
+    }
+
+    /// A wall clock stepped forward while the process was down cannot be
+    /// told from the time it was down: forgetting counts from the latest
+    /// time the embedded store's records were stamped with, so a retired
+    /// identity's pin is not forgotten at the first sweep after the start.
+    #[tokio::test]
+    async fn time_the_process_was_down_does_not_count_towards_forgetting() {
+        use crate::credential::{Credential, PinHasher};
+        use crate::fingerprint::Fingerprint;
+        use crate::identity::{ExitId, Identity, Pin, Retirement, SessionId};
+        use crate::store::durable::DurableStore;
+        use crate::store::PinStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pins.redb");
+        let clock = Clock::manual();
+        let now = clock.now_ms();
+        let cookie =
+            Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
+        {
+            let store = DurableStore::open(&path).unwrap();
+            let fingerprint = Fingerprint::of_user_agent("agent");
+            let identity = Identity::new(ExitId::new("e1"), SessionId(1), now, fingerprint, now);
+            store.create_identity(&identity).await.unwrap();
+            store
+                .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, now, None))
+                .await
+                .unwrap();
+            let retirement = Retirement {
+                reason: RetireReason::Evicted,
+                at_ms: now,
+            };
+            store.retire(identity.id, &retirement).await.unwrap();
+            store.close().await;
+        }
+        // Down while the clock stepped ten days forward (`remember_retired`
+        // is 60 s here).
+        clock.step(std::time::Duration::from_secs(10 * 86_400));
+        let store = Store::Durable(DurableStore::open(&path).unwrap());
+        assert_eq!(store.newest_loaded_ms(), Some(now));
+        let router = Router::new(
+            store,
+            clock.clone(),
+            router().policies().as_ref().clone(),
+            Arc::new(Metrics::new()),
+            TaskTracker::new(),
+        );
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        let held = || async { router.store().lookup(&[cookie.key]).await.unwrap()[0].is_some() };
+        router.sweep(&exits).await.unwrap();
+        assert!(held().await, "forgotten at the first sweep after the start");
+        clock.advance(std::time::Duration::from_secs(66));
+        router.sweep(&exits).await.unwrap();
+        assert!(!held().await, "kept past remember_retired");
+        router.store().close().await;
+    }
+
+    /// A retirement made after the wall clock stepped back is dated no
+    /// earlier than the time elapsed since the start: dated by the stepped
+    /// clock, it would be forgotten that much early once the clock is
+    /// corrected.
+    #[tokio::test]
+    async fn a_retirement_is_not_dated_back_by_a_clock_stepped_back() {
+        use crate::fingerprint::Fingerprint;
+        use crate::identity::{ExitId, Identity, SessionId};
+        use crate::store::PinStore as _;
+        let router = router();
+        let clock = router.clock().clone();
+        let start = clock.now_ms();
+        let fingerprint = Fingerprint::of_user_agent("agent");
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), start, fingerprint, start);
+        router.store().create_identity(&identity).await.unwrap();
+        clock.advance(std::time::Duration::from_secs(60));
+        clock.step_back(std::time::Duration::from_secs(3600));
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        router
+            .retire(&exits, &identity, RetireReason::Evicted)
+            .await
+            .unwrap();
+        let Store::Memory(memory) = &**router.store() else {
+            unreachable!()
+        };
+        let at = memory.identity(identity.id).unwrap().retired.unwrap().at_ms;
+        assert_eq!(at, start + 60_000);
     }
 
     #[test]

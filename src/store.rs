@@ -355,6 +355,16 @@ macro_rules! dispatch {
 }
 
 impl Store {
+    /// The latest time a record the store loaded at start was stamped
+    /// with, for a store that loads from its own file (the embedded one):
+    /// about when the process that wrote it stopped.
+    pub fn newest_loaded_ms(&self) -> Option<u64> {
+        match self {
+            Store::Durable(store) => Some(store.newest_loaded_ms()),
+            Store::Memory(_) | Store::Redis(_) => None,
+        }
+    }
+
     /// Flushes and closes the store (durable writes finish first).
     pub async fn close(&self) {
         match self {

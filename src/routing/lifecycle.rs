@@ -35,9 +35,12 @@ impl Router {
         identity: &Identity,
         reason: RetireReason,
     ) -> Result<(), StoreError> {
+        // Dated no earlier than the time elapsed since the start: a wall
+        // clock stepped back (and corrected later) would otherwise date it
+        // early, and it would be forgotten that much early.
         let retirement = Retirement {
             reason: reason.clone(),
-            at_ms: self.clock.now_ms(),
+            at_ms: self.judging_now(),
         };
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
@@ -135,12 +138,22 @@ impl Router {
         // kept longer by as much as the wall clock is ahead of it.
         let (ahead, news) = self.steady.ahead_ms(&self.clock, now);
         if news {
-            tracing::warn!(
-                ahead_ms = ahead,
-                "the wall clock reads ahead of the time elapsed since the start (stepped \
-                 forward?): retired credentials and expired cookies' pins are forgotten \
-                 that much later, and the sweep retires by the wall clock"
-            );
+            // Time the process was down counts here too (see
+            // `Unhurried::since`): a day or more is worth a warning.
+            if ahead >= 86_400_000 {
+                tracing::warn!(
+                    ahead_ms = ahead,
+                    "the wall clock reads ahead of the time elapsed since the store's last \
+                     record (a long stop, or a clock stepped forward): retired credentials and \
+                     expired cookies' pins are forgotten that much later"
+                );
+            } else {
+                tracing::info!(
+                    ahead_ms = ahead,
+                    "forgetting counts from the store's last record: retired credentials and \
+                     expired cookies' pins are forgotten that much later"
+                );
+            }
         }
         let swept = self
             .store

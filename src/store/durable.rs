@@ -369,6 +369,12 @@ impl DurableStore {
         })
     }
 
+    /// The latest time a record loaded at open was stamped with (see
+    /// [`MemoryStore::newest_loaded_ms`]).
+    pub fn newest_loaded_ms(&self) -> u64 {
+        self.shared.memory.newest_loaded_ms()
+    }
+
     /// The store file.
     pub fn path(&self) -> &Path {
         &self.path

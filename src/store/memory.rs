@@ -250,6 +250,9 @@ pub struct MemoryStore {
     /// Held through a sweep: the names' prune relies on its reading of the
     /// pins coming after the previous prune (see [`Interner::prune`]).
     sweeping: Mutex<()>,
+    /// The latest time a record loaded from disk was stamped with (0:
+    /// nothing loaded).
+    newest_loaded_ms: AtomicU64,
 }
 
 /// What a sweep changed, for stores that mirror it elsewhere.
@@ -281,6 +284,18 @@ impl MemoryStore {
             identities: DashMap::with_capacity_and_hasher(identities, RandomKeys),
             ..MemoryStore::default()
         }
+    }
+
+    /// The latest time a record loaded from disk was stamped with (its
+    /// creation, last use or retirement; 0: nothing loaded): about when
+    /// the process that wrote the store stopped.
+    pub fn newest_loaded_ms(&self) -> u64 {
+        self.newest_loaded_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records [`MemoryStore::newest_loaded_ms`] (loading a store).
+    pub(crate) fn set_newest_loaded_ms(&self, ms: u64) {
+        self.newest_loaded_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The record of `pin`; called under the lock of the entry it goes in

@@ -351,7 +351,12 @@ pub async fn import(
             // An identity is written before any pin that points to it (the
             // export lists it first), and its write is queued first.
             Record::Identity(mut identity) => {
+                // No time of it later than now (`check` let through the
+                // clocks' skew): a session started in the future would
+                // stretch its sticky window by as much.
                 identity.created_ms = identity.created_ms.min(now_ms);
+                identity.session_started_ms = identity.session_started_ms.min(now_ms);
+                identity.last_used_ms = identity.last_used_ms.min(now_ms);
                 store.create_identity(&identity).await?;
                 moved.identities += 1;
             }
@@ -530,6 +535,10 @@ mod tests {
         import(&target, "k1", text.as_bytes(), 2).await.unwrap();
         let listed = target.list().await.unwrap();
         assert_eq!(listed[0].identity.created_ms, 2);
+        // Its session's start too (a start in the future would stretch
+        // its sticky window), and its last use.
+        let imported = &listed[0].identity;
+        assert_eq!((imported.session_started_ms, imported.last_used_ms), (2, 2));
         assert_eq!(listed[0].pins[0].1.created_ms, 2);
         let ahead = text.replace("\"created_ms\":5", "\"created_ms\":86400005");
         let refused = check(ahead.as_bytes(), "k1", NOW).unwrap_err().to_string();

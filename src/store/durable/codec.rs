@@ -231,6 +231,9 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
     }
     let mut refs = FingerprintRefs::default();
     let mut faceless = 0usize;
+    // The latest time any record was stamped with (see
+    // `MemoryStore::newest_loaded_ms`).
+    let mut newest = 0u64;
     for row in identities.iter().map_err(|e| e.to_string())? {
         let (id, value) = row.map_err(|e| e.to_string())?;
         let stored =
@@ -251,6 +254,10 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
                 at_ms: now_ms,
             });
         }
+        newest = newest
+            .max(identity.created_ms)
+            .max(identity.last_used_ms)
+            .max(identity.retired.as_ref().map_or(0, |r| r.at_ms));
         memory.insert_identity(&identity);
     }
     if faceless > 0 {
@@ -264,6 +271,7 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
         let (key, value) = row.map_err(|e| e.to_string())?;
         let pin: Pin =
             postcard::from_bytes(value.value()).map_err(|e| format!("corrupt pin: {e}"))?;
+        newest = newest.max(pin.created_ms);
         memory.insert_pin(PinKey::from_bytes(*key.value()), &pin);
     }
     let deaths = read.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
@@ -290,6 +298,7 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
             "pin store: deleted fingerprints no identity refers to"
         );
     }
+    memory.set_newest_loaded_ms(newest);
     Ok((memory, refs))
 }
 
