@@ -54,8 +54,9 @@ pub(super) struct HitCache {
     /// insert.
     size: AtomicUsize,
     /// Identities retired, or given their first egress address, recently
-    /// (here or on another replica): their cached pins no longer answer. Kept for twice the entry lifetime,
-    /// longer than any entry fetched before the retirement can live.
+    /// (here or on another replica): their cached pins no longer answer.
+    /// Kept for twice the entry lifetime and a response timeout, longer
+    /// than any entry read before the retirement can live.
     retired: DashMap<IdentityId, Instant, RandomKeys>,
     /// The live subscription's number (0: none live, nothing answers).
     live: AtomicU64,
@@ -196,13 +197,18 @@ impl HitCache {
         }
     }
 
-    /// Forgets expired entries and old retirement marks.
+    /// Forgets expired entries and old retirement marks. A mark outlives
+    /// every entry that may have been read before it: an entry's time
+    /// counts from its reply's arrival, which may come up to a response
+    /// timeout after the lookup left (before the retirement, with a short
+    /// `hit_cache`).
     pub(super) fn prune(&self) {
         let ttl = self.ttl;
         self.entries
             .retain(|_, entry| entry.fetched.elapsed() < ttl);
         self.size.store(self.entries.len(), Ordering::Relaxed);
-        self.retired.retain(|_, at| at.elapsed() < ttl * 2);
+        let marks = ttl * 2 + RESPONSE_TIMEOUT;
+        self.retired.retain(|_, at| at.elapsed() < marks);
     }
 }
 
