@@ -112,22 +112,27 @@ const UNHURRIED_SLACK_MS: u64 = 5_000;
 pub struct Unhurried {
     /// The first reading: the wall clock's, and [`Clock::elapsed_ms`].
     anchor: std::sync::OnceLock<(u64, u64)>,
+    /// The same for [`Unhurried::at_least_ms`] (see [`Unhurried::since`]).
+    floor: std::sync::OnceLock<(u64, u64)>,
     /// The lead last reported as news by [`Unhurried::ahead_ms`].
     said: AtomicU64,
 }
 
 impl Unhurried {
-    /// One whose first reading is `clock`'s now, or `since_ms` if that is
-    /// earlier: the latest time a store loaded at start was stamped with.
-    /// Forgetting then counts from there, not from the start: a wall clock
-    /// stepped forward while the process was down cannot be told from the
-    /// time it was down, so that time does not count towards forgetting
-    /// (what was retired is remembered that much longer).
+    /// One whose first reading is `clock`'s now, taken with `since_ms`, the
+    /// latest time a store loaded at start was stamped with. Forgetting
+    /// counts from the earlier of the two: a wall clock stepped forward
+    /// while the process was down cannot be told from the time it was
+    /// down, so that time does not count towards forgetting (what was
+    /// retired is remembered that much longer). [`Unhurried::at_least_ms`]
+    /// counts from the later: a clock stepped back while it was down reads
+    /// before what the store already holds.
     pub fn since(clock: &Clock, since_ms: Option<u64>) -> Unhurried {
         let unhurried = Unhurried::default();
-        let wall = clock.now_ms();
-        let first = since_ms.map_or(wall, |since| since.min(wall));
-        let _ = unhurried.anchor.set((first, clock.elapsed_ms()));
+        let (wall, elapsed) = (clock.now_ms(), clock.elapsed_ms());
+        let since = since_ms.unwrap_or(wall);
+        let _ = unhurried.anchor.set((since.min(wall), elapsed));
+        let _ = unhurried.floor.set((since.max(wall), elapsed));
         unhurried
     }
 
@@ -140,14 +145,13 @@ impl Unhurried {
     }
 
     /// `clock`'s time, but never earlier than the first reading plus the
-    /// time elapsed since: for deciding whether something has aged enough
-    /// to end (a provider's sticky window, idle and lifetime limits), where
-    /// a wall clock stepped back would otherwise stretch the age limits by
-    /// the step (a session judged still sticky after the provider moved
-    /// it). Reading later only ends things sooner.
+    /// time elapsed since: for dating what must not be dated early (a
+    /// retirement, forgotten that much early once a clock stepped back is
+    /// corrected). Not for judging ages against stamps the clock made:
+    /// after a step back they would all read the step too old.
     pub fn at_least_ms(&self, clock: &Clock) -> u64 {
         let (wall, elapsed) = (clock.now_ms(), clock.elapsed_ms());
-        let (since_wall, since) = *self.anchor.get_or_init(|| (wall, elapsed));
+        let (since_wall, since) = *self.floor.get_or_init(|| (wall, elapsed));
         wall.max(since_wall.saturating_add(elapsed.saturating_sub(since)))
     }
 
@@ -231,7 +235,7 @@ mod tests {
             (40 * DAY - UNHURRIED_SLACK_MS, true)
         );
         assert!(!unhurried.ahead_ms(&manual, manual.now_ms()).1, "said once");
-        // Stepped back: ageing goes on at the time elapsed.
+        // Stepped back: dating goes on at the time elapsed.
         let manual = Clock::manual();
         let unhurried = Unhurried::default();
         let first = unhurried.at_least_ms(&manual);

@@ -95,10 +95,14 @@ impl Router {
         &self.store
     }
 
-    /// The time identities are judged at (their sticky windows, idle and
-    /// lifetime limits): the clock's, never slower than the time elapsed
-    /// since the start (see [`Unhurried::at_least_ms`]).
-    pub fn judging_now(&self) -> u64 {
+    /// The time a retirement decided on a request is dated with: the
+    /// clock's, never earlier than the time elapsed since the start (see
+    /// [`Unhurried::at_least_ms`]). A wall clock stepped back (and
+    /// corrected later) would otherwise date it early, and it would be
+    /// forgotten that much early. (Ages are judged, and everything else is
+    /// stamped, by the clock itself: judged by one clock and stamped by
+    /// another, every age would read the step too old.)
+    pub fn retirement_now(&self) -> u64 {
         self.steady.at_least_ms(&self.clock)
     }
 

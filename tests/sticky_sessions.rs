@@ -130,11 +130,11 @@ async fn the_sticky_window_retires_an_identity_instead_of_following_the_new_ip()
     s.stop().await;
 }
 
-/// A wall clock stepped back (an NTP correction) does not stretch the
-/// sticky window: it ends when its time has elapsed, whatever the clock
-/// reads, before the provider moves the session.
+/// Ages are judged on the clock stamps are made with: after a wall clock
+/// is stepped back (an NTP correction), an identity founded then lives its
+/// whole sticky window and idle time, not one shortened by the step.
 #[tokio::test]
-async fn a_clock_stepped_back_does_not_stretch_the_sticky_window() {
+async fn an_identity_founded_after_the_clock_stepped_back_lives_its_window() {
     let clock = Clock::manual();
     let s = Setup::builder()
         .exits(1)
@@ -142,18 +142,16 @@ async fn a_clock_stepped_back_does_not_stretch_the_sticky_window() {
         .config(|c| c.exits[0].sticky_ttl = Some(10 * MINUTE))
         .start()
         .await;
-    let (mut jar, _) = s.login("/login").await;
-    clock.advance(9 * MINUTE);
+    clock.advance(MINUTE);
     clock.step_back(60 * MINUTE);
-    clock.advance(2 * MINUTE);
-    let seen = s.origin.seen().len();
+    let (mut jar, peer) = s.login("/login").await;
+    clock.advance(5 * MINUTE);
     let reply = s.get("/page", &mut jar).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    assert!(
-        error_of(&reply).contains("sticky-expired"),
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
         "{}",
-        error_of(&reply)
+        reply.body
     );
-    assert_eq!(s.origin.seen().len(), seen);
     s.stop().await;
 }

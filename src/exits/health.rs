@@ -14,6 +14,10 @@ use std::sync::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
 
+/// How far past now an identity's creation may be noted (see
+/// [`Health::note_identity`]): as far as replicas' clocks may differ.
+const NOTED_AHEAD_MS: u64 = 5_000;
+
 /// An exit's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -115,7 +119,13 @@ impl Health {
     /// death, and a wall clock stepped back since one was created (or
     /// another replica's clock reading ahead) would otherwise date the
     /// death before it, and it would outlive its exit's death.
-    pub fn note_identity(&self, created_ms: u64) {
+    ///
+    /// A creation time past `now_ms` by more than replicas' clocks differ
+    /// is taken as that far only: a replica whose clock is hours ahead
+    /// would otherwise date a death hours ahead, stored and shared, and
+    /// every identity founded on the exit until then would retire with it.
+    pub fn note_identity(&self, created_ms: u64, now_ms: u64) {
+        let created_ms = created_ms.min(now_ms.saturating_add(NOTED_AHEAD_MS));
         if created_ms > self.latest_identity_ms.load(Ordering::Relaxed) {
             self.latest_identity_ms
                 .fetch_max(created_ms, Ordering::AcqRel);
@@ -258,8 +268,8 @@ mod tests {
     #[test]
     fn a_death_is_dated_no_earlier_than_the_identities_noted() {
         let h = health();
-        h.note_identity(5_000);
-        h.note_identity(4_000);
+        h.note_identity(5_000, 1_000);
+        h.note_identity(4_000, 1_000);
         for _ in 0..4 {
             h.failure(1_000);
         }
@@ -267,11 +277,19 @@ mod tests {
         assert_eq!(h.died_at_ms(), Some(5_000));
         // On a clock that reads later, as it reads.
         let h = health();
-        h.note_identity(5_000);
+        h.note_identity(5_000, 1_000);
         for _ in 0..4 {
             h.failure(9_000);
         }
         assert_eq!(h.died_at_ms(), Some(9_000));
+        // A creation far ahead of now (a replica's clock hours ahead) moves
+        // the death a few seconds at most.
+        let h = health();
+        h.note_identity(7_200_000, 1_000);
+        for _ in 0..4 {
+            h.failure(1_000);
+        }
+        assert_eq!(h.died_at_ms(), Some(1_000 + NOTED_AHEAD_MS));
     }
 
     #[test]

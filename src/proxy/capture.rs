@@ -285,7 +285,7 @@ pub async fn learn(
             );
             identity.egress_ip = egress_ip;
             identity.route = route.exit.founding_route();
-            route.exit.health.note_identity(identity.created_ms);
+            route.exit.health.note_identity(identity.created_ms, now);
             (Arc::new(identity), true)
         }
     };

@@ -35,12 +35,9 @@ impl Router {
         identity: &Identity,
         reason: RetireReason,
     ) -> Result<(), StoreError> {
-        // Dated no earlier than the time elapsed since the start: a wall
-        // clock stepped back (and corrected later) would otherwise date it
-        // early, and it would be forgotten that much early.
         let retirement = Retirement {
             reason: reason.clone(),
-            at_ms: self.judging_now(),
+            at_ms: self.retirement_now(),
         };
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
@@ -131,8 +128,7 @@ impl Router {
     pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
         let now = self.clock.now_ms();
         let policies = self.policies.load_full();
-        let judged_at = self.judging_now();
-        let expiry = |identity: &Identity| ends(identity, exits, &policies, judged_at);
+        let expiry = |identity: &Identity| ends(identity, exits, &policies, now);
         // Retiring goes by the wall clock (on a clock stepped forward it
         // only retires early), forgetting by the time that really elapsed:
         // kept longer by as much as the wall clock is ahead of it.
@@ -196,7 +192,7 @@ pub fn ends(
         }
         return Some(RetireReason::ExitRemoved);
     };
-    exit.health.note_identity(identity.created_ms);
+    exit.health.note_identity(identity.created_ms, now);
     // Founded up to a few seconds after the death counts as before it: an
     // identity founded on a replica whose clock reads ahead of the one
     // that dated the death would otherwise outlive it.
@@ -217,12 +213,14 @@ pub fn ends(
     }
     let options = &exit.spec.options;
     if let Some(ttl) = options.sticky_ttl {
-        // A few seconds early: the session may have been started on a
-        // replica whose clock reads behind this one's.
+        // A few seconds early (a quarter of a short window at most): the
+        // session may have been started on a replica whose clock reads
+        // behind this one's.
+        let ttl = crate::clock::duration_ms(ttl);
         let age = now
             .saturating_sub(identity.session_started_ms)
-            .saturating_add(CLOCK_SKEW_MS);
-        if age >= crate::clock::duration_ms(ttl) {
+            .saturating_add(CLOCK_SKEW_MS.min(ttl / 4));
+        if age >= ttl {
             return Some(RetireReason::StickyExpired);
         }
     }

@@ -197,9 +197,6 @@ impl Router {
         let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
         let mut bindings = Bindings::new();
         self.store.lookup_into(&keys, &mut bindings).await?;
-        // Stamps go by the clock; whether an identity has aged out, by a
-        // time no wall clock stepped back slows.
-        let judged_at = self.judging_now();
 
         let mut live: Live<'_> = SmallVec::new();
         let mut dead: Vec<DeadCredential> = Vec::new();
@@ -211,7 +208,7 @@ impl Router {
             let judged = |id: IdentityId| live.iter().any(|(_, i)| i.id == id);
             match self
                 .classify(
-                    exits, &policies, credential, binding, judged_at, judged, &mut ended,
+                    exits, &policies, credential, binding, now, judged, &mut ended,
                 )
                 .await?
             {
@@ -300,7 +297,7 @@ impl Router {
         if let Some(retired) = &now.retired {
             return Ok(Reread::Retired(retired.reason.clone()));
         }
-        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.judging_now()) {
+        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.clock.now_ms()) {
             self.retire(exits, &now, reason.clone()).await?;
             return Ok(Reread::Retired(reason));
         }
@@ -452,7 +449,7 @@ impl Router {
             now,
         );
         candidate.route = exit.founding_route();
-        exit.health.note_identity(candidate.created_ms);
+        exit.health.note_identity(candidate.created_ms, now);
         // The identity and all its pins in one store step (one round trip
         // to Redis); the first credential decides who founds it.
         let pins: Vec<(PinKey, Pin)> = unknown
@@ -471,7 +468,7 @@ impl Router {
                     if exit.superseded() {
                         let retirement = Retirement {
                             reason: RetireReason::ExitChanged,
-                            at_ms: now,
+                            at_ms: self.retirement_now(),
                         };
                         self.store.retire(candidate.id, &retirement).await?;
                         return Err(RouteError::Retired(vec![DeadCredential {
@@ -520,7 +517,7 @@ impl Router {
         if let Some(reason) = self.pending_retirement(identity.id) {
             return Err(retired(reason));
         }
-        if let Some(reason) = ends(&identity, exits, &self.policies.load(), self.judging_now()) {
+        if let Some(reason) = ends(&identity, exits, &self.policies.load(), now) {
             self.retire(exits, &identity, reason.clone()).await?;
             return Err(retired(reason));
         }

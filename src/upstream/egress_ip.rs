@@ -78,10 +78,12 @@ pub struct IpCheck {
 
 impl Dialer {
     /// On an identity's lane, holds its tunnels to `expected` (the address
-    /// the identity's record holds): the lane takes it when none of its
-    /// tunnels has stated one yet, and one that has stated another (a lane
-    /// made before the record knew its address) is refused, its pooled
-    /// connections with it.
+    /// the identity's record holds): a lane none of whose tunnels has
+    /// stated one yet takes it (its new tunnels are checked against it),
+    /// and a lane whose first tunnel stated another (made before the
+    /// record knew its address) answers `ExitIpDrift` before the request
+    /// is written to any of its connections (the send path then retires
+    /// the identity, and its lanes go with it).
     pub(crate) fn hold_to(&self, expected: IpAddr) -> Result<(), ConnectError> {
         match &self.ip_check.pinned {
             Some(pinned) => hold(pinned, expected),

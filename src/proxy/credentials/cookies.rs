@@ -709,12 +709,14 @@ const SURELY_PAST_MS: u64 = 24 * 3_600_000;
 /// `Max-Age` wins over `Expires` (RFC 6265 §5.3). `line` is the
 /// `Set-Cookie` line `cookie` was read from.
 ///
-/// `Expires` is a time on the origin's clock. Where the response says what
-/// that clock read (`origin_now_ms`, its `Date`), the cookie lives as long
-/// after now as it does after that: a clock that reads ahead of the
-/// origin's by more than a short cookie's life (`__cf_bm`'s 30 minutes)
-/// would otherwise take the cookie for a deletion, leave it unpinned while
-/// the client keeps it, and let its next request found it on any exit.
+/// `Expires` is a time on the origin's clock, which the client reads on
+/// its own. Where the response says what the origin's clock read
+/// (`origin_now_ms`, its `Date`), the cookie is a deletion only when past
+/// on both that clock and this one, and is pinned at least as long after
+/// now as it lives after that: a clock that reads ahead of the origin's by
+/// more than a short cookie's life (`__cf_bm`'s 30 minutes) would
+/// otherwise take the cookie for a deletion, leave it unpinned while the
+/// client keeps it, and let its next request found it on any exit.
 /// Without `Date`, only a time well past is a deletion; one just past is
 /// pinned as expired (its next request is refused, `cookie-expired`,
 /// rather than founded anew).
@@ -733,11 +735,16 @@ fn cookie_expiry_ms(
     };
     let at_ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     match origin_now_ms {
-        Some(origin_now) if at_ms > origin_now => {
-            (Some(now_ms.saturating_add(at_ms - origin_now)), false)
+        // A deletion only when past on both clocks (the client judges by
+        // its own, which this one stands for); otherwise pinned until the
+        // later of the two readings, never before the client drops it.
+        Some(origin_now) => {
+            let left = i64::try_from(at_ms).unwrap_or(i64::MAX)
+                - i64::try_from(origin_now).unwrap_or(i64::MAX);
+            let translated = now_ms.saturating_add_signed(left);
+            let deleted = at_ms <= origin_now && at_ms <= now_ms;
+            (Some(translated.max(at_ms)), deleted)
         }
-        // At or before the origin's now: a deletion, whatever this clock reads.
-        Some(_) => (Some(now_ms.min(at_ms)), true),
         None => (Some(at_ms), at_ms.saturating_add(SURELY_PAST_MS) <= now_ms),
     }
 }
@@ -1278,9 +1285,19 @@ mod tests {
             set(half_hour, date, origin_now),
             (Some(origin_now + 30 * minute), false)
         );
-        // At or before the origin's now: a deletion, whatever this clock says.
+        // At or before the origin's now: a deletion where this clock agrees;
+        // where it reads behind, the client (on a clock like this one) keeps
+        // the cookie 45 minutes more: pinned that long.
         let gone = "__cf_bm=v; Expires=Fri, 15 Jan 2027 08:00:00 GMT";
-        assert!(set(gone, date, origin_now - 45 * minute).1);
+        assert!(set(gone, date, origin_now).1);
+        assert!(set(gone, date, ahead).1);
+        let behind = origin_now - 45 * minute;
+        assert_eq!(set(gone, date, behind), (Some(origin_now), false));
+        // Pinned until the later reading: the origin's (translated) here.
+        assert_eq!(
+            set(half_hour, date, behind),
+            (Some(origin_now + 30 * minute), false)
+        );
         // No `Date`: read on this clock; just past is pinned, expired.
         let at = origin_now + 30 * minute;
         assert_eq!(set(half_hour, None, ahead), (Some(at), false));

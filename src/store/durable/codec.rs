@@ -242,6 +242,11 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
         let found = fingerprints.get(&stored.fingerprint()).cloned();
         let missing = found.is_none();
         let mut identity = stored.into_identity(IdentityId(id.value()), found.unwrap_or_default());
+        // As written (a retirement dated below is now, not a record's).
+        newest = newest
+            .max(identity.created_ms)
+            .max(identity.last_used_ms)
+            .max(identity.retired.as_ref().map_or(0, |r| r.at_ms));
         // Its fingerprint's row is gone (a damaged file, a writer of
         // another release): shown with another face (in mirror mode,
         // pinproxy's own), its cookies would give it away. It retires as
@@ -254,10 +259,6 @@ pub(super) fn load(db: &Database, now_ms: u64) -> Result<(MemoryStore, Fingerpri
                 at_ms: now_ms,
             });
         }
-        newest = newest
-            .max(identity.created_ms)
-            .max(identity.last_used_ms)
-            .max(identity.retired.as_ref().map_or(0, |r| r.at_ms));
         memory.insert_identity(&identity);
     }
     if faceless > 0 {
