@@ -326,6 +326,9 @@ pub struct Metrics {
     pub store_wait_timeouts: Counter,
     /// Pin lookups answered from the Redis store's hit cache.
     pub store_cache_hits: Counter,
+    /// How far Redis's clock reads ahead of this replica's (negative:
+    /// behind), in ms, as last measured.
+    pub store_clock_offset_ms: Gauge,
     /// Idle HTTP/1.1 connections in tunnels whose HTTP server, with its
     /// buffers, was released until the client's next byte.
     pub client_connections_parked: Counter,
@@ -514,6 +517,12 @@ impl Metrics {
             "Idle upstream HTTP/1.1 connections whose hyper connection and buffers were released until their next request",
             upstream_connections_parked.clone(),
         );
+        let store_clock_offset_ms = Gauge::default();
+        registry.register(
+            "store_clock_offset_ms",
+            "How far the Redis server's clock reads ahead of this replica's (negative: behind), in ms, as last measured",
+            store_clock_offset_ms.clone(),
+        );
         let store_wait_timeouts = Counter::default();
         registry.register(
             "store_wait_timeouts",
@@ -580,6 +589,7 @@ impl Metrics {
             store_conflicts,
             store_wait_timeouts,
             store_cache_hits,
+            store_clock_offset_ms,
             client_connections_parked,
             upstream_connections_parked,
             upstream_connect,

@@ -159,6 +159,9 @@ struct Inner {
     ///
     /// [`Clock::elapsed_ms`]: crate::clock::Clock::elapsed_ms
     quarantine_until_steady_ms: AtomicU64,
+    /// Whether Redis's clock was last found apart from this one's (see
+    /// `RedisStore::check_clock`).
+    clock_apart: AtomicBool,
     /// A restore is running.
     recovering: AtomicBool,
     /// The hash of the epoch the running restore writes under, once it has
@@ -267,6 +270,7 @@ impl RedisStore {
                 metrics,
                 quarantine_until_ms: AtomicU64::new(0),
                 quarantine_until_steady_ms: AtomicU64::new(0),
+                clock_apart: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
                 restore_epoch: AtomicU64::new(0),
                 lost_again: Mutex::new(None),
@@ -1031,6 +1035,63 @@ pub fn key_id(key: &[u8; 32]) -> String {
     blake3::hash(key).to_hex()[..8].to_owned()
 }
 
+/// Every how many background checks the clocks are compared (about every
+/// minute, the first time at once).
+const CLOCK_CHECK_EVERY: u32 = 120;
+
+/// How far Redis's clock and a replica's may read apart before it is said:
+/// deaths and sticky windows allow replicas' clocks 5 s (see
+/// `routing::lifecycle`), and Redis expires keys by its own.
+const CLOCK_OFFSET_SAID_MS: u64 = 5_000;
+
+/// How far `server_ms` (Redis's `TIME`, read between `sent_ms` and
+/// `answered_ms` on this replica's clock) reads ahead of this clock,
+/// taking the reading at the middle of the round trip.
+fn clock_offset_ms(server_ms: u64, sent_ms: u64, answered_ms: u64) -> i64 {
+    let middle = sent_ms / 2 + answered_ms / 2;
+    i64::try_from(server_ms).unwrap_or(i64::MAX) - i64::try_from(middle).unwrap_or(i64::MAX)
+}
+
+impl RedisStore {
+    /// Compares Redis's clock with this replica's (`TIME`): replicas judge
+    /// what others stamped (identities' ages, exit deaths) and Redis
+    /// expires keys by its own clock, so clocks that read apart shift
+    /// those judgements. Exported as a gauge, and said when it passes
+    /// [`CLOCK_OFFSET_SAID_MS`] (once, until it comes back within).
+    async fn check_clock(&self) {
+        let Ok(mut connection) = self.connection() else {
+            return;
+        };
+        let clock = crate::clock::Clock::system();
+        let sent = clock.now_ms();
+        let time: redis::RedisResult<(u64, u64)> =
+            redis::cmd("TIME").query_async(&mut connection).await;
+        let answered = clock.now_ms();
+        let Ok((seconds, micros)) = time else {
+            return;
+        };
+        let server = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+        let offset = clock_offset_ms(server, sent, answered);
+        self.inner.metrics.store_clock_offset_ms.set(offset);
+        let apart = offset.unsigned_abs() > CLOCK_OFFSET_SAID_MS;
+        if apart != self.inner.clock_apart.swap(apart, Ordering::Relaxed) {
+            if apart {
+                tracing::warn!(
+                    offset_ms = offset,
+                    "Redis's clock and this replica's read apart by more than 5 s: exit deaths, \
+                     sticky windows and identities' ages are judged across replicas' clocks, and \
+                     Redis expires keys by its own; synchronise the clocks (NTP)"
+                );
+            } else {
+                tracing::info!(
+                    offset_ms = offset,
+                    "Redis's clock and this replica's agree again"
+                );
+            }
+        }
+    }
+}
+
 /// Checks the link and the generation until the store is dropped.
 async fn check_loop(inner: Weak<Inner>) {
     let mut rounds = 0u32;
@@ -1046,6 +1107,9 @@ async fn check_loop(inner: Weak<Inner>) {
             }
         }
         store.check_evictions().await;
+        if rounds % CLOCK_CHECK_EVERY == 1 {
+            store.check_clock().await;
+        }
         match store.check_generation().await {
             Ok(_) if !was => tracing::info!("redis pin store reachable again"),
             Ok(_) => {}
@@ -1429,6 +1493,17 @@ async fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Redis's reading is taken at the middle of the round trip: a server
+    /// 3 s ahead reads +3,000 whatever the round trip took; one behind,
+    /// negative.
+    #[test]
+    fn the_clock_offset_is_read_at_the_middle_of_the_round_trip() {
+        let sent = 1_800_000_000_000;
+        assert_eq!(clock_offset_ms(sent + 3_050, sent, sent + 100), 3_000);
+        assert_eq!(clock_offset_ms(sent + 50, sent, sent + 100), 0);
+        assert_eq!(clock_offset_ms(sent - 9_950, sent, sent + 100), -10_000);
+    }
 
     /// A pin script's row is a pin, or Lua's `false` (no pin); any other
     /// shape, or another number of rows than pins, is no answer at all,
