@@ -264,23 +264,19 @@ mod tests {
         assert!(router.observe_sent_ja4(unseen, &ja4, router.clock().now_ms()));
     }
 
-    /// A wall clock stepped forward past `remember_retired` does not make
-    /// the sweep forget a retired identity's pins (its cookie would then be
-    /// founded anew on any exit); the time that really elapses does.
-    #[tokio::test]
-    async fn a_clock_stepped_forward_forgets_nothing_early() {
+    /// Writes to `store` an identity created at `now` with one `datadome`
+    /// pin, retired (evicted) at `now`; answers the pin's credential.
+    async fn retired_pin(
+        store: &impl crate::store::PinStore,
+        now: u64,
+    ) -> crate::credential::Credential {
         use crate::credential::{Credential, PinHasher};
         use crate::fingerprint::Fingerprint;
         use crate::identity::{ExitId, Identity, Pin, Retirement, SessionId};
-        use crate::store::PinStore as _;
-        let router = router();
-        let clock = router.clock().clone();
-        let now = clock.now_ms();
         let fingerprint = Fingerprint::of_user_agent("agent");
         let identity = Identity::new(ExitId::new("e1"), SessionId(1), now, fingerprint, now);
         let cookie =
             Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
-        let store = router.store();
         store.create_identity(&identity).await.unwrap();
         store
             .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, now, None))
@@ -291,6 +287,19 @@ mod tests {
             at_ms: now,
         };
         store.retire(identity.id, &retirement).await.unwrap();
+        cookie
+    }
+
+    /// A wall clock stepped forward past `remember_retired` does not make
+    /// the sweep forget a retired identity's pins (its cookie would then be
+    /// founded anew on any exit); the time that really elapses does.
+    #[tokio::test]
+    async fn a_clock_stepped_forward_forgets_nothing_early() {
+        use crate::store::PinStore as _;
+        let router = router();
+        let clock = router.clock().clone();
+        let store = router.store();
+        let cookie = retired_pin(&**store, clock.now_ms()).await;
         let exits = crate::exits::ExitSet::new(Vec::new(), None);
         let held = || async { store.lookup(&[cookie.key]).await.unwrap()[0].is_some() };
 
@@ -313,33 +322,18 @@ mod tests {
     /// identity's pin is not forgotten at the first sweep after the start.
     #[tokio::test]
     async fn time_the_process_was_down_does_not_count_towards_forgetting() {
-        use crate::credential::{Credential, PinHasher};
-        use crate::fingerprint::Fingerprint;
-        use crate::identity::{ExitId, Identity, Pin, Retirement, SessionId};
         use crate::store::durable::DurableStore;
         use crate::store::PinStore as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pins.redb");
         let clock = Clock::manual();
         let now = clock.now_ms();
-        let cookie =
-            Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
-        {
+        let cookie = {
             let store = DurableStore::open(&path).unwrap();
-            let fingerprint = Fingerprint::of_user_agent("agent");
-            let identity = Identity::new(ExitId::new("e1"), SessionId(1), now, fingerprint, now);
-            store.create_identity(&identity).await.unwrap();
-            store
-                .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, now, None))
-                .await
-                .unwrap();
-            let retirement = Retirement {
-                reason: RetireReason::Evicted,
-                at_ms: now,
-            };
-            store.retire(identity.id, &retirement).await.unwrap();
+            let cookie = retired_pin(&store, now).await;
             store.close().await;
-        }
+            cookie
+        };
         // Down while the clock stepped ten days forward (`remember_retired`
         // is 60 s here).
         clock.step(std::time::Duration::from_secs(10 * 86_400));

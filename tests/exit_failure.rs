@@ -165,28 +165,35 @@ async fn a_cookie_pinned_to_a_dead_exit_never_leaves_through_another() {
     assert!(origin.leaks().is_empty());
 }
 
-/// An exit's death is stored as it happens, not at the next sweep: a crash
-/// right after it does not bring the identities made before it back.
-#[tokio::test]
-async fn an_exits_death_is_stored_as_it_happens() {
-    use pinproxy::store::PinStore as _;
-    let s = Setup::builder()
+/// Two exits that die after two failures, on `clock`, with the sweep
+/// out of the way.
+async fn quick_to_die(clock: pinproxy::clock::Clock) -> Setup {
+    Setup::builder()
         .exits(2)
+        .clock(clock)
         .config(|c| {
             c.health.unhealthy_after = 1;
             c.health.dead_after = 2;
             c.identities.sweep_interval = Duration::from_secs(3600);
         })
         .start()
-        .await;
+        .await
+}
+
+/// Logs in on `s`, runs `before_the_death`, kills the identity's exit and
+/// sends its cookie until the exit is dead (each answered 502); answers
+/// the death the store holds for that exit, if any.
+async fn death_of_the_identitys_exit(s: &Setup, before_the_death: impl FnOnce()) -> Option<u64> {
+    use pinproxy::store::PinStore as _;
     let (mut jar, peer) = s.login("/login").await;
     let dead = s.exit_of(peer);
+    before_the_death();
     s.exits[dead].kill();
-    let id = format!("exit{}", dead + 1);
     for _ in 0..3 {
         let reply = s.get("/page", &mut jar).await;
         assert_eq!(reply.status, 502, "{}", reply.body);
     }
+    let id = format!("exit{}", dead + 1);
     let deaths = s
         .proxy
         .daemon
@@ -196,10 +203,19 @@ async fn an_exits_death_is_stored_as_it_happens() {
         .exit_deaths()
         .await
         .unwrap();
-    assert!(
-        deaths.iter().any(|(exit, _)| exit.as_str() == id),
-        "{id} died, and the store has {deaths:?}"
-    );
+    deaths
+        .iter()
+        .find(|(exit, _)| exit.as_str() == id)
+        .map(|d| d.1)
+}
+
+/// An exit's death is stored as it happens, not at the next sweep: a crash
+/// right after it does not bring the identities made before it back.
+#[tokio::test]
+async fn an_exits_death_is_stored_as_it_happens() {
+    let s = quick_to_die(pinproxy::clock::Clock::system()).await;
+    let died = death_of_the_identitys_exit(&s, || {}).await;
+    assert!(died.is_some(), "the exit died, and the store has no death");
     s.stop().await;
 }
 
@@ -210,44 +226,13 @@ async fn an_exits_death_is_stored_as_it_happens() {
 /// when the exit comes back).
 #[tokio::test]
 async fn a_clock_stepped_back_never_dates_a_death_before_its_identities() {
-    use pinproxy::store::PinStore as _;
     let clock = pinproxy::clock::Clock::manual();
-    let s = Setup::builder()
-        .exits(2)
-        .clock(clock.clone())
-        .config(|c| {
-            c.health.unhealthy_after = 1;
-            c.health.dead_after = 2;
-            c.identities.sweep_interval = Duration::from_secs(3600);
-        })
-        .start()
-        .await;
+    let s = quick_to_die(clock.clone()).await;
     let founded = clock.now_ms();
-    let (mut jar, peer) = s.login("/login").await;
-    let dead = s.exit_of(peer);
-    clock.step_back(Duration::from_secs(3600));
-    s.exits[dead].kill();
-    for _ in 0..3 {
-        let reply = s.get("/page", &mut jar).await;
-        assert_eq!(reply.status, 502, "{}", reply.body);
-    }
-    let id = format!("exit{}", dead + 1);
-    let deaths = s
-        .proxy
-        .daemon
-        .pipeline()
-        .router
-        .store()
-        .exit_deaths()
-        .await
-        .unwrap();
-    let died = deaths
-        .iter()
-        .find(|(exit, _)| exit.as_str() == id)
-        .map(|d| d.1);
+    let died = death_of_the_identitys_exit(&s, || clock.step_back(Duration::from_secs(3600))).await;
     assert!(
         died.is_some_and(|at| at >= founded),
-        "{id} died at {died:?}, before its identity, founded at {founded}"
+        "died at {died:?}, before its identity, founded at {founded}"
     );
     s.stop().await;
 }

@@ -778,24 +778,35 @@ async fn identity_of(s: &Setup, jar: &Jar) -> (String, String, String) {
     )
 }
 
-/// A request waiting in its identity's line (`identities.max_in_flight`)
-/// when the identity is evicted was routed before the eviction: it is read
-/// again when its turn comes, answered `identity-retired`, and never
-/// reaches the origin (nor makes the retired identity's lane anew).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
-    let s = Setup::builder()
+/// A proxy whose identities take one request at a time
+/// (`identities.max_in_flight`), the rest waiting in line, on `clock`.
+async fn one_at_a_time(clock: pinproxy::clock::Clock) -> Setup {
+    Setup::builder()
         .exits(1)
+        .clock(clock)
         .config(|c| {
             c.identities.max_in_flight = 1;
             c.identities.max_queue = 8;
             c.identities.queue_timeout = Duration::from_secs(20);
+            c.identities.max_lifetime = Duration::from_secs(600);
         })
         .start()
-        .await;
-    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+        .await
+}
+
+/// Logs in on `s` and sends two requests as that identity: `/held`, which
+/// the origin holds, and `/page`, which waits in line behind it. Once
+/// `/page` waits, `meanwhile` runs (given the identity's id), then the
+/// origin answers `/held`. Asserts `/held` got 200, and that `/page` got
+/// `502 identity-retired` for `reason` and never reached the origin (nor
+/// made the retired identity's lane anew).
+async fn while_a_request_waits_in_line<F, Fut>(s: &Setup, meanwhile: F, reason: &str)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (jar, _) = s.login("/login").await;
-    let (id, _, _) = identity_of(&s, &jar).await;
+    let (id, _, _) = identity_of(s, &jar).await;
     let identity = pinproxy::identity::IdentityId(u64::from_str_radix(&id, 16).unwrap());
     let pacer = s.proxy.daemon.pipeline().pacer.clone();
 
@@ -805,7 +816,7 @@ async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
         s.origin.wait_for("/held").await;
         s.get("/page", &mut waiting).await
     };
-    let evicts = async {
+    let acts = async {
         eventually(
             Duration::from_secs(10),
             "the second request never queued",
@@ -815,23 +826,36 @@ async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
             },
         )
         .await;
-        let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
-        assert_eq!(status, 200, "{body}");
+        meanwhile(id).await;
         // Only now does the first request's answer free the line.
         s.origin.release_held(1);
     };
-    let (held, waited, ()) = tokio::join!(holds, waits, evicts);
+    let (held, waited, ()) = tokio::join!(holds, waits, acts);
     assert_eq!(held.status, 200, "{}", held.body);
     assert_eq!(waited.status, 502, "{}", waited.body);
     let error = waited.pinproxy_error().unwrap();
     assert!(
-        error.contains("identity-retired") && error.contains("evicted"),
+        error.contains("identity-retired") && error.contains(reason),
         "{error}"
     );
     assert!(
         !s.origin.seen().iter().any(|r| r.path == "/page"),
         "the waiting request reached the origin"
     );
+}
+
+/// A request waiting in its identity's line when the identity is evicted
+/// was routed before the eviction: it is read again when its turn comes,
+/// answered `identity-retired`, and never reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
+    let s = one_at_a_time(pinproxy::clock::Clock::system()).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    let evicts = |id: String| async move {
+        let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    while_a_request_waits_in_line(&s, evicts, "evicted").await;
     s.stop().await;
 }
 
@@ -841,53 +865,9 @@ async fn a_request_waiting_in_line_when_its_identity_retires_never_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_identity_ended_while_it_waited_never_leaves() {
     let clock = pinproxy::clock::Clock::manual();
-    let s = Setup::builder()
-        .exits(1)
-        .clock(clock.clone())
-        .config(|c| {
-            c.identities.max_in_flight = 1;
-            c.identities.max_queue = 8;
-            c.identities.queue_timeout = Duration::from_secs(20);
-            c.identities.max_lifetime = Duration::from_secs(600);
-        })
-        .start()
-        .await;
-    let (jar, _) = s.login("/login").await;
-    let (id, _, _) = identity_of(&s, &jar).await;
-    let identity = pinproxy::identity::IdentityId(u64::from_str_radix(&id, 16).unwrap());
-    let pacer = s.proxy.daemon.pipeline().pacer.clone();
-
-    let (mut holding, mut waiting) = (jar.clone(), jar.clone());
-    let holds = s.get("/held", &mut holding);
-    let waits = async {
-        s.origin.wait_for("/held").await;
-        s.get("/page", &mut waiting).await
-    };
-    let ages = async {
-        eventually(
-            Duration::from_secs(10),
-            "the second request never queued",
-            || {
-                let pacer = pacer.clone();
-                async move { pacer.waiting(identity) == 1 }
-            },
-        )
-        .await;
-        clock.advance(Duration::from_secs(601));
-        s.origin.release_held(1);
-    };
-    let (held, waited, ()) = tokio::join!(holds, waits, ages);
-    assert_eq!(held.status, 200, "{}", held.body);
-    assert_eq!(waited.status, 502, "{}", waited.body);
-    let error = waited.pinproxy_error().unwrap();
-    assert!(
-        error.contains("identity-retired") && error.contains("lifetime-expired"),
-        "{error}"
-    );
-    assert!(
-        !s.origin.seen().iter().any(|r| r.path == "/page"),
-        "the waiting request reached the origin"
-    );
+    let s = one_at_a_time(clock.clone()).await;
+    let ages = |_| async move { clock.advance(Duration::from_secs(601)) };
+    while_a_request_waits_in_line(&s, ages, "lifetime-expired").await;
     s.stop().await;
 }
 
