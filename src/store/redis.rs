@@ -150,12 +150,10 @@ struct Inner {
     quarantine_ms: u64,
     wait: Option<WaitFor>,
     metrics: Arc<Metrics>,
-    /// When the quarantine after a loss ends (Unix ms; 0: none), the later
-    /// of this replica's own and the fleet's (`NS:quarantine-until`), as the
-    /// wall clock read it: what the report says.
-    quarantine_until_ms: AtomicU64,
-    /// The same end on the monotonic clock ([`Clock::elapsed_ms`]), which
-    /// decides: a wall clock stepped forward does not end a quarantine.
+    /// When the quarantine after a loss ends, of this replica's own and the
+    /// fleet's (`NS:quarantine-until`) the later, on the monotonic clock
+    /// ([`Clock::elapsed_ms`]; 0: none): a wall clock stepped forward does
+    /// not end it. (The report says it as the wall clock reads it.)
     ///
     /// [`Clock::elapsed_ms`]: crate::clock::Clock::elapsed_ms
     quarantine_until_steady_ms: AtomicU64,
@@ -268,7 +266,6 @@ impl RedisStore {
                 quarantine_ms: settings.quarantine_ms,
                 wait: settings.wait,
                 metrics,
-                quarantine_until_ms: AtomicU64::new(0),
                 quarantine_until_steady_ms: AtomicU64::new(0),
                 clock_apart: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),

@@ -142,11 +142,7 @@ impl RedisStore {
         self.inner
             .quarantine_until_steady_ms
             .fetch_max(steady_ms().saturating_add(left_ms), Ordering::Relaxed);
-        let until = now_ms().saturating_add(self.quarantine_left_ms());
-        self.inner
-            .quarantine_until_ms
-            .fetch_max(until, Ordering::Relaxed);
-        until
+        now_ms().saturating_add(self.quarantine_left_ms())
     }
 
     /// Makes the fleet's quarantine last at least `left_ms` more (0: only
