@@ -2,7 +2,7 @@
 # Installs, when missing, the system tools pinproxy's build needs on a fresh
 # Debian machine: BoringSSL (the upstream TLS stack that can say what a
 # browser says) is built from source by the `boring-sys` crate with cmake,
-# clang/libclang (bindgen), a C++ compiler and git. Sourced by scripts/run.sh
+# clang/libclang (bindgen), a C++ compiler and git. Run by scripts/run.sh
 # and scripts/test.sh; safe to run repeatedly.
 set -euo pipefail
 

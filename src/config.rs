@@ -55,14 +55,14 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The CA that signs intercepted hosts' leaves.
     pub ca: CaConfig,
-    /// Directory for the CA, the pin-hashing key and (later) the pin store.
+    /// Directory for the CA, the pin-hashing key and the embedded pin store.
     /// Default: `pinproxy` under the user's data directory
     /// (`~/.local/share/pinproxy` on Linux). Created when missing.
     pub data_dir: Option<PathBuf>,
     /// Extra PEM files of CA certificates to trust for origin servers, on top
     /// of the public web roots compiled into pinproxy.
     pub upstream_ca: Vec<PathBuf>,
-    /// Extra cookie names or globs (`incap_ses_*`) to track, added to the
+    /// Extra cookie names or globs (`session_*`) to track, added to the
     /// built-in anti-bot set (see `cookies::DEFAULT_TRACKED`).
     pub track_cookies: Vec<String>,
     /// Upstream exits. Empty means one built-in `direct` exit (egress from
@@ -156,7 +156,7 @@ pub struct UserConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CaConfig {
     /// Directory holding the CA (`ca.pem`, `ca-key.pem`, and during a
-    /// rotation `ca-cross.pem`), e.g. a secret mounted into every replica
+    /// rotation `ca-next.pem`, `ca-next-key.pem` and `ca-bundle.pem`), e.g. a secret mounted into every replica
     /// of a fleet. When set, the daemon never creates a CA there (`pinproxy
     /// ca --ca-dir DIR` does). Default: the data directory, where a CA is
     /// created on first start.
@@ -284,7 +284,8 @@ pub struct ExitConfig {
     /// stable across restarts and config edits.
     pub id: String,
     /// `http://[user:pass@]host:port` (an HTTP proxy reached with CONNECT),
-    /// `direct://` (egress from this machine) or `direct://SOURCE_IP`. The
+    /// `socks5://[user:pass@]host:port` (or `socks5h://`), `direct://`
+    /// (egress from this machine) or `direct://SOURCE_IP`. The
     /// credentials may carry `{session}`, filled with a stable id per
     /// identity so the provider keeps one IP for it.
     pub url: String,
@@ -312,7 +313,8 @@ pub struct ExitConfig {
     /// Upstream sessions cookie-less traffic rotates over, on exits with `{session}`.
     pub anonymous_sessions: usize,
     /// SOCKS5 exits: the address in the CONNECT reply is the tunnel's egress
-    /// address (servers that report their outgoing socket, like microsocks).
+    /// address (servers that report their outgoing socket, like Dante; a
+    /// reply of `0.0.0.0`, as microsocks sends, gives no address).
     pub socks_reply_is_egress: bool,
     /// This exit's `upstream.fingerprint` (`mirror`, `chrome` or `rustls`),
     /// overriding the global one.
@@ -524,8 +526,26 @@ pub const MAX_SITES_LIMIT: usize = 10_000;
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where `/metrics`, `/identities` and `/exits` are served (loopback
-    /// unless `allow_remote`); unset to disable.
+    /// unless `allow_remote`); `"off"` disables it. A file that leaves the
+    /// key out gets the default, so "off" is spelled out: TOML has no null.
+    #[serde(deserialize_with = "address_or_off")]
     pub listen: Option<SocketAddr>,
+}
+
+/// An address, or `"off"` for none (as `--admin off` says it).
+fn address_or_off<'de, D>(deserializer: D) -> Result<Option<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is neither an address (e.g. \"127.0.0.1:8081\") nor \"off\""
+        ))
+    })
 }
 
 impl Default for AdminConfig {
@@ -1215,6 +1235,25 @@ mod tests {
             ["listen", "limits.max_connections"]
         );
         assert!(before.restart_needed(&before).is_empty());
+    }
+
+    /// Leaving `admin.listen` out keeps the default endpoint (serde fills
+    /// the key), so the file turns it off with `"off"`, as the flag does.
+    #[test]
+    fn the_admin_endpoint_is_turned_off_by_off() {
+        let admin = |text: &str| Config::from_toml(text).map(|c| c.admin.listen);
+        let default = Some(SocketAddr::from(([127, 0, 0, 1], 8081)));
+        assert_eq!(admin("").unwrap(), default);
+        assert_eq!(admin("[admin]\n").unwrap(), default);
+        assert_eq!(admin("[admin]\nlisten = \"off\"\n").unwrap(), None);
+        assert_eq!(
+            admin("[admin]\nlisten = \"127.0.0.1:9\"\n").unwrap(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        let message = admin("[admin]\nlisten = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("\"off\""), "{message}");
     }
 
     #[test]
