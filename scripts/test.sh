@@ -19,6 +19,9 @@ need chromium chromium
 need curl curl
 need python3 python3
 need node nodejs
+# The system OpenSSL, which mirror mode opens at run time to say OpenSSL
+# clients' hellos (its tests fail without it).
+ldconfig -p 2>/dev/null | grep 'libssl\.so\.3 ' >/dev/null || missing+=(libssl3)
 # Python requests from Debian's package, for Debian's interpreter: some tests
 # run /usr/bin/python3, whatever python3 comes first on PATH (a pyenv one may
 # have requests of its own, which says nothing about Debian's).

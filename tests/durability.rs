@@ -77,6 +77,10 @@ async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_ex
                             reply.body
                         );
                         let peer = support::origin::reported_peer(&reply.body).unwrap();
+                        if path != "/login" {
+                            // A request with a cookie delivered it.
+                            support::origin::assert_carried(&reply, "datadome", peer);
+                        }
                         let mut log = log_for_task.lock().unwrap();
                         assert_eq!(
                             *log.peer.get_or_insert(peer),
@@ -96,6 +100,7 @@ async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_ex
                     Err(_) => tokio::task::yield_now().await,
                 }
             }
+            after_restart
         });
         clients.push((log, task));
     }
@@ -114,8 +119,14 @@ async fn kill_9_mid_run_loses_no_used_pin_and_sends_no_cookie_through_a_wrong_ex
 
     let second = PinproxyProcess::start(dir.path(), &args).await;
     address.send_replace(Some(second.addr));
-    for (_, task) in &mut clients {
-        task.await.unwrap();
+    for (client_no, (_, task)) in clients.iter_mut().enumerate() {
+        // The restarted daemon serves: a run whose every request after the
+        // crash failed would show no leak and lose no pin.
+        let after_restart = task.await.unwrap();
+        assert!(
+            after_restart >= 15,
+            "client {client_no} got {after_restart} answers from the restarted daemon"
+        );
     }
     assert_eq!(
         origin.leaks(),

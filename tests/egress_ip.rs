@@ -88,7 +88,8 @@ async fn random_session_moves_never_let_a_cookie_out_from_a_new_address() {
                 200 => {}
                 502 => {
                     assert!(
-                        error_of(&reply).contains("identity-retired"),
+                        error_of(&reply).contains("identity-retired")
+                            && error_of(&reply).contains("exit-ip-drift"),
                         "round {round}: {}",
                         error_of(&reply)
                     );

@@ -576,6 +576,10 @@ async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
     );
     assert_eq!(through[0].alpn(), Some("h2"));
     assert_eq!(through[0].alpn(), direct[0].alpn());
+    assert!(
+        direct[0].akamai().is_some(),
+        "no HTTP/2 preface recorded for Chromium"
+    );
     assert_eq!(through[0].akamai(), direct[0].akamai());
     // Beyond JA4: the lists in Chromium's own order, ALPS, certificate
     // compression and the key shares (X25519MLKEM768 first).
@@ -802,6 +806,10 @@ async fn two_clients_reach_the_origin_with_two_fingerprints_through_one_pinproxy
     assert_eq!(
         one(&curl, "curl Akamai", Record::akamai).as_deref(),
         Some(CURL_AKAMAI)
+    );
+    assert!(
+        direct[0].akamai().is_some(),
+        "no HTTP/2 preface recorded for Chromium"
     );
     assert_eq!(
         one(&chrome, "Chromium Akamai", Record::akamai),

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use pinproxy::store::PinStore as _;
-use support::origin::reported_peer;
+use support::origin::{assert_carried, reported_peer};
 use support::{Jar, Setup};
 
 #[tokio::test]
@@ -19,8 +19,7 @@ async fn login_then_requests_stay_on_the_earning_exit() {
     for _ in 0..20 {
         // A fresh tunnel each time: nothing but the pin keeps the exit.
         let reply = s.get("/page", &mut jar).await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(Setup::peer(&reply), Some(earned_from));
+        assert_carried(&reply, "datadome", earned_from);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
@@ -186,10 +185,7 @@ async fn a_rotated_cookie_inherits_its_exit() {
     for _ in 0..6 {
         let mut only_rotated = Jar::default();
         only_rotated.set("datadome", &rotated);
-        assert_eq!(
-            Setup::peer(&s.get("/page", &mut only_rotated).await),
-            Some(peer)
-        );
+        assert_carried(&s.get("/page", &mut only_rotated).await, "datadome", peer);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
@@ -215,6 +211,13 @@ async fn other_spellings_of_a_cookie_keep_to_its_exit() {
             respelt.set(name, &value);
             let reply = s.get("/page", &mut respelt).await;
             assert_eq!(Setup::peer(&reply), Some(peer), "{name}={value}");
+            // Delivered as spelt (the origin signs only `datadome`).
+            let seen = s.origin.seen();
+            let cookie = seen.last().unwrap().header("cookie").join("; ");
+            assert!(
+                cookie.contains(&format!("{name}={value}")),
+                "{name}={value} did not arrive: {cookie:?}"
+            );
         }
     }
 
@@ -281,8 +284,7 @@ async fn one_connection_switching_cookies_follows_each_requests_own_pin() {
         (&header_a, exit_a),
     ] {
         let reply = conn.get("/page", &[("cookie", header)]).await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(Setup::peer(&reply), Some(exit));
+        assert_carried(&reply, "datadome", exit);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
@@ -309,8 +311,7 @@ async fn cookies_in_several_headers_with_odd_spacing_are_all_read() {
             .body(Default::default())
             .unwrap();
         let reply = conn.send(request).await.unwrap();
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(Setup::peer(&reply), Some(peer));
+        assert_carried(&reply, "datadome", peer);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
@@ -343,8 +344,7 @@ async fn datadome_header_carriers_count_as_the_cookie() {
             .tunnel("localhost", s.origin.https.port())
             .await;
         let reply = conn.get("/page", &[header]).await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(Setup::peer(&reply), Some(peer));
+        assert_carried(&reply, "datadome", peer);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
@@ -359,13 +359,14 @@ async fn plain_http_requests_are_pinned_like_tunnelled_ones() {
     let peer = Setup::peer(&conn.get_with_jar("/login", &mut jar).await).unwrap();
     for _ in 0..6 {
         let mut conn = s.proxy.client.plain("localhost", port).await;
-        assert_eq!(
-            Setup::peer(&conn.get_with_jar("/page", &mut jar).await),
-            Some(peer)
+        assert_carried(
+            &conn.get_with_jar("/page", &mut jar).await,
+            "datadome",
+            peer,
         );
     }
     // The same cookie over HTTPS follows the same pin.
-    assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+    assert_carried(&s.get("/page", &mut jar).await, "datadome", peer);
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }
@@ -375,7 +376,7 @@ async fn extra_tracked_cookie_patterns_are_pinned_and_others_rotate() {
     let s = Setup::start_with(3, |c| c.track_cookies = vec!["session_*".into()]).await;
     let (mut jar, peer) = s.login("/login?name=session_abc").await;
     for _ in 0..6 {
-        assert_eq!(Setup::peer(&s.get("/page", &mut jar).await), Some(peer));
+        assert_carried(&s.get("/page", &mut jar).await, "session_abc", peer);
     }
     assert!(s.origin.leaks().is_empty());
     s.stop().await;

@@ -35,6 +35,11 @@ async fn weights_shape_rotation_and_unhealthy_exits_get_no_new_identities() {
             break;
         }
     }
+    assert_ne!(
+        s.proxy.health("exit2"),
+        HealthState::Healthy,
+        "exit2 never became unhealthy"
+    );
     for _ in 0..10 {
         let (_, peer) = s.login("/login").await;
         assert_ne!(

@@ -240,6 +240,12 @@ async fn smuggled_requests_get_400_and_are_never_forwarded() {
         let outcomes = outcomes(&s.proxy, &s.origin, tunnel).await;
         assert_all_refused(side, &outcomes);
     }
+    // Nor is a request a case hides behind its own (read as the next one
+    // on the connection once the first was refused).
+    assert!(
+        !forwarded(&s.origin, "/smuggled"),
+        "an embedded request reached the origin"
+    );
     s.stop().await;
 }
 

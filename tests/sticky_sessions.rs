@@ -22,12 +22,16 @@ async fn the_session_placeholder_reaches_the_exit_as_one_stable_name_per_identit
         let key = format!("user{}", names.len());
         for _ in 0..3 {
             // Fresh client tunnels; the pool may reuse its upstream tunnel.
-            s.get_with("/", &[("x-pinproxy-session", key.as_str())])
+            let reply = s
+                .get_with("/", &[("x-pinproxy-session", key.as_str())])
                 .await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
         }
         s.exits[0].close_tunnels();
-        s.get_with("/", &[("x-pinproxy-session", key.as_str())])
+        let reply = s
+            .get_with("/", &[("x-pinproxy-session", key.as_str())])
             .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
         let users: HashSet<String> = s.exits[0]
             .connects()
             .into_iter()

@@ -846,13 +846,52 @@ async fn a_lost_retirement_is_noticed_by_the_replica_that_wrote_it() {
         .unwrap();
     // The lookup's reply shows the loss (or the background check, every
     // 500 ms, saw it first and the lookup was answered under the restore).
-    if let Err(refused) = store.lookup(&[k]).await {
-        assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+    match store.lookup(&[k]).await {
+        Err(refused) => assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}"),
+        Ok(found) => {
+            let identity = found[0].as_ref().and_then(|b| b.identity.as_ref());
+            assert!(
+                identity.is_none_or(|i| i.retired.is_some()),
+                "the identity came back live: {identity:?}"
+            );
+        }
     }
     let report = store
         .loss_report()
         .expect("the identity came back unretired, unnoticed");
     assert!(report.what.contains("went back"), "{}", report.what);
+}
+
+/// A retirement Redis lost without a sign in the namespace's history (the
+/// writer's count and the sequence as they were) is still honoured by the
+/// replica whose journal holds it: the identity is never answered live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_redis_lost_unseen_is_kept_from_the_journal() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, someone, k) = replica_with_a_pin(&redis, "retire-unseen", dir.path()).await;
+    let evicted = Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    };
+    store.retire(someone.id, &evicted).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("HDEL")
+        .arg(format!("retire-unseen:id:{}", someone.id))
+        .arg("retired")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the retirement was not in Redis");
+    for _ in 0..3 {
+        let found = store.lookup(&[k]).await.unwrap();
+        let retired = found[0]
+            .as_ref()
+            .and_then(|b| b.identity.as_ref())
+            .and_then(|i| i.retired.clone());
+        assert_eq!(retired.map(|r| r.reason), Some(RetireReason::Evicted));
+    }
 }
 
 /// A use of an identity Redis no longer holds (expired, or lost) writes

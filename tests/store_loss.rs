@@ -159,11 +159,7 @@ async fn pages(fleet: &Fleet, clients: &mut [Client], replicas: &[usize]) -> Out
             let reply = fleet.get(replica, "/page", &mut client.jar).await;
             match reply.status.as_u16() {
                 200 => {
-                    assert_eq!(
-                        reported_peer(&reply.body),
-                        Some(client.earned),
-                        "client {k} left from another exit"
-                    );
+                    support::origin::assert_carried(&reply, "datadome", client.earned);
                     outcome.kept += 1;
                 }
                 502 => {
@@ -431,6 +427,10 @@ async fn pods_started_on_a_wiped_redis_let_the_fleet_report_the_loss_first() {
         }
         all_waited &= says_it_waits();
     }
+    // Not asserted: a pod may start after the founding mark another laid
+    // has expired (3 s, on a loaded machine) and rightly not wait. Replica
+    // 0 then stays stopped while the pods serve, and a pod that pinned a
+    // lost cookie anew shows in `pages` (rotation sends it elsewhere).
     if all_waited {
         fleet.replica(0).signal("CONT");
     }

@@ -912,11 +912,12 @@ impl RedisStore {
         keys: &[PinKey],
         ticket: Option<u64>,
     ) -> Result<Vec<Option<Binding>>, StoreError> {
-        // What the journal held before Redis is asked: a pin journaled by
-        // then was in Redis by then (the journal writes after Redis did).
+        // What the journal held before Redis is asked: a pin or retirement
+        // journaled by then was in Redis by then (the journal writes after
+        // Redis did).
         let journaled = match &self.inner.journal {
-            Some(journal) if !self.quarantined() => Some(journal.lookup(keys).await?),
-            _ => None,
+            Some(journal) => Some(journal.lookup(keys).await?),
+            None => None,
         };
         let redis_keys: Vec<String> = keys.iter().map(|key| self.pin_key(key)).collect();
         let args = [self.identity_prefix().into_bytes()];
@@ -924,6 +925,9 @@ impl RedisStore {
             .run_script(&self.inner.lookup, &redis_keys, &args, Counting::Read)
             .await?;
         let mut bindings = RedisStore::decode_rows_of(&result, keys.len())?;
+        if let Some(journaled) = &journaled {
+            keep_journaled_retirements(journaled, &mut bindings);
+        }
         if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
             let now = recovery::now_ms();
             for (key, binding) in keys.iter().zip(&bindings) {
@@ -1030,6 +1034,33 @@ fn hash_key_of(name: &str, stored: &[u8]) -> Result<[u8; 32], StoreError> {
 /// store link pins to cookie values).
 pub fn key_id(key: &[u8; 32]) -> String {
     blake3::hash(key).to_hex()[..8].to_owned()
+}
+
+/// Takes the retirements this replica's journal holds (`journaled`, read
+/// before Redis was asked) onto the identities Redis answered live
+/// (`bindings`). Redis is written before the journal, so a live answer
+/// there means Redis lost the retirement (a failover): until the restore
+/// writes it back, or the loss goes unseen, the identity must not be used
+/// again. Idle expiry is the exception: another replica's use may have
+/// kept the identity alive where this journal never saw it (a restore
+/// does not write it back either).
+fn keep_journaled_retirements(journaled: &Bindings, bindings: &mut [Option<Binding>]) {
+    for (journaled, answered) in journaled.iter().zip(bindings.iter_mut()) {
+        let Some(retired) = journaled
+            .as_ref()
+            .and_then(|j| j.identity.as_ref())
+            .and_then(|j| j.retired.as_ref().map(|r| (j.id, r)))
+            .filter(|(_, r)| r.reason != RetireReason::IdleExpired)
+        else {
+            continue;
+        };
+        let Some(identity) = answered.as_mut().and_then(|a| a.identity.as_mut()) else {
+            continue;
+        };
+        if identity.id == retired.0 && identity.retired.is_none() {
+            Arc::make_mut(identity).retired = Some(retired.1.clone());
+        }
+    }
 }
 
 /// Every how many background checks the clocks are compared (about every
@@ -1547,5 +1578,60 @@ mod tests {
         }
         let decoded = RedisStore::decode_rows_of(&rows(Value::Nil), 2);
         assert!(decoded.is_err(), "one row for two pins: {decoded:?}");
+    }
+
+    /// An identity this replica's journal holds retired is never taken as
+    /// live from Redis (which lost the retirement), but for idle expiry,
+    /// and a pin now naming another identity is left as Redis says.
+    #[test]
+    fn journaled_retirements_outlive_redis_losing_them() {
+        use crate::credential::PinKind;
+        use crate::identity::{ExitId, SessionId};
+        let fingerprint = Arc::new(crate::fingerprint::Fingerprint::default());
+        let binding = |identity: &Identity| Binding {
+            pin: Pin {
+                identity: identity.id,
+                kind: PinKind::Cookie,
+                name: Arc::from("datadome"),
+                created_ms: 5,
+                expires_ms: None,
+            },
+            identity: Some(Arc::new(identity.clone())),
+        };
+        let retired = |identity: &Identity, reason| {
+            let mut identity = identity.clone();
+            identity.retired = Some(Retirement { reason, at_ms: 9 });
+            identity
+        };
+        let live: Vec<Identity> = (0..3)
+            .map(|n| Identity::new(ExitId::new("e1"), SessionId(n), 5, fingerprint.clone(), 5))
+            .collect();
+        let other = Identity::new(ExitId::new("e2"), SessionId(7), 5, fingerprint, 5);
+        let journaled: Bindings = [
+            Some(binding(&retired(&live[0], RetireReason::LifetimeExpired))),
+            Some(binding(&retired(&live[1], RetireReason::IdleExpired))),
+            Some(binding(&retired(&live[2], RetireReason::Evicted))),
+            None,
+        ]
+        .into_iter()
+        .collect();
+        let mut answered = vec![
+            Some(binding(&live[0])),
+            Some(binding(&live[1])),
+            Some(binding(&other)),
+            Some(binding(&other)),
+        ];
+        keep_journaled_retirements(&journaled, &mut answered);
+        let reason = |n: usize| {
+            answered[n]
+                .as_ref()
+                .and_then(|b| b.identity.as_ref())
+                .and_then(|i| i.retired.as_ref())
+                .map(|r| r.reason.clone())
+        };
+        assert_eq!(reason(0), Some(RetireReason::LifetimeExpired));
+        assert_eq!(reason(1), None, "idle expiry is this journal's view only");
+        assert_eq!(reason(2), None, "the pin names another identity now");
+        assert_eq!(reason(3), None);
     }
 }

@@ -444,7 +444,12 @@ pub(crate) mod tests {
             Ok(tls) => tls,
             Err(e) => panic!("{e}"),
         };
-        let openssl = tls.openssl.is_some();
+        let openssl = super::openssl_ffi::loaded_for_tests();
+        assert_eq!(
+            tls.openssl.is_some(),
+            openssl,
+            "the system OpenSSL loads, and the upstream TLS has no stack on it"
+        );
         if !openssl {
             eprintln!("no system OpenSSL here: every client stays on BoringSSL");
         }

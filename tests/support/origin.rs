@@ -413,6 +413,7 @@ async fn handle(
         presented.push(("datadome".into(), v.to_str().unwrap_or("").to_owned()));
     }
     let mut tokens = Vec::new();
+    let tokens_seen: Vec<(String, IpAddr)>;
     let mut leaked = false;
     {
         let mut log = state.log.lock().unwrap();
@@ -425,6 +426,7 @@ async fn handle(
                 }
             }
         }
+        tokens_seen = tokens.clone();
         log.seen.push(Seen {
             peer,
             peer_port: peer_addr.port(),
@@ -445,7 +447,7 @@ async fn handle(
 
     let params = query(&path);
     let route = path.split('?').next().unwrap_or("/").to_owned();
-    match route.as_str() {
+    let mut response = match route.as_str() {
         "/login" | "/rotate" => {
             // `?held`: answered only once the test releases it (see `/held`).
             if params.contains_key("held") {
@@ -648,7 +650,58 @@ async fn handle(
             response
         }
         _ => text(StatusCode::OK, format!("ok {peer}\n")),
+    };
+    // What the request carried, for the client to check (see `carried`):
+    // a cookie routed by its pin but dropped on the way shows no leak.
+    if !tokens_seen.is_empty() {
+        let listed: Vec<String> = tokens_seen
+            .iter()
+            .map(|(name, bound)| format!("{name}@{bound}"))
+            .collect();
+        if let Ok(value) = listed.join(", ").parse() {
+            response.headers_mut().insert(CARRIED_HEADER, value);
+        }
     }
+    response
+}
+
+/// The response header in which the origin lists the signed tokens a
+/// request presented, as `name@address-it-is-bound-to`.
+pub const CARRIED_HEADER: &str = "x-origin-tokens";
+
+/// The signed tokens the origin saw on the request `reply` answers, as
+/// (name, address each is bound to).
+pub fn carried(reply: &super::client::Reply) -> Vec<(String, IpAddr)> {
+    let Some(value) = reply.headers.get(CARRIED_HEADER) else {
+        return Vec::new();
+    };
+    value
+        .to_str()
+        .unwrap()
+        .split(", ")
+        .map(|pair| {
+            let (name, bound) = pair.rsplit_once('@').unwrap();
+            (name.to_owned(), bound.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Asserts that `reply` is the origin's 200 to a request that left from
+/// `earned` and carried the token `name` earned there: routed by its pin
+/// and delivered, not routed and dropped.
+#[track_caller]
+pub fn assert_carried(reply: &super::client::Reply, name: &str, earned: IpAddr) {
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reported_peer(&reply.body),
+        Some(earned),
+        "left from another exit"
+    );
+    assert!(
+        carried(reply).contains(&(name.to_owned(), earned)),
+        "the origin saw no {name} earned at {earned}: {:?}",
+        carried(reply)
+    );
 }
 
 /// Accepts a WebSocket upgrade and echoes every message, prefixing text

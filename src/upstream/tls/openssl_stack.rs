@@ -910,13 +910,7 @@ mod tests {
     use crate::upstream::tls::tests::fixture;
 
     fn available() -> bool {
-        match openssl_ffi::version() {
-            Ok(_) => true,
-            Err(why) => {
-                eprintln!("OpenSSL unavailable ({why}): nothing to check");
-                false
-            }
-        }
+        openssl_ffi::loaded_for_tests()
     }
 
     /// The context for `name`'s hello, its gaps, and the hello it sends to
