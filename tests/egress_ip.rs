@@ -166,24 +166,39 @@ async fn an_ip_echo_probe_catches_a_session_that_moved_before_the_identitys_firs
 async fn a_silent_ip_echo_service_costs_cookie_less_requests_nothing() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_port = silent.local_addr().unwrap().port();
-    // Accepts, holds every connection, answers nothing.
+    // Accepts, holds every connection, answers nothing; counts them.
+    let (accepted, mut probed) = tokio::sync::watch::channel(0usize);
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = silent.accept().await {
             held.push(socket);
+            accepted.send_replace(held.len());
         }
     });
     let gateway = Gateway::new(&["127.0.0.2"], None, 0.0, 7);
+    let connect = Duration::from_secs(4);
     let s = Setup::builder()
         .exit(gate(gateway))
         .config(move |c| {
             c.exits[0].ip_echo = Some(format!("http://127.0.0.1:{silent_port}/ip"));
-            c.timeouts.connect = Duration::from_secs(2);
+            c.timeouts.connect = connect;
         })
         .start()
         .await;
+    let started = std::time::Instant::now();
     let reply = s.get_with("/anonymous", &[]).await;
+    let took = started.elapsed();
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // Not a timing of pinproxy: a request that waited for the probe's whole
+    // connect time would take at least that long.
+    assert!(
+        took < connect,
+        "the request waited {took:?} on a silent IP-echo service"
+    );
+    tokio::time::timeout(Duration::from_secs(30), probed.wait_for(|n| *n >= 1))
+        .await
+        .expect("the IP-echo service was never asked")
+        .unwrap();
     s.stop().await;
     holder.abort();
 }

@@ -121,19 +121,20 @@ async fn clients_hop_replicas_request_by_request(n: usize) {
     }
 
     // First sight of one cookie on every replica at once: one exit wins.
+    // Every racer's tunnel is open before any sends (whether the requests
+    // meet in the founding is still up to the scheduler).
     for round in 0..4 {
         let value = format!("fleet-race-{round}-{}", rand::random::<u64>());
         let mut racers = Vec::new();
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(24));
         for racer in 0..24 {
             let client = f.clients[racer % f.clients.len()].clone();
-            let value = value.clone();
+            let (cookie, start) = (format!("datadome={value}"), start.clone());
             racers.push(tokio::spawn(async move {
-                let mut jar = Jar::default();
-                jar.set("datadome", &value);
-                let reply = client
-                    .try_get("localhost", port, "/", &mut jar)
-                    .await
-                    .unwrap();
+                let mut conn = client.tunnel("localhost", port).await;
+                start.wait().await;
+                let reply = conn.get("/", &[("cookie", cookie.as_str())]).await;
+                assert_eq!(reply.status, 200, "{}", reply.body);
                 reported_peer(&reply.body).unwrap()
             }));
         }

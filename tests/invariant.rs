@@ -48,8 +48,15 @@ enum Op {
         key: Option<u8>,
         agent: u8,
     },
-    /// The last routed request's response sets this cookie.
-    Respond { cookie: u8, max_age_min: Option<u8> },
+    /// The last routed request's response sets this cookie: a value of
+    /// its own (`fresh`, as an origin mints one), or the one requests of
+    /// this cookie carry now (an origin refreshing it, or a value pinned
+    /// elsewhere reaching this identity).
+    Respond {
+        cookie: u8,
+        fresh: bool,
+        max_age_min: Option<u8>,
+    },
     /// An exit dies (health checks declare it dead).
     ExitDies(usize),
     /// An exit comes back.
@@ -66,7 +73,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (prop::collection::vec(0..COOKIES, 0..4), prop::option::of(0..KEYS), 0..2u8)
             .prop_map(|(cookies, key, agent)| Op::Request { cookies, key, agent }),
-        3 => (0..COOKIES, prop::option::of(1..90u8)).prop_map(|(cookie, max_age_min)| Op::Respond { cookie, max_age_min }),
+        3 => (0..COOKIES, any::<bool>(), prop::option::of(1..90u8))
+            .prop_map(|(cookie, fresh, max_age_min)| Op::Respond { cookie, fresh, max_age_min }),
         1 => (0..EXITS).prop_map(Op::ExitDies),
         1 => (0..EXITS).prop_map(Op::ExitRecovers),
         2 => (0..40u16).prop_map(Op::Advance),
@@ -111,9 +119,11 @@ fn exit_set(now_ms: u64) -> ExitSet {
 
 const NAMES: [&str; 3] = ["datadome", "cf_clearance", "_abck"];
 
-fn cookie(hasher: &PinHasher, n: u8) -> (Credential, String) {
+/// Cookie `n`'s value of generation `k` (a fresh value per `Set-Cookie`
+/// that mints one).
+fn cookie(hasher: &PinHasher, n: u8, k: u32) -> (Credential, String) {
     let name = NAMES[usize::from(n) % NAMES.len()];
-    let value = format!("value-{n}");
+    let value = format!("value-{n}-{k}");
     (
         Credential {
             kind: PinKind::Cookie,
@@ -128,6 +138,31 @@ fn cookie(hasher: &PinHasher, n: u8) -> (Credential, String) {
 #[derive(Default)]
 struct Ledger {
     seen: HashMap<PinKey, (ExitId, SessionId)>,
+    /// What a case exercised: a property that held only because nothing
+    /// was ever sent twice would prove nothing.
+    coverage: Coverage,
+}
+
+/// Counts of what the cases exercised (see [`Ledger::coverage`]).
+#[derive(Default, Debug, Clone, Copy)]
+struct Coverage {
+    /// Requests routed, and refused.
+    routed: u64,
+    refused: u64,
+    /// Credentials sent again after being sent or earned before: the
+    /// records the invariant is checked on.
+    repeats: u64,
+    /// Fresh values earned on a response, checked against its route.
+    earned: u64,
+}
+
+impl Coverage {
+    fn add(&mut self, other: Coverage) {
+        self.routed += other.routed;
+        self.refused += other.refused;
+        self.repeats += other.repeats;
+        self.earned += other.earned;
+    }
 }
 
 impl Ledger {
@@ -139,6 +174,7 @@ impl Ledger {
     ) -> Result<(), TestCaseError> {
         let here = (route.exit.id().clone(), route.lane.session);
         if let Some(before) = self.seen.get(&credential.key) {
+            self.coverage.repeats += 1;
             prop_assert_eq!(
                 before,
                 &here,
@@ -158,7 +194,7 @@ async fn run(
     ops: Vec<Op>,
     retire: RetirePolicy,
     conflict: ConflictPolicy,
-) -> Result<(), TestCaseError> {
+) -> Result<Coverage, TestCaseError> {
     let clock = Clock::manual();
     let exits = Arc::new(exit_set(clock.now_ms()));
     let router = Router::new(
@@ -179,6 +215,8 @@ async fn run(
     let hasher = PinHasher::new([9; 32]);
     let mut ledger = Ledger::default();
     let mut last: Option<(Route, Fingerprint)> = None;
+    // Each cookie's current value, by generation.
+    let mut generation = [0u32; COOKIES as usize];
 
     for op in ops {
         match op {
@@ -198,7 +236,7 @@ async fn run(
                     .into_iter()
                     .collect();
                 for n in cookies {
-                    let (c, _) = cookie(&hasher, n);
+                    let (c, _) = cookie(&hasher, n, generation[usize::from(n)]);
                     if !credentials.iter().any(|x| x.key == c.key) {
                         credentials.push(c);
                     }
@@ -214,6 +252,7 @@ async fn run(
                     .await
                 {
                     Ok(route) => {
+                        ledger.coverage.routed += 1;
                         for credential in credentials
                             .iter()
                             .filter(|c| !route.strip.iter().any(|s| s.key == c.key))
@@ -222,17 +261,24 @@ async fn run(
                         }
                         last = Some((route, fingerprint));
                     }
-                    Err(_) => last = None,
+                    Err(_) => {
+                        ledger.coverage.refused += 1;
+                        last = None;
+                    }
                 }
             }
             Op::Respond {
                 cookie: n,
+                fresh,
                 max_age_min,
             } => {
                 let Some((route, fingerprint)) = &last else {
                     continue;
                 };
-                let (credential, _) = cookie(&hasher, n);
+                if fresh {
+                    generation[usize::from(n)] += 1;
+                }
+                let (credential, _) = cookie(&hasher, n, generation[usize::from(n)]);
                 let set = SetTrackedCookie {
                     cookie: credential.clone(),
                     deletes: false,
@@ -241,14 +287,22 @@ async fn run(
                 let identity = learn(&router, route, &[set], fingerprint, None)
                     .await
                     .unwrap();
-                // If the value is pinned to this response's identity now, it
-                // was earned here.
                 if let Some(identity) = identity {
                     let binding =
                         pinproxy::store::PinStore::lookup(router.store(), &[credential.key])
                             .await
                             .unwrap();
-                    if binding[0].as_ref().map(|b| b.pin.identity) == Some(identity.id) {
+                    let pinned_to = binding[0].as_ref().map(|b| b.pin.identity);
+                    if fresh {
+                        // A value never seen before was earned through this
+                        // response's route, whatever it is pinned to: a pin
+                        // to an identity elsewhere shows when it is next sent.
+                        prop_assert!(pinned_to.is_some(), "a fresh {} was not pinned", credential);
+                        ledger.record(&credential, route, "earned")?;
+                        ledger.coverage.earned += 1;
+                    } else if pinned_to == Some(identity.id) {
+                        // A value requests carried before: earned here only
+                        // if it is pinned to this response's identity now.
                         ledger.record(&credential, route, "earned")?;
                     }
                     // Later requests of this identity use its lane.
@@ -299,21 +353,57 @@ async fn run(
             }
         }
     }
-    Ok(())
+    Ok(ledger.coverage)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
-
-    #[test]
-    fn a_credential_never_leaves_through_two_exit_session_pairs(
-        ops in prop::collection::vec(op(), 1..120),
-        strip in any::<bool>(),
-        oldest in any::<bool>(),
-    ) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let retire = if strip { RetirePolicy::Strip } else { RetirePolicy::Fail };
-        let conflict = if oldest { ConflictPolicy::Oldest } else { ConflictPolicy::Reject };
-        runtime.block_on(run(ops, retire, conflict))?;
+/// The property over 300 random cases (`PROPTEST_CASES` to change), and a
+/// floor on what they exercised: a router that refused or stripped every
+/// credential it had seen before would never send one twice.
+#[test]
+fn a_credential_never_leaves_through_two_exit_session_pairs() {
+    use proptest::test_runner::{Config, TestRunner};
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        ..Config::default()
+    });
+    let totals = std::sync::Mutex::new(Coverage::default());
+    let strategy = (
+        prop::collection::vec(op(), 1..120),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    let outcome = runner.run(&strategy, |(ops, strip, oldest)| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let retire = if strip {
+            RetirePolicy::Strip
+        } else {
+            RetirePolicy::Fail
+        };
+        let conflict = if oldest {
+            ConflictPolicy::Oldest
+        } else {
+            ConflictPolicy::Reject
+        };
+        let coverage = runtime.block_on(run(ops, retire, conflict))?;
+        totals.lock().unwrap().add(coverage);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
+    let totals = *totals.lock().unwrap();
+    eprintln!("{cases} cases exercised {totals:?}");
+    // About four of each a case at 300 cases; a few cases may show none.
+    let floor = u64::from(cases);
+    assert!(
+        cases < 100 || (totals.repeats >= floor && totals.earned >= floor),
+        "the cases sent too few credentials twice, or earned too few: {totals:?}"
+    );
 }

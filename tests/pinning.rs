@@ -6,6 +6,7 @@ use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use pinproxy::store::PinStore as _;
 use support::origin::{assert_carried, reported_peer};
@@ -124,18 +125,23 @@ async fn concurrent_clients_never_present_a_cookie_from_the_wrong_ip() {
     s.stop().await;
 }
 
+/// Every racer has its tunnel open before any sends, so the requests meet
+/// in the founding (how often they do is up to the scheduler: a round
+/// whose requests happen to run one after another shows nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_racing_with_one_unseen_cookie_all_take_one_exit() {
     let s = Setup::start(3).await;
     for round in 0..5 {
         let cookie = format!("datadome=never-seen-{round}-{}", rand::random::<u64>());
         let mut racers = Vec::new();
+        let start = Arc::new(tokio::sync::Barrier::new(24));
         for _ in 0..24 {
             let client = s.proxy.client.clone();
             let port = s.origin.https.port();
-            let cookie = cookie.clone();
+            let (cookie, start) = (cookie.clone(), start.clone());
             racers.push(tokio::spawn(async move {
                 let mut conn = client.tunnel("localhost", port).await;
+                start.wait().await;
                 let reply = conn.get("/", &[("cookie", cookie.as_str())]).await;
                 reported_peer(&reply.body).unwrap()
             }));
