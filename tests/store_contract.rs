@@ -862,6 +862,63 @@ async fn a_lost_retirement_is_noticed_by_the_replica_that_wrote_it() {
     assert!(report.what.contains("went back"), "{}", report.what);
 }
 
+/// Redis expires keys by its own clock: one that jumps ahead by more than
+/// half the time retired credentials are remembered may have expired the
+/// pins of live identities while the namespace's history (no time to
+/// live) looks whole. The jump, seen in `INFO`, is a loss: a credential
+/// Redis no longer knows is answered as lost, never left to be pinned anew.
+/// (The relay shows Redis's clock ahead; the test deletes the pin as the
+/// jump would have expired it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_of_redis_s_clock_is_taken_as_a_loss() {
+    let redis = RedisServer::start().await;
+    let shift = support::redis_group::ClockShift::start(redis.port).await;
+    let store = redis_store(&shift.url(), "jumping", 2 * HOUR_MS, HOUR_MS, None).await;
+    store.check_server().await.unwrap();
+    let someone = identity("e1", 1_800_000_000_000);
+    store.create_identity(&someone).await.unwrap();
+    let k = key();
+    store.pin_if_absent(k, &pin(&someone, None)).await.unwrap();
+
+    // Two days ahead: past the pin's two hours, which Redis ends at once.
+    shift.jump(Duration::from_secs(2 * 86_400));
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let pins: Vec<String> = redis::cmd("KEYS")
+        .arg("jumping:pin:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&pins)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    let mut report = None;
+    for _ in 0..200 {
+        report = store.loss_report();
+        if report.is_some() {
+            break;
+        }
+        // The background check reads INFO every 500 ms.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = report.expect("the clock's jump was not taken as a loss");
+    assert!(report.what.contains("clock jumped"), "{}", report.what);
+    let found = store.lookup(&[k]).await.unwrap();
+    let retired = found[0]
+        .as_ref()
+        .and_then(|b| b.identity.as_ref())
+        .and_then(|i| i.retired.clone());
+    assert_eq!(
+        retired.map(|r| r.reason),
+        Some(RetireReason::StoreLost),
+        "a pin the jump expired is not answered as lost"
+    );
+}
+
 /// A retirement Redis lost without a sign in the namespace's history (the
 /// writer's count and the sequence as they were) is still honoured by the
 /// replica whose journal holds it: the identity is never answered live.

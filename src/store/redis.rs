@@ -45,6 +45,7 @@ mod codec;
 mod eviction;
 mod recovery;
 mod scripts;
+mod server_clock;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -170,6 +171,8 @@ struct Inner {
     lost_again: Mutex<Option<(Loss, Option<String>)>>,
     /// The server's eviction count, as last read.
     evictions: eviction::EvictionWatch,
+    /// Redis's clock as `INFO` shows it (see `server_clock`).
+    clock_jumps: server_clock::JumpWatch,
     report: Mutex<Option<LossReport>>,
     /// Touches waiting to be written, per identity (see [`TOUCH_COALESCE`]).
     touches: dashmap::DashMap<IdentityId, PendingTouch, RandomKeys>,
@@ -272,6 +275,7 @@ impl RedisStore {
                 restore_epoch: AtomicU64::new(0),
                 lost_again: Mutex::new(None),
                 evictions: eviction::EvictionWatch::default(),
+                clock_jumps: server_clock::JumpWatch::default(),
                 report: Mutex::new(None),
                 touches: dashmap::DashMap::default(),
                 lookup: Script::new(scripts::LOOKUP),
@@ -646,11 +650,16 @@ impl RedisStore {
                 );
             }
         }
-        // The baseline of the eviction count, and whether it can be read.
-        let info: redis::RedisResult<String> =
-            redis::cmd("INFO").query_async(&mut connection).await;
+        // The baselines of the eviction count and the clock, and whether
+        // they can be read.
+        let (info, clocks) = read_info(&mut connection).await;
         match info {
             Ok(info) => {
+                if let Some(reading) = clocks.of(&info) {
+                    if let Some(by_ms) = self.inner.clock_jumps.observe(reading) {
+                        self.on_clock_jump(by_ms);
+                    }
+                }
                 if !self.inner.evictions.baseline(&info) {
                     tracing::warn!(
                         "Redis's INFO names no run_id or evicted_keys: pins it evicts under \
@@ -669,24 +678,49 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Reads the server's eviction count (see `eviction`): keys evicted
-    /// since the last reading are a loss. An `INFO` the server refuses is
-    /// only logged (at debug: a user without the right is warned of at
-    /// start, by [`RedisStore::check_server`]).
-    async fn check_evictions(&self) {
+    /// Reads the server's eviction count (see `eviction`) and its clock
+    /// (see `server_clock`): keys evicted since the last reading are a
+    /// loss, and so is a jump of its clock that may have expired pins of
+    /// live identities. An `INFO` the server refuses is only logged (at
+    /// debug: a user without the right is warned of at start, by
+    /// [`RedisStore::check_server`]).
+    async fn check_info(&self) {
         let Ok(mut connection) = self.connection() else {
             return;
         };
-        let info: redis::RedisResult<String> =
-            redis::cmd("INFO").query_async(&mut connection).await;
-        match info {
-            Ok(info) => {
-                if let Some(keys) = self.inner.evictions.observe(&info) {
-                    self.on_loss(Loss::Evicted { keys }, None, None);
-                }
+        let (info, clocks) = read_info(&mut connection).await;
+        let info = match info {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read Redis's eviction count");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read Redis's eviction count"),
+        };
+        if let Some(keys) = self.inner.evictions.observe(&info) {
+            self.on_loss(Loss::Evicted { keys }, None, None);
         }
+        if let Some(reading) = clocks.of(&info) {
+            if let Some(by_ms) = self.inner.clock_jumps.observe(reading) {
+                self.on_clock_jump(by_ms);
+            }
+        }
+    }
+
+    /// Redis's clock jumped `by_ms` forward: every key with less time to
+    /// live than that expired at once. Pins outlive their identities by
+    /// `identities.remember_retired`, so a jump past half of that (a margin
+    /// for replicas configured otherwise) may have taken pins of live
+    /// identities, and is a loss; a shorter one is said.
+    fn on_clock_jump(&self, by_ms: u64) {
+        if by_ms > self.inner.keep_retired_ms / 2 {
+            self.on_loss(Loss::ClockJumped { by_ms }, None, None);
+            return;
+        }
+        tracing::warn!(
+            jumped_ms = by_ms,
+            "Redis's clock jumped ahead: keys it holds expired that much early (retired \
+             credentials are remembered that much less); synchronise its clock (NTP)"
+        );
     }
 
     /// Saves what this replica has seen of the namespace's history (`now`:
@@ -1063,29 +1097,30 @@ fn keep_journaled_retirements(journaled: &Bindings, bindings: &mut [Option<Bindi
     }
 }
 
+/// `INFO`, and this replica's clocks at the middle of its round trip.
+async fn read_info(
+    connection: &mut ConnectionManager,
+) -> (redis::RedisResult<String>, server_clock::Clocks) {
+    let clock = crate::clock::Clock::system();
+    let sent = (clock.elapsed_ms(), clock.now_ms());
+    let info = redis::cmd("INFO").query_async(connection).await;
+    let clocks = server_clock::Clocks {
+        steady_ms: sent.0 / 2 + clock.elapsed_ms() / 2,
+        wall_ms: sent.1 / 2 + clock.now_ms() / 2,
+    };
+    (info, clocks)
+}
+
 /// Every how many background checks the clocks are compared (about every
 /// minute, the first time at once).
 const CLOCK_CHECK_EVERY: u32 = 120;
-
-/// How far Redis's clock and a replica's may read apart before it is said:
-/// deaths and sticky windows allow replicas' clocks 5 s (see
-/// `routing::lifecycle`), and Redis expires keys by its own.
-const CLOCK_OFFSET_SAID_MS: u64 = 5_000;
-
-/// How far `server_ms` (Redis's `TIME`, read between `sent_ms` and
-/// `answered_ms` on this replica's clock) reads ahead of this clock,
-/// taking the reading at the middle of the round trip.
-fn clock_offset_ms(server_ms: u64, sent_ms: u64, answered_ms: u64) -> i64 {
-    let middle = sent_ms / 2 + answered_ms / 2;
-    i64::try_from(server_ms).unwrap_or(i64::MAX) - i64::try_from(middle).unwrap_or(i64::MAX)
-}
 
 impl RedisStore {
     /// Compares Redis's clock with this replica's (`TIME`): replicas judge
     /// what others stamped (identities' ages, exit deaths) and Redis
     /// expires keys by its own clock, so clocks that read apart shift
     /// those judgements. Exported as a gauge, and said when it passes
-    /// [`CLOCK_OFFSET_SAID_MS`] (once, until it comes back within).
+    /// [`server_clock::SAID_MS`] (once, until it comes back within).
     async fn check_clock(&self) {
         let Ok(mut connection) = self.connection() else {
             return;
@@ -1099,9 +1134,9 @@ impl RedisStore {
             return;
         };
         let server = seconds.saturating_mul(1000).saturating_add(micros / 1000);
-        let offset = clock_offset_ms(server, sent, answered);
+        let offset = server_clock::offset_ms(server, sent, answered);
         self.inner.metrics.store_clock_offset_ms.set(offset);
-        let apart = offset.unsigned_abs() > CLOCK_OFFSET_SAID_MS;
+        let apart = offset.unsigned_abs() > server_clock::SAID_MS;
         if apart != self.inner.clock_apart.swap(apart, Ordering::Relaxed) {
             if apart {
                 tracing::warn!(
@@ -1134,7 +1169,7 @@ async fn check_loop(inner: Weak<Inner>) {
                 tracing::debug!(error = %e, "cannot ask the sentinels for the primary");
             }
         }
-        store.check_evictions().await;
+        store.check_info().await;
         if rounds % CLOCK_CHECK_EVERY == 1 {
             store.check_clock().await;
         }
@@ -1521,17 +1556,6 @@ async fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Redis's reading is taken at the middle of the round trip: a server
-    /// 3 s ahead reads +3,000 whatever the round trip took; one behind,
-    /// negative.
-    #[test]
-    fn the_clock_offset_is_read_at_the_middle_of_the_round_trip() {
-        let sent = 1_800_000_000_000;
-        assert_eq!(clock_offset_ms(sent + 3_050, sent, sent + 100), 3_000);
-        assert_eq!(clock_offset_ms(sent + 50, sent, sent + 100), 0);
-        assert_eq!(clock_offset_ms(sent - 9_950, sent, sent + 100), -10_000);
-    }
 
     /// A pin script's row is a pin, or Lua's `false` (no pin); any other
     /// shape, or another number of rows than pins, is no answer at all,

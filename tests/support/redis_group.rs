@@ -369,3 +369,119 @@ impl RedisCluster {
         }
     }
 }
+
+/// A loopback relay in front of a Redis that, once told to, shows the
+/// server's clock ahead by a set amount in every `INFO` answer
+/// (`server_time_usec`, rewritten digit for digit so the reply's length
+/// holds): how a replica sees Redis's clock jump forward, which expires
+/// keys early, without stepping a clock of the machine.
+pub struct ClockShift {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    ahead_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl ClockShift {
+    /// A relay to the Redis on `target` (showing its clock as it is).
+    pub async fn start(target: u16) -> ClockShift {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ahead_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let shift = ahead_us.clone();
+        let relay = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                tokio::spawn(relay_shifted(client, server, shift.clone()));
+            }
+        });
+        ClockShift {
+            port,
+            ahead_us,
+            relay,
+        }
+    }
+
+    /// The URL of the relayed server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Shows the server's clock `by` ahead from now on.
+    pub fn jump(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap();
+        self.ahead_us
+            .store(micros, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for ClockShift {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+/// Copies `client`'s bytes to `server` as they are, and the answers back
+/// with every `server_time_usec` field moved `ahead_us` on. A field split
+/// across two reads is kept back until the next: its number unfinished, or
+/// a tail that may be the start of its name.
+async fn relay_shifted(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    ahead_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FIELD: &[u8] = b"server_time_usec:";
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = match server_read.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        let ahead = ahead_us.load(std::sync::atomic::Ordering::SeqCst);
+        let mut at = 0;
+        let mut unfinished = None;
+        while let Some(found) = pending[at..].windows(FIELD.len()).position(|w| w == FIELD) {
+            let digits_at = at + found + FIELD.len();
+            let digits = pending[digits_at..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            if digits_at + digits >= pending.len() {
+                unfinished = Some(at + found);
+                break;
+            }
+            let text = std::str::from_utf8(&pending[digits_at..digits_at + digits]).unwrap();
+            let shifted = (text.parse::<u64>().unwrap() + ahead).to_string();
+            assert_eq!(
+                shifted.len(),
+                digits,
+                "the shift changed the field's length"
+            );
+            pending[digits_at..digits_at + digits].copy_from_slice(shifted.as_bytes());
+            at = digits_at + digits;
+        }
+        let send = unfinished.unwrap_or_else(|| {
+            // A tail that is the start of the field's name waits too.
+            let tail = (1..FIELD.len())
+                .rev()
+                .find(|&k| pending.len() >= at + k && pending.ends_with(&FIELD[..k]))
+                .unwrap_or(0);
+            pending.len() - tail
+        });
+        if client_write.write_all(&pending[..send]).await.is_err() {
+            break;
+        }
+        pending.drain(..send);
+    }
+    upstream.abort();
+}

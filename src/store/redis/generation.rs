@@ -83,6 +83,12 @@ pub enum Loss {
         /// How many keys, since the last reading.
         keys: u64,
     },
+    /// The server's clock jumped forward (see `server_clock`): keys whose
+    /// time to live was shorter expired at once, pins possibly among them.
+    ClockJumped {
+        /// By how much, in ms.
+        by_ms: u64,
+    },
 }
 
 impl std::fmt::Display for Loss {
@@ -104,6 +110,10 @@ impl std::fmt::Display for Loss {
             Loss::Evicted { keys } => write!(
                 f,
                 "the server evicted {keys} keys under memory pressure (its maxmemory-policy is not noeviction), pins possibly among them"
+            ),
+            Loss::ClockJumped { by_ms } => write!(
+                f,
+                "the server's clock jumped {by_ms} ms ahead, expiring keys that early, pins possibly among them"
             ),
         }
     }

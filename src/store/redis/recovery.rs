@@ -469,7 +469,8 @@ impl RedisStore {
             Loss::WentBack { .. }
             | Loss::OwnWritesWentBack { .. }
             | Loss::JournaledPinGone
-            | Loss::Evicted { .. } => {
+            | Loss::Evicted { .. }
+            | Loss::ClockJumped { .. } => {
                 let known = self
                     .inner
                     .epoch
