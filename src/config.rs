@@ -886,6 +886,13 @@ impl Settings {
                 "metrics.max_sites",
                 a.metrics.max_sites != b.metrics.max_sites,
             ),
+            // Redis's keys live by the value the replica started with: a
+            // longer one taken live would still be forgotten at the old.
+            (
+                "identities.remember_retired",
+                matches!(a.store, StoreKind::Redis { .. })
+                    && a.identities.remember_retired != b.identities.remember_retired,
+            ),
         ]
         .into_iter()
         .chain(store_changes(&a.store, &b.store))
@@ -1235,6 +1242,27 @@ mod tests {
             ["listen", "limits.max_connections"]
         );
         assert!(before.restart_needed(&before).is_empty());
+    }
+
+    /// With Redis, `remember_retired` is read at start only: the keys'
+    /// lifetimes were set from it, so a longer value taken by a reload
+    /// would still be forgotten at the old one. The embedded store takes it.
+    #[test]
+    fn remember_retired_needs_a_restart_with_redis_only() {
+        let with = |store: &str, days: u64| {
+            let mut config = Config::default();
+            config.store.url = store.into();
+            config.identities.remember_retired = Duration::from_secs(days * 86_400);
+            config.validate().unwrap()
+        };
+        let redis = "redis://127.0.0.1:6379/0";
+        assert_eq!(
+            with(redis, 7).restart_needed(&with(redis, 90)),
+            ["identities.remember_retired"]
+        );
+        assert!(with("embedded", 7)
+            .restart_needed(&with("embedded", 90))
+            .is_empty());
     }
 
     /// Leaving `admin.listen` out keeps the default endpoint (serde fills

@@ -527,7 +527,7 @@ impl Daemon {
         let router = Arc::new(Router::new(
             store,
             clock.clone(),
-            live::policies(&settings, &settings.store),
+            live::policies(&settings, &settings),
             metrics.clone(),
             background.clone(),
         ));

@@ -385,6 +385,48 @@ mod tests {
         assert_eq!(at, start + 60_000);
     }
 
+    /// The same for the sweep's own retirements (an identity of an exit no
+    /// longer configured, here): dated by a clock stepped back, one would
+    /// be forgotten, its pins with it, as soon as the step is corrected.
+    #[tokio::test]
+    async fn a_sweep_does_not_date_retirements_back_by_a_clock_stepped_back() {
+        use crate::credential::{Credential, PinHasher};
+        use crate::fingerprint::Fingerprint;
+        use crate::identity::{ExitId, Identity, Pin, SessionId};
+        use crate::store::PinStore as _;
+        let router = router();
+        let clock = router.clock().clone();
+        let start = clock.now_ms();
+        let fingerprint = Fingerprint::of_user_agent("agent");
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), start, fingerprint, start);
+        let cookie =
+            Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
+        let store = router.store();
+        store.create_identity(&identity).await.unwrap();
+        store
+            .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, start, None))
+            .await
+            .unwrap();
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        clock.advance(std::time::Duration::from_secs(60));
+        clock.step_back(std::time::Duration::from_secs(3600));
+        router.sweep(&exits).await.unwrap();
+        let found = store.lookup(&[cookie.key]).await.unwrap();
+        let retired = found[0]
+            .as_ref()
+            .and_then(|b| b.identity.as_ref())
+            .and_then(|i| i.retired.clone())
+            .expect("the sweep retired it");
+        assert_eq!(retired.at_ms, start + 60_000);
+        // Corrected: `remember_retired` (60 s) has not passed since.
+        clock.step(std::time::Duration::from_secs(3600));
+        router.sweep(&exits).await.unwrap();
+        assert!(
+            store.lookup(&[cookie.key]).await.unwrap()[0].is_some(),
+            "forgotten as soon as the clock was corrected"
+        );
+    }
+
     #[test]
     fn a_pending_retirement_is_found_until_removed_however_often_decided() {
         let pending = PendingRetirements::default();

@@ -27,7 +27,7 @@ use smallvec::SmallVec;
 
 use crate::credential::PinKey;
 use crate::fault::{Blame, Fault};
-use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, Retirement};
 
 /// What went wrong in a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +131,12 @@ pub fn expires_later(set: Option<u64>, pinned: Option<u64>) -> bool {
 /// Held inline for up to four keys (a request carries a few tracked
 /// cookies), so that answering a pin hit does not allocate.
 pub type Bindings = SmallVec<[Option<Binding>; 4]>;
+
+/// What a sweep asks of each live identity: whether it has ended, and the
+/// retirement to record if so, dated by the caller (a sweep judges ages by
+/// the wall clock, but dates what it retires no earlier than time really
+/// elapsed: see `Router::retirement_now`).
+pub type Expiry<'a> = dyn Fn(&Identity) -> Option<Retirement> + Sync + 'a;
 
 /// What [`PinStore::found_identity`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,13 +314,14 @@ pub trait PinStore: Send + Sync {
     /// How much the store holds.
     fn count(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
 
-    /// Retires identities `expiry` says have ended, and forgets retired
-    /// identities and expired pins older than `keep_retired_ms`.
+    /// Retires identities `expiry` says have ended (as it dates them), and
+    /// forgets retired identities and expired pins older than
+    /// `keep_retired_ms`.
     fn sweep(
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> impl Future<Output = Result<Swept, StoreError>> + Send;
 
     /// Records that an exit died at `at_ms` (the latest death counts).
@@ -506,7 +513,7 @@ impl PinStore for Store {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<Swept, StoreError> {
         dispatch!(self, s => s.sweep(now_ms, keep_retired_ms, expiry))
     }
@@ -671,18 +678,19 @@ impl PinStore for TimedStore {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<Swept, StoreError> {
         // Memory and embedded stores retire what `expiry` names; Redis
         // only sweeps its journal (expired identities retire on next use,
         // counted then).
         let counts = !matches!(self.store, Store::Redis(_));
         let counted = |identity: &Identity| {
-            let reason = expiry(identity);
-            if let (true, Some(reason)) = (counts, &reason) {
-                self.metrics.retired(&identity.exit, reason.label());
+            let retirement = expiry(identity);
+            if let (true, Some(retirement)) = (counts, &retirement) {
+                self.metrics
+                    .retired(&identity.exit, retirement.reason.label());
             }
-            reason
+            retirement
         };
         timed!(
             self.timers.sweep,

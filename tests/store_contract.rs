@@ -324,7 +324,12 @@ async fn sweep_contract(store: &Store) {
         .pin_if_absent(k_live, &pin(&live, None))
         .await
         .unwrap();
-    let expiry = |i: &Identity| (i.id == idle.id).then_some(RetireReason::IdleExpired);
+    let expiry = |i: &Identity| {
+        (i.id == idle.id).then_some(Retirement {
+            reason: RetireReason::IdleExpired,
+            at_ms: now + 2 * HOUR_MS,
+        })
+    };
 
     // First sweep: the idle identity is retired (remembered), nothing forgotten.
     let swept = store
@@ -921,7 +926,8 @@ async fn a_jump_of_redis_s_clock_is_taken_as_a_loss() {
 
 /// A retirement Redis lost without a sign in the namespace's history (the
 /// writer's count and the sequence as they were) is still honoured by the
-/// replica whose journal holds it: the identity is never answered live.
+/// replica whose journal holds it: the identity is never answered live,
+/// through the pins it journaled or through one it never saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retirement_redis_lost_unseen_is_kept_from_the_journal() {
     let redis = RedisServer::start().await;
@@ -941,7 +947,15 @@ async fn a_retirement_redis_lost_unseen_is_kept_from_the_journal() {
         .await
         .unwrap();
     assert_eq!(deleted, 1, "the retirement was not in Redis");
-    for _ in 0..3 {
+    // Another value of the identity, pinned where this replica never saw
+    // it (another replica, here a store without a journal).
+    let elsewhere = redis_store(&redis.url(), "retire-unseen", 2 * HOUR_MS, HOUR_MS, None).await;
+    let k2 = key();
+    elsewhere
+        .pin_if_absent(k2, &pin(&someone, None))
+        .await
+        .unwrap();
+    for k in [k, k2, k] {
         let found = store.lookup(&[k]).await.unwrap();
         let retired = found[0]
             .as_ref()

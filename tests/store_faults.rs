@@ -124,13 +124,28 @@ async fn an_egress_address_the_store_cannot_take_withholds_the_answer() {
 /// retired. Before, it was tried once and stayed in this process only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retirement_the_store_refused_is_stored_when_it_can_be() {
+    refused_then_stored("/challenge", "datadome-challenge").await;
+}
+
+/// The same for a rule judged on the answer's head (Cloudflare's
+/// `cf-mitigated: challenge`): a retirement the store refused is honoured
+/// at once and stored later, not only logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_rules_retirement_the_store_refused_is_stored_when_it_can_be() {
+    refused_then_stored("/cf-challenge", "cloudflare-challenge").await;
+}
+
+/// An identity invalidated (by the answer to `path`, rule `rule`) while
+/// Redis refuses writes: its next request is refused, and the retirement
+/// reaches Redis once it takes writes again, so a restart honours it too.
+async fn refused_then_stored(path: &str, rule: &str) {
     let redis = RedisNode::volatile().await;
     let url = redis.url();
     let s = Setup::start_with(2, move |c| c.store.url = url).await;
     let (mut jar, _) = s.login("/login").await;
 
     refuse_writes(&redis, true).await;
-    let challenge = s.get("/challenge", &mut jar).await;
+    let challenge = s.get(path, &mut jar).await;
     assert_eq!(challenge.status, 403, "{}", challenge.body);
     let honoured = s.get("/page", &mut jar).await;
     assert_eq!(honoured.status, 502, "{}", honoured.body);
@@ -158,7 +173,7 @@ async fn a_retirement_the_store_refused_is_stored_when_it_can_be() {
     assert_eq!(after.status, 502, "{}", after.body);
     let error = error_of(&after);
     assert!(
-        error.starts_with("identity-retired:") && error.contains("datadome-challenge"),
+        error.starts_with("identity-retired:") && error.contains(rule),
         "{error}"
     );
     s.stop().await;

@@ -861,6 +861,29 @@ async fn with_wait_a_new_pin_is_on_the_replica_before_its_response() {
         assert_eq!(on_replica, round + 1, "the pin reached the replica first");
         pins_seen.insert(round, on_replica);
     }
+    let wait_timeouts = || async {
+        let metrics = fleet.replica(0).admin_get("/metrics").await;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("pinproxy_store_wait_timeouts_total "))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no wait timeouts counted: {metrics}"))
+    };
+    assert_eq!(wait_timeouts().await, 0.0);
+
+    // A retirement waits for the replica too (one a failover lost would
+    // bring the identity back live): unacknowledged, it is counted, still
+    // honoured here, and stored again until the replica holds it.
+    let mut jar = Jar::default();
+    let login = fleet.get(0, "/login", &mut jar).await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    replica.freeze();
+    let challenge = fleet.get(0, "/cf-challenge", &mut jar).await;
+    assert_eq!(challenge.status, 403, "{}", challenge.body);
+    let honoured = fleet.get(0, "/page", &mut jar).await;
+    replica.thaw();
+    assert_eq!(honoured.status, 502, "{}", honoured.body);
+    assert!(wait_timeouts().await >= 1.0, "the retirement did not wait");
 
     // A replica that cannot acknowledge: the request fails closed.
     replica.freeze();

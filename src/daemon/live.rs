@@ -296,7 +296,7 @@ impl Live {
         // start only): whether it is shared decides how a missing exit ends.
         self.core
             .router
-            .set_policies(policies(&settings, &applied.started.store));
+            .set_policies(policies(&settings, &applied.started));
         self.exits.store(set.clone());
         let max_header_bytes = applied.started.limits.max_header_bytes;
         let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);
@@ -372,16 +372,25 @@ pub(super) fn pipeline(
     }
 }
 
-/// The routing policies `settings` describe, for a daemon running `store`.
-pub(super) fn policies(settings: &Settings, store: &crate::config::StoreKind) -> Policies {
+/// The routing policies `settings` describe, for a daemon `started` with
+/// the settings it started with (its store, and with Redis the time
+/// retired credentials are remembered: Redis's keys were given their
+/// lifetimes from it, and the journal must not forget before them).
+pub(super) fn policies(settings: &Settings, started: &Settings) -> Policies {
     let identities = &settings.identities;
+    let shared_store = matches!(started.store, crate::config::StoreKind::Redis { .. });
+    let remember_retired = if shared_store {
+        started.identities.remember_retired
+    } else {
+        identities.remember_retired
+    };
     Policies {
         retire: identities.retire_policy,
         conflict: identities.conflict_policy,
         idle_timeout_ms: duration_ms(identities.idle_timeout),
         max_lifetime_ms: duration_ms(identities.max_lifetime),
-        keep_retired_ms: duration_ms(identities.remember_retired),
-        shared_store: matches!(store, crate::config::StoreKind::Redis { .. }),
+        keep_retired_ms: duration_ms(remember_retired),
+        shared_store,
     }
 }
 

@@ -202,8 +202,19 @@ impl Pipeline {
             invalidation::Verdict::Invalidated(rule) => {
                 self.metrics.invalidated(&identity.exit, site, &rule);
                 let reason = RetireReason::Invalidated { rule };
-                if let Err(e) = self.router.retire(&self.exits, identity, reason).await {
-                    tracing::warn!(error = %e, identity = %identity.id, "could not retire an invalidated identity");
+                // Stored before the answer goes on, so that the client's
+                // next request finds it on every replica; a store that
+                // cannot take it now gets it in the background, and this
+                // process honours it meanwhile (a logged failure alone let
+                // the burnt cookie out again on the next request).
+                if let Err(e) = self
+                    .router
+                    .retire(&self.exits, identity, reason.clone())
+                    .await
+                {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not store an invalidation yet; retrying in the background");
+                    self.router
+                        .retire_soon(self.exits.clone(), identity.clone(), reason);
                 }
                 body
             }
@@ -328,7 +339,7 @@ pub async fn learn(
     if is_new && stored && route.exit.superseded() {
         let retirement = Retirement {
             reason: RetireReason::ExitChanged,
-            at_ms: now,
+            at_ms: router.retirement_now(),
         };
         store.retire(identity.id, &retirement).await?;
         tracing::warn!(

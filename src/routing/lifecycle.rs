@@ -128,7 +128,17 @@ impl Router {
     pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
         let now = self.clock.now_ms();
         let policies = self.policies.load_full();
-        let expiry = |identity: &Identity| ends(identity, exits, &policies, now);
+        // Judged by the wall clock, dated no earlier than time really
+        // elapsed: a retirement dated on a clock stepped back would be
+        // forgotten that much early once it is corrected, its pins with it,
+        // and its cookie pinned anew on any exit.
+        let dated = self.retirement_now();
+        let expiry = |identity: &Identity| {
+            ends(identity, exits, &policies, now).map(|reason| Retirement {
+                reason,
+                at_ms: dated,
+            })
+        };
         // Retiring goes by the wall clock (on a clock stepped forward it
         // only retires early), forgetting by the time that really elapsed:
         // kept longer by as much as the wall clock is ahead of it.

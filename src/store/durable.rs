@@ -32,9 +32,11 @@ use codec::FingerprintRefs;
 use tokio::sync::watch;
 
 use super::memory::MemoryStore;
-use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, StoreErrorKind, Swept};
+use super::{
+    Binding, Bindings, Counts, Expiry, Listing, PinStore, StoreError, StoreErrorKind, Swept,
+};
 use crate::credential::{PinHasher, PinKey, RandomKeys};
-use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::identity::{ExitId, Identity, IdentityId, Pin, Retirement};
 
 /// File name of the store in the data directory.
 pub const STORE_FILE: &str = "pins.redb";
@@ -249,6 +251,12 @@ fn db_error(path: &Path, e: impl std::fmt::Display) -> OpenError {
 }
 
 impl DurableStore {
+    /// The retirement of identity `id`, if it is held and retired (from
+    /// memory: no disk read).
+    pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {
+        self.shared.memory.retirement(id)
+    }
+
     /// Opens (or creates) the store at `path` and loads it into memory,
     /// with no regard to the pin key (a journal, a test). Blocking: call it
     /// off the async runtime.
@@ -659,7 +667,7 @@ impl PinStore for DurableStore {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<Swept, StoreError> {
         let before = self.shared.memory.sizes();
         let changes = self
@@ -700,6 +708,7 @@ mod tests {
     use super::*;
     use crate::credential::PinKind;
     use crate::fingerprint::Fingerprint;
+    use crate::identity::RetireReason;
     use crate::identity::{ExitId, SessionId};
 
     fn identity(now: u64) -> Identity {

@@ -18,13 +18,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use super::{Binding, Bindings, Counts, Listing, PinStore, StoreError, Swept};
+use super::{Binding, Bindings, Counts, Expiry, Listing, PinStore, StoreError, Swept};
 use crate::credential::PinKind;
 use crate::credential::{PinKey, RandomKeys};
 use crate::fingerprint::Fingerprint;
-use crate::identity::{
-    ExitId, FoundingRoute, Identity, IdentityId, Pin, RetireReason, Retirement, SessionId,
-};
+use crate::identity::{ExitId, FoundingRoute, Identity, IdentityId, Pin, Retirement, SessionId};
 
 /// Values interned first, read without a lock: every pin hit reads a
 /// cookie name and an exit back, and a fleet has few of each, while a
@@ -384,6 +382,11 @@ impl MemoryStore {
         self.identities.get(&id).map(|r| self.to_identity(id, &r))
     }
 
+    /// The retirement of identity `id`, if it is held and retired.
+    pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {
+        self.identities.get(&id)?.retired.as_deref().cloned()
+    }
+
     /// Records a use of identity `id`, as [`PinStore::touch`] does; true
     /// when this is its first since [`MemoryStore::identity_to_write`] read
     /// it (or ever). A durable store that writes touched identities lazily
@@ -438,7 +441,7 @@ impl MemoryStore {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> SweepChanges {
         let _sweeping = self
             .sweeping
@@ -452,11 +455,8 @@ impl MemoryStore {
             }
             Some(_) => true,
             None => {
-                if let Some(reason) = expiry(&self.to_identity(*id, record)) {
-                    record.retired = Some(Box::new(Retirement {
-                        reason,
-                        at_ms: now_ms,
-                    }));
+                if let Some(retirement) = expiry(&self.to_identity(*id, record)) {
+                    record.retired = Some(Box::new(retirement));
                     changes.retired.push(*id);
                 }
                 true
@@ -654,7 +654,7 @@ impl PinStore for MemoryStore {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<Swept, StoreError> {
         let changes = self.sweep_collect(now_ms, keep_retired_ms, expiry);
         Ok(Swept {
@@ -681,6 +681,7 @@ impl PinStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::RetireReason;
     use crate::identity::SessionId;
 
     fn with_agent(agent: &str) -> Identity {

@@ -56,7 +56,9 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio_util::task::TaskTracker;
 
-use super::{Binding, Bindings, Counts, Founding, Listing, PinStore, StoreError, StoreErrorKind};
+use super::{
+    Binding, Bindings, Counts, Expiry, Founding, Listing, PinStore, StoreError, StoreErrorKind,
+};
 use crate::credential::{PinKey, RandomKeys};
 use crate::identity::{ExitId, Identity, IdentityId, Pin, RetireReason, Retirement};
 use crate::metrics::Metrics;
@@ -874,8 +876,8 @@ impl RedisStore {
         RedisStore::decode_pinned(&result, pins.len())
     }
 
-    /// Runs a script that writes pins: followed by `WAIT` when
-    /// `store.wait_replicas` asks for it.
+    /// Runs a script that writes pins (or a retirement): followed by `WAIT`
+    /// when `store.wait_replicas` asks for it.
     async fn run_pin_script(
         &self,
         script: &Script,
@@ -959,8 +961,8 @@ impl RedisStore {
             .run_script(&self.inner.lookup, &redis_keys, &args, Counting::Read)
             .await?;
         let mut bindings = RedisStore::decode_rows_of(&result, keys.len())?;
-        if let Some(journaled) = &journaled {
-            keep_journaled_retirements(journaled, &mut bindings);
+        if let (Some(journal), Some(journaled)) = (&self.inner.journal, &journaled) {
+            keep_journaled_retirements(journaled, &mut bindings, |id| journal.retirement(id));
         }
         if let (Some(cache), Some(ticket)) = (&self.inner.cache, ticket) {
             let now = recovery::now_ms();
@@ -1070,29 +1072,38 @@ pub fn key_id(key: &[u8; 32]) -> String {
     blake3::hash(key).to_hex()[..8].to_owned()
 }
 
-/// Takes the retirements this replica's journal holds (`journaled`, read
-/// before Redis was asked) onto the identities Redis answered live
-/// (`bindings`). Redis is written before the journal, so a live answer
-/// there means Redis lost the retirement (a failover): until the restore
-/// writes it back, or the loss goes unseen, the identity must not be used
-/// again. Idle expiry is the exception: another replica's use may have
-/// kept the identity alive where this journal never saw it (a restore
-/// does not write it back either).
-fn keep_journaled_retirements(journaled: &Bindings, bindings: &mut [Option<Binding>]) {
+/// Takes the retirements this replica's journal holds onto the identities
+/// Redis answered live (`bindings`): those of the pins it journaled
+/// (`journaled`, read before Redis was asked), and, for a pin it never saw
+/// (a value another replica pinned to an identity this one retired), the
+/// identity's own (`journal_retirement`, by id). Redis is written before
+/// the journal, so a live answer there means Redis lost the retirement (a
+/// failover): until the restore writes it back, or when the loss goes
+/// unseen, the identity must not be used again. Idle expiry is the
+/// exception: another replica's use may have kept the identity alive where
+/// this journal never saw it (a restore does not write it back either).
+fn keep_journaled_retirements(
+    journaled: &Bindings,
+    bindings: &mut [Option<Binding>],
+    journal_retirement: impl Fn(IdentityId) -> Option<Retirement>,
+) {
     for (journaled, answered) in journaled.iter().zip(bindings.iter_mut()) {
-        let Some(retired) = journaled
-            .as_ref()
-            .and_then(|j| j.identity.as_ref())
-            .and_then(|j| j.retired.as_ref().map(|r| (j.id, r)))
-            .filter(|(_, r)| r.reason != RetireReason::IdleExpired)
-        else {
-            continue;
-        };
         let Some(identity) = answered.as_mut().and_then(|a| a.identity.as_mut()) else {
             continue;
         };
-        if identity.id == retired.0 && identity.retired.is_none() {
-            Arc::make_mut(identity).retired = Some(retired.1.clone());
+        if identity.retired.is_some() {
+            continue;
+        }
+        let by_pin = journaled
+            .as_ref()
+            .and_then(|j| j.identity.as_ref())
+            .filter(|j| j.id == identity.id);
+        let retired = match by_pin {
+            Some(journaled) => journaled.retired.clone(),
+            None => journal_retirement(identity.id),
+        };
+        if let Some(retired) = retired.filter(|r| r.reason != RetireReason::IdleExpired) {
+            Arc::make_mut(identity).retired = Some(retired);
         }
     }
 }
@@ -1427,7 +1438,10 @@ impl PinStore for RedisStore {
         if let Some(cache) = &self.inner.cache {
             cache.stale(id);
         }
-        self.run_script(&self.inner.retire, &[key], &args, Counting::Write)
+        // Acknowledged by `store.wait_replicas` replicas, as a new pin is:
+        // a failover that lost it would bring the identity back live on
+        // every replica whose journal does not hold it.
+        self.run_pin_script(&self.inner.retire, &[key], &args)
             .await?;
         if let Some(journal) = &self.inner.journal {
             journal.retire(id, retirement).await;
@@ -1487,7 +1501,7 @@ impl PinStore for RedisStore {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<super::Swept, StoreError> {
         // Keys expire on the server; expired identities are retired when
         // next used (every replica applies the same rules). The journal
@@ -1498,7 +1512,7 @@ impl PinStore for RedisStore {
         // replica's uses reach.
         if let Some(journal) = &self.inner.journal {
             let expiry = |identity: &Identity| {
-                expiry(identity).filter(|reason| *reason != RetireReason::IdleExpired)
+                expiry(identity).filter(|retired| retired.reason != RetireReason::IdleExpired)
             };
             journal.sweep(now_ms, keep_retired_ms, &expiry).await?;
         }
@@ -1645,7 +1659,7 @@ mod tests {
             Some(binding(&other)),
             Some(binding(&other)),
         ];
-        keep_journaled_retirements(&journaled, &mut answered);
+        keep_journaled_retirements(&journaled, &mut answered, |_| None);
         let reason = |n: usize| {
             answered[n]
                 .as_ref()

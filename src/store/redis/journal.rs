@@ -14,9 +14,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::credential::PinKey;
-use crate::identity::{Identity, IdentityId, Pin, RetireReason, Retirement};
+use crate::identity::{Identity, IdentityId, Pin, Retirement};
 use crate::store::durable::{DurableStore, OpenError};
-use crate::store::{Binding, Bindings, Listing, PinStore as _, StoreError};
+use crate::store::{Binding, Bindings, Expiry, Listing, PinStore as _, StoreError};
 
 /// File name of the journal in the data directory.
 pub const JOURNAL_FILE: &str = "journal.redb";
@@ -62,6 +62,11 @@ impl Journal {
                 "a pin",
             );
         }
+    }
+
+    /// The retirement the journal holds for identity `id`, if any.
+    pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {
+        self.store.retirement(id)
     }
 
     /// Records a new identity.
@@ -119,7 +124,7 @@ impl Journal {
         &self,
         now_ms: u64,
         keep_retired_ms: u64,
-        expiry: &(dyn Fn(&Identity) -> Option<RetireReason> + Sync),
+        expiry: &Expiry<'_>,
     ) -> Result<(), StoreError> {
         self.store
             .sweep(now_ms, keep_retired_ms, expiry)
