@@ -1020,6 +1020,17 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
     let stored = written(&store, kept.id, &tasks).await;
     assert_eq!(stored.last_used_ms, now + 5);
     assert_eq!(stored.requests, 2);
+
+    // An answer that arrives after a retirement is no use: an identity
+    // retired for idleness keeps the last use it was judged on.
+    let idle = Retirement {
+        reason: RetireReason::IdleExpired,
+        at_ms: now + 6,
+    };
+    store.retire(kept.id, &idle).await.unwrap();
+    store.touch(kept.id, now + 50, true, None).await.unwrap();
+    let stored = written(&store, kept.id, &tasks).await;
+    assert_eq!(stored.last_used_ms, now + 5);
 }
 
 /// The identity `id` as `store` holds it once the touches spawned on
@@ -1118,27 +1129,9 @@ async fn a_cached_identity_is_read_again_once_another_replica_records_its_addres
     let redis = RedisServer::start().await;
     // A's entries would answer for a minute.
     let pair = Replicas::start(&redis.url(), "egress").await;
-    let (a, metrics, someone, k) = (&pair.a, &pair.metrics, &pair.someone, pair.key);
-    let mut hit = false;
-    for _ in 0..300 {
-        let found = a.lookup(&[k]).await.unwrap();
-        assert_eq!(
-            found[0]
-                .as_ref()
-                .unwrap()
-                .identity
-                .as_ref()
-                .unwrap()
-                .egress_ip,
-            None
-        );
-        if metrics.store_cache_hits.get() > 0 {
-            hit = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(hit, "replica A never answered from its cache");
+    let (a, someone, k) = (&pair.a, &pair.someone, pair.key);
+    let cached = pair.cached_at_a().await;
+    assert_eq!(cached.egress_ip, None);
 
     let address = std::net::IpAddr::from([127, 0, 0, 2]);
     assert_eq!(
@@ -1165,6 +1158,82 @@ async fn a_cached_identity_is_read_again_once_another_replica_records_its_addres
     assert!(
         seen,
         "replica A kept answering the identity without its address"
+    );
+}
+
+/// A retirement written back by a restore (or an import) where Redis had
+/// none reaches the other replicas' hit caches as a retirement does: a
+/// reading cached from while Redis had lost it stops answering.
+#[tokio::test]
+async fn a_retirement_written_back_reaches_other_replicas_caches() {
+    let redis = RedisServer::start().await;
+    let pair = Replicas::start(&redis.url(), "written-back").await;
+    assert_eq!(pair.cached_at_a().await.retired, None);
+    let mut retired = pair.someone.clone();
+    retired.retired = Some(Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    });
+    pair.b.create_identity(&retired).await.unwrap();
+    let mut seen = false;
+    for _ in 0..200 {
+        let found = pair.a.lookup(&[pair.key]).await.unwrap();
+        if found[0]
+            .as_ref()
+            .and_then(|b| b.identity.as_ref())
+            .is_some_and(|i| i.retired.is_some())
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "replica A kept answering the identity live");
+}
+
+/// A retired identity's record outlives its pins: gone first, it would
+/// leave pins a restore or an import could bind to it rebuilt live.
+#[tokio::test]
+async fn a_retired_record_outlives_its_pins() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, someone, _) = replica_with_a_pin(&redis, "outlives", dir.path()).await;
+    let evicted = Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    };
+    store.retire(someone.id, &evicted).await.unwrap();
+    let ttl = |key: String| {
+        let url = redis.url();
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            ttl
+        }
+    };
+    let pins: Vec<String> = redis::cmd("KEYS")
+        .arg("outlives:pin:*")
+        .query_async(
+            &mut redis::Client::open(redis.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let record = ttl(format!("outlives:id:{}", someone.id)).await;
+    let pin = ttl(pins[0].clone()).await;
+    // The pin was written a moment after the record.
+    assert!(
+        record + 60_000 >= pin,
+        "the retired record ends {} ms before its pin",
+        pin - record
     );
 }
 
@@ -1220,6 +1289,20 @@ struct Replicas {
 }
 
 impl Replicas {
+    /// Looks `key` up on `a` until its cache answers (bounded); answers
+    /// the identity it answered.
+    async fn cached_at_a(&self) -> Identity {
+        for _ in 0..300 {
+            let found = self.a.lookup(&[self.key]).await.unwrap();
+            let identity = found[0].as_ref().unwrap().identity.clone().unwrap();
+            if self.metrics.store_cache_hits.get() > 0 {
+                return (*identity).clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("replica A never answered from its cache");
+    }
+
     async fn start(url: &str, namespace: &str) -> Replicas {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let metrics = Arc::new(Metrics::new());

@@ -401,7 +401,12 @@ impl MemoryStore {
         let Some(mut record) = self.identities.get_mut(&id) else {
             return false;
         };
-        record.last_used_ms = record.last_used_ms.max(now_ms);
+        // An answer that arrives after a retirement is no use of the
+        // identity (a Redis restore judges an idle one's idleness again
+        // from its last use).
+        if record.retired.is_none() {
+            record.last_used_ms = record.last_used_ms.max(now_ms);
+        }
         record.requests = record.requests.saturating_add(1);
         record.worked |= worked;
         if let Some(ip) = egress {

@@ -1023,6 +1023,8 @@ impl RedisStore {
             encode_address(identity.egress_ip),
             self.inner.pin_ttl_ms.to_string().into_bytes(),
             self.inner.keep_retired_ms.to_string().into_bytes(),
+            self.inner.retired_channel.clone().into_bytes(),
+            identity.id.to_string().into_bytes(),
         ];
         let key = [self.identity_key(identity.id)];
         self.run_script(&self.inner.write_identity, &key, &args, Counting::None)

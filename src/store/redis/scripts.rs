@@ -105,8 +105,11 @@ return answer({1, out})
 ";
 
 /// Retires identity hash `KEYS[3]` with record `ARGV[1]` unless it is
-/// retired (the first retirement stands), keeps it `ARGV[2]` ms, and
-/// publishes the identity id `ARGV[4]` on channel `ARGV[3]` for the other
+/// retired (the first retirement stands), keeps it at least `ARGV[2]` ms
+/// more (never less than it had: its pins live as long as it would have
+/// live, and a record gone before them would be rebuilt live by a restore
+/// or an import), and publishes the identity id `ARGV[4]` on channel
+/// `ARGV[3]` for the other
 /// replicas' hit caches. A Redis user not allowed that channel (an ACL
 /// without pub/sub) still retires: the publish is best effort, and such a
 /// user cannot subscribe either, so no replica caches. The write count
@@ -115,7 +118,9 @@ return answer({1, out})
 /// replica that wrote it, however far other replicas move the sequence.
 pub(super) const RETIRE: &str = r"
 redis.call('HSETNX', KEYS[3], 'retired', ARGV[1])
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
 redis.call('INCR', KEYS[2])
 pcall(redis.call, 'PUBLISH', ARGV[3], ARGV[4])
 local writes = redis.call('INCR', KEYS[4])
@@ -145,18 +150,28 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 /// with what the server holds. The record, the first retirement and the
 /// first egress address stand; the latest last use wins (after a loss each
 /// replica's journal restores the identity with only the uses that replica
-/// saw, in any order). It then lives `ARGV[5]` ms, or `ARGV[6]` once retired.
+/// saw, in any order). It then lives `ARGV[5]` ms, or once retired at
+/// least `ARGV[6]` ms more (as `RETIRE` keeps it). A retirement it writes
+/// where there was none is published as `RETIRE` publishes it (identity id
+/// `ARGV[8]` on channel `ARGV[7]`): a restore that writes back a
+/// retirement Redis lost reaches the hit caches that answered it live.
 pub(super) const WRITE_IDENTITY: &str = r"
 redis.call('HSETNX', KEYS[3], 'rec', ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[3], 'last') or '0') or 0
 if tonumber(ARGV[2]) > last then redis.call('HSET', KEYS[3], 'last', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[3], 'retired', ARGV[3]) end
+local newly_retired = false
+if ARGV[3] ~= '' then
+  newly_retired = redis.call('HSETNX', KEYS[3], 'retired', ARGV[3]) == 1
+end
 if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[4]) end
 if redis.call('HEXISTS', KEYS[3], 'retired') == 1 then
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[6]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  end
 else
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+if newly_retired and ARGV[7] then pcall(redis.call, 'PUBLISH', ARGV[7], ARGV[8]) end
 redis.call('INCR', KEYS[2])
 return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1}
 ";
@@ -166,13 +181,17 @@ return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 
 /// order), `ARGV[2]` more requests, whether one worked (`ARGV[3]`, `1` or
 /// `0`) and the egress address unless one is recorded (`ARGV[4]`, empty for
 /// none). Only while the identity exists: a hash written after it expired
-/// or was lost would hold no record and no TTL, and stay forever. Answers
-/// whether it wrote.
+/// or was lost would hold no record and no TTL, and stay forever. The last
+/// use of a retired identity stays as it was (an answer that arrives after
+/// its retirement is no use of it): a restore that takes an idle one back
+/// live judges its idleness again from it. Answers whether it wrote.
 pub(super) const TOUCH: &str = r"
 local written = 0
 if redis.call('EXISTS', KEYS[3]) == 1 then
   local last = tonumber(redis.call('HGET', KEYS[3], 'last') or '0') or 0
-  if tonumber(ARGV[1]) > last then redis.call('HSET', KEYS[3], 'last', ARGV[1]) end
+  if tonumber(ARGV[1]) > last and redis.call('HEXISTS', KEYS[3], 'retired') == 0 then
+    redis.call('HSET', KEYS[3], 'last', ARGV[1])
+  end
   redis.call('HINCRBY', KEYS[3], 'reqs', ARGV[2])
   if ARGV[3] == '1' then redis.call('HSET', KEYS[3], 'worked', '1') end
   if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], 'egress', ARGV[4]) end
