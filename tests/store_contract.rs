@@ -1191,6 +1191,36 @@ async fn a_retirement_written_back_reaches_other_replicas_caches() {
     assert!(seen, "replica A kept answering the identity live");
 }
 
+/// An identity retired on a replica that never served it (an operator's
+/// eviction there) goes into that replica's journal, retired: when Redis
+/// loses the retirement, that replica still honours it (and its restore
+/// would write it back), where no other journal holds it.
+#[tokio::test]
+async fn a_retirement_made_where_the_identity_was_never_served_is_journaled() {
+    let redis = RedisServer::start().await;
+    let pair = Replicas::start(&redis.url(), "never-served").await;
+    let evicted = Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    };
+    pair.a.retire(pair.someone.id, &evicted).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("HDEL")
+        .arg(format!("never-served:id:{}", pair.someone.id))
+        .arg("retired")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the retirement was not in Redis");
+    let found = pair.a.lookup(&[pair.key]).await.unwrap();
+    let retired = found[0]
+        .as_ref()
+        .and_then(|b| b.identity.as_ref())
+        .and_then(|i| i.retired.clone());
+    assert_eq!(retired.map(|r| r.reason), Some(RetireReason::Evicted));
+}
+
 /// A retired identity's record outlives its pins: gone first, it would
 /// leave pins a restore or an import could bind to it rebuilt live.
 #[tokio::test]

@@ -251,6 +251,11 @@ fn db_error(path: &Path, e: impl std::fmt::Display) -> OpenError {
 }
 
 impl DurableStore {
+    /// Whether identity `id` is held (from memory: no disk read).
+    pub fn holds_identity(&self, id: IdentityId) -> bool {
+        self.shared.memory.holds_identity(id)
+    }
+
     /// The retirement of identity `id`, if it is held and retired (from
     /// memory: no disk read).
     pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {

@@ -382,6 +382,11 @@ impl MemoryStore {
         self.identities.get(&id).map(|r| self.to_identity(id, &r))
     }
 
+    /// Whether identity `id` is held.
+    pub fn holds_identity(&self, id: IdentityId) -> bool {
+        self.identities.contains_key(&id)
+    }
+
     /// The retirement of identity `id`, if it is held and retired.
     pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {
         self.identities.get(&id)?.retired.as_deref().cloned()

@@ -1430,12 +1430,25 @@ impl PinStore for RedisStore {
         // The first retirement stands; the record then lives as long as
         // retired credentials are remembered. Every replica's hit cache
         // stops answering for it (the script publishes it).
+        // A journal that does not hold the identity (retired by hand here,
+        // served by other replicas) is given it as Redis holds it, so that
+        // a restore after a loss writes the retirement back.
+        let unjournaled = self
+            .inner
+            .journal
+            .as_ref()
+            .is_some_and(|journal| !journal.holds(id));
         let args = [
             record,
             self.inner.keep_retired_ms.to_string().into_bytes(),
             self.inner.retired_channel.clone().into_bytes(),
             id.to_string().into_bytes(),
             self.inner.pin_ttl_ms.to_string().into_bytes(),
+            if unjournaled {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
         ];
         if let Some(cache) = &self.inner.cache {
             cache.stale(id);
@@ -1443,10 +1456,18 @@ impl PinStore for RedisStore {
         // Acknowledged by `store.wait_replicas` replicas, as a new pin is:
         // a failover that lost it would bring the identity back live on
         // every replica whose journal does not hold it.
-        self.run_pin_script(&self.inner.retire, &[key], &args)
+        let held = self
+            .run_pin_script(&self.inner.retire, &[key], &args)
             .await?;
         if let Some(journal) = &self.inner.journal {
-            journal.retire(id, retirement).await;
+            if unjournaled {
+                if let Some(mut identity) = codec::decode_identity(&held)? {
+                    identity.retired.get_or_insert_with(|| retirement.clone());
+                    journal.identity(&identity).await;
+                }
+            } else {
+                journal.retire(id, retirement).await;
+            }
         }
         Ok(())
     }

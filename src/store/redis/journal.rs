@@ -64,6 +64,11 @@ impl Journal {
         }
     }
 
+    /// Whether the journal holds identity `id`.
+    pub fn holds(&self, id: IdentityId) -> bool {
+        self.store.holds_identity(id)
+    }
+
     /// The retirement the journal holds for identity `id`, if any.
     pub fn retirement(&self, id: IdentityId) -> Option<Retirement> {
         self.store.retirement(id)

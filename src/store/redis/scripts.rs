@@ -116,6 +116,8 @@ return answer({1, out})
 /// `KEYS[4]` is incremented (kept twice the pins' lifetime `ARGV[5]`), as
 /// for a pin: a failover that loses the retirement is then noticed by the
 /// replica that wrote it, however far other replicas move the sequence.
+/// With `ARGV[6]` `1` it answers the identity's hash as it now is (for a
+/// journal that does not hold it yet), else `1`.
 pub(super) const RETIRE: &str = r"
 redis.call('HSETNX', KEYS[3], 'retired', ARGV[1])
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then
@@ -125,7 +127,9 @@ redis.call('INCR', KEYS[2])
 pcall(redis.call, 'PUBLISH', ARGV[3], ARGV[4])
 local writes = redis.call('INCR', KEYS[4])
 redis.call('PEXPIRE', KEYS[4], math.floor(tonumber(ARGV[5]) * 2))
-return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', 1, writes}
+local result = 1
+if ARGV[6] == '1' then result = redis.call('HGETALL', KEYS[3]) end
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or '0', result, writes}
 ";
 
 /// Records that exit `ARGV[1]` died at `ARGV[2]` (in hash `KEYS[3]`)
