@@ -21,7 +21,11 @@ need python3 python3
 need node nodejs
 # The system OpenSSL, which mirror mode opens at run time to say OpenSSL
 # clients' hellos (its tests fail without it).
-ldconfig -p 2>/dev/null | grep 'libssl\.so\.3 ' >/dev/null || missing+=(libssl3)
+have_libssl3=no
+for lib in /lib/*/libssl.so.3 /usr/lib/*/libssl.so.3 /usr/lib64/libssl.so.3; do
+    [ -e "$lib" ] && have_libssl3=yes
+done
+[ "$have_libssl3" = yes ] || missing+=(libssl3)
 # Python requests from Debian's package, for Debian's interpreter: some tests
 # run /usr/bin/python3, whatever python3 comes first on PATH (a pyenv one may
 # have requests of its own, which says nothing about Debian's).

@@ -6,6 +6,7 @@ use crate::support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use pinproxy::config::Unavailable;
 use support::origin::reported_peer;
@@ -132,7 +133,9 @@ async fn clients_hop_replicas_request_by_request(n: usize) {
             let (cookie, start) = (format!("datadome={value}"), start.clone());
             racers.push(tokio::spawn(async move {
                 let mut conn = client.tunnel("localhost", port).await;
-                start.wait().await;
+                tokio::time::timeout(Duration::from_secs(60), start.wait())
+                    .await
+                    .expect("a racer never reached the start");
                 let reply = conn.get("/", &[("cookie", cookie.as_str())]).await;
                 assert_eq!(reply.status, 200, "{}", reply.body);
                 reported_peer(&reply.body).unwrap()

@@ -7,6 +7,7 @@ use crate::support;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pinproxy::store::PinStore as _;
 use support::origin::{assert_carried, reported_peer};
@@ -141,7 +142,9 @@ async fn requests_racing_with_one_unseen_cookie_all_take_one_exit() {
             let (cookie, start) = (cookie.clone(), start.clone());
             racers.push(tokio::spawn(async move {
                 let mut conn = client.tunnel("localhost", port).await;
-                start.wait().await;
+                tokio::time::timeout(Duration::from_secs(60), start.wait())
+                    .await
+                    .expect("a racer never reached the start");
                 let reply = conn.get("/", &[("cookie", cookie.as_str())]).await;
                 reported_peer(&reply.body).unwrap()
             }));

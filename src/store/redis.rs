@@ -743,8 +743,9 @@ impl RedisStore {
 
     /// Runs a pin-writing script followed by `WAIT`, in one pipeline on
     /// the acknowledged-writes connection, so that `WAIT` counts this very
-    /// write; fails closed when fewer than `wait.replicas` replicas
-    /// acknowledge it in time. The pins stay written: a retry finds them.
+    /// write; answers its result, and beside it the error to fail closed
+    /// with when fewer than `wait.replicas` replicas acknowledged it in
+    /// time. The pins stay written: a retry finds them.
     async fn run_acknowledged(
         &self,
         wait: WaitFor,
@@ -752,7 +753,7 @@ impl RedisStore {
         script: &Script,
         keys: &[String],
         args: &[Vec<u8>],
-    ) -> Result<Value, StoreError> {
+    ) -> Result<(Value, Option<StoreError>), StoreError> {
         let millis = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX);
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha
@@ -787,16 +788,18 @@ impl RedisStore {
         let result = reply.result;
         if acked < u64::from(wait.replicas) {
             self.inner.metrics.store_wait_timeouts.inc();
-            return Err(StoreError::new(
+            let short = StoreError::new(
                 StoreErrorKind::Unreachable,
                 format!(
-                    "only {acked} of {} Redis replicas acknowledged the new pin within {:?}; \
-                     refusing it rather than risk losing it in a failover (store.wait_replicas)",
+                    "only {acked} of {} Redis replicas acknowledged the write within {:?}; \
+                     refusing what depends on it rather than risk losing it in a failover \
+                     (store.wait_replicas)",
                     wait.replicas, wait.timeout
                 ),
-            ));
+            );
+            return Ok((result, Some(short)));
         }
-        Ok(result)
+        Ok((result, None))
     }
 
     /// Decodes a pin script's rows.
@@ -876,8 +879,9 @@ impl RedisStore {
         RedisStore::decode_pinned(&result, pins.len())
     }
 
-    /// Runs a script that writes pins (or a retirement): followed by `WAIT`
-    /// when `store.wait_replicas` asks for it.
+    /// Runs a script that writes pins: followed by `WAIT` when
+    /// `store.wait_replicas` asks for it, and failing when too few
+    /// replicas acknowledged it.
     async fn run_pin_script(
         &self,
         script: &Script,
@@ -885,12 +889,31 @@ impl RedisStore {
         args: &[Vec<u8>],
     ) -> Result<Value, StoreError> {
         self.refuse_on_key_conflict()?;
+        match self.run_waited(script, keys, args).await? {
+            (_, Some(short)) => Err(short),
+            (result, None) => Ok(result),
+        }
+    }
+
+    /// Runs a script that writes, followed by `WAIT` when
+    /// `store.wait_replicas` asks for it; answers its result, and beside
+    /// it the error of too few replicas acknowledging it (it is written on
+    /// the primary all the same).
+    async fn run_waited(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<(Value, Option<StoreError>), StoreError> {
         match (self.inner.wait, self.inner.link.acknowledged_connection()?) {
             (Some(wait), Some(connection)) => {
                 self.run_acknowledged(wait, connection, script, keys, args)
                     .await
             }
-            _ => self.run_script(script, keys, args, Counting::Write).await,
+            _ => Ok((
+                self.run_script(script, keys, args, Counting::Write).await?,
+                None,
+            )),
         }
     }
 
@@ -1081,9 +1104,9 @@ pub fn key_id(key: &[u8; 32]) -> String {
 /// identity's own (`journal_retirement`, by id). Redis is written before
 /// the journal, so a live answer there means Redis lost the retirement (a
 /// failover): until the restore writes it back, or when the loss goes
-/// unseen, the identity must not be used again. Idle expiry is the
-/// exception: another replica's use may have kept the identity alive where
-/// this journal never saw it (a restore does not write it back either).
+/// unseen, the identity must not be used again. Only retirements that are
+/// decided once and stored are taken (see [`decided_once`]); the others
+/// are judged again at every use.
 fn keep_journaled_retirements(
     journaled: &Bindings,
     bindings: &mut [Option<Binding>],
@@ -1104,24 +1127,40 @@ fn keep_journaled_retirements(
             Some(journaled) => journaled.retired.clone(),
             None => journal_retirement(identity.id),
         };
-        if let Some(retired) = retired.filter(|r| r.reason != RetireReason::IdleExpired) {
+        if let Some(retired) = retired.filter(|r| decided_once(&r.reason)) {
             Arc::make_mut(identity).retired = Some(retired);
         }
     }
 }
 
-/// `INFO`, and this replica's clocks at the middle of its round trip.
+/// Whether a retirement for `reason` is decided once, from what was seen
+/// (an origin's invalidation, an address that moved, an operator, a loss),
+/// and then only known from the store. The rest (lifetimes, idleness, an
+/// exit's death, removal or route change) every use judges again from the
+/// identity and the configuration, and the journal's own sweep records
+/// them where Redis never did: taken over, they would outlive a reload
+/// that lengthened a lifetime, on this replica alone.
+fn decided_once(reason: &RetireReason) -> bool {
+    matches!(
+        reason,
+        RetireReason::Invalidated { .. }
+            | RetireReason::ExitIpDrift { .. }
+            | RetireReason::Evicted
+            | RetireReason::StoreLost
+    )
+}
+
+/// `INFO`, and its round trip on the boot clock.
 async fn read_info(
     connection: &mut ConnectionManager,
-) -> (redis::RedisResult<String>, server_clock::Clocks) {
-    let clock = crate::clock::Clock::system();
-    let sent = (clock.elapsed_ms(), clock.now_ms());
+) -> (redis::RedisResult<String>, server_clock::RoundTrip) {
+    let sent_ms = server_clock::boot_ms();
     let info = redis::cmd("INFO").query_async(connection).await;
-    let clocks = server_clock::Clocks {
-        steady_ms: sent.0 / 2 + clock.elapsed_ms() / 2,
-        wall_ms: sent.1 / 2 + clock.now_ms() / 2,
+    let round_trip = server_clock::RoundTrip {
+        sent_ms,
+        answered_ms: server_clock::boot_ms(),
     };
-    (info, clocks)
+    (info, round_trip)
 }
 
 /// Every how many background checks the clocks are compared (about every
@@ -1455,21 +1494,33 @@ impl PinStore for RedisStore {
         }
         // Acknowledged by `store.wait_replicas` replicas, as a new pin is:
         // a failover that lost it would bring the identity back live on
-        // every replica whose journal does not hold it.
-        let held = self
-            .run_pin_script(&self.inner.retire, &[key], &args)
-            .await?;
+        // every replica whose journal does not hold it. Journaled once
+        // Redis took it, acknowledged or not: one too few replicas hold is
+        // the one a failover loses.
+        let (held, short) = self.run_waited(&self.inner.retire, &[key], &args).await?;
         if let Some(journal) = &self.inner.journal {
-            if unjournaled {
-                if let Some(mut identity) = codec::decode_identity(&held)? {
-                    identity.retired.get_or_insert_with(|| retirement.clone());
-                    journal.identity(&identity).await;
-                }
-            } else {
+            if !unjournaled {
                 journal.retire(id, retirement).await;
+            } else {
+                match codec::decode_identity(&held) {
+                    Ok(Some(mut identity)) => {
+                        identity.retired.get_or_insert_with(|| retirement.clone());
+                        journal.identity(&identity).await;
+                    }
+                    // Retired in Redis all the same: only the journal's
+                    // copy is missing.
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        error = %e, identity = %id,
+                        "a retired identity's record does not read: not journaled"
+                    ),
+                }
             }
         }
-        Ok(())
+        match short {
+            Some(short) => Err(short),
+            None => Ok(()),
+        }
     }
 
     async fn list(&self) -> Result<Vec<Listing>, StoreError> {
@@ -1642,8 +1693,9 @@ mod tests {
     }
 
     /// An identity this replica's journal holds retired is never taken as
-    /// live from Redis (which lost the retirement), but for idle expiry,
-    /// and a pin now naming another identity is left as Redis says.
+    /// live from Redis (which lost the retirement), for a retirement that
+    /// is decided once; a pin now naming another identity is left as Redis
+    /// says.
     #[test]
     fn journaled_retirements_outlive_redis_losing_them() {
         use crate::credential::PinKind;
@@ -1669,8 +1721,8 @@ mod tests {
             .collect();
         let other = Identity::new(ExitId::new("e2"), SessionId(7), 5, fingerprint, 5);
         let journaled: Bindings = [
-            Some(binding(&retired(&live[0], RetireReason::LifetimeExpired))),
-            Some(binding(&retired(&live[1], RetireReason::IdleExpired))),
+            Some(binding(&retired(&live[0], RetireReason::Evicted))),
+            Some(binding(&retired(&live[1], RetireReason::LifetimeExpired))),
             Some(binding(&retired(&live[2], RetireReason::Evicted))),
             None,
         ]
@@ -1690,8 +1742,8 @@ mod tests {
                 .and_then(|i| i.retired.as_ref())
                 .map(|r| r.reason.clone())
         };
-        assert_eq!(reason(0), Some(RetireReason::LifetimeExpired));
-        assert_eq!(reason(1), None, "idle expiry is this journal's view only");
+        assert_eq!(reason(0), Some(RetireReason::Evicted));
+        assert_eq!(reason(1), None, "lifetimes are judged again at every use");
         assert_eq!(reason(2), None, "the pin names another identity now");
         assert_eq!(reason(3), None);
     }

@@ -13,10 +13,14 @@
 //!
 //! So replicas watch the clock in what they already read: `INFO` carries
 //! the server's time (`server_time_usec`, Redis 6.2 on), read every half
-//! second with the eviction count. A reading whose server time moved on by
-//! more than both of this replica's clocks did since the last (the
-//! monotonic one, and the wall clock, which a suspended machine's monotonic
-//! clock falls behind) jumped by the difference.
+//! second with the eviction count. Each reading is set against this
+//! machine's boot clock (`CLOCK_BOOTTIME`: it counts a suspended machine's
+//! sleep, and never steps as a wall clock does, so a step of the clock
+//! Redis and this replica share is seen too), before the `INFO` was sent
+//! and after its answer came. The server's time moving on by more than
+//! that clock could have between two readings (from the first's sending to
+//! the second's answer, so that a replica stalled while a reading was in
+//! flight never reads as a jump) is a jump by the difference.
 
 use std::sync::Mutex;
 
@@ -34,6 +38,14 @@ pub(super) fn offset_ms(server_ms: u64, sent_ms: u64, answered_ms: u64) -> i64 {
     i64::try_from(server_ms).unwrap_or(i64::MAX) - i64::try_from(middle).unwrap_or(i64::MAX)
 }
 
+/// This machine's boot clock, in ms (see the module's doc).
+pub(super) fn boot_ms() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+    let millis = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000_000;
+    seconds.saturating_mul(1000).saturating_add(millis)
+}
+
 /// The server's time in an `INFO` answer, in Unix ms.
 pub(super) fn server_time_ms(info: &str) -> Option<u64> {
     let micros: u64 = info
@@ -45,37 +57,33 @@ pub(super) fn server_time_ms(info: &str) -> Option<u64> {
     Some(micros / 1000)
 }
 
-/// One reading: the server's time, and this replica's two clocks (ms)
-/// taken at the middle of the round trip that read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Reading {
-    /// The server's wall clock.
-    pub server_ms: u64,
-    /// This replica's monotonic clock.
-    pub steady_ms: u64,
-    /// This replica's wall clock.
-    pub wall_ms: u64,
-}
-
-/// This replica's clocks when a reading was taken (ms).
+/// The boot clock (ms) before an `INFO` was sent and after its answer.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Clocks {
-    /// The monotonic clock.
-    pub steady_ms: u64,
-    /// The wall clock.
-    pub wall_ms: u64,
+pub(super) struct RoundTrip {
+    /// Before it was sent.
+    pub sent_ms: u64,
+    /// After its answer came.
+    pub answered_ms: u64,
 }
 
-impl Clocks {
-    /// The reading of `info` (an `INFO` answer) taken at these clocks, if
+impl RoundTrip {
+    /// The reading of `info` (an `INFO` answer) this round trip brought, if
     /// it holds the server's time.
     pub(super) fn of(self, info: &str) -> Option<Reading> {
         Some(Reading {
             server_ms: server_time_ms(info)?,
-            steady_ms: self.steady_ms,
-            wall_ms: self.wall_ms,
+            round_trip: self,
         })
     }
+}
+
+/// One reading: the server's time, and the round trip that read it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reading {
+    /// The server's wall clock.
+    pub server_ms: u64,
+    /// When it was read, on the boot clock.
+    pub round_trip: RoundTrip,
 }
 
 /// The last reading, to measure the next against.
@@ -86,15 +94,17 @@ pub(super) struct JumpWatch {
 
 impl JumpWatch {
     /// Takes `now`; answers how far the server's clock jumped forward since
-    /// the last reading, if by more than [`SAID_MS`].
+    /// the last reading, if by more than [`SAID_MS`]. The time that passed
+    /// here is taken at its most (from the last reading's sending to this
+    /// one's answer), so a jump is never overstated.
     pub(super) fn observe(&self, now: Reading) -> Option<u64> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let jumped = last.and_then(|before| {
             let server = now.server_ms.checked_sub(before.server_ms)?;
             let here = now
-                .steady_ms
-                .saturating_sub(before.steady_ms)
-                .max(now.wall_ms.saturating_sub(before.wall_ms));
+                .round_trip
+                .answered_ms
+                .saturating_sub(before.round_trip.sent_ms);
             Some(server.saturating_sub(here)).filter(|jump| *jump > SAID_MS)
         });
         *last = Some(now);
@@ -124,50 +134,57 @@ mod tests {
         assert_eq!(server_time_ms("# Server\r\nredis_version:6.0.0\r\n"), None);
     }
 
-    /// A jump is the server's time moving on past both of this replica's
-    /// clocks: not a pause of the server (all move alike), not this
-    /// machine's suspension (its wall clock moved on too), and not a step
-    /// of this replica's own wall clock.
+    /// A jump is the server's time moving on further than this machine's
+    /// boot clock could have between the readings: not a pause of the
+    /// server (both move alike), not this machine's sleep (the boot clock
+    /// counts it), not a stall of this replica while a reading was in
+    /// flight, and not a small step.
     #[test]
-    fn only_the_servers_clock_moving_past_both_of_ours_is_a_jump() {
+    fn only_the_servers_clock_moving_past_the_boot_clock_is_a_jump() {
         let watch = JumpWatch::default();
-        let at = |server_ms, steady_ms, wall_ms| Reading {
+        let at = |server_ms, sent_ms, answered_ms| Reading {
             server_ms,
-            steady_ms,
-            wall_ms,
+            round_trip: RoundTrip {
+                sent_ms,
+                answered_ms,
+            },
         };
         let base = 1_800_000_000_000;
-        assert_eq!(watch.observe(at(base, 0, base)), None, "the first reading");
-        assert_eq!(watch.observe(at(base + 500, 500, base + 500)), None);
-        // The server stopped for a minute, then went on: all moved alike.
+        assert_eq!(watch.observe(at(base, 0, 1)), None, "the first reading");
+        assert_eq!(watch.observe(at(base + 500, 500, 501)), None);
+        // The server stopped for a minute, then went on: both moved alike.
+        assert_eq!(watch.observe(at(base + 60_500, 60_500, 60_501)), None);
+        // This machine slept an hour: its boot clock counted it.
         assert_eq!(
-            watch.observe(at(base + 60_500, 60_500, base + 60_500)),
+            watch.observe(at(base + 3_660_500, 3_660_500, 3_660_501)),
             None
         );
-        // This machine slept an hour: its monotonic clock stood still.
+        // This replica stalled 20 s while a reading was in flight (Redis
+        // answered at once): no jump, now nor at the next reading.
         assert_eq!(
-            watch.observe(at(base + 3_660_500, 61_000, base + 3_660_500)),
+            watch.observe(at(base + 3_661_000, 3_661_000, 3_681_000)),
             None
         );
-        // This replica's wall clock stepped back a day: not Redis's doing.
         assert_eq!(
-            watch.observe(at(base + 3_661_000, 61_500, base - 86_400_000)),
+            watch.observe(at(base + 3_681_500, 3_681_500, 3_681_501)),
             None
         );
-        // Redis's clock jumps two days ahead.
+        // Redis's clock jumps two days ahead (an NTP step of a clock this
+        // replica may share: its boot clock does not step).
         assert_eq!(
-            watch.observe(at(
-                base + 3_661_500 + 172_800_000,
-                62_000,
-                base - 86_399_500
-            )),
-            Some(172_800_000)
+            watch.observe(at(base + 3_682_000 + 172_800_000, 3_682_000, 3_682_001)),
+            Some(172_799_999)
         );
         // A jump back is no loss (keys live longer), nor a small step.
-        assert_eq!(watch.observe(at(base, 62_500, base - 86_399_000)), None);
-        assert_eq!(
-            watch.observe(at(base + 4_500, 63_000, base - 86_398_500)),
-            None
-        );
+        assert_eq!(watch.observe(at(base, 3_682_500, 3_682_501)), None);
+        assert_eq!(watch.observe(at(base + 4_500, 3_683_000, 3_683_001)), None);
+    }
+
+    #[test]
+    fn the_boot_clock_moves_on() {
+        let before = boot_ms();
+        assert!(before > 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(boot_ms() >= before + 20);
     }
 }
