@@ -366,8 +366,10 @@ fn a_credential_never_leaves_through_two_exit_session_pairs() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(300);
+    // Failing cases are kept beside this file, as `proptest!` keeps them.
     let mut runner = TestRunner::new(Config {
         cases,
+        source_file: Some(file!()),
         ..Config::default()
     });
     let totals = std::sync::Mutex::new(Coverage::default());
