@@ -578,6 +578,38 @@ async fn replica_with_a_pin(
     (store, someone, k)
 }
 
+/// An operator's eviction, at a fixed time.
+fn evicted() -> Retirement {
+    Retirement {
+        reason: RetireReason::Evicted,
+        at_ms: 1_800_000_000_001,
+    }
+}
+
+/// Deletes identity `id`'s retirement from Redis (namespace `namespace`):
+/// how a failover that lost it looks.
+async fn lose_retirement(redis: &RedisServer, namespace: &str, id: IdentityId) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("HDEL")
+        .arg(format!("{namespace}:id:{id}"))
+        .arg("retired")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the retirement was not in Redis");
+}
+
+/// Why the identity `store` answers for `key` is retired, if it is.
+async fn retired_reason(store: &RedisStore, key: PinKey) -> Option<RetireReason> {
+    let found = store.lookup(&[key]).await.unwrap();
+    found[0]
+        .as_ref()
+        .and_then(|b| b.identity.as_ref())
+        .and_then(|i| i.retired.as_ref())
+        .map(|r| r.reason.clone())
+}
+
 /// A Redis that evicts under memory pressure keeps the namespace's epoch
 /// and sequence (they have no time to live), so only its eviction count
 /// shows that pins may be gone: a count that grows is a loss, with its
@@ -912,13 +944,8 @@ async fn a_jump_of_redis_s_clock_is_taken_as_a_loss() {
     }
     let report = report.expect("the clock's jump was not taken as a loss");
     assert!(report.what.contains("clock jumped"), "{}", report.what);
-    let found = store.lookup(&[k]).await.unwrap();
-    let retired = found[0]
-        .as_ref()
-        .and_then(|b| b.identity.as_ref())
-        .and_then(|i| i.retired.clone());
     assert_eq!(
-        retired.map(|r| r.reason),
+        retired_reason(&store, k).await,
         Some(RetireReason::StoreLost),
         "a pin the jump expired is not answered as lost"
     );
@@ -933,20 +960,8 @@ async fn a_retirement_redis_lost_unseen_is_kept_from_the_journal() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (store, someone, k) = replica_with_a_pin(&redis, "retire-unseen", dir.path()).await;
-    let evicted = Retirement {
-        reason: RetireReason::Evicted,
-        at_ms: 1_800_000_000_001,
-    };
-    store.retire(someone.id, &evicted).await.unwrap();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let deleted: i64 = redis::cmd("HDEL")
-        .arg(format!("retire-unseen:id:{}", someone.id))
-        .arg("retired")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 1, "the retirement was not in Redis");
+    store.retire(someone.id, &evicted()).await.unwrap();
+    lose_retirement(&redis, "retire-unseen", someone.id).await;
     // Another value of the identity, pinned where this replica never saw
     // it (another replica, here a store without a journal).
     let elsewhere = redis_store(&redis.url(), "retire-unseen", 2 * HOUR_MS, HOUR_MS, None).await;
@@ -956,12 +971,7 @@ async fn a_retirement_redis_lost_unseen_is_kept_from_the_journal() {
         .await
         .unwrap();
     for k in [k, k2, k] {
-        let found = store.lookup(&[k]).await.unwrap();
-        let retired = found[0]
-            .as_ref()
-            .and_then(|b| b.identity.as_ref())
-            .and_then(|i| i.retired.clone());
-        assert_eq!(retired.map(|r| r.reason), Some(RetireReason::Evicted));
+        assert_eq!(retired_reason(&store, k).await, Some(RetireReason::Evicted));
     }
 }
 
@@ -1106,18 +1116,10 @@ async fn a_replica_answers_pin_hits_from_its_cache_until_another_retires_the_ide
     // B retires the identity: A stops answering from its cache as soon as
     // the retirement's message arrives, and then sees it retired.
     pair.evict().await;
-    let mut retired = false;
-    for _ in 0..200 {
-        let found = a.lookup(&[k]).await.unwrap();
-        let binding = found[0].as_ref().unwrap();
-        assert_eq!(binding.pin.identity, someone.id, "a pin never moves");
-        if binding.identity.as_ref().unwrap().retired.is_some() {
-            retired = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(retired, "replica A never saw B's retirement");
+    assert!(
+        pair.a_reads_retired().await,
+        "replica A never saw B's retirement"
+    );
 }
 
 /// An identity's first egress address is what every new tunnel of it is
@@ -1170,25 +1172,12 @@ async fn a_retirement_written_back_reaches_other_replicas_caches() {
     let pair = Replicas::start(&redis.url(), "written-back").await;
     assert_eq!(pair.cached_at_a().await.retired, None);
     let mut retired = pair.someone.clone();
-    retired.retired = Some(Retirement {
-        reason: RetireReason::Evicted,
-        at_ms: 1_800_000_000_001,
-    });
+    retired.retired = Some(evicted());
     pair.b.create_identity(&retired).await.unwrap();
-    let mut seen = false;
-    for _ in 0..200 {
-        let found = pair.a.lookup(&[pair.key]).await.unwrap();
-        if found[0]
-            .as_ref()
-            .and_then(|b| b.identity.as_ref())
-            .is_some_and(|i| i.retired.is_some())
-        {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen, "replica A kept answering the identity live");
+    assert!(
+        pair.a_reads_retired().await,
+        "replica A kept answering the identity live"
+    );
 }
 
 /// An identity retired on a replica that never served it (an operator's
@@ -1199,26 +1188,12 @@ async fn a_retirement_written_back_reaches_other_replicas_caches() {
 async fn a_retirement_made_where_the_identity_was_never_served_is_journaled() {
     let redis = RedisServer::start().await;
     let pair = Replicas::start(&redis.url(), "never-served").await;
-    let evicted = Retirement {
-        reason: RetireReason::Evicted,
-        at_ms: 1_800_000_000_001,
-    };
-    pair.a.retire(pair.someone.id, &evicted).await.unwrap();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let deleted: i64 = redis::cmd("HDEL")
-        .arg(format!("never-served:id:{}", pair.someone.id))
-        .arg("retired")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 1, "the retirement was not in Redis");
-    let found = pair.a.lookup(&[pair.key]).await.unwrap();
-    let retired = found[0]
-        .as_ref()
-        .and_then(|b| b.identity.as_ref())
-        .and_then(|i| i.retired.clone());
-    assert_eq!(retired.map(|r| r.reason), Some(RetireReason::Evicted));
+    pair.a.retire(pair.someone.id, &evicted()).await.unwrap();
+    lose_retirement(&redis, "never-served", pair.someone.id).await;
+    assert_eq!(
+        retired_reason(&pair.a, pair.key).await,
+        Some(RetireReason::Evicted)
+    );
 }
 
 /// A retired identity's record outlives its pins: gone first, it would
@@ -1228,11 +1203,7 @@ async fn a_retired_record_outlives_its_pins() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (store, someone, _) = replica_with_a_pin(&redis, "outlives", dir.path()).await;
-    let evicted = Retirement {
-        reason: RetireReason::Evicted,
-        at_ms: 1_800_000_000_001,
-    };
-    store.retire(someone.id, &evicted).await.unwrap();
+    store.retire(someone.id, &evicted()).await.unwrap();
     let ttl = |key: String| {
         let url = redis.url();
         async move {
@@ -1319,6 +1290,21 @@ struct Replicas {
 }
 
 impl Replicas {
+    /// Looks `key` up on `a` until it answers `someone` retired (bounded):
+    /// whether it did. The pin never moves meanwhile.
+    async fn a_reads_retired(&self) -> bool {
+        for _ in 0..200 {
+            let found = self.a.lookup(&[self.key]).await.unwrap();
+            let binding = found[0].as_ref().unwrap();
+            assert_eq!(binding.pin.identity, self.someone.id, "a pin never moves");
+            if binding.identity.as_ref().unwrap().retired.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// Looks `key` up on `a` until its cache answers (bounded); answers
     /// the identity it answered.
     async fn cached_at_a(&self) -> Identity {
