@@ -20,7 +20,8 @@ FROM debian:bookworm-slim
 # hello itself, so no openssl.cnf is needed.
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends libssl3 && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --uid 10001 --home-dir /var/lib/pinproxy --create-home pinproxy
+RUN useradd --system --uid 10001 --home-dir /var/lib/pinproxy --create-home pinproxy \
+    && install -d -o pinproxy -g pinproxy -m 0755 /var/lib/pinproxy-ca
 COPY --from=build /src/target/release/pinproxy /usr/local/bin/pinproxy
 COPY config/pinproxy.example.toml /etc/pinproxy/pinproxy.example.toml
 USER pinproxy

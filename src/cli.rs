@@ -204,6 +204,10 @@ pub struct RunArgs {
     /// One info line per request (exit, identity, cookie names, pin decision, status, timings) [default: on].
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     pub access_log: Option<String>,
+    /// Write the CA certificate clients trust (the bundle during a rotation) to FILE at start,
+    /// readable by all: for a client container, without the data directory's secrets.
+    #[arg(long, value_name = "FILE", env = "PINPROXY_PUBLISH_CA")]
+    pub publish_ca: Option<PathBuf>,
 }
 
 /// `pinproxy pins`.
@@ -336,6 +340,9 @@ impl RunArgs {
         }
         if let Some(access) = self.access_log.as_deref() {
             config.log.access = access == "on";
+        }
+        if let Some(path) = &self.publish_ca {
+            config.ca.publish = Some(path.clone());
         }
         Ok(config)
     }

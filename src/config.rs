@@ -168,6 +168,11 @@ pub struct CaConfig {
     /// `mitm.include` tunnels them raw. Applies when a CA is created or
     /// rotated, not to an existing CA.
     pub permitted_domains: Vec<String>,
+    /// A file the daemon writes, at start, the certificate clients are to
+    /// trust to (the bundle of both CAs during a rotation), readable by
+    /// all: what a sidecar's client container mounts, rather than the data
+    /// directory, which holds the CA's key and the pin-hashing key.
+    pub publish: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -815,6 +820,8 @@ pub struct Settings {
     pub ca_dir_given: bool,
     /// Domains a newly created CA is constrained to.
     pub permitted_domains: Vec<String>,
+    /// Where the certificate clients trust is published (`ca.publish`).
+    pub ca_publish: Option<PathBuf>,
     /// Ranges the direct exit refuses.
     pub deny_ranges: Vec<IpNet>,
 }
@@ -874,6 +881,7 @@ impl Settings {
             ("mitm.include", ma.include != mb.include),
             ("mitm.exclude", ma.exclude != mb.exclude),
             ("ca.dir", a.ca_dir != b.ca_dir),
+            ("ca.publish", a.ca_publish != b.ca_publish),
             (
                 "ca.permitted_domains",
                 a.permitted_domains != b.permitted_domains,
@@ -1020,6 +1028,7 @@ impl Config {
             ca_dir: self.ca.dir.clone().unwrap_or_else(|| data_dir.clone()),
             ca_dir_given: self.ca.dir.is_some(),
             permitted_domains,
+            ca_publish: self.ca.publish.clone(),
             deny_ranges,
             listen: self.listen,
             data_dir,

@@ -50,6 +50,14 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The CA certificate could not be published (`ca.publish`).
+    #[error("cannot publish the CA certificate to {path} (ca.publish): {source}")]
+    Publish {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The data directory or a file in it is unusable.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -424,6 +432,9 @@ fn prepare_data_dir(settings: &Settings) -> Result<CertificateAuthority, StartEr
         !settings.ca_dir_given,
         &settings.permitted_domains,
     )?;
+    if let Some(path) = &settings.ca_publish {
+        publish_trust(&settings.ca_dir, path)?;
+    }
     let configured =
         (!settings.permitted_domains.is_empty()).then(|| settings.permitted_domains.clone());
     if ca.permitted_domains() != configured {
@@ -436,6 +447,23 @@ fn prepare_data_dir(settings: &Settings) -> Result<CertificateAuthority, StartEr
         );
     }
     Ok(ca)
+}
+
+/// Writes the certificate clients are to trust (the CA's, or during a
+/// rotation the bundle of both) from `ca_dir` to `path`, whole or not at
+/// all, readable by all: a client container mounts it without the data
+/// directory's secrets.
+fn publish_trust(ca_dir: &Path, path: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let failed = |source| StartError::Publish {
+        path: path.to_owned(),
+        source,
+    };
+    let pem = std::fs::read(CertificateAuthority::trust_path(ca_dir)).map_err(failed)?;
+    crate::fsutil::replace_private(path, &pem).map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(failed)?;
+    tracing::info!(path = %path.display(), "published the CA certificate clients trust");
+    Ok(())
 }
 
 impl Daemon {

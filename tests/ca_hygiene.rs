@@ -93,6 +93,72 @@ async fn a_ca_key_readable_by_others_is_refused_with_the_fix() {
     );
 }
 
+/// `--publish-ca FILE` hands a client container the certificate to trust
+/// without the data directory (which holds the CA's key and the pin key):
+/// written at start, readable by all, trusted by curl through pinproxy;
+/// during a rotation it is the bundle of both CAs. A file it cannot write
+/// stops the start, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_ca_is_what_clients_trust_and_nothing_else() {
+    let origin = Origin::start().await;
+    let (_exits, urls) = support::exits(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let published = shared.path().join("ca.pem");
+    let mut args = support::process_args(&origin, &urls);
+    args.extend(["--publish-ca".to_owned(), published.display().to_string()]);
+    let url = format!("https://localhost:{}/ip", origin.https.port());
+
+    let first = PinproxyProcess::start(dir.path(), &args).await;
+    let mode = std::fs::metadata(&published).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "the published certificate is readable by all");
+    assert_eq!(
+        std::fs::read_to_string(&published).unwrap(),
+        std::fs::read_to_string(dir.path().join("ca.pem")).unwrap()
+    );
+    let body = curl(Some(first.addr), &published, &url, None)
+        .await
+        .unwrap();
+    assert!(body.contains("127.0.0.2"), "{body}");
+    let entries: Vec<_> = std::fs::read_dir(shared.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["ca.pem"], "nothing else is written there");
+    first.kill9().await;
+
+    // A rotation: the next start publishes the bundle of both.
+    let (ok, _, stderr) = output(pinproxy(&["ca", "rotate"], dir.path())).await;
+    assert!(ok, "{stderr}");
+    let during = PinproxyProcess::start(dir.path(), &args).await;
+    assert_eq!(
+        std::fs::read_to_string(&published).unwrap(),
+        std::fs::read_to_string(dir.path().join("ca-bundle.pem")).unwrap()
+    );
+    during.kill9().await;
+
+    let nowhere = shared.path().join("missing").join("ca.pem");
+    let nowhere = nowhere.display().to_string();
+    let run = pinproxy(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--publish-ca",
+            &nowhere,
+        ],
+        dir.path(),
+    );
+    let (ok, _, stderr) = output(run).await;
+    assert!(!ok, "pinproxy started without publishing");
+    assert!(
+        stderr.contains(&nowhere) && stderr.contains("ca.publish"),
+        "{stderr}"
+    );
+}
+
 /// pinproxy (as users run it) on `dir` over `origin` and one exit.
 async fn start(dir: &Path, origin: &Origin, exits: &[(String, String)]) -> PinproxyProcess {
     PinproxyProcess::start(dir, &support::process_args(origin, exits)).await
