@@ -42,7 +42,7 @@ use crate::body::Body;
 use crate::fingerprint::client_hello::ClientHello;
 use crate::fingerprint::h2_preface::H2Fingerprint;
 use crate::fingerprint::{profile, Fingerprint};
-use crate::identity::{ExitId, Identity, IdentityId, SessionId};
+use crate::identity::{ExitId, Identity, IdentityId, RetireReason, SessionId};
 use crate::net::HostPort;
 use dial::{Dialer, ExitKind};
 use egress_ip::{EgressCheck, IpCheck};
@@ -388,22 +388,30 @@ impl ExitClient {
             .map_err(|_| UpstreamError::ResponseTimeout(timeout))?
     }
 
-    /// Drops a lane's pools and their connections (a retired identity's).
-    /// `every_presentation`: the identity was founded without a ClientHello
-    /// (over plain HTTP), so its lanes are also kept per client fingerprint
-    /// its TLS clients presented (`Lane::fingerprint_key`), found by a walk
-    /// of the exit's lanes (rare: other identities skip it).
-    pub fn forget(&self, key: PoolKey, every_presentation: bool) {
-        if every_presentation {
-            self.pools.remove_every(|id| id.key == key);
-            return;
-        }
-        for h2 in [false, true] {
-            self.pools.remove(&PoolId {
-                key,
-                fingerprint: 0,
-                h2,
-            });
+    /// Drops a lane's pools and their connections (an identity's, retired
+    /// for `reason`); requests still holding them write nothing (see
+    /// `LanePool::retire`). `every_presentation`: the identity was founded
+    /// without a ClientHello (over plain HTTP), so its lanes are also kept
+    /// per client fingerprint its TLS clients presented
+    /// (`Lane::fingerprint_key`), found by a walk of the exit's lanes
+    /// (rare: other identities skip it).
+    pub fn forget(&self, key: PoolKey, every_presentation: bool, reason: &RetireReason) {
+        let removed = if every_presentation {
+            self.pools.remove_every(|id| id.key == key)
+        } else {
+            [false, true]
+                .into_iter()
+                .filter_map(|h2| {
+                    self.pools.remove(&PoolId {
+                        key,
+                        fingerprint: 0,
+                        h2,
+                    })
+                })
+                .collect()
+        };
+        for pool in removed {
+            pool.retire(reason.clone());
         }
     }
 

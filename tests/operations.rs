@@ -871,6 +871,47 @@ async fn a_request_whose_identity_ended_while_it_waited_never_leaves() {
     s.stop().await;
 }
 
+/// A request routed before its identity retired, then held while its
+/// connection through the exit is made (a slow provider), writes nothing
+/// once the identity retires meanwhile: the retirement forgets its lane,
+/// and the request still holding the lane finds it retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_identity_retired_while_it_connected_never_leaves() {
+    let s = Setup::start(1).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    s.exits[0].hold();
+    // The session key founds the identity as the request is routed; its
+    // lane's first connection then waits for the exit.
+    let sends = s.get_with("/page", &[("x-pinproxy-session", "slow-provider")]);
+    let evicts = async {
+        eventually(
+            Duration::from_secs(10),
+            "the request never reached the exit",
+            || async { !s.exits[0].connects().is_empty() },
+        )
+        .await;
+        let (_, body) = admin(admin_addr, "GET", "/identities?all=1").await;
+        let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(views.len(), 1, "{body}");
+        let id = views[0]["identity"].as_str().unwrap().to_owned();
+        let (status, body) = admin(admin_addr, "DELETE", &format!("/identities/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        s.exits[0].release();
+    };
+    let (reply, ()) = tokio::join!(sends, evicts);
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.contains("identity-retired") && error.contains("evicted"),
+        "{error}"
+    );
+    assert!(
+        !s.origin.seen().iter().any(|r| r.path == "/page"),
+        "the request reached the origin after its identity retired"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     let s = Setup::start(1).await;

@@ -188,6 +188,7 @@ impl ProxyError {
                 },
                 UpstreamError::ResponseTimeout(_) => "origin-timeout",
                 UpstreamError::Exchange { .. } => "origin-failed",
+                UpstreamError::IdentityRetired(_) => "identity-retired",
             },
         }
     }
@@ -464,6 +465,11 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
                      is safe to repeat."
             }
         },
+        UpstreamError::IdentityRetired(_) => {
+            return "Its identity was retired while the request waited for a connection (another \
+                    request's answer invalidated it, or an operator evicted it): nothing was \
+                    sent; start a new session without its cookies."
+        }
         UpstreamError::Connect(connect) => connect,
     };
     match connect {

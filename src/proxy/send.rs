@@ -97,6 +97,14 @@ impl Pipeline {
     /// another address. Returns the answer for the client.
     pub(crate) async fn upstream_failed(&self, route: &Route, error: UpstreamError) -> ProxyError {
         let exit = &route.exit;
+        if let (UpstreamError::IdentityRetired(reason), Some(identity)) = (&error, &route.identity)
+        {
+            return ProxyError::IdentityRetired {
+                identity: identity.id,
+                exit: identity.exit.clone(),
+                reason: reason.clone(),
+            };
+        }
         if error.counts_against_exit() {
             self.metrics
                 .exit_failures

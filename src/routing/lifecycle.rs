@@ -45,6 +45,7 @@ impl Router {
             exit.client.forget(
                 PoolKey::Identity(identity.id),
                 identity.fingerprint.tls.is_none(),
+                &reason,
             );
         }
         self.metrics.retired(&identity.exit, reason.label());

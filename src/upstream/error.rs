@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fault::{Blame, Fault};
+use crate::identity::RetireReason;
 use crate::net::HostPort;
 
 /// What failed while reaching an origin through an exit.
@@ -254,6 +255,10 @@ pub enum UpstreamError {
     /// The origin did not start its response in time.
     #[error("the origin sent no response within {0:?}")]
     ResponseTimeout(Duration),
+    /// The lane's identity retired while the request waited for a
+    /// connection: nothing was written.
+    #[error("its identity was retired while it waited for a connection ({0})")]
+    IdentityRetired(RetireReason),
     /// The exchange failed after the connection was open.
     #[error("{detail}")]
     Exchange {
@@ -335,6 +340,9 @@ impl Blame for UpstreamError {
         match self {
             UpstreamError::Connect(c) => c.fault(),
             UpstreamError::ResponseTimeout(_) | UpstreamError::Exchange { .. } => Fault::Origin,
+            // Its cookies are burnt (or the operator said so): as when the
+            // retirement is seen at routing, the request is refused.
+            UpstreamError::IdentityRetired(_) => Fault::Client,
         }
     }
 }

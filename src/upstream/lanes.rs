@@ -78,13 +78,21 @@ impl<P> Lanes<P> {
     }
 
     /// Drops the lane `id`, if there is one.
-    pub(super) fn remove(&self, id: &PoolId) {
-        self.map.remove(id);
+    pub(super) fn remove(&self, id: &PoolId) -> Option<Arc<P>> {
+        self.map.remove(id).map(|(_, slot)| slot.pool)
     }
 
-    /// Drops every lane whose id `matches`.
-    pub(super) fn remove_every(&self, matches: impl Fn(&PoolId) -> bool) {
-        self.map.retain(|id, _| !matches(id));
+    /// Drops every lane whose id `matches`; answers them.
+    pub(super) fn remove_every(&self, matches: impl Fn(&PoolId) -> bool) -> Vec<Arc<P>> {
+        let mut removed = Vec::new();
+        self.map.retain(|id, slot| {
+            let keep = !matches(id);
+            if !keep {
+                removed.push(slot.pool.clone());
+            }
+            keep
+        });
+        removed
     }
 
     /// Number of lanes.

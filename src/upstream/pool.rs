@@ -57,6 +57,7 @@ use super::Origin;
 use super::Presentation;
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
+use crate::identity::RetireReason;
 use crate::net::default_port;
 
 /// The sending half of an HTTP/2 connection.
@@ -189,6 +190,9 @@ pub(super) struct LanePool {
     /// Keyed by origins a client names, so with a seeded hasher; foldhash
     /// rather than SipHash: this map is looked up twice per request.
     origins: Mutex<HashMap<Origin, Conns, foldhash::fast::RandomState>>,
+    /// Why the lane's identity retired, once it has (see
+    /// [`LanePool::retire`]).
+    retired: std::sync::OnceLock<RetireReason>,
 }
 
 impl std::fmt::Debug for LanePool {
@@ -212,6 +216,23 @@ impl LanePool {
             presentation,
             limits,
             origins: Mutex::new(HashMap::default()),
+            retired: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The lane's identity retired for `reason`: a request still holding
+    /// the lane (routed before the retirement, then waiting for a
+    /// connection) writes nothing, on a connection it dialled or one it
+    /// found idle.
+    pub(super) fn retire(&self, reason: RetireReason) {
+        let _ = self.retired.set(reason);
+    }
+
+    /// Refused once the lane's identity retired (see [`LanePool::retire`]).
+    fn still_live(&self) -> Result<(), UpstreamError> {
+        match self.retired.get() {
+            None => Ok(()),
+            Some(reason) => Err(UpstreamError::IdentityRetired(reason.clone())),
         }
     }
 
@@ -335,6 +356,9 @@ impl LanePool {
         let mut retried = false;
         loop {
             let (checked, dialed) = self.checkout(origin).await?;
+            // Read after the checkout, which may have waited for a dial:
+            // a retirement meanwhile sends nothing.
+            self.still_live()?;
             let attempt = match checked {
                 Checked::H2(conn) => self.send_h2(conn, request, origin).await,
                 Checked::H1(conn) => self.send_h1(conn, request, origin).await,
@@ -559,6 +583,7 @@ impl LanePool {
             .connect(&origin.target, origin.https, self.shape(&[], true))
             .await
             .map_err(UpstreamError::Connect)?;
+        self.still_live()?;
         let (mut sender, framing) = handshake_upgrade(io).await?;
         for_h1(&mut request, origin);
         framing.request(request.method());

@@ -122,6 +122,8 @@ pub struct TestExit {
     connects: Arc<Mutex<Vec<ConnectSeen>>>,
     tunnels: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    /// While true, CONNECTs are recorded but not answered.
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl TestExit {
@@ -151,6 +153,7 @@ impl TestExit {
         let source: IpAddr = source.parse().unwrap();
         let connects = Arc::new(Mutex::new(Vec::new()));
         let tunnels: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
+        let hold = Arc::new(tokio::sync::watch::channel(false).0);
         let expected_auth = credentials.map(|c| {
             use base64::Engine as _;
             format!(
@@ -162,6 +165,7 @@ impl TestExit {
             let connects = connects.clone();
             let tunnels = tunnels.clone();
             let gateway = gateway.clone();
+            let hold = hold.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -170,8 +174,10 @@ impl TestExit {
                     let connects = connects.clone();
                     let expected_auth = expected_auth.clone();
                     let gateway = gateway.clone();
+                    let held = hold.subscribe();
                     let task = tokio::spawn(async move {
-                        let _ = tunnel(client, source, connects, expected_auth, gateway).await;
+                        let _ =
+                            tunnel(client, source, connects, expected_auth, gateway, held).await;
                     });
                     let mut tunnels = tunnels.lock().unwrap();
                     tunnels.retain(|t| !t.is_finished());
@@ -186,7 +192,20 @@ impl TestExit {
             connects,
             tunnels,
             accept,
+            hold,
         }
+    }
+
+    /// Records CONNECTs but answers none until [`TestExit::release`] (a
+    /// slow provider): a request is then held between its routing and
+    /// its first byte upstream.
+    pub fn hold(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Answers the held CONNECTs, and the next ones at once.
+    pub fn release(&self) {
+        self.hold.send_replace(false);
     }
 
     /// The exit URL for pinproxy.
@@ -244,6 +263,7 @@ async fn tunnel(
     connects: Arc<Mutex<Vec<ConnectSeen>>>,
     expected_auth: Option<String>,
     gateway: Option<Arc<Gateway>>,
+    mut held: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let head_len = loop {
@@ -289,6 +309,9 @@ async fn tunnel(
         user,
         egress: source,
     });
+    // Bounded by the test's own timeouts: the sender lives as long as the
+    // exit.
+    let _ = held.wait_for(|held| !*held).await;
     if request.method != Some("CONNECT") {
         client
             .write_all(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
