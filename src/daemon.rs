@@ -433,7 +433,7 @@ fn prepare_data_dir(settings: &Settings) -> Result<CertificateAuthority, StartEr
         &settings.permitted_domains,
     )?;
     if let Some(path) = &settings.ca_publish {
-        publish_trust(&settings.ca_dir, path)?;
+        publish_trust(settings, path)?;
     }
     let configured =
         (!settings.permitted_domains.is_empty()).then(|| settings.permitted_domains.clone());
@@ -449,19 +449,42 @@ fn prepare_data_dir(settings: &Settings) -> Result<CertificateAuthority, StartEr
     Ok(ca)
 }
 
-/// Writes the certificate clients are to trust (the CA's, or during a
-/// rotation the bundle of both) from `ca_dir` to `path`, whole or not at
-/// all, readable by all: a client container mounts it without the data
-/// directory's secrets.
-fn publish_trust(ca_dir: &Path, path: &Path) -> Result<(), StartError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let failed = |source| StartError::Publish {
+/// Writes the certificates clients are to trust (the CA's, or during a
+/// rotation the bundle of both) to `path`, whole or not at all, readable
+/// by all: a client container mounts it without the data directory's
+/// secrets. Certificates only, whatever else the CA's file holds (a key
+/// kept beside the certificate, as some tools write it), and never into
+/// the data or CA directory, whose files it could replace.
+fn publish_trust(settings: &Settings, path: &Path) -> Result<(), StartError> {
+    let failed = |why: String| StartError::Publish {
         path: path.to_owned(),
-        source,
+        source: std::io::Error::other(why),
     };
-    let pem = std::fs::read(CertificateAuthority::trust_path(ca_dir)).map_err(failed)?;
-    crate::fsutil::replace_private(path, &pem).map_err(failed)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(failed)?;
+    let folder = |dir: &Path| std::fs::canonicalize(dir).ok();
+    let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => folder(parent),
+        None => folder(Path::new(".")),
+    };
+    for (dir, what) in [
+        (&settings.data_dir, "the data directory"),
+        (&settings.ca_dir, "the CA directory"),
+    ] {
+        if parent.is_some() && parent == folder(dir) {
+            return Err(failed(format!(
+                "it is in {what} ({}): publish outside it, to a directory clients may read",
+                dir.display()
+            )));
+        }
+    }
+    let source = CertificateAuthority::trust_path(&settings.ca_dir);
+    let pem = std::fs::read_to_string(&source)
+        .map_err(|e| failed(format!("reading {}: {e}", source.display())))?;
+    let certificates = crate::mitm::ca::certificate_blocks(&pem);
+    if certificates.is_empty() {
+        return Err(failed(format!("{} holds no certificate", source.display())));
+    }
+    crate::fsutil::replace_public(path, certificates.as_bytes())
+        .map_err(|e| failed(e.to_string()))?;
     tracing::info!(path = %path.display(), "published the CA certificate clients trust");
     Ok(())
 }

@@ -47,6 +47,35 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .create(path)
 }
 
+/// Replaces `path` with `bytes` atomically, mode 0644 (readable by all) from
+/// the start: written to a temporary file of this process's beside it,
+/// synced, renamed over `path` (a symbolic link there is replaced, never
+/// followed).
+pub fn replace_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&temporary)?;
+        // The mode asked for is masked by the umask: set it outright.
+        use std::os::unix::fs::PermissionsExt as _;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
+}
+
 /// Replaces `path` with `bytes` atomically (a crash leaves the old file or
 /// the new one), mode 0600 (see [`Replacement`]).
 pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

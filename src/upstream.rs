@@ -231,6 +231,10 @@ pub struct ExitClient {
     settings: PoolSettings,
     /// One pool per lane and way of speaking (see [`PoolId`]).
     pools: Arc<Lanes>,
+    /// Lanes of identities retired lately, and why: a pool made for one
+    /// after [`ExitClient::forget`] dropped its pools (by a request routed
+    /// before the retirement) is born retired.
+    retired_lanes: Arc<dashmap::DashMap<PoolKey, (RetireReason, std::time::Instant), LaneHasher>>,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -243,6 +247,15 @@ impl std::fmt::Debug for ExitClient {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a retired identity's lane is remembered (see
+/// `ExitClient::retired_lanes`): longer than a request takes from its
+/// routing to its connection.
+const RETIRED_LANES_KEPT: Duration = Duration::from_secs(600);
+
+/// Past this many remembered retired lanes, those older than
+/// [`RETIRED_LANES_KEPT`] are forgotten at the next retirement.
+const RETIRED_LANES_PRUNED_PAST: usize = 1024;
 
 /// `timeout` after `started`; one too large to add is as good as never, as
 /// in `tokio::time::timeout`.
@@ -274,6 +287,7 @@ impl ExitClient {
                 settings.max_idle_per_exit,
             )),
             pools,
+            retired_lanes: Arc::default(),
         }
     }
 
@@ -350,7 +364,12 @@ impl ExitClient {
                 max_idle_per_origin: self.settings.max_idle_per_origin,
                 parked: self.settings.parked.clone(),
             };
-            LanePool::new(dialer, self.presentation(lane), limits)
+            let pool = LanePool::new(dialer, self.presentation(lane), limits);
+            // Made rarely (once per lane): the map is read only then.
+            if let Some(retired) = self.retired_lanes.get(&lane.key) {
+                pool.retire(retired.0.clone());
+            }
+            pool
         })
     }
 
@@ -396,6 +415,14 @@ impl ExitClient {
     /// (`Lane::fingerprint_key`), found by a walk of the exit's lanes
     /// (rare: other identities skip it).
     pub fn forget(&self, key: PoolKey, every_presentation: bool, reason: &RetireReason) {
+        // Remembered before the pools go, so that a pool made meanwhile is
+        // found by one or the other.
+        let now = std::time::Instant::now();
+        if self.retired_lanes.len() >= RETIRED_LANES_PRUNED_PAST {
+            self.retired_lanes
+                .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_LANES_KEPT);
+        }
+        self.retired_lanes.insert(key, (reason.clone(), now));
         let removed = if every_presentation {
             self.pools.remove_every(|id| id.key == key)
         } else {
@@ -482,9 +509,8 @@ mod tests {
         port
     }
 
-    #[tokio::test]
-    async fn origins_left_without_connections_are_forgotten() {
-        use http_body_util::BodyExt as _;
+    /// A direct exit's client whose idle connections last 100 ms.
+    fn direct_client() -> (ExitClient, PoolSettings) {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = UpstreamTls::new(provider, &[]).unwrap();
         let settings = PoolSettings {
@@ -503,7 +529,34 @@ mod tests {
             socks_reply_is_egress: false,
             fingerprint: FingerprintMode::Rustls,
         };
-        let client = ExitClient::new(route, tls, &settings);
+        (ExitClient::new(route, tls, &settings), settings)
+    }
+
+    /// A retirement marks the pools it drops, and a pool made for the
+    /// same lane afterwards (by a request routed before it) is born
+    /// retired: neither writes a request. Other lanes are untouched.
+    #[tokio::test]
+    async fn a_retired_lanes_pools_write_nothing_even_made_anew() {
+        let (client, _) = direct_client();
+        let (lane, other) = (Lane::anonymous(SessionId(1)), Lane::anonymous(SessionId(2)));
+        let before = client.lane_pool(&lane);
+        assert!(before.still_live().is_ok());
+        client.forget(lane.key, false, &RetireReason::Evicted);
+        let refused = |pool: &LanePool| {
+            matches!(
+                pool.still_live(),
+                Err(UpstreamError::IdentityRetired(RetireReason::Evicted))
+            )
+        };
+        assert!(refused(&before), "the dropped pool");
+        assert!(refused(&client.lane_pool(&lane)), "a pool made anew");
+        assert!(client.lane_pool(&other).still_live().is_ok());
+    }
+
+    #[tokio::test]
+    async fn origins_left_without_connections_are_forgotten() {
+        use http_body_util::BodyExt as _;
+        let (client, settings) = direct_client();
         let lane = Lane::anonymous(SessionId(1));
 
         // A crawl through one lane: a request to each of twelve origins,

@@ -137,6 +137,27 @@ async fn the_published_ca_is_what_clients_trust_and_nothing_else() {
     );
     during.kill9().await;
 
+    // Never into the data directory, whose files it would replace.
+    let inside = dir.path().join("ca-key.pem").display().to_string();
+    let run = pinproxy(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--publish-ca",
+            &inside,
+        ],
+        dir.path(),
+    );
+    let (ok, _, stderr) = output(run).await;
+    assert!(!ok, "pinproxy published over its own CA key");
+    assert!(stderr.contains("data directory"), "{stderr}");
+    assert!(std::fs::read_to_string(&inside)
+        .unwrap()
+        .contains("PRIVATE KEY"));
+
     let nowhere = shared.path().join("missing").join("ca.pem");
     let nowhere = nowhere.display().to_string();
     let run = pinproxy(

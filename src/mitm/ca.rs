@@ -329,7 +329,8 @@ impl CertificateAuthority {
         })
     }
 
-    /// The file clients should trust for the CA in `dir`: during a rotation
+    /// The file clients should trust for the CA in `dir` (see
+    /// [`certificate_blocks`] for what of it to hand out): during a rotation
     /// the bundle of the current and the next CA, else the CA itself.
     pub fn trust_path(dir: &Path) -> PathBuf {
         let files = CaFiles::in_dir(dir);
@@ -644,9 +645,41 @@ pub(crate) fn generate_leaf_key() -> Result<(KeyPair, PrivateKeyDer<'static>), r
     Ok((key, der))
 }
 
+/// The `CERTIFICATE` blocks of `pem`, each as it is written there, one
+/// after another: what of a CA's file may be handed to clients (a file
+/// some tools write holds the key too).
+pub fn certificate_blocks(pem: &str) -> String {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = String::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(length) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + length + END.len();
+        out.push_str(&rest[start..end]);
+        out.push('\n');
+        rest = &rest[end..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What is handed to clients is the certificates alone, whatever else
+    /// the file holds.
+    #[test]
+    fn only_certificates_are_handed_out() {
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let key = "-----BEGIN PRIVATE KEY-----\nMC4C\n-----END PRIVATE KEY-----";
+        let file = format!("{key}\n{cert}\n{cert}\n# trailing\n");
+        assert_eq!(certificate_blocks(&file), format!("{cert}\n{cert}\n"));
+        assert_eq!(certificate_blocks(key), "");
+        assert_eq!(certificate_blocks("-----BEGIN CERTIFICATE-----\nMIIB"), "");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn create(dir: &Path) -> CertificateAuthority {

@@ -39,15 +39,11 @@ impl Router {
             reason: reason.clone(),
             at_ms: self.retirement_now(),
         };
+        // Before the store takes it (which may take a while, or fail):
+        // requests of the identity still on their way write nothing.
+        forget_lanes(exits, identity, &reason);
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
-        if let Some(exit) = exits.get(&identity.exit) {
-            exit.client.forget(
-                PoolKey::Identity(identity.id),
-                identity.fingerprint.tls.is_none(),
-                &reason,
-            );
-        }
         self.metrics.retired(&identity.exit, reason.label());
         tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
         Ok(())
@@ -66,6 +62,7 @@ impl Router {
         reason: RetireReason,
     ) {
         self.pending.insert(identity.id, reason.clone());
+        forget_lanes(&exits, &identity, &reason);
         let router = self.clone();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(500);
@@ -178,6 +175,19 @@ impl Router {
             .fold(policies.idle_timeout_ms, u64::max);
         self.forget_sent_ja4_unseen(now, longest_idle);
         Ok(swept)
+    }
+}
+
+/// Drops `identity`'s connection pools on its exit, marked retired for
+/// `reason`: a request of it that was routed before and still holds one
+/// (waiting for a connection) writes nothing.
+fn forget_lanes(exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
+    if let Some(exit) = exits.get(&identity.exit) {
+        exit.client.forget(
+            PoolKey::Identity(identity.id),
+            identity.fingerprint.tls.is_none(),
+            reason,
+        );
     }
 }
 

@@ -340,9 +340,9 @@ impl Blame for UpstreamError {
         match self {
             UpstreamError::Connect(c) => c.fault(),
             UpstreamError::ResponseTimeout(_) | UpstreamError::Exchange { .. } => Fault::Origin,
-            // Its cookies are burnt (or the operator said so): as when the
-            // retirement is seen at routing, the request is refused.
-            UpstreamError::IdentityRetired(_) => Fault::Client,
+            // As when the retirement is seen at routing (`502`); it counts
+            // against no exit's health (see `counts_against_exit`).
+            UpstreamError::IdentityRetired(_) => Fault::Exit,
         }
     }
 }

@@ -229,7 +229,7 @@ impl LanePool {
     }
 
     /// Refused once the lane's identity retired (see [`LanePool::retire`]).
-    fn still_live(&self) -> Result<(), UpstreamError> {
+    pub(super) fn still_live(&self) -> Result<(), UpstreamError> {
         match self.retired.get() {
             None => Ok(()),
             Some(reason) => Err(UpstreamError::IdentityRetired(reason.clone())),
@@ -355,6 +355,9 @@ impl LanePool {
         let mut request = request;
         let mut retried = false;
         loop {
+            // Before a dial (nothing to open for a retired identity) and
+            // after the checkout, which may have waited for one.
+            self.still_live()?;
             let (checked, dialed) = self.checkout(origin).await?;
             // Read after the checkout, which may have waited for a dial:
             // a retirement meanwhile sends nothing.
@@ -578,6 +581,7 @@ impl LanePool {
         origin: &Origin,
         mut request: Request<Body>,
     ) -> Result<Answered<Incoming>, UpstreamError> {
+        self.still_live()?;
         let (io, info) = self
             .dialer
             .connect(&origin.target, origin.https, self.shape(&[], true))
