@@ -138,46 +138,37 @@ async fn the_published_ca_is_what_clients_trust_and_nothing_else() {
     during.kill9().await;
 
     // Never into the data directory, whose files it would replace.
-    let inside = dir.path().join("ca-key.pem").display().to_string();
-    let run = pinproxy(
-        &[
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-            "--publish-ca",
-            &inside,
-        ],
-        dir.path(),
-    );
-    let (ok, _, stderr) = output(run).await;
-    assert!(!ok, "pinproxy published over its own CA key");
+    let inside = dir.path().join("ca-key.pem");
+    let stderr = refused_to_publish(dir.path(), &inside).await;
     assert!(stderr.contains("data directory"), "{stderr}");
     assert!(std::fs::read_to_string(&inside)
         .unwrap()
         .contains("PRIVATE KEY"));
 
     let nowhere = shared.path().join("missing").join("ca.pem");
-    let nowhere = nowhere.display().to_string();
-    let run = pinproxy(
-        &[
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-            "--publish-ca",
-            &nowhere,
-        ],
-        dir.path(),
-    );
-    let (ok, _, stderr) = output(run).await;
-    assert!(!ok, "pinproxy started without publishing");
+    let stderr = refused_to_publish(dir.path(), &nowhere).await;
     assert!(
-        stderr.contains(&nowhere) && stderr.contains("ca.publish"),
+        stderr.contains(&nowhere.display().to_string()) && stderr.contains("ca.publish"),
         "{stderr}"
     );
+}
+
+/// Runs pinproxy on `dir` publishing its CA to `to`, which must stop the
+/// start: its error output.
+async fn refused_to_publish(dir: &Path, to: &Path) -> String {
+    let to = to.display().to_string();
+    let args = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--publish-ca",
+        &to,
+    ];
+    let (ok, _, stderr) = output(pinproxy(&args, dir)).await;
+    assert!(!ok, "pinproxy started publishing its CA to {to}");
+    stderr
 }
 
 /// pinproxy (as users run it) on `dir` over `origin` and one exit.
