@@ -47,33 +47,13 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .create(path)
 }
 
-/// Replaces `path` with `bytes` atomically, mode 0644 (readable by all) from
-/// the start: written to a temporary file of this process's beside it,
-/// synced, renamed over `path` (a symbolic link there is replaced, never
-/// followed).
+/// Replaces `path` with `bytes` atomically, mode 0644 (readable by all)
+/// from the start (see [`Replacement::begin_public`]).
 pub fn replace_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".{}.tmp", std::process::id()));
-    let temporary = PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&temporary)?;
-        // The mode asked for is masked by the umask: set it outright.
-        use std::os::unix::fs::PermissionsExt as _;
-        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written
+    let mut replacement = Replacement::begin_public(path)?;
+    replacement.file().write_all(bytes)?;
+    replacement.commit()
 }
 
 /// Replaces `path` with `bytes` atomically (a crash leaves the old file or
@@ -100,14 +80,42 @@ pub struct Replacement {
 impl Replacement {
     /// Starts writing the file that will replace `path`.
     pub fn begin(path: &Path) -> std::io::Result<Replacement> {
+        Replacement::begin_as(path, ".tmp", create_private)
+    }
+
+    /// The same for a file readable by all (mode 0644 from its creation,
+    /// whatever the umask), through a temporary file of this process's
+    /// own: several processes (replicas publishing one certificate) may
+    /// replace it at once, the last rename winning.
+    pub fn begin_public(path: &Path) -> std::io::Result<Replacement> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let suffix = format!(".{}.tmp", std::process::id());
+        Replacement::begin_as(path, &suffix, |temp| {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(temp)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            Ok(file)
+        })
+    }
+
+    /// Starts writing `path` + `suffix`, made by `create` (a leftover one
+    /// removed first), to replace `path`.
+    fn begin_as(
+        path: &Path,
+        suffix: &str,
+        create: impl FnOnce(&Path) -> std::io::Result<File>,
+    ) -> std::io::Result<Replacement> {
         let mut temp = path.as_os_str().to_owned();
-        temp.push(".tmp");
+        temp.push(suffix);
         let temp = PathBuf::from(temp);
         match std::fs::remove_file(&temp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let file = create_private(&temp)?;
+        let file = create(&temp)?;
         Ok(Replacement {
             path: path.to_owned(),
             temp,

@@ -328,59 +328,51 @@ pub(crate) fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postca
     }
 }
 
-/// [`Identity`] as stored before identities carried their route.
+/// [`Identity`] as stored before identities carried their route; with a
+/// fingerprint `F` of headers alone, as stored before fingerprints carried
+/// TLS and HTTP/2 ([`LegacyIdentity`]).
 #[derive(Deserialize)]
-struct UnroutedIdentity {
+struct UnroutedIdentity<F = Arc<Fingerprint>> {
     id: IdentityId,
     exit: ExitId,
     session: SessionId,
     session_started_ms: u64,
     created_ms: u64,
     egress_ip: Option<IpAddr>,
-    fingerprint: Arc<Fingerprint>,
+    fingerprint: F,
     last_used_ms: u64,
     requests: u64,
     worked: bool,
     retired: Option<Retirement>,
-}
-
-impl From<UnroutedIdentity> for Identity {
-    fn from(old: UnroutedIdentity) -> Identity {
-        Identity {
-            id: old.id,
-            exit: old.exit,
-            session: old.session,
-            session_started_ms: old.session_started_ms,
-            created_ms: old.created_ms,
-            egress_ip: old.egress_ip,
-            fingerprint: old.fingerprint,
-            last_used_ms: old.last_used_ms,
-            requests: old.requests,
-            worked: old.worked,
-            retired: old.retired,
-            route: None,
-        }
-    }
 }
 
 /// [`Identity`] as stored before fingerprints carried TLS and HTTP/2.
-#[derive(Deserialize)]
-struct LegacyIdentity {
-    id: IdentityId,
-    exit: ExitId,
-    session: SessionId,
-    session_started_ms: u64,
-    created_ms: u64,
-    egress_ip: Option<IpAddr>,
-    fingerprint: HeaderValues,
-    last_used_ms: u64,
-    requests: u64,
-    worked: bool,
-    retired: Option<Retirement>,
+type LegacyIdentity = UnroutedIdentity<HeaderValues>;
+
+/// A fingerprint as an older layout stored it.
+trait StoredFingerprint {
+    /// The same fingerprint as identities hold it now.
+    fn current(self) -> Arc<Fingerprint>;
 }
 
-impl From<LegacyIdentity> for Identity {
-    fn from(old: LegacyIdentity) -> Identity {
+impl StoredFingerprint for Arc<Fingerprint> {
+    fn current(self) -> Arc<Fingerprint> {
+        self
+    }
+}
+
+impl StoredFingerprint for HeaderValues {
+    fn current(self) -> Arc<Fingerprint> {
+        Arc::new(Fingerprint {
+            headers: self,
+            tls: None,
+            h2: None,
+        })
+    }
+}
+
+impl<F: StoredFingerprint> From<UnroutedIdentity<F>> for Identity {
+    fn from(old: UnroutedIdentity<F>) -> Identity {
         Identity {
             id: old.id,
             exit: old.exit,
@@ -388,11 +380,7 @@ impl From<LegacyIdentity> for Identity {
             session_started_ms: old.session_started_ms,
             created_ms: old.created_ms,
             egress_ip: old.egress_ip,
-            fingerprint: Arc::new(Fingerprint {
-                headers: old.fingerprint,
-                tls: None,
-                h2: None,
-            }),
+            fingerprint: old.fingerprint.current(),
             last_used_ms: old.last_used_ms,
             requests: old.requests,
             worked: old.worked,

@@ -264,15 +264,15 @@ mod tests {
         assert!(router.observe_sent_ja4(unseen, &ja4, router.clock().now_ms()));
     }
 
-    /// Writes to `store` an identity created at `now` with one `datadome`
-    /// pin, retired (evicted) at `now`; answers the pin's credential.
-    async fn retired_pin(
+    /// Writes to `store` an identity on exit `e1` created at `now` with one
+    /// `datadome` pin; answers both.
+    async fn pinned_identity(
         store: &impl crate::store::PinStore,
         now: u64,
-    ) -> crate::credential::Credential {
+    ) -> (crate::identity::Identity, crate::credential::Credential) {
         use crate::credential::{Credential, PinHasher};
         use crate::fingerprint::Fingerprint;
-        use crate::identity::{ExitId, Identity, Pin, Retirement, SessionId};
+        use crate::identity::{ExitId, Identity, Pin, SessionId};
         let fingerprint = Fingerprint::of_user_agent("agent");
         let identity = Identity::new(ExitId::new("e1"), SessionId(1), now, fingerprint, now);
         let cookie =
@@ -282,6 +282,17 @@ mod tests {
             .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, now, None))
             .await
             .unwrap();
+        (identity, cookie)
+    }
+
+    /// [`pinned_identity`], retired (evicted) at `now`; answers the pin's
+    /// credential.
+    async fn retired_pin(
+        store: &impl crate::store::PinStore,
+        now: u64,
+    ) -> crate::credential::Credential {
+        use crate::identity::Retirement;
+        let (identity, cookie) = pinned_identity(store, now).await;
         let retirement = Retirement {
             reason: RetireReason::Evicted,
             at_ms: now,
@@ -362,15 +373,10 @@ mod tests {
     /// corrected.
     #[tokio::test]
     async fn a_retirement_is_not_dated_back_by_a_clock_stepped_back() {
-        use crate::fingerprint::Fingerprint;
-        use crate::identity::{ExitId, Identity, SessionId};
-        use crate::store::PinStore as _;
         let router = router();
         let clock = router.clock().clone();
         let start = clock.now_ms();
-        let fingerprint = Fingerprint::of_user_agent("agent");
-        let identity = Identity::new(ExitId::new("e1"), SessionId(1), start, fingerprint, start);
-        router.store().create_identity(&identity).await.unwrap();
+        let (identity, _) = pinned_identity(&**router.store(), start).await;
         clock.advance(std::time::Duration::from_secs(60));
         clock.step_back(std::time::Duration::from_secs(3600));
         let exits = crate::exits::ExitSet::new(Vec::new(), None);
@@ -390,23 +396,12 @@ mod tests {
     /// be forgotten, its pins with it, as soon as the step is corrected.
     #[tokio::test]
     async fn a_sweep_does_not_date_retirements_back_by_a_clock_stepped_back() {
-        use crate::credential::{Credential, PinHasher};
-        use crate::fingerprint::Fingerprint;
-        use crate::identity::{ExitId, Identity, Pin, SessionId};
         use crate::store::PinStore as _;
         let router = router();
         let clock = router.clock().clone();
         let start = clock.now_ms();
-        let fingerprint = Fingerprint::of_user_agent("agent");
-        let identity = Identity::new(ExitId::new("e1"), SessionId(1), start, fingerprint, start);
-        let cookie =
-            Credential::cookie("datadome", PinHasher::new([3; 32]).cookie("datadome", "v"));
         let store = router.store();
-        store.create_identity(&identity).await.unwrap();
-        store
-            .pin_if_absent(cookie.key, &Pin::new(identity.id, &cookie, start, None))
-            .await
-            .unwrap();
+        let (_, cookie) = pinned_identity(&**store, start).await;
         let exits = crate::exits::ExitSet::new(Vec::new(), None);
         clock.advance(std::time::Duration::from_secs(60));
         clock.step_back(std::time::Duration::from_secs(3600));

@@ -297,11 +297,30 @@ impl Router {
         if let Some(retired) = &now.retired {
             return Ok(Reread::Retired(retired.reason.clone()));
         }
-        if let Some(reason) = ends(&now, exits, &self.policies.load(), self.clock.now_ms()) {
-            self.retire(exits, &now, reason.clone()).await?;
+        let policies = self.policies.load();
+        if let Some(reason) = self
+            .retire_if_ended(exits, &now, &policies, self.clock.now_ms())
+            .await?
+        {
             return Ok(Reread::Retired(reason));
         }
         Ok(Reread::Live(now))
+    }
+
+    /// Retires `identity` if [`ends`] says it cannot continue at `now`;
+    /// answers why.
+    async fn retire_if_ended(
+        &self,
+        exits: &ExitSet,
+        identity: &Identity,
+        policies: &Policies,
+        now: u64,
+    ) -> Result<Option<RetireReason>, StoreError> {
+        let Some(reason) = ends(identity, exits, policies, now) else {
+            return Ok(None);
+        };
+        self.retire(exits, identity, reason.clone()).await?;
+        Ok(Some(reason))
     }
 
     /// Where a credential stands: unknown, live, or dead (and why). An
@@ -351,8 +370,10 @@ impl Router {
         if let Some((_, reason)) = ended.iter().find(|(id, _)| *id == identity.id) {
             return Ok(dead(Some(&identity), reason.clone()));
         }
-        if let Some(reason) = ends(&identity, exits, policies, now) {
-            self.retire(exits, &identity, reason.clone()).await?;
+        if let Some(reason) = self
+            .retire_if_ended(exits, &identity, policies, now)
+            .await?
+        {
             ended.push((identity.id, reason.clone()));
             return Ok(dead(Some(&identity), reason));
         }
@@ -517,8 +538,11 @@ impl Router {
         if let Some(reason) = self.pending_retirement(identity.id) {
             return Err(retired(reason));
         }
-        if let Some(reason) = ends(&identity, exits, &self.policies.load(), now) {
-            self.retire(exits, &identity, reason.clone()).await?;
+        let policies = self.policies.load();
+        if let Some(reason) = self
+            .retire_if_ended(exits, &identity, &policies, now)
+            .await?
+        {
             return Err(retired(reason));
         }
         allowed(scope, &identity)?;
