@@ -638,7 +638,9 @@ pub struct Timeouts {
     /// CONNECT answer and the TLS handshake with the origin.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
-    /// Time the origin has to start its response once the request is sent.
+    /// Time from when pinproxy starts sending a request (a connection to
+    /// open, the head and the whole body to write) to the origin's response
+    /// head: an upload that takes longer fails with `origin-timeout`.
     #[serde(with = "humantime_serde")]
     pub response_head: Duration,
     /// How long an idle upstream connection stays in its pool.

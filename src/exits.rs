@@ -238,11 +238,32 @@ impl ExitSet {
     /// Why no exit takes new traffic: each exit with its state
     /// (`res1 dead, res2 healthy, drained`).
     pub fn unavailable(&self) -> String {
-        self.exits
+        self.unavailable_within(&scope::ExitScope::all())
+    }
+
+    /// Why no exit `scope` allows takes new traffic: each of them with its
+    /// state, and the user the scope limits (`user alice may use res2:
+    /// res2 dead`). Exits outside the scope are left out: healthy ones
+    /// would read as a contradiction.
+    pub fn unavailable_within(&self, scope: &scope::ExitScope) -> String {
+        let states = self
+            .exits
             .iter()
+            .filter(|e| scope.allows(e.id()))
             .map(|e| format!("{} {}", e.id(), e.describe()))
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; ");
+        let states = match states.is_empty() {
+            true => "none of them is configured".to_owned(),
+            false => states,
+        };
+        match (scope.user(), scope.exits()) {
+            (Some(user), Some(_)) => format!(
+                "user {user} may use only {} ([[auth.users]] exits): {states}",
+                scope.describe()
+            ),
+            _ => states,
+        }
     }
 
     /// Whether some exit is healthy and not drained (readiness).

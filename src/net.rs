@@ -3,8 +3,9 @@
 //!
 //! Hosts are kept without the brackets of IPv6 literals; they are added
 //! back only when an address is written into an authority (`[::1]:443`).
-//! Every parser here refuses port 0 and empty hosts, so no later stage has
-//! to check again.
+//! Every parser here refuses port 0, empty hosts and addresses that name a
+//! host in a form only some resolvers read (see [`host_problem`]), so no
+//! later stage has to check again.
 
 use std::fmt;
 use std::sync::Arc;
@@ -44,6 +45,63 @@ pub fn unbracket(host: &str) -> &str {
         .unwrap_or(host)
 }
 
+/// Why `host` (without brackets; `bracketed` when it was written in them)
+/// cannot name a host, if it cannot:
+///
+/// - empty, or holding a character no host holds;
+/// - in brackets but not an IPv6 address, or with a zone (`[::1%lo]`): a
+///   zone names an interface of the machine that dials, which for a target
+///   sent on to a proxy exit is the exit's, where no check of pinproxy's
+///   reaches (an exit given by a link-local address with a zone is not
+///   supported either);
+/// - an IPv6 address out of brackets (`2001:db8::1`, where the last group
+///   would read as the port);
+/// - ending in a number but not a dotted-quad IPv4 address: `2130706433`,
+///   `127.1`, `0x7f.0.0.1` and `0177.0.0.1` are all 127.0.0.1 to the
+///   resolvers of C libraries and to browsers' URL parsers, but not to
+///   Rust's, so a proxy exit would reach an address none of pinproxy's
+///   checks saw (its own admin endpoint, through an exit on its host). No
+///   top-level domain is a number, so no name is refused by this.
+pub fn host_problem(host: &str, bracketed: bool) -> Option<&'static str> {
+    if host.is_empty() || host.contains(['[', ']', ' ', '/', '@', '%']) {
+        return Some("missing or invalid host");
+    }
+    if bracketed {
+        return match host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => None,
+            Err(_) => Some("not an IPv6 address in brackets"),
+        };
+    }
+    if host.contains(':') {
+        return Some("an IPv6 address must be written in brackets");
+    }
+    let last = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .rsplit('.')
+        .next()
+        .unwrap_or(host);
+    let numeric = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit());
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()));
+    if (numeric || hex) && host.parse::<std::net::Ipv4Addr>().is_err() {
+        return Some(
+            "a numeric host must be an IPv4 address written as four decimal numbers (a.b.c.d)",
+        );
+    }
+    None
+}
+
+/// A port: 1-65535, in decimal digits only.
+fn parse_port(text: &str) -> Option<u16> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u16>().ok().filter(|port| *port != 0)
+}
+
 /// The default port of `http` (80) or `https` (443).
 pub fn default_port(https: bool) -> u16 {
     if https {
@@ -77,23 +135,52 @@ impl HostPort {
                 None => (text, None),
             }
         };
-        if host.is_empty() || host.contains(['[', ']', ' ', '/', '@']) {
-            return Err(bad("missing or invalid host"));
+        if let Some(reason) = host_problem(host, text.starts_with('[')) {
+            return Err(bad(reason));
         }
-        let port = port
-            .ok_or_else(|| bad("missing port"))?
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
+        let port = parse_port(port.ok_or_else(|| bad("missing port"))?)
             .ok_or_else(|| bad("invalid port"))?;
         Ok(HostPort::new(host, port))
     }
 
     /// The host and port of an absolute URI, `default_port` when it names
-    /// none; `None` without a host.
-    pub fn from_uri(uri: &Uri, default_port: u16) -> Option<HostPort> {
-        let host = uri.host().filter(|h| !h.is_empty())?;
-        Some(HostPort::new(host, uri.port_u16().unwrap_or(default_port)))
+    /// none (or an empty one, `http://host:/`, which RFC 3986 reads as the
+    /// default). Refuses a URI without a host, a host [`host_problem`]
+    /// refuses, and a port that is not 1-65535 (`:99999`, `:8o`, `:0`),
+    /// which the `http` crate lets through and reads as no port at all.
+    pub fn from_uri(uri: &Uri, default_port: u16) -> Result<HostPort, AddressError> {
+        let Some(authority) = uri.authority() else {
+            return Err(AddressError {
+                text: uri.path().to_owned(),
+                reason: "missing host",
+            });
+        };
+        // After the user information, which the crate keeps in the
+        // authority (a password may hold ':'), and which no error shows.
+        let text = authority.as_str();
+        let text = text.rsplit_once('@').map_or(text, |(_, after)| after);
+        let bad = |reason| AddressError {
+            text: text.to_owned(),
+            reason,
+        };
+        let (host, port) = match text.strip_prefix('[') {
+            Some(rest) => {
+                let (host, after) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match text.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (text, None),
+            },
+        };
+        if let Some(reason) = host_problem(host, text.starts_with('[')) {
+            return Err(bad(reason));
+        }
+        let port = match port {
+            None | Some("") => default_port,
+            Some(port) => parse_port(port).ok_or_else(|| bad("invalid port"))?,
+        };
+        Ok(HostPort::new(host, port))
     }
 
     /// The host as written in a URI authority: IPv6 literals in brackets.
@@ -147,8 +234,31 @@ mod tests {
             "[::1",
             "a b:1",
             "u@h:1",
+            "proxy:+80",
+            // Numeric hosts other than a dotted quad, which C resolvers
+            // read as 127.0.0.1, and IPv6 written so that its last group
+            // reads as a port, or with a zone.
+            "2130706433:80",
+            "127.1:80",
+            "0x7f.0.0.1:80",
+            "0177.0.0.1:80",
+            "127.0.0.1.:80",
+            "a.0x7f000001:80",
+            "2001:db8::1",
+            "[::1%lo]:80",
+            "[::1%25lo]:80",
+            "[example.com]:80",
         ] {
             assert!(HostPort::parse(bad).is_err(), "{bad} should fail");
+        }
+        for good in [
+            "127.0.0.1:80",
+            "a1.example:80",
+            "0xcafe.example:80",
+            "x.y2:1",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert!(HostPort::parse(good).is_ok(), "{good} should parse");
         }
     }
 
@@ -161,12 +271,24 @@ mod tests {
 
     #[test]
     fn from_uris() {
-        let uri: Uri = "https://[::1]/x".parse().unwrap();
+        let from = |text: &str| HostPort::from_uri(&text.parse().unwrap(), 443);
+        assert_eq!(from("https://[::1]/x"), Ok(HostPort::new("::1", 443)));
+        assert_eq!(from("https://a.test:/x"), Ok(HostPort::new("a.test", 443)));
         assert_eq!(
-            HostPort::from_uri(&uri, 443),
-            Some(HostPort::new("::1", 443))
+            from("https://u:p:w@a.test:8443/"),
+            Ok(HostPort::new("a.test", 8443))
         );
-        let uri: Uri = "/x".parse().unwrap();
-        assert_eq!(HostPort::from_uri(&uri, 443), None);
+        assert_eq!(from("https://[::1]:8443/"), Ok(HostPort::new("::1", 8443)));
+        assert!(from("/x").is_err());
+        // The `http` crate reads these ports as none at all.
+        for bad in [
+            "http://a.test:99999/",
+            "http://a.test:0/",
+            "http://a.test:8o/",
+            "http://2130706433:8080/",
+            "http://0x7f.1/",
+        ] {
+            assert!(from(bad).is_err(), "{bad} should fail");
+        }
     }
 }

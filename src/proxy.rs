@@ -144,8 +144,9 @@ impl Pipeline {
                         Fault::Client => tracing::debug!(code = error.code(), %error, "refused"),
                         _ => tracing::warn!(code = error.code(), %error, "failed"),
                     }
+                    let response = error.to_response_for(&access.credentials);
                     access.finish(&self.metrics, Err(&error));
-                    error.to_response()
+                    response
                 }
             }
         }
@@ -314,10 +315,23 @@ impl Pipeline {
                 .headers
                 .insert(http::header::HOST, target.host_header()?);
         }
+        let origin = target.upstream_origin();
+        // An HTTP/2 client names its host in `:authority` (the URI), not
+        // `Host`: one that is not its tunnel's host as pinproxy would write
+        // it goes on as the client wrote it.
+        if tunnel.is_some()
+            && parts.uri.authority().is_some()
+            && !parts.headers.contains_key(http::header::HOST)
+        {
+            if let Some(authority) =
+                crate::upstream::ClientAuthority::differing(&parts.uri, &origin)
+            {
+                parts.extensions.insert(authority);
+            }
+        }
         // Origin-form: the origin travels beside the request, so no
         // absolute URI is built here only to be taken apart in the pool.
         parts.uri = Uri::from(target.path_and_query.clone());
-        let origin = target.upstream_origin();
         parts.version = Version::HTTP_11;
         let upstream_request = Request::from_parts(parts, egress::request_body(incoming));
 
@@ -365,9 +379,11 @@ impl Pipeline {
         }
 
         // 8. capture
+        let status = response.status();
         let identity = self
             .capture_pins(&route, &fingerprint, response.headers(), egress_ip)
-            .await?;
+            .await
+            .map_err(|e| e.withheld(route.exit.id(), status))?;
         let (mut parts, upstream_body) = response.into_parts();
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
@@ -378,7 +394,8 @@ impl Pipeline {
                 egress_ip,
                 Some(&carried_by),
             )
-            .await?;
+            .await
+            .map_err(|e| e.withheld(route.exit.id(), status))?;
             body = self
                 .capture_invalidation_on(identity, access.site.as_ref(), &parts, body)
                 .await;

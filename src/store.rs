@@ -402,7 +402,7 @@ impl Store {
     /// store's writer still writing (see [`Store::unavailable_because`]).
     pub fn available(&self) -> bool {
         match self {
-            Store::Redis(store) => store.is_available(),
+            Store::Redis(store) => store.is_available() && store.journal_failure().is_none(),
             Store::Durable(store) => store.write_failure().is_none(),
             Store::Memory(_) => true,
         }
@@ -420,6 +420,9 @@ impl Store {
                      refused until pinproxy restarts once the disk is fixed"
                 )
             }),
+            Store::Redis(store) if store.journal_failure().is_some() => {
+                store.journal_failure().map(journal_refusal)
+            }
             _ if self.available() => None,
             _ => Some("it is not answering".to_owned()),
         }
@@ -443,6 +446,12 @@ impl Store {
         let Store::Redis(store) = self else {
             return None;
         };
+        if let Some(failure) = store.journal_failure() {
+            return Some(StoreError::new(
+                StoreErrorKind::WriteFailed,
+                journal_refusal(failure),
+            ));
+        }
         if store.is_available() {
             return None;
         }
@@ -451,6 +460,16 @@ impl Store {
             None => StoreError::new(StoreErrorKind::Unreachable, "it is not answering"),
         })
     }
+}
+
+/// What a Redis replica whose journal stopped says: `failure` (see
+/// `redis::journal`), and why that stops it.
+fn journal_refusal(failure: String) -> String {
+    format!(
+        "{failure}: a pin it could not journal would be missing from a restore after a Redis \
+         loss, so this replica refuses what needs the store until it restarts once the disk is \
+         fixed"
+    )
 }
 
 impl PinStore for Store {

@@ -92,6 +92,38 @@ pub struct Origin {
     pub target: HostPort,
 }
 
+/// The authority an HTTP/2 client named in `:authority`, when it is not
+/// the text pinproxy would write for its tunnel's host (a virtual host
+/// other than the CONNECT host, a default port written out): carried in
+/// the request's extensions so that the origin is told what the client
+/// asked for, as an HTTP/1.1 client's own `Host` is, whichever protocol
+/// the origin speaks. The connection still goes to the tunnel's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAuthority(pub http::uri::Authority);
+
+impl ClientAuthority {
+    /// The authority of `uri` (an HTTP/2 request's), unless it reads as
+    /// what pinproxy writes for `origin` anyway, or `None` without one.
+    /// Compared as text, without allocating: most requests name their
+    /// tunnel's host exactly.
+    pub fn differing(uri: &http::Uri, origin: &Origin) -> Option<ClientAuthority> {
+        let authority = uri.authority()?;
+        let text = authority.as_str();
+        let host = &*origin.target.host;
+        let written_host = |text: &str| match host.contains(':') {
+            true => text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) == Some(host),
+            false => text == host,
+        };
+        let same = if origin.target.port == crate::net::default_port(origin.https) {
+            written_host(text)
+        } else {
+            text.rsplit_once(':')
+                .is_some_and(|(h, port)| written_host(h) && port.parse() == Ok(origin.target.port))
+        };
+        (!same).then(|| ClientAuthority(authority.clone()))
+    }
+}
+
 /// Which pool of an exit a request uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PoolKey {

@@ -503,6 +503,36 @@ async fn a_non_loopback_listener_needs_users_or_an_explicit_open_proxy() {
     assert!(config.validate().is_err());
 }
 
+/// A user limited to exits none of which takes traffic is told so, by the
+/// exits it may use: not "every exit is dead" beside a healthy exit it
+/// may not use.
+#[tokio::test]
+async fn no_exit_for_a_limited_user_names_the_user_and_only_its_exits() {
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| c.auth.users = vec![user("alice", "x", Some(&["exit2"]))])
+        .start()
+        .await;
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let drained = support::admin::request(admin, "POST", "/exits/exit2/drain").await;
+    assert_eq!(drained.status, 200, "{}", drained.body);
+    let port = s.origin.https.port();
+    let mut alice = s.proxy.client.tunnel_as("alice", "localhost", port).await;
+    let reply = alice.get("/", &[]).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    let error = error_of(&reply);
+    assert!(error.starts_with("no-exit-available:"), "{error}");
+    assert!(
+        error.contains("user alice") && error.contains("exit2"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("exit1"),
+        "an exit alice may not use: {error}"
+    );
+    s.stop().await;
+}
+
 /// A tunnel outlives a reload, and its requests act as its user as the
 /// reload left it: a user narrowed to fewer exits keeps to them at once,
 /// and a user removed (or given another password) has the tunnel's next

@@ -65,6 +65,29 @@ async fn an_h2_client_reaches_an_http1_only_origin() {
     s.stop().await;
 }
 
+/// An HTTP/2 client's `:authority` reaches the origin as it wrote it, as an
+/// HTTP/1.1 client's `Host` does: a virtual host other than the CONNECT
+/// host (domain fronting, or a Host override) and a default port written
+/// out were replaced by the CONNECT host.
+#[tokio::test]
+async fn an_h2_clients_authority_reaches_the_origin_as_written() {
+    let s = Setup::builder().http1_only_origin().exits(1).start().await;
+    let port = s.origin.https.port();
+    let mut conn = s.proxy.client.tunnel_h2("localhost", port).await;
+    for authority in [format!("origin.test:{port}"), format!("LOCALHOST:{port}")] {
+        let request = http::Request::get(format!("https://{authority}/named"))
+            .version(Version::HTTP_2)
+            .body(http_body_util::Full::default())
+            .unwrap();
+        conn.sender().ready().await.unwrap();
+        let response = conn.sender().send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let seen = s.origin.seen().pop().unwrap();
+        assert_eq!(seen.header("host"), [authority.as_str()]);
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_http1_client_is_carried_over_http1_even_to_an_h2_origin() {
     let s = Setup::start(2).await;

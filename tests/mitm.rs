@@ -7,6 +7,7 @@ use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pinproxy::upstream::FingerprintMode;
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::{Proxy, Setup};
 use x509_parser::extensions::GeneralName;
@@ -76,6 +77,32 @@ async fn leaves_name_the_sni_host_or_the_ip_literal() {
     assert_eq!(sans(&leaf), ["ip:[127, 0, 0, 1]"]);
     let mut conn = proxy.client.tunnel("127.0.0.1", origin.https.port()).await;
     assert_eq!(conn.get("/", &[]).await.status, 200);
+}
+
+/// A fully qualified name (`localhost.`, as curl keeps it in a CONNECT for
+/// `https://localhost./`) reaches the origin in the default (mirror) mode,
+/// and in rustls mode: its dot is not sent as SNI, and the origin's
+/// certificate, which names `localhost`, verifies.
+#[tokio::test]
+async fn a_host_with_a_trailing_dot_is_dialled_without_it() {
+    for mode in [None, Some(FingerprintMode::Rustls)] {
+        let s = Setup::builder()
+            .exits(1)
+            .config(move |c| {
+                if let Some(mode) = mode {
+                    c.upstream.fingerprint = mode;
+                }
+            })
+            .start()
+            .await;
+        let mut conn = s
+            .proxy
+            .client
+            .tunnel("localhost.", s.origin.https.port())
+            .await;
+        let reply = conn.get("/", &[]).await;
+        assert_eq!(reply.status, 200, "{mode:?}: {:?}", reply.pinproxy_error());
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use support::origin::reported_peer;
 use support::{Origin, Proxy, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,17 +42,7 @@ async fn raw_tls(
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
     // Only the origin's CA: a pinproxy leaf would be refused.
-    let mut roots = rustls::RootCertStore::empty();
-    let ca: CertificateDer<'static> =
-        rustls::pki_types::pem::PemObject::from_pem_slice(origin.pki.ca_pem.as_bytes()).unwrap();
-    roots.add(ca).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = support::client::trusting(&origin.pki.ca_pem);
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("origin.test").unwrap(), tcp)
         .await
@@ -72,6 +62,101 @@ async fn raw_get(proxy: &Proxy, origin: &Origin, auth: Option<String>) -> std::n
     tls.read_to_string(&mut reply).await.ok();
     let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
     reported_peer(body).unwrap_or_else(|| panic!("no body in {reply:?}"))
+}
+
+/// A TLS handshake naming `sni`, trusting `ca_pem` only, through a CONNECT
+/// to `connect`: whether it completed.
+async fn handshake_through(proxy: &Proxy, connect: &str, sni: &str, ca_pem: &str) -> bool {
+    let (tcp, head) = proxy.client.raw_connect(connect).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let config = support::client::trusting(ca_pem);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = connector.connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp);
+    tokio::time::timeout(Duration::from_secs(20), handshake)
+        .await
+        .expect("the handshake ends one way or the other")
+        .is_ok()
+}
+
+/// Interception is decided on the CONNECT host; a TLS hello naming another
+/// host is judged too, and a disagreement fails closed. Under
+/// `mitm.include`, a tunnel to a passed-through host whose hello names an
+/// included one would carry its cookies out unread, through any exit: it
+/// is closed before the hello goes on. Under `mitm.exclude`, a tunnel to
+/// an intercepted host whose hello names an excluded one would have
+/// pinproxy mint a leaf for, and read, a host it was told to leave alone:
+/// its handshake is refused.
+#[tokio::test]
+async fn a_tls_name_the_mitm_policy_judges_otherwise_than_the_connect_host_is_refused() {
+    let included = Setup::builder()
+        .exits(2)
+        .config(|c| c.mitm.include = vec!["origin.test".into()])
+        .start()
+        .await;
+    let port = included.origin.https.port();
+    let origin_ca = included.origin.pki.ca_pem.clone();
+    assert!(
+        !handshake_through(
+            &included.proxy,
+            &format!("localhost:{port}"),
+            "origin.test",
+            &origin_ca
+        )
+        .await,
+        "a passed-through tunnel carried TLS for an intercepted host"
+    );
+    // The same names agreeing still pass through.
+    assert!(
+        handshake_through(
+            &included.proxy,
+            &format!("localhost:{port}"),
+            "localhost",
+            &origin_ca
+        )
+        .await
+    );
+    included.stop().await;
+
+    let excluded = Setup::builder()
+        .exits(1)
+        .config(|c| c.mitm.exclude = vec!["origin.test".into(), "127.0.0.1".into()])
+        .start()
+        .await;
+    let port = excluded.origin.https.port();
+    let pinproxy_ca = excluded.proxy.daemon.ca_cert_pem().to_owned();
+    assert!(
+        !handshake_through(
+            &excluded.proxy,
+            &format!("localhost:{port}"),
+            "origin.test",
+            &pinproxy_ca
+        )
+        .await,
+        "pinproxy opened TLS for an excluded host"
+    );
+    assert!(
+        handshake_through(
+            &excluded.proxy,
+            &format!("localhost:{port}"),
+            "localhost",
+            &pinproxy_ca
+        )
+        .await
+    );
+    // Under `exclude` alone, what the operator listed (here an address)
+    // is left alone whatever name its TLS gives.
+    let origin_ca = excluded.origin.pki.ca_pem.clone();
+    assert!(
+        handshake_through(
+            &excluded.proxy,
+            &format!("127.0.0.1:{port}"),
+            "localhost",
+            &origin_ca
+        )
+        .await,
+        "an excluded address's tunnel was second-guessed by its TLS"
+    );
+    excluded.stop().await;
 }
 
 #[tokio::test]

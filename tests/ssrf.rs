@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::{error_of, Setup};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// A listener on `ip` that counts the connections it accepts (and closes
@@ -63,6 +64,56 @@ async fn connect_and_absolute_form_requests_for_pinproxy_itself_are_refused() {
         assert!(reply.body.contains("loop"), "{}", reply.body);
     }
     // Nothing reached the exit for those, and real origins still work.
+    assert!(
+        s.exits[0].connects().is_empty(),
+        "{:?}",
+        s.exits[0].connects()
+    );
+    let reply = s.get_with("/", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    s.stop().await;
+}
+
+/// Hosts that C resolvers and browsers read as 127.0.0.1 but Rust's parser
+/// does not (`2130706433`, `127.1`, `0x7f.0.0.1`), and an IPv6 literal
+/// with a zone, are refused with 400 before anything is dialled: a proxy
+/// exit on pinproxy's own host would reach its admin endpoint through
+/// them, past the loop check. So are absolute-form ports the `http` crate
+/// reads as none (`:99999`, `:8o`), which were dialled on port 80.
+#[tokio::test]
+async fn hosts_and_ports_only_some_parsers_read_are_refused() {
+    let s = Setup::start(1).await;
+    let admin = s.proxy.daemon.admin_addr().unwrap().port();
+    let client = &s.proxy.client;
+    for target in [
+        format!("2130706433:{admin}"),
+        format!("127.1:{admin}"),
+        format!("0x7f.0.0.1:{admin}"),
+        format!("[::1%25lo]:{admin}"),
+    ] {
+        let (_, head) = client.raw_connect(&target).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "CONNECT {target}: {head}");
+    }
+    let plain = client
+        .plain("2130706433", admin)
+        .await
+        .get("/identities", &[])
+        .await;
+    assert_eq!(plain.status, 400, "{}", plain.body);
+    for target in [
+        "http://localhost:99999/",
+        "http://localhost:8o/",
+        "http://localhost:0/",
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(s.proxy.daemon.local_addr())
+            .await
+            .unwrap();
+        tcp.write_all(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = support::client::read_head(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "GET {target}: {head}");
+    }
     assert!(
         s.exits[0].connects().is_empty(),
         "{:?}",

@@ -12,6 +12,21 @@ use support::exit::Gateway;
 use support::redis_group::RedisNode;
 use support::{error_of, Jar, Setup, TestExitSpec};
 
+/// pinproxy on `redis`, its one exit a sticky-session gateway over
+/// `addresses` (`gate`) that states each tunnel's egress address.
+async fn gateway_on(redis: &RedisNode, addresses: &[&str]) -> Setup {
+    let url = redis.url();
+    let gateway = Gateway::new(addresses, None, 0.0, 1);
+    Setup::builder()
+        .exit(TestExitSpec::gateway(gateway).id("gate").with_sessions())
+        .config(move |c| {
+            c.store.url = url;
+            c.exits[0].exit_ip_header = Some("X-Exit-IP".into());
+        })
+        .start()
+        .await
+}
+
 /// Makes `redis` refuse writes (or take them again), and checks it does.
 async fn refuse_writes(redis: &RedisNode, refuse: bool) {
     let limit = if refuse { "1" } else { "0" };
@@ -87,16 +102,7 @@ async fn a_redis_that_refuses_writes_lets_nothing_unpinned_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_egress_address_the_store_cannot_take_withholds_the_answer() {
     let redis = RedisNode::volatile().await;
-    let url = redis.url();
-    let gateway = Gateway::new(&["127.0.0.2"], None, 0.0, 1);
-    let s = Setup::builder()
-        .exit(TestExitSpec::gateway(gateway).id("gate").with_sessions())
-        .config(move |c| {
-            c.store.url = url;
-            c.exits[0].exit_ip_header = Some("X-Exit-IP".into());
-        })
-        .start()
-        .await;
+    let s = gateway_on(&redis, &["127.0.0.2"]).await;
 
     // The cookie is pinned when the request is routed; Redis refuses
     // writes only once the request has reached the origin.
@@ -109,12 +115,58 @@ async fn an_egress_address_the_store_cannot_take_withholds_the_answer() {
     assert_eq!(answer.status, 503, "{}", answer.body);
     let error = error_of(&answer);
     assert!(error.starts_with("store-unavailable:"), "{error}");
+    // Unlike a refusal before sending: the client is told the origin
+    // acted on the request, through which exit, and not to repeat it
+    // blindly.
+    assert!(
+        error.contains("exit gate carried the request and the origin answered 200")
+            && error.contains("repeat it only if that is safe"),
+        "{error}"
+    );
 
     // Once Redis takes writes, the identity goes on from its address.
     refuse_writes(&redis, false).await;
     let again = s.get_with("/page", &cookie).await;
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(Setup::peer(&again), Some("127.0.0.2".parse().unwrap()));
+    s.stop().await;
+}
+
+/// A session that drifted to another address while Redis refuses writes:
+/// the request is answered `identity-retired` (`exit-ip-drift`) and the
+/// identity stays retired in this process until Redis takes the retirement,
+/// rather than a bare `store-unavailable` that lost the drift and left the
+/// identity to dial again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_whose_retirement_the_store_refused_is_still_retired() {
+    let redis = RedisNode::volatile().await;
+    let s = gateway_on(&redis, &["127.0.0.2", "127.0.0.3"]).await;
+    let (mut jar, _) = s.login("/login").await;
+    assert_eq!(s.get("/page", &mut jar).await.status, 200);
+
+    refuse_writes(&redis, true).await;
+    s.exits[0].gateway.as_ref().unwrap().move_all();
+    s.exits[0].close_tunnels();
+    let seen = s.origin.seen().len();
+    for attempt in 0..2 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        let error = error_of(&reply);
+        assert!(
+            error.starts_with("identity-retired:") && error.contains("exit-ip-drift"),
+            "{error}"
+        );
+        // Which of the jar's cookies the advice to drop means: the
+        // request's, on the drift; the retired pin's, on the next request.
+        let named = match attempt {
+            0 => "the request carried datadome#",
+            _ => "datadome#",
+        };
+        assert!(error.contains(named), "{error}");
+    }
+    assert_eq!(s.origin.seen().len(), seen, "the cookie never left");
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+    refuse_writes(&redis, false).await;
     s.stop().await;
 }
 

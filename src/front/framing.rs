@@ -236,10 +236,7 @@ pub struct Park<T> {
 /// The answer to a refused head: `400 bad-request` saying why, and
 /// `Connection: close`: nothing after it on the connection is read.
 pub fn refusal(error: FramingError) -> Response<Body> {
-    let mut response = ProxyError::BadRequest(format!(
-        "refused a request whose framing could be read two ways: {error}; it was not forwarded"
-    ))
-    .to_response();
+    let mut response = ProxyError::AmbiguousFraming(error.to_string()).to_response();
     response
         .headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));

@@ -55,6 +55,14 @@ struct Bucket {
     at: Instant,
 }
 
+/// Whom `ip` is counted as: itself, an IPv4-mapped IPv6 address as the
+/// IPv4 address it maps (a dual-stack listener sees IPv4 clients so).
+/// IPv6 clients are not grouped by prefix: a /64 is as often a shared
+/// subnet (a Kubernetes node's pods, a Docker network) as one host.
+fn client_key(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
 /// The per-client state of the front door.
 #[derive(Debug, Default)]
 pub struct ClientLimits {
@@ -101,6 +109,7 @@ impl ClientLimits {
 
     /// Counts a new connection from `client`, unless it has too many.
     pub fn connect(self: &Arc<Self>, client: IpAddr) -> Result<ClientConnection, Throttle> {
+        let client = client_key(client);
         let limit = self.settings.max_connections;
         if limit > 0 {
             let mut open = self.connections.entry(client).or_insert(0);
@@ -125,6 +134,7 @@ impl ClientLimits {
         if rate == 0 {
             return Ok(());
         }
+        let client = client_key(client);
         self.sweep_now_and_then();
         let rate_f = f64::from(rate);
         let burst = f64::from(self.settings.burst.max(1));
@@ -257,5 +267,19 @@ mod tests {
         drop(_c);
         drop(_b);
         assert_eq!(limits.tracked(), 0, "counts leave the map at zero");
+    }
+
+    /// An IPv4-mapped address is the IPv4 client it maps: a dual-stack
+    /// listener does not give an IPv4 client a second allowance.
+    #[tokio::test]
+    async fn an_ipv4_mapped_client_is_its_ipv4_address() {
+        let limits = ClientLimits::new(ClientLimitSettings {
+            max_connections: 1,
+            ..ClientLimitSettings::default()
+        });
+        let _one = limits.connect("2001:db8::1".parse().unwrap()).unwrap();
+        assert!(limits.connect("2001:db8::2".parse().unwrap()).is_ok());
+        let _v4 = limits.connect("127.0.0.9".parse().unwrap()).unwrap();
+        assert!(limits.connect("::ffff:127.0.0.9".parse().unwrap()).is_err());
     }
 }

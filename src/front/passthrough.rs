@@ -10,16 +10,22 @@
 //! whole life. pinproxy cannot see cookies inside such a tunnel: only the
 //! session key keeps it coherent with the client's other traffic. A tunnel
 //! that carries nothing either way for `timeouts.relay_idle` is closed.
+//!
+//! A TLS client's hello is read before it goes on: one naming a host
+//! pinproxy intercepts, in a tunnel to a host it passes through (a CONNECT
+//! by address), is refused rather than let through unread.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Frontend;
 use crate::body::{self, Body};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{client_hello, Fingerprint, Progress};
 use crate::net::relay::relay;
 use crate::net::HostPort;
 use crate::proxy::target::Principal;
@@ -84,17 +90,223 @@ async fn open(
     // The tunnel is the client connection from here on: the upgraded
     // stream holds its place among the connection limits.
     let idle = Some(pipeline.relay_idle);
+    // The first words are bounded as the relay is (zero: never).
+    let opening_limit = Some(pipeline.relay_idle)
+        .filter(|limit| !limit.is_zero())
+        .unwrap_or(Duration::MAX);
+    let tunnel_frontend = frontend.clone();
+    let authority = authority.clone();
     frontend.tasks.spawn(async move {
         let client = match hyper::upgrade::on(request).await {
             Ok(client) => client,
             Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
         };
+        let mut client = TokioIo::new(client);
         let mut upstream = upstream;
-        relay(&mut TokioIo::new(client), &mut upstream, idle)
+        let policy = &tunnel_frontend.mitm.policy;
+        let opening = first_words(&mut client, &mut upstream, policy.lists_intercepted(), |sni| {
+            policy.intercepts(sni)
+        });
+        match tokio::time::timeout(opening_limit, opening).await {
+            Ok(Ok(Opening::Relay)) => {}
+            Ok(Ok(Opening::Intercepted(sni))) => {
+                return tracing::warn!(
+                    connect = %authority, sni,
+                    "refused a passed-through tunnel whose TLS names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host the TLS names"
+                );
+            }
+            Ok(Ok(Opening::Unreadable)) => {
+                return tracing::warn!(
+                    connect = %authority,
+                    "refused a passed-through tunnel whose TLS hello pinproxy cannot read, so cannot tell whether it names a host mitm.include lists"
+                );
+            }
+            Ok(Err(e)) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
+            Err(_) => return tracing::debug!("passthrough tunnel idle before it carried anything"),
+        }
+        relay(&mut client, &mut upstream, idle)
             .await
             .log("passthrough tunnel");
     });
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     Ok(response)
+}
+
+/// The content type of a TLS handshake record, a ClientHello's first byte.
+const TLS_HANDSHAKE: u8 = 22;
+
+/// How a passed-through tunnel's first bytes went.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    /// Sent on: the relay takes over.
+    Relay,
+    /// The client's TLS hello names this host, which `intercepted` says
+    /// pinproxy would open: nothing was sent on.
+    Intercepted(String),
+    /// The client began a TLS handshake whose hello cannot be read, while
+    /// hellos are judged: nothing was sent on.
+    Unreadable,
+}
+
+/// Carries a passed-through tunnel's first bytes, judging a TLS client's
+/// hello before any of it goes on when `judged` (a policy that lists the
+/// hosts it intercepts, see `InterceptPolicy::lists_intercepted`): a hello
+/// naming a host pinproxy intercepts (`intercepted`) was sent through a
+/// tunnel whose CONNECT named one it passes through (`CONNECT
+/// 203.0.113.7:443` with SNI `www.target.example`, under `mitm.include`),
+/// and its cookies would go out unread, through whichever exit rotation
+/// picked; a TLS hello that cannot be read cannot be judged, and is
+/// refused too. Bytes that are not TLS are sent on as they are; when the
+/// server speaks first (a protocol whose client waits for a banner), its
+/// bytes go to the client and nothing is judged (a TLS client never
+/// waits).
+async fn first_words<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    judged: bool,
+    intercepted: impl Fn(&str) -> bool,
+) -> std::io::Result<Opening>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if !judged {
+        return Ok(Opening::Relay);
+    }
+    let mut from_client = Vec::with_capacity(2048);
+    let mut from_server = Vec::new();
+    // Both reads can be dropped unfinished without losing a byte.
+    tokio::select! {
+        read = client.read_buf(&mut from_client) => {
+            if read? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        read = upstream.read_buf(&mut from_server) => {
+            if read? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            client.write_all(&from_server).await?;
+            return Ok(Opening::Relay);
+        }
+    }
+    // Bounded: past its limits (64 KiB, a few records) a hello fails.
+    loop {
+        match client_hello::handshake_len_needed(&from_client) {
+            Progress::Complete { consumed } => {
+                let records = from_client.get(..consumed).unwrap_or(&from_client);
+                let Ok(hello) = client_hello::parse(records) else {
+                    return Ok(Opening::Unreadable);
+                };
+                if let Some(sni) = hello.server_name.filter(|sni| intercepted(sni)) {
+                    return Ok(Opening::Intercepted(sni));
+                }
+                break;
+            }
+            // A TLS handshake record that is no hello pinproxy can read
+            // (over its limits, damaged) cannot be judged; other bytes are
+            // not TLS.
+            Progress::Failed(_) if from_client.first() == Some(&TLS_HANDSHAKE) => {
+                return Ok(Opening::Unreadable);
+            }
+            Progress::Failed(_) => break,
+            Progress::NeedMore => {
+                from_client.reserve(2048);
+                if client.read_buf(&mut from_client).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+    upstream.write_all(&from_client).await?;
+    Ok(Opening::Relay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello naming `sni`, as rustls writes it.
+    fn hello(sni: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut bytes = Vec::new();
+        conn.write_tls(&mut bytes).unwrap();
+        bytes
+    }
+
+    /// Runs [`first_words`] with `client_sends` written by the client
+    /// (in two pieces, cut inside the hello), `server_sends` by the
+    /// server, and `www.target.example` intercepted; answers the opening
+    /// and what each side received.
+    async fn open_with(client_sends: &[u8], server_sends: &[u8]) -> (Opening, Vec<u8>, Vec<u8>) {
+        let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
+        let (mut upstream, mut upstream_far) = tokio::io::duplex(1 << 16);
+        upstream_far.write_all(server_sends).await.unwrap();
+        let (a, b) = client_sends.split_at(client_sends.len() / 2);
+        client_far.write_all(a).await.unwrap();
+        // The rest comes later, as a second segment would.
+        let rest = b.to_vec();
+        let writer = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            // Bytes after what `first_words` reads are the relay's: the
+            // tunnel may be gone by then.
+            let _ = client_far.write_all(&rest).await;
+            client_far
+        });
+        let opening = first_words(&mut client, &mut upstream, true, |sni| {
+            sni == "www.target.example"
+        })
+        .await
+        .unwrap();
+        drop((client, upstream));
+        let mut client_far = writer.await.unwrap();
+        let mut to_client = Vec::new();
+        client_far.read_to_end(&mut to_client).await.unwrap();
+        let mut to_upstream = Vec::new();
+        upstream_far.read_to_end(&mut to_upstream).await.unwrap();
+        (opening, to_client, to_upstream)
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_an_intercepted_host_goes_nowhere() {
+        let (opening, _, sent) = open_with(&hello("www.target.example"), b"").await;
+        assert_eq!(opening, Opening::Intercepted("www.target.example".into()));
+        assert!(sent.is_empty(), "{} bytes went on", sent.len());
+    }
+
+    #[tokio::test]
+    async fn other_first_words_go_on_as_they_are() {
+        let other = hello("cdn.other.example");
+        let (opening, _, sent) = open_with(&other, b"").await;
+        assert_eq!((opening, sent), (Opening::Relay, other));
+        let plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let (opening, _, sent) = open_with(&plain, b"").await;
+        assert_eq!(opening, Opening::Relay);
+        assert!(!sent.is_empty() && plain.starts_with(&sent), "{sent:?}");
+        // A server that speaks first (SSH, SMTP) is not kept waiting.
+        let (opening, banner, _) = open_with(b"", b"SSH-2.0-x\r\n").await;
+        assert_eq!(
+            (opening, banner),
+            (Opening::Relay, b"SSH-2.0-x\r\n".to_vec())
+        );
+    }
+
+    /// A TLS handshake record that holds no hello pinproxy can read cannot
+    /// be judged: refused, nothing sent on.
+    #[tokio::test]
+    async fn an_unreadable_hello_goes_nowhere() {
+        let record = [22, 3, 1, 0, 6, 99, 0, 0, 2, 0, 0];
+        let (opening, _, sent) = open_with(&record, b"").await;
+        assert_eq!(opening, Opening::Unreadable);
+        assert!(sent.is_empty());
+    }
 }

@@ -264,6 +264,20 @@ where
         }
     };
     let hello = start.client_hello();
+    // Interception was decided on the CONNECT host; a hello naming a host
+    // `mitm.exclude` keeps out (or a non-empty `mitm.include` leaves out)
+    // is not opened: pinproxy would mint a leaf for a host it was told to
+    // pass through, and read it. Its passed-through tunnels judge the
+    // hello the other way round (`passthrough`).
+    if let Some(sni) = hello.server_name() {
+        if !frontend.mitm.policy.intercepts(sni) {
+            tracing::warn!(
+                connect = %tunnel.authority, sni,
+                "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names"
+            );
+            return None;
+        }
+    }
     // The leaf names what the client will verify: its SNI, or the CONNECT
     // host when it sent none (IP literals).
     let name = match hello.server_name() {

@@ -26,10 +26,27 @@ impl InterceptPolicy {
             patterns
                 .iter()
                 .map(|p| {
-                    glob::Pattern::new(&p.to_ascii_lowercase()).map_err(|e| HostPatternError {
+                    let refused = |reason: String| HostPatternError {
                         pattern: p.clone(),
-                        reason: e.to_string(),
-                    })
+                        reason,
+                    };
+                    // Hosts arrive in ASCII (an IDN as its `xn--` form): a
+                    // pattern in Unicode would never match, and an exclude
+                    // that never matches intercepts what it names.
+                    if !p.is_ascii() {
+                        return Err(refused(
+                            "write internationalised names in their ASCII form (xn--...), as clients send them".into(),
+                        ));
+                    }
+                    // Judged as hosts are, without a trailing dot; but not
+                    // `*.`, which would become `*`, every host.
+                    let text = p.strip_suffix('.').unwrap_or(p).to_ascii_lowercase();
+                    if text == "*" && p != "*" {
+                        return Err(refused(
+                            "a lone * with a trailing dot would match every host; write * if that is meant".into(),
+                        ));
+                    }
+                    glob::Pattern::new(&text).map_err(|e| refused(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
@@ -37,6 +54,16 @@ impl InterceptPolicy {
             include: compile(include)?,
             exclude: compile(exclude)?,
         })
+    }
+
+    /// Whether the policy names the hosts it intercepts (a non-empty
+    /// `mitm.include`): then a tunnel passed through carries a host the
+    /// operator did not list, and one whose TLS names a listed host is
+    /// refused (see `front::passthrough`). Under `mitm.exclude` alone, the
+    /// operator listed what to leave alone (hosts, or addresses), and a
+    /// tunnel to it is not second-guessed by its TLS.
+    pub fn lists_intercepted(&self) -> bool {
+        !self.include.is_empty()
     }
 
     /// Whether a tunnel to `host` is intercepted (else it is passed through).
@@ -75,5 +102,19 @@ mod tests {
         assert!(!only.intercepts("login.target.example"));
         assert!(!only.intercepts("login.target.example."));
         assert!(!only.intercepts("cdn.other.example"));
+    }
+
+    /// A pattern written with a trailing dot matches as hosts are judged,
+    /// without it; one in Unicode, which no host arrives as, is refused
+    /// rather than left never to match.
+    #[test]
+    fn patterns_are_written_as_hosts_arrive() {
+        let dotted = InterceptPolicy::new(&[], &["bank.example.".into()]).unwrap();
+        assert!(!dotted.intercepts("bank.example"));
+        assert!(!dotted.intercepts("bank.example."));
+        assert!(InterceptPolicy::new(&[], &["*.bücher.example".into()]).is_err());
+        assert!(InterceptPolicy::new(&[], &["*.".into()]).is_err());
+        let punycode = InterceptPolicy::new(&[], &["*.xn--bcher-kva.example".into()]).unwrap();
+        assert!(!punycode.intercepts("www.xn--bcher-kva.example"));
     }
 }

@@ -58,10 +58,17 @@ impl Pipeline {
         }
         if let Some(detail) = unpinnable(&set) {
             let error = UpstreamError::Exchange {
-                kind: ExchangeKind::Protocol,
+                kind: ExchangeKind::Unpinnable,
                 detail,
             };
             return Err(ProxyError::upstream(&route.exit, error));
+        }
+        // A store that refuses requests (a Redis replica whose journal
+        // stopped, under `store.on_unavailable = "fail-open"`, which let a
+        // credential-less request through) pins nothing either: Redis
+        // would take a pin the journal could not, and a restore miss it.
+        if let Some(refusal) = self.router.store().refusal() {
+            return Err(ProxyError::Store(refusal));
         }
         Ok(learn(&self.router, route, &set, &fingerprint.record(), egress_ip).await?)
     }

@@ -18,6 +18,7 @@ use super::auth::AuthFailure;
 use super::credentials::cookies::CookieError;
 use super::credentials::session_key::SessionKeyError;
 use crate::body::{self, Body};
+use crate::credential::Credential;
 use crate::exits::Exit;
 use crate::fault::{Blame, Fault};
 use crate::identity::{ExitId, IdentityId, RetireReason};
@@ -37,6 +38,10 @@ pub enum ProxyError {
     /// The request is malformed or not a proxy request.
     #[error("{0}")]
     BadRequest(String),
+    /// The request's framing could be read two ways (request smuggling):
+    /// refused, and the connection closed.
+    #[error("refused a request whose framing could be read two ways: {0}; it was not forwarded")]
+    AmbiguousFraming(String),
     /// The header section is over the limit.
     #[error("the request header section is {size} bytes; the limit is {limit}")]
     HeadersTooLarge {
@@ -73,6 +78,19 @@ pub enum ProxyError {
         exit: ExitId,
         /// Why.
         reason: RetireReason,
+    },
+    /// The origin answered, but what its answer pins (its tracked cookies,
+    /// the identity's first egress address) could not be stored: the
+    /// answer was withheld, so that no client holds a cookie pinned
+    /// nowhere. Unlike [`ProxyError::Store`], the request was carried.
+    #[error("exit {exit} carried the request and the origin answered {status}, but what the answer pins could not be stored ({error}); the answer was withheld")]
+    AnswerWithheld {
+        /// The exit that carried the request.
+        exit: ExitId,
+        /// The origin's status.
+        status: StatusCode,
+        /// The store's failure.
+        error: StoreError,
     },
     /// Routing failed.
     #[error(transparent)]
@@ -122,6 +140,7 @@ impl Blame for ProxyError {
     fn fault(&self) -> Fault {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::AmbiguousFraming(_)
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::Cookies(_)
             | ProxyError::SessionKey(_)
@@ -132,13 +151,27 @@ impl Blame for ProxyError {
             | ProxyError::Throttled(_) => Fault::Client,
             ProxyError::IdentityRetired { .. } => Fault::Exit,
             ProxyError::Route(e) => e.fault(),
-            ProxyError::Store(e) => e.fault(),
+            ProxyError::Store(e) | ProxyError::AnswerWithheld { error: e, .. } => e.fault(),
             ProxyError::Upstream { error, .. } => error.fault(),
         }
     }
 }
 
 impl ProxyError {
+    /// This error met while capturing what an answer of `status` through
+    /// `exit` pins: a store failure then is an answer withheld (see
+    /// [`ProxyError::AnswerWithheld`]); others are left as they are.
+    pub fn withheld(self, exit: &ExitId, status: StatusCode) -> ProxyError {
+        match self {
+            ProxyError::Store(error) => ProxyError::AnswerWithheld {
+                exit: exit.clone(),
+                status,
+                error,
+            },
+            other => other,
+        }
+    }
+
     /// `error` on the way through `exit`.
     pub fn upstream(exit: &Exit, error: UpstreamError) -> ProxyError {
         ProxyError::Upstream {
@@ -151,7 +184,7 @@ impl ProxyError {
     /// The short, stable error code sent in `X-Pinproxy-Error`.
     pub fn code(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BadRequest(_) | ProxyError::AmbiguousFraming(_) => "bad-request",
             ProxyError::HeadersTooLarge { .. } => "headers-too-large",
             ProxyError::Cookies(_) => "unreadable-cookies",
             ProxyError::SessionKey(_) => "bad-session-key",
@@ -167,7 +200,9 @@ impl ProxyError {
             ProxyError::Loop { .. } => "proxy-loop",
             ProxyError::OutsideCa { .. } => "outside-ca-constraints",
             ProxyError::Throttled(t) => t.code(),
-            ProxyError::Route(RouteError::Store(_)) | ProxyError::Store(_) => "store-unavailable",
+            ProxyError::Route(RouteError::Store(_))
+            | ProxyError::Store(_)
+            | ProxyError::AnswerWithheld { .. } => "store-unavailable",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::Connect(c) => match c {
                     ConnectError::ExitUnreachable { .. } => "exit-unreachable",
@@ -234,6 +269,13 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => {
                 "Send absolute-form requests (GET http://host/path) or CONNECT host:port to pinproxy."
+                    .into()
+            }
+            ProxyError::AmbiguousFraming(_) => {
+                "Send the head as RFC 9112 frames it: CRLF line endings, no folded lines, control \
+                 characters or space before a colon, and a body's length stated once (one \
+                 Content-Length, or Transfer-Encoding: chunked alone). The connection was closed: \
+                 nothing after this request on it was read."
                     .into()
             }
             ProxyError::HeadersTooLarge { .. } => {
@@ -310,6 +352,11 @@ impl ProxyError {
                     .into()
             }
             ProxyError::Route(RouteError::Store(e)) | ProxyError::Store(e) => store_advice(e),
+            ProxyError::AnswerWithheld { error, .. } => format!(
+                "The origin has acted on the request: repeat it only if that is safe. {}",
+                store_advice(error)
+            )
+            .into(),
             ProxyError::Upstream { error, .. } => upstream_advice(error).into(),
             ProxyError::Throttled(t) => t.advice().into(),
         }
@@ -317,7 +364,38 @@ impl ProxyError {
 
     /// The answer sent to the client.
     pub fn to_response(&self) -> Response<Body> {
-        let message = self.to_string();
+        self.to_response_for(&[])
+    }
+
+    /// [`ProxyError::to_response`] for a request that carried
+    /// `credentials`: an error about the request's identity as a whole
+    /// (retired after routing, its exit missing or not the user's, its
+    /// fingerprint changed) names them (`name#hash`), so the user knows
+    /// which entries of the jar its advice means.
+    pub fn to_response_for(&self, credentials: &[Credential]) -> Response<Body> {
+        let mut message = self.to_string();
+        let of_identity = matches!(
+            self,
+            ProxyError::IdentityRetired { .. }
+                | ProxyError::FingerprintDrift { .. }
+                | ProxyError::Route(
+                    RouteError::ExitMissing { .. } | RouteError::ExitNotAllowed { .. }
+                )
+        );
+        if of_identity && !credentials.is_empty() {
+            // A few are enough to find the jar entries; the message stays
+            // short enough for its header, advice included.
+            const NAMED: usize = 8;
+            let mut named: Vec<String> = credentials
+                .iter()
+                .take(NAMED)
+                .map(ToString::to_string)
+                .collect();
+            if credentials.len() > NAMED {
+                named.push(format!("and {} more", credentials.len() - NAMED));
+            }
+            message.push_str(&format!(" (the request carried {})", named.join(", ")));
+        }
         let advice = self.advice();
         let header = header_value(&format!("{}: {message}. {advice}", self.code()));
         let text = format!("pinproxy: {message}\n{advice}\n");
@@ -409,8 +487,9 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
              cookie-less requests through meanwhile)."
         }
         StoreErrorKind::WriteFailed => {
-            "The embedded pin store could not write (disk full or read-only?); it refuses new pins \
-             until pinproxy is restarted after the disk is fixed."
+            "A pin store file could not be written (disk full or read-only?): the embedded store's, \
+             or with Redis this replica's journal (DATA_DIR/journal.redb). pinproxy refuses new pins \
+             until it is restarted after the disk is fixed; with Redis, the other replicas serve."
         }
         StoreErrorKind::Stalled => {
             "The embedded pin store's disk has not confirmed a write in time (a hung or overloaded \
@@ -444,8 +523,9 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
 fn upstream_advice(error: &UpstreamError) -> &'static str {
     let connect = match error {
         UpstreamError::ResponseTimeout(_) => {
-            return "The origin sent no response head within timeouts.response_head; raise it for \
-                    slow endpoints, or retry later."
+            return "The origin sent no response head within timeouts.response_head, counted from \
+                    when pinproxy began sending (a long upload counts too); raise it for slow \
+                    endpoints or large uploads, or retry later."
         }
         UpstreamError::Exchange { kind, .. } => return match kind {
             ExchangeKind::OriginClosed => {
@@ -457,8 +537,14 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
                      is fixed."
             }
             ExchangeKind::Upgrade => {
-                "The origin refused or broke the WebSocket upgrade: check the path and the \
-                     client's upgrade headers."
+                "The origin refused or broke the WebSocket upgrade, or switched protocols \
+                     unasked (pinproxy relays only a WebSocket): check the path and, for a \
+                     WebSocket, the client's upgrade headers."
+            }
+            ExchangeKind::Unpinnable => {
+                "The answer was withheld so that no tracked cookie reaches the client unpinned; \
+                     the origin acted on the request. If this origin sets that many tracked \
+                     cookies, track fewer names (cookies.track)."
             }
             ExchangeKind::Other => {
                 "The connection to the origin failed during the exchange; retry if the request \
@@ -583,6 +669,69 @@ mod tests {
     fn header_values_are_sanitised() {
         let v = header_value("bad\r\ninjected: ä");
         assert_eq!(v.to_str().unwrap(), "bad??injected: ?");
+    }
+
+    /// The advice fits the cause: a smuggling refusal is not told to send
+    /// absolute-form requests, an answer setting too many tracked cookies
+    /// is not called invalid HTTP.
+    #[test]
+    fn advice_fits_the_cause() {
+        let framing =
+            ProxyError::AmbiguousFraming("both Content-Length and Transfer-Encoding".into());
+        assert_eq!(framing.code(), "bad-request");
+        assert_eq!(framing.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            !framing.advice().contains("absolute-form"),
+            "{}",
+            framing.advice()
+        );
+        assert!(
+            framing.advice().contains("Content-Length"),
+            "{}",
+            framing.advice()
+        );
+        let exit = crate::identity::ExitId::new("res1");
+        let unpinnable = ProxyError::Upstream {
+            exit,
+            url: "http://res1.example:3128".into(),
+            error: UpstreamError::Exchange {
+                kind: crate::upstream::error::ExchangeKind::Unpinnable,
+                detail: "the origin set 300 tracked cookies in one answer".into(),
+            },
+        };
+        assert!(
+            !unpinnable.advice().contains("not valid HTTP"),
+            "{}",
+            unpinnable.advice()
+        );
+        assert!(
+            unpinnable.advice().contains("withheld"),
+            "{}",
+            unpinnable.advice()
+        );
+    }
+
+    /// An identity-level error names the request's credentials, a few of
+    /// them: the header keeps its advice however many the request carried.
+    #[test]
+    fn an_identity_error_names_a_few_of_the_requests_credentials() {
+        let hasher = crate::credential::PinHasher::new([1; 32]);
+        let credentials: Vec<Credential> = (0..300)
+            .map(|n| Credential::cookie("datadome", hasher.cookie("datadome", &n.to_string())))
+            .collect();
+        let error = ProxyError::IdentityRetired {
+            identity: IdentityId::random(),
+            exit: ExitId::new("res1"),
+            reason: RetireReason::Evicted,
+        };
+        let response = error.to_response_for(&credentials);
+        let header = response.headers()[X_PINPROXY_ERROR]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(header.contains("the request carried datadome#"), "{header}");
+        assert!(header.contains("and 292 more"), "{header}");
+        assert!(header.ends_with(&*error.advice()), "{header}");
     }
 
     #[test]

@@ -146,12 +146,18 @@ impl Pipeline {
             return ProxyError::upstream(exit, error);
         };
         let reason = RetireReason::ExitIpDrift { expected, observed };
+        // As for an invalidation: a store that cannot take the retirement
+        // now gets it in the background, and this process honours it
+        // meanwhile (answering the store's error alone lost the drift, and
+        // left the identity to dial again).
         if let Err(e) = self
             .router
             .retire(&self.exits, identity, reason.clone())
             .await
         {
-            return ProxyError::Store(e);
+            tracing::warn!(error = %e, identity = %identity.id, "could not store an address drift's retirement yet; retrying in the background");
+            self.router
+                .retire_soon(self.exits.clone(), (**identity).clone(), reason.clone());
         }
         ProxyError::IdentityRetired {
             identity: identity.id,

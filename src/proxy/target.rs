@@ -100,11 +100,16 @@ impl Target {
     /// Works out the origin of `request`, arriving in `tunnel` (if any).
     pub fn of<B>(request: &Request<B>, tunnel: Option<&Tunnel>) -> Result<Target, ProxyError> {
         let uri = request.uri();
-        let path_and_query = uri
-            .path_and_query()
-            .filter(|p| p.as_str().starts_with('/'))
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path_and_query = match uri.path_and_query() {
+            Some(p) if p.as_str().starts_with('/') => p.clone(),
+            // `http://a.test?x=1`: the empty path is `/`, and the query
+            // stays (RFC 9112 §3.2.1).
+            Some(p) if p.as_str().starts_with('?') => {
+                PathAndQuery::try_from(format!("/{}", p.as_str()))
+                    .map_err(|_| ProxyError::BadRequest("the request target's query".into()))?
+            }
+            _ => PathAndQuery::from_static("/"),
+        };
         if let Some(tunnel) = tunnel {
             return Ok(Target {
                 scheme: if tunnel.tls {
@@ -131,7 +136,7 @@ impl Target {
             }
         };
         let origin = HostPort::from_uri(uri, default_port(scheme == Scheme::HTTPS))
-            .ok_or_else(|| ProxyError::BadRequest("the request target has no host".into()))?;
+            .map_err(|e| ProxyError::BadRequest(format!("the request target: {e}")))?;
         Ok(Target {
             scheme,
             origin,
@@ -209,6 +214,11 @@ mod tests {
         );
         assert_eq!(t.path_and_query, "/a?b=1");
         assert_eq!(t.host_header().unwrap(), "Example.com");
+        let t = Target::of(&req("http://example.com?b=1"), None).unwrap();
+        assert_eq!(
+            t.path_and_query, "/?b=1",
+            "a query without a path keeps its query"
+        );
         let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
         assert_eq!(&*t.origin.host, "::1");
         assert_eq!(t.host_header().unwrap(), "[::1]:8443");

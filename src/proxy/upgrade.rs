@@ -152,13 +152,17 @@ impl Pipeline {
             response, tunnel, ..
         } = self.send_upgrade(route, origin, request).await?;
         let egress_ip = tunnel.egress_ip;
+        let status = response.status();
+        let withheld = |e: ProxyError| e.withheld(route.exit.id(), status);
         let identity = self
             .capture_pins(route, fingerprint, response.headers(), egress_ip)
-            .await?;
+            .await
+            .map_err(withheld)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(identity) = &identity {
                 self.capture_use(identity, true, egress_ip, Some(&tunnel))
-                    .await?;
+                    .await
+                    .map_err(withheld)?;
             }
             return bridge(socket, response, self.relay_idle, &self.connections)
                 .map_err(|error| ProxyError::upstream(&route.exit, error));
@@ -172,7 +176,8 @@ impl Pipeline {
                 egress_ip,
                 Some(&tunnel),
             )
-            .await?;
+            .await
+            .map_err(withheld)?;
             body = self.capture_invalidation(identity, &parts, body).await;
         }
         let body = egress::response_body(body, &parts);

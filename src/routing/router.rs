@@ -94,7 +94,7 @@ pub enum RouteError {
     #[error("{}", describe_retired(.0))]
     Retired(Vec<DeadCredential>),
     /// Every exit is dead or drained (each exit's state, in words).
-    #[error("no exit is available: every exit is dead or drained ({0})")]
+    #[error("no exit is available: every exit this request may use is dead or drained ({0})")]
     NoExit(String),
     /// The identity's exit is not configured here (another replica's).
     #[error("identity {identity} is bound to exit {exit}, which this pinproxy does not have")]
@@ -461,7 +461,7 @@ impl Router {
     ) -> Result<Route, RouteError> {
         let exit = exits
             .pick_within(now, scope)
-            .ok_or_else(|| RouteError::NoExit(exits.unavailable()))?;
+            .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
         let mut candidate = Identity::new(
             exit.id().clone(),
             SessionId(rand::random()),
@@ -582,7 +582,7 @@ impl Router {
     ) -> Result<Route, RouteError> {
         let exit = exits
             .pick_within(now, scope)
-            .ok_or_else(|| RouteError::NoExit(exits.unavailable()))?;
+            .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
         let session = exit.sessions.next(now);
         Ok(Route {
             exit: exit.clone(),

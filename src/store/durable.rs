@@ -104,6 +104,10 @@ struct Shared {
     /// handed out, nothing is in flight and a lookup need not look for its
     /// records among the pending ones.
     durable_through: AtomicU64,
+    /// Set once the writer stopped on a failed write ([`Committed::failure`]
+    /// says why): read on every request by a Redis replica's journal
+    /// check, without the watch channel's lock.
+    failed: std::sync::atomic::AtomicBool,
     /// Makes every write fail (tests of what follows a failed write).
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicBool,
@@ -440,7 +444,19 @@ impl DurableStore {
     /// so every change from then on (a new pin, a retirement) is refused
     /// until pinproxy restarts; what is on disk is still answered.
     pub fn write_failure(&self) -> Option<String> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.committed.borrow().failure.clone()
+    }
+
+    /// Makes every later write fail, as a full disk would (tests of the
+    /// stores built on this one).
+    #[cfg(test)]
+    pub(crate) fn fail_writes_for_tests(&self) {
+        self.shared
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {

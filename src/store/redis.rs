@@ -307,6 +307,13 @@ impl RedisStore {
         self.inner.link.is_available() && self.key_conflict().is_none()
     }
 
+    /// Why this replica's journal records nothing more, if a write of it
+    /// failed: the replica then refuses what needs the store (see
+    /// `journal`).
+    pub fn journal_failure(&self) -> Option<String> {
+        self.inner.journal.as_ref().and_then(Journal::write_failure)
+    }
+
     /// Why this replica refuses every command, if it does: after a loss,
     /// Redis came to hold another pin-hashing key than the one this replica
     /// hashes cookies with. The two keys give one cookie two pin keys, so

@@ -44,7 +44,7 @@ impl EchoTarget {
             Some("https") => true,
             _ => return Err(bad()),
         };
-        let authority = HostPort::from_uri(&uri, default_port(https)).ok_or_else(bad)?;
+        let authority = HostPort::from_uri(&uri, default_port(https)).map_err(|_| bad())?;
         Ok(EchoTarget {
             https,
             authority,

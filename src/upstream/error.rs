@@ -276,8 +276,12 @@ pub enum ExchangeKind {
     OriginClosed,
     /// The origin's answer is not valid HTTP.
     Protocol,
-    /// The origin refused or broke a WebSocket upgrade.
+    /// The origin refused or broke a WebSocket upgrade, or switched
+    /// protocols unasked.
     Upgrade,
+    /// The origin's answer is valid, but sets tracked cookies pinproxy
+    /// cannot pin (too many, or a name too long): it was not passed on.
+    Unpinnable,
     /// Anything else.
     Other,
 }

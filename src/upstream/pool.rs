@@ -53,8 +53,8 @@ use super::error::UpstreamError;
 use super::framing;
 use super::h2::{self, TokioExec};
 use super::tls::Shape;
-use super::Origin;
 use super::Presentation;
+use super::{ClientAuthority, Origin};
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
 use crate::identity::RetireReason;
@@ -502,7 +502,7 @@ impl LanePool {
         mut request: Request<Body>,
         origin: &Origin,
     ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
-        for_h2(&mut request, origin);
+        let moved_host = for_h2(&mut request, origin);
         let info = conn.info;
         let response = match conn.sender {
             H2Sender::Hyper(mut sender) => sender
@@ -510,7 +510,7 @@ impl LanePool {
                 .await
                 .map(|r| r.map(UpstreamBody::Hyper))
                 .map_err(|mut e| {
-                    let unsent = e.take_message();
+                    let unsent = back_from_h2(e.take_message(), moved_host);
                     Unsent(unsent, UpstreamError::from_hyper(&e.into_error()))
                 })?,
             H2Sender::Shaped(mut sender) => sender
@@ -518,7 +518,7 @@ impl LanePool {
                 .await
                 .map(|r| r.map(UpstreamBody::Shaped))
                 .map_err(|mut e| {
-                    let unsent = e.take_message();
+                    let unsent = back_from_h2(e.take_message(), moved_host);
                     Unsent(unsent, UpstreamError::from_wreq(&e.into_error()))
                 })?,
         };
@@ -756,8 +756,11 @@ fn for_h1(request: &mut Request<Body>, origin: &Origin) {
     if request.headers().contains_key(header::HOST) {
         return;
     }
-    let authority = origin.target.authority(default_port(origin.https));
-    let Ok(host) = HeaderValue::from_str(&authority) else {
+    let host = match request.extensions().get::<ClientAuthority>() {
+        Some(named) => HeaderValue::from_str(named.0.as_str()),
+        None => HeaderValue::from_str(&origin.target.authority(default_port(origin.https))),
+    };
+    let Ok(host) = host else {
         return;
     };
     let cookie = joined_crumbs(request.headers());
@@ -804,12 +807,21 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Makes a request an HTTP/2 one: an absolute URI whose authority is the
-/// client's `Host` (an HTTP/1.1 client), else the origin's, and without the
-/// connection-specific headers HTTP/2 forbids.
-fn for_h2(request: &mut Request<Body>, origin: &Origin) {
+/// client's `Host` (an HTTP/1.1 client), else the one an HTTP/2 client
+/// named ([`ClientAuthority`]), else the origin's, and without the
+/// connection-specific headers HTTP/2 forbids. Answers whether it took a
+/// `Host` header into the URI (see [`back_from_h2`]).
+fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
     let host = header_order::remove(request.headers_mut(), &header::HOST);
+    let moved_host = host.is_some();
     let authority = host
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .or_else(|| {
+            request
+                .extensions()
+                .get::<ClientAuthority>()
+                .map(|named| named.0.clone())
+        })
         .or_else(|| Authority::try_from(origin.target.authority(default_port(origin.https))).ok());
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(if origin.https {
@@ -823,6 +835,51 @@ fn for_h2(request: &mut Request<Body>, origin: &Origin) {
         *request.uri_mut() = uri;
     }
     strip_connection_specific(request.headers_mut());
+    moved_host
+}
+
+/// Undoes [`for_h2`]'s changes that HTTP/1.1 would show, for a request
+/// handed back unsent, which the pool tries again on a connection that may
+/// speak HTTP/1.1: an absolute URI (HTTP/1.1 writes it into the request
+/// line, which only proxies are sent) goes back to origin-form, and an
+/// HTTP/1.1 client's `Host` (`moved_host`), taken into the URI, goes back
+/// in front. The headers HTTP/2 forbids stay dropped.
+fn back_from_h2(request: Option<Request<Body>>, moved_host: bool) -> Option<Request<Body>> {
+    let mut request = request?;
+    undo_h2(&mut request, moved_host);
+    Some(request)
+}
+
+/// [`back_from_h2`] on a request at hand.
+fn undo_h2(request: &mut Request<Body>, moved_host: bool) {
+    let Some(authority) = request.uri().authority().cloned() else {
+        return;
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(path);
+    if !moved_host || request.headers().contains_key(header::HOST) {
+        return;
+    }
+    let Ok(host) = HeaderValue::from_str(authority.as_str()) else {
+        return;
+    };
+    let old = std::mem::take(request.headers_mut());
+    let headers = request.headers_mut();
+    headers.reserve(old.len() + 1);
+    headers.insert(header::HOST, host);
+    let mut name = None;
+    for (next, value) in old {
+        if next.is_some() {
+            name = next;
+        }
+        if let Some(name) = &name {
+            headers.append(name.clone(), value);
+        }
+    }
 }
 
 /// Drops what HTTP/2 forbids (RFC 9113 §8.2.2), keeping the rest's order.
@@ -950,5 +1007,83 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Shaped(body) => body.size_hint(),
             UpstreamBody::Pooled(pooled) => pooled.body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::HostPort;
+
+    fn origin() -> Origin {
+        Origin {
+            https: true,
+            target: HostPort::new("a.test", 443),
+        }
+    }
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
+        let mut builder = Request::get(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(crate::body::empty()).unwrap()
+    }
+
+    fn names(request: &Request<Body>) -> Vec<String> {
+        request.headers().keys().map(|n| n.to_string()).collect()
+    }
+
+    /// A request made ready for HTTP/2, handed back unsent, and tried on an
+    /// HTTP/1.1 connection goes out in origin-form with the client's own
+    /// `Host` in front, as it came: not `GET https://a.test/p HTTP/1.1`.
+    #[test]
+    fn a_request_made_ready_for_h2_then_sent_on_h1_is_as_the_client_sent_it() {
+        let mut r = request("/p?q", &[("host", "a.test:443"), ("user-agent", "u")]);
+        let moved_host = for_h2(&mut r, &origin());
+        assert_eq!(r.uri().to_string(), "https://a.test:443/p?q");
+        let mut r = back_from_h2(Some(r), moved_host).unwrap();
+        for_h1(&mut r, &origin());
+        assert_eq!(r.uri().to_string(), "/p?q");
+        assert_eq!(r.headers()["host"], "a.test:443");
+        assert_eq!(names(&r), ["host", "user-agent"]);
+
+        // An HTTP/2 client's request: no Host of its own, crumbs joined.
+        let mut r = request("/p", &[("cookie", "a=1"), ("cookie", "b=2")]);
+        let moved_host = for_h2(&mut r, &origin());
+        let mut r = back_from_h2(Some(r), moved_host).unwrap();
+        for_h1(&mut r, &origin());
+        assert_eq!(r.uri().to_string(), "/p");
+        assert_eq!(r.headers()["host"], "a.test");
+        assert_eq!(r.headers()["cookie"], "a=1; b=2");
+    }
+
+    /// The authority an HTTP/2 client named goes to the origin whichever
+    /// protocol it speaks; one that reads as the tunnel's host is not
+    /// carried at all.
+    #[test]
+    fn an_h2_clients_own_authority_is_what_the_origin_is_told() {
+        let uri: Uri = "https://www.site.test/x".parse().unwrap();
+        let named = ClientAuthority::differing(&uri, &origin()).unwrap();
+        let mut r = request("/x", &[]);
+        r.extensions_mut().insert(named.clone());
+        for_h2(&mut r, &origin());
+        assert_eq!(r.uri().authority().unwrap().as_str(), "www.site.test");
+        let mut r = request("/x", &[]);
+        r.extensions_mut().insert(named);
+        for_h1(&mut r, &origin());
+        assert_eq!(r.headers()["host"], "www.site.test");
+
+        for same in ["https://a.test/x", "https://a.test:443/y"] {
+            let uri: Uri = same.parse().unwrap();
+            let differing = ClientAuthority::differing(&uri, &origin());
+            assert_eq!(differing.is_some(), same.contains(":443"), "{same}");
+        }
+        let v6 = Origin {
+            https: false,
+            target: HostPort::new("::1", 8080),
+        };
+        let uri: Uri = "http://[::1]:8080/".parse().unwrap();
+        assert_eq!(ClientAuthority::differing(&uri, &v6), None);
     }
 }

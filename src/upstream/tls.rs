@@ -204,6 +204,12 @@ impl UpstreamTls {
     where
         T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     {
+        // A fully qualified name (`www.example.com.`, as curl sends for
+        // `https://www.example.com./`) is sent and checked without its
+        // dot: SNI carries none (RFC 6066 §3; browsers and rustls drop it),
+        // and certificates name hosts without one, which BoringSSL and
+        // OpenSSL compare byte for byte.
+        let host = host.strip_suffix('.').unwrap_or(host);
         match stack {
             Stack::Rustls { h2 } => self.rustls.connect(host, transport, h2).await,
             Stack::Shaped(shape) => {

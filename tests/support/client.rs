@@ -52,23 +52,27 @@ pub struct Conn {
     host: String,
 }
 
+/// A TLS client configuration that trusts the CA `ca_pem` and no other.
+pub fn trusting(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let der: CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    roots.add(der).unwrap();
+    rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
 impl ProxyClient {
     /// A client for the pinproxy at `proxy` whose CA is `ca_pem`.
     pub fn new(proxy: SocketAddr, ca_pem: &str) -> ProxyClient {
-        let mut roots = rustls::RootCertStore::empty();
-        let der: CertificateDer<'static> =
-            rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).unwrap();
-        roots.add(der).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         ProxyClient {
             proxy,
-            tls: Arc::new(config),
+            tls: Arc::new(trusting(ca_pem)),
         }
     }
 

@@ -379,6 +379,18 @@ fn in_cookie_header(
     }
     for (name, tracked, value) in tracked_pairs(text, policy) {
         push_new(&mut found, cookies, hasher, name, tracked, value)?;
+        // A value with a comma (`datadome=T, a=1`: two `Cookie` lines
+        // folded the other way round) is what a server that splits pairs
+        // on commas reads only up to it: it is known by that value too, so
+        // that a pin of `T` keeps the request on `T`'s exit. (Refusing it
+        // would lock out a client whose origin set such a value, which
+        // capture pins as set.)
+        if let Some((before, _)) = value.split_once(',') {
+            let before = before.trim_end();
+            if !unquote(before).is_empty() {
+                push_new(&mut found, cookies, hasher, name, tracked, before)?;
+            }
+        }
     }
     Ok(found)
 }
@@ -1231,6 +1243,37 @@ mod tests {
         }
         assert_eq!(read("a=1,2; datadome=T").unwrap().len(), 1);
         assert_eq!(read("a=1, b=2; datadome=T").unwrap().len(), 1);
+    }
+
+    /// A tracked value with a comma (`datadome=T, a=1`, folded the other
+    /// way round) is known by what a comma-splitting server reads too, `T`,
+    /// so that `T`'s pin decides its exit; a value nobody pinned as written
+    /// would otherwise found an identity on any exit.
+    #[test]
+    fn a_tracked_value_with_a_comma_is_known_by_what_precedes_it_too() {
+        let read = |text: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_static(text));
+            tracked_in_request(&headers, &policy(), &hasher()).unwrap()
+        };
+        let keys = |text| read(text).iter().map(|c| c.key).collect::<Vec<_>>();
+        let h = hasher();
+        assert_eq!(
+            keys("datadome=T, a=1"),
+            [h.cookie("datadome", "T, a=1"), h.cookie("datadome", "T")]
+        );
+        assert_eq!(
+            keys("x=1; cf_clearance=c,y=2"),
+            [
+                h.cookie("cf_clearance", "c,y=2"),
+                h.cookie("cf_clearance", "c")
+            ]
+        );
+        assert_eq!(
+            keys("datadome=T,"),
+            [h.cookie("datadome", "T,"), h.cookie("datadome", "T")]
+        );
+        assert_eq!(keys("datadome=,x"), [h.cookie("datadome", ",x")]);
     }
 
     /// A cookie without a name (`=datadome=T`) is kept by browsers and sent

@@ -34,6 +34,10 @@ pub enum SessionKeyError {
     /// belongs to is the client's to say once.
     #[error("the request carries more than one X-Pinproxy-Session header; send one")]
     Repeated,
+    /// `Proxy-Authorization: Basic` whose token is not base64, or whose
+    /// user name is not UTF-8: it may name a session key nobody can read.
+    #[error("the Proxy-Authorization header's Basic credentials are not base64 of a UTF-8 user name, so pinproxy cannot tell which session they name")]
+    Unreadable,
 }
 
 /// The user name and password of a `Proxy-Authorization: Basic` value.
@@ -99,11 +103,43 @@ pub fn split_user_name(user: &str) -> (Option<&str>, Option<&str>) {
 
 /// The session key in a `Proxy-Authorization` value, if its user name has
 /// one. Anything else (other schemes, other user names) is not a session key.
+/// Only the user name is read: a password in another encoding (`curl -U`
+/// with a Latin-1 one) is not pinproxy's business here. A token that is not
+/// base64, or a user name that is not UTF-8, is refused rather than read
+/// as naming no session: the request would rotate away from its session's
+/// exit.
 pub fn from_proxy_authorization(value: &HeaderValue) -> Result<Option<String>, SessionKeyError> {
-    match Basic::decode(value).as_ref().and_then(Basic::session_part) {
+    let Some(user) = basic_user(value)? else {
+        return Ok(None);
+    };
+    match split_user_name(&user).1 {
         Some(key) => validate(key).map(Some),
         None => Ok(None),
     }
+}
+
+/// The user name of `Basic` credentials; `None` for another scheme.
+fn basic_user(value: &HeaderValue) -> Result<Option<String>, SessionKeyError> {
+    let mut words = value
+        .as_bytes()
+        .split(u8::is_ascii_whitespace)
+        .filter(|word| !word.is_empty());
+    match words.next() {
+        Some(scheme) if scheme.eq_ignore_ascii_case(b"basic") => {}
+        _ => return Ok(None),
+    }
+    let token = words.next().unwrap_or_default();
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+    ];
+    let decoded = engines
+        .iter()
+        .find_map(|engine| engine.decode(token).ok())
+        .ok_or(SessionKeyError::Unreadable)?;
+    let user = decoded.split(|b| *b == b':').next().unwrap_or_default();
+    let user = std::str::from_utf8(user).map_err(|_| SessionKeyError::Unreadable)?;
+    Ok(Some(user.to_owned()))
 }
 
 fn validate(key: &str) -> Result<String, SessionKeyError> {
@@ -184,6 +220,28 @@ mod tests {
             None
         );
         assert!(from_proxy_authorization(&basic("session-:pw")).is_err());
+        // Basic credentials nobody can read might name a session.
+        let encoded = |bytes: &[u8]| {
+            let token = base64::engine::general_purpose::STANDARD.encode(bytes);
+            HeaderValue::from_str(&format!("Basic {token}")).unwrap()
+        };
+        assert_eq!(
+            from_proxy_authorization(&encoded(b"session-\xff:x")),
+            Err(SessionKeyError::Unreadable)
+        );
+        assert_eq!(
+            from_proxy_authorization(&HeaderValue::from_static("basic !!!")),
+            Err(SessionKeyError::Unreadable)
+        );
+        // The password is not read: any encoding will do.
+        assert_eq!(
+            from_proxy_authorization(&encoded(b"session-k:p\xe4ss")),
+            Ok(Some("k".into()))
+        );
+        // Unpadded base64, and a tab after the scheme.
+        let unpadded = base64::engine::general_purpose::STANDARD_NO_PAD.encode("session-k2:x");
+        let unpadded = HeaderValue::from_str(&format!("Basic\t{unpadded}")).unwrap();
+        assert_eq!(from_proxy_authorization(&unpadded), Ok(Some("k2".into())));
     }
 
     #[test]

@@ -169,6 +169,7 @@ pub(super) fn write_loop(
             Err(e) => {
                 tracing::error!(error = %e, "pin store write failed; refusing new pins until restart");
                 committed.send_modify(|c| c.failure = Some(e));
+                shared.failed.store(true, Ordering::Release);
                 return;
             }
         }

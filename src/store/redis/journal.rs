@@ -7,8 +7,13 @@
 //! released, like a pin of the embedded store. It holds hashes only, and
 //! is swept like any store, so it is bounded by the pins' own lifetimes.
 //!
-//! A journal that cannot be written is logged, not fatal: Redis still holds
-//! the pin; only a later restore would miss it.
+//! A journal write that fails is logged, and the journal then records
+//! nothing more (its writer stops, as the embedded store's does). The
+//! replica fails closed from then on: a pin it could not journal would be
+//! missing from a restore after a Redis loss, and founded anew on any exit.
+//! It refuses requests that need the store (`503 store-unavailable`, naming
+//! the journal's file) and its readiness fails, until it is restarted once
+//! the disk is fixed; the other replicas serve meanwhile.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -25,6 +30,8 @@ pub const JOURNAL_FILE: &str = "journal.redb";
 #[derive(Debug)]
 pub struct Journal {
     store: DurableStore,
+    /// Its file, for messages.
+    path: std::path::PathBuf,
 }
 
 fn logged<T>(result: Result<T, StoreError>, what: &str) {
@@ -36,8 +43,21 @@ fn logged<T>(result: Result<T, StoreError>, what: &str) {
 impl Journal {
     /// Opens (or creates) the journal in `data_dir`. Blocking.
     pub fn open(data_dir: &Path) -> Result<Journal, OpenError> {
+        let path = data_dir.join(JOURNAL_FILE);
         Ok(Journal {
-            store: DurableStore::open(&data_dir.join(JOURNAL_FILE))?,
+            store: DurableStore::open(&path)?,
+            path,
+        })
+    }
+
+    /// Why the journal records nothing more, once a write of it failed
+    /// (see the module documentation): its file and the failure.
+    pub fn write_failure(&self) -> Option<String> {
+        self.store.write_failure().map(|failure| {
+            format!(
+                "its journal {} could not be written ({failure})",
+                self.path.display()
+            )
         })
     }
 
@@ -140,5 +160,49 @@ impl Journal {
     /// Flushes and closes the journal.
     pub async fn close(&self) {
         self.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A journal whose disk fails says so, naming its file: the replica
+    /// then refuses what needs the store (`Store::refusal`) and its
+    /// readiness fails, rather than failing lookups one by one under the
+    /// embedded store's name.
+    #[tokio::test]
+    async fn a_journal_that_cannot_write_says_so_with_its_file() {
+        use crate::credential::PinKind;
+        use crate::identity::{ExitId, SessionId};
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.write_failure(), None);
+        let fingerprint = Arc::new(crate::fingerprint::Fingerprint::default());
+        let identity = Identity::new(ExitId::new("e1"), SessionId(1), 5, fingerprint, 5);
+        let binding = Binding {
+            pin: Pin {
+                identity: identity.id,
+                kind: PinKind::Cookie,
+                name: Arc::from("datadome"),
+                created_ms: 5,
+                expires_ms: None,
+            },
+            identity: Some(Arc::new(identity)),
+        };
+        journal.store.fail_writes_for_tests();
+        journal
+            .bindings(&[(PinKey::from_bytes([1; 16]), &binding)])
+            .await;
+        // The writer stops on its failure (bounded wait).
+        for _ in 0..500 {
+            if journal.write_failure().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let failure = journal.write_failure().expect("the failure is kept");
+        assert!(failure.contains(JOURNAL_FILE), "{failure}");
     }
 }
