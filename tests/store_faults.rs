@@ -170,6 +170,70 @@ async fn a_drift_whose_retirement_the_store_refused_is_still_retired() {
     s.stop().await;
 }
 
+/// A challenge whose request is dropped (its client gone) while Redis takes
+/// the retirement is still stored whole, in Redis and in the replica's
+/// journal: after Redis loses everything, the journal restores the identity
+/// retired, not live. Before, the dropped request dropped the retirement's
+/// journal write with it (or the command, unsent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_whose_client_left_is_retired_in_the_journal_too() {
+    let redis = RedisNode::volatile().await;
+    let url = redis.url();
+    let s = Setup::start_with(1, move |c| c.store.url = url).await;
+    let (mut jar, _) = s.login("/login").await;
+    let port = s.origin.https.port();
+    let mut tunnel = s.proxy.client.tunnel("localhost", port).await;
+    let cookie = jar.header().unwrap();
+    let request = tokio::spawn(async move {
+        tunnel
+            .get("/cf-challenge?held", &[("cookie", cookie.as_str())])
+            .await
+    });
+    s.origin.wait_for("/cf-challenge?held").await;
+    // Redis stops answering just as the challenge comes back; the client
+    // leaves while pinproxy waits for Redis to take the retirement.
+    redis.freeze();
+    s.origin.release_held(1);
+    // No signal says when pinproxy is waiting on Redis, or when it has
+    // seen the client go: each is given a moment (the behaviour under
+    // test is what a dropped request leaves behind).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    request.abort();
+    let _ = request.await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    redis.thaw();
+
+    // Bounded: Redis takes the retirement once it runs again.
+    let mut stored = false;
+    for _ in 0..200 {
+        let ids: Vec<String> = redis.command(&["KEYS", "pinproxy:id:*"]).await;
+        let mut retired = ids.len() == 1;
+        for id in &ids {
+            let field: Option<Vec<u8>> = redis.command(&["HGET", id, "retired"]).await;
+            retired &= field.is_some_and(|f| !f.is_empty());
+        }
+        if retired {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(stored, "the retirement never reached Redis");
+
+    // Redis forgets everything; the replica restores from its journal.
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    let s = s.restart().await;
+    let after = s.get("/page", &mut jar).await;
+    assert_eq!(after.status, 502, "{}", after.body);
+    let error = error_of(&after);
+    assert!(
+        error.starts_with("identity-retired:") && error.contains("cloudflare-challenge"),
+        "{error}"
+    );
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+    s.stop().await;
+}
+
 /// A retirement Redis cannot take at first (an origin's challenge while
 /// Redis refuses writes) is honoured by the process at once and stored
 /// once Redis takes writes again: after a restart the identity is still

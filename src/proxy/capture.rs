@@ -110,7 +110,23 @@ impl Pipeline {
         }
         // The egress address only until one is recorded.
         if let Some(ip) = egress_ip.filter(|_| identity.egress_ip.is_none()) {
-            match store.record_egress(identity.id, ip).await {
+            // In a task of its own, as a retirement is (`retire_settled`):
+            // a request dropped while Redis answers would leave the
+            // address in Redis and not in the journal, and a restore after
+            // a loss without it.
+            let router = self.router.clone();
+            let id = identity.id;
+            let recorded = self
+                .tasks
+                .spawn(async move { router.store().record_egress(id, ip).await })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::new(
+                        crate::store::StoreErrorKind::Closed,
+                        "the egress address's write was cut short",
+                    ))
+                });
+            match recorded {
                 // Two tunnels of the identity (its HTTP/1.1 and HTTP/2
                 // connections, or two replicas' ones) opened before either
                 // address was recorded, and left from two addresses: its
@@ -214,15 +230,9 @@ impl Pipeline {
                 // cannot take it now gets it in the background, and this
                 // process honours it meanwhile (a logged failure alone let
                 // the burnt cookie out again on the next request).
-                if let Err(e) = self
-                    .router
-                    .retire(&self.exits, identity, reason.clone())
-                    .await
-                {
-                    tracing::warn!(error = %e, identity = %identity.id, "could not store an invalidation yet; retrying in the background");
-                    self.router
-                        .retire_soon(self.exits.clone(), identity.clone(), reason);
-                }
+                self.router
+                    .retire_settled(self.exits.clone(), identity.clone(), reason)
+                    .await;
                 body
             }
             invalidation::Verdict::ScanBody(rules) => {

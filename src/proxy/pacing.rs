@@ -259,7 +259,16 @@ impl Pacer {
             waited: queued || start.is_some(),
         };
         if let Some(start) = start {
+            // Dropped while it waits (its client gone), the request gives
+            // its start back when no later one reserved after it: the
+            // identity is not held back for a request the origin never saw.
+            let unused = UnusedStart {
+                gate: &slot.gate,
+                start,
+                reserved: start + settings.min_interval,
+            };
             tokio::time::sleep_until(start).await;
+            std::mem::forget(unused);
         }
         Ok(Some(slot))
     }
@@ -271,6 +280,25 @@ impl Pacer {
             let now = Instant::now();
             self.gates
                 .retain(|_, gate| Arc::strong_count(gate) > 1 || !gate.state().idle(now));
+        }
+    }
+}
+
+/// A pacing start reserved for a request still waiting for it: given back
+/// if the request is dropped before its start (see [`Pacer::admit`]).
+struct UnusedStart<'a> {
+    gate: &'a Gate,
+    /// When the request was to start.
+    start: Instant,
+    /// The next start its reservation set.
+    reserved: Instant,
+}
+
+impl Drop for UnusedStart<'_> {
+    fn drop(&mut self) {
+        let mut state = self.gate.state();
+        if state.next_start == Some(self.reserved) {
+            state.next_start = Some(self.start);
         }
     }
 }
@@ -442,6 +470,29 @@ mod tests {
     /// A waiter its client gives up on leaves the line: the line does not
     /// fill with requests nobody waits for, and the identity's gate goes
     /// once idle.
+    /// A request dropped while it waits for its pacing start gives the
+    /// start back (it was the last reserved): the next request starts
+    /// when the dropped one would have, not an interval later.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_never_used_is_given_back() {
+        let pacer = Pacer::new();
+        let id = IdentityId(13);
+        let s = settings(4, 1_000);
+        let first = pacer.admit(id, &s).await.unwrap();
+        let began = tokio::time::Instant::now();
+        let dropped = spawn_waiter(&pacer, id, s);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        dropped.abort();
+        let _ = dropped.await;
+        let next = pacer.admit(id, &s).await.unwrap();
+        assert_eq!(
+            tokio::time::Instant::now() - began,
+            Duration::from_secs(1),
+            "the next request starts one interval after the first, not two"
+        );
+        drop((first, next));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_waiter_dropped_in_line_leaves_it() {
         let pacer = Pacer::new();

@@ -150,15 +150,9 @@ impl Pipeline {
         // now gets it in the background, and this process honours it
         // meanwhile (answering the store's error alone lost the drift, and
         // left the identity to dial again).
-        if let Err(e) = self
-            .router
-            .retire(&self.exits, identity, reason.clone())
-            .await
-        {
-            tracing::warn!(error = %e, identity = %identity.id, "could not store an address drift's retirement yet; retrying in the background");
-            self.router
-                .retire_soon(self.exits.clone(), (**identity).clone(), reason.clone());
-        }
+        self.router
+            .retire_settled(self.exits.clone(), (**identity).clone(), reason.clone())
+            .await;
         ProxyError::IdentityRetired {
             identity: identity.id,
             exit: identity.exit.clone(),

@@ -49,6 +49,30 @@ impl Router {
         Ok(())
     }
 
+    /// Retires an identity whatever becomes of the caller, and waits for
+    /// it: the store write runs in a task of its own, since a request
+    /// dropped while Redis answers (its client gone) would drop the command
+    /// unsent, or its journal write after Redis took it, and the origin's
+    /// verdict would be lost. A store that fails gets it in the background
+    /// ([`Router::retire_soon`]; honoured by this process meanwhile).
+    pub async fn retire_settled(
+        self: &Arc<Self>,
+        exits: Arc<ExitSet>,
+        identity: Identity,
+        reason: RetireReason,
+    ) {
+        let router = self.clone();
+        let stored = self.tasks.spawn(async move {
+            if let Err(e) = router.retire(&exits, &identity, reason.clone()).await {
+                tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement yet; retrying in the background");
+                router.retire_soon(exits, identity, reason);
+            }
+        });
+        // A task that panicked has logged why; one cut at shutdown is the
+        // store closing.
+        let _ = stored.await;
+    }
+
     /// Retires an identity from code that cannot wait: routing sees the
     /// retirement at once, the store gets it in the background. A store
     /// that fails (Redis out of reach or refusing writes, a disk that

@@ -632,6 +632,11 @@ impl RedisStore {
             self.replace_epoch(None).await?;
             self.wait_out_founding().await?;
         }
+        // A restore this replica did not live to finish: the history it
+        // saved looks whole, but the journal is not all written back.
+        if self.inner.generation.restore_pending() {
+            self.on_loss(Loss::RestoreUnfinished, None, None);
+        }
         // A replica that starts (or restarts) while the fleet is still in
         // quarantine after a loss has not seen the loss itself, and must
         // not pin anew what another replica lost.

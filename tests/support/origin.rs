@@ -503,6 +503,10 @@ async fn handle(
             "<html><script>var dd={'rt':'c','cid':'AHrl','hsh':'2211','t':'bv','host':'geo.captcha-delivery.com'}</script></html>\n".into(),
         ),
         "/cf-challenge" => {
+            // `?held`: answered only once the test releases it.
+            if params.contains_key("held") {
+                wait_until_released(state).await;
+            }
             let mut response = text(StatusCode::FORBIDDEN, "<title>Just a moment...</title>\n".into());
             response
                 .headers_mut()

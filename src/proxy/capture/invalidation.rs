@@ -371,6 +371,16 @@ impl Scanner {
         }
     }
 
+    /// A scanner whose scan is over (what a dropped body leaves behind).
+    fn finished() -> Scanner {
+        Scanner {
+            rules: Vec::new(),
+            longest: 0,
+            decoder: None,
+            on_match: None,
+        }
+    }
+
     fn feed(&mut self, chunk: &[u8]) {
         let Some(decoder) = self.decoder.as_mut() else {
             return;
@@ -428,6 +438,49 @@ pub fn scanning(
 struct ScanningBody {
     inner: Body,
     scanner: Scanner,
+}
+
+/// How long a body whose client left is read on for its scan (see
+/// `Drop for ScanningBody`).
+const SCAN_AFTER_CLIENT_LEFT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A client that stops reading (it closed, or reset its stream, after the
+/// head: scrapers often drop a 403 unread) drops the body before the
+/// marker's frame came: the origin's verdict is still read, in the
+/// background, up to the scan's limit and for at most
+/// [`SCAN_AFTER_CLIENT_LEFT`], so that the identity retires whether or not
+/// its client read the page.
+impl Drop for ScanningBody {
+    fn drop(&mut self) {
+        if self.scanner.decoder.is_none() || self.scanner.on_match.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = std::mem::replace(&mut self.inner, crate::body::empty());
+        let scanner = std::mem::replace(&mut self.scanner, Scanner::finished());
+        runtime.spawn(scan_to_the_end(inner, scanner));
+    }
+}
+
+/// Reads `inner` through `scanner` until the scan is over, the body ends
+/// or [`SCAN_AFTER_CLIENT_LEFT`] has passed.
+async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner) {
+    use http_body_util::BodyExt as _;
+    let reading = async {
+        while scanner.decoder.is_some() {
+            match inner.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        scanner.feed(data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(SCAN_AFTER_CLIENT_LEFT, reading).await;
 }
 
 impl http_body::Body for ScanningBody {
@@ -607,6 +660,45 @@ mod tests {
             scan(zstd, Some("zstd")).await.as_deref(),
             Some("datadome-challenge"),
             "Chromium asks for zstd, and CDNs answer challenges in it"
+        );
+    }
+
+    /// A body dropped before its marker came (its client left after the
+    /// head) is read on in the background, and its marker still found.
+    #[tokio::test]
+    async fn a_body_whose_client_left_is_still_scanned() {
+        /// Frames as the test sends them.
+        struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+        impl http_body::Body for Fed {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                self.0
+                    .poll_recv(cx)
+                    .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+            }
+        }
+        let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
+        let headers = HeaderMap::new();
+        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("expected a scan");
+        };
+        let (found_tx, found_rx) = tokio::sync::oneshot::channel();
+        let mut scanned = scanning(Fed(fed).boxed(), &headers, rules, 64 << 10, move |rule| {
+            let _ = found_tx.send(rule);
+        });
+        feed.send(Bytes::from_static(b"<html>")).unwrap();
+        assert!(scanned.frame().await.is_some());
+        // The client leaves: hyper drops the body. The rest comes after.
+        drop(scanned);
+        feed.send(Bytes::from(DATADOME_BLOCK)).unwrap();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(10), found_rx).await;
+        assert_eq!(
+            found.ok().and_then(Result::ok).as_deref(),
+            Some("datadome-hard-block")
         );
     }
 

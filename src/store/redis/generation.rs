@@ -89,6 +89,10 @@ pub enum Loss {
         /// By how much, in ms.
         by_ms: u64,
     },
+    /// A restore this replica began did not finish (it stopped or crashed
+    /// while writing its journal back, or gave up): the history it saved
+    /// looks whole, but pins it had not written back are missing.
+    RestoreUnfinished,
 }
 
 impl std::fmt::Display for Loss {
@@ -114,6 +118,9 @@ impl std::fmt::Display for Loss {
             Loss::ClockJumped { by_ms } => write!(
                 f,
                 "the server's clock jumped {by_ms} ms ahead, expiring keys that early, pins possibly among them"
+            ),
+            Loss::RestoreUnfinished => f.write_str(
+                "a restore this replica began after an earlier loss did not finish (it stopped, crashed or gave up while writing its journal back)"
             ),
         }
     }
@@ -176,6 +183,9 @@ pub struct Generation {
     loaded_legacy: u64,
     /// The namespace the history is of.
     namespace: String,
+    /// Whether a restore is under way, kept with the history: one the
+    /// process did not live to finish is finished at its next start.
+    restore_pending: std::sync::atomic::AtomicBool,
 }
 
 /// The file's content.
@@ -191,6 +201,9 @@ struct Saved {
     /// This replica's own write count (absent in files written before it).
     #[serde(default)]
     writer: Option<SavedWriter>,
+    /// A restore was under way (see [`Generation::mark_restore`]).
+    #[serde(default)]
+    restore_pending: bool,
 }
 
 /// This replica's own write count, as saved.
@@ -247,6 +260,7 @@ impl Generation {
         let legacy = saved
             .as_ref()
             .is_some_and(|s| !s.stable_hash && s.epoch != 0);
+        let restore_pending = saved.as_ref().is_some_and(|s| s.restore_pending);
         let writer = saved.and_then(|s| s.writer).unwrap_or_else(|| SavedWriter {
             id: rand::random::<u64>(),
             writes: 0,
@@ -264,6 +278,7 @@ impl Generation {
             saving: std::sync::Mutex::new(()),
             loaded_legacy: if legacy { epoch } else { 0 },
             namespace: namespace.to_owned(),
+            restore_pending: std::sync::atomic::AtomicBool::new(restore_pending),
         })
     }
 
@@ -401,6 +416,21 @@ impl Generation {
         sent
     }
 
+    /// Marks a restore under way (or finished), saved with the history
+    /// from the next save: a restore adopts its new epoch before it writes
+    /// the journal back, so a process that does not live to finish it
+    /// would find, at its next start, a history that looks whole and pins
+    /// missing from it.
+    pub fn mark_restore(&self, pending: bool) {
+        self.restore_pending.store(pending, Ordering::Relaxed);
+    }
+
+    /// Whether the history was saved with a restore under way (see
+    /// [`Generation::mark_restore`]).
+    pub fn restore_pending(&self) -> bool {
+        self.restore_pending.load(Ordering::Relaxed)
+    }
+
     /// Takes `epoch` (and `seq`) as the history from now on.
     pub fn adopt(&self, epoch: &str, seq: u64) {
         self.adopt_hash(epoch_hash(epoch), seq);
@@ -437,6 +467,7 @@ impl Generation {
                 writes: self.own_writes.load(Ordering::Relaxed),
                 written_ms: self.own_written_ms.load(Ordering::Relaxed),
             }),
+            restore_pending: self.restore_pending.load(Ordering::Relaxed),
         };
         if let Err(e) = write_atomically(file, &saved) {
             tracing::warn!(error = %e, file = %file.display(), "cannot save what the pin store's history was");

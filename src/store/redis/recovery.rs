@@ -455,6 +455,10 @@ impl RedisStore {
 
     /// One restore: new epoch, hashing key, then the journal.
     async fn recover(&self, loss: &Loss, seen_epoch: Option<&str>) -> Result<(), StoreError> {
+        // Saved before the new epoch is: a restore this process does not
+        // live to finish is finished at its next start.
+        self.inner.generation.mark_restore(true);
+        self.save_generation(true).await;
         // The quarantine first, before the new epoch tells the fleet of the
         // loss: a replica starting in between would otherwise see a history
         // it takes as whole and no quarantine.
@@ -470,7 +474,8 @@ impl RedisStore {
             | Loss::OwnWritesWentBack { .. }
             | Loss::JournaledPinGone
             | Loss::Evicted { .. }
-            | Loss::ClockJumped { .. } => {
+            | Loss::ClockJumped { .. }
+            | Loss::RestoreUnfinished => {
                 let known = self
                     .inner
                     .epoch
@@ -494,6 +499,8 @@ impl RedisStore {
             self.reassert_hash_key(in_use).await?;
         }
         let Some(journal) = &self.inner.journal else {
+            self.inner.generation.mark_restore(false);
+            self.save_generation(true).await;
             return Ok(());
         };
         let listings = journal.list().await?;
@@ -519,6 +526,7 @@ impl RedisStore {
             r.restore_done = true;
         });
         tracing::warn!(restored, "pin store restored from this replica's journal");
+        self.inner.generation.mark_restore(false);
         self.save_generation(true).await;
         Ok(())
     }
