@@ -266,7 +266,7 @@ fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
         let baseline = allocations::reset_peak();
         // One frame: the whole bomb arrives in one read.
         let body = pinproxy::body::full(bomb);
-        let scanned = invalidation::scanning(body, &headers, rules, SCAN_LIMIT, move |rule| {
+        let scanned = invalidation::scanning(body, &headers, rules, SCAN_LIMIT, &pinproxy::net::tasks::ConnectionTasks::new(), move |rule| {
             *sink.lock().unwrap() = Some(rule);
         });
         let passed = scanned.collect().await.unwrap().to_bytes().len();

@@ -1378,8 +1378,6 @@ async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64
         .sum()
 }
 
-/// A Redis store on `url` (a replica's, with its journal in `data_dir`, or
-/// a tool's without).
 /// A restore cut short (the replica stopped or crashed while writing its
 /// journal back, or gave up) is finished at the next start: the pins it had
 /// not written back are in Redis again, though the history the replica
@@ -1406,6 +1404,8 @@ async fn a_restore_cut_short_is_finished_at_the_next_start() {
         .await
         .unwrap();
     store.close().await;
+    // Gone, background checks and all, before the next one starts.
+    drop(store);
 
     // As a restore cut short leaves it: the pin not written back yet, the
     // history saved as whole, the restore marked as under way.
@@ -1473,6 +1473,8 @@ async fn a_restore_cut_short_is_finished_at_the_next_start() {
     store.close().await;
 }
 
+/// A Redis store on `url` (a replica's, with its journal in `data_dir`, or
+/// a tool's without).
 async fn redis_store(
     url: &str,
     namespace: &str,

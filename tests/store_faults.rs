@@ -194,13 +194,29 @@ async fn a_challenge_whose_client_left_is_retired_in_the_journal_too() {
     // leaves while pinproxy waits for Redis to take the retirement.
     redis.freeze();
     s.origin.release_held(1);
-    // No signal says when pinproxy is waiting on Redis, or when it has
-    // seen the client go: each is given a moment (the behaviour under
-    // test is what a dropped request leaves behind).
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The invalidation is counted just before its retirement goes to
+    // Redis, which does not answer.
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let counted = "pinproxy_invalidations_total{";
+    let mut seen = false;
+    for _ in 0..200 {
+        let metrics = support::admin::get(admin, "/metrics").await;
+        if metrics
+            .lines()
+            .any(|l| l.starts_with(counted) && l.contains("cloudflare-challenge"))
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(seen, "the challenge was never counted");
     request.abort();
     let _ = request.await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // No signal says when pinproxy has seen its client go and dropped the
+    // request: it is given a moment (too short a one lets the old code
+    // pass, never the new one fail).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     redis.thaw();
 
     // Bounded: Redis takes the retirement once it runs again.

@@ -252,6 +252,7 @@ impl Pipeline {
                     &parts.headers,
                     rules,
                     self.invalidation.scan_limit,
+                    &self.connections,
                     on_match,
                 )
             }

@@ -623,8 +623,10 @@ impl RedisStore {
     /// generation: a new namespace gets its epoch; one that forgot what
     /// this replica saw before starts a recovery.
     pub async fn start(&self) -> Result<(), StoreError> {
-        // Asked before the check, which adopts the generation it finds.
+        // Asked before the check, which adopts the generation it finds
+        // (and may start a restore of its own, which sets the mark).
         let had_history = self.inner.generation.knows_history();
+        let restore_was_pending = self.inner.generation.restore_pending();
         self.inner.link.find_primary().await?;
         self.check_generation().await?;
         if !had_history {
@@ -634,7 +636,7 @@ impl RedisStore {
         }
         // A restore this replica did not live to finish: the history it
         // saved looks whole, but the journal is not all written back.
-        if self.inner.generation.restore_pending() {
+        if restore_was_pending && !self.inner.recovering.load(Ordering::Acquire) {
             self.on_loss(Loss::RestoreUnfinished, None, None);
         }
         // A replica that starts (or restarts) while the fleet is still in

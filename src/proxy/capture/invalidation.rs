@@ -19,6 +19,7 @@ use memchr::memmem;
 use serde::Deserialize;
 
 use crate::body::{Body, BoxError};
+use crate::net::tasks::ConnectionTasks;
 
 /// One invalidation rule, as configured.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -409,12 +410,15 @@ impl Scanner {
 
 /// A response body that scans its first bytes for invalidation markers and
 /// calls `on_match` (once) with the matching rule's name. Bodies in codings
-/// pinproxy cannot decode pass unscanned.
+/// pinproxy cannot decode pass unscanned. A body dropped before its scan
+/// ended (its client left) is read on as a task of `tasks` (see `Drop for
+/// ScanningBody`), which shutdown waits for, then aborts.
 pub fn scanning(
     body: Body,
     headers: &HeaderMap,
     rules: Vec<(String, Vec<String>)>,
     limit: usize,
+    tasks: &ConnectionTasks,
     on_match: impl FnOnce(String) + Send + Sync + 'static,
 ) -> Body {
     let Some(decoder) = Decoder::for_encoding(headers, limit) else {
@@ -432,12 +436,15 @@ pub fn scanning(
     http_body_util::BodyExt::boxed(ScanningBody {
         inner: body,
         scanner,
+        tasks: tasks.clone(),
     })
 }
 
 struct ScanningBody {
     inner: Body,
     scanner: Scanner,
+    /// Where a scan read on after the body was dropped runs.
+    tasks: ConnectionTasks,
 }
 
 /// How long a body whose client left is read on for its scan (see
@@ -452,15 +459,13 @@ const SCAN_AFTER_CLIENT_LEFT: std::time::Duration = std::time::Duration::from_se
 /// its client read the page.
 impl Drop for ScanningBody {
     fn drop(&mut self) {
-        if self.scanner.decoder.is_none() || self.scanner.on_match.is_none() {
+        let over = self.scanner.decoder.is_none() || self.scanner.on_match.is_none();
+        if over || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let inner = std::mem::replace(&mut self.inner, crate::body::empty());
         let scanner = std::mem::replace(&mut self.scanner, Scanner::finished());
-        runtime.spawn(scan_to_the_end(inner, scanner));
+        self.tasks.spawn(scan_to_the_end(inner, scanner));
     }
 }
 
@@ -493,10 +498,16 @@ impl http_body::Body for ScanningBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.scanner.feed(data);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scanner.feed(data);
+                }
             }
+            // The body ended (or failed): nothing more to scan, and
+            // nothing to read on once it is dropped.
+            Poll::Ready(_) => this.scanner.decoder = None,
+            Poll::Pending => {}
         }
         polled
     }
@@ -594,9 +605,16 @@ mod tests {
         // Split the body so markers may straddle frames.
         let (a, b) = body.split_at(body.len() / 2);
         let stream = futures_like_body(vec![a.to_vec(), b.to_vec()]);
-        let scanned = scanning(stream, &headers, rules, 64 * 1024, move |rule| {
-            *sink.lock().unwrap() = Some(rule);
-        });
+        let scanned = scanning(
+            stream,
+            &headers,
+            rules,
+            64 * 1024,
+            &ConnectionTasks::new(),
+            move |rule| {
+                *sink.lock().unwrap() = Some(rule);
+            },
+        );
         let collected = scanned.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), body.len(), "the body passes unchanged");
         let result = found.lock().unwrap().clone();
@@ -687,9 +705,16 @@ mod tests {
             panic!("expected a scan");
         };
         let (found_tx, found_rx) = tokio::sync::oneshot::channel();
-        let mut scanned = scanning(Fed(fed).boxed(), &headers, rules, 64 << 10, move |rule| {
-            let _ = found_tx.send(rule);
-        });
+        let mut scanned = scanning(
+            Fed(fed).boxed(),
+            &headers,
+            rules,
+            64 << 10,
+            &ConnectionTasks::new(),
+            move |rule| {
+                let _ = found_tx.send(rule);
+            },
+        );
         feed.send(Bytes::from_static(b"<html>")).unwrap();
         assert!(scanned.frame().await.is_some());
         // The client leaves: hyper drops the body. The rest comes after.
@@ -722,6 +747,7 @@ mod tests {
                 &headers,
                 rules,
                 64 << 10,
+                &ConnectionTasks::new(),
                 move |rule| {
                     *sink.lock().unwrap() = Some(rule);
                 },
@@ -764,6 +790,7 @@ mod tests {
             &headers,
             rules,
             limit,
+            &ConnectionTasks::new(),
             move |rule| {
                 *sink.lock().unwrap() = Some(rule);
             },
@@ -821,6 +848,7 @@ mod tests {
             &headers,
             empty,
             1024,
+            &ConnectionTasks::new(),
             move |rule| *sink.lock().unwrap() = Some(rule),
         );
         scanned.collect().await.unwrap();
@@ -839,6 +867,7 @@ mod tests {
             &headers,
             rules,
             1024,
+            &ConnectionTasks::new(),
             move |rule| *sink.lock().unwrap() = Some(rule),
         );
         assert_eq!(scanned.collect().await.unwrap().to_bytes(), body);

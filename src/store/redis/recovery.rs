@@ -334,6 +334,9 @@ impl RedisStore {
                     "Redis lost data during every restore; giving up until the next loss is seen \
                      (the quarantine goes on): check its memory and persistence"
                 );
+                // Still to be done: at the next start, if not sooner.
+                self.inner.generation.mark_restore(true);
+                self.save_generation(true).await;
                 return;
             }
             // The next round writes under an epoch of its own.
@@ -470,12 +473,18 @@ impl RedisStore {
             // another history): take the one in force.
             Loss::EpochChanged => self.adopt_current().await?,
             Loss::EpochMissing => self.replace_epoch(seen_epoch).await?,
+            // The loss it followed already gave the fleet a new epoch (the
+            // start found it in force, or would have taken this as that
+            // loss): the journal is written back under it, and the other
+            // replicas, which restored theirs then, are not told of a loss
+            // again (a replica failing to finish at every restart would
+            // otherwise quarantine the fleet at every start).
+            Loss::RestoreUnfinished => {}
             Loss::WentBack { .. }
             | Loss::OwnWritesWentBack { .. }
             | Loss::JournaledPinGone
             | Loss::Evicted { .. }
-            | Loss::ClockJumped { .. }
-            | Loss::RestoreUnfinished => {
+            | Loss::ClockJumped { .. } => {
                 let known = self
                     .inner
                     .epoch
