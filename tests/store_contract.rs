@@ -921,17 +921,7 @@ async fn a_jump_of_redis_s_clock_is_taken_as_a_loss() {
     shift.jump(Duration::from_secs(2 * 86_400));
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let pins: Vec<String> = redis::cmd("KEYS")
-        .arg("jumping:pin:*")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let deleted: i64 = redis::cmd("DEL")
-        .arg(&pins)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 1);
+    delete_pins(&mut connection, "jumping").await;
 
     let mut report = None;
     for _ in 0..200 {
@@ -1389,14 +1379,9 @@ async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64
 async fn a_restore_cut_short_is_finished_at_the_next_start() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = redis_store(
-        &redis.url(),
-        "unfinished",
-        2 * HOUR_MS,
-        HOUR_MS,
-        Some(dir.path()),
-    )
-    .await;
+    let url = redis.url();
+    let replica = || redis_store(&url, "unfinished", 2 * HOUR_MS, HOUR_MS, Some(dir.path()));
+    let store = replica().await;
     let someone = identity("e1", 1_800_000_000_000);
     store.create_identity(&someone).await.unwrap();
     store
@@ -1411,66 +1396,58 @@ async fn a_restore_cut_short_is_finished_at_the_next_start() {
     // history saved as whole, the restore marked as under way.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let pins: Vec<String> = redis::cmd("KEYS")
-        .arg("unfinished:pin:*")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(pins.len(), 1);
-    let deleted: i64 = redis::cmd("DEL")
-        .arg(&pins)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 1);
+    let pins = delete_pins(&mut connection, "unfinished").await;
     let file = dir.path().join("generation.json");
+    let pending = || -> serde_json::Value {
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        saved["restore_pending"].clone()
+    };
     let mut saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     saved["restore_pending"] = true.into();
     std::fs::write(&file, serde_json::to_vec(&saved).unwrap()).unwrap();
 
-    let store = redis_store(
-        &redis.url(),
-        "unfinished",
-        2 * HOUR_MS,
-        HOUR_MS,
-        Some(dir.path()),
-    )
-    .await;
-    let mut back = false;
+    let store = replica().await;
     // Bounded: the restore runs in the background from the start.
+    let mut back = false;
     for _ in 0..200 {
         let exists: i64 = redis::cmd("EXISTS")
             .arg(&pins)
             .query_async(&mut connection)
             .await
             .unwrap();
-        if exists == 1 {
-            back = true;
+        back = exists == 1 && pending() == false;
+        if back {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
         back,
-        "the pin the restore had not written back is still gone"
-    );
-    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    let mut finished = saved["restore_pending"] == false;
-    for _ in 0..200 {
-        if finished {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let saved: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-        finished = saved["restore_pending"] == false;
-    }
-    assert!(
-        finished,
-        "the finished restore is no longer marked under way"
+        "the pin the restore had not written back is still gone, or the restore still marked under way"
     );
     store.close().await;
+}
+
+/// Deletes the one pin of `namespace` (as a loss would); answers its key.
+async fn delete_pins(
+    connection: &mut redis::aio::MultiplexedConnection,
+    namespace: &str,
+) -> Vec<String> {
+    let pins: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{namespace}:pin:*"))
+        .query_async(connection)
+        .await
+        .unwrap();
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&pins)
+        .query_async(connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    pins
 }
 
 /// A Redis store on `url` (a replica's, with its journal in `data_dir`, or

@@ -27,6 +27,23 @@ async fn gateway_on(redis: &RedisNode, addresses: &[&str]) -> Setup {
         .await
 }
 
+/// Waits (at most 10 s) until `redis` holds one identity, retired.
+async fn assert_one_identity_retired_in(redis: &RedisNode) {
+    for _ in 0..200 {
+        let ids: Vec<String> = redis.command(&["KEYS", "pinproxy:id:*"]).await;
+        let mut retired = ids.len() == 1;
+        for id in &ids {
+            let field: Option<Vec<u8>> = redis.command(&["HGET", id, "retired"]).await;
+            retired &= field.is_some_and(|f| !f.is_empty());
+        }
+        if retired {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the retirement never reached Redis");
+}
+
 /// Makes `redis` refuse writes (or take them again), and checks it does.
 async fn refuse_writes(redis: &RedisNode, refuse: bool) {
     let limit = if refuse { "1" } else { "0" };
@@ -220,21 +237,7 @@ async fn a_challenge_whose_client_left_is_retired_in_the_journal_too() {
     redis.thaw();
 
     // Bounded: Redis takes the retirement once it runs again.
-    let mut stored = false;
-    for _ in 0..200 {
-        let ids: Vec<String> = redis.command(&["KEYS", "pinproxy:id:*"]).await;
-        let mut retired = ids.len() == 1;
-        for id in &ids {
-            let field: Option<Vec<u8>> = redis.command(&["HGET", id, "retired"]).await;
-            retired &= field.is_some_and(|f| !f.is_empty());
-        }
-        if retired {
-            stored = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(stored, "the retirement never reached Redis");
+    assert_one_identity_retired_in(&redis).await;
 
     // Redis forgets everything; the replica restores from its journal.
     let _: () = redis.command(&["FLUSHDB"]).await;
@@ -284,21 +287,7 @@ async fn refused_then_stored(path: &str, rule: &str) {
 
     refuse_writes(&redis, false).await;
     // Bounded: the retries start half a second apart.
-    let mut stored = false;
-    for _ in 0..200 {
-        let ids: Vec<String> = redis.command(&["KEYS", "pinproxy:id:*"]).await;
-        let mut retired = ids.len() == 1;
-        for id in &ids {
-            let field: Option<Vec<u8>> = redis.command(&["HGET", id, "retired"]).await;
-            retired &= field.is_some_and(|f| !f.is_empty());
-        }
-        if retired {
-            stored = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(stored, "the retirement never reached Redis");
+    assert_one_identity_retired_in(&redis).await;
 
     let s = s.restart().await;
     let after = s.get("/page", &mut jar).await;
