@@ -11,9 +11,10 @@
 //! session key keeps it coherent with the client's other traffic. A tunnel
 //! that carries nothing either way for `timeouts.relay_idle` is closed.
 //!
-//! A TLS client's hello is read before it goes on: one naming a host
-//! pinproxy intercepts, in a tunnel to a host it passes through (a CONNECT
-//! by address), is refused rather than let through unread.
+//! Under a non-empty `mitm.include`, a TLS client's hello is read before it
+//! goes on: one naming a host pinproxy intercepts, in a tunnel to a host it
+//! passes through (a CONNECT by address), or one it cannot read, is refused
+//! rather than let through unread.
 
 use std::sync::Arc;
 use std::time::Duration;
