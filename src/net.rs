@@ -62,7 +62,7 @@ pub fn unbracket(host: &str) -> &str {
 ///   Rust's, so a proxy exit would reach an address none of pinproxy's
 ///   checks saw (its own admin endpoint, through an exit on its host). No
 ///   top-level domain is a number, so no name is refused by this.
-pub fn host_problem(host: &str, bracketed: bool) -> Option<&'static str> {
+fn host_problem(host: &str, bracketed: bool) -> Option<&'static str> {
     if host.is_empty() || host.contains(['[', ']', ' ', '/', '@', '%']) {
         return Some("missing or invalid host");
     }
@@ -92,6 +92,25 @@ pub fn host_problem(host: &str, bracketed: bool) -> Option<&'static str> {
         );
     }
     None
+}
+
+/// `host:port` or `[v6]:port` split into its host (checked by
+/// [`host_problem`], brackets removed) and its port's text, if any.
+fn split_authority(text: &str) -> Result<(&str, Option<&str>), &'static str> {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or("unclosed '['")?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match text.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        },
+    };
+    match host_problem(host, text.starts_with('[')) {
+        Some(reason) => Err(reason),
+        None => Ok((host, port)),
+    }
 }
 
 /// A port: 1-65535, in decimal digits only.
@@ -126,18 +145,7 @@ impl HostPort {
             text: text.to_owned(),
             reason,
         };
-        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-            let (host, after) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match text.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (text, None),
-            }
-        };
-        if let Some(reason) = host_problem(host, text.starts_with('[')) {
-            return Err(bad(reason));
-        }
+        let (host, port) = split_authority(text).map_err(bad)?;
         let port = parse_port(port.ok_or_else(|| bad("missing port"))?)
             .ok_or_else(|| bad("invalid port"))?;
         Ok(HostPort::new(host, port))
@@ -163,19 +171,7 @@ impl HostPort {
             text: text.to_owned(),
             reason,
         };
-        let (host, port) = match text.strip_prefix('[') {
-            Some(rest) => {
-                let (host, after) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-                (host, after.strip_prefix(':'))
-            }
-            None => match text.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (text, None),
-            },
-        };
-        if let Some(reason) = host_problem(host, text.starts_with('[')) {
-            return Err(bad(reason));
-        }
+        let (host, port) = split_authority(text).map_err(bad)?;
         let port = match port {
             None | Some("") => default_port,
             Some(port) => parse_port(port).ok_or_else(|| bad("invalid port"))?,

@@ -420,9 +420,11 @@ impl Store {
                      refused until pinproxy restarts once the disk is fixed"
                 )
             }),
-            Store::Redis(store) if store.journal_failure().is_some() => {
-                store.journal_failure().map(journal_refusal)
-            }
+            Store::Redis(store) => match store.journal_failure() {
+                Some(failure) => Some(journal_refusal(failure)),
+                None if store.is_available() => None,
+                None => Some("it is not answering".to_owned()),
+            },
             _ if self.available() => None,
             _ => Some("it is not answering".to_owned()),
         }

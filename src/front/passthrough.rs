@@ -19,14 +19,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::fingerprint::{read_client_hello, HelloRead};
+use super::rewind::Rewind;
 use super::Frontend;
 use crate::body::{self, Body};
-use crate::fingerprint::{client_hello, Fingerprint, Progress};
+use crate::fingerprint::Fingerprint;
 use crate::net::relay::relay;
 use crate::net::HostPort;
 use crate::proxy::target::Principal;
@@ -192,35 +195,28 @@ where
             return Ok(Opening::Relay);
         }
     }
-    // Bounded: past its limits (64 KiB, a few records) a hello fails.
-    loop {
-        match client_hello::handshake_len_needed(&from_client) {
-            Progress::Complete { consumed } => {
-                let records = from_client.get(..consumed).unwrap_or(&from_client);
-                let Ok(hello) = client_hello::parse(records) else {
-                    return Ok(Opening::Unreadable);
-                };
-                if let Some(sni) = hello.server_name.filter(|sni| intercepted(sni)) {
-                    return Ok(Opening::Intercepted(sni));
-                }
-                break;
-            }
-            // A TLS handshake record that is no hello pinproxy can read
-            // (over its limits, damaged) cannot be judged; other bytes are
-            // not TLS.
-            Progress::Failed(_) if from_client.first() == Some(&TLS_HANDSHAKE) => {
-                return Ok(Opening::Unreadable);
-            }
-            Progress::Failed(_) => break,
-            Progress::NeedMore => {
-                from_client.reserve(2048);
-                if client.read_buf(&mut from_client).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
+    // The rest of the hello, read as a MITM tunnel reads one (bounded by
+    // the parser's limits: 64 KiB, a few records).
+    let first = Bytes::from(from_client);
+    let (read, outcome) = read_client_hello(Rewind::new(first, &mut *client)).await;
+    let (read, unread) = read.into_parts();
+    match outcome {
+        HelloRead::Closed => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+        HelloRead::Hello(Some(hello)) => {
+            if let Some(sni) = hello.server_name.filter(|sni| intercepted(sni)) {
+                return Ok(Opening::Intercepted(sni));
             }
         }
+        // A TLS handshake record that is no hello pinproxy can read (over
+        // its limits, damaged) cannot be judged; other bytes are not TLS.
+        HelloRead::Hello(None) if read.first() == Some(&TLS_HANDSHAKE) => {
+            return Ok(Opening::Unreadable);
+        }
+        HelloRead::Hello(None) => {}
     }
-    upstream.write_all(&from_client).await?;
+    upstream.write_all(&read).await?;
+    // What the first read took beyond the bytes the hello needed.
+    upstream.write_all(unread.prefix()).await?;
     Ok(Opening::Relay)
 }
 

@@ -764,8 +764,14 @@ fn for_h1(request: &mut Request<Body>, origin: &Origin) {
         return;
     };
     let cookie = joined_crumbs(request.headers());
-    let old = std::mem::take(request.headers_mut());
-    let headers = request.headers_mut();
+    host_first(request.headers_mut(), host, cookie);
+}
+
+/// Rebuilds `headers` with `host` in front, the others in their order;
+/// with `cookie` (crumbs joined), it stands where the first `Cookie` field
+/// did, and the other crumbs, which it holds, go.
+fn host_first(headers: &mut HeaderMap, host: HeaderValue, cookie: Option<HeaderValue>) {
+    let old = std::mem::take(headers);
     headers.reserve(old.len() + 1);
     headers.insert(header::HOST, host);
     let mut cookie = cookie.map(Some);
@@ -776,8 +782,6 @@ fn for_h1(request: &mut Request<Body>, origin: &Origin) {
         }
         let Some(name) = &name else { continue };
         match &mut cookie {
-            // The joined value stands where the first crumb did; the
-            // other crumbs are in it.
             Some(joined) if name == header::COOKIE => {
                 if let Some(joined) = joined.take() {
                     headers.append(header::COOKIE, joined);
@@ -864,21 +868,8 @@ fn undo_h2(request: &mut Request<Body>, moved_host: bool) {
     if !moved_host || request.headers().contains_key(header::HOST) {
         return;
     }
-    let Ok(host) = HeaderValue::from_str(authority.as_str()) else {
-        return;
-    };
-    let old = std::mem::take(request.headers_mut());
-    let headers = request.headers_mut();
-    headers.reserve(old.len() + 1);
-    headers.insert(header::HOST, host);
-    let mut name = None;
-    for (next, value) in old {
-        if next.is_some() {
-            name = next;
-        }
-        if let Some(name) = &name {
-            headers.append(name.clone(), value);
-        }
+    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+        host_first(request.headers_mut(), host, None);
     }
 }
 
