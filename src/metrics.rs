@@ -335,6 +335,9 @@ pub struct Metrics {
     /// Idle upstream HTTP/1.1 connections whose hyper connection and
     /// buffers were released until their next request.
     pub upstream_connections_parked: Counter,
+    /// Requests sent again because the origin closed their idle connection
+    /// (or refused their HTTP/2 stream) before answering.
+    pub upstream_requests_replayed: Counter,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -517,6 +520,12 @@ impl Metrics {
             "Idle upstream HTTP/1.1 connections whose hyper connection and buffers were released until their next request",
             upstream_connections_parked.clone(),
         );
+        let upstream_requests_replayed = Counter::default();
+        registry.register(
+            "upstream_requests_replayed",
+            "Body-less requests sent again, once, because the origin closed their idle connection (idempotent methods) or refused their HTTP/2 stream before answering",
+            upstream_requests_replayed.clone(),
+        );
         let store_clock_offset_ms = Gauge::default();
         registry.register(
             "store_clock_offset_ms",
@@ -592,6 +601,7 @@ impl Metrics {
             store_clock_offset_ms,
             client_connections_parked,
             upstream_connections_parked,
+            upstream_requests_replayed,
             upstream_connect,
             upstream_tls,
             upstream_ttfb,

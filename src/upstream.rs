@@ -80,6 +80,9 @@ pub struct PoolSettings {
     /// Counts idle HTTP/1.1 connections parked (their hyper connection
     /// and buffers released until their next request); one per daemon.
     pub parked: prometheus_client::metrics::counter::Counter,
+    /// Counts requests sent again after the origin left them unanswered on
+    /// an idle connection; one per daemon.
+    pub replayed: prometheus_client::metrics::counter::Counter,
 }
 
 /// Where a request goes: the origin a connection is opened to (and pooled
@@ -395,6 +398,7 @@ impl ExitClient {
                 idle_timeout: self.settings.idle_timeout,
                 max_idle_per_origin: self.settings.max_idle_per_origin,
                 parked: self.settings.parked.clone(),
+                replayed: self.settings.replayed.clone(),
             };
             let pool = LanePool::new(dialer, self.presentation(lane), limits);
             // Made rarely (once per lane): the map is read only then.
@@ -553,6 +557,7 @@ mod tests {
             max_idle_per_exit: 128,
             guard: Arc::new(dial::guard::AddressGuard::new(Vec::new())),
             parked: prometheus_client::metrics::counter::Counter::default(),
+            replayed: prometheus_client::metrics::counter::Counter::default(),
         };
         let route = ExitRoute {
             id: ExitId::new("direct"),

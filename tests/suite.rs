@@ -46,6 +46,7 @@ mod passthrough;
 mod pinning;
 mod proptests;
 mod real_clients;
+mod replays;
 mod retirement;
 mod rotation;
 mod secrets_in_logs;

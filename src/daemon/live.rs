@@ -412,6 +412,7 @@ pub(super) fn exit_build(
             max_idle_per_exit: settings.limits.max_idle_per_exit,
             guard,
             parked: metrics.upstream_connections_parked.clone(),
+            replayed: metrics.upstream_requests_replayed.clone(),
         },
         thresholds: Thresholds {
             unhealthy_after: health.unhealthy_after,

@@ -12,7 +12,16 @@
 //! wait behind the upload.
 //!
 //! A request that finds its connection closed before it was written is
-//! retried once on a new connection; nothing is retried once written.
+//! retried once on a new connection. One that was written is sent again
+//! only when the origin cannot have answered it and it can be sent as it
+//! was (see [`Unanswered`]): it carries no body, it went out on a
+//! connection that had been idle (where an origin's keep-alive timeout
+//! closes it as the request leaves), and the origin closed that connection
+//! before answering (an idempotent method) or refused its HTTP/2 stream
+//! (any method). A browser sends such a request again itself; answering
+//! it `502` instead would show the origin a client that gave up where a
+//! browser never does. Once, on the lane's own connections (its exit and
+//! fingerprint), and counted (`upstream_requests_replayed`).
 //!
 //! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
 //! connection state and task) for as long as an HTTP/1.1 connection lives,
@@ -90,6 +99,16 @@ struct H2Conn {
 /// request never parks (restarting a hyper connection costs a task and its
 /// buffers), short enough that a burst's leftovers soon do.
 const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How long an HTTP/1.1 connection must have been idle before a request on
+/// it keeps a copy to send again (see the module documentation). An origin
+/// closes an idle connection after its keep-alive timeout (seconds, at the
+/// least); a connection busy with request after request is not at risk,
+/// and copying every request's head would cost the hot path a header map.
+/// An HTTP/2 connection counts as idle when no request has taken it since
+/// the last sweep (a flag the pool already keeps; at most one copy per
+/// connection and second).
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// An origin stream as an HTTP/1.1 connection reads it.
 type GuardedIo = framing::ResponseGuard<UpstreamIo>;
@@ -180,6 +199,8 @@ pub(super) struct Limits {
     pub max_idle_per_origin: usize,
     /// Counts connections parked.
     pub parked: Counter,
+    /// Counts requests sent again after the origin left them unanswered.
+    pub replayed: Counter,
 }
 
 /// The connections of one lane.
@@ -354,14 +375,21 @@ impl LanePool {
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let mut request = request;
         let mut retried = false;
+        // A retry after a close takes a new connection: the others the
+        // origin left idle as long may be closing too.
+        let mut fresh = false;
         loop {
             // Before a dial (nothing to open for a retired identity) and
             // after the checkout, which may have waited for one.
             self.still_live()?;
-            let (checked, dialed) = self.checkout(origin).await?;
+            let (checked, reuse) = self.checkout(origin, fresh).await?;
             // Read after the checkout, which may have waited for a dial:
             // a retirement meanwhile sends nothing.
             self.still_live()?;
+            let replay = match reuse {
+                Reuse::Quiet if !retried => replay_copy(&request),
+                _ => None,
+            };
             let attempt = match checked {
                 Checked::H2(conn) => self.send_h2(conn, request, origin).await,
                 Checked::H1(conn) => self.send_h1(conn, request, origin).await,
@@ -371,65 +399,104 @@ impl LanePool {
                     return Ok(Answered {
                         response,
                         tunnel,
-                        new_connection: dialed,
+                        new_connection: reuse == Reuse::Dialed,
                     });
                 }
                 // Not written: the connection was gone. Once more, fresh.
-                Err(Unsent(Some(unsent), _)) if !retried => {
+                Err(Unsent {
+                    request: Some(unsent),
+                    ..
+                }) if !retried => {
                     retried = true;
                     request = unsent;
                 }
-                Err(Unsent(_, error)) => return Err(error),
+                Err(Unsent {
+                    request: None,
+                    error,
+                    unanswered,
+                }) => match replay {
+                    Some(copy) if unanswered.allows(copy.method()) => {
+                        tracing::debug!(
+                            exit = %self.dialer.exit,
+                            origin = %origin.target,
+                            error = %error,
+                            "the origin left a request on an idle connection unanswered; sending it again"
+                        );
+                        self.limits.replayed.inc();
+                        retried = true;
+                        fresh = unanswered == Unanswered::Closed;
+                        request = copy;
+                    }
+                    _ => return Err(error),
+                },
+                Err(Unsent { error, .. }) => return Err(error),
             }
         }
     }
 
     /// A live connection to `origin`: the shared HTTP/2 one, an idle
-    /// HTTP/1.1 one, or a new one (then `true`: its open is this request's
-    /// to time).
-    async fn checkout(self: &Arc<Self>, origin: &Origin) -> Result<(Checked, bool), UpstreamError> {
+    /// HTTP/1.1 one (not when `fresh`), or a new one; and how it came.
+    async fn checkout(
+        self: &Arc<Self>,
+        origin: &Origin,
+        fresh: bool,
+    ) -> Result<(Checked, Reuse), UpstreamError> {
         let (dialing, speaks_h1) = loop {
             let parked = {
                 let mut origins = self.origins();
                 let conns = origins.entry(origin.clone()).or_default();
-                if let Some(conn) = reusable_h2(conns) {
-                    return Ok((Checked::H2(conn), false));
+                if let Some((conn, reuse)) = reusable_h2(conns) {
+                    return Ok((Checked::H2(conn), reuse));
                 }
-                match self.reusable_h1(conns) {
-                    Some(IdleH1::Live(conn)) => return Ok((Checked::H1(conn), false)),
-                    Some(IdleH1::Parked(parked)) => parked,
+                let idle = if fresh { None } else { self.reusable_h1(conns) };
+                match idle {
+                    Some((IdleH1::Live(conn), reuse)) => return Ok((Checked::H1(conn), reuse)),
+                    Some((IdleH1::Parked(parked), _)) => parked,
                     None => break (conns.dialing.clone(), conns.speaks_h1),
                 }
             };
             // Each turn takes one connection off the idle stack: bounded.
+            // A parked connection has been idle past `REPLAY_AFTER_IDLE`.
             if let Some(conn) = unpark(parked).await {
-                return Ok((Checked::H1(conn), false));
+                return Ok((Checked::H1(conn), Reuse::Quiet));
             }
         };
         if origin.https && self.offers_h2() && !speaks_h1 {
             let _one_dial = dialing.lock().await;
-            if let Some(conn) = self.origins().get_mut(origin).and_then(reusable_h2) {
-                return Ok((Checked::H2(conn), false));
+            if let Some((conn, reuse)) = self.origins().get_mut(origin).and_then(reusable_h2) {
+                return Ok((Checked::H2(conn), reuse));
             }
-            return Box::pin(self.dial(origin)).await.map(|c| (c, true));
+            return Box::pin(self.dial(origin))
+                .await
+                .map(|c| (c, Reuse::Dialed));
         }
         // Boxed: dialling (exit, CONNECT, TLS) is a large future that a
         // keep-alive request never runs; unboxed it would size every
         // request's future.
-        Box::pin(self.dial(origin)).await.map(|c| (c, true))
+        Box::pin(self.dial(origin))
+            .await
+            .map(|c| (c, Reuse::Dialed))
     }
 
     /// The most recently idle HTTP/1.1 connection still fresh (a parked
     /// one is checked as it is unparked), the stale ones dropped.
-    fn reusable_h1(&self, conns: &mut Conns) -> Option<IdleH1> {
+    fn reusable_h1(&self, conns: &mut Conns) -> Option<(IdleH1, Reuse)> {
         let now = Instant::now();
         while let Some(conn) = conns.idle.pop() {
-            if now.duration_since(conn.idle_since()) >= self.limits.idle_timeout {
+            let idle_for = now.duration_since(conn.idle_since());
+            if idle_for >= self.limits.idle_timeout {
                 continue;
             }
             match &conn {
                 IdleH1::Live(live) if live.sender.is_closed() => continue,
-                _ => return Some(conn),
+                _ => {
+                    let reuse = if idle_for >= REPLAY_AFTER_IDLE {
+                        Reuse::Quiet
+                    } else {
+                        Reuse::Busy
+                    };
+                    return Some((conn, reuse));
+                }
             }
         }
         None
@@ -504,25 +571,54 @@ impl LanePool {
     ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         let moved_host = for_h2(&mut request, origin);
         let info = conn.info;
-        let response = match conn.sender {
+        let response: Result<Response<UpstreamBody>, Unsent> = match conn.sender {
             H2Sender::Hyper(mut sender) => sender
                 .try_send_request(request)
                 .await
                 .map(|r| r.map(UpstreamBody::Hyper))
                 .map_err(|mut e| {
                     let unsent = back_from_h2(e.take_message(), moved_host);
-                    Unsent(unsent, UpstreamError::from_hyper(&e.into_error()))
-                })?,
+                    let error = e.into_error();
+                    let unanswered = Unanswered::of_h2::<::h2::Error>(&error);
+                    Unsent::new(unsent, UpstreamError::from_hyper(&error), unanswered)
+                }),
             H2Sender::Shaped(mut sender) => sender
                 .try_send_request(request)
                 .await
                 .map(|r| r.map(UpstreamBody::Shaped))
                 .map_err(|mut e| {
                     let unsent = back_from_h2(e.take_message(), moved_host);
-                    Unsent(unsent, UpstreamError::from_wreq(&e.into_error()))
-                })?,
+                    let error = e.into_error();
+                    let unanswered = Unanswered::of_h2::<http2::Error>(&error);
+                    Unsent::new(unsent, UpstreamError::from_wreq(&error), unanswered)
+                }),
         };
-        Ok((response, info))
+        match response {
+            Ok(response) => Ok((response, info)),
+            Err(unsent) => {
+                // A connection the origin is closing: the retry dials (the
+                // pool would otherwise hand it out until its task ends).
+                if unsent.unanswered == Unanswered::Closed {
+                    self.forget_h2(origin, &info);
+                }
+                Err(unsent)
+            }
+        }
+    }
+
+    /// Drops `origin`'s HTTP/2 connection if it is still the one `info`
+    /// describes.
+    fn forget_h2(&self, origin: &Origin, info: &Arc<TunnelInfo>) {
+        let mut origins = self.origins();
+        if let Some(conns) = origins.get_mut(origin) {
+            if conns
+                .h2
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.info, info))
+            {
+                conns.h2 = None;
+            }
+        }
     }
 
     async fn send_h1(
@@ -532,7 +628,8 @@ impl LanePool {
         origin: &Origin,
     ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         if let Err(e) = conn.sender.ready().await {
-            return Err(Unsent(Some(request), UpstreamError::from_hyper(&e)));
+            let error = UpstreamError::from_hyper(&e);
+            return Err(Unsent::new(Some(request), error, Unanswered::Unknown));
         }
         for_h1(&mut request, origin);
         conn.framing.request(request.method());
@@ -556,7 +653,19 @@ impl LanePool {
             }
             Err(mut e) => {
                 let unsent = e.take_message();
-                Err(Unsent(unsent, UpstreamError::from_hyper(&e.into_error())))
+                let error = e.into_error();
+                // No response head came: a close or reset now is the
+                // origin's keep-alive timeout meeting the request.
+                let unanswered = if crate::fault::is_benign_disconnect(&error) {
+                    Unanswered::Closed
+                } else {
+                    Unanswered::Unknown
+                };
+                Err(Unsent::new(
+                    unsent,
+                    UpstreamError::from_hyper(&error),
+                    unanswered,
+                ))
             }
         }
     }
@@ -603,12 +712,18 @@ impl LanePool {
     }
 }
 
-fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
+/// The origin's HTTP/2 connection, if open, and whether a request took it
+/// since the last sweep ([`Reuse::Busy`]) or none did ([`Reuse::Quiet`]).
+fn reusable_h2(conns: &mut Conns) -> Option<(H2Conn, Reuse)> {
     match &conns.h2 {
         Some(conn) if !conn.sender.is_closed() => {
             let conn = conn.clone();
-            conns.h2_taken = true;
-            Some(conn)
+            let reuse = if std::mem::replace(&mut conns.h2_taken, true) {
+                Reuse::Busy
+            } else {
+                Reuse::Quiet
+            };
+            Some((conn, reuse))
         }
         Some(_) => {
             conns.h2 = None;
@@ -619,7 +734,122 @@ fn reusable_h2(conns: &mut Conns) -> Option<H2Conn> {
 }
 
 /// A request that failed, and the request itself when it was never written.
-struct Unsent(Option<Request<Body>>, UpstreamError);
+struct Unsent {
+    request: Option<Request<Body>>,
+    error: UpstreamError,
+    /// What the failure says of whether the origin acted on the request.
+    unanswered: Unanswered,
+}
+
+impl Unsent {
+    fn new(request: Option<Request<Body>>, error: UpstreamError, unanswered: Unanswered) -> Self {
+        Unsent {
+            request,
+            error,
+            unanswered,
+        }
+    }
+}
+
+/// How a connection came to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reuse {
+    /// Dialled for it: its open is this request's to time.
+    Dialed,
+    /// Carrying other requests lately.
+    Busy,
+    /// Idle until now (see [`REPLAY_AFTER_IDLE`]): the origin may be
+    /// closing it as the request leaves.
+    Quiet,
+}
+
+/// What a failed exchange, before any response head, says of whether the
+/// origin acted on the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// Nothing: it may have.
+    Unknown,
+    /// The origin closed or reset the connection (or sent `GOAWAY`): it may
+    /// have read the request, so only an idempotent one is sent again
+    /// (RFC 9110 §9.2.2), and on another connection.
+    Closed,
+    /// The origin refused the HTTP/2 stream (`REFUSED_STREAM`), which
+    /// says it did not process it (RFC 9113 §8.7): any method.
+    Refused,
+}
+
+impl Unanswered {
+    /// Whether a request with `method` may be sent again after this.
+    fn allows(self, method: &http::Method) -> bool {
+        match self {
+            Unanswered::Unknown => false,
+            Unanswered::Closed => method.is_idempotent(),
+            Unanswered::Refused => true,
+        }
+    }
+
+    /// Reads an HTTP/2 stack's failure of a request with no response head
+    /// yet: `E` is that stack's HTTP/2 error (hyper's `h2`, wreq's
+    /// `http2`), found among the causes.
+    fn of_h2<E: H2Cause>(error: &(dyn std::error::Error + 'static)) -> Unanswered {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            if let Some(said) = e.downcast_ref::<E>().and_then(H2Cause::unanswered) {
+                return said;
+            }
+            current = e.source();
+        }
+        // Both stacks hand a broken connection's I/O error up as their own.
+        if crate::fault::is_benign_disconnect(error) {
+            Unanswered::Closed
+        } else {
+            Unanswered::Unknown
+        }
+    }
+}
+
+/// An HTTP/2 stack's error, as [`Unanswered`] reads it.
+trait H2Cause: std::error::Error + 'static {
+    /// What the origin said with a frame, if it sent one.
+    fn unanswered(&self) -> Option<Unanswered>;
+}
+
+macro_rules! h2_cause {
+    ($error:ty, $reason:ty) => {
+        impl H2Cause for $error {
+            fn unanswered(&self) -> Option<Unanswered> {
+                // A reset or GOAWAY the stack itself sent (a protocol
+                // error it found) says nothing of the origin's doing.
+                if !self.is_remote() {
+                    None
+                } else if self.is_reset() && self.reason() == Some(<$reason>::REFUSED_STREAM) {
+                    Some(Unanswered::Refused)
+                } else if self.is_go_away() {
+                    Some(Unanswered::Closed)
+                } else {
+                    None
+                }
+            }
+        }
+    };
+}
+h2_cause!(::h2::Error, ::h2::Reason);
+h2_cause!(http2::Error, http2::Reason);
+
+/// A copy of `request` to send again, when it carries no body (a body
+/// streams once; keeping one to replay would buffer it).
+fn replay_copy(request: &Request<Body>) -> Option<Request<Body>> {
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
 
 impl H1Conn {
     /// Asks the connection's task to let go of the stream; `None` when the

@@ -80,5 +80,6 @@ pub fn routing_only_pool() -> pinproxy::upstream::PoolSettings {
         max_idle_per_exit: 1,
         guard: Default::default(),
         parked: Default::default(),
+        replayed: Default::default(),
     }
 }
