@@ -257,6 +257,11 @@ type StatusCounters = [OnceLock<Counter>; STATUS_CLASSES.len()];
 /// The request outcome of a request pinproxy forwarded and answered.
 const FORWARDED: &str = "forwarded";
 
+/// The request outcome of a tunnel closed unrelayed because its TLS hello
+/// names a host the intercept policy treats otherwise than its CONNECT
+/// host (or, under `mitm.include`, a passed-through hello cannot be read).
+pub const TUNNEL_REFUSED: &str = "tunnel-refused";
+
 /// The labels of pin decisions, in the order of a [`Decisions`] table.
 pub const DECISIONS: [&str; 5] = ["hit", "new", "rotated", "conflict", "retired"];
 

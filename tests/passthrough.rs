@@ -78,6 +78,16 @@ async fn handshake_through(proxy: &Proxy, connect: &str, sni: &str, ca_pem: &str
         .is_ok()
 }
 
+/// How many requests pinproxy counted with `outcome`.
+fn outcomes(proxy: &Proxy, outcome: &str) -> u64 {
+    let metrics = proxy.daemon.admin().metrics.encode();
+    let line = format!("pinproxy_requests_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// Interception is decided on the CONNECT host; a TLS hello naming another
 /// host is judged too, and a disagreement fails closed. Under
 /// `mitm.include`, a tunnel to a passed-through host whose hello names an
@@ -115,6 +125,9 @@ async fn a_tls_name_the_mitm_policy_judges_otherwise_than_the_connect_host_is_re
         )
         .await
     );
+    // Counted as what they were: one refused, one passed through.
+    assert_eq!(outcomes(&included.proxy, "tunnel-refused"), 1);
+    assert_eq!(outcomes(&included.proxy, "passthrough"), 1);
     included.stop().await;
 
     let excluded = Setup::builder()
@@ -156,6 +169,7 @@ async fn a_tls_name_the_mitm_policy_judges_otherwise_than_the_connect_host_is_re
         .await,
         "an excluded address's tunnel was second-guessed by its TLS"
     );
+    assert_eq!(outcomes(&excluded.proxy, "tunnel-refused"), 1);
     excluded.stop().await;
 }
 

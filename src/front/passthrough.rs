@@ -90,7 +90,6 @@ async fn open(
             .await?;
     }
     tracing::debug!(target = %authority, exit = %route.exit.id(), "passthrough tunnel open");
-    pipeline.metrics.request("passthrough");
     // The tunnel is the client connection from here on: the upgraded
     // stream holds its place among the connection limits.
     let idle = Some(pipeline.relay_idle);
@@ -99,6 +98,7 @@ async fn open(
         .filter(|limit| !limit.is_zero())
         .unwrap_or(Duration::MAX);
     let tunnel_frontend = frontend.clone();
+    let metrics = pipeline.metrics.clone();
     let authority = authority.clone();
     frontend.tasks.spawn(async move {
         let client = match hyper::upgrade::on(request).await {
@@ -111,7 +111,15 @@ async fn open(
         let opening = first_words(&mut client, &mut upstream, policy.lists_intercepted(), |sni| {
             policy.intercepts(sni)
         });
-        match tokio::time::timeout(opening_limit, opening).await {
+        let opened = tokio::time::timeout(opening_limit, opening).await;
+        // Counted once judged: a refused tunnel is no passthrough.
+        match &opened {
+            Ok(Ok(Opening::Intercepted(_) | Opening::Unreadable)) => {
+                metrics.request(crate::metrics::TUNNEL_REFUSED);
+            }
+            _ => metrics.request("passthrough"),
+        }
+        match opened {
             Ok(Ok(Opening::Relay)) => {}
             Ok(Ok(Opening::Intercepted(sni))) => {
                 return tracing::warn!(

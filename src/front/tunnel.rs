@@ -275,6 +275,11 @@ where
                 connect = %tunnel.authority, sni,
                 "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names"
             );
+            frontend
+                .pipeline
+                .load()
+                .metrics
+                .request(crate::metrics::TUNNEL_REFUSED);
             return None;
         }
     }
