@@ -115,6 +115,31 @@ pub struct Pipeline {
     pub relay_idle: Duration,
 }
 
+/// A request's [`Access`] until its answer's head is ready. hyper drops a
+/// request's future when its client leaves (a closed connection, a reset
+/// stream): such a request is counted and logged as
+/// [`access::CLIENT_GONE`] as it is dropped.
+struct OpenAccess<'a> {
+    access: Access,
+    metrics: &'a Metrics,
+    finished: bool,
+}
+
+impl OpenAccess<'_> {
+    fn finish(&mut self, answer: Result<http::StatusCode, &ProxyError>) {
+        self.finished = true;
+        self.access.finish(self.metrics, answer);
+    }
+}
+
+impl Drop for OpenAccess<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.access.client_gone(self.metrics);
+        }
+    }
+}
+
 impl Pipeline {
     /// Handles one request, arriving in `tunnel` or as a plain proxy request.
     /// Never fails: errors become pinproxy's error answers.
@@ -130,12 +155,16 @@ impl Pipeline {
             exit = tracing::field::Empty,
             identity = tracing::field::Empty,
         );
-        let mut access = Access::start(request.method());
+        let mut open = OpenAccess {
+            access: Access::start(request.method()),
+            metrics: &self.metrics,
+            finished: false,
+        };
         async {
-            match self.forward(tunnel, request, &mut access).await {
+            match self.forward(tunnel, request, &mut open.access).await {
                 Ok(response) => {
                     self.metrics.forwarded();
-                    access.finish(&self.metrics, Ok(response.status()));
+                    open.finish(Ok(response.status()));
                     response
                 }
                 Err(error) => {
@@ -144,8 +173,8 @@ impl Pipeline {
                         Fault::Client => tracing::debug!(code = error.code(), %error, "refused"),
                         _ => tracing::warn!(code = error.code(), %error, "failed"),
                     }
-                    let response = error.to_response_for(&access.credentials);
-                    access.finish(&self.metrics, Err(&error));
+                    let response = error.to_response_for(&open.access.credentials);
+                    open.finish(Err(&error));
                     response
                 }
             }

@@ -456,6 +456,72 @@ async fn json_log_lines_parse_and_hold_names_and_hashes_only() {
         .any(|l| l.contains("\"new identity\"") && l.contains("datadome#")));
 }
 
+/// A request whose client leaves before the answer (a closed connection
+/// over HTTP/1.1, a reset stream over HTTP/2) still gets its access line:
+/// status 499, error `client-gone`, its exit and cookie names as far as
+/// they were known. Without it, a scraper's own timeouts left no trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_before_the_answer_is_logged_as_client_gone() {
+    let origin = Origin::start().await;
+    let (proxy, lines, _exits, _dir) = logging_proxy(&origin, &["--log-format", "json"]).await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let https = origin.https.port();
+
+    // HTTP/1.1: the request reaches the origin, which holds its answer;
+    // the client closes its connection.
+    let (tcp, head) = client.raw_connect(&format!("localhost:{https}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let config = support::client::trusting(&proxy.ca_pem());
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = format!(
+        "GET /held?via=h1 HTTP/1.1\r\nHost: localhost:{https}\r\nCookie: datadome={}\r\n\r\n",
+        COOKIE_VALUES[0]
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tls, request.as_bytes())
+        .await
+        .unwrap();
+    origin.wait_for("/held?via=h1").await;
+    drop(tls);
+
+    // HTTP/2: the client resets the stream.
+    let mut h2 = client.tunnel_h2("localhost", https).await;
+    let request = http::Request::get(format!("https://localhost:{https}/held?via=h2"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let pending = h2.sender().send_request(request);
+    let pending = tokio::spawn(pending);
+    origin.wait_for("/held?via=h2").await;
+    pending.abort();
+
+    wait_for_lines(&lines, "two client-gone access lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("pinproxy::access") && l.contains("client-gone"))
+            .count()
+            >= 2
+    })
+    .await;
+    let gone: Vec<serde_json::Value> = access_lines(&lines)
+        .into_iter()
+        .filter(|l| l["error"] == "client-gone")
+        .collect();
+    assert_eq!(gone.len(), 2, "{gone:#?}");
+    for line in &gone {
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["origin"], format!("localhost:{https}"), "{line}");
+        assert!(line["exit"].as_str().is_some(), "{line}");
+    }
+    assert!(gone.iter().any(|l| l["cookies"] == "datadome"), "{gone:#?}");
+    for line in lines.lock().unwrap().iter() {
+        assert!(
+            !line.contains(COOKIE_VALUES[0]),
+            "a cookie value logged: {line}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_off_writes_no_access_line() {
     let origin = Origin::start().await;

@@ -81,6 +81,13 @@ async fn a_request_the_origin_closed_its_idle_connection_on_is_sent_again_once()
     assert_eq!(put.status, 502, "{:?}", put.pinproxy_error());
     assert_eq!(origin.count("/e"), 1);
 
+    // Nor one the origin began to answer before it closed: it read it.
+    assert_eq!(status(&tunnel.get("/g", &jar).await), (200, None));
+    tokio::time::sleep(IDLE).await;
+    let hinted = tunnel.get("/hints", &jar).await;
+    assert_eq!(hinted.status, 502, "{:?}", hinted.pinproxy_error());
+    assert_eq!(origin.count("/hints"), 1);
+
     // Once only: a request the new connection fails too is answered 502,
     // and one on a connection dialled for it is not sent again at all.
     assert_eq!(status(&tunnel.get("/f", &jar).await), (200, None));
@@ -102,7 +109,8 @@ async fn a_request_the_origin_closed_its_idle_connection_on_is_sent_again_once()
 /// An HTTPS origin (HTTP/1.1) that answers the first request on each
 /// connection (`200 ok`, kept alive) and closes the connection on reading
 /// any later one, as an origin's keep-alive timeout does when it meets a
-/// request; `/close` it closes on at once. It records each request's path
+/// request (a later `/hints` after sending `103 Early Hints`); `/close` it
+/// closes on at once. It records each request's path
 /// and the address it came from.
 struct ClosingOrigin {
     port: u16,
@@ -155,6 +163,13 @@ impl ClosingOrigin {
                 pending.drain(..end + 4);
                 let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
                 seen.lock().unwrap().push((path.clone(), peer));
+                if answered && path == "/hints" {
+                    // It began to answer: it read the request.
+                    let hints = b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n";
+                    let _ = stream.write_all(hints).await;
+                    let _ = stream.flush().await;
+                    return;
+                }
                 if answered || path == "/close" {
                     return;
                 }
@@ -200,13 +215,14 @@ impl Drop for ClosingOrigin {
     }
 }
 
-/// An HTTP/2 stream the origin refused (`REFUSED_STREAM`: not processed)
-/// on a connection no request had taken since the pool's last sweep is
-/// sent again on that connection; a GET whose connection the origin closed
-/// (after a `GOAWAY`) before answering goes on a new connection. In either fingerprint mode (each
-/// speaks HTTP/2 through a stack of its own).
+/// The streams of a burst on an HTTP/2 connection no request had taken
+/// for a sweep's interval, which the origin refused (`REFUSED_STREAM`: not
+/// processed), are each sent again on that connection; GETs whose
+/// connection the origin closed (after a `GOAWAY`) before answering go on
+/// a new connection. In either fingerprint mode (each speaks HTTP/2
+/// through a stack of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_http2_stream_is_sent_again_in_either_mode() {
+async fn refused_http2_streams_are_sent_again_in_either_mode() {
     let cases = [
         (FingerprintMode::Mirror, Refusal::Stream),
         (FingerprintMode::Rustls, Refusal::Stream),
@@ -214,6 +230,7 @@ async fn a_refused_http2_stream_is_sent_again_in_either_mode() {
         (FingerprintMode::Rustls, Refusal::GoAwayAndClose),
     ];
     for (mode, refusal) in cases {
+        let case = format!("{mode:?}, {refusal:?}");
         let s = Setup::builder()
             .exits(1)
             .config(|c| c.upstream.fingerprint = mode)
@@ -222,25 +239,31 @@ async fn a_refused_http2_stream_is_sent_again_in_either_mode() {
         let origin = RefusingH2Origin::start(&s.origin.pki, refusal).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
         let first = tunnel.get("/a", &[]).await;
-        assert_eq!(first.status, 200, "{mode:?}: {:?}", first.pinproxy_error());
+        assert_eq!(first.status, 200, "{case}: {:?}", first.pinproxy_error());
         // Long enough for a sweep (every second) to find the connection
-        // untaken.
+        // untaken for a whole interval.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
-        let second = tunnel.get("/b", &[]).await;
-        assert_eq!(
-            second.status,
-            200,
-            "{mode:?}: {:?}",
-            second.pinproxy_error()
-        );
-        let case = format!("{mode:?}, {refusal:?}");
-        assert_eq!(origin.streams(), 3, "{case}");
+        // Two at once: the origin turns both down once both have come.
+        let sender = tunnel.sender().clone();
+        let get = |path: &str| {
+            let request = http::Request::get(format!("https://localhost:{}{path}", origin.port))
+                .body(Full::default())
+                .unwrap();
+            sender.clone().send_request(request)
+        };
+        let (b, c) = tokio::join!(get("/b"), get("/c"));
+        for reply in [b, c] {
+            let reply = reply.unwrap();
+            let error = reply.headers().get("x-pinproxy-error").cloned();
+            assert_eq!(reply.status(), 200, "{case}: {error:?}");
+        }
+        assert_eq!(origin.streams(), 5, "{case}");
         let connections = match refusal {
             Refusal::Stream => 1,
             Refusal::GoAwayAndClose => 2,
         };
         assert_eq!(origin.accepted(), connections, "{case}");
-        assert_eq!(replayed(&s), 1, "{case}");
+        assert_eq!(replayed(&s), 2, "{case}");
         s.stop().await;
     }
 }
@@ -256,8 +279,9 @@ enum Refusal {
     GoAwayAndClose,
 }
 
-/// An HTTPS origin speaking HTTP/2 only that turns down the second stream
-/// of each connection (see [`Refusal`]) and answers the others `200 ok`.
+/// An HTTPS origin speaking HTTP/2 only that turns down the second and
+/// third streams of its first connection (see [`Refusal`]) once both have
+/// come, and answers every other stream `200 ok`.
 struct RefusingH2Origin {
     port: u16,
     streams: Arc<Mutex<usize>>,
@@ -276,6 +300,7 @@ impl RefusingH2Origin {
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 *accepted_by_task.lock().unwrap() += 1;
+                let first = *accepted_by_task.lock().unwrap() == 1;
                 let (tls, streams) = (tls.clone(), streams_by_task.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
@@ -285,28 +310,35 @@ impl RefusingH2Origin {
                         return;
                     };
                     let mut on_this = 0;
+                    let mut turned_down = Vec::new();
                     // Bounded: a test opens a few streams.
                     for _ in 0..100 {
-                        let Some(Ok((_request, mut respond))) = conn.accept().await else {
+                        let Some(Ok((_request, respond))) = conn.accept().await else {
                             return;
                         };
                         *streams.lock().unwrap() += 1;
                         on_this += 1;
-                        if on_this == 2 {
+                        if first && (on_this == 2 || on_this == 3) {
+                            turned_down.push(respond);
+                            if on_this == 2 {
+                                continue;
+                            }
                             match refusal {
                                 Refusal::Stream => {
-                                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                                    continue;
+                                    for mut respond in turned_down.drain(..) {
+                                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                    }
                                 }
+                                // Driven on until the GOAWAY is out and the
+                                // connection closes (bounded by the loop).
                                 Refusal::GoAwayAndClose => {
                                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                                    // Driven until the GOAWAY is out and the
-                                    // connection closes (bounded by the loop).
-                                    drop(respond);
-                                    continue;
+                                    turned_down.clear();
                                 }
                             }
+                            continue;
                         }
+                        let mut respond = respond;
                         let Ok(mut body) = respond.send_response(http::Response::new(()), false)
                         else {
                             return;

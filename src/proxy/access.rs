@@ -29,6 +29,10 @@ use crate::net::HostPort;
 use crate::routing::{Reason, RouteError};
 use crate::telemetry::{access_line, AccessLine};
 
+/// The outcome (and access-line error) of a request whose client left
+/// before its answer's head was ready.
+pub const CLIENT_GONE: &str = "client-gone";
+
 /// How routing decided a request's identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -132,7 +136,7 @@ impl Access {
 
     /// Counts the request and writes its access line: `answer` is the
     /// origin's status, or pinproxy's error.
-    pub fn finish(mut self, metrics: &Metrics, answer: Result<http::StatusCode, &ProxyError>) {
+    pub fn finish(&mut self, metrics: &Metrics, answer: Result<http::StatusCode, &ProxyError>) {
         let (status, class, error) = match answer {
             Ok(status) => (status, status_class(status), None),
             Err(error) => {
@@ -146,6 +150,32 @@ impl Access {
                 )
             }
         };
+        self.write(metrics, status, class, error);
+    }
+
+    /// Counts and writes the line of a request whose client left before
+    /// its answer's head was ready: status 499 (nginx's "client closed
+    /// request"), error [`CLIENT_GONE`]. Without it a request the client
+    /// gave up on (a timeout of its own, a closed tab) would leave no
+    /// trace but the origin's.
+    pub fn client_gone(&mut self, metrics: &Metrics) {
+        metrics.request(CLIENT_GONE);
+        self.write(
+            metrics,
+            // nginx's "client closed request" (a valid status code).
+            http::StatusCode::from_u16(499).unwrap_or(http::StatusCode::BAD_REQUEST),
+            crate::metrics::PINPROXY_ERROR,
+            Some(CLIENT_GONE),
+        );
+    }
+
+    fn write(
+        &mut self,
+        metrics: &Metrics,
+        status: http::StatusCode,
+        class: &'static str,
+        error: Option<&str>,
+    ) {
         let exit = self.exit.as_deref();
         metrics.exit_request(exit, self.site.as_ref(), class);
         if let Some(decision) = self.decision {

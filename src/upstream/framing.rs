@@ -1053,17 +1053,33 @@ pub(crate) use delegate_write;
 /// limit is about 400 KiB).
 pub const MAX_RESPONSE_HEAD: usize = 1024 * 1024;
 
-/// The request-side facts a [`ResponseGuard`] needs: whether the request on
-/// the wire is a HEAD. Shared with the pool, which sets it before each
+/// The request-side facts a [`ResponseGuard`] needs (whether the request on
+/// the wire is a HEAD), and what the pool asks back (whether any byte of
+/// its answer has come). Shared with the pool, which sets it before each
 /// request (an HTTP/1.1 connection carries one exchange at a time).
 #[derive(Debug, Clone, Default)]
-pub struct Exchange(Arc<AtomicBool>);
+pub struct Exchange(Arc<ExchangeState>);
+
+#[derive(Debug, Default)]
+struct ExchangeState {
+    head: AtomicBool,
+    answer_begun: AtomicBool,
+}
 
 impl Exchange {
     /// The next response answers a request with this method.
     pub fn request(&self, method: &http::Method) {
+        self.0.answer_begun.store(false, Ordering::Relaxed);
         self.0
+            .head
             .store(method == http::Method::HEAD, Ordering::Release);
+    }
+
+    /// Whether the origin has sent any byte since the last
+    /// [`Exchange::request`] (a `1xx`, part of a head): it had begun to
+    /// answer, so it read the request.
+    pub fn answer_begun(&self) -> bool {
+        self.0.answer_begun.load(Ordering::Acquire)
     }
 }
 
@@ -1121,9 +1137,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ResponseGuard<T> {
         if this.scanner.is_done() && this.scanner.state == State::Opaque {
             return Poll::Ready(Ok(()));
         }
-        let answers_head = this.exchange.0.load(Ordering::Acquire);
+        let answers_head = this.exchange.0.head.load(Ordering::Acquire);
         this.scanner.answers_head(answers_head);
         let fresh = &buf.filled()[before..];
+        // Read before written: most reads come after the flag is set.
+        if !fresh.is_empty() && !this.exchange.0.answer_begun.load(Ordering::Relaxed) {
+            this.exchange.0.answer_begun.store(true, Ordering::Release);
+        }
         match this.scanner.scan(fresh, |_| {}) {
             Ok(()) => Poll::Ready(Ok(())),
             Err(error) => {

@@ -13,15 +13,17 @@
 //!
 //! A request that finds its connection closed before it was written is
 //! retried once on a new connection. One that was written is sent again
-//! only when the origin cannot have answered it and it can be sent as it
-//! was (see [`Unanswered`]): it carries no body, it went out on a
-//! connection that had been idle (where an origin's keep-alive timeout
-//! closes it as the request leaves), and the origin closed that connection
-//! before answering (an idempotent method) or refused its HTTP/2 stream
-//! (any method). A browser sends such a request again itself; answering
-//! it `502` instead would show the origin a client that gave up where a
-//! browser never does. Once, on the lane's own connections (its exit and
-//! fingerprint), and counted (`upstream_requests_replayed`).
+//! only when the origin sent no byte of an answer and the request can be
+//! sent as it was (see [`Unanswered`]): it carries no body, it went out on
+//! a connection that had been idle (where an origin's keep-alive timeout
+//! closes it as the request leaves), and the origin either closed that
+//! connection (an idempotent method: it may have read the request) or
+//! said it did not process it (an HTTP/2 `REFUSED_STREAM`, or a `GOAWAY`
+//! below the stream: any method). A browser sends such a request again
+//! itself; answering it `502` instead would show the origin a client that
+//! gave up where a browser never does. Once, on the lane's own
+//! connections (its exit and fingerprint), and counted
+//! (`upstream_requests_replayed`).
 //!
 //! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
 //! connection state and task) for as long as an HTTP/1.1 connection lives,
@@ -105,9 +107,9 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// closes an idle connection after its keep-alive timeout (seconds, at the
 /// least); a connection busy with request after request is not at risk,
 /// and copying every request's head would cost the hot path a header map.
-/// An HTTP/2 connection counts as idle when no request has taken it since
-/// the last sweep (a flag the pool already keeps; at most one copy per
-/// connection and second).
+/// An HTTP/2 connection counts as idle from a sweep that finds no request
+/// took it for a whole sweep interval until its next answer: every request
+/// of a burst that meets an origin closing it keeps its copy.
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// An origin stream as an HTTP/1.1 connection reads it.
@@ -165,6 +167,9 @@ struct Conns {
     /// The first sweep that found it untaken since then: one no request
     /// has taken for the idle timeout is let go (see `expire_idle`).
     h2_quiet_since: Option<Instant>,
+    /// A sweep found it untaken for a whole interval, and no answer has
+    /// come on it since: the origin may be closing it ([`Reuse::Quiet`]).
+    h2_quiet: bool,
     idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
@@ -284,6 +289,7 @@ impl LanePool {
                 let quiet_since = if std::mem::take(&mut conns.h2_taken) {
                     now
                 } else {
+                    conns.h2_quiet = true;
                     *conns.h2_quiet_since.get_or_insert(now)
                 };
                 conns.h2_quiet_since = Some(quiet_since);
@@ -378,6 +384,7 @@ impl LanePool {
         // A retry after a close takes a new connection: the others the
         // origin left idle as long may be closing too.
         let mut fresh = false;
+        let mut replaying = false;
         loop {
             // Before a dial (nothing to open for a retired identity) and
             // after the checkout, which may have waited for one.
@@ -386,12 +393,18 @@ impl LanePool {
             // Read after the checkout, which may have waited for a dial:
             // a retirement meanwhile sends nothing.
             self.still_live()?;
+            if replaying {
+                self.limits.replayed.inc();
+            }
             let replay = match reuse {
                 Reuse::Quiet if !retried => replay_copy(&request),
                 _ => None,
             };
             let attempt = match checked {
-                Checked::H2(conn) => self.send_h2(conn, request, origin).await,
+                Checked::H2(conn) => {
+                    let quiet = reuse == Reuse::Quiet;
+                    self.send_h2(conn, request, origin, quiet).await
+                }
                 Checked::H1(conn) => self.send_h1(conn, request, origin).await,
             };
             match attempt {
@@ -422,9 +435,9 @@ impl LanePool {
                             error = %error,
                             "the origin left a request on an idle connection unanswered; sending it again"
                         );
-                        self.limits.replayed.inc();
                         retried = true;
-                        fresh = unanswered == Unanswered::Closed;
+                        replaying = true;
+                        fresh = unanswered.needs_new_connection();
                         request = copy;
                     }
                     _ => return Err(error),
@@ -523,6 +536,7 @@ impl LanePool {
             let conns = origins.entry(origin.clone()).or_default();
             conns.h2 = Some(conn.clone());
             conns.h2_taken = true;
+            conns.h2_quiet = false;
             return Ok(Checked::H2(conn));
         }
         if origin.https && self.offers_h2() {
@@ -563,11 +577,14 @@ impl LanePool {
         }
     }
 
+    /// Sends `request` on an HTTP/2 connection; `quiet`: it was taken as
+    /// [`Reuse::Quiet`], which an answer ends.
     async fn send_h2(
         &self,
         conn: H2Conn,
         mut request: Request<Body>,
         origin: &Origin,
+        quiet: bool,
     ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         let moved_host = for_h2(&mut request, origin);
         let info = conn.info;
@@ -594,21 +611,29 @@ impl LanePool {
                 }),
         };
         match response {
-            Ok(response) => Ok((response, info)),
+            Ok(response) => {
+                if quiet {
+                    self.with_h2(origin, &info, |conns| conns.h2_quiet = false);
+                }
+                Ok((response, info))
+            }
             Err(unsent) => {
                 // A connection the origin is closing: the retry dials (the
                 // pool would otherwise hand it out until its task ends).
-                if unsent.unanswered == Unanswered::Closed {
-                    self.forget_h2(origin, &info);
+                if unsent.unanswered.needs_new_connection() {
+                    self.with_h2(origin, &info, |conns| {
+                        conns.h2 = None;
+                        conns.h2_quiet = false;
+                    });
                 }
                 Err(unsent)
             }
         }
     }
 
-    /// Drops `origin`'s HTTP/2 connection if it is still the one `info`
-    /// describes.
-    fn forget_h2(&self, origin: &Origin, info: &Arc<TunnelInfo>) {
+    /// Runs `change` on `origin`'s connections if its HTTP/2 connection is
+    /// still the one `info` describes.
+    fn with_h2(&self, origin: &Origin, info: &Arc<TunnelInfo>, change: impl FnOnce(&mut Conns)) {
         let mut origins = self.origins();
         if let Some(conns) = origins.get_mut(origin) {
             if conns
@@ -616,7 +641,7 @@ impl LanePool {
                 .as_ref()
                 .is_some_and(|c| Arc::ptr_eq(&c.info, info))
             {
-                conns.h2 = None;
+                change(conns);
             }
         }
     }
@@ -654,13 +679,15 @@ impl LanePool {
             Err(mut e) => {
                 let unsent = e.take_message();
                 let error = e.into_error();
-                // No response head came: a close or reset now is the
-                // origin's keep-alive timeout meeting the request.
-                let unanswered = if crate::fault::is_benign_disconnect(&error) {
-                    Unanswered::Closed
-                } else {
-                    Unanswered::Unknown
-                };
+                // No response head came: a close or reset before any byte
+                // of an answer (a `1xx`, part of a head) is the origin's
+                // keep-alive timeout meeting the request.
+                let unanswered =
+                    if crate::fault::is_benign_disconnect(&error) && !conn.framing.answer_begun() {
+                        Unanswered::Closed
+                    } else {
+                        Unanswered::Unknown
+                    };
                 Err(Unsent::new(
                     unsent,
                     UpstreamError::from_hyper(&error),
@@ -712,16 +739,17 @@ impl LanePool {
     }
 }
 
-/// The origin's HTTP/2 connection, if open, and whether a request took it
-/// since the last sweep ([`Reuse::Busy`]) or none did ([`Reuse::Quiet`]).
+/// The origin's HTTP/2 connection, if open, and whether it is quiet (see
+/// `Conns::h2_quiet`).
 fn reusable_h2(conns: &mut Conns) -> Option<(H2Conn, Reuse)> {
     match &conns.h2 {
         Some(conn) if !conn.sender.is_closed() => {
             let conn = conn.clone();
-            let reuse = if std::mem::replace(&mut conns.h2_taken, true) {
-                Reuse::Busy
-            } else {
+            conns.h2_taken = true;
+            let reuse = if conns.h2_quiet {
                 Reuse::Quiet
+            } else {
+                Reuse::Busy
             };
             Some((conn, reuse))
         }
@@ -730,6 +758,29 @@ fn reusable_h2(conns: &mut Conns) -> Option<(H2Conn, Reuse)> {
             None
         }
         None => None,
+    }
+}
+
+/// An ended body that reports the size hint of the one it stands for.
+struct Ended(SizeHint);
+
+impl http_body::Body for Ended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
     }
 }
 
@@ -769,13 +820,19 @@ enum Reuse {
 enum Unanswered {
     /// Nothing: it may have.
     Unknown,
-    /// The origin closed or reset the connection (or sent `GOAWAY`): it may
-    /// have read the request, so only an idempotent one is sent again
-    /// (RFC 9110 §9.2.2), and on another connection.
+    /// The origin closed or reset the connection before any byte of an
+    /// answer: it may have read the request, so only an idempotent one is
+    /// sent again (RFC 9110 §9.2.2), and on another connection.
     Closed,
     /// The origin refused the HTTP/2 stream (`REFUSED_STREAM`), which
-    /// says it did not process it (RFC 9113 §8.7): any method.
+    /// says it did not process it (RFC 9113 §8.7): any method, on the
+    /// same connection.
     Refused,
+    /// The origin's `GOAWAY` named a last stream below this one (both
+    /// HTTP/2 stacks give a stream that error only then, and a stream
+    /// opened after it): not processed (RFC 9113 §6.8), so any method, on
+    /// another connection.
+    GoneAway,
 }
 
 impl Unanswered {
@@ -784,8 +841,13 @@ impl Unanswered {
         match self {
             Unanswered::Unknown => false,
             Unanswered::Closed => method.is_idempotent(),
-            Unanswered::Refused => true,
+            Unanswered::Refused | Unanswered::GoneAway => true,
         }
+    }
+
+    /// Whether the connection is done with, so a replay takes another.
+    fn needs_new_connection(self) -> bool {
+        matches!(self, Unanswered::Closed | Unanswered::GoneAway)
     }
 
     /// Reads an HTTP/2 stack's failure of a request with no response head
@@ -825,7 +887,7 @@ macro_rules! h2_cause {
                 } else if self.is_reset() && self.reason() == Some(<$reason>::REFUSED_STREAM) {
                     Some(Unanswered::Refused)
                 } else if self.is_go_away() {
-                    Some(Unanswered::Closed)
+                    Some(Unanswered::GoneAway)
                 } else {
                     None
                 }
@@ -842,7 +904,11 @@ fn replay_copy(request: &Request<Body>) -> Option<Request<Body>> {
     if !request.body().is_end_stream() {
         return None;
     }
-    let mut copy = Request::new(crate::body::empty());
+    // Ended, and as long as the original says it is: both HTTP/2 stacks
+    // add `content-length` to a request whose body has an exact size, and
+    // a client's empty body often has none.
+    let ended = Ended(request.body().size_hint());
+    let mut copy = Request::new(http_body_util::BodyExt::boxed(ended));
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
@@ -1277,6 +1343,35 @@ mod tests {
         assert_eq!(r.uri().to_string(), "/p");
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
+    }
+
+    /// A replay's copy is the request as it came, ended as the original
+    /// was: an empty body of no known size stays of no known size (both
+    /// HTTP/2 stacks add `content-length: 0` for an exact one, a field the
+    /// first attempt did not carry). A request with a body has no copy.
+    #[test]
+    fn a_replay_copy_is_the_request_as_it_came_and_ended_as_it_was() {
+        let mut original = Request::options("/p?q")
+            .header("origin", "https://a.test")
+            .header("access-control-request-method", "PUT")
+            .body(http_body_util::BodyExt::boxed(Ended(SizeHint::default())))
+            .unwrap();
+        let named = ClientAuthority::differing(&"https://www.a.test/p".parse().unwrap(), &origin());
+        original.extensions_mut().insert(named.clone().unwrap());
+        let copy = replay_copy(&original).unwrap();
+        assert_eq!(copy.method(), http::Method::OPTIONS);
+        assert_eq!(copy.uri(), original.uri());
+        assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
+        assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
+        assert!(copy.body().is_end_stream());
+        assert_eq!(copy.body().size_hint().exact(), None);
+
+        let empty = Request::get("/").body(crate::body::empty()).unwrap();
+        let copy = replay_copy(&empty).unwrap();
+        assert_eq!(copy.body().size_hint().exact(), Some(0));
+
+        let upload = Request::put("/").body(crate::body::full("x")).unwrap();
+        assert!(replay_copy(&upload).is_none());
     }
 
     /// The authority an HTTP/2 client named goes to the origin whichever
