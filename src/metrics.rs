@@ -206,8 +206,19 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
 
 /// The status class of pinproxy's own error answers.
 pub const PINPROXY_ERROR: &str = "pinproxy-error";
+/// The status class of a request whose client left before its answer:
+/// neither the origin's answer nor pinproxy's.
+pub const CLIENT_GONE: &str = "client-gone";
 /// Every status class, for removing a site's series.
-const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", PINPROXY_ERROR];
+const STATUS_CLASSES: [&str; 7] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    PINPROXY_ERROR,
+    CLIENT_GONE,
+];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

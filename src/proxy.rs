@@ -118,7 +118,10 @@ pub struct Pipeline {
 /// A request's [`Access`] until its answer's head is ready. hyper drops a
 /// request's future when its client leaves (a closed connection, a reset
 /// stream): such a request is counted and logged as
-/// [`access::CLIENT_GONE`] as it is dropped.
+/// [`crate::metrics::CLIENT_GONE`] as it is dropped. (So is one still
+/// unanswered when a shutdown's grace period ends: pinproxy lets go of
+/// it as a client would. One whose handling panicked is not: that is no
+/// client's doing, and the panic is logged.)
 struct OpenAccess<'a> {
     access: Access,
     metrics: &'a Metrics,
@@ -134,7 +137,7 @@ impl OpenAccess<'_> {
 
 impl Drop for OpenAccess<'_> {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished && !std::thread::panicking() {
             self.access.client_gone(self.metrics);
         }
     }

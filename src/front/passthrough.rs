@@ -103,7 +103,10 @@ async fn open(
     frontend.tasks.spawn(async move {
         let client = match hyper::upgrade::on(request).await {
             Ok(client) => client,
-            Err(e) => return tracing::debug!(error = %e, "client left before the tunnel opened"),
+            Err(e) => {
+                metrics.request(crate::metrics::CLIENT_GONE);
+                return tracing::debug!(error = %e, "client left before the tunnel opened");
+            }
         };
         let mut client = TokioIo::new(client);
         let mut upstream = upstream;

@@ -23,15 +23,11 @@ use super::ProxyError;
 use crate::credential::Credential;
 use crate::identity::IdentityId;
 use crate::metrics::{
-    status_class, ExitInstruments, LabelValue, Metrics, UpstreamTimings, DECISIONS,
+    status_class, ExitInstruments, LabelValue, Metrics, UpstreamTimings, CLIENT_GONE, DECISIONS,
 };
 use crate::net::HostPort;
 use crate::routing::{Reason, RouteError};
 use crate::telemetry::{access_line, AccessLine};
-
-/// The outcome (and access-line error) of a request whose client left
-/// before its answer's head was ready.
-pub const CLIENT_GONE: &str = "client-gone";
 
 /// How routing decided a request's identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,16 +151,17 @@ impl Access {
 
     /// Counts and writes the line of a request whose client left before
     /// its answer's head was ready: status 499 (nginx's "client closed
-    /// request"), error [`CLIENT_GONE`]. Without it a request the client
-    /// gave up on (a timeout of its own, a closed tab) would leave no
-    /// trace but the origin's.
+    /// request"), error and status class [`CLIENT_GONE`]. Without it a
+    /// request the client gave up on (a timeout of its own, a closed tab)
+    /// would leave no trace but the origin's. Its identity keeps the last
+    /// status an answer had (a challenge's `403` stays in view).
     pub fn client_gone(&mut self, metrics: &Metrics) {
         metrics.request(CLIENT_GONE);
         self.write(
             metrics,
             // nginx's "client closed request" (a valid status code).
             http::StatusCode::from_u16(499).unwrap_or(http::StatusCode::BAD_REQUEST),
-            crate::metrics::PINPROXY_ERROR,
+            CLIENT_GONE,
             Some(CLIENT_GONE),
         );
     }
@@ -184,7 +181,7 @@ impl Access {
         if let Some(exit) = exit {
             metrics.upstream(exit, &self.timings);
         }
-        if let Some(identity) = self.identity {
+        if let Some(identity) = self.identity.filter(|_| class != CLIENT_GONE) {
             metrics.note_status(identity, status.as_u16());
         }
         if !self.logging {

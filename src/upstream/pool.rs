@@ -380,7 +380,10 @@ impl LanePool {
         request: Request<Body>,
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let mut request = request;
-        let mut retried = false;
+        // At most one of each: a request found its connection gone before
+        // it was written, and one the origin left unanswered (three
+        // attempts in all).
+        let (mut retried, mut replayed) = (false, false);
         // A retry after a close takes a new connection: the others the
         // origin left idle as long may be closing too.
         let mut fresh = false;
@@ -393,11 +396,11 @@ impl LanePool {
             // Read after the checkout, which may have waited for a dial:
             // a retirement meanwhile sends nothing.
             self.still_live()?;
-            if replaying {
+            if std::mem::take(&mut replaying) {
                 self.limits.replayed.inc();
             }
             let replay = match reuse {
-                Reuse::Quiet if !retried => replay_copy(&request),
+                Reuse::Quiet if !replayed => replay_copy(&request),
                 _ => None,
             };
             let attempt = match checked {
@@ -416,11 +419,13 @@ impl LanePool {
                     });
                 }
                 // Not written: the connection was gone. Once more, fresh.
+                // Its idle neighbours may be closing too: a new one.
                 Err(Unsent {
                     request: Some(unsent),
                     ..
                 }) if !retried => {
                     retried = true;
+                    fresh = true;
                     request = unsent;
                 }
                 Err(Unsent {
@@ -435,9 +440,9 @@ impl LanePool {
                             error = %error,
                             "the origin left a request on an idle connection unanswered; sending it again"
                         );
-                        retried = true;
+                        replayed = true;
                         replaying = true;
-                        fresh = unanswered.needs_new_connection();
+                        fresh = fresh || unanswered.needs_new_connection();
                         request = copy;
                     }
                     _ => return Err(error),
