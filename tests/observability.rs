@@ -456,6 +456,56 @@ async fn json_log_lines_parse_and_hold_names_and_hashes_only() {
         .any(|l| l.contains("\"new identity\"") && l.contains("datadome#")));
 }
 
+/// Sends `GET path` (with a tracked cookie) over HTTP/1.1 in a tunnel to
+/// `origin`, waits until it has arrived there, and closes the connection
+/// before the answer.
+async fn leave_before_the_answer(client: &ProxyClient, ca_pem: &str, origin: &Origin, path: &str) {
+    let https = origin.https.port();
+    let (tcp, head) = client.raw_connect(&format!("localhost:{https}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let config = support::client::trusting(ca_pem);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost:{https}\r\nCookie: datadome={}\r\n\r\n",
+        COOKIE_VALUES[0]
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tls, request.as_bytes())
+        .await
+        .unwrap();
+    origin.wait_for(path).await;
+    drop(tls);
+}
+
+/// A request whose client left is counted as such, in a status class of
+/// its own: not as one of pinproxy's errors on its exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_is_counted_apart_from_pinproxys_errors() {
+    let s = Setup::builder().exits(1).start().await;
+    let ca = s.proxy.daemon.ca_cert_pem().to_owned();
+    leave_before_the_answer(&s.proxy.client, &ca, &s.origin, "/held?counted").await;
+    let counted = |metrics: &str| {
+        metrics.contains("pinproxy_requests_total{outcome=\"client-gone\"} 1")
+            && metrics.lines().any(|l| {
+                l.starts_with("pinproxy_exit_requests_total{")
+                    && l.contains("status=\"client-gone\"")
+                    && l.ends_with(" 1")
+            })
+    };
+    // Counted as the request's future is dropped, after the close reaches
+    // pinproxy: bounded wait (10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut metrics = s.proxy.daemon.admin().metrics.encode();
+    while !counted(&metrics) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = s.proxy.daemon.admin().metrics.encode();
+    }
+    assert!(counted(&metrics), "{metrics}");
+    assert!(!metrics.contains("status=\"pinproxy-error\""), "{metrics}");
+    s.stop().await;
+}
+
 /// A request whose client leaves before the answer (a closed connection
 /// over HTTP/1.1, a reset stream over HTTP/2) still gets its access line:
 /// status 499, error `client-gone`, its exit and cookie names as far as
@@ -469,21 +519,7 @@ async fn a_request_whose_client_left_before_the_answer_is_logged_as_client_gone(
 
     // HTTP/1.1: the request reaches the origin, which holds its answer;
     // the client closes its connection.
-    let (tcp, head) = client.raw_connect(&format!("localhost:{https}")).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let config = support::client::trusting(&proxy.ca_pem());
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    let request = format!(
-        "GET /held?via=h1 HTTP/1.1\r\nHost: localhost:{https}\r\nCookie: datadome={}\r\n\r\n",
-        COOKIE_VALUES[0]
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut tls, request.as_bytes())
-        .await
-        .unwrap();
-    origin.wait_for("/held?via=h1").await;
-    drop(tls);
+    leave_before_the_answer(&client, &proxy.ca_pem(), &origin, "/held?via=h1").await;
 
     // HTTP/2: the client resets the stream.
     let mut h2 = client.tunnel_h2("localhost", https).await;

@@ -399,8 +399,10 @@ impl LanePool {
             if std::mem::take(&mut replaying) {
                 self.limits.replayed.inc();
             }
+            // Boxed: held across the send, it would otherwise grow every
+            // request's future (copied as it moves) for a rare case.
             let replay = match reuse {
-                Reuse::Quiet if !replayed => replay_copy(&request),
+                Reuse::Quiet if !replayed => replay_copy(&request).map(Box::new),
                 _ => None,
             };
             let attempt = match checked {
@@ -443,7 +445,7 @@ impl LanePool {
                         replayed = true;
                         replaying = true;
                         fresh = fresh || unanswered.needs_new_connection();
-                        request = copy;
+                        request = *copy;
                     }
                     _ => return Err(error),
                 },
