@@ -420,8 +420,8 @@ impl LanePool {
                         new_connection: reuse == Reuse::Dialed,
                     });
                 }
-                // Not written: the connection was gone. Once more, fresh.
-                // Its idle neighbours may be closing too: a new one.
+                // Not written: the connection was gone, and its idle
+                // neighbours may be closing too. Once more, on a new one.
                 Err(Unsent {
                     request: Some(unsent),
                     ..
