@@ -28,6 +28,7 @@ pub mod h2;
 mod idle;
 mod lanes;
 mod pool;
+mod replay;
 pub mod tls;
 
 use std::net::IpAddr;

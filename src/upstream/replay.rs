@@ -1,0 +1,198 @@
+//! Sending a request again when the origin left it unanswered.
+//!
+//! An origin closes an idle keep-alive connection after its timeout, and
+//! the close can meet a request just written on it. A request is sent
+//! again only when the origin sent no byte of an answer and the request
+//! can be sent as it was: it carries no body, it went out on a connection
+//! that had been idle (see `pool::REPLAY_AFTER_IDLE`), and the origin
+//! either closed that connection (an idempotent method: it may have read
+//! the request) or said it did not process it (an HTTP/2 `REFUSED_STREAM`,
+//! or a `GOAWAY` below the stream: any method). A browser sends such a
+//! request again itself; answering it `502` instead would show the origin
+//! a client that gave up where a browser never does. The pool sends it
+//! once more on the lane's own connections (its exit and fingerprint).
+//!
+//! This module reads what a failure says ([`Unanswered`]) and makes the
+//! copy ([`replay_copy`]); `pool::LanePool::send` decides.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Request;
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::body::{Body, BoxError};
+
+/// An ended body that reports the size hint of the one it stands for.
+struct Ended(SizeHint);
+
+impl http_body::Body for Ended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+    }
+}
+
+/// What a failed exchange, before any response head, says of whether the
+/// origin acted on the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unanswered {
+    /// Nothing: it may have.
+    Unknown,
+    /// The origin closed or reset the connection before any byte of an
+    /// answer: it may have read the request, so only an idempotent one is
+    /// sent again (RFC 9110 §9.2.2), and on another connection.
+    Closed,
+    /// The origin refused the HTTP/2 stream (`REFUSED_STREAM`), which
+    /// says it did not process it (RFC 9113 §8.7): any method, on the
+    /// same connection.
+    Refused,
+    /// The origin's `GOAWAY` named a last stream below this one (both
+    /// HTTP/2 stacks give a stream that error only then, and a stream
+    /// opened after it): not processed (RFC 9113 §6.8), so any method, on
+    /// another connection.
+    GoneAway,
+}
+
+impl Unanswered {
+    /// Whether a request with `method` may be sent again after this.
+    pub(super) fn allows(self, method: &http::Method) -> bool {
+        match self {
+            Unanswered::Unknown => false,
+            Unanswered::Closed => method.is_idempotent(),
+            Unanswered::Refused | Unanswered::GoneAway => true,
+        }
+    }
+
+    /// Whether the connection is done with, so a replay takes another.
+    pub(super) fn needs_new_connection(self) -> bool {
+        matches!(self, Unanswered::Closed | Unanswered::GoneAway)
+    }
+
+    /// Reads an HTTP/2 stack's failure of a request with no response head
+    /// yet: `E` is that stack's HTTP/2 error (hyper's `h2`, wreq's
+    /// `http2`), found among the causes.
+    pub(super) fn of_h2<E: H2Cause>(error: &(dyn std::error::Error + 'static)) -> Unanswered {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            if let Some(said) = e.downcast_ref::<E>().and_then(H2Cause::unanswered) {
+                return said;
+            }
+            current = e.source();
+        }
+        // Both stacks hand a broken connection's I/O error up as their own.
+        if crate::fault::is_benign_disconnect(error) {
+            Unanswered::Closed
+        } else {
+            Unanswered::Unknown
+        }
+    }
+}
+
+/// An HTTP/2 stack's error, as [`Unanswered`] reads it.
+pub(super) trait H2Cause: std::error::Error + 'static {
+    /// What the origin said with a frame, if it sent one.
+    fn unanswered(&self) -> Option<Unanswered>;
+}
+
+macro_rules! h2_cause {
+    ($error:ty, $reason:ty) => {
+        impl H2Cause for $error {
+            fn unanswered(&self) -> Option<Unanswered> {
+                // A reset or GOAWAY the stack itself sent (a protocol
+                // error it found) says nothing of the origin's doing.
+                if !self.is_remote() {
+                    None
+                } else if self.is_reset() && self.reason() == Some(<$reason>::REFUSED_STREAM) {
+                    Some(Unanswered::Refused)
+                } else if self.is_go_away() {
+                    Some(Unanswered::GoneAway)
+                } else {
+                    None
+                }
+            }
+        }
+    };
+}
+h2_cause!(h2::Error, h2::Reason);
+h2_cause!(http2::Error, http2::Reason);
+
+/// A copy of `request` to send again, when it carries no body (a body
+/// streams once; keeping one to replay would buffer it).
+pub(super) fn replay_copy(request: &Request<Body>) -> Option<Request<Body>> {
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    // Ended, and as long as the original says it is: both HTTP/2 stacks
+    // add `content-length` to a request whose body has an exact size, and
+    // a client's empty body often has none.
+    let ended = Ended(request.body().size_hint());
+    let mut copy = Request::new(http_body_util::BodyExt::boxed(ended));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::HostPort;
+    use crate::upstream::{ClientAuthority, Origin};
+
+    fn origin() -> Origin {
+        Origin {
+            https: true,
+            target: HostPort::new("a.test", 443),
+        }
+    }
+
+    fn names(request: &Request<Body>) -> Vec<String> {
+        request.headers().keys().map(|n| n.to_string()).collect()
+    }
+
+    /// A replay's copy is the request as it came, ended as the original
+    /// was: an empty body of no known size stays of no known size (both
+    /// HTTP/2 stacks add `content-length: 0` for an exact one, a field the
+    /// first attempt did not carry). A request with a body has no copy.
+    #[test]
+    fn a_replay_copy_is_the_request_as_it_came_and_ended_as_it_was() {
+        let mut original = Request::options("/p?q")
+            .header("origin", "https://a.test")
+            .header("access-control-request-method", "PUT")
+            .body(http_body_util::BodyExt::boxed(Ended(SizeHint::default())))
+            .unwrap();
+        let named = ClientAuthority::differing(&"https://www.a.test/p".parse().unwrap(), &origin());
+        original.extensions_mut().insert(named.clone().unwrap());
+        let copy = replay_copy(&original).unwrap();
+        assert_eq!(copy.method(), http::Method::OPTIONS);
+        assert_eq!(copy.uri(), original.uri());
+        assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
+        assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
+        assert!(copy.body().is_end_stream());
+        assert_eq!(copy.body().size_hint().exact(), None);
+
+        let empty = Request::get("/").body(crate::body::empty()).unwrap();
+        let copy = replay_copy(&empty).unwrap();
+        assert_eq!(copy.body().size_hint().exact(), Some(0));
+
+        let upload = Request::put("/").body(crate::body::full("x")).unwrap();
+        assert!(replay_copy(&upload).is_none());
+    }
+}
