@@ -1172,11 +1172,12 @@ impl http_body::Body for UpstreamBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::net::HostPort;
 
-    fn origin() -> Origin {
+    /// An HTTPS origin for the upstream modules' tests.
+    pub(in crate::upstream) fn origin() -> Origin {
         Origin {
             https: true,
             target: HostPort::new("a.test", 443),
@@ -1191,7 +1192,8 @@ mod tests {
         builder.body(crate::body::empty()).unwrap()
     }
 
-    fn names(request: &Request<Body>) -> Vec<String> {
+    /// The header names of `request`, in order.
+    pub(in crate::upstream) fn names(request: &Request<Body>) -> Vec<String> {
         request.headers().keys().map(|n| n.to_string()).collect()
     }
 

@@ -153,19 +153,8 @@ pub(super) fn replay_copy(request: &Request<Body>) -> Option<Request<Body>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::HostPort;
-    use crate::upstream::{ClientAuthority, Origin};
-
-    fn origin() -> Origin {
-        Origin {
-            https: true,
-            target: HostPort::new("a.test", 443),
-        }
-    }
-
-    fn names(request: &Request<Body>) -> Vec<String> {
-        request.headers().keys().map(|n| n.to_string()).collect()
-    }
+    use crate::upstream::pool::tests::{names, origin};
+    use crate::upstream::ClientAuthority;
 
     /// A replay's copy is the request as it came, ended as the original
     /// was: an empty body of no known size stays of no known size (both
