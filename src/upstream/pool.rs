@@ -679,15 +679,7 @@ impl LanePool {
             Err(mut e) => {
                 let unsent = e.take_message();
                 let error = e.into_error();
-                // No response head came: a close or reset before any byte
-                // of an answer (a `1xx`, part of a head) is the origin's
-                // keep-alive timeout meeting the request.
-                let unanswered =
-                    if crate::fault::is_benign_disconnect(&error) && !conn.framing.answer_begun() {
-                        Unanswered::Closed
-                    } else {
-                        Unanswered::Unknown
-                    };
+                let unanswered = Unanswered::of_h1(&error, conn.framing.answer_begun());
                 Err(Unsent::new(
                     unsent,
                     UpstreamError::from_hyper(&error),

@@ -83,6 +83,18 @@ impl Unanswered {
         matches!(self, Unanswered::Closed | Unanswered::GoneAway)
     }
 
+    /// Reads hyper's HTTP/1.1 failure of a request with no response head
+    /// yet; `answer_begun`: the origin had sent a byte since the request
+    /// (a `1xx`, part of a head), so it read it. A close or reset before
+    /// that is the origin's keep-alive timeout meeting the request.
+    pub(super) fn of_h1(error: &hyper::Error, answer_begun: bool) -> Unanswered {
+        if crate::fault::is_benign_disconnect(error) && !answer_begun {
+            Unanswered::Closed
+        } else {
+            Unanswered::Unknown
+        }
+    }
+
     /// Reads an HTTP/2 stack's failure of a request with no response head
     /// yet: `E` is that stack's HTTP/2 error (hyper's `h2`, wreq's
     /// `http2`), found among the causes.
