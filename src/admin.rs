@@ -51,7 +51,8 @@ pub struct IdentityView {
     pub reason: Option<String>,
     /// Created, Unix ms.
     pub created_ms: u64,
-    /// Last request, Unix ms.
+    /// Last use (a request, or a WebSocket or passed-through tunnel that
+    /// moved bytes), Unix ms.
     pub last_used_ms: u64,
     /// Requests sent.
     pub requests: u64,

@@ -7,7 +7,9 @@
 //!   that stops the request;
 //! - [`lifecycle`]: retirement (by rule, by expiry, by exit death), sweeping,
 //!   and sharing exit deaths through the store;
-//! - [`policy`]: the retire and conflict policies and lifetimes.
+//! - [`policy`]: the retire and conflict policies and lifetimes;
+//! - [`relays`]: the WebSockets and passed-through tunnels open for an
+//!   identity, kept as its use and ended with it.
 //!
 //! Invariant: a credential's identity never changes and an identity's exit
 //! and upstream session never change. Nothing here moves a session; it can
@@ -15,6 +17,7 @@
 
 pub mod lifecycle;
 pub mod policy;
+pub mod relays;
 pub mod router;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,6 +60,8 @@ pub struct Router {
     /// The time the sweep forgets by, and the time identities age by
     /// (see [`Unhurried`]).
     steady: Unhurried,
+    /// The WebSockets and passed-through tunnels open per identity.
+    relays: relays::OpenRelays,
 }
 
 /// The JA4 an identity's upstream connection sent, and when last seen.
@@ -87,6 +92,7 @@ impl Router {
             tasks,
             sent_ja4: dashmap::DashMap::default(),
             steady,
+            relays: relays::OpenRelays::default(),
         }
     }
 

@@ -269,14 +269,16 @@ pub trait PinStore: Send + Sync {
         }
     }
 
-    /// Records a request of identity `id` at `now_ms` (and whether it got a
-    /// 2xx answer) and, when given, the egress address its exit revealed
+    /// Records a use of identity `id` at `now_ms`: `requests` requests (none
+    /// for an open WebSocket or tunnel that kept it in use), whether one got
+    /// a 2xx answer and, when given, the egress address its exit revealed
     /// unless one is recorded (as [`PinStore::record_egress`]). A store may
     /// write it later, off the request path: it only informs.
     fn touch(
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -300,6 +302,13 @@ pub trait PinStore: Send + Sync {
         pinned: &Pin,
         expires_ms: Option<u64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Identity `id` as the store holds it now; `None` when it holds none
+    /// (never stored, forgotten long after its retirement, or lost).
+    fn read_identity(
+        &self,
+        id: IdentityId,
+    ) -> impl Future<Output = Result<Option<Identity>, StoreError>> + Send;
 
     /// Retires an identity (the first retirement stands).
     fn retire(
@@ -501,10 +510,11 @@ impl PinStore for Store {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.touch(id, now_ms, worked, egress))
+        dispatch!(self, s => s.touch(id, now_ms, requests, worked, egress))
     }
     async fn record_egress(
         &self,
@@ -520,6 +530,9 @@ impl PinStore for Store {
         expires_ms: Option<u64>,
     ) -> Result<(), StoreError> {
         dispatch!(self, s => s.extend_pin(key, pinned, expires_ms))
+    }
+    async fn read_identity(&self, id: IdentityId) -> Result<Option<Identity>, StoreError> {
+        dispatch!(self, s => s.read_identity(id))
     }
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         dispatch!(self, s => s.retire(id, retirement))
@@ -568,6 +581,7 @@ struct StoreTimers {
     found: Histogram,
     touch: Histogram,
     record_egress: Histogram,
+    read_identity: Histogram,
     extend_pin: Histogram,
     retire: Histogram,
     list: Histogram,
@@ -591,6 +605,7 @@ impl TimedStore {
             found: timer("found-identity"),
             touch: timer("touch"),
             record_egress: timer("record-egress"),
+            read_identity: timer("read-identity"),
             extend_pin: timer("extend-pin"),
             retire: timer("retire"),
             list: timer("list"),
@@ -660,12 +675,13 @@ impl PinStore for TimedStore {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
         timed!(
             self.timers.touch,
-            self.store.touch(id, now_ms, worked, egress),
+            self.store.touch(id, now_ms, requests, worked, egress),
         )
     }
     async fn record_egress(
@@ -685,6 +701,9 @@ impl PinStore for TimedStore {
             self.timers.extend_pin,
             self.store.extend_pin(key, pinned, expires_ms)
         )
+    }
+    async fn read_identity(&self, id: IdentityId) -> Result<Option<Identity>, StoreError> {
+        timed!(self.timers.read_identity, self.store.read_identity(id))
     }
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
         timed!(self.timers.retire, self.store.retire(id, retirement))

@@ -353,3 +353,35 @@ async fn an_open_passed_through_tunnel_holds_the_shutdown_like_a_request_in_flig
         .ends_within(Duration::from_secs(10), "with the tunnel closed")
         .await;
 }
+
+/// A passed-through tunnel of a session key's identity ends with it: an
+/// operator's eviction closes it at once, though its TLS session is open
+/// and idle far short of `timeouts.relay_idle`.
+#[tokio::test]
+async fn a_passed_through_tunnel_closes_when_its_identity_is_evicted() {
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| c.mitm.exclude = vec!["*.test".into()])
+        .start()
+        .await;
+    let mut tls = raw_tls(&s.proxy, &s.origin, Some(basic("session-feed"))).await;
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let body = support::admin::get(admin, "/identities?all=1").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.len(), 1, "{body}");
+    let id = views[0]["identity"].as_str().unwrap();
+    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(
+        end.is_ok(),
+        "the tunnel of an evicted identity was still open after 5 s"
+    );
+    assert!(
+        rest.is_empty(),
+        "{} bytes came after the eviction",
+        rest.len()
+    );
+    s.stop().await;
+}

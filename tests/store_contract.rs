@@ -246,7 +246,7 @@ async fn contract(store: Arc<Store>) {
         .unwrap()
         .identity
         .unwrap();
-    assert_eq!(retired.retired, Some(first_reason));
+    assert_eq!(retired.retired, Some(first_reason.clone()));
     assert_eq!(retired.egress_ip, Some(ip1));
 
     // Touch: counted, every one (Redis writes them off the request path,
@@ -254,8 +254,14 @@ async fn contract(store: Arc<Store>) {
     // cache may answer with counters up to `store.hit_cache` old).
     // The egress address a touch carries is recorded unless one is.
     let ip3 = "127.0.0.4".parse().unwrap();
-    store.touch(b.id, now + 5, false, Some(ip3)).await.unwrap();
-    store.touch(b.id, now + 10, true, Some(ip1)).await.unwrap();
+    store
+        .touch(b.id, now + 5, 1, false, Some(ip3))
+        .await
+        .unwrap();
+    store
+        .touch(b.id, now + 10, 1, true, Some(ip1))
+        .await
+        .unwrap();
     let kb = key();
     store.pin_if_absent(kb, &pin(&b, None)).await.unwrap();
     let mut touched = false;
@@ -276,6 +282,20 @@ async fn contract(store: Arc<Store>) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(touched, "touch recorded");
+    // A use that is no request (an open relay's): the last use moves, the
+    // count does not. Read by id, as a relay's check reads it.
+    store.touch(b.id, now + 20, 0, false, None).await.unwrap();
+    let mut used = None;
+    for _ in 0..300 {
+        let seen = store.read_identity(b.id).await.unwrap().unwrap();
+        if seen.last_used_ms == now + 20 {
+            used = Some(seen);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let used = used.expect("a relay's use recorded");
+    assert_eq!((used.id, used.requests, used.retired), (b.id, 2, None));
 
     // Exit deaths: the latest stands.
     store
@@ -296,6 +316,9 @@ async fn contract(store: Arc<Store>) {
     let loser = identity("e1", now);
     store.create_identity(&loser).await.unwrap();
     store.discard_identity(loser.id).await.unwrap();
+    assert_eq!(store.read_identity(loser.id).await.unwrap(), None);
+    let read = store.read_identity(a.id).await.unwrap().unwrap();
+    assert_eq!((read.id, read.retired), (a.id, Some(first_reason)));
 
     // Listing shows identities with their pins.
     let listed = store.list().await.unwrap();
@@ -997,7 +1020,7 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
     store.create_identity(&kept).await.unwrap();
     let ip = "127.0.0.2".parse().unwrap();
     for id in [kept.id, gone.id] {
-        store.touch(id, now + 5, true, Some(ip)).await.unwrap();
+        store.touch(id, now + 5, 1, true, Some(ip)).await.unwrap();
     }
     tasks.close();
     let stored = written(&store, kept.id, &tasks).await;
@@ -1016,7 +1039,7 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
 
     // An earlier use written later (another replica's coalesced touch)
     // does not take the last use back.
-    store.touch(kept.id, now + 1, false, None).await.unwrap();
+    store.touch(kept.id, now + 1, 1, false, None).await.unwrap();
     let stored = written(&store, kept.id, &tasks).await;
     assert_eq!(stored.last_used_ms, now + 5);
     assert_eq!(stored.requests, 2);
@@ -1028,7 +1051,7 @@ async fn redis_touches_record_only_live_identities_and_their_latest_use() {
         at_ms: now + 6,
     };
     store.retire(kept.id, &idle).await.unwrap();
-    store.touch(kept.id, now + 50, true, None).await.unwrap();
+    store.touch(kept.id, now + 50, 1, true, None).await.unwrap();
     let stored = written(&store, kept.id, &tasks).await;
     assert_eq!(stored.last_used_ms, now + 5);
 }

@@ -33,21 +33,8 @@ where
 async fn websocket_over_http1_upgrade_carries_the_pinned_cookie() {
     let s = Setup::start(3).await;
     let (jar, peer) = s.login("/login").await;
-    let port = s.origin.https.port();
     for _ in 0..3 {
-        let tls = s
-            .proxy
-            .client
-            .tls_stream("localhost", port, &[b"http/1.1"])
-            .await;
-        let mut request = format!("wss://localhost:{port}/ws")
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("cookie", jar.header().unwrap().parse().unwrap());
-        let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
-        assert_eq!(response.status(), 101);
+        let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
         echo_round_trips(&mut ws, peer).await;
         ws.close(None).await.unwrap();
     }
@@ -197,4 +184,159 @@ async fn an_open_websocket_holds_the_shutdown_like_a_request_in_flight() {
     stopping
         .ends_within(Duration::from_secs(10), "with the WebSocket closed")
         .await;
+}
+
+/// A WebSocket through pinproxy carrying `cookie` (a pinned one): opened
+/// over HTTP/1.1 Upgrade in a MITM tunnel.
+async fn websocket_with_cookie(
+    s: &Setup,
+    cookie: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let port = s.origin.https.port();
+    let tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    let mut request = format!("wss://localhost:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// The only identity pinproxy holds, as the admin API lists it.
+async fn only_identity(s: &Setup) -> serde_json::Value {
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let body = support::admin::get(admin, "/identities?all=1").await;
+    let mut views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.len(), 1, "{body}");
+    views.remove(0)
+}
+
+/// Sends a message every `every`, at most `messages` times, until the
+/// WebSocket ends; returns how many were echoed before it did (`None`: it
+/// never ended).
+async fn messages_until_closed<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    messages: usize,
+    every: std::time::Duration,
+) -> Option<usize>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for n in 0..messages {
+        if ws
+            .send(Message::text(format!("still here {n}")))
+            .await
+            .is_err()
+        {
+            return Some(n);
+        }
+        match tokio::time::timeout(every * 4, ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => {}
+            Ok(_) => return Some(n),
+            Err(_) => panic!(
+                "message {n} neither echoed nor refused within {:?}",
+                every * 4
+            ),
+        }
+        tokio::time::sleep(every).await;
+    }
+    None
+}
+
+/// An identity whose only traffic is a WebSocket (a live feed) is in use
+/// while messages move: it is not retired for idleness, however long the
+/// WebSocket outlasts its idle timeout, and its next request goes out
+/// through its exit.
+#[tokio::test]
+async fn an_open_websocket_keeps_its_identity_from_idling_out() {
+    use std::time::Duration;
+    let idle = Duration::from_secs(2);
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| {
+            c.identities.idle_timeout = idle;
+            c.identities.sweep_interval = Duration::from_millis(200);
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    // Two and a half idle timeouts of messages and nothing else (the
+    // passing of time is what is under test).
+    assert_eq!(
+        messages_until_closed(&mut ws, 20, Duration::from_millis(250)).await,
+        None,
+        "the WebSocket of an identity in use was closed"
+    );
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
+        "{}",
+        reply.body
+    );
+    ws.close(None).await.unwrap();
+    // Its requests are what they were (the login, the upgrade, the page):
+    // the relay's uses count none.
+    let identity = only_identity(&s).await;
+    assert_eq!(identity["requests"].as_u64(), Some(3), "{identity}");
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+/// A WebSocket ends with its identity: at once when an operator evicts
+/// it, and within a check when the sweep retires it (its lifetime ended
+/// while the WebSocket ran).
+#[tokio::test]
+async fn a_websocket_closes_when_its_identity_is_retired() {
+    use std::time::Duration;
+    let s = Setup::start(1).await;
+    let (jar, _) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    echo_round_trips(&mut ws, s.exits[0].source).await;
+    let id = only_identity(&s).await["identity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the WebSocket of an evicted identity was still open after 5 s");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    s.stop().await;
+
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.exits[0].idle_timeout = Some(Duration::from_secs(2));
+            c.exits[0].max_lifetime = Some(Duration::from_secs(3));
+            c.identities.sweep_interval = Duration::from_millis(200);
+        })
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    let echoed = messages_until_closed(&mut ws, 40, Duration::from_millis(250))
+        .await
+        .expect("the WebSocket outlived its identity's lifetime by 7 s");
+    assert!(
+        echoed >= 4,
+        "closed after {echoed} messages, before its lifetime ended"
+    );
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        support::error_of(&reply).contains("lifetime-expired"),
+        "{}",
+        support::error_of(&reply)
+    );
+    s.stop().await;
 }

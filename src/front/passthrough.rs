@@ -9,13 +9,15 @@
 //! through the next exit in rotation, and the tunnel stays on it for its
 //! whole life. pinproxy cannot see cookies inside such a tunnel: only the
 //! session key keeps it coherent with the client's other traffic. A tunnel
-//! that carries nothing either way for `timeouts.relay_idle` is closed.
+//! that carries nothing either way for `timeouts.relay_idle` is closed, and
+//! so is one whose identity is retired (see `routing::relays`).
 //!
 //! Under a non-empty `mitm.include`, a TLS client's hello is read before it
 //! goes on: one naming a host pinproxy intercepts, in a tunnel to a host it
 //! passes through (a CONNECT by address), or one it cannot read, is refused
 //! rather than let through unread.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ use crate::net::relay::relay;
 use crate::net::HostPort;
 use crate::proxy::target::Principal;
 use crate::proxy::{credentials, ProxyError};
+use crate::routing::relays::{until_retired, RelayOwner};
 
 /// Answers a CONNECT to a passed-through host: opens the tunnel through the
 /// exit first (so a failure can still be answered with a 502), then `200`,
@@ -100,6 +103,11 @@ async fn open(
     let tunnel_frontend = frontend.clone();
     let metrics = pipeline.metrics.clone();
     let authority = authority.clone();
+    let owner = route.identity.clone().map(|identity| RelayOwner {
+        router: pipeline.router.clone(),
+        exits: pipeline.exits.clone(),
+        identity,
+    });
     frontend.tasks.spawn(async move {
         let client = match hyper::upgrade::on(request).await {
             Ok(client) => client,
@@ -139,7 +147,9 @@ async fn open(
             Ok(Err(e)) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
             Err(_) => return tracing::debug!("passthrough tunnel idle before it carried anything"),
         }
-        relay(&mut client, &mut upstream, idle)
+        let reads = AtomicU64::new(0);
+        let retired = until_retired(owner, &reads, "passthrough tunnel");
+        relay(&mut client, &mut upstream, idle, &reads, retired)
             .await
             .log("passthrough tunnel");
     });

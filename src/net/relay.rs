@@ -2,8 +2,9 @@
 //! read: a passed-through tunnel (client ↔ exit) and an upgraded WebSocket
 //! (client ↔ origin).
 //!
-//! A relay ends when either side closes, when either fails, or when no
-//! byte has moved either way for the relay's idle limit
+//! A relay ends when either side closes, when either fails, when its owner
+//! ends it (its identity retired, see `routing::relays`), or when no byte
+//! has moved either way for the relay's idle limit
 //! (`timeouts.relay_idle`). Without that limit, a peer that vanished
 //! without a FIN (a killed container, a dropped NAT mapping) would hold
 //! its relay, two sockets and their buffers, for the daemon's whole life.
@@ -13,6 +14,7 @@
 //! limit and a quarter more after its last byte (as `timeouts.client_idle`
 //! closes a client connection).
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,6 +38,9 @@ pub enum RelayEnd {
     Idle(Duration),
     /// A read or a write failed.
     Failed(io::Error),
+    /// Its owner ended it (see [`relay`]'s `until`); both sides are dropped
+    /// by the caller.
+    Ended,
 }
 
 impl RelayEnd {
@@ -52,6 +57,7 @@ impl RelayEnd {
                 "relay closed: nothing moved for timeouts.relay_idle"
             ),
             RelayEnd::Failed(error) => tracing::debug!(relay = what, %error, "relay ended"),
+            RelayEnd::Ended => tracing::debug!(relay = what, "relay ended by its owner"),
         }
     }
 }
@@ -61,25 +67,37 @@ impl RelayEnd {
 const CHECKS_PER_LIMIT: u32 = 4;
 
 /// Relays between `a` (the client's side, where there is one: its bytes
-/// are logged as `up`) and `b` until one closes or fails, or until nothing
-/// has moved for `idle` (`None` or zero: no idle limit).
-pub async fn relay<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> RelayEnd
+/// are logged as `up`) and `b` until one closes or fails, until nothing has
+/// moved for `idle` (`None` or zero: no idle limit), or until `until`
+/// completes (the relay's owner ends it: its identity retired). Every read
+/// that brings bytes is counted in `reads`, which `until` may watch.
+pub async fn relay<A, B, U>(
+    a: &mut A,
+    b: &mut B,
+    idle: Option<Duration>,
+    reads: &AtomicU64,
+    until: U,
+) -> RelayEnd
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: Future<Output = ()>,
 {
-    let moved = AtomicU64::new(0);
     // Every byte relayed is read from one side first, so counting reads
     // sees anything that moves.
-    let mut a = ReadCounted::new(a, &moved);
-    let mut b = ReadCounted::new(b, &moved);
+    let mut a = ReadCounted::new(a, reads);
+    let mut b = ReadCounted::new(b, reads);
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    let outcome = match idle.filter(|limit| !limit.is_zero()) {
-        None => copy.await,
-        Some(limit) => tokio::select! {
-            outcome = copy => outcome,
-            () = quiet_for(&moved, limit) => return RelayEnd::Idle(limit),
-        },
+    let quiet = async {
+        match idle.filter(|limit| !limit.is_zero()) {
+            Some(limit) => quiet_for(reads, limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = copy => outcome,
+        () = quiet => return RelayEnd::Idle(idle.unwrap_or_default()),
+        () = until => return RelayEnd::Ended,
     };
     match outcome {
         Ok((a_to_b, b_to_a)) => RelayEnd::Closed { a_to_b, b_to_a },
@@ -120,7 +138,16 @@ mod tests {
         let (mut b, mut b_far) = duplex(64);
         let limit = Duration::from_secs(60);
         let started = tokio::time::Instant::now();
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, Some(limit)).await });
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut a,
+                &mut b,
+                Some(limit),
+                &AtomicU64::new(0),
+                std::future::pending(),
+            )
+            .await
+        });
         // Traffic for two limits' worth of time, a byte every 40 s: the
         // relay stays open throughout.
         for _ in 0..3 {
@@ -146,7 +173,16 @@ mod tests {
         for idle in [None, Some(Duration::ZERO)] {
             let (mut a, mut a_far) = duplex(64);
             let (mut b, b_far) = duplex(64);
-            let relay = tokio::spawn(async move { relay(&mut a, &mut b, idle).await });
+            let relay = tokio::spawn(async move {
+                relay(
+                    &mut a,
+                    &mut b,
+                    idle,
+                    &AtomicU64::new(0),
+                    std::future::pending(),
+                )
+                .await
+            });
             tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
             assert!(!relay.is_finished(), "{idle:?}: closed while quiet");
             // A side that closes still ends it.
@@ -159,13 +195,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_relay_ends_when_its_owner_ends_it_and_counts_what_moved() {
+        let (mut a, mut a_far) = duplex(64);
+        let (mut b, mut b_far) = duplex(64);
+        let reads = std::sync::Arc::new(AtomicU64::new(0));
+        let ended = tokio_util::sync::CancellationToken::new();
+        let relay = tokio::spawn({
+            let (reads, ended) = (reads.clone(), ended.clone());
+            async move { relay(&mut a, &mut b, None, &reads, ended.cancelled_owned()).await }
+        });
+        a_far.write_all(b"x").await.unwrap();
+        let mut byte = [0u8];
+        b_far.read_exact(&mut byte).await.unwrap();
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        ended.cancel();
+        assert!(matches!(relay.await.unwrap(), RelayEnd::Ended));
+        // Both sides were dropped: their peers read the end.
+        assert_eq!(a_far.read(&mut byte).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn bytes_are_relayed_and_counted_both_ways_until_a_side_closes() {
         let (mut a, mut a_far) = duplex(1024);
         let (mut b, mut b_far) = duplex(1024);
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut a, &mut b, Some(Duration::from_secs(3600))).await },
-            );
+        let relay = tokio::spawn(async move {
+            let reads = AtomicU64::new(0);
+            relay(
+                &mut a,
+                &mut b,
+                Some(Duration::from_secs(3600)),
+                &reads,
+                std::future::pending(),
+            )
+            .await
+        });
         a_far.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         b_far.read_exact(&mut got).await.unwrap();

@@ -151,7 +151,7 @@ impl Pipeline {
                 }
             }
         }
-        if let Err(e) = store.touch(identity.id, now, worked, None).await {
+        if let Err(e) = store.touch(identity.id, now, 1, worked, None).await {
             tracing::warn!(error = %e, identity = %identity.id, "could not record the identity's use");
         }
         Ok(())

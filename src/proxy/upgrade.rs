@@ -10,6 +10,7 @@
 //! WebSocket frames themselves are the same on both forms and pass through
 //! untouched.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -23,6 +24,7 @@ use crate::body::{self, Body};
 use crate::fingerprint::RequestFingerprint;
 use crate::net::relay::relay;
 use crate::net::tasks::ConnectionTasks;
+use crate::routing::relays::{until_retired, RelayOwner};
 use crate::routing::Route;
 use crate::upstream::error::{ExchangeKind, UpstreamError};
 use crate::upstream::Answered;
@@ -164,7 +166,12 @@ impl Pipeline {
                     .await
                     .map_err(withheld)?;
             }
-            return bridge(socket, response, self.relay_idle, &self.connections)
+            let owner = identity.map(|identity| RelayOwner {
+                router: self.router.clone(),
+                exits: self.exits.clone(),
+                identity,
+            });
+            return bridge(socket, response, self.relay_idle, &self.connections, owner)
                 .map_err(|error| ProxyError::upstream(&route.exit, error));
         }
         let (mut parts, incoming) = response.into_parts();
@@ -187,8 +194,9 @@ impl Pipeline {
 }
 
 /// Answers the client for an origin that switched protocols (`101`), and
-/// relays the two connections until either closes, or until nothing has
-/// moved either way for `idle` (zero: no limit). The relay runs as one of
+/// relays the two connections until either closes, until nothing has
+/// moved either way for `idle` (zero: no limit), or until `owner`'s
+/// identity is retired (it is held in use meanwhile). The relay runs as one of
 /// `tasks`, the daemon's client connections, so that the shutdown lets it
 /// go on for the grace period as it does a passed-through tunnel. (Any
 /// other answer goes back to the client as an ordinary response.)
@@ -197,6 +205,7 @@ pub fn bridge(
     mut upstream: Response<Incoming>,
     idle: Duration,
     tasks: &ConnectionTasks,
+    owner: Option<RelayOwner>,
 ) -> Result<Response<Body>, UpstreamError> {
     let Socket {
         upgrade,
@@ -259,10 +268,13 @@ pub fn bridge(
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
+                let reads = AtomicU64::new(0);
                 relay(
                     &mut TokioIo::new(client),
                     &mut TokioIo::new(upstream),
                     Some(idle),
+                    &reads,
+                    until_retired(owner, &reads, "WebSocket"),
                 )
                 .await
                 .log("WebSocket");

@@ -40,8 +40,10 @@ impl Router {
             at_ms: self.retirement_now(),
         };
         // Before the store takes it (which may take a while, or fail):
-        // requests of the identity still on their way write nothing.
+        // requests of the identity still on their way write nothing, and
+        // its relays close.
         forget_lanes(exits, identity, &reason);
+        self.relays.end(identity.id, &reason);
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
         self.metrics.retired(&identity.exit, reason.label());
@@ -87,6 +89,7 @@ impl Router {
     ) {
         self.pending.insert(identity.id, reason.clone());
         forget_lanes(&exits, &identity, &reason);
+        self.relays.end(identity.id, &reason);
         let router = self.clone();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(500);
@@ -298,10 +301,7 @@ fn lifetimes_end(
     now: u64,
 ) -> Option<RetireReason> {
     let elapsed = |since: u64| now.saturating_sub(since);
-    let idle = options
-        .and_then(|o| o.idle_timeout)
-        .map_or(policies.idle_timeout_ms, crate::clock::duration_ms);
-    if elapsed(identity.last_used_ms) >= idle {
+    if elapsed(identity.last_used_ms) >= idle_ms(options, policies) {
         return Some(RetireReason::IdleExpired);
     }
     let lifetime = options
@@ -311,6 +311,23 @@ fn lifetimes_end(
         return Some(RetireReason::LifetimeExpired);
     }
     None
+}
+
+/// The idle timeout of `identity`: its exit's where set, else the
+/// policies'.
+pub(super) fn idle_timeout_ms(identity: &Identity, exits: &ExitSet, policies: &Policies) -> u64 {
+    idle_ms(
+        exits.get(&identity.exit).map(|exit| &exit.spec.options),
+        policies,
+    )
+}
+
+/// The idle timeout of an exit with `options` (where known), else the
+/// policies'.
+fn idle_ms(options: Option<&ExitOptions>, policies: &Policies) -> u64 {
+    options
+        .and_then(|o| o.idle_timeout)
+        .map_or(policies.idle_timeout_ms, crate::clock::duration_ms)
 }
 
 /// Stores `exit`'s deaths as its health probes find them, until `shutdown`

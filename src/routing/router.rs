@@ -309,7 +309,7 @@ impl Router {
 
     /// Retires `identity` if [`ends`] says it cannot continue at `now`;
     /// answers why.
-    async fn retire_if_ended(
+    pub(super) async fn retire_if_ended(
         &self,
         exits: &ExitSet,
         identity: &Identity,

@@ -624,6 +624,7 @@ impl PinStore for DurableStore {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
@@ -632,7 +633,7 @@ impl PinStore for DurableStore {
         if self
             .shared
             .memory
-            .touch_unwritten(id, now_ms, worked, egress)
+            .touch_unwritten(id, now_ms, requests, worked, egress)
         {
             self.shared.dirty.insert(id);
         }
@@ -666,6 +667,10 @@ impl PinStore for DurableStore {
         let recorded = recorded?;
         self.durable(seq).await?;
         Ok(recorded)
+    }
+
+    async fn read_identity(&self, id: IdentityId) -> Result<Option<Identity>, StoreError> {
+        Ok(self.shared.memory.identity(id))
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {
@@ -772,7 +777,7 @@ mod tests {
             let store = DurableStore::open(&path).unwrap();
             store.create_identity(&ident).await.unwrap();
             store.pin_if_absent(key, &pin(&ident)).await.unwrap();
-            store.touch(ident.id, 2000, true, None).await.unwrap();
+            store.touch(ident.id, 2000, 1, true, None).await.unwrap();
             store
                 .record_exit_death(&ExitId::new("e2"), 1500)
                 .await
@@ -1046,7 +1051,7 @@ mod tests {
             let store = DurableStore::open(&path).unwrap();
             for identity in [&first, &second, &third] {
                 store.create_identity(identity).await.unwrap();
-                store.touch(identity.id, 50, true, None).await.unwrap();
+                store.touch(identity.id, 50, 1, true, None).await.unwrap();
             }
             store.close().await;
         }
@@ -1154,8 +1159,8 @@ mod tests {
         {
             let store = DurableStore::open(&path).unwrap();
             store.create_identity(&ident).await.unwrap();
-            store.touch(ident.id, 2000, false, None).await.unwrap();
-            store.touch(ident.id, 2500, false, None).await.unwrap();
+            store.touch(ident.id, 2000, 1, false, None).await.unwrap();
+            store.touch(ident.id, 2500, 1, false, None).await.unwrap();
             // A durable change: its transaction writes the touched identity
             // too, which then counts as written.
             let seq = store
@@ -1164,7 +1169,7 @@ mod tests {
             store.durable(seq).await.unwrap();
             assert!(store.shared.dirty.is_empty());
             // So this touch must queue it again.
-            store.touch(ident.id, 3000, true, None).await.unwrap();
+            store.touch(ident.id, 3000, 1, true, None).await.unwrap();
             assert!(store.shared.dirty.contains(&ident.id));
             store.close().await;
         }

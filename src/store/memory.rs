@@ -400,6 +400,7 @@ impl MemoryStore {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> bool {
@@ -412,7 +413,7 @@ impl MemoryStore {
         if record.retired.is_none() {
             record.last_used_ms = record.last_used_ms.max(now_ms);
         }
-        record.requests = record.requests.saturating_add(1);
+        record.requests = record.requests.saturating_add(requests);
         record.worked |= worked;
         if let Some(ip) = egress {
             record.egress_ip.get_or_insert(ip);
@@ -580,10 +581,11 @@ impl PinStore for MemoryStore {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
-        self.touch_unwritten(id, now_ms, worked, egress);
+        self.touch_unwritten(id, now_ms, requests, worked, egress);
         Ok(())
     }
 
@@ -611,6 +613,10 @@ impl PinStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn read_identity(&self, id: IdentityId) -> Result<Option<Identity>, StoreError> {
+        Ok(self.identity(id))
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {

@@ -213,9 +213,9 @@ struct PendingTouch {
 }
 
 impl PendingTouch {
-    fn add(&mut self, now_ms: u64, worked: bool, egress: Option<IpAddr>) {
+    fn add(&mut self, now_ms: u64, requests: u32, worked: bool, egress: Option<IpAddr>) {
         self.last_ms = self.last_ms.max(now_ms);
-        self.requests += 1;
+        self.requests = self.requests.saturating_add(u64::from(requests));
         self.worked |= worked;
         self.egress = self.egress.or(egress);
     }
@@ -1351,6 +1351,7 @@ impl PinStore for RedisStore {
         &self,
         id: IdentityId,
         now_ms: u64,
+        requests: u32,
         worked: bool,
         egress: Option<IpAddr>,
     ) -> Result<(), StoreError> {
@@ -1359,13 +1360,13 @@ impl PinStore for RedisStore {
         // TOUCH_COALESCE become one write (the request count summed).
         match self.inner.touches.entry(id) {
             dashmap::Entry::Occupied(mut pending) => {
-                pending.get_mut().add(now_ms, worked, egress);
+                pending.get_mut().add(now_ms, requests, worked, egress);
                 return Ok(());
             }
             dashmap::Entry::Vacant(slot) => {
                 slot.insert(PendingTouch {
                     last_ms: now_ms,
-                    requests: 1,
+                    requests: u64::from(requests),
                     worked,
                     egress,
                 });
@@ -1393,7 +1394,13 @@ impl PinStore for RedisStore {
                 .await;
             if let Some(journal) = &store.inner.journal {
                 journal
-                    .touch(id, touch.last_ms, touch.worked, touch.egress)
+                    .touch(
+                        id,
+                        touch.last_ms,
+                        u32::try_from(touch.requests).unwrap_or(u32::MAX),
+                        touch.worked,
+                        touch.egress,
+                    )
                     .await;
             }
         });
@@ -1475,6 +1482,12 @@ impl PinStore for RedisStore {
             journal.extend_pin(key, pinned, extended.expires_ms).await;
         }
         Ok(())
+    }
+
+    async fn read_identity(&self, id: IdentityId) -> Result<Option<Identity>, StoreError> {
+        let mut connection = self.connection()?;
+        let fields: Value = self.note(connection.hgetall(self.identity_key(id)).await)?;
+        decode_identity(&fields)
     }
 
     async fn retire(&self, id: IdentityId, retirement: &Retirement) -> Result<(), StoreError> {

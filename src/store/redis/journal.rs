@@ -108,8 +108,18 @@ impl Journal {
     }
 
     /// Records a use (lazily written) and the egress address it revealed.
-    pub async fn touch(&self, id: IdentityId, now_ms: u64, worked: bool, egress: Option<IpAddr>) {
-        logged(self.store.touch(id, now_ms, worked, egress).await, "a use");
+    pub async fn touch(
+        &self,
+        id: IdentityId,
+        now_ms: u64,
+        requests: u32,
+        worked: bool,
+        egress: Option<IpAddr>,
+    ) {
+        logged(
+            self.store.touch(id, now_ms, requests, worked, egress).await,
+            "a use",
+        );
     }
 
     /// Records an egress address.

@@ -1,0 +1,268 @@
+//! The WebSockets and passed-through tunnels open for identities: a relay
+//! is a use of its identity for as long as bytes move through it, and it
+//! ends when its identity is retired.
+//!
+//! A relay carries bytes pinproxy does not read, on its identity's exit, so
+//! no request of it ever reaches routing again. Without this, an identity
+//! busy on a WebSocket (a live feed, a chat) and sending no other request
+//! would look idle and be retired for it while in use, and a retired
+//! identity's relays would run on after its retirement (an operator's
+//! eviction included) for as long as their peers kept them open.
+//!
+//! - A retirement decided in this process ([`Router::retire`],
+//!   [`Router::retire_soon`]: an origin's verdict, an eviction, an address
+//!   drift) ends its identity's relays at once ([`OpenRelays::end`]).
+//! - Every other one (the sweep's, another replica's, a lifetime that ends
+//!   while the relay runs) is found by the relay's own check, made when it
+//!   opens and then every quarter of its identity's idle timeout (at most
+//!   [`CHECK_EVERY_MAX`] apart), which also records the use when bytes
+//!   moved since the last one.
+//!
+//! A store that cannot answer a check ends nothing: the relay stays on its
+//! identity's exit, which is all the pinning invariant asks of it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::lifecycle::idle_timeout_ms;
+use super::Router;
+use crate::credential::RandomKeys;
+use crate::exits::ExitSet;
+use crate::identity::{Identity, IdentityId, RetireReason};
+use crate::store::PinStore as _;
+
+/// The longest time between two checks of a relay's identity: how long a
+/// retirement decided elsewhere (another replica, the sweep) may take to
+/// end it.
+pub const CHECK_EVERY_MAX: Duration = Duration::from_secs(30);
+
+/// The shortest time between two checks (an idle timeout of a second or
+/// less would otherwise have every relay read the store continuously).
+const CHECK_EVERY_MIN: Duration = Duration::from_millis(100);
+
+/// The relays open per identity, and what ends them.
+#[derive(Debug, Default)]
+pub struct OpenRelays {
+    open: Arc<dashmap::DashMap<IdentityId, Open, RandomKeys>>,
+}
+
+/// One identity's open relays: how many, and the end they share.
+#[derive(Debug)]
+struct Open {
+    relays: usize,
+    end: Arc<End>,
+}
+
+/// The end of an identity's relays, once decided.
+#[derive(Debug, Default)]
+struct End {
+    ended: CancellationToken,
+    reason: OnceLock<RetireReason>,
+}
+
+impl OpenRelays {
+    /// Counts a relay of `id` open until the returned hold is dropped.
+    fn hold(&self, id: IdentityId) -> RelayHold {
+        let end = {
+            let mut open = self.open.entry(id).or_insert_with(|| Open {
+                relays: 0,
+                end: Arc::default(),
+            });
+            open.relays += 1;
+            open.end.clone()
+        };
+        RelayHold {
+            id,
+            end,
+            open: self.open.clone(),
+        }
+    }
+
+    /// Ends the open relays of `id`, retired for `reason`. A relay that
+    /// opens afterwards finds the retirement at its first check.
+    pub fn end(&self, id: IdentityId, reason: &RetireReason) {
+        if let Some((_, open)) = self.open.remove(&id) {
+            let _ = open.end.reason.set(reason.clone());
+            open.end.ended.cancel();
+        }
+    }
+
+    /// How many identities have relays open.
+    pub fn identities(&self) -> usize {
+        self.open.len()
+    }
+}
+
+/// One open relay of an identity (see [`OpenRelays::hold`]).
+#[derive(Debug)]
+struct RelayHold {
+    id: IdentityId,
+    end: Arc<End>,
+    open: Arc<dashmap::DashMap<IdentityId, Open, RandomKeys>>,
+}
+
+impl RelayHold {
+    /// Once the identity's relays are ended: why.
+    async fn ended(&self) -> RetireReason {
+        self.end.ended.cancelled().await;
+        self.end
+            .reason
+            .get()
+            .cloned()
+            .unwrap_or(RetireReason::Evicted)
+    }
+}
+
+impl Drop for RelayHold {
+    fn drop(&mut self) {
+        // Only the entry this hold counted in: after an end, a new one may
+        // stand for relays opened since.
+        self.open.remove_if_mut(&self.id, |_, open| {
+            if Arc::ptr_eq(&open.end, &self.end) {
+                open.relays = open.relays.saturating_sub(1);
+            }
+            open.relays == 0
+        });
+    }
+}
+
+impl Router {
+    /// Holds `identity` in use for as long as a relay of it runs, and
+    /// returns once the identity is retired (why): the relay is then
+    /// closed. `reads` counts the relay's reads that brought bytes: when it
+    /// moved since the last check, the check records a use (no request) of
+    /// the identity first. Judged on `exits` (the relay's pipeline's).
+    pub async fn hold_in_use(
+        &self,
+        exits: &ExitSet,
+        identity: &Identity,
+        reads: &AtomicU64,
+    ) -> RetireReason {
+        let hold = self.relays.hold(identity.id);
+        let every = check_every(idle_timeout_ms(identity, exits, &self.policies()));
+        let mut seen = reads.load(Ordering::Relaxed);
+        loop {
+            match self.standing(exits, identity.id).await {
+                Ok(Some(reason)) => return reason,
+                Ok(None) => {}
+                Err(e) => tracing::debug!(
+                    error = %e, identity = %identity.id,
+                    "could not read a relay's identity; it stays open"
+                ),
+            }
+            tokio::select! {
+                reason = hold.ended() => return reason,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = reads.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                let at = self.clock.now_ms();
+                if let Err(e) = self.store.touch(identity.id, at, 0, false, None).await {
+                    tracing::debug!(
+                        error = %e, identity = %identity.id,
+                        "could not record a relay's use of its identity"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Why identity `id` cannot continue, if it cannot: its retirement
+    /// (decided here or stored), its record gone, or an end [`super::lifecycle::ends`]
+    /// finds now (the identity is then retired).
+    async fn standing(
+        &self,
+        exits: &ExitSet,
+        id: IdentityId,
+    ) -> Result<Option<RetireReason>, crate::store::StoreError> {
+        if let Some(reason) = self.pending_retirement(id) {
+            return Ok(Some(reason));
+        }
+        let Some(identity) = self.store.read_identity(id).await? else {
+            return Ok(Some(RetireReason::Forgotten));
+        };
+        if let Some(retired) = &identity.retired {
+            return Ok(Some(retired.reason.clone()));
+        }
+        let policies = self.policies();
+        self.retire_if_ended(exits, &identity, &policies, self.clock.now_ms())
+            .await
+    }
+}
+
+/// A relay's identity, with what holds it in use (see
+/// [`Router::hold_in_use`]).
+#[derive(Clone, Debug)]
+pub struct RelayOwner {
+    /// Routing, whose store records the uses.
+    pub router: Arc<Router>,
+    /// The exits the relay's pipeline routed on.
+    pub exits: Arc<ExitSet>,
+    /// The identity.
+    pub identity: Arc<Identity>,
+}
+
+/// Holds `owner`'s identity in use while a relay of `what` (a WebSocket, a
+/// passed-through tunnel) runs and returns once the identity is retired,
+/// saying so: the relay's end (see `net::relay::relay`). Without an owner
+/// (traffic of no identity), never returns.
+pub async fn until_retired(owner: Option<RelayOwner>, reads: &AtomicU64, what: &'static str) {
+    let Some(owner) = owner else {
+        return std::future::pending().await;
+    };
+    let identity = &owner.identity;
+    let reason = owner
+        .router
+        .hold_in_use(&owner.exits, identity, reads)
+        .await;
+    tracing::info!(
+        identity = %identity.id, exit = %identity.exit, %reason, relay = what,
+        "closing a relay of a retired identity"
+    );
+}
+
+/// How often a relay of an identity whose idle timeout is `idle_ms` checks
+/// it: four times per idle timeout, so that its uses keep it from idling
+/// out, within [`CHECK_EVERY_MIN`] and [`CHECK_EVERY_MAX`].
+fn check_every(idle_ms: u64) -> Duration {
+    (Duration::from_millis(idle_ms) / 4).clamp(CHECK_EVERY_MIN, CHECK_EVERY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_come_four_times_per_idle_timeout_within_bounds() {
+        assert_eq!(check_every(2_000), Duration::from_millis(500));
+        assert_eq!(check_every(3_600_000), CHECK_EVERY_MAX);
+        assert_eq!(check_every(0), CHECK_EVERY_MIN);
+    }
+
+    #[tokio::test]
+    async fn an_end_reaches_every_relay_of_the_identity_and_no_other() {
+        let relays = OpenRelays::default();
+        let (one, other) = (IdentityId::random(), IdentityId::random());
+        let (first, second, elsewhere) = (relays.hold(one), relays.hold(one), relays.hold(other));
+        relays.end(one, &RetireReason::Evicted);
+        assert_eq!(first.ended().await, RetireReason::Evicted);
+        assert_eq!(second.ended().await, RetireReason::Evicted);
+        assert!(!elsewhere.end.ended.is_cancelled());
+        // A relay opened after the end counts anew; the ended ones leaving
+        // do not take it off.
+        let later = relays.hold(one);
+        drop((first, second));
+        assert!(!later.end.ended.is_cancelled());
+        assert_eq!(relays.identities(), 2);
+        drop((later, elsewhere));
+        assert_eq!(
+            relays.identities(),
+            0,
+            "nothing kept once every relay closed"
+        );
+    }
+}
