@@ -314,23 +314,42 @@ async fn a_websocket_closes_when_its_identity_is_retired() {
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     s.stop().await;
 
+    // The lifetime ends while the WebSocket runs: the sweep that retires
+    // the identity ends its relay and drops its pooled connection through
+    // the exit (the relay's own check is 30 s away with an idle timeout of
+    // an hour).
     let s = Setup::builder()
         .exits(1)
         .config(|c| {
-            c.exits[0].idle_timeout = Some(Duration::from_secs(2));
             c.exits[0].max_lifetime = Some(Duration::from_secs(3));
             c.identities.sweep_interval = Duration::from_millis(200);
         })
         .start()
         .await;
     let (mut jar, _) = s.login("/login").await;
+    assert_eq!(s.get("/page", &mut jar).await.status, 200);
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
-    let echoed = messages_until_closed(&mut ws, 40, Duration::from_millis(250))
+    // The login's (cookie-less, so its anonymous session's), the page's
+    // (the identity's own) and the WebSocket's.
+    assert_eq!(s.exits[0].open_tunnels(), 3);
+    let echoed = messages_until_closed(&mut ws, 20, Duration::from_millis(250))
         .await
-        .expect("the WebSocket outlived its identity's lifetime by 7 s");
+        .expect("the WebSocket outlived its identity's lifetime by 2 s");
     assert!(
         echoed >= 4,
         "closed after {echoed} messages, before its lifetime ended"
+    );
+    let mut open = s.exits[0].open_tunnels();
+    for _ in 0..100 {
+        if open == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        open = s.exits[0].open_tunnels();
+    }
+    assert_eq!(
+        open, 1,
+        "connections of the retired identity still open at the exit"
     );
     let reply = s.get("/page", &mut jar).await;
     assert!(

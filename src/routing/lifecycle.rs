@@ -158,8 +158,16 @@ impl Router {
         // forgotten that much early once it is corrected, its pins with it,
         // and its cookie pinned anew on any exit.
         let dated = self.retirement_now();
+        // What the sweep decides, to end the identities' connections and
+        // relays once it is stored.
+        let decided = std::sync::Mutex::new(Vec::new());
         let expiry = |identity: &Identity| {
-            ends(identity, exits, &policies, now).map(|reason| Retirement {
+            let reason = ends(identity, exits, &policies, now)?;
+            decided
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(identity.clone());
+            Some(Retirement {
                 reason,
                 at_ms: dated,
             })
@@ -193,6 +201,10 @@ impl Router {
         if swept != Swept::default() {
             tracing::debug!(?swept, "swept the pin store");
         }
+        let decided = decided
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.end_swept(exits, &decided).await;
         // The sweep retires without `retire` (and Redis expires identities
         // by itself): their sent JA4s go once unseen past every idle timeout.
         let longest_idle = exits
@@ -202,6 +214,29 @@ impl Router {
             .fold(policies.idle_timeout_ms, u64::max);
         self.forget_sent_ja4_unseen(now, longest_idle);
         Ok(swept)
+    }
+
+    /// Ends the pooled connections and the relays of the identities the
+    /// sweep judged `decided`, as far as the store retired them: a store
+    /// may leave some to be retired at their next use (Redis, whose journal
+    /// alone the sweep retires in), and those are left to the relays' own
+    /// checks.
+    async fn end_swept(&self, exits: &ExitSet, decided: &[Identity]) {
+        for identity in decided {
+            match self.store.read_identity(identity.id).await {
+                Ok(Some(now)) => {
+                    if let Some(retired) = now.retired {
+                        forget_lanes(exits, identity, &retired.reason);
+                        self.relays.end(identity.id, &retired.reason);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(
+                    error = %e, identity = %identity.id,
+                    "could not read a swept identity; its relays end at their next check"
+                ),
+            }
+        }
     }
 }
 

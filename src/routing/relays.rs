@@ -11,9 +11,10 @@
 //!
 //! - A retirement decided in this process ([`Router::retire`],
 //!   [`Router::retire_soon`]: an origin's verdict, an eviction, an address
-//!   drift) ends its identity's relays at once ([`OpenRelays::end`]).
-//! - Every other one (the sweep's, another replica's, a lifetime that ends
-//!   while the relay runs) is found by the relay's own check, made when it
+//!   drift; the sweep's once stored) ends its identity's relays at once
+//!   ([`OpenRelays::end`]).
+//! - Every other one (another replica's, or an end Redis leaves to the
+//!   identity's next use) is found by the relay's own check, made when it
 //!   opens and then every quarter of its identity's idle timeout (at most
 //!   [`CHECK_EVERY_MAX`] apart), which also records the use when bytes
 //!   moved since the last one.
