@@ -606,6 +606,7 @@ impl Daemon {
             provider,
             guard: guard.clone(),
             pacer: crate::proxy::pacing::Pacer::new(),
+            live_exits: live_exits.clone(),
         };
         let pipeline = live::pipeline(
             &settings,

@@ -113,6 +113,10 @@ pub struct Pipeline {
     /// How long a passed-through tunnel or a WebSocket may carry nothing
     /// before it is closed (`timeouts.relay_idle`; zero: never).
     pub relay_idle: Duration,
+    /// The exits in force now, a later reload's where there was one: what
+    /// outlives this pipeline (a WebSocket's or a tunnel's relay) judges
+    /// its identity by them.
+    pub live_exits: Arc<crate::exits::LiveExits>,
 }
 
 /// A request's [`Access`] until its answer's head is ready. hyper drops a

@@ -88,6 +88,8 @@ pub(super) struct Core {
     pub guard: Arc<AddressGuard>,
     /// Identities' in-flight counts and pacing, kept across reloads.
     pub pacer: Arc<crate::proxy::pacing::Pacer>,
+    /// The exits in force (each reload's in turn).
+    pub live_exits: Arc<LiveExits>,
 }
 
 /// The settings a reload compares with, and the loops it restarts.
@@ -369,6 +371,7 @@ pub(super) fn pipeline(
         pacer: core.pacer.clone(),
         pacing: settings.identities.pacing(),
         relay_idle: settings.timeouts.relay_idle,
+        live_exits: core.live_exits.clone(),
     }
 }
 

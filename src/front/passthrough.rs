@@ -105,7 +105,7 @@ async fn open(
     let authority = authority.clone();
     let owner = route.identity.clone().map(|identity| RelayOwner {
         router: pipeline.router.clone(),
-        exits: pipeline.exits.clone(),
+        exits: pipeline.live_exits.clone(),
         identity,
     });
     frontend.tasks.spawn(async move {

@@ -168,7 +168,7 @@ impl Pipeline {
             }
             let owner = identity.map(|identity| RelayOwner {
                 router: self.router.clone(),
-                exits: self.exits.clone(),
+                exits: self.live_exits.clone(),
                 identity,
             });
             return bridge(socket, response, self.relay_idle, &self.connections, owner)

@@ -28,10 +28,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::idle_timeout_ms;
+use super::lifecycle::{ends, idle_timeout_ms};
 use super::Router;
 use crate::credential::RandomKeys;
-use crate::exits::ExitSet;
+use crate::exits::{ExitSet, LiveExits};
 use crate::identity::{Identity, IdentityId, RetireReason};
 use crate::store::PinStore as _;
 
@@ -135,25 +135,39 @@ impl Router {
     /// returns once the identity is retired (why): the relay is then
     /// closed. `reads` counts the relay's reads that brought bytes: when it
     /// moved since the last check, the check records a use (no request) of
-    /// the identity first. Judged on `exits` (the relay's pipeline's).
+    /// the identity first. Judged on the exits in force at each check (a
+    /// reload's, not the relay's pipeline's).
     pub async fn hold_in_use(
-        &self,
-        exits: &ExitSet,
+        self: &Arc<Self>,
+        exits: &LiveExits,
         identity: &Identity,
         reads: &AtomicU64,
     ) -> RetireReason {
         let hold = self.relays.hold(identity.id);
-        let every = check_every(idle_timeout_ms(identity, exits, &self.policies()));
         let mut seen = reads.load(Ordering::Relaxed);
+        // The relay's own last use: the request that opened it, then each
+        // use it records. A store that writes uses later (Redis gathers
+        // them for a moment) may not show it yet, and an identity judged
+        // by what the store shows would be found idle right after a use.
+        let mut used_ms = self.clock.now_ms();
         loop {
-            match self.standing(exits, identity.id).await {
-                Ok(Some(reason)) => return reason,
-                Ok(None) => {}
+            let exits = exits.load();
+            match self.standing(&exits, identity.id, used_ms).await {
+                Ok(Standing::Retired(reason)) => return reason,
+                Ok(Standing::Ends(now, reason)) => {
+                    // In a task of its own: the relay may end while the
+                    // store takes it, and the verdict must not be lost.
+                    self.retire_settled(exits, now, reason.clone()).await;
+                    return reason;
+                }
+                Ok(Standing::Live) => {}
                 Err(e) => tracing::debug!(
                     error = %e, identity = %identity.id,
                     "could not read a relay's identity; it stays open"
                 ),
             }
+            let every = check_every(idle_timeout_ms(identity, &exits, &self.policies()));
+            drop(exits);
             tokio::select! {
                 reason = hold.ended() => return reason,
                 () = tokio::time::sleep(every) => {}
@@ -161,8 +175,8 @@ impl Router {
             let now = reads.load(Ordering::Relaxed);
             if now != seen {
                 seen = now;
-                let at = self.clock.now_ms();
-                if let Err(e) = self.store.touch(identity.id, at, 0, false, None).await {
+                used_ms = self.clock.now_ms();
+                if let Err(e) = self.store.touch(identity.id, used_ms, 0, false, None).await {
                     tracing::debug!(
                         error = %e, identity = %identity.id,
                         "could not record a relay's use of its identity"
@@ -172,27 +186,48 @@ impl Router {
         }
     }
 
-    /// Why identity `id` cannot continue, if it cannot: its retirement
-    /// (decided here or stored), its record gone, or an end [`super::lifecycle::ends`]
-    /// finds now (the identity is then retired).
+    /// How identity `id` stands for a relay last used at `used_ms`: retired
+    /// (decided here or stored), ending now (what [`super::lifecycle::ends`]
+    /// finds), or live. An identity the store does not hold (a Redis loss
+    /// not yet restored) is left live: nothing says it ended, and the relay
+    /// stays on its exit either way.
     async fn standing(
         &self,
         exits: &ExitSet,
         id: IdentityId,
-    ) -> Result<Option<RetireReason>, crate::store::StoreError> {
+        used_ms: u64,
+    ) -> Result<Standing, crate::store::StoreError> {
         if let Some(reason) = self.pending_retirement(id) {
-            return Ok(Some(reason));
+            return Ok(Standing::Retired(reason));
         }
-        let Some(identity) = self.store.read_identity(id).await? else {
-            return Ok(Some(RetireReason::Forgotten));
+        let Some(mut identity) = self.store.read_identity(id).await? else {
+            tracing::debug!(identity = %id, "a relay's identity is not in the store; it stays open");
+            return Ok(Standing::Live);
         };
         if let Some(retired) = &identity.retired {
-            return Ok(Some(retired.reason.clone()));
+            return Ok(Standing::Retired(retired.reason.clone()));
         }
+        identity.last_used_ms = identity.last_used_ms.max(used_ms);
         let policies = self.policies();
-        self.retire_if_ended(exits, &identity, &policies, self.clock.now_ms())
-            .await
+        Ok(
+            match ends(&identity, exits, &policies, self.clock.now_ms()) {
+                Some(reason) => Standing::Ends(identity, reason),
+                None => Standing::Live,
+            },
+        )
     }
+}
+
+/// How a relay's identity stands (see [`Router::hold_in_use`]).
+#[derive(Debug)]
+enum Standing {
+    /// Retired, for this reason.
+    Retired(RetireReason),
+    /// Ending now (as read, its last use the relay's where later), for this
+    /// reason: to be retired.
+    Ends(Identity, RetireReason),
+    /// Live.
+    Live,
 }
 
 /// A relay's identity, with what holds it in use (see
@@ -201,8 +236,8 @@ impl Router {
 pub struct RelayOwner {
     /// Routing, whose store records the uses.
     pub router: Arc<Router>,
-    /// The exits the relay's pipeline routed on.
-    pub exits: Arc<ExitSet>,
+    /// The exits in force (swapped by reloads).
+    pub exits: Arc<LiveExits>,
     /// The identity.
     pub identity: Arc<Identity>,
 }

@@ -309,7 +309,7 @@ impl Router {
 
     /// Retires `identity` if [`ends`] says it cannot continue at `now`;
     /// answers why.
-    pub(super) async fn retire_if_ended(
+    async fn retire_if_ended(
         &self,
         exits: &ExitSet,
         identity: &Identity,
