@@ -159,14 +159,18 @@ impl Router {
         // and its cookie pinned anew on any exit.
         let dated = self.retirement_now();
         // What the sweep decides, to end the identities' connections and
-        // relays once it is stored.
+        // relays once it is stored. A shared store (Redis) retires nothing
+        // in the sweep (its journal alone is swept): its ends are found at
+        // the identities' next use, and by their relays' own checks.
         let decided = std::sync::Mutex::new(Vec::new());
         let expiry = |identity: &Identity| {
             let reason = ends(identity, exits, &policies, now)?;
-            decided
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(identity.clone());
+            if !policies.shared_store {
+                decided
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(identity.clone());
+            }
             Some(Retirement {
                 reason,
                 at_ms: dated,
@@ -201,10 +205,12 @@ impl Router {
         if swept != Swept::default() {
             tracing::debug!(?swept, "swept the pin store");
         }
-        let decided = decided
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.end_swept(exits, &decided).await;
+        if !policies.shared_store {
+            let decided = decided
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.end_swept(exits, &decided).await;
+        }
         // The sweep retires without `retire` (and Redis expires identities
         // by itself): their sent JA4s go once unseen past every idle timeout.
         let longest_idle = exits
@@ -217,10 +223,7 @@ impl Router {
     }
 
     /// Ends the pooled connections and the relays of the identities the
-    /// sweep judged `decided`, as far as the store retired them: a store
-    /// may leave some to be retired at their next use (Redis, whose journal
-    /// alone the sweep retires in), and those are left to the relays' own
-    /// checks.
+    /// sweep judged `decided`, as far as the store retired them.
     async fn end_swept(&self, exits: &ExitSet, decided: &[Identity]) {
         for identity in decided {
             match self.store.read_identity(identity.id).await {
