@@ -271,6 +271,9 @@ pub struct ExitClient {
     /// after [`ExitClient::forget`] dropped its pools (by a request routed
     /// before the retirement) is born retired.
     retired_lanes: Arc<dashmap::DashMap<PoolKey, (RetireReason, std::time::Instant), LaneHasher>>,
+    /// How many remembered retired lanes the next prune waits for (see
+    /// `ExitClient::prune_retired_lanes`).
+    retired_lanes_prune_at: Arc<std::sync::atomic::AtomicUsize>,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -290,8 +293,20 @@ impl std::fmt::Debug for ExitClient {
 const RETIRED_LANES_KEPT: Duration = Duration::from_secs(600);
 
 /// Past this many remembered retired lanes, those older than
-/// [`RETIRED_LANES_KEPT`] are forgotten at the next retirement.
+/// [`RETIRED_LANES_KEPT`] are forgotten at the next retirement (see
+/// `ExitClient::prune_retired_lanes`).
 const RETIRED_LANES_PRUNED_PAST: usize = 1024;
+
+/// A lane to drop, retired (see [`ExitClient::forget`]).
+#[derive(Clone, Debug)]
+pub struct Forgotten {
+    /// The lane.
+    pub key: PoolKey,
+    /// Whether its pools are kept per client presentation too.
+    pub every_presentation: bool,
+    /// Why.
+    pub reason: RetireReason,
+}
 
 /// `timeout` after `started`; one too large to add is as good as never, as
 /// in `tokio::time::timeout`.
@@ -324,6 +339,7 @@ impl ExitClient {
             )),
             pools,
             retired_lanes: Arc::default(),
+            retired_lanes_prune_at: Arc::new(RETIRED_LANES_PRUNED_PAST.into()),
         }
     }
 
@@ -452,31 +468,64 @@ impl ExitClient {
     /// (`Lane::fingerprint_key`), found by a walk of the exit's lanes
     /// (rare: other identities skip it).
     pub fn forget(&self, key: PoolKey, every_presentation: bool, reason: &RetireReason) {
+        self.forget_many(&[Forgotten {
+            key,
+            every_presentation,
+            reason: reason.clone(),
+        }]);
+    }
+
+    /// [`ExitClient::forget`] for several lanes (a sweep's retirements):
+    /// one walk of the exit's lanes for all those kept per presentation.
+    pub fn forget_many(&self, lanes: &[Forgotten]) {
         // Remembered before the pools go, so that a pool made meanwhile is
         // found by one or the other.
         let now = std::time::Instant::now();
-        if self.retired_lanes.len() >= RETIRED_LANES_PRUNED_PAST {
+        self.prune_retired_lanes(now);
+        for lane in lanes {
             self.retired_lanes
-                .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_LANES_KEPT);
+                .insert(lane.key, (lane.reason.clone(), now));
         }
-        self.retired_lanes.insert(key, (reason.clone(), now));
-        let removed = if every_presentation {
-            self.pools.remove_every(|id| id.key == key)
-        } else {
-            [false, true]
-                .into_iter()
-                .filter_map(|h2| {
-                    self.pools.remove(&PoolId {
-                        key,
-                        fingerprint: 0,
-                        h2,
-                    })
-                })
-                .collect()
-        };
-        for pool in removed {
-            pool.retire(reason.clone());
+        let walked: std::collections::HashMap<PoolKey, &RetireReason, LaneHasher> = lanes
+            .iter()
+            .filter(|lane| lane.every_presentation)
+            .map(|lane| (lane.key, &lane.reason))
+            .collect();
+        if !walked.is_empty() {
+            for (id, pool) in self.pools.remove_every(|id| walked.contains_key(&id.key)) {
+                if let Some(reason) = walked.get(&id.key) {
+                    pool.retire((*reason).clone());
+                }
+            }
         }
+        for lane in lanes.iter().filter(|lane| !lane.every_presentation) {
+            for h2 in [false, true] {
+                let id = PoolId {
+                    key: lane.key,
+                    fingerprint: 0,
+                    h2,
+                };
+                if let Some(pool) = self.pools.remove(&id) {
+                    pool.retire(lane.reason.clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets the retired lanes remembered longer than
+    /// [`RETIRED_LANES_KEPT`], once there are [`RETIRED_LANES_PRUNED_PAST`]
+    /// of them, then again each time their number has doubled since: a
+    /// burst of retirements (a sweep's) walks the map a few times, not once
+    /// per retirement.
+    fn prune_retired_lanes(&self, now: std::time::Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.retired_lanes.len() < self.retired_lanes_prune_at.load(Relaxed) {
+            return;
+        }
+        self.retired_lanes
+            .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_LANES_KEPT);
+        let next = (self.retired_lanes.len() * 2).max(RETIRED_LANES_PRUNED_PAST);
+        self.retired_lanes_prune_at.store(next, Relaxed);
     }
 
     /// Number of live lanes.
@@ -589,6 +638,51 @@ mod tests {
         assert!(refused(&before), "the dropped pool");
         assert!(refused(&client.lane_pool(&lane)), "a pool made anew");
         assert!(client.lane_pool(&other).still_live().is_ok());
+    }
+
+    /// A sweep's retirements drop their lanes in one call, each marked
+    /// with its own reason, and a burst of them walks the remembered
+    /// retired lanes a few times, not once per retirement.
+    #[tokio::test]
+    async fn many_lanes_are_forgotten_at_once_each_with_its_reason() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (client, _) = direct_client();
+        let lanes: Vec<Lane> = (0..4).map(|n| Lane::anonymous(SessionId(n))).collect();
+        let pools: Vec<Arc<LanePool>> = lanes.iter().map(|l| client.lane_pool(l)).collect();
+        let reasons = [RetireReason::IdleExpired, RetireReason::LifetimeExpired];
+        let forgotten: Vec<Forgotten> = lanes[..2]
+            .iter()
+            .zip(&reasons)
+            .zip([false, true])
+            .map(|((lane, reason), every_presentation)| Forgotten {
+                key: lane.key,
+                every_presentation,
+                reason: reason.clone(),
+            })
+            .collect();
+        client.forget_many(&forgotten);
+        for (pool, reason) in pools.iter().zip(&reasons) {
+            assert!(
+                matches!(pool.still_live(), Err(UpstreamError::IdentityRetired(r)) if r == *reason)
+            );
+        }
+        assert!(pools[2..].iter().all(|pool| pool.still_live().is_ok()));
+
+        // Thousands retired one after another: the map of retired lanes is
+        // pruned only when it has doubled since the last prune.
+        for n in 0..5_000u64 {
+            client.forget(
+                Lane::anonymous(SessionId(1_000 + n)).key,
+                false,
+                &RetireReason::Evicted,
+            );
+        }
+        assert_eq!(client.retired_lanes.len(), 5_002);
+        let next_prune = client.retired_lanes_prune_at.load(Relaxed);
+        assert!(
+            next_prune > 5_002 && next_prune <= 2 * 5_002,
+            "{next_prune}"
+        );
     }
 
     #[tokio::test]

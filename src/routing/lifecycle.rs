@@ -14,9 +14,9 @@ use super::policy::Policies;
 use super::Router;
 use crate::exits::health::HealthState;
 use crate::exits::{Exit, ExitOptions, ExitSet, LiveExits};
-use crate::identity::{Identity, RetireReason, Retirement};
+use crate::identity::{ExitId, Identity, IdentityId, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
-use crate::upstream::PoolKey;
+use crate::upstream::{Forgotten, PoolKey};
 
 /// How many times a retirement the store refused is tried (about ten
 /// minutes in all, see [`RETIRE_RETRY_MAX`]).
@@ -159,9 +159,10 @@ impl Router {
         // and its cookie pinned anew on any exit.
         let dated = self.retirement_now();
         // What the sweep decides, to end the identities' connections and
-        // relays once it is stored. A shared store (Redis) retires nothing
-        // in the sweep (its journal alone is swept): its ends are found at
-        // the identities' next use, and by their relays' own checks.
+        // relays: a memory or embedded store retires every identity its
+        // sweep is told to. A shared store (Redis) retires nothing in the
+        // sweep (its journal alone is swept): its ends are found at the
+        // identities' next use, and by their relays' own checks.
         let decided = std::sync::Mutex::new(Vec::new());
         let expiry = |identity: &Identity| {
             let reason = ends(identity, exits, &policies, now)?;
@@ -169,7 +170,15 @@ impl Router {
                 decided
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(identity.clone());
+                    .push(SweptIdentity {
+                        id: identity.id,
+                        exit: identity.exit.clone(),
+                        lane: Forgotten {
+                            key: PoolKey::Identity(identity.id),
+                            every_presentation: identity.fingerprint.tls.is_none(),
+                            reason: reason.clone(),
+                        },
+                    });
             }
             Some(Retirement {
                 reason,
@@ -201,15 +210,17 @@ impl Router {
         let swept = self
             .store
             .sweep(now, policies.keep_retired_ms.saturating_add(ahead), &expiry)
-            .await?;
+            .await;
+        // Even when the sweep failed to store them (the embedded store's
+        // writer): they are retired in its memory, which routing reads,
+        // and the next sweep stores them again.
+        let decided = decided
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.end_swept(exits, decided);
+        let swept = swept?;
         if swept != Swept::default() {
             tracing::debug!(?swept, "swept the pin store");
-        }
-        if !policies.shared_store {
-            let decided = decided
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.end_swept(exits, &decided).await;
         }
         // The sweep retires without `retire` (and Redis expires identities
         // by itself): their sent JA4s go once unseen past every idle timeout.
@@ -223,30 +234,34 @@ impl Router {
     }
 
     /// Ends the pooled connections and the relays of the identities the
-    /// sweep judged `decided`, as far as the store retired them.
-    async fn end_swept(&self, exits: &ExitSet, decided: &[Identity]) {
-        for identity in decided {
-            match self.store.read_identity(identity.id).await {
-                Ok(Some(now)) => {
-                    if let Some(retired) = now.retired {
-                        forget_lanes(exits, identity, &retired.reason);
-                        self.relays.end(identity.id, &retired.reason);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(
-                    error = %e, identity = %identity.id,
-                    "could not read a swept identity; its relays end at their next check"
-                ),
+    /// sweep retired: each exit's lanes dropped in one go (a sweep may
+    /// retire thousands at once, after a long stop or an exit's death).
+    fn end_swept(&self, exits: &ExitSet, decided: Vec<SweptIdentity>) {
+        let mut by_exit: std::collections::HashMap<ExitId, Vec<Forgotten>> =
+            std::collections::HashMap::new();
+        for swept in decided {
+            self.relays.end(swept.id, &swept.lane.reason);
+            by_exit.entry(swept.exit).or_default().push(swept.lane);
+        }
+        for (exit, lanes) in by_exit {
+            if let Some(exit) = exits.get(&exit) {
+                exit.client.forget_many(&lanes);
             }
         }
     }
 }
 
+/// An identity the sweep retired (see `Router::end_swept`).
+struct SweptIdentity {
+    id: IdentityId,
+    exit: ExitId,
+    lane: Forgotten,
+}
+
 /// Drops `identity`'s connection pools on its exit, marked retired for
 /// `reason`: a request of it that was routed before and still holds one
 /// (waiting for a connection) writes nothing.
-fn forget_lanes(exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
+pub(super) fn forget_lanes(exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
     if let Some(exit) = exits.get(&identity.exit) {
         exit.client.forget(
             PoolKey::Identity(identity.id),

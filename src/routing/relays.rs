@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::{ends, idle_timeout_ms};
+use super::lifecycle::{ends, forget_lanes, idle_timeout_ms};
 use super::Router;
 use crate::credential::RandomKeys;
 use crate::exits::{ExitSet, LiveExits};
@@ -152,14 +152,22 @@ impl Router {
         let mut used_ms = self.clock.now_ms();
         loop {
             let exits = exits.load();
-            match self.standing(&exits, identity.id, used_ms).await {
-                Ok(Standing::Retired(reason)) => return reason,
+            match self.standing(&exits, identity, used_ms).await {
+                Ok(Standing::Retired(reason)) => {
+                    // Found (another replica's, or stored by a task of
+                    // this one's): its other relays and its connections
+                    // here end too.
+                    forget_lanes(&exits, identity, &reason);
+                    self.relays.end(identity.id, &reason);
+                    return reason;
+                }
                 Ok(Standing::Ends(now, reason)) => {
                     // In a task of its own: the relay may end while the
                     // store takes it, and the verdict must not be lost.
                     self.retire_settled(exits, now, reason.clone()).await;
                     return reason;
                 }
+                Ok(Standing::Unrecorded(reason)) => return reason,
                 Ok(Standing::Live) => {}
                 Err(e) => tracing::debug!(
                     error = %e, identity = %identity.id,
@@ -186,23 +194,32 @@ impl Router {
         }
     }
 
-    /// How identity `id` stands for a relay last used at `used_ms`: retired
-    /// (decided here or stored), ending now (what [`super::lifecycle::ends`]
-    /// finds), or live. An identity the store does not hold (a Redis loss
-    /// not yet restored) is left live: nothing says it ended, and the relay
-    /// stays on its exit either way.
+    /// How `opened` (a relay's identity, as read when the relay opened)
+    /// stands for the relay, last used at `used_ms`: retired (decided here
+    /// or stored), ending now (what [`super::lifecycle::ends`] finds), or
+    /// live. An identity the store does not hold (a Redis loss not yet
+    /// restored, keys Redis evicted) is judged as it was read when the
+    /// relay opened: nothing is stored for it, and its lifetimes and its
+    /// exit's health still bound the relay.
     async fn standing(
         &self,
         exits: &ExitSet,
-        id: IdentityId,
+        opened: &Identity,
         used_ms: u64,
     ) -> Result<Standing, crate::store::StoreError> {
-        if let Some(reason) = self.pending_retirement(id) {
+        if let Some(reason) = self.pending_retirement(opened.id) {
             return Ok(Standing::Retired(reason));
         }
-        let Some(mut identity) = self.store.read_identity(id).await? else {
-            tracing::debug!(identity = %id, "a relay's identity is not in the store; it stays open");
-            return Ok(Standing::Live);
+        let Some(mut identity) = self.store.read_identity(opened.id).await? else {
+            let mut identity = opened.clone();
+            identity.last_used_ms = identity.last_used_ms.max(used_ms);
+            let policies = self.policies();
+            return Ok(
+                match ends(&identity, exits, &policies, self.clock.now_ms()) {
+                    Some(reason) => Standing::Unrecorded(reason),
+                    None => Standing::Live,
+                },
+            );
         };
         if let Some(retired) = &identity.retired {
             return Ok(Standing::Retired(retired.reason.clone()));
@@ -226,6 +243,10 @@ enum Standing {
     /// Ending now (as read, its last use the relay's where later), for this
     /// reason: to be retired.
     Ends(Identity, RetireReason),
+    /// Not in the store, and ended as read when the relay opened: this
+    /// relay closes, nothing is stored or ended beside it (a restore may
+    /// bring back a record that others' uses kept live).
+    Unrecorded(RetireReason),
     /// Live.
     Live,
 }

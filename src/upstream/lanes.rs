@@ -83,12 +83,12 @@ impl<P> Lanes<P> {
     }
 
     /// Drops every lane whose id `matches`; answers them.
-    pub(super) fn remove_every(&self, matches: impl Fn(&PoolId) -> bool) -> Vec<Arc<P>> {
+    pub(super) fn remove_every(&self, matches: impl Fn(&PoolId) -> bool) -> Vec<(PoolId, Arc<P>)> {
         let mut removed = Vec::new();
         self.map.retain(|id, slot| {
             let keep = !matches(id);
             if !keep {
-                removed.push(slot.pool.clone());
+                removed.push((*id, slot.pool.clone()));
             }
             keep
         });
