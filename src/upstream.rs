@@ -271,9 +271,9 @@ pub struct ExitClient {
     /// after [`ExitClient::forget`] dropped its pools (by a request routed
     /// before the retirement) is born retired.
     retired_lanes: Arc<dashmap::DashMap<PoolKey, (RetireReason, std::time::Instant), LaneHasher>>,
-    /// How many remembered retired lanes the next prune waits for (see
-    /// `ExitClient::prune_retired_lanes`).
-    retired_lanes_prune_at: Arc<std::sync::atomic::AtomicUsize>,
+    /// When the remembered retired lanes were last pruned, and how many of
+    /// them the next prune waits for (see `ExitClient::prune_retired_lanes`).
+    retired_lanes_pruned: Arc<std::sync::Mutex<(std::time::Instant, usize)>>,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -339,7 +339,10 @@ impl ExitClient {
             )),
             pools,
             retired_lanes: Arc::default(),
-            retired_lanes_prune_at: Arc::new(RETIRED_LANES_PRUNED_PAST.into()),
+            retired_lanes_pruned: Arc::new(std::sync::Mutex::new((
+                std::time::Instant::now(),
+                RETIRED_LANES_PRUNED_PAST,
+            ))),
         }
     }
 
@@ -513,19 +516,29 @@ impl ExitClient {
     }
 
     /// Forgets the retired lanes remembered longer than
-    /// [`RETIRED_LANES_KEPT`], once there are [`RETIRED_LANES_PRUNED_PAST`]
-    /// of them, then again each time their number has doubled since: a
-    /// burst of retirements (a sweep's) walks the map a few times, not once
-    /// per retirement.
+    /// [`RETIRED_LANES_KEPT`] once there are [`RETIRED_LANES_PRUNED_PAST`]
+    /// of them, then again each time their number has doubled since the
+    /// last prune, or that long after it: a burst of retirements (a
+    /// sweep's) walks the map a few times, not once per retirement, and
+    /// what it left is let go with the next retirement once it is old.
     fn prune_retired_lanes(&self, now: std::time::Instant) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.retired_lanes.len() < self.retired_lanes_prune_at.load(Relaxed) {
+        let mut pruned = self
+            .retired_lanes_pruned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, at_len) = *pruned;
+        let len = self.retired_lanes.len();
+        let due = len >= at_len
+            || (len >= RETIRED_LANES_PRUNED_PAST && now.duration_since(last) >= RETIRED_LANES_KEPT);
+        if !due {
             return;
         }
         self.retired_lanes
             .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_LANES_KEPT);
-        let next = (self.retired_lanes.len() * 2).max(RETIRED_LANES_PRUNED_PAST);
-        self.retired_lanes_prune_at.store(next, Relaxed);
+        *pruned = (
+            now,
+            (self.retired_lanes.len() * 2).max(RETIRED_LANES_PRUNED_PAST),
+        );
     }
 
     /// Number of live lanes.
@@ -645,7 +658,6 @@ mod tests {
     /// retired lanes a few times, not once per retirement.
     #[tokio::test]
     async fn many_lanes_are_forgotten_at_once_each_with_its_reason() {
-        use std::sync::atomic::Ordering::Relaxed;
         let (client, _) = direct_client();
         let lanes: Vec<Lane> = (0..4).map(|n| Lane::anonymous(SessionId(n))).collect();
         let pools: Vec<Arc<LanePool>> = lanes.iter().map(|l| client.lane_pool(l)).collect();
@@ -678,11 +690,16 @@ mod tests {
             );
         }
         assert_eq!(client.retired_lanes.len(), 5_002);
-        let next_prune = client.retired_lanes_prune_at.load(Relaxed);
+        let next_prune = client.retired_lanes_pruned.lock().unwrap().1;
         assert!(
             next_prune > 5_002 && next_prune <= 2 * 5_002,
             "{next_prune}"
         );
+        // Once they are old, the next retirement lets them go, however
+        // far the next doubling is.
+        let later = std::time::Instant::now() + RETIRED_LANES_KEPT;
+        client.prune_retired_lanes(later);
+        assert_eq!(client.retired_lanes.len(), 0);
     }
 
     #[tokio::test]

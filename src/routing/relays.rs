@@ -20,7 +20,9 @@
 //!   moved since the last one.
 //!
 //! A store that cannot answer a check ends nothing: the relay stays on its
-//! identity's exit, which is all the pinning invariant asks of it.
+//! identity's exit, which is all the pinning invariant asks of it. One that
+//! holds no record of the identity (a Redis loss before its restore) has
+//! the relay judge the identity as read when it opened.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -36,8 +38,7 @@ use crate::identity::{Identity, IdentityId, RetireReason};
 use crate::store::PinStore as _;
 
 /// The longest time between two checks of a relay's identity: how long a
-/// retirement decided elsewhere (another replica, the sweep) may take to
-/// end it.
+/// retirement decided elsewhere (another replica) may take to end it.
 pub const CHECK_EVERY_MAX: Duration = Duration::from_secs(30);
 
 /// The shortest time between two checks (an idle timeout of a second or
@@ -109,6 +110,7 @@ impl RelayHold {
     /// Once the identity's relays are ended: why.
     async fn ended(&self) -> RetireReason {
         self.end.ended.cancelled().await;
+        // Set before the token is cancelled (`OpenRelays::end`).
         self.end
             .reason
             .get()
