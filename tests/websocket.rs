@@ -247,6 +247,21 @@ where
     None
 }
 
+/// Messages on `ws` for 8 s, and nothing else on its identity (two and a
+/// half of the tests' 3 s idle timeouts: the passing of time is what is
+/// under test); the WebSocket stays open throughout.
+async fn in_use_past_its_idle_timeout<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let every = std::time::Duration::from_millis(400);
+    assert_eq!(
+        messages_until_closed(ws, 20, every).await,
+        None,
+        "the WebSocket of an identity in use was closed"
+    );
+}
+
 /// An identity whose only traffic is a WebSocket (a live feed) is in use
 /// while messages move: it is not retired for idleness, however long the
 /// WebSocket outlasts its idle timeout, and its next request goes out
@@ -265,13 +280,7 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
         .await;
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
-    // Two and a half idle timeouts of messages and nothing else (the
-    // passing of time is what is under test).
-    assert_eq!(
-        messages_until_closed(&mut ws, 20, Duration::from_millis(400)).await,
-        None,
-        "the WebSocket of an identity in use was closed"
-    );
+    in_use_past_its_idle_timeout(&mut ws).await;
     let reply = s.get("/page", &mut jar).await;
     assert_eq!(
         (reply.status.as_u16(), Setup::peer(&reply)),
@@ -388,12 +397,8 @@ async fn a_websocket_keeps_and_ends_with_its_identity_across_replicas() {
     .await;
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
-    // Two and a half idle timeouts of messages on this replica alone.
-    assert_eq!(
-        messages_until_closed(&mut ws, 20, Duration::from_millis(400)).await,
-        None,
-        "the WebSocket of an identity in use was closed"
-    );
+    // On this replica alone.
+    in_use_past_its_idle_timeout(&mut ws).await;
     let reply = other
         .client
         .try_get("localhost", s.origin.https.port(), "/page", &mut jar)
