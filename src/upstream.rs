@@ -522,10 +522,12 @@ impl ExitClient {
     /// sweep's) walks the map a few times, not once per retirement, and
     /// what it left is let go with the next retirement once it is old.
     fn prune_retired_lanes(&self, now: std::time::Instant) {
-        let mut pruned = self
-            .retired_lanes_pruned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One prune at a time; a retirement meanwhile does not wait for it.
+        let mut pruned = match self.retired_lanes_pruned.try_lock() {
+            Ok(pruned) => pruned,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         let (last, at_len) = *pruned;
         let len = self.retired_lanes.len();
         let due = len >= at_len
@@ -661,6 +663,18 @@ mod tests {
         let (client, _) = direct_client();
         let lanes: Vec<Lane> = (0..4).map(|n| Lane::anonymous(SessionId(n))).collect();
         let pools: Vec<Arc<LanePool>> = lanes.iter().map(|l| client.lane_pool(l)).collect();
+        // The first lane's HTTP/2 pool, and the second's for another
+        // client presentation (found by the walk): dropped with them.
+        let h2 = Lane {
+            h2: true,
+            ..lanes[0].clone()
+        };
+        let presented = Lane {
+            fingerprint_key: 7,
+            ..lanes[1].clone()
+        };
+        let variants = [client.lane_pool(&h2), client.lane_pool(&presented)];
+        assert_eq!(client.lanes(), 6);
         let reasons = [RetireReason::IdleExpired, RetireReason::LifetimeExpired];
         let forgotten: Vec<Forgotten> = lanes[..2]
             .iter()
@@ -673,7 +687,12 @@ mod tests {
             })
             .collect();
         client.forget_many(&forgotten);
-        for (pool, reason) in pools.iter().zip(&reasons) {
+        assert_eq!(client.lanes(), 2, "the other two lanes are left");
+        for (pool, reason) in pools
+            .iter()
+            .zip(&reasons)
+            .chain(variants.iter().zip(&reasons))
+        {
             assert!(
                 matches!(pool.still_live(), Err(UpstreamError::IdentityRetired(r)) if r == *reason)
             );

@@ -5,6 +5,7 @@
 //! Invariant: retirement is the only way an identity ends, and it is
 //! remembered: a retired identity's credentials are never pinned again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use super::policy::Policies;
 use super::Router;
 use crate::exits::health::HealthState;
 use crate::exits::{Exit, ExitOptions, ExitSet, LiveExits};
-use crate::identity::{ExitId, Identity, IdentityId, RetireReason, Retirement};
+use crate::identity::{ExitId, Identity, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::{Forgotten, PoolKey};
 
@@ -163,21 +164,20 @@ impl Router {
         // sweep is told to. A shared store (Redis) retires nothing in the
         // sweep (its journal alone is swept): its ends are found at the
         // identities' next use, and by their relays' own checks.
-        let decided = std::sync::Mutex::new(Vec::new());
+        // Kept per exit as decided: a sweep may retire a million at once.
+        let decided: std::sync::Mutex<HashMap<ExitId, Vec<Forgotten>>> = Default::default();
         let expiry = |identity: &Identity| {
             let reason = ends(identity, exits, &policies, now)?;
             if !policies.shared_store {
                 decided
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(SweptIdentity {
-                        id: identity.id,
-                        exit: identity.exit.clone(),
-                        lane: Forgotten {
-                            key: PoolKey::Identity(identity.id),
-                            every_presentation: identity.fingerprint.tls.is_none(),
-                            reason: reason.clone(),
-                        },
+                    .entry(identity.exit.clone())
+                    .or_default()
+                    .push(Forgotten {
+                        key: PoolKey::Identity(identity.id),
+                        every_presentation: identity.fingerprint.tls.is_none(),
+                        reason: reason.clone(),
                     });
             }
             Some(Retirement {
@@ -212,8 +212,9 @@ impl Router {
             .sweep(now, policies.keep_retired_ms.saturating_add(ahead), &expiry)
             .await;
         // Even when the sweep failed to store them (the embedded store's
-        // writer): they are retired in its memory, which routing reads,
-        // and the next sweep stores them again.
+        // writer, which then refuses every write until a restart): they are
+        // retired in its memory, which routing reads, and the first sweep
+        // after the restart decides them again.
         let decided = decided
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -236,26 +237,18 @@ impl Router {
     /// Ends the pooled connections and the relays of the identities the
     /// sweep retired: each exit's lanes dropped in one go (a sweep may
     /// retire thousands at once, after a long stop or an exit's death).
-    fn end_swept(&self, exits: &ExitSet, decided: Vec<SweptIdentity>) {
-        let mut by_exit: std::collections::HashMap<ExitId, Vec<Forgotten>> =
-            std::collections::HashMap::new();
-        for swept in decided {
-            self.relays.end(swept.id, &swept.lane.reason);
-            by_exit.entry(swept.exit).or_default().push(swept.lane);
-        }
-        for (exit, lanes) in by_exit {
+    fn end_swept(&self, exits: &ExitSet, decided: HashMap<ExitId, Vec<Forgotten>>) {
+        for (exit, lanes) in decided {
+            for lane in &lanes {
+                if let PoolKey::Identity(id) = lane.key {
+                    self.relays.end(id, &lane.reason);
+                }
+            }
             if let Some(exit) = exits.get(&exit) {
                 exit.client.forget_many(&lanes);
             }
         }
     }
-}
-
-/// An identity the sweep retired (see `Router::end_swept`).
-struct SweptIdentity {
-    id: IdentityId,
-    exit: ExitId,
-    lane: Forgotten,
 }
 
 /// Drops `identity`'s connection pools on its exit, marked retired for

@@ -11,8 +11,8 @@
 //!
 //! - A retirement decided in this process ([`Router::retire`],
 //!   [`Router::retire_soon`]: an origin's verdict, an eviction, an address
-//!   drift; the sweep's once stored) ends its identity's relays at once
-//!   ([`OpenRelays::end`]).
+//!   drift; the sweep's with a memory or embedded store) ends its
+//!   identity's relays at once ([`OpenRelays::end`]).
 //! - Every other one (another replica's, or an end Redis leaves to the
 //!   identity's next use) is found by the relay's own check, made when it
 //!   opens and then every quarter of its identity's idle timeout (at most
@@ -201,8 +201,8 @@ impl Router {
     /// or stored), ending now (what [`super::lifecycle::ends`] finds), or
     /// live. An identity the store does not hold (a Redis loss not yet
     /// restored, keys Redis evicted) is judged as it was read when the
-    /// relay opened: nothing is stored for it, and its lifetimes and its
-    /// exit's health still bound the relay.
+    /// relay opened, but for idleness: nothing is stored for it, and its
+    /// lifetimes and its exit's health still bound the relay.
     async fn standing(
         &self,
         exits: &ExitSet,
@@ -216,10 +216,13 @@ impl Router {
             let mut identity = opened.clone();
             identity.last_used_ms = identity.last_used_ms.max(used_ms);
             let policies = self.policies();
+            // Not for idleness: the identity may be busy through other
+            // replicas, which this one cannot see without the record (as
+            // the Redis journal never retires for idleness).
             return Ok(
                 match ends(&identity, exits, &policies, self.clock.now_ms()) {
+                    Some(RetireReason::IdleExpired) | None => Standing::Live,
                     Some(reason) => Standing::Unrecorded(reason),
-                    None => Standing::Live,
                 },
             );
         };
