@@ -91,11 +91,6 @@ impl OpenRelays {
             open.end.ended.cancel();
         }
     }
-
-    /// How many identities have relays open.
-    pub fn identities(&self) -> usize {
-        self.open.len()
-    }
 }
 
 /// One open relay of an identity (see [`OpenRelays::hold`]).
@@ -212,29 +207,26 @@ impl Router {
         if let Some(reason) = self.pending_retirement(opened.id) {
             return Ok(Standing::Retired(reason));
         }
-        let Some(mut identity) = self.store.read_identity(opened.id).await? else {
-            let mut identity = opened.clone();
-            identity.last_used_ms = identity.last_used_ms.max(used_ms);
-            let policies = self.policies();
-            // Not for idleness: the identity may be busy through other
-            // replicas, which this one cannot see without the record (as
-            // the Redis journal never retires for idleness).
-            return Ok(
-                match ends(&identity, exits, &policies, self.clock.now_ms()) {
-                    Some(RetireReason::IdleExpired) | None => Standing::Live,
-                    Some(reason) => Standing::Unrecorded(reason),
-                },
-            );
+        let read = self.store.read_identity(opened.id).await?;
+        let recorded = read.is_some();
+        let mut identity = match read {
+            Some(now) => now,
+            None => opened.clone(),
         };
-        if let Some(retired) = &identity.retired {
+        if let Some(retired) = identity.retired.as_ref().filter(|_| recorded) {
             return Ok(Standing::Retired(retired.reason.clone()));
         }
         identity.last_used_ms = identity.last_used_ms.max(used_ms);
         let policies = self.policies();
         Ok(
             match ends(&identity, exits, &policies, self.clock.now_ms()) {
-                Some(reason) => Standing::Ends(identity, reason),
                 None => Standing::Live,
+                Some(reason) if recorded => Standing::Ends(identity, reason),
+                // Not for idleness without the record: the identity may be
+                // busy through other replicas, which this one cannot see
+                // (as the Redis journal never retires for idleness).
+                Some(RetireReason::IdleExpired) => Standing::Live,
+                Some(reason) => Standing::Unrecorded(reason),
             },
         )
     }
@@ -319,12 +311,8 @@ mod tests {
         let later = relays.hold(one);
         drop((first, second));
         assert!(!later.end.ended.is_cancelled());
-        assert_eq!(relays.identities(), 2);
+        assert_eq!(relays.open.len(), 2);
         drop((later, elsewhere));
-        assert_eq!(
-            relays.identities(),
-            0,
-            "nothing kept once every relay closed"
-        );
+        assert_eq!(relays.open.len(), 0, "nothing kept once every relay closed");
     }
 }
