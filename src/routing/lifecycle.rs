@@ -43,8 +43,7 @@ impl Router {
         // Before the store takes it (which may take a while, or fail):
         // requests of the identity still on their way write nothing, and
         // its relays close.
-        forget_lanes(exits, identity, &reason);
-        self.relays.end(identity.id, &reason);
+        self.end_here(exits, identity, &reason);
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
         self.metrics.retired(&identity.exit, reason.label());
@@ -89,8 +88,7 @@ impl Router {
         reason: RetireReason,
     ) {
         self.pending.insert(identity.id, reason.clone());
-        forget_lanes(&exits, &identity, &reason);
-        self.relays.end(identity.id, &reason);
+        self.end_here(&exits, &identity, &reason);
         let router = self.clone();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(500);
@@ -249,18 +247,20 @@ impl Router {
             }
         }
     }
-}
 
-/// Drops `identity`'s connection pools on its exit, marked retired for
-/// `reason`: a request of it that was routed before and still holds one
-/// (waiting for a connection) writes nothing.
-pub(super) fn forget_lanes(exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
-    if let Some(exit) = exits.get(&identity.exit) {
-        exit.client.forget(
-            PoolKey::Identity(identity.id),
-            identity.fingerprint.tls.is_none(),
-            reason,
-        );
+    /// Ends what `identity`, retired for `reason`, has open in this
+    /// process: its connection pools on its exit are dropped, marked
+    /// retired (a request of it that was routed before and still holds one,
+    /// waiting for a connection, writes nothing), and its relays close.
+    pub(super) fn end_here(&self, exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
+        if let Some(exit) = exits.get(&identity.exit) {
+            exit.client.forget(
+                PoolKey::Identity(identity.id),
+                identity.fingerprint.tls.is_none(),
+                reason,
+            );
+        }
+        self.relays.end(identity.id, reason);
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::{ends, forget_lanes, idle_timeout_ms};
+use super::lifecycle::{ends, idle_timeout_ms};
 use super::Router;
 use crate::credential::RandomKeys;
 use crate::exits::{ExitSet, LiveExits};
@@ -154,8 +154,7 @@ impl Router {
                     // Found (another replica's, or stored by a task of
                     // this one's): its other relays and its connections
                     // here end too.
-                    forget_lanes(&exits, identity, &reason);
-                    self.relays.end(identity.id, &reason);
+                    self.end_here(&exits, identity, &reason);
                     return reason;
                 }
                 Ok(Standing::Ends(now, reason)) => {
