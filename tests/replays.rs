@@ -1,9 +1,11 @@
 //! A request the origin never answered, on a connection that had been idle
-//! (the origin's keep-alive timeout closing it as the request leaves, or an
-//! HTTP/2 stream it refused), is sent again once, as a browser sends it
-//! again, through the same exit; one that may have been acted on (a POST),
-//! one with a body, and one on a connection dialled for it are answered
-//! `502` as before.
+//! (the origin's keep-alive timeout closing it as the request leaves), or
+//! an HTTP/2 stream the origin said it did not process (refused, or past
+//! the last stream of its `GOAWAY`, on a busy connection too), is sent
+//! again once, as a browser sends it again, through the same exit; one
+//! that may have been acted on (a POST), one with a body, and one on a
+//! connection dialled for it or busy with others that the origin closed
+//! are answered `502` as before.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -215,55 +217,129 @@ impl Drop for ClosingOrigin {
     }
 }
 
-/// The streams of a burst on an HTTP/2 connection no request had taken
-/// for a sweep's interval, which the origin refused (`REFUSED_STREAM`: not
-/// processed), are each sent again on that connection; GETs whose
-/// connection the origin closed (after a `GOAWAY`) before answering go on
-/// a new connection. In either fingerprint mode (each speaks HTTP/2
-/// through a stack of its own).
+/// How long a test waits for an answer: a regression that leaves a stream
+/// unanswered fails here, not at pinproxy's response timeout.
+const ANSWER: Duration = Duration::from_secs(20);
+
+/// GETs for `origin` on an HTTP/2 tunnel, with a tracked cookie.
+fn h2_getter(
+    tunnel: &mut support::client::H2Conn,
+    port: u16,
+) -> impl Fn(
+    &str,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = http::Response<hyper::body::Incoming>> + Send>,
+> {
+    let sender = tunnel.sender().clone();
+    move |path: &str| {
+        let request = http::Request::get(format!("https://localhost:{port}{path}"))
+            .header("accept", "text/html")
+            .header("cookie", "datadome=h2-replay-token")
+            .body(Full::default())
+            .unwrap();
+        let mut sender = sender.clone();
+        Box::pin(async move {
+            let reply = tokio::time::timeout(ANSWER, sender.send_request(request));
+            reply.await.expect("an answer in time").unwrap()
+        })
+    }
+}
+
+/// The streams of a burst on an HTTP/2 connection which the origin refused
+/// (`REFUSED_STREAM`: not processed) are each sent again on that
+/// connection, whether or not it had been idle; GETs whose connection the
+/// origin closed (after a `GOAWAY`) before answering go on a new
+/// connection when it had been idle (no request took it for a sweep's
+/// interval), and answer `502` when it was busy (the origin may have
+/// processed them). In either fingerprint mode (each speaks HTTP/2
+/// through a stack of its own). A replay is the request as it came, and
+/// leaves through its cookie's exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_http2_streams_are_sent_again_in_either_mode() {
     let cases = [
-        (FingerprintMode::Mirror, Refusal::Stream),
-        (FingerprintMode::Rustls, Refusal::Stream),
-        (FingerprintMode::Mirror, Refusal::GoAwayAndClose),
-        (FingerprintMode::Rustls, Refusal::GoAwayAndClose),
+        (FingerprintMode::Mirror, Refusal::Stream, true),
+        (FingerprintMode::Rustls, Refusal::Stream, true),
+        (FingerprintMode::Mirror, Refusal::GoAwayAndClose, true),
+        (FingerprintMode::Rustls, Refusal::GoAwayAndClose, true),
+        (FingerprintMode::Mirror, Refusal::Stream, false),
+        (FingerprintMode::Rustls, Refusal::Stream, false),
+        (FingerprintMode::Mirror, Refusal::GoAwayAndClose, false),
+        (FingerprintMode::Rustls, Refusal::GoAwayAndClose, false),
     ];
-    for (mode, refusal) in cases {
-        let case = format!("{mode:?}, {refusal:?}");
+    for (mode, refusal, quiet) in cases {
+        let case = format!("{mode:?}, {refusal:?}, quiet: {quiet}");
         let s = Setup::builder()
-            .exits(1)
+            .exits(2)
             .config(|c| c.upstream.fingerprint = mode)
             .start()
             .await;
         let origin = RefusingH2Origin::start(&s.origin.pki, refusal).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
-        let first = tunnel.get("/a", &[]).await;
-        assert_eq!(first.status, 200, "{case}: {:?}", first.pinproxy_error());
-        // Long enough for a sweep (every second) to find the connection
-        // untaken for a whole interval.
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        // Two at once: the origin turns both down once both have come.
-        let sender = tunnel.sender().clone();
-        let get = |path: &str| {
-            let request = http::Request::get(format!("https://localhost:{}{path}", origin.port))
-                .body(Full::default())
-                .unwrap();
-            sender.clone().send_request(request)
+        let get = h2_getter(&mut tunnel, origin.port);
+        let replies = if quiet {
+            let first = get("/a").await;
+            assert_eq!(first.status(), 200, "{case}");
+            // Long enough for a sweep (every second) to find the
+            // connection untaken for a whole interval.
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            // Two at once: the origin turns both down once both have come.
+            let (b, c) = tokio::join!(get("/b"), get("/c"));
+            vec![b, c]
+        } else {
+            // Three at once: one dial, and the connection busy with all of
+            // them; the origin answers the first and turns the others down.
+            let (a, b, c) = tokio::join!(get("/a"), get("/b"), get("/c"));
+            vec![a, b, c]
         };
-        let (b, c) = tokio::join!(get("/b"), get("/c"));
-        for reply in [b, c] {
-            let reply = reply.unwrap();
-            let error = reply.headers().get("x-pinproxy-error").cloned();
-            assert_eq!(reply.status(), 200, "{case}: {error:?}");
+        let sent_again = quiet || matches!(refusal, Refusal::Stream);
+        let mut failed = 0;
+        for reply in &replies {
+            let error = reply.headers().get("x-pinproxy-error");
+            if sent_again {
+                assert_eq!(reply.status(), 200, "{case}: {error:?}");
+            } else if reply.status() != 200 {
+                assert_eq!(reply.status(), 502, "{case}: {error:?}");
+                let error = error.unwrap().to_str().unwrap();
+                assert!(error.starts_with("origin-failed: "), "{case}: {error}");
+                failed += 1;
+            }
         }
-        assert_eq!(origin.streams(), 5, "{case}");
-        let connections = match refusal {
-            Refusal::Stream => 1,
-            Refusal::GoAwayAndClose => 2,
+        if !sent_again {
+            // At least the two the origin let go (the first may lose its
+            // answer to the close too).
+            assert!(failed >= 2, "{case}");
+        }
+        let (streams, connections, replays) = match (refusal, sent_again) {
+            (Refusal::Stream, _) => (5, 1, 2),
+            (Refusal::GoAwayAndClose, true) => (5, 2, 2),
+            (Refusal::GoAwayAndClose, false) => (3, 1, 0),
         };
+        let seen = origin.seen();
+        assert_eq!(seen.len(), streams, "{case}");
         assert_eq!(origin.accepted(), connections, "{case}");
-        assert_eq!(replayed(&s), 2, "{case}");
+        assert_eq!(replayed(&s), replays, "{case}");
+        // Every stream, the replays too, left through the cookie's exit,
+        // and a replay is the request as it came (its head in its order).
+        assert!(
+            seen.windows(2).all(|w| w[0].peer == w[1].peer),
+            "{case}: {seen:?}"
+        );
+        for stream in &seen {
+            let same_path = seen.iter().filter(|s| s.path == stream.path);
+            assert!(
+                same_path.clone().all(|s| s.head == stream.head),
+                "{case}: {seen:?}"
+            );
+            assert!(
+                stream.head.iter().any(|(name, _)| name == "cookie"),
+                "{case}"
+            );
+        }
+        let twice = seen
+            .iter()
+            .filter(|s| seen.iter().filter(|t| t.path == s.path).count() == 2)
+            .count();
+        assert_eq!(twice as u64, 2 * replays, "{case}: {seen:?}");
         s.stop().await;
     }
 }
@@ -279,12 +355,21 @@ enum Refusal {
     GoAwayAndClose,
 }
 
+/// A stream as an origin received it.
+#[derive(Debug, Clone)]
+struct SeenStream {
+    path: String,
+    /// Method, then each field in the order the origin read them.
+    head: Vec<(String, String)>,
+    peer: IpAddr,
+}
+
 /// An HTTPS origin speaking HTTP/2 only that turns down the second and
 /// third streams of its first connection (see [`Refusal`]) once both have
-/// come, and answers every other stream `200 ok`.
+/// come, and answers every other stream `200 ok`. It records every stream.
 struct RefusingH2Origin {
     port: u16,
-    streams: Arc<Mutex<usize>>,
+    seen: Arc<Mutex<Vec<SeenStream>>>,
     accepted: Arc<Mutex<usize>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -294,14 +379,14 @@ impl RefusingH2Origin {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"h2"]));
-        let streams = Arc::new(Mutex::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(Mutex::new(0));
-        let (streams_by_task, accepted_by_task) = (streams.clone(), accepted.clone());
+        let (seen_by_task, accepted_by_task) = (seen.clone(), accepted.clone());
         let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            while let Ok((tcp, peer)) = listener.accept().await {
                 *accepted_by_task.lock().unwrap() += 1;
                 let first = *accepted_by_task.lock().unwrap() == 1;
-                let (tls, streams) = (tls.clone(), streams_by_task.clone());
+                let (tls, seen) = (tls.clone(), seen_by_task.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
                         return;
@@ -313,10 +398,17 @@ impl RefusingH2Origin {
                     let mut turned_down = Vec::new();
                     // Bounded: a test opens a few streams.
                     for _ in 0..100 {
-                        let Some(Ok((_request, respond))) = conn.accept().await else {
+                        let Some(Ok((request, respond))) = conn.accept().await else {
                             return;
                         };
-                        *streams.lock().unwrap() += 1;
+                        let mut head = vec![(":method".to_owned(), request.method().to_string())];
+                        head.extend(request.headers().iter().map(|(name, value)| {
+                            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                            (name.to_string(), value)
+                        }));
+                        let path = request.uri().path().to_owned();
+                        let peer = peer.ip();
+                        seen.lock().unwrap().push(SeenStream { path, head, peer });
                         on_this += 1;
                         if first && (on_this == 2 || on_this == 3) {
                             turned_down.push(respond);
@@ -350,10 +442,173 @@ impl RefusingH2Origin {
         });
         RefusingH2Origin {
             port,
-            streams,
+            seen,
             accepted,
             task,
         }
+    }
+
+    fn seen(&self) -> Vec<SeenStream> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> usize {
+        *self.accepted.lock().unwrap()
+    }
+}
+
+impl Drop for RefusingH2Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The streams a busy HTTP/2 connection had in flight past the last stream
+/// of an origin's `GOAWAY` (an origin that closes a connection after so
+/// many requests, as nginx does every 1,000) were not processed: each GET
+/// is sent again on a new connection through its cookie's exit, in either
+/// fingerprint mode, and the streams the origin kept are answered on the
+/// old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
+    for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
+        let case = format!("{mode:?}");
+        let s = Setup::builder()
+            .exits(2)
+            .config(|c| c.upstream.fingerprint = mode)
+            .start()
+            .await;
+        let origin = GoingAwayH2Origin::start(&s.origin.pki).await;
+        let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
+        let get = h2_getter(&mut tunnel, origin.port);
+        // Three at once: one dial, and the connection busy with all of them.
+        let (a, b, c) = tokio::join!(get("/a"), get("/b"), get("/c"));
+        for reply in [a, b, c] {
+            let error = reply.headers().get("x-pinproxy-error");
+            assert_eq!(reply.status(), 200, "{case}: {error:?}");
+        }
+        // Three streams on the first connection, the last of them again on
+        // the second.
+        assert_eq!(origin.streams(), 4, "{case}");
+        assert_eq!(origin.accepted(), 2, "{case}");
+        assert_eq!(replayed(&s), 1, "{case}");
+        let peers = origin.peers();
+        assert!(peers.windows(2).all(|w| w[0] == w[1]), "{case}: {peers:?}");
+        s.stop().await;
+    }
+}
+
+/// An HTTPS origin speaking HTTP/2 frame by frame (`h2`'s server counts
+/// every stream it has read as processed, so it cannot leave one out of
+/// its `GOAWAY`): once three streams have come on its first connection it
+/// sends a `GOAWAY` naming the second as its last stream, answers the
+/// first two and never the third; it answers every stream of its later
+/// connections `200 ok`. It reads frame heads only (HEADERS are not
+/// decoded; these heads need no CONTINUATION).
+struct GoingAwayH2Origin {
+    port: u16,
+    streams: Arc<Mutex<usize>>,
+    accepted: Arc<Mutex<usize>>,
+    peers: Arc<Mutex<Vec<IpAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// An HTTP/2 frame: its type, flags, stream and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// `200 ok` on `stream`: `:status: 200` (HPACK's static entry 8) and the
+/// body, ending the stream.
+fn h2_ok(stream: u32) -> Vec<u8> {
+    const END_HEADERS: u8 = 0x4;
+    const END_STREAM: u8 = 0x1;
+    let mut frames = h2_frame(0x1, END_HEADERS, stream, &[0x88]);
+    frames.extend(h2_frame(0x0, END_STREAM, stream, b"ok"));
+    frames
+}
+
+impl GoingAwayH2Origin {
+    async fn start(pki: &support::origin::TestPki) -> GoingAwayH2Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"h2"]));
+        let streams = Arc::new(Mutex::new(0));
+        let accepted = Arc::new(Mutex::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (streams_by_task, accepted_by_task) = (streams.clone(), accepted.clone());
+        let peers_by_task = peers.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                *accepted_by_task.lock().unwrap() += 1;
+                peers_by_task.lock().unwrap().push(peer.ip());
+                let first = *accepted_by_task.lock().unwrap() == 1;
+                let (tls, streams) = (tls.clone(), streams_by_task.clone());
+                tokio::spawn(async move {
+                    if let Ok(stream) = tls.accept(tcp).await {
+                        // Ends when pinproxy closes the connection.
+                        let _ = Self::serve(stream, first, streams).await;
+                    }
+                });
+            }
+        });
+        GoingAwayH2Origin {
+            port,
+            streams,
+            accepted,
+            peers,
+            task,
+        }
+    }
+
+    async fn serve<S>(mut stream: S, first: bool, streams: Arc<Mutex<usize>>) -> std::io::Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        const ACK: u8 = 0x1;
+        let mut preface = [0; 24];
+        stream.read_exact(&mut preface).await?;
+        stream.write_all(&h2_frame(0x4, 0, 0, &[])).await?;
+        let mut held = Vec::new();
+        // Bounded: a test sends a few frames.
+        for _ in 0..200 {
+            let mut head = [0; 9];
+            stream.read_exact(&mut head).await?;
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let (kind, flags) = (head[3], head[4]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0; usize::try_from(length).unwrap()];
+            stream.read_exact(&mut payload).await?;
+            match kind {
+                // SETTINGS and PING, acknowledged (a PING with its data).
+                0x4 if flags & ACK == 0 => stream.write_all(&h2_frame(0x4, ACK, 0, &[])).await?,
+                0x6 if flags & ACK == 0 => {
+                    stream.write_all(&h2_frame(0x6, ACK, 0, &payload)).await?
+                }
+                // HEADERS: a new stream.
+                0x1 => {
+                    *streams.lock().unwrap() += 1;
+                    if !first {
+                        stream.write_all(&h2_ok(id)).await?;
+                        continue;
+                    }
+                    held.push(id);
+                    if let [kept, last, _] = held[..] {
+                        let mut away = last.to_be_bytes().to_vec();
+                        away.extend_from_slice(&0u32.to_be_bytes());
+                        stream.write_all(&h2_frame(0x7, 0, 0, &away)).await?;
+                        stream.write_all(&h2_ok(kept)).await?;
+                        stream.write_all(&h2_ok(last)).await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn streams(&self) -> usize {
@@ -363,9 +618,14 @@ impl RefusingH2Origin {
     fn accepted(&self) -> usize {
         *self.accepted.lock().unwrap()
     }
+
+    /// The address each connection came from.
+    fn peers(&self) -> Vec<IpAddr> {
+        self.peers.lock().unwrap().clone()
+    }
 }
 
-impl Drop for RefusingH2Origin {
+impl Drop for GoingAwayH2Origin {
     fn drop(&mut self) {
         self.task.abort();
     }

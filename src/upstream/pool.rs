@@ -14,8 +14,9 @@
 //! A request that finds its connection closed before it was written is
 //! retried once on a new connection. One that was written is sent again
 //! once when the origin left it unanswered on a connection that had been
-//! idle (see `upstream::replay`), on the lane's own connections, and
-//! counted (`upstream_requests_replayed`).
+//! idle, or said over HTTP/2 that it did not process it (see
+//! `upstream::replay`), on the lane's own connections, and counted
+//! (`upstream_requests_replayed`).
 //!
 //! Parking: hyper keeps an 8 KiB read and an 8 KiB write buffer (and its
 //! connection state and task) for as long as an HTTP/1.1 connection lives,
@@ -55,7 +56,7 @@ use super::dial::Dialer;
 use super::error::UpstreamError;
 use super::framing;
 use super::h2::{self, TokioExec};
-use super::replay::{replay_copy, Unanswered};
+use super::replay::{Replay, Unanswered};
 use super::tls::Shape;
 use super::Presentation;
 use super::{ClientAuthority, Origin};
@@ -96,13 +97,15 @@ struct H2Conn {
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// How long an HTTP/1.1 connection must have been idle before a request on
-/// it keeps a copy to send again (see the module documentation). An origin
-/// closes an idle connection after its keep-alive timeout (seconds, at the
-/// least); a connection busy with request after request is not at risk,
-/// and copying every request's head would cost the hot path a header map.
-/// An HTTP/2 connection counts as idle from a sweep that finds no request
-/// took it for a whole sweep interval until its next answer: every request
-/// of a burst that meets an origin closing it keeps its copy.
+/// it keeps a copy to send again after a close (see the module
+/// documentation). An origin closes an idle connection after its
+/// keep-alive timeout (seconds, at the least); a connection busy with
+/// request after request is not at risk, and copying every request's head
+/// would cost the hot path a header map. An HTTP/2 connection counts as
+/// idle from a sweep that finds no request took it for a whole sweep
+/// interval until its next answer: every request of a burst that meets an
+/// origin closing it may go again after the close. (Every body-less
+/// request over HTTP/2 keeps a copy for the streams an origin refuses.)
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// An origin stream as an HTTP/1.1 connection reads it.
@@ -392,11 +395,19 @@ impl LanePool {
             if std::mem::take(&mut replaying) {
                 self.limits.replayed.inc();
             }
-            // Boxed: held across the send, it would otherwise grow every
-            // request's future (copied as it moves) for a rare case.
-            let replay = match reuse {
-                Reuse::Quiet if !replayed => replay_copy(&request).map(Box::new),
-                _ => None,
+            // On a connection that had been idle, for whatever the origin
+            // may have left unanswered as it closed; on any other HTTP/2
+            // connection, for the streams an origin says it never
+            // processed: origins close busy connections too (nginx sends a
+            // `GOAWAY` every 1,000 requests by default), and the streams
+            // in flight past its last are refused, which a browser sends
+            // again. A busy HTTP/1.1 connection carries one request at a
+            // time, and an origin closing it says so on the answer before.
+            let replay = match (&checked, reuse) {
+                _ if replayed => None,
+                (_, Reuse::Quiet) => Replay::of(&request, true),
+                (Checked::H2(_), _) => Replay::of(&request, false),
+                (Checked::H1(_), _) => None,
             };
             let attempt = match checked {
                 Checked::H2(conn) => {
@@ -428,17 +439,17 @@ impl LanePool {
                     error,
                     unanswered,
                 }) => match replay {
-                    Some(copy) if unanswered.allows(copy.method()) => {
+                    Some(replay) if replay.allows(unanswered) => {
                         tracing::debug!(
                             exit = %self.dialer.exit,
                             origin = %origin.target,
                             error = %error,
-                            "the origin left a request on an idle connection unanswered; sending it again"
+                            "the origin left a request unanswered; sending it again"
                         );
                         replayed = true;
                         replaying = true;
                         fresh = fresh || unanswered.needs_new_connection();
-                        request = *copy;
+                        request = replay.into_request();
                     }
                     _ => return Err(error),
                 },

@@ -3,17 +3,21 @@
 //! An origin closes an idle keep-alive connection after its timeout, and
 //! the close can meet a request just written on it. A request is sent
 //! again only when the origin sent no byte of an answer and the request
-//! can be sent as it was: it carries no body, it went out on a connection
-//! that had been idle (see `pool::REPLAY_AFTER_IDLE`), and the origin
-//! either closed that connection (an idempotent method: it may have read
-//! the request) or said it did not process it (an HTTP/2 `REFUSED_STREAM`,
-//! or a `GOAWAY` below the stream: any method). A browser sends such a
-//! request again itself; answering it `502` instead would show the origin
-//! a client that gave up where a browser never does. The pool sends it
-//! once more on the lane's own connections (its exit and fingerprint).
+//! can be sent as it was (it carries no body; not a `CONNECT`), and either
+//! it went out on a connection that had been idle (see
+//! `pool::REPLAY_AFTER_IDLE`) and the origin closed that connection (an
+//! idempotent method: it may have read the request), or the origin said
+//! it did not process it, on any HTTP/2 connection, busy ones included (an
+//! origin that closes a connection after so many requests refuses the
+//! streams in flight): an HTTP/2 `REFUSED_STREAM` (any method), or a
+//! `GOAWAY` below the stream (an idempotent method, see
+//! [`Unanswered::GoneAway`]). A browser sends such a request again itself;
+//! answering it `502` instead would show the origin a client that gave up
+//! where a browser never does. The pool sends it once more on the lane's
+//! own connections (its exit and fingerprint).
 //!
-//! This module reads what a failure says ([`Unanswered`]) and makes the
-//! copy ([`replay_copy`]); `pool::LanePool::send` decides.
+//! This module reads what a failure says ([`Unanswered`]) and keeps the
+//! copy ([`Replay`]); `pool::LanePool::send` decides when to keep one.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,6 +26,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body::{Body as _, Frame, SizeHint};
 
+use super::ClientAuthority;
 use crate::body::{Body, BoxError};
 
 /// An ended body that reports the size hint of the one it stands for.
@@ -62,9 +67,13 @@ pub(super) enum Unanswered {
     /// same connection.
     Refused,
     /// The origin's `GOAWAY` named a last stream below this one (both
-    /// HTTP/2 stacks give a stream that error only then, and a stream
-    /// opened after it): not processed (RFC 9113 §6.8), so any method, on
-    /// another connection.
+    /// HTTP/2 stacks give a stream that error then, and a stream opened
+    /// after it): not processed (RFC 9113 §6.8), on another connection.
+    /// Only an idempotent method all the same: hyper's and wreq's clients
+    /// check the connection again right after opening a stream, and a
+    /// `GOAWAY` read in between (a graceful shutdown's first, naming no
+    /// stream) fails a request whose stream still goes out, and which the
+    /// origin then processes.
     GoneAway,
 }
 
@@ -73,9 +82,15 @@ impl Unanswered {
     pub(super) fn allows(self, method: &http::Method) -> bool {
         match self {
             Unanswered::Unknown => false,
-            Unanswered::Closed => method.is_idempotent(),
-            Unanswered::Refused | Unanswered::GoneAway => true,
+            Unanswered::Closed | Unanswered::GoneAway => method.is_idempotent(),
+            Unanswered::Refused => true,
         }
+    }
+
+    /// Whether the origin said it did not process the request (for a
+    /// `GOAWAY`, as far as the stacks tell).
+    fn unprocessed(self) -> bool {
+        matches!(self, Unanswered::Refused | Unanswered::GoneAway)
     }
 
     /// Whether the connection is done with, so a replay takes another.
@@ -143,30 +158,93 @@ macro_rules! h2_cause {
 h2_cause!(h2::Error, h2::Reason);
 h2_cause!(http2::Error, http2::Reason);
 
-/// A copy of `request` to send again, when it carries no body (a body
-/// streams once; keeping one to replay would buffer it).
-pub(super) fn replay_copy(request: &Request<Body>) -> Option<Request<Body>> {
-    if !request.body().is_end_stream() {
-        return None;
+/// A copy of a request kept to send it again, and which failures it is
+/// sent again after.
+pub(super) struct Replay {
+    /// Boxed: held across the send, it would otherwise grow every
+    /// request's future (copied as it moves).
+    head: Box<Head>,
+    /// The request went out on a connection that had been idle, so a close
+    /// before any answer is the origin's idle timeout meeting it.
+    after_idle: bool,
+}
+
+/// What a body-less request is sent again with: its head, and the body's
+/// size hint (the body itself is made only for a replay).
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+    /// Ended, and as long as the original said it was: both HTTP/2 stacks
+    /// add `content-length` to a request whose body has an exact size, and
+    /// a client's empty body often has none.
+    size: SizeHint,
+}
+
+impl Replay {
+    /// A copy of `request`, when it carries no body (a body streams once;
+    /// keeping one to replay would buffer it) and is no `CONNECT` (whose
+    /// body is a tunnel, and which HTTP/2 hands over with an ended one).
+    pub(super) fn of(request: &Request<Body>, after_idle: bool) -> Option<Replay> {
+        if !request.body().is_end_stream() || request.method() == http::Method::CONNECT {
+            return None;
+        }
+        // An HTTP/1.1 client's request keeps every extension: hyper carries
+        // the client's header case in one of its own, which a replay going
+        // out over HTTP/1.1 must present as the first attempt did. An
+        // HTTP/2 client's, copied on every HTTP/2 leg, keeps what the pool
+        // reads: neither HTTP/2 stack reads any but the `:protocol` of a
+        // `CONNECT`, which is never copied.
+        let extensions = if request.version() == http::Version::HTTP_2 {
+            let mut named = http::Extensions::new();
+            if let Some(authority) = request.extensions().get::<ClientAuthority>() {
+                named.insert(authority.clone());
+            }
+            named
+        } else {
+            request.extensions().clone()
+        };
+        let head = Box::new(Head {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: request.headers().clone(),
+            extensions,
+            size: request.body().size_hint(),
+        });
+        Some(Replay { head, after_idle })
     }
-    // Ended, and as long as the original says it is: both HTTP/2 stacks
-    // add `content-length` to a request whose body has an exact size, and
-    // a client's empty body often has none.
-    let ended = Ended(request.body().size_hint());
-    let mut copy = Request::new(http_body_util::BodyExt::boxed(ended));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
-    Some(copy)
+
+    /// Whether the request is sent again after a failure that says
+    /// `unanswered`: a close only after idleness, an origin's word that it
+    /// did not process the request always (each as the method allows).
+    pub(super) fn allows(&self, unanswered: Unanswered) -> bool {
+        unanswered.allows(&self.head.method) && (self.after_idle || unanswered.unprocessed())
+    }
+
+    /// The request to send again.
+    pub(super) fn into_request(self) -> Request<Body> {
+        let head = *self.head;
+        let mut copy = Request::new(http_body_util::BodyExt::boxed(Ended(head.size)));
+        *copy.method_mut() = head.method;
+        *copy.uri_mut() = head.uri;
+        *copy.version_mut() = head.version;
+        *copy.headers_mut() = head.headers;
+        *copy.extensions_mut() = head.extensions;
+        copy
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::upstream::pool::tests::{names, origin};
-    use crate::upstream::ClientAuthority;
+
+    /// An extension pinproxy does not read.
+    #[derive(Clone)]
+    struct Marker;
 
     /// A replay's copy is the request as it came, ended as the original
     /// was: an empty body of no known size stays of no known size (both
@@ -181,19 +259,63 @@ mod tests {
             .unwrap();
         let named = ClientAuthority::differing(&"https://www.a.test/p".parse().unwrap(), &origin());
         original.extensions_mut().insert(named.clone().unwrap());
-        let copy = replay_copy(&original).unwrap();
-        assert_eq!(copy.method(), http::Method::OPTIONS);
-        assert_eq!(copy.uri(), original.uri());
-        assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
-        assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
-        assert!(copy.body().is_end_stream());
-        assert_eq!(copy.body().size_hint().exact(), None);
+        original.extensions_mut().insert(Marker);
+        for h2 in [false, true] {
+            let version = if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            };
+            *original.version_mut() = version;
+            let copy = Replay::of(&original, true).unwrap().into_request();
+            assert_eq!(copy.version(), version);
+            assert_eq!(copy.method(), http::Method::OPTIONS);
+            assert_eq!(copy.uri(), original.uri());
+            assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
+            assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
+            // An HTTP/1.1 client's keeps every extension (hyper's header
+            // case map).
+            assert_eq!(copy.extensions().get::<Marker>().is_some(), !h2);
+            assert!(copy.body().is_end_stream());
+            assert_eq!(copy.body().size_hint().exact(), None);
+        }
 
         let empty = Request::get("/").body(crate::body::empty()).unwrap();
-        let copy = replay_copy(&empty).unwrap();
+        let copy = Replay::of(&empty, true).unwrap().into_request();
         assert_eq!(copy.body().size_hint().exact(), Some(0));
 
         let upload = Request::put("/").body(crate::body::full("x")).unwrap();
-        assert!(replay_copy(&upload).is_none());
+        assert!(Replay::of(&upload, true).is_none());
+        assert!(Replay::of(&upload, false).is_none());
+        let connect = Request::connect("a.test:443")
+            .body(crate::body::empty())
+            .unwrap();
+        assert!(Replay::of(&connect, false).is_none());
+    }
+
+    /// A copy kept on a busy connection is sent again only after the
+    /// origin said it did not process the request (a `GOAWAY`: when its
+    /// method is idempotent); one kept on a connection that had been idle
+    /// also after a close, when the method is idempotent.
+    #[test]
+    fn a_busy_connections_copy_goes_again_only_for_what_the_origin_did_not_process() {
+        let get = Request::get("/").body(crate::body::empty()).unwrap();
+        let busy = Replay::of(&get, false).unwrap();
+        assert!(busy.allows(Unanswered::Refused));
+        assert!(busy.allows(Unanswered::GoneAway));
+        assert!(!busy.allows(Unanswered::Closed));
+        assert!(!busy.allows(Unanswered::Unknown));
+        let after_idle = Replay::of(&get, true).unwrap();
+        assert!(after_idle.allows(Unanswered::Closed));
+        assert!(!after_idle.allows(Unanswered::Unknown));
+
+        let post = Request::post("/").body(crate::body::empty()).unwrap();
+        let post_after_idle = Replay::of(&post, true).unwrap();
+        assert!(!post_after_idle.allows(Unanswered::Closed));
+        assert!(!post_after_idle.allows(Unanswered::GoneAway));
+        assert!(post_after_idle.allows(Unanswered::Refused));
+        let post_busy = Replay::of(&post, false).unwrap();
+        assert!(post_busy.allows(Unanswered::Refused));
+        assert!(post_busy.into_request().method() == http::Method::POST);
     }
 }
