@@ -352,7 +352,8 @@ pub struct Metrics {
     /// buffers were released until their next request.
     pub upstream_connections_parked: Counter,
     /// Requests sent again because the origin closed their idle connection
-    /// (or refused their HTTP/2 stream) before answering.
+    /// before answering, or did not process their HTTP/2 stream (refused
+    /// it, or left it past the last stream of its `GOAWAY`).
     pub upstream_requests_replayed: Counter,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,

@@ -82,7 +82,8 @@ pub struct PoolSettings {
     /// and buffers released until their next request); one per daemon.
     pub parked: prometheus_client::metrics::counter::Counter,
     /// Counts requests sent again after the origin left them unanswered on
-    /// an idle connection; one per daemon.
+    /// an idle connection, or said over HTTP/2 that it did not process
+    /// them; one per daemon.
     pub replayed: prometheus_client::metrics::counter::Counter,
 }
 

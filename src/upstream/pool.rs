@@ -399,10 +399,11 @@ impl LanePool {
             // may have left unanswered as it closed; on any other HTTP/2
             // connection, for the streams an origin says it never
             // processed: origins close busy connections too (nginx sends a
-            // `GOAWAY` every 1,000 requests by default), and the streams
-            // in flight past its last are refused, which a browser sends
-            // again. A busy HTTP/1.1 connection carries one request at a
-            // time, and an origin closing it says so on the answer before.
+            // `GOAWAY` every 1,000 requests by default, leaving the streams
+            // in flight past the last one it names unprocessed), and a
+            // browser sends those again. A busy HTTP/1.1 connection carries
+            // one request at a time, and an origin closing it says so on
+            // the answer before.
             let replay = match (&checked, reuse) {
                 _ if replayed => None,
                 (_, Reuse::Quiet) => Replay::of(&request, true),

@@ -7,11 +7,11 @@
 //! it went out on a connection that had been idle (see
 //! `pool::REPLAY_AFTER_IDLE`) and the origin closed that connection (an
 //! idempotent method: it may have read the request), or the origin said
-//! it did not process it, on any HTTP/2 connection, busy ones included (an
-//! origin that closes a connection after so many requests refuses the
-//! streams in flight): an HTTP/2 `REFUSED_STREAM` (any method), or a
-//! `GOAWAY` below the stream (an idempotent method, see
-//! [`Unanswered::GoneAway`]). A browser sends such a request again itself;
+//! it did not process it, on any HTTP/2 connection, busy ones included: an
+//! HTTP/2 `REFUSED_STREAM` (any method), or a `GOAWAY` below the stream
+//! (an idempotent method, see [`Unanswered::GoneAway`]; an origin that
+//! closes a connection after so many requests, as nginx does, leaves the
+//! streams in flight past the last one it names unprocessed). A browser sends such a request again itself;
 //! answering it `502` instead would show the origin a client that gave up
 //! where a browser never does. The pool sends it once more on the lane's
 //! own connections (its exit and fingerprint).
@@ -26,7 +26,6 @@ use bytes::Bytes;
 use http::Request;
 use http_body::{Body as _, Frame, SizeHint};
 
-use super::ClientAuthority;
 use crate::body::{Body, BoxError};
 
 /// An ended body that reports the size hint of the one it stands for.
@@ -71,9 +70,9 @@ pub(super) enum Unanswered {
     /// after it): not processed (RFC 9113 §6.8), on another connection.
     /// Only an idempotent method all the same: hyper's and wreq's clients
     /// check the connection again right after opening a stream, and a
-    /// `GOAWAY` read in between (a graceful shutdown's first, naming no
-    /// stream) fails a request whose stream still goes out, and which the
-    /// origin then processes.
+    /// `GOAWAY` read in between (a graceful shutdown's first, naming the
+    /// highest stream id) fails a request whose stream still goes out, and
+    /// which the origin then processes.
     GoneAway,
 }
 
@@ -191,21 +190,11 @@ impl Replay {
         if !request.body().is_end_stream() || request.method() == http::Method::CONNECT {
             return None;
         }
-        // An HTTP/1.1 client's request keeps every extension: hyper carries
-        // the client's header case in one of its own, which a replay going
-        // out over HTTP/1.1 must present as the first attempt did. An
-        // HTTP/2 client's, copied on every HTTP/2 leg, keeps what the pool
-        // reads: neither HTTP/2 stack reads any but the `:protocol` of a
-        // `CONNECT`, which is never copied.
-        let extensions = if request.version() == http::Version::HTTP_2 {
-            let mut named = http::Extensions::new();
-            if let Some(authority) = request.extensions().get::<ClientAuthority>() {
-                named.insert(authority.clone());
-            }
-            named
-        } else {
-            request.extensions().clone()
-        };
+        // Every extension: hyper carries an HTTP/1.1 client's header case
+        // in one of its own, which a replay going out over HTTP/1.1 must
+        // present as the first attempt did (an HTTP/2 client's request
+        // carries at most the authority it named).
+        let extensions = request.extensions().clone();
         let head = Box::new(Head {
             method: request.method().clone(),
             uri: request.uri().clone(),
@@ -241,6 +230,7 @@ impl Replay {
 mod tests {
     use super::*;
     use crate::upstream::pool::tests::{names, origin};
+    use crate::upstream::ClientAuthority;
 
     /// An extension pinproxy does not read.
     #[derive(Clone)]
@@ -260,25 +250,16 @@ mod tests {
         let named = ClientAuthority::differing(&"https://www.a.test/p".parse().unwrap(), &origin());
         original.extensions_mut().insert(named.clone().unwrap());
         original.extensions_mut().insert(Marker);
-        for h2 in [false, true] {
-            let version = if h2 {
-                http::Version::HTTP_2
-            } else {
-                http::Version::HTTP_11
-            };
-            *original.version_mut() = version;
-            let copy = Replay::of(&original, true).unwrap().into_request();
-            assert_eq!(copy.version(), version);
-            assert_eq!(copy.method(), http::Method::OPTIONS);
-            assert_eq!(copy.uri(), original.uri());
-            assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
-            assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
-            // An HTTP/1.1 client's keeps every extension (hyper's header
-            // case map).
-            assert_eq!(copy.extensions().get::<Marker>().is_some(), !h2);
-            assert!(copy.body().is_end_stream());
-            assert_eq!(copy.body().size_hint().exact(), None);
-        }
+        let copy = Replay::of(&original, true).unwrap().into_request();
+        assert_eq!(copy.version(), original.version());
+        assert_eq!(copy.method(), http::Method::OPTIONS);
+        assert_eq!(copy.uri(), original.uri());
+        assert_eq!(names(&copy), ["origin", "access-control-request-method"]);
+        assert_eq!(copy.extensions().get::<ClientAuthority>(), named.as_ref());
+        // Every extension (hyper's header case map among them).
+        assert!(copy.extensions().get::<Marker>().is_some());
+        assert!(copy.body().is_end_stream());
+        assert_eq!(copy.body().size_hint().exact(), None);
 
         let empty = Request::get("/").body(crate::body::empty()).unwrap();
         let copy = Replay::of(&empty, true).unwrap().into_request();
