@@ -224,11 +224,17 @@ const ANSWER: Duration = Duration::from_secs(20);
 /// The tracked cookie of the HTTP/2 replay tests.
 const H2_JAR: (&str, &str) = ("cookie", "datadome=h2-replay-token");
 
-/// Founds the identity of [`H2_JAR`] with a request to the test origin, so
-/// that the test's requests to its own origin are pin hits: none waits for
-/// its pin to be stored (a founding race's losers wait for the disk), and
-/// they reach the pool at once. Answers the identity's exit's address.
-async fn found_identity(s: &Setup) -> IpAddr {
+/// pinproxy with two exits in fingerprint `mode`, and the identity of
+/// [`H2_JAR`] founded with a request to the test origin, so that the test's
+/// requests to its own origin are pin hits: none waits for its pin to be
+/// stored (a founding race's losers wait for the disk), and they reach the
+/// pool at once. Answers the identity's exit's address too.
+async fn founded_in(mode: FingerprintMode) -> (Setup, IpAddr) {
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| c.upstream.fingerprint = mode)
+        .start()
+        .await;
     // Over HTTP/2, as the test's requests: an identity presents the
     // ClientHello it was founded with, ALPN included.
     let mut tunnel = s
@@ -238,7 +244,8 @@ async fn found_identity(s: &Setup) -> IpAddr {
         .await;
     let reply = tunnel.get("/", &[H2_JAR]).await;
     assert_eq!(reply.status, 200, "{:?}", reply.pinproxy_error());
-    Setup::peer(&reply).expect("the origin reports the exit")
+    let exit = Setup::peer(&reply).expect("the origin reports the exit");
+    (s, exit)
 }
 
 /// GETs for `origin` on an HTTP/2 tunnel, with [`H2_JAR`].
@@ -288,12 +295,7 @@ async fn refused_http2_streams_are_sent_again_in_either_mode() {
     ];
     for (mode, refusal, quiet) in cases {
         let case = format!("{mode:?}, {refusal:?}, quiet: {quiet}");
-        let s = Setup::builder()
-            .exits(2)
-            .config(|c| c.upstream.fingerprint = mode)
-            .start()
-            .await;
-        let exit = found_identity(&s).await;
+        let (s, exit) = founded_in(mode).await;
         let origin = RefusingH2Origin::start(&s.origin.pki, refusal).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
         let get = h2_getter(&mut tunnel, origin.port);
@@ -496,12 +498,7 @@ impl Drop for RefusingH2Origin {
 async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
     for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
         let case = format!("{mode:?}");
-        let s = Setup::builder()
-            .exits(2)
-            .config(|c| c.upstream.fingerprint = mode)
-            .start()
-            .await;
-        let exit = found_identity(&s).await;
+        let (s, exit) = founded_in(mode).await;
         let origin = GoingAwayH2Origin::start(&s.origin.pki).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
         let get = h2_getter(&mut tunnel, origin.port);
