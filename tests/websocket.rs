@@ -297,6 +297,38 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
     s.stop().await;
 }
 
+/// A reload that shortens the idle timeout reaches an open WebSocket at
+/// once: its relay, whose checks the old timeout (ten minutes) spaced
+/// 30 s apart, checks again and records its uses by the new one (2 s),
+/// so the sweep does not retire the identity in use as idle.
+#[tokio::test]
+async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
+    use std::time::Duration;
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| {
+            c.identities.idle_timeout = Duration::from_secs(600);
+            c.identities.sweep_interval = Duration::from_millis(200);
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    let mut config = s.proxy.config.clone();
+    config.identities.idle_timeout = Duration::from_secs(2);
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    in_use_past_its_idle_timeout(&mut ws).await;
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
+        "{}",
+        reply.body
+    );
+    ws.close(None).await.unwrap();
+    s.stop().await;
+}
+
 /// A WebSocket ends with its identity: at once when an operator evicts
 /// it, and within a check when the sweep retires it (its lifetime ended
 /// while the WebSocket ran).

@@ -300,6 +300,10 @@ impl Live {
             .router
             .set_policies(policies(&settings, &applied.started));
         self.exits.store(set.clone());
+        // With both in force: a relay spacing its checks by an idle
+        // timeout the reload shortened would let the sweep find its
+        // identity idle while in use.
+        self.core.router.relays_reloaded();
         let max_header_bytes = applied.started.limits.max_header_bytes;
         let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);
         self.frontend.pipeline.store(Arc::new(pipeline));

@@ -17,7 +17,10 @@
 //!   identity's next use) is found by the relay's own check, made when it
 //!   opens and then every quarter of its identity's idle timeout (at most
 //!   [`CHECK_EVERY_MAX`] apart), which also records the use when bytes
-//!   moved since the last one.
+//!   moved since the last one. A reload has every relay check again at
+//!   once ([`Router::relays_reloaded`]): a shorter idle timeout must not
+//!   find an identity idle while its relay waits for a check spaced by the
+//!   old one.
 //!
 //! A store that cannot answer a check ends nothing: the relay stays on its
 //! identity's exit, which is all the pinning invariant asks of it. One that
@@ -49,6 +52,8 @@ const CHECK_EVERY_MIN: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 pub struct OpenRelays {
     open: Arc<dashmap::DashMap<IdentityId, Open, RandomKeys>>,
+    /// Wakes every relay waiting for its next check (a reload).
+    reloaded: tokio::sync::Notify,
 }
 
 /// One identity's open relays: how many, and the end they share.
@@ -128,6 +133,12 @@ impl Drop for RelayHold {
 }
 
 impl Router {
+    /// Has every open relay check its identity again now, by the exits and
+    /// policies in force: called once a reload has put them in force.
+    pub fn relays_reloaded(&self) {
+        self.relays.reloaded.notify_waiters();
+    }
+
     /// Holds `identity` in use for as long as a relay of it runs, and
     /// returns once the identity is retired (why): the relay is then
     /// closed. `reads` counts the relay's reads that brought bytes: when it
@@ -175,6 +186,7 @@ impl Router {
             tokio::select! {
                 reason = hold.ended() => return reason,
                 () = tokio::time::sleep(every) => {}
+                () = self.relays.reloaded.notified() => {}
             }
             let now = reads.load(Ordering::Relaxed);
             if now != seen {
