@@ -299,7 +299,7 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
 
 /// A reload that shortens the idle timeout reaches an open WebSocket at
 /// once: its relay, whose checks the old timeout (ten minutes) spaced
-/// 30 s apart, checks again and records its uses by the new one (2 s),
+/// 30 s apart, checks again and records its uses by the new one (3 s),
 /// so the sweep does not retire the identity in use as idle.
 #[tokio::test]
 async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
@@ -314,8 +314,11 @@ async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
         .await;
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    // The relay runs (its first check, by the old timeout, made) before
+    // the reload.
+    echo_round_trips(&mut ws, peer).await;
     let mut config = s.proxy.config.clone();
-    config.identities.idle_timeout = Duration::from_secs(2);
+    config.identities.idle_timeout = Duration::from_secs(3);
     s.proxy.daemon.reload_with(&config).await.unwrap();
     in_use_past_its_idle_timeout(&mut ws).await;
     let reply = s.get("/page", &mut jar).await;
