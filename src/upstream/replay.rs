@@ -11,10 +11,11 @@
 //! HTTP/2 `REFUSED_STREAM` (any method), or a `GOAWAY` below the stream
 //! (an idempotent method, see [`Unanswered::GoneAway`]; an origin that
 //! closes a connection after so many requests, as nginx does, leaves the
-//! streams in flight past the last one it names unprocessed). A browser sends such a request again itself;
-//! answering it `502` instead would show the origin a client that gave up
-//! where a browser never does. The pool sends it once more on the lane's
-//! own connections (its exit and fingerprint).
+//! streams in flight past the last one it names unprocessed). A browser
+//! sends such a request again itself; answering it `502` instead would
+//! show the origin a client that gave up where a browser never does. The
+//! pool sends it once more on the lane's own connections (its exit and
+//! fingerprint).
 //!
 //! This module reads what a failure says ([`Unanswered`]) and keeps the
 //! copy ([`Replay`]); `pool::LanePool::send` decides when to keep one.
