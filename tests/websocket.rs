@@ -262,6 +262,22 @@ where
     );
 }
 
+/// The identity of `jar` answers its next request `200`, through its exit
+/// (`peer`).
+async fn next_request_leaves_through(
+    s: &Setup,
+    jar: &mut support::client::Jar,
+    peer: std::net::IpAddr,
+) {
+    let reply = s.get("/page", jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
+        "{}",
+        reply.body
+    );
+}
+
 /// An identity whose only traffic is a WebSocket (a live feed) is in use
 /// while messages move: it is not retired for idleness, however long the
 /// WebSocket outlasts its idle timeout, and its next request goes out
@@ -281,13 +297,7 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
     in_use_past_its_idle_timeout(&mut ws).await;
-    let reply = s.get("/page", &mut jar).await;
-    assert_eq!(
-        (reply.status.as_u16(), Setup::peer(&reply)),
-        (200, Some(peer)),
-        "{}",
-        reply.body
-    );
+    next_request_leaves_through(&s, &mut jar, peer).await;
     ws.close(None).await.unwrap();
     // Its requests are what they were (the login, the upgrade, the page):
     // the relay's uses count none.
@@ -321,13 +331,7 @@ async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
     config.identities.idle_timeout = Duration::from_secs(3);
     s.proxy.daemon.reload_with(&config).await.unwrap();
     in_use_past_its_idle_timeout(&mut ws).await;
-    let reply = s.get("/page", &mut jar).await;
-    assert_eq!(
-        (reply.status.as_u16(), Setup::peer(&reply)),
-        (200, Some(peer)),
-        "{}",
-        reply.body
-    );
+    next_request_leaves_through(&s, &mut jar, peer).await;
     ws.close(None).await.unwrap();
     s.stop().await;
 }
