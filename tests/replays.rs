@@ -248,27 +248,27 @@ async fn founded_in(mode: FingerprintMode) -> (Setup, IpAddr) {
     (s, exit)
 }
 
-/// GETs for `origin` on an HTTP/2 tunnel, with [`H2_JAR`].
-fn h2_getter(
-    tunnel: &mut support::client::H2Conn,
+/// GETs with [`H2_JAR`] to an origin through an HTTP/2 tunnel, as many at
+/// once as a test asks.
+struct H2Gets {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     port: u16,
-) -> impl Fn(
-    &str,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = http::Response<hyper::body::Incoming>> + Send>,
-> {
-    let sender = tunnel.sender().clone();
-    move |path: &str| {
-        let request = http::Request::get(format!("https://localhost:{port}{path}"))
+}
+
+impl H2Gets {
+    fn new(tunnel: &mut support::client::H2Conn, port: u16) -> H2Gets {
+        let sender = tunnel.sender().clone();
+        H2Gets { sender, port }
+    }
+
+    async fn get(&self, path: &str) -> http::Response<hyper::body::Incoming> {
+        let request = http::Request::get(format!("https://localhost:{}{path}", self.port))
             .header("accept", "text/html")
             .header(H2_JAR.0, H2_JAR.1)
             .body(Full::default())
             .unwrap();
-        let mut sender = sender.clone();
-        Box::pin(async move {
-            let reply = tokio::time::timeout(ANSWER, sender.send_request(request));
-            reply.await.expect("an answer in time").unwrap()
-        })
+        let reply = tokio::time::timeout(ANSWER, self.sender.clone().send_request(request));
+        reply.await.expect("an answer in time").unwrap()
     }
 }
 
@@ -298,22 +298,22 @@ async fn refused_http2_streams_are_sent_again_in_either_mode() {
         let (s, exit) = founded_in(mode).await;
         let origin = RefusingH2Origin::start(&s.origin.pki, refusal).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
-        let get = h2_getter(&mut tunnel, origin.port);
+        let gets = H2Gets::new(&mut tunnel, origin.port);
         let replies = if quiet {
-            let first = get("/a").await;
+            let first = gets.get("/a").await;
             let error = first.headers().get("x-pinproxy-error");
             assert_eq!(first.status(), 200, "{case}: {error:?}");
             // Long enough for a sweep (every second) to find the
             // connection untaken for a whole interval.
             tokio::time::sleep(Duration::from_millis(2_500)).await;
             // Two at once: the origin turns both down once both have come.
-            let (b, c) = tokio::join!(get("/b"), get("/c"));
+            let (b, c) = tokio::join!(gets.get("/b"), gets.get("/c"));
             vec![b, c]
         } else {
             // Three at once (pin hits): one dial, which the first takes and
             // the others wait for, then share, within a sweep's interval;
             // the origin answers the first and turns the others down.
-            let (a, b, c) = tokio::join!(get("/a"), get("/b"), get("/c"));
+            let (a, b, c) = tokio::join!(gets.get("/a"), gets.get("/b"), gets.get("/c"));
             vec![a, b, c]
         };
         let sent_again = quiet || matches!(refusal, Refusal::Stream);
@@ -501,9 +501,9 @@ async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
         let (s, exit) = founded_in(mode).await;
         let origin = GoingAwayH2Origin::start(&s.origin.pki).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
-        let get = h2_getter(&mut tunnel, origin.port);
+        let gets = H2Gets::new(&mut tunnel, origin.port);
         // Three at once: one dial, and the connection busy with all of them.
-        let (a, b, c) = tokio::join!(get("/a"), get("/b"), get("/c"));
+        let (a, b, c) = tokio::join!(gets.get("/a"), gets.get("/b"), gets.get("/c"));
         for reply in [a, b, c] {
             let error = reply.headers().get("x-pinproxy-error");
             assert_eq!(reply.status(), 200, "{case}: {error:?}");

@@ -159,11 +159,10 @@ impl Router {
         // by what the store shows would be found idle right after a use.
         let mut used_ms = self.clock.now_ms();
         loop {
-            // Listening before the check reads the exits and policies: a
-            // reload while it runs has the relay check again at once.
+            // Made before the check reads the exits and policies, a
+            // `Notified` hears a reload from then on (even unpolled): a
+            // reload while the check runs has the relay check again at once.
             let reloaded = self.relays.reloaded.notified();
-            tokio::pin!(reloaded);
-            reloaded.as_mut().enable();
             let exits = exits.load();
             match self.standing(&exits, identity, used_ms).await {
                 Ok(Standing::Retired(reason)) => {
@@ -191,7 +190,7 @@ impl Router {
             tokio::select! {
                 reason = hold.ended() => return reason,
                 () = tokio::time::sleep(every) => {}
-                () = &mut reloaded => {}
+                () = reloaded => {}
             }
             let now = reads.load(Ordering::Relaxed);
             if now != seen {

@@ -161,26 +161,17 @@ h2_cause!(http2::Error, http2::Reason);
 /// A copy of a request kept to send it again, and which failures it is
 /// sent again after.
 pub(super) struct Replay {
-    /// Boxed: held across the send, it would otherwise grow every
-    /// request's future (copied as it moves).
-    head: Box<Head>,
+    /// The request's head (its body is made only for a replay). Boxed:
+    /// held across the send, it would otherwise grow every request's
+    /// future (copied as it moves).
+    head: Box<http::request::Parts>,
+    /// The replay's body is ended, and as long as the original said it
+    /// was: both HTTP/2 stacks add `content-length` to a request whose
+    /// body has an exact size, and a client's empty body often has none.
+    size: SizeHint,
     /// The request went out on a connection that had been idle, so a close
     /// before any answer is the origin's idle timeout meeting it.
     after_idle: bool,
-}
-
-/// What a body-less request is sent again with: its head, and the body's
-/// size hint (the body itself is made only for a replay).
-struct Head {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    extensions: http::Extensions,
-    /// Ended, and as long as the original said it was: both HTTP/2 stacks
-    /// add `content-length` to a request whose body has an exact size, and
-    /// a client's empty body often has none.
-    size: SizeHint,
 }
 
 impl Replay {
@@ -191,20 +182,21 @@ impl Replay {
         if !request.body().is_end_stream() || request.method() == http::Method::CONNECT {
             return None;
         }
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = request.method().clone();
+        head.uri = request.uri().clone();
+        head.version = request.version();
+        head.headers = request.headers().clone();
         // Every extension: hyper carries an HTTP/1.1 client's header case
         // in one of its own, which a replay going out over HTTP/1.1 must
         // present as the first attempt did (an HTTP/2 client's request
         // carries at most the authority it named).
-        let extensions = request.extensions().clone();
-        let head = Box::new(Head {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            version: request.version(),
-            headers: request.headers().clone(),
-            extensions,
+        head.extensions = request.extensions().clone();
+        Some(Replay {
+            head: Box::new(head),
             size: request.body().size_hint(),
-        });
-        Some(Replay { head, after_idle })
+            after_idle,
+        })
     }
 
     /// Whether the request is sent again after a failure that says
@@ -216,14 +208,8 @@ impl Replay {
 
     /// The request to send again.
     pub(super) fn into_request(self) -> Request<Body> {
-        let head = *self.head;
-        let mut copy = Request::new(http_body_util::BodyExt::boxed(Ended(head.size)));
-        *copy.method_mut() = head.method;
-        *copy.uri_mut() = head.uri;
-        *copy.version_mut() = head.version;
-        *copy.headers_mut() = head.headers;
-        *copy.extensions_mut() = head.extensions;
-        copy
+        let ended = http_body_util::BodyExt::boxed(Ended(self.size));
+        Request::from_parts(*self.head, ended)
     }
 }
 
