@@ -33,7 +33,7 @@ use crate::body::{self, Body};
 use crate::exits::LiveExits;
 use crate::metrics::{ExitLabel, Metrics};
 use crate::net::tasks::ConnectionTasks;
-use crate::routing::{ends, Router};
+use crate::routing::Router;
 use crate::store::{Listing, PinStore as _, StoreError};
 
 /// One identity, as listed.
@@ -264,7 +264,12 @@ impl Admin {
         let Listing { identity, pins } = listing;
         let (state, reason) = match &identity.retired {
             Some(r) => ("retired", Some(r.reason.to_string())),
-            None => match ends(&identity, &self.exits.load(), &self.router.policies(), now) {
+            None => match self.router.ends_here(
+                &identity,
+                &self.exits.load(),
+                &self.router.policies(),
+                now,
+            ) {
                 Some(reason) => ("ending", Some(reason.to_string())),
                 None => ("active", None),
             },

@@ -336,6 +336,68 @@ async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
     s.stop().await;
 }
 
+/// An identity with a WebSocket open here is idle only by its relay's
+/// own check, which knows whether bytes moved: the sweep and the
+/// identity's next request read the store, where the relay records its
+/// uses only at its checks (30 s apart with a ten-minute idle timeout).
+/// While messages move, neither retires the identity past its idle
+/// timeout; once nothing moved through the relay for the idle timeout,
+/// its check retires the identity and closes it.
+#[tokio::test]
+async fn only_its_relay_finds_an_identity_with_an_open_websocket_idle() {
+    use pinproxy::clock::Clock;
+    use support::MINUTE;
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| c.identities.idle_timeout = 10 * MINUTE)
+        .start()
+        .await;
+    let router = s.proxy.daemon.pipeline().router.clone();
+    let (mut jar, peer) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    // Eleven minutes of messages, none recorded in the store yet.
+    echo_round_trips(&mut ws, peer).await;
+    clock.advance(11 * MINUTE);
+    echo_round_trips(&mut ws, peer).await;
+    router.sweep(&s.proxy.daemon.exits()).await.unwrap();
+    assert_eq!(only_identity(&s).await["state"], "active");
+    echo_round_trips(&mut ws, peer).await;
+    next_request_leaves_through(&s, &mut jar, peer).await;
+
+    // A reload wakes the relay, whose check records the messages' use
+    // (a minute after the request's).
+    clock.advance(MINUTE);
+    let used_ms = clock.now_ms();
+    s.proxy.daemon.reload_with(&s.proxy.config).await.unwrap();
+    let mut recorded = only_identity(&s).await["last_used_ms"].as_u64();
+    for _ in 0..100 {
+        if recorded == Some(used_ms) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        recorded = only_identity(&s).await["last_used_ms"].as_u64();
+    }
+    assert_eq!(recorded, Some(used_ms), "the relay's use was not recorded");
+    // Nothing moves for eleven minutes: the relay's next check (woken by
+    // a reload) retires the identity and closes the WebSocket.
+    clock.advance(11 * MINUTE);
+    s.proxy.daemon.reload_with(&s.proxy.config).await.unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("the WebSocket of an idle identity was still open after 5 s");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        support::error_of(&reply).contains("idle-expired"),
+        "{}",
+        support::error_of(&reply)
+    );
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
 /// A WebSocket ends with its identity: at once when an operator evicts
 /// it, and within a check when the sweep retires it (its lifetime ended
 /// while the WebSocket ran).

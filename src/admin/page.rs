@@ -30,7 +30,6 @@ use sha2::Digest as _;
 use super::{Admin, ExitView};
 use crate::body::{self, Body};
 use crate::metrics::{ExitLabel, HeldState};
-use crate::routing::ends;
 use crate::store::{Listing, PinStore as _, StoreError};
 
 /// The page.
@@ -158,7 +157,7 @@ impl Admin {
                 if identity.retired.is_some() {
                     continue;
                 }
-                if ends(identity, &exits, &policies, now).is_none() {
+                if router.ends_here(identity, &exits, &policies, now).is_none() {
                     *alive.entry(identity.exit.to_string()).or_default() += 1;
                 }
                 live.push(listing);

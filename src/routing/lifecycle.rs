@@ -165,7 +165,7 @@ impl Router {
         // Kept per exit as decided: a sweep may retire a million at once.
         let decided: std::sync::Mutex<HashMap<ExitId, Vec<Forgotten>>> = Default::default();
         let expiry = |identity: &Identity| {
-            let reason = ends(identity, exits, &policies, now)?;
+            let reason = self.ends_here(identity, exits, &policies, now)?;
             if !policies.shared_store {
                 decided
                     .lock()
@@ -245,6 +245,33 @@ impl Router {
             if let Some(exit) = exits.get(&exit) {
                 exit.client.forget_many(&lanes);
             }
+        }
+    }
+
+    /// Why `identity` cannot continue on its exit at `now` (see [`ends`]),
+    /// as this process judges it: an identity with a relay open here is
+    /// idle only by that relay's own check. The relay knows whether bytes
+    /// moved since its last recorded use; the store may not show that use
+    /// yet (the relay records it at checks spaced by the idle timeout, and
+    /// a reload that shortens the timeout reaches it a moment after the
+    /// sweep it started). Its lifetimes, its exit's health and its route
+    /// still end it here.
+    pub fn ends_here(
+        &self,
+        identity: &Identity,
+        exits: &ExitSet,
+        policies: &Policies,
+        now: u64,
+    ) -> Option<RetireReason> {
+        match ends(identity, exits, policies, now) {
+            Some(RetireReason::IdleExpired) if self.relays.is_open(identity.id) => {
+                let in_use = Identity {
+                    last_used_ms: now,
+                    ..identity.clone()
+                };
+                ends(&in_use, exits, policies, now)
+            }
+            other => other,
         }
     }
 

@@ -21,6 +21,9 @@
 //!   once ([`Router::relays_reloaded`]): a shorter idle timeout must not
 //!   find an identity idle while its relay waits for a check spaced by the
 //!   old one.
+//! - Idleness of an identity with a relay open here is the relay's own
+//!   check's to find ([`Router::ends_here`]): only the relay knows whether
+//!   bytes moved since the use it last recorded.
 //!
 //! A store that cannot answer a check ends nothing: the relay stays on its
 //! identity's exit, which is all the pinning invariant asks of it. One that
@@ -86,6 +89,11 @@ impl OpenRelays {
             end,
             open: self.open.clone(),
         }
+    }
+
+    /// Whether a relay of `id` is open (and not ended).
+    pub fn is_open(&self, id: IdentityId) -> bool {
+        self.open.contains_key(&id)
     }
 
     /// Ends the open relays of `id`, retired for `reason`. A relay that

@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use super::lifecycle::ends;
 use super::policy::{ConflictPolicy, Policies, RetirePolicy};
 use super::Router;
 use crate::credential::{Credential, PinKey};
@@ -307,8 +306,8 @@ impl Router {
         Ok(Reread::Live(now))
     }
 
-    /// Retires `identity` if [`ends`] says it cannot continue at `now`;
-    /// answers why.
+    /// Retires `identity` if [`Router::ends_here`] says it cannot continue
+    /// at `now`; answers why.
     async fn retire_if_ended(
         &self,
         exits: &ExitSet,
@@ -316,7 +315,7 @@ impl Router {
         policies: &Policies,
         now: u64,
     ) -> Result<Option<RetireReason>, StoreError> {
-        let Some(reason) = ends(identity, exits, policies, now) else {
+        let Some(reason) = self.ends_here(identity, exits, policies, now) else {
             return Ok(None);
         };
         self.retire(exits, identity, reason.clone()).await?;
