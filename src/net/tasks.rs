@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use futures_util::FutureExt as _;
@@ -41,7 +42,9 @@ pub struct ConnectionTasks {
 /// The running tasks' abort handles, and whether they were abandoned.
 #[derive(Debug, Default)]
 struct Registry {
-    running: DashMap<Id, AbortHandle>,
+    /// By task: its abort handle, or `None` for a task that ended before
+    /// its spawner registered it (the spawner then takes the entry out).
+    running: DashMap<Id, Option<AbortHandle>>,
     abandoned: AtomicBool,
 }
 
@@ -70,7 +73,18 @@ impl Drop for Deregister {
     fn drop(&mut self) {
         // The task's own id: tokio sets it while a task's future is dropped.
         if let Some(id) = tokio::task::try_id() {
-            self.0.running.remove(&id);
+            // Not registered yet (its spawner has not got that far): left
+            // marked ended, for the spawner to take out. Whether it has
+            // ended cannot be asked of its handle instead: the handle says
+            // finished only once the output is stored, after this.
+            match self.0.running.entry(id) {
+                Entry::Occupied(registered) => {
+                    registered.remove();
+                }
+                Entry::Vacant(unregistered) => {
+                    unregistered.insert(None);
+                }
+            }
         }
     }
 }
@@ -90,14 +104,19 @@ impl ConnectionTasks {
     {
         let handle = self.tracker.spawn(registered(task, &self.registry));
         let registry = &self.registry;
-        registry.running.insert(handle.id(), handle.abort_handle());
-        // A task that ended before it was registered took nothing out:
-        // take its entry out here. One abandoned before it was registered
-        // was not aborted by `abandon`: abort it here.
-        if handle.is_finished() {
-            registry.running.remove(&handle.id());
-        } else if registry.abandoned.load(Ordering::SeqCst) {
-            handle.abort();
+        match registry.running.entry(handle.id()) {
+            // Ended already (see `Deregister`): nothing to register.
+            Entry::Occupied(ended) => {
+                ended.remove();
+            }
+            Entry::Vacant(running) => {
+                running.insert(Some(handle.abort_handle()));
+                // Abandoned before it was registered, so not aborted by
+                // `abandon`: aborted here.
+                if registry.abandoned.load(Ordering::SeqCst) {
+                    handle.abort();
+                }
+            }
         }
         handle
     }
@@ -133,14 +152,15 @@ impl ConnectionTasks {
         let handles: Vec<AbortHandle> = registry
             .running
             .iter()
-            .map(|entry| entry.value().clone())
+            .filter_map(|entry| entry.value().clone())
             .collect();
         for handle in handles {
             handle.abort();
         }
     }
 
-    /// Tasks registered for [`ConnectionTasks::abandon`] (those running).
+    /// Tasks registered for [`ConnectionTasks::abandon`] (those running),
+    /// and ended ones not yet taken out by their spawner.
     #[cfg(test)]
     fn registered(&self) -> usize {
         self.registry.running.len()
