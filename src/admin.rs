@@ -264,7 +264,7 @@ impl Admin {
         let Listing { identity, pins } = listing;
         let (state, reason) = match &identity.retired {
             Some(r) => ("retired", Some(r.reason.to_string())),
-            None => match self.router.ends_here(
+            None => match self.router.end_due(
                 &identity,
                 &self.exits.load(),
                 &self.router.policies(),

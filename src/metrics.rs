@@ -808,7 +808,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a retirement of an identity of `exit`.
+    /// Counts a retirement of an identity of `exit` (once per identity:
+    /// see `Router::store_retirement`).
     pub fn retired(&self, exit: &ExitId, reason: &'static str) {
         let exit = self.exit(exit);
         exit.retired.fetch_add(1, Ordering::Relaxed);

@@ -32,7 +32,6 @@ use crate::identity::{IdentityId, RetireReason};
 use crate::metrics::Metrics;
 use crate::store::{Store, TimedStore};
 
-pub use lifecycle::ends;
 pub use policy::{ConflictPolicy, Policies, RetirePolicy};
 pub use router::{DeadCredential, Reason, Reread, Route, RouteError};
 

@@ -38,6 +38,51 @@ async fn a_datadome_challenge_page_retires_the_identity() {
     invalidated_by("/challenge", "datadome-challenge").await;
 }
 
+/// A verdict met by a burst of one identity's requests (a page's
+/// resources, all sent before the first answer came back) retires the
+/// identity once: one retirement counted, however many requests found it.
+#[tokio::test]
+async fn a_verdict_on_a_burst_of_requests_counts_one_retirement() {
+    let s = Setup::start(2).await;
+    let (jar, _) = s.login("/login").await;
+    let burst = 4;
+    let requests = (0..burst).map(|_| {
+        let (s, mut jar) = (&s, jar.clone());
+        async move { s.get("/held-challenge", &mut jar).await }
+    });
+    let release = async {
+        s.origin.wait_for_many("/held-challenge", burst).await;
+        s.origin.release_held(burst);
+    };
+    let (verdicts, ()) = tokio::join!(futures_util::future::join_all(requests), release);
+    for verdict in &verdicts {
+        assert_eq!(verdict.status, 403, "{}", verdict.body);
+    }
+    let metrics = s.proxy.daemon.admin().metrics.clone();
+    // The stop waits for the retirements' stores, which count them.
+    s.stop().await;
+    let text = metrics.encode();
+    let invalidations: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("pinproxy_invalidations_total{"))
+        .collect();
+    assert!(
+        invalidations
+            .iter()
+            .any(|l| l.ends_with(&format!("}} {burst}"))),
+        "every verdict is counted: {invalidations:?}"
+    );
+    let retired: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
+        .collect();
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert!(
+        retired[0].ends_with("reason=\"invalidated\"} 1"),
+        "{retired:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_datadome_hard_block_retires_the_identity() {
     invalidated_by("/blocked", "datadome-hard-block").await;

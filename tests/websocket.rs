@@ -262,6 +262,25 @@ where
     );
 }
 
+/// Milliseconds since the Unix epoch, by the system clock.
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u64::try_from(since.unwrap().as_millis()).unwrap()
+}
+
+/// The only identity's last use, as the store holds it, came at least
+/// 4 s after `since_ms`: the relay recorded its uses while messages moved
+/// (for [`in_use_past_its_idle_timeout`]'s 8 s, at checks 750 ms apart),
+/// which other replicas judge the identity by.
+async fn uses_recorded_since(s: &Setup, since_ms: u64) {
+    let stored = only_identity(s).await["last_used_ms"].as_u64().unwrap();
+    assert!(
+        stored >= since_ms + 4_000,
+        "last use stored {} ms after the messages began",
+        stored.saturating_sub(since_ms)
+    );
+}
+
 /// The identity of `jar` answers its next request `200`, through its exit
 /// (`peer`).
 async fn next_request_leaves_through(
@@ -296,7 +315,9 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
         .await;
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    let began = now_ms();
     in_use_past_its_idle_timeout(&mut ws).await;
+    uses_recorded_since(&s, began).await;
     next_request_leaves_through(&s, &mut jar, peer).await;
     ws.close(None).await.unwrap();
     // Its requests are what they were (the login, the upgrade, the page):
@@ -310,7 +331,7 @@ async fn an_open_websocket_keeps_its_identity_from_idling_out() {
 /// A reload that shortens the idle timeout reaches an open WebSocket at
 /// once: its relay, whose checks the old timeout (ten minutes) spaced
 /// 30 s apart, checks again and records its uses by the new one (3 s),
-/// so the sweep does not retire the identity in use as idle.
+/// as other replicas need to see them.
 #[tokio::test]
 async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
     use std::time::Duration;
@@ -330,7 +351,9 @@ async fn a_reload_that_shortens_the_idle_timeout_reaches_an_open_websocket() {
     let mut config = s.proxy.config.clone();
     config.identities.idle_timeout = Duration::from_secs(3);
     s.proxy.daemon.reload_with(&config).await.unwrap();
+    let began = now_ms();
     in_use_past_its_idle_timeout(&mut ws).await;
+    uses_recorded_since(&s, began).await;
     next_request_leaves_through(&s, &mut jar, peer).await;
     ws.close(None).await.unwrap();
     s.stop().await;
@@ -357,10 +380,17 @@ async fn only_its_relay_finds_an_identity_with_an_open_websocket_idle() {
     let router = s.proxy.daemon.pipeline().router.clone();
     let (mut jar, peer) = s.login("/login").await;
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
-    // Eleven minutes of messages, none recorded in the store yet.
+    // Eleven minutes of messages, none recorded in the store yet (the
+    // relay's next check is 30 s away).
+    let opened_ms = clock.now_ms();
     echo_round_trips(&mut ws, peer).await;
     clock.advance(11 * MINUTE);
     echo_round_trips(&mut ws, peer).await;
+    let stored = only_identity(&s).await["last_used_ms"].as_u64().unwrap();
+    assert!(
+        stored <= opened_ms,
+        "a use recorded since the WebSocket opened"
+    );
     router.sweep(&s.proxy.daemon.exits()).await.unwrap();
     assert_eq!(only_identity(&s).await["state"], "active");
     echo_round_trips(&mut ws, peer).await;
@@ -395,6 +425,41 @@ async fn only_its_relay_finds_an_identity_with_an_open_websocket_idle() {
         support::error_of(&reply)
     );
     assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+/// An open WebSocket keeps its identity from idling out, not past its
+/// lifetime: the identity's next request finds it ended and closes the
+/// WebSocket.
+#[tokio::test]
+async fn an_open_websocket_does_not_keep_its_identity_past_its_lifetime() {
+    use pinproxy::clock::Clock;
+    use support::MINUTE;
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(|c| {
+            c.identities.idle_timeout = 10 * MINUTE;
+            c.identities.max_lifetime = 15 * MINUTE;
+        })
+        .start()
+        .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    echo_round_trips(&mut ws, peer).await;
+    // Idle by the store, and past its lifetime.
+    clock.advance(16 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert!(
+        support::error_of(&reply).contains("lifetime-expired"),
+        "{}",
+        support::error_of(&reply)
+    );
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("the WebSocket of a retired identity was still open after 5 s");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     s.stop().await;
 }
 

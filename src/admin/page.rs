@@ -157,7 +157,7 @@ impl Admin {
                 if identity.retired.is_some() {
                     continue;
                 }
-                if router.ends_here(identity, &exits, &policies, now).is_none() {
+                if router.end_due(identity, &exits, &policies, now).is_none() {
                     *alive.entry(identity.exit.to_string()).or_default() += 1;
                 }
                 live.push(listing);

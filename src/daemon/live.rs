@@ -301,8 +301,9 @@ impl Live {
             .set_policies(policies(&settings, &applied.started));
         self.exits.store(set.clone());
         // With both in force: a relay spacing its checks by an idle
-        // timeout the reload shortened would let the sweep find its
-        // identity idle while in use.
+        // timeout the reload shortened would record its uses that much
+        // late, and other replicas, which judge its identity by the uses
+        // stored, would find it idle while in use.
         self.core.router.relays_reloaded();
         let max_header_bytes = applied.started.limits.max_header_bytes;
         let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);

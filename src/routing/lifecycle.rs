@@ -28,26 +28,44 @@ const RETIRE_RETRY_MAX: Duration = Duration::from_secs(30);
 const RETIRE_RETRY_STEP: Duration = Duration::from_millis(250);
 
 impl Router {
-    /// Retires an identity: recorded in the store, its connections dropped,
-    /// counted.
+    /// Retires an identity: its connections dropped and its relays closed,
+    /// recorded in the store, counted.
     pub async fn retire(
         &self,
         exits: &ExitSet,
         identity: &Identity,
         reason: RetireReason,
     ) -> Result<(), StoreError> {
-        let retirement = Retirement {
-            reason: reason.clone(),
-            at_ms: self.retirement_now(),
-        };
         // Before the store takes it (which may take a while, or fail):
         // requests of the identity still on their way write nothing, and
         // its relays close.
-        self.end_here(exits, identity, &reason);
+        let first = self.end_here(exits, identity, &reason);
+        self.store_retirement(identity, reason, first).await
+    }
+
+    /// Stores the retirement of `identity`, ended here for `reason`, and
+    /// counts and logs it when this was the `first` end of it decided in
+    /// this process: several requests of one identity may find its end at
+    /// once (a burst of challenges to a page's resources), and each asks
+    /// the store (the first retirement stands there), but it is one
+    /// identity retired.
+    async fn store_retirement(
+        &self,
+        identity: &Identity,
+        reason: RetireReason,
+        first: bool,
+    ) -> Result<(), StoreError> {
+        let retirement = Retirement {
+            reason,
+            at_ms: self.retirement_now(),
+        };
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
-        self.metrics.retired(&identity.exit, reason.label());
-        tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
+        if first {
+            let reason = &retirement.reason;
+            self.metrics.retired(&identity.exit, reason.label());
+            tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
+        }
         Ok(())
     }
 
@@ -56,18 +74,24 @@ impl Router {
     /// dropped while Redis answers (its client gone) would drop the command
     /// unsent, or its journal write after Redis took it, and the origin's
     /// verdict would be lost. A store that fails gets it in the background
-    /// ([`Router::retire_soon`]; honoured by this process meanwhile).
+    /// (as [`Router::retire_soon`] does; honoured by this process
+    /// meanwhile).
     pub async fn retire_settled(
         self: &Arc<Self>,
         exits: Arc<ExitSet>,
         identity: Identity,
         reason: RetireReason,
     ) {
+        let first = self.end_here(&exits, &identity, &reason);
         let router = self.clone();
         let stored = self.tasks.spawn(async move {
-            if let Err(e) = router.retire(&exits, &identity, reason.clone()).await {
+            let stored = router
+                .store_retirement(&identity, reason.clone(), first)
+                .await;
+            if let Err(e) = stored {
                 tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement yet; retrying in the background");
-                router.retire_soon(exits, identity, reason);
+                router.pending.insert(identity.id, reason.clone());
+                router.store_in_background(exits, identity, reason, first);
             }
         });
         // A task that panicked has logged why; one cut at shutdown is the
@@ -76,11 +100,7 @@ impl Router {
     }
 
     /// Retires an identity from code that cannot wait: routing sees the
-    /// retirement at once, the store gets it in the background. A store
-    /// that fails (Redis out of reach or refusing writes, a disk that
-    /// stalls) is asked again, further apart each time: until it is
-    /// stored, only this process honours the retirement, and a restart or
-    /// another replica would take the identity as live.
+    /// retirement at once, the store gets it in the background.
     pub fn retire_soon(
         self: &Arc<Self>,
         exits: Arc<ExitSet>,
@@ -88,12 +108,35 @@ impl Router {
         reason: RetireReason,
     ) {
         self.pending.insert(identity.id, reason.clone());
-        self.end_here(&exits, &identity, &reason);
+        let first = self.end_here(&exits, &identity, &reason);
+        self.store_in_background(exits, identity, reason, first);
+    }
+
+    /// Stores a retirement decided here (pending, and ended here) in the
+    /// background. A store that fails (Redis out of reach or refusing
+    /// writes, a disk that stalls) is asked again, further apart each
+    /// time: until it is stored, only this process honours the retirement,
+    /// and a restart or another replica would take the identity as live.
+    /// `first`: see [`Router::store_retirement`].
+    fn store_in_background(
+        self: &Arc<Self>,
+        exits: Arc<ExitSet>,
+        identity: Identity,
+        reason: RetireReason,
+        first: bool,
+    ) {
         let router = self.clone();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(500);
             for attempt in 1..=RETIRE_ATTEMPTS {
-                match router.retire(&exits, &identity, reason.clone()).await {
+                // Ended again before each try: a pool or a relay opened
+                // meanwhile (by a request routed before the decision) goes
+                // too.
+                let _ = router.end_here(&exits, &identity, &reason);
+                match router
+                    .store_retirement(&identity, reason.clone(), first)
+                    .await
+                {
                     Ok(()) => {
                         router.pending.remove(identity.id);
                         return;
@@ -165,7 +208,7 @@ impl Router {
         // Kept per exit as decided: a sweep may retire a million at once.
         let decided: std::sync::Mutex<HashMap<ExitId, Vec<Forgotten>>> = Default::default();
         let expiry = |identity: &Identity| {
-            let reason = self.ends_here(identity, exits, &policies, now)?;
+            let reason = self.end_due(identity, exits, &policies, now)?;
             if !policies.shared_store {
                 decided
                     .lock()
@@ -252,11 +295,14 @@ impl Router {
     /// as this process judges it: an identity with a relay open here is
     /// idle only by that relay's own check. The relay knows whether bytes
     /// moved since its last recorded use; the store may not show that use
-    /// yet (the relay records it at checks spaced by the idle timeout, and
-    /// a reload that shortens the timeout reaches it a moment after the
-    /// sweep it started). Its lifetimes, its exit's health and its route
-    /// still end it here.
-    pub fn ends_here(
+    /// yet (the relay records it at checks a quarter of the idle timeout
+    /// apart, up to 30 s, and only from the exits and policies in force at
+    /// its last check). So a silent relay keeps its identity from idling
+    /// out here until its next check, which retires it; a request of the
+    /// identity meanwhile is served and is a use. Its lifetimes, its
+    /// sticky window, its exit's health, presence and route still end it
+    /// here.
+    pub(crate) fn end_due(
         &self,
         identity: &Identity,
         exits: &ExitSet,
@@ -279,15 +325,24 @@ impl Router {
     /// process: its connection pools on its exit are dropped, marked
     /// retired (a request of it that was routed before and still holds one,
     /// waiting for a connection, writes nothing), and its relays close.
-    pub(super) fn end_here(&self, exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
-        if let Some(exit) = exits.get(&identity.exit) {
+    /// Whether this was the first end of it here (lately: see
+    /// `ExitClient::forget`); an identity whose exit this process does not
+    /// have counts as ended first every time.
+    pub(super) fn end_here(
+        &self,
+        exits: &ExitSet,
+        identity: &Identity,
+        reason: &RetireReason,
+    ) -> bool {
+        let first = exits.get(&identity.exit).is_none_or(|exit| {
             exit.client.forget(
                 PoolKey::Identity(identity.id),
                 identity.fingerprint.tls.is_none(),
                 reason,
-            );
-        }
+            )
+        });
         self.relays.end(identity.id, reason);
+        first
     }
 }
 

@@ -18,11 +18,11 @@
 //!   opens and then every quarter of its identity's idle timeout (at most
 //!   [`CHECK_EVERY_MAX`] apart), which also records the use when bytes
 //!   moved since the last one. A reload has every relay check again at
-//!   once ([`Router::relays_reloaded`]): a shorter idle timeout must not
-//!   find an identity idle while its relay waits for a check spaced by the
-//!   old one.
+//!   once ([`Router::relays_reloaded`]): with a shorter idle timeout, uses
+//!   recorded at checks spaced by the old one would reach the store too
+//!   late for other replicas, which judge the identity by them.
 //! - Idleness of an identity with a relay open here is the relay's own
-//!   check's to find ([`Router::ends_here`]): only the relay knows whether
+//!   check's to find ([`Router::end_due`]): only the relay knows whether
 //!   bytes moved since the use it last recorded.
 //!
 //! A store that cannot answer a check ends nothing: the relay stays on its
@@ -216,7 +216,9 @@ impl Router {
 
     /// How `opened` (a relay's identity, as read when the relay opened)
     /// stands for the relay, last used at `used_ms`: retired (decided here
-    /// or stored), ending now (what [`super::lifecycle::ends`] finds), or
+    /// or stored), ending now (what [`super::lifecycle::ends`] finds: the
+    /// plain judgement, idleness included, never [`Router::end_due`], which
+    /// leaves idleness to this check), or
     /// live. An identity the store does not hold (a Redis loss not yet
     /// restored, keys Redis evicted) is judged as it was read when the
     /// relay opened, but for idleness: nothing is stored for it, and its

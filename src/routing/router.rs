@@ -306,7 +306,7 @@ impl Router {
         Ok(Reread::Live(now))
     }
 
-    /// Retires `identity` if [`Router::ends_here`] says it cannot continue
+    /// Retires `identity` if [`Router::end_due`] says it cannot continue
     /// at `now`; answers why.
     async fn retire_if_ended(
         &self,
@@ -315,7 +315,7 @@ impl Router {
         policies: &Policies,
         now: u64,
     ) -> Result<Option<RetireReason>, StoreError> {
-        let Some(reason) = self.ends_here(identity, exits, policies, now) else {
+        let Some(reason) = self.end_due(identity, exits, policies, now) else {
             return Ok(None);
         };
         self.retire(exits, identity, reason.clone()).await?;

@@ -296,6 +296,22 @@ impl Origin {
         found.unwrap_or_else(|_| panic!("{path} never reached the origin"))
     }
 
+    /// Waits (bounded: 10 s) until `n` requests for `path` have arrived.
+    pub async fn wait_for_many(&self, path: &str, n: usize) {
+        let mut arrivals = self.arrivals.clone();
+        let arrived = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                arrivals.borrow_and_update();
+                if self.seen().iter().filter(|s| s.path == path).count() >= n {
+                    return;
+                }
+                arrivals.changed().await.unwrap();
+            }
+        })
+        .await;
+        arrived.unwrap_or_else(|_| panic!("{n} requests for {path} never reached the origin"));
+    }
+
     /// Tokens presented from the wrong address: (cookie, bound to, seen from).
     pub fn leaks(&self) -> Vec<(String, IpAddr, IpAddr)> {
         self.log.lock().unwrap().leaks.clone()
@@ -491,13 +507,19 @@ async fn handle(
             );
             response
         }
-        // Anti-bot verdicts, as the edges send them.
-        "/challenge" => text(
+        // Anti-bot verdicts, as the edges send them; a held one once the
+        // test lets it answer ([`Origin::release_held`]).
+        "/challenge" | "/held-challenge" => {
+            if route == "/held-challenge" {
+                wait_until_released(state).await;
+            }
+            text(
             StatusCode::FORBIDDEN,
             "<html><script>var dd={'rt':'c','cid':'AHrl','hsh':'2211','t':'fe','host':'geo.captcha-delivery.com'}</script>\
              <script src=\"https://ct.captcha-delivery.com/c.js\"></script></html>\n"
                 .into(),
-        ),
+            )
+        }
         "/blocked" => text(
             StatusCode::FORBIDDEN,
             "<html><script>var dd={'rt':'c','cid':'AHrl','hsh':'2211','t':'bv','host':'geo.captcha-delivery.com'}</script></html>\n".into(),
