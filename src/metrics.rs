@@ -809,7 +809,7 @@ impl Metrics {
     }
 
     /// Counts a retirement of an identity of `exit` (once per identity:
-    /// see `Router::store_retirement`).
+    /// see `Router::count_retired`).
     pub fn retired(&self, exit: &ExitId, reason: &'static str) {
         let exit = self.exit(exit);
         exit.retired.fetch_add(1, Ordering::Relaxed);

@@ -61,6 +61,8 @@ pub struct Router {
     steady: Unhurried,
     /// The WebSockets and passed-through tunnels open per identity.
     relays: relays::OpenRelays,
+    /// The retirements counted lately (once per identity).
+    counted: lifecycle::CountedRetirements,
 }
 
 /// The JA4 an identity's upstream connection sent, and when last seen.
@@ -83,7 +85,7 @@ impl Router {
         // were stamped with if earlier (see `Unhurried::since`).
         let steady = Unhurried::since(&clock, store.newest_loaded_ms().filter(|&ms| ms > 0));
         Router {
-            store: TimedStore::new(store, metrics.clone()),
+            store: TimedStore::new(store, &metrics),
             clock,
             policies: ArcSwap::from_pointee(policies),
             metrics,
@@ -92,6 +94,7 @@ impl Router {
             sent_ja4: dashmap::DashMap::default(),
             steady,
             relays: relays::OpenRelays::default(),
+            counted: lifecycle::CountedRetirements::default(),
         }
     }
 

@@ -560,13 +560,11 @@ impl PinStore for Store {
 }
 
 /// The configured store with every operation timed
-/// (`pinproxy_store_op_seconds{store, op}`), and retirements made by a sweep
-/// counted (`pinproxy_identities_retired_total`). What routing holds; it
+/// (`pinproxy_store_op_seconds{store, op}`). What routing holds; it
 /// dereferences to the [`Store`] for everything that is not an operation.
 #[derive(Debug)]
 pub struct TimedStore {
     store: Store,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
     timers: StoreTimers,
 }
 
@@ -593,7 +591,7 @@ struct StoreTimers {
 
 impl TimedStore {
     /// `store`, timed into `metrics`.
-    pub fn new(store: Store, metrics: std::sync::Arc<crate::metrics::Metrics>) -> TimedStore {
+    pub fn new(store: Store, metrics: &crate::metrics::Metrics) -> TimedStore {
         let kind = store.kind();
         let timer = |op| metrics.store_timer(kind, op);
         let timers = StoreTimers {
@@ -614,11 +612,7 @@ impl TimedStore {
             record_exit_death: timer("record-exit-death"),
             exit_deaths: timer("exit-deaths"),
         };
-        TimedStore {
-            store,
-            metrics,
-            timers,
-        }
+        TimedStore { store, timers }
     }
 
     /// The store itself.
@@ -720,21 +714,11 @@ impl PinStore for TimedStore {
         keep_retired_ms: u64,
         expiry: &Expiry<'_>,
     ) -> Result<Swept, StoreError> {
-        // Memory and embedded stores retire what `expiry` names; Redis
-        // only sweeps its journal (expired identities retire on next use,
-        // counted then).
-        let counts = !matches!(self.store, Store::Redis(_));
-        let counted = |identity: &Identity| {
-            let retirement = expiry(identity);
-            if let (true, Some(retirement)) = (counts, &retirement) {
-                self.metrics
-                    .retired(&identity.exit, retirement.reason.label());
-            }
-            retirement
-        };
+        // The retirements it decides are counted by the caller's `expiry`
+        // (routing's, which counts each identity once).
         timed!(
             self.timers.sweep,
-            self.store.sweep(now_ms, keep_retired_ms, &counted),
+            self.store.sweep(now_ms, keep_retired_ms, expiry),
         )
     }
     async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {

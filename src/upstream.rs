@@ -470,32 +470,25 @@ impl ExitClient {
     /// without a ClientHello (over plain HTTP), so its lanes are also kept
     /// per client fingerprint its TLS clients presented
     /// (`Lane::fingerprint_key`), found by a walk of the exit's lanes
-    /// (rare: other identities skip it). Whether the lane was not yet
-    /// remembered as retired (this is its first retirement here within
-    /// [`RETIRED_LANES_KEPT`]).
-    pub fn forget(&self, key: PoolKey, every_presentation: bool, reason: &RetireReason) -> bool {
-        let forgotten = Forgotten {
+    /// (rare: other identities skip it).
+    pub fn forget(&self, key: PoolKey, every_presentation: bool, reason: &RetireReason) {
+        self.forget_many(&[Forgotten {
             key,
             every_presentation,
             reason: reason.clone(),
-        };
-        self.forget_many(std::slice::from_ref(&forgotten)) == 1
+        }]);
     }
 
     /// [`ExitClient::forget`] for several lanes (a sweep's retirements):
     /// one walk of the exit's lanes for all those kept per presentation.
-    /// How many of the lanes were not yet remembered as retired.
-    pub fn forget_many(&self, lanes: &[Forgotten]) -> usize {
+    pub fn forget_many(&self, lanes: &[Forgotten]) {
         // Remembered before the pools go, so that a pool made meanwhile is
         // found by one or the other.
         let now = std::time::Instant::now();
         self.prune_retired_lanes(now);
-        let mut first = 0;
         for lane in lanes {
-            let before = self
-                .retired_lanes
+            self.retired_lanes
                 .insert(lane.key, (lane.reason.clone(), now));
-            first += usize::from(before.is_none());
         }
         let walked: std::collections::HashMap<PoolKey, &RetireReason, LaneHasher> = lanes
             .iter()
@@ -521,7 +514,6 @@ impl ExitClient {
                 }
             }
         }
-        first
     }
 
     /// Forgets the retired lanes remembered longer than

@@ -299,3 +299,59 @@ async fn refused_then_stored(path: &str, rule: &str) {
     );
     s.stop().await;
 }
+
+/// The `pinproxy_identities_retired_total` lines of `s`'s metrics.
+fn retirements_counted(s: &Setup) -> Vec<String> {
+    let text = s.proxy.daemon.admin().metrics.encode();
+    text.lines()
+        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An identity found idle while Redis refuses writes: its request fails
+/// (the retirement could not be stored, and nothing else retries it), and
+/// the next request, once Redis takes writes, retires it. The retirement
+/// is counted then, once, although this process had decided it before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_stored_at_a_later_try_is_counted_once() {
+    use pinproxy::clock::Clock;
+    use support::MINUTE;
+    let redis = RedisNode::volatile().await;
+    let url = redis.url();
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(2)
+        .clock(clock.clone())
+        .config(move |c| {
+            c.store.url = url;
+            c.identities.idle_timeout = 5 * MINUTE;
+        })
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+
+    refuse_writes(&redis, true).await;
+    clock.advance(6 * MINUTE);
+    let refused = s.get("/page", &mut jar).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(retirements_counted(&s), Vec::<String>::new());
+
+    refuse_writes(&redis, false).await;
+    let retired = s.get("/page", &mut jar).await;
+    assert!(
+        error_of(&retired).contains("idle-expired"),
+        "{}",
+        error_of(&retired)
+    );
+    let again = s.get("/page", &mut jar).await;
+    assert_eq!(again.status, 502, "{}", again.body);
+    assert_one_identity_retired_in(&redis).await;
+    let counted = retirements_counted(&s);
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert!(
+        counted[0].ends_with("reason=\"idle-expired\"} 1"),
+        "{counted:?}"
+    );
+    s.stop().await;
+}

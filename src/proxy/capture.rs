@@ -360,6 +360,7 @@ pub async fn learn(
             at_ms: router.retirement_now(),
         };
         store.retire(identity.id, &retirement).await?;
+        router.count_retired(&identity, &retirement.reason);
         tracing::warn!(
             identity = %identity.id, exit = %identity.exit,
             "identity founded on an exit route a reload replaced: retired (exit-changed)"

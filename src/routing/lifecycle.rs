@@ -6,6 +6,7 @@
 //! remembered: a retired identity's credentials are never pinned again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::Policies;
 use super::Router;
+use crate::credential::RandomKeys;
 use crate::exits::health::HealthState;
 use crate::exits::{Exit, ExitOptions, ExitSet, LiveExits};
-use crate::identity::{ExitId, Identity, RetireReason, Retirement};
+use crate::identity::{ExitId, Identity, IdentityId, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::{Forgotten, PoolKey};
 
@@ -39,21 +41,16 @@ impl Router {
         // Before the store takes it (which may take a while, or fail):
         // requests of the identity still on their way write nothing, and
         // its relays close.
-        let first = self.end_here(exits, identity, &reason);
-        self.store_retirement(identity, reason, first).await
+        self.end_here(exits, identity, &reason);
+        self.store_retirement(identity, reason).await
     }
 
-    /// Stores the retirement of `identity`, ended here for `reason`, and
-    /// counts and logs it when this was the `first` end of it decided in
-    /// this process: several requests of one identity may find its end at
-    /// once (a burst of challenges to a page's resources), and each asks
-    /// the store (the first retirement stands there), but it is one
-    /// identity retired.
+    /// Stores the retirement of `identity` for `reason` (ended here
+    /// already), then counts and logs it.
     async fn store_retirement(
         &self,
         identity: &Identity,
         reason: RetireReason,
-        first: bool,
     ) -> Result<(), StoreError> {
         let retirement = Retirement {
             reason,
@@ -61,12 +58,20 @@ impl Router {
         };
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
-        if first {
-            let reason = &retirement.reason;
+        self.count_retired(identity, &retirement.reason);
+        Ok(())
+    }
+
+    /// Counts and logs the retirement of `identity` for `reason`, once the
+    /// store holds it: once per identity in this process. Several requests
+    /// of one identity may find its end at once (a burst of challenges to a
+    /// page's resources), and each asks the store (the first retirement
+    /// stands there), but it is one identity retired.
+    pub(crate) fn count_retired(&self, identity: &Identity, reason: &RetireReason) {
+        if self.counted.first(identity.id) {
             self.metrics.retired(&identity.exit, reason.label());
             tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
         }
-        Ok(())
     }
 
     /// Retires an identity whatever becomes of the caller, and waits for
@@ -82,16 +87,13 @@ impl Router {
         identity: Identity,
         reason: RetireReason,
     ) {
-        let first = self.end_here(&exits, &identity, &reason);
+        self.end_here(&exits, &identity, &reason);
         let router = self.clone();
         let stored = self.tasks.spawn(async move {
-            let stored = router
-                .store_retirement(&identity, reason.clone(), first)
-                .await;
-            if let Err(e) = stored {
+            if let Err(e) = router.store_retirement(&identity, reason.clone()).await {
                 tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement yet; retrying in the background");
                 router.pending.insert(identity.id, reason.clone());
-                router.store_in_background(exits, identity, reason, first);
+                router.store_in_background(exits, identity, reason);
             }
         });
         // A task that panicked has logged why; one cut at shutdown is the
@@ -108,8 +110,8 @@ impl Router {
         reason: RetireReason,
     ) {
         self.pending.insert(identity.id, reason.clone());
-        let first = self.end_here(&exits, &identity, &reason);
-        self.store_in_background(exits, identity, reason, first);
+        self.end_here(&exits, &identity, &reason);
+        self.store_in_background(exits, identity, reason);
     }
 
     /// Stores a retirement decided here (pending, and ended here) in the
@@ -117,13 +119,11 @@ impl Router {
     /// writes, a disk that stalls) is asked again, further apart each
     /// time: until it is stored, only this process honours the retirement,
     /// and a restart or another replica would take the identity as live.
-    /// `first`: see [`Router::store_retirement`].
     fn store_in_background(
         self: &Arc<Self>,
         exits: Arc<ExitSet>,
         identity: Identity,
         reason: RetireReason,
-        first: bool,
     ) {
         let router = self.clone();
         self.tasks.spawn(async move {
@@ -132,11 +132,8 @@ impl Router {
                 // Ended again before each try: a pool or a relay opened
                 // meanwhile (by a request routed before the decision) goes
                 // too.
-                let _ = router.end_here(&exits, &identity, &reason);
-                match router
-                    .store_retirement(&identity, reason.clone(), first)
-                    .await
-                {
+                router.end_here(&exits, &identity, &reason);
+                match router.store_retirement(&identity, reason.clone()).await {
                     Ok(()) => {
                         router.pending.remove(identity.id);
                         return;
@@ -210,6 +207,7 @@ impl Router {
         let expiry = |identity: &Identity| {
             let reason = self.end_due(identity, exits, &policies, now)?;
             if !policies.shared_store {
+                self.count_retired(identity, &reason);
                 decided
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -325,24 +323,57 @@ impl Router {
     /// process: its connection pools on its exit are dropped, marked
     /// retired (a request of it that was routed before and still holds one,
     /// waiting for a connection, writes nothing), and its relays close.
-    /// Whether this was the first end of it here (lately: see
-    /// `ExitClient::forget`); an identity whose exit this process does not
-    /// have counts as ended first every time.
-    pub(super) fn end_here(
-        &self,
-        exits: &ExitSet,
-        identity: &Identity,
-        reason: &RetireReason,
-    ) -> bool {
-        let first = exits.get(&identity.exit).is_none_or(|exit| {
+    pub(super) fn end_here(&self, exits: &ExitSet, identity: &Identity, reason: &RetireReason) {
+        if let Some(exit) = exits.get(&identity.exit) {
             exit.client.forget(
                 PoolKey::Identity(identity.id),
                 identity.fingerprint.tls.is_none(),
                 reason,
-            )
-        });
+            );
+        }
         self.relays.end(identity.id, reason);
-        first
+    }
+}
+
+/// How long a counted retirement is remembered (see
+/// [`CountedRetirements`]): far longer than the requests that found one
+/// identity's end together take to store it.
+const COUNTED_KEPT: Duration = Duration::from_secs(600);
+
+/// Past this many remembered retirements, those older than
+/// [`COUNTED_KEPT`] are forgotten (then again each time their number has
+/// doubled).
+const COUNTED_PRUNED_PAST: usize = 1024;
+
+/// The identities whose retirement this process counted lately (see
+/// [`Router::count_retired`]).
+#[derive(Debug)]
+pub(super) struct CountedRetirements {
+    counted: dashmap::DashMap<IdentityId, std::time::Instant, RandomKeys>,
+    /// How many remembered retirements the next prune waits for.
+    prune_at: AtomicUsize,
+}
+
+impl Default for CountedRetirements {
+    fn default() -> CountedRetirements {
+        CountedRetirements {
+            counted: dashmap::DashMap::default(),
+            prune_at: AtomicUsize::new(COUNTED_PRUNED_PAST),
+        }
+    }
+}
+
+impl CountedRetirements {
+    /// Whether the retirement of `id` is counted now for the first time.
+    fn first(&self, id: IdentityId) -> bool {
+        let now = std::time::Instant::now();
+        if self.counted.len() >= self.prune_at.load(Ordering::Relaxed) {
+            self.counted
+                .retain(|_, at| now.duration_since(*at) < COUNTED_KEPT);
+            let next = (self.counted.len() * 2).max(COUNTED_PRUNED_PAST);
+            self.prune_at.store(next, Ordering::Relaxed);
+        }
+        self.counted.insert(id, now).is_none()
     }
 }
 
