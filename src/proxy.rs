@@ -395,7 +395,7 @@ impl Pipeline {
             Answered {
                 response,
                 tunnel: carried_by,
-                ..
+                new_connection,
             },
             timings,
         ) = self.send(&route, &origin, upstream_request).await?;
@@ -417,7 +417,13 @@ impl Pipeline {
         // 8. capture
         let status = response.status();
         let identity = self
-            .capture_pins(&route, &fingerprint, response.headers(), egress_ip)
+            .capture_pins(
+                &route,
+                &fingerprint,
+                response.headers(),
+                egress_ip,
+                new_connection.then_some(&carried_by),
+            )
             .await
             .map_err(|e| e.withheld(route.exit.id(), status))?;
         let (mut parts, upstream_body) = response.into_parts();

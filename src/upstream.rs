@@ -243,7 +243,7 @@ impl FingerprintMode {
 
 /// What a lane's connections say to origins: the ClientHello BoringSSL
 /// imitates (`None`: rustls) and the HTTP/2 preface (`None`: hyper's).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Presentation {
     /// The ClientHello to imitate.
     pub hello: Option<Arc<ClientHello>>,
@@ -428,6 +428,39 @@ impl ExitClient {
             }
             pool
         })
+    }
+
+    /// Hands `connection`, dialled on lane `anonymous` for the request
+    /// whose answer founded `identity` (on that lane's upstream session),
+    /// to the identity's lane once the answer has been read, as a browser
+    /// goes on with the connection its cookies came on rather than open
+    /// another, with a handshake of its own, right after (see
+    /// `LanePool::hand_over`).
+    pub fn hand_over(
+        &self,
+        anonymous: &Lane,
+        identity: &Identity,
+        connection: &Arc<conn::TunnelInfo>,
+    ) {
+        if !matches!(anonymous.key, PoolKey::Anonymous(_)) || anonymous.session != identity.session
+        {
+            return;
+        }
+        let from = PoolId {
+            key: anonymous.key,
+            fingerprint: anonymous.fingerprint_key,
+            h2: anonymous.h2,
+        };
+        let Some(from) = self.pools.get(&from) else {
+            return;
+        };
+        let heir = Lane {
+            h2: anonymous.h2,
+            ..Lane::identity(identity)
+        };
+        if let Ok(heir) = self.pool(&heir) {
+            from.hand_over(&heir, connection);
+        }
     }
 
     /// Sends `request` (origin-form URI: path and query) to `origin` on

@@ -284,7 +284,7 @@ async fn run(
                     deletes: false,
                     expires_ms: max_age_min.map(|m| clock.now_ms() + u64::from(m) * 60_000),
                 };
-                let identity = learn(&router, route, &[set], fingerprint, None)
+                let identity = learn(&router, route, &[set], fingerprint, None, None)
                     .await
                     .unwrap();
                 if let Some(identity) = identity {

@@ -9,7 +9,7 @@ use crate::support;
 use std::collections::HashSet;
 
 use pinproxy::clock::Clock;
-use support::{error_of, Setup, TestExitSpec, MINUTE};
+use support::{error_of, Jar, Setup, TestExitSpec, MINUTE};
 
 #[tokio::test]
 async fn the_session_placeholder_reaches_the_exit_as_one_stable_name_per_identity() {
@@ -98,6 +98,73 @@ async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
             .any(|session| last.ends_with(session.as_str())),
         "{last} is an identity's session"
     );
+    s.stop().await;
+}
+
+/// An identity founded by an answer goes on with the connection that
+/// carried it, as a browser goes on with the connection its cookies came
+/// on: its next requests take that connection once the answer has been
+/// read, not a new one with a handshake of its own from the same address
+/// right after. Only a connection dialled for the founding request: one
+/// that carried other cookie-less requests first (the lane serves every
+/// client with the same ClientHello), or an HTTP/2 one (shared by the
+/// lane's requests as they come), stays anonymous.
+#[tokio::test]
+async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
+    let s = Setup::builder()
+        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
+        .config(|c| c.exits[0].anonymous_sessions = 1)
+        .start()
+        .await;
+    let port = s.origin.https.port();
+    let connection_of = |path: &str| {
+        let seen = s.origin.seen();
+        let of: Vec<u16> = seen
+            .iter()
+            .filter(|r| r.path == path)
+            .map(|r| r.peer_port)
+            .collect();
+        assert_eq!(of.len(), 1, "{path}: {of:?}");
+        of[0]
+    };
+
+    // Dialled for the login: the identity's from its answer on.
+    let (mut jar, _) = s.login("/login?visit=1").await;
+    assert_eq!(s.get("/page?n=1", &mut jar).await.status, 200);
+    assert_eq!(s.get("/page?n=2", &mut jar).await.status, 200);
+    let first = connection_of("/login?visit=1");
+    assert_eq!(connection_of("/page?n=1"), first);
+    assert_eq!(connection_of("/page?n=2"), first);
+
+    // A cookie-less request first, then a login on its connection (one
+    // anonymous session, so one lane): the connection stays anonymous.
+    s.get_with("/anonymous", &[]).await;
+    let (mut jar, _) = s.login("/login?visit=2").await;
+    assert_eq!(connection_of("/login?visit=2"), connection_of("/anonymous"));
+    assert_eq!(s.get("/page?n=3", &mut jar).await.status, 200);
+    let second = connection_of("/page?n=3");
+    assert_ne!(second, connection_of("/login?visit=2"));
+    assert_ne!(second, first);
+
+    // HTTP/2: the identity opens its own.
+    let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
+    let login = h2.get("/login?visit=3", &[]).await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let mut jar = Jar::default();
+    jar.store(&login.headers);
+    let cookie = jar.header().unwrap();
+    let page = h2.get("/page?n=4", &[("cookie", &cookie)]).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_ne!(connection_of("/page?n=4"), connection_of("/login?visit=3"));
+    let versions: Vec<http::Version> = s
+        .origin
+        .seen()
+        .iter()
+        .filter(|r| r.path == "/login?visit=3" || r.path == "/page?n=4")
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(versions, [http::Version::HTTP_2; 2]);
+    assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }
 

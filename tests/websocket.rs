@@ -503,9 +503,9 @@ async fn a_websocket_closes_when_its_identity_is_retired() {
     let (mut jar, _) = s.login("/login").await;
     assert_eq!(s.get("/page", &mut jar).await.status, 200);
     let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
-    // The login's (cookie-less, so its anonymous session's), the page's
-    // (the identity's own) and the WebSocket's.
-    assert_eq!(s.exits[0].open_tunnels(), 3);
+    // The login's (dialled for it, so the identity's from its answer on,
+    // and the page's) and the WebSocket's.
+    assert_eq!(s.exits[0].open_tunnels(), 2);
     let echoed = messages_until_closed(&mut ws, 36, Duration::from_millis(250))
         .await
         .expect("the WebSocket outlived its identity's lifetime by 3 s");
@@ -517,14 +517,14 @@ async fn a_websocket_closes_when_its_identity_is_retired() {
     );
     let mut open = s.exits[0].open_tunnels();
     for _ in 0..100 {
-        if open == 1 {
+        if open == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         open = s.exits[0].open_tunnels();
     }
     assert_eq!(
-        open, 1,
+        open, 0,
         "connections of the retired identity still open at the exit"
     );
     let reply = s.get("/page", &mut jar).await;

@@ -49,6 +49,7 @@ impl Pipeline {
         fingerprint: &RequestFingerprint,
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
+        dialled_for_it: Option<&Arc<TunnelInfo>>,
     ) -> Result<Option<Arc<Identity>>, ProxyError> {
         let clock = self.router.clock();
         let set =
@@ -70,7 +71,16 @@ impl Pipeline {
         if let Some(refusal) = self.router.store().refusal() {
             return Err(ProxyError::Store(refusal));
         }
-        Ok(learn(&self.router, route, &set, &fingerprint.record(), egress_ip).await?)
+        let record = fingerprint.record();
+        Ok(learn(
+            &self.router,
+            route,
+            &set,
+            &record,
+            egress_ip,
+            dialled_for_it,
+        )
+        .await?)
     }
 
     /// Records a request of `identity` (and whether it got a 2xx), the
@@ -283,14 +293,17 @@ fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
 /// Pins the tracked cookies `set` by a response to the identity of
 /// `route`; a route without one founds an identity (recording
 /// `fingerprint`) on the exit and upstream session that carried the
-/// response. Returns the identity the response belongs to. A value already
-/// pinned elsewhere keeps its first pin (pins never move).
+/// response (from `egress_ip`), and keeps the connection that carried it
+/// when it was `dialled_for_it` (see `ExitClient::hand_over`). Returns the
+/// identity the response belongs to. A value already pinned elsewhere
+/// keeps its first pin (pins never move).
 pub async fn learn(
     router: &Router,
     route: &Route,
     set: &[SetTrackedCookie],
     fingerprint: &Fingerprint,
     egress_ip: Option<IpAddr>,
+    dialled_for_it: Option<&Arc<TunnelInfo>>,
 ) -> Result<Option<Arc<Identity>>, StoreError> {
     let now = router.clock().now_ms();
     let live: Vec<&SetTrackedCookie> = set.iter().filter(|c| !c.deletes).collect();
@@ -354,7 +367,8 @@ pub async fn learn(
     // the old route, and the identity's next request would leave through
     // the new one. It retires at once (the answer still reaches the
     // client; its cookie is answered as retired from then on).
-    if is_new && stored && route.exit.superseded() {
+    let superseded = is_new && stored && route.exit.superseded();
+    if superseded {
         let retirement = Retirement {
             reason: RetireReason::ExitChanged,
             at_ms: router.retirement_now(),
@@ -396,9 +410,16 @@ pub async fn learn(
             }
             return Ok(None);
         }
-        // Its session is the identity's own from now on.
+        // Its session is the identity's own from now on, and so is the
+        // connection the answer came on, if no other request used it.
         if let Some(anonymous) = route.anonymous {
             route.exit.sessions.hand_over(anonymous.session, now);
+            if let (false, Some(connection)) = (superseded, dialled_for_it) {
+                route
+                    .exit
+                    .client
+                    .hand_over(&route.lane, &identity, connection);
+            }
         }
         router
             .metrics()

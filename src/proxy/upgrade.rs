@@ -157,7 +157,7 @@ impl Pipeline {
         let status = response.status();
         let withheld = |e: ProxyError| e.withheld(route.exit.id(), status);
         let identity = self
-            .capture_pins(route, fingerprint, response.headers(), egress_ip)
+            .capture_pins(route, fingerprint, response.headers(), egress_ip, None)
             .await
             .map_err(withheld)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -91,6 +91,28 @@ impl Dialer {
         }
     }
 
+    /// Whether a connection another lane of this exit and session opened,
+    /// which left from `egress` (`None`: unknown), may carry this lane's
+    /// requests (see `LanePool::hand_over`): on an identity's lane, only
+    /// one from the address the lane holds, or, when the lane holds none
+    /// and the exit states no address in any way, one from an unknown
+    /// address. Stricter than a new tunnel's check (which may take the
+    /// lane's first address from the tunnel, or probe for it), and it
+    /// changes nothing.
+    pub(crate) fn admits(&self, egress: Option<IpAddr>) -> bool {
+        let check = &self.ip_check;
+        match (&check.pinned, egress) {
+            (None, _) => true,
+            (Some(pinned), Some(egress)) => pinned.get() == Some(&egress),
+            (Some(pinned), None) => {
+                pinned.get().is_none()
+                    && check.header.is_none()
+                    && check.echo.is_none()
+                    && !self.socks_reply_is_egress
+            }
+        }
+    }
+
     /// Learns the tunnel's egress address and, on an identity's lane,
     /// refuses a tunnel that leaves from another address than the first.
     pub(crate) async fn check_egress(

@@ -77,6 +77,11 @@ impl<P> Lanes<P> {
             .clone()
     }
 
+    /// The lane `id`, if there is one (not marked used).
+    pub(super) fn get(&self, id: &PoolId) -> Option<Arc<P>> {
+        self.map.get(id).map(|slot| slot.pool.clone())
+    }
+
     /// Drops the lane `id`, if there is one.
     pub(super) fn remove(&self, id: &PoolId) -> Option<Arc<P>> {
         self.map.remove(id).map(|(_, slot)| slot.pool)

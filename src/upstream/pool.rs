@@ -215,6 +215,17 @@ pub(super) struct LanePool {
     /// Why the lane's identity retired, once it has (see
     /// [`LanePool::retire`]).
     retired: std::sync::OnceLock<RetireReason>,
+    /// The identity's lane the connection whose answer founded it goes to
+    /// when it comes back (see [`LanePool::hand_over`]).
+    heir: std::sync::OnceLock<Heir>,
+}
+
+/// The identity's lane an anonymous lane's connection goes to (see
+/// [`LanePool::hand_over`]).
+struct Heir {
+    lane: Weak<LanePool>,
+    /// The connection.
+    founding: Arc<TunnelInfo>,
 }
 
 impl std::fmt::Debug for LanePool {
@@ -239,6 +250,29 @@ impl LanePool {
             limits,
             origins: Mutex::new(HashMap::default()),
             retired: std::sync::OnceLock::new(),
+            heir: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Hands `connection` (an HTTP/1.1 connection of this anonymous lane,
+    /// dialled for the request whose answer founded `heir`'s identity, and
+    /// busy with that answer still) to `heir` when the answer has been
+    /// read: a browser goes on with the connection its cookies came on. Only
+    /// a connection that carried nothing but the founding request is
+    /// handed over: the lane's other connections, and an HTTP/2 one (which
+    /// the lane's cookie-less requests share as they come), may have
+    /// carried other visitors' requests (the lane serves every client with
+    /// the same ClientHello). Only to the first identity founded on the
+    /// lane (its session is then the identity's, and no cookie-less request
+    /// takes the lane again), and only when this lane presents what the
+    /// heir presents; the heir takes it only when its egress address rules
+    /// admit it (see `Dialer::admits`).
+    pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
+        if self.presentation == heir.presentation {
+            let _ = self.heir.set(Heir {
+                lane: Arc::downgrade(heir),
+                founding: connection.clone(),
+            });
         }
     }
 
@@ -703,6 +737,23 @@ impl LanePool {
 
     fn give_back(&self, origin: Origin, mut conn: H1Conn) {
         if conn.sender.is_closed() {
+            return;
+        }
+        // The answer that founded an identity came on it (see
+        // `hand_over`): to the identity's lane, if it still stands and may
+        // use it.
+        if let Some(heir) = self
+            .heir
+            .get()
+            .filter(|heir| Arc::ptr_eq(&heir.founding, &conn.info))
+        {
+            if let Some(heir) = heir
+                .lane
+                .upgrade()
+                .filter(|heir| heir.still_live().is_ok() && heir.dialer.admits(conn.info.egress_ip))
+            {
+                heir.give_back(origin, conn);
+            }
             return;
         }
         conn.idle_since = Instant::now();
