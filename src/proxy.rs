@@ -422,7 +422,10 @@ impl Pipeline {
                 &fingerprint,
                 response.headers(),
                 egress_ip,
-                new_connection.then_some(&carried_by),
+                // Dialled for this request, and HTTP/1.1 (an HTTP/2
+                // connection is the lane's cookie-less requests' to share).
+                (new_connection && response.version() != http::Version::HTTP_2)
+                    .then_some(&carried_by),
             )
             .await
             .map_err(|e| e.withheld(route.exit.id(), status))?;

@@ -451,12 +451,16 @@ impl ExitClient {
             fingerprint: anonymous.fingerprint_key,
             h2: anonymous.h2,
         };
-        let Some(from) = self.pools.get(&from) else {
-            return;
-        };
         let heir = Lane {
             h2: anonymous.h2,
             ..Lane::identity(identity)
+        };
+        let Some(from) = self
+            .pools
+            .get(&from)
+            .filter(|from| from.takes_heir(&self.presentation(&heir)))
+        else {
+            return;
         };
         if let Ok(heir) = self.pool(&heir) {
             from.hand_over(&heir, connection);

@@ -72,10 +72,7 @@ async fn a_verdict_on_a_burst_of_requests_counts_one_retirement() {
             .any(|l| l.ends_with(&format!("}} {burst}"))),
         "every verdict is counted: {invalidations:?}"
     );
-    let retired: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
-        .collect();
+    let retired = support::retirements_counted(&text);
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert!(
         retired[0].ends_with("reason=\"invalidated\"} 1"),

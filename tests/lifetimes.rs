@@ -164,10 +164,7 @@ async fn an_expired_identity_is_retired_once_whatever_its_cookie_count() {
         error_of(&reply)
     );
     let metrics = s.proxy.daemon.admin().metrics.encode();
-    let retired: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
-        .collect();
+    let retired = support::retirements_counted(&metrics);
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert!(
         retired[0].ends_with("reason=\"idle-expired\"} 1"),

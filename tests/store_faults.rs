@@ -300,15 +300,6 @@ async fn refused_then_stored(path: &str, rule: &str) {
     s.stop().await;
 }
 
-/// The `pinproxy_identities_retired_total` lines of `s`'s metrics.
-fn retirements_counted(s: &Setup) -> Vec<String> {
-    let text = s.proxy.daemon.admin().metrics.encode();
-    text.lines()
-        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// An identity found idle while Redis refuses writes: its request fails
 /// (the retirement could not be stored, and nothing else retries it), and
 /// the next request, once Redis takes writes, retires it. The retirement
@@ -335,7 +326,8 @@ async fn a_retirement_stored_at_a_later_try_is_counted_once() {
     clock.advance(6 * MINUTE);
     let refused = s.get("/page", &mut jar).await;
     assert_eq!(refused.status, 503, "{}", refused.body);
-    assert_eq!(retirements_counted(&s), Vec::<String>::new());
+    let metrics = || s.proxy.daemon.admin().metrics.encode();
+    assert_eq!(support::retirements_counted(&metrics()), Vec::<&str>::new());
 
     refuse_writes(&redis, false).await;
     let retired = s.get("/page", &mut jar).await;
@@ -347,7 +339,8 @@ async fn a_retirement_stored_at_a_later_try_is_counted_once() {
     let again = s.get("/page", &mut jar).await;
     assert_eq!(again.status, 502, "{}", again.body);
     assert_one_identity_retired_in(&redis).await;
-    let counted = retirements_counted(&s);
+    let text = metrics();
+    let counted = support::retirements_counted(&text);
     assert_eq!(counted.len(), 1, "{counted:?}");
     assert!(
         counted[0].ends_with("reason=\"idle-expired\"} 1"),

@@ -293,8 +293,10 @@ fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
 /// Pins the tracked cookies `set` by a response to the identity of
 /// `route`; a route without one founds an identity (recording
 /// `fingerprint`) on the exit and upstream session that carried the
-/// response (from `egress_ip`), and keeps the connection that carried it
-/// when it was `dialled_for_it` (see `ExitClient::hand_over`). Returns the
+/// response (from `egress_ip`), and keeps the HTTP/1.1 connection that
+/// carried it when it was `dialled_for_it` (see `ExitClient::hand_over`:
+/// if its address is the identity's, and the identity still stands when
+/// the answer ends). Returns the
 /// identity the response belongs to. A value already pinned elsewhere
 /// keeps its first pin (pins never move).
 pub async fn learn(
@@ -411,7 +413,7 @@ pub async fn learn(
             return Ok(None);
         }
         // Its session is the identity's own from now on, and so is the
-        // connection the answer came on, if no other request used it.
+        // HTTP/1.1 connection the answer came on, if dialled for it.
         if let Some(anonymous) = route.anonymous {
             route.exit.sessions.hand_over(anonymous.session, now);
             if let (false, Some(connection)) = (superseded, dialled_for_it) {

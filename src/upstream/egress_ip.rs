@@ -100,17 +100,7 @@ impl Dialer {
     /// lane's first address from the tunnel, or probe for it), and it
     /// changes nothing.
     pub(crate) fn admits(&self, egress: Option<IpAddr>) -> bool {
-        let check = &self.ip_check;
-        match (&check.pinned, egress) {
-            (None, _) => true,
-            (Some(pinned), Some(egress)) => pinned.get() == Some(&egress),
-            (Some(pinned), None) => {
-                pinned.get().is_none()
-                    && check.header.is_none()
-                    && check.echo.is_none()
-                    && !self.socks_reply_is_egress
-            }
-        }
+        admitted(&self.ip_check, self.socks_reply_is_egress, egress)
     }
 
     /// Learns the tunnel's egress address and, on an identity's lane,
@@ -235,6 +225,22 @@ impl Dialer {
 trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
 
+/// Whether a lane checked by `check` (whose exit's SOCKS replies state
+/// addresses: `socks_states`) admits a connection from `egress` (see
+/// [`Dialer::admits`]).
+fn admitted(check: &IpCheck, socks_states: bool, egress: Option<IpAddr>) -> bool {
+    match (&check.pinned, egress) {
+        (None, _) => true,
+        (Some(pinned), Some(egress)) => pinned.get() == Some(&egress),
+        (Some(pinned), None) => {
+            pinned.get().is_none()
+                && check.header.is_none()
+                && check.echo.is_none()
+                && !socks_states
+        }
+    }
+}
+
 /// Holds a lane's address cell `pinned` to `expected`: set when empty, an
 /// error when it holds another.
 fn hold(pinned: &OnceLock<IpAddr>, expected: IpAddr) -> Result<(), ConnectError> {
@@ -251,6 +257,38 @@ fn hold(pinned: &OnceLock<IpAddr>, expected: IpAddr) -> Result<(), ConnectError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_from_another_lane_is_admitted_only_from_the_lanes_address() {
+        let (held, other) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+        let lane = |pinned: Option<IpAddr>| IpCheck {
+            pinned: Some(Arc::new(pinned.map_or_else(OnceLock::new, OnceLock::from))),
+            ..IpCheck::default()
+        };
+        // Cookie-less lanes take any.
+        assert!(admitted(&IpCheck::default(), false, Some(other)));
+        // An identity's: its address only, and it is not taken from the
+        // connection.
+        assert!(admitted(&lane(Some(held)), false, Some(held)));
+        assert!(!admitted(&lane(Some(held)), false, Some(other)));
+        assert!(!admitted(&lane(Some(held)), false, None));
+        let unset = lane(None);
+        assert!(!admitted(&unset, false, Some(held)));
+        assert!(unset.pinned.as_ref().is_some_and(|p| p.get().is_none()));
+        // An unknown address, only where the exit states none in any way.
+        assert!(admitted(&unset, false, None));
+        assert!(!admitted(&unset, true, None));
+        let header = IpCheck {
+            header: Some(HeaderName::from_static("x-exit-ip")),
+            ..lane(None)
+        };
+        assert!(!admitted(&header, false, None));
+        let echo = IpCheck {
+            echo: Some(EchoTarget::parse("http://127.0.0.1:9/ip").unwrap()),
+            ..lane(None)
+        };
+        assert!(!admitted(&echo, false, None));
+    }
 
     #[test]
     fn a_lane_is_held_to_its_identitys_recorded_address() {

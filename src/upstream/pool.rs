@@ -268,12 +268,20 @@ impl LanePool {
     /// heir presents; the heir takes it only when its egress address rules
     /// admit it (see `Dialer::admits`).
     pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
+        // The first heir stands: another founding may have come since
+        // `takes_heir` was asked.
         if self.presentation == heir.presentation {
             let _ = self.heir.set(Heir {
                 lane: Arc::downgrade(heir),
                 founding: connection.clone(),
             });
         }
+    }
+
+    /// Whether this lane may still hand a connection over (see
+    /// [`LanePool::hand_over`]) to a lane presenting `presentation`.
+    pub(super) fn takes_heir(&self, presentation: &Presentation) -> bool {
+        self.heir.get().is_none() && self.presentation == *presentation
     }
 
     /// The lane's identity retired for `reason`: a request still holding
@@ -752,11 +760,24 @@ impl LanePool {
                 .upgrade()
                 .filter(|heir| heir.still_live().is_ok() && heir.dialer.admits(conn.info.egress_ip))
             {
-                heir.give_back(origin, conn);
+                // Idle since long enough that the identity's first request
+                // on it keeps a copy, to send again should the exit or the
+                // origin have closed it meanwhile: before the hand-over that
+                // request dialled, which no close can meet, and it must not
+                // become the request lost to one.
+                let now = Instant::now();
+                conn.idle_since = now.checked_sub(REPLAY_AFTER_IDLE).unwrap_or(now);
+                heir.keep_idle(origin, conn);
             }
             return;
         }
         conn.idle_since = Instant::now();
+        self.keep_idle(origin, conn);
+    }
+
+    /// Keeps `conn` (idle since its `idle_since`) for `origin`'s next
+    /// request, unless the origin has as many idle already.
+    fn keep_idle(&self, origin: Origin, conn: H1Conn) {
         let mut origins = self.origins();
         let conns = origins.entry(origin).or_default();
         if conns.idle.len() < self.limits.max_idle_per_origin {

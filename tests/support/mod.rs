@@ -33,6 +33,14 @@ pub fn error_of(reply: &Reply) -> String {
     reply.pinproxy_error().unwrap_or_default()
 }
 
+/// The `pinproxy_identities_retired_total` lines of a metrics text.
+pub fn retirements_counted(metrics: &str) -> Vec<&str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pinproxy_identities_retired_total{"))
+        .collect()
+}
+
 /// Command-line arguments giving a pinproxy process `origin`'s CA and these
 /// `(id, url)` exits.
 pub fn process_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> {
