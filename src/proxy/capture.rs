@@ -296,9 +296,8 @@ fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
 /// response (from `egress_ip`), and keeps the HTTP/1.1 connection that
 /// carried it when it was `dialled_for_it` (see `ExitClient::hand_over`:
 /// if its address is the identity's, and the identity still stands when
-/// the answer ends). Returns the
-/// identity the response belongs to. A value already pinned elsewhere
-/// keeps its first pin (pins never move).
+/// the answer ends). Returns the identity the response belongs to. A value
+/// already pinned elsewhere keeps its first pin (pins never move).
 pub async fn learn(
     router: &Router,
     route: &Route,
@@ -376,7 +375,7 @@ pub async fn learn(
             at_ms: router.retirement_now(),
         };
         store.retire(identity.id, &retirement).await?;
-        router.count_retired(&identity, &retirement.reason);
+        let _ = router.count_retired(&identity, &retirement.reason);
         tracing::warn!(
             identity = %identity.id, exit = %identity.exit,
             "identity founded on an exit route a reload replaced: retired (exit-changed)"

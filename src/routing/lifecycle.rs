@@ -58,20 +58,26 @@ impl Router {
         };
         self.store.retire(identity.id, &retirement).await?;
         self.sent_ja4.remove(&identity.id);
-        self.count_retired(identity, &retirement.reason);
+        if self.count_retired(identity, &retirement.reason) {
+            let reason = &retirement.reason;
+            tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
+        }
         Ok(())
     }
 
-    /// Counts and logs the retirement of `identity` for `reason`, once the
-    /// store holds it: once per identity in this process. Several requests
-    /// of one identity may find its end at once (a burst of challenges to a
-    /// page's resources), and each asks the store (the first retirement
-    /// stands there), but it is one identity retired.
-    pub(crate) fn count_retired(&self, identity: &Identity, reason: &RetireReason) {
-        if self.counted.first(identity.id) {
+    /// Counts the retirement of `identity` for `reason`, once the store
+    /// holds it: once per identity in this process (answers whether this
+    /// was the first time). Several requests of one identity may find its
+    /// end at once (a burst of challenges to a page's resources), and each
+    /// asks the store (the first retirement stands there), but it is one
+    /// identity retired. (The sweep counts its own without remembering
+    /// them: it may retire a million at once.)
+    pub(crate) fn count_retired(&self, identity: &Identity, reason: &RetireReason) -> bool {
+        let first = self.counted.first(identity.id);
+        if first {
             self.metrics.retired(&identity.exit, reason.label());
-            tracing::warn!(identity = %identity.id, exit = %identity.exit, %reason, "identity retired");
         }
+        first
     }
 
     /// Retires an identity whatever becomes of the caller, and waits for
@@ -207,7 +213,8 @@ impl Router {
         let expiry = |identity: &Identity| {
             let reason = self.end_due(identity, exits, &policies, now)?;
             if !policies.shared_store {
-                self.count_retired(identity, &reason);
+                // Not remembered as counted: a sweep may retire a million.
+                self.metrics.retired(&identity.exit, reason.label());
                 decided
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -491,7 +491,7 @@ impl Router {
                             at_ms: self.retirement_now(),
                         };
                         self.store.retire(candidate.id, &retirement).await?;
-                        self.count_retired(&candidate, &retirement.reason);
+                        let _ = self.count_retired(&candidate, &retirement.reason);
                         return Err(RouteError::Retired(vec![DeadCredential {
                             credential: (*first).clone(),
                             identity: Some(candidate.id),
