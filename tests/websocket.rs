@@ -268,12 +268,30 @@ fn now_ms() -> u64 {
     u64::try_from(since.unwrap().as_millis()).unwrap()
 }
 
+/// The only identity's last use, as the store holds it (Unix ms).
+async fn stored_last_use(s: &Setup) -> u64 {
+    only_identity(s).await["last_used_ms"].as_u64().unwrap()
+}
+
+/// Waits (at most 5 s) for `ws` to end, which it must without another
+/// message: the WebSocket of an identity that retired (`why`, for the
+/// failure's message).
+async fn closes_soon<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, why: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("the WebSocket of {why} was still open after 5 s"));
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+}
+
 /// The only identity's last use, as the store holds it, came at least
 /// 4 s after `since_ms`: the relay recorded its uses while messages moved
 /// (for [`in_use_past_its_idle_timeout`]'s 8 s, at checks 750 ms apart),
 /// which other replicas judge the identity by.
 async fn uses_recorded_since(s: &Setup, since_ms: u64) {
-    let stored = only_identity(s).await["last_used_ms"].as_u64().unwrap();
+    let stored = stored_last_use(s).await;
     assert!(
         stored >= since_ms + 4_000,
         "last use stored {} ms after the messages began",
@@ -386,7 +404,7 @@ async fn only_its_relay_finds_an_identity_with_an_open_websocket_idle() {
     echo_round_trips(&mut ws, peer).await;
     clock.advance(11 * MINUTE);
     echo_round_trips(&mut ws, peer).await;
-    let stored = only_identity(&s).await["last_used_ms"].as_u64().unwrap();
+    let stored = stored_last_use(&s).await;
     assert!(
         stored <= opened_ms,
         "a use recorded since the WebSocket opened"
@@ -401,23 +419,20 @@ async fn only_its_relay_finds_an_identity_with_an_open_websocket_idle() {
     clock.advance(MINUTE);
     let used_ms = clock.now_ms();
     s.proxy.daemon.reload_with(&s.proxy.config).await.unwrap();
-    let mut recorded = only_identity(&s).await["last_used_ms"].as_u64();
+    let mut recorded = stored_last_use(&s).await;
     for _ in 0..100 {
-        if recorded == Some(used_ms) {
+        if recorded == used_ms {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        recorded = only_identity(&s).await["last_used_ms"].as_u64();
+        recorded = stored_last_use(&s).await;
     }
-    assert_eq!(recorded, Some(used_ms), "the relay's use was not recorded");
+    assert_eq!(recorded, used_ms, "the relay's use was not recorded");
     // Nothing moves for eleven minutes: the relay's next check (woken by
     // a reload) retires the identity and closes the WebSocket.
     clock.advance(11 * MINUTE);
     s.proxy.daemon.reload_with(&s.proxy.config).await.unwrap();
-    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
-        .await
-        .expect("the WebSocket of an idle identity was still open after 5 s");
-    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    closes_soon(&mut ws, "an idle identity").await;
     let reply = s.get("/page", &mut jar).await;
     assert!(
         support::error_of(&reply).contains("idle-expired"),
@@ -456,10 +471,7 @@ async fn an_open_websocket_does_not_keep_its_identity_past_its_lifetime() {
         "{}",
         support::error_of(&reply)
     );
-    let end = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
-        .await
-        .expect("the WebSocket of a retired identity was still open after 5 s");
-    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    closes_soon(&mut ws, "a retired identity").await;
     s.stop().await;
 }
 
@@ -480,10 +492,7 @@ async fn a_websocket_closes_when_its_identity_is_retired() {
     let admin = s.proxy.daemon.admin_addr().unwrap();
     let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("the WebSocket of an evicted identity was still open after 5 s");
-    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    closes_soon(&mut ws, "an evicted identity").await;
     s.stop().await;
 
     let lifetime = Duration::from_secs(6);

@@ -265,17 +265,16 @@ impl LanePool {
     /// the same ClientHello). Only to the first identity founded on the
     /// lane (its session is then the identity's, and no cookie-less request
     /// takes the lane again), and only when this lane presents what the
-    /// heir presents; the heir takes it only when its egress address rules
-    /// admit it (see `Dialer::admits`).
+    /// heir presents (the caller asks [`LanePool::takes_heir`] first); the
+    /// heir takes it only when its egress address rules admit it (see
+    /// `Dialer::admits`).
     pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
         // The first heir stands: another founding may have come since
         // `takes_heir` was asked.
-        if self.presentation == heir.presentation {
-            let _ = self.heir.set(Heir {
-                lane: Arc::downgrade(heir),
-                founding: connection.clone(),
-            });
-        }
+        let _ = self.heir.set(Heir {
+            lane: Arc::downgrade(heir),
+            founding: connection.clone(),
+        });
     }
 
     /// Whether this lane may still hand a connection over (see
