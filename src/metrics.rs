@@ -244,6 +244,8 @@ pub struct ExitInstruments {
     pub connect: Histogram,
     /// TLS handshake with the origin.
     pub tls: Histogram,
+    /// TLS handshakes with origins that resumed a session.
+    pub tls_resumed: Counter,
     /// From the request handed to a connection to the response head.
     pub ttfb: Histogram,
     /// Requests routed through it (for the live view's rate).
@@ -286,6 +288,8 @@ pub struct UpstreamTimings {
     pub connect: Option<Duration>,
     /// TLS handshake with the origin (a new TLS connection only).
     pub tls: Option<Duration>,
+    /// That handshake resumed a session the origin had issued earlier.
+    pub tls_resumed: bool,
     /// Request handed to the connection → response head.
     pub ttfb: Option<Duration>,
 }
@@ -359,6 +363,8 @@ pub struct Metrics {
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
     pub upstream_tls: HistogramFamily<ExitValue>,
+    /// Upstream TLS handshakes that resumed an identity's session, by exit.
+    pub upstream_tls_resumed: Family<ExitValue, Counter>,
     /// Upstream time to the response head, by exit.
     pub upstream_ttfb: HistogramFamily<ExitValue>,
     /// Time to mint a leaf certificate and its TLS settings.
@@ -573,6 +579,12 @@ impl Metrics {
             "upstream_ttfb_seconds",
             "From the request handed to an upstream connection to the response head, by exit",
         );
+        let upstream_tls_resumed = Family::default();
+        registry.register(
+            "upstream_tls_resumed",
+            "TLS handshakes with the origin through the exit that resumed a session the origin had issued to the identity's earlier connection, by exit",
+            upstream_tls_resumed.clone(),
+        );
         let cert_mint = Histogram::new(exponential_buckets(0.000_025, 2.0, 14));
         registry.register(
             "cert_mint_seconds",
@@ -621,6 +633,7 @@ impl Metrics {
             upstream_requests_replayed,
             upstream_connect,
             upstream_tls,
+            upstream_tls_resumed,
             upstream_ttfb,
             cert_mint,
             cert_cache_entries,
@@ -683,6 +696,7 @@ impl Metrics {
                 Arc::new(ExitInstruments {
                     connect: self.upstream_connect.get_or_create_owned(&label),
                     tls: self.upstream_tls.get_or_create_owned(&label),
+                    tls_resumed: self.upstream_tls_resumed.get_or_create_owned(&label),
                     ttfb: self.upstream_ttfb.get_or_create_owned(&label),
                     exit,
                     requests: AtomicU64::new(0),
@@ -789,6 +803,9 @@ impl Metrics {
         }
         if let Some(t) = timings.tls {
             exit.tls.observe(t.as_secs_f64());
+        }
+        if timings.tls_resumed {
+            exit.tls_resumed.inc();
         }
         if let Some(t) = timings.ttfb {
             exit.ttfb.observe(t.as_secs_f64());
@@ -961,6 +978,16 @@ mod tests {
             &UpstreamTimings {
                 connect: Some(Duration::from_millis(3)),
                 tls: None,
+                tls_resumed: false,
+                ttfb: Some(Duration::from_millis(20)),
+            },
+        );
+        m.upstream(
+            &exit,
+            &UpstreamTimings {
+                connect: Some(Duration::from_millis(3)),
+                tls: Some(Duration::from_millis(4)),
+                tls_resumed: true,
                 ttfb: Some(Duration::from_millis(20)),
             },
         );
@@ -969,9 +996,10 @@ mod tests {
             "pinproxy_exit_requests_total{exit=\"res1\",site=\"example.co.uk\",status=\"2xx\"} 1",
             "pinproxy_exit_requests_total{exit=\"res1\",site=\"other\",status=\"pinproxy-error\"} 1",
             "pinproxy_exit_requests_total{exit=\"none\",site=\"none\",status=\"pinproxy-error\"} 1",
-            "pinproxy_upstream_connect_seconds_count{exit=\"res1\"} 1",
-            "pinproxy_upstream_ttfb_seconds_count{exit=\"res1\"} 1",
-            "pinproxy_upstream_tls_handshake_seconds_count{exit=\"res1\"} 0",
+            "pinproxy_upstream_connect_seconds_count{exit=\"res1\"} 2",
+            "pinproxy_upstream_ttfb_seconds_count{exit=\"res1\"} 2",
+            "pinproxy_upstream_tls_handshake_seconds_count{exit=\"res1\"} 1",
+            "pinproxy_upstream_tls_resumed_total{exit=\"res1\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

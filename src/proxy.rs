@@ -278,6 +278,7 @@ impl Pipeline {
         // it has no hello of its own to present, and pinproxy's would be
         // nobody's.
         route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
+        route.lane.client_resumes = tunnel.is_some_and(|t| t.client_resumes);
         let presents_client = match &route.identity {
             None => true,
             Some(identity) => identity.fingerprint.tls.is_none() && client.has_hello(),

@@ -48,7 +48,7 @@ use crate::net::HostPort;
 use dial::{Dialer, ExitKind};
 use egress_ip::{EgressCheck, IpCheck};
 use lanes::Lanes;
-use pool::LanePool;
+use pool::{LanePool, Resumes};
 use tls::UpstreamTls;
 
 pub use conn::Answered;
@@ -158,6 +158,10 @@ pub struct Lane {
     /// present (lanes of different clients never share a connection).
     /// 0 for an identity's lane, whose fingerprint never changes.
     pub fingerprint_key: u64,
+    /// The request's client connection offered pinproxy a TLS session (its
+    /// ClientHello carried a pre_shared_key): an identity's lane in mirror
+    /// mode then resumes its own (see `pool::Resumes`).
+    pub client_resumes: bool,
 }
 
 impl Lane {
@@ -170,6 +174,7 @@ impl Lane {
             h2: false,
             fingerprint: None,
             fingerprint_key: 0,
+            client_resumes: false,
         }
     }
 
@@ -197,6 +202,7 @@ impl Lane {
             h2: false,
             fingerprint: Some(identity.fingerprint.clone()),
             fingerprint_key: 0,
+            client_resumes: false,
         }
     }
 }
@@ -421,7 +427,12 @@ impl ExitClient {
                 parked: self.settings.parked.clone(),
                 replayed: self.settings.replayed.clone(),
             };
-            let pool = LanePool::new(dialer, self.presentation(lane), limits);
+            let resumes = match (lane.key, self.route.fingerprint) {
+                (PoolKey::Anonymous(_), _) | (_, FingerprintMode::Rustls) => Resumes::Never,
+                (PoolKey::Identity(_), FingerprintMode::Chrome) => Resumes::Always,
+                (PoolKey::Identity(_), FingerprintMode::Mirror) => Resumes::AsItsClientDoes,
+            };
+            let pool = LanePool::new(dialer, self.presentation(lane), limits, resumes);
             // Made rarely (once per lane): the map is read only then.
             if let Some(retired) = self.retired_lanes.get(&lane.key) {
                 pool.retire(retired.0.clone());
@@ -480,6 +491,9 @@ impl ExitClient {
         started: std::time::Instant,
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let pool = self.pool(lane)?;
+        if lane.client_resumes {
+            pool.client_resumes();
+        }
         let timeout = self.settings.response_head_timeout;
         tokio::time::timeout_at(deadline(started, timeout), pool.send(origin, request))
             .await

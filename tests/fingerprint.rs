@@ -45,8 +45,11 @@
 //! Modes: `chrome` presents Chromium 156's hello and preface whatever the
 //! client; `rustls` presents rustls's (`t13d1010h2_61a7ad8aa9b6_76ad8fd2bde2`
 //! offering h2, `2:0;4:2097152;5:16384;6:16384|5177345|0|m,s,a,p`); an exit
-//! may override the global mode. No stack resumes a session: a ticket
-//! shared across exits would link them.
+//! may override the global mode. Only an identity's own connections
+//! resume a TLS session (BoringSSL's, in chrome mode always, in mirror
+//! mode once its client resumes with pinproxy), with a session its own
+//! earlier connection was given: a ticket shared by visitors, identities
+//! or exits would link them.
 //! An identity presents its founding client's fingerprint for every later
 //! request, whoever sends it, across fresh connections and restarts.
 
@@ -988,6 +991,128 @@ async fn chrome_mode_presents_chrome_for_curl() {
     assert_eq!(curl[0].ja4(), Some(CHROME_JA4));
     assert_eq!(curl[0].alpn(), Some("h2"));
     assert_eq!(curl[0].akamai().as_deref(), Some(CHROME_AKAMAI));
+}
+
+/// In chrome mode an identity's later connections to an origin resume the
+/// TLS session the origin issued to its earlier one, as Chrome's second
+/// connection to a host does; the resumed hello is Chrome's with a
+/// pre_shared_key. Cookie-less traffic (one lane for every visitor with
+/// the same hello) never resumes, and no identity resumes another's
+/// session: a ticket would link them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
+    // Every connection closes after one answer: each request dials.
+    let rig = Rig::start(OriginOptions::default().closing(), |c| {
+        c.upstream.fingerprint = FingerprintMode::Chrome;
+    })
+    .await;
+    let port = rig.origin.port();
+    let via = rig.proxied();
+    for _ in 0..3 {
+        Client::CurlH2.get_ok(&via, port, "/anonymous", None).await;
+    }
+    for name in ["a", "b"] {
+        let login = Client::CurlH2.get_ok(&via, port, "/login", None).await;
+        let cookie = format!("datadome={}", login.datadome.unwrap());
+        for _ in 0..3 {
+            Client::CurlH2
+                .get_ok(&via, port, &format!("/{name}"), Some(&cookie))
+                .await;
+        }
+    }
+    let anonymous = records_of(&rig.origin, "/anonymous", EXIT_IP);
+    let logins = records_of(&rig.origin, "/login", EXIT_IP);
+    for record in anonymous.iter().chain(&logins) {
+        assert!(
+            !record.conn.resumed,
+            "cookie-less traffic resumed: {record:?}"
+        );
+    }
+    for name in ["/a", "/b"] {
+        let records = records_of(&rig.origin, name, EXIT_IP);
+        assert_eq!(connections(&records), 3, "{name}: a connection each");
+        // The identity's first connection has nothing of its own to
+        // resume (not another identity's session, nor the anonymous lane's).
+        assert!(!records[0].conn.resumed, "{name}: {:?}", records[0].conn);
+        for record in &records[1..] {
+            assert!(
+                record.conn.resumed && record.conn.resumption_accepted,
+                "{name}: {:?}",
+                record.conn
+            );
+            assert_eq!(
+                ja4::ja4(&hello(record).without_resumption()),
+                CHROME_JA4,
+                "{name}: Chrome's resumed hello"
+            );
+            assert_eq!(record.akamai().as_deref(), Some(CHROME_AKAMAI));
+        }
+    }
+    let metrics = rig.s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        metrics.contains("pinproxy_upstream_tls_resumed_total{exit=\"tiny\"} 4"),
+        "{metrics}"
+    );
+}
+
+/// In mirror mode an identity resumes as its client does: once a client
+/// connection of the identity has offered pinproxy a session, the
+/// identity's later connections to an origin resume the session its
+/// earlier one was given. An identity whose client never resumes (as a
+/// single curl or Python run never does) never resumes upstream either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_resumes_upstream_only_when_its_client_resumes() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let port = rig.origin.port();
+    // A rustls client: its hello is said by BoringSSL, and it resumes its
+    // session with pinproxy on every tunnel after its first to a host.
+    let resuming = rig.s.proxy.client.clone();
+    let never = resuming.without_resumption();
+    for (client, path) in [(&resuming, "/resumes"), (&never, "/never")] {
+        let login = client
+            .tunnel("localhost", port)
+            .await
+            .get("/login", &[])
+            .await;
+        let set_cookie = login.headers.get("set-cookie").unwrap().to_str().unwrap();
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        for _ in 0..3 {
+            let reply = client
+                .tunnel("localhost", port)
+                .await
+                .get(path, &[("cookie", &cookie)])
+                .await;
+            assert_eq!(reply.status, 200, "{path}: {reply:?}");
+        }
+    }
+    let resumes = records_of(&rig.origin, "/resumes", EXIT_IP);
+    assert_eq!(connections(&resumes), 3);
+    // The first request's tunnel resumed with pinproxy (the login's was
+    // the client's first): its identity's connection is the first to keep
+    // the origin's ticket, and the next ones resume it.
+    assert!(!resumes[0].conn.resumed, "{:?}", resumes[0].conn);
+    for record in &resumes[1..] {
+        assert!(
+            record.conn.resumed && record.conn.resumption_accepted,
+            "{:?}",
+            record.conn
+        );
+        assert_eq!(
+            ja4::ja4(&hello(record).without_resumption()),
+            resumes[0].ja4().unwrap(),
+            "the client's hello, with a pre_shared_key"
+        );
+    }
+    let never = records_of(&rig.origin, "/never", EXIT_IP);
+    assert_eq!(connections(&never), 3);
+    for record in &never {
+        assert!(!record.conn.resumed, "{:?}", record.conn);
+    }
+    let metrics = rig.s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        metrics.contains("pinproxy_upstream_tls_resumed_total{exit=\"tiny\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

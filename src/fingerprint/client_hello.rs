@@ -431,6 +431,20 @@ impl ClientHello {
         self.has_extension(ext::ECH)
     }
 
+    /// The hello without what resuming adds (pre_shared_key, early_data):
+    /// what the same client sends on a connection that resumes nothing,
+    /// to the same host. Borrowed when there is nothing to take out.
+    pub fn without_resumption(&self) -> std::borrow::Cow<'_, ClientHello> {
+        if !self.pre_shared_key() && !self.early_data() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut fresh = self.clone();
+        fresh
+            .extensions
+            .retain(|e| e.kind != ext::PRE_SHARED_KEY && e.kind != ext::EARLY_DATA);
+        std::borrow::Cow::Owned(fresh)
+    }
+
     /// pre_shared_key (41) sent: the client is resuming.
     pub fn pre_shared_key(&self) -> bool {
         self.has_extension(ext::PRE_SHARED_KEY)

@@ -173,6 +173,7 @@ async fn outer_request(
         tls: false,
         session_key,
         client_offers_h2: false,
+        client_resumes: false,
         client: Arc::default(),
         principal,
         site: Default::default(),

@@ -149,7 +149,10 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
         }
     };
     match hello {
-        Some(hello) => tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos),
+        Some(hello) => {
+            tunnel.client_resumes = hello.pre_shared_key();
+            tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos);
+        }
         None => unread_hello(frontend),
     }
     let (tls, tunnel) = accept_tls(frontend, io, deadline, *tunnel).await?;

@@ -30,6 +30,7 @@ fn split_timings<B>(answered: &Answered<B>, elapsed: Duration) -> UpstreamTiming
         return UpstreamTimings {
             connect: None,
             tls: None,
+            tls_resumed: false,
             ttfb: Some(elapsed),
         };
     }
@@ -37,6 +38,7 @@ fn split_timings<B>(answered: &Answered<B>, elapsed: Duration) -> UpstreamTiming
     UpstreamTimings {
         connect: Some(opened.transport),
         tls: opened.tls,
+        tls_resumed: opened.tls_resumed,
         ttfb: Some(
             elapsed
                 .saturating_sub(opened.transport)

@@ -59,6 +59,10 @@ pub struct Tunnel {
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
     pub client_offers_h2: bool,
+    /// Whether the client offered pinproxy a TLS session to resume (its
+    /// ClientHello carried a pre_shared_key): it is a client that resumes,
+    /// so its identity's connections may too (see `upstream::Lane`).
+    pub client_resumes: bool,
     /// The client's fingerprint, as read off the tunnel's first bytes.
     pub client: Arc<ClientConnection>,
     /// Who opened the tunnel (client authentication of the CONNECT).
@@ -237,6 +241,7 @@ mod tests {
             tls: true,
             session_key: None,
             client_offers_h2: false,
+            client_resumes: false,
             client: Arc::default(),
             principal: Principal::default(),
             site: SiteSlot::default(),

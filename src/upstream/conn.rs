@@ -60,6 +60,8 @@ pub struct ConnectTimings {
     pub transport: Duration,
     /// The TLS handshake with the origin (`https` only).
     pub tls: Option<Duration>,
+    /// That handshake resumed a session (see `tls::SessionSlot`).
+    pub tls_resumed: bool,
 }
 
 /// The byte stream of an upstream connection.
@@ -109,6 +111,7 @@ impl Dialer {
             timings: ConnectTimings {
                 transport,
                 tls: None,
+                tls_resumed: false,
             },
         };
         if !https {
@@ -128,7 +131,13 @@ impl Dialer {
                 source: Arc::new(source),
             })?;
         info.timings.tls = Some(tls_started.elapsed());
-        info.sent_ja4 = tls.sent_hello().map(|hello| Arc::from(ja4::ja4(hello)));
+        info.timings.tls_resumed = tls.resumed();
+        // A resumed hello is compared as the client's fresh one: what
+        // resuming adds (pre_shared_key, early_data) says which session,
+        // not which client.
+        info.sent_ja4 = tls
+            .sent_hello()
+            .map(|hello| Arc::from(ja4::ja4(&hello.without_resumption())));
         info.gaps = tls.gaps().clone();
         Ok((UpstreamIo::Tls(Box::new(tls)), info))
     }

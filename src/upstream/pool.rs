@@ -57,7 +57,7 @@ use super::error::UpstreamError;
 use super::framing;
 use super::h2::{self, TokioExec};
 use super::replay::{Replay, Unanswered};
-use super::tls::Shape;
+use super::tls::{SessionSlot, Shape};
 use super::Presentation;
 use super::{ClientAuthority, Origin};
 use crate::body::{Body, BoxError};
@@ -218,6 +218,45 @@ pub(super) struct LanePool {
     /// The identity's lane the connection whose answer founded it goes to
     /// when it comes back (see [`LanePool::hand_over`]).
     heir: std::sync::OnceLock<Heir>,
+    /// The TLS sessions the lane's connections resume (an identity's lane
+    /// with a shaped hello only; see [`Resumes`]).
+    sessions: Option<Sessions>,
+}
+
+/// Most origins an identity's lane keeps a TLS session for: a browser
+/// keeps some thousand in all, an identity mostly needs a site's few hosts.
+/// Past it, a new origin's session takes the place of another's.
+const MAX_SESSION_ORIGINS: usize = 64;
+
+/// Whether a lane's connections resume the TLS sessions their origins
+/// issued to the lane's earlier connections.
+///
+/// A resumed handshake tells the origin the connection follows an earlier
+/// one: what a browser's second connection to a host says, and what an
+/// identity's connections may say, since its cookies link them anyway.
+/// Never a lane shared by several visitors (cookie-less traffic), whose
+/// tickets would link them, and never across exits (each exit has its own
+/// lanes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Resumes {
+    /// Every handshake is a full one: an anonymous lane, or a hello
+    /// pinproxy does not shape (rustls mode, a client without TLS).
+    Never,
+    /// Once a client connection of the identity has offered pinproxy a
+    /// session of its own (mirror mode): the client is one that resumes
+    /// (browsers, Node), where curl's and Python's single runs never do.
+    AsItsClientDoes,
+    /// Always (chrome mode: the identity presents Chrome, which resumes).
+    Always,
+}
+
+/// An identity lane's TLS sessions, one slot per origin.
+struct Sessions {
+    /// Keyed by origins a client names, so with a seeded hasher.
+    by_origin: Mutex<HashMap<Origin, Arc<SessionSlot>, foldhash::fast::RandomState>>,
+    /// Sessions are offered and kept ([`Resumes::Always`], or once the
+    /// client has shown it resumes).
+    wanted: std::sync::atomic::AtomicBool,
 }
 
 /// The identity's lane an anonymous lane's connection goes to (see
@@ -242,8 +281,21 @@ impl LanePool {
         self.dialer.hold_to(expected)
     }
 
-    /// A pool dialling with `dialer`, presenting `presentation`.
-    pub(super) fn new(dialer: Dialer, presentation: Presentation, limits: Limits) -> LanePool {
+    /// A pool dialling with `dialer`, presenting `presentation`, resuming
+    /// TLS sessions as `resumes` says.
+    pub(super) fn new(
+        dialer: Dialer,
+        presentation: Presentation,
+        limits: Limits,
+        resumes: Resumes,
+    ) -> LanePool {
+        let sessions = match (resumes, &presentation.hello) {
+            (Resumes::Never, _) | (_, None) => None,
+            (resumes, Some(_)) => Some(Sessions {
+                by_origin: Mutex::new(HashMap::default()),
+                wanted: (resumes == Resumes::Always).into(),
+            }),
+        };
         LanePool {
             dialer,
             presentation,
@@ -251,7 +303,44 @@ impl LanePool {
             origins: Mutex::new(HashMap::default()),
             retired: std::sync::OnceLock::new(),
             heir: std::sync::OnceLock::new(),
+            sessions,
         }
+    }
+
+    /// A client connection of the lane's identity offered pinproxy a TLS
+    /// session: from now on the lane's connections resume theirs (see
+    /// [`Resumes::AsItsClientDoes`]).
+    pub(super) fn client_resumes(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(sessions) = &self.sessions {
+            if !sessions.wanted.load(Relaxed) {
+                sessions.wanted.store(true, Relaxed);
+            }
+        }
+    }
+
+    /// Where a new connection to `origin` finds a session to offer and
+    /// keeps those it is given; `None` while the lane resumes none.
+    fn session_slot(&self, origin: &Origin) -> Option<Arc<SessionSlot>> {
+        let sessions = self.sessions.as_ref()?;
+        if !origin.https || !sessions.wanted.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        // A panic while the lock was held cannot leave the map
+        // inconsistent (every change is one insert or remove).
+        let mut by_origin = sessions.by_origin.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = by_origin.get(origin) {
+            return Some(slot.clone());
+        }
+        if by_origin.len() >= MAX_SESSION_ORIGINS {
+            let other = by_origin.keys().next().cloned();
+            if let Some(other) = other {
+                by_origin.remove(&other);
+            }
+        }
+        let slot = Arc::new(SessionSlot::default());
+        by_origin.insert(origin.clone(), slot.clone());
+        Some(slot)
     }
 
     /// Hands `connection` (an HTTP/1.1 connection of this anonymous lane,
@@ -391,11 +480,17 @@ impl LanePool {
     }
 
     /// The TLS shape of this lane's connections (`None`: rustls).
-    fn shape<'a>(&'a self, alps: &'a [u8], http1_only: bool) -> Option<Shape<'a>> {
+    fn shape<'a>(
+        &'a self,
+        alps: &'a [u8],
+        http1_only: bool,
+        sessions: Option<&'a Arc<SessionSlot>>,
+    ) -> Option<Shape<'a>> {
         self.presentation.hello.as_deref().map(|hello| Shape {
             hello,
             http1_only,
             alps_settings: alps,
+            sessions,
         })
     }
 
@@ -576,9 +671,14 @@ impl LanePool {
             .as_deref()
             .map(h2::settings_payload)
             .unwrap_or_default();
+        let sessions = self.session_slot(origin);
         let (io, info) = self
             .dialer
-            .connect(&origin.target, origin.https, self.shape(&alps, false))
+            .connect(
+                &origin.target,
+                origin.https,
+                self.shape(&alps, false, sessions.as_ref()),
+            )
             .await
             .map_err(UpstreamError::Connect)?;
         let info = Arc::new(info);
@@ -795,7 +895,10 @@ impl LanePool {
         self.still_live()?;
         let (io, info) = self
             .dialer
-            .connect(&origin.target, origin.https, self.shape(&[], true))
+            // A WebSocket's HTTP/1.1-only hello has a connector of its
+            // own, which the lane's sessions were not made by: it resumes
+            // none.
+            .connect(&origin.target, origin.https, self.shape(&[], true, None))
             .await
             .map_err(UpstreamError::Connect)?;
         self.still_live()?;

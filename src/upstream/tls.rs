@@ -79,6 +79,47 @@ pub struct Shape<'a> {
     pub http1_only: bool,
     /// The client's HTTP/2 SETTINGS payload, sent as its ALPS settings.
     pub alps_settings: &'a [u8],
+    /// Where this connection's TLS sessions are kept: one it holds is
+    /// offered (the connection resumes), and those the origin issues on
+    /// the connection are kept there. `None`: no session is offered or
+    /// kept (every handshake is a full one).
+    pub sessions: Option<&'a Arc<SessionSlot>>,
+}
+
+/// The newest TLS session one identity's connections to one origin were
+/// given, offered on the identity's next connection there, as a browser
+/// resumes with a ticket its earlier connection to a host received.
+///
+/// Only an identity's own connections have one (see `upstream::pool`):
+/// a ticket links the connection that offers it to the one it came on, so
+/// a ticket kept for a lane shared by several visitors, or across exits,
+/// would link what the client never linked. Only BoringSSL offers and
+/// keeps sessions (the shaped hellos of browsers and of chrome mode);
+/// OpenSSL and rustls connections never resume.
+#[derive(Default)]
+pub struct SessionSlot {
+    newest: std::sync::Mutex<Option<boring_stack::KeptSession>>,
+}
+
+impl std::fmt::Debug for SessionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionSlot")
+            .field("holds", &self.holds())
+            .finish()
+    }
+}
+
+impl SessionSlot {
+    fn newest(&self) -> std::sync::MutexGuard<'_, Option<boring_stack::KeptSession>> {
+        // Every change is one assignment: a panic elsewhere while the lock
+        // was held cannot leave it half made.
+        self.newest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a session is kept.
+    pub fn holds(&self) -> bool {
+        self.newest().is_some()
+    }
 }
 
 /// The upstream trust store could not be built.
@@ -237,6 +278,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> TlsIo for T {}
 pub struct TlsConn {
     io: Box<dyn TlsIo>,
     h2: bool,
+    resumed: bool,
     sent: Option<Box<ClientHello>>,
     gaps: Arc<[Gap]>,
 }
@@ -253,6 +295,7 @@ impl TlsConn {
         TlsConn {
             io,
             h2,
+            resumed: false,
             sent: None,
             gaps: Arc::new([]),
         }
@@ -262,6 +305,17 @@ impl TlsConn {
     pub fn with_sent_hello(mut self, hello: Option<ClientHello>) -> TlsConn {
         self.sent = hello.map(Box::new);
         self
+    }
+
+    /// Records that the handshake resumed a session.
+    pub fn with_resumed(mut self, resumed: bool) -> TlsConn {
+        self.resumed = resumed;
+        self
+    }
+
+    /// Whether the handshake resumed a session.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Records what the stack could not mirror.
@@ -476,6 +530,7 @@ pub(crate) mod tests {
                     hello: &hello,
                     http1_only,
                     alps_settings: &[],
+                    sessions: None,
                 };
                 let expected = if openssl {
                     expected
@@ -499,6 +554,7 @@ pub(crate) mod tests {
                 hello: &hello,
                 http1_only: false,
                 alps_settings: &[],
+                sessions: None,
             };
             assert_eq!(again.mirror_stack(shape), tls.mirror_stack(shape), "{name}");
         }
@@ -508,6 +564,7 @@ pub(crate) mod tests {
                 hello: chrome,
                 http1_only: false,
                 alps_settings: &[],
+                sessions: None,
             };
             assert_eq!(tls.mirror_stack(shape), MirrorStack::BoringSsl);
         }

@@ -76,6 +76,18 @@ impl ProxyClient {
         }
     }
 
+    /// The same client, except that it never resumes a TLS session with
+    /// pinproxy (as curl's and Python's single runs never do); the
+    /// default one resumes on its later tunnels to a host, as rustls does.
+    pub fn without_resumption(&self) -> ProxyClient {
+        let mut tls = (*self.tls).clone();
+        tls.resumption = rustls::client::Resumption::disabled();
+        ProxyClient {
+            proxy: self.proxy,
+            tls: Arc::new(tls),
+        }
+    }
+
     /// Sends CONNECT `target` and returns the raw tunnel and the status line.
     pub async fn raw_connect(&self, target: &str) -> (TcpStream, String) {
         let mut tcp = TcpStream::connect(self.proxy).await.unwrap();

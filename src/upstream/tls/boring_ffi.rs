@@ -1,12 +1,12 @@
-//! The four BoringSSL calls a browser-shaped ClientHello needs and the safe
+//! The BoringSSL calls a browser-shaped ClientHello needs and the safe
 //! `boring` binding does not wrap: which groups get key shares, ALPS (with
-//! the client's codepoint and settings) and the trust-anchor ids Chrome
-//! asks for. This is the only `unsafe` code in pinproxy; each call passes
+//! the client's codepoint and settings), the trust-anchor ids Chrome asks
+//! for, and offering a kept session (the binding marks it `unsafe`). This is the only `unsafe` code in pinproxy; each call passes
 //! a live `SSL*` owned by the `SslRef` it borrows and slices that outlive
 //! the call (BoringSSL copies what it keeps).
 #![allow(unsafe_code)]
 
-use boring::ssl::SslRef;
+use boring::ssl::{SslRef, SslSessionRef};
 use foreign_types::ForeignTypeRef as _;
 
 /// BoringSSL refused a setting.
@@ -75,4 +75,25 @@ pub fn set_requested_trust_anchors(ssl: &mut SslRef, ids: &[u8]) -> Result<(), R
 pub fn has_pending(ssl: &SslRef) -> bool {
     // SAFETY: `ssl` is a valid SSL*; the call only reads its buffers' state.
     unsafe { boring_sys::SSL_has_pending(ssl.as_ptr()) != 0 }
+}
+
+/// Offers `session` in `ssl`'s handshake (`SSL_set_session`): the
+/// connection resumes it if the server accepts, else runs a full
+/// handshake. BoringSSL does not offer a session whose lifetime has passed
+/// or whose version the connection does not enable. The caller passes
+/// only a session received on a connection of `ssl`'s own `SSL_CTX` (what
+/// the binding's `SslRef::set_session` asks of its callers).
+pub fn offer_session(ssl: &mut SslRef, session: &SslSessionRef) -> Result<(), Refused> {
+    // SAFETY: both pointers are live for the call (borrowed); BoringSSL
+    // takes its own reference to the session.
+    let result = unsafe { boring_sys::SSL_set_session(ssl.as_ptr(), session.as_ptr()) };
+    check(result, "the session to resume")
+}
+
+/// Whether `session` may be offered once only (a TLS 1.3 ticket: offering
+/// it twice would let the origin link the two connections by it, and
+/// servers may refuse a ticket seen before).
+pub fn single_use(session: &SslSessionRef) -> bool {
+    // SAFETY: `session` is a live SSL_SESSION*; the call only reads it.
+    unsafe { boring_sys::SSL_SESSION_should_be_single_use(session.as_ptr()) != 0 }
 }

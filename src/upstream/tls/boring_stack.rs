@@ -20,9 +20,11 @@ use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use boring::ex_data::Index;
 use boring::ssl::{
-    CertificateCompressionAlgorithm, CertificateCompressor, ConnectConfiguration, SslConnector,
-    SslMethod, SslOptions, SslSignatureAlgorithm, SslVersion,
+    CertificateCompressionAlgorithm, CertificateCompressor, ConnectConfiguration, Ssl,
+    SslConnector, SslContext, SslContextRef, SslMethod, SslOptions, SslRef, SslSession,
+    SslSessionCacheMode, SslSignatureAlgorithm, SslVersion,
 };
 use boring::x509::store::{X509Store, X509StoreBuilder};
 use boring::x509::X509;
@@ -32,7 +34,7 @@ use super::boring_ffi;
 use super::read_ahead::ReadAhead;
 use super::read_gate::{ReadGate, ReadReady};
 use super::tap::{HelloTap, SentHello};
-use super::{Gap, Shape, TlsConn, TlsSetupError};
+use super::{Gap, SessionSlot, Shape, TlsConn, TlsSetupError};
 use crate::fingerprint::client_hello::{ext, is_grease, SessionTicket};
 
 /// Most distinct hellos whose connectors are kept.
@@ -47,6 +49,68 @@ struct Prepared {
     trust_anchors: Option<Vec<u8>>,
     ech_grease: bool,
     gaps: Arc<[Gap]>,
+}
+
+/// A session an origin issued on a connection, with the connector (the
+/// `SSL_CTX`) that made the connection: offered only on that connector's
+/// connections (a WebSocket's HTTP/1.1-only hello has a connector of its
+/// own, and a connector evicted from the cache and made again is another).
+pub(super) struct KeptSession {
+    session: SslSession,
+    context: SslContext,
+}
+
+/// Where a connection keeps the sessions its origin issues: its
+/// [`SessionSlot`], in the connection's ex-data. `None`: BoringSSL had no
+/// index to give (no session is then offered or kept).
+fn slot_index() -> Option<Index<Ssl, Arc<SessionSlot>>> {
+    static INDEX: std::sync::OnceLock<Option<Index<Ssl, Arc<SessionSlot>>>> =
+        std::sync::OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// BoringSSL's new-session callback: a session (a TLS 1.2 session after
+/// the handshake, a TLS 1.3 ticket whenever the origin sends one) goes to
+/// the connection's slot, replacing the one there; a connection without a
+/// slot (an anonymous lane's) keeps none.
+fn keep_session(ssl: &mut SslRef, session: SslSession) {
+    let Some(slot) = slot_index().and_then(|index| ssl.ex_data(index)) else {
+        return;
+    };
+    let kept = KeptSession {
+        session,
+        context: ssl.ssl_context().to_owned(),
+    };
+    *slot.newest() = Some(kept);
+}
+
+/// Offers the session `slot` keeps for `context`'s connections on `ssl`,
+/// and has `ssl` keep the ones its origin issues in `slot`. A TLS 1.3
+/// ticket is taken out as it is offered (offered once, as browsers do);
+/// a TLS 1.2 session stays for the next connection too.
+fn resume_from(slot: &Arc<SessionSlot>, ssl: &mut SslRef) -> Result<(), boring_ffi::Refused> {
+    let Some(index) = slot_index() else {
+        return Ok(());
+    };
+    let offered = {
+        let context: &SslContextRef = ssl.ssl_context();
+        let mut newest = slot.newest();
+        match newest.as_ref() {
+            Some(kept) if std::ptr::eq(&*kept.context, context) => {
+                if boring_ffi::single_use(&kept.session) {
+                    newest.take().map(|kept| kept.session)
+                } else {
+                    Some(kept.session.clone())
+                }
+            }
+            _ => None,
+        }
+    };
+    if let Some(session) = offered {
+        boring_ffi::offer_session(ssl, &session)?;
+    }
+    ssl.set_ex_data(index, slot.clone());
+    Ok(())
 }
 
 /// BoringSSL connections shaped like a given ClientHello.
@@ -119,15 +183,21 @@ impl BoringClient {
         if prepared.ech_grease {
             config.set_enable_ech_grease(true);
         }
+        if let Some(slot) = shape.sessions {
+            resume_from(slot, &mut config).map_err(io::Error::other)?;
+        }
         let sent = SentHello::default();
         let transport = ReadAhead::new(transport);
         let stream = tokio_boring::connect(config, host, HelloTap::new(transport, sent.clone()))
             .await
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2");
+        let resumed = stream.ssl().session_reused();
         let sent = sent.lock().ok().and_then(|mut s| s.take());
         Ok((
-            TlsConn::new(Box::new(ReadGate::new(stream)), h2).with_sent_hello(sent),
+            TlsConn::new(Box::new(ReadGate::new(stream)), h2)
+                .with_sent_hello(sent)
+                .with_resumed(resumed),
             prepared.gaps.clone(),
         ))
     }
@@ -176,6 +246,10 @@ fn prepare(roots: &X509Store, shape: Shape<'_>) -> Result<Prepared, String> {
     let mut gap = |kind: &'static str, detail: String| gaps.push(Gap { kind, detail });
     let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|e| e.to_string())?;
     builder.set_cert_store_ref(roots);
+    // Sessions go to the connection's own slot, never to a cache of the
+    // connector's (one connector serves every lane presenting its hello).
+    builder.set_session_cache_mode(SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL);
+    builder.set_new_session_callback(keep_session);
 
     // Versions: the contiguous range the client lists.
     let versions: Vec<u16> = hello
@@ -657,6 +731,7 @@ mod tests {
             hello: &hello,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         match prepare(&roots, shape) {
             Ok(prepared) => prepared.gaps.iter().map(|g| g.detail.clone()).collect(),
@@ -699,6 +774,7 @@ mod tests {
             hello: &odd,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         let gaps: Vec<String> = match prepare(&roots, shape) {
             Ok(prepared) => prepared.gaps.iter().map(|g| g.detail.clone()).collect(),
@@ -742,20 +818,31 @@ mod tests {
         assert_eq!(sent.server_name.as_deref(), Some("localhost"));
     }
 
-    /// The hello BoringSSL sends for `hello` in a handshake with a local
-    /// server named `localhost`.
-    async fn sent_to_localhost(hello: &ClientHello, http1_only: bool) -> ClientHello {
+    /// A client trusting a fresh test PKI, a listener on 127.0.0.1 and a
+    /// rustls acceptor serving that PKI's `localhost` leaf.
+    async fn client_and_server() -> (
+        BoringClient,
+        tokio::net::TcpListener,
+        tokio_rustls::TlsAcceptor,
+    ) {
         use crate::upstream::tls::tests::{acceptor, pki};
         let pki = pki();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &pki.ca_pem).unwrap_or_else(|e| panic!("{e}"));
+        // The CA file is read here: the directory may go.
         let client = BoringClient::new(&[ca_file]).unwrap_or_else(|e| panic!("{e}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        (client, listener, acceptor(&pki, false))
+    }
+
+    /// The hello BoringSSL sends for `hello` in a handshake with a local
+    /// server named `localhost`.
+    async fn sent_to_localhost(hello: &ClientHello, http1_only: bool) -> ClientHello {
+        let (client, listener, acceptor) = client_and_server().await;
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let acceptor = acceptor(&pki, false);
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await?;
             acceptor.accept(tcp).await.map(drop)
@@ -767,6 +854,7 @@ mod tests {
             hello,
             http1_only,
             alps_settings: &[],
+            sessions: None,
         };
         let (conn, _) = client
             .connect("localhost", tcp, shape)
@@ -777,6 +865,97 @@ mod tests {
         conn.sent_hello()
             .cloned()
             .unwrap_or_else(|| panic!("no hello recorded"))
+    }
+
+    /// A connection given a slot offers the session the slot keeps (and
+    /// keeps the ones its origin issues there); one without a slot, one
+    /// with another slot and one made by another connector (a WebSocket's
+    /// HTTP/1.1-only hello) run full handshakes. A TLS 1.3 ticket is
+    /// offered once. The resumed hello is the fresh one with a
+    /// pre_shared_key: the same JA4 once that is taken out.
+    #[tokio::test]
+    async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
+        use crate::fingerprint::ja4::ja4;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client, listener, acceptor) = client_and_server().await;
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        // rustls issues TLS 1.3 tickets after each handshake; each
+        // connection echoes one byte, so that the client reads (and
+        // BoringSSL takes the tickets that came before it).
+        let server = tokio::spawn(async move {
+            for _ in 0..6 {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut byte = [0u8; 1];
+                if tls.read_exact(&mut byte).await.is_ok() {
+                    let _ = tls.write_all(&byte).await;
+                    let _ = tls.flush().await;
+                }
+            }
+        });
+        let hello = hello("chromium_1");
+        let connect = |sessions: Option<Arc<SessionSlot>>, http1_only: bool| {
+            let client = &client;
+            let hello = &hello;
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let shape = Shape {
+                    hello,
+                    http1_only,
+                    alps_settings: &[],
+                    sessions: sessions.as_ref(),
+                };
+                let (mut conn, _) = client
+                    .connect("localhost", tcp, shape)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                conn.write_all(b"x").await.unwrap_or_else(|e| panic!("{e}"));
+                conn.flush().await.unwrap_or_else(|e| panic!("{e}"));
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let sent = conn.sent_hello().cloned();
+                let sent = sent.unwrap_or_else(|| panic!("no hello recorded"));
+                (conn.resumed(), sent)
+            }
+        };
+        let slot = Arc::new(SessionSlot::default());
+
+        let (resumed, first) = connect(Some(slot.clone()), false).await;
+        assert!(!resumed && !first.pre_shared_key(), "nothing to resume yet");
+        assert!(slot.holds(), "the origin's ticket is kept");
+
+        let (resumed, second) = connect(Some(slot.clone()), false).await;
+        assert!(resumed, "the second connection resumes");
+        assert!(second.pre_shared_key());
+        assert_eq!(ja4(&second.without_resumption()), ja4(&first));
+        assert_ne!(ja4(&second), ja4(&first), "JA4 counts the extension");
+        assert!(slot.holds(), "the ticket of the resumed connection is kept");
+
+        let (resumed, without) = connect(None, false).await;
+        assert!(!resumed && !without.pre_shared_key(), "no slot: no session");
+        let (resumed, other) = connect(Some(Arc::new(SessionSlot::default())), false).await;
+        assert!(
+            !resumed && !other.pre_shared_key(),
+            "another slot's session"
+        );
+        let (resumed, websocket) = connect(Some(slot.clone()), true).await;
+        assert!(
+            !resumed && !websocket.pre_shared_key(),
+            "another connector's session"
+        );
+        // That connection's own ticket took the slot: the next connection
+        // of the first connector finds none of its own.
+        let (resumed, _) = connect(Some(slot.clone()), false).await;
+        assert!(!resumed, "a session of another connector is never offered");
+        server.await.unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]

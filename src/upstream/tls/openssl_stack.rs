@@ -934,6 +934,7 @@ mod tests {
             hello: &recorded,
             http1_only,
             alps_settings: &[],
+            sessions: None,
         };
         let prepared = match prepare(&roots, shape) {
             Ok(p) => p,
@@ -1002,6 +1003,7 @@ mod tests {
             hello: &recorded,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         let mut prepared = match prepare(&roots, shape) {
             Ok(p) => p,
@@ -1147,6 +1149,7 @@ mod tests {
             hello: &hello,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         let (conn, gaps) = client(Some(&pki.ca))
             .connect("localhost", near, shape)
@@ -1217,6 +1220,7 @@ mod tests {
             hello: &hello,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         let result = client(ca).connect(host, near, shape).await;
         let sni = server.await.ok().flatten();
@@ -1291,6 +1295,7 @@ mod tests {
             hello: &hello,
             http1_only: false,
             alps_settings: &[],
+            sessions: None,
         };
         let error = client(None)
             .connect("localhost", near, shape)

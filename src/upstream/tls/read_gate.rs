@@ -265,6 +265,7 @@ mod tests {
             hello: &hello,
             http1_only: true,
             alps_settings: &[],
+            sessions: None,
         };
         let (mut conn, _) = client
             .connect("localhost", transport, shape)
