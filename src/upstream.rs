@@ -427,12 +427,29 @@ impl ExitClient {
                 parked: self.settings.parked.clone(),
                 replayed: self.settings.replayed.clone(),
             };
+            let presentation = self.presentation(lane);
             let resumes = match (lane.key, self.route.fingerprint) {
                 (PoolKey::Anonymous(_), _) | (_, FingerprintMode::Rustls) => Resumes::Never,
                 (PoolKey::Identity(_), FingerprintMode::Chrome) => Resumes::Always,
                 (PoolKey::Identity(_), FingerprintMode::Mirror) => Resumes::AsItsClientDoes,
             };
-            let pool = LanePool::new(dialer, self.presentation(lane), limits, resumes);
+            // Only BoringSSL resumes: a hello the system's OpenSSL says
+            // (curl, Python, Node) keeps no sessions it would not offer.
+            let said_by_openssl = presentation.hello.as_deref().is_some_and(|hello| {
+                let shape = tls::Shape {
+                    hello,
+                    http1_only: false,
+                    alps_settings: &[],
+                    sessions: None,
+                };
+                self.tls.mirror_stack(shape) == tls::MirrorStack::OpenSsl
+            });
+            let resumes = if said_by_openssl {
+                Resumes::Never
+            } else {
+                resumes
+            };
+            let pool = LanePool::new(dialer, presentation, limits, resumes);
             // Made rarely (once per lane): the map is read only then.
             if let Some(retired) = self.retired_lanes.get(&lane.key) {
                 pool.retire(retired.0.clone());

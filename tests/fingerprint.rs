@@ -1028,13 +1028,23 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
             "cookie-less traffic resumed: {record:?}"
         );
     }
+    let mut later_connections = 0;
     for name in ["/a", "/b"] {
         let records = records_of(&rig.origin, name, EXIT_IP);
-        assert_eq!(connections(&records), 3, "{name}: a connection each");
+        // A connection each, but for the GOAWAY race: pinproxy may send
+        // the next request on a connection the origin is closing (see
+        // `direct_and_through`), so two connections or three.
+        let first = records[0].conn.index;
+        let later: Vec<&Record> = records.iter().filter(|r| r.conn.index != first).collect();
+        assert!(
+            (2..=3).contains(&connections(&records)),
+            "{name}: {records:?}"
+        );
+        later_connections += connections(&records) - 1;
         // The identity's first connection has nothing of its own to
         // resume (not another identity's session, nor the anonymous lane's).
         assert!(!records[0].conn.resumed, "{name}: {:?}", records[0].conn);
-        for record in &records[1..] {
+        for record in later {
             assert!(
                 record.conn.resumed && record.conn.resumption_accepted,
                 "{name}: {:?}",
@@ -1050,8 +1060,10 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
     }
     let metrics = rig.s.proxy.daemon.admin().metrics.encode();
     assert!(
-        metrics.contains("pinproxy_upstream_tls_resumed_total{exit=\"tiny\"} 4"),
-        "{metrics}"
+        metrics.contains(&format!(
+            "pinproxy_upstream_tls_resumed_total{{exit=\"tiny\"}} {later_connections}"
+        )),
+        "{later_connections}: {metrics}"
     );
 }
 

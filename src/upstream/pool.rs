@@ -244,7 +244,7 @@ pub(super) enum Resumes {
     Never,
     /// Once a client connection of the identity has offered pinproxy a
     /// session of its own (mirror mode): the client is one that resumes
-    /// (browsers, Node), where curl's and Python's single runs never do.
+    /// (browsers), where a single curl or Python run never does.
     AsItsClientDoes,
     /// Always (chrome mode: the identity presents Chrome, which resumes).
     Always,
@@ -333,8 +333,11 @@ impl LanePool {
             return Some(slot.clone());
         }
         if by_origin.len() >= MAX_SESSION_ORIGINS {
+            // Slots whose ticket was offered and not replaced go first;
+            // then any other (rare: an identity crawling many hosts).
+            by_origin.retain(|_, slot| slot.holds());
             let other = by_origin.keys().next().cloned();
-            if let Some(other) = other {
+            if let (Some(other), true) = (other, by_origin.len() >= MAX_SESSION_ORIGINS) {
                 by_origin.remove(&other);
             }
         }

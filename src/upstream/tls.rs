@@ -103,8 +103,10 @@ pub struct SessionSlot {
 
 impl std::fmt::Debug for SessionSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not `holds`: printing must not wait for (or deadlock on) the lock.
+        let holds = self.newest.try_lock().ok().map(|newest| newest.is_some());
         f.debug_struct("SessionSlot")
-            .field("holds", &self.holds())
+            .field("holds", &holds)
             .finish()
     }
 }

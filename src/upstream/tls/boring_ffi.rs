@@ -6,7 +6,7 @@
 //! the call (BoringSSL copies what it keeps).
 #![allow(unsafe_code)]
 
-use boring::ssl::{SslRef, SslSessionRef};
+use boring::ssl::{ConnectConfiguration, SslRef, SslSessionRef};
 use foreign_types::ForeignTypeRef as _;
 
 /// BoringSSL refused a setting.
@@ -77,13 +77,19 @@ pub fn has_pending(ssl: &SslRef) -> bool {
     unsafe { boring_sys::SSL_has_pending(ssl.as_ptr()) != 0 }
 }
 
-/// Offers `session` in `ssl`'s handshake (`SSL_set_session`): the
-/// connection resumes it if the server accepts, else runs a full
-/// handshake. BoringSSL does not offer a session whose lifetime has passed
-/// or whose version the connection does not enable. The caller passes
-/// only a session received on a connection of `ssl`'s own `SSL_CTX` (what
-/// the binding's `SslRef::set_session` asks of its callers).
-pub fn offer_session(ssl: &mut SslRef, session: &SslSessionRef) -> Result<(), Refused> {
+/// Offers `session` in the handshake `config` will run
+/// (`SSL_set_session`; a configuration has not begun its handshake, which
+/// BoringSSL requires): the connection resumes it if the server accepts,
+/// else runs a full handshake. BoringSSL does not offer a session whose
+/// lifetime has passed or whose version the connection does not enable.
+/// The caller passes only a session received on a connection of
+/// `config`'s own `SSL_CTX` (what the binding's `SslRef::set_session` asks
+/// of its callers).
+pub fn offer_session(
+    config: &mut ConnectConfiguration,
+    session: &SslSessionRef,
+) -> Result<(), Refused> {
+    let ssl: &mut SslRef = config;
     // SAFETY: both pointers are live for the call (borrowed); BoringSSL
     // takes its own reference to the session.
     let result = unsafe { boring_sys::SSL_set_session(ssl.as_ptr(), session.as_ptr()) };

@@ -88,12 +88,15 @@ fn keep_session(ssl: &mut SslRef, session: SslSession) {
 /// and has `ssl` keep the ones its origin issues in `slot`. A TLS 1.3
 /// ticket is taken out as it is offered (offered once, as browsers do);
 /// a TLS 1.2 session stays for the next connection too.
-fn resume_from(slot: &Arc<SessionSlot>, ssl: &mut SslRef) -> Result<(), boring_ffi::Refused> {
+fn resume_from(
+    slot: &Arc<SessionSlot>,
+    config: &mut ConnectConfiguration,
+) -> Result<(), boring_ffi::Refused> {
     let Some(index) = slot_index() else {
         return Ok(());
     };
     let offered = {
-        let context: &SslContextRef = ssl.ssl_context();
+        let context: &SslContextRef = config.ssl_context();
         let mut newest = slot.newest();
         match newest.as_ref() {
             Some(kept) if std::ptr::eq(&*kept.context, context) => {
@@ -107,9 +110,9 @@ fn resume_from(slot: &Arc<SessionSlot>, ssl: &mut SslRef) -> Result<(), boring_f
         }
     };
     if let Some(session) = offered {
-        boring_ffi::offer_session(ssl, &session)?;
+        boring_ffi::offer_session(config, &session)?;
     }
-    ssl.set_ex_data(index, slot.clone());
+    config.set_ex_data(index, slot.clone());
     Ok(())
 }
 
