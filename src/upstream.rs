@@ -401,6 +401,36 @@ impl ExitClient {
         }
     }
 
+    /// Whether `lane`'s connections, presenting `presentation`, resume
+    /// their TLS sessions (see `pool::Resumes`): an identity's, presenting
+    /// Chrome (chrome mode) or a BoringSSL client's hello (Chromium and the
+    /// browsers built on it, which all resume), always; presenting another
+    /// hello BoringSSL says, as its client does; never a hello the system's
+    /// OpenSSL says (curl, Python, Node: only BoringSSL offers sessions),
+    /// rustls mode, or cookie-less traffic.
+    fn resumes(&self, lane: &Lane, presentation: &Presentation) -> Resumes {
+        let (PoolKey::Identity(_), Some(hello)) = (lane.key, presentation.hello.as_deref()) else {
+            return Resumes::Never;
+        };
+        let shape = tls::Shape {
+            hello,
+            http1_only: false,
+            alps_settings: &[],
+            sessions: None,
+        };
+        match self.route.fingerprint {
+            FingerprintMode::Rustls => Resumes::Never,
+            FingerprintMode::Chrome => Resumes::Always,
+            FingerprintMode::Mirror if self.tls.said_in_full_by_boringssl(shape) => Resumes::Always,
+            FingerprintMode::Mirror
+                if self.tls.mirror_stack(shape) == tls::MirrorStack::OpenSsl =>
+            {
+                Resumes::Never
+            }
+            FingerprintMode::Mirror => Resumes::AsItsClientDoes,
+        }
+    }
+
     /// The pool of `lane`, held to the address its identity's record holds
     /// (made before the record knew it, a pool's own first tunnel may have
     /// set another: refused, `ExitIpDrift`).
@@ -428,27 +458,7 @@ impl ExitClient {
                 replayed: self.settings.replayed.clone(),
             };
             let presentation = self.presentation(lane);
-            let resumes = match (lane.key, self.route.fingerprint) {
-                (PoolKey::Anonymous(_), _) | (_, FingerprintMode::Rustls) => Resumes::Never,
-                (PoolKey::Identity(_), FingerprintMode::Chrome) => Resumes::Always,
-                (PoolKey::Identity(_), FingerprintMode::Mirror) => Resumes::AsItsClientDoes,
-            };
-            // Only BoringSSL resumes: a hello the system's OpenSSL says
-            // (curl, Python, Node) keeps no sessions it would not offer.
-            let said_by_openssl = presentation.hello.as_deref().is_some_and(|hello| {
-                let shape = tls::Shape {
-                    hello,
-                    http1_only: false,
-                    alps_settings: &[],
-                    sessions: None,
-                };
-                self.tls.mirror_stack(shape) == tls::MirrorStack::OpenSsl
-            });
-            let resumes = if said_by_openssl {
-                Resumes::Never
-            } else {
-                resumes
-            };
+            let resumes = self.resumes(lane, &presentation);
             let pool = LanePool::new(dialer, presentation, limits, resumes);
             // Made rarely (once per lane): the map is read only then.
             if let Some(retired) = self.retired_lanes.get(&lane.key) {

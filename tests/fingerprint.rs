@@ -1067,6 +1067,71 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
     );
 }
 
+/// Chromium through pinproxy resumes as Chromium does: its page's later
+/// requests (each on a new connection: the origin closes every one after
+/// an answer) go out with Chromium's own resumed hello, the same JA4 as
+/// Chromium's when it reaches the origin itself, pre_shared_key included.
+/// Its identity's first connection resumes nothing (the page's own came on
+/// a cookie-less connection, whose ticket no one keeps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_through_pinproxy_resumes_as_chromium_does() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let chromium = rig.chromium().await;
+    let dom = chromium.dump_dom(None, &rig.origin.url("/page")).await;
+    assert!(dom.contains("fetched ok conn"), "Chromium direct: {dom}");
+    let fetched = || -> Vec<Record> {
+        let records = rig.origin.records().into_iter();
+        records
+            .filter(|r| r.path.starts_with("/fetched?"))
+            .collect()
+    };
+    let direct = fetched();
+    rig.origin.clear();
+    let proxy = rig.s.proxy.daemon.local_addr();
+    let dom = chromium
+        .dump_dom(Some(proxy), &rig.origin.url("/page"))
+        .await;
+    assert!(
+        dom.contains("fetched ok conn"),
+        "Chromium through pinproxy: {dom}"
+    );
+    let through = fetched();
+    assert_eq!(through.len(), 3, "{through:?}");
+    assert!(through.iter().all(|r| r.conn.peer.ip() == ip(EXIT_IP)));
+
+    // Chromium itself resumes on its new connections (a fetch sent on the
+    // page's connection before its GOAWAY came would not need to).
+    let direct: Vec<Record> = direct.into_iter().filter(|r| r.conn.resumed).collect();
+    assert!(!direct.is_empty(), "Chromium never resumed");
+    let resumed_ja4 = one(&direct, "Chromium's resumed JA4", |r| {
+        r.ja4().map(str::to_owned)
+    });
+    let first = through[0].conn.index;
+    assert!(!through[0].conn.resumed, "{:?}", through[0].conn);
+    let later: Vec<Record> = through
+        .iter()
+        .filter(|r| r.conn.index != first)
+        .cloned()
+        .collect();
+    // A connection each, but for the GOAWAY race (see `direct_and_through`).
+    assert!(!later.is_empty(), "{through:?}");
+    for record in &later {
+        assert!(
+            record.conn.resumed && record.conn.resumption_accepted,
+            "{:?}",
+            record.conn
+        );
+    }
+    assert_eq!(
+        one(&later, "resumed JA4 through pinproxy", |r| r
+            .ja4()
+            .map(str::to_owned)),
+        resumed_ja4,
+        "{}",
+        difference(hello(&direct[0]), hello(&later[0]))
+    );
+}
+
 /// In mirror mode an identity resumes as its client does: once a client
 /// connection of the identity has offered pinproxy a session, the
 /// identity's later connections to an origin resume the session its

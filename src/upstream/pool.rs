@@ -243,10 +243,14 @@ pub(super) enum Resumes {
     /// pinproxy does not shape (rustls mode, a client without TLS).
     Never,
     /// Once a client connection of the identity has offered pinproxy a
-    /// session of its own (mirror mode): the client is one that resumes
-    /// (browsers), where a single curl or Python run never does.
+    /// session of its own (mirror mode, a client that is not a BoringSSL
+    /// one): the client is one that resumes, where a single run of a
+    /// command-line client never does.
     AsItsClientDoes,
-    /// Always (chrome mode: the identity presents Chrome, which resumes).
+    /// Always: the identity presents Chrome (chrome mode) or a BoringSSL
+    /// client's hello (Chromium and the browsers built on it), and those
+    /// resume. Their first tunnel to a host may be the only one they open
+    /// to pinproxy, so pinproxy would never see them offer a session.
     Always,
 }
 

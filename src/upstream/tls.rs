@@ -236,6 +236,15 @@ impl UpstreamTls {
         )
     }
 
+    /// Whether BoringSSL says `shape`'s hello with no gap and is the stack
+    /// that says it: the hello of a BoringSSL client (Chromium and the
+    /// browsers built on it), all of which resume their sessions. Cached
+    /// per hello, as [`UpstreamTls::mirror_stack`] is.
+    pub fn said_in_full_by_boringssl(&self, shape: Shape<'_>) -> bool {
+        self.mirror_stack(shape) == MirrorStack::BoringSsl
+            && self.boring.gaps(shape).is_ok_and(|gaps| gaps.is_empty())
+    }
+
     /// Runs the TLS handshake with `host` over `transport`, with the stack
     /// and ClientHello `stack` says.
     pub async fn connect<T>(

@@ -18,7 +18,10 @@
 //!
 //! Every request is answered 200 with a short body; `/login` also sets a
 //! fresh `datadome=<random>` cookie, so an identity can be founded through
-//! pinproxy's Set-Cookie capture.
+//! pinproxy's Set-Cookie capture. `/page` sets one too, and is an HTML page
+//! whose script fetches `/fetched?1`, `?2` and `?3` one after another (a
+//! browser's later requests to the host, with its cookie) and then writes
+//! `fetched` and their answers into the page.
 //!
 //! Readiness: the listener is bound before [`FingerprintOrigin::start`]
 //! returns. A request is recorded before its response is written, so once a
@@ -459,11 +462,18 @@ impl Recorder {
             log.total
         };
         self.count.send_replace(index);
-        let mut response = Response::new(Full::new(Bytes::from(format!(
-            "ok conn {} request {index}\n",
-            self.index
-        ))));
+        let page = path.split('?').next() == Some("/page");
+        let body = match page {
+            true => PAGE.to_owned(),
+            false => format!("ok conn {} request {index}\n", self.index),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = StatusCode::OK;
+        if page {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, "text/html".parse().unwrap());
+        }
         if self.close {
             if version != http::Version::HTTP_2 {
                 response
@@ -472,7 +482,7 @@ impl Recorder {
             }
             self.answered.notify_one();
         }
-        if path.split('?').next() == Some("/login") {
+        if page || path.split('?').next() == Some("/login") {
             let token: u128 = rand::random();
             response.headers_mut().append(
                 "set-cookie",
@@ -484,6 +494,19 @@ impl Recorder {
         response
     }
 }
+
+/// `/page`: three requests to the same host, each after the last answer.
+const PAGE: &str = "<!doctype html><html><body><p id=\"out\">waiting</p><script>
+(async () => {
+  const answers = [];
+  for (const n of [1, 2, 3]) {
+    const response = await fetch('/fetched?' + n);
+    answers.push((await response.text()).trim());
+  }
+  document.getElementById('out').textContent = 'fetched ' + answers.join(' | ');
+})();
+</script></body></html>
+";
 
 /// A stream that keeps the bytes read through it until they hold a whole
 /// HTTP/1.1 request head, then records that head's header names (in case
