@@ -405,9 +405,8 @@ impl ExitClient {
     /// their TLS sessions (see `pool::Resumes`): an identity's, presenting
     /// Chrome (chrome mode) or a BoringSSL client's hello (Chromium and the
     /// browsers built on it, which all resume), always; presenting another
-    /// hello BoringSSL says, as its client does; never a hello the system's
-    /// OpenSSL says (curl, Python, Node: only BoringSSL offers sessions),
-    /// rustls mode, or cookie-less traffic.
+    /// client's hello, as that client does; never in rustls mode, or for
+    /// cookie-less traffic.
     fn resumes(&self, lane: &Lane, presentation: &Presentation) -> Resumes {
         let (PoolKey::Identity(_), Some(hello)) = (lane.key, presentation.hello.as_deref()) else {
             return Resumes::Never;
@@ -422,11 +421,6 @@ impl ExitClient {
             FingerprintMode::Rustls => Resumes::Never,
             FingerprintMode::Chrome => Resumes::Always,
             FingerprintMode::Mirror if self.tls.said_in_full_by_boringssl(shape) => Resumes::Always,
-            FingerprintMode::Mirror
-                if self.tls.mirror_stack(shape) == tls::MirrorStack::OpenSsl =>
-            {
-                Resumes::Never
-            }
             FingerprintMode::Mirror => Resumes::AsItsClientDoes,
         }
     }

@@ -46,10 +46,10 @@
 //! client; `rustls` presents rustls's (`t13d1010h2_61a7ad8aa9b6_76ad8fd2bde2`
 //! offering h2, `2:0;4:2097152;5:16384;6:16384|5177345|0|m,s,a,p`); an exit
 //! may override the global mode. Only an identity's own connections
-//! resume a TLS session (BoringSSL's, in chrome mode always, in mirror
-//! mode once its client resumes with pinproxy), with a session its own
-//! earlier connection was given: a ticket shared by visitors, identities
-//! or exits would link them.
+//! resume a TLS session (in chrome mode, and for Chromium's hello, always;
+//! for another client's, once that client resumes with pinproxy, as Node
+//! does), with a session its own earlier connection was given: a ticket
+//! shared by visitors, identities or exits would link them.
 //! An identity presents its founding client's fingerprint for every later
 //! request, whoever sends it, across fresh connections and restarts.
 
@@ -237,6 +237,54 @@ function tunnel() {
     req.end();
   });
   console.log(line);
+})().catch((e) => { console.error(e.message); process.exit(1); });
+"#;
+
+/// Node's `https`, one process making a GET of each path in turn, each on a
+/// new connection, offering the TLS session its last connection was given
+/// (as `https.Agent` keeps one per host), and sending the `datadome`
+/// cookie the first answer set: `PROXY PORT CA PATH...` (empty PROXY:
+/// direct). Prints each status.
+const NODE_GETS_RESUMING: &str = r#"
+const http = require("http"), https = require("https"), tls = require("tls"), fs = require("fs");
+const [proxy, port, caFile, ...paths] = process.argv.slice(1);
+const ca = fs.readFileSync(caFile);
+let session, cookie;
+function tunnel() {
+  if (!proxy) return Promise.resolve(undefined);
+  const [host, proxyPort] = proxy.split(":");
+  return new Promise((resolve, reject) => {
+    const connect = http.request({ host, port: proxyPort, method: "CONNECT", path: `localhost:${port}` });
+    connect.on("connect", (res, socket) =>
+      res.statusCode === 200 ? resolve(socket) : reject(new Error(`CONNECT ${res.statusCode}`)));
+    connect.on("error", reject);
+    connect.end();
+  });
+}
+async function get(path) {
+  const socket = await tunnel();
+  return new Promise((resolve, reject) => {
+    const req = https.request({
+      host: "localhost", port, path,
+      headers: cookie ? { cookie } : {},
+      createConnection: () => {
+        const conn = tls.connect({ socket, host: "localhost", port, servername: "localhost", ca, session });
+        conn.on("session", (s) => { session = s; });
+        return conn;
+      },
+    }, (res) => {
+      const set = (res.headers["set-cookie"] || []).find((c) => c.startsWith("datadome="));
+      if (set) cookie = set.split(";")[0];
+      res.resume();
+      res.on("end", () => { res.socket.destroy(); resolve(res.statusCode); });
+    });
+    req.setTimeout(20000, () => req.destroy(new Error("timeout")));
+    req.on("error", reject);
+    req.end();
+  });
+}
+(async () => {
+  for (const path of paths) console.log(await get(path));
 })().catch((e) => { console.error(e.message); process.exit(1); });
 "#;
 
@@ -1103,9 +1151,16 @@ async fn chromium_through_pinproxy_resumes_as_chromium_does() {
     // page's connection before its GOAWAY came would not need to).
     let direct: Vec<Record> = direct.into_iter().filter(|r| r.conn.resumed).collect();
     assert!(!direct.is_empty(), "Chromium never resumed");
-    let resumed_ja4 = one(&direct, "Chromium's resumed JA4", |r| {
-        r.ja4().map(str::to_owned)
-    });
+    // A connection each, but for the GOAWAY race (see `direct_and_through`).
+    resumes_after_its_first_connection_as_itself(&through, &direct);
+}
+
+/// Asserts that the identity's requests `through` pinproxy resumed nothing
+/// on their first connection (nothing of the identity's own to resume) and
+/// resumed on every later one (offered and accepted), with the JA4 the
+/// client's own resumed hellos (`own_resumed`, straight to the origin)
+/// have, `pre_shared_key` included.
+fn resumes_after_its_first_connection_as_itself(through: &[Record], own_resumed: &[Record]) {
     let first = through[0].conn.index;
     assert!(!through[0].conn.resumed, "{:?}", through[0].conn);
     let later: Vec<Record> = through
@@ -1113,7 +1168,6 @@ async fn chromium_through_pinproxy_resumes_as_chromium_does() {
         .filter(|r| r.conn.index != first)
         .cloned()
         .collect();
-    // A connection each, but for the GOAWAY race (see `direct_and_through`).
     assert!(!later.is_empty(), "{through:?}");
     for record in &later {
         assert!(
@@ -1122,14 +1176,58 @@ async fn chromium_through_pinproxy_resumes_as_chromium_does() {
             record.conn
         );
     }
+    let ja4 = |r: &Record| r.ja4().map(str::to_owned);
     assert_eq!(
-        one(&later, "resumed JA4 through pinproxy", |r| r
-            .ja4()
-            .map(str::to_owned)),
-        resumed_ja4,
+        one(&later, "resumed JA4 through pinproxy", ja4),
+        one(own_resumed, "the client's own resumed JA4", ja4),
         "{}",
-        difference(hello(&direct[0]), hello(&later[0]))
+        difference(hello(&own_resumed[0]), hello(&later[0]))
     );
+}
+
+/// Node resuming its TLS sessions (as its `https.Agent` does) through
+/// pinproxy is Node resuming to the origin: once its identity's client has
+/// offered pinproxy a session, the identity's connections resume theirs,
+/// said by the system's OpenSSL, with the JA4 Node's own resumed hellos
+/// have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_resuming_its_sessions_resumes_through_pinproxy() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let port = rig.origin.port().to_string();
+    let node = |via: Via, paths: &[&str]| {
+        let mut command = Command::new(require("node"));
+        let proxy = via.proxy.map(|p| p.to_string()).unwrap_or_default();
+        command
+            .args(["-e", NODE_GETS_RESUMING, &proxy, &port])
+            .arg(&via.ca)
+            .args(paths);
+        command
+    };
+    let out = run(&mut node(
+        rig.direct(),
+        &["/direct?0", "/direct?1", "/direct?2"],
+    ))
+    .await;
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["200"; 3], "{out}");
+    let paths = ["/login", "/through?1", "/through?2", "/through?3"];
+    let out = run(&mut node(rig.proxied(), &paths)).await;
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["200"; 4], "{out}");
+    let starting = |prefix: &str| -> Vec<Record> {
+        let records = rig.origin.records().into_iter();
+        records.filter(|r| r.path.starts_with(prefix)).collect()
+    };
+    // Node resumes its own session on each connection after its first.
+    let direct = starting("/direct?");
+    assert!(!direct[0].conn.resumed);
+    assert!(direct[1..].iter().all(|r| r.conn.resumed), "{direct:?}");
+
+    // Through pinproxy: the identity's first connection (its client's
+    // second tunnel, the first to offer pinproxy a session) keeps the
+    // origin's ticket; the next ones resume it, as Node would.
+    let through = starting("/through?");
+    assert_eq!(connections(&through), 3, "{through:?}");
+    assert!(through.iter().all(|r| r.conn.peer.ip() == ip(EXIT_IP)));
+    resumes_after_its_first_connection_as_itself(&through, &direct[1..]);
 }
 
 /// In mirror mode an identity resumes as its client does: once a client

@@ -93,12 +93,19 @@ pub struct Shape<'a> {
 /// Only an identity's own connections have one (see `upstream::pool`):
 /// a ticket links the connection that offers it to the one it came on, so
 /// a ticket kept for a lane shared by several visitors, or across exits,
-/// would link what the client never linked. Only BoringSSL offers and
-/// keeps sessions (the shaped hellos of browsers and of chrome mode);
-/// OpenSSL and rustls connections never resume.
+/// would link what the client never linked. BoringSSL and the system's
+/// OpenSSL offer and keep sessions; rustls connections (pinproxy's own
+/// hello) never resume.
 #[derive(Default)]
 pub struct SessionSlot {
-    newest: std::sync::Mutex<Option<boring_stack::KeptSession>>,
+    newest: std::sync::Mutex<Option<KeptSession>>,
+}
+
+/// A session kept in a [`SessionSlot`], of the stack that made it (and
+/// offered only by that stack, on connections of the same connector).
+enum KeptSession {
+    Boring(boring_stack::KeptSession),
+    Openssl(openssl_stack::KeptSession),
 }
 
 impl std::fmt::Debug for SessionSlot {
@@ -112,7 +119,7 @@ impl std::fmt::Debug for SessionSlot {
 }
 
 impl SessionSlot {
-    fn newest(&self) -> std::sync::MutexGuard<'_, Option<boring_stack::KeptSession>> {
+    fn newest(&self) -> std::sync::MutexGuard<'_, Option<KeptSession>> {
         // Every change is one assignment: a panic elsewhere while the lock
         // was held cannot leave it half made.
         self.newest.lock().unwrap_or_else(|e| e.into_inner())

@@ -34,7 +34,7 @@ use super::boring_ffi;
 use super::read_ahead::ReadAhead;
 use super::read_gate::{ReadGate, ReadReady};
 use super::tap::{HelloTap, SentHello};
-use super::{Gap, SessionSlot, Shape, TlsConn, TlsSetupError};
+use super::{Gap, KeptSession as Kept, SessionSlot, Shape, TlsConn, TlsSetupError};
 use crate::fingerprint::client_hello::{ext, is_grease, SessionTicket};
 
 /// Most distinct hellos whose connectors are kept.
@@ -81,7 +81,7 @@ fn keep_session(ssl: &mut SslRef, session: SslSession) {
         session,
         context: ssl.ssl_context().to_owned(),
     };
-    *slot.newest() = Some(kept);
+    *slot.newest() = Some(Kept::Boring(kept));
 }
 
 /// Offers the session `slot` keeps for `context`'s connections on `ssl`,
@@ -99,9 +99,12 @@ fn resume_from(
         let context: &SslContextRef = config.ssl_context();
         let mut newest = slot.newest();
         match newest.as_ref() {
-            Some(kept) if std::ptr::eq(&*kept.context, context) => {
+            Some(Kept::Boring(kept)) if std::ptr::eq(&*kept.context, context) => {
                 if boring_ffi::single_use(&kept.session) {
-                    newest.take().map(|kept| kept.session)
+                    match newest.take() {
+                        Some(Kept::Boring(kept)) => Some(kept.session),
+                        _ => None,
+                    }
                 } else {
                     Some(kept.session.clone())
                 }

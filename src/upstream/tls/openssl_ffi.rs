@@ -78,6 +78,8 @@ const BIO_C_SET_BUF_MEM_EOF_RETURN: c_int = 130;
 const TLSEXT_NAMETYPE_HOST_NAME: c_long = 0;
 /// `TLSEXT_STATUSTYPE_ocsp`.
 const TLSEXT_STATUSTYPE_OCSP: c_long = 1;
+/// `TLS1_3_VERSION`, as `SSL_SESSION_get_protocol_version` returns it.
+const TLS1_3_VERSION: c_int = 0x0304;
 /// `SSL_SESS_CACHE_OFF`.
 const SSL_SESS_CACHE_OFF: c_long = 0;
 /// `SSL_VERIFY_PEER`.
@@ -141,6 +143,10 @@ struct SslC {
 }
 #[repr(C)]
 struct SslCipherC {
+    _opaque: [u8; 0],
+}
+#[repr(C)]
+struct SslSessionC {
     _opaque: [u8; 0],
 }
 #[repr(C)]
@@ -214,6 +220,14 @@ struct Api {
     ssl_get_verify_result: unsafe extern "C" fn(*const SslC) -> c_long,
     ssl_cipher_find: unsafe extern "C" fn(*mut SslC, *const u8) -> *const SslCipherC,
     ssl_cipher_get_name: unsafe extern "C" fn(*const SslCipherC) -> *const c_char,
+    ssl_set_session: unsafe extern "C" fn(*mut SslC, *mut SslSessionC) -> c_int,
+    ssl_get1_session: unsafe extern "C" fn(*mut SslC) -> *mut SslSessionC,
+    ssl_session_reused: unsafe extern "C" fn(*const SslC) -> c_int,
+    ssl_session_free: unsafe extern "C" fn(*mut SslSessionC),
+    ssl_session_dup: unsafe extern "C" fn(*const SslSessionC) -> *mut SslSessionC,
+    ssl_session_is_resumable: unsafe extern "C" fn(*const SslSessionC) -> c_int,
+    ssl_session_has_ticket: unsafe extern "C" fn(*const SslSessionC) -> c_int,
+    ssl_session_get_protocol_version: unsafe extern "C" fn(*const SslSessionC) -> c_int,
     /// Keep the libraries (and so every pointer above) loaded for ever.
     _libssl: Library,
     _libcrypto: Library,
@@ -319,6 +333,14 @@ fn load() -> Result<Api, String> {
             ssl_get_verify_result: symbol(s, "SSL_get_verify_result")?,
             ssl_cipher_find: symbol(s, "SSL_CIPHER_find")?,
             ssl_cipher_get_name: symbol(s, "SSL_CIPHER_get_name")?,
+            ssl_set_session: symbol(s, "SSL_set_session")?,
+            ssl_get1_session: symbol(s, "SSL_get1_session")?,
+            ssl_session_reused: symbol(s, "SSL_session_reused")?,
+            ssl_session_free: symbol(s, "SSL_SESSION_free")?,
+            ssl_session_dup: symbol(s, "SSL_SESSION_dup")?,
+            ssl_session_is_resumable: symbol(s, "SSL_SESSION_is_resumable")?,
+            ssl_session_has_ticket: symbol(s, "SSL_SESSION_has_ticket")?,
+            ssl_session_get_protocol_version: symbol(s, "SSL_SESSION_get_protocol_version")?,
             _libssl: libssl,
             _libcrypto: libcrypto,
             version: String::new(),
@@ -689,8 +711,9 @@ impl Ctx {
         }
     }
 
-    /// No session cache (no resumption ever) and writes that may be
-    /// retried from a moved buffer.
+    /// No session cache of the context's (a session is resumed only when
+    /// offered with [`Ssl::offer_session`]) and writes that may be retried
+    /// from a moved buffer.
     pub fn set_no_cache_and_async_writes(&mut self) {
         self.ctrl(
             SSL_CTRL_SET_SESS_CACHE_MODE,
@@ -765,6 +788,29 @@ pub enum Step<T> {
     Closed,
     /// A fatal error; the connection is unusable.
     Failed(Error),
+}
+
+/// A TLS session an origin issued (`SSL_SESSION`, one reference to it),
+/// to be offered on a later connection ([`Ssl::offer_session`]).
+pub struct Session {
+    api: &'static Api,
+    ptr: NonNull<SslSessionC>,
+}
+
+// SAFETY: OpenSSL counts an SSL_SESSION's references atomically and does
+// not change a session that is in use (a connection given new tickets
+// makes new sessions): a reference may move to, and be read from, any
+// thread.
+unsafe impl Send for Session {}
+// SAFETY: as above; `&Session` only hands the pointer to SSL_set_session,
+// which takes a reference of its own.
+unsafe impl Sync for Session {}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: we own one reference to a live SSL_SESSION.
+        unsafe { (self.api.ssl_session_free)(self.ptr.as_ptr()) }
+    }
 }
 
 /// An `SSL` connection over two memory BIOs: ciphertext from the peer is
@@ -986,6 +1032,62 @@ impl Ssl {
         // SAFETY: `wbio` is live; `buf` is writable for `len` bytes.
         let n = unsafe { (self.api.bio_read)(self.wbio.as_ptr(), buf.as_mut_ptr().cast(), len) };
         usize::try_from(n).unwrap_or(0)
+    }
+
+    /// Offers `session` in the handshake (`SSL_set_session`; before
+    /// [`Ssl::connect`] is first called): the connection resumes it if the
+    /// server accepts, else runs a full handshake. The caller passes only a
+    /// session made by a connection of this connection's `SSL_CTX`.
+    pub fn offer_session(&mut self, session: &Session) -> Result<(), Error> {
+        clear_errors(self.api);
+        // SAFETY: live SSL and session; SSL_set_session takes its own
+        // reference to the session (and drops the SSL's previous one).
+        let ok = unsafe { (self.api.ssl_set_session)(self.ptr.as_ptr(), session.ptr.as_ptr()) };
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(failed(self.api, "the session to resume"))
+        }
+    }
+
+    /// A copy of the connection's session, when it can be resumed (a
+    /// TLS 1.2 session after the handshake; in TLS 1.3, once the server
+    /// has sent a ticket, which a read takes in: the newest). A copy, not
+    /// the connection's own: OpenSSL marks a connection's session
+    /// unresumable when the connection is freed without a close_notify
+    /// sent (as a pooled connection the origin closed is), which would
+    /// spoil it for the connections that come after.
+    pub fn resumable_session(&mut self) -> Option<Session> {
+        // SAFETY: live SSL; SSL_get1_session returns a new reference (or
+        // NULL), which `own` then holds (and frees).
+        let own = NonNull::new(unsafe { (self.api.ssl_get1_session)(self.ptr.as_ptr()) })?;
+        let own = Session {
+            api: self.api,
+            ptr: own,
+        };
+        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup returns a new session
+        // (one reference, which the Session then owns) or NULL.
+        let copy = unsafe { (self.api.ssl_session_dup)(own.ptr.as_ptr()) };
+        let ptr = NonNull::new(copy)?;
+        let session = Session { api: self.api, ptr };
+        // SAFETY: a live SSL_SESSION; the calls only read it.
+        let (resumable, ticket, version) = unsafe {
+            (
+                (self.api.ssl_session_is_resumable)(ptr.as_ptr()) == 1,
+                (self.api.ssl_session_has_ticket)(ptr.as_ptr()) == 1,
+                (self.api.ssl_session_get_protocol_version)(ptr.as_ptr()),
+            )
+        };
+        // A TLS 1.3 session resumes by ticket only: before the server's
+        // ticket it holds the echoed legacy session id, which OpenSSL
+        // counts as resumable but never offers.
+        (resumable && (ticket || version < TLS1_3_VERSION)).then_some(session)
+    }
+
+    /// Whether the handshake resumed a session.
+    pub fn session_reused(&self) -> bool {
+        // SAFETY: live SSL; the call only reads it.
+        unsafe { (self.api.ssl_session_reused)(self.ptr.as_ptr()) == 1 }
     }
 
     /// The protocol the server chose by ALPN.

@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::openssl_ffi::{self, op, Ctx, Ssl, Step, Store};
 use super::tap::{HelloTap, SentHello};
-use super::{Gap, Shape, TlsConn, TlsSetupError};
+use super::{Gap, KeptSession as Kept, SessionSlot, Shape, TlsConn, TlsSetupError};
 use crate::fingerprint::client_hello::{self, ext, is_grease, is_grease_alpn, ClientHello};
 
 /// Most distinct hellos whose contexts are kept.
@@ -75,6 +75,21 @@ struct Prepared {
     /// Send SNI (the client did).
     sni: bool,
     gaps: Arc<[Gap]>,
+}
+
+/// A session an origin issued on a connection, with the context (the
+/// `SSL_CTX`) that made the connection: offered only on that context's
+/// connections. Reused until the origin issues a newer one, as OpenSSL
+/// clients that resume (Node's agent) do.
+pub(super) struct KeptSession {
+    session: openssl_ffi::Session,
+    prepared: Arc<Prepared>,
+}
+
+/// Where a connection keeps the session its origin issues.
+struct Keep {
+    slot: Arc<SessionSlot>,
+    prepared: Arc<Prepared>,
 }
 
 /// OpenSSL connections shaped like a given ClientHello.
@@ -152,13 +167,27 @@ impl OpensslClient {
             ssl.set_sni(host).map_err(io::Error::other)?;
         }
         ssl.set_verify_host(host).map_err(io::Error::other)?;
+        let keep = match shape.sessions {
+            Some(slot) => {
+                offer_kept(slot, &prepared, &mut ssl).map_err(io::Error::other)?;
+                Some(Keep {
+                    slot: slot.clone(),
+                    prepared: prepared.clone(),
+                })
+            }
+            None => None,
+        };
         let sent = SentHello::default();
         let mut stream = OpensslStream::new(ssl, HelloTap::new(transport, sent.clone()));
+        stream.keep = keep;
         stream.handshake(host).await?;
         let h2 = stream.ssl.alpn_selected().as_deref() == Some(b"h2");
+        let resumed = stream.ssl.session_reused();
         let sent = sent.lock().ok().and_then(|mut s| s.take());
         Ok((
-            TlsConn::new(Box::new(stream), h2).with_sent_hello(sent),
+            TlsConn::new(Box::new(stream), h2)
+                .with_sent_hello(sent)
+                .with_resumed(resumed),
             prepared.gaps.clone(),
         ))
     }
@@ -171,6 +200,20 @@ impl OpensslClient {
         self.contexts
             .try_get_with(key, || prepare(&self.roots, shape).map(Arc::new))
             .map_err(|e| (*e).clone())
+    }
+}
+
+/// Offers the session `slot` keeps for `prepared`'s connections on `ssl`.
+fn offer_kept(
+    slot: &SessionSlot,
+    prepared: &Arc<Prepared>,
+    ssl: &mut Ssl,
+) -> Result<(), openssl_ffi::Error> {
+    match slot.newest().as_ref() {
+        Some(Kept::Openssl(kept)) if Arc::ptr_eq(&kept.prepared, prepared) => {
+            ssl.offer_session(&kept.session)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -381,7 +424,9 @@ fn configure(hello: &ClientHello, alpn: &[Vec<u8>]) -> Result<Ctx, openssl_ffi::
     if hello.status_request() {
         ctx.request_ocsp()?;
     }
-    // No resumption, ever: a ticket shared across exits would link them.
+    // No session cache of the context's (one context serves every lane
+    // presenting its hello): a connection keeps its session in its own
+    // slot (see `OpensslStream::keep_session`).
     ctx.set_no_cache_and_async_writes();
     Ok(ctx)
 }
@@ -692,6 +737,9 @@ pub struct OpensslStream<T> {
     fatal: bool,
     /// close_notify was queued.
     closing: bool,
+    /// Where the session the origin issues goes, until one has gone
+    /// (`None`: the connection keeps none).
+    keep: Option<Keep>,
 }
 
 impl<T> std::fmt::Debug for OpensslStream<T> {
@@ -715,6 +763,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> OpensslStream<T> {
             eof: false,
             fatal: false,
             closing: false,
+            keep: None,
+        }
+    }
+
+    /// Keeps the connection's session once it can be resumed: a TLS 1.2
+    /// one from the handshake on, a TLS 1.3 ticket once a read has taken
+    /// it in (an origin sends its tickets before its first answer, so the
+    /// first read that returns data finds them). One per connection.
+    fn keep_session(&mut self) {
+        let Some(keep) = &self.keep else {
+            return;
+        };
+        if let Some(session) = self.ssl.resumable_session() {
+            let kept = KeptSession {
+                session,
+                prepared: keep.prepared.clone(),
+            };
+            *keep.slot.newest() = Some(Kept::Openssl(kept));
+            self.keep = None;
         }
     }
 
@@ -850,6 +917,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for OpensslStream<T> {
         }
         if let Some(n) = read {
             buf.advance(n);
+            this.keep_session();
         }
         Poll::Ready(Ok(()))
     }
@@ -1225,6 +1293,80 @@ mod tests {
         let result = client(ca).connect(host, near, shape).await;
         let sni = server.await.ok().flatten();
         (result.map(|(conn, _)| conn), sni)
+    }
+
+    /// A connection given a slot offers the session the slot keeps (a
+    /// TLS 1.3 ticket its predecessor took in with its first read) and
+    /// keeps the one its origin issues there; one without a slot, and one
+    /// with another slot, run full handshakes. The resumed hello is the
+    /// fresh one with a pre_shared_key.
+    #[tokio::test]
+    async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
+        use crate::fingerprint::ja4::ja4;
+        use crate::upstream::tls::SessionSlot;
+        use tokio::io::AsyncReadExt as _;
+        if !available() {
+            return;
+        }
+        let pki = pki();
+        let client = client(Some(&pki.ca));
+        // One acceptor, so one rustls session store: it resumes the
+        // tickets it issued on an earlier connection.
+        let acceptor = acceptor(&pki, false);
+        let hello = fixture("python_requests").fresh_and_anonymous();
+        let connect = |sessions: Option<Arc<SessionSlot>>| {
+            let (client, acceptor, hello) = (&client, acceptor.clone(), &hello);
+            async move {
+                let (near, far) = tokio::io::duplex(1 << 16);
+                let server = tokio::spawn(async move {
+                    let mut tls = acceptor.accept(far).await.ok()?;
+                    tls.write_all(b"hello").await.ok()?;
+                    tls.flush().await.ok()?;
+                    // Held open until the client has read.
+                    let mut rest = Vec::new();
+                    let _ = tls.read_to_end(&mut rest).await;
+                    Some(())
+                });
+                let shape = Shape {
+                    hello,
+                    http1_only: false,
+                    alps_settings: &[],
+                    sessions: sessions.as_ref(),
+                };
+                let (mut conn, _) = client
+                    .connect("localhost", near, shape)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut greeting = [0u8; 5];
+                conn.read_exact(&mut greeting)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let sent = conn.sent_hello().cloned();
+                let sent = sent.unwrap_or_else(|| panic!("no hello recorded"));
+                let resumed = conn.resumed();
+                drop(conn);
+                let _ = server.await;
+                (resumed, sent)
+            }
+        };
+        let slot = Arc::new(SessionSlot::default());
+        let (resumed, first) = connect(Some(slot.clone())).await;
+        assert!(!resumed && !first.pre_shared_key(), "nothing to resume yet");
+        assert!(slot.holds(), "the origin's ticket is kept");
+        let (resumed, second) = connect(Some(slot.clone())).await;
+        assert!(
+            second.pre_shared_key(),
+            "the second connection offers the ticket"
+        );
+        assert!(resumed, "the second connection resumes");
+        assert_eq!(ja4(&second.without_resumption()), ja4(&first));
+        let (resumed, without) = connect(None).await;
+        assert!(!resumed && !without.pre_shared_key(), "no slot: no session");
+        let (resumed, other) = connect(Some(Arc::new(SessionSlot::default()))).await;
+        assert!(
+            !resumed && !other.pre_shared_key(),
+            "another slot's session"
+        );
     }
 
     #[tokio::test]
