@@ -403,25 +403,18 @@ impl ExitClient {
 
     /// Whether `lane`'s connections, presenting `presentation`, resume
     /// their TLS sessions (see `pool::Resumes`): an identity's, presenting
-    /// Chrome (chrome mode) or a BoringSSL client's hello (Chromium and the
-    /// browsers built on it, which all resume), always; presenting another
-    /// client's hello, as that client does; never in rustls mode, or for
-    /// cookie-less traffic.
+    /// Chrome (chrome mode), always; presenting its client's hello (mirror
+    /// mode), always for a BoringSSL client's (Chromium and the browsers
+    /// built on it), else as its client does; never in rustls mode, or for
+    /// cookie-less traffic. Cheap: it runs while the lane map is locked.
     fn resumes(&self, lane: &Lane, presentation: &Presentation) -> Resumes {
-        let (PoolKey::Identity(_), Some(hello)) = (lane.key, presentation.hello.as_deref()) else {
+        if !matches!(lane.key, PoolKey::Identity(_)) || presentation.hello.is_none() {
             return Resumes::Never;
-        };
-        let shape = tls::Shape {
-            hello,
-            http1_only: false,
-            alps_settings: &[],
-            sessions: None,
-        };
+        }
         match self.route.fingerprint {
             FingerprintMode::Rustls => Resumes::Never,
             FingerprintMode::Chrome => Resumes::Always,
-            FingerprintMode::Mirror if self.tls.said_in_full_by_boringssl(shape) => Resumes::Always,
-            FingerprintMode::Mirror => Resumes::AsItsClientDoes,
+            FingerprintMode::Mirror => Resumes::AsItsClient,
         }
     }
 

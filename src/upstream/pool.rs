@@ -242,15 +242,19 @@ pub(super) enum Resumes {
     /// Every handshake is a full one: an anonymous lane, or a hello
     /// pinproxy does not shape (rustls mode, a client without TLS).
     Never,
-    /// Once a client connection of the identity has offered pinproxy a
-    /// session of its own (mirror mode, a client that is not a BoringSSL
-    /// one): the client is one that resumes, where a single run of a
-    /// command-line client never does.
-    AsItsClientDoes,
-    /// Always: the identity presents Chrome (chrome mode) or a BoringSSL
-    /// client's hello (Chromium and the browsers built on it), and those
-    /// resume. Their first tunnel to a host may be the only one they open
-    /// to pinproxy, so pinproxy would never see them offer a session.
+    /// As the client the identity presents does (mirror mode): always for
+    /// a BoringSSL client's hello (one BoringSSL says with no gap: Chromium
+    /// and the browsers built on it, and the tools that impersonate them),
+    /// which resume; for another client's, once a client connection of the
+    /// identity has offered pinproxy a session of its own (the client is
+    /// one that resumes, where a single run of a command-line client never
+    /// does). Which hello it is is asked at the lane's first dial, which
+    /// prepares the hello's connector anyway, not while the lane map is
+    /// locked.
+    AsItsClient,
+    /// Always: the identity presents Chrome (chrome mode), which resumes.
+    /// A browser's first tunnel to a host may be the only one it opens to
+    /// pinproxy, so pinproxy would never see it offer a session.
     Always,
 }
 
@@ -261,6 +265,9 @@ struct Sessions {
     /// Sessions are offered and kept ([`Resumes::Always`], or once the
     /// client has shown it resumes).
     wanted: std::sync::atomic::AtomicBool,
+    /// [`Resumes::AsItsClient`]: whether the hello is a BoringSSL
+    /// client's, once the first dial has asked.
+    browser_hello: Option<std::sync::OnceLock<bool>>,
 }
 
 /// The identity's lane an anonymous lane's connection goes to (see
@@ -298,6 +305,7 @@ impl LanePool {
             (resumes, Some(_)) => Some(Sessions {
                 by_origin: Mutex::new(HashMap::default()),
                 wanted: (resumes == Resumes::Always).into(),
+                browser_hello: (resumes == Resumes::AsItsClient).then(std::sync::OnceLock::new),
             }),
         };
         LanePool {
@@ -313,7 +321,7 @@ impl LanePool {
 
     /// A client connection of the lane's identity offered pinproxy a TLS
     /// session: from now on the lane's connections resume theirs (see
-    /// [`Resumes::AsItsClientDoes`]).
+    /// [`Resumes::AsItsClient`]).
     pub(super) fn client_resumes(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(sessions) = &self.sessions {
@@ -327,7 +335,17 @@ impl LanePool {
     /// keeps those it is given; `None` while the lane resumes none.
     fn session_slot(&self, origin: &Origin) -> Option<Arc<SessionSlot>> {
         let sessions = self.sessions.as_ref()?;
-        if !origin.https || !sessions.wanted.load(std::sync::atomic::Ordering::Relaxed) {
+        if !origin.https {
+            return None;
+        }
+        let wanted = sessions.wanted.load(std::sync::atomic::Ordering::Relaxed)
+            || sessions.browser_hello.as_ref().is_some_and(|browser| {
+                *browser.get_or_init(|| {
+                    self.shape(&[], false, None)
+                        .is_some_and(|shape| self.dialer.tls.said_in_full_by_boringssl(shape))
+                })
+            });
+        if !wanted {
             return None;
         }
         // A panic while the lock was held cannot leave the map

@@ -495,8 +495,10 @@ impl Recorder {
     }
 }
 
-/// `/page`: three requests to the same host, each after the last answer.
-const PAGE: &str = "<!doctype html><html><body><p id=\"out\">waiting</p><script>
+/// `/page`: three requests to the same host, each after the last answer
+/// (and no favicon request, which could come before them).
+const PAGE: &str = "<!doctype html><html><head><link rel=\"icon\" href=\"data:,\"></head>
+<body><p id=\"out\">waiting</p><script>
 (async () => {
   const answers = [];
   for (const n of [1, 2, 3]) {

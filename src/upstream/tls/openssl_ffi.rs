@@ -221,7 +221,7 @@ struct Api {
     ssl_cipher_find: unsafe extern "C" fn(*mut SslC, *const u8) -> *const SslCipherC,
     ssl_cipher_get_name: unsafe extern "C" fn(*const SslCipherC) -> *const c_char,
     ssl_set_session: unsafe extern "C" fn(*mut SslC, *mut SslSessionC) -> c_int,
-    ssl_get1_session: unsafe extern "C" fn(*mut SslC) -> *mut SslSessionC,
+    ssl_get_session: unsafe extern "C" fn(*const SslC) -> *mut SslSessionC,
     ssl_session_reused: unsafe extern "C" fn(*const SslC) -> c_int,
     ssl_session_free: unsafe extern "C" fn(*mut SslSessionC),
     ssl_session_dup: unsafe extern "C" fn(*const SslSessionC) -> *mut SslSessionC,
@@ -334,7 +334,7 @@ fn load() -> Result<Api, String> {
             ssl_cipher_find: symbol(s, "SSL_CIPHER_find")?,
             ssl_cipher_get_name: symbol(s, "SSL_CIPHER_get_name")?,
             ssl_set_session: symbol(s, "SSL_set_session")?,
-            ssl_get1_session: symbol(s, "SSL_get1_session")?,
+            ssl_get_session: symbol(s, "SSL_get_session")?,
             ssl_session_reused: symbol(s, "SSL_session_reused")?,
             ssl_session_free: symbol(s, "SSL_SESSION_free")?,
             ssl_session_dup: symbol(s, "SSL_SESSION_dup")?,
@@ -797,13 +797,14 @@ pub struct Session {
     ptr: NonNull<SslSessionC>,
 }
 
-// SAFETY: OpenSSL counts an SSL_SESSION's references atomically and does
-// not change a session that is in use (a connection given new tickets
-// makes new sessions): a reference may move to, and be read from, any
+// SAFETY: OpenSSL counts an SSL_SESSION's references atomically, and a
+// Session is never attached to a connection (each is a copy made for it,
+// and each offer is of a further copy: `Ssl::offer_session`), so nothing
+// changes it once made: a reference may move to, and be read from, any
 // thread.
 unsafe impl Send for Session {}
-// SAFETY: as above; `&Session` only hands the pointer to SSL_set_session,
-// which takes a reference of its own.
+// SAFETY: as above; `&Session` only hands the pointer to SSL_SESSION_dup,
+// which reads it.
 unsafe impl Sync for Session {}
 
 impl Drop for Session {
@@ -1034,15 +1035,28 @@ impl Ssl {
         usize::try_from(n).unwrap_or(0)
     }
 
-    /// Offers `session` in the handshake (`SSL_set_session`; before
-    /// [`Ssl::connect`] is first called): the connection resumes it if the
-    /// server accepts, else runs a full handshake. The caller passes only a
-    /// session made by a connection of this connection's `SSL_CTX`.
+    /// Offers a copy of `session` in the handshake (`SSL_set_session`;
+    /// before [`Ssl::connect`] is first called): the connection resumes it
+    /// if the server accepts, else runs a full handshake. A copy, so that
+    /// nothing this connection does to its session (OpenSSL marks it
+    /// unresumable if the connection is freed without a close_notify)
+    /// reaches `session`, which other threads may be copying. The caller
+    /// passes only a session made by a connection of this connection's
+    /// `SSL_CTX`.
     pub fn offer_session(&mut self, session: &Session) -> Result<(), Error> {
         clear_errors(self.api);
+        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup only reads it and
+        // returns a new session (one reference, which `copy` then owns and
+        // frees) or NULL.
+        let copy = NonNull::new(unsafe { (self.api.ssl_session_dup)(session.ptr.as_ptr()) })
+            .ok_or_else(|| failed(self.api, "a copy of the session to resume"))?;
+        let copy = Session {
+            api: self.api,
+            ptr: copy,
+        };
         // SAFETY: live SSL and session; SSL_set_session takes its own
-        // reference to the session (and drops the SSL's previous one).
-        let ok = unsafe { (self.api.ssl_set_session)(self.ptr.as_ptr(), session.ptr.as_ptr()) };
+        // reference to the copy (and drops the SSL's previous session).
+        let ok = unsafe { (self.api.ssl_set_session)(self.ptr.as_ptr(), copy.ptr.as_ptr()) };
         if ok == 1 {
             Ok(())
         } else {
@@ -1050,38 +1064,48 @@ impl Ssl {
         }
     }
 
-    /// A copy of the connection's session, when it can be resumed (a
-    /// TLS 1.2 session after the handshake; in TLS 1.3, once the server
-    /// has sent a ticket, which a read takes in: the newest). A copy, not
-    /// the connection's own: OpenSSL marks a connection's session
-    /// unresumable when the connection is freed without a close_notify
-    /// sent (as a pooled connection the origin closed is), which would
-    /// spoil it for the connections that come after.
-    pub fn resumable_session(&mut self) -> Option<Session> {
-        // SAFETY: live SSL; SSL_get1_session returns a new reference (or
-        // NULL), which `own` then holds (and frees).
-        let own = NonNull::new(unsafe { (self.api.ssl_get1_session)(self.ptr.as_ptr()) })?;
-        let own = Session {
-            api: self.api,
-            ptr: own,
-        };
-        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup returns a new session
-        // (one reference, which the Session then owns) or NULL.
-        let copy = unsafe { (self.api.ssl_session_dup)(own.ptr.as_ptr()) };
-        let ptr = NonNull::new(copy)?;
-        let session = Session { api: self.api, ptr };
+    /// A copy of the connection's session when it is another than the one
+    /// `seen` last (its address; 0 at first) and can be resumed: a TLS 1.2
+    /// session from the handshake on; in TLS 1.3 each ticket the server
+    /// sends, once a read has taken it in. Checking the address first keeps
+    /// this to one call per read while nothing changes. A copy, not the
+    /// connection's own: OpenSSL marks a connection's session unresumable
+    /// when the connection is freed without a close_notify sent (as a
+    /// pooled connection the origin closed is), which would spoil it for
+    /// the connections that come after.
+    pub fn new_resumable_session(&mut self, seen: &mut usize) -> Option<Session> {
+        // SAFETY: live SSL; SSL_get_session returns the SSL's own session
+        // (no reference taken), or NULL; it stays valid while the SSL is
+        // not used otherwise, which `&mut self` guarantees for this call.
+        let own = NonNull::new(unsafe { (self.api.ssl_get_session)(self.ptr.as_ptr()) })?;
+        let address = own.as_ptr() as usize;
+        if address == *seen {
+            return None;
+        }
         // SAFETY: a live SSL_SESSION; the calls only read it.
         let (resumable, ticket, version) = unsafe {
             (
-                (self.api.ssl_session_is_resumable)(ptr.as_ptr()) == 1,
-                (self.api.ssl_session_has_ticket)(ptr.as_ptr()) == 1,
-                (self.api.ssl_session_get_protocol_version)(ptr.as_ptr()),
+                (self.api.ssl_session_is_resumable)(own.as_ptr()) == 1,
+                (self.api.ssl_session_has_ticket)(own.as_ptr()) == 1,
+                (self.api.ssl_session_get_protocol_version)(own.as_ptr()),
             )
         };
         // A TLS 1.3 session resumes by ticket only: before the server's
         // ticket it holds the echoed legacy session id, which OpenSSL
-        // counts as resumable but never offers.
-        (resumable && (ticket || version < TLS1_3_VERSION)).then_some(session)
+        // counts as resumable but never offers. Not marked seen then: the
+        // ticket may come into this same session.
+        if !(resumable && (ticket || version < TLS1_3_VERSION)) {
+            return None;
+        }
+        *seen = address;
+        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup only reads it and
+        // returns a new session (one reference, which the Session then
+        // owns) or NULL.
+        let copy = NonNull::new(unsafe { (self.api.ssl_session_dup)(own.as_ptr()) })?;
+        Some(Session {
+            api: self.api,
+            ptr: copy,
+        })
     }
 
     /// Whether the handshake resumed a session.

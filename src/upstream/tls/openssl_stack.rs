@@ -86,10 +86,12 @@ pub(super) struct KeptSession {
     prepared: Arc<Prepared>,
 }
 
-/// Where a connection keeps the session its origin issues.
+/// Where a connection keeps the sessions its origin issues.
 struct Keep {
     slot: Arc<SessionSlot>,
     prepared: Arc<Prepared>,
+    /// The address of the connection's session last kept (0: none yet).
+    seen: usize,
 }
 
 /// OpenSSL connections shaped like a given ClientHello.
@@ -173,6 +175,7 @@ impl OpensslClient {
                 Some(Keep {
                     slot: slot.clone(),
                     prepared: prepared.clone(),
+                    seen: 0,
                 })
             }
             None => None,
@@ -737,8 +740,8 @@ pub struct OpensslStream<T> {
     fatal: bool,
     /// close_notify was queued.
     closing: bool,
-    /// Where the session the origin issues goes, until one has gone
-    /// (`None`: the connection keeps none).
+    /// Where the sessions the origin issues go (`None`: the connection
+    /// keeps none).
     keep: Option<Keep>,
 }
 
@@ -767,21 +770,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> OpensslStream<T> {
         }
     }
 
-    /// Keeps the connection's session once it can be resumed: a TLS 1.2
-    /// one from the handshake on, a TLS 1.3 ticket once a read has taken
-    /// it in (an origin sends its tickets before its first answer, so the
-    /// first read that returns data finds them). One per connection.
+    /// Keeps the connection's session, after a read that returned data,
+    /// when it is a new one that can be resumed: a TLS 1.2 session from
+    /// the handshake on, each TLS 1.3 ticket once a read has taken it in
+    /// (an origin sends its tickets before its first answer). The newest
+    /// replaces the slot's.
     fn keep_session(&mut self) {
-        let Some(keep) = &self.keep else {
+        let Some(keep) = &mut self.keep else {
             return;
         };
-        if let Some(session) = self.ssl.resumable_session() {
+        if let Some(session) = self.ssl.new_resumable_session(&mut keep.seen) {
             let kept = KeptSession {
                 session,
                 prepared: keep.prepared.clone(),
             };
             *keep.slot.newest() = Some(Kept::Openssl(kept));
-            self.keep = None;
         }
     }
 
@@ -1314,7 +1317,9 @@ mod tests {
         // tickets it issued on an earlier connection.
         let acceptor = acceptor(&pki, false);
         let hello = fixture("python_requests").fresh_and_anonymous();
-        let connect = |sessions: Option<Arc<SessionSlot>>| {
+        // `read`: read the server's greeting (taking in its tickets) before
+        // the connection is dropped, without a close_notify either way.
+        let connect = |sessions: Option<Arc<SessionSlot>>, http1_only: bool, read: bool| {
             let (client, acceptor, hello) = (&client, acceptor.clone(), &hello);
             async move {
                 let (near, far) = tokio::io::duplex(1 << 16);
@@ -1329,7 +1334,7 @@ mod tests {
                 });
                 let shape = Shape {
                     hello,
-                    http1_only: false,
+                    http1_only,
                     alps_settings: &[],
                     sessions: sessions.as_ref(),
                 };
@@ -1337,10 +1342,12 @@ mod tests {
                     .connect("localhost", near, shape)
                     .await
                     .unwrap_or_else(|e| panic!("{e}"));
-                let mut greeting = [0u8; 5];
-                conn.read_exact(&mut greeting)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                if read {
+                    let mut greeting = [0u8; 5];
+                    conn.read_exact(&mut greeting)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
                 let sent = conn.sent_hello().cloned();
                 let sent = sent.unwrap_or_else(|| panic!("no hello recorded"));
                 let resumed = conn.resumed();
@@ -1350,22 +1357,35 @@ mod tests {
             }
         };
         let slot = Arc::new(SessionSlot::default());
-        let (resumed, first) = connect(Some(slot.clone())).await;
+        let (resumed, first) = connect(Some(slot.clone()), false, true).await;
         assert!(!resumed && !first.pre_shared_key(), "nothing to resume yet");
         assert!(slot.holds(), "the origin's ticket is kept");
-        let (resumed, second) = connect(Some(slot.clone())).await;
+        // Resumed, then dropped before reading (so before any new ticket):
+        // what OpenSSL does to that connection's session on the way out
+        // does not reach the slot's.
+        let (resumed, second) = connect(Some(slot.clone()), false, false).await;
         assert!(
             second.pre_shared_key(),
             "the second connection offers the ticket"
         );
         assert!(resumed, "the second connection resumes");
         assert_eq!(ja4(&second.without_resumption()), ja4(&first));
-        let (resumed, without) = connect(None).await;
+        let (_, third) = connect(Some(slot.clone()), false, true).await;
+        assert!(
+            third.pre_shared_key(),
+            "the slot's session is offered again"
+        );
+        let (resumed, without) = connect(None, false, true).await;
         assert!(!resumed && !without.pre_shared_key(), "no slot: no session");
-        let (resumed, other) = connect(Some(Arc::new(SessionSlot::default()))).await;
+        let (resumed, other) = connect(Some(Arc::new(SessionSlot::default())), false, true).await;
         assert!(
             !resumed && !other.pre_shared_key(),
             "another slot's session"
+        );
+        let (resumed, websocket) = connect(Some(slot.clone()), true, true).await;
+        assert!(
+            !resumed && !websocket.pre_shared_key(),
+            "another context's session"
         );
     }
 
