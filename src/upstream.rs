@@ -14,7 +14,9 @@
 //! Rooms: [`dial`] opens a transport through each kind of exit,
 //! [`egress_ip`] learns and checks the address a tunnel leaves from,
 //! [`tls`] encrypts towards the origin, [`conn`] hands connections to
-//! hyper's pools, [`error`] says what failed and whose fault it is.
+//! hyper's pools, [`error`] says what failed and whose fault it is;
+//! `resumption` decides which of an identity's connections resume the TLS
+//! sessions its earlier ones were given.
 //!
 //! Invariant: a connection (and the IP it leaves from) is never shared
 //! across exits, nor across lanes of one exit.
@@ -29,6 +31,7 @@ mod idle;
 mod lanes;
 mod pool;
 mod replay;
+mod resumption;
 pub mod tls;
 
 use std::net::IpAddr;
@@ -48,7 +51,8 @@ use crate::net::HostPort;
 use dial::{Dialer, ExitKind};
 use egress_ip::{EgressCheck, IpCheck};
 use lanes::Lanes;
-use pool::{LanePool, Resumes};
+use pool::LanePool;
+use resumption::Resumes;
 use tls::UpstreamTls;
 
 pub use conn::Answered;

@@ -57,6 +57,7 @@ use super::error::UpstreamError;
 use super::framing;
 use super::h2::{self, TokioExec};
 use super::replay::{Replay, Unanswered};
+use super::resumption::{Resumes, Sessions};
 use super::tls::{SessionSlot, Shape};
 use super::Presentation;
 use super::{ClientAuthority, Origin};
@@ -223,53 +224,6 @@ pub(super) struct LanePool {
     sessions: Option<Sessions>,
 }
 
-/// Most origins an identity's lane keeps a TLS session for: a browser
-/// keeps some thousand in all, an identity mostly needs a site's few hosts.
-/// Past it, a new origin's session takes the place of another's.
-const MAX_SESSION_ORIGINS: usize = 64;
-
-/// Whether a lane's connections resume the TLS sessions their origins
-/// issued to the lane's earlier connections.
-///
-/// A resumed handshake tells the origin the connection follows an earlier
-/// one: what a browser's second connection to a host says, and what an
-/// identity's connections may say, since its cookies link them anyway.
-/// Never a lane shared by several visitors (cookie-less traffic), whose
-/// tickets would link them, and never across exits (each exit has its own
-/// lanes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Resumes {
-    /// Every handshake is a full one: an anonymous lane, or a hello
-    /// pinproxy does not shape (rustls mode, a client without TLS).
-    Never,
-    /// As the client the identity presents does (mirror mode): always for
-    /// a BoringSSL client's hello (one BoringSSL says with no gap: Chromium
-    /// and the browsers built on it, and the tools that impersonate them),
-    /// which resume; for another client's, once a client connection of the
-    /// identity has offered pinproxy a session of its own (the client is
-    /// one that resumes, where a single run of a command-line client never
-    /// does). Which hello it is is asked at the lane's first dial, which
-    /// prepares the hello's connector anyway, not while the lane map is
-    /// locked.
-    AsItsClient,
-    /// Always: the identity presents Chrome (chrome mode), which resumes.
-    /// A browser's first tunnel to a host may be the only one it opens to
-    /// pinproxy, so pinproxy would never see it offer a session.
-    Always,
-}
-
-/// An identity lane's TLS sessions, one slot per origin.
-struct Sessions {
-    /// Keyed by origins a client names, so with a seeded hasher.
-    by_origin: Mutex<HashMap<Origin, Arc<SessionSlot>, foldhash::fast::RandomState>>,
-    /// Sessions are offered and kept ([`Resumes::Always`], or once the
-    /// client has shown it resumes).
-    wanted: std::sync::atomic::AtomicBool,
-    /// [`Resumes::AsItsClient`]: whether the hello is a BoringSSL
-    /// client's, once the first dial has asked.
-    browser_hello: Option<std::sync::OnceLock<bool>>,
-}
-
 /// The identity's lane an anonymous lane's connection goes to (see
 /// [`LanePool::hand_over`]).
 struct Heir {
@@ -300,14 +254,10 @@ impl LanePool {
         limits: Limits,
         resumes: Resumes,
     ) -> LanePool {
-        let sessions = match (resumes, &presentation.hello) {
-            (Resumes::Never, _) | (_, None) => None,
-            (resumes, Some(_)) => Some(Sessions {
-                by_origin: Mutex::new(HashMap::default()),
-                wanted: (resumes == Resumes::Always).into(),
-                browser_hello: (resumes == Resumes::AsItsClient).then(std::sync::OnceLock::new),
-            }),
-        };
+        let sessions = presentation
+            .hello
+            .as_ref()
+            .and_then(|_| Sessions::new(resumes));
         LanePool {
             dialer,
             presentation,
@@ -320,14 +270,10 @@ impl LanePool {
     }
 
     /// A client connection of the lane's identity offered pinproxy a TLS
-    /// session: from now on the lane's connections resume theirs (see
-    /// [`Resumes::AsItsClient`]).
+    /// session (see [`Sessions::client_resumes`]).
     pub(super) fn client_resumes(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         if let Some(sessions) = &self.sessions {
-            if !sessions.wanted.load(Relaxed) {
-                sessions.wanted.store(true, Relaxed);
-            }
+            sessions.client_resumes();
         }
     }
 
@@ -338,34 +284,10 @@ impl LanePool {
         if !origin.https {
             return None;
         }
-        let wanted = sessions.wanted.load(std::sync::atomic::Ordering::Relaxed)
-            || sessions.browser_hello.as_ref().is_some_and(|browser| {
-                *browser.get_or_init(|| {
-                    self.shape(&[], false, None)
-                        .is_some_and(|shape| self.dialer.tls.said_in_full_by_boringssl(shape))
-                })
-            });
-        if !wanted {
-            return None;
-        }
-        // A panic while the lock was held cannot leave the map
-        // inconsistent (every change is one insert or remove).
-        let mut by_origin = sessions.by_origin.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = by_origin.get(origin) {
-            return Some(slot.clone());
-        }
-        if by_origin.len() >= MAX_SESSION_ORIGINS {
-            // Slots whose ticket was offered and not replaced go first;
-            // then any other (rare: an identity crawling many hosts).
-            by_origin.retain(|_, slot| slot.holds());
-            let other = by_origin.keys().next().cloned();
-            if let (Some(other), true) = (other, by_origin.len() >= MAX_SESSION_ORIGINS) {
-                by_origin.remove(&other);
-            }
-        }
-        let slot = Arc::new(SessionSlot::default());
-        by_origin.insert(origin.clone(), slot.clone());
-        Some(slot)
+        sessions.slot(origin, || {
+            self.shape(&[], false, None)
+                .is_some_and(|shape| self.dialer.tls.said_in_full_by_boringssl(shape))
+        })
     }
 
     /// Hands `connection` (an HTTP/1.1 connection of this anonymous lane,
