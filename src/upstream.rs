@@ -164,7 +164,7 @@ pub struct Lane {
     pub fingerprint_key: u64,
     /// The request's client connection offered pinproxy a TLS session (its
     /// ClientHello carried a pre_shared_key): an identity's lane in mirror
-    /// mode then resumes its own (see `pool::Resumes`).
+    /// mode then resumes its own (see `resumption::Resumes`).
     pub client_resumes: bool,
 }
 
@@ -406,7 +406,7 @@ impl ExitClient {
     }
 
     /// Whether `lane`'s connections, presenting `presentation`, resume
-    /// their TLS sessions (see `pool::Resumes`): an identity's, presenting
+    /// their TLS sessions (see `resumption::Resumes`): an identity's, presenting
     /// Chrome (chrome mode), always; presenting its client's hello (mirror
     /// mode), always for a BoringSSL client's (Chromium and the browsers
     /// built on it), else as its client does; never in rustls mode, or for

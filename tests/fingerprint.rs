@@ -199,14 +199,12 @@ print(r.status_code)
 print(r.headers.get("set-cookie", ""))
 "#;
 
-/// Node's `https`, one GET on a fresh connection: `PROXY PORT PATH CA
-/// COOKIE` (empty PROXY: direct). Node 20 has no proxy support: the
-/// CONNECT is opened by hand and TLS runs over its socket
-/// (`createConnection`, no agent).
-const NODE_GET: &str = r#"
-const http = require("http"), https = require("https"), tls = require("tls"), fs = require("fs");
-const [proxy, port, path, caFile, cookie] = process.argv.slice(1);
-const ca = fs.readFileSync(caFile);
+/// The Node scripts' `tunnel()`: Node 20 has no proxy support, so the
+/// CONNECT to `proxy` (empty: none, the socket is made by `tls.connect`)
+/// for `localhost:port` is opened by hand and TLS runs over its socket
+/// (`createConnection`, no agent). Appended to each script ([`node_script`]),
+/// whose `proxy` and `port` it reads.
+const NODE_TUNNEL: &str = r#"
 function tunnel() {
   if (!proxy) return Promise.resolve(undefined);
   const [host, proxyPort] = proxy.split(":");
@@ -218,6 +216,20 @@ function tunnel() {
     connect.end();
   });
 }
+"#;
+
+/// `script` with [`NODE_TUNNEL`] (a function declaration, so callable from
+/// anywhere in the script).
+fn node_script(script: &str) -> String {
+    format!("{script}{NODE_TUNNEL}")
+}
+
+/// Node's `https`, one GET on a fresh connection: `PROXY PORT PATH CA
+/// COOKIE` (empty PROXY: direct), through [`NODE_TUNNEL`].
+const NODE_GET: &str = r#"
+const http = require("http"), https = require("https"), tls = require("tls"), fs = require("fs");
+const [proxy, port, path, caFile, cookie] = process.argv.slice(1);
+const ca = fs.readFileSync(caFile);
 (async () => {
   const socket = await tunnel();
   const line = await new Promise((resolve, reject) => {
@@ -250,17 +262,6 @@ const http = require("http"), https = require("https"), tls = require("tls"), fs
 const [proxy, port, caFile, ...paths] = process.argv.slice(1);
 const ca = fs.readFileSync(caFile);
 let session, cookie;
-function tunnel() {
-  if (!proxy) return Promise.resolve(undefined);
-  const [host, proxyPort] = proxy.split(":");
-  return new Promise((resolve, reject) => {
-    const connect = http.request({ host, port: proxyPort, method: "CONNECT", path: `localhost:${port}` });
-    connect.on("connect", (res, socket) =>
-      res.statusCode === 200 ? resolve(socket) : reject(new Error(`CONNECT ${res.statusCode}`)));
-    connect.on("error", reject);
-    connect.end();
-  });
-}
 async function get(path) {
   const socket = await tunnel();
   return new Promise((resolve, reject) => {
@@ -349,7 +350,13 @@ impl Client {
             Client::Node => {
                 let mut command = Command::new(require("node"));
                 command
-                    .args(["-e", NODE_GET, &proxy, &port.to_string(), path])
+                    .args([
+                        "-e",
+                        &node_script(NODE_GET),
+                        &proxy,
+                        &port.to_string(),
+                        path,
+                    ])
                     .arg(&via.ca)
                     .arg(cookie.unwrap_or_default());
                 command
@@ -1198,7 +1205,7 @@ async fn node_resuming_its_sessions_resumes_through_pinproxy() {
         let mut command = Command::new(require("node"));
         let proxy = via.proxy.map(|p| p.to_string()).unwrap_or_default();
         command
-            .args(["-e", NODE_GETS_RESUMING, &proxy, &port])
+            .args(["-e", &node_script(NODE_GETS_RESUMING), &proxy, &port])
             .arg(&via.ca)
             .args(paths);
         command

@@ -254,10 +254,8 @@ impl LanePool {
         limits: Limits,
         resumes: Resumes,
     ) -> LanePool {
-        let sessions = presentation
-            .hello
-            .as_ref()
-            .and_then(|_| Sessions::new(resumes));
+        // `resumes` is `Never` for a presentation without a hello.
+        let sessions = Sessions::new(resumes);
         LanePool {
             dialer,
             presentation,

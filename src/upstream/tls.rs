@@ -90,7 +90,7 @@ pub struct Shape<'a> {
 /// given, offered on the identity's next connection there, as a browser
 /// resumes with a ticket its earlier connection to a host received.
 ///
-/// Only an identity's own connections have one (see `upstream::pool`):
+/// Only an identity's own connections have one (see `upstream::resumption`):
 /// a ticket links the connection that offers it to the one it came on, so
 /// a ticket kept for a lane shared by several visitors, or across exits,
 /// would link what the client never linked. BoringSSL and the system's
