@@ -582,7 +582,7 @@ impl Metrics {
         let upstream_tls_resumed = Family::default();
         registry.register(
             "upstream_tls_resumed",
-            "TLS handshakes with the origin through the exit that resumed a session the origin had issued to the identity's earlier connection (new connections whose request was answered, as upstream_tls_handshake_seconds counts), by exit",
+            "TLS handshakes with the origin through the exit that resumed a session the origin had issued to the identity's earlier connection, or to the connection its cookie came on (new connections whose request was answered, as upstream_tls_handshake_seconds counts), by exit",
             upstream_tls_resumed.clone(),
         );
         let cert_mint = Histogram::new(exponential_buckets(0.000_025, 2.0, 14));

@@ -423,10 +423,13 @@ impl Pipeline {
                 &fingerprint,
                 response.headers(),
                 egress_ip,
-                // Dialled for this request, and HTTP/1.1 (an HTTP/2
-                // connection is the lane's cookie-less requests' to share).
-                (new_connection && response.version() != http::Version::HTTP_2)
-                    .then_some(&carried_by),
+                Some(capture::CarriedBy {
+                    origin: &origin,
+                    tunnel: &carried_by,
+                    // An HTTP/2 connection is the lane's cookie-less
+                    // requests' to share.
+                    dialled_for_it: new_connection && response.version() != http::Version::HTTP_2,
+                }),
             )
             .await
             .map_err(|e| e.withheld(route.exit.id(), status))?;

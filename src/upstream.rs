@@ -409,16 +409,19 @@ impl ExitClient {
     /// their TLS sessions (see `resumption::Resumes`): an identity's, presenting
     /// Chrome (chrome mode), always; presenting its client's hello (mirror
     /// mode), always for a BoringSSL client's (Chromium and the browsers
-    /// built on it), else as its client does; never in rustls mode, or for
-    /// cookie-less traffic. Cheap: it runs while the lane map is locked.
+    /// built on it), else as its client does; never in rustls mode. Cookie-less
+    /// traffic's never, its connections keeping their sessions for the
+    /// identities their answers found. Cheap: it runs while the lane map is
+    /// locked.
     fn resumes(&self, lane: &Lane, presentation: &Presentation) -> Resumes {
-        if !matches!(lane.key, PoolKey::Identity(_)) || presentation.hello.is_none() {
+        if presentation.hello.is_none() {
             return Resumes::Never;
         }
-        match self.route.fingerprint {
-            FingerprintMode::Rustls => Resumes::Never,
-            FingerprintMode::Chrome => Resumes::Always,
-            FingerprintMode::Mirror => Resumes::AsItsClient,
+        match (self.route.fingerprint, lane.key) {
+            (FingerprintMode::Rustls, _) => Resumes::Never,
+            (_, PoolKey::Anonymous(_)) => Resumes::ForHeirs,
+            (FingerprintMode::Chrome, _) => Resumes::Always,
+            (FingerprintMode::Mirror, _) => Resumes::AsItsClient,
         }
     }
 
@@ -459,17 +462,24 @@ impl ExitClient {
         })
     }
 
-    /// Hands `connection`, dialled on lane `anonymous` for the request
-    /// whose answer founded `identity` (on that lane's upstream session),
-    /// to the identity's lane once the answer has been read, as a browser
-    /// goes on with the connection its cookies came on rather than open
-    /// another, with a handshake of its own, right after (see
-    /// `LanePool::hand_over`).
+    /// What an identity founded by an answer on a cookie-less lane's
+    /// `connection` (the answer to a request for `origin` on lane
+    /// `anonymous`, whose upstream session is now the identity's) takes of
+    /// it, as a browser goes on from the connection its cookies came on:
+    /// the TLS session the origin issued there, for the identity's next
+    /// connection to resume (see `LanePool::adopt_sessions`), and, when the
+    /// connection was `dialled_for_it` (HTTP/1.1, dialled for the founding
+    /// request), the connection itself once the answer has been read,
+    /// rather than open another with a handshake of its own right after
+    /// (see `LanePool::hand_over`). Only when the identity presents what the
+    /// lane presented (the hello the session was made with).
     pub fn hand_over(
         &self,
         anonymous: &Lane,
         identity: &Identity,
+        origin: &Origin,
         connection: &Arc<conn::TunnelInfo>,
+        dialled_for_it: bool,
     ) {
         if !matches!(anonymous.key, PoolKey::Anonymous(_)) || anonymous.session != identity.session
         {
@@ -484,14 +494,19 @@ impl ExitClient {
             h2: anonymous.h2,
             ..Lane::identity(identity)
         };
+        let presentation = self.presentation(&heir);
         let Some(from) = self
             .pools
             .get(&from)
-            .filter(|from| from.takes_heir(&self.presentation(&heir)))
+            .filter(|from| from.presents(&presentation))
         else {
             return;
         };
-        if let Ok(heir) = self.pool(&heir) {
+        let Ok(heir) = self.pool(&heir) else {
+            return;
+        };
+        heir.adopt_sessions(origin, connection);
+        if dialled_for_it && from.takes_heir(&presentation) {
             from.hand_over(&heir, connection);
         }
     }

@@ -1048,12 +1048,14 @@ async fn chrome_mode_presents_chrome_for_curl() {
     assert_eq!(curl[0].akamai().as_deref(), Some(CHROME_AKAMAI));
 }
 
-/// In chrome mode an identity's later connections to an origin resume the
-/// TLS session the origin issued to its earlier one, as Chrome's second
-/// connection to a host does; the resumed hello is Chrome's with a
-/// pre_shared_key. Cookie-less traffic (one lane for every visitor with
-/// the same hello) never resumes, and no identity resumes another's
-/// session: a ticket would link them.
+/// In chrome mode an identity's connections to an origin resume the TLS
+/// sessions the origin issued to its earlier ones, as Chrome's next
+/// connection to a host does: its first one the session of the cookie-less
+/// connection its cookie was set on, the later ones their own; the resumed
+/// hello is Chrome's with a pre_shared_key. Cookie-less traffic (one lane
+/// for every visitor with the same hello) never resumes, and no identity
+/// resumes a session issued on another's connection or on a cookie-less
+/// connection its cookie did not come on: a ticket would link them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
     // Every connection closes after one answer: each request dials.
@@ -1067,7 +1069,9 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
         Client::CurlH2.get_ok(&via, port, "/anonymous", None).await;
     }
     for name in ["a", "b"] {
-        let login = Client::CurlH2.get_ok(&via, port, "/login", None).await;
+        let login = Client::CurlH2
+            .get_ok(&via, port, &format!("/login?{name}"), None)
+            .await;
         let cookie = format!("datadome={}", login.datadome.unwrap());
         for _ in 0..3 {
             Client::CurlH2
@@ -1076,30 +1080,45 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
         }
     }
     let anonymous = records_of(&rig.origin, "/anonymous", EXIT_IP);
-    let logins = records_of(&rig.origin, "/login", EXIT_IP);
-    for record in anonymous.iter().chain(&logins) {
+    for record in &anonymous {
         assert!(
             !record.conn.resumed,
             "cookie-less traffic resumed: {record:?}"
         );
     }
-    let mut later_connections = 0;
-    for name in ["/a", "/b"] {
-        let records = records_of(&rig.origin, name, EXIT_IP);
+    let mut identity_connections = 0;
+    for name in ["a", "b"] {
+        let login = records_of(&rig.origin, &format!("/login?{name}"), EXIT_IP);
+        assert!(!login[0].conn.resumed, "{name}: {:?}", login[0].conn);
+        let records = records_of(&rig.origin, &format!("/{name}"), EXIT_IP);
         // A connection each, but for the GOAWAY race: pinproxy may send
         // the next request on a connection the origin is closing (see
         // `direct_and_through`), so two connections or three.
-        let first = records[0].conn.index;
-        let later: Vec<&Record> = records.iter().filter(|r| r.conn.index != first).collect();
         assert!(
             (2..=3).contains(&connections(&records)),
             "{name}: {records:?}"
         );
-        later_connections += connections(&records) - 1;
-        // The identity's first connection has nothing of its own to
-        // resume (not another identity's session, nor the anonymous lane's).
-        assert!(!records[0].conn.resumed, "{name}: {:?}", records[0].conn);
-        for record in later {
+        identity_connections += connections(&records);
+        // Its first connection resumes the session of the connection its
+        // cookie came on; every later one a session of its own.
+        assert_eq!(
+            records[0].conn.resumed_from,
+            Some(login[0].conn.index),
+            "{name}: {:?}",
+            records[0].conn
+        );
+        let own: BTreeSet<usize> = records.iter().map(|r| r.conn.index).collect();
+        for record in &records[1..] {
+            assert!(
+                record
+                    .conn
+                    .resumed_from
+                    .is_some_and(|from| own.contains(&from)),
+                "{name}: {:?}",
+                record.conn
+            );
+        }
+        for record in &records {
             assert!(
                 record.conn.resumed && record.conn.resumption_accepted,
                 "{name}: {:?}",
@@ -1116,9 +1135,9 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
     let metrics = rig.s.proxy.daemon.admin().metrics.encode();
     assert!(
         metrics.contains(&format!(
-            "pinproxy_upstream_tls_resumed_total{{exit=\"tiny\"}} {later_connections}"
+            "pinproxy_upstream_tls_resumed_total{{exit=\"tiny\"}} {identity_connections}"
         )),
-        "{later_connections}: {metrics}"
+        "{identity_connections}: {metrics}"
     );
 }
 
@@ -1126,8 +1145,9 @@ async fn an_identity_resumes_its_own_tls_sessions_and_no_one_elses() {
 /// requests (each on a new connection: the origin closes every one after
 /// an answer) go out with Chromium's own resumed hello, the same JA4 as
 /// Chromium's when it reaches the origin itself, pre_shared_key included.
-/// Its identity's first connection resumes nothing (the page's own came on
-/// a cookie-less connection, whose ticket no one keeps).
+/// Its identity's first connection resumes the session of the page's own
+/// (a cookie-less connection, the one its cookie came on), as Chromium's
+/// second connection does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_through_pinproxy_resumes_as_chromium_does() {
     let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
@@ -1158,37 +1178,52 @@ async fn chromium_through_pinproxy_resumes_as_chromium_does() {
     // page's connection before its GOAWAY came would not need to).
     let direct: Vec<Record> = direct.into_iter().filter(|r| r.conn.resumed).collect();
     assert!(!direct.is_empty(), "Chromium never resumed");
+    let page = records_of(&rig.origin, "/page", EXIT_IP);
     // A connection each, but for the GOAWAY race (see `direct_and_through`).
-    resumes_after_its_first_connection_as_itself(&through, &direct);
+    resumes_from_its_founding_connection_as_itself(&page[0], &through, &direct);
 }
 
-/// Asserts that the identity's requests `through` pinproxy resumed nothing
-/// on their first connection (nothing of the identity's own to resume) and
-/// resumed on every later one (offered and accepted), with the JA4 the
-/// client's own resumed hellos (`own_resumed`, straight to the origin)
-/// have, `pre_shared_key` included.
-fn resumes_after_its_first_connection_as_itself(through: &[Record], own_resumed: &[Record]) {
-    let first = through[0].conn.index;
-    assert!(!through[0].conn.resumed, "{:?}", through[0].conn);
-    let later: Vec<Record> = through
+/// Asserts that the identity's requests `through` pinproxy resumed on
+/// every new connection (offered and accepted): the first one the session
+/// issued on the connection of the answer that `founded` the identity,
+/// the later ones that or one of the identity's own, never another; with
+/// the JA4 the client's own resumed hellos (`own_resumed`, straight to the
+/// origin) have, `pre_shared_key` included.
+fn resumes_from_its_founding_connection_as_itself(
+    founded: &Record,
+    through: &[Record],
+    own_resumed: &[Record],
+) {
+    assert!(!founded.conn.resumed, "{:?}", founded.conn);
+    assert_eq!(
+        through[0].conn.resumed_from,
+        Some(founded.conn.index),
+        "{:?}",
+        through[0].conn
+    );
+    let own: BTreeSet<usize> = through
         .iter()
-        .filter(|r| r.conn.index != first)
-        .cloned()
+        .chain([founded])
+        .map(|r| r.conn.index)
         .collect();
-    assert!(!later.is_empty(), "{through:?}");
-    for record in &later {
+    for record in through {
         assert!(
-            record.conn.resumed && record.conn.resumption_accepted,
+            record.conn.resumed
+                && record.conn.resumption_accepted
+                && record
+                    .conn
+                    .resumed_from
+                    .is_some_and(|from| own.contains(&from)),
             "{:?}",
             record.conn
         );
     }
     let ja4 = |r: &Record| r.ja4().map(str::to_owned);
     assert_eq!(
-        one(&later, "resumed JA4 through pinproxy", ja4),
+        one(through, "resumed JA4 through pinproxy", ja4),
         one(own_resumed, "the client's own resumed JA4", ja4),
         "{}",
-        difference(hello(&own_resumed[0]), hello(&later[0]))
+        difference(hello(&own_resumed[0]), hello(&through[0]))
     );
 }
 
@@ -1229,19 +1264,22 @@ async fn node_resuming_its_sessions_resumes_through_pinproxy() {
     assert!(direct[1..].iter().all(|r| r.conn.resumed), "{direct:?}");
 
     // Through pinproxy: the identity's first connection (its client's
-    // second tunnel, the first to offer pinproxy a session) keeps the
-    // origin's ticket; the next ones resume it, as Node would.
+    // second tunnel, the first to offer pinproxy a session) resumes the
+    // session of the login's (its cookie came on it), the next ones their
+    // own, as Node's second and later connections do.
     let through = starting("/through?");
     assert_eq!(connections(&through), 3, "{through:?}");
     assert!(through.iter().all(|r| r.conn.peer.ip() == ip(EXIT_IP)));
-    resumes_after_its_first_connection_as_itself(&through, &direct[1..]);
+    let login = records_of(&rig.origin, "/login", EXIT_IP);
+    resumes_from_its_founding_connection_as_itself(&login[0], &through, &direct[1..]);
 }
 
 /// In mirror mode an identity resumes as its client does: once a client
 /// connection of the identity has offered pinproxy a session, the
-/// identity's later connections to an origin resume the session its
-/// earlier one was given. An identity whose client never resumes (as a
-/// single curl or Python run never does) never resumes upstream either.
+/// identity's connections to an origin resume the session its earlier one
+/// was given (the first one that of the connection its cookie came on). An
+/// identity whose client never resumes (as a single curl or Python run
+/// never does) never resumes upstream either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_identity_resumes_upstream_only_when_its_client_resumes() {
     let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
@@ -1267,13 +1305,16 @@ async fn an_identity_resumes_upstream_only_when_its_client_resumes() {
             assert_eq!(reply.status, 200, "{path}: {reply:?}");
         }
     }
+    let logins = records_of(&rig.origin, "/login", EXIT_IP);
     let resumes = records_of(&rig.origin, "/resumes", EXIT_IP);
     assert_eq!(connections(&resumes), 3);
     // The first request's tunnel resumed with pinproxy (the login's was
-    // the client's first): its identity's connection is the first to keep
-    // the origin's ticket, and the next ones resume it.
-    assert!(!resumes[0].conn.resumed, "{:?}", resumes[0].conn);
-    for record in &resumes[1..] {
+    // the client's first): from then on its identity resumes, its first
+    // connection the session of the login's (its cookie came on it), the
+    // next ones their own.
+    let own: BTreeSet<usize> = resumes.iter().map(|r| r.conn.index).collect();
+    assert_eq!(resumes[0].conn.resumed_from, Some(logins[0].conn.index));
+    for record in &resumes {
         assert!(
             record.conn.resumed && record.conn.resumption_accepted,
             "{:?}",
@@ -1281,18 +1322,28 @@ async fn an_identity_resumes_upstream_only_when_its_client_resumes() {
         );
         assert_eq!(
             ja4::ja4(&hello(record).without_resumption()),
-            resumes[0].ja4().unwrap(),
+            logins[0].ja4().unwrap(),
             "the client's hello, with a pre_shared_key"
+        );
+    }
+    for record in &resumes[1..] {
+        assert!(
+            record
+                .conn
+                .resumed_from
+                .is_some_and(|from| own.contains(&from)),
+            "{:?}",
+            record.conn
         );
     }
     let never = records_of(&rig.origin, "/never", EXIT_IP);
     assert_eq!(connections(&never), 3);
-    for record in &never {
+    for record in never.iter().chain(&logins) {
         assert!(!record.conn.resumed, "{:?}", record.conn);
     }
     let metrics = rig.s.proxy.daemon.admin().metrics.encode();
     assert!(
-        metrics.contains("pinproxy_upstream_tls_resumed_total{exit=\"tiny\"} 2"),
+        metrics.contains("pinproxy_upstream_tls_resumed_total{exit=\"tiny\"} 3"),
         "{metrics}"
     );
 }

@@ -35,6 +35,7 @@ use crate::routing::{Route, Router};
 use crate::store::{Founding, PinStore as _, StoreError};
 use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::ExchangeKind;
+use crate::upstream::Origin;
 use crate::upstream::UpstreamError;
 
 impl Pipeline {
@@ -49,7 +50,7 @@ impl Pipeline {
         fingerprint: &RequestFingerprint,
         headers: &HeaderMap,
         egress_ip: Option<IpAddr>,
-        dialled_for_it: Option<&Arc<TunnelInfo>>,
+        carried_by: Option<CarriedBy<'_>>,
     ) -> Result<Option<Arc<Identity>>, ProxyError> {
         let clock = self.router.clock();
         let set =
@@ -72,15 +73,7 @@ impl Pipeline {
             return Err(ProxyError::Store(refusal));
         }
         let record = fingerprint.record();
-        Ok(learn(
-            &self.router,
-            route,
-            &set,
-            &record,
-            egress_ip,
-            dialled_for_it,
-        )
-        .await?)
+        Ok(learn(&self.router, route, &set, &record, egress_ip, carried_by).await?)
     }
 
     /// Records a request of `identity` (and whether it got a 2xx), the
@@ -290,21 +283,36 @@ fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
     })
 }
 
+/// The upstream connection a response came on, as an identity it founds
+/// takes it over (see `ExitClient::hand_over`).
+#[derive(Clone, Copy, Debug)]
+pub struct CarriedBy<'a> {
+    /// The origin the request went to.
+    pub origin: &'a Origin,
+    /// The connection.
+    pub tunnel: &'a Arc<TunnelInfo>,
+    /// The connection is HTTP/1.1 and was dialled for this request (it
+    /// carried no other).
+    pub dialled_for_it: bool,
+}
+
 /// Pins the tracked cookies `set` by a response to the identity of
 /// `route`; a route without one founds an identity (recording
 /// `fingerprint`) on the exit and upstream session that carried the
-/// response (from `egress_ip`), and keeps the HTTP/1.1 connection that
-/// carried it when it was `dialled_for_it` (see `ExitClient::hand_over`:
-/// if its address is the identity's, and the identity still stands when
-/// the answer ends). Returns the identity the response belongs to. A value
-/// already pinned elsewhere keeps its first pin (pins never move).
+/// response (from `egress_ip`), which takes over the TLS session the
+/// origin issued on the connection that was `carried_by`, and the
+/// connection itself when it was dialled for the request (see
+/// `ExitClient::hand_over`: if its address is the identity's, and the
+/// identity still stands when the answer ends). Returns the identity the
+/// response belongs to. A value already pinned elsewhere keeps its first
+/// pin (pins never move).
 pub async fn learn(
     router: &Router,
     route: &Route,
     set: &[SetTrackedCookie],
     fingerprint: &Fingerprint,
     egress_ip: Option<IpAddr>,
-    dialled_for_it: Option<&Arc<TunnelInfo>>,
+    carried_by: Option<CarriedBy<'_>>,
 ) -> Result<Option<Arc<Identity>>, StoreError> {
     let now = router.clock().now_ms();
     let live: Vec<&SetTrackedCookie> = set.iter().filter(|c| !c.deletes).collect();
@@ -411,15 +419,18 @@ pub async fn learn(
             }
             return Ok(None);
         }
-        // Its session is the identity's own from now on, and so is the
-        // HTTP/1.1 connection the answer came on, if dialled for it.
+        // Its session is the identity's own from now on, and so is what
+        // it may take of the connection the answer came on.
         if let Some(anonymous) = route.anonymous {
             route.exit.sessions.hand_over(anonymous.session, now);
-            if let (false, Some(connection)) = (superseded, dialled_for_it) {
-                route
-                    .exit
-                    .client
-                    .hand_over(&route.lane, &identity, connection);
+            if let (false, Some(carried_by)) = (superseded, carried_by) {
+                route.exit.client.hand_over(
+                    &route.lane,
+                    &identity,
+                    carried_by.origin,
+                    carried_by.tunnel,
+                    carried_by.dialled_for_it,
+                );
             }
         }
         router

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::dial::Dialer;
 use super::error::{ConnectError, Stage};
-use super::tls::{Gap, Shape, Stack, TlsConn};
+use super::tls::{Gap, SessionSlot, Shape, Stack, TlsConn};
 use crate::fingerprint::ja4;
 use crate::identity::ExitId;
 use crate::net::HostPort;
@@ -35,6 +35,10 @@ pub struct TunnelInfo {
     pub gaps: Arc<[Gap]>,
     /// How long the connection took to open.
     pub timings: ConnectTimings,
+    /// Where the connection keeps the TLS sessions its origin issues (see
+    /// `tls::SessionSlot`): its identity's, or on a cookie-less lane one of
+    /// its own, which the identity an answer on it founds takes over.
+    pub(crate) sessions: Option<Arc<SessionSlot>>,
 }
 
 /// An origin's answer, with what is known of the connection that carried
@@ -113,12 +117,16 @@ impl Dialer {
                 tls: None,
                 tls_resumed: false,
             },
+            sessions: None,
         };
         if !https {
             return Ok((UpstreamIo::Plain(tcp), info));
         }
         let stack = match shape {
-            Some(shape) => Stack::Shaped(shape),
+            Some(shape) => {
+                info.sessions = shape.sessions.cloned();
+                Stack::Shaped(shape)
+            }
             None => Stack::Rustls { h2: self.h2 },
         };
         let tls_started = Instant::now();

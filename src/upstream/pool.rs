@@ -222,6 +222,10 @@ pub(super) struct LanePool {
     /// The TLS sessions the lane's connections resume (an identity's lane
     /// with a shaped hello only; see [`Resumes`]).
     sessions: Option<Sessions>,
+    /// Each connection keeps its sessions for the identity an answer on it
+    /// founds ([`Resumes::ForHeirs`]: a cookie-less lane with a shaped
+    /// hello).
+    keeps_for_heirs: bool,
 }
 
 /// The identity's lane an anonymous lane's connection goes to (see
@@ -264,6 +268,7 @@ impl LanePool {
             retired: std::sync::OnceLock::new(),
             heir: std::sync::OnceLock::new(),
             sessions,
+            keeps_for_heirs: resumes == Resumes::ForHeirs,
         }
     }
 
@@ -276,12 +281,17 @@ impl LanePool {
     }
 
     /// Where a new connection to `origin` finds a session to offer and
-    /// keeps those it is given; `None` while the lane resumes none.
+    /// keeps those it is given (on a cookie-less lane, a slot of the
+    /// connection's own, which never has one to offer); `None` while the
+    /// lane keeps none.
     fn session_slot(&self, origin: &Origin) -> Option<Arc<SessionSlot>> {
-        let sessions = self.sessions.as_ref()?;
         if !origin.https {
             return None;
         }
+        if self.keeps_for_heirs {
+            return Some(Arc::new(SessionSlot::default()));
+        }
+        let sessions = self.sessions.as_ref()?;
         sessions.slot(origin, || {
             self.shape(&[], false, None)
                 .is_some_and(|shape| self.dialer.tls.said_in_full_by_boringssl(shape))
@@ -314,7 +324,25 @@ impl LanePool {
     /// Whether this lane may still hand a connection over (see
     /// [`LanePool::hand_over`]) to a lane presenting `presentation`.
     pub(super) fn takes_heir(&self, presentation: &Presentation) -> bool {
-        self.heir.get().is_none() && self.presentation == *presentation
+        self.heir.get().is_none() && self.presents(presentation)
+    }
+
+    /// Whether this lane presents `presentation` (the hello its sessions
+    /// were made with, see [`LanePool::adopt_sessions`]).
+    pub(super) fn presents(&self, presentation: &Presentation) -> bool {
+        self.presentation == *presentation
+    }
+
+    /// Takes the session `founding` (a cookie-less lane's connection,
+    /// presenting this lane's hello, whose answer to a request for
+    /// `origin` founded the lane's identity) kept, for the identity's next
+    /// connection to `origin` to resume (see [`Sessions::adopt`]).
+    pub(super) fn adopt_sessions(&self, origin: &Origin, founding: &TunnelInfo) {
+        if let (Some(sessions), Some(slot), true) =
+            (&self.sessions, &founding.sessions, origin.https)
+        {
+            sessions.adopt(origin, slot);
+        }
     }
 
     /// The lane's identity retired for `reason`: a request still holding

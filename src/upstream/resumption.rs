@@ -7,7 +7,10 @@
 //! identity's connections may say, since its cookies link them anyway.
 //! Never a lane shared by several visitors (cookie-less traffic), whose
 //! tickets would link them, and never across exits (each exit has its own
-//! lanes, and so its own sessions).
+//! lanes, and so its own sessions). A cookie-less connection's own session
+//! goes to the identity an answer on it founds: the origin linked the two
+//! when it set the cookie there, and a browser's next connection resumes
+//! the one its cookie came on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,9 +28,16 @@ pub(super) const MAX_SESSION_ORIGINS: usize = 64;
 /// issued to the lane's earlier connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Resumes {
-    /// Every handshake is a full one: an anonymous lane, or a hello
+    /// Every handshake is a full one, and no session is kept: a hello
     /// pinproxy does not shape (rustls mode, a client without TLS).
     Never,
+    /// A lane shared by cookie-less traffic, with a shaped hello: every
+    /// handshake is a full one (a ticket would link the visitors who share
+    /// the lane), and each connection keeps the sessions its origin issues
+    /// in a slot of its own, for the identity an answer on it founds (see
+    /// [`Sessions::adopt`]): a browser's next connection to the host
+    /// resumes the one its cookie came on.
+    ForHeirs,
     /// As the client the identity presents does (mirror mode): always for
     /// a BoringSSL client's hello (one BoringSSL says with no gap: Chromium
     /// and the browsers built on it, and the tools that impersonate them),
@@ -57,10 +67,10 @@ pub(super) struct Sessions {
 }
 
 impl Sessions {
-    /// The sessions of a lane that resumes as `resumes` says (`None`:
-    /// never).
+    /// The sessions of a lane that resumes as `resumes` says (`None`: one
+    /// that never does).
     pub(super) fn new(resumes: Resumes) -> Option<Sessions> {
-        (resumes != Resumes::Never).then(|| Sessions {
+        matches!(resumes, Resumes::AsItsClient | Resumes::Always).then(|| Sessions {
             by_origin: Mutex::new(HashMap::default()),
             wanted: AtomicBool::new(resumes == Resumes::Always),
             browser_hello: (resumes == Resumes::AsItsClient).then(OnceLock::new),
@@ -113,6 +123,33 @@ impl Sessions {
         let slot = Arc::new(SessionSlot::default());
         by_origin.insert(origin.clone(), slot.clone());
         Some(slot)
+    }
+
+    /// Takes `founding`'s session (kept by the cookie-less connection whose
+    /// answer founded the lane's identity, see [`Resumes::ForHeirs`]) as
+    /// `origin`'s, unless the lane has one of its own there already: the
+    /// identity's next connection to `origin` offers it (once the lane
+    /// resumes at all), as a browser's next connection resumes the one its
+    /// cookie came on. Taken out of `founding`, so it goes to one identity
+    /// only.
+    pub(super) fn adopt(&self, origin: &Origin, founding: &SessionSlot) {
+        if !founding.holds() {
+            return;
+        }
+        let slot = {
+            let mut by_origin = self.by_origin.lock().unwrap_or_else(|e| e.into_inner());
+            match by_origin.get(origin) {
+                Some(slot) => slot.clone(),
+                // A lane just founded has few origins: past the bound it
+                // keeps those it has.
+                None if by_origin.len() >= MAX_SESSION_ORIGINS => return,
+                None => by_origin
+                    .entry(origin.clone())
+                    .or_insert_with(|| Arc::new(SessionSlot::default()))
+                    .clone(),
+            }
+        };
+        founding.pass_to(&slot);
     }
 
     /// Origins with a slot.
@@ -170,6 +207,17 @@ mod tests {
             panic!("no sessions");
         };
         assert!(browser.slot(&origin(1), || true).is_some());
+    }
+
+    /// A founding connection that was given no session adds no origin.
+    #[test]
+    fn adopting_nothing_keeps_nothing() {
+        let Some(sessions) = Sessions::new(Resumes::Always) else {
+            panic!("no sessions");
+        };
+        sessions.adopt(&origin(1), &SessionSlot::default());
+        assert_eq!(sessions.origins(), 0);
+        assert!(Sessions::new(Resumes::ForHeirs).is_none());
     }
 
     /// Past the bound, a new origin takes an emptied slot's place first

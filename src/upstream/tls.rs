@@ -90,10 +90,13 @@ pub struct Shape<'a> {
 /// given, offered on the identity's next connection there, as a browser
 /// resumes with a ticket its earlier connection to a host received.
 ///
-/// Only an identity's own connections have one (see `upstream::resumption`):
-/// a ticket links the connection that offers it to the one it came on, so
-/// a ticket kept for a lane shared by several visitors, or across exits,
-/// would link what the client never linked. BoringSSL and the system's
+/// Only an identity's own connections share one (see
+/// `upstream::resumption`): a ticket links the connection that offers it to
+/// the one it came on, so a ticket kept for a lane shared by several
+/// visitors, or across exits, would link what the client never linked. A
+/// cookie-less lane's connection keeps its sessions in a slot of its own,
+/// passed only to the identity an answer on it founds (which the origin
+/// linked to it when it set the cookie there). BoringSSL and the system's
 /// OpenSSL offer and keep sessions; rustls connections (pinproxy's own
 /// hello) never resume.
 #[derive(Default)]
@@ -128,6 +131,20 @@ impl SessionSlot {
     /// Whether a session is kept.
     pub fn holds(&self) -> bool {
         self.newest().is_some()
+    }
+
+    /// Moves the session kept here to `heir`, unless `heir` holds one of
+    /// its own (a newer one). This slot is left empty either way, so the
+    /// session goes to one heir at most.
+    pub(crate) fn pass_to(&self, heir: &SessionSlot) {
+        // One lock at a time: no order between two slots' locks to keep.
+        let Some(kept) = self.newest().take() else {
+            return;
+        };
+        let mut theirs = heir.newest();
+        if theirs.is_none() {
+            *theirs = Some(kept);
+        }
     }
 }
 

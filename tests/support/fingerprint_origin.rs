@@ -7,9 +7,10 @@
 //! issue no session tickets). For every connection it records the
 //! ClientHello as it arrived (read off the socket before rustls with
 //! [`read_client_hello`], which puts the bytes back), its size and JA4,
-//! whether it resumed a session, the ALPN protocol rustls agreed on and,
-//! for HTTP/2, the connection preface ([`PrefaceRecorder`]) with its Akamai
-//! string. For every request it
+//! whether it resumed a session and which connection that session was
+//! issued on (the origin keeps its sessions, so a ticket names them), the
+//! ALPN protocol rustls agreed on and, for HTTP/2, the connection preface
+//! ([`PrefaceRecorder`]) with its Akamai string. For every request it
 //! records the method, path, version, header names in order (for HTTP/1.1
 //! the first request of a connection keeps the names' case, read off the
 //! raw head with [`h1_order::header_names`]; later requests on the same
@@ -27,6 +28,7 @@
 //! returns. A request is recorded before its response is written, so once a
 //! client has its answer, the request is in [`FingerprintOrigin::records`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -75,6 +77,9 @@ pub struct ConnRecord {
     /// The origin accepted the resumption: the session was one it had
     /// issued on an earlier connection.
     pub resumption_accepted: bool,
+    /// The connection the origin issued the session (ticket) this one
+    /// resumed on, by [`ConnRecord::index`].
+    pub resumed_from: Option<usize>,
     /// The protocol agreed by ALPN (`None` until the handshake is done, or
     /// when none was agreed).
     pub alpn: Option<String>,
@@ -177,7 +182,7 @@ impl OriginOptions {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Log {
     /// Indexed by [`ConnRecord::index`].
     conns: Vec<ConnRecord>,
@@ -226,7 +231,8 @@ impl FingerprintOrigin {
             config.send_tls13_tickets = 0;
             config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let tickets = options.tickets.then(|| Arc::new(Tickets::default()));
+        let config = Arc::new(config);
         let close = options.close_after_response;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -236,11 +242,12 @@ impl FingerprintOrigin {
         let shared = log.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
-                let (acceptor, log, count) = (acceptor.clone(), shared.clone(), count.clone());
+                let (config, log, count) = (config.clone(), shared.clone(), count.clone());
+                let tickets = tickets.clone();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(300),
-                        serve(tcp, peer, acceptor, log, count, close),
+                        serve(tcp, peer, (config, tickets), log, count, close),
                     )
                     .await;
                 });
@@ -313,10 +320,62 @@ impl FingerprintOrigin {
     }
 }
 
+/// The sessions the origin issued (it keeps them: a TLS 1.3 ticket is a
+/// key into this store), with the connection each was issued on.
+#[derive(Debug, Default)]
+struct Tickets {
+    by_ticket: Mutex<HashMap<Vec<u8>, Issued>>,
+}
+
+/// A session as [`Tickets`] keeps it: its value, and the connection it
+/// was issued on.
+type Issued = (Vec<u8>, usize);
+
+/// Most sessions [`Tickets`] keeps (a test issues a few dozen).
+const MAX_TICKETS: usize = 10_000;
+
+/// One connection's view of [`Tickets`]: what it issues is recorded as
+/// its own, and a session it resumes is recorded in its
+/// [`ConnRecord::resumed_from`].
+#[derive(Debug)]
+struct ConnTickets {
+    index: usize,
+    tickets: Arc<Tickets>,
+    log: Arc<Mutex<Log>>,
+}
+
+impl rustls::server::StoresServerSessions for ConnTickets {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut by_ticket = self.tickets.by_ticket.lock().unwrap();
+        if by_ticket.len() >= MAX_TICKETS {
+            return false;
+        }
+        by_ticket.insert(key, (value, self.index));
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let by_ticket = self.tickets.by_ticket.lock().unwrap();
+        let (value, issuer) = by_ticket.get(key)?.clone();
+        self.log.lock().unwrap().conns[self.index].resumed_from = Some(issuer);
+        Some(value)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let (value, issuer) = self.tickets.by_ticket.lock().unwrap().remove(key)?;
+        self.log.lock().unwrap().conns[self.index].resumed_from = Some(issuer);
+        Some(value)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
 async fn serve(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    (config, tickets): (Arc<rustls::ServerConfig>, Option<Arc<Tickets>>),
     log: Arc<Mutex<Log>>,
     count: Arc<watch::Sender<usize>>,
     close: bool,
@@ -341,10 +400,23 @@ async fn serve(
             resumed: hello.as_deref().is_some_and(ClientHello::pre_shared_key),
             hello,
             resumption_accepted: false,
+            resumed_from: None,
             alpn: None,
             h2: None,
         });
         index
+    };
+    let acceptor = match tickets {
+        Some(tickets) => {
+            let mut config = (*config).clone();
+            config.session_storage = Arc::new(ConnTickets {
+                index,
+                tickets,
+                log: log.clone(),
+            });
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        }
+        None => tokio_rustls::TlsAcceptor::from(config),
     };
     let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await else {
         return;

@@ -878,7 +878,8 @@ mod tests {
     /// with another slot and one made by another connector (a WebSocket's
     /// HTTP/1.1-only hello) run full handshakes. A TLS 1.3 ticket is
     /// offered once. The resumed hello is the fresh one with a
-    /// pre_shared_key: the same JA4 once that is taken out.
+    /// pre_shared_key: the same JA4 once that is taken out. A slot's
+    /// session passed to another goes to that one alone.
     #[tokio::test]
     async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
         use crate::fingerprint::ja4::ja4;
@@ -889,7 +890,7 @@ mod tests {
         // connection echoes one byte, so that the client reads (and
         // BoringSSL takes the tickets that came before it).
         let server = tokio::spawn(async move {
-            for _ in 0..6 {
+            for _ in 0..8 {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
@@ -961,6 +962,23 @@ mod tests {
         // of the first connector finds none of its own.
         let (resumed, _) = connect(Some(slot.clone()), false).await;
         assert!(!resumed, "a session of another connector is never offered");
+
+        // A founding connection's session passed on (to the identity its
+        // answer founded) leaves its slot: the heir resumes it, and a
+        // second heir gets nothing.
+        let founding = Arc::new(SessionSlot::default());
+        let _ = connect(Some(founding.clone()), false).await;
+        let heir = Arc::new(SessionSlot::default());
+        founding.pass_to(&heir);
+        assert!(!founding.holds() && heir.holds());
+        let second_heir = SessionSlot::default();
+        founding.pass_to(&second_heir);
+        assert!(!second_heir.holds(), "one heir only");
+        let (resumed, _) = connect(Some(heir), false).await;
+        assert!(
+            resumed,
+            "the heir resumes the founding connection's session"
+        );
         server.await.unwrap_or_else(|e| panic!("{e}"));
     }
 
