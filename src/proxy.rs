@@ -426,8 +426,8 @@ impl Pipeline {
                 Some(capture::CarriedBy {
                     origin: &origin,
                     tunnel: &carried_by,
-                    // An HTTP/2 connection is the lane's cookie-less
-                    // requests' to share.
+                    // An HTTP/2 connection's other streams may be other
+                    // requests'.
                     dialled_for_it: new_connection && response.version() != http::Version::HTTP_2,
                 }),
             )

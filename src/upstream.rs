@@ -467,11 +467,12 @@ impl ExitClient {
     /// `anonymous`, whose upstream session is now the identity's) takes of
     /// it, as a browser goes on from the connection its cookies came on:
     /// the TLS session the origin issued there, for the identity's next
-    /// connection to resume (see `LanePool::adopt_sessions`), and, when the
-    /// connection was `dialled_for_it` (HTTP/1.1, dialled for the founding
-    /// request), the connection itself once the answer has been read,
-    /// rather than open another with a handshake of its own right after
-    /// (see `LanePool::hand_over`). Only when the identity presents what the
+    /// connection to resume (see `LanePool::adopt_sessions`), and the
+    /// connection itself rather than open another with a handshake of its
+    /// own right after: an HTTP/2 one at once (see
+    /// `LanePool::hand_over_h2`), an HTTP/1.1 one once the answer has been
+    /// read, when it was `dialled_for_it` (for the founding request: see
+    /// `LanePool::hand_over`). Only when the identity presents what the
     /// lane presented (the hello the session was made with).
     pub fn hand_over(
         &self,
@@ -506,8 +507,14 @@ impl ExitClient {
             return;
         };
         heir.adopt_sessions(origin, connection);
-        if dialled_for_it && from.takes_heir(&presentation) {
+        if !from.takes_heir(&presentation) {
+            return;
+        }
+        if dialled_for_it {
             from.hand_over(&heir, connection);
+        } else {
+            // Handed over when it is the lane's HTTP/2 connection.
+            from.hand_over_h2(&heir, origin, connection);
         }
     }
 

@@ -103,12 +103,13 @@ async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
 
 /// An identity founded by an answer goes on with the connection that
 /// carried it, as a browser goes on with the connection its cookies came
-/// on: its next requests take that connection once the answer has been
-/// read, not a new one with a handshake of its own from the same address
-/// right after. Only a connection dialled for the founding request: one
-/// that carried other cookie-less requests first (the lane serves every
-/// client with the same ClientHello), or an HTTP/2 one (shared by the
-/// lane's requests as they come), stays anonymous.
+/// on: its next requests take that connection (HTTP/1.1: once the answer
+/// has been read), not a new one with a handshake of its own from the
+/// same address right after. An HTTP/1.1 connection only when it was
+/// dialled for the founding request: one that carried other cookie-less
+/// requests first (the lane serves every client with the same
+/// ClientHello) stays anonymous. An HTTP/2 connection goes to the first
+/// identity founded on it, and no cookie-less request takes it after.
 #[tokio::test]
 async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     let s = Setup::builder()
@@ -146,8 +147,11 @@ async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     assert_ne!(second, connection_of("/login?visit=2"));
     assert_ne!(second, first);
 
-    // HTTP/2: the identity opens its own.
+    // HTTP/2, after a cookie-less request on the lane's connection: the
+    // identity founded on it goes on with it; cookie-less traffic, on a
+    // fresh session, does not take it.
     let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
+    assert_eq!(h2.get("/anonymous?h2=1", &[]).await.status, 200);
     let login = h2.get("/login?visit=3", &[]).await;
     assert_eq!(login.status, 200, "{}", login.body);
     let mut jar = Jar::default();
@@ -155,15 +159,23 @@ async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     let cookie = jar.header().unwrap();
     let page = h2.get("/page?n=4", &[("cookie", &cookie)]).await;
     assert_eq!(page.status, 200, "{}", page.body);
-    assert_ne!(connection_of("/page?n=4"), connection_of("/login?visit=3"));
+    assert_eq!(h2.get("/anonymous?h2=2", &[]).await.status, 200);
+    let h2_login = connection_of("/login?visit=3");
+    assert_eq!(connection_of("/anonymous?h2=1"), h2_login);
+    assert_eq!(connection_of("/page?n=4"), h2_login);
+    assert_ne!(connection_of("/anonymous?h2=2"), h2_login);
     let versions: Vec<http::Version> = s
         .origin
         .seen()
         .iter()
-        .filter(|r| r.path == "/login?visit=3" || r.path == "/page?n=4")
+        .filter(|r| {
+            r.path.starts_with("/anonymous?h2=")
+                || r.path == "/login?visit=3"
+                || r.path == "/page?n=4"
+        })
         .map(|r| r.version)
         .collect();
-    assert_eq!(versions, [http::Version::HTTP_2; 2]);
+    assert_eq!(versions, [http::Version::HTTP_2; 4]);
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }

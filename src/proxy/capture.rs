@@ -301,9 +301,9 @@ pub struct CarriedBy<'a> {
 /// `fingerprint`) on the exit and upstream session that carried the
 /// response (from `egress_ip`), which takes over the TLS session the
 /// origin issued on the connection that was `carried_by`, and the
-/// connection itself when it was dialled for the request (see
+/// connection itself when it is HTTP/2 or was dialled for the request (see
 /// `ExitClient::hand_over`: if its address is the identity's, and the
-/// identity still stands when the answer ends). Returns the identity the
+/// identity still stands). Returns the identity the
 /// response belongs to. A value already pinned elsewhere keeps its first
 /// pin (pins never move).
 pub async fn learn(

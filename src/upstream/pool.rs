@@ -302,11 +302,11 @@ impl LanePool {
     /// dialled for the request whose answer founded `heir`'s identity, and
     /// busy with that answer still) to `heir` when the answer has been
     /// read: a browser goes on with the connection its cookies came on. Only
-    /// a connection that carried nothing but the founding request is
-    /// handed over: the lane's other connections, and an HTTP/2 one (which
-    /// the lane's cookie-less requests share as they come), may have
+    /// an HTTP/1.1 connection that carried nothing but the founding request
+    /// is handed over: the lane's other HTTP/1.1 connections may have
     /// carried other visitors' requests (the lane serves every client with
-    /// the same ClientHello). Only to the first identity founded on the
+    /// the same ClientHello); an HTTP/2 one goes at once (see
+    /// [`LanePool::hand_over_h2`]). Only to the first identity founded on the
     /// lane (its session is then the identity's, and no cookie-less request
     /// takes the lane again), and only when this lane presents what the
     /// heir presents (the caller asks [`LanePool::takes_heir`] first); the
@@ -319,6 +319,63 @@ impl LanePool {
             lane: Arc::downgrade(heir),
             founding: connection.clone(),
         });
+    }
+
+    /// Hands this lane's HTTP/2 connection to `origin`, when it is
+    /// `connection` (the one whose answer founded `heir`'s identity), to
+    /// `heir` at once, as a browser goes on with the HTTP/2 connection its
+    /// cookies came on: the identity's next requests to `origin` share it,
+    /// and its streams in flight finish where they are. The lane may have
+    /// carried other visitors' cookie-less requests on it (the lane serves
+    /// every client with the same ClientHello), but the origin linked the
+    /// identity to all of them when it set the cookie there, and no
+    /// cookie-less request takes the lane once its session is the
+    /// identity's. As [`LanePool::hand_over`]: only to the first identity
+    /// founded on the lane, presenting what the lane presents (the caller
+    /// asks [`LanePool::takes_heir`] first), and only when the heir stands
+    /// and its egress address rules admit the connection's.
+    pub(super) fn hand_over_h2(
+        &self,
+        heir: &Arc<LanePool>,
+        origin: &Origin,
+        connection: &Arc<TunnelInfo>,
+    ) {
+        if heir.still_live().is_err() || !heir.dialer.admits(connection.egress_ip) {
+            return;
+        }
+        let conn = {
+            let mut origins = self.origins();
+            let Some(conns) = origins.get_mut(origin) else {
+                return;
+            };
+            let is_it = conns.h2.as_ref().is_some_and(|conn| {
+                Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed()
+            });
+            let heir = Heir {
+                lane: Arc::downgrade(heir),
+                founding: connection.clone(),
+            };
+            // The first heir stands.
+            if !is_it || self.heir.set(heir).is_err() {
+                return;
+            }
+            conns.h2_quiet_since = None;
+            conns.h2.take()
+        };
+        let Some(conn) = conn else {
+            return;
+        };
+        let mut origins = heir.origins();
+        let conns = origins.entry(origin.clone()).or_default();
+        // The heir opened one of its own meanwhile: the handed one closes
+        // once its streams have ended.
+        if conns.h2.as_ref().is_some_and(|own| !own.sender.is_closed()) {
+            return;
+        }
+        conns.h2 = Some(conn);
+        conns.h2_taken = true;
+        conns.h2_quiet = false;
+        conns.h2_quiet_since = None;
     }
 
     /// Whether this lane may still hand a connection over (see
