@@ -1157,6 +1157,38 @@ async fn chromium_through_pinproxy_resumes_as_chromium_does() {
     resumes_from_its_founding_connection_as_itself(&page[0], &through, &direct);
 }
 
+/// Chromium through pinproxy goes on with the HTTP/2 connection its cookie
+/// came on, as it does reaching the origin itself: its page's answer (on a
+/// cookie-less connection) founds an identity, which takes that
+/// connection, so the page's later requests with the cookie go on it
+/// rather than on a new connection with a handshake of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_through_pinproxy_goes_on_with_the_connection_its_cookie_came_on() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let chromium = rig.chromium().await;
+    let proxy = rig.s.proxy.daemon.local_addr();
+    for via in [None, Some(proxy)] {
+        rig.origin.clear();
+        let dom = chromium.dump_dom(via, &rig.origin.url("/page")).await;
+        assert!(dom.contains("fetched ok conn"), "{via:?}: {dom}");
+        let records = rig.origin.records();
+        let page: Vec<&Record> = records.iter().filter(|r| r.path == "/page").collect();
+        let fetched: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.path.starts_with("/fetched?"))
+            .collect();
+        assert_eq!((page.len(), fetched.len()), (1, 3), "{via:?}: {records:?}");
+        assert_eq!(page[0].version, http::Version::HTTP_2, "{via:?}");
+        for record in &fetched {
+            assert!(record.cookie_value("datadome").is_some(), "{record:?}");
+            assert_eq!(
+                record.conn.index, page[0].conn.index,
+                "{via:?}: a fetch on another connection than the page's: {records:?}"
+            );
+        }
+    }
+}
+
 /// Asserts that the identity's requests `through` pinproxy that did not go
 /// on the connection of the answer that `founded` the identity (which goes
 /// to the identity, and may still be open for its first request) went on
