@@ -19,7 +19,9 @@
 //! sessions its earlier ones were given.
 //!
 //! Invariant: a connection (and the IP it leaves from) is never shared
-//! across exits, nor across lanes of one exit.
+//! across exits, nor across lanes of one exit: it moves from a cookie-less
+//! lane to an identity's only when an answer on it founded the identity,
+//! and is never on two lanes at once.
 
 pub mod conn;
 pub mod dial;
@@ -506,16 +508,17 @@ impl ExitClient {
         let Ok(heir) = self.pool(&heir) else {
             return;
         };
+        if from.takes_heir(&presentation) {
+            if dialled_for_it {
+                from.hand_over(&heir, connection);
+            } else {
+                // Handed over when it is the lane's HTTP/2 connection.
+                from.hand_over_h2(&heir, origin, connection);
+            }
+        }
+        // After the connection: the identity that takes it takes its
+        // session too (but for two foundings at the same instant).
         heir.adopt_sessions(origin, connection);
-        if !from.takes_heir(&presentation) {
-            return;
-        }
-        if dialled_for_it {
-            from.hand_over(&heir, connection);
-        } else {
-            // Handed over when it is the lane's HTTP/2 connection.
-            from.hand_over_h2(&heir, origin, connection);
-        }
     }
 
     /// Sends `request` (origin-form URI: path and query) to `origin` on

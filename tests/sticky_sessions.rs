@@ -148,8 +148,8 @@ async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     assert_ne!(second, first);
 
     // HTTP/2, after a cookie-less request on the lane's connection: the
-    // identity founded on it goes on with it; cookie-less traffic, on a
-    // fresh session, does not take it.
+    // identity founded on it goes on with it; cookie-less traffic goes on
+    // with a fresh session (so another connection).
     let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
     assert_eq!(h2.get("/anonymous?h2=1", &[]).await.status, 200);
     let login = h2.get("/login?visit=3", &[]).await;

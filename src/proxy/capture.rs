@@ -299,11 +299,11 @@ pub struct CarriedBy<'a> {
 /// Pins the tracked cookies `set` by a response to the identity of
 /// `route`; a route without one founds an identity (recording
 /// `fingerprint`) on the exit and upstream session that carried the
-/// response (from `egress_ip`), which takes over the TLS session the
-/// origin issued on the connection that was `carried_by`, and the
-/// connection itself when it is HTTP/2 or was dialled for the request (see
-/// `ExitClient::hand_over`: if its address is the identity's, and the
-/// identity still stands). Returns the identity the
+/// response (from `egress_ip`), which takes over the connection that was
+/// `carried_by` when it is HTTP/2 or was dialled for the request, and the
+/// TLS session the origin issued on it (see `ExitClient::hand_over`: each
+/// only if the connection's address is the identity's, and the identity
+/// still stands). Returns the identity the
 /// response belongs to. A value already pinned elsewhere keeps its first
 /// pin (pins never move).
 pub async fn learn(

@@ -216,8 +216,9 @@ pub(super) struct LanePool {
     /// Why the lane's identity retired, once it has (see
     /// [`LanePool::retire`]).
     retired: std::sync::OnceLock<RetireReason>,
-    /// The identity's lane the connection whose answer founded it goes to
-    /// when it comes back (see [`LanePool::hand_over`]).
+    /// The identity the first founding answer on the lane was for, and
+    /// the connection it came on, which goes to the identity's lane (see
+    /// [`LanePool::hand_over`], [`LanePool::hand_over_h2`]).
     heir: std::sync::OnceLock<Heir>,
     /// The TLS sessions the lane's connections resume (an identity's lane
     /// with a shaped hello only; see [`Resumes`]).
@@ -340,9 +341,6 @@ impl LanePool {
         origin: &Origin,
         connection: &Arc<TunnelInfo>,
     ) {
-        if heir.still_live().is_err() || !heir.dialer.admits(connection.egress_ip) {
-            return;
-        }
         let conn = {
             let mut origins = self.origins();
             let Some(conns) = origins.get_mut(origin) else {
@@ -362,7 +360,10 @@ impl LanePool {
             conns.h2_quiet_since = None;
             conns.h2.take()
         };
-        let Some(conn) = conn else {
+        // Out of this lane either way: an heir that retired meanwhile, or
+        // whose address rules refuse it, lets it close once its streams
+        // have ended.
+        let Some(conn) = conn.filter(|_| heir.admits(connection)) else {
             return;
         };
         let mut origins = heir.origins();
@@ -374,8 +375,19 @@ impl LanePool {
         }
         conns.h2 = Some(conn);
         conns.h2_taken = true;
-        conns.h2_quiet = false;
+        // As an idle connection: the identity's first request on it keeps
+        // a copy to send again should the origin close it meanwhile (its
+        // first request would otherwise have dialled, which no close can
+        // meet).
+        conns.h2_quiet = true;
         conns.h2_quiet_since = None;
+    }
+
+    /// Whether the lane may take over `connection` (or the session kept on
+    /// it), founded on another lane: it stands, and its egress address
+    /// rules admit the connection's address.
+    pub(super) fn admits(&self, connection: &TunnelInfo) -> bool {
+        self.still_live().is_ok() && self.dialer.admits(connection.egress_ip)
     }
 
     /// Whether this lane may still hand a connection over (see
@@ -393,12 +405,15 @@ impl LanePool {
     /// Takes the session `founding` (a cookie-less lane's connection,
     /// presenting this lane's hello, whose answer to a request for
     /// `origin` founded the lane's identity) kept, for the identity's next
-    /// connection to `origin` to resume (see [`Sessions::adopt`]).
+    /// connection to `origin` to resume (see [`Sessions::adopt`]), if the
+    /// lane [`admits`](LanePool::admits) the connection.
     pub(super) fn adopt_sessions(&self, origin: &Origin, founding: &TunnelInfo) {
         if let (Some(sessions), Some(slot), true) =
             (&self.sessions, &founding.sessions, origin.https)
         {
-            sessions.adopt(origin, slot);
+            if self.admits(founding) {
+                sessions.adopt(origin, slot);
+            }
         }
     }
 
@@ -884,11 +899,7 @@ impl LanePool {
             .get()
             .filter(|heir| Arc::ptr_eq(&heir.founding, &conn.info))
         {
-            if let Some(heir) = heir
-                .lane
-                .upgrade()
-                .filter(|heir| heir.still_live().is_ok() && heir.dialer.admits(conn.info.egress_ip))
-            {
+            if let Some(heir) = heir.lane.upgrade().filter(|heir| heir.admits(&conn.info)) {
                 // Idle since long enough that the identity's first request
                 // on it keeps a copy, to send again should the exit or the
                 // origin have closed it meanwhile: before the hand-over that

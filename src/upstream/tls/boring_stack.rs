@@ -71,8 +71,9 @@ fn slot_index() -> Option<Index<Ssl, Arc<SessionSlot>>> {
 
 /// BoringSSL's new-session callback: a session (a TLS 1.2 session after
 /// the handshake, a TLS 1.3 ticket whenever the origin sends one) goes to
-/// the connection's slot, replacing the one there; a connection without a
-/// slot (an anonymous lane's) keeps none.
+/// the connection's slot, replacing the one there (an identity's, or on a
+/// cookie-less lane one of the connection's own, see `SessionSlot`); a
+/// connection without a slot (rustls mode, a WebSocket's) keeps none.
 fn keep_session(ssl: &mut SslRef, session: SslSession) {
     let Some(slot) = slot_index().and_then(|index| ssl.ex_data(index)) else {
         return;
