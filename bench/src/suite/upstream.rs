@@ -67,6 +67,19 @@ pub const MODES: [(&str, Setup); 3] = [
     ("rustls", Setup::PinproxyRustls),
 ];
 
+/// The cold-pool runs: one pinproxy each, by the name its samples carry,
+/// its fingerprint mode, and whether each client sends tracked cookies of
+/// its own (so is an identity, whose connections resume their sessions in
+/// `chrome` mode; without cookies every upstream handshake is a full one).
+const COLD_RUNS: [(&str, &str, bool); 4] = [
+    ("mirror", "mirror", false),
+    ("chrome", "chrome", false),
+    ("rustls", "rustls", false),
+    (COLD_RESUMING, "chrome", true),
+];
+/// The cold-pool run whose identities resume.
+const COLD_RESUMING: &str = "chrome, identities resuming";
+
 /// Mirror mode's keep-alive requests/s over rustls mode's.
 const GOAL_MIRROR_VS_RUSTLS: f64 = 0.9;
 /// Clients of the cold-pool rate runs.
@@ -79,7 +92,7 @@ const CLEAN_BUILD_LIMIT_SECS: u64 = 3600;
 /// One cold-pool run of one mode.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ColdSample {
-    /// `mirror`, `chrome` or `rustls`.
+    /// `mirror`, `chrome` or `rustls`, or [`COLD_RESUMING`].
     pub mode: String,
     /// Round number (from 0).
     pub round: usize,
@@ -225,17 +238,15 @@ fn note(suite: &mut Suite, note: String) {
 fn cold_pool(suite: &mut Suite, origin: &mut Server) -> Result<Vec<ColdSample>> {
     let ca = origin.ca()?.to_owned();
     let mut proxies = Vec::new();
-    for (mode, _) in MODES {
+    for (i, (run, mode, identities)) in COLD_RUNS.into_iter().enumerate() {
         let options = PinproxyOptions {
             direct: true,
             upstream_ca: Some(ca.clone()),
             config: Some(fingerprint_toml(mode)),
             ..PinproxyOptions::default()
         };
-        proxies.push((
-            mode,
-            suite.start_pinproxy_with(&format!("pinproxy-cold-{mode}"), options)?,
-        ));
+        let proxy = suite.start_pinproxy_with(&format!("pinproxy-cold-{i}"), options)?;
+        proxies.push((run, identities.then_some("cold"), proxy));
     }
     let ticks = procfs::ticks_per_second() as f64;
     let mut samples = Vec::new();
@@ -246,12 +257,13 @@ fn cold_pool(suite: &mut Suite, origin: &mut Server) -> Result<Vec<ColdSample>> 
         }
         for concurrency in [1, COLD_CONCURRENCY] {
             for &i in &order {
-                let (mode, proxy) = &proxies[i];
+                let (mode, cookie_tag, proxy) = &proxies[i];
                 let proxy_ca = proxy.ca()?.to_owned();
                 let plan = LoadPlan {
                     proxy: Some((proxy.addr, &proxy_ca)),
                     concurrency,
                     secs: suite.config.secs,
+                    cookie_tag: *cookie_tag,
                     ..LoadPlan::new(origin, suite.config.max_requests)
                 };
                 let cmd = suite.load_command(&plan)?;
@@ -578,8 +590,12 @@ fn cold_table(report: &UpstreamReport, out: &mut String) {
         out,
         "pinproxy with its built-in direct exit before an origin that closes every connection \
          after its response (`Connection: close`), so every request opens a new upstream \
-         connection: TCP and a full TLS handshake (no resumption; the origin keeps no \
-         tickets). Clients keep their connections to pinproxy. *handshakes/s* is the request \
+         connection: TCP and a TLS handshake, a full one in the first three rows, whose \
+         clients send no cookies (cookie-less traffic never resumes a session upstream). In \
+         the last row each client sends tracked cookies of its own, so each is an identity, \
+         and in `chrome` mode an identity's connection resumes the session the origin issued \
+         to its previous one (the origin issues TLS 1.3 tickets): what resumption saves. \
+         Clients keep their connections to pinproxy. *handshakes/s* is the request \
          rate at concurrency {COLD_CONCURRENCY} (closed loop), with pinproxy's CPU per \
          request (each one upstream handshake and one forwarded request); *handshake time* is measured at the origin at concurrency 1, from \
          accepting the TCP connection to the end of the TLS handshake: pinproxy building and \
@@ -590,11 +606,22 @@ fn cold_table(report: &UpstreamReport, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "| mode | handshakes/s | CPU µs per request | handshake p50 ms | handshake p99 ms | req/s at c=1 | vs rustls (handshakes/s) |"
+        "| mode | handshakes/s | CPU µs per request | handshake p50 ms | handshake p99 ms | req/s at c=1 | resumed | vs rustls (handshakes/s) |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     let rustls = cold_median(report, "rustls", COLD_CONCURRENCY, |s| Some(s.rps));
-    for (mode, _) in MODES {
+    for (mode, _, _) in COLD_RUNS {
+        if !report.cold.iter().any(|s| s.mode == mode) {
+            continue;
+        }
+        // Of the handshakes at concurrency 32, the share that resumed.
+        let resumed = cold_median(report, mode, COLD_CONCURRENCY, |s| {
+            (s.handshakes.count > 0)
+                .then(|| 100.0 * s.handshakes.resumed as f64 / s.handshakes.count as f64)
+        });
         let rate = cold_median(report, mode, COLD_CONCURRENCY, |s| Some(s.rps));
         let cpu = cold_median(report, mode, COLD_CONCURRENCY, |s| s.cpu_us_per_req);
         let ms = |f: fn(&HandshakeReport) -> u32| {
@@ -607,12 +634,13 @@ fn cold_table(report: &UpstreamReport, out: &mut String) {
             |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
         let _ = writeln!(
             out,
-            "| {mode} | {} | {} | {} | {} | {} | {} |",
+            "| {mode} | {} | {} | {} | {} | {} | {} | {} |",
             show(rate, 0),
             show(cpu, 0),
             show(ms(|h| h.p50_us), 2),
             show(ms(|h| h.p99_us), 2),
             show(single, 0),
+            resumed.map_or("–".into(), |v| format!("{v:.0}%")),
             match (rate, rustls) {
                 (Some(r), Some(base)) if base > 0.0 => format!("{:.2}", r / base),
                 _ => "–".into(),
