@@ -73,7 +73,11 @@ impl Pipeline {
             return Err(ProxyError::Store(refusal));
         }
         let record = fingerprint.record();
-        Ok(learn(&self.router, route, &set, &record, egress_ip, carried_by).await?)
+        // Boxed: founding and pinning make a large future that most
+        // answers (no tracked Set-Cookie) never run; unboxed it would size
+        // every request's future.
+        let learning = learn(&self.router, route, &set, &record, egress_ip, carried_by);
+        Ok(Box::pin(learning).await?)
     }
 
     /// Records a request of `identity` (and whether it got a 2xx), the

@@ -224,7 +224,9 @@ struct Api {
     ssl_get_session: unsafe extern "C" fn(*const SslC) -> *mut SslSessionC,
     ssl_session_reused: unsafe extern "C" fn(*const SslC) -> c_int,
     ssl_session_free: unsafe extern "C" fn(*mut SslSessionC),
-    ssl_session_dup: unsafe extern "C" fn(*const SslSessionC) -> *mut SslSessionC,
+    i2d_ssl_session: unsafe extern "C" fn(*const SslSessionC, *mut *mut u8) -> c_int,
+    d2i_ssl_session:
+        unsafe extern "C" fn(*mut *mut SslSessionC, *mut *const u8, c_long) -> *mut SslSessionC,
     ssl_session_is_resumable: unsafe extern "C" fn(*const SslSessionC) -> c_int,
     ssl_session_has_ticket: unsafe extern "C" fn(*const SslSessionC) -> c_int,
     ssl_session_get_protocol_version: unsafe extern "C" fn(*const SslSessionC) -> c_int,
@@ -337,7 +339,8 @@ fn load() -> Result<Api, String> {
             ssl_get_session: symbol(s, "SSL_get_session")?,
             ssl_session_reused: symbol(s, "SSL_session_reused")?,
             ssl_session_free: symbol(s, "SSL_SESSION_free")?,
-            ssl_session_dup: symbol(s, "SSL_SESSION_dup")?,
+            i2d_ssl_session: symbol(s, "i2d_SSL_SESSION")?,
+            d2i_ssl_session: symbol(s, "d2i_SSL_SESSION")?,
             ssl_session_is_resumable: symbol(s, "SSL_SESSION_is_resumable")?,
             ssl_session_has_ticket: symbol(s, "SSL_SESSION_has_ticket")?,
             ssl_session_get_protocol_version: symbol(s, "SSL_SESSION_get_protocol_version")?,
@@ -790,22 +793,22 @@ pub enum Step<T> {
     Failed(Error),
 }
 
-/// A TLS session an origin issued (`SSL_SESSION`, one reference to it),
-/// to be offered on a later connection ([`Ssl::offer_session`]).
-pub struct Session {
+/// A TLS session an origin issued, serialized (`i2d_SSL_SESSION`), to be
+/// offered on a later connection ([`Ssl::offer_session`]). Serialized, as
+/// Node keeps its sessions: a live `SSL_SESSION` holds the origin's
+/// certificates parsed, several times the bytes. Each offer parses a
+/// session of its own, so nothing one connection does to its session
+/// (OpenSSL marks it unresumable when the connection is freed without a
+/// close_notify) reaches the next.
+pub struct SavedSession {
+    der: Box<[u8]>,
+}
+
+/// One reference to an `SSL_SESSION`, freed on drop.
+struct Session {
     api: &'static Api,
     ptr: NonNull<SslSessionC>,
 }
-
-// SAFETY: OpenSSL counts an SSL_SESSION's references atomically, and a
-// Session is never attached to a connection (each is a copy made for it,
-// and each offer is of a further copy: `Ssl::offer_session`), so nothing
-// changes it once made: a reference may move to, and be read from, any
-// thread.
-unsafe impl Send for Session {}
-// SAFETY: as above; `&Session` only hands the pointer to SSL_SESSION_dup,
-// which reads it.
-unsafe impl Sync for Session {}
 
 impl Drop for Session {
     fn drop(&mut self) {
@@ -1035,28 +1038,31 @@ impl Ssl {
         usize::try_from(n).unwrap_or(0)
     }
 
-    /// Offers a copy of `session` in the handshake (`SSL_set_session`;
-    /// before [`Ssl::connect`] is first called): the connection resumes it
-    /// if the server accepts, else runs a full handshake. A copy, so that
-    /// nothing this connection does to its session (OpenSSL marks it
-    /// unresumable if the connection is freed without a close_notify)
-    /// reaches `session`, which other threads may be copying. The caller
-    /// passes only a session made by a connection of this connection's
-    /// `SSL_CTX`.
-    pub fn offer_session(&mut self, session: &Session) -> Result<(), Error> {
+    /// Offers `session` in the handshake (`SSL_set_session`, a session
+    /// parsed for this connection; before [`Ssl::connect`] is first
+    /// called): the connection resumes it if the server accepts, else runs
+    /// a full handshake. The caller passes only a session made by a
+    /// connection of this connection's `SSL_CTX`.
+    pub fn offer_session(&mut self, session: &SavedSession) -> Result<(), Error> {
         clear_errors(self.api);
-        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup only reads it and
-        // returns a new session (one reference, which `copy` then owns and
-        // frees) or NULL.
-        let copy = NonNull::new(unsafe { (self.api.ssl_session_dup)(session.ptr.as_ptr()) })
-            .ok_or_else(|| failed(self.api, "a copy of the session to resume"))?;
-        let copy = Session {
+        let length = c_long::try_from(session.der.len())
+            .map_err(|_| failed(self.api, "the session to resume (too long)"))?;
+        let mut input = session.der.as_ptr();
+        // SAFETY: `input` points at `length` readable bytes, which
+        // d2i_SSL_SESSION only reads (advancing `input`); with a NULL first
+        // argument it returns a new session (one reference, which `parsed`
+        // then owns and frees) or NULL.
+        let parsed = NonNull::new(unsafe {
+            (self.api.d2i_ssl_session)(std::ptr::null_mut(), &mut input, length)
+        })
+        .ok_or_else(|| failed(self.api, "the session to resume"))?;
+        let parsed = Session {
             api: self.api,
-            ptr: copy,
+            ptr: parsed,
         };
         // SAFETY: live SSL and session; SSL_set_session takes its own
-        // reference to the copy (and drops the SSL's previous session).
-        let ok = unsafe { (self.api.ssl_set_session)(self.ptr.as_ptr(), copy.ptr.as_ptr()) };
+        // reference to the session (and drops the SSL's previous session).
+        let ok = unsafe { (self.api.ssl_set_session)(self.ptr.as_ptr(), parsed.ptr.as_ptr()) };
         if ok == 1 {
             Ok(())
         } else {
@@ -1064,16 +1070,12 @@ impl Ssl {
         }
     }
 
-    /// A copy of the connection's session when it is another than the one
-    /// `seen` last (its address; 0 at first) and can be resumed: a TLS 1.2
-    /// session from the handshake on; in TLS 1.3 each ticket the server
-    /// sends, once a read has taken it in. Checking the address first keeps
-    /// this to one call per read while nothing changes. A copy, not the
-    /// connection's own: OpenSSL marks a connection's session unresumable
-    /// when the connection is freed without a close_notify sent (as a
-    /// pooled connection the origin closed is), which would spoil it for
-    /// the connections that come after.
-    pub fn new_resumable_session(&mut self, seen: &mut usize) -> Option<Session> {
+    /// The connection's session, serialized, when it is another than the
+    /// one `seen` last (its address; 0 at first) and can be resumed: a
+    /// TLS 1.2 session from the handshake on; in TLS 1.3 each ticket the
+    /// server sends, once a read has taken it in. Checking the address
+    /// first keeps this to one call per read while nothing changes.
+    pub fn new_resumable_session(&mut self, seen: &mut usize) -> Option<SavedSession> {
         // SAFETY: live SSL; SSL_get_session returns the SSL's own session
         // (no reference taken), or NULL; it stays valid while the SSL is
         // not used otherwise, which `&mut self` guarantees for this call.
@@ -1098,13 +1100,16 @@ impl Ssl {
             return None;
         }
         *seen = address;
-        // SAFETY: a live SSL_SESSION; SSL_SESSION_dup only reads it and
-        // returns a new session (one reference, which the Session then
-        // owns) or NULL.
-        let copy = NonNull::new(unsafe { (self.api.ssl_session_dup)(own.as_ptr()) })?;
-        Some(Session {
-            api: self.api,
-            ptr: copy,
+        // SAFETY: a live SSL_SESSION, which i2d_SSL_SESSION only reads;
+        // with a NULL output it returns the length it would write.
+        let length = unsafe { (self.api.i2d_ssl_session)(own.as_ptr(), std::ptr::null_mut()) };
+        let mut der = vec![0u8; usize::try_from(length).ok().filter(|&n| n > 0)?];
+        let mut output = der.as_mut_ptr();
+        // SAFETY: `output` points at `length` writable bytes, which
+        // i2d_SSL_SESSION fills (advancing `output`); it reads the session.
+        let written = unsafe { (self.api.i2d_ssl_session)(own.as_ptr(), &mut output) };
+        (written == length).then(|| SavedSession {
+            der: der.into_boxed_slice(),
         })
     }
 

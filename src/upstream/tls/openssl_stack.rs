@@ -82,7 +82,7 @@ struct Prepared {
 /// connections. Reused until the origin issues a newer one, as OpenSSL
 /// clients that resume (Node's agent) do.
 pub(super) struct KeptSession {
-    session: openssl_ffi::Session,
+    session: openssl_ffi::SavedSession,
     prepared: Arc<Prepared>,
 }
 
