@@ -84,7 +84,10 @@ pub fn has_pending(ssl: &SslRef) -> bool {
 /// lifetime has passed or whose version the connection does not enable.
 /// The caller passes only a session received on a connection of
 /// `config`'s own `SSL_CTX` (what the binding's `SslRef::set_session` asks
-/// of its callers).
+/// of its callers), or parsed from one's serialization with
+/// `SslSession::from_der`, which gives it the default X.509 method and no
+/// buffer pool: those of every connector pinproxy prepares
+/// (`SslMethod::tls()`, no pool set).
 pub fn offer_session(
     config: &mut ConnectConfiguration,
     session: &SslSessionRef,

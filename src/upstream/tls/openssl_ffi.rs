@@ -52,6 +52,7 @@
 
 use std::ffi::{c_char, c_int, c_long, c_uint, c_ulong, c_void, CStr, CString};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -800,8 +801,23 @@ pub enum Step<T> {
 /// session of its own, so nothing one connection does to its session
 /// (OpenSSL marks it unresumable when the connection is freed without a
 /// close_notify) reaches the next.
+#[derive(Clone)]
 pub struct SavedSession {
-    der: Box<[u8]>,
+    /// Shared by the slot and the offers being parsed from it.
+    der: Arc<[u8]>,
+}
+
+impl SavedSession {
+    /// Whether `other` is this very session (not an equal one).
+    pub fn is(&self, other: &SavedSession) -> bool {
+        Arc::ptr_eq(&self.der, &other.der)
+    }
+
+    /// A session of these bytes, whatever they are.
+    #[cfg(test)]
+    pub fn of_bytes(der: &[u8]) -> SavedSession {
+        SavedSession { der: der.into() }
+    }
 }
 
 /// One reference to an `SSL_SESSION`, freed on drop.
@@ -1101,16 +1117,17 @@ impl Ssl {
         }
         *seen = address;
         // SAFETY: a live SSL_SESSION, which i2d_SSL_SESSION only reads;
-        // with a NULL output it returns the length it would write.
+        // with a NULL output it returns the length it would write. Nothing
+        // else can change the session before the second call writes it:
+        // `&mut self` holds the connection, and it is not shared.
+        clear_errors(self.api);
         let length = unsafe { (self.api.i2d_ssl_session)(own.as_ptr(), std::ptr::null_mut()) };
         let mut der = vec![0u8; usize::try_from(length).ok().filter(|&n| n > 0)?];
         let mut output = der.as_mut_ptr();
         // SAFETY: `output` points at `length` writable bytes, which
         // i2d_SSL_SESSION fills (advancing `output`); it reads the session.
         let written = unsafe { (self.api.i2d_ssl_session)(own.as_ptr(), &mut output) };
-        (written == length).then(|| SavedSession {
-            der: der.into_boxed_slice(),
-        })
+        (written == length).then(|| SavedSession { der: der.into() })
     }
 
     /// Whether the handshake resumed a session.

@@ -171,7 +171,7 @@ impl OpensslClient {
         ssl.set_verify_host(host).map_err(io::Error::other)?;
         let keep = match shape.sessions {
             Some(slot) => {
-                offer_kept(slot, &prepared, &mut ssl).map_err(io::Error::other)?;
+                offer_kept(slot, &prepared, &mut ssl);
                 Some(Keep {
                     slot: slot.clone(),
                     prepared: prepared.clone(),
@@ -206,17 +206,21 @@ impl OpensslClient {
     }
 }
 
-/// Offers the session `slot` keeps for `prepared`'s connections on `ssl`.
-fn offer_kept(
-    slot: &SessionSlot,
-    prepared: &Arc<Prepared>,
-    ssl: &mut Ssl,
-) -> Result<(), openssl_ffi::Error> {
-    match slot.newest().as_ref() {
-        Some(Kept::Openssl(kept)) if Arc::ptr_eq(&kept.prepared, prepared) => {
-            ssl.offer_session(&kept.session)
+/// Offers the session `slot` keeps for `prepared`'s connections on `ssl`,
+/// parsed outside the slot's lock. One OpenSSL cannot take leaves the slot
+/// (else every later dial would meet it) and is not offered: the
+/// connection runs a full handshake, as with no session kept.
+fn offer_kept(slot: &SessionSlot, prepared: &Arc<Prepared>, ssl: &mut Ssl) {
+    let saved = match slot.newest().as_ref() {
+        Some(Kept::Openssl(kept)) if Arc::ptr_eq(&kept.prepared, prepared) => kept.session.clone(),
+        _ => return,
+    };
+    if let Err(error) = ssl.offer_session(&saved) {
+        tracing::debug!(%error, "a kept TLS session could not be offered (OpenSSL); dropped, a full handshake instead");
+        let mut newest = slot.newest();
+        if matches!(newest.as_ref(), Some(Kept::Openssl(kept)) if kept.session.is(&saved)) {
+            *newest = None;
         }
-        _ => Ok(()),
     }
 }
 
@@ -1302,7 +1306,8 @@ mod tests {
     /// TLS 1.3 ticket its predecessor took in with its first read) and
     /// keeps the one its origin issues there; one without a slot, and one
     /// with another slot, run full handshakes. The resumed hello is the
-    /// fresh one with a pre_shared_key.
+    /// fresh one with a pre_shared_key. A kept session that does not parse
+    /// is dropped for a full handshake.
     #[tokio::test]
     async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
         use crate::fingerprint::ja4::ja4;
@@ -1387,6 +1392,22 @@ mod tests {
             !resumed && !websocket.pre_shared_key(),
             "another context's session"
         );
+
+        // A kept session OpenSSL cannot parse is dropped: the connection
+        // runs a full handshake (it does not fail), and keeps its own. (A
+        // session of the first context first: the WebSocket's took the
+        // slot.)
+        let _ = connect(Some(slot.clone()), false, true).await;
+        match slot.newest().as_mut() {
+            Some(Kept::Openssl(kept)) => {
+                kept.session = openssl_ffi::SavedSession::of_bytes(b"not a session");
+            }
+            _ => panic!("no session kept"),
+        }
+        let (resumed, unparsed) = connect(Some(slot.clone()), false, true).await;
+        assert!(!resumed && !unparsed.pre_shared_key(), "nothing offered");
+        let (resumed, _) = connect(Some(slot.clone()), false, true).await;
+        assert!(resumed, "the full handshake's session was kept");
     }
 
     #[tokio::test]
