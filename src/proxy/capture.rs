@@ -307,9 +307,8 @@ pub struct CarriedBy<'a> {
 /// `carried_by` when it is HTTP/2 or was dialled for the request, and the
 /// TLS session the origin issued on it (see `ExitClient::hand_over`: each
 /// only if the connection's address is the identity's, and the identity
-/// still stands). Returns the identity the
-/// response belongs to. A value already pinned elsewhere keeps its first
-/// pin (pins never move).
+/// still stands). Returns the identity the response belongs to. A value
+/// already pinned elsewhere keeps its first pin (pins never move).
 pub async fn learn(
     router: &Router,
     route: &Route,

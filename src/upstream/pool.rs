@@ -349,12 +349,12 @@ impl LanePool {
             let is_it = conns.h2.as_ref().is_some_and(|conn| {
                 Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed()
             });
-            let heir = Heir {
+            let named = Heir {
                 lane: Arc::downgrade(heir),
                 founding: connection.clone(),
             };
             // The first heir stands.
-            if !is_it || self.heir.set(heir).is_err() {
+            if !is_it || self.heir.set(named).is_err() {
                 return;
             }
             conns.h2_quiet_since = None;
