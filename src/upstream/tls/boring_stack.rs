@@ -61,11 +61,18 @@ struct Prepared {
 /// count) against 0.9 KB serialized, and an identity keeps one per origin
 /// for as long as its pool lives. It is parsed again when offered, which
 /// costs far less than the full handshake it saves.
+///
+/// Up to two TLS 1.3 tickets, as Chrome's session cache keeps them: the
+/// newest, and the one before it (an origin sends two after a handshake),
+/// so that two connections opened at once both resume.
 pub(super) struct KeptSession {
     der: Box<[u8]>,
     /// A TLS 1.3 ticket: offered once (see [`boring_ffi::single_use`]).
     single_use: bool,
     context: SslContext,
+    /// The ticket kept before this one (when both are single-use tickets
+    /// of the same connector), offered once this one has been.
+    previous: Option<Box<KeptSession>>,
 }
 
 /// Where a connection keeps the sessions its origin issues: its
@@ -91,18 +98,32 @@ fn keep_session(ssl: &mut SslRef, session: SslSession) {
     let Ok(der) = session.to_der() else {
         return;
     };
-    let kept = KeptSession {
-        der: der.into_boxed_slice(),
-        single_use: boring_ffi::single_use(&session),
-        context: ssl.ssl_context().to_owned(),
+    let context = ssl.ssl_context();
+    let single_use = boring_ffi::single_use(&session);
+    let mut newest = slot.newest();
+    // The ticket before stays as the second one; older ones go.
+    let previous = match newest.take() {
+        Some(Kept::Boring(mut before))
+            if single_use && before.single_use && std::ptr::eq(&*before.context, context) =>
+        {
+            before.previous = None;
+            Some(Box::new(before))
+        }
+        _ => None,
     };
-    *slot.newest() = Some(Kept::Boring(kept));
+    *newest = Some(Kept::Boring(KeptSession {
+        der: der.into_boxed_slice(),
+        single_use,
+        context: context.to_owned(),
+        previous,
+    }));
 }
 
 /// Offers the session `slot` keeps for `context`'s connections on `ssl`,
 /// and has `ssl` keep the ones its origin issues in `slot`. A TLS 1.3
-/// ticket is taken out as it is offered (offered once, as browsers do);
-/// a TLS 1.2 session stays for the next connection too.
+/// ticket is taken out as it is offered (offered once, as browsers do;
+/// the one kept before it is then the next to offer); a TLS 1.2 session
+/// stays for the next connection too.
 fn resume_from(
     slot: &Arc<SessionSlot>,
     config: &mut ConnectConfiguration,
@@ -117,7 +138,10 @@ fn resume_from(
             Some(Kept::Boring(kept)) if std::ptr::eq(&*kept.context, context) => {
                 if kept.single_use {
                     match newest.take() {
-                        Some(Kept::Boring(kept)) => Some(kept.der),
+                        Some(Kept::Boring(kept)) => {
+                            *newest = kept.previous.map(|previous| Kept::Boring(*previous));
+                            Some(kept.der)
+                        }
                         _ => None,
                     }
                 } else {
@@ -895,7 +919,8 @@ mod tests {
     /// with another slot and one made by another connector (a WebSocket's
     /// HTTP/1.1-only hello) run full handshakes. A TLS 1.3 ticket is
     /// offered once. The resumed hello is the fresh one with a
-    /// pre_shared_key: the same JA4 once that is taken out. A slot's
+    /// pre_shared_key: the same JA4 once that is taken out. Two tickets
+    /// are kept, so two connections opened at once both resume. A slot's
     /// session passed to another goes to that one alone.
     #[tokio::test]
     async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
@@ -907,7 +932,7 @@ mod tests {
         // connection echoes one byte, so that the client reads (and
         // BoringSSL takes the tickets that came before it).
         let server = tokio::spawn(async move {
-            for _ in 0..8 {
+            for _ in 0..11 {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
@@ -979,6 +1004,16 @@ mod tests {
         // of the first connector finds none of its own.
         let (resumed, _) = connect(Some(slot.clone()), false).await;
         assert!(!resumed, "a session of another connector is never offered");
+
+        // The origin sends two tickets after a handshake: two connections
+        // opened at once both resume, as Chrome's do.
+        let pair = Arc::new(SessionSlot::default());
+        let _ = connect(Some(pair.clone()), false).await;
+        let (one, two) = tokio::join!(
+            connect(Some(pair.clone()), false),
+            connect(Some(pair.clone()), false)
+        );
+        assert!(one.0 && two.0, "both resume: {} {}", one.0, two.0);
 
         // A founding connection's session passed on (to the identity its
         // answer founded) leaves its slot: the heir resumes it, and a
