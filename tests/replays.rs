@@ -499,7 +499,7 @@ async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
     for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
         let case = format!("{mode:?}");
         let (s, exit) = founded_in(mode).await;
-        let origin = GoingAwayH2Origin::start(&s.origin.pki).await;
+        let origin = GoingAwayH2Origin::start(&s.origin.pki, GoingAway::AtTheThird).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
         let gets = H2Gets::new(&mut tunnel, origin.port);
         // Three at once: one dial, and the connection busy with all of them.
@@ -519,13 +519,53 @@ async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
     }
 }
 
+/// Streams an origin refused (`REFUSED_STREAM`), sent again on their
+/// connection, which the origin then closes with a `GOAWAY` that leaves
+/// them out (an origin refusing streams as it shuts down), are sent once
+/// more, on a new connection, through their cookie's exit: the client gets
+/// its answers, as a browser would, not a `502`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_refused_then_left_out_of_a_goaway_are_sent_on_a_new_connection() {
+    for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
+        let case = format!("{mode:?}");
+        let (s, exit) = founded_in(mode).await;
+        let origin = GoingAwayH2Origin::start(&s.origin.pki, GoingAway::AfterRefusing).await;
+        let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
+        let gets = H2Gets::new(&mut tunnel, origin.port);
+        let (a, b, c) = tokio::join!(gets.get("/a"), gets.get("/b"), gets.get("/c"));
+        for reply in [a, b, c] {
+            let error = reply.headers().get("x-pinproxy-error");
+            assert_eq!(reply.status(), 200, "{case}: {error:?}");
+        }
+        // Three streams, the refused two again on the first connection,
+        // and those two once more on the second.
+        assert_eq!(origin.streams(), 7, "{case}");
+        assert_eq!(origin.accepted(), 2, "{case}");
+        assert_eq!(replayed(&s), 4, "{case}");
+        let peers = origin.peers();
+        assert!(peers.iter().all(|p| *p == exit), "{case}: {exit} {peers:?}");
+        s.stop().await;
+    }
+}
+
+/// How [`GoingAwayH2Origin`] goes away on its first connection.
+#[derive(Debug, Clone, Copy)]
+enum GoingAway {
+    /// Once three streams have come: a `GOAWAY` naming the second as its
+    /// last stream, the first two answered, never the third.
+    AtTheThird,
+    /// Once three streams have come: the first answered, the other two
+    /// refused (`REFUSED_STREAM`); once both have come again, a `GOAWAY`
+    /// naming the first as its last stream, and no answer.
+    AfterRefusing,
+}
+
 /// An HTTPS origin speaking HTTP/2 frame by frame (`h2`'s server counts
 /// every stream it has read as processed, so it cannot leave one out of
-/// its `GOAWAY`): once three streams have come on its first connection it
-/// sends a `GOAWAY` naming the second as its last stream, answers the
-/// first two and never the third; it answers every stream of its later
-/// connections `200 ok`. It reads frame heads only (HEADERS are not
-/// decoded; these heads need no CONTINUATION).
+/// its `GOAWAY`): on its first connection it goes away as [`GoingAway`]
+/// says; it answers every stream of its later connections `200 ok`. It
+/// reads frame heads only (HEADERS are not decoded; these heads need no
+/// CONTINUATION).
 struct GoingAwayH2Origin {
     port: u16,
     streams: Arc<Mutex<usize>>,
@@ -554,7 +594,7 @@ fn h2_ok(stream: u32) -> Vec<u8> {
 }
 
 impl GoingAwayH2Origin {
-    async fn start(pki: &support::origin::TestPki) -> GoingAwayH2Origin {
+    async fn start(pki: &support::origin::TestPki, script: GoingAway) -> GoingAwayH2Origin {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"h2"]));
@@ -572,7 +612,7 @@ impl GoingAwayH2Origin {
                 tokio::spawn(async move {
                     if let Ok(stream) = tls.accept(tcp).await {
                         // Ends when pinproxy closes the connection.
-                        let _ = Self::serve(stream, first, streams).await;
+                        let _ = Self::serve(stream, first.then_some(script), streams).await;
                     }
                 });
             }
@@ -586,7 +626,11 @@ impl GoingAwayH2Origin {
         }
     }
 
-    async fn serve<S>(mut stream: S, first: bool, streams: Arc<Mutex<usize>>) -> std::io::Result<()>
+    async fn serve<S>(
+        mut stream: S,
+        script: Option<GoingAway>,
+        streams: Arc<Mutex<usize>>,
+    ) -> std::io::Result<()>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -613,17 +657,35 @@ impl GoingAwayH2Origin {
                 // HEADERS: a new stream.
                 0x1 => {
                     *streams.lock().unwrap() += 1;
-                    if !first {
+                    let Some(script) = script else {
                         stream.write_all(&h2_ok(id)).await?;
                         continue;
-                    }
+                    };
                     held.push(id);
-                    if let [kept, last, _] = held[..] {
-                        let mut away = last.to_be_bytes().to_vec();
-                        away.extend_from_slice(&0u32.to_be_bytes());
-                        stream.write_all(&h2_frame(0x7, 0, 0, &away)).await?;
-                        stream.write_all(&h2_ok(kept)).await?;
-                        stream.write_all(&h2_ok(last)).await?;
+                    let away = |last: u32| {
+                        let mut payload = last.to_be_bytes().to_vec();
+                        payload.extend_from_slice(&0u32.to_be_bytes());
+                        h2_frame(0x7, 0, 0, &payload)
+                    };
+                    match (script, &held[..]) {
+                        (GoingAway::AtTheThird, &[kept, last, _]) => {
+                            stream.write_all(&away(last)).await?;
+                            stream.write_all(&h2_ok(kept)).await?;
+                            stream.write_all(&h2_ok(last)).await?;
+                        }
+                        (GoingAway::AfterRefusing, &[kept, second, third]) => {
+                            // RST_STREAM, REFUSED_STREAM (0x7).
+                            let refused = 7u32.to_be_bytes();
+                            stream.write_all(&h2_ok(kept)).await?;
+                            stream
+                                .write_all(&h2_frame(0x3, 0, second, &refused))
+                                .await?;
+                            stream.write_all(&h2_frame(0x3, 0, third, &refused)).await?;
+                        }
+                        (GoingAway::AfterRefusing, &[kept, _, _, _, _]) => {
+                            stream.write_all(&away(kept)).await?;
+                        }
+                        _ => {}
                     }
                 }
                 _ => {}

@@ -558,9 +558,11 @@ impl LanePool {
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let mut request = request;
         // At most one of each: a request found its connection gone before
-        // it was written, and one the origin left unanswered (three
-        // attempts in all).
-        let (mut retried, mut replayed) = (false, false);
+        // it was written, and one the origin left unanswered; and before
+        // the latter, one stream the origin refused (`REFUSED_STREAM`), sent
+        // again on its connection, which the origin may then close (one
+        // refusing streams as it shuts down): four attempts in all.
+        let (mut retried, mut replayed, mut refused) = (false, false, false);
         // A retry after a close takes a new connection: the others the
         // origin left idle as long may be closing too.
         let mut fresh = false;
@@ -628,7 +630,11 @@ impl LanePool {
                             error = %error,
                             "the origin left a request unanswered; sending it again"
                         );
-                        replayed = true;
+                        if unanswered == Unanswered::Refused && !refused {
+                            refused = true;
+                        } else {
+                            replayed = true;
+                        }
                         replaying = true;
                         fresh = fresh || unanswered.needs_new_connection();
                         request = replay.into_request();
