@@ -546,7 +546,7 @@ impl Metrics {
         let upstream_requests_replayed = Counter::default();
         registry.register(
             "upstream_requests_replayed",
-            "Body-less requests sent again (once, or twice when a refused stream's second try meets its connection's close) because the origin closed their idle connection before any byte of an answer (idempotent methods) or did not process their HTTP/2 stream (REFUSED_STREAM: any method; GOAWAY: idempotent methods)",
+            "Body-less requests sent again (once, or twice when a refused stream's second try then meets a GOAWAY that leaves it out, or the close of a connection that had been idle) because the origin closed their idle connection before any byte of an answer (idempotent methods) or did not process their HTTP/2 stream (REFUSED_STREAM: any method; GOAWAY: idempotent methods)",
             upstream_requests_replayed.clone(),
         );
         let store_clock_offset_ms = Gauge::default();

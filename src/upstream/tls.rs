@@ -87,8 +87,9 @@ pub struct Shape<'a> {
 }
 
 /// The newest TLS session one identity's connections to one origin were
-/// given, offered on the identity's next connection there, as a browser
-/// resumes with a ticket its earlier connection to a host received.
+/// given (with BoringSSL, the two newest TLS 1.3 tickets), offered on the
+/// identity's next connection there, as a browser resumes with a ticket
+/// its earlier connection to a host received.
 ///
 /// Only an identity's own connections share one (see
 /// `upstream::resumption`): a ticket links the connection that offers it to

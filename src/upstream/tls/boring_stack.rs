@@ -58,8 +58,8 @@ struct Prepared {
 ///
 /// Kept serialized: a live `SSL_SESSION` holds the origin's certificates
 /// parsed, 7.9 KB with the test suite's two small certificates (allocator
-/// count) against 0.9 KB serialized, and an identity keeps one per origin
-/// for as long as its pool lives. It is parsed again when offered, which
+/// count) against 0.9 KB serialized, and an identity keeps one or two per
+/// origin for as long as its pool lives. It is parsed again when offered, which
 /// costs far less than the full handshake it saves.
 ///
 /// Up to two TLS 1.3 tickets, as Chrome's session cache keeps them: the
@@ -86,9 +86,11 @@ fn slot_index() -> Option<Index<Ssl, Arc<SessionSlot>>> {
 
 /// BoringSSL's new-session callback: a session (a TLS 1.2 session after
 /// the handshake, a TLS 1.3 ticket whenever the origin sends one) goes to
-/// the connection's slot, replacing the one there (an identity's, or on a
-/// cookie-less lane one of the connection's own, see `SessionSlot`); a
-/// connection without a slot (rustls mode, a WebSocket's) keeps none.
+/// the connection's slot as its newest (an identity's, or on a cookie-less
+/// lane one of the connection's own, see `SessionSlot`), the ticket there
+/// before it kept as the second when both are TLS 1.3 tickets of this
+/// connector, anything older let go; a connection without a slot (rustls
+/// mode, a WebSocket's) keeps none.
 fn keep_session(ssl: &mut SslRef, session: SslSession) {
     let Some(slot) = slot_index().and_then(|index| ssl.ex_data(index)) else {
         return;
