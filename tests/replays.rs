@@ -496,27 +496,9 @@ impl Drop for RefusingH2Origin {
 /// old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
-    for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
-        let case = format!("{mode:?}");
-        let (s, exit) = founded_in(mode).await;
-        let origin = GoingAwayH2Origin::start(&s.origin.pki, GoingAway::AtTheThird).await;
-        let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
-        let gets = H2Gets::new(&mut tunnel, origin.port);
-        // Three at once: one dial, and the connection busy with all of them.
-        let (a, b, c) = tokio::join!(gets.get("/a"), gets.get("/b"), gets.get("/c"));
-        for reply in [a, b, c] {
-            let error = reply.headers().get("x-pinproxy-error");
-            assert_eq!(reply.status(), 200, "{case}: {error:?}");
-        }
-        // Three streams on the first connection, the last of them again on
-        // the second.
-        assert_eq!(origin.streams(), 4, "{case}");
-        assert_eq!(origin.accepted(), 2, "{case}");
-        assert_eq!(replayed(&s), 1, "{case}");
-        let peers = origin.peers();
-        assert!(peers.iter().all(|p| *p == exit), "{case}: {exit} {peers:?}");
-        s.stop().await;
-    }
+    // Three streams on the first connection, the last of them again on the
+    // second.
+    three_gets_are_answered_despite(GoingAway::AtTheThird, 4, 1).await;
 }
 
 /// Streams an origin refused (`REFUSED_STREAM`), sent again on their
@@ -526,10 +508,21 @@ async fn streams_past_an_origins_goaway_are_sent_again_on_a_new_connection() {
 /// its answers, as a browser would, not a `502`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_refused_then_left_out_of_a_goaway_are_sent_on_a_new_connection() {
+    // Three streams, the refused two again on the first connection, and
+    // those two once more on the second.
+    three_gets_are_answered_despite(GoingAway::AfterRefusing, 7, 4).await;
+}
+
+/// Three GETs at once (one dial, the connection busy with all of them)
+/// through pinproxy, in either fingerprint mode, to an origin that goes
+/// away on its first connection as `script` says: every one is answered
+/// `200`, after `streams` streams on two connections and `replays`
+/// requests sent again, every stream through the cookie's exit.
+async fn three_gets_are_answered_despite(script: GoingAway, streams: usize, replays: u64) {
     for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
-        let case = format!("{mode:?}");
+        let case = format!("{mode:?}, {script:?}");
         let (s, exit) = founded_in(mode).await;
-        let origin = GoingAwayH2Origin::start(&s.origin.pki, GoingAway::AfterRefusing).await;
+        let origin = GoingAwayH2Origin::start(&s.origin.pki, script).await;
         let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
         let gets = H2Gets::new(&mut tunnel, origin.port);
         let (a, b, c) = tokio::join!(gets.get("/a"), gets.get("/b"), gets.get("/c"));
@@ -537,11 +530,9 @@ async fn streams_refused_then_left_out_of_a_goaway_are_sent_on_a_new_connection(
             let error = reply.headers().get("x-pinproxy-error");
             assert_eq!(reply.status(), 200, "{case}: {error:?}");
         }
-        // Three streams, the refused two again on the first connection,
-        // and those two once more on the second.
-        assert_eq!(origin.streams(), 7, "{case}");
+        assert_eq!(origin.streams(), streams, "{case}");
         assert_eq!(origin.accepted(), 2, "{case}");
-        assert_eq!(replayed(&s), 4, "{case}");
+        assert_eq!(replayed(&s), replays, "{case}");
         let peers = origin.peers();
         assert!(peers.iter().all(|p| *p == exit), "{case}: {exit} {peers:?}");
         s.stop().await;
