@@ -508,7 +508,7 @@ impl ExitClient {
         let Ok(heir) = self.pool(&heir) else {
             return;
         };
-        if from.takes_heir(&presentation) {
+        if from.takes_heir() {
             if dialled_for_it {
                 from.hand_over(&heir, connection);
             } else {

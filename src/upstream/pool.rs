@@ -310,7 +310,8 @@ impl LanePool {
     /// [`LanePool::hand_over_h2`]). Only to the first identity founded on the
     /// lane (its session is then the identity's, and no cookie-less request
     /// takes the lane again), and only when this lane presents what the
-    /// heir presents (the caller asks [`LanePool::takes_heir`] first); the
+    /// heir presents (the caller asks [`LanePool::presents`] and
+    /// [`LanePool::takes_heir`] first); the
     /// heir takes it only when its egress address rules admit it (see
     /// `Dialer::admits`).
     pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
@@ -333,7 +334,8 @@ impl LanePool {
     /// cookie-less request takes the lane once its session is the
     /// identity's. As [`LanePool::hand_over`]: only to the first identity
     /// founded on the lane, presenting what the lane presents (the caller
-    /// asks [`LanePool::takes_heir`] first), and only when the heir stands
+    /// asks [`LanePool::presents`] and [`LanePool::takes_heir`] first), and
+    /// only when the heir stands
     /// and its egress address rules admit the connection's.
     pub(super) fn hand_over_h2(
         &self,
@@ -391,9 +393,9 @@ impl LanePool {
     }
 
     /// Whether this lane may still hand a connection over (see
-    /// [`LanePool::hand_over`]) to a lane presenting `presentation`.
-    pub(super) fn takes_heir(&self, presentation: &Presentation) -> bool {
-        self.heir.get().is_none() && self.presents(presentation)
+    /// [`LanePool::hand_over`]): no identity founded on it has yet.
+    pub(super) fn takes_heir(&self) -> bool {
+        self.heir.get().is_none()
     }
 
     /// Whether this lane presents `presentation` (the hello its sessions

@@ -138,16 +138,12 @@ impl Sessions {
         }
         let slot = {
             let mut by_origin = self.by_origin.lock().unwrap_or_else(|e| e.into_inner());
-            match by_origin.get(origin) {
-                Some(slot) => slot.clone(),
-                // A lane just founded has few origins: past the bound it
-                // keeps those it has.
-                None if by_origin.len() >= MAX_SESSION_ORIGINS => return,
-                None => by_origin
-                    .entry(origin.clone())
-                    .or_insert_with(|| Arc::new(SessionSlot::default()))
-                    .clone(),
+            // A lane just founded has few origins: past the bound it keeps
+            // those it has.
+            if by_origin.len() >= MAX_SESSION_ORIGINS && !by_origin.contains_key(origin) {
+                return;
             }
+            by_origin.entry(origin.clone()).or_default().clone()
         };
         founding.pass_to(&slot);
     }

@@ -59,8 +59,8 @@ struct Prepared {
 /// Kept serialized: a live `SSL_SESSION` holds the origin's certificates
 /// parsed, 7.9 KB with the test suite's two small certificates (allocator
 /// count) against 0.9 KB serialized, and an identity keeps one or two per
-/// origin for as long as its pool lives. It is parsed again when offered, which
-/// costs far less than the full handshake it saves.
+/// origin for as long as its pool lives. It is parsed again when offered,
+/// which costs far less than the full handshake it saves.
 ///
 /// Up to two TLS 1.3 tickets, as Chrome's session cache keeps them: the
 /// newest, and the one before it (an origin sends two after a handshake),
