@@ -21,6 +21,7 @@ use pinproxy::metrics::Metrics;
 use pinproxy::proxy::capture::invalidation::{self, Verdict};
 use pinproxy::proxy::credentials::cookies::{CookieMemo, CookiePolicy};
 use pinproxy::proxy::credentials::of_request;
+use pinproxy::proxy::credentials::session_key::TunnelKey;
 use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
@@ -166,6 +167,33 @@ fn a_name_sent_in_other_case_costs_one_allocation_of_its_own() {
     let (reading, routing) =
         hit_allocations(Store::Memory(MemoryStore::new()), &headers, Some(&memo));
     assert_eq!((reading, routing), (1, 1));
+}
+
+#[test]
+fn a_tunnel_s_session_key_is_hashed_once_not_at_every_request() {
+    let policy = CookiePolicy::with_extra(&[]).unwrap();
+    let hasher = PinHasher::new([3; 32]);
+    let cookie_less = HeaderMap::new();
+    for user in [None, Some("alice")] {
+        // `session-abc` in the CONNECT's user name (`alice-session-abc`
+        // under client authentication).
+        let tunnel = TunnelKey::new("abc".into());
+        let read =
+            || of_request(&cookie_less, Some(&tunnel), user, &policy, &hasher, None).unwrap();
+        let first = read();
+        let before = allocations::so_far();
+        let again = read();
+        // The vector alone: no copy of the key, and no `user:key` to hash.
+        assert_eq!(allocations::so_far() - before, 1, "user {user:?}");
+        assert_eq!(again, first);
+        // The credential a request naming the key itself makes.
+        let mut named = HeaderMap::new();
+        named.insert("x-pinproxy-session", HeaderValue::from_static("abc"));
+        assert_eq!(
+            again,
+            of_request(&named, None, user, &policy, &hasher, None).unwrap()
+        );
+    }
 }
 
 #[test]

@@ -107,8 +107,9 @@ fn as_http2(mut request: Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
     request
 }
 
-/// Opens a TCP connection to `target`, through the proxy when `via` says so.
-pub async fn dial(via: Via, target: &Target) -> Result<TcpStream> {
+/// Opens a TCP connection to `target`, through the proxy when `via` says
+/// so, its `CONNECT` naming `session` when given.
+pub async fn dial(via: Via, target: &Target, session: Option<&str>) -> Result<TcpStream> {
     let stream = match via {
         Via::Direct => TcpStream::connect(target.addr)
             .await
@@ -117,7 +118,7 @@ pub async fn dial(via: Via, target: &Target) -> Result<TcpStream> {
             let mut stream = TcpStream::connect(proxy)
                 .await
                 .with_context(|| format!("connecting to proxy {proxy}"))?;
-            connect_tunnel(&mut stream, &target.authority()).await?;
+            connect_tunnel(&mut stream, &target.authority(), session).await?;
             stream
         }
     };
@@ -126,9 +127,17 @@ pub async fn dial(via: Via, target: &Target) -> Result<TcpStream> {
 }
 
 /// Sends `CONNECT authority` on `stream` and reads the proxy's answer,
-/// failing unless it is 2xx.
-pub async fn connect_tunnel(stream: &mut TcpStream, authority: &str) -> Result<()> {
-    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+/// failing unless it is 2xx. With `session`, the `CONNECT` names that
+/// session key (`X-Pinproxy-Session`), which every request inside carries.
+pub async fn connect_tunnel(
+    stream: &mut TcpStream,
+    authority: &str,
+    session: Option<&str>,
+) -> Result<()> {
+    let session = session
+        .map(|key| format!("X-Pinproxy-Session: {key}\r\n"))
+        .unwrap_or_default();
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{session}\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
@@ -162,8 +171,13 @@ pub async fn connect_tunnel(stream: &mut TcpStream, authority: &str) -> Result<(
 /// Opens an HTTP/1.1-over-TLS connection to `target` and returns its sender;
 /// the connection is driven by a spawned task and closes when the sender is
 /// dropped.
-pub async fn open(via: Via, target: &Target, tls: Arc<ClientConfig>) -> Result<Sender> {
-    let tcp = dial(via, target).await?;
+pub async fn open(
+    via: Via,
+    target: &Target,
+    tls: Arc<ClientConfig>,
+    session: Option<&str>,
+) -> Result<Sender> {
+    let tcp = dial(via, target, session).await?;
     open_tls(tcp, &target.host, tls).await
 }
 

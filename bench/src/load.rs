@@ -79,6 +79,14 @@ pub struct LoadSpec {
     /// With `cookie_tag`: the header also carries a browser's untracked
     /// cookies ([`BROWSER_COOKIES`]: 20 pairs in all, about 700 bytes).
     pub browser_cookies: bool,
+    /// With `cookie_tag`: each pair in a `Cookie` field of its own (cookie
+    /// crumbs), as a browser sends its cookies over HTTP/2 (RFC 9113,
+    /// 8.2.3), instead of one header.
+    pub cookie_crumbs: bool,
+    /// Each client connection's `CONNECT` names a session key of its own,
+    /// prefixed with this tag (`X-Pinproxy-Session`), which every request
+    /// inside carries.
+    pub session_tag: Option<String>,
     /// Total request rate to pace the workers at (open loop: a request sent
     /// late because earlier ones were slow is timed from when it was due);
     /// `None` sends as fast as possible.
@@ -247,7 +255,13 @@ fn worker_request(spec: &LoadSpec, id: usize) -> Result<Request<Empty<Bytes>>> {
                 cookie.push_str(pair);
             }
         }
-        extra.push(("cookie", HeaderValue::from_str(&cookie)?));
+        if spec.cookie_crumbs {
+            for pair in cookie.split("; ") {
+                extra.push(("cookie", HeaderValue::from_str(pair)?));
+            }
+        } else {
+            extra.push(("cookie", HeaderValue::from_str(&cookie)?));
+        }
     }
     client::get_request(&spec.target, &spec.path, &extra)
 }
@@ -262,10 +276,16 @@ async fn worker(
     let mut out = WorkerOut::default();
     let mut conn: Option<Sender> = None;
 
-    let group = shared.connections.get(id / spec.streams.max(1));
+    let group_id = id / spec.streams.max(1);
+    let group = shared.connections.get(group_id);
+    let session = spec
+        .session_tag
+        .as_ref()
+        .map(|tag| format!("{tag}w{group_id:04}"));
+    let session = session.as_deref();
     let warm = tokio::time::timeout(
         spec.request_timeout,
-        one(&spec, &tls, group, &mut conn, &request),
+        one(&spec, &tls, group, session, &mut conn, &request),
     )
     .await;
     match warm {
@@ -316,7 +336,7 @@ async fn worker(
         }
         let result = tokio::time::timeout(
             spec.request_timeout,
-            one(&spec, &tls, group, &mut conn, &request),
+            one(&spec, &tls, group, session, &mut conn, &request),
         )
         .await;
         let done = Instant::now();
@@ -352,12 +372,13 @@ async fn one(
     spec: &LoadSpec,
     tls: &Arc<ClientConfig>,
     group: Option<&Mutex<Option<Sender>>>,
+    session: Option<&str>,
     conn: &mut Option<Sender>,
     request: &Request<Empty<Bytes>>,
 ) -> Result<()> {
     let sender = match conn {
         Some(sender) => sender,
-        None => conn.insert(connect(spec, tls, group).await?),
+        None => conn.insert(connect(spec, tls, group, session).await?),
     };
     let fetched = client::fetch_reusable(sender, client::clone_request(request)).await;
     let (len, reusable) = match fetched {
@@ -385,15 +406,16 @@ async fn connect(
     spec: &LoadSpec,
     tls: &Arc<ClientConfig>,
     group: Option<&Mutex<Option<Sender>>>,
+    session: Option<&str>,
 ) -> Result<Sender> {
     let Some(group) = group else {
-        return client::open(spec.via, &spec.target, tls.clone()).await;
+        return client::open(spec.via, &spec.target, tls.clone(), session).await;
     };
     let mut slot = group.lock().await;
     if let Some(shared) = slot.as_ref().and_then(Sender::share) {
         return Ok(shared);
     }
-    let opened = client::open(spec.via, &spec.target, tls.clone()).await?;
+    let opened = client::open(spec.via, &spec.target, tls.clone(), session).await?;
     let handle = opened
         .share()
         .ok_or_else(|| anyhow::anyhow!("--streams needs HTTP/2, and the connection is HTTP/1.1"))?;

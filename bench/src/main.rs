@@ -295,6 +295,14 @@ struct LoadArgs {
     /// tracks (20 pairs, about 700 bytes).
     #[arg(long, requires = "cookies")]
     browser_cookies: bool,
+    /// With --cookies: each pair in a `Cookie` field of its own, as a
+    /// browser sends its cookies over HTTP/2 (cookie crumbs).
+    #[arg(long, requires = "cookies")]
+    cookie_crumbs: bool,
+    /// Each client connection's CONNECT names a session key of its own
+    /// (`X-Pinproxy-Session: TAGwNNNN`), which every request inside carries.
+    #[arg(long, value_name = "TAG")]
+    session_keys: Option<String>,
     /// Pace to this many requests/s in total (open loop).
     #[arg(long)]
     rate: Option<f64>,
@@ -511,6 +519,8 @@ fn main() -> Result<()> {
                 cookie_tag: a.cookies,
                 untracked_cookies: a.untracked_cookies,
                 browser_cookies: a.browser_cookies,
+                cookie_crumbs: a.cookie_crumbs,
+                session_tag: a.session_keys.clone(),
                 rate: a.rate,
                 expect_body: a.expect_body,
                 streams: a.streams.max(1),

@@ -140,7 +140,7 @@ async fn handshake(proxy: SocketAddr, tls: &Arc<ClientConfig>, host: &str) -> Re
     let attempt = async {
         let mut tcp = TcpStream::connect(proxy).await?;
         tcp.set_nodelay(true)?;
-        connect_tunnel(&mut tcp, &format!("{host}:443")).await?;
+        connect_tunnel(&mut tcp, &format!("{host}:443"), None).await?;
         let name = ServerName::try_from(host.to_owned()).map_err(|e| anyhow!("{e}"))?;
         TlsConnector::from(tls.clone())
             .connect(name, tcp)

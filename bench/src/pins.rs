@@ -286,7 +286,7 @@ async fn one(
     }
     let sender = match conn {
         Some(sender) => sender,
-        None => conn.insert(client::open(spec.via, &spec.target, tls.clone()).await?),
+        None => conn.insert(client::open(spec.via, &spec.target, tls.clone(), None).await?),
     };
     let len = client::fetch(sender, request).await?;
     if spec.fresh_clients {

@@ -69,9 +69,11 @@ pub async fn run(spec: TunnelSpec, tls: Arc<ClientConfig>) -> Result<()> {
         let tls = tls.clone();
         let via = spec.via;
         opening.spawn(async move {
-            let result =
-                tokio::time::timeout(Duration::from_secs(20), client::open(via, &target, tls))
-                    .await;
+            let result = tokio::time::timeout(
+                Duration::from_secs(20),
+                client::open(via, &target, tls, None),
+            )
+            .await;
             drop(permit);
             match result {
                 Ok(r) => r,

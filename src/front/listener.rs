@@ -148,7 +148,7 @@ async fn outer_request(
     // A session key named on the CONNECT (`X-Pinproxy-Session`, which
     // wins, or `Proxy-Authorization`) holds for every request inside, and
     // is all that keeps a passed-through tunnel on its identity's exit.
-    let session_key = match session_key::of_request(request.headers(), None) {
+    let session_key = match session_key::of_request(request.headers()) {
         Ok(key) => key,
         Err(error) => return ProxyError::from(error).to_response(),
     };
@@ -171,7 +171,7 @@ async fn outer_request(
     let tunnel = Box::new(target::Tunnel {
         authority,
         tls: false,
-        session_key,
+        session_key: session_key.map(session_key::TunnelKey::new),
         client_offers_h2: false,
         client_resumes: false,
         client: Arc::default(),

@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderName};
 use super::ProxyError;
 use crate::credential::{Credential, PinHasher};
 use cookies::{CookieMemo, CookiePolicy};
+use session_key::TunnelKey;
 
 /// The credentials of a request: its session key first (the tunnel's,
 /// `tunnel_key`, unless the request names its own; `user`'s own when
@@ -29,17 +30,20 @@ use cookies::{CookieMemo, CookiePolicy};
 /// first seen (through the connection's `memo` when it has one).
 pub fn of_request(
     headers: &HeaderMap,
-    tunnel_key: Option<&str>,
+    tunnel_key: Option<&TunnelKey>,
     user: Option<&str>,
     policy: &CookiePolicy,
     hasher: &PinHasher,
     memo: Option<&CookieMemo>,
 ) -> Result<Vec<Credential>, ProxyError> {
-    let key = session_key::of_request(headers, tunnel_key)?;
+    let key = match session_key::of_request(headers)? {
+        Some(own) => Some(session_key::credential(hasher, user, &own)),
+        None => tunnel_key.map(|key| key.credential(hasher, user)),
+    };
     // One vector for all: the session key goes in front of the cookies'.
     let mut credentials = cookies::tracked_in_request_with(headers, policy, hasher, memo)?;
     if let Some(key) = key {
-        credentials.insert(0, session_key::credential(hasher, user, &key));
+        credentials.insert(0, key);
     }
     Ok(credentials)
 }
@@ -79,6 +83,41 @@ pub(crate) fn holds_custom(headers: &HeaderMap, name: &HeaderName) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn the_requests_own_key_wins_over_its_tunnels() {
+        let (policy, hasher) = (
+            CookiePolicy::with_extra(&[]).unwrap(),
+            PinHasher::new([7; 32]),
+        );
+        let tunnel = TunnelKey::new("t".into());
+        let read = |headers: &HeaderMap, user: Option<&str>| {
+            of_request(headers, Some(&tunnel), user, &policy, &hasher, None).unwrap()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::COOKIE, HeaderValue::from_static("datadome=v"));
+        for user in [None, Some("alice")] {
+            let found = read(&headers, user);
+            assert_eq!(found.len(), 2);
+            assert_eq!(found[0], session_key::credential(&hasher, user, "t"));
+        }
+        headers.insert(
+            &session_key::X_PINPROXY_SESSION,
+            HeaderValue::from_static("own"),
+        );
+        let found = read(&headers, Some("alice"));
+        assert_eq!(
+            found[0],
+            session_key::credential(&hasher, Some("alice"), "own")
+        );
+        assert_eq!(found.len(), 2);
+        // A key that cannot be used fails the request, tunnel or not.
+        headers.insert(
+            &session_key::X_PINPROXY_SESSION,
+            HeaderValue::from_static(""),
+        );
+        assert!(of_request(&headers, Some(&tunnel), None, &policy, &hasher, None).is_err());
+    }
 
     #[test]
     fn a_custom_name_is_found_by_scan_and_by_hash_alike() {

@@ -19,6 +19,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
 use super::credentials::cookies::CookieMemo;
+use super::credentials::session_key::TunnelKey;
 use super::ProxyError;
 use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
@@ -55,7 +56,7 @@ pub struct Tunnel {
     pub tls: bool,
     /// The session key named by the CONNECT (`X-Pinproxy-Session` or
     /// `Proxy-Authorization`): a credential, never printed.
-    pub session_key: Option<String>,
+    pub session_key: Option<TunnelKey>,
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
     pub client_offers_h2: bool,

@@ -176,8 +176,14 @@ enum Cookies {
     /// from what tracking costs.
     Untracked,
     /// `Tracked` among a browser's untracked cookies (20 pairs, about 700
-    /// bytes; `pinbench load --browser-cookies`).
+    /// bytes; `pinbench load --browser-cookies`), in one header over
+    /// HTTP/1.1 and a `Cookie` field per pair over HTTP/2, as a browser
+    /// sends them.
     Browser,
+    /// No cookies; each client's tunnel names a session key of its own
+    /// (`pinbench load --session-keys`), pinned by its warm-up request, so
+    /// every counted request is a pin hit of the key its `CONNECT` named.
+    SessionKey,
 }
 
 /// What is measured: a key, a label, how to start it, the cookies its
@@ -223,7 +229,7 @@ fn pinproxy_direct(suite: &Suite, name: &str) -> Result<Launch> {
 }
 
 /// The proxies counted, in table order.
-const SUBJECTS: [Subject; 13] = [
+const SUBJECTS: [Subject; 15] = [
     Subject {
         key: "pinproxy",
         label: "(g) pinproxy, built-in direct exit, fingerprint `mirror`",
@@ -256,6 +262,15 @@ const SUBJECTS: [Subject; 13] = [
         label: "(g) with the tracked cookies in a browser's header (20 pairs, 2 tracked)",
         launch: pinproxy_direct,
         cookies: Cookies::Browser,
+        http2: false,
+        streams: 1,
+        mode: ConnMode::KeepAlive,
+    },
+    Subject {
+        key: "pinproxy-session",
+        label: "(g) with a session key on each tunnel's CONNECT (pin hits)",
+        launch: pinproxy_direct,
+        cookies: Cookies::SessionKey,
         http2: false,
         streams: 1,
         mode: ConnMode::KeepAlive,
@@ -328,6 +343,15 @@ const SUBJECTS: [Subject; 13] = [
         label: "(g) over HTTP/2 (client, proxy and origin all h2)",
         launch: pinproxy_direct,
         cookies: Cookies::None,
+        http2: true,
+        streams: 1,
+        mode: ConnMode::KeepAlive,
+    },
+    Subject {
+        key: "pinproxy-h2-browser",
+        label: "(g) over HTTP/2 with a browser's cookies as crumbs (20 fields, 2 tracked)",
+        launch: pinproxy_direct,
+        cookies: Cookies::Browser,
         http2: true,
         streams: 1,
         mode: ConnMode::KeepAlive,
@@ -581,9 +605,15 @@ fn count(
         concurrency: CONCURRENCY,
         secs: 600.0,
         max_requests: requests,
-        cookie_tag: (subject.cookies != Cookies::None).then_some(tag.as_str()),
+        cookie_tag: matches!(
+            subject.cookies,
+            Cookies::Tracked | Cookies::Untracked | Cookies::Browser
+        )
+        .then_some(tag.as_str()),
+        session_tag: (subject.cookies == Cookies::SessionKey).then_some(tag.as_str()),
         untracked_cookies: subject.cookies == Cookies::Untracked,
         browser_cookies: subject.cookies == Cookies::Browser,
+        cookie_crumbs: subject.cookies == Cookies::Browser && subject.http2,
         http2: subject.http2,
         streams: subject.streams,
         ..LoadPlan::new(&suite.origin, requests)

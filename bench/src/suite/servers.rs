@@ -324,6 +324,12 @@ impl Suite {
             if plan.browser_cookies {
                 cmd.arg("--browser-cookies");
             }
+            if plan.cookie_crumbs {
+                cmd.arg("--cookie-crumbs");
+            }
+        }
+        if let Some(tag) = plan.session_tag {
+            cmd.args(["--session-keys", tag]);
         }
         if let Some(rate) = plan.rate {
             cmd.args(["--rate", &rate.to_string()]);
@@ -403,6 +409,12 @@ pub(super) struct LoadPlan<'a> {
     /// The cookies among a browser's untracked ones (see `pinbench load
     /// --browser-cookies`).
     pub(super) browser_cookies: bool,
+    /// Each cookie in a `Cookie` field of its own, as a browser sends them
+    /// over HTTP/2 (see `pinbench load --cookie-crumbs`).
+    pub(super) cookie_crumbs: bool,
+    /// Each client connection names a session key of its own, tagged with
+    /// this (`pinbench load --session-keys`).
+    pub(super) session_tag: Option<&'a str>,
     /// Paced total rate (open loop), or as fast as possible.
     pub(super) rate: Option<f64>,
     /// Offer h2 alone (`pinbench load --http2`): HTTP/2 wherever the proxy
@@ -426,6 +438,8 @@ impl<'a> LoadPlan<'a> {
             cookie_tag: None,
             untracked_cookies: false,
             browser_cookies: false,
+            cookie_crumbs: false,
+            session_tag: None,
             rate: None,
             http2: false,
             streams: 1,

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cookie::Cookie;
+use http::header::GetAll;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::credential::{Credential, PinHasher, PinKey};
@@ -315,9 +316,11 @@ pub fn tracked_in_request(
 }
 
 /// [`tracked_in_request`] for a request of a connection whose `memo`
-/// remembers the credentials of its last `Cookie` header: a request with
-/// the same single `Cookie` header, byte for byte, under the same policy,
-/// takes them from there instead of reading and hashing its cookies again.
+/// remembers the credentials of its last `Cookie` fields: a request with
+/// the same fields, byte for byte and in the same order, under the same
+/// policy, takes them from there instead of reading and hashing its cookies
+/// again. (Over HTTP/2 a browser sends a field per cookie, the crumbs of
+/// RFC 9113 §8.2.3, the same ones request after request.)
 pub fn tracked_in_request_with(
     headers: &HeaderMap,
     policy: &CookiePolicy,
@@ -327,27 +330,29 @@ pub fn tracked_in_request_with(
     // Looked up once: most requests (every cookie-less one) take the
     // fallback below, which walks the same headers again.
     let cookie_headers = headers.get_all(http::header::COOKIE);
-    let mut first_two = cookie_headers.iter();
     // Distinct cookies found; for a recalled list, at most its length
     // (its entries include the spellings' own keys).
     let mut cookies = 0;
-    let mut found = match (memo, first_two.next(), first_two.next()) {
-        (Some(memo), Some(header), None) => match memo.recall(policy, header) {
-            Some(found) => {
-                cookies = found.len().min(MAX_TRACKED_PER_REQUEST);
-                found
+    let read = |cookies: &mut usize| {
+        cookie_headers.iter().try_fold(Vec::new(), |found, header| {
+            in_cookie_header(header, policy, hasher, found, cookies)
+        })
+    };
+    let mut found = match memo {
+        Some(memo) if cookie_headers.iter().next().is_some() => {
+            match memo.recall(policy, &cookie_headers) {
+                Some(found) => {
+                    cookies = found.len().min(MAX_TRACKED_PER_REQUEST);
+                    found
+                }
+                None => {
+                    let found = read(&mut cookies)?;
+                    memo.remember(policy, &cookie_headers, &found);
+                    found
+                }
             }
-            None => {
-                let found = in_cookie_header(header, policy, hasher, Vec::new(), &mut cookies)?;
-                memo.remember(policy, header, &found);
-                found
-            }
-        },
-        _ => cookie_headers
-            .iter()
-            .try_fold(Vec::new(), |found, header| {
-                in_cookie_header(header, policy, hasher, found, &mut cookies)
-            })?,
+        }
+        _ => read(&mut cookies)?,
     };
     let client_ids = super::holds_custom(headers, &X_DATADOME_CLIENTID)
         .then(|| headers.get_all(&X_DATADOME_CLIENTID));
@@ -433,22 +438,25 @@ fn push_new(
     Ok(())
 }
 
-/// The longest `Cookie` header a [`CookieMemo`] keeps: a browser's is
-/// usually well under it; a longer one is read afresh on every request.
+/// The most bytes of `Cookie` fields a [`CookieMemo`] keeps (their bytes
+/// and a separator after each): a browser's are usually well under it;
+/// longer ones are read afresh on every request.
 pub const MEMO_MAX_HEADER: usize = 4096;
 
-/// A connection's memory of its last `Cookie` header and the credentials
-/// read from it. A browser sends the same header on request after request
-/// of one connection until a cookie changes, and reading it costs some 600
-/// instructions a pair (most of them names nobody tracks) plus a keyed hash
-/// per tracked cookie. What is remembered is a copy of the header's bytes
-/// (never a reference into the request's buffer, which would keep it
-/// alive) and the pin keys, never a value on its own; the memo is emptied
-/// when the connection goes idle ([`CookieMemo::forget`]).
+/// A connection's memory of its last request's `Cookie` fields and the
+/// credentials read from them. A browser sends the same header (over
+/// HTTP/2, the same crumbs) on request after request of one connection
+/// until a cookie changes, and reading it costs some 600 instructions a
+/// pair (most of them names nobody tracks) plus a keyed hash per tracked
+/// cookie. What is remembered is a copy of the fields' bytes (never a
+/// reference into the request's buffer, which would keep it alive) and the
+/// pin keys, never a value on its own; the memo is emptied when the
+/// connection goes idle ([`CookieMemo::forget`]).
 ///
-/// A recall needs the very bytes, the same policy and the same hasher (a
-/// connection only ever meets the process's one hasher): the answer is then
-/// the one reading the header would give.
+/// A recall needs the very bytes, split into the same fields in the same
+/// order, the same policy and the same hasher (a connection only ever meets
+/// the process's one hasher): the answer is then the one reading the fields
+/// would give.
 #[derive(Default)]
 pub struct CookieMemo(Mutex<Option<Box<Remembered>>>);
 
@@ -467,8 +475,8 @@ impl std::fmt::Debug for CookieMemo {
 struct Remembered {
     /// [`CookiePolicy::id`] of the policy that read the header.
     policy: u64,
-    /// The header, byte for byte.
-    header: Box<[u8]>,
+    /// The fields, byte for byte, each followed by [`FIELD_END`].
+    fields: Box<[u8]>,
     /// Its tracked cookies, as read.
     found: Vec<Credential>,
 }
@@ -480,26 +488,54 @@ impl Clone for CookieMemo {
     }
 }
 
+/// What ends each field in [`Remembered::fields`]: a byte no header value
+/// holds (`HeaderValue` refuses control characters), so fields split
+/// otherwise (`a=1; b=2` against `a=1;` and ` b=2`) never compare equal.
+const FIELD_END: u8 = b'\n';
+
 impl CookieMemo {
-    /// The credentials of `header` under `policy`, if it is the header
+    /// The credentials of `fields` under `policy`, if they are the fields
     /// remembered.
-    fn recall(&self, policy: &CookiePolicy, header: &HeaderValue) -> Option<Vec<Credential>> {
+    fn recall(
+        &self,
+        policy: &CookiePolicy,
+        fields: &GetAll<'_, HeaderValue>,
+    ) -> Option<Vec<Credential>> {
         let memo = self.0.lock().ok()?;
         let remembered = memo.as_ref()?;
-        (remembered.policy == policy.id && *remembered.header == *header.as_bytes())
-            .then(|| remembered.found.clone())
+        if remembered.policy != policy.id {
+            return None;
+        }
+        let mut rest = &remembered.fields[..];
+        for field in fields.iter() {
+            rest = rest
+                .strip_prefix(field.as_bytes())?
+                .strip_prefix(&[FIELD_END])?;
+        }
+        rest.is_empty().then(|| remembered.found.clone())
     }
 
-    /// Remembers `found` as the credentials of `header` under `policy`
-    /// (unless the header is longer than [`MEMO_MAX_HEADER`]).
-    fn remember(&self, policy: &CookiePolicy, header: &HeaderValue, found: &[Credential]) {
+    /// Remembers `found` as the credentials of `fields` under `policy`
+    /// (unless they hold more than [`MEMO_MAX_HEADER`] bytes).
+    fn remember(
+        &self,
+        policy: &CookiePolicy,
+        fields: &GetAll<'_, HeaderValue>,
+        found: &[Credential],
+    ) {
         let Ok(mut memo) = self.0.lock() else {
             return;
         };
-        *memo = (header.len() <= MEMO_MAX_HEADER).then(|| {
+        let len: usize = fields.iter().map(|field| field.len() + 1).sum();
+        *memo = (len <= MEMO_MAX_HEADER).then(|| {
+            let mut bytes = Vec::with_capacity(len);
+            for field in fields.iter() {
+                bytes.extend_from_slice(field.as_bytes());
+                bytes.push(FIELD_END);
+            }
             Box::new(Remembered {
                 policy: policy.id,
-                header: header.as_bytes().into(),
+                fields: bytes.into_boxed_slice(),
                 found: found.to_vec(),
             })
         });
@@ -966,6 +1002,11 @@ mod tests {
         headers
     }
 
+    /// What `memo` recalls for a request with `texts` as its `Cookie` fields.
+    fn recalled(memo: &CookieMemo, p: &CookiePolicy, texts: &[&str]) -> Option<Vec<Credential>> {
+        memo.recall(p, &cookie_request(texts).get_all(http::header::COOKIE))
+    }
+
     #[test]
     fn a_memo_recalls_only_the_same_header_under_the_same_policy() {
         let (p, h) = (policy(), hasher());
@@ -973,49 +1014,83 @@ mod tests {
         let read = |text: &str| {
             tracked_in_request_with(&cookie_request(&[text]), &p, &h, Some(&memo)).unwrap()
         };
-        let header = HeaderValue::from_static("_ga=1; datadome=v1; cf_clearance=c");
-        let first = read("_ga=1; datadome=v1; cf_clearance=c");
+        let header = "_ga=1; datadome=v1; cf_clearance=c";
+        let first = read(header);
         assert_eq!(first.len(), 2);
-        assert_eq!(memo.recall(&p, &header), Some(first.clone()));
+        assert_eq!(recalled(&memo, &p, &[header]), Some(first.clone()));
         // One byte off: not recalled, and read afresh.
-        let changed = HeaderValue::from_static("_ga=1; datadome=v2; cf_clearance=c");
-        assert_eq!(memo.recall(&p, &changed), None);
-        let second = read("_ga=1; datadome=v2; cf_clearance=c");
+        let changed = "_ga=1; datadome=v2; cf_clearance=c";
+        assert_eq!(recalled(&memo, &p, &[changed]), None);
+        let second = read(changed);
         assert_ne!(second[0].key, first[0].key);
         assert_eq!(second[1].key, first[1].key);
-        assert_eq!(memo.recall(&p, &changed), Some(second));
+        assert_eq!(recalled(&memo, &p, &[changed]), Some(second));
         // Another policy, even one tracking the same names, reads afresh.
         let other = policy();
-        assert_eq!(memo.recall(&other, &changed), None);
+        assert_eq!(recalled(&memo, &other, &[changed]), None);
         // A policy's clone is the same policy.
-        assert!(memo.recall(&p.clone(), &changed).is_some());
+        assert!(recalled(&memo, &p.clone(), &[changed]).is_some());
         memo.forget();
-        assert_eq!(memo.recall(&p, &changed), None);
+        assert_eq!(recalled(&memo, &p, &[changed]), None);
     }
 
     #[test]
-    fn a_memo_keeps_no_long_header_and_no_request_with_two() {
+    fn a_memo_recalls_crumbs_only_split_as_remembered() {
+        let (p, h) = (policy(), hasher());
+        let memo = CookieMemo::default();
+        // A browser's crumbs over HTTP/2: a field per cookie.
+        let crumbs = ["_ga=1", "datadome=v1", "cf_clearance=c"];
+        let read = |texts: &[&str]| {
+            tracked_in_request_with(&cookie_request(texts), &p, &h, Some(&memo)).unwrap()
+        };
+        let found = read(&crumbs);
+        assert_eq!(
+            found,
+            tracked_in_request(&cookie_request(&crumbs), &p, &h).unwrap()
+        );
+        assert_eq!(found.len(), 2);
+        assert_eq!(recalled(&memo, &p, &crumbs), Some(found.clone()));
+        // The same bytes in other fields, fewer fields, more, or the same
+        // fields in another order: read afresh.
+        for other in [
+            &["_ga=1datadome=v1", "cf_clearance=c"][..],
+            &["_ga=1", "datadome=v1cf_clearance=c"],
+            &["_ga=1", "datadome=v1"],
+            &["_ga=1", "datadome=v1", "cf_clearance=c", "a=b"],
+            &["_ga=1", "datadome=v1", "cf_clearance=c", ""],
+            &["datadome=v1", "_ga=1", "cf_clearance=c"],
+            &["_ga=1; datadome=v1; cf_clearance=c"],
+        ] {
+            assert_eq!(recalled(&memo, &p, other), None, "{other:?}");
+        }
+        // A field's value changed: read afresh, and that is remembered.
+        let changed = ["_ga=1", "datadome=v2", "cf_clearance=c"];
+        let second = read(&changed);
+        assert_ne!(second[0].key, found[0].key);
+        assert_eq!(recalled(&memo, &p, &changed), Some(second));
+        assert_eq!(recalled(&memo, &p, &crumbs), None);
+    }
+
+    #[test]
+    fn a_memo_keeps_no_long_header() {
         let (p, h) = (policy(), hasher());
         let memo = CookieMemo::default();
         let long = format!("datadome=v; _ga={}", "x".repeat(MEMO_MAX_HEADER));
-        let header = HeaderValue::from_str(&long).unwrap();
         let found =
             tracked_in_request_with(&cookie_request(&[&long]), &p, &h, Some(&memo)).unwrap();
         assert_eq!(found.len(), 1);
-        assert_eq!(memo.recall(&p, &header), None);
-        // Two `Cookie` headers: read afresh, nothing remembered.
-        let two = tracked_in_request_with(
-            &cookie_request(&["datadome=v", "cf_clearance=c"]),
-            &p,
-            &h,
-            Some(&memo),
-        )
-        .unwrap();
-        assert_eq!(two.len(), 2);
-        assert_eq!(
-            memo.recall(&p, &HeaderValue::from_static("datadome=v")),
-            None
-        );
+        assert_eq!(recalled(&memo, &p, &[&long]), None);
+        // Nor crumbs longer in all than it keeps.
+        let crumb = format!("_ga={}", "x".repeat(MEMO_MAX_HEADER / 2));
+        let crumbs = ["datadome=v", crumb.as_str(), crumb.as_str()];
+        let found = tracked_in_request_with(&cookie_request(&crumbs), &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(recalled(&memo, &p, &crumbs), None);
+        // Crumbs within it are kept.
+        let two = ["datadome=v", "cf_clearance=c"];
+        let found = tracked_in_request_with(&cookie_request(&two), &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(recalled(&memo, &p, &two), Some(found));
     }
 
     #[test]
@@ -1041,8 +1116,7 @@ mod tests {
         assert_eq!(found[1].key, h.cookie(DATADOME, "token"));
         // The memo holds the `Cookie` header's credentials alone.
         assert_eq!(
-            memo.recall(&p, &HeaderValue::from_static("cf_clearance=c"))
-                .map(|f| f.len()),
+            recalled(&memo, &p, &["cf_clearance=c"]).map(|f| f.len()),
             Some(1)
         );
     }

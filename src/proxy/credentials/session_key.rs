@@ -11,7 +11,7 @@
 //! authenticates as user NAME and names session KEY, and every session key
 //! is the user's own: the same KEY named by two users is two identities.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -149,12 +149,10 @@ fn validate(key: &str) -> Result<String, SessionKeyError> {
     Ok(key.to_owned())
 }
 
-/// The session key of a request: its `X-Pinproxy-Session` header, else its
-/// own `Proxy-Authorization`, else the one its tunnel was opened with.
-pub fn of_request(
-    headers: &HeaderMap,
-    tunnel_key: Option<&str>,
-) -> Result<Option<String>, SessionKeyError> {
+/// The session key a request names itself: its `X-Pinproxy-Session`
+/// header, else its own `Proxy-Authorization` (a request inside a tunnel
+/// that names none has its tunnel's, [`TunnelKey`]).
+pub fn of_request(headers: &HeaderMap) -> Result<Option<String>, SessionKeyError> {
     let named = super::holds_custom(headers, &X_PINPROXY_SESSION)
         .then(|| {
             let mut values = headers.get_all(&X_PINPROXY_SESSION).iter();
@@ -168,12 +166,52 @@ pub fn of_request(
         let text = value.to_str().map_err(|_| SessionKeyError::Malformed)?;
         return validate(text.trim()).map(Some);
     }
-    if let Some(value) = headers.get(http::header::PROXY_AUTHORIZATION) {
-        if let Some(key) = from_proxy_authorization(value)? {
-            return Ok(Some(key));
+    match headers.get(http::header::PROXY_AUTHORIZATION) {
+        Some(value) => from_proxy_authorization(value),
+        None => Ok(None),
+    }
+}
+
+/// The session key a tunnel's `CONNECT` named, which every request inside
+/// that names none of its own carries, and the credential it makes, made
+/// at the tunnel's first such request rather than hashed again at each
+/// (the key and the user it was made for are the tunnel's; a connection
+/// only ever meets the process's one hasher).
+#[derive(Clone)]
+pub struct TunnelKey {
+    key: String,
+    made: OnceLock<(Option<String>, Credential)>,
+}
+
+/// Never shows the key: it is a credential.
+impl std::fmt::Debug for TunnelKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelKey(<redacted>)")
+    }
+}
+
+impl TunnelKey {
+    /// The key a tunnel's `CONNECT` named.
+    pub fn new(key: String) -> TunnelKey {
+        TunnelKey {
+            key,
+            made: OnceLock::new(),
         }
     }
-    Ok(tunnel_key.map(str::to_owned))
+
+    /// The key's credential for `user` ([`credential`]): the one made
+    /// before when it was made for `user`.
+    pub fn credential(&self, hasher: &PinHasher, user: Option<&str>) -> Credential {
+        match self.made.get() {
+            Some((made_for, made)) if made_for.as_deref() == user => made.clone(),
+            Some(_) => credential(hasher, user, &self.key),
+            None => {
+                let made = credential(hasher, user, &self.key);
+                let _ = self.made.set((user.map(str::to_owned), made.clone()));
+                made
+            }
+        }
+    }
 }
 
 /// The credential a session key pins. With client authentication the key
@@ -278,20 +316,36 @@ mod tests {
     }
 
     #[test]
-    fn header_wins_then_own_auth_then_tunnel() {
+    fn header_wins_then_own_auth() {
         let mut h = HeaderMap::new();
-        assert_eq!(of_request(&h, Some("t")).unwrap(), Some("t".into()));
+        assert_eq!(of_request(&h).unwrap(), None);
         h.insert(http::header::PROXY_AUTHORIZATION, basic("session-auth:x"));
-        assert_eq!(of_request(&h, Some("t")).unwrap(), Some("auth".into()));
+        assert_eq!(of_request(&h).unwrap(), Some("auth".into()));
         h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static(" hdr "));
-        assert_eq!(of_request(&h, Some("t")).unwrap(), Some("hdr".into()));
+        assert_eq!(of_request(&h).unwrap(), Some("hdr".into()));
         h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static(""));
-        assert!(of_request(&h, None).is_err());
+        assert!(of_request(&h).is_err());
         h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static("one"));
         h.append(&X_PINPROXY_SESSION, HeaderValue::from_static("two"));
-        assert!(matches!(
-            of_request(&h, None),
-            Err(SessionKeyError::Repeated)
-        ));
+        assert!(matches!(of_request(&h), Err(SessionKeyError::Repeated)));
+    }
+
+    #[test]
+    fn a_tunnel_key_makes_each_users_own_credential() {
+        let hasher = PinHasher::new([7; 32]);
+        let key = TunnelKey::new("k".into());
+        for user in [
+            Some("alice"),
+            Some("alice"),
+            None,
+            Some("bob"),
+            Some("alice"),
+        ] {
+            assert_eq!(
+                key.credential(&hasher, user),
+                credential(&hasher, user, "k")
+            );
+        }
+        assert_eq!(format!("{key:?}"), "TunnelKey(<redacted>)");
     }
 }
