@@ -301,7 +301,7 @@ struct LoadArgs {
     cookie_crumbs: bool,
     /// Each client connection's CONNECT names a session key of its own
     /// (`X-Pinproxy-Session: TAGwNNNN`), which every request inside carries.
-    #[arg(long, value_name = "TAG")]
+    #[arg(long, value_name = "TAG", requires = "proxy")]
     session_keys: Option<String>,
     /// Pace to this many requests/s in total (open loop).
     #[arg(long)]

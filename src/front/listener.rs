@@ -171,7 +171,7 @@ async fn outer_request(
     let tunnel = Box::new(target::Tunnel {
         authority,
         tls: false,
-        session_key: session_key.map(session_key::TunnelKey::new),
+        session_key: session_key.map(|key| Box::new(session_key::TunnelKey::new(key))),
         client_offers_h2: false,
         client_resumes: false,
         client: Arc::default(),

@@ -415,7 +415,7 @@ async fn serve_http1<T>(
             .metrics
             .client_connections_parked
             .inc();
-        // A parked tunnel keeps no copy of its last `Cookie` header.
+        // A parked tunnel keeps no copy of its last `Cookie` fields.
         memo_of.cookie_memo.forget();
         let (unread, stream) = stream.into_parts();
         if !unread.is_empty() {

@@ -8,9 +8,8 @@
 //!   DataDome's `X-DataDome-ClientID` carrier.
 //!
 //! Invariant: raw values never leave this stage (a tunnel's
-//! [`cookies::CookieMemo`] holds a copy of its last `Cookie` header while
-//! its connection is busy, which nothing outside this stage can read, print
-//! or store); a header that cannot be read fails the request (it might hide
+//! [`cookies::CookieMemo`] holds a copy of its last request's `Cookie`
+//! fields, which nothing outside this stage can read, print or store); a header that cannot be read fails the request (it might hide
 //! a tracked cookie), it is never skipped. Nothing is changed on the
 //! request here.
 
@@ -101,6 +100,24 @@ mod tests {
             assert_eq!(found.len(), 2);
             assert_eq!(found[0], session_key::credential(&hasher, user, "t"));
         }
+        // The request's own `Proxy-Authorization` names a session: it wins;
+        // one that names none leaves the tunnel's.
+        let basic = |user_pass: &str| {
+            use base64::Engine as _;
+            let token = base64::engine::general_purpose::STANDARD.encode(user_pass);
+            HeaderValue::from_str(&format!("Basic {token}")).unwrap()
+        };
+        headers.insert(http::header::PROXY_AUTHORIZATION, basic("bob:pw"));
+        assert_eq!(
+            read(&headers, None)[0],
+            session_key::credential(&hasher, None, "t")
+        );
+        headers.insert(http::header::PROXY_AUTHORIZATION, basic("session-auth:pw"));
+        assert_eq!(
+            read(&headers, None)[0],
+            session_key::credential(&hasher, None, "auth")
+        );
+        // `X-Pinproxy-Session` wins over both.
         headers.insert(
             &session_key::X_PINPROXY_SESSION,
             HeaderValue::from_static("own"),
@@ -111,12 +128,22 @@ mod tests {
             session_key::credential(&hasher, Some("alice"), "own")
         );
         assert_eq!(found.len(), 2);
-        // A key that cannot be used fails the request, tunnel or not.
+        // A key that cannot be used fails the request, tunnel or not, and
+        // is what the request is refused for when a cookie cannot be read
+        // either.
         headers.insert(
             &session_key::X_PINPROXY_SESSION,
             HeaderValue::from_static(""),
         );
-        assert!(of_request(&headers, Some(&tunnel), None, &policy, &hasher, None).is_err());
+        headers.insert(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1, datadome=v"),
+        );
+        let refused = of_request(&headers, Some(&tunnel), None, &policy, &hasher, None);
+        assert!(
+            matches!(refused, Err(ProxyError::SessionKey(_))),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub struct Tunnel {
     /// runs inside it).
     pub tls: bool,
     /// The session key named by the CONNECT (`X-Pinproxy-Session` or
-    /// `Proxy-Authorization`): a credential, never printed.
-    pub session_key: Option<TunnelKey>,
+    /// `Proxy-Authorization`): a credential, never printed. Boxed: most
+    /// tunnels name none, and each keeps its `Tunnel` for its life.
+    pub session_key: Option<Box<TunnelKey>>,
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
     pub client_offers_h2: bool,
@@ -70,8 +71,8 @@ pub struct Tunnel {
     pub principal: Principal,
     /// The metrics site of the tunnel's host, once found.
     pub site: SiteSlot,
-    /// The credentials of the tunnel's last `Cookie` header, while its
-    /// connection is busy.
+    /// The credentials of the tunnel's last request's `Cookie` fields
+    /// (emptied when an HTTP/1.1 connection parks).
     pub cookie_memo: CookieMemo,
 }
 

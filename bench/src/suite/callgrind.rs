@@ -97,10 +97,11 @@ const GOAL_COOKIES: f64 = 0.97;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallgrindRow {
     /// Which proxy (`pinproxy`, `pinproxy-cookies`, `pinproxy-untracked`,
-    /// `pinproxy-browser`, `pinproxy-newconn`, `pinproxy-newconn-cookies`,
-    /// `pinproxy-rustls`, `pinproxy-quiet`, `hudsucker`,
-    /// and over HTTP/2 `pinproxy-h2` and `hudsucker-h2`, and with the
-    /// clients on one connection `pinproxy-h2-mux` and `hudsucker-h2-mux`).
+    /// `pinproxy-browser`, `pinproxy-session`, `pinproxy-newconn`,
+    /// `pinproxy-newconn-cookies`, `pinproxy-rustls`, `pinproxy-quiet`,
+    /// `hudsucker`, and over HTTP/2 `pinproxy-h2`, `pinproxy-h2-browser` and
+    /// `hudsucker-h2`, and with the clients on one connection
+    /// `pinproxy-h2-mux` and `hudsucker-h2-mux`).
     pub proxy: String,
     /// What it is, for the table.
     pub label: String,
@@ -979,7 +980,7 @@ fn render(results: &Results, out: &mut String) {
             None
         } else if row.proxy.ends_with("-h2-mux") {
             per(PEER_H2_MUX)
-        } else if row.proxy.ends_with("-h2") {
+        } else if row.proxy.ends_with("-h2") || row.proxy.contains("-h2-") {
             per(PEER_H2)
         } else {
             peer
@@ -1163,8 +1164,9 @@ fn render(results: &Results, out: &mut String) {
              instructions per request, inclusive and self) was written to `{}` on the machine \
              that ran this, and beside it those of the other pinproxy rows \
              (`pinproxy-cookies-…`, `pinproxy-untracked-…`, `pinproxy-browser-…`, \
-             `pinproxy-newconn-…`, `pinproxy-newconn-cookies-…`, `pinproxy-rustls-…`, \
-             `pinproxy-quiet-…`, `pinproxy-h2-…`, `pinproxy-h2-mux-…`).\n",
+             `pinproxy-session-…`, `pinproxy-newconn-…`, `pinproxy-newconn-cookies-…`, \
+             `pinproxy-rustls-…`, `pinproxy-quiet-…`, `pinproxy-h2-…`, \
+             `pinproxy-h2-browser-…`, `pinproxy-h2-mux-…`).\n",
             profile.display()
         );
     }

@@ -330,8 +330,9 @@ pub fn tracked_in_request_with(
     // Looked up once: most requests (every cookie-less one) take the
     // fallback below, which walks the same headers again.
     let cookie_headers = headers.get_all(http::header::COOKIE);
-    // Distinct cookies found; for a recalled list, at most its length
-    // (its entries include the spellings' own keys).
+    // Distinct cookies found (a list may hold more keys: a cookie sent in
+    // another spelling is known by two); a recalled list's count is the
+    // one its reading found.
     let mut cookies = 0;
     let read = |cookies: &mut usize| {
         cookie_headers.iter().try_fold(Vec::new(), |found, header| {
@@ -341,13 +342,13 @@ pub fn tracked_in_request_with(
     let mut found = match memo {
         Some(memo) if cookie_headers.iter().next().is_some() => {
             match memo.recall(policy, &cookie_headers) {
-                Some(found) => {
-                    cookies = found.len().min(MAX_TRACKED_PER_REQUEST);
+                Some((found, counted)) => {
+                    cookies = counted;
                     found
                 }
                 None => {
                     let found = read(&mut cookies)?;
-                    memo.remember(policy, &cookie_headers, &found);
+                    memo.remember(policy, &cookie_headers, &found, cookies);
                     found
                 }
             }
@@ -443,6 +444,11 @@ fn push_new(
 /// longer ones are read afresh on every request.
 pub const MEMO_MAX_HEADER: usize = 4096;
 
+/// The most credentials a [`CookieMemo`] keeps with them (a browser sends a
+/// few tracked cookies): fields holding more are read afresh on every
+/// request, so that what a memo keeps stays within a few KiB.
+pub const MEMO_MAX_CREDENTIALS: usize = 16;
+
 /// A connection's memory of its last request's `Cookie` fields and the
 /// credentials read from them. A browser sends the same header (over
 /// HTTP/2, the same crumbs) on request after request of one connection
@@ -450,8 +456,11 @@ pub const MEMO_MAX_HEADER: usize = 4096;
 /// pair (most of them names nobody tracks) plus a keyed hash per tracked
 /// cookie. What is remembered is a copy of the fields' bytes (never a
 /// reference into the request's buffer, which would keep it alive) and the
-/// pin keys, never a value on its own; the memo is emptied when the
-/// connection goes idle ([`CookieMemo::forget`]).
+/// pin keys, never a value on its own: at most [`MEMO_MAX_HEADER`] bytes
+/// and [`MEMO_MAX_CREDENTIALS`] credentials. An HTTP/1.1 connection's memo
+/// is emptied when the connection parks ([`CookieMemo::forget`]); an
+/// HTTP/2 connection's lives as long as the connection (whose own header
+/// tables take as much).
 ///
 /// A recall needs the very bytes, split into the same fields in the same
 /// order, the same policy and the same hasher (a connection only ever meets
@@ -460,7 +469,7 @@ pub const MEMO_MAX_HEADER: usize = 4096;
 #[derive(Default)]
 pub struct CookieMemo(Mutex<Option<Box<Remembered>>>);
 
-/// Says whether it remembers a header, never the header: its bytes are
+/// Says whether it remembers fields, never the fields: their bytes are
 /// cookie values.
 impl std::fmt::Debug for CookieMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -473,12 +482,15 @@ impl std::fmt::Debug for CookieMemo {
 
 /// What a [`CookieMemo`] holds.
 struct Remembered {
-    /// [`CookiePolicy::id`] of the policy that read the header.
+    /// [`CookiePolicy::id`] of the policy that read the fields.
     policy: u64,
     /// The fields, byte for byte, each followed by [`FIELD_END`].
     fields: Box<[u8]>,
-    /// Its tracked cookies, as read.
+    /// Their tracked cookies' credentials, as read.
     found: Vec<Credential>,
+    /// How many distinct cookies the reading counted (the limit's count:
+    /// `found` may hold two keys for one cookie).
+    cookies: usize,
 }
 
 /// A clone remembers nothing: a memo is one connection's.
@@ -489,18 +501,21 @@ impl Clone for CookieMemo {
 }
 
 /// What ends each field in [`Remembered::fields`]: a byte no header value
-/// holds (`HeaderValue` refuses control characters), so fields split
-/// otherwise (`a=1; b=2` against `a=1;` and ` b=2`) never compare equal.
+/// pinproxy is given holds (HTTP/1.1 heads are parsed by `httparse`, which
+/// takes tab, visible ASCII, space and bytes from 0x80 in a value; HTTP/2's
+/// by `h2`, whose values pass `HeaderValue::from_bytes`, which refuses a
+/// line feed), so fields split otherwise (`a=1; b=2` against `a=1;` and
+/// ` b=2`) never compare equal.
 const FIELD_END: u8 = b'\n';
 
 impl CookieMemo {
-    /// The credentials of `fields` under `policy`, if they are the fields
-    /// remembered.
+    /// The credentials of `fields` under `policy`, and the count of
+    /// cookies they hold, if they are the fields remembered.
     fn recall(
         &self,
         policy: &CookiePolicy,
         fields: &GetAll<'_, HeaderValue>,
-    ) -> Option<Vec<Credential>> {
+    ) -> Option<(Vec<Credential>, usize)> {
         let memo = self.0.lock().ok()?;
         let remembered = memo.as_ref()?;
         if remembered.policy != policy.id {
@@ -512,22 +527,25 @@ impl CookieMemo {
                 .strip_prefix(field.as_bytes())?
                 .strip_prefix(&[FIELD_END])?;
         }
-        rest.is_empty().then(|| remembered.found.clone())
+        rest.is_empty()
+            .then(|| (remembered.found.clone(), remembered.cookies))
     }
 
-    /// Remembers `found` as the credentials of `fields` under `policy`
-    /// (unless they hold more than [`MEMO_MAX_HEADER`] bytes).
+    /// Remembers `found` (`cookies` distinct cookies) as the credentials
+    /// of `fields` under `policy` (unless they hold more than
+    /// [`MEMO_MAX_HEADER`] bytes or [`MEMO_MAX_CREDENTIALS`] credentials).
     fn remember(
         &self,
         policy: &CookiePolicy,
         fields: &GetAll<'_, HeaderValue>,
         found: &[Credential],
+        cookies: usize,
     ) {
         let Ok(mut memo) = self.0.lock() else {
             return;
         };
         let len: usize = fields.iter().map(|field| field.len() + 1).sum();
-        *memo = (len <= MEMO_MAX_HEADER).then(|| {
+        *memo = (len <= MEMO_MAX_HEADER && found.len() <= MEMO_MAX_CREDENTIALS).then(|| {
             let mut bytes = Vec::with_capacity(len);
             for field in fields.iter() {
                 bytes.extend_from_slice(field.as_bytes());
@@ -537,11 +555,12 @@ impl CookieMemo {
                 policy: policy.id,
                 fields: bytes.into_boxed_slice(),
                 found: found.to_vec(),
+                cookies,
             })
         });
     }
 
-    /// Forgets what it remembered (the connection went idle).
+    /// Forgets what it remembered (the connection parked).
     pub fn forget(&self) {
         if let Ok(mut memo) = self.0.lock() {
             *memo = None;
@@ -967,7 +986,10 @@ mod tests {
         fn a_memo_answers_as_reading_afresh(
             requests in proptest::collection::vec(
                 (
-                    proptest::collection::vec("(datadome|cf_clearance|_ga|session_a)=[ab]{0,2}", 0..3),
+                    proptest::collection::vec(
+                        "(datadome|DataDome|cf_clearance|_ga|session_a|SESSION_B)=\"?[ab,]{0,2}\"?(; datadome=a)?",
+                        0..4,
+                    ),
                     proptest::option::of("[ab]{1,2}"),
                     proptest::bool::ANY,
                 ),
@@ -984,8 +1006,10 @@ mod tests {
                 if let Some(id) = client_id {
                     headers.insert(&X_DATADOME_CLIENTID, HeaderValue::from_str(&id).unwrap());
                 }
-                let afresh = tracked_in_request(&headers, &p, &h).unwrap();
-                let remembered = tracked_in_request_with(&headers, &p, &h, Some(&memo)).unwrap();
+                // The same credentials, or the same refusal.
+                let afresh = tracked_in_request(&headers, &p, &h).map_err(|e| e.to_string());
+                let remembered = tracked_in_request_with(&headers, &p, &h, Some(&memo))
+                    .map_err(|e| e.to_string());
                 proptest::prop_assert_eq!(remembered, afresh);
                 if idle {
                     memo.forget();
@@ -1005,6 +1029,7 @@ mod tests {
     /// What `memo` recalls for a request with `texts` as its `Cookie` fields.
     fn recalled(memo: &CookieMemo, p: &CookiePolicy, texts: &[&str]) -> Option<Vec<Credential>> {
         memo.recall(p, &cookie_request(texts).get_all(http::header::COOKIE))
+            .map(|(found, _)| found)
     }
 
     #[test]
@@ -1072,6 +1097,22 @@ mod tests {
     }
 
     #[test]
+    fn a_recall_counts_cookies_as_their_reading_did() {
+        let (p, h) = (policy(), hasher());
+        let memo = CookieMemo::default();
+        // Two cookies in other spellings: each known by two keys.
+        let crumbs = ["DataDome=v", "cf_clearance=\"c\""];
+        let found = tracked_in_request_with(&cookie_request(&crumbs), &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found.len(), 4);
+        let fields = cookie_request(&crumbs);
+        let recalled = memo.recall(&p, &fields.get_all(http::header::COOKIE));
+        assert_eq!(
+            recalled.map(|(found, cookies)| (found.len(), cookies)),
+            Some((4, 2))
+        );
+    }
+
+    #[test]
     fn a_memo_keeps_no_long_header() {
         let (p, h) = (policy(), hasher());
         let memo = CookieMemo::default();
@@ -1086,7 +1127,15 @@ mod tests {
         let found = tracked_in_request_with(&cookie_request(&crumbs), &p, &h, Some(&memo)).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(recalled(&memo, &p, &crumbs), None);
-        // Crumbs within it are kept.
+        // Nor more credentials than it keeps.
+        let many: Vec<String> = (0..=MEMO_MAX_CREDENTIALS)
+            .map(|i| format!("session_{i}=v"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let found = tracked_in_request_with(&cookie_request(&many), &p, &h, Some(&memo)).unwrap();
+        assert_eq!(found.len(), MEMO_MAX_CREDENTIALS + 1);
+        assert_eq!(recalled(&memo, &p, &many), None);
+        // Crumbs within both are kept.
         let two = ["datadome=v", "cf_clearance=c"];
         let found = tracked_in_request_with(&cookie_request(&two), &p, &h, Some(&memo)).unwrap();
         assert_eq!(found.len(), 2);
