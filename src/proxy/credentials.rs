@@ -9,9 +9,9 @@
 //!
 //! Invariant: raw values never leave this stage (a tunnel's
 //! [`cookies::CookieMemo`] holds a copy of its last request's `Cookie`
-//! fields, which nothing outside this stage can read, print or store); a header that cannot be read fails the request (it might hide
-//! a tracked cookie), it is never skipped. Nothing is changed on the
-//! request here.
+//! fields, which nothing outside this stage can read, print or store); a
+//! header that cannot be read fails the request (it might hide a tracked
+//! cookie), it is never skipped. Nothing is changed on the request here.
 
 pub mod cookies;
 pub mod session_key;
