@@ -236,7 +236,7 @@ impl Pipeline {
         // 3. credentials
         access.credentials = credentials::of_request(
             request.headers(),
-            tunnel.and_then(|t| t.session_key.as_deref()),
+            tunnel.and_then(|t| t.session_key.as_ref()),
             principal.user.as_deref(),
             &self.cookies,
             &self.hasher,

@@ -21,7 +21,7 @@ use pinproxy::metrics::Metrics;
 use pinproxy::proxy::capture::invalidation::{self, Verdict};
 use pinproxy::proxy::credentials::cookies::{CookieMemo, CookiePolicy};
 use pinproxy::proxy::credentials::of_request;
-use pinproxy::proxy::credentials::session_key::TunnelKey;
+use pinproxy::proxy::credentials::session_key;
 use pinproxy::routing::{ConflictPolicy, Policies, Reason, RetirePolicy, Router};
 use pinproxy::store::durable::DurableStore;
 use pinproxy::store::memory::MemoryStore;
@@ -176,8 +176,8 @@ fn a_tunnel_s_session_key_is_hashed_once_not_at_every_request() {
     let cookie_less = HeaderMap::new();
     for user in [None, Some("alice")] {
         // `session-abc` in the CONNECT's user name (`alice-session-abc`
-        // under client authentication).
-        let tunnel = TunnelKey::new("abc".into());
+        // under client authentication): its credential, made at the CONNECT.
+        let tunnel = session_key::credential(&hasher, user, "abc");
         let read =
             || of_request(&cookie_less, Some(&tunnel), user, &policy, &hasher, None).unwrap();
         let first = read();

@@ -171,7 +171,11 @@ async fn outer_request(
     let tunnel = Box::new(target::Tunnel {
         authority,
         tls: false,
-        session_key: session_key.map(|key| Box::new(session_key::TunnelKey::new(key))),
+        // The key's credential, made once: every request inside that names
+        // no key of its own carries it (the tunnel's user is its
+        // requests' user, and the process has one hasher).
+        session_key: session_key
+            .map(|key| session_key::credential(&pipeline.hasher, principal.user.as_deref(), &key)),
         client_offers_h2: false,
         client_resumes: false,
         client: Arc::default(),

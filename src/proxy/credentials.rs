@@ -21,15 +21,15 @@ use http::{HeaderMap, HeaderName};
 use super::ProxyError;
 use crate::credential::{Credential, PinHasher};
 use cookies::{CookieMemo, CookiePolicy};
-use session_key::TunnelKey;
 
-/// The credentials of a request: its session key first (the tunnel's,
-/// `tunnel_key`, unless the request names its own; `user`'s own when
-/// client authentication names one), then its tracked cookies in the order
+/// The credentials of a request: its session key first (the credential
+/// of its tunnel's, `tunnel_key`, made at the tunnel's CONNECT, unless the
+/// request names its own; `user`'s own when client authentication names
+/// one), then its tracked cookies in the order
 /// first seen (through the connection's `memo` when it has one).
 pub fn of_request(
     headers: &HeaderMap,
-    tunnel_key: Option<&TunnelKey>,
+    tunnel_key: Option<&Credential>,
     user: Option<&str>,
     policy: &CookiePolicy,
     hasher: &PinHasher,
@@ -37,7 +37,7 @@ pub fn of_request(
 ) -> Result<Vec<Credential>, ProxyError> {
     let key = match session_key::of_request(headers)? {
         Some(own) => Some(session_key::credential(hasher, user, &own)),
-        None => tunnel_key.map(|key| key.credential(hasher, user)),
+        None => tunnel_key.cloned(),
     };
     // One vector for all: the session key goes in front of the cookies'.
     let mut credentials = cookies::tracked_in_request_with(headers, policy, hasher, memo)?;
@@ -89,9 +89,10 @@ mod tests {
             CookiePolicy::with_extra(&[]).unwrap(),
             PinHasher::new([7; 32]),
         );
-        let tunnel = TunnelKey::new("t".into());
+        // What a tunnel whose CONNECT named key `t` holds, for `user`.
+        let tunnel = |user: Option<&str>| session_key::credential(&hasher, user, "t");
         let read = |headers: &HeaderMap, user: Option<&str>| {
-            of_request(headers, Some(&tunnel), user, &policy, &hasher, None).unwrap()
+            of_request(headers, Some(&tunnel(user)), user, &policy, &hasher, None).unwrap()
         };
         let mut headers = HeaderMap::new();
         headers.insert(http::header::COOKIE, HeaderValue::from_static("datadome=v"));
@@ -139,7 +140,7 @@ mod tests {
             http::header::COOKIE,
             HeaderValue::from_static("a=1, datadome=v"),
         );
-        let refused = of_request(&headers, Some(&tunnel), None, &policy, &hasher, None);
+        let refused = of_request(&headers, Some(&tunnel(None)), None, &policy, &hasher, None);
         assert!(
             matches!(refused, Err(ProxyError::SessionKey(_))),
             "{refused:?}"

@@ -19,8 +19,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Uri};
 
 use super::credentials::cookies::CookieMemo;
-use super::credentials::session_key::TunnelKey;
 use super::ProxyError;
+use crate::credential::Credential;
 use crate::exits::scope::ExitScope;
 use crate::fingerprint::ClientConnection;
 use crate::metrics::site::SiteSlot;
@@ -54,10 +54,11 @@ pub struct Tunnel {
     /// Whether pinproxy terminated TLS in the tunnel (otherwise plain HTTP
     /// runs inside it).
     pub tls: bool,
-    /// The session key named by the CONNECT (`X-Pinproxy-Session` or
-    /// `Proxy-Authorization`): a credential, never printed. Boxed: most
-    /// tunnels name none, and each keeps its `Tunnel` for its life.
-    pub session_key: Option<Box<TunnelKey>>,
+    /// The credential of the session key named by the CONNECT
+    /// (`X-Pinproxy-Session` or `Proxy-Authorization`), made once for every
+    /// request inside that names none of its own; the key itself is not
+    /// kept.
+    pub session_key: Option<Credential>,
     /// Whether the client offered HTTP/2 in its TLS handshake (the origin
     /// is offered the same).
     pub client_offers_h2: bool,

@@ -311,9 +311,8 @@ impl LanePool {
     /// lane (its session is then the identity's, and no cookie-less request
     /// takes the lane again), and only when this lane presents what the
     /// heir presents (the caller asks [`LanePool::presents`] and
-    /// [`LanePool::takes_heir`] first); the
-    /// heir takes it only when its egress address rules admit it (see
-    /// `Dialer::admits`).
+    /// [`LanePool::takes_heir`] first); the heir takes it only when its
+    /// egress address rules admit it (see `Dialer::admits`).
     pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
         // The first heir stands: another founding may have come since
         // `takes_heir` was asked.
@@ -335,8 +334,8 @@ impl LanePool {
     /// identity's. As [`LanePool::hand_over`]: only to the first identity
     /// founded on the lane, presenting what the lane presents (the caller
     /// asks [`LanePool::presents`] and [`LanePool::takes_heir`] first), and
-    /// only when the heir stands
-    /// and its egress address rules admit the connection's.
+    /// only when the heir stands and its egress address rules admit the
+    /// connection's.
     pub(super) fn hand_over_h2(
         &self,
         heir: &Arc<LanePool>,

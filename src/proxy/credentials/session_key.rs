@@ -11,7 +11,7 @@
 //! authenticates as user NAME and names session KEY, and every session key
 //! is the user's own: the same KEY named by two users is two identities.
 
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -151,7 +151,7 @@ fn validate(key: &str) -> Result<String, SessionKeyError> {
 
 /// The session key a request names itself: its `X-Pinproxy-Session`
 /// header, else its own `Proxy-Authorization` (a request inside a tunnel
-/// that names none has its tunnel's, [`TunnelKey`]).
+/// that names none has its tunnel's: `proxy::target::Tunnel::session_key`).
 pub fn of_request(headers: &HeaderMap) -> Result<Option<String>, SessionKeyError> {
     let named = super::holds_custom(headers, &X_PINPROXY_SESSION)
         .then(|| {
@@ -169,48 +169,6 @@ pub fn of_request(headers: &HeaderMap) -> Result<Option<String>, SessionKeyError
     match headers.get(http::header::PROXY_AUTHORIZATION) {
         Some(value) => from_proxy_authorization(value),
         None => Ok(None),
-    }
-}
-
-/// The session key a tunnel's `CONNECT` named, which every request inside
-/// that names none of its own carries, and the credential it makes, made
-/// at the tunnel's first such request rather than hashed again at each
-/// (the key and the user it was made for are the tunnel's; a connection
-/// only ever meets the process's one hasher).
-#[derive(Clone)]
-pub struct TunnelKey {
-    key: String,
-    made: OnceLock<(Option<String>, Credential)>,
-}
-
-/// Never shows the key: it is a credential.
-impl std::fmt::Debug for TunnelKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TunnelKey(<redacted>)")
-    }
-}
-
-impl TunnelKey {
-    /// The key a tunnel's `CONNECT` named.
-    pub fn new(key: String) -> TunnelKey {
-        TunnelKey {
-            key,
-            made: OnceLock::new(),
-        }
-    }
-
-    /// The key's credential for `user` ([`credential`]): the one made
-    /// before when it was made for `user`.
-    pub fn credential(&self, hasher: &PinHasher, user: Option<&str>) -> Credential {
-        match self.made.get() {
-            Some((made_for, made)) if made_for.as_deref() == user => made.clone(),
-            Some(_) => credential(hasher, user, &self.key),
-            None => {
-                let made = credential(hasher, user, &self.key);
-                let _ = self.made.set((user.map(str::to_owned), made.clone()));
-                made
-            }
-        }
     }
 }
 
@@ -328,24 +286,5 @@ mod tests {
         h.insert(&X_PINPROXY_SESSION, HeaderValue::from_static("one"));
         h.append(&X_PINPROXY_SESSION, HeaderValue::from_static("two"));
         assert!(matches!(of_request(&h), Err(SessionKeyError::Repeated)));
-    }
-
-    #[test]
-    fn a_tunnel_key_makes_each_users_own_credential() {
-        let hasher = PinHasher::new([7; 32]);
-        let key = TunnelKey::new("k".into());
-        for user in [
-            Some("alice"),
-            Some("alice"),
-            None,
-            Some("bob"),
-            Some("alice"),
-        ] {
-            assert_eq!(
-                key.credential(&hasher, user),
-                credential(&hasher, user, "k")
-            );
-        }
-        assert_eq!(format!("{key:?}"), "TunnelKey(<redacted>)");
     }
 }
