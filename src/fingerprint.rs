@@ -8,7 +8,8 @@
 //! three: the header values (`User-Agent`, client hints, language;
 //! [`headers`]), the parsed ClientHello ([`client_hello`], JA4 in [`ja4`])
 //! and the HTTP/2 fingerprint ([`h2_preface`]). [`h1_order`] reads an
-//! HTTP/1.1 head's header names in order and case.
+//! HTTP/1.1 head's header names in order and case; [`hpack`] reads an
+//! HTTP/2 header block's names, and how its encoder represented each field.
 //!
 //! Invariants of every parser here (their input is untrusted): no input
 //! makes one panic, loop or allocate without bound (64 KiB limits, checked
@@ -22,7 +23,7 @@ pub mod h1_order;
 pub mod h2_preface;
 pub mod header_order;
 pub mod headers;
-mod hpack;
+pub mod hpack;
 pub mod ja4;
 pub mod live_hellos;
 pub mod profile;

@@ -197,3 +197,160 @@ proptest! {
         prop_assert_eq!(whole, pieces);
     }
 }
+
+// ------------------------------------------------ the upstream HPACK encoder
+
+/// Header names the upstream encoder treats differently: ones the `http2`
+/// crate left out of its table before pinproxy's patch, a browser's usual
+/// ones and one of its own.
+fn h2_field_name() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        Just("cookie"),
+        Just("authorization"),
+        Just("if-none-match"),
+        Just("content-length"),
+        Just("user-agent"),
+        Just("accept"),
+        Just("x-scraper-tag"),
+    ]
+}
+
+/// Values from empty to larger than a small table; visible ASCII and
+/// spaces inside, as a `HeaderValue` holds them.
+fn h2_field_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[!-~]([ -~]{0,30}[!-~])?",
+        1 => Just(String::new()),
+        1 => "[a-z0-9]{200,2000}",
+    ]
+}
+
+/// One request's fields, names repeated as a browser's cookie crumbs are.
+type H2Request = (String, Vec<(&'static str, String)>);
+
+fn h2_request() -> impl Strategy<Value = H2Request> {
+    (
+        "/[a-z0-9/?=&]{0,40}",
+        prop::collection::vec((h2_field_name(), h2_field_value()), 0..12),
+    )
+}
+
+/// Encodes `requests` on one connection with the `http2` crate's codec (the
+/// encoder pinproxy's upstream HTTP/2 connections use), after the origin
+/// set the table to `table_size`; returns each request's header block.
+fn encode_h2_blocks(table_size: usize, requests: &[H2Request]) -> Vec<Vec<u8>> {
+    use http2::frame::{Headers, Pseudo, StreamId};
+    use std::future::poll_fn;
+    use tokio::io::AsyncReadExt;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wire = runtime.block_on(async {
+        let (ours, mut theirs) = tokio::io::duplex(64 << 20);
+        let mut codec: http2::Codec<_, bytes::Bytes> = http2::Codec::new(ours);
+        codec.set_send_header_table_size(table_size);
+        for (n, (path, fields)) in requests.iter().enumerate() {
+            let uri: http::Uri = format!("https://origin.test{path}").parse().unwrap();
+            let mut map = http::HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, http::HeaderValue::from_str(value).unwrap());
+            }
+            let id = StreamId::from(u32::try_from(2 * n + 1).unwrap());
+            let mut headers = Headers::new(id, Pseudo::request(http::Method::GET, uri, None), map);
+            headers.set_end_headers();
+            poll_fn(|cx| codec.poll_ready(cx)).await.unwrap();
+            codec.buffer(headers.into()).unwrap();
+            poll_fn(|cx| codec.flush(cx)).await.unwrap();
+        }
+        drop(codec);
+        let mut wire = Vec::new();
+        theirs.read_to_end(&mut wire).await.unwrap();
+        wire
+    });
+    // HEADERS (1) and CONTINUATION (9) frames, gathered into blocks.
+    let mut blocks = Vec::new();
+    let mut rest = &wire[..];
+    while !rest.is_empty() {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        let mut payload = &rest[9..9 + len];
+        rest = &rest[9 + len..];
+        match kind {
+            1 => {
+                if flags & 0x8 != 0 {
+                    let pad = usize::from(payload[0]);
+                    payload = &payload[1..payload.len() - pad];
+                }
+                if flags & 0x20 != 0 {
+                    payload = &payload[5..];
+                }
+                blocks.push(payload.to_vec());
+            }
+            9 => blocks.last_mut().unwrap().extend_from_slice(payload),
+            _ => {}
+        }
+    }
+    blocks
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// pinproxy's upstream HPACK encoder (the `http2` crate as patched in
+    /// vendor/http2) round-trips any request fields through an independent
+    /// decoder, whatever the table size the origin set, and chooses as a
+    /// browser does: every regular field that fits the table is indexed
+    /// (cookies and credentials too, each crumb of a repeated name), and
+    /// `:path` never is.
+    #[test]
+    fn the_upstream_hpack_encoder_indexes_as_a_browser_and_round_trips(
+        table_size in prop_oneof![Just(4096usize), 0usize..600, 600usize..8000],
+        requests in prop::collection::vec(h2_request(), 1..6),
+    ) {
+        use pinproxy::fingerprint::hpack::{BlockReader, Representation};
+
+        let blocks = encode_h2_blocks(table_size, &requests);
+        prop_assert_eq!(blocks.len(), requests.len());
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(table_size.max(4096));
+        let mut reader = BlockReader::new();
+        for ((_, fields), block) in requests.iter().zip(&blocks) {
+            let decoded = decoder.decode(block).unwrap();
+            // The map groups values by name, in the order names first came.
+            let mut expected: Vec<(&str, &str)> = Vec::new();
+            let mut names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+            names.dedup();
+            let mut seen = std::collections::HashSet::new();
+            for name in names.into_iter().filter(|n| seen.insert(*n)) {
+                for (n, v) in fields.iter().filter(|(n, _)| *n == name) {
+                    expected.push((n, v));
+                }
+            }
+            let regular: Vec<(String, String)> = decoded
+                .iter()
+                .filter(|(n, _)| !n.starts_with(b":"))
+                .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            let expected: Vec<(String, String)> =
+                expected.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect();
+            prop_assert_eq!(&regular, &expected);
+
+            let represented = reader.read(block).unwrap();
+            prop_assert_eq!(represented.len(), decoded.len());
+            for (field, (name, value)) in represented.iter().zip(&decoded) {
+                let fits = 32 + name.len() + value.len() <= table_size;
+                match field.name.as_str() {
+                    ":path" => prop_assert_ne!(field.representation, Representation::Incremental),
+                    ":method" | ":scheme" => prop_assert_eq!(field.representation, Representation::Indexed),
+                    _ if fits => prop_assert!(
+                        matches!(field.representation, Representation::Indexed | Representation::Incremental),
+                        "{} ({} bytes, table {table_size}): {:?}", field.name, value.len(), field.representation
+                    ),
+                    _ => prop_assert_eq!(field.representation, Representation::WithoutIndexing),
+                }
+            }
+        }
+    }
+}

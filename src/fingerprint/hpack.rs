@@ -1,9 +1,13 @@
-//! A minimal HPACK (RFC 7541) decoder that returns header *names* only.
+//! A minimal HPACK (RFC 7541) decoder that returns header *names* only,
+//! with how each field was represented.
 //!
 //! Input: one complete header block (HEADERS plus CONTINUATION fragments,
 //! padding removed). Output: the header names in order, pseudo-headers
-//! included. Values are skipped without being decoded: the fingerprint needs
-//! none, and they carry cookies and credentials.
+//! included (the h2 fingerprint's use); or, block after block of one
+//! connection ([`BlockReader`]), each field's name, representation and
+//! whether its value was Huffman-coded, which is how one encoder is told
+//! from another. Values are skipped without being decoded: neither use
+//! needs one, and they carry cookies and credentials.
 //!
 //! Why values can be skipped: a value matters to HPACK only through the
 //! dynamic table's size accounting, i.e. through eviction. Entries are
@@ -18,7 +22,8 @@
 //! block of 2-byte references to one long name cannot amplify into
 //! megabytes.
 
-use std::rc::Rc;
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::reader::Reader;
 
@@ -260,7 +265,7 @@ fn string<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], bool), &'static str> {
 }
 
 /// Reads and decodes a string literal (a header name).
-fn name_string(r: &mut Reader<'_>) -> Result<Rc<[u8]>, &'static str> {
+fn name_string(r: &mut Reader<'_>) -> Result<Name, &'static str> {
     let (bytes, huffman) = string(r)?;
     if huffman {
         let mut out = Vec::with_capacity(bytes.len().saturating_mul(8) / 5);
@@ -271,71 +276,180 @@ fn name_string(r: &mut Reader<'_>) -> Result<Rc<[u8]>, &'static str> {
     }
 }
 
-/// The names of a header block, in order; see the module docs.
-pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Rc<[u8]>>, &'static str> {
-    // Newest entry last; index 62 is the newest.
-    let mut dynamic: Vec<Rc<[u8]>> = Vec::new();
-    let mut names: Vec<Rc<[u8]>> = Vec::new();
-    let mut name_bytes = 0usize;
-    let mut r = Reader::new(block);
-    let lookup = |dynamic: &[Rc<[u8]>], index: u32| -> Result<Rc<[u8]>, &'static str> {
+/// A header name, shared between the table and the output.
+type Name = Arc<[u8]>;
+
+/// How a header field is represented in a block (RFC 7541, section 6):
+/// what its encoder chose for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Representation {
+    /// A reference to a whole table entry, name and value (6.1).
+    Indexed,
+    /// A literal value added to the dynamic table (6.2.1).
+    Incremental,
+    /// A literal value left out of the table (6.2.2).
+    WithoutIndexing,
+    /// A literal value no one on the way may index (6.2.3).
+    NeverIndexed,
+}
+
+/// One field of a header block as its encoder sent it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EncodedField {
+    /// The field's name, pseudo-headers included (`:authority`).
+    pub name: String,
+    /// The representation its encoder chose.
+    pub representation: Representation,
+    /// Whether its value was Huffman-coded; `None` when it was indexed (no
+    /// literal was sent).
+    pub huffman: Option<bool>,
+}
+
+/// The names of a connection's dynamic table, newest last. Entries a
+/// valid encoder has evicted are kept (see the module docs) up to
+/// [`MAX_TABLE_ENTRIES`], past which the oldest go: each entry takes at
+/// least 32 bytes of a table of at most [`MAX_TABLE_SIZE`], so no valid
+/// block refers to one of those.
+#[derive(Debug, Default)]
+struct NameTable {
+    names: VecDeque<Name>,
+}
+
+/// Most entries a [`NameTable`] keeps.
+const MAX_TABLE_ENTRIES: usize = MAX_TABLE_SIZE as usize / 32;
+
+impl NameTable {
+    /// The name at `index` (1-based, static table first, then the dynamic
+    /// table newest first).
+    fn lookup(&self, index: u32) -> Result<Name, &'static str> {
         let index = usize::try_from(index).map_err(|_| "index out of range")?;
         if index == 0 {
             return Err("index 0");
         }
         if let Some(name) = STATIC_NAMES.get(index.saturating_sub(1)) {
-            return Ok(Rc::from(name.as_bytes()));
+            return Ok(Arc::from(name.as_bytes()));
         }
         let from_newest = index.saturating_sub(STATIC_NAMES.len().saturating_add(1));
-        dynamic
+        self.names
             .len()
             .checked_sub(from_newest.saturating_add(1))
-            .and_then(|i| dynamic.get(i))
+            .and_then(|i| self.names.get(i))
             .cloned()
             .ok_or("index out of range")
-    };
+    }
+
+    fn insert(&mut self, name: Name) {
+        if self.names.len() >= MAX_TABLE_ENTRIES {
+            self.names.pop_front();
+        }
+        self.names.push_back(name);
+    }
+}
+
+/// Walks one header block with `table`, calling `field` for each field in
+/// order with its name, representation and whether its value literal was
+/// Huffman-coded. Values are skipped, never decoded.
+fn walk(
+    table: &mut NameTable,
+    block: &[u8],
+    mut field: impl FnMut(Name, Representation, Option<bool>) -> Result<(), &'static str>,
+) -> Result<(), &'static str> {
+    let mut r = Reader::new(block);
     // Each representation takes at least one byte.
     for _ in 0..block.len() {
         let Some(first) = r.u8() else {
             break;
         };
-        let name = if first & 0x80 != 0 {
-            // Indexed field.
-            lookup(&dynamic, integer(&mut r, first, 7)?)?
+        if first & 0x80 != 0 {
+            let name = table.lookup(integer(&mut r, first, 7)?)?;
+            field(name, Representation::Indexed, None)?;
         } else if first & 0x20 != 0 && first & 0x40 == 0 {
             // Dynamic table size update: nothing to evict (see module docs).
             if integer(&mut r, first, 5)? > MAX_TABLE_SIZE {
                 return Err("dynamic table size too large");
             }
-            continue;
         } else {
             // Literal: with incremental indexing (01), without indexing
             // (0000) or never indexed (0001).
-            let indexing = first & 0x40 != 0;
-            let prefix_bits = if indexing { 6 } else { 4 };
+            let (representation, prefix_bits) = if first & 0x40 != 0 {
+                (Representation::Incremental, 6)
+            } else if first & 0x10 != 0 {
+                (Representation::NeverIndexed, 4)
+            } else {
+                (Representation::WithoutIndexing, 4)
+            };
             let index = integer(&mut r, first, prefix_bits)?;
             let name = if index == 0 {
                 name_string(&mut r)?
             } else {
-                lookup(&dynamic, index)?
+                table.lookup(index)?
             };
             // The value is skipped, never decoded.
-            string(&mut r)?;
-            if indexing {
-                dynamic.push(Rc::clone(&name));
+            let (_, huffman) = string(&mut r)?;
+            if representation == Representation::Incremental {
+                table.insert(Arc::clone(&name));
             }
-            name
-        };
+            field(name, representation, Some(huffman))?;
+        }
+    }
+    if !r.is_empty() {
+        return Err("header block too long");
+    }
+    Ok(())
+}
+
+/// The names of a header block, in order; see the module docs.
+pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Name>, &'static str> {
+    let mut names: Vec<Name> = Vec::new();
+    let mut name_bytes = 0usize;
+    walk(&mut NameTable::default(), block, |name, _, _| {
         name_bytes = name_bytes.saturating_add(name.len());
         if names.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
             return Err("too many header fields");
         }
         names.push(name);
-    }
-    if !r.is_empty() {
-        return Err("header block too long");
-    }
+        Ok(())
+    })?;
     Ok(names)
+}
+
+/// Reads the header blocks of one direction of a connection, one after
+/// another, as their encoder sent them: each field's name and
+/// representation, and whether its value was Huffman-coded. Its table
+/// carries over from block to block, as the connection's does.
+///
+/// For tools and tests that compare what two encoders send (a client's
+/// own blocks and pinproxy's for it); the request path does not use it.
+/// Its table holds at most [`MAX_TABLE_ENTRIES`] names, each of at most
+/// one block's length.
+#[derive(Debug, Default)]
+pub struct BlockReader {
+    table: NameTable,
+}
+
+impl BlockReader {
+    /// A reader for a new connection (empty dynamic table).
+    pub fn new() -> BlockReader {
+        BlockReader::default()
+    }
+
+    /// Reads the next whole block (HEADERS plus CONTINUATION fragments,
+    /// padding and priority fields removed); at most [`MAX_HEADERS`] fields.
+    pub fn read(&mut self, block: &[u8]) -> Result<Vec<EncodedField>, &'static str> {
+        let mut fields = Vec::new();
+        walk(&mut self.table, block, |name, representation, huffman| {
+            if fields.len() >= MAX_HEADERS {
+                return Err("too many header fields");
+            }
+            fields.push(EncodedField {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                representation,
+                huffman,
+            });
+            Ok(())
+        })?;
+        Ok(fields)
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +549,97 @@ mod tests {
         block.push(0x00);
         block.extend(std::iter::repeat_n(0xbe, MAX_HEADERS));
         assert_eq!(names(&block), Err("too many header fields"));
+    }
+
+    fn fields(
+        reader: &mut BlockReader,
+        block: &[u8],
+    ) -> Vec<(String, Representation, Option<bool>)> {
+        reader
+            .read(block)
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.representation, f.huffman))
+            .collect()
+    }
+
+    fn field(
+        name: &str,
+        r: Representation,
+        huffman: Option<bool>,
+    ) -> (String, Representation, Option<bool>) {
+        (name.to_owned(), r, huffman)
+    }
+
+    #[test]
+    fn a_block_reader_keeps_the_table_across_a_connections_blocks() {
+        use Representation::*;
+        // Appendix C.4.1 to C.4.3, one connection: the second and third
+        // blocks refer to entries the first ones added.
+        let mut reader = BlockReader::new();
+        let c41 = [
+            0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+            0x90, 0xf4, 0xff,
+        ];
+        assert_eq!(
+            fields(&mut reader, &c41),
+            [
+                field(":method", Indexed, None),
+                field(":scheme", Indexed, None),
+                field(":path", Indexed, None),
+                field(":authority", Incremental, Some(true)),
+            ]
+        );
+        let c42 = [
+            0x82, 0x86, 0x84, 0xbe, 0x58, 0x86, 0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf,
+        ];
+        assert_eq!(
+            fields(&mut reader, &c42)[3..],
+            [
+                field(":authority", Indexed, None),
+                field("cache-control", Incremental, Some(true)),
+            ]
+        );
+        let c43 = [
+            0x82, 0x87, 0x85, 0xbf, 0x40, 0x88, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xa9, 0x7d, 0x7f,
+            0x89, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xb8, 0xe8, 0xb4, 0xbf,
+        ];
+        assert_eq!(
+            fields(&mut reader, &c43)[3..],
+            [
+                field(":authority", Indexed, None),
+                field("custom-key", Incremental, Some(true)),
+            ]
+        );
+        // A fresh reader does not know the first blocks' entries.
+        assert!(BlockReader::new().read(&c43).is_err());
+    }
+
+    #[test]
+    fn a_block_reader_tells_the_literal_kinds_and_raw_strings_apart() {
+        use Representation::*;
+        // C.2.2 (without indexing, static name), C.2.3 (never indexed, new
+        // name), C.3.1's :authority (incremental, raw string).
+        let mut block = vec![0x04, 0x0c];
+        block.extend_from_slice(b"/sample/path");
+        block.extend_from_slice(&[0x10, 0x08]);
+        block.extend_from_slice(b"password");
+        block.push(0x06);
+        block.extend_from_slice(b"secret");
+        block.extend_from_slice(&[0x41, 0x0f]);
+        block.extend_from_slice(b"www.example.com");
+        // A size update is not a field.
+        block.push(0x3f);
+        block.push(0xe1);
+        block.push(0x1f);
+        assert_eq!(
+            fields(&mut BlockReader::new(), &block),
+            [
+                field(":path", WithoutIndexing, Some(false)),
+                field("password", NeverIndexed, Some(false)),
+                field(":authority", Incremental, Some(false)),
+            ]
+        );
     }
 
     /// loona-hpack, an independent decoder, as the oracle.

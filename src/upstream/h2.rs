@@ -21,9 +21,11 @@
 //! What cannot be said: SETTINGS identifiers other than 1 to 6, 8 and 9
 //! (none of the clients pinproxy has seen sends one), the absence of
 //! INITIAL_WINDOW_SIZE (4), which wreq-proto always sends (after the
-//! client's own settings, at 2 MiB; every client seen sends it), and
-//! HPACK's own choices (indexing, Huffman), later WINDOW_UPDATEs and DATA
-//! frame sizes, which follow the crate.
+//! client's own settings, at 2 MiB; every client seen sends it), later
+//! WINDOW_UPDATEs and DATA frame sizes, which follow the crate, and the
+//! client's own HPACK choices: header blocks are encoded as browsers
+//! encode them (every regular field and `:authority` indexed, Huffman only
+//! where shorter), by a patched copy of the crate (vendor/http2).
 
 use std::future::Future;
 

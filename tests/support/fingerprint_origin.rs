@@ -10,7 +10,8 @@
 //! whether it resumed a session and which connection that session was
 //! issued on (the origin keeps its sessions, so a ticket names them), the
 //! ALPN protocol rustls agreed on and, for HTTP/2, the connection preface
-//! ([`PrefaceRecorder`]) with its Akamai string. For every request it
+//! ([`PrefaceRecorder`]) with its Akamai string, and every header block as
+//! the client's HPACK encoder sent it ([`BlockTap`]). For every request it
 //! records the method, path, version, header names in order (for HTTP/1.1
 //! the first request of a connection keeps the names' case, read off the
 //! raw head with [`h1_order::header_names`]; later requests on the same
@@ -19,7 +20,9 @@
 //!
 //! Every request is answered 200 with a short body; `/login` also sets a
 //! fresh `datadome=<random>` cookie, so an identity can be founded through
-//! pinproxy's Set-Cookie capture. `/page` sets one too, and is an HTML page
+//! pinproxy's Set-Cookie capture. `/page` sets one too (`/page?crumbs` two
+//! more, `theme` and `lang`, which pinproxy does not track, so that a
+//! browser sends its cookies as several `cookie` fields), and is an HTML page
 //! whose script fetches `/fetched?1`, `?2` and `?3` one after another (a
 //! browser's later requests to the host, with its cookie) and then writes
 //! `fetched` and their answers into the page.
@@ -43,7 +46,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pinproxy::fingerprint::client_hello::ClientHello;
-use pinproxy::fingerprint::h2_preface::H2Fingerprint;
+use pinproxy::fingerprint::h2_preface::{H2Fingerprint, PREFACE};
+use pinproxy::fingerprint::hpack::{BlockReader, EncodedField};
 use pinproxy::fingerprint::{h1_order, ja4, ClientConnection};
 use pinproxy::front::fingerprint::{read_client_hello, HelloRead, PrefaceRecorder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -85,6 +89,9 @@ pub struct ConnRecord {
     pub alpn: Option<String>,
     /// The HTTP/2 preface, once its first request is in (h2 only).
     pub h2: Option<Arc<H2Fingerprint>>,
+    /// Each header block the client sent, in order, as its HPACK encoder
+    /// sent it (h2 only; see [`BlockTap`]).
+    pub blocks: Vec<Vec<EncodedField>>,
 }
 
 impl ConnRecord {
@@ -403,6 +410,7 @@ async fn serve(
             resumed_from: None,
             alpn: None,
             h2: None,
+            blocks: Vec::new(),
         });
         index
     };
@@ -443,7 +451,8 @@ async fn serve(
         answered: Arc::new(tokio::sync::Notify::new()),
     };
     if alpn.as_deref() == Some("h2") {
-        let io = PrefaceRecorder::new(tls, recorder.client.clone());
+        let io = BlockTap::new(tls, index, recorder.log.clone());
+        let io = PrefaceRecorder::new(io, recorder.client.clone());
         let answered = recorder.answered.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let recorder = recorder.clone();
@@ -554,6 +563,13 @@ impl Recorder {
             }
             self.answered.notify_one();
         }
+        if path == "/page?crumbs" {
+            for cookie in ["theme=dark; Path=/; Secure", "lang=en-GB; Path=/; Secure"] {
+                response
+                    .headers_mut()
+                    .append("set-cookie", cookie.parse().unwrap());
+            }
+        }
         if page || path.split('?').next() == Some("/login") {
             let token: u128 = rand::random();
             response.headers_mut().append(
@@ -581,6 +597,146 @@ const PAGE: &str = "<!doctype html><html><head><link rel=\"icon\" href=\"data:,\
 })();
 </script></body></html>
 ";
+
+/// A stream that reads the frames of an HTTP/2 client connection as they
+/// pass and records each header block (HEADERS and its CONTINUATIONs) in
+/// its connection's [`ConnRecord::blocks`], read by a [`BlockReader`]:
+/// every field's name and representation, and whether its value was
+/// Huffman-coded (values are not decoded). Frames other than HEADERS and
+/// CONTINUATION are skipped; bytes that do not parse as frames end the
+/// recording, not the connection.
+struct BlockTap<T> {
+    inner: T,
+    /// Read but not yet parsed: the preface, then at most one frame.
+    pending: Vec<u8>,
+    preface_seen: bool,
+    /// The block being gathered, until its END_HEADERS.
+    block: Vec<u8>,
+    reader: BlockReader,
+    index: usize,
+    log: Arc<Mutex<Log>>,
+    failed: bool,
+}
+
+impl<T> BlockTap<T> {
+    fn new(inner: T, index: usize, log: Arc<Mutex<Log>>) -> BlockTap<T> {
+        BlockTap {
+            inner,
+            pending: Vec::new(),
+            preface_seen: false,
+            block: Vec::new(),
+            reader: BlockReader::new(),
+            index,
+            log,
+            failed: false,
+        }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        if !self.preface_seen {
+            if self.pending.len() < PREFACE.len() {
+                return;
+            }
+            if !self.pending.starts_with(PREFACE) {
+                self.failed = true;
+                return;
+            }
+            self.pending.drain(..PREFACE.len());
+            self.preface_seen = true;
+        }
+        while self.pending.len() >= 9 {
+            let len = usize::from(self.pending[0]) << 16
+                | usize::from(self.pending[1]) << 8
+                | usize::from(self.pending[2]);
+            if self.pending.len() < 9 + len {
+                return;
+            }
+            let (kind, flags) = (self.pending[3], self.pending[4]);
+            let frame: Vec<u8> = self.pending.drain(..9 + len).collect();
+            if let Err(e) = self.frame(kind, flags, &frame[9..]) {
+                eprintln!("block tap: {e}");
+                self.failed = true;
+                return;
+            }
+        }
+    }
+
+    /// One frame's payload.
+    fn frame(&mut self, kind: u8, flags: u8, mut payload: &[u8]) -> Result<(), &'static str> {
+        const HEADERS: u8 = 0x1;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        const PADDED: u8 = 0x8;
+        const PRIORITY: u8 = 0x20;
+        match kind {
+            HEADERS => {
+                if flags & PADDED != 0 {
+                    let (&pad, rest) = payload.split_first().ok_or("short HEADERS")?;
+                    payload = rest
+                        .get(
+                            ..rest
+                                .len()
+                                .checked_sub(usize::from(pad))
+                                .ok_or("bad padding")?,
+                        )
+                        .ok_or("bad padding")?;
+                }
+                if flags & PRIORITY != 0 {
+                    payload = payload.get(5..).ok_or("short HEADERS")?;
+                }
+                self.block = payload.to_vec();
+            }
+            CONTINUATION => self.block.extend_from_slice(payload),
+            _ => return Ok(()),
+        }
+        if flags & END_HEADERS != 0 {
+            let fields = self.reader.read(&self.block)?;
+            self.log.lock().unwrap().conns[self.index]
+                .blocks
+                .push(fields);
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for BlockTap<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.failed {
+            let new = buf.filled()[before..].to_vec();
+            this.observe(&new);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for BlockTap<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// A stream that keeps the bytes read through it until they hold a whole
 /// HTTP/1.1 request head, then records that head's header names (in case
