@@ -11,7 +11,7 @@
 //! issued on (the origin keeps its sessions, so a ticket names them), the
 //! ALPN protocol rustls agreed on and, for HTTP/2, the connection preface
 //! ([`PrefaceRecorder`]) with its Akamai string, and every header block as
-//! the client's HPACK encoder sent it ([`BlockTap`]). For every request it
+//! the client's HPACK encoder sent it ([`Blocks`]). For every request it
 //! records the method, path, version, header names in order (for HTTP/1.1
 //! the first request of a connection keeps the names' case, read off the
 //! raw head with [`h1_order::header_names`]; later requests on the same
@@ -90,7 +90,7 @@ pub struct ConnRecord {
     /// The HTTP/2 preface, once its first request is in (h2 only).
     pub h2: Option<Arc<H2Fingerprint>>,
     /// Each header block the client sent, in order, as its HPACK encoder
-    /// sent it (h2 only; see [`BlockTap`]).
+    /// sent it (h2 only; see [`Blocks`]).
     pub blocks: Vec<Vec<EncodedField>>,
 }
 
@@ -451,7 +451,7 @@ async fn serve(
         answered: Arc::new(tokio::sync::Notify::new()),
     };
     if alpn.as_deref() == Some("h2") {
-        let io = BlockTap::new(tls, index, recorder.log.clone());
+        let io = Tap::new(tls, Blocks::new(index, recorder.log.clone()));
         let io = PrefaceRecorder::new(io, recorder.client.clone());
         let answered = recorder.answered.clone();
         let service = service_fn(move |request: Request<Incoming>| {
@@ -470,7 +470,7 @@ async fn serve(
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
-        let io = HeadTap::new(tls, recorder.first_h1_head.clone());
+        let io = Tap::new(tls, HeadNames::new(recorder.first_h1_head.clone()));
         let service = service_fn(move |request: Request<Incoming>| {
             let recorder = recorder.clone();
             async move { Ok::<_, Infallible>(recorder.answer(request)) }
@@ -598,15 +598,70 @@ const PAGE: &str = "<!doctype html><html><head><link rel=\"icon\" href=\"data:,\
 </script></body></html>
 ";
 
-/// A stream that reads the frames of an HTTP/2 client connection as they
-/// pass and records each header block (HEADERS and its CONTINUATIONs) in
-/// its connection's [`ConnRecord::blocks`], read by a [`BlockReader`]:
-/// every field's name and representation, and whether its value was
-/// Huffman-coded (values are not decoded). Frames other than HEADERS and
+/// What a [`Tap`] shows the bytes read through it.
+trait Observer {
+    /// The next bytes read.
+    fn observe(&mut self, bytes: &[u8]);
+    /// Whether it has seen all it wants (later bytes are not copied).
+    fn done(&self) -> bool;
+}
+
+/// A stream that shows the bytes read through it to an [`Observer`] and
+/// passes everything through unchanged.
+struct Tap<T, O> {
+    inner: T,
+    observer: O,
+}
+
+impl<T, O> Tap<T, O> {
+    fn new(inner: T, observer: O) -> Tap<T, O> {
+        Tap { inner, observer }
+    }
+}
+
+impl<T: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Tap<T, O> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if !this.observer.done() {
+            let new = buf.filled()[before..].to_vec();
+            this.observer.observe(&new);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin, O: Unpin> AsyncWrite for Tap<T, O> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the frames of an HTTP/2 client connection as they pass (a
+/// [`Tap`]'s observer) and records each header block (HEADERS and its
+/// CONTINUATIONs) in its connection's [`ConnRecord::blocks`], read by a
+/// [`BlockReader`]: every field's name and representation, and whether its
+/// value was Huffman-coded (values are not decoded). Frames other than HEADERS and
 /// CONTINUATION are skipped; bytes that do not parse as frames end the
 /// recording, not the connection.
-struct BlockTap<T> {
-    inner: T,
+struct Blocks {
     /// Read but not yet parsed: the preface, then at most one frame.
     pending: Vec<u8>,
     preface_seen: bool,
@@ -618,10 +673,9 @@ struct BlockTap<T> {
     failed: bool,
 }
 
-impl<T> BlockTap<T> {
-    fn new(inner: T, index: usize, log: Arc<Mutex<Log>>) -> BlockTap<T> {
-        BlockTap {
-            inner,
+impl Blocks {
+    fn new(index: usize, log: Arc<Mutex<Log>>) -> Blocks {
+        Blocks {
             pending: Vec::new(),
             preface_seen: false,
             block: Vec::new(),
@@ -632,6 +686,39 @@ impl<T> BlockTap<T> {
         }
     }
 
+    /// One frame's payload.
+    fn frame(&mut self, kind: u8, flags: u8, mut payload: &[u8]) -> Result<(), &'static str> {
+        const HEADERS: u8 = 0x1;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        const PADDED: u8 = 0x8;
+        const PRIORITY: u8 = 0x20;
+        match kind {
+            HEADERS => {
+                if flags & PADDED != 0 {
+                    let (&pad, rest) = payload.split_first().ok_or("short HEADERS")?;
+                    let end = rest.len().checked_sub(usize::from(pad));
+                    payload = &rest[..end.ok_or("bad padding")?];
+                }
+                if flags & PRIORITY != 0 {
+                    payload = payload.get(5..).ok_or("short HEADERS")?;
+                }
+                self.block = payload.to_vec();
+            }
+            CONTINUATION => self.block.extend_from_slice(payload),
+            _ => return Ok(()),
+        }
+        if flags & END_HEADERS != 0 {
+            let fields = self.reader.read(&self.block)?;
+            self.log.lock().unwrap().conns[self.index]
+                .blocks
+                .push(fields);
+        }
+        Ok(())
+    }
+}
+
+impl Observer for Blocks {
     fn observe(&mut self, bytes: &[u8]) {
         if self.failed {
             return;
@@ -658,104 +745,36 @@ impl<T> BlockTap<T> {
             let (kind, flags) = (self.pending[3], self.pending[4]);
             let frame: Vec<u8> = self.pending.drain(..9 + len).collect();
             if let Err(e) = self.frame(kind, flags, &frame[9..]) {
-                eprintln!("block tap: {e}");
+                eprintln!("origin: cannot read a header block: {e}");
                 self.failed = true;
                 return;
             }
         }
     }
 
-    /// One frame's payload.
-    fn frame(&mut self, kind: u8, flags: u8, mut payload: &[u8]) -> Result<(), &'static str> {
-        const HEADERS: u8 = 0x1;
-        const CONTINUATION: u8 = 0x9;
-        const END_HEADERS: u8 = 0x4;
-        const PADDED: u8 = 0x8;
-        const PRIORITY: u8 = 0x20;
-        match kind {
-            HEADERS => {
-                if flags & PADDED != 0 {
-                    let (&pad, rest) = payload.split_first().ok_or("short HEADERS")?;
-                    payload = rest
-                        .get(
-                            ..rest
-                                .len()
-                                .checked_sub(usize::from(pad))
-                                .ok_or("bad padding")?,
-                        )
-                        .ok_or("bad padding")?;
-                }
-                if flags & PRIORITY != 0 {
-                    payload = payload.get(5..).ok_or("short HEADERS")?;
-                }
-                self.block = payload.to_vec();
-            }
-            CONTINUATION => self.block.extend_from_slice(payload),
-            _ => return Ok(()),
-        }
-        if flags & END_HEADERS != 0 {
-            let fields = self.reader.read(&self.block)?;
-            self.log.lock().unwrap().conns[self.index]
-                .blocks
-                .push(fields);
-        }
-        Ok(())
+    fn done(&self) -> bool {
+        self.failed
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for BlockTap<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if !this.failed {
-            let new = buf.filled()[before..].to_vec();
-            this.observe(&new);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for BlockTap<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// A stream that keeps the bytes read through it until they hold a whole
+/// Keeps the bytes read (a [`Tap`]'s observer) until they hold a whole
 /// HTTP/1.1 request head, then records that head's header names (in case
-/// and order) and only passes bytes through.
-struct HeadTap<T> {
-    inner: T,
+/// and order) and looks no further.
+struct HeadNames {
     head: Option<Vec<u8>>,
     names: Arc<OnceLock<Vec<String>>>,
 }
 
-impl<T> HeadTap<T> {
-    fn new(inner: T, names: Arc<OnceLock<Vec<String>>>) -> HeadTap<T> {
-        HeadTap {
-            inner,
+impl HeadNames {
+    fn new(names: Arc<OnceLock<Vec<String>>>) -> HeadNames {
+        HeadNames {
             head: Some(Vec::new()),
             names,
         }
     }
+}
 
+impl Observer for HeadNames {
     fn observe(&mut self, bytes: &[u8]) {
         let Some(head) = self.head.as_mut() else {
             return;
@@ -770,39 +789,8 @@ impl<T> HeadTap<T> {
             Ok(None) | Err(_) => self.head = None,
         }
     }
-}
 
-impl<T: AsyncRead + Unpin> AsyncRead for HeadTap<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.head.is_some() {
-            let new = buf.filled()[before..].to_vec();
-            this.observe(&new);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadTap<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    fn done(&self) -> bool {
+        self.head.is_none()
     }
 }
