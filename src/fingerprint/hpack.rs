@@ -12,12 +12,14 @@
 //! Why values can be skipped: a value matters to HPACK only through the
 //! dynamic table's size accounting, i.e. through eviction. Entries are
 //! addressed newest first, so keeping entries a client has evicted changes
-//! no index a valid block can use; this decoder therefore never evicts, and
-//! decodes every valid block exactly (an invalid block that refers to an
-//! evicted entry is accepted, which costs a fingerprint nothing).
+//! no index a valid block can use; this decoder therefore never evicts
+//! (short of a bound no valid table reaches), and decodes every valid block
+//! exactly (an invalid block that refers to an evicted entry is accepted,
+//! which costs a fingerprint nothing).
 //!
 //! Invariants: no input panics; memory is bounded by the block's length
-//! (names are shared, not copied, when re-used), and the output by
+//! (names are shared, not copied, when re-used), a [`BlockReader`]'s by
+//! its table's bound of entries, and the output by
 //! [`MAX_HEADERS`] names of at most [`MAX_NAME_BYTES`] bytes in all, so a
 //! block of 2-byte references to one long name cannot amplify into
 //! megabytes.
