@@ -750,8 +750,8 @@ async fn curl_http2_is_curl_through_pinproxy_with_its_http2_preface() {
         one(&through, "Akamai", Record::akamai),
         one(&direct, "Akamai", Record::akamai)
     );
-    // And its header block, as curl's nghttp2 encodes it (each request is
-    // the first on its connection).
+    // And its header block, as curl's nghttp2 encodes it (each connection's
+    // first).
     let first_block = |r: &Record| r.conn.blocks.first().cloned();
     let direct_block = one(&direct, "direct header block", first_block);
     assert!(direct_block.is_some(), "{direct:?}");
@@ -759,6 +759,44 @@ async fn curl_http2_is_curl_through_pinproxy_with_its_http2_preface() {
         one(&through, "header block through pinproxy", first_block),
         direct_block
     );
+}
+
+/// curl's cookies over HTTP/2 reach the origin encoded as curl's nghttp2
+/// encodes them, not as a browser would: a cookie header shorter than 20
+/// bytes as a never-indexed literal (nghttp2 keeps short cookies out of
+/// every table, against guessing), a longer one added to the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_http2_cookies_are_encoded_as_its_nghttp2_encodes_them() {
+    let rig = Rig::start(OriginOptions::default().closing(), |_| {}).await;
+    let port = rig.origin.port();
+    let cookies = ["theme=dark", "theme=dark; lang=en-GB; tz=Europe/London"];
+    for (via, path) in [(rig.direct(), "/direct"), (rig.proxied(), "/through")] {
+        for cookie in cookies {
+            Client::CurlH2.get_ok(&via, port, path, Some(cookie)).await;
+        }
+    }
+    let cookie_field = |r: &Record| -> Vec<(Representation, Option<bool>)> {
+        r.conn.blocks[0]
+            .iter()
+            .filter(|f| f.name == "cookie")
+            .map(|f| (f.representation, f.huffman))
+            .collect()
+    };
+    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
+    let through = records_of(&rig.origin, "/through", EXIT_IP);
+    assert_eq!((direct.len(), through.len()), (2, 2));
+    assert_eq!(
+        cookie_field(&direct[0]),
+        [(Representation::NeverIndexed, Some(true))]
+    );
+    assert_eq!(
+        cookie_field(&direct[1]),
+        [(Representation::Incremental, Some(true))]
+    );
+    for (d, t) in direct.iter().zip(&through) {
+        assert_eq!(t.cookie, d.cookie);
+        assert_eq!(t.conn.blocks[0], d.conn.blocks[0], "{:?}", d.cookie);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -225,20 +225,27 @@ fn h2_field_value() -> impl Strategy<Value = String> {
     ]
 }
 
-/// One request's fields, names repeated as a browser's cookie crumbs are.
-type H2Request = (String, Vec<(&'static str, String)>);
+/// One request: its method, path and fields, names repeated as a
+/// browser's cookie crumbs are.
+type H2Request = (&'static str, String, Vec<(&'static str, String)>);
 
 fn h2_request() -> impl Strategy<Value = H2Request> {
     (
-        "/[a-z0-9/?=&]{0,40}",
+        prop_oneof![Just("GET"), Just("POST"), Just("PUT")],
+        prop_oneof![Just("/".to_owned()), "/[a-z0-9/?=&]{0,40}"],
         prop::collection::vec((h2_field_name(), h2_field_value()), 0..12),
     )
 }
 
 /// Encodes `requests` on one connection with the `http2` crate's codec (the
-/// encoder pinproxy's upstream HTTP/2 connections use), after the origin
-/// set the table to `table_size`; returns each request's header block.
-fn encode_h2_blocks(table_size: usize, requests: &[H2Request]) -> Vec<Vec<u8>> {
+/// encoder pinproxy's upstream HTTP/2 connections use) making `policy`'s
+/// choices, after the origin set the table to `table_size`; returns each
+/// request's header block.
+fn encode_h2_blocks(
+    policy: http2::HpackPolicy,
+    table_size: usize,
+    requests: &[H2Request],
+) -> Vec<Vec<u8>> {
     use http2::frame::{Headers, Pseudo, StreamId};
     use std::future::poll_fn;
     use tokio::io::AsyncReadExt;
@@ -251,14 +258,16 @@ fn encode_h2_blocks(table_size: usize, requests: &[H2Request]) -> Vec<Vec<u8>> {
         let (ours, mut theirs) = tokio::io::duplex(64 << 20);
         let mut codec: http2::Codec<_, bytes::Bytes> = http2::Codec::new(ours);
         codec.set_send_header_table_size(table_size);
-        for (n, (path, fields)) in requests.iter().enumerate() {
+        codec.set_hpack_policy(policy);
+        for (n, (method, path, fields)) in requests.iter().enumerate() {
             let uri: http::Uri = format!("https://origin.test{path}").parse().unwrap();
+            let method: http::Method = method.parse().unwrap();
             let mut map = http::HeaderMap::new();
             for (name, value) in fields {
                 map.append(*name, http::HeaderValue::from_str(value).unwrap());
             }
             let id = StreamId::from(u32::try_from(2 * n + 1).unwrap());
-            let mut headers = Headers::new(id, Pseudo::request(http::Method::GET, uri, None), map);
+            let mut headers = Headers::new(id, Pseudo::request(method, uri, None), map);
             headers.set_end_headers();
             poll_fn(|cx| codec.poll_ready(cx)).await.unwrap();
             codec.buffer(headers.into()).unwrap();
@@ -295,60 +304,117 @@ fn encode_h2_blocks(table_size: usize, requests: &[H2Request]) -> Vec<Vec<u8>> {
     blocks
 }
 
+/// The representations `policy` allows for the field `name: value` in a
+/// table of `table_size` bytes (RFC 7541 section 6; `Indexed` and
+/// `Incremental` both mean "in the table": the first time it is added, then
+/// referred to), and whether its value literal must be Huffman-coded.
+fn h2_expected(
+    policy: http2::HpackPolicy,
+    table_size: usize,
+    name: &str,
+    value: &[u8],
+) -> (
+    Vec<pinproxy::fingerprint::hpack::Representation>,
+    Option<bool>,
+) {
+    use http2::HpackPolicy::{Chromium, Firefox, Nghttp2};
+    use pinproxy::fingerprint::hpack::{huffman_len, Representation::*};
+
+    let size = 32 + name.len() + value.len();
+    let static_exact = matches!(
+        (name, value),
+        (":method", b"GET") | (":method", b"POST") | (":path", b"/") | (":scheme", b"https")
+    );
+    let in_table = vec![Indexed, Incremental];
+    let never =
+        policy != Chromium && (name == "authorization" || (name == "cookie" && value.len() < 20));
+    let allowed = if never {
+        vec![NeverIndexed]
+    } else {
+        match policy {
+            Chromium if static_exact => vec![Indexed],
+            Chromium if name.starts_with(':') && name != ":authority" => vec![WithoutIndexing],
+            Chromium if size <= table_size => in_table,
+            Firefox if name == ":path" => vec![WithoutIndexing],
+            Firefox if static_exact => vec![Indexed],
+            Firefox if size > table_size / 2 || table_size < 128 => vec![WithoutIndexing],
+            Nghttp2 if static_exact => vec![Indexed],
+            Nghttp2 if name == ":path" || name == "content-length" || name == "if-none-match" => {
+                vec![WithoutIndexing]
+            }
+            Nghttp2 if size * 4 > table_size * 3 => vec![WithoutIndexing],
+            Chromium => vec![WithoutIndexing],
+            Firefox | Nghttp2 => in_table,
+        }
+    };
+    let huffman = match policy {
+        Firefox => true,
+        Chromium | Nghttp2 => huffman_len(value) < value.len(),
+    };
+    (allowed, Some(huffman))
+}
+
 proptest! {
     #![proptest_config(config())]
 
     /// pinproxy's upstream HPACK encoder (the `http2` crate as patched in
-    /// vendor/http2) round-trips any request fields through an independent
-    /// decoder, whatever the table size the origin set, and chooses as a
-    /// browser does: every regular field that fits the table is indexed
-    /// (cookies and credentials too, each crumb of a repeated name), and
-    /// `:path` never is.
+    /// vendor/http2) round-trips any request through an independent
+    /// decoder, whatever the table size the origin set, and makes the
+    /// choices of the family it speaks for: which fields are indexed (each
+    /// crumb of a repeated name as the first), which are literals and which
+    /// are never-indexed, and which strings are Huffman-coded.
     #[test]
-    fn the_upstream_hpack_encoder_indexes_as_a_browser_and_round_trips(
+    fn the_upstream_hpack_encoder_makes_its_familys_choices_and_round_trips(
+        policy in prop_oneof![
+            Just(http2::HpackPolicy::Chromium),
+            Just(http2::HpackPolicy::Firefox),
+            Just(http2::HpackPolicy::Nghttp2),
+        ],
         table_size in prop_oneof![Just(4096usize), 0usize..600, 600usize..8000],
         requests in prop::collection::vec(h2_request(), 1..6),
     ) {
         use pinproxy::fingerprint::hpack::{BlockReader, Representation};
 
-        let blocks = encode_h2_blocks(table_size, &requests);
+        let blocks = encode_h2_blocks(policy, table_size, &requests);
         prop_assert_eq!(blocks.len(), requests.len());
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(table_size.max(4096));
         let mut reader = BlockReader::new();
-        for ((_, fields), block) in requests.iter().zip(&blocks) {
+        for ((method, _, fields), block) in requests.iter().zip(&blocks) {
             let decoded = decoder.decode(block).unwrap();
             // The map groups values by name, in the order names first came.
-            let mut expected: Vec<(&str, &str)> = Vec::new();
-            let mut names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
-            names.dedup();
+            let mut expected: Vec<(String, String)> = Vec::new();
             let mut seen = std::collections::HashSet::new();
-            for name in names.into_iter().filter(|n| seen.insert(*n)) {
-                for (n, v) in fields.iter().filter(|(n, _)| *n == name) {
-                    expected.push((n, v));
+            for (name, _) in fields {
+                if seen.insert(*name) {
+                    for (n, v) in fields.iter().filter(|(n, _)| n == name) {
+                        expected.push(((*n).to_owned(), v.clone()));
+                    }
                 }
             }
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
             let regular: Vec<(String, String)> = decoded
                 .iter()
                 .filter(|(n, _)| !n.starts_with(b":"))
-                .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                .map(|(n, v)| (text(n), text(v)))
                 .collect();
-            let expected: Vec<(String, String)> =
-                expected.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect();
             prop_assert_eq!(&regular, &expected);
+            prop_assert!(decoded.iter().any(|(n, v)| n == b":method" && v == method.as_bytes()));
 
             let represented = reader.read(block).unwrap();
             prop_assert_eq!(represented.len(), decoded.len());
             for (field, (name, value)) in represented.iter().zip(&decoded) {
-                let fits = 32 + name.len() + value.len() <= table_size;
-                match field.name.as_str() {
-                    ":path" => prop_assert_ne!(field.representation, Representation::Incremental),
-                    ":method" | ":scheme" => prop_assert_eq!(field.representation, Representation::Indexed),
-                    _ if fits => prop_assert!(
-                        matches!(field.representation, Representation::Indexed | Representation::Incremental),
-                        "{} ({} bytes, table {table_size}): {:?}", field.name, value.len(), field.representation
-                    ),
-                    _ => prop_assert_eq!(field.representation, Representation::WithoutIndexing),
+                let (allowed, huffman) = h2_expected(policy, table_size, &field.name, value);
+                prop_assert!(
+                    allowed.contains(&field.representation),
+                    "{:?}: {} ({} bytes, table {}): {:?}, not one of {:?}",
+                    policy, text(name), value.len(), table_size, field.representation, allowed
+                );
+                if field.representation != Representation::Indexed {
+                    prop_assert_eq!(
+                        field.huffman, huffman,
+                        "{:?}: {} = {:?}: Huffman", policy, text(name), text(value)
+                    );
                 }
             }
         }

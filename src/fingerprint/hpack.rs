@@ -233,6 +233,21 @@ pub(crate) fn huffman_decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), &'st
     Ok(())
 }
 
+/// The length in bytes of `input` Huffman-coded (RFC 7541, section 5.2),
+/// padding included: what an encoder compares with the raw length when it
+/// codes a string only if that makes it shorter.
+pub fn huffman_len(input: &[u8]) -> usize {
+    let bits: usize = input
+        .iter()
+        .map(|&b| {
+            CODE_LENGTHS
+                .get(usize::from(b))
+                .map_or(0, |&l| usize::from(l))
+        })
+        .sum();
+    bits.div_ceil(8)
+}
+
 /// Reads an integer with an `prefix_bits`-bit prefix (RFC 7541, section
 /// 5.1) whose first byte `first` has already been read.
 fn integer(r: &mut Reader<'_>, first: u8, prefix_bits: u32) -> Result<u32, &'static str> {
@@ -436,11 +451,14 @@ impl BlockReader {
     }
 
     /// Reads the next whole block (HEADERS plus CONTINUATION fragments,
-    /// padding and priority fields removed); at most [`MAX_HEADERS`] fields.
+    /// padding and priority fields removed); at most [`MAX_HEADERS`] fields
+    /// whose names take [`MAX_NAME_BYTES`] in all, as [`header_names`].
     pub fn read(&mut self, block: &[u8]) -> Result<Vec<EncodedField>, &'static str> {
         let mut fields = Vec::new();
+        let mut name_bytes = 0usize;
         walk(&mut self.table, block, |name, representation, huffman| {
-            if fields.len() >= MAX_HEADERS {
+            name_bytes = name_bytes.saturating_add(name.len());
+            if fields.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
                 return Err("too many header fields");
             }
             fields.push(EncodedField {
@@ -502,6 +520,20 @@ mod tests {
             b"private"
         );
         assert_eq!(huffman(&[]).unwrap(), b"");
+    }
+
+    #[test]
+    fn huffman_lengths_are_the_rfcs() {
+        // Appendix C.4.1 and C.6.1: the coded lengths of their strings.
+        assert_eq!(huffman_len(b"www.example.com"), 12);
+        assert_eq!(huffman_len(b"no-cache"), 6);
+        assert_eq!(huffman_len(b"302"), 2);
+        assert_eq!(huffman_len(b"private"), 5);
+        assert_eq!(huffman_len(b""), 0);
+        // Not shorter: two bytes either way, or longer.
+        assert_eq!(huffman_len(b"?0"), 2);
+        assert_eq!(huffman_len(b"*/*"), 3);
+        assert_eq!(huffman_len(b"{}"), 4);
     }
 
     #[test]
@@ -615,6 +647,18 @@ mod tests {
         );
         // A fresh reader does not know the first blocks' entries.
         assert!(BlockReader::new().read(&c43).is_err());
+    }
+
+    #[test]
+    fn a_block_reader_does_not_amplify_references_to_a_long_name() {
+        // A first block adds a 16 KiB name; a second refers to it 256 times.
+        let mut reader = BlockReader::new();
+        let mut first = vec![0x40, 0x7f, 0x81, 0x7f];
+        first.extend(std::iter::repeat_n(b'x', 16 * 1024));
+        first.push(0x00);
+        assert_eq!(reader.read(&first).unwrap().len(), 1);
+        let second = vec![0xbe; MAX_HEADERS];
+        assert_eq!(reader.read(&second), Err("too many header fields"));
     }
 
     #[test]

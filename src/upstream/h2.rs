@@ -21,11 +21,12 @@
 //! What cannot be said: SETTINGS identifiers other than 1 to 6, 8 and 9
 //! (none of the clients pinproxy has seen sends one), the absence of
 //! INITIAL_WINDOW_SIZE (4), which wreq-proto always sends (after the
-//! client's own settings, at 2 MiB; every client seen sends it), later
-//! WINDOW_UPDATEs and DATA frame sizes, which follow the crate, and the
-//! client's own HPACK choices: header blocks are encoded as browsers
-//! encode them (every regular field and `:authority` indexed, Huffman only
-//! where shorter), by a patched copy of the crate (vendor/http2).
+//! client's own settings, at 2 MiB; every client seen sends it), and later
+//! WINDOW_UPDATEs and DATA frame sizes, which follow the crate. Header
+//! blocks are encoded as the client's family encodes them (Chromium,
+//! Firefox or nghttp2; which fields are indexed, which never are, which
+//! strings are Huffman-coded): a patched copy of the crate (vendor/http2)
+//! picks the family from the pseudo-header order it is given.
 
 use std::future::Future;
 
@@ -162,6 +163,32 @@ pub fn settings_payload(preface: &H2Fingerprint) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header blocks of a connection are HPACK-encoded as the client
+    /// whose pseudo-header order the preface carries encodes them (the
+    /// patched crate picks the policy from the order it is given):
+    /// Chrome's built-in preface and a Chromium's as Chromium, a
+    /// Firefox's as Firefox, curl's (and any other) as nghttp2.
+    #[test]
+    fn a_prefaces_pseudo_header_order_picks_its_clients_hpack_choices() {
+        use http2::HpackPolicy;
+        let policy = |order: &str| {
+            let preface = H2Fingerprint {
+                pseudo_order: order.split(',').filter_map(|l| l.chars().next()).collect(),
+                ..H2Fingerprint::default()
+            };
+            HpackPolicy::for_pseudo_order(options(&preface).headers_pseudo_order.as_ref())
+        };
+        assert_eq!(policy("m,a,s,p"), HpackPolicy::Chromium);
+        assert_eq!(policy("m,p,a,s"), HpackPolicy::Firefox);
+        assert_eq!(policy("m,p,s,a"), HpackPolicy::Nghttp2);
+        assert_eq!(policy("m,s,p,a"), HpackPolicy::Nghttp2);
+        let chrome = crate::fingerprint::profile::chrome_h2().unwrap();
+        assert_eq!(
+            HpackPolicy::for_pseudo_order(options(&chrome).headers_pseudo_order.as_ref()),
+            HpackPolicy::Chromium
+        );
+    }
 
     /// A preface stating the protocol's largest windows and header list is
     /// offered up to the ceilings; curl's and Chrome's go as they are.

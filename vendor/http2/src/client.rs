@@ -1408,6 +1408,12 @@ where
         // Create the codec
         let mut codec = Codec::new(io);
 
+        // pinproxy patch: HPACK as the client whose pseudo-header order is
+        // sent encodes it.
+        codec.set_hpack_policy(crate::HpackPolicy::for_pseudo_order(
+            builder.headers_pseudo_order.as_ref(),
+        ));
+
         if let Some(max) = builder.settings.max_frame_size() {
             codec.set_max_recv_frame_size(max as usize);
         }

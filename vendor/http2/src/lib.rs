@@ -136,6 +136,8 @@ mod share;
 pub mod fuzz_bridge;
 
 pub use crate::error::{Error, Reason};
+/// pinproxy patch: whose HPACK choices a connection makes.
+pub use crate::hpack::Policy as HpackPolicy;
 pub use crate::share::{FlowControl, Ping, PingPong, Pong, RecvStream, SendStream, StreamId};
 
 #[cfg(feature = "unstable")]

@@ -332,6 +332,11 @@ impl<T, B> FramedWrite<T, B> {
         self.encoder.hpack.update_max_size(val);
     }
 
+    /// pinproxy patch: the HPACK choices the encoder makes.
+    pub fn set_hpack_policy(&mut self, policy: hpack::Policy) {
+        self.encoder.hpack.set_policy(policy);
+    }
+
     /// Retrieve the last data frame that has been sent
     pub fn take_last_data_frame(&mut self) -> Option<frame::Data<B>> {
         self.encoder.last_data_frame.take()

@@ -95,6 +95,12 @@ impl<T, B> Codec<T, B> {
         self.framed_write().set_header_table_size(val)
     }
 
+    /// pinproxy patch: the HPACK choices the encoder makes (see
+    /// [`hpack::Policy`](crate::HpackPolicy)).
+    pub fn set_hpack_policy(&mut self, policy: crate::HpackPolicy) {
+        self.framed_write().set_hpack_policy(policy)
+    }
+
     /// Set the decoder header table size size.
     pub fn set_recv_header_table_size(&mut self, val: usize) {
         self.inner.set_header_table_size(val)

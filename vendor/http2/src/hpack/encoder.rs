@@ -1,5 +1,5 @@
 use super::table::{Index, Table};
-use super::{huffman, Header};
+use super::{huffman, Header, Policy};
 use crate::tracing;
 
 use bytes::{BufMut, BytesMut};
@@ -9,6 +9,8 @@ use http::header::{HeaderName, HeaderValue};
 pub struct Encoder {
     table: Table,
     size_update: Option<SizeUpdate>,
+    /// pinproxy patch: whose choices the encoder makes.
+    policy: Policy,
 }
 
 #[derive(Debug, Copy, Clone, Eq, PartialEq)]
@@ -22,7 +24,13 @@ impl Encoder {
         Encoder {
             table: Table::new(max_size, capacity),
             size_update: None,
+            policy: Policy::default(),
         }
+    }
+
+    /// pinproxy patch: makes `policy`'s choices from the next header on.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
     }
 
     /// Queues a max size update.
@@ -73,8 +81,9 @@ impl Encoder {
             match header.reify() {
                 // The header has an associated name. In which case, try to
                 // index it in the table.
-                Ok(header) => {
-                    let index = self.table.index(header);
+                Ok(mut header) => {
+                    self.mark_never_indexed(&mut header);
+                    let index = self.table.index(header, self.policy);
                     self.encode_header(&index, dst);
 
                     last_index = Some(index);
@@ -84,28 +93,41 @@ impl Encoder {
                 // which case, we skip table lookup and just use the same index
                 // as the previous entry.
                 //
-                // pinproxy patch: each further value goes through the table
-                // like the first, so a browser's cookie crumbs (one field
-                // per cookie, RFC 9113 section 8.2.3) are indexed as the
-                // browser indexes them; the crate sent every value after
-                // the first as a literal.
+                // pinproxy patch: each further value goes through the policy
+                // and the table like the first, so a browser's cookie
+                // crumbs (one field per cookie, RFC 9113 section 8.2.3) are
+                // indexed as the browser indexes them; the crate sent every
+                // value after the first as a literal.
                 Err(value) => {
                     let last = last_index.as_ref().unwrap_or_else(|| {
-                        panic!("encoding header without name, but no previous index to use for name");
+                        panic!(
+                            "encoding header without name, but no previous index to use for name"
+                        );
                     });
                     match self.table.resolve(last) {
                         Header::Field { name, .. } => {
-                            let header = Header::Field {
+                            let mut header = Header::Field {
                                 name: name.clone(),
                                 value,
                             };
-                            let index = self.table.index(header);
+                            self.mark_never_indexed(&mut header);
+                            let index = self.table.index(header, self.policy);
                             self.encode_header(&index, dst);
                             last_index = Some(index);
                         }
                         _ => self.encode_header_without_name(last, &value, dst),
                     }
                 }
+            }
+        }
+    }
+
+    /// pinproxy patch: marks a field the policy sends never-indexed as
+    /// sensitive, which the table and the encoder then honour.
+    fn mark_never_indexed(&self, header: &mut Header) {
+        if self.policy.never_indexed(header) {
+            if let Header::Field { value, .. } = header {
+                value.set_sensitive(true);
             }
         }
     }
@@ -134,7 +156,7 @@ impl Encoder {
             Index::Name(idx, _) => {
                 let header = self.table.resolve(index);
 
-                encode_not_indexed(idx, header.value_slice(), header.is_sensitive(), dst);
+                encode_not_indexed(idx, header.value_slice(), header.is_sensitive(), self.policy, dst);
             }
             Index::Inserted(_) => {
                 let header = self.table.resolve(index);
@@ -143,8 +165,8 @@ impl Encoder {
 
                 dst.put_u8(0b0100_0000);
 
-                encode_str(header.name().as_slice(), dst);
-                encode_str(header.value_slice(), dst);
+                encode_str(header.name().as_slice(), self.policy, dst);
+                encode_str(header.value_slice(), self.policy, dst);
             }
             Index::InsertedValue(idx, _) => {
                 let header = self.table.resolve(index);
@@ -152,7 +174,7 @@ impl Encoder {
                 assert!(!header.is_sensitive());
 
                 encode_int(idx, 6, 0b0100_0000, dst);
-                encode_str(header.value_slice(), dst);
+                encode_str(header.value_slice(), self.policy, dst);
             }
             Index::NotIndexed(_) => {
                 let header = self.table.resolve(index);
@@ -161,6 +183,7 @@ impl Encoder {
                     header.name().as_slice(),
                     header.value_slice(),
                     header.is_sensitive(),
+                    self.policy,
                     dst,
                 );
             }
@@ -180,7 +203,7 @@ impl Encoder {
             | Index::InsertedValue(..) => {
                 let idx = self.table.resolve_idx(last);
 
-                encode_not_indexed(idx, value.as_ref(), value.is_sensitive(), dst);
+                encode_not_indexed(idx, value.as_ref(), value.is_sensitive(), self.policy, dst);
             }
             Index::NotIndexed(_) => {
                 let last = self.table.resolve(last);
@@ -189,6 +212,7 @@ impl Encoder {
                     last.name().as_slice(),
                     value.as_ref(),
                     value.is_sensitive(),
+                    self.policy,
                     dst,
                 );
             }
@@ -206,34 +230,46 @@ fn encode_size_update(val: usize, dst: &mut BytesMut) {
     encode_int(val, 5, 0b0010_0000, dst)
 }
 
-fn encode_not_indexed(name: usize, value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+fn encode_not_indexed(
+    name: usize,
+    value: &[u8],
+    sensitive: bool,
+    policy: Policy,
+    dst: &mut BytesMut,
+) {
     if sensitive {
         encode_int(name, 4, 0b10000, dst);
     } else {
         encode_int(name, 4, 0, dst);
     }
 
-    encode_str(value, dst);
+    encode_str(value, policy, dst);
 }
 
-fn encode_not_indexed2(name: &[u8], value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+fn encode_not_indexed2(
+    name: &[u8],
+    value: &[u8],
+    sensitive: bool,
+    policy: Policy,
+    dst: &mut BytesMut,
+) {
     if sensitive {
         dst.put_u8(0b10000);
     } else {
         dst.put_u8(0);
     }
 
-    encode_str(name, dst);
-    encode_str(value, dst);
+    encode_str(name, policy, dst);
+    encode_str(value, policy, dst);
 }
 
-/// pinproxy patch: a string is Huffman-coded only when that makes it
-/// shorter, as Chromium (QUICHE), Firefox and nghttp2 do; the crate coded
-/// every non-empty string, which marks a value like `?0` (two bytes either
-/// way) as this crate's.
-fn encode_str(val: &[u8], dst: &mut BytesMut) {
+/// pinproxy patch: `policy` decides whether a string is Huffman-coded
+/// (Chromium and nghttp2 only when that makes it shorter, Firefox always);
+/// the crate coded every non-empty string, which marks a value like `?0`
+/// (two bytes either way) as this crate's.
+fn encode_str(val: &[u8], policy: Policy, dst: &mut BytesMut) {
     let huffman_len = huffman::encoded_len(val);
-    if huffman_len < val.len() {
+    if policy.huffman(huffman_len, val.len()) {
         encode_int(huffman_len, 7, 0x80, dst);
         huffman::encode(val, dst);
     } else {

@@ -186,24 +186,24 @@ impl Header {
         }
     }
 
-    /// pinproxy patch: whether the value stays out of the dynamic table.
-    ///
-    /// Browsers' policy (Chromium's QUICHE `HpackEncoder::DefaultPolicy`,
-    /// and Firefox's at this grain): every regular field is indexed,
-    /// `cookie` and `authorization` included, and of the pseudo-headers
-    /// only `:authority` (a static table entry that matches exactly is
-    /// still referenced). The crate's own policy, borrowed from nghttp2,
-    /// kept `cookie`, `authorization`, `content-length`, `if-none-match`,
-    /// `if-modified-since` and a few more out of the table, so a browser's
-    /// repeated cookies went out as literals where the browser sends
-    /// one-byte references. `:status` keeps the crate's choice (servers
-    /// only).
     pub fn skip_value_index(&self) -> bool {
+        use http::header;
+
         match *self {
-            Header::Field { .. } | Header::Authority(..) | Header::Status(..) => false,
-            Header::Method(..) | Header::Scheme(..) | Header::Path(..) | Header::Protocol(..) => {
-                true
-            }
+            Header::Field { ref name, .. } => matches!(
+                *name,
+                header::AGE
+                    | header::AUTHORIZATION
+                    | header::CONTENT_LENGTH
+                    | header::ETAG
+                    | header::IF_MODIFIED_SINCE
+                    | header::IF_NONE_MATCH
+                    | header::LOCATION
+                    | header::COOKIE
+                    | header::SET_COOKIE
+            ),
+            Header::Path(..) => true,
+            _ => false,
         }
     }
 }

@@ -1,4 +1,5 @@
-use super::Header;
+use super::policy::Choice;
+use super::{Header, Policy};
 
 use fnv::FnvHasher;
 use http::header;
@@ -131,27 +132,31 @@ impl Table {
     }
 
     /// Index the header in the HPACK table.
-    pub fn index(&mut self, header: Header) -> Index {
+    ///
+    /// pinproxy patch: `policy` decides which headers stay out of the table
+    /// (the crate's own rule, borrowed from nghttp2, and its three-quarter
+    /// size bound were fixed); a sensitive value is sent never-indexed with
+    /// its name referred to, as before.
+    pub fn index(&mut self, header: Header, policy: Policy) -> Index {
         // Check the static table
         let statik = index_static(&header);
 
-        // Don't index certain headers (pinproxy patch: a browser's policy,
-        // see `Header::skip_value_index`; `:protocol` has no static name,
-        // so it goes out with a literal one).
-        if header.skip_value_index() {
-            return Index::new(statik, header);
+        let choice = if header.is_sensitive() {
+            Choice::LiteralEvenIfHeld
+        } else {
+            policy.choice(&header, self.max_size)
+        };
+        match choice {
+            Choice::Index => {}
+            Choice::Literal => return Index::new(statik, header),
+            Choice::LiteralEvenIfHeld => {
+                return Index::new(statik.map(|(n, _)| (n, false)), header)
+            }
         }
 
         // If the header is already indexed by the static table, return that
         if let Some((n, true)) = statik {
             return Index::Indexed(n, header);
-        }
-
-        // Don't index headers the table cannot hold (pinproxy patch: the
-        // crate's bound was three quarters of the table; a browser indexes
-        // every entry that fits, evicting older ones to make room).
-        if header.len() > self.max_size {
-            return Index::new(statik, header);
         }
 
         self.index_dynamic(header, statik)

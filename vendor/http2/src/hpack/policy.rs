@@ -1,0 +1,130 @@
+//! pinproxy patch: whose HPACK choices an encoder makes.
+//!
+//! An origin sees how each header block is encoded as well as what it says:
+//! which fields go into the dynamic table, which are sent as literals (and
+//! which of those are marked never to be indexed), and whether each string
+//! is Huffman-coded. Browsers and libraries choose differently, so an
+//! encoder speaking for a client makes the choices of that client's
+//! family. The crate's own choices (nghttp2's list, every string
+//! Huffman-coded) were nobody's.
+
+use super::Header;
+use crate::frame::{PseudoId, PseudoOrder};
+use http::header;
+
+/// The HPACK choices of one family of clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Chromium's (QUICHE's `HpackEncoder`, `DefaultPolicy`): every regular
+    /// field and `:authority` is added to the table when it fits, the other
+    /// pseudo-headers never are; nothing is marked never-indexed; a string
+    /// is Huffman-coded only when that makes it shorter.
+    Chromium,
+    /// Firefox's (Gecko's `Http2Compressor`): `:path` is never added to the
+    /// table, nor an entry larger than half the table (or any, in a table
+    /// under 128 bytes); `authorization` and cookies shorter than 20 bytes
+    /// are marked never-indexed; every other field is added, pseudo-headers
+    /// included; every string is Huffman-coded.
+    Firefox,
+    /// nghttp2's (curl and most C clients): `:path`, `age`,
+    /// `content-length`, `etag`, `if-modified-since`, `if-none-match`,
+    /// `location`, `set-cookie` and entries over three quarters of the
+    /// table are not added; `authorization` and cookies shorter than 20
+    /// bytes are marked never-indexed; a string is Huffman-coded only when
+    /// that makes it shorter.
+    #[default]
+    Nghttp2,
+}
+
+/// What the encoder does with one field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// Refer to an entry that holds the field, or add it to the table.
+    Index,
+    /// A literal left out of the table; an entry of the static table that
+    /// holds the whole field is still referred to.
+    Literal,
+    /// A literal left out of the table even when an entry holds the whole
+    /// field (its name is still referred to).
+    LiteralEvenIfHeld,
+}
+
+impl Policy {
+    /// The family whose pseudo-header order `order` is, as the crate sends
+    /// it (the client's own, in pinproxy's mirror mode, or Chrome's):
+    /// `m,a,s,p` is Chromium's, `m,p,a,s` Firefox's; any other order, or
+    /// none, nghttp2's.
+    pub fn for_pseudo_order(order: Option<&PseudoOrder>) -> Policy {
+        let Some(order) = order else {
+            return Policy::Nghttp2;
+        };
+        let ids: Vec<PseudoId> = order
+            .into_iter()
+            .copied()
+            .filter(|id| matches!(id, PseudoId::Method | PseudoId::Authority | PseudoId::Scheme | PseudoId::Path))
+            .collect();
+        use PseudoId::{Authority as A, Method as M, Path as P, Scheme as S};
+        match ids.as_slice() {
+            [M, A, S, P] => Policy::Chromium,
+            [M, P, A, S] => Policy::Firefox,
+            _ => Policy::Nghttp2,
+        }
+    }
+
+    /// Whether `header` is sent as a never-indexed literal.
+    pub(crate) fn never_indexed(self, header: &Header) -> bool {
+        match (self, header) {
+            (Policy::Chromium, _) => false,
+            (Policy::Firefox | Policy::Nghttp2, Header::Field { name, value }) => {
+                *name == header::AUTHORIZATION
+                    || (*name == header::COOKIE && value.len() < 20)
+            }
+            _ => false,
+        }
+    }
+
+    /// What to do with `header` (not never-indexed) in a table of at most
+    /// `max_size` bytes.
+    pub(crate) fn choice(self, header: &Header, max_size: usize) -> Choice {
+        let size = header.len();
+        match self {
+            Policy::Chromium => match header {
+                Header::Field { .. } | Header::Authority(..) if size <= max_size => Choice::Index,
+                _ => Choice::Literal,
+            },
+            Policy::Firefox => match header {
+                Header::Path(..) => Choice::LiteralEvenIfHeld,
+                _ if size > max_size / 2 || max_size < 128 => Choice::Literal,
+                _ => Choice::Index,
+            },
+            Policy::Nghttp2 => match header {
+                Header::Path(..) => Choice::Literal,
+                Header::Field { name, .. }
+                    if matches!(
+                        *name,
+                        header::AGE
+                            | header::CONTENT_LENGTH
+                            | header::ETAG
+                            | header::IF_MODIFIED_SINCE
+                            | header::IF_NONE_MATCH
+                            | header::LOCATION
+                            | header::SET_COOKIE
+                    ) =>
+                {
+                    Choice::Literal
+                }
+                _ if size * 4 > max_size * 3 => Choice::Literal,
+                _ => Choice::Index,
+            },
+        }
+    }
+
+    /// Whether a string whose Huffman code is `huffman_len` bytes long, and
+    /// `len` bytes raw, is sent Huffman-coded.
+    pub(crate) fn huffman(self, huffman_len: usize, len: usize) -> bool {
+        match self {
+            Policy::Firefox => true,
+            Policy::Chromium | Policy::Nghttp2 => huffman_len < len,
+        }
+    }
+}
