@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs pinproxy's whole test suite on a fresh Debian machine: installs the
 # real third-party peers the tests use when they are missing (tinyproxy,
-# redis-server, microsocks, Dante, Chromium, NSS tools, curl, Python
-# requests, Node.js), then checks formatting and lints and runs every test.
+# redis-server, microsocks, Dante, Chromium, Firefox ESR, NSS tools, curl,
+# Python requests, Node.js), then checks formatting and lints and runs
+# every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The build's own tools (cmake, clang, ... for BoringSSL) first.
@@ -16,6 +17,7 @@ need microsocks microsocks
 need danted dante-server
 need certutil libnss3-tools
 need chromium chromium
+need firefox-esr firefox-esr
 need curl curl
 need python3 python3
 need node nodejs

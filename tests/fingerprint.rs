@@ -6,12 +6,19 @@
 //! preface's Akamai string, header names), pinproxy in-process and a
 //! tinyproxy exit binding its outgoing connections to 127.0.0.2 (so the
 //! origin tells proxied requests, from 127.0.0.2, from direct ones, from
-//! 127.0.0.1). The clients are real programs: headless Chromium, curl,
-//! Python requests and Node's `https`. Nothing leaves loopback: Chromium
-//! proxies `localhost` only, every other name fails inside it without DNS,
-//! and a relay in front of pinproxy refuses (and fails the run on) any
-//! other host (`support::browser`, which also says why a PAC script cannot
-//! do this).
+//! 127.0.0.1). The clients are real programs: headless Chromium and
+//! Firefox, curl, Python requests and Node's `https`. Nothing leaves
+//! loopback: Chromium proxies `localhost` only, every other name fails
+//! inside it without DNS, and a relay in front of pinproxy refuses (and
+//! fails the run on) any other host (`support::browser`, which also says
+//! why a PAC script cannot do this); Firefox sends everything to a proxy
+//! behind such a relay, which refuses its background requests
+//! (`support::firefox`).
+//!
+//! The origin also reads every HTTP/2 header block as the client's HPACK
+//! encoder sent it (each field's representation and Huffman choice):
+//! Chromium's, Firefox's and curl's blocks are the same through pinproxy as
+//! directly, each family's own choices (`vendor/http2`).
 //!
 //! Measured (Debian 12; Chromium 156.0.8078.108, curl 7.88.1 with OpenSSL
 //! 3.0.19 and nghttp2 1.52.0, Python 3.11.7 with requests 2.34.2 (pyenv) or
@@ -27,6 +34,7 @@
 //! | Python requests 2.34.2 | http/1.1 | `t13d1812h1_85036bcba153_b26ce05bbdd6` | `t13d1812h1_85036bcba153_b26ce05bbdd6` | OpenSSL | (HTTP/1.1) |
 //! | Python requests 2.28.1 (Debian) | http/1.1 | `t13d4312h1_c7886603b240_b26ce05bbdd6` | `t13d4312h1_c7886603b240_b26ce05bbdd6` | OpenSSL | (HTTP/1.1) |
 //! | Node 20 `https` | none | `t13d591000_a33745022dd6_1f22a2ca17c4` | `t13d591000_a33745022dd6_1f22a2ca17c4` | OpenSSL | (HTTP/1.1) |
+//! | Firefox ESR 153 | h2 | `t13d1617h2_86a278354501_3cbfd9057e0d` | `t13d1615h2_86a278354501_c1eccb039341` | BoringSSL (less `record_size_limit`, `delegated_credentials`) | `1:65536;2:0;4:131072;5:16384\|12517377\|0\|m,p,a,s` |
 //!
 //! Chromium is reproduced exactly by BoringSSL (JA4, the lists in its
 //! order, ALPS, certificate compression, key shares, the Akamai string).
@@ -69,6 +77,7 @@ use pinproxy::fingerprint::ja4;
 use pinproxy::upstream::FingerprintMode;
 use support::browser::Chromium;
 use support::fingerprint_origin::{FingerprintOrigin, OriginOptions, Record};
+use support::firefox::{Firefox, RUN_TIMEOUT};
 use support::procs::{require, Tinyproxy};
 use support::Setup;
 use tokio::process::Command;
@@ -1275,23 +1284,10 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
         blocks.push((via, conn.blocks));
     }
     let (direct, through) = (&blocks[0].1, &blocks[1].1);
-    let show = |blocks: &[Vec<EncodedField>]| -> String {
-        let mut text = String::new();
-        for (n, block) in blocks.iter().enumerate() {
-            text.push_str(&format!("  block {n}:\n"));
-            for f in block {
-                text.push_str(&format!(
-                    "    {} {:?} huffman {:?}\n",
-                    f.name, f.representation, f.huffman
-                ));
-            }
-        }
-        text
-    };
     let report = format!(
         "direct:\n{}through pinproxy:\n{}",
-        show(direct),
-        show(through)
+        show_blocks(direct),
+        show_blocks(through)
     );
     println!("{report}");
     // The page, then its three fetches, each with the three cookies.
@@ -1313,6 +1309,118 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
     for (n, (d, t)) in direct.iter().zip(through).enumerate() {
         assert_eq!(t, d, "block {n} differs\n{report}");
     }
+}
+
+/// Firefox's header blocks reach the origin through pinproxy encoded as
+/// Firefox encodes them itself, which is not as Chromium does: every string
+/// Huffman-coded, `:path` never added to the table, and cookie crumbs
+/// shorter than 20 bytes (`theme=dark`, `lang=en-GB`) sent as never-indexed
+/// literals on every request while the long `datadome` crumb is added to
+/// the table and then referred to. Firefox's direct baseline goes through
+/// tinyproxy (a CONNECT relay, which changes no byte of the TLS stream), as
+/// Firefox is only ever given a proxy here (see `support::firefox`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let firefox = Firefox::trusting(&[
+        rig.s.proxy.daemon.ca_cert_path(),
+        rig.origin.pki.ca_file.clone(),
+    ]);
+    let url = rig.origin.url("/page?crumbs");
+    let mut blocks = Vec::new();
+    let mut pages = Vec::new();
+    for (via, proxy) in [
+        ("direct", rig._tinies[0].addr()),
+        ("pinproxy", rig.s.proxy.daemon.local_addr()),
+    ] {
+        rig.origin.clear();
+        // The page and its three fetches.
+        let target = rig.origin.requests_so_far() + 4;
+        let refused = firefox
+            .load_until(
+                proxy,
+                &url,
+                rig.origin.wait_for_requests(target, RUN_TIMEOUT),
+            )
+            .await;
+        let hosts: BTreeSet<&str> = refused
+            .iter()
+            .filter_map(|line| line.split(' ').nth(1))
+            .collect();
+        println!("{via}: Firefox's background requests refused at the tap: {hosts:?}");
+        let records = rig.origin.records();
+        let page: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.path == "/page?crumbs")
+            .collect();
+        assert_eq!(page.len(), 1, "{via}: {records:?}");
+        assert_eq!(page[0].version, http::Version::HTTP_2, "{via}");
+        assert!(
+            records.iter().all(|r| r.conn.index == page[0].conn.index),
+            "{via}: the fetches went on another connection than the page's: {records:?}"
+        );
+        let conn = rig.origin.connections()[page[0].conn.index].clone();
+        blocks.push(conn.blocks);
+        pages.push(page[0].clone());
+    }
+    report("Firefox", &pages[0], &pages[1]);
+    // The HTTP/2 preface is Firefox's; the hello is Firefox's but for the
+    // two extensions BoringSSL cannot send (a gap pinproxy reports).
+    assert_eq!(pages[1].akamai(), pages[0].akamai());
+    let without_gaps = ja4::ja4_r(hello(&pages[0]))
+        .replacen("1617h2", "1615h2", 1)
+        .replace(",001c,0022,", ",");
+    assert_eq!(ja4::ja4_r(hello(&pages[1])), without_gaps);
+    let (direct, through) = (&blocks[0], &blocks[1]);
+    let report = format!(
+        "direct:\n{}through pinproxy:\n{}",
+        show_blocks(direct),
+        show_blocks(through)
+    );
+    println!("{report}");
+    assert_eq!(direct.len(), 4, "{report}");
+    // Firefox's own choices, which are what this test is about.
+    let cookies = |block: &[EncodedField]| -> Vec<Representation> {
+        block
+            .iter()
+            .filter(|f| f.name == "cookie")
+            .map(|f| f.representation)
+            .collect()
+    };
+    let mut crumbs = cookies(&direct[3]);
+    crumbs.sort_by_key(|r| *r as u8);
+    assert_eq!(
+        crumbs,
+        [
+            Representation::Indexed,
+            Representation::NeverIndexed,
+            Representation::NeverIndexed
+        ],
+        "Firefox no longer encodes its cookie crumbs as this test expects\n{report}"
+    );
+    assert!(
+        direct.iter().flatten().all(|f| f.huffman != Some(false)),
+        "Firefox sent a raw string\n{report}"
+    );
+    assert_eq!(through.len(), direct.len(), "{report}");
+    for (n, (d, t)) in direct.iter().zip(through).enumerate() {
+        assert_eq!(t, d, "block {n} differs\n{report}");
+    }
+}
+
+/// A connection's header blocks, a field a line.
+fn show_blocks(blocks: &[Vec<EncodedField>]) -> String {
+    let mut text = String::new();
+    for (n, block) in blocks.iter().enumerate() {
+        text.push_str(&format!("  block {n}:\n"));
+        for f in block {
+            text.push_str(&format!(
+                "    {} {:?} huffman {:?}\n",
+                f.name, f.representation, f.huffman
+            ));
+        }
+    }
+    text
 }
 
 /// Asserts that the identity's requests `through` pinproxy that did not go

@@ -314,6 +314,12 @@ impl FingerprintOrigin {
         self.log.lock().unwrap().requests.clear();
     }
 
+    /// How many requests have arrived since the start (those forgotten by
+    /// [`FingerprintOrigin::clear`] too).
+    pub fn requests_so_far(&self) -> usize {
+        *self.requests.borrow()
+    }
+
     /// Waits (at most `within`) until `n` requests in all have arrived
     /// since the start; panics otherwise.
     pub async fn wait_for_requests(&self, n: usize, within: Duration) {

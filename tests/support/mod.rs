@@ -12,6 +12,7 @@ pub mod devtools;
 pub mod exit;
 pub mod fixtures;
 pub mod fingerprint_origin;
+pub mod firefox;
 pub mod origin;
 pub mod procs;
 pub mod raw_origin;

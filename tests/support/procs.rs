@@ -190,6 +190,11 @@ impl Tinyproxy {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Where it listens, as a client's HTTP proxy.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
 }
 
 /// A redis-server on a free loopback port, persisting every write (AOF,
