@@ -1268,47 +1268,16 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
             .dump_dom(via, &rig.origin.url("/page?crumbs"))
             .await;
         assert!(dom.contains("fetched ok conn"), "{via:?}: {dom}");
-        let records = rig.origin.records();
-        let page: Vec<&Record> = records
-            .iter()
-            .filter(|r| r.path == "/page?crumbs")
-            .collect();
-        assert_eq!(page.len(), 1, "{via:?}: {records:?}");
-        assert!(
-            records.iter().all(|r| r.conn.index == page[0].conn.index),
-            "{via:?}: the fetches went on another connection than the page's: {records:?}"
+        blocks.push(crumb_page_blocks(&rig, &format!("{via:?}")).1);
+    }
+    assert_blocks_as_direct(&blocks[0], &blocks[1], |direct, report| {
+        assert_eq!(
+            cookie_representations(&direct[3]),
+            [Representation::Indexed; 3],
+            "Chromium itself no longer sends its cookies as crumbs it indexes; \
+             this test's premise needs looking at\n{report}"
         );
-        // Read now: the connection's blocks are complete once its last
-        // request is answered.
-        let conn = rig.origin.connections()[page[0].conn.index].clone();
-        blocks.push((via, conn.blocks));
-    }
-    let (direct, through) = (&blocks[0].1, &blocks[1].1);
-    let report = format!(
-        "direct:\n{}through pinproxy:\n{}",
-        show_blocks(direct),
-        show_blocks(through)
-    );
-    println!("{report}");
-    // The page, then its three fetches, each with the three cookies.
-    assert_eq!(direct.len(), 4, "{report}");
-    let cookies = |block: &[EncodedField]| -> Vec<Representation> {
-        block
-            .iter()
-            .filter(|f| f.name == "cookie")
-            .map(|f| f.representation)
-            .collect()
-    };
-    assert_eq!(
-        cookies(&direct[3]),
-        [Representation::Indexed; 3],
-        "Chromium itself no longer sends its cookies as crumbs it indexes; \
-         this test's premise needs looking at\n{report}"
-    );
-    assert_eq!(through.len(), direct.len(), "{report}");
-    for (n, (d, t)) in direct.iter().zip(through).enumerate() {
-        assert_eq!(t, d, "block {n} differs\n{report}");
-    }
+    });
 }
 
 /// Firefox's header blocks reach the origin through pinproxy encoded as
@@ -1348,20 +1317,9 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
             .filter_map(|line| line.split(' ').nth(1))
             .collect();
         println!("{via}: Firefox's background requests refused at the tap: {hosts:?}");
-        let records = rig.origin.records();
-        let page: Vec<&Record> = records
-            .iter()
-            .filter(|r| r.path == "/page?crumbs")
-            .collect();
-        assert_eq!(page.len(), 1, "{via}: {records:?}");
-        assert_eq!(page[0].version, http::Version::HTTP_2, "{via}");
-        assert!(
-            records.iter().all(|r| r.conn.index == page[0].conn.index),
-            "{via}: the fetches went on another connection than the page's: {records:?}"
-        );
-        let conn = rig.origin.connections()[page[0].conn.index].clone();
-        blocks.push(conn.blocks);
-        pages.push(page[0].clone());
+        let (page, page_blocks) = crumb_page_blocks(&rig, via);
+        pages.push(page);
+        blocks.push(page_blocks);
     }
     report("Firefox", &pages[0], &pages[1]);
     // The HTTP/2 preface is Firefox's; the hello is Firefox's but for the
@@ -1371,7 +1329,56 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
         .replacen("1617h2", "1615h2", 1)
         .replace(",001c,0022,", ",");
     assert_eq!(ja4::ja4_r(hello(&pages[1])), without_gaps);
-    let (direct, through) = (&blocks[0], &blocks[1]);
+    assert_blocks_as_direct(&blocks[0], &blocks[1], |direct, report| {
+        // Firefox's own choices, which are what this test is about.
+        let mut crumbs = cookie_representations(&direct[3]);
+        crumbs.sort_by_key(|r| *r as u8);
+        assert_eq!(
+            crumbs,
+            [
+                Representation::Indexed,
+                Representation::NeverIndexed,
+                Representation::NeverIndexed
+            ],
+            "Firefox no longer encodes its cookie crumbs as this test expects\n{report}"
+        );
+        assert!(
+            direct.iter().flatten().all(|f| f.huffman != Some(false)),
+            "Firefox sent a raw string\n{report}"
+        );
+    });
+}
+
+/// The record of `/page?crumbs` (loaded by a browser `via` something, for
+/// messages) and the header blocks of its connection, asserting that the
+/// page's three fetches went on that connection too, over HTTP/2. Read
+/// once the last fetch is answered, when the connection's blocks are all
+/// in.
+fn crumb_page_blocks(rig: &Rig, via: &str) -> (Record, Vec<Vec<EncodedField>>) {
+    let records = rig.origin.records();
+    let page: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.path == "/page?crumbs")
+        .collect();
+    assert_eq!(page.len(), 1, "{via}: {records:?}");
+    assert_eq!(page[0].version, http::Version::HTTP_2, "{via}");
+    assert!(
+        records.iter().all(|r| r.conn.index == page[0].conn.index),
+        "{via}: the fetches went on another connection than the page's: {records:?}"
+    );
+    let conn = rig.origin.connections()[page[0].conn.index].clone();
+    (page[0].clone(), conn.blocks)
+}
+
+/// Asserts that a browser's header blocks `through` pinproxy are its
+/// `direct` ones, field by field, after checking `premise` (the browser's
+/// own choices the test rests on) on the direct ones: the page, then its
+/// three fetches. Prints both.
+fn assert_blocks_as_direct(
+    direct: &[Vec<EncodedField>],
+    through: &[Vec<EncodedField>],
+    premise: impl FnOnce(&[Vec<EncodedField>], &str),
+) {
     let report = format!(
         "direct:\n{}through pinproxy:\n{}",
         show_blocks(direct),
@@ -1379,33 +1386,20 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
     );
     println!("{report}");
     assert_eq!(direct.len(), 4, "{report}");
-    // Firefox's own choices, which are what this test is about.
-    let cookies = |block: &[EncodedField]| -> Vec<Representation> {
-        block
-            .iter()
-            .filter(|f| f.name == "cookie")
-            .map(|f| f.representation)
-            .collect()
-    };
-    let mut crumbs = cookies(&direct[3]);
-    crumbs.sort_by_key(|r| *r as u8);
-    assert_eq!(
-        crumbs,
-        [
-            Representation::Indexed,
-            Representation::NeverIndexed,
-            Representation::NeverIndexed
-        ],
-        "Firefox no longer encodes its cookie crumbs as this test expects\n{report}"
-    );
-    assert!(
-        direct.iter().flatten().all(|f| f.huffman != Some(false)),
-        "Firefox sent a raw string\n{report}"
-    );
+    premise(direct, &report);
     assert_eq!(through.len(), direct.len(), "{report}");
     for (n, (d, t)) in direct.iter().zip(through).enumerate() {
         assert_eq!(t, d, "block {n} differs\n{report}");
     }
+}
+
+/// The representations of a block's `cookie` fields, in order.
+fn cookie_representations(block: &[EncodedField]) -> Vec<Representation> {
+    block
+        .iter()
+        .filter(|f| f.name == "cookie")
+        .map(|f| f.representation)
+        .collect()
 }
 
 /// A connection's header blocks, a field a line.
