@@ -1105,6 +1105,38 @@ async fn chrome_mode_presents_chrome_for_curl() {
     assert_eq!(curl[0].akamai().as_deref(), Some(CHROME_AKAMAI));
 }
 
+/// In chrome mode a client's one `Cookie` header (curl's, over HTTP/1.1 or
+/// HTTP/2) goes out as Chrome's encoder sends cookies over HTTP/2: a field
+/// per cookie, each added to the table; the origin reads the same cookies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chrome_mode_sends_a_clients_cookie_header_as_chromes_crumbs() {
+    let rig = Rig::start(OriginOptions::default(), |c| {
+        c.upstream.fingerprint = FingerprintMode::Chrome;
+    })
+    .await;
+    let cookie = "theme=dark; lang=en-GB; tz=Europe/London";
+    for (client, path) in [(Client::CurlH2, "/h2"), (Client::CurlH1, "/h1")] {
+        client
+            .get_ok(&rig.proxied(), rig.origin.port(), path, Some(cookie))
+            .await;
+        let record = &records_of(&rig.origin, path, EXIT_IP)[0];
+        assert_eq!(record.akamai().as_deref(), Some(CHROME_AKAMAI), "{path}");
+        assert_eq!(record.cookie.as_deref(), Some(cookie), "{path}");
+        let conn = &rig.origin.connections()[record.conn.index];
+        let block = conn.blocks.last().unwrap();
+        // Added to the table now, or by an earlier request on the
+        // connection.
+        let crumbs = cookie_representations(block);
+        assert_eq!(crumbs.len(), 3, "{path}: {block:?}");
+        assert!(
+            crumbs
+                .iter()
+                .all(|r| matches!(r, Representation::Incremental | Representation::Indexed)),
+            "{path}: {block:?}"
+        );
+    }
+}
+
 /// In chrome mode an identity's connections to an origin resume the TLS
 /// sessions the origin issued to its earlier ones, as Chrome's next
 /// connection to a host does: its first one the session of the cookie-less

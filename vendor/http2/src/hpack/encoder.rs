@@ -81,12 +81,8 @@ impl Encoder {
             match header.reify() {
                 // The header has an associated name. In which case, try to
                 // index it in the table.
-                Ok(mut header) => {
-                    self.mark_never_indexed(&mut header);
-                    let index = self.table.index(header, self.policy);
-                    self.encode_header(&index, dst);
-
-                    last_index = Some(index);
+                Ok(header) => {
+                    last_index = Some(self.encode_field(header, dst));
                 }
                 // The header does not have an associated name. This means that
                 // the name is the same as the previously yielded header. In
@@ -106,20 +102,57 @@ impl Encoder {
                     });
                     match self.table.resolve(last) {
                         Header::Field { name, .. } => {
-                            let mut header = Header::Field {
+                            let header = Header::Field {
                                 name: name.clone(),
                                 value,
                             };
-                            self.mark_never_indexed(&mut header);
-                            let index = self.table.index(header, self.policy);
-                            self.encode_header(&index, dst);
-                            last_index = Some(index);
+                            last_index = Some(self.encode_field(header, dst));
                         }
                         _ => self.encode_header_without_name(last, &value, dst),
                     }
                 }
             }
         }
+    }
+
+    /// pinproxy patch: encodes one field as the policy says (a `cookie`
+    /// field as the crumbs the policy splits it into, if it does); returns
+    /// the index of the last field encoded, for a nameless one after it.
+    fn encode_field(&mut self, header: Header, dst: &mut BytesMut) -> Index {
+        let crumbs = match &header {
+            Header::Field { name, value } if *name == http::header::COOKIE => self
+                .policy
+                .crumbs(value.as_bytes())
+                .and_then(|crumbs| {
+                    crumbs
+                        .map(|crumb| {
+                            let mut crumb = HeaderValue::from_bytes(crumb).ok()?;
+                            crumb.set_sensitive(value.is_sensitive());
+                            Some(crumb)
+                        })
+                        .collect::<Option<Vec<_>>>()
+                }),
+            _ => None,
+        };
+        let fields = match crumbs {
+            Some(crumbs) if !crumbs.is_empty() => crumbs
+                .into_iter()
+                .map(|value| Header::Field {
+                    name: http::header::COOKIE,
+                    value,
+                })
+                .collect(),
+            _ => vec![header],
+        };
+        let mut last = None;
+        for mut field in fields {
+            self.mark_never_indexed(&mut field);
+            let index = self.table.index(field, self.policy);
+            self.encode_header(&index, dst);
+            last = Some(index);
+        }
+        // `fields` is never empty.
+        last.unwrap_or_else(|| unreachable!("a field encodes as one field or more"))
     }
 
     /// pinproxy patch: marks a field the policy sends never-indexed as

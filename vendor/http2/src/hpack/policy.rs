@@ -18,13 +18,14 @@ pub enum Policy {
     /// Chromium's (QUICHE's `HpackEncoder`, `DefaultPolicy`): every regular
     /// field and `:authority` is added to the table when it fits, the other
     /// pseudo-headers never are; nothing is marked never-indexed; a string
-    /// is Huffman-coded only when that makes it shorter.
+    /// is Huffman-coded only when that makes it shorter; a cookie goes as
+    /// crumbs.
     Chromium,
     /// Firefox's (Gecko's `Http2Compressor`): `:path` is never added to the
     /// table, nor an entry larger than half the table (or any, in a table
     /// under 128 bytes); `authorization` and cookies shorter than 20 bytes
     /// are marked never-indexed; every other field is added, pseudo-headers
-    /// included; every string is Huffman-coded.
+    /// included; every string is Huffman-coded; a cookie goes as crumbs.
     Firefox,
     /// nghttp2's (curl and most C clients): `:path`, `age`,
     /// `content-length`, `etag`, `if-modified-since`, `if-none-match`,
@@ -119,6 +120,44 @@ impl Policy {
         }
     }
 
+    /// The crumbs a `cookie` field's value is sent as, when the policy
+    /// splits it (RFC 9113 section 8.2.3): Chromium's encoder trims the
+    /// value's ends of spaces and tabs and splits at each `;`, dropping one
+    /// space after it; Firefox's splits at each `"; "`; nghttp2 sends the
+    /// field whole. `None` when the field goes whole.
+    pub(crate) fn crumbs(self, value: &[u8]) -> Option<impl Iterator<Item = &[u8]>> {
+        let (value, separator): (&[u8], &[u8]) = match self {
+            Policy::Chromium => (trim_spaces(value), b";"),
+            Policy::Firefox => (value, b"; "),
+            Policy::Nghttp2 => return None,
+        };
+        if !value.windows(separator.len()).any(|w| w == separator) {
+            return None;
+        }
+        let chromium = self == Policy::Chromium;
+        let mut rest = Some(value);
+        Some(std::iter::from_fn(move || {
+            let current = rest?;
+            match current
+                .windows(separator.len())
+                .position(|w| w == separator)
+            {
+                Some(at) => {
+                    let mut next = &current[at + separator.len()..];
+                    if chromium {
+                        next = next.strip_prefix(b" ").unwrap_or(next);
+                    }
+                    rest = Some(next);
+                    Some(&current[..at])
+                }
+                None => {
+                    rest = None;
+                    Some(current)
+                }
+            }
+        }))
+    }
+
     /// Whether a string whose Huffman code is `huffman_len` bytes long, and
     /// `len` bytes raw, is sent Huffman-coded.
     pub(crate) fn huffman(self, huffman_len: usize, len: usize) -> bool {
@@ -127,4 +166,15 @@ impl Policy {
             Policy::Chromium | Policy::Nghttp2 => huffman_len < len,
         }
     }
+}
+
+/// `value` without the spaces and tabs at its ends.
+fn trim_spaces(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
 }
