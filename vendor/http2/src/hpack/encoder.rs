@@ -119,40 +119,45 @@ impl Encoder {
     /// field as the crumbs the policy splits it into, if it does); returns
     /// the index of the last field encoded, for a nameless one after it.
     fn encode_field(&mut self, header: Header, dst: &mut BytesMut) -> Index {
-        let crumbs = match &header {
-            Header::Field { name, value } if *name == http::header::COOKIE => self
-                .policy
-                .crumbs(value.as_bytes())
-                .and_then(|crumbs| {
-                    crumbs
-                        .map(|crumb| {
-                            let mut crumb = HeaderValue::from_bytes(crumb).ok()?;
-                            crumb.set_sensitive(value.is_sensitive());
-                            Some(crumb)
-                        })
-                        .collect::<Option<Vec<_>>>()
-                }),
-            _ => None,
-        };
-        let fields = match crumbs {
-            Some(crumbs) if !crumbs.is_empty() => crumbs
-                .into_iter()
-                .map(|value| Header::Field {
-                    name: http::header::COOKIE,
-                    value,
-                })
-                .collect(),
-            _ => vec![header],
-        };
         let mut last = None;
-        for mut field in fields {
-            self.mark_never_indexed(&mut field);
-            let index = self.table.index(field, self.policy);
-            self.encode_header(&index, dst);
-            last = Some(index);
+        for value in self.crumbs(&header).into_iter().flatten() {
+            let crumb = Header::Field {
+                name: http::header::COOKIE,
+                value,
+            };
+            last = Some(self.encode_one(crumb, dst));
         }
-        // `fields` is never empty.
-        last.unwrap_or_else(|| unreachable!("a field encodes as one field or more"))
+        match last {
+            Some(last) => last,
+            None => self.encode_one(header, dst),
+        }
+    }
+
+    /// The crumbs `header` goes out as, if it is a `cookie` field the
+    /// policy splits (each as sensitive as the field).
+    fn crumbs(&self, header: &Header) -> Option<Vec<HeaderValue>> {
+        let Header::Field { name, value } = header else {
+            return None;
+        };
+        if *name != http::header::COOKIE {
+            return None;
+        }
+        self.policy
+            .crumbs(value.as_bytes())?
+            .map(|crumb| {
+                let mut crumb = HeaderValue::from_bytes(crumb).ok()?;
+                crumb.set_sensitive(value.is_sensitive());
+                Some(crumb)
+            })
+            .collect()
+    }
+
+    /// Indexes one field (never-indexed as the policy says) and encodes it.
+    fn encode_one(&mut self, mut header: Header, dst: &mut BytesMut) -> Index {
+        self.mark_never_indexed(&mut header);
+        let index = self.table.index(header, self.policy);
+        self.encode_header(&index, dst);
+        index
     }
 
     /// pinproxy patch: marks a field the policy sends never-indexed as
