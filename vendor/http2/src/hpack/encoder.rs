@@ -118,23 +118,27 @@ impl Encoder {
     /// pinproxy patch: encodes one field as the policy says (a `cookie`
     /// field as the crumbs the policy splits it into, if it does); returns
     /// the index of the last field encoded, for a nameless one after it.
+    #[inline]
     fn encode_field(&mut self, header: Header, dst: &mut BytesMut) -> Index {
-        let mut last = None;
-        for value in self.crumbs(&header).into_iter().flatten() {
-            let crumb = Header::Field {
-                name: http::header::COOKIE,
-                value,
-            };
-            last = Some(self.encode_one(crumb, dst));
+        if let Some(crumbs) = self.crumbs(&header) {
+            let mut last = None;
+            for value in crumbs {
+                let crumb = Header::Field {
+                    name: http::header::COOKIE,
+                    value,
+                };
+                last = Some(self.encode_one(crumb, dst));
+            }
+            if let Some(last) = last {
+                return last;
+            }
         }
-        match last {
-            Some(last) => last,
-            None => self.encode_one(header, dst),
-        }
+        self.encode_one(header, dst)
     }
 
     /// The crumbs `header` goes out as, if it is a `cookie` field the
     /// policy splits (each as sensitive as the field).
+    #[inline]
     fn crumbs(&self, header: &Header) -> Option<Vec<HeaderValue>> {
         let Header::Field { name, value } = header else {
             return None;
@@ -142,6 +146,11 @@ impl Encoder {
         if *name != http::header::COOKIE {
             return None;
         }
+        self.split_cookie(value)
+    }
+
+    /// The crumbs of a `cookie` value, if the policy splits it.
+    fn split_cookie(&self, value: &HeaderValue) -> Option<Vec<HeaderValue>> {
         self.policy
             .crumbs(value.as_bytes())?
             .map(|crumb| {
@@ -153,6 +162,7 @@ impl Encoder {
     }
 
     /// Indexes one field (never-indexed as the policy says) and encodes it.
+    #[inline]
     fn encode_one(&mut self, mut header: Header, dst: &mut BytesMut) -> Index {
         self.mark_never_indexed(&mut header);
         let index = self.table.index(header, self.policy);
