@@ -25,8 +25,9 @@
 //! WINDOW_UPDATEs and DATA frame sizes, which follow the crate. Header
 //! blocks are encoded as the client's family encodes them (Chromium,
 //! Firefox or nghttp2; which fields are indexed, which never are, which
-//! strings are Huffman-coded): a patched copy of the crate (vendor/http2)
-//! picks the family from the pseudo-header order it is given.
+//! strings are Huffman-coded, how a cookie is split), by a patched copy of
+//! the crate (vendor/http2), told the family ([`hpack_policy`]) with the
+//! pseudo-header order.
 
 use std::future::Future;
 
@@ -34,6 +35,7 @@ use http2::frame::{
     Priorities, Priority as FramePriority, PseudoId, PseudoOrder, SettingId, SettingsOrder,
     StreamDependency, StreamId,
 };
+use http2::HpackPolicy;
 use wreq_proto::http2::Http2Options;
 
 use crate::fingerprint::h2_preface::{H2Fingerprint, Priority};
@@ -124,7 +126,7 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
         }
         builder = builder.priorities(priorities.build());
     }
-    let mut pseudo = PseudoOrder::builder();
+    let mut pseudo = PseudoOrder::builder().hpack_policy(hpack_policy(preface));
     for letter in &preface.pseudo_order {
         let id = match letter {
             'm' => PseudoId::Method,
@@ -136,6 +138,28 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
         pseudo = pseudo.push(id);
     }
     builder.headers_pseudo_order(pseudo.build()).build()
+}
+
+/// Chromium's connection WINDOW_UPDATE increment (15 MiB less the 65,535
+/// every connection starts with), sent since Chrome 52 and by the browsers
+/// built on Chromium.
+const CHROMIUM_WINDOW_UPDATE: u32 = 15_663_105;
+/// Firefox's (12 MiB less 65,535).
+const FIREFOX_WINDOW_UPDATE: u32 = 12_517_377;
+
+/// Whose HPACK choices a connection presenting `preface` makes (see
+/// vendor/http2/PINPROXY-PATCHES.md): Chromium's for Chromium's pseudo-header
+/// order with its connection window, Firefox's for Firefox's order and
+/// window, nghttp2's for anything else (curl's library, and the nearest to
+/// what Go, OkHttp, Node and Python send). The order alone would mislead:
+/// Python's h2 sends Chromium's order and OkHttp Firefox's, with encoders
+/// of their own.
+pub fn hpack_policy(preface: &H2Fingerprint) -> HpackPolicy {
+    match (preface.pseudo_order.as_slice(), preface.window_update) {
+        (['m', 'a', 's', 'p'], CHROMIUM_WINDOW_UPDATE) => HpackPolicy::Chromium,
+        (['m', 'p', 'a', 's'], FIREFOX_WINDOW_UPDATE) => HpackPolicy::Firefox,
+        _ => HpackPolicy::Nghttp2,
+    }
 }
 
 /// A priority's dependency as the crate takes it (the weight as its wire
@@ -165,24 +189,30 @@ mod tests {
     use super::*;
 
     /// The header blocks of a connection are HPACK-encoded as the client
-    /// whose pseudo-header order the preface carries encodes them (the
-    /// patched crate picks the policy from the order it is given):
-    /// Chrome's built-in preface and a Chromium's as Chromium, a
-    /// Firefox's as Firefox, curl's (and any other) as nghttp2.
+    /// family of its preface encodes them, and the choice travels with the
+    /// pseudo-header order the connection is built with: Chromium's order
+    /// and window (Chrome's built-in preface too) as Chromium, Firefox's as
+    /// Firefox, and the same orders with other windows (Python's h2,
+    /// OkHttp), curl's and Safari's as nghttp2.
     #[test]
-    fn a_prefaces_pseudo_header_order_picks_its_clients_hpack_choices() {
-        use http2::HpackPolicy;
-        let policy = |order: &str| {
+    fn a_prefaces_family_picks_its_hpack_choices() {
+        let policy = |order: &str, window_update: u32| {
             let preface = H2Fingerprint {
                 pseudo_order: order.split(',').filter_map(|l| l.chars().next()).collect(),
+                window_update,
                 ..H2Fingerprint::default()
             };
-            HpackPolicy::for_pseudo_order(options(&preface).headers_pseudo_order.as_ref())
+            let sent =
+                HpackPolicy::for_pseudo_order(options(&preface).headers_pseudo_order.as_ref());
+            assert_eq!(sent, hpack_policy(&preface), "{order} {window_update}");
+            sent
         };
-        assert_eq!(policy("m,a,s,p"), HpackPolicy::Chromium);
-        assert_eq!(policy("m,p,a,s"), HpackPolicy::Firefox);
-        assert_eq!(policy("m,p,s,a"), HpackPolicy::Nghttp2);
-        assert_eq!(policy("m,s,p,a"), HpackPolicy::Nghttp2);
+        assert_eq!(policy("m,a,s,p", 15_663_105), HpackPolicy::Chromium);
+        assert_eq!(policy("m,p,a,s", 12_517_377), HpackPolicy::Firefox);
+        assert_eq!(policy("m,a,s,p", 0), HpackPolicy::Nghttp2);
+        assert_eq!(policy("m,p,a,s", 16_711_681), HpackPolicy::Nghttp2);
+        assert_eq!(policy("m,p,s,a", 33_488_897), HpackPolicy::Nghttp2);
+        assert_eq!(policy("m,s,p,a", 10_420_225), HpackPolicy::Nghttp2);
         let chrome = crate::fingerprint::profile::chrome_h2().unwrap();
         assert_eq!(
             HpackPolicy::for_pseudo_order(options(&chrome).headers_pseudo_order.as_ref()),

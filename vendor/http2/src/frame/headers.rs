@@ -111,6 +111,11 @@ define_enum_with_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PseudoOrder {
     ids: SmallVec<[PseudoId; PseudoId::DEFAULT_STACK_SIZE]>,
+    /// pinproxy patch: the HPACK choices of the client whose order this is
+    /// (`None`: inferred from the order, see `HpackPolicy::for_pseudo_order`).
+    /// It travels with the order because the order is what a connection
+    /// builder that knows nothing of HPACK policies (wreq-proto) passes on.
+    hpack_policy: Option<crate::HpackPolicy>,
 }
 
 /// A builder for constructing a [`PseudoOrder`].
@@ -118,6 +123,7 @@ pub struct PseudoOrder {
 pub struct PseudoOrderBuilder {
     ids: SmallVec<[PseudoId; PseudoId::DEFAULT_STACK_SIZE]>,
     mask: u8,
+    hpack_policy: Option<crate::HpackPolicy>,
 }
 
 // ===== impl PseudoOrder =====
@@ -128,7 +134,13 @@ impl PseudoOrder {
         PseudoOrderBuilder {
             ids: SmallVec::new(),
             mask: 0,
+            hpack_policy: None,
         }
+    }
+
+    /// pinproxy patch: the HPACK choices set with the order, if any.
+    pub fn hpack_policy(&self) -> Option<crate::HpackPolicy> {
+        self.hpack_policy
     }
 }
 
@@ -137,6 +149,7 @@ impl Default for PseudoOrder {
     fn default() -> Self {
         PseudoOrder {
             ids: SmallVec::from(PseudoId::DEFAULT_IDS),
+            hpack_policy: None,
         }
     }
 }
@@ -174,11 +187,21 @@ impl PseudoOrderBuilder {
         self
     }
 
+    /// pinproxy patch: the connection's header blocks make `policy`'s
+    /// HPACK choices (rather than those inferred from the order).
+    pub fn hpack_policy(mut self, policy: crate::HpackPolicy) -> Self {
+        self.hpack_policy = Some(policy);
+        self
+    }
+
     pub fn build(mut self) -> PseudoOrder {
         if self.ids.len() != PseudoId::DEFAULT_IDS.len() {
             self = self.extend(PseudoId::DEFAULT_IDS);
         }
-        PseudoOrder { ids: self.ids }
+        PseudoOrder {
+            ids: self.ids,
+            hpack_policy: self.hpack_policy,
+        }
     }
 }
 

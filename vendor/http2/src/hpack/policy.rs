@@ -13,7 +13,7 @@ use crate::frame::{PseudoId, PseudoOrder};
 use http::header;
 
 /// The HPACK choices of one family of clients.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Policy {
     /// Chromium's (QUICHE's `HpackEncoder`, `DefaultPolicy`): every regular
     /// field and `:authority` is added to the table when it fits, the other
@@ -51,14 +51,21 @@ pub(crate) enum Choice {
 }
 
 impl Policy {
-    /// The family whose pseudo-header order `order` is, as the crate sends
-    /// it (the client's own, in pinproxy's mirror mode, or Chrome's):
-    /// `m,a,s,p` is Chromium's, `m,p,a,s` Firefox's; any other order, or
-    /// none, nghttp2's.
+    /// The policy a connection sending `order` makes: the one set with the
+    /// order ([`PseudoOrderBuilder::hpack_policy`]), else the family the
+    /// order alone suggests: `m,a,s,p` Chromium's, `m,p,a,s` Firefox's; any
+    /// other order, or none, nghttp2's. (The order alone is a weak sign:
+    /// Python's h2 sends Chromium's and OkHttp Firefox's, so a caller that
+    /// knows more of its client says so.)
+    ///
+    /// [`PseudoOrderBuilder::hpack_policy`]: crate::frame::PseudoOrderBuilder::hpack_policy
     pub fn for_pseudo_order(order: Option<&PseudoOrder>) -> Policy {
         let Some(order) = order else {
             return Policy::Nghttp2;
         };
+        if let Some(policy) = order.hpack_policy() {
+            return policy;
+        }
         let ids: Vec<PseudoId> = order
             .into_iter()
             .copied()
