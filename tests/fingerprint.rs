@@ -16,7 +16,8 @@
 //! (`support::firefox`).
 //!
 //! The origin also reads every HTTP/2 header block as the client's HPACK
-//! encoder sent it (each field's representation and Huffman choice):
+//! encoder sent it (each field's representation, Huffman choice and the
+//! table index it refers to):
 //! Chromium's, Firefox's and curl's blocks are the same through pinproxy as
 //! directly, each family's own choices (`vendor/http2`).
 //!
@@ -1441,8 +1442,8 @@ fn show_blocks(blocks: &[Vec<EncodedField>]) -> String {
         text.push_str(&format!("  block {n}:\n"));
         for f in block {
             text.push_str(&format!(
-                "    {} {:?} huffman {:?}\n",
-                f.name, f.representation, f.huffman
+                "    {} {:?} huffman {:?} index {:?}\n",
+                f.name, f.representation, f.huffman, f.index
             ));
         }
     }

@@ -320,6 +320,11 @@ pub struct EncodedField {
     /// Whether its value was Huffman-coded; `None` when it was indexed (no
     /// literal was sent).
     pub huffman: Option<bool>,
+    /// The table index it refers to: the whole entry's when indexed, its
+    /// name's for a literal whose name is indexed; `None` for a literal
+    /// that spells its name out. (Encoders differ in which entry they
+    /// take a name from when several hold it.)
+    pub index: Option<u32>,
 }
 
 /// The names of a connection's dynamic table, newest last. Entries a
@@ -363,13 +368,16 @@ impl NameTable {
     }
 }
 
+/// One field as [`walk`] reports it: its name, representation, whether its
+/// value literal was Huffman-coded, and the table index it refers to.
+type Walked = (Name, Representation, Option<bool>, Option<u32>);
+
 /// Walks one header block with `table`, calling `field` for each field in
-/// order with its name, representation and whether its value literal was
-/// Huffman-coded. Values are skipped, never decoded.
+/// order (see [`Walked`]). Values are skipped, never decoded.
 fn walk(
     table: &mut NameTable,
     block: &[u8],
-    mut field: impl FnMut(Name, Representation, Option<bool>) -> Result<(), &'static str>,
+    mut field: impl FnMut(Walked) -> Result<(), &'static str>,
 ) -> Result<(), &'static str> {
     let mut r = Reader::new(block);
     // Each representation takes at least one byte.
@@ -378,8 +386,9 @@ fn walk(
             break;
         };
         if first & 0x80 != 0 {
-            let name = table.lookup(integer(&mut r, first, 7)?)?;
-            field(name, Representation::Indexed, None)?;
+            let index = integer(&mut r, first, 7)?;
+            let name = table.lookup(index)?;
+            field((name, Representation::Indexed, None, Some(index)))?;
         } else if first & 0x20 != 0 && first & 0x40 == 0 {
             // Dynamic table size update: nothing to evict (see module docs).
             if integer(&mut r, first, 5)? > MAX_TABLE_SIZE {
@@ -401,12 +410,13 @@ fn walk(
             } else {
                 table.lookup(index)?
             };
+            let index = (index != 0).then_some(index);
             // The value is skipped, never decoded.
             let (_, huffman) = string(&mut r)?;
             if representation == Representation::Incremental {
                 table.insert(Arc::clone(&name));
             }
-            field(name, representation, Some(huffman))?;
+            field((name, representation, Some(huffman), index))?;
         }
     }
     if !r.is_empty() {
@@ -419,7 +429,7 @@ fn walk(
 pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Name>, &'static str> {
     let mut names: Vec<Name> = Vec::new();
     let mut name_bytes = 0usize;
-    walk(&mut NameTable::default(), block, |name, _, _| {
+    walk(&mut NameTable::default(), block, |(name, ..)| {
         name_bytes = name_bytes.saturating_add(name.len());
         if names.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
             return Err("too many header fields");
@@ -456,18 +466,23 @@ impl BlockReader {
     pub fn read(&mut self, block: &[u8]) -> Result<Vec<EncodedField>, &'static str> {
         let mut fields = Vec::new();
         let mut name_bytes = 0usize;
-        walk(&mut self.table, block, |name, representation, huffman| {
-            name_bytes = name_bytes.saturating_add(name.len());
-            if fields.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
-                return Err("too many header fields");
-            }
-            fields.push(EncodedField {
-                name: String::from_utf8_lossy(&name).into_owned(),
-                representation,
-                huffman,
-            });
-            Ok(())
-        })?;
+        walk(
+            &mut self.table,
+            block,
+            |(name, representation, huffman, index)| {
+                name_bytes = name_bytes.saturating_add(name.len());
+                if fields.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
+                    return Err("too many header fields");
+                }
+                fields.push(EncodedField {
+                    name: String::from_utf8_lossy(&name).into_owned(),
+                    representation,
+                    huffman,
+                    index,
+                });
+                Ok(())
+            },
+        )?;
         Ok(fields)
     }
 }
@@ -659,6 +674,34 @@ mod tests {
         assert_eq!(reader.read(&first).unwrap().len(), 1);
         let second = vec![0xbe; MAX_HEADERS];
         assert_eq!(reader.read(&second), Err("too many header fields"));
+    }
+
+    #[test]
+    fn a_block_reader_reports_the_index_each_field_refers_to() {
+        // C.4.2 on C.4.1's table: :authority is entry 62, cache-control's
+        // name static 24; C.4.3's custom-key spells its name out.
+        let mut reader = BlockReader::new();
+        reader
+            .read(&[
+                0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+                0x90, 0xf4, 0xff,
+            ])
+            .unwrap();
+        let c42 = reader
+            .read(&[
+                0x82, 0x86, 0x84, 0xbe, 0x58, 0x86, 0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf,
+            ])
+            .unwrap();
+        let indexes: Vec<Option<u32>> = c42.iter().map(|f| f.index).collect();
+        assert_eq!(indexes, [Some(2), Some(6), Some(4), Some(62), Some(24)]);
+        let c43 = reader
+            .read(&[
+                0x82, 0x87, 0x85, 0xbf, 0x40, 0x88, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xa9, 0x7d, 0x7f,
+                0x89, 0x25, 0xa8, 0x49, 0xe9, 0x5b, 0xb8, 0xe8, 0xb4, 0xbf,
+            ])
+            .unwrap();
+        assert_eq!(c43[3].index, Some(63));
+        assert_eq!(c43[4].index, None);
     }
 
     #[test]

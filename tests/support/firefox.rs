@@ -13,7 +13,8 @@
 //!
 //! A run ends when the caller's condition holds (the origin has seen the
 //! requests it waits for) or its deadline passes; Firefox, started in a
-//! process group of its own, is then killed with its content processes.
+//! process group of its own, is then killed with its content processes
+//! (on a panic too).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,7 +115,9 @@ impl Firefox {
             .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
-        let pid = child.id().unwrap();
+        // Ends the whole group, the parent and its content processes, when
+        // the run ends, a panic included.
+        let group = KillGroup(child.id().unwrap());
         let outcome = tokio::time::timeout(RUN_TIMEOUT, async {
             tokio::select! {
                 () = done => Ok(()),
@@ -122,11 +125,7 @@ impl Firefox {
             }
         })
         .await;
-        // The whole group: the parent and its content processes.
-        let group = format!("-{pid}");
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .status();
+        drop(group);
         let _ = child.wait().await;
         match outcome {
             Ok(Ok(())) => {}
@@ -177,5 +176,20 @@ impl Firefox {
             super::procs::run_bounded(command, TOOL_TIMEOUT).await;
         }
         profile
+    }
+}
+
+/// Kills the process group whose leader is the process it names (one this
+/// module started with a group of its own) when dropped.
+struct KillGroup(u32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0);
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

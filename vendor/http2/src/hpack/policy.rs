@@ -131,16 +131,20 @@ impl Policy {
     /// splits it (RFC 9113 section 8.2.3): Chromium's encoder trims the
     /// value's ends of spaces and tabs and splits at each `;`, dropping one
     /// space after it; Firefox's splits at each `"; "`; nghttp2 sends the
-    /// field whole. `None` when the field goes whole.
+    /// field whole. `None` when the field goes whole and unchanged.
     pub(crate) fn crumbs(self, value: &[u8]) -> Option<impl Iterator<Item = &[u8]>> {
-        let (value, separator): (&[u8], &[u8]) = match self {
+        let (split, separator): (&[u8], &[u8]) = match self {
             Policy::Chromium => (trim_spaces(value), b";"),
             Policy::Firefox => (value, b"; "),
             Policy::Nghttp2 => return None,
         };
-        if !value.windows(separator.len()).any(|w| w == separator) {
+        // Unchanged: sent whole, as it is (Chromium trims even a single
+        // cookie).
+        if split.len() == value.len() && !split.windows(separator.len()).any(|w| w == separator)
+        {
             return None;
         }
+        let value = split;
         let chromium = self == Policy::Chromium;
         let mut rest = Some(value);
         Some(std::iter::from_fn(move || {

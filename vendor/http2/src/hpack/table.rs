@@ -148,10 +148,8 @@ impl Table {
         };
         match choice {
             Choice::Index => {}
-            Choice::Literal => return Index::new(statik, header),
-            Choice::LiteralEvenIfHeld => {
-                return Index::new(statik.map(|(n, _)| (n, false)), header)
-            }
+            Choice::Literal => return self.literal(statik, header, policy, false),
+            Choice::LiteralEvenIfHeld => return self.literal(statik, header, policy, true),
         }
 
         // If the header is already indexed by the static table, return that
@@ -159,7 +157,71 @@ impl Table {
             return Index::Indexed(n, header);
         }
 
-        self.index_dynamic(header, statik)
+        // pinproxy patch: Firefox refers to a new entry's name by its own
+        // rule (taken before the insertion, as a decoder reads it).
+        let firefox_name = match policy {
+            Policy::Firefox => self.firefox_name_index(&header),
+            Policy::Chromium | Policy::Nghttp2 => None,
+        };
+        match (firefox_name, self.index_dynamic(header, statik)) {
+            (Some(name), Index::InsertedValue(_, slot)) => Index::InsertedValue(name, slot),
+            (_, index) => index,
+        }
+    }
+
+    /// pinproxy patch: a literal left out of the table: the whole field's
+    /// static entry when one holds it (unless `even_if_held`), else its
+    /// name referred to as the policy does, else spelled out.
+    fn literal(
+        &self,
+        statik: Option<(usize, bool)>,
+        header: Header,
+        policy: Policy,
+        even_if_held: bool,
+    ) -> Index {
+        if let (Some((n, true)), false) = (statik, even_if_held) {
+            return Index::Indexed(n, header);
+        }
+        let name = match policy {
+            Policy::Firefox => self.firefox_name_index(&header),
+            // The static table's entry, else the newest dynamic one
+            // (QUICHE's `GetByName`, nghttp2's `search_hd_table`).
+            Policy::Chromium | Policy::Nghttp2 => statik.map(|(n, _)| n).or_else(|| {
+                let name = header.name();
+                self.slots
+                    .iter()
+                    .position(|slot| slot.header.name() == name)
+                    .map(|position| position + DYN_OFFSET)
+            }),
+        };
+        match name {
+            Some(n) => Index::Name(n, header),
+            None => Index::NotIndexed(header),
+        }
+    }
+
+    /// pinproxy patch: the index Firefox refers to `header`'s name by: the
+    /// last entry holding it in index order (Gecko's encoder keeps the last
+    /// match it finds), so its oldest dynamic entry, else its last static
+    /// one (`:path` is 5, `/index.html`'s, not 4).
+    fn firefox_name_index(&self, header: &Header) -> Option<usize> {
+        let name = header.name();
+        if let Some(position) = self
+            .slots
+            .iter()
+            .rposition(|slot| slot.header.name() == name)
+        {
+            return Some(position + DYN_OFFSET);
+        }
+        match header {
+            Header::Authority(..) => Some(1),
+            Header::Method(..) => Some(3),
+            Header::Path(..) => Some(5),
+            Header::Scheme(..) => Some(7),
+            Header::Status(..) => Some(14),
+            Header::Protocol(..) => None,
+            Header::Field { .. } => index_static(header).map(|(n, _)| n),
+        }
     }
 
     fn index_dynamic(&mut self, header: Header, statik: Option<(usize, bool)>) -> Index {
