@@ -141,8 +141,8 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
 }
 
 /// Chromium's connection WINDOW_UPDATE increment (15 MiB less the 65,535
-/// every connection starts with), sent since Chrome 52 and by the browsers
-/// built on Chromium.
+/// every connection starts with), which the browsers built on Chromium
+/// send too.
 const CHROMIUM_WINDOW_UPDATE: u32 = 15_663_105;
 /// Firefox's (12 MiB less 65,535).
 const FIREFOX_WINDOW_UPDATE: u32 = 12_517_377;
