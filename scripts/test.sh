@@ -2,7 +2,7 @@
 # Runs pinproxy's whole test suite on a fresh Debian machine: installs the
 # real third-party peers the tests use when they are missing (tinyproxy,
 # redis-server, microsocks, Dante, Chromium, Firefox ESR, NSS tools, curl,
-# Python requests, Node.js), then checks formatting and lints and runs
+# Python requests, Node.js, Go), then checks formatting and lints and runs
 # every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ need firefox-esr firefox-esr
 need curl curl
 need python3 python3
 need node nodejs
+need go golang-go
 # The system OpenSSL, which mirror mode opens at run time to say OpenSSL
 # clients' hellos (its tests fail without it).
 have_libssl3=no

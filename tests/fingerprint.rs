@@ -7,7 +7,7 @@
 //! tinyproxy exit binding its outgoing connections to 127.0.0.2 (so the
 //! origin tells proxied requests, from 127.0.0.2, from direct ones, from
 //! 127.0.0.1). The clients are real programs: headless Chromium and
-//! Firefox, curl, Python requests and Node's `https`. Nothing leaves
+//! Firefox, curl, Python requests, Node's `https` and Go's `net/http`. Nothing leaves
 //! loopback: Chromium proxies `localhost` only, every other name fails
 //! inside it without DNS, and a relay in front of pinproxy refuses (and
 //! fails the run on) any other host (`support::browser`, which also says
@@ -18,14 +18,14 @@
 //! The origin also reads every HTTP/2 header block as the client's HPACK
 //! encoder sent it (each field's representation, Huffman choice and the
 //! table index it refers to):
-//! Chromium's, Firefox's and curl's blocks are the same through pinproxy as
-//! directly, each family's own choices (`vendor/http2`).
+//! Chromium's, Firefox's, Go's and curl's blocks are the same through
+//! pinproxy as directly, each family's own choices (`vendor/http2`).
 //!
 //! Measured (Debian 12; Chromium 156.0.8078.108, curl 7.88.1 with OpenSSL
 //! 3.0.19 and nghttp2 1.52.0, Python 3.11.7 with requests 2.34.2 (pyenv) or
 //! Debian's Python 3.11.2 with requests 2.28.1, Node 20.20.2 on the
-//! system's OpenSSL 3.0.19), mirror mode, pinproxy on the same machine's
-//! `libssl.so.3`:
+//! system's OpenSSL 3.0.19, Firefox ESR 153.8, Go 1.19.8), mirror mode,
+//! pinproxy on the same machine's `libssl.so.3`:
 //!
 //! | client | ALPN | JA4 direct | JA4 through pinproxy | upstream stack | Akamai (direct = through) |
 //! | --- | --- | --- | --- | --- | --- |
@@ -68,7 +68,7 @@ use crate::support;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pinproxy::config::Config;
@@ -806,6 +806,131 @@ async fn curl_http2_cookies_are_encoded_as_its_nghttp2_encodes_them() {
     for (d, t) in direct.iter().zip(&through) {
         assert_eq!(t.cookie, d.cookie);
         assert_eq!(t.conn.blocks[0], d.conn.blocks[0], "{:?}", d.cookie);
+    }
+}
+
+/// Go's `net/http`, three GETs on one HTTP/2 connection: `URL PROXY CA
+/// COOKIE` (empty PROXY: direct). Prints each answer's protocol and status.
+const GO_GET: &str = r#"package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+)
+
+func main() {
+	target, proxy, ca, cookie := os.Args[1], os.Args[2], os.Args[3], os.Args[4]
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		panic(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}, ForceAttemptHTTP2: true}
+	if proxy != "" {
+		via, err := url.Parse(proxy)
+		if err != nil {
+			panic(err)
+		}
+		transport.Proxy = http.ProxyURL(via)
+	}
+	client := &http.Client{Transport: transport}
+	for i := 0; i < 3; i++ {
+		request, err := http.NewRequest("GET", target, nil)
+		if err != nil {
+			panic(err)
+		}
+		request.Header.Set("Cookie", cookie)
+		response, err := client.Do(request)
+		if err != nil {
+			panic(err)
+		}
+		io.Copy(io.Discard, response.Body)
+		response.Body.Close()
+		fmt.Println(response.Proto, response.StatusCode)
+	}
+}
+"#;
+
+/// Go's `net/http` over HTTP/2 reaches the origin through pinproxy encoded
+/// as Go encodes it, which is none of the browsers' ways: every field that
+/// fits the table added to it, `:path` included; names taken from the
+/// last static entry holding them; Huffman only where shorter; and the
+/// client's one `Cookie` header split at each `;`. Three requests on one
+/// connection, directly and through pinproxy, field by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
+    let go = require("go");
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("get.go");
+    std::fs::write(&program, GO_GET).unwrap();
+    let url = rig.origin.url("/go");
+    let cookie = "theme=dark; lang=en-GB; tz=Europe/London";
+    let mut blocks = Vec::new();
+    for (via, peer) in [(rig.direct(), "127.0.0.1"), (rig.proxied(), EXIT_IP)] {
+        rig.origin.clear();
+        let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
+        let mut command = Command::new(&go);
+        command
+            .arg("run")
+            .arg(&program)
+            .args([url.as_str(), proxy.as_str()])
+            .arg(&via.ca)
+            .arg(cookie)
+            .env(
+                "GOCACHE",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build"),
+            )
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "-mod=mod")
+            .env("GO111MODULE", "auto");
+        let printed = run(&mut command).await;
+        assert_eq!(
+            printed.lines().filter(|l| *l == "HTTP/2.0 200").count(),
+            3,
+            "{printed}"
+        );
+        let records = records_of(&rig.origin, "/go", peer);
+        assert_eq!(records.len(), 3, "{records:?}");
+        assert!(records
+            .iter()
+            .all(|r| r.conn.index == records[0].conn.index));
+        assert_eq!(records[0].cookie.as_deref(), Some(cookie));
+        blocks.push(
+            rig.origin.connections()[records[0].conn.index]
+                .blocks
+                .clone(),
+        );
+    }
+    let (direct, through) = (&blocks[0], &blocks[1]);
+    let report = format!(
+        "direct:\n{}through pinproxy:\n{}",
+        show_blocks(direct),
+        show_blocks(through)
+    );
+    println!("{report}");
+    assert_eq!(direct.len(), 3, "{report}");
+    // Go's own choices, which are what this test is about.
+    assert_eq!(
+        cookie_representations(&direct[0]),
+        [Representation::Incremental; 3],
+        "{report}"
+    );
+    let path = direct[0].iter().find(|f| f.name == ":path").unwrap();
+    assert_eq!(
+        (path.representation, path.index),
+        (Representation::Incremental, Some(5)),
+        "{report}"
+    );
+    assert_eq!(through.len(), direct.len(), "{report}");
+    for (n, (d, t)) in direct.iter().zip(through).enumerate() {
+        assert_eq!(t, d, "block {n} differs\n{report}");
     }
 }
 

@@ -324,9 +324,11 @@ fn encode_h2_blocks(
 /// The fields `name: value` goes out as under `policy`: a cookie split
 /// into crumbs by Chromium (the value's ends trimmed of spaces and tabs, a
 /// crumb at each `;`, one space after it dropped) and Firefox (a crumb at
-/// each `"; "`), any other field, and any cookie under nghttp2, whole.
+/// each `"; "`) and Go (a crumb before each `;`, the spaces after it
+/// skipped, an empty last one left out), any other field, and any cookie
+/// under nghttp2, whole.
 fn h2_crumbs(policy: http2::HpackPolicy, name: &str, value: &str) -> Vec<String> {
-    use http2::HpackPolicy::{Chromium, Firefox, Nghttp2};
+    use http2::HpackPolicy::{Chromium, Firefox, Go, Nghttp2};
     match (policy, name) {
         (Chromium, "cookie") => {
             let trimmed = value.trim_matches([' ', '\t']);
@@ -340,7 +342,21 @@ fn h2_crumbs(policy: http2::HpackPolicy, name: &str, value: &str) -> Vec<String>
                 .collect()
         }
         (Firefox, "cookie") => value.split("; ").map(str::to_owned).collect(),
-        (Chromium | Firefox | Nghttp2, _) => vec![value.to_owned()],
+        (Go, "cookie") if value.contains(';') => {
+            let mut crumbs: Vec<String> = value
+                .split(';')
+                .enumerate()
+                .map(|(n, crumb)| match n {
+                    0 => crumb.to_owned(),
+                    _ => crumb.trim_start_matches(' ').to_owned(),
+                })
+                .collect();
+            if crumbs.last().is_some_and(String::is_empty) {
+                crumbs.pop();
+            }
+            crumbs
+        }
+        (Chromium | Firefox | Go | Nghttp2, _) => vec![value.to_owned()],
     }
 }
 
@@ -357,7 +373,7 @@ fn h2_expected(
     Vec<pinproxy::fingerprint::hpack::Representation>,
     Option<bool>,
 ) {
-    use http2::HpackPolicy::{Chromium, Firefox, Nghttp2};
+    use http2::HpackPolicy::{Chromium, Firefox, Go, Nghttp2};
     use pinproxy::fingerprint::hpack::{huffman_len, Representation::*};
 
     let size = 32 + name.len() + value.len();
@@ -366,8 +382,8 @@ fn h2_expected(
         (":method", b"GET") | (":method", b"POST") | (":path", b"/") | (":scheme", b"https")
     );
     let in_table = vec![Indexed, Incremental];
-    let never =
-        policy != Chromium && (name == "authorization" || (name == "cookie" && value.len() < 20));
+    let never = matches!(policy, Firefox | Nghttp2)
+        && (name == "authorization" || (name == "cookie" && value.len() < 20));
     let allowed = if never {
         vec![NeverIndexed]
     } else {
@@ -383,13 +399,15 @@ fn h2_expected(
                 vec![WithoutIndexing]
             }
             Nghttp2 if size * 4 > table_size * 3 => vec![WithoutIndexing],
-            Chromium => vec![WithoutIndexing],
+            Go if static_exact => vec![Indexed],
+            Go if size <= table_size => in_table,
+            Chromium | Go => vec![WithoutIndexing],
             Firefox | Nghttp2 => in_table,
         }
     };
     let huffman = match policy {
         Firefox => true,
-        Chromium | Nghttp2 => huffman_len(value) < value.len(),
+        Chromium | Nghttp2 | Go => huffman_len(value) < value.len(),
     };
     (allowed, Some(huffman))
 }
@@ -410,6 +428,7 @@ proptest! {
             Just(http2::HpackPolicy::Chromium),
             Just(http2::HpackPolicy::Firefox),
             Just(http2::HpackPolicy::Nghttp2),
+            Just(http2::HpackPolicy::Go),
         ],
         table_size in prop_oneof![Just(4096usize), 0usize..600, 600usize..8000],
         requests in prop::collection::vec(h2_request(), 1..6),

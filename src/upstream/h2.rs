@@ -24,7 +24,7 @@
 //! client's own settings, at 2 MiB; every client seen sends it), and later
 //! WINDOW_UPDATEs and DATA frame sizes, which follow the crate. Header
 //! blocks are encoded as the client's family encodes them (Chromium,
-//! Firefox or nghttp2; which fields are indexed, which never are, which
+//! Firefox, Go or nghttp2; which fields are indexed, which never are, which
 //! strings are Huffman-coded, how a cookie is split), by a patched copy of
 //! the crate (vendor/http2), told the family ([`hpack_policy`]) with the
 //! pseudo-header order.
@@ -150,14 +150,15 @@ const FIREFOX_WINDOW_UPDATE: u32 = 12_517_377;
 /// Whose HPACK choices a connection presenting `preface` makes (see
 /// vendor/http2/PINPROXY-PATCHES.md): Chromium's for Chromium's pseudo-header
 /// order with its connection window, Firefox's for Firefox's order and
-/// window, nghttp2's for anything else (curl's library, and the nearest to
-/// what Go, OkHttp, Node and Python send). The order alone would mislead:
-/// Python's h2 sends Chromium's order and OkHttp Firefox's, with encoders
-/// of their own.
+/// window, Go's for Go's order (`a,m,p,s`, no one else's), nghttp2's for
+/// anything else (curl's library, and the nearest to what OkHttp, Node and
+/// Python send). The order alone would mislead: Python's h2 sends
+/// Chromium's order and OkHttp Firefox's, with encoders of their own.
 pub fn hpack_policy(preface: &H2Fingerprint) -> HpackPolicy {
     match (preface.pseudo_order.as_slice(), preface.window_update) {
         (['m', 'a', 's', 'p'], CHROMIUM_WINDOW_UPDATE) => HpackPolicy::Chromium,
         (['m', 'p', 'a', 's'], FIREFOX_WINDOW_UPDATE) => HpackPolicy::Firefox,
+        (['a', 'm', 'p', 's'], _) => HpackPolicy::Go,
         _ => HpackPolicy::Nghttp2,
     }
 }
@@ -192,8 +193,8 @@ mod tests {
     /// family of its preface encodes them, and the choice travels with the
     /// pseudo-header order the connection is built with: Chromium's order
     /// and window (Chrome's built-in preface too) as Chromium, Firefox's as
-    /// Firefox, and the same orders with other windows (Python's h2,
-    /// OkHttp), curl's and Safari's as nghttp2.
+    /// Firefox, Go's as Go, and the same browser orders with other windows
+    /// (Python's h2, OkHttp), curl's and Safari's as nghttp2.
     #[test]
     fn a_prefaces_family_picks_its_hpack_choices() {
         let policy = |order: &str, window_update: u32| {
@@ -213,6 +214,7 @@ mod tests {
         assert_eq!(policy("m,p,a,s", 16_711_681), HpackPolicy::Nghttp2);
         assert_eq!(policy("m,p,s,a", 33_488_897), HpackPolicy::Nghttp2);
         assert_eq!(policy("m,s,p,a", 10_420_225), HpackPolicy::Nghttp2);
+        assert_eq!(policy("a,m,p,s", 1_073_741_824), HpackPolicy::Go);
         let chrome = crate::fingerprint::profile::chrome_h2().unwrap();
         assert_eq!(
             HpackPolicy::for_pseudo_order(options(&chrome).headers_pseudo_order.as_ref()),

@@ -35,6 +35,12 @@ pub enum Policy {
     /// that makes it shorter.
     #[default]
     Nghttp2,
+    /// Go's (`net/http`'s HTTP/2 transport and its `hpack` package): every
+    /// field that fits the table is added, pseudo-headers included;
+    /// nothing is marked never-indexed; a string is Huffman-coded only when
+    /// that makes it shorter; a cookie goes as crumbs split at each `;`,
+    /// the spaces after it dropped, an empty last crumb left out.
+    Go,
 }
 
 /// What the encoder does with one field.
@@ -54,7 +60,8 @@ impl Policy {
     /// The policy a connection sending `order` makes: the one set with the
     /// order ([`PseudoOrderBuilder::hpack_policy`]), else the family the
     /// order alone suggests: `m,a,s,p` Chromium's, `m,p,a,s` Firefox's; any
-    /// other order, or none, nghttp2's. (The order alone is a weak sign:
+    /// `a,m,p,s` Go's; any other order, or none, nghttp2's. (The order
+    /// alone is a weak sign:
     /// Python's h2 sends Chromium's and OkHttp Firefox's, so a caller that
     /// knows more of its client says so.)
     ///
@@ -75,6 +82,7 @@ impl Policy {
         match ids.as_slice() {
             [M, A, S, P] => Policy::Chromium,
             [M, P, A, S] => Policy::Firefox,
+            [A, M, P, S] => Policy::Go,
             _ => Policy::Nghttp2,
         }
     }
@@ -82,7 +90,7 @@ impl Policy {
     /// Whether `header` is sent as a never-indexed literal.
     pub(crate) fn never_indexed(self, header: &Header) -> bool {
         match (self, header) {
-            (Policy::Chromium, _) => false,
+            (Policy::Chromium | Policy::Go, _) => false,
             (Policy::Firefox | Policy::Nghttp2, Header::Field { name, value }) => {
                 *name == header::AUTHORIZATION
                     || (*name == header::COOKIE && value.len() < 20)
@@ -124,6 +132,8 @@ impl Policy {
                 _ if size * 4 > max_size * 3 => Choice::Literal,
                 _ => Choice::Index,
             },
+            Policy::Go if size <= max_size => Choice::Index,
+            Policy::Go => Choice::Literal,
         }
     }
 
@@ -132,10 +142,11 @@ impl Policy {
     /// value's ends of spaces and tabs and splits at each `;`, dropping one
     /// space after it; Firefox's splits at each `"; "`; nghttp2 sends the
     /// field whole. `None` when the field goes whole and unchanged.
-    pub(crate) fn crumbs(self, value: &[u8]) -> Option<impl Iterator<Item = &[u8]>> {
+    pub(crate) fn crumbs(self, value: &[u8]) -> Option<Crumbs<'_>> {
         let (split, separator): (&[u8], &[u8]) = match self {
             Policy::Chromium => (trim_spaces(value), b";"),
             Policy::Firefox => (value, b"; "),
+            Policy::Go => return go_crumbs(value),
             Policy::Nghttp2 => return None,
         };
         // Unchanged: sent whole, as it is (Chromium trims even a single
@@ -147,7 +158,7 @@ impl Policy {
         let value = split;
         let chromium = self == Policy::Chromium;
         let mut rest = Some(value);
-        Some(std::iter::from_fn(move || {
+        Some(Crumbs::Split(Box::new(std::iter::from_fn(move || {
             let current = rest?;
             match current
                 .windows(separator.len())
@@ -166,7 +177,7 @@ impl Policy {
                     Some(current)
                 }
             }
-        }))
+        }))))
     }
 
     /// Whether a string whose Huffman code is `huffman_len` bytes long, and
@@ -174,7 +185,7 @@ impl Policy {
     pub(crate) fn huffman(self, huffman_len: usize, len: usize) -> bool {
         match self {
             Policy::Firefox => true,
-            Policy::Chromium | Policy::Nghttp2 => huffman_len < len,
+            Policy::Chromium | Policy::Nghttp2 | Policy::Go => huffman_len < len,
         }
     }
 }
@@ -188,4 +199,44 @@ fn trim_spaces(mut value: &[u8]) -> &[u8] {
         value = rest;
     }
     value
+}
+
+/// The crumbs a policy splits a cookie into.
+pub(crate) enum Crumbs<'a> {
+    /// Chromium's and Firefox's, as they are found.
+    Split(Box<dyn Iterator<Item = &'a [u8]> + 'a>),
+    /// Go's, gathered.
+    Gathered(std::vec::IntoIter<&'a [u8]>),
+}
+
+impl<'a> Iterator for Crumbs<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Crumbs::Split(split) => split.next(),
+            Crumbs::Gathered(gathered) => gathered.next(),
+        }
+    }
+}
+
+/// Go's crumbs of `value` (its transport's `encodeHeaders`): a crumb before
+/// each `;`, the spaces after it skipped, then what is left unless it is
+/// empty; `None` when there is no `;` (the value goes whole).
+fn go_crumbs(mut value: &[u8]) -> Option<Crumbs<'_>> {
+    if !value.contains(&b';') {
+        return None;
+    }
+    let mut crumbs = Vec::new();
+    while let Some(at) = value.iter().position(|&b| b == b';') {
+        crumbs.push(&value[..at]);
+        value = &value[at + 1..];
+        while let [b' ', rest @ ..] = value {
+            value = rest;
+        }
+    }
+    if !value.is_empty() {
+        crumbs.push(value);
+    }
+    Some(Crumbs::Gathered(crumbs.into_iter()))
 }

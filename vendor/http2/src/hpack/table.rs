@@ -159,11 +159,12 @@ impl Table {
 
         // pinproxy patch: Firefox refers to a new entry's name by its own
         // rule (taken before the insertion, as a decoder reads it).
-        let firefox_name = match policy {
+        let own_name = match policy {
             Policy::Firefox => self.firefox_name_index(&header),
+            Policy::Go => self.go_name_index(&header),
             Policy::Chromium | Policy::Nghttp2 => None,
         };
-        match (firefox_name, self.index_dynamic(header, statik)) {
+        match (own_name, self.index_dynamic(header, statik)) {
             (Some(name), Index::InsertedValue(_, slot)) => Index::InsertedValue(name, slot),
             (_, index) => index,
         }
@@ -184,6 +185,7 @@ impl Table {
         }
         let name = match policy {
             Policy::Firefox => self.firefox_name_index(&header),
+            Policy::Go => self.go_name_index(&header),
             // The static table's entry, else the newest dynamic one
             // (QUICHE's `GetByName`, nghttp2's `search_hd_table`).
             Policy::Chromium | Policy::Nghttp2 => statik.map(|(n, _)| n).or_else(|| {
@@ -200,6 +202,19 @@ impl Table {
         }
     }
 
+    /// pinproxy patch: the index Go refers to `header`'s name by: its last
+    /// static entry (Go's static table keeps the last entry of each name),
+    /// else its newest dynamic one.
+    fn go_name_index(&self, header: &Header) -> Option<usize> {
+        last_static_name_index(header).or_else(|| {
+            let name = header.name();
+            self.slots
+                .iter()
+                .position(|slot| slot.header.name() == name)
+                .map(|position| position + DYN_OFFSET)
+        })
+    }
+
     /// pinproxy patch: the index Firefox refers to `header`'s name by: the
     /// last entry holding it in index order (Gecko's encoder keeps the last
     /// match it finds), so its oldest dynamic entry, else its last static
@@ -213,15 +228,7 @@ impl Table {
         {
             return Some(position + DYN_OFFSET);
         }
-        match header {
-            Header::Authority(..) => Some(1),
-            Header::Method(..) => Some(3),
-            Header::Path(..) => Some(5),
-            Header::Scheme(..) => Some(7),
-            Header::Status(..) => Some(14),
-            Header::Protocol(..) => None,
-            Header::Field { .. } => index_static(header).map(|(n, _)| n),
-        }
+        last_static_name_index(header)
     }
 
     fn index_dynamic(&mut self, header: Header, statik: Option<(usize, bool)>) -> Index {
@@ -829,5 +836,19 @@ fn index_static(header: &Header) -> Option<(usize, bool)> {
             500 => Some((14, true)),
             _ => Some((8, false)),
         },
+    }
+}
+
+/// pinproxy patch: the last static entry holding `header`'s name (`:path`
+/// is 5, `/index.html`'s; a regular name has one entry at most).
+fn last_static_name_index(header: &Header) -> Option<usize> {
+    match header {
+        Header::Authority(..) => Some(1),
+        Header::Method(..) => Some(3),
+        Header::Path(..) => Some(5),
+        Header::Scheme(..) => Some(7),
+        Header::Status(..) => Some(14),
+        Header::Protocol(..) => None,
+        Header::Field { .. } => index_static(header).map(|(n, _)| n),
     }
 }
