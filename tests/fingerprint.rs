@@ -908,30 +908,20 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
                 .clone(),
         );
     }
-    let (direct, through) = (&blocks[0], &blocks[1]);
-    let report = format!(
-        "direct:\n{}through pinproxy:\n{}",
-        show_blocks(direct),
-        show_blocks(through)
-    );
-    println!("{report}");
-    assert_eq!(direct.len(), 3, "{report}");
-    // Go's own choices, which are what this test is about.
-    assert_eq!(
-        cookie_representations(&direct[0]),
-        [Representation::Incremental; 3],
-        "{report}"
-    );
-    let path = direct[0].iter().find(|f| f.name == ":path").unwrap();
-    assert_eq!(
-        (path.representation, path.index),
-        (Representation::Incremental, Some(5)),
-        "{report}"
-    );
-    assert_eq!(through.len(), direct.len(), "{report}");
-    for (n, (d, t)) in direct.iter().zip(through).enumerate() {
-        assert_eq!(t, d, "block {n} differs\n{report}");
-    }
+    assert_blocks_as_direct(&blocks[0], &blocks[1], 3, |direct, report| {
+        // Go's own choices, which are what this test is about.
+        assert_eq!(
+            cookie_representations(&direct[0]),
+            [Representation::Incremental; 3],
+            "{report}"
+        );
+        let path = direct[0].iter().find(|f| f.name == ":path").unwrap();
+        assert_eq!(
+            (path.representation, path.index),
+            (Representation::Incremental, Some(5)),
+            "{report}"
+        );
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1428,7 +1418,8 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
         assert!(dom.contains("fetched ok conn"), "{via:?}: {dom}");
         blocks.push(crumb_page_blocks(&rig, &format!("{via:?}")).1);
     }
-    assert_blocks_as_direct(&blocks[0], &blocks[1], |direct, report| {
+    // The page, then its three fetches.
+    assert_blocks_as_direct(&blocks[0], &blocks[1], 4, |direct, report| {
         assert_eq!(
             cookie_representations(&direct[3]),
             [Representation::Indexed; 3],
@@ -1487,7 +1478,8 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
         .replacen("1617h2", "1615h2", 1)
         .replace(",001c,0022,", ",");
     assert_eq!(ja4::ja4_r(hello(&pages[1])), without_gaps);
-    assert_blocks_as_direct(&blocks[0], &blocks[1], |direct, report| {
+    // The page, then its three fetches.
+    assert_blocks_as_direct(&blocks[0], &blocks[1], 4, |direct, report| {
         // Firefox's own choices, which are what this test is about.
         let mut crumbs = cookie_representations(&direct[3]);
         crumbs.sort_by_key(|r| *r as u8);
@@ -1528,13 +1520,14 @@ fn crumb_page_blocks(rig: &Rig, via: &str) -> (Record, Vec<Vec<EncodedField>>) {
     (page[0].clone(), conn.blocks)
 }
 
-/// Asserts that a browser's header blocks `through` pinproxy are its
-/// `direct` ones, field by field, after checking `premise` (the browser's
-/// own choices the test rests on) on the direct ones: the page, then its
-/// three fetches. Prints both.
+/// Asserts that a client's header blocks `through` pinproxy are its
+/// `direct` ones, `count` of them, field by field, after checking
+/// `premise` (the client's own choices the test rests on) on the direct
+/// ones. Prints both.
 fn assert_blocks_as_direct(
     direct: &[Vec<EncodedField>],
     through: &[Vec<EncodedField>],
+    count: usize,
     premise: impl FnOnce(&[Vec<EncodedField>], &str),
 ) {
     let report = format!(
@@ -1543,7 +1536,7 @@ fn assert_blocks_as_direct(
         show_blocks(through)
     );
     println!("{report}");
-    assert_eq!(direct.len(), 4, "{report}");
+    assert_eq!(direct.len(), count, "{report}");
     premise(direct, &report);
     assert_eq!(through.len(), direct.len(), "{report}");
     for (n, (d, t)) in direct.iter().zip(through).enumerate() {
