@@ -274,8 +274,8 @@ fn encode_h2_blocks(
     let wire = runtime.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(64 << 20);
         let mut codec: http2::Codec<_, bytes::Bytes> = http2::Codec::new(ours);
-        codec.set_send_header_table_size(table_size);
         codec.set_hpack_policy(policy);
+        codec.set_send_header_table_size(table_size);
         for (n, (method, path, fields)) in requests.iter().enumerate() {
             let uri: http::Uri = format!("https://origin.test{path}").parse().unwrap();
             let method: http::Method = method.parse().unwrap();
@@ -376,6 +376,11 @@ fn h2_expected(
     use http2::HpackPolicy::{Chromium, Firefox, Go, Nghttp2};
     use pinproxy::fingerprint::hpack::{huffman_len, Representation::*};
 
+    // nghttp2 and Go keep their own table at 4,096 bytes at most.
+    let table_size = match policy {
+        Nghttp2 | Go => table_size.min(4096),
+        Chromium | Firefox => table_size,
+    };
     let size = 32 + name.len() + value.len();
     let static_exact = matches!(
         (name, value),
@@ -463,7 +468,12 @@ proptest! {
             prop_assert_eq!(&regular, &expected);
             prop_assert!(decoded.iter().any(|(n, v)| n == b":method" && v == method.as_bytes()));
 
-            let represented = reader.read(block).unwrap();
+            let represented: Vec<_> = reader
+                .read(block)
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.representation != Representation::SizeUpdate)
+                .collect();
             prop_assert_eq!(represented.len(), decoded.len());
             for (field, (name, value)) in represented.iter().zip(&decoded) {
                 let (allowed, huffman) = h2_expected(policy, table_size, &field.name, value);

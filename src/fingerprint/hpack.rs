@@ -308,6 +308,9 @@ pub enum Representation {
     WithoutIndexing,
     /// A literal value no one on the way may index (6.2.3).
     NeverIndexed,
+    /// Not a field: a dynamic table size update (6.3), the new size in
+    /// [`EncodedField::index`] and the name empty.
+    SizeUpdate,
 }
 
 /// One field of a header block as its encoder sent it.
@@ -391,9 +394,16 @@ fn walk(
             field((name, Representation::Indexed, None, Some(index)))?;
         } else if first & 0x20 != 0 && first & 0x40 == 0 {
             // Dynamic table size update: nothing to evict (see module docs).
-            if integer(&mut r, first, 5)? > MAX_TABLE_SIZE {
+            let size = integer(&mut r, first, 5)?;
+            if size > MAX_TABLE_SIZE {
                 return Err("dynamic table size too large");
             }
+            field((
+                Arc::from(&b""[..]),
+                Representation::SizeUpdate,
+                None,
+                Some(size),
+            ))?;
         } else {
             // Literal: with incremental indexing (01), without indexing
             // (0000) or never indexed (0001).
@@ -429,14 +439,21 @@ fn walk(
 pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Name>, &'static str> {
     let mut names: Vec<Name> = Vec::new();
     let mut name_bytes = 0usize;
-    walk(&mut NameTable::default(), block, |(name, ..)| {
-        name_bytes = name_bytes.saturating_add(name.len());
-        if names.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
-            return Err("too many header fields");
-        }
-        names.push(name);
-        Ok(())
-    })?;
+    walk(
+        &mut NameTable::default(),
+        block,
+        |(name, representation, ..)| {
+            if representation == Representation::SizeUpdate {
+                return Ok(());
+            }
+            name_bytes = name_bytes.saturating_add(name.len());
+            if names.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
+                return Err("too many header fields");
+            }
+            names.push(name);
+            Ok(())
+        },
+    )?;
     Ok(names)
 }
 
@@ -707,9 +724,10 @@ mod tests {
     #[test]
     fn a_block_reader_tells_the_literal_kinds_and_raw_strings_apart() {
         use Representation::*;
-        // C.2.2 (without indexing, static name), C.2.3 (never indexed, new
-        // name), C.3.1's :authority (incremental, raw string).
-        let mut block = vec![0x04, 0x0c];
+        // A size update to 4,096 (not a field, reported with its size),
+        // then C.2.2 (without indexing, static name), C.2.3 (never indexed,
+        // new name), C.3.1's :authority (incremental, raw string).
+        let mut block = vec![0x3f, 0xe1, 0x1f, 0x04, 0x0c];
         block.extend_from_slice(b"/sample/path");
         block.extend_from_slice(&[0x10, 0x08]);
         block.extend_from_slice(b"password");
@@ -717,18 +735,19 @@ mod tests {
         block.extend_from_slice(b"secret");
         block.extend_from_slice(&[0x41, 0x0f]);
         block.extend_from_slice(b"www.example.com");
-        // A size update is not a field.
-        block.push(0x3f);
-        block.push(0xe1);
-        block.push(0x1f);
+        let read = BlockReader::new().read(&block).unwrap();
+        assert_eq!(read[0].index, Some(4096));
         assert_eq!(
             fields(&mut BlockReader::new(), &block),
             [
+                field("", SizeUpdate, None),
                 field(":path", WithoutIndexing, Some(false)),
                 field("password", NeverIndexed, Some(false)),
                 field(":authority", Incremental, Some(false)),
             ]
         );
+        // The names alone leave it out.
+        assert_eq!(names(&block).unwrap(), [":path", "password", ":authority"]);
     }
 
     /// loona-hpack, an independent decoder, as the oracle.

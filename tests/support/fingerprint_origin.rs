@@ -157,6 +157,9 @@ pub struct OriginOptions {
     /// Issue TLS 1.3 session tickets (as rustls does by default), so
     /// clients may resume.
     pub tickets: bool,
+    /// The HPACK table size stated in the HTTP/2 SETTINGS
+    /// (`SETTINGS_HEADER_TABLE_SIZE`; `None`: not stated, 4,096).
+    pub header_table_size: Option<u32>,
 }
 
 impl Default for OriginOptions {
@@ -165,6 +168,7 @@ impl Default for OriginOptions {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             close_after_response: false,
             tickets: true,
+            header_table_size: None,
         }
     }
 }
@@ -185,6 +189,12 @@ impl OriginOptions {
     /// Closes every connection after its first response.
     pub fn closing(mut self) -> Self {
         self.close_after_response = true;
+        self
+    }
+
+    /// States an HPACK table of `size` bytes to HTTP/2 clients.
+    pub fn header_table_size(mut self, size: u32) -> Self {
+        self.header_table_size = Some(size);
         self
     }
 }
@@ -241,6 +251,7 @@ impl FingerprintOrigin {
         let tickets = options.tickets.then(|| Arc::new(Tickets::default()));
         let config = Arc::new(config);
         let close = options.close_after_response;
+        let table = options.header_table_size;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
@@ -254,7 +265,7 @@ impl FingerprintOrigin {
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(300),
-                        serve(tcp, peer, (config, tickets), log, count, close),
+                        serve(tcp, peer, (config, tickets), log, count, (close, table)),
                     )
                     .await;
                 });
@@ -391,7 +402,7 @@ async fn serve(
     (config, tickets): (Arc<rustls::ServerConfig>, Option<Arc<Tickets>>),
     log: Arc<Mutex<Log>>,
     count: Arc<watch::Sender<usize>>,
-    close: bool,
+    (close, table): (bool, Option<u32>),
 ) {
     let Ok((io, read)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(tcp)).await
     else {
@@ -465,6 +476,7 @@ async fn serve(
             async move { Ok::<_, Infallible>(recorder.answer(request)) }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .header_table_size(table)
             .serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         // On the first answer of a closing origin: GOAWAY, then finish the

@@ -37,6 +37,8 @@ impl Encoder {
     ///
     /// The next call to `encode` will include a dynamic size update frame.
     pub fn update_max_size(&mut self, val: usize) {
+        // pinproxy patch: the size the client family would use.
+        let val = self.policy.table_size(val);
         match self.size_update {
             Some(SizeUpdate::One(old)) => {
                 if val > old {

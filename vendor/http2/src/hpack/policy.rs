@@ -180,6 +180,16 @@ impl Policy {
         }))))
     }
 
+    /// The dynamic table size the family's encoder uses when the origin
+    /// allows `allowed` bytes: nghttp2 and Go keep at most 4,096 (their
+    /// default limits), Chromium and Firefox take what they are allowed.
+    pub(crate) fn table_size(self, allowed: usize) -> usize {
+        match self {
+            Policy::Nghttp2 | Policy::Go => allowed.min(4096),
+            Policy::Chromium | Policy::Firefox => allowed,
+        }
+    }
+
     /// Whether a string whose Huffman code is `huffman_len` bytes long, and
     /// `len` bytes raw, is sent Huffman-coded.
     pub(crate) fn huffman(self, huffman_len: usize, len: usize) -> bool {
