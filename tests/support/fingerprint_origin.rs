@@ -647,8 +647,7 @@ impl<T: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Tap<T, O> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if !this.observer.done() {
-            let new = buf.filled()[before..].to_vec();
-            this.observer.observe(&new);
+            this.observer.observe(&buf.filled()[before..]);
         }
         polled
     }

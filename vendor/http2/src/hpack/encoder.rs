@@ -148,13 +148,9 @@ impl Encoder {
         if *name != http::header::COOKIE {
             return None;
         }
-        self.split_cookie(value)
-    }
-
-    /// The crumbs of a `cookie` value, if the policy splits it.
-    fn split_cookie(&self, value: &HeaderValue) -> Option<Vec<HeaderValue>> {
         self.policy
             .crumbs(value.as_bytes())?
+            .into_iter()
             .map(|crumb| {
                 let mut crumb = HeaderValue::from_bytes(crumb).ok()?;
                 crumb.set_sensitive(value.is_sensitive());

@@ -142,42 +142,34 @@ impl Policy {
     /// value's ends of spaces and tabs and splits at each `;`, dropping one
     /// space after it; Firefox's splits at each `"; "`; nghttp2 sends the
     /// field whole. `None` when the field goes whole and unchanged.
-    pub(crate) fn crumbs(self, value: &[u8]) -> Option<Crumbs<'_>> {
-        let (split, separator): (&[u8], &[u8]) = match self {
-            Policy::Chromium => (trim_spaces(value), b";"),
-            Policy::Firefox => (value, b"; "),
-            Policy::Go => return go_crumbs(value),
+    pub(crate) fn crumbs(self, value: &[u8]) -> Option<Vec<&[u8]>> {
+        // What is split, at what, how many spaces after each separator are
+        // dropped, and whether an empty last crumb is sent.
+        let (mut rest, separator, spaces, empty_last): (&[u8], &[u8], usize, bool) = match self {
+            Policy::Chromium => (trim_spaces(value), b";", 1, true),
+            Policy::Firefox => (value, b"; ", 0, true),
+            Policy::Go => (value, b";", usize::MAX, false),
             Policy::Nghttp2 => return None,
         };
-        // Unchanged: sent whole, as it is (Chromium trims even a single
-        // cookie).
-        if split.len() == value.len() && !split.windows(separator.len()).any(|w| w == separator)
-        {
-            return None;
-        }
-        let value = split;
-        let chromium = self == Policy::Chromium;
-        let mut rest = Some(value);
-        Some(Crumbs::Split(Box::new(std::iter::from_fn(move || {
-            let current = rest?;
-            match current
-                .windows(separator.len())
-                .position(|w| w == separator)
-            {
-                Some(at) => {
-                    let mut next = &current[at + separator.len()..];
-                    if chromium {
-                        next = next.strip_prefix(b" ").unwrap_or(next);
-                    }
-                    rest = Some(next);
-                    Some(&current[..at])
-                }
-                None => {
-                    rest = None;
-                    Some(current)
+        let mut crumbs = Vec::new();
+        while let Some(at) = rest.windows(separator.len()).position(|w| w == separator) {
+            crumbs.push(&rest[..at]);
+            rest = &rest[at + separator.len()..];
+            for _ in 0..spaces {
+                match rest {
+                    [b' ', after @ ..] => rest = after,
+                    _ => break,
                 }
             }
-        }))))
+        }
+        if empty_last || !rest.is_empty() {
+            crumbs.push(rest);
+        }
+        // A value that would go as it is goes whole.
+        match crumbs.as_slice() {
+            [only] if only.len() == value.len() => None,
+            _ => Some(crumbs),
+        }
     }
 
     /// The dynamic table size the family's encoder uses when the origin
@@ -209,44 +201,4 @@ fn trim_spaces(mut value: &[u8]) -> &[u8] {
         value = rest;
     }
     value
-}
-
-/// The crumbs a policy splits a cookie into.
-pub(crate) enum Crumbs<'a> {
-    /// Chromium's and Firefox's, as they are found.
-    Split(Box<dyn Iterator<Item = &'a [u8]> + 'a>),
-    /// Go's, gathered.
-    Gathered(std::vec::IntoIter<&'a [u8]>),
-}
-
-impl<'a> Iterator for Crumbs<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        match self {
-            Crumbs::Split(split) => split.next(),
-            Crumbs::Gathered(gathered) => gathered.next(),
-        }
-    }
-}
-
-/// Go's crumbs of `value` (its transport's `encodeHeaders`): a crumb before
-/// each `;`, the spaces after it skipped, then what is left unless it is
-/// empty; `None` when there is no `;` (the value goes whole).
-fn go_crumbs(mut value: &[u8]) -> Option<Crumbs<'_>> {
-    if !value.contains(&b';') {
-        return None;
-    }
-    let mut crumbs = Vec::new();
-    while let Some(at) = value.iter().position(|&b| b == b';') {
-        crumbs.push(&value[..at]);
-        value = &value[at + 1..];
-        while let [b' ', rest @ ..] = value {
-            value = rest;
-        }
-    }
-    if !value.is_empty() {
-        crumbs.push(value);
-    }
-    Some(Crumbs::Gathered(crumbs.into_iter()))
 }

@@ -188,13 +188,9 @@ impl Table {
             Policy::Go => self.go_name_index(&header),
             // The static table's entry, else the newest dynamic one
             // (QUICHE's `GetByName`, nghttp2's `search_hd_table`).
-            Policy::Chromium | Policy::Nghttp2 => statik.map(|(n, _)| n).or_else(|| {
-                let name = header.name();
-                self.slots
-                    .iter()
-                    .position(|slot| slot.header.name() == name)
-                    .map(|position| position + DYN_OFFSET)
-            }),
+            Policy::Chromium | Policy::Nghttp2 => statik
+                .map(|(n, _)| n)
+                .or_else(|| self.newest_dynamic_name_index(&header)),
         };
         match name {
             Some(n) => Index::Name(n, header),
@@ -206,13 +202,17 @@ impl Table {
     /// static entry (Go's static table keeps the last entry of each name),
     /// else its newest dynamic one.
     fn go_name_index(&self, header: &Header) -> Option<usize> {
-        last_static_name_index(header).or_else(|| {
-            let name = header.name();
-            self.slots
-                .iter()
-                .position(|slot| slot.header.name() == name)
-                .map(|position| position + DYN_OFFSET)
-        })
+        last_static_name_index(header).or_else(|| self.newest_dynamic_name_index(header))
+    }
+
+    /// pinproxy patch: the index of the newest dynamic entry holding
+    /// `header`'s name.
+    fn newest_dynamic_name_index(&self, header: &Header) -> Option<usize> {
+        let name = header.name();
+        self.slots
+            .iter()
+            .position(|slot| slot.header.name() == name)
+            .map(|position| position + DYN_OFFSET)
     }
 
     /// pinproxy patch: the index Firefox refers to `header`'s name by: the
