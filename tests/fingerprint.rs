@@ -783,6 +783,13 @@ async fn curl_http2_cookies_are_encoded_as_its_nghttp2_encodes_them() {
     for (via, path) in [(rig.direct(), "/direct"), (rig.proxied(), "/through")] {
         for cookie in cookies {
             Client::CurlH2.get_ok(&via, port, path, Some(cookie)).await;
+            // Each cookie's block is compared as the first of a fresh
+            // connection: the next request waits until the origin has
+            // closed this one, or pinproxy could send it there before the
+            // origin's GOAWAY arrives.
+            rig.origin
+                .wait_until_connections_end(Duration::from_secs(10))
+                .await;
         }
     }
     let cookie_field = |r: &Record| -> Vec<(Representation, Option<bool>)> {
@@ -805,6 +812,12 @@ async fn curl_http2_cookies_are_encoded_as_its_nghttp2_encodes_them() {
     );
     for (d, t) in direct.iter().zip(&through) {
         assert_eq!(t.cookie, d.cookie);
+        assert_eq!(
+            t.conn.blocks.len(),
+            1,
+            "{:?} was not the first request of its connection",
+            t.cookie
+        );
         assert_eq!(t.conn.blocks[0], d.conn.blocks[0], "{:?}", d.cookie);
     }
 }

@@ -216,6 +216,8 @@ pub struct FingerprintOrigin {
     pub pki: Arc<TestPki>,
     log: Arc<Mutex<Log>>,
     requests: watch::Receiver<usize>,
+    /// How many connections have ended (their serving task returned).
+    ended: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
 
@@ -257,17 +259,21 @@ impl FingerprintOrigin {
         let log = Arc::new(Mutex::new(Log::default()));
         let (count, requests) = watch::channel(0usize);
         let count = Arc::new(count);
+        let (ended_count, ended) = watch::channel(0usize);
+        let ended_count = Arc::new(ended_count);
         let shared = log.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
                 let (config, log, count) = (config.clone(), shared.clone(), count.clone());
                 let tickets = tickets.clone();
+                let ended_count = ended_count.clone();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(300),
                         serve(tcp, peer, (config, tickets), log, count, (close, table)),
                     )
                     .await;
+                    ended_count.send_modify(|ended| *ended += 1);
                 });
             }
         });
@@ -276,6 +282,7 @@ impl FingerprintOrigin {
             pki,
             log,
             requests,
+            ended,
             task,
         }
     }
@@ -329,6 +336,21 @@ impl FingerprintOrigin {
     /// [`FingerprintOrigin::clear`] too).
     pub fn requests_so_far(&self) -> usize {
         *self.requests.borrow()
+    }
+
+    /// Waits (at most `within`) until every connection accepted so far has
+    /// ended on the origin's side (its socket dropped); panics otherwise.
+    /// With a closing origin, a client that waits for this before its next
+    /// request cannot send it on a connection the origin is closing.
+    pub async fn wait_until_connections_end(&self, within: Duration) {
+        let accepted = self.log.lock().unwrap().conns.len();
+        let mut ended = self.ended.clone();
+        let waited = tokio::time::timeout(within, ended.wait_for(|n| *n >= accepted)).await;
+        assert!(
+            matches!(waited, Ok(Ok(_))),
+            "{} of {accepted} connection(s) ended within {within:?}",
+            *self.ended.borrow()
+        );
     }
 
     /// Waits (at most `within`) until `n` requests in all have arrived
