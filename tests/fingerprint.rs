@@ -75,9 +75,9 @@ use pinproxy::config::Config;
 use pinproxy::fingerprint::client_hello::{is_grease, ClientHello};
 use pinproxy::fingerprint::hpack::{EncodedField, Representation};
 use pinproxy::fingerprint::ja4;
-use pinproxy::upstream::FingerprintMode;
+use pinproxy::upstream::{self, FingerprintMode};
 use support::browser::Chromium;
-use support::fingerprint_origin::{FingerprintOrigin, OriginOptions, Record};
+use support::fingerprint_origin::{ConnRecord, FingerprintOrigin, OriginOptions, Record};
 use support::firefox::{Firefox, RUN_TIMEOUT};
 use support::procs::{require, Tinyproxy};
 use support::Setup;
@@ -760,8 +760,11 @@ async fn curl_http2_is_curl_through_pinproxy_with_its_http2_preface() {
         one(&through, "Akamai", Record::akamai),
         one(&direct, "Akamai", Record::akamai)
     );
-    // And its header block, as curl's nghttp2 encodes it (each connection's
-    // first).
+    // Its opening flight, and its header block as curl's nghttp2 encodes
+    // it (each connection's first).
+    for record in &through {
+        assert_opening_as_direct("curl", &direct[0].conn, &record.conn);
+    }
     let first_block = |r: &Record| r.conn.blocks.first().cloned();
     let direct_block = one(&direct, "direct header block", first_block);
     assert!(direct_block.is_some(), "{direct:?}");
@@ -819,6 +822,7 @@ async fn curl_http2_cookies_are_encoded_as_its_nghttp2_encodes_them() {
             t.cookie
         );
         assert_eq!(t.conn.blocks[0], d.conn.blocks[0], "{:?}", d.cookie);
+        assert_opening_as_direct("curl", &d.conn, &t.conn);
     }
 }
 
@@ -877,7 +881,9 @@ func main() {
 /// client's one `Cookie` header split at each `;`; and a table kept at
 /// 4,096 bytes when the origin allows more, with no size update. Three
 /// requests on one connection, directly and through pinproxy, field by
-/// field.
+/// field. Its preface is Go's but for the header list and connection
+/// window Go offers past pinproxy's ceilings, and its opening is Go's.
+/// (Its hello is not: `report` prints both, and README's table has them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
     let go = require("go");
@@ -890,6 +896,8 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
     let url = rig.origin.url("/go");
     let cookie = "theme=dark; lang=en-GB; tz=Europe/London";
     let mut blocks = Vec::new();
+    let mut conns = Vec::new();
+    let mut firsts = Vec::new();
     for (via, peer) in [(rig.direct(), "127.0.0.1"), (rig.proxied(), EXIT_IP)] {
         rig.origin.clear();
         let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
@@ -919,12 +927,27 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
             .iter()
             .all(|r| r.conn.index == records[0].conn.index));
         assert_eq!(records[0].cookie.as_deref(), Some(cookie));
+        conns.push(records[0].conn.clone());
+        firsts.push(records[0].clone());
         blocks.push(
             rig.origin.connections()[records[0].conn.index]
                 .blocks
                 .clone(),
         );
     }
+    report("Go", &firsts[0], &firsts[1]);
+    // Go's preface, but for what it offers past pinproxy's ceilings: a
+    // 10 MiB header list and a 1 GiB connection window (README, HTTP/2).
+    let mut capped = (*firsts[0].conn.h2.clone().unwrap()).clone();
+    for (id, value) in &mut capped.settings {
+        if *id == 6 {
+            *value = (*value).min(upstream::h2::MAX_HEADER_LIST);
+        }
+    }
+    let window = upstream::h2::MAX_CONNECTION_WINDOW - 65_535;
+    capped.window_update = capped.window_update.min(window);
+    assert_eq!(firsts[1].akamai(), Some(capped.akamai()));
+    assert_opening_as_direct("Go", &conns[0], &conns[1]);
     assert_blocks_as_direct(&blocks[0], &blocks[1], 3, |direct, report| {
         // Go's own choices, which are what this test is about.
         assert_eq!(
@@ -1427,23 +1450,40 @@ async fn chromium_through_pinproxy_goes_on_with_the_connection_its_cookie_came_o
 /// request that has them and refers to with one byte afterwards; an
 /// encoder that leaves cookies out of the table (the `http2` crate's own
 /// policy, borrowed from nghttp2) sends them as literals on every request,
-/// and an origin can tell the two apart by the blocks alone.
+/// and an origin can tell the two apart by the blocks alone. The origin
+/// states a 64 KiB table: Chromium sends its first request with its
+/// preface, before it reads that, and takes the table up from its second
+/// block; so does pinproxy, whose opening frames are Chromium's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() {
-    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let rig = Rig::start(OriginOptions::default().header_table_size(65536), |_| {}).await;
     let chromium = rig.chromium().await;
     let proxy = rig.s.proxy.daemon.local_addr();
     let mut blocks = Vec::new();
+    let mut pages = Vec::new();
     for via in [None, Some(proxy)] {
         rig.origin.clear();
         let dom = chromium
             .dump_dom(via, &rig.origin.url("/page?crumbs"))
             .await;
         assert!(dom.contains("fetched ok conn"), "{via:?}: {dom}");
-        blocks.push(crumb_page_blocks(&rig, &format!("{via:?}")).1);
+        let (page, page_blocks) = crumb_page_blocks(&rig, &format!("{via:?}"));
+        pages.push(page);
+        blocks.push(page_blocks);
     }
+    assert_opening_as_direct("Chromium", &pages[0].conn, &pages[1].conn);
     // The page, then its three fetches.
     assert_blocks_as_direct(&blocks[0], &blocks[1], 4, |direct, report| {
+        // The origin's 64 KiB table is taken up after the first request,
+        // which left with the preface before its SETTINGS were read.
+        let updates: Vec<usize> = (0..direct.len())
+            .filter(|&i| {
+                direct[i]
+                    .iter()
+                    .any(|f| f.representation == Representation::SizeUpdate)
+            })
+            .collect();
+        assert_eq!(updates, [1], "{report}");
         assert_eq!(
             cookie_representations(&direct[3]),
             [Representation::Indexed; 3],
@@ -1495,6 +1535,7 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
         blocks.push(page_blocks);
     }
     report("Firefox", &pages[0], &pages[1]);
+    assert_opening_as_direct("Firefox", &pages[0].conn, &pages[1].conn);
     // The HTTP/2 preface is Firefox's; the hello is Firefox's but for the
     // two extensions BoringSSL cannot send (a gap pinproxy reports).
     assert_eq!(pages[1].akamai(), pages[0].akamai());
@@ -1542,6 +1583,55 @@ fn crumb_page_blocks(rig: &Rig, via: &str) -> (Record, Vec<Vec<EncodedField>>) {
     );
     let conn = rig.origin.connections()[page[0].conn.index].clone();
     (page[0].clone(), conn.blocks)
+}
+
+/// Asserts that pinproxy's upstream connection opened as the client's own
+/// did: the same frames before the first request (SETTINGS, WINDOW_UPDATE,
+/// any PRIORITY, then HEADERS), none of them an acknowledgement of the
+/// origin's SETTINGS, and the preface with its SETTINGS and WINDOW_UPDATE
+/// in one TLS record of the same length. Clients send their first request
+/// with their preface, before they read anything; a client that read the
+/// origin's SETTINGS first (a rare race for a browser, every other
+/// connection for pinproxy before it held its reads) acknowledges them
+/// before its first request. (pinproxy also wrote the preface alone, a
+/// record no client sends.)
+fn assert_opening_as_direct(name: &str, direct: &ConnRecord, through: &ConnRecord) {
+    let expected: Vec<&str> = direct
+        .opening
+        .iter()
+        .copied()
+        .filter(|frame| *frame != "SETTINGS+ACK")
+        .collect();
+    assert_eq!(expected.last(), Some(&"HEADERS"), "{name}: {direct:?}");
+    assert_eq!(
+        through.opening, expected,
+        "{name}: the frames before the first request (direct: {:?})",
+        direct.opening
+    );
+    // And written as the client writes them: the preface, SETTINGS and
+    // WINDOW_UPDATE in one TLS record, after the handshake's Finished.
+    let first_records = |conn: &ConnRecord| -> Vec<u16> {
+        conn.records
+            .iter()
+            .filter(|(content_type, _)| *content_type == 23)
+            .map(|&(_, length)| length)
+            .take(2)
+            .collect()
+    };
+    assert_eq!(
+        first_records(direct).len(),
+        2,
+        "{name}: {:?}",
+        direct.records
+    );
+    assert_eq!(
+        first_records(through),
+        first_records(direct),
+        "{name}: the lengths of the first two encrypted records, the Finished \
+         and the opening frames (direct: {:?}, through: {:?})",
+        direct.records,
+        through.records
+    );
 }
 
 /// Asserts that a client's header blocks `through` pinproxy are its

@@ -277,4 +277,163 @@ mod tests {
         };
         assert_eq!(options(&silent).enable_push, Some(false));
     }
+
+    /// The frames a server read from `io` up to and including the first
+    /// HEADERS, as (type, flags), and that HEADERS frame's payload; at most
+    /// 64 KiB are read, and a client that sends no HEADERS fails the test
+    /// after 5 s rather than hanging it.
+    async fn frames_to_first_headers(io: &mut tokio::io::DuplexStream) -> (Vec<(u8, u8)>, Vec<u8>) {
+        use tokio::io::AsyncReadExt as _;
+        let read = async {
+            let mut preface = [0u8; 24];
+            io.read_exact(&mut preface).await.unwrap();
+            assert_eq!(&preface, crate::fingerprint::h2_preface::PREFACE);
+            let mut frames = Vec::new();
+            for _ in 0..64 {
+                let mut head = [0u8; 9];
+                io.read_exact(&mut head).await.unwrap();
+                let len =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                io.read_exact(&mut payload).await.unwrap();
+                frames.push((head[3], head[4]));
+                if head[3] == 0x1 {
+                    return (frames, payload);
+                }
+            }
+            panic!("no HEADERS in the client's first 64 frames: {frames:?}");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the client sent no HEADERS")
+    }
+
+    /// A stream that records the length of every write made to it.
+    struct Writes<T> {
+        inner: T,
+        lengths: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Writes<T> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Writes<T> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let std::task::Poll::Ready(Ok(n)) = written {
+                self.lengths.lock().unwrap().push(n);
+            }
+            written
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// pinproxy's patch to the `http2` crate: an upstream connection sends
+    /// its opening flight before it reads anything, as browsers, curl and
+    /// Go send theirs: the preface, SETTINGS and the connection
+    /// WINDOW_UPDATE in one write (so one TLS record), then the first
+    /// request's HEADERS in the next. The server's SETTINGS (a 64 KiB HPACK
+    /// table) are readable before the connection starts, and the connection
+    /// runs with no request for as long as it will: it does not acknowledge
+    /// them before that first request, whose header block starts without a
+    /// table size update; it acknowledges them after.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_first_request_leaves_before_the_servers_settings_are_read() {
+        use tokio::io::AsyncWriteExt as _;
+        const SETTINGS: u8 = 0x4;
+        const WINDOW_UPDATE: u8 = 0x8;
+        const HEADERS: u8 = 0x1;
+        const ACK: u8 = 0x1;
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let lengths = std::sync::Arc::default();
+        let client = Writes {
+            inner: client,
+            lengths: std::sync::Arc::clone(&lengths),
+        };
+        // SETTINGS_HEADER_TABLE_SIZE = 65,536.
+        server
+            .write_all(&[0, 0, 6, SETTINGS, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0])
+            .await
+            .unwrap();
+        let (mut send, connection) = http2::client::Builder::new()
+            .initial_connection_window_size(15_728_640)
+            .handshake::<_, bytes::Bytes>(client)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        // On this one thread, each yield polls the connection once: a
+        // connection that reads before it has a request has read the
+        // SETTINGS and written its acknowledgement by now.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        let request = http::Request::get("https://a.test/").body(()).unwrap();
+        let (_response, _) = send.send_request(request, true).unwrap();
+        let (frames, block) = frames_to_first_headers(&mut server).await;
+        let flags_of_headers = frames.last().map_or(0, |&(_, flags)| flags);
+        assert_eq!(
+            frames,
+            [
+                (SETTINGS, 0),
+                (WINDOW_UPDATE, 0),
+                (HEADERS, flags_of_headers)
+            ],
+            "the opening flight, as (type, flags)"
+        );
+        // A dynamic table size update is 001xxxxx.
+        assert_ne!(block.first().map(|b| b & 0xe0), Some(0x20), "{block:?}");
+        // The preface, SETTINGS (the crate's default: empty) and
+        // WINDOW_UPDATE in one write; HEADERS in the next.
+        let written = lengths.lock().unwrap().clone();
+        assert_eq!(
+            written.get(..2),
+            Some(&[24 + 9 + (9 + 4), 9 + block.len()][..])
+        );
+        // Then it reads, and acknowledges the SETTINGS.
+        let mut head = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut head)
+            .await
+            .unwrap();
+        assert_eq!((head[3], head[4]), (SETTINGS, ACK));
+        connection.abort();
+    }
+
+    /// A connection whose every handle is dropped before any request is
+    /// not held waiting for one: it ends.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_without_a_request_or_a_handle_ends() {
+        let (client, _server) = tokio::io::duplex(1 << 16);
+        let (send, connection) = http2::client::handshake(client).await.unwrap();
+        let connection = tokio::spawn(connection);
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        drop(send);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
 }

@@ -92,7 +92,21 @@ pub struct ConnRecord {
     /// Each header block the client sent, in order, as its HPACK encoder
     /// sent it (h2 only; see [`Blocks`]).
     pub blocks: Vec<Vec<EncodedField>>,
+    /// The frames the client sent after its preface, up to and including
+    /// its first HEADERS, by type (`SETTINGS`, `SETTINGS+ACK`,
+    /// `WINDOW_UPDATE`, `PRIORITY`, `HEADERS`, ...), in order (h2 only):
+    /// whether it acknowledged the origin's SETTINGS before its first
+    /// request says whether it read them first.
+    pub opening: Vec<&'static str>,
+    /// The TLS records the client sent, as (content type, length), in
+    /// order: the first [`RECORDS_KEPT`], the hello's included. Their
+    /// boundaries are what a network observer sees of how the client wrote
+    /// its bytes.
+    pub records: Vec<(u8, u16)>,
 }
+
+/// How many of a connection's TLS records [`ConnRecord::records`] keeps.
+pub const RECORDS_KEPT: usize = 12;
 
 impl ConnRecord {
     /// The Akamai string of the HTTP/2 preface, if one was read.
@@ -450,9 +464,12 @@ async fn serve(
             alpn: None,
             h2: None,
             blocks: Vec::new(),
+            opening: Vec::new(),
+            records: Vec::new(),
         });
         index
     };
+    let io = Tap::new(io, TlsRecords::new(index, log.clone()));
     let acceptor = match tickets {
         Some(tickets) => {
             let mut config = (*config).clone();
@@ -710,6 +727,79 @@ struct Blocks {
     index: usize,
     log: Arc<Mutex<Log>>,
     failed: bool,
+    /// The first HEADERS has been read: [`ConnRecord::opening`] is whole.
+    opened: bool,
+}
+
+/// Records the TLS records a client sends, as [`ConnRecord::records`].
+struct TlsRecords {
+    /// The header of the record being read, as far as it has come.
+    head: Vec<u8>,
+    /// Bytes of the current record's body still to skip.
+    skip: usize,
+    index: usize,
+    log: Arc<Mutex<Log>>,
+    seen: usize,
+}
+
+impl TlsRecords {
+    fn new(index: usize, log: Arc<Mutex<Log>>) -> TlsRecords {
+        TlsRecords {
+            head: Vec::with_capacity(5),
+            skip: 0,
+            index,
+            log,
+            seen: 0,
+        }
+    }
+}
+
+impl Observer for TlsRecords {
+    fn observe(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.done() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.head.len() == 5 {
+                let len = u16::from_be_bytes([self.head[3], self.head[4]]);
+                self.log.lock().unwrap().conns[self.index]
+                    .records
+                    .push((self.head[0], len));
+                self.seen += 1;
+                self.skip = usize::from(len);
+                self.head.clear();
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.seen >= RECORDS_KEPT
+    }
+}
+
+/// A frame's type as [`ConnRecord::opening`] lists it.
+fn frame_label(kind: u8, flags: u8) -> &'static str {
+    const ACK: u8 = 0x1;
+    match (kind, flags & ACK != 0) {
+        (0x0, _) => "DATA",
+        (0x1, _) => "HEADERS",
+        (0x2, _) => "PRIORITY",
+        (0x3, _) => "RST_STREAM",
+        (0x4, false) => "SETTINGS",
+        (0x4, true) => "SETTINGS+ACK",
+        (0x6, false) => "PING",
+        (0x6, true) => "PING+ACK",
+        (0x7, _) => "GOAWAY",
+        (0x8, _) => "WINDOW_UPDATE",
+        (0x9, _) => "CONTINUATION",
+        _ => "OTHER",
+    }
 }
 
 impl Blocks {
@@ -722,6 +812,7 @@ impl Blocks {
             index,
             log,
             failed: false,
+            opened: false,
         }
     }
 
@@ -732,6 +823,12 @@ impl Blocks {
         const END_HEADERS: u8 = 0x4;
         const PADDED: u8 = 0x8;
         const PRIORITY: u8 = 0x20;
+        if !self.opened {
+            self.opened = kind == HEADERS;
+            self.log.lock().unwrap().conns[self.index]
+                .opening
+                .push(frame_label(kind, flags));
+        }
         match kind {
             HEADERS => {
                 if flags & PADDED != 0 {

@@ -155,7 +155,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Initializes new HTTP/2 streams on a connection by sending a request.
 ///
@@ -1380,19 +1380,8 @@ where
 
 // ===== impl Connection =====
 
-async fn bind_connection<T>(io: &mut T) -> Result<(), crate::Error>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    tracing::debug!("binding client connection");
-
-    let msg: &'static [u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    io.write_all(msg).await.map_err(crate::Error::from_io)?;
-
-    tracing::debug!("client connection bound");
-
-    Ok(())
-}
+/// The client connection preface (RFC 9113, section 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<T, B> Connection<T, B>
 where
@@ -1400,13 +1389,14 @@ where
     B: Buf,
 {
     async fn handshake2(
-        mut io: T,
+        io: T,
         builder: Builder,
     ) -> Result<(SendRequest<B>, Connection<T, B>), crate::Error> {
-        bind_connection(&mut io).await?;
-
-        // Create the codec
+        // pinproxy patch: the preface is buffered in the codec, to leave in
+        // one write with the SETTINGS and WINDOW_UPDATE (the crate wrote it
+        // alone first: a TLS record of its own, which no client sends).
         let mut codec = Codec::new(io);
+        codec.buffer_preface(PREFACE);
 
         // pinproxy patch: HPACK as the client whose pseudo-header order is
         // sent encodes it.

@@ -128,6 +128,12 @@ where
         self.encoder.buffer(item)
     }
 
+    /// pinproxy patch: buffers raw bytes (a client's connection preface)
+    /// ahead of the frames, to go out in the same write.
+    pub fn buffer_raw(&mut self, bytes: &[u8]) {
+        self.encoder.buf.get_mut().put_slice(bytes);
+    }
+
     /// Flush buffered data to the wire
     pub fn flush(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         let _span = tracing::trace_span!("FramedWrite::flush");

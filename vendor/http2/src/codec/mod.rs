@@ -157,6 +157,13 @@ where
         self.framed_write().flush(cx)
     }
 
+    /// pinproxy patch: buffers a client's connection preface, so that it
+    /// leaves in one write with its SETTINGS and WINDOW_UPDATE, as clients
+    /// write them (one TLS record), rather than in a write of its own.
+    pub fn buffer_preface(&mut self, preface: &[u8]) {
+        self.framed_write().buffer_raw(preface);
+    }
+
     /// Shutdown the send half
     pub fn shutdown(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().shutdown(cx)

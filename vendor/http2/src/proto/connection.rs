@@ -24,6 +24,29 @@ where
     codec: Codec<T, Prioritized<B>>,
 
     inner: ConnectionInner<P, B>,
+
+    /// pinproxy patch: how far a client's opening flight is out.
+    opening: Opening,
+}
+
+/// pinproxy patch: a client's opening flight. Browsers, curl and Go send
+/// their first request with their preface, before they read anything from
+/// the server; a client that read the server's SETTINGS first would
+/// acknowledge them before its first HEADERS (and between its SETTINGS and
+/// WINDOW_UPDATE), and encode that request with the server's table size.
+/// So until the first request's HEADERS is written (or no handle to send
+/// one is left), nothing is read. And as those clients do, the preface, the
+/// SETTINGS and the WINDOW_UPDATE go in one write (one TLS record), the
+/// first HEADERS in the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// Nothing written yet.
+    Unwritten,
+    /// The preface, SETTINGS and WINDOW_UPDATE are written; the first
+    /// request's HEADERS is not.
+    AwaitingRequest,
+    /// Done (and always, for a server).
+    Done,
 }
 
 // Extracted part of `Connection` which does not depend on `T`. Reduces the amount of duplicated
@@ -108,6 +131,11 @@ where
     B: Buf,
 {
     pub fn new(codec: Codec<T, Prioritized<B>>, config: Config) -> Connection<T, P, B> {
+        let opening = if P::r#dyn().is_server() {
+            Opening::Done
+        } else {
+            Opening::Unwritten
+        };
         fn streams_config(config: &Config) -> streams::Config {
             streams::Config {
                 initial_max_send_streams: config.initial_max_send_streams,
@@ -150,6 +178,7 @@ where
                 span,
                 _phantom: PhantomData,
             },
+            opening,
         }
     }
 
@@ -353,6 +382,9 @@ where
                     "graceful GOAWAY should be NO_ERROR"
                 );
             }
+            if self.opening != Opening::Done {
+                ready!(self.poll_opening(cx))?;
+            }
             ready!(self.poll_ready(cx))?;
 
             match self
@@ -373,6 +405,33 @@ where
                 }
             }
         }
+    }
+
+    /// pinproxy patch: sends the client's opening flight before anything is
+    /// read ([`Opening`]): one write of the preface and SETTINGS (buffered
+    /// at the handshake) and the connection WINDOW_UPDATE, then one of the
+    /// first request's HEADERS; `Pending` until the user has queued that
+    /// request, which wakes the connection.
+    fn poll_opening(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
+        if self.opening == Opening::Unwritten {
+            ready!(self
+                .inner
+                .streams
+                .poll_window_updates(cx, &mut self.codec))?;
+            ready!(self.codec.flush(cx))?;
+            self.opening = Opening::AwaitingRequest;
+        }
+        ready!(self.inner.streams.poll_complete(cx, &mut self.codec))?;
+        // Once `poll_complete` is ready, a queued request's HEADERS has
+        // been written: its stream counts. With no handle left, no request
+        // will come, and the connection must read to close.
+        if self.inner.streams.has_streams()
+            || !self.inner.streams.has_streams_or_other_references()
+        {
+            self.opening = Opening::Done;
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
     }
 
     fn clear_expired_reset_streams(&mut self) {

@@ -206,6 +206,23 @@ where
         me.poll_complete(&self.send_buffer, cx, dst)
     }
 
+    /// pinproxy patch: writes the pending WINDOW_UPDATE frames (a client's
+    /// opening one), and none of the streams' frames.
+    pub fn poll_window_updates<T>(
+        &mut self,
+        cx: &mut Context,
+        dst: &mut Codec<T, Prioritized<B>>,
+    ) -> Poll<io::Result<()>>
+    where
+        T: AsyncWrite + Unpin,
+    {
+        let mut me = self.inner.lock();
+        let me = &mut *me;
+        me.actions
+            .recv
+            .poll_complete(cx, &mut me.store, &mut me.counts, dst)
+    }
+
     pub fn apply_remote_settings(
         &mut self,
         frame: &frame::Settings,
