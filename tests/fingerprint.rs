@@ -1461,17 +1461,34 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
     let proxy = rig.s.proxy.daemon.local_addr();
     let mut blocks = Vec::new();
     let mut pages = Vec::new();
+    let mut conns = Vec::new();
     for via in [None, Some(proxy)] {
         rig.origin.clear();
         let dom = chromium
             .dump_dom(via, &rig.origin.url("/page?crumbs"))
             .await;
         assert!(dom.contains("fetched ok conn"), "{via:?}: {dom}");
-        let (page, page_blocks) = crumb_page_blocks(&rig, &format!("{via:?}"));
+        let (page, conn) = crumb_page(&rig, &format!("{via:?}"));
         pages.push(page);
-        blocks.push(page_blocks);
+        blocks.push(conn.blocks.clone());
+        conns.push(conn);
     }
     assert_opening_as_direct("Chromium", &pages[0].conn, &pages[1].conn);
+    // Each request's priority fields, as Chromium gives them from the
+    // request's priority (its `priority` header's urgency): the page's
+    // weight 256, the fetches' 220, each exclusive and, made one after
+    // another, depending on no open stream.
+    assert_eq!(
+        conns[0].priorities,
+        [
+            Some((true, 0, 256)),
+            Some((true, 0, 220)),
+            Some((true, 0, 220)),
+            Some((true, 0, 220))
+        ],
+        "Chromium's own priorities are not as this test expects"
+    );
+    assert_eq!(conns[1].priorities, conns[0].priorities);
     // The page, then its three fetches.
     assert_blocks_as_direct(&blocks[0], &blocks[1], 4, |direct, report| {
         // The origin's 64 KiB table is taken up after the first request,
@@ -1530,9 +1547,9 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
             .filter_map(|line| line.split(' ').nth(1))
             .collect();
         println!("{via}: Firefox's background requests refused at the tap: {hosts:?}");
-        let (page, page_blocks) = crumb_page_blocks(&rig, via);
+        let (page, conn) = crumb_page(&rig, via);
         pages.push(page);
-        blocks.push(page_blocks);
+        blocks.push(conn.blocks);
     }
     report("Firefox", &pages[0], &pages[1]);
     assert_opening_as_direct("Firefox", &pages[0].conn, &pages[1].conn);
@@ -1565,11 +1582,11 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
 }
 
 /// The record of `/page?crumbs` (loaded by a browser `via` something, for
-/// messages) and the header blocks of its connection, asserting that the
-/// page's three fetches went on that connection too, over HTTP/2. Read
-/// once the last fetch is answered, when the connection's blocks are all
+/// messages) and the record of its connection, asserting that the page's
+/// three fetches went on that connection too, over HTTP/2. Read once the
+/// last fetch is answered, when the connection's header blocks are all
 /// in.
-fn crumb_page_blocks(rig: &Rig, via: &str) -> (Record, Vec<Vec<EncodedField>>) {
+fn crumb_page(rig: &Rig, via: &str) -> (Record, ConnRecord) {
     let records = rig.origin.records();
     let page: Vec<&Record> = records
         .iter()
@@ -1582,7 +1599,7 @@ fn crumb_page_blocks(rig: &Rig, via: &str) -> (Record, Vec<Vec<EncodedField>>) {
         "{via}: the fetches went on another connection than the page's: {records:?}"
     );
     let conn = rig.origin.connections()[page[0].conn.index].clone();
-    (page[0].clone(), conn.blocks)
+    (page[0].clone(), conn)
 }
 
 /// Asserts that pinproxy's upstream connection opened as the client's own

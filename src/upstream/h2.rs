@@ -422,6 +422,122 @@ mod tests {
         connection.abort();
     }
 
+    /// Reads frames from `io` (after the preface is read) until `count`
+    /// HEADERS have come, returning each one's priority fields as
+    /// (exclusive, the stream it depends on, weight 1 to 256); at most 64
+    /// frames, and 5 s, rather than a hang.
+    async fn headers_priorities(
+        io: &mut tokio::io::DuplexStream,
+        count: usize,
+    ) -> Vec<Option<(bool, u32, u16)>> {
+        use tokio::io::AsyncReadExt as _;
+        let read = async {
+            let mut found = Vec::new();
+            for _ in 0..64 {
+                let mut head = [0u8; 9];
+                io.read_exact(&mut head).await.unwrap();
+                let len =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                io.read_exact(&mut payload).await.unwrap();
+                if head[3] != 0x1 {
+                    continue;
+                }
+                found.push((head[4] & 0x20 != 0).then(|| {
+                    let word = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    (
+                        word >> 31 == 1,
+                        word & 0x7fff_ffff,
+                        u16::from(payload[4]) + 1,
+                    )
+                }));
+                if found.len() == count {
+                    return found;
+                }
+            }
+            panic!("fewer than {count} HEADERS in 64 frames: {found:?}");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the client sent too few HEADERS")
+    }
+
+    /// pinproxy's patch to the `http2` crate: on a connection that speaks
+    /// for Chromium, a request that states its priority (its `priority`
+    /// header's urgency, as Chromium sends it) gets Chromium's priority
+    /// fields: exclusive, Chromium's weight for the urgency, and as parent
+    /// the newest open stream of the same urgency, else of the nearest more
+    /// urgent one, else none; a closed stream leaves that chain. A request
+    /// without the header has RFC 9218's default urgency, 3, which Chromium
+    /// leaves unstated.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_speaking_for_chromium_chains_its_streams_as_chromium() {
+        use http2::frame::{PseudoId, PseudoOrder, StreamDependency, StreamId};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let order = PseudoOrder::builder()
+            .hpack_policy(HpackPolicy::Chromium)
+            .extend([
+                PseudoId::Method,
+                PseudoId::Authority,
+                PseudoId::Scheme,
+                PseudoId::Path,
+            ])
+            .build();
+        let (mut send, connection) = http2::client::Builder::new()
+            .headers_pseudo_order(order)
+            .headers_stream_dependency(StreamDependency::new(StreamId::zero(), 255, true))
+            .handshake::<_, bytes::Bytes>(client)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        let mut preface = [0u8; 24];
+        server.read_exact(&mut preface).await.unwrap();
+        fn request(
+            send: &mut http2::client::SendRequest<bytes::Bytes>,
+            urgency: Option<u8>,
+        ) -> Option<http2::client::ResponseFuture> {
+            let mut request = http::Request::get("https://a.test/");
+            if let Some(u) = urgency {
+                request = request.header("priority", format!("u={u}, i"));
+            }
+            let (response, _) = send.send_request(request.body(()).unwrap(), true).unwrap();
+            Some(response)
+        }
+        // Streams 1 (u=0), 3 (u=1), 5 (u=0), 7 (u=2), 9 (no header: u=3).
+        let mut sent: Vec<_> = [Some(0), Some(1), Some(0), Some(2), None]
+            .into_iter()
+            .map(|urgency| request(&mut send, urgency))
+            .collect();
+        assert_eq!(
+            headers_priorities(&mut server, 5).await,
+            [
+                Some((true, 0, 256)),
+                Some((true, 1, 220)),
+                Some((true, 1, 256)),
+                Some((true, 3, 183)),
+                Some((true, 7, 147)),
+            ]
+        );
+        // Streams 1 and 5 are answered (`:status: 200`, static entry 8) and
+        // so closed: a new u=0 request (11) depends on no stream.
+        for stream in [1u8, 5] {
+            server
+                .write_all(&[0, 0, 1, 0x1, 0x5, 0, 0, 0, stream, 0x88])
+                .await
+                .unwrap();
+        }
+        for index in [0, 2] {
+            sent[index].take().unwrap().await.unwrap();
+        }
+        let _last = request(&mut send, Some(0));
+        assert_eq!(
+            headers_priorities(&mut server, 1).await,
+            [Some((true, 0, 256))]
+        );
+        connection.abort();
+    }
+
     /// A connection whose every handle is dropped before any request is
     /// not held waiting for one: it ends.
     #[tokio::test(flavor = "current_thread")]

@@ -10,8 +10,11 @@
 //! whether it resumed a session and which connection that session was
 //! issued on (the origin keeps its sessions, so a ticket names them), the
 //! ALPN protocol rustls agreed on and, for HTTP/2, the connection preface
-//! ([`PrefaceRecorder`]) with its Akamai string, and every header block as
-//! the client's HPACK encoder sent it ([`Blocks`]). For every request it
+//! ([`PrefaceRecorder`]) with its Akamai string, the frames it sent up to
+//! its first request and every header block as the client's HPACK encoder
+//! sent it with its HEADERS frame's priority fields ([`Blocks`]), and the
+//! type and length of the first TLS records it sent ([`TlsRecords`]: how it
+//! wrote its bytes, as a network observer sees it). For every request it
 //! records the method, path, version, header names in order (for HTTP/1.1
 //! the first request of a connection keeps the names' case, read off the
 //! raw head with [`h1_order::header_names`]; later requests on the same
@@ -98,6 +101,10 @@ pub struct ConnRecord {
     /// whether it acknowledged the origin's SETTINGS before its first
     /// request says whether it read them first.
     pub opening: Vec<&'static str>,
+    /// Each HEADERS frame's priority fields, block by block as
+    /// [`ConnRecord::blocks`]: (exclusive, the stream it depends on, weight
+    /// 1 to 256), `None` when the frame has none.
+    pub priorities: Vec<Option<(bool, u32, u16)>>,
     /// The TLS records the client sent, as (content type, length), in
     /// order: the first [`RECORDS_KEPT`], the hello's included. Their
     /// boundaries are what a network observer sees of how the client wrote
@@ -465,6 +472,7 @@ async fn serve(
             h2: None,
             blocks: Vec::new(),
             opening: Vec::new(),
+            priorities: Vec::new(),
             records: Vec::new(),
         });
         index
@@ -836,9 +844,20 @@ impl Blocks {
                     let end = rest.len().checked_sub(usize::from(pad));
                     payload = &rest[..end.ok_or("bad padding")?];
                 }
+                let mut priority = None;
                 if flags & PRIORITY != 0 {
-                    payload = payload.get(5..).ok_or("short HEADERS")?;
+                    let fields = payload.get(..5).ok_or("short HEADERS")?;
+                    let word = u32::from_be_bytes([fields[0], fields[1], fields[2], fields[3]]);
+                    priority = Some((
+                        word >> 31 == 1,
+                        word & 0x7fff_ffff,
+                        u16::from(fields[4]) + 1,
+                    ));
+                    payload = &payload[5..];
                 }
+                self.log.lock().unwrap().conns[self.index]
+                    .priorities
+                    .push(priority);
                 self.block = payload.to_vec();
             }
             CONTINUATION => self.block.extend_from_slice(payload),

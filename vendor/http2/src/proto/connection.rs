@@ -414,10 +414,7 @@ where
     /// request, which wakes the connection.
     fn poll_opening(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
         if self.opening == Opening::Unwritten {
-            ready!(self
-                .inner
-                .streams
-                .poll_window_updates(cx, &mut self.codec))?;
+            ready!(self.inner.streams.poll_window_updates(cx, &mut self.codec))?;
             ready!(self.codec.flush(cx))?;
             self.opening = Opening::AwaitingRequest;
         }
@@ -425,8 +422,7 @@ where
         // Once `poll_complete` is ready, a queued request's HEADERS has
         // been written: its stream counts. With no handle left, no request
         // will come, and the connection must read to close.
-        if self.inner.streams.has_streams()
-            || !self.inner.streams.has_streams_or_other_references()
+        if self.inner.streams.has_streams() || !self.inner.streams.has_streams_or_other_references()
         {
             self.opening = Opening::Done;
             return Poll::Ready(Ok(()));

@@ -1,5 +1,6 @@
 mod buffer;
 mod counts;
+mod dependencies;
 mod flow_control;
 mod prioritize;
 mod recv;

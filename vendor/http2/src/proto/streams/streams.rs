@@ -97,6 +97,10 @@ struct Inner {
 
     /// Priority of the headers stream
     priorities: Option<Priorities>,
+
+    /// pinproxy patch: the open streams' Chromium priorities, on a
+    /// connection that speaks for Chromium (`None` otherwise).
+    chromium_dependencies: Option<super::dependencies::ChromiumDependencies>,
 }
 
 #[derive(Debug)]
@@ -322,6 +326,21 @@ where
             }
         }
 
+        // pinproxy patch: on a connection speaking for Chromium, each
+        // request depends as Chromium's would.
+        let dependency = match me.chromium_dependencies.as_mut() {
+            Some(chain) => {
+                let urgency = super::dependencies::ChromiumDependencies::urgency(request.headers());
+                let store = &mut me.store;
+                Some(chain.on_stream_creation(stream_id, urgency, |id| {
+                    store
+                        .find_mut(&id)
+                        .is_some_and(|stream| !stream.state.is_closed())
+                }))
+            }
+            None => me.headers_stream_dependency,
+        };
+
         // Convert the message
         let headers = client::Peer::convert_send_message(
             stream_id,
@@ -329,7 +348,7 @@ where
             protocol,
             end_of_stream,
             me.headers_pseudo_order.clone(),
-            me.headers_stream_dependency,
+            dependency,
         )?;
 
         let mut stream = me.store.insert(stream.id, stream);
@@ -472,6 +491,10 @@ impl Inner {
             store: Store::new(),
             refs: 1,
             headers_stream_dependency: config.headers_stream_dependency,
+            chromium_dependencies: (crate::HpackPolicy::for_pseudo_order(
+                config.headers_pseudo_order.as_ref(),
+            ) == crate::HpackPolicy::Chromium)
+                .then(Default::default),
             headers_pseudo_order: config.headers_pseudo_order,
             priorities: config.priorities,
         }))
