@@ -125,6 +125,13 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
             ));
         }
         builder = builder.priorities(priorities.build());
+        // The client's requests start after the idle streams its PRIORITY
+        // frames name (older Firefox: 3 to 13, its first request 15); the
+        // crate refuses a request on a stream id at or below them.
+        let last = preface.priorities.iter().map(|p| p.stream_id).max();
+        if let Some(first_free) = last.and_then(|id| id.checked_add(2)) {
+            builder = builder.initial_stream_id(first_free | 1);
+        }
     }
     let mut pseudo = PseudoOrder::builder().hpack_policy(hpack_policy(preface));
     for letter in &preface.pseudo_order {
@@ -257,6 +264,24 @@ mod tests {
         assert_eq!(offered.enable_push, Some(false));
     }
 
+    /// A preface with PRIORITY frames on idle streams (older Firefox's
+    /// groups) starts its requests after them, as the client did.
+    #[test]
+    fn requests_start_after_the_streams_priority_frames_name() {
+        let priority = |stream_id| Priority {
+            stream_id,
+            exclusive: false,
+            depends_on: 0,
+            weight: 201,
+        };
+        let firefox = H2Fingerprint {
+            priorities: (3..=13).step_by(2).map(priority).collect(),
+            ..H2Fingerprint::default()
+        };
+        assert_eq!(options(&firefox).initial_stream_id, Some(15));
+        assert_eq!(options(&H2Fingerprint::default()).initial_stream_id, None);
+    }
+
     /// An HPACK table past the ceiling is offered as the ceiling; push is
     /// never enabled, whether the preface enables it or leaves it unstated;
     /// a frame size outside the protocol's range (a damaged record) is left
@@ -379,8 +404,14 @@ mod tests {
             .write_all(&[0, 0, 6, SETTINGS, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0])
             .await
             .unwrap();
+        // Chromium's choices: its table follows the server's (nghttp2's
+        // would stay at 4,096 bytes, with no update to send).
+        let chromium = http2::frame::PseudoOrder::builder()
+            .hpack_policy(HpackPolicy::Chromium)
+            .build();
         let (mut send, connection) = http2::client::Builder::new()
             .initial_connection_window_size(15_728_640)
+            .headers_pseudo_order(chromium)
             .handshake::<_, bytes::Bytes>(client)
             .await
             .unwrap();
@@ -534,6 +565,48 @@ mod tests {
         assert_eq!(
             headers_priorities(&mut server, 1).await,
             [Some((true, 0, 256))]
+        );
+        connection.abort();
+    }
+
+    /// A connection whose first request does not come reads after half a
+    /// second anyway (a request dropped before it was queued must not leave
+    /// a connection blind to the server's SETTINGS and GOAWAY), and
+    /// acknowledges the server's SETTINGS then; not before.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_connection_whose_first_request_does_not_come_reads_after_half_a_second() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        server
+            .write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let (_send, connection) = http2::client::handshake(client).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut preface = [0u8; 24];
+        server.read_exact(&mut preface).await.unwrap();
+        // Its SETTINGS, then (the clock moving on only when every task
+        // waits) the acknowledgement of the server's.
+        let read = async {
+            let mut frames = Vec::new();
+            for _ in 0..2 {
+                let mut head = [0u8; 9];
+                server.read_exact(&mut head).await.unwrap();
+                let mut payload = vec![0u8; usize::from(head[2])];
+                server.read_exact(&mut payload).await.unwrap();
+                frames.push((head[3], head[4]));
+            }
+            frames
+        };
+        let frames = tokio::time::timeout(std::time::Duration::from_secs(60), read)
+            .await
+            .expect("the server's SETTINGS were never acknowledged");
+        assert_eq!(frames, [(0x4, 0), (0x4, 0x1)]);
+        let waited = started.elapsed();
+        assert!(
+            (500..1000).contains(&waited.as_millis()),
+            "acknowledged after {waited:?}"
         );
         connection.abort();
     }

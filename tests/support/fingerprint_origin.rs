@@ -12,18 +12,21 @@
 //! ALPN protocol rustls agreed on and, for HTTP/2, the connection preface
 //! ([`PrefaceRecorder`]) with its Akamai string, the frames it sent up to
 //! its first request and every header block as the client's HPACK encoder
-//! sent it with its HEADERS frame's priority fields ([`Blocks`]), and the
-//! type and length of the first TLS records it sent ([`TlsRecords`]: how it
-//! wrote its bytes, as a network observer sees it). For every request it
+//! sent it with its HEADERS frame's priority fields and the WINDOW_UPDATEs
+//! it sent after its first request ([`Blocks`]), and the type and length of
+//! the first TLS records it sent ([`TlsRecords`]: how it wrote its bytes,
+//! as a network observer sees it). For every request it
 //! records the method, path, version, header names in order (for HTTP/1.1
 //! the first request of a connection keeps the names' case, read off the
 //! raw head with [`h1_order::header_names`]; later requests on the same
 //! connection have hyper's lowercase names), the `cookie` header and the
 //! peer address.
 //!
-//! Every request is answered 200 with a short body; `/login` also sets a
-//! fresh `datadome=<random>` cookie, so an identity can be founded through
-//! pinproxy's Set-Cookie capture. `/page` sets one too (`/page?crumbs` two
+//! Every request is answered 200 with a short body (`/large`: 8 MiB of
+//! text, [`LARGE_BODY`], which `/large-page` fetches and then `/after`);
+//! `/login` also sets a fresh `datadome=<random>`
+//! cookie, so an identity can be founded through pinproxy's Set-Cookie
+//! capture. `/page` sets one too (`/page?crumbs` two
 //! more, `theme` and `lang`, which pinproxy does not track, so that a
 //! browser sends its cookies as several `cookie` fields), and is an HTML page
 //! whose script fetches `/fetched?1`, `?2` and `?3` one after another (a
@@ -105,12 +108,22 @@ pub struct ConnRecord {
     /// [`ConnRecord::blocks`]: (exclusive, the stream it depends on, weight
     /// 1 to 256), `None` when the frame has none.
     pub priorities: Vec<Option<(bool, u32, u16)>>,
+    /// The WINDOW_UPDATE frames the client sent after its first request,
+    /// as (stream, increment), the first [`WINDOW_UPDATES_KEPT`]: when it
+    /// tells the origin it has read what it was sent.
+    pub window_updates: Vec<(u32, u32)>,
     /// The TLS records the client sent, as (content type, length), in
     /// order: the first [`RECORDS_KEPT`], the hello's included. Their
     /// boundaries are what a network observer sees of how the client wrote
     /// its bytes.
     pub records: Vec<(u8, u16)>,
 }
+
+/// The size of `/large`'s body.
+pub const LARGE_BODY: usize = 8 << 20;
+
+/// How many WINDOW_UPDATE frames [`ConnRecord::window_updates`] keeps.
+pub const WINDOW_UPDATES_KEPT: usize = 64;
 
 /// How many of a connection's TLS records [`ConnRecord::records`] keeps.
 pub const RECORDS_KEPT: usize = 12;
@@ -237,7 +250,7 @@ pub struct FingerprintOrigin {
     pub pki: Arc<TestPki>,
     log: Arc<Mutex<Log>>,
     requests: watch::Receiver<usize>,
-    /// How many connections have ended (their serving task returned).
+    /// How many recorded connections have ended (see [`EndOnDrop`]).
     ended: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
@@ -287,14 +300,19 @@ impl FingerprintOrigin {
             while let Ok((tcp, peer)) = listener.accept().await {
                 let (config, log, count) = (config.clone(), shared.clone(), count.clone());
                 let tickets = tickets.clone();
-                let ended_count = ended_count.clone();
+                let ended = ended_count.clone();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(300),
-                        serve(tcp, peer, (config, tickets), log, count, (close, table)),
+                        serve(
+                            tcp,
+                            peer,
+                            (config, tickets),
+                            (log, count, ended),
+                            (close, table),
+                        ),
                     )
                     .await;
-                    ended_count.send_modify(|ended| *ended += 1);
                 });
             }
         });
@@ -443,8 +461,7 @@ async fn serve(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     (config, tickets): (Arc<rustls::ServerConfig>, Option<Arc<Tickets>>),
-    log: Arc<Mutex<Log>>,
-    count: Arc<watch::Sender<usize>>,
+    (log, count, ended): (Arc<Mutex<Log>>, Counter, Counter),
     (close, table): (bool, Option<u32>),
 ) {
     let Ok((io, read)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(tcp)).await
@@ -473,10 +490,12 @@ async fn serve(
             blocks: Vec::new(),
             opening: Vec::new(),
             priorities: Vec::new(),
+            window_updates: Vec::new(),
             records: Vec::new(),
         });
         index
     };
+    let _ended = EndOnDrop(ended);
     let io = Tap::new(io, TlsRecords::new(index, log.clone()));
     let acceptor = match tickets {
         Some(tickets) => {
@@ -608,14 +627,18 @@ impl Recorder {
             log.total
         };
         self.count.send_replace(index);
-        let page = path.split('?').next() == Some("/page");
+        let page = match path.split('?').next() {
+            Some("/page") => Some(PAGE),
+            Some("/large-page") => Some(LARGE_PAGE),
+            _ => None,
+        };
         let body = match page {
-            true => PAGE.to_owned(),
-            false => format!("ok conn {} request {index}\n", self.index),
+            Some(html) => html.to_owned(),
+            None => format!("ok conn {} request {index}\n", self.index),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = StatusCode::OK;
-        if page {
+        if page.is_some() {
             response
                 .headers_mut()
                 .insert(http::header::CONTENT_TYPE, "text/html".parse().unwrap());
@@ -628,6 +651,11 @@ impl Recorder {
             }
             self.answered.notify_one();
         }
+        if path == "/large" {
+            // Bigger than the stream windows browsers offer (Chromium's
+            // 6 MiB): the client must tell the origin it has read.
+            return Response::new(Full::new(Bytes::from(vec![b'x'; LARGE_BODY])));
+        }
         if path == "/page?crumbs" {
             for cookie in ["theme=dark; Path=/; Secure", "lang=en-GB; Path=/; Secure"] {
                 response
@@ -635,7 +663,7 @@ impl Recorder {
                     .append("set-cookie", cookie.parse().unwrap());
             }
         }
-        if page || path.split('?').next() == Some("/login") {
+        if page == Some(PAGE) || path.split('?').next() == Some("/login") {
             let token: u128 = rand::random();
             response.headers_mut().append(
                 "set-cookie",
@@ -650,6 +678,18 @@ impl Recorder {
 
 /// `/page`: three requests to the same host, each after the last answer
 /// (and no favicon request, which could come before them).
+/// `/large-page`: fetches `/large`, then `/after` (on the same connection),
+/// then writes `fetched` and the large body's length into the page.
+const LARGE_PAGE: &str = "<!doctype html><html><head><link rel=\"icon\" href=\"data:,\"></head>
+<body><p id=\"out\">waiting</p><script>
+(async () => {
+  const large = await (await fetch('/large')).text();
+  await (await fetch('/after')).text();
+  document.getElementById('out').textContent = 'fetched ' + large.length;
+})();
+</script></body></html>
+";
+
 const PAGE: &str = "<!doctype html><html><head><link rel=\"icon\" href=\"data:,\"></head>
 <body><p id=\"out\">waiting</p><script>
 (async () => {
@@ -739,6 +779,19 @@ struct Blocks {
     opened: bool,
 }
 
+/// A count the origin raises and tests wait on.
+type Counter = Arc<watch::Sender<usize>>;
+
+/// Counts its recorded connection as ended when dropped: when `serve`
+/// returns, or its task is dropped.
+struct EndOnDrop(Arc<watch::Sender<usize>>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.send_modify(|ended| *ended += 1);
+    }
+}
+
 /// Records the TLS records a client sends, as [`ConnRecord::records`].
 struct TlsRecords {
     /// The header of the record being read, as far as it has come.
@@ -825,8 +878,13 @@ impl Blocks {
     }
 
     /// One frame's payload.
-    fn frame(&mut self, kind: u8, flags: u8, mut payload: &[u8]) -> Result<(), &'static str> {
+    fn frame(
+        &mut self,
+        (kind, flags, stream): (u8, u8, u32),
+        mut payload: &[u8],
+    ) -> Result<(), &'static str> {
         const HEADERS: u8 = 0x1;
+        const WINDOW_UPDATE: u8 = 0x8;
         const CONTINUATION: u8 = 0x9;
         const END_HEADERS: u8 = 0x4;
         const PADDED: u8 = 0x8;
@@ -836,6 +894,14 @@ impl Blocks {
             self.log.lock().unwrap().conns[self.index]
                 .opening
                 .push(frame_label(kind, flags));
+        } else if kind == WINDOW_UPDATE {
+            let bytes = payload.get(..4).ok_or("short WINDOW_UPDATE")?;
+            let increment = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let mut log = self.log.lock().unwrap();
+            let updates = &mut log.conns[self.index].window_updates;
+            if updates.len() < WINDOW_UPDATES_KEPT {
+                updates.push((stream, increment & 0x7fff_ffff));
+            }
         }
         match kind {
             HEADERS => {
@@ -898,8 +964,14 @@ impl Observer for Blocks {
                 return;
             }
             let (kind, flags) = (self.pending[3], self.pending[4]);
+            let stream = u32::from_be_bytes([
+                self.pending[5],
+                self.pending[6],
+                self.pending[7],
+                self.pending[8],
+            ]) & 0x7fff_ffff;
             let frame: Vec<u8> = self.pending.drain(..9 + len).collect();
-            if let Err(e) = self.frame(kind, flags, &frame[9..]) {
+            if let Err(e) = self.frame((kind, flags, stream), &frame[9..]) {
                 eprintln!("origin: cannot read a header block: {e}");
                 self.failed = true;
                 return;

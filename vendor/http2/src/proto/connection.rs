@@ -27,7 +27,20 @@ where
 
     /// pinproxy patch: how far a client's opening flight is out.
     opening: Opening,
+
+    /// pinproxy patch: when a client connection that has no request yet
+    /// stops waiting for one and reads ([`OPENING_WAIT`]).
+    opening_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// pinproxy patch: how long a client connection with its opening written
+/// waits for a first request before it reads anyway. A request is normally
+/// queued at once (pinproxy dials with one in hand); one that was dropped
+/// before it was queued would otherwise leave a connection that sees
+/// neither the server's SETTINGS nor its GOAWAY until the next request. A
+/// client with no request to send (a browser's preconnect) reads at once,
+/// too.
+const OPENING_WAIT: Duration = Duration::from_millis(500);
 
 /// pinproxy patch: a client's opening flight. Browsers, curl and Go send
 /// their first request with their preface, before they read anything from
@@ -35,7 +48,8 @@ where
 /// acknowledge them before its first HEADERS (and between its SETTINGS and
 /// WINDOW_UPDATE), and encode that request with the server's table size.
 /// So until the first request's HEADERS is written (or no handle to send
-/// one is left), nothing is read. And as those clients do, the preface, the
+/// one is left, or [`OPENING_WAIT`] has passed), nothing is read. And as
+/// those clients do, the preface, the
 /// SETTINGS and the WINDOW_UPDATE go in one write (one TLS record), the
 /// first HEADERS in the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +193,7 @@ where
                 _phantom: PhantomData,
             },
             opening,
+            opening_deadline: None,
         }
     }
 
@@ -411,7 +426,7 @@ where
     /// read ([`Opening`]): one write of the preface and SETTINGS (buffered
     /// at the handshake) and the connection WINDOW_UPDATE, then one of the
     /// first request's HEADERS; `Pending` until the user has queued that
-    /// request, which wakes the connection.
+    /// request, which wakes the connection, or [`OPENING_WAIT`] has passed.
     fn poll_opening(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
         if self.opening == Opening::Unwritten {
             ready!(self.inner.streams.poll_window_updates(cx, &mut self.codec))?;
@@ -419,12 +434,19 @@ where
             self.opening = Opening::AwaitingRequest;
         }
         ready!(self.inner.streams.poll_complete(cx, &mut self.codec))?;
-        // Once `poll_complete` is ready, a queued request's HEADERS has
-        // been written: its stream counts. With no handle left, no request
-        // will come, and the connection must read to close.
-        if self.inner.streams.has_streams() || !self.inner.streams.has_streams_or_other_references()
+        // Once `poll_complete` is ready, the first request's HEADERS has
+        // been written (or, for a request reset before it left, its HEADERS
+        // and RST_STREAM). With no handle left, no request will come, and
+        // the connection must read to close.
+        let deadline = self
+            .opening_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(OPENING_WAIT)));
+        if self.inner.streams.has_opened_a_stream()
+            || !self.inner.streams.has_streams_or_other_references()
+            || std::future::Future::poll(deadline.as_mut(), cx).is_ready()
         {
             self.opening = Opening::Done;
+            self.opening_deadline = None;
             return Poll::Ready(Ok(()));
         }
         Poll::Pending

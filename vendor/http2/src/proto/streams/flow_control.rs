@@ -4,28 +4,10 @@ use crate::tracing;
 
 use std::fmt;
 
-// We don't want to send WINDOW_UPDATE frames for tiny changes, but instead
-// aggregate them when the changes are significant. Many implementations do
-// this by keeping a "ratio" of the update version the allowed window size.
-//
-// While some may wish to represent this ratio as percentage, using a f32,
-// we skip having to deal with float math and stick to integers. To do so,
-// the "ratio" is represented by 2 i32s, split into the numerator and
-// denominator. For example, a 50% ratio is simply represented as 1/2.
-//
-// An example applying this ratio: If a stream has an allowed window size of
-// 100 bytes, WINDOW_UPDATE frames are scheduled when the unclaimed change
-// becomes greater than 1/2, or 50 bytes.
-const UNCLAIMED_NUMERATOR: i32 = 1;
-const UNCLAIMED_DENOMINATOR: i32 = 2;
-
-#[test]
-#[allow(clippy::assertions_on_constants)]
-fn sanity_unclaimed_ratio() {
-    assert!(UNCLAIMED_NUMERATOR < UNCLAIMED_DENOMINATOR);
-    assert!(UNCLAIMED_NUMERATOR >= 0);
-    assert!(UNCLAIMED_DENOMINATOR > 0);
-}
+// pinproxy patch: when released capacity is announced is decided by the
+// connection's `Refresh` (recv.rs), as the client it speaks for decides; the
+// crate's own rule (half of what is left of the window) and its ratio
+// constants are gone.
 
 #[derive(Copy, Clone, Debug)]
 pub struct FlowControl {
@@ -84,28 +66,12 @@ impl FlowControl {
         self.available.increase_by(capacity)
     }
 
-    /// If a WINDOW_UPDATE frame should be sent, returns a positive number
-    /// representing the increment to be used.
-    ///
-    /// If there is no available bytes to be reclaimed, or the number of
-    /// available bytes does not reach the threshold, this returns `None`.
-    ///
-    /// This represents pending outbound WINDOW_UPDATE frames.
-    pub fn unclaimed_capacity(&self) -> Option<WindowSize> {
-        let available = self.available;
-
-        if self.window_size >= available {
-            return None;
-        }
-
-        let unclaimed = available.0 - self.window_size.0;
-        let threshold = self.window_size.0 / UNCLAIMED_DENOMINATOR * UNCLAIMED_NUMERATOR;
-
-        if unclaimed < threshold {
-            None
-        } else {
-            Some(unclaimed as WindowSize)
-        }
+    /// pinproxy patch: the capacity released and not yet announced to the
+    /// peer, once it is at least `threshold` (and more than none).
+    pub fn unclaimed_capacity_over(&self, threshold: WindowSize) -> Option<WindowSize> {
+        let unclaimed = i64::from(self.available.0) - i64::from(self.window_size.0);
+        let unclaimed = WindowSize::try_from(unclaimed).ok()?;
+        (unclaimed > 0 && unclaimed >= threshold).then_some(unclaimed)
     }
 
     /// Increase the window size.

@@ -19,6 +19,10 @@ pub(super) struct Recv {
     /// Connection level flow control governing received data
     flow: FlowControl,
 
+    /// pinproxy patch: when released capacity is announced (see
+    /// [`Refresh`]).
+    refresh: Refresh,
+
     /// Amount of connection window capacity currently used by outstanding streams.
     in_flight_data: WindowSize,
 
@@ -97,6 +101,7 @@ impl Recv {
         Recv {
             init_window_sz: DEFAULT_INITIAL_WINDOW_SIZE,
             flow,
+            refresh: Refresh::new(config.headers_pseudo_order.as_ref()),
             in_flight_data: 0 as WindowSize,
             next_stream_id: Ok(next_stream_id.into()),
             pending_window_updates: store::Queue::new(),
@@ -448,11 +453,33 @@ impl Recv {
         let _res = self.flow.assign_capacity(capacity);
         debug_assert!(_res.is_ok());
 
-        if self.flow.unclaimed_capacity().is_some() {
+        if let Some(due) = self.connection_update() {
+            // pinproxy patch: the increment is what had been read when it
+            // fell due, as a client announces it; what is read before the
+            // frame is written waits for the next one.
+            self.refresh.connection_due.get_or_insert(due);
             if let Some(task) = task.take() {
                 task.wake();
             }
         }
+    }
+
+    /// pinproxy patch: the connection WINDOW_UPDATE increment due now, if
+    /// one is (see [`Refresh`]).
+    fn connection_update(&self) -> Option<WindowSize> {
+        let threshold = if self.refresh.target_raised {
+            0
+        } else {
+            self.refresh.connection_target / 2
+        };
+        self.flow.unclaimed_capacity_over(threshold)
+    }
+
+    /// pinproxy patch: the WINDOW_UPDATE increment due now on a stream
+    /// whose flow is `flow`, if one is (see [`Refresh`]).
+    fn stream_update(&self, flow: &FlowControl) -> Option<WindowSize> {
+        let threshold = self.refresh.stream_min.unwrap_or(self.init_window_sz / 2);
+        flow.unclaimed_capacity_over(threshold)
     }
 
     /// Releases capacity back to the connection & stream
@@ -478,7 +505,9 @@ impl Recv {
         let _res = stream.recv_flow.assign_capacity(capacity);
         debug_assert!(_res.is_ok());
 
-        if stream.recv_flow.unclaimed_capacity().is_some() {
+        if let Some(due) = self.stream_update(&stream.recv_flow) {
+            // pinproxy patch: as for the connection.
+            stream.window_update_due.get_or_insert(due);
             // Queue the stream for sending the WINDOW_UPDATE frame.
             self.pending_window_updates.push(stream);
 
@@ -546,14 +575,18 @@ impl Recv {
             .checked_size();
         if target > current {
             self.flow.assign_capacity(target - current)?;
+            // pinproxy patch: a raised target is announced at once, whatever
+            // its size (a client's opening WINDOW_UPDATE).
+            self.refresh.target_raised = true;
         } else {
             self.flow.claim_capacity(current - target)?;
         }
+        self.refresh.connection_target = target;
 
         // If changing the target capacity means we gained a bunch of capacity,
         // enough that we went over the update threshold, then schedule sending
         // a connection WINDOW_UPDATE.
-        if self.flow.unclaimed_capacity().is_some() {
+        if self.connection_update().is_some() {
             if let Some(task) = task.take() {
                 task.wake();
             }
@@ -1109,7 +1142,12 @@ impl Recv {
         T: AsyncWrite + Unpin,
         B: Buf,
     {
-        if let Some(incr) = self.flow.unclaimed_capacity() {
+        if let Some(unclaimed) = self.connection_update() {
+            let incr = match self.refresh.connection_due.take() {
+                Some(due) if !self.refresh.target_raised => due.min(unclaimed),
+                _ => unclaimed,
+            };
+            self.refresh.target_raised = false;
             let frame = frame::WindowUpdate::new(StreamId::zero(), incr);
 
             // Ensure the codec has capacity
@@ -1140,6 +1178,8 @@ impl Recv {
         T: AsyncWrite + Unpin,
         B: Buf,
     {
+        // pinproxy patch: see `Refresh`.
+        let threshold = self.refresh.stream_min.unwrap_or(self.init_window_sz / 2);
         loop {
             // Ensure the codec has capacity
             ready!(dst.poll_ready(cx))?;
@@ -1165,7 +1205,11 @@ impl Recv {
                 }
 
                 // TODO: de-dup
-                if let Some(incr) = stream.recv_flow.unclaimed_capacity() {
+                if let Some(unclaimed) = stream.recv_flow.unclaimed_capacity_over(threshold) {
+                    let incr = stream
+                        .window_update_due
+                        .take()
+                        .map_or(unclaimed, |due| due.min(unclaimed));
                     // Create the WINDOW_UPDATE frame
                     let frame = frame::WindowUpdate::new(stream.id, incr);
 
@@ -1261,5 +1305,41 @@ impl Open {
 impl<T> From<Error> for RecvHeaderBlockError<T> {
     fn from(err: Error) -> Self {
         RecvHeaderBlockError::State(err)
+    }
+}
+
+/// pinproxy patch: when a connection announces the capacity its user has
+/// released (read), as the client it speaks for does. The crate announced it
+/// once it reached half of what was left of the window, so a large answer
+/// drew more, smaller WINDOW_UPDATEs than any client sends. Chromium
+/// (`SpdySession` and `SpdyStream::IncreaseRecvWindowSize`), nghttp2
+/// (`nghttp2_should_send_window_update`) and Go's transport, for its
+/// connection, announce once half of the full window has been read; Go, for
+/// a stream, once more than 4 KiB has (`transportDefaultStreamMinRefresh`).
+/// Firefox's rule is not reproduced: it gets the half-window one.
+#[derive(Debug)]
+struct Refresh {
+    /// The connection's target window (its initial one, raised by the
+    /// user's `set_target_connection_window`).
+    connection_target: WindowSize,
+    /// The target was raised since the last connection WINDOW_UPDATE: the
+    /// raise is announced whatever its size.
+    target_raised: bool,
+    /// A stream's fixed threshold (Go's), instead of half its window.
+    stream_min: Option<WindowSize>,
+    /// The increment of the connection WINDOW_UPDATE due, as it stood when
+    /// it fell due.
+    connection_due: Option<WindowSize>,
+}
+
+impl Refresh {
+    fn new(order: Option<&crate::frame::PseudoOrder>) -> Refresh {
+        let go = crate::HpackPolicy::for_pseudo_order(order) == crate::HpackPolicy::Go;
+        Refresh {
+            connection_target: DEFAULT_INITIAL_WINDOW_SIZE,
+            target_raised: false,
+            stream_min: go.then_some(4 * 1024 + 1),
+            connection_due: None,
+        }
     }
 }

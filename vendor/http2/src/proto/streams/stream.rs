@@ -91,6 +91,10 @@ pub(super) struct Stream {
     /// True if the stream is waiting to send a window update
     pub is_pending_window_update: bool,
 
+    /// pinproxy patch: the increment of the WINDOW_UPDATE due on this stream,
+    /// as it stood when it fell due (see `recv::Refresh`).
+    pub window_update_due: Option<WindowSize>,
+
     /// The time when this stream may have been locally reset.
     pub reset_at: Option<Instant>,
 
@@ -186,6 +190,7 @@ impl Stream {
             in_flight_recv_data: 0,
             next_window_update: None,
             is_pending_window_update: false,
+            window_update_due: None,
             reset_at: None,
             next_reset_expire: None,
             pending_recv: buffer::Deque::new(),

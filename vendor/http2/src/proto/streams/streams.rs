@@ -101,6 +101,10 @@ struct Inner {
     /// pinproxy patch: the open streams' Chromium priorities, on a
     /// connection that speaks for Chromium (`None` otherwise).
     chromium_dependencies: Option<super::dependencies::ChromiumDependencies>,
+
+    /// pinproxy patch: a request has been queued (`send_request`) on this
+    /// connection.
+    opened_a_stream: bool,
 }
 
 #[derive(Debug)]
@@ -377,6 +381,7 @@ where
         // TODO: ideally, OpaqueStreamRefs::new would do this, but we're holding
         // the lock, so it can't.
         me.refs += 1;
+        me.opened_a_stream = true;
 
         let is_full = me.counts.next_send_stream_will_reach_capacity();
         Ok((
@@ -497,6 +502,7 @@ impl Inner {
                 .then(Default::default),
             headers_pseudo_order: config.headers_pseudo_order,
             priorities: config.priorities,
+            opened_a_stream: false,
         }))
     }
 
@@ -1138,6 +1144,11 @@ where
     pub fn has_streams(&self) -> bool {
         let me = self.inner.lock();
         me.counts.has_streams()
+    }
+
+    /// pinproxy patch: a request has been queued on this connection.
+    pub fn has_opened_a_stream(&self) -> bool {
+        self.inner.lock().opened_a_stream
     }
 
     pub fn has_streams_or_other_references(&self) -> bool {
