@@ -303,6 +303,17 @@ mod tests {
         assert_eq!(options(&silent).enable_push, Some(false));
     }
 
+    /// The next frame a server reads from `io`: (type, flags, payload).
+    async fn read_frame(io: &mut tokio::io::DuplexStream) -> (u8, u8, Vec<u8>) {
+        use tokio::io::AsyncReadExt as _;
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.unwrap();
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        (head[3], head[4], payload)
+    }
+
     /// The frames a server read from `io` up to and including the first
     /// HEADERS, as (type, flags), and that HEADERS frame's payload; at most
     /// 64 KiB are read, and a client that sends no HEADERS fails the test
@@ -315,14 +326,9 @@ mod tests {
             assert_eq!(&preface, crate::fingerprint::h2_preface::PREFACE);
             let mut frames = Vec::new();
             for _ in 0..64 {
-                let mut head = [0u8; 9];
-                io.read_exact(&mut head).await.unwrap();
-                let len =
-                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-                let mut payload = vec![0u8; len];
-                io.read_exact(&mut payload).await.unwrap();
-                frames.push((head[3], head[4]));
-                if head[3] == 0x1 {
+                let (kind, flags, payload) = read_frame(io).await;
+                frames.push((kind, flags));
+                if kind == 0x1 {
                     return (frames, payload);
                 }
             }
@@ -461,20 +467,14 @@ mod tests {
         io: &mut tokio::io::DuplexStream,
         count: usize,
     ) -> Vec<Option<(bool, u32, u16)>> {
-        use tokio::io::AsyncReadExt as _;
         let read = async {
             let mut found = Vec::new();
             for _ in 0..64 {
-                let mut head = [0u8; 9];
-                io.read_exact(&mut head).await.unwrap();
-                let len =
-                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-                let mut payload = vec![0u8; len];
-                io.read_exact(&mut payload).await.unwrap();
-                if head[3] != 0x1 {
+                let (kind, flags, payload) = read_frame(io).await;
+                if kind != 0x1 {
                     continue;
                 }
-                found.push((head[4] & 0x20 != 0).then(|| {
+                found.push((flags & 0x20 != 0).then(|| {
                     let word = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     (
                         word >> 31 == 1,
@@ -591,11 +591,8 @@ mod tests {
         let read = async {
             let mut frames = Vec::new();
             for _ in 0..2 {
-                let mut head = [0u8; 9];
-                server.read_exact(&mut head).await.unwrap();
-                let mut payload = vec![0u8; usize::from(head[2])];
-                server.read_exact(&mut payload).await.unwrap();
-                frames.push((head[3], head[4]));
+                let (kind, flags, _) = read_frame(&mut server).await;
+                frames.push((kind, flags));
             }
             frames
         };
