@@ -49,9 +49,8 @@ const OPENING_WAIT: Duration = Duration::from_millis(500);
 /// WINDOW_UPDATE), and encode that request with the server's table size.
 /// So until the first request's HEADERS is written (or no handle to send
 /// one is left, or [`OPENING_WAIT`] has passed), nothing is read. And as
-/// those clients do, the preface, the
-/// SETTINGS and the WINDOW_UPDATE go in one write (one TLS record), the
-/// first HEADERS in the next.
+/// those clients do, the preface, the SETTINGS and the WINDOW_UPDATE go in
+/// one write (one TLS record), the first HEADERS in the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Opening {
     /// Nothing written yet.
