@@ -1537,9 +1537,11 @@ async fn chromium_through_pinproxy_encodes_its_header_blocks_as_chromium_does() 
 /// Huffman-coded, `:path` never added to the table, and cookie crumbs
 /// shorter than 20 bytes (`theme=dark`, `lang=en-GB`) sent as never-indexed
 /// literals on every request while the long `datadome` crumb is added to
-/// the table and then referred to. Firefox's direct baseline goes through
-/// tinyproxy (a CONNECT relay, which changes no byte of the TLS stream), as
-/// Firefox is only ever given a proxy here (see `support::firefox`).
+/// the table and then referred to. Each of its streams is raised to a
+/// 12 MiB window by a WINDOW_UPDATE written with the stream's HEADERS, as
+/// Firefox raises them. Firefox's direct baseline goes through tinyproxy
+/// (a CONNECT relay, which changes no byte of the TLS stream), as Firefox
+/// is only ever given a proxy here (see `support::firefox`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
     let rig = Rig::start(OriginOptions::default(), |_| {}).await;
@@ -1550,6 +1552,7 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
     let url = rig.origin.url("/page?crumbs");
     let mut blocks = Vec::new();
     let mut pages = Vec::new();
+    let mut conns = Vec::new();
     for (via, proxy) in [
         ("direct", rig._tinies[0].addr()),
         ("pinproxy", rig.s.proxy.daemon.local_addr()),
@@ -1571,10 +1574,40 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
         println!("{via}: Firefox's background requests refused at the tap: {hosts:?}");
         let (page, conn) = crumb_page(&rig, via);
         pages.push(page);
-        blocks.push(conn.blocks);
+        blocks.push(conn.blocks.clone());
+        conns.push(conn);
     }
     report("Firefox", &pages[0], &pages[1]);
     assert_opening_as_direct("Firefox", &pages[0].conn, &pages[1].conn);
+    // Firefox raises each stream it opens from the 128 KiB its SETTINGS
+    // state to 12 MiB, with a WINDOW_UPDATE written with the HEADERS (one
+    // TLS record): the page's and its three fetches'.
+    let raises = |conn: &ConnRecord| -> Vec<u32> {
+        conn.window_updates
+            .iter()
+            .filter(|(stream, _)| *stream != 0)
+            .map(|&(_, increment)| increment)
+            .collect()
+    };
+    assert_eq!(
+        raises(&conns[0]),
+        [12_451_840; 4],
+        "Firefox no longer raises its streams' windows as this test expects: {:?}",
+        conns[0].window_updates
+    );
+    assert_eq!(raises(&conns[1]), raises(&conns[0]));
+    let first_request_record = |conn: &ConnRecord| {
+        conn.records
+            .iter()
+            .filter(|(content_type, _)| *content_type == 23)
+            .nth(2)
+            .copied()
+    };
+    assert_eq!(
+        first_request_record(&conns[1]),
+        first_request_record(&conns[0]),
+        "the record of the first HEADERS and its WINDOW_UPDATE"
+    );
     // The HTTP/2 preface is Firefox's; the hello is Firefox's but for the
     // two extensions BoringSSL cannot send (a gap pinproxy reports).
     assert_eq!(pages[1].akamai(), pages[0].akamai());

@@ -171,6 +171,7 @@ where
                 headers_stream_dependency: config.headers_stream_dependency,
                 headers_pseudo_order: config.headers_pseudo_order.clone(),
                 priorities: config.priorities.clone(),
+                local_init_window_sz: config.settings.initial_window_size(),
             }
         }
         let streams = Streams::new(streams_config(&config));

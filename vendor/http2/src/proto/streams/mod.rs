@@ -83,6 +83,10 @@ pub struct Config {
 
     /// Priorities stream
     pub priorities: Option<Priorities>,
+
+    /// pinproxy patch: the initial stream window our SETTINGS state, if
+    /// they state one.
+    pub local_init_window_sz: Option<WindowSize>,
 }
 
 trait DebugStructExt<'a, 'b> {

@@ -58,6 +58,18 @@ pub(super) struct Prioritize {
 
     /// The maximum amount of bytes a stream should buffer.
     max_buffer_size: usize,
+
+    /// pinproxy patch: on a connection speaking for Firefox, how much each
+    /// new stream's window is raised by, with a WINDOW_UPDATE written right
+    /// after its HEADERS, as Firefox does: it states a small initial window
+    /// in its SETTINGS (131,072 bytes, what a pushed stream may send) and
+    /// raises each stream it opens to 12 MiB (`Http2Session`'s
+    /// `mInitialRwin`).
+    firefox_stream_raise: Option<WindowSize>,
+
+    /// pinproxy patch: the stream whose HEADERS was just written and whose
+    /// raise is still to be written.
+    raise_after_headers: Option<StreamId>,
 }
 
 #[derive(Debug, Eq, PartialEq)]
@@ -103,6 +115,8 @@ impl Prioritize {
             last_opened_id: StreamId::ZERO,
             in_flight_data_frame: InFlightData::Nothing,
             max_buffer_size: config.local_max_buffer_size,
+            firefox_stream_raise: firefox_stream_raise(config),
+            raise_after_headers: None,
         }
     }
 
@@ -524,6 +538,12 @@ impl Prioritize {
         tracing::trace!("poll_complete");
 
         loop {
+            // pinproxy patch: see `firefox_stream_raise`.
+            if let Some(id) = self.raise_after_headers.take() {
+                self.buffer_stream_raise(id, store, dst);
+                ready!(dst.poll_ready(cx))?;
+            }
+
             if let Some(mut stream) = self.pop_pending_open(store, counts) {
                 self.pending_send.push_front(&mut stream);
                 self.try_assign_capacity(&mut stream);
@@ -532,6 +552,10 @@ impl Prioritize {
             match self.pop_frame(buffer, store, max_frame_len, counts) {
                 Some(frame) => {
                     tracing::trace!(?frame, "writing");
+                    if let (Frame::Headers(headers), Some(_)) = (&frame, self.firefox_stream_raise)
+                    {
+                        self.raise_after_headers = Some(headers.stream_id());
+                    }
 
                     debug_assert_eq!(self.in_flight_data_frame, InFlightData::Nothing);
                     if let Frame::Data(ref frame) = frame {
@@ -688,6 +712,35 @@ impl Prioritize {
             let is_pending_reset = stream.is_pending_reset_expiration();
             counts.transition_after(stream, is_pending_reset);
         }
+    }
+
+    /// pinproxy patch: raises stream `id`'s window by
+    /// `firefox_stream_raise`, with a WINDOW_UPDATE buffered now (right
+    /// after its HEADERS), unless the stream is gone or receives no more.
+    fn buffer_stream_raise<T, B>(
+        &mut self,
+        id: StreamId,
+        store: &mut Store,
+        dst: &mut Codec<T, Prioritized<B>>,
+    ) where
+        T: AsyncWrite + Unpin,
+        B: Buf,
+    {
+        let (Some(raise), Some(mut stream)) = (self.firefox_stream_raise, store.find_mut(&id))
+        else {
+            return;
+        };
+        if !stream.state.is_recv_headers() && !stream.state.is_recv_streaming() {
+            return;
+        }
+        if stream.recv_flow.assign_capacity(raise).is_err() {
+            return;
+        }
+        if stream.recv_flow.inc_window(raise).is_err() {
+            let _ = stream.recv_flow.claim_capacity(raise);
+            return;
+        }
+        let _ = dst.buffer(frame::WindowUpdate::new(id, raise).into());
     }
 
     fn pop_frame<B>(
@@ -949,4 +1002,20 @@ impl<B: Buf> fmt::Debug for Prioritized<B> {
             .field("stream", &self.stream)
             .finish()
     }
+}
+
+/// pinproxy patch: the window Firefox raises each stream it opens to.
+const FIREFOX_STREAM_WINDOW: WindowSize = 12 * 1024 * 1024;
+
+/// pinproxy patch: by how much a connection speaking for Firefox raises each
+/// new stream's window (see `Prioritize::firefox_stream_raise`).
+fn firefox_stream_raise(config: &Config) -> Option<WindowSize> {
+    let firefox = crate::HpackPolicy::for_pseudo_order(config.headers_pseudo_order.as_ref())
+        == crate::HpackPolicy::Firefox;
+    let initial = config
+        .local_init_window_sz
+        .unwrap_or(crate::frame::DEFAULT_INITIAL_WINDOW_SIZE);
+    firefox
+        .then(|| FIREFOX_STREAM_WINDOW.saturating_sub(initial))
+        .filter(|&raise| raise > 0)
 }
