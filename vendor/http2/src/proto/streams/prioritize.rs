@@ -1005,7 +1005,7 @@ impl<B: Buf> fmt::Debug for Prioritized<B> {
 }
 
 /// pinproxy patch: the window Firefox raises each stream it opens to.
-const FIREFOX_STREAM_WINDOW: WindowSize = 12 * 1024 * 1024;
+pub(super) const FIREFOX_STREAM_WINDOW: WindowSize = 12 * 1024 * 1024;
 
 /// pinproxy patch: by how much a connection speaking for Firefox raises each
 /// new stream's window (see `Prioritize::firefox_stream_raise`).

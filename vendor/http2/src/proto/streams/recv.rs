@@ -1316,7 +1316,8 @@ impl<T> From<Error> for RecvHeaderBlockError<T> {
 /// (`nghttp2_should_send_window_update`) and Go's transport, for its
 /// connection, announce once half of the full window has been read; Go, for
 /// a stream, once more than 4 KiB has (`transportDefaultStreamMinRefresh`).
-/// Firefox's rule is not reproduced: it gets the half-window one.
+/// Firefox's rule is not reproduced: it gets the half-window one, of the
+/// 12 MiB window its streams are raised to (see `Prioritize`).
 #[derive(Debug)]
 struct Refresh {
     /// The connection's target window (its initial one, raised by the
@@ -1325,7 +1326,8 @@ struct Refresh {
     /// The target was raised since the last connection WINDOW_UPDATE: the
     /// raise is announced whatever its size.
     target_raised: bool,
-    /// A stream's fixed threshold (Go's), instead of half its window.
+    /// A stream's fixed threshold (Go's 4 KiB; half of the window a
+    /// Firefox stream is raised to), instead of half its initial window.
     stream_min: Option<WindowSize>,
     /// The increment of the connection WINDOW_UPDATE due, as it stood when
     /// it fell due.
@@ -1334,11 +1336,15 @@ struct Refresh {
 
 impl Refresh {
     fn new(order: Option<&crate::frame::PseudoOrder>) -> Refresh {
-        let go = crate::HpackPolicy::for_pseudo_order(order) == crate::HpackPolicy::Go;
+        let stream_min = match crate::HpackPolicy::for_pseudo_order(order) {
+            crate::HpackPolicy::Go => Some(4 * 1024 + 1),
+            crate::HpackPolicy::Firefox => Some(super::prioritize::FIREFOX_STREAM_WINDOW / 2),
+            _ => None,
+        };
         Refresh {
             connection_target: DEFAULT_INITIAL_WINDOW_SIZE,
             target_raised: false,
-            stream_min: go.then_some(4 * 1024 + 1),
+            stream_min,
             connection_due: None,
         }
     }
