@@ -356,6 +356,11 @@ impl Headers {
         self.stream_id
     }
 
+    /// pinproxy patch: a request's head (it has a `:method`), not trailers.
+    pub fn is_request(&self) -> bool {
+        self.header_block.pseudo.method.is_some()
+    }
+
     pub fn is_end_headers(&self) -> bool {
         self.flags.is_end_headers()
     }

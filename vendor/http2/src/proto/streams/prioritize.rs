@@ -554,7 +554,10 @@ impl Prioritize {
                     tracing::trace!(?frame, "writing");
                     if let (Frame::Headers(headers), Some(_)) = (&frame, self.firefox_stream_raise)
                     {
-                        self.raise_after_headers = Some(headers.stream_id());
+                        // A request's head, not its trailers.
+                        if headers.is_request() {
+                            self.raise_after_headers = Some(headers.stream_id());
+                        }
                     }
 
                     debug_assert_eq!(self.in_flight_data_frame, InFlightData::Nothing);
