@@ -172,6 +172,7 @@ where
                 headers_pseudo_order: config.headers_pseudo_order.clone(),
                 priorities: config.priorities.clone(),
                 local_init_window_sz: config.settings.initial_window_size(),
+                policy: crate::HpackPolicy::for_pseudo_order(config.headers_pseudo_order.as_ref()),
             }
         }
         let streams = Streams::new(streams_config(&config));

@@ -87,6 +87,11 @@ pub struct Config {
     /// pinproxy patch: the initial stream window our SETTINGS state, if
     /// they state one.
     pub local_init_window_sz: Option<WindowSize>,
+
+    /// pinproxy patch: the client family the connection speaks for (from
+    /// its pseudo-header order, `HpackPolicy::for_pseudo_order`), derived
+    /// once for the streams' parts that follow it.
+    pub policy: crate::HpackPolicy,
 }
 
 trait DebugStructExt<'a, 'b> {

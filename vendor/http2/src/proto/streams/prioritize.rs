@@ -1013,8 +1013,7 @@ pub(super) const FIREFOX_STREAM_WINDOW: WindowSize = 12 * 1024 * 1024;
 /// pinproxy patch: by how much a connection speaking for Firefox raises each
 /// new stream's window (see `Prioritize::firefox_stream_raise`).
 fn firefox_stream_raise(config: &Config) -> Option<WindowSize> {
-    let firefox = crate::HpackPolicy::for_pseudo_order(config.headers_pseudo_order.as_ref())
-        == crate::HpackPolicy::Firefox;
+    let firefox = config.policy == crate::HpackPolicy::Firefox;
     let initial = config
         .local_init_window_sz
         .unwrap_or(crate::frame::DEFAULT_INITIAL_WINDOW_SIZE);

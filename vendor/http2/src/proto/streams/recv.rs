@@ -101,7 +101,7 @@ impl Recv {
         Recv {
             init_window_sz: DEFAULT_INITIAL_WINDOW_SIZE,
             flow,
-            refresh: Refresh::new(config.headers_pseudo_order.as_ref()),
+            refresh: Refresh::new(config.policy),
             in_flight_data: 0 as WindowSize,
             next_stream_id: Ok(next_stream_id.into()),
             pending_window_updates: store::Queue::new(),
@@ -478,8 +478,13 @@ impl Recv {
     /// pinproxy patch: the WINDOW_UPDATE increment due now on a stream
     /// whose flow is `flow`, if one is (see [`Refresh`]).
     fn stream_update(&self, flow: &FlowControl) -> Option<WindowSize> {
-        let threshold = self.refresh.stream_min.unwrap_or(self.init_window_sz / 2);
-        flow.unclaimed_capacity_over(threshold)
+        flow.unclaimed_capacity_over(self.stream_threshold())
+    }
+
+    /// pinproxy patch: how much a stream's user must have read before it is
+    /// announced (see [`Refresh`]).
+    fn stream_threshold(&self) -> WindowSize {
+        self.refresh.stream_min.unwrap_or(self.init_window_sz / 2)
     }
 
     /// Releases capacity back to the connection & stream
@@ -1179,7 +1184,7 @@ impl Recv {
         B: Buf,
     {
         // pinproxy patch: see `Refresh`.
-        let threshold = self.refresh.stream_min.unwrap_or(self.init_window_sz / 2);
+        let threshold = self.stream_threshold();
         loop {
             // Ensure the codec has capacity
             ready!(dst.poll_ready(cx))?;
@@ -1335,8 +1340,8 @@ struct Refresh {
 }
 
 impl Refresh {
-    fn new(order: Option<&crate::frame::PseudoOrder>) -> Refresh {
-        let stream_min = match crate::HpackPolicy::for_pseudo_order(order) {
+    fn new(policy: crate::HpackPolicy) -> Refresh {
+        let stream_min = match policy {
             crate::HpackPolicy::Go => Some(4 * 1024 + 1),
             crate::HpackPolicy::Firefox => Some(super::prioritize::FIREFOX_STREAM_WINDOW / 2),
             _ => None,

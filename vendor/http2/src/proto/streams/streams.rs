@@ -496,9 +496,7 @@ impl Inner {
             store: Store::new(),
             refs: 1,
             headers_stream_dependency: config.headers_stream_dependency,
-            chromium_dependencies: (crate::HpackPolicy::for_pseudo_order(
-                config.headers_pseudo_order.as_ref(),
-            ) == crate::HpackPolicy::Chromium)
+            chromium_dependencies: (config.policy == crate::HpackPolicy::Chromium)
                 .then(Default::default),
             headers_pseudo_order: config.headers_pseudo_order,
             priorities: config.priorities,
