@@ -1596,16 +1596,9 @@ async fn firefox_through_pinproxy_encodes_its_header_blocks_as_firefox_does() {
         conns[0].window_updates
     );
     assert_eq!(raises(&conns[1]), raises(&conns[0]));
-    let first_request_record = |conn: &ConnRecord| {
-        conn.records
-            .iter()
-            .filter(|(content_type, _)| *content_type == 23)
-            .nth(2)
-            .copied()
-    };
     assert_eq!(
-        first_request_record(&conns[1]),
-        first_request_record(&conns[0]),
+        encrypted_record(&conns[1], 2),
+        encrypted_record(&conns[0], 2),
         "the record of the first HEADERS and its WINDOW_UPDATE"
     );
     // The HTTP/2 preface is Firefox's; the hello is Firefox's but for the
@@ -1755,13 +1748,7 @@ fn assert_opening_as_direct(name: &str, direct: &ConnRecord, through: &ConnRecor
     // And written as the client writes them: the preface, SETTINGS and
     // WINDOW_UPDATE in one TLS record, the one after the handshake's
     // Finished.
-    let opening_record = |conn: &ConnRecord| -> Option<u16> {
-        conn.records
-            .iter()
-            .filter(|(content_type, _)| *content_type == 23)
-            .map(|&(_, length)| length)
-            .nth(1)
-    };
+    let opening_record = |conn: &ConnRecord| encrypted_record(conn, 1);
     assert!(
         opening_record(direct).is_some(),
         "{name}: {:?}",
@@ -1775,6 +1762,16 @@ fn assert_opening_as_direct(name: &str, direct: &ConnRecord, through: &ConnRecor
         direct.records,
         through.records
     );
+}
+
+/// The length of the `n`th (0-based) encrypted record a client sent on
+/// `conn` (TLS content type 23; in TLS 1.3 the first is its Finished).
+fn encrypted_record(conn: &ConnRecord, n: usize) -> Option<u16> {
+    conn.records
+        .iter()
+        .filter(|(content_type, _)| *content_type == 23)
+        .map(|&(_, length)| length)
+        .nth(n)
 }
 
 /// Asserts that a client's header blocks `through` pinproxy are its
