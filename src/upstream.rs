@@ -455,7 +455,8 @@ impl ExitClient {
             };
             let presentation = self.presentation(lane);
             let resumes = self.resumes(lane, &presentation);
-            let pool = LanePool::new(dialer, presentation, limits, resumes);
+            let cookie_less = matches!(lane.key, PoolKey::Anonymous(_));
+            let pool = LanePool::new(dialer, presentation, limits, resumes, cookie_less);
             // Made rarely (once per lane): the map is read only then.
             if let Some(retired) = self.retired_lanes.get(&lane.key) {
                 pool.retire(retired.0.clone());
@@ -475,7 +476,9 @@ impl ExitClient {
     /// `LanePool::hand_over_h2`), an HTTP/1.1 one once the answer has been
     /// read, when it was `dialled_for_it` (for the founding request: see
     /// `LanePool::hand_over`). Only when the identity presents what the
-    /// lane presented (the hello the session was made with).
+    /// lane presented (the hello the session was made with). Whatever the
+    /// identity takes, the connection never carries a request of the
+    /// cookie-less lane again (see [`ExitClient::let_go`]).
     pub fn hand_over(
         &self,
         anonymous: &Lane,
@@ -484,41 +487,60 @@ impl ExitClient {
         connection: &Arc<conn::TunnelInfo>,
         dialled_for_it: bool,
     ) {
-        if !matches!(anonymous.key, PoolKey::Anonymous(_)) || anonymous.session != identity.session
-        {
+        let Some(from) = self.anonymous_pool(anonymous) else {
             return;
-        }
-        let from = PoolId {
-            key: anonymous.key,
-            fingerprint: anonymous.fingerprint_key,
-            h2: anonymous.h2,
         };
         let heir = Lane {
             h2: anonymous.h2,
             ..Lane::identity(identity)
         };
         let presentation = self.presentation(&heir);
-        let Some(from) = self
-            .pools
-            .get(&from)
-            .filter(|from| from.presents(&presentation))
-        else {
+        let heir = (anonymous.session == identity.session && from.presents(&presentation))
+            .then(|| self.pool(&heir).ok())
+            .flatten();
+        let Some(heir) = heir else {
+            from.let_go(origin, connection);
             return;
         };
-        let Ok(heir) = self.pool(&heir) else {
-            return;
+        let named = if dialled_for_it {
+            from.hand_over(&heir, connection)
+        } else {
+            // Handed over when it is the lane's HTTP/2 connection.
+            from.hand_over_h2(&heir, origin, connection)
         };
-        if from.takes_heir() {
-            if dialled_for_it {
-                from.hand_over(&heir, connection);
-            } else {
-                // Handed over when it is the lane's HTTP/2 connection.
-                from.hand_over_h2(&heir, origin, connection);
-            }
+        // After the connection: its session goes with it. A connection
+        // another identity took keeps its session for that one (two
+        // foundings on one HTTP/2 connection); any other founding
+        // connection's goes to the identity its answer founded.
+        if named || !from.handed_to_another(&heir, connection) {
+            heir.adopt_sessions(origin, connection);
         }
-        // After the connection: the identity that takes it takes its
-        // session too (but for two foundings at the same instant).
-        heir.adopt_sessions(origin, connection);
+    }
+
+    /// An answer on `connection` (of the cookie-less lane `anonymous`, to a
+    /// request for `origin`) founded an identity that takes nothing of it
+    /// (one retired at its founding): the connection still never carries
+    /// another request of the lane. The origin linked it to the identity
+    /// when it set the cookie there, and would see it carry other
+    /// visitors' requests after. An HTTP/2 one closes once its streams have
+    /// ended, an HTTP/1.1 one once its answer has been read.
+    pub fn let_go(&self, anonymous: &Lane, origin: &Origin, connection: &Arc<conn::TunnelInfo>) {
+        if let Some(from) = self.anonymous_pool(anonymous) {
+            from.let_go(origin, connection);
+        }
+    }
+
+    /// The pool of the cookie-less lane `anonymous`, if it is one and is
+    /// held.
+    fn anonymous_pool(&self, anonymous: &Lane) -> Option<Arc<LanePool>> {
+        if !matches!(anonymous.key, PoolKey::Anonymous(_)) {
+            return None;
+        }
+        self.pools.get(&PoolId {
+            key: anonymous.key,
+            fingerprint: anonymous.fingerprint_key,
+            h2: anonymous.h2,
+        })
     }
 
     /// Sends `request` (origin-form URI: path and query) to `origin` on

@@ -64,11 +64,7 @@ async fn the_session_placeholder_reaches_the_exit_as_one_stable_name_per_identit
 /// visitor's requests.
 #[tokio::test]
 async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
-    let s = Setup::builder()
-        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
-        .config(|c| c.exits[0].anonymous_sessions = 1)
-        .start()
-        .await;
+    let s = one_anonymous_session().await;
     let _first = s.login("/login").await;
     let _second = s.login("/login").await;
     s.get_with("/anonymous", &[]).await;
@@ -112,11 +108,7 @@ async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
 /// identity founded on it, and no cookie-less request takes it after.
 #[tokio::test]
 async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
-    let s = Setup::builder()
-        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
-        .config(|c| c.exits[0].anonymous_sessions = 1)
-        .start()
-        .await;
+    let s = one_anonymous_session().await;
     let port = s.origin.https.port();
     let connection_of = |path: &str| {
         let seen = s.origin.seen();
@@ -176,6 +168,192 @@ async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
         .map(|r| r.version)
         .collect();
     assert_eq!(versions, [http::Version::HTTP_2; 4]);
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+/// The peer ports `s`'s origin saw requests for `path` come from.
+fn ports_of(s: &Setup, path: &str) -> Vec<u16> {
+    let seen = s.origin.seen();
+    seen.iter()
+        .filter(|r| r.path == path)
+        .map(|r| r.peer_port)
+        .collect()
+}
+
+/// One exit filling `{session}`, whose cookie-less traffic has a single
+/// anonymous session (so one lane).
+async fn one_anonymous_session() -> Setup {
+    Setup::builder()
+        .exit(TestExitSpec::plain("127.0.0.2").id("gate").with_sessions())
+        .config(|c| c.exits[0].anonymous_sessions = 1)
+        .start()
+        .await
+}
+
+/// Runs `a` and `b`, requests for `/login?held=1&who=a` and `...who=b`,
+/// together, and lets the origin answer them once both have arrived: two
+/// answers that found identities at the same moment.
+async fn both_at_once<A: std::future::Future, B: std::future::Future>(
+    s: &Setup,
+    a: A,
+    b: B,
+) -> (A::Output, B::Output) {
+    let (a, b, ()) = tokio::join!(a, b, async {
+        s.origin.wait_for("/login?held=1&who=a").await;
+        s.origin.wait_for("/login?held=1&who=b").await;
+        s.origin.release_held(2);
+    });
+    (a, b)
+}
+
+/// Two answers on one cookie-less lane found two identities at once, on
+/// two HTTP/1.1 connections dialled for them: the first identity goes on
+/// with its login's connection, and the other's login connection, which
+/// the origin linked to that other identity when it set its cookie there,
+/// serves nobody after (it closes; it went back to the cookie-less lane
+/// before). A cookie-less lane's connection whose answer founded an
+/// identity without being dialled for it closes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_an_identity_was_founded_on_serves_no_one_else_after() {
+    let s = one_anonymous_session().await;
+    let exit = &s.exits[0];
+    let (a, b) = both_at_once(
+        &s,
+        s.login("/login?held=1&who=a"),
+        s.login("/login?held=1&who=b"),
+    )
+    .await;
+    let (mut jar_a, mut jar_b) = (a.0, b.0);
+    assert_ne!(jar_a.header(), jar_b.header());
+    let login_a = ports_of(&s, "/login?held=1&who=a");
+    let login_b = ports_of(&s, "/login?held=1&who=b");
+    assert_eq!((login_a.len(), login_b.len()), (1, 1));
+    assert_ne!(login_a, login_b, "each login had a connection of its own");
+    // The heir's connection stays open, idle in its identity's lane; the
+    // other one closes.
+    exit.assert_open_tunnels_fall_to(1).await;
+    assert_eq!(exit.open_tunnels(), 1);
+
+    for n in 1..=2 {
+        assert_eq!(s.get(&format!("/page?a={n}"), &mut jar_a).await.status, 200);
+        assert_eq!(s.get(&format!("/page?b={n}"), &mut jar_b).await.status, 200);
+    }
+    let pages_a: HashSet<u16> = (1..=2)
+        .flat_map(|n| ports_of(&s, &format!("/page?a={n}")))
+        .collect();
+    let pages_b: HashSet<u16> = (1..=2)
+        .flat_map(|n| ports_of(&s, &format!("/page?b={n}")))
+        .collect();
+    assert_eq!(
+        (pages_a.len(), pages_b.len()),
+        (1, 1),
+        "{pages_a:?} {pages_b:?}"
+    );
+    assert!(pages_a.is_disjoint(&pages_b));
+    // Exactly one identity went on with its login's connection; the other
+    // dialled one of its own.
+    let went_on = [(&pages_a, login_a[0]), (&pages_b, login_b[0])]
+        .iter()
+        .filter(|(pages, login)| pages.contains(login))
+        .count();
+    assert_eq!(
+        went_on, 1,
+        "a {login_a:?} {pages_a:?}, b {login_b:?} {pages_b:?}"
+    );
+
+    // A cookie-less request, then a login on its connection (not dialled
+    // for it): the connection closes once the login's answer has been read.
+    exit.close_tunnels();
+    exit.assert_open_tunnels_fall_to(0).await;
+    assert_eq!(s.get_with("/anonymous", &[]).await.status, 200);
+    let (_jar, _) = s.login("/login?visit=reused").await;
+    assert_eq!(
+        ports_of(&s, "/anonymous"),
+        ports_of(&s, "/login?visit=reused"),
+        "the login took the cookie-less connection"
+    );
+    exit.assert_open_tunnels_fall_to(0).await;
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
+/// Two answers on one cookie-less HTTP/2 connection found two identities
+/// at once: the connection goes to exactly one of them; the other's
+/// requests, and cookie-less ones, take other connections, and no later
+/// connection is shared by the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_identities_founded_on_one_http2_connection_never_share_one_after() {
+    let s = one_anonymous_session().await;
+    let port = s.origin.https.port();
+    // Two client tunnels of one client: one cookie-less lane, so one
+    // upstream HTTP/2 connection.
+    let mut h2a = s.proxy.client.tunnel_h2("localhost", port).await;
+    let mut h2b = s.proxy.client.tunnel_h2("localhost", port).await;
+    assert_eq!(h2a.get("/anonymous?warm=1", &[]).await.status, 200);
+    assert_eq!(h2b.get("/anonymous?warm=2", &[]).await.status, 200);
+    let warm = [
+        ports_of(&s, "/anonymous?warm=1"),
+        ports_of(&s, "/anonymous?warm=2"),
+    ];
+    assert_eq!(warm[0], warm[1], "one upstream connection");
+    let shared = warm[0][0];
+
+    let (login_a, login_b) = both_at_once(
+        &s,
+        h2a.get("/login?held=1&who=a", &[]),
+        h2b.get("/login?held=1&who=b", &[]),
+    )
+    .await;
+    let jar = |login: &support::Reply| {
+        assert_eq!(login.status, 200, "{}", login.body);
+        let mut jar = Jar::default();
+        jar.store(&login.headers);
+        jar.header().unwrap()
+    };
+    let (cookie_a, cookie_b) = (jar(&login_a), jar(&login_b));
+    assert_ne!(cookie_a, cookie_b);
+    assert_eq!(ports_of(&s, "/login?held=1&who=a"), [shared]);
+    assert_eq!(ports_of(&s, "/login?held=1&who=b"), [shared]);
+
+    for n in 1..=2 {
+        let page = h2a
+            .get(&format!("/page?a={n}"), &[("cookie", &cookie_a)])
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = h2b
+            .get(&format!("/page?b={n}"), &[("cookie", &cookie_b)])
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+    }
+    let pages = |who: &str| -> HashSet<u16> {
+        (1..=2)
+            .flat_map(|n| ports_of(&s, &format!("/page?{who}={n}")))
+            .collect()
+    };
+    let (pages_a, pages_b) = (pages("a"), pages("b"));
+    assert_eq!(
+        (pages_a.len(), pages_b.len()),
+        (1, 1),
+        "{pages_a:?} {pages_b:?}"
+    );
+    assert!(pages_a.is_disjoint(&pages_b), "{pages_a:?} {pages_b:?}");
+    assert!(
+        pages_a.contains(&shared) != pages_b.contains(&shared),
+        "exactly one identity goes on with the connection: {shared} {pages_a:?} {pages_b:?}"
+    );
+    assert_eq!(h2a.get("/anonymous?after=1", &[]).await.status, 200);
+    let after = ports_of(&s, "/anonymous?after=1");
+    assert_eq!(after.len(), 1);
+    assert!(
+        after[0] != shared && !pages_a.contains(&after[0]) && !pages_b.contains(&after[0]),
+        "{after:?}"
+    );
+    // Founded together on one anonymous session, the two share it (both
+    // cookies were earned from its address).
+    let listed = s.proxy.daemon.admin().identities(false).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0].session, listed[1].session, "{listed:?}");
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }

@@ -29,18 +29,6 @@ async fn capped(cap: usize) -> Setup {
 }
 
 /// Waits (at most 10 s) for `exit`'s open tunnels to fall to `cap`.
-async fn assert_tunnels_fall_to(exit: &support::TestExit, cap: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while exit.open_tunnels() > cap && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        exit.open_tunnels() <= cap,
-        "{} tunnels open",
-        exit.open_tunnels()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
     const CAP: usize = 3;
@@ -60,7 +48,7 @@ async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
     );
 
     // The sweeper (once a second) closes the excess.
-    assert_tunnels_fall_to(exit, CAP).await;
+    exit.assert_open_tunnels_fall_to(CAP).await;
 
     // The newest identity's connection was the last to go idle: it is kept
     // and reused, no new CONNECT.
@@ -112,7 +100,7 @@ async fn connections_reused_within_the_last_second_are_not_closed_for_the_cap() 
     );
 
     // Left idle, the excess goes as before.
-    assert_tunnels_fall_to(exit, CAP).await;
+    exit.assert_open_tunnels_fall_to(CAP).await;
     s.stop().await;
 }
 

@@ -57,10 +57,13 @@ impl AnonymousSessions {
 
     /// Hands `session` over to an identity founded on it (by the cookies
     /// an answer on it set): its slot takes a fresh session, so cookie-less
-    /// traffic no longer goes out on the identity's session (its address
-    /// at a provider that keeps one per session) nor on the connections
-    /// that carried it, which the origin would see carry other visitors'
-    /// first requests. A session no slot holds (renewed meanwhile) is left.
+    /// traffic routed from now on no longer goes out on the identity's
+    /// session (its address at a provider that keeps one per session), and
+    /// the connection that carried the answer serves it no more (see
+    /// `ExitClient::hand_over`): the origin would see it carry other
+    /// visitors' first requests. A request routed to the session before
+    /// still leaves on it (on another of its connections, or one it dials).
+    /// A session no slot holds (renewed meanwhile) is left.
     pub fn hand_over(&self, session: SessionId, now_ms: u64) {
         for slot in &self.slots {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());

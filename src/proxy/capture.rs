@@ -426,14 +426,21 @@ pub async fn learn(
         // it may take of the connection the answer came on.
         if let Some(anonymous) = route.anonymous {
             route.exit.sessions.hand_over(anonymous.session, now);
-            if let (false, Some(carried_by)) = (superseded, carried_by) {
-                route.exit.client.hand_over(
+            match carried_by {
+                Some(carried_by) if superseded => {
+                    route
+                        .exit
+                        .client
+                        .let_go(&route.lane, carried_by.origin, carried_by.tunnel);
+                }
+                Some(carried_by) => route.exit.client.hand_over(
                     &route.lane,
                     &identity,
                     carried_by.origin,
                     carried_by.tunnel,
                     carried_by.dialled_for_it,
-                );
+                ),
+                None => {}
             }
         }
         router

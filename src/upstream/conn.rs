@@ -6,6 +6,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use crate::identity::ExitId;
 use crate::net::HostPort;
 
 /// Facts about an upstream connection, attached to every response it carries.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TunnelInfo {
     /// The exit the connection goes through.
     pub exit: ExitId,
@@ -39,6 +40,24 @@ pub struct TunnelInfo {
     /// `tls::SessionSlot`): its identity's, or on a cookie-less lane one of
     /// its own, which the identity an answer on it founds takes over.
     pub(crate) sessions: Option<Arc<SessionSlot>>,
+    /// An answer on it founded an identity (see [`TunnelInfo::founded_one`]).
+    founded: AtomicBool,
+}
+
+impl TunnelInfo {
+    /// An answer on this connection (a cookie-less lane's) founded an
+    /// identity: the origin linked the connection to that identity when it
+    /// set the cookie there, so no other visitor's request may take it
+    /// again (it goes to the identity, or closes).
+    pub(crate) fn note_founding(&self) {
+        self.founded.store(true, Ordering::Release);
+    }
+
+    /// Whether an answer on this connection founded an identity (see
+    /// [`TunnelInfo::note_founding`]).
+    pub(crate) fn founded_one(&self) -> bool {
+        self.founded.load(Ordering::Acquire)
+    }
 }
 
 /// An origin's answer, with what is known of the connection that carried
@@ -118,6 +137,7 @@ impl Dialer {
                 tls_resumed: false,
             },
             sessions: None,
+            founded: AtomicBool::new(false),
         };
         if !https {
             return Ok((UpstreamIo::Plain(tcp), info));

@@ -227,6 +227,9 @@ pub(super) struct LanePool {
     /// founds ([`Resumes::ForHeirs`]: a cookie-less lane with a shaped
     /// hello).
     keeps_for_heirs: bool,
+    /// A lane of cookie-less traffic (shared by its visitors), whose
+    /// connections an answer may found an identity on.
+    cookie_less: bool,
 }
 
 /// The identity's lane an anonymous lane's connection goes to (see
@@ -252,12 +255,14 @@ impl LanePool {
     }
 
     /// A pool dialling with `dialer`, presenting `presentation`, resuming
-    /// TLS sessions as `resumes` says.
+    /// TLS sessions as `resumes` says; `cookie_less` for a lane of
+    /// cookie-less traffic.
     pub(super) fn new(
         dialer: Dialer,
         presentation: Presentation,
         limits: Limits,
         resumes: Resumes,
+        cookie_less: bool,
     ) -> LanePool {
         // `resumes` is `Never` for a presentation without a hello.
         let sessions = Sessions::new(resumes);
@@ -270,6 +275,7 @@ impl LanePool {
             heir: std::sync::OnceLock::new(),
             sessions,
             keeps_for_heirs: resumes == Resumes::ForHeirs,
+            cookie_less,
         }
     }
 
@@ -310,16 +316,20 @@ impl LanePool {
     /// [`LanePool::hand_over_h2`]). Only to the first identity founded on the
     /// lane (its session is then the identity's, and no cookie-less request
     /// takes the lane again), and only when this lane presents what the
-    /// heir presents (the caller asks [`LanePool::presents`] and
-    /// [`LanePool::takes_heir`] first); the heir takes it only when its
-    /// egress address rules admit it (see `Dialer::admits`).
-    pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) {
-        // The first heir stands: another founding may have come since
-        // `takes_heir` was asked.
-        let _ = self.heir.set(Heir {
-            lane: Arc::downgrade(heir),
-            founding: connection.clone(),
-        });
+    /// heir presents (the caller asks [`LanePool::presents`] first); the
+    /// heir takes it only when its egress address rules admit it (see
+    /// `Dialer::admits`). True when `heir` is the connection's heir; the
+    /// connection never serves this lane again either way (see
+    /// [`LanePool::let_go`]).
+    pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) -> bool {
+        connection.note_founding();
+        // The first heir stands: another founding may have come first.
+        self.heir
+            .set(Heir {
+                lane: Arc::downgrade(heir),
+                founding: connection.clone(),
+            })
+            .is_ok()
     }
 
     /// Hands this lane's HTTP/2 connection to `origin`, when it is
@@ -330,49 +340,48 @@ impl LanePool {
     /// carried other visitors' cookie-less requests on it (the lane serves
     /// every client with the same ClientHello), but the origin linked the
     /// identity to all of them when it set the cookie there, and no
-    /// cookie-less request takes the lane once its session is the
-    /// identity's. As [`LanePool::hand_over`]: only to the first identity
+    /// cookie-less request takes the connection once its answer founded an
+    /// identity. As [`LanePool::hand_over`]: only to the first identity
     /// founded on the lane, presenting what the lane presents (the caller
-    /// asks [`LanePool::presents`] and [`LanePool::takes_heir`] first), and
-    /// only when the heir stands and its egress address rules admit the
-    /// connection's.
+    /// asks [`LanePool::presents`] first), and only when the heir stands
+    /// and its egress address rules admit the connection's. True when
+    /// `heir` is the connection's heir (named under the lane's lock as the
+    /// connection leaves it, so a founding that comes second never sees the
+    /// connection gone without its heir named).
     pub(super) fn hand_over_h2(
         &self,
         heir: &Arc<LanePool>,
         origin: &Origin,
         connection: &Arc<TunnelInfo>,
-    ) {
+    ) -> bool {
+        connection.note_founding();
         let conn = {
             let mut origins = self.origins();
-            let Some(conns) = origins.get_mut(origin) else {
-                return;
+            let Some(conn) = Self::take_h2(&mut origins, origin, connection) else {
+                return false;
             };
-            let is_it = conns.h2.as_ref().is_some_and(|conn| {
-                Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed()
-            });
             let named = Heir {
                 lane: Arc::downgrade(heir),
                 founding: connection.clone(),
             };
-            // The first heir stands.
-            if !is_it || self.heir.set(named).is_err() {
-                return;
+            // The first heir stands; the connection leaves this lane
+            // either way, and closes once its streams have ended.
+            if self.heir.set(named).is_err() {
+                return false;
             }
-            conns.h2_quiet_since = None;
-            conns.h2.take()
+            conn
         };
-        // Out of this lane either way: an heir that retired meanwhile, or
-        // whose address rules refuse it, lets it close once its streams
-        // have ended.
-        let Some(conn) = conn.filter(|_| heir.admits(connection)) else {
-            return;
-        };
+        // An heir that retired meanwhile, or whose address rules refuse
+        // it, lets it close once its streams have ended.
+        if !heir.admits(connection) {
+            return true;
+        }
         let mut origins = heir.origins();
         let conns = origins.entry(origin.clone()).or_default();
         // The heir opened one of its own meanwhile: the handed one closes
         // once its streams have ended.
         if conns.h2.as_ref().is_some_and(|own| !own.sender.is_closed()) {
-            return;
+            return true;
         }
         conns.h2 = Some(conn);
         conns.h2_taken = true;
@@ -382,6 +391,49 @@ impl LanePool {
         // meet).
         conns.h2_quiet = true;
         conns.h2_quiet_since = None;
+        true
+    }
+
+    /// An answer on `connection` founded an identity that takes nothing of
+    /// this lane (it presents otherwise, or it could not have a lane): the
+    /// connection still never serves the lane again. The origin linked it
+    /// to the identity when it set the cookie there, and would see it carry
+    /// other visitors' requests after. An HTTP/2 one leaves the lane now and
+    /// closes once its streams have ended; an HTTP/1.1 one closes when its
+    /// answer has been read (see `give_back`).
+    pub(super) fn let_go(&self, origin: &Origin, connection: &Arc<TunnelInfo>) {
+        connection.note_founding();
+        let mut origins = self.origins();
+        drop(Self::take_h2(&mut origins, origin, connection));
+    }
+
+    /// Takes `connection` out of `origins` when it is the open HTTP/2
+    /// connection to `origin`.
+    fn take_h2(
+        origins: &mut HashMap<Origin, Conns, foldhash::fast::RandomState>,
+        origin: &Origin,
+        connection: &Arc<TunnelInfo>,
+    ) -> Option<H2Conn> {
+        let conns = origins.get_mut(origin)?;
+        let is_it = conns
+            .h2
+            .as_ref()
+            .is_some_and(|conn| Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed());
+        if !is_it {
+            return None;
+        }
+        conns.h2_quiet_since = None;
+        conns.h2.take()
+    }
+
+    /// Whether another identity than `heir`'s took `connection` (see
+    /// [`LanePool::hand_over`]): its TLS session then goes with it, to that
+    /// identity alone.
+    pub(super) fn handed_to_another(&self, heir: &Arc<LanePool>, connection: &TunnelInfo) -> bool {
+        self.heir.get().is_some_and(|named| {
+            std::ptr::eq(Arc::as_ptr(&named.founding), connection)
+                && !std::ptr::eq(named.lane.as_ptr(), Arc::as_ptr(heir))
+        })
     }
 
     /// Whether the lane may take over `connection` (or the session kept on
@@ -389,12 +441,6 @@ impl LanePool {
     /// rules admit the connection's address.
     pub(super) fn admits(&self, connection: &TunnelInfo) -> bool {
         self.still_live().is_ok() && self.dialer.admits(connection.egress_ip)
-    }
-
-    /// Whether this lane may still hand a connection over (see
-    /// [`LanePool::hand_over`]): no identity founded on it has yet.
-    pub(super) fn takes_heir(&self) -> bool {
-        self.heir.get().is_none()
     }
 
     /// Whether this lane presents `presentation` (the hello its sessions
@@ -916,6 +962,12 @@ impl LanePool {
                 conn.idle_since = now.checked_sub(REPLAY_AFTER_IDLE).unwrap_or(now);
                 heir.keep_idle(origin, conn);
             }
+            return;
+        }
+        // An answer on it founded an identity that did not take it: it
+        // closes rather than carry other visitors' requests (see
+        // `LanePool::let_go`).
+        if self.cookie_less && conn.info.founded_one() {
             return;
         }
         conn.idle_since = Instant::now();

@@ -225,6 +225,18 @@ impl TestExit {
         tunnels.len()
     }
 
+    /// Waits (bounded: 10 s, polling: the exit has no signal for a tunnel
+    /// pinproxy closes) until at most `open` tunnels are open, and fails
+    /// the test if more still are.
+    pub async fn assert_open_tunnels_fall_to(&self, open: usize) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.open_tunnels() > open && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let now = self.open_tunnels();
+        assert!(now <= open, "{now} tunnels open, at most {open} expected");
+    }
+
     /// Cuts every open tunnel (as providers do with idle ones); the exit
     /// keeps accepting new ones.
     pub fn close_tunnels(&self) {
