@@ -513,6 +513,17 @@ async fn streams_refused_then_left_out_of_a_goaway_are_sent_on_a_new_connection(
     three_gets_are_answered_despite(GoingAway::AfterRefusing, 7, 4).await;
 }
 
+/// A stream left out of an origin's `GOAWAY` and then refused
+/// (`REFUSED_STREAM`) on the new connection it was sent again on (an origin
+/// shedding load) is sent once more there: the origin said twice that it
+/// did not process it, and the client gets its answer, not a `502`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_out_of_a_goaway_then_refused_is_sent_once_more() {
+    // Three streams on the first connection, the left-out one twice on
+    // the second.
+    three_gets_are_answered_despite(GoingAway::ThenRefusing, 5, 2).await;
+}
+
 /// Three GETs at once (one dial, the connection busy with all of them)
 /// through pinproxy, in either fingerprint mode, to an origin that goes
 /// away on its first connection as `script` says: every one is answered
@@ -549,6 +560,9 @@ enum GoingAway {
     /// refused (`REFUSED_STREAM`); once both have come again, a `GOAWAY`
     /// naming the first as its last stream, and no answer.
     AfterRefusing,
+    /// As [`GoingAway::AtTheThird`]; then the second connection refuses
+    /// its first stream (an origin shedding load) and answers the rest.
+    ThenRefusing,
 }
 
 /// An HTTPS origin speaking HTTP/2 frame by frame (`h2`'s server counts
@@ -598,12 +612,12 @@ impl GoingAwayH2Origin {
             while let Ok((tcp, peer)) = listener.accept().await {
                 *accepted_by_task.lock().unwrap() += 1;
                 peers_by_task.lock().unwrap().push(peer.ip());
-                let first = *accepted_by_task.lock().unwrap() == 1;
+                let nth = *accepted_by_task.lock().unwrap();
                 let (tls, streams) = (tls.clone(), streams_by_task.clone());
                 tokio::spawn(async move {
                     if let Ok(stream) = tls.accept(tcp).await {
                         // Ends when pinproxy closes the connection.
-                        let _ = Self::serve(stream, first.then_some(script), streams).await;
+                        let _ = Self::serve(stream, script, nth, streams).await;
                     }
                 });
             }
@@ -617,9 +631,11 @@ impl GoingAwayH2Origin {
         }
     }
 
+    /// Serves the `nth` connection (from 1) as `script` says.
     async fn serve<S>(
         mut stream: S,
-        script: Option<GoingAway>,
+        script: GoingAway,
+        nth: usize,
         streams: Arc<Mutex<usize>>,
     ) -> std::io::Result<()>
     where
@@ -648,25 +664,30 @@ impl GoingAwayH2Origin {
                 // HEADERS: a new stream.
                 0x1 => {
                     *streams.lock().unwrap() += 1;
-                    let Some(script) = script else {
-                        stream.write_all(&h2_ok(id)).await?;
-                        continue;
-                    };
                     held.push(id);
+                    // RST_STREAM, REFUSED_STREAM (0x7).
+                    let refused = 7u32.to_be_bytes();
+                    if nth > 1 {
+                        match (script, &held[..]) {
+                            (GoingAway::ThenRefusing, &[first]) if nth == 2 => {
+                                stream.write_all(&h2_frame(0x3, 0, first, &refused)).await?;
+                            }
+                            _ => stream.write_all(&h2_ok(id)).await?,
+                        }
+                        continue;
+                    }
                     let away = |last: u32| {
                         let mut payload = last.to_be_bytes().to_vec();
                         payload.extend_from_slice(&0u32.to_be_bytes());
                         h2_frame(0x7, 0, 0, &payload)
                     };
                     match (script, &held[..]) {
-                        (GoingAway::AtTheThird, &[kept, last, _]) => {
+                        (GoingAway::AtTheThird | GoingAway::ThenRefusing, &[kept, last, _]) => {
                             stream.write_all(&away(last)).await?;
                             stream.write_all(&h2_ok(kept)).await?;
                             stream.write_all(&h2_ok(last)).await?;
                         }
                         (GoingAway::AfterRefusing, &[kept, second, third]) => {
-                            // RST_STREAM, REFUSED_STREAM (0x7).
-                            let refused = 7u32.to_be_bytes();
                             stream.write_all(&h2_ok(kept)).await?;
                             stream
                                 .write_all(&h2_frame(0x3, 0, second, &refused))

@@ -605,10 +605,12 @@ impl LanePool {
     ) -> Result<Answered<UpstreamBody>, UpstreamError> {
         let mut request = request;
         // At most one of each: a request found its connection gone before
-        // it was written, and one the origin left unanswered; and before
-        // the latter, one stream the origin refused (`REFUSED_STREAM`), sent
-        // again on its connection, which the origin may then close (one
-        // refusing streams as it shuts down): four attempts in all.
+        // it was written, one the origin left unanswered, and one stream
+        // the origin refused (`REFUSED_STREAM`), sent again on its
+        // connection; in either order: a refused stream's connection may
+        // then close (an origin refusing streams as it shuts down), and a
+        // stream left out of a `GOAWAY` may be refused on its new
+        // connection (an origin shedding load). Four attempts in all.
         let (mut retried, mut replayed, mut refused) = (false, false, false);
         // A retry after a close takes a new connection: the others the
         // origin left idle as long may be closing too.
@@ -635,7 +637,7 @@ impl LanePool {
             // one request at a time, and an origin closing it says so on
             // the answer before.
             let replay = match (&checked, reuse) {
-                _ if replayed => None,
+                _ if replayed && refused => None,
                 (_, Reuse::Quiet) => Replay::of(&request, true),
                 (Checked::H2(_), _) => Replay::of(&request, false),
                 (Checked::H1(_), _) => None,
@@ -671,17 +673,21 @@ impl LanePool {
                     unanswered,
                 }) => match replay {
                     Some(replay) if replay.allows(unanswered) => {
+                        // The refusal's own turn first, then the one turn
+                        // for anything else left unanswered.
+                        if unanswered == Unanswered::Refused && !refused {
+                            refused = true;
+                        } else if !replayed {
+                            replayed = true;
+                        } else {
+                            return Err(error);
+                        }
                         tracing::debug!(
                             exit = %self.dialer.exit,
                             origin = %origin.target,
                             error = %error,
                             "the origin left a request unanswered; sending it again"
                         );
-                        if unanswered == Unanswered::Refused && !refused {
-                            refused = true;
-                        } else {
-                            replayed = true;
-                        }
                         replaying = true;
                         fresh = fresh || unanswered.needs_new_connection();
                         request = replay.into_request();
