@@ -262,10 +262,22 @@ impl H2Gets {
     }
 
     async fn get(&self, path: &str) -> http::Response<hyper::body::Incoming> {
-        let request = http::Request::get(format!("https://localhost:{}{path}", self.port))
+        self.send("GET", path, Bytes::new()).await
+    }
+
+    /// `method` for `path` with `body` (none when empty).
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> http::Response<hyper::body::Incoming> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("https://localhost:{}{path}", self.port))
             .header("accept", "text/html")
             .header(H2_JAR.0, H2_JAR.1)
-            .body(Full::default())
+            .body(Full::new(body))
             .unwrap();
         let reply = tokio::time::timeout(ANSWER, self.sender.clone().send_request(request));
         reply.await.expect("an answer in time").unwrap()
@@ -524,6 +536,46 @@ async fn a_stream_left_out_of_a_goaway_then_refused_is_sent_once_more() {
     three_gets_are_answered_despite(GoingAway::ThenRefusing, 5, 2).await;
 }
 
+/// An origin that refuses every stream gets a GET three times in all (its
+/// refusal's turn and the one replay), then the client gets `502` saying
+/// that the origin did not process it and that a retry is safe; a POST
+/// with a body, never sent twice by pinproxy, gets the same answer after
+/// its one stream. Every stream leaves through the cookie's exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_an_origin_refuses_every_time_is_sent_three_times_at_most() {
+    for mode in [FingerprintMode::Mirror, FingerprintMode::Rustls] {
+        let (s, exit) = founded_in(mode).await;
+        let origin = GoingAwayH2Origin::start(&s.origin.pki, GoingAway::RefusingEvery).await;
+        let mut tunnel = s.proxy.client.tunnel_h2("localhost", origin.port).await;
+        let requests = H2Gets::new(&mut tunnel, origin.port);
+        let expect_refused = |reply: http::Response<hyper::body::Incoming>| async move {
+            assert_eq!(reply.status(), 502, "{mode:?}");
+            let error = reply.headers().get("x-pinproxy-error").unwrap();
+            let error = error.to_str().unwrap().to_owned();
+            assert!(error.starts_with("origin-failed: "), "{mode:?}: {error}");
+            let body = http_body_util::BodyExt::collect(reply.into_body()).await;
+            let body = String::from_utf8(body.unwrap().to_bytes().to_vec()).unwrap();
+            assert!(
+                body.contains("did not process it: retrying is safe"),
+                "{mode:?}: {body}"
+            );
+        };
+        expect_refused(requests.get("/refused").await).await;
+        assert_eq!(origin.streams(), 3, "{mode:?}");
+        assert_eq!(replayed(&s), 2, "{mode:?}");
+
+        let post = requests
+            .send("POST", "/form", Bytes::from_static(b"a=1"))
+            .await;
+        expect_refused(post).await;
+        assert_eq!(origin.streams(), 4, "{mode:?}: the POST once");
+        assert_eq!(replayed(&s), 2, "{mode:?}");
+        assert_eq!(origin.accepted(), 1, "{mode:?}");
+        assert!(origin.peers().iter().all(|p| *p == exit), "{mode:?}");
+        s.stop().await;
+    }
+}
+
 /// Three GETs at once (one dial, the connection busy with all of them)
 /// through pinproxy, in either fingerprint mode, to an origin that goes
 /// away on its first connection as `script` says: every one is answered
@@ -563,6 +615,8 @@ enum GoingAway {
     /// As [`GoingAway::AtTheThird`]; then the second connection refuses
     /// its first stream (an origin shedding load) and answers the rest.
     ThenRefusing,
+    /// Every stream of every connection refused.
+    RefusingEvery,
 }
 
 /// An HTTPS origin speaking HTTP/2 frame by frame (`h2`'s server counts
@@ -667,6 +721,10 @@ impl GoingAwayH2Origin {
                     held.push(id);
                     // RST_STREAM, REFUSED_STREAM (0x7).
                     let refused = 7u32.to_be_bytes();
+                    if matches!(script, GoingAway::RefusingEvery) {
+                        stream.write_all(&h2_frame(0x3, 0, id, &refused)).await?;
+                        continue;
+                    }
                     if nth > 1 {
                         match (script, &held[..]) {
                             (GoingAway::ThenRefusing, &[first]) if nth == 2 => {

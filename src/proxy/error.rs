@@ -546,6 +546,11 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
                      the origin acted on the request. If this origin sets that many tracked \
                      cookies, track fewer names (cookies.track)."
             }
+            ExchangeKind::Refused => {
+                "The origin refused the request's stream (REFUSED_STREAM), so it did not process \
+                     it: retrying is safe. pinproxy sends a request again itself only when it has \
+                     no body (a body streams once and is not kept), a few times at most."
+            }
             ExchangeKind::Other => {
                 "The connection to the origin failed during the exchange; retry if the request \
                      is safe to repeat."

@@ -282,6 +282,10 @@ pub enum ExchangeKind {
     /// The origin's answer is valid, but sets tracked cookies pinproxy
     /// cannot pin (too many, or a name too long): it was not passed on.
     Unpinnable,
+    /// The origin refused the request's HTTP/2 stream (`REFUSED_STREAM`):
+    /// it did not process it, and pinproxy did not, or could no longer,
+    /// send it again.
+    Refused,
     /// Anything else.
     Other,
 }

@@ -53,7 +53,7 @@ use tokio::time::Instant;
 
 use super::conn::{Answered, TunnelInfo, UpstreamIo};
 use super::dial::Dialer;
-use super::error::UpstreamError;
+use super::error::{ExchangeKind, UpstreamError};
 use super::framing;
 use super::h2::{self, TokioExec};
 use super::replay::{Replay, Unanswered};
@@ -1055,6 +1055,17 @@ struct Unsent {
 
 impl Unsent {
     fn new(request: Option<Request<Body>>, error: UpstreamError, unanswered: Unanswered) -> Self {
+        // A refusal says more than the stack's error: the origin did not
+        // process the request, so the client may safely send it again.
+        let error = match error {
+            UpstreamError::Exchange { detail, .. } if unanswered == Unanswered::Refused => {
+                UpstreamError::Exchange {
+                    kind: ExchangeKind::Refused,
+                    detail,
+                }
+            }
+            error => error,
+        };
         Unsent {
             request,
             error,
