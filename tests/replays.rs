@@ -622,7 +622,9 @@ enum GoingAway {
 /// An HTTPS origin speaking HTTP/2 frame by frame (`h2`'s server counts
 /// every stream it has read as processed, so it cannot leave one out of
 /// its `GOAWAY`): on its first connection it goes away as [`GoingAway`]
-/// says; it answers every stream of its later connections `200 ok`. It
+/// says, and its later connections as [`GoingAway::ThenRefusing`] and
+/// [`GoingAway::RefusingEvery`] say; it answers every other stream of its
+/// later connections `200 ok`. It
 /// reads frame heads only (HEADERS are not decoded; these heads need no
 /// CONTINUATION).
 struct GoingAwayH2Origin {

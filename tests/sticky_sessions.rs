@@ -104,8 +104,9 @@ async fn an_identity_founded_by_an_answer_keeps_its_session_to_itself() {
 /// same address right after. An HTTP/1.1 connection only when it was
 /// dialled for the founding request: one that carried other cookie-less
 /// requests first (the lane serves every client with the same
-/// ClientHello) stays anonymous. An HTTP/2 connection goes to the first
-/// identity founded on it, and no cookie-less request takes it after.
+/// ClientHello) goes to nobody (it closes). An HTTP/2 connection goes to
+/// the first identity founded on it, and no cookie-less request takes it
+/// after.
 #[tokio::test]
 async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     let s = one_anonymous_session().await;
@@ -130,7 +131,7 @@ async fn an_identity_goes_on_with_the_connection_its_cookies_came_on() {
     assert_eq!(connection_of("/page?n=2"), first);
 
     // A cookie-less request first, then a login on its connection (one
-    // anonymous session, so one lane): the connection stays anonymous.
+    // anonymous session, so one lane): the identity does not take it.
     s.get_with("/anonymous", &[]).await;
     let (mut jar, _) = s.login("/login?visit=2").await;
     assert_eq!(connection_of("/login?visit=2"), connection_of("/anonymous"));

@@ -28,7 +28,6 @@ async fn capped(cap: usize) -> Setup {
         .await
 }
 
-/// Waits (at most 10 s) for `exit`'s open tunnels to fall to `cap`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exit_keeps_at_most_max_idle_connections_closing_the_longest_idle() {
     const CAP: usize = 3;

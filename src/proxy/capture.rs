@@ -326,6 +326,13 @@ pub async fn learn(
     let (identity, is_new) = match &route.identity {
         Some(identity) => (identity.clone(), false),
         None => {
+            // The origin linked the cookie-less connection to whoever holds
+            // the cookie it set there: whatever comes of the founding (a
+            // store failure, the client gone meanwhile), it carries no
+            // other visitor's request after (see `ExitClient::hand_over`).
+            if let Some(carried_by) = &carried_by {
+                carried_by.tunnel.note_founding();
+            }
             let session = route.anonymous.unwrap_or(AnonymousSession {
                 session: route.lane.session,
                 started_ms: now,

@@ -45,10 +45,10 @@ pub struct TunnelInfo {
 }
 
 impl TunnelInfo {
-    /// An answer on this connection (a cookie-less lane's) founded an
-    /// identity: the origin linked the connection to that identity when it
-    /// set the cookie there, so no other visitor's request may take it
-    /// again (it goes to the identity, or closes).
+    /// An answer on this connection (a cookie-less lane's) set a tracked
+    /// cookie, founding an identity: the origin linked the connection to
+    /// whoever holds the cookie when it set it there, so no other visitor's
+    /// request may take it again (it goes to the identity, or closes).
     pub(crate) fn note_founding(&self) {
         self.founded.store(true, Ordering::Release);
     }

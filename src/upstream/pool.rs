@@ -346,8 +346,9 @@ impl LanePool {
     /// asks [`LanePool::presents`] first), and only when the heir stands
     /// and its egress address rules admit the connection's. True when
     /// `heir` is the connection's heir (named under the lane's lock as the
-    /// connection leaves it, so a founding that comes second never sees the
-    /// connection gone without its heir named).
+    /// connection leaves it: a founding that comes second and finds it
+    /// gone finds its heir named, unless it left the lane otherwise, closed
+    /// or let go for having been idle).
     pub(super) fn hand_over_h2(
         &self,
         heir: &Arc<LanePool>,
@@ -395,7 +396,8 @@ impl LanePool {
     }
 
     /// An answer on `connection` founded an identity that takes nothing of
-    /// this lane (it presents otherwise, or it could not have a lane): the
+    /// this lane (it presents otherwise, it could not have a lane, or it
+    /// retired at its founding, on an exit route a reload replaced): the
     /// connection still never serves the lane again. The origin linked it
     /// to the identity when it set the cookie there, and would see it carry
     /// other visitors' requests after. An HTTP/2 one leaves the lane now and
