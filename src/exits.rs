@@ -389,7 +389,9 @@ impl ExitBuild {
                 let client = if same_pools && old.spec.route() == spec.route() {
                     old.client.clone()
                 } else {
-                    ExitClient::new(spec.route(), self.tls.clone(), &self.pool)
+                    // Requests routed before the reload still hold the old
+                    // client's pools: it shares its retirements with them.
+                    ExitClient::succeeding(&old.client, spec.route(), self.tls.clone(), &self.pool)
                 };
                 let sessions = if session_shape(&old.spec) == session_shape(spec) {
                     old.sessions.clone()

@@ -34,6 +34,7 @@ mod lanes;
 mod pool;
 mod replay;
 mod resumption;
+mod retired;
 pub mod tls;
 
 use std::net::IpAddr;
@@ -280,13 +281,10 @@ pub struct ExitClient {
     settings: PoolSettings,
     /// One pool per lane and way of speaking (see [`PoolId`]).
     pools: Arc<Lanes>,
-    /// Lanes of identities retired lately, and why: a pool made for one
-    /// after [`ExitClient::forget`] dropped its pools (by a request routed
-    /// before the retirement) is born retired.
-    retired_lanes: Arc<dashmap::DashMap<PoolKey, (RetireReason, std::time::Instant), LaneHasher>>,
-    /// When the remembered retired lanes were last pruned, and how many of
-    /// them the next prune waits for (see `ExitClient::prune_retired_lanes`).
-    retired_lanes_pruned: Arc<std::sync::Mutex<(std::time::Instant, usize)>>,
+    /// The exit's retired lanes, shared with the clients a reload
+    /// replaced this one with or this one replaced (see
+    /// [`ExitClient::succeeding`]).
+    retired: Arc<retired::RetiredLanes>,
     /// Closes idle connections on time and beyond the exit's cap.
     _sweeper: Arc<idle::Sweeper>,
 }
@@ -299,16 +297,6 @@ impl std::fmt::Debug for ExitClient {
             .finish_non_exhaustive()
     }
 }
-
-/// How long a retired identity's lane is remembered (see
-/// `ExitClient::retired_lanes`): longer than a request takes from its
-/// routing to its connection.
-const RETIRED_LANES_KEPT: Duration = Duration::from_secs(600);
-
-/// Past this many remembered retired lanes, those older than
-/// [`RETIRED_LANES_KEPT`] are forgotten at the next retirement (see
-/// `ExitClient::prune_retired_lanes`).
-const RETIRED_LANES_PRUNED_PAST: usize = 1024;
 
 /// A lane to drop, retired (see [`ExitClient::forget`]).
 #[derive(Clone, Debug)]
@@ -336,12 +324,34 @@ fn deadline(started: std::time::Instant, timeout: Duration) -> tokio::time::Inst
 impl ExitClient {
     /// The pools of the exit `route`.
     pub fn new(route: ExitRoute, tls: UpstreamTls, settings: &PoolSettings) -> Self {
+        Self::with_retired(route, tls, settings, Arc::default())
+    }
+
+    /// The pools of the exit `route`, replacing `previous` (the same exit's
+    /// client before a reload changed its settings): a retirement decided
+    /// through either stops the requests holding either's pools.
+    pub fn succeeding(
+        previous: &ExitClient,
+        route: ExitRoute,
+        tls: UpstreamTls,
+        settings: &PoolSettings,
+    ) -> Self {
+        Self::with_retired(route, tls, settings, previous.retired.clone())
+    }
+
+    fn with_retired(
+        route: ExitRoute,
+        tls: UpstreamTls,
+        settings: &PoolSettings,
+        retired: Arc<retired::RetiredLanes>,
+    ) -> Self {
         // A lane idle for twice the connection idle time has no
         // connection left worth keeping.
         let pools = Arc::new(Lanes::new(
             settings.idle_timeout.saturating_mul(2),
             MAX_LANES_PER_EXIT,
         ));
+        retired.register(&pools);
         ExitClient {
             route: Arc::new(route),
             tls,
@@ -351,11 +361,7 @@ impl ExitClient {
                 settings.max_idle_per_exit,
             )),
             pools,
-            retired_lanes: Arc::default(),
-            retired_lanes_pruned: Arc::new(std::sync::Mutex::new((
-                std::time::Instant::now(),
-                RETIRED_LANES_PRUNED_PAST,
-            ))),
+            retired,
         }
     }
 
@@ -458,8 +464,8 @@ impl ExitClient {
             let cookie_less = matches!(lane.key, PoolKey::Anonymous(_));
             let pool = LanePool::new(dialer, presentation, limits, resumes, cookie_less);
             // Made rarely (once per lane): the map is read only then.
-            if let Some(retired) = self.retired_lanes.get(&lane.key) {
-                pool.retire(retired.0.clone());
+            if let Some(reason) = self.retired.reason(&lane.key) {
+                pool.retire(reason);
             }
             pool
         })
@@ -596,68 +602,10 @@ impl ExitClient {
     }
 
     /// [`ExitClient::forget`] for several lanes (a sweep's retirements):
-    /// one walk of the exit's lanes for all those kept per presentation.
+    /// one walk of each client's lanes for all those kept per presentation.
+    /// In every client the exit has had (see [`ExitClient::succeeding`]).
     pub fn forget_many(&self, lanes: &[Forgotten]) {
-        // Remembered before the pools go, so that a pool made meanwhile is
-        // found by one or the other.
-        let now = std::time::Instant::now();
-        self.prune_retired_lanes(now);
-        for lane in lanes {
-            self.retired_lanes
-                .insert(lane.key, (lane.reason.clone(), now));
-        }
-        let walked: std::collections::HashMap<PoolKey, &RetireReason, LaneHasher> = lanes
-            .iter()
-            .filter(|lane| lane.every_presentation)
-            .map(|lane| (lane.key, &lane.reason))
-            .collect();
-        if !walked.is_empty() {
-            for (id, pool) in self.pools.remove_every(|id| walked.contains_key(&id.key)) {
-                if let Some(reason) = walked.get(&id.key) {
-                    pool.retire((*reason).clone());
-                }
-            }
-        }
-        for lane in lanes.iter().filter(|lane| !lane.every_presentation) {
-            for h2 in [false, true] {
-                let id = PoolId {
-                    key: lane.key,
-                    fingerprint: 0,
-                    h2,
-                };
-                if let Some(pool) = self.pools.remove(&id) {
-                    pool.retire(lane.reason.clone());
-                }
-            }
-        }
-    }
-
-    /// Forgets the retired lanes remembered longer than
-    /// [`RETIRED_LANES_KEPT`] once there are [`RETIRED_LANES_PRUNED_PAST`]
-    /// of them, then again each time their number has doubled since the
-    /// last prune, or that long after it: a burst of retirements (a
-    /// sweep's) walks the map a few times, not once per retirement, and
-    /// what it left is let go with the next retirement once it is old.
-    fn prune_retired_lanes(&self, now: std::time::Instant) {
-        // One prune at a time; a retirement meanwhile does not wait for it.
-        let mut pruned = match self.retired_lanes_pruned.try_lock() {
-            Ok(pruned) => pruned,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
-        };
-        let (last, at_len) = *pruned;
-        let len = self.retired_lanes.len();
-        let due = len >= at_len
-            || (len >= RETIRED_LANES_PRUNED_PAST && now.duration_since(last) >= RETIRED_LANES_KEPT);
-        if !due {
-            return;
-        }
-        self.retired_lanes
-            .retain(|_, (_, at)| now.duration_since(*at) < RETIRED_LANES_KEPT);
-        *pruned = (
-            now,
-            (self.retired_lanes.len() * 2).max(RETIRED_LANES_PRUNED_PAST),
-        );
+        self.retired.retire(lanes);
     }
 
     /// Number of live lanes.
@@ -815,27 +763,35 @@ mod tests {
             );
         }
         assert!(pools[2..].iter().all(|pool| pool.still_live().is_ok()));
+    }
 
-        // Thousands retired one after another: the map of retired lanes is
-        // pruned only when it has doubled since the last prune.
-        for n in 0..5_000u64 {
-            client.forget(
-                Lane::anonymous(SessionId(1_000 + n)).key,
-                false,
-                &RetireReason::Evicted,
-            );
-        }
-        assert_eq!(client.retired_lanes.len(), 5_002);
-        let next_prune = client.retired_lanes_pruned.lock().unwrap().1;
+    /// A reload that gives an exit a new client (other pool settings, the
+    /// same route) leaves requests routed before it holding the old
+    /// client's pools: a retirement through either client stops both, and
+    /// a pool either makes for the lane afterwards is born retired.
+    #[tokio::test]
+    async fn a_retirement_through_either_client_of_an_exit_stops_both() {
+        let (old, settings) = direct_client();
+        let new = ExitClient::succeeding(&old, (*old.route).clone(), old.tls.clone(), &settings);
+        let unrelated = direct_client().0;
+        let (first, second) = (Lane::anonymous(SessionId(1)), Lane::anonymous(SessionId(2)));
+        let held = [old.lane_pool(&first), new.lane_pool(&second)];
+        let elsewhere = unrelated.lane_pool(&first);
+
+        new.forget(first.key, false, &RetireReason::Evicted);
+        old.forget(second.key, false, &RetireReason::IdleExpired);
+        let refused = |pool: &LanePool, reason: RetireReason| matches!(pool.still_live(), Err(UpstreamError::IdentityRetired(r)) if r == reason);
         assert!(
-            next_prune > 5_002 && next_prune <= 2 * 5_002,
-            "{next_prune}"
+            refused(&held[0], RetireReason::Evicted),
+            "the old client's pool"
         );
-        // Once they are old, the next retirement lets them go, however
-        // far the next doubling is.
-        let later = std::time::Instant::now() + RETIRED_LANES_KEPT;
-        client.prune_retired_lanes(later);
-        assert_eq!(client.retired_lanes.len(), 0);
+        assert!(
+            refused(&held[1], RetireReason::IdleExpired),
+            "the new client's pool"
+        );
+        assert!(refused(&old.lane_pool(&second), RetireReason::IdleExpired));
+        assert!(refused(&new.lane_pool(&first), RetireReason::Evicted));
+        assert!(elsewhere.still_live().is_ok(), "another exit's client");
     }
 
     #[tokio::test]

@@ -877,6 +877,23 @@ async fn a_request_whose_identity_ended_while_it_waited_never_leaves() {
 /// and the request still holding the lane finds it retired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_identity_retired_while_it_connected_never_leaves() {
+    held_at_the_exit_while_its_identity_retires(false).await;
+}
+
+/// The same when a reload gives the exit a new connection client meanwhile
+/// (other pool settings, the same route, the identities kept): the
+/// retirement, decided after the reload, still reaches the request, which
+/// holds the old client's lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_the_client_a_reload_replaced_never_leaves_once_its_identity_retires() {
+    held_at_the_exit_while_its_identity_retires(true).await;
+}
+
+/// Sends a request whose session key founds an identity, holds it at the
+/// exit, evicts the identity (after a reload that rebuilds the exit's
+/// client, when `reload_first`), and checks the request never reached the
+/// origin and was answered `502 identity-retired`.
+async fn held_at_the_exit_while_its_identity_retires(reload_first: bool) {
     let s = Setup::start(1).await;
     let admin_addr = s.proxy.daemon.admin_addr().unwrap();
     s.exits[0].hold();
@@ -890,6 +907,12 @@ async fn a_request_whose_identity_retired_while_it_connected_never_leaves() {
             || async { !s.exits[0].connects().is_empty() },
         )
         .await;
+        if reload_first {
+            let mut config = s.proxy.config.clone();
+            config.timeouts.pool_idle += Duration::from_secs(1);
+            let report = s.proxy.daemon.reload_with(&config).await.unwrap();
+            assert!(report.changed.is_empty() && report.removed.is_empty());
+        }
         let (_, body) = admin(admin_addr, "GET", "/identities?all=1").await;
         let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
         assert_eq!(views.len(), 1, "{body}");

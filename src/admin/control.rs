@@ -56,7 +56,8 @@ impl std::fmt::Debug for Control {
 pub struct ReloadReport {
     /// Exits added.
     pub added: Vec<String>,
-    /// Exits removed (their identities retire, `exit-removed`).
+    /// Exits removed (their identities retire, `exit-removed`; on a shared
+    /// Redis store they are refused here, `exit-missing`, and left alive).
     pub removed: Vec<String>,
     /// Exits whose URL or options changed.
     pub changed: Vec<String>,

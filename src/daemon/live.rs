@@ -202,8 +202,18 @@ impl Live {
                          their old values stay in force"
                     );
                 }
+                let shared_store = self.core.router.policies().shared_store;
                 for id in &report.removed {
-                    tracing::warn!(exit = %id, "exit removed: its identities retire (exit-removed)");
+                    if shared_store {
+                        tracing::warn!(
+                            exit = %id,
+                            "exit removed: its identities' requests are refused on this replica \
+                             (exit-missing) and left alive for replicas that still have it; they \
+                             retire once unused for identities.idle_timeout"
+                        );
+                    } else {
+                        tracing::warn!(exit = %id, "exit removed: its identities retire (exit-removed)");
+                    }
                 }
                 Ok(report)
             }
