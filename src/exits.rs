@@ -6,7 +6,7 @@
 //! its [`health`], its anonymous upstream [`sessions`] and whether an
 //! operator [`drain`]ed it; the [`ExitSet`] picks exits for traffic that no
 //! pin decides ([`select`]). A reload swaps the whole set ([`LiveExits`]);
-//! an exit that stays (same id) keeps its health and drain state, and its
+//! an exit that stays (same id) keeps its drain state, and its health and
 //! pools when its route did not change ([`ExitBuild::set`]).
 //!
 //! Invariant: credentials in an exit URL never appear in `Debug` or
@@ -364,8 +364,9 @@ impl ExitBuild {
     }
 
     /// The exits `specs` describe. An exit of `previous` with the same id
-    /// keeps its health and drain state; unchanged, it is kept whole; its
-    /// pools are kept while its route and `self` (TLS, pool settings) are
+    /// keeps its drain state, and its health while its route is the same;
+    /// unchanged, it is kept whole; its pools are kept while its route and
+    /// `self` (TLS, pool settings) are
     /// the same as `previous_build` (`None`: the TLS trust changed), its
     /// anonymous sessions while their shape is the same.
     pub fn set(
@@ -398,10 +399,18 @@ impl ExitBuild {
                 } else {
                     Arc::new(self.sessions(spec, now_ms))
                 };
+                // Another route is another proxy: its health starts afresh
+                // (the old one is let go once the reload stands, see
+                // `Health::let_go`).
+                let health = if old.spec.route() == spec.route() {
+                    old.health.clone()
+                } else {
+                    Arc::new(Health::new(self.thresholds))
+                };
                 Arc::new(Exit {
                     spec: spec.clone(),
                     client,
-                    health: old.health.clone(),
+                    health,
                     sessions,
                     drained: old.drained.clone(),
                     route_changed_ms: AtomicU64::new(0),

@@ -935,6 +935,55 @@ async fn held_at_the_exit_while_its_identity_retires(reload_first: bool) {
     s.stop().await;
 }
 
+/// A reload that changes an exit's route under its id gives the new
+/// route a health of its own: a request still on the old route that fails
+/// there (the old provider going down, often why the route was changed)
+/// neither kills the new route nor dates a death that would retire the
+/// identities founded on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_left_on_a_replaced_route_do_not_kill_the_new_one() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.health.unhealthy_after = 1;
+            c.health.dead_after = 1;
+        })
+        .start()
+        .await;
+    let new_route = TestExit::start("127.0.0.3").await;
+    // The straggler waits at the old route's exit for its CONNECT answer.
+    s.exits[0].hold();
+    let straggler = s.get_with("/page?on=old-route", &[]);
+    let rest = async {
+        eventually(
+            Duration::from_secs(10),
+            "never reached the old route",
+            || async { !s.exits[0].connects().is_empty() },
+        )
+        .await;
+        let mut config = s.proxy.config.clone();
+        config.exits[0].url = new_route.url();
+        let report = s.proxy.daemon.reload_with(&config).await.unwrap();
+        assert_eq!(report.changed.len(), 1, "{report:?}");
+        let (jar, peer) = s.login("/login").await;
+        assert_eq!(peer.to_string(), "127.0.0.3", "founded on the new route");
+        // The old provider goes down: the held CONNECT is cut unanswered,
+        // a failure that is surely the exit's.
+        s.exits[0].kill();
+        (jar, config)
+    };
+    let (reply, (mut jar, config)) = tokio::join!(straggler, rest);
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    // A reload reads the exits' deaths back from the store: none was
+    // dated for the old route's failure.
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    let id = &s.proxy.config.exits[0].id;
+    assert_eq!(s.proxy.health(id), HealthState::Healthy);
+    let page = s.get("/page?on=new-route", &mut jar).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_identities_and_pins_answer_identity_retired_evicted() {
     let s = Setup::start(1).await;

@@ -297,6 +297,15 @@ impl Live {
             }
         };
         plan.mark(&set);
+        // The health of a route replaced under its id is let go now that
+        // the reload stands (a refused one keeps it in force).
+        for exit in set.iter() {
+            if let Some(old) = previous.get(exit.id()) {
+                if !Arc::ptr_eq(&old.health, &exit.health) {
+                    old.health.let_go();
+                }
+            }
+        }
         let routes_retire = plan.changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.

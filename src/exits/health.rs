@@ -8,7 +8,7 @@
 //! identities created before that moment are retired, because after an
 //! outage the exit's address can no longer be trusted to be the same.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -73,6 +73,9 @@ pub struct Health {
     /// The thresholds live under the same lock: a reload may change them.
     transition: Mutex<Counters>,
     changes: watch::Sender<HealthState>,
+    /// A reload replaced the route this health describes (see
+    /// [`Health::let_go`]).
+    let_go: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -97,7 +100,22 @@ impl Health {
                 thresholds,
             }),
             changes: watch::channel(HealthState::Healthy).0,
+            let_go: AtomicBool::new(false),
         }
+    }
+
+    /// A reload replaced the exit's route under its id, and the exit now in
+    /// force has a health of its own: what requests that started on the old
+    /// route still report here changes nothing. Their failures would
+    /// otherwise kill the new route (a route is often changed because the
+    /// old one fails) and date a death that retires the identities founded
+    /// on it.
+    pub fn let_go(&self) {
+        self.let_go.store(true, Ordering::Release);
+    }
+
+    fn is_let_go(&self) -> bool {
+        self.let_go.load(Ordering::Acquire)
     }
 
     /// The current state.
@@ -154,7 +172,9 @@ impl Health {
     /// Records a success (probe or request). Returns the new state if it changed.
     pub fn success(&self) -> Option<HealthState> {
         // Fast path for the common case: healthy and nothing to reset.
-        if self.state() == HealthState::Healthy && self.failures.load(Ordering::Relaxed) == 0 {
+        if self.state() == HealthState::Healthy && self.failures.load(Ordering::Relaxed) == 0
+            || self.is_let_go()
+        {
             return None;
         }
         let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,6 +192,9 @@ impl Health {
     /// Records a failure that is the exit's fault. Returns the new state if
     /// it changed.
     pub fn failure(&self, now_ms: u64) -> Option<HealthState> {
+        if self.is_let_go() {
+            return None;
+        }
         let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         counters.successes = 0;
         counters.failures = counters.failures.saturating_add(1);
@@ -195,6 +218,9 @@ impl Health {
     /// of the exit, which only failures that are surely the exit's (and
     /// health probes) may do. Returns the new state if it changed.
     pub fn doubtful_failure(&self, now_ms: u64) -> Option<HealthState> {
+        if self.is_let_go() {
+            return None;
+        }
         let mut counters = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         counters.successes = 0;
         let below_dead = counters.thresholds.dead_after.saturating_sub(1);
@@ -244,6 +270,23 @@ mod tests {
             dead_after: 4,
             healthy_after: 2,
         })
+    }
+
+    /// A health let go (its route replaced by a reload) takes no report:
+    /// failures neither change its state nor date a death, and successes
+    /// change nothing either.
+    #[test]
+    fn a_health_let_go_takes_no_report() {
+        let h = health();
+        assert_eq!(h.failure(10), None);
+        h.let_go();
+        for at in 11..20 {
+            assert_eq!(h.failure(at), None);
+            assert_eq!(h.doubtful_failure(at), None);
+        }
+        assert_eq!(h.success(), None);
+        assert_eq!(h.state(), HealthState::Healthy);
+        assert_eq!(h.died_at_ms(), None);
     }
 
     /// Failures that may be an origin's make an exit unhealthy but never
