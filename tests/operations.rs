@@ -54,6 +54,16 @@ where
     }
 }
 
+/// Waits (bounded) until a request's `CONNECT` has reached `exit`.
+async fn until_a_request_reaches(exit: &TestExit) {
+    eventually(
+        Duration::from_secs(10),
+        "the request never reached the exit",
+        || async { !exit.connects().is_empty() },
+    )
+    .await;
+}
+
 /// pinproxy run as a process on a config file it re-reads on reload.
 struct Running {
     origin: Origin,
@@ -901,12 +911,7 @@ async fn held_at_the_exit_while_its_identity_retires(reload_first: bool) {
     // lane's first connection then waits for the exit.
     let sends = s.get_with("/page", &[("x-pinproxy-session", "slow-provider")]);
     let evicts = async {
-        eventually(
-            Duration::from_secs(10),
-            "the request never reached the exit",
-            || async { !s.exits[0].connects().is_empty() },
-        )
-        .await;
+        until_a_request_reaches(&s.exits[0]).await;
         if reload_first {
             let mut config = s.proxy.config.clone();
             config.timeouts.pool_idle += Duration::from_secs(1);
@@ -955,12 +960,7 @@ async fn failures_left_on_a_replaced_route_do_not_kill_the_new_one() {
     s.exits[0].hold();
     let straggler = s.get_with("/page?on=old-route", &[]);
     let rest = async {
-        eventually(
-            Duration::from_secs(10),
-            "never reached the old route",
-            || async { !s.exits[0].connects().is_empty() },
-        )
-        .await;
+        until_a_request_reaches(&s.exits[0]).await;
         let mut config = s.proxy.config.clone();
         config.exits[0].url = new_route.url();
         let report = s.proxy.daemon.reload_with(&config).await.unwrap();
