@@ -172,3 +172,60 @@ async fn an_expired_identity_is_retired_once_whatever_its_cookie_count() {
     );
     s.stop().await;
 }
+
+/// A sweep judges identities by the exits in force when it began: one
+/// founded while it runs (here: at the same instant), on an exit a reload
+/// has just added, is not retired as `exit-removed` by the sweep's older
+/// set; it routes to its exit afterwards.
+#[tokio::test]
+async fn a_sweep_does_not_retire_an_identity_founded_on_an_exit_added_meanwhile() {
+    use pinproxy::credential::PinHasher;
+    use pinproxy::exits::ExitSet;
+    use pinproxy::routing::{Policies, Router};
+    use pinproxy::store::{memory::MemoryStore, Store};
+    use std::sync::Arc;
+
+    let clock = Clock::manual();
+    let hasher = PinHasher::new([7; 32]);
+    let before = ExitSet::new(
+        vec![support::routing_only_exit("old", "direct://127.0.0.2")],
+        None,
+    );
+    let after = ExitSet::new(
+        vec![support::routing_only_exit("added", "direct://127.0.0.3")],
+        None,
+    );
+    pinproxy::exits::routes::found_on(&before, &hasher);
+    pinproxy::exits::routes::found_on(&after, &hasher);
+    let router = Router::new(
+        Store::Memory(MemoryStore::new()),
+        clock.clone(),
+        Policies {
+            retire: Default::default(),
+            conflict: Default::default(),
+            idle_timeout_ms: 30 * 60_000,
+            max_lifetime_ms: 120 * 60_000,
+            keep_retired_ms: 24 * 3_600_000,
+            shared_store: false,
+        },
+        Arc::new(pinproxy::metrics::Metrics::new()),
+        tokio_util::task::TaskTracker::new(),
+    );
+    let key = pinproxy::proxy::credentials::session_key::credential(&hasher, None, "k");
+    let founded = router
+        .route(&after, std::slice::from_ref(&key), Default::default)
+        .await
+        .unwrap();
+    assert_eq!(founded.exit.id().to_string(), "added");
+
+    router.sweep(&before).await.unwrap();
+    let routed = router
+        .route(&after, std::slice::from_ref(&key), Default::default)
+        .await
+        .expect("the identity lives on its exit");
+    assert_eq!(routed.exit.id().to_string(), "added");
+    assert_eq!(
+        routed.identity.map(|i| i.id),
+        founded.identity.map(|i| i.id)
+    );
+}

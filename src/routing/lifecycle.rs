@@ -212,6 +212,21 @@ impl Router {
         let decided: std::sync::Mutex<HashMap<ExitId, Vec<Forgotten>>> = Default::default();
         let expiry = |identity: &Identity| {
             let reason = self.end_due(identity, exits, &policies, now)?;
+            // Founded while this sweep runs, perhaps on an exit a reload
+            // added or re-routed meanwhile: its exit is judged by the exits
+            // in force at its next use or the next sweep, not by this
+            // sweep's older set (which would retire it for good as
+            // `exit-removed` or `exit-changed`). A creation time further
+            // ahead is a wall clock stepped back since, judged as usual.
+            let exit_level = matches!(
+                reason,
+                RetireReason::ExitRemoved | RetireReason::ExitChanged
+            );
+            let founded_meanwhile =
+                (now..=now.saturating_add(SWEEP_FOUNDINGS_MS)).contains(&identity.created_ms);
+            if exit_level && founded_meanwhile {
+                return None;
+            }
             if !policies.shared_store {
                 // Not remembered as counted: a sweep may retire a million.
                 self.metrics.retired(&identity.exit, reason.label());
@@ -341,6 +356,11 @@ impl Router {
         self.relays.end(identity.id, reason);
     }
 }
+
+/// How long after a sweep began an identity may be founded while it runs,
+/// at most (see `Router::sweep`): a creation time further ahead of the
+/// sweep's clock reading is a wall clock stepped back.
+const SWEEP_FOUNDINGS_MS: u64 = 60_000;
 
 /// How long a counted retirement is remembered (see
 /// [`CountedRetirements`]): far longer than the requests that found one
