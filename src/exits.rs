@@ -364,7 +364,8 @@ impl ExitBuild {
     }
 
     /// The exits `specs` describe. An exit of `previous` with the same id
-    /// keeps its drain state, and its health while its route is the same;
+    /// keeps its drain state, and its health while its URL and credentials
+    /// are the same;
     /// unchanged, it is kept whole; its pools are kept while its route and
     /// `self` (TLS, pool settings) are
     /// the same as `previous_build` (`None`: the TLS trust changed), its
@@ -399,10 +400,11 @@ impl ExitBuild {
                 } else {
                     Arc::new(self.sessions(spec, now_ms))
                 };
-                // Another route is another proxy: its health starts afresh
-                // (the old one is let go once the reload stands, see
-                // `Health::let_go`).
-                let health = if old.spec.route() == spec.route() {
+                // Another route (URL or credentials) is another proxy: its
+                // health starts afresh (the old one is let go once the new
+                // set is in force, see `Health::let_go`). Other options (the
+                // egress checks, the fingerprint) keep it.
+                let health = if old.spec.route_key() == spec.route_key() {
                     old.health.clone()
                 } else {
                     Arc::new(Health::new(self.thresholds))

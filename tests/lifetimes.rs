@@ -211,16 +211,22 @@ async fn a_sweep_does_not_retire_an_identity_founded_on_an_exit_added_meanwhile(
         Arc::new(pinproxy::metrics::Metrics::new()),
         tokio_util::task::TaskTracker::new(),
     );
-    let key = pinproxy::proxy::credentials::session_key::credential(&hasher, None, "k");
-    let founded = router
-        .route(&after, std::slice::from_ref(&key), Default::default)
-        .await
-        .unwrap();
+    let credential =
+        |name: &str| pinproxy::proxy::credentials::session_key::credential(&hasher, None, name);
+    let (earlier, key) = (credential("earlier"), credential("k"));
+    // One identity on the added exit a minute before the sweep, one at
+    // its start.
+    let route = |key: pinproxy::credential::Credential| {
+        let (router, after) = (&router, &after);
+        async move { router.route(after, &[key], Default::default).await }
+    };
+    route(earlier.clone()).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(60));
+    let founded = route(key.clone()).await.unwrap();
     assert_eq!(founded.exit.id().to_string(), "added");
 
     router.sweep(&before).await.unwrap();
-    let routed = router
-        .route(&after, std::slice::from_ref(&key), Default::default)
+    let routed = route(key.clone())
         .await
         .expect("the identity lives on its exit");
     assert_eq!(routed.exit.id().to_string(), "added");
@@ -228,4 +234,8 @@ async fn a_sweep_does_not_retire_an_identity_founded_on_an_exit_added_meanwhile(
         routed.identity.map(|i| i.id),
         founded.identity.map(|i| i.id)
     );
+    // The one founded before the sweep began is judged by its set, as
+    // before.
+    let error = route(earlier.clone()).await.unwrap_err();
+    assert!(format!("{error:?}").contains("ExitRemoved"), "{error:?}");
 }

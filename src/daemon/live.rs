@@ -8,8 +8,9 @@
 //! removed still carries the requests already routed through it.
 //!
 //! What a reload applies: exits (added, removed, re-weighted, options
-//! changed; an exit that stays keeps its health, drain state and, when its
-//! route did not change, its pools), tracked cookies, `upstream_ca`,
+//! changed; an exit that stays keeps its drain state, its health while its
+//! URL and credentials are the same, and its pools when its route did not
+//! change), tracked cookies, `upstream_ca`,
 //! `[identities]`, `[health]`, `store.on_unavailable`, the upstream
 //! timeouts and pool size, `timeouts.shutdown`. Keys read only at start
 //! ([`Settings::restart_needed`]) keep their values; the reload says which
@@ -297,15 +298,6 @@ impl Live {
             }
         };
         plan.mark(&set);
-        // The health of a route replaced under its id is let go now that
-        // the reload stands (a refused one keeps it in force).
-        for exit in set.iter() {
-            if let Some(old) = previous.get(exit.id()) {
-                if !Arc::ptr_eq(&old.health, &exit.health) {
-                    old.health.let_go();
-                }
-            }
-        }
         let routes_retire = plan.changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.
@@ -319,6 +311,16 @@ impl Live {
             .router
             .set_policies(policies(&settings, &applied.started));
         self.exits.store(set.clone());
+        // The health of a route replaced under its id is let go once the
+        // new set is in force (before, the old exit still serves; a reload
+        // refused, or given up while it ran, keeps it).
+        for exit in set.iter() {
+            if let Some(old) = previous.get(exit.id()) {
+                if !Arc::ptr_eq(&old.health, &exit.health) {
+                    old.health.let_go();
+                }
+            }
+        }
         // With both in force: a relay spacing its checks by an idle
         // timeout the reload shortened would record its uses that much
         // late, and other replicas, which judge its identity by the uses

@@ -16,9 +16,10 @@
 //! written refuses the change: kept only in memory, it would be forgotten at
 //! the next start.
 //!
-//! Requests still on an exit a reload replaced run to their end on it; an
-//! identity they found after the change retires at once (see
-//! `Exit::superseded`).
+//! Requests still on an exit a reload replaced run to their end on it,
+//! unless their identity retires first (while one waits for its connection,
+//! see `upstream::retired`); an identity they found after the change
+//! retires at once (see `Exit::superseded`).
 //!
 //! The book is per replica: replicas of a fleet that restart with a changed
 //! route each retire the identities founded before their own restart, and

@@ -216,11 +216,12 @@ impl Router {
             // added or re-routed meanwhile: its exit is judged by the exits
             // in force at its next use or the next sweep, not by this
             // sweep's older set (which would retire it for good as
-            // `exit-removed` or `exit-changed`). A creation time further
+            // `exit-removed`, `exit-changed`, or `exit-down` for a route
+            // replaced while it failed). A creation time further
             // ahead is a wall clock stepped back since, judged as usual.
             let exit_level = matches!(
                 reason,
-                RetireReason::ExitRemoved | RetireReason::ExitChanged
+                RetireReason::ExitRemoved | RetireReason::ExitChanged | RetireReason::ExitDown
             );
             let founded_meanwhile =
                 (now..=now.saturating_add(SWEEP_FOUNDINGS_MS)).contains(&identity.created_ms);
