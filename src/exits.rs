@@ -365,11 +365,10 @@ impl ExitBuild {
 
     /// The exits `specs` describe. An exit of `previous` with the same id
     /// keeps its drain state, and its health while its URL and credentials
-    /// are the same;
-    /// unchanged, it is kept whole; its pools are kept while its route and
-    /// `self` (TLS, pool settings) are
-    /// the same as `previous_build` (`None`: the TLS trust changed), its
-    /// anonymous sessions while their shape is the same.
+    /// are the same; unchanged, it is kept whole; its pools are kept while
+    /// its route and `self` (TLS, pool settings) are the same as
+    /// `previous_build` (`None`: the TLS trust changed), its anonymous
+    /// sessions while their shape is the same.
     pub fn set(
         &self,
         specs: &[ExitSpec],

@@ -210,7 +210,8 @@ impl Live {
                             exit = %id,
                             "exit removed: its identities' requests are refused on this replica \
                              (exit-missing) and left alive for replicas that still have it; they \
-                             retire once unused for identities.idle_timeout"
+                             retire once unused for identities.idle_timeout, or past \
+                             identities.max_lifetime"
                         );
                     } else {
                         tracing::warn!(exit = %id, "exit removed: its identities retire (exit-removed)");
