@@ -322,7 +322,6 @@ impl LanePool {
     /// connection never serves this lane again either way (see
     /// [`LanePool::let_go`]).
     pub(super) fn hand_over(&self, heir: &Arc<LanePool>, connection: &Arc<TunnelInfo>) -> bool {
-        connection.note_founding();
         // The first heir stands: another founding may have come first.
         self.heir
             .set(Heir {
@@ -355,7 +354,6 @@ impl LanePool {
         origin: &Origin,
         connection: &Arc<TunnelInfo>,
     ) -> bool {
-        connection.note_founding();
         let conn = {
             let mut origins = self.origins();
             let Some(conn) = Self::take_h2(&mut origins, origin, connection) else {
@@ -402,9 +400,9 @@ impl LanePool {
     /// to the identity when it set the cookie there, and would see it carry
     /// other visitors' requests after. An HTTP/2 one leaves the lane now and
     /// closes once its streams have ended; an HTTP/1.1 one closes when its
-    /// answer has been read (see `give_back`).
+    /// answer has been read (see `give_back`: capture marked it founding,
+    /// `TunnelInfo::note_founding`, as soon as the answer set the cookie).
     pub(super) fn let_go(&self, origin: &Origin, connection: &Arc<TunnelInfo>) {
-        connection.note_founding();
         let mut origins = self.origins();
         drop(Self::take_h2(&mut origins, origin, connection));
     }
