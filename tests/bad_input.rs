@@ -125,6 +125,25 @@ async fn unreadable_cookies_fail_closed() {
         head.contains("x-pinproxy-error: unreadable-cookies:"),
         "{head}"
     );
+    // A tracked cookie after a comma or a blank inside another pair, which
+    // some origins' parsers read as a pair of its own.
+    for hidden in ["a=1, datadome=T", "lang datadome=T", "a=1\tdatadome=T"] {
+        let head = raw(
+            proxy,
+            format!(
+                "GET http://localhost:{}/ HTTP/1.1\r\nHost: localhost\r\nCookie: {hidden}\r\n\r\n",
+                origin.http.port()
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{hidden}: {head}");
+        assert!(
+            head.contains("x-pinproxy-error: unreadable-cookies:")
+                && head.contains("inside another pair"),
+            "{hidden}: {head}"
+        );
+    }
     assert!(origin.seen().is_empty());
 }
 

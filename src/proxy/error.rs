@@ -284,7 +284,7 @@ impl ProxyError {
             ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadClientId) => {
                 "Send cookies as UTF-8 text.".into()
             }
-            ProxyError::Cookies(CookieError::CommaFolded) => {
+            ProxyError::Cookies(CookieError::HiddenPair) => {
                 "Send cookies as one Cookie header with pairs separated by '; ', as browsers do."
                     .into()
             }

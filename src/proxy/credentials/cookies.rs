@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use cookie::Cookie;
 use http::header::GetAll;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 use crate::credential::{Credential, PinHasher, PinKey};
 use crate::fingerprint::header_order;
@@ -294,9 +295,10 @@ pub enum CookieError {
     /// More tracked cookies than [`MAX_TRACKED_PER_REQUEST`].
     #[error("the request carries more than {MAX_TRACKED_PER_REQUEST} tracked cookies; pinproxy pins at most that many per request and forwarded none of them")]
     TooMany,
-    /// A tracked cookie after a comma inside a `Cookie` pair.
-    #[error("a Cookie header holds a tracked cookie after a comma (as in `a=1, datadome=...`), which a server may read as a pair of its own; pinproxy cannot tell how the origin would read it and forwarded none of the request")]
-    CommaFolded,
+    /// A tracked cookie after a comma, a space or a tab inside a `Cookie`
+    /// pair.
+    #[error("a Cookie header holds a tracked cookie after a comma, a space or a tab inside another pair (as in `a=1, datadome=...` or `a=1 datadome=...`), which a server may read as a pair of its own; pinproxy cannot tell how the origin would read it and forwarded none of the request")]
+    HiddenPair,
     /// A tracked cookie's name longer than [`MAX_TRACKED_NAME`].
     #[error("a tracked cookie's name is {len} bytes long; pinproxy tracks names of at most {MAX_TRACKED_NAME} bytes and forwarded none of the request's cookies")]
     NameTooLong {
@@ -380,25 +382,45 @@ fn in_cookie_header(
     cookies: &mut usize,
 ) -> Result<Vec<Credential>, CookieError> {
     let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
-    if memchr::memchr(b',', text.as_bytes()).is_some() && comma_hides_tracked(text, policy) {
-        return Err(CookieError::CommaFolded);
+    if memchr::memchr3(b',', b' ', b'\t', text.as_bytes()).is_some() && hides_tracked(text, policy)
+    {
+        return Err(CookieError::HiddenPair);
     }
     for (name, tracked, value) in tracked_pairs(text, policy) {
         push_new(&mut found, cookies, hasher, name, tracked, value)?;
-        // A value with a comma (`datadome=T, a=1`: two `Cookie` lines
-        // folded the other way round) is what a server that splits pairs
-        // on commas reads only up to it: it is known by that value too, so
-        // that a pin of `T` keeps the request on `T`'s exit. (Refusing it
-        // would lock out a client whose origin set such a value, which
-        // capture pins as set.)
-        if let Some((before, _)) = value.split_once(',') {
-            let before = before.trim_end();
-            if !unquote(before).is_empty() {
-                push_new(&mut found, cookies, hasher, name, tracked, before)?;
-            }
+        // A value a server reads only in part is known by that part too,
+        // so that a pin of `T` keeps `datadome=T, a=1` on `T`'s exit.
+        // (Refusing it would lock out a client whose origin set such a
+        // value, which capture pins as set.)
+        for shorter in shorter_readings(value) {
+            push_new(&mut found, cookies, hasher, name, tracked, shorter)?;
         }
     }
     Ok(found)
+}
+
+/// The shorter values servers read a tracked `value` as, each trimmed,
+/// non-empty and distinct: up to its first comma (two `Cookie` lines
+/// folded the other way round, `datadome=T, a=1`, split on commas), up to
+/// its first space or tab (lua-resty-cookie, DataDome's Lua modules and
+/// Python's `SimpleCookie` end a value at a blank) and up to its first
+/// `$` (DataDome's modules). Most values hold none of these.
+fn shorter_readings(value: &str) -> SmallVec<[&str; 3]> {
+    let mut shorter = SmallVec::new();
+    let bytes = value.as_bytes();
+    let comma = memchr::memchr(b',', bytes);
+    let blank = memchr::memchr2(b' ', b'\t', bytes);
+    let dollar = memchr::memchr(b'$', bytes);
+    for cut in [comma, blank, dollar].into_iter().flatten() {
+        // Before an ASCII byte: a char boundary.
+        let Some(before) = value.get(..cut).map(str::trim_end) else {
+            continue;
+        };
+        if !unquote(before).is_empty() && !shorter.contains(&before) {
+            shorter.push(before);
+        }
+    }
+    shorter
 }
 
 /// Adds cookie `name` with `value` to `found` by each key it is known by
@@ -603,19 +625,42 @@ fn tracked_pairs<'a>(
     })
 }
 
-/// Whether a pair of `text` holds, after a comma, what reads as a tracked
-/// cookie (`a=1, datadome=T`: two `Cookie` lines folded with a comma, which
-/// some servers split as two pairs). A cookie's value may not hold a comma
-/// (RFC 6265 §4.1.1), so this is folding or a broken jar; either way
-/// pinproxy cannot tell how the origin will read it.
-fn comma_hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
+/// Whether a pair of `text` holds, after a comma, a space or a tab inside
+/// it, what reads as a tracked cookie: `a=1, datadome=T` (two `Cookie`
+/// lines folded with a comma, which some servers split as two pairs) or
+/// `a=1 datadome=T` and `lang datadome=T` (lua-resty-cookie, DataDome's own
+/// Lua modules and Python's `SimpleCookie` start a pair after a blank). A
+/// cookie's value may hold none of these (RFC 6265 §4.1.1), so this is
+/// folding or a broken jar; either way pinproxy cannot tell how the origin
+/// will read it.
+fn hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
     pieces(text, b';').any(|pair| {
-        pieces(pair, b',').skip(1).any(|part| {
+        let pair = pair.trim();
+        inner_pieces(pair).skip(1).any(|part| {
             split_pair(part).is_some_and(|(name, _)| {
                 let name = name.trim();
                 !name.is_empty() && policy.is_tracked(name)
             })
         })
+    })
+}
+
+/// The pieces of a `Cookie` pair between commas, spaces and tabs.
+fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(pair);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match memchr::memchr3(b',', b' ', b'\t', current.as_bytes()) {
+            // Either side of an ASCII byte: char boundaries.
+            Some(at) => {
+                rest = current.get(at + 1..);
+                current.get(..at)
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
     })
 }
 
@@ -729,10 +774,15 @@ pub fn strip_from_request(
         let (canonical, as_sent) = tracked.keys(hasher, name, value);
         strip.contains(&canonical) || as_sent.is_some_and(|key| strip.contains(&key))
     };
+    // By any value it was read as, the shorter ones too (a credential read
+    // as `T` from `datadome=T, x=1` goes with its pair).
     let stripped = |name: &str, value: &str| {
-        policy
-            .tracked(name)
-            .is_some_and(|tracked| known_by(tracked, name, value))
+        policy.tracked(name).is_some_and(|tracked| {
+            known_by(tracked, name, value)
+                || shorter_readings(value)
+                    .into_iter()
+                    .any(|shorter| known_by(tracked, name, shorter))
+        })
     };
     // In place: the `Cookie` header keeps its position among the others.
     header_order::rewrite(headers, |name, value| {
@@ -748,14 +798,18 @@ pub fn strip_from_request(
         }
         // A header that is not text cannot be checked: it does not leave.
         let text = std::str::from_utf8(value.as_bytes()).ok()?;
+        let strips = |pair: &str| {
+            split_pair(pair).is_some_and(|(name, value)| stripped(name.trim(), value.trim()))
+        };
+        // A header with nothing to strip leaves as sent, byte for byte.
+        if !pieces(text, b';').any(strips) {
+            return Some(value);
+        }
         let kept: Vec<&str> = text
             .split(';')
             .map(str::trim)
             .filter(|pair| !pair.is_empty())
-            .filter(|pair| match split_pair(pair) {
-                Some((name, value)) => !stripped(name.trim(), value.trim()),
-                None => true,
-            })
+            .filter(|pair| !strips(pair))
             .collect();
         if kept.is_empty() {
             None
@@ -1360,12 +1414,106 @@ mod tests {
             "a=1, x=2, cf_clearance=c",
         ] {
             assert!(
-                matches!(read(folded), Err(CookieError::CommaFolded)),
+                matches!(read(folded), Err(CookieError::HiddenPair)),
                 "{folded}"
             );
         }
         assert_eq!(read("a=1,2; datadome=T").unwrap().len(), 1);
         assert_eq!(read("a=1, b=2; datadome=T").unwrap().len(), 1);
+    }
+
+    /// A tracked cookie after a blank inside another pair is refused as one
+    /// after a comma is: lua-resty-cookie, DataDome's own Lua modules and
+    /// Python's `SimpleCookie` read `a=1 datadome=T` and `lang datadome=T`
+    /// as holding `datadome=T`, which would otherwise leave unpinned. Blanks
+    /// around `=` and `;`, and in untracked values, are no such pair.
+    #[test]
+    fn a_tracked_cookie_after_a_blank_inside_a_pair_is_refused() {
+        let read = |text: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_static(text));
+            tracked_in_request(&headers, &policy(), &hasher())
+        };
+        for hidden in [
+            "lang datadome=T",
+            "=x datadome=T",
+            "a=1 datadome=T",
+            "a=1\tdatadome=T",
+            "a=x$ datadome=T; b=2",
+            "datadome=T cf_clearance=c",
+        ] {
+            assert!(
+                matches!(read(hidden), Err(CookieError::HiddenPair)),
+                "{hidden}: {:?}",
+                read(hidden)
+            );
+        }
+        let h = hasher();
+        for plain in [
+            "datadome = T",
+            " datadome=T ;  a=1 ",
+            "a=hello world; datadome=T",
+            "a=1 b=2;\tdatadome=T",
+        ] {
+            let found = read(plain).unwrap();
+            assert_eq!(found.len(), 1, "{plain}");
+            assert_eq!(found[0].key, h.cookie("datadome", "T"), "{plain}");
+        }
+    }
+
+    /// A tracked value a server reads only up to a blank or a `$`
+    /// (`datadome=T x=1`: lua-resty-cookie and `SimpleCookie` read `T`,
+    /// DataDome's modules read `T` of `T$x`) is known by that part too, so
+    /// that `T`'s pin decides its exit.
+    #[test]
+    fn a_tracked_value_a_server_cuts_short_is_known_by_its_short_form_too() {
+        let keys = |text: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("cookie", HeaderValue::from_static(text));
+            let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
+            found.iter().map(|c| c.key).collect::<Vec<_>>()
+        };
+        let h = hasher();
+        assert_eq!(
+            keys("datadome=T x=1"),
+            [h.cookie("datadome", "T x=1"), h.cookie("datadome", "T")]
+        );
+        assert_eq!(
+            keys("datadome=T\tx"),
+            [h.cookie("datadome", "T\tx"), h.cookie("datadome", "T")]
+        );
+        assert_eq!(
+            keys("datadome=T$x"),
+            [h.cookie("datadome", "T$x"), h.cookie("datadome", "T")]
+        );
+        // Each cut once, in the value's order of readings.
+        assert_eq!(
+            keys("datadome=T$x y,z"),
+            [
+                h.cookie("datadome", "T$x y,z"),
+                h.cookie("datadome", "T$x y"),
+                h.cookie("datadome", "T$x"),
+                h.cookie("datadome", "T"),
+            ]
+        );
+    }
+
+    /// A credential read from a shorter form of a value (`T` of
+    /// `datadome=T, x=1`) is stripped with its pair; a header holding
+    /// nothing to strip leaves byte for byte, whatever its spacing.
+    #[test]
+    fn stripping_finds_a_value_by_its_shorter_forms_and_leaves_other_headers_as_sent() {
+        let h = hasher();
+        for sent in ["datadome=T, x=1; _ga=1", "datadome=T x=1; _ga=1"] {
+            let mut headers = HeaderMap::new();
+            headers.append("cookie", HeaderValue::from_static(sent));
+            headers.append("cookie", HeaderValue::from_static("a=1;b=2 ;  c=3"));
+            let read = tracked_in_request(&headers, &policy(), &h).unwrap();
+            assert!(read.iter().any(|c| c.key == h.cookie("datadome", "T")));
+            strip_from_request(&mut headers, &policy(), &h, &[h.cookie("datadome", "T")]);
+            let cookies: Vec<_> = headers.get_all("cookie").iter().collect();
+            assert_eq!(cookies, ["_ga=1", "a=1;b=2 ;  c=3"], "{sent}");
+        }
     }
 
     /// A tracked value with a comma (`datadome=T, a=1`, folded the other
@@ -1381,9 +1529,14 @@ mod tests {
         };
         let keys = |text| read(text).iter().map(|c| c.key).collect::<Vec<_>>();
         let h = hasher();
+        // And by `T,`, what a server that ends a value at a blank reads.
         assert_eq!(
             keys("datadome=T, a=1"),
-            [h.cookie("datadome", "T, a=1"), h.cookie("datadome", "T")]
+            [
+                h.cookie("datadome", "T, a=1"),
+                h.cookie("datadome", "T"),
+                h.cookie("datadome", "T,")
+            ]
         );
         assert_eq!(
             keys("x=1; cf_clearance=c,y=2"),
