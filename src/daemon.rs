@@ -554,7 +554,7 @@ impl Daemon {
                 source,
             })?)
         };
-        {
+        let plan = {
             let specs: Vec<&ExitSpec> = exits.iter().map(|exit| &exit.spec).collect();
             let mut plan = routes.plan(&specs);
             plan.date(clock.now_ms());
@@ -569,12 +569,14 @@ impl Daemon {
                 source,
             })?;
             plan.mark(&exits);
-        }
+            plan
+        };
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         // The route identities founded on each exit carry, hashed with the
         // pin key (the fleet's on a shared store), so known only now.
         routes::found_on(&exits, &hasher);
+        plan.vouch(&exits, &hasher);
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{duration_ms, Clock};
-use crate::identity::{ExitId, FoundingRoute};
+use crate::identity::{ExitId, FoundingRoute, RouteHash};
 use crate::metrics::{ExitInstruments, Metrics};
 use crate::net::HostPort;
 use crate::upstream::tls::UpstreamTls;
@@ -64,6 +64,9 @@ pub struct Exit {
     /// The route identities founded on it carry (see [`routes`]): set once
     /// the pin key is known, before the exit takes traffic.
     founding_route: OnceLock<FoundingRoute>,
+    /// The routes whose identities continue on this exit's (see
+    /// [`Exit::vouches_for`]): set with its founding route.
+    kept_routes: OnceLock<Box<[RouteHash]>>,
     /// Its metrics, found once in the daemon's [`Metrics`] (see
     /// [`Exit::instruments`]).
     instruments: OnceLock<Arc<ExitInstruments>>,
@@ -86,6 +89,7 @@ impl Exit {
             route_changed_ms: AtomicU64::new(0),
             superseded: AtomicBool::new(false),
             founding_route: OnceLock::new(),
+            kept_routes: OnceLock::new(),
             instruments: OnceLock::new(),
         }
     }
@@ -128,6 +132,25 @@ impl Exit {
     /// spec, and so its route, never changes).
     pub fn set_founding_route(&self, route: FoundingRoute) {
         let _ = self.founding_route.set(route);
+    }
+
+    /// Whether identities founded on `route` continue on this exit, whose
+    /// route is another: it keeps its identities across route changes
+    /// (`keep_identities_on_route_change`) and the book of routes saw kept
+    /// changes lead from `route` to its own (see [`routes`]). An exit never
+    /// given its kept routes vouches for none.
+    pub fn vouches_for(&self, route: RouteHash) -> bool {
+        self.spec.options.keep_identities_on_route_change
+            && self
+                .kept_routes
+                .get()
+                .is_some_and(|kept| kept.contains(&route))
+    }
+
+    /// Gives it the routes its identities are kept from; the first given
+    /// stand (they change only with its route, and so with the exit).
+    pub fn set_kept_routes(&self, routes: Box<[RouteHash]>) {
+        let _ = self.kept_routes.set(routes);
     }
 
     /// The exit's metrics in `metrics`, looked up by id on the first call
@@ -416,8 +439,10 @@ impl ExitBuild {
                     drained: old.drained.clone(),
                     route_changed_ms: AtomicU64::new(0),
                     superseded: AtomicBool::new(false),
-                    // Its spec changed: given its own by `routes::found_on`.
+                    // Its spec changed: given its own by `routes::found_on`
+                    // and `RoutePlan::vouch`.
                     founding_route: OnceLock::new(),
+                    kept_routes: OnceLock::new(),
                     instruments: old.instruments.clone(),
                 })
             })

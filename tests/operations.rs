@@ -604,6 +604,160 @@ async fn a_kept_route_change_keeps_identities_but_a_fingerprint_change_retires_t
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
+/// A route change kept across a restart: the book sees it at the start and
+/// vouches for the old route, so the identities founded on it go on.
+#[tokio::test]
+async fn a_route_change_kept_across_a_restart_keeps_identities() {
+    let s = Setup::start(1).await;
+    let (mut jar, peer) = s.login("/login").await;
+    let s = s
+        .restart_with(|c| {
+            c.exits[0].url = c.exits[0].url.replace("127.0.0.1", "localhost");
+            c.exits[0].keep_identities_on_route_change = true;
+        })
+        .await;
+    assert!(s.proxy.config.exits[0].url.contains("localhost"));
+    let page = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer))
+    );
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// A router over an in-memory store, for route changes judged in process
+/// (two exit sets under one id stand for two replicas' configurations, or a
+/// request's set from before a reload and the set in force).
+fn route_judge() -> (pinproxy::routing::Router, pinproxy::credential::PinHasher) {
+    use pinproxy::routing::{Policies, Router};
+    use pinproxy::store::{memory::MemoryStore, Store};
+    let router = Router::new(
+        Store::Memory(MemoryStore::new()),
+        pinproxy::clock::Clock::manual(),
+        Policies {
+            retire: Default::default(),
+            conflict: Default::default(),
+            idle_timeout_ms: 30 * 60_000,
+            max_lifetime_ms: 120 * 60_000,
+            keep_retired_ms: 24 * 3_600_000,
+            shared_store: true,
+        },
+        Arc::new(pinproxy::metrics::Metrics::new()),
+        tokio_util::task::TaskTracker::new(),
+    );
+    (router, pinproxy::credential::PinHasher::new([7; 32]))
+}
+
+/// Exit `a` at `url`, keeping its identities across route changes or not,
+/// alone in a set, with its founding route.
+fn exit_a(
+    url: &str,
+    keep: bool,
+    hasher: &pinproxy::credential::PinHasher,
+) -> pinproxy::exits::ExitSet {
+    let mut exit = support::routing_only_exit("a", url);
+    exit.spec.options.keep_identities_on_route_change = keep;
+    let set = pinproxy::exits::ExitSet::new(vec![exit], None);
+    pinproxy::exits::routes::found_on(&set, hasher);
+    set
+}
+
+/// `keep_identities_on_route_change` vouches for the changes its book saw,
+/// not for every route: a replica still on an old route, whose exit keeps
+/// identities from an earlier change, retires an identity founded on a
+/// route a rollout without the option brought to another replica, instead
+/// of carrying its cookie out through the old route. An exit whose book
+/// saw the change from that route carries it.
+#[tokio::test]
+async fn keeping_identities_vouches_only_for_routes_the_book_saw_them_kept_from() {
+    let (router, hasher) = route_judge();
+    let key =
+        |name: &str| pinproxy::proxy::credentials::session_key::credential(&hasher, None, name);
+    let rolled_out = exit_a("direct://127.0.0.3", false, &hasher);
+    let still_old = exit_a("direct://127.0.0.2", true, &hasher);
+    let founded = router
+        .route(&rolled_out, &[key("k")], Default::default)
+        .await
+        .unwrap();
+    assert!(founded.identity.is_some());
+    let error = router
+        .route(&still_old, &[key("k")], Default::default)
+        .await
+        .unwrap_err();
+    assert!(format!("{error:?}").contains("ExitChanged"), "{error:?}");
+
+    // Kept from the rolled-out route by a change the book saw: carried.
+    let kept = exit_a("direct://127.0.0.4", true, &hasher);
+    let from = rolled_out.iter().next().unwrap().founding_route().unwrap();
+    kept.iter()
+        .next()
+        .unwrap()
+        .set_kept_routes(Box::new([from.route]));
+    let founded = router
+        .route(&rolled_out, &[key("kept")], Default::default)
+        .await
+        .unwrap();
+    let carried = router
+        .route(&kept, &[key("kept")], Default::default)
+        .await
+        .expect("a route kept from is vouched for");
+    assert_eq!(
+        carried.identity.map(|i| i.id),
+        founded.identity.map(|i| i.id)
+    );
+}
+
+/// A request that started before a reload changed its exit's route judges
+/// an identity founded on the new route meanwhile with the exit it started
+/// with, which the reload replaced: it neither retires that identity (the
+/// configuration in force carries it) nor carries it through the old
+/// route (with `keep_identities_on_route_change` or without): it is
+/// refused, `exit-reloaded`, and the identity goes on by the set in force.
+/// An identity founded on the old route still runs to its end there.
+#[tokio::test]
+async fn a_request_on_a_replaced_route_neither_judges_nor_carries_an_identity_founded_after() {
+    let (router, hasher) = route_judge();
+    let key =
+        |name: &str| pinproxy::proxy::credentials::session_key::credential(&hasher, None, name);
+    for keep in [false, true] {
+        let before = exit_a("direct://127.0.0.2", keep, &hasher);
+        let old_key = key(&format!("old-{keep}"));
+        let on_old = router
+            .route(&before, std::slice::from_ref(&old_key), Default::default)
+            .await
+            .unwrap();
+        let in_force = exit_a("direct://127.0.0.3", false, &hasher);
+        before.iter().next().unwrap().mark_superseded(true);
+        let new_key = key(&format!("new-{keep}"));
+        let founded = router
+            .route(&in_force, std::slice::from_ref(&new_key), Default::default)
+            .await
+            .unwrap();
+
+        let error = router
+            .route(&before, std::slice::from_ref(&new_key), Default::default)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, pinproxy::routing::RouteError::ExitReloaded { .. }),
+            "keep {keep}: {error:?}"
+        );
+        let routed = router
+            .route(&in_force, &[new_key], Default::default)
+            .await
+            .expect("not retired by the request on the old route");
+        assert_eq!(
+            routed.identity.map(|i| i.id),
+            founded.identity.map(|i| i.id)
+        );
+        let still = router
+            .route(&before, &[old_key], Default::default)
+            .await
+            .expect("founded on the old route, it runs on there");
+        assert_eq!(still.identity.map(|i| i.id), on_old.identity.map(|i| i.id));
+    }
+}
+
 /// `store.url` is read at start only, and so is what follows from it: a
 /// reload whose file names Redis leaves a daemon on its embedded store
 /// retiring the identities of an exit the reload removed (on a shared store

@@ -12,7 +12,16 @@
 //! before it (`exit-changed`, see `routing::lifecycle::ends`), unless the
 //! exit sets `keep_identities_on_route_change` (which never covers the
 //! fingerprint mode). Ids no longer configured stay in the book: one that
-//! comes back on another route has changed too. A book that cannot be
+//! comes back on another route has changed too.
+//!
+//! The option vouches for the change the book sees, not for any route: the
+//! book keeps, per id, the routes kept changes led from to the one in
+//! force, and an identity founded on a route it differs from continues only
+//! when its route is one of them. A replica still on the old route, or one
+//! whose book never saw the change, cannot vouch for the new route: the
+//! identities founded there retire when they come to it, as they would
+//! without the option. A route another exit had is never kept (two exits
+//! that swap URLs each lead to the other's IPs). A book that cannot be
 //! written refuses the change: kept only in memory, it would be forgotten at
 //! the next start.
 //!
@@ -104,7 +113,15 @@ struct Remembered {
     /// When the route last changed under the id (Unix ms, 0: never).
     #[serde(default)]
     changed_ms: u64,
+    /// The routes (route keys) whose identities continue on this one: the
+    /// routes kept changes led from to it, oldest first (at most
+    /// [`MAX_KEPT_FROM`]); a change not kept empties it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    kept_from: Vec<String>,
 }
+
+/// Most earlier routes an id's identities are kept from.
+const MAX_KEPT_FROM: usize = 16;
 
 /// A route that changed under its exit's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +167,28 @@ impl RoutePlan {
             }
         }
     }
+
+    /// Gives each exit of `exits` the routes its identities are kept from
+    /// ([`Exit::vouches_for`]), hashed as founding routes are, with the
+    /// pin key `hasher` holds.
+    ///
+    /// [`Exit::vouches_for`]: super::Exit::vouches_for
+    pub fn vouch(&self, exits: &ExitSet, hasher: &PinHasher) {
+        for exit in exits.iter() {
+            let kept_from = self
+                .next
+                .get(exit.id().as_str())
+                .map(|entry| {
+                    entry
+                        .kept_from
+                        .iter()
+                        .map(|route| route_hash(hasher, "route", route))
+                        .collect()
+                })
+                .unwrap_or_default();
+            exit.set_kept_routes(kept_from);
+        }
+    }
 }
 
 /// The exits' remembered routes (see the module doc).
@@ -190,7 +229,8 @@ impl RouteBook {
     /// changed route is a change (undated until [`RoutePlan::date`]). The
     /// book itself is unchanged until [`RouteBook::commit`].
     pub fn plan(&self, specs: &[&ExitSpec]) -> RoutePlan {
-        let mut next = self.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut next = known.clone();
         let mut changes = Vec::new();
         let mut dirty = false;
         for spec in specs {
@@ -204,6 +244,7 @@ impl RouteBook {
                     face: face.to_owned(),
                     address: address.clone(),
                     changed_ms: 0,
+                    kept_from: Vec::new(),
                 }
             });
             let face_changed = !entry.face.is_empty() && entry.face != face;
@@ -217,7 +258,24 @@ impl RouteBook {
             // The operator can vouch for the IPs, never for the face: an
             // identity shown with another fingerprint is another client to
             // the origin, whatever the option says.
-            let kept = spec.options.keep_identities_on_route_change && !face_changed;
+            // Nor for a route another exit had: that exit's IPs, not this
+            // one's (two exits that swap URLs).
+            let taken_from = known
+                .iter()
+                .find(|(id, other)| id.as_str() != spec.id.as_str() && other.route == route)
+                .map(|(id, _)| id.clone());
+            let kept = spec.options.keep_identities_on_route_change
+                && !face_changed
+                && taken_from.is_none();
+            if let (Some(other), true) = (&taken_from, spec.options.keep_identities_on_route_change)
+            {
+                tracing::warn!(
+                    exit = %spec.id, was = %entry.address, now = %address, taken_from = %other,
+                    "exit route changed under the same id to a route exit {other} had: its \
+                     identities retire (exit-changed) despite keep_identities_on_route_change, \
+                     since they would leave from that exit's IPs"
+                );
+            }
             if kept {
                 tracing::warn!(
                     exit = %spec.id, was = %entry.address, now = %address,
@@ -234,7 +292,17 @@ impl RouteBook {
                      on the exit if it reaches the same IPs"
                 );
             }
-            entry.route = route;
+            let was = std::mem::replace(&mut entry.route, route);
+            if kept {
+                // The route it kept its identities from, and the ones that
+                // one kept them from.
+                entry.kept_from.retain(|r| *r != was && *r != entry.route);
+                entry.kept_from.push(was);
+                let excess = entry.kept_from.len().saturating_sub(MAX_KEPT_FROM);
+                entry.kept_from.drain(..excess);
+            } else {
+                entry.kept_from.clear();
+            }
             entry.face = face.to_owned();
             entry.address = address;
             changes.push(RouteChange {
@@ -346,6 +414,76 @@ mod tests {
         assert!(!apply(&book, &third[..1], 500).2);
         let fourth = specs(&[("a", "http://u:q@gate:1"), ("b", "http://gate3:2")]);
         assert_eq!(apply(&book, &fourth, 600).0, vec![Some(200), Some(600)]);
+    }
+
+    /// The routes an id's identities are kept from, as the book holds them.
+    fn kept_from(book: &RouteBook, id: &str) -> Vec<String> {
+        book.known.lock().unwrap()[id].kept_from.clone()
+    }
+
+    /// A kept change remembers the route it kept identities from, and the
+    /// ones that route kept them from; it survives a restart; a change not
+    /// kept forgets them all. A route another exit had is never kept.
+    #[test]
+    fn kept_changes_remember_the_routes_they_kept_identities_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path()).unwrap();
+        let keeping = |url: &str| {
+            let mut spec = specs(&[("a", url), ("b", "http://other:9")]);
+            spec[0].options.keep_identities_on_route_change = true;
+            spec
+        };
+        let key = |url: &str| keeping(url)[0].route_key();
+        apply(&book, &keeping("http://gate:1"), 100);
+        assert!(kept_from(&book, "a").is_empty());
+        apply(&book, &keeping("http://gate:2"), 200);
+        assert_eq!(kept_from(&book, "a"), [key("http://gate:1")]);
+        apply(&book, &keeping("http://gate:3"), 300);
+        let book = RouteBook::load(dir.path()).unwrap();
+        assert_eq!(
+            kept_from(&book, "a"),
+            [key("http://gate:1"), key("http://gate:2")]
+        );
+        // Back to the first: not kept from itself.
+        apply(&book, &keeping("http://gate:1"), 400);
+        assert_eq!(
+            kept_from(&book, "a"),
+            [key("http://gate:2"), key("http://gate:3")]
+        );
+        let mut unkept = keeping("http://gate:4");
+        unkept[0].options.keep_identities_on_route_change = false;
+        assert_eq!(apply(&book, &unkept, 500).0[0], Some(500));
+        assert!(kept_from(&book, "a").is_empty());
+
+        // b's route, taken by a: a change, kept or not.
+        let (_, changes, _) = apply(&book, &keeping("http://other:9"), 600);
+        assert_eq!(
+            changes,
+            [RouteChange {
+                exit: ExitId::new("a"),
+                kept: false
+            }]
+        );
+        assert!(kept_from(&book, "a").is_empty());
+    }
+
+    /// Two exits that swap URLs lead each to the other's IPs: neither
+    /// change is kept, whatever the option says.
+    #[test]
+    fn exits_that_swap_urls_never_keep_their_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path()).unwrap();
+        let keeping = |a: &str, b: &str| {
+            let mut spec = specs(&[("a", a), ("b", b)]);
+            for s in &mut spec {
+                s.options.keep_identities_on_route_change = true;
+            }
+            spec
+        };
+        apply(&book, &keeping("http://gate:1", "http://gate:2"), 100);
+        let (dates, changes, _) = apply(&book, &keeping("http://gate:2", "http://gate:1"), 200);
+        assert_eq!(dates, [Some(200), Some(200)]);
+        assert!(changes.iter().all(|c| !c.kept), "{changes:?}");
     }
 
     #[test]

@@ -195,6 +195,7 @@ impl ProxyError {
             }
             ProxyError::Route(RouteError::NoExit(_)) => "no-exit-available",
             ProxyError::Route(RouteError::ExitMissing { .. }) => "exit-missing",
+            ProxyError::Route(RouteError::ExitReloaded { .. }) => "exit-reloaded",
             ProxyError::Route(RouteError::ExitNotAllowed { .. }) => "exit-not-allowed",
             ProxyError::AuthRequired(_) => "proxy-auth-required",
             ProxyError::Loop { .. } => "proxy-loop",
@@ -235,7 +236,9 @@ impl ProxyError {
             ProxyError::Route(RouteError::Conflict(_)) | ProxyError::FingerprintDrift { .. } => {
                 StatusCode::CONFLICT
             }
-            ProxyError::Route(RouteError::NoExit(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Route(RouteError::NoExit(_) | RouteError::ExitReloaded { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::AuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Loop { .. }
@@ -323,6 +326,11 @@ impl ProxyError {
                  cookies from the client's jar."
                     .into()
             }
+            ProxyError::Route(RouteError::ExitReloaded { .. }) => {
+                "Send the request again: it is routed by the configuration now in force. The \
+                 identity is not retired for it."
+                    .into()
+            }
             ProxyError::Route(RouteError::ExitNotAllowed { .. }) => {
                 "This identity (its cookies or session key) lives on an exit this user may not use, \
                  and pinproxy never moves an identity: drop its cookies and session key, or add the \
@@ -379,7 +387,9 @@ impl ProxyError {
             ProxyError::IdentityRetired { .. }
                 | ProxyError::FingerprintDrift { .. }
                 | ProxyError::Route(
-                    RouteError::ExitMissing { .. } | RouteError::ExitNotAllowed { .. }
+                    RouteError::ExitMissing { .. }
+                        | RouteError::ExitNotAllowed { .. }
+                        | RouteError::ExitReloaded { .. }
                 )
         );
         if of_identity && !credentials.is_empty() {

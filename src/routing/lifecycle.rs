@@ -462,12 +462,29 @@ pub fn ends(
     lifetimes_end(identity, Some(options), policies, now)
 }
 
+/// Whether `identity`, judged by `exits` (a request's, read before a
+/// reload), was founded on another route or face of its exit than the
+/// exit `exits` holds, which the reload replaced (see `Exit::superseded`):
+/// most likely on the route in force, after the reload. That exit cannot
+/// judge it (it would retire an identity the configuration in force
+/// carries) nor carry it (through the old route): the request is refused,
+/// and the identity's next request is judged by the configuration in force.
+pub(super) fn founded_past_a_reload(identity: &Identity, exits: &ExitSet) -> bool {
+    exits.get(&identity.exit).is_some_and(|exit| {
+        exit.superseded()
+            && identity
+                .route
+                .is_some_and(|founded| Some(founded) != exit.founding_route())
+    })
+}
+
 /// Whether `identity` was founded on another route than `exit` has now
 /// (see `exits::routes`): another address or credentials, unless the exit
-/// keeps its identities across a route change, or another face, which it
-/// never keeps them across. An identity that carries no route (founded
-/// before identities did) is judged by the book of routes alone; an exit
-/// without one (never given it: a defect) cannot vouch for any route.
+/// keeps its identities across a change the book saw lead from that route
+/// ([`Exit::vouches_for`]), or another face, which it never keeps them
+/// across. An identity that carries no route (founded before identities
+/// did) is judged by the book of routes alone; an exit without one (never
+/// given it: a defect) cannot vouch for any route.
 fn left_its_route(identity: &Identity, exit: &Exit) -> bool {
     let Some(founded) = identity.route else {
         return false;
@@ -475,8 +492,7 @@ fn left_its_route(identity: &Identity, exit: &Exit) -> bool {
     let Some(now) = exit.founding_route() else {
         return true;
     };
-    founded.face != now.face
-        || (founded.route != now.route && !exit.spec.options.keep_identities_on_route_change)
+    founded.face != now.face || (founded.route != now.route && !exit.vouches_for(founded.route))
 }
 
 /// Whether `identity` has been idle or alive too long at `now`, by its

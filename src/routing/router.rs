@@ -20,7 +20,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::policy::{ConflictPolicy, Policies, RetirePolicy};
-use super::Router;
+use super::{lifecycle, Router};
 use crate::credential::{Credential, PinKey};
 use crate::exits::scope::ExitScope;
 use crate::exits::sessions::AnonymousSession;
@@ -118,6 +118,22 @@ pub enum RouteError {
         /// The exits the user may use, in words.
         allowed: String,
     },
+    /// The request started before a reload changed its identity's exit's
+    /// route, and the identity was founded on another route than the one
+    /// the request would leave by (the route in force, most likely): the
+    /// request is not sent, and the identity is left to be judged by the
+    /// configuration in force.
+    #[error(
+        "identity {identity} was founded on another route of exit {exit} than the one this \
+         request would leave by: a reload changed the exit's route while the request was on its \
+         way, and it was not sent"
+    )]
+    ExitReloaded {
+        /// The identity.
+        identity: IdentityId,
+        /// Its exit.
+        exit: ExitId,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -149,9 +165,10 @@ impl Blame for RouteError {
     fn fault(&self) -> Fault {
         match self {
             RouteError::Conflict(_) | RouteError::ExitNotAllowed { .. } => Fault::Client,
-            RouteError::Retired(_) | RouteError::NoExit(_) | RouteError::ExitMissing { .. } => {
-                Fault::Exit
-            }
+            RouteError::Retired(_)
+            | RouteError::NoExit(_)
+            | RouteError::ExitMissing { .. }
+            | RouteError::ExitReloaded { .. } => Fault::Exit,
             RouteError::Store(e) => e.fault(),
         }
     }
@@ -214,6 +231,9 @@ impl Router {
                 Standing::Unknown => unknown.push(credential),
                 Standing::Live(identity) => live.push((credential, identity)),
                 Standing::Dead(d) => dead.push(d),
+                Standing::Reloaded(identity, exit) => {
+                    return Err(RouteError::ExitReloaded { identity, exit })
+                }
             }
         }
 
@@ -368,6 +388,9 @@ impl Router {
         }
         if let Some((_, reason)) = ended.iter().find(|(id, _)| *id == identity.id) {
             return Ok(dead(Some(&identity), reason.clone()));
+        }
+        if lifecycle::founded_past_a_reload(&identity, exits) {
+            return Ok(Standing::Reloaded(identity.id, identity.exit.clone()));
         }
         if let Some(reason) = self
             .retire_if_ended(exits, &identity, policies, now)
@@ -538,6 +561,12 @@ impl Router {
         if let Some(reason) = self.pending_retirement(identity.id) {
             return Err(retired(reason));
         }
+        if lifecycle::founded_past_a_reload(&identity, exits) {
+            return Err(RouteError::ExitReloaded {
+                identity: identity.id,
+                exit: identity.exit.clone(),
+            });
+        }
         let policies = self.policies.load();
         if let Some(reason) = self
             .retire_if_ended(exits, &identity, &policies, now)
@@ -673,6 +702,9 @@ enum Standing {
     Unknown,
     Live(Arc<Identity>),
     Dead(DeadCredential),
+    /// Founded on another route of its exit than the request's set has
+    /// (see [`lifecycle::founded_past_a_reload`]).
+    Reloaded(IdentityId, ExitId),
 }
 
 #[cfg(test)]
