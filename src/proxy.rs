@@ -248,15 +248,7 @@ impl Pipeline {
         // client's side of the upgrade is claimed now, before the request is
         // taken apart.
         let upgrade = upgrade::requested(&request);
-        let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut request));
-        // An HTTP/2 WebSocket keeps its connection busy (its idle limit)
-        // for as long as its relay runs, not only until the answer.
-        let stream_hold = upgrade.and_then(|_| {
-            request
-                .extensions()
-                .get::<crate::net::streams::OpenStreams>()
-                .map(crate::net::streams::OpenStreams::open)
-        });
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
         let mut route = self
             .route(&principal.exits, credentials, || {
@@ -277,7 +269,7 @@ impl Pipeline {
         // came to pinproxy in plain HTTP) when its client now speaks TLS:
         // it has no hello of its own to present, and pinproxy's would be
         // nobody's.
-        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && upgrade.is_none();
+        route.lane.h2 = tunnel.is_some_and(|t| t.tls && t.client_offers_h2) && !upgrade;
         route.lane.client_resumes = tunnel.is_some_and(|t| t.client_resumes);
         let presents_client = match &route.identity {
             None => true,
@@ -338,11 +330,14 @@ impl Pipeline {
         // 6. egress
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
         cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
-        match upgrade {
-            Some(upgrade::Upgrade::Http1) => egress::sanitize_upgrade_request(&mut parts.headers),
-            _ => egress::sanitize_request(&mut parts.headers),
+        if upgrade {
+            egress::sanitize_upgrade_request(&mut parts.headers);
+        } else {
+            egress::sanitize_request(&mut parts.headers);
         }
-        let expected_accept = upgrade.and_then(|u| upgrade::prepare_upstream(u, &mut parts));
+        let expected_accept = upgrade
+            .then(|| upgrade::expected_accept(&parts.headers))
+            .flatten();
         // A proxy must replace Host with the absolute-form target's authority
         // (RFC 9112 §3.2.2). Inside a tunnel the client's own Host stands; an
         // HTTP/2 client sends none, and the pool adds one only if the origin
@@ -373,12 +368,10 @@ impl Pipeline {
         let upstream_request = Request::from_parts(parts, egress::request_body(incoming));
 
         // 7. send; a WebSocket goes its own way from here.
-        if let (Some(upgrade), Some(client_upgrade)) = (upgrade, client_upgrade) {
+        if let Some(client_upgrade) = client_upgrade {
             let socket = upgrade::Socket {
-                upgrade,
                 client: client_upgrade,
                 expected_accept,
-                hold: stream_hold,
             };
             // Boxed: a WebSocket's stages make a 4 KB future, and without
             // the box every request in flight would keep room for it (its

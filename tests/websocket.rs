@@ -1,15 +1,16 @@
-//! WebSockets through the MITM: the upgrade is pinned like any request, then
-//! frames flow both ways, over HTTP/1.1 Upgrade and over HTTP/2 extended
-//! CONNECT (RFC 8441).
+//! WebSockets through the MITM: the HTTP/1.1 upgrade is pinned like any
+//! request, then frames flow both ways; HTTP/2 clients are not offered
+//! extended CONNECT (RFC 8441).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support;
 
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
 use support::Setup;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+use tokio_tungstenite::tungstenite::protocol::Message;
 
 async fn echo_round_trips<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, peer: std::net::IpAddr)
 where
@@ -52,16 +53,18 @@ async fn websocket_over_http1_upgrade_carries_the_pinned_cookie() {
     s.stop().await;
 }
 
+/// HTTP/2 clients are not offered WebSockets over HTTP/2 (RFC 8441): the
+/// origin would get an HTTP/1.1 upgrade rebuilt from the extended CONNECT,
+/// which no browser writes, where a browser not offered it opens an
+/// HTTP/1.1 upgrade of its own (forwarded as written, above). A client's
+/// HTTP/2 stack then refuses to send one, and nothing reaches the origin.
 #[tokio::test]
-async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
-    // A short idle limit: the WebSocket, quiet for longer, keeps its
-    // connection (its relay counts as an open stream).
-    let idle = std::time::Duration::from_millis(600);
-    let s = Setup::start_with(3, |c| c.timeouts.client_idle = idle).await;
-    let (jar, peer) = s.login("/login").await;
+async fn http2_clients_are_not_offered_websockets_over_http2() {
+    let s = Setup::start(1).await;
+    let (jar, _) = s.login("/login").await;
     let port = s.origin.https.port();
     let mut conn = s.proxy.client.tunnel_h2("localhost", port).await;
-    // An ordinary stream first: the server's SETTINGS (with extended CONNECT) arrive.
+    // An ordinary stream first: the server's SETTINGS arrive.
     let cookie = jar.header().unwrap();
     assert_eq!(
         conn.get("/page", &[("cookie", cookie.as_str())])
@@ -69,7 +72,6 @@ async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
             .status,
         200
     );
-
     let mut request = http::Request::connect(format!("https://localhost:{port}/ws"))
         .version(http::Version::HTTP_2)
         .header("sec-websocket-version", "13")
@@ -81,38 +83,9 @@ async fn websocket_over_h2_extended_connect_is_bridged_to_the_origin() {
         .insert(hyper::ext::Protocol::from_static("websocket"));
     let sender = conn.sender();
     sender.ready().await.unwrap();
-    let mut response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200, "RFC 8441 success");
-    assert!(response.headers().get("sec-websocket-accept").is_none());
-    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Client,
-        None,
-    )
-    .await;
-    echo_round_trips(&mut ws, peer).await;
-    // Nothing moves for more than twice the idle limit (the behaviour
-    // under test is the passing of time).
-    tokio::time::sleep(idle * 5 / 2).await;
-    echo_round_trips(&mut ws, peer).await;
-    ws.close(None).await.unwrap();
-    drop(ws);
-    drop(conn);
-
-    let upgrade = s
-        .origin
-        .seen()
-        .into_iter()
-        .find(|r| r.path == "/ws")
-        .unwrap();
-    assert_eq!(
-        upgrade.version,
-        http::Version::HTTP_11,
-        "the origin got an HTTP/1.1 upgrade"
-    );
-    assert_eq!((upgrade.peer, upgrade.tokens.len()), (peer, 1));
-    assert!(s.origin.leaks().is_empty());
+    let refused = sender.send_request(request).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(s.origin.seen().iter().all(|r| r.path != "/ws"));
     s.stop().await;
 }
 
@@ -602,5 +575,78 @@ async fn a_websocket_keeps_and_ends_with_its_identity_across_replicas() {
         "the WebSocket of an identity evicted on another replica was open 5 s later"
     );
     other.stop().await;
+    s.stop().await;
+}
+
+/// Headless Chromium, not offered WebSockets over HTTP/2, opens an HTTP/1.1
+/// upgrade of its own from a page it loaded over HTTP/2: the origin gets
+/// Chromium's own upgrade head (`Connection` right after `Host`, where a
+/// head rebuilt from an extended CONNECT carried it after the client's
+/// headers), with the page's cookie, from the exit that earned it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_opens_a_websocket_of_its_own_through_pinproxy() {
+    use support::browser::{Chromium, ConnectTap, HOST_RESOLVER_RULES, PROXY_BYPASS_LIST};
+    use support::devtools::Devtools;
+    let s = Setup::start(2).await;
+    let port = s.origin.https.port();
+    let home = tempfile::tempdir().unwrap();
+    Chromium::in_home(home.path())
+        .trust_pinproxy(s.proxy.data_dir.path())
+        .await;
+    let tap = ConnectTap::start(s.proxy.daemon.local_addr()).await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut browser = Devtools::launch(
+        home.path(),
+        profile.path(),
+        &[
+            format!("--proxy-server=http://{}", tap.addr),
+            format!("--proxy-bypass-list={PROXY_BYPASS_LIST}"),
+            format!("--host-resolver-rules={HOST_RESOLVER_RULES}"),
+        ],
+    )
+    .await;
+    browser
+        .navigate(&format!("https://localhost:{port}/login"))
+        .await
+        .unwrap();
+    let page = browser
+        .wait_for_text("document.body?.innerText ?? ''", Duration::from_secs(30))
+        .await
+        .expect("the page loaded");
+    assert!(page.starts_with("ok 127.0.0."), "{page}");
+    browser
+        .evaluate(&format!(
+            "window.echoed = ''; const ws = new WebSocket('wss://localhost:{port}/ws'); \
+             ws.onopen = () => ws.send('hello'); \
+             ws.onmessage = (e) => {{ window.echoed = e.data; }}; \
+             ws.onerror = () => {{ window.echoed = 'error'; }}; ''"
+        ))
+        .await;
+    let echoed = browser
+        .wait_for_text("window.echoed", Duration::from_secs(30))
+        .await
+        .expect("the WebSocket answered");
+    let seen = s.origin.seen();
+    let login = seen.iter().find(|r| r.path == "/login").unwrap();
+    assert_eq!(
+        login.version,
+        http::Version::HTTP_2,
+        "the page came over h2"
+    );
+    assert_eq!(echoed, format!("{} hello", login.peer));
+    let upgrade = seen.iter().find(|r| r.path == "/ws").unwrap();
+    assert_eq!(upgrade.version, http::Version::HTTP_11);
+    assert_eq!(
+        (upgrade.peer, upgrade.tokens.len()),
+        (login.peer, 1),
+        "the page's cookie, from its exit"
+    );
+    let at = |name: &str| upgrade.headers.iter().position(|(n, _)| n == name);
+    assert!(
+        at("connection").is_some() && at("connection") < at("user-agent"),
+        "Chromium's own upgrade head: {:?}",
+        upgrade.headers
+    );
+    assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }

@@ -9,10 +9,8 @@
 //! WINDOW_UPDATEs, half a header block), ever after.
 //!
 //! [`Activity`] counts the streams open on the connection: a request from
-//! its arrival until its response body is done or dropped ([`counted`]),
-//! and a WebSocket's relay for as long as it runs (it takes a hold of its
-//! own, [`OpenStreams`], from the request's extensions). Frames alone are
-//! not activity. [`drive`] checks every quarter of the limit and, after
+//! its arrival until its response body is done or dropped ([`counted`]).
+//! Frames alone are not activity. [`drive`] checks every quarter of the limit and, after
 //! four checks in a row that found no open stream, ends the connection
 //! gracefully (`GOAWAY`), and drops it if it has not ended a limit later
 //! (a stream hyper still holds that no request counts, such as a request
@@ -98,13 +96,8 @@ where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone,
     S::Future: Send,
 {
-    service_fn(move |mut request: Request<Incoming>| {
+    service_fn(move |request: Request<Incoming>| {
         let open = activity.stream_opened();
-        // For work that outlives the response: a WebSocket's relay (over
-        // HTTP/2 an extended CONNECT), whose request alone needs it.
-        if request.method() == http::Method::CONNECT {
-            request.extensions_mut().insert(activity.0.clone());
-        }
         let answer = inner.call(request);
         async move {
             let response = answer.await?;

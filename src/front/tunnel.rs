@@ -450,8 +450,12 @@ where
         // Four times the limit, as for HTTP/1.1: the pipeline answers 431
         // with an explanation below that.
         .max_header_list_size(header_limit.saturating_mul(4))
-        // WebSockets over HTTP/2 (RFC 8441).
-        .enable_connect_protocol()
+        // No WebSockets over HTTP/2 (RFC 8441, `SETTINGS_ENABLE_CONNECT_
+        // PROTOCOL`): towards the origin a WebSocket is an HTTP/1.1
+        // upgrade, and one rebuilt from a browser's extended CONNECT is no
+        // browser's (its names in lower case, its own headers last). Not
+        // offered it, a browser opens an HTTP/1.1 upgrade of its own, which
+        // leaves as it wrote it.
         .serve_connection(TokioIo::new(io), service);
     let result = h2_idle::drive(
         conn,

@@ -1,14 +1,11 @@
 //! The streams open on a client connection, counted for its idle limit
 //! (see `front::h2_idle`): a request from its arrival until its response
-//! body is done, and work that outlives its response (a WebSocket's
-//! relay), which takes a hold of its own from the request's extensions.
+//! body is done.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The open-stream count of one client connection. Cheap to clone; a
-/// request of a connection that keeps one carries a clone in its
-/// extensions.
+/// The open-stream count of one client connection. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct OpenStreams(Arc<Counts>);
 

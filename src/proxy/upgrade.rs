@@ -2,19 +2,18 @@
 //! like any request, then frames are relayed both ways until either side
 //! closes, or until nothing has moved either way for `timeouts.relay_idle`.
 //!
-//! Two client forms are accepted: HTTP/1.1 `Upgrade: websocket`, and HTTP/2
-//! extended CONNECT (RFC 8441, `:protocol websocket`). Towards the origin
-//! both become an HTTP/1.1 upgrade (the upgrade lane never offers h2): for
-//! an extended CONNECT pinproxy makes the `Sec-WebSocket-Key`, checks the
-//! origin's `Sec-WebSocket-Accept`, and answers the client `200`; the
-//! WebSocket frames themselves are the same on both forms and pass through
-//! untouched.
+//! The client's HTTP/1.1 `Upgrade: websocket` goes to the origin as it
+//! wrote it (the upgrade lane never offers h2), and the frames pass through
+//! untouched. HTTP/2 clients are not offered WebSockets over HTTP/2 (RFC
+//! 8441; see `front::tunnel`): a browser then opens an HTTP/1.1 upgrade of
+//! its own, where one rebuilt from its extended CONNECT would be no
+//! browser's.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -33,24 +32,8 @@ use crate::upstream::Origin;
 /// The GUID of RFC 6455 §1.3, appended to the key for the accept value.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// How a client asked for a WebSocket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Upgrade {
-    /// HTTP/1.1 `Upgrade: websocket`.
-    Http1,
-    /// HTTP/2 extended CONNECT with `:protocol websocket`.
-    ExtendedConnect,
-}
-
-/// The upgrade a request asks for, if any.
-pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
-    if request.method() == Method::CONNECT {
-        let protocol = request.extensions().get::<hyper::ext::Protocol>()?;
-        return protocol
-            .as_str()
-            .eq_ignore_ascii_case("websocket")
-            .then_some(Upgrade::ExtendedConnect);
-    }
+/// Whether a request asks for a WebSocket (HTTP/1.1 `Upgrade: websocket`).
+pub fn requested<B>(request: &Request<B>) -> bool {
     // `Upgrade` first: most requests have none, and then `Connection`'s
     // tokens need not be read. Exactly one field naming exactly
     // `websocket`, with the key the answer must prove it read: the relay
@@ -78,40 +61,18 @@ pub fn requested<B>(request: &Request<B>) -> Option<Upgrade> {
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
     };
-    (websocket && connection_upgrade()).then_some(Upgrade::Http1)
+    websocket && connection_upgrade()
 }
 
-/// Turns the (sanitised) request parts into an HTTP/1.1 WebSocket upgrade
-/// for the origin. An HTTP/1.1 upgrade already is one, with its client's
-/// own `Connection` and `Upgrade` headers ([`super::egress::sanitize_upgrade_request`]
-/// keeps them); an HTTP/2 extended CONNECT is rebuilt as one, its headers
-/// added at the end. Returns the `Sec-WebSocket-Accept` the origin must
-/// answer with: for the client's key, or for the one pinproxy made.
-pub fn prepare_upstream(upgrade: Upgrade, parts: &mut http::request::Parts) -> Option<String> {
-    match upgrade {
-        Upgrade::Http1 => parts
-            .headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .and_then(|key| key.to_str().ok())
-            .map(|key| accept_for(key.trim())),
-        Upgrade::ExtendedConnect => {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            parts
-                .headers
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            parts.method = Method::GET;
-            parts.version = Version::HTTP_11;
-            parts.extensions.remove::<hyper::ext::Protocol>();
-            let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-            let accept = accept_for(&key);
-            if let Ok(value) = HeaderValue::from_str(&key) {
-                parts.headers.insert(header::SEC_WEBSOCKET_KEY, value);
-            }
-            Some(accept)
-        }
-    }
+/// The `Sec-WebSocket-Accept` the origin must answer an upgrade with the
+/// (sanitised) `headers` with: the one for the client's key, which goes on
+/// with its own `Connection` and `Upgrade` headers
+/// ([`super::egress::sanitize_upgrade_request`] keeps them).
+pub fn expected_accept(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|key| key.to_str().ok())
+        .map(|key| accept_for(key.trim()))
 }
 
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
@@ -126,16 +87,11 @@ pub fn accept_for(key: &str) -> String {
 /// taken apart.
 #[derive(Debug)]
 pub struct Socket {
-    /// How the client asked.
-    pub upgrade: Upgrade,
     /// The client's connection, once upgraded.
     pub client: OnUpgrade,
     /// The `Sec-WebSocket-Accept` the origin must answer with (`None`: no
     /// key to answer for, so no `101` is bridged).
     pub expected_accept: Option<String>,
-    /// Keeps the client's HTTP/2 connection counted busy while the relay
-    /// runs (none over HTTP/1.1, whose connection the relay itself holds).
-    pub hold: Option<crate::net::streams::OpenStream>,
 }
 
 impl Pipeline {
@@ -208,10 +164,8 @@ pub fn bridge(
     owner: Option<RelayOwner>,
 ) -> Result<Response<Body>, UpstreamError> {
     let Socket {
-        upgrade,
         client,
         expected_accept,
-        hold,
     } = socket;
     // Only a WebSocket is relayed: an answer that switched to anything
     // else, or that does not prove it read this handshake's key, is not.
@@ -240,31 +194,11 @@ pub fn bridge(
     }
     let upstream_io = hyper::upgrade::on(&mut upstream);
     let mut response = Response::new(body::empty());
-    match upgrade {
-        Upgrade::Http1 => {
-            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            *response.headers_mut() = upstream.headers().clone();
-        }
-        Upgrade::ExtendedConnect => {
-            // RFC 8441: success is a 200 carrying the negotiated extensions
-            // and subprotocol; the HTTP/1.1 handshake headers stay behind.
-            *response.status_mut() = StatusCode::OK;
-            let mut headers: HeaderMap = upstream.headers().clone();
-            for name in [
-                header::SEC_WEBSOCKET_ACCEPT,
-                header::UPGRADE,
-                header::CONNECTION,
-            ] {
-                headers.remove(name);
-            }
-            egress::sanitize_response(&mut headers);
-            *response.headers_mut() = headers;
-        }
-    }
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = upstream.headers().clone();
     // The client's upgraded stream holds the connection's place among the
     // connection limits for as long as the relay keeps it open.
     tasks.spawn(async move {
-        let _busy = hold;
         let (client, upstream) = tokio::join!(client, upstream_io);
         match (client, upstream) {
             (Ok(client), Ok(upstream)) => {
@@ -310,16 +244,16 @@ mod tests {
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .body(())
             .unwrap();
-        assert_eq!(requested(&ws), Some(Upgrade::Http1));
+        assert!(requested(&ws));
         let plain = Request::get("/").header("upgrade", "h2c").body(()).unwrap();
-        assert_eq!(requested(&plain), None);
+        assert!(!requested(&plain));
         // No key, or a second `Upgrade` field: no WebSocket upgrade.
         let keyless = Request::get("/ws")
             .header("connection", "Upgrade")
             .header("upgrade", "websocket")
             .body(())
             .unwrap();
-        assert_eq!(requested(&keyless), None);
+        assert!(!requested(&keyless));
         let two = Request::get("/ws")
             .header("connection", "Upgrade")
             .header("upgrade", "websocket")
@@ -327,11 +261,12 @@ mod tests {
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .body(())
             .unwrap();
-        assert_eq!(requested(&two), None);
+        assert!(!requested(&two));
+        // An HTTP/2 extended CONNECT is not one: pinproxy never offers it.
         let mut connect = Request::connect("https://a.test/ws").body(()).unwrap();
         connect
             .extensions_mut()
             .insert(hyper::ext::Protocol::from_static("websocket"));
-        assert_eq!(requested(&connect), Some(Upgrade::ExtendedConnect));
+        assert!(!requested(&connect));
     }
 }
