@@ -110,6 +110,9 @@ impl Frontend {
             .max_header_size(hard_limit)
             .max_buf_size(hard_limit.max(8192) + 8192)
             .preserve_header_case(true)
+            // The origin's answer goes back with the headers it has: no
+            // `Date` added to one whose origin sent none.
+            .auto_date_header(false)
             .keep_alive(true);
         // hyper parses into an uninitialised inline array of its default
         // size, but fills a heap array of any size set here on every

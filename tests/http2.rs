@@ -179,3 +179,53 @@ async fn concurrent_streams_of_different_identities_never_share_a_connection() {
     assert!(s.origin.leaks().is_empty());
     s.stop().await;
 }
+
+/// A body-less request that carries no `Content-Length` reaches an HTTP/2
+/// origin without one, here an HTTP/1.1 client's `PATCH` and `OPTIONS`
+/// sent over HTTP/2 (`chrome` mode): the HTTP/2 clients add
+/// `content-length: 0` to a request whose body says it is exactly empty,
+/// which no browser sends, and the bodies pinproxy passes on never say so.
+#[tokio::test]
+async fn a_body_less_request_gets_no_content_length_added() {
+    use pinproxy::upstream::FingerprintMode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::start_with(1, |c| {
+        c.exits[0].fingerprint = Some(FingerprintMode::Chrome)
+    })
+    .await;
+    let port = s.origin.https.port();
+    for method in ["PATCH", "OPTIONS"] {
+        let mut tls = s
+            .proxy
+            .client
+            .tls_stream("localhost", port, &[b"http/1.1"])
+            .await;
+        tls.write_all(
+            format!("{method} /p HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            tls.read_to_end(&mut answer),
+        )
+        .await
+        .expect("an answer within 20 s")
+        .ok();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer}");
+        let seen = s.origin.seen().pop().unwrap();
+        assert_eq!(
+            (seen.method.as_str(), seen.version),
+            (method, Version::HTTP_2)
+        );
+        assert!(
+            seen.header("content-length").is_empty(),
+            "{method}: {:?}",
+            seen.headers
+        );
+    }
+    s.stop().await;
+}

@@ -393,3 +393,54 @@ async fn ask_to_switch(s: &Setup, origin: &RawOrigin, upgrades: &str) -> String 
         .await
         .expect("an answer within 10 s")
 }
+
+/// The origin's answer goes back with the headers it has: pinproxy adds
+/// no `Date` to one whose origin sent none (a page's script could tell it
+/// apart from the same answer fetched directly).
+#[tokio::test]
+async fn an_answer_without_a_date_gets_none_added() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let mut tcp = tokio::net::TcpStream::connect(s.proxy.daemon.local_addr())
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://{0}/plain HTTP/1.1\r\nHost: {0}\r\n\r\n",
+            raw.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_answer(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("\r\ndate:"),
+        "{answer}"
+    );
+    s.stop().await;
+}
+
+/// `OPTIONS *` (the server as a whole) reaches the origin as `*`, not as
+/// the resource `/`.
+#[tokio::test]
+async fn options_asterisk_reaches_the_origin_as_sent() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let host = raw.addr.to_string();
+    let (mut tunnel, head) = s.proxy.client.raw_connect(&host).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_ok(&mut tunnel).await;
+    let heads = raw.heads();
+    assert!(
+        heads[0].starts_with("OPTIONS * HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    s.stop().await;
+}

@@ -450,6 +450,8 @@ where
         // Four times the limit, as for HTTP/1.1: the pipeline answers 431
         // with an explanation below that.
         .max_header_list_size(header_limit.saturating_mul(4))
+        // No `Date` added to an answer whose origin sent none.
+        .auto_date_header(false)
         // No WebSockets over HTTP/2 (RFC 8441, `SETTINGS_ENABLE_CONNECT_
         // PROTOCOL`): towards the origin a WebSocket is an HTTP/1.1
         // upgrade, and one rebuilt from a browser's extended CONNECT is no

@@ -113,17 +113,31 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
         return;
     }
     let connection = ConnectionHeader::of(headers);
+    // `TE: trailers` says the client takes trailers; pinproxy relays them,
+    // so it may say the same to the origin, with the `Connection: TE` that
+    // declares it (RFC 9110 §10.1.4) where the client sent one: kept when
+    // it names nothing else, else both go.
+    let te_is_trailers = {
+        let mut values = headers.get_all(header::TE).iter();
+        values
+            .next()
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            && values.next().is_none()
+    };
+    let te_listed = connection.listed.contains(&header::TE);
+    let te_connection = connection.only_te && te_is_trailers;
     retain(headers, |name, value| {
-        // `TE: trailers` says the client takes trailers; pinproxy relays
-        // them, so it may say the same to the origin.
-        let te_trailers = name == header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        let te_trailers = name == header::TE
+            && value.as_bytes().eq_ignore_ascii_case(b"trailers")
+            && (!te_listed || te_connection);
         // A chunked body is passed on chunked: the client's own
         // `Transfer-Encoding: chunked` (the front door lets no other
         // through) stays where it put it, as it wrote it, rather than
         // hyper adding one at the end of the head.
         let chunked =
             name == header::TRANSFER_ENCODING && value.as_bytes().eq_ignore_ascii_case(b"chunked");
-        let kept_connection = (connection.only_options || upgrade) && name == header::CONNECTION;
+        let kept_connection =
+            (connection.only_options || te_connection || upgrade) && name == header::CONNECTION;
         let kept_upgrade = upgrade && name == header::UPGRADE;
         te_trailers
             || chunked
@@ -226,15 +240,19 @@ struct ConnectionHeader {
     listed: Vec<HeaderName>,
     /// Whether it says nothing but `keep-alive` or `close` (or is absent).
     only_options: bool,
+    /// Whether it names nothing but `TE`, besides those options.
+    only_te: bool,
 }
 
 impl ConnectionHeader {
     fn of(headers: &HeaderMap) -> ConnectionHeader {
         let mut listed = Vec::new();
         let mut only_options = true;
+        let mut only_te = true;
         for value in headers.get_all(header::CONNECTION) {
             let Ok(text) = value.to_str() else {
                 only_options = false;
+                only_te = false;
                 continue;
             };
             for token in text.split(',').map(str::trim) {
@@ -242,6 +260,7 @@ impl ConnectionHeader {
                     continue;
                 }
                 only_options = false;
+                only_te &= token.eq_ignore_ascii_case("te");
                 // Only names the message carries matter, each once: a list
                 // of a hundred thousand tokens costs a lookup each, not an
                 // allocation each and a comparison with every header.
@@ -259,6 +278,7 @@ impl ConnectionHeader {
         ConnectionHeader {
             listed,
             only_options,
+            only_te: only_te && !only_options,
         }
     }
 }
@@ -414,6 +434,40 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip, trailers"));
         sanitize_request(&mut h);
         assert!(h.get("te").is_none(), "other TE values are hop-by-hop");
+    }
+
+    /// `TE: trailers` goes with the `Connection: TE` that declares it, or
+    /// not at all: never one without the other (RFC 9110 §10.1.4).
+    #[test]
+    fn te_trailers_keeps_the_connection_option_that_declares_it() {
+        let sanitized = |connection: &'static str, te: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("host", HeaderValue::from_static("a.test"));
+            h.insert("connection", HeaderValue::from_static(connection));
+            h.insert("te", HeaderValue::from_static(te));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            sanitize_request(&mut h);
+            h.iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sanitized("TE", "trailers"),
+            ["host: a.test", "connection: TE", "te: trailers", "x-hop: 1"]
+        );
+        assert_eq!(
+            sanitized("keep-alive, TE", "trailers"),
+            [
+                "host: a.test",
+                "connection: keep-alive, TE",
+                "te: trailers",
+                "x-hop: 1"
+            ]
+        );
+        // Naming another header too: that header, the option and TE go.
+        assert_eq!(sanitized("TE, x-hop", "trailers"), ["host: a.test"]);
+        // A TE other than trailers is the hop's own: both go.
+        assert_eq!(sanitized("TE", "gzip"), ["host: a.test", "x-hop: 1"]);
     }
 
     #[test]

@@ -109,6 +109,11 @@ impl Target {
         let uri = request.uri();
         let path_and_query = match uri.path_and_query() {
             Some(p) if p.as_str().starts_with('/') => p.clone(),
+            // The server as a whole (RFC 9110 §9.3.7), not the resource `/`.
+            // (An absolute-form `OPTIONS http://a.test`, which a proxy
+            // should forward as `*` too, goes as `/`: the http crate reads
+            // it as `http://a.test/`.)
+            Some(p) if request.method() == http::Method::OPTIONS && p.as_str() == "*" => p.clone(),
             // `http://a.test?x=1`: the empty path is `/`, and the query
             // stays (RFC 9112 §3.2.1).
             Some(p) if p.as_str().starts_with('?') => {
@@ -229,6 +234,29 @@ mod tests {
         let t = Target::of(&req("https://[::1]:8443/"), None).unwrap();
         assert_eq!(&*t.origin.host, "::1");
         assert_eq!(t.host_header().unwrap(), "[::1]:8443");
+    }
+
+    /// `OPTIONS *` asks about the server as a whole: it goes on as `*`,
+    /// never as `/` (a resource of its own).
+    #[test]
+    fn options_for_the_whole_server_goes_on_as_an_asterisk() {
+        let options = |uri: &str| Request::options(uri).body(()).unwrap();
+        let tunnel = Tunnel {
+            authority: HostPort::new("a.test", 443),
+            tls: true,
+            session_key: None,
+            client_offers_h2: false,
+            client_resumes: false,
+            client: Arc::default(),
+            principal: Principal::default(),
+            site: SiteSlot::default(),
+            cookie_memo: CookieMemo::default(),
+        };
+        let t = Target::of(&options("*"), Some(&tunnel)).unwrap();
+        assert_eq!(t.path_and_query, "*");
+        assert_eq!(Uri::from(t.path_and_query).to_string(), "*");
+        let t = Target::of(&options("/x"), Some(&tunnel)).unwrap();
+        assert_eq!(t.path_and_query, "/x");
     }
 
     #[test]
