@@ -851,9 +851,25 @@ fn cookie_expiry_ms(
         let at = now_ms.saturating_add_signed(seconds.saturating_mul(1000));
         return (Some(at), at <= now_ms);
     }
+    // A `Max-Age` browsers ignore (`+86400`, `"86400"`, `86400s`) that Go,
+    // Python or curl read as a lifetime: those clients keep the cookie for
+    // it, whatever `Expires` says, so it is pinned for as long.
+    if let Some(seconds) = lenient_max_age_seconds(line) {
+        return (
+            Some(now_ms.saturating_add(seconds.saturating_mul(1000))),
+            false,
+        );
+    }
     let Some(at) = cookie.expires_datetime() else {
         return (None, false);
     };
+    // An `Expires` in a format Go's client cannot read (`Thursday,
+    // 01-Jan-70`, asctime's `Thu Jan  1 00:00:00 1970`): Go keeps the
+    // cookie for the session, so it is pinned with no end, never taken for
+    // a deletion.
+    if !go_reads_expires(line) {
+        return (None, false);
+    }
     let at_ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     match origin_now_ms {
         // A deletion only when past on both clocks (the client judges by
@@ -886,14 +902,8 @@ fn origin_date_ms(headers: &HeaderMap) -> Option<u64> {
 /// browser keeps the cookie: pinproxy would then leave unpinned a cookie
 /// the client holds. Digits past the range saturate.
 fn max_age_seconds(line: &str) -> Option<i64> {
-    pieces(line, b';')
-        .skip(1)
-        .filter_map(|attribute| {
-            let (name, value) = split_pair(attribute)?;
-            if !name.trim().eq_ignore_ascii_case("max-age") {
-                return None;
-            }
-            let value = value.trim();
+    max_age_values(line)
+        .filter_map(|value| {
             let (negative, digits) = match value.strip_prefix('-') {
                 Some(digits) => (true, digits),
                 None => (false, value),
@@ -905,6 +915,75 @@ fn max_age_seconds(line: &str) -> Option<i64> {
             Some(if negative { -magnitude } else { magnitude })
         })
         .last()
+}
+
+/// The values of a `Set-Cookie` line's `Max-Age` attributes, trimmed.
+fn max_age_values(line: &str) -> impl Iterator<Item = &str> {
+    pieces(line, b';').skip(1).filter_map(|attribute| {
+        let (name, value) = split_pair(attribute)?;
+        name.trim()
+            .eq_ignore_ascii_case("max-age")
+            .then(|| value.trim())
+    })
+}
+
+/// The positive lifetime some client reads in a `Max-Age` that
+/// [`max_age_seconds`] (and browsers) ignore: Go's and Python's integer
+/// parsing take a leading `+`, curl's also skips a leading `"` and stops at
+/// the first byte that is not a digit. `None` when no such value reads as
+/// more than zero seconds.
+fn lenient_max_age_seconds(line: &str) -> Option<u64> {
+    max_age_values(line)
+        .filter_map(|value| {
+            let value = value.strip_prefix('"').unwrap_or(value);
+            let value = value.strip_prefix('+').unwrap_or(value);
+            let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+            let seconds = value.get(..digits)?.parse::<u64>().ok()?;
+            (seconds > 0).then_some(seconds)
+        })
+        .last()
+}
+
+/// Whether Go's client (net/http) reads the `Expires` attribute of a
+/// `Set-Cookie` line: only as RFC 1123 (`Thu, 01 Jan 1970 00:00:00 GMT`)
+/// or with dashes (`Thu, 01-Jan-1970 00:00:00 GMT`); it keeps a cookie whose
+/// `Expires` it cannot read for the session.
+fn go_reads_expires(line: &str) -> bool {
+    let Some(value) = pieces(line, b';').skip(1).find_map(|attribute| {
+        let (name, value) = split_pair(attribute)?;
+        name.trim()
+            .eq_ignore_ascii_case("expires")
+            .then(|| value.trim())
+    }) else {
+        return false;
+    };
+    let b = value.as_bytes();
+    let letters = |range: std::ops::Range<usize>| {
+        b.get(range)
+            .is_some_and(|s| s.iter().all(u8::is_ascii_alphabetic))
+    };
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range)
+            .is_some_and(|s| s.iter().all(u8::is_ascii_digit))
+    };
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    let separator = b.get(7).copied().filter(|c| *c == b' ' || *c == b'-');
+    letters(0..3)
+        && at(3, b',')
+        && at(4, b' ')
+        && digits(5..7)
+        && separator.is_some_and(|sep| at(7, sep) && at(11, sep))
+        && letters(8..11)
+        && digits(12..16)
+        && at(16, b' ')
+        && digits(17..19)
+        && at(19, b':')
+        && digits(20..22)
+        && at(22, b':')
+        && digits(23..25)
+        && at(25, b' ')
+        && letters(26..b.len())
+        && b.len() >= 29
 }
 
 #[cfg(test)]
@@ -1710,7 +1789,8 @@ mod tests {
             (found[0].deletes, found[0].expires_ms)
         };
         assert_eq!(read("datadome=T; Max-Age=-"), (false, None));
-        assert_eq!(read("datadome=T; Max-Age=1h"), (false, None));
+        // curl reads the leading digits: kept for a second (below).
+        assert_eq!(read("datadome=T; Max-Age=1h"), (false, Some(now + 1_000)));
         assert_eq!(
             read("datadome=T; Max-Age=60; Max-Age=-"),
             (false, Some(now + 60_000))
@@ -1719,6 +1799,45 @@ mod tests {
         assert_eq!(read("datadome=T; Max-Age=0"), (true, Some(now)));
         let (deletes, far) = read("datadome=T; Max-Age=99999999999999999999999");
         assert!(!deletes && far > Some(now + 1000 * 365 * 86_400_000));
+    }
+
+    /// A line is a deletion only when every common client takes it for
+    /// one. A `Max-Age` browsers ignore but Go, Python or curl read as a
+    /// lifetime (`+86400`, `"86400"`) keeps the cookie in those clients'
+    /// jars whatever `Expires` says, and an `Expires` Go cannot read keeps
+    /// it there for the session: such a cookie is pinned, so that its next
+    /// request keeps to its exit instead of founding it anew on any.
+    #[test]
+    fn a_line_some_client_keeps_the_cookie_for_is_no_deletion() {
+        let now = 1_800_000_000_000;
+        let read = |line: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.append("set-cookie", HeaderValue::from_static(line));
+            let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
+            (found[0].deletes, found[0].expires_ms)
+        };
+        let day = Some(now + 86_400_000);
+        for kept in [
+            "datadome=T; Max-Age=+86400; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            "datadome=T; Max-Age=\"86400\"; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+        ] {
+            assert_eq!(read(kept), (false, day), "{kept}");
+        }
+        for session in [
+            "datadome=T; Expires=Thursday, 01-Jan-70 00:00:00 GMT",
+            "datadome=T; Expires=Thu Jan  1 00:00:00 1970",
+        ] {
+            assert_eq!(read(session), (false, None), "{session}");
+        }
+        // What every client deletes is still a deletion.
+        for deleted in [
+            "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            "datadome=T; Path=/; expires=Thu, 01-Jan-1970 00:00:01 GMT",
+            "datadome=T; Max-Age=+0; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            "datadome=T; Max-Age=0",
+        ] {
+            assert!(read(deleted).0, "{deleted}");
+        }
     }
 
     /// The keys of a request's `Cookie` header.
