@@ -620,10 +620,21 @@ impl ExitClient {
         lane: &Lane,
         target: &HostPort,
     ) -> Result<(tokio::net::TcpStream, Option<IpAddr>), UpstreamError> {
-        self.dialer(lane.session, lane.pinned_address(), false)
+        // As a pool refuses (`LanePool::still_live`): nothing opened for an
+        // identity retired since it was routed, and a tunnel opened while
+        // it retired carries none of the client's bytes.
+        let refuse_retired = || match self.retired.reason(&lane.key) {
+            Some(reason) => Err(UpstreamError::IdentityRetired(reason)),
+            None => Ok(()),
+        };
+        refuse_retired()?;
+        let opened = self
+            .dialer(lane.session, lane.pinned_address(), false)
             .raw_tunnel(target)
             .await
-            .map_err(UpstreamError::Connect)
+            .map_err(UpstreamError::Connect)?;
+        refuse_retired()?;
+        Ok(opened)
     }
 
     /// Opens and drops a tunnel to `target` on a fresh session: the health probe.
@@ -718,6 +729,26 @@ mod tests {
         assert!(refused(&before), "the dropped pool");
         assert!(refused(&client.lane_pool(&lane)), "a pool made anew");
         assert!(client.lane_pool(&other).still_live().is_ok());
+    }
+
+    /// A passed-through tunnel is not opened for a lane retired since its
+    /// request was routed; another lane's is.
+    #[tokio::test]
+    async fn a_retired_lane_opens_no_raw_tunnel() {
+        let (client, _) = direct_client();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = HostPort::new("127.0.0.1", listener.local_addr().unwrap().port());
+        let (lane, other) = (Lane::anonymous(SessionId(1)), Lane::anonymous(SessionId(2)));
+        client.forget(lane.key, false, &RetireReason::Evicted);
+        assert!(matches!(
+            client.raw_tunnel(&lane, &target).await,
+            Err(UpstreamError::IdentityRetired(RetireReason::Evicted))
+        ));
+        // Nothing dialled: no connection waits to be accepted.
+        let accepted = tokio::time::timeout(Duration::ZERO, listener.accept()).await;
+        assert!(accepted.is_err(), "a connection was opened");
+        assert!(client.raw_tunnel(&other, &target).await.is_ok());
+        assert!(listener.accept().await.is_ok());
     }
 
     /// A sweep's retirements drop their lanes in one call, each marked
