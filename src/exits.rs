@@ -58,8 +58,10 @@ pub struct Exit {
     /// book of routes at every start and reload.
     route_changed_ms: AtomicU64,
     /// This exit (this object, not its id) was replaced by a reload that
-    /// changed the route under its id; requests that started before still
-    /// run on it (see [`Exit::superseded`]).
+    /// changed the route under its id, kept or not (see [`Exit::replaced`]).
+    replaced: AtomicBool,
+    /// ... by a change that does not keep its identities; requests that
+    /// started before still run on it (see [`Exit::superseded`]).
     superseded: AtomicBool,
     /// The route identities founded on it carry (see [`routes`]): set once
     /// the pin key is known, before the exit takes traffic.
@@ -87,6 +89,7 @@ impl Exit {
             sessions: Arc::new(sessions),
             drained: Arc::default(),
             route_changed_ms: AtomicU64::new(0),
+            replaced: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
             founding_route: OnceLock::new(),
             kept_routes: OnceLock::new(),
@@ -103,10 +106,27 @@ impl Exit {
         self.superseded.load(Ordering::Acquire)
     }
 
-    /// Marks (or, for a reload refused, unmarks) this exit as replaced by
-    /// another route under its id.
-    pub fn mark_superseded(&self, superseded: bool) {
-        self.superseded.store(superseded, Ordering::Release);
+    /// Whether a reload replaced this exit with one of another route under
+    /// its id, whether the change keeps its identities or not: an identity
+    /// founded on another route than this exit's is not this exit's to
+    /// judge (see `routing::lifecycle::founded_past_a_reload`).
+    pub fn replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+
+    /// Marks this exit as replaced by another route under its id, by a
+    /// change that keeps its identities or not ([`Exit::replaced`],
+    /// [`Exit::superseded`]).
+    pub fn mark_replaced(&self, kept: bool) {
+        self.superseded.store(!kept, Ordering::Release);
+        self.replaced.store(true, Ordering::Release);
+    }
+
+    /// Undoes [`Exit::mark_replaced`] (a reload refused): the exit is in
+    /// force again.
+    pub fn unmark_replaced(&self) {
+        self.replaced.store(false, Ordering::Release);
+        self.superseded.store(false, Ordering::Release);
     }
 
     /// When its route last changed under its id, if it did (see [`routes`]).
@@ -438,6 +458,7 @@ impl ExitBuild {
                     sessions,
                     drained: old.drained.clone(),
                     route_changed_ms: AtomicU64::new(0),
+                    replaced: AtomicBool::new(false),
                     superseded: AtomicBool::new(false),
                     // Its spec changed: given its own by `routes::found_on`
                     // and `RoutePlan::vouch`.

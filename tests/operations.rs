@@ -727,7 +727,8 @@ async fn a_request_on_a_replaced_route_neither_judges_nor_carries_an_identity_fo
             .await
             .unwrap();
         let in_force = exit_a("direct://127.0.0.3", false, &hasher);
-        before.iter().next().unwrap().mark_superseded(true);
+        // As a reload marks it (`daemon::live`): kept or not.
+        before.iter().next().unwrap().mark_replaced(keep);
         let new_key = key(&format!("new-{keep}"));
         let founded = router
             .route(&in_force, std::slice::from_ref(&new_key), Default::default)

@@ -265,14 +265,13 @@ impl Live {
         crate::exits::routes::found_on(&set, &self.core.hasher);
         let specs: Vec<&ExitSpec> = set.iter().map(|exit| &exit.spec).collect();
         let mut plan = self.routes.plan(&specs);
-        let replaced: Vec<Arc<Exit>> = plan
+        let replaced: Vec<(Arc<Exit>, bool)> = plan
             .changes
             .iter()
-            .filter(|change| !change.kept)
-            .filter_map(|change| previous.get(&change.exit).cloned())
+            .filter_map(|change| Some((previous.get(&change.exit).cloned()?, change.kept)))
             .collect();
-        for exit in &replaced {
-            exit.mark_superseded(true);
+        for (exit, kept) in &replaced {
+            exit.mark_replaced(*kept);
         }
         plan.date(self.core.clock.now_ms());
         let routes = self.routes.clone();
@@ -283,8 +282,8 @@ impl Live {
         .await;
         // Refused: the exits in force are theirs again.
         let unmark = || {
-            for exit in &replaced {
-                exit.mark_superseded(false);
+            for (exit, _) in &replaced {
+                exit.unmark_replaced();
             }
         };
         let plan = match committed {

@@ -20,10 +20,10 @@
 //! when its route is one of them. A replica still on the old route, or one
 //! whose book never saw the change, cannot vouch for the new route: the
 //! identities founded there retire when they come to it, as they would
-//! without the option. A route another exit had is never kept (two exits
-//! that swap URLs each lead to the other's IPs). A book that cannot be
-//! written refuses the change: kept only in memory, it would be forgotten at
-//! the next start.
+//! without the option. A route another exit has, or keeps identities from,
+//! is never kept (two exits that swap URLs, in one reload or over two, each
+//! lead to the other's IPs). A book that cannot be written refuses the
+//! change: kept only in memory, it would be forgotten at the next start.
 //!
 //! Requests still on an exit a reload replaced run to their end on it,
 //! unless their identity retires first (while one waits for its connection,
@@ -258,11 +258,15 @@ impl RouteBook {
             // The operator can vouch for the IPs, never for the face: an
             // identity shown with another fingerprint is another client to
             // the origin, whatever the option says.
-            // Nor for a route another exit had: that exit's IPs, not this
-            // one's (two exits that swap URLs).
+            // Nor for a route another exit has, or keeps identities from:
+            // that exit's IPs, not this one's (two exits that swap URLs, in
+            // one reload or over two).
             let taken_from = known
                 .iter()
-                .find(|(id, other)| id.as_str() != spec.id.as_str() && other.route == route)
+                .find(|(id, other)| {
+                    id.as_str() != spec.id.as_str()
+                        && (other.route == route || other.kept_from.contains(&route))
+                })
                 .map(|(id, _)| id.clone());
             let kept = spec.options.keep_identities_on_route_change
                 && !face_changed
@@ -423,7 +427,7 @@ mod tests {
 
     /// A kept change remembers the route it kept identities from, and the
     /// ones that route kept them from; it survives a restart; a change not
-    /// kept forgets them all. A route another exit had is never kept.
+    /// kept forgets them all. A route another exit has is never kept.
     #[test]
     fn kept_changes_remember_the_routes_they_kept_identities_from() {
         let dir = tempfile::tempdir().unwrap();
@@ -484,6 +488,21 @@ mod tests {
         let (dates, changes, _) = apply(&book, &keeping("http://gate:2", "http://gate:1"), 200);
         assert_eq!(dates, [Some(200), Some(200)]);
         assert!(changes.iter().all(|c| !c.kept), "{changes:?}");
+
+        // Over two reloads: a leaves gate:1 (kept), then b takes it.
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path()).unwrap();
+        apply(&book, &keeping("http://gate:1", "http://gate:2"), 100);
+        let (_, changes, _) = apply(&book, &keeping("http://gate:3", "http://gate:2"), 200);
+        assert!(changes[0].kept, "{changes:?}");
+        let (_, changes, _) = apply(&book, &keeping("http://gate:3", "http://gate:1"), 300);
+        assert_eq!(
+            changes,
+            [RouteChange {
+                exit: ExitId::new("b"),
+                kept: false
+            }]
+        );
     }
 
     #[test]

@@ -382,8 +382,7 @@ fn in_cookie_header(
     cookies: &mut usize,
 ) -> Result<Vec<Credential>, CookieError> {
     let text = std::str::from_utf8(header.as_bytes()).map_err(|_| CookieError::NotUtf8)?;
-    if memchr::memchr3(b',', b' ', b'\t', text.as_bytes()).is_some() && hides_tracked(text, policy)
-    {
+    if has_inner_break(text) && hides_tracked(text, policy) {
         return Err(CookieError::HiddenPair);
     }
     for (name, tracked, value) in tracked_pairs(text, policy) {
@@ -645,6 +644,27 @@ fn hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
     })
 }
 
+/// Whether `text` holds a comma, or a space or tab inside a pair (between
+/// two bytes that are neither blanks nor `;`): only then can a pair hide
+/// another ([`hides_tracked`]). The blanks of browsers' `"; "` separators
+/// are not inside a pair, so their headers skip the second look.
+fn has_inner_break(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    memchr::memchr3_iter(b',', b' ', b'\t', bytes).any(|at| {
+        if bytes.get(at) == Some(&b',') {
+            return true;
+        }
+        let before = bytes
+            .get(..at)
+            .and_then(|b| b.iter().rev().find(|b| !blank(b)));
+        let after = bytes
+            .get(at + 1..)
+            .and_then(|b| b.iter().find(|b| !blank(b)));
+        before.is_some_and(|b| *b != b';') && after.is_some_and(|b| *b != b';')
+    })
+}
+
 /// The pieces of a `Cookie` pair between commas, spaces and tabs.
 fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(pair);
@@ -826,9 +846,72 @@ pub fn strip_from_request(
 const SURELY_PAST_MS: u64 = 24 * 3_600_000;
 
 /// When a set cookie expires, in Unix milliseconds on pinproxy's clock
-/// (`None` for a session cookie), and whether it is being deleted:
-/// `Max-Age` wins over `Expires` (RFC 6265 §5.3). `line` is the
-/// `Set-Cookie` line `cookie` was read from.
+/// (`None` for a session cookie), and whether it is being deleted. `line`
+/// is the `Set-Cookie` line `cookie` was read from.
+///
+/// Clients do not all read a line alike, and the cookie must stay pinned
+/// for as long as any of them keeps it: a line is a deletion only when
+/// every reading deletes it, and is otherwise pinned for the longest any
+/// reading keeps it (the session being longest). Besides browsers'
+/// ([`browsers_expiry_ms`]): a `Max-Age` browsers ignore that Go, Python
+/// or curl read as a lifetime (`+86400`, `"86400"`, `86400s`); an
+/// `Expires` Go's client cannot read, which it keeps for the session; and
+/// a line with two `Max-Age` or two `Expires` attributes, of which Python
+/// takes the first and Go and browsers the last, taken as the session.
+fn cookie_expiry_ms(
+    cookie: &Cookie<'_>,
+    line: &str,
+    now_ms: u64,
+    origin_now_ms: Option<u64>,
+) -> (Option<u64>, bool) {
+    let browsers = browsers_expiry_ms(cookie, line, now_ms, origin_now_ms);
+    // The lifetimes of the other readings that keep the cookie.
+    let mut kept: SmallVec<[Option<u64>; 2]> = SmallVec::new();
+    if let Some(seconds) = lenient_max_age_seconds(line) {
+        kept.push(Some(now_ms.saturating_add(seconds.saturating_mul(1000))));
+    }
+    if attributes_disagree(line) {
+        kept.push(None);
+    }
+    if max_age_seconds(line).is_none() && cookie.expires().is_some() && !go_reads_expires(line) {
+        kept.push(None);
+    }
+    if kept.is_empty() {
+        return browsers;
+    }
+    let (browsers_end, browsers_delete) = browsers;
+    let longest = kept
+        .into_iter()
+        .chain((!browsers_delete).then_some(browsers_end))
+        .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
+        .flatten();
+    (longest, false)
+}
+
+/// Whether a line's `Max-Age` attributes read as different lifetimes (as
+/// any client reads them), or its `Expires` attributes differ: Python
+/// takes the first, Go and browsers the last.
+fn attributes_disagree(line: &str) -> bool {
+    fn differ<T: PartialEq>(mut values: impl Iterator<Item = T>) -> bool {
+        let first = values.next();
+        values.any(|value| Some(value) != first)
+    }
+    let seconds = |value: &str| {
+        let value = value.strip_prefix('"').unwrap_or(value);
+        let (negative, value) = match value.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, value.strip_prefix('+').unwrap_or(value)),
+        };
+        let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+        let magnitude = value.get(..digits).filter(|d| !d.is_empty())?;
+        let magnitude = magnitude.parse::<i64>().unwrap_or(i64::MAX);
+        Some(if negative { -magnitude } else { magnitude })
+    };
+    differ(max_age_values(line).filter_map(seconds)) || differ(attribute_values(line, "expires"))
+}
+
+/// [`cookie_expiry_ms`] as browsers read a line: `Max-Age` wins over
+/// `Expires` (RFC 6265 §5.3).
 ///
 /// `Expires` is a time on the origin's clock, which the client reads on
 /// its own. Where the response says what the origin's clock read
@@ -841,7 +924,7 @@ const SURELY_PAST_MS: u64 = 24 * 3_600_000;
 /// Without `Date`, only a time well past is a deletion; one just past is
 /// pinned as expired (its next request is refused, `cookie-expired`,
 /// rather than founded anew).
-fn cookie_expiry_ms(
+fn browsers_expiry_ms(
     cookie: &Cookie<'_>,
     line: &str,
     now_ms: u64,
@@ -851,25 +934,9 @@ fn cookie_expiry_ms(
         let at = now_ms.saturating_add_signed(seconds.saturating_mul(1000));
         return (Some(at), at <= now_ms);
     }
-    // A `Max-Age` browsers ignore (`+86400`, `"86400"`, `86400s`) that Go,
-    // Python or curl read as a lifetime: those clients keep the cookie for
-    // it, whatever `Expires` says, so it is pinned for as long.
-    if let Some(seconds) = lenient_max_age_seconds(line) {
-        return (
-            Some(now_ms.saturating_add(seconds.saturating_mul(1000))),
-            false,
-        );
-    }
     let Some(at) = cookie.expires_datetime() else {
         return (None, false);
     };
-    // An `Expires` in a format Go's client cannot read (`Thursday,
-    // 01-Jan-70`, asctime's `Thu Jan  1 00:00:00 1970`): Go keeps the
-    // cookie for the session, so it is pinned with no end, never taken for
-    // a deletion.
-    if !go_reads_expires(line) {
-        return (None, false);
-    }
     let at_ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     match origin_now_ms {
         // A deletion only when past on both clocks (the client judges by
@@ -919,10 +986,16 @@ fn max_age_seconds(line: &str) -> Option<i64> {
 
 /// The values of a `Set-Cookie` line's `Max-Age` attributes, trimmed.
 fn max_age_values(line: &str) -> impl Iterator<Item = &str> {
-    pieces(line, b';').skip(1).filter_map(|attribute| {
+    attribute_values(line, "max-age")
+}
+
+/// The values of a `Set-Cookie` line's attributes named `wanted` (in any
+/// case), trimmed, in order.
+fn attribute_values<'a>(line: &'a str, wanted: &'a str) -> impl Iterator<Item = &'a str> {
+    pieces(line, b';').skip(1).filter_map(move |attribute| {
         let (name, value) = split_pair(attribute)?;
         name.trim()
-            .eq_ignore_ascii_case("max-age")
+            .eq_ignore_ascii_case(wanted)
             .then(|| value.trim())
     })
 }
@@ -938,23 +1011,20 @@ fn lenient_max_age_seconds(line: &str) -> Option<u64> {
             let value = value.strip_prefix('"').unwrap_or(value);
             let value = value.strip_prefix('+').unwrap_or(value);
             let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-            let seconds = value.get(..digits)?.parse::<u64>().ok()?;
+            let digits = value.get(..digits).filter(|d| !d.is_empty())?;
+            // Past the range: as long as can be (curl saturates).
+            let seconds = digits.parse::<u64>().unwrap_or(u64::MAX);
             (seconds > 0).then_some(seconds)
         })
         .last()
 }
 
-/// Whether Go's client (net/http) reads the `Expires` attribute of a
-/// `Set-Cookie` line: only as RFC 1123 (`Thu, 01 Jan 1970 00:00:00 GMT`)
+/// Whether Go's client (net/http) reads the (last) `Expires` attribute of
+/// a `Set-Cookie` line: only as RFC 1123 (`Thu, 01 Jan 1970 00:00:00 GMT`)
 /// or with dashes (`Thu, 01-Jan-1970 00:00:00 GMT`); it keeps a cookie whose
 /// `Expires` it cannot read for the session.
 fn go_reads_expires(line: &str) -> bool {
-    let Some(value) = pieces(line, b';').skip(1).find_map(|attribute| {
-        let (name, value) = split_pair(attribute)?;
-        name.trim()
-            .eq_ignore_ascii_case("expires")
-            .then(|| value.trim())
-    }) else {
+    let Some(value) = attribute_values(line, "expires").last() else {
         return false;
     };
     let b = value.as_bytes();
@@ -1506,6 +1576,23 @@ mod tests {
     /// Python's `SimpleCookie` read `a=1 datadome=T` and `lang datadome=T`
     /// as holding `datadome=T`, which would otherwise leave unpinned. Blanks
     /// around `=` and `;`, and in untracked values, are no such pair.
+    /// Only a comma, or a blank between two bytes of one pair, sends a
+    /// header to the second look for hidden pairs.
+    #[test]
+    fn only_blanks_inside_a_pair_count_as_breaks() {
+        for plain in ["a=1; b=2", " a=1 ;  b=2 ", "a=1;\tb=2", "a=1", ""] {
+            assert!(!has_inner_break(plain), "{plain:?}");
+        }
+        for inner in [
+            "a=1 b=2",
+            "a=1  \t b=2; c=3",
+            "a=1, b=2",
+            "x; lang  datadome=T",
+        ] {
+            assert!(has_inner_break(inner), "{inner:?}");
+        }
+    }
+
     #[test]
     fn a_tracked_cookie_after_a_blank_inside_a_pair_is_refused() {
         let read = |text: &'static str| {
@@ -1789,8 +1876,9 @@ mod tests {
             (found[0].deletes, found[0].expires_ms)
         };
         assert_eq!(read("datadome=T; Max-Age=-"), (false, None));
-        // curl reads the leading digits: kept for a second (below).
-        assert_eq!(read("datadome=T; Max-Age=1h"), (false, Some(now + 1_000)));
+        // curl reads the leading digits, a second; browsers keep it for
+        // the session, longer.
+        assert_eq!(read("datadome=T; Max-Age=1h"), (false, None));
         assert_eq!(
             read("datadome=T; Max-Age=60; Max-Age=-"),
             (false, Some(now + 60_000))
@@ -1826,9 +1914,21 @@ mod tests {
         for session in [
             "datadome=T; Expires=Thursday, 01-Jan-70 00:00:00 GMT",
             "datadome=T; Expires=Thu Jan  1 00:00:00 1970",
+            // Two of one attribute: clients take different ones.
+            "datadome=T; Max-Age=0; Max-Age=+86400",
+            "datadome=T; Max-Age=86400; Max-Age=0",
+            "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Expires=junk",
         ] {
             assert_eq!(read(session), (false, None), "{session}");
         }
+        // A lenient reading never shortens what browsers keep.
+        assert_eq!(
+            read("datadome=T; Max-Age=+60; Expires=Wed, 01 Jan 2031 00:00:00 GMT"),
+            (false, Some(1_924_992_000_000))
+        );
+        assert!(
+            !read("datadome=T; Max-Age=+99999999999999999999999; Expires=Thu, 01 Jan 1970 00:00:00 GMT").0
+        );
         // What every client deletes is still a deletion.
         for deleted in [
             "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
