@@ -229,3 +229,43 @@ async fn a_body_less_request_gets_no_content_length_added() {
     }
     s.stop().await;
 }
+
+/// `OPTIONS *` reaches an HTTP/2 origin as `:path *`, here an HTTP/1.1
+/// client's sent over HTTP/2 (`chrome` mode).
+#[tokio::test]
+async fn options_asterisk_reaches_an_h2_origin_as_sent() {
+    use pinproxy::upstream::FingerprintMode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::start_with(1, |c| {
+        c.exits[0].fingerprint = Some(FingerprintMode::Chrome)
+    })
+    .await;
+    let port = s.origin.https.port();
+    let mut tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    tls.write_all(
+        format!("OPTIONS * HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer within 20 s")
+    .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = s.origin.seen().pop().unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str(), seen.version),
+        ("OPTIONS", "*", Version::HTTP_2)
+    );
+    s.stop().await;
+}
