@@ -671,9 +671,18 @@ impl Daemon {
             control: Control {
                 reload: Arc::new(move || {
                     let live = reloader.clone();
-                    Box::pin(
-                        async move { live.reload().await.map_err(|e| crate::fault::causes(&e)) },
-                    )
+                    // In a task of its own: an admin client that hangs up
+                    // does not cut a reload short between its steps (the
+                    // exits it replaces marked, the book of routes written,
+                    // the new set not yet in force).
+                    let reload = tokio::spawn(async move {
+                        live.reload().await.map_err(|e| crate::fault::causes(&e))
+                    });
+                    Box::pin(async move {
+                        reload
+                            .await
+                            .unwrap_or_else(|e| Err(format!("the reload task failed: {e}")))
+                    })
                 }),
                 drains,
             },

@@ -757,6 +757,28 @@ async fn a_request_on_a_replaced_route_neither_judges_nor_carries_an_identity_fo
             .expect("founded on the old route, it runs on there");
         assert_eq!(still.identity.map(|i| i.id), on_old.identity.map(|i| i.id));
     }
+
+    // An identity founded on a route the replaced exit itself keeps
+    // identities from (an earlier kept change) is still that exit's to
+    // carry, during a kept change too.
+    let earlier = exit_a("direct://127.0.0.5", false, &hasher);
+    let before = exit_a("direct://127.0.0.6", true, &hasher);
+    let from = earlier.iter().next().unwrap().founding_route().unwrap();
+    let replaced = before.iter().next().unwrap();
+    replaced.set_kept_routes(Box::new([from.route]));
+    let founded = router
+        .route(&earlier, &[key("earlier")], Default::default)
+        .await
+        .unwrap();
+    replaced.mark_replaced(true);
+    let carried = router
+        .route(&before, &[key("earlier")], Default::default)
+        .await
+        .expect("a route the replaced exit vouches for");
+    assert_eq!(
+        carried.identity.map(|i| i.id),
+        founded.identity.map(|i| i.id)
+    );
 }
 
 /// `store.url` is read at start only, and so is what follows from it: a

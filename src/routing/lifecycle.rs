@@ -473,9 +473,12 @@ pub fn ends(
 pub(super) fn founded_past_a_reload(identity: &Identity, exits: &ExitSet) -> bool {
     exits.get(&identity.exit).is_some_and(|exit| {
         exit.replaced()
-            && identity
-                .route
-                .is_some_and(|founded| Some(founded) != exit.founding_route())
+            && identity.route.is_some_and(|founded| {
+                Some(founded) != exit.founding_route()
+                    && !exit.founding_route().is_some_and(|own| {
+                        own.face == founded.face && exit.vouches_for(founded.route)
+                    })
+            })
     })
 }
 

@@ -258,10 +258,11 @@ pub struct SetTrackedCookie {
     /// The cookie.
     pub cookie: Credential,
     /// The response deletes the cookie (`Max-Age` ≤ 0 or `Expires` in the
-    /// past) instead of setting it.
+    /// past, as every common client reads them) instead of setting it.
     pub deletes: bool,
-    /// When the cookie expires, in Unix milliseconds (`Max-Age` wins over
-    /// `Expires`, as in RFC 6265); `None` for session cookies.
+    /// When the cookie expires, in Unix milliseconds, as the client that
+    /// keeps it longest reads the line (`Max-Age` wins over `Expires`, as
+    /// in RFC 6265); `None` for session cookies.
     pub expires_ms: Option<u64>,
 }
 
@@ -650,19 +651,23 @@ fn hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
 /// are not inside a pair, so their headers skip the second look.
 fn has_inner_break(text: &str) -> bool {
     let bytes = text.as_bytes();
-    let blank = |b: &u8| *b == b' ' || *b == b'\t';
-    memchr::memchr3_iter(b',', b' ', b'\t', bytes).any(|at| {
-        if bytes.get(at) == Some(&b',') {
+    if memchr::memchr(b',', bytes).is_some() {
+        return true;
+    }
+    // Each run of blanks once, by the bytes either side of it.
+    let mut blanks = memchr::memchr2_iter(b' ', b'\t', bytes).peekable();
+    while let Some(start) = blanks.next() {
+        let mut end = start;
+        while blanks.next_if_eq(&(end + 1)).is_some() {
+            end += 1;
+        }
+        let before = start.checked_sub(1).and_then(|at| bytes.get(at));
+        let after = bytes.get(end + 1);
+        if before.is_some_and(|b| *b != b';') && after.is_some_and(|b| *b != b';') {
             return true;
         }
-        let before = bytes
-            .get(..at)
-            .and_then(|b| b.iter().rev().find(|b| !blank(b)));
-        let after = bytes
-            .get(at + 1..)
-            .and_then(|b| b.iter().find(|b| !blank(b)));
-        before.is_some_and(|b| *b != b';') && after.is_some_and(|b| *b != b';')
-    })
+    }
+    false
 }
 
 /// The pieces of a `Cookie` pair between commas, spaces and tabs.
@@ -856,8 +861,10 @@ const SURELY_PAST_MS: u64 = 24 * 3_600_000;
 /// ([`browsers_expiry_ms`]): a `Max-Age` browsers ignore that Go, Python
 /// or curl read as a lifetime (`+86400`, `"86400"`, `86400s`); an
 /// `Expires` Go's client cannot read, which it keeps for the session; and
-/// a line with two `Max-Age` or two `Expires` attributes, of which Python
-/// takes the first and Go and browsers the last, taken as the session.
+/// a positive `Max-Age` with a leading zero, which Go ignores; an
+/// `Expires` before 1970, which Python and curl keep for the session; and a
+/// line with two `Max-Age` or two `Expires` attributes that differ (clients
+/// differ on which counts), all taken as the session.
 fn cookie_expiry_ms(
     cookie: &Cookie<'_>,
     line: &str,
@@ -876,6 +883,22 @@ fn cookie_expiry_ms(
     if max_age_seconds(line).is_none() && cookie.expires().is_some() && !go_reads_expires(line) {
         kept.push(None);
     }
+    // A positive `Max-Age` with a leading zero, which Go ignores (it then
+    // reads `Expires`, or keeps the cookie for the session).
+    if max_age_values(line)
+        .any(|value| value.starts_with('0') && value.bytes().any(|b| (b'1'..=b'9').contains(&b)))
+    {
+        kept.push(None);
+    }
+    // An `Expires` before 1970, which Python's jar and curl take for a
+    // session cookie.
+    if max_age_seconds(line).is_none()
+        && cookie
+            .expires_datetime()
+            .is_some_and(|at| at.unix_timestamp() < 0)
+    {
+        kept.push(None);
+    }
     if kept.is_empty() {
         return browsers;
     }
@@ -889,8 +912,8 @@ fn cookie_expiry_ms(
 }
 
 /// Whether a line's `Max-Age` attributes read as different lifetimes (as
-/// any client reads them), or its `Expires` attributes differ: Python
-/// takes the first, Go and browsers the last.
+/// any client reads them), or its `Expires` attributes differ: clients
+/// differ on which of several counts.
 fn attributes_disagree(line: &str) -> bool {
     fn differ<T: PartialEq>(mut values: impl Iterator<Item = T>) -> bool {
         let first = values.next();
@@ -1591,6 +1614,11 @@ mod tests {
         ] {
             assert!(has_inner_break(inner), "{inner:?}");
         }
+        // Linear in the header: a long run of blanks is looked at once.
+        let long = format!("a=1;{}b=2", " ".repeat(65_000));
+        assert!(!has_inner_break(&long));
+        let long = format!("a=1{}b=2", "\t".repeat(65_000));
+        assert!(has_inner_break(&long));
     }
 
     #[test]
@@ -1918,6 +1946,10 @@ mod tests {
             "datadome=T; Max-Age=0; Max-Age=+86400",
             "datadome=T; Max-Age=86400; Max-Age=0",
             "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Expires=junk",
+            // Go ignores a leading zero; Python and curl keep a pre-1970
+            // `Expires` for the session.
+            "datadome=T; Max-Age=086400",
+            "datadome=T; Expires=Wed, 31 Dec 1969 00:00:00 GMT",
         ] {
             assert_eq!(read(session), (false, None), "{session}");
         }
