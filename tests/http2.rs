@@ -180,6 +180,45 @@ async fn concurrent_streams_of_different_identities_never_share_a_connection() {
     s.stop().await;
 }
 
+/// A pinproxy whose exit presents Chrome (`chrome` mode: an HTTP/1.1
+/// client's requests leave over HTTP/2).
+async fn chrome_mode() -> Setup {
+    use pinproxy::upstream::FingerprintMode;
+    Setup::start_with(1, |c| {
+        c.exits[0].fingerprint = Some(FingerprintMode::Chrome)
+    })
+    .await
+}
+
+/// Sends `METHOD target` as an HTTP/1.1 client in a TLS tunnel to the
+/// origin (`Connection: close`) and returns the answer, whole.
+async fn http1_exchange(s: &Setup, method: &str, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = s.origin.https.port();
+    let mut tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    tls.write_all(
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer within 20 s")
+    .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A body-less request that carries no `Content-Length` reaches an HTTP/2
 /// origin without one, here an HTTP/1.1 client's `PATCH` and `OPTIONS`
 /// sent over HTTP/2 (`chrome` mode): the HTTP/2 clients add
@@ -187,34 +226,9 @@ async fn concurrent_streams_of_different_identities_never_share_a_connection() {
 /// which no browser sends, and the bodies pinproxy passes on never say so.
 #[tokio::test]
 async fn a_body_less_request_gets_no_content_length_added() {
-    use pinproxy::upstream::FingerprintMode;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = Setup::start_with(1, |c| {
-        c.exits[0].fingerprint = Some(FingerprintMode::Chrome)
-    })
-    .await;
-    let port = s.origin.https.port();
+    let s = chrome_mode().await;
     for method in ["PATCH", "OPTIONS"] {
-        let mut tls = s
-            .proxy
-            .client
-            .tls_stream("localhost", port, &[b"http/1.1"])
-            .await;
-        tls.write_all(
-            format!("{method} /p HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            tls.read_to_end(&mut answer),
-        )
-        .await
-        .expect("an answer within 20 s")
-        .ok();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = http1_exchange(&s, method, "/p").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer}");
         let seen = s.origin.seen().pop().unwrap();
         assert_eq!(
@@ -234,33 +248,8 @@ async fn a_body_less_request_gets_no_content_length_added() {
 /// client's sent over HTTP/2 (`chrome` mode).
 #[tokio::test]
 async fn options_asterisk_reaches_an_h2_origin_as_sent() {
-    use pinproxy::upstream::FingerprintMode;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = Setup::start_with(1, |c| {
-        c.exits[0].fingerprint = Some(FingerprintMode::Chrome)
-    })
-    .await;
-    let port = s.origin.https.port();
-    let mut tls = s
-        .proxy
-        .client
-        .tls_stream("localhost", port, &[b"http/1.1"])
-        .await;
-    tls.write_all(
-        format!("OPTIONS * HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        tls.read_to_end(&mut answer),
-    )
-    .await
-    .expect("an answer within 20 s")
-    .ok();
-    let answer = String::from_utf8_lossy(&answer);
+    let s = chrome_mode().await;
+    let answer = http1_exchange(&s, "OPTIONS", "*").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let seen = s.origin.seen().pop().unwrap();
     assert_eq!(

@@ -181,9 +181,6 @@ async fn an_expired_identity_is_retired_once_whatever_its_cookie_count() {
 async fn a_sweep_does_not_retire_an_identity_founded_on_an_exit_added_meanwhile() {
     use pinproxy::credential::PinHasher;
     use pinproxy::exits::ExitSet;
-    use pinproxy::routing::{Policies, Router};
-    use pinproxy::store::{memory::MemoryStore, Store};
-    use std::sync::Arc;
 
     let clock = Clock::manual();
     let hasher = PinHasher::new([7; 32]);
@@ -197,20 +194,7 @@ async fn a_sweep_does_not_retire_an_identity_founded_on_an_exit_added_meanwhile(
     );
     pinproxy::exits::routes::found_on(&before, &hasher);
     pinproxy::exits::routes::found_on(&after, &hasher);
-    let router = Router::new(
-        Store::Memory(MemoryStore::new()),
-        clock.clone(),
-        Policies {
-            retire: Default::default(),
-            conflict: Default::default(),
-            idle_timeout_ms: 30 * 60_000,
-            max_lifetime_ms: 120 * 60_000,
-            keep_retired_ms: 24 * 3_600_000,
-            shared_store: false,
-        },
-        Arc::new(pinproxy::metrics::Metrics::new()),
-        tokio_util::task::TaskTracker::new(),
-    );
+    let router = support::memory_router(clock.clone(), false);
     let credential =
         |name: &str| pinproxy::proxy::credentials::session_key::credential(&hasher, None, name);
     let (earlier, key) = (credential("earlier"), credential("k"));

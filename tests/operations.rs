@@ -629,22 +629,7 @@ async fn a_route_change_kept_across_a_restart_keeps_identities() {
 /// (two exit sets under one id stand for two replicas' configurations, or a
 /// request's set from before a reload and the set in force).
 fn route_judge() -> (pinproxy::routing::Router, pinproxy::credential::PinHasher) {
-    use pinproxy::routing::{Policies, Router};
-    use pinproxy::store::{memory::MemoryStore, Store};
-    let router = Router::new(
-        Store::Memory(MemoryStore::new()),
-        pinproxy::clock::Clock::manual(),
-        Policies {
-            retire: Default::default(),
-            conflict: Default::default(),
-            idle_timeout_ms: 30 * 60_000,
-            max_lifetime_ms: 120 * 60_000,
-            keep_retired_ms: 24 * 3_600_000,
-            shared_store: true,
-        },
-        Arc::new(pinproxy::metrics::Metrics::new()),
-        tokio_util::task::TaskTracker::new(),
-    );
+    let router = support::memory_router(pinproxy::clock::Clock::manual(), true);
     (router, pinproxy::credential::PinHasher::new([7; 32]))
 }
 

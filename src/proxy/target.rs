@@ -213,6 +213,21 @@ mod tests {
         Request::get(uri).body(()).unwrap()
     }
 
+    /// A TLS tunnel to `host:port`, its client offering HTTP/1.1 only.
+    fn tunnel_to(host: &str, port: u16) -> Tunnel {
+        Tunnel {
+            authority: HostPort::new(host, port),
+            tls: true,
+            session_key: None,
+            client_offers_h2: false,
+            client_resumes: false,
+            client: Arc::default(),
+            principal: Principal::default(),
+            site: SiteSlot::default(),
+            cookie_memo: CookieMemo::default(),
+        }
+    }
+
     #[test]
     fn absolute_form_targets() {
         let t = Target::of(&req("http://Example.com/a?b=1"), None).unwrap();
@@ -241,17 +256,7 @@ mod tests {
     #[test]
     fn options_for_the_whole_server_goes_on_as_an_asterisk() {
         let options = |uri: &str| Request::options(uri).body(()).unwrap();
-        let tunnel = Tunnel {
-            authority: HostPort::new("a.test", 443),
-            tls: true,
-            session_key: None,
-            client_offers_h2: false,
-            client_resumes: false,
-            client: Arc::default(),
-            principal: Principal::default(),
-            site: SiteSlot::default(),
-            cookie_memo: CookieMemo::default(),
-        };
+        let tunnel = tunnel_to("a.test", 443);
         let t = Target::of(&options("*"), Some(&tunnel)).unwrap();
         assert_eq!(t.path_and_query, "*");
         assert_eq!(Uri::from(t.path_and_query).to_string(), "*");
@@ -267,17 +272,7 @@ mod tests {
 
     #[test]
     fn tunnel_decides_the_origin() {
-        let tunnel = Tunnel {
-            authority: HostPort::new("a.test", 443),
-            tls: true,
-            session_key: None,
-            client_offers_h2: false,
-            client_resumes: false,
-            client: Arc::default(),
-            principal: Principal::default(),
-            site: SiteSlot::default(),
-            cookie_memo: CookieMemo::default(),
-        };
+        let tunnel = tunnel_to("a.test", 443);
         let t = Target::of(&req("/x"), Some(&tunnel)).unwrap();
         let origin = t.upstream_origin();
         assert!(origin.https);

@@ -56,6 +56,31 @@ pub fn process_args(origin: &Origin, exits: &[(String, String)]) -> Vec<String> 
     args
 }
 
+/// A router over a fresh in-memory store at `clock`, with the default
+/// policies' lifetimes (30 min idle, 2 h at most) and `shared_store` as
+/// given, for tests that route in process.
+pub fn memory_router(
+    clock: pinproxy::clock::Clock,
+    shared_store: bool,
+) -> pinproxy::routing::Router {
+    use pinproxy::routing::{Policies, Router};
+    use pinproxy::store::{memory::MemoryStore, Store};
+    Router::new(
+        Store::Memory(MemoryStore::new()),
+        clock,
+        Policies {
+            retire: Default::default(),
+            conflict: Default::default(),
+            idle_timeout_ms: 30 * 60_000,
+            max_lifetime_ms: 120 * 60_000,
+            keep_retired_ms: 24 * 3_600_000,
+            shared_store,
+        },
+        std::sync::Arc::new(pinproxy::metrics::Metrics::new()),
+        tokio_util::task::TaskTracker::new(),
+    )
+}
+
 /// An exit `id` at `url` for tests that route to it in process and never
 /// send through it (pool: [`routing_only_pool`]); unhealthy after one
 /// failure, dead after two.
