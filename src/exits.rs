@@ -60,8 +60,8 @@ pub struct Exit {
     /// This exit (this object, not its id) was replaced by a reload that
     /// changed the route under its id, kept or not (see [`Exit::replaced`]).
     replaced: AtomicBool,
-    /// ... by a change that does not keep its identities; requests that
-    /// started before still run on it (see [`Exit::superseded`]).
+    /// Replaced by a change that does not keep its identities; requests
+    /// that started before still run on it (see [`Exit::superseded`]).
     superseded: AtomicBool,
     /// The route identities founded on it carry (see [`routes`]): set once
     /// the pin key is known, before the exit takes traffic.

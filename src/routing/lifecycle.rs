@@ -463,13 +463,14 @@ pub fn ends(
 }
 
 /// Whether `identity`, judged by `exits` (a request's, read before a
-/// reload), was founded on another route or face of its exit than the
-/// exit `exits` holds, which the reload replaced (see `Exit::replaced`;
-/// whether the change keeps identities or not):
-/// most likely on the route in force, after the reload. That exit cannot
-/// judge it (it would retire an identity the configuration in force
-/// carries) nor carry it (through the old route): the request is refused,
-/// and the identity's next request is judged by the configuration in force.
+/// reload), was founded on a route or face of its exit that the exit
+/// `exits` holds neither has nor vouches for, that exit having been
+/// replaced by the reload (see `Exit::replaced`; a kept change or not):
+/// most likely founded on the route in force, after the reload. That exit
+/// can neither judge it (it would retire an identity the configuration in
+/// force carries) nor carry it (through the old route): the request is
+/// refused, and the identity's next request is judged by the configuration
+/// in force.
 pub(super) fn founded_past_a_reload(identity: &Identity, exits: &ExitSet) -> bool {
     exits.get(&identity.exit).is_some_and(|exit| {
         exit.replaced()
