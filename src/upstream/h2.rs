@@ -493,6 +493,56 @@ mod tests {
             .expect("the client sent too few HEADERS")
     }
 
+    /// pinproxy's patch to the `http2` crate: the PRIORITY frames of a
+    /// client's opening (older Firefox's groups on streams 3 to 13) go out
+    /// once, before the first request's HEADERS, as the client sent them;
+    /// the crate sent them again before every request's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_openings_priority_frames_go_out_once() {
+        const PRIORITY: u8 = 0x2;
+        const HEADERS: u8 = 0x1;
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut groups = Priorities::builder();
+        for stream in (3..=13).step_by(2) {
+            groups = groups.push(FramePriority::new(
+                StreamId::from(stream),
+                StreamDependency::new(StreamId::zero(), 200, false),
+            ));
+        }
+        let (send, connection) = http2::client::Builder::new()
+            .priorities(groups.build())
+            .initial_stream_id(15)
+            .handshake::<_, bytes::Bytes>(client)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get("https://a.test/").body(()).unwrap();
+        let mut send = send.ready().await.unwrap();
+        let _first = send.send_request(request.clone(), true).unwrap();
+        let (before_first, _) = frames_to_first_headers(&mut server).await;
+        let count =
+            |frames: &[(u8, u8)]| frames.iter().filter(|(kind, _)| *kind == PRIORITY).count();
+        assert_eq!(count(&before_first), 6, "{before_first:?}");
+        let mut send = send.ready().await.unwrap();
+        let _second = send.send_request(request, true).unwrap();
+        let read = async {
+            let mut between = Vec::new();
+            for _ in 0..64 {
+                let (kind, flags, _) = read_frame(&mut server).await;
+                if kind == HEADERS {
+                    return between;
+                }
+                between.push((kind, flags));
+            }
+            panic!("no second HEADERS: {between:?}");
+        };
+        let between = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the second request left");
+        assert_eq!(count(&between), 0, "{between:?}");
+        connection.abort();
+    }
+
     /// pinproxy's patch to the `http2` crate: on a connection that speaks
     /// for Chromium, a request that states its priority (its `priority`
     /// header's urgency, as Chromium sends it) gets Chromium's priority

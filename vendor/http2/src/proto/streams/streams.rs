@@ -357,8 +357,12 @@ where
 
         let mut stream = me.store.insert(stream.id, stream);
 
+        // pinproxy patch: the PRIORITY frames go out once, before the first
+        // request's HEADERS, as the client whose opening they copy sent
+        // them (the crate sent them again before every request's).
+        let priorities = me.priorities.take();
         let sent = me.actions.send.send_priority_and_headers(
-            me.priorities.clone(),
+            priorities.clone(),
             headers,
             send_buffer,
             &mut stream,
@@ -371,6 +375,8 @@ where
         if let Err(err) = sent {
             stream.unlink();
             stream.remove();
+            // Not sent: the next request sends them.
+            me.priorities = priorities;
             return Err(err.into());
         }
 
