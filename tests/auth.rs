@@ -465,6 +465,40 @@ async fn without_users_a_challenge_lets_browsers_name_their_session() {
     s.stop().await;
 }
 
+/// The open-proxy rule holds for the address the proxy is bound to, which a
+/// reload does not move: a file that moves `listen` to loopback and drops
+/// its users is refused (the bound socket stays where it was until a
+/// restart), and the proxy still asks for credentials. Only loopback is
+/// sent to; the listener binds the wildcard address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_open_a_listener_bound_beyond_loopback() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.listen = "0.0.0.0:0".parse().unwrap();
+            c.auth.users = vec![user("alice", "s3cret", None)];
+        })
+        .start()
+        .await;
+    let mut config = s.proxy.config.clone();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth.users.clear();
+    let refused = s.proxy.daemon.reload_with(&config).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("refusing to listen on 0.0.0.0")),
+        "{refused:?}"
+    );
+    let port = s.proxy.daemon.local_addr().port();
+    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+    let http = format!("http://localhost:{}/ip", s.origin.http.port());
+    let (_, out, _) = output(curl(proxy, &s.proxy.daemon.ca_cert_path(), None, &http)).await;
+    assert!(out.contains("status=407"), "{out}");
+    assert!(s.origin.seen().is_empty());
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_loopback_listener_needs_users_or_an_explicit_open_proxy() {
     // Refused at validation, before anything is bound: no traffic is sent

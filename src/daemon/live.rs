@@ -226,6 +226,17 @@ impl Live {
     async fn try_apply(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
         let settings = config.validate()?;
         let mut applied = self.applied.lock().await;
+        // The open-proxy rule (`Config::validate`) for the address the proxy
+        // is bound to, which a reload does not move: a file that moves
+        // `listen` to loopback and drops its users would otherwise leave the
+        // bound socket open to anyone until the restart it asks for.
+        let bound = applied.started.listen;
+        if !bound.ip().is_loopback()
+            && settings.auth.users.is_empty()
+            && !config.insecure_open_proxy
+        {
+            return Err(ReloadError::Invalid(ConfigError::OpenProxy(bound)));
+        }
         let restart_needed = applied.started.restart_needed(&settings);
         let tls_changed = applied.settings.upstream_ca != settings.upstream_ca;
         let tls = if tls_changed {
