@@ -144,11 +144,13 @@ fn names_loopback(host: &str) -> bool {
 /// can reach. A request without `Host` (not a browser's) passes.
 pub(super) fn foreign_host<B>(request: &Request<B>) -> Option<Response<Body>> {
     // What another site's page makes a browser send on its own (an
-    // `<img>` pointed at a listing, say): nothing it could read, but work
-    // it would cost. Following a link (a navigation) is the user's doing.
+    // `<img>` or an `<iframe>` pointed at a listing, say, dozens of them):
+    // nothing it could read, but a walk of the store each. Following a
+    // link to the endpoint (a top-level navigation) is the user's doing.
     let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
     if header("sec-fetch-site") == Some(b"cross-site")
-        && header("sec-fetch-mode") != Some(b"navigate")
+        && (header("sec-fetch-mode") != Some(b"navigate")
+            || header("sec-fetch-dest").is_some_and(|dest| dest != b"document"))
     {
         return Some(text(
             StatusCode::FORBIDDEN,
@@ -387,6 +389,25 @@ mod tests {
         let key = PinKey::from_bytes([0xab; 16]);
         assert_eq!(full_key(&key.to_hex()), Some(key));
         assert_eq!(full_key("abcd1234"), None);
+    }
+
+    /// Another site's page gets no answer from the endpoint but for a
+    /// top-level navigation (a link the user follows): no `<img>`, no
+    /// `<iframe>`, each of which would cost a listing.
+    #[test]
+    fn another_sites_page_gets_only_top_level_navigations() {
+        let request = |mode: &str, dest: &str| {
+            Request::get("/identities?all=1")
+                .header("host", "127.0.0.1:8081")
+                .header("sec-fetch-site", "cross-site")
+                .header("sec-fetch-mode", mode)
+                .header("sec-fetch-dest", dest)
+                .body(())
+                .unwrap()
+        };
+        assert!(foreign_host(&request("navigate", "document")).is_none());
+        assert!(foreign_host(&request("navigate", "iframe")).is_some());
+        assert!(foreign_host(&request("no-cors", "image")).is_some());
     }
 
     #[test]

@@ -212,6 +212,18 @@ fn parse_userinfo(userinfo: &str) -> Result<ProxyAuth, ExitUrlError> {
 
 /// The address and credentials of an `http://` or `socks5://` exit.
 fn proxy_address(userinfo: Option<&str>, hostport: &str) -> Result<ProxyAddress, ExitUrlError> {
+    // Credentials without their `@` (`user:pass:host:port`) would be quoted
+    // in the error, which goes to the log and to `POST /reload`'s answer.
+    let looks_like_credentials = userinfo.is_none()
+        && !hostport.starts_with('[')
+        && hostport.bytes().filter(|b| *b == b':').count() > 1;
+    if looks_like_credentials {
+        return Err(ExitUrlError::Address(
+            "the exit's host:port holds more than one ':' (credentials without their '@'?; \
+             the text is not quoted, since it may hold a password)"
+                .into(),
+        ));
+    }
     Ok(ProxyAddress {
         proxy: HostPort::parse(hostport).map_err(|e| ExitUrlError::Address(e.to_string()))?,
         auth: userinfo.map(parse_userinfo).transpose()?,
@@ -240,6 +252,23 @@ fn direct_exit(userinfo: Option<&str>, hostport: &str) -> Result<Direct, ExitUrl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Credentials that lost their `@` are refused without being quoted:
+    /// the error reaches the log and `POST /reload`'s answer. An IPv6
+    /// exit's colons are no such thing.
+    #[test]
+    fn a_url_with_credentials_but_no_at_is_refused_without_quoting_them() {
+        for url in [
+            "http://user:S3cret:gate.example:7000",
+            "socks5://user:S3cret:gate.example:1080",
+        ] {
+            let error = ExitSpec::parse("a", url).unwrap_err().to_string();
+            assert!(!error.contains("S3cret"), "{error}");
+            assert!(error.contains("more than one ':'"), "{error}");
+        }
+        assert!(ExitSpec::parse("a", "http://[::1]:7000").is_ok());
+        assert!(ExitSpec::parse("a", "http://user:pw@[::1]:7000").is_ok());
+    }
 
     /// What proxy clients are shown of an exit: no credentials, the user
     /// name neither, whatever it holds once decoded.

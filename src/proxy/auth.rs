@@ -346,12 +346,16 @@ impl Auth {
         if let Some(principal) = self.verified.get(&digest) {
             return Ok(principal);
         }
+        // At debug, as a missing header is: an unauthenticated client could
+        // otherwise write a warning per request at no cost of its own (the
+        // client gets the 407 and its reason; `pinproxy_requests_total`
+        // counts them).
         let basic = Basic::decode(value).ok_or_else(|| {
-            tracing::warn!(%peer, "proxy authentication failed: Proxy-Authorization is not Basic");
+            tracing::debug!(%peer, "proxy authentication failed: Proxy-Authorization is not Basic");
             ProxyError::AuthRequired(AuthFailure::NotBasic)
         })?;
         let Some(name) = basic.user_part() else {
-            tracing::warn!(%peer, "proxy authentication failed: the user name names only a session key");
+            tracing::debug!(%peer, "proxy authentication failed: the user name names only a session key");
             return Err(ProxyError::AuthRequired(AuthFailure::NoUser));
         };
         let user = users.get(name);
