@@ -10,11 +10,11 @@
 //!
 //! [`Activity`] counts the streams open on the connection: a request from
 //! its arrival until its response body is done or dropped ([`counted`]).
-//! Frames alone are not activity. [`drive`] checks every quarter of the limit and, after
-//! four checks in a row that found no open stream, ends the connection
-//! gracefully (`GOAWAY`), and drops it if it has not ended a limit later
-//! (a stream hyper still holds that no request counts, such as a request
-//! body that never ends after its answer).
+//! Frames alone are not activity. [`drive`] checks every quarter of the
+//! limit and, after four checks in a row that found no open stream, ends
+//! the connection gracefully (`GOAWAY`), and drops it if it has not ended
+//! a limit later (a stream hyper still holds that no request counts, such
+//! as a request body that never ends after its answer).
 
 use std::convert::Infallible;
 use std::future::Future;
