@@ -261,10 +261,14 @@ pub struct Auth {
     id: u64,
     /// A configured hash of each cost class (see [`Auth::stand_in`]).
     stand_ins: Vec<PasswordHash>,
-    /// Credentials verified lately: keyed hash of the header value → user.
+    /// Credentials verified lately: keyed hash of the header value → user,
+    /// and keyed hash of the user name and password → user (see
+    /// [`Auth::login_digest`]).
     verified: moka::sync::Cache<[u8; 32], Principal>,
     cache_key: [u8; 32],
     verifying: Arc<Semaphore>,
+    /// Password checks run (each a hash of the user's cost).
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Auth {
@@ -315,6 +319,7 @@ impl Auth {
                 .build(),
             cache_key: rand::random(),
             verifying: Arc::new(Semaphore::new(cores)),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -359,6 +364,15 @@ impl Auth {
             return Err(ProxyError::AuthRequired(AuthFailure::NoUser));
         };
         let user = users.get(name);
+        // A user's next session key (`alice-session-KEY`, often a new one
+        // per session) comes with the same name and password: checked once,
+        // not once per key, which would cost a hash of the user's cost for
+        // every new session.
+        let login = self.login_digest(name, &basic.password);
+        if let Some(principal) = self.verified.get(&login) {
+            self.verified.insert(digest, principal.clone());
+            return Ok(principal);
+        }
         // An unknown name is verified against a user's hash (the result
         // thrown away), so it costs what a wrong password costs: a hash of
         // one of the configured costs, picked by the name (keyed), so that
@@ -372,6 +386,7 @@ impl Auth {
             Some(user) if matches => {
                 let principal = user.principal(self.id);
                 self.verified.insert(digest, principal.clone());
+                self.verified.insert(login, principal.clone());
                 Ok(principal)
             }
             Some(user) => {
@@ -439,7 +454,25 @@ impl Auth {
 
     /// Verifies `password` against `hash` on the blocking pool, at most one
     /// verification per core at once.
+    /// The cache key of a user `name` (the user part of the user name) and
+    /// `password`, apart from any header value's (a prefix of its own).
+    fn login_digest(&self, name: &str, password: &str) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.cache_key);
+        hasher.update(b"pinproxy login\0");
+        hasher.update(&(name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update(password.as_bytes());
+        *hasher.finalize().as_bytes()
+    }
+
+    /// How many password checks have run.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn verify(&self, hash: PasswordHash, password: String) -> bool {
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Ok(permit) = self.verifying.clone().acquire_owned().await else {
             return false;
         };
@@ -589,11 +622,46 @@ mod tests {
         assert_eq!(ok.user.as_deref(), Some("alice"));
         assert!(!ok.exits.allows(&ExitId::new("b")));
         auth.verified.run_pending_tasks();
-        assert_eq!(auth.verified.entry_count(), 1, "the success is cached");
+        assert_eq!(
+            auth.verified.entry_count(),
+            2,
+            "the success is cached, by header and by login"
+        );
+        let checked = auth.checks();
         assert!(auth
             .admit(&basic("alice-session-k:pw"), peer())
             .await
             .is_ok());
+        assert_eq!(auth.checks(), checked);
+    }
+
+    /// A user's new session key (`alice-session-KEY`, often one per
+    /// session) costs no second password check once the user's password
+    /// was checked; a wrong password with a new key is checked, and
+    /// refused.
+    #[tokio::test]
+    async fn a_verified_users_new_session_key_costs_no_second_check() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = vec![User::new("alice", &hash, None).unwrap()];
+        let auth = Auth::new(&AuthSettings::new(users, false, &[]).unwrap());
+        assert!(auth
+            .admit(&basic("alice-session-k1:pw"), peer())
+            .await
+            .is_ok());
+        assert_eq!(auth.checks(), 1);
+        for key in ["k2", "k3"] {
+            let admitted = auth
+                .admit(&basic(&format!("alice-session-{key}:pw")), peer())
+                .await
+                .unwrap();
+            assert_eq!(admitted.user.as_deref(), Some("alice"));
+        }
+        assert_eq!(auth.checks(), 1);
+        assert_eq!(
+            code(auth.admit(&basic("alice-session-k4:nope"), peer()).await),
+            Some(AuthFailure::Rejected)
+        );
+        assert_eq!(auth.checks(), 2);
     }
 
     #[tokio::test]
