@@ -229,7 +229,9 @@ impl RouteBook {
     /// changed route is a change (undated until [`RoutePlan::date`]). The
     /// book itself is unchanged until [`RouteBook::commit`].
     pub fn plan(&self, specs: &[&ExitSpec]) -> RoutePlan {
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // The book before this plan (held while it is made: no await), and
+        // the plan's copy of it.
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = known.clone();
         let mut changes = Vec::new();
         let mut dirty = false;

@@ -463,24 +463,17 @@ pub fn ends(
 }
 
 /// Whether `identity`, judged by `exits` (a request's, read before a
-/// reload), was founded on a route or face of its exit that the exit
-/// `exits` holds neither has nor vouches for, that exit having been
-/// replaced by the reload (see `Exit::replaced`; a kept change or not):
-/// most likely founded on the route in force, after the reload. That exit
-/// can neither judge it (it would retire an identity the configuration in
-/// force carries) nor carry it (through the old route): the request is
-/// refused, and the identity's next request is judged by the configuration
-/// in force.
+/// reload), left the route of the exit `exits` holds ([`left_its_route`]),
+/// that exit having been replaced by the reload (see `Exit::replaced`; a
+/// kept change or not): it was most likely founded on the route in force,
+/// after the reload. That exit can neither judge it (it would retire an
+/// identity the configuration in force carries) nor carry it (through the
+/// old route): the request is refused, and the identity's next request is
+/// judged by the configuration in force.
 pub(super) fn founded_past_a_reload(identity: &Identity, exits: &ExitSet) -> bool {
-    exits.get(&identity.exit).is_some_and(|exit| {
-        exit.replaced()
-            && identity.route.is_some_and(|founded| {
-                Some(founded) != exit.founding_route()
-                    && !exit.founding_route().is_some_and(|own| {
-                        own.face == founded.face && exit.vouches_for(founded.route)
-                    })
-            })
-    })
+    exits
+        .get(&identity.exit)
+        .is_some_and(|exit| exit.replaced() && left_its_route(identity, exit))
 }
 
 /// Whether `identity` was founded on another route than `exit` has now

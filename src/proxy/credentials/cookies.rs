@@ -871,7 +871,8 @@ fn cookie_expiry_ms(
     now_ms: u64,
     origin_now_ms: Option<u64>,
 ) -> (Option<u64>, bool) {
-    let browsers = browsers_expiry_ms(cookie, line, now_ms, origin_now_ms);
+    let max_age = max_age_seconds(line);
+    let browsers = browsers_expiry_ms(cookie, max_age, now_ms, origin_now_ms);
     // The lifetimes of the other readings that keep the cookie.
     let mut kept: SmallVec<[Option<u64>; 2]> = SmallVec::new();
     if let Some(seconds) = lenient_max_age_seconds(line) {
@@ -880,7 +881,7 @@ fn cookie_expiry_ms(
     if attributes_disagree(line) {
         kept.push(None);
     }
-    if max_age_seconds(line).is_none() && cookie.expires().is_some() && !go_reads_expires(line) {
+    if max_age.is_none() && cookie.expires().is_some() && !go_reads_expires(line) {
         kept.push(None);
     }
     // A positive `Max-Age` with a leading zero, which Go ignores (it then
@@ -892,7 +893,7 @@ fn cookie_expiry_ms(
     }
     // An `Expires` before 1970, which Python's jar and curl take for a
     // session cookie.
-    if max_age_seconds(line).is_none()
+    if max_age.is_none()
         && cookie
             .expires_datetime()
             .is_some_and(|at| at.unix_timestamp() < 0)
@@ -919,22 +920,13 @@ fn attributes_disagree(line: &str) -> bool {
         let first = values.next();
         values.any(|value| Some(value) != first)
     }
-    let seconds = |value: &str| {
-        let value = value.strip_prefix('"').unwrap_or(value);
-        let (negative, value) = match value.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, value.strip_prefix('+').unwrap_or(value)),
-        };
-        let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-        let magnitude = value.get(..digits).filter(|d| !d.is_empty())?;
-        let magnitude = magnitude.parse::<i64>().unwrap_or(i64::MAX);
-        Some(if negative { -magnitude } else { magnitude })
-    };
-    differ(max_age_values(line).filter_map(seconds)) || differ(attribute_values(line, "expires"))
+    differ(max_age_values(line).filter_map(lenient_seconds))
+        || differ(attribute_values(line, "expires"))
 }
 
-/// [`cookie_expiry_ms`] as browsers read a line: `Max-Age` wins over
-/// `Expires` (RFC 6265 §5.3).
+/// [`cookie_expiry_ms`] as browsers read a line whose `Max-Age` they read
+/// as `max_age` ([`max_age_seconds`]): `Max-Age` wins over `Expires` (RFC
+/// 6265 §5.3).
 ///
 /// `Expires` is a time on the origin's clock, which the client reads on
 /// its own. Where the response says what the origin's clock read
@@ -949,11 +941,11 @@ fn attributes_disagree(line: &str) -> bool {
 /// rather than founded anew).
 fn browsers_expiry_ms(
     cookie: &Cookie<'_>,
-    line: &str,
+    max_age: Option<i64>,
     now_ms: u64,
     origin_now_ms: Option<u64>,
 ) -> (Option<u64>, bool) {
-    if let Some(seconds) = max_age_seconds(line) {
+    if let Some(seconds) = max_age {
         let at = now_ms.saturating_add_signed(seconds.saturating_mul(1000));
         return (Some(at), at <= now_ms);
     }
@@ -1030,16 +1022,25 @@ fn attribute_values<'a>(line: &'a str, wanted: &'a str) -> impl Iterator<Item = 
 /// more than zero seconds.
 fn lenient_max_age_seconds(line: &str) -> Option<u64> {
     max_age_values(line)
-        .filter_map(|value| {
-            let value = value.strip_prefix('"').unwrap_or(value);
-            let value = value.strip_prefix('+').unwrap_or(value);
-            let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-            let digits = value.get(..digits).filter(|d| !d.is_empty())?;
-            // Past the range: as long as can be (curl saturates).
-            let seconds = digits.parse::<u64>().unwrap_or(u64::MAX);
-            (seconds > 0).then_some(seconds)
-        })
+        .filter_map(lenient_seconds)
+        .filter_map(|seconds| u64::try_from(seconds).ok().filter(|s| *s > 0))
         .last()
+}
+
+/// A `Max-Age` value as the most lenient client reads it: a leading `"`
+/// skipped (curl), a sign (`+` too: Go's and Python's integer parsing),
+/// then the digits up to the first byte that is not one (curl); digits past
+/// the range saturate (curl). `None` without a digit.
+fn lenient_seconds(value: &str) -> Option<i64> {
+    let value = value.strip_prefix('"').unwrap_or(value);
+    let (negative, value) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value.strip_prefix('+').unwrap_or(value)),
+    };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let magnitude = value.get(..digits).filter(|d| !d.is_empty())?;
+    let magnitude = magnitude.parse::<i64>().unwrap_or(i64::MAX);
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// Whether Go's client (net/http) reads the (last) `Expires` attribute of
@@ -1575,11 +1576,7 @@ mod tests {
     /// business.
     #[test]
     fn a_tracked_cookie_after_a_comma_is_refused() {
-        let read = |text: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("cookie", HeaderValue::from_static(text));
-            tracked_in_request(&headers, &policy(), &hasher())
-        };
+        let read = read_cookie;
         for folded in [
             "a=1, datadome=T",
             "a=1,datadome=T; b=2",
@@ -1623,11 +1620,7 @@ mod tests {
 
     #[test]
     fn a_tracked_cookie_after_a_blank_inside_a_pair_is_refused() {
-        let read = |text: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("cookie", HeaderValue::from_static(text));
-            tracked_in_request(&headers, &policy(), &hasher())
-        };
+        let read = read_cookie;
         for hidden in [
             "lang datadome=T",
             "=x datadome=T",
@@ -1661,12 +1654,7 @@ mod tests {
     /// that `T`'s pin decides its exit.
     #[test]
     fn a_tracked_value_a_server_cuts_short_is_known_by_its_short_form_too() {
-        let keys = |text: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("cookie", HeaderValue::from_static(text));
-            let found = tracked_in_request(&headers, &policy(), &hasher()).unwrap();
-            found.iter().map(|c| c.key).collect::<Vec<_>>()
-        };
+        let keys = request_keys;
         let h = hasher();
         assert_eq!(
             keys("datadome=T x=1"),
@@ -1716,12 +1704,7 @@ mod tests {
     /// would otherwise found an identity on any exit.
     #[test]
     fn a_tracked_value_with_a_comma_is_known_by_what_precedes_it_too() {
-        let read = |text: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("cookie", HeaderValue::from_static(text));
-            tracked_in_request(&headers, &policy(), &hasher()).unwrap()
-        };
-        let keys = |text| read(text).iter().map(|c| c.key).collect::<Vec<_>>();
+        let keys = request_keys;
         let h = hasher();
         // And by `T,`, what a server that ends a value at a blank reads.
         assert_eq!(
@@ -1897,12 +1880,7 @@ mod tests {
     #[test]
     fn a_max_age_browsers_ignore_is_no_deletion() {
         let now = 1_800_000_000_000;
-        let read = |line: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.append("set-cookie", HeaderValue::from_static(line));
-            let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
-            (found[0].deletes, found[0].expires_ms)
-        };
+        let read = |line| set_cookie_read_at(line, now);
         assert_eq!(read("datadome=T; Max-Age=-"), (false, None));
         // curl reads the leading digits, a second; browsers keep it for
         // the session, longer.
@@ -1926,12 +1904,7 @@ mod tests {
     #[test]
     fn a_line_some_client_keeps_the_cookie_for_is_no_deletion() {
         let now = 1_800_000_000_000;
-        let read = |line: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.append("set-cookie", HeaderValue::from_static(line));
-            let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
-            (found[0].deletes, found[0].expires_ms)
-        };
+        let read = |line| set_cookie_read_at(line, now);
         let day = Some(now + 86_400_000);
         for kept in [
             "datadome=T; Max-Age=+86400; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
@@ -1970,6 +1943,22 @@ mod tests {
         ] {
             assert!(read(deleted).0, "{deleted}");
         }
+    }
+
+    /// The tracked cookies of a request whose one `Cookie` header is `text`.
+    fn read_cookie(text: &str) -> Result<Vec<Credential>, CookieError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", HeaderValue::from_str(text).unwrap());
+        tracked_in_request(&headers, &policy(), &hasher())
+    }
+
+    /// Whether the one tracked cookie a `Set-Cookie` `line` read at `now`
+    /// sets is a deletion, and its expiry.
+    fn set_cookie_read_at(line: &str, now: u64) -> (bool, Option<u64>) {
+        let mut headers = HeaderMap::new();
+        headers.append("set-cookie", HeaderValue::from_str(line).unwrap());
+        let found = tracked_in_response(&headers, &policy(), &hasher(), || now);
+        (found[0].deletes, found[0].expires_ms)
     }
 
     /// The keys of a request's `Cookie` header.
