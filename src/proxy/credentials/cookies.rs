@@ -672,21 +672,7 @@ fn has_inner_break(text: &str) -> bool {
 
 /// The pieces of a `Cookie` pair between commas, spaces and tabs.
 fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
-    let mut rest = Some(pair);
-    std::iter::from_fn(move || {
-        let current = rest?;
-        match memchr::memchr3(b',', b' ', b'\t', current.as_bytes()) {
-            // Either side of an ASCII byte: char boundaries.
-            Some(at) => {
-                rest = current.get(at + 1..);
-                current.get(..at)
-            }
-            None => {
-                rest = None;
-                Some(current)
-            }
-        }
-    })
+    split_at_each(pair, |bytes| memchr::memchr3(b',', b' ', b'\t', bytes))
 }
 
 /// A `Cookie` pair's text before its first `=` and after it (untrimmed);
@@ -703,10 +689,16 @@ fn split_pair(pair: &str) -> Option<(&str, &str)> {
 /// (about 1,100 instructions for a header of three pairs), and a plain byte
 /// loop cost four instructions a byte of a browser's long header.
 fn pieces(text: &str, separator: u8) -> impl Iterator<Item = &str> {
+    split_at_each(text, move |bytes| memchr::memchr(separator, bytes))
+}
+
+/// The pieces of `text` between the ASCII bytes `find` finds (the first
+/// one in the bytes it is given).
+fn split_at_each(text: &str, find: impl Fn(&[u8]) -> Option<usize>) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
-        match memchr::memchr(separator, current.as_bytes()) {
+        match find(current.as_bytes()) {
             // Both halves start or end at an ASCII byte: char boundaries.
             Some(at) => {
                 rest = current.get(at + 1..);
