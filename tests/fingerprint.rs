@@ -893,36 +893,13 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
     // says nothing of it, whatever pinproxy has read of the origin by then.
     let rig = Rig::start(OriginOptions::default().header_table_size(65536), |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
-    let program = dir.path().join("get.go");
-    std::fs::write(&program, GO_GET).unwrap();
-    let url = rig.origin.url("/go");
     let cookie = "theme=dark; lang=en-GB; tz=Europe/London";
     let mut blocks = Vec::new();
     let mut conns = Vec::new();
     let mut firsts = Vec::new();
     for (via, peer) in [(rig.direct(), "127.0.0.1"), (rig.proxied(), EXIT_IP)] {
         rig.origin.clear();
-        let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
-        let mut command = Command::new(&go);
-        command
-            .arg("run")
-            .arg(&program)
-            .args([url.as_str(), proxy.as_str()])
-            .arg(&via.ca)
-            .arg(cookie)
-            .env(
-                "GOCACHE",
-                Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build"),
-            )
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "-mod=mod")
-            .env("GO111MODULE", "auto");
-        let printed = run(&mut command).await;
-        assert_eq!(
-            printed.lines().filter(|l| *l == "HTTP/2.0 200").count(),
-            3,
-            "{printed}"
-        );
+        go_get_three_times(&go, dir.path(), &rig, &via, cookie).await;
         let records = records_of(&rig.origin, "/go", peer);
         assert_eq!(records.len(), 3, "{records:?}");
         assert!(records
@@ -938,17 +915,10 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
         );
     }
     report("Go", &firsts[0], &firsts[1]);
-    // Go's preface, but for what it offers past pinproxy's ceilings: a
-    // 10 MiB header list and a 1 GiB connection window (README, HTTP/2).
-    let mut capped = (*firsts[0].conn.h2.clone().unwrap()).clone();
-    for (id, value) in &mut capped.settings {
-        if *id == 6 {
-            *value = (*value).min(upstream::h2::MAX_HEADER_LIST);
-        }
-    }
-    let window = upstream::h2::MAX_CONNECTION_WINDOW - 65_535;
-    capped.window_update = capped.window_update.min(window);
-    assert_eq!(firsts[1].akamai(), Some(capped.akamai()));
+    assert_eq!(
+        firsts[1].akamai(),
+        Some(go_akamai_through_pinproxy(&firsts[0]))
+    );
     assert_opening_as_direct("Go", &conns[0], &conns[1]);
     assert_blocks_as_direct(&blocks[0], &blocks[1], 3, |direct, report| {
         // Go's own choices, which are what this test is about.
@@ -971,6 +941,81 @@ async fn go_http2_is_encoded_through_pinproxy_as_go_encodes_it() {
             "{report}"
         );
     });
+}
+
+/// Runs [`GO_GET`] (built in `dir`) for the rig origin's `/go` through
+/// `via` with `cookie`; asserts its three answers came over HTTP/2 with
+/// a 200.
+async fn go_get_three_times(go: &Path, dir: &Path, rig: &Rig, via: &Via, cookie: &str) {
+    let program = dir.join("get.go");
+    std::fs::write(&program, GO_GET).unwrap();
+    let url = rig.origin.url("/go");
+    let proxy = via.proxy.map(|p| format!("http://{p}")).unwrap_or_default();
+    let mut command = Command::new(go);
+    command
+        .arg("run")
+        .arg(&program)
+        .args([url.as_str(), proxy.as_str()])
+        .arg(&via.ca)
+        .arg(cookie)
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build"),
+        )
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GO111MODULE", "auto");
+    let printed = run(&mut command).await;
+    assert_eq!(
+        printed.lines().filter(|l| *l == "HTTP/2.0 200").count(),
+        3,
+        "{printed}"
+    );
+}
+
+/// The Akamai string pinproxy presents for the Go client seen in `direct`:
+/// Go's preface, but for what it offers past pinproxy's ceilings, a
+/// 10 MiB header list and a 1 GiB connection window (README, HTTP/2).
+fn go_akamai_through_pinproxy(direct: &Record) -> String {
+    let mut capped = (*direct.conn.h2.clone().unwrap()).clone();
+    for (id, value) in &mut capped.settings {
+        if *id == 6 {
+            *value = (*value).min(upstream::h2::MAX_HEADER_LIST);
+        }
+    }
+    let window = upstream::h2::MAX_CONNECTION_WINDOW - 65_535;
+    capped.window_update = capped.window_update.min(window);
+    capped.akamai()
+}
+
+/// A first request too large for pinproxy to read whole in a connection's
+/// opening (a 70 KB cookie: more than the 64 KiB it reads) leaves with the
+/// client's own HTTP/2 preface: its settings, window and pseudo-header
+/// order all come before the limit. It used to leave with the client's
+/// ClientHello and hyper's HTTP/2 settings. (curl cannot send it: nghttp2
+/// refuses header blocks past 64 KiB; Go sends what the peer allows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn go_http2_with_a_70k_cookie_keeps_its_preface_through_pinproxy() {
+    let go = require("go");
+    let rig = Rig::start(OriginOptions::default(), |c| {
+        c.limits.max_header_bytes = 256 * 1024;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // `Z` takes 8 bits in HPACK's Huffman code, so Go sends it as it is:
+    // 70,000 bytes on the wire.
+    let cookie = format!("big={}", "Z".repeat(70_000));
+    let mut firsts = Vec::new();
+    for (via, peer) in [(rig.direct(), "127.0.0.1"), (rig.proxied(), EXIT_IP)] {
+        rig.origin.clear();
+        go_get_three_times(&go, dir.path(), &rig, &via, &cookie).await;
+        firsts.push(records_of(&rig.origin, "/go", peer)[0].clone());
+    }
+    let (direct, through) = (&firsts[0], &firsts[1]);
+    assert_eq!(direct.cookie.as_deref(), Some(cookie.as_str()));
+    assert!(direct.akamai().is_some(), "{direct:?}");
+    assert_eq!(through.akamai(), Some(go_akamai_through_pinproxy(direct)));
+    assert_opening_as_direct("Go", &direct.conn, &through.conn);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,8 +14,13 @@
 //! `1:65536;2:0;4:6291456;6:262144|15663105|0|m,a,s,p` for Chromium.
 //!
 //! Invariants:
-//! - at most [`MAX_PREFACE_LEN`] bytes are read; a client that has not
-//!   finished its first header block by then gets [`H2Error::TooLarge`];
+//! - at most [`MAX_PREFACE_LEN`] bytes are read. A first header block that
+//!   has not ended by then (a request with a large cookie) is fingerprinted
+//!   from the fields read whole before the limit: the settings, window,
+//!   priorities and pseudo-headers all come before it. A client that has
+//!   not started its first header block by then gets [`H2Error::TooLarge`];
+//! - at most [`hpack::MAX_HEADERS`](super::hpack) names are kept; the
+//!   header order of a longer first request is its first names;
 //! - only the frame being read is buffered, plus the header block being
 //!   gathered; payloads of frames that do not matter are skipped unbuffered;
 //! - header values are skipped, never decoded nor kept: they carry cookies
@@ -32,8 +37,9 @@ use super::Progress;
 /// The client connection preface (RFC 9113, section 3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Most bytes read before the first request's header block must be
-/// complete. Browsers need a few hundred.
+/// Most bytes read of a connection's opening. Browsers need a few hundred
+/// to end their first request's header block; a block still going at this
+/// limit is read up to it (see the module docs).
 pub const MAX_PREFACE_LEN: usize = 64 * 1024;
 
 /// Length of an HTTP/2 frame header.
@@ -146,8 +152,9 @@ pub enum H2Error {
     /// The input ended before the first request's header block did.
     #[error("input ends before the first request's header block")]
     Truncated,
-    /// No complete header block within [`MAX_PREFACE_LEN`] bytes.
-    #[error("no complete request header block within {MAX_PREFACE_LEN} bytes")]
+    /// No request header block, or none with a whole field, within
+    /// [`MAX_PREFACE_LEN`] bytes.
+    #[error("no request header fields within {MAX_PREFACE_LEN} bytes")]
     TooLarge,
     /// A frame breaks the protocol; the text says how.
     #[error("malformed HTTP/2 frame: {0}")]
@@ -301,6 +308,11 @@ impl H2PrefaceParser {
         Ok(head)
     }
 
+    /// Bytes that may still be read within [`MAX_PREFACE_LEN`].
+    fn budget(&self) -> usize {
+        MAX_PREFACE_LEN.saturating_sub(self.seen)
+    }
+
     /// Gathers bytes into `pending` until it holds `target` bytes; true once
     /// it does.
     fn gather(&mut self, input: &mut &[u8], target: usize) -> Result<bool, H2Error> {
@@ -331,6 +343,13 @@ impl H2PrefaceParser {
                 }
             }
             State::FrameHeader => {
+                if self.continuing != 0
+                    && self.budget() < FRAME_HEADER_LEN.saturating_sub(self.pending.len())
+                {
+                    // The block's next CONTINUATION cannot start within the
+                    // limit: the block ends here.
+                    return self.end_block(true);
+                }
                 if !self.gather(input, FRAME_HEADER_LEN)? {
                     return Ok(Step::NeedMore);
                 }
@@ -339,6 +358,19 @@ impl H2PrefaceParser {
                 self.start_frame(header)
             }
             State::Payload { header } => {
+                if is_header_block(header.kind)
+                    && header.len.saturating_sub(self.pending.len()) > self.budget()
+                {
+                    // The block cannot end within the limit: read up to it,
+                    // then fingerprint what was read.
+                    let cut_at = self.pending.len().saturating_add(self.budget());
+                    if !self.gather(input, cut_at)? {
+                        return Ok(Step::NeedMore);
+                    }
+                    let payload = std::mem::take(&mut self.pending);
+                    self.frame_cut(header, &payload)?;
+                    return self.end_block(true);
+                }
                 if !self.gather(input, header.len)? {
                     return Ok(Step::NeedMore);
                 }
@@ -363,7 +395,7 @@ impl H2PrefaceParser {
     /// Checks a frame header and decides whether its payload is read or
     /// skipped.
     fn start_frame(&mut self, header: FrameHeader) -> Result<Step, H2Error> {
-        if header.len > MAX_PREFACE_LEN.saturating_sub(self.seen) {
+        if header.len > self.budget() && !is_header_block(header.kind) {
             // It cannot end within the limit: refuse now, not after 64 KiB.
             return Err(H2Error::TooLarge);
         }
@@ -491,8 +523,53 @@ impl H2PrefaceParser {
             self.continuing = header.stream;
             return Ok(Step::Continue);
         }
+        self.end_block(false)
+    }
+
+    /// Takes in the start of a HEADERS or CONTINUATION frame whose end lies
+    /// past the limit: its priority fields and the part of its fragment
+    /// in `payload` (the frame's first bytes).
+    fn frame_cut(&mut self, header: FrameHeader, payload: &[u8]) -> Result<(), H2Error> {
+        if header.kind == FRAME_CONTINUATION {
+            if self.continuing == 0 || header.stream != self.continuing {
+                return Err(H2Error::Malformed("CONTINUATION without HEADERS"));
+            }
+            self.header_block.extend_from_slice(payload);
+            return Ok(());
+        }
+        if header.stream == 0 {
+            return Err(H2Error::Malformed("HEADERS on stream 0"));
+        }
+        let mut r = Reader::new(payload);
+        let pad_len = if header.flags & FLAG_PADDED != 0 {
+            usize::from(r.u8().ok_or(H2Error::TooLarge)?)
+        } else {
+            0
+        };
+        if header.flags & FLAG_PRIORITY != 0 {
+            self.fingerprint.headers_priority =
+                Some(read_priority(&mut r, header.stream).map_err(|_| H2Error::TooLarge)?);
+        }
+        // The fragment ends where the frame's padding starts.
+        let read = payload.len().saturating_sub(r.rest().len());
+        let fragment_len = header
+            .len
+            .saturating_sub(read)
+            .saturating_sub(pad_len)
+            .min(r.rest().len());
+        self.header_block
+            .extend_from_slice(r.rest().get(..fragment_len).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Decodes the gathered header block, whole or `cut` short at the
+    /// limit, and completes the fingerprint.
+    fn end_block(&mut self, cut: bool) -> Result<Step, H2Error> {
         self.continuing = 0;
-        let (pseudo_order, header_order) = header_names(&self.header_block)?;
+        let (pseudo_order, header_order) = header_names(&self.header_block, cut)?;
+        if cut && pseudo_order.is_empty() && header_order.is_empty() {
+            return Err(H2Error::TooLarge);
+        }
         self.fingerprint.pseudo_order = pseudo_order;
         self.fingerprint.header_order = header_order;
         Ok(Step::Done)
@@ -527,12 +604,18 @@ fn read_priority(r: &mut Reader<'_>, stream_id: u32) -> Result<Priority, H2Error
     })
 }
 
-/// HPACK-decodes a header block's names; returns the pseudo-header order
-/// and the regular header names. Values are never decoded.
-fn header_names(block: &[u8]) -> Result<(Vec<char>, Vec<String>), H2Error> {
+/// True for the frames that carry a header block.
+fn is_header_block(kind: u8) -> bool {
+    kind == FRAME_HEADERS || kind == FRAME_CONTINUATION
+}
+
+/// HPACK-decodes a header block's names, of a whole block or of one `cut`
+/// short (see `hpack::header_names`); returns the pseudo-header order and
+/// the regular header names. Values are never decoded.
+fn header_names(block: &[u8], cut: bool) -> Result<(Vec<char>, Vec<String>), H2Error> {
     let mut pseudo = Vec::new();
     let mut names = Vec::new();
-    for name in super::hpack::header_names(block).map_err(H2Error::Hpack)? {
+    for name in super::hpack::header_names(block, cut).map_err(H2Error::Hpack)? {
         if name.first() == Some(&b':') {
             pseudo.push(match &name[..] {
                 b":method" => 'm',
@@ -572,14 +655,7 @@ mod tests {
 
     /// A Chromium-like opening with literal (non-Huffman) header names.
     fn opening() -> Vec<u8> {
-        let mut b = PREFACE.to_vec();
-        let mut settings = Vec::new();
-        for (id, v) in [(1u16, 65536u32), (2, 0), (4, 6291456), (6, 262144)] {
-            settings.extend_from_slice(&id.to_be_bytes());
-            settings.extend_from_slice(&v.to_be_bytes());
-        }
-        b.extend(frame(FRAME_SETTINGS, 0, 0, &settings));
-        b.extend(frame(FRAME_WINDOW_UPDATE, 0, 0, &15663105u32.to_be_bytes()));
+        let mut b = chromium_settings();
         // :method GET (static 2), :authority (name 1) "x", :scheme https
         // (static 7), :path / (static 4), then a literal "user-agent: a".
         let mut block = vec![0x82, 0x41, 0x01, b'x', 0x87, 0x84];
@@ -595,6 +671,19 @@ mod tests {
             1,
             &payload,
         ));
+        b
+    }
+
+    /// The preface, Chromium's SETTINGS and its WINDOW_UPDATE.
+    fn chromium_settings() -> Vec<u8> {
+        let mut b = PREFACE.to_vec();
+        let mut settings = Vec::new();
+        for (id, v) in [(1u16, 65536u32), (2, 0), (4, 6291456), (6, 262144)] {
+            settings.extend_from_slice(&id.to_be_bytes());
+            settings.extend_from_slice(&v.to_be_bytes());
+        }
+        b.extend(frame(FRAME_SETTINGS, 0, 0, &settings));
+        b.extend(frame(FRAME_WINDOW_UPDATE, 0, 0, &15663105u32.to_be_bytes()));
         b
     }
 
@@ -666,6 +755,141 @@ mod tests {
         assert_eq!(fp.akamai(), "4:131072|00|3:0:0:201,9:1:7:1|m,s,p");
     }
 
+    /// The opening's settings and window, then a first request whose
+    /// `cookie` literal makes its header block `cookie_len` bytes long or
+    /// more, sent in HEADERS and CONTINUATION frames of at most
+    /// `frame_len` bytes. Its names: `user-agent`, `cookie`, `accept`.
+    fn opening_with_cookie(cookie_len: usize, frame_len: usize, headers_flags: u8) -> Vec<u8> {
+        let mut b = chromium_settings();
+        let mut block = vec![0x82, 0x41, 0x01, b'x', 0x87, 0x84, 0x00, 0x0a];
+        block.extend_from_slice(b"user-agent");
+        block.extend_from_slice(&[0x01, b'a']);
+        block.extend(cookie_field(cookie_len));
+        block.push(0x93); // accept (static 19)
+        let mut prefix = Vec::new();
+        if headers_flags & FLAG_PADDED != 0 {
+            prefix.push(3);
+        }
+        if headers_flags & FLAG_PRIORITY != 0 {
+            prefix.extend_from_slice(&[0x80, 0, 0, 0, 255]);
+        }
+        let mut chunks = block.chunks(frame_len).peekable();
+        let mut first = true;
+        while let Some(chunk) = chunks.next() {
+            let end = if chunks.peek().is_none() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            if first {
+                let mut payload = prefix.clone();
+                payload.extend_from_slice(chunk);
+                if headers_flags & FLAG_PADDED != 0 {
+                    payload.extend_from_slice(&[0, 0, 0]);
+                }
+                b.extend(frame(FRAME_HEADERS, headers_flags | end, 1, &payload));
+                first = false;
+            } else {
+                b.extend(frame(FRAME_CONTINUATION, end, 1, chunk));
+            }
+        }
+        b
+    }
+
+    /// `cookie` (static 32), literal without indexing, with a value of
+    /// `len` bytes (at least 255).
+    fn cookie_field(len: usize) -> Vec<u8> {
+        let mut field = vec![0x0f, 0x11, 0x7f];
+        let mut rest = len - 127;
+        while rest >= 128 {
+            field.push(0x80 | (rest % 128) as u8);
+            rest /= 128;
+        }
+        field.push(rest as u8);
+        field.extend(std::iter::repeat_n(b'c', len));
+        field
+    }
+
+    #[test]
+    fn a_first_request_past_the_limit_keeps_its_opening() {
+        const CHROME: &str = "1:65536;2:0;4:6291456;6:262144|15663105|0|m,a,s,p";
+        // Under the limit, every name; past it, the names read whole before
+        // it, over CONTINUATION frames (h2's default 16 KiB frames) or in
+        // one HEADERS frame (a peer that allowed larger frames), padded and
+        // with priority fields or not.
+        for (cookie_len, frame_len, flags, names) in [
+            (1000, 16384, 0, &["user-agent", "cookie", "accept"][..]),
+            (70_000, 16384, 0, &["user-agent"][..]),
+            (70_000, 100_000, 0, &["user-agent"][..]),
+            (
+                70_000,
+                100_000,
+                FLAG_PADDED | FLAG_PRIORITY,
+                &["user-agent"][..],
+            ),
+            (70_000, 16384, FLAG_PRIORITY, &["user-agent"][..]),
+        ] {
+            let bytes = opening_with_cookie(cookie_len, frame_len, flags);
+            let fp = parse(&bytes).unwrap();
+            assert_eq!(fp.akamai(), CHROME, "{cookie_len} {frame_len} {flags}");
+            assert_eq!(fp.header_order, names, "{cookie_len} {frame_len} {flags}");
+            assert_eq!(
+                fp.headers_priority.is_some(),
+                flags & FLAG_PRIORITY != 0,
+                "{cookie_len} {frame_len} {flags}"
+            );
+            // Read in pieces, the same, with nothing read past the limit.
+            let mut p = H2PrefaceParser::new();
+            let mut fed = 0;
+            for piece in bytes.chunks(1000) {
+                match p.feed(piece) {
+                    Progress::NeedMore => fed += piece.len(),
+                    Progress::Complete { consumed } => {
+                        fed += consumed;
+                        break;
+                    }
+                    Progress::Failed(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(p.fingerprint(), Some(&fp));
+            assert!(fed <= MAX_PREFACE_LEN, "{fed}");
+        }
+        // A CONTINUATION whose header would cross the limit ends the block.
+        let mut b = PREFACE.to_vec();
+        b.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        let ping = frame(6, 0, 0, &[0; 991]);
+        while b.len() + ping.len() < MAX_PREFACE_LEN - 2000 {
+            b.extend_from_slice(&ping);
+        }
+        // The HEADERS frame ends 5 bytes before the limit.
+        let payload_len = MAX_PREFACE_LEN - 5 - FRAME_HEADER_LEN - b.len();
+        let mut headers = vec![0x82, 0x87, 0x84];
+        headers.extend(cookie_field(payload_len - 3 - 5));
+        assert_eq!(headers.len(), payload_len);
+        b.extend(frame(FRAME_HEADERS, 0, 1, &headers));
+        b.extend(frame(
+            FRAME_CONTINUATION,
+            FLAG_END_HEADERS,
+            1,
+            &[0x01, b'v'],
+        ));
+        assert_eq!(parse(&b).unwrap().pseudo_order, ['m', 's', 'p']);
+    }
+
+    #[test]
+    fn a_first_request_with_many_fields_keeps_its_opening() {
+        let mut b = chromium_settings();
+        let mut block = vec![0x82, 0x41, 0x01, b'x', 0x87, 0x84];
+        block.extend(std::iter::repeat_n(0x93, 300)); // accept, 300 times
+        b.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let fp = parse(&b).unwrap();
+        assert_eq!(
+            fp.akamai(),
+            "1:65536;2:0;4:6291456;6:262144|15663105|0|m,a,s,p"
+        );
+        assert_eq!(fp.header_order.len(), 256 - 4);
+    }
+
     #[test]
     fn refusals() {
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(H2Error::BadPreface));
@@ -683,6 +907,13 @@ mod tests {
         for _ in 0..(MAX_PREFACE_LEN / 1000 + 1) {
             p.extend(frame(6, 0, 0, &[0; 991]));
         }
+        assert_eq!(parse(&p), Err(H2Error::TooLarge));
+        // A block cut at the limit with no whole field in it.
+        let mut p = PREFACE.to_vec();
+        p.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        let mut block = vec![0x00, 0x7f, 0x80, 0x80, 0x04];
+        block.extend(std::iter::repeat_n(b'n', 70_000));
+        p.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block));
         assert_eq!(parse(&p), Err(H2Error::TooLarge));
         // CONTINUATION interrupted by another frame.
         let mut p = PREFACE.to_vec();

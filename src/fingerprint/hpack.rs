@@ -435,11 +435,24 @@ fn walk(
     Ok(())
 }
 
+/// Stops [`header_names`]'s walk once it has as many names as it returns.
+const ENOUGH: &str = "enough names";
+
 /// The names of a header block, in order; see the module docs.
-pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Name>, &'static str> {
+///
+/// At most [`MAX_HEADERS`] names, [`MAX_NAME_BYTES`] in all: the fields
+/// after them are not read. A fingerprint needs the first ones (the
+/// pseudo-headers come first), and a client's long first request is no
+/// reason to lose them.
+///
+/// `cut`: the block was cut short at an arbitrary byte (its end never came
+/// within the preface limit). The field the cut falls in, and everything
+/// from a field that does not decode, is left out instead of refused: a
+/// field is returned only once it was read whole.
+pub(crate) fn header_names(block: &[u8], cut: bool) -> Result<Vec<Name>, &'static str> {
     let mut names: Vec<Name> = Vec::new();
     let mut name_bytes = 0usize;
-    walk(
+    let walked = walk(
         &mut NameTable::default(),
         block,
         |(name, representation, ..)| {
@@ -448,13 +461,17 @@ pub(crate) fn header_names(block: &[u8]) -> Result<Vec<Name>, &'static str> {
             }
             name_bytes = name_bytes.saturating_add(name.len());
             if names.len() >= MAX_HEADERS || name_bytes > MAX_NAME_BYTES {
-                return Err("too many header fields");
+                return Err(ENOUGH);
             }
             names.push(name);
             Ok(())
         },
-    )?;
-    Ok(names)
+    );
+    match walked {
+        Ok(()) => Ok(names),
+        Err(e) if e == ENOUGH || cut => Ok(names),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads the header blocks of one direction of a connection, one after
@@ -514,7 +531,11 @@ mod tests {
     }
 
     fn names(block: &[u8]) -> Result<Vec<String>, &'static str> {
-        header_names(block).map(|v| {
+        names_of(block, false)
+    }
+
+    fn names_of(block: &[u8], cut: bool) -> Result<Vec<String>, &'static str> {
+        header_names(block, cut).map(|v| {
             v.iter()
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .collect()
@@ -609,12 +630,48 @@ mod tests {
         assert!(names(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err()); // long integer
         assert!(names(&[0x40, 0x05, b'a']).is_err()); // truncated name
         assert!(names(&[0x3f, 0xff, 0xff, 0x7f]).is_err()); // table size
-                                                            // 2-byte references to a long name: capped, not amplified.
+    }
+
+    #[test]
+    fn long_blocks_yield_their_first_names() {
+        // 2-byte references to a long name: capped, not amplified.
         let mut block = vec![0x40, 0x7f, 0x80, 0x01];
         block.extend(std::iter::repeat_n(b'x', 255));
         block.push(0x00);
         block.extend(std::iter::repeat_n(0xbe, MAX_HEADERS));
-        assert_eq!(names(&block), Err("too many header fields"));
+        let read = names(&block).unwrap();
+        assert_eq!(read.len(), MAX_HEADERS);
+        assert!(read.iter().all(|n| n.len() == 255));
+        // More fields than are returned: the first ones, in order.
+        let mut block = vec![0x82, 0x87];
+        block.extend(std::iter::repeat_n(0x90, MAX_HEADERS + 44));
+        let read = names(&block).unwrap();
+        assert_eq!(read.len(), MAX_HEADERS);
+        assert_eq!(read[..3], [":method", ":scheme", "accept-encoding"]);
+        // Garbage after the cap is not read either.
+        block.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(names(&block).unwrap().len(), MAX_HEADERS);
+    }
+
+    #[test]
+    fn a_cut_block_yields_its_whole_fields() {
+        // :method GET, :scheme https, then a literal "user-agent: abc" cut
+        // inside its value, inside its name, and inside its name's length.
+        let mut block = vec![0x82, 0x87, 0x00, 0x0a];
+        block.extend_from_slice(b"user-agent");
+        block.extend_from_slice(&[0x03, b'a', b'b', b'c']);
+        for cut in [block.len() - 1, 8, 3] {
+            assert_eq!(
+                names_of(&block[..cut], true).unwrap(),
+                [":method", ":scheme"]
+            );
+            // Uncut, the same bytes are refused.
+            assert!(names_of(&block[..cut], false).is_err());
+        }
+        assert_eq!(
+            names_of(&block, true).unwrap(),
+            [":method", ":scheme", "user-agent"]
+        );
     }
 
     fn fields(
@@ -829,7 +886,7 @@ mod tests {
                 let list: Vec<(&[u8], &[u8])> =
                     headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
                 let block = loona_hpack::Encoder::new().encode(list.iter().copied());
-                let ours = header_names(&block).unwrap();
+                let ours = header_names(&block, false).unwrap();
                 let ours: Vec<&[u8]> = ours.iter().map(|n| &n[..]).collect();
                 let want: Vec<&[u8]> = list.iter().map(|(n, _)| *n).collect();
                 prop_assert_eq!(ours, want);
@@ -844,7 +901,7 @@ mod tests {
                 let mut decoder = loona_hpack::Decoder::new();
                 if let Ok(theirs) = decoder.decode(&block) {
                     let theirs: Vec<Vec<u8>> = theirs.into_iter().map(|(n, _)| n).collect();
-                    match header_names(&block) {
+                    match header_names(&block, false) {
                         Err("dynamic table size too large") => {}
                         ours => {
                             let ours: Vec<Vec<u8>> =

@@ -543,6 +543,9 @@ async fn serve(
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .header_table_size(table)
+            // Room for a first request past the 64 KiB pinproxy reads of an
+            // opening (hyper's own limit is 16 KiB).
+            .max_header_list_size(1 << 20)
             .serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         // On the first answer of a closing origin: GOAWAY, then finish the
