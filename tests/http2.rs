@@ -65,6 +65,58 @@ async fn an_h2_client_reaches_an_http1_only_origin() {
     s.stop().await;
 }
 
+/// An HTTP/2 client that sends a `host` field beside `:authority` (nghttp2
+/// and Node clients do when the application sets `Host`) keeps it: an
+/// HTTP/2 origin gets the field where the client put it and `:authority`
+/// as the client wrote it; an HTTP/1.1 origin one `Host`, first, from
+/// `:authority`, and the cookie crumbs joined. The field was dropped, and
+/// its value taken for `:authority`; and over HTTP/1.1 the crumbs went as
+/// several `Cookie` lines.
+#[tokio::test]
+async fn an_h2_clients_host_field_reaches_the_origin_beside_its_authority() {
+    for http1_only in [false, true] {
+        let builder = Setup::builder();
+        let builder = if http1_only {
+            builder.http1_only_origin()
+        } else {
+            builder
+        };
+        let s = builder.exits(1).start().await;
+        let port = s.origin.https.port();
+        let authority = format!("localhost:{port}");
+        let mut conn = s.proxy.client.tunnel_h2("localhost", port).await;
+        let reply = conn
+            .get(
+                "/hosted",
+                &[
+                    ("user-agent", "nghttp2/1.0"),
+                    ("host", "fronted.test"),
+                    ("cookie", "a=1"),
+                    ("cookie", "b=2"),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let seen = s.origin.seen().pop().unwrap();
+        let names: Vec<&str> = seen.headers.iter().map(|(n, _)| n.as_str()).collect();
+        if http1_only {
+            assert_eq!(seen.version, Version::HTTP_11);
+            assert_eq!(seen.header("host"), [authority.as_str()]);
+            assert_eq!(names[..3], ["host", "user-agent", "cookie"], "{names:?}");
+            assert_eq!(seen.header("cookie"), ["a=1; b=2"]);
+        } else {
+            assert_eq!(seen.version, Version::HTTP_2);
+            assert_eq!(seen.header("host"), ["fronted.test"]);
+            assert_eq!(
+                names[..4],
+                ["user-agent", "host", "cookie", "cookie"],
+                "{names:?}"
+            );
+        }
+        s.stop().await;
+    }
+}
+
 /// An HTTP/2 client's `:authority` reaches the origin as it wrote it, as an
 /// HTTP/1.1 client's `Host` does: a virtual host other than the CONNECT
 /// host (domain fronting, or a Host override) and a default port written

@@ -60,7 +60,7 @@ use super::replay::{Replay, Unanswered};
 use super::resumption::{Resumes, Sessions};
 use super::tls::{SessionSlot, Shape};
 use super::Presentation;
-use super::{ClientAuthority, Origin};
+use super::{ClientAuthority, HostBesideAuthority, Origin};
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
 use crate::identity::RetireReason;
@@ -1215,10 +1215,14 @@ fn h1_builder() -> http1::Builder {
 /// lets a client send each cookie as a field of its own) joined into one
 /// `Cookie` header with `"; "` where the first one stood (RFC 9113
 /// §8.2.3): a browser speaking HTTP/1.1 sends one, and an origin may read
-/// only the first of several. An HTTP/1.1 client's headers are left as it
-/// sent them.
+/// only the first of several. So is an HTTP/2 client that sent a `host`
+/// field beside `:authority` ([`HostBesideAuthority`]): its `Host` is
+/// written from `:authority` (RFC 9113 §8.3.1). An HTTP/1.1 client's
+/// headers are left as it sent them.
 fn for_h1(request: &mut Request<Body>, origin: &Origin) {
-    if request.headers().contains_key(header::HOST) {
+    if request.extensions().get::<HostBesideAuthority>().is_some() {
+        header_order::remove(request.headers_mut(), &header::HOST);
+    } else if request.headers().contains_key(header::HOST) {
         return;
     }
     let host = match request.extensions().get::<ClientAuthority>() {
@@ -1278,10 +1282,14 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// Makes a request an HTTP/2 one: an absolute URI whose authority is the
 /// client's `Host` (an HTTP/1.1 client), else the one an HTTP/2 client
 /// named ([`ClientAuthority`]), else the origin's, and without the
-/// connection-specific headers HTTP/2 forbids. Answers whether it took a
-/// `Host` header into the URI (see [`back_from_h2`]).
+/// connection-specific headers HTTP/2 forbids. An HTTP/2 client's own
+/// `host` field ([`HostBesideAuthority`]) stays where it was. Answers
+/// whether it took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
-    let host = header_order::remove(request.headers_mut(), &header::HOST);
+    let host = match request.extensions().get::<HostBesideAuthority>() {
+        Some(_) => None,
+        None => header_order::remove(request.headers_mut(), &header::HOST),
+    };
     let moved_host = host.is_some();
     let authority = host
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
@@ -1514,6 +1522,44 @@ pub(super) mod tests {
         assert_eq!(r.uri().to_string(), "/p");
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
+    }
+
+    /// An HTTP/2 client's own `host` field beside `:authority` stays where
+    /// it was for an HTTP/2 origin, `:authority` naming the target; an
+    /// HTTP/1.1 origin gets one `Host`, first, from `:authority`, and the
+    /// crumbs joined, as for an HTTP/2 client without `host`.
+    #[test]
+    fn an_h2_clients_host_field_stays_beside_its_authority() {
+        let fields = [
+            ("user-agent", "u"),
+            ("host", "other.test"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ];
+        let uri: Uri = "https://www.site.test/x".parse().unwrap();
+        let named = ClientAuthority::differing(&uri, &origin()).unwrap();
+        let mut r = request("/x", &fields);
+        r.extensions_mut().insert(HostBesideAuthority);
+        r.extensions_mut().insert(named);
+        let moved_host = for_h2(&mut r, &origin());
+        assert!(!moved_host);
+        assert_eq!(r.uri().to_string(), "https://www.site.test/x");
+        assert_eq!(names(&r), ["user-agent", "host", "cookie"]);
+        assert_eq!(r.headers()["host"], "other.test");
+        // Handed back unsent and tried on HTTP/1.1.
+        let mut r = back_from_h2(Some(r), moved_host).unwrap();
+        for_h1(&mut r, &origin());
+        assert_eq!(r.uri().to_string(), "/x");
+        assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
+        assert_eq!(r.headers()["host"], "www.site.test");
+        assert_eq!(r.headers()["cookie"], "a=1; b=2");
+        // Straight to HTTP/1.1, naming the tunnel's host.
+        let mut r = request("/x", &fields);
+        r.extensions_mut().insert(HostBesideAuthority);
+        for_h1(&mut r, &origin());
+        assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
+        assert_eq!(r.headers()["host"], "a.test");
+        assert_eq!(r.headers().get_all("cookie").iter().count(), 1);
     }
 
     /// The authority an HTTP/2 client named goes to the origin whichever
