@@ -544,11 +544,17 @@ impl Daemon {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the drained exits; none is drained"),
         }
+        let background = TaskTracker::new();
+        let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
+        // The route identities founded on each exit carry, hashed with the
+        // pin key (the fleet's on a shared store), so known only now.
+        routes::found_on(&exits, &hasher);
         // The routes the exits had before: identities founded on a route
-        // that changed under its id retire (see `exits::routes`).
+        // that changed under its id retire (see `exits::routes`). Hashed
+        // with the pin key, as the routes identities were founded on.
         let routes = {
-            let dir = settings.data_dir.clone();
-            let book = tokio::task::spawn_blocking(move || RouteBook::load(&dir)).await?;
+            let (dir, key) = (settings.data_dir.clone(), hasher.clone());
+            let book = tokio::task::spawn_blocking(move || RouteBook::load(&dir, &key)).await?;
             Arc::new(book.map_err(|source| StartError::DataDir {
                 path: settings.data_dir.join(ROUTE_FILE),
                 source,
@@ -571,12 +577,7 @@ impl Daemon {
             plan.mark(&exits);
             plan
         };
-        let background = TaskTracker::new();
-        let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
-        // The route identities founded on each exit carry, hashed with the
-        // pin key (the fleet's on a shared store), so known only now.
-        routes::found_on(&exits, &hasher);
-        plan.vouch(&exits, &hasher);
+        plan.vouch(&exits);
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

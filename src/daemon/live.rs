@@ -309,7 +309,7 @@ impl Live {
             }
         };
         plan.mark(&set);
-        plan.vouch(&set, &self.core.hasher);
+        plan.vouch(&set);
         let routes_retire = plan.changes.iter().any(|change| !change.kept);
         // Deaths another replica (or an earlier run) recorded for an exit
         // that comes back: its old identities must still retire.

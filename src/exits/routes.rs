@@ -6,8 +6,10 @@
 //! identities founded before would go on through wherever the new route
 //! leads, their cookies with them. Only the operator knows whether it is the
 //! same pool (a renamed gateway, a rotated password), so pinproxy does not
-//! guess: each id's route key ([`ExitSpec::route_key`], a hash) and
-//! fingerprint mode are kept in `DATA_DIR/exit-routes.json` and compared at
+//! guess: each id's route key ([`ExitSpec::route_key`], hashed again with
+//! the pin key, as an identity's [`FoundingRoute`] is: the file alone
+//! gives no way to test a password guess) and fingerprint mode are kept in
+//! `DATA_DIR/exit-routes.json` and compared at
 //! every start and reload, and a change retires the identities founded
 //! before it (`exit-changed`, see `routing::lifecycle::ends`), unless the
 //! exit sets `keep_identities_on_route_change` (which never covers the
@@ -47,6 +49,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -98,11 +101,24 @@ fn route_hash(hasher: &PinHasher, part: &str, text: &str) -> RouteHash {
     RouteHash(u64::from_le_bytes(out))
 }
 
+/// How the book holds an exit's route: [`founding_route`]'s route hash
+/// (hex), keyed with the pin key.
+fn book_route(spec: &ExitSpec, hasher: &PinHasher) -> String {
+    route_hash(hasher, "route", &spec.route_key()).to_string()
+}
+
 /// One exit id's route, as remembered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Remembered {
-    /// [`ExitSpec::route_key`](super::spec::ExitSpec::route_key).
+    /// The route, as [`book_route`] writes it; in a book written before it
+    /// was keyed (`keyed` false), the bare
+    /// [`ExitSpec::route_key`](super::spec::ExitSpec::route_key), which
+    /// [`RouteBook::load`] keys.
     route: String,
+    /// Whether `route` and `kept_from` are keyed (false in books written
+    /// before they were).
+    #[serde(default)]
+    keyed: bool,
     /// The fingerprint mode (`mirror`, `chrome`, `rustls`; empty in books
     /// written before it was kept).
     #[serde(default)]
@@ -113,7 +129,7 @@ struct Remembered {
     /// When the route last changed under the id (Unix ms, 0: never).
     #[serde(default)]
     changed_ms: u64,
-    /// The routes (route keys) whose identities continue on this one: the
+    /// The routes (as `route`) whose identities continue on this one: the
     /// routes kept changes led from to it, oldest first (at most
     /// [`MAX_KEPT_FROM`]); a change not kept empties it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -169,25 +185,29 @@ impl RoutePlan {
     }
 
     /// Gives each exit of `exits` the routes its identities are kept from
-    /// ([`Exit::vouches_for`]), hashed as founding routes are, with the
-    /// pin key `hasher` holds.
+    /// ([`Exit::vouches_for`]): the book holds them hashed as founding
+    /// routes are.
     ///
     /// [`Exit::vouches_for`]: super::Exit::vouches_for
-    pub fn vouch(&self, exits: &ExitSet, hasher: &PinHasher) {
+    pub fn vouch(&self, exits: &ExitSet) {
         for exit in exits.iter() {
-            let kept_from = self
-                .next
-                .get(exit.id().as_str())
-                .map(|entry| {
-                    entry
-                        .kept_from
-                        .iter()
-                        .map(|route| route_hash(hasher, "route", route))
-                        .collect()
-                })
-                .unwrap_or_default();
-            exit.set_kept_routes(kept_from);
+            exit.set_kept_routes(self.kept_from(exit.id().as_str()));
         }
+    }
+
+    /// The founding routes the identities of exit `id` are kept from.
+    fn kept_from(&self, id: &str) -> Box<[RouteHash]> {
+        self.next
+            .get(id)
+            .map(|entry| {
+                entry
+                    .kept_from
+                    .iter()
+                    .filter_map(|route| u64::from_str_radix(route, 16).ok())
+                    .map(RouteHash)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -195,17 +215,25 @@ impl RoutePlan {
 #[derive(Debug)]
 pub struct RouteBook {
     path: PathBuf,
+    /// The pin key the routes are hashed with.
+    hasher: PinHasher,
     known: Mutex<BTreeMap<String, Remembered>>,
+    /// The file still holds routes unkeyed: the next commit writes it,
+    /// changed or not.
+    unkeyed_on_file: AtomicBool,
 }
 
 impl RouteBook {
-    /// The book in `data_dir` (empty when there is none yet). A book that
-    /// is there but cannot be read is an error, not an empty book: taken as
-    /// empty, a route changed meanwhile would go unnoticed. Blocking: call
-    /// it off the runtime.
-    pub fn load(data_dir: &Path) -> std::io::Result<RouteBook> {
+    /// The book in `data_dir` (empty when there is none yet), its routes
+    /// hashed with the pin key `hasher` holds (the one identities' founding
+    /// routes are hashed with). A book that is there but cannot be read is
+    /// an error, not an empty book: taken as empty, a route changed
+    /// meanwhile would go unnoticed. A book written before routes were
+    /// keyed is keyed here, and written so at the next commit. Blocking:
+    /// call it off the runtime.
+    pub fn load(data_dir: &Path, hasher: &PinHasher) -> std::io::Result<RouteBook> {
         let path = data_dir.join(ROUTE_FILE);
-        let known = match std::fs::read(&path) {
+        let mut known: BTreeMap<String, Remembered> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -219,9 +247,22 @@ impl RouteBook {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e),
         };
+        // An unkeyed route is the route key a keyed one hashes.
+        let mut unkeyed_on_file = false;
+        for entry in known.values_mut().filter(|entry| !entry.keyed) {
+            let key = |route: &str| route_hash(hasher, "route", route).to_string();
+            entry.route = key(&entry.route);
+            for route in &mut entry.kept_from {
+                *route = key(route);
+            }
+            entry.keyed = true;
+            unkeyed_on_file = true;
+        }
         Ok(RouteBook {
             path,
+            hasher: hasher.clone(),
             known: Mutex::new(known),
+            unkeyed_on_file: AtomicBool::new(unkeyed_on_file),
         })
     }
 
@@ -234,15 +275,16 @@ impl RouteBook {
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = known.clone();
         let mut changes = Vec::new();
-        let mut dirty = false;
+        let mut dirty = self.unkeyed_on_file.load(Ordering::Relaxed);
         for spec in specs {
-            let route = spec.route_key();
+            let route = book_route(spec, &self.hasher);
             let face = spec.options.fingerprint.label();
             let address = spec.kind.public_url();
             let entry = next.entry(spec.id.as_str().to_owned()).or_insert_with(|| {
                 dirty = true;
                 Remembered {
                     route: route.clone(),
+                    keyed: true,
                     face: face.to_owned(),
                     address: address.clone(),
                     changed_ms: 0,
@@ -341,6 +383,7 @@ impl RouteBook {
             )
         })?;
         *self.known.lock().unwrap_or_else(|e| e.into_inner()) = plan.next.clone();
+        self.unkeyed_on_file.store(false, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -348,6 +391,11 @@ impl RouteBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pin key of the tests' books.
+    fn hasher() -> PinHasher {
+        PinHasher::new([7; 32])
+    }
 
     fn specs(urls: &[(&str, &str)]) -> Vec<ExitSpec> {
         urls.iter()
@@ -379,7 +427,7 @@ mod tests {
     #[test]
     fn a_route_changed_under_its_id_is_dated_once_and_a_kept_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         let first = specs(&[("a", "http://u:p@gate:1"), ("b", "http://gate:2")]);
         assert_eq!(
             apply(&book, &first, 100),
@@ -393,12 +441,12 @@ mod tests {
             exit: ExitId::new("a"),
             kept: false,
         };
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         assert_eq!(
             apply(&book, &second, 200),
             (vec![Some(200), None], vec![changed], true)
         );
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         assert_eq!(
             apply(&book, &second, 300),
             (vec![Some(200), None], vec![], false)
@@ -433,19 +481,19 @@ mod tests {
     #[test]
     fn kept_changes_remember_the_routes_they_kept_identities_from() {
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         let keeping = |url: &str| {
             let mut spec = specs(&[("a", url), ("b", "http://other:9")]);
             spec[0].options.keep_identities_on_route_change = true;
             spec
         };
-        let key = |url: &str| keeping(url)[0].route_key();
+        let key = |url: &str| book_route(&keeping(url)[0], &hasher());
         apply(&book, &keeping("http://gate:1"), 100);
         assert!(kept_from(&book, "a").is_empty());
         apply(&book, &keeping("http://gate:2"), 200);
         assert_eq!(kept_from(&book, "a"), [key("http://gate:1")]);
         apply(&book, &keeping("http://gate:3"), 300);
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         assert_eq!(
             kept_from(&book, "a"),
             [key("http://gate:1"), key("http://gate:2")]
@@ -478,7 +526,7 @@ mod tests {
     #[test]
     fn exits_that_swap_urls_never_keep_their_identities() {
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         let keeping = |a: &str, b: &str| {
             let mut spec = specs(&[("a", a), ("b", b)]);
             for s in &mut spec {
@@ -493,7 +541,7 @@ mod tests {
 
         // Over two reloads: a leaves gate:1 (kept), then b takes it.
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         apply(&book, &keeping("http://gate:1", "http://gate:2"), 100);
         let (_, changes, _) = apply(&book, &keeping("http://gate:3", "http://gate:2"), 200);
         assert!(changes[0].kept, "{changes:?}");
@@ -510,7 +558,7 @@ mod tests {
     #[test]
     fn a_book_that_cannot_be_written_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         apply(&book, &specs(&[("a", "http://gate:1")]), 100);
         // The temporary file's place is taken: the write fails.
         std::fs::create_dir_all(dir.path().join(format!("{ROUTE_FILE}.tmp/x"))).unwrap();
@@ -529,7 +577,7 @@ mod tests {
     #[test]
     fn a_fingerprint_change_is_a_change_the_exit_cannot_keep() {
         let dir = tempfile::tempdir().unwrap();
-        let book = RouteBook::load(dir.path()).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         let mut spec = specs(&[("a", "http://gate:1")]);
         assert!(!spec[0].route_key().contains("gate"), "a hash, not the URL");
         apply(&book, &spec, 100);
@@ -581,11 +629,51 @@ mod tests {
         assert!(elsewhere.route != base.route && elsewhere.face != base.face);
     }
 
+    /// The file holds no value a password guess can be tested against
+    /// without the pin key: not the route key (an unkeyed hash of the URL
+    /// and its credentials), not the URL. A book written unkeyed is keyed
+    /// at its next commit, and its routes and the routes they kept
+    /// identities from are the same routes still: no change, and the exit
+    /// vouches for the same founding routes.
+    #[test]
+    fn the_book_holds_routes_keyed_with_the_pin_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = specs(&[("a", "http://u:hunter2@gate:1")]);
+        spec[0].options.keep_identities_on_route_change = true;
+        let earlier = specs(&[("a", "http://u:hunter1@gate:1")]);
+        let file = dir.path().join(ROUTE_FILE);
+        let unkeyed = format!(
+            r#"{{"a": {{"route": "{}", "face": "mirror", "address": "http://gate:1",
+                "changed_ms": 0, "kept_from": ["{}"]}}}}"#,
+            spec[0].route_key(),
+            earlier[0].route_key()
+        );
+        std::fs::write(&file, unkeyed).unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
+        let (dates, changes, dirty) = apply(&book, &spec, 100);
+        assert_eq!((dates, changes, dirty), (vec![None], vec![], true));
+        let text = std::fs::read_to_string(&file).unwrap();
+        for secret in [
+            spec[0].route_key(),
+            earlier[0].route_key(),
+            "hunter".to_owned(),
+        ] {
+            assert!(!text.contains(&secret), "{secret} in {text}");
+        }
+        let founded = |spec: &ExitSpec| founding_route(spec, &hasher()).route;
+        let plan = book.plan(&spec.iter().collect::<Vec<_>>());
+        assert_eq!(&*plan.kept_from("a"), [founded(&earlier[0])]);
+        // Written keyed, it is read as it is: nothing to write.
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
+        assert_eq!(apply(&book, &spec, 200), (vec![None], vec![], false));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    }
+
     #[test]
     fn a_book_that_cannot_be_read_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(ROUTE_FILE), b"{not json").unwrap();
-        let error = RouteBook::load(dir.path()).unwrap_err();
+        let error = RouteBook::load(dir.path(), &hasher()).unwrap_err();
         assert!(error.to_string().contains(ROUTE_FILE), "{error}");
     }
 }
