@@ -330,6 +330,9 @@ impl Pipeline {
         // 6. egress
         let strip: Vec<_> = route.strip.iter().map(|c| c.key).collect();
         cookies::strip_from_request(&mut parts.headers, &self.cookies, &self.hasher, &strip);
+        if tunnel.is_none() {
+            egress::proxy_connection_as_connection(&mut parts.headers);
+        }
         if upgrade {
             egress::sanitize_upgrade_request(&mut parts.headers);
         } else {

@@ -29,6 +29,7 @@ pub mod egress_ip;
 pub mod error;
 pub mod framing;
 pub mod h2;
+mod header_case;
 mod idle;
 mod lanes;
 mod pool;

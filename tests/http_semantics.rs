@@ -66,6 +66,63 @@ async fn header_case_and_order_reach_an_http1_origin_as_sent() {
     s.stop().await;
 }
 
+/// Chromium sends an `http://` URL to an HTTP proxy with `Proxy-Connection:
+/// keep-alive` where it writes `Connection: keep-alive` to an origin: the
+/// origin gets that `Connection`, second, as Chromium sends it directly (it
+/// got none, which says a proxy is on the path). Inside a tunnel, where a
+/// client writes to the origin itself, a `Proxy-Connection` is no one's
+/// and goes.
+#[tokio::test]
+async fn a_plain_requests_proxy_connection_reaches_the_origin_as_its_connection() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let host = raw.addr.to_string();
+    let head = format!(
+        "Host: {host}\r\nProxy-Connection: keep-alive\r\nUpgrade-Insecure-Requests: 1\r\n\
+         User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(s.proxy.daemon.local_addr())
+        .await
+        .unwrap();
+    tcp.write_all(format!("GET http://{host}/plain HTTP/1.1\r\n{head}").as_bytes())
+        .await
+        .unwrap();
+    read_ok(&mut tcp).await;
+    let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
+    assert!(answer.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(format!("GET /tunnel HTTP/1.1\r\n{head}").as_bytes())
+        .await
+        .unwrap();
+    read_ok(&mut tunnel).await;
+
+    let heads = raw.heads();
+    assert_eq!(heads.len(), 2);
+    assert_eq!(
+        header_names(&heads[0]),
+        [
+            "Host",
+            "Connection",
+            "Upgrade-Insecure-Requests",
+            "User-Agent"
+        ],
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains("\r\nConnection: keep-alive\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert_eq!(
+        header_names(&heads[1]),
+        ["Host", "Upgrade-Insecure-Requests", "User-Agent"],
+        "{}",
+        heads[1]
+    );
+    s.stop().await;
+}
+
 /// An HTTP/1.1 WebSocket upgrade reaches the origin with its headers where
 /// the client put them and as it wrote them: `Connection` and `Upgrade`
 /// are the upgrade's own, not pinproxy's.

@@ -49,6 +49,25 @@ pub fn remove(headers: &mut HeaderMap, name: &HeaderName) -> Option<HeaderValue>
     Some(first)
 }
 
+/// Renames every value of `from` to `to`, each where it stood; the others
+/// keep their order.
+pub fn rename(headers: &mut HeaderMap, from: &HeaderName, to: &HeaderName) {
+    if !headers.contains_key(from) {
+        return;
+    }
+    let old = std::mem::take(headers);
+    let _ = headers.try_reserve(old.keys_len());
+    let mut name: Option<HeaderName> = None;
+    for (next, value) in old {
+        if let Some(next) = next {
+            name = Some(if next == from { to.clone() } else { next });
+        }
+        if let Some(name) = name.as_ref() {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt as _;
 
 use crate::body::{self, Body};
-use crate::fingerprint::header_order::retain;
+use crate::fingerprint::header_order::{rename, retain};
 
 /// A list of header names, and a `match` over the same names: looking a
 /// name up is then one comparison of lengths and a few of bytes, where a
@@ -146,6 +146,27 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
             || !(leaves_no_request(name.as_str()) || connection.listed.contains(name))
     });
 }
+
+/// A plain request to a proxy (absolute-form) carries `Proxy-Connection:
+/// keep-alive` where its client writes `Connection: keep-alive` to an
+/// origin (Chromium does, for every `http://` URL it sends through a
+/// proxy): to the origin it goes as that `Connection`, where the client
+/// put it. Only a lone value of `keep-alive` or `close`, and only where the
+/// client sent no `Connection` of its own; else it goes, as hop-by-hop.
+pub fn proxy_connection_as_connection(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(PROXY_CONNECTION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return;
+    };
+    let plain = value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+        || value.as_bytes().eq_ignore_ascii_case(b"close");
+    if plain && !headers.contains_key(header::CONNECTION) {
+        rename(headers, &PROXY_CONNECTION, &header::CONNECTION);
+    }
+}
+
+/// `Proxy-Connection` (no RFC's, every proxy's).
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes from a request's trailers what [`sanitize_request`] removes
 /// from its head (forwarding, hop-by-hop and pinproxy's headers), and any
@@ -286,6 +307,54 @@ impl ConnectionHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lone `Proxy-Connection: keep-alive` or `close` becomes the
+    /// `Connection` in its place; beside a `Connection`, or saying more, it
+    /// stays a proxy's header, which sanitizing drops.
+    #[test]
+    fn proxy_connection_becomes_connection_in_its_place() {
+        let of = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, http::HeaderValue::from_static(v));
+            }
+            proxy_connection_as_connection(&mut h);
+            sanitize_request(&mut h);
+            h.iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            of(&[
+                ("host", "a"),
+                ("proxy-connection", "keep-alive"),
+                ("accept", "*/*")
+            ]),
+            ["host: a", "connection: keep-alive", "accept: */*"]
+        );
+        assert_eq!(
+            of(&[("host", "a"), ("proxy-connection", "Close")]),
+            ["host: a", "connection: Close"]
+        );
+        for other in [
+            &[("proxy-connection", "keep-alive"), ("connection", "close")][..],
+            &[
+                ("proxy-connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+            ][..],
+            &[
+                ("proxy-connection", "keep-alive"),
+                ("proxy-connection", "keep-alive"),
+            ][..],
+        ] {
+            assert!(
+                of(other).iter().all(|h| !h.starts_with("proxy-connection")
+                    && !h.starts_with("connection: keep-alive")),
+                "{other:?}: {:?}",
+                of(other)
+            );
+        }
+    }
     use http::HeaderValue;
 
     #[test]

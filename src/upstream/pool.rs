@@ -65,6 +65,7 @@ use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
 use crate::identity::RetireReason;
 use crate::net::default_port;
+use http2::HpackPolicy;
 
 /// The sending half of an HTTP/2 connection.
 #[derive(Clone)]
@@ -913,7 +914,13 @@ impl LanePool {
             let error = UpstreamError::from_hyper(&e);
             return Err(Unsent::new(Some(request), error, Unanswered::Unknown));
         }
-        for_h1(&mut request, origin);
+        let family = self.presentation.h2.as_deref().map(h2::hpack_policy);
+        for_h1(
+            &mut request,
+            origin,
+            family,
+            super::header_case::case_map().await,
+        );
         conn.framing.request(request.method());
         let uploads = !request.body().is_end_stream();
         match conn.sender.try_send_request(request).await {
@@ -1009,7 +1016,9 @@ impl LanePool {
             .map_err(UpstreamError::Connect)?;
         self.still_live()?;
         let (mut sender, framing) = handshake_upgrade(io).await?;
-        for_h1(&mut request, origin);
+        // An upgrade is an HTTP/1.1 client's (HTTP/2 clients are offered
+        // none): its own names and case.
+        for_h1(&mut request, origin, None, None);
         framing.request(request.method());
         let response = sender
             .send_request(request)
@@ -1205,7 +1214,10 @@ where
 
 fn h1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
-    builder.preserve_header_case(true);
+    // A name the request's case map does not spell (one pinproxy added,
+    // or any of an HTTP/2 client's; see `header_case`) is capitalised, as
+    // HTTP/1.1 clients write them.
+    builder.preserve_header_case(true).title_case_headers(true);
     builder
 }
 
@@ -1217,9 +1229,18 @@ fn h1_builder() -> http1::Builder {
 /// §8.2.3): a browser speaking HTTP/1.1 sends one, and an origin may read
 /// only the first of several. So is an HTTP/2 client that sent a `host`
 /// field beside `:authority` ([`HostBesideAuthority`]): its `Host` is
-/// written from `:authority` (RFC 9113 §8.3.1). An HTTP/1.1 client's
+/// written from `:authority` (RFC 9113 §8.3.1). Its names are written as
+/// its kind writes them over HTTP/1.1 (`case_map`, see `header_case`);
+/// a Chromium's (by the `family` of its HTTP/2 preface) also get the
+/// `Connection: keep-alive` Chromium writes after `Host`, and lose the
+/// `priority` header it sends over HTTP/2 only. An HTTP/1.1 client's
 /// headers are left as it sent them.
-fn for_h1(request: &mut Request<Body>, origin: &Origin) {
+fn for_h1(
+    request: &mut Request<Body>,
+    origin: &Origin,
+    family: Option<HpackPolicy>,
+    case_map: Option<&http::Extensions>,
+) {
     if request.extensions().get::<HostBesideAuthority>().is_some() {
         header_order::remove(request.headers_mut(), &header::HOST);
     } else if request.headers().contains_key(header::HOST) {
@@ -1232,17 +1253,37 @@ fn for_h1(request: &mut Request<Body>, origin: &Origin) {
     let Ok(host) = host else {
         return;
     };
+    let chromium = family == Some(HpackPolicy::Chromium);
+    if chromium {
+        header_order::remove(request.headers_mut(), &PRIORITY);
+    }
     let cookie = joined_crumbs(request.headers());
-    host_first(request.headers_mut(), host, cookie);
+    let connection = chromium.then(|| HeaderValue::from_static("keep-alive"));
+    host_first(request.headers_mut(), host, connection, cookie);
+    if let Some(case_map) = case_map {
+        request.extensions_mut().extend(case_map.clone());
+    }
 }
 
-/// Rebuilds `headers` with `host` in front, the others in their order;
-/// with `cookie` (crumbs joined), it stands where the first `Cookie` field
-/// did, and the other crumbs, which it holds, go.
-fn host_first(headers: &mut HeaderMap, host: HeaderValue, cookie: Option<HeaderValue>) {
+/// The `priority` header (RFC 9218).
+const PRIORITY: header::HeaderName = header::HeaderName::from_static("priority");
+
+/// Rebuilds `headers` with `host` in front, then `connection` if given,
+/// the others in their order; with `cookie` (crumbs joined), it stands
+/// where the first `Cookie` field did, and the other crumbs, which it
+/// holds, go.
+fn host_first(
+    headers: &mut HeaderMap,
+    host: HeaderValue,
+    connection: Option<HeaderValue>,
+    cookie: Option<HeaderValue>,
+) {
     let old = std::mem::take(headers);
-    headers.reserve(old.len() + 1);
+    headers.reserve(old.len() + 2);
     headers.insert(header::HOST, host);
+    if let Some(connection) = connection {
+        headers.insert(header::CONNECTION, connection);
+    }
     let mut cookie = cookie.map(Some);
     let mut name = None;
     for (next, value) in old {
@@ -1342,7 +1383,7 @@ fn undo_h2(request: &mut Request<Body>, moved_host: bool) {
         return;
     }
     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-        host_first(request.headers_mut(), host, None);
+        host_first(request.headers_mut(), host, None, None);
     }
 }
 
@@ -1509,7 +1550,7 @@ pub(super) mod tests {
         let moved_host = for_h2(&mut r, &origin());
         assert_eq!(r.uri().to_string(), "https://a.test:443/p?q");
         let mut r = back_from_h2(Some(r), moved_host).unwrap();
-        for_h1(&mut r, &origin());
+        for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.uri().to_string(), "/p?q");
         assert_eq!(r.headers()["host"], "a.test:443");
         assert_eq!(names(&r), ["host", "user-agent"]);
@@ -1518,7 +1559,7 @@ pub(super) mod tests {
         let mut r = request("/p", &[("cookie", "a=1"), ("cookie", "b=2")]);
         let moved_host = for_h2(&mut r, &origin());
         let mut r = back_from_h2(Some(r), moved_host).unwrap();
-        for_h1(&mut r, &origin());
+        for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.uri().to_string(), "/p");
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
@@ -1548,7 +1589,7 @@ pub(super) mod tests {
         assert_eq!(r.headers()["host"], "other.test");
         // Handed back unsent and tried on HTTP/1.1.
         let mut r = back_from_h2(Some(r), moved_host).unwrap();
-        for_h1(&mut r, &origin());
+        for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.uri().to_string(), "/x");
         assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
         assert_eq!(r.headers()["host"], "www.site.test");
@@ -1556,7 +1597,7 @@ pub(super) mod tests {
         // Straight to HTTP/1.1, naming the tunnel's host.
         let mut r = request("/x", &fields);
         r.extensions_mut().insert(HostBesideAuthority);
-        for_h1(&mut r, &origin());
+        for_h1(&mut r, &origin(), None, None);
         assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers().get_all("cookie").iter().count(), 1);
@@ -1575,7 +1616,7 @@ pub(super) mod tests {
         assert_eq!(r.uri().authority().unwrap().as_str(), "www.site.test");
         let mut r = request("/x", &[]);
         r.extensions_mut().insert(named);
-        for_h1(&mut r, &origin());
+        for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.headers()["host"], "www.site.test");
 
         for same in ["https://a.test/x", "https://a.test:443/y"] {
