@@ -353,23 +353,21 @@ impl Pipeline {
         let origin = target.upstream_origin();
         // An HTTP/2 client names its host in `:authority` (the URI), not
         // `Host`: one that is not its tunnel's host as pinproxy would write
-        // it goes on as the client wrote it. One that sent a `host` field
-        // too keeps it (an HTTP/1.1 client's absolute-form target, which
-        // has a `Host` beside it, is not HTTP/2's to name).
-        if tunnel.is_some() && parts.uri.authority().is_some() {
-            let host_beside =
-                parts.version == Version::HTTP_2 && parts.headers.contains_key(http::header::HOST);
-            if host_beside {
-                parts
-                    .extensions
-                    .insert(crate::upstream::HostBesideAuthority);
-            }
-            if host_beside || !parts.headers.contains_key(http::header::HOST) {
-                if let Some(authority) =
-                    crate::upstream::ClientAuthority::differing(&parts.uri, &origin)
-                {
-                    parts.extensions.insert(authority);
-                }
+        // it goes on as the client wrote it, beside any `host` field of its
+        // own. (An HTTP/1.1 client's absolute-form target inside a tunnel
+        // gives way to its `Host`, as the origin would have it.)
+        let from_h2 = parts.version == Version::HTTP_2;
+        if from_h2 {
+            parts.extensions.insert(crate::upstream::FromHttp2);
+        }
+        if tunnel.is_some()
+            && parts.uri.authority().is_some()
+            && (from_h2 || !parts.headers.contains_key(http::header::HOST))
+        {
+            if let Some(authority) =
+                crate::upstream::ClientAuthority::differing(&parts.uri, &origin)
+            {
+                parts.extensions.insert(authority);
             }
         }
         // Origin-form: the origin travels beside the request, so no

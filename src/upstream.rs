@@ -137,13 +137,15 @@ impl ClientAuthority {
     }
 }
 
-/// Marks an HTTP/2 client's request that carried a `host` field beside its
-/// `:authority`, as nghttp2 and Node clients do when the application sets
-/// `Host`: the field is the client's own and goes to an HTTP/2 origin where
-/// the client put it. `:authority` stays the request's target (RFC 9113
-/// §8.3.1), and an HTTP/1.1 origin gets one `Host`, first, from it.
+/// Marks a request that came over HTTP/2 (pinproxy sends every request
+/// on as HTTP/1.1 in form until the pool knows the origin's protocol). A
+/// `host` field such a request carries beside its `:authority` (nghttp2
+/// and Node clients send one when the application sets `Host`) is the
+/// client's own and goes to an HTTP/2 origin where the client put it;
+/// `:authority` stays the request's target (RFC 9113 §8.3.1), and an
+/// HTTP/1.1 origin gets one `Host`, first, from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostBesideAuthority;
+pub struct FromHttp2;
 
 /// Which pool of an exit a request uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

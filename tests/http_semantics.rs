@@ -123,6 +123,38 @@ async fn a_plain_requests_proxy_connection_reaches_the_origin_as_its_connection(
     s.stop().await;
 }
 
+/// An HTTP/1.0 request in a tunnel (no `Host`) reaches the origin with
+/// its headers as it sent them, two `Cookie` lines as two, and the `Host`
+/// HTTP/1.1 needs after them. It was taken for an HTTP/2 client's: `Host`
+/// first and its cookies joined into one line.
+#[tokio::test]
+async fn an_http1_0_request_in_a_tunnel_keeps_its_headers_as_sent() {
+    let s = Setup::start(1).await;
+    let raw = RawOrigin::start().await;
+    let host = raw.addr.to_string();
+    let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
+    assert!(answer.starts_with("HTTP/1.1 200"));
+    tunnel
+        .write_all(b"GET /ten HTTP/1.0\r\nUser-Agent: old/1\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n")
+        .await
+        .unwrap();
+    read_ok(&mut tunnel).await;
+    let heads = raw.heads();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        header_names(&heads[0]),
+        ["User-Agent", "Cookie", "Cookie", "Host"],
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains("\r\nCookie: a=1\r\nCookie: b=2\r\n"),
+        "{}",
+        heads[0]
+    );
+    s.stop().await;
+}
+
 /// An HTTP/1.1 WebSocket upgrade reaches the origin with its headers where
 /// the client put them and as it wrote them: `Connection` and `Upgrade`
 /// are the upgrade's own, not pinproxy's.

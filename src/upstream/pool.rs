@@ -60,7 +60,7 @@ use super::replay::{Replay, Unanswered};
 use super::resumption::{Resumes, Sessions};
 use super::tls::{SessionSlot, Shape};
 use super::Presentation;
-use super::{ClientAuthority, HostBesideAuthority, Origin};
+use super::{ClientAuthority, FromHttp2, Origin};
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
 use crate::identity::RetireReason;
@@ -1221,27 +1221,27 @@ fn h1_builder() -> http1::Builder {
     builder
 }
 
-/// Makes a request an HTTP/1.1 one. A client that sent no `Host` is an
-/// HTTP/2 client, and its request gets what HTTP/1.1 needs: a `Host`
-/// header (first, where a browser puts it), and its cookie crumbs (HTTP/2
-/// lets a client send each cookie as a field of its own) joined into one
-/// `Cookie` header with `"; "` where the first one stood (RFC 9113
-/// §8.2.3): a browser speaking HTTP/1.1 sends one, and an origin may read
-/// only the first of several. So is an HTTP/2 client that sent a `host`
-/// field beside `:authority` ([`HostBesideAuthority`]): its `Host` is
-/// written from `:authority` (RFC 9113 §8.3.1). Its names are written as
-/// its kind writes them over HTTP/1.1 (`case_map`, see `header_case`);
-/// a Chromium's (by the `family` of its HTTP/2 preface) also get the
-/// `Connection: keep-alive` Chromium writes after `Host`, and lose the
-/// `priority` header it sends over HTTP/2 only. An HTTP/1.1 client's
-/// headers are left as it sent them.
+/// Makes a request an HTTP/1.1 one. An HTTP/2 client's ([`FromHttp2`])
+/// gets what HTTP/1.1 needs: a `Host` header (first, where a browser puts
+/// it; from `:authority`, RFC 9113 §8.3.1, in place of any `host` field
+/// it sent), and its cookie crumbs (HTTP/2 lets a client send each cookie
+/// as a field of its own) joined into one `Cookie` header with `"; "`
+/// where the first one stood (RFC 9113 §8.2.3): a browser speaking
+/// HTTP/1.1 sends one, and an origin may read only the first of several.
+/// Its names are written as its kind writes them over HTTP/1.1
+/// (`case_map`, see `header_case`); a Chromium's (by the `family` of its
+/// HTTP/2 preface) also get the `Connection: keep-alive` Chromium writes
+/// after `Host`, and lose the `priority` header it sends over HTTP/2 only.
+/// An HTTP/1.x client's headers are left as it sent them; one that sent
+/// no `Host` (HTTP/1.0) gets one at the end, which HTTP/1.1 needs.
 fn for_h1(
     request: &mut Request<Body>,
     origin: &Origin,
     family: Option<HpackPolicy>,
     case_map: Option<&http::Extensions>,
 ) {
-    if request.extensions().get::<HostBesideAuthority>().is_some() {
+    let from_h2 = request.extensions().get::<FromHttp2>().is_some();
+    if from_h2 {
         header_order::remove(request.headers_mut(), &header::HOST);
     } else if request.headers().contains_key(header::HOST) {
         return;
@@ -1253,6 +1253,10 @@ fn for_h1(
     let Ok(host) = host else {
         return;
     };
+    if !from_h2 {
+        request.headers_mut().insert(header::HOST, host);
+        return;
+    }
     let chromium = family == Some(HpackPolicy::Chromium);
     if chromium {
         header_order::remove(request.headers_mut(), &PRIORITY);
@@ -1324,10 +1328,10 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// client's `Host` (an HTTP/1.1 client), else the one an HTTP/2 client
 /// named ([`ClientAuthority`]), else the origin's, and without the
 /// connection-specific headers HTTP/2 forbids. An HTTP/2 client's own
-/// `host` field ([`HostBesideAuthority`]) stays where it was. Answers
-/// whether it took a `Host` header into the URI (see [`back_from_h2`]).
+/// `host` field ([`FromHttp2`]) stays where it was. Answers whether it
+/// took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
-    let host = match request.extensions().get::<HostBesideAuthority>() {
+    let host = match request.extensions().get::<FromHttp2>() {
         Some(_) => None,
         None => header_order::remove(request.headers_mut(), &header::HOST),
     };
@@ -1557,12 +1561,22 @@ pub(super) mod tests {
 
         // An HTTP/2 client's request: no Host of its own, crumbs joined.
         let mut r = request("/p", &[("cookie", "a=1"), ("cookie", "b=2")]);
+        r.extensions_mut().insert(FromHttp2);
         let moved_host = for_h2(&mut r, &origin());
         let mut r = back_from_h2(Some(r), moved_host).unwrap();
         for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.uri().to_string(), "/p");
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
+
+        // An HTTP/1.0 client's: no Host of its own either, but its headers
+        // as it sent them, and the Host HTTP/1.1 needs after them.
+        let mut r = request("/p", &[("cookie", "a=1"), ("cookie", "b=2")]);
+        let moved_host = for_h2(&mut r, &origin());
+        let mut r = back_from_h2(Some(r), moved_host).unwrap();
+        for_h1(&mut r, &origin(), None, None);
+        assert_eq!(names(&r), ["cookie", "host"]);
+        assert_eq!(r.headers().get_all("cookie").iter().count(), 2);
     }
 
     /// An HTTP/2 client's own `host` field beside `:authority` stays where
@@ -1580,7 +1594,7 @@ pub(super) mod tests {
         let uri: Uri = "https://www.site.test/x".parse().unwrap();
         let named = ClientAuthority::differing(&uri, &origin()).unwrap();
         let mut r = request("/x", &fields);
-        r.extensions_mut().insert(HostBesideAuthority);
+        r.extensions_mut().insert(FromHttp2);
         r.extensions_mut().insert(named);
         let moved_host = for_h2(&mut r, &origin());
         assert!(!moved_host);
@@ -1596,7 +1610,7 @@ pub(super) mod tests {
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
         // Straight to HTTP/1.1, naming the tunnel's host.
         let mut r = request("/x", &fields);
-        r.extensions_mut().insert(HostBesideAuthority);
+        r.extensions_mut().insert(FromHttp2);
         for_h1(&mut r, &origin(), None, None);
         assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
         assert_eq!(r.headers()["host"], "a.test");
@@ -1611,10 +1625,12 @@ pub(super) mod tests {
         let uri: Uri = "https://www.site.test/x".parse().unwrap();
         let named = ClientAuthority::differing(&uri, &origin()).unwrap();
         let mut r = request("/x", &[]);
+        r.extensions_mut().insert(FromHttp2);
         r.extensions_mut().insert(named.clone());
         for_h2(&mut r, &origin());
         assert_eq!(r.uri().authority().unwrap().as_str(), "www.site.test");
         let mut r = request("/x", &[]);
+        r.extensions_mut().insert(FromHttp2);
         r.extensions_mut().insert(named);
         for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.headers()["host"], "www.site.test");
