@@ -202,8 +202,9 @@ async fn a_rotated_cookie_inherits_its_exit() {
 
 /// A cookie sent in another spelling a server reads alike (its name in
 /// another case, as nginx matches names; its value in quotes, which Go and
-/// Node strip) is the same credential: it leaves through the exit the
-/// cookie was earned on, never founds an identity on another.
+/// Node strip; its name as PHP reads it) is the same credential: it
+/// leaves through the exit the cookie was earned on, never founds an
+/// identity on another.
 #[tokio::test]
 async fn other_spellings_of_a_cookie_keep_to_its_exit() {
     let s = Setup::start(3).await;
@@ -214,6 +215,8 @@ async fn other_spellings_of_a_cookie_keep_to_its_exit() {
         ("DATADOME", token.clone()),
         ("datadome", format!("\"{token}\"")),
         ("Datadome", format!("\"{token}\"")),
+        // As PHP reads names: `%64atadome` was `$_COOKIE['datadome']`.
+        ("%64atadome", token.clone()),
     ] {
         for _ in 0..3 {
             let mut respelt = Jar::default();

@@ -174,10 +174,28 @@ impl CookiePolicy {
         if let Some(spelt) = exact {
             return Some(Tracked::Exact(spelt));
         }
-        self.globs
-            .iter()
-            .any(|glob| glob.matches(name))
-            .then_some(Tracked::Pattern)
+        if self.globs.iter().any(|glob| glob.matches(name)) {
+            return Some(Tracked::Pattern);
+        }
+        self.tracked_as_php_reads(name)
+    }
+
+    /// Whether a cookie name PHP reads as a tracked one is tracked
+    /// ([`php_name`]): `.px3` is `$_COOKIE['_px3']`, `%64atadome` was
+    /// `$_COOKIE['datadome']`. A PHP-side enforcer (PerimeterX's PHP SDK,
+    /// DataDome's PHP module) reads the credential under such a name; the
+    /// cost elsewhere is over-tracking a cookie nothing reads.
+    fn tracked_as_php_reads(&self, name: &str) -> Option<Tracked<'_>> {
+        [false, true].into_iter().find_map(|decoded| {
+            let read = php_name(name, decoded)?;
+            if let Some(spelt) = self.exact_ignoring_case(&read) {
+                return Some(Tracked::Exact(spelt));
+            }
+            self.globs
+                .iter()
+                .any(|glob| glob.matches(&read))
+                .then_some(Tracked::PhpPattern { decoded })
+        })
     }
 
     /// The exact tracked name `name`, which has capitals, is in lower case:
@@ -204,6 +222,38 @@ enum Tracked<'a> {
     Exact(&'a Arc<str>),
     /// A pattern.
     Pattern,
+    /// A pattern, matched by the name as PHP reads it ([`php_name`], with
+    /// `decoded` as it was).
+    PhpPattern {
+        /// The name was percent-decoded.
+        decoded: bool,
+    },
+}
+
+/// A cookie name as PHP reads it, when that differs from the name: `.` and
+/// ` ` are `_` in every version (as in every request variable's name), and
+/// with `decoded` the name is first percent-decoded, `+` as a space (PHP
+/// before 8.1.11 and 8.0.24, HHVM and some Lua parsers decode names).
+fn php_name(name: &str, decoded: bool) -> Option<String> {
+    if !name
+        .bytes()
+        .any(|b| matches!(b, b'.' | b' ') || (decoded && matches!(b, b'%' | b'+')))
+    {
+        return None;
+    }
+    let read = if decoded {
+        let plus_as_space = name.replace('+', " ");
+        percent_encoding::percent_decode_str(&plus_as_space)
+            .decode_utf8_lossy()
+            .into_owned()
+    } else {
+        name.to_owned()
+    };
+    let read: String = read
+        .chars()
+        .map(|c| if c == '.' || c == ' ' { '_' } else { c })
+        .collect();
+    (read != name).then_some(read)
 }
 
 impl Tracked<'_> {
@@ -220,7 +270,8 @@ impl Tracked<'_> {
     /// its canonical spelling, which every spelling a server reads as the
     /// same cookie shares: the name as the policy spells it (a pattern's
     /// match lowercased: nginx, among others, matches cookie names ignoring
-    /// case), and the value without one pair of surrounding double quotes
+    /// case; a name PHP reads as a tracked one, as PHP reads it), and the
+    /// value without one pair of surrounding double quotes
     /// (which Go's and Node's parsers strip, and which a jar may drop or
     /// add). Then, only when the cookie was sent in another spelling, the
     /// key of that spelling as it is, by which the pins made before keys
@@ -234,10 +285,15 @@ impl Tracked<'_> {
                 hasher.cookie(&name.to_ascii_lowercase(), unquoted)
             }
             Tracked::Pattern => hasher.cookie(name, unquoted),
+            Tracked::PhpPattern { decoded } => {
+                let read = php_name(name, decoded).unwrap_or_else(|| name.to_owned());
+                hasher.cookie(&read.to_ascii_lowercase(), unquoted)
+            }
         };
         let as_sent = match self {
             Tracked::Exact(spelt) => **spelt == *name,
             Tracked::Pattern => !name.bytes().any(|b| b.is_ascii_uppercase()),
+            Tracked::PhpPattern { .. } => false,
         } && unquoted.len() == value.len();
         (canonical, (!as_sent).then(|| hasher.cookie(name, value)))
     }
@@ -1996,6 +2052,29 @@ mod tests {
         );
         // An empty value in quotes is no credential either.
         assert!(request_keys("datadome=\"\"").is_empty());
+        // Names PHP reads as tracked ones: `.` and ` ` as `_`, and
+        // percent-decoded (`+` a space) as older PHP reads them.
+        for (sent, read) in [
+            (".px3", "_px3"),
+            ("cf.clearance", "cf_clearance"),
+            (".abck", "_abck"),
+            ("bm.sz", "bm_sz"),
+            ("KP.UIDz", "KP_UIDz"),
+            ("%64atadome", "datadome"),
+            ("%5Fabck", "_abck"),
+            ("incap.ses.1.2", "incap_ses_1_2"),
+            ("incap+ses_1_2", "incap_ses_1_2"),
+        ] {
+            assert_eq!(
+                request_keys(&format!("{sent}=v")),
+                [h.cookie(read, "v"), h.cookie(sent, "v")],
+                "{sent}"
+            );
+        }
+        // Names PHP reads as untracked ones stay untracked.
+        for sent in ["a.b", "AMCV_8F99%40AdobeOrg", "x+y", "%zz"] {
+            assert!(request_keys(&format!("{sent}=v")).is_empty(), "{sent}");
+        }
 
         // What a response sets is pinned by the canonical key alone.
         for line in ["datadome=T", "DataDome=T; Path=/", "datadome=\"T\""] {
