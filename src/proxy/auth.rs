@@ -22,9 +22,16 @@
 //! cached for [`CACHE_TTL`] under a keyed hash of the whole header value
 //! (the key is random per process, so the cache holds nothing an attacker
 //! could test guesses against), so a keep-alive client does not pay argon2
-//! per request. Verification runs on the blocking pool, at most one per
-//! core at once, so a flood of bad passwords cannot take the runtime's
-//! threads or unbounded memory. An unknown user name costs the same
+//! per request; so are they under a keyed hash of the user and password,
+//! so a user's next session key costs no second check. Verification runs
+//! on the blocking pool, at most one per core at once, so a flood of bad
+//! passwords cannot take the runtime's threads or unbounded memory; and
+//! fairly: a client address has at most [`CHECKS_PER_PEER`] checks queued
+//! for a core at once (its others wait their turn apart), so one flooding
+//! address delays another's first login by a few checks, not by its whole
+//! flood. Checks of the same user and password at once are one check, and
+//! a refused pair is refused again without a check for [`REFUSAL_TTL`].
+//! An unknown user name costs the same
 //! verification as a wrong password, so timing does not tell which names
 //! exist. A failure is logged with the user name and the client's
 //! address, never with the password or the header.
@@ -33,12 +40,13 @@ pub mod password;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use http::{HeaderMap, HeaderValue};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::credentials::session_key::{split_user_name, Basic};
 use super::target::Principal;
@@ -59,6 +67,15 @@ pub fn challenge() -> HeaderValue {
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
 /// Most verified credentials remembered.
 const CACHE_CAPACITY: u64 = 10_000;
+
+/// How long a refused user name and password are refused again without a
+/// check (a client retrying a wrong password in a loop costs one check a
+/// minute). A reload builds a new gate, which has checked nothing.
+pub const REFUSAL_TTL: Duration = Duration::from_secs(60);
+
+/// Most password checks one client address has queued for a core, or
+/// running, at once.
+pub const CHECKS_PER_PEER: usize = 2;
 /// Longest user name accepted in the configuration.
 const MAX_USER_NAME: usize = 64;
 
@@ -266,6 +283,15 @@ pub struct Auth {
     /// [`Auth::login_digest`]).
     verified: moka::sync::Cache<[u8; 32], Principal>,
     cache_key: [u8; 32],
+    /// Keyed hashes of user names and passwords refused lately (see
+    /// [`REFUSAL_TTL`]).
+    refused: moka::sync::Cache<[u8; 32], ()>,
+    /// Checks under way, by login digest: those that come meanwhile share
+    /// the result.
+    in_flight: DashMap<[u8; 32], Arc<OnceCell<bool>>>,
+    /// Each client address's turns at a core (see [`CHECKS_PER_PEER`]),
+    /// while it has checks waiting or running.
+    peers: Arc<DashMap<IpAddr, Arc<Semaphore>>>,
     verifying: Arc<Semaphore>,
     /// Password checks run (each a hash of the user's cost).
     checks: std::sync::atomic::AtomicU64,
@@ -318,6 +344,12 @@ impl Auth {
                 .time_to_live(CACHE_TTL)
                 .build(),
             cache_key: rand::random(),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(REFUSAL_TTL)
+                .build(),
+            in_flight: DashMap::new(),
+            peers: Arc::default(),
             verifying: Arc::new(Semaphore::new(cores)),
             checks: std::sync::atomic::AtomicU64::new(0),
         }
@@ -381,7 +413,18 @@ impl Auth {
         let Some(hash) = user.map(|u| u.hash.clone()).or_else(|| self.stand_in(name)) else {
             return Err(ProxyError::AuthRequired(AuthFailure::Rejected));
         };
-        let matches = self.verify(hash, basic.password.clone()).await;
+        // Refused a moment ago: the same answer, at no cost (and logged
+        // once, when it was checked).
+        if self.refused.contains_key(&login) {
+            tracing::debug!(%peer, "proxy authentication failed: refused lately");
+            return Err(ProxyError::AuthRequired(AuthFailure::Rejected));
+        }
+        let matches = self
+            .check_once(login, peer.ip(), hash, basic.password.clone())
+            .await;
+        if !matches {
+            self.refused.insert(login, ());
+        }
         match user {
             Some(user) if matches => {
                 let principal = user.principal(self.id);
@@ -452,8 +495,6 @@ impl Auth {
         }
     }
 
-    /// Verifies `password` against `hash` on the blocking pool, at most one
-    /// verification per core at once.
     /// The cache key of a user `name` (the user part of the user name) and
     /// `password`, apart from any header value's (a prefix of its own).
     fn login_digest(&self, name: &str, password: &str) -> [u8; 32] {
@@ -470,6 +511,39 @@ impl Auth {
         self.checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Checks `password` against `hash` for the login `login` from `peer`:
+    /// one check for all the admissions of that login that come while it
+    /// runs, which share its result.
+    async fn check_once(
+        &self,
+        login: [u8; 32],
+        peer: IpAddr,
+        hash: PasswordHash,
+        password: String,
+    ) -> bool {
+        let check = InFlight {
+            cell: self.in_flight.entry(login).or_default().clone(),
+            checks: &self.in_flight,
+            login,
+        };
+        *check
+            .cell
+            .get_or_init(|| self.verify_in_turn(peer, hash, password))
+            .await
+    }
+
+    /// [`Auth::verify`] in `peer`'s turn: at most [`CHECKS_PER_PEER`] of an
+    /// address's checks wait for a core or run; its others wait here.
+    async fn verify_in_turn(&self, peer: IpAddr, hash: PasswordHash, password: String) -> bool {
+        let turns = PeerTurns::of(&self.peers, peer);
+        let Ok(_turn) = turns.gate.clone().acquire_owned().await else {
+            return false;
+        };
+        self.verify(hash, password).await
+    }
+
+    /// Verifies `password` against `hash` on the blocking pool, at most one
+    /// verification per core at once.
     async fn verify(&self, hash: PasswordHash, password: String) -> bool {
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -482,6 +556,57 @@ impl Auth {
         })
         .await
         .unwrap_or(false)
+    }
+}
+
+/// A login's check under way, shared by the admissions waiting for it;
+/// forgotten once it has a result or no one waits for it any more (a
+/// client that leaves mid-check, the others taking it over).
+struct InFlight<'a> {
+    cell: Arc<OnceCell<bool>>,
+    checks: &'a DashMap<[u8; 32], Arc<OnceCell<bool>>>,
+    login: [u8; 32],
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        // The map's copy and this one: no other admission waits for it (a
+        // copy is only taken from the map, under its lock).
+        self.checks.remove_if(&self.login, |_, cell| {
+            Arc::ptr_eq(cell, &self.cell) && (cell.initialized() || Arc::strong_count(cell) <= 2)
+        });
+    }
+}
+
+/// One client address's turns at a core, held while one of its checks
+/// waits or runs; the address is forgotten with its last check, however
+/// that ends (a client that leaves mid-check included).
+struct PeerTurns {
+    gate: Arc<Semaphore>,
+    peers: Arc<DashMap<IpAddr, Arc<Semaphore>>>,
+    peer: IpAddr,
+}
+
+impl PeerTurns {
+    fn of(peers: &Arc<DashMap<IpAddr, Arc<Semaphore>>>, peer: IpAddr) -> PeerTurns {
+        let gate = peers
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(CHECKS_PER_PEER)))
+            .clone();
+        PeerTurns {
+            gate,
+            peers: peers.clone(),
+            peer,
+        }
+    }
+}
+
+impl Drop for PeerTurns {
+    fn drop(&mut self) {
+        // The map's copy and this one: no other check of the address holds
+        // it (a copy is only taken from the map, under its lock).
+        self.peers
+            .remove_if(&self.peer, |_, gate| Arc::strong_count(gate) <= 2);
     }
 }
 
@@ -662,6 +787,82 @@ mod tests {
             Some(AuthFailure::Rejected)
         );
         assert_eq!(auth.checks(), 2);
+    }
+
+    /// Admissions of one user and password at once (a scraper opening its
+    /// connections with a new login) share one check; a refused password
+    /// is refused again without a check.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_login_at_once_is_one_check_and_a_refusal_is_remembered() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = vec![User::new("alice", &hash, None).unwrap()];
+        let auth = Arc::new(Auth::new(&AuthSettings::new(users, false, &[]).unwrap()));
+        let admissions: Vec<_> = (0..10)
+            .map(|i| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    auth.admit(&basic(&format!("alice-session-k{i}:pw")), peer())
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        for admission in admissions {
+            assert!(admission.await.unwrap());
+        }
+        assert_eq!(auth.checks(), 1);
+        for _ in 0..5 {
+            assert_eq!(
+                code(auth.admit(&basic("alice:wrong"), peer()).await),
+                Some(AuthFailure::Rejected)
+            );
+        }
+        assert_eq!(auth.checks(), 2);
+        assert!(auth.in_flight.is_empty() && auth.peers.is_empty());
+    }
+
+    /// An address flooding wrong passwords has at most
+    /// [`CHECKS_PER_PEER`] checks queued for a core: another address's
+    /// login waits behind those, not behind the whole flood.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_from_one_address_delays_another_by_a_few_checks() {
+        // About 20 ms a check.
+        let hash = bcrypt::hash("pw", 8).unwrap();
+        let users = vec![User::new("alice", &hash, None).unwrap()];
+        let auth = Arc::new(Auth::new(&AuthSettings::new(users, false, &[]).unwrap()));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flooder: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let flood: Vec<_> = (0..20)
+            .map(|i| {
+                let (auth, done) = (auth.clone(), done.clone());
+                tokio::spawn(async move {
+                    let _ = auth
+                        .admit(&basic(&format!("alice:wrong{i}")), flooder)
+                        .await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        // Every check of the flood is under way (or done) before the login
+        // comes.
+        let started = || auth.in_flight.len() + done.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..5_000 {
+            if started() == 20 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(started(), 20);
+        assert!(auth.admit(&basic("alice:pw"), peer()).await.is_ok());
+        let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            before < 2 + 2 * CHECKS_PER_PEER,
+            "{before} of the flood first"
+        );
+        for check in flood {
+            check.await.unwrap();
+        }
+        assert!(auth.peers.is_empty());
     }
 
     #[tokio::test]
