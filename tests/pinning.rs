@@ -202,7 +202,8 @@ async fn a_rotated_cookie_inherits_its_exit() {
 
 /// A cookie sent in another spelling a server reads alike (its name in
 /// another case, as nginx matches names; its value in quotes, which Go and
-/// Node strip; its name as PHP reads it) is the same credential: it
+/// Node strip; its name as PHP reads it; its value's `%XX` escapes,
+/// which PHP and Node decode) is the same credential: it
 /// leaves through the exit the cookie was earned on, never founds an
 /// identity on another.
 #[tokio::test]
@@ -217,6 +218,8 @@ async fn other_spellings_of_a_cookie_keep_to_its_exit() {
         ("Datadome", format!("\"{token}\"")),
         // As PHP reads names: `%64atadome` was `$_COOKIE['datadome']`.
         ("%64atadome", token.clone()),
+        // Its value's escapes decoded, as PHP and Node read values.
+        ("datadome", token.replace('~', "%7E")),
     ] {
         for _ in 0..3 {
             let mut respelt = Jar::default();

@@ -278,24 +278,41 @@ impl Tracked<'_> {
     /// were canonical are found: a request carrying both finds its pin by
     /// either, and joins it.
     fn keys(self, hasher: &PinHasher, name: &str, value: &str) -> (PinKey, Option<PinKey>) {
-        let unquoted = unquote(value);
+        let read = canonical_value(value);
         let canonical = match self {
-            Tracked::Exact(spelt) => hasher.cookie(spelt, unquoted),
+            Tracked::Exact(spelt) => hasher.cookie(spelt, &read),
             Tracked::Pattern if name.bytes().any(|b| b.is_ascii_uppercase()) => {
-                hasher.cookie(&name.to_ascii_lowercase(), unquoted)
+                hasher.cookie(&name.to_ascii_lowercase(), &read)
             }
-            Tracked::Pattern => hasher.cookie(name, unquoted),
+            Tracked::Pattern => hasher.cookie(name, &read),
             Tracked::PhpPattern { decoded } => {
-                let read = php_name(name, decoded).unwrap_or_else(|| name.to_owned());
-                hasher.cookie(&read.to_ascii_lowercase(), unquoted)
+                let php = php_name(name, decoded).unwrap_or_else(|| name.to_owned());
+                hasher.cookie(&php.to_ascii_lowercase(), &read)
             }
         };
         let as_sent = match self {
             Tracked::Exact(spelt) => **spelt == *name,
             Tracked::Pattern => !name.bytes().any(|b| b.is_ascii_uppercase()),
             Tracked::PhpPattern { .. } => false,
-        } && unquoted.len() == value.len();
+        } && *read == *value;
         (canonical, (!as_sent).then(|| hasher.cookie(name, value)))
+    }
+}
+
+/// A cookie value as the servers that read it most loosely read it: without
+/// one pair of surrounding double quotes ([`unquote`]) and with its `%XX`
+/// escapes decoded (PHP url-decodes every cookie value, Node's `cookie`
+/// one that holds a `%`), so `datadome=%54` is `datadome=T` to them. An
+/// escape that does not decode, or decodes to what is not UTF-8, is read
+/// as written.
+fn canonical_value(value: &str) -> std::borrow::Cow<'_, str> {
+    let unquoted = unquote(value);
+    if !unquoted.contains('%') {
+        return std::borrow::Cow::Borrowed(unquoted);
+    }
+    match percent_encoding::percent_decode_str(unquoted).decode_utf8() {
+        Ok(decoded) => decoded,
+        Err(_) => std::borrow::Cow::Borrowed(unquoted),
     }
 }
 
@@ -2052,6 +2069,18 @@ mod tests {
         );
         // An empty value in quotes is no credential either.
         assert!(request_keys("datadome=\"\"").is_empty());
+        // `%XX` escapes, which PHP and Node decode.
+        assert_eq!(
+            request_keys("datadome=%54"),
+            [canonical, h.cookie("datadome", "%54")]
+        );
+        assert_eq!(
+            request_keys("datadome=\"%54\""),
+            [canonical, h.cookie("datadome", "\"%54\"")]
+        );
+        // One that does not decode to text is read as written.
+        assert_eq!(request_keys("datadome=%zz"), [h.cookie("datadome", "%zz")]);
+        assert_eq!(request_keys("datadome=%ff"), [h.cookie("datadome", "%ff")]);
         // Names PHP reads as tracked ones: `.` and ` ` as `_`, and
         // percent-decoded (`+` a space) as older PHP reads them.
         for (sent, read) in [
@@ -2077,7 +2106,12 @@ mod tests {
         }
 
         // What a response sets is pinned by the canonical key alone.
-        for line in ["datadome=T", "DataDome=T; Path=/", "datadome=\"T\""] {
+        for line in [
+            "datadome=T",
+            "DataDome=T; Path=/",
+            "datadome=\"T\"",
+            "datadome=%54",
+        ] {
             let mut headers = HeaderMap::new();
             headers.insert("set-cookie", HeaderValue::from_static(line));
             let set = tracked_in_response(&headers, &policy(), &h, || 1);
