@@ -828,7 +828,20 @@ pub fn tracked_in_response(
                 _ => continue,
             },
         };
+        let hidden = set_but_hidden(text, policy);
         let Some(tracked) = policy.tracked(parsed.name()) else {
+            if hidden.is_empty() {
+                continue;
+            }
+            let expires_ms = cookie_expiry_ms(&parsed, text, *now_ms, *origin_now_ms).0;
+            for (name, tracked, value) in hidden {
+                let (key, _) = tracked.keys(hasher, name, value);
+                found.push(SetTrackedCookie {
+                    cookie: Credential::cookie(tracked.name(name), key),
+                    deletes: false,
+                    expires_ms,
+                });
+            }
             continue;
         };
         let now_ms = *now_ms;
@@ -842,9 +855,52 @@ pub fn tracked_in_response(
             deletes,
             expires_ms,
         });
+        for (name, tracked, value) in hidden {
+            let (hidden_key, _) = tracked.keys(hasher, name, value);
+            if hidden_key != key {
+                found.push(SetTrackedCookie {
+                    cookie: Credential::cookie(tracked.name(name), hidden_key),
+                    deletes: false,
+                    expires_ms,
+                });
+            }
+        }
     }
     found
 }
+
+/// The tracked `name=value` pairs of a `Set-Cookie` line other than its
+/// cookie: after a `;`, a comma or a blank (`a=1; datadome=T; Path=/`,
+/// `a=1 datadome=T`). Browsers, Go, curl and `http.cookiejar` keep only
+/// the line's first pair; a jar loaded by Python's `SimpleCookie` (aiohttp's
+/// was) keeps each such pair as a cookie of its own, and sends it back. So
+/// each is pinned as the line sets it, never taken as a deletion: pinning
+/// one that no client keeps costs nothing.
+fn set_but_hidden<'a>(
+    text: &'a str,
+    policy: &'a CookiePolicy,
+) -> Vec<(&'a str, Tracked<'a>, &'a str)> {
+    pieces(text, b';')
+        .enumerate()
+        .flat_map(|(i, piece)| inner_pieces(piece).skip(usize::from(i == 0)))
+        .filter_map(|part| {
+            let (name, value) = split_pair(part)?;
+            let name = name.trim();
+            // The attributes a line is made of are no one's cookie.
+            if ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                return None;
+            }
+            let tracked = policy.tracked(name)?;
+            let value = value.trim();
+            (!unquote(value).is_empty()).then_some((name, tracked, value))
+        })
+        .collect()
+}
+
+/// The `Set-Cookie` attributes that take a value.
+const ATTRIBUTES: [&str; 6] = [
+    "path", "domain", "expires", "max-age", "samesite", "priority",
+];
 
 /// Removes from a request the tracked cookies whose keys are in `strip`
 /// (from every `Cookie` header, and `X-DataDome-ClientID`); every other
@@ -2117,6 +2173,42 @@ mod tests {
             let set = tracked_in_response(&headers, &policy(), &h, || 1);
             assert_eq!(set.len(), 1, "{line}");
             assert_eq!(set[0].cookie.key, canonical, "{line}");
+        }
+    }
+
+    /// A tracked pair a `Set-Cookie` line holds after its cookie (which
+    /// `SimpleCookie` jars keep as a cookie of its own) is pinned as set,
+    /// never taken for a deletion; the line's attributes are no one's.
+    #[test]
+    fn tracked_pairs_hidden_in_a_set_cookie_line_are_pinned() {
+        let h = hasher();
+        let set = |line: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("set-cookie", HeaderValue::from_static(line));
+            tracked_in_response(&headers, &policy(), &h, || 1)
+                .into_iter()
+                .map(|s| (s.cookie.key, s.deletes))
+                .collect::<Vec<_>>()
+        };
+        let t = h.cookie("datadome", "T");
+        for line in [
+            "a=1; datadome=T; Path=/",
+            "a=1 datadome=T",
+            "a=1, datadome=T; Path=/",
+            "a=1;datadome=\"T\"",
+        ] {
+            assert_eq!(set(line), [(t, false)], "{line}");
+        }
+        assert_eq!(
+            set("datadome=T; datadome=U; Max-Age=0"),
+            [(t, true), (h.cookie("datadome", "U"), false)]
+        );
+        assert_eq!(set("datadome=T; Path=/; datadome=T"), [(t, false)]);
+        for line in [
+            "a=1; Path=/; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Priority=High",
+            "a=1; datadome=; Path=/",
+        ] {
+            assert!(set(line).is_empty(), "{line}");
         }
     }
 
