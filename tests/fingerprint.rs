@@ -813,6 +813,33 @@ async fn curl_http2_is_curl_through_pinproxy_with_its_http2_preface() {
     );
 }
 
+/// An answer reaches the client with the headers its origin sent, over
+/// HTTP/2 as over HTTP/1.1: no `Date` where the origin sent none (a page's
+/// script could tell the answer apart from the same one fetched directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_without_a_date_reaches_http2_and_http1_clients_without_one() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let proxy = rig.s.proxy.daemon.local_addr();
+    for version in ["--http2", "--http1.1"] {
+        let mut command = Command::new(require("curl"));
+        command
+            .args(["-sS", "--fail", "--max-time", "20", version, "--cacert"])
+            .arg(rig.s.proxy.daemon.ca_cert_path())
+            .arg("-x")
+            .arg(format!("http://{proxy}"))
+            .args(["-D", "-", "-o", "/dev/null"])
+            .arg(rig.origin.url("/dateless"));
+        let head = run(&mut command).await.to_ascii_lowercase();
+        let status = if version == "--http2" {
+            "http/2 200"
+        } else {
+            "http/1.1 200"
+        };
+        assert!(head.contains(status), "{version}: {head}");
+        assert!(!head.contains("\ndate:"), "{version}: {head}");
+    }
+}
+
 /// curl's cookies over HTTP/2 reach the origin encoded as curl's nghttp2
 /// encodes them, not as a browser would: a cookie header shorter than 20
 /// bytes as a never-indexed literal (nghttp2 keeps short cookies out of

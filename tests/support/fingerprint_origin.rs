@@ -546,6 +546,8 @@ async fn serve(
             // Room for a first request past the 64 KiB pinproxy reads of an
             // opening (hyper's own limit is 16 KiB).
             .max_header_list_size(1 << 20)
+            // Answers without a `Date`, so that one added on the way shows.
+            .auto_date_header(false)
             .serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         // On the first answer of a closing origin: GOAWAY, then finish the
@@ -563,6 +565,7 @@ async fn serve(
             async move { Ok::<_, Infallible>(recorder.answer(request)) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
+            .auto_date_header(false)
             .serve_connection(TokioIo::new(io), service)
             .await;
     }
