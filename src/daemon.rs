@@ -23,7 +23,7 @@ use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings, StoreKind};
 use crate::credential::{PinHasher, PIN_KEY_FILE};
 use crate::exits::drain::DrainBook;
-use crate::exits::routes::{self, RouteBook, ROUTE_FILE};
+use crate::exits::routes::{self, BookFile, ROUTE_FILE};
 use crate::exits::spec::ExitSpec;
 use crate::exits::{ExitSet, LiveExits};
 use crate::fingerprint::live_hellos::LiveHellos;
@@ -544,22 +544,25 @@ impl Daemon {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the drained exits; none is drained"),
         }
+        // The routes the exits had before: identities founded on a route
+        // that changed under its id retire (see `exits::routes`). Read
+        // before the store is opened (a book that cannot be read stops the
+        // start first), compared once the pin key is known: its routes are
+        // hashed with it, as the routes identities were founded on.
+        let book = {
+            let dir = settings.data_dir.clone();
+            let book = tokio::task::spawn_blocking(move || BookFile::read(&dir)).await?;
+            book.map_err(|source| StartError::DataDir {
+                path: settings.data_dir.join(ROUTE_FILE),
+                source,
+            })?
+        };
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
         // The route identities founded on each exit carry, hashed with the
         // pin key (the fleet's on a shared store), so known only now.
         routes::found_on(&exits, &hasher);
-        // The routes the exits had before: identities founded on a route
-        // that changed under its id retire (see `exits::routes`). Hashed
-        // with the pin key, as the routes identities were founded on.
-        let routes = {
-            let (dir, key) = (settings.data_dir.clone(), hasher.clone());
-            let book = tokio::task::spawn_blocking(move || RouteBook::load(&dir, &key)).await?;
-            Arc::new(book.map_err(|source| StartError::DataDir {
-                path: settings.data_dir.join(ROUTE_FILE),
-                source,
-            })?)
-        };
+        let routes = Arc::new(book.keyed(&hasher));
         let plan = {
             let specs: Vec<&ExitSpec> = exits.iter().map(|exit| &exit.spec).collect();
             let mut plan = routes.plan(&specs);

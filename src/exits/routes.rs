@@ -107,18 +107,33 @@ fn book_route(spec: &ExitSpec, hasher: &PinHasher) -> String {
     route_hash(hasher, "route", &spec.route_key()).to_string()
 }
 
+/// What the book writes of the pin key its routes are hashed with, so that
+/// a book read under another key (a data directory moved to another store
+/// or fleet, a new `pin-key`) is not compared hash for hash: every exit
+/// would look changed, and every identity founded before, the whole
+/// fleet's on a shared store, would retire.
+fn key_check(hasher: &PinHasher) -> String {
+    route_hash(hasher, "book key", "").to_string()
+}
+
 /// One exit id's route, as remembered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Remembered {
-    /// The route, as [`book_route`] writes it; in a book written before it
-    /// was keyed (`keyed` false), the bare
-    /// [`ExitSpec::route_key`](super::spec::ExitSpec::route_key), which
-    /// [`RouteBook::load`] keys.
-    route: String,
-    /// Whether `route` and `kept_from` are keyed (false in books written
-    /// before they were).
+    /// In a book written before routes were keyed, the bare
+    /// [`ExitSpec::route_key`](super::spec::ExitSpec::route_key) (and
+    /// `kept_from` holds such keys too), which [`BookFile::keyed`] keys;
+    /// never written. (A release before this one, which needs it, refuses
+    /// a book without it, naming the file, rather than taking every exit
+    /// for changed.)
+    #[serde(default, skip_serializing)]
+    route: Option<String>,
+    /// The route, as [`book_route`] writes it.
     #[serde(default)]
-    keyed: bool,
+    route_hash: String,
+    /// The [`key_check`] of the pin key `route_hash` and `kept_from` are
+    /// hashed with.
+    #[serde(default)]
+    key: String,
     /// The fingerprint mode (`mirror`, `chrome`, `rustls`; empty in books
     /// written before it was kept).
     #[serde(default)]
@@ -129,7 +144,7 @@ struct Remembered {
     /// When the route last changed under the id (Unix ms, 0: never).
     #[serde(default)]
     changed_ms: u64,
-    /// The routes (as `route`) whose identities continue on this one: the
+    /// The routes (as `route_hash`) whose identities continue on this one: the
     /// routes kept changes led from to it, oldest first (at most
     /// [`MAX_KEPT_FROM`]); a change not kept empties it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -218,22 +233,27 @@ pub struct RouteBook {
     /// The pin key the routes are hashed with.
     hasher: PinHasher,
     known: Mutex<BTreeMap<String, Remembered>>,
-    /// The file still holds routes unkeyed: the next commit writes it,
-    /// changed or not.
+    /// The file holds routes unkeyed, or keyed with another key: the next
+    /// commit writes it, changed or not.
     unkeyed_on_file: AtomicBool,
 }
 
-impl RouteBook {
-    /// The book in `data_dir` (empty when there is none yet), its routes
-    /// hashed with the pin key `hasher` holds (the one identities' founding
-    /// routes are hashed with). A book that is there but cannot be read is
-    /// an error, not an empty book: taken as empty, a route changed
-    /// meanwhile would go unnoticed. A book written before routes were
-    /// keyed is keyed here, and written so at the next commit. Blocking:
-    /// call it off the runtime.
-    pub fn load(data_dir: &Path, hasher: &PinHasher) -> std::io::Result<RouteBook> {
+/// The book as read from its file, before the pin key is known (see
+/// [`BookFile::keyed`]).
+#[derive(Debug)]
+pub struct BookFile {
+    path: PathBuf,
+    known: BTreeMap<String, Remembered>,
+}
+
+impl BookFile {
+    /// The book in `data_dir` (empty when there is none yet). A book that
+    /// is there but cannot be read is an error, not an empty book: taken as
+    /// empty, a route changed meanwhile would go unnoticed. Blocking: call
+    /// it off the runtime.
+    pub fn read(data_dir: &Path) -> std::io::Result<BookFile> {
         let path = data_dir.join(ROUTE_FILE);
-        let mut known: BTreeMap<String, Remembered> = match std::fs::read(&path) {
+        let known = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -247,23 +267,63 @@ impl RouteBook {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e),
         };
-        // An unkeyed route is the route key a keyed one hashes.
-        let mut unkeyed_on_file = false;
-        for entry in known.values_mut().filter(|entry| !entry.keyed) {
-            let key = |route: &str| route_hash(hasher, "route", route).to_string();
-            entry.route = key(&entry.route);
-            for route in &mut entry.kept_from {
-                *route = key(route);
+        Ok(BookFile { path, known })
+    }
+
+    /// The book, its routes hashed with the pin key `hasher` holds (the one
+    /// identities' founding routes are hashed with). Routes written before
+    /// they were keyed are keyed here. Routes hashed with another key
+    /// cannot be compared: their ids are taken as new ones (no change, and
+    /// no kept routes), with a warning; the identities founded on them
+    /// carry their own founding routes, which still retire those whose exit
+    /// left theirs. Either way the book is written at the next commit.
+    pub fn keyed(self, hasher: &PinHasher) -> RouteBook {
+        let BookFile { path, mut known } = self;
+        let check = key_check(hasher);
+        let mut rewrite = false;
+        let mut foreign = Vec::new();
+        known.retain(|id, entry| {
+            if let Some(bare) = entry.route.take() {
+                // An unkeyed route is the route key a keyed one hashes.
+                let key = |route: &str| route_hash(hasher, "route", route).to_string();
+                entry.route_hash = key(&bare);
+                for route in &mut entry.kept_from {
+                    *route = key(route);
+                }
+                entry.key = check.clone();
+                rewrite = true;
+                true
+            } else if entry.key != check {
+                foreign.push(id.clone());
+                rewrite = true;
+                false
+            } else {
+                true
             }
-            entry.keyed = true;
-            unkeyed_on_file = true;
+        });
+        if !foreign.is_empty() {
+            tracing::warn!(
+                exits = ?foreign, file = %path.display(),
+                "the exits' remembered routes were hashed with another pin key (the data \
+                 directory was used with another store or fleet, or its pin-key is new): they \
+                 are recorded afresh, as new exits' are; identities keep to the routes they \
+                 were founded on"
+            );
         }
-        Ok(RouteBook {
+        RouteBook {
             path,
             hasher: hasher.clone(),
             known: Mutex::new(known),
-            unkeyed_on_file: AtomicBool::new(unkeyed_on_file),
-        })
+            unkeyed_on_file: AtomicBool::new(rewrite),
+        }
+    }
+}
+
+impl RouteBook {
+    /// [`BookFile::read`] then [`BookFile::keyed`]. Blocking: call it off
+    /// the runtime.
+    pub fn load(data_dir: &Path, hasher: &PinHasher) -> std::io::Result<RouteBook> {
+        Ok(BookFile::read(data_dir)?.keyed(hasher))
     }
 
     /// Compares `specs` with the book: an id not in it is taken as it is, a
@@ -283,8 +343,9 @@ impl RouteBook {
             let entry = next.entry(spec.id.as_str().to_owned()).or_insert_with(|| {
                 dirty = true;
                 Remembered {
-                    route: route.clone(),
-                    keyed: true,
+                    route: None,
+                    route_hash: route.clone(),
+                    key: key_check(&self.hasher),
                     face: face.to_owned(),
                     address: address.clone(),
                     changed_ms: 0,
@@ -292,7 +353,7 @@ impl RouteBook {
                 }
             });
             let face_changed = !entry.face.is_empty() && entry.face != face;
-            if entry.route == route && !face_changed {
+            if entry.route_hash == route && !face_changed {
                 if entry.face.is_empty() {
                     entry.face = face.to_owned();
                     dirty = true;
@@ -309,7 +370,7 @@ impl RouteBook {
                 .iter()
                 .find(|(id, other)| {
                     id.as_str() != spec.id.as_str()
-                        && (other.route == route || other.kept_from.contains(&route))
+                        && (other.route_hash == route || other.kept_from.contains(&route))
                 })
                 .map(|(id, _)| id.clone());
             let kept = spec.options.keep_identities_on_route_change
@@ -340,11 +401,13 @@ impl RouteBook {
                      on the exit if it reaches the same IPs"
                 );
             }
-            let was = std::mem::replace(&mut entry.route, route);
+            let was = std::mem::replace(&mut entry.route_hash, route);
             if kept {
                 // The route it kept its identities from, and the ones that
                 // one kept them from.
-                entry.kept_from.retain(|r| *r != was && *r != entry.route);
+                entry
+                    .kept_from
+                    .retain(|r| *r != was && *r != entry.route_hash);
                 entry.kept_from.push(was);
                 let excess = entry.kept_from.len().saturating_sub(MAX_KEPT_FROM);
                 entry.kept_from.drain(..excess);
@@ -663,10 +726,44 @@ mod tests {
         let founded = |spec: &ExitSpec| founding_route(spec, &hasher()).route;
         let plan = book.plan(&spec.iter().collect::<Vec<_>>());
         assert_eq!(&*plan.kept_from("a"), [founded(&earlier[0])]);
-        // Written keyed, it is read as it is: nothing to write.
+        // Written keyed, it is read as it is: nothing to write. A release
+        // before this one, which needs the bare route, refuses it.
         let book = RouteBook::load(dir.path(), &hasher()).unwrap();
         assert_eq!(apply(&book, &spec, 200), (vec![None], vec![], false));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+        assert!(!text.contains("\"route\""), "{text}");
+    }
+
+    /// A book read under another pin key (the data directory moved to
+    /// another store or fleet) cannot be compared hash for hash: its ids
+    /// are taken as new ones, with no change (which would retire every
+    /// identity founded before, the fleet's on a shared store) and no
+    /// routes kept from; it is written under the new key.
+    #[test]
+    fn a_book_hashed_with_another_key_is_recorded_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keeping = specs(&[("a", "http://gate:1"), ("b", "http://gate:2")]);
+        keeping[0].options.keep_identities_on_route_change = true;
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
+        apply(&book, &keeping, 100);
+        keeping[0] = specs(&[("a", "http://gate:3")]).remove(0);
+        keeping[0].options.keep_identities_on_route_change = true;
+        apply(&book, &keeping, 200);
+        assert_eq!(kept_from(&book, "a").len(), 1);
+
+        let other = PinHasher::new([8; 32]);
+        let book = RouteBook::load(dir.path(), &other).unwrap();
+        let (dates, changes, dirty) = apply(&book, &keeping, 300);
+        assert_eq!((dates, changes, dirty), (vec![None, None], vec![], true));
+        assert!(kept_from(&book, "a").is_empty());
+        // Under the new key from now on: a change is a change again.
+        let book = RouteBook::load(dir.path(), &other).unwrap();
+        assert_eq!(
+            apply(&book, &keeping, 400),
+            (vec![None, None], vec![], false)
+        );
+        let moved = specs(&[("a", "http://gate:3"), ("b", "http://gate:4")]);
+        assert_eq!(apply(&book, &moved, 500).0, [None, Some(500)]);
     }
 
     #[test]
