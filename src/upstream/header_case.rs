@@ -27,8 +27,9 @@ use tokio::sync::OnceCell;
 
 /// The names an HTTP/2 client's request does not take capitalised towards
 /// an HTTP/1.1 origin, spelled as its family writes them there: Chromium's
-/// client hints (its `sec-ch-*` constants are lower case on every
-/// protocol) and `DNT`.
+/// client hints (its constants for them are lower case on every protocol,
+/// the legacy `dpr`, `rtt`, ... as well as the `sec-ch-*` ones an origin's
+/// `Accept-CH` asks for), `DNT` and `TE`.
 const SPELLED: &[u8] = b"GET / HTTP/1.1\r\n\
     sec-ch-ua: x\r\n\
     sec-ch-ua-mobile: x\r\n\
@@ -44,9 +45,21 @@ const SPELLED: &[u8] = b"GET / HTTP/1.1\r\n\
     sec-ch-device-memory: x\r\n\
     sec-ch-dpr: x\r\n\
     sec-ch-viewport-width: x\r\n\
+    sec-ch-viewport-height: x\r\n\
+    sec-ch-width: x\r\n\
     sec-ch-prefers-color-scheme: x\r\n\
     sec-ch-prefers-reduced-motion: x\r\n\
-    DNT: x\r\n\r\n";
+    sec-ch-prefers-reduced-transparency: x\r\n\
+    sec-ch-save-data: x\r\n\
+    device-memory: x\r\n\
+    dpr: x\r\n\
+    width: x\r\n\
+    viewport-width: x\r\n\
+    rtt: x\r\n\
+    downlink: x\r\n\
+    ect: x\r\n\
+    DNT: x\r\n\
+    TE: x\r\n\r\n";
 
 /// Request extensions holding hyper's case map for [`SPELLED`]'s names
 /// (`None` if hyper could not be made to read it, which would be a bug:
@@ -114,6 +127,8 @@ mod tests {
             .header("sec-ch-ua", "\"Chromium\"")
             .header("user-agent", "u")
             .header("dnt", "1")
+            .header("sec-ch-viewport-height", "900")
+            .header("te", "trailers")
             .header("sec-fetch-site", "none")
             .body(Empty::<Bytes>::new())
             .unwrap();
@@ -129,7 +144,7 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&head[..read]),
             "GET / HTTP/1.1\r\nHost: a.test\r\nsec-ch-ua: \"Chromium\"\r\nUser-Agent: u\r\n\
-             DNT: 1\r\nSec-Fetch-Site: none\r\n\r\n"
+             DNT: 1\r\nsec-ch-viewport-height: 900\r\nTE: trailers\r\nSec-Fetch-Site: none\r\n\r\n"
         );
     }
 }

@@ -1240,8 +1240,11 @@ fn for_h1(
     family: Option<HpackPolicy>,
     case_map: Option<&http::Extensions>,
 ) {
+    as_it_came(request);
     let from_h2 = request.extensions().get::<FromHttp2>().is_some();
     if from_h2 {
+        let came = request.headers().clone();
+        request.extensions_mut().insert(AsItCame(came));
         header_order::remove(request.headers_mut(), &header::HOST);
     } else if request.headers().contains_key(header::HOST) {
         return;
@@ -1266,6 +1269,22 @@ fn for_h1(
     host_first(request.headers_mut(), host, connection, cookie);
     if let Some(case_map) = case_map {
         request.extensions_mut().extend(case_map.clone());
+    }
+}
+
+/// An HTTP/2 client's headers as they came, kept while its request is
+/// written as HTTP/1.1 ([`for_h1`]): a request handed back unsent is
+/// written anew from them, for HTTP/1.1 or HTTP/2, rather than from its
+/// HTTP/1.1 form (which would get a second `Connection`, or take
+/// pinproxy's `Host` and joined cookies to an HTTP/2 origin).
+#[derive(Clone)]
+struct AsItCame(HeaderMap);
+
+/// Puts back the headers an HTTP/2 client's request came with, if it was
+/// written as HTTP/1.1 before ([`AsItCame`]).
+fn as_it_came(request: &mut Request<Body>) {
+    if let Some(AsItCame(headers)) = request.extensions_mut().remove() {
+        *request.headers_mut() = headers;
     }
 }
 
@@ -1331,6 +1350,7 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// `host` field ([`FromHttp2`]) stays where it was. Answers whether it
 /// took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
+    as_it_came(request);
     let host = match request.extensions().get::<FromHttp2>() {
         Some(_) => None,
         None => header_order::remove(request.headers_mut(), &header::HOST),
@@ -1615,6 +1635,39 @@ pub(super) mod tests {
         assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
         assert_eq!(r.headers()["host"], "a.test");
         assert_eq!(r.headers().get_all("cookie").iter().count(), 1);
+    }
+
+    /// A Chromium's request written for HTTP/1.1 (`Host`, then `Connection:
+    /// keep-alive`, without `priority`, crumbs joined) and handed back
+    /// unsent is written anew from its headers as they came: once more for
+    /// HTTP/1.1 (one `Connection`), or for HTTP/2 (no `Host`, its
+    /// `priority` and crumbs as sent).
+    #[test]
+    fn a_chromium_request_handed_back_by_http1_is_written_anew() {
+        let fields = [
+            ("user-agent", "u"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("priority", "u=0, i"),
+        ];
+        let mut r = request("/p", &fields);
+        r.extensions_mut().insert(FromHttp2);
+        let chromium = Some(HpackPolicy::Chromium);
+        for _ in 0..2 {
+            for_h1(&mut r, &origin(), chromium, None);
+            assert_eq!(names(&r), ["host", "connection", "user-agent", "cookie"]);
+            assert_eq!(r.headers().get_all("connection").iter().count(), 1);
+            assert_eq!(r.headers()["cookie"], "a=1; b=2");
+        }
+        for_h2(&mut r, &origin());
+        assert_eq!(names(&r), ["user-agent", "cookie", "priority"]);
+        assert_eq!(r.headers().get_all("cookie").iter().count(), 2);
+        assert_eq!(r.uri().to_string(), "https://a.test/p");
+        // Another family gets neither `Connection` nor a lost `priority`.
+        let mut r = request("/p", &fields);
+        r.extensions_mut().insert(FromHttp2);
+        for_h1(&mut r, &origin(), Some(HpackPolicy::Firefox), None);
+        assert_eq!(names(&r), ["host", "user-agent", "cookie", "priority"]);
     }
 
     /// The authority an HTTP/2 client named goes to the origin whichever
