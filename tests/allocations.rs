@@ -152,6 +152,23 @@ fn the_durable_store_answers_a_hit_with_no_more_allocations_than_memory() {
     assert_eq!((reading, routing), (1, 1));
 }
 
+/// Untracked names PHP would read otherwise (`AMCV_…%40AdobeOrg`,
+/// `s.id`) are read as PHP reads them on the stack: no allocation.
+#[test]
+fn names_php_reads_otherwise_cost_no_allocation() {
+    let mut headers = headers(1);
+    let tracked = headers["cookie"].to_str().unwrap().to_owned();
+    headers.insert(
+        "cookie",
+        HeaderValue::from_str(&format!(
+            "AMCV_8F99160E571FC0427F000101%40AdobeOrg=1; s.id=2; a+b=3; {tracked}"
+        ))
+        .unwrap(),
+    );
+    let (reading, routing) = hit_allocations(Store::Memory(MemoryStore::new()), &headers, None);
+    assert_eq!((reading, routing), (1, 1));
+}
+
 #[test]
 fn a_name_sent_in_other_case_costs_one_allocation_of_its_own() {
     let mut headers = headers(1);

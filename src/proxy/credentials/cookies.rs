@@ -10,6 +10,7 @@
 //! `Cookie` header that cannot be read is an error, never skipped, because it
 //! might hide a tracked cookie.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -174,10 +175,15 @@ impl CookiePolicy {
         if let Some(spelt) = exact {
             return Some(Tracked::Exact(spelt));
         }
-        if self.globs.iter().any(|glob| glob.matches(name)) {
-            return Some(Tracked::Pattern);
+        // Before the patterns, which may match the name as sent too
+        // (`incap_ses_1.2`, which PHP reads as `incap_ses_1_2`).
+        if let Some(php) = self.tracked_as_php_reads(name) {
+            return Some(php);
         }
-        self.tracked_as_php_reads(name)
+        self.globs
+            .iter()
+            .any(|glob| glob.matches(name))
+            .then_some(Tracked::Pattern)
     }
 
     /// Whether a cookie name PHP reads as a tracked one is tracked
@@ -186,8 +192,9 @@ impl CookiePolicy {
     /// DataDome's PHP module) reads the credential under such a name; the
     /// cost elsewhere is over-tracking a cookie nothing reads.
     fn tracked_as_php_reads(&self, name: &str) -> Option<Tracked<'_>> {
+        let mut room = [0u8; 64];
         [false, true].into_iter().find_map(|decoded| {
-            let read = php_name(name, decoded)?;
+            let read = php_name(name, decoded, &mut room)?;
             if let Some(spelt) = self.exact_ignoring_case(&read) {
                 return Some(Tracked::Exact(spelt));
             }
@@ -233,27 +240,49 @@ enum Tracked<'a> {
 /// A cookie name as PHP reads it, when that differs from the name: `.` and
 /// ` ` are `_` in every version (as in every request variable's name), and
 /// with `decoded` the name is first percent-decoded, `+` as a space (PHP
-/// before 8.1.11 and 8.0.24, HHVM and some Lua parsers decode names).
-fn php_name(name: &str, decoded: bool) -> Option<String> {
-    if !name
-        .bytes()
-        .any(|b| matches!(b, b'.' | b' ') || (decoded && matches!(b, b'%' | b'+')))
-    {
+/// before 8.1.11 and 8.0.24, HHVM and some Lua parsers decode names). Made
+/// in `room` when it fits (most names do: no allocation on the request
+/// path); `None` as well when the reading is not text, which no tracked
+/// name is.
+fn php_name<'r>(name: &str, decoded: bool, room: &'r mut [u8; 64]) -> Option<Cow<'r, str>> {
+    let special = |b: u8| matches!(b, b'.' | b' ') || (decoded && matches!(b, b'%' | b'+'));
+    if !name.bytes().any(special) {
         return None;
     }
+    let underscored = |b: u8| if b == b'.' || b == b' ' { b'_' } else { b };
     let read = if decoded {
-        let plus_as_space = name.replace('+', " ");
-        percent_encoding::percent_decode_str(&plus_as_space)
-            .decode_utf8_lossy()
-            .into_owned()
+        let mut spaced = [0u8; 64];
+        let plus_as_space = |b: u8| if b == b'+' { b' ' } else { b };
+        let input = fill(name.bytes().map(plus_as_space), name.len(), &mut spaced);
+        // Decoding never lengthens: it fits wherever its input did.
+        let length = input.len();
+        fill(
+            percent_encoding::percent_decode(&input).map(underscored),
+            length,
+            room,
+        )
     } else {
-        name.to_owned()
+        fill(name.bytes().map(underscored), name.len(), room)
     };
-    let read: String = read
-        .chars()
-        .map(|c| if c == '.' || c == ' ' { '_' } else { c })
-        .collect();
-    (read != name).then_some(read)
+    let read = match read {
+        Cow::Borrowed(bytes) => Cow::Borrowed(std::str::from_utf8(bytes).ok()?),
+        Cow::Owned(bytes) => Cow::Owned(String::from_utf8(bytes).ok()?),
+    };
+    (*read != *name).then_some(read)
+}
+
+/// `bytes` (at most `most` of them) in `room` when they fit, else on the
+/// heap.
+fn fill<'r>(bytes: impl Iterator<Item = u8>, most: usize, room: &'r mut [u8; 64]) -> Cow<'r, [u8]> {
+    if most > room.len() {
+        return Cow::Owned(bytes.collect());
+    }
+    let mut length = 0;
+    for (slot, byte) in room.iter_mut().zip(bytes) {
+        *slot = byte;
+        length += 1;
+    }
+    Cow::Borrowed(room.get(..length).unwrap_or_default())
 }
 
 impl Tracked<'_> {
@@ -277,25 +306,69 @@ impl Tracked<'_> {
     /// key of that spelling as it is, by which the pins made before keys
     /// were canonical are found: a request carrying both finds its pin by
     /// either, and joins it.
-    fn keys(self, hasher: &PinHasher, name: &str, value: &str) -> (PinKey, Option<PinKey>) {
+    fn keys(self, hasher: &PinHasher, name: &str, value: &str) -> Keys {
         let read = canonical_value(value);
-        let canonical = match self {
-            Tracked::Exact(spelt) => hasher.cookie(spelt, &read),
+        let named = |value: &str| match self {
+            Tracked::Exact(spelt) => hasher.cookie(spelt, value),
             Tracked::Pattern if name.bytes().any(|b| b.is_ascii_uppercase()) => {
-                hasher.cookie(&name.to_ascii_lowercase(), &read)
+                hasher.cookie(&name.to_ascii_lowercase(), value)
             }
-            Tracked::Pattern => hasher.cookie(name, &read),
+            Tracked::Pattern => hasher.cookie(name, value),
             Tracked::PhpPattern { decoded } => {
-                let php = php_name(name, decoded).unwrap_or_else(|| name.to_owned());
-                hasher.cookie(&php.to_ascii_lowercase(), &read)
+                let mut room = [0u8; 64];
+                let php = php_name(name, decoded, &mut room).unwrap_or(Cow::Borrowed(name));
+                hasher.cookie(&php.to_ascii_lowercase(), value)
             }
         };
+        let canonical = named(&read);
         let as_sent = match self {
             Tracked::Exact(spelt) => **spelt == *name,
             Tracked::Pattern => !name.bytes().any(|b| b.is_ascii_uppercase()),
             Tracked::PhpPattern { .. } => false,
         } && *read == *value;
-        (canonical, (!as_sent).then(|| hasher.cookie(name, value)))
+        // Keys were canonical before escapes were decoded: a pin made then
+        // is under the canonical name with the value as sent, unquoted.
+        let unquoted = unquote(value);
+        let undecoded = (*read != *unquoted).then(|| named(unquoted));
+        Keys {
+            canonical,
+            as_sent: (!as_sent).then(|| hasher.cookie(name, value)),
+            undecoded,
+        }
+    }
+}
+
+/// The keys a tracked cookie is known by (see [`Tracked::keys`]).
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    /// Its canonical spelling's, which every spelling shares.
+    canonical: PinKey,
+    /// Its spelling's as sent, when that is not the canonical one.
+    as_sent: Option<PinKey>,
+    /// The canonical name's with the value's escapes as sent, when they
+    /// decode (the canonical key before escapes were decoded).
+    undecoded: Option<PinKey>,
+}
+
+impl Keys {
+    /// Every key, the canonical one first; the others each once and never
+    /// the canonical one.
+    fn all(self) -> impl Iterator<Item = PinKey> {
+        let canonical = self.canonical;
+        let as_sent = self.as_sent.filter(|key| *key != canonical);
+        let undecoded = self
+            .undecoded
+            .filter(|key| *key != canonical && Some(*key) != as_sent);
+        std::iter::once(canonical).chain(as_sent).chain(undecoded)
+    }
+
+    /// What a response that sets the cookie pins it by: its canonical key,
+    /// and the one it had before escapes were decoded (which a replica of
+    /// an earlier release, still reading the store during a rolling
+    /// upgrade, looks it up by).
+    fn set(self) -> impl Iterator<Item = PinKey> {
+        let canonical = self.canonical;
+        std::iter::once(canonical).chain(self.undecoded.filter(|key| *key != canonical))
     }
 }
 
@@ -305,14 +378,14 @@ impl Tracked<'_> {
 /// one that holds a `%`), so `datadome=%54` is `datadome=T` to them. An
 /// escape that does not decode, or decodes to what is not UTF-8, is read
 /// as written.
-fn canonical_value(value: &str) -> std::borrow::Cow<'_, str> {
+fn canonical_value(value: &str) -> Cow<'_, str> {
     let unquoted = unquote(value);
     if !unquoted.contains('%') {
-        return std::borrow::Cow::Borrowed(unquoted);
+        return Cow::Borrowed(unquoted);
     }
     match percent_encoding::percent_decode_str(unquoted).decode_utf8() {
         Ok(decoded) => decoded,
-        Err(_) => std::borrow::Cow::Borrowed(unquoted),
+        Err(_) => Cow::Borrowed(unquoted),
     }
 }
 
@@ -510,18 +583,15 @@ fn push_new(
     if name.len() > MAX_TRACKED_NAME {
         return Err(CookieError::NameTooLong { len: name.len() });
     }
-    let (canonical, as_sent) = tracked.keys(hasher, name, value);
-    // One name for both keys: a name not spelt as the policy spells it is
+    let keys = tracked.keys(hasher, name, value);
+    // One name for every key: a name not spelt as the policy spells it is
     // a copy, made once.
     let mut shown: Option<Arc<str>> = None;
-    for (key, canonical) in [(canonical, true)]
-        .into_iter()
-        .chain(as_sent.map(|key| (key, false)))
-    {
+    for key in keys.all() {
         if !found.iter().any(|c| c.key == key) {
             // Cookies count against the limit, not the keys they are known
-            // by (the list holds at most twice the limit).
-            if canonical {
+            // by (the list holds at most three times the limit).
+            if key == keys.canonical {
                 if *cookies == MAX_TRACKED_PER_REQUEST {
                     return Err(CookieError::TooMany);
                 }
@@ -835,34 +905,39 @@ pub fn tracked_in_response(
             }
             let expires_ms = cookie_expiry_ms(&parsed, text, *now_ms, *origin_now_ms).0;
             for (name, tracked, value) in hidden {
-                let (key, _) = tracked.keys(hasher, name, value);
-                found.push(SetTrackedCookie {
-                    cookie: Credential::cookie(tracked.name(name), key),
-                    deletes: false,
-                    expires_ms,
-                });
+                for key in tracked.keys(hasher, name, value).set() {
+                    found.push(SetTrackedCookie {
+                        cookie: Credential::cookie(tracked.name(name), key),
+                        deletes: false,
+                        expires_ms,
+                    });
+                }
             }
             continue;
         };
         let now_ms = *now_ms;
         let (expires_ms, expired) = cookie_expiry_ms(&parsed, text, now_ms, *origin_now_ms);
         let deletes = expired || unquote(parsed.value()).is_empty();
-        // Pinned by its canonical key alone: a request that sends it in
-        // another spelling carries that key too.
-        let (key, _) = tracked.keys(hasher, parsed.name(), parsed.value());
-        found.push(SetTrackedCookie {
-            cookie: Credential::cookie(tracked.name(parsed.name()), key),
-            deletes,
-            expires_ms,
-        });
+        // Pinned by its canonical key (and the one it had before escapes
+        // were decoded): a request that sends it in another spelling
+        // carries that key too.
+        let keys = tracked.keys(hasher, parsed.name(), parsed.value());
+        for key in keys.set() {
+            found.push(SetTrackedCookie {
+                cookie: Credential::cookie(tracked.name(parsed.name()), key),
+                deletes,
+                expires_ms,
+            });
+        }
         for (name, tracked, value) in hidden {
-            let (hidden_key, _) = tracked.keys(hasher, name, value);
-            if hidden_key != key {
-                found.push(SetTrackedCookie {
-                    cookie: Credential::cookie(tracked.name(name), hidden_key),
-                    deletes: false,
-                    expires_ms,
-                });
+            for key in tracked.keys(hasher, name, value).set() {
+                if !keys.set().any(|set| set == key) {
+                    found.push(SetTrackedCookie {
+                        cookie: Credential::cookie(tracked.name(name), key),
+                        deletes: false,
+                        expires_ms,
+                    });
+                }
             }
         }
     }
@@ -917,8 +992,10 @@ pub fn strip_from_request(
     // By either key a cookie is known by (a credential read by one of them
     // is stripped in every spelling).
     let known_by = |tracked: Tracked<'_>, name: &str, value: &str| {
-        let (canonical, as_sent) = tracked.keys(hasher, name, value);
-        strip.contains(&canonical) || as_sent.is_some_and(|key| strip.contains(&key))
+        tracked
+            .keys(hasher, name, value)
+            .all()
+            .any(|key| strip.contains(&key))
     };
     // By any value it was read as, the shorter ones too (a credential read
     // as `T` from `datadome=T, x=1` goes with its pair).
@@ -2130,9 +2207,23 @@ mod tests {
             request_keys("datadome=%54"),
             [canonical, h.cookie("datadome", "%54")]
         );
+        // Quoted or in another case, it is also known by the key it had
+        // before escapes were decoded (pins made by earlier releases).
         assert_eq!(
             request_keys("datadome=\"%54\""),
-            [canonical, h.cookie("datadome", "\"%54\"")]
+            [
+                canonical,
+                h.cookie("datadome", "\"%54\""),
+                h.cookie("datadome", "%54")
+            ]
+        );
+        assert_eq!(
+            request_keys("DataDome=a%41"),
+            [
+                h.cookie("datadome", "aA"),
+                h.cookie("DataDome", "a%41"),
+                h.cookie("datadome", "a%41")
+            ]
         );
         // One that does not decode to text is read as written.
         assert_eq!(request_keys("datadome=%zz"), [h.cookie("datadome", "%zz")]);
@@ -2156,6 +2247,14 @@ mod tests {
                 "{sent}"
             );
         }
+        // A name a pattern matches as sent is read as PHP reads it too.
+        assert_eq!(
+            request_keys("incap_ses_1.2=v"),
+            [
+                h.cookie("incap_ses_1_2", "v"),
+                h.cookie("incap_ses_1.2", "v")
+            ]
+        );
         // Names PHP reads as untracked ones stay untracked.
         for sent in ["a.b", "AMCV_8F99%40AdobeOrg", "x+y", "%zz"] {
             assert!(request_keys(&format!("{sent}=v")).is_empty(), "{sent}");
@@ -2170,9 +2269,16 @@ mod tests {
         ] {
             let mut headers = HeaderMap::new();
             headers.insert("set-cookie", HeaderValue::from_static(line));
-            let set = tracked_in_response(&headers, &policy(), &h, || 1);
-            assert_eq!(set.len(), 1, "{line}");
-            assert_eq!(set[0].cookie.key, canonical, "{line}");
+            let set: Vec<PinKey> = tracked_in_response(&headers, &policy(), &h, || 1)
+                .iter()
+                .map(|s| s.cookie.key)
+                .collect();
+            // With escapes, also by the key earlier releases look it up by.
+            let mut expected = vec![canonical];
+            if line.contains('%') {
+                expected.push(h.cookie("datadome", "%54"));
+            }
+            assert_eq!(set, expected, "{line}");
         }
     }
 
