@@ -16,9 +16,11 @@
 //! Invariants:
 //! - at most [`MAX_PREFACE_LEN`] bytes are read. A first header block that
 //!   has not ended by then (a request with a large cookie) is fingerprinted
-//!   from the fields read whole before the limit: the settings, window,
-//!   priorities and pseudo-headers all come before it. A client that has
-//!   not started its first header block by then gets [`H2Error::TooLarge`];
+//!   from the fields read whole before the limit, once they hold every
+//!   pseudo-header (the settings, window and priorities come before them).
+//!   A client that has not started its first header block by then, or
+//!   whose pseudo-headers run past it (a 64 KiB `:path`), gets
+//!   [`H2Error::TooLarge`];
 //! - at most [`hpack::MAX_HEADERS`](super::hpack) names are kept; the
 //!   header order of a longer first request is its first names;
 //! - only the frame being read is buffered, plus the header block being
@@ -567,7 +569,14 @@ impl H2PrefaceParser {
     fn end_block(&mut self, cut: bool) -> Result<Step, H2Error> {
         self.continuing = 0;
         let (pseudo_order, header_order) = header_names(&self.header_block, cut)?;
-        if cut && pseudo_order.is_empty() && header_order.is_empty() {
+        // Pseudo-headers come first: a regular field read whole says they
+        // were all read. Without one, the cut may have fallen inside one
+        // (a 64 KiB `:path`), and a partial order would be presented as
+        // the client's: only the four of a request are taken as whole.
+        let all_pseudo = ['m', 'a', 's', 'p']
+            .iter()
+            .all(|p| pseudo_order.contains(p));
+        if cut && header_order.is_empty() && !all_pseudo {
             return Err(H2Error::TooLarge);
         }
         self.fingerprint.pseudo_order = pseudo_order;
@@ -907,6 +916,13 @@ mod tests {
         for _ in 0..(MAX_PREFACE_LEN / 1000 + 1) {
             p.extend(frame(6, 0, 0, &[0; 991]));
         }
+        assert_eq!(parse(&p), Err(H2Error::TooLarge));
+        // A block cut inside a pseudo-header (a 70 KB `:path`).
+        let mut p = PREFACE.to_vec();
+        p.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        let mut block = vec![0x82, 0x41, 0x01, b'x', 0x87, 0x04, 0x7f, 0x80, 0x80, 0x04];
+        block.extend(std::iter::repeat_n(b'/', 70_000));
+        p.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, &block));
         assert_eq!(parse(&p), Err(H2Error::TooLarge));
         // A block cut at the limit with no whole field in it.
         let mut p = PREFACE.to_vec();
