@@ -287,11 +287,11 @@ pub struct Auth {
     /// [`REFUSAL_TTL`]).
     refused: moka::sync::Cache<[u8; 32], ()>,
     /// Checks under way, by login digest: those that come meanwhile share
-    /// the result.
-    in_flight: DashMap<[u8; 32], Arc<OnceCell<bool>>>,
+    /// the verdict.
+    in_flight: DashMap<[u8; 32], Held<OnceCell<Verdict>>>,
     /// Each client address's turns at a core (see [`CHECKS_PER_PEER`]),
     /// while it has checks waiting or running.
-    peers: Arc<DashMap<IpAddr, Arc<Semaphore>>>,
+    peers: DashMap<IpAddr, Held<Semaphore>>,
     verifying: Arc<Semaphore>,
     /// Password checks run (each a hash of the user's cost).
     checks: std::sync::atomic::AtomicU64,
@@ -349,7 +349,7 @@ impl Auth {
                 .time_to_live(REFUSAL_TTL)
                 .build(),
             in_flight: DashMap::new(),
-            peers: Arc::default(),
+            peers: DashMap::new(),
             verifying: Arc::new(Semaphore::new(cores)),
             checks: std::sync::atomic::AtomicU64::new(0),
         }
@@ -419,17 +419,17 @@ impl Auth {
             tracing::debug!(%peer, "proxy authentication failed: refused lately");
             return Err(ProxyError::AuthRequired(AuthFailure::Rejected));
         }
-        let matches = self
-            .check_once(login, peer.ip(), hash, basic.password.clone())
+        let verdict = self
+            .check_once(login, peer.ip(), hash, basic.password.clone(), user)
             .await;
-        if !matches {
-            self.refused.insert(login, ());
+        let matches = verdict == Some(true);
+        if verdict.is_none() {
+            tracing::warn!(%peer, "proxy authentication failed: the password check could not run");
         }
         match user {
             Some(user) if matches => {
                 let principal = user.principal(self.id);
                 self.verified.insert(digest, principal.clone());
-                self.verified.insert(login, principal.clone());
                 Ok(principal)
             }
             Some(user) => {
@@ -511,102 +511,143 @@ impl Auth {
         self.checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Checks `password` against `hash` for the login `login` from `peer`:
-    /// one check for all the admissions of that login that come while it
-    /// runs, which share its result.
+    /// Checks `password` against `hash` for the login `login` of `user`
+    /// (`None`: an unknown name) from `peer`: one check for all the
+    /// admissions of that login that come while it runs, which share its
+    /// verdict. The verdict is remembered (a match of a user's as verified,
+    /// anything else that ran as refused) before it is shared, so that an
+    /// admission that comes after it finds it there rather than checking
+    /// again; a check that could not run is not remembered.
     async fn check_once(
         &self,
         login: [u8; 32],
         peer: IpAddr,
         hash: PasswordHash,
         password: String,
-    ) -> bool {
-        let check = InFlight {
-            cell: self.in_flight.entry(login).or_default().clone(),
-            checks: &self.in_flight,
-            login,
-        };
+        user: Option<&User>,
+    ) -> Verdict {
+        let check = Share::of(&self.in_flight, login, OnceCell::new);
         *check
-            .cell
-            .get_or_init(|| self.verify_in_turn(peer, hash, password))
+            .held
+            .get_or_init(|| async {
+                let verdict = self.verify_in_turn(peer, hash, password).await;
+                match (verdict, user) {
+                    (Some(true), Some(user)) => {
+                        self.verified.insert(login, user.principal(self.id));
+                    }
+                    (Some(_), _) => self.refused.insert(login, ()),
+                    (None, _) => {}
+                }
+                verdict
+            })
             .await
     }
 
     /// [`Auth::verify`] in `peer`'s turn: at most [`CHECKS_PER_PEER`] of an
-    /// address's checks wait for a core or run; its others wait here.
-    async fn verify_in_turn(&self, peer: IpAddr, hash: PasswordHash, password: String) -> bool {
-        let turns = PeerTurns::of(&self.peers, peer);
-        let Ok(_turn) = turns.gate.clone().acquire_owned().await else {
-            return false;
-        };
+    /// address's checks wait for a core or run; its others wait here. An
+    /// IPv6 address counts by its /64 (one host's, as a rule), an
+    /// IPv4-mapped one as the IPv4 address.
+    async fn verify_in_turn(&self, peer: IpAddr, hash: PasswordHash, password: String) -> Verdict {
+        let turns = Share::of(&self.peers, turn_key(peer), || {
+            Semaphore::new(CHECKS_PER_PEER)
+        });
+        let _turn = turns.held.acquire().await.ok()?;
         self.verify(hash, password).await
     }
 
     /// Verifies `password` against `hash` on the blocking pool, at most one
-    /// verification per core at once.
-    async fn verify(&self, hash: PasswordHash, password: String) -> bool {
+    /// verification per core at once; `None` when it could not run.
+    async fn verify(&self, hash: PasswordHash, password: String) -> Verdict {
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Ok(permit) = self.verifying.clone().acquire_owned().await else {
-            return false;
-        };
+        let permit = self.verifying.clone().acquire_owned().await.ok()?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             hash.verify(password.as_bytes())
         })
         .await
-        .unwrap_or(false)
+        .ok()
     }
 }
 
-/// A login's check under way, shared by the admissions waiting for it;
-/// forgotten once it has a result or no one waits for it any more (a
-/// client that leaves mid-check, the others taking it over).
-struct InFlight<'a> {
-    cell: Arc<OnceCell<bool>>,
-    checks: &'a DashMap<[u8; 32], Arc<OnceCell<bool>>>,
-    login: [u8; 32],
+/// A password check's outcome: whether the password matched, or `None`
+/// when the check could not run.
+type Verdict = Option<bool>;
+
+/// The address `peer`'s checks take turns under: a /64 for IPv6.
+fn turn_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+    }
 }
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        // The map's copy and this one: no other admission waits for it (a
-        // copy is only taken from the map, under its lock).
-        self.checks.remove_if(&self.login, |_, cell| {
-            Arc::ptr_eq(cell, &self.cell) && (cell.initialized() || Arc::strong_count(cell) <= 2)
+/// A value shared under a key while anyone holds it, with how many do
+/// (counted under the map's lock).
+struct Held<T> {
+    value: Arc<T>,
+    holders: usize,
+}
+
+/// One hold on the value under `key` in `map`, made when the first comes
+/// and forgotten when the last goes, however it goes (a client that leaves
+/// mid-check included); a value shared by checks, forgotten as soon as it
+/// is set (a [`OnceCell`]), is not found by later ones.
+struct Share<'m, K: std::hash::Hash + Eq + Copy, T: Forgettable> {
+    held: Arc<T>,
+    map: &'m DashMap<K, Held<T>>,
+    key: K,
+}
+
+/// What a [`Share`] may forget before its last holder goes.
+trait Forgettable {
+    /// Whether it is done with, whoever still holds it.
+    fn settled(&self) -> bool;
+}
+
+impl Forgettable for Semaphore {
+    fn settled(&self) -> bool {
+        false
+    }
+}
+
+impl<V> Forgettable for OnceCell<V> {
+    fn settled(&self) -> bool {
+        self.initialized()
+    }
+}
+
+impl<'m, K: std::hash::Hash + Eq + Copy, T: Forgettable> Share<'m, K, T> {
+    fn of(map: &'m DashMap<K, Held<T>>, key: K, make: impl FnOnce() -> T) -> Share<'m, K, T> {
+        let mut entry = map.entry(key).or_insert_with(|| Held {
+            value: Arc::new(make()),
+            holders: 0,
         });
+        entry.holders += 1;
+        let held = entry.value.clone();
+        Share { held, map, key }
     }
 }
 
-/// One client address's turns at a core, held while one of its checks
-/// waits or runs; the address is forgotten with its last check, however
-/// that ends (a client that leaves mid-check included).
-struct PeerTurns {
-    gate: Arc<Semaphore>,
-    peers: Arc<DashMap<IpAddr, Arc<Semaphore>>>,
-    peer: IpAddr,
-}
-
-impl PeerTurns {
-    fn of(peers: &Arc<DashMap<IpAddr, Arc<Semaphore>>>, peer: IpAddr) -> PeerTurns {
-        let gate = peers
-            .entry(peer)
-            .or_insert_with(|| Arc::new(Semaphore::new(CHECKS_PER_PEER)))
-            .clone();
-        PeerTurns {
-            gate,
-            peers: peers.clone(),
-            peer,
-        }
-    }
-}
-
-impl Drop for PeerTurns {
+impl<K: std::hash::Hash + Eq + Copy, T: Forgettable> Drop for Share<'_, K, T> {
     fn drop(&mut self) {
-        // The map's copy and this one: no other check of the address holds
-        // it (a copy is only taken from the map, under its lock).
-        self.peers
-            .remove_if(&self.peer, |_, gate| Arc::strong_count(gate) <= 2);
+        if let dashmap::Entry::Occupied(mut entry) = self.map.entry(self.key) {
+            // A value forgotten already may have a successor under the key.
+            if Arc::ptr_eq(&entry.get().value, &self.held) {
+                let shared = entry.get_mut();
+                shared.holders = shared.holders.saturating_sub(1);
+                if shared.holders == 0 || shared.value.settled() {
+                    entry.remove();
+                }
+            }
+        }
     }
 }
 
@@ -819,6 +860,14 @@ mod tests {
         }
         assert_eq!(auth.checks(), 2);
         assert!(auth.in_flight.is_empty() && auth.peers.is_empty());
+        assert_eq!(
+            turn_key("2001:db8::1:2:3:4".parse().unwrap()),
+            "2001:db8::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            turn_key("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     /// An address flooding wrong passwords has at most
