@@ -4,8 +4,8 @@
 //! names capitalised (`User-Agent`, `Accept-Language`), which hyper's
 //! client writes for a name its request's case map does not spell
 //! (`title_case_headers`), but not all: Chromium writes its client hints in
-//! lower case over HTTP/1.1 too (`sec-ch-ua`), and everyone writes `DNT`
-//! in capitals. hyper keeps its case map private, and makes one only by
+//! lower case over HTTP/1.1 too (`sec-ch-ua`, `dpr`), and everyone writes
+//! `DNT` and `TE` in capitals. hyper keeps its case map private, and makes one only by
 //! parsing a head; so the map for those names is made that way, once
 //! ([`case_map`]), and a request that came over HTTP/2 gets a copy.
 //!
