@@ -283,6 +283,7 @@ async fn run(
                     cookie: credential.clone(),
                     deletes: false,
                     expires_ms: max_age_min.map(|m| clock.now_ms() + u64::from(m) * 60_000),
+                    also: false,
                 };
                 let identity = learn(&router, route, &[set], fingerprint, None, None)
                     .await

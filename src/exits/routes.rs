@@ -127,6 +127,11 @@ struct Remembered {
     /// for changed.)
     #[serde(default, skip_serializing)]
     route: Option<String>,
+    /// Set beside `route` by development builds that wrote it keyed but
+    /// with no record of the key: such a route cannot be compared, nor
+    /// keyed again; never written.
+    #[serde(default, skip_serializing)]
+    keyed: bool,
     /// The route, as [`book_route`] writes it.
     #[serde(default)]
     route_hash: String,
@@ -283,6 +288,11 @@ impl BookFile {
         let mut rewrite = false;
         let mut foreign = Vec::new();
         known.retain(|id, entry| {
+            if entry.route.is_some() && entry.keyed {
+                foreign.push(id.clone());
+                rewrite = true;
+                return false;
+            }
             if let Some(bare) = entry.route.take() {
                 // An unkeyed route is the route key a keyed one hashes.
                 let key = |route: &str| route_hash(hasher, "route", route).to_string();
@@ -344,6 +354,7 @@ impl RouteBook {
                 dirty = true;
                 Remembered {
                     route: None,
+                    keyed: false,
                     route_hash: route.clone(),
                     key: key_check(&self.hasher),
                     face: face.to_owned(),
@@ -741,6 +752,21 @@ mod tests {
     /// routes kept from; it is written under the new key.
     #[test]
     fn a_book_hashed_with_another_key_is_recorded_afresh() {
+        // Development builds wrote a keyed route as `route`, marked
+        // `keyed`, without the key: not compared, not keyed again.
+        let dir = tempfile::tempdir().unwrap();
+        let spec = specs(&[("a", "http://gate:1")]);
+        std::fs::write(
+            dir.path().join(ROUTE_FILE),
+            format!(
+                r#"{{"a": {{"route": "{}", "keyed": true, "face": "mirror"}}}}"#,
+                book_route(&spec[0], &hasher())
+            ),
+        )
+        .unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
+        assert_eq!(apply(&book, &spec, 100), (vec![None], vec![], true));
+
         let dir = tempfile::tempdir().unwrap();
         let mut keeping = specs(&[("a", "http://gate:1"), ("b", "http://gate:2")]);
         keeping[0].options.keep_identities_on_route_change = true;

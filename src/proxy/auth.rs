@@ -241,6 +241,9 @@ pub enum AuthFailure {
     NoUser,
     /// Unknown user or wrong password (the answer does not say which).
     Rejected,
+    /// The password could not be checked (the daemon is shutting down):
+    /// no word on the credentials.
+    Unchecked,
 }
 
 impl fmt::Display for AuthFailure {
@@ -261,6 +264,10 @@ impl fmt::Display for AuthFailure {
                 "the user name session-KEY names no user; authenticate as NAME-session-KEY"
             }
             AuthFailure::Rejected => "wrong user name or password",
+            AuthFailure::Unchecked => {
+                "the password could not be checked just now (the proxy is shutting down or \
+                 overloaded): send the request again"
+            }
         })
     }
 }
@@ -422,10 +429,10 @@ impl Auth {
         let verdict = self
             .check_once(login, peer.ip(), hash, basic.password.clone(), user)
             .await;
-        let matches = verdict == Some(true);
-        if verdict.is_none() {
+        let Some(matches) = verdict else {
             tracing::warn!(%peer, "proxy authentication failed: the password check could not run");
-        }
+            return Err(ProxyError::AuthRequired(AuthFailure::Unchecked));
+        };
         match user {
             Some(user) if matches => {
                 let principal = user.principal(self.id);

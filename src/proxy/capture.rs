@@ -271,7 +271,8 @@ impl Pipeline {
 /// cannot: more than [`cookies::MAX_TRACKED_PER_RESPONSE`] (deletions
 /// aside), or a name longer than [`cookies::MAX_TRACKED_NAME`].
 fn unpinnable(set: &[SetTrackedCookie]) -> Option<String> {
-    let pinned = set.iter().filter(|c| !c.deletes).count();
+    // Cookies, not the keys they are pinned by.
+    let pinned = set.iter().filter(|c| !c.deletes && !c.also).count();
     if pinned > cookies::MAX_TRACKED_PER_RESPONSE {
         return Some(format!(
             "the origin set {pinned} tracked cookies in one answer; pinproxy pins at most {} per answer and did not pass it on",
@@ -476,6 +477,7 @@ mod tests {
                     cookie: Credential::cookie(name.as_str(), key),
                     deletes,
                     expires_ms: None,
+                    also: false,
                 }
             })
             .collect()

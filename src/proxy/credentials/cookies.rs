@@ -175,15 +175,18 @@ impl CookiePolicy {
         if let Some(spelt) = exact {
             return Some(Tracked::Exact(spelt));
         }
-        // Before the patterns, which may match the name as sent too
-        // (`incap_ses_1.2`, which PHP reads as `incap_ses_1_2`).
-        if let Some(php) = self.tracked_as_php_reads(name) {
-            return Some(php);
+        if self.globs.iter().any(|glob| glob.matches(name)) {
+            // Keyed by the pattern's match, as it always was; and by the
+            // name as PHP reads it too, when that is tracked
+            // (`incap_ses_1.2`, PHP's `incap_ses_1_2`).
+            let php = self.tracked_as_php_reads(name).and_then(|read| match read {
+                Tracked::Exact(spelt) => Some(PhpReading::Exact(spelt)),
+                Tracked::PhpPattern { decoded } => Some(PhpReading::Pattern { decoded }),
+                Tracked::Pattern { .. } => None,
+            });
+            return Some(Tracked::Pattern { php });
         }
-        self.globs
-            .iter()
-            .any(|glob| glob.matches(name))
-            .then_some(Tracked::Pattern)
+        self.tracked_as_php_reads(name)
     }
 
     /// Whether a cookie name PHP reads as a tracked one is tracked
@@ -227,11 +230,27 @@ impl CookiePolicy {
 enum Tracked<'a> {
     /// An exact name, in any case: the policy's spelling of it.
     Exact(&'a Arc<str>),
-    /// A pattern.
-    Pattern,
+    /// A pattern, matching the name as sent.
+    Pattern {
+        /// The name as PHP reads it is tracked too, so: the cookie is also
+        /// known by that reading's canonical key.
+        php: Option<PhpReading<'a>>,
+    },
     /// A pattern, matched by the name as PHP reads it ([`php_name`], with
     /// `decoded` as it was).
     PhpPattern {
+        /// The name was percent-decoded.
+        decoded: bool,
+    },
+}
+
+/// How the name a pattern matched as sent is tracked as PHP reads it.
+#[derive(Debug, Clone, Copy)]
+enum PhpReading<'a> {
+    /// As an exact name: the policy's spelling of it.
+    Exact(&'a Arc<str>),
+    /// As a pattern's match ([`php_name`], with `decoded` as it was).
+    Pattern {
         /// The name was percent-decoded.
         decoded: bool,
     },
@@ -310,22 +329,27 @@ impl Tracked<'_> {
         let read = canonical_value(value);
         let named = |value: &str| match self {
             Tracked::Exact(spelt) => hasher.cookie(spelt, value),
-            Tracked::Pattern if name.bytes().any(|b| b.is_ascii_uppercase()) => {
+            Tracked::Pattern { .. } if name.bytes().any(|b| b.is_ascii_uppercase()) => {
                 hasher.cookie(&name.to_ascii_lowercase(), value)
             }
-            Tracked::Pattern => hasher.cookie(name, value),
-            Tracked::PhpPattern { decoded } => {
-                let mut room = [0u8; 64];
-                let php = php_name(name, decoded, &mut room).unwrap_or(Cow::Borrowed(name));
-                hasher.cookie(&php.to_ascii_lowercase(), value)
-            }
+            Tracked::Pattern { .. } => hasher.cookie(name, value),
+            Tracked::PhpPattern { decoded } => php_pattern_key(hasher, name, decoded, value),
         };
         let canonical = named(&read);
         let as_sent = match self {
             Tracked::Exact(spelt) => **spelt == *name,
-            Tracked::Pattern => !name.bytes().any(|b| b.is_ascii_uppercase()),
+            Tracked::Pattern { .. } => !name.bytes().any(|b| b.is_ascii_uppercase()),
             Tracked::PhpPattern { .. } => false,
         } && *read == *value;
+        let php = match self {
+            Tracked::Pattern {
+                php: Some(PhpReading::Exact(spelt)),
+            } => Some(hasher.cookie(spelt, &read)),
+            Tracked::Pattern {
+                php: Some(PhpReading::Pattern { decoded }),
+            } => Some(php_pattern_key(hasher, name, decoded, &read)),
+            _ => None,
+        };
         // Keys were canonical before escapes were decoded: a pin made then
         // is under the canonical name with the value as sent, unquoted.
         let unquoted = unquote(value);
@@ -334,8 +358,17 @@ impl Tracked<'_> {
             canonical,
             as_sent: (!as_sent).then(|| hasher.cookie(name, value)),
             undecoded,
+            php,
         }
     }
+}
+
+/// The canonical key of `name=value` for a pattern that matched `name` as
+/// PHP reads it (`decoded` as it was): that reading, lowercased.
+fn php_pattern_key(hasher: &PinHasher, name: &str, decoded: bool, value: &str) -> PinKey {
+    let mut room = [0u8; 64];
+    let php = php_name(name, decoded, &mut room).unwrap_or(Cow::Borrowed(name));
+    hasher.cookie(&php.to_ascii_lowercase(), value)
 }
 
 /// The keys a tracked cookie is known by (see [`Tracked::keys`]).
@@ -348,27 +381,39 @@ struct Keys {
     /// The canonical name's with the value's escapes as sent, when they
     /// decode (the canonical key before escapes were decoded).
     undecoded: Option<PinKey>,
+    /// The canonical key of the name as PHP reads it, for a name a pattern
+    /// matched as sent whose PHP reading is tracked too.
+    php: Option<PinKey>,
 }
 
 impl Keys {
-    /// Every key, the canonical one first; the others each once and never
-    /// the canonical one.
+    /// Every key, the canonical one first; each once.
     fn all(self) -> impl Iterator<Item = PinKey> {
-        let canonical = self.canonical;
-        let as_sent = self.as_sent.filter(|key| *key != canonical);
-        let undecoded = self
-            .undecoded
-            .filter(|key| *key != canonical && Some(*key) != as_sent);
-        std::iter::once(canonical).chain(as_sent).chain(undecoded)
+        let mut keys: [Option<PinKey>; 4] = [Some(self.canonical), None, None, None];
+        for (slot, key) in [self.as_sent, self.undecoded, self.php]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(key) = key.filter(|key| !keys.contains(&Some(*key))) {
+                if let Some(free) = keys.get_mut(slot + 1) {
+                    *free = Some(key);
+                }
+            }
+        }
+        keys.into_iter().flatten()
     }
 
-    /// What a response that sets the cookie pins it by: its canonical key,
-    /// and the one it had before escapes were decoded (which a replica of
-    /// an earlier release, still reading the store during a rolling
-    /// upgrade, looks it up by).
+    /// What a response that sets the cookie pins it by: its canonical key;
+    /// the one it had before escapes were decoded (which a replica of an
+    /// earlier release, still reading the store during a rolling upgrade,
+    /// looks it up by); and its name's PHP reading's (which a request that
+    /// spells it as PHP reads it is known by).
     fn set(self) -> impl Iterator<Item = PinKey> {
-        let canonical = self.canonical;
-        std::iter::once(canonical).chain(self.undecoded.filter(|key| *key != canonical))
+        Keys {
+            as_sent: None,
+            ..self
+        }
+        .all()
     }
 }
 
@@ -410,6 +455,9 @@ pub struct SetTrackedCookie {
     /// keeps it longest reads the line (`Max-Age` wins over `Expires`, as
     /// in RFC 6265); `None` for session cookies.
     pub expires_ms: Option<u64>,
+    /// Another key of the cookie before it in the list, not a cookie of
+    /// its own (limits count cookies).
+    pub also: bool,
 }
 
 /// Most tracked cookies (distinct name and value pairs) one request may
@@ -513,7 +561,9 @@ pub fn tracked_in_request_with(
             .trim();
         if !unquote(value).is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
-            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Pattern);
+            let tracked = policy
+                .tracked(DATADOME)
+                .unwrap_or(Tracked::Pattern { php: None });
             push_new(&mut found, &mut cookies, hasher, DATADOME, tracked, value)?;
         }
     }
@@ -587,15 +637,18 @@ fn push_new(
     // One name for every key: a name not spelt as the policy spells it is
     // a copy, made once.
     let mut shown: Option<Arc<str>> = None;
+    let mut counted = false;
     for key in keys.all() {
         if !found.iter().any(|c| c.key == key) {
             // Cookies count against the limit, not the keys they are known
-            // by (the list holds at most three times the limit).
-            if key == keys.canonical {
+            // by (the list holds at most four times the limit): once, at
+            // the first key of theirs the list did not hold.
+            if !counted {
                 if *cookies == MAX_TRACKED_PER_REQUEST {
                     return Err(CookieError::TooMany);
                 }
                 *cookies += 1;
+                counted = true;
             }
             let shown = shown.get_or_insert_with(|| tracked.name(name));
             found.push(Credential::cookie(Arc::clone(shown), key));
@@ -905,11 +958,12 @@ pub fn tracked_in_response(
             }
             let expires_ms = cookie_expiry_ms(&parsed, text, *now_ms, *origin_now_ms).0;
             for (name, tracked, value) in hidden {
-                for key in tracked.keys(hasher, name, value).set() {
+                for (i, key) in tracked.keys(hasher, name, value).set().enumerate() {
                     found.push(SetTrackedCookie {
                         cookie: Credential::cookie(tracked.name(name), key),
                         deletes: false,
                         expires_ms,
+                        also: i > 0,
                     });
                 }
             }
@@ -922,20 +976,23 @@ pub fn tracked_in_response(
         // were decoded): a request that sends it in another spelling
         // carries that key too.
         let keys = tracked.keys(hasher, parsed.name(), parsed.value());
-        for key in keys.set() {
+        for (i, key) in keys.set().enumerate() {
             found.push(SetTrackedCookie {
                 cookie: Credential::cookie(tracked.name(parsed.name()), key),
                 deletes,
                 expires_ms,
+                also: i > 0,
             });
         }
         for (name, tracked, value) in hidden {
+            let mut first = true;
             for key in tracked.keys(hasher, name, value).set() {
                 if !keys.set().any(|set| set == key) {
                     found.push(SetTrackedCookie {
                         cookie: Credential::cookie(tracked.name(name), key),
                         deletes: false,
                         expires_ms,
+                        also: !std::mem::take(&mut first),
                     });
                 }
             }
@@ -973,8 +1030,17 @@ fn set_but_hidden<'a>(
 }
 
 /// The `Set-Cookie` attributes that take a value.
-const ATTRIBUTES: [&str; 6] = [
-    "path", "domain", "expires", "max-age", "samesite", "priority",
+const ATTRIBUTES: [&str; 10] = [
+    "path",
+    "domain",
+    "expires",
+    "max-age",
+    "samesite",
+    "priority",
+    "version",
+    "comment",
+    "commenturl",
+    "port",
 ];
 
 /// Removes from a request the tracked cookies whose keys are in `strip`
@@ -1013,7 +1079,9 @@ pub fn strip_from_request(
             // Every value is a credential of its own (reading takes them
             // all), so each is judged, not just the first.
             let id = value.to_str().ok()?.trim();
-            let tracked = policy.tracked(DATADOME).unwrap_or(Tracked::Pattern);
+            let tracked = policy
+                .tracked(DATADOME)
+                .unwrap_or(Tracked::Pattern { php: None });
             return (!known_by(tracked, DATADOME, id)).then_some(value);
         }
         if name != http::header::COOKIE {
@@ -2247,12 +2315,13 @@ mod tests {
                 "{sent}"
             );
         }
-        // A name a pattern matches as sent is read as PHP reads it too.
+        // A name a pattern matches as sent is keyed by that match, as it
+        // always was, and by its PHP reading's key too.
         assert_eq!(
             request_keys("incap_ses_1.2=v"),
             [
-                h.cookie("incap_ses_1_2", "v"),
-                h.cookie("incap_ses_1.2", "v")
+                h.cookie("incap_ses_1.2", "v"),
+                h.cookie("incap_ses_1_2", "v")
             ]
         );
         // Names PHP reads as untracked ones stay untracked.
@@ -2280,6 +2349,22 @@ mod tests {
             }
             assert_eq!(set, expected, "{line}");
         }
+    }
+
+    /// Every cookie counts against the limit once, even one whose canonical
+    /// key is another cookie's other key (`_px0=%2576` reads `%76`, which
+    /// `_px0=%76` was sent as).
+    #[test]
+    fn each_cookie_counts_once_against_the_limit() {
+        let pairs: Vec<String> = (0..=MAX_TRACKED_PER_REQUEST / 2)
+            .map(|i| format!("_px{i}=%76; _px{i}=%2576"))
+            .collect();
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", HeaderValue::from_str(&pairs.join("; ")).unwrap());
+        assert!(matches!(
+            tracked_in_request(&headers, &policy(), &hasher()),
+            Err(CookieError::TooMany)
+        ));
     }
 
     /// A tracked pair a `Set-Cookie` line holds after its cookie (which
@@ -2316,6 +2401,17 @@ mod tests {
         ] {
             assert!(set(line).is_empty(), "{line}");
         }
+        // RFC 2109's attributes are no one's cookie either, whatever the
+        // policy tracks.
+        let everything = CookiePolicy::with_extra(&["*".to_owned()]).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "set-cookie",
+            HeaderValue::from_static("JSESSIONID=x; Version=1; Comment=c; Port=80; Path=/"),
+        );
+        let set = tracked_in_response(&headers, &everything, &h, || 1);
+        assert_eq!(set.len(), 1, "{set:?}");
+        assert_eq!(set[0].cookie.key, h.cookie("jsessionid", "x"));
     }
 
     /// A stripped credential goes in every spelling.
