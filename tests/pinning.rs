@@ -365,6 +365,33 @@ async fn datadome_header_carriers_count_as_the_cookie() {
     s.stop().await;
 }
 
+/// Other vendors' SDK token headers (PerimeterX's `X-PX-AUTHORIZATION`,
+/// Kasada's `x-kpsdk-ct`) are credentials too: the exit that first carried
+/// a token carries it after, on every new connection.
+#[tokio::test]
+async fn sdk_token_headers_keep_to_the_exit_that_first_carried_them() {
+    let s = Setup::start(3).await;
+    for (header, token) in [
+        ("x-px-authorization", "3:px-token-of-this-test"),
+        ("x-kpsdk-ct", "kasada-token-of-this-test"),
+    ] {
+        let mut first = None;
+        for _ in 0..6 {
+            let mut conn = s
+                .proxy
+                .client
+                .tunnel("localhost", s.origin.https.port())
+                .await;
+            let reply = conn.get("/page", &[(header, token)]).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let peer = Setup::peer(&reply);
+            assert!(peer.is_some(), "{header}");
+            assert_eq!(*first.get_or_insert(peer), peer, "{header}");
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn plain_http_requests_are_pinned_like_tunnelled_ones() {
     let s = Setup::start(3).await;

@@ -176,7 +176,7 @@ pub fn sanitize_request_trailers(trailers: &mut HeaderMap) {
     remove_where(trailers, |name| {
         leaves_no_request(name.as_str())
             || name == header::COOKIE
-            || name == super::credentials::cookies::X_DATADOME_CLIENTID
+            || super::credentials::cookies::carries_token(name)
     });
 }
 

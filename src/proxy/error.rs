@@ -284,7 +284,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => {
                 "Send fewer or smaller headers, or raise limits.max_header_bytes.".into()
             }
-            ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadClientId) => {
+            ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadTokenHeader(_)) => {
                 "Send cookies as UTF-8 text.".into()
             }
             ProxyError::Cookies(CookieError::HiddenPair) => {

@@ -49,6 +49,27 @@ pub static X_DATADOME_CLIENTID: HeaderName = HeaderName::from_static("x-datadome
 /// Response header in which DataDome returns a refreshed token to such clients.
 pub static X_SET_COOKIE: HeaderName = HeaderName::from_static("x-set-cookie");
 
+/// Request headers in which other vendors' mobile SDKs carry their session
+/// token instead of a cookie, each a credential of its own, named as the
+/// header (lower case): PerimeterX/HUMAN's `X-PX-AUTHORIZATION` (`3:` and
+/// the `_px3` token) and Kasada's `x-kpsdk-ct` (its client token, which its
+/// answers return in the same header, [`TOKEN_ANSWERS`]). A token is bound
+/// to the IP it was earned from, as a cookie is.
+pub static TOKEN_CARRIERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-px-authorization"),
+    HeaderName::from_static("x-kpsdk-ct"),
+];
+
+/// Response headers that hand a client a token it sends back in the
+/// request header of the same name ([`TOKEN_CARRIERS`]).
+pub static TOKEN_ANSWERS: [HeaderName; 1] = [HeaderName::from_static("x-kpsdk-ct")];
+
+/// Whether `name` is a request header carrying a session token: a
+/// [`TOKEN_CARRIERS`] one, or `X-DataDome-ClientID`.
+pub fn carries_token(name: &HeaderName) -> bool {
+    *name == X_DATADOME_CLIENTID || TOKEN_CARRIERS.contains(name)
+}
+
 /// A tracked-cookie pattern that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("tracked-cookie pattern {pattern:?}: {reason}")]
@@ -484,9 +505,10 @@ pub enum CookieError {
     /// A `Cookie` header with bytes that are not UTF-8.
     #[error("a Cookie header is not valid UTF-8, so pinproxy cannot tell whether it carries a tracked cookie")]
     NotUtf8,
-    /// An `X-DataDome-ClientID` header that is not visible ASCII.
-    #[error("the X-DataDome-ClientID header is not visible ASCII")]
-    BadClientId,
+    /// A token header (`X-DataDome-ClientID`, [`TOKEN_CARRIERS`]) that is
+    /// not visible ASCII; the header's name.
+    #[error("the {0} header is not visible ASCII")]
+    BadTokenHeader(&'static str),
     /// More tracked cookies than [`MAX_TRACKED_PER_REQUEST`].
     #[error("the request carries more than {MAX_TRACKED_PER_REQUEST} tracked cookies; pinproxy pins at most that many per request and forwarded none of them")]
     TooMany,
@@ -557,7 +579,7 @@ pub fn tracked_in_request_with(
     for header in client_ids.into_iter().flatten() {
         let value = header
             .to_str()
-            .map_err(|_| CookieError::BadClientId)?
+            .map_err(|_| CookieError::BadTokenHeader("X-DataDome-ClientID"))?
             .trim();
         if !unquote(value).is_empty() {
             // Hashed as the cookie whether or not the policy tracks it.
@@ -565,6 +587,28 @@ pub fn tracked_in_request_with(
                 .tracked(DATADOME)
                 .unwrap_or(Tracked::Pattern { php: None });
             push_new(&mut found, &mut cookies, hasher, DATADOME, tracked, value)?;
+        }
+    }
+    for carrier in &TOKEN_CARRIERS {
+        if !super::holds_custom(headers, carrier) {
+            continue;
+        }
+        for header in headers.get_all(carrier) {
+            let value = header
+                .to_str()
+                .map_err(|_| CookieError::BadTokenHeader(carrier.as_str()))?
+                .trim();
+            if !value.is_empty() {
+                let tracked = Tracked::Pattern { php: None };
+                push_new(
+                    &mut found,
+                    &mut cookies,
+                    hasher,
+                    carrier.as_str(),
+                    tracked,
+                    value,
+                )?;
+            }
         }
     }
     Ok(found)
@@ -998,6 +1042,31 @@ pub fn tracked_in_response(
             }
         }
     }
+    // A token a vendor's answer hands its SDK in a header of its own, which
+    // the SDK sends back in the request header of that name.
+    for answer in &TOKEN_ANSWERS {
+        if !super::holds_custom(headers, answer) {
+            continue;
+        }
+        for header in headers.get_all(answer) {
+            let Ok(token) = header.to_str().map(str::trim) else {
+                continue;
+            };
+            if token.is_empty() {
+                continue;
+            }
+            // Keyed as the request header's token is read.
+            let keys = Tracked::Pattern { php: None }.keys(hasher, answer.as_str(), token);
+            for (i, key) in keys.set().enumerate() {
+                found.push(SetTrackedCookie {
+                    cookie: Credential::cookie(answer.as_str(), key),
+                    deletes: false,
+                    expires_ms: None,
+                    also: i > 0,
+                });
+            }
+        }
+    }
     found
 }
 
@@ -1044,8 +1113,8 @@ const ATTRIBUTES: [&str; 10] = [
 ];
 
 /// Removes from a request the tracked cookies whose keys are in `strip`
-/// (from every `Cookie` header, and `X-DataDome-ClientID`); every other
-/// cookie stays as sent.
+/// (from every `Cookie` header, and the token headers: `X-DataDome-ClientID`
+/// and [`TOKEN_CARRIERS`]); every other cookie stays as sent.
 pub fn strip_from_request(
     headers: &mut HeaderMap,
     policy: &CookiePolicy,
@@ -1083,6 +1152,11 @@ pub fn strip_from_request(
                 .tracked(DATADOME)
                 .unwrap_or(Tracked::Pattern { php: None });
             return (!known_by(tracked, DATADOME, id)).then_some(value);
+        }
+        if let Some(carrier) = TOKEN_CARRIERS.iter().find(|carrier| *carrier == name) {
+            let token = value.to_str().ok()?.trim();
+            let tracked = Tracked::Pattern { php: None };
+            return (!known_by(tracked, carrier.as_str(), token)).then_some(value);
         }
         if name != http::header::COOKIE {
             return Some(value);
@@ -2349,6 +2423,40 @@ mod tests {
             }
             assert_eq!(set, expected, "{line}");
         }
+    }
+
+    /// SDK token headers are credentials named as the header; a token a
+    /// vendor's answer hands out is pinned by the key its request header
+    /// is read by; stripping takes the header out.
+    #[test]
+    fn sdk_token_headers_are_credentials() {
+        let h = hasher();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-px-authorization", HeaderValue::from_static("3:tok"));
+        headers.insert("x-kpsdk-ct", HeaderValue::from_static(" kt "));
+        headers.insert("user-agent", HeaderValue::from_static("app"));
+        let read: Vec<(String, PinKey)> = tracked_in_request(&headers, &policy(), &h)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name.to_string(), c.key))
+            .collect();
+        let px = h.cookie("x-px-authorization", "3:tok");
+        let kasada = h.cookie("x-kpsdk-ct", "kt");
+        assert_eq!(
+            read,
+            [
+                ("x-px-authorization".to_owned(), px),
+                ("x-kpsdk-ct".to_owned(), kasada)
+            ]
+        );
+        let mut answer = HeaderMap::new();
+        answer.insert("x-kpsdk-ct", HeaderValue::from_static("kt"));
+        let set = tracked_in_response(&answer, &policy(), &h, || 1);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].cookie.key, kasada);
+        strip_from_request(&mut headers, &policy(), &h, &[px]);
+        let left: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["x-kpsdk-ct", "user-agent"]);
     }
 
     /// Every cookie counts against the limit once, even one whose canonical
