@@ -496,6 +496,18 @@ mod tests {
             ),
             "{refused:?}"
         );
+        // A cookie pinned by more than one key (its escapes decode) counts
+        // once.
+        let policy = cookies::CookiePolicy::with_extra(&[]).unwrap();
+        let mut answer = http::HeaderMap::new();
+        for i in 0..cookies::MAX_TRACKED_PER_RESPONSE {
+            let line = format!("_px{i}=a%41");
+            answer.append("set-cookie", line.parse().unwrap());
+        }
+        let escaped =
+            cookies::tracked_in_response(&answer, &policy, &PinHasher::new([1; 32]), || 1);
+        assert_eq!(escaped.len(), 2 * cookies::MAX_TRACKED_PER_RESPONSE);
+        assert_eq!(unpinnable(&escaped), None);
         // Deletions pin nothing: they do not count.
         let mut many = set(cookies::MAX_TRACKED_PER_RESPONSE, 0, false);
         many.extend(set(10, 0, true));

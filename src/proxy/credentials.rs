@@ -62,7 +62,7 @@ pub fn of_connect(
 }
 
 /// Maps with more names than this are asked by hash (see [`holds_custom`]).
-const SCAN_NAMES_UP_TO: usize = 64;
+pub(crate) const SCAN_NAMES_UP_TO: usize = 64;
 
 /// Whether `headers` holds `name`, one the `http` crate has no constant for
 /// (`X-Pinproxy-Session`, DataDome's carriers). Asking the map hashes such a

@@ -231,14 +231,16 @@ pub fn sanitize_response(headers: &mut HeaderMap) {
 }
 
 /// Removes from a response's trailers what [`sanitize_response`] removes
-/// from its head (hop-by-hop headers) and any `Set-Cookie` or
-/// `X-Set-Cookie`: capture reads the head only, so a cookie set in a
-/// trailer would reach the client unpinned. The rest keep their order.
+/// from its head (hop-by-hop headers) and any `Set-Cookie`, `X-Set-Cookie`
+/// or token answer (`TOKEN_ANSWERS`): capture reads the head only, so a
+/// cookie or token set in a trailer would reach the client unpinned. The
+/// rest keep their order.
 pub fn sanitize_response_trailers(trailers: &mut HeaderMap) {
     remove_where(trailers, |name| {
         is_hop_by_hop(name.as_str())
             || name == header::SET_COOKIE
             || name == super::credentials::cookies::X_SET_COOKIE
+            || super::credentials::cookies::TOKEN_ANSWERS.contains(name)
     });
 }
 

@@ -197,6 +197,7 @@ impl ProxyError {
             ProxyError::Route(RouteError::ExitMissing { .. }) => "exit-missing",
             ProxyError::Route(RouteError::ExitReloaded { .. }) => "exit-reloaded",
             ProxyError::Route(RouteError::ExitNotAllowed { .. }) => "exit-not-allowed",
+            ProxyError::AuthRequired(AuthFailure::Unchecked) => "auth-unavailable",
             ProxyError::AuthRequired(_) => "proxy-auth-required",
             ProxyError::Loop { .. } => "proxy-loop",
             ProxyError::OutsideCa { .. } => "outside-ca-constraints",
@@ -239,6 +240,9 @@ impl ProxyError {
             ProxyError::Route(RouteError::NoExit(_) | RouteError::ExitReloaded { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            // No word on the credentials: a 407 would have a browser ask
+            // for them again, or drop them.
+            ProxyError::AuthRequired(AuthFailure::Unchecked) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::AuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Loop { .. }
@@ -284,9 +288,11 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => {
                 "Send fewer or smaller headers, or raise limits.max_header_bytes.".into()
             }
-            ProxyError::Cookies(CookieError::NotUtf8 | CookieError::BadTokenHeader(_)) => {
-                "Send cookies as UTF-8 text.".into()
-            }
+            ProxyError::Cookies(CookieError::NotUtf8) => "Send cookies as UTF-8 text.".into(),
+            ProxyError::Cookies(CookieError::BadTokenHeader(header)) => format!(
+                "Send the {header} header as visible ASCII, as the vendor's SDK does."
+            )
+            .into(),
             ProxyError::Cookies(CookieError::HiddenPair) => {
                 "Send cookies as one Cookie header with pairs separated by '; ', as browsers do."
                     .into()
@@ -341,6 +347,11 @@ impl ProxyError {
                 "Give the client proxy credentials with user name session-KEY (curl --proxy-user \
                  session-KEY:x, http://session-KEY:x@HOST:PORT as the proxy URL, a browser's \
                  proxy username)."
+                    .into()
+            }
+            ProxyError::AuthRequired(AuthFailure::Unchecked) => {
+                "Send the request again with the same credentials: pinproxy could not check \
+                 them just now (it is shutting down or its password checks failed to run)."
                     .into()
             }
             ProxyError::AuthRequired(_) => {
@@ -419,8 +430,14 @@ impl ProxyError {
                 HeaderValue::from(t.retry_after_secs()),
             );
         }
-        if let ProxyError::AuthRequired(_) = self {
-            headers.insert(http::header::PROXY_AUTHENTICATE, super::auth::challenge());
+        match self {
+            ProxyError::AuthRequired(AuthFailure::Unchecked) => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(1u32));
+            }
+            ProxyError::AuthRequired(_) => {
+                headers.insert(http::header::PROXY_AUTHENTICATE, super::auth::challenge());
+            }
+            _ => {}
         }
         headers.insert(
             http::header::CONTENT_TYPE,

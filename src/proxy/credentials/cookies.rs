@@ -50,19 +50,49 @@ pub static X_DATADOME_CLIENTID: HeaderName = HeaderName::from_static("x-datadome
 pub static X_SET_COOKIE: HeaderName = HeaderName::from_static("x-set-cookie");
 
 /// Request headers in which other vendors' mobile SDKs carry their session
-/// token instead of a cookie, each a credential of its own, named as the
-/// header (lower case): PerimeterX/HUMAN's `X-PX-AUTHORIZATION` (`3:` and
-/// the `_px3` token) and Kasada's `x-kpsdk-ct` (its client token, which its
-/// answers return in the same header, [`TOKEN_ANSWERS`]). A token is bound
-/// to the IP it was earned from, as a cookie is.
-pub static TOKEN_CARRIERS: [HeaderName; 2] = [
+/// token instead of a cookie, each a credential of its own: PerimeterX/
+/// HUMAN's `X-PX-AUTHORIZATION` (`3:` and the `_px3` token; a bare `1`,
+/// `2` or `3` is a status the SDK sends instead, with the token, if any,
+/// in `X-PX-ORIGINAL-TOKEN`: the same credential) and Kasada's `x-kpsdk-ct`
+/// (its client token, which its answers return in the same header,
+/// [`TOKEN_ANSWERS`]). A token is bound to the IP it was earned from, as a
+/// cookie is. Named as [`token_name`] says.
+pub static TOKEN_CARRIERS: [HeaderName; 3] = [
     HeaderName::from_static("x-px-authorization"),
+    HeaderName::from_static("x-px-original-token"),
     HeaderName::from_static("x-kpsdk-ct"),
 ];
+
+/// The credential a token carrier's value is, if it is one: named as the
+/// header that carries it first (PerimeterX's two headers carry one
+/// token), the value trimmed. A value empty once unquoted is none (every
+/// client sending it would share it); so is a PerimeterX value that is not
+/// `VERSION:TOKEN` (a bare status such as `3`).
+fn token_name<'v>(carrier: &HeaderName, value: &'v str) -> Option<(&'static str, &'v str)> {
+    let value = value.trim();
+    if unquote(value).is_empty() {
+        return None;
+    }
+    if carrier.as_str().starts_with("x-px-") {
+        let (version, token) = value.split_once(':')?;
+        let version_ok = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
+        return (version_ok && !token.trim().is_empty()).then_some(("x-px-authorization", value));
+    }
+    Some(("x-kpsdk-ct", value))
+}
 
 /// Response headers that hand a client a token it sends back in the
 /// request header of the same name ([`TOKEN_CARRIERS`]).
 pub static TOKEN_ANSWERS: [HeaderName; 1] = [HeaderName::from_static("x-kpsdk-ct")];
+
+/// Whether `headers` hold any of `names` (custom names), in one look over
+/// them.
+fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    if headers.keys_len() > super::SCAN_NAMES_UP_TO {
+        return names.iter().any(|name| headers.contains_key(name));
+    }
+    headers.keys().any(|held| names.contains(held))
+}
 
 /// Whether `name` is a request header carrying a session token: a
 /// [`TOKEN_CARRIERS`] one, or `X-DataDome-ClientID`.
@@ -589,25 +619,16 @@ pub fn tracked_in_request_with(
             push_new(&mut found, &mut cookies, hasher, DATADOME, tracked, value)?;
         }
     }
-    for carrier in &TOKEN_CARRIERS {
-        if !super::holds_custom(headers, carrier) {
-            continue;
-        }
-        for header in headers.get_all(carrier) {
-            let value = header
-                .to_str()
-                .map_err(|_| CookieError::BadTokenHeader(carrier.as_str()))?
-                .trim();
-            if !value.is_empty() {
-                let tracked = Tracked::Pattern { php: None };
-                push_new(
-                    &mut found,
-                    &mut cookies,
-                    hasher,
-                    carrier.as_str(),
-                    tracked,
-                    value,
-                )?;
+    if holds_any(headers, &TOKEN_CARRIERS) {
+        for carrier in &TOKEN_CARRIERS {
+            for header in headers.get_all(carrier) {
+                let value = header
+                    .to_str()
+                    .map_err(|_| CookieError::BadTokenHeader(carrier.as_str()))?;
+                if let Some((name, token)) = token_name(carrier, value) {
+                    let tracked = Tracked::Pattern { php: None };
+                    push_new(&mut found, &mut cookies, hasher, name, tracked, token)?;
+                }
             }
         }
     }
@@ -1049,17 +1070,15 @@ pub fn tracked_in_response(
             continue;
         }
         for header in headers.get_all(answer) {
-            let Ok(token) = header.to_str().map(str::trim) else {
+            let Some((name, token)) = header.to_str().ok().and_then(|v| token_name(answer, v))
+            else {
                 continue;
             };
-            if token.is_empty() {
-                continue;
-            }
             // Keyed as the request header's token is read.
-            let keys = Tracked::Pattern { php: None }.keys(hasher, answer.as_str(), token);
+            let keys = Tracked::Pattern { php: None }.keys(hasher, name, token);
             for (i, key) in keys.set().enumerate() {
                 found.push(SetTrackedCookie {
-                    cookie: Credential::cookie(answer.as_str(), key),
+                    cookie: Credential::cookie(name, key),
                     deletes: false,
                     expires_ms: None,
                     also: i > 0,
@@ -1154,9 +1173,11 @@ pub fn strip_from_request(
             return (!known_by(tracked, DATADOME, id)).then_some(value);
         }
         if let Some(carrier) = TOKEN_CARRIERS.iter().find(|carrier| *carrier == name) {
-            let token = value.to_str().ok()?.trim();
+            let Some((name, token)) = token_name(carrier, value.to_str().ok()?) else {
+                return Some(value);
+            };
             let tracked = Tracked::Pattern { php: None };
-            return (!known_by(tracked, carrier.as_str(), token)).then_some(value);
+            return (!known_by(tracked, name, token)).then_some(value);
         }
         if name != http::header::COOKIE {
             return Some(value);
@@ -2435,6 +2456,28 @@ mod tests {
         headers.insert("x-px-authorization", HeaderValue::from_static("3:tok"));
         headers.insert("x-kpsdk-ct", HeaderValue::from_static(" kt "));
         headers.insert("user-agent", HeaderValue::from_static("app"));
+        // PerimeterX's statuses and an empty token are no credentials; the
+        // token beside a status is PerimeterX's one credential.
+        for (header, value, read) in [
+            ("x-px-authorization", "3", None),
+            ("x-px-authorization", "1", None),
+            ("x-px-authorization", "3:", None),
+            ("x-kpsdk-ct", "\"\"", None),
+            ("x-px-original-token", "3:tok", Some("x-px-authorization")),
+        ] {
+            let mut alone = HeaderMap::new();
+            alone.insert(header, HeaderValue::from_static(value));
+            let names: Vec<String> = tracked_in_request(&alone, &policy(), &h)
+                .unwrap()
+                .iter()
+                .map(|c| c.name.to_string())
+                .collect();
+            assert_eq!(
+                names,
+                read.into_iter().collect::<Vec<_>>(),
+                "{header}: {value}"
+            );
+        }
         let read: Vec<(String, PinKey)> = tracked_in_request(&headers, &policy(), &h)
             .unwrap()
             .into_iter()
