@@ -357,9 +357,6 @@ impl Pipeline {
         // own. (An HTTP/1.1 client's absolute-form target inside a tunnel
         // gives way to its `Host`, as the origin would have it.)
         let from_h2 = parts.version == Version::HTTP_2;
-        if from_h2 {
-            parts.extensions.insert(crate::upstream::FromHttp2);
-        }
         if tunnel.is_some()
             && parts.uri.authority().is_some()
             && (from_h2 || !parts.headers.contains_key(http::header::HOST))
@@ -373,7 +370,12 @@ impl Pipeline {
         // Origin-form: the origin travels beside the request, so no
         // absolute URI is built here only to be taken apart in the pool.
         parts.uri = Uri::from(target.path_and_query.clone());
-        parts.version = Version::HTTP_11;
+        // HTTP/1.x requests go on as HTTP/1.1 (a proxy sends its own
+        // version); an HTTP/2 client's keeps its version, which says so to
+        // the pool (`upstream::came_over_http2`).
+        if !from_h2 {
+            parts.version = Version::HTTP_11;
+        }
         let upstream_request = Request::from_parts(parts, egress::request_body(incoming));
 
         // 7. send; a WebSocket goes its own way from here.

@@ -137,15 +137,18 @@ impl ClientAuthority {
     }
 }
 
-/// Marks a request that came over HTTP/2 (pinproxy sends every request
-/// on as HTTP/1.1 in form until the pool knows the origin's protocol). A
-/// `host` field such a request carries beside its `:authority` (nghttp2
-/// and Node clients send one when the application sets `Host`) is the
-/// client's own and goes to an HTTP/2 origin where the client put it;
-/// `:authority` stays the request's target (RFC 9113 §8.3.1), and an
-/// HTTP/1.1 origin gets one `Host`, first, from it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FromHttp2;
+/// Whether a request came over HTTP/2. The pipeline passes a request on
+/// with the version it came with (HTTP/2, or HTTP/1.1 for every HTTP/1.x
+/// one) until the pool writes it for the origin's protocol: an extension
+/// saying so would cost every HTTP/2 request an extension map, copied
+/// again by its replay. A `host` field such a request carries beside its
+/// `:authority` (nghttp2 and Node clients send one when the application
+/// sets `Host`) is the client's own and goes to an HTTP/2 origin where the
+/// client put it; `:authority` stays the request's target (RFC 9113
+/// §8.3.1), and an HTTP/1.1 origin gets one `Host`, first, from it.
+pub fn came_over_http2<B>(request: &http::Request<B>) -> bool {
+    request.version() == http::Version::HTTP_2
+}
 
 /// Which pool of an exit a request uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -60,7 +60,7 @@ use super::replay::{Replay, Unanswered};
 use super::resumption::{Resumes, Sessions};
 use super::tls::{SessionSlot, Shape};
 use super::Presentation;
-use super::{ClientAuthority, FromHttp2, Origin};
+use super::{came_over_http2, ClientAuthority, Origin};
 use crate::body::{Body, BoxError};
 use crate::fingerprint::header_order;
 use crate::identity::RetireReason;
@@ -1221,7 +1221,7 @@ fn h1_builder() -> http1::Builder {
     builder
 }
 
-/// Makes a request an HTTP/1.1 one. An HTTP/2 client's ([`FromHttp2`])
+/// Makes a request an HTTP/1.1 one. An HTTP/2 client's ([`came_over_http2`])
 /// gets what HTTP/1.1 needs: a `Host` header (first, where a browser puts
 /// it; from `:authority`, RFC 9113 §8.3.1, in place of any `host` field
 /// it sent), and its cookie crumbs (HTTP/2 lets a client send each cookie
@@ -1241,10 +1241,11 @@ fn for_h1(
     case_map: Option<&http::Extensions>,
 ) {
     as_it_came(request);
-    let from_h2 = request.extensions().get::<FromHttp2>().is_some();
+    let from_h2 = came_over_http2(request);
     if from_h2 {
         let came = request.headers().clone();
         request.extensions_mut().insert(AsItCame(came));
+        *request.version_mut() = http::Version::HTTP_11;
         header_order::remove(request.headers_mut(), &header::HOST);
     } else if request.headers().contains_key(header::HOST) {
         return;
@@ -1285,6 +1286,7 @@ struct AsItCame(HeaderMap);
 fn as_it_came(request: &mut Request<Body>) {
     if let Some(AsItCame(headers)) = request.extensions_mut().remove() {
         *request.headers_mut() = headers;
+        *request.version_mut() = http::Version::HTTP_2;
     }
 }
 
@@ -1347,13 +1349,13 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// client's `Host` (an HTTP/1.1 client), else the one an HTTP/2 client
 /// named ([`ClientAuthority`]), else the origin's, and without the
 /// connection-specific headers HTTP/2 forbids. An HTTP/2 client's own
-/// `host` field ([`FromHttp2`]) stays where it was. Answers whether it
+/// `host` field ([`came_over_http2`]) stays where it was. Answers whether it
 /// took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
     as_it_came(request);
-    let host = match request.extensions().get::<FromHttp2>() {
-        Some(_) => None,
-        None => header_order::remove(request.headers_mut(), &header::HOST),
+    let host = match came_over_http2(request) {
+        true => None,
+        false => header_order::remove(request.headers_mut(), &header::HOST),
     };
     let moved_host = host.is_some();
     let authority = host
@@ -1581,7 +1583,7 @@ pub(super) mod tests {
 
         // An HTTP/2 client's request: no Host of its own, crumbs joined.
         let mut r = request("/p", &[("cookie", "a=1"), ("cookie", "b=2")]);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         let moved_host = for_h2(&mut r, &origin());
         let mut r = back_from_h2(Some(r), moved_host).unwrap();
         for_h1(&mut r, &origin(), None, None);
@@ -1614,7 +1616,7 @@ pub(super) mod tests {
         let uri: Uri = "https://www.site.test/x".parse().unwrap();
         let named = ClientAuthority::differing(&uri, &origin()).unwrap();
         let mut r = request("/x", &fields);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         r.extensions_mut().insert(named);
         let moved_host = for_h2(&mut r, &origin());
         assert!(!moved_host);
@@ -1630,7 +1632,7 @@ pub(super) mod tests {
         assert_eq!(r.headers()["cookie"], "a=1; b=2");
         // Straight to HTTP/1.1, naming the tunnel's host.
         let mut r = request("/x", &fields);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         for_h1(&mut r, &origin(), None, None);
         assert_eq!(names(&r), ["host", "user-agent", "cookie"]);
         assert_eq!(r.headers()["host"], "a.test");
@@ -1651,7 +1653,7 @@ pub(super) mod tests {
             ("priority", "u=0, i"),
         ];
         let mut r = request("/p", &fields);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         let chromium = Some(HpackPolicy::Chromium);
         for _ in 0..2 {
             for_h1(&mut r, &origin(), chromium, None);
@@ -1665,7 +1667,7 @@ pub(super) mod tests {
         assert_eq!(r.uri().to_string(), "https://a.test/p");
         // Another family gets neither `Connection` nor a lost `priority`.
         let mut r = request("/p", &fields);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         for_h1(&mut r, &origin(), Some(HpackPolicy::Firefox), None);
         assert_eq!(names(&r), ["host", "user-agent", "cookie", "priority"]);
     }
@@ -1678,12 +1680,12 @@ pub(super) mod tests {
         let uri: Uri = "https://www.site.test/x".parse().unwrap();
         let named = ClientAuthority::differing(&uri, &origin()).unwrap();
         let mut r = request("/x", &[]);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         r.extensions_mut().insert(named.clone());
         for_h2(&mut r, &origin());
         assert_eq!(r.uri().authority().unwrap().as_str(), "www.site.test");
         let mut r = request("/x", &[]);
-        r.extensions_mut().insert(FromHttp2);
+        *r.version_mut() = http::Version::HTTP_2;
         r.extensions_mut().insert(named);
         for_h1(&mut r, &origin(), None, None);
         assert_eq!(r.headers()["host"], "www.site.test");
