@@ -667,6 +667,8 @@ impl LanePool {
                     retried = true;
                     fresh = true;
                     request = unsent;
+                    // As it came, not as the attempt wrote it.
+                    as_it_came(&mut request);
                 }
                 Err(Unsent {
                     request: None,
@@ -915,12 +917,12 @@ impl LanePool {
             return Err(Unsent::new(Some(request), error, Unanswered::Unknown));
         }
         let family = self.presentation.h2.as_deref().map(h2::hpack_policy);
-        for_h1(
-            &mut request,
-            origin,
-            family,
-            super::header_case::case_map().await,
-        );
+        // An HTTP/1.1 client's request has its own case map.
+        let case_map = match came_over_http2(&request) {
+            true => super::header_case::case_map().await,
+            false => None,
+        };
+        for_h1(&mut request, origin, family, case_map);
         conn.framing.request(request.method());
         let uploads = !request.body().is_end_stream();
         match conn.sender.try_send_request(request).await {
@@ -1240,7 +1242,6 @@ fn for_h1(
     family: Option<HpackPolicy>,
     case_map: Option<&http::Extensions>,
 ) {
-    as_it_came(request);
     let from_h2 = came_over_http2(request);
     if from_h2 {
         let came = request.headers().clone();
@@ -1274,10 +1275,11 @@ fn for_h1(
 }
 
 /// An HTTP/2 client's headers as they came, kept while its request is
-/// written as HTTP/1.1 ([`for_h1`]): a request handed back unsent is
-/// written anew from them, for HTTP/1.1 or HTTP/2, rather than from its
-/// HTTP/1.1 form (which would get a second `Connection`, or take
-/// pinproxy's `Host` and joined cookies to an HTTP/2 origin).
+/// written as HTTP/1.1 ([`for_h1`]): a request handed back unsent is put
+/// back as it came ([`as_it_came`], in `LanePool::send`) and written anew,
+/// for HTTP/1.1 or HTTP/2, rather than sent in its HTTP/1.1 form (which
+/// would get a second `Connection`, or take pinproxy's `Host` and joined
+/// cookies to an HTTP/2 origin).
 #[derive(Clone)]
 struct AsItCame(HeaderMap);
 
@@ -1352,7 +1354,6 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// `host` field ([`came_over_http2`]) stays where it was. Answers whether it
 /// took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
-    as_it_came(request);
     let host = match came_over_http2(request) {
         true => None,
         false => header_order::remove(request.headers_mut(), &header::HOST),
@@ -1656,11 +1657,13 @@ pub(super) mod tests {
         *r.version_mut() = http::Version::HTTP_2;
         let chromium = Some(HpackPolicy::Chromium);
         for _ in 0..2 {
+            as_it_came(&mut r);
             for_h1(&mut r, &origin(), chromium, None);
             assert_eq!(names(&r), ["host", "connection", "user-agent", "cookie"]);
             assert_eq!(r.headers().get_all("connection").iter().count(), 1);
             assert_eq!(r.headers()["cookie"], "a=1; b=2");
         }
+        as_it_came(&mut r);
         for_h2(&mut r, &origin());
         assert_eq!(names(&r), ["user-agent", "cookie", "priority"]);
         assert_eq!(r.headers().get_all("cookie").iter().count(), 2);
