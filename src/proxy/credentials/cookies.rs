@@ -85,6 +85,22 @@ fn token_name<'v>(carrier: &HeaderName, value: &'v str) -> Option<(&'static str,
 /// request header of the same name ([`TOKEN_CARRIERS`]).
 pub static TOKEN_ANSWERS: [HeaderName; 1] = [HeaderName::from_static("x-kpsdk-ct")];
 
+/// Every request header that carries a token: `X-DataDome-ClientID` and
+/// [`TOKEN_CARRIERS`].
+static REQUEST_TOKEN_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("x-datadome-clientid"),
+    HeaderName::from_static("x-px-authorization"),
+    HeaderName::from_static("x-px-original-token"),
+    HeaderName::from_static("x-kpsdk-ct"),
+];
+
+/// Every response header that hands out a token: `X-Set-Cookie` and
+/// [`TOKEN_ANSWERS`].
+static RESPONSE_TOKEN_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-set-cookie"),
+    HeaderName::from_static("x-kpsdk-ct"),
+];
+
 /// Whether `headers` hold any of `names` (custom names), in one look over
 /// them.
 fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
@@ -604,9 +620,12 @@ pub fn tracked_in_request_with(
         }
         _ => read(&mut cookies)?,
     };
-    let client_ids = super::holds_custom(headers, &X_DATADOME_CLIENTID)
-        .then(|| headers.get_all(&X_DATADOME_CLIENTID));
-    for header in client_ids.into_iter().flatten() {
+    // One look over the names for every token header: most requests
+    // carry none.
+    if !holds_any(headers, &REQUEST_TOKEN_HEADERS) {
+        return Ok(found);
+    }
+    for header in headers.get_all(&X_DATADOME_CLIENTID) {
         let value = header
             .to_str()
             .map_err(|_| CookieError::BadTokenHeader("X-DataDome-ClientID"))?
@@ -619,16 +638,14 @@ pub fn tracked_in_request_with(
             push_new(&mut found, &mut cookies, hasher, DATADOME, tracked, value)?;
         }
     }
-    if holds_any(headers, &TOKEN_CARRIERS) {
-        for carrier in &TOKEN_CARRIERS {
-            for header in headers.get_all(carrier) {
-                let value = header
-                    .to_str()
-                    .map_err(|_| CookieError::BadTokenHeader(carrier.as_str()))?;
-                if let Some((name, token)) = token_name(carrier, value) {
-                    let tracked = Tracked::Pattern { php: None };
-                    push_new(&mut found, &mut cookies, hasher, name, tracked, token)?;
-                }
+    for carrier in &TOKEN_CARRIERS {
+        for header in headers.get_all(carrier) {
+            let value = header
+                .to_str()
+                .map_err(|_| CookieError::BadTokenHeader(carrier.as_str()))?;
+            if let Some((name, token)) = token_name(carrier, value) {
+                let tracked = Tracked::Pattern { php: None };
+                push_new(&mut found, &mut cookies, hasher, name, tracked, token)?;
             }
         }
     }
@@ -991,8 +1008,10 @@ pub fn tracked_in_response(
     let now_ms = std::cell::LazyCell::new(now_ms);
     let origin_now_ms = std::cell::LazyCell::new(|| origin_date_ms(headers));
     let mut found = Vec::new();
-    let carriers =
-        super::holds_custom(headers, &X_SET_COOKIE).then(|| headers.get_all(&X_SET_COOKIE));
+    // One look over the names for every token header: most answers carry
+    // none.
+    let tokens = holds_any(headers, &RESPONSE_TOKEN_HEADERS);
+    let carriers = tokens.then(|| headers.get_all(&X_SET_COOKIE));
     for (header, is_datadome_carrier) in headers
         .get_all(http::header::SET_COOKIE)
         .iter()
@@ -1065,10 +1084,7 @@ pub fn tracked_in_response(
     }
     // A token a vendor's answer hands its SDK in a header of its own, which
     // the SDK sends back in the request header of that name.
-    for answer in &TOKEN_ANSWERS {
-        if !super::holds_custom(headers, answer) {
-            continue;
-        }
+    for answer in TOKEN_ANSWERS.iter().filter(|_| tokens) {
         for header in headers.get_all(answer) {
             let Some((name, token)) = header.to_str().ok().and_then(|v| token_name(answer, v))
             else {
@@ -2444,6 +2460,19 @@ mod tests {
             }
             assert_eq!(set, expected, "{line}");
         }
+    }
+
+    /// The one-look lists hold every token header.
+    #[test]
+    fn the_token_header_lists_are_whole() {
+        let request: Vec<&HeaderName> = std::iter::once(&X_DATADOME_CLIENTID)
+            .chain(&TOKEN_CARRIERS)
+            .collect();
+        assert_eq!(request, REQUEST_TOKEN_HEADERS.iter().collect::<Vec<_>>());
+        let response: Vec<&HeaderName> = std::iter::once(&X_SET_COOKIE)
+            .chain(&TOKEN_ANSWERS)
+            .collect();
+        assert_eq!(response, RESPONSE_TOKEN_HEADERS.iter().collect::<Vec<_>>());
     }
 
     /// SDK token headers are credentials named as the header; a token a
