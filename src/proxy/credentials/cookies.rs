@@ -262,6 +262,10 @@ impl CookiePolicy {
     /// DataDome's PHP module) reads the credential under such a name; the
     /// cost elsewhere is over-tracking a cookie nothing reads.
     fn tracked_as_php_reads(&self, name: &str) -> Option<Tracked<'_>> {
+        // Most names PHP reads as sent: no room to clear for them.
+        if !name.bytes().any(|b| matches!(b, b'.' | b' ' | b'%' | b'+')) {
+            return None;
+        }
         let mut room = [0u8; 64];
         [false, true].into_iter().find_map(|decoded| {
             let read = php_name(name, decoded, &mut room)?;
