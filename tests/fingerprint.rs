@@ -624,9 +624,10 @@ fn report(name: &str, direct: &Record, through: &Record) {
 
 // ---------------------------------------------------------------- Chromium
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
-    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+/// Headless Chromium loads the rig origin's `/direct` directly, then its
+/// `/through` through pinproxy; returns the origin's (direct, through)
+/// records.
+async fn chromium_direct_and_through(rig: &Rig) -> (Vec<Record>, Vec<Record>) {
     let chromium = rig.chromium().await;
     let dom = chromium.dump_dom(None, &rig.origin.url("/direct")).await;
     assert!(dom.contains("ok conn"), "Chromium direct: {dom}");
@@ -635,9 +636,16 @@ async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
         .dump_dom(Some(proxy), &rig.origin.url("/through"))
         .await;
     assert!(dom.contains("ok conn"), "Chromium through pinproxy: {dom}");
+    (
+        records_of(&rig.origin, "/direct", "127.0.0.1"),
+        records_of(&rig.origin, "/through", EXIT_IP),
+    )
+}
 
-    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
-    let through = records_of(&rig.origin, "/through", EXIT_IP);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
+    let rig = Rig::start(OriginOptions::default(), |_| {}).await;
+    let (direct, through) = chromium_direct_and_through(&rig).await;
     report("Chromium", &direct[0], &through[0]);
     note_a_chromium_other_than_the_profile(&direct[0]);
     assert_eq!(through[0].ja4(), direct[0].ja4());
@@ -692,16 +700,7 @@ async fn chromium_through_pinproxy_is_chromium_to_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_reaches_an_http1_only_origin_as_chromium_writes_http1() {
     let rig = Rig::start(OriginOptions::default().http1_only(), |_| {}).await;
-    let chromium = rig.chromium().await;
-    let dom = chromium.dump_dom(None, &rig.origin.url("/direct")).await;
-    assert!(dom.contains("ok conn"), "Chromium direct: {dom}");
-    let proxy = rig.s.proxy.daemon.local_addr();
-    let dom = chromium
-        .dump_dom(Some(proxy), &rig.origin.url("/through"))
-        .await;
-    assert!(dom.contains("ok conn"), "Chromium through pinproxy: {dom}");
-    let direct = records_of(&rig.origin, "/direct", "127.0.0.1");
-    let through = records_of(&rig.origin, "/through", EXIT_IP);
+    let (direct, through) = chromium_direct_and_through(&rig).await;
     assert_eq!(
         (direct[0].version, through[0].version),
         (http::Version::HTTP_11, http::Version::HTTP_11)
