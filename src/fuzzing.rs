@@ -49,6 +49,9 @@ pub struct Cookies {
     /// The request's `Cookie` headers after stripping every tracked cookie
     /// found.
     pub stripped: Vec<String>,
+    /// The request's token headers (`X-DataDome-ClientID`, the SDK token
+    /// headers) left after stripping, as (name, value).
+    pub tokens: Vec<(String, String)>,
 }
 
 /// Runs cookie extraction on `request` headers, Set-Cookie extraction on
@@ -73,10 +76,19 @@ pub fn cookies(mut request: HeaderMap, response: &HeaderMap, now_ms: u64) -> Coo
         .iter()
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .collect();
+    let tokens = request
+        .iter()
+        .filter(|(name, _)| cookies::carries_token(name))
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect();
     Cookies {
         request: found.map(|f| f.iter().map(|c| c.to_string()).collect()),
         set,
         stripped,
+        tokens,
     }
 }
 

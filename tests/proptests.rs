@@ -46,17 +46,42 @@ proptest! {
         cookies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..4),
         sets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 0..4),
         client_id in proptest::collection::vec(any::<u8>(), 0..24),
+        px in proptest::collection::vec(any::<u8>(), 0..24),
         now in any::<u64>(),
     ) {
         let request = fuzzing::headers(
             cookies.iter().map(|c| ("cookie", c.as_slice()))
-                .chain(std::iter::once(("x-datadome-clientid", client_id.as_slice()))),
+                .chain(std::iter::once(("x-datadome-clientid", client_id.as_slice())))
+                .chain(std::iter::once(("x-px-authorization", px.as_slice())))
+                .chain(std::iter::once(("x-kpsdk-ct", px.as_slice()))),
         );
         let response = fuzzing::headers(
             sets.iter().map(|s| ("set-cookie", s.as_slice()))
                 .chain(sets.iter().map(|s| ("x-set-cookie", s.as_slice()))),
         );
         let _ = fuzzing::cookies(request, &response, now);
+    }
+
+    /// Stripping every token found leaves no token header that is one:
+    /// what is left (a PerimeterX status, an empty value) reads as none.
+    #[test]
+    fn stripping_leaves_no_token(
+        token in "[ -~]{0,16}",
+        status in prop_oneof![Just(""), Just("3:"), Just("1"), Just("3")],
+    ) {
+        let px = format!("{status}{token}");
+        let request = fuzzing::headers([
+            ("x-px-authorization", px.as_bytes()),
+            ("x-px-original-token", token.as_bytes()),
+            ("x-kpsdk-ct", token.as_bytes()),
+            ("x-datadome-clientid", token.as_bytes()),
+        ]);
+        let out = fuzzing::cookies(request, &http::HeaderMap::new(), 1);
+        if out.request.is_some() {
+            let left = fuzzing::headers(out.tokens.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+            let again = fuzzing::cookies(left, &http::HeaderMap::new(), 1);
+            prop_assert_eq!(again.request, Some(Vec::new()), "{:?}", out.tokens);
+        }
     }
 
     /// Stripping the tracked cookies keeps every untracked cookie, in
