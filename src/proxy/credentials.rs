@@ -62,7 +62,7 @@ pub fn of_connect(
 }
 
 /// Maps with more names than this are asked by hash (see [`holds_custom`]).
-pub(crate) const SCAN_NAMES_UP_TO: usize = 64;
+const SCAN_NAMES_UP_TO: usize = 64;
 
 /// Whether `headers` holds `name`, one the `http` crate has no constant for
 /// (`X-Pinproxy-Session`, DataDome's carriers). Asking the map hashes such a
@@ -72,10 +72,16 @@ pub(crate) const SCAN_NAMES_UP_TO: usize = 64;
 /// crate knows differs from it in its kind alone, without its text being
 /// looked up; another is compared by length first.
 pub(crate) fn holds_custom(headers: &HeaderMap, name: &HeaderName) -> bool {
+    holds_any_custom(headers, std::slice::from_ref(name))
+}
+
+/// Whether `headers` holds any of `names` ([`holds_custom`]'s kind), in
+/// one look over its names.
+pub(crate) fn holds_any_custom(headers: &HeaderMap, names: &[HeaderName]) -> bool {
     if headers.keys_len() > SCAN_NAMES_UP_TO {
-        return headers.contains_key(name);
+        return names.iter().any(|name| headers.contains_key(name));
     }
-    headers.keys().any(|held| held == name)
+    headers.keys().any(|held| names.contains(held))
 }
 
 #[cfg(test)]

@@ -154,6 +154,11 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
 /// put it. Only a lone value of `keep-alive` or `close`, and only where the
 /// client sent no `Connection` of its own; else it goes, as hop-by-hop.
 pub fn proxy_connection_as_connection(headers: &mut HeaderMap) {
+    // A look over the names, not a hash of this one: most requests hold
+    // none.
+    if !super::credentials::holds_custom(headers, &PROXY_CONNECTION) {
+        return;
+    }
     let mut values = headers.get_all(PROXY_CONNECTION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return;

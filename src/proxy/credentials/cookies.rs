@@ -101,15 +101,6 @@ static RESPONSE_TOKEN_HEADERS: [HeaderName; 2] = [
     HeaderName::from_static("x-kpsdk-ct"),
 ];
 
-/// Whether `headers` hold any of `names` (custom names), in one look over
-/// them.
-fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
-    if headers.keys_len() > super::SCAN_NAMES_UP_TO {
-        return names.iter().any(|name| headers.contains_key(name));
-    }
-    headers.keys().any(|held| names.contains(held))
-}
-
 /// Whether `name` is a request header carrying a session token: a
 /// [`TOKEN_CARRIERS`] one, or `X-DataDome-ClientID`.
 pub fn carries_token(name: &HeaderName) -> bool {
@@ -626,7 +617,7 @@ pub fn tracked_in_request_with(
     };
     // One look over the names for every token header: most requests
     // carry none.
-    if !holds_any(headers, &REQUEST_TOKEN_HEADERS) {
+    if !super::holds_any_custom(headers, &REQUEST_TOKEN_HEADERS) {
         return Ok(found);
     }
     for header in headers.get_all(&X_DATADOME_CLIENTID) {
@@ -1014,7 +1005,7 @@ pub fn tracked_in_response(
     let mut found = Vec::new();
     // One look over the names for every token header: most answers carry
     // none.
-    let tokens = holds_any(headers, &RESPONSE_TOKEN_HEADERS);
+    let tokens = super::holds_any_custom(headers, &RESPONSE_TOKEN_HEADERS);
     let carriers = tokens.then(|| headers.get_all(&X_SET_COOKIE));
     for (header, is_datadome_carrier) in headers
         .get_all(http::header::SET_COOKIE)
