@@ -19,6 +19,11 @@ const HEADER_SESSION_KEY: &str = "HeaderKey-9a3f";
 const CLEARANCE: &str = "CfClearanceValue-77e1";
 const CLIENT_ID: &str = "ClientIdValue-0b2d";
 const UNTRACKED: &str = "UntrackedSid-4c4c";
+const PX_TOKEN: &str = "PxToken-31d7";
+const PX_ORIGINAL: &str = "PxOriginal-8e02";
+const KASADA_TOKEN: &str = "KasadaCt-6f19";
+const BAD_TOKEN: &str = "PxBadToken-2a2a";
+const BAD_SESSION_KEY: &str = "BadSessionKey-3e3e";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
@@ -73,6 +78,17 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
             &[("x-datadome-clientid", &format!("{CLIENT_ID}{round}"))],
         )
         .await;
+        // The SDK token headers of PerimeterX and Kasada.
+        let mut conn = client.tunnel("localhost", https).await;
+        conn.get(
+            "/page",
+            &[
+                ("x-px-authorization", &format!("3:{PX_TOKEN}{round}")),
+                ("x-px-original-token", &format!("3:{PX_ORIGINAL}{round}")),
+                ("x-kpsdk-ct", &format!("{KASADA_TOKEN}{round}")),
+            ],
+        )
+        .await;
     }
     // Session keys, on the CONNECT and in the header.
     let mut conn = client
@@ -89,6 +105,26 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
     let conflict = conn.get("/page", &[("cookie", &both)]).await;
     assert_eq!(conflict.status, 409, "{}", conflict.body);
     assert!(!conflict.body.contains(&issued[0]), "{}", conflict.body);
+    // A token header and a session key refused for a byte that is not
+    // visible ASCII: the refusal names the header, never its value.
+    let mut conn = client.tunnel("localhost", https).await;
+    let refused = conn
+        .get(
+            "/page",
+            &[("x-px-authorization", &format!("3:{BAD_TOKEN}\u{e9}"))],
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(!refused.body.contains(BAD_TOKEN), "{}", refused.body);
+    let mut conn = client.tunnel("localhost", https).await;
+    let refused = conn
+        .get(
+            "/page",
+            &[("x-pinproxy-session", &format!("{BAD_SESSION_KEY}\u{e9}"))],
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(!refused.body.contains(BAD_SESSION_KEY), "{}", refused.body);
     // Plain HTTP too.
     let mut plain = client.plain("localhost", origin.http.port()).await;
     plain
@@ -111,6 +147,10 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
         lines.iter().any(|l| l.contains("datadome#")),
         "credentials are logged as name#hash"
     );
+    assert!(
+        lines.iter().any(|l| l.contains("x-px-authorization#")),
+        "SDK tokens are read as credentials, and logged as name#hash"
+    );
     let mut secrets: Vec<String> = issued;
     secrets.extend(
         [
@@ -120,6 +160,11 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
             CLEARANCE,
             CLIENT_ID,
             UNTRACKED,
+            PX_TOKEN,
+            PX_ORIGINAL,
+            KASADA_TOKEN,
+            BAD_TOKEN,
+            BAD_SESSION_KEY,
         ]
         .map(String::from),
     );

@@ -21,6 +21,7 @@ mod auth;
 mod bad_input;
 mod ca_hygiene;
 mod conflicts;
+mod docs;
 mod durability;
 mod egress_headers;
 mod egress_ip;
