@@ -128,6 +128,39 @@ async fn a_tls_name_the_mitm_policy_judges_otherwise_than_the_connect_host_is_re
     // Counted as what they were: one refused, one passed through.
     assert_eq!(outcomes(&included.proxy, "tunnel-refused"), 1);
     assert_eq!(outcomes(&included.proxy, "passthrough"), 1);
+    // Plain HTTP is judged by the host its request names, as TLS by its
+    // hello's: a listed host's cookies never go on unread.
+    let http = included.origin.http.port();
+    let plain = |host: &'static str| {
+        let proxy = &included.proxy;
+        async move {
+            let (mut tcp, head) = proxy.client.raw_connect(&format!("localhost:{http}")).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let request = format!(
+                "GET /plain-in-tunnel HTTP/1.1\r\nHost: {host}:{http}\r\nCookie: datadome=T\r\nConnection: close\r\n\r\n"
+            );
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            tokio::time::timeout(Duration::from_secs(20), tcp.read_to_string(&mut reply))
+                .await
+                .expect("the tunnel answers or closes")
+                .ok();
+            reply
+        }
+    };
+    let refused = plain("origin.test").await;
+    assert!(refused.is_empty(), "{refused}");
+    assert!(
+        !included
+            .origin
+            .seen()
+            .iter()
+            .any(|seen| seen.path == "/plain-in-tunnel"),
+        "a plain request naming an intercepted host went on"
+    );
+    let passed = plain("localhost").await;
+    assert!(passed.starts_with("HTTP/1.1 200"), "{passed}");
+    assert_eq!(outcomes(&included.proxy, "tunnel-refused"), 2);
     included.stop().await;
 
     let excluded = Setup::builder()

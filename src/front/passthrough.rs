@@ -12,10 +12,11 @@
 //! that carries nothing either way for `timeouts.relay_idle` is closed, and
 //! so is one whose identity is retired (see `routing::relays`).
 //!
-//! Under a non-empty `mitm.include`, a TLS client's hello is read before it
-//! goes on: one naming a host pinproxy intercepts, in a tunnel to a host it
-//! passes through (a CONNECT by address), or one it cannot read, is refused
-//! rather than let through unread.
+//! Under a non-empty `mitm.include`, a TLS client's hello (or a plain-HTTP
+//! client's first request head) is read before it goes on: one naming a
+//! host pinproxy intercepts, in a tunnel to a host it passes through (a
+//! CONNECT by address), or one it cannot read, is refused rather than let
+//! through unread.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -119,9 +120,13 @@ async fn open(
         let mut client = TokioIo::new(client);
         let mut upstream = upstream;
         let policy = &tunnel_frontend.mitm.policy;
-        let opening = first_words(&mut client, &mut upstream, policy.lists_intercepted(), |sni| {
-            policy.intercepts(sni)
-        });
+        let opening = first_words(
+            &mut client,
+            &mut upstream,
+            policy.lists_intercepted(),
+            tunnel_frontend.settings.max_header_bytes,
+            |host| policy.intercepts(host),
+        );
         let opened = tokio::time::timeout(opening_limit, opening).await;
         // Counted once judged: a refused tunnel is no passthrough.
         match &opened {
@@ -132,16 +137,16 @@ async fn open(
         }
         match opened {
             Ok(Ok(Opening::Relay)) => {}
-            Ok(Ok(Opening::Intercepted(sni))) => {
+            Ok(Ok(Opening::Intercepted(named))) => {
                 return tracing::warn!(
-                    connect = %authority, sni,
-                    "refused a passed-through tunnel whose TLS names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host the TLS names"
+                    connect = %authority, named,
+                    "refused a passed-through tunnel whose TLS, or first plain-HTTP request, names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host it names"
                 );
             }
             Ok(Ok(Opening::Unreadable)) => {
                 return tracing::warn!(
                     connect = %authority,
-                    "refused a passed-through tunnel whose TLS hello pinproxy cannot read, so cannot tell whether it names a host mitm.include lists"
+                    "refused a passed-through tunnel whose TLS hello or plain-HTTP head pinproxy cannot read, so cannot tell whether it names a host mitm.include lists"
                 );
             }
             Ok(Err(e)) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
@@ -166,11 +171,13 @@ const TLS_HANDSHAKE: u8 = 22;
 enum Opening {
     /// Sent on: the relay takes over.
     Relay,
-    /// The client's TLS hello names this host, which `intercepted` says
-    /// pinproxy would open: nothing was sent on.
+    /// The client's TLS hello, or its first plain-HTTP request, names this
+    /// host, which `intercepted` says pinproxy would open: nothing was sent
+    /// on.
     Intercepted(String),
-    /// The client began a TLS handshake whose hello cannot be read, while
-    /// hellos are judged: nothing was sent on.
+    /// The client began a TLS handshake whose hello cannot be read, or a
+    /// plain-HTTP request whose head cannot (or an HTTP/2 prior-knowledge
+    /// preface), while first words are judged: nothing was sent on.
     Unreadable,
 }
 
@@ -182,7 +189,8 @@ enum Opening {
 /// 203.0.113.7:443` with SNI `www.target.example`, under `mitm.include`),
 /// and its cookies would go out unread, through whichever exit rotation
 /// picked; a TLS hello that cannot be read cannot be judged, and is
-/// refused too. Bytes that are not TLS are sent on as they are; when the
+/// refused too. A plain-HTTP request is judged by the host it names (see
+/// [`judge_plain_head`]); other bytes are sent on as they are; when the
 /// server speaks first (a protocol whose client waits for a banner), its
 /// bytes go to the client and nothing is judged (a TLS client never
 /// waits).
@@ -190,6 +198,7 @@ async fn first_words<C, U>(
     client: &mut C,
     upstream: &mut U,
     judged: bool,
+    head_limit: usize,
     intercepted: impl Fn(&str) -> bool,
 ) -> std::io::Result<Opening>
 where
@@ -233,12 +242,116 @@ where
         HelloRead::Hello(None) if read.first() == Some(&TLS_HANDSHAKE) => {
             return Ok(Opening::Unreadable);
         }
+        HelloRead::Hello(None) if starts_like_http(&read) => {
+            let mut head = read.to_vec();
+            let mut rest = unread;
+            match judge_plain_head(&mut head, &mut rest, head_limit, &intercepted).await? {
+                Opening::Relay => {}
+                refused => return Ok(refused),
+            }
+            upstream.write_all(&head).await?;
+            upstream.write_all(rest.prefix()).await?;
+            return Ok(Opening::Relay);
+        }
         HelloRead::Hello(None) => {}
     }
     upstream.write_all(&read).await?;
     // What the first read took beyond the bytes the hello needed.
     upstream.write_all(unread.prefix()).await?;
     Ok(Opening::Relay)
+}
+
+/// Whether a tunnel's first bytes may begin an HTTP request line: a
+/// method (letters) followed by a space, or too few bytes yet to tell.
+/// Anything else (a binary protocol, a bare command such as Redis's
+/// `PING`) is not HTTP and goes on without waiting for a line.
+fn starts_like_http(first: &[u8]) -> bool {
+    let method = first.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    method > 0 && first.get(method).is_none_or(|&b| b == b' ')
+}
+
+/// Reads a plain-HTTP head that began in `head` (from `rest`, at most
+/// `limit` bytes) and judges the host it names, as a TLS hello is judged
+/// by its server name: its absolute-form target's, else its `Host`'s. A
+/// tunnel by address carrying `GET / HTTP/1.1` with `Host:
+/// www.target.example` would otherwise send a listed host's cookies on
+/// unread, through whichever exit rotation picked. Its first line decides
+/// whether it is HTTP at all (`METHOD target HTTP/`); a head that is, but
+/// cannot be read (malformed, over the limit, without a host), or an
+/// HTTP/2 prior-knowledge preface, cannot be judged and is refused. Only
+/// the first request is judged, as only a TLS connection's first hello is:
+/// a client sends one host's requests on a connection it opened for it.
+async fn judge_plain_head<R>(
+    head: &mut Vec<u8>,
+    rest: &mut R,
+    limit: usize,
+    intercepted: impl Fn(&str) -> bool,
+) -> std::io::Result<Opening>
+where
+    R: AsyncRead + Unpin,
+{
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    loop {
+        if head.starts_with(H2_PREFACE) {
+            return Ok(Opening::Unreadable);
+        }
+        if let Some(line_end) = head.iter().position(|&b| b == b'\n') {
+            let line = head.get(..line_end).unwrap_or_default();
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let is_http = line
+                .rsplit(|&b| b == b' ')
+                .next()
+                .is_some_and(|version| version.starts_with(b"HTTP/"));
+            if !is_http {
+                return Ok(Opening::Relay);
+            }
+            let mut fields = vec![httparse::EMPTY_HEADER; 256];
+            let mut request = httparse::Request::new(&mut fields);
+            match request.parse(head) {
+                Ok(httparse::Status::Complete(_)) => {
+                    return Ok(match named_host(&request) {
+                        Some(host) if intercepted(&host) => Opening::Intercepted(host),
+                        Some(_) => Opening::Relay,
+                        None => Opening::Unreadable,
+                    });
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(_) => return Ok(Opening::Unreadable),
+            }
+        }
+        if head.len() >= limit {
+            return Ok(Opening::Unreadable);
+        }
+        if rest.read_buf(head).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// The host a parsed plain-HTTP request names: its absolute-form target's,
+/// else its one `Host` field's (`None`: neither, or two `Host` fields).
+fn named_host(request: &httparse::Request<'_, '_>) -> Option<String> {
+    let authority = match request.path {
+        Some(path) if !path.starts_with('/') && path != "*" => {
+            let uri: http::Uri = path.parse().ok()?;
+            uri.authority()?.as_str().to_owned()
+        }
+        _ => {
+            let mut hosts = request
+                .headers
+                .iter()
+                .filter(|field| field.name.eq_ignore_ascii_case("host"));
+            let host = hosts.next()?;
+            if hosts.next().is_some() {
+                return None;
+            }
+            std::str::from_utf8(host.value).ok()?.trim().to_owned()
+        }
+    };
+    let uri: http::Uri = format!("http://{authority}/").parse().ok()?;
+    HostPort::from_uri(&uri, 80)
+        .ok()
+        .map(|at| at.host.to_string())
 }
 
 #[cfg(test)]
@@ -280,8 +393,11 @@ mod tests {
             let _ = client_far.write_all(&rest).await;
             client_far
         });
-        let opening = first_words(&mut client, &mut upstream, true, |sni| {
-            sni == "www.target.example"
+        // Judged as `InterceptPolicy::intercepts` judges a host.
+        let opening = first_words(&mut client, &mut upstream, true, 1 << 14, |host| {
+            host.strip_suffix('.')
+                .unwrap_or(host)
+                .eq_ignore_ascii_case("www.target.example")
         })
         .await
         .unwrap();
@@ -308,14 +424,67 @@ mod tests {
         assert_eq!((opening, sent), (Opening::Relay, other));
         let plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         let (opening, _, sent) = open_with(&plain, b"").await;
-        assert_eq!(opening, Opening::Relay);
-        assert!(!sent.is_empty() && plain.starts_with(&sent), "{sent:?}");
+        assert_eq!((opening, sent), (Opening::Relay, plain));
         // A server that speaks first (SSH, SMTP) is not kept waiting.
         let (opening, banner, _) = open_with(b"", b"SSH-2.0-x\r\n").await;
         assert_eq!(
             (opening, banner),
             (Opening::Relay, b"SSH-2.0-x\r\n".to_vec())
         );
+    }
+
+    /// A plain-HTTP request in a tunnel by address is judged by the host it
+    /// names, as a hello by its server name: a listed host's cookies never
+    /// go on unread. One whose head cannot be read, or an HTTP/2
+    /// prior-knowledge preface, cannot be judged.
+    #[tokio::test]
+    async fn a_plain_request_naming_an_intercepted_host_goes_nowhere() {
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: www.target.example\r\nCookie: datadome=T\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nhost: WWW.Target.Example.:80\r\nCookie: datadome=T\r\n\r\n",
+            b"GET http://www.target.example/ HTTP/1.1\r\nHost: x\r\nCookie: datadome=T\r\n\r\n",
+            b"POST / HTTP/1.0\nHost: www.target.example\n\n",
+        ] {
+            let (opening, _, sent) = open_with(request, b"").await;
+            assert!(
+                matches!(&opening, Opening::Intercepted(host) if host.to_ascii_lowercase().starts_with("www.target.example")),
+                "{opening:?}: {}",
+                String::from_utf8_lossy(request)
+            );
+            assert!(sent.is_empty(), "{} bytes went on", sent.len());
+        }
+        for request in [
+            &b"GET / HTTP/1.1\r\nCookie: datadome=T\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nHost: www.target.example\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: www.target.example\r\nBad Name: 1\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            let (opening, _, sent) = open_with(request, b"").await;
+            assert_eq!(
+                opening,
+                Opening::Unreadable,
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+            assert!(sent.is_empty(), "{} bytes went on", sent.len());
+        }
+        // A head longer than the limit cannot be judged either.
+        let mut long = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 1 << 15));
+        let (opening, _, sent) = open_with(&long, b"").await;
+        assert_eq!(opening, Opening::Unreadable);
+        assert!(sent.is_empty());
+        // Other first words are not taken for HTTP: a binary protocol, a
+        // bare command, a line that is no request line.
+        for other in [
+            &b"\0\0\0\x08\x04\xd2\x16\x2f"[..],
+            b"PING\r\n",
+            b"AUTH secret\r\n",
+        ] {
+            let (opening, _, sent) = open_with(other, b"").await;
+            assert_eq!(opening, Opening::Relay, "{other:?}");
+            assert!(other.starts_with(&sent) && !sent.is_empty(), "{sent:?}");
+        }
     }
 
     /// A TLS handshake record that holds no hello pinproxy can read cannot

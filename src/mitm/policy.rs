@@ -46,6 +46,18 @@ impl InterceptPolicy {
                             "a lone * with a trailing dot would match every host; write * if that is meant".into(),
                         ));
                     }
+                    // An IPv6 address written as in a URL: hosts arrive
+                    // without brackets, and a glob reads `[...]` as a
+                    // class of characters, which matches no address (an
+                    // exclude written so would intercept it).
+                    let text = match text
+                        .strip_prefix('[')
+                        .and_then(|t| t.strip_suffix(']'))
+                        .filter(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok())
+                    {
+                        Some(address) => glob::Pattern::escape(address),
+                        None => text,
+                    };
                     glob::Pattern::new(&text).map_err(|e| refused(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -116,5 +128,12 @@ mod tests {
         assert!(InterceptPolicy::new(&[], &["*.".into()]).is_err());
         let punycode = InterceptPolicy::new(&[], &["*.xn--bcher-kva.example".into()]).unwrap();
         assert!(!punycode.intercepts("www.xn--bcher-kva.example"));
+        // An IPv6 address in brackets names the address (hosts arrive
+        // without them), not a class of characters.
+        let bracketed = InterceptPolicy::new(&[], &["[2001:DB8::1]".into()]).unwrap();
+        assert!(!bracketed.intercepts("2001:db8::1"));
+        assert!(bracketed.intercepts("2"));
+        let bare = InterceptPolicy::new(&[], &["2001:db8::*".into()]).unwrap();
+        assert!(!bare.intercepts("2001:db8::7"));
     }
 }
