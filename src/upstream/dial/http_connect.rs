@@ -71,59 +71,71 @@ impl HttpConnect {
 }
 
 /// Reads a CONNECT answer head: its status, reason and the address stated
-/// in `ip_header`. Nothing may follow the head: in a fresh tunnel the client
-/// speaks first (TLS or HTTP), so extra bytes mean a broken exit.
+/// in `ip_header`. Exactly the head is taken off the socket (what follows
+/// is peeked at, never read): after a `200`, bytes that came with the head
+/// are the tunnel's (an origin that speaks first, such as SSH or SMTP, may
+/// have its banner arrive with it), and after a refusal they are its error
+/// page, which says nothing against the exit the status does not.
 async fn read_connect_reply(
     tcp: &mut TcpStream,
     ip_header: Option<&HeaderName>,
 ) -> io::Result<(u16, String, Option<IpAddr>)> {
-    let mut buf = Vec::with_capacity(512);
+    // The head so far, taken off the socket: it ends in none of it yet.
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
     loop {
-        let mut chunk = [0u8; 1024];
-        let n = tcp.read(&mut chunk).await?;
-        if n == 0 {
+        // Waits for bytes, and leaves them on the socket.
+        let n = tcp.peek(&mut chunk).await?;
+        let Some(peeked) = chunk.get(..n).filter(|p| !p.is_empty()) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the exit closed the connection before answering",
             ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        };
+        let mut candidate = head.clone();
+        candidate.extend_from_slice(peeked);
         // A head ends with a line feed: without a new one there is nothing
         // new to parse (an exit answering a byte at a time would otherwise
         // have the whole head parsed again for every byte).
-        if memchr::memchr(b'\n', &chunk[..n]).is_none() && buf.len() < MAX_CONNECT_REPLY {
-            continue;
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut reply = httparse::Response::new(&mut headers);
-        match reply.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                if len != buf.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the exit sent data after its CONNECT answer before the client spoke",
-                    ));
+        let parsed = if memchr::memchr(b'\n', peeked).is_some() {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut reply = httparse::Response::new(&mut headers);
+            match reply.parse(&candidate) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = reply.code.unwrap_or(0);
+                    let reason = reply.reason.unwrap_or("").to_owned();
+                    let stated_ip = ip_header.and_then(|name| {
+                        reply
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+                            .and_then(|h| std::str::from_utf8(h.value).ok())
+                            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+                    });
+                    Some((len, (status, reason, stated_ip)))
                 }
-                let status = reply.code.unwrap_or(0);
-                let reason = reply.reason.unwrap_or("").to_owned();
-                let stated_ip = ip_header.and_then(|name| {
-                    reply
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
-                        .and_then(|h| std::str::from_utf8(h.value).ok())
-                        .and_then(|v| v.trim().parse::<IpAddr>().ok())
-                });
-                return Ok((status, reason, stated_ip));
+                Ok(httparse::Status::Partial) => None,
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_CONNECT_REPLY => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the CONNECT answer header is too large",
-                ))
-            }
-            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        } else {
+            None
+        };
+        if let Some((len, answer)) = parsed {
+            // The rest of the head, and not a byte more.
+            let mut rest = vec![0u8; len.saturating_sub(head.len())];
+            tcp.read_exact(&mut rest).await?;
+            return Ok(answer);
+        }
+        if candidate.len() >= MAX_CONNECT_REPLY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the CONNECT answer header is too large",
+            ));
+        }
+        // All of it is head: taken off, so that the next peek waits for more.
+        if let Some(taken) = chunk.get_mut(..n) {
+            tcp.read_exact(taken).await?;
+            head.extend_from_slice(taken);
         }
     }
 }
@@ -139,6 +151,18 @@ mod tests {
         reply: Vec<u8>,
         piece: usize,
     ) -> io::Result<(u16, String, Option<IpAddr>)> {
+        reply_and_after(reply, piece, 0)
+            .await
+            .map(|(answer, _)| answer)
+    }
+
+    /// [`reply_in_pieces`], and then the `after` bytes the socket holds
+    /// past the answer's head.
+    async fn reply_and_after(
+        reply: Vec<u8>,
+        piece: usize,
+        after: usize,
+    ) -> io::Result<((u16, String, Option<IpAddr>), Vec<u8>)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let exit = tokio::spawn(async move {
@@ -155,9 +179,42 @@ mod tests {
         let mut tcp = TcpStream::connect(addr).await?;
         let header = HeaderName::from_static("x-exit-ip");
         let read = read_connect_reply(&mut tcp, Some(&header)).await;
+        let mut rest = vec![0u8; after];
+        if read.is_ok() {
+            tcp.read_exact(&mut rest).await?;
+        }
         drop(tcp);
         let _ = exit.await;
-        read
+        read.map(|answer| (answer, rest))
+    }
+
+    /// A refusal with an error page (Squid writes one with every refusal)
+    /// is the refusal: its page says nothing against the exit. It used to
+    /// be taken for a broken exit, and counted against its health.
+    #[tokio::test]
+    async fn a_refusal_with_a_page_is_read_as_the_refusal() {
+        let reply = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n\
+                      Content-Length: 9\r\n\r\n<html/>\r\n"
+            .to_vec();
+        for piece in [1, 7, 4096] {
+            let (status, reason, _) = reply_in_pieces(reply.clone(), piece).await.unwrap();
+            assert_eq!((status, reason.as_str()), (503, "Service Unavailable"));
+        }
+    }
+
+    /// Bytes that came with a `200` are the tunnel's: they stay on the
+    /// socket, as an origin's banner (SSH, SMTP) must reach its client.
+    #[tokio::test]
+    async fn bytes_after_an_accepted_connect_stay_for_the_tunnel() {
+        let banner = b"SSH-2.0-x\r\n";
+        let mut reply = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+        reply.extend_from_slice(banner);
+        for piece in [1, 5, 4096] {
+            let ((status, _, _), after) = reply_and_after(reply.clone(), piece, banner.len())
+                .await
+                .unwrap();
+            assert_eq!((status, after.as_slice()), (200, &banner[..]));
+        }
     }
 
     #[tokio::test]
