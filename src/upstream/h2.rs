@@ -77,6 +77,13 @@ where
     }
 }
 
+/// The highest stream id a recorded PRIORITY frame may name and still be
+/// sent (see [`options`]).
+const PRIORITY_STREAM_LIMIT: u32 = 1 << 16;
+
+/// The bits of a stream id (the top bit of the 32 is reserved).
+const STREAM_ID_MASK: u32 = 0x7fff_ffff;
+
 /// The connection options that make `preface` go out as recorded.
 pub fn options(preface: &H2Fingerprint) -> Http2Options {
     let mut builder = Http2Options::builder();
@@ -116,9 +123,18 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
     if let Some(priority) = &preface.headers_priority {
         builder = builder.headers_stream_dependency(dependency(priority));
     }
-    if !preface.priorities.is_empty() {
+    // Idle streams past the bound are no browser's (Firefox names 3 to 13)
+    // and would leave the connection few stream ids, or none: a request
+    // would then start past the protocol's last id, which the crate
+    // refuses with a panic.
+    let sayable: Vec<&Priority> = preface
+        .priorities
+        .iter()
+        .filter(|p| p.stream_id <= PRIORITY_STREAM_LIMIT && p.depends_on <= PRIORITY_STREAM_LIMIT)
+        .collect();
+    if !sayable.is_empty() {
         let mut priorities = Priorities::builder();
-        for priority in &preface.priorities {
+        for priority in &sayable {
             priorities = priorities.push(FramePriority::new(
                 StreamId::from(priority.stream_id),
                 dependency(priority),
@@ -128,7 +144,7 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
         // The client's requests start after the idle streams its PRIORITY
         // frames name (older Firefox: 3 to 13, its first request 15); the
         // crate refuses a request on a stream id at or below them.
-        let last = preface.priorities.iter().map(|p| p.stream_id).max();
+        let last = sayable.iter().map(|p| p.stream_id).max();
         if let Some(first_free) = last.and_then(|id| id.checked_add(2)) {
             builder = builder.initial_stream_id(first_free | 1);
         }
@@ -175,7 +191,9 @@ pub fn hpack_policy(preface: &H2Fingerprint) -> HpackPolicy {
 fn dependency(priority: &Priority) -> StreamDependency {
     let weight = u8::try_from(priority.weight.saturating_sub(1)).unwrap_or(u8::MAX);
     StreamDependency::new(
-        StreamId::from(priority.depends_on),
+        // 31 bits, as on the wire: the crate refuses a larger id with a
+        // panic, and a recorded preface may be damaged.
+        StreamId::from(priority.depends_on & STREAM_ID_MASK),
         weight,
         priority.exclusive,
     )
@@ -280,6 +298,23 @@ mod tests {
         };
         assert_eq!(options(&firefox).initial_stream_id, Some(15));
         assert_eq!(options(&H2Fingerprint::default()).initial_stream_id, None);
+        // Idle streams no browser names (the protocol's last ids) are not
+        // sent: a request there would start past the last stream id, which
+        // the crate refuses with a panic at the connection's handshake.
+        for stream_id in [0x7fff_ffff, 0x7fff_fffe, 0x7fff_fff1, (1 << 16) + 1] {
+            let far = H2Fingerprint {
+                priorities: vec![priority(3), priority(stream_id)],
+                headers_priority: Some(Priority {
+                    depends_on: 0xffff_ffff,
+                    ..priority(1)
+                }),
+                ..H2Fingerprint::default()
+            };
+            let offered = options(&far);
+            assert_eq!(offered.initial_stream_id, Some(5), "{stream_id:#x}");
+            let mut builder = http2::client::Builder::new();
+            builder.initial_stream_id(offered.initial_stream_id.unwrap_or(1));
+        }
     }
 
     /// An HPACK table past the ceiling is offered as the ceiling; push is
