@@ -351,6 +351,64 @@ async fn a_replica_started_during_the_quarantine_keeps_it() {
     );
 }
 
+/// A running replica takes a quarantine another replica started, though it
+/// saw no loss itself: one that founded the generation after a wipe nobody
+/// had noticed yet (every replica with history cut off from Redis) would
+/// otherwise go on pinning lost cookies anew once a replica with history
+/// came back and found the loss. Here the quarantine's end is written
+/// behind replica 0's back, as that replica's restore writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_replica_joins_a_quarantine_another_replica_started() {
+    let redis = RedisNode::volatile().await;
+    let fleet = Fleet::start(1, &redis.url(), &[]).await;
+    let mut earned = log_in(&fleet, 1, &[0]).await;
+    assert!(fleet.store_view(0).await["loss"].is_null());
+
+    let end = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let _: () = redis
+        .command(&["SET", "pinproxy:quarantine-until", &end, "PX", "600000"])
+        .await;
+    // Its background check reads it within half a second (a bounded wait
+    // for its report).
+    let mut view = serde_json::Value::Null;
+    for _ in 0..100 {
+        view = fleet.store_view(0).await;
+        if view["loss"].is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        view["loss"]["what"]
+            .as_str()
+            .is_some_and(|what| what.contains("another replica")),
+        "replica 0 never took the fleet's quarantine: {view}"
+    );
+    // A cookie Redis does not know is answered as lost, not pinned anew;
+    // one Redis holds keeps its exit.
+    let mut unknown = Client {
+        jar: Jar::default(),
+        earned: earned[0].earned,
+    };
+    unknown.jar.set("datadome", "NeverPinnedAnywhere");
+    assert_eq!(
+        pages(&fleet, std::slice::from_mut(&mut unknown), &[0])
+            .await
+            .lost,
+        1
+    );
+    assert_eq!(pages(&fleet, &mut earned, &[0]).await.kept, 1);
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
 /// Removes everything in the data directory `dir` but the files `keep`:
 /// what a new pod starts with.
 fn empty_data_dir(dir: &std::path::Path, keep: &[&str]) {

@@ -1240,8 +1240,14 @@ async fn check_loop(inner: Weak<Inner>) {
             store.check_clock().await;
         }
         match store.check_generation().await {
-            Ok(_) if !was => tracing::info!("redis pin store reachable again"),
-            Ok(_) => {}
+            Ok(_) => {
+                if !was {
+                    tracing::info!("redis pin store reachable again");
+                }
+                if let Err(e) = store.check_fleet_quarantine().await {
+                    tracing::debug!(error = %e, "cannot read the fleet's quarantine");
+                }
+            }
             Err(e) => {
                 store.inner.link.lost();
                 if was {

@@ -49,6 +49,11 @@ const RESTORES_IN_A_ROW: u32 = 10;
 /// background checks of the running replicas, each a round trip well under
 /// one.
 const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(6);
+/// How far beyond now a replica that restores keeps the fleet's quarantine
+/// (see [`RedisStore::check_fleet_quarantine`]): several background checks
+/// of the other replicas, so that a restore still running is never
+/// outlived by their quarantine.
+const RESTORE_HOLD: Duration = super::CHECK_INTERVAL.saturating_mul(10);
 
 /// The last loss, for the admin listing.
 #[derive(Clone, Debug, Serialize)]
@@ -118,14 +123,19 @@ impl RedisStore {
         }
     }
 
-    /// Whether unknown credentials are to be treated as lost now. Timed on
-    /// the monotonic clock: a wall clock stepped forward does not end it.
+    /// Whether unknown credentials are to be treated as lost now: during
+    /// the quarantine, and for as long as a restore runs (with a
+    /// `store.loss_quarantine` shorter than the restore, a credential whose
+    /// pin is still to be written back would otherwise be pinned anew).
+    /// Timed on the monotonic clock: a wall clock stepped forward does not
+    /// end it.
     pub(super) fn quarantined(&self) -> bool {
-        steady_ms()
-            < self
-                .inner
-                .quarantine_until_steady_ms
-                .load(Ordering::Relaxed)
+        self.inner.recovering.load(Ordering::Acquire)
+            || steady_ms()
+                < self
+                    .inner
+                    .quarantine_until_steady_ms
+                    .load(Ordering::Relaxed)
     }
 
     /// How long this replica's quarantine lasts from now (0: none).
@@ -179,27 +189,71 @@ impl RedisStore {
         Ok(left)
     }
 
+    /// At every background check: takes the fleet's quarantine when
+    /// another replica started one. A replica learns of most losses itself,
+    /// at its next round trip, but not of one whose only trace is a
+    /// generation it founded: a new pod that found Redis wiped while every
+    /// replica with history was cut off from it, which then pins lost
+    /// credentials anew until a replica with history comes back, notices,
+    /// and writes the quarantine's end to Redis. And while this replica
+    /// restores, it keeps the fleet's quarantine running at least
+    /// [`RESTORE_HOLD`] beyond now, so that no replica ends its quarantine
+    /// while pins are still being written back.
+    pub(super) async fn check_fleet_quarantine(&self) -> Result<(), StoreError> {
+        let restoring = self.inner.recovering.load(Ordering::Acquire);
+        let before = self.quarantine_left_ms();
+        let hold_ms = u64::try_from(RESTORE_HOLD.as_millis()).unwrap_or(u64::MAX);
+        let wanted = if restoring && before < hold_ms {
+            hold_ms
+        } else {
+            0
+        };
+        let left = self.share_quarantine(wanted).await?;
+        // (A tail shorter than a check is the end of a quarantine this
+        // replica already kept, read a moment after its own clock ended it.)
+        let check_ms = u64::try_from(super::CHECK_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if before == 0 && left > check_ms && !restoring {
+            self.joined_quarantine(left, "joined the quarantine another replica started");
+        }
+        Ok(())
+    }
+
+    /// This replica found a quarantine of the fleet's with `left_ms` to
+    /// run, which it had not started: says so, forgets the cached pins (a
+    /// restore may retire what they answer live) and reports it.
+    fn joined_quarantine(&self, left_ms: u64, what: &str) {
+        tracing::warn!(
+            remaining = ?Duration::from_millis(left_ms),
+            "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
+             does not know are answered as lost until it ends"
+        );
+        if let Some(cache) = &self.inner.cache {
+            cache.reset();
+        }
+        let at = now_ms();
+        let until = at.saturating_add(left_ms);
+        let mut report = self.inner.report.lock().unwrap_or_else(|e| e.into_inner());
+        match report.as_mut() {
+            Some(report) => report.quarantine_until_ms = report.quarantine_until_ms.max(until),
+            None => {
+                *report = Some(LossReport {
+                    what: what.into(),
+                    at_ms: at,
+                    quarantine_until_ms: until,
+                    restored: 0,
+                    quarantined: 0,
+                    conflicts: 0,
+                    restore_done: true,
+                })
+            }
+        }
+    }
+
     /// At start: takes the fleet's quarantine, if one is running.
     pub(super) async fn join_quarantine(&self) -> Result<(), StoreError> {
         let left = self.share_quarantine(0).await?;
-        let at = now_ms();
-        let until = at.saturating_add(left);
         if left > 0 {
-            tracing::warn!(
-                remaining = ?Duration::from_millis(left),
-                "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
-                 does not know are answered as lost until it ends"
-            );
-            let mut report = self.inner.report.lock().unwrap_or_else(|e| e.into_inner());
-            report.get_or_insert_with(|| LossReport {
-                what: "joined the quarantine another replica started".into(),
-                at_ms: at,
-                quarantine_until_ms: until,
-                restored: 0,
-                quarantined: 0,
-                conflicts: 0,
-                restore_done: true,
-            });
+            self.joined_quarantine(left, "joined the quarantine another replica started");
         }
         Ok(())
     }
