@@ -440,12 +440,19 @@ impl Store {
     }
 
     /// A live check that the store answers (readiness): a round trip to
-    /// Redis; for the embedded store, a write of nothing that its disk
-    /// confirms, as a pin's must be.
+    /// Redis (and a write of nothing to a replica's journal); for the
+    /// embedded store, a write of nothing that its disk confirms, as a
+    /// pin's must be.
     pub async fn answers(&self) -> Result<(), StoreError> {
         match self {
             Store::Durable(store) => store.check_writes().await,
-            Store::Redis(_) | Store::Memory(_) => self.exit_deaths().await.map(drop),
+            // A replica's journal answers too: a hung disk under it
+            // withholds every new pin's answer for the confirm limit.
+            Store::Redis(store) => {
+                store.journal_answers().await?;
+                self.exit_deaths().await.map(drop)
+            }
+            Store::Memory(_) => self.exit_deaths().await.map(drop),
         }
     }
 

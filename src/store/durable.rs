@@ -459,6 +459,14 @@ impl DurableStore {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Makes the disk hang (`true`) or answer again, and bounds the wait
+    /// for it at `confirm_limit` (tests of the stores built on this one).
+    #[cfg(test)]
+    pub(crate) fn stall_writes_for_tests(&mut self, stalled: bool, confirm_limit: Duration) {
+        self.confirm_limit = confirm_limit;
+        self.shared.stall_writes.store(stalled, Ordering::Relaxed);
+    }
+
     fn enqueue(&self, change: Change) -> Result<u64, StoreError> {
         self.reserve(change).send()
     }

@@ -314,6 +314,15 @@ impl RedisStore {
         self.inner.journal.as_ref().and_then(Journal::write_failure)
     }
 
+    /// Whether this replica's journal (if it keeps one) takes writes now:
+    /// a disk that hangs fails it (readiness).
+    pub async fn journal_answers(&self) -> Result<(), StoreError> {
+        match &self.inner.journal {
+            Some(journal) => journal.check_writes().await,
+            None => Ok(()),
+        }
+    }
+
     /// Why this replica refuses every command, if it does: after a loss,
     /// Redis came to hold another pin-hashing key than the one this replica
     /// hashes cookies with. The two keys give one cookie two pin keys, so
@@ -1021,7 +1030,7 @@ impl RedisStore {
                 .zip(&bindings)
                 .filter_map(|(key, b)| b.as_ref().map(|b| (*key, b)))
                 .collect();
-            journal.bindings(&found).await;
+            journal.bindings(&found).await?;
         }
         Ok(bindings)
     }
@@ -1292,7 +1301,7 @@ impl PinStore for RedisStore {
     async fn create_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         self.write_identity(identity).await?;
         if let Some(journal) = &self.inner.journal {
-            journal.identity(identity).await;
+            journal.identity(identity).await?;
         }
         Ok(())
     }
@@ -1321,7 +1330,7 @@ impl PinStore for RedisStore {
                 .zip(&bindings)
                 .map(|((key, _), binding)| (*key, binding))
                 .collect();
-            journal.bindings(&made).await;
+            journal.bindings(&made).await?;
         }
         Ok(bindings)
     }
@@ -1335,17 +1344,17 @@ impl PinStore for RedisStore {
         if let Some(journal) = &self.inner.journal {
             match &founding {
                 Founding::Founded(bindings) => {
-                    journal.identity(identity).await;
+                    journal.identity(identity).await?;
                     let made: Vec<(PinKey, &Binding)> = pins
                         .iter()
                         .zip(bindings)
                         .map(|((key, _), binding)| (*key, binding))
                         .collect();
-                    journal.bindings(&made).await;
+                    journal.bindings(&made).await?;
                 }
                 Founding::Lost(winner) => {
                     if let Some((key, _)) = pins.first() {
-                        journal.bindings(&[(*key, winner)]).await;
+                        journal.bindings(&[(*key, winner)]).await?;
                     }
                 }
             }
@@ -1439,7 +1448,7 @@ impl PinStore for RedisStore {
             )
             .await?;
         if let Some(journal) = &self.inner.journal {
-            journal.egress(id, ip).await;
+            journal.egress(id, ip).await?;
         }
         Ok(bulk(&recorded).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()))
     }
@@ -1485,7 +1494,7 @@ impl PinStore for RedisStore {
             cache.forget(&key);
         }
         if let (Some(journal), Value::Int(1)) = (&self.inner.journal, &reply) {
-            journal.extend_pin(key, pinned, extended.expires_ms).await;
+            journal.extend_pin(key, pinned, extended.expires_ms).await?;
         }
         Ok(())
     }
@@ -1538,7 +1547,10 @@ impl PinStore for RedisStore {
                 match codec::decode_identity(&held) {
                     Ok(Some(mut identity)) => {
                         identity.retired.get_or_insert_with(|| retirement.clone());
-                        journal.identity(&identity).await;
+                        // Retired in Redis all the same; a journal that
+                        // cannot record it has said so, and the replica
+                        // refuses from then on.
+                        let _ = journal.identity(&identity).await;
                     }
                     // Retired in Redis all the same: only the journal's
                     // copy is missing.

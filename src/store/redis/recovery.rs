@@ -711,7 +711,7 @@ impl RedisStore {
             .next()
             .ok_or_else(|| super::codec::unexpected("a tombstone vanished"))?;
         if let Some(journal) = &self.inner.journal {
-            journal.bindings(&[(key, &winner)]).await;
+            journal.bindings(&[(key, &winner)]).await?;
         }
         self.inner.metrics.store_quarantined.inc();
         self.update_report(|r| r.quarantined += 1);
