@@ -6,7 +6,9 @@
 //! sequence (which have no time to live) stay, so the generation alone
 //! never shows it. The server counts what it evicted (`INFO`'s
 //! `evicted_keys`, readable where `CONFIG` is refused, as on managed
-//! services); a count that grows on the same server is taken as a loss.
+//! services); a count that grows on the same server is taken as a loss,
+//! and so is any count on a server newly taken over (see
+//! [`EvictionWatch::observe`]).
 //! It counts every key the server evicted, pinproxy's or not: a server
 //! that evicts anything may have evicted pins, and the restore and
 //! quarantine that follow are what a loss calls for.
@@ -36,14 +38,20 @@ impl EvictionWatch {
 
     /// Takes a reading of `INFO` (`info`): the keys evicted since the last
     /// reading of the same server, if any. A reading of another server (a
-    /// restart, a failover) is a new baseline: what such a change lost, the
-    /// generation shows.
+    /// failover, a restart) counts every key it ever evicted: what the
+    /// change itself lost, the generation shows, but not what the new
+    /// primary evicted since (a replica promoted with more data than its
+    /// `maxmemory` evicts at once, since replicas ignore it by default),
+    /// and its count cannot tell when. A restarted server counts from 0.
     pub(super) fn observe(&self, info: &str) -> Option<u64> {
         let (server, evicted) = parse(info)?;
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let grown = match last.as_ref() {
-            Some((seen, before)) if *seen == server && evicted > *before => Some(evicted - before),
-            _ => None,
+            Some((seen, before)) if *seen == server => {
+                evicted.checked_sub(*before).filter(|grown| *grown > 0)
+            }
+            Some(_) => Some(evicted).filter(|evicted| *evicted > 0),
+            None => None,
         };
         *last = Some((server, evicted));
         grown
@@ -104,13 +112,20 @@ mod tests {
         assert_eq!(watch.observe(&info("a", 5)), Some(2));
         assert_eq!(
             watch.observe(&info("b", 9)),
-            None,
-            "another server: a new baseline"
+            Some(9),
+            "another server: every key it evicted (a replica promoted evicts at once)"
         );
         assert_eq!(watch.observe(&info("b", 10)), Some(1));
+        assert_eq!(
+            watch.observe(&info("c", 0)),
+            None,
+            "a server that evicted nothing"
+        );
+        assert_eq!(watch.observe(&info("c", 1)), Some(1));
+        assert_eq!(watch.observe(&info("b", 11)), Some(11));
         assert_eq!(watch.observe("no fields"), None);
         assert_eq!(
-            watch.observe(&info("b", 11)),
+            watch.observe(&info("b", 12)),
             Some(1),
             "an unreadable answer changes nothing"
         );
