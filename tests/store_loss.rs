@@ -611,6 +611,86 @@ async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
     );
 }
 
+/// After a wipe, a replica whose restore comes late (it was down) finds a
+/// cookie it journaled already answered as lost by another replica during
+/// the quarantine: that cookie stays lost, but its identity's other
+/// cookies, never in doubt, keep their exit (the restore used to retire
+/// the whole identity, taking the tombstone for another replica's claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cookie_answered_as_lost_before_the_restore_leaves_its_identity_alive() {
+    let redis = RedisNode::volatile().await;
+    let mut fleet = Fleet::start(2, &redis.url(), &[]).await;
+    // One identity with two tracked cookies, seen by replica 0 alone.
+    let mut both = log_in(&fleet, 1, &[0]).await.remove(0);
+    both.jar.set("cf_clearance", "ClearanceOfTheSameIdentity");
+    let reply = fleet.get(0, "/page", &mut both.jar).await;
+    support::origin::assert_carried(&reply, "datadome", both.earned);
+    let datadome = both.jar.get("datadome").unwrap().to_owned();
+    fleet.stop(0).await;
+
+    let _: () = redis.command(&["FLUSHDB"]).await;
+    // Replica 1 notices within half a second (a bounded wait for its
+    // report), and answers the cookie it never saw as lost.
+    let mut view = serde_json::Value::Null;
+    for _ in 0..100 {
+        view = fleet.store_view(1).await;
+        if view["loss"].is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(view["loss"].is_object(), "replica 1 saw no loss: {view}");
+    let mut only_datadome = Client {
+        jar: Jar::default(),
+        earned: both.earned,
+    };
+    only_datadome.jar.set("datadome", &datadome);
+    let outcome = pages(&fleet, std::slice::from_mut(&mut only_datadome), &[1]).await;
+    assert_eq!(outcome.lost, 1);
+
+    // Replica 0 comes back, notices, and restores its journal.
+    fleet.restart(0).await;
+    let mut view = serde_json::Value::Null;
+    for _ in 0..200 {
+        view = fleet.store_view(0).await;
+        if view["loss"]["restore_done"] == serde_json::Value::Bool(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        view["loss"]["restore_done"],
+        serde_json::Value::Bool(true),
+        "replica 0 never finished its restore: {view}"
+    );
+    assert_eq!(view["loss"]["conflicts"], 0, "{view}");
+    let mut only_clearance = Client {
+        jar: Jar::default(),
+        earned: both.earned,
+    };
+    only_clearance
+        .jar
+        .set("cf_clearance", "ClearanceOfTheSameIdentity");
+    // (A value the client set itself: the origin signed none, so the exit
+    // it left from is the check.)
+    for replica in [0, 1] {
+        let reply = fleet.get(replica, "/page", &mut only_clearance.jar).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reported_peer(&reply.body), Some(both.earned));
+    }
+    assert_eq!(
+        pages(&fleet, std::slice::from_mut(&mut only_datadome), &[0, 1])
+            .await
+            .lost,
+        2
+    );
+    assert!(
+        fleet.origin.leaks().is_empty(),
+        "{:?}",
+        fleet.origin.leaks()
+    );
+}
+
 /// An identity busy through one replica is idle in the journal of another
 /// that saw it once; after a wipe both journals write it back, and it stays
 /// live: a journal does not judge idleness from its own replica's uses, and

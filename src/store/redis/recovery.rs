@@ -55,6 +55,20 @@ const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(6);
 /// outlived by their quarantine.
 const RESTORE_HOLD: Duration = super::CHECK_INTERVAL.saturating_mul(10);
 
+/// Whether `binding` pins its credential to a tombstone: the identity a
+/// quarantine pins a lost credential to, retired (`store-lost`), on no
+/// exit. Retired either way: an identity on an exit someone named like
+/// the tombstones' is taken for one only once it can carry nothing.
+fn is_tombstone(binding: &Binding) -> bool {
+    binding.identity.as_deref().is_some_and(|identity| {
+        identity.exit.as_str() == NO_EXIT
+            && identity
+                .retired
+                .as_ref()
+                .is_some_and(|retired| retired.reason == RetireReason::StoreLost)
+    })
+}
+
 /// The last loss, for the admin listing.
 #[derive(Clone, Debug, Serialize)]
 pub struct LossReport {
@@ -577,6 +591,18 @@ impl RedisStore {
             for ((key, pin), winner) in listing.pins.iter().zip(winners) {
                 if winner.pin.identity == pin.identity {
                     restored += 1;
+                } else if is_tombstone(&winner) {
+                    // Another replica answered the credential as lost
+                    // during the quarantine, before this restore reached
+                    // it: it stays lost (it leaves through no exit), and
+                    // this identity's other credentials, never in doubt,
+                    // keep it. Retiring it would end every identity whose
+                    // cookie a client happened to send elsewhere first.
+                    tracing::info!(
+                        pin = %key, ours = %listing.identity.id,
+                        "a credential this replica journaled was answered as lost meanwhile: it \
+                         stays lost, its identity goes on"
+                    );
                 } else {
                     self.retire_conflict(*key, &listing.identity, &winner)
                         .await?;
