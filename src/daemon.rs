@@ -614,12 +614,7 @@ impl Daemon {
             pacer: crate::proxy::pacing::Pacer::new(),
             live_exits: live_exits.clone(),
         };
-        let pipeline = live::pipeline(
-            &settings,
-            exits.clone(),
-            &core,
-            settings.limits.max_header_bytes,
-        );
+        let pipeline = live::pipeline(&settings, exits.clone(), &core, &settings.limits);
         let frontend = Arc::new(Frontend {
             pipeline: ArcSwap::from_pointee(pipeline),
             mitm: Mitm {

@@ -84,6 +84,9 @@ pub struct Pipeline {
     pub exits: Arc<ExitSet>,
     /// Largest header section accepted.
     pub max_header_bytes: usize,
+    /// Most header fields accepted (hyper's HTTP/1.1 server enforces it
+    /// itself; an HTTP/2 request is held to it here).
+    pub max_headers: usize,
     /// What to do when a request's fingerprint differs from its identity's.
     pub fingerprint_policy: FingerprintPolicy,
     /// Origin answers that end an identity.
@@ -230,6 +233,13 @@ impl Pipeline {
             return Err(ProxyError::HeadersTooLarge {
                 size,
                 limit: self.max_header_bytes,
+            });
+        }
+        let fields = request.headers().len();
+        if fields > self.max_headers {
+            return Err(ProxyError::TooManyHeaders {
+                fields,
+                limit: self.max_headers,
             });
         }
 

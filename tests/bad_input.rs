@@ -106,6 +106,32 @@ async fn oversized_header_sections_get_431() {
     .await;
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
     assert!(origin.seen().is_empty(), "nothing oversized was forwarded");
+
+    // More fields than limits.max_headers (100), small enough to fit the
+    // byte limit: HTTP/1.1 gets the parser's 431, HTTP/2 pinproxy's own.
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let fields: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &fields).await;
+    assert_eq!(reply.status, 431);
+    let h2 = proxy
+        .client
+        .tunnel_h2("localhost", origin.https.port())
+        .await;
+    let reply = h2.clone().get("/", &fields).await;
+    assert_eq!(reply.status, 431, "{}", reply.body);
+    assert!(
+        reply
+            .pinproxy_error()
+            .unwrap()
+            .contains("150 header fields; the limit is 100"),
+        "{:?}",
+        reply.pinproxy_error()
+    );
+    assert!(origin.seen().is_empty(), "nothing oversized was forwarded");
+    // At the limit, both go on.
+    let fields = &fields[..96];
+    assert_eq!(h2.clone().get("/", fields).await.status, 200);
     still_serves(proxy, origin).await;
 }
 

@@ -338,8 +338,8 @@ impl Live {
         // late, and other replicas, which judge its identity by the uses
         // stored, would find it idle while in use.
         self.core.router.relays_reloaded();
-        let max_header_bytes = applied.started.limits.max_header_bytes;
-        let pipeline = pipeline(&settings, set.clone(), &self.core, max_header_bytes);
+        // Read at start only (see `Settings::restart_needed`).
+        let pipeline = pipeline(&settings, set.clone(), &self.core, &applied.started.limits);
         self.frontend.pipeline.store(Arc::new(pipeline));
 
         applied.loops.cancel();
@@ -385,7 +385,7 @@ pub(super) fn pipeline(
     settings: &Settings,
     exits: Arc<ExitSet>,
     core: &Core,
-    max_header_bytes: usize,
+    started: &crate::config::Limits,
 ) -> Pipeline {
     let identities = &settings.identities;
     Pipeline {
@@ -393,7 +393,8 @@ pub(super) fn pipeline(
         hasher: core.hasher.clone(),
         router: core.router.clone(),
         exits,
-        max_header_bytes,
+        max_header_bytes: started.max_header_bytes,
+        max_headers: started.max_headers,
         fingerprint_policy: identities.fingerprint_policy,
         on_unavailable: settings.on_unavailable,
         invalidation: invalidation::Rules::new(

@@ -481,6 +481,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for RequestGuard<T> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
+                // A head begun in bytes the client sent with its CONNECT
+                // (or upgrade) is the tunnel's, once the answer opened it:
+                // no deadline of a head holds there.
+                if this.armed && this.verdicts.ledger().opaque {
+                    this.scanner.stop();
+                    this.armed = false;
+                }
                 // Nothing more from the client now: a head it started
                 // must still end in time.
                 if this.armed {
@@ -670,6 +677,29 @@ mod tests {
         verdicts.answered();
         let read = tokio::time::timeout(Duration::from_secs(12), guard.read(&mut buf)).await;
         assert_eq!(read.ok().and_then(|r| r.ok()), Some(0));
+    }
+
+    /// Bytes the client sent with its CONNECT, before the answer, that
+    /// look like the start of a head (an SSH banner) are the tunnel's once
+    /// it opens: the head deadline they armed does not end the tunnel
+    /// while the client waits for its server.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_before_a_tunnel_opened_does_not_end_it() {
+        use tokio::io::AsyncWriteExt;
+        let (mut guard, verdicts, mut client) = piped();
+        client
+            .write_all(b"CONNECT a:22 HTTP/1.1\r\n\r\nSSH-2.0-x\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(guard.read(&mut buf).await.unwrap() > 0);
+        assert_eq!(verdicts.take(), Ok(()));
+        verdicts.after_response(&Method::CONNECT, StatusCode::OK);
+        let read = tokio::time::timeout(Duration::from_secs(5), guard.read(&mut buf)).await;
+        assert!(read.is_err(), "the tunnel was ended: {read:?}");
+        // Still a tunnel: the client's next bytes come through.
+        client.write_all(b"more").await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 4);
     }
 
     #[tokio::test]

@@ -50,6 +50,15 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// More header fields than `limits.max_headers` (an HTTP/2 request:
+    /// hyper refuses an HTTP/1.1 one itself).
+    #[error("the request has {fields} header fields; the limit is {limit}")]
+    TooManyHeaders {
+        /// How many fields it has.
+        fields: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The cookies cannot be read.
     #[error(transparent)]
     Cookies(#[from] CookieError),
@@ -142,6 +151,7 @@ impl Blame for ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::AmbiguousFraming(_)
             | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::TooManyHeaders { .. }
             | ProxyError::Cookies(_)
             | ProxyError::SessionKey(_)
             | ProxyError::FingerprintDrift { .. }
@@ -185,7 +195,9 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) | ProxyError::AmbiguousFraming(_) => "bad-request",
-            ProxyError::HeadersTooLarge { .. } => "headers-too-large",
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
+                "headers-too-large"
+            }
             ProxyError::Cookies(_) => "unreadable-cookies",
             ProxyError::SessionKey(_) => "bad-session-key",
             ProxyError::FingerprintDrift { .. } => "fingerprint-drift",
@@ -233,7 +245,9 @@ impl ProxyError {
     /// The status code of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ProxyError::Route(RouteError::Conflict(_)) | ProxyError::FingerprintDrift { .. } => {
                 StatusCode::CONFLICT
             }
@@ -287,6 +301,9 @@ impl ProxyError {
             }
             ProxyError::HeadersTooLarge { .. } => {
                 "Send fewer or smaller headers, or raise limits.max_header_bytes.".into()
+            }
+            ProxyError::TooManyHeaders { .. } => {
+                "Send fewer header fields, or raise limits.max_headers.".into()
             }
             ProxyError::Cookies(CookieError::NotUtf8) => "Send cookies as UTF-8 text.".into(),
             ProxyError::Cookies(CookieError::BadTokenHeader(header)) => format!(
