@@ -92,3 +92,120 @@ async fn a_gibibyte_each_way_streams_through_in_bounded_memory() {
     );
     proxy.kill9().await;
 }
+
+/// A stream whose reads stop, for good, once `stopped` is set (its writes
+/// go on): a client that sent its requests and no longer reads the socket.
+struct StopsReading<S> {
+    inner: S,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StopsReading<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StopsReading<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 client that offers a gibibyte of window, asks for 128 large
+/// answers and stops reading holds a bounded amount of pinproxy's memory:
+/// each stream's answer waits in pinproxy up to a small buffer (64 KiB;
+/// hyper's default would hold 400 KiB a stream, 50 MiB here), the rest in
+/// the origin's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_holds_bounded_memory() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = support::process_args(&origin, &exits);
+    // The upstream connection with hyper's own windows (5 MiB), not the
+    // client's 1 GiB mirrored (capped at 64 MiB: what an origin may send
+    // before pinproxy reads it, which the client's window vouches for).
+    let config = dir.path().join("pinproxy.toml");
+    std::fs::write(&config, "[upstream]\nfingerprint = \"rustls\"\n").unwrap();
+    args.extend(["--config".to_owned(), config.display().to_string()]);
+    let proxy = PinproxyProcess::start(dir.path(), &args).await;
+    let client = ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let port = origin.https.port();
+    let before = proxy.peak_rss_kib();
+
+    let tls = client.tls_stream("localhost", port, &[b"h2"]).await;
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = StopsReading {
+        inner: tls,
+        stopped: stopped.clone(),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(1 << 30)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(io))
+            .await
+            .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut asked = Vec::new();
+    for _ in 0..128 {
+        let request = http::Request::get(format!("https://localhost:{port}/bytes?n={}", 64 << 20))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        asked.push(tokio::spawn(sender.send_request(request)));
+    }
+    // Once pinproxy has read them all (its server reads no more frames
+    // while its writes wait), the client reads nothing more.
+    origin
+        .wait_for_many(&format!("/bytes?n={}", 64 << 20), 128)
+        .await;
+    stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+    // No signal says pinproxy's buffers are full: its peak memory is read
+    // until it stops growing (bounded: 40 readings, 250 ms apart).
+    let mut peak = proxy.peak_rss_kib();
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let now = proxy.peak_rss_kib();
+        if now == peak {
+            break;
+        }
+        peak = now;
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("pinproxy peak RSS grew {grown} KiB for 128 stalled HTTP/2 answers");
+    assert!(
+        grown < 40 * 1024,
+        "a stalled HTTP/2 client made pinproxy hold {grown} KiB"
+    );
+    driver.abort();
+    for request in asked {
+        request.abort();
+    }
+    proxy.kill9().await;
+}

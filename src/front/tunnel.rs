@@ -41,6 +41,9 @@ use crate::proxy::target::Tunnel;
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Concurrent streams a client may open on one HTTP/2 connection.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Bytes of an answer an HTTP/2 stream to the client holds before
+/// pinproxy stops reading the origin's body for it.
+const SEND_BUFFER_PER_STREAM: usize = 64 * 1024;
 /// How often an HTTP/1.1 connection in a tunnel checks whether it may park
 /// (releasing hyper's buffers, about 20 KiB, until the client's next byte):
 /// a quiet client's connection parks one to two of these after its last
@@ -447,6 +450,10 @@ where
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // What each stream's answer may hold in pinproxy while its client
+        // does not read (hyper's default, 400 KiB, is 100 MiB over 256
+        // streams; this is 16 MiB): the origin's bytes wait in its window.
+        .max_send_buf_size(SEND_BUFFER_PER_STREAM)
         // Four times the limit, as for HTTP/1.1: the pipeline answers 431
         // with an explanation below that.
         .max_header_list_size(header_limit.saturating_mul(4))
