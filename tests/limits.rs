@@ -75,6 +75,54 @@ async fn limited_per_client(connections: usize) -> Setup {
         .await
 }
 
+/// A flood of connections over `limits.max_connections_per_client` from
+/// one address holds a bounded number of the daemon's file descriptors:
+/// each refusal holds its socket up to a second, and unbounded they would
+/// take every descriptor the process may open (every client's accepts and
+/// every upstream dial then fail). Past the bound they are closed
+/// unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_connections_holds_few_descriptors() {
+    let origin = support::Origin::start().await;
+    let (_exits, exits) = support::exits(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = support::process_args(&origin, &exits);
+    let config = dir.path().join("pinproxy.toml");
+    std::fs::write(&config, "[limits]\nmax_connections_per_client = 1\n").unwrap();
+    args.extend(["--config".to_owned(), config.display().to_string()]);
+    let proxy = support::procs::PinproxyProcess::start(dir.path(), &args).await;
+    // The one connection the address may have: a tunnel, opened.
+    let mut held = TcpStream::connect(proxy.addr).await.unwrap();
+    open_tunnel(&mut held, "localhost", origin.https.port()).await;
+    let before = proxy.open_fds();
+
+    // 400 more, all open at once, each read to its end (a 429 then the
+    // close, or a close): by then the daemon has taken every one.
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        flood.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let mut answered = 0;
+    for tcp in &mut flood {
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply))
+            .await
+            .expect("each is answered or closed")
+            .ok();
+        if reply.starts_with(b"HTTP/1.1 429") {
+            answered += 1;
+        }
+    }
+    let held_fds = proxy.open_fds().saturating_sub(before);
+    assert!(answered > 0, "none was answered 429");
+    assert!(
+        held_fds <= 64 + 8,
+        "refusals held {held_fds} descriptors ({answered} answered)"
+    );
+    drop(flood);
+    proxy.kill9().await;
+}
+
 /// Whether a new connection from `source` is refused at once for the
 /// connection limits (`429 too-many-connections`).
 async fn refused_for_connections(source: &str, proxy: SocketAddr) -> bool {

@@ -203,9 +203,18 @@ where
     })
 }
 
+/// How many connections over `limits.max_connections_per_client` are
+/// answered at once (see [`refuse_connection`]); more are closed at once.
+pub const REFUSALS_AT_ONCE: usize = 64;
+
 /// Answers a connection over `limits.max_connections_per_client` with a
-/// 429 and closes it, without reading its request (bounded in time).
-pub async fn refuse_connection(mut stream: TcpStream, throttle: Throttle) {
+/// 429 and closes it, without reading its request (bounded in time),
+/// holding `_turn` (one of [`REFUSALS_AT_ONCE`]) meanwhile.
+pub async fn refuse_connection(
+    mut stream: TcpStream,
+    throttle: Throttle,
+    _turn: tokio::sync::OwnedSemaphorePermit,
+) {
     let message = format!("pinproxy: {throttle}\n{}\n", throttle.advice());
     let head = format!(
         "HTTP/1.1 429 Too Many Requests\r\nretry-after: {}\r\nx-pinproxy-error: {}: {throttle}\r\n\

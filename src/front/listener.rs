@@ -41,6 +41,7 @@ use crate::proxy::{self, target, ProxyError};
 /// Accepts connections until `frontend.shutdown` is cancelled.
 pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
     let slots = Arc::new(Semaphore::new(frontend.settings.max_connections));
+    let refusals = Arc::new(Semaphore::new(limits::REFUSALS_AT_ONCE));
     loop {
         let permit = tokio::select! {
             () = frontend.shutdown.cancelled() => break,
@@ -67,9 +68,15 @@ pub async fn accept_loop(listener: TcpListener, frontend: Arc<Frontend>) {
             Ok(client) => client,
             Err(throttle) => {
                 tracing::debug!(%peer, %throttle, "refused a connection");
-                frontend
-                    .tasks
-                    .spawn(limits::refuse_connection(stream, throttle));
+                // A refusal holds its socket up to a second (the answer,
+                // then the client's close): a flood of them would hold
+                // every descriptor the process may open. Past the bound,
+                // the connection is closed unanswered.
+                if let Ok(turn) = refusals.clone().try_acquire_owned() {
+                    frontend
+                        .tasks
+                        .spawn(limits::refuse_connection(stream, throttle, turn));
+                }
                 continue;
             }
         };

@@ -448,6 +448,14 @@ impl PinproxyProcess {
         (status.trim().parse().unwrap(), body.to_owned())
     }
 
+    /// How many file descriptors the process holds open.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.child.id().expect("running");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    }
+
     /// Sends the signal `name` (`HUP`, `TERM`, ...) with `kill`.
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running");
