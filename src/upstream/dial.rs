@@ -189,6 +189,11 @@ pub struct DialContext<'a> {
     pub socks_reply_is_egress: bool,
     /// Where the direct exit must not connect (SSRF guard).
     pub guard: &'a guard::AddressGuard,
+    /// The address the lane's tunnels leave from, once one stated it: a
+    /// direct exit on a host with IPv4 and IPv6 dials the origin's address
+    /// of its family first, so that the identity keeps its address where
+    /// the origin has one of that family.
+    pub egress: Option<IpAddr>,
 }
 
 impl DialContext<'_> {
@@ -255,6 +260,11 @@ impl Dialer {
             ip_header: self.ip_check.header.as_ref(),
             socks_reply_is_egress: self.socks_reply_is_egress,
             guard: &self.guard,
+            egress: self
+                .ip_check
+                .pinned
+                .as_ref()
+                .and_then(|pinned| pinned.get().copied()),
         }
     }
 

@@ -18,6 +18,24 @@ use super::{connect_from, resolve, DialContext, ProxyAddress};
 use crate::net::HostPort;
 use crate::upstream::error::{ConnectError, Stage};
 
+/// `addrs` in their order, those of `egress`'s family (IPv4 or IPv6) first:
+/// a host with both leaves from one address of each, and an identity
+/// whose tunnels left from one of them keeps it wherever the origin has an
+/// address of its family (the resolver may list the other family first for
+/// some names, and the tunnel would then leave from the identity's other
+/// address: a drift, which retires it).
+fn in_family_first(
+    addrs: impl IntoIterator<Item = std::net::SocketAddr>,
+    egress: Option<IpAddr>,
+) -> Vec<std::net::SocketAddr> {
+    let mut addrs: Vec<_> = addrs.into_iter().collect();
+    if let Some(egress) = egress {
+        // Stable: the resolver's order within each family.
+        addrs.sort_by_key(|addr| addr.is_ipv4() != egress.is_ipv4());
+    }
+    addrs
+}
+
 /// A direct exit.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Direct {
@@ -62,7 +80,7 @@ impl Direct {
             })?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no usable address");
         let mut refused = None;
-        for addr in addrs {
+        for addr in in_family_first(addrs, ctx.egress) {
             if self.source.is_some_and(|s| s.is_ipv4() != addr.is_ipv4()) {
                 continue;
             }
@@ -91,5 +109,24 @@ impl Direct {
             target: target.clone(),
             source: Arc::new(last),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identitys_family_is_dialled_first() {
+        let v6: std::net::SocketAddr = "[2001:db8::5]:443".parse().unwrap();
+        let v6b: std::net::SocketAddr = "[2001:db8::6]:443".parse().unwrap();
+        let v4: std::net::SocketAddr = "192.0.2.5:443".parse().unwrap();
+        let v4b: std::net::SocketAddr = "192.0.2.6:443".parse().unwrap();
+        let resolved = [v6, v4, v6b, v4b];
+        let ipv4_egress = Some("198.51.100.1".parse().unwrap());
+        let ipv6_egress = Some("2001:db8::1".parse().unwrap());
+        assert_eq!(in_family_first(resolved, ipv4_egress), [v4, v4b, v6, v6b]);
+        assert_eq!(in_family_first(resolved, ipv6_egress), [v6, v6b, v4, v4b]);
+        assert_eq!(in_family_first(resolved, None), resolved);
     }
 }
