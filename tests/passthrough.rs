@@ -418,3 +418,60 @@ async fn a_passed_through_tunnel_closes_when_its_identity_is_evicted() {
     );
     s.stop().await;
 }
+
+/// Tunnels refused for what their client sends (a TLS name the mitm
+/// policy or the CA's name constraints treat otherwise than the CONNECT
+/// host) are counted each, and warned of once: a client repeating one
+/// wrote a warning (or, outside the CA's constraints, an error) per
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_refused_for_what_their_client_sends_are_warned_of_once() {
+    let origin = Origin::start().await;
+    let (_exits, exits) = support::exits(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = support::process_args(&origin, &exits);
+    let config = dir.path().join("pinproxy.toml");
+    std::fs::write(
+        &config,
+        "[mitm]\nexclude = [\"passed.test\"]\n[ca]\npermitted_domains = [\"localhost\", \"passed.test\"]\n",
+    )
+    .unwrap();
+    args.extend(["--config".to_owned(), config.display().to_string()]);
+    let lines = support::procs::Lines::default();
+    let proxy = support::procs::PinproxyProcess::start_with_admin_logging(
+        dir.path(),
+        &args,
+        "warn",
+        lines.clone(),
+    )
+    .await;
+    let client = support::ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let port = origin.https.port();
+    let config = Arc::new(support::client::trusting(&proxy.ca_pem()));
+    for sni in ["passed.test", "outside.test"] {
+        for _ in 0..5 {
+            let (tcp, head) = client.raw_connect(&format!("localhost:{port}")).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let handshake = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp);
+            let done = tokio::time::timeout(Duration::from_secs(20), handshake)
+                .await
+                .expect("the handshake ends one way or the other");
+            assert!(done.is_err(), "a tunnel naming {sni} was opened");
+        }
+    }
+    let metrics = proxy.admin_get("/metrics").await;
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pinproxy_requests_total{outcome=\"tunnel-refused\"} "))
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+    assert_eq!(refused, 10, "each refusal is counted");
+    let lines = lines.lock().unwrap().clone();
+    let said: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("refused a tunnel") || l.contains("cannot serve TLS"))
+        .collect();
+    assert_eq!(said.len(), 2, "one warning per cause: {said:#?}");
+    assert!(said.iter().all(|l| l.contains("WARN")), "{said:#?}");
+    proxy.kill9().await;
+}

@@ -18,7 +18,7 @@
 //! CONNECT by address), or one it cannot read, is refused rather than let
 //! through unread.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::fingerprint::{read_client_hello, HelloRead};
 use super::rewind::Rewind;
+use super::tunnel::{refused_tunnel, WARNED_ONCE};
 use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
@@ -129,25 +130,37 @@ async fn open(
         );
         let opened = tokio::time::timeout(opening_limit, opening).await;
         // Counted once judged: a refused tunnel is no passthrough.
-        match &opened {
-            Ok(Ok(Opening::Intercepted(_) | Opening::Unreadable)) => {
-                metrics.request(crate::metrics::TUNNEL_REFUSED);
+        let first_refusal = match &opened {
+            Ok(Ok(Opening::Intercepted(_))) => {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                refused_tunnel(&tunnel_frontend, &WARNED)
             }
-            _ => metrics.request("passthrough"),
-        }
+            Ok(Ok(Opening::Unreadable)) => {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                refused_tunnel(&tunnel_frontend, &WARNED)
+            }
+            _ => {
+                metrics.request("passthrough");
+                false
+            }
+        };
         match opened {
             Ok(Ok(Opening::Relay)) => {}
             Ok(Ok(Opening::Intercepted(named))) => {
-                return tracing::warn!(
-                    connect = %authority, named,
-                    "refused a passed-through tunnel whose TLS, or first plain-HTTP request, names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host it names"
-                );
+                const WHY: &str = "refused a passed-through tunnel whose TLS, or first plain-HTTP request, names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host it names";
+                return if first_refusal {
+                    tracing::warn!(connect = %authority, named, "{WHY} ({WARNED_ONCE})")
+                } else {
+                    tracing::debug!(connect = %authority, named, "{WHY}")
+                };
             }
             Ok(Ok(Opening::Unreadable)) => {
-                return tracing::warn!(
-                    connect = %authority,
-                    "refused a passed-through tunnel whose TLS hello or plain-HTTP head pinproxy cannot read, so cannot tell whether it names a host mitm.include lists"
-                );
+                const WHY: &str = "refused a passed-through tunnel whose TLS hello or plain-HTTP head pinproxy cannot read, so cannot tell whether it names a host mitm.include lists";
+                return if first_refusal {
+                    tracing::warn!(connect = %authority, "{WHY} ({WARNED_ONCE})")
+                } else {
+                    tracing::debug!(connect = %authority, "{WHY}")
+                };
             }
             Ok(Err(e)) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
             Err(_) => return tracing::debug!("passthrough tunnel idle before it carried anything"),

@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ use super::queue_room::QueueRoom;
 use super::rewind::Rewind;
 use super::{h2_idle, limits, Frontend};
 use crate::fingerprint::ClientConnection;
+use crate::mitm::cert_cache::MintError;
 use crate::mitm::leaf::LeafName;
 use crate::proxy::target::Tunnel;
 
@@ -162,6 +164,23 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
     Some(Opened::Tls(tls, tunnel))
 }
 
+/// How a refusal warned of once says so.
+pub(super) const WARNED_ONCE: &str = "warned of once; each is logged at debug and counted in \
+     pinproxy_requests_total{outcome=\"tunnel-refused\"}";
+
+/// Counts a tunnel refused for what its client sent (`tunnel-refused`);
+/// answers whether it is the first refusal `warned` stands for, which is
+/// warned of (the others are logged at debug): a client repeating it would
+/// otherwise write a warning per connection.
+pub(super) fn refused_tunnel(frontend: &Frontend, warned: &AtomicBool) -> bool {
+    frontend
+        .pipeline
+        .load()
+        .metrics
+        .request(crate::metrics::TUNNEL_REFUSED);
+    !warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A client whose ClientHello pinproxy could not read: if rustls takes it,
 /// its tunnel can only present pinproxy's own TLS fingerprint upstream,
 /// the same for every such client. Counted (`fingerprint_gaps` of kind
@@ -277,15 +296,13 @@ where
     // hello the other way round (`passthrough`).
     if let Some(sni) = hello.server_name() {
         if !frontend.mitm.policy.intercepts(sni) {
-            tracing::warn!(
-                connect = %tunnel.authority, sni,
-                "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names"
-            );
-            frontend
-                .pipeline
-                .load()
-                .metrics
-                .request(crate::metrics::TUNNEL_REFUSED);
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            const WHY: &str = "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names";
+            if refused_tunnel(frontend, &WARNED) {
+                tracing::warn!(connect = %tunnel.authority, sni, "{WHY} ({WARNED_ONCE})");
+            } else {
+                tracing::debug!(connect = %tunnel.authority, sni, "{WHY}");
+            }
             return None;
         }
     }
@@ -301,6 +318,18 @@ where
         .is_some_and(|mut protocols| protocols.any(|p| p == b"h2"));
     let config = match frontend.mitm.certs.server_config(name.clone()).await {
         Ok(config) => config,
+        // The CONNECT host was within the CA's name constraints (else the
+        // CONNECT was refused), its TLS names one outside: the client's
+        // doing, not pinproxy's.
+        Err(e) if matches!(*e, MintError::OutsideConstraints { .. }) => {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if refused_tunnel(frontend, &WARNED) {
+                tracing::warn!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints ({WARNED_ONCE})");
+            } else {
+                tracing::debug!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints");
+            }
+            return None;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot serve TLS for this host");
             return None;
