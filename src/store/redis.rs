@@ -75,6 +75,8 @@ pub use recovery::LossReport;
 
 /// How often the background check runs.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How many keys a listing reads per pipelined round trip.
+const LIST_BATCH: usize = 512;
 /// How long a touch waits for more requests of its identity before it is
 /// written: one write per busy identity per interval instead of one per
 /// request. Last-use times lag by at most this much.
@@ -1573,30 +1575,59 @@ impl PinStore for RedisStore {
         let pattern = format!("{}:id:*", self.inner.prefix);
         let ids: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
         let mut listings = Vec::new();
-        for key in ids {
-            let fields: Value = self.note(connection.hgetall(&key).await)?;
-            if let Some(identity) = decode_identity(&fields)? {
-                listings.push(Listing {
-                    identity,
-                    pins: Vec::new(),
-                });
+        // Read in pipelined batches: a round trip per key made a listing of
+        // a million pins take minutes.
+        for batch in ids.chunks(LIST_BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.hgetall(key);
+            }
+            let records: Vec<Value> = self.note(pipe.query_async(&mut connection).await)?;
+            for fields in &records {
+                if let Some(identity) = decode_identity(fields)? {
+                    listings.push(Listing {
+                        identity,
+                        pins: Vec::new(),
+                    });
+                }
             }
         }
+        // Each pin goes to its identity's listing by an index: a search of
+        // the listings per pin is quadratic (a million pins of a quarter
+        // million identities).
+        let by_identity: std::collections::HashMap<IdentityId, usize> = listings
+            .iter()
+            .enumerate()
+            .map(|(index, listing)| (listing.identity.id, index))
+            .collect();
         let pattern = format!("{}:pin:*", self.inner.prefix);
         let pins: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
-        for key in pins {
+        let mut values: Vec<Option<Vec<u8>>> = Vec::with_capacity(pins.len());
+        for batch in pins.chunks(LIST_BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.get(key);
+            }
+            let read: Vec<Option<Vec<u8>>> = self.note(pipe.query_async(&mut connection).await)?;
+            values.extend(read);
+        }
+        for (key, value) in pins.iter().zip(values) {
             let Some(hex) = key.rsplit(':').next() else {
                 continue;
             };
-            let value: Option<Vec<u8>> = self.note(connection.get(&key).await)?;
+            // Gone since the scan (expired).
             let Some(value) = value else { continue };
             let binding = decode_binding(&value, &Value::Nil)?;
             let Some(bytes) = parse_hex16(hex) else {
                 continue;
             };
-            if let Some(listing) = listings
-                .iter_mut()
-                .find(|l| l.identity.id == binding.pin.identity)
+            // A pin whose identity's record is gone (it answers
+            // `forgotten`) is left out, as is one whose identity was
+            // written after the scan of identities: a listing of a live
+            // Redis is not a point-in-time copy.
+            if let Some(listing) = by_identity
+                .get(&binding.pin.identity)
+                .and_then(|&index| listings.get_mut(index))
             {
                 listing.pins.push((PinKey::from_bytes(bytes), binding.pin));
             }
