@@ -121,21 +121,24 @@ async fn open(
         let mut client = TokioIo::new(client);
         let mut upstream = upstream;
         let policy = &tunnel_frontend.mitm.policy;
-        let opening = first_words(
-            &mut client,
-            &mut upstream,
-            policy.lists_intercepted(),
-            tunnel_frontend.settings.max_header_bytes,
-            |host| policy.intercepts(host),
-        );
-        let opened = tokio::time::timeout(opening_limit, opening).await;
+        let settings = &tunnel_frontend.settings;
+        let judge = policy.lists_intercepted().then_some(Judge {
+            intercepted: |host: &str| policy.intercepts(host),
+            head_limit: settings.max_header_bytes,
+            max_fields: settings.max_headers,
+            head_read: settings.header_read,
+            idle: opening_limit,
+        });
+        // Bounded within: by the relay's idle limit while nothing comes,
+        // by `timeouts.header_read` once the client began.
+        let opened = first_words(&mut client, &mut upstream, judge).await;
         // Counted once judged: a refused tunnel is no passthrough.
         let first_refusal = match &opened {
-            Ok(Ok(Opening::Intercepted(_))) => {
+            Ok(Opening::Intercepted(_)) => {
                 static WARNED: AtomicBool = AtomicBool::new(false);
                 refused_tunnel(&tunnel_frontend, &WARNED)
             }
-            Ok(Ok(Opening::Unreadable)) => {
+            Ok(Opening::Unreadable) => {
                 static WARNED: AtomicBool = AtomicBool::new(false);
                 refused_tunnel(&tunnel_frontend, &WARNED)
             }
@@ -145,8 +148,8 @@ async fn open(
             }
         };
         match opened {
-            Ok(Ok(Opening::Relay)) => {}
-            Ok(Ok(Opening::Intercepted(named))) => {
+            Ok(Opening::Relay) => {}
+            Ok(Opening::Intercepted(named)) => {
                 const WHY: &str = "refused a passed-through tunnel whose TLS, or first plain-HTTP request, names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host it names";
                 return if first_refusal {
                     tracing::warn!(connect = %authority, named, "{WHY} ({WARNED_ONCE})")
@@ -154,7 +157,7 @@ async fn open(
                     tracing::debug!(connect = %authority, named, "{WHY}")
                 };
             }
-            Ok(Ok(Opening::Unreadable)) => {
+            Ok(Opening::Unreadable) => {
                 const WHY: &str = "refused a passed-through tunnel whose TLS hello or plain-HTTP head pinproxy cannot read, so cannot tell whether it names a host mitm.include lists";
                 return if first_refusal {
                     tracing::warn!(connect = %authority, "{WHY} ({WARNED_ONCE})")
@@ -162,8 +165,10 @@ async fn open(
                     tracing::debug!(connect = %authority, "{WHY}")
                 };
             }
-            Ok(Err(e)) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
-            Err(_) => return tracing::debug!("passthrough tunnel idle before it carried anything"),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return tracing::debug!("passthrough tunnel idle (or its client's first words slow) before it carried anything")
+            }
+            Err(e) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
         }
         let reads = AtomicU64::new(0);
         let retired = until_retired(owner, &reads, "passthrough tunnel");
@@ -194,59 +199,107 @@ enum Opening {
     Unreadable,
 }
 
-/// Carries a passed-through tunnel's first bytes, judging a TLS client's
-/// hello before any of it goes on when `judged` (a policy that lists the
-/// hosts it intercepts, see `InterceptPolicy::lists_intercepted`): a hello
-/// naming a host pinproxy intercepts (`intercepted`) was sent through a
-/// tunnel whose CONNECT named one it passes through (`CONNECT
-/// 203.0.113.7:443` with SNI `www.target.example`, under `mitm.include`),
-/// and its cookies would go out unread, through whichever exit rotation
-/// picked; a TLS hello that cannot be read cannot be judged, and is
-/// refused too. A plain-HTTP request is judged by the host it names (see
-/// [`judge_plain_head`]); other bytes are sent on as they are; when the
-/// server speaks first (a protocol whose client waits for a banner), its
-/// bytes go to the client and nothing is judged (a TLS client never
-/// waits).
+/// How a passed-through tunnel's first words are judged (under a policy
+/// that lists the hosts it intercepts, see
+/// `InterceptPolicy::lists_intercepted`).
+struct Judge<F> {
+    /// Whether pinproxy intercepts a host (`InterceptPolicy::intercepts`).
+    intercepted: F,
+    /// The longest plain-HTTP head read (`limits.max_header_bytes`).
+    head_limit: usize,
+    /// The most header fields it may have (`limits.max_headers`).
+    max_fields: usize,
+    /// How long the client has to say the host once it began
+    /// (`timeouts.header_read`), as for any request head.
+    head_read: Duration,
+    /// How long the tunnel may wait with nothing moving before the client
+    /// speaks (`timeouts.relay_idle`; zero: for ever), as a relay may.
+    idle: Duration,
+}
+
+/// What a wait for the client's first bytes brought.
+enum Came {
+    Client(usize),
+    Server(usize),
+}
+
+/// Carries a passed-through tunnel's first bytes, judging the client's
+/// before any of them goes on when `judge` is given: a TLS hello naming a
+/// host pinproxy intercepts was sent through a tunnel whose CONNECT named
+/// one it passes through (`CONNECT 203.0.113.7:443` with SNI
+/// `www.target.example`, under `mitm.include`), and its cookies would go
+/// out unread, through whichever exit rotation picked; a TLS hello that
+/// cannot be read cannot be judged, and is refused too. A plain-HTTP
+/// request is judged by the host it names (see [`judge_plain_head`]);
+/// other bytes are sent on as they are. When the server speaks first (a
+/// protocol whose client waits for a banner), its bytes go to the client
+/// while the client's first words are awaited, and those are judged all
+/// the same (an exit that sent bytes after its `200` must not let them
+/// pass unread).
 async fn first_words<C, U>(
     client: &mut C,
     upstream: &mut U,
-    judged: bool,
-    head_limit: usize,
-    intercepted: impl Fn(&str) -> bool,
+    judge: Option<Judge<impl Fn(&str) -> bool>>,
 ) -> std::io::Result<Opening>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    if !judged {
+    let Some(judge) = judge else {
         return Ok(Opening::Relay);
-    }
+    };
     let mut from_client = Vec::with_capacity(2048);
-    let mut from_server = Vec::new();
-    // Both reads can be dropped unfinished without losing a byte.
-    tokio::select! {
-        read = client.read_buf(&mut from_client) => {
-            if read? == 0 {
+    let mut from_server = vec![0u8; 16 * 1024];
+    loop {
+        // Both reads can be dropped unfinished without losing a byte.
+        let came = tokio::time::timeout(judge.idle, async {
+            tokio::select! {
+                read = client.read_buf(&mut from_client) => read.map(Came::Client),
+                read = upstream.read(&mut from_server) => read.map(Came::Server),
+            }
+        })
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        match came {
+            Came::Client(0) | Came::Server(0) => {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-        }
-        read = upstream.read_buf(&mut from_server) => {
-            if read? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            Came::Client(_) => break,
+            Came::Server(read) => {
+                client
+                    .write_all(from_server.get(..read).unwrap_or_default())
+                    .await?;
             }
-            client.write_all(&from_server).await?;
-            return Ok(Opening::Relay);
         }
     }
+    // Begun: the rest is said within `head_read`, as any request head.
+    tokio::time::timeout(
+        judge.head_read,
+        judge_first_words(Bytes::from(from_client), client, upstream, &judge),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// [`first_words`] once the client began with `first`.
+async fn judge_first_words<C, U>(
+    first: Bytes,
+    client: &mut C,
+    upstream: &mut U,
+    judge: &Judge<impl Fn(&str) -> bool>,
+) -> std::io::Result<Opening>
+where
+    C: AsyncRead + Unpin,
+    U: AsyncWrite + Unpin,
+{
     // The rest of the hello, read as a MITM tunnel reads one (bounded by
     // the parser's limits: 64 KiB, a few records).
-    let first = Bytes::from(from_client);
     let (read, outcome) = read_client_hello(Rewind::new(first, &mut *client)).await;
     let (read, unread) = read.into_parts();
     match outcome {
         HelloRead::Closed => return Err(std::io::ErrorKind::UnexpectedEof.into()),
         HelloRead::Hello(Some(hello)) => {
-            if let Some(sni) = hello.server_name.filter(|sni| intercepted(sni)) {
+            if let Some(sni) = hello.server_name.filter(|sni| (judge.intercepted)(sni)) {
                 return Ok(Opening::Intercepted(sni));
             }
         }
@@ -258,7 +311,7 @@ where
         HelloRead::Hello(None) if starts_like_http(&read) => {
             let mut head = read.to_vec();
             let mut rest = unread;
-            match judge_plain_head(&mut head, &mut rest, head_limit, &intercepted).await? {
+            match judge_plain_head(&mut head, &mut rest, judge).await? {
                 Opening::Relay => {}
                 refused => return Ok(refused),
             }
@@ -274,70 +327,97 @@ where
     Ok(Opening::Relay)
 }
 
-/// Whether a tunnel's first bytes may begin an HTTP request line: a
-/// method (letters) followed by a space, or too few bytes yet to tell.
-/// Anything else (a binary protocol, a bare command such as Redis's
-/// `PING`) is not HTTP and goes on without waiting for a line.
+/// RFC 9110's `tchar`: what a method is made of.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// Whether a tunnel's first bytes may begin an HTTP request: after any
+/// empty lines (servers skip them), a method (a token) followed by a
+/// space, or too few bytes yet to tell. Anything else (a binary protocol,
+/// a bare command such as Redis's `PING`, an SSH banner) is not HTTP and
+/// goes on without waiting for a line.
 fn starts_like_http(first: &[u8]) -> bool {
-    let method = first.iter().take_while(|b| b.is_ascii_alphabetic()).count();
-    method > 0 && first.get(method).is_none_or(|&b| b == b' ')
+    let line = first
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .and_then(|start| first.get(start..))
+        .unwrap_or_default();
+    let method = line.iter().take_while(|&&b| is_tchar(b)).count();
+    match line.get(method) {
+        None => true,
+        Some(&b' ') => method > 0,
+        Some(_) => false,
+    }
 }
 
 /// Reads a plain-HTTP head that began in `head` (from `rest`, at most
-/// `limit` bytes) and judges the host it names, as a TLS hello is judged
-/// by its server name: its absolute-form target's, else its `Host`'s. A
-/// tunnel by address carrying `GET / HTTP/1.1` with `Host:
+/// `judge.head_limit` bytes) and judges the host it names, as a TLS hello
+/// is judged by its server name: its absolute-form target's, else its
+/// `Host`'s. A tunnel by address carrying `GET / HTTP/1.1` with `Host:
 /// www.target.example` would otherwise send a listed host's cookies on
 /// unread, through whichever exit rotation picked. Its first line decides
-/// whether it is HTTP at all (`METHOD target HTTP/`); a head that is, but
-/// cannot be read (malformed, over the limit, without a host), or an
-/// HTTP/2 prior-knowledge preface, cannot be judged and is refused. Only
-/// the first request is judged, as only a TLS connection's first hello is:
-/// a client sends one host's requests on a connection it opened for it.
+/// whether it is HTTP at all (a method, then ` HTTP/` somewhere in it); a
+/// head that is, but cannot be read (malformed, over the limits, without a
+/// host), or an HTTP/2 prior-knowledge preface, cannot be judged and is
+/// refused. Only the first request is judged, as only a TLS connection's
+/// first hello is: a client sends one host's requests on a connection it
+/// opened for it.
 async fn judge_plain_head<R>(
     head: &mut Vec<u8>,
     rest: &mut R,
-    limit: usize,
-    intercepted: impl Fn(&str) -> bool,
+    judge: &Judge<impl Fn(&str) -> bool>,
 ) -> std::io::Result<Opening>
 where
     R: AsyncRead + Unpin,
 {
-    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    // Only bytes with a line end can finish a line or a head: a client
+    // writing a byte at a time has its head parsed once per line.
+    let mut new_line = true;
     loop {
-        if head.starts_with(H2_PREFACE) {
-            return Ok(Opening::Unreadable);
-        }
-        if let Some(line_end) = head.iter().position(|&b| b == b'\n') {
-            let line = head.get(..line_end).unwrap_or_default();
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let is_http = line
-                .rsplit(|&b| b == b' ')
-                .next()
-                .is_some_and(|version| version.starts_with(b"HTTP/"));
-            if !is_http {
-                return Ok(Opening::Relay);
-            }
-            let mut fields = vec![httparse::EMPTY_HEADER; 256];
-            let mut request = httparse::Request::new(&mut fields);
-            match request.parse(head) {
-                Ok(httparse::Status::Complete(_)) => {
-                    return Ok(match named_host(&request) {
-                        Some(host) if intercepted(&host) => Opening::Intercepted(host),
-                        Some(_) => Opening::Relay,
-                        None => Opening::Unreadable,
-                    });
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(_) => return Ok(Opening::Unreadable),
+        if new_line {
+            if let Some(verdict) = plain_verdict(head, judge) {
+                return Ok(verdict);
             }
         }
-        if head.len() >= limit {
+        let room = judge.head_limit.saturating_sub(head.len());
+        if room == 0 {
             return Ok(Opening::Unreadable);
         }
-        if rest.read_buf(head).await? == 0 {
+        let before = head.len();
+        let limit = u64::try_from(room).unwrap_or(u64::MAX);
+        if AsyncReadExt::take(&mut *rest, limit).read_buf(head).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        new_line = head
+            .get(before..)
+            .is_some_and(|fresh| fresh.contains(&b'\n'));
+    }
+}
+
+/// The verdict on a plain-HTTP head read so far, `None` while it is not
+/// whole (see [`judge_plain_head`]).
+fn plain_verdict(head: &[u8], judge: &Judge<impl Fn(&str) -> bool>) -> Option<Opening> {
+    let start = head.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+    let after_blank = head.get(start..)?;
+    if after_blank.starts_with(b"PRI * HTTP/2.0") {
+        return Some(Opening::Unreadable);
+    }
+    let line_end = after_blank.iter().position(|&b| b == b'\n')?;
+    let line = after_blank.get(..line_end).unwrap_or_default();
+    if !line.windows(6).any(|w| w == b" HTTP/") {
+        return Some(Opening::Relay);
+    }
+    let mut fields = vec![httparse::EMPTY_HEADER; judge.max_fields.max(1)];
+    let mut request = httparse::Request::new(&mut fields);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => Some(match named_host(&request) {
+            Some(host) if (judge.intercepted)(&host) => Opening::Intercepted(host),
+            Some(_) => Opening::Relay,
+            None => Opening::Unreadable,
+        }),
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(Opening::Unreadable),
     }
 }
 
@@ -387,6 +467,22 @@ mod tests {
         bytes
     }
 
+    /// Judging with `www.target.example` intercepted (judged as
+    /// `InterceptPolicy::intercepts` judges a host).
+    fn judge() -> Judge<impl Fn(&str) -> bool> {
+        Judge {
+            intercepted: |host: &str| {
+                host.strip_suffix('.')
+                    .unwrap_or(host)
+                    .eq_ignore_ascii_case("www.target.example")
+            },
+            head_limit: 1 << 14,
+            max_fields: 100,
+            head_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+        }
+    }
+
     /// Runs [`first_words`] with `client_sends` written by the client
     /// (in two pieces, cut inside the hello), `server_sends` by the
     /// server, and `www.target.example` intercepted; answers the opening
@@ -406,14 +502,9 @@ mod tests {
             let _ = client_far.write_all(&rest).await;
             client_far
         });
-        // Judged as `InterceptPolicy::intercepts` judges a host.
-        let opening = first_words(&mut client, &mut upstream, true, 1 << 14, |host| {
-            host.strip_suffix('.')
-                .unwrap_or(host)
-                .eq_ignore_ascii_case("www.target.example")
-        })
-        .await
-        .unwrap();
+        let opening = first_words(&mut client, &mut upstream, Some(judge()))
+            .await
+            .unwrap();
         drop((client, upstream));
         let mut client_far = writer.await.unwrap();
         let mut to_client = Vec::new();
@@ -438,11 +529,16 @@ mod tests {
         let plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         let (opening, _, sent) = open_with(&plain, b"").await;
         assert_eq!((opening, sent), (Opening::Relay, plain));
-        // A server that speaks first (SSH, SMTP) is not kept waiting.
-        let (opening, banner, _) = open_with(b"", b"SSH-2.0-x\r\n").await;
+        // A server that speaks first (SSH, SMTP) is not kept waiting: its
+        // banner reaches the client, whose answer is judged and goes on.
+        let (opening, banner, sent) = open_with(b"SSH-2.0-client\r\n", b"SSH-2.0-x\r\n").await;
         assert_eq!(
-            (opening, banner),
-            (Opening::Relay, b"SSH-2.0-x\r\n".to_vec())
+            (opening, banner, sent),
+            (
+                Opening::Relay,
+                b"SSH-2.0-x\r\n".to_vec(),
+                b"SSH-2.0-client\r\n".to_vec()
+            )
         );
     }
 
@@ -457,10 +553,19 @@ mod tests {
             b"GET / HTTP/1.1\r\nhost: WWW.Target.Example.:80\r\nCookie: datadome=T\r\n\r\n",
             b"GET http://www.target.example/ HTTP/1.1\r\nHost: x\r\nCookie: datadome=T\r\n\r\n",
             b"POST / HTTP/1.0\nHost: www.target.example\n\n",
+            // Lines servers read as requests though they are not written
+            // as clients write them: an empty line first, a space after
+            // the version, a method that is a token but not letters.
+            b"\r\nGET / HTTP/1.1\r\nHost: www.target.example\r\n\r\n",
+            b"GET / HTTP/1.1 \r\nHost: www.target.example\r\n\r\n",
+            b"M-SEARCH * HTTP/1.1\r\nHost: www.target.example\r\n\r\n",
+            b"X_GET2 / HTTP/1.1\r\nHost: www.target.example\r\n\r\n",
         ] {
             let (opening, _, sent) = open_with(request, b"").await;
+            // Refused either way: named, or not readable as clients write.
             assert!(
-                matches!(&opening, Opening::Intercepted(host) if host.to_ascii_lowercase().starts_with("www.target.example")),
+                matches!(&opening, Opening::Intercepted(host) if host.to_ascii_lowercase().starts_with("www.target.example"))
+                    || opening == Opening::Unreadable,
                 "{opening:?}: {}",
                 String::from_utf8_lossy(request)
             );
@@ -488,16 +593,82 @@ mod tests {
         assert_eq!(opening, Opening::Unreadable);
         assert!(sent.is_empty());
         // Other first words are not taken for HTTP: a binary protocol, a
-        // bare command, a line that is no request line.
+        // bare command, a line that is no request line, an SSH banner.
         for other in [
             &b"\0\0\0\x08\x04\xd2\x16\x2f"[..],
             b"PING\r\n",
             b"AUTH secret\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"SSH-2.0-OpenSSH_9.6\r\n",
         ] {
             let (opening, _, sent) = open_with(other, b"").await;
             assert_eq!(opening, Opening::Relay, "{other:?}");
             assert!(other.starts_with(&sent) && !sent.is_empty(), "{sent:?}");
         }
+    }
+
+    /// An exit (or a server) that speaks before the client does not let the
+    /// client's first words pass unjudged: its bytes reach the client, and
+    /// the client's request is judged all the same.
+    #[tokio::test]
+    async fn first_words_after_the_server_spoke_are_judged_too() {
+        for (server, client, refused) in [
+            (
+                &b"\r\n"[..],
+                &b"GET / HTTP/1.1\r\nHost: www.target.example\r\n\r\n"[..],
+                true,
+            ),
+            (b"220 smtp\r\n", b"EHLO client\r\n", false),
+        ] {
+            let (mut near, mut client_far) = tokio::io::duplex(1 << 16);
+            let (mut upstream, mut upstream_far) = tokio::io::duplex(1 << 16);
+            upstream_far.write_all(server).await.unwrap();
+            let judging = tokio::spawn(async move {
+                let opening = first_words(&mut near, &mut upstream, Some(judge())).await;
+                drop((near, upstream));
+                opening.unwrap()
+            });
+            // The server's words reach the client before it speaks.
+            let mut heard = vec![0u8; server.len()];
+            client_far.read_exact(&mut heard).await.unwrap();
+            assert_eq!(heard, server);
+            client_far.write_all(client).await.unwrap();
+            let opening = judging.await.unwrap();
+            let mut sent = Vec::new();
+            upstream_far.read_to_end(&mut sent).await.unwrap();
+            if refused {
+                assert!(matches!(opening, Opening::Intercepted(_)), "{opening:?}");
+                assert!(sent.is_empty(), "{} bytes went on", sent.len());
+            } else {
+                assert_eq!((opening, sent), (Opening::Relay, client.to_vec()));
+            }
+        }
+    }
+
+    /// A client that begins a request and stops is held to the head's
+    /// deadline, not the relay's idle limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_and_left_unfinished_times_out() {
+        let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
+        let (mut upstream, _upstream_far) = tokio::io::duplex(1 << 16);
+        client_far.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let judge = Judge {
+            intercepted: |_: &str| false,
+            head_limit: 1 << 14,
+            max_fields: 100,
+            head_read: Duration::from_secs(10),
+            idle: Duration::from_secs(600),
+        };
+        let started = tokio::time::Instant::now();
+        let error = first_words(&mut client, &mut upstream, Some(judge))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            started.elapsed() < Duration::from_secs(11),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A TLS handshake record that holds no hello pinproxy can read cannot

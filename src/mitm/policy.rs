@@ -50,13 +50,15 @@ impl InterceptPolicy {
                     // without brackets, and a glob reads `[...]` as a
                     // class of characters, which matches no address (an
                     // exclude written so would intercept it).
-                    let text = match text
+                    // Any IPv6 address is written as hosts are judged:
+                    // canonical (`2001:db8::1`, not `2001:0db8:0::1`).
+                    let unbracketed = text
                         .strip_prefix('[')
                         .and_then(|t| t.strip_suffix(']'))
-                        .filter(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok())
-                    {
-                        Some(address) => glob::Pattern::escape(address),
-                        None => text,
+                        .unwrap_or(&text);
+                    let text = match unbracketed.parse::<std::net::Ipv6Addr>() {
+                        Ok(address) => glob::Pattern::escape(&canonical_ip(address.into())),
+                        Err(_) => text,
                     };
                     glob::Pattern::new(&text).map_err(|e| refused(e.to_string()))
                 })
@@ -84,10 +86,21 @@ impl InterceptPolicy {
     /// judged as the name without the dot: a pattern that intercepts one
     /// intercepts both, and the cookies sent to either are read.
     pub fn intercepts(&self, host: &str) -> bool {
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let host = match host.parse::<std::net::IpAddr>() {
+            // An address as patterns of addresses are kept: one spelling
+            // for each (and an IPv4-mapped IPv6 address as its IPv4).
+            Ok(address) => canonical_ip(address),
+            Err(_) => host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase(),
+        };
         let matches = |patterns: &[glob::Pattern]| patterns.iter().any(|p| p.matches(&host));
         (self.include.is_empty() || matches(&self.include)) && !matches(&self.exclude)
     }
+}
+
+/// `address` written one way: IPv6 in its canonical text, an IPv4-mapped
+/// IPv6 address as the IPv4 address it maps.
+fn canonical_ip(address: std::net::IpAddr) -> String {
+    address.to_canonical().to_string()
 }
 
 #[cfg(test)]
@@ -135,5 +148,12 @@ mod tests {
         assert!(bracketed.intercepts("2"));
         let bare = InterceptPolicy::new(&[], &["2001:db8::*".into()]).unwrap();
         assert!(!bare.intercepts("2001:db8::7"));
+        // Spelt otherwise, the same address.
+        assert!(!bracketed.intercepts("2001:0db8:0::1"));
+        let long = InterceptPolicy::new(&[], &["2001:0DB8:0:0::1".into()]).unwrap();
+        assert!(!long.intercepts("2001:db8::1"));
+        let v4 = InterceptPolicy::new(&[], &["192.0.2.7".into()]).unwrap();
+        assert!(!v4.intercepts("::ffff:192.0.2.7"));
+        assert!(v4.intercepts("192.0.2.8"));
     }
 }
