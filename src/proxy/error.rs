@@ -536,9 +536,10 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
              until it is restarted after the disk is fixed; with Redis, the other replicas serve."
         }
         StoreErrorKind::Stalled => {
-            "The embedded pin store's disk has not confirmed a write in time (a hung or overloaded \
-             disk); pinproxy does not send a cookie whose pin is not on disk. Check the disk; \
-             requests go through again once it answers."
+            "The disk of the embedded pin store (or, with Redis, of this replica's journal, \
+             DATA_DIR/journal.redb) has not confirmed a write in time (a hung or overloaded disk); \
+             pinproxy does not send a cookie whose pin is not on disk. Check the disk; requests go \
+             through again once it answers."
         }
         StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
         StoreErrorKind::Corrupt => {

@@ -1496,7 +1496,11 @@ impl PinStore for RedisStore {
             cache.forget(&key);
         }
         if let (Some(journal), Value::Int(1)) = (&self.inner.journal, &reply) {
-            journal.extend_pin(key, pinned, extended.expires_ms).await?;
+            // Logged, not refused: the answer that extends the pin has
+            // been acted on by the origin, and a restore without the later
+            // expiry only ends the pin sooner (Redis's key keeps its time
+            // to live either way), never moves it.
+            let _ = journal.extend_pin(key, pinned, extended.expires_ms).await;
         }
         Ok(())
     }

@@ -21,11 +21,15 @@ use crate::store::{StoreError, StoreErrorKind};
 /// (6.2) and `KEEPTTL` (6.0), and its tests run on 7.
 pub const MIN_VERSION: (u32, u32) = (6, 2);
 
-/// What the last reading showed: the server (its `run_id`, new at every
-/// start) and how many keys it had evicted.
+/// How many servers' last readings are kept (a Sentinel group or a
+/// cluster's failovers move between a few).
+const SERVERS_KEPT: usize = 8;
+
+/// What the last readings showed: each server seen (its `run_id`, new at
+/// every start) and how many keys it had evicted, the latest last.
 #[derive(Debug, Default)]
 pub(super) struct EvictionWatch {
-    last: Mutex<Option<(String, u64)>>,
+    last: Mutex<Vec<(String, u64)>>,
 }
 
 impl EvictionWatch {
@@ -37,23 +41,36 @@ impl EvictionWatch {
     }
 
     /// Takes a reading of `INFO` (`info`): the keys evicted since the last
-    /// reading of the same server, if any. A reading of another server (a
-    /// failover, a restart) counts every key it ever evicted: what the
-    /// change itself lost, the generation shows, but not what the new
-    /// primary evicted since (a replica promoted with more data than its
+    /// reading of the same server, if any. A server read before (a
+    /// failover back, a moment on the demoted primary) is compared with
+    /// its own last reading. One never read before (a failover to it) is a
+    /// loss if it has evicted anything and still may (its
+    /// `maxmemory-policy` is not `noeviction`): what the change itself
+    /// lost, the generation shows, but not what the new primary evicted
+    /// once it took over (a replica promoted with more data than its
     /// `maxmemory` evicts at once, since replicas ignore it by default),
-    /// and its count cannot tell when. A restarted server counts from 0.
+    /// and its count cannot tell when. The first reading of all is a
+    /// baseline. A restarted server counts from 0.
     pub(super) fn observe(&self, info: &str) -> Option<u64> {
         let (server, evicted) = parse(info)?;
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let grown = match last.as_ref() {
-            Some((seen, before)) if *seen == server => {
-                evicted.checked_sub(*before).filter(|grown| *grown > 0)
+        let first_reading = last.is_empty();
+        let seen = last.iter().position(|(id, _)| *id == server);
+        let grown = match seen.and_then(|at| last.get(at)) {
+            Some((_, before)) => evicted.checked_sub(*before).filter(|grown| *grown > 0),
+            None if first_reading => None,
+            None => {
+                let may_evict = field(info, "maxmemory_policy") != Some("noeviction");
+                Some(evicted).filter(|evicted| *evicted > 0 && may_evict)
             }
-            Some(_) => Some(evicted).filter(|evicted| *evicted > 0),
-            None => None,
         };
-        *last = Some((server, evicted));
+        if let Some(at) = seen {
+            last.remove(at);
+        }
+        if last.len() >= SERVERS_KEPT {
+            last.remove(0);
+        }
+        last.push((server, evicted));
         grown
     }
 }
@@ -97,7 +114,44 @@ mod tests {
     use super::*;
 
     fn info(run_id: &str, evicted: u64) -> String {
-        format!("# Server\r\nredis_version:7.0.15\r\nrun_id:{run_id}\r\n# Stats\r\nevicted_keys:{evicted}\r\nevicted_clients:0\r\n")
+        info_with_policy(run_id, evicted, "allkeys-lru")
+    }
+
+    fn info_with_policy(run_id: &str, evicted: u64, policy: &str) -> String {
+        format!("# Server\r\nredis_version:7.0.15\r\nrun_id:{run_id}\r\n# Memory\r\nmaxmemory_policy:{policy}\r\n# Stats\r\nevicted_keys:{evicted}\r\nevicted_clients:0\r\n")
+    }
+
+    /// A failover back to a server read before, or a moment on the demoted
+    /// primary, compares each server with its own last reading: its whole
+    /// count again would be a loss (a restore, a day of quarantine) for
+    /// nothing. A new server under `noeviction` cannot have evicted since
+    /// it took over.
+    #[test]
+    fn a_server_read_before_is_compared_with_its_own_reading() {
+        let watch = EvictionWatch::default();
+        assert_eq!(watch.observe(&info("a", 5)), None);
+        assert_eq!(watch.observe(&info("b", 9)), Some(9));
+        assert_eq!(watch.observe(&info("a", 5)), None, "back to a: nothing new");
+        assert_eq!(watch.observe(&info("b", 9)), None);
+        assert_eq!(watch.observe(&info("a", 7)), Some(2));
+        assert_eq!(
+            watch.observe(&info_with_policy("c", 40, "noeviction")),
+            None,
+            "evicted before its policy changed"
+        );
+        assert_eq!(
+            watch.observe(&info_with_policy("c", 41, "noeviction")),
+            Some(1)
+        );
+        // Only the last few servers are kept.
+        for n in 0..SERVERS_KEPT {
+            watch.observe(&info_with_policy(&format!("s{n}"), 0, "noeviction"));
+        }
+        assert_eq!(
+            watch.observe(&info("a", 7)),
+            Some(7),
+            "forgotten: new again"
+        );
     }
 
     #[test]
@@ -122,7 +176,7 @@ mod tests {
             "a server that evicted nothing"
         );
         assert_eq!(watch.observe(&info("c", 1)), Some(1));
-        assert_eq!(watch.observe(&info("b", 11)), Some(11));
+        assert_eq!(watch.observe(&info("b", 11)), Some(1), "b, read before");
         assert_eq!(watch.observe("no fields"), None);
         assert_eq!(
             watch.observe(&info("b", 12)),

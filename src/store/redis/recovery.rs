@@ -35,7 +35,7 @@ use crate::clock::Clock;
 use crate::credential::{Credential, PinKey, PinKind};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
-use crate::store::{Binding, Bindings, PinStore as _, StoreError};
+use crate::store::{Binding, Bindings, PinStore as _, StoreError, StoreErrorKind};
 
 /// The exit a tombstone identity names (it never carries traffic).
 const NO_EXIT: &str = "store-lost";
@@ -49,6 +49,8 @@ const RESTORES_IN_A_ROW: u32 = 10;
 /// background checks of the running replicas, each a round trip well under
 /// one.
 const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(6);
+/// How long a restore waits for its journal to be read.
+const JOURNAL_READ_LIMIT: Duration = Duration::from_secs(30);
 /// How far beyond now a replica that restores keeps the fleet's quarantine
 /// (see [`RedisStore::check_fleet_quarantine`]): several background checks
 /// of the other replicas, so that a restore still running is never
@@ -580,7 +582,17 @@ impl RedisStore {
             self.save_generation(true).await;
             return Ok(());
         };
-        let listings = journal.list().await?;
+        // Bounded: a hung disk must not hold the restore, and with it the
+        // fleet's quarantine (see `check_fleet_quarantine`), for ever; the
+        // attempt fails and is tried again, a bounded number of times.
+        let listings = tokio::time::timeout(JOURNAL_READ_LIMIT, journal.list())
+            .await
+            .map_err(|_| {
+                StoreError::new(
+                    StoreErrorKind::Stalled,
+                    format!("the journal was not read within {JOURNAL_READ_LIMIT:?}"),
+                )
+            })??;
         let mut restored = 0u64;
         for listing in listings {
             self.write_identity(&restorable(&listing.identity)).await?;
@@ -677,6 +689,11 @@ impl RedisStore {
                             self.inner.metrics.store_restored_pins.inc();
                             Some(winner)
                         }
+                        // Answered as lost meanwhile by a replica whose
+                        // journal does not hold it (a page's requests
+                        // spread over replicas): it stays lost, and its
+                        // identity goes on, as in a full restore.
+                        Some(winner) if is_tombstone(&winner) => Some(winner),
                         // Pinned meanwhile to another identity (by a
                         // replica that had not noticed the loss): as in a
                         // full restore, neither is trusted, and the
