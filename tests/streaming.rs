@@ -186,17 +186,19 @@ async fn an_http2_client_that_stops_reading_holds_bounded_memory() {
         .wait_for_many(&format!("/bytes?n={}", 64 << 20), 128)
         .await;
     stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-    // No signal says pinproxy's buffers are full: its peak memory is read
-    // until it stops growing (bounded: 40 readings, 250 ms apart).
-    let mut peak = proxy.peak_rss_kib();
-    for _ in 0..40 {
+    // pinproxy's buffers are full once the origin hands its connections
+    // no more bytes (pinproxy stopped reading them): read until the count
+    // stands still across a reading (bounded: 80 readings, 250 ms apart).
+    let mut streamed = origin.bytes_streamed();
+    for _ in 0..80 {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        let now = proxy.peak_rss_kib();
-        if now == peak {
+        let now = origin.bytes_streamed();
+        if now == streamed {
             break;
         }
-        peak = now;
+        streamed = now;
     }
+    let peak = proxy.peak_rss_kib();
     let grown = peak.saturating_sub(before);
     eprintln!("pinproxy peak RSS grew {grown} KiB for 128 stalled HTTP/2 answers");
     assert!(

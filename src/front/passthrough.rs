@@ -18,7 +18,7 @@
 //! CONNECT by address), or one it cannot read, is refused rather than let
 //! through unread.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,11 +135,11 @@ async fn open(
         // Counted once judged: a refused tunnel is no passthrough.
         let first_refusal = match &opened {
             Ok(Opening::Intercepted(_)) => {
-                static WARNED: AtomicBool = AtomicBool::new(false);
+                static WARNED: AtomicU64 = AtomicU64::new(0);
                 refused_tunnel(&tunnel_frontend, &WARNED)
             }
             Ok(Opening::Unreadable) => {
-                static WARNED: AtomicBool = AtomicBool::new(false);
+                static WARNED: AtomicU64 = AtomicU64::new(0);
                 refused_tunnel(&tunnel_frontend, &WARNED)
             }
             _ => {

@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,21 +164,37 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
     Some(Opened::Tls(tls, tunnel))
 }
 
-/// How a refusal warned of once says so.
-pub(super) const WARNED_ONCE: &str = "warned of once; each is logged at debug and counted in \
-     pinproxy_requests_total{outcome=\"tunnel-refused\"}";
+/// How often a refusal of one cause is warned of, at most.
+const WARN_EVERY_MS: u64 = 10 * 60 * 1000;
+
+/// How a refusal warned of says the others are not.
+pub(super) const WARNED_ONCE: &str = "warned of at most every 10 minutes; each is logged at \
+     debug and counted in pinproxy_requests_total{outcome=\"tunnel-refused\"}";
 
 /// Counts a tunnel refused for what its client sent (`tunnel-refused`);
-/// answers whether it is the first refusal `warned` stands for, which is
-/// warned of (the others are logged at debug): a client repeating it would
-/// otherwise write a warning per connection.
-pub(super) fn refused_tunnel(frontend: &Frontend, warned: &AtomicBool) -> bool {
+/// answers whether to warn of it: the first refusal of the cause
+/// `last_warned` stands for (when it was last warned of, 0: never), and
+/// then one every [`WARN_EVERY_MS`] at most (the others are logged at
+/// debug). A client repeating one would otherwise write a warning per
+/// connection.
+pub(super) fn refused_tunnel(frontend: &Frontend, last_warned: &AtomicU64) -> bool {
     frontend
         .pipeline
         .load()
         .metrics
         .request(crate::metrics::TUNNEL_REFUSED);
-    !warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+    // 1 ms on: 0 means never warned.
+    let now = crate::clock::Clock::system().elapsed_ms().saturating_add(1);
+    let last = last_warned.load(std::sync::atomic::Ordering::Relaxed);
+    (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+        && last_warned
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
 }
 
 /// A client whose ClientHello pinproxy could not read: if rustls takes it,
@@ -296,7 +312,7 @@ where
     // hello the other way round (`passthrough`).
     if let Some(sni) = hello.server_name() {
         if !frontend.mitm.policy.intercepts(sni) {
-            static WARNED: AtomicBool = AtomicBool::new(false);
+            static WARNED: AtomicU64 = AtomicU64::new(0);
             const WHY: &str = "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names";
             if refused_tunnel(frontend, &WARNED) {
                 tracing::warn!(connect = %tunnel.authority, sni, "{WHY} ({WARNED_ONCE})");
@@ -322,7 +338,7 @@ where
         // CONNECT was refused), its TLS names one outside: the client's
         // doing, not pinproxy's.
         Err(e) if matches!(*e, MintError::OutsideConstraints { .. }) => {
-            static WARNED: AtomicBool = AtomicBool::new(false);
+            static WARNED: AtomicU64 = AtomicU64::new(0);
             if refused_tunnel(frontend, &WARNED) {
                 tracing::warn!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints ({WARNED_ONCE})");
             } else {

@@ -184,6 +184,7 @@ pub struct Origin {
     log: Arc<Mutex<OriginLog>>,
     held: Arc<tokio::sync::Semaphore>,
     arrivals: tokio::sync::watch::Receiver<u64>,
+    streamed: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -201,6 +202,8 @@ struct State {
     held: Arc<tokio::sync::Semaphore>,
     /// Counts requests seen, for waiting on one without polling.
     arrived: tokio::sync::watch::Sender<u64>,
+    /// Bytes `/bytes` answers have handed to their connections.
+    streamed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Origin {
@@ -219,11 +222,13 @@ impl Origin {
         let log = Arc::new(Mutex::new(OriginLog::default()));
         let held = Arc::new(tokio::sync::Semaphore::new(0));
         let (arrived, arrivals) = tokio::sync::watch::channel(0);
+        let streamed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let state = Arc::new(State {
             secret: rand::random(),
             log: log.clone(),
             held: held.clone(),
             arrived,
+            streamed: streamed.clone(),
         });
         let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(alpn));
 
@@ -265,8 +270,15 @@ impl Origin {
             log,
             held,
             arrivals,
+            streamed,
             tasks: vec![https_task, http_task],
         }
+    }
+
+    /// How many bytes `/bytes` answers have handed to their connections
+    /// so far (they stop when the reader stops reading).
+    pub fn bytes_streamed(&self) -> u64 {
+        self.streamed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A snapshot of everything seen.
@@ -626,8 +638,10 @@ async fn handle(
         // Streams `n` bytes, generated as they go.
         "/bytes" => {
             let n: usize = params.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let streamed = state.streamed.clone();
             let chunks = (0..n.div_ceil(CHUNK.len())).map(move |i| {
                 let len = CHUNK.len().min(n - i * CHUNK.len());
+                streamed.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok::<_, Infallible>(Frame::data(Bytes::from_static(&CHUNK[..len])))
             });
             Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())

@@ -80,7 +80,7 @@ async fn read_connect_reply(
     tcp: &mut TcpStream,
     ip_header: Option<&HeaderName>,
 ) -> io::Result<(u16, String, Option<IpAddr>)> {
-    // The head so far, taken off the socket: it ends in none of it yet.
+    // The head so far: it ends in none of it yet.
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -92,15 +92,17 @@ async fn read_connect_reply(
                 "the exit closed the connection before answering",
             ));
         };
-        let mut candidate = head.clone();
-        candidate.extend_from_slice(peeked);
+        // The head so far with the peeked bytes: they are taken off the
+        // socket below, all of them or those that end the head.
+        let taken = head.len();
+        head.extend_from_slice(peeked);
         // A head ends with a line feed: without a new one there is nothing
         // new to parse (an exit answering a byte at a time would otherwise
         // have the whole head parsed again for every byte).
         let parsed = if memchr::memchr(b'\n', peeked).is_some() {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut reply = httparse::Response::new(&mut headers);
-            match reply.parse(&candidate) {
+            match reply.parse(&head) {
                 Ok(httparse::Status::Complete(len)) => {
                     let status = reply.code.unwrap_or(0);
                     let reason = reply.reason.unwrap_or("").to_owned();
@@ -122,20 +124,20 @@ async fn read_connect_reply(
         };
         if let Some((len, answer)) = parsed {
             // The rest of the head, and not a byte more.
-            let mut rest = vec![0u8; len.saturating_sub(head.len())];
+            let mut rest = vec![0u8; len.saturating_sub(taken)];
             tcp.read_exact(&mut rest).await?;
             return Ok(answer);
         }
-        if candidate.len() >= MAX_CONNECT_REPLY {
+        if head.len() >= MAX_CONNECT_REPLY {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the CONNECT answer header is too large",
             ));
         }
-        // All of it is head: taken off, so that the next peek waits for more.
-        if let Some(taken) = chunk.get_mut(..n) {
-            tcp.read_exact(taken).await?;
-            head.extend_from_slice(taken);
+        // All of it is head (already in `head`): taken off, so that the
+        // next peek waits for more.
+        if let Some(peeked) = chunk.get_mut(..n) {
+            tcp.read_exact(peeked).await?;
         }
     }
 }
