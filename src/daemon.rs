@@ -44,6 +44,15 @@ use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::tls::{TlsSetupError, UpstreamTls};
 use live::{ConfigSource, Core, Live, ReloadError};
 
+/// The least `identities.remember_retired` with Redis (see `open_store`).
+const REDIS_REMEMBER_AT_LEAST_MS: u64 = 10 * 60 * 1000;
+
+/// How long a Redis replica keeps retired credentials (and pins past their
+/// identities' lives) when `remember_retired` asks for `asked_ms`.
+fn redis_keep_ms(asked_ms: u64) -> u64 {
+    asked_ms.max(REDIS_REMEMBER_AT_LEAST_MS)
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -215,7 +224,22 @@ async fn open_store(
                 .chain(std::iter::once(settings.identities.max_lifetime))
                 .max()
                 .unwrap_or(settings.identities.max_lifetime);
-            let keep = duration_ms(settings.identities.remember_retired);
+            // Redis expires a pin's key by its own clock, and routing
+            // trusts the pin until its creation plus the longest lifetime
+            // on each replica's clock: the margin between the two is
+            // `remember_retired`, and it must cover how far replicas'
+            // clocks read apart, or a replica whose clock is behind would
+            // find a live identity's pin gone and pin its cookie anew.
+            let asked = duration_ms(settings.identities.remember_retired);
+            let keep = redis_keep_ms(asked);
+            if keep > asked {
+                tracing::warn!(
+                    remember_retired = ?settings.identities.remember_retired,
+                    used = ?std::time::Duration::from_millis(keep),
+                    "identities.remember_retired is raised to 10 minutes with Redis: pins must \
+                     outlive their identities by more than replicas' clocks read apart"
+                );
+            }
             let redis = RedisSettings {
                 url: url.clone(),
                 namespace: namespace.clone(),
@@ -853,4 +877,18 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener>
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With Redis, pins outlive their identities by at least ten minutes,
+    /// whatever `remember_retired` says: replicas' clocks read apart.
+    #[test]
+    fn redis_remembers_retired_credentials_at_least_ten_minutes() {
+        assert_eq!(redis_keep_ms(0), 600_000);
+        assert_eq!(redis_keep_ms(1_000), 600_000);
+        assert_eq!(redis_keep_ms(30 * 86_400_000), 30 * 86_400_000);
+    }
 }
