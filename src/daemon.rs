@@ -49,7 +49,7 @@ const REDIS_REMEMBER_AT_LEAST_MS: u64 = 10 * 60 * 1000;
 
 /// How long a Redis replica keeps retired credentials (and pins past their
 /// identities' lives) when `remember_retired` asks for `asked_ms`.
-fn redis_keep_ms(asked_ms: u64) -> u64 {
+pub(crate) fn redis_keep_ms(asked_ms: u64) -> u64 {
     asked_ms.max(REDIS_REMEMBER_AT_LEAST_MS)
 }
 

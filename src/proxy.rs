@@ -238,9 +238,13 @@ impl Pipeline {
         // A browser sends each cookie as a field of its own over HTTP/2
         // (crumbs, RFC 9113 §8.2.3), where HTTP/1.1 has one `Cookie` line:
         // they count as that one line.
+        // (Counted only past the limit: the lookup costs every request.)
         let headers = request.headers();
-        let crumbs = headers.get_all(http::header::COOKIE).iter().count();
-        let fields = headers.len() - crumbs.saturating_sub(1);
+        let mut fields = headers.len();
+        if fields > self.max_headers {
+            let crumbs = headers.get_all(http::header::COOKIE).iter().count();
+            fields -= crumbs.saturating_sub(1);
+        }
         if fields > self.max_headers {
             return Err(ProxyError::TooManyHeaders {
                 fields,

@@ -431,7 +431,11 @@ pub(super) fn policies(settings: &Settings, started: &Settings) -> Policies {
         conflict: identities.conflict_policy,
         idle_timeout_ms: duration_ms(identities.idle_timeout),
         max_lifetime_ms: duration_ms(identities.max_lifetime),
-        keep_retired_ms: duration_ms(remember_retired),
+        keep_retired_ms: if shared_store {
+            super::redis_keep_ms(duration_ms(remember_retired))
+        } else {
+            duration_ms(remember_retired)
+        },
         shared_store,
     }
 }

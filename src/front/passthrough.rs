@@ -217,6 +217,13 @@ struct Judge<F> {
     idle: Duration,
 }
 
+/// As long as pinproxy waits for anything.
+const FOREVER: Duration = Duration::from_secs(365 * 86_400);
+
+/// How much a server may send before its client speaks while the client's
+/// first words are awaited (a banner is a line or a few).
+const SERVER_FIRST_LIMIT: usize = 16 * 1024;
+
 /// What a wait for the client's first bytes brought.
 enum Came {
     Client(usize),
@@ -250,25 +257,53 @@ where
     };
     let mut from_client = Vec::with_capacity(2048);
     let mut from_server = vec![0u8; 16 * 1024];
+    // Once the server spoke: until when its client is waited for, and how
+    // much of the server's it has been handed.
+    let mut server_spoke: Option<(tokio::time::Instant, usize)> = None;
     loop {
+        // (A year stands for "never": an instant cannot be infinitely far.)
+        let wait = tokio::time::Instant::now() + judge.idle.min(FOREVER);
+        let until = server_spoke.map_or(wait, |(deadline, _)| deadline.min(wait));
         // Both reads can be dropped unfinished without losing a byte.
-        let came = tokio::time::timeout(judge.idle, async {
+        let came = tokio::time::timeout_at(until, async {
             tokio::select! {
                 read = client.read_buf(&mut from_client) => read.map(Came::Client),
                 read = upstream.read(&mut from_server) => read.map(Came::Server),
             }
         })
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        .await;
+        let came = match came {
+            Ok(came) => came?,
+            // A client that waits past the head's deadline after its
+            // server spoke speaks a server-first protocol (an HTTP or TLS
+            // client never waits for the server): the relay takes over.
+            Err(_) if server_spoke.is_some() => return Ok(Opening::Relay),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        };
         match came {
             Came::Client(0) | Came::Server(0) => {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             Came::Client(_) => break,
             Came::Server(read) => {
-                client
-                    .write_all(from_server.get(..read).unwrap_or_default())
-                    .await?;
+                let (deadline, handed) = server_spoke
+                    .get_or_insert_with(|| (tokio::time::Instant::now() + judge.head_read, 0));
+                let deadline = *deadline;
+                *handed = handed.saturating_add(read);
+                let handed = *handed;
+                // Whole or not at all: a write cut short would lose bytes.
+                tokio::time::timeout_at(
+                    deadline,
+                    client.write_all(from_server.get(..read).unwrap_or_default()),
+                )
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                // A server that sends this much before its client speaks
+                // speaks a protocol of its own, not HTTP or TLS: the relay
+                // takes over (with its idle limit and its identity's end).
+                if handed > SERVER_FIRST_LIMIT {
+                    return Ok(Opening::Relay);
+                }
             }
         }
     }
@@ -346,7 +381,8 @@ fn starts_like_http(first: &[u8]) -> bool {
     let method = line.iter().take_while(|&&b| is_tchar(b)).count();
     match line.get(method) {
         None => true,
-        Some(&b' ') => method > 0,
+        // A tab too: some servers (Tomcat, Python's) end a method on one.
+        Some(&(b' ' | b'\t')) => method > 0,
         Some(_) => false,
     }
 }
@@ -405,7 +441,12 @@ fn plain_verdict(head: &[u8], judge: &Judge<impl Fn(&str) -> bool>) -> Option<Op
     }
     let line_end = after_blank.iter().position(|&b| b == b'\n')?;
     let line = after_blank.get(..line_end).unwrap_or_default();
-    if !line.windows(6).any(|w| w == b" HTTP/") {
+    // After a space or a tab, in any case (lenient servers read both).
+    let names_http = line.windows(6).any(|w| {
+        matches!(w.first(), Some(b' ' | b'\t'))
+            && w.get(1..).is_some_and(|v| v.eq_ignore_ascii_case(b"HTTP/"))
+    });
+    if !names_http {
         return Some(Opening::Relay);
     }
     let mut fields = vec![httparse::EMPTY_HEADER; judge.max_fields.max(1)];
@@ -560,6 +601,9 @@ mod tests {
             b"GET / HTTP/1.1 \r\nHost: www.target.example\r\n\r\n",
             b"M-SEARCH * HTTP/1.1\r\nHost: www.target.example\r\n\r\n",
             b"X_GET2 / HTTP/1.1\r\nHost: www.target.example\r\n\r\n",
+            b"GET\t/\tHTTP/1.1\r\nHost: www.target.example\r\n\r\n",
+            b"GET /\tHTTP/1.1\r\nHost: www.target.example\r\n\r\n",
+            b"GET / http/1.1\r\nHost: www.target.example\r\n\r\n",
         ] {
             let (opening, _, sent) = open_with(request, b"").await;
             // Refused either way: named, or not readable as clients write.
@@ -643,6 +687,40 @@ mod tests {
                 assert_eq!((opening, sent), (Opening::Relay, client.to_vec()));
             }
         }
+    }
+
+    /// A server that pushes before its client speaks, past a banner's
+    /// length or the head's deadline, speaks a protocol of its own: the
+    /// relay takes over (with its idle limit and its identity's end),
+    /// rather than the judge waiting on the client for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_speaks_on_its_own_is_handed_to_the_relay() {
+        // Past the length.
+        let (mut near, mut client_far) = tokio::io::duplex(1 << 20);
+        let (mut upstream, mut upstream_far) = tokio::io::duplex(1 << 20);
+        let push = vec![b'p'; SERVER_FIRST_LIMIT + 1];
+        upstream_far.write_all(&push).await.unwrap();
+        let opening = first_words(&mut near, &mut upstream, Some(judge()))
+            .await
+            .unwrap();
+        assert_eq!(opening, Opening::Relay);
+        let mut heard = vec![0u8; push.len()];
+        client_far.read_exact(&mut heard).await.unwrap();
+        assert_eq!(heard, push);
+        // Past the deadline.
+        let (mut near, _client_far) = tokio::io::duplex(1 << 16);
+        let (mut upstream, mut upstream_far) = tokio::io::duplex(1 << 16);
+        upstream_far.write_all(b"220 banner\r\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let opening = first_words(&mut near, &mut upstream, Some(judge()))
+            .await
+            .unwrap();
+        assert_eq!(opening, Opening::Relay);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
     }
 
     /// A client that begins a request and stops is held to the head's

@@ -1606,34 +1606,35 @@ impl PinStore for RedisStore {
             .collect();
         let pattern = format!("{}:pin:*", self.inner.prefix);
         let pins: Vec<String> = self.note(scan(&mut connection, &pattern).await)?;
-        let mut values: Vec<Option<Vec<u8>>> = Vec::with_capacity(pins.len());
         for batch in pins.chunks(LIST_BATCH) {
             let mut pipe = redis::pipe();
             for key in batch {
                 pipe.get(key);
             }
-            let read: Vec<Option<Vec<u8>>> = self.note(pipe.query_async(&mut connection).await)?;
-            values.extend(read);
-        }
-        for (key, value) in pins.iter().zip(values) {
-            let Some(hex) = key.rsplit(':').next() else {
-                continue;
-            };
-            // Gone since the scan (expired).
-            let Some(value) = value else { continue };
-            let binding = decode_binding(&value, &Value::Nil)?;
-            let Some(bytes) = parse_hex16(hex) else {
-                continue;
-            };
-            // A pin whose identity's record is gone (it answers
-            // `forgotten`) is left out, as is one whose identity was
-            // written after the scan of identities: a listing of a live
-            // Redis is not a point-in-time copy.
-            if let Some(listing) = by_identity
-                .get(&binding.pin.identity)
-                .and_then(|&index| listings.get_mut(index))
-            {
-                listing.pins.push((PinKey::from_bytes(bytes), binding.pin));
+            // Decoded batch by batch: the raw values of a million pins
+            // held at once would be a hundred megabytes more.
+            let values: Vec<Option<Vec<u8>>> =
+                self.note(pipe.query_async(&mut connection).await)?;
+            for (key, value) in batch.iter().zip(values) {
+                let Some(hex) = key.rsplit(':').next() else {
+                    continue;
+                };
+                // Gone since the scan (expired).
+                let Some(value) = value else { continue };
+                let binding = decode_binding(&value, &Value::Nil)?;
+                let Some(bytes) = parse_hex16(hex) else {
+                    continue;
+                };
+                // A pin whose identity's record is gone (it answers
+                // `forgotten`) is left out, as is one whose identity was
+                // written after the scan of identities: a listing of a
+                // live Redis is not a point-in-time copy.
+                if let Some(listing) = by_identity
+                    .get(&binding.pin.identity)
+                    .and_then(|&index| listings.get_mut(index))
+                {
+                    listing.pins.push((PinKey::from_bytes(bytes), binding.pin));
+                }
             }
         }
         Ok(listings)

@@ -35,7 +35,7 @@ use crate::clock::Clock;
 use crate::credential::{Credential, PinKey, PinKind};
 use crate::fingerprint::Fingerprint;
 use crate::identity::{ExitId, Identity, Pin, RetireReason, Retirement, SessionId};
-use crate::store::{Binding, Bindings, PinStore as _, StoreError, StoreErrorKind};
+use crate::store::{Binding, Bindings, PinStore as _, StoreError};
 
 /// The exit a tombstone identity names (it never carries traffic).
 const NO_EXIT: &str = "store-lost";
@@ -49,8 +49,6 @@ const RESTORES_IN_A_ROW: u32 = 10;
 /// background checks of the running replicas, each a round trip well under
 /// one.
 const FOUNDING_WAIT: Duration = super::CHECK_INTERVAL.saturating_mul(6);
-/// How long a restore waits for its journal to be read.
-const JOURNAL_READ_LIMIT: Duration = Duration::from_secs(30);
 /// How far beyond now a replica that restores keeps the fleet's quarantine
 /// (see [`RedisStore::check_fleet_quarantine`]): several background checks
 /// of the other replicas, so that a restore still running is never
@@ -582,17 +580,7 @@ impl RedisStore {
             self.save_generation(true).await;
             return Ok(());
         };
-        // Bounded: a hung disk must not hold the restore, and with it the
-        // fleet's quarantine (see `check_fleet_quarantine`), for ever; the
-        // attempt fails and is tried again, a bounded number of times.
-        let listings = tokio::time::timeout(JOURNAL_READ_LIMIT, journal.list())
-            .await
-            .map_err(|_| {
-                StoreError::new(
-                    StoreErrorKind::Stalled,
-                    format!("the journal was not read within {JOURNAL_READ_LIMIT:?}"),
-                )
-            })??;
+        let listings = journal.list().await?;
         let mut restored = 0u64;
         for listing in listings {
             self.write_identity(&restorable(&listing.identity)).await?;
