@@ -586,6 +586,14 @@ async fn a_foreign_hashing_key_after_a_wipe_stops_the_replica() {
             .unwrap();
         assert_eq!(reply.status, 503, "{}", reply.body);
     }
+    // The fleet stays in quarantine until an operator acts: replicas
+    // hashing with the other key would otherwise pin anew, once theirs
+    // ended, what this replica's journal could not write back.
+    let left: i64 = redis.command(&["PTTL", "pinproxy:quarantine-until"]).await;
+    assert!(
+        left > 365 * 86_400_000,
+        "the fleet's quarantine ends in {left} ms"
+    );
     // Redis keeps the other key: the replica did not overwrite it.
     let held: String = redis.command(&["GET", "pinproxy:hash-key"]).await;
     assert_eq!(held, foreign);

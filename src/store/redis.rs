@@ -75,6 +75,9 @@ pub use recovery::LossReport;
 
 /// How often the background check runs.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the fleet's quarantine lasts after a pin-hashing key conflict:
+/// until an operator ends it (ten years stands for that).
+const KEY_CONFLICT_QUARANTINE_MS: u64 = 10 * 365 * 86_400_000;
 /// How many keys a listing reads per pipelined round trip.
 const LIST_BATCH: usize = 512;
 /// How long a touch waits for more requests of its identity before it is
@@ -540,15 +543,25 @@ impl RedisStore {
             "Redis holds pin-hashing key {} but this replica hashes cookies with {}: it was set \
              after Redis lost its data, by a replica started without the fleet's key or by a \
              `pinproxy store` command. With two keys one cookie could be pinned to two exits, \
-             so this replica refuses every request until restarted. Put key {} back into \
-             `{}` (it is the `fleet-pin-key` file in this replica's data directory), then \
-             restart the replicas started since the loss and this one",
+             so this replica refuses every request until restarted, and the fleet stays in \
+             quarantine (credentials Redis does not know are answered as lost) until an \
+             operator acts. Put key {} back into `{}` (it is the `fleet-pin-key` file in this \
+             replica's data directory), delete `{}`, then restart every replica",
             key_id(&shared),
             key_id(&in_use),
             key_id(&in_use),
             self.hash_key_key(),
+            self.quarantine_key(),
         );
         tracing::error!("{conflict}");
+        // The replicas hashing with the other key cannot find what this
+        // replica's journal holds (its restore stops here): once their
+        // quarantine ended they would pin those cookies anew, on exits
+        // chosen then. The fleet's quarantine lasts until an operator
+        // ends it (before this replica refuses every command).
+        if let Err(e) = self.share_quarantine(KEY_CONFLICT_QUARANTINE_MS).await {
+            tracing::error!(error = %e, "could not write the fleet's quarantine after the key conflict");
+        }
         let conflict = self.inner.key_conflict.get_or_init(|| conflict);
         Err(StoreError::new(
             StoreErrorKind::KeyConflict,
@@ -628,6 +641,12 @@ impl RedisStore {
 
     fn hash_key_key(&self) -> String {
         format!("{}:hash-key", self.inner.prefix)
+    }
+
+    /// `NS:quarantine-until`: the fleet's quarantine after a loss (see
+    /// `recovery`).
+    fn quarantine_key(&self) -> String {
+        format!("{}:quarantine-until", self.inner.prefix)
     }
 
     /// Finds the primary (with Sentinel) and checks the namespace's

@@ -178,8 +178,8 @@ impl RedisStore {
     /// ended it.
     ///
     /// [`scripts::QUARANTINE`]: super::scripts::QUARANTINE
-    async fn share_quarantine(&self, left_ms: u64) -> Result<u64, StoreError> {
-        let key = format!("{}:quarantine-until", self.inner.prefix);
+    pub(super) async fn share_quarantine(&self, left_ms: u64) -> Result<u64, StoreError> {
+        let key = self.quarantine_key();
         let result = self
             .run_script(
                 &self.inner.quarantine,
