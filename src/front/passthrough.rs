@@ -291,7 +291,9 @@ where
                 let deadline = *deadline;
                 *handed = handed.saturating_add(read);
                 let handed = *handed;
-                // Whole or not at all: a write cut short would lose bytes.
+                // Bounded too; a write the deadline cuts short ends the
+                // tunnel (the relay could not go on without the bytes it
+                // did not write).
                 tokio::time::timeout_at(
                     deadline,
                     client.write_all(from_server.get(..read).unwrap_or_default()),
