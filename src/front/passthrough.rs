@@ -413,6 +413,12 @@ where
     // writing a byte at a time has its head parsed once per line.
     let mut new_line = true;
     loop {
+        // The first bytes may have been too few to tell (`GE`); once more
+        // came, a first word that is no method means no HTTP, line or not
+        // (a binary protocol whose first bytes happened to be letters).
+        if !starts_like_http(head) {
+            return Ok(Opening::Relay);
+        }
         if new_line {
             if let Some(verdict) = plain_verdict(head, judge) {
                 return Ok(verdict);
@@ -572,16 +578,14 @@ mod tests {
         let plain = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         let (opening, _, sent) = open_with(&plain, b"").await;
         assert_eq!((opening, sent), (Opening::Relay, plain));
-        // A server that speaks first (SSH, SMTP) is not kept waiting: its
-        // banner reaches the client, whose answer is judged and goes on.
-        let (opening, banner, sent) = open_with(b"SSH-2.0-client\r\n", b"SSH-2.0-x\r\n").await;
+        // Both sides speaking at once (SSH): the client's words are judged
+        // and go on, whichever came first (the banner reaches the client
+        // then or through the relay: `first_words_after_the_server_spoke_
+        // are_judged_too` orders them).
+        let (opening, _, sent) = open_with(b"SSH-2.0-client\r\n", b"SSH-2.0-x\r\n").await;
         assert_eq!(
-            (opening, banner, sent),
-            (
-                Opening::Relay,
-                b"SSH-2.0-x\r\n".to_vec(),
-                b"SSH-2.0-client\r\n".to_vec()
-            )
+            (opening, sent),
+            (Opening::Relay, b"SSH-2.0-client\r\n".to_vec())
         );
     }
 
@@ -639,8 +643,11 @@ mod tests {
         assert_eq!(opening, Opening::Unreadable);
         assert!(sent.is_empty());
         // Other first words are not taken for HTTP: a binary protocol, a
-        // bare command, a line that is no request line, an SSH banner.
+        // bare command, a line that is no request line, an SSH banner,
+        // binary bytes after letters (split so that the first read holds
+        // the letters alone).
         for other in [
+            &b"ABCD\x01\x02\x03\x04"[..],
             &b"\0\0\0\x08\x04\xd2\x16\x2f"[..],
             b"PING\r\n",
             b"AUTH secret\r\n",
