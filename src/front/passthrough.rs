@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::fingerprint::{read_client_hello, HelloRead};
 use super::rewind::Rewind;
-use super::tunnel::{refused_tunnel, WARNED_ONCE};
+use super::tunnel::{refused_tunnel, SAID_SELDOM};
 use super::Frontend;
 use crate::body::{self, Body};
 use crate::fingerprint::Fingerprint;
@@ -152,7 +152,7 @@ async fn open(
             Ok(Opening::Intercepted(named)) => {
                 const WHY: &str = "refused a passed-through tunnel whose TLS, or first plain-HTTP request, names a host the mitm policy intercepts (its cookies would leave unread, on any exit); CONNECT the host it names";
                 return if first_refusal {
-                    tracing::warn!(connect = %authority, named, "{WHY} ({WARNED_ONCE})")
+                    tracing::warn!(connect = %authority, named, "{WHY} ({SAID_SELDOM})")
                 } else {
                     tracing::debug!(connect = %authority, named, "{WHY}")
                 };
@@ -160,7 +160,7 @@ async fn open(
             Ok(Opening::Unreadable) => {
                 const WHY: &str = "refused a passed-through tunnel whose TLS hello or plain-HTTP head pinproxy cannot read, so cannot tell whether it names a host mitm.include lists";
                 return if first_refusal {
-                    tracing::warn!(connect = %authority, "{WHY} ({WARNED_ONCE})")
+                    tracing::warn!(connect = %authority, "{WHY} ({SAID_SELDOM})")
                 } else {
                     tracing::debug!(connect = %authority, "{WHY}")
                 };
@@ -213,7 +213,8 @@ struct Judge<F> {
     /// (`timeouts.header_read`), as for any request head.
     head_read: Duration,
     /// How long the tunnel may wait with nothing moving before the client
-    /// speaks (`timeouts.relay_idle`; zero: for ever), as a relay may.
+    /// speaks (`timeouts.relay_idle`; `Duration::MAX`: for ever), as a
+    /// relay may.
     idle: Duration,
 }
 

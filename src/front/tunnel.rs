@@ -167,8 +167,8 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
 /// How often a refusal of one cause is warned of, at most.
 const WARN_EVERY_MS: u64 = 10 * 60 * 1000;
 
-/// How a refusal warned of says the others are not.
-pub(super) const WARNED_ONCE: &str = "warned of at most every 10 minutes; each is logged at \
+/// How a refusal warned of says that the others of its cause are not.
+pub(super) const SAID_SELDOM: &str = "warned of at most every 10 minutes; each is logged at \
      debug and counted in pinproxy_requests_total{outcome=\"tunnel-refused\"}";
 
 /// Counts a tunnel refused for what its client sent (`tunnel-refused`);
@@ -315,7 +315,7 @@ where
             static WARNED: AtomicU64 = AtomicU64::new(0);
             const WHY: &str = "refused a tunnel whose TLS names a host the mitm policy passes through, though its CONNECT named one it intercepts; CONNECT the host the TLS names";
             if refused_tunnel(frontend, &WARNED) {
-                tracing::warn!(connect = %tunnel.authority, sni, "{WHY} ({WARNED_ONCE})");
+                tracing::warn!(connect = %tunnel.authority, sni, "{WHY} ({SAID_SELDOM})");
             } else {
                 tracing::debug!(connect = %tunnel.authority, sni, "{WHY}");
             }
@@ -340,7 +340,7 @@ where
         Err(e) if matches!(*e, MintError::OutsideConstraints { .. }) => {
             static WARNED: AtomicU64 = AtomicU64::new(0);
             if refused_tunnel(frontend, &WARNED) {
-                tracing::warn!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints ({WARNED_ONCE})");
+                tracing::warn!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints ({SAID_SELDOM})");
             } else {
                 tracing::debug!(connect = %tunnel.authority, error = %e, "refused a tunnel whose TLS names a host outside the CA's name constraints");
             }

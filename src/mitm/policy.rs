@@ -46,12 +46,11 @@ impl InterceptPolicy {
                             "a lone * with a trailing dot would match every host; write * if that is meant".into(),
                         ));
                     }
-                    // An IPv6 address written as in a URL: hosts arrive
-                    // without brackets, and a glob reads `[...]` as a
-                    // class of characters, which matches no address (an
-                    // exclude written so would intercept it).
-                    // Any IPv6 address is written as hosts are judged:
-                    // canonical (`2001:db8::1`, not `2001:0db8:0::1`).
+                    // An IPv6 address is kept as hosts are judged: without
+                    // the brackets a URL gives it (a glob reads `[...]` as
+                    // a class of characters, so an exclude written so
+                    // would intercept the address), in canonical form
+                    // (`2001:db8::1`, not `2001:0db8:0::1`).
                     let unbracketed = text
                         .strip_prefix('[')
                         .and_then(|t| t.strip_suffix(']'))

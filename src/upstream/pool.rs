@@ -918,9 +918,10 @@ impl LanePool {
         }
         let family = self.presentation.h2.as_deref().map(h2::hpack_policy);
         // An HTTP/1.1 client's request has its own case map.
-        let case_map = match came_over_http2(&request) {
-            true => super::header_case::case_map().await,
-            false => None,
+        let case_map = if came_over_http2(&request) {
+            super::header_case::case_map().await
+        } else {
+            None
         };
         for_h1(&mut request, origin, family, case_map);
         conn.framing.request(request.method());
@@ -1354,9 +1355,10 @@ fn joined_crumbs(headers: &http::HeaderMap) -> Option<HeaderValue> {
 /// `host` field ([`came_over_http2`]) stays where it was. Answers whether it
 /// took a `Host` header into the URI (see [`back_from_h2`]).
 fn for_h2(request: &mut Request<Body>, origin: &Origin) -> bool {
-    let host = match came_over_http2(request) {
-        true => None,
-        false => header_order::remove(request.headers_mut(), &header::HOST),
+    let host = if came_over_http2(request) {
+        None
+    } else {
+        header_order::remove(request.headers_mut(), &header::HOST)
     };
     let moved_host = host.is_some();
     let authority = host

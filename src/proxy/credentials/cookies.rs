@@ -104,7 +104,7 @@ static RESPONSE_TOKEN_HEADERS: [HeaderName; 2] = [
 /// Whether `name` is a request header carrying a session token: a
 /// [`TOKEN_CARRIERS`] one, or `X-DataDome-ClientID`.
 pub fn carries_token(name: &HeaderName) -> bool {
-    *name == X_DATADOME_CLIENTID || TOKEN_CARRIERS.contains(name)
+    REQUEST_TOKEN_HEADERS.contains(name)
 }
 
 /// A tracked-cookie pattern that cannot be used.

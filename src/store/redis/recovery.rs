@@ -227,7 +227,7 @@ impl RedisStore {
         // replica already kept, read a moment after its own clock ended it.)
         let check_ms = u64::try_from(super::CHECK_INTERVAL.as_millis()).unwrap_or(u64::MAX);
         if before == 0 && left > check_ms && !restoring {
-            self.joined_quarantine(left, "joined the quarantine another replica started");
+            self.joined_quarantine(left);
         }
         Ok(())
     }
@@ -235,7 +235,7 @@ impl RedisStore {
     /// This replica found a quarantine of the fleet's with `left_ms` to
     /// run, which it had not started: says so, forgets the cached pins (a
     /// restore may retire what they answer live) and reports it.
-    fn joined_quarantine(&self, left_ms: u64, what: &str) {
+    fn joined_quarantine(&self, left_ms: u64) {
         tracing::warn!(
             remaining = ?Duration::from_millis(left_ms),
             "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
@@ -251,7 +251,7 @@ impl RedisStore {
             Some(report) => report.quarantine_until_ms = report.quarantine_until_ms.max(until),
             None => {
                 *report = Some(LossReport {
-                    what: what.into(),
+                    what: "joined the quarantine another replica started".into(),
                     at_ms: at,
                     quarantine_until_ms: until,
                     restored: 0,
@@ -267,7 +267,7 @@ impl RedisStore {
     pub(super) async fn join_quarantine(&self) -> Result<(), StoreError> {
         let left = self.share_quarantine(0).await?;
         if left > 0 {
-            self.joined_quarantine(left, "joined the quarantine another replica started");
+            self.joined_quarantine(left);
         }
         Ok(())
     }
