@@ -370,17 +370,31 @@ fn parse_exit_flag(value: &str) -> Result<ExitConfig, CliError> {
 /// `@` written as `***`: the user and password, with or without a scheme.
 fn redact_userinfo(value: &str) -> String {
     let Some(at) = value.rfind('@') else {
+        // No '@': `user:pass` with its host forgotten, or credentials that
+        // lost their '@', read as the host and port. Quoted only when it
+        // is a host and port (or holds no ':' at all).
+        let start = authority_start(value);
+        let authority = &value[start..];
+        let authority = authority.strip_suffix('/').unwrap_or(authority);
+        if authority.contains(':') && crate::net::HostPort::parse(authority).is_err() {
+            return format!("{}***", &value[..start]);
+        }
         return value.to_owned();
     };
-    let before = &value[..at];
-    let start = match (before.find("://"), before.find('=')) {
+    let start = authority_start(&value[..at]);
+    format!("{}***{}", &value[..start], &value[at..])
+}
+
+/// Where the authority of `value` (`URL` or `ID=URL`, with or without a
+/// scheme) starts.
+fn authority_start(value: &str) -> usize {
+    match (value.find("://"), value.find('=')) {
         (Some(scheme), _) => scheme + 3,
         // `ID=` before a URL without a scheme; an id holds no `:`, so an
         // `=` after one is inside the password.
-        (None, Some(id)) if !before[..id].contains(':') => id + 1,
+        (None, Some(id)) if !value[..id].contains(':') => id + 1,
         _ => 0,
-    };
-    format!("{}***{}", &value[..start], &value[at..])
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +422,24 @@ mod tests {
         assert_eq!(redact_userinfo("id=u:secret@h:1"), "id=***@h:1");
         assert_eq!(redact_userinfo("user:se=cret@h:1"), "***@h:1");
         assert_eq!(redact_userinfo("id=http://u:s=t@h:1"), "id=http://***@h:1");
+        // Without an '@', what cannot be a host and port is not quoted.
+        let err = parse_exit_flag("http://user:S3cret")
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        assert_eq!(
+            redact_userinfo("x=http://user:S3cret:gate.example:7000"),
+            "x=http://***"
+        );
+        assert_eq!(
+            redact_userinfo("http://gate.example:7000"),
+            "http://gate.example:7000"
+        );
+        assert_eq!(
+            redact_userinfo("socks9://[::1]:1080"),
+            "socks9://[::1]:1080"
+        );
     }
 
     #[test]

@@ -526,6 +526,10 @@ impl Default for MetricsConfig {
 /// Most sites `metrics.max_sites` may label (bounds the series count).
 pub const MAX_SITES_LIMIT: usize = 10_000;
 
+/// The most upstream sessions an exit's cookie-less traffic may rotate over
+/// (`[[exits]] anonymous_sessions`).
+pub const MAX_ANONYMOUS_SESSIONS: usize = 4_096;
+
 /// The admin endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1143,6 +1147,13 @@ fn exit_options(exit: &ExitConfig) -> Result<ExitOptions, ExitUrlError> {
             "weight must be 1-{MAX_WEIGHT}"
         )));
     }
+    // One slot each, allocated whenever the exit set is built (at start and
+    // on a reload): a unit slip must be refused, not allocated.
+    if exit.anonymous_sessions > MAX_ANONYMOUS_SESSIONS {
+        return Err(ExitUrlError::Address(format!(
+            "anonymous_sessions must be at most {MAX_ANONYMOUS_SESSIONS}"
+        )));
+    }
     let exit_ip_header = exit
         .exit_ip_header
         .as_deref()
@@ -1328,6 +1339,14 @@ mod tests {
         let bad =
             Config::from_toml("[[exits]]\nid = \"a\"\nurl = \"direct://\"\nweight = 0").unwrap();
         assert!(bad.validate().is_err());
+        // A unit slip is refused, not allocated at start or on a reload.
+        let bad = Config::from_toml(
+            "[[exits]]\nid = \"g\"\nurl = \"http://u-{session}:p@127.0.0.1:7000\"\n\
+             anonymous_sessions = 1000000000000",
+        )
+        .unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("anonymous_sessions"), "{error}");
     }
 
     #[test]

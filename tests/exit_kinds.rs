@@ -188,3 +188,42 @@ async fn a_socks5_reply_can_state_the_egress_address() {
     );
     proxy.stop().await;
 }
+
+/// A `socks5://` URL that points at something else (here an HTTP server's
+/// `400`) is the exit's protocol fault: it counts against the exit, and
+/// the client is told the exit, not the origin, is at fault.
+#[tokio::test]
+async fn a_socks5_exit_that_does_not_speak_socks5_counts_against_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = tokio::spawn(async move {
+        // Bounded: the test makes one request.
+        for _ in 0..4 {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut greeting = [0u8; 3];
+            let _ = socket.read_exact(&mut greeting).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let exits = [("notsocks".to_string(), format!("socks5://127.0.0.2:{port}"))];
+    let proxy = Proxy::start(&exits, &origin, |c| c.health.unhealthy_after = 1).await;
+    let mut conn = proxy.client.tunnel("localhost", origin.https.port()).await;
+    let reply = conn.get("/", &[]).await;
+    assert_eq!(reply.status, 502);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.starts_with("exit-protocol:") && error.contains("exit notsocks"),
+        "{error}"
+    );
+    let exit = proxy.daemon.exits().iter().next().unwrap().clone();
+    assert_eq!(exit.health.state(), HealthState::Unhealthy);
+    assert_eq!(origin.leaks(), vec![]);
+    proxy.stop().await;
+    fake.abort();
+}

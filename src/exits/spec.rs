@@ -143,7 +143,7 @@ impl ExitSpec {
         let kind = match scheme.to_ascii_lowercase().as_str() {
             "http" => ExitKind::HttpConnect(HttpConnect(proxy_address(userinfo, hostport)?)),
             // socks5h is curl's name for remote resolution, which pinproxy always does.
-            "socks5" | "socks5h" => ExitKind::Socks5(Socks5(proxy_address(userinfo, hostport)?)),
+            "socks5" | "socks5h" => ExitKind::Socks5(Socks5(socks_address(userinfo, hostport)?)),
             "direct" => ExitKind::Direct(direct_exit(userinfo, hostport)?),
             other => return Err(ExitUrlError::Scheme(other.to_owned())),
         };
@@ -224,10 +224,35 @@ fn proxy_address(userinfo: Option<&str>, hostport: &str) -> Result<ProxyAddress,
                 .into(),
         ));
     }
+    let proxy = HostPort::parse(hostport).map_err(|e| {
+        // After an '@' the text may be the end of a password that held an
+        // unencoded '@'; without one, `user:pass` with the host forgotten.
+        let may_hold_credentials = userinfo.is_some() || hostport.contains(':');
+        ExitUrlError::Address(if may_hold_credentials {
+            format!(
+                "{} in the exit's host:port (not quoted: it may hold a password;                  percent-encode an '@' in the password as %40)",
+                e.reason
+            )
+        } else {
+            e.to_string()
+        })
+    })?;
     Ok(ProxyAddress {
-        proxy: HostPort::parse(hostport).map_err(|e| ExitUrlError::Address(e.to_string()))?,
+        proxy,
         auth: userinfo.map(parse_userinfo).transpose()?,
     })
+}
+
+/// A `socks5://` exit's address, its credentials checked against what a
+/// SOCKS5 message can carry once an identity's `{session}` is filled in
+/// (16 hex digits): refused here rather than on every connection.
+fn socks_address(userinfo: Option<&str>, hostport: &str) -> Result<ProxyAddress, ExitUrlError> {
+    let address = proxy_address(userinfo, hostport)?;
+    if let Some(auth) = &address.auth {
+        let filled = auth.with_session(&crate::identity::SessionId(0).to_string());
+        crate::upstream::dial::socks5::check_credentials(&filled).map_err(ExitUrlError::Address)?;
+    }
+    Ok(address)
 }
 
 /// A `direct://` or `direct://SOURCE_IP` exit.
@@ -268,6 +293,40 @@ mod tests {
         }
         assert!(ExitSpec::parse("a", "http://[::1]:7000").is_ok());
         assert!(ExitSpec::parse("a", "http://user:pw@[::1]:7000").is_ok());
+    }
+
+    /// A host:port that may be (the end of) a password is not quoted
+    /// either: `user:pass` with the host forgotten, or a password whose
+    /// unencoded '@' made its end read as the host.
+    #[test]
+    fn host_port_errors_that_may_hold_a_password_do_not_quote_it() {
+        for url in ["http://user:S3cret", "socks5://user:p@S3cret"] {
+            let error = ExitSpec::parse("a", url).unwrap_err().to_string();
+            assert!(!error.contains("S3cret"), "{error}");
+            assert!(error.contains("not quoted"), "{error}");
+        }
+        let error = ExitSpec::parse("a", "http://gate.example")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("gate.example"),
+            "a plain host is quoted: {error}"
+        );
+    }
+
+    /// A SOCKS5 user name must fit its length byte once an identity's
+    /// session (16 hex digits) fills `{session}`, and may not be empty.
+    #[test]
+    fn socks5_credentials_must_fit_the_protocol() {
+        let long = format!("socks5://{}-{{session}}:pw@s.example:1080", "u".repeat(239));
+        let error = ExitSpec::parse("a", &long).unwrap_err().to_string();
+        assert!(error.contains("1 to 255 bytes"), "{error}");
+        let fits = format!("socks5://{}-{{session}}:pw@s.example:1080", "u".repeat(238));
+        assert!(ExitSpec::parse("a", &fits).is_ok());
+        assert!(ExitSpec::parse("a", "socks5://:pw@s.example:1080").is_err());
+        assert!(ExitSpec::parse("a", "socks5://user@s.example:1080").is_ok());
+        // HTTP exits have no such limit.
+        assert!(ExitSpec::parse("a", &long.replace("socks5", "http")).is_ok());
     }
 
     /// What proxy clients are shown of an exit: no credentials, the user
