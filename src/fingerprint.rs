@@ -140,11 +140,25 @@ impl Fingerprint {
         self.h2.as_deref().map(H2Fingerprint::akamai)
     }
 
+    /// Makes a stored hello fresh and anonymous again, so that a recording
+    /// made before that view dropped something drawn per connection (the
+    /// ECH GREASE length) compares equal to its client's hellos now. Every
+    /// decoder of stored identities calls it.
+    pub(crate) fn renew_stored_hello(&mut self) {
+        if let Some(hello) = self.tls.take() {
+            self.tls = Some(Arc::new(Arc::unwrap_or_clone(hello).fresh_and_anonymous()));
+        }
+    }
+
     /// Decodes a stored fingerprint (postcard), in the current layout or
-    /// the header-only one of stores written before TLS fingerprints.
+    /// the header-only one of stores written before TLS fingerprints (see
+    /// [`Fingerprint::renew_stored_hello`]).
     pub fn decode(bytes: &[u8]) -> Result<Fingerprint, postcard::Error> {
         match postcard::from_bytes::<Fingerprint>(bytes) {
-            Ok(fingerprint) => Ok(fingerprint),
+            Ok(mut fingerprint) => {
+                fingerprint.renew_stored_hello();
+                Ok(fingerprint)
+            }
             Err(current) => match postcard::from_bytes::<LegacyFingerprint>(bytes) {
                 Ok(legacy) => Ok(Fingerprint {
                     headers: legacy.values,
@@ -248,7 +262,16 @@ impl ClientConnection {
         if seen(hello) || self.equal_hello.get().is_some_and(seen) {
             return true;
         }
-        let equal = **hello == **recorded;
+        // One client offers HTTP/1.1 alone where a connection is for
+        // nothing else (Chromium's WebSocket tunnels): its hello then
+        // equals its full one said so, either way round (an identity a
+        // WebSocket's answer founded records the reduced one).
+        let http1_only_of = |full: &ClientHello, reduced: &ClientHello| {
+            full.http1_only_view().is_some_and(|view| view == *reduced)
+        };
+        let equal = **hello == **recorded
+            || http1_only_of(recorded, hello)
+            || http1_only_of(hello, recorded);
         if equal {
             let _ = self.equal_hello.set(recorded.clone());
         }
@@ -321,6 +344,98 @@ mod tests {
         assert!(connection.hello_matches(&recorded));
         // Without a hello of its own (plain HTTP), nothing matches.
         assert!(!ClientConnection::default().hello_matches(&recorded));
+    }
+
+    /// Two handshakes of one Chromium differ in the ECH GREASE payload's
+    /// length (218 and 282 bytes in the fixtures): the same client, so the
+    /// same recording, and no drift. A recording stored before the length
+    /// was dropped matches too, once read back.
+    #[test]
+    fn one_chromium_matches_itself_whatever_its_ech_grease_length() {
+        use crate::upstream::tls::tests::fixture;
+        let (first, second) = (fixture("chromium_1"), fixture("chromium_2"));
+        let ech_len = |hello: &ClientHello| {
+            hello
+                .extensions
+                .iter()
+                .find(|e| e.kind == client_hello::ext::ECH)
+                .map(|e| e.len)
+        };
+        assert_ne!(ech_len(&first), ech_len(&second), "the fixtures differ");
+        let recorded = Arc::new(first.clone().fresh_and_anonymous());
+        let connection = ClientConnection::tls(second, &LiveHellos::default());
+        assert!(connection.hello_matches(&recorded));
+        // As a store written before kept it: the length in the recording.
+        let mut old = (*recorded).clone();
+        for extension in &mut old.extensions {
+            if extension.kind == client_hello::ext::ECH {
+                extension.len = ech_len(&first).unwrap_or_default();
+            }
+        }
+        let stored = Fingerprint {
+            headers: HeaderValues::default(),
+            tls: Some(Arc::new(old)),
+            h2: None,
+        };
+        let bytes = postcard::to_allocvec(&stored).unwrap();
+        let read = Fingerprint::decode(&bytes).unwrap();
+        assert!(connection.hello_matches(read.tls.as_ref().unwrap()));
+    }
+
+    /// Chromium's WebSocket tunnels offer HTTP/1.1 alone, and so no ALPS:
+    /// the same client as its pages', either way round; another client
+    /// offering HTTP/1.1 alone is not.
+    #[test]
+    fn a_hello_for_http1_alone_matches_its_clients_full_one() {
+        use crate::upstream::tls::tests::fixture;
+        use client_hello::{ext, Occasion};
+        let full = fixture("chromium_1").fresh_and_anonymous();
+        let websocket = full.http1_only_view().unwrap();
+        assert_eq!(websocket.alpn, Some(vec![b"http/1.1".to_vec()]));
+        assert!(!websocket.has_extension(ext::ALPS) && !websocket.has_extension(ext::ALPS_OLD));
+        assert!(
+            ja4::ja4(&websocket).starts_with("t13d1516h1_"),
+            "{}",
+            ja4::ja4(&websocket)
+        );
+        assert_eq!(
+            ja4::ja4(&full.on(Occasion {
+                http1_only: true,
+                to_address: false
+            })),
+            ja4::ja4(&websocket)
+        );
+        let live = LiveHellos::default();
+        let page = ClientConnection::tls(fixture("chromium_2"), &live);
+        assert!(page.hello_matches(&Arc::new(websocket.clone())));
+        let ws = ClientConnection::tls(websocket.clone(), &live);
+        assert!(ws.hello_matches(&Arc::new(full.clone())));
+        let mut other = websocket;
+        other.cipher_suites.reverse();
+        let other = ClientConnection::tls(other, &live);
+        assert!(!other.hello_matches(&Arc::new(full.clone())));
+        assert!(full.http1_only_view().unwrap().http1_only_view().is_none());
+    }
+
+    /// No client sends SNI to an address: its hello there is recorded as
+    /// the one it sends to names, and said to an address without SNI.
+    #[test]
+    fn a_hello_to_an_address_is_recorded_as_to_a_name() {
+        use crate::upstream::tls::tests::fixture;
+        use client_hello::{ext, Occasion};
+        let named = fixture("curl_h2").fresh_and_anonymous();
+        let mut to_address = fixture("curl_h2");
+        to_address.extensions.retain(|e| e.kind != ext::SERVER_NAME);
+        to_address.server_name = None;
+        to_address.presume_sni_for_names();
+        assert_eq!(to_address.fresh_and_anonymous(), named);
+        let said = named.on(Occasion {
+            http1_only: false,
+            to_address: true,
+        });
+        assert!(!said.has_extension(ext::SERVER_NAME));
+        assert!(ja4::ja4(&said).starts_with("t13i"), "{}", ja4::ja4(&said));
+        assert!(ja4::ja4(&named).starts_with("t13d"));
     }
 
     #[test]

@@ -309,14 +309,19 @@ impl Identity {
     /// read as an older one, a record must end where it does (a current
     /// record whose route is damaged is an error, not one without a route).
     /// The current layout may be followed by fields a later release added.
+    /// Its recorded hello is renewed (see [`Fingerprint::renew_stored_hello`]).
     pub fn decode(bytes: &[u8]) -> Result<Identity, postcard::Error> {
-        match postcard::from_bytes::<Identity>(bytes) {
-            Ok(identity) => Ok(identity),
+        let mut identity = match postcard::from_bytes::<Identity>(bytes) {
+            Ok(identity) => identity,
             Err(current) => whole::<UnroutedIdentity>(bytes)
                 .map(Identity::from)
                 .or_else(|_| whole::<LegacyIdentity>(bytes).map(Identity::from))
-                .map_err(|_| current),
+                .map_err(|_| current)?,
+        };
+        if identity.fingerprint.tls.is_some() {
+            Arc::make_mut(&mut identity.fingerprint).renew_stored_hello();
         }
+        Ok(identity)
     }
 }
 

@@ -1087,6 +1087,63 @@ async fn curl_http1_is_curl_through_pinproxy() {
     assert!(direct[0].ja4().unwrap().contains("h1_"), "{direct:?}");
 }
 
+/// Clients send no SNI to an address (RFC 6066 has no place for one), so
+/// whether a hello carries SNI says where it went, not who sent it. A
+/// session-key identity whose first request went to an address still sends
+/// SNI to a name afterwards, as its client does, and its client does not
+/// drift from itself between the two (`reject` would refuse it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_founded_on_an_address_sends_sni_to_names() {
+    let rig = Rig::start(OriginOptions::default(), |c| {
+        c.identities.fingerprint_policy = pinproxy::fingerprint::FingerprintPolicy::Reject
+    })
+    .await;
+    let via = rig.proxied();
+    let port = rig.origin.port();
+    for host in ["127.0.0.1", "localhost"] {
+        let mut command = Command::new(require("curl"));
+        command
+            .args(["-sS", "--max-time", "20", "--http1.1", "--cacert"])
+            .arg(&via.ca)
+            .arg("-x")
+            .arg(format!("http://{}", rig.s.proxy.daemon.local_addr()))
+            .args([
+                "--proxy-header",
+                "X-Pinproxy-Session: founded-on-an-address",
+            ])
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("https://{host}:{port}/page"));
+        assert_eq!(run(&mut command).await, "200", "{host}");
+    }
+    let sni: Vec<Option<String>> = rig
+        .origin
+        .connections()
+        .iter()
+        .map(|c| c.hello.as_ref().and_then(|h| h.server_name.clone()))
+        .collect();
+    assert_eq!(sni, [None, Some("localhost".to_string())]);
+    let ja4s: Vec<String> = rig
+        .origin
+        .records()
+        .iter()
+        .filter_map(|r| r.ja4().map(str::to_owned))
+        .collect();
+    assert!(
+        ja4s.len() == 2 && ja4s[0].starts_with("t13i") && ja4s[1].starts_with("t13d"),
+        "{ja4s:?}"
+    );
+    let metrics = rig.s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        !metrics.contains("pinproxy_fingerprint_drift_total{"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("pinproxy_fingerprint_mismatches_total{"),
+        "{metrics}"
+    );
+    rig.s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_requests_is_python_through_pinproxy() {
     let (direct, _) = openssl_client_is_itself_through_pinproxy(Client::Python).await;

@@ -582,12 +582,18 @@ async fn a_websocket_keeps_and_ends_with_its_identity_across_replicas() {
 /// upgrade of its own from a page it loaded over HTTP/2: the origin gets
 /// Chromium's own upgrade head (`Connection` right after `Host`, where a
 /// head rebuilt from an extended CONNECT carried it after the client's
-/// headers), with the page's cookie, from the exit that earned it.
+/// headers), with the page's cookie, from the exit that earned it. Its
+/// WebSocket tunnel offers HTTP/1.1 alone (and so no ALPS): the same
+/// client as the page's, so no drift under `reject`, and the connection
+/// pinproxy opens for it says the same, so no mismatch either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_opens_a_websocket_of_its_own_through_pinproxy() {
     use support::browser::{Chromium, ConnectTap, HOST_RESOLVER_RULES, PROXY_BYPASS_LIST};
     use support::devtools::Devtools;
-    let s = Setup::start(2).await;
+    let s = Setup::start_with(2, |c| {
+        c.identities.fingerprint_policy = pinproxy::fingerprint::FingerprintPolicy::Reject
+    })
+    .await;
     let port = s.origin.https.port();
     let home = tempfile::tempdir().unwrap();
     Chromium::in_home(home.path())
@@ -648,5 +654,14 @@ async fn chromium_opens_a_websocket_of_its_own_through_pinproxy() {
         upgrade.headers
     );
     assert!(s.origin.leaks().is_empty());
+    let metrics = s.proxy.daemon.admin().metrics.encode();
+    assert!(
+        !metrics.contains("pinproxy_fingerprint_drift_total{"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("pinproxy_fingerprint_mismatches_total{"),
+        "{metrics}"
+    );
     s.stop().await;
 }

@@ -133,6 +133,16 @@ pub enum ParseError {
     Malformed(&'static str),
 }
 
+/// What a connection is for, where that changes what a client's hello
+/// says (see [`ClientHello::on`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occasion {
+    /// The connection offers HTTP/1.1 alone (a WebSocket's).
+    pub http1_only: bool,
+    /// It goes to an IP address, to which no SNI is sent.
+    pub to_address: bool,
+}
+
 /// One extension, in wire order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Extension {
@@ -333,11 +343,85 @@ impl ClientHello {
         self.has_extension(ext::SCT)
     }
 
+    /// Notes that the client sends SNI to names, for a hello it sent to an
+    /// address without one: RFC 6066 has no place for an address, so no
+    /// client sends one there, and whether a hello carries SNI says where it
+    /// went, not who sent it. An identity records what its client sends to
+    /// names (an identity founded on an address would otherwise send no SNI
+    /// to any name, and its client would drift from itself between the
+    /// two); its connections to an address send none, as the TLS stacks
+    /// leave SNI out for an address whatever they are told
+    /// ([`Occasion::to_address`]).
+    pub fn presume_sni_for_names(&mut self) {
+        if !self.has_extension(ext::SERVER_NAME) {
+            self.extensions.push(Extension {
+                kind: ext::SERVER_NAME,
+                len: 0,
+                data: None,
+            });
+        }
+    }
+
+    /// The hello as its client says it on `occasion`: without SNI to an
+    /// address, and offering HTTP/1.1 alone where the connection is for
+    /// HTTP/1.1 only (Chromium's WebSocket tunnels). Borrowed when the
+    /// occasion changes nothing.
+    pub fn on(&self, occasion: Occasion) -> std::borrow::Cow<'_, ClientHello> {
+        use std::borrow::Cow;
+        let mut view = Cow::Borrowed(self);
+        if occasion.http1_only {
+            if let Some(http1) = self.http1_only_view() {
+                view = Cow::Owned(http1);
+            }
+        }
+        if occasion.to_address && view.has_extension(ext::SERVER_NAME) {
+            let hello = view.to_mut();
+            hello.extensions.retain(|e| e.kind != ext::SERVER_NAME);
+            hello.server_name = None;
+        }
+        view
+    }
+
+    /// The hello as its client sends it on a connection for HTTP/1.1 only,
+    /// where it offers more: ALPN `http/1.1` alone, and no ALPS for the
+    /// protocols it no longer offers (what Chromium sends for a WebSocket,
+    /// and what pinproxy's stacks send for one). `None` when the hello
+    /// offers no `http/1.1`, or nothing else.
+    pub fn http1_only_view(&self) -> Option<ClientHello> {
+        const HTTP1: &[u8] = b"http/1.1";
+        let alpn = self.alpn.as_ref()?;
+        if !alpn.iter().any(|p| p == HTTP1) || alpn.iter().all(|p| p == HTTP1) {
+            return None;
+        }
+        let mut view = self.clone();
+        view.alpn = Some(vec![HTTP1.to_vec()]);
+        view.alps
+            .retain(|alps| alps.protocols.iter().all(|p| p == HTTP1));
+        let kept_alps: Vec<u16> = view.alps.iter().map(|a| a.codepoint).collect();
+        view.extensions.retain(|e| {
+            !matches!(e.kind, ext::ALPS | ext::ALPS_OLD) || kept_alps.contains(&e.kind)
+        });
+        // The ALPN payload: a u16-prefixed list of one u8-prefixed name.
+        let mut payload = Vec::with_capacity(3 + HTTP1.len());
+        payload.extend_from_slice(&(1 + HTTP1.len() as u16).to_be_bytes());
+        payload.push(HTTP1.len() as u8);
+        payload.extend_from_slice(HTTP1);
+        for extension in view.extensions.iter_mut().filter(|e| e.kind == ext::ALPN) {
+            extension.len = payload.len() as u16;
+            if extension.data.is_some() {
+                extension.data = Some(payload.clone());
+            }
+        }
+        Some(view)
+    }
+
     /// The hello as the client software sends it on a fresh connection to
     /// any host, so that two connections of one client compare equal:
     /// - without its SNI host name, and without padding bytes (their count
     ///   follows the host name's length);
     /// - without what resumption adds (pre_shared_key, early_data, a ticket);
+    /// - without the length of an ECH extension (a GREASE payload's size is
+    ///   drawn per handshake);
     /// - with every GREASE value as `0x0a0a` (`0x0b` for PSK modes): clients
     ///   draw them at random per connection;
     /// - with its extensions in type order: most clients (Chrome, rustls)
@@ -393,9 +477,13 @@ impl ClientHello {
                 extension.kind = GREASE;
                 extension.data = None;
             }
+            // Lengths drawn per connection: the host name's, the padding's,
+            // a ticket's, and the ECH GREASE payload's (BoringSSL draws one
+            // of four sizes per handshake, so Chromium's hellos would
+            // differ from one another three times in four).
             if matches!(
                 extension.kind,
-                ext::SERVER_NAME | ext::PADDING | ext::SESSION_TICKET
+                ext::SERVER_NAME | ext::PADDING | ext::SESSION_TICKET | ext::ECH
             ) {
                 extension.len = 0;
                 extension.data = None;

@@ -154,8 +154,11 @@ async fn open(frontend: &Frontend, upgrade: OnUpgrade, mut tunnel: Box<Tunnel>) 
         }
     };
     match hello {
-        Some(hello) => {
+        Some(mut hello) => {
             tunnel.client_resumes = hello.pre_shared_key();
+            if tunnel.authority.host.parse::<std::net::IpAddr>().is_ok() {
+                hello.presume_sni_for_names();
+            }
             tunnel.client = ClientConnection::tls(*hello, &frontend.mitm.hellos);
         }
         None => unread_hello(frontend),

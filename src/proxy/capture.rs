@@ -175,7 +175,15 @@ impl Pipeline {
         if !self.router.observe_sent_ja4(identity.id, sent, now_ms) {
             return;
         }
-        let Some(client) = identity.fingerprint.ja4() else {
+        // The recorded hello as its client says it on this connection's
+        // occasion (no SNI to an address, HTTP/1.1 alone for a WebSocket):
+        // what the stack was asked to send.
+        let Some(client) = identity
+            .fingerprint
+            .tls
+            .as_deref()
+            .map(|hello| crate::fingerprint::ja4::ja4(&hello.on(tunnel.occasion)))
+        else {
             return;
         };
         for gap in tunnel.gaps.iter() {

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::dial::Dialer;
 use super::error::{ConnectError, Stage};
 use super::tls::{Gap, SessionSlot, Shape, Stack, TlsConn};
+use crate::fingerprint::client_hello::Occasion;
 use crate::fingerprint::ja4;
 use crate::identity::ExitId;
 use crate::net::HostPort;
@@ -34,6 +35,11 @@ pub struct TunnelInfo {
     pub sent_ja4: Option<Arc<str>>,
     /// What of the client's ClientHello the stack could not say.
     pub gaps: Arc<[Gap]>,
+    /// What the connection was for, where that changes what a client's
+    /// hello says (an address, HTTP/1.1 alone): the identity's recorded
+    /// hello said on this occasion is what [`TunnelInfo::sent_ja4`] is
+    /// compared with.
+    pub occasion: Occasion,
     /// How long the connection took to open.
     pub timings: ConnectTimings,
     /// Where the connection keeps the TLS sessions its origin issues (see
@@ -131,6 +137,7 @@ impl Dialer {
             egress_ip,
             sent_ja4: None,
             gaps: Arc::new([]),
+            occasion: Occasion::default(),
             timings: ConnectTimings {
                 transport,
                 tls: None,
@@ -145,6 +152,10 @@ impl Dialer {
         let stack = match shape {
             Some(shape) => {
                 info.sessions = shape.sessions.cloned();
+                info.occasion = Occasion {
+                    http1_only: shape.http1_only,
+                    to_address: target.host.parse::<IpAddr>().is_ok(),
+                };
                 Stack::Shaped(shape)
             }
             None => Stack::Rustls { h2: self.h2 },
