@@ -57,6 +57,37 @@ pub struct Gap {
 /// connector and log line.
 pub const MAX_GAPS: usize = 64;
 
+/// The largest TLS session kept for resumption, serialized. The origin
+/// chooses its size (a ticket may be 64 KiB, and a BoringSSL session holds
+/// the origin's chain, up to 100 KiB), and each identity keeps up to two
+/// per origin: a session past this is not kept, and the next connection
+/// runs a full handshake, as after a session that cannot be serialized. A
+/// public site's session is a few KiB.
+pub const MAX_KEPT_SESSION: usize = 16 * 1024;
+
+/// The public web roots both shaping stacks trust: those of
+/// `webpki_root_certs` but the ones Mozilla constrains to some names (one
+/// today, constrained to `.tr`). rustls reads the constraint from
+/// `webpki_roots`; BoringSSL and OpenSSL take whole certificates, where it
+/// is not written, and would trust such a root for every name. A
+/// certificate is matched to a constrained anchor by its public key, which
+/// it holds verbatim.
+pub(crate) fn unconstrained_roots() -> impl Iterator<Item = &'static [u8]> {
+    let constrained: Vec<&'static [u8]> = webpki_roots::TLS_SERVER_ROOTS
+        .iter()
+        .filter(|anchor| anchor.name_constraints.is_some())
+        .map(|anchor| anchor.subject_public_key_info.as_ref())
+        .collect();
+    webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|der| der.as_ref())
+        .filter(move |der| {
+            !constrained
+                .iter()
+                .any(|spki| der.windows(spki.len()).any(|window| window == *spki))
+        })
+}
+
 /// `gaps`, at most [`MAX_GAPS`] of them: past that, the last says how many
 /// more there were (with the kind of the first it stands for).
 pub fn bounded_gaps(mut gaps: Vec<Gap>) -> Arc<[Gap]> {
@@ -519,6 +550,31 @@ pub(crate) mod tests {
         match crate::fingerprint::client_hello::parse(&bytes) {
             Ok(hello) => hello,
             Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+
+    /// Mozilla constrains one root to `.tr`; the stacks that take whole
+    /// certificates would trust it for every name, so they do not trust it.
+    #[test]
+    fn name_constrained_roots_are_left_out_of_the_shaping_stacks() {
+        let constrained: Vec<&[u8]> = webpki_roots::TLS_SERVER_ROOTS
+            .iter()
+            .filter(|anchor| anchor.name_constraints.is_some())
+            .map(|anchor| anchor.subject_public_key_info.as_ref())
+            .collect();
+        assert!(
+            !constrained.is_empty(),
+            "webpki-roots still constrains a root"
+        );
+        let kept: Vec<&[u8]> = unconstrained_roots().collect();
+        assert_eq!(
+            kept.len() + constrained.len(),
+            webpki_root_certs::TLS_SERVER_ROOT_CERTS.len()
+        );
+        for spki in constrained {
+            assert!(!kept
+                .iter()
+                .any(|der| der.windows(spki.len()).any(|w| w == spki)));
         }
     }
 

@@ -100,6 +100,9 @@ fn keep_session(ssl: &mut SslRef, session: SslSession) {
     let Ok(der) = session.to_der() else {
         return;
     };
+    if der.len() > super::MAX_KEPT_SESSION {
+        return;
+    }
     let context = ssl.ssl_context();
     let single_use = boring_ffi::single_use(&session);
     let mut newest = slot.newest();
@@ -180,9 +183,9 @@ impl BoringClient {
     /// A client trusting the public web roots plus `extra_ca_files`.
     pub fn new(extra_ca_files: &[PathBuf]) -> Result<BoringClient, TlsSetupError> {
         let mut roots = X509StoreBuilder::new().map_err(boring_error)?;
-        for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        for der in super::unconstrained_roots() {
             // A root BoringSSL cannot read is skipped: the others still work.
-            if let Ok(cert) = X509::from_der(der.as_ref()) {
+            if let Ok(cert) = X509::from_der(der) {
                 let _ = roots.add_cert(cert);
             }
         }
@@ -1033,6 +1036,74 @@ mod tests {
             resumed,
             "the heir resumes the founding connection's session"
         );
+        server.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The origin chooses a session's size: one past the bound is not
+    /// kept (here a 60 KB ticket), and the next connection runs a full
+    /// handshake.
+    #[tokio::test]
+    async fn an_oversized_session_is_not_kept() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        #[derive(Debug)]
+        struct Padded;
+        impl rustls::server::ProducesTickets for Padded {
+            fn enabled(&self) -> bool {
+                true
+            }
+            fn lifetime(&self) -> u32 {
+                3600
+            }
+            fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+                let mut ticket = plain.to_vec();
+                ticket.resize(60_000, 0);
+                Some(ticket)
+            }
+            fn decrypt(&self, _: &[u8]) -> Option<Vec<u8>> {
+                None
+            }
+        }
+        let (client, listener, acceptor) = client_and_server().await;
+        let mut config = (**acceptor.config()).clone();
+        config.ticketer = Arc::new(Padded);
+        config.send_tls13_tickets = 1;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let server = tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut byte = [0u8; 1];
+            if tls.read_exact(&mut byte).await.is_ok() {
+                let _ = tls.write_all(&byte).await;
+                let _ = tls.flush().await;
+            }
+        });
+        let hello = hello("chromium_1");
+        let slot = Arc::new(SessionSlot::default());
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shape = Shape {
+            hello: &hello,
+            http1_only: false,
+            alps_settings: &[],
+            sessions: Some(&slot),
+        };
+        let (mut conn, _) = client
+            .connect("localhost", tcp, shape)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn.write_all(b"x").await.unwrap_or_else(|e| panic!("{e}"));
+        conn.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!slot.holds(), "a 60 KB ticket is not kept");
         server.await.unwrap_or_else(|e| panic!("{e}"));
     }
 

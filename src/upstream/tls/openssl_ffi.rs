@@ -1122,7 +1122,9 @@ impl Ssl {
         // `&mut self` holds the connection, and it is not shared.
         clear_errors(self.api);
         let length = unsafe { (self.api.i2d_ssl_session)(own.as_ptr(), std::ptr::null_mut()) };
-        let mut der = vec![0u8; usize::try_from(length).ok().filter(|&n| n > 0)?];
+        // The origin chooses the size; past the bound it is not kept.
+        let length_ok = |&n: &usize| n > 0 && n <= super::MAX_KEPT_SESSION;
+        let mut der = vec![0u8; usize::try_from(length).ok().filter(length_ok)?];
         let mut output = der.as_mut_ptr();
         // SAFETY: `output` points at `length` writable bytes, which
         // i2d_SSL_SESSION fills (advancing `output`); it reads the session.
