@@ -284,6 +284,35 @@ async fn open_store(
 /// `pin-key`, or a new one where the store holds nothing hashed with
 /// another (a new key beside stored pins would make every stored cookie
 /// look new, free to leave through any exit: refused instead).
+/// The addresses of the pin store's servers (Redis), which no client may
+/// be forwarded to (see `AddressGuard`): a name among them is resolved
+/// here, off the runtime, within a few seconds (a name that does not
+/// resolve is left out, and said so: the store cannot reach it either).
+async fn store_servers(store: &StoreKind) -> Vec<SocketAddr> {
+    let StoreKind::Redis { url, namespace, .. } = store else {
+        return Vec::new();
+    };
+    let Ok(target) = crate::store::redis::link::Target::parse(url, namespace) else {
+        return Vec::new();
+    };
+    let mut addrs = Vec::new();
+    for (host, port) in target.servers() {
+        let lookup = tokio::task::spawn_blocking({
+            let host = host.clone();
+            move || std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        });
+        match tokio::time::timeout(std::time::Duration::from_secs(5), lookup).await {
+            Ok(Ok(Ok(found))) => addrs.extend(found),
+            _ => tracing::warn!(
+                host = %host, port,
+                "the pin store's server name did not resolve at start: clients are not kept \
+                 from it by address (list it in upstream.deny_ranges)"
+            ),
+        }
+    }
+    addrs
+}
+
 fn pin_key_for(dir: &Path, store: &Path, on_file: &KeyOnFile) -> Result<PinHasher, OpenError> {
     let key = dir.join(PIN_KEY_FILE);
     let io_error = |source| OpenError::PinKey {
@@ -542,6 +571,7 @@ impl Daemon {
         )?
         .with_metrics(&metrics);
         let guard = Arc::new(AddressGuard::new(settings.deny_ranges.clone()));
+        guard.set_store(store_servers(&settings.store).await);
         let build = live::exit_build(&settings, upstream_tls, guard.clone(), &metrics);
         let exits = ExitSet::of(
             settings

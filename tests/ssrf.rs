@@ -184,3 +184,46 @@ async fn a_name_is_checked_on_the_address_it_resolves_to() {
     assert!(s.origin.seen().is_empty(), "the origin was reached");
     s.stop().await;
 }
+
+/// The server of pinproxy's pin store is refused like its listeners: a
+/// client that reached it (here through a tunnel `mitm.include` passes
+/// through unread, on the direct exit) could rewrite any pin or wipe them.
+/// A refusal by name (`localhost`) and by address; the server sees no
+/// connection from pinproxy but its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pin_stores_server_is_refused() {
+    let redis = support::procs::RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::builder()
+        .exit_url("direct", "direct://")
+        .config(move |c| {
+            c.store.url = url;
+            c.mitm.include = vec!["*.target.example".into()];
+        })
+        .start()
+        .await;
+    let client = &s.proxy.client;
+    for target in [
+        format!("127.0.0.1:{}", redis.port),
+        format!("localhost:{}", redis.port),
+    ] {
+        let (mut tcp, head) = client.raw_connect(&target).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "CONNECT {target}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-pinproxy-error: proxy-loop: ")
+                && head.contains("pin store"),
+            "CONNECT {target}: {head}"
+        );
+        // Whatever the client sends next reaches no Redis.
+        let _ = tcp.write_all(b"FLUSHALL\r\n").await;
+    }
+    let reply = client
+        .plain("127.0.0.1", redis.port)
+        .await
+        .get("/", &[])
+        .await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(error_of(&reply).split(':').next(), Some("proxy-loop"));
+    s.stop().await;
+}

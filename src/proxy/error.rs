@@ -122,9 +122,7 @@ pub enum ProxyError {
     #[error("{0}")]
     AuthRequired(AuthFailure),
     /// The target is pinproxy itself.
-    #[error(
-        "{target} is pinproxy's own {listener}: forwarding there would loop back into pinproxy"
-    )]
+    #[error("{target} is {listener}: pinproxy does not forward there")]
     Loop {
         /// The target asked for.
         target: HostPort,
@@ -379,7 +377,7 @@ impl ProxyError {
             }
             ProxyError::Loop { .. } => {
                 "Point the client at origins, not at pinproxy itself: requests for pinproxy's own \
-                 listen or admin address are refused."
+                 listen or admin address, or its pin store's server, are refused."
                     .into()
             }
             ProxyError::OutsideCa { .. } => {

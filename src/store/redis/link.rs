@@ -92,6 +92,27 @@ pub fn redacted(url: &str) -> String {
 }
 
 impl Target {
+    /// The servers the URL names, as `(host, port)`: the server, the
+    /// sentinels, or the cluster's seed nodes (a Unix socket names none).
+    pub fn servers(&self) -> Vec<(String, u16)> {
+        match self {
+            Target::Direct(url) => {
+                use redis::IntoConnectionInfo as _;
+                match url
+                    .as_str()
+                    .into_connection_info()
+                    .map(|info| info.addr().clone())
+                {
+                    Ok(redis::ConnectionAddr::Tcp(host, port))
+                    | Ok(redis::ConnectionAddr::TcpTls { host, port, .. }) => vec![(host, port)],
+                    _ => Vec::new(),
+                }
+            }
+            Target::Sentinel { sentinels, .. } => sentinels.clone(),
+            Target::Cluster { nodes, .. } => nodes.clone(),
+        }
+    }
+
     /// Parses `redis://...`, `rediss://...`,
     /// `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` or
     /// `redis+cluster://HOST:PORT[,HOST:PORT...]`; `slot_key` is a key of

@@ -5,6 +5,12 @@
 //!   admin endpoint): refused before anything is dialled, for IP literals
 //!   and `localhost` names at the target stage ([`AddressGuard::own_target`])
 //!   and, for the direct exit, for every address a name resolves to.
+//! - **Its pin store.** A client that reached the Redis server pinproxy
+//!   keeps its pins in could rewrite any pin (send a cookie through any
+//!   exit) or wipe them: its configured addresses (a name among them
+//!   resolved at start) are refused like the listeners. A Sentinel's
+//!   primary, learnt while running, and a cluster's nodes beyond those
+//!   listed are not known here: list their network in `deny_ranges`.
 //! - **Denied ranges** (`upstream.deny_ranges`, default link-local
 //!   `169.254.0.0/16` (with the cloud metadata address 169.254.169.254) and
 //!   `fe80::/10`): the direct exit checks every address it resolved before
@@ -25,20 +31,25 @@ use ipnet::IpNet;
 /// metadata address 169.254.169.254) and link-local IPv6.
 pub const DEFAULT_DENY_RANGES: &[&str] = &["169.254.0.0/16", "fe80::/10"];
 
-/// Which of pinproxy's listeners a target names.
+/// Which of pinproxy's own addresses a target names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnListener {
     /// The proxy listener.
     Proxy,
     /// The admin endpoint.
     Admin,
+    /// The server of its pin store (Redis).
+    Store,
 }
 
 impl fmt::Display for OwnListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            OwnListener::Proxy => "proxy listener",
-            OwnListener::Admin => "admin endpoint",
+            OwnListener::Proxy => "pinproxy's own proxy listener (forwarding there would loop)",
+            OwnListener::Admin => "pinproxy's own admin endpoint (forwarding there would loop)",
+            OwnListener::Store => {
+                "the server of pinproxy's pin store (a client reaching it could rewrite any pin)"
+            }
         })
     }
 }
@@ -55,7 +66,7 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::Own(listener) => write!(f, "it is pinproxy's own {listener}"),
+            Refusal::Own(listener) => write!(f, "it is {listener}"),
             Refusal::Denied(range) => write!(f, "upstream.deny_ranges denies {range}"),
         }
     }
@@ -80,6 +91,7 @@ pub struct AddressGuard {
     deny: Vec<IpNet>,
     proxy: OnceLock<SocketAddr>,
     admin: OnceLock<SocketAddr>,
+    store: OnceLock<Vec<SocketAddr>>,
 }
 
 impl AddressGuard {
@@ -99,6 +111,11 @@ impl AddressGuard {
     /// Records the admin endpoint's bound address.
     pub fn set_admin(&self, addr: SocketAddr) {
         let _ = self.admin.set(addr);
+    }
+
+    /// Records the addresses of the pin store's servers (Redis).
+    pub fn set_store(&self, addrs: Vec<SocketAddr>) {
+        let _ = self.store.set(addrs);
     }
 
     /// The denied ranges.
@@ -145,12 +162,19 @@ impl AddressGuard {
     }
 
     fn own(&self, target: SocketAddr) -> Option<OwnListener> {
-        [
+        let listener = [
             (self.proxy.get(), OwnListener::Proxy),
             (self.admin.get(), OwnListener::Admin),
         ]
         .into_iter()
-        .find_map(|(own, listener)| own.filter(|own| reaches(**own, target)).map(|_| listener))
+        .find_map(|(own, listener)| own.filter(|own| reaches(**own, target)).map(|_| listener));
+        let store = || {
+            self.store
+                .get()
+                .is_some_and(|servers| servers.iter().any(|server| reaches(*server, target)))
+                .then_some(OwnListener::Store)
+        };
+        listener.or_else(store)
     }
 }
 
@@ -269,6 +293,27 @@ mod tests {
             g.check(addr("127.0.0.1:8081")),
             Err(Refusal::Own(OwnListener::Admin))
         );
+    }
+
+    /// The pin store's server is refused like the listeners: a client
+    /// that reached it could rewrite any pin.
+    #[test]
+    fn the_pin_stores_servers_are_refused() {
+        let g = guard();
+        g.set_store(vec![addr("127.0.0.1:6379"), addr("[::1]:6379")]);
+        assert_eq!(g.own_target("127.0.0.1", 6379), Some(OwnListener::Store));
+        assert_eq!(g.own_target("localhost", 6379), Some(OwnListener::Store));
+        assert_eq!(
+            g.own_target("[::ffff:127.0.0.1]", 6379),
+            Some(OwnListener::Store)
+        );
+        assert_eq!(g.own_target("0.0.0.0", 6379), Some(OwnListener::Store));
+        assert_eq!(g.own_target("127.0.0.1", 6380), None);
+        assert_eq!(
+            g.check(addr("[::1]:6379")),
+            Err(Refusal::Own(OwnListener::Store))
+        );
+        assert_eq!(g.check(addr("10.0.0.5:6379")), Ok(()));
     }
 
     #[test]
