@@ -53,6 +53,17 @@ pub fn made_marker(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// How a `.made` marker names the store made there.
+const MARKED_ID: &str = "store id: ";
+
+/// The store id a `.made` marker names, if it names one (markers written
+/// before stores had ids do not).
+fn marked_store_id(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(MARKED_ID))
+        .map(|id| id.trim().to_owned())
+}
+
 /// redb's page cache: writes touch a few pages each; reads come from memory.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -208,6 +219,17 @@ pub enum OpenError {
         /// The file saying a store was made there.
         marker: PathBuf,
     },
+    /// The store's file is not the store made there: emptied, or another
+    /// store put in its place.
+    #[error("the pin store {path} is not the one {marker} says was made here ({why}): started on it, every cookie pinned before would look new and could leave through any exit; restore {path} from a backup (or delete {marker} to start on this file)")]
+    Replaced {
+        /// The store file.
+        path: PathBuf,
+        /// The file saying which store was made there.
+        marker: PathBuf,
+        /// How it differs.
+        why: String,
+    },
     /// The pin key file could not be read or created.
     #[error("pin key {key}: {source}")]
     PinKey {
@@ -292,25 +314,66 @@ impl DurableStore {
     ) -> Result<(DurableStore, PinHasher), OpenError> {
         let marker = made_marker(path);
         let exists = |file: &Path| file.try_exists().map_err(|e| db_error(file, e));
-        if !exists(path)? && exists(&marker)? {
+        let marked = exists(&marker)?;
+        let replaced = |why: String| OpenError::Replaced {
+            path: path.to_owned(),
+            marker: marker.clone(),
+            why,
+        };
+        if marked && !exists(path)? {
             return Err(OpenError::Vanished {
                 path: path.to_owned(),
                 marker,
             });
         }
+        // redb makes a new store in an empty file: a file truncated (or a
+        // copy that failed before its first byte) would start with no pins.
+        if marked
+            && std::fs::metadata(path)
+                .map_err(|e| db_error(path, e))?
+                .len()
+                == 0
+        {
+            return Err(replaced("the file is empty".into()));
+        }
         let (db, memory, fingerprint_refs) = DurableStore::load(path)?;
-        if !exists(&marker)? {
-            // After the store's file exists: a crash between the two leaves
-            // a store without its mark (as before marks), never a mark
-            // without a store.
-            let text = format!(
-                "{} was made here: while this file exists, pinproxy refuses to start \
-                 without it (restore it from a backup, or delete this file to start \
-                 with no pins).\n",
-                path.display()
-            );
-            crate::fsutil::replace_private(&marker, text.as_bytes())
-                .map_err(|e| db_error(&marker, e))?;
+        let store_id = codec::recorded_store_id(&db).map_err(|e| db_error(path, e))?;
+        let made_as = if marked {
+            let text = std::fs::read_to_string(&marker).map_err(|e| db_error(&marker, e))?;
+            marked_store_id(&text)
+        } else {
+            None
+        };
+        match (made_as, store_id) {
+            (Some(made), Some(found)) if made == found => {}
+            (Some(made), found) => {
+                return Err(replaced(format!(
+                    "the store made here is {made}, this file is {}",
+                    found.as_deref().unwrap_or("a store without an id")
+                )))
+            }
+            // Not marked yet (new, or made before marks), or marked before
+            // stores had ids: the store gets an id (recorded first: a crash
+            // before the mark leaves a store without its mark, as before
+            // marks, never a mark the store does not match), and the mark.
+            (None, found) => {
+                let id = match found {
+                    Some(id) => id,
+                    None => {
+                        let id = format!("{:032x}", rand::random::<u128>());
+                        codec::record_store_id(&db, &id).map_err(|e| db_error(path, e))?;
+                        id
+                    }
+                };
+                let text = format!(
+                    "{} was made here: while this file exists, pinproxy refuses to start \
+                     without it, or with another store in its place (restore it from a \
+                     backup, or delete this file to start with no pins).\n{MARKED_ID}{id}\n",
+                    path.display()
+                );
+                crate::fsutil::replace_private(&marker, text.as_bytes())
+                    .map_err(|e| db_error(&marker, e))?;
+            }
         }
         let (pins, identities) = memory.sizes();
         let on_file = KeyOnFile {
@@ -958,6 +1021,57 @@ mod tests {
         let (store, _) = open().unwrap();
         assert_eq!(store.shared.memory.sizes(), (0, 0));
         store.close().await;
+    }
+
+    /// A file emptied (a truncation, a copy that failed before its first
+    /// byte) or swapped for another store is not the store made there:
+    /// refused, as a missing one is. A mark written before stores had ids
+    /// takes the store's id.
+    #[tokio::test]
+    async fn a_store_emptied_or_swapped_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let hasher = PinHasher::new([1; 32]);
+        let open_at = |path: &Path| {
+            let hasher = hasher.clone();
+            DurableStore::open_keyed(path, move |_| Ok(hasher))
+        };
+        let (store, _) = open_at(&path).unwrap();
+        store.create_identity(&identity(1000)).await.unwrap();
+        store.close().await;
+        let marker = made_marker(&path);
+        let saved = std::fs::read(&path).unwrap();
+
+        std::fs::File::create(&path).unwrap();
+        let refused = open_at(&path).unwrap_err();
+        assert!(
+            matches!(&refused, OpenError::Replaced { why, .. } if why.contains("empty")),
+            "{refused}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = other_dir.path().join(STORE_FILE);
+        open_at(&other).unwrap().0.close().await;
+        std::fs::copy(&other, &path).unwrap();
+        let refused = open_at(&path).unwrap_err();
+        assert!(matches!(refused, OpenError::Replaced { .. }), "{refused}");
+
+        std::fs::write(&path, &saved).unwrap();
+        let (store, _) = open_at(&path).unwrap();
+        assert_eq!(store.shared.memory.sizes().1, 1, "its own store opens");
+        store.close().await;
+
+        // A mark from before store ids names none: the store's id is
+        // written into it, and from then on only that store opens.
+        let text = std::fs::read_to_string(&marker).unwrap();
+        let id = marked_store_id(&text).unwrap();
+        std::fs::write(&marker, "made before ids\n").unwrap();
+        open_at(&path).unwrap().0.close().await;
+        assert_eq!(
+            marked_store_id(&std::fs::read_to_string(&marker).unwrap()),
+            Some(id)
+        );
     }
 
     /// A store records the pin key its pins are hashed with: written

@@ -30,25 +30,48 @@ pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("meta"
 /// (`PinHasher::key_id`, a non-secret fingerprint of the key).
 const PIN_KEY_ID: &str = "pin-key-id";
 
+/// [`META`]'s row naming the store itself: a random id drawn when the
+/// store was made, which its `.made` marker repeats, so that a file
+/// emptied or swapped for another store is told from the one made there.
+const STORE_ID: &str = "store-id";
+
 /// The pin key id the store records, if any (stores written before it was
 /// recorded have none).
 pub(super) fn recorded_key_id(db: &Database) -> Result<Option<String>, String> {
+    meta(db, PIN_KEY_ID)
+}
+
+/// Records `key_id` as the pin key the store's pins are hashed with.
+pub(super) fn record_key_id(db: &Database, key_id: &str) -> Result<(), String> {
+    set_meta(db, PIN_KEY_ID, key_id)
+}
+
+/// The store's id, if it records one (stores made before ids have none).
+pub(super) fn recorded_store_id(db: &Database) -> Result<Option<String>, String> {
+    meta(db, STORE_ID)
+}
+
+/// Records `id` as the store's id.
+pub(super) fn record_store_id(db: &Database, id: &str) -> Result<(), String> {
+    set_meta(db, STORE_ID, id)
+}
+
+fn meta(db: &Database, row: &str) -> Result<Option<String>, String> {
     let read = db.begin_read().map_err(|e| e.to_string())?;
     let meta = match read.open_table(META) {
         Ok(meta) => meta,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    let id = meta.get(PIN_KEY_ID).map_err(|e| e.to_string())?;
-    Ok(id.map(|id| id.value().to_owned()))
+    let value = meta.get(row).map_err(|e| e.to_string())?;
+    Ok(value.map(|value| value.value().to_owned()))
 }
 
-/// Records `key_id` as the pin key the store's pins are hashed with.
-pub(super) fn record_key_id(db: &Database, key_id: &str) -> Result<(), String> {
+fn set_meta(db: &Database, row: &str, value: &str) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-        meta.insert(PIN_KEY_ID, key_id).map_err(|e| e.to_string())?;
+        meta.insert(row, value).map_err(|e| e.to_string())?;
     }
     txn.commit().map_err(|e| e.to_string())
 }
