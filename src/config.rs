@@ -411,6 +411,11 @@ pub struct IdentityConfig {
     /// with 429 instead.
     #[serde(with = "humantime_serde")]
     pub max_pacing_delay: Duration,
+    /// Start (or reload) while the store holds pins of cookie names
+    /// `track_cookies` no longer matches, leaving those pins unenforced.
+    /// Without it such a start or reload is refused, naming them: their
+    /// cookies would leave through any exit.
+    pub release_untracked_pins: bool,
 }
 
 impl Default for IdentityConfig {
@@ -430,6 +435,7 @@ impl Default for IdentityConfig {
             queue_timeout: Duration::from_secs(30),
             min_interval: Duration::ZERO,
             max_pacing_delay: Duration::from_secs(30),
+            release_untracked_pins: false,
         }
     }
 }

@@ -95,6 +95,9 @@ pub enum StartError {
         /// Why.
         cause: std::io::Error,
     },
+    /// The store holds pins of cookie names no longer tracked.
+    #[error(transparent)]
+    UntrackedPins(#[from] crate::store::untracked::UntrackedPins),
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -635,6 +638,11 @@ impl Daemon {
             plan
         };
         plan.vouch(&exits);
+        crate::store::untracked::check(
+            &store,
+            &settings.cookies,
+            settings.identities.release_untracked_pins,
+        )?;
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

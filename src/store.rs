@@ -16,6 +16,7 @@ pub mod durable;
 pub mod memory;
 pub mod redis;
 pub mod transfer;
+pub mod untracked;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -378,6 +379,17 @@ impl Store {
         match self {
             Store::Durable(store) => Some(store.newest_loaded_ms()),
             Store::Memory(_) | Store::Redis(_) => None,
+        }
+    }
+
+    /// The distinct cookie names the store holds pins for, where it can
+    /// tell without a scan of a shared server: the embedded and memory
+    /// stores (`None` for Redis).
+    pub fn held_cookie_names(&self) -> Option<Vec<Arc<str>>> {
+        match self {
+            Store::Memory(store) => Some(store.held_cookie_names()),
+            Store::Durable(store) => Some(store.held_cookie_names()),
+            Store::Redis(_) => None,
         }
     }
 

@@ -845,6 +845,49 @@ async fn a_reload_changes_tracked_cookies_and_policies_in_process() {
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
+/// A tracked name dropped while the store holds pins of it would let
+/// those cookies leave through any exit, silently: a reload that drops it
+/// is refused, naming it (the configuration in force stays, and the cookie
+/// keeps its exit), and so is a start; `release_untracked_pins` lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
+    let s = Setup::start_with(2, |c| c.track_cookies = vec!["session_*".into()]).await;
+    let (mut jar, earned) = s.login("/login?name=session_tok").await;
+    let mut config = s.proxy.config.clone();
+    config.track_cookies = Vec::new();
+    let refused = s
+        .proxy
+        .daemon
+        .reload_with(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("session_tok") && refused.contains("release_untracked_pins"),
+        "{refused}"
+    );
+    for _ in 0..6 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(Setup::peer(&reply), Some(earned), "still pinned");
+    }
+
+    let Setup { proxy, .. } = s;
+    let mut config = proxy.config.clone();
+    let data_dir = proxy.stop_keeping_data_dir().await;
+    config.track_cookies = Vec::new();
+    let refused = match pinproxy::daemon::Daemon::start(&config).await {
+        Ok(_) => panic!("a start leaving pins untracked is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("session_tok"), "{refused}");
+    config.identities.release_untracked_pins = true;
+    let daemon = pinproxy::daemon::Daemon::start(&config)
+        .await
+        .expect("released, it starts");
+    daemon.shutdown(std::time::Duration::from_secs(5)).await;
+    drop(data_dir);
+}
+
 /// Logs in until the identity lands on the exit egressing from `want`.
 async fn login_on(s: &Setup, want: IpAddr) -> Jar {
     for _ in 0..20 {

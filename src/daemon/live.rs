@@ -61,6 +61,10 @@ pub enum ReloadError {
     /// A reload task failed to run.
     #[error("reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The store holds pins of cookie names the new configuration no
+    /// longer tracks.
+    #[error(transparent)]
+    UntrackedPins(#[from] crate::store::untracked::UntrackedPins),
     /// The exits' routes could not be remembered (see `exits::routes`).
     #[error("{0} (the exits' routes must be remembered before a change applies)")]
     Routes(String),
@@ -225,6 +229,16 @@ impl Live {
 
     async fn try_apply(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
         let settings = config.validate()?;
+        // Walks every pin held: off the runtime.
+        let router = self.core.router.clone();
+        let (cookies, release) = (
+            settings.cookies.clone(),
+            settings.identities.release_untracked_pins,
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::store::untracked::check(router.store(), &cookies, release)
+        })
+        .await??;
         let mut applied = self.applied.lock().await;
         // The open-proxy rule (`Config::validate`) for the address the proxy
         // is bound to, which a reload does not move: a file that moves

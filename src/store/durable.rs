@@ -296,6 +296,11 @@ impl DurableStore {
         DurableStore::start(path, db, memory, fingerprint_refs)
     }
 
+    /// See [`MemoryStore::held_cookie_names`].
+    pub fn held_cookie_names(&self) -> Vec<Arc<str>> {
+        self.shared.memory.held_cookie_names()
+    }
+
     /// Opens (or creates) the store at `path` bound to the pin key its pins
     /// are hashed with: `key` chooses the hasher from what the file says
     /// ([`KeyOnFile`]: loading the key file, or creating a key only where

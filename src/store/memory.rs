@@ -441,6 +441,20 @@ impl MemoryStore {
         (self.pins.len(), self.identities.len())
     }
 
+    /// The distinct cookie names the pins held were made for (session-key
+    /// pins name no cookie). Walks every pin: for start and reload.
+    pub fn held_cookie_names(&self) -> Vec<Arc<str>> {
+        let ids: HashSet<u32> = self
+            .pins
+            .iter()
+            .filter(|pin| !pin.session_key)
+            .map(|pin| pin.name)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.names.get(id))
+            .collect()
+    }
+
     /// Distinct fingerprints held for the identities (and for values read
     /// from them still in use; a sweep lets go of the rest).
     pub fn distinct_fingerprints(&self) -> usize {

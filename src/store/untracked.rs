@@ -1,0 +1,142 @@
+//! Pins of cookie names the configuration no longer tracks.
+//!
+//! Which cookies are pinned comes from `track_cookies` alone: a name
+//! dropped from it (an edit, or one `--track-cookie` flag, which replaces
+//! the file's whole list) stops being read off requests, so the cookies
+//! pinned under it would leave through whichever exit rotation picks,
+//! silently. The store knows the names it holds pins for, so a start or a
+//! reload that would leave some of them untracked is refused, naming them,
+//! unless `identities.release_untracked_pins` says it is meant.
+
+use std::fmt;
+
+use super::Store;
+use crate::proxy::credentials::cookies::CookiePolicy;
+
+/// The most names an error lists (the rest are counted).
+const NAMES_LISTED: usize = 20;
+
+/// Pins the store holds of cookie names no longer tracked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct UntrackedPins {
+    /// The names, sorted.
+    pub names: Vec<String>,
+}
+
+impl fmt::Display for UntrackedPins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the pin store holds pins of cookies whose names track_cookies no longer matches \
+             ({}): those cookies would leave through any exit, not the one they are pinned to. \
+             Track the names again (a --track-cookie flag replaces the file's whole list), or \
+             set identities.release_untracked_pins = true to leave their pins unenforced",
+            self.listed()
+        )
+    }
+}
+
+impl UntrackedPins {
+    /// The names, at most [`NAMES_LISTED`] of them.
+    pub fn listed(&self) -> String {
+        let mut listed = self
+            .names
+            .iter()
+            .take(NAMES_LISTED)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.names.len() > NAMES_LISTED {
+            listed.push_str(&format!(" and {} more", self.names.len() - NAMES_LISTED));
+        }
+        listed
+    }
+}
+
+/// The names `store` holds pins for that `cookies` does not track (none
+/// where the store cannot tell: Redis).
+pub fn untracked(store: &Store, cookies: &CookiePolicy) -> Vec<String> {
+    let mut names: Vec<String> = store
+        .held_cookie_names()
+        .unwrap_or_default()
+        .iter()
+        .filter(|name| !cookies.is_tracked(name))
+        .map(|name| name.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Refuses untracked pins unless `release` (then warns of them).
+pub fn check(store: &Store, cookies: &CookiePolicy, release: bool) -> Result<(), UntrackedPins> {
+    let names = untracked(store, cookies);
+    if names.is_empty() {
+        return Ok(());
+    }
+    let found = UntrackedPins { names };
+    if !release {
+        return Err(found);
+    }
+    tracing::warn!(
+        names = %found.listed(),
+        "the pin store holds pins of cookie names no longer tracked; \
+         identities.release_untracked_pins leaves them unenforced: those cookies leave \
+         through any exit"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::credential::{Credential, PinHasher};
+    use crate::fingerprint::Fingerprint;
+    use crate::identity::{ExitId, Identity, Pin, SessionId};
+    use crate::store::memory::MemoryStore;
+    use crate::store::PinStore as _;
+
+    #[tokio::test]
+    async fn pins_of_names_no_longer_tracked_are_found() {
+        let store = Store::Memory(MemoryStore::new());
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Fingerprint::of_user_agent("agent"),
+            7,
+        );
+        store.create_identity(&identity).await.unwrap();
+        let hasher = PinHasher::new([1; 32]);
+        let pinned = |name: &str| {
+            let credential = Credential::cookie(name, hasher.cookie(name, "v"));
+            (credential.key, Pin::new(identity.id, &credential, 10, None))
+        };
+        let session_key = Credential {
+            kind: crate::credential::PinKind::SessionKey,
+            name: "session-key".into(),
+            key: hasher.session_key("k1"),
+        };
+        let pins = [
+            pinned("session_abc"),
+            pinned("datadome"),
+            (
+                session_key.key,
+                Pin::new(identity.id, &session_key, 10, None),
+            ),
+        ];
+        store.pin_all_if_absent(&pins).await.unwrap();
+        let with_pattern = CookiePolicy::with_extra(&["session_*".into()]).unwrap();
+        assert!(check(&store, &with_pattern, false).is_ok());
+        let without = CookiePolicy::with_extra(&[]).unwrap();
+        let refused = check(&store, &without, false).unwrap_err();
+        assert_eq!(
+            refused.names,
+            ["session_abc"],
+            "session keys name no cookie"
+        );
+        assert!(refused.to_string().contains("session_abc"), "{refused}");
+        assert!(check(&store, &without, true).is_ok(), "released");
+    }
+}
