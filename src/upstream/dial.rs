@@ -211,7 +211,8 @@ impl DialContext<'_> {
             proxy: proxy.clone(),
             source: Arc::new(source),
         };
-        let addrs = tokio::time::timeout_at(self.deadline, resolve(&proxy.host, proxy.port))
+        let lookup = resolve_for(Lookup::Exit, &proxy.host, proxy.port);
+        let addrs = tokio::time::timeout_at(self.deadline, lookup)
             .await
             .map_err(|_| self.timed_out(Stage::ExitConnect))?
             .map_err(unreachable)?;
@@ -305,14 +306,41 @@ impl Dialer {
 /// connect deadline.
 pub const MAX_LOOKUPS: usize = 64;
 
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+/// Of [`MAX_LOOKUPS`], the turns kept for exits' own names (a proxy exit
+/// named by host): clients choose the origins' names, and origins whose
+/// name servers never answer would otherwise hold every turn, so that an
+/// exit's lookup timed out and counted against the exit, killing it and
+/// retiring its identities for a fault that was not its.
+pub const EXIT_LOOKUPS: usize = 8;
+
+static ORIGIN_TURNS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_LOOKUPS - EXIT_LOOKUPS);
+static EXIT_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(EXIT_LOOKUPS);
+
+/// Whose name a lookup is for: which turns it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// An origin's (through the direct exit): a name a client chose.
+    Origin,
+    /// An exit's own host.
+    Exit,
+}
 
 /// The addresses of `host`, without a lookup for IP literals.
 pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    resolve_for(Lookup::Origin, host, port).await
+}
+
+/// [`resolve`], taking a turn among `whose` lookups.
+pub async fn resolve_for(whose: Lookup, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let turn = LOOKUPS.acquire().await.map_err(io::Error::other)?;
+    let turns = match whose {
+        Lookup::Origin => &ORIGIN_TURNS,
+        Lookup::Exit => &EXIT_TURNS,
+    };
+    let turn = turns.acquire().await.map_err(io::Error::other)?;
     let name = (host.to_owned(), port);
     let lookup = tokio::task::spawn_blocking(move || {
         // The turn ends when the resolver answers, not when the asker
@@ -344,16 +372,26 @@ mod tests {
 
     /// With every turn taken, a lookup waits for one; an IP literal needs
     /// none.
+    /// With every origin turn taken (origins whose name servers never
+    /// answer), an exit's own name still resolves.
     #[tokio::test]
     async fn lookups_wait_for_a_turn_when_all_are_taken() {
-        let turns = u32::try_from(MAX_LOOKUPS).unwrap_or(u32::MAX);
-        let all = LOOKUPS
+        let turns = u32::try_from(MAX_LOOKUPS - EXIT_LOOKUPS).unwrap_or(u32::MAX);
+        let all = ORIGIN_TURNS
             .acquire_many(turns)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let waiting =
             tokio::time::timeout(Duration::from_millis(200), resolve("localhost", 80)).await;
         assert!(waiting.is_err(), "a lookup ran without a turn");
+        let exit = tokio::time::timeout(
+            Duration::from_secs(20),
+            resolve_for(Lookup::Exit, "localhost", 80),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!exit.is_empty(), "an exit's name has turns of its own");
         let literal = resolve("127.0.0.1", 80)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
