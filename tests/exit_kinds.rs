@@ -227,3 +227,32 @@ async fn a_socks5_exit_that_does_not_speak_socks5_counts_against_it() {
     proxy.stop().await;
     fake.abort();
 }
+
+/// `socks_reply_is_egress` promises the reply states the tunnel's address:
+/// an identity's tunnel whose reply states none (microsocks answers
+/// `0.0.0.0`) is refused as `exit-ip-unknown`, as an `exit_ip_header`
+/// missing from a CONNECT answer is, instead of going out unchecked.
+#[tokio::test]
+async fn a_socks5_reply_promised_to_state_the_egress_but_stating_none_is_refused() {
+    let origin = Origin::start().await;
+    let socks = Microsocks::start("127.0.0.2", None).await;
+    let exits = [("micro".to_string(), socks.url(None))];
+    let proxy = Proxy::start(&exits, &origin, |c| c.exits[0].socks_reply_is_egress = true).await;
+    let mut jar = Jar::default();
+    let login = proxy
+        .client
+        .try_get("localhost", origin.https.port(), "/login", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "cookie-less traffic is not checked");
+    let reply = proxy
+        .client
+        .try_get("localhost", origin.https.port(), "/page", &mut jar)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(error.starts_with("exit-ip-unknown:"), "{error}");
+    assert_eq!(origin.leaks(), vec![]);
+    proxy.stop().await;
+}

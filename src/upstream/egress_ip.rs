@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::dial::Dialer;
+use super::dial::{Dialer, ExitKind};
 use super::error::{ConnectError, Stage};
 use super::tls::Stack;
 use crate::net::{default_port, HostPort};
@@ -147,6 +147,16 @@ impl Dialer {
                     "the CONNECT answer has no {} header",
                     check.header.as_ref().map_or("", |h| h.as_str())
                 )))
+            }
+            // Likewise a SOCKS5 exit set up to state its address in its
+            // reply, whose reply stated none (`0.0.0.0`, `::` or a name).
+            None if self.socks_reply_is_egress && matches!(self.kind, ExitKind::Socks5(_)) => {
+                return Err(ConnectError::ExitIpUnknown(
+                    "the SOCKS5 reply states no usable address (0.0.0.0, :: or a name), and \
+                     socks_reply_is_egress promises one: set it only for servers that report \
+                     their outgoing socket (Dante does, microsocks does not), or use ip_echo"
+                        .into(),
+                ))
             }
             // The identity's address is known, but this exit no longer
             // states one (its exit_ip_header, ip_echo or
