@@ -107,6 +107,31 @@ fn book_route(spec: &ExitSpec, hasher: &PinHasher) -> String {
     route_hash(hasher, "route", &spec.route_key()).to_string()
 }
 
+/// How the book holds the part of an exit's credentials that carries
+/// `{session}`: `none` without a placeholder, else a keyed hash of the
+/// user name and password templates that hold it (either may be a
+/// credential). A route change that keeps it reaches the provider's same
+/// sessions; one that changes it gives every identity a session, and so
+/// an IP, the provider has never seen.
+fn book_session(spec: &ExitSpec, hasher: &PinHasher) -> String {
+    use crate::upstream::dial::SESSION_PLACEHOLDER;
+    let Some(credentials) = spec.kind.credentials() else {
+        return "none".into();
+    };
+    let carrying = |part: &str| {
+        if part.contains(SESSION_PLACEHOLDER) {
+            part.to_owned()
+        } else {
+            String::new()
+        }
+    };
+    let (user, password) = (carrying(&credentials.user), carrying(&credentials.password));
+    if user.is_empty() && password.is_empty() {
+        return "none".into();
+    }
+    route_hash(hasher, "session", &format!("{user}\n{password}")).to_string()
+}
+
 /// What the book writes of the pin key its routes are hashed with, so that
 /// a book read under another key (a data directory moved to another store
 /// or fleet, a new `pin-key`) is not compared hash for hash: every exit
@@ -146,6 +171,11 @@ struct Remembered {
     /// The route's address without credentials, for messages.
     #[serde(default)]
     address: String,
+    /// The part of its credentials that carries `{session}`, as
+    /// [`book_session`] writes it (empty in books written before it was
+    /// kept).
+    #[serde(default)]
+    session: String,
     /// When the route last changed under the id (Unix ms, 0: never).
     #[serde(default)]
     changed_ms: u64,
@@ -348,6 +378,7 @@ impl RouteBook {
         let mut dirty = self.unkeyed_on_file.load(Ordering::Relaxed);
         for spec in specs {
             let route = book_route(spec, &self.hasher);
+            let session = book_session(spec, &self.hasher);
             let face = spec.options.fingerprint.label();
             let address = spec.kind.public_url();
             let entry = next.entry(spec.id.as_str().to_owned()).or_insert_with(|| {
@@ -359,6 +390,7 @@ impl RouteBook {
                     key: key_check(&self.hasher),
                     face: face.to_owned(),
                     address: address.clone(),
+                    session: session.clone(),
                     changed_ms: 0,
                     kept_from: Vec::new(),
                 }
@@ -369,8 +401,15 @@ impl RouteBook {
                     entry.face = face.to_owned();
                     dirty = true;
                 }
+                if entry.session.is_empty() {
+                    entry.session = session;
+                    dirty = true;
+                }
                 continue;
             }
+            // Nor for a change of what carries `{session}`: the provider
+            // has never seen the sessions it now names.
+            let session_changed = !entry.session.is_empty() && entry.session != session;
             // The operator can vouch for the IPs, never for the face: an
             // identity shown with another fingerprint is another client to
             // the origin, whatever the option says.
@@ -386,7 +425,16 @@ impl RouteBook {
                 .map(|(id, _)| id.clone());
             let kept = spec.options.keep_identities_on_route_change
                 && !face_changed
+                && !session_changed
                 && taken_from.is_none();
+            if session_changed && spec.options.keep_identities_on_route_change {
+                tracing::warn!(
+                    exit = %spec.id, was = %entry.address, now = %address,
+                    "the part of the exit's credentials that carries {{session}} changed: its \
+                     identities retire (exit-changed) despite keep_identities_on_route_change, \
+                     since the provider has never seen the sessions it now names"
+                );
+            }
             if let (Some(other), true) = (&taken_from, spec.options.keep_identities_on_route_change)
             {
                 tracing::warn!(
@@ -427,6 +475,7 @@ impl RouteBook {
             }
             entry.face = face.to_owned();
             entry.address = address;
+            entry.session = session;
             changes.push(RouteChange {
                 exit: spec.id.clone(),
                 kept,
@@ -542,6 +591,54 @@ mod tests {
         assert!(!apply(&book, &third[..1], 500).2);
         let fourth = specs(&[("a", "http://u:q@gate:1"), ("b", "http://gate3:2")]);
         assert_eq!(apply(&book, &fourth, 600).0, vec![Some(200), Some(600)]);
+    }
+
+    /// `keep_identities_on_route_change` vouches for the IPs: a password
+    /// rotated under one session template keeps them, a change of what
+    /// carries `{session}` cannot (the provider never saw those sessions).
+    #[test]
+    fn a_kept_change_never_keeps_a_new_session_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = RouteBook::load(dir.path(), &hasher()).unwrap();
+        let keeping = |url: &str| {
+            let mut spec = specs(&[("g", url)]);
+            spec[0].options.keep_identities_on_route_change = true;
+            spec
+        };
+        let change = |kept| {
+            vec![RouteChange {
+                exit: ExitId::new("g"),
+                kept,
+            }]
+        };
+        apply(&book, &keeping("http://u-session-{session}:p@gate:1"), 100);
+        let rotated = keeping("http://u-session-{session}:q@gate:1");
+        assert_eq!(
+            apply(&book, &rotated, 200).1,
+            change(true),
+            "password rotated"
+        );
+        let renamed = keeping("http://u-sessid-{session}:q@gate:1");
+        assert_eq!(
+            apply(&book, &renamed, 300).1,
+            change(false),
+            "template changed"
+        );
+        let dropped = keeping("http://u:q@gate:1");
+        assert_eq!(
+            apply(&book, &dropped, 400).1,
+            change(false),
+            "placeholder dropped"
+        );
+        let moved = keeping("http://u:q@gate2:1");
+        assert_eq!(
+            apply(&book, &moved, 500).1,
+            change(true),
+            "no session either side"
+        );
+        // What the book holds of the last: no placeholder.
+        let known = book.known.lock().unwrap()["g"].session.clone();
+        assert_eq!(known, "none");
     }
 
     /// The routes an id's identities are kept from, as the book holds them.
