@@ -174,6 +174,9 @@ impl PinHasher {
         let mut file = crate::fsutil::create_private(&path)?;
         file.write_all(&key)?;
         file.sync_all()?;
+        // Before any pin is hashed with it: pins on disk without their key
+        // could only be let go of.
+        crate::fsutil::sync_parent(&path);
         Ok(PinHasher::new(key))
     }
 

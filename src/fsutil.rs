@@ -133,14 +133,21 @@ impl Replacement {
         self.file.sync_all()?;
         drop(self.file);
         std::fs::rename(&self.temp, &self.path)?;
-        // Best effort: the file is in place either way, and some file
-        // systems refuse to sync a directory.
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
-                tracing::debug!(error = %e, dir = %dir.display(), "could not sync the directory");
-            }
-        }
+        sync_parent(&self.path);
         Ok(())
+    }
+}
+
+/// Syncs the directory holding `path`, so that a file just created or
+/// renamed there survives a power loss by name, not only by content (on
+/// some file systems, btrfs among them, syncing one file does not persist
+/// another's directory entry). Best effort: the file is in place either
+/// way, and some file systems refuse to sync a directory.
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::debug!(error = %e, dir = %dir.display(), "could not sync the directory");
+        }
     }
 }
 

@@ -794,10 +794,12 @@ impl PinStore for DurableStore {
         })
     }
 
+    /// Durable before it answers, as every routing decision is: a death
+    /// forgotten in a crash would bring back the identities made before it.
     async fn record_exit_death(&self, exit: &ExitId, at_ms: u64) -> Result<(), StoreError> {
         self.shared.memory.set_exit_death(exit, at_ms);
-        self.enqueue(Change::ExitDeath(exit.clone(), at_ms))?;
-        Ok(())
+        let seq = self.enqueue(Change::ExitDeath(exit.clone(), at_ms))?;
+        self.durable(seq).await
     }
 
     async fn exit_deaths(&self) -> Result<Vec<(ExitId, u64)>, StoreError> {
@@ -947,6 +949,14 @@ mod tests {
         );
         let found = store.lookup(&[kept]).await.unwrap();
         assert_eq!(found[0].as_ref().map(|b| b.pin.identity), Some(ident.id));
+        // An exit's death is refused as surely: answered stored, it could
+        // be forgotten in a crash, and the identities made before it would
+        // come back.
+        let refused = store
+            .record_exit_death(&ExitId::new("e1"), 30)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind, StoreErrorKind::WriteFailed, "{refused}");
     }
 
     /// A disk that hangs fails the requests waiting for it, with its
@@ -1275,6 +1285,16 @@ mod tests {
         assert_eq!(reason(faceless.id), Some(RetireReason::StoreLost));
         assert_eq!(reason(retired.id), Some(RetireReason::Evicted));
         assert_eq!(reason(whole.id), None);
+        // A new identity of the same client brings the row back (the
+        // faceless ones still count as references to it), so it keeps its
+        // face across the next start.
+        let newcomer = with_agent("a");
+        store.create_identity(&newcomer).await.unwrap();
+        store.close().await;
+        let store = DurableStore::open(&path).unwrap();
+        let newcomer = store.shared.memory.identity(newcomer.id).unwrap();
+        assert_eq!(newcomer.retired.map(|r| r.reason), None);
+        assert_eq!(newcomer.fingerprint.get("user-agent"), Some("a"));
         store.close().await;
     }
 

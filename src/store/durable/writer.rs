@@ -238,14 +238,16 @@ fn apply(
             if replaced == Some(Some(hash)) {
                 return Ok(());
             }
-            // Its first identity on disk brings the fingerprint's row (the
-            // hash may come from the cache, the row gone with the last
-            // identity before).
-            if refs.add(hash)
-                && fingerprints
-                    .get(&hash)
-                    .map_err(|e| e.to_string())?
-                    .is_none()
+            // The row is written when missing: with its first identity on
+            // disk (the hash may come from the cache, the row gone with the
+            // last identity before), or after a start that found identities
+            // referring to a row gone from the file (a damaged file): they
+            // still count, so an identity of the same client brings it back.
+            refs.add(hash);
+            if fingerprints
+                .get(&hash)
+                .map_err(|e| e.to_string())?
+                .is_none()
             {
                 let encoded = match encoded {
                     Some(encoded) => encoded,
