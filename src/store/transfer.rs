@@ -214,16 +214,24 @@ const CLOCK_SKEW_MS: u64 = 5 * 60_000;
 /// would look new and could be pinned anew on another exit.
 pub fn check(input: impl BufRead, key_id: &str, now_ms: u64) -> Result<Checked, TransferError> {
     let latest = now_ms.saturating_add(CLOCK_SKEW_MS);
-    let future = |what: &str, created_ms: u64| {
+    let future = |what: &str, at_ms: u64| {
         format!(
-            "{what} created at {created_ms} (Unix ms), after now ({now_ms}): the export was made \
-             on a host whose clock is ahead, or edited; fix the clock and export again"
+            "{what} dated {at_ms} (Unix ms), after now ({now_ms}): the export was made on a \
+             host whose clock is ahead, or edited; fix the clock and export again"
         )
     };
     let mut checked = Checked::default();
     let mut header_seen = false;
     let mut ended = false;
     let mut last_line = 0;
+    // What the import would otherwise settle silently: an identity twice
+    // (a merge keeps the first exit, and every pin of the second follows
+    // it), a pin twice (whichever write lands first wins), a pin whose
+    // identity is not in the file (imported, then forgotten at the first
+    // sweep, though counted as imported). Real exports hold none of them.
+    let mut identities_seen = std::collections::HashSet::new();
+    let mut pins_seen = std::collections::HashSet::new();
+    let mut pinned_to = std::collections::HashMap::new();
     for (n, text) in input.lines().enumerate() {
         let text = text?;
         if text.trim().is_empty() {
@@ -253,16 +261,40 @@ pub fn check(input: impl BufRead, key_id: &str, now_ms: u64) -> Result<Checked, 
                 if identity.created_ms > latest {
                     return Err(format(future("an identity", identity.created_ms)));
                 }
+                if let Some(retired) = &identity.retired {
+                    if retired.at_ms > latest {
+                        return Err(format(future("a retirement", retired.at_ms)));
+                    }
+                }
+                if !identities_seen.insert(identity.id) {
+                    return Err(format(format!(
+                        "identity {} appears twice: the export is damaged or was edited",
+                        identity.id
+                    )));
+                }
                 checked.identities += 1;
             }
             Record::Pin { key, pin } => {
-                parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
+                let parsed =
+                    parse_key(&key).ok_or_else(|| format(format!("bad pin key {key:?}")))?;
                 if pin.created_ms > latest {
                     return Err(format(future("a pin", pin.created_ms)));
                 }
+                if !pins_seen.insert(parsed) {
+                    return Err(format(format!(
+                        "pin {}#{parsed} appears twice: the export is damaged or was edited",
+                        pin.name
+                    )));
+                }
+                pinned_to.entry(pin.identity).or_insert(n + 1);
                 checked.pins += 1;
             }
-            Record::ExitDeath { .. } => checked.exit_deaths += 1,
+            Record::ExitDeath { exit, at_ms } => {
+                if at_ms > latest {
+                    return Err(format(future(&format!("exit {exit}'s death"), at_ms)));
+                }
+                checked.exit_deaths += 1
+            }
             Record::End {
                 identities,
                 pins,
@@ -288,6 +320,19 @@ pub fn check(input: impl BufRead, key_id: &str, now_ms: u64) -> Result<Checked, 
         });
     }
     checked.complete = ended;
+    let orphan = pinned_to
+        .iter()
+        .filter(|(identity, _)| !identities_seen.contains(*identity))
+        .min_by_key(|(_, line)| **line);
+    if let Some((identity, line)) = orphan {
+        return Err(TransferError::Format {
+            line: *line,
+            reason: format!(
+                "a pin of identity {identity}, which the export does not hold: it is damaged \
+                 or was edited"
+            ),
+        });
+    }
     if checked.format >= 2 && !ended {
         return Err(TransferError::Format {
             line: last_line,
@@ -543,6 +588,62 @@ mod tests {
         let ahead = text.replace("\"created_ms\":5", "\"created_ms\":86400005");
         let refused = check(ahead.as_bytes(), "k1", NOW).unwrap_err().to_string();
         assert!(refused.contains("after now"), "{refused}");
+    }
+
+    /// What no export holds, and an import would settle silently, is
+    /// refused before anything is written: an identity or a pin twice, a
+    /// pin of an identity the file does not hold, a retirement or an exit
+    /// death dated in the future.
+    #[tokio::test]
+    async fn records_no_export_holds_are_refused() {
+        use crate::identity::{RetireReason, Retirement};
+        let source = Store::Memory(MemoryStore::new());
+        let (identity, _) = pinned_identity(&source).await;
+        source
+            .record_exit_death(&ExitId::new("e2"), 7)
+            .await
+            .unwrap();
+        let mut file = Vec::new();
+        export(&source, "k1", &mut file).await.unwrap();
+        let text = String::from_utf8(file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // Format 1 has no end line to count against.
+        let header = lines[0].replacen("\"format\":2", "\"format\":1", 1);
+        let (ident, pin, death) = (lines[1], lines[2], lines[3]);
+        let refused = |records: &[&str]| {
+            let file = std::iter::once(header.as_str())
+                .chain(records.iter().copied())
+                .collect::<Vec<_>>()
+                .join("\n");
+            check(file.as_bytes(), "k1", NOW)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(refused(&[ident, pin, death]), Ok(()));
+        let elsewhere = ident.replace("\"e1\"", "\"e2\"");
+        let twice = refused(&[ident, pin, &elsewhere]).unwrap_err();
+        assert!(
+            twice.contains("appears twice") && twice.contains("line 4"),
+            "{twice}"
+        );
+        let twice = refused(&[ident, pin, pin]).unwrap_err();
+        assert!(twice.contains("appears twice"), "{twice}");
+        let orphan = refused(&[pin]).unwrap_err();
+        assert!(
+            orphan.contains("does not hold") && orphan.contains("line 2"),
+            "{orphan}"
+        );
+        let mut retired = identity.clone();
+        retired.retired = Some(Retirement {
+            reason: RetireReason::Evicted,
+            at_ms: 86_400_000,
+        });
+        let retired = serde_json::to_string(&Record::Identity(retired)).unwrap();
+        let ahead = refused(&[&retired, pin]).unwrap_err();
+        assert!(ahead.contains("after now"), "{ahead}");
+        let dead = death.replace("\"at_ms\":7", "\"at_ms\":86400000");
+        let ahead = refused(&[ident, pin, &dead]).unwrap_err();
+        assert!(ahead.contains("after now"), "{ahead}");
     }
 
     /// An older export imported into the store it came from brings back no
