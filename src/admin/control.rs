@@ -246,7 +246,7 @@ async fn evict_identity(admin: &Admin, id: &str) -> Response<Body> {
             "{id:?} is not an identity id (16 hex digits, as /identities lists them)"
         ));
     };
-    match find(admin, |listing| listing.identity.id == id).await {
+    match find(admin, move |listing| listing.identity.id == id).await {
         Ok(found) => evict(admin, found).await,
         Err(response) => response,
     }
@@ -266,11 +266,14 @@ async fn evict_pin(admin: &Admin, credential: &str) -> Response<Body> {
         ));
     };
     let hash = hash.to_ascii_lowercase();
-    let holds = |listing: &Listing| {
-        listing
-            .pins
-            .iter()
-            .any(|(key, pin)| &*pin.name == name && key.to_hex().starts_with(&hash))
+    let holds = {
+        let (name, hash) = (name.to_owned(), hash.clone());
+        move |listing: &Listing| {
+            listing
+                .pins
+                .iter()
+                .any(|(key, pin)| *pin.name == *name && key.to_hex().starts_with(&hash))
+        }
     };
     if let Some(key) = full_key(&hash) {
         // The whole hash: one lookup instead of a walk over the store.
@@ -279,7 +282,7 @@ async fn evict_pin(admin: &Admin, credential: &str) -> Response<Body> {
                 Some(binding) if &*binding.pin.name == name => match binding.identity {
                     Some(identity) => {
                         let id = identity.id;
-                        return match find(admin, |l| l.identity.id == id).await {
+                        return match find(admin, move |l| l.identity.id == id).await {
                             Ok(found) => evict(admin, found).await,
                             Err(response) => response,
                         };
@@ -309,18 +312,32 @@ fn full_key(hash: &str) -> Option<PinKey> {
 }
 
 /// The one identity `matches` picks out of the store's listing (walked
-/// whole: an operator's action, not the request path).
+/// whole: an operator's action, not the request path), on the blocking
+/// pool: a store of a million identities takes seconds to walk, which no
+/// runtime thread serving the proxy should spend.
 async fn find(
     admin: &Admin,
-    matches: impl Fn(&Listing) -> bool,
+    matches: impl Fn(&Listing) -> bool + Send + 'static,
 ) -> Result<Listing, Response<Body>> {
-    let listings = admin
-        .router
-        .store()
-        .list()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let mut found: Vec<Listing> = listings.into_iter().filter(|l| matches(l)).collect();
+    let router = admin.router.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let walked = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async {
+            let listings = router.store().list().await?;
+            Ok::<_, crate::store::StoreError>(
+                listings
+                    .into_iter()
+                    .filter(|l| matches(l))
+                    .collect::<Vec<Listing>>(),
+            )
+        })
+    })
+    .await;
+    let mut found = match walked {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err(unavailable(e.to_string())),
+        Err(e) => return Err(unavailable(format!("the store's walk failed: {e}"))),
+    };
     match found.len() {
         0 => Err(not_found("no such identity or credential".into())),
         1 => Ok(found.remove(0)),
