@@ -262,16 +262,24 @@ impl ClientConnection {
         if seen(hello) || self.equal_hello.get().is_some_and(seen) {
             return true;
         }
-        // One client offers HTTP/1.1 alone where a connection is for
+        if **hello == **recorded {
+            let _ = self.equal_hello.set(recorded.clone());
+            return true;
+        }
+        // Two hellos of one client that differ only where the connection
+        // decides. Whether OpenSSL pads depends on the hello's length, so
+        // on the host name's: padding present or not says where it went.
+        // And a client offers HTTP/1.1 alone where a connection is for
         // nothing else (Chromium's WebSocket tunnels): its hello then
         // equals its full one said so, either way round (an identity a
         // WebSocket's answer founded records the reduced one).
+        let (hello, recorded_now) = (without_padding(hello), without_padding(recorded));
         let http1_only_of = |full: &ClientHello, reduced: &ClientHello| {
             full.http1_only_view().is_some_and(|view| view == *reduced)
         };
-        let equal = **hello == **recorded
-            || http1_only_of(recorded, hello)
-            || http1_only_of(hello, recorded);
+        let equal = *hello == *recorded_now
+            || http1_only_of(&recorded_now, &hello)
+            || http1_only_of(&hello, &recorded_now);
         if equal {
             let _ = self.equal_hello.set(recorded.clone());
         }
@@ -311,6 +319,19 @@ impl ClientConnection {
     pub fn h2(&self) -> Option<Arc<H2Fingerprint>> {
         self.preface.get().cloned()
     }
+}
+
+/// `hello` without its padding extension, for comparing two hellos of one
+/// client (see [`ClientConnection::hello_matches`]).
+fn without_padding(hello: &ClientHello) -> std::borrow::Cow<'_, ClientHello> {
+    use client_hello::ext;
+    if !hello.has_extension(ext::PADDING) {
+        return std::borrow::Cow::Borrowed(hello);
+    }
+    let mut plain = hello.clone();
+    plain.extensions.retain(|e| e.kind != ext::PADDING);
+    plain.padding_len = None;
+    std::borrow::Cow::Owned(plain)
 }
 
 #[cfg(test)]
@@ -415,6 +436,26 @@ mod tests {
         let other = ClientConnection::tls(other, &live);
         assert!(!other.hello_matches(&Arc::new(full.clone())));
         assert!(full.http1_only_view().unwrap().http1_only_view().is_none());
+    }
+
+    /// OpenSSL pads a hello only when its length calls for it, so a long
+    /// host name leaves the padding out: the same client all the same.
+    #[test]
+    fn padding_present_or_not_is_the_same_client() {
+        use crate::upstream::tls::tests::fixture;
+        use client_hello::ext;
+        let padded = fixture("curl_h2");
+        assert!(padded.has_extension(ext::PADDING));
+        let recorded = Arc::new(padded.clone().fresh_and_anonymous());
+        let mut unpadded = padded;
+        unpadded.extensions.retain(|e| e.kind != ext::PADDING);
+        unpadded.padding_len = None;
+        let live = LiveHellos::default();
+        assert!(ClientConnection::tls(unpadded, &live).hello_matches(&recorded));
+        let mut other = (*recorded).clone();
+        other.extensions.retain(|e| e.kind != ext::PADDING);
+        other.cipher_suites.reverse();
+        assert!(!ClientConnection::tls(other, &live).hello_matches(&recorded));
     }
 
     /// No client sends SNI to an address: its hello there is recorded as
