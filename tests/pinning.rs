@@ -389,6 +389,13 @@ async fn sdk_token_headers_keep_to_the_exit_that_first_carried_them() {
             assert_eq!(*first.get_or_insert(peer), peer, "{header}");
         }
     }
+    // Pinned whatever track_cookies says, so no change of it leaves them
+    // untracked: a reload (and a restart) goes through.
+    s.proxy
+        .daemon
+        .reload_with(&s.proxy.config)
+        .await
+        .expect("a reload with token pins held");
     s.stop().await;
 }
 

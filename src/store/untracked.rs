@@ -11,7 +11,7 @@
 use std::fmt;
 
 use super::Store;
-use crate::proxy::credentials::cookies::CookiePolicy;
+use crate::proxy::credentials::cookies::{self, CookiePolicy};
 
 /// The most names an error lists (the rest are counted).
 const NAMES_LISTED: usize = 20;
@@ -60,7 +60,7 @@ pub fn untracked(store: &Store, cookies: &CookiePolicy) -> Vec<String> {
         .held_cookie_names()
         .unwrap_or_default()
         .iter()
-        .filter(|name| !cookies.is_tracked(name))
+        .filter(|name| !cookies.is_tracked(name) && !cookies::pinned_whatever_tracked(name))
         .map(|name| name.to_string())
         .collect();
     names.sort();
@@ -118,9 +118,12 @@ mod tests {
             name: "session-key".into(),
             key: hasher.session_key("k1"),
         };
+        // Tokens carried in headers are pinned whatever the policy says.
         let pins = [
             pinned("session_abc"),
             pinned("datadome"),
+            pinned("x-kpsdk-ct"),
+            pinned("x-px-authorization"),
             (
                 session_key.key,
                 Pin::new(identity.id, &session_key, 10, None),

@@ -76,9 +76,22 @@ fn token_name<'v>(carrier: &HeaderName, value: &'v str) -> Option<(&'static str,
     if carrier.as_str().starts_with("x-px-") {
         let (version, token) = value.split_once(':')?;
         let version_ok = !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit());
-        return (version_ok && !token.trim().is_empty()).then_some(("x-px-authorization", value));
+        return (version_ok && !token.trim().is_empty()).then_some((PX_TOKEN, value));
     }
-    Some(("x-kpsdk-ct", value))
+    Some((KASADA_TOKEN, value))
+}
+
+/// The name PerimeterX's token is pinned under (see [`token_name`]).
+const PX_TOKEN: &str = "x-px-authorization";
+/// The name Kasada's token is pinned under (see [`token_name`]); its
+/// answers return it in the header of that name ([`TOKEN_ANSWERS`]).
+const KASADA_TOKEN: &str = "x-kpsdk-ct";
+
+/// Whether pins of `name` are made whatever the tracking policy says: the
+/// names of tokens carried in headers ([`TOKEN_CARRIERS`], named as
+/// [`token_name`] names them), which no `track_cookies` entry matches.
+pub fn pinned_whatever_tracked(name: &str) -> bool {
+    name == PX_TOKEN || name == KASADA_TOKEN
 }
 
 /// Response headers that hand a client a token it sends back in the
