@@ -283,10 +283,6 @@ async fn open_store(
     }
 }
 
-/// The pin key of the embedded store at `store`: the data directory's
-/// `pin-key`, or a new one where the store holds nothing hashed with
-/// another (a new key beside stored pins would make every stored cookie
-/// look new, free to leave through any exit: refused instead).
 /// The addresses of the pin store's servers (Redis), which no client may
 /// be forwarded to (see `AddressGuard`): a name among them is resolved
 /// here, off the runtime, within a few seconds (a name that does not
@@ -316,6 +312,10 @@ async fn store_servers(store: &StoreKind) -> Vec<SocketAddr> {
     addrs
 }
 
+/// The pin key of the embedded store at `store`: the data directory's
+/// `pin-key`, or a new one where the store holds nothing hashed with
+/// another (a new key beside stored pins would make every stored cookie
+/// look new, free to leave through any exit: refused instead).
 fn pin_key_for(dir: &Path, store: &Path, on_file: &KeyOnFile) -> Result<PinHasher, OpenError> {
     let key = dir.join(PIN_KEY_FILE);
     let io_error = |source| OpenError::PinKey {
@@ -616,6 +616,14 @@ impl Daemon {
         };
         let background = TaskTracker::new();
         let (store, hasher) = open_store(&settings, &background, &metrics, Opener::Replica).await?;
+        // Before anything is written (the book of routes below): a start
+        // refused here leaves the data directory as it found it. It walks
+        // every pin, on this thread: nothing is served yet.
+        crate::store::untracked::check(
+            &store,
+            &settings.cookies,
+            settings.identities.release_untracked_pins,
+        )?;
         // The route identities founded on each exit carry, hashed with the
         // pin key (the fleet's on a shared store), so known only now.
         routes::found_on(&exits, &hasher);
@@ -638,11 +646,6 @@ impl Daemon {
             plan
         };
         plan.vouch(&exits);
-        crate::store::untracked::check(
-            &store,
-            &settings.cookies,
-            settings.identities.release_untracked_pins,
-        )?;
         let router = Arc::new(Router::new(
             store,
             clock.clone(),

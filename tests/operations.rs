@@ -875,11 +875,23 @@ async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
     let mut config = proxy.config.clone();
     let data_dir = proxy.stop_keeping_data_dir().await;
     config.track_cookies = Vec::new();
-    let refused = match pinproxy::daemon::Daemon::start(&config).await {
+    // The refused start writes nothing: an exit's URL changed in the same
+    // edit is not recorded in the book of routes (a start after the edit
+    // is undone would otherwise see a change back, and retire).
+    let book = data_dir.path().join(ROUTE_FILE);
+    let before = std::fs::read(&book).unwrap();
+    let mut edited = config.clone();
+    edited.exits[0].url = "http://127.0.0.1:9".into();
+    let refused = match pinproxy::daemon::Daemon::start(&edited).await {
         Ok(_) => panic!("a start leaving pins untracked is refused"),
         Err(e) => e.to_string(),
     };
     assert!(refused.contains("session_tok"), "{refused}");
+    assert_eq!(
+        std::fs::read(&book).unwrap(),
+        before,
+        "the book is untouched"
+    );
     config.identities.release_untracked_pins = true;
     let daemon = pinproxy::daemon::Daemon::start(&config)
         .await
