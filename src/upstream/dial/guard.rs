@@ -171,7 +171,11 @@ impl AddressGuard {
         let store = || {
             self.store
                 .get()
-                .is_some_and(|servers| servers.iter().any(|server| reaches(*server, target)))
+                .is_some_and(|servers| {
+                    servers
+                        .iter()
+                        .any(|server| reaches(*server, target) || same_host(*server, target))
+                })
                 .then_some(OwnListener::Store)
         };
         listener.or_else(store)
@@ -216,6 +220,18 @@ fn reaches(own: SocketAddr, target: SocketAddr) -> bool {
         return family_matches && is_local(target_ip);
     }
     own_ip == target_ip
+}
+
+/// Whether `target` is the port of `server`, a server on this host, at
+/// another of the host's addresses. How it is bound is not known here
+/// (Redis binds `127.0.0.1` and `::1` by default; a published container
+/// port answers on every address): each local address may reach it.
+fn same_host(server: SocketAddr, target: SocketAddr) -> bool {
+    if server.port() != target.port() || !is_local(server.ip().to_canonical()) {
+        return false;
+    }
+    let target_ip = target.ip().to_canonical();
+    target_ip.is_unspecified() || is_local(target_ip)
 }
 
 /// Whether `ip` is an address of this host: loopback, or one a socket can
@@ -314,6 +330,27 @@ mod tests {
             Err(Refusal::Own(OwnListener::Store))
         );
         assert_eq!(g.check(addr("10.0.0.5:6379")), Ok(()));
+        // A local server may answer on every local address, whichever the
+        // URL names.
+        let g = guard();
+        g.set_store(vec![addr("127.0.0.1:6379")]);
+        for other in ["::1", "::", "127.0.0.2", "0.0.0.0"] {
+            assert_eq!(
+                g.own_target(other, 6379),
+                Some(OwnListener::Store),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            g.check(addr("[::1]:6379")),
+            Err(Refusal::Own(OwnListener::Store))
+        );
+        // TEST-NET-3 is never this host's.
+        assert_eq!(g.check(addr("203.0.113.7:6379")), Ok(()));
+        // A server elsewhere is refused at its own address only.
+        let g = guard();
+        g.set_store(vec![addr("203.0.113.9:6379")]);
+        assert_eq!(g.own_target("127.0.0.1", 6379), None);
     }
 
     #[test]
