@@ -194,6 +194,9 @@ pub struct DialContext<'a> {
     /// of its family first, so that the identity keeps its address where
     /// the origin has one of that family.
     pub egress: Option<IpAddr>,
+    /// Whose turns a lookup of the target takes: a client's origin, or (a
+    /// health probe's target) the operator's.
+    pub lookup: Lookup,
 }
 
 impl DialContext<'_> {
@@ -211,8 +214,7 @@ impl DialContext<'_> {
             proxy: proxy.clone(),
             source: Arc::new(source),
         };
-        let lookup = resolve_for(Lookup::Exit, &proxy.host, proxy.port);
-        let addrs = tokio::time::timeout_at(self.deadline, lookup)
+        let addrs = resolve_exit(&proxy.host, proxy.port, self.deadline)
             .await
             .map_err(|_| self.timed_out(Stage::ExitConnect))?
             .map_err(unreachable)?;
@@ -266,6 +268,7 @@ impl Dialer {
                 .pinned
                 .as_ref()
                 .and_then(|pinned| pinned.get().copied()),
+            lookup: Lookup::Origin,
         }
     }
 
@@ -290,10 +293,16 @@ impl Dialer {
         Ok((tcp, egress))
     }
 
-    /// Opens and drops a tunnel to `target`: the health probe.
+    /// Opens and drops a tunnel to `target`: the health probe. A direct
+    /// exit looks the target up among the exits' turns: a probe that waited
+    /// behind clients' origins would count against the exit.
     pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
         let deadline = Instant::now() + self.timeout;
-        self.open_transport(target, deadline).await.map(|_| ())
+        let context = DialContext {
+            lookup: Lookup::Exit,
+            ..self.context(deadline)
+        };
+        self.kind.open(&context, target).await.map(|_| ())
     }
 }
 
@@ -329,6 +338,81 @@ pub enum Lookup {
 /// The addresses of `host`, without a lookup for IP literals.
 pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     resolve_for(Lookup::Origin, host, port).await
+}
+
+/// How long an exit's own name is taken as resolved.
+const EXIT_NAME_FRESH: Duration = Duration::from_secs(60);
+
+/// The most exit names kept resolved (a configuration names a few).
+const EXIT_NAMES_KEPT: usize = 1024;
+
+/// Exits' own names (and direct exits' probe targets) as last resolved.
+type ExitNames = std::collections::HashMap<(String, u16), (Instant, Vec<SocketAddr>)>;
+
+fn exit_names() -> &'static std::sync::Mutex<ExitNames> {
+    static NAMES: std::sync::OnceLock<std::sync::Mutex<ExitNames>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(Default::default)
+}
+
+/// The addresses of an exit's own `host` (or a direct exit's probe
+/// target), by `deadline`: resolved within the last minute, or looked up
+/// among the exits' turns. When the lookup fails or runs out of time and
+/// an earlier answer is known, that answer is taken (the last known good):
+/// one provider whose name servers hang, holding the exits' turns, then
+/// cannot make every other exit's lookups time out and count against
+/// them. The outer error is the deadline's.
+pub async fn resolve_exit(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<io::Result<Vec<SocketAddr>>, tokio::time::error::Elapsed> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Ok(vec![SocketAddr::new(ip, port)]));
+    }
+    let key = (host.to_owned(), port);
+    let known = exit_names()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+        .cloned();
+    let Some((at, addrs)) = known else {
+        let found = tokio::time::timeout_at(deadline, resolve_for(Lookup::Exit, host, port)).await;
+        if let Ok(Ok(addrs)) = &found {
+            remember_exit_name(key, addrs.clone());
+        }
+        return found;
+    };
+    if at.elapsed() < EXIT_NAME_FRESH {
+        return Ok(Ok(addrs));
+    }
+    // Known but stale: half the time left for a new answer, the rest for
+    // the connection if the old one has to do.
+    let now = Instant::now();
+    let half = now + deadline.saturating_duration_since(now) / 2;
+    match tokio::time::timeout_at(half, resolve_for(Lookup::Exit, host, port)).await {
+        Ok(Ok(fresh)) => {
+            remember_exit_name(key, fresh.clone());
+            Ok(Ok(fresh))
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no answer in time".to_owned(),
+            };
+            tracing::debug!(%host, %why, "an exit's name did not resolve again: its last answer is used");
+            Ok(Ok(addrs))
+        }
+    }
+}
+
+fn remember_exit_name(key: (String, u16), addrs: Vec<SocketAddr>) {
+    let mut names = exit_names()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if names.len() >= EXIT_NAMES_KEPT && !names.contains_key(&key) {
+        names.clear();
+    }
+    names.insert(key, (Instant::now(), addrs));
 }
 
 /// [`resolve`], taking a turn among `whose` lookups.
@@ -370,6 +454,34 @@ pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Resul
 mod tests {
     use super::*;
 
+    /// An exit's name that no longer resolves in time (here: every exit
+    /// turn taken) keeps its last answer; one never resolved times out.
+    #[tokio::test]
+    async fn an_exits_name_keeps_its_last_answer() {
+        let Some(long_ago) = Instant::now().checked_sub(EXIT_NAME_FRESH * 2) else {
+            return;
+        };
+        let known = vec![SocketAddr::from(([127, 0, 0, 7], 8080))];
+        exit_names()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                ("stale.exit.invalid".into(), 8080),
+                (long_ago, known.clone()),
+            );
+        let turns = u32::try_from(EXIT_LOOKUPS).unwrap_or(u32::MAX);
+        let all = EXIT_TURNS
+            .acquire_many(turns)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = || Instant::now() + Duration::from_millis(200);
+        let found = resolve_exit("stale.exit.invalid", 8080, deadline()).await;
+        assert_eq!(found.ok().and_then(Result::ok), Some(known));
+        let unknown = resolve_exit("never.exit.invalid", 8080, deadline()).await;
+        assert!(unknown.is_err(), "{unknown:?}");
+        drop(all);
+    }
+
     /// With every turn taken, a lookup waits for one; an IP literal needs
     /// none.
     /// With every origin turn taken (origins whose name servers never
@@ -392,6 +504,30 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!exit.is_empty(), "an exit's name has turns of its own");
+        // A direct exit's health probe looks its target up among them too.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let target = HostPort::new("localhost", listener.local_addr().map_or(0, |a| a.port()));
+        let guard = guard::AddressGuard::default();
+        let context = |lookup| DialContext {
+            credentials: None,
+            deadline: Instant::now() + Duration::from_millis(300),
+            timeout: Duration::from_millis(300),
+            ip_header: None,
+            socks_reply_is_egress: false,
+            guard: &guard,
+            egress: None,
+            lookup,
+        };
+        let direct = direct::Direct::default();
+        let probed = direct.open(&context(Lookup::Exit), &target).await;
+        assert!(probed.is_ok(), "{probed:?}");
+        let client = direct.open(&context(Lookup::Origin), &target).await;
+        assert!(
+            matches!(client, Err(ConnectError::Timeout { .. })),
+            "a client's origin waits for a turn: {client:?}"
+        );
         let literal = resolve("127.0.0.1", 80)
             .await
             .unwrap_or_else(|e| panic!("{e}"));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::guard::Forbidden;
-use super::{connect_from, resolve, DialContext, ProxyAddress};
+use super::{connect_from, resolve, resolve_exit, DialContext, Lookup, ProxyAddress};
 use crate::net::HostPort;
 use crate::upstream::error::{ConnectError, Stage};
 
@@ -71,8 +71,14 @@ impl Direct {
         ctx: &DialContext<'_>,
         target: &HostPort,
     ) -> Result<(TcpStream, Option<IpAddr>), ConnectError> {
-        let addrs = tokio::time::timeout_at(ctx.deadline, resolve(&target.host, target.port))
-            .await
+        let lookup = match ctx.lookup {
+            Lookup::Origin => {
+                tokio::time::timeout_at(ctx.deadline, resolve(&target.host, target.port)).await
+            }
+            // A health probe's target, the operator's name.
+            Lookup::Exit => resolve_exit(&target.host, target.port, ctx.deadline).await,
+        };
+        let addrs = lookup
             .map_err(|_| ctx.timed_out(Stage::OriginConnect))?
             .map_err(|source| ConnectError::Resolve {
                 host: target.host.to_string(),
