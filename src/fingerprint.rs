@@ -268,18 +268,19 @@ impl ClientConnection {
         }
         // Two hellos of one client that differ only where the connection
         // decides. Whether OpenSSL pads depends on the hello's length, so
-        // on the host name's: padding present or not says where it went.
-        // And a client offers HTTP/1.1 alone where a connection is for
-        // nothing else (Chromium's WebSocket tunnels): its hello then
-        // equals its full one said so, either way round (an identity a
-        // WebSocket's answer founded records the reduced one).
-        let (hello, recorded_now) = (without_padding(hello), without_padding(recorded));
-        let http1_only_of = |full: &ClientHello, reduced: &ClientHello| {
-            full.http1_only_view().is_some_and(|view| view == *reduced)
-        };
+        // on the host name's; whether SNI is sent, on whether the host is a
+        // name (pinproxy presumes it for an address since it records what
+        // goes to names, an earlier release did not). And a client offers
+        // HTTP/1.1 alone where a connection is for nothing else (Chromium's
+        // WebSocket tunnels): its hello then equals its full one said so.
+        // Not the other way round: a recording that offers HTTP/1.1 alone
+        // makes every connection of the identity offer it, so a client that
+        // offers more does not present itself there, and that is drift.
+        let (hello, recorded_now) = (placeless(hello), placeless(recorded));
         let equal = *hello == *recorded_now
-            || http1_only_of(&recorded_now, &hello)
-            || http1_only_of(&hello, &recorded_now);
+            || recorded_now
+                .http1_only_view()
+                .is_some_and(|view| view == *hello);
         if equal {
             let _ = self.equal_hello.set(recorded.clone());
         }
@@ -321,16 +322,19 @@ impl ClientConnection {
     }
 }
 
-/// `hello` without its padding extension, for comparing two hellos of one
-/// client (see [`ClientConnection::hello_matches`]).
-fn without_padding(hello: &ClientHello) -> std::borrow::Cow<'_, ClientHello> {
+/// `hello` without what says where it went rather than who sent it (its
+/// padding and SNI extensions), for comparing two hellos of one client
+/// (see [`ClientConnection::hello_matches`]).
+fn placeless(hello: &ClientHello) -> std::borrow::Cow<'_, ClientHello> {
     use client_hello::ext;
-    if !hello.has_extension(ext::PADDING) {
+    let placed = |kind| kind == ext::PADDING || kind == ext::SERVER_NAME;
+    if !hello.extensions.iter().any(|e| placed(e.kind)) {
         return std::borrow::Cow::Borrowed(hello);
     }
     let mut plain = hello.clone();
-    plain.extensions.retain(|e| e.kind != ext::PADDING);
+    plain.extensions.retain(|e| !placed(e.kind));
     plain.padding_len = None;
+    plain.server_name = None;
     std::borrow::Cow::Owned(plain)
 }
 
@@ -404,8 +408,8 @@ mod tests {
     }
 
     /// Chromium's WebSocket tunnels offer HTTP/1.1 alone, and so no ALPS:
-    /// the same client as its pages', either way round; another client
-    /// offering HTTP/1.1 alone is not.
+    /// the same client as its pages'; another client offering HTTP/1.1
+    /// alone is not.
     #[test]
     fn a_hello_for_http1_alone_matches_its_clients_full_one() {
         use crate::upstream::tls::tests::fixture;
@@ -427,10 +431,12 @@ mod tests {
             ja4::ja4(&websocket)
         );
         let live = LiveHellos::default();
-        let page = ClientConnection::tls(fixture("chromium_2"), &live);
-        assert!(page.hello_matches(&Arc::new(websocket.clone())));
         let ws = ClientConnection::tls(websocket.clone(), &live);
         assert!(ws.hello_matches(&Arc::new(full.clone())));
+        // Not the other way round: a recording offering HTTP/1.1 alone has
+        // the identity's connections offer it, which the page's does not.
+        let page = ClientConnection::tls(fixture("chromium_2"), &live);
+        assert!(!page.hello_matches(&Arc::new(websocket.clone())));
         let mut other = websocket;
         other.cipher_suites.reverse();
         let other = ClientConnection::tls(other, &live);
@@ -469,7 +475,15 @@ mod tests {
         to_address.extensions.retain(|e| e.kind != ext::SERVER_NAME);
         to_address.server_name = None;
         to_address.presume_sni_for_names();
-        assert_eq!(to_address.fresh_and_anonymous(), named);
+        assert_eq!(to_address.clone().fresh_and_anonymous(), named);
+        // Recorded on an address by an earlier release (no SNI presumed),
+        // the same client still matches it, to names and to addresses.
+        let mut earlier = named.clone();
+        earlier.extensions.retain(|e| e.kind != ext::SERVER_NAME);
+        let earlier = Arc::new(earlier);
+        let live = LiveHellos::default();
+        assert!(ClientConnection::tls(fixture("curl_h2"), &live).hello_matches(&earlier));
+        assert!(ClientConnection::tls(to_address, &live).hello_matches(&earlier));
         let said = named.on(Occasion {
             http1_only: false,
             to_address: true,

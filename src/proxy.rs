@@ -269,9 +269,26 @@ impl Pipeline {
         let upgrade = upgrade::requested(&request);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let client = tunnel.map_or_else(Arc::default, |t| t.client.clone());
+        // What an identity founded by this request (its session key) or by
+        // its answer records of the connection. Not the hello of an upgrade
+        // whose client offered HTTP/1.1 alone: Chromium opens WebSockets on
+        // a tunnel of their own offering nothing else, and an identity
+        // recording that hello would have its page loads leave as HTTP/1.1
+        // only, as no Chromium does; recording none, its connections
+        // present their own client's hello, as after a plain-HTTP founding.
+        let founding = if upgrade
+            && client
+                .hello
+                .as_deref()
+                .is_some_and(|h| h.offers_http1_only())
+        {
+            Arc::default()
+        } else {
+            client.clone()
+        };
         let mut route = self
             .route(&principal.exits, credentials, || {
-                Fingerprint::of_request(request.headers(), &client)
+                Fingerprint::of_request(request.headers(), &founding)
             })
             .await?;
         // What an identity founded by the response's cookies records, held
@@ -279,7 +296,7 @@ impl Pipeline {
         // fingerprint already.
         let fingerprint = match route.identity {
             Some(_) => RequestFingerprint::default(),
-            None => RequestFingerprint::of_request(request.headers(), &client),
+            None => RequestFingerprint::of_request(request.headers(), &founding),
         };
         // Offer the origin what the client offered pinproxy; upgrades need
         // HTTP/1.1. Cookie-less traffic presents the client's own

@@ -182,6 +182,45 @@ async fn websocket_with_cookie(
     ws
 }
 
+/// An identity founded by a WebSocket upgrade (its session key) whose
+/// tunnel offered HTTP/1.1 alone, as Chromium's WebSocket tunnels do,
+/// records no ClientHello: recording that one would have every page load
+/// of the identity offer HTTP/1.1 alone upstream, as no browser does. Its
+/// client's next tunnel, offering HTTP/2, reaches the origin over HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_founded_by_a_websocket_keeps_its_pages_on_http2() {
+    let s = Setup::start(1).await;
+    let port = s.origin.https.port();
+    let tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    let mut request = format!("wss://localhost:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-pinproxy-session", "ws-first".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let identity = only_identity(&s).await;
+    assert!(
+        identity["client_ja4"].is_null(),
+        "no hello recorded from the WebSocket's tunnel: {identity}"
+    );
+    ws.close(None).await.unwrap();
+    let mut page = s.proxy.client.tunnel_h2("localhost", port).await;
+    let reply = page
+        .get("/page", &[("x-pinproxy-session", "ws-first")])
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let seen = s.origin.seen();
+    let last = seen.iter().rfind(|r| r.path == "/page").unwrap();
+    assert_eq!(last.version, http::Version::HTTP_2, "the page over HTTP/2");
+    s.stop().await;
+}
+
 /// The only identity pinproxy holds, as the admin API lists it.
 async fn only_identity(s: &Setup) -> serde_json::Value {
     let admin = s.proxy.daemon.admin_addr().unwrap();

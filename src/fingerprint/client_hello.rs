@@ -382,6 +382,13 @@ impl ClientHello {
         view
     }
 
+    /// Whether the hello offers HTTP/1.1 and nothing else by ALPN.
+    pub fn offers_http1_only(&self) -> bool {
+        self.alpn
+            .as_deref()
+            .is_some_and(|alpn| alpn.len() == 1 && alpn[0] == b"http/1.1")
+    }
+
     /// The hello as its client sends it on a connection for HTTP/1.1 only,
     /// where it offers more: ALPN `http/1.1` alone, and no ALPS for the
     /// protocols it no longer offers (what Chromium sends for a WebSocket,
