@@ -4,6 +4,7 @@
 //! the proxy in-process through [`Daemon::start`]; the binary does the same.
 
 pub mod live;
+pub mod untracked;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,7 +98,7 @@ pub enum StartError {
     },
     /// The store holds pins of cookie names no longer tracked.
     #[error(transparent)]
-    UntrackedPins(#[from] crate::store::untracked::UntrackedPins),
+    UntrackedPins(#[from] crate::daemon::untracked::UntrackedPins),
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -619,7 +620,7 @@ impl Daemon {
         // Before anything is written (the book of routes below): a start
         // refused here leaves the data directory as it found it. It walks
         // every pin, on this thread: nothing is served yet.
-        crate::store::untracked::check(
+        crate::daemon::untracked::check(
             &store,
             &settings.cookies,
             settings.identities.release_untracked_pins,

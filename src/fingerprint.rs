@@ -377,7 +377,7 @@ mod tests {
     /// was dropped matches too, once read back.
     #[test]
     fn one_chromium_matches_itself_whatever_its_ech_grease_length() {
-        use crate::upstream::tls::tests::fixture;
+        use client_hello::fixture;
         let (first, second) = (fixture("chromium_1"), fixture("chromium_2"));
         let ech_len = |hello: &ClientHello| {
             hello
@@ -412,7 +412,7 @@ mod tests {
     /// alone is not.
     #[test]
     fn a_hello_for_http1_alone_matches_its_clients_full_one() {
-        use crate::upstream::tls::tests::fixture;
+        use client_hello::fixture;
         use client_hello::{ext, Occasion};
         let full = fixture("chromium_1").fresh_and_anonymous();
         let websocket = full.http1_only_view().unwrap();
@@ -448,8 +448,8 @@ mod tests {
     /// host name leaves the padding out: the same client all the same.
     #[test]
     fn padding_present_or_not_is_the_same_client() {
-        use crate::upstream::tls::tests::fixture;
         use client_hello::ext;
+        use client_hello::fixture;
         let padded = fixture("curl_h2");
         assert!(padded.has_extension(ext::PADDING));
         let recorded = Arc::new(padded.clone().fresh_and_anonymous());
@@ -468,7 +468,7 @@ mod tests {
     /// the one it sends to names, and said to an address without SNI.
     #[test]
     fn a_hello_to_an_address_is_recorded_as_to_a_name() {
-        use crate::upstream::tls::tests::fixture;
+        use client_hello::fixture;
         use client_hello::{ext, Occasion};
         let named = fixture("curl_h2").fresh_and_anonymous();
         let mut to_address = fixture("curl_h2");

@@ -16,7 +16,6 @@ pub mod durable;
 pub mod memory;
 pub mod redis;
 pub mod transfer;
-pub mod untracked;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -64,7 +64,7 @@ pub enum ReloadError {
     /// The store holds pins of cookie names the new configuration no
     /// longer tracks.
     #[error(transparent)]
-    UntrackedPins(#[from] crate::store::untracked::UntrackedPins),
+    UntrackedPins(#[from] crate::daemon::untracked::UntrackedPins),
     /// The exits' routes could not be remembered (see `exits::routes`).
     #[error("{0} (the exits' routes must be remembered before a change applies)")]
     Routes(String),
@@ -236,7 +236,7 @@ impl Live {
             settings.identities.release_untracked_pins,
         );
         tokio::task::spawn_blocking(move || {
-            crate::store::untracked::check(router.store(), &cookies, release)
+            crate::daemon::untracked::check(router.store(), &cookies, release)
         })
         .await??;
         let mut applied = self.applied.lock().await;

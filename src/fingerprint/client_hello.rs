@@ -1009,6 +1009,26 @@ fn decode_protocols(data: &[u8]) -> Option<Vec<Vec<u8>>> {
     names.is_empty().then_some(protocols)
 }
 
+/// A ClientHello of `tests/fixtures/hello`, as captured (for tests).
+#[cfg(test)]
+#[allow(clippy::panic)]
+pub(crate) fn fixture(name: &str) -> ClientHello {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hello")
+        .join(name)
+        .with_extension("hex");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let bytes: Vec<u8> = digits
+        .chunks(2)
+        .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect();
+    match parse(&bytes) {
+        Ok(hello) => hello,
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -472,7 +472,6 @@ pub(crate) mod tests {
         );
     }
     use rustls_pki_types::CertificateDer;
-    use std::path::Path;
 
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -537,20 +536,7 @@ pub(crate) mod tests {
 
     /// A ClientHello of `tests/fixtures/hello`, as captured.
     pub(crate) fn fixture(name: &str) -> ClientHello {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hello")
-            .join(name)
-            .with_extension("hex");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        let bytes: Vec<u8> = digits
-            .chunks(2)
-            .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
-            .collect();
-        match crate::fingerprint::client_hello::parse(&bytes) {
-            Ok(hello) => hello,
-            Err(e) => panic!("{}: {e}", path.display()),
-        }
+        crate::fingerprint::client_hello::fixture(name)
     }
 
     /// Mozilla constrains one root to `.tr`; the stacks that take whole

@@ -10,8 +10,8 @@
 
 use std::fmt;
 
-use super::Store;
 use crate::proxy::credentials::cookies::{self, CookiePolicy};
+use crate::store::Store;
 
 /// The most names an error lists (the rest are counted).
 const NAMES_LISTED: usize = 20;
