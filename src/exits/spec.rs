@@ -230,7 +230,8 @@ fn proxy_address(userinfo: Option<&str>, hostport: &str) -> Result<ProxyAddress,
         let may_hold_credentials = userinfo.is_some() || hostport.contains(':');
         ExitUrlError::Address(if may_hold_credentials {
             format!(
-                "{} in the exit's host:port (not quoted: it may hold a password;                  percent-encode an '@' in the password as %40)",
+                "{} in the exit's host:port (not quoted: it may hold a password; \
+                 percent-encode an '@' in the password as %40)",
                 e.reason
             )
         } else {

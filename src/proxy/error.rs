@@ -219,7 +219,9 @@ impl ProxyError {
                 UpstreamError::Connect(c) => match c {
                     ConnectError::ExitUnreachable { .. } => "exit-unreachable",
                     ConnectError::ExitRefused { .. } => "exit-refused",
-                    ConnectError::ExitProtocol(_) => "exit-protocol",
+                    ConnectError::ExitProtocol(_) | ConnectError::ExitSocksProtocol { .. } => {
+                        "exit-protocol"
+                    }
                     ConnectError::Timeout { .. } if c.is_exit_fault() => "exit-timeout",
                     ConnectError::Timeout { .. } => "origin-timeout",
                     ConnectError::Resolve { .. } => "origin-dns",
@@ -625,6 +627,11 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
         ConnectError::ExitSocks { .. } => {
             "The SOCKS5 exit could not connect to the origin (its reason is quoted): it may not allow \
              this destination, or the origin is down."
+        }
+        ConnectError::ExitSocksProtocol { .. } => {
+            "The SOCKS5 exit did not keep to SOCKS5 (what it did is quoted): check that the exit's \
+             URL names a SOCKS5 server's host and port, and that the server takes the credentials \
+             the URL gives (or none, if it gives none)."
         }
         ConnectError::ExitProtocol(_) => {
             "The exit's answer is not what its URL's scheme promises: use http:// for an HTTP proxy \

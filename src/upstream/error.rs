@@ -86,6 +86,17 @@ pub enum ConnectError {
         /// What the exit said.
         reason: String,
     },
+    /// The SOCKS5 exit did not keep to SOCKS5: not SOCKS5 at all, a
+    /// method it was not offered, a command or address type it does not
+    /// support, or a close before its answer.
+    #[error("the SOCKS5 exit broke the protocol: {reason}")]
+    ExitSocksProtocol {
+        /// What it did.
+        reason: String,
+        /// It closed after the `CONNECT` was sent: an exit that reached
+        /// for a dead origin may close so instead of answering.
+        after_connect: bool,
+    },
     /// The exit is set up to report its egress address but this tunnel's
     /// could not be learnt, so it cannot be trusted with an identity.
     #[error("cannot learn the tunnel's egress address: {0}")]
@@ -132,6 +143,9 @@ impl ConnectError {
             ConnectError::Timeout {
                 stage: Stage::ExitReply,
                 ..
+            } | ConnectError::ExitSocksProtocol {
+                after_connect: true,
+                ..
             }
         )
     }
@@ -140,7 +154,9 @@ impl ConnectError {
     /// down, broken, slow or refused its credentials.
     pub fn is_exit_fault(&self) -> bool {
         match self {
-            ConnectError::ExitUnreachable { .. } | ConnectError::ExitProtocol(_) => true,
+            ConnectError::ExitUnreachable { .. }
+            | ConnectError::ExitProtocol(_)
+            | ConnectError::ExitSocksProtocol { .. } => true,
             ConnectError::ExitSocks { auth, .. } => *auth,
             ConnectError::ExitRefused { status, .. } => *status == 407,
             ConnectError::Timeout { stage, .. } => {

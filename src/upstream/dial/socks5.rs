@@ -84,8 +84,13 @@ impl Socks5 {
 #[derive(Debug, PartialEq, Eq)]
 enum HandshakeError {
     /// The exit did not keep to SOCKS5: not SOCKS5 at all, closed the
-    /// connection, or chose a method it was not offered. The exit's fault.
+    /// connection, chose a method it was not offered, or cannot do what
+    /// every tunnel asks (`CONNECT`, an address by name). The exit's fault.
     Protocol(String),
+    /// It closed, or the connection failed, once the `CONNECT` was sent:
+    /// the exit's fault, or the origin's (an exit that could not reach it
+    /// may close instead of answering).
+    ClosedAfterConnect(String),
     /// Authentication failed or was asked for without credentials in the
     /// URL. The exit's (or its URL's) fault.
     Auth(String),
@@ -97,8 +102,17 @@ enum HandshakeError {
 impl HandshakeError {
     fn into_connect_error(self, target: &HostPort) -> ConnectError {
         let (auth, reason) = match self {
-            HandshakeError::Protocol(what) => {
-                return ConnectError::ExitProtocol(format!("SOCKS5: {what}"))
+            HandshakeError::Protocol(reason) => {
+                return ConnectError::ExitSocksProtocol {
+                    reason,
+                    after_connect: false,
+                }
+            }
+            HandshakeError::ClosedAfterConnect(reason) => {
+                return ConnectError::ExitSocksProtocol {
+                    reason,
+                    after_connect: true,
+                }
             }
             HandshakeError::Auth(reason) => (true, reason),
             HandshakeError::Refused(reason) => (false, reason),
@@ -111,9 +125,12 @@ impl HandshakeError {
     }
 }
 
+/// How an I/O failure during the handshake is told.
+const CONNECTION_FAILED: &str = "connection failed during the handshake";
+
 impl From<std::io::Error> for HandshakeError {
     fn from(e: std::io::Error) -> HandshakeError {
-        HandshakeError::Protocol(format!("connection failed during the handshake: {e}"))
+        HandshakeError::Protocol(format!("{CONNECTION_FAILED}: {e}"))
     }
 }
 
@@ -178,7 +195,12 @@ where
         }
     }
     io.write_all(&connect).await?;
-    read_reply(io).await
+    read_reply(io).await.map_err(|e| match e {
+        HandshakeError::Protocol(reason) if reason.starts_with(CONNECTION_FAILED) => {
+            HandshakeError::ClosedAfterConnect(reason)
+        }
+        other => other,
+    })
 }
 
 /// Whether `c` fits RFC 1929's fields: a user name of 1 to 255 bytes and a
@@ -264,8 +286,12 @@ where
             "the reply to CONNECT is not SOCKS5 (version byte {version:#04x})"
         )));
     }
-    if reply != 0 {
-        return Err(HandshakeError::Refused(reply_text(reply)));
+    match reply {
+        0 => {}
+        // The exit cannot do what every tunnel asks of it (a `CONNECT`, a
+        // host by name): its fault, whatever the origin.
+        0x07 | 0x08 => return Err(HandshakeError::Protocol(reply_text(reply))),
+        _ => return Err(HandshakeError::Refused(reply_text(reply))),
     }
     let bound = match address_type {
         ATYP_IPV4 => {
@@ -470,6 +496,34 @@ mod tests {
             matches!(result, Err(HandshakeError::Protocol(_))),
             "{result:?}"
         );
+        // A CONNECT or a name it cannot take is the exit's own.
+        for code in [7, 8] {
+            let (result, _) = against(
+                "origin.example:443",
+                None,
+                vec![(3, vec![5, 0]), (21, vec![5, code, 0, 1, 0, 0, 0, 0, 0, 0])],
+            )
+            .await;
+            assert!(
+                matches!(result, Err(HandshakeError::Protocol(_))),
+                "{result:?}"
+            );
+        }
+        // Closed once the CONNECT went: perhaps the origin's doing.
+        let (result, _) = against(
+            "origin.example:443",
+            None,
+            vec![(3, vec![5, 0]), (21, vec![])],
+        )
+        .await;
+        assert!(
+            matches!(result, Err(HandshakeError::ClosedAfterConnect(_))),
+            "{result:?}"
+        );
+        let doubtful = result
+            .unwrap_err()
+            .into_connect_error(&HostPort::new("o", 1));
+        assert!(doubtful.is_exit_fault() && doubtful.may_be_the_origins());
         // A bound name, or an unspecified address, states nothing.
         let mut named = vec![5, 0, 0, 3, 4];
         named.extend_from_slice(b"exit\x1f\x90");
