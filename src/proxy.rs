@@ -336,14 +336,15 @@ impl Pipeline {
         let slot = match &route.identity {
             Some(identity) => self.pacer.admit(identity.id, &self.pacing).await?,
             None => None,
-        };
+        }
+        .map(Arc::new);
         // A request that waited was routed before its wait: the identity
         // may have retired meanwhile (a challenge, a drift, an eviction),
         // and must not then be served (its lane, forgotten at the
         // retirement, would be made anew), or may have recorded its first
         // egress address, which its tunnels must now leave from.
         if let (Some(identity), Some(true)) =
-            (&route.identity, slot.as_ref().map(pacing::Slot::waited))
+            (&route.identity, slot.as_deref().map(pacing::Slot::waited))
         {
             match self
                 .router
@@ -429,6 +430,7 @@ impl Pipeline {
                 upstream_request,
                 &fingerprint,
                 socket,
+                slot,
             ))
             .await;
         }
@@ -486,7 +488,7 @@ impl Pipeline {
             .await
             .map_err(|e| e.withheld(route.exit.id(), status))?;
             body = self
-                .capture_invalidation_on(identity, access.site.as_ref(), &parts, body)
+                .capture_invalidation_on(identity, access.site.as_ref(), &parts, body, held(&slot))
                 .await;
         }
 
@@ -534,4 +536,10 @@ pub fn header_section_size<B>(request: &Request<B>) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
         .sum::<usize>()
+}
+
+/// A request's pacing slot as a scan of its answer holds it (see
+/// [`pacing::Paced`]).
+pub(crate) fn held(slot: &Option<Arc<pacing::Slot>>) -> Option<Arc<dyn Send + Sync>> {
+    slot.clone().map(|slot| slot as Arc<dyn Send + Sync>)
 }

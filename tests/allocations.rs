@@ -313,7 +313,7 @@ fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
         let body = pinproxy::body::full(bomb);
         let scanned = invalidation::scanning(body, &headers, rules, SCAN_LIMIT, &pinproxy::net::tasks::ConnectionTasks::new(), move |rule| {
             *sink.lock().unwrap() = Some(rule);
-        });
+        }, None);
         let passed = scanned.collect().await.unwrap().to_bytes().len();
         let peak = allocations::peak_growth(baseline);
         assert_eq!(passed, sent, "the body passes unchanged");
@@ -328,6 +328,55 @@ fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
         assert!(
             peak <= i64::try_from(bound).unwrap(),
             "scanning a {sent}-byte body that inflates to 64 MiB held {peak} bytes at most (bound {bound})"
+        );
+    });
+}
+
+/// A brotli stream declaring a 16 MiB window: the decoder would allocate
+/// the whole window at its first block (and a copy of a few bytes can
+/// fill it), so a scan does not decode it: what the scan holds stays far
+/// below the window.
+#[test]
+fn a_brotli_stream_asking_for_a_16_mib_window_is_not_decoded() {
+    const SCAN_LIMIT: usize = 64 * 1024;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use http_body_util::BodyExt as _;
+        // WBITS = 24 (bit 0 set, then 7 in three bits), not the last
+        // meta-block, 1 KiB uncompressed, then 1 KiB of text.
+        let mut stream = vec![0b1000_1111, 0xff, 0x81];
+        stream.extend_from_slice(&[b'a'; 1024]);
+        let sent = stream.len();
+        let mut headers = HeaderMap::new();
+        headers.insert("content-encoding", HeaderValue::from_static("br"));
+        let Verdict::ScanBody(rules) = invalidation::Rules::new(
+            invalidation::default_rules(),
+            SCAN_LIMIT,
+        )
+        .judge(http::StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("a 403 is scanned for markers");
+        };
+        let baseline = allocations::reset_peak();
+        let body = pinproxy::body::full(stream);
+        let scanned = invalidation::scanning(
+            body,
+            &headers,
+            rules,
+            SCAN_LIMIT,
+            &pinproxy::net::tasks::ConnectionTasks::new(),
+            |_| {},
+            None,
+        );
+        let passed = scanned.collect().await.unwrap().to_bytes().len();
+        let peak = allocations::peak_growth(baseline);
+        assert_eq!(passed, sent, "the body passes unchanged");
+        let bound = sent + 2 * SCAN_LIMIT + 256 * 1024;
+        assert!(
+            peak <= i64::try_from(bound).unwrap(),
+            "a brotli stream asking for a 16 MiB window held {peak} bytes at most (bound {bound})"
         );
     });
 }

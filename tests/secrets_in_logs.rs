@@ -24,6 +24,7 @@ const PX_ORIGINAL: &str = "PxOriginal-8e02";
 const KASADA_TOKEN: &str = "KasadaCt-6f19";
 const BAD_TOKEN: &str = "PxBadToken-2a2a";
 const BAD_SESSION_KEY: &str = "BadSessionKey-3e3e";
+const QUERY_TOKEN: &str = "QueryToken-5d5d";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
@@ -136,6 +137,46 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
             )],
         )
         .await;
+    // A request sent as to an origin (a path, no host): refused, and its
+    // path and query, which may carry a token, are not logged.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tcp.write_all(
+            format!(
+                "GET /api?token={QUERY_TOKEN} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        // Its refusal is logged (at debug) before the process goes.
+        let logged = || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("not a proxy request"))
+        };
+        for _ in 0..200 {
+            if logged() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert!(logged(), "the refusal was logged");
+    }
     drop(proxy);
 
     let lines = lines.lock().unwrap().clone();
@@ -165,6 +206,7 @@ async fn a_cookie_heavy_run_logs_no_raw_value_or_credential() {
             KASADA_TOKEN,
             BAD_TOKEN,
             BAD_SESSION_KEY,
+            QUERY_TOKEN,
         ]
         .map(String::from),
     );

@@ -211,26 +211,18 @@ impl Pipeline {
         );
     }
 
-    /// Retires the identity if the answer is an invalidation: now for
-    /// status and header rules, as the body streams for body markers.
-    pub(crate) async fn capture_invalidation(
-        &self,
-        identity: &Identity,
-        parts: &http::response::Parts,
-        body: Body,
-    ) -> Body {
-        self.capture_invalidation_on(identity, None, parts, body)
-            .await
-    }
-
-    /// [`Pipeline::capture_invalidation`] of an answer from `site`
-    /// (counted by exit, site and rule).
+    /// Retires the identity if the answer (from `site`) is an
+    /// invalidation: now for status and header rules, as the body streams
+    /// for body markers (counted by exit, site and rule). A body scanned
+    /// for markers keeps `hold` (the request's pacing slot) until the
+    /// scan's verdict.
     pub(crate) async fn capture_invalidation_on(
         &self,
         identity: &Identity,
         site: Option<&LabelValue>,
         parts: &http::response::Parts,
         body: Body,
+        hold: Option<std::sync::Arc<dyn Send + Sync>>,
     ) -> Body {
         let verdict = self
             .invalidation
@@ -269,6 +261,7 @@ impl Pipeline {
                     self.invalidation.scan_limit,
                     &self.connections,
                     on_match,
+                    hold,
                 )
             }
         }

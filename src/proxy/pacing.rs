@@ -329,7 +329,10 @@ async fn wait_for_slot(
         freed.as_mut().enable();
         {
             let mut state = gate.state();
-            if limit == 0 || state.in_flight < limit {
+            // A slot freed while others wait in line is theirs: a request
+            // that has not waited lines up behind them, in arrival order.
+            let free = limit == 0 || (state.in_flight < limit && (queued || state.waiting == 0));
+            if free {
                 let now = Instant::now();
                 let start = state.next_start.filter(|t| *t > now);
                 let delay = start.map_or(Duration::ZERO, |t| t - now);
@@ -359,8 +362,9 @@ async fn wait_for_slot(
         // Out of the line however the wait ends: a request its client
         // gives up on (a stream reset, a closed connection) is dropped
         // right here, and must not hold its place in the line for good.
-        let in_line = InLine(gate);
+        let mut in_line = InLine { gate, woken: false };
         let woken = tokio::time::timeout_at(deadline, freed).await;
+        in_line.woken = woken.is_ok();
         drop(in_line);
         if woken.is_err() {
             return Err(busy(
@@ -373,24 +377,39 @@ async fn wait_for_slot(
 }
 
 /// A request's place in its identity's line, left when dropped.
-struct InLine<'a>(&'a Gate);
+struct InLine<'a> {
+    gate: &'a Gate,
+    /// Whether it left because a slot was freed for it.
+    woken: bool,
+}
 
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state();
+        let mut state = self.gate.state();
         state.waiting = state.waiting.saturating_sub(1);
+        drop(state);
+        // One that leaves otherwise (its time is up, its client gave up)
+        // may have taken the wake of a slot freed meanwhile: it passes it
+        // on, or the next in line would wait with a slot free.
+        if !self.woken {
+            self.gate.freed.notify_one();
+        }
     }
 }
 
-/// A response body that holds its request's [`Slot`] until it ends.
+/// A response body that holds its request's [`Slot`] until it ends. The
+/// slot is shared: a body scanned for invalidation markers holds it too,
+/// until the scan's verdict (see `capture::invalidation::scanning`), so a
+/// request waiting in line is not let out before the answer ahead of it
+/// is judged, even when that answer's client left before its marker came.
 pub struct Paced {
     body: Body,
-    slot: Option<Slot>,
+    slot: Option<Arc<Slot>>,
 }
 
 impl Paced {
-    /// `body`, releasing `slot` at its end (or when dropped).
-    pub fn wrap(body: Body, slot: Option<Slot>) -> Body {
+    /// `body`, releasing its hold on `slot` at its end (or when dropped).
+    pub fn wrap(body: Body, slot: Option<Arc<Slot>>) -> Body {
         match slot {
             None => body,
             Some(slot) => crate::body::boxed(Paced {
@@ -455,6 +474,30 @@ mod tests {
         drop(first);
         waiter.await.unwrap().unwrap();
         assert_eq!(pacer.tracked(), 0, "idle gates are removed");
+    }
+
+    /// A slot freed while a request waits in line is its: a request that
+    /// comes meanwhile lines up behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_line_first() {
+        let pacer = Pacer::new();
+        let id = IdentityId(17);
+        let s = settings(1, 0);
+        let first = pacer.admit(id, &s).await.unwrap();
+        // It holds the slot it gets for a second.
+        let waiter = {
+            let pacer = pacer.clone();
+            tokio::spawn(async move {
+                let slot = pacer.admit(id, &s).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                slot.map(drop)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(first);
+        let late = pacer.admit(id, &s).await;
+        assert!(late.is_err(), "the later one waited, and timed out");
+        assert!(waiter.await.unwrap().is_ok(), "the one in line got it");
     }
 
     /// A request of `id` admitted in a task of its own (it waits in line).

@@ -141,10 +141,14 @@ impl Target {
                 )))
             }
             None => {
-                return Err(ProxyError::BadRequest(format!(
-                    "{uri} is not a proxy request: pinproxy is a forward proxy and needs \
-                     absolute-form targets (GET http://host/path) or CONNECT"
-                )))
+                // Not quoted: a path and query may carry a token, and the
+                // error is logged (at debug).
+                return Err(ProxyError::BadRequest(
+                    "a target without a host (GET /path) is not a proxy request: pinproxy is a \
+                     forward proxy and needs absolute-form targets (GET http://host/path) or \
+                     CONNECT"
+                        .into(),
+                ));
             }
         };
         let origin = HostPort::from_uri(uri, default_port(scheme == Scheme::HTTPS))

@@ -105,6 +105,7 @@ impl Pipeline {
         request: Request<Body>,
         fingerprint: &RequestFingerprint,
         socket: Socket,
+        slot: Option<std::sync::Arc<super::pacing::Slot>>,
     ) -> Result<Response<Body>, ProxyError> {
         let Answered {
             response, tunnel, ..
@@ -141,11 +142,19 @@ impl Pipeline {
             )
             .await
             .map_err(withheld)?;
-            body = self.capture_invalidation(identity, &parts, body).await;
+            body = self
+                .capture_invalidation_on(identity, None, &parts, body, super::held(&slot))
+                .await;
         }
+        // An answer that is not a switch is an ordinary response: in
+        // flight, for the identity's pacing, until its body ends (a
+        // WebSocket, once open, is not).
         let body = egress::response_body(body, &parts);
         egress::sanitize_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(
+            parts,
+            super::pacing::Paced::wrap(body, slot),
+        ))
     }
 }
 

@@ -201,7 +201,7 @@ enum Decoder {
     Identity(Window),
     Gzip(Box<flate2::write::GzDecoder<Window>>),
     Deflate(Box<flate2::write::ZlibDecoder<Window>>),
-    Brotli(Box<brotli_decompressor::DecompressorWriter<Window>>),
+    Brotli(Box<BrotliScan>),
     Zstd(Box<ZstdScan>),
 }
 
@@ -212,39 +212,74 @@ enum Decoder {
 /// answer a rule scans, and frees it when the scan ends.
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
-/// zstd scans at once, each of which may hold a window of up to 8 MiB that
-/// the origin chose: past this many, an answer passes unscanned (warned).
-const ZSTD_SCANS_MAX: usize = 16;
+/// Scans at once whose decoder holds a window the origin chose (zstd, up
+/// to 8 MiB; brotli, up to 16 MiB, allocated whole as soon as its first
+/// block is read): past this many, an answer passes unscanned (warned).
+const WIDE_SCANS_MAX: usize = 16;
 
-/// zstd scans running (see [`ZSTD_SCANS_MAX`]).
-static ZSTD_SCANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Scans running that hold such a window (see [`WIDE_SCANS_MAX`]).
+static WIDE_SCANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One of the [`ZSTD_SCANS_MAX`] zstd scans, given back when dropped.
-struct ZstdSlot;
+/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped.
+struct WideSlot;
 
-impl ZstdSlot {
-    fn take() -> Option<ZstdSlot> {
+impl WideSlot {
+    fn take() -> Option<WideSlot> {
         use std::sync::atomic::Ordering;
-        ZSTD_SCANS
+        WIDE_SCANS
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
-                (running < ZSTD_SCANS_MAX).then_some(running + 1)
+                (running < WIDE_SCANS_MAX).then_some(running + 1)
             })
             .ok()
-            .map(|_| ZstdSlot)
+            .map(|_| WideSlot)
     }
 }
 
-impl Drop for ZstdSlot {
+impl Drop for WideSlot {
     fn drop(&mut self) {
-        ZSTD_SCANS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        WIDE_SCANS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
 /// A zstd decoder into its window, and its place among the scans.
 struct ZstdScan {
     decoder: zstd::stream::write::Decoder<'static, Window>,
-    _slot: ZstdSlot,
+    _slot: WideSlot,
 }
+
+/// A brotli decoder into its window, and its place among the scans.
+struct BrotliScan {
+    decoder: brotli_decompressor::DecompressorWriter<Window>,
+    /// Whether the stream's window size was read (its first byte).
+    checked: bool,
+    _slot: WideSlot,
+}
+
+/// The largest brotli window a scanned stream may ask for: 8 MiB, as for
+/// zstd. The decoder allocates the whole window (and fills it, a copy of
+/// a few bytes can ask for 16 MiB of text) as soon as it reads the first
+/// block; a stream asking for 16 MiB passes unscanned (warned).
+const BROTLI_WINDOW_BITS_MAX: u32 = 23;
+
+/// The window size, in bits, a brotli stream's first byte declares (RFC
+/// 7932, 9.1); `None` for the large-window extension, which HTTP does not
+/// use.
+fn brotli_window_bits(first: u8) -> Option<u32> {
+    if first & 1 == 0 {
+        return Some(16);
+    }
+    match (first >> 1) & 7 {
+        0 => match (first >> 4) & 7 {
+            0 => Some(17),
+            1 => None,
+            m => Some(8 + u32::from(m)),
+        },
+        n => Some(17 + u32::from(n)),
+    }
+}
+
+/// How much decoded text the brotli writer hands over per call.
+const BROTLI_CHUNK: usize = 4096;
 
 impl Decoder {
     /// A decoder for the response's coding into a window of `limit` bytes;
@@ -266,11 +301,13 @@ impl Decoder {
             Some("deflate") => Some(Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(
                 window,
             )))),
-            Some("br") => Some(Decoder::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(window, 4096),
-            ))),
+            Some("br") => Some(Decoder::Brotli(Box::new(BrotliScan {
+                _slot: WideSlot::take()?,
+                checked: false,
+                decoder: brotli_decompressor::DecompressorWriter::new(window, BROTLI_CHUNK),
+            }))),
             Some("zstd") => {
-                let slot = ZstdSlot::take()?;
+                let slot = WideSlot::take()?;
                 let mut decoder = zstd::stream::write::Decoder::new(window).ok()?;
                 decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
                 Some(Decoder::Zstd(Box::new(ZstdScan {
@@ -297,7 +334,41 @@ impl Decoder {
             Decoder::Identity(window) => window.write_all(chunk),
             Decoder::Gzip(d) => decode(d.as_mut(), chunk),
             Decoder::Deflate(d) => decode(d.as_mut(), chunk),
-            Decoder::Brotli(d) => decode(d.as_mut(), chunk),
+            Decoder::Brotli(d) => {
+                if !d.checked {
+                    let Some(&first) = chunk.first() else {
+                        return Ok(());
+                    };
+                    let bits = brotli_window_bits(first);
+                    if bits.is_none_or(|bits| bits > BROTLI_WINDOW_BITS_MAX) {
+                        if unscanned_warning_due() {
+                            tracing::warn!(
+                                window_bits = ?bits,
+                                "an answer the invalidation rules would scan is brotli with a window over 8 MiB; it passes unscanned (said at most once a minute)"
+                            );
+                        }
+                        return Err(std::io::Error::other("brotli window over 8 MiB"));
+                    }
+                    d.checked = true;
+                }
+                decode(&mut d.decoder, chunk)?;
+                // The writer hands over at most a chunk of decoded text per
+                // call, and holds the rest in its ring buffer until the
+                // stream ends: drained here, as far as the window has room,
+                // so that a marker is seen with the frame that carries it
+                // (and a body cut before its end is scanned all the same).
+                let room = d.decoder.get_ref().limit;
+                for _ in 0..room / BROTLI_CHUNK + 2 {
+                    let before = d.decoder.get_ref().bytes.len();
+                    // Nothing to write: the call only pushes out text.
+                    let _pushed_only = d.decoder.write(&[])?;
+                    let after = d.decoder.get_ref().bytes.len();
+                    if after == before || after >= room {
+                        break;
+                    }
+                }
+                Ok(())
+            }
             Decoder::Zstd(d) => decode(&mut d.decoder, chunk),
         }
     }
@@ -307,7 +378,7 @@ impl Decoder {
             Decoder::Identity(window) => window,
             Decoder::Gzip(d) => d.get_ref(),
             Decoder::Deflate(d) => d.get_ref(),
-            Decoder::Brotli(d) => d.get_ref(),
+            Decoder::Brotli(d) => d.decoder.get_ref(),
             Decoder::Zstd(d) => d.decoder.get_ref(),
         }
     }
@@ -339,6 +410,9 @@ struct Scanner {
     /// body that cannot be decoded), which also frees the window.
     decoder: Option<Decoder>,
     on_match: Option<Box<dyn FnOnce(String) + Send + Sync>>,
+    /// Held until the scan's verdict (the request's pacing slot: the
+    /// identity's next request waits for it).
+    hold: Option<std::sync::Arc<dyn Send + Sync>>,
 }
 
 impl Scanner {
@@ -369,7 +443,15 @@ impl Scanner {
             longest,
             decoder: Some(decoder),
             on_match: Some(on_match),
+            hold: None,
         }
+    }
+
+    /// Ends the scan: the window and the decoder go, and what was held
+    /// until the verdict is let go of.
+    fn end(&mut self) {
+        self.decoder = None;
+        self.hold = None;
     }
 
     /// A scanner whose scan is over (what a dropped body leaves behind).
@@ -379,6 +461,7 @@ impl Scanner {
             longest: 0,
             decoder: None,
             on_match: None,
+            hold: None,
         }
     }
 
@@ -401,9 +484,9 @@ impl Scanner {
             if let Some(on_match) = self.on_match.take() {
                 on_match(rule.clone());
             }
-            self.decoder = None;
+            self.end();
         } else if fed.is_err() || window.bytes.len() >= window.limit {
-            self.decoder = None;
+            self.end();
         }
     }
 }
@@ -420,6 +503,7 @@ pub fn scanning(
     limit: usize,
     tasks: &ConnectionTasks,
     on_match: impl FnOnce(String) + Send + Sync + 'static,
+    hold: Option<std::sync::Arc<dyn Send + Sync>>,
 ) -> Body {
     let Some(decoder) = Decoder::for_encoding(headers, limit) else {
         // A challenge page here would not retire its identity: worth
@@ -427,16 +511,18 @@ pub fn scanning(
         if unscanned_warning_due() {
             tracing::warn!(
                 coding = ?headers.get(http::header::CONTENT_ENCODING),
-                "an answer the invalidation rules would scan is in a content coding pinproxy cannot decode (or too many zstd scans run at once); it passes unscanned (said at most once a minute)"
+                "an answer the invalidation rules would scan is in a content coding pinproxy cannot decode (or too many zstd and brotli scans run at once); it passes unscanned (said at most once a minute)"
             );
         }
         return body;
     };
-    let scanner = Scanner::new(rules, decoder, Box::new(on_match));
+    let mut scanner = Scanner::new(rules, decoder, Box::new(on_match));
+    scanner.hold = hold;
     http_body_util::BodyExt::boxed(ScanningBody {
         inner: body,
         scanner,
         tasks: tasks.clone(),
+        lifetime: Box::pin(tokio::time::sleep(SCAN_LIFETIME)),
     })
 }
 
@@ -445,7 +531,16 @@ struct ScanningBody {
     scanner: Scanner,
     /// Where a scan read on after the body was dropped runs.
     tasks: ConnectionTasks,
+    /// When the scan ends, whatever the body does (see [`SCAN_LIFETIME`]).
+    lifetime: Pin<Box<tokio::time::Sleep>>,
 }
+
+/// How long a scan may run from the answer's head: a body that stalls
+/// would otherwise hold its decoder (and, for zstd and brotli, one of the
+/// [`WIDE_SCANS_MAX`]) for as long as the origin keeps it open, so that a
+/// site holding them all had other sites' challenges pass unscanned. A
+/// challenge page comes at once.
+const SCAN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a body whose client left is read on for its scan (see
 /// `Drop for ScanningBody`).
@@ -497,6 +592,11 @@ impl http_body::Body for ScanningBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if this.scanner.decoder.is_some()
+            && std::future::Future::poll(this.lifetime.as_mut(), cx).is_ready()
+        {
+            this.scanner.end();
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -506,7 +606,7 @@ impl http_body::Body for ScanningBody {
             }
             // The body ended (or failed): nothing more to scan, and
             // nothing to read on once it is dropped.
-            Poll::Ready(_) => this.scanner.decoder = None,
+            Poll::Ready(_) => this.scanner.end(),
             Poll::Pending => {}
         }
         polled
@@ -614,6 +714,7 @@ mod tests {
             move |rule| {
                 *sink.lock().unwrap() = Some(rule);
             },
+            None,
         );
         let collected = scanned.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), body.len(), "the body passes unchanged");
@@ -714,6 +815,7 @@ mod tests {
             move |rule| {
                 let _ = found_tx.send(rule);
             },
+            None,
         );
         feed.send(Bytes::from_static(b"<html>")).unwrap();
         assert!(scanned.frame().await.is_some());
@@ -751,6 +853,7 @@ mod tests {
                 move |rule| {
                     *sink.lock().unwrap() = Some(rule);
                 },
+                None,
             );
             scanned.collect().await.unwrap();
             let result = found.lock().unwrap().clone();
@@ -794,6 +897,7 @@ mod tests {
             move |rule| {
                 *sink.lock().unwrap() = Some(rule);
             },
+            None,
         );
         let collected = scanned.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), sent, "the body passes unchanged");
@@ -850,6 +954,7 @@ mod tests {
             1024,
             &ConnectionTasks::new(),
             move |rule| *sink.lock().unwrap() = Some(rule),
+            None,
         );
         scanned.collect().await.unwrap();
         assert_eq!(*found.lock().unwrap(), None);
@@ -869,6 +974,7 @@ mod tests {
             1024,
             &ConnectionTasks::new(),
             move |rule| *sink.lock().unwrap() = Some(rule),
+            None,
         );
         assert_eq!(scanned.collect().await.unwrap().to_bytes(), body);
         assert_eq!(*found.lock().unwrap(), None);
@@ -912,6 +1018,129 @@ mod tests {
         last.put(1, 1); // ISLASTEMPTY
         out.extend_from_slice(&last.finish());
         out
+    }
+
+    /// Frames as a test sends them, the body open until the sender goes.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    /// A scan of a 403 in `coding` fed through a channel: the sender, the
+    /// scanned body, and where its verdict comes.
+    fn fed_scan(
+        coding: Option<&'static str>,
+        hold: Option<Arc<dyn Send + Sync>>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        Body,
+        tokio::sync::oneshot::Receiver<String>,
+    ) {
+        let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
+        let mut headers = HeaderMap::new();
+        if let Some(coding) = coding {
+            headers.insert("content-encoding", HeaderValue::from_static(coding));
+        }
+        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
+            panic!("expected a scan");
+        };
+        let (found_tx, found_rx) = tokio::sync::oneshot::channel();
+        let scanned = scanning(
+            Fed(fed).boxed(),
+            &headers,
+            rules,
+            64 << 10,
+            &ConnectionTasks::new(),
+            move |rule| {
+                let _ = found_tx.send(rule);
+            },
+            hold,
+        );
+        (feed, scanned, found_rx)
+    }
+
+    /// The brotli writer hands over a chunk of text per call: a marker 12
+    /// KiB into the page is seen with the frame that carries it, before
+    /// the stream's end (which a cut body never sends).
+    #[tokio::test]
+    async fn a_brotli_marker_is_seen_with_its_frame() {
+        let page = format!(
+            "{}{DATADOME_BLOCK}{}",
+            "<p>filler</p>".repeat(1000),
+            "<p>after</p>".repeat(400)
+        );
+        let br = brotli_uncompressed(page.as_bytes());
+        let (feed, mut scanned, mut found) = fed_scan(Some("br"), None);
+        feed.send(Bytes::copy_from_slice(&br[..br.len() - 3000]))
+            .unwrap();
+        assert!(scanned.frame().await.is_some());
+        assert_eq!(found.try_recv().as_deref(), Ok("datadome-hard-block"));
+    }
+
+    /// A brotli stream asking for a 16 MiB window, which the decoder would
+    /// allocate (and fill) whole at its first block, is not decoded.
+    #[tokio::test]
+    async fn a_brotli_window_over_8_mib_is_not_decoded() {
+        assert_eq!(brotli_window_bits(0b0000_0000), Some(16));
+        assert_eq!(brotli_window_bits(0b0000_1011), Some(22));
+        assert_eq!(brotli_window_bits(0b0000_1101), Some(23));
+        assert_eq!(brotli_window_bits(0b0000_1111), Some(24));
+        assert_eq!(brotli_window_bits(0b0000_0001), Some(17));
+        assert_eq!(brotli_window_bits(0b0011_0001), Some(11));
+        assert_eq!(brotli_window_bits(0b0001_0001), None, "large window");
+        let mut bits = BitWriter::default();
+        bits.put(1, 1);
+        bits.put(7, 3); // WBITS = 24
+        bits.put(0, 1); // ISLAST = 0
+        bits.put(0, 2); // MNIBBLES = 4
+        bits.put(1023, 16); // MLEN - 1
+        bits.put(1, 1); // ISUNCOMPRESSED
+        let mut stream = bits.finish();
+        stream.extend_from_slice(DATADOME_BLOCK.as_bytes());
+        let (feed, mut scanned, mut found) = fed_scan(Some("br"), None);
+        feed.send(Bytes::from(stream.clone())).unwrap();
+        assert!(scanned.frame().await.is_some());
+        assert!(found.try_recv().is_err(), "not decoded, so not found");
+        // The same stream with a 4 MiB window is scanned.
+        stream[0] = (stream[0] & !0b1110) | (5 << 1);
+        let (feed, mut scanned, mut found) = fed_scan(Some("br"), None);
+        feed.send(Bytes::from(stream)).unwrap();
+        assert!(scanned.frame().await.is_some());
+        assert_eq!(found.try_recv().as_deref(), Ok("datadome-hard-block"));
+    }
+
+    /// A scanned answer holds what it is given (its request's pacing slot)
+    /// until its verdict, through a client that left before the marker
+    /// came; a stalled one lets it go after the scan's lifetime.
+    #[tokio::test(start_paused = true)]
+    async fn a_scan_holds_its_request_until_the_verdict() {
+        let hold: Arc<dyn Send + Sync> = Arc::new(());
+        let weak = Arc::downgrade(&hold);
+        let (feed, mut scanned, found) = fed_scan(None, Some(hold));
+        feed.send(Bytes::from_static(b"<html>")).unwrap();
+        assert!(scanned.frame().await.is_some());
+        drop(scanned);
+        tokio::task::yield_now().await;
+        assert!(weak.upgrade().is_some(), "held by the scan read on");
+        feed.send(Bytes::from(DATADOME_BLOCK)).unwrap();
+        assert_eq!(found.await.as_deref(), Ok("datadome-hard-block"));
+        assert!(weak.upgrade().is_none(), "let go of at the verdict");
+
+        let hold: Arc<dyn Send + Sync> = Arc::new(());
+        let weak = Arc::downgrade(&hold);
+        let (_feed, mut scanned, _found) = fed_scan(None, Some(hold));
+        let stalled = tokio::time::timeout(SCAN_LIFETIME * 2, scanned.frame()).await;
+        assert!(stalled.is_err(), "the origin never sends");
+        assert!(weak.upgrade().is_none(), "let go of at the scan's lifetime");
     }
 
     #[derive(Default)]
