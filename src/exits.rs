@@ -501,7 +501,7 @@ pub async fn probe_loop(
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = exit.client.probe(&target) => outcome,
+            outcome = exit.client.probe(&target, crate::upstream::dial::Lookup::Exit) => outcome,
         };
         let change = match &outcome {
             Ok(()) => exit.health.success(),

@@ -651,10 +651,13 @@ impl ExitClient {
         Ok(opened)
     }
 
-    /// Opens and drops a tunnel to `target` on a fresh session: the health probe.
-    pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
+    /// Opens and drops a tunnel to `target` on a fresh session: the health
+    /// probe (`whose` names the target: the operator's probe target, or a
+    /// client's origin for a trial of an unhealthy exit; see
+    /// [`dial::Lookup`]).
+    pub async fn probe(&self, target: &HostPort, whose: dial::Lookup) -> Result<(), ConnectError> {
         self.dialer(SessionId(rand::random()), None, false)
-            .probe(target)
+            .probe(target, whose)
             .await
     }
 }

@@ -628,6 +628,14 @@ fn upstream_advice(error: &UpstreamError) -> &'static str {
             "The SOCKS5 exit could not connect to the origin (its reason is quoted): it may not allow \
              this destination, or the origin is down."
         }
+        ConnectError::ExitSocksProtocol {
+            after_connect: true,
+            ..
+        } => {
+            "The SOCKS5 exit closed the connection once asked for the origin, without answering: \
+             the origin may be down or refuse the exit, or the exit may be failing; retry, and \
+             check the exit's logs if it goes on."
+        }
         ConnectError::ExitSocksProtocol { .. } => {
             "The SOCKS5 exit did not keep to SOCKS5 (what it did is quoted): check that the exit's \
              URL names a SOCKS5 server's host and port, and that the server takes the credentials \

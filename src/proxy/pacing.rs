@@ -337,6 +337,12 @@ async fn wait_for_slot(
                 let start = state.next_start.filter(|t| *t > now);
                 let delay = start.map_or(Duration::ZERO, |t| t - now);
                 if delay > settings.max_pacing_delay {
+                    // Refused without the slot: one that waited in line
+                    // may hold the wake of a slot freed for the line, and
+                    // hands it to the next in line.
+                    if queued {
+                        gate.freed.notify_one();
+                    }
                     return Err(busy(
                         state.waiting,
                         "pacing would delay it longer than identities.max_pacing_delay",
@@ -362,9 +368,8 @@ async fn wait_for_slot(
         // Out of the line however the wait ends: a request its client
         // gives up on (a stream reset, a closed connection) is dropped
         // right here, and must not hold its place in the line for good.
-        let mut in_line = InLine { gate, woken: false };
+        let in_line = InLine(gate);
         let woken = tokio::time::timeout_at(deadline, freed).await;
-        in_line.woken = woken.is_ok();
         drop(in_line);
         if woken.is_err() {
             return Err(busy(
@@ -376,24 +381,15 @@ async fn wait_for_slot(
     }
 }
 
-/// A request's place in its identity's line, left when dropped.
-struct InLine<'a> {
-    gate: &'a Gate,
-    /// Whether it left because a slot was freed for it.
-    woken: bool,
-}
+/// A request's place in its identity's line, left when dropped. (A wake
+/// it received and did not take, its time up or its client gone, goes on
+/// to the next in line: tokio's `Notified` hands it on when dropped.)
+struct InLine<'a>(&'a Gate);
 
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        let mut state = self.gate.state();
+        let mut state = self.0.state();
         state.waiting = state.waiting.saturating_sub(1);
-        drop(state);
-        // One that leaves otherwise (its time is up, its client gave up)
-        // may have taken the wake of a slot freed meanwhile: it passes it
-        // on, or the next in line would wait with a slot free.
-        if !self.woken {
-            self.gate.freed.notify_one();
-        }
     }
 }
 
@@ -498,6 +494,37 @@ mod tests {
         let late = pacer.admit(id, &s).await;
         assert!(late.is_err(), "the later one waited, and timed out");
         assert!(waiter.await.unwrap().is_ok(), "the one in line got it");
+    }
+
+    /// One woken in line but refused for its pacing turn hands the freed
+    /// slot's wake on: the line (and the requests after it) do not wait
+    /// for a deadline with a slot free.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_refused_for_its_turn_passes_the_slot_on() {
+        let pacer = Pacer::new();
+        let id = IdentityId(19);
+        let s = PacingSettings {
+            max_in_flight: 1,
+            max_queue: 4,
+            queue_timeout: Duration::from_secs(30),
+            min_interval: Duration::from_secs(10),
+            max_pacing_delay: Duration::from_secs(5),
+        };
+        let first = pacer.admit(id, &s).await.unwrap();
+        let early = spawn_waiter(&pacer, id, s);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = spawn_waiter(&pacer, id, s);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(first);
+        let refused = early.await.unwrap().unwrap_err();
+        assert_eq!(refused.code(), "identity-busy");
+        // The second is woken in turn and refused too (its turn is 9 s
+        // away); a request 5 s later, its turn 4 s away, is let in at it,
+        // not at the second's deadline.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let late = tokio::time::timeout(Duration::from_secs(6), pacer.admit(id, &s)).await;
+        assert!(matches!(late, Ok(Ok(_))), "{late:?}");
+        assert!(second.await.unwrap().is_err());
     }
 
     /// A request of `id` admitted in a task of its own (it waits in line).

@@ -176,7 +176,11 @@ impl Pipeline {
             // The origin is a client's choice: only what is surely the
             // exit's fault counts in full, and an origin's own failure (a
             // name that does not resolve, a refused port) not at all.
-            let change = match exit.client.probe(&origin).await {
+            let change = match exit
+                .client
+                .probe(&origin, crate::upstream::dial::Lookup::Origin)
+                .await
+            {
                 Ok(()) => exit.health.success(),
                 Err(e) if e.is_exit_fault() && !e.may_be_the_origins() => {
                     exit.health.failure(clock.now_ms())

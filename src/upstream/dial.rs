@@ -294,12 +294,13 @@ impl Dialer {
     }
 
     /// Opens and drops a tunnel to `target`: the health probe. A direct
-    /// exit looks the target up among the exits' turns: a probe that waited
-    /// behind clients' origins would count against the exit.
-    pub async fn probe(&self, target: &HostPort) -> Result<(), ConnectError> {
+    /// exit looks the operator's probe target up among the exits' turns (a
+    /// probe that waited behind clients' origins would count against the
+    /// exit), a client's origin (a trial) among the origins'.
+    pub async fn probe(&self, target: &HostPort, whose: Lookup) -> Result<(), ConnectError> {
         let deadline = Instant::now() + self.timeout;
         let context = DialContext {
-            lookup: Lookup::Exit,
+            lookup: whose,
             ..self.context(deadline)
         };
         self.kind.open(&context, target).await.map(|_| ())
@@ -343,24 +344,75 @@ pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 /// How long an exit's own name is taken as resolved.
 const EXIT_NAME_FRESH: Duration = Duration::from_secs(60);
 
+/// After a lookup that failed or ran out of time, how long the last
+/// answer is taken before the name is looked up again (every dial would
+/// otherwise wait for a lookup while the name servers hang).
+const EXIT_NAME_RETRY: Duration = Duration::from_secs(10);
+
+/// The oldest last answer taken when the name no longer resolves: past
+/// it the lookup's failure stands (a name the provider retired must not
+/// send tunnels, and their credentials, to an address reassigned since).
+const EXIT_NAME_KEPT: Duration = Duration::from_secs(3600);
+
 /// The most exit names kept resolved (a configuration names a few).
 const EXIT_NAMES_KEPT: usize = 1024;
 
+/// An exit's name as last resolved.
+#[derive(Clone)]
+struct KnownName {
+    /// Its addresses at the last answer.
+    addrs: Vec<SocketAddr>,
+    /// When they were resolved.
+    resolved: Instant,
+    /// When it is next looked up again (a minute after an answer, ten
+    /// seconds after a try that failed).
+    recheck: Instant,
+}
+
 /// Exits' own names (and direct exits' probe targets) as last resolved.
-type ExitNames = std::collections::HashMap<(String, u16), (Instant, Vec<SocketAddr>)>;
+type ExitNames = std::collections::HashMap<(String, u16), KnownName>;
 
 fn exit_names() -> &'static std::sync::Mutex<ExitNames> {
     static NAMES: std::sync::OnceLock<std::sync::Mutex<ExitNames>> = std::sync::OnceLock::new();
     NAMES.get_or_init(Default::default)
 }
 
+fn known_name(key: &(String, u16)) -> Option<KnownName> {
+    exit_names()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(key)
+        .cloned()
+}
+
+fn remember_name(key: (String, u16), known: KnownName) {
+    let mut names = exit_names()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if names.len() >= EXIT_NAMES_KEPT && !names.contains_key(&key) {
+        names.clear();
+    }
+    names.insert(key, known);
+}
+
+/// A name's answer, taken for [`EXIT_NAME_FRESH`].
+fn answered(addrs: Vec<SocketAddr>) -> KnownName {
+    let now = Instant::now();
+    KnownName {
+        addrs,
+        resolved: now,
+        recheck: now + EXIT_NAME_FRESH,
+    }
+}
+
 /// The addresses of an exit's own `host` (or a direct exit's probe
 /// target), by `deadline`: resolved within the last minute, or looked up
-/// among the exits' turns. When the lookup fails or runs out of time and
-/// an earlier answer is known, that answer is taken (the last known good):
+/// among the exits' turns. When the lookup fails or takes more than half
+/// the time left and an answer of the last hour is known, that answer is
+/// taken (the last known good), and kept ten seconds before the next try:
 /// one provider whose name servers hang, holding the exits' turns, then
-/// cannot make every other exit's lookups time out and count against
-/// them. The outer error is the deadline's.
+/// cannot make every other exit's tunnels wait for lookups, nor time out
+/// and count against them. The outer error is the deadline's.
 pub async fn resolve_exit(
     host: &str,
     port: u16,
@@ -370,49 +422,38 @@ pub async fn resolve_exit(
         return Ok(Ok(vec![SocketAddr::new(ip, port)]));
     }
     let key = (host.to_owned(), port);
-    let known = exit_names()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-        .cloned();
-    let Some((at, addrs)) = known else {
+    let known = known_name(&key).filter(|known| known.resolved.elapsed() < EXIT_NAME_KEPT);
+    let Some(known) = known else {
         let found = tokio::time::timeout_at(deadline, resolve_for(Lookup::Exit, host, port)).await;
         if let Ok(Ok(addrs)) = &found {
-            remember_exit_name(key, addrs.clone());
+            remember_name(key, answered(addrs.clone()));
         }
         return found;
     };
-    if at.elapsed() < EXIT_NAME_FRESH {
-        return Ok(Ok(addrs));
+    if Instant::now() < known.recheck {
+        return Ok(Ok(known.addrs));
     }
-    // Known but stale: half the time left for a new answer, the rest for
+    // Known but due: half the time left for a new answer, the rest for
     // the connection if the old one has to do.
     let now = Instant::now();
     let half = now + deadline.saturating_duration_since(now) / 2;
     match tokio::time::timeout_at(half, resolve_for(Lookup::Exit, host, port)).await {
         Ok(Ok(fresh)) => {
-            remember_exit_name(key, fresh.clone());
+            remember_name(key, answered(fresh.clone()));
             Ok(Ok(fresh))
         }
         failed => {
-            let why = match failed {
+            let why = match &failed {
                 Ok(Err(e)) => e.to_string(),
                 _ => "no answer in time".to_owned(),
             };
             tracing::debug!(%host, %why, "an exit's name did not resolve again: its last answer is used");
+            let addrs = known.addrs.clone();
+            let recheck = Instant::now() + EXIT_NAME_RETRY;
+            remember_name(key, KnownName { recheck, ..known });
             Ok(Ok(addrs))
         }
     }
-}
-
-fn remember_exit_name(key: (String, u16), addrs: Vec<SocketAddr>) {
-    let mut names = exit_names()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if names.len() >= EXIT_NAMES_KEPT && !names.contains_key(&key) {
-        names.clear();
-    }
-    names.insert(key, (Instant::now(), addrs));
 }
 
 /// [`resolve`], taking a turn among `whose` lookups.
@@ -462,13 +503,14 @@ mod tests {
             return;
         };
         let known = vec![SocketAddr::from(([127, 0, 0, 7], 8080))];
-        exit_names()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                ("stale.exit.invalid".into(), 8080),
-                (long_ago, known.clone()),
-            );
+        remember_name(
+            ("stale.exit.invalid".into(), 8080),
+            KnownName {
+                addrs: known.clone(),
+                resolved: long_ago,
+                recheck: long_ago,
+            },
+        );
         let turns = u32::try_from(EXIT_LOOKUPS).unwrap_or(u32::MAX);
         let all = EXIT_TURNS
             .acquire_many(turns)
@@ -476,7 +518,25 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let deadline = || Instant::now() + Duration::from_millis(200);
         let found = resolve_exit("stale.exit.invalid", 8080, deadline()).await;
-        assert_eq!(found.ok().and_then(Result::ok), Some(known));
+        assert_eq!(found.ok().and_then(Result::ok), Some(known.clone()));
+        // Taken again at once for a while, without another wait.
+        let started = Instant::now();
+        let again = resolve_exit("stale.exit.invalid", 8080, deadline()).await;
+        assert_eq!(again.ok().and_then(Result::ok), Some(known.clone()));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        // An answer older than the hour it may be kept is not taken.
+        if let Some(hours_ago) = Instant::now().checked_sub(EXIT_NAME_KEPT * 2) {
+            remember_name(
+                ("retired.exit.invalid".into(), 8080),
+                KnownName {
+                    addrs: known,
+                    resolved: hours_ago,
+                    recheck: hours_ago,
+                },
+            );
+            let retired = resolve_exit("retired.exit.invalid", 8080, deadline()).await;
+            assert!(retired.is_err(), "{retired:?}");
+        }
         let unknown = resolve_exit("never.exit.invalid", 8080, deadline()).await;
         assert!(unknown.is_err(), "{unknown:?}");
         drop(all);

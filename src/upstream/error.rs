@@ -89,7 +89,14 @@ pub enum ConnectError {
     /// The SOCKS5 exit did not keep to SOCKS5: not SOCKS5 at all, a
     /// method it was not offered, a command or address type it does not
     /// support, or a close before its answer.
-    #[error("the SOCKS5 exit broke the protocol: {reason}")]
+    #[error(
+        "{}: {reason}",
+        if *after_connect {
+            "the SOCKS5 exit closed the connection once asked for the origin, without an answer"
+        } else {
+            "the SOCKS5 exit broke the protocol"
+        }
+    )]
     ExitSocksProtocol {
         /// What it did.
         reason: String,
