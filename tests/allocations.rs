@@ -286,34 +286,52 @@ fn gzip_bomb(zeros: usize) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
+/// Runs `test` on a runtime of one thread (this test's, so that the
+/// allocations counted are its own).
+fn on_one_thread<F: std::future::Future>(test: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test)
+}
+
+/// The headers of a 403 in `coding`, and the rules that scan it.
+fn scanned_403(coding: &'static str, limit: usize) -> (HeaderMap, Vec<(String, Vec<String>)>) {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-encoding", HeaderValue::from_static(coding));
+    let Verdict::ScanBody(rules) = invalidation::Rules::new(invalidation::default_rules(), limit)
+        .judge(http::StatusCode::FORBIDDEN, &headers, false)
+    else {
+        panic!("a 403 is scanned for markers");
+    };
+    (headers, rules)
+}
+
 #[test]
 fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
     const SCAN_LIMIT: usize = 64 * 1024;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    on_one_thread(async {
         use http_body_util::BodyExt as _;
         let bomb = gzip_bomb(64 << 20);
         let sent = bomb.len();
-        let mut headers = HeaderMap::new();
-        headers.insert("content-encoding", HeaderValue::from_static("gzip"));
-        let Verdict::ScanBody(rules) = invalidation::Rules::new(
-            invalidation::default_rules(),
-            SCAN_LIMIT,
-        )
-        .judge(http::StatusCode::FORBIDDEN, &headers, false) else {
-            panic!("a 403 is scanned for markers");
-        };
+        let (headers, rules) = scanned_403("gzip", SCAN_LIMIT);
         let found = Arc::new(std::sync::Mutex::new(None));
         let sink = found.clone();
         let baseline = allocations::reset_peak();
         // One frame: the whole bomb arrives in one read.
         let body = pinproxy::body::full(bomb);
-        let scanned = invalidation::scanning(body, &headers, rules, SCAN_LIMIT, &pinproxy::net::tasks::ConnectionTasks::new(), move |rule| {
-            *sink.lock().unwrap() = Some(rule);
-        }, None);
+        let scanned = invalidation::scanning(
+            body,
+            &headers,
+            rules,
+            SCAN_LIMIT,
+            &pinproxy::net::tasks::ConnectionTasks::new(),
+            move |rule| {
+                *sink.lock().unwrap() = Some(rule);
+            },
+            None,
+        );
         let passed = scanned.collect().await.unwrap().to_bytes().len();
         let peak = allocations::peak_growth(baseline);
         assert_eq!(passed, sent, "the body passes unchanged");
@@ -339,26 +357,14 @@ fn a_compressed_challenge_is_scanned_in_a_window_of_the_scan_limit() {
 #[test]
 fn a_brotli_stream_asking_for_a_16_mib_window_is_not_decoded() {
     const SCAN_LIMIT: usize = 64 * 1024;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    on_one_thread(async {
         use http_body_util::BodyExt as _;
         // WBITS = 24 (bit 0 set, then 7 in three bits), not the last
         // meta-block, 1 KiB uncompressed, then 1 KiB of text.
         let mut stream = vec![0b1000_1111, 0xff, 0x81];
         stream.extend_from_slice(&[b'a'; 1024]);
         let sent = stream.len();
-        let mut headers = HeaderMap::new();
-        headers.insert("content-encoding", HeaderValue::from_static("br"));
-        let Verdict::ScanBody(rules) = invalidation::Rules::new(
-            invalidation::default_rules(),
-            SCAN_LIMIT,
-        )
-        .judge(http::StatusCode::FORBIDDEN, &headers, false) else {
-            panic!("a 403 is scanned for markers");
-        };
+        let (headers, rules) = scanned_403("br", SCAN_LIMIT);
         let baseline = allocations::reset_peak();
         let body = pinproxy::body::full(stream);
         let scanned = invalidation::scanning(

@@ -1132,15 +1132,7 @@ async fn an_identity_founded_on_an_address_sends_sni_to_names() {
         ja4s.len() == 2 && ja4s[0].starts_with("t13i") && ja4s[1].starts_with("t13d"),
         "{ja4s:?}"
     );
-    let metrics = rig.s.proxy.daemon.admin().metrics.encode();
-    assert!(
-        !metrics.contains("pinproxy_fingerprint_drift_total{"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("pinproxy_fingerprint_mismatches_total{"),
-        "{metrics}"
-    );
+    support::assert_no_fingerprint_drift(&rig.s.proxy.daemon);
     rig.s.stop().await;
 }
 

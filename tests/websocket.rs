@@ -165,6 +165,16 @@ async fn websocket_with_cookie(
     s: &Setup,
     cookie: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    websocket_with(s, "cookie", cookie).await
+}
+
+/// A WebSocket through pinproxy whose handshake carries `name: value`,
+/// opened over HTTP/1.1 Upgrade in a MITM tunnel offering HTTP/1.1 alone.
+async fn websocket_with(
+    s: &Setup,
+    name: &'static str,
+    value: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let port = s.origin.https.port();
     let tls = s
         .proxy
@@ -174,9 +184,7 @@ async fn websocket_with_cookie(
     let mut request = format!("wss://localhost:{port}/ws")
         .into_client_request()
         .unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().unwrap());
+    request.headers_mut().insert(name, value.parse().unwrap());
     let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
     assert_eq!(response.status(), 101);
     ws
@@ -191,19 +199,7 @@ async fn websocket_with_cookie(
 async fn an_identity_founded_by_a_websocket_keeps_its_pages_on_http2() {
     let s = Setup::start(1).await;
     let port = s.origin.https.port();
-    let tls = s
-        .proxy
-        .client
-        .tls_stream("localhost", port, &[b"http/1.1"])
-        .await;
-    let mut request = format!("wss://localhost:{port}/ws")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-pinproxy-session", "ws-first".parse().unwrap());
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
-    assert_eq!(response.status(), 101);
+    let mut ws = websocket_with(&s, "x-pinproxy-session", "ws-first").await;
     let identity = only_identity(&s).await;
     assert!(
         identity["client_ja4"].is_null(),
@@ -693,14 +689,6 @@ async fn chromium_opens_a_websocket_of_its_own_through_pinproxy() {
         upgrade.headers
     );
     assert!(s.origin.leaks().is_empty());
-    let metrics = s.proxy.daemon.admin().metrics.encode();
-    assert!(
-        !metrics.contains("pinproxy_fingerprint_drift_total{"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("pinproxy_fingerprint_mismatches_total{"),
-        "{metrics}"
-    );
+    support::assert_no_fingerprint_drift(&s.proxy.daemon);
     s.stop().await;
 }

@@ -34,6 +34,18 @@ pub fn error_of(reply: &Reply) -> String {
     reply.pinproxy_error().unwrap_or_default()
 }
 
+/// Asserts that `daemon` counted no fingerprint drift and no fingerprint
+/// mismatch (what an identity's connections sent against its client's).
+pub fn assert_no_fingerprint_drift(daemon: &pinproxy::daemon::Daemon) {
+    let metrics = daemon.admin().metrics.encode();
+    for counter in [
+        "pinproxy_fingerprint_drift_total{",
+        "pinproxy_fingerprint_mismatches_total{",
+    ] {
+        assert!(!metrics.contains(counter), "{counter}: {metrics}");
+    }
+}
+
 /// The `pinproxy_identities_retired_total` lines of a metrics text.
 pub fn retirements_counted(metrics: &str) -> Vec<&str> {
     metrics

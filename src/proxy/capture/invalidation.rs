@@ -803,37 +803,7 @@ mod tests {
     /// head) is read on in the background, and its marker still found.
     #[tokio::test]
     async fn a_body_whose_client_left_is_still_scanned() {
-        /// Frames as the test sends them.
-        struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-        impl http_body::Body for Fed {
-            type Data = Bytes;
-            type Error = BoxError;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-                self.0
-                    .poll_recv(cx)
-                    .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-            }
-        }
-        let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
-        let headers = HeaderMap::new();
-        let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false) else {
-            panic!("expected a scan");
-        };
-        let (found_tx, found_rx) = tokio::sync::oneshot::channel();
-        let mut scanned = scanning(
-            Fed(fed).boxed(),
-            &headers,
-            rules,
-            64 << 10,
-            &ConnectionTasks::new(),
-            move |rule| {
-                let _ = found_tx.send(rule);
-            },
-            None,
-        );
+        let (feed, mut scanned, found_rx) = fed_scan(None, None);
         feed.send(Bytes::from_static(b"<html>")).unwrap();
         assert!(scanned.frame().await.is_some());
         // The client leaves: hyper drops the body. The rest comes after.

@@ -890,6 +890,30 @@ mod tests {
         (client, listener, acceptor(&pki, false))
     }
 
+    /// Serves `connections` TLS connections (their handshakes done by
+    /// `acceptor`), each echoing one byte, so that the client reads (and
+    /// BoringSSL takes the tickets sent before it).
+    async fn echo_bytes(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        connections: usize,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for _ in 0..connections {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut byte = [0u8; 1];
+            if tls.read_exact(&mut byte).await.is_ok() {
+                let _ = tls.write_all(&byte).await;
+                let _ = tls.flush().await;
+            }
+        }
+    }
+
     /// The hello BoringSSL sends for `hello` in a handshake with a local
     /// server named `localhost`.
     async fn sent_to_localhost(hello: &ClientHello, http1_only: bool) -> ClientHello {
@@ -936,21 +960,7 @@ mod tests {
         // rustls issues TLS 1.3 tickets after each handshake; each
         // connection echoes one byte, so that the client reads (and
         // BoringSSL takes the tickets that came before it).
-        let server = tokio::spawn(async move {
-            for _ in 0..11 {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    continue;
-                };
-                let mut byte = [0u8; 1];
-                if tls.read_exact(&mut byte).await.is_ok() {
-                    let _ = tls.write_all(&byte).await;
-                    let _ = tls.flush().await;
-                }
-            }
-        });
+        let server = tokio::spawn(echo_bytes(listener, acceptor, 11));
         let hello = hello("chromium_1");
         let connect = |sessions: Option<Arc<SessionSlot>>, http1_only: bool| {
             let client = &client;
@@ -1069,19 +1079,7 @@ mod tests {
         config.send_tls13_tickets = 1;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let server = tokio::spawn(async move {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let mut byte = [0u8; 1];
-            if tls.read_exact(&mut byte).await.is_ok() {
-                let _ = tls.write_all(&byte).await;
-                let _ = tls.flush().await;
-            }
-        });
+        let server = tokio::spawn(echo_bytes(listener, acceptor, 1));
         let hello = hello("chromium_1");
         let slot = Arc::new(SessionSlot::default());
         let tcp = tokio::net::TcpStream::connect(addr)
