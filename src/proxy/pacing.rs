@@ -150,6 +150,10 @@ impl PacingSettings {
 struct GateState {
     in_flight: u32,
     waiting: u32,
+    /// The limit of in-flight requests as the latest request found it
+    /// (`identities.max_in_flight`): requests already in line judge by it
+    /// too, so a reload's new limit reaches them.
+    limit: u32,
     /// When the next request may start.
     next_start: Option<Instant>,
 }
@@ -311,10 +315,9 @@ async fn wait_for_slot(
     identity: IdentityId,
     settings: &PacingSettings,
 ) -> Result<(Option<Instant>, bool), Throttle> {
-    let limit = settings.max_in_flight;
     let busy = |waiting, why, retry_after| Throttle::IdentityBusy {
         identity,
-        limit,
+        limit: settings.max_in_flight,
         waiting,
         why,
         retry_after,
@@ -329,9 +332,23 @@ async fn wait_for_slot(
         freed.as_mut().enable();
         {
             let mut state = gate.state();
+            // A limit raised since the line formed (a reload): the room is
+            // the line's, and its head is woken to take it.
+            let raised = !queued
+                && state.waiting > 0
+                && state.limit != 0
+                && (settings.max_in_flight == 0 || settings.max_in_flight > state.limit);
+            if !queued {
+                state.limit = settings.max_in_flight;
+            }
+            let limit = state.limit;
+            if raised {
+                gate.freed.notify_one();
+            }
+            let room = limit == 0 || state.in_flight < limit;
             // A slot freed while others wait in line is theirs: a request
-            // that has not waited lines up behind them, in arrival order.
-            let free = limit == 0 || (state.in_flight < limit && (queued || state.waiting == 0));
+            // that has not waited lines up behind them.
+            let free = room && (queued || state.waiting == 0);
             if free {
                 let now = Instant::now();
                 let start = state.next_start.filter(|t| *t > now);
@@ -353,8 +370,15 @@ async fn wait_for_slot(
                 if !settings.min_interval.is_zero() {
                     state.next_start = Some(start.unwrap_or(now) + settings.min_interval);
                 }
+                // Slots left for the line (a reload that raised the limit
+                // frees several at once, with one wake): the next in line
+                // is woken in turn.
+                if queued && state.waiting > 0 && (limit == 0 || state.in_flight < limit) {
+                    gate.freed.notify_one();
+                }
                 return Ok((start, queued));
             }
+
             if state.waiting >= settings.max_queue {
                 return Err(busy(
                     state.waiting,
@@ -525,6 +549,43 @@ mod tests {
         let late = tokio::time::timeout(Duration::from_secs(6), pacer.admit(id, &s)).await;
         assert!(matches!(late, Ok(Ok(_))), "{late:?}");
         assert!(second.await.unwrap().is_err());
+    }
+
+    /// A limit raised while requests wait (a reload): each one admitted
+    /// from the line wakes the next while slots are left, so they do not
+    /// sleep with slots free.
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_lets_the_line_through() {
+        let pacer = Pacer::new();
+        let id = IdentityId(23);
+        let one = PacingSettings {
+            max_queue: 4,
+            queue_timeout: Duration::from_secs(5),
+            ..settings(1, 0)
+        };
+        let first = pacer.admit(id, &one).await.unwrap();
+        let three = PacingSettings {
+            max_in_flight: 3,
+            ..one
+        };
+        let hold = |pacer: &Arc<Pacer>, settings: PacingSettings| {
+            let pacer = pacer.clone();
+            tokio::spawn(async move {
+                let slot = pacer.admit(id, &settings).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                slot.map(drop)
+            })
+        };
+        // Two wait under the old limit; then the limit is raised (a
+        // reload): the next request finds room, and the line takes it.
+        let waiters = [hold(&pacer, one), hold(&pacer, one)];
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let raised = hold(&pacer, three);
+        for waiter in waiters {
+            assert!(waiter.await.unwrap().is_ok(), "in within the timeout");
+        }
+        drop(first);
+        assert!(raised.await.unwrap().is_ok());
     }
 
     /// A request of `id` admitted in a task of its own (it waits in line).

@@ -1723,10 +1723,9 @@ async fn scan(
     pattern: &str,
 ) -> redis::RedisResult<Vec<String>> {
     let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
     // `SCAN` may return a key more than once (the table rehashed during the
     // walk, which a live fleet's expiries cause): each is listed once.
-    let mut seen = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -1736,9 +1735,9 @@ async fn scan(
             .arg(1000)
             .query_async(connection)
             .await?;
-        keys.extend(batch.into_iter().filter(|key| seen.insert(key.clone())));
+        keys.extend(batch);
         if next == 0 {
-            return Ok(keys);
+            return Ok(keys.into_iter().collect());
         }
         cursor = next;
     }

@@ -407,12 +407,14 @@ fn answered(addrs: Vec<SocketAddr>) -> KnownName {
 
 /// The addresses of an exit's own `host` (or a direct exit's probe
 /// target), by `deadline`: resolved within the last minute, or looked up
-/// among the exits' turns. When the lookup fails or takes more than half
-/// the time left and an answer of the last hour is known, that answer is
-/// taken (the last known good), and kept ten seconds before the next try:
-/// one provider whose name servers hang, holding the exits' turns, then
-/// cannot make every other exit's tunnels wait for lookups, nor time out
-/// and count against them. The outer error is the deadline's.
+/// among the exits' turns. When an answer of the last hour is known, one
+/// dial looks the name up again (its lookup may take half the time left)
+/// while the others take that answer for the next ten seconds, and so
+/// does that dial when its lookup fails or runs out of time (the last
+/// known good): one provider whose name servers hang, holding the exits'
+/// turns, then delays one tunnel of another exit every ten seconds at
+/// most, and none times out on a lookup and counts against its exit. The
+/// outer error is the deadline's.
 pub async fn resolve_exit(
     host: &str,
     port: u16,
@@ -433,8 +435,19 @@ pub async fn resolve_exit(
     if Instant::now() < known.recheck {
         return Ok(Ok(known.addrs));
     }
-    // Known but due: half the time left for a new answer, the rest for
-    // the connection if the old one has to do.
+    // Known but due: this dial looks it up again, the others meanwhile
+    // take the last answer for the next ten seconds (a failed lookup
+    // leaves it so).
+    let recheck = Instant::now() + EXIT_NAME_RETRY;
+    remember_name(
+        key.clone(),
+        KnownName {
+            recheck,
+            ..known.clone()
+        },
+    );
+    // Half the time left for a new answer, the rest for the connection if
+    // the old one has to do.
     let now = Instant::now();
     let half = now + deadline.saturating_duration_since(now) / 2;
     match tokio::time::timeout_at(half, resolve_for(Lookup::Exit, host, port)).await {
@@ -448,10 +461,7 @@ pub async fn resolve_exit(
                 _ => "no answer in time".to_owned(),
             };
             tracing::debug!(%host, %why, "an exit's name did not resolve again: its last answer is used");
-            let addrs = known.addrs.clone();
-            let recheck = Instant::now() + EXIT_NAME_RETRY;
-            remember_name(key, KnownName { recheck, ..known });
-            Ok(Ok(addrs))
+            Ok(Ok(known.addrs))
         }
     }
 }
@@ -524,6 +534,30 @@ mod tests {
         let again = resolve_exit("stale.exit.invalid", 8080, deadline()).await;
         assert_eq!(again.ok().and_then(Result::ok), Some(known.clone()));
         assert!(started.elapsed() < Duration::from_millis(50));
+        // Two dials due at once: one looks the name up, the other takes
+        // the last answer without waiting.
+        remember_name(
+            ("due.exit.invalid".into(), 8080),
+            KnownName {
+                addrs: known.clone(),
+                resolved: long_ago,
+                recheck: long_ago,
+            },
+        );
+        let timed = || async {
+            let started = Instant::now();
+            let found = resolve_exit("due.exit.invalid", 8080, deadline()).await;
+            (started.elapsed(), found.ok().and_then(Result::ok))
+        };
+        let (one, two) = tokio::join!(timed(), timed());
+        assert_eq!(
+            (&one.1, &two.1),
+            (&Some(known.clone()), &Some(known.clone()))
+        );
+        assert!(
+            one.0.min(two.0) < Duration::from_millis(50),
+            "{one:?} {two:?}"
+        );
         // An answer older than the hour it may be kept is not taken.
         if let Some(hours_ago) = Instant::now().checked_sub(EXIT_NAME_KEPT * 2) {
             remember_name(

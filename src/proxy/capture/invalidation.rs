@@ -212,9 +212,10 @@ enum Decoder {
 /// answer a rule scans, and frees it when the scan ends.
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
-/// Scans at once whose decoder holds a window the origin chose (zstd, up
-/// to 8 MiB; brotli, up to 16 MiB, allocated whole as soon as its first
-/// block is read): past this many, an answer passes unscanned (warned).
+/// Scans at once whose decoder holds memory the origin chooses (zstd, a
+/// window up to 8 MiB; brotli, a window up to 8 MiB, allocated whole as
+/// soon as its first block is read, and Huffman tables of some megabytes):
+/// past this many, an answer passes unscanned (warned).
 const WIDE_SCANS_MAX: usize = 16;
 
 /// Scans running that hold such a window (see [`WIDE_SCANS_MAX`]).
@@ -247,19 +248,15 @@ struct ZstdScan {
     _slot: WideSlot,
 }
 
-/// A brotli decoder into its window, and its place among the scans when
-/// its window is wide.
+/// A brotli decoder into its window, and its place among the scans: every
+/// one takes one, whatever its window (a header of a few bytes can also
+/// ask for hundreds of Huffman tables, some megabytes).
 struct BrotliScan {
     decoder: brotli_decompressor::DecompressorWriter<Window>,
     /// Whether the stream's window size was read (its first byte).
     checked: bool,
-    slot: Option<WideSlot>,
+    _slot: WideSlot,
 }
-
-/// The widest brotli window scanned without one of the [`WIDE_SCANS_MAX`]:
-/// 1 MiB, as much as a few connections' buffers (most encoders use 4 MiB
-/// windows or less; nginx's brotli module 512 KiB).
-const BROTLI_NARROW_BITS: u32 = 20;
 
 /// The largest brotli window a scanned stream may ask for: 8 MiB, as for
 /// zstd. The decoder allocates the whole window (and fills it, a copy of
@@ -308,7 +305,7 @@ impl Decoder {
                 window,
             )))),
             Some("br") => Some(Decoder::Brotli(Box::new(BrotliScan {
-                slot: None,
+                _slot: WideSlot::take()?,
                 checked: false,
                 decoder: brotli_decompressor::DecompressorWriter::new(window, BROTLI_CHUNK),
             }))),
@@ -354,17 +351,6 @@ impl Decoder {
                             );
                         }
                         return Err(std::io::Error::other("brotli window over 8 MiB"));
-                    }
-                    if bits.is_some_and(|bits| bits > BROTLI_NARROW_BITS) {
-                        d.slot = WideSlot::take();
-                        if d.slot.is_none() {
-                            if unscanned_warning_due() {
-                                tracing::warn!(
-                                    "an answer the invalidation rules would scan is brotli with a wide window, and 16 zstd and brotli scans with wide windows run already; it passes unscanned (said at most once a minute)"
-                                );
-                            }
-                            return Err(std::io::Error::other("no wide scan free"));
-                        }
                     }
                     d.checked = true;
                 }
@@ -1103,27 +1089,6 @@ mod tests {
         feed.send(Bytes::from(stream)).unwrap();
         assert!(scanned.frame().await.is_some());
         assert_eq!(found.try_recv().as_deref(), Ok("datadome-hard-block"));
-    }
-
-    /// A brotli scan with a narrow window takes none of the wide scans'
-    /// places; one with a wide window does.
-    #[test]
-    fn only_a_wide_brotli_window_takes_a_wide_scan() {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-encoding", HeaderValue::from_static("br"));
-        let narrow = brotli_uncompressed(b"<html>");
-        let mut wide = narrow.clone();
-        wide[0] = (wide[0] & !0b1111) | 1 | (5 << 1); // WBITS = 22
-        for (stream, takes) in [(narrow, false), (wide, true)] {
-            let Some(mut decoder) = Decoder::for_encoding(&headers, 1024) else {
-                panic!("br is scanned");
-            };
-            decoder.feed(&stream[..1]).unwrap();
-            let Decoder::Brotli(scan) = &decoder else {
-                panic!("a brotli decoder");
-            };
-            assert_eq!(scan.slot.is_some(), takes);
-        }
     }
 
     /// A scanned answer holds what it is given (its request's pacing slot)
