@@ -677,7 +677,7 @@ impl Daemon {
             clock: clock.clone(),
             provider,
             guard: guard.clone(),
-            pacer: crate::proxy::pacing::Pacer::new(),
+            pacer: crate::proxy::pacing::Pacer::new(&settings.identities.pacing()),
             live_exits: live_exits.clone(),
         };
         let pipeline = live::pipeline(&settings, exits.clone(), &core, &settings.limits);

@@ -355,6 +355,9 @@ impl Live {
         // Read at start only (see `Settings::restart_needed`).
         let pipeline = pipeline(&settings, set.clone(), &self.core, &applied.started.limits);
         self.frontend.pipeline.store(Arc::new(pipeline));
+        // Requests already waiting in an identity's line judge by the new
+        // limit from now on (a line that now has room goes on).
+        self.core.pacer.apply(&settings.identities.pacing());
 
         applied.loops.cancel();
         applied.loops = spawn_loops(

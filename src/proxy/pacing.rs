@@ -11,7 +11,10 @@
 //! connections at once, or a scraper's burst, would see spurious 429s on
 //! pages that are perfectly normal to load. Anti-bot velocity detectors
 //! look at how fast one session asks (the seeds' "velocity" signal), so a
-//! request over the limit waits its turn, in arrival order, for at most
+//! request over the limit waits its turn (a freed slot goes to the line,
+//! never to a request that came after it; the line's order is tokio's
+//! `Notify`, oldest first, which a waiter woken and then refused breaks),
+//! for at most
 //! `identities.queue_timeout`, and at most `identities.max_queue` requests
 //! wait per identity. Past either bound, and when the pacing delay would
 //! exceed `identities.max_pacing_delay`, the answer is `429 identity-busy`
@@ -150,10 +153,6 @@ impl PacingSettings {
 struct GateState {
     in_flight: u32,
     waiting: u32,
-    /// The limit of in-flight requests as the latest request found it
-    /// (`identities.max_in_flight`): requests already in line judge by it
-    /// too, so a reload's new limit reaches them.
-    limit: u32,
     /// When the next request may start.
     next_start: Option<Instant>,
 }
@@ -184,6 +183,10 @@ impl GateState {
 pub struct Pacer {
     gates: DashMap<IdentityId, Arc<Gate>, RandomKeys>,
     admissions: AtomicU64,
+    /// `identities.max_in_flight` in force (0: none), set at start and by
+    /// each reload ([`Pacer::apply`]): requests already in line judge by
+    /// it, not by the settings they were routed with.
+    limit: std::sync::atomic::AtomicU32,
 }
 
 /// An admitted request's slot; released when dropped.
@@ -206,12 +209,19 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let idle = {
+        let (idle, room) = {
             let mut state = self.gate.state();
             state.in_flight = state.in_flight.saturating_sub(1);
-            state.idle(Instant::now())
+            (
+                state.idle(Instant::now()),
+                has_room(&state, self.pacer.limit()),
+            )
         };
-        self.gate.freed.notify_one();
+        // Not when the slot leaves no room (a limit lowered since): a
+        // waiter woken for nothing would go to the back of the line.
+        if room {
+            self.gate.freed.notify_one();
+        }
         if idle {
             // Only while no other request holds the gate (the map and this
             // slot do): the shard lock keeps new holders out meanwhile.
@@ -223,9 +233,31 @@ impl Drop for Slot {
 }
 
 impl Pacer {
-    /// A pacer with no identity known.
-    pub fn new() -> Arc<Pacer> {
-        Arc::new(Pacer::default())
+    /// A pacer with no identity known, under `settings`.
+    pub fn new(settings: &PacingSettings) -> Arc<Pacer> {
+        let pacer = Pacer::default();
+        pacer.limit.store(settings.max_in_flight, Ordering::Relaxed);
+        Arc::new(pacer)
+    }
+
+    /// Puts `settings` (a reload's) in force for the requests in line too:
+    /// a line that now has room (a limit raised, or taken away) has its
+    /// head woken, which wakes the next while room is left.
+    pub fn apply(&self, settings: &PacingSettings) {
+        self.limit.store(settings.max_in_flight, Ordering::Relaxed);
+        for gate in self.gates.iter() {
+            let state = gate.state();
+            let room = has_room(&state, settings.max_in_flight);
+            if state.waiting > 0 && room {
+                drop(state);
+                gate.freed.notify_one();
+            }
+        }
+    }
+
+    /// The limit of in-flight requests in force (0: none).
+    fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Identities with a gate (in flight, waiting or recently paced).
@@ -253,7 +285,7 @@ impl Pacer {
         }
         self.sweep_now_and_then();
         let gate = self.gates.entry(identity).or_default().clone();
-        let (start, queued) = wait_for_slot(&gate, identity, settings).await?;
+        let (start, queued) = wait_for_slot(&gate, identity, settings, &self.limit).await?;
         // From here the slot is taken: dropping it (even while the pacing
         // delay runs, if the client leaves) gives it back.
         let slot = Slot {
@@ -314,6 +346,7 @@ async fn wait_for_slot(
     gate: &Gate,
     identity: IdentityId,
     settings: &PacingSettings,
+    in_force: &std::sync::atomic::AtomicU32,
 ) -> Result<(Option<Instant>, bool), Throttle> {
     let busy = |waiting, why, retry_after| Throttle::IdentityBusy {
         identity,
@@ -332,20 +365,8 @@ async fn wait_for_slot(
         freed.as_mut().enable();
         {
             let mut state = gate.state();
-            // A limit raised since the line formed (a reload): the room is
-            // the line's, and its head is woken to take it.
-            let raised = !queued
-                && state.waiting > 0
-                && state.limit != 0
-                && (settings.max_in_flight == 0 || settings.max_in_flight > state.limit);
-            if !queued {
-                state.limit = settings.max_in_flight;
-            }
-            let limit = state.limit;
-            if raised {
-                gate.freed.notify_one();
-            }
-            let room = limit == 0 || state.in_flight < limit;
+            let limit = in_force.load(Ordering::Relaxed);
+            let room = has_room(&state, limit);
             // A slot freed while others wait in line is theirs: a request
             // that has not waited lines up behind them.
             let free = room && (queued || state.waiting == 0);
@@ -373,7 +394,7 @@ async fn wait_for_slot(
                 // Slots left for the line (a reload that raised the limit
                 // frees several at once, with one wake): the next in line
                 // is woken in turn.
-                if queued && state.waiting > 0 && (limit == 0 || state.in_flight < limit) {
+                if queued && state.waiting > 0 && has_room(&state, limit) {
                     gate.freed.notify_one();
                 }
                 return Ok((start, queued));
@@ -403,6 +424,12 @@ async fn wait_for_slot(
             ));
         }
     }
+}
+
+/// Whether a gate in `state` has room for one more request under `limit`
+/// (0: no limit).
+fn has_room(state: &GateState, limit: u32) -> bool {
+    limit == 0 || state.in_flight < limit
 }
 
 /// A request's place in its identity's line, left when dropped. (A wake
@@ -481,7 +508,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_is_bounded_and_the_queue_too() {
-        let pacer = Pacer::new();
+        let pacer = Pacer::new(&settings(1, 0));
         let id = IdentityId(7);
         let s = settings(1, 0);
         let first = pacer.admit(id, &s).await.unwrap();
@@ -500,7 +527,7 @@ mod tests {
     /// comes meanwhile lines up behind it.
     #[tokio::test(start_paused = true)]
     async fn a_freed_slot_goes_to_the_line_first() {
-        let pacer = Pacer::new();
+        let pacer = Pacer::new(&settings(1, 0));
         let id = IdentityId(17);
         let s = settings(1, 0);
         let first = pacer.admit(id, &s).await.unwrap();
@@ -525,7 +552,7 @@ mod tests {
     /// for a deadline with a slot free.
     #[tokio::test(start_paused = true)]
     async fn a_waiter_refused_for_its_turn_passes_the_slot_on() {
-        let pacer = Pacer::new();
+        let pacer = Pacer::new(&settings(1, 0));
         let id = IdentityId(19);
         let s = PacingSettings {
             max_in_flight: 1,
@@ -551,41 +578,98 @@ mod tests {
         assert!(second.await.unwrap().is_err());
     }
 
-    /// A limit raised while requests wait (a reload): each one admitted
-    /// from the line wakes the next while slots are left, so they do not
-    /// sleep with slots free.
+    /// A reload's limit reaches the requests already in line: raised, the
+    /// line takes the room at once (each one admitted wakes the next while
+    /// room is left), whatever settings its requests were routed with.
     #[tokio::test(start_paused = true)]
     async fn a_raised_limit_lets_the_line_through() {
-        let pacer = Pacer::new();
-        let id = IdentityId(23);
         let one = PacingSettings {
             max_queue: 4,
             queue_timeout: Duration::from_secs(5),
             ..settings(1, 0)
         };
+        let pacer = Pacer::new(&one);
+        let id = IdentityId(23);
         let first = pacer.admit(id, &one).await.unwrap();
-        let three = PacingSettings {
-            max_in_flight: 3,
-            ..one
-        };
-        let hold = |pacer: &Arc<Pacer>, settings: PacingSettings| {
+        let hold = |pacer: &Arc<Pacer>| {
             let pacer = pacer.clone();
             tokio::spawn(async move {
-                let slot = pacer.admit(id, &settings).await;
+                let slot = pacer.admit(id, &one).await;
+                let admitted = tokio::time::Instant::now();
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                slot.map(|_| admitted)
+            })
+        };
+        let waiters = [hold(&pacer), hold(&pacer)];
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let raised_at = tokio::time::Instant::now();
+        pacer.apply(&PacingSettings {
+            max_in_flight: 3,
+            ..one
+        });
+        for waiter in waiters {
+            let admitted = waiter.await.unwrap().unwrap();
+            assert_eq!(admitted, raised_at, "let in at the reload");
+        }
+        drop(first);
+    }
+
+    /// A reload that turns pacing off lets the line go.
+    #[tokio::test(start_paused = true)]
+    async fn pacing_turned_off_lets_the_line_go() {
+        let one = PacingSettings {
+            queue_timeout: Duration::from_secs(5),
+            ..settings(1, 0)
+        };
+        let pacer = Pacer::new(&one);
+        let id = IdentityId(29);
+        let first = pacer.admit(id, &one).await.unwrap();
+        let waiter = spawn_waiter(&pacer, id, one);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        pacer.apply(&settings(0, 0));
+        let admitted = tokio::time::timeout(Duration::from_millis(10), waiter).await;
+        assert!(matches!(admitted, Ok(Ok(Ok(())))), "{admitted:?}");
+        drop(first);
+    }
+
+    /// A limit lowered while requests are in flight: a slot freed with no
+    /// room left wakes nobody, and the line keeps its order.
+    #[tokio::test(start_paused = true)]
+    async fn a_lowered_limit_keeps_the_lines_order() {
+        let two = PacingSettings {
+            max_queue: 4,
+            queue_timeout: Duration::from_secs(5),
+            ..settings(2, 0)
+        };
+        let pacer = Pacer::new(&two);
+        let id = IdentityId(31);
+        let (a, b) = (
+            pacer.admit(id, &two).await.unwrap(),
+            pacer.admit(id, &two).await.unwrap(),
+        );
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiter = |n: u32| {
+            let (pacer, order) = (pacer.clone(), order.clone());
+            tokio::spawn(async move {
+                let slot = pacer.admit(id, &two).await;
+                order.lock().unwrap().push(n);
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 slot.map(drop)
             })
         };
-        // Two wait under the old limit; then the limit is raised (a
-        // reload): the next request finds room, and the line takes it.
-        let waiters = [hold(&pacer, one), hold(&pacer, one)];
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let raised = hold(&pacer, three);
-        for waiter in waiters {
-            assert!(waiter.await.unwrap().is_ok(), "in within the timeout");
-        }
-        drop(first);
-        assert!(raised.await.unwrap().is_ok());
+        let w1 = waiter(1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let w2 = waiter(2);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        pacer.apply(&PacingSettings {
+            max_in_flight: 1,
+            ..two
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(b);
+        let _ = (w1.await, w2.await);
+        assert_eq!(*order.lock().unwrap(), [1, 2]);
     }
 
     /// A request of `id` admitted in a task of its own (it waits in line).
@@ -603,9 +687,9 @@ mod tests {
     /// when the dropped one would have, not an interval later.
     #[tokio::test(start_paused = true)]
     async fn a_start_never_used_is_given_back() {
-        let pacer = Pacer::new();
-        let id = IdentityId(13);
         let s = settings(4, 1_000);
+        let pacer = Pacer::new(&s);
+        let id = IdentityId(13);
         let first = pacer.admit(id, &s).await.unwrap();
         let began = tokio::time::Instant::now();
         let dropped = spawn_waiter(&pacer, id, s);
@@ -632,7 +716,7 @@ mod tests {
     /// once idle.
     #[tokio::test(start_paused = true)]
     async fn a_waiter_dropped_in_line_leaves_it() {
-        let pacer = Pacer::new();
+        let pacer = Pacer::new(&settings(1, 0));
         let id = IdentityId(11);
         let s = settings(1, 0);
         let first = pacer.admit(id, &s).await.unwrap();
@@ -652,9 +736,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pacing_spaces_starts_and_bounds_the_delay() {
-        let pacer = Pacer::new();
-        let id = IdentityId(9);
         let s = settings(0, 400);
+        let pacer = Pacer::new(&s);
+        let id = IdentityId(9);
         let t0 = Instant::now();
         for n in 0..3u32 {
             drop(pacer.admit(id, &s).await.unwrap());

@@ -87,8 +87,8 @@ pub enum ConnectError {
         reason: String,
     },
     /// The SOCKS5 exit did not keep to SOCKS5: not SOCKS5 at all, a
-    /// method it was not offered, a command or address type it does not
-    /// support, or a close before its answer.
+    /// method it was not offered, `CONNECT` not supported, or a close
+    /// before its answer.
     #[error(
         "{}: {reason}",
         if *after_connect {
