@@ -890,6 +890,39 @@ mod tests {
         (client, listener, acceptor(&pki, false))
     }
 
+    /// A connection of `client` to the server at `addr` (shaped by `hello`,
+    /// keeping its sessions in `sessions`) that has sent a byte and read
+    /// its echo: the tickets the server sent before it are taken.
+    async fn echoed_connection(
+        client: &BoringClient,
+        addr: std::net::SocketAddr,
+        hello: &ClientHello,
+        http1_only: bool,
+        sessions: Option<&Arc<SessionSlot>>,
+    ) -> TlsConn {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shape = Shape {
+            hello,
+            http1_only,
+            alps_settings: &[],
+            sessions,
+        };
+        let (mut conn, _) = client
+            .connect("localhost", tcp, shape)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn.write_all(b"x").await.unwrap_or_else(|e| panic!("{e}"));
+        conn.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn
+    }
+
     /// Serves `connections` TLS connections (their handshakes done by
     /// `acceptor`), each echoing one byte, so that the client reads (and
     /// BoringSSL takes the tickets sent before it).
@@ -954,7 +987,6 @@ mod tests {
     #[tokio::test]
     async fn a_connection_resumes_the_session_its_slot_keeps_and_no_other() {
         use crate::fingerprint::ja4::ja4;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (client, listener, acceptor) = client_and_server().await;
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         // rustls issues TLS 1.3 tickets after each handshake; each
@@ -966,25 +998,8 @@ mod tests {
             let client = &client;
             let hello = &hello;
             async move {
-                let tcp = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                let shape = Shape {
-                    hello,
-                    http1_only,
-                    alps_settings: &[],
-                    sessions: sessions.as_ref(),
-                };
-                let (mut conn, _) = client
-                    .connect("localhost", tcp, shape)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                conn.write_all(b"x").await.unwrap_or_else(|e| panic!("{e}"));
-                conn.flush().await.unwrap_or_else(|e| panic!("{e}"));
-                let mut byte = [0u8; 1];
-                conn.read_exact(&mut byte)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let conn =
+                    echoed_connection(client, addr, hello, http1_only, sessions.as_ref()).await;
                 let sent = conn.sent_hello().cloned();
                 let sent = sent.unwrap_or_else(|| panic!("no hello recorded"));
                 (conn.resumed(), sent)
@@ -1054,7 +1069,6 @@ mod tests {
     /// handshake.
     #[tokio::test]
     async fn an_oversized_session_is_not_kept() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         #[derive(Debug)]
         struct Padded;
         impl rustls::server::ProducesTickets for Padded {
@@ -1082,25 +1096,7 @@ mod tests {
         let server = tokio::spawn(echo_bytes(listener, acceptor, 1));
         let hello = hello("chromium_1");
         let slot = Arc::new(SessionSlot::default());
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let shape = Shape {
-            hello: &hello,
-            http1_only: false,
-            alps_settings: &[],
-            sessions: Some(&slot),
-        };
-        let (mut conn, _) = client
-            .connect("localhost", tcp, shape)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        conn.write_all(b"x").await.unwrap_or_else(|e| panic!("{e}"));
-        conn.flush().await.unwrap_or_else(|e| panic!("{e}"));
-        let mut byte = [0u8; 1];
-        conn.read_exact(&mut byte)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        echoed_connection(&client, addr, &hello, false, Some(&slot)).await;
         assert!(!slot.holds(), "a 60 KB ticket is not kept");
         server.await.unwrap_or_else(|e| panic!("{e}"));
     }
