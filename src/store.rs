@@ -401,6 +401,34 @@ impl Store {
         }
     }
 
+    /// How many data losses the store has noticed since it opened (Redis
+    /// only; always 0 for the others): a pin write decided on a lookup made
+    /// before the count moved is not made (see `Router::route_within`).
+    pub fn losses_noticed(&self) -> u64 {
+        match self {
+            Store::Redis(store) => store.losses_noticed(),
+            Store::Memory(_) | Store::Durable(_) => 0,
+        }
+    }
+
+    /// Refuses a pin write decided on a lookup made when
+    /// [`Store::losses_noticed`] read `seen`, once a loss has been noticed
+    /// since: that lookup may have missed a pin the store lost and has not
+    /// written back yet, and a write on its strength would pin the
+    /// credential anew on an exit chosen now. (Lookups made since are
+    /// answered under the quarantine: a credential Redis does not know is
+    /// restored from the journal or answered as lost.)
+    pub fn unchanged_since(&self, seen: u64) -> Result<(), StoreError> {
+        if self.losses_noticed() == seen {
+            return Ok(());
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Lost,
+            "Redis was seen to lose data after this request's credentials were looked up, so \
+             none is pinned on that reading",
+        ))
+    }
+
     /// The last data loss the store was seen to suffer (Redis only).
     pub fn loss_report(&self) -> Option<redis::LossReport> {
         match self {

@@ -586,6 +586,55 @@ async fn a_reply_that_shows_a_loss_decides_nothing() {
     }
 }
 
+/// A credential looked up before a replica noticed a loss is not pinned on
+/// that reading: the lookup may have missed a pin Redis lost, which the
+/// restore has not written back yet, and a write would found it anew on an
+/// exit chosen now (the router asks `unchanged_since` before it writes).
+/// Here a replica that never saw the pin misses it, the replica whose
+/// journal holds it notices, and the first joins the fleet's quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_made_before_a_loss_was_noticed_decides_no_pin() {
+    let redis = RedisServer::start().await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let (holder_dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (holder, someone, k) = replica_with_a_pin(&redis, "fenced", holder_dir.path()).await;
+    let other = Store::Redis(
+        redis_store(
+            &redis.url(),
+            "fenced",
+            2 * HOUR_MS,
+            HOUR_MS,
+            Some(other_dir.path()),
+        )
+        .await,
+    );
+    delete_pins(&mut connection, "fenced").await;
+
+    let seen = other.losses_noticed();
+    assert_eq!(other.lookup(&[k]).await.unwrap().as_slice(), [None]);
+    other.unchanged_since(seen).unwrap();
+    // The holder's journal has it: the loss is noticed, the pin restored.
+    let restored = holder.lookup(&[k]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(restored.pin.identity, someone.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while other.losses_noticed() == seen {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other replica never joined the fleet's quarantine"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = other.unchanged_since(seen).unwrap_err();
+    assert_eq!(refused.kind, StoreErrorKind::Lost, "{refused}");
+    assert!(refused.to_string().contains("lose data"), "{refused}");
+    // Looked up again, under the quarantine, it follows its identity.
+    let now = other.lookup(&[k]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(now.pin.identity, someone.id);
+    other.close().await;
+    holder.close().await;
+}
+
 /// A replica's store on namespace `namespace` of `redis` (its data in
 /// `dir`), holding one identity with one pin.
 async fn replica_with_a_pin(

@@ -212,6 +212,9 @@ impl Router {
         credentials.sort_by_key(|c| c.key);
         let keys: SmallVec<[PinKey; 4]> = credentials.iter().map(|c| c.key).collect();
         let mut bindings = Bindings::new();
+        // A write below decided on this lookup is refused if the store
+        // notices a loss meanwhile (`Store::unchanged_since`).
+        let losses = self.store.losses_noticed();
         self.store.lookup_into(&keys, &mut bindings).await?;
 
         let mut live: Live<'_> = SmallVec::new();
@@ -272,14 +275,18 @@ impl Router {
         match identity {
             Some(identity) => {
                 allowed(scope, &identity)?;
-                self.join(&identity, &unknown, now).await?;
+                self.join(&identity, &unknown, now, losses).await?;
                 self.pinned_route(exits, identity, Reason::Pinned, strip)
             }
             None if unknown.is_empty() => self.rotate(exits, scope, now, strip),
             None => {
                 let fingerprint = fingerprint();
-                self.create(exits, scope, &unknown, &fingerprint, now, strip)
-                    .await
+                let new = New {
+                    unknown: &unknown,
+                    fingerprint: &fingerprint,
+                    losses,
+                };
+                self.create(exits, scope, new, now, strip).await
             }
         }
     }
@@ -452,16 +459,19 @@ impl Router {
         }
     }
 
-    /// Pins a request's new credentials to its identity.
+    /// Pins a request's new credentials to its identity; `losses` is the
+    /// store's loss count when they were looked up.
     async fn join(
         &self,
         identity: &Identity,
         unknown: &[&Credential],
         now: u64,
+        losses: u64,
     ) -> Result<(), RouteError> {
         if unknown.is_empty() {
             return Ok(());
         }
+        self.store.unchanged_since(losses)?;
         let pins: Vec<(PinKey, Pin)> = unknown
             .iter()
             .map(|c| (c.key, Pin::new(identity.id, c, now, None)))
@@ -476,11 +486,16 @@ impl Router {
         &self,
         exits: &ExitSet,
         scope: &ExitScope,
-        unknown: &[&Credential],
-        fingerprint: &Fingerprint,
+        new: New<'_>,
         now: u64,
         strip: Vec<Credential>,
     ) -> Result<Route, RouteError> {
+        let New {
+            unknown,
+            fingerprint,
+            losses,
+        } = new;
+        self.store.unchanged_since(losses)?;
         let exit = exits
             .pick_within(now, scope)
             .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
@@ -575,7 +590,7 @@ impl Router {
             return Err(retired(reason));
         }
         allowed(scope, &identity)?;
-        self.join(&identity, rest, now).await?;
+        self.join(&identity, rest, now, losses).await?;
         self.pinned_route(exits, identity, Reason::Pinned, strip)
     }
 
@@ -624,7 +639,16 @@ impl Router {
     }
 }
 
-/// Refuses an identity on an exit outside `scope`.
+/// A request's credentials no identity holds, about to found one.
+struct New<'a> {
+    /// The credentials, in key order.
+    unknown: &'a [&'a Credential],
+    /// The fingerprint the new identity records.
+    fingerprint: &'a Fingerprint,
+    /// The store's loss count when they were looked up.
+    losses: u64,
+}
+
 /// Fails with a conflict when any of `credentials` was pinned to another
 /// identity (between our lookup and our pin) instead of `identity`.
 fn check_joined(
@@ -679,6 +703,7 @@ fn unexpected_founding() -> StoreError {
     )
 }
 
+/// Refuses an identity on an exit outside `scope`.
 fn allowed(scope: &ExitScope, identity: &Identity) -> Result<(), RouteError> {
     if scope.allows(&identity.exit) {
         return Ok(());

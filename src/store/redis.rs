@@ -170,6 +170,9 @@ struct Inner {
     clock_apart: AtomicBool,
     /// A restore is running.
     recovering: AtomicBool,
+    /// The losses this replica has noticed, and the fleet's quarantines it
+    /// joined, since it opened (see [`RedisStore::losses_noticed`]).
+    losses_noticed: AtomicU64,
     /// The hash of the epoch the running restore writes under, once it has
     /// taken one (0: no restore, or it has not reached its writes yet).
     restore_epoch: AtomicU64,
@@ -279,6 +282,7 @@ impl RedisStore {
                 quarantine_until_steady_ms: AtomicU64::new(0),
                 clock_apart: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
+                losses_noticed: AtomicU64::new(0),
                 restore_epoch: AtomicU64::new(0),
                 lost_again: Mutex::new(None),
                 evictions: eviction::EvictionWatch::default(),
@@ -696,9 +700,32 @@ impl RedisStore {
                 );
             }
         }
+        let min_replicas: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("min-replicas-to-write")
+            .query_async(&mut connection)
+            .await;
+        let min_replicas = min_replicas
+            .ok()
+            .and_then(|pair| pair.get(1)?.parse::<u64>().ok());
         // The baselines of the eviction count and the clock, and whether
         // they can be read.
         let (info, clocks) = read_info(&mut connection).await;
+        let replicas = info
+            .as_deref()
+            .ok()
+            .and_then(|info| info_field(info, "connected_slaves"));
+        if self.inner.wait.is_none()
+            && split_brain_possible(self.inner.link.fails_over(), replicas, min_replicas)
+        {
+            tracing::warn!(
+                "Redis can fail over here, and no new pin waits for a Redis replica \
+                 (store.wait_replicas = 0): a network partition that leaves the old primary \
+                 taking writes lets replicas of pinproxy on either side pin one new cookie to \
+                 two exits until it heals (the loss is seen then). Set store.wait_replicas = 1, \
+                 or min-replicas-to-write 1 on the primary"
+            );
+        }
         match info {
             Ok(info) => {
                 if let Some(reading) = clocks.of(&info) {
@@ -904,6 +931,32 @@ impl RedisStore {
             expires_ms: Some(cap),
             ..pin.clone()
         })
+    }
+
+    /// `written`, a request's pin write begun when
+    /// [`RedisStore::losses_noticed`] read `before`, unless a loss was
+    /// noticed meanwhile. Its reply may have shown that loss (a reply to a
+    /// command sent during a restore is otherwise no error: lookups are
+    /// answered under the quarantine, which writes are not), or the loss
+    /// came to light another way while it was in flight (an eviction
+    /// count, the fleet's quarantine, another command's reply): either way
+    /// it may have pinned anew a credential Redis lost, whose pin the
+    /// restore has not written back yet, so it is not used. What it wrote
+    /// is left to the restore, which retires both identities of a pin it
+    /// finds in conflict.
+    fn unless_lost_meanwhile<T>(
+        &self,
+        before: u64,
+        written: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let written = written?;
+        if self.losses_noticed() == before {
+            return Ok(written);
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Lost,
+            "Redis was seen to lose data while this pin was written, so it is not used",
+        ))
     }
 
     /// Pins each of `pins` unless pinned, in one round trip (followed by
@@ -1195,6 +1248,28 @@ fn decided_once(reason: &RetireReason) -> bool {
 }
 
 /// `INFO`, and its round trip on the boot clock.
+/// Whether a network partition may leave two primaries taking pins at
+/// once, each side's replicas of pinproxy unaware of the other's until it
+/// heals: Redis fails over (`fails_over`: Sentinel or a cluster; or the
+/// primary has `replicas`, which an outside tool may promote) and its
+/// primary goes on taking writes without one (`min-replicas-to-write`
+/// 0, or unreadable). The caller asks only when no new pin waits for a
+/// replica (`store.wait_replicas` 0).
+fn split_brain_possible(
+    fails_over: bool,
+    replicas: Option<u64>,
+    min_replicas: Option<u64>,
+) -> bool {
+    (fails_over || replicas.is_some_and(|n| n > 0)) && min_replicas.unwrap_or(0) == 0
+}
+
+/// The number `INFO` gives for `field` (`field:N` on a line of its own).
+fn info_field(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|line| line.trim_end().strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.parse().ok())
+}
+
 async fn read_info(
     connection: &mut ConnectionManager,
 ) -> (redis::RedisResult<String>, server_clock::RoundTrip) {
@@ -1344,7 +1419,8 @@ impl PinStore for RedisStore {
     }
 
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
-        let bindings = self.pin_all_raw(pins).await?;
+        let before = self.losses_noticed();
+        let bindings = self.unless_lost_meanwhile(before, self.pin_all_raw(pins).await)?;
         if let Some(journal) = &self.inner.journal {
             let made: Vec<(PinKey, &Binding)> = pins
                 .iter()
@@ -1361,7 +1437,8 @@ impl PinStore for RedisStore {
         identity: &Identity,
         pins: &[(PinKey, Pin)],
     ) -> Result<Founding, StoreError> {
-        let founding = self.found_raw(identity, pins).await?;
+        let before = self.losses_noticed();
+        let founding = self.unless_lost_meanwhile(before, self.found_raw(identity, pins).await)?;
         if let Some(journal) = &self.inner.journal {
             match &founding {
                 Founding::Founded(bindings) => {
@@ -1746,6 +1823,22 @@ async fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partition can leave two primaries taking pins when Redis fails
+    /// over (Sentinel, a cluster, or a primary with replicas) and its
+    /// primary takes writes without a replica.
+    #[test]
+    fn a_failing_over_redis_without_min_replicas_can_split() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n";
+        assert_eq!(info_field(info, "connected_slaves"), Some(2));
+        assert_eq!(info_field(info, "connected"), None);
+        assert!(split_brain_possible(true, Some(0), Some(0)));
+        assert!(split_brain_possible(false, Some(2), None));
+        assert!(!split_brain_possible(false, Some(2), Some(1)));
+        assert!(!split_brain_possible(true, None, Some(1)));
+        assert!(!split_brain_possible(false, Some(0), Some(0)));
+        assert!(!split_brain_possible(false, None, None));
+    }
 
     /// A pin script's row is a pin, or Lua's `false` (no pin); any other
     /// shape, or another number of rows than pins, is no answer at all,

@@ -240,6 +240,12 @@ fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
 }
 
 impl Link {
+    /// Whether the target fails over on its own (a Sentinel group or a
+    /// cluster): another server may become the primary.
+    pub fn fails_over(&self) -> bool {
+        !matches!(self.target, Target::Direct(_))
+    }
+
     /// A link to `target`; nothing is dialled yet. `wait` is how long
     /// `WAIT` may block, when new pins wait for replicas.
     pub fn new(target: Target, wait: Option<Duration>) -> Result<Link, StoreError> {

@@ -137,6 +137,17 @@ impl RedisStore {
         }
     }
 
+    /// How many losses of Redis's data this replica has noticed since it
+    /// opened, counting the fleet's quarantines it joined. A pin written
+    /// on the strength of a lookup made before the count moved may be a
+    /// lost credential founded anew (the lookup missed it, and the restore
+    /// has not written it back yet): the router does not write it
+    /// (see `Router::route_within`), and a request's pin write during which
+    /// the count moved is refused ([`RedisStore::unless_lost_meanwhile`]).
+    pub fn losses_noticed(&self) -> u64 {
+        self.inner.losses_noticed.load(Ordering::Acquire)
+    }
+
     /// Whether unknown credentials are to be treated as lost now: during
     /// the quarantine, and for as long as a restore runs (with a
     /// `store.loss_quarantine` shorter than the restore, a credential whose
@@ -236,6 +247,7 @@ impl RedisStore {
     /// run, which it had not started: says so, forgets the cached pins (a
     /// restore may retire what they answer live) and reports it.
     fn joined_quarantine(&self, left_ms: u64) {
+        self.inner.losses_noticed.fetch_add(1, Ordering::AcqRel);
         tracing::warn!(
             remaining = ?Duration::from_millis(left_ms),
             "the fleet is in quarantine after a loss of the Redis pin store: credentials Redis \
@@ -282,6 +294,7 @@ impl RedisStore {
     /// loss it may not cover is kept for another restore once it ends (see
     /// [`Self::lost_during_restore`]).
     pub(super) fn on_loss(&self, loss: Loss, seen_epoch: Option<String>, sent_epoch: Option<u64>) {
+        self.inner.losses_noticed.fetch_add(1, Ordering::AcqRel);
         if self.inner.recovering.swap(true, Ordering::AcqRel) {
             self.lost_during_restore(loss, seen_epoch, sent_epoch);
             return;
