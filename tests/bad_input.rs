@@ -157,7 +157,12 @@ async fn unreadable_cookies_fail_closed() {
     );
     // A tracked cookie after a comma or a blank inside another pair, which
     // some origins' parsers read as a pair of its own.
-    for hidden in ["a=1, datadome=T", "lang datadome=T", "a=1\tdatadome=T"] {
+    for hidden in [
+        "a=1, datadome=T",
+        "lang datadome=T",
+        "a=1\tdatadome=T",
+        "a=1 datadome =T",
+    ] {
         let head = raw(
             proxy,
             format!(

@@ -956,9 +956,31 @@ fn has_inner_break(text: &str) -> bool {
     false
 }
 
-/// The pieces of a `Cookie` pair between commas, spaces and tabs.
+/// The pieces of a `Cookie` pair between commas, spaces and tabs, but
+/// for blanks beside an `=`: Python's `SimpleCookie` reads `name = value`
+/// as one pair, so `a=1 datadome =T` hides `datadome=T` from a reading that
+/// split at every blank.
 fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
-    split_at_each(pair, |bytes| memchr::memchr3(b',', b' ', b'\t', bytes))
+    split_at_each(pair, inner_break)
+}
+
+/// Where the first piece of `bytes` ends ([`inner_pieces`]): at a comma,
+/// or at a run of blanks with no `=` either side of it.
+fn inner_break(bytes: &[u8]) -> Option<usize> {
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let mut from = 0;
+    loop {
+        let at = from + memchr::memchr3(b',', b' ', b'\t', bytes.get(from..)?)?;
+        if bytes.get(at) == Some(&b',') {
+            return Some(at);
+        }
+        let run = bytes.get(at..)?.iter().take_while(|b| blank(b)).count();
+        let after_eq = at.checked_sub(1).and_then(|i| bytes.get(i)) == Some(&b'=');
+        if !after_eq && bytes.get(at + run) != Some(&b'=') {
+            return Some(at);
+        }
+        from = at + run;
+    }
 }
 
 /// A `Cookie` pair's text before its first `=` and after it (untrimmed);
@@ -1297,16 +1319,18 @@ fn cookie_expiry_ms(
     (longest, false)
 }
 
-/// Whether a line's `Max-Age` attributes read as different lifetimes (as
-/// any client reads them), or its `Expires` attributes differ: clients
-/// differ on which of several counts.
+/// Whether a line's `Max-Age` attributes differ, or its `Expires`
+/// attributes do, a value that no client reads and a valueless attribute
+/// included: clients differ on which of several counts. Browsers take the
+/// last of each name whatever its value, and one they cannot read sends
+/// them to `Expires`, or to the session (`Max-Age=0; Max-Age=x` is kept
+/// by Chromium and Firefox, where Go, Python and curl delete it).
 fn attributes_disagree(line: &str) -> bool {
     fn differ<T: PartialEq>(mut values: impl Iterator<Item = T>) -> bool {
         let first = values.next();
         values.any(|value| Some(value) != first)
     }
-    differ(max_age_values(line).filter_map(lenient_seconds))
-        || differ(attribute_values(line, "expires"))
+    differ(max_age_values(line)) || differ(attribute_values(line, "expires"))
 }
 
 /// [`cookie_expiry_ms`] as browsers read a line whose `Max-Age` they read
@@ -1390,10 +1414,12 @@ fn max_age_values(line: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The values of a `Set-Cookie` line's attributes named `wanted` (in any
-/// case), trimmed, in order.
+/// case), trimmed, in order; an attribute without `=` has the empty value
+/// (browsers record it so: a valueless `Max-Age` or `Expires` last in a
+/// line makes them ignore the earlier ones).
 fn attribute_values<'a>(line: &'a str, wanted: &'a str) -> impl Iterator<Item = &'a str> {
     pieces(line, b';').skip(1).filter_map(move |attribute| {
-        let (name, value) = split_pair(attribute)?;
+        let (name, value) = split_pair(attribute).unwrap_or((attribute, ""));
         name.trim()
             .eq_ignore_ascii_case(wanted)
             .then(|| value.trim())
@@ -2013,6 +2039,10 @@ mod tests {
             "a=1\tdatadome=T",
             "a=x$ datadome=T; b=2",
             "datadome=T cf_clearance=c",
+            // `SimpleCookie` takes blanks beside `=` into the pair.
+            "a=1 datadome =T",
+            "a=1, datadome = T",
+            "a=1\tdatadome\t=\tT",
         ] {
             assert!(
                 matches!(read(hidden), Err(CookieError::HiddenPair)),
@@ -2261,7 +2291,8 @@ mod tests {
     }
 
     /// `Max-Age` is read as browsers read it: an attribute whose value is
-    /// not an optional `-` and digits is ignored, the last valid one counts.
+    /// not an optional `-` and digits is ignored (and one of several that
+    /// differ keeps the cookie for the session).
     #[test]
     fn a_max_age_browsers_ignore_is_no_deletion() {
         let now = 1_800_000_000_000;
@@ -2270,10 +2301,9 @@ mod tests {
         // curl reads the leading digits, a second; browsers keep it for
         // the session, longer.
         assert_eq!(read("datadome=T; Max-Age=1h"), (false, None));
-        assert_eq!(
-            read("datadome=T; Max-Age=60; Max-Age=-"),
-            (false, Some(now + 60_000))
-        );
+        // Chromium takes the last `Max-Age`, cannot read it and keeps the
+        // cookie for the session.
+        assert_eq!(read("datadome=T; Max-Age=60; Max-Age=-"), (false, None));
         assert_eq!(read("datadome=T; max-age = -5"), (true, Some(now - 5_000)));
         assert_eq!(read("datadome=T; Max-Age=0"), (true, Some(now)));
         let (deletes, far) = read("datadome=T; Max-Age=99999999999999999999999");
@@ -2304,6 +2334,13 @@ mod tests {
             "datadome=T; Max-Age=0; Max-Age=+86400",
             "datadome=T; Max-Age=86400; Max-Age=0",
             "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Expires=junk",
+            // The last of each name counts for browsers, whatever its
+            // value: one they cannot read, an empty one or none at all
+            // sends them to `Expires`, or keeps the cookie for the session.
+            "datadome=T; Max-Age=0; Max-Age=x",
+            "datadome=T; Max-Age=0; Max-Age=",
+            "datadome=T; Max-Age=0; Max-Age",
+            "datadome=T; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Expires",
             // Go ignores a leading zero; Python and curl keep a pre-1970
             // `Expires` for the session.
             "datadome=T; Max-Age=086400",
@@ -2575,6 +2612,8 @@ mod tests {
             "a=1 datadome=T",
             "a=1, datadome=T; Path=/",
             "a=1;datadome=\"T\"",
+            "sid=x; datadome =T; Path=/",
+            "a=1 datadome =T",
         ] {
             assert_eq!(set(line), [(t, false)], "{line}");
         }
