@@ -279,6 +279,32 @@ async fn a_connection_an_identity_was_founded_on_serves_no_one_else_after() {
     s.stop().await;
 }
 
+/// A cookie-less HTTP/2 connection whose answer set a tracked cookie
+/// serves no other visitor after, also when the answer founded nothing
+/// (its value was pinned already: the origin still linked the connection
+/// to whoever holds it). Over HTTP/1.1 such a connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_a_cookie_was_set_on_serves_no_one_after_a_founding_that_failed() {
+    let s = one_anonymous_session().await;
+    let port = s.origin.https.port();
+    let mut h2 = s.proxy.client.tunnel_h2("localhost", port).await;
+    // Founds an identity on `_px3_0=v`, which takes its connection.
+    assert_eq!(h2.get("/set-many?n=1&visit=1", &[]).await.status, 200);
+    // The same value again: pinned already, so nothing is founded.
+    assert_eq!(h2.get("/set-many?n=1&visit=2", &[]).await.status, 200);
+    let set_on = ports_of(&s, "/set-many?n=1&visit=2");
+    assert_eq!(set_on.len(), 1);
+    assert_eq!(h2.get("/anonymous?after=1", &[]).await.status, 200);
+    let after = ports_of(&s, "/anonymous?after=1");
+    assert_eq!(after.len(), 1);
+    assert_ne!(
+        after, set_on,
+        "a cookie-less request took the connection a cookie was set on"
+    );
+    assert!(s.origin.leaks().is_empty());
+    s.stop().await;
+}
+
 /// Two answers on one cookie-less HTTP/2 connection found two identities
 /// at once: the connection goes to exactly one of them; the other's
 /// requests, and cookie-less ones, take other connections, and no later

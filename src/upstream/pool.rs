@@ -168,6 +168,12 @@ struct Conns {
     /// A sweep found it untaken for a whole interval, and no answer has
     /// come on it since: the origin may be closing it ([`Reuse::Quiet`]).
     h2_quiet: bool,
+    /// The lane's HTTP/2 connection once an answer on it founded an
+    /// identity, on a cookie-less lane: it serves none of the lane's
+    /// visitors again, and waits here for its heir to take it
+    /// ([`LanePool::hand_over_h2`]) until the next sweep lets it go (a
+    /// founding that failed or was given up hands it to nobody).
+    founding_h2: Option<H2Conn>,
     idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
@@ -182,6 +188,7 @@ impl Conns {
     /// lane's lock, so no request can take a clone meanwhile.
     fn unused(&self) -> bool {
         self.idle.is_empty()
+            && self.founding_h2.is_none()
             && self.h2.as_ref().is_none_or(|conn| conn.sender.is_closed())
             && Arc::strong_count(&self.dialing) == 1
     }
@@ -416,11 +423,14 @@ impl LanePool {
         connection: &Arc<TunnelInfo>,
     ) -> Option<H2Conn> {
         let conns = origins.get_mut(origin)?;
-        let is_it = conns
-            .h2
-            .as_ref()
-            .is_some_and(|conn| Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed());
-        if !is_it {
+        let is_it = |conn: &Option<H2Conn>| {
+            conn.as_ref()
+                .is_some_and(|conn| Arc::ptr_eq(&conn.info, connection) && !conn.sender.is_closed())
+        };
+        if is_it(&conns.founding_h2) {
+            return conns.founding_h2.take();
+        }
+        if !is_it(&conns.h2) {
             return None;
         }
         conns.h2_quiet_since = None;
@@ -496,6 +506,10 @@ impl LanePool {
     pub(super) fn expire_idle(&self, now: Instant, idle_since: &mut Vec<Instant>) {
         let mut origins = self.origins();
         for conns in origins.values_mut() {
+            // A founding connection set aside for its heir, which takes it
+            // as soon as the founding is stored: one still here was handed
+            // to nobody.
+            conns.founding_h2 = None;
             // An HTTP/2 connection no request has taken for the idle
             // timeout is let go, as an idle HTTP/1.1 one is closed: many
             // origins never close one, and a crawl through one lane would
@@ -713,7 +727,7 @@ impl LanePool {
             let parked = {
                 let mut origins = self.origins();
                 let conns = origins.entry(origin.clone()).or_default();
-                if let Some((conn, reuse)) = reusable_h2(conns) {
+                if let Some((conn, reuse)) = reusable_h2(conns, self.cookie_less) {
                     return Ok((Checked::H2(conn), reuse));
                 }
                 let idle = if fresh { None } else { self.reusable_h1(conns) };
@@ -731,7 +745,12 @@ impl LanePool {
         };
         if origin.https && self.offers_h2() && !speaks_h1 {
             let _one_dial = dialing.lock().await;
-            if let Some((conn, reuse)) = self.origins().get_mut(origin).and_then(reusable_h2) {
+            let cookie_less = self.cookie_less;
+            if let Some((conn, reuse)) = self
+                .origins()
+                .get_mut(origin)
+                .and_then(|conns| reusable_h2(conns, cookie_less))
+            {
                 return Ok((Checked::H2(conn), reuse));
             }
             return Box::pin(self.dial(origin))
@@ -1036,9 +1055,18 @@ impl LanePool {
 }
 
 /// The origin's HTTP/2 connection, if open, and whether it is quiet (see
-/// `Conns::h2_quiet`).
-fn reusable_h2(conns: &mut Conns) -> Option<(H2Conn, Reuse)> {
+/// `Conns::h2_quiet`). On a `cookie_less` lane, one an answer founded an
+/// identity on is set aside for its heir instead: the origin linked it to
+/// that identity when it set the cookie there, and would see it carry
+/// other visitors' requests after (also when the founding failed, or its
+/// request was given up before the hand-over).
+fn reusable_h2(conns: &mut Conns, cookie_less: bool) -> Option<(H2Conn, Reuse)> {
     match &conns.h2 {
+        Some(conn) if cookie_less && conn.info.founded_one() => {
+            conns.founding_h2 = conns.h2.take();
+            conns.h2_quiet_since = None;
+            None
+        }
         Some(conn) if !conn.sender.is_closed() => {
             let conn = conn.clone();
             conns.h2_taken = true;
