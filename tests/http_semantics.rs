@@ -69,7 +69,8 @@ async fn header_case_and_order_reach_an_http1_origin_as_sent() {
 /// Chromium sends an `http://` URL to an HTTP proxy with `Proxy-Connection:
 /// keep-alive` where it writes `Connection: keep-alive` to an origin: the
 /// origin gets that `Connection`, second, as Chromium sends it directly (it
-/// got none, which says a proxy is on the path). Inside a tunnel, where a
+/// got none, which says a proxy is on the path); curl's `Keep-Alive` goes,
+/// as curl sends none directly. Inside a tunnel, where a
 /// client writes to the origin itself, a `Proxy-Connection` is no one's
 /// and goes.
 #[tokio::test]
@@ -95,9 +96,30 @@ async fn a_plain_requests_proxy_connection_reaches_the_origin_as_its_connection(
         .await
         .unwrap();
     read_ok(&mut tunnel).await;
+    // curl writes `Proxy-Connection: Keep-Alive` last to a proxy, and no
+    // `Connection` at all to an origin: it goes.
+    let mut tcp = tokio::net::TcpStream::connect(s.proxy.daemon.local_addr())
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://{host}/curl HTTP/1.1\r\nHost: {host}\r\nUser-Agent: curl/8.5.0\r\n\
+             Accept: */*\r\nProxy-Connection: Keep-Alive\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_ok(&mut tcp).await;
 
     let heads = raw.heads();
-    assert_eq!(heads.len(), 2);
+    assert_eq!(heads.len(), 3);
+    assert_eq!(
+        header_names(&heads[2]),
+        ["Host", "User-Agent", "Accept"],
+        "{}",
+        heads[2]
+    );
     assert_eq!(
         header_names(&heads[0]),
         [
@@ -247,7 +269,8 @@ async fn a_chunked_request_keeps_its_transfer_encoding_where_it_was() {
 
 /// A request's trailers lose what its head would (forwarding, hop-by-hop
 /// and pinproxy's own headers), and any cookie: no stage reads a trailer,
-/// so a credential there would leave unpinned.
+/// so a credential there would leave unpinned. Its `Trailer` header names
+/// only the fields that go on.
 #[tokio::test]
 async fn request_trailers_lose_what_the_head_would() {
     let s = Setup::start(1).await;
@@ -270,6 +293,11 @@ async fn request_trailers_lose_what_the_head_would() {
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(body, "x-checksum: abc\n", "{answer}");
+    // Nor does the head's `Trailer` announce them (it would name
+    // pinproxy's own header to the origin).
+    let seen = s.origin.seen();
+    let echo = seen.iter().find(|r| r.path == "/echo-trailers").unwrap();
+    assert_eq!(echo.header("trailer"), ["X-Checksum"]);
     s.stop().await;
 }
 

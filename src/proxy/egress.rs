@@ -9,11 +9,11 @@
 //! removed; `Set-Cookie` and everything else pass untouched.
 
 use http::header::{self, HeaderName};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt as _;
 
 use crate::body::{self, Body};
-use crate::fingerprint::header_order::{rename, retain};
+use crate::fingerprint::header_order::{self, rename, retain};
 
 /// A list of header names, and a `match` over the same names: looking a
 /// name up is then one comparison of lengths and a few of bytes, where a
@@ -36,6 +36,8 @@ name_list! {
     /// Removed from every request, whoever set them.
     pub FORWARDING_HEADERS, is_forwarding: [
         "forwarded",
+        "forwarded-for",
+        "x-forwarded",
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
@@ -109,7 +111,10 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
     // never holds a hop-by-hop header): one pass over its names says so.
     // `Connection` is hop-by-hop itself, so without one there is no list
     // of names to read either, and the map is not asked for it.
-    if !headers.keys().any(|name| leaves_no_request(name.as_str())) {
+    if !headers
+        .keys()
+        .any(|name| leaves_no_request(name.as_str()) || name == header::TRAILER)
+    {
         return;
     }
     let connection = ConnectionHeader::of(headers);
@@ -126,6 +131,15 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
     };
     let te_listed = connection.listed.contains(&header::TE);
     let te_connection = connection.only_te && te_is_trailers;
+    if headers.contains_key(header::TRAILER) {
+        header_order::rewrite(headers, |name, value| {
+            if name == header::TRAILER {
+                declared_trailers(value)
+            } else {
+                Some(value)
+            }
+        });
+    }
     retain(headers, |name, value| {
         let te_trailers = name == header::TE
             && value.as_bytes().eq_ignore_ascii_case(b"trailers")
@@ -151,8 +165,11 @@ fn sanitize(headers: &mut HeaderMap, upgrade: bool) {
 /// keep-alive` where its client writes `Connection: keep-alive` to an
 /// origin (Chromium does, for every `http://` URL it sends through a
 /// proxy): to the origin it goes as that `Connection`, where the client
-/// put it. Only a lone value of `keep-alive` or `close`, and only where the
-/// client sent no `Connection` of its own; else it goes, as hop-by-hop.
+/// put it. Only a lone value of `keep-alive` or `close` in Chromium's lower
+/// case, and only where the client sent no `Connection` of its own; else it
+/// goes, as hop-by-hop. (curl writes `Proxy-Connection: Keep-Alive` to a
+/// proxy and no `Connection` to an origin: renamed, it would show a header
+/// no curl sends.)
 pub fn proxy_connection_as_connection(headers: &mut HeaderMap) {
     // A look over the names, not a hash of this one: most requests hold
     // none.
@@ -163,8 +180,7 @@ pub fn proxy_connection_as_connection(headers: &mut HeaderMap) {
     let (Some(value), None) = (values.next(), values.next()) else {
         return;
     };
-    let plain = value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
-        || value.as_bytes().eq_ignore_ascii_case(b"close");
+    let plain = value.as_bytes() == b"keep-alive" || value.as_bytes() == b"close";
     if plain && !headers.contains_key(header::CONNECTION) {
         rename(headers, &PROXY_CONNECTION, &header::CONNECTION);
     }
@@ -183,6 +199,36 @@ pub fn sanitize_request_trailers(trailers: &mut HeaderMap) {
             || name == header::COOKIE
             || super::credentials::cookies::carries_token(name)
     });
+}
+
+/// A `Trailer` value without the names of the fields a request's
+/// trailers lose ([`sanitize_request_trailers`]): announced, they would
+/// tell the origin of pinproxy (`X-Pinproxy-Session`) or of a forwarding
+/// field it never gets. The value as sent when it names none of them;
+/// `None` when it names nothing else.
+fn declared_trailers(value: HeaderValue) -> Option<HeaderValue> {
+    let goes = |name: &[u8]| {
+        HeaderName::from_bytes(name).is_ok_and(|name| {
+            leaves_no_request(name.as_str())
+                || name == header::COOKIE
+                || super::credentials::cookies::carries_token(&name)
+        })
+    };
+    let names = || {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|name| !name.is_empty())
+    };
+    if !names().any(goes) {
+        return Some(value);
+    }
+    let kept: Vec<&[u8]> = names().filter(|name| !goes(name)).collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&kept.join(&b", "[..])).ok()
 }
 
 /// Removes the headers `goes` names; the rest keep their order.

@@ -1452,8 +1452,10 @@ fn strip_connection_specific(headers: &mut HeaderMap) {
             || *name == header::UPGRADE
             || name.as_str() == "keep-alive"
             || name.as_str() == "proxy-connection";
-        let te_other_than_trailers =
-            *name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        // Byte for byte, as the HTTP/2 stacks compare it: a `Trailers`
+        // they found would be swap-removed, moving the last header into
+        // its place.
+        let te_other_than_trailers = *name == header::TE && value.as_bytes() != b"trailers";
         !forbidden && !te_other_than_trailers
     });
 }
@@ -1591,6 +1593,32 @@ pub(super) mod tests {
             builder = builder.header(*name, *value);
         }
         builder.body(crate::body::empty()).unwrap()
+    }
+
+    /// A `TE` other than `trailers` byte for byte goes in order: the
+    /// HTTP/2 stacks would otherwise swap-remove `TE: Trailers`, moving the
+    /// last header into its place.
+    #[test]
+    fn a_te_of_trailers_in_another_case_goes_in_order() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("accept", "*/*"),
+            ("te", "Trailers"),
+            ("user-agent", "x"),
+            ("accept-language", "en"),
+        ] {
+            headers.append(
+                http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_connection_specific(&mut headers);
+        let kept: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(kept, ["accept", "user-agent", "accept-language"]);
+        let mut headers = HeaderMap::new();
+        headers.append(header::TE, HeaderValue::from_static("trailers"));
+        strip_connection_specific(&mut headers);
+        assert!(headers.contains_key(header::TE));
     }
 
     /// The header names of `request`, in order.

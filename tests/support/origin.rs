@@ -147,6 +147,8 @@ pub struct OriginLog {
 /// list is still caught.
 pub const FORWARDING_HEADERS: &[&str] = &[
     "forwarded",
+    "forwarded-for",
+    "x-forwarded",
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-proto",
