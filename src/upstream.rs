@@ -27,6 +27,7 @@ pub mod conn;
 pub mod dial;
 pub mod egress_ip;
 pub mod error;
+mod expect;
 pub mod framing;
 pub mod h2;
 mod header_case;

@@ -399,6 +399,98 @@ async fn expect_100_continue_is_honoured() {
     s.stop().await;
 }
 
+/// An origin that refuses an upload before asking for it (`417`, as a
+/// server refusing its size answers) never gets the body, and the client
+/// is never told to send it: its first answer is the refusal, not a `100
+/// Continue` of pinproxy's (hyper's server sends one as soon as the body
+/// is read, and hyper's client reads it as soon as the head is written).
+#[tokio::test]
+async fn an_upload_the_origin_refuses_before_asking_for_it_is_never_asked_for() {
+    let s = Setup::start(1).await;
+    let refusing = RawOrigin::start_answering(
+        b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let host = refusing.addr.to_string();
+    let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tunnel
+        .write_all(
+            format!(
+                "PUT /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
+                 Expect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    tunnel.read_exact(&mut first).await.unwrap();
+    assert_eq!(
+        &first,
+        b"HTTP/1.1 417",
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    s.stop().await;
+}
+
+/// An origin that asks for the body with its own `100 Continue` gets it,
+/// and the client is told to send it.
+#[tokio::test]
+async fn an_upload_goes_once_the_origin_asks_for_it() {
+    let s = Setup::start(1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let origin = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+            tcp.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = [0u8; 5];
+        tcp.read_exact(&mut body).await.unwrap();
+        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        tcp.write_all(&body).await.unwrap();
+    });
+    let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tunnel
+        .write_all(
+            format!(
+                "PUT /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
+                 Expect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tunnel.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"hello") {
+        let mut chunk = [0u8; 512];
+        let n = tunnel.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    tokio::time::timeout(std::time::Duration::from_secs(10), origin)
+        .await
+        .unwrap()
+        .unwrap();
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn head_204_and_304_have_no_body_over_both_protocols() {
     let s = Setup::start(1).await;

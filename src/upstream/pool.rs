@@ -945,14 +945,19 @@ impl LanePool {
         for_h1(&mut request, origin, family, case_map);
         conn.framing.request(request.method());
         let uploads = !request.body().is_end_stream();
+        let held = super::expect::hold_body(&mut request);
         match conn.sender.try_send_request(request).await {
             Ok(response) => {
+                if let Some(held) = &held {
+                    held.answered(response.status());
+                }
                 let info = conn.info.clone();
                 let giveback = GiveBack {
                     pool: Arc::downgrade(self),
                     origin: origin.clone(),
                     conn: Some(conn),
                     uploads,
+                    held,
                 };
                 let response = response.map(|body| {
                     UpstreamBody::Pooled(PooledBody {
@@ -1467,6 +1472,17 @@ struct GiveBack {
     conn: Option<H1Conn>,
     /// Whether its request had a body to write.
     uploads: bool,
+    /// Its request's body, held for the origin's `100 Continue` (see
+    /// `expect`): one the answer refused ends with the answer.
+    held: Option<Arc<super::expect::Gate>>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.answer_over();
+        }
+    }
 }
 
 impl GiveBack {
