@@ -162,6 +162,7 @@ async fn unreadable_cookies_fail_closed() {
         "lang datadome=T",
         "a=1\tdatadome=T",
         "a=1 datadome =T",
+        "x= datadome=T",
     ] {
         let head = raw(
             proxy,

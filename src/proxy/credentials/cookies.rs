@@ -920,14 +920,15 @@ fn tracked_pairs<'a>(
 /// folding or a broken jar; either way pinproxy cannot tell how the origin
 /// will read it.
 fn hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
+    let tracked = |part: &str| {
+        split_pair(part).is_some_and(|(name, _)| {
+            let name = name.trim();
+            !name.is_empty() && policy.is_tracked(name)
+        })
+    };
     pieces(text, b';').any(|pair| {
         let pair = pair.trim();
-        inner_pieces(pair).skip(1).any(|part| {
-            split_pair(part).is_some_and(|(name, _)| {
-                let name = name.trim();
-                !name.is_empty() && policy.is_tracked(name)
-            })
-        })
+        pieces_at_every_break(pair).skip(1).any(tracked) || inner_pieces(pair).skip(1).any(tracked)
     })
 }
 
@@ -959,9 +960,16 @@ fn has_inner_break(text: &str) -> bool {
 /// The pieces of a `Cookie` pair between commas, spaces and tabs, but
 /// for blanks beside an `=`: Python's `SimpleCookie` reads `name = value`
 /// as one pair, so `a=1 datadome =T` hides `datadome=T` from a reading that
-/// split at every blank.
+/// split at every blank ([`pieces_at_every_break`], which is
+/// lua-resty-cookie's: it reads `x= datadome=T` as two pairs, where this
+/// one sees one). A pair hides a tracked one if either reading finds it.
 fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
     split_at_each(pair, inner_break)
+}
+
+/// The pieces of a `Cookie` pair between every comma, space and tab.
+fn pieces_at_every_break(pair: &str) -> impl Iterator<Item = &str> {
+    split_at_each(pair, |bytes| memchr::memchr3(b',', b' ', b'\t', bytes))
 }
 
 /// Where the first piece of `bytes` ends ([`inner_pieces`]): at a comma,
@@ -1146,21 +1154,32 @@ fn set_but_hidden<'a>(
     text: &'a str,
     policy: &'a CookiePolicy,
 ) -> Vec<(&'a str, Tracked<'a>, &'a str)> {
-    pieces(text, b';')
-        .enumerate()
-        .flat_map(|(i, piece)| inner_pieces(piece).skip(usize::from(i == 0)))
-        .filter_map(|part| {
-            let (name, value) = split_pair(part)?;
-            let name = name.trim();
+    // Both readings of each piece (see `inner_pieces`), each pair once.
+    let mut found: Vec<(&str, Tracked<'_>, &str)> = Vec::new();
+    for (i, piece) in pieces(text, b';').enumerate() {
+        let first = usize::from(i == 0);
+        let parts = pieces_at_every_break(piece)
+            .skip(first)
+            .chain(inner_pieces(piece).skip(first));
+        for part in parts {
+            let Some((name, value)) = split_pair(part) else {
+                continue;
+            };
+            let (name, value) = (name.trim(), value.trim());
             // The attributes a line is made of are no one's cookie.
-            if ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(name)) {
-                return None;
+            if ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(name)) || unquote(value).is_empty()
+            {
+                continue;
             }
-            let tracked = policy.tracked(name)?;
-            let value = value.trim();
-            (!unquote(value).is_empty()).then_some((name, tracked, value))
-        })
-        .collect()
+            let Some(tracked) = policy.tracked(name) else {
+                continue;
+            };
+            if !found.iter().any(|(n, _, v)| *n == name && *v == value) {
+                found.push((name, tracked, value));
+            }
+        }
+    }
+    found
 }
 
 /// The `Set-Cookie` attributes that take a value.
@@ -2039,8 +2058,11 @@ mod tests {
             "a=1\tdatadome=T",
             "a=x$ datadome=T; b=2",
             "datadome=T cf_clearance=c",
-            // `SimpleCookie` takes blanks beside `=` into the pair.
+            // `SimpleCookie` takes blanks beside `=` into the pair;
+            // lua-resty-cookie ends an empty value at a blank.
             "a=1 datadome =T",
+            "x= datadome=T",
+            "a=1 b= datadome=T",
             "a=1, datadome = T",
             "a=1\tdatadome\t=\tT",
         ] {
@@ -2614,6 +2636,7 @@ mod tests {
             "a=1;datadome=\"T\"",
             "sid=x; datadome =T; Path=/",
             "a=1 datadome =T",
+            "sid= datadome=T",
         ] {
             assert_eq!(set(line), [(t, false)], "{line}");
         }
