@@ -491,6 +491,67 @@ async fn an_upload_goes_once_the_origin_asks_for_it() {
     s.stop().await;
 }
 
+/// An origin that answers `200` at once and reads the body after it
+/// (streaming) gets the body, as curl and .NET send it after a 2xx.
+#[tokio::test]
+async fn an_upload_answered_2xx_before_it_was_asked_for_still_goes() {
+    let s = Setup::start(1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let origin = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+            tcp.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        tcp.write_all(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut body = [0u8; 5];
+        tcp.read_exact(&mut body).await.unwrap();
+        tcp.write_all(b"5\r\n").await.unwrap();
+        tcp.write_all(&body).await.unwrap();
+        tcp.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    });
+    let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tunnel
+        .write_all(
+            format!(
+                "PUT /stream HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
+                 Expect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    tunnel.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    tunnel.write_all(b"hello").await.unwrap();
+    let echoed = async {
+        let mut answer = Vec::new();
+        while !answer.windows(5).any(|w| w == b"hello") {
+            let mut chunk = [0u8; 512];
+            let n = tunnel.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), echoed)
+        .await
+        .expect("the body never reached the origin");
+    tokio::time::timeout(std::time::Duration::from_secs(10), origin)
+        .await
+        .unwrap()
+        .unwrap();
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn head_204_and_304_have_no_body_over_both_protocols() {
     let s = Setup::start(1).await;

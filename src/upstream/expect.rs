@@ -61,11 +61,16 @@ impl Gate {
         self.move_from(WAITING, OPEN);
     }
 
-    /// The origin answered with `status`: a final answer while it had not
-    /// asked for the body refuses it.
+    /// The origin answered with `status` while it had not asked for the
+    /// body: an answer of 300 or more (or a switch of protocols, after
+    /// which no body can follow) refuses it, as curl and .NET stop
+    /// sending then; a 2xx lets it go, as they send on (an origin that
+    /// answers at once and reads the body after, streaming, waits for it).
     pub fn answered(&self, status: http::StatusCode) {
-        if !status.is_informational() {
+        if status == http::StatusCode::SWITCHING_PROTOCOLS || status.as_u16() >= 300 {
             self.move_from(WAITING, REFUSED);
+        } else if !status.is_informational() {
+            self.move_from(WAITING, OPEN);
         }
     }
 
@@ -95,6 +100,11 @@ pub fn hold_body(request: &mut Request<Body>) -> Option<Arc<Gate>> {
     if request.body().is_end_stream() {
         return None;
     }
+    // Held already: sent again on another connection, never written on
+    // the first (see `Unsent`).
+    if let Some(gate) = request.extensions().get::<Arc<Gate>>() {
+        return Some(gate.clone());
+    }
     let expects = request
         .headers()
         .get(header::EXPECT)
@@ -115,6 +125,7 @@ pub fn hold_body(request: &mut Request<Body>) -> Option<Arc<Gate>> {
         gate: gate.clone(),
         silence: None,
     });
+    request.extensions_mut().insert(gate.clone());
     Some(gate)
 }
 
@@ -232,6 +243,39 @@ mod tests {
         gate.answer_over();
         let ended = body.frame().await.unwrap();
         assert!(ended.is_err());
+    }
+
+    /// A 2xx answered before the body was asked for lets it go (the origin
+    /// reads it after); a switch of protocols refuses it.
+    #[tokio::test]
+    async fn a_2xx_lets_the_body_go_and_a_switch_refuses_it() {
+        let mut request = expecting(b"hello");
+        let gate = hold_body(&mut request).unwrap();
+        gate.answered(http::StatusCode::OK);
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
+        let mut request = expecting(b"hello");
+        let gate = hold_body(&mut request).unwrap();
+        gate.answered(http::StatusCode::SWITCHING_PROTOCOLS);
+        let mut body = request.into_body();
+        assert!(futures_util::FutureExt::now_or_never(body.frame()).is_none());
+    }
+
+    /// A request held already and sent again (never written on its first
+    /// connection) keeps its one hold: the origin's `100` releases it.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_again_keeps_its_hold() {
+        let mut request = expecting(b"hello");
+        let first = hold_body(&mut request).unwrap();
+        let again = hold_body(&mut request).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        again.open();
+        let mut body = request.into_body();
+        let frame = futures_util::FutureExt::now_or_never(body.frame());
+        assert!(
+            matches!(&frame, Some(Some(Ok(f))) if f.data_ref().is_some_and(|d| &d[..] == b"hello")),
+            "{frame:?}"
+        );
     }
 
     /// An origin silent past [`ORIGIN_SILENCE`] gets the body.
