@@ -623,6 +623,15 @@ impl ExitClient {
         self.retired.retire(lanes);
     }
 
+    /// Retires the lanes of every identity on the exit now, for `reason`
+    /// (it died: identities founded before a death retire, `exit-down`):
+    /// their requests still under way (dialling, waiting for a connection,
+    /// sending again after a reset) write nothing more. In every client the
+    /// exit has had.
+    pub fn retire_identities(&self, reason: &RetireReason) {
+        self.retired.retire_every_identity(reason);
+    }
+
     /// Number of live lanes.
     pub fn lanes(&self) -> u64 {
         self.pools.len() as u64

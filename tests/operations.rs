@@ -1116,6 +1116,67 @@ async fn a_request_on_the_client_a_reload_replaced_never_leaves_once_its_identit
     held_at_the_exit_while_its_identity_retires(true).await;
 }
 
+/// The same when the exit is declared dead meanwhile: the identity was
+/// founded before the death, so it retires (`exit-down`), and its request
+/// writes nothing through the exit when the exit answers again (from an
+/// address that may have moved during the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_exit_died_while_it_connected_never_leaves() {
+    let s = Setup::builder()
+        .exits(1)
+        .config(|c| {
+            c.health.unhealthy_after = 1;
+            c.health.dead_after = 1;
+        })
+        .start()
+        .await;
+    s.exits[0].hold();
+    let sends = s.get_with("/page", &[("x-pinproxy-session", "dies-meanwhile")]);
+    let dies = async {
+        until_a_request_reaches(&s.exits[0]).await;
+        let exit = s
+            .proxy
+            .daemon
+            .pipeline()
+            .exits
+            .get(&pinproxy::identity::ExitId::new(
+                &s.proxy.config.exits[0].id,
+            ))
+            .unwrap()
+            .clone();
+        exit.health
+            .failure(pinproxy::clock::Clock::system().now_ms());
+        assert_eq!(
+            s.proxy.health(&s.proxy.config.exits[0].id),
+            HealthState::Dead
+        );
+        // The exit's death is acted on by a task of its own: released once
+        // the identity's lane is retired.
+        eventually(
+            Duration::from_secs(10),
+            "the lane was never retired",
+            || {
+                let exit = exit.clone();
+                async move { exit.client.lanes() == 0 }
+            },
+        )
+        .await;
+        s.exits[0].release();
+    };
+    let (reply, ()) = tokio::join!(sends, dies);
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.contains("identity-retired") && error.contains("exit-down"),
+        "{error}"
+    );
+    assert!(
+        !s.origin.seen().iter().any(|r| r.path == "/page"),
+        "the request reached the origin after its exit died"
+    );
+    s.stop().await;
+}
+
 /// Sends a request whose session key founds an identity, holds it at the
 /// exit, evicts the identity (after a reload that rebuilds the exit's
 /// client, when `reload_first`), and checks the request never reached the

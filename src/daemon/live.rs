@@ -507,14 +507,15 @@ pub(super) fn spawn_loops(
         sweep_now,
         loops.clone(),
     ));
+    for exit in exits.iter() {
+        core.tasks.spawn(crate::routing::lifecycle::on_exit_deaths(
+            core.router.clone(),
+            exit.clone(),
+            loops.clone(),
+        ));
+    }
     if let Some(target) = &settings.probe_target {
         for exit in exits.iter() {
-            core.tasks
-                .spawn(crate::routing::lifecycle::store_probed_deaths(
-                    core.router.clone(),
-                    exit.clone(),
-                    loops.clone(),
-                ));
             core.tasks.spawn(crate::exits::probe_loop(
                 exit,
                 target.clone(),

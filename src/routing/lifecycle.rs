@@ -531,26 +531,35 @@ fn idle_ms(options: Option<&ExitOptions>, policies: &Policies) -> u64 {
         .map_or(policies.idle_timeout_ms, crate::clock::duration_ms)
 }
 
-/// Stores `exit`'s deaths as its health probes find them, until `shutdown`
-/// (a death a request finds is stored on that request's path): the sweep
-/// would store them within its interval, and a crash in between would
-/// forget them, so the identities made before a death came back.
-pub async fn store_probed_deaths(
-    router: Arc<Router>,
-    exit: Arc<Exit>,
-    shutdown: CancellationToken,
-) {
+/// Acts on `exit`'s deaths as they happen, whoever found them (a probe, a
+/// request, a trial), until `shutdown`. Its identities retire (`exit-down`:
+/// they were founded before the death), and at once on every path: their
+/// requests still under way write nothing more (after an outage the exit
+/// may leave from another address), and their WebSockets and
+/// passed-through tunnels check their identity now rather than at their
+/// next check. And the death is stored: the sweep would store it within
+/// its interval, and a crash in between would forget it, so the
+/// identities made before it came back. A death is read off its time,
+/// which only moves forward: one that a quick recovery hid from the
+/// notice still counts.
+pub async fn on_exit_deaths(router: Arc<Router>, exit: Arc<Exit>, shutdown: CancellationToken) {
     let mut changes = exit.health.subscribe();
+    let mut acted_on = exit.health.died_at_ms();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
         }
-        let dead = *changes.borrow_and_update() == HealthState::Dead;
-        if let (true, Some(at_ms)) = (dead, exit.health.died_at_ms()) {
-            if let Err(e) = router.store.record_exit_death(exit.id(), at_ms).await {
-                tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
-            }
+        changes.borrow_and_update();
+        let died = exit.health.died_at_ms();
+        let Some(at_ms) = died.filter(|_| died != acted_on) else {
+            continue;
+        };
+        acted_on = died;
+        exit.client.retire_identities(&RetireReason::ExitDown);
+        router.relays_reloaded();
+        if let Err(e) = router.store.record_exit_death(exit.id(), at_ms).await {
+            tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
         }
     }
 }

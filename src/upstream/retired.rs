@@ -81,6 +81,29 @@ impl RetiredLanes {
         }
     }
 
+    /// Retires the lane of every identity the exit's clients hold now, for
+    /// `reason` (the exit died, and identities founded before a death
+    /// retire): as [`RetiredLanes::retire`] does for each.
+    pub(super) fn retire_every_identity(&self, reason: &RetireReason) {
+        let now = Instant::now();
+        self.prune(now);
+        let clients: Vec<Arc<Lanes>> = self.clients().iter().filter_map(Weak::upgrade).collect();
+        let identity = |id: &PoolId| matches!(id.key, PoolKey::Identity(_));
+        for pools in &clients {
+            for (id, pool) in pools.remove_every(identity) {
+                self.lanes.insert(id.key, (reason.clone(), now));
+                pool.retire(reason.clone());
+            }
+        }
+        // A pool made for one of them meanwhile, before it was remembered.
+        for pools in &clients {
+            let remembered = |id: &PoolId| identity(id) && self.lanes.contains_key(&id.key);
+            for (_, pool) in pools.remove_every(remembered) {
+                pool.retire(reason.clone());
+            }
+        }
+    }
+
     /// Forgets the retired lanes remembered longer than [`KEPT`] once there
     /// are [`PRUNED_PAST`] of them, then again each time their number has
     /// doubled since the last prune, or that long after it: a burst of
