@@ -459,6 +459,20 @@ impl Router {
         }
     }
 
+    /// After pins of identity `id` were written on a lookup made when the
+    /// store's loss count read `losses`: a loss noticed since (before the
+    /// store's own watch over the write began) makes them suspect, as
+    /// `Store::unchanged_since` says. The identity retires (`store-lost`:
+    /// Redis holds its pins, and a retry would find them live) and the
+    /// request is refused.
+    async fn unchanged_after_writing(&self, losses: u64, id: IdentityId) -> Result<(), RouteError> {
+        if let Err(lost) = self.store.unchanged_since(losses) {
+            self.store.retire_written_in_a_loss(id).await;
+            return Err(lost.into());
+        }
+        Ok(())
+    }
+
     /// Pins a request's new credentials to its identity; `losses` is the
     /// store's loss count when they were looked up.
     async fn join(
@@ -477,6 +491,9 @@ impl Router {
             .map(|c| (c.key, Pin::new(identity.id, c, now, None)))
             .collect();
         let winners = self.store.pin_all_if_absent(&pins).await?;
+        if winners.iter().any(|b| b.pin.identity == identity.id) {
+            self.unchanged_after_writing(losses, identity.id).await?;
+        }
         check_joined(identity, unknown, winners)
     }
 
@@ -516,6 +533,7 @@ impl Router {
             .collect();
         let winner = match self.store.found_identity(&candidate, &pins).await? {
             Founding::Founded(winners) => {
+                self.unchanged_after_writing(losses, candidate.id).await?;
                 if let Some(first) = unknown.first() {
                     self.metrics.identity_created(&candidate.exit, "request");
                     tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
