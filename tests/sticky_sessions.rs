@@ -281,8 +281,9 @@ async fn a_connection_an_identity_was_founded_on_serves_no_one_else_after() {
 
 /// A cookie-less HTTP/2 connection whose answer set a tracked cookie
 /// serves no other visitor after, also when the answer founded nothing
-/// (its value was pinned already: the origin still linked the connection
-/// to whoever holds it). Over HTTP/1.1 such a connection closes.
+/// (its value was pinned already, or the answer was refused: the origin
+/// still linked the connection to whoever holds the cookie). Over HTTP/1.1
+/// such a connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_a_cookie_was_set_on_serves_no_one_after_a_founding_that_failed() {
     let s = one_anonymous_session().await;
@@ -300,6 +301,17 @@ async fn an_http2_connection_a_cookie_was_set_on_serves_no_one_after_a_founding_
     assert_ne!(
         after, set_on,
         "a cookie-less request took the connection a cookie was set on"
+    );
+    // An answer refused for a tracked name too long to pin: the same.
+    let refused = h2.get("/set-many?n=1&name_len=2000&visit=3", &[]).await;
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    let refused_on = ports_of(&s, "/set-many?n=1&name_len=2000&visit=3");
+    assert_eq!(h2.get("/anonymous?after=2", &[]).await.status, 200);
+    let after = ports_of(&s, "/anonymous?after=2");
+    assert_eq!(after.len(), 1);
+    assert_ne!(
+        after, refused_on,
+        "a cookie-less request took the connection a refused answer set a cookie on"
     );
     assert!(s.origin.leaks().is_empty());
     s.stop().await;

@@ -58,6 +58,15 @@ impl Pipeline {
         if set.is_empty() {
             return Ok(route.identity.clone());
         }
+        // The origin linked a cookie-less connection to whoever holds a
+        // cookie it set there: whatever comes of the founding (refused
+        // below, a store failure, the client gone meanwhile), it carries no
+        // other visitor's request after (see `ExitClient::hand_over`).
+        if route.identity.is_none() && set.iter().any(|c| !c.deletes) {
+            if let Some(carried_by) = &carried_by {
+                carried_by.tunnel.note_founding();
+            }
+        }
         if let Some(detail) = unpinnable(&set) {
             let error = UpstreamError::Exchange {
                 kind: ExchangeKind::Unpinnable,
@@ -328,13 +337,7 @@ pub async fn learn(
     let (identity, is_new) = match &route.identity {
         Some(identity) => (identity.clone(), false),
         None => {
-            // The origin linked the cookie-less connection to whoever holds
-            // the cookie it set there: whatever comes of the founding (a
-            // store failure, the client gone meanwhile), it carries no
-            // other visitor's request after (see `ExitClient::hand_over`).
-            if let Some(carried_by) = &carried_by {
-                carried_by.tunnel.note_founding();
-            }
+            // (Its connection is marked founding: `capture_pins`.)
             let session = route.anonymous.unwrap_or(AnonymousSession {
                 session: route.lane.session,
                 started_ms: now,

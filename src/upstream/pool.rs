@@ -174,6 +174,9 @@ struct Conns {
     /// ([`LanePool::hand_over_h2`]) until the next sweep lets it go (a
     /// founding that failed or was given up hands it to nobody).
     founding_h2: Option<H2Conn>,
+    /// A sweep has found it set aside: the next one lets it go (a founding
+    /// may take a store's round trip, a `WAIT` or a disk's sync).
+    founding_swept: bool,
     idle: Vec<IdleH1>,
     /// The origin answered an `h2` offer with HTTP/1.1: later dials need
     /// not wait for each other.
@@ -507,9 +510,14 @@ impl LanePool {
         let mut origins = self.origins();
         for conns in origins.values_mut() {
             // A founding connection set aside for its heir, which takes it
-            // as soon as the founding is stored: one still here was handed
-            // to nobody.
-            conns.founding_h2 = None;
+            // as soon as the founding is stored: one still here at the
+            // second sweep was handed to nobody.
+            if conns.founding_h2.is_some() && std::mem::replace(&mut conns.founding_swept, true) {
+                conns.founding_h2 = None;
+            }
+            if conns.founding_h2.is_none() {
+                conns.founding_swept = false;
+            }
             // An HTTP/2 connection no request has taken for the idle
             // timeout is let go, as an idle HTTP/1.1 one is closed: many
             // origins never close one, and a crawl through one lane would
@@ -1069,6 +1077,7 @@ fn reusable_h2(conns: &mut Conns, cookie_less: bool) -> Option<(H2Conn, Reuse)> 
     match &conns.h2 {
         Some(conn) if cookie_less && conn.info.founded_one() => {
             conns.founding_h2 = conns.h2.take();
+            conns.founding_swept = false;
             conns.h2_quiet_since = None;
             None
         }
