@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{duration_ms, Clock};
-use crate::identity::{ExitId, FoundingRoute, RouteHash};
+use crate::identity::{ExitId, FoundingRoute, RetireReason, RouteHash};
 use crate::metrics::{ExitInstruments, Metrics};
 use crate::net::HostPort;
 use crate::upstream::tls::UpstreamTls;
@@ -63,6 +63,9 @@ pub struct Exit {
     /// Replaced by a change that does not keep its identities; requests
     /// that started before still run on it (see [`Exit::superseded`]).
     superseded: AtomicBool,
+    /// Removed by a reload (the store not shared): its identities retire
+    /// (see [`Exit::left_behind`]).
+    removed: AtomicBool,
     /// The route identities founded on it carry (see [`routes`]): set once
     /// the pin key is known, before the exit takes traffic.
     founding_route: OnceLock<FoundingRoute>,
@@ -91,6 +94,7 @@ impl Exit {
             route_changed_ms: AtomicU64::new(0),
             replaced: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             founding_route: OnceLock::new(),
             kept_routes: OnceLock::new(),
             instruments: OnceLock::new(),
@@ -104,6 +108,33 @@ impl Exit {
     /// would leave through the new route.
     pub fn superseded(&self) -> bool {
         self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Why an identity founded on this exit by a request that started
+    /// before a reload retires at once: the reload replaced its route by a
+    /// change that does not keep identities (`exit-changed`: the cookie
+    /// was earned on the old route, and the identity's next request would
+    /// leave through the new one), or removed it (`exit-removed`, the store
+    /// not shared: its identities retire, and this one would be refused
+    /// from its next request on).
+    pub fn left_behind(&self) -> Option<RetireReason> {
+        if self.superseded() {
+            Some(RetireReason::ExitChanged)
+        } else if self.removed.load(Ordering::Acquire) {
+            Some(RetireReason::ExitRemoved)
+        } else {
+            None
+        }
+    }
+
+    /// Marks this exit as removed by a reload, the store not shared: the
+    /// lanes of its identities are retired (their requests still under way
+    /// write nothing more; the sweep retires the identities themselves),
+    /// and an identity founded on it after this retires at once
+    /// ([`Exit::left_behind`]).
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.client.retire_identities(&RetireReason::ExitRemoved);
     }
 
     /// Whether a reload replaced this exit with one of another route under
@@ -406,6 +437,17 @@ impl ExitBuild {
         AnonymousSessions::new(count, ttl, now_ms)
     }
 
+    /// Gives the exits of `set` (this build's, now in force) this build's
+    /// health thresholds. Not done as the set is built: an exit that stays
+    /// shares its health with the exit in force, and a reload refused
+    /// after the set was built (the book of routes not written) would have
+    /// left the exits in force judged by the refused file's thresholds.
+    pub fn put_in_force(&self, set: &ExitSet) {
+        for exit in set.iter() {
+            exit.health.set_thresholds(self.thresholds);
+        }
+    }
+
     /// The exits `specs` describe. An exit of `previous` with the same id
     /// keeps its drain state, and its health while its URL and credentials
     /// are the same; unchanged, it is kept whole; its pools are kept while
@@ -426,7 +468,8 @@ impl ExitBuild {
                 let Some(old) = previous.get(&spec.id) else {
                     return Arc::new(self.exit(spec, now_ms));
                 };
-                old.health.set_thresholds(self.thresholds);
+                // (Its health, shared, takes the new thresholds once the set
+                // is in force: `ExitBuild::put_in_force`.)
                 if same_pools && old.spec == *spec {
                     return old.clone();
                 }
@@ -460,6 +503,7 @@ impl ExitBuild {
                     route_changed_ms: AtomicU64::new(0),
                     replaced: AtomicBool::new(false),
                     superseded: AtomicBool::new(false),
+                    removed: AtomicBool::new(false),
                     // Its spec changed: given its own by `routes::found_on`
                     // and `RoutePlan::vouch`.
                     founding_route: OnceLock::new(),

@@ -523,12 +523,31 @@ async fn a_route_change_that_cannot_be_remembered_is_refused() {
     let (mut jar, peer) = s.login("/login").await;
     let blocker = s.proxy.data_dir.path().join("exit-routes.json.tmp");
     std::fs::create_dir_all(blocker.join("x")).unwrap();
-    let config = with_exit_urls_swapped(&s.proxy.config);
+    let mut config = with_exit_urls_swapped(&s.proxy.config);
+    // The refused file would also kill an exit at its first failure.
+    config.health.unhealthy_after = 1;
+    config.health.dead_after = 1;
     let refused = s.proxy.daemon.reload_with(&config).await.unwrap_err();
     assert!(
         refused.to_string().contains("exit-routes.json"),
         "{refused}"
     );
+    // The thresholds in force stay too: one failure kills no exit.
+    let exit = s
+        .proxy
+        .daemon
+        .pipeline()
+        .exits
+        .get(&pinproxy::identity::ExitId::new(
+            &s.proxy.config.exits[0].id,
+        ))
+        .unwrap()
+        .clone();
+    assert_ne!(exit.health.failure(1), Some(HealthState::Dead));
+    for _ in 0..10 {
+        exit.health.success();
+    }
+    assert_eq!(exit.health.state(), HealthState::Healthy);
     // The configuration in force stays, and so do the identities.
     let page = s.get("/page", &mut jar).await;
     assert_eq!(
@@ -1173,6 +1192,48 @@ async fn a_request_whose_exit_died_while_it_connected_never_leaves() {
     assert!(
         !s.origin.seen().iter().any(|r| r.path == "/page"),
         "the request reached the origin after its exit died"
+    );
+    s.stop().await;
+}
+
+/// The same when a reload removes the exit meanwhile (the store not
+/// shared): its identities retire (`exit-removed`), and the request
+/// writes nothing through it when it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_exit_a_reload_removed_while_it_connected_never_leaves() {
+    let s = Setup::start(2).await;
+    s.exits[0].hold();
+    s.exits[1].hold();
+    let sends = s.get_with("/page", &[("x-pinproxy-session", "exit-removed")]);
+    let removes = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            if let Some(held) = s.exits.iter().position(|e| !e.connects().is_empty()) {
+                break held;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no exit got the request"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut config = s.proxy.config.clone();
+        config.exits.remove(held);
+        let report = s.proxy.daemon.reload_with(&config).await.unwrap();
+        assert_eq!(report.removed.len(), 1, "{report:?}");
+        s.exits[0].release();
+        s.exits[1].release();
+    };
+    let (reply, ()) = tokio::join!(sends, removes);
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let error = reply.pinproxy_error().unwrap();
+    assert!(
+        error.contains("identity-retired") && error.contains("exit-removed"),
+        "{error}"
+    );
+    assert!(
+        !s.origin.seen().iter().any(|r| r.path == "/page"),
+        "the request reached the origin through an exit a reload removed"
     );
     s.stop().await;
 }

@@ -337,6 +337,16 @@ impl Live {
             .router
             .set_policies(policies(&settings, &applied.started));
         self.exits.store(set.clone());
+        build.put_in_force(&set);
+        // A removed exit's identities retire (the store not shared: see
+        // `apply`), and at once on every path: requests of theirs still
+        // connecting through it write nothing more, and one founding an
+        // identity on it retires that identity.
+        if !self.core.router.policies().shared_store {
+            for old in previous.iter().filter(|old| set.get(old.id()).is_none()) {
+                old.mark_removed();
+            }
+        }
         // The health of a route replaced under its id is let go once the
         // new set is in force (before, the old exit still serves; a reload
         // refused, or given up while it ran, keeps it).

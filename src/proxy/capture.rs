@@ -387,21 +387,27 @@ pub async fn learn(
         store.pin_all_if_absent(&pins).await?
     };
     // Founded on an exit a reload has just replaced with another route
-    // under its id (the request started before): the cookie was earned on
-    // the old route, and the identity's next request would leave through
-    // the new one. It retires at once (the answer still reaches the
-    // client; its cookie is answered as retired from then on).
-    let superseded = is_new && stored && route.exit.superseded();
-    if superseded {
+    // under its id, or removed (the request started before): the cookie
+    // was earned on the old route, and the identity's next request would
+    // leave through the new one, or be refused. It retires at once (the
+    // answer still reaches the client; its cookie is answered as retired
+    // from then on).
+    let left_behind = if is_new && stored {
+        route.exit.left_behind()
+    } else {
+        None
+    };
+    let superseded = left_behind.is_some();
+    if let Some(reason) = left_behind {
         let retirement = Retirement {
-            reason: RetireReason::ExitChanged,
+            reason,
             at_ms: router.retirement_now(),
         };
         store.retire(identity.id, &retirement).await?;
         let _ = router.count_retired(&identity, &retirement.reason);
         tracing::warn!(
-            identity = %identity.id, exit = %identity.exit,
-            "identity founded on an exit route a reload replaced: retired (exit-changed)"
+            identity = %identity.id, exit = %identity.exit, reason = %retirement.reason,
+            "identity founded on an exit a reload replaced or removed: retired"
         );
     }
     let mut pinned_any = false;

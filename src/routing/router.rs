@@ -538,12 +538,12 @@ impl Router {
                     self.metrics.identity_created(&candidate.exit, "request");
                     tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
                     // Founded on an exit a reload has just replaced with
-                    // another route under its id (this request started
-                    // before): it retires at once, before its credential
-                    // leaves through either route.
-                    if exit.superseded() {
+                    // another route under its id, or removed (this request
+                    // started before): it retires at once, before its
+                    // credential leaves through either route.
+                    if let Some(reason) = exit.left_behind() {
                         let retirement = Retirement {
-                            reason: RetireReason::ExitChanged,
+                            reason: reason.clone(),
                             at_ms: self.retirement_now(),
                         };
                         self.store.retire(candidate.id, &retirement).await?;
@@ -552,7 +552,7 @@ impl Router {
                             credential: (*first).clone(),
                             identity: Some(candidate.id),
                             exit: Some(candidate.exit.clone()),
-                            reason: RetireReason::ExitChanged,
+                            reason,
                         }]));
                     }
                 }
