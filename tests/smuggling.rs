@@ -71,6 +71,11 @@ const BAD_REQUESTS: &[(&str, &str)] = &[
         "cl-signed",
         "POST {P} HTTP/1.1\r\nHost: {H}\r\nContent-Length: +5\r\n\r\nhello",
     ),
+    // RFC 9112 §3.2: origins differ on which one counts.
+    (
+        "host-twice",
+        "GET {P} HTTP/1.1\r\nHost: {H}\r\nX: y\r\nHost: elsewhere.test\r\n\r\n",
+    ),
     (
         "obs-fold",
         "GET {P} HTTP/1.1\r\nHost: {H}\r\nX-Folded: a\r\n b\r\n\r\n",

@@ -105,6 +105,11 @@ pub enum FramingError {
     /// The head is longer than the limit.
     #[error("the message head is longer than the limit")]
     HeadTooLarge,
+    /// A request with more than one `Host` field.
+    #[error(
+        "more than one Host header (RFC 9112 section 3.2: servers differ on which one counts)"
+    )]
+    HostTwice,
     /// The chunked coding is malformed.
     #[error("malformed chunked framing")]
     Chunk,
@@ -176,6 +181,12 @@ enum Field {
     Other,
     ContentLength,
     TransferEncoding,
+}
+
+/// Whether header `name` is `Host` (compared ignoring case).
+#[inline(always)]
+fn is_host(name: &[u8]) -> bool {
+    name.len() == 4 && name.eq_ignore_ascii_case(b"host")
 }
 
 impl Field {
@@ -266,6 +277,8 @@ struct Head {
     field: Option<Field>,
     content_length: Option<u64>,
     transfer_encodings: u8,
+    /// `Host` fields so far (a request's).
+    hosts: u8,
 }
 
 /// What a head said about the message that follows it.
@@ -505,6 +518,9 @@ impl Scanner {
             },
             State::Name => match byte {
                 b':' => {
+                    if self.head.name.get().is_some_and(is_host) {
+                        self.count_host()?;
+                    }
                     // A name longer than the scanner keeps is neither.
                     let field = self.head.name.get().map_or(Field::Other, Field::of);
                     self.head.field = Some(field);
@@ -633,6 +649,13 @@ impl Scanner {
             return Ok(0);
         }
         let line_len = value_start + value_len + 2;
+        if is_host(&bytes[..name_len]) {
+            // As `step` takes it: the bytes up to the colon count first.
+            self.grow_head(value_start)?;
+            self.count_host()?;
+            self.grow_head(line_len - value_start)?;
+            return Ok(line_len);
+        }
         let field = Field::of(&bytes[..name_len]);
         if field == Field::Other {
             // Nothing to judge at the CR: only the limit, over the line.
@@ -762,6 +785,19 @@ impl Scanner {
     }
 
     /// A header line ended: checks the framing fields.
+    /// Counts a `Host` field: a request's second is refused (RFC 9112
+    /// §3.2: a server answers 400). Origins differ on which of two counts,
+    /// and an HTTP/2 origin would get the first alone.
+    fn count_host(&mut self) -> Result<(), FramingError> {
+        if self.side == Side::Request {
+            self.head.hosts = self.head.hosts.saturating_add(1);
+            if self.head.hosts > 1 {
+                return Err(FramingError::HostTwice);
+            }
+        }
+        Ok(())
+    }
+
     fn end_field(&mut self) -> Result<(), FramingError> {
         let head = &mut self.head;
         match head.field.take() {
@@ -1415,13 +1451,14 @@ mod tests {
     /// scan.
     #[test]
     fn whole_lines_are_judged_like_single_bytes() {
-        let heads: [&[u8]; 6] = [
+        let heads: [&[u8]; 7] = [
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\ncontent-length:3 \r\n\r\nabc",
             b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\nX: y\r\n\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Lengthy: x\r\nTransfer-Encodings: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: b\r\nC:\r\nD: e\x7f\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\nhOST: b\r\n\r\n",
         ];
         for bytes in heads {
             let text = String::from_utf8_lossy(bytes);
