@@ -38,6 +38,9 @@ pub struct AddressError {
     pub reason: &'static str,
 }
 
+/// The longest DNS name, in bytes, without a final dot (RFC 1035 §2.3.4).
+const MAX_HOST_LEN: usize = 253;
+
 /// `host` without the brackets of an IPv6 literal.
 pub fn unbracket(host: &str) -> &str {
     host.strip_prefix('[')
@@ -48,7 +51,11 @@ pub fn unbracket(host: &str) -> &str {
 /// Why `host` (without brackets; `bracketed` when it was written in them)
 /// cannot name a host, if it cannot:
 ///
-/// - empty, or holding a character no host holds;
+/// - empty, or holding a character no host holds (a `*` too: a leaf
+///   certificate minted for `*.example` would be a wildcard);
+/// - longer than a DNS name may be (253 bytes, a final dot aside): a
+///   CONNECT to a host of 60 KB made a leaf certificate, cached, and a
+///   metrics label of that size;
 /// - in brackets but not an IPv6 address, or with a zone (`[::1%lo]`): a
 ///   zone names an interface of the machine that dials, which for a target
 ///   sent on to a proxy exit is the exit's, where no check of pinproxy's
@@ -63,8 +70,11 @@ pub fn unbracket(host: &str) -> &str {
 ///   checks saw (its own admin endpoint, through an exit on its host). No
 ///   top-level domain is a number, so no name is refused by this.
 fn host_problem(host: &str, bracketed: bool) -> Option<&'static str> {
-    if host.is_empty() || host.contains(['[', ']', ' ', '/', '@', '%']) {
+    if host.is_empty() || host.contains(['[', ']', ' ', '/', '@', '%', '*']) {
         return Some("missing or invalid host");
+    }
+    if host.strip_suffix('.').unwrap_or(host).len() > MAX_HOST_LEN {
+        return Some("a host name is at most 253 bytes long");
     }
     if bracketed {
         return match host.parse::<std::net::Ipv6Addr>() {
@@ -244,9 +254,21 @@ mod tests {
             "[::1%lo]:80",
             "[::1%25lo]:80",
             "[example.com]:80",
+            "*.example.com:443",
         ] {
             assert!(HostPort::parse(bad).is_err(), "{bad} should fail");
         }
+        let longest = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(longest.len(), 253);
+        assert!(HostPort::parse(&format!("{longest}:443")).is_ok());
+        assert!(HostPort::parse(&format!("{longest}.:443")).is_ok());
+        assert!(HostPort::parse(&format!("{longest}e:443")).is_err());
         for good in [
             "127.0.0.1:80",
             "a1.example:80",

@@ -386,8 +386,13 @@ mod tests {
             ["host: a", "connection: keep-alive", "accept: */*"]
         );
         assert_eq!(
-            of(&[("host", "a"), ("proxy-connection", "Close")]),
-            ["host: a", "connection: Close"]
+            of(&[("host", "a"), ("proxy-connection", "close")]),
+            ["host: a", "connection: close"]
+        );
+        // curl's spelling: curl sends no `Connection` to an origin.
+        assert_eq!(
+            of(&[("host", "a"), ("proxy-connection", "Keep-Alive")]),
+            ["host: a"]
         );
         for other in [
             &[("proxy-connection", "keep-alive"), ("connection", "close")][..],
