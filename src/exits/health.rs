@@ -76,6 +76,10 @@ pub struct Health {
     /// A reload replaced the route this health describes (see
     /// [`Health::let_go`]).
     let_go: AtomicBool,
+    /// Deaths this process found (not those read back from the store),
+    /// and how many of them were acted on (see [`Health::claim_deaths`]).
+    deaths_found: AtomicU64,
+    deaths_acted_on: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -101,7 +105,21 @@ impl Health {
             }),
             changes: watch::channel(HealthState::Healthy).0,
             let_go: AtomicBool::new(false),
+            deaths_found: AtomicU64::new(0),
+            deaths_acted_on: AtomicU64::new(0),
         }
+    }
+
+    /// Whether deaths this process found (a probe, a request, a trial)
+    /// wait to be acted on, claimed at once: true for one caller per death,
+    /// whichever task asks (the watchers of a reload's old and new loops
+    /// overlap, and a death found while one ended is the next one's). A
+    /// death read back from the store (another replica's, or an earlier
+    /// run's) is not among them: the identities it ends are judged one by
+    /// one as they are routed, since some were founded after it.
+    pub fn claim_deaths(&self) -> bool {
+        let found = self.deaths_found.load(Ordering::Acquire);
+        self.deaths_acted_on.swap(found, Ordering::AcqRel) != found
     }
 
     /// A reload replaced the exit's route under its id, and the exit now in
@@ -239,6 +257,7 @@ impl Health {
 
     fn set(&self, state: HealthState, now_ms: u64) -> HealthState {
         if state == HealthState::Dead {
+            self.deaths_found.fetch_add(1, Ordering::AcqRel);
             let latest = self.latest_identity_ms.load(Ordering::Acquire);
             self.died_at_ms
                 .fetch_max(now_ms.max(latest).max(1), Ordering::AcqRel);
@@ -263,6 +282,24 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A death this process found is claimed once, whichever watcher asks;
+    /// one read back from the store is never claimed (its identities are
+    /// judged one by one: some were founded after it).
+    #[test]
+    fn a_found_death_is_claimed_once_and_a_restored_one_never() {
+        let h = health();
+        h.restore_died_at(1_000);
+        assert!(!h.claim_deaths());
+        for at in 2_000..2_010 {
+            if h.failure(at) == Some(HealthState::Dead) {
+                break;
+            }
+        }
+        assert_eq!(h.state(), HealthState::Dead);
+        assert!(h.claim_deaths());
+        assert!(!h.claim_deaths(), "claimed twice");
+    }
 
     fn health() -> Health {
         Health::new(Thresholds {

@@ -539,28 +539,29 @@ fn idle_ms(options: Option<&ExitOptions>, policies: &Policies) -> u64 {
 /// passed-through tunnels check their identity now rather than at their
 /// next check. And the death is stored: the sweep would store it within
 /// its interval, and a crash in between would forget it, so the
-/// identities made before it came back. A death is read off its time,
-/// which only moves forward: one that a quick recovery hid from the
-/// notice still counts.
+/// identities made before it came back. Deaths are claimed off the
+/// health's count of those this process found (`Health::claim_deaths`):
+/// one that a quick recovery hid from the notice still counts, one found
+/// while a reload replaced this task is the next one's, and a death read
+/// back from the store is not acted on here (some of the exit's identities
+/// were founded after it: each is judged as it is routed).
 pub async fn on_exit_deaths(router: Arc<Router>, exit: Arc<Exit>, shutdown: CancellationToken) {
     let mut changes = exit.health.subscribe();
-    let mut acted_on = exit.health.died_at_ms();
     loop {
+        if exit.health.claim_deaths() {
+            exit.client.retire_identities(&RetireReason::ExitDown);
+            router.relays_reloaded();
+            if let Some(at_ms) = exit.health.died_at_ms() {
+                if let Err(e) = router.store.record_exit_death(exit.id(), at_ms).await {
+                    tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
+                }
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
         }
         changes.borrow_and_update();
-        let died = exit.health.died_at_ms();
-        let Some(at_ms) = died.filter(|_| died != acted_on) else {
-            continue;
-        };
-        acted_on = died;
-        exit.client.retire_identities(&RetireReason::ExitDown);
-        router.relays_reloaded();
-        if let Err(e) = router.store.record_exit_death(exit.id(), at_ms).await {
-            tracing::warn!(error = %e, exit = %exit.id(), "could not store the exit's death");
-        }
     }
 }
 
