@@ -429,16 +429,6 @@ impl Store {
         ))
     }
 
-    /// Retires identity `id`, whose pins were written on a lookup made
-    /// before a loss came to light (see [`Store::unchanged_since`]): Redis
-    /// holds them, and a retry would find them live. (Redis only: the
-    /// other stores notice no loss.)
-    pub async fn retire_written_in_a_loss(&self, id: IdentityId) {
-        if let Store::Redis(store) = self {
-            store.retire_written_in_a_loss(id).await;
-        }
-    }
-
     /// The last data loss the store was seen to suffer (Redis only).
     pub fn loss_report(&self) -> Option<redis::LossReport> {
         match self {

@@ -32,7 +32,7 @@ use crate::fingerprint::{Fingerprint, RequestFingerprint};
 use crate::identity::{Identity, Pin, RetireReason, Retirement};
 use crate::metrics::{ExitLabel, GapLabel, LabelValue};
 use crate::routing::{Route, Router};
-use crate::store::{Founding, PinStore as _, StoreError};
+use crate::store::{Binding, Founding, PinStore as _, StoreError, StoreErrorKind, TimedStore};
 use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::ExchangeKind;
 use crate::upstream::Origin;
@@ -311,6 +311,35 @@ pub struct CarriedBy<'a> {
     pub dialled_for_it: bool,
 }
 
+/// Writes `pins` of `identity` (founding it first when `is_new`): the
+/// winners, one per pin, and whether the identity went into the store (a
+/// founding can lose).
+async fn write_pins(
+    store: &TimedStore,
+    identity: &Identity,
+    pins: &[(PinKey, Pin)],
+    is_new: bool,
+) -> Result<(Vec<Binding>, bool), StoreError> {
+    if !is_new {
+        return Ok((store.pin_all_if_absent(pins).await?, true));
+    }
+    // The identity and its pins in one store step (one round trip to
+    // Redis), unless the first cookie is someone else's already: then the
+    // identity is founded on the others, if any.
+    match store.found_identity(identity, pins).await? {
+        Founding::Founded(winners) => Ok((winners, true)),
+        Founding::Lost(winner) => {
+            let mut winners = vec![winner];
+            let stored = pins.len() > 1;
+            if let Some(rest) = pins.get(1..).filter(|rest| !rest.is_empty()) {
+                store.create_identity(identity).await?;
+                winners.extend(store.pin_all_if_absent(rest).await?);
+            }
+            Ok((winners, stored))
+        }
+    }
+}
+
 /// Pins the tracked cookies `set` by a response to the identity of
 /// `route`; a route without one founds an identity (recording
 /// `fingerprint`) on the exit and upstream session that carried the
@@ -362,29 +391,17 @@ pub async fn learn(
             (c.cookie.key, pin)
         })
         .collect();
-    // Whether the new identity went into the store (a founding can lose).
-    let mut stored = !is_new;
-    let winners = if is_new {
-        // The identity and its pins in one store step (one round trip to
-        // Redis), unless the first cookie is someone else's already: then
-        // the identity is founded on the others, if any.
-        match store.found_identity(&identity, &pins).await? {
-            Founding::Founded(winners) => {
-                stored = true;
-                winners
-            }
-            Founding::Lost(winner) => {
-                let mut winners = vec![winner];
-                if pins.len() > 1 {
-                    store.create_identity(&identity).await?;
-                    stored = true;
-                    winners.extend(store.pin_all_if_absent(&pins[1..]).await?);
-                }
-                winners
-            }
+    // A loss of the store's data that came to light as they were written
+    // leaves the pins in Redis, where the next request would find them
+    // live: the identity retires (`store-lost`).
+    let (winners, stored) = match write_pins(store, &identity, &pins, is_new).await {
+        Err(lost) if lost.kind == StoreErrorKind::Lost => {
+            router
+                .retire_written_in_a_loss(Some(&route.exit), &identity)
+                .await;
+            return Err(lost);
         }
-    } else {
-        store.pin_all_if_absent(&pins).await?
+        written => written?,
     };
     // Founded on an exit a reload has just replaced with another route
     // under its id, or removed (the request started before): the cookie

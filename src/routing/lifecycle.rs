@@ -120,6 +120,36 @@ impl Router {
         self.store_in_background(exits, identity, reason);
     }
 
+    /// Retires `identity` (on `exit`, where it is configured), whose pins a
+    /// write put in the store as a loss of the store's data came to light
+    /// (the write failed `Lost`, or `Store::unchanged_since` refused after
+    /// it): they stay in Redis, where a retry would find them live, and
+    /// may hold a credential the loss took from another identity. Ended
+    /// here at once (its requests on their way write nothing, its relays
+    /// close) and honoured by routing until the store takes it; stored
+    /// now, or left to this process alone when the store refuses, as it
+    /// may right after a failover.
+    pub(crate) async fn retire_written_in_a_loss(&self, exit: Option<&Exit>, identity: &Identity) {
+        let reason = RetireReason::StoreLost;
+        self.pending.insert(identity.id, reason.clone());
+        if let Some(exit) = exit {
+            exit.client.forget(
+                PoolKey::Identity(identity.id),
+                identity.fingerprint.tls.is_none(),
+                &reason,
+            );
+        }
+        self.relays.end(identity.id, &reason);
+        match self.store_retirement(identity, reason).await {
+            Ok(()) => self.pending.remove(identity.id),
+            Err(e) => tracing::warn!(
+                error = %e, identity = %identity.id,
+                "could not store the retirement of an identity whose pins were written as the pin \
+                 store lost data; only this process honours it until it restarts"
+            ),
+        }
+    }
+
     /// Stores a retirement decided here (pending, and ended here) in the
     /// background. A store that fails (Redis out of reach or refusing
     /// writes, a disk that stalls) is asked again, further apart each

@@ -275,7 +275,7 @@ impl Router {
         match identity {
             Some(identity) => {
                 allowed(scope, &identity)?;
-                self.join(&identity, &unknown, now, losses).await?;
+                self.join(exits, &identity, &unknown, now, losses).await?;
                 self.pinned_route(exits, identity, Reason::Pinned, strip)
             }
             None if unknown.is_empty() => self.rotate(exits, scope, now, strip),
@@ -459,24 +459,37 @@ impl Router {
         }
     }
 
-    /// After pins of identity `id` were written on a lookup made when the
-    /// store's loss count read `losses`: a loss noticed since (before the
-    /// store's own watch over the write began) makes them suspect, as
-    /// `Store::unchanged_since` says. The identity retires (`store-lost`:
-    /// Redis holds its pins, and a retry would find them live) and the
-    /// request is refused.
-    async fn unchanged_after_writing(&self, losses: u64, id: IdentityId) -> Result<(), RouteError> {
-        if let Err(lost) = self.store.unchanged_since(losses) {
-            self.store.retire_written_in_a_loss(id).await;
-            return Err(lost.into());
-        }
-        Ok(())
+    /// What a pin write of `identity` (on `exits`) decided on a lookup made
+    /// when the store's loss count read `losses` answered: a loss that
+    /// came to light in its round trip (its reply, or the store's own
+    /// watch) or since the lookup (`Store::unchanged_since`) makes its
+    /// pins suspect. The identity retires (`store-lost`: Redis holds its
+    /// pins, and a retry would find them live) and the request is refused.
+    async fn unless_lost_while_writing<T>(
+        &self,
+        exits: &ExitSet,
+        identity: &Identity,
+        losses: u64,
+        written: Result<T, StoreError>,
+    ) -> Result<T, RouteError> {
+        let lost = match written {
+            Err(e) if e.kind == StoreErrorKind::Lost => e,
+            Err(e) => return Err(e.into()),
+            Ok(written) => match self.store.unchanged_since(losses) {
+                Ok(()) => return Ok(written),
+                Err(lost) => lost,
+            },
+        };
+        let exit = exits.get(&identity.exit).map(|exit| &**exit);
+        self.retire_written_in_a_loss(exit, identity).await;
+        Err(lost.into())
     }
 
     /// Pins a request's new credentials to its identity; `losses` is the
     /// store's loss count when they were looked up.
     async fn join(
         &self,
+        exits: &ExitSet,
         identity: &Identity,
         unknown: &[&Credential],
         now: u64,
@@ -490,10 +503,10 @@ impl Router {
             .iter()
             .map(|c| (c.key, Pin::new(identity.id, c, now, None)))
             .collect();
-        let winners = self.store.pin_all_if_absent(&pins).await?;
-        if winners.iter().any(|b| b.pin.identity == identity.id) {
-            self.unchanged_after_writing(losses, identity.id).await?;
-        }
+        let written = self.store.pin_all_if_absent(&pins).await;
+        let winners = self
+            .unless_lost_while_writing(exits, identity, losses, written)
+            .await?;
         check_joined(identity, unknown, winners)
     }
 
@@ -531,9 +544,12 @@ impl Router {
             .iter()
             .map(|c| (c.key, Pin::new(candidate.id, c, now, None)))
             .collect();
-        let winner = match self.store.found_identity(&candidate, &pins).await? {
+        let written = self.store.found_identity(&candidate, &pins).await;
+        let winner = match self
+            .unless_lost_while_writing(exits, &candidate, losses, written)
+            .await?
+        {
             Founding::Founded(winners) => {
-                self.unchanged_after_writing(losses, candidate.id).await?;
                 if let Some(first) = unknown.first() {
                     self.metrics.identity_created(&candidate.exit, "request");
                     tracing::info!(identity = %candidate.id, exit = %candidate.exit, credential = %first, "new identity");
@@ -608,7 +624,7 @@ impl Router {
             return Err(retired(reason));
         }
         allowed(scope, &identity)?;
-        self.join(&identity, rest, now, losses).await?;
+        self.join(exits, &identity, rest, now, losses).await?;
         self.pinned_route(exits, identity, Reason::Pinned, strip)
     }
 

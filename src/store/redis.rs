@@ -943,47 +943,23 @@ impl RedisStore {
     /// came to light another way while it was in flight (an eviction
     /// count, the fleet's quarantine, another command's reply): either way
     /// it may have pinned anew a credential Redis lost, whose pin the
-    /// restore has not written back yet, so it is not used. And what it
-    /// wrote stays in Redis, where a retry would find it live (the
-    /// quarantine restores only what Redis does not hold): the identity it
-    /// wrote pins of (`wrote`) retires, `store-lost`, so that the retry is
-    /// refused too.
-    async fn unless_lost_meanwhile<T>(
+    /// restore has not written back yet, so it is not used. (What it wrote
+    /// stays in Redis, where a retry would find it live: its caller
+    /// retires the identity it wrote for, on this `Lost` as on the one of a
+    /// reply that showed the loss; see `Router::retire_written_in_a_loss`.)
+    fn unless_lost_meanwhile<T>(
         &self,
         before: u64,
         written: Result<T, StoreError>,
-        wrote: impl FnOnce(&T) -> Option<IdentityId>,
     ) -> Result<T, StoreError> {
         let written = written?;
         if self.losses_noticed() == before {
             return Ok(written);
         }
-        if let Some(id) = wrote(&written) {
-            self.retire_written_in_a_loss(id).await;
-        }
         Err(StoreError::new(
             StoreErrorKind::Lost,
             "Redis was seen to lose data while this pin was written, so it is not used",
         ))
-    }
-
-    /// Retires identity `id`, whose pins were written while a loss of
-    /// Redis's data came to light (see [`RedisStore::unless_lost_meanwhile`]
-    /// and `Router::route_within`): they may hold a credential the loss
-    /// took from another identity. Best effort: a retirement that fails is
-    /// logged, and the restore still finds such a pin in conflict.
-    pub async fn retire_written_in_a_loss(&self, id: IdentityId) {
-        let retirement = Retirement {
-            reason: RetireReason::StoreLost,
-            at_ms: recovery::now_ms(),
-        };
-        if let Err(e) = PinStore::retire(self, id, &retirement).await {
-            tracing::warn!(
-                identity = %id,
-                error = %e,
-                "could not retire an identity whose pins were written as Redis was seen to lose data"
-            );
-        }
     }
 
     /// Pins each of `pins` unless pinned, in one round trip (followed by
@@ -1447,13 +1423,8 @@ impl PinStore for RedisStore {
 
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
         let before = self.losses_noticed();
-        let ours = pins.first().map(|(_, pin)| pin.identity);
         let written = self.pin_all_raw(pins).await;
-        let bindings = self
-            .unless_lost_meanwhile(before, written, |bindings| {
-                ours.filter(|id| bindings.iter().any(|b| b.pin.identity == *id))
-            })
-            .await?;
+        let bindings = self.unless_lost_meanwhile(before, written)?;
         if let Some(journal) = &self.inner.journal {
             let made: Vec<(PinKey, &Binding)> = pins
                 .iter()
@@ -1472,11 +1443,7 @@ impl PinStore for RedisStore {
     ) -> Result<Founding, StoreError> {
         let before = self.losses_noticed();
         let written = self.found_raw(identity, pins).await;
-        let founding = self
-            .unless_lost_meanwhile(before, written, |founding| {
-                matches!(founding, Founding::Founded(_)).then_some(identity.id)
-            })
-            .await?;
+        let founding = self.unless_lost_meanwhile(before, written)?;
         if let Some(journal) = &self.inner.journal {
             match &founding {
                 Founding::Founded(bindings) => {

@@ -1154,8 +1154,10 @@ fn set_but_hidden<'a>(
     text: &'a str,
     policy: &'a CookiePolicy,
 ) -> Vec<(&'a str, Tracked<'a>, &'a str)> {
-    // Both readings of each piece (see `inner_pieces`), each pair once.
+    // Both readings of each piece (see `inner_pieces`), each pair once (a
+    // set of what was taken: an origin's line may hold thousands).
     let mut found: Vec<(&str, Tracked<'_>, &str)> = Vec::new();
+    let mut taken: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
     for (i, piece) in pieces(text, b';').enumerate() {
         let first = usize::from(i == 0);
         let parts = pieces_at_every_break(piece)
@@ -1174,7 +1176,7 @@ fn set_but_hidden<'a>(
             let Some(tracked) = policy.tracked(name) else {
                 continue;
             };
-            if !found.iter().any(|(n, _, v)| *n == name && *v == value) {
+            if taken.insert((name, value)) {
                 found.push((name, tracked, value));
             }
         }
