@@ -128,13 +128,14 @@ impl Exit {
     }
 
     /// Marks this exit as removed by a reload, the store not shared: the
-    /// lanes of its identities are retired (their requests still under way
-    /// write nothing more; the sweep retires the identities themselves),
-    /// and an identity founded on it after this retires at once
-    /// ([`Exit::left_behind`]).
+    /// lanes of its identities are retired, those made later too (their
+    /// requests still under way write nothing more; the sweep retires the
+    /// identities themselves), and an identity founded on it after this
+    /// retires at once ([`Exit::left_behind`]).
     pub fn mark_removed(&self) {
         self.removed.store(true, Ordering::Release);
-        self.client.retire_identities(&RetireReason::ExitRemoved);
+        self.client
+            .retire_all_identities(&RetireReason::ExitRemoved);
     }
 
     /// Whether a reload replaced this exit with one of another route under

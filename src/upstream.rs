@@ -632,6 +632,14 @@ impl ExitClient {
         self.retired.retire_every_identity(reason);
     }
 
+    /// Retires every identity on the exit for good, for `reason` (a reload
+    /// removed it): their requests still under way write nothing more, and
+    /// neither do those that make their lane only now (routed on the exits
+    /// in force before the reload), nor their passed-through tunnels.
+    pub fn retire_all_identities(&self, reason: &RetireReason) {
+        self.retired.retire_all(reason);
+    }
+
     /// Number of live lanes.
     pub fn lanes(&self) -> u64 {
         self.pools.len() as u64

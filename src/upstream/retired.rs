@@ -38,6 +38,9 @@ pub(super) struct RetiredLanes {
     pruned: Mutex<(Instant, usize)>,
     /// The lane maps of the exit's clients, while they live.
     clients: Mutex<Vec<Weak<Lanes>>>,
+    /// Every identity of the exit retired, whether its lane exists yet or
+    /// not (a reload removed the exit: see [`RetiredLanes::retire_all`]).
+    all_identities: std::sync::OnceLock<RetireReason>,
 }
 
 impl Default for RetiredLanes {
@@ -46,6 +49,7 @@ impl Default for RetiredLanes {
             lanes: DashMap::default(),
             pruned: Mutex::new((Instant::now(), PRUNED_PAST)),
             clients: Mutex::new(Vec::new()),
+            all_identities: std::sync::OnceLock::new(),
         }
     }
 }
@@ -59,9 +63,23 @@ impl RetiredLanes {
         clients.push(Arc::downgrade(pools));
     }
 
-    /// Why lane `key` retired, if it did lately.
+    /// Why lane `key` retired, if it did lately (or with every identity of
+    /// the exit).
     pub(super) fn reason(&self, key: &PoolKey) -> Option<RetireReason> {
+        if let (PoolKey::Identity(_), Some(reason)) = (key, self.all_identities.get()) {
+            return Some(reason.clone());
+        }
         self.lanes.get(key).map(|retired| retired.0.clone())
+    }
+
+    /// Retires every identity of the exit for good, for `reason` (a reload
+    /// removed it): the lanes that exist as
+    /// [`RetiredLanes::retire_every_identity`] does, and any made later
+    /// for one (by a request routed on the set before the reload) is born
+    /// retired, whether or not its identity had a lane before.
+    pub(super) fn retire_all(&self, reason: &RetireReason) {
+        let _ = self.all_identities.set(reason.clone());
+        self.retire_every_identity(reason);
     }
 
     /// Retires `lanes` in every client of the exit: their pools are
@@ -168,6 +186,18 @@ fn retire_in(pools: &Lanes, lanes: &[Forgotten]) {
 mod tests {
     use super::*;
     use crate::identity::SessionId;
+
+    /// Retired all at once (a removed exit), an identity that never had a
+    /// lane is retired too; cookie-less lanes are not.
+    #[test]
+    fn retiring_all_reaches_identities_without_a_lane_yet() {
+        let retired = RetiredLanes::default();
+        let identity = PoolKey::Identity(crate::identity::IdentityId(7));
+        assert!(retired.reason(&identity).is_none());
+        retired.retire_all(&RetireReason::ExitRemoved);
+        assert_eq!(retired.reason(&identity), Some(RetireReason::ExitRemoved));
+        assert!(retired.reason(&PoolKey::Anonymous(SessionId(1))).is_none());
+    }
 
     /// Thousands retired one after another: the remembered lanes are
     /// pruned only when they have doubled since the last prune, and once
