@@ -414,16 +414,7 @@ async fn an_upload_the_origin_refuses_before_asking_for_it_is_never_asked_for() 
     let host = refusing.addr.to_string();
     let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    tunnel
-        .write_all(
-            format!(
-                "PUT /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
-                 Expect: 100-continue\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    send_expecting(&mut tunnel, &host, "/upload").await;
     let mut first = [0u8; 12];
     tunnel.read_exact(&mut first).await.unwrap();
     assert_eq!(
@@ -444,12 +435,7 @@ async fn an_upload_goes_once_the_origin_asks_for_it() {
     let host = listener.local_addr().unwrap().to_string();
     let origin = tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-            tcp.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
+        read_head(&mut tcp).await;
         tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
             .unwrap();
@@ -462,16 +448,7 @@ async fn an_upload_goes_once_the_origin_asks_for_it() {
     });
     let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    tunnel
-        .write_all(
-            format!(
-                "PUT /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
-                 Expect: 100-continue\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    send_expecting(&mut tunnel, &host, "/upload").await;
     let mut interim = [0u8; 25];
     tunnel.read_exact(&mut interim).await.unwrap();
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -500,12 +477,7 @@ async fn an_upload_answered_2xx_before_it_was_asked_for_still_goes() {
     let host = listener.local_addr().unwrap().to_string();
     let origin = tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-            tcp.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
+        read_head(&mut tcp).await;
         tcp.write_all(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
         )
@@ -519,16 +491,7 @@ async fn an_upload_answered_2xx_before_it_was_asked_for_still_goes() {
     });
     let (mut tunnel, answer) = s.proxy.client.raw_connect(&host).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    tunnel
-        .write_all(
-            format!(
-                "PUT /stream HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
-                 Expect: 100-continue\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    send_expecting(&mut tunnel, &host, "/stream").await;
     let mut first = [0u8; 12];
     tunnel.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -550,6 +513,31 @@ async fn an_upload_answered_2xx_before_it_was_asked_for_still_goes() {
         .unwrap()
         .unwrap();
     s.stop().await;
+}
+
+/// Reads a request head off `tcp` (at most 8 KiB), byte by byte.
+async fn read_head(tcp: &mut tokio::net::TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+}
+
+/// Writes the head of a 5-byte `PUT` to `path` on `host` that asks for a
+/// `100 Continue` before its body.
+async fn send_expecting(tunnel: &mut tokio::net::TcpStream, host: &str, path: &str) {
+    tunnel
+        .write_all(
+            format!(
+                "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\
+                 Expect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -1183,16 +1183,7 @@ async fn a_request_whose_exit_died_while_it_connected_never_leaves() {
         s.exits[0].release();
     };
     let (reply, ()) = tokio::join!(sends, dies);
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    let error = reply.pinproxy_error().unwrap();
-    assert!(
-        error.contains("identity-retired") && error.contains("exit-down"),
-        "{error}"
-    );
-    assert!(
-        !s.origin.seen().iter().any(|r| r.path == "/page"),
-        "the request reached the origin after its exit died"
-    );
+    assert_retired_unsent(&s, &reply, "exit-down");
     s.stop().await;
 }
 
@@ -1225,17 +1216,24 @@ async fn a_request_whose_exit_a_reload_removed_while_it_connected_never_leaves()
         s.exits[1].release();
     };
     let (reply, ()) = tokio::join!(sends, removes);
+    assert_retired_unsent(&s, &reply, "exit-removed");
+    s.stop().await;
+}
+
+/// Asserts that `reply`, to a `/page` request held at its exit while its
+/// identity retired for `reason`, is `502 identity-retired` naming it, and
+/// that the origin never saw the request.
+fn assert_retired_unsent(s: &Setup, reply: &support::Reply, reason: &str) {
     assert_eq!(reply.status, 502, "{}", reply.body);
     let error = reply.pinproxy_error().unwrap();
     assert!(
-        error.contains("identity-retired") && error.contains("exit-removed"),
+        error.contains("identity-retired") && error.contains(reason),
         "{error}"
     );
     assert!(
         !s.origin.seen().iter().any(|r| r.path == "/page"),
-        "the request reached the origin through an exit a reload removed"
+        "the request reached the origin after its identity retired ({reason})"
     );
-    s.stop().await;
 }
 
 /// Sends a request whose session key founds an identity, holds it at the
@@ -1266,16 +1264,7 @@ async fn held_at_the_exit_while_its_identity_retires(reload_first: bool) {
         s.exits[0].release();
     };
     let (reply, ()) = tokio::join!(sends, evicts);
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    let error = reply.pinproxy_error().unwrap();
-    assert!(
-        error.contains("identity-retired") && error.contains("evicted"),
-        "{error}"
-    );
-    assert!(
-        !s.origin.seen().iter().any(|r| r.path == "/page"),
-        "the request reached the origin after its identity retired"
-    );
+    assert_retired_unsent(&s, &reply, "evicted");
     s.stop().await;
 }
 
