@@ -119,7 +119,9 @@ impl Health {
     /// one as they are routed, since some were founded after it.
     pub fn claim_deaths(&self) -> bool {
         let found = self.deaths_found.load(Ordering::Acquire);
-        self.deaths_acted_on.swap(found, Ordering::AcqRel) != found
+        // Raised, never lowered: a watcher that read an older count cannot
+        // take back a claim a later reader made.
+        self.deaths_acted_on.fetch_max(found, Ordering::AcqRel) < found
     }
 
     /// A reload replaced the exit's route under its id, and the exit now in
@@ -257,10 +259,11 @@ impl Health {
 
     fn set(&self, state: HealthState, now_ms: u64) -> HealthState {
         if state == HealthState::Dead {
-            self.deaths_found.fetch_add(1, Ordering::AcqRel);
             let latest = self.latest_identity_ms.load(Ordering::Acquire);
             self.died_at_ms
                 .fetch_max(now_ms.max(latest).max(1), Ordering::AcqRel);
+            // Counted once dated: a watcher that claims it finds its time.
+            self.deaths_found.fetch_add(1, Ordering::AcqRel);
         }
         self.state.store(state as u8, Ordering::Release);
         self.changes.send_replace(state);

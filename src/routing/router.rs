@@ -464,19 +464,24 @@ impl Router {
     /// came to light in its round trip (its reply, or the store's own
     /// watch) or since the lookup (`Store::unchanged_since`) makes its
     /// pins suspect. The identity retires (`store-lost`: Redis holds its
-    /// pins, and a retry would find them live) and the request is refused.
+    /// pins, and a retry would find them live) and the request is refused;
+    /// not when the answer shows that none of its pins was written
+    /// (`wrote`: they were all others' already), but a failed write cannot
+    /// say, and retires it.
     async fn unless_lost_while_writing<T>(
         &self,
         exits: &ExitSet,
         identity: &Identity,
         losses: u64,
         written: Result<T, StoreError>,
+        wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, RouteError> {
         let lost = match written {
             Err(e) if e.kind == StoreErrorKind::Lost => e,
             Err(e) => return Err(e.into()),
             Ok(written) => match self.store.unchanged_since(losses) {
                 Ok(()) => return Ok(written),
+                Err(lost) if !wrote(&written) => return Err(lost.into()),
                 Err(lost) => lost,
             },
         };
@@ -505,7 +510,9 @@ impl Router {
             .collect();
         let written = self.store.pin_all_if_absent(&pins).await;
         let winners = self
-            .unless_lost_while_writing(exits, identity, losses, written)
+            .unless_lost_while_writing(exits, identity, losses, written, |winners| {
+                winners.iter().any(|b| b.pin.identity == identity.id)
+            })
             .await?;
         check_joined(identity, unknown, winners)
     }
@@ -546,7 +553,9 @@ impl Router {
             .collect();
         let written = self.store.found_identity(&candidate, &pins).await;
         let winner = match self
-            .unless_lost_while_writing(exits, &candidate, losses, written)
+            .unless_lost_while_writing(exits, &candidate, losses, written, |founding| {
+                matches!(founding, Founding::Founded(_))
+            })
             .await?
         {
             Founding::Founded(winners) => {

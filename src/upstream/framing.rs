@@ -784,7 +784,6 @@ impl Scanner {
         head.last.push(byte);
     }
 
-    /// A header line ended: checks the framing fields.
     /// Counts a `Host` field: a request's second is refused (RFC 9112
     /// §3.2: a server answers 400). Origins differ on which of two counts,
     /// and an HTTP/2 origin would get the first alone.
@@ -798,6 +797,7 @@ impl Scanner {
         Ok(())
     }
 
+    /// A header line ended: checks the framing fields.
     fn end_field(&mut self) -> Result<(), FramingError> {
         let head = &mut self.head;
         match head.field.take() {
