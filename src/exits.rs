@@ -106,7 +106,7 @@ impl Exit {
     /// an identity it founds after the change was dated is founded on the
     /// old route: it retires at once (`exit-changed`), or its next request
     /// would leave through the new route.
-    pub fn superseded(&self) -> bool {
+    fn superseded(&self) -> bool {
         self.superseded.load(Ordering::Acquire)
     }
 

@@ -512,11 +512,11 @@ impl LanePool {
             // A founding connection set aside for its heir, which takes it
             // as soon as the founding is stored: one still here at the
             // second sweep was handed to nobody.
-            if conns.founding_h2.is_some() && std::mem::replace(&mut conns.founding_swept, true) {
-                conns.founding_h2 = None;
-            }
-            if conns.founding_h2.is_none() {
-                conns.founding_swept = false;
+            if conns.founding_h2.is_some() {
+                if conns.founding_swept {
+                    conns.founding_h2 = None;
+                }
+                conns.founding_swept = !conns.founding_swept;
             }
             // An HTTP/2 connection no request has taken for the idle
             // timeout is let go, as an idle HTTP/1.1 one is closed: many

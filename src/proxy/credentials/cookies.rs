@@ -928,7 +928,8 @@ fn hides_tracked(text: &str, policy: &CookiePolicy) -> bool {
     };
     pieces(text, b';').any(|pair| {
         let pair = pair.trim();
-        pieces_at_every_break(pair).skip(1).any(tracked) || inner_pieces(pair).skip(1).any(tracked)
+        pieces_at_every_break(pair).skip(1).any(tracked)
+            || (blank_beside_eq(pair) && inner_pieces(pair).skip(1).any(tracked))
     })
 }
 
@@ -965,6 +966,15 @@ fn has_inner_break(text: &str) -> bool {
 /// one sees one). A pair hides a tracked one if either reading finds it.
 fn inner_pieces(pair: &str) -> impl Iterator<Item = &str> {
     split_at_each(pair, inner_break)
+}
+
+/// Whether a blank stands beside an `=` in `text`: only then do
+/// [`inner_pieces`] and [`pieces_at_every_break`] read it apart.
+fn blank_beside_eq(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let blank = |at: Option<&u8>| matches!(at, Some(b' ' | b'\t'));
+    memchr::memchr_iter(b'=', bytes)
+        .any(|at| blank(at.checked_sub(1).and_then(|i| bytes.get(i))) || blank(bytes.get(at + 1)))
 }
 
 /// The pieces of a `Cookie` pair between every comma, space and tab.
@@ -1160,9 +1170,11 @@ fn set_but_hidden<'a>(
     let mut taken: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
     for (i, piece) in pieces(text, b';').enumerate() {
         let first = usize::from(i == 0);
+        // The second reading differs only where a blank touches an `=`.
+        let second = blank_beside_eq(piece).then(|| inner_pieces(piece).skip(first));
         let parts = pieces_at_every_break(piece)
             .skip(first)
-            .chain(inner_pieces(piece).skip(first));
+            .chain(second.into_iter().flatten());
         for part in parts {
             let Some((name, value)) = split_pair(part) else {
                 continue;
