@@ -608,6 +608,12 @@ pub struct Limits {
     /// Requests a client address may send at once above that rate (the
     /// token bucket's size); 0: one second's worth.
     pub requests_burst_per_client: u32,
+    /// Most bytes origins may have waiting in pinproxy, over HTTP/2, for
+    /// clients that stopped reading: an answer its client has taken
+    /// nothing of for a second counts what its upstream stream may hold
+    /// (its window), and one past this is abandoned at once. 0: no budget
+    /// (`timeouts.client_stall` still applies).
+    pub max_unread_bytes: u64,
 }
 
 impl Default for Limits {
@@ -625,6 +631,8 @@ impl Default for Limits {
             max_connections_per_client: 0,
             requests_per_second_per_client: 0,
             requests_burst_per_client: 0,
+            // Eighty stalled answers of Chrome's 6 MiB window at once.
+            max_unread_bytes: 512 << 20,
         }
     }
 }
@@ -664,6 +672,13 @@ pub struct Timeouts {
     /// a quarter more); `"0s"`: never closed for idleness.
     #[serde(with = "humantime_serde")]
     pub relay_idle: Duration,
+    /// How long a client may take nothing of an answer it is being sent
+    /// (its socket or stream window full) before the answer is abandoned:
+    /// the origin's stream reset, or its connection closed, and the
+    /// client's too (within a second more); `"0s"`: never. A client
+    /// reading slowly is not stalled, nor is one waiting for a slow origin.
+    #[serde(with = "humantime_serde")]
+    pub client_stall: Duration,
     /// On SIGTERM/SIGINT: how long in-flight requests, open WebSockets and
     /// passed-through tunnels get to finish (the listener stops accepting
     /// at once; what is still open then is closed), then how long
@@ -682,6 +697,7 @@ impl Default for Timeouts {
             pool_idle: Duration::from_secs(90),
             tls_handshake: Duration::from_secs(10),
             relay_idle: Duration::from_secs(600),
+            client_stall: Duration::from_secs(60),
             shutdown: Duration::from_secs(30),
         }
     }
@@ -882,6 +898,11 @@ impl Settings {
             ),
             ("timeouts.header_read", ta.header_read != tb.header_read),
             ("timeouts.client_idle", ta.client_idle != tb.client_idle),
+            ("timeouts.client_stall", ta.client_stall != tb.client_stall),
+            (
+                "limits.max_unread_bytes",
+                la.max_unread_bytes != lb.max_unread_bytes,
+            ),
             (
                 "timeouts.tls_handshake",
                 ta.tls_handshake != tb.tls_handshake,

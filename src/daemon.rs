@@ -43,6 +43,7 @@ use crate::store::redis::{RedisSettings, RedisStore, WaitFor};
 use crate::store::{Store, StoreError, StoreErrorKind};
 use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::tls::{TlsSetupError, UpstreamTls};
+use crate::upstream::unread::Unread;
 use live::{ConfigSource, Core, Live, ReloadError};
 
 /// The least `identities.remember_retired` with Redis (see `open_store`).
@@ -576,7 +577,17 @@ impl Daemon {
         .with_metrics(&metrics);
         let guard = Arc::new(AddressGuard::new(settings.deny_ranges.clone()));
         guard.set_store(store_servers(&settings.store).await);
-        let build = live::exit_build(&settings, upstream_tls, guard.clone(), &metrics);
+        let unread = Unread::new(
+            settings.timeouts.client_stall,
+            settings.limits.max_unread_bytes,
+            metrics.answers_abandoned.clone(),
+        );
+        let build = live::exit_build(
+            &settings,
+            upstream_tls,
+            (guard.clone(), unread.clone()),
+            &metrics,
+        );
         let exits = ExitSet::of(
             settings
                 .exits
@@ -677,6 +688,7 @@ impl Daemon {
             clock: clock.clone(),
             provider,
             guard: guard.clone(),
+            unread,
             pacer: crate::proxy::pacing::Pacer::new(&settings.identities.pacing()),
             live_exits: live_exits.clone(),
         };

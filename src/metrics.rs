@@ -154,6 +154,14 @@ pub struct ExitReason {
     pub reason: &'static str,
 }
 
+/// An answer abandoned because its client stopped reading it, by why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AbandonedLabel {
+    /// `stall` (`timeouts.client_stall`) or `unread-budget`
+    /// (`limits.max_unread_bytes`).
+    pub why: &'static str,
+}
+
 /// A pin decision, by exit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabel {
@@ -359,6 +367,8 @@ pub struct Metrics {
     /// before answering, or did not process their HTTP/2 stream (refused
     /// it, or left it past the last stream of its `GOAWAY`).
     pub upstream_requests_replayed: Counter,
+    /// Answers abandoned because their clients stopped reading them.
+    pub answers_abandoned: Family<AbandonedLabel, Counter>,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -549,6 +559,12 @@ impl Metrics {
             "Body-less requests sent again (once, or twice when a refused stream's second try then meets a GOAWAY that leaves it out, or the close of a connection that had been idle) because the origin closed their idle connection before any byte of an answer (idempotent methods) or did not process their HTTP/2 stream (REFUSED_STREAM: any method; GOAWAY: idempotent methods)",
             upstream_requests_replayed.clone(),
         );
+        let answers_abandoned = Family::<AbandonedLabel, Counter>::default();
+        registry.register(
+            "answers_abandoned",
+            "Answers abandoned (their upstream stream reset or connection closed) because their client took nothing of them for timeouts.client_stall (why=stall) or stopped reading while others' stalled answers held limits.max_unread_bytes (why=unread-budget)",
+            answers_abandoned.clone(),
+        );
         let store_clock_offset_ms = Gauge::default();
         registry.register(
             "store_clock_offset_ms",
@@ -631,6 +647,7 @@ impl Metrics {
             client_connections_parked,
             upstream_connections_parked,
             upstream_requests_replayed,
+            answers_abandoned,
             upstream_connect,
             upstream_tls,
             upstream_tls_resumed,

@@ -38,6 +38,7 @@ mod replay;
 mod resumption;
 mod retired;
 pub mod tls;
+pub mod unread;
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -62,7 +63,7 @@ use tls::UpstreamTls;
 
 pub use conn::Answered;
 pub use error::{ConnectError, UpstreamError};
-pub use pool::UpstreamBody;
+pub use unread::UpstreamBody;
 
 /// The hasher of an exit's lane map: seeded, and cheaper than SipHash on
 /// a lookup made once per request.
@@ -94,6 +95,8 @@ pub struct PoolSettings {
     /// an idle connection, or said over HTTP/2 that it did not process
     /// them; one per daemon.
     pub replayed: prometheus_client::metrics::counter::Counter,
+    /// The bounds on answers their clients stopped reading; one per daemon.
+    pub unread: Arc<unread::Unread>,
 }
 
 /// Where a request goes: the origin a connection is opened to (and pooled
@@ -473,6 +476,7 @@ impl ExitClient {
                 max_idle_per_origin: self.settings.max_idle_per_origin,
                 parked: self.settings.parked.clone(),
                 replayed: self.settings.replayed.clone(),
+                unread: self.settings.unread.clone(),
             };
             let presentation = self.presentation(lane);
             let resumes = self.resumes(lane, &presentation);
@@ -734,6 +738,7 @@ mod tests {
             guard: Arc::new(dial::guard::AddressGuard::new(Vec::new())),
             parked: prometheus_client::metrics::counter::Counter::default(),
             replayed: prometheus_client::metrics::counter::Counter::default(),
+            unread: Arc::default(),
         };
         let route = ExitRoute {
             id: ExitId::new("direct"),

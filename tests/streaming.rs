@@ -137,6 +137,34 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StopsReading<S>
     }
 }
 
+/// An HTTP/2 client on `tls` offering 16 MiB a stream and a gibibyte in
+/// all, which stops reading once the flag returned is set; with the task
+/// driving its connection.
+async fn greedy_h2_client<S>(
+    tls: S,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = StopsReading {
+        inner: tls,
+        stopped: stopped.clone(),
+    };
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(1 << 30)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(io))
+            .await
+            .unwrap();
+    (sender, stopped, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that offers a gibibyte of window, asks for 128 large
 /// answers and stops reading holds a bounded amount of pinproxy's memory:
 /// each stream's answer waits in pinproxy up to a small buffer (64 KiB;
@@ -160,19 +188,7 @@ async fn an_http2_client_that_stops_reading_holds_bounded_memory() {
     let before = proxy.peak_rss_kib();
 
     let tls = client.tls_stream("localhost", port, &[b"h2"]).await;
-    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io = StopsReading {
-        inner: tls,
-        stopped: stopped.clone(),
-    };
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(1 << 30)
-            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(io))
-            .await
-            .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut sender, stopped, driver) = greedy_h2_client(tls).await;
     let mut asked = Vec::new();
     for _ in 0..128 {
         let request = http::Request::get(format!("https://localhost:{port}/bytes?n={}", 64 << 20))
@@ -210,4 +226,120 @@ async fn an_http2_client_that_stops_reading_holds_bounded_memory() {
         request.abort();
     }
     proxy.kill9().await;
+}
+
+/// One of pinproxy's counters of abandoned answers (`why`), 0 before any.
+async fn abandoned(s: &Setup, why: &str) -> u64 {
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = support::admin::get(addr, "/metrics").await;
+    let name = format!("pinproxy_answers_abandoned_total{{why=\"{why}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&name))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// Waits (at most 30 s) until pinproxy has abandoned `n` answers for `why`.
+async fn wait_for_abandoned(s: &Setup, why: &str, n: u64) {
+    for _ in 0..300 {
+        if abandoned(s, why).await >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "pinproxy abandoned {} answers for {why} in 30 s, not {n}",
+        abandoned(s, why).await
+    );
+}
+
+/// An answer its client takes nothing of for `timeouts.client_stall` is
+/// abandoned (the origin's side no longer fills pinproxy's memory, nor
+/// holds an exit's connection), and its client, reading again, finds it
+/// cut short; an origin that is slow to send is no stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_its_client_takes_nothing_of_for_the_stall_limit_is_abandoned() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::start_with(1, |c| {
+        c.timeouts.client_stall = std::time::Duration::from_secs(2);
+        c.limits.max_unread_bytes = 0;
+    })
+    .await;
+    let port = s.origin.https.port();
+
+    // The origin sends "a", then "b" four seconds later: pinproxy asks for
+    // the rest all along, so the client is not stalling.
+    let mut conn = s.proxy.client.tunnel("localhost", port).await;
+    let reply = conn.get("/pause?body_ms=4000", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "ab");
+    assert_eq!(abandoned(&s, "stall").await, 0);
+
+    let mut tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    let n: u64 = 1 << 30;
+    tls.write_all(
+        format!("GET /bytes?n={n} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    tls.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    // The client reads nothing more until pinproxy has given up.
+    wait_for_abandoned(&s, "stall", 1).await;
+    let mut rest = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => rest += read as u64,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the abandoned answer's connection stayed open"
+    );
+    assert!(
+        (first.len() as u64) + rest < n,
+        "the whole answer arrived after it was abandoned"
+    );
+}
+
+/// HTTP/2 answers their client stopped reading count their upstream
+/// windows against `limits.max_unread_bytes`, and past it are abandoned at
+/// once, long before the stall limit: here a budget smaller than any
+/// window, with the client's own 16 MiB windows mirrored upstream, one
+/// identity each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_past_the_unread_budget_are_abandoned() {
+    let s = Setup::start_with(1, |c| {
+        c.limits.max_unread_bytes = 1;
+    })
+    .await;
+    let port = s.origin.https.port();
+    let tls = s.proxy.client.tls_stream("localhost", port, &[b"h2"]).await;
+    let (mut sender, stopped, driver) = greedy_h2_client(tls).await;
+    let path = format!("/bytes?n={}", 256 << 20);
+    let mut asked = Vec::new();
+    for k in 0..4 {
+        let request = http::Request::get(format!("https://localhost:{port}{path}"))
+            .header("x-pinproxy-session", format!("k{k}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        asked.push(tokio::spawn(sender.send_request(request)));
+    }
+    s.origin.wait_for_many(&path, 4).await;
+    stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_for_abandoned(&s, "unread-budget", 4).await;
+    assert_eq!(abandoned(&s, "stall").await, 0);
+    driver.abort();
+    for request in asked {
+        request.abort();
+    }
 }

@@ -78,6 +78,7 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
         ("timeouts.pool_idle", t.pool_idle, Bound::Wait),
         ("timeouts.tls_handshake", t.tls_handshake, Bound::Wait),
         ("timeouts.relay_idle", t.relay_idle, Bound::Wait),
+        ("timeouts.client_stall", t.client_stall, Bound::Wait),
         ("timeouts.shutdown", t.shutdown, Bound::Wait),
         ("identities.idle_timeout", i.idle_timeout, Bound::Retention),
         ("identities.max_lifetime", i.max_lifetime, Bound::Retention),

@@ -40,6 +40,7 @@ use crate::proxy::Pipeline;
 use crate::routing::{Policies, Router};
 use crate::upstream::dial::guard::AddressGuard;
 use crate::upstream::tls::{TlsSetupError, UpstreamTls};
+use crate::upstream::unread::Unread;
 use crate::upstream::PoolSettings;
 
 /// Where a reload reads the configuration: the same file and flags the
@@ -91,6 +92,8 @@ pub(super) struct Core {
     pub provider: Arc<rustls::crypto::CryptoProvider>,
     /// SSRF guard: own listeners, `upstream.deny_ranges` (read at start).
     pub guard: Arc<AddressGuard>,
+    /// The bounds on answers clients stopped reading (read at start).
+    pub unread: Arc<Unread>,
     /// Identities' in-flight counts and pacing, kept across reloads.
     pub pacer: Arc<crate::proxy::pacing::Pacer>,
     /// The exits in force (each reload's in turn).
@@ -260,7 +263,8 @@ impl Live {
         } else {
             applied.build.tls.clone()
         };
-        let build = exit_build(&settings, tls, self.core.guard.clone(), &self.core.metrics);
+        let shared = (self.core.guard.clone(), self.core.unread.clone());
+        let build = exit_build(&settings, tls, shared, &self.core.metrics);
         let previous = self.exits.load();
         let set = build.set(
             &settings.exits,
@@ -467,11 +471,12 @@ pub(super) fn policies(settings: &Settings, started: &Settings) -> Policies {
     }
 }
 
-/// What every exit of `settings` is built with.
+/// What every exit of `settings` is built with, sharing the daemon's
+/// address guard and bounds on unread answers.
 pub(super) fn exit_build(
     settings: &Settings,
     tls: UpstreamTls,
-    guard: Arc<AddressGuard>,
+    (guard, unread): (Arc<AddressGuard>, Arc<Unread>),
     metrics: &Metrics,
 ) -> ExitBuild {
     let health = &settings.health;
@@ -486,6 +491,7 @@ pub(super) fn exit_build(
             guard,
             parked: metrics.upstream_connections_parked.clone(),
             replayed: metrics.upstream_requests_replayed.clone(),
+            unread,
         },
         thresholds: Thresholds {
             unhealthy_after: health.unhealthy_after,

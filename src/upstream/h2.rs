@@ -163,6 +163,45 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
     builder.headers_pseudo_order(pseudo.build()).build()
 }
 
+/// The stream window wreq-proto states when a preface has none (see the
+/// module docs).
+const UNSTATED_STREAM_WINDOW: u32 = 2 << 20;
+/// hyper's own stream and connection windows (rustls mode).
+const HYPER_WINDOWS: Windows = Windows {
+    stream: 2 << 20,
+    connection: 5 << 20,
+};
+
+/// The windows a connection offers an origin: what the origin may send
+/// on one stream, and on all of them, before pinproxy reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// The window of each stream (setting 4).
+    pub stream: u32,
+    /// The connection's window.
+    pub connection: u32,
+}
+
+/// The windows a connection with `preface` (`None`: hyper's own) offers,
+/// as [`options`] states them.
+pub fn windows(preface: Option<&H2Fingerprint>) -> Windows {
+    let Some(preface) = preface else {
+        return HYPER_WINDOWS;
+    };
+    let stream = preface
+        .settings
+        .iter()
+        .rev()
+        .find(|&&(id, _)| id == 4)
+        .map_or(UNSTATED_STREAM_WINDOW, |&(_, value)| {
+            value.min(MAX_STREAM_WINDOW)
+        });
+    let connection = DEFAULT_CONNECTION_WINDOW
+        .saturating_add(preface.window_update)
+        .min(MAX_CONNECTION_WINDOW);
+    Windows { stream, connection }
+}
+
 /// Chromium's connection WINDOW_UPDATE increment (15 MiB less the 65,535
 /// every connection starts with), which the browsers built on Chromium
 /// send too.
@@ -245,6 +284,34 @@ mod tests {
             HpackPolicy::for_pseudo_order(options(&chrome).headers_pseudo_order.as_ref()),
             HpackPolicy::Chromium
         );
+    }
+
+    /// The windows counted against the unread budget are those the
+    /// options offer, with or without a stated stream window.
+    #[test]
+    fn the_windows_counted_are_those_offered() {
+        for settings in [
+            vec![],
+            vec![(4, 6_291_456)],
+            vec![(4, 0x7fff_ffff), (4, 65_535)],
+        ] {
+            for window_update in [0, 15_663_105, 0x7fff_0000] {
+                let preface = H2Fingerprint {
+                    settings: settings.clone(),
+                    window_update,
+                    ..H2Fingerprint::default()
+                };
+                let offered = options(&preface);
+                assert_eq!(
+                    windows(Some(&preface)),
+                    Windows {
+                        stream: offered.initial_window_size,
+                        connection: offered.initial_conn_window_size,
+                    },
+                    "{settings:?} {window_update}"
+                );
+            }
+        }
     }
 
     /// A preface stating the protocol's largest windows and header list is

@@ -59,6 +59,7 @@ use super::h2::{self, TokioExec};
 use super::replay::{Replay, Unanswered};
 use super::resumption::{Resumes, Sessions};
 use super::tls::{SessionSlot, Shape};
+use super::unread::{Exposure, Unread, UpstreamBody};
 use super::Presentation;
 use super::{came_over_http2, ClientAuthority, Origin};
 use crate::body::{Body, BoxError};
@@ -89,6 +90,8 @@ impl H2Sender {
 struct H2Conn {
     sender: H2Sender,
     info: Arc<TunnelInfo>,
+    /// What its stalled streams may hold (see [`super::unread`]).
+    exposure: Arc<Exposure>,
 }
 
 /// How long an idle HTTP/1.1 connection waits before it parks (it parks at
@@ -214,6 +217,8 @@ pub(super) struct Limits {
     pub parked: Counter,
     /// Counts requests sent again after the origin left them unanswered.
     pub replayed: Counter,
+    /// The daemon's bounds on answers their clients stopped reading.
+    pub unread: Arc<Unread>,
 }
 
 /// The connections of one lane.
@@ -818,7 +823,12 @@ impl LanePool {
         let info = Arc::new(info);
         if io.negotiated_h2() {
             let sender = self.handshake_h2(io).await?;
-            let conn = H2Conn { sender, info };
+            let windows = h2::windows(self.presentation.h2.as_deref());
+            let conn = H2Conn {
+                sender,
+                info,
+                exposure: Exposure::new(windows.stream, windows.connection),
+            };
             let mut origins = self.origins();
             let conns = origins.entry(origin.clone()).or_default();
             conns.h2 = Some(conn.clone());
@@ -875,11 +885,20 @@ impl LanePool {
     ) -> Result<(Response<UpstreamBody>, Arc<TunnelInfo>), Unsent> {
         let moved_host = for_h2(&mut request, origin);
         let info = conn.info;
+        let watched = |body: OriginBody| {
+            UpstreamBody::new(
+                body,
+                &self.limits.unread,
+                Some(conn.exposure.clone()),
+                self.dialer.exit.clone(),
+                origin,
+            )
+        };
         let response: Result<Response<UpstreamBody>, Unsent> = match conn.sender {
             H2Sender::Hyper(mut sender) => sender
                 .try_send_request(request)
                 .await
-                .map(|r| r.map(UpstreamBody::Hyper))
+                .map(|r| r.map(|body| watched(OriginBody::Hyper(body))))
                 .map_err(|mut e| {
                     let unsent = back_from_h2(e.take_message(), moved_host);
                     let error = e.into_error();
@@ -889,7 +908,7 @@ impl LanePool {
             H2Sender::Shaped(mut sender) => sender
                 .try_send_request(request)
                 .await
-                .map(|r| r.map(UpstreamBody::Shaped))
+                .map(|r| r.map(|body| watched(OriginBody::Shaped(body))))
                 .map_err(|mut e| {
                     let unsent = back_from_h2(e.take_message(), moved_host);
                     let error = e.into_error();
@@ -968,10 +987,12 @@ impl LanePool {
                     held,
                 };
                 let response = response.map(|body| {
-                    UpstreamBody::Pooled(PooledBody {
+                    let pooled = OriginBody::Pooled(PooledBody {
                         body,
                         giveback: Some(giveback),
-                    })
+                    });
+                    let exit = self.dialer.exit.clone();
+                    UpstreamBody::new(pooled, &self.limits.unread, None, exit, origin)
                 });
                 Ok((response, info))
             }
@@ -1550,7 +1571,7 @@ impl Drop for PooledBody {
 }
 
 /// The body of an origin's response, whichever connection carried it.
-pub enum UpstreamBody {
+pub enum OriginBody {
     /// From hyper's HTTP/2.
     Hyper(Incoming),
     /// From the shaped HTTP/2.
@@ -1559,7 +1580,7 @@ pub enum UpstreamBody {
     Pooled(PooledBody),
 }
 
-impl http_body::Body for UpstreamBody {
+impl http_body::Body for OriginBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1568,9 +1589,9 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Shaped(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Pooled(pooled) => {
+            OriginBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            OriginBody::Shaped(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            OriginBody::Pooled(pooled) => {
                 let polled = Pin::new(&mut pooled.body).poll_frame(cx);
                 if let Poll::Ready(None) = &polled {
                     if let Some(mut giveback) = pooled.giveback.take() {
@@ -1584,17 +1605,17 @@ impl http_body::Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
-            UpstreamBody::Shaped(body) => body.is_end_stream(),
-            UpstreamBody::Pooled(pooled) => pooled.body.is_end_stream(),
+            OriginBody::Hyper(body) => body.is_end_stream(),
+            OriginBody::Shaped(body) => body.is_end_stream(),
+            OriginBody::Pooled(pooled) => pooled.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Hyper(body) => body.size_hint(),
-            UpstreamBody::Shaped(body) => body.size_hint(),
-            UpstreamBody::Pooled(pooled) => pooled.body.size_hint(),
+            OriginBody::Hyper(body) => body.size_hint(),
+            OriginBody::Shaped(body) => body.size_hint(),
+            OriginBody::Pooled(pooled) => pooled.body.size_hint(),
         }
     }
 }

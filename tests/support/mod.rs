@@ -127,5 +127,6 @@ pub fn routing_only_pool() -> pinproxy::upstream::PoolSettings {
         guard: Default::default(),
         parked: Default::default(),
         replayed: Default::default(),
+        unread: Default::default(),
     }
 }
