@@ -107,9 +107,12 @@ impl Router {
     /// clock's, never earlier than the time elapsed since the start (see
     /// [`Unhurried::at_least_ms`]). A wall clock stepped back (and
     /// corrected later) would otherwise date it early, and it would be
-    /// forgotten that much early. (Ages are judged, and everything else is
-    /// stamped, by the clock itself: judged by one clock and stamped by
-    /// another, every age would read the step too old.)
+    /// forgotten that much early. Sticky sessions are stamped, and their
+    /// ages judged, by it too (see `lifecycle::Moment`): a provider's
+    /// session ends by real time, whatever the wall clock says. (Other ages
+    /// are judged, and everything else is stamped, by the clock itself:
+    /// judged by one clock and stamped by another, every age would read the
+    /// step too old.)
     pub fn retirement_now(&self) -> u64 {
         self.steady.at_least_ms(&self.clock)
     }

@@ -430,6 +430,29 @@ async fn the_sticky_window_retires_an_identity_instead_of_following_the_new_ip()
     s.stop().await;
 }
 
+/// A wall clock stepped back (an NTP correction of a clock that read
+/// ahead, a VM resumed) does not lengthen the sticky window of an identity
+/// founded before the step: the provider's session ends by real time, and
+/// may move to another address then.
+#[tokio::test]
+async fn a_clock_stepped_back_does_not_lengthen_a_window_begun_before_it() {
+    let clock = Clock::manual();
+    let s = Setup::builder()
+        .exits(1)
+        .clock(clock.clone())
+        .config(|c| c.exits[0].sticky_ttl = Some(10 * MINUTE))
+        .start()
+        .await;
+    let (mut jar, _) = s.login("/login").await;
+    clock.advance(5 * MINUTE);
+    clock.step_back(60 * MINUTE);
+    clock.advance(6 * MINUTE);
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(reply.status.as_u16(), 502, "{}", reply.body);
+    assert!(reply.body.contains("sticky-expired"), "{}", reply.body);
+    s.stop().await;
+}
+
 /// Ages are judged on the clock stamps are made with: after a wall clock
 /// is stepped back (an NTP correction), an identity founded then lives its
 /// whole sticky window and idle time, not one shortened by the step.

@@ -369,7 +369,7 @@ pub async fn learn(
             // (Its connection is marked founding: `capture_pins`.)
             let session = route.anonymous.unwrap_or(AnonymousSession {
                 session: route.lane.session,
-                started_ms: now,
+                started_ms: router.retirement_now(),
             });
             let mut identity = Identity::new(
                 route.exit.id().clone(),
@@ -460,7 +460,10 @@ pub async fn learn(
         // Its session is the identity's own from now on, and so is what
         // it may take of the connection the answer came on.
         if let Some(anonymous) = route.anonymous {
-            route.exit.sessions.hand_over(anonymous.session, now);
+            route
+                .exit
+                .sessions
+                .hand_over(anonymous.session, router.retirement_now());
             match carried_by {
                 Some(carried_by) if superseded => {
                     route

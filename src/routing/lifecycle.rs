@@ -360,13 +360,17 @@ impl Router {
         policies: &Policies,
         now: u64,
     ) -> Option<RetireReason> {
-        match ends(identity, exits, policies, now) {
+        let moment = Moment {
+            wall_ms: now,
+            steady_ms: self.retirement_now().max(now),
+        };
+        match ends(identity, exits, policies, moment) {
             Some(RetireReason::IdleExpired) if self.relays.is_open(identity.id) => {
                 let in_use = Identity {
                     last_used_ms: now,
                     ..identity.clone()
                 };
-                ends(&in_use, exits, policies, now)
+                ends(&in_use, exits, policies, moment)
             }
             other => other,
         }
@@ -441,13 +445,38 @@ impl CountedRetirements {
 /// sticky window ends this much early.
 const CLOCK_SKEW_MS: u64 = 5_000;
 
-/// Why `identity` cannot continue on its exit at `now`, if it cannot.
+/// A time to judge identities at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moment {
+    /// The clock's reading: the ages of what it stamps (idleness,
+    /// lifetimes; their stamps are made by replicas' clocks).
+    pub wall_ms: u64,
+    /// The same, never earlier than the time elapsed since the start
+    /// ([`Router::retirement_now`]): the age of a sticky session, which
+    /// is stamped by it (`Identity::session_started_ms`). The provider's
+    /// session ends by real time, so a wall clock stepped back must not
+    /// lengthen it.
+    pub steady_ms: u64,
+}
+
+impl Moment {
+    /// One reading for both (no clock stepped).
+    pub fn at(ms: u64) -> Moment {
+        Moment {
+            wall_ms: ms,
+            steady_ms: ms,
+        }
+    }
+}
+
+/// Why `identity` cannot continue on its exit at `moment`, if it cannot.
 pub fn ends(
     identity: &Identity,
     exits: &ExitSet,
     policies: &Policies,
-    now: u64,
+    moment: Moment,
 ) -> Option<RetireReason> {
+    let now = moment.wall_ms;
     let Some(exit) = exits.get(&identity.exit) else {
         // Another replica may have the exit: this one cannot tell an exit
         // removed from one it never had, so it leaves the identity to them
@@ -482,7 +511,8 @@ pub fn ends(
         // session may have been started on a replica whose clock reads
         // behind this one's.
         let ttl = crate::clock::duration_ms(ttl);
-        let age = now
+        let age = moment
+            .steady_ms
             .saturating_sub(identity.session_started_ms)
             .saturating_add(CLOCK_SKEW_MS.min(ttl / 4));
         if age >= ttl {

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::{ends, idle_timeout_ms};
+use super::lifecycle::{ends, idle_timeout_ms, Moment};
 use super::Router;
 use crate::credential::RandomKeys;
 use crate::exits::{ExitSet, LiveExits};
@@ -243,17 +243,19 @@ impl Router {
         }
         identity.last_used_ms = identity.last_used_ms.max(used_ms);
         let policies = self.policies();
-        Ok(
-            match ends(&identity, exits, &policies, self.clock.now_ms()) {
-                None => Standing::Live,
-                Some(reason) if recorded => Standing::Ends(identity, reason),
-                // Not for idleness without the record: the identity may be
-                // busy through other replicas, which this one cannot see
-                // (as the Redis journal never retires for idleness).
-                Some(RetireReason::IdleExpired) => Standing::Live,
-                Some(reason) => Standing::Unrecorded(reason),
-            },
-        )
+        let moment = Moment {
+            wall_ms: self.clock.now_ms(),
+            steady_ms: self.retirement_now(),
+        };
+        Ok(match ends(&identity, exits, &policies, moment) {
+            None => Standing::Live,
+            Some(reason) if recorded => Standing::Ends(identity, reason),
+            // Not for idleness without the record: the identity may be
+            // busy through other replicas, which this one cannot see
+            // (as the Redis journal never retires for idleness).
+            Some(RetireReason::IdleExpired) => Standing::Live,
+            Some(reason) => Standing::Unrecorded(reason),
+        })
     }
 }
 

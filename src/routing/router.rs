@@ -536,10 +536,11 @@ impl Router {
         let exit = exits
             .pick_within(now, scope)
             .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
+        // Its session's start on the clock its sticky window is judged by.
         let mut candidate = Identity::new(
             exit.id().clone(),
             SessionId(rand::random()),
-            now,
+            self.retirement_now(),
             Arc::new(fingerprint.clone()),
             now,
         );
@@ -670,7 +671,8 @@ impl Router {
         let exit = exits
             .pick_within(now, scope)
             .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
-        let session = exit.sessions.next(now);
+        // Sessions are dated, and their age judged, as identities' are.
+        let session = exit.sessions.next(self.retirement_now());
         Ok(Route {
             exit: exit.clone(),
             lane: Lane::anonymous(session.session),
