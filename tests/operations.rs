@@ -490,6 +490,28 @@ async fn identities_retire_when_their_exit_s_route_changes_under_its_id() {
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
+/// Identities founded on an exit's new route live on after the wall clock
+/// is stepped back behind the change's date (an NTP correction): they are
+/// judged by the route they carry, not by that date.
+#[tokio::test]
+async fn identities_founded_after_a_route_change_survive_a_clock_stepped_back() {
+    let clock = pinproxy::clock::Clock::manual();
+    let s = Setup::builder().exits(2).clock(clock.clone()).start().await;
+    clock.advance(Duration::from_secs(600));
+    let config = with_exit_urls_swapped(&s.proxy.config);
+    s.proxy.daemon.reload_with(&config).await.unwrap();
+    clock.step_back(Duration::from_secs(3600));
+    let (mut jar, peer) = s.login("/login").await;
+    let page = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (page.status.as_u16(), Setup::peer(&page)),
+        (200, Some(peer)),
+        "{}",
+        page.body
+    );
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
 /// A login still on its way through an exit when a reload changes the
 /// exit's route (it started under the old configuration and runs to its
 /// end on the old route) founds its identity after the change: it retires

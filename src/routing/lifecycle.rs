@@ -498,9 +498,12 @@ pub fn ends(
     {
         return Some(RetireReason::ExitDown);
     }
+    // The date judges only an identity that carries no route (founded
+    // before identities did): one that does is judged by its route, which
+    // no clock stepped back makes look older than the change.
     if exit
         .route_changed_ms()
-        .is_some_and(|changed| changed >= identity.created_ms)
+        .is_some_and(|changed| identity.route.is_none() && changed >= identity.created_ms)
         || left_its_route(identity, exit)
     {
         return Some(RetireReason::ExitChanged);
