@@ -609,9 +609,10 @@ pub struct Limits {
     /// token bucket's size); 0: one second's worth.
     pub requests_burst_per_client: u32,
     /// Most bytes origins may have waiting in pinproxy, over HTTP/2, for
-    /// clients that stopped reading: an answer its client has taken
-    /// nothing of for a second counts what its upstream stream may hold
-    /// (its window), and one past this is abandoned at once. 0: no budget
+    /// clients slower than them: an answer whose origin has had its next
+    /// frame waiting at every ask for a second counts what its upstream
+    /// stream may hold (its window), until its client catches up, and one
+    /// past this is abandoned at once. 0: no budget
     /// (`timeouts.client_stall` still applies).
     pub max_unread_bytes: u64,
 }
@@ -672,11 +673,12 @@ pub struct Timeouts {
     /// a quarter more); `"0s"`: never closed for idleness.
     #[serde(with = "humantime_serde")]
     pub relay_idle: Duration,
-    /// How long a client may take nothing of an answer it is being sent
-    /// (its socket or stream window full) before the answer is abandoned:
-    /// the origin's stream reset, or its connection closed, and the
-    /// client's too (within a second more); `"0s"`: never. A client
-    /// reading slowly is not stalled, nor is one waiting for a slow origin.
+    /// How long pinproxy may write nothing more of an answer to its client
+    /// (its socket or stream window full) before the answer is abandoned
+    /// (within a second more): the origin's stream reset, or its connection
+    /// closed, and the client's when pinproxy next writes to it. `"0s"`:
+    /// never; otherwise at least a second. A client reading slowly is not
+    /// stalled, nor is one waiting for a slow origin.
     #[serde(with = "humantime_serde")]
     pub client_stall: Duration,
     /// On SIGTERM/SIGINT: how long in-flight requests, open WebSockets and

@@ -581,6 +581,7 @@ impl Daemon {
             settings.timeouts.client_stall,
             settings.limits.max_unread_bytes,
             metrics.answers_abandoned.clone(),
+            metrics.answers_unread_bytes.clone(),
         );
         let build = live::exit_build(
             &settings,

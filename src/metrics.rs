@@ -369,6 +369,9 @@ pub struct Metrics {
     pub upstream_requests_replayed: Counter,
     /// Answers abandoned because their clients stopped reading them.
     pub answers_abandoned: Family<AbandonedLabel, Counter>,
+    /// What HTTP/2 answers behind their origins count against
+    /// `limits.max_unread_bytes`.
+    pub answers_unread_bytes: Gauge,
     /// Upstream transport times, by exit.
     pub upstream_connect: HistogramFamily<ExitValue>,
     /// Upstream TLS handshake times, by exit.
@@ -565,6 +568,12 @@ impl Metrics {
             "Answers abandoned (their upstream stream reset or connection closed) because their client took nothing of them for timeouts.client_stall (why=stall) or stopped reading while others' stalled answers held limits.max_unread_bytes (why=unread-budget)",
             answers_abandoned.clone(),
         );
+        let answers_unread_bytes = Gauge::default();
+        registry.register(
+            "answers_unread_bytes",
+            "What HTTP/2 answers whose clients are slower than their origins (stalled or trickling) count against limits.max_unread_bytes: their upstream stream windows, at most what their connections' windows and their remaining lengths allow",
+            answers_unread_bytes.clone(),
+        );
         let store_clock_offset_ms = Gauge::default();
         registry.register(
             "store_clock_offset_ms",
@@ -648,6 +657,7 @@ impl Metrics {
             upstream_connections_parked,
             upstream_requests_replayed,
             answers_abandoned,
+            answers_unread_bytes,
             upstream_connect,
             upstream_tls,
             upstream_tls_resumed,

@@ -311,15 +311,40 @@ async fn an_answer_its_client_takes_nothing_of_for_the_stall_limit_is_abandoned(
     );
 }
 
+/// pinproxy's gauge of what answers behind their origins count against
+/// the unread budget.
+async fn unread_bytes(s: &Setup) -> u64 {
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let text = support::admin::get(addr, "/metrics").await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("pinproxy_answers_unread_bytes "))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .expect("the unread gauge")
+}
+
+/// Waits (at most 30 s) until the unread gauge reads `bytes`.
+async fn wait_for_unread_bytes(s: &Setup, bytes: u64) {
+    for _ in 0..300 {
+        if unread_bytes(s).await == bytes {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the unread gauge reads {}, not {bytes}",
+        unread_bytes(s).await
+    );
+}
+
 /// HTTP/2 answers their client stopped reading count their upstream
-/// windows against `limits.max_unread_bytes`, and past it are abandoned at
-/// once, long before the stall limit: here a budget smaller than any
-/// window, with the client's own 16 MiB windows mirrored upstream, one
-/// identity each.
+/// windows (here the client's own 16 MiB, mirrored; each answer on its own
+/// identity) against `limits.max_unread_bytes`: the first fits, the three
+/// past it are abandoned at once, long before the stall limit, and the
+/// count is given back when the client goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_answers_past_the_unread_budget_are_abandoned() {
     let s = Setup::start_with(1, |c| {
-        c.limits.max_unread_bytes = 1;
+        c.limits.max_unread_bytes = 24 << 20;
     })
     .await;
     let port = s.origin.https.port();
@@ -336,10 +361,67 @@ async fn http2_answers_past_the_unread_budget_are_abandoned() {
     }
     s.origin.wait_for_many(&path, 4).await;
     stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-    wait_for_abandoned(&s, "unread-budget", 4).await;
+    wait_for_abandoned(&s, "unread-budget", 3).await;
+    wait_for_unread_bytes(&s, 16 << 20).await;
+    assert_eq!(abandoned(&s, "unread-budget").await, 3);
     assert_eq!(abandoned(&s, "stall").await, 0);
     driver.abort();
     for request in asked {
         request.abort();
     }
+    wait_for_unread_bytes(&s, 0).await;
+}
+
+/// A client that reads a trickle (a frame every 50 ms, its stream windows
+/// 64 KiB, mirrored) lets pinproxy write to it all along, so it never
+/// stalls; but its origins are never the slower side, so each answer holds
+/// its window in pinproxy and counts it: past the budget (one window and a
+/// half) the others are abandoned, and the one counted goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_read_a_trickle_count_against_the_unread_budget() {
+    let s = Setup::start_with(1, |c| {
+        c.limits.max_unread_bytes = 100_000;
+    })
+    .await;
+    let port = s.origin.https.port();
+    let mut builder =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(1 << 30);
+    let mut conn = s
+        .proxy
+        .client
+        .tunnel_h2_with("localhost", port, &builder)
+        .await;
+    let path = format!("/bytes?n={}", 256 << 20);
+    let mut readers = Vec::new();
+    for k in 0..4 {
+        let request = http::Request::get(format!("https://localhost:{port}{path}"))
+            .header("x-pinproxy-session", format!("t{k}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = conn.sender().send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        // Bounded: 600 frames, 50 ms apart (30 s), or the answer's end.
+        readers.push(tokio::spawn(async move {
+            for _ in 0..600 {
+                match body.frame().await {
+                    Some(Ok(_)) => {}
+                    _ => return false,
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            true
+        }));
+    }
+    wait_for_abandoned(&s, "unread-budget", 3).await;
+    wait_for_unread_bytes(&s, 65_535).await;
+    assert_eq!(abandoned(&s, "unread-budget").await, 3);
+    assert_eq!(abandoned(&s, "stall").await, 0);
+    for reader in &readers {
+        reader.abort();
+    }
+    wait_for_unread_bytes(&s, 0).await;
 }

@@ -70,6 +70,13 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
             "timeouts.header_read and timeouts.client_idle must be positive".into(),
         ));
     }
+    // Its watcher looks once a second: a shorter limit could not be kept.
+    if !t.client_stall.is_zero() && t.client_stall < Duration::from_secs(1) {
+        return Err(ConfigError::Limit(format!(
+            "timeouts.client_stall = {:?} is too short: it must be 0s (never) or at least 1s",
+            t.client_stall
+        )));
+    }
     let settings = [
         ("timeouts.header_read", t.header_read, Bound::Wait),
         ("timeouts.client_idle", t.client_idle, Bound::Wait),
@@ -143,6 +150,16 @@ mod tests {
         let error = load("[timeouts]\nconnect = \"500000000000y\"").unwrap_err();
         assert!(error.contains("timeouts.connect"), "{error}");
         assert!(error.contains("at most \"1day\""), "{error}");
+    }
+
+    /// The stall limit is never or a second at least (its watcher looks
+    /// once a second).
+    #[test]
+    fn a_stall_limit_under_a_second_is_refused() {
+        assert!(load("[timeouts]\nclient_stall = \"0s\"").is_ok());
+        assert!(load("[timeouts]\nclient_stall = \"1s\"").is_ok());
+        let error = load("[timeouts]\nclient_stall = \"500ms\"").unwrap_err();
+        assert!(error.contains("timeouts.client_stall"), "{error}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use super::rewind::Rewind;
 use super::tunnel::{refused_tunnel, SAID_SELDOM};
 use super::Frontend;
 use crate::body::{self, Body};
+use crate::fault::{Blame as _, Fault};
 use crate::fingerprint::Fingerprint;
 use crate::net::relay::relay;
 use crate::net::HostPort;
@@ -54,7 +55,17 @@ pub async fn connect(
         Ok(response) => response,
         Err(error) => {
             frontend.pipeline.load().metrics.request(error.code());
-            tracing::warn!(target = %authority, code = error.code(), %error, "passthrough failed");
+            // As the pipeline logs a request it refuses: a client's own
+            // fault (a denied address, a bad session key) is no operator's
+            // business at `warn`, and each retry would be a line.
+            match error.fault() {
+                Fault::Client => {
+                    tracing::debug!(target = %authority, code = error.code(), %error, "passthrough refused")
+                }
+                _ => {
+                    tracing::warn!(target = %authority, code = error.code(), %error, "passthrough failed")
+                }
+            }
             error.to_response()
         }
     }

@@ -166,7 +166,8 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
 /// The stream window wreq-proto states when a preface has none (see the
 /// module docs).
 const UNSTATED_STREAM_WINDOW: u32 = 2 << 20;
-/// hyper's own stream and connection windows (rustls mode).
+/// hyper's own stream and connection windows (rustls mode), which its
+/// builder is given.
 const HYPER_WINDOWS: Windows = Windows {
     stream: 2 << 20,
     connection: 5 << 20,

@@ -863,8 +863,13 @@ impl LanePool {
                 Ok(H2Sender::Shaped(sender))
             }
             None => {
+                // hyper's own windows, stated so that what the unread budget
+                // counts stays what is offered.
+                let windows = h2::windows(None);
                 let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .initial_stream_window_size(windows.stream)
+                    .initial_connection_window_size(windows.connection)
                     .handshake::<_, Body>(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::from_hyper(&e))?;

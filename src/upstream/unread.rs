@@ -1,39 +1,38 @@
-//! Answers whose client has stopped reading them.
+//! Answers whose clients do not keep up with them.
 //!
 //! What an origin sends within the window pinproxy offered it waits in
 //! pinproxy's memory until the client reads it. Over HTTP/2 that window is
 //! the client's own (mirrored, up to 32 MiB a stream), and each identity
 //! has its own upstream connection, so one client connection naming many
-//! sessions and then reading nothing could have origins fill gigabytes.
-//! HTTP/1.1 answers wait in the kernel's socket buffers instead, and hold
-//! an exit's connection.
+//! sessions and then reading nothing, or a trickle, could have origins fill
+//! gigabytes. HTTP/1.1 answers wait in the kernel's socket buffers instead,
+//! and hold an exit's connection.
 //!
 //! Two bounds, checked by a watcher each answer gets once it is longer than
-//! one frame:
-//! - **The stall limit** (`timeouts.client_stall`): an answer whose client
-//!   has taken nothing of it for that long (within a [`GRACE`] more) is
-//!   abandoned, as nginx's `send_timeout` does: its upstream stream is
-//!   reset (HTTP/2) or its connection closed (HTTP/1.1), and the client's
-//!   stream is reset or its connection closed once its server polls the
-//!   answer again.
+//! one frame, every [`GRACE`]:
+//! - **The stall limit** (`timeouts.client_stall`): an answer pinproxy has
+//!   written nothing more of to its client for that long (within a
+//!   [`GRACE`] more) is abandoned, as nginx's `send_timeout` does: its
+//!   upstream stream is reset (HTTP/2) or its connection closed
+//!   (HTTP/1.1). The client's stream is reset, or its connection closed,
+//!   when its server next tries to write to it. The limit runs between two
+//!   writes: the client's server asks for the answer's next frame whenever
+//!   it can write more, so a client reading slowly lets it now and then,
+//!   and an origin slow to send (a long poll, a stream of events) is being
+//!   asked, so it is no stall.
 //! - **The unread budget** (`limits.max_unread_bytes`): an HTTP/2 answer
-//!   its client has taken nothing of for a [`GRACE`] counts what its
-//!   stream may hold (its stream window, at most what its connection's
-//!   window leaves over the connection's other stalled streams) against
-//!   one budget for the daemon; one the budget cannot take is abandoned at
-//!   once. A client reading again takes its count back.
-//!
-//! "Taken nothing" means the client's side has not asked for the answer's
-//! next frame since it was handed the last one. Its server asks whenever it
-//! can write more to the client, so the limit runs between two writes, as
-//! nginx's does: a client reading slowly lets pinproxy write now and then
-//! (one whose socket buffers drain slower than that for the whole limit
-//! is taken for stalled), and an origin that is slow to send (a long poll,
-//! a stream of events) is being asked, so it is no stall. The
-//! budget counts windows, not bytes (the crate holding them does not say
-//! how many it holds), so it is an upper bound on what stalled answers
-//! hold; what an origin sends within the grace before the count is made
-//! is not bounded by it.
+//!   whose origin has had the next frame waiting at every ask for a
+//!   [`GRACE`] (its client is the slower side, stalled or trickling) holds
+//!   what the origin sent ahead, up to its stream window. It counts that
+//!   window (at most what its connection's window leaves over the
+//!   connection's other counted streams, and at most what the answer has
+//!   left to send, when it says) against one budget for the daemon, until
+//!   an ask finds nothing waiting (the client caught up) or the answer
+//!   ends. One the budget cannot take is abandoned at once; answers
+//!   counted already go on. The budget counts windows, not bytes (the
+//!   crate holding them does not say how many it holds), so it bounds
+//!   what slow clients' answers hold; what origins send within the grace,
+//!   before the count, it does not.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,9 +41,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
 use super::pool::OriginBody;
@@ -57,33 +57,46 @@ use crate::metrics::AbandonedLabel;
 /// may hold counts against the budget; also how often a watcher looks.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// The daemon's bounds on answers their clients stopped reading; one per
-/// daemon.
+/// How often at most an abandoned answer is logged (each is counted).
+const WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// The daemon's bounds on answers their clients do not keep up with; one
+/// per daemon.
 #[derive(Debug)]
 pub struct Unread {
     /// `timeouts.client_stall`; zero: never abandoned for stalling.
     stall: Duration,
     /// `limits.max_unread_bytes`; zero: no budget.
     budget: u64,
-    /// What stalled answers' streams may hold, counted against `budget`.
+    /// What answers behind their origins count against `budget`.
     held: AtomicU64,
+    /// `held`, for the metrics.
+    held_gauge: Gauge,
     /// Answers abandoned, by why.
     abandoned: Family<AbandonedLabel, Counter>,
+    /// When an abandoned answer was last logged, in ms since `started`.
+    warned_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Unread {
     /// Bounds of `stall` (zero: none) and `budget` bytes (zero: none),
-    /// counting abandoned answers in `abandoned`.
+    /// counting abandoned answers in `abandoned` and showing what the
+    /// budget holds in `held`.
     pub fn new(
         stall: Duration,
         budget: u64,
         abandoned: Family<AbandonedLabel, Counter>,
+        held: Gauge,
     ) -> Arc<Unread> {
         Arc::new(Unread {
             stall,
             budget,
             held: AtomicU64::new(0),
+            held_gauge: held,
             abandoned,
+            warned_ms: AtomicU64::new(0),
+            started: Instant::now(),
         })
     }
 
@@ -99,16 +112,39 @@ impl Unread {
 
     /// Counts `bytes` against the budget, if it can take them.
     fn reserve(&self, bytes: u64) -> bool {
-        self.held
+        let taken = self
+            .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 held.checked_add(bytes).filter(|&sum| sum <= self.budget)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.held_gauge.inc_by(gauge_bytes(bytes));
+        }
+        taken
     }
 
     fn release(&self, bytes: u64) {
         self.held.fetch_sub(bytes, Ordering::AcqRel);
+        self.held_gauge.dec_by(gauge_bytes(bytes));
     }
+
+    /// Whether an abandoned answer may be logged now (one a [`WARN_EVERY`]).
+    fn may_warn(&self) -> bool {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.warned_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .warned_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// `bytes` as a gauge's value (a window is at most 2 GiB).
+fn gauge_bytes(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// No bounds: nothing is watched.
@@ -118,7 +154,10 @@ impl Default for Unread {
             stall: Duration::ZERO,
             budget: 0,
             held: AtomicU64::new(0),
+            held_gauge: Gauge::default(),
             abandoned: Family::default(),
+            warned_ms: AtomicU64::new(0),
+            started: Instant::now(),
         }
     }
 }
@@ -144,14 +183,18 @@ impl Exposure {
         })
     }
 
-    /// What one more stalled stream adds: its window, at most what the
-    /// connection's leaves; counted.
-    fn take(&self) -> u64 {
+    /// What one more stream behind its origin adds: its window, at most
+    /// what the connection's leaves and `left` (what its answer has left
+    /// to send); counted.
+    fn take(&self, left: u64) -> u64 {
         let mut taken = 0;
         let _ = self
             .counted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |counted| {
-                taken = self.stream.min(self.connection.saturating_sub(counted));
+                taken = self
+                    .stream
+                    .min(self.connection.saturating_sub(counted))
+                    .min(left);
                 Some(counted + taken)
             });
         taken
@@ -211,6 +254,12 @@ struct Slot {
     body: Option<OriginBody>,
     /// When the client's side was handed a frame it has not asked past.
     handed_at: Option<Instant>,
+    /// Since when every ask has found the origin's next frame waiting
+    /// (`None` once one found nothing).
+    behind_since: Option<Instant>,
+    /// Whether the body has ended, as it last said (asking it takes its
+    /// HTTP/2 connection's lock).
+    end_stream: bool,
     /// What it counts against the budget now.
     counted: u64,
     /// Read to its end, or dropped.
@@ -231,17 +280,25 @@ impl Watch {
         }
     }
 
-    /// What to do about a client that has taken nothing for `waited`.
-    fn judge(&self, slot: &mut Slot, waited: Duration) -> Option<Why> {
+    /// What to do about the answer at `now`, if anything.
+    fn judge(&self, slot: &mut Slot, now: Instant) -> Option<Why> {
         let unread = &self.unread;
-        if !unread.stall.is_zero() && waited >= unread.stall {
+        let for_at_least = |since: Option<Instant>, limit: Duration| {
+            since.is_some_and(|since| now.saturating_duration_since(since) >= limit)
+        };
+        if !unread.stall.is_zero() && for_at_least(slot.handed_at, unread.stall) {
             return Some(Why::Stall);
         }
         let exposure = self.exposure.as_ref()?;
-        if unread.budget == 0 || slot.counted > 0 || waited < GRACE {
+        if unread.budget == 0 || slot.counted > 0 || !for_at_least(slot.behind_since, GRACE) {
             return None;
         }
-        let taken = exposure.take();
+        let left = slot
+            .body
+            .as_ref()
+            .and_then(|body| body.size_hint().upper())
+            .unwrap_or(u64::MAX);
+        let taken = exposure.take(left);
         if taken == 0 || unread.reserve(taken) {
             slot.counted = taken;
             return None;
@@ -262,10 +319,7 @@ impl Watch {
             if slot.over || slot.body.is_none() {
                 return;
             }
-            let Some(since) = slot.handed_at else {
-                continue;
-            };
-            let Some(why) = self.judge(&mut slot, now.saturating_duration_since(since)) else {
+            let Some(why) = self.judge(&mut slot, now) else {
                 continue;
             };
             let body = slot.body.take();
@@ -278,6 +332,9 @@ impl Watch {
                 .abandoned
                 .get_or_create(&AbandonedLabel { why: why.label() })
                 .inc();
+            if !self.unread.may_warn() {
+                return;
+            }
             match why {
                 Why::Stall => tracing::warn!(
                     exit = %self.exit,
@@ -309,11 +366,14 @@ impl UpstreamBody {
         exit: ExitId,
         origin: &Origin,
     ) -> UpstreamBody {
+        let end_stream = body.is_end_stream();
         UpstreamBody {
             watch: Arc::new(Watch {
                 slot: Mutex::new(Slot {
                     body: Some(body),
                     handed_at: None,
+                    behind_since: None,
+                    end_stream,
                     counted: 0,
                     over: false,
                 }),
@@ -350,24 +410,36 @@ impl http_body::Body for UpstreamBody {
         let this = self.get_mut();
         let mut slot = this.watch.slot();
         slot.handed_at = None;
-        let counted = std::mem::take(&mut slot.counted);
         let Some(body) = slot.body.as_mut() else {
-            drop(slot);
-            this.watch.uncount(counted);
             return Poll::Ready(Some(Err(Abandoned.into())));
         };
         let polled = Pin::new(&mut *body).poll_frame(cx);
+        let mut caught_up = false;
         let goes_on = match &polled {
             Poll::Ready(Some(Ok(_))) => !body.is_end_stream(),
-            Poll::Pending => false,
-            Poll::Ready(_) => {
-                slot.over = true;
+            Poll::Pending => {
+                caught_up = true;
                 false
             }
+            Poll::Ready(_) => false,
         };
         if goes_on {
-            slot.handed_at = Some(Instant::now());
+            let now = Instant::now();
+            slot.handed_at = Some(now);
+            slot.behind_since.get_or_insert(now);
+        } else {
+            slot.behind_since = None;
+            if !caught_up {
+                slot.end_stream = true;
+                slot.over = true;
+            }
         }
+        // Its origin holds nothing more for it, or it is over.
+        let counted = if goes_on {
+            0
+        } else {
+            std::mem::take(&mut slot.counted)
+        };
         drop(slot);
         this.watch.uncount(counted);
         if goes_on && !this.watched {
@@ -377,11 +449,7 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.watch
-            .slot()
-            .body
-            .as_ref()
-            .is_some_and(http_body::Body::is_end_stream)
+        self.watch.slot().end_stream
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -416,19 +484,21 @@ mod tests {
     #[test]
     fn a_connection_counts_at_most_its_window() {
         let exposure = Exposure::new(6 << 20, 15 << 20);
-        assert_eq!(exposure.take(), 6 << 20);
-        assert_eq!(exposure.take(), 6 << 20);
-        assert_eq!(exposure.take(), 3 << 20);
-        assert_eq!(exposure.take(), 0);
+        assert_eq!(exposure.take(u64::MAX), 6 << 20);
+        assert_eq!(exposure.take(u64::MAX), 6 << 20);
+        assert_eq!(exposure.take(u64::MAX), 3 << 20);
+        assert_eq!(exposure.take(u64::MAX), 0);
         exposure.give_back(6 << 20);
-        assert_eq!(exposure.take(), 6 << 20);
+        // An answer with less left to send counts that.
+        assert_eq!(exposure.take(20_000), 20_000);
+        assert_eq!(exposure.take(u64::MAX), (6 << 20) - 20_000);
     }
 
     /// The budget takes what fits and refuses the rest; zero takes
     /// nothing but is never asked (no budget: nothing is counted).
     #[test]
     fn the_budget_takes_what_fits() {
-        let unread = Unread::new(Duration::ZERO, 10, Family::default());
+        let unread = Unread::new(Duration::ZERO, 10, Family::default(), Gauge::default());
         assert!(unread.reserve(6));
         assert!(!unread.reserve(5));
         assert!(unread.reserve(4));
@@ -444,10 +514,15 @@ mod tests {
         let exposure = Exposure::new(1, 1);
         let none = Unread::default();
         assert!(!none.watches(Some(&exposure)));
-        let budget = Unread::new(Duration::ZERO, 1, Family::default());
+        let budget = Unread::new(Duration::ZERO, 1, Family::default(), Gauge::default());
         assert!(budget.watches(Some(&exposure)));
         assert!(!budget.watches(None));
-        let stall = Unread::new(Duration::from_secs(1), 0, Family::default());
+        let stall = Unread::new(
+            Duration::from_secs(1),
+            0,
+            Family::default(),
+            Gauge::default(),
+        );
         assert!(stall.watches(None));
     }
 }
