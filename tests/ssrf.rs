@@ -227,3 +227,43 @@ async fn the_pin_stores_server_is_refused() {
     assert_eq!(error_of(&reply).split(':').next(), Some("proxy-loop"));
     s.stop().await;
 }
+
+/// A passed-through tunnel refused for the client's own doing (its target
+/// is a denied address) is no operator's business at `warn`, as the same
+/// refusal in an intercepted tunnel is not; a passthrough that fails for
+/// the origin's doing still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_the_client_is_refused_is_not_warned_about() {
+    use support::procs::{free_port, Lines, PinproxyProcess};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pinproxy.toml");
+    std::fs::write(
+        &config,
+        "[upstream]\ndeny_ranges = [\"127.0.0.9/32\"]\n\
+         [mitm]\nexclude = [\"127.0.0.9\", \"127.0.0.10\"]\n\
+         [[exits]]\nid = \"direct\"\nurl = \"direct://\"\n",
+    )
+    .unwrap();
+    let args = vec!["--config".to_owned(), config.display().to_string()];
+    let lines = Lines::default();
+    let proxy =
+        PinproxyProcess::start_logging(dir.path(), &args, "warn", Some(lines.clone())).await;
+    let client = support::ProxyClient::new(proxy.addr, &proxy.ca_pem());
+    let (_, head) = client.raw_connect("127.0.0.9:443").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Nothing listens there: the origin's doing, warned about.
+    let closed = free_port();
+    let (_, head) = client.raw_connect(&format!("127.0.0.10:{closed}")).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let logged = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
+    for _ in 0..200 {
+        if logged("127.0.0.10") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let text = lines.lock().unwrap().join("\n");
+    assert!(text.contains("passthrough failed"), "{text}");
+    assert!(!text.contains("127.0.0.9"), "{text}");
+    proxy.kill9().await;
+}
