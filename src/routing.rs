@@ -275,6 +275,30 @@ mod tests {
         assert!(router.observe_sent_ja4(unseen, &ja4, router.clock().now_ms()));
     }
 
+    /// An identity founded after the sweep read its exits (on an exit a
+    /// reload added meanwhile, which that set lacks) is not retired by the
+    /// sweep as `exit-removed`.
+    #[tokio::test]
+    async fn the_sweep_leaves_identities_founded_after_it_read_its_exits() {
+        let router = router();
+        let exits = crate::exits::ExitSet::new(Vec::new(), None);
+        let read_ms = router.clock().now_ms();
+        router.clock().advance(std::time::Duration::from_millis(5));
+        let (identity, _) = pinned_identity(&**router.store(), router.clock().now_ms()).await;
+        router.clock().advance(std::time::Duration::from_millis(5));
+        router.sweep_set_read_at(&exits, read_ms).await.unwrap();
+        let read = crate::store::PinStore::read_identity(&**router.store(), identity.id)
+            .await
+            .unwrap();
+        assert!(read.is_some_and(|i| i.retired.is_none()));
+        // Judged by a set read after its founding, it is retired.
+        router.sweep(&exits).await.unwrap();
+        let read = crate::store::PinStore::read_identity(&**router.store(), identity.id)
+            .await
+            .unwrap();
+        assert!(read.is_some_and(|i| i.retired.is_some()));
+    }
+
     /// Writes to `store` an identity on exit `e1` created at `now` with one
     /// `datadome` pin; answers both.
     async fn pinned_identity(

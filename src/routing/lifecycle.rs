@@ -226,6 +226,17 @@ impl Router {
     /// Retires expired identities and forgets what has been retired long
     /// enough.
     pub async fn sweep(&self, exits: &ExitSet) -> Result<Swept, StoreError> {
+        self.sweep_set_read_at(exits, self.clock.now_ms()).await
+    }
+
+    /// [`Router::sweep`], `exits` having been read at `read_ms`: an
+    /// identity founded since then, perhaps on an exit a reload added or
+    /// re-routed, is not judged by this older set.
+    pub async fn sweep_set_read_at(
+        &self,
+        exits: &ExitSet,
+        read_ms: u64,
+    ) -> Result<Swept, StoreError> {
         let now = self.clock.now_ms();
         let policies = self.policies.load_full();
         // Judged by the wall clock, dated no earlier than time really
@@ -253,8 +264,8 @@ impl Router {
                 reason,
                 RetireReason::ExitRemoved | RetireReason::ExitChanged | RetireReason::ExitDown
             );
-            let founded_meanwhile =
-                (now..=now.saturating_add(SWEEP_FOUNDINGS_MS)).contains(&identity.created_ms);
+            let founded_meanwhile = (read_ms.min(now)..=now.saturating_add(SWEEP_FOUNDINGS_MS))
+                .contains(&identity.created_ms);
             if exit_level && founded_meanwhile {
                 return None;
             }
@@ -648,19 +659,25 @@ pub async fn sweep_loop(
             }
         }
         wait = true;
-        sweep_once(&router, exits.load()).await;
+        // The clock first: what is founded after the set is read is not
+        // judged by it (see `Router::sweep_set_read_at`).
+        let read_ms = router.clock().now_ms();
+        sweep_once(&router, exits.load(), read_ms).await;
     }
 }
 
-/// One round of [`sweep_loop`]. The sweep walks every record, so it runs
-/// on a blocking thread, not a runtime worker.
-pub async fn sweep_once(router: &Arc<Router>, exits: Arc<ExitSet>) {
+/// One round of [`sweep_loop`], `exits` read at `read_ms`. The sweep walks
+/// every record, so it runs on a blocking thread, not a runtime worker.
+pub async fn sweep_once(router: &Arc<Router>, exits: Arc<ExitSet>, read_ms: u64) {
     if let Err(e) = router.sync_exit_deaths(&exits).await {
         tracing::warn!(error = %e, "sharing exit deaths with the store failed");
     }
     let router = router.clone();
     let runtime = tokio::runtime::Handle::current();
-    let swept = tokio::task::spawn_blocking(move || runtime.block_on(router.sweep(&exits))).await;
+    let swept = tokio::task::spawn_blocking(move || {
+        runtime.block_on(router.sweep_set_read_at(&exits, read_ms))
+    })
+    .await;
     match swept {
         Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the pin store failed"),
         Err(e) => tracing::warn!(error = %e, "the sweep task failed"),
