@@ -9,7 +9,7 @@
 //!
 //! Windows, the header list and the HPACK table a client states are offered
 //! up to a ceiling ([`MAX_STREAM_WINDOW`], [`MAX_CONNECTION_WINDOW`],
-//! [`MAX_HEADER_LIST`], [`MAX_HEADER_TABLE`]), at or above what every
+//! [`MAX_HEADER_LIST`], [`MAX_HEADER_TABLE`], [`MAX_FRAME_SIZE`]), at or above what every
 //! client seen states: an origin may send that much, and it waits in
 //! pinproxy's memory while the client does not read. Server push is never
 //! enabled: a preface that enables it, or leaves it at the protocol's
@@ -62,6 +62,13 @@ pub const MAX_HEADER_LIST: u32 = 1 << 20;
 pub const MAX_HEADER_TABLE: u32 = 64 << 10;
 /// The frame sizes (setting 5) the protocol allows; the crate asserts them.
 const FRAME_SIZES: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
+/// The largest frame (setting 5) a client's preface may make pinproxy
+/// offer an origin: a frame read is handed to the client's side whole, and
+/// waits there whole while the client does not read (and the origin may
+/// then show nothing more waiting, so the unread budget would not count
+/// it). Firefox states 16 KiB, the protocol's default; no other client
+/// seen states one.
+pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 
 /// Runs wreq-proto's connection tasks on tokio.
 #[derive(Clone, Copy, Debug, Default)]
@@ -98,7 +105,7 @@ pub fn options(preface: &H2Fingerprint) -> Http2Options {
             4 => builder.initial_window_size(value.min(MAX_STREAM_WINDOW)),
             // A front connection refuses a size outside the protocol's
             // range, but a recorded preface may be older or damaged.
-            5 if FRAME_SIZES.contains(&value) => builder.max_frame_size(value),
+            5 if FRAME_SIZES.contains(&value) => builder.max_frame_size(value.min(MAX_FRAME_SIZE)),
             5 => continue,
             6 => builder.max_header_list_size(value.min(MAX_HEADER_LIST)),
             8 => builder.enable_connect_protocol(value != 0),
@@ -320,7 +327,7 @@ mod tests {
     #[test]
     fn a_clients_windows_and_header_list_are_offered_up_to_a_ceiling() {
         let greedy = H2Fingerprint {
-            settings: vec![(4, 0x7fff_ffff), (6, u32::MAX)],
+            settings: vec![(4, 0x7fff_ffff), (6, u32::MAX), (5, 16_777_215)],
             window_update: 0x7fff_0000,
             ..H2Fingerprint::default()
         };
@@ -328,6 +335,7 @@ mod tests {
         assert_eq!(offered.initial_window_size, MAX_STREAM_WINDOW);
         assert_eq!(offered.initial_conn_window_size, MAX_CONNECTION_WINDOW);
         assert_eq!(offered.max_header_list_size, Some(MAX_HEADER_LIST));
+        assert_eq!(offered.max_frame_size, Some(MAX_FRAME_SIZE));
 
         let curl = H2Fingerprint {
             settings: vec![(3, 100), (4, 33_554_432), (2, 0)],
@@ -774,5 +782,92 @@ mod tests {
         drop(send);
         let ended = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
         assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// An origin that answers with `frame` as DATA frames, as many as it
+    /// may (at most `count`, each within a second), to a client that reads
+    /// none of them; answers how many it sent and why the client's
+    /// connection ended, if it did (within two seconds).
+    async fn flood(frame: &'static [u8], count: usize) -> (usize, Option<http2::Reason>) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let origin = tokio::spawn(async move {
+            let mut conn = ::h2::server::handshake(server).await.unwrap();
+            let (_request, mut respond) = conn.accept().await.unwrap().unwrap();
+            // The connection goes on only while it is polled.
+            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let mut sent = 0;
+            while sent < count {
+                body.reserve_capacity(frame.len().max(1));
+                let room = std::future::poll_fn(|cx| body.poll_capacity(cx));
+                match tokio::time::timeout(std::time::Duration::from_secs(1), room).await {
+                    Ok(Some(Ok(_))) => {}
+                    _ => break,
+                }
+                if body
+                    .send_data(bytes::Bytes::from_static(frame), false)
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            // What is queued goes out while the client reads (or ends it).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), driver).await;
+            sent
+        });
+        let (mut send, connection) = http2::client::handshake(client).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get("https://a.test/").body(()).unwrap();
+        let (response, _) = send.send_request(request, true).unwrap();
+        // Held unread (the connection may end before it is even read).
+        let _unread = response.await;
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(2), connection).await;
+        let sent = origin.await.unwrap();
+        let reason = match ended {
+            Ok(Ok(Err(e))) => e.reason(),
+            _ => None,
+        };
+        (sent, reason)
+    }
+
+    /// pinproxy's patch to the `http2` crate, after h2 0.4.20: an origin
+    /// sending 1-byte DATA frames to an answer nobody reads is cut off
+    /// once their framing would cost more than a hundred frames' worth
+    /// (the crate held one queue entry per byte of the window), and one
+    /// sending empty frames after a hundred (they were queued, costing no
+    /// window at all).
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_origin_flooding_small_or_empty_data_frames_is_cut_off() {
+        let calm = Some(http2::Reason::ENHANCE_YOUR_CALM);
+        let (_, reason) = flood(b"x", 60_000).await;
+        assert_eq!(reason, calm);
+        // h2's server sends no empty frame: they are written by hand.
+        use tokio::io::AsyncWriteExt as _;
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (mut send, connection) = http2::client::handshake(client).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get("https://a.test/").body(()).unwrap();
+        let (response, _) = send.send_request(request, true).unwrap();
+        frames_to_first_headers(&mut server).await;
+        // SETTINGS, then HEADERS `:status: 200` (static entry 8) on stream
+        // 1, then 200 empty DATA frames.
+        let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        frames.extend([0, 0, 1, 0x1, 0x4, 0, 0, 0, 1, 0x88]);
+        for _ in 0..200 {
+            frames.extend([0, 0, 0, 0x0, 0, 0, 0, 0, 1]);
+        }
+        server.write_all(&frames).await.unwrap();
+        let _unread = response.await;
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+        assert!(
+            matches!(&ended, Ok(Ok(Err(e))) if e.reason() == calm),
+            "{ended:?}"
+        );
+        // Frames of a fair size fill the window as before.
+        let (sent, reason) = flood(&[b'x'; 1024], 60_000).await;
+        assert_eq!((sent, reason), (64, None));
     }
 }

@@ -64,7 +64,27 @@ pub(super) struct Recv {
 
     /// If extended connect protocol is enabled.
     is_extended_connect_protocol_enabled: bool,
+
+    /// pinproxy patch: what the DATA frames waiting in `buffer` cost in
+    /// framing beyond their bytes (see [`Recv::record_data_frame`]).
+    frame_overhead: usize,
+
+    /// pinproxy patch: empty DATA frames without END_STREAM received over
+    /// the connection's life.
+    empty_data_frames: usize,
 }
+
+/// pinproxy patch: a DATA frame shorter than this costs its queue entry more
+/// than its bytes (h2 0.4.20's threshold).
+const SMALL_DATA_FRAME: usize = 256;
+
+/// pinproxy patch: the framing overhead a connection may hold at least (h2
+/// 0.4.20's default budget: a hundred 1-byte frames).
+const MIN_FRAME_OVERHEAD: usize = SMALL_DATA_FRAME * 100;
+
+/// pinproxy patch: empty DATA frames without END_STREAM a connection may
+/// receive in its life (h2 0.4.20's).
+const MAX_EMPTY_DATA_FRAMES: usize = 100;
 
 #[derive(Debug)]
 pub(super) enum Event {
@@ -114,6 +134,47 @@ impl Recv {
             refused: None,
             is_push_enabled: config.local_push_enabled,
             is_extended_connect_protocol_enabled: config.extended_connect_protocol_enabled,
+            frame_overhead: 0,
+            empty_data_frames: 0,
+        }
+    }
+
+    /// pinproxy patch: counts the framing overhead of a DATA frame of
+    /// `len` bytes about to wait in the buffer, as h2 0.4.20 does (the
+    /// crate had no bound): a small frame's queue entry costs more than its
+    /// bytes, which flow control alone counts, so an origin sending 1-byte
+    /// frames could make a stream's window hold a hundred times its size.
+    /// A small frame spends what it falls short of [`SMALL_DATA_FRAME`], a
+    /// large one earns back what it has over; the connection may spend
+    /// half its window, and at least [`MIN_FRAME_OVERHEAD`]. Past it, or
+    /// past [`MAX_EMPTY_DATA_FRAMES`] empty frames (which carry nothing
+    /// and are dropped), the connection is closed (`ENHANCE_YOUR_CALM`).
+    fn record_data_frame(&mut self, len: usize) -> Result<(), Error> {
+        let calm = || Error::library_go_away_data(Reason::ENHANCE_YOUR_CALM, "too_many_data_frames");
+        if len == 0 {
+            self.empty_data_frames = self.empty_data_frames.saturating_add(1);
+            if self.empty_data_frames > MAX_EMPTY_DATA_FRAMES {
+                return Err(calm());
+            }
+        } else if len < SMALL_DATA_FRAME {
+            let window = self.flow.available().as_size() as usize + self.in_flight_data as usize;
+            let most = (window / 2).max(MIN_FRAME_OVERHEAD);
+            let spent = self.frame_overhead.saturating_add(SMALL_DATA_FRAME - len);
+            if spent > most {
+                return Err(calm());
+            }
+            self.frame_overhead = spent;
+        } else {
+            self.frame_overhead = self.frame_overhead.saturating_sub(len - SMALL_DATA_FRAME);
+        }
+        Ok(())
+    }
+
+    /// pinproxy patch: a DATA frame of `len` bytes left the buffer (read,
+    /// or dropped with its stream): its overhead is no longer held.
+    fn release_data_frame(&mut self, len: usize) {
+        if len != 0 && len < SMALL_DATA_FRAME {
+            self.frame_overhead = self.frame_overhead.saturating_sub(SMALL_DATA_FRAME - len);
         }
     }
 
@@ -789,6 +850,18 @@ impl Recv {
             debug_assert!(_res.is_ok());
         }
 
+        // pinproxy patch: an empty DATA frame without END_STREAM says
+        // nothing (its padding was released above) and is dropped, as h2
+        // 0.4.20 drops it; a reader would otherwise hand it on, to wait in
+        // a client's queue. Each frame's framing is counted.
+        let len = frame.payload().len();
+        if !frame.is_end_stream() {
+            self.record_data_frame(len)?;
+            if len == 0 {
+                return Ok(());
+            }
+        }
+
         let event = Event::Data(frame.into_payload());
 
         // Push the frame onto the recv buffer
@@ -973,8 +1046,11 @@ impl Recv {
     }
 
     pub(super) fn clear_recv_buffer(&mut self, stream: &mut Stream) {
-        while stream.pending_recv.pop_front(&mut self.buffer).is_some() {
-            // drop it
+        while let Some(event) = stream.pending_recv.pop_front(&mut self.buffer) {
+            // pinproxy patch: its overhead goes with it.
+            if let Event::Data(payload) = &event {
+                self.release_data_frame(payload.len());
+            }
         }
     }
 
@@ -1242,7 +1318,11 @@ impl Recv {
         stream: &mut Stream,
     ) -> Poll<Option<Result<Bytes, proto::Error>>> {
         match stream.pending_recv.pop_front(&mut self.buffer) {
-            Some(Event::Data(payload)) => Poll::Ready(Some(Ok(payload))),
+            Some(Event::Data(payload)) => {
+                // pinproxy patch: see `record_data_frame`.
+                self.release_data_frame(payload.len());
+                Poll::Ready(Some(Ok(payload)))
+            }
             Some(event) => {
                 // Frame is trailer
                 stream.pending_recv.push_front(&mut self.buffer, event);
