@@ -154,7 +154,7 @@ pub struct ExitReason {
     pub reason: &'static str,
 }
 
-/// An answer abandoned because its client stopped reading it, by why.
+/// An answer abandoned because its client did not keep up, by why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AbandonedLabel {
     /// `stall` (`timeouts.client_stall`) or `unread-budget`
@@ -367,7 +367,7 @@ pub struct Metrics {
     /// before answering, or did not process their HTTP/2 stream (refused
     /// it, or left it past the last stream of its `GOAWAY`).
     pub upstream_requests_replayed: Counter,
-    /// Answers abandoned because their clients stopped reading them.
+    /// Answers abandoned because their clients did not keep up.
     pub answers_abandoned: Family<AbandonedLabel, Counter>,
     /// What HTTP/2 answers behind their origins count against
     /// `limits.max_unread_bytes`.
@@ -565,7 +565,7 @@ impl Metrics {
         let answers_abandoned = Family::<AbandonedLabel, Counter>::default();
         registry.register(
             "answers_abandoned",
-            "Answers abandoned (their upstream stream reset or connection closed) because their client took nothing of them for timeouts.client_stall (why=stall) or stopped reading while others' stalled answers held limits.max_unread_bytes (why=unread-budget)",
+            "Answers abandoned (their upstream stream reset or connection closed) because pinproxy could write nothing more of them to their client for timeouts.client_stall (why=stall), or because their client fell behind their origin while others' such answers held limits.max_unread_bytes (why=unread-budget)",
             answers_abandoned.clone(),
         );
         let answers_unread_bytes = Gauge::default();

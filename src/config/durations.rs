@@ -71,7 +71,7 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
         ));
     }
     // Its watcher looks once a second: a shorter limit could not be kept.
-    if !t.client_stall.is_zero() && t.client_stall < Duration::from_secs(1) {
+    if !t.client_stall.is_zero() && t.client_stall < crate::upstream::unread::GRACE {
         return Err(ConfigError::Limit(format!(
             "timeouts.client_stall = {:?} is too short: it must be 0s (never) or at least 1s",
             t.client_stall

@@ -340,15 +340,16 @@ impl Watch {
                     exit = %self.exit,
                     origin = %self.origin.target,
                     stall = ?self.unread.stall,
-                    "abandoned an answer its client took nothing of for timeouts.client_stall; \
-                     a client that pauses longer needs a longer limit"
+                    "abandoned an answer pinproxy could write nothing more of to its client for \
+                     timeouts.client_stall; a client that pauses longer needs a longer limit"
                 ),
                 Why::Budget => tracing::warn!(
                     exit = %self.exit,
                     origin = %self.origin.target,
                     budget = self.unread.budget,
-                    "abandoned an answer its client stopped reading: answers other clients stopped \
-                     reading already hold limits.max_unread_bytes"
+                    "abandoned an answer its client fell behind: answers of other clients slower \
+                     than their origins already hold limits.max_unread_bytes (raise it for many \
+                     large downloads to slow clients at once)"
                 ),
             }
             return;
