@@ -5,6 +5,8 @@
 
 use crate::support;
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -376,7 +378,9 @@ async fn http2_answers_past_the_unread_budget_are_abandoned() {
 /// 64 KiB, mirrored) lets pinproxy write to it all along, so it never
 /// stalls; but its origins are never the slower side, so each answer holds
 /// its window in pinproxy and counts it: past the budget (one window and a
-/// half) the others are abandoned, and the one counted goes on.
+/// half) the others are abandoned, and the one counted goes on. Once its
+/// client reads as fast as it can, its origin is the slower side again
+/// and the count is given back, the answer still going.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_answers_read_a_trickle_count_against_the_unread_budget() {
     let s = Setup::start_with(1, |c| {
@@ -396,6 +400,8 @@ async fn http2_answers_read_a_trickle_count_against_the_unread_budget() {
         .await;
     let path = format!("/bytes?n={}", 256 << 20);
     let mut readers = Vec::new();
+    let fast = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for k in 0..4 {
         let request = http::Request::get(format!("https://localhost:{port}{path}"))
             .header("x-pinproxy-session", format!("t{k}"))
@@ -404,24 +410,38 @@ async fn http2_answers_read_a_trickle_count_against_the_unread_budget() {
         let response = conn.sender().send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
-        // Bounded: 600 frames, 50 ms apart (30 s), or the answer's end.
+        let (fast, stop) = (fast.clone(), stop.clone());
+        // Bounded: 600 frames 50 ms apart (30 s), then as fast as it can
+        // for 30 s at most; answers the body if it is still going.
         readers.push(tokio::spawn(async move {
             for _ in 0..600 {
-                match body.frame().await {
-                    Some(Ok(_)) => {}
-                    _ => return false,
+                if fast.load(Ordering::Relaxed) {
+                    break;
                 }
+                body.frame().await?.ok()?;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            true
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                body.frame().await?.ok()?;
+            }
+            Some(body)
         }));
     }
     wait_for_abandoned(&s, "unread-budget", 3).await;
     wait_for_unread_bytes(&s, 65_535).await;
     assert_eq!(abandoned(&s, "unread-budget").await, 3);
     assert_eq!(abandoned(&s, "stall").await, 0);
-    for reader in &readers {
-        reader.abort();
-    }
+    fast.store(true, Ordering::Relaxed);
     wait_for_unread_bytes(&s, 0).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut going = 0;
+    for reader in readers {
+        going += usize::from(reader.await.unwrap().is_some());
+    }
+    assert_eq!(
+        going, 1,
+        "the answer counted was still going when given back"
+    );
+    assert_eq!(abandoned(&s, "unread-budget").await, 3);
 }
