@@ -230,11 +230,27 @@ impl Why {
 pub struct Abandoned;
 
 /// The body of an origin's response, whichever connection carried it,
-/// abandoned if its client stops reading it (see the module docs).
+/// abandoned if its client does not keep up with it (see the module docs).
+///
+/// An answer of one frame (most of them) is polled as it is; one that goes
+/// on past its first frame moves into a [`Watch`] it shares with its
+/// watcher, when a bound applies to it.
 pub struct UpstreamBody {
-    watch: Arc<Watch>,
-    /// Whether its watcher has been started.
-    watched: bool,
+    /// The body, until it is watched.
+    body: Option<OriginBody>,
+    /// What its watcher would need, until it is watched (or found to need
+    /// none).
+    bounds: Option<Bounds>,
+    /// Shared with its watcher, once watched.
+    watch: Option<Arc<Watch>>,
+}
+
+/// The bounds an answer is held to, and what its watcher logs.
+struct Bounds {
+    unread: Arc<Unread>,
+    exposure: Option<Arc<Exposure>>,
+    exit: ExitId,
+    origin: Origin,
 }
 
 /// What an answer and its watcher share.
@@ -358,8 +374,8 @@ impl Watch {
 }
 
 impl UpstreamBody {
-    /// `body`, from `origin` through `exit`, watched within `unread`'s
-    /// bounds; `exposure`: its HTTP/2 connection's.
+    /// `body`, from `origin` through `exit`, held to `unread`'s bounds;
+    /// `exposure`: its HTTP/2 connection's.
     pub(super) fn new(
         body: OriginBody,
         unread: &Arc<Unread>,
@@ -367,49 +383,62 @@ impl UpstreamBody {
         exit: ExitId,
         origin: &Origin,
     ) -> UpstreamBody {
-        let end_stream = body.is_end_stream();
         UpstreamBody {
-            watch: Arc::new(Watch {
-                slot: Mutex::new(Slot {
-                    body: Some(body),
-                    handed_at: None,
-                    behind_since: None,
-                    end_stream,
-                    counted: 0,
-                    over: false,
-                }),
+            body: Some(body),
+            bounds: Some(Bounds {
                 unread: unread.clone(),
                 exposure,
-                ended: Notify::new(),
                 exit,
                 origin: origin.clone(),
             }),
-            watched: false,
+            watch: None,
         }
     }
 
-    /// Starts the watcher, on the first frame that is not the last.
-    fn start_watching(&mut self) {
-        self.watched = true;
-        if !self.watch.unread.watches(self.watch.exposure.as_deref()) {
+    /// The body goes on past a frame just handed on: it moves into a
+    /// watch, and its watcher starts, if a bound applies to it.
+    fn goes_on(&mut self) {
+        let Some(Bounds {
+            unread,
+            exposure,
+            exit,
+            origin,
+        }) = self.bounds.take()
+        else {
+            return;
+        };
+        if !unread.watches(exposure.as_deref()) {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(self.watch.clone().run());
-        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let now = Instant::now();
+        let watch = Arc::new(Watch {
+            slot: Mutex::new(Slot {
+                body: self.body.take(),
+                handed_at: Some(now),
+                behind_since: Some(now),
+                end_stream: false,
+                counted: 0,
+                over: false,
+            }),
+            unread,
+            exposure,
+            ended: Notify::new(),
+            exit,
+            origin,
+        });
+        runtime.spawn(watch.clone().run());
+        self.watch = Some(watch);
     }
 }
 
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let mut slot = this.watch.slot();
+impl Watch {
+    /// Polls the watched body for the client's side (see
+    /// [`UpstreamBody::poll_frame`]).
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut slot = self.slot();
         slot.handed_at = None;
         let Some(body) = slot.body.as_mut() else {
             return Poll::Ready(Some(Err(Abandoned.into())));
@@ -442,37 +471,72 @@ impl http_body::Body for UpstreamBody {
             std::mem::take(&mut slot.counted)
         };
         drop(slot);
-        this.watch.uncount(counted);
-        if goes_on && !this.watched {
-            this.start_watching();
+        self.uncount(counted);
+        polled
+    }
+
+    /// The answer is done with, read or not.
+    fn end(&self) {
+        let mut slot = self.slot();
+        slot.over = true;
+        let body = slot.body.take();
+        let counted = std::mem::take(&mut slot.counted);
+        drop(slot);
+        self.uncount(counted);
+        // A pooled HTTP/1.1 body goes back to its pool here.
+        drop(body);
+        self.ended.notify_one();
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(watch) = &this.watch {
+            return watch.poll_frame(cx);
+        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !body.is_end_stream() {
+            this.goes_on();
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.watch.slot().end_stream
+        match (&self.watch, &self.body) {
+            (Some(watch), _) => watch.slot().end_stream,
+            (None, Some(body)) => body.is_end_stream(),
+            (None, None) => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.watch
-            .slot()
-            .body
-            .as_ref()
-            .map_or_else(SizeHint::default, http_body::Body::size_hint)
+        match (&self.watch, &self.body) {
+            (Some(watch), _) => watch
+                .slot()
+                .body
+                .as_ref()
+                .map_or_else(SizeHint::default, http_body::Body::size_hint),
+            (None, Some(body)) => body.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        let mut slot = self.watch.slot();
-        slot.over = true;
-        let body = slot.body.take();
-        let counted = std::mem::take(&mut slot.counted);
-        drop(slot);
-        self.watch.uncount(counted);
-        // A pooled HTTP/1.1 body goes back to its pool here.
-        drop(body);
-        self.watch.ended.notify_one();
+        if let Some(watch) = &self.watch {
+            watch.end();
+        }
     }
 }
 
