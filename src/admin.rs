@@ -135,6 +135,18 @@ pub struct Admin {
     pub page: page::Snapshots,
 }
 
+/// Most admin connections open at once: a metrics scraper, the live page
+/// and the command line need a few; past it a connection is closed at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Time an admin client has to send a request head (hyper's default, which
+/// it applies only when given a timer).
+const ADMIN_HEADER_READ: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An admin connection's read buffer: its requests are small (hyper's
+/// default, about 400 KiB, held for each connection).
+const ADMIN_BUFFER: usize = 16 << 10;
+
 /// Serves the admin endpoint until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -147,6 +159,7 @@ pub async fn serve(
     let loopback = listener
         .local_addr()
         .is_ok_and(|addr| addr.ip().is_loopback());
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -161,9 +174,16 @@ pub async fn serve(
                 continue;
             }
         };
+        // Past the cap the connection is closed unread: its file
+        // descriptor and buffers are the proxy's too.
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection refused: {MAX_ADMIN_CONNECTIONS} open");
+            continue;
+        };
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
+            let _place = place;
             let service = service_fn(move |request| {
                 let admin = admin.clone();
                 async move {
@@ -174,7 +194,11 @@ pub async fn serve(
                     })
                 }
             });
+            // hyper keeps no header timeout without a timer.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_READ)
+                .max_buf_size(ADMIN_BUFFER)
                 .serve_connection(TokioIo::new(stream), service);
             // A kept-alive admin client (a metrics scraper) must not hold
             // up a graceful stop: its connection ends after its request.

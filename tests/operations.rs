@@ -1776,3 +1776,54 @@ async fn a_refusing_exit_is_named_with_its_url_and_no_credentials() {
     // Nor the user name: a provider's account is often named by it.
     assert!(!error.contains("scraper") && !reply.body.contains("scraper"));
 }
+
+/// The admin endpoint holds a bounded number of connections: past the cap
+/// a connection is closed unread (a local process cannot take the daemon's
+/// file descriptors and buffers through it), and a place freed serves
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_caps_its_connections() {
+    let s = Setup::start(1).await;
+    let addr = s.proxy.daemon.admin_addr().unwrap();
+    let request = format!("GET /exits HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    // Answered once each, then held open (kept alive).
+    let served = |mut tcp: TcpStream| {
+        let request = request.clone();
+        async move {
+            tcp.write_all(request.as_bytes()).await.ok()?;
+            let mut head = [0u8; 12];
+            let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut head));
+            match read.await {
+                Ok(Ok(_)) if head.starts_with(b"HTTP/1.1 200") => Some(tcp),
+                _ => None,
+            }
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..pinproxy::admin::MAX_ADMIN_CONNECTIONS {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        held.push(
+            served(tcp)
+                .await
+                .expect("an admin connection within the cap"),
+        );
+    }
+    let over = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        served(over).await.is_none(),
+        "a connection past the cap was served"
+    );
+    drop(held.pop());
+    // The place comes back once the server sees the close (bounded: 50
+    // tries, 100 ms apart).
+    let mut again = None;
+    for _ in 0..50 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        again = served(tcp).await;
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "a freed place was not given again");
+}
