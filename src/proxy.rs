@@ -475,7 +475,13 @@ impl Pipeline {
             )
             .await
             .map_err(|e| e.withheld(route.exit.id(), status))?;
-        let (mut parts, upstream_body) = response.into_parts();
+        let (mut parts, mut upstream_body) = response.into_parts();
+        // An answer abandoned for its client (see `upstream::unread`) lets
+        // its identity's slot go at once, not when its client reads again.
+        if let Some(slot) = &slot {
+            let slot = slot.clone();
+            upstream_body.on_abandon(move || slot.release());
+        }
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
             access.identity = Some(identity.id);

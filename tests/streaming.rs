@@ -445,3 +445,46 @@ async fn http2_answers_read_a_trickle_count_against_the_unread_budget() {
     );
     assert_eq!(abandoned(&s, "unread-budget").await, 3);
 }
+
+/// An identity whose answer was abandoned for its stalled client gets its
+/// in-flight place back at once (`identities.max_in_flight = 1` here):
+/// the client's side of that answer, which holds the place, may stay until
+/// the client reads again, and the identity's next request would wait in
+/// line behind it, then be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_answer_gives_its_identitys_place_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::start_with(1, |c| {
+        c.timeouts.client_stall = std::time::Duration::from_secs(2);
+        c.limits.max_unread_bytes = 0;
+        c.identities.max_in_flight = 1;
+        c.identities.queue_timeout = std::time::Duration::from_secs(5);
+    })
+    .await;
+    let (mut jar, peer) = s.login("/login").await;
+    let port = s.origin.https.port();
+    let mut tls = s
+        .proxy
+        .client
+        .tls_stream("localhost", port, &[b"http/1.1"])
+        .await;
+    let cookies = jar.header().unwrap();
+    let head = format!(
+        "GET /bytes?n={} HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: {cookies}\r\n\r\n",
+        1u64 << 30
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    tls.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    // The client reads nothing more.
+    wait_for_abandoned(&s, "stall", 1).await;
+    let reply = s.get("/page", &mut jar).await;
+    assert_eq!(
+        (reply.status.as_u16(), Setup::peer(&reply)),
+        (200, Some(peer)),
+        "{}",
+        reply.body
+    );
+    drop(tls);
+}

@@ -198,6 +198,8 @@ pub struct Slot {
     /// Whether the request waited for it (in line, or for its pacing
     /// start): what was read when it was routed may have changed since.
     waited: bool,
+    /// Let go already ([`Slot::release`]).
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -205,10 +207,15 @@ impl Slot {
     pub fn waited(&self) -> bool {
         self.waited
     }
-}
 
-impl Drop for Slot {
-    fn drop(&mut self) {
+    /// Lets the slot go before its holders are dropped: its answer was
+    /// abandoned (its origin's side dropped, see `upstream::unread`), and
+    /// the client's side, which holds the slot, may stay until the client
+    /// reads again, or closes. Once only; dropping it then does nothing.
+    pub fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let (idle, room) = {
             let mut state = self.gate.state();
             state.in_flight = state.in_flight.saturating_sub(1);
@@ -229,6 +236,12 @@ impl Drop for Slot {
                 Arc::strong_count(gate) <= 2 && gate.state().idle(Instant::now())
             });
         }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -293,6 +306,7 @@ impl Pacer {
             identity,
             gate,
             waited: queued || start.is_some(),
+            released: std::sync::atomic::AtomicBool::new(false),
         };
         if let Some(start) = start {
             // Dropped while it waits (its client gone), the request gives
@@ -520,6 +534,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(first);
         waiter.await.unwrap().unwrap();
+        assert_eq!(pacer.tracked(), 0, "idle gates are removed");
+    }
+
+    /// A slot let go early (its answer abandoned) frees its place once:
+    /// dropping it afterwards frees nothing more.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_released_early_frees_its_place_once() {
+        let pacer = Pacer::new(&settings(1, 0));
+        let id = IdentityId(9);
+        let s = settings(1, 0);
+        let first = pacer.admit(id, &s).await.unwrap();
+        first.as_ref().unwrap().release();
+        let second = pacer.admit(id, &s).await.unwrap();
+        drop(first);
+        let busy = pacer.admit(id, &s).await.unwrap_err();
+        assert_eq!(busy.code(), "identity-busy");
+        drop(second);
+        drop(pacer.admit(id, &s).await.unwrap());
         assert_eq!(pacer.tracked(), 0, "idle gates are removed");
     }
 

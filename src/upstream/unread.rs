@@ -251,7 +251,13 @@ struct Bounds {
     exposure: Option<Arc<Exposure>>,
     exit: ExitId,
     origin: Origin,
+    /// What to let go if it is abandoned (see [`UpstreamBody::on_abandon`]).
+    releases: Vec<Release>,
 }
+
+/// Something the client's side of an answer holds that an abandoned
+/// answer lets go at once.
+type Release = Box<dyn FnOnce() + Send + Sync>;
 
 /// What an answer and its watcher share.
 struct Watch {
@@ -261,6 +267,8 @@ struct Watch {
     exposure: Option<Arc<Exposure>>,
     /// Wakes the watcher when the answer ends.
     ended: Notify,
+    /// Run once if the answer is abandoned.
+    releases: Mutex<Vec<Release>>,
     exit: ExitId,
     origin: Origin,
 }
@@ -344,6 +352,11 @@ impl Watch {
             self.uncount(counted);
             // Resets its upstream stream, or closes its connection.
             drop(body);
+            let releases =
+                std::mem::take(&mut *self.releases.lock().unwrap_or_else(PoisonError::into_inner));
+            for release in releases {
+                release();
+            }
             self.unread
                 .abandoned
                 .get_or_create(&AbandonedLabel { why: why.label() })
@@ -390,8 +403,18 @@ impl UpstreamBody {
                 exposure,
                 exit,
                 origin: origin.clone(),
+                releases: Vec::new(),
             }),
             watch: None,
+        }
+    }
+
+    /// Runs `release` if the answer is abandoned: for what the layers
+    /// around it hold until hyper polls them again (an identity's pacing
+    /// slot), which a client that never reads again would hold for good.
+    pub fn on_abandon(&mut self, release: impl FnOnce() + Send + Sync + 'static) {
+        if let Some(bounds) = &mut self.bounds {
+            bounds.releases.push(Box::new(release));
         }
     }
 
@@ -403,6 +426,7 @@ impl UpstreamBody {
             exposure,
             exit,
             origin,
+            releases,
         }) = self.bounds.take()
         else {
             return;
@@ -426,6 +450,7 @@ impl UpstreamBody {
             unread,
             exposure,
             ended: Notify::new(),
+            releases: Mutex::new(releases),
             exit,
             origin,
         });
