@@ -478,9 +478,14 @@ impl Pipeline {
         let (mut parts, mut upstream_body) = response.into_parts();
         // An answer abandoned for its client (see `upstream::unread`) lets
         // its identity's slot go at once, not when its client reads again.
+        // (Held weakly: the place goes back with its last holder as ever.)
         if let Some(slot) = &slot {
-            let slot = slot.clone();
-            upstream_body.on_abandon(move || slot.release());
+            let slot = Arc::downgrade(slot);
+            upstream_body.on_abandon(move || {
+                if let Some(slot) = slot.upgrade() {
+                    slot.release();
+                }
+            });
         }
         let mut body = body::boxed(upstream_body);
         if let Some(identity) = &identity {
