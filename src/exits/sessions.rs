@@ -41,6 +41,12 @@ impl AnonymousSessions {
         }
     }
 
+    /// Whether its sessions end (`sticky_ttl`): only then are they dated
+    /// by the clock their age is judged on (see `Router::rotate`).
+    pub fn expire(&self) -> bool {
+        self.ttl_ms.is_some()
+    }
+
     /// The next session in the ring, renewed first if it is too old.
     pub fn next(&self, now_ms: u64) -> AnonymousSession {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();

@@ -371,9 +371,10 @@ impl Router {
         policies: &Policies,
         now: u64,
     ) -> Option<RetireReason> {
+        let steady = || self.retirement_now();
         let moment = Moment {
             wall_ms: now,
-            steady_ms: self.retirement_now().max(now),
+            steady: &steady,
         };
         match ends(identity, exits, policies, moment) {
             Some(RetireReason::IdleExpired) if self.relays.is_open(identity.id) => {
@@ -457,26 +458,24 @@ impl CountedRetirements {
 const CLOCK_SKEW_MS: u64 = 5_000;
 
 /// A time to judge identities at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Moment {
+#[derive(Clone, Copy)]
+pub struct Moment<'a> {
     /// The clock's reading: the ages of what it stamps (idleness,
     /// lifetimes; their stamps are made by replicas' clocks).
     pub wall_ms: u64,
-    /// The same, never earlier than the time elapsed since the start
+    /// Reads the same, never earlier than the time elapsed since the start
     /// ([`Router::retirement_now`]): the age of a sticky session, which
     /// is stamped by it (`Identity::session_started_ms`). The provider's
     /// session ends by real time, so a wall clock stepped back must not
-    /// lengthen it.
-    pub steady_ms: u64,
+    /// lengthen it. Read only for an exit with a sticky window: it costs
+    /// two clock readings.
+    pub steady: &'a (dyn Fn() -> u64 + Sync),
 }
 
-impl Moment {
-    /// One reading for both (no clock stepped).
-    pub fn at(ms: u64) -> Moment {
-        Moment {
-            wall_ms: ms,
-            steady_ms: ms,
-        }
+impl Moment<'_> {
+    /// The steady reading (see [`Moment::steady`]).
+    fn steady_ms(&self) -> u64 {
+        (self.steady)().max(self.wall_ms)
     }
 }
 
@@ -526,7 +525,7 @@ pub fn ends(
         // behind this one's.
         let ttl = crate::clock::duration_ms(ttl);
         let age = moment
-            .steady_ms
+            .steady_ms()
             .saturating_sub(identity.session_started_ms)
             .saturating_add(CLOCK_SKEW_MS.min(ttl / 4));
         if age >= ttl {

@@ -243,9 +243,10 @@ impl Router {
         }
         identity.last_used_ms = identity.last_used_ms.max(used_ms);
         let policies = self.policies();
+        let steady = || self.retirement_now();
         let moment = Moment {
             wall_ms: self.clock.now_ms(),
-            steady_ms: self.retirement_now(),
+            steady: &steady,
         };
         Ok(match ends(&identity, exits, &policies, moment) {
             None => Standing::Live,

@@ -671,8 +671,14 @@ impl Router {
         let exit = exits
             .pick_within(now, scope)
             .ok_or_else(|| RouteError::NoExit(exits.unavailable_within(scope)))?;
-        // Sessions are dated, and their age judged, as identities' are.
-        let session = exit.sessions.next(self.retirement_now());
+        // Sessions that end are dated, and their age judged, as
+        // identities' are (two clock readings: only for those).
+        let dated = if exit.sessions.expire() {
+            self.retirement_now()
+        } else {
+            now
+        };
+        let session = exit.sessions.next(dated);
         Ok(Route {
             exit: exit.clone(),
             lane: Lane::anonymous(session.session),
