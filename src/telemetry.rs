@@ -15,6 +15,7 @@
 pub mod access_line;
 mod fields;
 pub mod line_writer;
+pub mod now_and_then;
 mod timestamp;
 
 use serde::Deserialize;

@@ -52,13 +52,11 @@ use super::Origin;
 use crate::body::BoxError;
 use crate::identity::ExitId;
 use crate::metrics::AbandonedLabel;
+use crate::telemetry::now_and_then::NowAndThen;
 
 /// How long a client may take nothing of an answer before what its stream
 /// may hold counts against the budget; also how often a watcher looks.
 pub const GRACE: Duration = Duration::from_secs(1);
-
-/// How often at most an abandoned answer is logged (each is counted).
-const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// The daemon's bounds on answers their clients do not keep up with; one
 /// per daemon.
@@ -74,9 +72,9 @@ pub struct Unread {
     held_gauge: Gauge,
     /// Answers abandoned, by why.
     abandoned: Family<AbandonedLabel, Counter>,
-    /// When an abandoned answer was last logged, in ms since `started`.
-    warned_ms: AtomicU64,
-    started: Instant,
+    /// Abandoned answers are logged at most once a second (each is
+    /// counted).
+    warnings: NowAndThen,
 }
 
 impl Unread {
@@ -95,8 +93,7 @@ impl Unread {
             held: AtomicU64::new(0),
             held_gauge: held,
             abandoned,
-            warned_ms: AtomicU64::new(0),
-            started: Instant::now(),
+            warnings: NowAndThen::every(1),
         })
     }
 
@@ -128,18 +125,6 @@ impl Unread {
         self.held.fetch_sub(bytes, Ordering::AcqRel);
         self.held_gauge.dec_by(gauge_bytes(bytes));
     }
-
-    /// Whether an abandoned answer may be logged now (one a [`WARN_EVERY`]).
-    fn may_warn(&self) -> bool {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.warned_ms.load(Ordering::Relaxed);
-        let every = u64::try_from(WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
-        (last == 0 || now.saturating_sub(last) >= every)
-            && self
-                .warned_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
 }
 
 /// `bytes` as a gauge's value (a window is at most 2 GiB).
@@ -156,8 +141,7 @@ impl Default for Unread {
             held: AtomicU64::new(0),
             held_gauge: Gauge::default(),
             abandoned: Family::default(),
-            warned_ms: AtomicU64::new(0),
-            started: Instant::now(),
+            warnings: NowAndThen::every(1),
         }
     }
 }
@@ -361,7 +345,7 @@ impl Watch {
                 .abandoned
                 .get_or_create(&AbandonedLabel { why: why.label() })
                 .inc();
-            if !self.unread.may_warn() {
+            if !self.unread.warnings.due() {
                 return;
             }
             match why {

@@ -390,16 +390,9 @@ impl Decoder {
 /// Whether a minute has passed since the last warning about an answer
 /// passed unscanned (and this call is the one to warn).
 fn unscanned_warning_due() -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    let last = LAST.load(Ordering::Relaxed);
-    now.saturating_sub(last) >= 60
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+    static UNSCANNED: crate::telemetry::now_and_then::NowAndThen =
+        crate::telemetry::now_and_then::NowAndThen::every(60);
+    UNSCANNED.due()
 }
 
 /// Looks for markers in the first bytes of a body as it passes.
