@@ -666,6 +666,12 @@ impl Daemon {
             metrics.clone(),
             background.clone(),
         ));
+        // Only the names tracked now are pinned (see `store::pinnable`).
+        router
+            .store()
+            .pinnable()
+            .set(Some(crate::daemon::untracked::pinnable(&settings.cookies)))
+            .await;
         router.sync_exit_deaths(&exits).await?;
         let exits = Arc::new(exits);
         let live_exits = Arc::new(LiveExits::new(exits.clone()));

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod durable;
 pub mod memory;
+pub mod pinnable;
 pub mod redis;
 pub mod transfer;
 
@@ -50,6 +51,10 @@ pub enum StoreErrorKind {
     Lost,
     /// The embedded store's disk has not confirmed a write in time.
     Stalled,
+    /// A pin of a cookie name the configuration no longer tracks (a
+    /// reload dropped it while the request was on its way) was refused:
+    /// see [`pinnable`].
+    Untracked,
 }
 
 impl StoreErrorKind {
@@ -63,6 +68,7 @@ impl StoreErrorKind {
             StoreErrorKind::KeyConflict => "pin-hashing key conflict",
             StoreErrorKind::Lost => "lost data",
             StoreErrorKind::Stalled => "disk stalled",
+            StoreErrorKind::Untracked => "refused a pin",
         }
     }
 }
@@ -612,6 +618,8 @@ impl PinStore for Store {
 pub struct TimedStore {
     store: Store,
     timers: StoreTimers,
+    /// The cookie names pin writes are judged by.
+    pinnable: pinnable::PinnableNames,
 }
 
 /// One histogram per operation, resolved once.
@@ -658,7 +666,16 @@ impl TimedStore {
             record_exit_death: timer("record-exit-death"),
             exit_deaths: timer("exit-deaths"),
         };
-        TimedStore { store, timers }
+        TimedStore {
+            store,
+            timers,
+            pinnable: pinnable::PinnableNames::default(),
+        }
+    }
+
+    /// The cookie names new pins may be made of (see [`pinnable`]).
+    pub fn pinnable(&self) -> &pinnable::PinnableNames {
+        &self.pinnable
     }
 
     /// The store itself.
@@ -698,10 +715,16 @@ impl PinStore for TimedStore {
     async fn discard_identity(&self, id: IdentityId) -> Result<(), StoreError> {
         timed!(self.timers.discard, self.store.discard_identity(id))
     }
+    // The three pin writes hold the names' gate to their end.
     async fn pin_if_absent(&self, key: PinKey, pin: &Pin) -> Result<Binding, StoreError> {
+        let _admitted = self.pinnable.admit([(&key, pin)]).await?;
         timed!(self.timers.pin, self.store.pin_if_absent(key, pin))
     }
     async fn pin_all_if_absent(&self, pins: &[(PinKey, Pin)]) -> Result<Vec<Binding>, StoreError> {
+        let _admitted = self
+            .pinnable
+            .admit(pins.iter().map(|(k, p)| (k, p)))
+            .await?;
         timed!(self.timers.pin_all, self.store.pin_all_if_absent(pins))
     }
     async fn found_identity(
@@ -709,6 +732,10 @@ impl PinStore for TimedStore {
         identity: &Identity,
         pins: &[(PinKey, Pin)],
     ) -> Result<Founding, StoreError> {
+        let _admitted = self
+            .pinnable
+            .admit(pins.iter().map(|(k, p)| (k, p)))
+            .await?;
         timed!(self.timers.found, self.store.found_identity(identity, pins))
     }
     async fn touch(

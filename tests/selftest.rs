@@ -71,6 +71,16 @@ async fn a_clean_exit_passes_and_shows_what_the_origin_saw() {
         "the tracked cookie goes out: {names:?}"
     );
     assert!(report["cold_ms"].as_f64().is_some() && report["warm_ms"].as_f64().is_some());
+    // The values reach the report as short hashes only: the canary cookie
+    // (or an exit's leaked credentials) must not land in a CI log.
+    for pair in seen["headers"].as_array().unwrap() {
+        let value = pair[1].as_str().unwrap();
+        assert!(
+            value.starts_with("sha256:") && value.len() == "sha256:".len() + 8,
+            "{pair}"
+        );
+    }
+    assert!(!text.contains("datadome="), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,12 +126,22 @@ enum Route<'a> {
     EvictPin(&'a str),
 }
 
-/// Whether `host` (a `Host` header: name and port) names this machine's
-/// loopback: `localhost` or a loopback address.
+/// Whether `host` (a `Host` header: a name, and a port unless it is the
+/// scheme's, as a browser sends `Host: 127.0.0.1` to an endpoint on port
+/// 80) names this machine's loopback: `localhost` or a loopback address.
 fn names_loopback(host: &str) -> bool {
-    let hostname = crate::net::HostPort::parse(host)
-        .map(|h| h.host)
-        .unwrap_or_default();
+    // A `Host` with user information is no browser's; `Authority` would
+    // read past it.
+    if host.contains('@') {
+        return false;
+    }
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let hostname = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     hostname.eq_ignore_ascii_case("localhost")
         || hostname
             .parse::<std::net::IpAddr>()
@@ -425,6 +435,31 @@ mod tests {
         assert!(foreign_host(&request("navigate", "document")).is_none());
         assert!(foreign_host(&request("navigate", "iframe")).is_some());
         assert!(foreign_host(&request("no-cors", "image")).is_some());
+    }
+
+    #[test]
+    fn a_loopback_host_is_known_with_or_without_its_port() {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:8081",
+            "localhost",
+            "LOCALHOST:80",
+            "[::1]",
+            "[::1]:8081",
+        ] {
+            assert!(names_loopback(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8081",
+            "127.0.0.1.evil.example",
+            "evil@127.0.0.1",
+            "",
+            "[::1",
+            "10.0.0.1:80",
+        ] {
+            assert!(!names_loopback(host), "{host}");
+        }
     }
 
     #[test]

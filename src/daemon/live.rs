@@ -26,6 +26,7 @@ use crate::admin::control::ReloadReport;
 use crate::clock::{duration_ms, Clock};
 use crate::config::{Config, ConfigError, Settings};
 use crate::credential::PinHasher;
+use crate::daemon::untracked::NamesChange;
 use crate::exits::drain::DrainBook;
 use crate::exits::health::Thresholds;
 use crate::exits::routes::RouteBook;
@@ -232,16 +233,6 @@ impl Live {
 
     async fn try_apply(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
         let settings = config.validate()?;
-        // Walks every pin held: off the runtime.
-        let router = self.core.router.clone();
-        let (cookies, release) = (
-            settings.cookies.clone(),
-            settings.identities.release_untracked_pins,
-        );
-        tokio::task::spawn_blocking(move || {
-            crate::daemon::untracked::check(router.store(), &cookies, release)
-        })
-        .await??;
         let mut applied = self.applied.lock().await;
         // The open-proxy rule (`Config::validate`) for the address the proxy
         // is bound to, which a reload does not move: a file that moves
@@ -263,6 +254,23 @@ impl Live {
         } else {
             applied.build.tls.clone()
         };
+        // Pins of names the new configuration drops would go unenforced.
+        // Requests begun before go on with the old configuration and may
+        // pin such a name after a walk of the store; so from here only the
+        // new names are pinned (a write of another is refused), the walk
+        // waits for the writes admitted before, and a refused reload puts
+        // the old names back (see `store::pinnable`).
+        let names = NamesChange::make(self.core.router.store().pinnable(), &settings.cookies).await;
+        // Walks every pin held: off the runtime.
+        let router = self.core.router.clone();
+        let (cookies, release) = (
+            settings.cookies.clone(),
+            settings.identities.release_untracked_pins,
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::daemon::untracked::check(router.store(), &cookies, release)
+        })
+        .await??;
         let shared = (self.core.guard.clone(), self.core.unread.clone());
         let build = exit_build(&settings, tls, shared, &self.core.metrics);
         let previous = self.exits.load();
@@ -326,6 +334,8 @@ impl Live {
                 return Err(ReloadError::Task(e));
             }
         };
+        // Past the last refusal: the new names stay.
+        names.keep();
         plan.mark(&set);
         plan.vouch(&set);
         let routes_retire = plan.changes.iter().any(|change| !change.kept);

@@ -10,7 +10,10 @@
 
 use std::fmt;
 
+use std::sync::Arc;
+
 use crate::proxy::credentials::cookies::{self, CookiePolicy};
+use crate::store::pinnable::{NameTest, PinnableNames};
 use crate::store::Store;
 
 /// The most names an error lists (the rest are counted).
@@ -53,14 +56,58 @@ impl UntrackedPins {
     }
 }
 
+/// The test of the names pins may be made of under `cookies`: those it
+/// tracks, and the token names pinned whatever it tracks. The one the
+/// check below judges held names by, so a name it lets the store pin never
+/// fails the check.
+pub fn pinnable(cookies: &CookiePolicy) -> Arc<Box<NameTest>> {
+    let cookies = cookies.clone();
+    Arc::new(Box::new(move |name: &str| {
+        cookies.is_tracked(name) || cookies::pinned_whatever_tracked(name)
+    }))
+}
+
+/// A change of the names pins may be made of, made before a reload's walk
+/// of the store: put back when dropped unless kept (a reload refused).
+pub struct NamesChange<'a> {
+    names: &'a PinnableNames,
+    before: Option<Option<Arc<Box<NameTest>>>>,
+}
+
+impl<'a> NamesChange<'a> {
+    /// Makes `cookies`' names the ones pinned, once every pin write
+    /// admitted under the names before has ended.
+    pub async fn make(names: &'a PinnableNames, cookies: &CookiePolicy) -> NamesChange<'a> {
+        let before = names.set(Some(pinnable(cookies))).await;
+        NamesChange {
+            names,
+            before: Some(before),
+        }
+    }
+
+    /// Keeps the change (the reload went through).
+    pub fn keep(mut self) {
+        self.before = None;
+    }
+}
+
+impl Drop for NamesChange<'_> {
+    fn drop(&mut self) {
+        if let Some(before) = self.before.take() {
+            self.names.put_back(before);
+        }
+    }
+}
+
 /// The names `store` holds pins for that `cookies` does not track (none
 /// where the store cannot tell: Redis).
 pub fn untracked(store: &Store, cookies: &CookiePolicy) -> Vec<String> {
+    let pinnable = pinnable(cookies);
     let mut names: Vec<String> = store
         .held_cookie_names()
         .unwrap_or_default()
         .iter()
-        .filter(|name| !cookies.is_tracked(name) && !cookies::pinned_whatever_tracked(name))
+        .filter(|name| !pinnable(name))
         .map(|name| name.to_string())
         .collect();
     names.sort();

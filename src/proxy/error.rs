@@ -212,6 +212,13 @@ impl ProxyError {
             ProxyError::Loop { .. } => "proxy-loop",
             ProxyError::OutsideCa { .. } => "outside-ca-constraints",
             ProxyError::Throttled(t) => t.code(),
+            ProxyError::Route(RouteError::Store(e))
+            | ProxyError::Store(e)
+            | ProxyError::AnswerWithheld { error: e, .. }
+                if e.kind == StoreErrorKind::Untracked =>
+            {
+                "tracking-changed"
+            }
             ProxyError::Route(RouteError::Store(_))
             | ProxyError::Store(_)
             | ProxyError::AnswerWithheld { .. } => "store-unavailable",
@@ -542,6 +549,11 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
              through again once it answers."
         }
         StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
+        StoreErrorKind::Untracked => {
+            "A reload stopped tracking this cookie's name while the request was on its way, and \
+             a pin nothing would enforce is not made: retry, and the cookie goes as any cookie \
+             the configuration does not track. (Track the name again if it carries a session.)"
+        }
         StoreErrorKind::Corrupt => {
             "A stored record could not be read; pinproxy will not guess. Check the store \
              (pinproxy store stats) and its logs."

@@ -38,7 +38,10 @@ pub struct ExitReport {
     pub exit: String,
     /// Its URL without credentials.
     pub url: String,
-    /// What the origin saw (the first request), if it got that far.
+    /// What the origin saw (the first request), if it got that far; each
+    /// header's value as a short hash (`sha256:` and 8 hex digits), since
+    /// a value may be the canary cookie or, if the exit leaks one, its own
+    /// credentials, and this report goes to terminals and CI logs.
     pub seen: Option<Echo>,
     /// The first request, from the client's CONNECT to the end of the answer.
     pub cold_ms: Option<f64>,
@@ -80,7 +83,7 @@ pub async fn run(
     match tokio::time::timeout(EXIT_DEADLINE, through(base, exit, echo)).await {
         Ok(Ok((seen, cold, warm))) => {
             report.leaks = leaks(&seen, exit, local);
-            report.seen = Some(seen);
+            report.seen = Some(redacted(seen));
             report.cold_ms = Some(cold.as_secs_f64() * 1e3);
             report.warm_ms = Some(warm.as_secs_f64() * 1e3);
         }
@@ -221,6 +224,18 @@ async fn read_head(tcp: &mut TcpStream) -> anyhow::Result<String> {
         head.push(byte);
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// `seen` with every header value replaced by its short hash: the same
+/// value reads the same in two reports, and none can be read back.
+fn redacted(mut seen: Echo) -> Echo {
+    use sha2::Digest as _;
+    for (_, value) in &mut seen.headers {
+        let digest = sha2::Sha256::digest(value.as_bytes());
+        let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        *value = format!("sha256:{short}");
+    }
+    seen
 }
 
 /// What the echo shows that should not have reached it.
