@@ -379,7 +379,7 @@ async fn evict(admin: &Admin, listing: Listing) -> Response<Body> {
     let exits = admin.exits.load();
     if let Err(e) = admin
         .router
-        .retire(&exits, &identity, RetireReason::Evicted)
+        .retire_to_the_end(exits, identity.clone(), RetireReason::Evicted)
         .await
     {
         return unavailable(e.to_string());

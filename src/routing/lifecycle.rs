@@ -45,6 +45,29 @@ impl Router {
         self.store_retirement(identity, reason).await
     }
 
+    /// [`Router::retire`] in a task of the router's own, awaited for its
+    /// outcome: a caller that goes away meanwhile (an operator's client
+    /// hanging up while the store takes an eviction) cannot cut it between
+    /// ending the identity here and storing its retirement, which would
+    /// leave it ended in this process and live in the store.
+    pub async fn retire_to_the_end(
+        self: &Arc<Self>,
+        exits: Arc<ExitSet>,
+        identity: Identity,
+        reason: RetireReason,
+    ) -> Result<(), StoreError> {
+        let router = self.clone();
+        let retiring = self
+            .tasks
+            .spawn(async move { router.retire(&exits, &identity, reason).await });
+        retiring.await.unwrap_or_else(|cut| {
+            Err(StoreError::new(
+                crate::store::StoreErrorKind::Closed,
+                format!("the retirement's task ended early: {cut}"),
+            ))
+        })
+    }
+
     /// Stores the retirement of `identity` for `reason` (ended here
     /// already), then counts and logs it.
     async fn store_retirement(
