@@ -76,7 +76,7 @@ async fn a_clean_exit_passes_and_shows_what_the_origin_saw() {
     for pair in seen["headers"].as_array().unwrap() {
         let value = pair[1].as_str().unwrap();
         assert!(
-            value.starts_with("sha256:") && value.len() == "sha256:".len() + 8,
+            value.starts_with("hash:") && value.len() == "hash:".len() + 8,
             "{pair}"
         );
     }

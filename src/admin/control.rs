@@ -138,10 +138,24 @@ fn names_loopback(host: &str) -> bool {
     let Ok(authority) = host.parse::<http::uri::Authority>() else {
         return false;
     };
-    let hostname = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    // What follows the host (`Authority` takes any text after a colon),
+    // empty or a port.
+    let after = host.get(authority.host().len()..).unwrap_or_default();
+    if let Some(port) = after.strip_prefix(':') {
+        if port.parse::<u16>().is_err() {
+            return false;
+        }
+    } else if !after.is_empty() {
+        return false;
+    }
+    // Brackets hold an IPv6 address, nothing else.
+    let hostname = match authority.host().strip_prefix('[') {
+        Some(inner) => match inner.strip_suffix(']') {
+            Some(address) if address.parse::<std::net::Ipv6Addr>().is_ok() => address,
+            _ => return false,
+        },
+        None => authority.host(),
+    };
     hostname.eq_ignore_ascii_case("localhost")
         || hostname
             .parse::<std::net::IpAddr>()
@@ -457,6 +471,8 @@ mod tests {
             "",
             "[::1",
             "10.0.0.1:80",
+            "[localhost]",
+            "localhost:abc",
         ] {
             assert!(!names_loopback(host), "{host}");
         }

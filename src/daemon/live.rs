@@ -254,23 +254,34 @@ impl Live {
         } else {
             applied.build.tls.clone()
         };
-        // Pins of names the new configuration drops would go unenforced.
+        // Pins of names the new configuration drops would go unenforced:
+        // refused if the store holds any. Walks every pin held: off the
+        // runtime.
+        let untracked = || {
+            let router = self.core.router.clone();
+            let (cookies, release) = (
+                settings.cookies.clone(),
+                settings.identities.release_untracked_pins,
+            );
+            tokio::task::spawn_blocking(move || {
+                crate::daemon::untracked::check(router.store(), &cookies, release)
+            })
+        };
+        let dropping = !settings.cookies.tracks_all_of(&applied.settings.cookies);
+        if dropping {
+            // The usual refusal, before anything changes.
+            untracked().await??;
+        }
         // Requests begun before go on with the old configuration and may
-        // pin such a name after a walk of the store; so from here only the
-        // new names are pinned (a write of another is refused), the walk
-        // waits for the writes admitted before, and a refused reload puts
-        // the old names back (see `store::pinnable`).
-        let names = NamesChange::make(self.core.router.store().pinnable(), &settings.cookies).await;
-        // Walks every pin held: off the runtime.
-        let router = self.core.router.clone();
-        let (cookies, release) = (
-            settings.cookies.clone(),
-            settings.identities.release_untracked_pins,
-        );
-        tokio::task::spawn_blocking(move || {
-            crate::daemon::untracked::check(router.store(), &cookies, release)
-        })
-        .await??;
+        // pin a dropped name after that walk; so from here only the new
+        // names are pinned (a write of another is refused), the walk is
+        // made again once the writes admitted before have ended, and a
+        // refused reload puts the old names back (see `store::pinnable`).
+        let names = NamesChange::make(self.core.router.store().pinnable(), &settings.cookies);
+        if dropping {
+            names.wait_out().await;
+            untracked().await??;
+        }
         let shared = (self.core.guard.clone(), self.core.unread.clone());
         let build = exit_build(&settings, tls, shared, &self.core.metrics);
         let previous = self.exits.load();

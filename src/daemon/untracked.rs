@@ -68,21 +68,27 @@ pub fn pinnable(cookies: &CookiePolicy) -> Arc<Box<NameTest>> {
 }
 
 /// A change of the names pins may be made of, made before a reload's walk
-/// of the store: put back when dropped unless kept (a reload refused).
+/// of the store: put back when dropped unless kept (a reload refused, or
+/// given up while it waited).
 pub struct NamesChange<'a> {
     names: &'a PinnableNames,
     before: Option<Option<Arc<Box<NameTest>>>>,
 }
 
 impl<'a> NamesChange<'a> {
-    /// Makes `cookies`' names the ones pinned, once every pin write
-    /// admitted under the names before has ended.
-    pub async fn make(names: &'a PinnableNames, cookies: &CookiePolicy) -> NamesChange<'a> {
-        let before = names.set(Some(pinnable(cookies))).await;
+    /// Makes `cookies`' names the ones pinned, at once.
+    pub fn make(names: &'a PinnableNames, cookies: &CookiePolicy) -> NamesChange<'a> {
+        let before = names.swap(Some(pinnable(cookies)));
         NamesChange {
             names,
             before: Some(before),
         }
+    }
+
+    /// Returns once every pin write admitted under the names before has
+    /// ended (see [`PinnableNames::wait_out`]).
+    pub async fn wait_out(&self) {
+        self.names.wait_out().await;
     }
 
     /// Keeps the change (the reload went through).
@@ -94,7 +100,7 @@ impl<'a> NamesChange<'a> {
 impl Drop for NamesChange<'_> {
     fn drop(&mut self) {
         if let Some(before) = self.before.take() {
-            self.names.put_back(before);
+            self.names.swap(before);
         }
     }
 }
@@ -188,5 +194,37 @@ mod tests {
         );
         assert!(refused.to_string().contains("session_abc"), "{refused}");
         assert!(check(&store, &without, true).is_ok(), "released");
+    }
+
+    fn pin_of(name: &str) -> (crate::credential::PinKey, Pin) {
+        let key = PinHasher::new([2; 32]).cookie(name, "v");
+        let credential = Credential::cookie(name, key);
+        (
+            key,
+            Pin::new(crate::identity::IdentityId(4), &credential, 1, None),
+        )
+    }
+
+    /// A reload refused (or given up) after it changed the names puts
+    /// the old ones back: pins of the names it would have dropped are made
+    /// again.
+    #[tokio::test]
+    async fn a_change_of_names_not_kept_is_put_back() {
+        let names = PinnableNames::default();
+        let before = CookiePolicy::with_extra(&["session_*".into()]).unwrap();
+        let after = CookiePolicy::with_extra(&[]).unwrap();
+        names.set(Some(pinnable(&before))).await;
+        async fn admitted(names: &PinnableNames) -> bool {
+            let (key, pin) = pin_of("session_tok");
+            names.admit([(&key, &pin)]).await.is_ok()
+        }
+        assert!(admitted(&names).await);
+        let change = NamesChange::make(&names, &after);
+        change.wait_out().await;
+        assert!(!admitted(&names).await, "dropped while the change stands");
+        drop(change);
+        assert!(admitted(&names).await, "put back");
+        NamesChange::make(&names, &after).keep();
+        assert!(!admitted(&names).await, "kept");
     }
 }

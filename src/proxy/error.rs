@@ -550,9 +550,10 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
         }
         StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
         StoreErrorKind::Untracked => {
-            "A reload stopped tracking this cookie's name while the request was on its way, and \
-             a pin nothing would enforce is not made: retry, and the cookie goes as any cookie \
-             the configuration does not track. (Track the name again if it carries a session.)"
+            "A reload that drops this cookie's name from track_cookies began while the request \
+             was on its way, and a pin the new configuration would not enforce is not made. \
+             Retry: once the reload went through the cookie goes as any untracked one; if it was \
+             refused (the store holds pins of the name), the cookie is pinned as before."
         }
         StoreErrorKind::Corrupt => {
             "A stored record could not be read; pinproxy will not guess. Check the store \

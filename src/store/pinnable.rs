@@ -50,17 +50,23 @@ impl PinnableNames {
     /// Makes `test` the one new pins are judged by, and returns once every
     /// write admitted by the one before has ended: a walk of the store
     /// after this sees every pin the old names let in. Returns the test it
-    /// replaced (to put back if the change is refused).
+    /// replaced.
     pub async fn set(&self, test: Option<Arc<Box<NameTest>>>) -> Option<Arc<Box<NameTest>>> {
-        let before = self.test.swap(test);
-        drop(self.gate.write().await);
+        let before = self.swap(test);
+        self.wait_out().await;
         before
     }
 
-    /// Puts back the test [`PinnableNames::set`] replaced, without waiting
-    /// (a change refused: the walk it waited for is moot).
-    pub fn put_back(&self, test: Option<Arc<Box<NameTest>>>) {
-        self.test.store(test);
+    /// Makes `test` the one new pins are judged by, at once; returns the
+    /// one it replaced.
+    pub fn swap(&self, test: Option<Arc<Box<NameTest>>>) -> Option<Arc<Box<NameTest>>> {
+        self.test.swap(test)
+    }
+
+    /// Returns once every pin write admitted before the call has ended
+    /// (writes wait meanwhile: the lock is fair).
+    pub async fn wait_out(&self) {
+        drop(self.gate.write().await);
     }
 
     /// Admits a write of `pins`: a guard to hold until the write has
@@ -79,8 +85,8 @@ impl PinnableNames {
                 return Err(StoreError::new(
                     StoreErrorKind::Untracked,
                     format!(
-                        "cookie {}#{key}: a reload stopped tracking its name while this \
-                         request was on its way",
+                        "cookie {}#{key}: a reload dropping its name from track_cookies began \
+                         while this request was on its way",
                         pin.name
                     ),
                 ));

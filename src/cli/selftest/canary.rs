@@ -39,9 +39,11 @@ pub struct ExitReport {
     /// Its URL without credentials.
     pub url: String,
     /// What the origin saw (the first request), if it got that far; each
-    /// header's value as a short hash (`sha256:` and 8 hex digits), since
-    /// a value may be the canary cookie or, if the exit leaks one, its own
-    /// credentials, and this report goes to terminals and CI logs.
+    /// header's value as a short hash (`hash:` and 8 hex digits, keyed
+    /// afresh by each run, so the same value reads the same within a report
+    /// and a guess cannot be checked against it), since a value may be the
+    /// canary cookie or, if the exit leaks one, its own credentials, and
+    /// this report goes to terminals and CI logs.
     pub seen: Option<Echo>,
     /// The first request, from the client's CONNECT to the end of the answer.
     pub cold_ms: Option<f64>,
@@ -226,14 +228,18 @@ async fn read_head(tcp: &mut TcpStream) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
-/// `seen` with every header value replaced by its short hash: the same
-/// value reads the same in two reports, and none can be read back.
+/// `seen` with every header value replaced by its short hash, keyed by
+/// this process's run (see [`ExitReport::seen`]).
 fn redacted(mut seen: Echo) -> Echo {
-    use sha2::Digest as _;
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
     for (_, value) in &mut seen.headers {
-        let digest = sha2::Sha256::digest(value.as_bytes());
-        let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-        *value = format!("sha256:{short}");
+        let digest = blake3::keyed_hash(key, value.as_bytes());
+        let short: String = digest.as_bytes()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        *value = format!("hash:{short}");
     }
     seen
 }

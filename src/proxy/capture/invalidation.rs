@@ -542,27 +542,80 @@ const SCAN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
 /// `Drop for ScanningBody`).
 const SCAN_AFTER_CLIENT_LEFT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Scans read on at once after their clients left (see `Drop for
+/// ScanningBody`). Each holds its decoder, its window (up to
+/// `invalidation.scan_limit`) and its upstream stream for up to
+/// [`SCAN_AFTER_CLIENT_LEFT`], none of it counted by a connection limit:
+/// a client resetting every stream after the head of a stalled 403 would
+/// otherwise grow them with its request rate. Past this many, a scan ends
+/// with its client (warned).
+const BACKGROUND_SCANS_MAX: usize = 256;
+
+/// Scans read on after their clients left (see [`BACKGROUND_SCANS_MAX`]).
+static BACKGROUND_SCANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`BACKGROUND_SCANS_MAX`], given back when dropped.
+struct BackgroundSlot;
+
+impl BackgroundSlot {
+    fn take() -> Option<BackgroundSlot> {
+        use std::sync::atomic::Ordering;
+        BACKGROUND_SCANS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < BACKGROUND_SCANS_MAX).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| BackgroundSlot)
+    }
+}
+
+impl Drop for BackgroundSlot {
+    fn drop(&mut self) {
+        BACKGROUND_SCANS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Whether to warn of a scan ended with its client: at most once a minute.
+fn unfinished_warning_due() -> bool {
+    static UNFINISHED: crate::telemetry::now_and_then::NowAndThen =
+        crate::telemetry::now_and_then::NowAndThen::every(60);
+    UNFINISHED.due()
+}
+
 /// A client that stops reading (it closed, or reset its stream, after the
 /// head: scrapers often drop a 403 unread) drops the body before the
 /// marker's frame came: the origin's verdict is still read, in the
 /// background, up to the scan's limit and for at most
 /// [`SCAN_AFTER_CLIENT_LEFT`], so that the identity retires whether or not
-/// its client read the page.
+/// its client read the page (unless [`BACKGROUND_SCANS_MAX`] are read so
+/// already).
 impl Drop for ScanningBody {
     fn drop(&mut self) {
         let over = self.scanner.decoder.is_none() || self.scanner.on_match.is_none();
         if over || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        let Some(slot) = BackgroundSlot::take() else {
+            if unfinished_warning_due() {
+                tracing::warn!(
+                    max = BACKGROUND_SCANS_MAX,
+                    "answers scanned for the invalidation rules whose clients left are read on in \
+                     the background, and that many are already: this one's scan ends unread, so \
+                     a challenge in it would not retire its identity (said at most once a minute)"
+                );
+            }
+            return;
+        };
         let inner = std::mem::replace(&mut self.inner, crate::body::empty());
         let scanner = std::mem::replace(&mut self.scanner, Scanner::finished());
-        self.tasks.spawn(scan_to_the_end(inner, scanner));
+        self.tasks.spawn(scan_to_the_end(inner, scanner, slot));
     }
 }
 
 /// Reads `inner` through `scanner` until the scan is over, the body ends
-/// or [`SCAN_AFTER_CLIENT_LEFT`] has passed.
-async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner) {
+/// or [`SCAN_AFTER_CLIENT_LEFT`] has passed; `_slot` is its place among the
+/// background scans.
+async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner, _slot: BackgroundSlot) {
     use http_body_util::BodyExt as _;
     let reading = async {
         while scanner.decoder.is_some() {
@@ -795,6 +848,37 @@ mod tests {
         );
     }
 
+    /// Scans read on after their clients left are capped: past the cap a
+    /// dropped body's scan ends with it, and its stream and decoder go.
+    #[tokio::test]
+    async fn scans_read_on_after_their_clients_left_are_capped() {
+        let tasks = ConnectionTasks::new();
+        let mut feeds = Vec::new();
+        for _ in 0..BACKGROUND_SCANS_MAX + 40 {
+            let (feed, scanned, _found) = fed_scan_on(Some("gzip"), None, &tasks);
+            feeds.push(feed);
+            drop(scanned);
+        }
+        // Other tests of this binary may hold a few places meanwhile.
+        let reading = tasks.len();
+        assert!(
+            (BACKGROUND_SCANS_MAX - 8..=BACKGROUND_SCANS_MAX).contains(&reading),
+            "{reading} scans read on"
+        );
+        // The bodies end: their places come back.
+        drop(feeds);
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !tasks.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the background scans end with their bodies");
+        let (_feed, scanned, _found) = fed_scan_on(Some("gzip"), None, &tasks);
+        drop(scanned);
+        assert_eq!(tasks.len(), 1, "a place is free again");
+    }
+
     /// A zstd body is decoded whatever its pieces: one byte at a time, and
     /// cut inside its header and its blocks.
     #[tokio::test]
@@ -1011,6 +1095,19 @@ mod tests {
         Body,
         tokio::sync::oneshot::Receiver<String>,
     ) {
+        fed_scan_on(coding, hold, &ConnectionTasks::new())
+    }
+
+    /// [`fed_scan`], read on after a drop as a task of `tasks`.
+    fn fed_scan_on(
+        coding: Option<&'static str>,
+        hold: Option<Arc<dyn Send + Sync>>,
+        tasks: &ConnectionTasks,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        Body,
+        tokio::sync::oneshot::Receiver<String>,
+    ) {
         let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
         let mut headers = HeaderMap::new();
         if let Some(coding) = coding {
@@ -1025,7 +1122,7 @@ mod tests {
             &headers,
             rules,
             64 << 10,
-            &ConnectionTasks::new(),
+            tasks,
             move |rule| {
                 let _ = found_tx.send(rule);
             },

@@ -230,6 +230,19 @@ impl CookiePolicy {
         Ok(())
     }
 
+    /// Whether every name `other` tracks is tracked here too, judged by
+    /// its patterns: each exact name tracked here, each glob here as it is
+    /// written there. (A glob there that only globs here cover reads as
+    /// dropped: a reload then checks what the store holds, for nothing.)
+    pub fn tracks_all_of(&self, other: &CookiePolicy) -> bool {
+        other.exact.values().all(|name| self.is_tracked(name))
+            && other.globs.iter().all(|theirs| {
+                self.globs
+                    .iter()
+                    .any(|ours| ours.pattern.as_str() == theirs.pattern.as_str())
+            })
+    }
+
     /// Whether cookies with this name are pinned.
     pub fn is_tracked(&self, name: &str) -> bool {
         self.tracked(name).is_some()
@@ -1821,6 +1834,22 @@ mod tests {
         let shown = format!("{memo:?}");
         assert_eq!(shown, "CookieMemo { remembers: true }");
         assert!(!shown.contains("SECRETVALUE"));
+    }
+
+    #[test]
+    fn a_policy_tracks_all_of_another_by_its_patterns() {
+        let policy = |extra: &[&str]| {
+            CookiePolicy::with_extra(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let old = policy(&["session_*", "Sid"]);
+        assert!(old.tracks_all_of(&old));
+        assert!(policy(&["sid", "session_*", "more"]).tracks_all_of(&old));
+        assert!(!policy(&["session_*"]).tracks_all_of(&old), "sid dropped");
+        assert!(!policy(&["sid"]).tracks_all_of(&old), "the glob dropped");
+        assert!(!policy(&[]).tracks_all_of(&old));
+        // An exact name a glob here covers is not dropped.
+        assert!(policy(&["s*"]).tracks_all_of(&policy(&["sid"])));
     }
 
     #[test]
