@@ -487,21 +487,23 @@ impl Pipeline {
                 }
             });
         }
-        let mut body = body::boxed(upstream_body);
-        if let Some(identity) = &identity {
-            access.identity = Some(identity.id);
-            self.capture_use(
-                identity,
-                parts.status.is_success(),
-                egress_ip,
-                Some(&carried_by),
-            )
-            .await
-            .map_err(|e| e.withheld(route.exit.id(), status))?;
-            body = self
-                .capture_invalidation_on(identity, access.site.as_ref(), &parts, body, held(&slot))
-                .await;
-        }
+        let body = match &identity {
+            Some(identity) => {
+                access.identity = Some(identity.id);
+                self.capture_use(
+                    identity,
+                    parts.status.is_success(),
+                    egress_ip,
+                    Some(&carried_by),
+                )
+                .await
+                .map_err(|e| e.withheld(route.exit.id(), status))?;
+                let site = access.site.as_ref();
+                self.capture_invalidation_on(identity, site, &parts, upstream_body, held(&slot))
+                    .await
+            }
+            None => body::boxed(upstream_body),
+        };
 
         // 9. respond
         let body = egress::response_body(body, &parts);

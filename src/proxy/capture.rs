@@ -35,6 +35,7 @@ use crate::routing::{Route, Router};
 use crate::store::{Binding, Founding, PinStore as _, StoreError, StoreErrorKind, TimedStore};
 use crate::upstream::conn::TunnelInfo;
 use crate::upstream::error::ExchangeKind;
+use crate::upstream::unread::Abandonable;
 use crate::upstream::Origin;
 use crate::upstream::UpstreamError;
 
@@ -230,14 +231,14 @@ impl Pipeline {
         identity: &Identity,
         site: Option<&LabelValue>,
         parts: &http::response::Parts,
-        body: Body,
+        mut body: impl Abandonable,
         hold: Option<std::sync::Arc<dyn Send + Sync>>,
     ) -> Body {
         let verdict = self
             .invalidation
             .judge(parts.status, &parts.headers, identity.worked);
         match verdict {
-            invalidation::Verdict::Clean => body,
+            invalidation::Verdict::Clean => crate::body::boxed(body),
             invalidation::Verdict::Invalidated(rule) => {
                 self.metrics.invalidated(&identity.exit, site, &rule);
                 let reason = RetireReason::Invalidated { rule };
@@ -249,7 +250,7 @@ impl Pipeline {
                 self.router
                     .retire_settled(self.exits.clone(), identity.clone(), reason)
                     .await;
-                body
+                crate::body::boxed(body)
             }
             invalidation::Verdict::ScanBody(rules) => {
                 let router = self.router.clone();
@@ -263,15 +264,16 @@ impl Pipeline {
                     metrics.invalidated(&identity.exit, site.as_ref(), &rule);
                     router.retire_soon(exits, identity, RetireReason::Invalidated { rule });
                 };
-                invalidation::scanning(
-                    body,
-                    &parts.headers,
-                    rules,
-                    self.invalidation.scan_limit,
-                    &self.connections,
-                    on_match,
-                    hold,
-                )
+                let limit = self.invalidation.scan_limit;
+                match invalidation::Scan::begin(&parts.headers, rules, limit, on_match, hold) {
+                    Some(scan) => {
+                        if let Some(wide) = scan.on_abandon() {
+                            body.on_abandon(move || wide.release());
+                        }
+                        scan.over(crate::body::boxed(body), &self.connections)
+                    }
+                    None => crate::body::boxed(body),
+                }
             }
         }
     }

@@ -393,7 +393,8 @@ impl UpstreamBody {
         }
     }
 
-    /// Runs `release` if the answer is abandoned: for what the layers
+    /// Runs `release` if the answer is abandoned (see [`Abandonable`]):
+    /// for what the layers
     /// around it hold until hyper polls them again (an identity's pacing
     /// slot), which a client that never reads again would hold for good.
     pub fn on_abandon(&mut self, release: impl FnOnce() + Send + Sync + 'static) {
@@ -441,6 +442,27 @@ impl UpstreamBody {
         runtime.spawn(watch.clone().run());
         self.watch = Some(watch);
     }
+}
+
+/// A body that can be told what to let go of if its answer is abandoned
+/// for its client: an origin's answer ([`UpstreamBody`]), or one nothing
+/// abandons (a WebSocket handshake answered otherwise than `101`), which
+/// ignores it.
+pub trait Abandonable:
+    http_body::Body<Data = Bytes, Error = crate::body::BoxError> + Send + Sync + Sized + 'static
+{
+    /// Runs `release` if the answer is abandoned.
+    fn on_abandon(&mut self, release: impl FnOnce() + Send + Sync + 'static);
+}
+
+impl Abandonable for UpstreamBody {
+    fn on_abandon(&mut self, release: impl FnOnce() + Send + Sync + 'static) {
+        UpstreamBody::on_abandon(self, release);
+    }
+}
+
+impl Abandonable for crate::body::Body {
+    fn on_abandon(&mut self, _release: impl FnOnce() + Send + Sync + 'static) {}
 }
 
 impl Watch {

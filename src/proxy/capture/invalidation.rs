@@ -10,6 +10,8 @@
 //! as a marker shows up, and its next request sees the retirement.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -219,26 +221,50 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 const WIDE_SCANS_MAX: usize = 16;
 
 /// Scans running that hold such a window (see [`WIDE_SCANS_MAX`]).
-static WIDE_SCANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static WIDE_SCANS: AtomicUsize = AtomicUsize::new(0);
 
-/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped.
-struct WideSlot;
+/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped, or
+/// before through a [`WideRelease`] (once either way).
+struct WideSlot(Arc<AtomicBool>);
+
+/// Gives a [`WideSlot`] back from outside its scan: an answer abandoned
+/// for its client (see `upstream::unread`) leaves its scanning body where
+/// hyper put it, unpolled, until its client reads again or goes, which a
+/// stalled client may never do.
+pub struct WideRelease(Arc<AtomicBool>);
+
+impl WideRelease {
+    /// Gives the place back (nothing if it is back already).
+    pub fn release(&self) {
+        give_back(&self.0, &WIDE_SCANS);
+    }
+}
+
+/// Gives a place counted in `running` back once, whoever asks first.
+fn give_back(given: &AtomicBool, running: &AtomicUsize) {
+    if !given.swap(true, Ordering::AcqRel) {
+        running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl WideSlot {
     fn take() -> Option<WideSlot> {
-        use std::sync::atomic::Ordering;
         WIDE_SCANS
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
                 (running < WIDE_SCANS_MAX).then_some(running + 1)
             })
             .ok()
-            .map(|_| WideSlot)
+            .map(|_| WideSlot(Arc::new(AtomicBool::new(false))))
+    }
+
+    fn release(&self) -> WideRelease {
+        WideRelease(self.0.clone())
     }
 }
 
 impl Drop for WideSlot {
     fn drop(&mut self) {
-        WIDE_SCANS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        give_back(&self.0, &WIDE_SCANS);
     }
 }
 
@@ -320,6 +346,15 @@ impl Decoder {
             }
             // Unknown or stacked codings cannot be scanned.
             Some(_) => None,
+        }
+    }
+
+    /// What gives its wide place back from outside (zstd and brotli).
+    fn wide_release(&self) -> Option<WideRelease> {
+        match self {
+            Decoder::Brotli(scan) => Some(scan._slot.release()),
+            Decoder::Zstd(scan) => Some(scan._slot.release()),
+            Decoder::Identity(_) | Decoder::Gzip(_) | Decoder::Deflate(_) => None,
         }
     }
 
@@ -487,11 +522,63 @@ impl Scanner {
     }
 }
 
-/// A response body that scans its first bytes for invalidation markers and
-/// calls `on_match` (once) with the matching rule's name. Bodies in codings
-/// pinproxy cannot decode pass unscanned. A body dropped before its scan
-/// ended (its client left) is read on as a task of `tasks` (see `Drop for
-/// ScanningBody`), which shutdown waits for, then aborts.
+/// A scan of an answer's body for invalidation markers, begun at its head
+/// ([`Scan::begin`]) and put over its body ([`Scan::over`]).
+pub struct Scan {
+    scanner: Scanner,
+}
+
+impl Scan {
+    /// A scan of the body of an answer with `headers` that calls
+    /// `on_match` (once) with the matching rule's name; `None` for codings
+    /// pinproxy cannot decode (the body passes unscanned, warned).
+    pub fn begin(
+        headers: &HeaderMap,
+        rules: Vec<(String, Vec<String>)>,
+        limit: usize,
+        on_match: impl FnOnce(String) + Send + Sync + 'static,
+        hold: Option<std::sync::Arc<dyn Send + Sync>>,
+    ) -> Option<Scan> {
+        let Some(decoder) = Decoder::for_encoding(headers, limit) else {
+            // A challenge page here would not retire its identity: worth
+            // seeing, at most once a minute (an origin chooses the coding).
+            if unscanned_warning_due() {
+                tracing::warn!(
+                    coding = ?headers.get(http::header::CONTENT_ENCODING),
+                    "an answer the invalidation rules would scan is in a content coding pinproxy cannot decode (or too many zstd and brotli scans run at once); it passes unscanned (said at most once a minute)"
+                );
+            }
+            return None;
+        };
+        let mut scanner = Scanner::new(rules, decoder, Box::new(on_match));
+        scanner.hold = hold;
+        Some(Scan { scanner })
+    }
+
+    /// What to let go of if the answer is abandoned for its client: the
+    /// scan's place among the [`WIDE_SCANS_MAX`], if it holds one.
+    pub fn on_abandon(&self) -> Option<WideRelease> {
+        self.scanner
+            .decoder
+            .as_ref()
+            .and_then(Decoder::wide_release)
+    }
+
+    /// `body`, scanned as it passes. A body dropped before its scan ended
+    /// (its client left) is read on as a task of `tasks` (see `Drop for
+    /// ScanningBody`), which shutdown waits for, then aborts.
+    pub fn over(self, body: Body, tasks: &ConnectionTasks) -> Body {
+        http_body_util::BodyExt::boxed(ScanningBody {
+            inner: body,
+            scanner: self.scanner,
+            tasks: tasks.clone(),
+            lifetime: Box::pin(tokio::time::sleep(SCAN_LIFETIME)),
+        })
+    }
+}
+
+/// [`Scan::begin`] and [`Scan::over`] in one: `body` scanned, or as it is
+/// when it cannot be (for a body nothing abandons).
 pub fn scanning(
     body: Body,
     headers: &HeaderMap,
@@ -501,25 +588,10 @@ pub fn scanning(
     on_match: impl FnOnce(String) + Send + Sync + 'static,
     hold: Option<std::sync::Arc<dyn Send + Sync>>,
 ) -> Body {
-    let Some(decoder) = Decoder::for_encoding(headers, limit) else {
-        // A challenge page here would not retire its identity: worth
-        // seeing, at most once a minute (an origin chooses the coding).
-        if unscanned_warning_due() {
-            tracing::warn!(
-                coding = ?headers.get(http::header::CONTENT_ENCODING),
-                "an answer the invalidation rules would scan is in a content coding pinproxy cannot decode (or too many zstd and brotli scans run at once); it passes unscanned (said at most once a minute)"
-            );
-        }
-        return body;
-    };
-    let mut scanner = Scanner::new(rules, decoder, Box::new(on_match));
-    scanner.hold = hold;
-    http_body_util::BodyExt::boxed(ScanningBody {
-        inner: body,
-        scanner,
-        tasks: tasks.clone(),
-        lifetime: Box::pin(tokio::time::sleep(SCAN_LIFETIME)),
-    })
+    match Scan::begin(headers, rules, limit, on_match, hold) {
+        Some(scan) => scan.over(body, tasks),
+        None => body,
+    }
 }
 
 struct ScanningBody {
@@ -552,14 +624,13 @@ const SCAN_AFTER_CLIENT_LEFT: std::time::Duration = std::time::Duration::from_se
 const BACKGROUND_SCANS_MAX: usize = 256;
 
 /// Scans read on after their clients left (see [`BACKGROUND_SCANS_MAX`]).
-static BACKGROUND_SCANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static BACKGROUND_SCANS: AtomicUsize = AtomicUsize::new(0);
 
 /// One of the [`BACKGROUND_SCANS_MAX`], given back when dropped.
 struct BackgroundSlot;
 
 impl BackgroundSlot {
     fn take() -> Option<BackgroundSlot> {
-        use std::sync::atomic::Ordering;
         BACKGROUND_SCANS
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
                 (running < BACKGROUND_SCANS_MAX).then_some(running + 1)
@@ -571,7 +642,7 @@ impl BackgroundSlot {
 
 impl Drop for BackgroundSlot {
     fn drop(&mut self) {
-        BACKGROUND_SCANS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        BACKGROUND_SCANS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -846,6 +917,43 @@ mod tests {
             found.ok().and_then(Result::ok).as_deref(),
             Some("datadome-hard-block")
         );
+    }
+
+    /// A wide place is given back once, by whichever comes first: the
+    /// abandonment of its answer or the end of its scan.
+    #[test]
+    fn a_wide_place_is_given_back_once() {
+        let running = AtomicUsize::new(2);
+        let given = AtomicBool::new(false);
+        give_back(&given, &running);
+        give_back(&given, &running);
+        assert_eq!(running.load(Ordering::Acquire), 1);
+    }
+
+    /// Only a zstd or brotli scan holds a wide place, and its abandonment
+    /// hook gives it back while the scanning body lives on.
+    #[test]
+    fn an_abandoned_wide_scan_gives_its_place_back() {
+        let scan = |coding: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-encoding", HeaderValue::from_static(coding));
+            let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false)
+            else {
+                panic!("expected a scan");
+            };
+            Scan::begin(&headers, rules, 64 << 10, |_| {}, None).expect("a scan")
+        };
+        for coding in ["gzip", "deflate", "identity"] {
+            assert!(scan(coding).on_abandon().is_none(), "{coding}");
+        }
+        for coding in ["br", "zstd"] {
+            let scan = scan(coding);
+            let wide = scan.on_abandon().expect("a wide place");
+            assert!(!wide.0.load(Ordering::Acquire));
+            wide.release();
+            assert!(wide.0.load(Ordering::Acquire), "{coding}: given back");
+            drop(scan);
+        }
     }
 
     /// Scans read on after their clients left are capped: past the cap a
