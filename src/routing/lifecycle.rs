@@ -31,7 +31,8 @@ const RETIRE_RETRY_STEP: Duration = Duration::from_millis(250);
 
 impl Router {
     /// Retires an identity: its connections dropped and its relays closed,
-    /// recorded in the store, counted.
+    /// recorded in the store, counted. A store that refuses it leaves it
+    /// honoured by this process alone (the error says so to the caller).
     pub async fn retire(
         &self,
         exits: &ExitSet,
@@ -39,10 +40,15 @@ impl Router {
         reason: RetireReason,
     ) -> Result<(), StoreError> {
         // Before the store takes it (which may take a while, or fail):
-        // requests of the identity still on their way write nothing, and
-        // its relays close.
+        // requests of the identity still on their way write nothing, its
+        // relays close, and one that opens meanwhile (its first check reads
+        // the store before the write lands) finds it pending.
+        self.pending.insert(identity.id, reason.clone());
         self.end_here(exits, identity, &reason);
-        self.store_retirement(identity, reason).await
+        // Refused, it stays pending: ended here, this process honours it.
+        self.store_retirement(identity, reason).await?;
+        self.pending.remove(identity.id);
+        Ok(())
     }
 
     /// [`Router::retire`] in a task of the router's own, awaited for its
@@ -116,13 +122,17 @@ impl Router {
         identity: Identity,
         reason: RetireReason,
     ) {
+        // Pending until stored (see `retire`).
+        self.pending.insert(identity.id, reason.clone());
         self.end_here(&exits, &identity, &reason);
         let router = self.clone();
         let stored = self.tasks.spawn(async move {
-            if let Err(e) = router.store_retirement(&identity, reason.clone()).await {
-                tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement yet; retrying in the background");
-                router.pending.insert(identity.id, reason.clone());
-                router.store_in_background(exits, identity, reason);
+            match router.store_retirement(&identity, reason.clone()).await {
+                Ok(()) => router.pending.remove(identity.id),
+                Err(e) => {
+                    tracing::warn!(error = %e, identity = %identity.id, "could not store a retirement yet; retrying in the background");
+                    router.store_in_background(exits, identity, reason);
+                }
             }
         });
         // A task that panicked has logged why; one cut at shutdown is the
