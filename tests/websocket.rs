@@ -613,6 +613,35 @@ async fn a_websocket_keeps_and_ends_with_its_identity_across_replicas() {
     s.stop().await;
 }
 
+/// With Redis, a reload that removes an exit leaves its identities to the
+/// replicas that may still have it, but a WebSocket open through the
+/// exit here closes: the operator's removal holds for what this replica
+/// relays, as for its requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closes_when_a_reload_removes_its_exit_under_redis() {
+    let redis = support::procs::RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::start_with(2, move |c| c.store.url = url).await;
+    let (jar, _) = s.login("/login").await;
+    let mut ws = websocket_with_cookie(&s, &jar.header().unwrap()).await;
+    assert_eq!(
+        messages_until_closed(&mut ws, 2, Duration::from_millis(10)).await,
+        None
+    );
+    let exit = only_identity(&s).await["exit"].as_str().unwrap().to_owned();
+    let mut config = s.proxy.config.clone();
+    config.exits.retain(|e| e.id != exit);
+    let report = s.proxy.daemon.reload_with(&config).await.unwrap();
+    assert_eq!(report.removed, vec![exit.clone()]);
+    assert!(
+        messages_until_closed(&mut ws, 20, Duration::from_millis(250))
+            .await
+            .is_some(),
+        "the WebSocket through removed exit {exit} was open 5 s later"
+    );
+    s.stop().await;
+}
+
 /// Headless Chromium, not offered WebSockets over HTTP/2, opens an HTTP/1.1
 /// upgrade of its own from a page it loaded over HTTP/2: the origin gets
 /// Chromium's own upgrade head (`Connection` right after `Host`, where a

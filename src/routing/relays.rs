@@ -243,6 +243,13 @@ impl Router {
         }
         identity.last_used_ms = identity.last_used_ms.max(used_ms);
         let policies = self.policies();
+        // With a shared store an identity whose exit this replica lacks is
+        // left to the replicas that have it (see `lifecycle::ends`), but
+        // this relay runs through this replica's exit, which a reload
+        // removed: it closes, as the exit's requests here are refused.
+        if policies.shared_store && exits.get(&identity.exit).is_none() {
+            return Ok(Standing::Unrecorded(RetireReason::ExitRemoved));
+        }
         let steady = || self.retirement_now();
         let moment = Moment {
             wall_ms: self.clock.now_ms(),
