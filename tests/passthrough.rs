@@ -419,6 +419,48 @@ async fn a_passed_through_tunnel_closes_when_its_identity_is_evicted() {
     s.stop().await;
 }
 
+/// A passed-through tunnel whose client has not spoken yet (its first
+/// words are read to be judged against `mitm.include`, for up to
+/// `timeouts.relay_idle`) ends when its identity retires meanwhile:
+/// nothing the client sends after goes on.
+#[tokio::test]
+async fn a_passed_through_tunnel_not_yet_spoken_in_closes_when_its_identity_is_evicted() {
+    let s = Setup::builder()
+        .exits(2)
+        .config(|c| c.mitm.include = vec!["intercepted.test".into()])
+        .start()
+        .await;
+    let target = format!("origin.test:{}", s.origin.https.port());
+    let mut tcp = tokio::net::TcpStream::connect(s.proxy.daemon.local_addr())
+        .await
+        .unwrap();
+    let auth = basic("session-silent");
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = support::client::read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let body = support::admin::get(admin, "/identities?all=1").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.len(), 1, "{body}");
+    let id = views[0]["identity"].as_str().unwrap();
+    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        end.is_ok(),
+        "the silent tunnel of an evicted identity was still open after 5 s"
+    );
+    assert!(
+        rest.is_empty(),
+        "{} bytes came after the eviction",
+        rest.len()
+    );
+    s.stop().await;
+}
+
 /// Tunnels refused for what their client sends (a TLS name the mitm
 /// policy or the CA's name constraints treat otherwise than the CONNECT
 /// host) are counted each, and warned of once: a client repeating one

@@ -140,9 +140,18 @@ async fn open(
             head_read: settings.header_read,
             idle: opening_limit,
         });
+        // The identity's end is watched from here: its client's first words
+        // may be a long time coming (up to the relay's idle limit), and
+        // must not go on after a retirement meanwhile.
+        let reads = AtomicU64::new(0);
+        let retired = until_retired(owner, &reads, "passthrough tunnel");
+        tokio::pin!(retired);
         // Bounded within: by the relay's idle limit while nothing comes,
         // by `timeouts.header_read` once the client began.
-        let opened = first_words(&mut client, &mut upstream, judge).await;
+        let opened = tokio::select! {
+            opened = first_words(&mut client, &mut upstream, judge) => opened,
+            () = &mut retired => return,
+        };
         // Counted once judged: a refused tunnel is no passthrough.
         let first_refusal = match &opened {
             Ok(Opening::Intercepted(_)) => {
@@ -181,8 +190,6 @@ async fn open(
             }
             Err(e) => return tracing::debug!(error = %e, "passthrough tunnel ended before it carried anything"),
         }
-        let reads = AtomicU64::new(0);
-        let retired = until_retired(owner, &reads, "passthrough tunnel");
         relay(&mut client, &mut upstream, idle, &reads, retired)
             .await
             .log("passthrough tunnel");
