@@ -94,7 +94,7 @@ pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
         let credentials: Vec<String> = v
             .credentials
             .iter()
-            .map(|c| format!("{}#{}", c.name, c.hash))
+            .map(|c| format!("{}#{}", printable(&c.name), c.hash))
             .collect();
         let state = match &v.reason {
             Some(reason) => format!("{} ({reason})", v.state),
@@ -115,6 +115,34 @@ pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
         ));
     }
     out
+}
+
+/// `name` as a terminal shows it faithfully: a name an origin chose
+/// (matched by a glob such as `_px*`) may hold control characters (a C1
+/// `CSI` some terminals obey) or bidirectional overrides that would
+/// rearrange the table; those are written as `\u{...}` escapes.
+fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    let shown_as_is =
+        |c: char| c.is_ascii_graphic() || (!c.is_control() && !is_bidi_control(c) && !c.is_ascii());
+    if name.chars().all(shown_as_is) {
+        return name.into();
+    }
+    name.chars()
+        .map(|c| {
+            if shown_as_is(c) {
+                c.to_string()
+            } else {
+                c.escape_unicode().to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// The characters that reorder text around them (Unicode's bidirectional
+/// formatting characters).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn human(ms: u64) -> String {
@@ -162,5 +190,17 @@ mod tests {
         );
         assert!(table.contains("1h01m"), "{table}");
         assert!(table.contains("1h00m"), "{table}");
+    }
+
+    /// Names an origin chose are shown, not obeyed: controls and
+    /// bidirectional overrides are escaped.
+    #[test]
+    fn names_with_controls_are_escaped() {
+        assert_eq!(printable("incap_ses_1.2"), "incap_ses_1.2");
+        assert_eq!(printable("_px_é"), "_px_é");
+        assert_eq!(printable("_px\u{9b}31m"), "_px\\u{9b}31m");
+        assert_eq!(printable("_px\u{202e}kcab"), "_px\\u{202e}kcab");
+        assert_eq!(printable("_px\u{1b}[2J"), "_px\\u{1b}[2J");
+        assert_eq!(printable("a b"), "a\\u{20}b");
     }
 }
