@@ -994,6 +994,36 @@ async fn login_on(s: &Setup, want: IpAddr) -> Jar {
     panic!("no login landed on {want}");
 }
 
+/// A drain the data directory cannot take is applied, and the answer says
+/// a restart will forget it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_be_written_says_so() {
+    let s = Setup::start(2).await;
+    let admin_addr = s.proxy.daemon.admin_addr().unwrap();
+    // A directory where the book goes: it cannot be replaced by a file.
+    let book = s.proxy.data_dir.path().join("drained-exits.json");
+    std::fs::create_dir_all(book.join("in-the-way")).unwrap();
+    let (status, body) = admin(admin_addr, "POST", "/exits/exit1/drain").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["drained"], true, "{body}");
+    assert_eq!(answer["persisted"], false, "{body}");
+    assert!(
+        answer["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("restart will forget")),
+        "{body}"
+    );
+    std::fs::remove_dir_all(&book).unwrap();
+    let (_, body) = admin(admin_addr, "POST", "/exits/exit2/drain").await;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["persisted"], true, "{body}");
+    assert!(answer.get("warning").is_none(), "{body}");
+    // The book holds both: the set in force when the write came.
+    let written: Vec<String> = serde_json::from_slice(&std::fs::read(&book).unwrap()).unwrap();
+    assert_eq!(written, ["exit1", "exit2"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_exit_keeps_its_identities_and_takes_no_new_ones_until_undrained() {
     let s = Setup::start(2).await;

@@ -253,14 +253,27 @@ async fn drain(admin: &Admin, id: &str, drained: bool) -> Response<Body> {
         let verb = if drained { "drained" } else { "undrained" };
         tracing::warn!(exit = %exit.id(), "exit {verb} by the operator");
     }
-    if let Err(e) = admin.control.drains.write(&exits).await {
-        tracing::warn!(error = %e, "could not remember the drained exits; a restart will forget them");
-    }
-    json(&serde_json::json!({
+    // Applied here whatever the book says; the answer says whether a
+    // restart will remember it. (Each replica drains its own exits.)
+    let persisted = match admin.control.drains.write(&admin.exits).await {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remember the drained exits; a restart will forget them");
+            Some(format!(
+                "applied, but not written to the data directory ({e}): a restart will forget it"
+            ))
+        }
+    };
+    let mut answer = serde_json::json!({
         "exit": exit.id().to_string(),
         "drained": exit.drained(),
         "state": exit.describe(),
-    }))
+        "persisted": persisted.is_none(),
+    });
+    if let Some(warning) = persisted {
+        answer["warning"] = warning.into();
+    }
+    json(&answer)
 }
 
 /// `DELETE /identities/ID`.

@@ -407,7 +407,7 @@ impl Live {
                 .any(|e| e.id().as_str() == id && e.drained())
         });
         if forgot_drained {
-            if let Err(e) = self.drains.write(&set).await {
+            if let Err(e) = self.drains.write(&self.exits).await {
                 tracing::warn!(error = %e, "could not rewrite the drained exits");
             }
         }

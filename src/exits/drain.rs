@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::ExitSet;
+use super::{ExitSet, LiveExits};
 
 /// The file in the data directory that lists drained exit ids.
 pub const DRAIN_FILE: &str = "drained-exits.json";
@@ -60,11 +60,14 @@ impl DrainBook {
         unknown
     }
 
-    /// Writes the drained exits of `exits` (atomically: a crash leaves the
-    /// old book or the new one).
-    pub async fn write(&self, exits: &ExitSet) -> std::io::Result<()> {
+    /// Writes the drained exits of the set in force (atomically: a crash
+    /// leaves the old book or the new one). The set is read once this
+    /// write's turn has come: a drain and a reload writing at once would
+    /// otherwise let the later write carry the earlier set, losing the
+    /// other's change at the next start.
+    pub async fn write(&self, exits: &LiveExits) -> std::io::Result<()> {
         let _one_at_a_time = self.writing.lock().await;
-        let drained = exits.drained();
+        let drained = exits.load().drained();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || write_atomically(&path, &drained))
             .await
