@@ -17,6 +17,7 @@
 
 pub mod control;
 pub mod page;
+pub mod walks;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -133,6 +134,8 @@ pub struct Admin {
     pub control: control::Control,
     /// The listing snapshot the live page and the alive gauge read.
     pub page: page::Snapshots,
+    /// Places for walks of the whole store (see [`walks`]).
+    pub walks: walks::Walks,
 }
 
 /// Most admin connections open at once: a metrics scraper, the live page
@@ -256,19 +259,18 @@ impl Admin {
     async fn identities_answer(self: &Arc<Self>, all: bool) -> Response<Body> {
         let admin = self.clone();
         let runtime = tokio::runtime::Handle::current();
-        let built = tokio::task::spawn_blocking(move || {
-            runtime
-                .block_on(admin.identities(all))
-                .map(|views| json(&views))
-        })
-        .await;
+        let built = self
+            .walks
+            .run(move || {
+                runtime
+                    .block_on(admin.identities(all))
+                    .map(|views| json(&views))
+            })
+            .await;
         match built {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the listing task failed: {e}\n"),
-            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         }
     }
 

@@ -752,6 +752,7 @@ impl Daemon {
             exits: live_exits,
             metrics,
             page: Default::default(),
+            walks: Default::default(),
             control: Control {
                 reload: Arc::new(move || {
                     let live = reloader.clone();

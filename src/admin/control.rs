@@ -358,22 +358,24 @@ async fn find(
 ) -> Result<Listing, Response<Body>> {
     let router = admin.router.clone();
     let runtime = tokio::runtime::Handle::current();
-    let walked = tokio::task::spawn_blocking(move || {
-        runtime.block_on(async {
-            let listings = router.store().list().await?;
-            Ok::<_, crate::store::StoreError>(
-                listings
-                    .into_iter()
-                    .filter(|l| matches(l))
-                    .collect::<Vec<Listing>>(),
-            )
+    let walked = admin
+        .walks
+        .run(move || {
+            runtime.block_on(async {
+                let listings = router.store().list().await?;
+                Ok::<_, crate::store::StoreError>(
+                    listings
+                        .into_iter()
+                        .filter(|l| matches(l))
+                        .collect::<Vec<Listing>>(),
+                )
+            })
         })
-    })
-    .await;
+        .await;
     let mut found = match walked {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => return Err(unavailable(e.to_string())),
-        Err(e) => return Err(unavailable(format!("the store's walk failed: {e}"))),
+        Err(e) => return Err(unavailable(e)),
     };
     match found.len() {
         0 => Err(not_found("no such identity or credential".into())),

@@ -43,7 +43,29 @@ pub const NEWEST: usize = 50;
 /// stale.
 #[derive(Debug, Default)]
 pub struct Snapshots {
-    cached: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+    /// The latest snapshot, written by the walk that took it: a request
+    /// that stopped waiting for it (a scraper's timeout shorter than a
+    /// walk of a large store) does not throw it away, so the next finds it
+    /// (before, every scrape started a walk of its own and none finished
+    /// in time, so the gauges went dark for good).
+    latest: Arc<std::sync::Mutex<Option<Arc<Snapshot>>>>,
+    /// Held while a walk is awaited: one at a time, the others then take
+    /// its snapshot.
+    taking: tokio::sync::Mutex<()>,
+}
+
+impl Snapshots {
+    /// The latest snapshot, if it is fresh.
+    fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        latest
+            .as_ref()
+            .filter(|snapshot| snapshot.fresh(Instant::now()))
+            .cloned()
+    }
 }
 
 /// What one listing of the store said.
@@ -134,12 +156,15 @@ struct Summary {
 impl Admin {
     /// The current snapshot, retaken if stale.
     pub(super) async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
-        let mut cached = self.page.cached.lock().await;
-        if let Some(snapshot) = cached.as_ref() {
-            if snapshot.fresh(Instant::now()) {
-                return Ok(snapshot.clone());
-            }
+        if let Some(snapshot) = self.page.fresh() {
+            return Ok(snapshot);
         }
+        let _taking = self.page.taking.lock().await;
+        // Taken meanwhile by the walk this one waited for.
+        if let Some(snapshot) = self.page.fresh() {
+            return Ok(snapshot);
+        }
+        let latest = self.page.latest.clone();
         let router = self.router.clone();
         let exits = self.exits.load();
         let runtime = tokio::runtime::Handle::current();
@@ -170,23 +195,22 @@ impl Admin {
                 live.truncate(newest);
             }
             live.sort_by_key(|l| std::cmp::Reverse((l.identity.created_ms, l.identity.id)));
-            Ok::<_, StoreError>((alive, live, held))
+            let snapshot = Arc::new(Snapshot {
+                taken,
+                took: taken.elapsed(),
+                alive,
+                newest: live,
+                held,
+            });
+            *latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(snapshot.clone());
+            Ok::<_, StoreError>(snapshot)
         };
-        let (alive, newest, held) = tokio::task::spawn_blocking(walk).await.map_err(|e| {
-            StoreError::new(
-                crate::store::StoreErrorKind::Closed,
-                format!("the listing task failed: {e}"),
-            )
-        })??;
-        let snapshot = Arc::new(Snapshot {
-            taken,
-            took: taken.elapsed(),
-            alive,
-            newest,
-            held,
-        });
-        *cached = Some(snapshot.clone());
-        Ok(snapshot)
+        self.walks
+            .run(walk)
+            .await
+            .map_err(|e| StoreError::new(crate::store::StoreErrorKind::Closed, e))?
     }
 
     /// Sets `pinproxy_identities_alive` (every configured exit gets a
