@@ -953,9 +953,9 @@ async fn a_name_a_reload_drops_is_not_pinned_by_a_request_begun_before() {
     let mut jar = Jar::default();
     let mut config = s.proxy.config.clone();
     config.track_cookies = Vec::new();
-    let held = s.get("/login?held&name=session_tok", &mut jar);
+    let held = s.get("/login?held=1&name=session_tok", &mut jar);
     let reload = async {
-        s.origin.wait_for("/login?held&name=session_tok").await;
+        s.origin.wait_for("/login?held=1&name=session_tok").await;
         let report = s.proxy.daemon.reload_with(&config).await;
         s.origin.release_held(1);
         report
