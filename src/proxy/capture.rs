@@ -267,9 +267,8 @@ impl Pipeline {
                 let limit = self.invalidation.scan_limit;
                 match invalidation::Scan::begin(&parts.headers, rules, limit, on_match, hold) {
                     Some(scan) => {
-                        if let Some(wide) = scan.on_abandon() {
-                            body.on_abandon(move || wide.release());
-                        }
+                        let abandon = scan.on_abandon();
+                        body.on_abandon(move || abandon.end());
                         scan.over(crate::body::boxed(body), &self.connections)
                     }
                     None => crate::body::boxed(body),

@@ -10,8 +10,8 @@
 //! as a marker shows up, and its next request sees the retirement.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -223,29 +223,9 @@ const WIDE_SCANS_MAX: usize = 16;
 /// Scans running that hold such a window (see [`WIDE_SCANS_MAX`]).
 static WIDE_SCANS: AtomicUsize = AtomicUsize::new(0);
 
-/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped, or
-/// before through a [`WideRelease`] (once either way).
-struct WideSlot(Arc<AtomicBool>);
-
-/// Gives a [`WideSlot`] back from outside its scan: an answer abandoned
-/// for its client (see `upstream::unread`) leaves its scanning body where
-/// hyper put it, unpolled, until its client reads again or goes, which a
-/// stalled client may never do.
-pub struct WideRelease(Arc<AtomicBool>);
-
-impl WideRelease {
-    /// Gives the place back (nothing if it is back already).
-    pub fn release(&self) {
-        give_back(&self.0, &WIDE_SCANS);
-    }
-}
-
-/// Gives a place counted in `running` back once, whoever asks first.
-fn give_back(given: &AtomicBool, running: &AtomicUsize) {
-    if !given.swap(true, Ordering::AcqRel) {
-        running.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped (with
+/// its decoder).
+struct WideSlot;
 
 impl WideSlot {
     fn take() -> Option<WideSlot> {
@@ -254,17 +234,13 @@ impl WideSlot {
                 (running < WIDE_SCANS_MAX).then_some(running + 1)
             })
             .ok()
-            .map(|_| WideSlot(Arc::new(AtomicBool::new(false))))
-    }
-
-    fn release(&self) -> WideRelease {
-        WideRelease(self.0.clone())
+            .map(|_| WideSlot)
     }
 }
 
 impl Drop for WideSlot {
     fn drop(&mut self) {
-        give_back(&self.0, &WIDE_SCANS);
+        WIDE_SCANS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -349,15 +325,6 @@ impl Decoder {
         }
     }
 
-    /// What gives its wide place back from outside (zstd and brotli).
-    fn wide_release(&self) -> Option<WideRelease> {
-        match self {
-            Decoder::Brotli(scan) => Some(scan._slot.release()),
-            Decoder::Zstd(scan) => Some(scan._slot.release()),
-            Decoder::Identity(_) | Decoder::Gzip(_) | Decoder::Deflate(_) => None,
-        }
-    }
-
     /// Decodes `chunk` into the window, as far as it fits. An error means
     /// the window is full or the body cannot be decoded: either way the
     /// scan ends with what the window holds.
@@ -438,8 +405,13 @@ struct Scanner {
     /// the bytes before it that a marker may straddle.
     longest: usize,
     /// `None` once the scan is over (a marker found, the limit reached, a
-    /// body that cannot be decoded), which also frees the window.
-    decoder: Option<Decoder>,
+    /// body that cannot be decoded, its answer abandoned), which also
+    /// frees the window (and a zstd or brotli scan's place). Shared with
+    /// the answer's abandonment hook ([`Scan::on_abandon`]), which ends
+    /// the scan from outside: a body hyper no longer polls (its client
+    /// stalled) would otherwise hold its decoder, up to 8 MiB of window,
+    /// until the client reads again or goes.
+    decoder: Arc<Mutex<Option<Decoder>>>,
     on_match: Option<Box<dyn FnOnce(String) + Send + Sync>>,
     /// Held until the scan's verdict (the request's pacing slot: the
     /// identity's next request waits for it).
@@ -472,7 +444,7 @@ impl Scanner {
         Scanner {
             rules,
             longest,
-            decoder: Some(decoder),
+            decoder: Arc::new(Mutex::new(Some(decoder))),
             on_match: Some(on_match),
             hold: None,
         }
@@ -481,8 +453,13 @@ impl Scanner {
     /// Ends the scan: the window and the decoder go, and what was held
     /// until the verdict is let go of.
     fn end(&mut self) {
-        self.decoder = None;
+        *lock(&self.decoder) = None;
         self.hold = None;
+    }
+
+    /// Whether the scan is still on.
+    fn scanning(&self) -> bool {
+        lock(&self.decoder).is_some()
     }
 
     /// A scanner whose scan is over (what a dropped body leaves behind).
@@ -490,33 +467,39 @@ impl Scanner {
         Scanner {
             rules: Vec::new(),
             longest: 0,
-            decoder: None,
+            decoder: Arc::new(Mutex::new(None)),
             on_match: None,
             hold: None,
         }
     }
 
     fn feed(&mut self, chunk: &[u8]) {
-        let Some(decoder) = self.decoder.as_mut() else {
-            return;
+        let (found, over) = {
+            let mut decoder = lock(&self.decoder);
+            let Some(decoder) = decoder.as_mut() else {
+                return;
+            };
+            let before = decoder.window().bytes.len();
+            let fed = decoder.feed(chunk);
+            let window = decoder.window();
+            // Only the new bytes and the few before them a marker may
+            // straddle: searching the whole window on every chunk made a
+            // body sent one byte per chunk cost time quadratic in the scan
+            // limit.
+            let fresh = &window.bytes[before.saturating_sub(self.longest.saturating_sub(1))..];
+            let found = self
+                .rules
+                .iter()
+                .find(|(_, finders)| finders.iter().any(|f| f.find(fresh).is_some()));
+            let over = fed.is_err() || window.bytes.len() >= window.limit;
+            (found.map(|(rule, _)| rule.clone()), over)
         };
-        let before = decoder.window().bytes.len();
-        let fed = decoder.feed(chunk);
-        let window = decoder.window();
-        // Only the new bytes and the few before them a marker may straddle:
-        // searching the whole window on every chunk made a body sent one
-        // byte per chunk cost time quadratic in the scan limit.
-        let fresh = &window.bytes[before.saturating_sub(self.longest.saturating_sub(1))..];
-        let found = self
-            .rules
-            .iter()
-            .find(|(_, finders)| finders.iter().any(|f| f.find(fresh).is_some()));
-        if let Some((rule, _)) = found {
+        if let Some(rule) = found {
             if let Some(on_match) = self.on_match.take() {
-                on_match(rule.clone());
+                on_match(rule);
             }
             self.end();
-        } else if fed.is_err() || window.bytes.len() >= window.limit {
+        } else if over {
             self.end();
         }
     }
@@ -555,13 +538,11 @@ impl Scan {
         Some(Scan { scanner })
     }
 
-    /// What to let go of if the answer is abandoned for its client: the
-    /// scan's place among the [`WIDE_SCANS_MAX`], if it holds one.
-    pub fn on_abandon(&self) -> Option<WideRelease> {
-        self.scanner
-            .decoder
-            .as_ref()
-            .and_then(Decoder::wide_release)
+    /// What ends the scan if the answer is abandoned for its client: its
+    /// decoder and window go, with a zstd or brotli scan's place among the
+    /// [`WIDE_SCANS_MAX`] (see [`Scanner::decoder`]).
+    pub fn on_abandon(&self) -> ScanAbandon {
+        ScanAbandon(Arc::downgrade(&self.scanner.decoder))
     }
 
     /// `body`, scanned as it passes. A body dropped before its scan ended
@@ -575,6 +556,27 @@ impl Scan {
             lifetime: Box::pin(tokio::time::sleep(SCAN_LIFETIME)),
         })
     }
+}
+
+/// Ends a scan from outside (see [`Scan::on_abandon`]).
+pub struct ScanAbandon(std::sync::Weak<Mutex<Option<Decoder>>>);
+
+impl ScanAbandon {
+    /// Ends the scan, if it is still on.
+    pub fn end(&self) {
+        if let Some(decoder) = self.0.upgrade() {
+            // Dropped outside the lock.
+            let ended = lock(&decoder).take();
+            drop(ended);
+        }
+    }
+}
+
+/// The decoder cell, whatever a panic elsewhere left in it.
+fn lock(decoder: &Mutex<Option<Decoder>>) -> std::sync::MutexGuard<'_, Option<Decoder>> {
+    decoder
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// [`Scan::begin`] and [`Scan::over`] in one: `body` scanned, or as it is
@@ -662,7 +664,7 @@ fn unfinished_warning_due() -> bool {
 /// already).
 impl Drop for ScanningBody {
     fn drop(&mut self) {
-        let over = self.scanner.decoder.is_none() || self.scanner.on_match.is_none();
+        let over = !self.scanner.scanning() || self.scanner.on_match.is_none();
         if over || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
@@ -689,7 +691,7 @@ impl Drop for ScanningBody {
 async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner, _slot: BackgroundSlot) {
     use http_body_util::BodyExt as _;
     let reading = async {
-        while scanner.decoder.is_some() {
+        while scanner.scanning() {
             match inner.frame().await {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
@@ -712,7 +714,7 @@ impl http_body::Body for ScanningBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.scanner.decoder.is_some()
+        if this.scanner.scanning()
             && std::future::Future::poll(this.lifetime.as_mut(), cx).is_ready()
         {
             this.scanner.end();
@@ -919,40 +921,52 @@ mod tests {
         );
     }
 
-    /// A wide place is given back once, by whichever comes first: the
-    /// abandonment of its answer or the end of its scan.
-    #[test]
-    fn a_wide_place_is_given_back_once() {
-        let running = AtomicUsize::new(2);
-        let given = AtomicBool::new(false);
-        give_back(&given, &running);
-        give_back(&given, &running);
-        assert_eq!(running.load(Ordering::Acquire), 1);
-    }
-
-    /// Only a zstd or brotli scan holds a wide place, and its abandonment
-    /// hook gives it back while the scanning body lives on.
-    #[test]
-    fn an_abandoned_wide_scan_gives_its_place_back() {
-        let scan = |coding: &'static str| {
+    /// An answer abandoned for its client ends its scan from outside: the
+    /// decoder (and a zstd or brotli scan's place) goes while the scanning
+    /// body lives on where hyper keeps it, whose frames then pass
+    /// unscanned.
+    #[tokio::test]
+    async fn an_abandoned_answer_ends_its_scan() {
+        for coding in [None, Some("gzip"), Some("br"), Some("zstd")] {
+            let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
             let mut headers = HeaderMap::new();
-            headers.insert("content-encoding", HeaderValue::from_static(coding));
+            if let Some(coding) = coding {
+                headers.insert("content-encoding", HeaderValue::from_static(coding));
+            }
             let Verdict::ScanBody(rules) = rules().judge(StatusCode::FORBIDDEN, &headers, false)
             else {
                 panic!("expected a scan");
             };
-            Scan::begin(&headers, rules, 64 << 10, |_| {}, None).expect("a scan")
-        };
-        for coding in ["gzip", "deflate", "identity"] {
-            assert!(scan(coding).on_abandon().is_none(), "{coding}");
-        }
-        for coding in ["br", "zstd"] {
-            let scan = scan(coding);
-            let wide = scan.on_abandon().expect("a wide place");
-            assert!(!wide.0.load(Ordering::Acquire));
-            wide.release();
-            assert!(wide.0.load(Ordering::Acquire), "{coding}: given back");
-            drop(scan);
+            let (found_tx, mut found_rx) = tokio::sync::oneshot::channel();
+            let scan = Scan::begin(
+                &headers,
+                rules,
+                64 << 10,
+                move |rule| {
+                    let _ = found_tx.send(rule);
+                },
+                None,
+            )
+            .expect("a scan");
+            let abandon = scan.on_abandon();
+            let mut scanned = scan.over(Fed(fed).boxed(), &ConnectionTasks::new());
+            abandon.end();
+            // Plain text: an ended scan does not decode what comes.
+            feed.send(Bytes::from(DATADOME_BLOCK)).unwrap();
+            assert!(
+                scanned.frame().await.is_some(),
+                "{coding:?}: the body goes on"
+            );
+            drop(feed);
+            assert!(scanned.frame().await.is_none());
+            drop(scanned);
+            assert!(
+                matches!(
+                    found_rx.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                ),
+                "{coding:?}: scanned after its abandonment"
+            );
         }
     }
 
