@@ -941,6 +941,35 @@ async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
     drop(data_dir);
 }
 
+/// An exact name's pins are keyed in the spelling `track_cookies` gives
+/// it: a reload that respells it would miss the pins of cookies sent in
+/// the new spelling (each would found an identity of its own, on any
+/// exit), so it is refused as a dropped name is, and the cookie keeps its
+/// exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn respelling_a_tracked_name_that_holds_pins_is_refused() {
+    let s = Setup::start_with(2, |c| c.track_cookies = vec!["sid".into()]).await;
+    let (mut jar, earned) = s.login("/login?name=Sid").await;
+    let mut config = s.proxy.config.clone();
+    config.track_cookies = vec!["Sid".into()];
+    let refused = s
+        .proxy
+        .daemon
+        .reload_with(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("Sid") && refused.contains("respelt"),
+        "{refused}"
+    );
+    for _ in 0..6 {
+        let reply = s.get("/page", &mut jar).await;
+        assert_eq!(Setup::peer(&reply), Some(earned), "still pinned");
+    }
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
 /// The reload's check of the pins held races the requests begun before
 /// it, which go on with the old configuration: an answer that sets a
 /// cookie of the dropped name after the check (none was held then, so the

@@ -257,28 +257,41 @@ impl Live {
         // Pins of names the new configuration drops would go unenforced:
         // refused if the store holds any. Walks every pin held: off the
         // runtime.
+        // So would pins of names it keys otherwise (an exact name respelt:
+        // its keys are hashed in the policy's spelling).
+        let old_cookies = applied.settings.cookies.clone();
         let untracked = || {
             let router = self.core.router.clone();
-            let (cookies, release) = (
+            let (cookies, old, release) = (
                 settings.cookies.clone(),
+                old_cookies.clone(),
                 settings.identities.release_untracked_pins,
             );
             tokio::task::spawn_blocking(move || {
-                crate::daemon::untracked::check(router.store(), &cookies, release)
+                crate::daemon::untracked::check(router.store(), &cookies, Some(&old), release)
             })
         };
-        let dropping = !settings.cookies.tracks_all_of(&applied.settings.cookies);
-        if dropping {
+        let rekeyed = !settings.cookies.keys_alike(&old_cookies);
+        if rekeyed {
             // The usual refusal, before anything changes.
             untracked().await??;
         }
         // Requests begun before go on with the old configuration and may
-        // pin a dropped name after that walk; so from here only the new
-        // names are pinned (a write of another is refused), the walk is
-        // made again once the writes admitted before have ended, and a
-        // refused reload puts the old names back (see `store::pinnable`).
-        let names = NamesChange::make(self.core.router.store().pinnable(), &settings.cookies);
-        if dropping {
+        // pin such a name after that walk; so from here only names the new
+        // configuration finds are pinned (a write of another is refused;
+        // while requests of the old one run, none of a name the two key
+        // otherwise), the walk is made again once the writes admitted
+        // before have ended, and a refused reload puts the old names back
+        // (see `store::pinnable`).
+        let test = if rekeyed {
+            let old_pipeline = Arc::downgrade(&self.frontend.pipeline.load_full());
+            let old_runs = move || old_pipeline.strong_count() > 0;
+            crate::daemon::untracked::pinnable_during(&settings.cookies, &old_cookies, old_runs)
+        } else {
+            crate::daemon::untracked::pinnable(&settings.cookies)
+        };
+        let names = NamesChange::make(self.core.router.store().pinnable(), test);
+        if rekeyed {
             names.wait_out().await;
             untracked().await??;
         }

@@ -1,12 +1,19 @@
-//! Pins of cookie names the configuration no longer tracks.
+//! Pins of cookie names the configuration no longer tracks, or keys
+//! otherwise.
 //!
 //! Which cookies are pinned comes from `track_cookies` alone: a name
 //! dropped from it (an edit, or one `--track-cookie` flag, which replaces
 //! the file's whole list) stops being read off requests, so the cookies
 //! pinned under it would leave through whichever exit rotation picks,
-//! silently. The store knows the names it holds pins for, so a start or a
-//! reload that would leave some of them untracked is refused, naming them,
-//! unless `identities.release_untracked_pins` says it is meant.
+//! silently. So would, for cookies sent in the new spelling, an exact name
+//! respelt (its pins are keyed in the policy's spelling) or one a pattern
+//! now covers instead (a pattern keys names lowercased). The store knows
+//! the names it holds pins for, so a start that would leave some of them
+//! untracked, or a reload that would leave some of them untracked or keyed
+//! otherwise, is refused, naming them, unless
+//! `identities.release_untracked_pins` says it is meant. (A start cannot
+//! tell how the run before keyed them: respell a name by a reload, or
+//! release its pins.)
 
 use std::fmt;
 
@@ -30,10 +37,12 @@ impl fmt::Display for UntrackedPins {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the pin store holds pins of cookies whose names track_cookies no longer matches \
-             ({}): those cookies would leave through any exit, not the one they are pinned to. \
-             Track the names again (a --track-cookie flag replaces the file's whole list), or \
-             set identities.release_untracked_pins = true to leave their pins unenforced",
+            "the pin store holds pins of cookies whose names track_cookies no longer matches, \
+             or matches otherwise (an exact name respelt, or one a pattern covers instead), so \
+             that their pins would not be found ({}): those cookies would leave through any \
+             exit, not the one they are pinned to. Track the names again as they were (a \
+             --track-cookie flag replaces the file's whole list), or set \
+             identities.release_untracked_pins = true to leave their pins unenforced",
             self.listed()
         )
     }
@@ -67,6 +76,25 @@ pub fn pinnable(cookies: &CookiePolicy) -> Arc<Box<NameTest>> {
     }))
 }
 
+/// The test of the names pins may be made of while a reload from `old` to
+/// `new` cookies is in force and requests begun under `old` may still run
+/// (`old_runs`): those `new` tracks, but for the names whose pins it would
+/// not find (keyed otherwise, see [`CookiePolicy::finds_pins_of`]): a pin
+/// of such a name made by a request of either now would be one of the two
+/// policies' keying that the other misses. Once no request of `old` runs,
+/// `new`'s names alone.
+pub fn pinnable_during(
+    new: &CookiePolicy,
+    old: &CookiePolicy,
+    old_runs: impl Fn() -> bool + Send + Sync + 'static,
+) -> Arc<Box<NameTest>> {
+    let (new, old) = (new.clone(), old.clone());
+    Arc::new(Box::new(move |name: &str| {
+        cookies::pinned_whatever_tracked(name)
+            || (new.is_tracked(name) && (!old_runs() || new.finds_pins_of(&old, name)))
+    }))
+}
+
 /// A change of the names pins may be made of, made before a reload's walk
 /// of the store: put back when dropped unless kept (a reload refused, or
 /// given up while it waited).
@@ -76,9 +104,9 @@ pub struct NamesChange<'a> {
 }
 
 impl<'a> NamesChange<'a> {
-    /// Makes `cookies`' names the ones pinned, at once.
-    pub fn make(names: &'a PinnableNames, cookies: &CookiePolicy) -> NamesChange<'a> {
-        let before = names.swap(Some(pinnable(cookies)));
+    /// Makes `test` the names pinned, at once.
+    pub fn make(names: &'a PinnableNames, test: Arc<Box<NameTest>>) -> NamesChange<'a> {
+        let before = names.swap(Some(test));
         NamesChange {
             names,
             before: Some(before),
@@ -105,24 +133,37 @@ impl Drop for NamesChange<'_> {
     }
 }
 
-/// The names `store` holds pins for that `cookies` does not track (none
-/// where the store cannot tell: Redis).
-pub fn untracked(store: &Store, cookies: &CookiePolicy) -> Vec<String> {
-    let pinnable = pinnable(cookies);
+/// The names `store` holds pins for that `cookies` would not find: names
+/// it does not track, and, after `old` (a reload), names it keys otherwise
+/// (none where the store cannot tell: Redis).
+pub fn untracked(store: &Store, cookies: &CookiePolicy, old: Option<&CookiePolicy>) -> Vec<String> {
+    let found = |name: &str| {
+        cookies::pinned_whatever_tracked(name)
+            || match old {
+                Some(old) => cookies.finds_pins_of(old, name),
+                None => cookies.is_tracked(name),
+            }
+    };
     let mut names: Vec<String> = store
         .held_cookie_names()
         .unwrap_or_default()
         .iter()
-        .filter(|name| !pinnable(name))
+        .filter(|name| !found(name))
         .map(|name| name.to_string())
         .collect();
     names.sort();
     names
 }
 
-/// Refuses untracked pins unless `release` (then warns of them).
-pub fn check(store: &Store, cookies: &CookiePolicy, release: bool) -> Result<(), UntrackedPins> {
-    let names = untracked(store, cookies);
+/// Refuses pins `cookies` would not find (see [`untracked`]) unless
+/// `release` (then warns of them).
+pub fn check(
+    store: &Store,
+    cookies: &CookiePolicy,
+    old: Option<&CookiePolicy>,
+    release: bool,
+) -> Result<(), UntrackedPins> {
+    let names = untracked(store, cookies, old);
     if names.is_empty() {
         return Ok(());
     }
@@ -184,16 +225,71 @@ mod tests {
         ];
         store.pin_all_if_absent(&pins).await.unwrap();
         let with_pattern = CookiePolicy::with_extra(&["session_*".into()]).unwrap();
-        assert!(check(&store, &with_pattern, false).is_ok());
+        assert!(check(&store, &with_pattern, None, false).is_ok());
         let without = CookiePolicy::with_extra(&[]).unwrap();
-        let refused = check(&store, &without, false).unwrap_err();
+        let refused = check(&store, &without, None, false).unwrap_err();
         assert_eq!(
             refused.names,
             ["session_abc"],
             "session keys name no cookie"
         );
         assert!(refused.to_string().contains("session_abc"), "{refused}");
-        assert!(check(&store, &without, true).is_ok(), "released");
+        assert!(check(&store, &without, None, true).is_ok(), "released");
+    }
+
+    /// A reload that respells an exact name keys it otherwise: pins of the
+    /// cookie sent in the new spelling would not be found, as if the name
+    /// were dropped. Sent in the old spelling, they are.
+    #[tokio::test]
+    async fn pins_a_respelt_name_would_not_find_are_found() {
+        let store = Store::Memory(MemoryStore::new());
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Fingerprint::of_user_agent("agent"),
+            7,
+        );
+        store.create_identity(&identity).await.unwrap();
+        let hasher = PinHasher::new([1; 32]);
+        // Pinned under `sid` by an answer that spelt it `Sid`.
+        let credential = Credential::cookie("Sid", hasher.cookie("sid", "v"));
+        let pins = [(credential.key, Pin::new(identity.id, &credential, 10, None))];
+        store.pin_all_if_absent(&pins).await.unwrap();
+        let old = CookiePolicy::with_extra(&["sid".into()]).unwrap();
+        let respelt = CookiePolicy::with_extra(&["Sid".into()]).unwrap();
+        assert!(check(&store, &old, Some(&old), false).is_ok());
+        assert!(
+            check(&store, &respelt, None, false).is_ok(),
+            "a start sees names"
+        );
+        let refused = check(&store, &respelt, Some(&old), false).unwrap_err();
+        assert_eq!(refused.names, ["Sid"]);
+        assert!(refused.to_string().contains("respelt"), "{refused}");
+        assert!(
+            check(&store, &respelt, Some(&old), true).is_ok(),
+            "released"
+        );
+    }
+
+    /// While requests of the configuration before a reload run, a name the
+    /// two configurations key otherwise is pinned by neither; after, as
+    /// the new one says.
+    #[test]
+    fn names_keyed_otherwise_are_not_pinned_while_the_old_configuration_runs() {
+        let old = CookiePolicy::with_extra(&["sid".into()]).unwrap();
+        let new = CookiePolicy::with_extra(&["Sid".into(), "fresh".into()]).unwrap();
+        let runs = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let test = pinnable_during(&new, &old, {
+            let runs = runs.clone();
+            move || runs.load(std::sync::atomic::Ordering::Acquire)
+        });
+        assert!(!test("Sid"), "respelt: refused while the old one runs");
+        assert!(test("sid"), "sent as the old one spelt it: keyed alike");
+        assert!(test("datadome") && test("fresh") && test("x-kpsdk-ct"));
+        assert!(!test("other"));
+        runs.store(false, std::sync::atomic::Ordering::Release);
+        assert!(test("Sid"), "the new one's alone once the old is gone");
     }
 
     fn pin_of(name: &str) -> (crate::credential::PinKey, Pin) {
@@ -219,12 +315,12 @@ mod tests {
             names.admit([(&key, &pin)]).await.is_ok()
         }
         assert!(admitted(&names).await);
-        let change = NamesChange::make(&names, &after);
+        let change = NamesChange::make(&names, pinnable(&after));
         change.wait_out().await;
         assert!(!admitted(&names).await, "dropped while the change stands");
         drop(change);
         assert!(admitted(&names).await, "put back");
-        NamesChange::make(&names, &after).keep();
+        NamesChange::make(&names, pinnable(&after)).keep();
         assert!(!admitted(&names).await, "kept");
     }
 }

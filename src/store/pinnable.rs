@@ -1,18 +1,19 @@
 //! Which cookie names the store takes new pins of: those the configuration
-//! in force tracks.
+//! in force tracks (and, during a reload that keys some names otherwise,
+//! not those while requests of the configuration before still run).
 //!
-//! A reload that stops tracking a name is refused while the store holds
-//! pins of it (`daemon::untracked`), since the new configuration would no
-//! longer read those cookies off requests and they would leave through any
-//! exit. That check walks the store, and requests begun before the reload
-//! go on with the old configuration until they end: one of them that pins
-//! a cookie of the dropped name after the walk (its answer's `Set-Cookie`,
-//! say) would leave a pin nothing enforces. So the names in force are
-//! given to the store before the walk, and a pin write of a cookie name
-//! they do not cover is refused, naming the cookie: the request fails
-//! closed, and its retry, read by the new configuration, treats the cookie
-//! as untracked. A gate lets the reload wait out the writes admitted under
-//! the old names before it walks.
+//! A reload that stops tracking a name, or keys it otherwise (an exact
+//! name respelt), is refused while the store holds pins of it
+//! (`daemon::untracked`), since the new configuration would not find them
+//! and those cookies would leave through any exit. That check walks the
+//! store, and requests begun before the reload go on with the old
+//! configuration until they end: one of them that pins such a cookie after
+//! the walk (its answer's `Set-Cookie`, say) would leave a pin nothing
+//! enforces. So the names the new configuration finds are given to the
+//! store before the walk, and a pin write of a cookie name they do not
+//! cover is refused, naming the cookie: the request fails closed, and its
+//! retry is read by the new configuration. A gate lets the reload wait out
+//! the writes admitted under the old names before it walks again.
 
 use std::sync::Arc;
 

@@ -230,17 +230,48 @@ impl CookiePolicy {
         Ok(())
     }
 
-    /// Whether every name `other` tracks is tracked here too, judged by
-    /// its patterns: each exact name tracked here, each glob here as it is
-    /// written there. (A glob there that only globs here cover reads as
-    /// dropped: a reload then checks what the store holds, for nothing.)
-    pub fn tracks_all_of(&self, other: &CookiePolicy) -> bool {
-        other.exact.values().all(|name| self.is_tracked(name))
-            && other.globs.iter().all(|theirs| {
-                self.globs
+    /// Whether this policy pins and finds every cookie `old` did by the
+    /// same keys, judged by the patterns alone (conservatively: `false`
+    /// may be wrong, `true` is not): each exact name of `old` spelt alike
+    /// here (an exact name's keys are hashed in the policy's spelling), no
+    /// exact name here that `old` tracked otherwise, the same globs.
+    pub fn keys_alike(&self, old: &CookiePolicy) -> bool {
+        let same_globs = |a: &CookiePolicy, b: &CookiePolicy| {
+            a.globs.iter().all(|ours| {
+                b.globs
                     .iter()
-                    .any(|ours| ours.pattern.as_str() == theirs.pattern.as_str())
+                    .any(|theirs| ours.pattern.as_str() == theirs.pattern.as_str())
             })
+        };
+        old.exact
+            .iter()
+            .all(|(lowered, spelt)| self.exact.get(lowered) == Some(spelt))
+            && self.exact.iter().all(|(lowered, spelt)| {
+                old.exact.get(lowered) == Some(spelt) || old.tracked(spelt).is_none()
+            })
+            && same_globs(self, old)
+            && same_globs(old, self)
+    }
+
+    /// Whether a pin `old` made of a cookie named `name` (a pin's name:
+    /// the cookie's name as sent) is found under this policy: some key an
+    /// answer setting it was pinned by under `old` is one a request
+    /// carrying it is looked up by here. Not if this policy does not track
+    /// the name; if `old` did not either, whether this policy tracks it.
+    pub fn finds_pins_of(&self, old: &CookiePolicy, name: &str) -> bool {
+        let Some(now) = self.tracked(name) else {
+            return false;
+        };
+        let Some(then) = old.tracked(name) else {
+            return true;
+        };
+        // Keys depend on the value only through its quotes and escapes: one
+        // plain value and any hashing key compare the names' keying.
+        let probe = PinHasher::new([0x5a; 32]);
+        let looked_up: SmallVec<[PinKey; 4]> = now.keys(&probe, name, "v").all().collect();
+        then.keys(&probe, name, "v")
+            .set()
+            .any(|key| looked_up.contains(&key))
     }
 
     /// Whether cookies with this name are pinned.
@@ -1837,19 +1868,54 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_tracks_all_of_another_by_its_patterns() {
+    fn policies_key_alike_only_with_the_same_spellings_and_globs() {
         let policy = |extra: &[&str]| {
             CookiePolicy::with_extra(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap()
         };
         let old = policy(&["session_*", "Sid"]);
-        assert!(old.tracks_all_of(&old));
-        assert!(policy(&["sid", "session_*", "more"]).tracks_all_of(&old));
-        assert!(!policy(&["session_*"]).tracks_all_of(&old), "sid dropped");
-        assert!(!policy(&["sid"]).tracks_all_of(&old), "the glob dropped");
-        assert!(!policy(&[]).tracks_all_of(&old));
-        // An exact name a glob here covers is not dropped.
-        assert!(policy(&["s*"]).tracks_all_of(&policy(&["sid"])));
+        assert!(old.keys_alike(&old));
+        assert!(policy(&["Sid", "session_*", "more"]).keys_alike(&old));
+        assert!(!policy(&["sid", "session_*"]).keys_alike(&old), "respelt");
+        assert!(!policy(&["session_*"]).keys_alike(&old), "Sid dropped");
+        assert!(!policy(&["Sid"]).keys_alike(&old), "the glob dropped");
+        assert!(
+            !policy(&["Sid", "session_*", "x*"]).keys_alike(&old),
+            "a glob added"
+        );
+        assert!(!policy(&["s*"]).keys_alike(&policy(&["sid"])));
+        // An exact name the old globs covered is keyed otherwise now.
+        assert!(!policy(&["session_*", "Sid", "session_a"]).keys_alike(&old));
+    }
+
+    /// A pin is found under a new policy only if some key it was pinned by
+    /// is one the new policy looks the cookie up by: an exact name respelt,
+    /// or covered by a pattern instead, keys it otherwise.
+    #[test]
+    fn pins_are_found_across_policies_only_when_keyed_alike() {
+        let policy = |extra: &[&str]| {
+            CookiePolicy::with_extra(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let (sid, upper, glob) = (policy(&["sid"]), policy(&["Sid"]), policy(&["s*"]));
+        assert!(upper.finds_pins_of(&upper, "Sid"));
+        assert!(upper.finds_pins_of(&upper, "SID"));
+        assert!(
+            !upper.finds_pins_of(&sid, "Sid"),
+            "respelt: keyed by Sid now"
+        );
+        assert!(
+            !glob.finds_pins_of(&upper, "sid"),
+            "a pattern keys it lowercased"
+        );
+        assert!(
+            glob.finds_pins_of(&upper, "Sid"),
+            "and by its spelling as sent"
+        );
+        assert!(glob.finds_pins_of(&sid, "sid"), "lowercased either way");
+        assert!(!policy(&[]).finds_pins_of(&sid, "sid"), "dropped");
+        assert!(sid.finds_pins_of(&policy(&[]), "sid"), "not pinned before");
+        assert!(sid.finds_pins_of(&sid, "datadome"), "the default set");
     }
 
     #[test]
