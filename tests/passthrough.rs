@@ -421,8 +421,9 @@ async fn a_passed_through_tunnel_closes_when_its_identity_is_evicted() {
 
 /// A passed-through tunnel whose client has not spoken yet (its first
 /// words are read to be judged against `mitm.include`, for up to
-/// `timeouts.relay_idle`) ends when its identity retires meanwhile:
-/// nothing the client sends after goes on.
+/// `timeouts.relay_idle`) ends when its identity retires meanwhile, so
+/// nothing its client sends after can go on (before, the wait went on and
+/// the first words were relayed when they came).
 #[tokio::test]
 async fn a_passed_through_tunnel_not_yet_spoken_in_closes_when_its_identity_is_evicted() {
     let s = Setup::builder()

@@ -411,7 +411,12 @@ async fn evict(admin: &Admin, listing: Listing) -> Response<Body> {
         .retire_to_the_end(exits, identity.clone(), RetireReason::Evicted)
         .await
     {
-        return unavailable(e.to_string());
+        return unavailable(format!(
+            "{e}: identity {} is retired on this replica and the store is asked again in the \
+             background; until it takes it, the other replicas (and this one after a restart) \
+             see the identity live",
+            identity.id
+        ));
     }
     json(&Evicted {
         identity: identity.id.to_string(),

@@ -119,11 +119,14 @@ pub fn render_table(views: &[IdentityView], now_ms: u64) -> String {
 
 /// `name` as a terminal shows it faithfully: a name an origin chose
 /// (matched by a glob such as `_px*`) may hold control characters (a C1
-/// `CSI` some terminals obey) or bidirectional overrides that would
-/// rearrange the table; those are written as `\u{...}` escapes.
+/// `CSI` some terminals obey), bidirectional overrides that would
+/// rearrange the table, or invisible ones; those (and `\`, so that an
+/// escape cannot be forged) are written as `\u{...}` escapes.
 fn printable(name: &str) -> std::borrow::Cow<'_, str> {
-    let shown_as_is =
-        |c: char| c.is_ascii_graphic() || (!c.is_control() && !is_bidi_control(c) && !c.is_ascii());
+    let shown_as_is = |c: char| {
+        (c.is_ascii_graphic() && c != '\\')
+            || (!c.is_ascii() && !c.is_control() && !is_format_control(c))
+    };
     if name.chars().all(shown_as_is) {
         return name.into();
     }
@@ -139,10 +142,19 @@ fn printable(name: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-/// The characters that reorder text around them (Unicode's bidirectional
-/// formatting characters).
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+/// The formatting characters a terminal shows as nothing, or that reorder
+/// the text around them (bidirectional controls, zero-width characters,
+/// the soft hyphen, the byte-order mark).
+fn is_format_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 fn human(ms: u64) -> String {
@@ -202,5 +214,7 @@ mod tests {
         assert_eq!(printable("_px\u{202e}kcab"), "_px\\u{202e}kcab");
         assert_eq!(printable("_px\u{1b}[2J"), "_px\\u{1b}[2J");
         assert_eq!(printable("a b"), "a\\u{20}b");
+        assert_eq!(printable("a\u{200b}b"), "a\\u{200b}b");
+        assert_eq!(printable("a\\u{41}"), "a\\u{5c}u{41}");
     }
 }

@@ -63,9 +63,15 @@ impl Router {
         reason: RetireReason,
     ) -> Result<(), StoreError> {
         let router = self.clone();
-        let retiring = self
-            .tasks
-            .spawn(async move { router.retire(&exits, &identity, reason).await });
+        let retiring = self.tasks.spawn(async move {
+            let stored = router.retire(&exits, &identity, reason.clone()).await;
+            if stored.is_err() {
+                // Honoured here meanwhile (pending), tried again until
+                // stored, as a retirement decided in the background is.
+                router.store_in_background(exits, identity, reason);
+            }
+            stored
+        });
         retiring.await.unwrap_or_else(|cut| {
             Err(StoreError::new(
                 crate::store::StoreErrorKind::Closed,
