@@ -894,23 +894,12 @@ async fn a_reload_changes_tracked_cookies_and_policies_in_process() {
 async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
     let s = Setup::start_with(2, |c| c.track_cookies = vec!["session_*".into()]).await;
     let (mut jar, earned) = s.login("/login?name=session_tok").await;
-    let mut config = s.proxy.config.clone();
-    config.track_cookies = Vec::new();
-    let refused = s
-        .proxy
-        .daemon
-        .reload_with(&config)
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = refused_reload_tracking(&s, &[]).await;
     assert!(
         refused.contains("session_tok") && refused.contains("release_untracked_pins"),
         "{refused}"
     );
-    for _ in 0..6 {
-        let reply = s.get("/page", &mut jar).await;
-        assert_eq!(Setup::peer(&reply), Some(earned), "still pinned");
-    }
+    assert_still_pinned(&s, &mut jar, earned).await;
 
     let Setup { proxy, .. } = s;
     let mut config = proxy.config.clone();
@@ -950,24 +939,33 @@ async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
 async fn respelling_a_tracked_name_that_holds_pins_is_refused() {
     let s = Setup::start_with(2, |c| c.track_cookies = vec!["sid".into()]).await;
     let (mut jar, earned) = s.login("/login?name=Sid").await;
-    let mut config = s.proxy.config.clone();
-    config.track_cookies = vec!["Sid".into()];
-    let refused = s
-        .proxy
-        .daemon
-        .reload_with(&config)
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = refused_reload_tracking(&s, &["Sid"]).await;
     assert!(
         refused.contains("Sid") && refused.contains("respelt"),
         "{refused}"
     );
+    assert_still_pinned(&s, &mut jar, earned).await;
+    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// The refusal of a reload to `track_cookies = tracked`.
+async fn refused_reload_tracking(s: &Setup, tracked: &[&str]) -> String {
+    let mut config = s.proxy.config.clone();
+    config.track_cookies = tracked.iter().map(|name| name.to_string()).collect();
+    s.proxy
+        .daemon
+        .reload_with(&config)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
+/// Six requests with `jar` leave from `earned`.
+async fn assert_still_pinned(s: &Setup, jar: &mut Jar, earned: IpAddr) {
     for _ in 0..6 {
-        let reply = s.get("/page", &mut jar).await;
+        let reply = s.get("/page", jar).await;
         assert_eq!(Setup::peer(&reply), Some(earned), "still pinned");
     }
-    assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
 }
 
 /// The reload's check of the pins held races the requests begun before

@@ -387,6 +387,17 @@ async fn an_open_passed_through_tunnel_holds_the_shutdown_like_a_request_in_flig
         .await;
 }
 
+/// Evicts the one identity `s` holds, on its admin endpoint.
+async fn evict_the_only_identity(s: &Setup) {
+    let admin = s.proxy.daemon.admin_addr().unwrap();
+    let body = support::admin::get(admin, "/identities?all=1").await;
+    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.len(), 1, "{body}");
+    let id = views[0]["identity"].as_str().unwrap();
+    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
 /// A passed-through tunnel of a session key's identity ends with it: an
 /// operator's eviction closes it at once, though its TLS session is open
 /// and idle far short of `timeouts.relay_idle`.
@@ -398,13 +409,7 @@ async fn a_passed_through_tunnel_closes_when_its_identity_is_evicted() {
         .start()
         .await;
     let mut tls = raw_tls(&s.proxy, &s.origin, Some(basic("session-feed"))).await;
-    let admin = s.proxy.daemon.admin_addr().unwrap();
-    let body = support::admin::get(admin, "/identities?all=1").await;
-    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    assert_eq!(views.len(), 1, "{body}");
-    let id = views[0]["identity"].as_str().unwrap();
-    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    evict_the_only_identity(&s).await;
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
     assert!(
@@ -441,13 +446,7 @@ async fn a_passed_through_tunnel_not_yet_spoken_in_closes_when_its_identity_is_e
         .unwrap();
     let head = support::client::read_head(&mut tcp).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let admin = s.proxy.daemon.admin_addr().unwrap();
-    let body = support::admin::get(admin, "/identities?all=1").await;
-    let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    assert_eq!(views.len(), 1, "{body}");
-    let id = views[0]["identity"].as_str().unwrap();
-    let reply = support::admin::request(admin, "DELETE", &format!("/identities/{id}")).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    evict_the_only_identity(&s).await;
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
     assert!(

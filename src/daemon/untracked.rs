@@ -191,8 +191,8 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use crate::store::PinStore as _;
 
-    #[tokio::test]
-    async fn pins_of_names_no_longer_tracked_are_found() {
+    /// A memory store holding one identity, and the identity.
+    async fn store_with_an_identity() -> (Store, Identity) {
         let store = Store::Memory(MemoryStore::new());
         let identity = Identity::new(
             ExitId::new("e1"),
@@ -202,6 +202,12 @@ mod tests {
             7,
         );
         store.create_identity(&identity).await.unwrap();
+        (store, identity)
+    }
+
+    #[tokio::test]
+    async fn pins_of_names_no_longer_tracked_are_found() {
+        let (store, identity) = store_with_an_identity().await;
         let hasher = PinHasher::new([1; 32]);
         let pinned = |name: &str| {
             let credential = Credential::cookie(name, hasher.cookie(name, "v"));
@@ -242,15 +248,7 @@ mod tests {
     /// were dropped. Sent in the old spelling, they are.
     #[tokio::test]
     async fn pins_a_respelt_name_would_not_find_are_found() {
-        let store = Store::Memory(MemoryStore::new());
-        let identity = Identity::new(
-            ExitId::new("e1"),
-            SessionId(1),
-            5,
-            Fingerprint::of_user_agent("agent"),
-            7,
-        );
-        store.create_identity(&identity).await.unwrap();
+        let (store, identity) = store_with_an_identity().await;
         let hasher = PinHasher::new([1; 32]);
         // Pinned under `sid` by an answer that spelt it `Sid`.
         let credential = Credential::cookie("Sid", hasher.cookie("sid", "v"));

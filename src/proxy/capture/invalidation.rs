@@ -223,31 +223,39 @@ const WIDE_SCANS_MAX: usize = 16;
 /// Scans running that hold such a window (see [`WIDE_SCANS_MAX`]).
 static WIDE_SCANS: AtomicUsize = AtomicUsize::new(0);
 
-/// One of the [`WIDE_SCANS_MAX`] scans, given back when dropped (with
-/// its decoder).
-struct WideSlot;
+/// A place among at most so many scans of a kind (those holding wide
+/// windows, those read on in the background), counted in a static and
+/// given back when dropped.
+struct Place(&'static AtomicUsize);
 
-impl WideSlot {
-    fn take() -> Option<WideSlot> {
-        WIDE_SCANS
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
-                (running < WIDE_SCANS_MAX).then_some(running + 1)
+impl Place {
+    /// A place among the at most `max` that `running` counts, if one is
+    /// free.
+    fn take(running: &'static AtomicUsize, max: usize) -> Option<Place> {
+        running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < max).then_some(taken + 1)
             })
             .ok()
-            .map(|_| WideSlot)
+            .map(|_| Place(running))
     }
 }
 
-impl Drop for WideSlot {
+impl Drop for Place {
     fn drop(&mut self) {
-        WIDE_SCANS.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// One of the [`WIDE_SCANS_MAX`] scans (given back with its decoder).
+fn wide_place() -> Option<Place> {
+    Place::take(&WIDE_SCANS, WIDE_SCANS_MAX)
 }
 
 /// A zstd decoder into its window, and its place among the scans.
 struct ZstdScan {
     decoder: zstd::stream::write::Decoder<'static, Window>,
-    _slot: WideSlot,
+    _slot: Place,
 }
 
 /// A brotli decoder into its window, and its place among the scans: every
@@ -257,7 +265,7 @@ struct BrotliScan {
     decoder: brotli_decompressor::DecompressorWriter<Window>,
     /// Whether the stream's window size was read (its first byte).
     checked: bool,
-    _slot: WideSlot,
+    _slot: Place,
 }
 
 /// The largest brotli window a scanned stream may ask for: 8 MiB, as for
@@ -307,12 +315,12 @@ impl Decoder {
                 window,
             )))),
             Some("br") => Some(Decoder::Brotli(Box::new(BrotliScan {
-                _slot: WideSlot::take()?,
+                _slot: wide_place()?,
                 checked: false,
                 decoder: brotli_decompressor::DecompressorWriter::new(window, BROTLI_CHUNK),
             }))),
             Some("zstd") => {
-                let slot = WideSlot::take()?;
+                let slot = wide_place()?;
                 let mut decoder = zstd::stream::write::Decoder::new(window).ok()?;
                 decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
                 Some(Decoder::Zstd(Box::new(ZstdScan {
@@ -628,26 +636,6 @@ const BACKGROUND_SCANS_MAX: usize = 256;
 /// Scans read on after their clients left (see [`BACKGROUND_SCANS_MAX`]).
 static BACKGROUND_SCANS: AtomicUsize = AtomicUsize::new(0);
 
-/// One of the [`BACKGROUND_SCANS_MAX`], given back when dropped.
-struct BackgroundSlot;
-
-impl BackgroundSlot {
-    fn take() -> Option<BackgroundSlot> {
-        BACKGROUND_SCANS
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
-                (running < BACKGROUND_SCANS_MAX).then_some(running + 1)
-            })
-            .ok()
-            .map(|_| BackgroundSlot)
-    }
-}
-
-impl Drop for BackgroundSlot {
-    fn drop(&mut self) {
-        BACKGROUND_SCANS.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Whether to warn of a scan ended with its client: at most once a minute.
 fn unfinished_warning_due() -> bool {
     static UNFINISHED: crate::telemetry::now_and_then::NowAndThen =
@@ -668,7 +656,7 @@ impl Drop for ScanningBody {
         if over || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let Some(slot) = BackgroundSlot::take() else {
+        let Some(slot) = Place::take(&BACKGROUND_SCANS, BACKGROUND_SCANS_MAX) else {
             if unfinished_warning_due() {
                 tracing::warn!(
                     max = BACKGROUND_SCANS_MAX,
@@ -688,7 +676,7 @@ impl Drop for ScanningBody {
 /// Reads `inner` through `scanner` until the scan is over, the body ends
 /// or [`SCAN_AFTER_CLIENT_LEFT`] has passed; `_slot` is its place among the
 /// background scans.
-async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner, _slot: BackgroundSlot) {
+async fn scan_to_the_end(mut inner: Body, mut scanner: Scanner, _slot: Place) {
     use http_body_util::BodyExt as _;
     let reading = async {
         while scanner.scanning() {
