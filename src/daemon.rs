@@ -635,7 +635,7 @@ impl Daemon {
         crate::daemon::untracked::check(
             &store,
             &settings.cookies,
-            None,
+            &[],
             settings.identities.release_untracked_pins,
         )?;
         // The route identities founded on each exit carry, hashed with the

@@ -993,7 +993,7 @@ async fn a_name_a_reload_drops_is_not_pinned_by_a_request_begun_before() {
     let error = reply.pinproxy_error().unwrap_or_default();
     assert!(error.starts_with("tracking-changed"), "{error}");
     assert!(
-        reply.body.contains("session_tok#") && reply.body.contains("reload dropping its name"),
+        reply.body.contains("session_tok#") && reply.body.contains("reload that drops its name"),
         "{}",
         reply.body
     );

@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::net::tasks::ConnectionTasks;
 use crate::proxy::auth::Auth;
 use crate::proxy::capture::invalidation;
+use crate::proxy::credentials::cookies::CookiePolicy;
 use crate::proxy::Pipeline;
 use crate::routing::{Policies, Router};
 use crate::upstream::dial::guard::AddressGuard;
@@ -110,6 +111,11 @@ struct Applied {
     build: ExitBuild,
     /// Cancels the probe and sweep loops of the settings in force.
     loops: CancellationToken,
+    /// The cookie policies of reloads before whose requests may still run
+    /// (their pipelines), where a reload since keyed names otherwise: pins
+    /// are judged against each until its requests have ended (see
+    /// `untracked::pinnable_during`).
+    settling: Vec<(CookiePolicy, std::sync::Weak<Pipeline>)>,
 }
 
 /// The running daemon's reloadable state.
@@ -163,6 +169,7 @@ impl Live {
                 settings,
                 build,
                 loops,
+                settling: Vec::new(),
             }),
             source: std::sync::Mutex::new(source),
         }
@@ -258,20 +265,24 @@ impl Live {
         // refused if the store holds any. Walks every pin held: off the
         // runtime.
         // So would pins of names it keys otherwise (an exact name respelt:
-        // its keys are hashed in the policy's spelling).
-        let old_cookies = applied.settings.cookies.clone();
+        // its keys are hashed in the policy's spelling), than the policy in
+        // force or one whose requests still run since a reload that rekeyed.
+        applied.settling.retain(|(_, runs)| runs.strong_count() > 0);
+        let in_force = self.frontend.pipeline.load_full();
+        let mut olds = vec![applied.settings.cookies.clone()];
+        olds.extend(applied.settling.iter().map(|(old, _)| old.clone()));
         let untracked = || {
             let router = self.core.router.clone();
-            let (cookies, old, release) = (
+            let (cookies, olds, release) = (
                 settings.cookies.clone(),
-                old_cookies.clone(),
+                olds.clone(),
                 settings.identities.release_untracked_pins,
             );
             tokio::task::spawn_blocking(move || {
-                crate::daemon::untracked::check(router.store(), &cookies, Some(&old), release)
+                crate::daemon::untracked::check(router.store(), &cookies, &olds, release)
             })
         };
-        let rekeyed = !settings.cookies.keys_alike(&old_cookies);
+        let rekeyed = olds.iter().any(|old| !settings.cookies.keys_alike(old));
         if rekeyed {
             // The usual refusal, before anything changes.
             untracked().await??;
@@ -283,10 +294,20 @@ impl Live {
         // otherwise), the walk is made again once the writes admitted
         // before have ended, and a refused reload puts the old names back
         // (see `store::pinnable`).
+        let mut running = applied.settling.clone();
+        running.push((applied.settings.cookies.clone(), Arc::downgrade(&in_force)));
+        drop(in_force);
         let test = if rekeyed {
-            let old_pipeline = Arc::downgrade(&self.frontend.pipeline.load_full());
-            let old_runs = move || old_pipeline.strong_count() > 0;
-            crate::daemon::untracked::pinnable_during(&settings.cookies, &old_cookies, old_runs)
+            let older = running
+                .iter()
+                .map(|(old, pipeline)| {
+                    let pipeline = pipeline.clone();
+                    let runs: Box<dyn Fn() -> bool + Send + Sync> =
+                        Box::new(move || pipeline.strong_count() > 0);
+                    (old.clone(), runs)
+                })
+                .collect();
+            crate::daemon::untracked::pinnable_during(&settings.cookies, older)
         } else {
             crate::daemon::untracked::pinnable(&settings.cookies)
         };
@@ -358,8 +379,12 @@ impl Live {
                 return Err(ReloadError::Task(e));
             }
         };
-        // Past the last refusal: the new names stay.
+        // Past the last refusal: the new names stay, and while requests of
+        // the policies before run, later reloads judge pins against them.
         names.keep();
+        if rekeyed {
+            applied.settling = running;
+        }
         plan.mark(&set);
         plan.vouch(&set);
         let routes_retire = plan.changes.iter().any(|change| !change.kept);

@@ -76,22 +76,24 @@ pub fn pinnable(cookies: &CookiePolicy) -> Arc<Box<NameTest>> {
     }))
 }
 
-/// The test of the names pins may be made of while a reload from `old` to
-/// `new` cookies is in force and requests begun under `old` may still run
-/// (`old_runs`): those `new` tracks, but for the names whose pins it would
-/// not find (keyed otherwise, see [`CookiePolicy::finds_pins_of`]): a pin
-/// of such a name made by a request of either now would be one of the two
-/// policies' keying that the other misses. Once no request of `old` runs,
-/// `new`'s names alone.
-pub fn pinnable_during(
-    new: &CookiePolicy,
-    old: &CookiePolicy,
-    old_runs: impl Fn() -> bool + Send + Sync + 'static,
-) -> Arc<Box<NameTest>> {
-    let (new, old) = (new.clone(), old.clone());
+/// A cookie policy whose requests may still run, and how to tell.
+pub type Running = (CookiePolicy, Box<dyn Fn() -> bool + Send + Sync>);
+
+/// The test of the names pins may be made of while `new` cookies are in
+/// force and requests begun under the policies of `older` may still run
+/// (each with its test): those `new` tracks, but for the names whose pins
+/// it would not find from a policy still running (keyed otherwise, see
+/// [`CookiePolicy::finds_pins_of`]): a pin of such a name made by a
+/// request of either would be one of the two keyings, which the other
+/// misses. Once none of them runs, `new`'s names alone.
+pub fn pinnable_during(new: &CookiePolicy, older: Vec<Running>) -> Arc<Box<NameTest>> {
+    let new = new.clone();
     Arc::new(Box::new(move |name: &str| {
         cookies::pinned_whatever_tracked(name)
-            || (new.is_tracked(name) && (!old_runs() || new.finds_pins_of(&old, name)))
+            || (new.is_tracked(name)
+                && older
+                    .iter()
+                    .all(|(old, runs)| !runs() || new.finds_pins_of(old, name)))
     }))
 }
 
@@ -134,15 +136,13 @@ impl Drop for NamesChange<'_> {
 }
 
 /// The names `store` holds pins for that `cookies` would not find: names
-/// it does not track, and, after `old` (a reload), names it keys otherwise
-/// (none where the store cannot tell: Redis).
-pub fn untracked(store: &Store, cookies: &CookiePolicy, old: Option<&CookiePolicy>) -> Vec<String> {
+/// it does not track, and, after the policies `olds` (a reload: the one in
+/// force and those whose requests may still run), names it keys otherwise
+/// than one of them (none where the store cannot tell: Redis).
+pub fn untracked(store: &Store, cookies: &CookiePolicy, olds: &[CookiePolicy]) -> Vec<String> {
     let found = |name: &str| {
         cookies::pinned_whatever_tracked(name)
-            || match old {
-                Some(old) => cookies.finds_pins_of(old, name),
-                None => cookies.is_tracked(name),
-            }
+            || (cookies.is_tracked(name) && olds.iter().all(|old| cookies.finds_pins_of(old, name)))
     };
     let mut names: Vec<String> = store
         .held_cookie_names()
@@ -160,10 +160,10 @@ pub fn untracked(store: &Store, cookies: &CookiePolicy, old: Option<&CookiePolic
 pub fn check(
     store: &Store,
     cookies: &CookiePolicy,
-    old: Option<&CookiePolicy>,
+    olds: &[CookiePolicy],
     release: bool,
 ) -> Result<(), UntrackedPins> {
-    let names = untracked(store, cookies, old);
+    let names = untracked(store, cookies, olds);
     if names.is_empty() {
         return Ok(());
     }
@@ -231,16 +231,16 @@ mod tests {
         ];
         store.pin_all_if_absent(&pins).await.unwrap();
         let with_pattern = CookiePolicy::with_extra(&["session_*".into()]).unwrap();
-        assert!(check(&store, &with_pattern, None, false).is_ok());
+        assert!(check(&store, &with_pattern, &[], false).is_ok());
         let without = CookiePolicy::with_extra(&[]).unwrap();
-        let refused = check(&store, &without, None, false).unwrap_err();
+        let refused = check(&store, &without, &[], false).unwrap_err();
         assert_eq!(
             refused.names,
             ["session_abc"],
             "session keys name no cookie"
         );
         assert!(refused.to_string().contains("session_abc"), "{refused}");
-        assert!(check(&store, &without, None, true).is_ok(), "released");
+        assert!(check(&store, &without, &[], true).is_ok(), "released");
     }
 
     /// A reload that respells an exact name keys it otherwise: pins of the
@@ -256,16 +256,16 @@ mod tests {
         store.pin_all_if_absent(&pins).await.unwrap();
         let old = CookiePolicy::with_extra(&["sid".into()]).unwrap();
         let respelt = CookiePolicy::with_extra(&["Sid".into()]).unwrap();
-        assert!(check(&store, &old, Some(&old), false).is_ok());
+        assert!(check(&store, &old, std::slice::from_ref(&old), false).is_ok());
         assert!(
-            check(&store, &respelt, None, false).is_ok(),
+            check(&store, &respelt, &[], false).is_ok(),
             "a start sees names"
         );
-        let refused = check(&store, &respelt, Some(&old), false).unwrap_err();
+        let refused = check(&store, &respelt, std::slice::from_ref(&old), false).unwrap_err();
         assert_eq!(refused.names, ["Sid"]);
         assert!(refused.to_string().contains("respelt"), "{refused}");
         assert!(
-            check(&store, &respelt, Some(&old), true).is_ok(),
+            check(&store, &respelt, std::slice::from_ref(&old), true).is_ok(),
             "released"
         );
     }
@@ -278,16 +278,28 @@ mod tests {
         let old = CookiePolicy::with_extra(&["sid".into()]).unwrap();
         let new = CookiePolicy::with_extra(&["Sid".into(), "fresh".into()]).unwrap();
         let runs = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let test = pinnable_during(&new, &old, {
+        let running = {
             let runs = runs.clone();
             move || runs.load(std::sync::atomic::Ordering::Acquire)
-        });
+        };
+        let test = pinnable_during(&new, vec![(old, Box::new(running))]);
         assert!(!test("Sid"), "respelt: refused while the old one runs");
-        assert!(test("sid"), "sent as the old one spelt it: keyed alike");
+        assert!(!test("sid"), "a quoted value's key differs too");
         assert!(test("datadome") && test("fresh") && test("x-kpsdk-ct"));
         assert!(!test("other"));
         runs.store(false, std::sync::atomic::Ordering::Release);
         assert!(test("Sid"), "the new one's alone once the old is gone");
+        // Each policy still running counts: a second reload, keyed as the
+        // first, still refuses what the first's predecessor keys otherwise.
+        let older = CookiePolicy::with_extra(&["sid".into()]).unwrap();
+        let first = CookiePolicy::with_extra(&["Sid".into()]).unwrap();
+        let second = CookiePolicy::with_extra(&["Sid".into(), "other".into()]).unwrap();
+        let test = pinnable_during(
+            &second,
+            vec![(older, Box::new(|| true)), (first, Box::new(|| false))],
+        );
+        assert!(!test("Sid"), "the first's predecessor still runs");
+        assert!(test("other"));
     }
 
     fn pin_of(name: &str) -> (crate::credential::PinKey, Pin) {

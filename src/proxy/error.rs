@@ -550,10 +550,12 @@ fn store_advice(error: &StoreError) -> Cow<'static, str> {
         }
         StoreErrorKind::Closed => "pinproxy is shutting down; retry once it is back.",
         StoreErrorKind::Untracked => {
-            "A reload that drops this cookie's name from track_cookies began while the request \
-             was on its way, and a pin the new configuration would not enforce is not made. \
-             Retry: once the reload went through the cookie goes as any untracked one; if it was \
-             refused (the store holds pins of the name), the cookie is pinned as before."
+            "A reload that drops this cookie's name from track_cookies, or keys it otherwise (an \
+             exact name respelt), began while the request was on its way, and a pin the new \
+             configuration would not find is not made. Retry: once the reload went through and \
+             the requests begun before it have ended, the cookie goes as the new configuration \
+             says (untracked, or pinned under its new keying); if the reload was refused, it is \
+             pinned as before."
         }
         StoreErrorKind::Corrupt => {
             "A stored record could not be read; pinproxy will not guess. Check the store \

@@ -86,8 +86,8 @@ impl PinnableNames {
                 return Err(StoreError::new(
                     StoreErrorKind::Untracked,
                     format!(
-                        "cookie {}#{key}: a reload dropping its name from track_cookies began \
-                         while this request was on its way",
+                        "cookie {}#{key}: a reload that drops its name from track_cookies, or \
+                         keys it otherwise, began while this request was on its way",
                         pin.name
                     ),
                 ));

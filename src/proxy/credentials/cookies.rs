@@ -254,10 +254,11 @@ impl CookiePolicy {
     }
 
     /// Whether a pin `old` made of a cookie named `name` (a pin's name:
-    /// the cookie's name as sent) is found under this policy: some key an
-    /// answer setting it was pinned by under `old` is one a request
-    /// carrying it is looked up by here. Not if this policy does not track
-    /// the name; if `old` did not either, whether this policy tracks it.
+    /// the cookie's name as sent) is found under this policy, whatever its
+    /// value: some key an answer setting it was pinned by under `old` is
+    /// one a request carrying it is looked up by here. Not if this policy
+    /// does not track the name; if `old` did not either, whether this
+    /// policy tracks it.
     pub fn finds_pins_of(&self, old: &CookiePolicy, name: &str) -> bool {
         let Some(now) = self.tracked(name) else {
             return false;
@@ -265,13 +266,17 @@ impl CookiePolicy {
         let Some(then) = old.tracked(name) else {
             return true;
         };
-        // Keys depend on the value only through its quotes and escapes: one
-        // plain value and any hashing key compare the names' keying.
+        // Keys depend on the value through its quotes and escapes only
+        // (the key of the name as sent hashes the value as sent, quotes
+        // and all; the others its canonical reading): a value of each
+        // form, and any hashing key, compare the names' keying.
         let probe = PinHasher::new([0x5a; 32]);
-        let looked_up: SmallVec<[PinKey; 4]> = now.keys(&probe, name, "v").all().collect();
-        then.keys(&probe, name, "v")
-            .set()
-            .any(|key| looked_up.contains(&key))
+        ["v", "\"v\"", "%76", "\"%76\""].into_iter().all(|value| {
+            let looked_up: SmallVec<[PinKey; 4]> = now.keys(&probe, name, value).all().collect();
+            then.keys(&probe, name, value)
+                .set()
+                .any(|key| looked_up.contains(&key))
+        })
     }
 
     /// Whether cookies with this name are pinned.
@@ -1908,14 +1913,66 @@ mod tests {
             !glob.finds_pins_of(&upper, "sid"),
             "a pattern keys it lowercased"
         );
-        assert!(
-            glob.finds_pins_of(&upper, "Sid"),
-            "and by its spelling as sent"
-        );
+        // The key of the spelling as sent hashes the value as sent: a
+        // quoted value's pin (hashed unquoted) is not found by it.
+        assert!(!glob.finds_pins_of(&upper, "Sid"));
+        assert!(!upper.finds_pins_of(&sid, "sid"));
         assert!(glob.finds_pins_of(&sid, "sid"), "lowercased either way");
         assert!(!policy(&[]).finds_pins_of(&sid, "sid"), "dropped");
         assert!(sid.finds_pins_of(&policy(&[]), "sid"), "not pinned before");
         assert!(sid.finds_pins_of(&sid, "datadome"), "the default set");
+    }
+
+    /// `finds_pins_of` says "found" only where the real keying agrees:
+    /// what an answer setting the cookie pins under the old policy meets
+    /// what a request carrying it back is looked up by under the new one,
+    /// for plain, quoted and escaped values.
+    #[test]
+    fn found_pins_are_found_by_the_real_keys() {
+        let policy = |extra: &[&str]| {
+            CookiePolicy::with_extra(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let h = hasher();
+        let policies = [
+            policy(&["sid"]),
+            policy(&["Sid"]),
+            policy(&["s*"]),
+            policy(&["S*"]),
+            policy(&["sid", "s*"]),
+            policy(&["a_b"]),
+            policy(&["a.b"]),
+        ];
+        for old in &policies {
+            for new in &policies {
+                for name in ["sid", "Sid", "SID", "a.b", "a_b"] {
+                    if !new.finds_pins_of(old, name) || old.tracked(name).is_none() {
+                        continue;
+                    }
+                    for value in ["v", "\"YWJj==\"", "a%2Fb", "\"x%41\""] {
+                        let mut answer = HeaderMap::new();
+                        answer.insert(
+                            http::header::SET_COOKIE,
+                            HeaderValue::from_str(&format!("{name}={value}")).unwrap(),
+                        );
+                        let pinned: Vec<PinKey> = tracked_in_response(&answer, old, &h, || 0)
+                            .iter()
+                            .map(|set| set.cookie.key)
+                            .collect();
+                        let request = cookie_request(&[&format!("{name}={value}")]);
+                        let looked_up: Vec<PinKey> = tracked_in_request(&request, new, &h)
+                            .unwrap()
+                            .iter()
+                            .map(|c| c.key)
+                            .collect();
+                        assert!(
+                            pinned.iter().any(|key| looked_up.contains(key)),
+                            "{name}={value}: said found from {old:?} to {new:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
