@@ -876,6 +876,9 @@ impl Daemon {
     }
 
     /// The request pipeline in force (for inspection in tests and tools).
+    /// Held, it counts as a request of its configuration still running: a
+    /// reload that keys cookie names otherwise refuses pins of those names
+    /// until it is dropped (see `untracked::pinnable_during`).
     pub fn pipeline(&self) -> Arc<Pipeline> {
         self.frontend.pipeline.load_full()
     }

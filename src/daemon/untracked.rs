@@ -91,9 +91,15 @@ pub fn pinnable_during(new: &CookiePolicy, older: Vec<Running>) -> Arc<Box<NameT
     Arc::new(Box::new(move |name: &str| {
         cookies::pinned_whatever_tracked(name)
             || (new.is_tracked(name)
-                && older
-                    .iter()
-                    .all(|(old, runs)| !runs() || new.finds_pins_of(old, name)))
+                && older.iter().all(|(old, runs)| {
+                    // Both ways: a request of either may look up a pin the
+                    // other made (one of a name the old policy does not
+                    // track it does not look up at all, as after any
+                    // reload that adds a name).
+                    !runs()
+                        || (new.finds_pins_of(old, name)
+                            && (!old.is_tracked(name) || old.finds_pins_of(&new, name)))
+                }))
     }))
 }
 
