@@ -31,8 +31,9 @@ const RETIRE_RETRY_STEP: Duration = Duration::from_millis(250);
 
 impl Router {
     /// Retires an identity: its connections dropped and its relays closed,
-    /// recorded in the store, counted. A store that refuses it leaves it
-    /// honoured by this process alone (the error says so to the caller).
+    /// recorded in the store, counted. Pending (honoured by routing here)
+    /// while the store takes it; a store that refuses it leaves it to the
+    /// caller.
     pub async fn retire(
         &self,
         exits: &ExitSet,
@@ -45,10 +46,12 @@ impl Router {
         // the store before the write lands) finds it pending.
         self.pending.insert(identity.id, reason.clone());
         self.end_here(exits, identity, &reason);
-        // Refused, it stays pending: ended here, this process honours it.
-        self.store_retirement(identity, reason).await?;
+        let stored = self.store_retirement(identity, reason).await;
+        // Refused, it is not pending either: the caller says so (a request
+        // fails, and the next one of the identity decides again and tries
+        // the store again), or hands it to the background.
         self.pending.remove(identity.id);
-        Ok(())
+        stored
     }
 
     /// [`Router::retire`] in a task of the router's own, awaited for its
@@ -68,6 +71,7 @@ impl Router {
             if stored.is_err() {
                 // Honoured here meanwhile (pending), tried again until
                 // stored, as a retirement decided in the background is.
+                router.pending.insert(identity.id, reason.clone());
                 router.store_in_background(exits, identity, reason);
             }
             stored
