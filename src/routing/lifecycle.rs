@@ -21,6 +21,15 @@ use crate::identity::{ExitId, Identity, IdentityId, RetireReason, Retirement};
 use crate::store::{PinStore as _, StoreError, Swept};
 use crate::upstream::{Forgotten, PoolKey};
 
+/// Takes a retirement out of the pending ones when dropped.
+struct Unpend<'a>(&'a super::PendingRetirements, IdentityId);
+
+impl Drop for Unpend<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
+}
+
 /// How many times a retirement the store refused is tried (about ten
 /// minutes in all, see [`RETIRE_RETRY_MAX`]).
 const RETIRE_ATTEMPTS: u32 = 25;
@@ -45,13 +54,13 @@ impl Router {
         // relays close, and one that opens meanwhile (its first check reads
         // the store before the write lands) finds it pending.
         self.pending.insert(identity.id, reason.clone());
+        // Stored or refused, it is pending no more (nor if the caller goes
+        // away meanwhile): refused, the caller says so (a request fails,
+        // and the next one of the identity decides again and tries the
+        // store again), or hands it to the background.
+        let _unpend = Unpend(&self.pending, identity.id);
         self.end_here(exits, identity, &reason);
-        let stored = self.store_retirement(identity, reason).await;
-        // Refused, it is not pending either: the caller says so (a request
-        // fails, and the next one of the identity decides again and tries
-        // the store again), or hands it to the background.
-        self.pending.remove(identity.id);
-        stored
+        self.store_retirement(identity, reason).await
     }
 
     /// [`Router::retire`] in a task of the router's own, awaited for its
