@@ -100,6 +100,9 @@ pub enum StartError {
     /// The store holds pins of cookie names no longer tracked.
     #[error(transparent)]
     UntrackedPins(#[from] crate::daemon::untracked::UntrackedPins),
+    /// The tracked-cookie patterns the pin store records cannot be read.
+    #[error(transparent)]
+    TrackingRecord(#[from] crate::daemon::untracked::UnreadableRecord),
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -632,10 +635,9 @@ impl Daemon {
         // Before anything is written (the book of routes below): a start
         // refused here leaves the data directory as it found it. It walks
         // every pin, on this thread: nothing is served yet.
-        crate::daemon::untracked::check(
+        crate::daemon::untracked::check_at_start(
             &store,
             &settings.cookies,
-            &[],
             settings.identities.release_untracked_pins,
         )?;
         // The route identities founded on each exit carry, hashed with the
@@ -683,6 +685,15 @@ impl Daemon {
             .local_addr()
             .map_err(Listener::Proxy.bind_error(settings.listen))?;
         guard.set_proxy(local_addr);
+        // Pins are keyed under these patterns from here (the next start
+        // judges them against it): recorded once the start can no longer
+        // be refused for a common reason (the address in use), so that a
+        // start given up leaves the record of the run before, and before
+        // the admin listener can take a reload that records its own.
+        router
+            .store()
+            .record_tracking(settings.cookies.patterns())
+            .await?;
 
         let shutdown = CancellationToken::new();
         let tasks = ConnectionTasks::new();

@@ -398,6 +398,27 @@ impl Store {
         }
     }
 
+    /// The tracked-cookie patterns the pins held were keyed under, where
+    /// the store records them across runs (the embedded store; see
+    /// [`durable::DurableStore::tracking_on_record`]).
+    pub fn tracking_on_record(&self) -> Option<&[String]> {
+        match self {
+            Store::Durable(store) => store.tracking_on_record(),
+            Store::Memory(_) | Store::Redis(_) => None,
+        }
+    }
+
+    /// Records the tracked-cookie patterns (`CookiePolicy::patterns`) pins
+    /// are keyed under from now on, where the store keeps them across runs (the embedded store: a
+    /// memory store forgets its pins, and Redis cannot list the names it
+    /// holds, so no start checks them there).
+    pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+        match self {
+            Store::Durable(store) => store.record_tracking(patterns).await,
+            Store::Memory(_) | Store::Redis(_) => Ok(()),
+        }
+    }
+
     /// Flushes and closes the store (durable writes finish first).
     pub async fn close(&self) {
         match self {

@@ -912,10 +912,7 @@ async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
     let before = std::fs::read(&book).unwrap();
     let mut edited = config.clone();
     edited.exits[0].url = "http://127.0.0.1:9".into();
-    let refused = match pinproxy::daemon::Daemon::start(&edited).await {
-        Ok(_) => panic!("a start leaving pins untracked is refused"),
-        Err(e) => e.to_string(),
-    };
+    let refused = refused_start(&edited, "a start leaving pins untracked is refused").await;
     assert!(refused.contains("session_tok"), "{refused}");
     assert_eq!(
         std::fs::read(&book).unwrap(),
@@ -923,10 +920,7 @@ async fn dropping_a_tracked_name_that_holds_pins_is_refused_until_released() {
         "the book is untouched"
     );
     config.identities.release_untracked_pins = true;
-    let daemon = pinproxy::daemon::Daemon::start(&config)
-        .await
-        .expect("released, it starts");
-    daemon.shutdown(std::time::Duration::from_secs(5)).await;
+    starts(&config, "released, it starts").await;
     drop(data_dir);
 }
 
@@ -946,6 +940,73 @@ async fn respelling_a_tracked_name_that_holds_pins_is_refused() {
     );
     assert_still_pinned(&s, &mut jar, earned).await;
     assert!(s.origin.leaks().is_empty(), "{:?}", s.origin.leaks());
+}
+
+/// A start cannot see how the run before keyed its pins but for what the
+/// store records: the patterns each start and each reload put in force. A
+/// respelling a reload is refused for is refused at the next start too,
+/// naming the cookie, the store's record and its file left as they were;
+/// `release_untracked_pins` lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_judges_pins_by_the_keying_the_run_before_recorded() {
+    let s = Setup::start_with(2, |c| c.track_cookies = vec!["sid".into()]).await;
+    s.login("/login?name=Sid").await;
+    let Setup { proxy, .. } = s;
+    let mut config = proxy.config.clone();
+    let data_dir = proxy.stop_keeping_data_dir().await;
+    config.track_cookies = vec!["Sid".into()];
+    for _ in 0..2 {
+        // Twice: a refused start records nothing of its own.
+        let refused = refused_start(
+            &config,
+            "a start respelling a name that holds pins is refused",
+        )
+        .await;
+        assert!(
+            refused.contains("Sid") && refused.contains("respelt"),
+            "{refused}"
+        );
+    }
+    config.identities.release_untracked_pins = true;
+    starts(&config, "released, it starts").await;
+    drop(data_dir);
+}
+
+/// A reload that tracks a name anew records it: pins of the name made
+/// after it are judged by its spelling at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_judges_pins_by_the_keying_the_last_reload_recorded() {
+    let s = Setup::start_with(2, |c| c.track_cookies = vec!["sid".into()]).await;
+    let mut config = s.proxy.config.clone();
+    config.track_cookies = vec!["sid".into(), "tok".into()];
+    s.proxy.daemon.reload_with(&config).await.expect("reloads");
+    s.login("/login?name=Tok").await;
+    let Setup { proxy, .. } = s;
+    let data_dir = proxy.stop_keeping_data_dir().await;
+    let mut respelt = config.clone();
+    respelt.track_cookies = vec!["sid".into(), "Tok".into()];
+    let refused = refused_start(
+        &respelt,
+        "a start respelling a name the reload tracked is refused",
+    )
+    .await;
+    assert!(refused.contains("Tok"), "{refused}");
+    starts(&config, "as the reload left it, it starts").await;
+    drop(data_dir);
+}
+
+/// The refusal of a start with `config` (`why`: why it must be refused).
+async fn refused_start(config: &pinproxy::config::Config, why: &str) -> String {
+    match pinproxy::daemon::Daemon::start(config).await {
+        Ok(_) => panic!("{why}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Starts pinproxy with `config` (`why`: why it must start) and stops it.
+async fn starts(config: &pinproxy::config::Config, why: &str) {
+    let daemon = pinproxy::daemon::Daemon::start(config).await.expect(why);
+    daemon.shutdown(std::time::Duration::from_secs(5)).await;
 }
 
 /// The refusal of a reload to `track_cookies = tracked`.

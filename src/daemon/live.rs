@@ -385,6 +385,26 @@ impl Live {
         if rekeyed {
             applied.settling = running;
         }
+        // What the next start judges the pins against. Not a refusal: the
+        // reload is in force from here. The store refuses the record only
+        // once its writer has stopped (then it writes no pin either, so
+        // none is keyed as this reload keys) or while its disk hangs (the
+        // record stays queued, and lands with the pins behind it).
+        if settings.cookies.patterns() != applied.settings.cookies.patterns() {
+            if let Err(e) = self
+                .core
+                .router
+                .store()
+                .record_tracking(settings.cookies.patterns())
+                .await
+            {
+                tracing::warn!(
+                    error = %e,
+                    "reload: the pin store could not record the tracked-cookie patterns; \
+                     the next start judges its pins against those before"
+                );
+            }
+        }
         plan.mark(&set);
         plan.vouch(&set);
         let routes_retire = plan.changes.iter().any(|change| !change.kept);

@@ -11,9 +11,10 @@
 //! the names it holds pins for, so a start that would leave some of them
 //! untracked, or a reload that would leave some of them untracked or keyed
 //! otherwise, is refused, naming them, unless
-//! `identities.release_untracked_pins` says it is meant. (A start cannot
-//! tell how the run before keyed them: respell a name by a reload, or
-//! release its pins.)
+//! `identities.release_untracked_pins` says it is meant. A start judges
+//! the keying against the patterns the embedded store records its pins
+//! were keyed under (each start and reload records its own): a respelling
+//! a reload refused is refused at the next start too.
 
 use std::fmt;
 
@@ -161,6 +162,45 @@ pub fn untracked(store: &Store, cookies: &CookiePolicy, olds: &[CookiePolicy]) -
     names
 }
 
+/// The tracked-cookie patterns a store records cannot be read as a
+/// cookie policy (a file written by a release that reads patterns
+/// otherwise, or damaged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the pin store records the tracked-cookie patterns its pins were keyed under, and one \
+     of them cannot be read ({0}), so whether track_cookies finds those pins cannot be \
+     told: start the pinproxy release that wrote the store, or set \
+     identities.release_untracked_pins = true to judge the pins by their names alone"
+)]
+pub struct UnreadableRecord(String);
+
+/// The check of a start: pins the store holds that `cookies` would not
+/// find, keyed as the store records its pins were (the patterns of the run
+/// before, or of its last reload; the names alone where it records none),
+/// refused unless `release`.
+pub fn check_at_start(
+    store: &Store,
+    cookies: &CookiePolicy,
+    release: bool,
+) -> Result<(), crate::daemon::StartError> {
+    let before = match store.tracking_on_record() {
+        None => None,
+        Some(patterns) => match CookiePolicy::of_patterns(patterns.iter().map(String::as_str)) {
+            Ok(before) => Some(before),
+            Err(e) if release => {
+                tracing::warn!(
+                    error = %e,
+                    "the pin store's record of its tracked-cookie patterns cannot be read; \
+                     identities.release_untracked_pins judges its pins by their names alone"
+                );
+                None
+            }
+            Err(e) => return Err(UnreadableRecord(e.to_string()).into()),
+        },
+    };
+    Ok(check(store, cookies, before.as_slice(), release)?)
+}
+
 /// Refuses pins `cookies` would not find (see [`untracked`]) unless
 /// `release` (then warns of them).
 pub fn check(
@@ -274,6 +314,30 @@ mod tests {
             check(&store, &respelt, std::slice::from_ref(&old), true).is_ok(),
             "released"
         );
+    }
+
+    /// A record of patterns this release cannot read (written by another,
+    /// or damaged) cannot tell how the pins were keyed: a start is refused,
+    /// saying so, unless released (then the names alone are judged).
+    #[tokio::test]
+    async fn a_record_that_cannot_be_read_refuses_the_start_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::store::durable::STORE_FILE);
+        let cookies = CookiePolicy::with_extra(&[]).unwrap();
+        {
+            let store = crate::store::durable::DurableStore::open(&path).unwrap();
+            store.record_tracking(&["sid=".into()]).await.unwrap();
+            store.close().await;
+        }
+        let store = Store::Durable(crate::store::durable::DurableStore::open(&path).unwrap());
+        let refused = check_at_start(&store, &cookies, false).unwrap_err();
+        assert!(
+            matches!(refused, crate::daemon::StartError::TrackingRecord(_)),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("\"sid=\""), "{refused}");
+        assert!(check_at_start(&store, &cookies, true).is_ok(), "released");
+        store.close().await;
     }
 
     /// While requests of the configuration before a reload run, a name the

@@ -74,6 +74,9 @@ enum Change {
     Identity(IdentityId),
     Pin(PinKey),
     ExitDeath(ExitId, u64),
+    /// The tracked-cookie patterns pins are keyed under from now on, as
+    /// [`codec::TRACKED_COOKIES`] records them.
+    Tracking(Box<str>),
     Compact,
     /// Nothing to write: numbered and committed like a change, so that
     /// waiting for it shows the writer and the disk answer (readiness).
@@ -173,6 +176,9 @@ pub struct DurableStore {
     /// How long a request waits for the disk to confirm a write it needs
     /// ([`CONFIRM_LIMIT`]).
     confirm_limit: Duration,
+    /// The tracked-cookie patterns the file recorded when opened (see
+    /// [`DurableStore::tracking_on_record`]).
+    tracking_on_record: Option<Vec<String>>,
 }
 
 /// How long a request waits for the disk to confirm the write of a pin or
@@ -433,6 +439,7 @@ impl DurableStore {
         });
         let (pins, identities) = shared.memory.sizes();
         tracing::info!(path = %path.display(), pins, identities, "pin store loaded");
+        let tracking_on_record = codec::recorded_tracking(&db).map_err(|e| db_error(path, e))?;
 
         let (queue, receiver) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(Committed::default());
@@ -451,7 +458,23 @@ impl DurableStore {
             writer: Mutex::new(Some(writer)),
             path: path.to_owned(),
             confirm_limit: CONFIRM_LIMIT,
+            tracking_on_record,
         })
+    }
+
+    /// The tracked-cookie patterns (`CookiePolicy::patterns`) the store's
+    /// pins were keyed under, as the file recorded them when it was
+    /// opened; `None` for a store that never recorded any (new, or
+    /// written before they were recorded).
+    pub fn tracking_on_record(&self) -> Option<&[String]> {
+        self.tracking_on_record.as_deref()
+    }
+
+    /// Records `patterns` as those the store's pins are keyed under from
+    /// now on, durably before it returns.
+    pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+        let seq = self.enqueue(Change::Tracking(patterns.join(" ").into()))?;
+        self.durable(seq).await
     }
 
     /// The latest time a record loaded at open was stamped with (see
@@ -487,7 +510,11 @@ impl DurableStore {
                     .and_modify(mark)
                     .or_insert(seq);
             }
-            Change::ExitDeath(..) | Change::Compact | Change::Barrier | Change::Close => {}
+            Change::ExitDeath(..)
+            | Change::Tracking(_)
+            | Change::Compact
+            | Change::Barrier
+            | Change::Close => {}
         }
         Reserved {
             store: self,
@@ -853,6 +880,11 @@ mod tests {
         let ident = identity(1000);
         {
             let store = DurableStore::open(&path).unwrap();
+            assert_eq!(store.tracking_on_record(), None, "a new store");
+            store
+                .record_tracking(&["datadome".into(), "_px*".into()])
+                .await
+                .unwrap();
             store.create_identity(&ident).await.unwrap();
             store.pin_if_absent(key, &pin(&ident)).await.unwrap();
             store.touch(ident.id, 2000, 1, true, None).await.unwrap();
@@ -879,6 +911,10 @@ mod tests {
             store.close().await;
         }
         let store = DurableStore::open(&path).unwrap();
+        assert_eq!(
+            store.tracking_on_record(),
+            Some(&["datadome".to_owned(), "_px*".to_owned()][..])
+        );
         let found = store.lookup(&[key]).await.unwrap();
         let binding = found[0].clone().unwrap();
         assert_eq!(binding.pin, pin(&ident));

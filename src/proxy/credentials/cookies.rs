@@ -143,6 +143,9 @@ pub struct CookiePolicy {
     /// names sent so.
     exact: HashMap<Box<str>, Arc<str>, foldhash::fast::RandomState>,
     globs: Vec<Glob>,
+    /// The patterns it was built from, in order (the defaults first): what
+    /// a store records of the keying its pins were made under.
+    patterns: Arc<[Box<str>]>,
 }
 
 /// How tracked-name globs match: ignoring ASCII case, `/` and `.` being
@@ -188,20 +191,40 @@ impl Glob {
 impl CookiePolicy {
     /// The default set plus `extra` patterns (names or globs).
     pub fn with_extra(extra: &[String]) -> Result<CookiePolicy, PatternError> {
+        CookiePolicy::of_patterns(
+            DEFAULT_TRACKED
+                .iter()
+                .copied()
+                .chain(extra.iter().map(String::as_str)),
+        )
+    }
+
+    /// Exactly `patterns` (names or globs), the defaults only if among
+    /// them: a policy as [`CookiePolicy::patterns`] recorded it.
+    pub fn of_patterns<'p>(
+        patterns: impl IntoIterator<Item = &'p str>,
+    ) -> Result<CookiePolicy, PatternError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut policy = CookiePolicy {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             exact: HashMap::default(),
             globs: Vec::new(),
+            patterns: Arc::from([]),
         };
-        for pattern in DEFAULT_TRACKED
-            .iter()
-            .copied()
-            .chain(extra.iter().map(String::as_str))
-        {
+        let mut all = Vec::new();
+        for pattern in patterns {
             policy.add(pattern)?;
+            all.push(Box::from(pattern));
         }
+        policy.patterns = all.into();
         Ok(policy)
+    }
+
+    /// The patterns this policy was built from, in order, the defaults
+    /// first. None holds whitespace ([`CookiePolicy::with_extra`] refuses
+    /// it), so a line of them joined by spaces reads back as they were.
+    pub fn patterns(&self) -> &[Box<str>] {
+        &self.patterns
     }
 
     fn add(&mut self, pattern: &str) -> Result<(), PatternError> {

@@ -24,7 +24,8 @@ pub(super) const FINGERPRINTS: TableDefinition<&[u8; 16], &[u8]> =
 pub(super) const PINS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pins");
 /// When each exit last died.
 pub(super) const EXIT_DEATHS: TableDefinition<&str, u64> = TableDefinition::new("exit_deaths");
-/// Facts about the store itself: [`PIN_KEY_ID`].
+/// Facts about the store itself: [`PIN_KEY_ID`], [`STORE_ID`],
+/// [`TRACKED_COOKIES`].
 pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// [`META`]'s row naming the pin key the store's pins were hashed with
 /// (`PinHasher::key_id`, a non-secret fingerprint of the key).
@@ -44,6 +45,22 @@ pub(super) fn recorded_key_id(db: &Database) -> Result<Option<String>, String> {
 /// Records `key_id` as the pin key the store's pins are hashed with.
 pub(super) fn record_key_id(db: &Database, key_id: &str) -> Result<(), String> {
     set_meta(db, PIN_KEY_ID, key_id)
+}
+
+/// [`META`]'s row recording the tracked-cookie patterns the store's pins
+/// were keyed under (`CookiePolicy::patterns`, joined by spaces): a start
+/// with patterns that key a held name otherwise is refused, as a reload is.
+pub(super) const TRACKED_COOKIES: &str = "tracked-cookies";
+
+/// The tracked-cookie patterns the store records, if any (stores written
+/// before they were recorded have none).
+pub(super) fn recorded_tracking(db: &Database) -> Result<Option<Vec<String>>, String> {
+    Ok(meta(db, TRACKED_COOKIES)?.map(|line| {
+        line.split(' ')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }))
 }
 
 /// The store's id, if it records one (stores made before ids have none).

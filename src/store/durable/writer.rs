@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::codec::{
     fingerprint_hash, stored_fingerprint, FingerprintRefs, StoredIdentity, EXIT_DEATHS,
-    FINGERPRINTS, IDENTITIES, PINS,
+    FINGERPRINTS, IDENTITIES, META, PINS, TRACKED_COOKIES,
 };
 use super::{Change, Committed, Queued, Shared};
 use crate::fingerprint::Fingerprint;
@@ -208,6 +208,7 @@ fn apply(
         let mut pins = txn.open_table(PINS).map_err(|e| e.to_string())?;
         let mut fingerprints = txn.open_table(FINGERPRINTS).map_err(|e| e.to_string())?;
         let mut deaths = txn.open_table(EXIT_DEATHS).map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let mut put_identity = |id: IdentityId| -> Result<(), String> {
             let Some(identity) = shared.memory.identity_to_write(id) else {
                 let removed = identities.remove(id.0).map_err(|e| e.to_string())?;
@@ -291,6 +292,10 @@ fn apply(
                     let latest = stored.map_or(*at, |stored| stored.max(*at));
                     deaths
                         .insert(exit.as_str(), latest)
+                        .map_err(|e| e.to_string())?;
+                }
+                Change::Tracking(patterns) => {
+                    meta.insert(TRACKED_COOKIES, &**patterns)
                         .map_err(|e| e.to_string())?;
                 }
                 Change::Compact | Change::Barrier | Change::Close => {}
