@@ -334,7 +334,22 @@ async fn write_pins(
             let stored = pins.len() > 1;
             if let Some(rest) = pins.get(1..).filter(|rest| !rest.is_empty()) {
                 store.create_identity(identity).await?;
-                winners.extend(store.pin_all_if_absent(rest).await?);
+                let bound = store.pin_all_if_absent(rest).await;
+                // Refused before anything was written (a reload dropped a
+                // name between the two steps): the identity no pin reaches
+                // would hold its exit's place until it idled out. Not
+                // after a store fault, which may have written some of the
+                // pins (a disk that did not confirm them in time). Best
+                // effort: the refusal is the answer.
+                if bound
+                    .as_ref()
+                    .is_err_and(|e| e.kind == StoreErrorKind::Untracked)
+                {
+                    if let Err(e) = store.discard_identity(identity.id).await {
+                        tracing::debug!(error = %e, identity = %identity.id, "could not discard an identity left without pins");
+                    }
+                }
+                winners.extend(bound?);
             }
             Ok((winners, stored))
         }
@@ -512,6 +527,60 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// An answer sets a cookie already pinned elsewhere and one of a name
+    /// a reload drops between the founding's two steps: the second step is
+    /// refused, and the identity made for it is not left without pins.
+    #[tokio::test]
+    async fn a_founding_refused_half_way_leaves_no_identity() {
+        use crate::identity::{ExitId, SessionId};
+        use crate::store::memory::MemoryStore;
+        use crate::store::{PinStore as _, Store, StoreErrorKind};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let store = TimedStore::new(
+            Store::Memory(MemoryStore::new()),
+            &crate::metrics::Metrics::new(),
+        );
+        let hasher = PinHasher::new([1; 32]);
+        let identity = |session| {
+            Identity::new(
+                ExitId::new("e1"),
+                SessionId(session),
+                5,
+                Fingerprint::of_user_agent("agent"),
+                7,
+            )
+        };
+        let pin_of = |name: &str, owner: &Identity| {
+            let credential = Credential::cookie(name, hasher.cookie(name, "v"));
+            (credential.key, Pin::new(owner.id, &credential, 10, None))
+        };
+        let earlier = identity(1);
+        store.create_identity(&earlier).await.unwrap();
+        store
+            .pin_all_if_absent(&[pin_of("datadome", &earlier)])
+            .await
+            .unwrap();
+        // `sid` passes the founding's admission and no later one.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        store
+            .pinnable()
+            .set(Some(Arc::new(Box::new(move |name: &str| {
+                name != "sid" || counted.fetch_add(1, Ordering::SeqCst) == 0
+            }))))
+            .await;
+        let new = identity(2);
+        let pins = [pin_of("datadome", &new), pin_of("sid", &new)];
+        let refused = write_pins(&store, &new, &pins, true).await.unwrap_err();
+        assert_eq!(refused.kind, StoreErrorKind::Untracked, "{refused}");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "both steps were judged");
+        assert!(
+            store.read_identity(new.id).await.unwrap().is_none(),
+            "the identity no pin reaches is discarded"
+        );
     }
 
     #[test]
