@@ -389,33 +389,37 @@ impl Store {
 
     /// The distinct cookie names the store holds pins for, where it can
     /// tell without a scan of a shared server: the embedded and memory
-    /// stores (`None` for Redis).
+    /// stores, and for Redis those of the pins this replica made or read
+    /// (its journal; `None` without one: the command-line tools).
     pub fn held_cookie_names(&self) -> Option<Vec<Arc<str>>> {
         match self {
             Store::Memory(store) => Some(store.held_cookie_names()),
             Store::Durable(store) => Some(store.held_cookie_names()),
-            Store::Redis(_) => None,
+            Store::Redis(store) => store.held_cookie_names(),
         }
     }
 
     /// The tracked-cookie patterns the pins held were keyed under, where
-    /// the store records them across runs (the embedded store; see
+    /// the store records them across runs (the embedded store, a Redis
+    /// replica's journal; see
     /// [`durable::DurableStore::tracking_on_record`]).
     pub fn tracking_on_record(&self) -> Option<&[String]> {
         match self {
             Store::Durable(store) => store.tracking_on_record(),
-            Store::Memory(_) | Store::Redis(_) => None,
+            Store::Redis(store) => store.tracking_on_record(),
+            Store::Memory(_) => None,
         }
     }
 
     /// Records the tracked-cookie patterns (`CookiePolicy::patterns`) pins
-    /// are keyed under from now on, where the store keeps them across runs (the embedded store: a
-    /// memory store forgets its pins, and Redis cannot list the names it
-    /// holds, so no start checks them there).
+    /// are keyed under from now on, where the store keeps them across
+    /// runs: the embedded store, a Redis replica's journal (a memory store
+    /// forgets its pins).
     pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
         match self {
             Store::Durable(store) => store.record_tracking(patterns).await,
-            Store::Memory(_) | Store::Redis(_) => Ok(()),
+            Store::Redis(store) => store.record_tracking(patterns).await,
+            Store::Memory(_) => Ok(()),
         }
     }
 

@@ -995,6 +995,39 @@ async fn a_start_judges_pins_by_the_keying_the_last_reload_recorded() {
     drop(data_dir);
 }
 
+/// With Redis, each replica judges the pins its journal holds (those it
+/// made or read) as the embedded store's are judged: a reload that drops
+/// a name of theirs is refused, and so is a start that respells it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_replica_judges_the_pins_its_journal_holds() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::start_with(2, move |c| {
+        c.store.url = url;
+        c.track_cookies = vec!["sid".into()];
+    })
+    .await;
+    let (mut jar, earned) = s.login("/login?name=Sid").await;
+    let refused = refused_reload_tracking(&s, &[]).await;
+    assert!(
+        refused.contains("Sid") && refused.contains("release_untracked_pins"),
+        "{refused}"
+    );
+    assert_still_pinned(&s, &mut jar, earned).await;
+    let Setup { proxy, .. } = s;
+    let mut config = proxy.config.clone();
+    let data_dir = proxy.stop_keeping_data_dir().await;
+    config.track_cookies = vec!["Sid".into()];
+    let refused = refused_start(&config, "a replica respelling a name it pinned is refused").await;
+    assert!(
+        refused.contains("Sid") && refused.contains("respelt"),
+        "{refused}"
+    );
+    config.identities.release_untracked_pins = true;
+    starts(&config, "released, it starts").await;
+    drop((data_dir, redis));
+}
+
 /// The refusal of a start with `config` (`why`: why it must be refused).
 async fn refused_start(config: &pinproxy::config::Config, why: &str) -> String {
     match pinproxy::daemon::Daemon::start(config).await {

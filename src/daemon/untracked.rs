@@ -8,13 +8,14 @@
 //! silently. So would, for cookies sent in the new spelling, an exact name
 //! respelt (its pins are keyed in the policy's spelling) or one a pattern
 //! now covers instead (a pattern keys names lowercased). The store knows
-//! the names it holds pins for, so a start that would leave some of them
-//! untracked, or a reload that would leave some of them untracked or keyed
-//! otherwise, is refused, naming them, unless
+//! the names it holds pins for, so a start or reload that would leave some
+//! of them untracked or keyed otherwise is refused, naming them, unless
 //! `identities.release_untracked_pins` says it is meant. A start judges
-//! the keying against the patterns the embedded store records its pins
-//! were keyed under (each start and reload records its own): a respelling
-//! a reload refused is refused at the next start too.
+//! the keying against the patterns the store records its pins were keyed
+//! under (each start and reload records its own): a respelling a reload
+//! refused is refused at the next start too. A Redis replica judges the
+//! pins its journal holds (those it made or read) by what the journal
+//! records: Redis holds the fleet's, and lists none of them cheaply.
 
 use std::fmt;
 
@@ -145,7 +146,8 @@ impl Drop for NamesChange<'_> {
 /// The names `store` holds pins for that `cookies` would not find: names
 /// it does not track, and, after the policies `olds` (a reload: the one in
 /// force and those whose requests may still run), names it keys otherwise
-/// than one of them (none where the store cannot tell: Redis).
+/// than one of them (with Redis, of the pins this replica made or read:
+/// its journal's).
 pub fn untracked(store: &Store, cookies: &CookiePolicy, olds: &[CookiePolicy]) -> Vec<String> {
     let found = |name: &str| {
         cookies::pinned_whatever_tracked(name)

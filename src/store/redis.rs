@@ -316,6 +316,32 @@ impl RedisStore {
         self.inner.link.is_available() && self.key_conflict().is_none()
     }
 
+    /// The cookie names of the pins this replica's journal holds (those it
+    /// made or read; `None` without a journal): Redis itself is not
+    /// walked, since it holds the whole fleet's pins and lists none of
+    /// them cheaply.
+    pub fn held_cookie_names(&self) -> Option<Vec<Arc<str>>> {
+        self.inner.journal.as_ref().map(Journal::held_cookie_names)
+    }
+
+    /// The tracked-cookie patterns this replica's journal records its pins
+    /// were keyed under.
+    pub fn tracking_on_record(&self) -> Option<&[String]> {
+        self.inner
+            .journal
+            .as_ref()
+            .and_then(Journal::tracking_on_record)
+    }
+
+    /// Records in this replica's journal (if it keeps one) the
+    /// tracked-cookie patterns it keys pins under from now on.
+    pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+        match &self.inner.journal {
+            Some(journal) => journal.record_tracking(patterns).await,
+            None => Ok(()),
+        }
+    }
+
     /// Why this replica's journal records nothing more, if a write of it
     /// failed: the replica then refuses what needs the store (see
     /// `journal`).

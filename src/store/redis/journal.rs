@@ -53,6 +53,25 @@ impl Journal {
         })
     }
 
+    /// The cookie names of the pins the journal holds: those this replica
+    /// made or read (see `MemoryStore::held_cookie_names`).
+    pub fn held_cookie_names(&self) -> Vec<std::sync::Arc<str>> {
+        self.store.held_cookie_names()
+    }
+
+    /// The tracked-cookie patterns this replica's pins were keyed under,
+    /// as the journal recorded them (see
+    /// [`DurableStore::tracking_on_record`]).
+    pub fn tracking_on_record(&self) -> Option<&[String]> {
+        self.store.tracking_on_record()
+    }
+
+    /// Records the tracked-cookie patterns this replica keys pins under
+    /// from now on (see [`DurableStore::record_tracking`]).
+    pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+        self.store.record_tracking(patterns).await
+    }
+
     /// Why the journal records nothing more, once a write of it failed
     /// (see the module documentation): its file and the failure.
     pub fn write_failure(&self) -> Option<String> {
