@@ -685,11 +685,26 @@ impl Daemon {
             .local_addr()
             .map_err(Listener::Proxy.bind_error(settings.listen))?;
         guard.set_proxy(local_addr);
+        // Bound now, served once the daemon is built: its address may be
+        // in use too.
+        let admin_listener = match settings.admin {
+            Some(addr) => {
+                let bound = TcpListener::bind(addr)
+                    .await
+                    .map_err(Listener::Admin.bind_error(addr))?;
+                let bound_addr = bound
+                    .local_addr()
+                    .map_err(Listener::Admin.bind_error(addr))?;
+                guard.set_admin(bound_addr);
+                Some((bound, bound_addr))
+            }
+            None => None,
+        };
         // Pins are keyed under these patterns from here (the next start
-        // judges them against it): recorded once the start can no longer
-        // be refused for a common reason (the address in use), so that a
-        // start given up leaves the record of the run before, and before
-        // the admin listener can take a reload that records its own.
+        // judges them against it): recorded once nothing after can refuse
+        // the start (both addresses are bound), so that a start given up
+        // leaves the record of the run before, and before the admin
+        // listener is served and can take a reload that records its own.
         router
             .store()
             .record_tracking(settings.cookies.patterns())
@@ -784,15 +799,8 @@ impl Daemon {
                 drains,
             },
         });
-        let admin_addr = match settings.admin {
-            Some(addr) => {
-                let bound = TcpListener::bind(addr)
-                    .await
-                    .map_err(Listener::Admin.bind_error(addr))?;
-                let bound_addr = bound
-                    .local_addr()
-                    .map_err(Listener::Admin.bind_error(addr))?;
-                guard.set_admin(bound_addr);
+        let admin_addr = match admin_listener {
+            Some((bound, bound_addr)) => {
                 tasks.spawn(admin::serve(
                     bound,
                     admin.clone(),

@@ -966,9 +966,36 @@ async fn a_start_judges_pins_by_the_keying_the_run_before_recorded() {
             refused.contains("Sid") && refused.contains("respelt"),
             "{refused}"
         );
+        assert!(
+            refused.contains(r#"keyed under track_cookies = ["sid"]"#),
+            "the error shows the spelling the pins were made under: {refused}"
+        );
     }
     config.identities.release_untracked_pins = true;
     starts(&config, "released, it starts").await;
+    drop(data_dir);
+}
+
+/// A start that fails after its check (its admin address in use) records
+/// nothing: the pins are judged by the run before's keying at the next
+/// start, and the spelling they were made under starts without a release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_to_bind_records_nothing() {
+    let s = Setup::start_with(2, |c| c.track_cookies = vec!["sid".into()]).await;
+    s.login("/login?name=Sid").await;
+    let Setup { proxy, .. } = s;
+    let mut config = proxy.config.clone();
+    let data_dir = proxy.stop_keeping_data_dir().await;
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut respelt = config.clone();
+    respelt.track_cookies = vec!["Sid".into()];
+    respelt.identities.release_untracked_pins = true;
+    respelt.admin.listen = Some(held.local_addr().unwrap());
+    let refused = refused_start(&respelt, "the admin address is in use").await;
+    assert!(refused.contains("admin"), "{refused}");
+    drop(held);
+    config.admin.listen = None;
+    starts(&config, "the pins' own spelling starts").await;
     drop(data_dir);
 }
 
@@ -990,7 +1017,10 @@ async fn a_start_judges_pins_by_the_keying_the_last_reload_recorded() {
         "a start respelling a name the reload tracked is refused",
     )
     .await;
-    assert!(refused.contains("Tok"), "{refused}");
+    assert!(
+        refused.contains("Tok") && refused.contains(r#"["sid", "tok"]"#),
+        "{refused}"
+    );
     starts(&config, "as the reload left it, it starts").await;
     drop(data_dir);
 }

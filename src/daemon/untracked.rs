@@ -33,6 +33,10 @@ const NAMES_LISTED: usize = 20;
 pub struct UntrackedPins {
     /// The names, sorted.
     pub names: Vec<String>,
+    /// At a start, the `track_cookies` the store records its pins were
+    /// keyed under (its patterns beyond the built-in set), so that "as
+    /// they were" can be read off the error.
+    pub keyed_under: Option<Vec<String>>,
 }
 
 impl fmt::Display for UntrackedPins {
@@ -46,7 +50,15 @@ impl fmt::Display for UntrackedPins {
              --track-cookie flag replaces the file's whole list), or set \
              identities.release_untracked_pins = true to leave their pins unenforced",
             self.listed()
-        )
+        )?;
+        if let Some(keyed_under) = &self.keyed_under {
+            write!(
+                f,
+                ". The store records that its pins were keyed under track_cookies = {keyed_under:?} \
+                 (besides the built-in set)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -185,10 +197,21 @@ pub fn check_at_start(
     cookies: &CookiePolicy,
     release: bool,
 ) -> Result<(), crate::daemon::StartError> {
-    let before = match store.tracking_on_record() {
+    let recorded = store.tracking_on_record();
+    let before = match recorded {
         None => None,
         Some(patterns) => match CookiePolicy::of_patterns(patterns.iter().map(String::as_str)) {
             Ok(before) => Some(before),
+            // Nothing to judge by it: a store that holds no cookie pin.
+            Err(_)
+                if store
+                    .held_cookie_names()
+                    .unwrap_or_default()
+                    .iter()
+                    .all(|name| cookies::pinned_whatever_tracked(name)) =>
+            {
+                None
+            }
             Err(e) if release => {
                 tracing::warn!(
                     error = %e,
@@ -200,7 +223,16 @@ pub fn check_at_start(
             Err(e) => return Err(UnreadableRecord(e.to_string()).into()),
         },
     };
-    Ok(check(store, cookies, before.as_slice(), release)?)
+    check(store, cookies, before.as_slice(), release).map_err(|mut found| {
+        found.keyed_under = recorded.map(|patterns| {
+            patterns
+                .iter()
+                .filter(|pattern| !cookies::DEFAULT_TRACKED.contains(&pattern.as_str()))
+                .cloned()
+                .collect()
+        });
+        found.into()
+    })
 }
 
 /// Refuses pins `cookies` would not find (see [`untracked`]) unless
@@ -215,7 +247,10 @@ pub fn check(
     if names.is_empty() {
         return Ok(());
     }
-    let found = UntrackedPins { names };
+    let found = UntrackedPins {
+        names,
+        keyed_under: None,
+    };
     if !release {
         return Err(found);
     }
@@ -332,6 +367,22 @@ mod tests {
             store.close().await;
         }
         let store = Store::Durable(crate::store::durable::DurableStore::open(&path).unwrap());
+        assert!(
+            check_at_start(&store, &cookies, false).is_ok(),
+            "no cookie pin to judge by it"
+        );
+        let hasher = PinHasher::new([1; 32]);
+        let identity = Identity::new(
+            ExitId::new("e1"),
+            SessionId(1),
+            5,
+            Fingerprint::of_user_agent("agent"),
+            7,
+        );
+        store.create_identity(&identity).await.unwrap();
+        let credential = Credential::cookie("sid", hasher.cookie("sid", "v"));
+        let pins = [(credential.key, Pin::new(identity.id, &credential, 10, None))];
+        store.pin_all_if_absent(&pins).await.unwrap();
         let refused = check_at_start(&store, &cookies, false).unwrap_err();
         assert!(
             matches!(refused, crate::daemon::StartError::TrackingRecord(_)),
