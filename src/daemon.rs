@@ -103,6 +103,9 @@ pub enum StartError {
     /// The tracked-cookie patterns the pin store records cannot be read.
     #[error(transparent)]
     TrackingRecord(#[from] crate::daemon::untracked::UnreadableRecord),
+    /// The tracked cookies change against those a Redis fleet put in force.
+    #[error(transparent)]
+    FleetTracking(#[from] crate::daemon::untracked::FleetTracking),
     /// A start-up task failed to run.
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -640,6 +643,12 @@ impl Daemon {
             &settings.cookies,
             settings.identities.release_untracked_pins,
         )?;
+        crate::daemon::untracked::check_fleet(
+            &store,
+            &settings.cookies,
+            settings.identities.release_untracked_pins,
+        )
+        .await?;
         // The route identities founded on each exit carry, hashed with the
         // pin key (the fleet's on a shared store), so known only now.
         routes::found_on(&exits, &hasher);

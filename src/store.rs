@@ -413,13 +413,26 @@ impl Store {
 
     /// Records the tracked-cookie patterns (`CookiePolicy::patterns`) pins
     /// are keyed under from now on, where the store keeps them across
-    /// runs: the embedded store, a Redis replica's journal (a memory store
-    /// forgets its pins).
+    /// runs: the embedded store, a Redis replica's journal and, for the
+    /// fleet, Redis (a memory store forgets its pins).
     pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
         match self {
             Store::Durable(store) => store.record_tracking(patterns).await,
-            Store::Redis(store) => store.record_tracking(patterns).await,
+            Store::Redis(store) => {
+                store.record_tracking(patterns).await?;
+                store.record_fleet_tracking(patterns).await
+            }
             Store::Memory(_) => Ok(()),
+        }
+    }
+
+    /// The tracked-cookie patterns a replica of a shared store's fleet
+    /// last put in force (see [`redis::RedisStore::fleet_tracking`]);
+    /// `None` for a store of this process alone.
+    pub async fn fleet_tracking(&self) -> Result<Option<Vec<String>>, StoreError> {
+        match self {
+            Store::Redis(store) => store.fleet_tracking().await,
+            Store::Memory(_) | Store::Durable(_) => Ok(None),
         }
     }
 

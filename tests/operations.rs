@@ -1058,6 +1058,55 @@ async fn a_redis_replica_judges_the_pins_its_journal_holds() {
     drop((data_dir, redis));
 }
 
+/// Redis cannot list the fleet's pins, and a replica's journal holds only
+/// those it made or read: a change of the tracked cookies is judged by the
+/// patterns the fleet last put in force too. A new replica that respells a
+/// name another replica pinned is refused; a reload that adds a name goes
+/// through, and the fleet records it, so a replica that leaves it out is
+/// refused though its own journal holds none of it; one that adds more
+/// starts; `release_untracked_pins` lets a refused one go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::start_with(2, move |c| {
+        c.store.url = url;
+        c.track_cookies = vec!["sid".into()];
+    })
+    .await;
+    let (mut jar, earned) = s.login("/login?name=Sid").await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other = s.proxy.config.clone();
+    other.data_dir = Some(other_dir.path().to_owned());
+    other.track_cookies = vec!["Sid".into()];
+    let refused = refused_start(&other, "a new replica respelling the fleet's name").await;
+    assert!(
+        refused.contains(r#"track_cookies = ["sid"] in force"#) && refused.contains("fleet"),
+        "{refused}"
+    );
+    let mut added = s.proxy.config.clone();
+    added.track_cookies = vec!["sid".into(), "tok".into()];
+    s.proxy
+        .daemon
+        .reload_with(&added)
+        .await
+        .expect("adds a name");
+    s.login("/login?name=tok").await;
+    other.track_cookies = vec!["sid".into()];
+    let refused = refused_start(&other, "a replica leaving out the fleet's name").await;
+    assert!(
+        refused.contains(r#"track_cookies = ["sid", "tok"] in force"#),
+        "{refused}"
+    );
+    other.track_cookies = vec!["sid".into(), "tok".into(), "more_*".into()];
+    starts(&other, "a replica adding a pattern starts").await;
+    other.track_cookies = vec!["sid".into()];
+    other.identities.release_untracked_pins = true;
+    starts(&other, "released, it starts").await;
+    assert_still_pinned(&s, &mut jar, earned).await;
+    drop((other_dir, redis));
+}
+
 /// The refusal of a start with `config` (`why`: why it must be refused).
 async fn refused_start(config: &pinproxy::config::Config, why: &str) -> String {
     match pinproxy::daemon::Daemon::start(config).await {

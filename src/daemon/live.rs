@@ -68,6 +68,10 @@ pub enum ReloadError {
     /// longer tracks.
     #[error(transparent)]
     UntrackedPins(#[from] crate::daemon::untracked::UntrackedPins),
+    /// The tracked cookies change against those a Redis fleet put in
+    /// force (see `untracked::check_fleet`).
+    #[error(transparent)]
+    FleetTracking(#[from] crate::daemon::untracked::FleetTracking),
     /// The exits' routes could not be remembered (see `exits::routes`).
     #[error("{0} (the exits' routes must be remembered before a change applies)")]
     Routes(String),
@@ -286,6 +290,16 @@ impl Live {
         if rekeyed {
             // The usual refusal, before anything changes.
             untracked().await??;
+        }
+        // The fleet's pins, which Redis cannot list, are judged by the
+        // patterns the fleet last put in force.
+        if settings.cookies.patterns() != applied.settings.cookies.patterns() {
+            crate::daemon::untracked::check_fleet(
+                self.core.router.store(),
+                &settings.cookies,
+                settings.identities.release_untracked_pins,
+            )
+            .await?;
         }
         // Requests begun before go on with the old configuration and may
         // pin such a name after that walk; so from here only names the new

@@ -224,15 +224,83 @@ pub fn check_at_start(
         },
     };
     check(store, cookies, before.as_slice(), release).map_err(|mut found| {
-        found.keyed_under = recorded.map(|patterns| {
-            patterns
-                .iter()
-                .filter(|pattern| !cookies::DEFAULT_TRACKED.contains(&pattern.as_str()))
-                .cloned()
-                .collect()
-        });
+        found.keyed_under = recorded.map(beyond_defaults);
         found.into()
     })
+}
+
+/// A change of the tracked cookies that may miss pins of a Redis fleet:
+/// Redis cannot list the names of the fleet's pins, so a replica's change
+/// is judged against the patterns the fleet last put in force.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FleetTracking {
+    /// The change drops or rekeys names the fleet tracks.
+    #[error(
+        "a replica of the fleet put track_cookies = {fleet:?} in force (besides the built-in \
+         set), and this configuration's track_cookies = {ours:?} drops or rekeys some of its \
+         names (an exact name dropped or respelt, a pattern dropped or changed). Redis cannot \
+         list the fleet's pins to tell whether any is held under them, and this replica \
+         would not find those pins: their cookies would leave through any exit. Keep the \
+         fleet's names as they are (adding names or patterns is fine), or set \
+         identities.release_untracked_pins = true to leave such pins unenforced (the fleet \
+         then records this configuration)"
+    )]
+    Rekeyed {
+        /// The fleet's patterns beyond the built-in set.
+        fleet: Vec<String>,
+        /// This configuration's.
+        ours: Vec<String>,
+    },
+    /// The fleet's patterns cannot be read as a cookie policy.
+    #[error(
+        "the tracked-cookie patterns the fleet last put in force (in Redis) cannot be read \
+         ({0}): run the pinproxy release the fleet runs, or set \
+         identities.release_untracked_pins = true to leave the fleet's pins of names this \
+         configuration keys otherwise unenforced"
+    )]
+    Unreadable(String),
+    /// Redis did not answer.
+    #[error("cannot read the tracked-cookie patterns the fleet put in force: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The patterns of `patterns` beyond the built-in set.
+fn beyond_defaults(patterns: impl IntoIterator<Item = impl AsRef<str>>) -> Vec<String> {
+    patterns
+        .into_iter()
+        .filter(|pattern| !cookies::DEFAULT_TRACKED.contains(&pattern.as_ref()))
+        .map(|pattern| pattern.as_ref().to_owned())
+        .collect()
+}
+
+/// Refuses `cookies` on a store shared by a fleet (Redis) if it drops or
+/// rekeys names of the patterns the fleet last put in force
+/// ([`CookiePolicy::keeps_keys_of`]), unless `release` (then warns).
+pub async fn check_fleet(
+    store: &Store,
+    cookies: &CookiePolicy,
+    release: bool,
+) -> Result<(), FleetTracking> {
+    let Some(fleet) = store.fleet_tracking().await? else {
+        return Ok(());
+    };
+    let refusal = match CookiePolicy::of_patterns(fleet.iter().map(String::as_str)) {
+        Ok(policy) if cookies.keeps_keys_of(&policy) => return Ok(()),
+        Ok(_) => FleetTracking::Rekeyed {
+            fleet: beyond_defaults(&fleet),
+            ours: beyond_defaults(cookies.patterns()),
+        },
+        Err(e) => FleetTracking::Unreadable(e.to_string()),
+    };
+    if !release {
+        return Err(refusal);
+    }
+    tracing::warn!(
+        refusal = %refusal,
+        "identities.release_untracked_pins: the fleet's pins of names this configuration \
+         drops or keys otherwise are left unenforced"
+    );
+    Ok(())
 }
 
 /// Refuses pins `cookies` would not find (see [`untracked`]) unless

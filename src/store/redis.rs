@@ -673,6 +673,36 @@ impl RedisStore {
         format!("{}:hash-key", self.inner.prefix)
     }
 
+    /// `NS:tracked-cookies`: the tracked-cookie patterns a replica of the
+    /// fleet last put in force (see [`RedisStore::fleet_tracking`]).
+    fn fleet_tracking_key(&self) -> String {
+        format!("{}:tracked-cookies", self.inner.prefix)
+    }
+
+    /// The tracked-cookie patterns (`CookiePolicy::patterns`) a replica of
+    /// the fleet last put in force, at its start or a reload; `None` where
+    /// none has yet. Redis cannot list the names of the fleet's pins, so a
+    /// replica judges a change of its own against these.
+    pub async fn fleet_tracking(&self) -> Result<Option<Vec<String>>, StoreError> {
+        let key = self.fleet_tracking_key();
+        let mut connection = self.connection()?;
+        let line: Option<String> = self.note(connection.get(&key).await)?;
+        Ok(line.map(|line| {
+            line.split(' ')
+                .filter(|pattern| !pattern.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }))
+    }
+
+    /// Records `patterns` as those the fleet's pins are keyed under from
+    /// now on (see [`RedisStore::fleet_tracking`]).
+    pub async fn record_fleet_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+        let key = self.fleet_tracking_key();
+        let mut connection = self.connection()?;
+        self.note(connection.set::<_, _, ()>(&key, patterns.join(" ")).await)
+    }
+
     /// `NS:quarantine-until`: the fleet's quarantine after a loss (see
     /// `recovery`).
     fn quarantine_key(&self) -> String {

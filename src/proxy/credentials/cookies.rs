@@ -259,21 +259,31 @@ impl CookiePolicy {
     /// here (an exact name's keys are hashed in the policy's spelling), no
     /// exact name here that `old` tracked otherwise, the same globs.
     pub fn keys_alike(&self, old: &CookiePolicy) -> bool {
-        let same_globs = |a: &CookiePolicy, b: &CookiePolicy| {
-            a.globs.iter().all(|ours| {
-                b.globs
-                    .iter()
-                    .any(|theirs| ours.pattern.as_str() == theirs.pattern.as_str())
-            })
-        };
+        self.keeps_keys_of(old) && self.globs_among(old)
+    }
+
+    /// Whether this policy pins and finds every cookie `old` did by the
+    /// same keys, and may track more (judged as [`CookiePolicy::keys_alike`]
+    /// judges, but for globs added here: a glob added only adds a key a
+    /// name is looked up by, an exact name taking precedence over it).
+    pub fn keeps_keys_of(&self, old: &CookiePolicy) -> bool {
         old.exact
             .iter()
             .all(|(lowered, spelt)| self.exact.get(lowered) == Some(spelt))
             && self.exact.iter().all(|(lowered, spelt)| {
                 old.exact.get(lowered) == Some(spelt) || old.tracked(spelt).is_none()
             })
-            && same_globs(self, old)
-            && same_globs(old, self)
+            && old.globs_among(self)
+    }
+
+    /// Whether every glob of this policy is one of `other`'s.
+    fn globs_among(&self, other: &CookiePolicy) -> bool {
+        self.globs.iter().all(|ours| {
+            other
+                .globs
+                .iter()
+                .any(|theirs| ours.pattern.as_str() == theirs.pattern.as_str())
+        })
     }
 
     /// Whether a pin `old` made of a cookie named `name` (a pin's name:
@@ -1914,6 +1924,66 @@ mod tests {
         assert!(!policy(&["s*"]).keys_alike(&policy(&["sid"])));
         // An exact name the old globs covered is keyed otherwise now.
         assert!(!policy(&["session_*", "Sid", "session_a"]).keys_alike(&old));
+    }
+
+    /// A policy that adds names or globs to another keeps its keys (a
+    /// fleet's record is judged so); one that drops or respells any does
+    /// not. Whenever it says so, every name the old policy tracks is found
+    /// by the real keying too, PHP's readings included.
+    #[test]
+    fn a_policy_that_only_adds_keeps_the_keys_of_the_one_before() {
+        let policy = |extra: &[&str]| {
+            CookiePolicy::with_extra(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let olds = [
+            policy(&["session_*", "Sid"]),
+            policy(&["foo_bar"]),
+            policy(&["foo*", "foo_bar"]),
+            policy(&[]),
+        ];
+        let news = [
+            policy(&["Sid", "session_*", "x*"]),
+            policy(&["session_*", "Sid", "more"]),
+            policy(&["foo_bar", "foo*"]),
+            policy(&["foo*", "foo_bar", "foo.*", "s*"]),
+            policy(&["foo.*"]),
+            policy(&["sid", "session_*"]),
+            policy(&["session_*"]),
+        ];
+        assert!(news[0].keeps_keys_of(&olds[0]), "a glob added");
+        assert!(!news[0].keys_alike(&olds[0]));
+        assert!(news[2].keeps_keys_of(&olds[1]), "a glob added");
+        assert!(
+            !news[4].keeps_keys_of(&olds[2]),
+            "a glob and a name dropped"
+        );
+        assert!(!news[5].keeps_keys_of(&olds[0]), "respelt");
+        assert!(!news[6].keeps_keys_of(&olds[0]), "dropped");
+        let names = [
+            "Sid",
+            "sid",
+            "session_a",
+            "foo.bar",
+            "foo_bar",
+            "foo bar",
+            "xyz",
+            "datadome",
+            "_px3",
+            "s.id",
+        ];
+        for old in &olds {
+            for new in news.iter().filter(|new| new.keeps_keys_of(old)) {
+                for name in names.iter().filter(|name| old.is_tracked(name)) {
+                    assert!(
+                        new.finds_pins_of(old, name),
+                        "{name}: {:?} after {:?}",
+                        new.patterns(),
+                        old.patterns()
+                    );
+                }
+            }
+        }
     }
 
     /// A pin is found under a new policy only if some key it was pinned by
