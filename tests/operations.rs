@@ -1030,14 +1030,7 @@ async fn a_start_judges_pins_by_the_keying_the_last_reload_recorded() {
 /// a name of theirs is refused, and so is a start that respells it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_replica_judges_the_pins_its_journal_holds() {
-    let redis = RedisServer::start().await;
-    let url = redis.url();
-    let s = Setup::start_with(2, move |c| {
-        c.store.url = url;
-        c.track_cookies = vec!["sid".into()];
-    })
-    .await;
-    let (mut jar, earned) = s.login("/login?name=Sid").await;
+    let (redis, s, mut jar, earned) = a_replica_that_pinned_sid().await;
     let refused = refused_reload_tracking(&s, &[]).await;
     assert!(
         refused.contains("Sid") && refused.contains("release_untracked_pins"),
@@ -1067,14 +1060,7 @@ async fn a_redis_replica_judges_the_pins_its_journal_holds() {
 /// starts; `release_untracked_pins` lets a refused one go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force() {
-    let redis = RedisServer::start().await;
-    let url = redis.url();
-    let s = Setup::start_with(2, move |c| {
-        c.store.url = url;
-        c.track_cookies = vec!["sid".into()];
-    })
-    .await;
-    let (mut jar, earned) = s.login("/login?name=Sid").await;
+    let (redis, s, mut jar, earned) = a_replica_that_pinned_sid().await;
     let other_dir = tempfile::tempdir().unwrap();
     let mut other = s.proxy.config.clone();
     other.data_dir = Some(other_dir.path().to_owned());
@@ -1105,6 +1091,20 @@ async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force
     starts(&other, "released, it starts").await;
     assert_still_pinned(&s, &mut jar, earned).await;
     drop((other_dir, redis));
+}
+
+/// A Redis server, and a replica on it tracking `sid` whose jar holds a
+/// `Sid` cookie it pinned to the exit egressing from the address given.
+async fn a_replica_that_pinned_sid() -> (RedisServer, Setup, Jar, IpAddr) {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let s = Setup::start_with(2, move |c| {
+        c.store.url = url;
+        c.track_cookies = vec!["sid".into()];
+    })
+    .await;
+    let (jar, earned) = s.login("/login?name=Sid").await;
+    (redis, s, jar, earned)
 }
 
 /// The refusal of a start with `config` (`why`: why it must be refused).
