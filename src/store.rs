@@ -403,7 +403,7 @@ impl Store {
     /// the store records them across runs (the embedded store, a Redis
     /// replica's journal; see
     /// [`durable::DurableStore::tracking_on_record`]).
-    pub fn tracking_on_record(&self) -> Option<&[String]> {
+    pub fn tracking_on_record(&self) -> Option<Vec<String>> {
         match self {
             Store::Durable(store) => store.tracking_on_record(),
             Store::Redis(store) => store.tracking_on_record(),
@@ -423,6 +423,16 @@ impl Store {
                 store.record_fleet_tracking(patterns).await
             }
             Store::Memory(_) => Ok(()),
+        }
+    }
+
+    /// The tracked-cookie patterns the store records its pins were keyed
+    /// under: the embedded store's (or a Redis replica's journal's) and,
+    /// from a command-line tool on Redis, the fleet's.
+    pub async fn keying_on_record(&self) -> Result<Option<Vec<String>>, StoreError> {
+        match self.tracking_on_record() {
+            Some(patterns) => Ok(Some(patterns)),
+            None => self.fleet_tracking().await,
         }
     }
 

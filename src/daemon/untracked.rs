@@ -198,7 +198,7 @@ pub fn check_at_start(
     release: bool,
 ) -> Result<(), crate::daemon::StartError> {
     let recorded = store.tracking_on_record();
-    let before = match recorded {
+    let before = match &recorded {
         None => None,
         Some(patterns) => match CookiePolicy::of_patterns(patterns.iter().map(String::as_str)) {
             Ok(before) => Some(before),

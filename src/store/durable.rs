@@ -176,9 +176,9 @@ pub struct DurableStore {
     /// How long a request waits for the disk to confirm a write it needs
     /// ([`CONFIRM_LIMIT`]).
     confirm_limit: Duration,
-    /// The tracked-cookie patterns the file recorded when opened (see
+    /// The tracked-cookie patterns the file records (see
     /// [`DurableStore::tracking_on_record`]).
-    tracking_on_record: Option<Vec<String>>,
+    tracking_on_record: Mutex<Option<Vec<String>>>,
 }
 
 /// How long a request waits for the disk to confirm the write of a pin or
@@ -458,23 +458,31 @@ impl DurableStore {
             writer: Mutex::new(Some(writer)),
             path: path.to_owned(),
             confirm_limit: CONFIRM_LIMIT,
-            tracking_on_record,
+            tracking_on_record: Mutex::new(tracking_on_record),
         })
     }
 
     /// The tracked-cookie patterns (`CookiePolicy::patterns`) the store's
-    /// pins were keyed under, as the file recorded them when it was
-    /// opened; `None` for a store that never recorded any (new, or
-    /// written before they were recorded).
-    pub fn tracking_on_record(&self) -> Option<&[String]> {
-        self.tracking_on_record.as_deref()
+    /// pins were keyed under, as last recorded; `None` for a store that
+    /// never recorded any (new, or written before they were recorded).
+    pub fn tracking_on_record(&self) -> Option<Vec<String>> {
+        self.tracking_on_record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Records `patterns` as those the store's pins are keyed under from
     /// now on, durably before it returns.
     pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
         let seq = self.enqueue(Change::Tracking(patterns.join(" ").into()))?;
-        self.durable(seq).await
+        self.durable(seq).await?;
+        *self
+            .tracking_on_record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(patterns.iter().map(|p| p.to_string()).collect());
+        Ok(())
     }
 
     /// The latest time a record loaded at open was stamped with (see
@@ -913,7 +921,7 @@ mod tests {
         let store = DurableStore::open(&path).unwrap();
         assert_eq!(
             store.tracking_on_record(),
-            Some(&["datadome".to_owned(), "_px*".to_owned()][..])
+            Some(vec!["datadome".to_owned(), "_px*".to_owned()])
         );
         let found = store.lookup(&[key]).await.unwrap();
         let binding = found[0].clone().unwrap();

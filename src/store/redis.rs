@@ -326,7 +326,7 @@ impl RedisStore {
 
     /// The tracked-cookie patterns this replica's journal records its pins
     /// were keyed under.
-    pub fn tracking_on_record(&self) -> Option<&[String]> {
+    pub fn tracking_on_record(&self) -> Option<Vec<String>> {
         self.inner
             .journal
             .as_ref()

@@ -8,8 +8,11 @@
 //! part: a cookie whose pin is missing from an import looks new and may be
 //! pinned anew on any exit. An import into a store whose
 //! key differs is refused: its pins would never match a cookie again, and
-//! worse, a reader might think they do. Cookie values never appear, only
-//! their hashes.
+//! worse, a reader might think they do. So is one whose pins were keyed
+//! under other tracked-cookie patterns than the target's, which holds
+//! cookie pins of its own: a start judges a change of `track_cookies`
+//! against one recorded keying (see `daemon::untracked`), and would miss
+//! the pins of the other. Cookie values never appear, only their hashes.
 
 use std::io::{BufRead, Write};
 
@@ -33,6 +36,10 @@ pub enum Record {
         format: u32,
         /// Id of the pin-hashing key.
         key_id: String,
+        /// The tracked-cookie patterns the source records its pins were
+        /// keyed under (`CookiePolicy::patterns`), if it records any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracked_cookies: Option<Vec<String>>,
     },
     /// An identity.
     Identity(Identity),
@@ -105,6 +112,21 @@ pub enum TransferError {
         /// Why.
         reason: String,
     },
+    /// The pins were keyed under other tracked-cookie patterns than the
+    /// target's own pins.
+    #[error(
+        "the export's pins were keyed under other tracked-cookie patterns than this store's \
+         (only the export's: {exported:?}; only this store's: {ours:?}): a start judges a \
+         change of track_cookies against one of them, and would miss the other's pins of a \
+         name the two key otherwise. Import into an empty store, or into one whose pinproxy \
+         ran with the export's track_cookies"
+    )]
+    Keying {
+        /// Patterns only the export's keying has.
+        exported: Vec<String>,
+        /// Patterns only the target's has.
+        ours: Vec<String>,
+    },
     /// The pins were hashed with another key.
     #[error(
         "the export was made with pin-hashing key {exported}, this store uses {ours}: its pins \
@@ -149,6 +171,7 @@ pub async fn export(
         &Record::Header {
             format: FORMAT,
             key_id: key_id.to_owned(),
+            tracked_cookies: store.keying_on_record().await?,
         },
     )?;
     let mut moved = Moved::default();
@@ -250,6 +273,7 @@ pub fn check(input: impl BufRead, key_id: &str, now_ms: u64) -> Result<Checked, 
             Record::Header {
                 format: version,
                 key_id: exported,
+                ..
             } if !header_seen => {
                 check_header(version, exported, key_id).map_err(|e| e.at(n + 1))?;
                 checked.format = version;
@@ -388,8 +412,10 @@ pub async fn import(
             Record::Header {
                 format: version,
                 key_id: exported,
+                tracked_cookies,
             } => {
                 check_header(version, exported, key_id).map_err(|e| e.at(n + 1))?;
+                adopt_keying(store, tracked_cookies).await?;
                 header_seen = true;
             }
             _ if !header_seen => return Err(format("the export has no header line".into())),
@@ -428,6 +454,45 @@ pub async fn import(
         count(&mut moved, Some(done))?;
     }
     Ok(moved)
+}
+
+/// Before anything is imported: the target records the keying of the
+/// export's pins (`exported`) where it holds no cookie pin of its own, and
+/// refuses an export keyed otherwise than the cookie pins it holds. An
+/// export that records none (made by an earlier release) is taken as keyed
+/// as the target's pins, and said so.
+async fn adopt_keying(store: &Store, exported: Option<Vec<String>>) -> Result<(), TransferError> {
+    let Some(exported) = exported else {
+        tracing::warn!(
+            "the export does not record the tracked-cookie patterns its pins were keyed \
+             under (an earlier release made it): a start judges them as this store's own"
+        );
+        return Ok(());
+    };
+    let ours = store.keying_on_record().await?;
+    if ours.as_ref() == Some(&exported) {
+        return Ok(());
+    }
+    // Redis cannot list the fleet's pins: taken as holding some. (Pins of
+    // header tokens count too: their names are the proxy's to tell.)
+    let holds_cookie_pins = store
+        .held_cookie_names()
+        .is_none_or(|names| !names.is_empty());
+    match ours {
+        Some(ours) if holds_cookie_pins => {
+            let only = |a: &[String], b: &[String]| -> Vec<String> {
+                a.iter().filter(|p| !b.contains(p)).cloned().collect()
+            };
+            Err(TransferError::Keying {
+                exported: only(&exported, &ours),
+                ours: only(&ours, &exported),
+            })
+        }
+        _ => {
+            let patterns: Vec<Box<str>> = exported.iter().map(|p| p.as_str().into()).collect();
+            Ok(store.record_tracking(&patterns).await?)
+        }
+    }
 }
 
 fn count(moved: &mut Moved, done: Option<Result<bool, StoreError>>) -> Result<(), StoreError> {
@@ -514,6 +579,57 @@ mod tests {
             target.exit_deaths().await.unwrap(),
             vec![(ExitId::new("e2"), 77)]
         );
+    }
+
+    /// An export says how its pins were keyed: a store holding cookie
+    /// pins keyed otherwise refuses it before anything is written; one
+    /// holding none takes its keying, which the next start judges by.
+    #[tokio::test]
+    async fn an_import_keyed_otherwise_than_the_stores_own_pins_is_refused() {
+        use crate::store::durable::{DurableStore, STORE_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| Store::Durable(DurableStore::open(&dir.path().join(name)).unwrap());
+        let source = open("source");
+        source
+            .record_tracking(&["datadome".into(), "sid".into()])
+            .await
+            .unwrap();
+        pinned_identity(&source).await;
+        let mut file = Vec::new();
+        export(&source, "k1", &mut file).await.unwrap();
+        let text = String::from_utf8(file.clone()).unwrap();
+        assert!(
+            text.contains(r#""tracked_cookies":["datadome","sid"]"#),
+            "{text}"
+        );
+
+        let target = open(STORE_FILE);
+        target
+            .record_tracking(&["datadome".into(), "Sid".into()])
+            .await
+            .unwrap();
+        let (_, key) = pinned_identity(&target).await;
+        let refused = import(&target, "k1", file.as_slice(), NOW)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, TransferError::Keying { exported, ours }
+                if exported == &["sid"] && ours == &["Sid"]),
+            "{refused}"
+        );
+        assert_eq!(target.list().await.unwrap().len(), 1, "nothing imported");
+
+        let empty = open("empty");
+        empty
+            .record_tracking(&["datadome".into(), "Sid".into()])
+            .await
+            .unwrap();
+        import(&empty, "k1", file.as_slice(), NOW).await.unwrap();
+        assert_eq!(
+            empty.keying_on_record().await.unwrap(),
+            Some(vec!["datadome".to_owned(), "sid".to_owned()])
+        );
+        assert!(empty.lookup(&[key]).await.unwrap()[0].is_some());
     }
 
     /// "Now" for the checks: the fixture's records were made at 5 ms.

@@ -62,7 +62,7 @@ impl Journal {
     /// The tracked-cookie patterns this replica's pins were keyed under,
     /// as the journal recorded them (see
     /// [`DurableStore::tracking_on_record`]).
-    pub fn tracking_on_record(&self) -> Option<&[String]> {
+    pub fn tracking_on_record(&self) -> Option<Vec<String>> {
         self.store.tracking_on_record()
     }
 
