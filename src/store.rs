@@ -436,6 +436,18 @@ impl Store {
         }
     }
 
+    /// Whether the store may hold pins: any it lists, or for Redis, which
+    /// cannot list the fleet's, any written since the namespace's history
+    /// began (its write sequence).
+    pub async fn may_hold_pins(&self) -> Result<bool, StoreError> {
+        match self {
+            Store::Redis(store) => store.wrote_pins().await,
+            Store::Memory(_) | Store::Durable(_) => {
+                Ok(!self.held_cookie_names().unwrap_or_default().is_empty())
+            }
+        }
+    }
+
     /// The tracked-cookie patterns a replica of a shared store's fleet
     /// last put in force (see [`redis::RedisStore::fleet_tracking`]);
     /// `None` for a store of this process alone.

@@ -1057,7 +1057,8 @@ async fn a_redis_replica_judges_the_pins_its_journal_holds() {
 /// name another replica pinned is refused; a reload that adds a name goes
 /// through, and the fleet records it, so a replica that leaves it out is
 /// refused though its own journal holds none of it; one that adds more
-/// starts; `release_untracked_pins` lets a refused one go.
+/// starts, and cannot drop it again by a reload; `release_untracked_pins`
+/// lets a refused one go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force() {
     let (redis, s, mut jar, earned) = a_replica_that_pinned_sid().await;
@@ -1067,7 +1068,7 @@ async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force
     other.track_cookies = vec!["Sid".into()];
     let refused = refused_start(&other, "a new replica respelling the fleet's name").await;
     assert!(
-        refused.contains(r#"track_cookies = ["sid"] in force"#) && refused.contains("fleet"),
+        refused.contains(r#"only the fleet's: ["sid"]; only this configuration's: ["Sid"]"#),
         "{refused}"
     );
     let mut added = s.proxy.config.clone();
@@ -1081,11 +1082,22 @@ async fn a_replica_judges_a_change_by_the_tracked_cookies_the_fleet_put_in_force
     other.track_cookies = vec!["sid".into()];
     let refused = refused_start(&other, "a replica leaving out the fleet's name").await;
     assert!(
-        refused.contains(r#"track_cookies = ["sid", "tok"] in force"#),
+        refused.contains(r#"only the fleet's: ["tok"]; only this configuration's: []"#),
         "{refused}"
     );
     other.track_cookies = vec!["sid".into(), "tok".into(), "more_*".into()];
-    starts(&other, "a replica adding a pattern starts").await;
+    let daemon = pinproxy::daemon::Daemon::start(&other)
+        .await
+        .expect("a replica adding a pattern starts");
+    // Its own journal holds nothing of `more_*`: the fleet's record judges.
+    let mut dropped = other.clone();
+    dropped.track_cookies = vec!["sid".into(), "tok".into()];
+    let refused = daemon.reload_with(&dropped).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(r#"only the fleet's: ["more_*"]"#),
+        "{refused}"
+    );
+    daemon.shutdown(std::time::Duration::from_secs(5)).await;
     other.track_cookies = vec!["sid".into()];
     other.identities.release_untracked_pins = true;
     starts(&other, "released, it starts").await;

@@ -227,6 +227,8 @@ async fn survives_a_wipe(wipe: impl AsyncFnOnce(&mut RedisNode)) {
     // so no journal that is up can restore it.
     let mut orphan = log_in(&fleet, 1, &[2]).await;
     fleet.stop(2).await;
+    let tracked: Option<String> = redis.command(&["GET", "pinproxy:tracked-cookies"]).await;
+    assert!(tracked.is_some(), "the fleet records its tracked cookies");
 
     wipe(&mut redis).await;
 
@@ -234,6 +236,13 @@ async fn survives_a_wipe(wipe: impl AsyncFnOnce(&mut RedisNode)) {
     let after = pages(&fleet, &mut clients, &up).await;
     assert_eq!(after.lost, 0, "every journaled pin is restored");
     assert_eq!(after.kept, 18 * 2);
+    // Put back before the pins (or a replica started next would judge a
+    // change of them by nothing).
+    let restored: Option<String> = redis.command(&["GET", "pinproxy:tracked-cookies"]).await;
+    assert_eq!(
+        restored, tracked,
+        "the fleet's tracked cookies are restored"
+    );
     let orphaned = pages(&fleet, &mut orphan, &up).await;
     assert_eq!(
         orphaned.lost, 2,

@@ -236,19 +236,20 @@ pub fn check_at_start(
 pub enum FleetTracking {
     /// The change drops or rekeys names the fleet tracks.
     #[error(
-        "a replica of the fleet put track_cookies = {fleet:?} in force (besides the built-in \
-         set), and this configuration's track_cookies = {ours:?} drops or rekeys some of its \
-         names (an exact name dropped or respelt, a pattern dropped or changed). Redis cannot \
-         list the fleet's pins to tell whether any is held under them, and this replica \
-         would not find those pins: their cookies would leave through any exit. Keep the \
-         fleet's names as they are (adding names or patterns is fine), or set \
-         identities.release_untracked_pins = true to leave such pins unenforced (the fleet \
-         then records this configuration)"
+        "a replica of the fleet put in force tracked-cookie patterns of which this \
+         configuration drops or keys otherwise some names (an exact name dropped or respelt, \
+         a pattern dropped or changed; only the fleet's: {fleet:?}; only this \
+         configuration's: {ours:?}). Redis cannot list the fleet's pins to tell whether any \
+         is held under them, and this replica would not find those pins: their cookies would \
+         leave through any exit. Keep the fleet's names as they are (adding names or \
+         patterns is fine, but for an exact name with capitals that a pattern covered, whose \
+         pins were keyed lowercased), or set identities.release_untracked_pins = true to \
+         leave such pins unenforced (the fleet then records this configuration)"
     )]
     Rekeyed {
-        /// The fleet's patterns beyond the built-in set.
+        /// Patterns only the fleet's record has.
         fleet: Vec<String>,
-        /// This configuration's.
+        /// Patterns only this configuration has.
         ours: Vec<String>,
     },
     /// The fleet's patterns cannot be read as a cookie policy.
@@ -286,10 +287,16 @@ pub async fn check_fleet(
     };
     let refusal = match CookiePolicy::of_patterns(fleet.iter().map(String::as_str)) {
         Ok(policy) if cookies.keeps_keys_of(&policy) => return Ok(()),
-        Ok(_) => FleetTracking::Rekeyed {
-            fleet: beyond_defaults(&fleet),
-            ours: beyond_defaults(cookies.patterns()),
-        },
+        Ok(_) => {
+            let ours: Vec<String> = cookies.patterns().iter().map(|p| p.to_string()).collect();
+            let only = |a: &[String], b: &[String]| -> Vec<String> {
+                a.iter().filter(|p| !b.contains(p)).cloned().collect()
+            };
+            FleetTracking::Rekeyed {
+                fleet: only(&fleet, &ours),
+                ours: only(&ours, &fleet),
+            }
+        }
         Err(e) => FleetTracking::Unreadable(e.to_string()),
     };
     if !release {

@@ -695,6 +695,37 @@ impl RedisStore {
         }))
     }
 
+    /// Whether pins were written in the namespace since its history began
+    /// (its write sequence moved).
+    pub async fn wrote_pins(&self) -> Result<bool, StoreError> {
+        let key = self.seq_key();
+        let mut connection = self.connection()?;
+        let seq: Option<u64> = self.note(connection.get(&key).await)?;
+        Ok(seq.unwrap_or(0) > 0)
+    }
+
+    /// After a loss: `patterns`, this replica's, as the fleet's tracked
+    /// cookies unless another replica's restore put its own back first
+    /// (best effort: the pins matter more, and are restored whatever this
+    /// says).
+    pub(super) async fn restore_fleet_tracking(&self, patterns: &[String]) {
+        let key = self.fleet_tracking_key();
+        let restored = async {
+            let mut connection = self.connection()?;
+            self.note(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(patterns.join(" "))
+                    .arg("NX")
+                    .query_async::<Option<String>>(&mut connection)
+                    .await,
+            )
+        };
+        if let Err(e) = restored.await {
+            tracing::warn!(error = %e, "could not put the fleet's tracked cookies back after the loss");
+        }
+    }
+
     /// Records `patterns` as those the fleet's pins are keyed under from
     /// now on (see [`RedisStore::fleet_tracking`]).
     pub async fn record_fleet_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {

@@ -127,6 +127,14 @@ pub enum TransferError {
         /// Patterns only the target's has.
         ours: Vec<String>,
     },
+    /// The target holds pins and records no keying of them.
+    #[error(
+        "this store holds pins but records no tracked-cookie patterns they were keyed under \
+         (an earlier release wrote them): the export's, keyed under its own, could not be \
+         judged beside them at a start. Start pinproxy on this store once, with its own \
+         configuration, so that it records them, then import again"
+    )]
+    KeyingUnknown,
     /// The pins were hashed with another key.
     #[error(
         "the export was made with pin-hashing key {exported}, this store uses {ours}: its pins \
@@ -470,24 +478,20 @@ async fn adopt_keying(store: &Store, exported: Option<Vec<String>>) -> Result<()
         return Ok(());
     };
     let ours = store.keying_on_record().await?;
-    if ours.as_ref() == Some(&exported) {
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|p| !b.contains(p)).cloned().collect()
+    };
+    let alike =
+        |ours: &[String]| only(&exported, ours).is_empty() && only(ours, &exported).is_empty();
+    if ours.as_deref().is_some_and(alike) {
         return Ok(());
     }
-    // Redis cannot list the fleet's pins: taken as holding some. (Pins of
-    // header tokens count too: their names are the proxy's to tell.)
-    let holds_cookie_pins = store
-        .held_cookie_names()
-        .is_none_or(|names| !names.is_empty());
     match ours {
-        Some(ours) if holds_cookie_pins => {
-            let only = |a: &[String], b: &[String]| -> Vec<String> {
-                a.iter().filter(|p| !b.contains(p)).cloned().collect()
-            };
-            Err(TransferError::Keying {
-                exported: only(&exported, &ours),
-                ours: only(&ours, &exported),
-            })
-        }
+        Some(ours) if store.may_hold_pins().await? => Err(TransferError::Keying {
+            exported: only(&exported, &ours),
+            ours: only(&ours, &exported),
+        }),
+        None if store.may_hold_pins().await? => Err(TransferError::KeyingUnknown),
         _ => {
             let patterns: Vec<Box<str>> = exported.iter().map(|p| p.as_str().into()).collect();
             Ok(store.record_tracking(&patterns).await?)
@@ -618,6 +622,25 @@ mod tests {
             "{refused}"
         );
         assert_eq!(target.list().await.unwrap().len(), 1, "nothing imported");
+
+        let unrecorded = open("unrecorded");
+        pinned_identity(&unrecorded).await;
+        let refused = import(&unrecorded, "k1", file.as_slice(), NOW)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, TransferError::KeyingUnknown), "{refused}");
+        assert_eq!(unrecorded.keying_on_record().await.unwrap(), None);
+
+        // The same patterns in another order key alike.
+        let reordered = open("reordered");
+        reordered
+            .record_tracking(&["sid".into(), "datadome".into()])
+            .await
+            .unwrap();
+        pinned_identity(&reordered).await;
+        import(&reordered, "k1", file.as_slice(), NOW)
+            .await
+            .unwrap();
 
         let empty = open("empty");
         empty

@@ -259,21 +259,39 @@ impl CookiePolicy {
     /// here (an exact name's keys are hashed in the policy's spelling), no
     /// exact name here that `old` tracked otherwise, the same globs.
     pub fn keys_alike(&self, old: &CookiePolicy) -> bool {
-        self.keeps_keys_of(old) && self.globs_among(old)
+        self.keeps_exact_names_of(old, false) && old.globs_among(self) && self.globs_among(old)
     }
 
     /// Whether this policy pins and finds every cookie `old` did by the
     /// same keys, and may track more (judged as [`CookiePolicy::keys_alike`]
-    /// judges, but for globs added here: a glob added only adds a key a
-    /// name is looked up by, an exact name taking precedence over it).
+    /// judges, but for globs added here, and for exact names added here in
+    /// lower case that an old glob covered: a glob added only adds a key a
+    /// name is looked up by, an exact name taking precedence over it, and
+    /// a glob keys its match lowercased, as such an exact name is keyed).
     pub fn keeps_keys_of(&self, old: &CookiePolicy) -> bool {
+        self.keeps_exact_names_of(old, true) && old.globs_among(self)
+    }
+
+    /// Whether each exact name of `old` is spelt alike here, and each
+    /// exact name here that `old` tracked was an exact name of it spelt
+    /// alike or, `if_covered_alike`, one in lower case an old glob covered
+    /// and whose pins each policy finds of the other.
+    fn keeps_exact_names_of(&self, old: &CookiePolicy, if_covered_alike: bool) -> bool {
         old.exact
             .iter()
             .all(|(lowered, spelt)| self.exact.get(lowered) == Some(spelt))
             && self.exact.iter().all(|(lowered, spelt)| {
-                old.exact.get(lowered) == Some(spelt) || old.tracked(spelt).is_none()
+                old.exact.get(lowered) == Some(spelt)
+                    || match old.tracked(spelt) {
+                        None => true,
+                        Some(Tracked::Pattern { .. }) if if_covered_alike => {
+                            **lowered == **spelt
+                                && self.finds_pins_of(old, spelt)
+                                && old.finds_pins_of(self, spelt)
+                        }
+                        Some(_) => false,
+                    }
             })
-            && old.globs_among(self)
     }
 
     /// Whether every glob of this policy is one of `other`'s.
@@ -1941,6 +1959,7 @@ mod tests {
             policy(&["foo_bar"]),
             policy(&["foo*", "foo_bar"]),
             policy(&[]),
+            policy(&["session_*", "Sid", "session_id"]),
         ];
         let news = [
             policy(&["Sid", "session_*", "x*"]),
@@ -1950,8 +1969,22 @@ mod tests {
             policy(&["foo.*"]),
             policy(&["sid", "session_*"]),
             policy(&["session_*"]),
+            policy(&["session_*", "Sid", "session_id"]),
+            policy(&["session_*", "Sid", "session_id", "session.x"]),
         ];
         assert!(news[0].keeps_keys_of(&olds[0]), "a glob added");
+        assert!(
+            news[1].keeps_keys_of(&olds[0]),
+            "a name no glob covered added"
+        );
+        assert!(
+            policy(&["session_*", "Sid", "session_id"]).keeps_keys_of(&olds[0]),
+            "a name a glob covered added in lower case"
+        );
+        assert!(
+            !policy(&["session_*", "Sid", "Session_id"]).keeps_keys_of(&olds[0]),
+            "a name a glob covered added with capitals: keyed otherwise"
+        );
         assert!(!news[0].keys_alike(&olds[0]));
         assert!(news[2].keeps_keys_of(&olds[1]), "a glob added");
         assert!(
@@ -1971,6 +2004,12 @@ mod tests {
             "datadome",
             "_px3",
             "s.id",
+            "session_id",
+            "Session_ID",
+            "session.id",
+            "session%5Fid",
+            "session.x",
+            "session_x",
         ];
         for old in &olds {
             for new in news.iter().filter(|new| new.keeps_keys_of(old)) {

@@ -593,6 +593,12 @@ impl RedisStore {
             self.save_generation(true).await;
             return Ok(());
         };
+        // The fleet's tracked cookies went with the rest: put back, or a
+        // replica started next would judge a change of them by nothing
+        // (see `RedisStore::fleet_tracking`).
+        if let Some(patterns) = journal.tracking_on_record() {
+            self.restore_fleet_tracking(&patterns).await;
+        }
         let listings = journal.list().await?;
         let mut restored = 0u64;
         for listing in listings {
