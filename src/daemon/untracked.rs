@@ -15,7 +15,10 @@
 //! under (each start and reload records its own): a respelling a reload
 //! refused is refused at the next start too. A Redis replica judges the
 //! pins its journal holds (those it made or read) by what the journal
-//! records: Redis holds the fleet's, and lists none of them cheaply.
+//! records; Redis holds the fleet's and lists none of them cheaply, so a
+//! replica's change is also judged, by patterns alone, against those the
+//! fleet last put in force ([`check_fleet`]). An import is judged by the
+//! export's record (see `store::transfer`).
 
 use std::fmt;
 
