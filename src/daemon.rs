@@ -643,7 +643,7 @@ impl Daemon {
             &settings.cookies,
             settings.identities.release_untracked_pins,
         )?;
-        crate::daemon::untracked::check_fleet(
+        let fleet_judged = crate::daemon::untracked::check_fleet(
             &store,
             &settings.cookies,
             settings.identities.release_untracked_pins,
@@ -718,6 +718,16 @@ impl Daemon {
             .store()
             .record_tracking(settings.cookies.patterns())
             .await?;
+        // The fleet's record too, unless another replica changed it since
+        // it was judged (then judged again: two replicas that judged one
+        // record at once must not both go through).
+        crate::daemon::untracked::claim_fleet(
+            router.store(),
+            &settings.cookies,
+            fleet_judged,
+            settings.identities.release_untracked_pins,
+        )
+        .await?;
 
         let shutdown = CancellationToken::new();
         let tasks = ConnectionTasks::new();

@@ -413,15 +413,12 @@ impl Store {
 
     /// Records the tracked-cookie patterns (`CookiePolicy::patterns`) pins
     /// are keyed under from now on, where the store keeps them across
-    /// runs: the embedded store, a Redis replica's journal and, for the
-    /// fleet, Redis (a memory store forgets its pins).
+    /// runs: the embedded store, a Redis replica's journal (a memory store
+    /// forgets its pins; the fleet's record is [`Store::claim_fleet_tracking`]'s).
     pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
         match self {
             Store::Durable(store) => store.record_tracking(patterns).await,
-            Store::Redis(store) => {
-                store.record_tracking(patterns).await?;
-                store.record_fleet_tracking(patterns).await
-            }
+            Store::Redis(store) => store.record_tracking(patterns).await,
             Store::Memory(_) => Ok(()),
         }
     }
@@ -454,6 +451,20 @@ impl Store {
     pub async fn fleet_tracking(&self) -> Result<Option<Vec<String>>, StoreError> {
         match self {
             Store::Redis(store) => store.fleet_tracking().await,
+            Store::Memory(_) | Store::Durable(_) => Ok(None),
+        }
+    }
+
+    /// Records `patterns` as the fleet's tracked cookies if the record is
+    /// still `judged` (see [`redis::RedisStore::record_fleet_tracking`]);
+    /// nothing to do for a store of this process alone.
+    pub async fn claim_fleet_tracking(
+        &self,
+        judged: Option<&[String]>,
+        patterns: &[Box<str>],
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        match self {
+            Store::Redis(store) => store.record_fleet_tracking(judged, patterns).await,
             Store::Memory(_) | Store::Durable(_) => Ok(None),
         }
     }

@@ -635,6 +635,44 @@ async fn a_lookup_made_before_a_loss_was_noticed_decides_no_pin() {
     holder.close().await;
 }
 
+/// Two replicas that judged one record of the fleet's tracked cookies at
+/// once do not both go through: the record is replaced only if it is
+/// still the one judged, and the second is judged again against the
+/// first's (a rollout superseded mid-way: `Tok` then `tok` added).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_the_fleets_tracked_cookies_is_judged_against_the_record_it_replaces() {
+    use pinproxy::daemon::untracked::{check_fleet, claim_fleet, FleetTracking};
+    use pinproxy::proxy::credentials::cookies::CookiePolicy;
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let tool = || redis_store(&url, "tracked", 2 * HOUR_MS, HOUR_MS, None);
+    let (first, second) = (Store::Redis(tool().await), Store::Redis(tool().await));
+    let policy = |names: &[&str]| {
+        CookiePolicy::with_extra(&names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap()
+    };
+    let sid = policy(&["sid"]);
+    claim_fleet(&first, &sid, None, false).await.unwrap();
+    let (one, other) = (policy(&["sid", "Tok"]), policy(&["sid", "tok"]));
+    let judged_by_one = check_fleet(&first, &one, false).await.unwrap();
+    let judged_by_other = check_fleet(&second, &other, false).await.unwrap();
+    assert_eq!(judged_by_one, judged_by_other, "both judged one record");
+    claim_fleet(&first, &one, judged_by_one, false)
+        .await
+        .unwrap();
+    let refused = claim_fleet(&second, &other, judged_by_other, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, FleetTracking::Rekeyed { fleet, ours } if fleet == &["Tok"] && ours == &["tok"]),
+        "{refused}"
+    );
+    assert_eq!(
+        first.fleet_tracking().await.unwrap(),
+        Some(one.patterns().iter().map(|p| p.to_string()).collect()),
+        "the record is the first's"
+    );
+}
+
 /// A replica's store on namespace `namespace` of `redis` (its data in
 /// `dir`), holding one identity with one pin.
 async fn replica_with_a_pin(

@@ -292,14 +292,19 @@ impl Live {
             untracked().await??;
         }
         // The fleet's pins, which Redis cannot list, are judged by the
-        // patterns the fleet last put in force.
+        // patterns the fleet last put in force, and these become its
+        // record at once unless another replica changed it since (then
+        // judged again). A reload refused after this leaves the fleet's
+        // record ahead of this replica, which the other replicas' changes
+        // are then judged against: more refusals, no missed pin (unless
+        // released).
         if settings.cookies.patterns() != applied.settings.cookies.patterns() {
-            crate::daemon::untracked::check_fleet(
-                self.core.router.store(),
-                &settings.cookies,
-                settings.identities.release_untracked_pins,
-            )
-            .await?;
+            let store = self.core.router.store();
+            let release = settings.identities.release_untracked_pins;
+            let judged =
+                crate::daemon::untracked::check_fleet(store, &settings.cookies, release).await?;
+            crate::daemon::untracked::claim_fleet(store, &settings.cookies, judged, release)
+                .await?;
         }
         // Requests begun before go on with the old configuration and may
         // pin such a name after that walk; so from here only names the new

@@ -266,6 +266,12 @@ pub enum FleetTracking {
     /// Redis did not answer.
     #[error("cannot read the tracked-cookie patterns the fleet put in force: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// Other replicas kept changing the fleet's record.
+    #[error(
+        "other replicas kept changing the tracked-cookie patterns the fleet put in force \
+         while this one judged its own: try again once the fleet's rollout settled"
+    )]
+    Contended,
 }
 
 /// The patterns of `patterns` beyond the built-in set.
@@ -277,17 +283,59 @@ fn beyond_defaults(patterns: impl IntoIterator<Item = impl AsRef<str>>) -> Vec<S
         .collect()
 }
 
+/// The fleet's record a change was judged against (`None`: there was
+/// none), for [`claim_fleet`].
+pub type Judged = Option<Vec<String>>;
+
 /// Refuses `cookies` on a store shared by a fleet (Redis) if it drops or
 /// rekeys names of the patterns the fleet last put in force
 /// ([`CookiePolicy::keeps_keys_of`]), unless `release` (then warns).
+/// Returns the record it judged, which [`claim_fleet`] replaces.
 pub async fn check_fleet(
     store: &Store,
     cookies: &CookiePolicy,
     release: bool,
+) -> Result<Judged, FleetTracking> {
+    let judged = store.fleet_tracking().await?;
+    if let Some(fleet) = &judged {
+        judge_fleet(fleet, cookies, release)?;
+    }
+    Ok(judged)
+}
+
+/// Makes `cookies` the fleet's record if it is still the one `judged`;
+/// else judges it again against the record now (another replica changed
+/// it meanwhile), a few times at most.
+pub async fn claim_fleet(
+    store: &Store,
+    cookies: &CookiePolicy,
+    mut judged: Judged,
+    release: bool,
 ) -> Result<(), FleetTracking> {
-    let Some(fleet) = store.fleet_tracking().await? else {
-        return Ok(());
-    };
+    for _ in 0..CLAIMS {
+        match store
+            .claim_fleet_tracking(judged.as_deref(), cookies.patterns())
+            .await?
+        {
+            None => return Ok(()),
+            Some(now) => {
+                judge_fleet(&now, cookies, release)?;
+                judged = Some(now);
+            }
+        }
+    }
+    Err(FleetTracking::Contended)
+}
+
+/// Tries of [`claim_fleet`] before it gives up.
+const CLAIMS: usize = 5;
+
+/// [`check_fleet`] against the record `fleet`.
+fn judge_fleet(
+    fleet: &[String],
+    cookies: &CookiePolicy,
+    release: bool,
+) -> Result<(), FleetTracking> {
     let refusal = match CookiePolicy::of_patterns(fleet.iter().map(String::as_str)) {
         Ok(policy) if cookies.keeps_keys_of(&policy) => return Ok(()),
         Ok(_) => {
@@ -296,8 +344,8 @@ pub async fn check_fleet(
                 a.iter().filter(|p| !b.contains(p)).cloned().collect()
             };
             FleetTracking::Rekeyed {
-                fleet: only(&fleet, &ours),
-                ours: only(&ours, &fleet),
+                fleet: only(fleet, &ours),
+                ours: only(&ours, fleet),
             }
         }
         Err(e) => FleetTracking::Unreadable(e.to_string()),

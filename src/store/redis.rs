@@ -727,11 +727,32 @@ impl RedisStore {
     }
 
     /// Records `patterns` as those the fleet's pins are keyed under from
-    /// now on (see [`RedisStore::fleet_tracking`]).
-    pub async fn record_fleet_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
+    /// now on (see [`RedisStore::fleet_tracking`]), provided the record is
+    /// still `judged` (`None`: absent), the one a change was judged
+    /// against; else writes nothing and answers the record now, for the
+    /// change to be judged again (two replicas that judged one record at
+    /// once must not both go through).
+    pub async fn record_fleet_tracking(
+        &self,
+        judged: Option<&[String]>,
+        patterns: &[Box<str>],
+    ) -> Result<Option<Vec<String>>, StoreError> {
         let key = self.fleet_tracking_key();
         let mut connection = self.connection()?;
-        self.note(connection.set::<_, _, ()>(&key, patterns.join(" ")).await)
+        let now: Option<String> = self.note(
+            Script::new(scripts::SET_IF_STILL)
+                .key(&key)
+                .arg(judged.map(|judged| judged.join(" ")).unwrap_or_default())
+                .arg(patterns.join(" "))
+                .invoke_async(&mut connection)
+                .await,
+        )?;
+        Ok(now.map(|line| {
+            line.split(' ')
+                .filter(|pattern| !pattern.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }))
     }
 
     /// `NS:quarantine-until`: the fleet's quarantine after a loss (see

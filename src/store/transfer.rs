@@ -127,6 +127,12 @@ pub enum TransferError {
         /// Patterns only the target's has.
         ours: Vec<String>,
     },
+    /// A replica recorded the fleet's keying while the import judged it.
+    #[error(
+        "a replica recorded the fleet's tracked cookies while this import judged them: run \
+         the import again"
+    )]
+    KeyingChanged,
     /// The target holds pins and records no keying of them.
     #[error(
         "this store holds pins but records no tracked-cookie patterns they were keyed under \
@@ -486,16 +492,24 @@ async fn adopt_keying(store: &Store, exported: Option<Vec<String>>) -> Result<()
     if ours.as_deref().is_some_and(alike) {
         return Ok(());
     }
-    match ours {
-        Some(ours) if store.may_hold_pins().await? => Err(TransferError::Keying {
-            exported: only(&exported, &ours),
-            ours: only(&ours, &exported),
-        }),
-        None if store.may_hold_pins().await? => Err(TransferError::KeyingUnknown),
-        _ => {
-            let patterns: Vec<Box<str>> = exported.iter().map(|p| p.as_str().into()).collect();
-            Ok(store.record_tracking(&patterns).await?)
+    match &ours {
+        Some(ours) if store.may_hold_pins().await? => {
+            return Err(TransferError::Keying {
+                exported: only(&exported, ours),
+                ours: only(ours, &exported),
+            })
         }
+        None if store.may_hold_pins().await? => return Err(TransferError::KeyingUnknown),
+        _ => {}
+    }
+    let patterns: Vec<Box<str>> = exported.iter().map(|p| p.as_str().into()).collect();
+    store.record_tracking(&patterns).await?;
+    match store
+        .claim_fleet_tracking(ours.as_deref(), &patterns)
+        .await?
+    {
+        None => Ok(()),
+        Some(_) => Err(TransferError::KeyingChanged),
     }
 }
 

@@ -11,6 +11,18 @@
 //! increment it (and keep it twice the pins' lifetime, so that it outlives
 //! them whatever the replicas' clocks say), the lookup reads it.
 
+/// Sets `KEYS[1]` to `ARGV[2]` if it still holds `ARGV[1]` (empty:
+/// absent) and answers nil; else answers what it holds. Not a
+/// generation-reporting script: the record it writes routes nothing.
+pub(super) const SET_IF_STILL: &str = r"
+local now = redis.call('GET', KEYS[1])
+if (now or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return false
+end
+return now
+";
+
 /// Reads the pins `KEYS[3..n-1]` and, for each, its identity's hash
 /// (`ARGV[1]` is the identity key prefix); `KEYS[n]` is the write count.
 pub(super) const LOOKUP: &str = r"
