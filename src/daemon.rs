@@ -714,13 +714,10 @@ impl Daemon {
         // the start (both addresses are bound), so that a start given up
         // leaves the record of the run before, and before the admin
         // listener is served and can take a reload that records its own.
-        router
-            .store()
-            .record_tracking(settings.cookies.patterns())
-            .await?;
-        // The fleet's record too, unless another replica changed it since
-        // it was judged (then judged again: two replicas that judged one
-        // record at once must not both go through).
+        // The fleet's record first, unless another replica changed it
+        // since it was judged (then judged again: two replicas that judged
+        // one record at once must not both go through), which may still
+        // refuse the start; then this store's, which cannot.
         crate::daemon::untracked::claim_fleet(
             router.store(),
             &settings.cookies,
@@ -728,6 +725,10 @@ impl Daemon {
             settings.identities.release_untracked_pins,
         )
         .await?;
+        router
+            .store()
+            .record_tracking(settings.cookies.patterns())
+            .await?;
 
         let shutdown = CancellationToken::new();
         let tasks = ConnectionTasks::new();

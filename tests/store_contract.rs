@@ -671,6 +671,21 @@ async fn a_change_of_the_fleets_tracked_cookies_is_judged_against_the_record_it_
         Some(one.patterns().iter().map(|p| p.to_string()).collect()),
         "the record is the first's"
     );
+    // A record written with stray blanks (by hand) is the one it reads as.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let spaced = format!(" {}  ", one.patterns().join("  "));
+    let _: () = redis::cmd("SET")
+        .arg("tracked:tracked-cookies")
+        .arg(&spaced)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let more = policy(&["sid", "Tok", "more"]);
+    let judged = check_fleet(&second, &more, false).await.unwrap();
+    claim_fleet(&second, &more, judged, false)
+        .await
+        .expect("a compatible change goes through");
 }
 
 /// A replica's store on namespace `namespace` of `redis` (its data in

@@ -264,12 +264,12 @@ pub enum FleetTracking {
     )]
     Unreadable(String),
     /// Redis did not answer.
-    #[error("cannot read the tracked-cookie patterns the fleet put in force: {0}")]
+    #[error("cannot read or write the tracked-cookie patterns the fleet put in force: {0}")]
     Store(#[from] crate::store::StoreError),
     /// Other replicas kept changing the fleet's record.
     #[error(
         "other replicas kept changing the tracked-cookie patterns the fleet put in force \
-         while this one judged its own: try again once the fleet's rollout settled"
+         while this one judged its own: try again once the fleet's rollout has settled"
     )]
     Contended,
 }

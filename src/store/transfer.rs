@@ -476,6 +476,18 @@ pub async fn import(
 /// export that records none (made by an earlier release) is taken as keyed
 /// as the target's pins, and said so.
 async fn adopt_keying(store: &Store, exported: Option<Vec<String>>) -> Result<(), TransferError> {
+    if let Some(bad) = exported
+        .iter()
+        .flatten()
+        .find(|p| p.is_empty() || p.chars().any(char::is_whitespace))
+    {
+        return Err(TransferError::Format {
+            line: 1,
+            reason: format!(
+                "the header's tracked cookies hold a pattern that cannot be one: {bad:?}"
+            ),
+        });
+    }
     let Some(exported) = exported else {
         tracing::warn!(
             "the export does not record the tracked-cookie patterns its pins were keyed \

@@ -12,11 +12,13 @@
 //! them whatever the replicas' clocks say), the lookup reads it.
 
 /// Sets `KEYS[1]` to `ARGV[2]` if it still holds `ARGV[1]` (empty:
-/// absent) and answers nil; else answers what it holds. Not a
+/// absent; compared with runs of blanks as one, none at either end, as a
+/// reader splits it) and answers nil; else answers what it holds. Not a
 /// generation-reporting script: the record it writes routes nothing.
 pub(super) const SET_IF_STILL: &str = r"
 local now = redis.call('GET', KEYS[1])
-if (now or '') == ARGV[1] then
+local read = ((now or ''):gsub('%s+', ' '):gsub('^ ', ''):gsub(' $', ''))
+if read == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
   return false
 end
