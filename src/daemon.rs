@@ -710,14 +710,14 @@ impl Daemon {
             None => None,
         };
         // Pins are keyed under these patterns from here (the next start
-        // judges them against it): recorded once nothing after can refuse
-        // the start (both addresses are bound), so that a start given up
-        // leaves the record of the run before, and before the admin
-        // listener is served and can take a reload that records its own.
-        // The fleet's record first, unless another replica changed it
-        // since it was judged (then judged again: two replicas that judged
-        // one record at once must not both go through), which may still
-        // refuse the start; then this store's, which cannot.
+        // judges them against it): recorded once both addresses are bound,
+        // so that a start given up there leaves the record of the run
+        // before, and before the admin listener is served and can take a
+        // reload that records its own. The fleet's record first: it is
+        // replaced only if no other replica changed it since it was judged
+        // (else judged again: two replicas that judged one record at once
+        // must not both go through), which may still refuse the start;
+        // then this store's, after which nothing can.
         crate::daemon::untracked::claim_fleet(
             router.store(),
             &settings.cookies,
