@@ -350,6 +350,34 @@ pub trait PinStore: Send + Sync {
     fn exit_deaths(&self) -> impl Future<Output = Result<Vec<(ExitId, u64)>, StoreError>> + Send;
 }
 
+/// The tracked-cookie patterns (`CookiePolicy::patterns`) as a store
+/// records them: joined by spaces, which no pattern holds.
+pub fn patterns_line(patterns: &[impl AsRef<str>]) -> String {
+    patterns
+        .iter()
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The patterns a [`patterns_line`] holds (runs of blanks read as one).
+pub fn patterns_of_line(line: &str) -> Vec<String> {
+    line.split(' ')
+        .filter(|pattern| !pattern.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The patterns of `these` that `those` lacks (what two records differ
+/// by, for a message).
+pub fn patterns_only_in(these: &[String], those: &[String]) -> Vec<String> {
+    these
+        .iter()
+        .filter(|pattern| !those.contains(pattern))
+        .cloned()
+        .collect()
+}
+
 /// The configured pin store.
 // One per daemon, never moved around: boxing the large variant buys nothing.
 #[allow(clippy::large_enum_variant)]

@@ -298,7 +298,8 @@ impl Live {
         // record ahead of this replica, which the other replicas' changes
         // are then judged against: more refusals, no missed pin (unless
         // released).
-        if settings.cookies.patterns() != applied.settings.cookies.patterns() {
+        let patterns_changed = settings.cookies.patterns() != applied.settings.cookies.patterns();
+        if patterns_changed {
             let store = self.core.router.store();
             let release = settings.identities.release_untracked_pins;
             let judged =
@@ -409,7 +410,7 @@ impl Live {
         // once its writer has stopped (then it writes no pin either, so
         // none is keyed as this reload keys) or while its disk hangs (the
         // record stays queued, and lands with the pins behind it).
-        if settings.cookies.patterns() != applied.settings.cookies.patterns() {
+        if patterns_changed {
             if let Err(e) = self
                 .core
                 .router

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use crate::proxy::credentials::cookies::{self, CookiePolicy};
 use crate::store::pinnable::{NameTest, PinnableNames};
-use crate::store::Store;
+use crate::store::{patterns_only_in, Store};
 
 /// The most names an error lists (the rest are counted).
 const NAMES_LISTED: usize = 20;
@@ -340,12 +340,9 @@ fn judge_fleet(
         Ok(policy) if cookies.keeps_keys_of(&policy) => return Ok(()),
         Ok(_) => {
             let ours: Vec<String> = cookies.patterns().iter().map(|p| p.to_string()).collect();
-            let only = |a: &[String], b: &[String]| -> Vec<String> {
-                a.iter().filter(|p| !b.contains(p)).cloned().collect()
-            };
             FleetTracking::Rekeyed {
-                fleet: only(fleet, &ours),
-                ours: only(&ours, fleet),
+                fleet: patterns_only_in(fleet, &ours),
+                ours: patterns_only_in(&ours, fleet),
             }
         }
         Err(e) => FleetTracking::Unreadable(e.to_string()),

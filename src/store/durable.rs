@@ -475,7 +475,9 @@ impl DurableStore {
     /// Records `patterns` as those the store's pins are keyed under from
     /// now on, durably before it returns.
     pub async fn record_tracking(&self, patterns: &[Box<str>]) -> Result<(), StoreError> {
-        let seq = self.enqueue(Change::Tracking(patterns.join(" ").into()))?;
+        let seq = self.enqueue(Change::Tracking(
+            super::patterns_line(patterns).into_boxed_str(),
+        ))?;
         self.durable(seq).await?;
         *self
             .tracking_on_record

@@ -687,12 +687,7 @@ impl RedisStore {
         let key = self.fleet_tracking_key();
         let mut connection = self.connection()?;
         let line: Option<String> = self.note(connection.get(&key).await)?;
-        Ok(line.map(|line| {
-            line.split(' ')
-                .filter(|pattern| !pattern.is_empty())
-                .map(str::to_owned)
-                .collect()
-        }))
+        Ok(line.as_deref().map(super::patterns_of_line))
     }
 
     /// Whether pins were written in the namespace since its history began
@@ -715,7 +710,7 @@ impl RedisStore {
             self.note(
                 redis::cmd("SET")
                     .arg(&key)
-                    .arg(patterns.join(" "))
+                    .arg(super::patterns_line(patterns))
                     .arg("NX")
                     .query_async::<Option<String>>(&mut connection)
                     .await,
@@ -742,17 +737,12 @@ impl RedisStore {
         let now: Option<String> = self.note(
             Script::new(scripts::SET_IF_STILL)
                 .key(&key)
-                .arg(judged.map(|judged| judged.join(" ")).unwrap_or_default())
-                .arg(patterns.join(" "))
+                .arg(judged.map(super::patterns_line).unwrap_or_default())
+                .arg(super::patterns_line(patterns))
                 .invoke_async(&mut connection)
                 .await,
         )?;
-        Ok(now.map(|line| {
-            line.split(' ')
-                .filter(|pattern| !pattern.is_empty())
-                .map(str::to_owned)
-                .collect()
-        }))
+        Ok(now.as_deref().map(super::patterns_of_line))
     }
 
     /// `NS:quarantine-until`: the fleet's quarantine after a loss (see

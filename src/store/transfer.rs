@@ -496,9 +496,7 @@ async fn adopt_keying(store: &Store, exported: Option<Vec<String>>) -> Result<()
         return Ok(());
     };
     let ours = store.keying_on_record().await?;
-    let only = |a: &[String], b: &[String]| -> Vec<String> {
-        a.iter().filter(|p| !b.contains(p)).cloned().collect()
-    };
+    let only = super::patterns_only_in;
     let alike =
         |ours: &[String]| only(&exported, ours).is_empty() && only(ours, &exported).is_empty();
     if ours.as_deref().is_some_and(alike) {

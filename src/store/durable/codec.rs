@@ -55,12 +55,7 @@ pub(super) const TRACKED_COOKIES: &str = "tracked-cookies";
 /// The tracked-cookie patterns the store records, if any (stores written
 /// before they were recorded have none).
 pub(super) fn recorded_tracking(db: &Database) -> Result<Option<Vec<String>>, String> {
-    Ok(meta(db, TRACKED_COOKIES)?.map(|line| {
-        line.split(' ')
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect()
-    }))
+    Ok(meta(db, TRACKED_COOKIES)?.map(|line| crate::store::patterns_of_line(&line)))
 }
 
 /// The store's id, if it records one (stores made before ids have none).
